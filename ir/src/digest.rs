@@ -1,0 +1,44 @@
+//! The one sha256 helper of mvm, and the `sha256:<hex>` digest form used in documents.
+
+use sha2::{Digest as _, Sha256};
+
+/// Hex of the sha256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(sha256(bytes))
+}
+
+/// The sha256 of `bytes`.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// `sha256:<hex>` of `bytes`, the form documents carry.
+pub fn sha256_prefixed(bytes: &[u8]) -> String {
+    format!("sha256:{}", sha256_hex(bytes))
+}
+
+/// Whether `s` is a lowercase 64-digit hex string (a sha256 in hex).
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Whether `s` is `sha256:` followed by 64 lowercase hex digits.
+pub fn is_prefixed_sha256(s: &str) -> bool {
+    s.strip_prefix("sha256:").is_some_and(is_sha256_hex)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_vector() {
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert!(is_prefixed_sha256(&sha256_prefixed(b"abc")));
+        assert!(!is_prefixed_sha256("sha256:BA7816BF"));
+        assert!(!is_sha256_hex(&"A".repeat(64)));
+    }
+}

@@ -1,0 +1,224 @@
+use std::path::PathBuf;
+
+use crate::audit::ChainBreak;
+use crate::validate::Report;
+
+/// What kind of failure an [`Error`] is; the CLI maps each class to one exit status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// A signature, digest, chain or policy check refused the input (exit 1).
+    Integrity,
+    /// The input is not a well-formed document of its kind (exit 65, `EX_DATAERR`).
+    InvalidInput,
+    /// The host environment failed: a file could not be read or written (exit 74, `EX_IOERR`).
+    Io,
+}
+
+/// Every way an mvm document operation can fail. [`Error::code`] is stable across releases.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read, written or locked.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file concerned.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// An input is larger than mvm accepts for its kind.
+    #[error("{what} is {size} bytes, over the {limit}-byte limit")]
+    TooLarge {
+        /// What was being read.
+        what: String,
+        /// Its size.
+        size: u64,
+        /// The limit for its kind.
+        limit: u64,
+    },
+    /// Bytes that are not valid UTF-8 where text is required.
+    #[error("{what} is not valid UTF-8")]
+    NotUtf8 {
+        /// What was being read.
+        what: String,
+    },
+    /// Malformed JSON, a wrong type, a missing or an unknown field.
+    #[error("{what}: {message}")]
+    Parse {
+        /// What was being parsed.
+        what: String,
+        /// The parser's explanation, with line and column where known.
+        message: String,
+    },
+    /// A number that canonical JSON (RFC 8785) cannot carry exactly.
+    #[error("number {0} cannot be represented exactly as an IEEE 754 double (RFC 8785)")]
+    InexactNumber(String),
+    /// The workload parsed but broke validation rules; the report lists every problem.
+    #[error("workload is invalid:\n{0}")]
+    InvalidWorkload(Report),
+
+    /// The envelope is not DSSE-shaped (bad JSON, base64, missing or extra fields).
+    #[error("malformed DSSE envelope: {0}")]
+    MalformedEnvelope(String),
+    /// None of the envelope's signatures is by a key this host trusts.
+    #[error("no signature by a trusted key (signed by: {0})")]
+    UnknownSigner(String),
+    /// A trusted key's signature does not verify over the envelope.
+    #[error("signature by {keyid} does not verify")]
+    BadSignature {
+        /// The key whose signature failed.
+        keyid: String,
+    },
+    /// The envelope carries a payload of another type.
+    #[error("payload type is {found:?}, expected {expected:?}")]
+    WrongPayloadType {
+        /// The envelope's payloadType.
+        found: String,
+        /// The type this operation accepts.
+        expected: &'static str,
+    },
+    /// A document of a schema version newer than this build understands.
+    #[error("schema version {found:?} is not supported (this mvm reads {supported:?})")]
+    UnsupportedSchema {
+        /// The version found.
+        found: String,
+        /// The version supported.
+        supported: &'static str,
+    },
+    /// The signed plan payload does not parse strictly or breaks plan rules.
+    #[error("invalid plan: {0}")]
+    InvalidPlan(String),
+    /// The plan's validity window has not opened yet.
+    #[error("plan is not valid before {0}")]
+    PlanNotYetValid(String),
+    /// The plan's validity window has closed.
+    #[error("plan expired at {0}")]
+    PlanExpired(String),
+    /// A single-use plan whose nonce was already admitted.
+    #[error("single-use plan with nonce {0} was already admitted")]
+    PlanReplayed(String),
+    /// The nonce ledger file is unreadable or corrupt.
+    #[error("nonce ledger {}: {reason}", path.display())]
+    LedgerCorrupt {
+        /// The ledger file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// No key of that name in the key store.
+    #[error("no key named {0:?} (see `mvm keys list`)")]
+    KeyNotFound(String),
+    /// A key name that could not be a file name.
+    #[error("invalid key name {0:?}: use 1-64 of [A-Za-z0-9._-], not starting with '.'")]
+    InvalidKeyName(String),
+    /// `keys generate` for a name that exists.
+    #[error("a key named {0:?} already exists")]
+    KeyExists(String),
+    /// A private key file readable by other users.
+    #[error("{} has mode {mode:04o}: private keys must not be readable by group or others (chmod 600)", path.display())]
+    KeyPermissions {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// A key file that is not a valid ed25519 key in the expected encoding.
+    #[error("{}: {reason}", path.display())]
+    BadKeyFile {
+        /// The key file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// `keys untrust` of a key id that is not trusted.
+    #[error("no trusted key with id {0}")]
+    UnknownKeyId(String),
+    /// The state directory is unsafe to use.
+    #[error("{}: {reason}", path.display())]
+    UnsafeHome {
+        /// The directory.
+        path: PathBuf,
+        /// What makes it unsafe.
+        reason: String,
+    },
+
+    /// The audit chain failed verification.
+    #[error("audit chain broken at line {}: {}", .0.line, .0.reason)]
+    AuditChain(ChainBreak),
+}
+
+impl Error {
+    /// The stable code of this error, as printed by the CLI and written in `docs/errors.md`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::Io { .. } => "IO001",
+            Error::TooLarge { .. } => "INPUT001",
+            Error::NotUtf8 { .. } => "INPUT002",
+            Error::Parse { .. } => "INPUT003",
+            Error::InexactNumber(_) => "INPUT004",
+            Error::InvalidWorkload(_) => "IR000",
+            Error::MalformedEnvelope(_) => "PLAN001",
+            Error::UnknownSigner(_) => "PLAN002",
+            Error::BadSignature { .. } => "PLAN003",
+            Error::WrongPayloadType { .. } => "PLAN004",
+            Error::UnsupportedSchema { .. } => "PLAN005",
+            Error::InvalidPlan(_) => "PLAN006",
+            Error::PlanNotYetValid(_) => "PLAN007",
+            Error::PlanExpired(_) => "PLAN008",
+            Error::PlanReplayed(_) => "PLAN009",
+            Error::LedgerCorrupt { .. } => "PLAN010",
+            Error::KeyNotFound(_) => "KEY001",
+            Error::InvalidKeyName(_) => "KEY002",
+            Error::KeyExists(_) => "KEY003",
+            Error::KeyPermissions { .. } => "KEY004",
+            Error::BadKeyFile { .. } => "KEY005",
+            Error::UnknownKeyId(_) => "KEY006",
+            Error::UnsafeHome { .. } => "HOME001",
+            Error::AuditChain(b) => b.kind.code(),
+        }
+    }
+
+    /// The class of this error, which decides the CLI's exit status.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Error::Io { .. } => ErrorClass::Io,
+            Error::TooLarge { .. }
+            | Error::NotUtf8 { .. }
+            | Error::Parse { .. }
+            | Error::InexactNumber(_)
+            | Error::InvalidWorkload(_)
+            | Error::MalformedEnvelope(_)
+            | Error::InvalidPlan(_)
+            | Error::KeyNotFound(_)
+            | Error::InvalidKeyName(_)
+            | Error::KeyExists(_)
+            | Error::UnknownKeyId(_) => ErrorClass::InvalidInput,
+            Error::UnknownSigner(_)
+            | Error::BadSignature { .. }
+            | Error::WrongPayloadType { .. }
+            | Error::UnsupportedSchema { .. }
+            | Error::PlanNotYetValid(_)
+            | Error::PlanExpired(_)
+            | Error::PlanReplayed(_)
+            | Error::LedgerCorrupt { .. }
+            | Error::KeyPermissions { .. }
+            | Error::BadKeyFile { .. }
+            | Error::UnsafeHome { .. }
+            | Error::AuditChain(_) => ErrorClass::Integrity,
+        }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn parse(what: impl Into<String>, err: impl std::fmt::Display) -> Self {
+        Error::Parse {
+            what: what.into(),
+            message: err.to_string(),
+        }
+    }
+}

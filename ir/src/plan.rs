@@ -1,0 +1,340 @@
+//! Launch plan v1: everything the runner needs, pinned, and nothing it must decide.
+//!
+//! A plan names the kernel, initramfs and root filesystem image by sha256 (plus the dm-verity
+//! parameters that protect the image), the resources, the resolved policy, the entrypoint, a
+//! validity window and a random nonce. It travels inside a DSSE envelope of type
+//! [`PAYLOAD_TYPE`]; [`crate::admission`] decides whether a signed plan may start a VM.
+//! A plan is reusable while valid unless `single_use` is set, in which case its nonce is admitted
+//! once.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::digest::{is_prefixed_sha256, is_sha256_hex};
+use crate::validate::{is_identifier, DENIED_ENV};
+use crate::workload::{EgressGrant, Mount, NetworkMode, PortForward};
+use crate::Error;
+
+/// The plan schema version this build reads and writes.
+pub const SCHEMA_VERSION: &str = "1";
+
+/// The DSSE payload type of a launch plan.
+pub const PAYLOAD_TYPE: &str = "application/vnd.mvm.plan.v1+json";
+
+/// The largest signed plan envelope mvm reads.
+pub const MAX_ENVELOPE_BYTES: u64 = 1024 * 1024;
+
+/// A launch plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchPlan {
+    /// Always `"1"` for this version.
+    pub schema_version: String,
+    /// The workload's `id`.
+    pub workload_id: String,
+    /// The app's `name` within the workload.
+    pub app: String,
+    /// `sha256:` digest of the workload IR's canonical JSON.
+    pub ir_digest: String,
+    /// The guest kernel.
+    pub kernel: KernelPin,
+    /// The initramfs holding the guest agent as `/init`.
+    pub initramfs: ArtifactPin,
+    /// The read-only root filesystem image and its verity tree.
+    pub rootfs: RootfsPin,
+    /// vCPUs and memory.
+    pub resources: PlanResources,
+    /// The policy, resolved from profile and grants.
+    pub policy: ResolvedPolicy,
+    /// The command run by default.
+    pub entrypoint: PlanEntrypoint,
+    /// Start of the validity window (RFC 3339).
+    pub valid_from: Timestamp,
+    /// End of the validity window (RFC 3339).
+    pub valid_until: Timestamp,
+    /// 16 random bytes in hex; identifies a single-use plan in the admission ledger.
+    pub nonce: String,
+    /// Whether the plan may be admitted only once.
+    pub single_use: bool,
+}
+
+/// A file of the plan bundle, pinned by digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ArtifactPin {
+    /// File name inside the plan's directory (no `/`).
+    pub path: String,
+    /// `sha256:` digest of the file's bytes.
+    pub digest: String,
+}
+
+/// The kernel and the command line it boots with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KernelPin {
+    /// File name inside the plan's directory (no `/`).
+    pub path: String,
+    /// `sha256:` digest of the file's bytes.
+    pub digest: String,
+    /// The kernel command line, signed with the rest (it carries the verity root hash).
+    pub cmdline: String,
+}
+
+/// The root filesystem image and its dm-verity protection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RootfsPin {
+    /// File name of the EROFS image inside the plan's directory.
+    pub path: String,
+    /// `sha256:` digest of the image.
+    pub digest: String,
+    /// The verity hash tree over the image.
+    pub verity: VerityPin,
+}
+
+/// dm-verity parameters, as `veritysetup` names them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VerityPin {
+    /// File name of the hash tree inside the plan's directory.
+    pub path: String,
+    /// `sha256:` digest of the hash tree file.
+    pub digest: String,
+    /// Root hash of the tree, hex.
+    pub root_hash: String,
+    /// Salt, hex (at most 256 bytes).
+    pub salt: String,
+    /// Always `sha256`.
+    pub hash_algorithm: String,
+    /// Data block size in bytes (power of two, 512 to 65536).
+    pub data_block_size: u32,
+    /// Hash block size in bytes (power of two, 512 to 65536).
+    pub hash_block_size: u32,
+    /// Number of data blocks covered.
+    pub data_blocks: u64,
+    /// Byte offset of the verity superblock within the hash tree file.
+    pub hash_offset: u64,
+}
+
+/// Resources of the VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlanResources {
+    /// vCPUs, 1 to 32.
+    pub cpu_cores: u32,
+    /// Guest memory in MiB, 64 to 65536.
+    pub memory_mb: u32,
+}
+
+/// A policy profile: the defaults that grants then widen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Profile {
+    /// No network, no host directories, no env passthrough, small limits.
+    Restrictive,
+    /// The default.
+    Standard,
+    /// Interactive terminal, larger limits, file copy both ways.
+    Dev,
+    /// Broad grants; needs an explicit acknowledgement when used.
+    Permissive,
+}
+
+/// The policy the runner enforces, fully resolved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResolvedPolicy {
+    /// The profile the policy was resolved from.
+    pub profile: Profile,
+    /// Network mode.
+    pub network: NetworkMode,
+    /// Granted egress destinations (empty unless `network` is `allowlist`).
+    #[serde(default)]
+    pub egress: Vec<EgressGrant>,
+    /// Guest ports forwarded to the host's loopback.
+    #[serde(default)]
+    pub ports: Vec<PortForward>,
+    /// Literal environment variables of the workload process.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Secrets, by name only: resolved on the host at launch.
+    #[serde(default)]
+    pub secrets: Vec<SecretBinding>,
+    /// Volume mounts.
+    #[serde(default)]
+    pub mounts: Vec<Mount>,
+}
+
+/// An environment variable whose value is a host-side secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SecretBinding {
+    /// The variable set in the workload process.
+    pub env: String,
+    /// The secret's name in the host's secret store.
+    pub name: String,
+    /// If true, a missing secret leaves the variable unset.
+    #[serde(default)]
+    pub optional: bool,
+}
+
+/// The command the plan runs by default.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlanEntrypoint {
+    /// The argv.
+    pub command: Vec<String>,
+    /// Absolute working directory in the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+}
+
+/// A point in time, written as RFC 3339 in UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Timestamp(pub OffsetDateTime);
+
+impl Timestamp {
+    /// The current time.
+    pub fn now() -> Self {
+        Timestamp(OffsetDateTime::now_utc())
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let utc = self.0.to_offset(time::UtcOffset::UTC);
+        match utc.format(&Rfc3339) {
+            Ok(text) => f.write_str(&text),
+            Err(_) => Err(fmt::Error),
+        }
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let utc = self.0.to_offset(time::UtcOffset::UTC);
+        let text = utc.format(&Rfc3339).map_err(serde::ser::Error::custom)?;
+        s.serialize_str(&text)
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        OffsetDateTime::parse(&text, &Rfc3339)
+            .map(Timestamp)
+            .map_err(|e| serde::de::Error::custom(format!("{text:?} is not an RFC 3339 time: {e}")))
+    }
+}
+
+impl JsonSchema for Timestamp {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Timestamp".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": "string", "format": "date-time"})
+    }
+}
+
+/// Draws a fresh 16-byte nonce, hex.
+pub fn fresh_nonce() -> Result<String, Error> {
+    Ok(hex::encode(crate::random_bytes::<16>()?))
+}
+
+impl LaunchPlan {
+    /// Checks the rules a strictly parsed plan must still meet; the first problem is returned as
+    /// [`Error::InvalidPlan`].
+    pub fn check(&self) -> Result<(), Error> {
+        let fail = |msg: String| Err(Error::InvalidPlan(msg));
+        if self.schema_version != SCHEMA_VERSION {
+            return Err(Error::UnsupportedSchema {
+                found: self.schema_version.clone(),
+                supported: SCHEMA_VERSION,
+            });
+        }
+        if !is_identifier(&self.workload_id) || !is_identifier(&self.app) {
+            return fail("workload_id and app must be identifiers ([a-z0-9][a-z0-9._-]{0,62})".into());
+        }
+        if !is_prefixed_sha256(&self.ir_digest) {
+            return fail("ir_digest is not sha256:<64 hex>".into());
+        }
+        let artifacts = [
+            ("kernel", &self.kernel.path, &self.kernel.digest),
+            ("initramfs", &self.initramfs.path, &self.initramfs.digest),
+            ("rootfs", &self.rootfs.path, &self.rootfs.digest),
+            ("rootfs.verity", &self.rootfs.verity.path, &self.rootfs.verity.digest),
+        ];
+        for (what, path, digest) in artifacts {
+            let bare = !path.is_empty()
+                && path.len() <= 255
+                && !path.contains('/')
+                && !path.contains('\0')
+                && path != "."
+                && path != "..";
+            if !bare {
+                return fail(format!("{what}.path {path:?} must be a file name inside the plan directory"));
+            }
+            if !is_prefixed_sha256(digest) {
+                return fail(format!("{what}.digest is not sha256:<64 hex>"));
+            }
+        }
+        if self.kernel.cmdline.len() > 4096 || self.kernel.cmdline.contains('\0') {
+            return fail("kernel.cmdline is over 4096 bytes or contains NUL".into());
+        }
+        let verity = &self.rootfs.verity;
+        if !is_sha256_hex(&verity.root_hash) {
+            return fail("rootfs.verity.root_hash is not 64 lowercase hex digits".into());
+        }
+        let salt_ok = verity.salt.len() <= 512
+            && verity.salt.len() % 2 == 0
+            && verity.salt.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        if !salt_ok {
+            return fail("rootfs.verity.salt must be at most 256 bytes of lowercase hex".into());
+        }
+        if verity.hash_algorithm != "sha256" {
+            return fail(format!("verity hash algorithm {:?} is not sha256", verity.hash_algorithm));
+        }
+        for size in [verity.data_block_size, verity.hash_block_size] {
+            if !size.is_power_of_two() || !(512..=65536).contains(&size) {
+                return fail(format!("verity block size {size} is not a power of two in 512..=65536"));
+            }
+        }
+        if verity.data_blocks == 0 {
+            return fail("rootfs.verity.data_blocks is 0".into());
+        }
+        if !(1..=32).contains(&self.resources.cpu_cores) || !(64..=65536).contains(&self.resources.memory_mb) {
+            return fail("resources outside 1..=32 vCPUs and 64..=65536 MiB".into());
+        }
+        let env_names = self
+            .policy
+            .env
+            .keys()
+            .chain(self.policy.secrets.iter().map(|s| &s.env));
+        for name in env_names {
+            if DENIED_ENV.contains(&name.as_str()) {
+                return fail(format!("environment variable {name} is never passed to a workload"));
+            }
+        }
+        if self.policy.network == NetworkMode::None && !self.policy.egress.is_empty() {
+            return fail("egress grants in a plan whose network mode is none".into());
+        }
+        if self.entrypoint.command.is_empty() || self.entrypoint.command[0].is_empty() {
+            return fail("entrypoint.command is empty".into());
+        }
+        let nonce_ok = self.nonce.len() == 32
+            && self.nonce.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        if !nonce_ok {
+            return fail("nonce is not 16 bytes of lowercase hex".into());
+        }
+        if self.valid_until <= self.valid_from {
+            return fail("valid_until is not after valid_from".into());
+        }
+        Ok(())
+    }
+}
