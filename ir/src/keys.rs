@@ -10,7 +10,9 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
+use ed25519_dalek::pkcs8::{
+    DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, KeypairBytes,
+};
 use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier as _, VerifyingKey};
 use serde::Serialize;
 
@@ -130,10 +132,13 @@ impl KeyStore {
             return Err(Error::KeyExists(name.into()));
         }
         let signer = Signer::generate()?;
-        let pem = signer
-            .key
-            .to_pkcs8_pem(Default::default())
-            .map_err(|e| bad_key(&private_path, e))?;
+        // PKCS#8 v1 (no embedded public key): the form openssl 3.0 and most tools read.
+        let pem = KeypairBytes {
+            secret_key: signer.key.to_bytes(),
+            public_key: None,
+        }
+        .to_pkcs8_pem(Default::default())
+        .map_err(|e| bad_key(&private_path, e))?;
         let public_pem = public_pem(&signer.verifying_key(), &dir.join(format!("{name}.pub")))?;
         atomic_write(&dir.join(format!("{name}.pub")), public_pem.as_bytes(), 0o644)?;
         atomic_write(&private_path, pem.as_bytes(), 0o600)?;

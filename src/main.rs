@@ -1,0 +1,58 @@
+//! `mvm`: the command line of the mvm microVM runtime. Thin by design: every rule lives in the
+//! crates (`mvm-ir` for documents, keys and the audit chain); this binary parses arguments,
+//! calls them, and turns their results into text or JSON and an exit status.
+
+mod commands;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::output::Output;
+
+/// A security-first microVM runtime and Nix-centric build-and-run toolchain.
+///
+/// Exit status: 0 ok; 1 a verification or integrity check refused the input; 2 usage error;
+/// 65 the input is not a valid document; 74 a file could not be read or written.
+#[derive(Debug, Parser)]
+#[command(name = "mvm", version, propagate_version = true)]
+struct Cli {
+    /// Print machine-readable JSON on stdout (errors too) instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Workload IR: validate, digest, print the JSON Schema.
+    #[command(subcommand)]
+    Ir(commands::ir::IrCommand),
+    /// Launch plans: sign, verify, inspect.
+    #[command(subcommand)]
+    Plan(commands::plan::PlanCommand),
+    /// Signing keys and the keys this host trusts.
+    #[command(subcommand)]
+    Keys(commands::keys::KeysCommand),
+    /// The signed, hash-chained audit log.
+    #[command(subcommand)]
+    Audit(commands::audit::AuditCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let out = Output::new(cli.json);
+    let result = match cli.command {
+        Command::Ir(cmd) => commands::ir::run(cmd, &out),
+        Command::Plan(cmd) => commands::plan::run(cmd, &out),
+        Command::Keys(cmd) => commands::keys::run(cmd, &out),
+        Command::Audit(cmd) => commands::audit::run(cmd, &out),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => out.error(&err),
+    }
+}

@@ -1,0 +1,93 @@
+//! How results reach the user: text for people, one JSON document for programs, and the exit
+//! status that goes with each error class.
+
+use std::process::ExitCode;
+
+use mvm_ir::{Error, ErrorClass};
+use serde_json::{json, Value};
+
+/// Exit status of a refused verification or integrity check.
+pub const EXIT_INTEGRITY: u8 = 1;
+/// Exit status of an input that is not a valid document (`EX_DATAERR`).
+pub const EXIT_INVALID_INPUT: u8 = 65;
+/// Exit status of a file that could not be read or written (`EX_IOERR`).
+pub const EXIT_IO: u8 = 74;
+/// Exit status of an unexpected internal failure (`EX_SOFTWARE`).
+pub const EXIT_INTERNAL: u8 = 70;
+
+/// Where a command's results go.
+pub struct Output {
+    json: bool,
+}
+
+impl Output {
+    pub fn new(json: bool) -> Self {
+        Self { json }
+    }
+
+    /// Prints a result: `value` as JSON with `--json`, else the text `human` builds.
+    pub fn result(&self, value: Value, human: impl FnOnce() -> String) {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+        } else {
+            let text = human();
+            if !text.is_empty() {
+                println!("{text}");
+            }
+        }
+    }
+
+    /// Whether JSON was asked for.
+    pub fn is_json(&self) -> bool {
+        self.json
+    }
+
+    /// Reports `err` and returns the exit status of its class.
+    pub fn error(&self, err: &anyhow::Error) -> ExitCode {
+        let (code, status, details) = match err.downcast_ref::<Error>() {
+            Some(e) => {
+                let status = match e.class() {
+                    ErrorClass::Integrity => EXIT_INTEGRITY,
+                    ErrorClass::InvalidInput => EXIT_INVALID_INPUT,
+                    ErrorClass::Io => EXIT_IO,
+                };
+                let details = match e {
+                    Error::InvalidWorkload(report) => json!({ "issues": report.issues }),
+                    Error::AuditChain(chain_break) => json!({ "break": chain_break }),
+                    _ => Value::Null,
+                };
+                (e.code(), status, details)
+            }
+            None => ("INTERNAL", EXIT_INTERNAL, Value::Null),
+        };
+        let message = describe(err);
+        if self.json {
+            let mut error = json!({ "code": code, "message": message });
+            if !details.is_null() {
+                error["details"] = details;
+            }
+            let doc = json!({ "ok": false, "error": error });
+            println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        } else {
+            eprintln!("error[{code}]: {message}");
+        }
+        ExitCode::from(status)
+    }
+}
+
+/// The error and its causes, each cause once: errors that already print their source in their
+/// own message are not repeated.
+fn describe(err: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if message.contains(&text) {
+            continue;
+        }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(&text);
+    }
+    message
+}
