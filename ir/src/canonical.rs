@@ -68,22 +68,22 @@ fn write_value(value: &Value, out: &mut Vec<u8>) -> Result<(), Error> {
 const MAX_EXACT_INTEGER: u64 = 1 << 53;
 
 fn write_number(n: &Number, out: &mut Vec<u8>) -> Result<(), Error> {
-    let double = if let Some(u) = n.as_u64() {
-        if u > MAX_EXACT_INTEGER {
-            return Err(Error::InexactNumber(n.to_string()));
-        }
-        u as f64
+    let (double, exact) = if let Some(u) = n.as_u64() {
+        (u as f64, u <= MAX_EXACT_INTEGER)
     } else if let Some(i) = n.as_i64() {
-        if i.unsigned_abs() > MAX_EXACT_INTEGER {
-            return Err(Error::InexactNumber(n.to_string()));
-        }
-        i as f64
+        (i as f64, i.unsigned_abs() <= MAX_EXACT_INTEGER)
     } else {
         // serde_json parses every other number as a finite f64.
-        n.as_f64().ok_or_else(|| Error::InexactNumber(n.to_string()))?
+        (n.as_f64().ok_or_else(|| Error::InexactNumber(n.to_string()))?, true)
     };
     let mut buf = ryu_js::Buffer::new();
-    out.extend_from_slice(buf.format(double).as_bytes());
+    let text = buf.format(double);
+    // A large integer is kept only if its double prints back as the same digits; otherwise
+    // canonicalization would silently change the number.
+    if !exact && text != n.to_string() {
+        return Err(Error::InexactNumber(n.to_string()));
+    }
+    out.extend_from_slice(text.as_bytes());
     Ok(())
 }
 
@@ -201,7 +201,11 @@ mod tests {
 
     #[test]
     fn control_characters_and_escapes() {
-        assert_eq!(canon(r#""\u0000\u001f\u007f\b\t\n\f\r""#), r#""\u0000\u001f\b\t\n\f\r""#);
+        // DEL (U+007F) is not a control character to JCS: it is written as is.
+        assert_eq!(
+            canon(r#""\u0000\u001f\u007f\b\t\n\f\r""#),
+            "\"\\u0000\\u001f\u{7f}\\b\\t\\n\\f\\r\""
+        );
         assert_eq!(canon(r#""\u2028 é""#), "\"\u{2028} é\"");
     }
 
@@ -210,6 +214,9 @@ mod tests {
         assert_eq!(canon("9007199254740992"), "9007199254740992");
         assert_eq!(canonicalize(b"9007199254740993").unwrap_err().code(), "INPUT004");
         assert_eq!(canonicalize(b"-18446744073").unwrap(), b"-18446744073");
+        // Beyond 2^53 an integer whose double prints back the same is kept.
+        assert_eq!(canon("117500119972289810"), "117500119972289810");
+        assert_eq!(canonicalize(b"18446744073709551615").unwrap_err().code(), "INPUT004");
     }
 
     fn json_value() -> impl Strategy<Value = Value> {

@@ -160,7 +160,7 @@ pub struct ResolvedPolicy {
     #[serde(default)]
     pub ports: Vec<PortForward>,
     /// Literal environment variables of the workload process.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::workload::unique_keys")]
     pub env: BTreeMap<String, String>,
     /// Secrets, by name only: resolved on the host at launch.
     #[serde(default)]
@@ -292,7 +292,7 @@ impl LaunchPlan {
             return fail("rootfs.verity.root_hash is not 64 lowercase hex digits".into());
         }
         let salt_ok = verity.salt.len() <= 512
-            && verity.salt.len() % 2 == 0
+            && verity.salt.len().is_multiple_of(2)
             && verity.salt.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
         if !salt_ok {
             return fail("rootfs.verity.salt must be at most 256 bytes of lowercase hex".into());

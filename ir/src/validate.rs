@@ -196,6 +196,13 @@ pub fn validate(workload: &Workload) -> Report {
         check_app(&mut report, &at, app, workload);
     }
 
+    check_count(&mut report, "/volumes", workload.volumes.len(), limits::LIST);
+    let mounted: BTreeSet<&str> = workload
+        .apps
+        .iter()
+        .flat_map(|a| &a.mounts)
+        .map(|m| m.volume.as_str())
+        .collect();
     let mut volume_names = BTreeSet::new();
     for (i, volume) in workload.volumes.iter().enumerate() {
         let at = format!("/volumes/{i}");
@@ -214,11 +221,7 @@ pub fn validate(workload: &Workload) -> Report {
                 format!("volume size {} MiB is outside {:?}", volume.size_mb, limits::VOLUME_MB),
             );
         }
-        let mounted = workload
-            .apps
-            .iter()
-            .any(|a| a.mounts.iter().any(|m| m.volume == volume.name));
-        if !mounted {
+        if !mounted.contains(volume.name.as_str()) {
             report.warning(
                 "IR102",
                 format!("{at}/name"),
@@ -278,10 +281,12 @@ fn check_app(report: &mut Report, at: &str, app: &App, workload: &Workload) {
 
     check_network(report, &format!("{at}/network"), app);
 
+    check_count(report, &format!("{at}/mounts"), app.mounts.len(), limits::LIST);
+    let declared: BTreeSet<&str> = workload.volumes.iter().map(|v| v.name.as_str()).collect();
     let mut targets = BTreeSet::new();
     for (i, mount) in app.mounts.iter().enumerate() {
         let m = format!("{at}/mounts/{i}");
-        if !workload.volumes.iter().any(|v| v.name == mount.volume) {
+        if !declared.contains(mount.volume.as_str()) {
             report.error(
                 "IR017",
                 format!("{m}/volume"),
@@ -513,6 +518,7 @@ fn check_network(report: &mut Report, at: &str, app: &App) {
             report.error("IR014", format!("{g}/port"), "port must be 1 to 65535");
         }
     }
+    check_count(report, &format!("{at}/ports"), network.ports.len(), limits::LIST);
     let mut guest_ports = BTreeSet::new();
     let mut host_ports = BTreeSet::new();
     for (i, port) in network.ports.iter().enumerate() {

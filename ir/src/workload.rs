@@ -44,7 +44,11 @@ pub struct App {
     /// The commands the app runs; the first is the default.
     pub entrypoints: Vec<Entrypoint>,
     /// Environment of the workload process: literals, or references to host-side secrets.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "unique_keys"
+    )]
     pub env: BTreeMap<String, EnvValue>,
     /// Network grants. The default is no network at all.
     #[serde(default, skip_serializing_if = "Network::is_default")]
@@ -61,6 +65,43 @@ pub struct App {
     /// How far the app's code is trusted; decides the default policy profile.
     #[serde(default, skip_serializing_if = "ThreatTier::is_default")]
     pub threat_tier: ThreatTier,
+}
+
+/// Deserializes a map whose every key is distinct. JSON parsers keep only one of two members
+/// with the same name, silently, so the value run could differ from the one a reviewer read; a
+/// repeated name is refused instead.
+pub(crate) fn unique_keys<'de, D, V>(deserializer: D) -> Result<BTreeMap<String, V>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    V: Deserialize<'de>,
+{
+    struct UniqueKeys<V>(std::marker::PhantomData<V>);
+
+    impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for UniqueKeys<V> {
+        type Value = BTreeMap<String, V>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a map with distinct keys")
+        }
+
+        fn visit_map<A>(self, mut map: A) -> Result<Self::Value, A::Error>
+        where
+            A: serde::de::MapAccess<'de>,
+        {
+            let mut out = BTreeMap::new();
+            while let Some(key) = map.next_key::<String>()? {
+                if out.contains_key(&key) {
+                    let message = format!("duplicate key {key:?}");
+                    return Err(serde::de::Error::custom(message));
+                }
+                let value = map.next_value()?;
+                out.insert(key, value);
+            }
+            Ok(out)
+        }
+    }
+
+    deserializer.deserialize_map(UniqueKeys(std::marker::PhantomData))
 }
 
 /// Where an app's code comes from.
