@@ -28,7 +28,10 @@ impl Output {
     /// Prints a result: `value` as JSON with `--json`, else the text `human` builds.
     pub fn result(&self, value: Value, human: impl FnOnce() -> String) {
         if self.json {
-            println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&value).unwrap_or_default()
+            );
         } else {
             let text = human();
             if !text.is_empty() {

@@ -53,9 +53,22 @@ impl Mvm {
 
     /// Signs the example plan with key `key` and returns the envelope's path.
     fn signed_plan(&self, key: &str, extra: &[&str]) -> PathBuf {
-        let out = self.path(&format!("plan-{}.dsse.json", fs::read_dir(self.dir()).unwrap().count()));
+        let out = self.path(&format!(
+            "plan-{}.dsse.json",
+            fs::read_dir(self.dir()).unwrap().count()
+        ));
         let input = example("plan/plan.json");
-        let mut args = vec!["plan", "sign", "--key", key, input.to_str().unwrap(), "-o", out.to_str().unwrap(), "--valid-for", "1h"];
+        let mut args = vec![
+            "plan",
+            "sign",
+            "--key",
+            key,
+            input.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--valid-for",
+            "1h",
+        ];
         args.extend_from_slice(extra);
         self.json(&args, 0);
         out
@@ -63,7 +76,9 @@ impl Mvm {
 }
 
 fn example(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(rel)
 }
 
 fn code(doc: &Value) -> &str {
@@ -96,14 +111,27 @@ fn ir_commands() {
     assert_eq!(codes, ["IR001", "IR002", "IR003"]);
 
     fs::write(&bad, vec![b' '; 2 * 1024 * 1024]).unwrap();
-    assert_eq!(code(&mvm.json(&["ir", "validate", bad.to_str().unwrap()], 65)), "INPUT001");
+    assert_eq!(
+        code(&mvm.json(&["ir", "validate", bad.to_str().unwrap()], 65)),
+        "INPUT001"
+    );
     fs::write(&bad, b"{\"schema_version\": \"0\", \xff}").unwrap();
-    assert_eq!(code(&mvm.json(&["ir", "validate", bad.to_str().unwrap()], 65)), "INPUT003");
-    assert_eq!(code(&mvm.json(&["ir", "validate", "/nonexistent/w.json"], 74)), "IO001");
+    assert_eq!(
+        code(&mvm.json(&["ir", "validate", bad.to_str().unwrap()], 65)),
+        "INPUT003"
+    );
+    assert_eq!(
+        code(&mvm.json(&["ir", "validate", "/nonexistent/w.json"], 74)),
+        "IO001"
+    );
 
     let schema = mvm.run(&["ir", "schema"]);
-    let published: Value = serde_json::from_str(include_str!("../ir/schema/workload-v0.schema.json")).unwrap();
-    assert_eq!(serde_json::from_slice::<Value>(&schema.stdout).unwrap(), published);
+    let published: Value =
+        serde_json::from_str(include_str!("../ir/schema/workload-v0.schema.json")).unwrap();
+    assert_eq!(
+        serde_json::from_slice::<Value>(&schema.stdout).unwrap(),
+        published
+    );
 }
 
 #[test]
@@ -111,7 +139,12 @@ fn usage_errors_exit_2() {
     let mvm = Mvm::new();
     assert_eq!(mvm.run(&["plan", "frobnicate"]).status.code(), Some(2));
     assert_eq!(mvm.run(&["ir", "validate"]).status.code(), Some(2));
-    assert_eq!(mvm.run(&["plan", "sign", "x", "-o", "y", "--valid-for", "soon"]).status.code(), Some(2));
+    assert_eq!(
+        mvm.run(&["plan", "sign", "x", "-o", "y", "--valid-for", "soon"])
+            .status
+            .code(),
+        Some(2)
+    );
 }
 
 #[test]
@@ -119,11 +152,20 @@ fn keys_lifecycle_and_file_checks() {
     let mvm = Mvm::new();
     let generated = mvm.json(&["keys", "generate", "--name", "ci"], 0);
     let keyid = generated["keyid"].as_str().unwrap().to_string();
-    assert_eq!(code(&mvm.json(&["keys", "generate", "--name", "ci"], 65)), "KEY003");
-    assert_eq!(code(&mvm.json(&["keys", "generate", "--name", "../evil"], 65)), "KEY002");
+    assert_eq!(
+        code(&mvm.json(&["keys", "generate", "--name", "ci"], 65)),
+        "KEY003"
+    );
+    assert_eq!(
+        code(&mvm.json(&["keys", "generate", "--name", "../evil"], 65)),
+        "KEY002"
+    );
 
     let private = mvm.dir().join("state/keys/ci.key");
-    assert_eq!(fs::metadata(&private).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        fs::metadata(&private).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     let listed = mvm.run(&["keys", "list"]);
     let exported = mvm.run(&["keys", "export", "ci"]);
     for out in [&listed, &exported] {
@@ -135,7 +177,12 @@ fn keys_lifecycle_and_file_checks() {
     mvm.json(&["keys", "export", "ci", "-o", pem.to_str().unwrap()], 0);
     mvm.json(&["keys", "untrust", &keyid], 0);
     let list = mvm.json(&["keys", "list"], 0);
-    let ci = list["keys"].as_array().unwrap().iter().find(|k| k["keyid"] == keyid.as_str()).unwrap();
+    let ci = list["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["keyid"] == keyid.as_str())
+        .unwrap();
     assert_eq!(ci["trusted"], false);
     assert_eq!(code(&mvm.json(&["keys", "untrust", &keyid], 65)), "KEY006");
     let trusted = mvm.json(&["keys", "trust", pem.to_str().unwrap()], 0);
@@ -144,7 +191,11 @@ fn keys_lifecycle_and_file_checks() {
     fs::set_permissions(&private, fs::Permissions::from_mode(0o644)).unwrap();
     assert_eq!(code(&mvm.json(&["keys", "export", "ci"], 1)), "KEY004");
     fs::set_permissions(&private, fs::Permissions::from_mode(0o600)).unwrap();
-    fs::write(&private, "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n").unwrap();
+    fs::write(
+        &private,
+        "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
     assert_eq!(code(&mvm.json(&["keys", "export", "ci"], 1)), "KEY005");
 }
 
@@ -159,7 +210,10 @@ fn plan_sign_verify_inspect_and_refusals() {
     let single = mvm.signed_plan("ci", &["--single-use"]);
     for _ in 0..3 {
         mvm.json(&["plan", "verify", plan.to_str().unwrap()], 0);
-        assert_eq!(mvm.json(&["plan", "verify", single.to_str().unwrap()], 0)["single_use"], true);
+        assert_eq!(
+            mvm.json(&["plan", "verify", single.to_str().unwrap()], 0)["single_use"],
+            true
+        );
     }
     let inspected = mvm.json(&["plan", "inspect", plan.to_str().unwrap()], 0);
     assert_eq!(inspected["signatures"][0]["status"], "valid");
@@ -173,7 +227,10 @@ fn plan_sign_verify_inspect_and_refusals() {
     envelope["payload"] = b64.encode(&payload).into();
     let tampered = mvm.path("tampered.dsse.json");
     fs::write(&tampered, serde_json::to_vec(&envelope).unwrap()).unwrap();
-    assert_eq!(code(&mvm.json(&["plan", "verify", tampered.to_str().unwrap()], 1)), "PLAN003");
+    assert_eq!(
+        code(&mvm.json(&["plan", "verify", tampered.to_str().unwrap()], 1)),
+        "PLAN003"
+    );
     let inspected = mvm.json(&["plan", "inspect", tampered.to_str().unwrap()], 0);
     assert_eq!(inspected["signatures"][0]["status"], "invalid");
 
@@ -181,15 +238,32 @@ fn plan_sign_verify_inspect_and_refusals() {
     let other = Mvm::new();
     other.json(&["keys", "generate", "--name", "stranger"], 0);
     let foreign = other.signed_plan("stranger", &[]);
-    assert_eq!(code(&mvm.json(&["plan", "verify", foreign.to_str().unwrap()], 1)), "PLAN002");
+    assert_eq!(
+        code(&mvm.json(&["plan", "verify", foreign.to_str().unwrap()], 1)),
+        "PLAN002"
+    );
 
     // Malformed input.
     let junk = mvm.path("junk.json");
     fs::write(&junk, b"{\"payload\": 1}").unwrap();
-    assert_eq!(code(&mvm.json(&["plan", "verify", junk.to_str().unwrap()], 65)), "PLAN001");
+    assert_eq!(
+        code(&mvm.json(&["plan", "verify", junk.to_str().unwrap()], 65)),
+        "PLAN001"
+    );
     let bad_plan = mvm.path("bad-plan.json");
     fs::write(&bad_plan, br#"{"schema_version":"1","surprise":true}"#).unwrap();
-    let refused = mvm.json(&["plan", "sign", "--key", "ci", bad_plan.to_str().unwrap(), "-o", junk.to_str().unwrap()], 65);
+    let refused = mvm.json(
+        &[
+            "plan",
+            "sign",
+            "--key",
+            "ci",
+            bad_plan.to_str().unwrap(),
+            "-o",
+            junk.to_str().unwrap(),
+        ],
+        65,
+    );
     assert_eq!(code(&refused), "PLAN006");
     // The refused signing left the existing file alone.
     assert_eq!(fs::read(&junk).unwrap(), b"{\"payload\": 1}");
@@ -198,7 +272,12 @@ fn plan_sign_verify_inspect_and_refusals() {
     let audit = mvm.json(&["audit", "verify"], 0);
     assert!(audit["entries"].as_u64().unwrap() >= 12, "{audit}");
     let tail = mvm.json(&["audit", "tail", "-n", "2"], 0);
-    let events: Vec<&str> = tail["entries"].as_array().unwrap().iter().map(|e| e["event"].as_str().unwrap()).collect();
+    let events: Vec<&str> = tail["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
     assert_eq!(events, ["plan.verify", "plan.verify"]);
     assert_eq!(tail["entries"][1]["fields"]["result"], "refused");
     assert_eq!(tail["entries"][1]["fields"]["code"], "PLAN001");
@@ -234,10 +313,17 @@ fn openssl_verifies_our_envelopes() {
     let b64 = base64::engine::general_purpose::STANDARD;
     let payload = b64.decode(envelope["payload"].as_str().unwrap()).unwrap();
     let payload_type = envelope["payloadType"].as_str().unwrap();
-    let mut pae = format!("DSSEv1 {} {payload_type} {} ", payload_type.len(), payload.len()).into_bytes();
+    let mut pae = format!(
+        "DSSEv1 {} {payload_type} {} ",
+        payload_type.len(),
+        payload.len()
+    )
+    .into_bytes();
     pae.extend_from_slice(&payload);
     fs::write(mvm.path("pae.bin"), &pae).unwrap();
-    let sig = b64.decode(envelope["signatures"][0]["sig"].as_str().unwrap()).unwrap();
+    let sig = b64
+        .decode(envelope["signatures"][0]["sig"].as_str().unwrap())
+        .unwrap();
     fs::write(mvm.path("sig.bin"), &sig).unwrap();
 
     let openssl = |args: &[&str]| {
@@ -247,15 +333,29 @@ fn openssl_verifies_our_envelopes() {
             .output()
             .expect("openssl must be installed (.ci/run installs it)")
     };
-    let verify = ["pkeyutl", "-verify", "-pubin", "-inkey", "ci.pem", "-rawin", "-in", "pae.bin", "-sigfile", "sig.bin"];
+    let verify = [
+        "pkeyutl", "-verify", "-pubin", "-inkey", "ci.pem", "-rawin", "-in", "pae.bin", "-sigfile",
+        "sig.bin",
+    ];
     let ok = openssl(&verify);
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
 
     pae[20] ^= 1;
     fs::write(mvm.path("pae.bin"), &pae).unwrap();
-    assert!(!openssl(&verify).status.success(), "openssl accepted a tampered message");
+    assert!(
+        !openssl(&verify).status.success(),
+        "openssl accepted a tampered message"
+    );
 
     let key = mvm.dir().join("state/keys/ci.key");
     let read = openssl(&["pkey", "-in", key.to_str().unwrap(), "-noout"]);
-    assert!(read.status.success(), "{}", String::from_utf8_lossy(&read.stderr));
+    assert!(
+        read.status.success(),
+        "{}",
+        String::from_utf8_lossy(&read.stderr)
+    );
 }

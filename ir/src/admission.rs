@@ -56,8 +56,8 @@ pub fn verify_signed_plan(
         });
     }
     check_schema_version(&verified.payload)?;
-    let plan: LaunchPlan = serde_json::from_slice(&verified.payload)
-        .map_err(|e| Error::InvalidPlan(e.to_string()))?;
+    let plan: LaunchPlan =
+        serde_json::from_slice(&verified.payload).map_err(|e| Error::InvalidPlan(e.to_string()))?;
     plan.check()?;
     if now < plan.valid_from.0 {
         return Err(Error::PlanNotYetValid(plan.valid_from.to_string()));
@@ -175,7 +175,12 @@ impl NonceLedger {
     }
 
     /// Records `nonce`, refusing one already recorded. Expired entries are pruned on the way.
-    pub fn record(&self, nonce: &str, valid_until: Timestamp, now: OffsetDateTime) -> Result<(), Error> {
+    pub fn record(
+        &self,
+        nonce: &str,
+        valid_until: Timestamp,
+        now: OffsetDateTime,
+    ) -> Result<(), Error> {
         let _guard = ExclusiveLock::acquire(&self.lock)?;
         let mut ledger = self.read()?;
         ledger.nonces.retain(|_, until| until.0 > now);

@@ -148,7 +148,12 @@ impl AuditLog {
     }
 
     /// Appends a signed entry for `event` and returns it once it is on disk.
-    pub fn append(&self, event: &str, fields: Map<String, Value>, signer: &Signer) -> Result<Entry, Error> {
+    pub fn append(
+        &self,
+        event: &str,
+        fields: Map<String, Value>,
+        signer: &Signer,
+    ) -> Result<Entry, Error> {
         let _guard = ExclusiveLock::acquire(&self.lock)?;
         let mut file = OpenOptions::new()
             .read(true)
@@ -263,7 +268,9 @@ impl AuditLog {
                     reason: format!("head file {} is corrupt: {e}", self.head.display()),
                 })
             }),
-            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                Ok(None)
+            }
             Err(e) => Err(e),
         }
     }
@@ -295,7 +302,11 @@ fn broken(index: usize, kind: BreakKind, reason: impl Into<String>) -> ChainBrea
 }
 
 /// Verifies parsed lines; the first problem wins.
-fn verify_lines(lines: &[Vec<u8>], head: Option<&Head>, trust: &TrustStore) -> Result<ChainSummary, ChainBreak> {
+fn verify_lines(
+    lines: &[Vec<u8>],
+    head: Option<&Head>,
+    trust: &TrustStore,
+) -> Result<ChainSummary, ChainBreak> {
     let mut entries = Vec::with_capacity(lines.len());
     for (i, line) in lines.iter().enumerate() {
         let entry: Entry = serde_json::from_slice(line)
@@ -309,11 +320,17 @@ fn verify_lines(lines: &[Vec<u8>], head: Option<&Head>, trust: &TrustStore) -> R
             return Err(classify_sequence_break(&entries, i));
         }
         if !trust.contains(&entry.keyid) {
-            return Err(broken(i, BreakKind::UnknownKey, format!("signed by untrusted key {}", entry.keyid)));
+            return Err(broken(
+                i,
+                BreakKind::UnknownKey,
+                format!("signed by untrusted key {}", entry.keyid),
+            ));
         }
         let this_hash = sha256_hex(line);
         // Whether the next line vouches for these exact bytes: then they are as first written.
-        let chained = lines.get(i + 1).is_some_and(|_| entries[i + 1].prev == this_hash);
+        let chained = lines
+            .get(i + 1)
+            .is_some_and(|_| entries[i + 1].prev == this_hash);
         let signature_ok = STANDARD
             .decode(&entry.sig)
             .ok()
@@ -323,13 +340,25 @@ fn verify_lines(lines: &[Vec<u8>], head: Option<&Head>, trust: &TrustStore) -> R
             .unwrap_or(false);
         if !signature_ok {
             return Err(if chained {
-                broken(i, BreakKind::BadSignature, "the signature does not verify over the entry")
+                broken(
+                    i,
+                    BreakKind::BadSignature,
+                    "the signature does not verify over the entry",
+                )
             } else {
-                broken(i, BreakKind::Edited, "the entry does not match its signature: it was changed after signing")
+                broken(
+                    i,
+                    BreakKind::Edited,
+                    "the entry does not match its signature: it was changed after signing",
+                )
             });
         }
         if canonical::to_vec(entry).ok().as_deref() != Some(line.as_slice()) {
-            return Err(broken(i, BreakKind::Edited, "the line is not the canonical form of its entry"));
+            return Err(broken(
+                i,
+                BreakKind::Edited,
+                "the line is not the canonical form of its entry",
+            ));
         }
         if entry.prev != prev_hash {
             return Err(broken(
@@ -356,7 +385,11 @@ fn verify_lines(lines: &[Vec<u8>], head: Option<&Head>, trust: &TrustStore) -> R
         // the entry it names must still be the one it recorded.
         let recorded = &lines[head.seq as usize];
         if !is_sha256_hex(&head.line_sha256) || sha256_hex(recorded) != head.line_sha256 {
-            return Err(broken(head.seq as usize, BreakKind::Edited, "the line differs from the one the head file recorded"));
+            return Err(broken(
+                head.seq as usize,
+                BreakKind::Edited,
+                "the line differs from the one the head file recorded",
+            ));
         }
     }
     Ok(ChainSummary {
@@ -372,10 +405,22 @@ fn classify_sequence_break(entries: &[Entry], i: usize) -> ChainBreak {
     let expected = i as u64;
     let seq = entries[i].seq;
     if seq < expected {
-        broken(i, BreakKind::Inserted, format!("entry numbered {seq} stands where entry {expected} belongs"))
+        broken(
+            i,
+            BreakKind::Inserted,
+            format!("entry numbered {seq} stands where entry {expected} belongs"),
+        )
     } else if entries[i + 1..].iter().any(|e| e.seq == expected) {
-        broken(i, BreakKind::Reordered, format!("entry {seq} stands before entry {expected}"))
+        broken(
+            i,
+            BreakKind::Reordered,
+            format!("entry {seq} stands before entry {expected}"),
+        )
     } else {
-        broken(i, BreakKind::Deleted, format!("entries {expected} to {} are missing", seq - 1))
+        broken(
+            i,
+            BreakKind::Deleted,
+            format!("entries {expected} to {} are missing", seq - 1),
+        )
     }
 }

@@ -74,7 +74,11 @@ fn write_number(n: &Number, out: &mut Vec<u8>) -> Result<(), Error> {
         (i as f64, i.unsigned_abs() <= MAX_EXACT_INTEGER)
     } else {
         // serde_json parses every other number as a finite f64.
-        (n.as_f64().ok_or_else(|| Error::InexactNumber(n.to_string()))?, true)
+        (
+            n.as_f64()
+                .ok_or_else(|| Error::InexactNumber(n.to_string()))?,
+            true,
+        )
     };
     let mut buf = ryu_js::Buffer::new();
     let text = buf.format(double);
@@ -195,7 +199,11 @@ mod tests {
         for &(bits, expected) in table {
             let number = Number::from_f64(f64::from_bits(bits)).unwrap();
             let out = value_to_vec(&Value::Number(number)).unwrap();
-            assert_eq!(String::from_utf8(out).unwrap(), expected, "bits {bits:#018x}");
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                expected,
+                "bits {bits:#018x}"
+            );
         }
     }
 
@@ -212,11 +220,17 @@ mod tests {
     #[test]
     fn inexact_integers_are_refused() {
         assert_eq!(canon("9007199254740992"), "9007199254740992");
-        assert_eq!(canonicalize(b"9007199254740993").unwrap_err().code(), "INPUT004");
+        assert_eq!(
+            canonicalize(b"9007199254740993").unwrap_err().code(),
+            "INPUT004"
+        );
         assert_eq!(canonicalize(b"-18446744073").unwrap(), b"-18446744073");
         // Beyond 2^53 an integer whose double prints back the same is kept.
         assert_eq!(canon("117500119972289810"), "117500119972289810");
-        assert_eq!(canonicalize(b"18446744073709551615").unwrap_err().code(), "INPUT004");
+        assert_eq!(
+            canonicalize(b"18446744073709551615").unwrap_err().code(),
+            "INPUT004"
+        );
     }
 
     fn json_value() -> impl Strategy<Value = Value> {
@@ -267,7 +281,8 @@ mod tests {
             }
             (Value::Object(x), Value::Object(y)) => {
                 x.len() == y.len()
-                    && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same_meaning(v, w)))
+                    && x.iter()
+                        .all(|(k, v)| y.get(k).is_some_and(|w| same_meaning(v, w)))
             }
             _ => a == b,
         }

@@ -190,11 +190,17 @@ mod tests {
         assert_eq!(verified.keyid, signer.keyid());
 
         let stranger = Signer::generate().unwrap();
-        assert_eq!(parsed.verify(&trusted(&stranger)).unwrap_err().code(), "PLAN002");
+        assert_eq!(
+            parsed.verify(&trusted(&stranger)).unwrap_err().code(),
+            "PLAN002"
+        );
 
         let mut retyped = parsed.clone();
         retyped.payload_type = "text/html".into();
-        assert_eq!(retyped.verify(&trusted(&signer)).unwrap_err().code(), "PLAN003");
+        assert_eq!(
+            retyped.verify(&trusted(&signer)).unwrap_err().code(),
+            "PLAN003"
+        );
 
         for bad in [
             &b"{}"[..],

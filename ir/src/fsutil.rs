@@ -15,12 +15,19 @@ use crate::Error;
 /// Writes `bytes` to `path` atomically (temp file + fsync + rename + directory fsync), with
 /// permission bits `mode`.
 pub fn atomic_write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let name = path
         .file_name()
         .ok_or_else(|| Error::io(path, std::io::Error::other("path has no file name")))?;
     let nonce: [u8; 6] = crate::random_bytes()?;
-    let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), hex::encode(nonce)));
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        name.to_string_lossy(),
+        hex::encode(nonce)
+    ));
     let result = (|| {
         let mut file = OpenOptions::new()
             .write(true)
@@ -45,7 +52,10 @@ pub fn atomic_write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
 pub fn read_capped(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>, Error> {
     let mut bytes = Vec::new();
     let read = if path == Path::new("-") {
-        std::io::stdin().lock().take(limit + 1).read_to_end(&mut bytes)
+        std::io::stdin()
+            .lock()
+            .take(limit + 1)
+            .read_to_end(&mut bytes)
     } else {
         File::open(path).and_then(|f| f.take(limit + 1).read_to_end(&mut bytes))
     };
@@ -100,7 +110,10 @@ mod tests {
         atomic_write(&path, b"one", 0o600).unwrap();
         atomic_write(&path, b"two", 0o640).unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"two");
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o640);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
         // No temporary files are left behind.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
     }

@@ -29,12 +29,12 @@ impl MvmHome {
         if let Some(dir) = std::env::var_os("MVM_HOME").filter(|v| !v.is_empty()) {
             return Ok(Self::at(dir));
         }
-        let home = std::env::var_os("HOME").filter(|v| !v.is_empty()).ok_or_else(|| {
-            Error::UnsafeHome {
+        let home = std::env::var_os("HOME")
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| Error::UnsafeHome {
                 path: PathBuf::from("~/.mvm"),
                 reason: "neither MVM_HOME nor HOME is set".into(),
-            }
-        })?;
+            })?;
         Ok(Self::at(Path::new(&home).join(".mvm")))
     }
 
@@ -87,7 +87,9 @@ impl MvmHome {
 fn check_private_dir(dir: &Path) -> Result<(), Error> {
     let meta = fs::metadata(dir).map_err(|e| Error::io(dir, e))?;
     // `/proc/self` is owned by this process's effective uid: no unsafe `geteuid` call needed.
-    let me = fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(meta.uid());
+    let me = fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(meta.uid());
     if meta.uid() != me {
         return Err(Error::UnsafeHome {
             path: dir.to_path_buf(),
@@ -113,7 +115,10 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let home = MvmHome::at(tmp.path().join("h"));
         let keys = home.keys_dir().unwrap();
-        assert_eq!(fs::metadata(&keys).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            fs::metadata(&keys).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
         fs::set_permissions(&keys, fs::Permissions::from_mode(0o777)).unwrap();
         assert_eq!(home.keys_dir().unwrap_err().code(), "HOME001");
     }

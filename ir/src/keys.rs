@@ -41,7 +41,9 @@ pub struct Signer {
 impl std::fmt::Debug for Signer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print key material.
-        f.debug_struct("Signer").field("keyid", &self.keyid).finish_non_exhaustive()
+        f.debug_struct("Signer")
+            .field("keyid", &self.keyid)
+            .finish_non_exhaustive()
     }
 }
 
@@ -94,7 +96,10 @@ impl TrustStore {
     /// key is not trusted.
     pub fn verify(&self, keyid: &str, message: &[u8], signature: &[u8; 64]) -> Option<bool> {
         let key = self.keys.get(keyid)?;
-        Some(key.verify(message, &Signature::from_bytes(signature)).is_ok())
+        Some(
+            key.verify(message, &Signature::from_bytes(signature))
+                .is_ok(),
+        )
     }
 }
 
@@ -140,7 +145,11 @@ impl KeyStore {
         .to_pkcs8_pem(Default::default())
         .map_err(|e| bad_key(&private_path, e))?;
         let public_pem = public_pem(&signer.verifying_key(), &dir.join(format!("{name}.pub")))?;
-        atomic_write(&dir.join(format!("{name}.pub")), public_pem.as_bytes(), 0o644)?;
+        atomic_write(
+            &dir.join(format!("{name}.pub")),
+            public_pem.as_bytes(),
+            0o644,
+        )?;
         atomic_write(&private_path, pem.as_bytes(), 0o600)?;
         self.trust_key(&signer.verifying_key())?;
         Ok(KeyInfo {
@@ -170,7 +179,10 @@ impl KeyStore {
         let bytes = read_capped(&path, MAX_KEY_FILE_BYTES, "private key")?;
         let text = std::str::from_utf8(&bytes).map_err(|_| bad_key(&path, "not a PEM file"))?;
         let key = SigningKey::from_pkcs8_pem(text).map_err(|e| {
-            bad_key(&path, format!("not an ed25519 PKCS#8 private key of 32 bytes ({e})"))
+            bad_key(
+                &path,
+                format!("not an ed25519 PKCS#8 private key of 32 bytes ({e})"),
+            )
         })?;
         Ok(Signer::new(key))
     }
@@ -196,7 +208,10 @@ impl KeyStore {
     pub fn trust_pem(&self, pem: &[u8], origin: &Path) -> Result<KeyInfo, Error> {
         let text = std::str::from_utf8(pem).map_err(|_| bad_key(origin, "not a PEM file"))?;
         let key = VerifyingKey::from_public_key_pem(text).map_err(|e| {
-            bad_key(origin, format!("not an ed25519 SubjectPublicKeyInfo public key ({e})"))
+            bad_key(
+                origin,
+                format!("not an ed25519 SubjectPublicKeyInfo public key ({e})"),
+            )
         })?;
         self.trust_key(&key)?;
         Ok(KeyInfo {
@@ -215,7 +230,9 @@ impl KeyStore {
         let path = self.home.trust_dir()?.join(format!("{keyid}.pem"));
         match fs::remove_file(&path) {
             Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::UnknownKeyId(keyid.into())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(Error::UnknownKeyId(keyid.into()))
+            }
             Err(e) => Err(Error::io(path, e)),
         }
     }
@@ -302,7 +319,8 @@ fn read_dir_names(dir: &Path) -> Result<Vec<String>, Error> {
 }
 
 fn public_pem(key: &VerifyingKey, path: &Path) -> Result<String, Error> {
-    key.to_public_key_pem(Default::default()).map_err(|e| bad_key(path, e))
+    key.to_public_key_pem(Default::default())
+        .map_err(|e| bad_key(path, e))
 }
 
 fn bad_key(path: &Path, reason: impl std::fmt::Display) -> Error {
@@ -316,7 +334,9 @@ fn check_key_name(name: &str) -> Result<(), Error> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if ok {
         Ok(())
     } else {
@@ -346,7 +366,9 @@ mod tests {
         store.untrust(&info.keyid).unwrap();
         assert!(!store.trust_store().unwrap().contains(&info.keyid));
         assert_eq!(store.untrust(&info.keyid).unwrap_err().code(), "KEY006");
-        let again = store.trust_pem(pem.as_bytes(), Path::new("ci.pem")).unwrap();
+        let again = store
+            .trust_pem(pem.as_bytes(), Path::new("ci.pem"))
+            .unwrap();
         assert_eq!(again.keyid, info.keyid);
         let listed = store.list().unwrap();
         assert_eq!(listed, vec![info]);
@@ -357,12 +379,19 @@ mod tests {
         let (_tmp, store) = store();
         store.generate("k").unwrap();
         let path = store.home.keys_dir().unwrap().join("k.key");
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
 
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
         assert_eq!(store.signer("k").unwrap_err().code(), "KEY004");
 
-        fs::write(&path, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").unwrap();
+        fs::write(
+            &path,
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(store.signer("k").unwrap_err().code(), "KEY005");
 
@@ -372,7 +401,10 @@ mod tests {
         assert_eq!(store.signer("nope").unwrap_err().code(), "KEY001");
         assert_eq!(store.signer("../x").unwrap_err().code(), "KEY002");
         assert_eq!(
-            store.trust_pem(b"not pem", Path::new("x")).unwrap_err().code(),
+            store
+                .trust_pem(b"not pem", Path::new("x"))
+                .unwrap_err()
+                .code(),
             "KEY005"
         );
     }

@@ -259,7 +259,9 @@ impl LaunchPlan {
             });
         }
         if !is_identifier(&self.workload_id) || !is_identifier(&self.app) {
-            return fail("workload_id and app must be identifiers ([a-z0-9][a-z0-9._-]{0,62})".into());
+            return fail(
+                "workload_id and app must be identifiers ([a-z0-9][a-z0-9._-]{0,62})".into(),
+            );
         }
         if !is_prefixed_sha256(&self.ir_digest) {
             return fail("ir_digest is not sha256:<64 hex>".into());
@@ -268,7 +270,11 @@ impl LaunchPlan {
             ("kernel", &self.kernel.path, &self.kernel.digest),
             ("initramfs", &self.initramfs.path, &self.initramfs.digest),
             ("rootfs", &self.rootfs.path, &self.rootfs.digest),
-            ("rootfs.verity", &self.rootfs.verity.path, &self.rootfs.verity.digest),
+            (
+                "rootfs.verity",
+                &self.rootfs.verity.path,
+                &self.rootfs.verity.digest,
+            ),
         ];
         for (what, path, digest) in artifacts {
             let bare = !path.is_empty()
@@ -278,7 +284,9 @@ impl LaunchPlan {
                 && path != "."
                 && path != "..";
             if !bare {
-                return fail(format!("{what}.path {path:?} must be a file name inside the plan directory"));
+                return fail(format!(
+                    "{what}.path {path:?} must be a file name inside the plan directory"
+                ));
             }
             if !is_prefixed_sha256(digest) {
                 return fail(format!("{what}.digest is not sha256:<64 hex>"));
@@ -293,22 +301,32 @@ impl LaunchPlan {
         }
         let salt_ok = verity.salt.len() <= 512
             && verity.salt.len().is_multiple_of(2)
-            && verity.salt.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+            && verity
+                .salt
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
         if !salt_ok {
             return fail("rootfs.verity.salt must be at most 256 bytes of lowercase hex".into());
         }
         if verity.hash_algorithm != "sha256" {
-            return fail(format!("verity hash algorithm {:?} is not sha256", verity.hash_algorithm));
+            return fail(format!(
+                "verity hash algorithm {:?} is not sha256",
+                verity.hash_algorithm
+            ));
         }
         for size in [verity.data_block_size, verity.hash_block_size] {
             if !size.is_power_of_two() || !(512..=65536).contains(&size) {
-                return fail(format!("verity block size {size} is not a power of two in 512..=65536"));
+                return fail(format!(
+                    "verity block size {size} is not a power of two in 512..=65536"
+                ));
             }
         }
         if verity.data_blocks == 0 {
             return fail("rootfs.verity.data_blocks is 0".into());
         }
-        if !(1..=32).contains(&self.resources.cpu_cores) || !(64..=65536).contains(&self.resources.memory_mb) {
+        if !(1..=32).contains(&self.resources.cpu_cores)
+            || !(64..=65536).contains(&self.resources.memory_mb)
+        {
             return fail("resources outside 1..=32 vCPUs and 64..=65536 MiB".into());
         }
         let env_names = self
@@ -318,7 +336,9 @@ impl LaunchPlan {
             .chain(self.policy.secrets.iter().map(|s| &s.env));
         for name in env_names {
             if DENIED_ENV.contains(&name.as_str()) {
-                return fail(format!("environment variable {name} is never passed to a workload"));
+                return fail(format!(
+                    "environment variable {name} is never passed to a workload"
+                ));
             }
         }
         if self.policy.network == NetworkMode::None && !self.policy.egress.is_empty() {
@@ -328,7 +348,10 @@ impl LaunchPlan {
             return fail("entrypoint.command is empty".into());
         }
         let nonce_ok = self.nonce.len() == 32
-            && self.nonce.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+            && self
+                .nonce
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
         if !nonce_ok {
             return fail("nonce is not 16 bytes of lowercase hex".into());
         }

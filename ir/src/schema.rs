@@ -31,7 +31,15 @@ mod tests {
 
     #[test]
     fn published_schemas_match_the_types() {
-        check(include_str!("../schema/workload-v0.schema.json"), workload_schema(), "workload-v0.schema.json");
-        check(include_str!("../schema/plan-v1.schema.json"), plan_schema(), "plan-v1.schema.json");
+        check(
+            include_str!("../schema/workload-v0.schema.json"),
+            workload_schema(),
+            "workload-v0.schema.json",
+        );
+        check(
+            include_str!("../schema/plan-v1.schema.json"),
+            plan_schema(),
+            "plan-v1.schema.json",
+        );
     }
 }

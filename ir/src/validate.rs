@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::digest::is_prefixed_sha256;
 use crate::workload::{
-    App, EnvValue, Entrypoint, Image, NetworkMode, Source, Workload, SCHEMA_VERSION,
+    App, Entrypoint, EnvValue, Image, NetworkMode, Source, Workload, SCHEMA_VERSION,
 };
 
 /// Whether an issue blocks the workload.
@@ -51,11 +51,21 @@ impl Report {
         self.issues.iter().any(|i| i.severity == Severity::Error)
     }
 
-    fn error(&mut self, code: &'static str, pointer: impl Into<String>, message: impl Into<String>) {
+    fn error(
+        &mut self,
+        code: &'static str,
+        pointer: impl Into<String>,
+        message: impl Into<String>,
+    ) {
         self.push(code, Severity::Error, pointer.into(), message.into());
     }
 
-    fn warning(&mut self, code: &'static str, pointer: impl Into<String>, message: impl Into<String>) {
+    fn warning(
+        &mut self,
+        code: &'static str,
+        pointer: impl Into<String>,
+        message: impl Into<String>,
+    ) {
         self.push(code, Severity::Warning, pointer.into(), message.into());
     }
 
@@ -79,7 +89,11 @@ impl fmt::Display for Report {
                 Severity::Error => "error",
                 Severity::Warning => "warning",
             };
-            write!(f, "  {severity} {} at {}: {}", issue.code, issue.pointer, issue.message)?;
+            write!(
+                f,
+                "  {severity} {} at {}: {}",
+                issue.code, issue.pointer, issue.message
+            )?;
         }
         Ok(())
     }
@@ -196,7 +210,12 @@ pub fn validate(workload: &Workload) -> Report {
         check_app(&mut report, &at, app, workload);
     }
 
-    check_count(&mut report, "/volumes", workload.volumes.len(), limits::LIST);
+    check_count(
+        &mut report,
+        "/volumes",
+        workload.volumes.len(),
+        limits::LIST,
+    );
     let mounted: BTreeSet<&str> = workload
         .apps
         .iter()
@@ -206,7 +225,12 @@ pub fn validate(workload: &Workload) -> Report {
     let mut volume_names = BTreeSet::new();
     for (i, volume) in workload.volumes.iter().enumerate() {
         let at = format!("/volumes/{i}");
-        check_identifier(&mut report, &format!("{at}/name"), "volume name", &volume.name);
+        check_identifier(
+            &mut report,
+            &format!("{at}/name"),
+            "volume name",
+            &volume.name,
+        );
         if !volume_names.insert(volume.name.as_str()) {
             report.error(
                 "IR004",
@@ -218,7 +242,11 @@ pub fn validate(workload: &Workload) -> Report {
             report.error(
                 "IR008",
                 format!("{at}/size_mb"),
-                format!("volume size {} MiB is outside {:?}", volume.size_mb, limits::VOLUME_MB),
+                format!(
+                    "volume size {} MiB is outside {:?}",
+                    volume.size_mb,
+                    limits::VOLUME_MB
+                ),
             );
         }
         if !mounted.contains(volume.name.as_str()) {
@@ -244,14 +272,22 @@ fn check_app(report: &mut Report, at: &str, app: &App, workload: &Workload) {
         report.error(
             "IR008",
             format!("{at}/resources/cpu_cores"),
-            format!("cpu_cores {} is outside {:?}", r.cpu_cores, limits::CPU_CORES),
+            format!(
+                "cpu_cores {} is outside {:?}",
+                r.cpu_cores,
+                limits::CPU_CORES
+            ),
         );
     }
     if !limits::MEMORY_MB.contains(&r.memory_mb) {
         report.error(
             "IR008",
             format!("{at}/resources/memory_mb"),
-            format!("memory_mb {} is outside {:?}", r.memory_mb, limits::MEMORY_MB),
+            format!(
+                "memory_mb {} is outside {:?}",
+                r.memory_mb,
+                limits::MEMORY_MB
+            ),
         );
     }
     if let Some(size) = r.rootfs_size_mb.filter(|s| !limits::ROOTFS_MB.contains(s)) {
@@ -263,9 +299,18 @@ fn check_app(report: &mut Report, at: &str, app: &App, workload: &Workload) {
     }
 
     if app.entrypoints.is_empty() {
-        report.error("IR007", format!("{at}/entrypoints"), "an app needs at least one entrypoint");
+        report.error(
+            "IR007",
+            format!("{at}/entrypoints"),
+            "an app needs at least one entrypoint",
+        );
     }
-    check_count(report, &format!("{at}/entrypoints"), app.entrypoints.len(), limits::ENTRYPOINTS);
+    check_count(
+        report,
+        &format!("{at}/entrypoints"),
+        app.entrypoints.len(),
+        limits::ENTRYPOINTS,
+    );
     for (i, Entrypoint::Command { command, cwd }) in app.entrypoints.iter().enumerate() {
         let ep = format!("{at}/entrypoints/{i}");
         check_argv(report, &format!("{ep}/command"), command);
@@ -276,12 +321,22 @@ fn check_app(report: &mut Report, at: &str, app: &App, workload: &Workload) {
 
     check_count(report, &format!("{at}/env"), app.env.len(), limits::ENV);
     for (name, value) in &app.env {
-        check_env(report, &format!("{at}/env/{}", pointer_token(name)), name, value);
+        check_env(
+            report,
+            &format!("{at}/env/{}", pointer_token(name)),
+            name,
+            value,
+        );
     }
 
     check_network(report, &format!("{at}/network"), app);
 
-    check_count(report, &format!("{at}/mounts"), app.mounts.len(), limits::LIST);
+    check_count(
+        report,
+        &format!("{at}/mounts"),
+        app.mounts.len(),
+        limits::LIST,
+    );
     let declared: BTreeSet<&str> = workload.volumes.iter().map(|v| v.name.as_str()).collect();
     let mut targets = BTreeSet::new();
     for (i, mount) in app.mounts.iter().enumerate() {
@@ -290,7 +345,10 @@ fn check_app(report: &mut Report, at: &str, app: &App, workload: &Workload) {
             report.error(
                 "IR017",
                 format!("{m}/volume"),
-                format!("mount names volume {:?}, which the workload does not declare", mount.volume),
+                format!(
+                    "mount names volume {:?}, which the workload does not declare",
+                    mount.volume
+                ),
             );
         }
         check_guest_path(report, &format!("{m}/target"), &mount.target);
@@ -304,12 +362,21 @@ fn check_app(report: &mut Report, at: &str, app: &App, workload: &Workload) {
     }
 
     let mut paths = BTreeSet::new();
-    check_count(report, &format!("{at}/files"), app.files.len(), limits::LIST);
+    check_count(
+        report,
+        &format!("{at}/files"),
+        app.files.len(),
+        limits::LIST,
+    );
     for (i, file) in app.files.iter().enumerate() {
         let f = format!("{at}/files/{i}");
         check_guest_path(report, &format!("{f}/path"), &file.path);
         if !paths.insert(file.path.as_str()) {
-            report.error("IR018", format!("{f}/path"), format!("file {:?} is declared twice", file.path));
+            report.error(
+                "IR018",
+                format!("{f}/path"),
+                format!("file {:?} is declared twice", file.path),
+            );
         }
         if file.content.len() > limits::FILE_CONTENT {
             report.error(
@@ -323,8 +390,8 @@ fn check_app(report: &mut Report, at: &str, app: &App, workload: &Workload) {
             );
         }
         if let Some(mode) = &file.mode {
-            let valid = (3..=4).contains(&mode.len())
-                && mode.bytes().all(|b| (b'0'..=b'7').contains(&b));
+            let valid =
+                (3..=4).contains(&mode.len()) && mode.bytes().all(|b| (b'0'..=b'7').contains(&b));
             if !valid {
                 report.error(
                     "IR018",
@@ -339,10 +406,18 @@ fn check_app(report: &mut Report, at: &str, app: &App, workload: &Workload) {
         let h = format!("{at}/health_check");
         check_argv(report, &format!("{h}/command"), &hc.command);
         if !(1..=3600).contains(&hc.interval_s) {
-            report.error("IR019", format!("{h}/interval_s"), "interval_s must be 1 to 3600");
+            report.error(
+                "IR019",
+                format!("{h}/interval_s"),
+                "interval_s must be 1 to 3600",
+            );
         }
         if hc.timeout_s == 0 || hc.timeout_s > hc.interval_s {
-            report.error("IR019", format!("{h}/timeout_s"), "timeout_s must be 1 to interval_s");
+            report.error(
+                "IR019",
+                format!("{h}/timeout_s"),
+                "timeout_s must be 1 to interval_s",
+            );
         }
         if !(1..=100).contains(&hc.retries) {
             report.error("IR019", format!("{h}/retries"), "retries must be 1 to 100");
@@ -358,20 +433,28 @@ fn check_source(report: &mut Report, at: &str, source: &Source) {
                 report.error(
                     "IR020",
                     format!("{at}/path"),
-                    format!("source path {path:?} must be relative to the declaration, without '..'"),
+                    format!(
+                        "source path {path:?} must be relative to the declaration, without '..'"
+                    ),
                 );
             }
         }
         Source::Git { url, rev } => {
             if !(url.starts_with("https://") || url.starts_with("ssh://")) {
-                report.error("IR020", format!("{at}/url"), "git url must be https:// or ssh://");
+                report.error(
+                    "IR020",
+                    format!("{at}/url"),
+                    "git url must be https:// or ssh://",
+                );
             }
             let full_commit = rev.len() == 40 && rev.bytes().all(|b| b.is_ascii_hexdigit());
             if !full_commit {
                 report.error(
                     "IR020",
                     format!("{at}/rev"),
-                    format!("git rev {rev:?} must be a full 40-hex-digit commit, not a branch or tag"),
+                    format!(
+                        "git rev {rev:?} must be a full 40-hex-digit commit, not a branch or tag"
+                    ),
                 );
             }
         }
@@ -394,15 +477,26 @@ fn check_image(report: &mut Report, at: &str, image: &Image) {
         }
         Image::NixPackages { packages } => {
             if packages.is_empty() {
-                report.error("IR016", format!("{at}/packages"), "list at least one Nix package");
+                report.error(
+                    "IR016",
+                    format!("{at}/packages"),
+                    "list at least one Nix package",
+                );
             }
-            check_count(report, &format!("{at}/packages"), packages.len(), limits::LIST);
+            check_count(
+                report,
+                &format!("{at}/packages"),
+                packages.len(),
+                limits::LIST,
+            );
             for (i, attr) in packages.iter().enumerate() {
                 if !is_nix_attr_path(attr) {
                     report.error(
                         "IR016",
                         format!("{at}/packages/{i}"),
-                        format!("{attr:?} is not a Nix attribute path such as python3Packages.requests"),
+                        format!(
+                            "{attr:?} is not a Nix attribute path such as python3Packages.requests"
+                        ),
                     );
                 }
             }
@@ -430,10 +524,19 @@ fn oci_reference_problem(reference: &str, digest: &str) -> Option<String> {
         ));
     }
     let valid_chars = name.bytes().all(|b| {
-        b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-' | b'/' | b':')
+        b.is_ascii_lowercase()
+            || b.is_ascii_digit()
+            || matches!(b, b'.' | b'_' | b'-' | b'/' | b':')
     });
-    if name.is_empty() || !valid_chars || name.starts_with('/') || name.ends_with('/') || name.contains("//") {
-        return Some(format!("{reference:?} is not an OCI repository name such as 127.0.0.1:5000/busybox"));
+    if name.is_empty()
+        || !valid_chars
+        || name.starts_with('/')
+        || name.ends_with('/')
+        || name.contains("//")
+    {
+        return Some(format!(
+            "{reference:?} is not an OCI repository name such as 127.0.0.1:5000/busybox"
+        ));
     }
     None
 }
@@ -443,7 +546,9 @@ fn is_nix_attr_path(attr: &str) -> bool {
         && attr.len() <= 256
         && attr.split('.').all(|part| {
             let mut chars = part.chars();
-            chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            chars
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
                 && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '\''))
         })
 }
@@ -451,10 +556,17 @@ fn is_nix_attr_path(attr: &str) -> bool {
 fn check_env(report: &mut Report, at: &str, name: &str, value: &EnvValue) {
     let valid_name = !name.is_empty()
         && name.len() <= 256
-        && name.bytes().next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
     if !valid_name {
-        report.error("IR011", at, format!("{name:?} is not a valid environment variable name"));
+        report.error(
+            "IR011",
+            at,
+            format!("{name:?} is not a valid environment variable name"),
+        );
         return;
     }
     if DENIED_ENV.contains(&name) {
@@ -467,11 +579,15 @@ fn check_env(report: &mut Report, at: &str, name: &str, value: &EnvValue) {
     match value {
         EnvValue::Literal { value } => {
             if value.len() > limits::STRING || value.contains('\0') {
-                report.error("IR011", format!("{at}/value"), "value is over 64 KiB or contains NUL");
+                report.error(
+                    "IR011",
+                    format!("{at}/value"),
+                    "value is over 64 KiB or contains NUL",
+                );
             }
             let upper = name.to_ascii_uppercase();
-            let secret_name = SECRET_NAME_WORDS.iter().any(|w| upper.contains(w))
-                || upper.ends_with("_KEY");
+            let secret_name =
+                SECRET_NAME_WORDS.iter().any(|w| upper.contains(w)) || upper.ends_with("_KEY");
             let secret_value = SECRET_VALUE_PREFIXES.iter().any(|p| value.starts_with(p));
             if (secret_name && !value.is_empty()) || secret_value {
                 report.error(
@@ -504,7 +620,12 @@ fn check_network(report: &mut Report, at: &str, app: &App) {
             "network mode is \"none\": the egress allowlist has no effect until mode is \"allowlist\"",
         );
     }
-    check_count(report, &format!("{at}/egress/allowlist"), network.egress.allowlist.len(), limits::LIST);
+    check_count(
+        report,
+        &format!("{at}/egress/allowlist"),
+        network.egress.allowlist.len(),
+        limits::LIST,
+    );
     for (i, grant) in network.egress.allowlist.iter().enumerate() {
         let g = format!("{at}/egress/allowlist/{i}");
         if !is_egress_host(&grant.host) {
@@ -518,7 +639,12 @@ fn check_network(report: &mut Report, at: &str, app: &App) {
             report.error("IR014", format!("{g}/port"), "port must be 1 to 65535");
         }
     }
-    check_count(report, &format!("{at}/ports"), network.ports.len(), limits::LIST);
+    check_count(
+        report,
+        &format!("{at}/ports"),
+        network.ports.len(),
+        limits::LIST,
+    );
     let mut guest_ports = BTreeSet::new();
     let mut host_ports = BTreeSet::new();
     for (i, port) in network.ports.iter().enumerate() {
@@ -527,11 +653,19 @@ fn check_network(report: &mut Report, at: &str, app: &App) {
             report.error("IR015", &p, "ports must be 1 to 65535");
         }
         if !guest_ports.insert(port.guest) {
-            report.error("IR015", format!("{p}/guest"), format!("guest port {} is forwarded twice", port.guest));
+            report.error(
+                "IR015",
+                format!("{p}/guest"),
+                format!("guest port {} is forwarded twice", port.guest),
+            );
         }
         if let Some(host) = port.host {
             if !host_ports.insert(host) {
-                report.error("IR015", format!("{p}/host"), format!("host port {host} is used twice"));
+                report.error(
+                    "IR015",
+                    format!("{p}/host"),
+                    format!("host port {host} is used twice"),
+                );
             }
         }
     }
@@ -549,18 +683,28 @@ fn is_egress_host(host: &str) -> bool {
                 && label.len() <= 63
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         })
 }
 
 fn check_argv(report: &mut Report, at: &str, argv: &[String]) {
     if argv.is_empty() || argv[0].is_empty() {
-        report.error("IR007", at, "the command is empty; give at least the program to run");
+        report.error(
+            "IR007",
+            at,
+            "the command is empty; give at least the program to run",
+        );
     }
     check_count(report, at, argv.len(), limits::ARGV);
     for (i, arg) in argv.iter().enumerate() {
         if arg.contains('\0') || arg.len() > limits::STRING {
-            report.error("IR007", format!("{at}/{i}"), "argument contains NUL or is over 64 KiB");
+            report.error(
+                "IR007",
+                format!("{at}/{i}"),
+                "argument contains NUL or is over 64 KiB",
+            );
         }
     }
 }
@@ -575,7 +719,9 @@ fn check_guest_path(report: &mut Report, at: &str, path: &str) {
         report.error(
             "IR009",
             at,
-            format!("{path:?} must be an absolute guest path without '.', '..' or empty components"),
+            format!(
+                "{path:?} must be an absolute guest path without '.', '..' or empty components"
+            ),
         );
     }
 }
@@ -585,14 +731,20 @@ fn check_identifier(report: &mut Report, at: &str, what: &str, value: &str) {
         report.error(
             "IR002",
             at,
-            format!("{what} {value:?} must be 1-63 of [a-z0-9._-], starting with a letter or digit"),
+            format!(
+                "{what} {value:?} must be 1-63 of [a-z0-9._-], starting with a letter or digit"
+            ),
         );
     }
 }
 
 fn check_count(report: &mut Report, at: &str, count: usize, limit: usize) {
     if count > limit {
-        report.error("IR021", at, format!("{count} entries, over the limit of {limit}"));
+        report.error(
+            "IR021",
+            at,
+            format!("{count} entries, over the limit of {limit}"),
+        );
     }
 }
 
@@ -602,9 +754,9 @@ pub fn is_identifier(s: &str) -> bool {
     !bytes.is_empty()
         && bytes.len() <= 63
         && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
-        && bytes
-            .iter()
-            .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))
+        && bytes.iter().all(|&b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+        })
 }
 
 /// Escapes one reference token of an RFC 6901 JSON pointer.

@@ -59,7 +59,11 @@ pub fn run(cmd: IrCommand, out: &Output) -> anyhow::Result<()> {
             out.result(json!({"ir_digest": digest}), || digest.clone());
         }
         IrCommand::Schema { plan } => {
-            let schema = if plan { plan_schema() } else { workload_schema() };
+            let schema = if plan {
+                plan_schema()
+            } else {
+                workload_schema()
+            };
             println!("{}", serde_json::to_string_pretty(&schema)?);
         }
     }

@@ -46,7 +46,9 @@ pub fn run(cmd: KeysCommand, out: &Output) -> anyhow::Result<()> {
         KeysCommand::Generate { name } => {
             let info = host.keys.generate(&name)?;
             host.audit("key.generate", json!({"name": name, "keyid": info.keyid}))?;
-            out.result(json!(info), || format!("generated key {name}: {}", info.keyid));
+            out.result(json!(info), || {
+                format!("generated key {name}: {}", info.keyid)
+            });
         }
         KeysCommand::List => {
             let keys = host.keys.list()?;

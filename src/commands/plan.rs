@@ -94,7 +94,9 @@ fn sign(
         members.entry("single_use").or_insert(json!(false));
     }
     if let Some(duration) = valid_for {
-        let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap_or(OffsetDateTime::now_utc());
+        let now = OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .unwrap_or(OffsetDateTime::now_utc());
         let until = now + duration;
         members.insert("valid_from".into(), json!(Timestamp(now)));
         members.insert("valid_until".into(), json!(Timestamp(until)));
@@ -204,7 +206,11 @@ fn inspect(host: &Host, out: &Output, path: &PathBuf) -> anyhow::Result<()> {
             sha256_prefixed(&payload)
         );
         for s in &signatures {
-            text.push_str(&format!("signature {} ({})\n", s["keyid"].as_str().unwrap_or(""), s["status"].as_str().unwrap_or("")));
+            text.push_str(&format!(
+                "signature {} ({})\n",
+                s["keyid"].as_str().unwrap_or(""),
+                s["status"].as_str().unwrap_or("")
+            ));
         }
         text.push_str(&serde_json::to_string_pretty(&doc["plan"]).unwrap_or_default());
         text
