@@ -152,7 +152,7 @@ struct LedgerFile {
 /// The ledger file format version.
 const LEDGER_VERSION: u32 = 1;
 
-/// The ledger holds at most this many live nonces (about 100 bytes each).
+/// The ledger file's size limit: about 600 000 live nonces (about 100 bytes each).
 const MAX_LEDGER_BYTES: u64 = 64 * 1024 * 1024;
 
 impl NonceLedger {
@@ -198,6 +198,7 @@ impl NonceLedger {
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 return Ok(LedgerFile::default())
             }
+            Err(too_large @ Error::TooLarge { .. }) => return Err(self.corrupt(too_large)),
             other => other?,
         };
         let ledger: LedgerFile = serde_json::from_slice(&bytes).map_err(|e| self.corrupt(e))?;

@@ -3,7 +3,7 @@
 //!
 //! Each line is the canonical JSON of an [`Entry`]: `seq` (0, 1, 2, …), `time`, `event`, `fields`,
 //! `prev` (hex sha256 of the previous line's bytes; 64 zeros for the first), `keyid`, and `sig`
-//! (ed25519 over the canonical JSON of every other member). A head file records the last
+//! (ed25519 over the canonical JSON of every other member). A signed head file records the last
 //! entry's seq and line hash, so cutting entries off the end is found too.
 //!
 //! [`AuditLog::verify`] reports the first bad line and why: an edit, a deletion, an insertion, a
@@ -53,12 +53,29 @@ pub struct Entry {
     pub sig: String,
 }
 
-/// What the head file records.
+/// What the head file records: the last entry's seq and line hash, signed, so the log cannot
+/// be cut short and the head rewritten to match without the key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Head {
     seq: u64,
     line_sha256: String,
+    keyid: String,
+    /// ed25519, base64, over the canonical JSON of the other members.
+    sig: String,
+}
+
+impl Head {
+    fn signed(seq: u64, line_sha256: String, signer: &Signer) -> Result<Self, Error> {
+        let mut head = Head {
+            seq,
+            line_sha256,
+            keyid: signer.keyid().to_string(),
+            sig: String::new(),
+        };
+        head.sig = STANDARD.encode(signer.sign(&signed_bytes(&head)?));
+        Ok(head)
+    }
 }
 
 /// How a chain is broken.
@@ -198,10 +215,7 @@ impl AuditLog {
         file.write_all(&line)
             .and_then(|()| file.sync_all())
             .map_err(|e| Error::io(&self.path, e))?;
-        let head = Head {
-            seq,
-            line_sha256: line_hash,
-        };
+        let head = Head::signed(seq, line_hash, signer)?;
         let head_bytes = serde_json::to_vec(&head).map_err(|e| Error::parse("audit head", e))?;
         atomic_write(&self.head, &head_bytes, 0o600)?;
         Ok(entry)
@@ -276,13 +290,29 @@ impl AuditLog {
     }
 }
 
-/// The bytes an entry's signature covers: its canonical JSON without `sig`.
-fn signed_bytes(entry: &Entry) -> Result<Vec<u8>, Error> {
-    let mut value = serde_json::to_value(entry).map_err(|e| Error::parse("audit entry", e))?;
+/// The bytes a signature covers: the canonical JSON of a record without its `sig` member.
+fn signed_bytes<T: Serialize>(record: &T) -> Result<Vec<u8>, Error> {
+    let mut value = serde_json::to_value(record).map_err(|e| Error::parse("audit record", e))?;
     if let Value::Object(members) = &mut value {
         members.remove("sig");
     }
     canonical::value_to_vec(&value)
+}
+
+/// Whether `sig` (base64) is a signature by trusted key `keyid` over `record`.
+fn signature_verifies<T: Serialize>(
+    record: &T,
+    keyid: &str,
+    sig: &str,
+    trust: &TrustStore,
+) -> bool {
+    STANDARD
+        .decode(sig)
+        .ok()
+        .and_then(|sig| <[u8; 64]>::try_from(sig).ok())
+        .zip(signed_bytes(record).ok())
+        .and_then(|(sig, message)| trust.verify(keyid, &message, &sig))
+        .unwrap_or(false)
 }
 
 fn read_lines(file: File) -> std::io::Result<Vec<Vec<u8>>> {
@@ -331,14 +361,7 @@ fn verify_lines(
         let chained = lines
             .get(i + 1)
             .is_some_and(|_| entries[i + 1].prev == this_hash);
-        let signature_ok = STANDARD
-            .decode(&entry.sig)
-            .ok()
-            .and_then(|sig| <[u8; 64]>::try_from(sig).ok())
-            .zip(signed_bytes(entry).ok())
-            .and_then(|(sig, message)| trust.verify(&entry.keyid, &message, &sig))
-            .unwrap_or(false);
-        if !signature_ok {
+        if !signature_verifies(entry, &entry.keyid, &entry.sig, trust) {
             return Err(if chained {
                 broken(
                     i,
@@ -369,28 +392,46 @@ fn verify_lines(
         }
         prev_hash = this_hash;
     }
-    if let Some(head) = head {
-        let last = entries.len() as u64;
-        if head.seq >= last {
-            return Err(ChainBreak {
-                line: last + 1,
-                kind: BreakKind::Truncated,
-                reason: format!(
-                    "the head file records entry {} but the log ends after {last} entries",
-                    head.seq
-                ),
+    let last = entries.len() as u64;
+    let Some(head) = head else {
+        if last == 0 {
+            return Ok(ChainSummary {
+                entries: 0,
+                head: prev_hash,
             });
         }
-        // A crash between the append and the head update leaves the head one entry behind;
-        // the entry it names must still be the one it recorded.
-        let recorded = &lines[head.seq as usize];
-        if !is_sha256_hex(&head.line_sha256) || sha256_hex(recorded) != head.line_sha256 {
-            return Err(broken(
-                head.seq as usize,
-                BreakKind::Edited,
-                "the line differs from the one the head file recorded",
-            ));
-        }
+        return Err(ChainBreak {
+            line: last + 1,
+            kind: BreakKind::Truncated,
+            reason: "the head file is missing: entries may have been cut off the end".into(),
+        });
+    };
+    if !signature_verifies(head, &head.keyid, &head.sig, trust) {
+        return Err(ChainBreak {
+            line: last + 1,
+            kind: BreakKind::BadSignature,
+            reason: "the head file's signature does not verify".into(),
+        });
+    }
+    if head.seq >= last {
+        return Err(ChainBreak {
+            line: last + 1,
+            kind: BreakKind::Truncated,
+            reason: format!(
+                "the head file records entry {} but the log ends after {last} entries",
+                head.seq
+            ),
+        });
+    }
+    // A crash between the append and the head update leaves the head one entry behind;
+    // the entry it names must still be the one it recorded.
+    let recorded = &lines[head.seq as usize];
+    if !is_sha256_hex(&head.line_sha256) || sha256_hex(recorded) != head.line_sha256 {
+        return Err(broken(
+            head.seq as usize,
+            BreakKind::Edited,
+            "the line differs from the one the head file recorded",
+        ));
     }
     Ok(ChainSummary {
         entries: entries.len() as u64,

@@ -16,7 +16,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::digest::{is_prefixed_sha256, is_sha256_hex};
-use crate::validate::{is_identifier, DENIED_ENV};
+use crate::validate::{is_egress_host, is_env_name, is_guest_path, is_identifier, DENIED_ENV};
 use crate::workload::{EgressGrant, Mount, NetworkMode, PortForward};
 use crate::Error;
 
@@ -335,11 +335,49 @@ impl LaunchPlan {
             .keys()
             .chain(self.policy.secrets.iter().map(|s| &s.env));
         for name in env_names {
-            if DENIED_ENV.contains(&name.as_str()) {
+            if !is_env_name(name) || DENIED_ENV.contains(&name.as_str()) {
                 return fail(format!(
-                    "environment variable {name} is never passed to a workload"
+                    "environment variable {name:?} is invalid or never passed to a workload"
                 ));
             }
+        }
+        if self.policy.env.values().any(|v| v.contains('\0')) {
+            return fail("an environment value contains NUL".into());
+        }
+        if let Some(secret) = self.policy.secrets.iter().find(|s| !is_identifier(&s.name)) {
+            return fail(format!(
+                "secret name {:?} is not an identifier",
+                secret.name
+            ));
+        }
+        if let Some(grant) = self
+            .policy
+            .egress
+            .iter()
+            .find(|g| g.port == 0 || !is_egress_host(&g.host))
+        {
+            return fail(format!(
+                "egress grant {}:{} is invalid",
+                grant.host, grant.port
+            ));
+        }
+        let mount_ok = |m: &Mount| is_identifier(&m.volume) && is_guest_path(&m.target);
+        if let Some(mount) = self.policy.mounts.iter().find(|m| !mount_ok(m)) {
+            return fail(format!(
+                "mount {:?} → {:?} is invalid",
+                mount.volume, mount.target
+            ));
+        }
+        if self
+            .entrypoint
+            .cwd
+            .as_deref()
+            .is_some_and(|cwd| !is_guest_path(cwd))
+        {
+            return fail("entrypoint.cwd is not an absolute guest path".into());
+        }
+        if self.entrypoint.command.iter().any(|a| a.contains('\0')) {
+            return fail("an entrypoint argument contains NUL".into());
         }
         if self.policy.network == NetworkMode::None && !self.policy.egress.is_empty() {
             return fail("egress grants in a plan whose network mode is none".into());

@@ -554,13 +554,7 @@ fn is_nix_attr_path(attr: &str) -> bool {
 }
 
 fn check_env(report: &mut Report, at: &str, name: &str, value: &EnvValue) {
-    let valid_name = !name.is_empty()
-        && name.len() <= 256
-        && name
-            .bytes()
-            .next()
-            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    let valid_name = is_env_name(name);
     if !valid_name {
         report.error(
             "IR011",
@@ -671,7 +665,8 @@ fn check_network(report: &mut Report, at: &str, app: &App) {
     }
 }
 
-fn is_egress_host(host: &str) -> bool {
+/// A DNS name, a `*.`-prefixed DNS suffix, or an IP address.
+pub fn is_egress_host(host: &str) -> bool {
     if host.parse::<std::net::IpAddr>().is_ok() {
         return true;
     }
@@ -710,12 +705,7 @@ fn check_argv(report: &mut Report, at: &str, argv: &[String]) {
 }
 
 fn check_guest_path(report: &mut Report, at: &str, path: &str) {
-    let ok = path.starts_with('/')
-        && path.len() <= limits::PATH
-        && !path.contains('\0')
-        && path.split('/').skip(1).all(|c| c != "." && c != "..")
-        && (path == "/" || !path.contains("//"));
-    if !ok {
+    if !is_guest_path(path) {
         report.error(
             "IR009",
             at,
@@ -724,6 +714,15 @@ fn check_guest_path(report: &mut Report, at: &str, path: &str) {
             ),
         );
     }
+}
+
+/// An absolute guest path without `.`, `..` or empty components, NUL, or excess length.
+pub fn is_guest_path(path: &str) -> bool {
+    path.starts_with('/')
+        && path.len() <= limits::PATH
+        && !path.contains('\0')
+        && path.split('/').skip(1).all(|c| c != "." && c != "..")
+        && (path == "/" || !path.contains("//"))
 }
 
 fn check_identifier(report: &mut Report, at: &str, what: &str, value: &str) {
@@ -746,6 +745,17 @@ fn check_count(report: &mut Report, at: &str, count: usize, limit: usize) {
             format!("{count} entries, over the limit of {limit}"),
         );
     }
+}
+
+/// A portable environment variable name: `[A-Za-z_][A-Za-z0-9_]*`, at most 256 bytes.
+pub fn is_env_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 256
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 /// Names of workloads, apps, volumes and secrets: `[a-z0-9][a-z0-9._-]{0,62}`.

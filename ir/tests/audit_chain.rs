@@ -176,7 +176,9 @@ fn appended_entries_chain_and_the_head_file_names_the_last_line() {
             canonical::to_vec(&entry).unwrap()
         );
         let head: Value = serde_json::from_slice(&fs::read(chain.head_path()).unwrap()).unwrap();
-        assert_eq!(head, json!({"seq": i, "line_sha256": after.head}));
+        assert_eq!(head["seq"], json!(i));
+        assert_eq!(head["line_sha256"], json!(after.head));
+        assert_eq!(head["keyid"], json!(chain.signer.keyid()));
     }
 }
 
@@ -350,7 +352,16 @@ fn a_head_file_one_entry_behind_is_accepted() {
 // Tampering
 // ---------------------------------------------------------------------------------------------
 
-type Tamper = Box<dyn Fn(&mut Vec<String>, &mut Vec<u8>)>;
+/// A head file for `seq` and `line_sha256`, signed by `signer` as `AuditLog::append` signs it.
+fn signed_head(signer: &Signer, seq: u64, line_sha256: &str) -> Vec<u8> {
+    let unsigned = json!({"seq": seq, "line_sha256": line_sha256, "keyid": signer.keyid()});
+    let sig = signer.sign(&canonical::to_vec(&unsigned).unwrap());
+    let mut head = unsigned;
+    head["sig"] = json!(STANDARD.encode(sig));
+    serde_json::to_vec(&head).unwrap()
+}
+
+type Tamper = Box<dyn Fn(&mut Vec<String>, &mut Vec<u8>, &Signer)>;
 
 /// Each tampering of a 10-entry chain (lines 1..=10, seq 0..=9) with the code and 1-based line
 /// that verification must report.
@@ -358,22 +369,24 @@ fn tampering() -> Vec<(&'static str, Tamper, (&'static str, u64))> {
     vec![
         (
             "a field value edited in a middle line",
-            Box::new(|l, _| l[4] = edit_line(&l[4], |m| m["fields"]["i"] = json!(99))),
+            Box::new(|l, _, _| l[4] = edit_line(&l[4], |m| m["fields"]["i"] = json!(99))),
             ("AUDIT002", 5),
         ),
         (
             "the event of the first line edited",
-            Box::new(|l, _| l[0] = edit_line(&l[0], |m| m["event"] = json!("test.nothing"))),
+            Box::new(|l, _, _| l[0] = edit_line(&l[0], |m| m["event"] = json!("test.nothing"))),
             ("AUDIT002", 1),
         ),
         (
             "the time of the last line edited",
-            Box::new(|l, _| l[9] = edit_line(&l[9], |m| m["time"] = json!("2000-01-01T00:00:00Z"))),
+            Box::new(|l, _, _| {
+                l[9] = edit_line(&l[9], |m| m["time"] = json!("2000-01-01T00:00:00Z"))
+            }),
             ("AUDIT002", 10),
         ),
         (
             "a middle line's prev pointed elsewhere",
-            Box::new(|l, _| {
+            Box::new(|l, _, _| {
                 let other = sha256_hex(l[2].as_bytes());
                 l[4] = edit_line(&l[4], |m| m["prev"] = json!(other));
             }),
@@ -381,32 +394,32 @@ fn tampering() -> Vec<(&'static str, Tamper, (&'static str, u64))> {
         ),
         (
             "a middle line re-serialized non-canonically (same entry, different bytes)",
-            Box::new(|l, _| l[4] = l[4].replacen('{', "{ ", 1)),
+            Box::new(|l, _, _| l[4] = l[4].replacen('{', "{ ", 1)),
             ("AUDIT002", 5),
         ),
         (
             "a middle line's keyid swapped for another trusted-looking id",
-            Box::new(|l, _| l[4] = edit_line(&l[4], |m| m["keyid"] = json!(sha256_hex(b"x")))),
+            Box::new(|l, _, _| l[4] = edit_line(&l[4], |m| m["keyid"] = json!(sha256_hex(b"x")))),
             ("AUDIT004", 5),
         ),
         (
             "a middle line deleted",
-            Box::new(|l, _| drop(l.remove(4))),
+            Box::new(|l, _, _| drop(l.remove(4))),
             ("AUDIT005", 5),
         ),
         (
             "the first line deleted",
-            Box::new(|l, _| drop(l.remove(0))),
+            Box::new(|l, _, _| drop(l.remove(0))),
             ("AUDIT005", 1),
         ),
         (
             "a range of middle lines cut out",
-            Box::new(|l, _| drop(l.drain(3..7))),
+            Box::new(|l, _, _| drop(l.drain(3..7))),
             ("AUDIT005", 4),
         ),
         (
             "a duplicate of an earlier line inserted in the middle",
-            Box::new(|l, _| {
+            Box::new(|l, _, _| {
                 let copy = l[1].clone();
                 l.insert(5, copy);
             }),
@@ -414,7 +427,7 @@ fn tampering() -> Vec<(&'static str, Tamper, (&'static str, u64))> {
         ),
         (
             "the last line duplicated at the end",
-            Box::new(|l, _| {
+            Box::new(|l, _, _| {
                 let copy = l[9].clone();
                 l.push(copy);
             }),
@@ -422,17 +435,17 @@ fn tampering() -> Vec<(&'static str, Tamper, (&'static str, u64))> {
         ),
         (
             "two adjacent middle lines swapped",
-            Box::new(|l, _| l.swap(4, 5)),
+            Box::new(|l, _, _| l.swap(4, 5)),
             ("AUDIT007", 5),
         ),
         (
             "two distant lines swapped",
-            Box::new(|l, _| l.swap(2, 7)),
+            Box::new(|l, _, _| l.swap(2, 7)),
             ("AUDIT007", 3),
         ),
         (
             "the last line moved to the front",
-            Box::new(|l, _| {
+            Box::new(|l, _, _| {
                 let last = l.pop().unwrap();
                 l.insert(0, last);
             }),
@@ -440,27 +453,27 @@ fn tampering() -> Vec<(&'static str, Tamper, (&'static str, u64))> {
         ),
         (
             "the last two lines cut off",
-            Box::new(|l, _| l.truncate(8)),
+            Box::new(|l, _, _| l.truncate(8)),
             ("AUDIT008", 9),
         ),
         (
             "every line cut off",
-            Box::new(|l, _| l.clear()),
+            Box::new(|l, _, _| l.clear()),
             ("AUDIT008", 1),
         ),
         (
             "a garbage line in the middle",
-            Box::new(|l, _| l[4] = "garbage \u{1} not json".into()),
+            Box::new(|l, _, _| l[4] = "garbage \u{1} not json".into()),
             ("AUDIT001", 5),
         ),
         (
             "a blank line inserted",
-            Box::new(|l, _| l.insert(5, String::new())),
+            Box::new(|l, _, _| l.insert(5, String::new())),
             ("AUDIT001", 6),
         ),
         (
             "a middle line cut in half",
-            Box::new(|l, _| {
+            Box::new(|l, _, _| {
                 let half = l[4].len() / 2;
                 l[4].truncate(half);
             }),
@@ -468,35 +481,59 @@ fn tampering() -> Vec<(&'static str, Tamper, (&'static str, u64))> {
         ),
         (
             "an unknown member added to a middle line",
-            Box::new(|l, _| {
+            Box::new(|l, _, _| {
                 l[4] = edit_line(&l[4], |m| drop(m.insert("admin".into(), json!(true))))
             }),
             ("AUDIT001", 5),
         ),
         (
             "a middle line replaced by a JSON array",
-            Box::new(|l, _| l[4] = "[]".into()),
+            Box::new(|l, _, _| l[4] = "[]".into()),
             ("AUDIT001", 5),
         ),
         (
-            "the head file names a different last line",
-            Box::new(|_, head| {
-                *head = serde_json::to_vec(&json!({"seq": 9, "line_sha256": sha256_hex(b"other")}))
-                    .unwrap()
+            "the head file rewritten without the key to name a different last line",
+            Box::new(|_, head, _| {
+                let mut h: Value = serde_json::from_slice(head).unwrap();
+                h["line_sha256"] = json!(sha256_hex(b"other"));
+                *head = serde_json::to_vec(&h).unwrap();
             }),
+            ("AUDIT003", 11),
+        ),
+        (
+            "the last two lines cut off and the head rewritten without the key to match",
+            Box::new(|l, head, _| {
+                l.truncate(8);
+                let mut h: Value = serde_json::from_slice(head).unwrap();
+                h["seq"] = json!(7);
+                h["line_sha256"] = json!(sha256_hex(l[7].as_bytes()));
+                *head = serde_json::to_vec(&h).unwrap();
+            }),
+            ("AUDIT003", 9),
+        ),
+        (
+            "the last two lines cut off and the head file deleted",
+            Box::new(|l, head, _| {
+                l.truncate(8);
+                head.clear();
+            }),
+            ("AUDIT008", 9),
+        ),
+        (
+            "a head signed by a trusted key naming the last line with the wrong hash",
+            Box::new(|_, head, signer| *head = signed_head(signer, 9, &sha256_hex(b"other"))),
             ("AUDIT002", 10),
         ),
         (
-            "the head file names an earlier entry with the wrong hash",
-            Box::new(|l, head| {
-                let wrong = sha256_hex(l[3].as_bytes());
-                *head = serde_json::to_vec(&json!({"seq": 6, "line_sha256": wrong})).unwrap()
+            "a head signed by a trusted key naming an earlier entry with the wrong hash",
+            Box::new(|l, head, signer| {
+                *head = signed_head(signer, 6, &sha256_hex(l[3].as_bytes()));
             }),
             ("AUDIT002", 7),
         ),
         (
             "the head file is garbage",
-            Box::new(|_, head| *head = b"not json".to_vec()),
+            Box::new(|_, head, _| *head = b"not json".to_vec()),
             ("AUDIT001", 0),
         ),
     ]
@@ -513,7 +550,7 @@ fn every_tampering_is_found_with_its_kind_and_line() {
     for (name, tamper, expected) in &table {
         let mut l = lines.clone();
         let mut h = head.clone();
-        tamper(&mut l, &mut h);
+        tamper(&mut l, &mut h, &original.signer);
         assert!(
             l != lines || h != head,
             "{name}: the tampering changed nothing"
@@ -521,7 +558,9 @@ fn every_tampering_is_found_with_its_kind_and_line() {
         let dir = tempfile::tempdir().unwrap();
         let log = AuditLog::at(dir.path());
         write_lines(log.path(), &l);
-        fs::write(dir.path().join("head.json"), &h).unwrap();
+        if !h.is_empty() {
+            fs::write(dir.path().join("head.json"), &h).unwrap();
+        }
         match log.verify(&original.trust) {
             Err(Error::AuditChain(b)) if (b.kind.code(), b.line) == *expected => {}
             Err(Error::AuditChain(b)) => failures.push(format!(

@@ -620,6 +620,43 @@ fn mutations(host: &Host, plan: &LaunchPlan) -> Vec<(&'static str, Vec<u8>, &'st
             }),
         ),
         (
+            "env name with '='",
+            Box::new(|p| {
+                p.policy.env.insert("A=B".into(), "x".into());
+            }),
+        ),
+        (
+            "env value with NUL",
+            Box::new(|p| {
+                p.policy.env.insert("OK".into(), "a\0b".into());
+            }),
+        ),
+        (
+            "secret name not an identifier",
+            Box::new(|p| p.policy.secrets[0].name = "../etc/shadow".into()),
+        ),
+        (
+            "egress host not a DNS name",
+            Box::new(|p| p.policy.egress[0].host = "exa mple.com".into()),
+        ),
+        ("egress port 0", Box::new(|p| p.policy.egress[0].port = 0)),
+        (
+            "mount target relative",
+            Box::new(|p| p.policy.mounts[0].target = "data".into()),
+        ),
+        (
+            "mount target with '..'",
+            Box::new(|p| p.policy.mounts[0].target = "/data/../etc".into()),
+        ),
+        (
+            "entrypoint cwd relative",
+            Box::new(|p| p.entrypoint.cwd = Some("work".into())),
+        ),
+        (
+            "entrypoint argument with NUL",
+            Box::new(|p| p.entrypoint.command.push("a\0b".into())),
+        ),
+        (
             "egress with network none",
             Box::new(|p| p.policy.network = NetworkMode::None),
         ),
