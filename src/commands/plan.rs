@@ -1,6 +1,6 @@
 //! `mvm plan …`: sign, verify and inspect launch plans.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -75,9 +75,9 @@ pub fn run(cmd: PlanCommand, out: &Output) -> anyhow::Result<()> {
 fn sign(
     host: &Host,
     out: &Output,
-    input: &PathBuf,
+    input: &Path,
     key: &str,
-    output: &PathBuf,
+    output: &Path,
     single_use: bool,
     valid_for: Option<Duration>,
 ) -> anyhow::Result<()> {
@@ -132,7 +132,7 @@ fn sign(
     Ok(())
 }
 
-fn verify(host: &Host, out: &Output, path: &PathBuf) -> anyhow::Result<()> {
+fn verify(host: &Host, out: &Output, path: &Path) -> anyhow::Result<()> {
     let bytes = read_capped(path, MAX_ENVELOPE_BYTES, "plan envelope")?;
     let trust = host.keys.trust_store()?;
     let ledger = NonceLedger::in_home(&host.home)?;
@@ -174,7 +174,7 @@ fn verify(host: &Host, out: &Output, path: &PathBuf) -> anyhow::Result<()> {
     }
 }
 
-fn inspect(host: &Host, out: &Output, path: &PathBuf) -> anyhow::Result<()> {
+fn inspect(host: &Host, out: &Output, path: &Path) -> anyhow::Result<()> {
     let bytes = read_capped(path, MAX_ENVELOPE_BYTES, "plan envelope")?;
     let envelope = Envelope::parse(&bytes)?;
     let payload = envelope.decode_payload()?;
