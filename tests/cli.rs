@@ -359,3 +359,28 @@ fn openssl_verifies_our_envelopes() {
         String::from_utf8_lossy(&read.stderr)
     );
 }
+
+/// On a fresh host the default key is created on first use, so signing needs no set-up.
+#[test]
+fn signing_with_the_default_key_needs_no_setup() {
+    let mvm = Mvm::new();
+    let plan = mvm.signed_plan("default", &[]);
+    mvm.json(&["plan", "verify", plan.to_str().unwrap()], 0);
+    let keys = mvm.json(&["keys", "list"], 0);
+    assert_eq!(keys["keys"][0]["name"], "default");
+    assert_eq!(keys["keys"][0]["private"], true);
+    // Any other key must exist first.
+    let out = mvm.path("x.dsse.json");
+    let input = example("plan/plan.json");
+    let args = [
+        "plan",
+        "sign",
+        "--key",
+        "nope",
+        input.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    assert_eq!(code(&mvm.json(&args, 65)), "KEY001");
+    assert!(!out.exists());
+}

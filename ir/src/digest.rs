@@ -19,7 +19,12 @@ pub fn sha256_prefixed(bytes: &[u8]) -> String {
 
 /// Whether `s` is a lowercase 64-digit hex string (a sha256 in hex).
 pub fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    s.len() == 64 && is_lower_hex(s)
+}
+
+/// Whether `s` is made of lowercase hex digits only (the empty string is).
+pub fn is_lower_hex(s: &str) -> bool {
+    s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// Whether `s` is `sha256:` followed by 64 lowercase hex digits.

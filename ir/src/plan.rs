@@ -15,7 +15,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::digest::{is_prefixed_sha256, is_sha256_hex};
+use crate::digest::{is_lower_hex, is_prefixed_sha256, is_sha256_hex};
 use crate::validate::{is_egress_host, is_env_name, is_guest_path, is_identifier, DENIED_ENV};
 use crate::workload::{EgressGrant, Mount, NetworkMode, PortForward};
 use crate::Error;
@@ -301,10 +301,7 @@ impl LaunchPlan {
         }
         let salt_ok = verity.salt.len() <= 512
             && verity.salt.len().is_multiple_of(2)
-            && verity
-                .salt
-                .bytes()
-                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+            && is_lower_hex(&verity.salt);
         if !salt_ok {
             return fail("rootfs.verity.salt must be at most 256 bytes of lowercase hex".into());
         }
@@ -385,11 +382,7 @@ impl LaunchPlan {
         if self.entrypoint.command.is_empty() || self.entrypoint.command[0].is_empty() {
             return fail("entrypoint.command is empty".into());
         }
-        let nonce_ok = self.nonce.len() == 32
-            && self
-                .nonce
-                .bytes()
-                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        let nonce_ok = self.nonce.len() == 32 && is_lower_hex(&self.nonce);
         if !nonce_ok {
             return fail("nonce is not 16 bytes of lowercase hex".into());
         }

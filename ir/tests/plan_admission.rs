@@ -1174,8 +1174,10 @@ fn a_ledger_over_its_size_cap_is_refused_not_read() {
     file.set_len(64 * 1024 * 1024 + 1).unwrap();
     let signed = host.sign(&valid_plan(true));
     let err = host.admission().admit(&signed, now()).unwrap_err();
-    // Either way it must fail closed; the cap surfaces as the size error.
-    assert_eq!(err.code(), "INPUT001", "{err}");
+    // Fails closed, as an unreadable ledger, and leaves the file for an operator to look at.
+    assert_eq!(err.code(), "PLAN010", "{err}");
+    let len = fs::metadata(host.ledger_file()).unwrap().len();
+    assert_eq!(len, 64 * 1024 * 1024 + 1);
 }
 
 // ---------------------------------------------------------------------------------------------

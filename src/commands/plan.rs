@@ -28,7 +28,7 @@ pub enum PlanCommand {
     Sign {
         /// The unsigned plan (launch plan v1 JSON; see `mvm ir schema --plan`).
         plan: PathBuf,
-        /// The signing key's name.
+        /// The signing key's name (`default`, the host key, is generated on first use).
         #[arg(long, default_value = DEFAULT_KEY)]
         key: String,
         /// Where to write the envelope.
@@ -105,7 +105,12 @@ fn sign(
         serde_json::from_value(value).map_err(|e| Error::InvalidPlan(e.to_string()))?;
     plan.check()?;
     let payload = canonical::to_vec(&plan)?;
-    let signer = host.keys.signer(key)?;
+    // The host's default key is created on first use; any other key must exist.
+    let signer = if key == DEFAULT_KEY {
+        host.keys.host_signer()?
+    } else {
+        host.keys.signer(key)?
+    };
     let envelope = Envelope::sign(PAYLOAD_TYPE, &payload, &signer);
     let digest = sha256_prefixed(&payload);
     host.audit(
