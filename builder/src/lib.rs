@@ -1,5 +1,13 @@
 //! The mvm builder: Workload IR → root filesystem image, dm-verity tree, initramfs and a signed
 //! launch plan.
 //!
-//! Empty for now: OCI import, the EROFS writer, the verity tree and plan assembly arrive with the
-//! builder issue. The launch plan types it will fill are in `mvm_ir::plan`.
+//! The pieces, in the order a build runs them:
+//!
+//! - [`tree`]: the staged root filesystem: an in-memory tree of nodes whose file contents live
+//!   in a private staging file. Layers are applied to it; nothing is extracted onto the host.
+//! - [`erofs`]: a native, deterministic EROFS image writer over a [`tree::Tree`].
+//! - [`verity`]: the dm-verity hash tree over an image, byte-identical to `veritysetup format`.
+
+pub mod erofs;
+pub mod tree;
+pub mod verity;

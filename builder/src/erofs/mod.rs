@@ -1,0 +1,1 @@
+//! EROFS (to be written).

@@ -1,0 +1,1 @@
+//! dm-verity (to be written).
