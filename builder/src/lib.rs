@@ -5,9 +5,12 @@
 //!
 //! - [`tree`]: the staged root filesystem: an in-memory tree of nodes whose file contents live
 //!   in a private staging file. Layers are applied to it; nothing is extracted onto the host.
+//! - [`layer`]: OCI layer tar streams applied to the tree: whiteouts, hardlinks, symlinks,
+//!   xattrs; traversal, absolute paths and symlink escapes refused.
 //! - [`erofs`]: a native, deterministic EROFS image writer over a [`tree::Tree`].
 //! - [`verity`]: the dm-verity hash tree over an image, byte-identical to `veritysetup format`.
 
 pub mod erofs;
+pub mod layer;
 pub mod tree;
 pub mod verity;
