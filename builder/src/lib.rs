@@ -7,10 +7,13 @@
 //!   in a private staging file. Layers are applied to it; nothing is extracted onto the host.
 //! - [`layer`]: OCI layer tar streams applied to the tree: whiteouts, hardlinks, symlinks,
 //!   xattrs; traversal, absolute paths and symlink escapes refused.
+//! - [`oci`]: images pinned by digest from a registry, an OCI layout or a layout archive, every
+//!   blob verified before use and kept in a content-addressed cache.
 //! - [`erofs`]: a native, deterministic EROFS image writer over a [`tree::Tree`].
 //! - [`verity`]: the dm-verity hash tree over an image, byte-identical to `veritysetup format`.
 
 pub mod erofs;
 pub mod layer;
+pub mod oci;
 pub mod tree;
 pub mod verity;

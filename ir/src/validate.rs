@@ -506,6 +506,17 @@ fn check_image(report: &mut Report, at: &str, image: &Image) {
 
 /// Why `reference` is not a repository name that the pinned `digest` can complete, if it is not.
 fn oci_reference_problem(reference: &str, digest: &str) -> Option<String> {
+    // Local image layouts, named like skopeo's transports: a path, pinned by `digest`.
+    for transport in ["oci:", "oci-archive:"] {
+        if let Some(path) = reference.strip_prefix(transport) {
+            if path.is_empty() || path.contains('\0') {
+                return Some(format!(
+                    "{transport} needs a path, such as {transport}./image"
+                ));
+            }
+            return None;
+        }
+    }
     let (name, pinned) = match reference.split_once('@') {
         Some((name, pinned)) => (name, Some(pinned)),
         None => (reference, None),
@@ -536,6 +547,14 @@ fn oci_reference_problem(reference: &str, digest: &str) -> Option<String> {
     {
         return Some(format!(
             "{reference:?} is not an OCI repository name such as 127.0.0.1:5000/busybox"
+        ));
+    }
+    let host = name.split('/').next().unwrap_or_default();
+    let names_a_host =
+        name.contains('/') && (host.contains('.') || host.contains(':') || host == "localhost");
+    if !names_a_host {
+        return Some(format!(
+            "{reference:?} does not name its registry: write HOST[:PORT]/REPOSITORY, e.g. docker.io/library/busybox"
         ));
     }
     None

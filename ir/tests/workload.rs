@@ -701,6 +701,15 @@ fn validation_cases() -> Vec<Case> {
                 json!("registry.example.com//python"),
             )
         }),
+        case("IR005", "/apps/0/image/reference", |d| {
+            set(d, "/apps/0/image/reference", json!("busybox"))
+        }),
+        case("IR005", "/apps/0/image/reference", |d| {
+            set(d, "/apps/0/image/reference", json!("library/busybox"))
+        }),
+        case("IR005", "/apps/0/image/reference", |d| {
+            set(d, "/apps/0/image/reference", json!("oci:"))
+        }),
         case("IR006", "/apps/0/image/digest", |d| {
             set(
                 d,
@@ -1183,6 +1192,11 @@ fn boundary_values_and_near_misses_are_accepted() {
             json!(format!("registry.example.com:5000/team/python@{DIGEST}")),
         ),
         ("/apps/0/image/reference", json!("localhost/python")),
+        ("/apps/0/image/reference", json!("oci:./Images/Python 3")),
+        (
+            "/apps/0/image/reference",
+            json!("oci-archive:/srv/python.tar"),
+        ),
         (
             "/apps/0/network/egress/allowlist/0/host",
             json!("2001:db8::1"),

@@ -130,6 +130,11 @@ impl LayerError {
         }
     }
 
+    /// A failure reading the layer stream itself.
+    pub(crate) fn from_stream(err: std::io::Error) -> Self {
+        Self::io(LayerErrorKind::Malformed, b"<archive>", err)
+    }
+
     fn io(kind: LayerErrorKind, path: &[u8], err: std::io::Error) -> Self {
         Self {
             kind,

@@ -1,0 +1,313 @@
+//! Importing OCI images, pinned by digest, into a staged [`Tree`].
+//!
+//! Sources are named like skopeo's transports: a registry `HOST[:PORT]/REPO` over the OCI
+//! distribution API, `oci:DIR` (an OCI image layout directory) and `oci-archive:FILE` (a tarred
+//! layout). The image is always named by its manifest digest; an image index is resolved to its
+//! `linux/amd64` manifest.
+//!
+//! Trust flows from that digest: every manifest, config and layer blob is checked against the
+//! digest that names it (and the size its descriptor gives) before it is used, blobs are kept in a
+//! content-addressed [`BlobCache`] (so a second build fetches nothing), and each layer's
+//! uncompressed stream is checked against the config's `diff_id` while it is applied. A
+//! mismatch anywhere fails the build; a failed build's tree is discarded.
+
+mod cache;
+mod layout;
+mod manifest;
+mod reference;
+mod registry;
+mod verify;
+
+#[cfg(test)]
+pub(crate) mod tests;
+
+use std::io::{self, Read};
+
+pub use cache::BlobCache;
+pub use manifest::{ImageConfig, RuntimeConfig};
+pub use reference::{ImageRef, Transport};
+pub use registry::RegistryOptions;
+
+use crate::layer::{ApplyOptions, LayerApplier, LayerError, LayerStats};
+use crate::tree::Tree;
+use manifest::{Descriptor, MediaKind};
+use verify::DigestingReader;
+
+/// Largest manifest, index or config accepted.
+const MAX_DOCUMENT_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Why an image could not be imported. [`OciError::code`] is stable.
+#[derive(Debug, thiserror::Error)]
+pub enum OciError {
+    /// The image reference is malformed or not pinned.
+    #[error("image reference {reference:?}: {reason}")]
+    BadReference {
+        /// The reference as given.
+        reference: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A blob's bytes do not hash to the digest that names it, or differ in size from its
+    /// descriptor.
+    #[error("{what} {digest}: {reason}")]
+    DigestMismatch {
+        /// Which blob (manifest, config, layer, uncompressed layer).
+        what: &'static str,
+        /// The expected digest.
+        digest: String,
+        /// What was found instead.
+        reason: String,
+    },
+    /// A manifest, index or config that does not parse or breaks the image spec.
+    #[error("{what}: {reason}")]
+    BadDocument {
+        /// Which document.
+        what: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The image has no `linux/amd64` manifest.
+    #[error("image index has no linux/amd64 manifest (found: {0})")]
+    NoMatchingPlatform(String),
+    /// A layer media type mvm does not import.
+    #[error("layer {digest} has unsupported media type {media_type}")]
+    UnsupportedMediaType {
+        /// The layer.
+        digest: String,
+        /// Its media type.
+        media_type: String,
+    },
+    /// A blob is missing from the source.
+    #[error("{0} is not in the image source")]
+    BlobNotFound(String),
+    /// The registry refused or failed.
+    #[error("registry {registry}: {reason}")]
+    Registry {
+        /// host[:port]
+        registry: String,
+        /// The failure.
+        reason: String,
+    },
+    /// A layer blob that does not decompress (its digest matched: the publisher made it so).
+    #[error("layer {digest} does not decompress: {reason}")]
+    Decompress {
+        /// The layer.
+        digest: String,
+        /// The decompressor's error.
+        reason: String,
+    },
+    /// A layer was refused while it was applied.
+    #[error("layer {digest}: {source}")]
+    Layer {
+        /// The layer.
+        digest: String,
+        /// The refusal.
+        #[source]
+        source: LayerError,
+    },
+    /// A local file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl OciError {
+    /// The stable code of this error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            OciError::BadReference { .. } => "OCI001",
+            OciError::DigestMismatch { .. } => "OCI002",
+            OciError::BadDocument { .. } => "OCI003",
+            OciError::NoMatchingPlatform(_) => "OCI004",
+            OciError::UnsupportedMediaType { .. } => "OCI005",
+            OciError::BlobNotFound(_) => "OCI006",
+            OciError::Registry { .. } => "OCI007",
+            OciError::Layer { source, .. } => source.kind.code(),
+            OciError::Io { .. } => "OCI008",
+            OciError::Decompress { .. } => "OCI009",
+        }
+    }
+
+    fn io(path: impl std::fmt::Display, source: io::Error) -> Self {
+        OciError::Io {
+            path: path.to_string(),
+            source,
+        }
+    }
+}
+
+/// Where blobs come from.
+pub trait BlobSource {
+    /// Copies the manifest or index `digest` to `out` (unverified: the caller verifies).
+    fn fetch_manifest(&mut self, digest: &str, out: &mut dyn io::Write) -> Result<(), OciError>;
+    /// Copies blob `digest` to `out` (unverified: the caller verifies).
+    fn fetch_blob(
+        &mut self,
+        digest: &str,
+        size: u64,
+        out: &mut dyn io::Write,
+    ) -> Result<(), OciError>;
+}
+
+/// One layer of an imported image, as provenance records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportedLayer {
+    /// Digest of the (compressed) blob.
+    pub digest: String,
+    /// Digest of the uncompressed tar stream.
+    pub diff_id: String,
+    /// The blob's media type.
+    pub media_type: String,
+    /// Blob size in bytes.
+    pub size: u64,
+    /// What applying it did.
+    pub stats: LayerStats,
+}
+
+/// An image imported into a tree.
+#[derive(Debug, Clone)]
+pub struct ImportedImage {
+    /// The digest the image was named by (an index or a manifest).
+    pub digest: String,
+    /// The `linux/amd64` manifest's digest (the same as `digest` unless it named an index).
+    pub manifest_digest: String,
+    /// The image config.
+    pub config: ImageConfig,
+    /// Its layers, bottom first.
+    pub layers: Vec<ImportedLayer>,
+}
+
+/// Fetches (through the cache) and applies the image `image` to `tree`.
+pub fn import_image(
+    image: &ImageRef,
+    registry: &RegistryOptions,
+    cache: &BlobCache,
+    tree: &mut Tree,
+    apply: &ApplyOptions,
+) -> Result<ImportedImage, OciError> {
+    let mut source = open_source(image, registry)?;
+    let source = source.as_mut();
+    let top = cache.fetch_manifest(&image.digest, MAX_DOCUMENT_BYTES, source)?;
+    let (manifest_digest, manifest) = match manifest::parse_top(&top, &image.digest)? {
+        manifest::Top::Manifest(manifest) => (image.digest.clone(), manifest),
+        manifest::Top::Index(index) => {
+            let chosen = index.linux_amd64()?;
+            let bytes = cache.fetch_manifest(&chosen.digest, MAX_DOCUMENT_BYTES, source)?;
+            match manifest::parse_top(&bytes, &chosen.digest)? {
+                manifest::Top::Manifest(manifest) => (chosen.digest.clone(), manifest),
+                manifest::Top::Index(_) => {
+                    return Err(OciError::BadDocument {
+                        what: "image index",
+                        reason: "an index inside an index is not supported".into(),
+                    })
+                }
+            }
+        }
+    };
+    let config_bytes = cache.fetch_blob(&manifest.config, MAX_DOCUMENT_BYTES, source)?;
+    let config = ImageConfig::parse(&config_bytes)?;
+    if config.diff_ids.len() != manifest.layers.len() {
+        return Err(OciError::BadDocument {
+            what: "image config",
+            reason: format!(
+                "{} diff_ids for {} layers",
+                config.diff_ids.len(),
+                manifest.layers.len()
+            ),
+        });
+    }
+    for layer in &manifest.layers {
+        layer.layer_kind()?;
+        // Layers are only cached here; they are read as streams when applied.
+        cache.fetch_blob(layer, 0, source)?;
+    }
+    let mut layers = Vec::new();
+    for (layer, diff_id) in manifest.layers.iter().zip(&config.diff_ids) {
+        let stats = apply_layer(cache, layer, diff_id, tree, apply)?;
+        layers.push(ImportedLayer {
+            digest: layer.digest.clone(),
+            diff_id: diff_id.clone(),
+            media_type: layer.media_type.clone(),
+            size: layer.size,
+            stats,
+        });
+    }
+    Ok(ImportedImage {
+        digest: image.digest.clone(),
+        manifest_digest,
+        config,
+        layers,
+    })
+}
+
+fn open_source(
+    image: &ImageRef,
+    registry: &RegistryOptions,
+) -> Result<Box<dyn BlobSource>, OciError> {
+    Ok(match &image.transport {
+        Transport::Registry {
+            registry: host,
+            repository,
+        } => Box::new(registry::RegistrySource::connect(
+            host, repository, registry,
+        )?),
+        Transport::Layout(dir) => Box::new(layout::LayoutSource::open(dir)?),
+        Transport::Archive(file) => Box::new(layout::LayoutSource::unpack_archive(file)?),
+    })
+}
+
+/// Decompresses a cached, verified layer blob and applies it, checking its `diff_id`.
+fn apply_layer(
+    cache: &BlobCache,
+    layer: &Descriptor,
+    diff_id: &str,
+    tree: &mut Tree,
+    apply: &ApplyOptions,
+) -> Result<LayerStats, OciError> {
+    let blob = cache.open_verified(&layer.digest, layer.size)?;
+    let decompressed: Box<dyn Read> = match layer.layer_kind()? {
+        MediaKind::Tar => Box::new(blob),
+        MediaKind::TarGzip => Box::new(flate2::read::MultiGzDecoder::new(blob)),
+        MediaKind::TarZstd => Box::new(
+            zstd::stream::read::Decoder::new(blob).map_err(|e| OciError::io(&layer.digest, e))?,
+        ),
+    };
+    let mut uncompressed = DigestingReader::new(decompressed);
+    let applied = LayerApplier::new(tree, apply.clone())
+        .apply(&mut uncompressed)
+        // The tar stream may end before the blob does (end-of-archive padding): hash the rest.
+        .and_then(|stats| {
+            io::copy(&mut uncompressed, &mut io::sink())
+                .map(|_| stats)
+                .map_err(LayerError::from_stream)
+        });
+    let stats = match applied {
+        Ok(stats) => stats,
+        Err(source) => {
+            return Err(match uncompressed.failure() {
+                Some(reason) => OciError::Decompress {
+                    digest: layer.digest.clone(),
+                    reason: reason.to_string(),
+                },
+                None => OciError::Layer {
+                    digest: layer.digest.clone(),
+                    source,
+                },
+            })
+        }
+    };
+    let found = uncompressed.finish();
+    if found != diff_id {
+        return Err(OciError::DigestMismatch {
+            what: "uncompressed layer (diff_id)",
+            digest: diff_id.to_string(),
+            reason: format!("layer {} decompresses to {found}", layer.digest),
+        });
+    }
+    Ok(stats)
+}

@@ -1,0 +1,215 @@
+//! Registries over the OCI distribution API, through the `oci-client` crate.
+//!
+//! HTTPS always, except plain HTTP for loopback registries (as Docker does) and for hosts the
+//! user lists as insecure in `$MVM_HOME/config.toml`. Credentials are bearer tokens from
+//! `MVM_OCI_BEARER_TOKEN_<HOST>` (the host uppercased, every other character `_`) or
+//! `MVM_OCI_BEARER_TOKEN`; never from a docker config file. Tokens are never logged.
+
+use std::io::Write;
+use std::net::IpAddr;
+
+use futures_util::StreamExt as _;
+use indicatif::{ProgressBar, ProgressStyle};
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+
+use super::manifest::ACCEPTED_MANIFEST_TYPES;
+use super::{BlobSource, OciError};
+
+/// How registries are reached.
+#[derive(Clone, Default)]
+pub struct RegistryOptions {
+    /// `host[:port]` of registries that may be reached over plain HTTP besides loopback ones.
+    pub insecure_registries: Vec<String>,
+    /// Show progress bars on pulls (when stderr is a terminal).
+    pub progress: bool,
+}
+
+impl std::fmt::Debug for RegistryOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryOptions")
+            .field("insecure_registries", &self.insecure_registries)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether `registry` (`host[:port]`) is on the loopback interface.
+pub(crate) fn is_loopback(registry: &str) -> bool {
+    let host = if let Some(rest) = registry.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        registry.rsplit_once(':').map_or(registry, |(host, _)| host)
+    };
+    host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The bearer token for `registry` from the environment, if any.
+fn bearer_token(registry: &str) -> Option<String> {
+    let suffix: String = registry
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    std::env::var(format!("MVM_OCI_BEARER_TOKEN_{suffix}"))
+        .or_else(|_| std::env::var("MVM_OCI_BEARER_TOKEN"))
+        .ok()
+        .filter(|t| !t.is_empty())
+}
+
+/// One repository of one registry.
+pub(crate) struct RegistrySource {
+    runtime: tokio::runtime::Runtime,
+    client: Client,
+    registry: String,
+    repository: String,
+    auth: RegistryAuth,
+    progress: bool,
+}
+
+impl RegistrySource {
+    pub(crate) fn connect(
+        registry: &str,
+        repository: &str,
+        options: &RegistryOptions,
+    ) -> Result<Self, OciError> {
+        // rustls needs a process-wide crypto provider; installing it twice is harmless.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let plain_http =
+            is_loopback(registry) || options.insecure_registries.iter().any(|r| r == registry);
+        let protocol = if plain_http {
+            ClientProtocol::HttpsExcept(vec![registry.to_string()])
+        } else {
+            ClientProtocol::Https
+        };
+        let config = ClientConfig {
+            protocol,
+            connect_timeout: Some(std::time::Duration::from_secs(30)),
+            read_timeout: Some(std::time::Duration::from_secs(120)),
+            ..ClientConfig::default()
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| OciError::io("tokio runtime", e))?;
+        let auth = bearer_token(registry).map_or(RegistryAuth::Anonymous, RegistryAuth::Bearer);
+        let client = runtime.block_on(async { Client::new(config) });
+        Ok(Self {
+            runtime,
+            client,
+            registry: registry.to_string(),
+            repository: repository.to_string(),
+            auth,
+            progress: options.progress,
+        })
+    }
+
+    fn reference(&self, digest: &str) -> Result<Reference, OciError> {
+        format!("{}/{}@{digest}", self.registry, self.repository)
+            .parse()
+            .map_err(|e: oci_client::ParseError| OciError::BadReference {
+                reference: format!("{}/{}", self.registry, self.repository),
+                reason: e.to_string(),
+            })
+    }
+
+    fn failed(&self, err: impl std::fmt::Display) -> OciError {
+        OciError::Registry {
+            registry: self.registry.clone(),
+            reason: err.to_string(),
+        }
+    }
+}
+
+impl BlobSource for RegistrySource {
+    fn fetch_manifest(&mut self, digest: &str, out: &mut dyn Write) -> Result<(), OciError> {
+        let reference = self.reference(digest)?;
+        let (bytes, _) = self
+            .runtime
+            .block_on(self.client.pull_manifest_raw(
+                &reference,
+                &self.auth,
+                ACCEPTED_MANIFEST_TYPES,
+            ))
+            .map_err(|e| self.failed(e))?;
+        out.write_all(&bytes)
+            .map_err(|e| OciError::io("blob cache", e))
+    }
+
+    fn fetch_blob(&mut self, digest: &str, size: u64, out: &mut dyn Write) -> Result<(), OciError> {
+        let reference = self.reference(digest)?;
+        // Authenticate (a manifest request does it) before streaming the blob.
+        let client = &self.client;
+        let auth = &self.auth;
+        let bar = if self.progress {
+            let bar = ProgressBar::new(size);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            bar.set_message(digest[7..19].to_string());
+            bar
+        } else {
+            ProgressBar::hidden()
+        };
+        let result = self.runtime.block_on(async {
+            client
+                .store_auth_if_needed(reference.resolve_registry(), auth)
+                .await;
+            let mut stream = client
+                .pull_blob_stream(&reference, digest)
+                .await
+                .map_err(|e| e.to_string())?;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| e.to_string())?;
+                out.write_all(&chunk).map_err(|e| format!("write: {e}"))?;
+                bar.inc(chunk.len() as u64);
+            }
+            Ok::<(), String>(())
+        });
+        bar.finish_and_clear();
+        result.map_err(|reason| {
+            if reason.starts_with("write: ") && reason.contains("bytes expected") {
+                OciError::io(
+                    "blob cache",
+                    std::io::Error::new(std::io::ErrorKind::FileTooLarge, reason),
+                )
+            } else {
+                self.failed(reason)
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_detection() {
+        for yes in [
+            "127.0.0.1:5000",
+            "localhost:5000",
+            "localhost",
+            "[::1]:5000",
+            "127.1.2.3",
+        ] {
+            assert!(is_loopback(yes), "{yes}");
+        }
+        for no in [
+            "10.0.0.1:5000",
+            "registry.example.com",
+            "[2001:db8::1]:443",
+            "127.0.0.1.nip.io:5000",
+        ] {
+            assert!(!is_loopback(no), "{no}");
+        }
+    }
+}
