@@ -49,23 +49,41 @@ impl Initramfs {
     /// Adds a regular file at `path` (e.g. `init` or `lib/modules/erofs.ko`); its parent
     /// directories are created (mode 0755).
     pub fn add_file(&mut self, path: &str, mode: u32, data: Vec<u8>) -> Result<(), InitramfsError> {
-        self.insert(path, Entry::File { mode: mode & 0o7777, data })
+        self.insert(
+            path,
+            Entry::File {
+                mode: mode & 0o7777,
+                data,
+            },
+        )
     }
 
     /// Adds a directory.
     pub fn add_dir(&mut self, path: &str, mode: u32) -> Result<(), InitramfsError> {
-        self.insert(path, Entry::Directory { mode: mode & 0o7777 })
+        self.insert(
+            path,
+            Entry::Directory {
+                mode: mode & 0o7777,
+            },
+        )
     }
 
     /// Adds a symbolic link.
     pub fn add_symlink(&mut self, path: &str, target: &str) -> Result<(), InitramfsError> {
-        self.insert(path, Entry::Symlink { target: target.to_string() })
+        self.insert(
+            path,
+            Entry::Symlink {
+                target: target.to_string(),
+            },
+        )
     }
 
     fn insert(&mut self, path: &str, entry: Entry) -> Result<(), InitramfsError> {
         let path = path.trim_start_matches('/');
         let valid = !path.is_empty()
-            && path.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+            && path
+                .split('/')
+                .all(|c| !c.is_empty() && c != "." && c != "..")
             && !path.contains('\0');
         if !valid {
             return Err(InitramfsError::BadPath(path.to_string()));
@@ -79,7 +97,8 @@ impl Initramfs {
             parent.push_str(component);
             match self.entries.get(&parent) {
                 None => {
-                    self.entries.insert(parent.clone(), Entry::Directory { mode: 0o755 });
+                    self.entries
+                        .insert(parent.clone(), Entry::Directory { mode: 0o755 });
                 }
                 Some(Entry::Directory { .. }) => {}
                 Some(_) => return Err(InitramfsError::Conflict(parent)),
@@ -107,7 +126,11 @@ impl Initramfs {
                 Entry::File { mode, data } => (S_IFREG | mode, data),
                 Entry::Symlink { target } => (S_IFLNK | 0o777, target.as_bytes()),
             };
-            let nlink = if matches!(entry, Entry::Directory { .. }) { 2 } else { 1 };
+            let nlink = if matches!(entry, Entry::Directory { .. }) {
+                2
+            } else {
+                1
+            };
             written += write_header(out, index as u32 + 1, mode, nlink, data.len() as u32, path)?;
             out.write_all(data)?;
             written += data.len() as u64;
@@ -130,8 +153,29 @@ impl Initramfs {
 }
 
 /// Writes one `newc` header and the NUL-terminated name; returns the bytes written.
-fn write_header(out: &mut impl Write, ino: u32, mode: u32, nlink: u32, size: u32, name: &str) -> io::Result<u64> {
-    let fields = [ino, mode, 0, 0, nlink, 0, size, 0, 0, 0, 0, name.len() as u32 + 1, 0];
+fn write_header(
+    out: &mut impl Write,
+    ino: u32,
+    mode: u32,
+    nlink: u32,
+    size: u32,
+    name: &str,
+) -> io::Result<u64> {
+    let fields = [
+        ino,
+        mode,
+        0,
+        0,
+        nlink,
+        0,
+        size,
+        0,
+        0,
+        0,
+        0,
+        name.len() as u32 + 1,
+        0,
+    ];
     let mut header = String::with_capacity(110);
     header.push_str("070701");
     for field in fields {
@@ -158,8 +202,12 @@ mod tests {
 
     fn sample() -> Initramfs {
         let mut initramfs = Initramfs::new();
-        initramfs.add_file("init", 0o755, b"#!/bin/sh\necho hi\n".to_vec()).unwrap();
-        initramfs.add_file("lib/modules/erofs.ko", 0o644, vec![1, 2, 3, 4, 5]).unwrap();
+        initramfs
+            .add_file("init", 0o755, b"#!/bin/sh\necho hi\n".to_vec())
+            .unwrap();
+        initramfs
+            .add_file("lib/modules/erofs.ko", 0o644, vec![1, 2, 3, 4, 5])
+            .unwrap();
         initramfs.add_symlink("bin/sh", "/init").unwrap();
         initramfs.add_dir("proc", 0o555).unwrap();
         initramfs
@@ -170,8 +218,12 @@ mod tests {
         let mut reversed = Initramfs::new();
         reversed.add_dir("proc", 0o555).unwrap();
         reversed.add_symlink("bin/sh", "/init").unwrap();
-        reversed.add_file("lib/modules/erofs.ko", 0o644, vec![1, 2, 3, 4, 5]).unwrap();
-        reversed.add_file("init", 0o755, b"#!/bin/sh\necho hi\n".to_vec()).unwrap();
+        reversed
+            .add_file("lib/modules/erofs.ko", 0o644, vec![1, 2, 3, 4, 5])
+            .unwrap();
+        reversed
+            .add_file("init", 0o755, b"#!/bin/sh\necho hi\n".to_vec())
+            .unwrap();
         let (mut a, mut b) = (Vec::new(), Vec::new());
         sample().write_gzip(&mut a).unwrap();
         reversed.write_gzip(&mut b).unwrap();
@@ -182,10 +234,22 @@ mod tests {
     fn refuses_bad_paths_and_conflicts() {
         let mut initramfs = sample();
         for bad in ["", "/", "a/../b", "./x", "a//b"] {
-            assert!(matches!(initramfs.add_file(bad, 0o644, vec![]), Err(InitramfsError::BadPath(_))), "{bad:?}");
+            assert!(
+                matches!(
+                    initramfs.add_file(bad, 0o644, vec![]),
+                    Err(InitramfsError::BadPath(_))
+                ),
+                "{bad:?}"
+            );
         }
-        assert!(matches!(initramfs.add_file("init", 0o644, vec![]), Err(InitramfsError::Conflict(_))));
-        assert!(matches!(initramfs.add_file("init/x", 0o644, vec![]), Err(InitramfsError::Conflict(_))));
+        assert!(matches!(
+            initramfs.add_file("init", 0o644, vec![]),
+            Err(InitramfsError::Conflict(_))
+        ));
+        assert!(matches!(
+            initramfs.add_file("init/x", 0o644, vec![]),
+            Err(InitramfsError::Conflict(_))
+        ));
     }
 
     /// GNU cpio lists and extracts the archive exactly.
@@ -206,11 +270,23 @@ mod tests {
             .status()
             .expect("GNU cpio must be installed (.ci/run installs the cpio package)");
         assert!(status.success());
-        assert_eq!(std::fs::read(out_dir.join("init")).unwrap(), b"#!/bin/sh\necho hi\n");
-        assert_eq!(std::fs::read(out_dir.join("lib/modules/erofs.ko")).unwrap(), [1, 2, 3, 4, 5]);
-        assert_eq!(std::fs::read_link(out_dir.join("bin/sh")).unwrap().to_str(), Some("/init"));
+        assert_eq!(
+            std::fs::read(out_dir.join("init")).unwrap(),
+            b"#!/bin/sh\necho hi\n"
+        );
+        assert_eq!(
+            std::fs::read(out_dir.join("lib/modules/erofs.ko")).unwrap(),
+            [1, 2, 3, 4, 5]
+        );
+        assert_eq!(
+            std::fs::read_link(out_dir.join("bin/sh")).unwrap().to_str(),
+            Some("/init")
+        );
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(out_dir.join("init")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(out_dir.join("init"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o755);
     }
 }

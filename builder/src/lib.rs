@@ -10,11 +10,13 @@
 //! - [`oci`]: images pinned by digest from a registry, an OCI layout or a layout archive, every
 //!   blob verified before use and kept in a content-addressed cache.
 //! - [`erofs`]: a native, deterministic EROFS image writer over a [`tree::Tree`].
+//! - [`kernel`]: the Debian cloud kernel and the modules the guest needs, pinned by sha256.
 //! - [`initramfs`]: the deterministic, gzip-compressed `newc` archive with the agent as `/init`.
 //! - [`verity`]: the dm-verity hash tree over an image, byte-identical to `veritysetup format`.
 
 pub mod erofs;
 pub mod initramfs;
+pub mod kernel;
 pub mod layer;
 pub mod oci;
 pub mod tree;

@@ -86,8 +86,7 @@ impl BlobCache {
         let flushed = limited.into_inner().flush();
         flushed.map_err(|e| OciError::io(tmp.path().display(), e))?;
         let file = tmp.as_file_mut();
-        file.rewind()
-            .map_err(|e| OciError::io(path.display(), e))?;
+        file.rewind().map_err(|e| OciError::io(path.display(), e))?;
         let (found, _) = hash(file).map_err(|e| OciError::io(path.display(), e))?;
         if found != digest {
             return Err(OciError::DigestMismatch {
