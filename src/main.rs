@@ -40,6 +40,14 @@ enum Command {
     /// The signed, hash-chained audit log.
     #[command(subcommand)]
     Audit(commands::audit::AuditCommand),
+    /// Build a workload into a signed plan bundle.
+    Build(commands::build::BuildArgs),
+    /// Guest kernels: fetch and pin the Debian cloud kernel.
+    #[command(subcommand)]
+    Kernel(commands::kernel::KernelCommand),
+    /// The confined builder worker (started by `mvm build`; reads a request on stdin).
+    #[command(hide = true)]
+    BuildWorker,
 }
 
 fn main() -> ExitCode {
@@ -50,6 +58,9 @@ fn main() -> ExitCode {
         Command::Plan(cmd) => commands::plan::run(cmd, &out),
         Command::Keys(cmd) => commands::keys::run(cmd, &out),
         Command::Audit(cmd) => commands::audit::run(cmd, &out),
+        Command::Build(args) => commands::build::run(args, &out),
+        Command::Kernel(cmd) => commands::kernel::run(cmd, &out),
+        Command::BuildWorker => return mvm_builder::worker::serve(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

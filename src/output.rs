@@ -47,13 +47,15 @@ impl Output {
 
     /// Reports `err` and returns the exit status of its class.
     pub fn error(&self, err: &anyhow::Error) -> ExitCode {
+        let class_status = |class| match class {
+            ErrorClass::Integrity => EXIT_INTEGRITY,
+            ErrorClass::InvalidInput => EXIT_INVALID_INPUT,
+            ErrorClass::Io => EXIT_IO,
+        };
+        let coded = err.downcast_ref::<crate::commands::CodedError>();
         let (code, status, details) = match err.downcast_ref::<Error>() {
             Some(e) => {
-                let status = match e.class() {
-                    ErrorClass::Integrity => EXIT_INTEGRITY,
-                    ErrorClass::InvalidInput => EXIT_INVALID_INPUT,
-                    ErrorClass::Io => EXIT_IO,
-                };
+                let status = class_status(e.class());
                 let details = match e {
                     Error::InvalidWorkload(report) => json!({ "issues": report.issues }),
                     Error::AuditChain(chain_break) => json!({ "break": chain_break }),
@@ -61,7 +63,10 @@ impl Output {
                 };
                 (e.code(), status, details)
             }
-            None => ("INTERNAL", EXIT_INTERNAL, Value::Null),
+            None => match coded {
+                Some(c) => (c.code.as_str(), class_status(c.class), Value::Null),
+                None => ("INTERNAL", EXIT_INTERNAL, Value::Null),
+            },
         };
         let message = describe(err);
         if self.json {

@@ -9,15 +9,22 @@
 //!   xattrs; traversal, absolute paths and symlink escapes refused.
 //! - [`oci`]: images pinned by digest from a registry, an OCI layout or a layout archive, every
 //!   blob verified before use and kept in a content-addressed cache.
+//! - [`rootfs`]: image → tree → EROFS → verity, the part that parses untrusted bytes, and
+//!   [`worker`], which runs it confined in a child process (the host builder persona).
 //! - [`erofs`]: a native, deterministic EROFS image writer over a [`tree::Tree`].
 //! - [`kernel`]: the Debian cloud kernel and the modules the guest needs, pinned by sha256.
 //! - [`initramfs`]: the deterministic, gzip-compressed `newc` archive with the agent as `/init`.
+//! - [`bundle`]: the trusted half: kernel + initramfs + every file hashed → launch plan and
+//!   provenance, for the caller to sign.
 //! - [`verity`]: the dm-verity hash tree over an image, byte-identical to `veritysetup format`.
 
+pub mod bundle;
 pub mod erofs;
 pub mod initramfs;
 pub mod kernel;
 pub mod layer;
 pub mod oci;
+pub mod rootfs;
 pub mod tree;
 pub mod verity;
+pub mod worker;

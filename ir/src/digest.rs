@@ -12,6 +12,13 @@ pub fn sha256(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
+/// `sha256:<hex>` and length of everything `reader` yields, read in a stream.
+pub fn sha256_reader(mut reader: impl std::io::Read) -> std::io::Result<(String, u64)> {
+    let mut hasher = Sha256::new();
+    let len = std::io::copy(&mut reader, &mut hasher)?;
+    Ok((format!("sha256:{}", hex::encode(hasher.finalize())), len))
+}
+
 /// `sha256:<hex>` of `bytes`, the form documents carry.
 pub fn sha256_prefixed(bytes: &[u8]) -> String {
     format!("sha256:{}", sha256_hex(bytes))

@@ -8,6 +8,7 @@
 //! - the **launch plan** ([`plan`]) the runner trusts: every artifact pinned by sha256, policy
 //!   resolved, a validity window, a nonce and a single-use flag;
 //! - **DSSE envelopes** ([`dsse`]) signed with ed25519, the host's keys and trust store ([`keys`]);
+//! - **build provenance** ([`provenance`]): in-toto statements with an SLSA v1 predicate;
 //! - **plan admission** ([`admission`]): the fixed order of checks a plan must pass before any VM
 //!   process starts, and the ledger that refuses a single-use plan admitted twice;
 //! - the **audit chain** ([`audit`]): signed, hash-chained JSONL whose every edit, deletion,
@@ -28,6 +29,7 @@ pub mod home;
 pub mod keys;
 pub mod load;
 pub mod plan;
+pub mod provenance;
 pub mod schema;
 pub mod validate;
 pub mod workload;

@@ -3,11 +3,16 @@
 //! report their stable code and exit status.
 
 pub mod audit;
+pub mod build;
 pub mod ir;
+pub mod kernel;
 pub mod keys;
 pub mod plan;
 
+use std::fmt;
+
 use mvm_ir::audit::AuditLog;
+use mvm_ir::ErrorClass;
 use mvm_ir::home::MvmHome;
 use mvm_ir::keys::KeyStore;
 use serde_json::{Map, Value};
@@ -38,4 +43,46 @@ impl Host {
         AuditLog::in_home(&self.home)?.append(event, fields, &signer)?;
         Ok(())
     }
+}
+
+/// An error from a crate other than `mvm-ir`, carrying its stable code and class so that
+/// [`crate::output::Output::error`] reports it like the others.
+#[derive(Debug)]
+pub struct CodedError {
+    pub code: String,
+    pub class: ErrorClass,
+    pub message: String,
+}
+
+impl fmt::Display for CodedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for CodedError {}
+
+/// The class of a builder error code: digests and pins that do not match are integrity
+/// failures, unreachable registries and local files are I/O, everything else is bad input.
+pub fn class_of(code: &str) -> ErrorClass {
+    match code {
+        "OCI002" | "KERNEL005" | "BUILD005" => ErrorClass::Integrity,
+        "OCI007" | "OCI008" | "BUILD003" | "BUILD004" | "KERNEL001" | "KERNEL006" => ErrorClass::Io,
+        _ => ErrorClass::InvalidInput,
+    }
+}
+
+/// Wraps an error that has a stable code.
+pub fn coded_as(code: &str, err: impl fmt::Display) -> anyhow::Error {
+    CodedError {
+        code: code.to_string(),
+        class: class_of(code),
+        message: err.to_string(),
+    }
+    .into()
+}
+
+/// Wraps a kernel store error.
+pub fn coded(err: mvm_builder::kernel::KernelError) -> anyhow::Error {
+    coded_as(err.code(), err)
 }

@@ -14,7 +14,7 @@ use mvm_ir::digest::is_prefixed_sha256;
 use mvm_ir::home::MvmHome;
 
 use super::manifest::Descriptor;
-use super::verify::{DigestingReader, LimitedWriter};
+use super::verify::LimitedWriter;
 use super::{BlobSource, OciError};
 
 /// A directory of verified blobs.
@@ -183,10 +183,7 @@ impl BlobCache {
 }
 
 fn hash(reader: &mut impl Read) -> io::Result<(String, u64)> {
-    let mut digesting = DigestingReader::new(reader);
-    io::copy(&mut digesting, &mut io::sink())?;
-    let len = DigestingReader::bytes(&digesting);
-    Ok((digesting.finish(), len))
+    mvm_ir::digest::sha256_reader(reader)
 }
 
 fn cache_corrupt(digest: &str, found: &str) -> OciError {

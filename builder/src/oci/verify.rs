@@ -9,7 +9,6 @@ use sha2::{Digest, Sha256};
 pub(crate) struct DigestingReader<R> {
     inner: R,
     hasher: Sha256,
-    bytes: u64,
     failure: Option<String>,
 }
 
@@ -18,7 +17,6 @@ impl<R: Read> DigestingReader<R> {
         Self {
             inner,
             hasher: Sha256::new(),
-            bytes: 0,
             failure: None,
         }
     }
@@ -26,11 +24,6 @@ impl<R: Read> DigestingReader<R> {
     /// The error the inner reader returned, if it did.
     pub(crate) fn failure(&self) -> Option<&str> {
         self.failure.as_deref()
-    }
-
-    /// Bytes read so far.
-    pub(crate) fn bytes(&self) -> u64 {
-        self.bytes
     }
 
     /// `sha256:<hex>` of everything read.
@@ -44,7 +37,6 @@ impl<R: Read> Read for DigestingReader<R> {
         match self.inner.read(buf) {
             Ok(n) => {
                 self.hasher.update(&buf[..n]);
-                self.bytes += n as u64;
                 Ok(n)
             }
             Err(e) => {

@@ -1,0 +1,308 @@
+//! Plan assembly: the trusted half of `mvm build`.
+//!
+//! Given the root filesystem the worker built, this adds the pinned kernel and an initramfs
+//! (the guest agent as `/init` and the kernel modules it loads), hashes every file of the
+//! bundle itself, resolves the policy from the workload, and produces the launch plan and the
+//! provenance statement — unsigned: the caller signs them with a key the worker never sees.
+//!
+//! The guest learns its root filesystem's verity parameters from the kernel command line, which
+//! the plan signs: `mvm.root_hash`, `mvm.salt`, `mvm.data_blocks`, `mvm.hash_offset`,
+//! `mvm.block_size` (see `docs/guest-contract.md`). Device order: `/dev/vda` is the image,
+//! `/dev/vdb` its hash tree.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+
+use serde_json::json;
+
+use mvm_ir::digest::sha256_prefixed;
+use mvm_ir::fsutil::atomic_write;
+use mvm_ir::plan::{
+    fresh_nonce, ArtifactPin, KernelPin, LaunchPlan, PlanEntrypoint, PlanResources, Profile, ResolvedPolicy,
+    RootfsPin, SecretBinding, Timestamp, VerityPin, SCHEMA_VERSION,
+};
+use mvm_ir::provenance::{
+    BuildDefinition, Builder, Provenance, ResourceDescriptor, RunDetails, RunMetadata, Statement, BUILD_TYPE,
+    PREDICATE_TYPE, STATEMENT_TYPE,
+};
+use mvm_ir::workload::{App, EnvValue, Entrypoint, NetworkMode};
+
+use crate::initramfs::Initramfs;
+use crate::kernel::GuestKernel;
+use crate::rootfs::{RootfsReport, ROOTFS_FILE, VERITY_FILE};
+use crate::worker::SandboxReport;
+
+/// File names in a bundle.
+pub const KERNEL_FILE: &str = "vmlinuz";
+/// The initramfs.
+pub const INITRAMFS_FILE: &str = "initramfs";
+/// Where the initramfs lists the modules to load, in order, one name a line.
+pub const MODULE_LIST: &str = "etc/mvm/modules";
+
+/// Why a bundle could not be assembled.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The plan broke a plan rule (a bug if it happens: the IR was validated).
+    #[error("assembled plan is invalid: {0}")]
+    Plan(#[from] mvm_ir::Error),
+    /// The initramfs could not be written.
+    #[error(transparent)]
+    Initramfs(#[from] crate::initramfs::InitramfsError),
+}
+
+impl BundleError {
+    /// The stable code of this error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            BundleError::Io { .. } => "BUILD003",
+            BundleError::Plan(e) => e.code(),
+            BundleError::Initramfs(_) => "BUILD006",
+        }
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BundleError + '_ {
+    move |source| BundleError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Everything assembly needs.
+pub struct AssembleInput<'a> {
+    /// The workload's id.
+    pub workload_id: &'a str,
+    /// The app being built.
+    pub app: &'a App,
+    /// `sha256:` of the workload's canonical IR.
+    pub ir_digest: &'a str,
+    /// The image as the workload names it (for provenance).
+    pub image: &'a str,
+    /// What the worker built.
+    pub rootfs: &'a RootfsReport,
+    /// How the worker was confined.
+    pub sandbox: &'a SandboxReport,
+    /// The verified guest kernel.
+    pub kernel: &'a GuestKernel,
+    /// The guest agent binary, `/init` of the initramfs.
+    pub agent: &'a Path,
+    /// The bundle directory (holding the worker's two files already).
+    pub out_dir: &'a Path,
+    /// The policy profile.
+    pub profile: Profile,
+    /// Validity window.
+    pub valid_from: Timestamp,
+    /// Validity window end.
+    pub valid_until: Timestamp,
+    /// When the build started.
+    pub started: Timestamp,
+}
+
+/// An assembled, unsigned bundle.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    /// The launch plan.
+    pub plan: LaunchPlan,
+    /// The provenance; its plan subject is the digest of `plan`'s canonical JSON.
+    pub provenance: Statement,
+    /// `sha256:` of the root filesystem image.
+    pub rootfs_digest: String,
+}
+
+/// Writes the kernel and initramfs into the bundle and builds the plan and provenance.
+pub fn assemble(input: &AssembleInput<'_>) -> Result<Bundle, BundleError> {
+    let out = input.out_dir;
+    let kernel_bytes = fs::read(input.kernel.path(&input.kernel.manifest.vmlinuz)).map_err(io(&input.kernel.dir))?;
+    // The kernel was verified when its store opened it; hash what is copied, not what was.
+    let kernel_digest = sha256_prefixed(&kernel_bytes);
+    if kernel_digest != input.kernel.manifest.vmlinuz.digest {
+        return Err(BundleError::Io {
+            path: input.kernel.dir.display().to_string(),
+            source: std::io::Error::other("the kernel changed after it was verified"),
+        });
+    }
+    atomic_write(&out.join(KERNEL_FILE), &kernel_bytes, 0o644)?;
+
+    let agent = fs::read(input.agent).map_err(io(input.agent))?;
+    let agent_digest = sha256_prefixed(&agent);
+    let mut initramfs = Initramfs::new();
+    initramfs.add_file("init", 0o755, agent)?;
+    let mut module_list = String::new();
+    for module in &input.kernel.manifest.modules {
+        let path = input.kernel.path(&module.file);
+        let bytes = fs::read(&path).map_err(io(&path))?;
+        if sha256_prefixed(&bytes) != module.file.digest {
+            return Err(BundleError::Io {
+                path: path.display().to_string(),
+                source: std::io::Error::other("module changed after it was verified"),
+            });
+        }
+        initramfs.add_file(&format!("lib/modules/{}.ko", module.name), 0o644, bytes)?;
+        module_list.push_str(&module.name);
+        module_list.push('\n');
+    }
+    initramfs.add_file(MODULE_LIST, 0o644, module_list.into_bytes())?;
+    let mut initramfs_bytes = Vec::new();
+    initramfs.write_gzip(&mut initramfs_bytes)?;
+    atomic_write(&out.join(INITRAMFS_FILE), &initramfs_bytes, 0o644)?;
+    let initramfs_digest = sha256_prefixed(&initramfs_bytes);
+
+    let rootfs_digest = hash_file(&out.join(ROOTFS_FILE))?;
+    let verity_digest = hash_file(&out.join(VERITY_FILE))?;
+    let r = input.rootfs;
+    let cmdline = format!(
+        "console=ttyS0 reboot=k panic=-1 quiet mvm.root_hash={} mvm.salt={} mvm.data_blocks={} mvm.hash_offset={} mvm.block_size={}",
+        r.root_hash, r.salt, r.data_blocks, r.hash_offset, r.data_block_size
+    );
+
+    let app = input.app;
+    let mut env = BTreeMap::new();
+    let mut secrets = Vec::new();
+    for (name, value) in &app.env {
+        match value {
+            EnvValue::Literal { value } => {
+                env.insert(name.clone(), value.clone());
+            }
+            EnvValue::SecretRef { name: secret, optional } => secrets.push(SecretBinding {
+                env: name.clone(),
+                name: secret.clone(),
+                optional: *optional,
+            }),
+        }
+    }
+    let Entrypoint::Command { command, cwd } = &app.entrypoints[0];
+    let plan = LaunchPlan {
+        schema_version: SCHEMA_VERSION.to_string(),
+        workload_id: input.workload_id.to_string(),
+        app: app.name.clone(),
+        ir_digest: input.ir_digest.to_string(),
+        kernel: KernelPin {
+            path: KERNEL_FILE.into(),
+            digest: kernel_digest.clone(),
+            cmdline,
+        },
+        initramfs: ArtifactPin {
+            path: INITRAMFS_FILE.into(),
+            digest: initramfs_digest.clone(),
+        },
+        rootfs: RootfsPin {
+            path: ROOTFS_FILE.into(),
+            digest: rootfs_digest.clone(),
+            verity: VerityPin {
+                path: VERITY_FILE.into(),
+                digest: verity_digest,
+                root_hash: r.root_hash.clone(),
+                salt: r.salt.clone(),
+                hash_algorithm: "sha256".into(),
+                data_block_size: r.data_block_size,
+                hash_block_size: r.hash_block_size,
+                data_blocks: r.data_blocks,
+                hash_offset: r.hash_offset,
+            },
+        },
+        resources: PlanResources {
+            cpu_cores: app.resources.cpu_cores,
+            memory_mb: app.resources.memory_mb,
+        },
+        policy: ResolvedPolicy {
+            profile: input.profile,
+            network: app.network.mode,
+            // Grants only take effect with an allowlist network (IR101 warns otherwise).
+            egress: if app.network.mode == NetworkMode::Allowlist {
+                app.network.egress.allowlist.clone()
+            } else {
+                Vec::new()
+            },
+            ports: app.network.ports.clone(),
+            env,
+            secrets,
+            mounts: app.mounts.clone(),
+        },
+        entrypoint: PlanEntrypoint {
+            command: command.clone(),
+            cwd: cwd.clone(),
+        },
+        valid_from: input.valid_from,
+        valid_until: input.valid_until,
+        nonce: fresh_nonce()?,
+        single_use: false,
+    };
+    plan.check()?;
+    let plan_digest = sha256_prefixed(&mvm_ir::canonical::to_vec(&plan)?);
+
+    let mut dependencies = vec![ResourceDescriptor::sha256(
+        Some("image".into()),
+        Some(format!("oci:{}", input.image)),
+        &r.image_digest,
+    )];
+    if r.manifest_digest != r.image_digest {
+        dependencies.push(ResourceDescriptor::sha256(Some("image manifest (linux/amd64)".into()), None, &r.manifest_digest));
+    }
+    for layer in &r.layers {
+        dependencies.push(ResourceDescriptor::sha256(Some(format!("layer {}", layer.media_type)), None, &layer.digest));
+    }
+    let package = &input.kernel.manifest.package;
+    dependencies.push(ResourceDescriptor::sha256(
+        Some(format!("kernel {}", input.kernel.manifest.release)),
+        Some(format!("pkg:deb/debian/{}@{}?arch=amd64", package.name, package.version)),
+        &package.digest,
+    ));
+    dependencies.push(ResourceDescriptor::sha256(Some("mvm-agent".into()), None, &agent_digest));
+    let provenance = Statement {
+        statement_type: STATEMENT_TYPE.into(),
+        subject: vec![
+            ResourceDescriptor::sha256(Some(ROOTFS_FILE.into()), None, &rootfs_digest),
+            ResourceDescriptor::sha256(Some("plan".into()), None, &plan_digest),
+            ResourceDescriptor::sha256(Some(INITRAMFS_FILE.into()), None, &initramfs_digest),
+        ],
+        predicate_type: PREDICATE_TYPE.into(),
+        predicate: Provenance {
+            build_definition: BuildDefinition {
+                build_type: BUILD_TYPE.into(),
+                external_parameters: json!({
+                    "workload": input.workload_id,
+                    "app": app.name,
+                    "ir_digest": input.ir_digest,
+                    "image": input.image,
+                    "profile": input.profile,
+                }),
+                internal_parameters: json!({
+                    "persona": "host",
+                    "sandbox": input.sandbox,
+                    "verity": {"root_hash": r.root_hash, "salt": r.salt},
+                }),
+                resolved_dependencies: dependencies,
+            },
+            run_details: RunDetails {
+                builder: Builder {
+                    id: format!("https://mvm.dev/builder/host@{}", env!("CARGO_PKG_VERSION")),
+                },
+                metadata: RunMetadata {
+                    invocation_id: plan.nonce.clone(),
+                    started_on: input.started.to_string(),
+                    finished_on: Timestamp::now().to_string(),
+                },
+            },
+        },
+    };
+    Ok(Bundle {
+        plan,
+        provenance,
+        rootfs_digest,
+    })
+}
+
+fn hash_file(path: &Path) -> Result<String, BundleError> {
+    let file = fs::File::open(path).map_err(io(path))?;
+    Ok(mvm_ir::digest::sha256_reader(file).map_err(io(path))?.0)
+}

@@ -1,0 +1,202 @@
+//! The untrusted half of a build: image → staged tree → EROFS image → dm-verity tree.
+//!
+//! Everything here parses bytes from outside (registry JSON, tar, gzip, zstd), so it is what the
+//! builder persona runs sandboxed ([`crate::worker`]). Its output is two files in the output
+//! directory and a [`RootfsReport`] of what they are; the trusted side hashes the files itself
+//! before it signs anything.
+
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::erofs::{self, ErofsOptions};
+use crate::layer::ApplyOptions;
+use crate::oci::{self, BlobCache, ImageRef, RegistryOptions};
+use crate::tree::{Metadata, NodeKind, Staging, Tree};
+use crate::verity::{self, VerityParams};
+
+/// File name of the root filesystem image in a plan bundle.
+pub const ROOTFS_FILE: &str = "rootfs.erofs";
+/// File name of its verity hash tree.
+pub const VERITY_FILE: &str = "rootfs.verity";
+
+/// Directories the guest mounts over or writes to; created in every image that lacks them.
+const MOUNT_POINTS: &[(&str, u32)] = &[("dev", 0o755), ("proc", 0o555), ("sys", 0o555), ("run", 0o755), ("tmp", 0o1777)];
+
+/// What to build.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RootfsRequest {
+    /// The image reference as the workload spells it.
+    pub reference: String,
+    /// Its pinned digest.
+    pub digest: String,
+    /// Base for relative `oci:`/`oci-archive:` paths.
+    pub base_dir: PathBuf,
+    /// The blob cache.
+    pub cache_dir: PathBuf,
+    /// Where `rootfs.erofs` and `rootfs.verity` are written.
+    pub out_dir: PathBuf,
+    /// Registries reachable over plain HTTP besides loopback ones.
+    pub insecure_registries: Vec<String>,
+    /// Accept device nodes in layers.
+    pub allow_devices: bool,
+    /// Show pull progress.
+    pub progress: bool,
+}
+
+/// One layer, for provenance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerReport {
+    /// Blob digest.
+    pub digest: String,
+    /// Uncompressed digest.
+    pub diff_id: String,
+    /// Media type.
+    pub media_type: String,
+    /// Blob size.
+    pub size: u64,
+}
+
+/// What was built.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootfsReport {
+    /// The digest the image was named by.
+    pub image_digest: String,
+    /// The `linux/amd64` manifest digest.
+    pub manifest_digest: String,
+    /// Layers, bottom first.
+    pub layers: Vec<LayerReport>,
+    /// The image config's runtime defaults.
+    pub env: Vec<String>,
+    /// Entrypoint followed by Cmd.
+    pub command: Vec<String>,
+    /// Working directory.
+    pub working_dir: Option<String>,
+    /// EROFS image size in bytes.
+    pub image_size: u64,
+    /// Verity root hash, hex.
+    pub root_hash: String,
+    /// Verity salt, hex.
+    pub salt: String,
+    /// Data blocks covered.
+    pub data_blocks: u64,
+    /// Data block size.
+    pub data_block_size: u32,
+    /// Hash block size.
+    pub hash_block_size: u32,
+    /// Offset of the verity superblock in the hash file.
+    pub hash_offset: u64,
+}
+
+/// Why a root filesystem could not be built; [`RootfsError::code`] is the code of the cause.
+#[derive(Debug, thiserror::Error)]
+pub enum RootfsError {
+    /// Importing the image failed.
+    #[error(transparent)]
+    Oci(#[from] oci::OciError),
+    /// Writing the EROFS image failed.
+    #[error("writing the EROFS image: {0}")]
+    Erofs(#[from] erofs::ErofsError),
+    /// Writing the verity tree failed.
+    #[error("writing the verity tree: {0}")]
+    Verity(#[from] verity::VerityError),
+    /// Creating or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl RootfsError {
+    /// The stable code of this error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RootfsError::Oci(e) => e.code(),
+            RootfsError::Erofs(_) => "BUILD001",
+            RootfsError::Verity(_) => "BUILD002",
+            RootfsError::Io { .. } => "BUILD003",
+        }
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RootfsError + '_ {
+    move |source| RootfsError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Imports the image, writes `rootfs.erofs` and `rootfs.verity` into `out_dir`, and reports.
+///
+/// Reproducible: the image, its uuid and the verity salt and uuid are all derived from the
+/// content, so the same image always gives the same bytes and root hash.
+pub fn build_rootfs(request: &RootfsRequest) -> Result<RootfsReport, RootfsError> {
+    let image = ImageRef::new(&request.reference, &request.digest, &request.base_dir)?;
+    let cache = BlobCache::at(&request.cache_dir)?;
+    let registry = RegistryOptions {
+        insecure_registries: request.insecure_registries.clone(),
+        progress: request.progress,
+    };
+    let staging = Staging::temp_file_in(&request.out_dir).map_err(io(&request.out_dir))?;
+    let mut tree = Tree::new(staging);
+    let apply = ApplyOptions {
+        allow_devices: request.allow_devices,
+        ..ApplyOptions::default()
+    };
+    let imported = oci::import_image(&image, &registry, &cache, &mut tree, &apply)?;
+    add_mount_points(&mut tree);
+
+    let rootfs_path = request.out_dir.join(ROOTFS_FILE);
+    let staged = tempfile::NamedTempFile::new_in(&request.out_dir).map_err(io(&request.out_dir))?;
+    let mut writer = BufWriter::new(staged.as_file());
+    let summary = erofs::write_image(&tree, &mut writer, &ErofsOptions {
+        volume_name: b"mvm-rootfs".to_vec(),
+        ..ErofsOptions::default()
+    })?;
+    writer.into_inner().map_err(|e| RootfsError::Io { path: rootfs_path.display().to_string(), source: e.into_error() })?;
+    staged.as_file().sync_all().map_err(io(&rootfs_path))?;
+    staged.persist(&rootfs_path).map_err(|e| RootfsError::Io { path: rootfs_path.display().to_string(), source: e.error })?;
+    drop(tree);
+
+    // Salt and uuid from the image's own uuid (itself derived from the content): reproducible,
+    // yet different for every image.
+    let seed = mvm_ir::digest::sha256(&[b"mvm verity salt".as_slice(), &summary.uuid].concat());
+    let params = VerityParams::new(seed.to_vec(), summary.uuid);
+    let tree = verity::format_file(&rootfs_path, &request.out_dir.join(VERITY_FILE), &params)?;
+
+    let runtime = &imported.config.runtime;
+    let command = runtime.entrypoint.iter().flatten().chain(runtime.cmd.iter().flatten()).cloned().collect();
+    Ok(RootfsReport {
+        image_digest: imported.digest,
+        manifest_digest: imported.manifest_digest,
+        layers: imported
+            .layers
+            .into_iter()
+            .map(|l| LayerReport { digest: l.digest, diff_id: l.diff_id, media_type: l.media_type, size: l.size })
+            .collect(),
+        env: runtime.env.clone().unwrap_or_default(),
+        command,
+        working_dir: runtime.working_dir.clone().filter(|d| !d.is_empty()),
+        image_size: summary.size,
+        root_hash: hex::encode(tree.root_hash),
+        salt: hex::encode(&tree.salt),
+        data_blocks: tree.data_blocks,
+        data_block_size: tree.data_block_size,
+        hash_block_size: tree.hash_block_size,
+        hash_offset: tree.hash_offset,
+    })
+}
+
+fn add_mount_points(tree: &mut Tree) {
+    for (name, mode) in MOUNT_POINTS {
+        if tree.lookup(Tree::ROOT, name.as_bytes()).is_none() {
+            let dir = tree.add(NodeKind::Directory(Default::default()), Metadata { mode: *mode, ..Metadata::default() });
+            tree.link(Tree::ROOT, name.as_bytes(), dir);
+        }
+    }
+}

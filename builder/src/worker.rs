@@ -1,0 +1,218 @@
+//! The host builder persona: the untrusted half of a build ([`crate::rootfs`]) in a child
+//! process with the fewest rights this host can take away.
+//!
+//! The parent ([`build_in_worker`]) starts the worker with a cleared environment (only `PATH`,
+//! `TMPDIR` = the output directory, and the registry bearer tokens pass), sends a
+//! [`RootfsRequest`] as JSON on stdin, and reads one JSON answer on stdout. The worker
+//! ([`serve`]) first confines itself, before it reads a byte of any image:
+//!
+//! - `no_new_privs`;
+//! - Landlock (where the kernel has it): writes only to the output and cache directories, reads
+//!   only those, the image source, and the system files name resolution and TLS need;
+//! - a seccomp filter refusing (`EPERM`) what a builder never needs: ptrace and other processes'
+//!   memory, mounts and namespaces, module and kexec loading, BPF, perf, keyrings, reboot, swap,
+//!   clock setting, userfaultfd.
+//!
+//! What was enforced is reported back ([`SandboxReport`]) and recorded in the provenance. The
+//! worker never sees signing keys: signing happens in the parent.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, ExitCode, Stdio};
+
+use serde::{Deserialize, Serialize};
+
+use crate::rootfs::{build_rootfs, RootfsReport, RootfsRequest};
+
+/// What confinement the worker achieved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxReport {
+    /// `no_new_privs` is set.
+    pub no_new_privs: bool,
+    /// Landlock: `full`, `partial` or `unavailable` (kernel without Landlock).
+    pub landlock: String,
+    /// The seccomp deny-list is installed.
+    pub seccomp: bool,
+}
+
+/// The worker's one answer.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Answer {
+    Built { report: RootfsReport, sandbox: SandboxReport },
+    Failed { code: String, message: String },
+}
+
+/// Why the worker could not build.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The build itself failed; `code` is the stable code of the cause.
+    #[error("{message}")]
+    Build {
+        /// The cause's code (`OCI002`, `LAYER003`, …).
+        code: String,
+        /// What happened.
+        message: String,
+    },
+    /// The worker could not be run or answered nonsense.
+    #[error("builder worker: {0}")]
+    Worker(String),
+}
+
+impl WorkerError {
+    /// The stable code of this error.
+    pub fn code(&self) -> &str {
+        match self {
+            WorkerError::Build { code, .. } => code,
+            WorkerError::Worker(_) => "BUILD004",
+        }
+    }
+}
+
+/// Requests larger than this are refused by the worker.
+const MAX_REQUEST_BYTES: u64 = 1024 * 1024;
+
+/// Runs `program args…` as the worker for `request` and returns its report.
+pub fn build_in_worker(program: &Path, args: &[&str], request: &RootfsRequest) -> Result<(RootfsReport, SandboxReport), WorkerError> {
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("TMPDIR", &request.out_dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (key, value) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("MVM_OCI_BEARER_TOKEN") {
+            command.env(key, value);
+        }
+    }
+    let mut child = command.spawn().map_err(|e| WorkerError::Worker(format!("cannot start {}: {e}", program.display())))?;
+    let request_json = serde_json::to_vec(request).map_err(|e| WorkerError::Worker(e.to_string()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(&request_json).map_err(|e| WorkerError::Worker(format!("sending the request: {e}")))?;
+    }
+    let output = child.wait_with_output().map_err(|e| WorkerError::Worker(e.to_string()))?;
+    match serde_json::from_slice::<Answer>(&output.stdout) {
+        Ok(Answer::Built { report, sandbox }) => Ok((report, sandbox)),
+        Ok(Answer::Failed { code, message }) => Err(WorkerError::Build { code, message }),
+        Err(_) => Err(WorkerError::Worker(format!("exited with {} without an answer", output.status))),
+    }
+}
+
+/// The worker's main: confine, read the request from stdin, build, answer on stdout.
+pub fn serve() -> ExitCode {
+    let answer = match read_request() {
+        Err(message) => Answer::Failed { code: "BUILD004".into(), message },
+        Ok(request) => match confine(&request) {
+            Err(message) => Answer::Failed { code: "BUILD005".into(), message },
+            Ok(sandbox) => match build_rootfs(&request) {
+                Ok(report) => Answer::Built { report, sandbox },
+                Err(e) => Answer::Failed { code: e.code().to_string(), message: e.to_string() },
+            },
+        },
+    };
+    let ok = matches!(answer, Answer::Built { .. });
+    let mut stdout = std::io::stdout().lock();
+    let written = serde_json::to_writer(&mut stdout, &answer).is_ok() && stdout.flush().is_ok();
+    if ok && written {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn read_request() -> Result<RootfsRequest, String> {
+    let mut bytes = Vec::new();
+    std::io::stdin()
+        .lock()
+        .take(MAX_REQUEST_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("reading the request: {e}"))?;
+    if bytes.len() as u64 > MAX_REQUEST_BYTES {
+        return Err("request too large".into());
+    }
+    serde_json::from_slice(&bytes).map_err(|e| format!("bad request: {e}"))
+}
+
+/// Applies Landlock (best effort: absent on some kernels) and the seccomp deny-list
+/// (required). Both set `no_new_privs`.
+fn confine(request: &RootfsRequest) -> Result<SandboxReport, String> {
+    let landlock = landlock_confine(request).map_err(|e| format!("landlock: {e}"))?;
+    seccomp_confine().map_err(|e| format!("seccomp: {e}"))?;
+    Ok(SandboxReport {
+        no_new_privs: true,
+        landlock,
+        seccomp: true,
+    })
+}
+
+fn landlock_confine(request: &RootfsRequest) -> Result<String, landlock::RulesetError> {
+    use landlock::{path_beneath_rules, Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, ABI};
+    let abi = ABI::V3;
+    let writable = [request.out_dir.as_path(), request.cache_dir.as_path()];
+    // Name resolution, TLS roots and the dynamic loader's files; the image source.
+    let readable = [Path::new("/etc"), Path::new("/usr"), Path::new("/lib"), Path::new("/lib64"), Path::new("/dev/urandom"), Path::new("/proc/self"), request.base_dir.as_path()];
+    let status = Ruleset::default()
+        .handle_access(AccessFs::from_all(abi))?
+        .create()?
+        .add_rules(path_beneath_rules(readable.iter().filter(|p| p.exists()), AccessFs::from_read(abi)))?
+        .add_rules(path_beneath_rules(writable, AccessFs::from_all(abi)))?
+        .restrict_self()?;
+    Ok(match status.ruleset {
+        RulesetStatus::FullyEnforced => "full",
+        RulesetStatus::PartiallyEnforced => "partial",
+        RulesetStatus::NotEnforced => "unavailable",
+    }
+    .to_string())
+}
+
+/// System calls a builder never makes; each is refused with `EPERM`.
+const DENIED_SYSCALLS: &[libc::c_long] = &[
+    libc::SYS_ptrace,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+    libc::SYS_mount,
+    libc::SYS_umount2,
+    libc::SYS_pivot_root,
+    libc::SYS_chroot,
+    libc::SYS_unshare,
+    libc::SYS_setns,
+    libc::SYS_init_module,
+    libc::SYS_finit_module,
+    libc::SYS_delete_module,
+    libc::SYS_kexec_load,
+    libc::SYS_kexec_file_load,
+    libc::SYS_bpf,
+    libc::SYS_perf_event_open,
+    libc::SYS_keyctl,
+    libc::SYS_add_key,
+    libc::SYS_request_key,
+    libc::SYS_reboot,
+    libc::SYS_swapon,
+    libc::SYS_swapoff,
+    libc::SYS_settimeofday,
+    libc::SYS_clock_settime,
+    libc::SYS_adjtimex,
+    libc::SYS_userfaultfd,
+    libc::SYS_open_by_handle_at,
+    libc::SYS_name_to_handle_at,
+    libc::SYS_acct,
+    libc::SYS_quotactl,
+    libc::SYS_iopl,
+    libc::SYS_ioperm,
+];
+
+fn seccomp_confine() -> Result<(), seccompiler::Error> {
+    use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+    let rules = DENIED_SYSCALLS.iter().map(|&nr| (nr as i64, vec![])).collect();
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        TargetArch::x86_64,
+    )?;
+    let program: BpfProgram = filter.try_into()?;
+    seccompiler::apply_filter(&program)
+}

@@ -1,0 +1,284 @@
+//! `mvm build`: a workload → a signed plan bundle.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, ValueEnum};
+use mvm_builder::bundle::{assemble, AssembleInput};
+use mvm_builder::kernel::KernelStore;
+use mvm_builder::rootfs::RootfsRequest;
+use mvm_builder::worker::build_in_worker;
+use mvm_ir::digest::sha256_prefixed;
+use mvm_ir::dsse::Envelope;
+use mvm_ir::fsutil::atomic_write;
+use mvm_ir::keys::DEFAULT_KEY;
+use mvm_ir::load::{ir_digest, load_workload};
+use mvm_ir::plan::{Profile, Timestamp};
+use mvm_ir::workload::Image;
+use mvm_ir::{canonical, plan, provenance};
+use serde_json::json;
+
+use super::{coded, coded_as, Host};
+use crate::output::Output;
+
+/// Where the plan and provenance envelopes go in a bundle.
+const PLAN_FILE: &str = "plan.dsse.json";
+const PROVENANCE_FILE: &str = "provenance.dsse.json";
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ProfileArg {
+    Restrictive,
+    Standard,
+    Dev,
+    Permissive,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Persona {
+    /// A confined child process on this host (no_new_privs, Landlock, seccomp).
+    Host,
+}
+
+/// Build a workload's root filesystem, verity tree, kernel and initramfs into a signed plan
+/// bundle: rootfs.erofs, rootfs.verity, vmlinuz, initramfs, plan.dsse.json,
+/// provenance.dsse.json.
+///
+/// The same input builds the same image and verity root hash. Exit 0 built, 1 a digest or pin
+/// did not match, 65 invalid workload or image, 74 I/O or registry failure.
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// The workload: a directory holding mvm.toml or workload.json, or the file itself.
+    #[arg(default_value = ".")]
+    path: PathBuf,
+    /// The app to build (needed when the workload has several).
+    #[arg(long)]
+    app: Option<String>,
+    /// The bundle directory (replaced whole if it holds an older bundle).
+    #[arg(short, long, default_value = "mvm-out")]
+    out: PathBuf,
+    /// The signing key (`default`, the host key, is generated on first use).
+    #[arg(long, default_value = DEFAULT_KEY)]
+    key: String,
+    /// How long the plan stays valid (a reusable plan).
+    #[arg(long, default_value = "30days", value_parser = humantime::parse_duration)]
+    valid_for: Duration,
+    /// The policy profile.
+    #[arg(long, value_enum, default_value = "standard")]
+    profile: ProfileArg,
+    /// The guest agent binary, `/init` of the initramfs (default: mvm-agent next to mvm).
+    #[arg(long)]
+    agent: Option<PathBuf>,
+    /// The kernel release to use (default: the newest fetched; see `mvm kernel fetch`).
+    #[arg(long)]
+    kernel: Option<String>,
+    /// Where the untrusted parsing runs.
+    #[arg(long, value_enum, default_value = "host")]
+    persona: Persona,
+    /// Accept device nodes in image layers (refused by default).
+    #[arg(long)]
+    allow_devices: bool,
+}
+
+pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
+    let started = Timestamp::now();
+    let host = Host::open()?;
+    let declaration = find_declaration(&args.path)?;
+    let base_dir = declaration.parent().map(Path::to_path_buf).unwrap_or_default();
+    let base_dir = fs::canonicalize(if base_dir.as_os_str().is_empty() { Path::new(".") } else { &base_dir })?;
+    let (workload, _) = load_workload(&declaration)?;
+    let digest = ir_digest(&workload)?;
+    let app = match (&args.app, workload.apps.as_slice()) {
+        (Some(name), apps) => apps
+            .iter()
+            .find(|a| &a.name == name)
+            .ok_or_else(|| coded_as("BUILD007", format!("the workload has no app {name:?}")))?,
+        (None, [only]) => only,
+        (None, apps) => {
+            let names: Vec<&str> = apps.iter().map(|a| a.name.as_str()).collect();
+            return Err(coded_as("BUILD007", format!("the workload has several apps; pick one with --app ({})", names.join(", "))));
+        }
+    };
+    let (reference, image_digest) = match &app.image {
+        Image::OciBase { reference, digest } => (reference.clone(), digest.clone()),
+        Image::NixPackages { .. } => {
+            return Err(coded_as("BUILD007", "nix_packages images are built by the Nix integration, which this mvm does not have yet"))
+        }
+    };
+    let store = KernelStore::at(&host.home.ensure("kernels")?);
+    let kernel = match &args.kernel {
+        Some(release) => store.open(release),
+        None => store.latest(),
+    }
+    .map_err(coded)?;
+    let agent = match args.agent {
+        Some(path) => path,
+        None => std::env::current_exe()?.with_file_name("mvm-agent"),
+    };
+    if !agent.is_file() {
+        return Err(coded_as(
+            "BUILD008",
+            format!("the guest agent {} was not found; build mvm-agent or pass --agent", agent.display()),
+        ));
+    }
+
+    // Build into a private directory beside the destination, then swap it in whole.
+    let out_dir = absolute(&args.out)?;
+    check_replaceable(&out_dir)?;
+    let parent = out_dir.parent().context("the output directory has no parent")?;
+    fs::create_dir_all(parent)?;
+    let staging = tempfile::Builder::new().prefix(".mvm-build-").tempdir_in(parent)?;
+    let request = RootfsRequest {
+        reference: reference.clone(),
+        digest: image_digest,
+        base_dir,
+        cache_dir: host.home.ensure("cache")?.join("blobs"),
+        out_dir: staging.path().to_path_buf(),
+        insecure_registries: insecure_registries(&host)?,
+        allow_devices: args.allow_devices,
+        progress: !out.is_json(),
+    };
+    let Persona::Host = args.persona;
+    let (report, sandbox) = build_in_worker(&std::env::current_exe()?, &["build-worker"], &request)
+        .map_err(|e| coded_as(e.code(), e))?;
+
+    let profile = match args.profile {
+        ProfileArg::Restrictive => Profile::Restrictive,
+        ProfileArg::Standard => Profile::Standard,
+        ProfileArg::Dev => Profile::Dev,
+        ProfileArg::Permissive => Profile::Permissive,
+    };
+    let now = time::OffsetDateTime::now_utc().replace_nanosecond(0)?;
+    let bundle = assemble(&AssembleInput {
+        workload_id: &workload.id,
+        app,
+        ir_digest: &digest,
+        image: &reference,
+        rootfs: &report,
+        sandbox: &sandbox,
+        kernel: &kernel,
+        agent: &agent,
+        out_dir: staging.path(),
+        profile,
+        valid_from: Timestamp(now),
+        valid_until: Timestamp(now + args.valid_for),
+        started,
+    })
+    .map_err(|e| coded_as(e.code(), e))?;
+
+    let signer = if args.key == DEFAULT_KEY { host.keys.host_signer()? } else { host.keys.signer(&args.key)? };
+    let payload = canonical::to_vec(&bundle.plan)?;
+    let plan_digest = sha256_prefixed(&payload);
+    let envelope = Envelope::sign(plan::PAYLOAD_TYPE, &payload, &signer);
+    atomic_write(&staging.path().join(PLAN_FILE), &envelope.to_json(), 0o644)?;
+    let statement = canonical::to_vec(&bundle.provenance)?;
+    let envelope = Envelope::sign(provenance::PAYLOAD_TYPE, &statement, &signer);
+    atomic_write(&staging.path().join(PROVENANCE_FILE), &envelope.to_json(), 0o644)?;
+
+    host.audit(
+        "build",
+        json!({"workload_id": workload.id, "app": app.name, "ir_digest": digest, "plan_digest": plan_digest,
+               "rootfs_digest": bundle.rootfs_digest, "root_hash": report.root_hash, "keyid": signer.keyid(),
+               "image": report.image_digest, "sandbox": sandbox}),
+    )?;
+    swap_in(staging, &out_dir)?;
+
+    out.result(
+        json!({"out": out_dir, "plan_digest": plan_digest, "rootfs_digest": bundle.rootfs_digest,
+               "root_hash": report.root_hash, "image_size": report.image_size, "layers": report.layers.len(),
+               "kernel": kernel.manifest.release, "keyid": signer.keyid(), "sandbox": sandbox,
+               "valid_until": bundle.plan.valid_until}),
+        || {
+            format!(
+                "built {}/{} into {}\nrootfs {} ({} bytes, {} layers)\nverity root {}\nplan {} signed by {}\nvalid until {}\nbuilder sandbox: no_new_privs, seccomp, landlock {}",
+                workload.id,
+                app.name,
+                out_dir.display(),
+                bundle.rootfs_digest,
+                report.image_size,
+                report.layers.len(),
+                report.root_hash,
+                plan_digest,
+                signer.keyid(),
+                bundle.plan.valid_until,
+                sandbox.landlock
+            )
+        },
+    );
+    Ok(())
+}
+
+/// The declaration a build path names: the file itself, or `mvm.toml` / `workload.json` in a
+/// directory.
+fn find_declaration(path: &Path) -> anyhow::Result<PathBuf> {
+    if path.is_dir() {
+        for name in ["mvm.toml", "workload.json"] {
+            let candidate = path.join(name);
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+        return Err(coded_as("BUILD007", format!("{} holds neither mvm.toml nor workload.json", path.display())));
+    }
+    Ok(path.to_path_buf())
+}
+
+fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+    Ok(if path.is_absolute() { path.to_path_buf() } else { std::env::current_dir()?.join(path) })
+}
+
+/// A build replaces only an older bundle (or an empty directory), never other files.
+fn check_replaceable(out: &Path) -> anyhow::Result<()> {
+    if !out.exists() {
+        return Ok(());
+    }
+    let is_bundle = out.join(PLAN_FILE).is_file();
+    let is_empty = out.is_dir() && fs::read_dir(out)?.next().is_none();
+    if is_bundle || is_empty {
+        return Ok(());
+    }
+    Err(coded_as("BUILD009", format!("{} exists and is not a plan bundle; refusing to replace it", out.display())))
+}
+
+/// Renames the finished staging directory over `out`; an older bundle is moved aside first and
+/// removed after, so `out` is always a whole bundle.
+fn swap_in(staging: tempfile::TempDir, out: &Path) -> anyhow::Result<()> {
+    let built = staging.keep();
+    fs::set_permissions(&built, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    if out.exists() {
+        let old = out.with_file_name(format!(".{}.old", out.file_name().unwrap_or_default().to_string_lossy()));
+        let _ = fs::remove_dir_all(&old);
+        fs::rename(out, &old)?;
+        fs::rename(&built, out)?;
+        fs::remove_dir_all(&old)?;
+    } else {
+        fs::rename(&built, out)?;
+    }
+    Ok(())
+}
+
+/// Registries listed as reachable over plain HTTP in `$MVM_HOME/config.toml`:
+/// `[registries] insecure = ["host:port"]`.
+fn insecure_registries(host: &Host) -> anyhow::Result<Vec<String>> {
+    #[derive(serde::Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct Config {
+        #[serde(default)]
+        registries: Registries,
+    }
+    #[derive(serde::Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct Registries {
+        #[serde(default)]
+        insecure: Vec<String>,
+    }
+    let path = host.home.root().join("config.toml");
+    let text = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| path.display().to_string()),
+    };
+    let config: Config = toml::from_str(&text).map_err(|e| coded_as("INPUT003", format!("{}: {}", path.display(), e.message())))?;
+    Ok(config.registries.insecure)
+}
