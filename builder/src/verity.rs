@@ -1,1 +1,0 @@
-//! dm-verity (to be written).
