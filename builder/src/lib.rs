@@ -25,6 +25,8 @@ pub mod kernel;
 pub mod layer;
 pub mod oci;
 pub mod rootfs;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod tree;
 pub mod verity;
 pub mod worker;
