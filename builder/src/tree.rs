@@ -107,6 +107,15 @@ impl Staging {
         })
     }
 
+    /// How many bytes have been staged so far: every [`Content`] this area handed out lies
+    /// below this offset.
+    pub fn staged_bytes(&self) -> u64 {
+        match self {
+            Staging::File { len, .. } => *len,
+            Staging::Memory(bytes) => bytes.len() as u64,
+        }
+    }
+
     /// Copies all of `reader` into the staging area.
     pub fn append(&mut self, reader: &mut dyn Read) -> io::Result<Content> {
         match self {
@@ -199,6 +208,12 @@ impl Tree {
     /// If `id` was not returned by this tree.
     pub fn node(&self, id: NodeId) -> &Node {
         &self.nodes[id]
+    }
+
+    /// The node `id`, or `None` if this tree has no such node (a writer walking a tree it did
+    /// not build checks every id it follows).
+    pub fn get(&self, id: NodeId) -> Option<&Node> {
+        self.nodes.get(id)
     }
 
     /// The node `id`, mutable.
