@@ -23,7 +23,11 @@ fn shared_home() -> &'static Path {
     HOME.get_or_init(|| {
         let home = tempfile::tempdir().unwrap();
         let out = mvm(home.path(), &["kernel", "fetch"]);
-        assert!(out.status.success(), "mvm kernel fetch: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "mvm kernel fetch: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         home
     })
     .path()
@@ -80,14 +84,23 @@ fn sha256_file(path: &Path) -> String {
 fn build(home: &Path, declaration: &Path, out: &Path) -> Value {
     json(
         home,
-        &["build", declaration.to_str().unwrap(), "--out", out.to_str().unwrap(), "--agent", "/bin/busybox"],
+        &[
+            "build",
+            declaration.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--agent",
+            "/bin/busybox",
+        ],
         0,
     )
 }
 
 fn payload(envelope: &Path) -> Value {
     let envelope: Value = serde_json::from_slice(&fs::read(envelope).unwrap()).unwrap();
-    let bytes = base64::engine::general_purpose::STANDARD.decode(envelope["payload"].as_str().unwrap()).unwrap();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(envelope["payload"].as_str().unwrap())
+        .unwrap();
     serde_json::from_slice(&bytes).unwrap()
 }
 
@@ -104,27 +117,64 @@ fn build_from_a_registry_checked_with_the_real_tools() {
     registry.push(layout.dir.path(), "1", "mvm/busybox");
 
     let work = tempfile::tempdir().unwrap();
-    let declaration = declare(work.path(), &format!("{}/mvm/busybox", registry.address), &digest);
+    let declaration = declare(
+        work.path(),
+        &format!("{}/mvm/busybox", registry.address),
+        &digest,
+    );
     let out = work.path().join("bundle");
     let built = build(home, &declaration, &out);
-    for file in ["rootfs.erofs", "rootfs.verity", "vmlinuz", "initramfs", "plan.dsse.json", "provenance.dsse.json"] {
+    for file in [
+        "rootfs.erofs",
+        "rootfs.verity",
+        "vmlinuz",
+        "initramfs",
+        "plan.dsse.json",
+        "provenance.dsse.json",
+    ] {
         assert!(out.join(file).is_file(), "{file} missing");
     }
     assert_eq!(built["layers"], 2);
     assert_eq!(built["sandbox"]["seccomp"], true);
 
     // The plan verifies and pins exactly the bundle's files.
-    let verified = json(home, &["plan", "verify", out.join("plan.dsse.json").to_str().unwrap()], 0);
+    let verified = json(
+        home,
+        &[
+            "plan",
+            "verify",
+            out.join("plan.dsse.json").to_str().unwrap(),
+        ],
+        0,
+    );
     assert_eq!(verified["plan_digest"], built["plan_digest"]);
     let plan = payload(&out.join("plan.dsse.json"));
-    assert_eq!(plan["rootfs"]["digest"].as_str().unwrap(), sha256_file(&out.join("rootfs.erofs")));
-    assert_eq!(plan["rootfs"]["verity"]["digest"].as_str().unwrap(), sha256_file(&out.join("rootfs.verity")));
-    assert_eq!(plan["kernel"]["digest"].as_str().unwrap(), sha256_file(&out.join("vmlinuz")));
-    assert_eq!(plan["initramfs"]["digest"].as_str().unwrap(), sha256_file(&out.join("initramfs")));
+    assert_eq!(
+        plan["rootfs"]["digest"].as_str().unwrap(),
+        sha256_file(&out.join("rootfs.erofs"))
+    );
+    assert_eq!(
+        plan["rootfs"]["verity"]["digest"].as_str().unwrap(),
+        sha256_file(&out.join("rootfs.verity"))
+    );
+    assert_eq!(
+        plan["kernel"]["digest"].as_str().unwrap(),
+        sha256_file(&out.join("vmlinuz"))
+    );
+    assert_eq!(
+        plan["initramfs"]["digest"].as_str().unwrap(),
+        sha256_file(&out.join("initramfs"))
+    );
     assert_eq!(plan["policy"]["secrets"][0]["name"], "api-key");
     assert_eq!(plan["policy"]["env"]["GREETING"], "hi");
-    let root_hash = plan["rootfs"]["verity"]["root_hash"].as_str().unwrap().to_string();
-    assert!(plan["kernel"]["cmdline"].as_str().unwrap().contains(&format!("mvm.root_hash={root_hash}")));
+    let root_hash = plan["rootfs"]["verity"]["root_hash"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(plan["kernel"]["cmdline"]
+        .as_str()
+        .unwrap()
+        .contains(&format!("mvm.root_hash={root_hash}")));
 
     // veritysetup accepts our tree with the signed root hash.
     let verity = Command::new("/usr/sbin/veritysetup")
@@ -134,7 +184,11 @@ fn build_from_a_registry_checked_with_the_real_tools() {
         .arg(&root_hash)
         .output()
         .expect("veritysetup (cryptsetup-bin)");
-    assert!(verity.status.success(), "veritysetup verify: {}", String::from_utf8_lossy(&verity.stderr));
+    assert!(
+        verity.status.success(),
+        "veritysetup verify: {}",
+        String::from_utf8_lossy(&verity.stderr)
+    );
 
     // fsck.erofs checks the image and extracts exactly the image's tree.
     let extracted = work.path().join("extracted");
@@ -143,16 +197,35 @@ fn build_from_a_registry_checked_with_the_real_tools() {
         .arg(out.join("rootfs.erofs"))
         .output()
         .expect("fsck.erofs (erofs-utils)");
-    assert!(fsck.status.success(), "fsck.erofs: {}", String::from_utf8_lossy(&fsck.stderr));
+    assert!(
+        fsck.status.success(),
+        "fsck.erofs: {}",
+        String::from_utf8_lossy(&fsck.stderr)
+    );
     for (path, content) in &expected {
         assert_eq!(&fs::read(extracted.join(path)).unwrap(), content, "{path}");
     }
-    assert!(!extracted.join("etc/old.conf").exists(), "the whiteout removed it");
-    assert!(!extracted.join("var/cache/stale").exists(), "the opaque directory hid it");
-    assert_eq!(fs::read_link(extracted.join("bin/sh")).unwrap(), Path::new("busybox"));
-    assert_eq!(fs::read_link(extracted.join("etc/motd.link")).unwrap(), Path::new("/etc/motd"));
+    assert!(
+        !extracted.join("etc/old.conf").exists(),
+        "the whiteout removed it"
+    );
+    assert!(
+        !extracted.join("var/cache/stale").exists(),
+        "the opaque directory hid it"
+    );
+    assert_eq!(
+        fs::read_link(extracted.join("bin/sh")).unwrap(),
+        Path::new("busybox")
+    );
+    assert_eq!(
+        fs::read_link(extracted.join("etc/motd.link")).unwrap(),
+        Path::new("/etc/motd")
+    );
     use std::os::unix::fs::MetadataExt;
-    let (a, b) = (fs::metadata(extracted.join("srv/data.txt")).unwrap(), fs::metadata(extracted.join("srv/data-link.txt")).unwrap());
+    let (a, b) = (
+        fs::metadata(extracted.join("srv/data.txt")).unwrap(),
+        fs::metadata(extracted.join("srv/data-link.txt")).unwrap(),
+    );
     assert_eq!(a.ino(), b.ino(), "the hardlink shares its inode");
     assert_eq!(a.mode() & 0o777, 0o640);
     for dir in ["proc", "sys", "dev", "tmp", "run"] {
@@ -162,23 +235,52 @@ fn build_from_a_registry_checked_with_the_real_tools() {
     // The initramfs holds /init and the modules in their load order.
     let cpio = Command::new("sh")
         .arg("-c")
-        .arg(format!("gzip -dc {} | cpio -t --quiet", out.join("initramfs").display()))
+        .arg(format!(
+            "gzip -dc {} | cpio -t --quiet",
+            out.join("initramfs").display()
+        ))
         .output()
         .unwrap();
     let listing = String::from_utf8_lossy(&cpio.stdout);
-    for member in ["init", "lib/modules/dm_verity.ko", "lib/modules/erofs.ko", "etc/mvm/modules"] {
-        assert!(listing.lines().any(|l| l == member), "{member} not in the initramfs:\n{listing}");
+    for member in [
+        "init",
+        "lib/modules/dm_verity.ko",
+        "lib/modules/erofs.ko",
+        "etc/mvm/modules",
+    ] {
+        assert!(
+            listing.lines().any(|l| l == member),
+            "{member} not in the initramfs:\n{listing}"
+        );
     }
 
     // The provenance verifies and names the image, its layers and the plan.
     let provenance = payload(&out.join("provenance.dsse.json"));
-    assert_eq!(provenance["predicateType"], "https://slsa.dev/provenance/v1");
+    assert_eq!(
+        provenance["predicateType"],
+        "https://slsa.dev/provenance/v1"
+    );
     let subjects = provenance["subject"].as_array().unwrap();
     let plan_subject = subjects.iter().find(|s| s["name"] == "plan").unwrap();
-    assert_eq!(format!("sha256:{}", plan_subject["digest"]["sha256"].as_str().unwrap()), built["plan_digest"].as_str().unwrap());
-    let deps = provenance["predicate"]["buildDefinition"]["resolvedDependencies"].as_array().unwrap();
-    assert!(deps.iter().any(|d| format!("sha256:{}", d["digest"]["sha256"].as_str().unwrap()) == digest));
-    assert_eq!(deps.iter().filter(|d| d["name"].as_str().unwrap().starts_with("layer ")).count(), 2);
+    assert_eq!(
+        format!(
+            "sha256:{}",
+            plan_subject["digest"]["sha256"].as_str().unwrap()
+        ),
+        built["plan_digest"].as_str().unwrap()
+    );
+    let deps = provenance["predicate"]["buildDefinition"]["resolvedDependencies"]
+        .as_array()
+        .unwrap();
+    assert!(deps
+        .iter()
+        .any(|d| format!("sha256:{}", d["digest"]["sha256"].as_str().unwrap()) == digest));
+    assert_eq!(
+        deps.iter()
+            .filter(|d| d["name"].as_str().unwrap().starts_with("layer "))
+            .count(),
+        2
+    );
 
     // Reproducible, and served from the cache: with the registry gone, a second build gives
     // the same image bytes and root hash.
@@ -187,12 +289,26 @@ fn build_from_a_registry_checked_with_the_real_tools() {
     let rebuilt = build(home, &declaration, &again);
     assert_eq!(rebuilt["rootfs_digest"], built["rootfs_digest"]);
     assert_eq!(rebuilt["root_hash"], built["root_hash"]);
-    assert_eq!(sha256_file(&again.join("rootfs.verity")), sha256_file(&out.join("rootfs.verity")));
-    assert_eq!(sha256_file(&again.join("initramfs")), sha256_file(&out.join("initramfs")));
+    assert_eq!(
+        sha256_file(&again.join("rootfs.verity")),
+        sha256_file(&out.join("rootfs.verity"))
+    );
+    assert_eq!(
+        sha256_file(&again.join("initramfs")),
+        sha256_file(&out.join("initramfs"))
+    );
 
     // Building over an existing bundle replaces it whole.
     build(home, &declaration, &out);
-    json(home, &["plan", "verify", out.join("plan.dsse.json").to_str().unwrap()], 0);
+    json(
+        home,
+        &[
+            "plan",
+            "verify",
+            out.join("plan.dsse.json").to_str().unwrap(),
+        ],
+        0,
+    );
 }
 
 #[test]
@@ -201,28 +317,81 @@ fn a_tampered_layer_fails_the_build_and_leaves_no_bundle() {
     let layout = TestLayout::new();
     let (digest, _) = layout.busybox();
     // Corrupt one layer blob of the layout the workload names.
-    let manifest: Value = serde_json::from_slice(&fs::read(layout.blob_path(&digest)).unwrap()).unwrap();
+    let manifest: Value =
+        serde_json::from_slice(&fs::read(layout.blob_path(&digest)).unwrap()).unwrap();
     let layer = manifest["layers"][1]["digest"].as_str().unwrap();
     let mut bytes = fs::read(layout.blob_path(layer)).unwrap();
     bytes[10] ^= 0xff;
     fs::write(layout.blob_path(layer), bytes).unwrap();
 
     let work = tempfile::tempdir().unwrap();
-    let declaration = declare(work.path(), &format!("oci:{}", layout.dir.path().display()), &digest);
+    let declaration = declare(
+        work.path(),
+        &format!("oci:{}", layout.dir.path().display()),
+        &digest,
+    );
     let out = work.path().join("bundle");
-    let args = ["build", declaration.to_str().unwrap(), "--out", out.to_str().unwrap(), "--agent", "/bin/busybox"];
+    let args = [
+        "build",
+        declaration.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--agent",
+        "/bin/busybox",
+    ];
     let refused = json(home, &args, 1);
     assert_eq!(refused["error"]["code"], "OCI002");
     assert!(!out.exists(), "no bundle is left behind");
-    let leftovers: Vec<_> = fs::read_dir(work.path()).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
-    assert_eq!(leftovers.len(), 1, "only the declaration remains: {leftovers:?}");
+    let leftovers: Vec<_> = fs::read_dir(work.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        leftovers.len(),
+        1,
+        "only the declaration remains: {leftovers:?}"
+    );
 
     // Other refusals: no such app, a missing agent, a directory that is not a bundle.
-    let other = json(home, &["build", declaration.to_str().unwrap(), "--app", "nope", "--agent", "/bin/busybox"], 65);
+    let other = json(
+        home,
+        &[
+            "build",
+            declaration.to_str().unwrap(),
+            "--app",
+            "nope",
+            "--agent",
+            "/bin/busybox",
+        ],
+        65,
+    );
     assert_eq!(other["error"]["code"], "BUILD007");
-    let no_agent = json(home, &["build", declaration.to_str().unwrap(), "--out", out.to_str().unwrap(), "--agent", "/nonexistent"], 65);
+    let no_agent = json(
+        home,
+        &[
+            "build",
+            declaration.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--agent",
+            "/nonexistent",
+        ],
+        65,
+    );
     assert_eq!(no_agent["error"]["code"], "BUILD008");
     let not_bundle = work.path();
-    let refused = json(home, &["build", declaration.to_str().unwrap(), "--out", not_bundle.to_str().unwrap(), "--agent", "/bin/busybox"], 65);
+    let refused = json(
+        home,
+        &[
+            "build",
+            declaration.to_str().unwrap(),
+            "--out",
+            not_bundle.to_str().unwrap(),
+            "--agent",
+            "/bin/busybox",
+        ],
+        65,
+    );
     assert_eq!(refused["error"]["code"], "BUILD009");
 }

@@ -19,14 +19,14 @@ use serde_json::json;
 use mvm_ir::digest::sha256_prefixed;
 use mvm_ir::fsutil::atomic_write;
 use mvm_ir::plan::{
-    fresh_nonce, ArtifactPin, KernelPin, LaunchPlan, PlanEntrypoint, PlanResources, Profile, ResolvedPolicy,
-    RootfsPin, SecretBinding, Timestamp, VerityPin, SCHEMA_VERSION,
+    fresh_nonce, ArtifactPin, KernelPin, LaunchPlan, PlanEntrypoint, PlanResources, Profile,
+    ResolvedPolicy, RootfsPin, SecretBinding, Timestamp, VerityPin, SCHEMA_VERSION,
 };
 use mvm_ir::provenance::{
-    BuildDefinition, Builder, Provenance, ResourceDescriptor, RunDetails, RunMetadata, Statement, BUILD_TYPE,
-    PREDICATE_TYPE, STATEMENT_TYPE,
+    BuildDefinition, Builder, Provenance, ResourceDescriptor, RunDetails, RunMetadata, Statement,
+    BUILD_TYPE, PREDICATE_TYPE, STATEMENT_TYPE,
 };
-use mvm_ir::workload::{App, EnvValue, Entrypoint, NetworkMode};
+use mvm_ir::workload::{App, Entrypoint, EnvValue, NetworkMode};
 
 use crate::initramfs::Initramfs;
 use crate::kernel::GuestKernel;
@@ -122,7 +122,8 @@ pub struct Bundle {
 /// Writes the kernel and initramfs into the bundle and builds the plan and provenance.
 pub fn assemble(input: &AssembleInput<'_>) -> Result<Bundle, BundleError> {
     let out = input.out_dir;
-    let kernel_bytes = fs::read(input.kernel.path(&input.kernel.manifest.vmlinuz)).map_err(io(&input.kernel.dir))?;
+    let kernel_bytes = fs::read(input.kernel.path(&input.kernel.manifest.vmlinuz))
+        .map_err(io(&input.kernel.dir))?;
     // The kernel was verified when its store opened it; hash what is copied, not what was.
     let kernel_digest = sha256_prefixed(&kernel_bytes);
     if kernel_digest != input.kernel.manifest.vmlinuz.digest {
@@ -173,7 +174,10 @@ pub fn assemble(input: &AssembleInput<'_>) -> Result<Bundle, BundleError> {
             EnvValue::Literal { value } => {
                 env.insert(name.clone(), value.clone());
             }
-            EnvValue::SecretRef { name: secret, optional } => secrets.push(SecretBinding {
+            EnvValue::SecretRef {
+                name: secret,
+                optional,
+            } => secrets.push(SecretBinding {
                 env: name.clone(),
                 name: secret.clone(),
                 optional: *optional,
@@ -246,18 +250,33 @@ pub fn assemble(input: &AssembleInput<'_>) -> Result<Bundle, BundleError> {
         &r.image_digest,
     )];
     if r.manifest_digest != r.image_digest {
-        dependencies.push(ResourceDescriptor::sha256(Some("image manifest (linux/amd64)".into()), None, &r.manifest_digest));
+        dependencies.push(ResourceDescriptor::sha256(
+            Some("image manifest (linux/amd64)".into()),
+            None,
+            &r.manifest_digest,
+        ));
     }
     for layer in &r.layers {
-        dependencies.push(ResourceDescriptor::sha256(Some(format!("layer {}", layer.media_type)), None, &layer.digest));
+        dependencies.push(ResourceDescriptor::sha256(
+            Some(format!("layer {}", layer.media_type)),
+            None,
+            &layer.digest,
+        ));
     }
     let package = &input.kernel.manifest.package;
     dependencies.push(ResourceDescriptor::sha256(
         Some(format!("kernel {}", input.kernel.manifest.release)),
-        Some(format!("pkg:deb/debian/{}@{}?arch=amd64", package.name, package.version)),
+        Some(format!(
+            "pkg:deb/debian/{}@{}?arch=amd64",
+            package.name, package.version
+        )),
         &package.digest,
     ));
-    dependencies.push(ResourceDescriptor::sha256(Some("mvm-agent".into()), None, &agent_digest));
+    dependencies.push(ResourceDescriptor::sha256(
+        Some("mvm-agent".into()),
+        None,
+        &agent_digest,
+    ));
     let provenance = Statement {
         statement_type: STATEMENT_TYPE.into(),
         subject: vec![

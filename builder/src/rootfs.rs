@@ -22,7 +22,13 @@ pub const ROOTFS_FILE: &str = "rootfs.erofs";
 pub const VERITY_FILE: &str = "rootfs.verity";
 
 /// Directories the guest mounts over or writes to; created in every image that lacks them.
-const MOUNT_POINTS: &[(&str, u32)] = &[("dev", 0o755), ("proc", 0o555), ("sys", 0o555), ("run", 0o755), ("tmp", 0o1777)];
+const MOUNT_POINTS: &[(&str, u32)] = &[
+    ("dev", 0o755),
+    ("proc", 0o555),
+    ("sys", 0o555),
+    ("run", 0o755),
+    ("tmp", 0o1777),
+];
 
 /// What to build.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -154,13 +160,23 @@ pub fn build_rootfs(request: &RootfsRequest) -> Result<RootfsReport, RootfsError
     let rootfs_path = request.out_dir.join(ROOTFS_FILE);
     let staged = tempfile::NamedTempFile::new_in(&request.out_dir).map_err(io(&request.out_dir))?;
     let mut writer = BufWriter::new(staged.as_file());
-    let summary = erofs::write_image(&tree, &mut writer, &ErofsOptions {
-        volume_name: b"mvm-rootfs".to_vec(),
-        ..ErofsOptions::default()
+    let summary = erofs::write_image(
+        &tree,
+        &mut writer,
+        &ErofsOptions {
+            volume_name: b"mvm-rootfs".to_vec(),
+            ..ErofsOptions::default()
+        },
+    )?;
+    writer.into_inner().map_err(|e| RootfsError::Io {
+        path: rootfs_path.display().to_string(),
+        source: e.into_error(),
     })?;
-    writer.into_inner().map_err(|e| RootfsError::Io { path: rootfs_path.display().to_string(), source: e.into_error() })?;
     staged.as_file().sync_all().map_err(io(&rootfs_path))?;
-    staged.persist(&rootfs_path).map_err(|e| RootfsError::Io { path: rootfs_path.display().to_string(), source: e.error })?;
+    staged.persist(&rootfs_path).map_err(|e| RootfsError::Io {
+        path: rootfs_path.display().to_string(),
+        source: e.error,
+    })?;
     drop(tree);
 
     // Salt and uuid from the image's own uuid (itself derived from the content): reproducible,
@@ -170,14 +186,25 @@ pub fn build_rootfs(request: &RootfsRequest) -> Result<RootfsReport, RootfsError
     let tree = verity::format_file(&rootfs_path, &request.out_dir.join(VERITY_FILE), &params)?;
 
     let runtime = &imported.config.runtime;
-    let command = runtime.entrypoint.iter().flatten().chain(runtime.cmd.iter().flatten()).cloned().collect();
+    let command = runtime
+        .entrypoint
+        .iter()
+        .flatten()
+        .chain(runtime.cmd.iter().flatten())
+        .cloned()
+        .collect();
     Ok(RootfsReport {
         image_digest: imported.digest,
         manifest_digest: imported.manifest_digest,
         layers: imported
             .layers
             .into_iter()
-            .map(|l| LayerReport { digest: l.digest, diff_id: l.diff_id, media_type: l.media_type, size: l.size })
+            .map(|l| LayerReport {
+                digest: l.digest,
+                diff_id: l.diff_id,
+                media_type: l.media_type,
+                size: l.size,
+            })
             .collect(),
         env: runtime.env.clone().unwrap_or_default(),
         command,
@@ -195,7 +222,13 @@ pub fn build_rootfs(request: &RootfsRequest) -> Result<RootfsReport, RootfsError
 fn add_mount_points(tree: &mut Tree) {
     for (name, mode) in MOUNT_POINTS {
         if tree.lookup(Tree::ROOT, name.as_bytes()).is_none() {
-            let dir = tree.add(NodeKind::Directory(Default::default()), Metadata { mode: *mode, ..Metadata::default() });
+            let dir = tree.add(
+                NodeKind::Directory(Default::default()),
+                Metadata {
+                    mode: *mode,
+                    ..Metadata::default()
+                },
+            );
             tree.link(Tree::ROOT, name.as_bytes(), dir);
         }
     }

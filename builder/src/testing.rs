@@ -184,7 +184,8 @@ impl TestLayout {
     /// hardlink and symlinks. Returns the manifest digest and the files the final tree must
     /// hold (path, content).
     pub fn busybox(&self) -> (String, Vec<(String, Vec<u8>)>) {
-        let busybox = fs::read("/bin/busybox").expect("busybox-static must be installed (.ci/run installs it)");
+        let busybox = fs::read("/bin/busybox")
+            .expect("busybox-static must be installed (.ci/run installs it)");
         let base = layer_of(&[
             Entry::Dir("bin"),
             Entry::File("bin/busybox", &busybox, 0o755),
@@ -205,11 +206,18 @@ impl TestLayout {
             Entry::File("var/cache/fresh", b"fresh\n", 0o644),
             Entry::Hardlink("srv/data-link.txt", "srv/data.txt"),
             Entry::Symlink("etc/motd.link", "/etc/motd"),
-            Entry::File("usr/local/bin/hello", b"#!/bin/sh\necho hello from mvm\n", 0o755),
+            Entry::File(
+                "usr/local/bin/hello",
+                b"#!/bin/sh\necho hello from mvm\n",
+                0o755,
+            ),
         ]);
         let (digest, _) = self.image(
             "amd64",
-            &[(TAR_GZIP, gzip(&base), base), (TAR_ZSTD, zstd(&changes), changes)],
+            &[
+                (TAR_GZIP, gzip(&base), base),
+                (TAR_ZSTD, zstd(&changes), changes),
+            ],
         );
         let expected = vec![
             ("bin/busybox".to_string(), busybox),
@@ -217,7 +225,10 @@ impl TestLayout {
             ("var/cache/fresh".to_string(), b"fresh\n".to_vec()),
             ("srv/data.txt".to_string(), b"data\n".to_vec()),
             ("srv/data-link.txt".to_string(), b"data\n".to_vec()),
-            ("usr/local/bin/hello".to_string(), b"#!/bin/sh\necho hello from mvm\n".to_vec()),
+            (
+                "usr/local/bin/hello".to_string(),
+                b"#!/bin/sh\necho hello from mvm\n".to_vec(),
+            ),
         ];
         (digest, expected)
     }
@@ -327,4 +338,3 @@ impl Drop for LocalRegistry {
         let _ = self.child.wait();
     }
 }
-

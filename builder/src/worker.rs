@@ -39,8 +39,14 @@ pub struct SandboxReport {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum Answer {
-    Built { report: RootfsReport, sandbox: SandboxReport },
-    Failed { code: String, message: String },
+    Built {
+        report: Box<RootfsReport>,
+        sandbox: SandboxReport,
+    },
+    Failed {
+        code: String,
+        message: String,
+    },
 }
 
 /// Why the worker could not build.
@@ -73,7 +79,11 @@ impl WorkerError {
 const MAX_REQUEST_BYTES: u64 = 1024 * 1024;
 
 /// Runs `program args…` as the worker for `request` and returns its report.
-pub fn build_in_worker(program: &Path, args: &[&str], request: &RootfsRequest) -> Result<(RootfsReport, SandboxReport), WorkerError> {
+pub fn build_in_worker(
+    program: &Path,
+    args: &[&str],
+    request: &RootfsRequest,
+) -> Result<(RootfsReport, SandboxReport), WorkerError> {
     let mut command = Command::new(program);
     command
         .args(args)
@@ -88,28 +98,50 @@ pub fn build_in_worker(program: &Path, args: &[&str], request: &RootfsRequest) -
             command.env(key, value);
         }
     }
-    let mut child = command.spawn().map_err(|e| WorkerError::Worker(format!("cannot start {}: {e}", program.display())))?;
-    let request_json = serde_json::to_vec(request).map_err(|e| WorkerError::Worker(e.to_string()))?;
+    let mut child = command
+        .spawn()
+        .map_err(|e| WorkerError::Worker(format!("cannot start {}: {e}", program.display())))?;
+    let request_json =
+        serde_json::to_vec(request).map_err(|e| WorkerError::Worker(e.to_string()))?;
     if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(&request_json).map_err(|e| WorkerError::Worker(format!("sending the request: {e}")))?;
+        stdin
+            .write_all(&request_json)
+            .map_err(|e| WorkerError::Worker(format!("sending the request: {e}")))?;
     }
-    let output = child.wait_with_output().map_err(|e| WorkerError::Worker(e.to_string()))?;
+    let output = child
+        .wait_with_output()
+        .map_err(|e| WorkerError::Worker(e.to_string()))?;
     match serde_json::from_slice::<Answer>(&output.stdout) {
-        Ok(Answer::Built { report, sandbox }) => Ok((report, sandbox)),
+        Ok(Answer::Built { report, sandbox }) => Ok((*report, sandbox)),
         Ok(Answer::Failed { code, message }) => Err(WorkerError::Build { code, message }),
-        Err(_) => Err(WorkerError::Worker(format!("exited with {} without an answer", output.status))),
+        Err(_) => Err(WorkerError::Worker(format!(
+            "exited with {} without an answer",
+            output.status
+        ))),
     }
 }
 
 /// The worker's main: confine, read the request from stdin, build, answer on stdout.
 pub fn serve() -> ExitCode {
     let answer = match read_request() {
-        Err(message) => Answer::Failed { code: "BUILD004".into(), message },
+        Err(message) => Answer::Failed {
+            code: "BUILD004".into(),
+            message,
+        },
         Ok(request) => match confine(&request) {
-            Err(message) => Answer::Failed { code: "BUILD005".into(), message },
+            Err(message) => Answer::Failed {
+                code: "BUILD005".into(),
+                message,
+            },
             Ok(sandbox) => match build_rootfs(&request) {
-                Ok(report) => Answer::Built { report, sandbox },
-                Err(e) => Answer::Failed { code: e.code().to_string(), message: e.to_string() },
+                Ok(report) => Answer::Built {
+                    report: Box::new(report),
+                    sandbox,
+                },
+                Err(e) => Answer::Failed {
+                    code: e.code().to_string(),
+                    message: e.to_string(),
+                },
             },
         },
     };
@@ -149,15 +181,29 @@ fn confine(request: &RootfsRequest) -> Result<SandboxReport, String> {
 }
 
 fn landlock_confine(request: &RootfsRequest) -> Result<String, landlock::RulesetError> {
-    use landlock::{path_beneath_rules, Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, ABI};
+    use landlock::{
+        path_beneath_rules, Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr,
+        RulesetStatus, ABI,
+    };
     let abi = ABI::V3;
     let writable = [request.out_dir.as_path(), request.cache_dir.as_path()];
     // Name resolution, TLS roots and the dynamic loader's files; the image source.
-    let readable = [Path::new("/etc"), Path::new("/usr"), Path::new("/lib"), Path::new("/lib64"), Path::new("/dev/urandom"), Path::new("/proc/self"), request.base_dir.as_path()];
+    let readable = [
+        Path::new("/etc"),
+        Path::new("/usr"),
+        Path::new("/lib"),
+        Path::new("/lib64"),
+        Path::new("/dev/urandom"),
+        Path::new("/proc/self"),
+        request.base_dir.as_path(),
+    ];
     let status = Ruleset::default()
         .handle_access(AccessFs::from_all(abi))?
         .create()?
-        .add_rules(path_beneath_rules(readable.iter().filter(|p| p.exists()), AccessFs::from_read(abi)))?
+        .add_rules(path_beneath_rules(
+            readable.iter().filter(|p| p.exists()),
+            AccessFs::from_read(abi),
+        ))?
         .add_rules(path_beneath_rules(writable, AccessFs::from_all(abi)))?
         .restrict_self()?;
     Ok(match status.ruleset {
@@ -206,7 +252,7 @@ const DENIED_SYSCALLS: &[libc::c_long] = &[
 
 fn seccomp_confine() -> Result<(), seccompiler::Error> {
     use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
-    let rules = DENIED_SYSCALLS.iter().map(|&nr| (nr as i64, vec![])).collect();
+    let rules = DENIED_SYSCALLS.iter().map(|&nr| (nr, vec![])).collect();
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Allow,

@@ -85,8 +85,15 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
     let started = Timestamp::now();
     let host = Host::open()?;
     let declaration = find_declaration(&args.path)?;
-    let base_dir = declaration.parent().map(Path::to_path_buf).unwrap_or_default();
-    let base_dir = fs::canonicalize(if base_dir.as_os_str().is_empty() { Path::new(".") } else { &base_dir })?;
+    let base_dir = declaration
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let base_dir = fs::canonicalize(if base_dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        &base_dir
+    })?;
     let (workload, _) = load_workload(&declaration)?;
     let digest = ir_digest(&workload)?;
     let app = match (&args.app, workload.apps.as_slice()) {
@@ -97,7 +104,13 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
         (None, [only]) => only,
         (None, apps) => {
             let names: Vec<&str> = apps.iter().map(|a| a.name.as_str()).collect();
-            return Err(coded_as("BUILD007", format!("the workload has several apps; pick one with --app ({})", names.join(", "))));
+            return Err(coded_as(
+                "BUILD007",
+                format!(
+                    "the workload has several apps; pick one with --app ({})",
+                    names.join(", ")
+                ),
+            ));
         }
     };
     let (reference, image_digest) = match &app.image {
@@ -119,16 +132,23 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
     if !agent.is_file() {
         return Err(coded_as(
             "BUILD008",
-            format!("the guest agent {} was not found; build mvm-agent or pass --agent", agent.display()),
+            format!(
+                "the guest agent {} was not found; build mvm-agent or pass --agent",
+                agent.display()
+            ),
         ));
     }
 
     // Build into a private directory beside the destination, then swap it in whole.
     let out_dir = absolute(&args.out)?;
     check_replaceable(&out_dir)?;
-    let parent = out_dir.parent().context("the output directory has no parent")?;
+    let parent = out_dir
+        .parent()
+        .context("the output directory has no parent")?;
     fs::create_dir_all(parent)?;
-    let staging = tempfile::Builder::new().prefix(".mvm-build-").tempdir_in(parent)?;
+    let staging = tempfile::Builder::new()
+        .prefix(".mvm-build-")
+        .tempdir_in(parent)?;
     let request = RootfsRequest {
         reference: reference.clone(),
         digest: image_digest,
@@ -141,7 +161,10 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
     };
     let Persona::Host = args.persona;
     let (report, sandbox) = build_in_worker(&std::env::current_exe()?, &["build-worker"], &request)
-        .map_err(|e| coded_as(e.code(), e))?;
+        .map_err(|e| {
+            let code = String::from(e.code());
+            coded_as(&code, e)
+        })?;
 
     let profile = match args.profile {
         ProfileArg::Restrictive => Profile::Restrictive,
@@ -167,14 +190,22 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
     })
     .map_err(|e| coded_as(e.code(), e))?;
 
-    let signer = if args.key == DEFAULT_KEY { host.keys.host_signer()? } else { host.keys.signer(&args.key)? };
+    let signer = if args.key == DEFAULT_KEY {
+        host.keys.host_signer()?
+    } else {
+        host.keys.signer(&args.key)?
+    };
     let payload = canonical::to_vec(&bundle.plan)?;
     let plan_digest = sha256_prefixed(&payload);
     let envelope = Envelope::sign(plan::PAYLOAD_TYPE, &payload, &signer);
     atomic_write(&staging.path().join(PLAN_FILE), &envelope.to_json(), 0o644)?;
     let statement = canonical::to_vec(&bundle.provenance)?;
     let envelope = Envelope::sign(provenance::PAYLOAD_TYPE, &statement, &signer);
-    atomic_write(&staging.path().join(PROVENANCE_FILE), &envelope.to_json(), 0o644)?;
+    atomic_write(
+        &staging.path().join(PROVENANCE_FILE),
+        &envelope.to_json(),
+        0o644,
+    )?;
 
     host.audit(
         "build",
@@ -219,13 +250,23 @@ fn find_declaration(path: &Path) -> anyhow::Result<PathBuf> {
                 return Ok(candidate);
             }
         }
-        return Err(coded_as("BUILD007", format!("{} holds neither mvm.toml nor workload.json", path.display())));
+        return Err(coded_as(
+            "BUILD007",
+            format!(
+                "{} holds neither mvm.toml nor workload.json",
+                path.display()
+            ),
+        ));
     }
     Ok(path.to_path_buf())
 }
 
 fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
-    Ok(if path.is_absolute() { path.to_path_buf() } else { std::env::current_dir()?.join(path) })
+    Ok(if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(path)
+    })
 }
 
 /// A build replaces only an older bundle (or an empty directory), never other files.
@@ -238,7 +279,13 @@ fn check_replaceable(out: &Path) -> anyhow::Result<()> {
     if is_bundle || is_empty {
         return Ok(());
     }
-    Err(coded_as("BUILD009", format!("{} exists and is not a plan bundle; refusing to replace it", out.display())))
+    Err(coded_as(
+        "BUILD009",
+        format!(
+            "{} exists and is not a plan bundle; refusing to replace it",
+            out.display()
+        ),
+    ))
 }
 
 /// Renames the finished staging directory over `out`; an older bundle is moved aside first and
@@ -247,7 +294,10 @@ fn swap_in(staging: tempfile::TempDir, out: &Path) -> anyhow::Result<()> {
     let built = staging.keep();
     fs::set_permissions(&built, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     if out.exists() {
-        let old = out.with_file_name(format!(".{}.old", out.file_name().unwrap_or_default().to_string_lossy()));
+        let old = out.with_file_name(format!(
+            ".{}.old",
+            out.file_name().unwrap_or_default().to_string_lossy()
+        ));
         let _ = fs::remove_dir_all(&old);
         fs::rename(out, &old)?;
         fs::rename(&built, out)?;
@@ -279,6 +329,7 @@ fn insecure_registries(host: &Host) -> anyhow::Result<Vec<String>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e).with_context(|| path.display().to_string()),
     };
-    let config: Config = toml::from_str(&text).map_err(|e| coded_as("INPUT003", format!("{}: {}", path.display(), e.message())))?;
+    let config: Config = toml::from_str(&text)
+        .map_err(|e| coded_as("INPUT003", format!("{}: {}", path.display(), e.message())))?;
     Ok(config.registries.insecure)
 }

@@ -53,7 +53,9 @@ pub fn run(cmd: KernelCommand, out: &Output) -> anyhow::Result<()> {
             m.package.name,
             m.package.version,
             m.vmlinuz.digest,
-            m.vmlinux.as_ref().map_or("(not extracted)", |p| p.digest.as_str()),
+            m.vmlinux
+                .as_ref()
+                .map_or("(not extracted)", |p| p.digest.as_str()),
             modules.join(" "),
             kernel.dir.display()
         )

@@ -12,9 +12,9 @@ pub mod plan;
 use std::fmt;
 
 use mvm_ir::audit::AuditLog;
-use mvm_ir::ErrorClass;
 use mvm_ir::home::MvmHome;
 use mvm_ir::keys::KeyStore;
+use mvm_ir::ErrorClass;
 use serde_json::{Map, Value};
 
 /// The host's state directory and what lives in it.
