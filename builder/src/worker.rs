@@ -22,6 +22,7 @@ use std::process::{Command, ExitCode, Stdio};
 
 use serde::{Deserialize, Serialize};
 
+use crate::oci::{ImageRef, Transport};
 use crate::rootfs::{build_rootfs, RootfsReport, RootfsRequest};
 
 /// What confinement the worker achieved.
@@ -84,6 +85,11 @@ pub fn build_in_worker(
     args: &[&str],
     request: &RootfsRequest,
 ) -> Result<(RootfsReport, SandboxReport), WorkerError> {
+    // The worker may only write below these; they must exist before it confines itself.
+    crate::oci::BlobCache::at(&request.cache_dir)
+        .map_err(|e| WorkerError::Worker(e.to_string()))?;
+    std::fs::create_dir_all(&request.out_dir)
+        .map_err(|e| WorkerError::Worker(format!("{}: {e}", request.out_dir.display())))?;
     let mut command = Command::new(program);
     command
         .args(args)
@@ -188,15 +194,28 @@ fn landlock_confine(request: &RootfsRequest) -> Result<String, landlock::Ruleset
     let abi = ABI::V3;
     let writable = [request.out_dir.as_path(), request.cache_dir.as_path()];
     // Name resolution, TLS roots and the dynamic loader's files; the image source.
-    let readable = [
-        Path::new("/etc"),
-        Path::new("/usr"),
-        Path::new("/lib"),
-        Path::new("/lib64"),
-        Path::new("/dev/urandom"),
-        Path::new("/proc/self"),
-        request.base_dir.as_path(),
-    ];
+    let source =
+        match crate::oci::ImageRef::new(&request.reference, &request.digest, &request.base_dir) {
+            Ok(ImageRef {
+                transport: Transport::Layout(path) | Transport::Archive(path),
+                ..
+            }) => Some(path),
+            _ => None,
+        };
+    let system = [
+        "/etc",
+        "/usr",
+        "/lib",
+        "/lib64",
+        "/dev/urandom",
+        "/proc/self",
+    ]
+    .map(Path::new);
+    let readable: Vec<&Path> = system
+        .into_iter()
+        .chain(std::iter::once(request.base_dir.as_path()))
+        .chain(source.as_deref())
+        .collect();
     let status = Ruleset::default()
         .handle_access(AccessFs::from_all(abi))?
         .create()?
