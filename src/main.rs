@@ -45,6 +45,9 @@ enum Command {
     /// Guest kernels: fetch and pin the Debian cloud kernel.
     #[command(subcommand)]
     Kernel(commands::kernel::KernelCommand),
+    /// Measure mvm against the standard tools (medians and ratios from one run).
+    #[command(subcommand)]
+    Bench(commands::bench::BenchCommand),
     /// The confined builder worker (started by `mvm build`; reads a request on stdin).
     #[command(hide = true)]
     BuildWorker,
@@ -60,6 +63,7 @@ fn main() -> ExitCode {
         Command::Audit(cmd) => commands::audit::run(cmd, &out),
         Command::Build(args) => commands::build::run(args, &out),
         Command::Kernel(cmd) => commands::kernel::run(cmd, &out),
+        Command::Bench(cmd) => commands::bench::run(cmd, &out),
         Command::BuildWorker => return mvm_builder::worker::serve(),
     };
     match result {

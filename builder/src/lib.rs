@@ -16,8 +16,10 @@
 //! - [`initramfs`]: the deterministic, gzip-compressed `newc` archive with the agent as `/init`.
 //! - [`bundle`]: the trusted half: kernel + initramfs + every file hashed → launch plan and
 //!   provenance, for the caller to sign.
+//! - [`bench`]: measurements against mkfs.erofs and veritysetup, for `mvm bench`.
 //! - [`verity`]: the dm-verity hash tree over an image, byte-identical to `veritysetup format`.
 
+pub mod bench;
 pub mod bundle;
 pub mod erofs;
 pub mod initramfs;

@@ -281,3 +281,122 @@ fn seccomp_confine() -> Result<(), seccompiler::Error> {
     let program: BpfProgram = filter.try_into()?;
     seccompiler::apply_filter(&program)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHILD: &str = "MVM_WORKER_CONFINEMENT_CHILD";
+
+    /// Re-runs this test binary as a child that confines itself as the worker does, then tries
+    /// what a hostile image parser might: write outside its directories, read a file it was not
+    /// given, create a namespace, mount, ptrace. Each must fail; writing inside its output
+    /// directory must still work.
+    #[test]
+    fn the_worker_confinement_holds() {
+        if let Some(dirs) = std::env::var_os(CHILD) {
+            std::process::exit(probe(Path::new(&dirs)));
+        }
+        let root = tempfile::tempdir().unwrap();
+        for dir in ["out", "cache", "outside", "secret"] {
+            std::fs::create_dir(root.path().join(dir)).unwrap();
+        }
+        std::fs::write(root.path().join("secret/key"), b"k").unwrap();
+        let status = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "worker::tests::the_worker_confinement_holds",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD, root.path())
+            .status()
+            .unwrap();
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "the confined child reported a failure (see its output)"
+        );
+        assert!(!root.path().join("outside/planted").exists());
+    }
+
+    /// The child's side: 0 if every probe behaved, else the number of the first that did not.
+    fn probe(root: &Path) -> i32 {
+        let request = RootfsRequest {
+            reference: "127.0.0.1:5000/x".into(),
+            digest: format!("sha256:{}", "0".repeat(64)),
+            base_dir: root.join("out"),
+            cache_dir: root.join("cache"),
+            out_dir: root.join("out"),
+            insecure_registries: vec![],
+            allow_devices: false,
+            progress: false,
+        };
+        let report = match confine(&request) {
+            Ok(report) => report,
+            Err(e) => {
+                eprintln!("confine: {e}");
+                return 1;
+            }
+        };
+        eprintln!("sandbox: {report:?}");
+        if std::fs::write(root.join("out/ok"), b"ok").is_err() {
+            eprintln!("cannot write the output directory");
+            return 2;
+        }
+        // Landlock, where the kernel has it, confines the file system.
+        if report.landlock == "unavailable" {
+            eprintln!("this kernel has no Landlock: file-system confinement NOT checked here");
+        } else {
+            if std::fs::write(root.join("outside/planted"), b"x").is_ok() {
+                eprintln!("wrote outside its directories");
+                return 3;
+            }
+            if std::fs::read(root.join("secret/key")).is_ok() {
+                eprintln!("read a file it was not given");
+                return 4;
+            }
+        }
+        // seccomp refuses these with EPERM whatever the kernel.
+        let denied = |what: &str, result: libc::c_long| -> bool {
+            let errno = std::io::Error::last_os_error().raw_os_error();
+            let refused = result == -1 && errno == Some(libc::EPERM);
+            if !refused {
+                eprintln!("{what} was not refused with EPERM (result {result}, errno {errno:?})");
+            }
+            refused
+        };
+        // SAFETY: raw syscalls with constant, valid arguments; each is expected to fail.
+        #[allow(unsafe_code)]
+        let results = unsafe {
+            [
+                (
+                    "unshare",
+                    libc::syscall(libc::SYS_unshare, libc::CLONE_NEWUSER),
+                ),
+                (
+                    "mount",
+                    libc::syscall(
+                        libc::SYS_mount,
+                        c"none".as_ptr(),
+                        c"/tmp".as_ptr(),
+                        c"tmpfs".as_ptr(),
+                        0,
+                        0,
+                    ),
+                ),
+                (
+                    "ptrace",
+                    libc::syscall(libc::SYS_ptrace, libc::PTRACE_TRACEME, 0, 0, 0),
+                ),
+                ("bpf", libc::syscall(libc::SYS_bpf, 0, 0, 0)),
+            ]
+        };
+        for (i, (what, result)) in results.into_iter().enumerate() {
+            if !denied(what, result) {
+                return 10 + i as i32;
+            }
+        }
+        0
+    }
+}

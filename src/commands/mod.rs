@@ -3,6 +3,7 @@
 //! report their stable code and exit status.
 
 pub mod audit;
+pub mod bench;
 pub mod build;
 pub mod ir;
 pub mod kernel;
@@ -67,7 +68,9 @@ impl std::error::Error for CodedError {}
 pub fn class_of(code: &str) -> ErrorClass {
     match code {
         "OCI002" | "KERNEL005" | "BUILD005" => ErrorClass::Integrity,
-        "OCI007" | "OCI008" | "BUILD003" | "BUILD004" | "KERNEL001" | "KERNEL006" => ErrorClass::Io,
+        "OCI007" | "OCI008" | "BUILD003" | "BUILD004" | "KERNEL001" | "KERNEL006" | "BENCH001" => {
+            ErrorClass::Io
+        }
         _ => ErrorClass::InvalidInput,
     }
 }
