@@ -385,44 +385,28 @@ fn a_tampered_layer_fails_the_build_and_leaves_no_bundle() {
     );
 
     // Other refusals: no such app, a missing agent, a directory that is not a bundle.
-    let other = json(
-        home,
-        &[
-            "build",
-            declaration.to_str().unwrap(),
-            "--app",
-            "nope",
-            "--agent",
-            "/bin/busybox",
-        ],
-        65,
-    );
-    assert_eq!(other["error"]["code"], "BUILD007");
-    let no_agent = json(
-        home,
-        &[
+    let refusal = |out: &Path, agent: &str, extra: &[&str]| -> Value {
+        let mut args = vec![
             "build",
             declaration.to_str().unwrap(),
             "--out",
             out.to_str().unwrap(),
             "--agent",
-            "/nonexistent",
-        ],
-        65,
+            agent,
+        ];
+        args.extend_from_slice(extra);
+        json(home, &args, 65)
+    };
+    assert_eq!(
+        refusal(&out, "/bin/busybox", &["--app", "nope"])["error"]["code"],
+        "BUILD007"
     );
-    assert_eq!(no_agent["error"]["code"], "BUILD008");
-    let not_bundle = work.path();
-    let refused = json(
-        home,
-        &[
-            "build",
-            declaration.to_str().unwrap(),
-            "--out",
-            not_bundle.to_str().unwrap(),
-            "--agent",
-            "/bin/busybox",
-        ],
-        65,
+    assert_eq!(
+        refusal(&out, "/nonexistent", &[])["error"]["code"],
+        "BUILD008"
     );
-    assert_eq!(refused["error"]["code"], "BUILD009");
+    assert_eq!(
+        refusal(work.path(), "/bin/busybox", &[])["error"]["code"],
+        "BUILD009"
+    );
 }
