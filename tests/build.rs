@@ -13,7 +13,7 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use base64::Engine as _;
-use mvm_builder::testing::{LocalRegistry, TestLayout};
+use mvm_builder::testing::{layer, LocalRegistry, TestLayout, TAR};
 use serde_json::Value;
 
 /// One state directory with the kernel fetched, shared by the tests of this file (the fetch
@@ -313,6 +313,59 @@ fn build_from_a_registry_checked_with_the_real_tools() {
         2
     );
 
+    // An image named by tag builds only as an explicit development build, which records the
+    // digest the tag resolved to.
+    let tagged = format!("{}/mvm/busybox:1", registry.address);
+    let unpinned = work.path().join("unpinned");
+    let refused = json(
+        home,
+        &[
+            "build",
+            "--image",
+            &tagged,
+            "--out",
+            unpinned.to_str().unwrap(),
+            "--agent",
+            "/bin/busybox",
+        ],
+        65,
+    );
+    assert_eq!(refused["error"]["code"], "OCI001");
+    let dev = json(
+        home,
+        &[
+            "build",
+            "--image",
+            &tagged,
+            "--allow-unpinned",
+            "--profile",
+            "dev",
+            "--out",
+            unpinned.to_str().unwrap(),
+            "--agent",
+            "/bin/busybox",
+        ],
+        0,
+    );
+    assert_eq!(
+        dev["rootfs_digest"], built["rootfs_digest"],
+        "the tag resolved to the same image"
+    );
+    let dev_plan = payload(&unpinned.join("plan.dsse.json"));
+    assert_eq!(dev_plan["policy"]["profile"], "dev");
+    assert_eq!(
+        dev_plan["entrypoint"]["command"],
+        serde_json::json!(["/bin/sh"]),
+        "the image's own Cmd"
+    );
+    let dev_provenance = payload(&unpinned.join("provenance.dsse.json"));
+    let image_dep = &dev_provenance["predicate"]["buildDefinition"]["resolvedDependencies"][0];
+    assert_eq!(image_dep["uri"], format!("oci:{tagged}"));
+    assert_eq!(
+        format!("sha256:{}", image_dep["digest"]["sha256"].as_str().unwrap()),
+        digest
+    );
+
     // Reproducible, and served from the cache: with the registry gone, a second build gives
     // the same image bytes and root hash.
     drop(registry);
@@ -345,15 +398,23 @@ fn build_from_a_registry_checked_with_the_real_tools() {
 #[test]
 fn a_tampered_layer_fails_the_build_and_leaves_no_bundle() {
     let home = shared_home();
+    // An image of its own (the shared blob cache already holds the busybox layers, verified,
+    // and would rightly serve them whatever the source now holds).
     let layout = TestLayout::new();
-    let (digest, _) = layout.busybox();
-    // Corrupt one layer blob of the layout the workload names.
-    let manifest: Value =
-        serde_json::from_slice(&fs::read(layout.blob_path(&digest)).unwrap()).unwrap();
-    let layer = manifest["layers"][1]["digest"].as_str().unwrap();
-    let mut bytes = fs::read(layout.blob_path(layer)).unwrap();
-    bytes[10] ^= 0xff;
-    fs::write(layout.blob_path(layer), bytes).unwrap();
+    let unique = format!("{:?}", std::time::SystemTime::now());
+    let tar = layer(&[("etc/unique", unique.as_bytes())]);
+    let (digest, _) = layout.image("amd64", &[(TAR, tar.clone(), tar.clone())]);
+    // Corrupt the layer blob in the layout the workload names.
+    let mut bytes = tar;
+    bytes[600] ^= 0xff;
+    fs::write(
+        layout.blob_path(&mvm_builder::testing::sha(&layer(&[(
+            "etc/unique",
+            unique.as_bytes(),
+        )]))),
+        bytes,
+    )
+    .unwrap();
 
     let work = tempfile::tempdir().unwrap();
     let declaration = declare(
@@ -409,4 +470,55 @@ fn a_tampered_layer_fails_the_build_and_leaves_no_bundle() {
         refusal(work.path(), "/bin/busybox", &[])["error"]["code"],
         "BUILD009"
     );
+}
+
+#[test]
+fn an_image_builds_without_a_declaration() {
+    let home = shared_home();
+    let layout = TestLayout::new();
+    let (digest, _) = layout.busybox();
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("bundle");
+    let image = format!("oci:{}@{digest}", layout.dir.path().display());
+    let args = [
+        "build",
+        "--image",
+        &image,
+        "--out",
+        out.to_str().unwrap(),
+        "--agent",
+        "/bin/busybox",
+        "--",
+        "/bin/echo",
+        "hi",
+    ];
+    json(home, &args, 0);
+    let plan = payload(&out.join("plan.dsse.json"));
+    assert_eq!(
+        plan["entrypoint"]["command"],
+        serde_json::json!(["/bin/echo", "hi"])
+    );
+    assert_eq!(plan["policy"]["profile"], "standard");
+    json(
+        home,
+        &[
+            "plan",
+            "verify",
+            out.join("plan.dsse.json").to_str().unwrap(),
+        ],
+        0,
+    );
+    // A tag without --allow-unpinned, or a bad reference, is refused before anything is built.
+    let refused = json(
+        home,
+        &[
+            "build",
+            "--image",
+            "busybox",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        65,
+    );
+    assert_eq!(refused["error"]["code"], "OCI001");
 }

@@ -222,14 +222,47 @@ impl KernelStore {
         self.store(unpacked.path(), package)
     }
 
+    /// Stores a user-supplied kernel: a bzImage and the `lib/modules/<release>` directory of
+    /// the same build (its name is the release).
+    pub fn import_files(&self, vmlinuz: &Path, modules: &Path) -> Result<GuestKernel, KernelError> {
+        let release = modules
+            .file_name()
+            .and_then(|n| n.to_str())
+            .filter(|n| !n.is_empty() && !n.starts_with('.'))
+            .ok_or_else(|| {
+                KernelError::BadPackage(format!(
+                    "{} does not name a kernel release",
+                    modules.display()
+                ))
+            })?
+            .to_string();
+        let bytes = fs::read(vmlinuz).map_err(io_err(vmlinuz))?;
+        let package = PackagePin {
+            name: "user-supplied".into(),
+            version: release.clone(),
+            digest: sha256_prefixed(&bytes),
+        };
+        self.store_parts(&release, &bytes, modules, package)
+    }
+
     /// Lays out an unpacked package's kernel and modules under `<store>/<release>/`.
     fn store(&self, root: &Path, package: PackagePin) -> Result<GuestKernel, KernelError> {
         let modules_root = root.join("lib/modules");
         let release = single_entry(&modules_root)?;
         let vmlinuz_src = root.join("boot").join(format!("vmlinuz-{release}"));
         let vmlinuz = fs::read(&vmlinuz_src).map_err(io_err(&vmlinuz_src))?;
-        let release_dir = modules_root.join(&release);
-        let index = index_modules(&release_dir)?;
+        self.store_parts(&release, &vmlinuz, &modules_root.join(&release), package)
+    }
+
+    fn store_parts(
+        &self,
+        release: &str,
+        vmlinuz: &[u8],
+        release_dir: &Path,
+        package: PackagePin,
+    ) -> Result<GuestKernel, KernelError> {
+        let release = release.to_string();
+        let index = index_modules(release_dir)?;
         let builtin = fs::read_to_string(release_dir.join("modules.builtin")).unwrap_or_default();
         let builtin: Vec<String> = builtin
             .lines()
@@ -250,11 +283,11 @@ impl KernelStore {
                 digest: sha256_prefixed(bytes),
             })
         };
-        let vmlinux = match extract_vmlinux(&vmlinuz) {
+        let vmlinux = match extract_vmlinux(vmlinuz) {
             Some(elf) => Some(write("vmlinux", &elf)?),
             None => None,
         };
-        let vmlinuz = write("vmlinuz", &vmlinuz)?;
+        let vmlinuz = write("vmlinuz", vmlinuz)?;
         let mut modules = Vec::new();
         for name in order {
             let src = &index[&name];
@@ -598,6 +631,33 @@ mod tests {
             out.stdout[..vmlinux.len()] == vmlinux[..],
             "vmlinux differs from lz4's output"
         );
+
+        // A user-supplied kernel (bzImage + modules directory) is stored the same way.
+        let modules_src = kernel.dir.join("modules");
+        let other = tempfile::tempdir().unwrap();
+        let release_dir = other.path().join("6.1.0-test");
+        fs::create_dir_all(release_dir.join("kernel")).unwrap();
+        for entry in fs::read_dir(&modules_src).unwrap() {
+            let entry = entry.unwrap();
+            fs::copy(
+                entry.path(),
+                release_dir.join("kernel").join(entry.file_name()),
+            )
+            .unwrap();
+        }
+        let custom = KernelStore::at(&dir.path().join("custom"))
+            .import_files(&kernel.path(&m.vmlinuz), &release_dir)
+            .unwrap();
+        assert_eq!(custom.manifest.release, "6.1.0-test");
+        assert_eq!(custom.manifest.package.name, "user-supplied");
+        assert_eq!(custom.manifest.vmlinuz.digest, m.vmlinuz.digest);
+        let custom_names: Vec<&str> = custom
+            .manifest
+            .modules
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect();
+        assert_eq!(custom_names, names);
 
         // Opening again re-verifies; a changed module is caught.
         let again = store.latest().unwrap();

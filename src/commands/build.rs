@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 use mvm_builder::bundle::{assemble, AssembleInput};
 use mvm_builder::kernel::KernelStore;
+use mvm_builder::oci::{resolve_tag, ImageRef, RegistryOptions};
 use mvm_builder::rootfs::RootfsRequest;
 use mvm_builder::worker::build_in_worker;
 use mvm_ir::digest::sha256_prefixed;
@@ -16,7 +17,8 @@ use mvm_ir::fsutil::atomic_write;
 use mvm_ir::keys::DEFAULT_KEY;
 use mvm_ir::load::{ir_digest, load_workload};
 use mvm_ir::plan::{Profile, Timestamp};
-use mvm_ir::workload::Image;
+use mvm_ir::validate::validate;
+use mvm_ir::workload::{App, Entrypoint, Image, Resources, Workload, SCHEMA_VERSION};
 use mvm_ir::{canonical, plan, provenance};
 use serde_json::json;
 
@@ -52,6 +54,20 @@ pub struct BuildArgs {
     /// The workload: a directory holding mvm.toml or workload.json, or the file itself.
     #[arg(default_value = ".")]
     path: PathBuf,
+    /// The workload IR JSON file (the same as giving it as PATH).
+    #[arg(long, conflicts_with = "image")]
+    ir: Option<PathBuf>,
+    /// Build an image without a declaration: REFERENCE@sha256:<digest> (registry, oci:DIR or
+    /// oci-archive:FILE). The command after `--`, or the image's Entrypoint and Cmd, runs.
+    #[arg(long)]
+    image: Option<String>,
+    /// With --image and --profile dev only: accept a tag, resolve it to the digest the registry
+    /// serves now, and record that digest.
+    #[arg(long, requires = "image")]
+    allow_unpinned: bool,
+    /// The command for --image (after `--`).
+    #[arg(last = true, requires = "image")]
+    command: Vec<String>,
     /// The app to build (needed when the workload has several).
     #[arg(long)]
     app: Option<String>,
@@ -84,40 +100,18 @@ pub struct BuildArgs {
 pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
     let started = Timestamp::now();
     let host = Host::open()?;
-    let declaration = find_declaration(&args.path)?;
-    let base_dir = declaration
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    let base_dir = fs::canonicalize(if base_dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        &base_dir
-    })?;
-    let (workload, _) = load_workload(&declaration)?;
-    let digest = ir_digest(&workload)?;
-    let app = match (&args.app, workload.apps.as_slice()) {
-        (Some(name), apps) => apps
-            .iter()
-            .find(|a| &a.name == name)
-            .ok_or_else(|| coded_as("BUILD007", format!("the workload has no app {name:?}")))?,
-        (None, [only]) => only,
-        (None, apps) => {
-            let names: Vec<&str> = apps.iter().map(|a| a.name.as_str()).collect();
-            return Err(coded_as(
-                "BUILD007",
-                format!(
-                    "the workload has several apps; pick one with --app ({})",
-                    names.join(", ")
-                ),
-            ));
-        }
+    let profile = match args.profile {
+        ProfileArg::Restrictive => Profile::Restrictive,
+        ProfileArg::Standard => Profile::Standard,
+        ProfileArg::Dev => Profile::Dev,
+        ProfileArg::Permissive => Profile::Permissive,
     };
-    let (reference, image_digest) = match &app.image {
-        Image::OciBase { reference, digest } => (reference.clone(), digest.clone()),
-        Image::NixPackages { .. } => {
-            return Err(coded_as("BUILD007", "nix_packages images are built by the Nix integration, which this mvm does not have yet"))
-        }
+    let target = match &args.image {
+        Some(image) => Target::image(image, args.allow_unpinned, profile, &host)?,
+        None => Target::declaration(
+            args.ir.as_deref().unwrap_or(&args.path),
+            args.app.as_deref(),
+        )?,
     };
     let store = KernelStore::at(&host.home.ensure("kernels")?);
     let kernel = match &args.kernel {
@@ -150,9 +144,9 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
         .prefix(".mvm-build-")
         .tempdir_in(parent)?;
     let request = RootfsRequest {
-        reference: reference.clone(),
-        digest: image_digest,
-        base_dir,
+        reference: target.reference.clone(),
+        digest: target.digest.clone(),
+        base_dir: target.base_dir.clone(),
         cache_dir: host.home.ensure("cache")?.join("blobs"),
         out_dir: staging.path().to_path_buf(),
         insecure_registries: insecure_registries(&host)?,
@@ -166,18 +160,15 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
             coded_as(&code, e)
         })?;
 
-    let profile = match args.profile {
-        ProfileArg::Restrictive => Profile::Restrictive,
-        ProfileArg::Standard => Profile::Standard,
-        ProfileArg::Dev => Profile::Dev,
-        ProfileArg::Permissive => Profile::Permissive,
-    };
+    let (workload, app_index) = target.workload(&args.command, &report.command)?;
+    let app = &workload.apps[app_index];
+    let digest = ir_digest(&workload)?;
     let now = time::OffsetDateTime::now_utc().replace_nanosecond(0)?;
     let bundle = assemble(&AssembleInput {
         workload_id: &workload.id,
         app,
         ir_digest: &digest,
-        image: &reference,
+        image: &target.requested,
         rootfs: &report,
         sandbox: &sandbox,
         kernel: &kernel,
@@ -238,6 +229,186 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
         },
     );
     Ok(())
+}
+
+/// What a build builds: one app of a declared workload, or an image given on the command line
+/// (a workload is then made for it once the image's own command is known).
+struct Target {
+    /// The image reference as the workload spells it (no tag).
+    reference: String,
+    /// Its pinned (or, for unpinned dev builds, resolved) digest.
+    digest: String,
+    /// What the user named, for provenance (a tag, for unpinned dev builds).
+    requested: String,
+    /// Base for relative `oci:` paths.
+    base_dir: PathBuf,
+    /// The declared workload and the app's index, or none for an image.
+    declared: Option<(Workload, usize)>,
+}
+
+impl Target {
+    fn declaration(path: &Path, app: Option<&str>) -> anyhow::Result<Self> {
+        let declaration = find_declaration(path)?;
+        let parent = declaration
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let base_dir = fs::canonicalize(parent)?;
+        let (workload, _) = load_workload(&declaration)?;
+        let index = match (app, workload.apps.as_slice()) {
+            (Some(name), apps) => apps
+                .iter()
+                .position(|a| a.name == name)
+                .ok_or_else(|| coded_as("BUILD007", format!("the workload has no app {name:?}")))?,
+            (None, [_]) => 0,
+            (None, apps) => {
+                let names: Vec<&str> = apps.iter().map(|a| a.name.as_str()).collect();
+                return Err(coded_as(
+                    "BUILD007",
+                    format!(
+                        "the workload has several apps; pick one with --app ({})",
+                        names.join(", ")
+                    ),
+                ));
+            }
+        };
+        let (reference, digest) = match &workload.apps[index].image {
+            Image::OciBase { reference, digest } => (reference.clone(), digest.clone()),
+            Image::NixPackages { .. } => {
+                return Err(coded_as(
+                    "BUILD007",
+                    "nix_packages images are built by the Nix integration, which this mvm does not have yet",
+                ))
+            }
+        };
+        Ok(Self {
+            requested: reference.clone(),
+            reference,
+            digest,
+            base_dir,
+            declared: Some((workload, index)),
+        })
+    }
+
+    fn image(
+        image: &str,
+        allow_unpinned: bool,
+        profile: Profile,
+        host: &Host,
+    ) -> anyhow::Result<Self> {
+        let base_dir = std::env::current_dir()?;
+        if let Some((reference, digest)) = image.rsplit_once('@') {
+            ImageRef::new(reference, digest, &base_dir).map_err(|e| coded_as(e.code(), e))?;
+            return Ok(Self {
+                reference: reference.to_string(),
+                digest: digest.to_string(),
+                requested: image.to_string(),
+                base_dir,
+                declared: None,
+            });
+        }
+        if !allow_unpinned || profile != Profile::Dev {
+            return Err(coded_as(
+                "OCI001",
+                format!("{image:?} is not pinned: write REFERENCE@sha256:<digest> (or, for development, --allow-unpinned --profile dev)"),
+            ));
+        }
+        let unpinned = || {
+            coded_as(
+                "OCI001",
+                format!("{image:?} is not REGISTRY/REPOSITORY:TAG"),
+            )
+        };
+        let (name, tag) = image
+            .rsplit_once(':')
+            .filter(|(_, tag)| !tag.contains('/'))
+            .ok_or_else(unpinned)?;
+        let (registry, repository) = name.split_once('/').ok_or_else(unpinned)?;
+        let options = RegistryOptions {
+            insecure_registries: insecure_registries(host)?,
+            progress: false,
+        };
+        let digest =
+            resolve_tag(registry, repository, tag, &options).map_err(|e| coded_as(e.code(), e))?;
+        Ok(Self {
+            reference: name.to_string(),
+            digest,
+            requested: image.to_string(),
+            base_dir,
+            declared: None,
+        })
+    }
+
+    /// The workload to record: the declared one, or one made for the image, running `command`
+    /// or else the image's own Entrypoint and Cmd.
+    fn workload(
+        &self,
+        command: &[String],
+        image_command: &[String],
+    ) -> anyhow::Result<(Workload, usize)> {
+        if let Some(declared) = &self.declared {
+            return Ok(declared.clone());
+        }
+        let command = if command.is_empty() {
+            image_command
+        } else {
+            command
+        };
+        if command.is_empty() {
+            return Err(coded_as(
+                "BUILD007",
+                "the image has no Entrypoint or Cmd: give the command after --",
+            ));
+        }
+        let name: String = self
+            .reference
+            .rsplit(['/', ':'])
+            .next()
+            .unwrap_or_default()
+            .chars()
+            .map(|c| c.to_ascii_lowercase())
+            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+            .take(63)
+            .collect();
+        let id = if name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+            name
+        } else {
+            "image".into()
+        };
+        let workload = Workload {
+            schema_version: SCHEMA_VERSION.into(),
+            id,
+            apps: vec![App {
+                name: "main".into(),
+                source: None,
+                image: Image::OciBase {
+                    reference: self.reference.clone(),
+                    digest: self.digest.clone(),
+                },
+                resources: Resources {
+                    cpu_cores: 1,
+                    memory_mb: 256,
+                    rootfs_size_mb: None,
+                },
+                entrypoints: vec![Entrypoint::Command {
+                    command: command.to_vec(),
+                    cwd: None,
+                }],
+                env: Default::default(),
+                network: Default::default(),
+                mounts: vec![],
+                files: vec![],
+                health_check: None,
+                threat_tier: Default::default(),
+            }],
+            volumes: vec![],
+        };
+        let report = validate(&workload);
+        if report.has_errors() {
+            return Err(mvm_ir::Error::InvalidWorkload(report).into());
+        }
+        Ok((workload, 0))
+    }
 }
 
 /// The declaration a build path names: the file itself, or `mvm.toml` / `workload.json` in a

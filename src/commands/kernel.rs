@@ -11,15 +11,22 @@ use crate::output::Output;
 
 #[derive(Debug, Subcommand)]
 pub enum KernelCommand {
-    /// Download the Debian cloud kernel with apt (or store a given .deb), extract vmlinuz,
-    /// vmlinux and the guest's modules, and pin every file by sha256.
+    /// Download the Debian cloud kernel with apt (or store a given .deb, or a user-supplied
+    /// bzImage and modules directory), extract vmlinuz, vmlinux and the guest's modules, and
+    /// pin every file by sha256.
     Fetch {
         /// The Debian package (a metapackage is followed to its kernel).
         #[arg(long, default_value = DEBIAN_CLOUD_KERNEL, conflicts_with = "deb")]
         package: String,
         /// Store the kernel from this .deb file instead of downloading.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "vmlinuz")]
         deb: Option<PathBuf>,
+        /// Store a user-supplied kernel: this bzImage ...
+        #[arg(long, requires = "modules")]
+        vmlinuz: Option<PathBuf>,
+        /// ... with the modules of the same build (a `lib/modules/<release>` directory).
+        #[arg(long, requires = "vmlinuz")]
+        modules: Option<PathBuf>,
     },
     /// Show the newest stored kernel, its modules and pins (re-verified).
     Show,
@@ -29,10 +36,16 @@ pub fn run(cmd: KernelCommand, out: &Output) -> anyhow::Result<()> {
     let host = Host::open()?;
     let store = KernelStore::at(&host.home.ensure("kernels")?);
     let kernel = match cmd {
-        KernelCommand::Fetch { package, deb } => {
-            let kernel = match deb {
-                Some(deb) => store.import_deb(&deb),
-                None => store.fetch_debian(&package),
+        KernelCommand::Fetch {
+            package,
+            deb,
+            vmlinuz,
+            modules,
+        } => {
+            let kernel = match (deb, vmlinuz, modules) {
+                (Some(deb), _, _) => store.import_deb(&deb),
+                (None, Some(vmlinuz), Some(modules)) => store.import_files(&vmlinuz, &modules),
+                _ => store.fetch_debian(&package),
             }
             .map_err(super::coded)?;
             host.audit(

@@ -26,7 +26,7 @@ use std::io::{self, Read};
 pub use cache::BlobCache;
 pub use manifest::{ImageConfig, RuntimeConfig};
 pub use reference::{ImageRef, Transport};
-pub use registry::RegistryOptions;
+pub use registry::{resolve_tag, RegistryOptions};
 
 use crate::layer::{ApplyOptions, LayerApplier, LayerError, LayerStats};
 use crate::tree::Tree;

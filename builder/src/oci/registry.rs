@@ -188,6 +188,34 @@ impl BlobSource for RegistrySource {
     }
 }
 
+/// The digest a registry currently serves for `registry/repository:tag`: the sha256 of the
+/// manifest bytes it returns (nothing is parsed). For `--allow-unpinned` development builds,
+/// which record the digest they resolved.
+pub fn resolve_tag(
+    registry: &str,
+    repository: &str,
+    tag: &str,
+    options: &RegistryOptions,
+) -> Result<String, OciError> {
+    let source = RegistrySource::connect(registry, repository, options)?;
+    let reference: Reference =
+        format!("{registry}/{repository}:{tag}")
+            .parse()
+            .map_err(|e: oci_client::ParseError| OciError::BadReference {
+                reference: format!("{registry}/{repository}:{tag}"),
+                reason: e.to_string(),
+            })?;
+    let (bytes, _) = source
+        .runtime
+        .block_on(source.client.pull_manifest_raw(
+            &reference,
+            &source.auth,
+            ACCEPTED_MANIFEST_TYPES,
+        ))
+        .map_err(|e| source.failed(e))?;
+    Ok(mvm_ir::digest::sha256_prefixed(&bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
