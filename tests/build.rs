@@ -194,6 +194,10 @@ fn build_from_a_registry_checked_with_the_real_tools() {
     );
     assert_eq!(plan["policy"]["secrets"][0]["name"], "api-key");
     assert_eq!(plan["policy"]["env"]["GREETING"], "hi");
+    assert_eq!(
+        plan["policy"]["env"]["PATH"], "/bin",
+        "the image's own environment"
+    );
     let root_hash = plan["rootfs"]["verity"]["root_hash"]
         .as_str()
         .unwrap()

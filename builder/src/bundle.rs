@@ -26,6 +26,7 @@ use mvm_ir::provenance::{
     BuildDefinition, Builder, Provenance, ResourceDescriptor, RunDetails, RunMetadata, Statement,
     BUILD_TYPE, PREDICATE_TYPE, STATEMENT_TYPE,
 };
+use mvm_ir::validate::{is_env_name, is_guest_path, DENIED_ENV};
 use mvm_ir::workload::{App, Entrypoint, EnvValue, NetworkMode};
 
 use crate::initramfs::Initramfs;
@@ -184,7 +185,20 @@ pub fn assemble(input: &AssembleInput<'_>) -> Result<Bundle, BundleError> {
             }),
         }
     }
+    // The image's own environment (PATH above all) under the workload's: what the workload sets
+    // wins, and loader, shell and interpreter variables are never taken from an image either.
+    for pair in &r.env {
+        if let Some((name, value)) = pair.split_once('=') {
+            let taken = env.contains_key(name) || secrets.iter().any(|s| s.env == name);
+            if !taken && is_env_name(name) && !DENIED_ENV.contains(&name) && !value.contains('\0') {
+                env.insert(name.to_string(), value.to_string());
+            }
+        }
+    }
     let Entrypoint::Command { command, cwd } = &app.entrypoints[0];
+    let cwd = cwd
+        .clone()
+        .or_else(|| r.working_dir.clone().filter(|d| is_guest_path(d)));
     let plan = LaunchPlan {
         schema_version: SCHEMA_VERSION.to_string(),
         workload_id: input.workload_id.to_string(),
@@ -234,7 +248,7 @@ pub fn assemble(input: &AssembleInput<'_>) -> Result<Bundle, BundleError> {
         },
         entrypoint: PlanEntrypoint {
             command: command.clone(),
-            cwd: cwd.clone(),
+            cwd,
         },
         valid_from: input.valid_from,
         valid_until: input.valid_until,

@@ -306,8 +306,11 @@ impl KernelStore {
         };
         let json = serde_json::to_vec_pretty(&manifest)
             .map_err(|e| KernelError::BadPackage(e.to_string()))?;
-        atomic_write(&staging.path().join("manifest.json"), &json, 0o644)
-            .map_err(|e| KernelError::BadPackage(e.to_string()))?;
+        let manifest_path = staging.path().join("manifest.json");
+        atomic_write(&manifest_path, &json, 0o644).map_err(|e| KernelError::Io {
+            path: manifest_path.display().to_string(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
         // Replace any older copy of this release whole: a rename, never a half-written kernel.
         let dest = self.dir.join(&release);
         let staged = staging.keep();
@@ -407,10 +410,13 @@ fn index_modules(dir: &Path) -> Result<BTreeMap<String, PathBuf>, KernelError> {
     let mut stack = vec![dir.to_path_buf()];
     while let Some(dir) = stack.pop() {
         for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
-            let path = entry.map_err(io_err(&dir))?.path();
-            if path.is_dir() {
+            let entry = entry.map_err(io_err(&dir))?;
+            let path = entry.path();
+            // Never follow symlinks: a package may hold links out of its own tree.
+            let kind = entry.file_type().map_err(io_err(&path))?;
+            if kind.is_dir() {
                 stack.push(path);
-            } else if path.extension().is_some_and(|e| e == "ko") {
+            } else if kind.is_file() && path.extension().is_some_and(|e| e == "ko") {
                 if let Some(stem) = path.file_stem().and_then(|s| s.to_str()) {
                     index.insert(module_name(stem), path);
                 }
@@ -507,11 +513,15 @@ pub fn extract_vmlinux(bzimage: &[u8]) -> Option<Vec<u8>> {
     let header = elf.elf_header();
     let endian = elf.endian();
     use object::read::elf::FileHeader;
-    let end = header.e_shoff(endian) as usize
-        + header.e_shnum(endian) as usize * header.e_shentsize(endian) as usize;
+    let table =
+        usize::from(header.e_shnum(endian)).checked_mul(usize::from(header.e_shentsize(endian)))?;
+    let end = usize::try_from(header.e_shoff(endian))
+        .ok()?
+        .checked_add(table)?;
     if end == 0 || end > out.len() {
         return None;
     }
+
     out.truncate(end);
     Some(out)
 }

@@ -219,17 +219,21 @@ pub fn build_rootfs(request: &RootfsRequest) -> Result<RootfsReport, RootfsError
     })
 }
 
+/// Makes the guest's mount points directories: missing ones are created, and anything else at
+/// those names (a file, or a symlink that would redirect the mount) is replaced.
 fn add_mount_points(tree: &mut Tree) {
     for (name, mode) in MOUNT_POINTS {
-        if tree.lookup(Tree::ROOT, name.as_bytes()).is_none() {
-            let dir = tree.add(
-                NodeKind::Directory(Default::default()),
-                Metadata {
-                    mode: *mode,
-                    ..Metadata::default()
-                },
-            );
-            tree.link(Tree::ROOT, name.as_bytes(), dir);
+        let existing = tree.lookup(Tree::ROOT, name.as_bytes());
+        if existing.is_some_and(|id| matches!(tree.node(id).kind, NodeKind::Directory(_))) {
+            continue;
         }
+        let dir = tree.add(
+            NodeKind::Directory(Default::default()),
+            Metadata {
+                mode: *mode,
+                ..Metadata::default()
+            },
+        );
+        tree.link(Tree::ROOT, name.as_bytes(), dir);
     }
 }

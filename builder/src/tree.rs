@@ -216,6 +216,11 @@ impl Tree {
         self.nodes.get(id)
     }
 
+    /// How many nodes the tree holds (reachable or not).
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
     /// The node `id`, mutable.
     ///
     /// # Panics

@@ -17,6 +17,7 @@
 //! worker never sees signing keys: signing happens in the parent.
 
 use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
 
@@ -96,17 +97,20 @@ pub fn build_in_worker(
         .env_clear()
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .env("TMPDIR", &request.out_dir)
+        // Its own process group, so that everything it started can be ended with it.
+        .process_group(0)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     for (key, value) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("MVM_OCI_BEARER_TOKEN") {
+        if passes_to_worker(&key.to_string_lossy(), request) {
             command.env(key, value);
         }
     }
     let mut child = command
         .spawn()
         .map_err(|e| WorkerError::Worker(format!("cannot start {}: {e}", program.display())))?;
+    let group = child.id();
     let request_json =
         serde_json::to_vec(request).map_err(|e| WorkerError::Worker(e.to_string()))?;
     if let Some(mut stdin) = child.stdin.take() {
@@ -114,16 +118,109 @@ pub fn build_in_worker(
             .write_all(&request_json)
             .map_err(|e| WorkerError::Worker(format!("sending the request: {e}")))?;
     }
-    let output = child
-        .wait_with_output()
-        .map_err(|e| WorkerError::Worker(e.to_string()))?;
-    match serde_json::from_slice::<Answer>(&output.stdout) {
-        Ok(Answer::Built { report, sandbox }) => Ok((*report, sandbox)),
-        Ok(Answer::Failed { code, message }) => Err(WorkerError::Build { code, message }),
-        Err(_) => Err(WorkerError::Worker(format!(
-            "exited with {} without an answer",
-            output.status
-        ))),
+    // Read the answer on a thread while waiting: a process the worker left behind could hold
+    // stdout open, so the group is ended before the read is joined.
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| WorkerError::Worker("no stdout".into()))?;
+    let reader = std::thread::spawn(move || {
+        let mut answer = Vec::new();
+        stdout
+            .take(MAX_REQUEST_BYTES)
+            .read_to_end(&mut answer)
+            .map(|_| answer)
+    });
+    let status = child.wait();
+    end_process_group(group);
+    let status = status.map_err(|e| WorkerError::Worker(e.to_string()))?;
+    let answer = reader
+        .join()
+        .map_err(|_| WorkerError::Worker("reading the answer failed".into()))?
+        .map_err(|e| WorkerError::Worker(format!("reading the answer: {e}")))?;
+    let (report, sandbox) = match serde_json::from_slice::<Answer>(&answer) {
+        Ok(Answer::Built { report, sandbox }) => (*report, sandbox),
+        Ok(Answer::Failed { code, message }) => return Err(WorkerError::Build { code, message }),
+        Err(_) => {
+            return Err(WorkerError::Worker(format!(
+                "exited with {status} without an answer"
+            )))
+        }
+    };
+    // Trust nothing the worker left but what was asked of it.
+    if report.image_digest != request.digest {
+        return Err(WorkerError::Worker(format!(
+            "built {} when {} was asked for",
+            report.image_digest, request.digest
+        )));
+    }
+    check_outputs(&request.out_dir)?;
+    Ok((report, sandbox))
+}
+
+/// Environment the worker gets besides `PATH` and `TMPDIR`: proxy and TLS settings, and the
+/// bearer token for the image's own registry (never another registry's).
+fn passes_to_worker(key: &str, request: &RootfsRequest) -> bool {
+    const PASSED: &[&str] = &[
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "NO_PROXY",
+        "no_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+    ];
+    if PASSED.contains(&key) {
+        return true;
+    }
+    match crate::oci::ImageRef::new(&request.reference, &request.digest, &request.base_dir) {
+        Ok(ImageRef {
+            transport: Transport::Registry { registry, .. },
+            ..
+        }) => key == crate::oci::token_variable(&registry) || key == "MVM_OCI_BEARER_TOKEN",
+        _ => false,
+    }
+}
+
+/// The worker's output directory must hold exactly its two files, each a regular file (not a
+/// symlink, FIFO or device a compromised worker could plant for the parent to read or sign).
+fn check_outputs(dir: &Path) -> Result<(), WorkerError> {
+    let bad = |why: String| WorkerError::Worker(format!("{}: {why}", dir.display()));
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| bad(e.to_string()))? {
+        let entry = entry.map_err(|e| bad(e.to_string()))?;
+        let kind = entry.file_type().map_err(|e| bad(e.to_string()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !kind.is_file() {
+            return Err(bad(format!("{name} is not a regular file")));
+        }
+        names.push(name);
+    }
+    names.sort();
+    let mut expected = vec![
+        crate::rootfs::ROOTFS_FILE.to_string(),
+        crate::rootfs::VERITY_FILE.to_string(),
+    ];
+    expected.sort();
+    if names != expected {
+        return Err(bad(format!("holds {names:?}, expected {expected:?}")));
+    }
+    Ok(())
+}
+
+/// Kills whatever the worker left running in its process group.
+fn end_process_group(group: u32) {
+    let Ok(group) = libc::pid_t::try_from(group) else {
+        return;
+    };
+    // SAFETY: killpg only sends a signal; `group` is the id of the child we spawned as the
+    // leader of its own new process group, so no unrelated process can be signalled.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::killpg(group, libc::SIGKILL);
     }
 }
 
@@ -189,11 +286,12 @@ fn confine(request: &RootfsRequest) -> Result<SandboxReport, String> {
 fn landlock_confine(request: &RootfsRequest) -> Result<String, landlock::RulesetError> {
     use landlock::{
         path_beneath_rules, Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr,
-        RulesetStatus, ABI,
+        RulesetStatus, Scope, ABI,
     };
-    let abi = ABI::V3;
+    let abi = ABI::V6;
     let writable = [request.out_dir.as_path(), request.cache_dir.as_path()];
-    // Name resolution, TLS roots and the dynamic loader's files; the image source.
+    // Name resolution, TLS roots and the dynamic loader's files; a local image source. Not the
+    // declaration's directory: that may be a whole home directory.
     let source =
         match crate::oci::ImageRef::new(&request.reference, &request.digest, &request.base_dir) {
             Ok(ImageRef {
@@ -211,13 +309,11 @@ fn landlock_confine(request: &RootfsRequest) -> Result<String, landlock::Ruleset
         "/proc/self",
     ]
     .map(Path::new);
-    let readable: Vec<&Path> = system
-        .into_iter()
-        .chain(std::iter::once(request.base_dir.as_path()))
-        .chain(source.as_deref())
-        .collect();
+    let readable: Vec<&Path> = system.into_iter().chain(source.as_deref()).collect();
     let status = Ruleset::default()
         .handle_access(AccessFs::from_all(abi))?
+        // No signals to processes outside the worker, no abstract unix sockets.
+        .scope(Scope::from_all(abi))?
         .create()?
         .add_rules(path_beneath_rules(
             readable.iter().filter(|p| p.exists()),
@@ -238,8 +334,17 @@ const DENIED_SYSCALLS: &[libc::c_long] = &[
     libc::SYS_ptrace,
     libc::SYS_process_vm_readv,
     libc::SYS_process_vm_writev,
+    libc::SYS_pidfd_getfd,
+    libc::SYS_kcmp,
     libc::SYS_mount,
     libc::SYS_umount2,
+    libc::SYS_fsopen,
+    libc::SYS_fsconfig,
+    libc::SYS_fsmount,
+    libc::SYS_fspick,
+    libc::SYS_move_mount,
+    libc::SYS_open_tree,
+    libc::SYS_mount_setattr,
     libc::SYS_pivot_root,
     libc::SYS_chroot,
     libc::SYS_unshare,
@@ -254,6 +359,9 @@ const DENIED_SYSCALLS: &[libc::c_long] = &[
     libc::SYS_keyctl,
     libc::SYS_add_key,
     libc::SYS_request_key,
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
     libc::SYS_reboot,
     libc::SYS_swapon,
     libc::SYS_swapoff,
@@ -269,16 +377,74 @@ const DENIED_SYSCALLS: &[libc::c_long] = &[
     libc::SYS_ioperm,
 ];
 
+/// `clone` flags that create namespaces: a `clone` with any of them is refused too.
+const NAMESPACE_FLAGS: &[libc::c_int] = &[
+    libc::CLONE_NEWNS,
+    libc::CLONE_NEWCGROUP,
+    libc::CLONE_NEWUTS,
+    libc::CLONE_NEWIPC,
+    libc::CLONE_NEWUSER,
+    libc::CLONE_NEWPID,
+    libc::CLONE_NEWNET,
+    0x80, // CLONE_NEWTIME
+];
+
+/// The x32 ABI's system call numbers are the x86_64 ones with this bit set.
+const X32_SYSCALL_BIT: libc::c_long = 0x4000_0000;
+
 fn seccomp_confine() -> Result<(), seccompiler::Error> {
-    use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
-    let rules = DENIED_SYSCALLS.iter().map(|&nr| (nr, vec![])).collect();
-    let filter = SeccompFilter::new(
+    use seccompiler::{
+        BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+        SeccompRule, TargetArch,
+    };
+    let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> = DENIED_SYSCALLS
+        .iter()
+        .flat_map(|&nr| [(nr, vec![]), (nr | X32_SYSCALL_BIT, vec![])])
+        .collect();
+    let mut clone_rules = Vec::new();
+    for &flag in NAMESPACE_FLAGS {
+        let flag = flag as u64;
+        let condition = SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Qword,
+            SeccompCmpOp::MaskedEq(flag),
+            flag,
+        )?;
+        clone_rules.push(SeccompRule::new(vec![condition])?);
+    }
+    rules.insert(libc::SYS_clone, clone_rules);
+    // No unix-domain sockets: a compromised parser must not reach a docker or ssh-agent socket.
+    let unix = SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        libc::AF_UNIX as u64,
+    )?;
+    rules.insert(libc::SYS_socket, vec![SeccompRule::new(vec![unix])?]);
+    rules.insert(libc::SYS_clone | X32_SYSCALL_BIT, vec![]);
+    rules.insert(libc::SYS_socket | X32_SYSCALL_BIT, vec![]);
+    let deny = SeccompFilter::new(
         rules,
         SeccompAction::Allow,
         SeccompAction::Errno(libc::EPERM as u32),
         TargetArch::x86_64,
     )?;
-    let program: BpfProgram = filter.try_into()?;
+    let program: BpfProgram = deny.try_into()?;
+    seccompiler::apply_filter(&program)?;
+    // clone3 passes its flags in memory a filter cannot read: answer "not implemented", and the
+    // C library falls back to clone, whose flags the filter above checks.
+    let clone3 = SeccompFilter::new(
+        [
+            (libc::SYS_clone3, vec![]),
+            (libc::SYS_clone3 | X32_SYSCALL_BIT, vec![]),
+        ]
+        .into_iter()
+        .collect(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        TargetArch::x86_64,
+    )?;
+    let program: BpfProgram = clone3.try_into()?;
     seccompiler::apply_filter(&program)
 }
 
@@ -390,12 +556,45 @@ mod tests {
                     libc::syscall(libc::SYS_ptrace, libc::PTRACE_TRACEME, 0, 0, 0),
                 ),
                 ("bpf", libc::syscall(libc::SYS_bpf, 0, 0, 0)),
+                (
+                    "clone(CLONE_NEWUSER)",
+                    libc::syscall(
+                        libc::SYS_clone,
+                        libc::CLONE_NEWUSER | libc::SIGCHLD,
+                        0,
+                        0,
+                        0,
+                        0,
+                    ),
+                ),
+                (
+                    "fsopen",
+                    libc::syscall(libc::SYS_fsopen, c"tmpfs".as_ptr(), 0),
+                ),
+                (
+                    "socket(AF_UNIX)",
+                    libc::syscall(libc::SYS_socket, libc::AF_UNIX, libc::SOCK_STREAM, 0),
+                ),
+                (
+                    "x32 mount",
+                    libc::syscall(libc::SYS_mount | X32_SYSCALL_BIT, 0, 0, 0, 0, 0),
+                ),
             ]
         };
         for (i, (what, result)) in results.into_iter().enumerate() {
             if !denied(what, result) {
                 return 10 + i as i32;
             }
+        }
+        // Threads still start (clone3 is refused with ENOSYS; the C library falls back to clone).
+        if std::thread::spawn(|| 7).join().ok() != Some(7) {
+            eprintln!("a thread could not be started");
+            return 30;
+        }
+        // And the network is still there for registries.
+        if std::net::TcpListener::bind("127.0.0.1:0").is_err() {
+            eprintln!("an inet socket could not be opened");
+            return 31;
         }
         0
     }

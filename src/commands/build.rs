@@ -164,6 +164,10 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
     let app = &workload.apps[app_index];
     let digest = ir_digest(&workload)?;
     let now = time::OffsetDateTime::now_utc().replace_nanosecond(0)?;
+    let valid_until = time::Duration::try_from(args.valid_for)
+        .ok()
+        .and_then(|d| now.checked_add(d))
+        .ok_or_else(|| coded_as("BUILD010", "--valid-for is too long"))?;
     let bundle = assemble(&AssembleInput {
         workload_id: &workload.id,
         app,
@@ -176,7 +180,7 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
         out_dir: staging.path(),
         profile,
         valid_from: Timestamp(now),
-        valid_until: Timestamp(now + args.valid_for),
+        valid_until: Timestamp(valid_until),
         started,
     })
     .map_err(|e| coded_as(e.code(), e))?;
@@ -459,20 +463,17 @@ fn check_replaceable(out: &Path) -> anyhow::Result<()> {
     ))
 }
 
-/// Renames the finished staging directory over `out`; an older bundle is moved aside first and
-/// removed after, so `out` is always a whole bundle.
+/// Moves the finished staging directory to `out`, exchanging it with an older bundle there, so
+/// `out` is always a whole bundle.
 fn swap_in(staging: tempfile::TempDir, out: &Path) -> anyhow::Result<()> {
     let built = staging.keep();
     fs::set_permissions(&built, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     if out.exists() {
-        let old = out.with_file_name(format!(
-            ".{}.old",
-            out.file_name().unwrap_or_default().to_string_lossy()
-        ));
-        let _ = fs::remove_dir_all(&old);
-        fs::rename(out, &old)?;
-        fs::rename(&built, out)?;
-        fs::remove_dir_all(&old)?;
+        // One atomic exchange: `out` is the old bundle, then the new one, never missing.
+        use rustix::fs::{renameat_with, RenameFlags, CWD};
+        renameat_with(CWD, &built, CWD, out, RenameFlags::EXCHANGE)
+            .with_context(|| format!("replacing {}", out.display()))?;
+        fs::remove_dir_all(&built)?;
     } else {
         fs::rename(&built, out)?;
     }

@@ -67,10 +67,9 @@ impl std::error::Error for CodedError {}
 /// failures, unreachable registries and local files are I/O, everything else is bad input.
 pub fn class_of(code: &str) -> ErrorClass {
     match code {
-        "OCI002" | "KERNEL005" | "BUILD005" => ErrorClass::Integrity,
-        "OCI007" | "OCI008" | "BUILD003" | "BUILD004" | "KERNEL001" | "KERNEL006" | "BENCH001" => {
-            ErrorClass::Io
-        }
+        "OCI002" | "KERNEL005" => ErrorClass::Integrity,
+        "OCI007" | "OCI008" | "LAYER011" | "BUILD003" | "BUILD004" | "BUILD005" | "KERNEL001"
+        | "KERNEL006" | "BENCH001" => ErrorClass::Io,
         _ => ErrorClass::InvalidInput,
     }
 }

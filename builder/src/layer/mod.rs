@@ -42,6 +42,12 @@ pub struct LayerLimits {
     pub link_target: usize,
     /// Symlinks followed while resolving one path.
     pub symlink_hops: u32,
+    /// Bytes of extended attributes on one node (EROFS keeps them inline, beside the inode).
+    pub xattr_bytes: usize,
+    /// Nodes in the whole tree, across layers (implicit directories count).
+    pub tree_nodes: usize,
+    /// Bytes of file content staged for the whole tree, across layers.
+    pub tree_bytes: u64,
 }
 
 impl Default for LayerLimits {
@@ -54,6 +60,9 @@ impl Default for LayerLimits {
             name: 255,
             link_target: 4095,
             symlink_hops: 40,
+            xattr_bytes: 64 * 1024,
+            tree_nodes: 4_000_000,
+            tree_bytes: 64 << 30,
         }
     }
 }
@@ -270,6 +279,13 @@ impl<'t> LayerApplier<'t> {
             }
             let staged = self.apply_entry(&mut entry, &path, current, &mut added, &mut stats)?;
             stats.bytes += staged;
+            if self.tree.node_count() > limits.tree_nodes {
+                return Err(LayerError::new(
+                    LayerErrorKind::LimitExceeded,
+                    &path,
+                    format!("the image has more than {} nodes", limits.tree_nodes),
+                ));
+            }
         }
         Ok(stats)
     }
@@ -284,10 +300,30 @@ impl<'t> LayerApplier<'t> {
         stats: &mut LayerStats,
     ) -> Result<u64, LayerError> {
         let limits = self.options.limits.clone();
+        // Readers disagree on which size wins when a PAX record and the header differ, so an
+        // archive could hide entries from other tools: refuse, whatever the entry type.
+        if extensions
+            .pax
+            .get(&b"size"[..])
+            .is_some_and(|s| s != entry.size().to_string().as_bytes())
+        {
+            return Err(LayerError::new(
+                LayerErrorKind::UnsupportedEntry,
+                raw_path,
+                "PAX size differs from the header size",
+            ));
+        }
+        if extensions.pax.keys().any(|k| k.starts_with(b"GNU.sparse.")) {
+            return Err(LayerError::new(
+                LayerErrorKind::UnsupportedEntry,
+                raw_path,
+                "sparse files are not supported",
+            ));
+        }
         let components = split_path(raw_path, &limits)?;
         let Some((name, parents)) = components.split_last() else {
             // The root itself (`./`): only its metadata can change.
-            let meta = metadata(entry.header(), &extensions.pax, raw_path)?;
+            let meta = metadata(entry.header(), &extensions.pax, raw_path, &limits)?;
             if entry.header().entry_type() == EntryType::Directory {
                 self.tree.node_mut(Tree::ROOT).meta = meta;
                 return Ok(0);
@@ -298,7 +334,10 @@ impl<'t> LayerApplier<'t> {
                 "the root can only be a directory",
             ));
         };
-        let parent = self.resolve_dir(parents, raw_path, true)?;
+        let mut created = Vec::new();
+        let parent = self.resolve_dir(parents, raw_path, Some(&mut created))?;
+        // Directories this entry implied belong to this layer: its whiteouts do not hide them.
+        added.extend(created);
 
         if name.as_slice() == OPAQUE_WHITEOUT {
             let lower: Vec<Vec<u8>> = self
@@ -350,7 +389,7 @@ impl<'t> LayerApplier<'t> {
                 ));
             }
         }
-        let meta = metadata(&header, &extensions.pax, raw_path)?;
+        let meta = metadata(&header, &extensions.pax, raw_path, &limits)?;
         let link_target = || -> Result<Vec<u8>, LayerError> {
             let target = extensions
                 .link
@@ -359,11 +398,18 @@ impl<'t> LayerApplier<'t> {
                 .ok_or_else(|| {
                     LayerError::new(LayerErrorKind::Malformed, raw_path, "link without a target")
                 })?;
-            if target.len() > limits.link_target || target.contains(&0) {
+            if target.is_empty() || target.contains(&0) {
+                return Err(LayerError::new(
+                    LayerErrorKind::Malformed,
+                    raw_path,
+                    "link target is empty or contains NUL",
+                ));
+            }
+            if target.len() > limits.link_target {
                 return Err(LayerError::new(
                     LayerErrorKind::LimitExceeded,
                     raw_path,
-                    "link target too long or contains NUL",
+                    format!("link target over {} bytes", limits.link_target),
                 ));
             }
             Ok(target)
@@ -381,15 +427,17 @@ impl<'t> LayerApplier<'t> {
                 self.tree.add(NodeKind::Directory(BTreeMap::new()), meta)
             }
             EntryType::Regular | EntryType::Continuous => {
-                if extensions
-                    .pax
-                    .get(&b"size"[..])
-                    .is_some_and(|s| s != entry.size().to_string().as_bytes())
+                if self
+                    .tree
+                    .staging()
+                    .staged_bytes()
+                    .saturating_add(entry.size())
+                    > limits.tree_bytes
                 {
                     return Err(LayerError::new(
-                        LayerErrorKind::UnsupportedEntry,
+                        LayerErrorKind::LimitExceeded,
                         raw_path,
-                        "PAX size differs from the header size",
+                        format!("the image's files exceed {} bytes", limits.tree_bytes),
                     ));
                 }
                 staged = entry.size();
@@ -441,12 +489,13 @@ impl<'t> LayerApplier<'t> {
     }
 
     /// Resolves the directory that `components` name, following symlinks inside the root.
-    /// With `create`, missing directories are created (mode 0755, root-owned), as tar does.
+    /// With `created`, missing directories are created (mode 0755, root-owned), as tar does,
+    /// and recorded there.
     fn resolve_dir(
         &mut self,
         components: &[Vec<u8>],
         raw_path: &[u8],
-        create: bool,
+        created: Option<&mut Vec<(NodeId, Vec<u8>)>>,
     ) -> Result<NodeId, LayerError> {
         let mut hops = 0;
         self.walk(
@@ -454,7 +503,7 @@ impl<'t> LayerApplier<'t> {
             &mut Vec::new(),
             components,
             raw_path,
-            create,
+            created,
             &mut hops,
         )
     }
@@ -465,7 +514,7 @@ impl<'t> LayerApplier<'t> {
         stack: &mut Vec<NodeId>,
         components: &[Vec<u8>],
         raw_path: &[u8],
-        create: bool,
+        mut created: Option<&mut Vec<(NodeId, Vec<u8>)>>,
         hops: &mut u32,
     ) -> Result<NodeId, LayerError> {
         let mut current = start;
@@ -482,24 +531,27 @@ impl<'t> LayerApplier<'t> {
             }
             let next = match self.tree.lookup(current, component) {
                 Some(id) => id,
-                None if create => {
-                    let dir = self.tree.add(
-                        NodeKind::Directory(BTreeMap::new()),
-                        Metadata {
-                            mode: 0o755,
-                            ..Metadata::default()
-                        },
-                    );
-                    self.tree.link(current, component, dir);
-                    dir
-                }
-                None => {
-                    return Err(LayerError::new(
-                        LayerErrorKind::BadHardlink,
-                        raw_path,
-                        "the path does not exist in the image",
-                    ))
-                }
+                None => match created.as_deref_mut() {
+                    Some(created) => {
+                        let dir = self.tree.add(
+                            NodeKind::Directory(BTreeMap::new()),
+                            Metadata {
+                                mode: 0o755,
+                                ..Metadata::default()
+                            },
+                        );
+                        self.tree.link(current, component, dir);
+                        created.push((current, component.clone()));
+                        dir
+                    }
+                    None => {
+                        return Err(LayerError::new(
+                            LayerErrorKind::NotADirectory,
+                            raw_path,
+                            "a directory on the path does not exist (a dangling symlink?)",
+                        ))
+                    }
+                },
             };
             match &self.tree.node(next).kind {
                 NodeKind::Directory(_) => {
@@ -526,7 +578,7 @@ impl<'t> LayerApplier<'t> {
                         .filter(|c| !c.is_empty() && *c != b".")
                         .map(<[u8]>::to_vec)
                         .collect();
-                    current = self.walk(base, &mut base_stack, &parts, raw_path, false, hops)?;
+                    current = self.walk(base, &mut base_stack, &parts, raw_path, None, hops)?;
                     *stack = base_stack;
                 }
                 _ => {
@@ -557,7 +609,7 @@ impl<'t> LayerApplier<'t> {
             ));
         };
         let parent = self
-            .resolve_dir(parents, raw_path, false)
+            .resolve_dir(parents, raw_path, None)
             .map_err(|e| LayerError {
                 kind: LayerErrorKind::BadHardlink,
                 ..e
@@ -626,6 +678,7 @@ fn metadata(
     header: &tar::Header,
     pax: &BTreeMap<Vec<u8>, Vec<u8>>,
     path: &[u8],
+    limits: &LayerLimits,
 ) -> Result<Metadata, LayerError> {
     let bad = |what: &str| {
         LayerError::new(
@@ -660,10 +713,21 @@ fn metadata(
             .ok_or_else(|| bad("PAX mtime"))?,
         None => header.mtime().map_err(|_| bad("mtime"))? as i64,
     };
-    let xattrs = pax
+    let xattrs: BTreeMap<Vec<u8>, Vec<u8>> = pax
         .iter()
         .filter_map(|(k, v)| Some((k.strip_prefix(b"SCHILY.xattr.")?.to_vec(), v.clone())))
         .collect();
+    let xattr_bytes: usize = xattrs.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if xattr_bytes > limits.xattr_bytes {
+        return Err(LayerError::new(
+            LayerErrorKind::LimitExceeded,
+            path,
+            format!(
+                "{xattr_bytes} bytes of extended attributes, over {}",
+                limits.xattr_bytes
+            ),
+        ));
+    }
     Ok(Metadata {
         mode: header.mode().map_err(|_| bad("mode"))? & 0o7777,
         uid: u32::try_from(uid).map_err(|_| bad("uid"))?,

@@ -487,6 +487,43 @@ fn adversarial_corpus() {
             LayerErrorKind::Malformed,
         ),
         (
+            "PAX size hiding entries in a directory",
+            LayerBuilder::new()
+                .pax(&[("size", b"4096")])
+                .dir("d/")
+                .finish(),
+            LayerErrorKind::UnsupportedEntry,
+        ),
+        (
+            "PAX sparse file",
+            LayerBuilder::new()
+                .pax(&[("GNU.sparse.major", b"1"), ("GNU.sparse.minor", b"0")])
+                .file("s", b"")
+                .finish(),
+            LayerErrorKind::UnsupportedEntry,
+        ),
+        (
+            "oversize extended attributes",
+            LayerBuilder::new()
+                .pax(&[("SCHILY.xattr.user.big", &vec![b'x'; 70_000])])
+                .file("x", b"")
+                .finish(),
+            LayerErrorKind::LimitExceeded,
+        ),
+        (
+            "empty symlink target",
+            LayerBuilder::new().symlink("empty", "").finish(),
+            LayerErrorKind::Malformed,
+        ),
+        (
+            "write through a dangling symlink",
+            LayerBuilder::new()
+                .symlink("gone", "missing/dir")
+                .file("gone/x", b"x")
+                .finish(),
+            LayerErrorKind::NotADirectory,
+        ),
+        (
             "bad header checksum",
             {
                 let mut bytes = LayerBuilder::new().file("a", b"x").finish();
@@ -507,4 +544,44 @@ fn adversarial_corpus() {
         0,
         "nothing was written on the host"
     );
+}
+
+#[test]
+fn implicit_directories_belong_to_their_layer() {
+    let mut t = tree();
+    // `a/` is created implicitly by `a/x`; the same layer's whiteout of `a` does not hide it.
+    apply(
+        &mut t,
+        LayerBuilder::new()
+            .file("a/x", b"1")
+            .file(".wh.a", b"")
+            .finish(),
+    )
+    .unwrap();
+    assert_eq!(names(&t, "a"), ["x"]);
+}
+
+#[test]
+fn image_wide_limits_hold_across_layers() {
+    let mut t = tree();
+    let options = ApplyOptions {
+        limits: LayerLimits {
+            tree_bytes: 10,
+            tree_nodes: 5,
+            ..LayerLimits::default()
+        },
+        ..ApplyOptions::default()
+    };
+    let mut applier = LayerApplier::new(&mut t, options);
+    applier
+        .apply(&LayerBuilder::new().file("a", b"123456").finish()[..])
+        .unwrap();
+    let err = applier
+        .apply(&LayerBuilder::new().file("b", b"123456").finish()[..])
+        .unwrap_err();
+    assert_eq!(err.kind, LayerErrorKind::LimitExceeded, "{err}");
+    let err = applier
+        .apply(&LayerBuilder::new().file("c/d/e/f/g", b"").finish()[..])
+        .unwrap_err();
+    assert_eq!(err.kind, LayerErrorKind::LimitExceeded, "{err}");
 }

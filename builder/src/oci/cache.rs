@@ -124,10 +124,19 @@ impl BlobCache {
         source: &mut dyn BlobSource,
     ) -> Result<Vec<u8>, OciError> {
         let size = descriptor.size;
+        if keep > 0 && size > keep {
+            return Err(OciError::BadDocument {
+                what: "image config",
+                reason: format!(
+                    "{} is {size} bytes, over the {keep}-byte limit",
+                    descriptor.digest
+                ),
+            });
+        }
         self.ensure("blob", &descriptor.digest, size, |out| {
             source.fetch_blob(&descriptor.digest, size, out)
         })?;
-        if size <= keep && keep > 0 {
+        if keep > 0 {
             let bytes = self.read_verified(&descriptor.digest, keep)?;
             if bytes.len() as u64 != size {
                 return Err(size_mismatch(&descriptor.digest, size, bytes.len() as u64));
@@ -151,7 +160,7 @@ impl BlobCache {
         }
         let found = mvm_ir::digest::sha256_prefixed(&bytes);
         if found != digest {
-            return Err(cache_corrupt(digest, &found));
+            return Err(cache_corrupt(&path, digest, &found));
         }
         Ok(bytes)
     }
@@ -163,7 +172,7 @@ impl BlobCache {
         let mut file = File::open(&path).map_err(|e| OciError::io(path.display(), e))?;
         let (found, len) = hash(&mut file).map_err(|e| OciError::io(path.display(), e))?;
         if found != digest {
-            return Err(cache_corrupt(digest, &found));
+            return Err(cache_corrupt(&path, digest, &found));
         }
         if len != size {
             return Err(size_mismatch(digest, size, len));
@@ -171,26 +180,20 @@ impl BlobCache {
         file.rewind().map_err(|e| OciError::io(path.display(), e))?;
         Ok(file)
     }
-
-    /// Removes a cached blob (used when a cached file is found corrupt).
-    pub fn evict(&self, digest: &str) -> Result<(), OciError> {
-        let path = self.path(digest)?;
-        match fs::remove_file(&path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(OciError::io(path.display(), e)),
-            _ => Ok(()),
-        }
-    }
 }
 
 fn hash(reader: &mut impl Read) -> io::Result<(String, u64)> {
     mvm_ir::digest::sha256_reader(reader)
 }
 
-fn cache_corrupt(digest: &str, found: &str) -> OciError {
+/// A cached blob that no longer hashes to its name: it is removed, so the next build fetches
+/// it again, and this build fails.
+fn cache_corrupt(path: &Path, digest: &str, found: &str) -> OciError {
+    let _ = fs::remove_file(path);
     OciError::DigestMismatch {
         what: "cached blob",
         digest: digest.to_string(),
-        reason: format!("the cache file now hashes to {found}; remove it to fetch it again"),
+        reason: format!("the cache file had changed (it hashed to {found}); it was removed and will be fetched again"),
     }
 }
 

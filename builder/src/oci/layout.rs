@@ -24,7 +24,10 @@ impl LayoutSource {
     /// The layout in `dir`.
     pub(crate) fn open(dir: &Path) -> Result<Self, OciError> {
         let marker = dir.join("oci-layout");
-        let bytes = fs::read(&marker).map_err(|e| OciError::io(marker.display(), e))?;
+        let mut bytes = Vec::new();
+        File::open(&marker)
+            .and_then(|f| f.take(4096).read_to_end(&mut bytes))
+            .map_err(|e| OciError::io(marker.display(), e))?;
         #[derive(serde::Deserialize)]
         struct Marker {
             #[serde(rename = "imageLayoutVersion")]
@@ -57,7 +60,9 @@ impl LayoutSource {
         let blobs = tmp.path().join("blobs/sha256");
         fs::create_dir_all(&blobs).map_err(|e| OciError::io(blobs.display(), e))?;
         let mut tar = tar::Archive::new(archive);
-        for entry in tar.entries().map_err(|e| bad(e.to_string()))? {
+        // Raw entries: a layout's member names are short, so GNU/PAX long-name records (which
+        // the tar crate would read without a cap) are refused as unexpected members.
+        for entry in tar.entries().map_err(|e| bad(e.to_string()))?.raw(true) {
             let mut entry = entry.map_err(|e| bad(e.to_string()))?;
             let path = entry.path().map_err(|e| bad(e.to_string()))?.into_owned();
             let name = path.to_string_lossy();

@@ -26,12 +26,15 @@ use std::io::{self, Read};
 pub use cache::BlobCache;
 pub use manifest::{ImageConfig, RuntimeConfig};
 pub use reference::{ImageRef, Transport};
-pub use registry::{resolve_tag, RegistryOptions};
+pub use registry::{resolve_tag, token_variable, RegistryOptions};
 
 use crate::layer::{ApplyOptions, LayerApplier, LayerError, LayerStats};
 use crate::tree::Tree;
 use manifest::{Descriptor, MediaKind};
 use verify::DigestingReader;
+
+/// Padding accepted after a layer's end-of-archive marker.
+const MAX_TRAILING_BYTES: u64 = 1024 * 1024;
 
 /// Largest manifest, index or config accepted.
 const MAX_DOCUMENT_BYTES: u64 = 4 * 1024 * 1024;
@@ -280,11 +283,21 @@ fn apply_layer(
     let mut uncompressed = DigestingReader::new(decompressed);
     let applied = LayerApplier::new(tree, apply.clone())
         .apply(&mut uncompressed)
-        // The tar stream may end before the blob does (end-of-archive padding): hash the rest.
+        // The tar stream may end before the blob does (end-of-archive padding): hash the rest,
+        // but not without bound.
         .and_then(|stats| {
-            io::copy(&mut uncompressed, &mut io::sink())
-                .map(|_| stats)
-                .map_err(LayerError::from_stream)
+            let trailing = io::copy(
+                &mut (&mut uncompressed).take(MAX_TRAILING_BYTES + 1),
+                &mut io::sink(),
+            )
+            .map_err(LayerError::from_stream)?;
+            if trailing > MAX_TRAILING_BYTES {
+                return Err(LayerError::from_stream(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "more than 1 MiB of data after the end of the archive",
+                )));
+            }
+            Ok(stats)
         });
     let stats = match applied {
         Ok(stats) => stats,

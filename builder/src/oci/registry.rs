@@ -2,8 +2,8 @@
 //!
 //! HTTPS always, except plain HTTP for loopback registries (as Docker does) and for hosts the
 //! user lists as insecure in `$MVM_HOME/config.toml`. Credentials are bearer tokens from
-//! `MVM_OCI_BEARER_TOKEN_<HOST>` (the host uppercased, every other character `_`) or
-//! `MVM_OCI_BEARER_TOKEN`; never from a docker config file. Tokens are never logged.
+//! [`token_variable`] or `MVM_OCI_BEARER_TOKEN` (not over plain HTTP); never from a docker
+//! config file. Tokens are never logged.
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -44,21 +44,32 @@ pub(crate) fn is_loopback(registry: &str) -> bool {
     host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-/// The bearer token for `registry` from the environment, if any.
-fn bearer_token(registry: &str) -> Option<String> {
-    let suffix: String = registry
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_uppercase()
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    std::env::var(format!("MVM_OCI_BEARER_TOKEN_{suffix}"))
-        .or_else(|_| std::env::var("MVM_OCI_BEARER_TOKEN"))
+/// The environment variable holding the bearer token for `registry`:
+/// `MVM_OCI_BEARER_TOKEN_` + the `host[:port]` with letters uppercased, digits kept, and every
+/// other byte written `_XX` in hex (`ghcr.io` → `MVM_OCI_BEARER_TOKEN_GHCR_2EIO`). The mapping is
+/// one-to-one, so no two registries share a variable.
+pub fn token_variable(registry: &str) -> String {
+    let mut name = String::from("MVM_OCI_BEARER_TOKEN_");
+    for b in registry.bytes() {
+        if b.is_ascii_alphanumeric() {
+            name.push(b.to_ascii_uppercase() as char);
+        } else {
+            name.push_str(&format!("_{b:02X}"));
+        }
+    }
+    name
+}
+
+/// The bearer token for `registry`, if any: its own variable, else `MVM_OCI_BEARER_TOKEN`,
+/// which is never sent over plain HTTP.
+fn bearer_token(registry: &str, plain_http: bool) -> Option<String> {
+    std::env::var(token_variable(registry))
         .ok()
+        .or_else(|| {
+            (!plain_http)
+                .then(|| std::env::var("MVM_OCI_BEARER_TOKEN").ok())
+                .flatten()
+        })
         .filter(|t| !t.is_empty())
 }
 
@@ -97,7 +108,8 @@ impl RegistrySource {
             .enable_all()
             .build()
             .map_err(|e| OciError::io("tokio runtime", e))?;
-        let auth = bearer_token(registry).map_or(RegistryAuth::Anonymous, RegistryAuth::Bearer);
+        let auth = bearer_token(registry, plain_http)
+            .map_or(RegistryAuth::Anonymous, RegistryAuth::Bearer);
         let client = runtime.block_on(async { Client::new(config) });
         Ok(Self {
             runtime,
@@ -219,6 +231,20 @@ pub fn resolve_tag(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_variables_are_one_to_one() {
+        assert_eq!(token_variable("ghcr.io"), "MVM_OCI_BEARER_TOKEN_GHCR_2EIO");
+        assert_ne!(
+            token_variable("registry.example.com"),
+            token_variable("registry-example.com")
+        );
+        assert_ne!(token_variable("a.2d"), token_variable("a-"));
+        assert_eq!(
+            token_variable("127.0.0.1:5000"),
+            "MVM_OCI_BEARER_TOKEN_127_2E0_2E0_2E1_3A5000"
+        );
+    }
 
     #[test]
     fn loopback_detection() {

@@ -206,6 +206,10 @@ fn a_tampered_cache_file_is_caught_before_use() {
     let err = import(&layout_ref(&layout, &digest), &cache).unwrap_err();
     assert_eq!(err.code(), "OCI002");
     assert!(err.to_string().contains("cache"), "{err}");
+    // The changed file was removed: the next import fetches the blob again and succeeds.
+    assert!(!cached.exists());
+    let (tree, imported) = import(&layout_ref(&layout, &digest), &cache).unwrap();
+    check_standard(&tree, &imported);
 }
 
 #[test]
