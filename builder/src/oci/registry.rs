@@ -121,13 +121,26 @@ impl RegistrySource {
         })
     }
 
-    fn reference(&self, digest: &str) -> Result<Reference, OciError> {
-        format!("{}/{}@{digest}", self.registry, self.repository)
-            .parse()
+    /// The reference to this repository with `suffix` (`@sha256:…` or `:tag`).
+    fn reference(&self, suffix: &str) -> Result<Reference, OciError> {
+        let text = format!("{}/{}{suffix}", self.registry, self.repository);
+        text.parse()
             .map_err(|e: oci_client::ParseError| OciError::BadReference {
-                reference: format!("{}/{}", self.registry, self.repository),
+                reference: text.clone(),
                 reason: e.to_string(),
             })
+    }
+
+    /// The raw bytes of the manifest `reference` names (not parsed).
+    fn manifest_bytes(&self, reference: &Reference) -> Result<Vec<u8>, OciError> {
+        let (bytes, _) = self
+            .runtime
+            .block_on(
+                self.client
+                    .pull_manifest_raw(reference, &self.auth, ACCEPTED_MANIFEST_TYPES),
+            )
+            .map_err(|e| self.failed(e))?;
+        Ok(bytes.to_vec())
     }
 
     fn failed(&self, err: impl std::fmt::Display) -> OciError {
@@ -140,21 +153,13 @@ impl RegistrySource {
 
 impl BlobSource for RegistrySource {
     fn fetch_manifest(&mut self, digest: &str, out: &mut dyn Write) -> Result<(), OciError> {
-        let reference = self.reference(digest)?;
-        let (bytes, _) = self
-            .runtime
-            .block_on(self.client.pull_manifest_raw(
-                &reference,
-                &self.auth,
-                ACCEPTED_MANIFEST_TYPES,
-            ))
-            .map_err(|e| self.failed(e))?;
+        let bytes = self.manifest_bytes(&self.reference(&format!("@{digest}"))?)?;
         out.write_all(&bytes)
             .map_err(|e| OciError::io("blob cache", e))
     }
 
     fn fetch_blob(&mut self, digest: &str, size: u64, out: &mut dyn Write) -> Result<(), OciError> {
-        let reference = self.reference(digest)?;
+        let reference = self.reference(&format!("@{digest}"))?;
         // Authenticate (a manifest request does it) before streaming the blob.
         let client = &self.client;
         let auth = &self.auth;
@@ -210,21 +215,7 @@ pub fn resolve_tag(
     options: &RegistryOptions,
 ) -> Result<String, OciError> {
     let source = RegistrySource::connect(registry, repository, options)?;
-    let reference: Reference =
-        format!("{registry}/{repository}:{tag}")
-            .parse()
-            .map_err(|e: oci_client::ParseError| OciError::BadReference {
-                reference: format!("{registry}/{repository}:{tag}"),
-                reason: e.to_string(),
-            })?;
-    let (bytes, _) = source
-        .runtime
-        .block_on(source.client.pull_manifest_raw(
-            &reference,
-            &source.auth,
-            ACCEPTED_MANIFEST_TYPES,
-        ))
-        .map_err(|e| source.failed(e))?;
+    let bytes = source.manifest_bytes(&source.reference(&format!(":{tag}"))?)?;
     Ok(mvm_ir::digest::sha256_prefixed(&bytes))
 }
 

@@ -1,0 +1,31 @@
+//! Any bytes as an image layer (a tar stream), applied to a staged tree, and — when accepted —
+//! written as an EROFS image: layer application refuses or applies, the writer refuses or
+//! writes, and neither ever panics or touches the host's files.
+#![no_main]
+
+use std::io::Cursor;
+
+use libfuzzer_sys::fuzz_target;
+use mvm_builder::erofs::{write_image, ErofsOptions};
+use mvm_builder::layer::{ApplyOptions, LayerApplier, LayerLimits};
+use mvm_builder::tree::{Staging, Tree};
+
+fuzz_target!(|data: &[u8]| {
+    let mut tree = Tree::new(Staging::Memory(Vec::new()));
+    let options = ApplyOptions {
+        allow_devices: true,
+        limits: LayerLimits {
+            tree_bytes: 1 << 20,
+            tree_nodes: 10_000,
+            ..LayerLimits::default()
+        },
+    };
+    // Two passes of the same bytes: the second applies as an upper layer over the first.
+    for _ in 0..2 {
+        if LayerApplier::new(&mut tree, options.clone()).apply(data).is_err() {
+            return;
+        }
+    }
+    let mut image = Cursor::new(Vec::new());
+    let _ = write_image(&tree, &mut image, &ErofsOptions::default());
+});
