@@ -133,6 +133,13 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
         ));
     }
 
+    // The signing key first: a missing or unsafe key fails the build before any work.
+    let signer = if args.key == DEFAULT_KEY {
+        host.keys.host_signer()?
+    } else {
+        host.keys.signer(&args.key)?
+    };
+
     // Build into a private directory beside the destination, then swap it in whole.
     let out_dir = absolute(&args.out)?;
     check_replaceable(&out_dir)?;
@@ -185,11 +192,6 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
     })
     .map_err(|e| coded_as(e.code(), e))?;
 
-    let signer = if args.key == DEFAULT_KEY {
-        host.keys.host_signer()?
-    } else {
-        host.keys.signer(&args.key)?
-    };
     let payload = canonical::to_vec(&bundle.plan)?;
     let plan_digest = sha256_prefixed(&payload);
     let envelope = Envelope::sign(plan::PAYLOAD_TYPE, &payload, &signer);
