@@ -1,3 +1,22 @@
 //! The mvm guest agent (PID 1 in the guest) and the host↔guest wire protocol.
 //!
-//! Empty for now: the agent and its protocol arrive with the runner issue.
+//! What comes in: a Debian cloud kernel that has just unpacked the initramfs the builder wrote
+//! (this agent as `/init`, the kernel modules under `/lib/modules`, their load order in
+//! `/etc/mvm/modules`) and a kernel command line, signed in the launch plan, that carries the
+//! root filesystem's dm-verity parameters (`mvm.root_hash`, `mvm.salt`, `mvm.data_blocks`,
+//! `mvm.hash_offset`, `mvm.block_size`). `/dev/vda` is the EROFS image, `/dev/vdb` its hash
+//! tree.
+//!
+//! What goes out, in [`boot`]: the image opened through dm-verity with the signed root hash,
+//! mounted read-only under a tmpfs overlay and made the root, with one
+//! `mvm-agent: root ready <root_hash>` line and the boot timings on the console. Every block
+//! the guest reads from then on is checked against the signed tree.
+//!
+//! What it refuses: a malformed or incomplete command line, a module that does not load, disks
+//! that do not appear, a root that fails verification. Each failure is one
+//! `mvm-agent: error <code> <message>` line on the console and a power-off — never a panic,
+//! which for PID 1 would be a kernel panic.
+//!
+//! The exec/file protocol over virtio-console arrives in a later slice.
+
+pub mod boot;
