@@ -59,15 +59,16 @@ pub fn wait_for_devices(paths: &[&'static str], timeout: Duration) -> Result<(),
 
 /// Mounts the EROFS image on `device` read-only under a tmpfs overlay and makes it `/`.
 ///
-/// An EIO while mounting the image means dm-verity refused a block (the superblock itself
-/// does not match the signed tree, or the root hash is wrong): that is an integrity error.
+/// An EIO while mounting the image means dm-verity refused a block (the superblock or the
+/// root directory does not match the signed tree, or the root hash is wrong): that is an
+/// integrity error.
 pub fn mount_root(device: &Path) -> Result<(), BootError> {
     let ro = MountFlags::RDONLY | MountFlags::NODEV;
     match mount(device, dir(IMAGE_MOUNT)?, "erofs", ro, None) {
         Ok(()) => {}
         Err(e) if e == rustix::io::Errno::IO => {
             return Err(BootError::Integrity {
-                path: format!("{} (root filesystem superblock)", device.display()),
+                path: format!("mounting {}", device.display()),
                 source: e.into(),
             })
         }

@@ -1,0 +1,275 @@
+//! The guest agent boots a real Linux guest: a busybox image built into a bundle with the
+//! static `mvm-agent` as `/init`, booted by QEMU (TCG, `microvm` with ACPI) with the plan's
+//! signed kernel command line. The agent loads the kernel modules, opens the root through
+//! dm-verity with the signed root hash, mounts it and reports `root ready`, then powers the
+//! guest off, which ends QEMU. A flipped byte in the image is caught by dm-verity in the guest
+//! and reported as an integrity error.
+//!
+//! The agent must be a static binary (the initramfs has no dynamic loader), which the root
+//! package's build cannot give: this test builds it itself with cargo, `+crt-static` and an
+//! explicit `--target` (so that build scripts stay dynamic), into its own directory under
+//! `CARGO_TARGET_TMPDIR`, where it is kept between runs.
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use mvm_builder::testing::TestLayout;
+use serde_json::Value;
+
+/// A boot under TCG reaches the agent in ~5 s; this bounds a hung guest.
+const WATCHDOG: Duration = Duration::from_secs(90);
+const TARGET: &str = "x86_64-unknown-linux-gnu";
+
+/// The static `mvm-agent`, built once per test run.
+fn static_agent() -> &'static Path {
+    static AGENT: OnceLock<PathBuf> = OnceLock::new();
+    AGENT.get_or_init(|| {
+        let target_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("agent-static");
+        let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["build", "--release", "-p", "mvm-agent", "--target", TARGET])
+            .arg("--target-dir")
+            .arg(&target_dir)
+            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "building the static agent: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let agent = target_dir.join(TARGET).join("release/mvm-agent");
+        assert!(
+            !has_interpreter(&fs::read(&agent).unwrap()),
+            "{} asks for a dynamic loader: not static",
+            agent.display()
+        );
+        agent
+    })
+}
+
+/// Whether an ELF64 executable has a `PT_INTERP` program header (a dynamic loader to run it).
+fn has_interpreter(elf: &[u8]) -> bool {
+    const PT_INTERP: u32 = 3;
+    assert_eq!(&elf[..5], b"\x7fELF\x02", "not an ELF64 file");
+    let u16_at = |at: usize| usize::from(u16::from_le_bytes(elf[at..at + 2].try_into().unwrap()));
+    let phoff = u64::from_le_bytes(elf[0x20..0x28].try_into().unwrap()) as usize;
+    let (size, count) = (u16_at(0x36), u16_at(0x38));
+    (0..count).any(|i| {
+        let at = phoff + i * size;
+        u32::from_le_bytes(elf[at..at + 4].try_into().unwrap()) == PT_INTERP
+    })
+}
+
+fn mvm(home: &Path, args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_mvm"))
+        .arg("--json")
+        .args(args)
+        .env("MVM_HOME", home)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mvm {args:?}\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+/// A built bundle and what its plan says.
+struct Bundle {
+    dir: PathBuf,
+    cmdline: String,
+    root_hash: String,
+}
+
+/// The busybox image built into a bundle with the static agent, once for this file's tests.
+fn bundle() -> &'static Bundle {
+    static BUNDLE: OnceLock<(tempfile::TempDir, Bundle)> = OnceLock::new();
+    &BUNDLE
+        .get_or_init(|| {
+            let work = tempfile::tempdir().unwrap();
+            let home = work.path().join("home");
+            mvm(&home, &["kernel", "fetch"]);
+            let layout = TestLayout::new();
+            let (digest, _) = layout.busybox();
+            let image = format!("oci:{}@{digest}", layout.dir.path().display());
+            let dir = work.path().join("bundle");
+            let agent = static_agent().to_str().unwrap();
+            let out = dir.to_str().unwrap();
+            mvm(
+                &home,
+                &["build", "--image", &image, "--out", out, "--agent", agent],
+            );
+            let envelope: Value =
+                serde_json::from_slice(&fs::read(dir.join("plan.dsse.json")).unwrap()).unwrap();
+            let plan: Value = serde_json::from_slice(
+                &base64::engine::general_purpose::STANDARD
+                    .decode(envelope["payload"].as_str().unwrap())
+                    .unwrap(),
+            )
+            .unwrap();
+            let bundle = Bundle {
+                dir,
+                cmdline: plan["kernel"]["cmdline"].as_str().unwrap().into(),
+                root_hash: plan["rootfs"]["verity"]["root_hash"]
+                    .as_str()
+                    .unwrap()
+                    .into(),
+            };
+            (work, bundle)
+        })
+        .1
+}
+
+/// What a boot printed on the serial console, and whether QEMU ended by itself.
+struct Boot {
+    serial: String,
+    powered_off: bool,
+    took: Duration,
+}
+
+/// Boots `bundle` with `rootfs` as `/dev/vda`. One QEMU at a time: the hosts have two cores.
+fn boot(bundle: &Bundle, rootfs: &Path) -> Boot {
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let version = Command::new("qemu-system-x86_64").arg("--version").output();
+    assert!(
+        version.is_ok_and(|v| v.status.success()),
+        "qemu-system-x86_64 is missing: .ci/run installs it (scripts/deps --test: qemu-system-x86)"
+    );
+    let drive = |id: &str, file: &Path| {
+        [
+            "-drive".to_string(),
+            format!(
+                "id={id},file={},format=raw,if=none,readonly=on",
+                file.display()
+            ),
+            "-device".to_string(),
+            format!("virtio-blk-device,drive={id}"),
+        ]
+    };
+    let started = Instant::now();
+    let mut qemu = Command::new("qemu-system-x86_64")
+        .args([
+            "-M",
+            "microvm,acpi=on",
+            "-accel",
+            "tcg",
+            "-icount",
+            "shift=auto",
+        ])
+        .args([
+            "-cpu",
+            "qemu64",
+            "-m",
+            "256",
+            "-nodefaults",
+            "-no-user-config",
+        ])
+        .args(["-nographic", "-no-reboot", "-serial", "stdio"])
+        .arg("-kernel")
+        .arg(bundle.dir.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(bundle.dir.join("initramfs"))
+        .args(["-append", &bundle.cmdline])
+        // Order matters: the image is vda, its hash tree vdb.
+        .args(drive("root", rootfs))
+        .args(drive("verity", &bundle.dir.join("rootfs.verity")))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let serial = Arc::new(Mutex::new(Vec::new()));
+    let reader = {
+        let serial = Arc::clone(&serial);
+        let mut stdout = qemu.stdout.take().unwrap();
+        thread::spawn(move || {
+            let mut buf = [0; 4096];
+            while let Ok(n @ 1..) = stdout.read(&mut buf) {
+                serial.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        })
+    };
+    let powered_off = loop {
+        if let Some(status) = qemu.try_wait().unwrap() {
+            let mut stderr = String::new();
+            qemu.stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut stderr)
+                .unwrap();
+            assert!(status.success(), "qemu failed ({status}): {stderr}");
+            break true;
+        }
+        if started.elapsed() > WATCHDOG {
+            qemu.kill().unwrap();
+            qemu.wait().unwrap();
+            break false;
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    reader.join().unwrap();
+    let serial = String::from_utf8_lossy(&serial.lock().unwrap()).into_owned();
+    Boot {
+        serial,
+        powered_off,
+        took: started.elapsed(),
+    }
+}
+
+#[test]
+fn the_agent_opens_the_verified_root_and_powers_off() {
+    let bundle = bundle();
+    let boot = boot(bundle, &bundle.dir.join("rootfs.erofs"));
+    let log = &boot.serial;
+    assert!(boot.powered_off, "no power-off within {WATCHDOG:?}:\n{log}");
+    let ready = format!("mvm-agent: root ready {}", bundle.root_hash);
+    assert!(
+        log.lines().any(|l| l.trim_end() == ready),
+        "no `{ready}`:\n{log}"
+    );
+    assert!(
+        log.contains("mvm-agent: motd: from the base layer"),
+        "the image's /etc/motd was read through dm-verity:\n{log}"
+    );
+    assert!(!log.contains("mvm-agent: error"), "{log}");
+    let timings = log
+        .lines()
+        .find(|l| l.starts_with("mvm-agent: boot ms "))
+        .unwrap_or_else(|| panic!("no boot timings:\n{log}"));
+    eprintln!("{} (QEMU ran {:?})", timings.trim_end(), boot.took);
+}
+
+#[test]
+fn a_flipped_byte_in_the_image_is_an_integrity_error() {
+    let bundle = bundle();
+    let work = tempfile::tempdir().unwrap();
+    let mut image = fs::read(bundle.dir.join("rootfs.erofs")).unwrap();
+    let motd = b"from the base layer\n";
+    let at = image
+        .windows(motd.len())
+        .position(|w| w == motd)
+        .expect("the image holds /etc/motd's bytes");
+    image[at] ^= 0x20;
+    let tampered = work.path().join("rootfs.erofs");
+    fs::write(&tampered, image).unwrap();
+
+    let boot = boot(bundle, &tampered);
+    let log = &boot.serial;
+    assert!(boot.powered_off, "no power-off within {WATCHDOG:?}:\n{log}");
+    assert!(
+        log.contains("mvm-agent: error AGENT007 integrity"),
+        "dm-verity refused the block:\n{log}"
+    );
+    assert!(!log.contains("mvm-agent: motd:"), "{log}");
+}
