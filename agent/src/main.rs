@@ -1,12 +1,13 @@
 //! `mvm-agent`: `/init` of the guest's initramfs.
 //!
 //! It boots the verified root (see [`mvm_agent::boot`]), reports it on the console, and — in
-//! this slice, before the host protocol exists — shows the image's `/etc/motd` as a first read
-//! through dm-verity, then powers the guest off. Whatever fails is reported as one
+//! this slice, before the host protocol exists — runs the image's shell to print its
+//! `/etc/motd`, a first program executed through dm-verity, then powers the guest off. Whatever fails is reported as one
 //! `mvm-agent: error <code> <message>` line, followed by a power-off: PID 1 must never exit or
 //! panic, which would panic the kernel.
 
-use std::io::{self, Write};
+use std::io::Write;
+use std::process::Command;
 
 use mvm_agent::boot::{self, console, BootError};
 
@@ -26,7 +27,7 @@ fn main() {
     match boot::run(started).and_then(|booted| {
         console.line(&format!("root ready {}", booted.verity.root_hash));
         console.line(&format!("boot ms {}", booted.timings));
-        show_motd(&mut console)
+        run_first_command(&mut console)
     }) {
         Ok(()) => {}
         Err(error) => console.error(&error),
@@ -34,26 +35,31 @@ fn main() {
     console.power_off()
 }
 
-/// Prints the image's `/etc/motd`, if it has one: the first file read through dm-verity. A
-/// block that fails verification makes the read fail with EIO, reported as an integrity error.
-fn show_motd(console: &mut console::Console) -> Result<(), BootError> {
-    match std::fs::read("/etc/motd") {
-        Ok(motd) => {
-            for line in String::from_utf8_lossy(&motd).lines() {
-                console.line(&format!("motd: {line}"));
+/// The slice's stand-in for a workload: the image's own shell printing its `/etc/motd`, the
+/// first program executed from the verified root. A block of `/bin/sh` that fails verification
+/// makes the exec fail with EIO, reported as an integrity error.
+const FIRST_COMMAND: [&str; 3] = ["/bin/sh", "-c", "cat /etc/motd"];
+
+fn run_first_command(console: &mut console::Console) -> Result<(), BootError> {
+    let [program, args @ ..] = FIRST_COMMAND;
+    let status = Command::new(program)
+        .args(args)
+        .env_clear()
+        .env("PATH", "/bin:/usr/bin:/sbin:/usr/sbin")
+        .status()
+        .map_err(|source| {
+            if source.raw_os_error() == Some(rustix::io::Errno::IO.raw_os_error()) {
+                BootError::Integrity {
+                    path: program.into(),
+                    source,
+                }
+            } else {
+                BootError::System {
+                    what: program.into(),
+                    source,
+                }
             }
-            Ok(())
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(source) if source.raw_os_error() == Some(rustix::io::Errno::IO.raw_os_error()) => {
-            Err(BootError::Integrity {
-                path: "/etc/motd".into(),
-                source,
-            })
-        }
-        Err(source) => Err(BootError::System {
-            what: "/etc/motd".into(),
-            source,
-        }),
-    }
+        })?;
+    console.line(&format!("{} {status}", FIRST_COMMAND.join(" ")));
+    Ok(())
 }
