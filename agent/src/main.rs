@@ -2,9 +2,9 @@
 //!
 //! It boots the verified root (see [`mvm_agent::boot`]), reports it on the console, and — in
 //! this slice, before the host protocol exists — runs the image's shell to print its
-//! `/etc/motd`, a first program executed through dm-verity, then powers the guest off. Whatever fails is reported as one
-//! `mvm-agent: error <code> <message>` line, followed by a power-off: PID 1 must never exit or
-//! panic, which would panic the kernel.
+//! `/etc/motd`, a first program executed through dm-verity, then powers the guest off.
+//! Whatever fails is reported as one `mvm-agent: error <code> <message>` line, followed by a
+//! power-off: PID 1 must never exit or panic, which would panic the kernel.
 
 use std::io::Write;
 use std::process::Command;
@@ -24,13 +24,13 @@ fn main() {
         // Nowhere to say it: the power-off itself tells the host the guest failed early.
         console::power_off(None)
     };
-    match boot::run(started).and_then(|booted| {
+    let outcome = boot::run(started).and_then(|booted| {
         console.line(&format!("root ready {}", booted.verity.root_hash));
         console.line(&format!("boot ms {}", booted.timings));
         run_first_command(&mut console)
-    }) {
-        Ok(()) => {}
-        Err(error) => console.error(&error),
+    });
+    if let Err(error) = outcome {
+        console.error(&error);
     }
     console.power_off()
 }

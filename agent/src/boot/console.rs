@@ -5,7 +5,7 @@
 //! agent's stdin, stdout and stderr. The host reads this console: every line the agent writes
 //! here starts with `mvm-agent: `.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 
@@ -73,8 +73,7 @@ pub fn power_off(console: Option<&File>) -> ! {
     }
 }
 
-/// Whether `/dev/console` can be opened for a last word, for the panic hook.
+/// Opens `/dev/console` again, if it can be, for the panic hook's last word.
 pub fn reopen() -> Option<File> {
-    let _ = fs::create_dir_all("/dev");
     OpenOptions::new().write(true).open("/dev/console").ok()
 }

@@ -178,7 +178,12 @@ fn dm_ioctl<const OPCODE: Opcode, T: DmArgument>(
     step: &'static str,
 ) -> Result<(), BootError> {
     // The kernel reads and writes back `data_size` bytes from the start of the argument.
-    assert_eq!(arg.header().data_size as usize, size_of::<T>());
+    if arg.header().data_size as usize != size_of::<T>() {
+        return Err(BootError::DeviceMapper {
+            step,
+            source: io::Error::other("argument size and data_size disagree"),
+        });
+    }
     // SAFETY: every `DmArgument` is a `#[repr(C)]` value that begins with a `struct dm_ioctl`
     // whose `data_size` is the size of the whole value (checked just above), which is what
     // the device-mapper ioctls (`_IOWR(0xfd, n, struct dm_ioctl)`) expect; the kernel reads

@@ -17,15 +17,13 @@ pub const MODULE_LIST: &str = "/etc/mvm/modules";
 /// Where the modules are, as `<name>.ko`.
 pub const MODULE_DIR: &str = "/lib/modules";
 
-/// Loads every module named in `list` from `dir`, in order, and returns how many it loaded.
-pub fn load_listed(list: &Path, dir: &Path) -> Result<usize, BootError> {
+/// Loads every module named in `list` from `dir`, in order.
+pub fn load_listed(list: &Path, dir: &Path) -> Result<(), BootError> {
     let names = fs::read_to_string(list).map_err(BootError::system(list.display().to_string()))?;
-    let mut loaded = 0;
     for name in names.lines().map(str::trim).filter(|l| !l.is_empty()) {
         load(name, &dir.join(format!("{name}.ko")))?;
-        loaded += 1;
     }
-    Ok(loaded)
+    Ok(())
 }
 
 fn load(name: &str, path: &Path) -> Result<(), BootError> {
