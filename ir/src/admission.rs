@@ -120,12 +120,26 @@ impl PlanAdmission {
 
     /// Verifies the envelope in `bytes` and, for a single-use plan, consumes its nonce.
     pub fn admit(&self, bytes: &[u8], now: OffsetDateTime) -> Result<VerifiedPlan, Error> {
+        self.admit_checked(bytes, now, |_| Ok::<(), Error>(()))
+            .map(|(verified, ())| verified)
+    }
+
+    /// Verifies the envelope in `bytes`, runs the caller's own checks on the verified plan
+    /// (the runner's artifact digests), and only when they pass consumes a single-use plan's
+    /// nonce: a plan refused for a bad artifact is not used up.
+    pub fn admit_checked<T, E: From<Error>>(
+        &self,
+        bytes: &[u8],
+        now: OffsetDateTime,
+        check: impl FnOnce(&VerifiedPlan) -> Result<T, E>,
+    ) -> Result<(VerifiedPlan, T), E> {
         let verified = verify_signed_plan(bytes, &self.trust, now)?;
+        let checked = check(&verified)?;
         if verified.plan.single_use {
             self.ledger
                 .record(&verified.plan.nonce, verified.plan.valid_until, now)?;
         }
-        Ok(verified)
+        Ok((verified, checked))
     }
 }
 

@@ -1,0 +1,219 @@
+//! Plan admission for the runner: a plan bundle in, verified boot artifacts out.
+
+use std::fs::{self, File};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use mvm_ir::admission::{PlanAdmission, VerifiedPlan};
+use mvm_ir::digest::sha256_prefixed;
+use mvm_ir::plan::{LaunchPlan, MAX_ENVELOPE_BYTES};
+use time::OffsetDateTime;
+
+/// The largest kernel the runner reads.
+const MAX_KERNEL_BYTES: u64 = 128 << 20;
+/// The largest initramfs the runner reads.
+const MAX_INITRAMFS_BYTES: u64 = 1 << 30;
+
+/// Why a plan was not admitted. [`AdmissionError::code`] is stable.
+#[derive(Debug, thiserror::Error)]
+pub enum AdmissionError {
+    /// The plan itself was refused (signature, trust, window, replay, …).
+    #[error(transparent)]
+    Plan(#[from] mvm_ir::Error),
+    /// A file the plan pins is missing or not a regular file.
+    #[error("{what} {path}: {reason}")]
+    MissingArtifact {
+        /// Which artifact.
+        what: &'static str,
+        /// Where it was looked for.
+        path: PathBuf,
+        /// Why it cannot be used.
+        reason: String,
+    },
+    /// A file's bytes differ from the digest the plan pins.
+    #[error("{what} {path} hashes to {found}, the plan pins {pinned}")]
+    DigestMismatch {
+        /// Which artifact.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The digest the plan pins.
+        pinned: String,
+        /// What the file hashes to.
+        found: String,
+    },
+    /// The root filesystem or its hash tree is not the size the verity parameters require.
+    #[error("{what} {path} is {found} bytes, the plan's verity parameters need {expected}")]
+    WrongSize {
+        /// Which artifact.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        found: u64,
+        /// The size required.
+        expected: String,
+    },
+}
+
+impl AdmissionError {
+    /// The stable code of this refusal.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AdmissionError::Plan(e) => e.code(),
+            AdmissionError::MissingArtifact { .. } => "RUN001",
+            AdmissionError::DigestMismatch { .. } => "RUN002",
+            AdmissionError::WrongSize { .. } => "RUN003",
+        }
+    }
+}
+
+/// What boots: the kernel and initramfs as checked (in memory), and the paths of the root
+/// filesystem and its hash tree.
+#[derive(Debug)]
+pub struct BootArtifacts {
+    /// The kernel's bytes, hashed.
+    pub kernel: Vec<u8>,
+    /// The initramfs's bytes, hashed.
+    pub initramfs: Vec<u8>,
+    /// The EROFS image.
+    pub rootfs: PathBuf,
+    /// Its verity hash tree.
+    pub verity: PathBuf,
+}
+
+/// An admitted plan and its artifacts.
+#[derive(Debug)]
+pub struct Admitted {
+    /// The verified plan.
+    pub plan: VerifiedPlan,
+    /// What it boots.
+    pub artifacts: BootArtifacts,
+}
+
+/// Admits the plan envelope at `envelope` (its artifacts are the files beside it), consuming a
+/// single-use plan's nonce only if everything passed.
+pub fn admit_bundle(
+    envelope: &Path,
+    admission: &PlanAdmission,
+    now: OffsetDateTime,
+) -> Result<Admitted, AdmissionError> {
+    let bytes = mvm_ir::fsutil::read_capped(envelope, MAX_ENVELOPE_BYTES, "plan envelope")?;
+    let bundle = envelope
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let (plan, artifacts) = admission.admit_checked(&bytes, now, |verified| {
+        load_artifacts(bundle, &verified.plan)
+    })?;
+    Ok(Admitted { plan, artifacts })
+}
+
+/// Reads and checks the artifacts `plan` pins in `bundle`.
+pub fn load_artifacts(bundle: &Path, plan: &LaunchPlan) -> Result<BootArtifacts, AdmissionError> {
+    let kernel = read_pinned(
+        "kernel",
+        &bundle.join(&plan.kernel.path),
+        &plan.kernel.digest,
+        MAX_KERNEL_BYTES,
+    )?;
+    let initramfs = read_pinned(
+        "initramfs",
+        &bundle.join(&plan.initramfs.path),
+        &plan.initramfs.digest,
+        MAX_INITRAMFS_BYTES,
+    )?;
+    let verity = &plan.rootfs.verity;
+    let rootfs = bundle.join(&plan.rootfs.path);
+    let rootfs_len = regular_file_len("root filesystem", &rootfs)?;
+    let data_len = verity
+        .data_blocks
+        .checked_mul(u64::from(verity.data_block_size));
+    if data_len != Some(rootfs_len) {
+        return Err(AdmissionError::WrongSize {
+            what: "root filesystem",
+            path: rootfs,
+            found: rootfs_len,
+            expected: format!(
+                "{} blocks of {}",
+                verity.data_blocks, verity.data_block_size
+            ),
+        });
+    }
+    let tree = bundle.join(&verity.path);
+    let tree_len = regular_file_len("verity tree", &tree)?;
+    // At least the superblock's block and one hash block after the offset.
+    let minimum = verity
+        .hash_offset
+        .saturating_add(2 * u64::from(verity.hash_block_size));
+    if tree_len < minimum {
+        return Err(AdmissionError::WrongSize {
+            what: "verity tree",
+            path: tree,
+            found: tree_len,
+            expected: format!("at least {minimum}"),
+        });
+    }
+    Ok(BootArtifacts {
+        kernel,
+        initramfs,
+        rootfs,
+        verity: tree,
+    })
+}
+
+/// Reads `path` once (refusing anything but a regular file, and more than `limit` bytes) and
+/// checks its digest on the bytes read.
+fn read_pinned(
+    what: &'static str,
+    path: &Path,
+    pinned: &str,
+    limit: u64,
+) -> Result<Vec<u8>, AdmissionError> {
+    let missing = |reason: String| AdmissionError::MissingArtifact {
+        what,
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file = File::open(path).map_err(|e| missing(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| missing(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(missing("not a regular file".into()));
+    }
+    let mut bytes = Vec::new();
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| missing(e.to_string()))?;
+    if bytes.len() as u64 > limit {
+        return Err(missing(format!("over the {limit}-byte limit")));
+    }
+    let found = sha256_prefixed(&bytes);
+    if found != pinned {
+        return Err(AdmissionError::DigestMismatch {
+            what,
+            path: path.to_path_buf(),
+            pinned: pinned.to_string(),
+            found,
+        });
+    }
+    Ok(bytes)
+}
+
+fn regular_file_len(what: &'static str, path: &Path) -> Result<u64, AdmissionError> {
+    let meta = fs::metadata(path).map_err(|e| AdmissionError::MissingArtifact {
+        what,
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    if !meta.is_file() {
+        return Err(AdmissionError::MissingArtifact {
+            what,
+            path: path.to_path_buf(),
+            reason: "not a regular file".into(),
+        });
+    }
+    Ok(meta.len())
+}
+
+#[cfg(test)]
+mod tests;
