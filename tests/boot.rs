@@ -22,6 +22,8 @@ use base64::Engine as _;
 use mvm_builder::testing::TestLayout;
 use serde_json::Value;
 
+mod support;
+
 /// A boot under TCG reaches the agent in ~5 s; this bounds a hung guest.
 const WATCHDOG: Duration = Duration::from_secs(90);
 const TARGET: &str = "x86_64-unknown-linux-gnu";
@@ -68,20 +70,9 @@ fn has_interpreter(elf: &[u8]) -> bool {
     })
 }
 
+/// `mvm --json ARGS`, which must succeed.
 fn mvm(home: &Path, args: &[&str]) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_mvm"))
-        .arg("--json")
-        .args(args)
-        .env("MVM_HOME", home)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "mvm {args:?}\nstdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    support::mvm_json(home, args, 0)
 }
 
 /// A built bundle and what its plan says.

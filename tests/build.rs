@@ -9,8 +9,12 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::OnceLock;
+
+mod support;
+
+use support::{mvm, mvm_json as json};
 
 use base64::Engine as _;
 use mvm_builder::testing::{layer, LocalRegistry, TestLayout, TAR};
@@ -31,28 +35,6 @@ fn shared_home() -> &'static Path {
         home
     })
     .path()
-}
-
-fn mvm(home: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mvm"))
-        .args(args)
-        .env("MVM_HOME", home)
-        .output()
-        .unwrap()
-}
-
-fn json(home: &Path, args: &[&str], status: i32) -> Value {
-    let mut all = vec!["--json"];
-    all.extend_from_slice(args);
-    let out = mvm(home, &all);
-    assert_eq!(
-        out.status.code(),
-        Some(status),
-        "mvm {args:?}\nstdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// A workload declaration for `image` in `dir`.
@@ -108,19 +90,17 @@ fn sha256_file(path: &Path) -> String {
     mvm_ir::digest::sha256_prefixed(&fs::read(path).unwrap())
 }
 
-fn build(home: &Path, declaration: &Path, out: &Path) -> Value {
-    json(
-        home,
-        &[
-            "build",
-            declaration.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--agent",
-            "/bin/busybox",
-        ],
-        0,
-    )
+/// `mvm build DECLARATION --out OUT` with busybox as the stand-in agent; asserts `status`.
+fn build(home: &Path, declaration: &Path, out: &Path, status: i32) -> Value {
+    let args = [
+        "build",
+        declaration.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--agent",
+        "/bin/busybox",
+    ];
+    json(home, &args, status)
 }
 
 fn payload(envelope: &Path) -> Value {
@@ -150,7 +130,7 @@ fn build_from_a_registry_checked_with_the_real_tools() {
         &digest,
     );
     let out = work.path().join("bundle");
-    let built = build(home, &declaration, &out);
+    let built = build(home, &declaration, &out, 0);
     for file in [
         "rootfs.erofs",
         "rootfs.verity",
@@ -374,7 +354,7 @@ fn build_from_a_registry_checked_with_the_real_tools() {
     // the same image bytes and root hash.
     drop(registry);
     let again = work.path().join("again");
-    let rebuilt = build(home, &declaration, &again);
+    let rebuilt = build(home, &declaration, &again, 0);
     assert_eq!(rebuilt["rootfs_digest"], built["rootfs_digest"]);
     assert_eq!(rebuilt["root_hash"], built["root_hash"]);
     assert_eq!(
@@ -387,7 +367,7 @@ fn build_from_a_registry_checked_with_the_real_tools() {
     );
 
     // Building over an existing bundle replaces it whole.
-    build(home, &declaration, &out);
+    build(home, &declaration, &out, 0);
     json(
         home,
         &[
@@ -427,15 +407,7 @@ fn a_tampered_layer_fails_the_build_and_leaves_no_bundle() {
         &digest,
     );
     let out = work.path().join("bundle");
-    let args = [
-        "build",
-        declaration.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--agent",
-        "/bin/busybox",
-    ];
-    let refused = json(home, &args, 1);
+    let refused = build(home, &declaration, &out, 1);
     assert_eq!(refused["error"]["code"], "OCI002");
     assert!(!out.exists(), "no bundle is left behind");
     let leftovers: Vec<_> = fs::read_dir(work.path())

@@ -9,6 +9,8 @@ use std::process::{Command, Output};
 use base64::Engine as _;
 use serde_json::Value;
 
+mod support;
+
 struct Mvm {
     home: tempfile::TempDir,
 }
@@ -25,26 +27,12 @@ impl Mvm {
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_mvm"))
-            .args(args)
-            .env("MVM_HOME", self.dir().join("state"))
-            .output()
-            .unwrap()
+        support::mvm(&self.dir().join("state"), args)
     }
 
     /// Runs with `--json`, asserts the exit status, and parses stdout.
     fn json(&self, args: &[&str], status: i32) -> Value {
-        let mut all = vec!["--json"];
-        all.extend_from_slice(args);
-        let out = self.run(&all);
-        assert_eq!(
-            out.status.code(),
-            Some(status),
-            "mvm {args:?}\nstdout: {}\nstderr: {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        support::mvm_json(&self.dir().join("state"), args, status)
     }
 
     fn path(&self, name: &str) -> PathBuf {
