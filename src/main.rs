@@ -42,6 +42,8 @@ enum Command {
     Audit(commands::audit::AuditCommand),
     /// Build a workload into a signed plan bundle.
     Build(commands::build::BuildArgs),
+    /// Run a command in a fresh microVM booted from a signed plan or an image.
+    Run(commands::run::RunArgs),
     /// Guest kernels: fetch and pin the Debian cloud kernel.
     #[command(subcommand)]
     Kernel(commands::kernel::KernelCommand),
@@ -62,6 +64,7 @@ fn main() -> ExitCode {
         Command::Keys(cmd) => commands::keys::run(cmd, &out),
         Command::Audit(cmd) => commands::audit::run(cmd, &out),
         Command::Build(args) => commands::build::run(args, &out),
+        Command::Run(args) => return commands::run::run(args, &out),
         Command::Kernel(cmd) => commands::kernel::run(cmd, &out),
         Command::Bench(cmd) => commands::bench::run(cmd, &out),
         Command::BuildWorker => return mvm_builder::worker::serve(),

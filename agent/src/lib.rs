@@ -17,6 +17,10 @@
 //! `mvm-agent: error <code> <message>` line on the console and a power-off — never a panic,
 //! which for PID 1 would be a kernel panic.
 //!
-//! The exec/file protocol over virtio-console arrives in a later slice.
+//! Then, in [`serve`], the agent answers the host over the virtio-console port named
+//! `mvm.agent`, in the [`protocol`] both sides share: a hello with the boot timings, commands
+//! run as an unprivileged user with their output streamed back, and a power-off.
 
 pub mod boot;
+pub mod protocol;
+pub mod serve;

@@ -1,15 +1,24 @@
 //! `mvm-agent`: `/init` of the guest's initramfs.
 //!
-//! It boots the verified root (see [`mvm_agent::boot`]), reports it on the console, and — in
-//! this slice, before the host protocol exists — runs the image's shell to print its
-//! `/etc/motd`, a first program executed through dm-verity, then powers the guest off.
-//! Whatever fails is reported as one `mvm-agent: error <code> <message>` line, followed by a
-//! power-off: PID 1 must never exit or panic, which would panic the kernel.
+//! It boots the verified root (see [`mvm_agent::boot`]), reports it on the console, opens the
+//! agent channel and serves the host (see [`mvm_agent::serve`]) until the host asks for a
+//! power-off or goes away. Whatever fails is reported as one `mvm-agent: error <code>
+//! <message>` line, followed by a power-off: PID 1 must never exit or panic, which would panic
+//! the kernel.
 
+use std::fs;
 use std::io::Write;
-use std::process::Command;
+use std::os::unix::fs::PermissionsExt;
 
-use mvm_agent::boot::{self, console, BootError};
+use mvm_agent::boot::{self, console, devmapper, BootError, Booted};
+use mvm_agent::protocol::{BootTimings, Integrity};
+use mvm_agent::serve::{self, exec::Credentials, Ended, ServeConfig};
+
+/// The unprivileged user and group every workload command runs as.
+const WORKLOAD_USER: Credentials = Credentials {
+    uid: 1000,
+    gid: 1000,
+};
 
 fn main() {
     let started = boot::since_kernel_start();
@@ -24,42 +33,66 @@ fn main() {
         // Nowhere to say it: the power-off itself tells the host the guest failed early.
         console::power_off(None)
     };
-    let outcome = boot::run(started).and_then(|booted| {
+    let booted = boot::run(started).and_then(|booted| {
         console.line(&format!("root ready {}", booted.verity.root_hash));
-        console.line(&format!("boot ms {}", booted.timings));
-        run_first_command(&mut console)
+        prepare_for_workloads()?;
+        let channel = serve::channel::open()?;
+        Ok((booted, channel))
     });
-    if let Err(error) = outcome {
-        console.error(&error);
+    let (booted, mut channel) = match booted {
+        Ok(ready) => ready,
+        Err(error) => {
+            console.error(&error);
+            console.power_off()
+        }
+    };
+    let config = ServeConfig {
+        workload_user: Some(WORKLOAD_USER),
+        reap_orphans: true,
+        timings: timings(&booted),
+        integrity: root_integrity,
+    };
+    console.line(&format!("channel ready, boot ms {}", booted.timings));
+    match serve::serve(&mut channel, &config) {
+        Ok(Ended::PowerOff) => console.line("power-off requested"),
+        Ok(Ended::HostGone) => console.line("the host closed the channel"),
+        Err(error) => console.line(&format!("error {} {error}", error.code())),
     }
     console.power_off()
 }
 
-/// The slice's stand-in for a workload: the image's own shell printing its `/etc/motd`, the
-/// first program executed from the verified root. A block of `/bin/sh` that fails verification
-/// makes the exec fail with EIO, reported as an integrity error.
-const FIRST_COMMAND: [&str; 3] = ["/bin/sh", "-c", "cat /etc/motd"];
+/// What every command can count on and cannot undo: a world-writable `/tmp` in the overlay,
+/// and `no_new_privs` on the agent, inherited by everything it starts, so no set-uid program
+/// in the image can take a command back to root.
+fn prepare_for_workloads() -> Result<(), BootError> {
+    let system = |what: &str| {
+        let what = what.to_string();
+        move |source| BootError::System { what, source }
+    };
+    fs::create_dir_all("/tmp").map_err(system("/tmp"))?;
+    fs::set_permissions("/tmp", fs::Permissions::from_mode(0o1777)).map_err(system("/tmp"))?;
+    rustix::thread::set_no_new_privs(true)
+        .map_err(|e| BootError::System {
+            what: "no_new_privs".into(),
+            source: e.into(),
+        })
+}
 
-fn run_first_command(console: &mut console::Console) -> Result<(), BootError> {
-    let [program, args @ ..] = FIRST_COMMAND;
-    let status = Command::new(program)
-        .args(args)
-        .env_clear()
-        .env("PATH", "/bin:/usr/bin:/sbin:/usr/sbin")
-        .status()
-        .map_err(|source| {
-            if source.raw_os_error() == Some(rustix::io::Errno::IO.raw_os_error()) {
-                BootError::Integrity {
-                    path: program.into(),
-                    source,
-                }
-            } else {
-                BootError::System {
-                    what: program.into(),
-                    source,
-                }
-            }
-        })?;
-    console.line(&format!("{} {status}", FIRST_COMMAND.join(" ")));
-    Ok(())
+fn timings(booted: &Booted) -> BootTimings {
+    BootTimings {
+        agent_ms: booted.timings.agent,
+        modules_ms: booted.timings.modules,
+        verity_ms: booted.timings.verity,
+        root_ms: booted.timings.root,
+        channel_ms: boot::since_kernel_start(),
+    }
+}
+
+/// The verified root's state from dm-verity. A status that cannot be read counts as corrupted:
+/// the host must not report a clean run it cannot vouch for.
+fn root_integrity() -> Integrity {
+    match devmapper::verity_corrupted(boot::ROOT_DM_NAME) {
+        Ok(false) => Integrity::Intact,
+        Ok(true) | Err(_) => Integrity::Corrupted,
+    }
 }

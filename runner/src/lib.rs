@@ -8,7 +8,14 @@
 //! require (their contents are checked block by block by dm-verity in the guest, against the
 //! root hash the plan signs). Only then is a single-use plan's nonce consumed.
 //!
-//! The backends that boot an admitted plan (a supervised QEMU, and mvm's own VMM) arrive with
-//! the runner issues.
+//! [`launch`] is the whole run: admission, the VM's private state directory, the backend
+//! ([`qemu`], chosen for the host by [`host`]), the agent channel ([`client`]) for the hello
+//! and the command, the power-off, and the audit entries. The runner links no builder, no HTTP
+//! client and no registry client.
 
 pub mod admission;
+pub mod client;
+pub mod host;
+pub mod launch;
+pub mod qemu;
+pub mod serial;

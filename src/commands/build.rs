@@ -65,6 +65,12 @@ pub struct BuildArgs {
     /// serves now, and record that digest.
     #[arg(long, requires = "image")]
     allow_unpinned: bool,
+    /// With --image: virtual CPUs for the VM (default 1).
+    #[arg(long, requires = "image")]
+    cpus: Option<u32>,
+    /// With --image: memory for the VM in MiB (default 256).
+    #[arg(long, requires = "image", value_name = "MIB")]
+    memory: Option<u32>,
     /// The command for --image (after `--`).
     #[arg(last = true, requires = "image")]
     command: Vec<String>,
@@ -167,7 +173,12 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
             coded_as(&code, e)
         })?;
 
-    let (workload, app_index) = target.workload(&args.command, &report.command)?;
+    let resources = Resources {
+        cpu_cores: args.cpus.unwrap_or(1),
+        memory_mb: args.memory.unwrap_or(256),
+        rootfs_size_mb: None,
+    };
+    let (workload, app_index) = target.workload(&args.command, &report.command, resources)?;
     let app = &workload.apps[app_index];
     let digest = ir_digest(&workload)?;
     let now = time::OffsetDateTime::now_utc().replace_nanosecond(0)?;
@@ -351,6 +362,7 @@ impl Target {
         &self,
         command: &[String],
         image_command: &[String],
+        resources: Resources,
     ) -> anyhow::Result<(Workload, usize)> {
         if let Some(declared) = &self.declared {
             return Ok(declared.clone());
@@ -391,11 +403,7 @@ impl Target {
                     reference: self.reference.clone(),
                     digest: self.digest.clone(),
                 },
-                resources: Resources {
-                    cpu_cores: 1,
-                    memory_mb: 256,
-                    rootfs_size_mb: None,
-                },
+                resources,
                 entrypoints: vec![Entrypoint::Command {
                     command: command.to_vec(),
                     cwd: None,

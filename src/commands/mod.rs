@@ -9,6 +9,7 @@ pub mod ir;
 pub mod kernel;
 pub mod keys;
 pub mod plan;
+pub mod run;
 
 use std::fmt;
 
@@ -69,7 +70,7 @@ pub fn class_of(code: &str) -> ErrorClass {
     match code {
         "OCI002" | "KERNEL005" => ErrorClass::Integrity,
         "OCI007" | "OCI008" | "LAYER011" | "BUILD003" | "BUILD004" | "BUILD005" | "KERNEL001"
-        | "KERNEL006" | "BENCH001" => ErrorClass::Io,
+        | "KERNEL006" | "BENCH001" | "RUN031" | "RUN032" => ErrorClass::Io,
         _ => ErrorClass::InvalidInput,
     }
 }

@@ -1,5 +1,7 @@
 //! Running the `mvm` binary from the end-to-end tests, against a state directory of their own.
 
+pub mod guest;
+
 use std::path::Path;
 use std::process::{Command, Output};
 

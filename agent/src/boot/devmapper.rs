@@ -38,6 +38,9 @@ const DM_VERSION: Opcode = opcode::read_write::<DmIoctl>(DM_IOCTL, 0);
 const DM_DEV_CREATE: Opcode = opcode::read_write::<DmIoctl>(DM_IOCTL, 3);
 const DM_DEV_SUSPEND: Opcode = opcode::read_write::<DmIoctl>(DM_IOCTL, 6);
 const DM_TABLE_LOAD: Opcode = opcode::read_write::<DmIoctl>(DM_IOCTL, 9);
+const DM_TABLE_STATUS: Opcode = opcode::read_write::<DmIoctl>(DM_IOCTL, 12);
+/// The kernel could not fit the whole answer in the buffer it was given.
+const DM_BUFFER_FULL_FLAG: u32 = 1 << 8;
 /// Room for the verity target's parameters: the longest possible table (two device paths,
 /// 20-digit numbers, a 64-digit root hash and a 512-digit salt) is under 700 bytes.
 const PARAMS_LEN: usize = 1024;
@@ -102,6 +105,36 @@ impl DmArgument for DmIoctl {
 impl DmArgument for TableLoad {
     fn header(&self) -> &DmIoctl {
         &self.header
+    }
+}
+
+/// The argument of `DM_TABLE_STATUS`: a header, then room for the kernel to write one target
+/// spec and its status string.
+#[repr(C)]
+struct TableStatus {
+    header: DmIoctl,
+    data: [u8; PARAMS_LEN],
+}
+const _: () = assert!(size_of::<TableStatus>().is_multiple_of(8));
+
+impl DmArgument for TableStatus {
+    fn header(&self) -> &DmIoctl {
+        &self.header
+    }
+}
+
+impl TableStatus {
+    /// The status string of the first target, as the kernel wrote it: the spec begins at
+    /// `data_start` from the start of the header, its NUL-terminated string right after it.
+    /// Every offset comes from the kernel and is checked against the buffer.
+    fn first_target_status(&self) -> Option<&[u8]> {
+        if self.header.target_count == 0 || self.header.flags & DM_BUFFER_FULL_FLAG != 0 {
+            return None;
+        }
+        let start = (self.header.data_start as usize).checked_sub(size_of::<DmIoctl>())?;
+        let status = self.data.get(start + size_of::<DmTargetSpec>()..)?;
+        let end = status.iter().position(|b| *b == 0)?;
+        Some(&status[..end])
     }
 }
 
@@ -253,6 +286,26 @@ pub fn open_verity(
     Ok(node)
 }
 
+/// Whether dm-verity has found a corrupted block on the device `name` since it was opened:
+/// its status line is `V` while every block read verified and `C` from the first that did not.
+pub fn verity_corrupted(name: &str) -> io::Result<bool> {
+    let control = OpenOptions::new().read(true).write(true).open(CONTROL)?;
+    let mut status = Box::new(TableStatus {
+        header: DmIoctl::new::<TableStatus>(name),
+        data: [0; PARAMS_LEN],
+    });
+    dm_ioctl::<DM_TABLE_STATUS, _>(&control, &mut *status, "DM_TABLE_STATUS")
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    match status.first_target_status() {
+        Some(b"V") => Ok(false),
+        Some(b"C") => Ok(true),
+        other => Err(io::Error::other(format!(
+            "unexpected verity status {:?}",
+            other.map(String::from_utf8_lossy)
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,6 +349,31 @@ mod tests {
             )
             .as_bytes()
         );
+    }
+
+    #[test]
+    fn a_status_answer_is_read_within_its_buffer() {
+        let mut status = TableStatus {
+            header: DmIoctl::new::<TableStatus>("mvm-root"),
+            data: [0; PARAMS_LEN],
+        };
+        assert_eq!(status.first_target_status(), None, "no target yet");
+        status.header.target_count = 1;
+        status.header.data_start = 312;
+        status.data[40] = b'C';
+        assert_eq!(status.first_target_status(), Some(&b"C"[..]));
+        for hostile_start in [0, 311, 312 + PARAMS_LEN as u32, u32::MAX] {
+            status.header.data_start = hostile_start;
+            assert_eq!(status.first_target_status(), None, "{hostile_start}");
+        }
+        status.header.data_start = 312;
+        status.data.fill(b'V');
+        assert_eq!(status.first_target_status(), None, "no terminating NUL");
+        status.data[41] = 0;
+        status.header.flags = DM_BUFFER_FULL_FLAG;
+        assert_eq!(status.first_target_status(), None, "truncated answer");
+        // _IOWR(0xfd, 12, struct dm_ioctl)
+        assert_eq!(DM_TABLE_STATUS, 0xc138_fd0c);
     }
 
     #[test]

@@ -76,6 +76,13 @@ pub enum BootError {
         #[source]
         source: io::Error,
     },
+    /// The agent channel (a virtio-console port) could not be found or opened.
+    #[error("agent channel: {source}")]
+    Channel {
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
     /// A read from the root failed: dm-verity found a block that does not match the signed
     /// tree (it fails such reads with EIO).
     #[error("integrity: {path}: {source}")]
@@ -99,6 +106,7 @@ impl BootError {
             BootError::DeviceMapper { .. } => "AGENT005",
             BootError::Mount { .. } => "AGENT006",
             BootError::Integrity { .. } => "AGENT007",
+            BootError::Channel { .. } => "AGENT008",
         }
     }
 

@@ -1,0 +1,247 @@
+//! Requests and responses: the JSON payloads of request and response frames.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// What the host asks of the agent. A request frame's stream id is the host's name for the
+/// exchange: every frame the agent sends about it carries the same id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// The first request on a channel: the host's protocol version. The agent answers with its
+    /// own version and the boot timings, or refuses a version it does not speak.
+    Hello {
+        /// [`super::PROTOCOL_VERSION`] of the host.
+        version: u32,
+    },
+    /// Run a command and stream its output.
+    Exec(ExecRequest),
+    /// Sync and power the guest off once the answer is sent.
+    PowerOff,
+}
+
+/// A command to run inside the verified root.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// Program and arguments; a program without a `/` is looked up in `PATH` from `env`.
+    pub argv: Vec<String>,
+    /// The whole environment of the command (nothing is inherited from the agent).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory, absolute; `/` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// The command and everything it started are killed after this many milliseconds.
+    pub timeout_ms: u64,
+}
+
+impl ExecRequest {
+    /// Why the request cannot be run as given, if it cannot: empty argv, NUL bytes, a bad
+    /// environment name, a relative working directory.
+    pub fn problem(&self) -> Option<String> {
+        if self.argv.is_empty() {
+            return Some("argv is empty".into());
+        }
+        if self.argv.iter().any(|a| a.contains('\0')) {
+            return Some("an argument contains a NUL byte".into());
+        }
+        for (name, value) in &self.env {
+            if name.is_empty() || name.contains(['=', '\0']) || value.contains('\0') {
+                return Some(format!("environment variable {name:?} is malformed"));
+            }
+        }
+        match &self.cwd {
+            Some(cwd) if !cwd.starts_with('/') || cwd.contains('\0') => {
+                Some(format!("working directory {cwd:?} is not an absolute path"))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The agent's final answer to a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Response {
+    /// Answer to [`Request::Hello`].
+    Hello(HelloReply),
+    /// A command ran and ended (its output came before, in data frames).
+    Exec(ExecReply),
+    /// The guest powers off next.
+    PowerOff,
+    /// The request failed.
+    Error(ErrorReply),
+}
+
+/// The agent's side of the hello.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HelloReply {
+    /// [`super::PROTOCOL_VERSION`] of the agent.
+    pub version: u32,
+    /// The agent's crate version.
+    pub agent: String,
+    /// When each step of the boot finished.
+    pub timings: BootTimings,
+}
+
+/// Milliseconds since the guest kernel started, at the end of each boot step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootTimings {
+    /// The agent began (the kernel's own boot ends here).
+    pub agent_ms: u64,
+    /// Every kernel module was loaded.
+    pub modules_ms: u64,
+    /// The dm-verity device was live.
+    pub verity_ms: u64,
+    /// The verified root was mounted as `/`.
+    pub root_ms: u64,
+    /// The agent channel was open and served.
+    pub channel_ms: u64,
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecReply {
+    /// Its status.
+    pub status: ExitStatus,
+    /// Whether dm-verity had refused any block of the root by the time it ended. A command
+    /// that read a corrupted block saw EIO; this says why.
+    pub integrity: Integrity,
+    /// Bytes it wrote to standard output (all sent in stdout frames before this reply).
+    pub stdout_bytes: u64,
+    /// Bytes it wrote to standard error.
+    pub stderr_bytes: u64,
+    /// From start to end, in milliseconds.
+    pub duration_ms: u64,
+}
+
+/// A command's exit status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Exited {
+        /// The exit code, 0–255.
+        code: i32,
+    },
+    /// A signal ended it.
+    Signaled {
+        /// The signal number.
+        signal: i32,
+    },
+    /// It ran past its timeout and was killed with everything it started.
+    TimedOut,
+}
+
+/// The state of the verified root, read from dm-verity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Integrity {
+    /// No block has failed verification.
+    Intact,
+    /// At least one block read did not match the signed hash tree.
+    Corrupted,
+}
+
+/// A request the agent could not carry out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorReply {
+    /// A stable code (`AGENT1xx`, or `AGENT007` for a program dm-verity refused to load).
+    pub code: String,
+    /// What happened.
+    pub message: String,
+}
+
+/// The stable codes of [`ErrorReply`].
+pub mod codes {
+    /// The program could not be read: dm-verity refused one of its blocks.
+    pub const INTEGRITY: &str = "AGENT007";
+    /// The request is malformed: not JSON, unknown fields, or a [`super::ExecRequest::problem`].
+    pub const BAD_REQUEST: &str = "AGENT100";
+    /// The program does not exist.
+    pub const NOT_FOUND: &str = "AGENT101";
+    /// The program exists but cannot be executed.
+    pub const NOT_EXECUTABLE: &str = "AGENT102";
+    /// The program could not be started for another reason.
+    pub const SPAWN_FAILED: &str = "AGENT103";
+    /// A command is already running; one at a time.
+    pub const BUSY: &str = "AGENT104";
+    /// The host speaks a protocol version the agent does not.
+    pub const VERSION: &str = "AGENT105";
+    /// The working directory does not exist.
+    pub const NO_CWD: &str = "AGENT106";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exec(argv: &[&str]) -> ExecRequest {
+        ExecRequest {
+            argv: argv.iter().map(|a| a.to_string()).collect(),
+            env: BTreeMap::new(),
+            cwd: None,
+            timeout_ms: 1000,
+        }
+    }
+
+    #[test]
+    fn requests_round_trip_with_their_op_tag() {
+        let request = Request::Exec(exec(&["echo", "hi"]));
+        let json = serde_json::to_string(&request).unwrap();
+        assert_eq!(
+            json,
+            r#"{"op":"exec","argv":["echo","hi"],"env":{},"timeout_ms":1000}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), request);
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"hello","version":1}"#).unwrap(),
+            Request::Hello { version: 1 }
+        );
+    }
+
+    #[test]
+    fn unknown_fields_and_ops_are_refused() {
+        for json in [
+            r#"{"op":"exec","argv":["x"],"timeout_ms":1,"user":"root"}"#,
+            r#"{"op":"hello","version":1,"extra":true}"#,
+            r#"{"op":"reboot"}"#,
+            r#"{"argv":["x"],"timeout_ms":1}"#,
+        ] {
+            assert!(serde_json::from_str::<Request>(json).is_err(), "{json}");
+        }
+    }
+
+    #[test]
+    fn responses_round_trip() {
+        let reply = Response::Exec(ExecReply {
+            status: ExitStatus::Exited { code: 7 },
+            integrity: Integrity::Intact,
+            stdout_bytes: 1,
+            stderr_bytes: 2,
+            duration_ms: 3,
+        });
+        let json = serde_json::to_string(&reply).unwrap();
+        assert!(json.contains(r#""status":{"kind":"exited","code":7}"#), "{json}");
+        assert_eq!(serde_json::from_str::<Response>(&json).unwrap(), reply);
+    }
+
+    #[test]
+    fn malformed_exec_requests_are_named() {
+        assert_eq!(exec(&["ls"]).problem(), None);
+        assert!(exec(&[]).problem().unwrap().contains("empty"));
+        assert!(exec(&["a\0b"]).problem().unwrap().contains("NUL"));
+        let mut bad_env = exec(&["ls"]);
+        bad_env.env.insert("A=B".into(), "x".into());
+        assert!(bad_env.problem().is_some());
+        let mut relative = exec(&["ls"]);
+        relative.cwd = Some("tmp".into());
+        assert!(relative.problem().unwrap().contains("absolute"));
+    }
+}

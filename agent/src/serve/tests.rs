@@ -1,0 +1,239 @@
+//! The agent's serving loop over a socket pair on the host, commands run as the test's user.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::protocol::{ExecRequest, ExitStatus, Frame};
+
+struct Host {
+    stream: UnixStream,
+    decoder: FrameDecoder,
+    agent: Option<JoinHandle<Result<Ended, ServeError>>>,
+}
+
+impl Host {
+    fn start() -> Self {
+        let (host, mut agent_side) = UnixStream::pair().unwrap();
+        host.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let agent = std::thread::spawn(move || {
+            let config = ServeConfig {
+                workload_user: None,
+                reap_orphans: false,
+                timings: BootTimings {
+                    agent_ms: 1,
+                    modules_ms: 2,
+                    verity_ms: 3,
+                    root_ms: 4,
+                    channel_ms: 5,
+                },
+                integrity: || Integrity::Intact,
+            };
+            serve(&mut agent_side, &config)
+        });
+        Self {
+            stream: host,
+            decoder: FrameDecoder::new(),
+            agent: Some(agent),
+        }
+    }
+
+    fn send(&mut self, stream: u32, request: &Request) {
+        let payload = serde_json::to_vec(request).unwrap();
+        self.stream
+            .write_all(&encode(FrameKind::Request, stream, &payload).unwrap())
+            .unwrap();
+    }
+
+    fn frame(&mut self) -> Frame {
+        loop {
+            if let Some(frame) = self.decoder.next_frame().unwrap() {
+                return frame;
+            }
+            let mut buffer = [0; 4096];
+            match self.stream.read(&mut buffer) {
+                Ok(n) if n > 0 => self.decoder.push(&buffer[..n]),
+                read => panic!(
+                    "the channel closed ({read:?}); the agent ended with {:?}",
+                    self.ended()
+                ),
+            }
+        }
+    }
+
+    /// Frames up to and including the response on `stream`: (stdout, stderr, response,
+    /// the times each data frame arrived).
+    fn exchange(&mut self, stream: u32) -> (Vec<u8>, Vec<u8>, Response, Vec<Instant>) {
+        let (mut stdout, mut stderr, mut arrivals) = (Vec::new(), Vec::new(), Vec::new());
+        loop {
+            let frame = self.frame();
+            assert_eq!(frame.stream, stream);
+            match frame.kind {
+                FrameKind::Stdout => stdout.extend(&frame.payload),
+                FrameKind::Stderr => stderr.extend(&frame.payload),
+                FrameKind::Response => {
+                    let response = serde_json::from_slice(&frame.payload).unwrap();
+                    return (stdout, stderr, response, arrivals);
+                }
+                FrameKind::Request => panic!("the agent sent a request"),
+            }
+            arrivals.push(Instant::now());
+        }
+    }
+
+    fn exec(&mut self, stream: u32, argv: &[&str], timeout_ms: u64) {
+        self.send(
+            stream,
+            &Request::Exec(ExecRequest {
+                argv: argv.iter().map(|a| a.to_string()).collect(),
+                env: BTreeMap::new(),
+                cwd: None,
+                timeout_ms,
+            }),
+        );
+    }
+
+    fn ended(&mut self) -> Result<Ended, ServeError> {
+        self.agent.take().expect("joined once").join().unwrap()
+    }
+
+    fn power_off(mut self) -> Ended {
+        self.send(u32::MAX, &Request::PowerOff);
+        let (_, _, response, _) = self.exchange(u32::MAX);
+        assert_eq!(response, Response::PowerOff);
+        self.ended().unwrap()
+    }
+}
+
+fn error_code(response: &Response) -> &str {
+    match response {
+        Response::Error(e) => &e.code,
+        other => panic!("not an error: {other:?}"),
+    }
+}
+
+fn exec_reply(response: Response) -> ExecReply {
+    match response {
+        Response::Exec(reply) => reply,
+        other => panic!("not an exec reply: {other:?}"),
+    }
+}
+
+#[test]
+fn hello_answers_with_the_version_and_boot_timings() {
+    let mut host = Host::start();
+    host.send(1, &Request::Hello { version: 1 });
+    let (_, _, response, _) = host.exchange(1);
+    let Response::Hello(hello) = response else {
+        panic!("{response:?}")
+    };
+    assert_eq!(hello.version, PROTOCOL_VERSION);
+    assert_eq!(hello.timings.channel_ms, 5);
+    host.send(2, &Request::Hello { version: 99 });
+    assert_eq!(error_code(&host.exchange(2).2), codes::VERSION);
+    assert_eq!(host.power_off(), Ended::PowerOff);
+}
+
+#[test]
+fn exec_keeps_stdout_and_stderr_apart_and_reports_the_exit_code() {
+    let mut host = Host::start();
+    host.exec(3, &["sh", "-c", "echo out; echo err >&2; printf '\\0\\377'; exit 7"], 10_000);
+    let (stdout, stderr, response, _) = host.exchange(3);
+    assert_eq!(stdout, b"out\n\0\xff");
+    assert_eq!(stderr, b"err\n");
+    let reply = exec_reply(response);
+    assert_eq!(reply.status, ExitStatus::Exited { code: 7 });
+    assert_eq!((reply.stdout_bytes, reply.stderr_bytes), (6, 4));
+    assert_eq!(reply.integrity, Integrity::Intact);
+
+    host.exec(4, &["sh", "-c", "kill -TERM $$"], 10_000);
+    let reply = exec_reply(host.exchange(4).2);
+    assert_eq!(reply.status, ExitStatus::Signaled { signal: 15 });
+    host.power_off();
+}
+
+#[test]
+fn output_is_streamed_while_the_command_runs() {
+    let mut host = Host::start();
+    host.exec(1, &["sh", "-c", "echo first; sleep 1; echo second"], 10_000);
+    let (stdout, _, response, arrivals) = host.exchange(1);
+    assert_eq!(stdout, b"first\nsecond\n");
+    exec_reply(response);
+    assert_eq!(arrivals.len(), 2, "one frame per line written a second apart");
+    assert!(arrivals[1] - arrivals[0] >= Duration::from_millis(500));
+    host.power_off();
+}
+
+#[test]
+fn a_command_past_its_timeout_is_killed_with_what_it_started() {
+    let mut host = Host::start();
+    let started = Instant::now();
+    host.exec(1, &["sh", "-c", "sleep 30 & sleep 30"], 300);
+    let reply = exec_reply(host.exchange(1).2);
+    assert_eq!(reply.status, ExitStatus::TimedOut);
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // Leftovers holding the pipes do not hold up the answer either.
+    let started = Instant::now();
+    host.exec(2, &["sh", "-c", "sleep 30 & echo started"], 60_000);
+    let (stdout, _, response, _) = host.exchange(2);
+    assert_eq!(stdout, b"started\n");
+    assert_eq!(exec_reply(response).status, ExitStatus::Exited { code: 0 });
+    assert!(started.elapsed() < Duration::from_secs(10));
+    host.power_off();
+}
+
+#[test]
+fn bad_requests_get_their_codes_and_the_channel_goes_on() {
+    let mut host = Host::start();
+    host.exec(1, &["/nonexistent/program"], 1000);
+    assert_eq!(error_code(&host.exchange(1).2), codes::NOT_FOUND);
+    host.exec(2, &["/etc"], 1000);
+    assert_eq!(error_code(&host.exchange(2).2), codes::NOT_EXECUTABLE);
+    host.exec(3, &[], 1000);
+    assert_eq!(error_code(&host.exchange(3).2), codes::BAD_REQUEST);
+    host.send(
+        4,
+        &Request::Exec(ExecRequest {
+            argv: vec!["true".into()],
+            env: BTreeMap::new(),
+            cwd: Some("/nonexistent".into()),
+            timeout_ms: 1000,
+        }),
+    );
+    assert_eq!(error_code(&host.exchange(4).2), codes::NO_CWD);
+    host.stream
+        .write_all(&encode(FrameKind::Request, 5, b"{not json").unwrap())
+        .unwrap();
+    assert_eq!(error_code(&host.exchange(5).2), codes::BAD_REQUEST);
+    host.stream
+        .write_all(&encode(FrameKind::Stdout, 6, b"data").unwrap())
+        .unwrap();
+    assert_eq!(error_code(&host.exchange(6).2), codes::BAD_REQUEST);
+
+    host.exec(7, &["sleep", "1"], 10_000);
+    host.exec(8, &["true"], 10_000);
+    assert_eq!(error_code(&host.exchange(8).2), codes::BUSY);
+    assert_eq!(
+        exec_reply(host.exchange(7).2).status,
+        ExitStatus::Exited { code: 0 }
+    );
+    host.power_off();
+}
+
+#[test]
+fn a_malformed_frame_ends_serving_and_a_closed_channel_is_the_host_gone() {
+    let mut host = Host::start();
+    host.stream.write_all(&[0xff; 12]).unwrap();
+    let error = host.ended().unwrap_err();
+    assert_eq!(error.code(), "PROTO001");
+
+    let mut host = Host::start();
+    host.send(1, &Request::Hello { version: 1 });
+    host.exchange(1);
+    host.stream.shutdown(std::net::Shutdown::Both).unwrap();
+    assert_eq!(host.ended().unwrap(), Ended::HostGone);
+}

@@ -1,0 +1,259 @@
+//! The host side of the agent channel: requests out, frames in, each exchange with a
+//! deadline.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use mvm_agent::protocol::{
+    encode, ErrorReply, ExecReply, ExecRequest, Frame, FrameDecoder, FrameError, FrameKind,
+    HelloReply, Request, Response, PROTOCOL_VERSION,
+};
+
+/// How often a blocked read wakes up to look at its deadline.
+const READ_SLICE: Duration = Duration::from_millis(100);
+
+/// Why an exchange with the agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The channel closed: the guest (or the VM process) went away.
+    #[error("the agent channel closed")]
+    Closed,
+    /// The deadline passed without the answer.
+    #[error("no answer from the agent within {0:?}")]
+    Timeout(Duration),
+    /// The agent refused the request.
+    #[error("{}: {}", .0.code, .0.message)]
+    Refused(ErrorReply),
+    /// The agent sent something that does not fit the protocol.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// A malformed frame.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// Reading or writing the socket failed.
+    #[error("agent channel: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Where a command's output goes as it arrives.
+pub trait OutputSink {
+    /// Bytes the command wrote to its standard output.
+    fn stdout(&mut self, bytes: &[u8]) -> io::Result<()>;
+    /// Bytes the command wrote to its standard error.
+    fn stderr(&mut self, bytes: &[u8]) -> io::Result<()>;
+}
+
+/// A connected agent channel.
+#[derive(Debug)]
+pub struct AgentClient {
+    stream: UnixStream,
+    decoder: FrameDecoder,
+    next_stream: u32,
+}
+
+impl AgentClient {
+    /// Wraps the socket QEMU (or the VMM) connected with.
+    pub fn new(stream: UnixStream) -> io::Result<Self> {
+        stream.set_read_timeout(Some(READ_SLICE))?;
+        Ok(Self {
+            stream,
+            decoder: FrameDecoder::new(),
+            next_stream: 1,
+        })
+    }
+
+    /// Says hello and waits for the agent's answer: it comes once the guest has booted, so
+    /// `timeout` is the boot timeout.
+    pub fn hello(&mut self, timeout: Duration) -> Result<HelloReply, ClientError> {
+        let stream = self.send(&Request::Hello {
+            version: PROTOCOL_VERSION,
+        })?;
+        match self.response(stream, Instant::now() + timeout, timeout, None)? {
+            Response::Hello(hello) => Ok(hello),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Runs a command, passing its output to `sink` as it arrives.
+    pub fn exec(
+        &mut self,
+        request: ExecRequest,
+        timeout: Duration,
+        sink: &mut dyn OutputSink,
+    ) -> Result<ExecReply, ClientError> {
+        let stream = self.send(&Request::Exec(request))?;
+        match self.response(stream, Instant::now() + timeout, timeout, Some(sink))? {
+            Response::Exec(reply) => Ok(reply),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Asks the agent to power the guest off, and waits for its acknowledgement.
+    pub fn power_off(&mut self, timeout: Duration) -> Result<(), ClientError> {
+        let stream = self.send(&Request::PowerOff)?;
+        match self.response(stream, Instant::now() + timeout, timeout, None)? {
+            Response::PowerOff => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn send(&mut self, request: &Request) -> Result<u32, ClientError> {
+        let stream = self.next_stream;
+        self.next_stream = self.next_stream.wrapping_add(1).max(1);
+        let payload =
+            serde_json::to_vec(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.stream
+            .write_all(&encode(FrameKind::Request, stream, &payload)?)?;
+        Ok(stream)
+    }
+
+    /// Reads frames until the response on `stream`, passing data frames to `sink`.
+    fn response(
+        &mut self,
+        stream: u32,
+        deadline: Instant,
+        timeout: Duration,
+        mut sink: Option<&mut dyn OutputSink>,
+    ) -> Result<Response, ClientError> {
+        loop {
+            let frame = self.frame(deadline, timeout)?;
+            if frame.stream != stream {
+                return Err(ClientError::Protocol(format!(
+                    "a frame for stream {} while waiting on {stream}",
+                    frame.stream
+                )));
+            }
+            match (frame.kind, sink.as_deref_mut()) {
+                (FrameKind::Response, _) => {
+                    let response: Response = serde_json::from_slice(&frame.payload)
+                        .map_err(|e| ClientError::Protocol(format!("response: {e}")))?;
+                    return match response {
+                        Response::Error(error) => Err(ClientError::Refused(error)),
+                        response => Ok(response),
+                    };
+                }
+                (FrameKind::Stdout, Some(sink)) => sink.stdout(&frame.payload)?,
+                (FrameKind::Stderr, Some(sink)) => sink.stderr(&frame.payload)?,
+                (kind, _) => {
+                    return Err(ClientError::Protocol(format!(
+                        "an unexpected {kind:?} frame"
+                    )))
+                }
+            }
+        }
+    }
+
+    fn frame(&mut self, deadline: Instant, timeout: Duration) -> Result<Frame, ClientError> {
+        let mut buffer = [0; 64 * 1024];
+        loop {
+            if let Some(frame) = self.decoder.next_frame()? {
+                return Ok(frame);
+            }
+            if Instant::now() >= deadline {
+                return Err(ClientError::Timeout(timeout));
+            }
+            match self.stream.read(&mut buffer) {
+                Ok(0) => return Err(ClientError::Closed),
+                Ok(n) => self.decoder.push(&buffer[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                    return Err(ClientError::Closed)
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+fn unexpected(response: &Response) -> ClientError {
+    ClientError::Protocol(format!("an unexpected answer {response:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mvm_agent::protocol::{BootTimings, Integrity};
+    use mvm_agent::serve::{serve, ServeConfig};
+    use std::collections::BTreeMap;
+
+    #[derive(Default)]
+    struct Collected(Vec<u8>, Vec<u8>);
+
+    impl OutputSink for Collected {
+        fn stdout(&mut self, bytes: &[u8]) -> io::Result<()> {
+            self.0.extend_from_slice(bytes);
+            Ok(())
+        }
+        fn stderr(&mut self, bytes: &[u8]) -> io::Result<()> {
+            self.1.extend_from_slice(bytes);
+            Ok(())
+        }
+    }
+
+    /// The client against the real agent loop over a socket pair (commands run as the test's
+    /// user): the two halves of the protocol agree.
+    #[test]
+    fn the_client_and_the_agent_agree() {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        let agent = std::thread::spawn(move || {
+            let config = ServeConfig {
+                workload_user: None,
+                reap_orphans: false,
+                timings: BootTimings::default(),
+                integrity: || Integrity::Intact,
+            };
+            serve(&mut guest, &config)
+        });
+        let mut client = AgentClient::new(host).unwrap();
+        let hello = client.hello(Duration::from_secs(10)).unwrap();
+        assert_eq!(hello.version, PROTOCOL_VERSION);
+        let mut output = Collected::default();
+        let request = ExecRequest {
+            argv: vec!["sh".into(), "-c".into(), "echo $GREETING; echo no >&2; exit 3".into()],
+            env: BTreeMap::from([("GREETING".to_string(), "hi".to_string())]),
+            cwd: Some("/".into()),
+            timeout_ms: 10_000,
+        };
+        let reply = client
+            .exec(request.clone(), Duration::from_secs(10), &mut output)
+            .unwrap();
+        assert_eq!((output.0.as_slice(), output.1.as_slice()), (&b"hi\n"[..], &b"no\n"[..]));
+        assert_eq!(
+            reply.status,
+            mvm_agent::protocol::ExitStatus::Exited { code: 3 }
+        );
+        let missing = ExecRequest {
+            argv: vec!["/no/such/program".into()],
+            ..request
+        };
+        match client.exec(missing, Duration::from_secs(10), &mut output) {
+            Err(ClientError::Refused(error)) => assert_eq!(error.code, "AGENT101"),
+            other => panic!("{other:?}"),
+        }
+        client.power_off(Duration::from_secs(10)).unwrap();
+        agent.join().unwrap().unwrap();
+        assert!(matches!(
+            client.hello(Duration::from_secs(1)),
+            Err(ClientError::Closed | ClientError::Io(_))
+        ));
+    }
+
+    #[test]
+    fn a_silent_agent_times_out() {
+        let (host, _guest) = UnixStream::pair().unwrap();
+        let mut client = AgentClient::new(host).unwrap();
+        let started = Instant::now();
+        assert!(matches!(
+            client.hello(Duration::from_millis(300)),
+            Err(ClientError::Timeout(_))
+        ));
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}

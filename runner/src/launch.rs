@@ -1,0 +1,570 @@
+//! One launch, start to end: admit the plan, boot it, run one command, power off, and leave
+//! the evidence (audit entries) and nothing else behind.
+//!
+//! The order is the security argument. Nothing is created and no VM process starts before
+//! the plan and its kernel and initramfs have passed [`crate::admission`]; QEMU then boots
+//! private copies of exactly the bytes that were hashed. Every way a launch can end has its
+//! own stable code and exit status ([`LaunchError::code`], [`LaunchError::exit_status`],
+//! [`exit`]), so a caller can tell a refused plan from a corrupted root from a command that
+//! merely failed.
+
+use std::collections::BTreeMap;
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use mvm_agent::protocol::{
+    codes, ErrorReply, ExecReply, ExecRequest, ExitStatus, HelloReply, Integrity,
+};
+use mvm_ir::admission::{NonceLedger, PlanAdmission, VerifiedPlan};
+use mvm_ir::audit::AuditLog;
+use mvm_ir::home::MvmHome;
+use mvm_ir::keys::KeyStore;
+use serde_json::{json, Map, Value};
+
+use crate::admission::{admit_bundle, AdmissionError};
+use crate::client::{AgentClient, ClientError, OutputSink};
+use crate::host::Accel;
+use crate::qemu::{self, QemuVm, VmFiles};
+
+/// Exit statuses of a launch that did not end with the command's own status. Commands may
+/// exit with any status too; the JSON report says which it was.
+pub mod exit {
+    /// The plan or one of its artifacts was refused: nothing was started.
+    pub const REFUSED: u8 = 120;
+    /// dm-verity in the guest refused a block of the root: its contents are not the signed ones.
+    pub const INTEGRITY: u8 = 121;
+    /// The VM did not boot to a ready agent, or died before the command ended.
+    pub const VM_FAILED: u8 = 122;
+    /// The command ran past its timeout and was killed.
+    pub const TIMEOUT: u8 = 124;
+    /// The runner itself failed: the host's state, the audit log, a bad argument.
+    pub const RUNNER: u8 = 125;
+    /// The command exists but cannot be executed (as in a shell).
+    pub const NOT_EXECUTABLE: u8 = 126;
+    /// The command does not exist (as in a shell).
+    pub const NOT_FOUND: u8 = 127;
+}
+
+/// How long the agent has to acknowledge a power-off, and QEMU to exit after it.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Beyond a command's own timeout (which the agent enforces), how long the runner waits for
+/// the agent's answer before giving up on the VM.
+const ANSWER_GRACE: Duration = Duration::from_secs(30);
+/// The agent caps every command's time; "no timeout" asks for this.
+const NO_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The console log's name in the VM's state directory.
+const SERIAL_LOG: &str = "serial.log";
+
+/// Why a launch failed. Codes are stable (`docs/errors.md`).
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// The plan or an artifact it pins was refused.
+    #[error(transparent)]
+    Refused(#[from] AdmissionError),
+    /// The guest reported a block of the root that failed verification.
+    #[error("integrity failure in the guest: {0}")]
+    Integrity(String),
+    /// The guest reported a failed boot, or its kernel panicked.
+    #[error("the guest failed to boot: {0}")]
+    GuestFailed(String),
+    /// The agent did not answer within the boot timeout.
+    #[error("the guest did not become ready within {0:?}")]
+    BootTimeout(Duration),
+    /// QEMU could not start, or exited unexpectedly.
+    #[error("the VM process failed: {0}")]
+    Backend(String),
+    /// The agent channel broke or the agent did not answer in time.
+    #[error("the agent channel failed: {0}")]
+    Channel(#[from] ClientError),
+    /// The host's state could not be prepared or cleaned.
+    #[error("{what}: {source}")]
+    Host {
+        /// What was being done.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// An audit entry could not be written: mvm does not act without leaving evidence.
+    #[error("audit: {0}")]
+    Audit(mvm_ir::Error),
+    /// The agent refused the command.
+    #[error("{}: {}", .0.code, .0.message)]
+    CommandRefused(ErrorReply),
+    /// Neither the command line nor the plan names a command.
+    #[error("no command: give one after `--`, or build the plan with an entrypoint")]
+    NoCommand,
+    /// The plan needs secrets, which this runner cannot resolve yet.
+    #[error("the plan needs secrets ({0}); secret references are not resolved by this runner yet")]
+    SecretsUnsupported(String),
+}
+
+impl LaunchError {
+    /// The stable code.
+    pub fn code(&self) -> &str {
+        match self {
+            LaunchError::Refused(e) => e.code(),
+            LaunchError::Integrity(_) => "RUN020",
+            LaunchError::GuestFailed(_) => "RUN021",
+            LaunchError::BootTimeout(_) => "RUN022",
+            LaunchError::Backend(_) => "RUN023",
+            LaunchError::Channel(_) => "RUN025",
+            LaunchError::Host { .. } => "RUN026",
+            LaunchError::Audit(_) => "RUN027",
+            LaunchError::CommandRefused(e) => &e.code,
+            LaunchError::NoCommand => "RUN029",
+            LaunchError::SecretsUnsupported(_) => "RUN030",
+        }
+    }
+
+    /// The runner's exit status for this failure ([`exit`]).
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            LaunchError::Refused(_) => exit::REFUSED,
+            LaunchError::Integrity(_) => exit::INTEGRITY,
+            LaunchError::GuestFailed(_)
+            | LaunchError::BootTimeout(_)
+            | LaunchError::Backend(_)
+            | LaunchError::Channel(_) => exit::VM_FAILED,
+            LaunchError::CommandRefused(e) if e.code == codes::NOT_FOUND => exit::NOT_FOUND,
+            LaunchError::CommandRefused(e) if e.code == codes::NOT_EXECUTABLE => {
+                exit::NOT_EXECUTABLE
+            }
+            LaunchError::Host { .. }
+            | LaunchError::Audit(_)
+            | LaunchError::CommandRefused(_)
+            | LaunchError::NoCommand
+            | LaunchError::SecretsUnsupported(_) => exit::RUNNER,
+        }
+    }
+
+    fn host(what: impl Into<String>) -> impl FnOnce(io::Error) -> LaunchError {
+        let what = what.into();
+        move |source| LaunchError::Host { what, source }
+    }
+}
+
+/// A failed launch with what the guest said on its console, when it got that far.
+#[derive(Debug)]
+pub struct Failure {
+    /// What went wrong.
+    pub error: LaunchError,
+    /// The end of the guest's console, for a failure after the VM started.
+    pub console_tail: Option<String>,
+    /// The kept console log of the failed VM.
+    pub serial_log: Option<PathBuf>,
+}
+
+impl From<LaunchError> for Failure {
+    fn from(error: LaunchError) -> Self {
+        Self {
+            error,
+            console_tail: None,
+            serial_log: None,
+        }
+    }
+}
+
+/// What to launch and how.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// The signed plan; its artifacts are the files beside it.
+    pub envelope: PathBuf,
+    /// The mvm home: trusted keys, the nonce ledger, the audit log, VM state directories.
+    pub home: MvmHome,
+    /// The `qemu-system-x86_64` to run.
+    pub qemu: PathBuf,
+    /// How QEMU runs the guest.
+    pub accel: Accel,
+    /// The command; the plan's entrypoint when empty.
+    pub argv: Vec<String>,
+    /// The command's timeout; none when absent (the agent caps it at a week).
+    pub timeout: Option<Duration>,
+    /// How long the guest has to boot to a ready agent.
+    pub boot_timeout: Duration,
+}
+
+/// A launch that ran its command to the end.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    /// The VM's id.
+    pub vm: String,
+    /// The admitted plan's digest.
+    pub plan_digest: String,
+    /// How QEMU ran the guest.
+    pub accel: Accel,
+    /// How the command ended.
+    pub status: ExitStatus,
+    /// Bytes of output.
+    pub stdout_bytes: u64,
+    /// Bytes of error output.
+    pub stderr_bytes: u64,
+    /// The agent's hello: version and boot timings inside the guest.
+    pub hello: HelloReply,
+    /// From the runner starting the launch to the agent's hello.
+    pub ready_ms: u64,
+    /// The command's own duration, as the agent measured it.
+    pub command_ms: u64,
+}
+
+impl Finished {
+    /// The runner's exit status: the command's own, `128 + signal` for a signal (as a shell
+    /// reports it), [`exit::TIMEOUT`] for a timeout.
+    pub fn exit_status(&self) -> u8 {
+        match self.status {
+            ExitStatus::Exited { code } => (code & 0xff) as u8,
+            ExitStatus::Signaled { signal } => (128 + signal.clamp(0, 127)) as u8,
+            ExitStatus::TimedOut => exit::TIMEOUT,
+        }
+    }
+}
+
+/// Launches `launch`, passing the command's output to `sink` as it arrives.
+pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Failure> {
+    let started = Instant::now();
+    let audit = Audit::open(&launch.home)?;
+    let trust = KeyStore::new(launch.home.clone())
+        .trust_store()
+        .map_err(|e| LaunchError::Refused(e.into()))?;
+    let ledger = NonceLedger::in_home(&launch.home).map_err(|e| LaunchError::Refused(e.into()))?;
+    let admission = PlanAdmission::new(trust, ledger);
+    let admitted = match admit_bundle(&launch.envelope, &admission, time::OffsetDateTime::now_utc())
+    {
+        Ok(admitted) => admitted,
+        Err(error) => {
+            let fields = json!({"plan": launch.envelope, "code": error.code()});
+            // The refusal stands whether or not it could be recorded.
+            let _ = audit.append("plan.refused", fields);
+            return Err(LaunchError::Refused(error).into());
+        }
+    };
+    let plan = &admitted.plan;
+    let vm = format!("vm-{}", &mvm_ir::plan::fresh_nonce().map_err(LaunchError::Audit)?[..12]);
+    audit.append(
+        "plan.admitted",
+        json!({
+            "vm": vm,
+            "plan_digest": plan.digest,
+            "signer": plan.keyid,
+            "workload": plan.plan.workload_id,
+            "app": plan.plan.app,
+            "single_use": plan.plan.single_use,
+        }),
+    )?;
+    let request = exec_request(plan, launch)?;
+
+    let dir = VmDir::create(&launch.home, &vm)?;
+    let kernel = dir.private_copy("kernel", &admitted.artifacts.kernel)?;
+    let initramfs = dir.private_copy("initramfs", &admitted.artifacts.initramfs)?;
+    let socket = dir.path.join("agent.sock");
+    let listener = UnixListener::bind(&socket).map_err(LaunchError::host("agent socket"))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(LaunchError::host("agent socket"))?;
+    let files = VmFiles {
+        kernel: &kernel,
+        initramfs: &initramfs,
+        rootfs: &admitted.artifacts.rootfs,
+        verity: &admitted.artifacts.verity,
+        agent_socket: &socket,
+    };
+    let args = qemu::arguments(&plan.plan, &files, launch.accel);
+    let serial_log = dir.serial_log()?;
+    let mut vm_process = QemuVm::spawn(&launch.qemu, &args, serial_log).map_err(|e| {
+        LaunchError::Backend(format!("starting {}: {e}", launch.qemu.display()))
+    })?;
+    audit.append(
+        "vm.started",
+        json!({"vm": vm, "backend": "qemu", "accel": launch.accel.to_string(), "pid": vm_process.pid()}),
+    )?;
+
+    let mut outcome = boot_and_run(launch, &listener, &mut vm_process, request, sink, started);
+    // The socket's job is done either way; nobody may connect to it later.
+    drop(listener);
+    let _ = fs::remove_file(&socket);
+    if let Ok(ran) = &mut outcome {
+        // The guest syncs and powers off; it is killed after the grace either way.
+        let _ = ran.client.power_off(SHUTDOWN_GRACE);
+        let _ = vm_process.wait_for_exit(SHUTDOWN_GRACE);
+    }
+    vm_process.kill();
+    let outcome = outcome.map(|ran| Finished {
+        vm: vm.clone(),
+        plan_digest: plan.digest.clone(),
+        accel: launch.accel,
+        status: ran.reply.status,
+        stdout_bytes: ran.reply.stdout_bytes,
+        stderr_bytes: ran.reply.stderr_bytes,
+        hello: ran.hello,
+        ready_ms: ran.ready_ms,
+        command_ms: ran.reply.duration_ms,
+    });
+
+    let (reason, exit_status) = match &outcome {
+        Ok(finished) => ("command ended", finished.exit_status()),
+        Err(error) => (error.code(), error.exit_status()),
+    };
+    audit.append(
+        "vm.exited",
+        json!({"vm": vm, "reason": reason, "exit_status": exit_status,
+               "duration_ms": started.elapsed().as_millis() as u64}),
+    )?;
+    outcome.map_err(|error| Failure {
+        error,
+        console_tail: Some(vm_process.console().tail()),
+        serial_log: dir.keep_log(),
+    })
+}
+
+/// A command that ran to the end, with the channel still open for the power-off.
+struct Ran {
+    hello: HelloReply,
+    ready_ms: u64,
+    reply: ExecReply,
+    client: AgentClient,
+}
+
+/// Waits for QEMU to connect the agent channel and the agent to say hello, then runs the
+/// command.
+fn boot_and_run(
+    launch: &Launch,
+    listener: &UnixListener,
+    vm: &mut QemuVm,
+    request: ExecRequest,
+    sink: &mut dyn OutputSink,
+    started: Instant,
+) -> Result<Ran, LaunchError> {
+    let boot_deadline = Instant::now() + launch.boot_timeout;
+    let stream = accept_from(listener, vm, boot_deadline, launch.boot_timeout)?;
+    let mut client = AgentClient::new(stream).map_err(LaunchError::host("agent channel"))?;
+    let left = boot_deadline.saturating_duration_since(Instant::now());
+    let hello = client
+        .hello(left)
+        .map_err(|e| why_the_guest_stopped(vm, e, launch.boot_timeout))?;
+    let ready_ms = started.elapsed().as_millis() as u64;
+    let answer_timeout = Duration::from_millis(request.timeout_ms) + ANSWER_GRACE;
+    let reply = client
+        .exec(request, answer_timeout, sink)
+        .map_err(|e| match e {
+            ClientError::Refused(refusal) if refusal.code == codes::INTEGRITY => {
+                LaunchError::Integrity(refusal.message)
+            }
+            ClientError::Refused(refusal) => LaunchError::CommandRefused(refusal),
+            other => why_the_guest_stopped(vm, other, launch.boot_timeout),
+        })?;
+    if reply.integrity == Integrity::Corrupted {
+        return Err(LaunchError::Integrity(
+            "dm-verity refused a block of the root while the command ran; \
+             its output cannot be trusted"
+                .into(),
+        ));
+    }
+    Ok(Ran {
+        hello,
+        ready_ms,
+        reply,
+        client,
+    })
+}
+
+/// Accepts the agent channel's connection, from the VM process and nobody else.
+fn accept_from(
+    listener: &UnixListener,
+    vm: &mut QemuVm,
+    deadline: Instant,
+    boot_timeout: Duration,
+) -> Result<UnixStream, LaunchError> {
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let peer = rustix::net::sockopt::socket_peercred(&stream)
+                    .map_err(|e| LaunchError::host("agent socket peer")(e.into()))?;
+                if peer.pid.as_raw_nonzero().get() as u32 == vm.pid() {
+                    stream
+                        .set_nonblocking(false)
+                        .map_err(LaunchError::host("agent socket"))?;
+                    return Ok(stream);
+                }
+                // Not the VM: the directory is private, but refuse it all the same.
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(LaunchError::host("agent socket")(e)),
+        }
+        if let Some(status) = vm.try_wait().map_err(LaunchError::host("waiting for QEMU"))? {
+            return Err(LaunchError::Backend(format!(
+                "QEMU exited ({status}) before connecting: {}",
+                vm.stderr()
+            )));
+        }
+        if Instant::now() >= deadline {
+            return Err(LaunchError::BootTimeout(boot_timeout));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Turns a broken or silent channel into the reason the guest gave, if it gave one: the
+/// agent's error line on the console (an integrity failure has its own), a kernel panic, or
+/// QEMU's own exit.
+fn why_the_guest_stopped(vm: &mut QemuVm, error: ClientError, boot_timeout: Duration) -> LaunchError {
+    if matches!(error, ClientError::Closed | ClientError::Timeout(_)) {
+        // The console reader may still be catching up with the last lines.
+        let _ = vm.wait_for_exit(Duration::from_secs(2));
+    }
+    let console = vm.console();
+    if let Some(failure) = console.agent_failure() {
+        return if failure.code == codes::INTEGRITY {
+            LaunchError::Integrity(failure.line)
+        } else {
+            LaunchError::GuestFailed(failure.line)
+        };
+    }
+    if console.kernel_panicked() {
+        return LaunchError::GuestFailed("the guest kernel panicked".into());
+    }
+    match (error, vm.try_wait()) {
+        (ClientError::Timeout(_), Ok(None)) => LaunchError::BootTimeout(boot_timeout),
+        (_, Ok(Some(status))) => LaunchError::Backend(format!(
+            "QEMU exited ({status}); {}",
+            match vm.stderr() {
+                stderr if stderr.is_empty() => "it printed nothing".to_string(),
+                stderr => stderr,
+            }
+        )),
+        (error, _) => LaunchError::Channel(error),
+    }
+}
+
+/// The exec request for the plan: the command line's argv or the plan's entrypoint, the
+/// plan's environment and working directory.
+fn exec_request(plan: &VerifiedPlan, launch: &Launch) -> Result<ExecRequest, LaunchError> {
+    let policy = &plan.plan.policy;
+    let required: Vec<&str> = policy
+        .secrets
+        .iter()
+        .filter(|s| !s.optional)
+        .map(|s| s.name.as_str())
+        .collect();
+    if !required.is_empty() {
+        return Err(LaunchError::SecretsUnsupported(required.join(", ")));
+    }
+    let argv = if launch.argv.is_empty() {
+        plan.plan.entrypoint.command.clone()
+    } else {
+        launch.argv.clone()
+    };
+    if argv.is_empty() {
+        return Err(LaunchError::NoCommand);
+    }
+    let mut env: BTreeMap<String, String> = policy.env.clone();
+    env.entry("HOME".into()).or_insert_with(|| "/tmp".into());
+    let timeout = launch.timeout.unwrap_or(NO_TIMEOUT).min(NO_TIMEOUT);
+    Ok(ExecRequest {
+        argv,
+        env,
+        cwd: plan.plan.entrypoint.cwd.clone(),
+        timeout_ms: timeout.as_millis() as u64,
+    })
+}
+
+/// Appends audit entries signed with the host key.
+struct Audit {
+    log: AuditLog,
+    signer: mvm_ir::keys::Signer,
+}
+
+impl Audit {
+    fn open(home: &MvmHome) -> Result<Self, LaunchError> {
+        let signer = KeyStore::new(home.clone())
+            .host_signer()
+            .map_err(LaunchError::Audit)?;
+        let log = AuditLog::in_home(home).map_err(LaunchError::Audit)?;
+        Ok(Self { log, signer })
+    }
+
+    fn append(&self, event: &str, fields: Value) -> Result<(), LaunchError> {
+        let fields = match fields {
+            Value::Object(map) => map,
+            _ => Map::new(),
+        };
+        self.log
+            .append(event, fields, &self.signer)
+            .map(drop)
+            .map_err(LaunchError::Audit)
+    }
+}
+
+/// The VM's private state directory, `$MVM_HOME/vms/<id>` (mode 0700): the copies of the
+/// kernel and initramfs that boot, the agent socket, the console log. Removed when dropped,
+/// except for the console log of a failed VM.
+struct VmDir {
+    path: PathBuf,
+    keep_log: bool,
+}
+
+impl VmDir {
+    fn create(home: &MvmHome, vm: &str) -> Result<Self, LaunchError> {
+        let vms = home.ensure("vms").map_err(LaunchError::Audit)?;
+        let path = vms.join(vm);
+        DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(LaunchError::host(format!("creating {}", path.display())))?;
+        Ok(Self {
+            path,
+            keep_log: false,
+        })
+    }
+
+    /// Writes `bytes` (already hashed) to a new file only the runner can read.
+    fn private_copy(&self, name: &str, bytes: &[u8]) -> Result<PathBuf, LaunchError> {
+        let path = self.path.join(name);
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(LaunchError::host(format!("writing {}", path.display())))?;
+        file.write_all(bytes)
+            .map_err(LaunchError::host(format!("writing {}", path.display())))?;
+        Ok(path)
+    }
+
+    fn serial_log(&self) -> Result<File, LaunchError> {
+        let path = self.path.join(SERIAL_LOG);
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(LaunchError::host(format!("creating {}", path.display())))
+    }
+
+    /// Keeps the console log for the failure report; returns its path.
+    fn keep_log(mut self) -> Option<PathBuf> {
+        let log = self.path.join(SERIAL_LOG);
+        self.keep_log = log.exists();
+        self.keep_log.then_some(log)
+    }
+}
+
+impl Drop for VmDir {
+    fn drop(&mut self) {
+        if !self.keep_log {
+            let _ = fs::remove_dir_all(&self.path);
+            return;
+        }
+        if let Ok(entries) = fs::read_dir(&self.path) {
+            for entry in entries.flatten() {
+                if entry.file_name() != SERIAL_LOG {
+                    let _ = fs::remove_file(entry.path());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! QEMU's command line, built only from the admitted plan and the VM's private files.
+//!
+//! Nothing comes from a configuration file or a default device: `-nodefaults
+//! -no-user-config` and no NIC, no display, no monitor. The guest sees exactly the guest
+//! contract: a microvm with ACPI (virtio-mmio devices described as `LNRO0005`), the serial
+//! console on QEMU's standard output, the root image and its hash tree as read-only
+//! virtio-blk disks (vda, vdb, in that order), and one virtio-console port named `mvm.agent`
+//! whose host side is a unix socket the runner listens on. QEMU's own seccomp filter
+//! (`-sandbox on`) denies it obsolete calls, privilege changes, spawning and resource control.
+
+use std::ffi::OsString;
+use std::path::Path;
+
+use mvm_agent::serve::channel::PORT_NAME;
+use mvm_ir::plan::LaunchPlan;
+
+use crate::host::Accel;
+
+/// The files a VM boots from, all in its private state directory except the two disks,
+/// which dm-verity checks in the guest against the signed root hash.
+#[derive(Debug, Clone, Copy)]
+pub struct VmFiles<'a> {
+    /// The private copy of the kernel that was hashed.
+    pub kernel: &'a Path,
+    /// The private copy of the initramfs that was hashed.
+    pub initramfs: &'a Path,
+    /// The EROFS image (vda).
+    pub rootfs: &'a Path,
+    /// Its hash tree (vdb).
+    pub verity: &'a Path,
+    /// The unix socket the runner listens on for the agent channel.
+    pub agent_socket: &'a Path,
+}
+
+/// QEMU's arguments (without the program) for `plan`.
+pub fn arguments(plan: &LaunchPlan, files: &VmFiles<'_>, accel: Accel) -> Vec<OsString> {
+    let mut args: Vec<OsString> = Vec::new();
+    let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
+    push(&["-M", "microvm,acpi=on"]);
+    match accel {
+        // `-icount shift=auto` keeps the guest's TSC calibration from hanging under TCG.
+        Accel::Tcg => push(&["-accel", "tcg", "-icount", "shift=auto", "-cpu", "qemu64"]),
+        Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+    }
+    let (cpus, memory) = (
+        plan.resources.cpu_cores.to_string(),
+        format!("{}M", plan.resources.memory_mb),
+    );
+    push(&["-smp", &cpus, "-m", &memory]);
+    push(&[
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        "-chardev",
+        "stdio,id=serial,signal=off",
+        "-serial",
+        "chardev:serial",
+    ]);
+    args.extend([
+        "-kernel".into(),
+        files.kernel.into(),
+        "-initrd".into(),
+        files.initramfs.into(),
+        "-append".into(),
+        plan.kernel.cmdline.clone().into(),
+    ]);
+    for (id, file) in [("root", files.rootfs), ("verity", files.verity)] {
+        args.extend([
+            "-drive".into(),
+            option_value(
+                &format!("id={id},format=raw,if=none,readonly=on,file="),
+                file,
+            ),
+            "-device".into(),
+            format!("virtio-blk-device,drive={id}").into(),
+        ]);
+    }
+    args.extend([
+        "-device".into(),
+        // Port 0 is reserved for a console; the agent port is 1.
+        "virtio-serial-device,max_ports=2".into(),
+        "-chardev".into(),
+        option_value("socket,id=agent,path=", files.agent_socket),
+        "-device".into(),
+        format!("virtserialport,chardev=agent,name={PORT_NAME}").into(),
+    ]);
+    args
+}
+
+/// `prefix` followed by `path` as one QEMU option value: a comma in a path would start a new
+/// option, so QEMU's escape (a doubled comma) is applied.
+fn option_value(prefix: &str, path: &Path) -> OsString {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut bytes = prefix.as_bytes().to_vec();
+    for &byte in path.as_os_str().as_bytes() {
+        bytes.push(byte);
+        if byte == b',' {
+            bytes.push(b',');
+        }
+    }
+    OsString::from_vec(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> LaunchPlan {
+        let mut json: serde_json::Value =
+            serde_json::from_str(include_str!("../../../examples/plan/plan.json")).unwrap();
+        // The example leaves the nonce to `mvm plan sign`.
+        json["nonce"] = "00".repeat(16).into();
+        json["single_use"] = false.into();
+        serde_json::from_value(json).unwrap()
+    }
+
+    fn strings(args: &[OsString]) -> Vec<String> {
+        args.iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    fn files<'a>(socket: &'a Path) -> VmFiles<'a> {
+        VmFiles {
+            kernel: Path::new("/vm/kernel"),
+            initramfs: Path::new("/vm/initramfs"),
+            rootfs: Path::new("/bundle,odd/rootfs.erofs"),
+            verity: Path::new("/bundle,odd/rootfs.verity"),
+            agent_socket: socket,
+        }
+    }
+
+    #[test]
+    fn the_machine_has_only_the_contract_devices() {
+        let args = strings(&arguments(
+            &plan(),
+            &files(Path::new("/vm/agent.sock")),
+            Accel::Tcg,
+        ));
+        let joined = args.join(" ");
+        for required in [
+            "-M microvm,acpi=on",
+            "-accel tcg -icount shift=auto -cpu qemu64",
+            "-nodefaults",
+            "-no-user-config",
+            "-display none",
+            "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+            "-serial chardev:serial",
+            "virtserialport,chardev=agent,name=mvm.agent",
+        ] {
+            assert!(joined.contains(required), "{required} missing from {joined}");
+        }
+        for forbidden in ["-netdev", "-nic", "-net ", "-monitor", "-vnc", "-qmp", "-enable-kvm"] {
+            assert!(!joined.contains(forbidden), "{forbidden} in {joined}");
+        }
+        let drives: Vec<&String> = args.iter().filter(|a| a.contains("if=none")).collect();
+        assert_eq!(drives.len(), 2);
+        assert!(drives[0].starts_with("id=root,") && drives[1].starts_with("id=verity,"));
+        assert!(drives.iter().all(|d| d.contains("readonly=on")));
+        assert!(drives[0].ends_with("file=/bundle,,odd/rootfs.erofs"), "{}", drives[0]);
+        let append = args.iter().position(|a| a == "-append").unwrap();
+        assert_eq!(args[append + 1], plan().kernel.cmdline);
+    }
+
+    #[test]
+    fn resources_come_from_the_plan_and_kvm_uses_the_host_cpu() {
+        let mut plan = plan();
+        plan.resources.cpu_cores = 3;
+        plan.resources.memory_mb = 768;
+        let args = strings(&arguments(
+            &plan,
+            &files(Path::new("/vm/a,b.sock")),
+            Accel::Kvm,
+        ));
+        let joined = args.join(" ");
+        assert!(joined.contains("-smp 3 -m 768M"), "{joined}");
+        assert!(joined.contains("-accel kvm -cpu host"));
+        assert!(!joined.contains("icount"));
+        assert!(joined.contains("socket,id=agent,path=/vm/a,,b.sock"));
+    }
+}

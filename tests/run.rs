@@ -1,0 +1,434 @@
+//! `mvm run` end to end: real Linux guests (the Debian cloud kernel) booted by `mvm-runner`
+//! under QEMU (TCG here), the root opened through dm-verity by the guest agent, commands run
+//! over the virtio-console channel.
+//!
+//! One image serves every test: busybox, plus `/data/canary.bin` (64 KiB that occur nowhere
+//! else) for reading back and for flipping bytes. QEMU is started through a wrapper that
+//! records every start, so that refusals can show that no VM process was spawned. Boots run one
+//! at a time: the hosts have two cores.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+use base64::Engine as _;
+use mvm_builder::testing::{gzip, layer_of, Entry, TestLayout, TAR_GZIP};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+mod support;
+
+use support::guest;
+
+const BLOCK: usize = 4096;
+
+struct Fixture {
+    _work: tempfile::TempDir,
+    home: PathBuf,
+    /// The bundle every test may read but none may change (copy it first).
+    bundle: PathBuf,
+    /// `oci:DIR@sha256:…` of the image.
+    image: String,
+    canary: Vec<u8>,
+    /// Where the wrapper records each QEMU start.
+    qemu_log: PathBuf,
+    qemu_wrapper: PathBuf,
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let work = tempfile::tempdir().unwrap();
+        let home = work.path().join("home");
+        support::mvm_json(&home, &["kernel", "fetch"], 0);
+
+        // 64 KiB of bytes that appear nowhere else in the image.
+        let canary: Vec<u8> = (0u32..16 * 1024)
+            .flat_map(|i| Sha256::digest(i.to_le_bytes())[..4].to_vec())
+            .collect();
+        let layout = TestLayout::new();
+        let busybox = fs::read("/bin/busybox").unwrap();
+        let root = layer_of(&[
+            Entry::Dir("bin"),
+            Entry::File("bin/busybox", &busybox, 0o755),
+            Entry::Symlink("bin/sh", "busybox"),
+            Entry::Symlink("bin/echo", "busybox"),
+            Entry::Symlink("bin/cat", "busybox"),
+            Entry::Symlink("bin/id", "busybox"),
+            Entry::Symlink("bin/sleep", "busybox"),
+            Entry::Dir("etc"),
+            Entry::File("etc/motd", b"from the image\n", 0o644),
+            Entry::File("srv/secret.txt", b"root only\n", 0o600),
+            Entry::Dir("data"),
+            Entry::File("data/canary.bin", &canary, 0o644),
+        ]);
+        let (digest, _) = layout.image("amd64", &[(TAR_GZIP, gzip(&root), root)]);
+        let image = format!("oci:{}@{digest}", layout.dir.path().display());
+        let bundle = work.path().join("bundle");
+        let agent = guest::static_agent().to_str().unwrap();
+        support::mvm_json(
+            &home,
+            &[
+                "build", "--image", &image, "--out", bundle.to_str().unwrap(), "--agent", agent,
+                "--", "echo", "entrypoint",
+            ],
+            0,
+        );
+
+        let qemu = which("qemu-system-x86_64");
+        let qemu_log = work.path().join("qemu-starts");
+        let qemu_wrapper = work.path().join("qemu-wrapper");
+        fs::write(
+            &qemu_wrapper,
+            format!(
+                "#!/bin/sh\ncase \"$1\" in --version) ;; *) echo start >> '{}' ;; esac\nexec '{}' \"$@\"\n",
+                qemu_log.display(),
+                qemu.display()
+            ),
+        )
+        .unwrap();
+        fs::set_permissions(&qemu_wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        std::mem::forget(layout);
+        Fixture {
+            _work: work,
+            home,
+            bundle,
+            image,
+            canary,
+            qemu_log,
+            qemu_wrapper,
+        }
+    })
+}
+
+fn which(program: &str) -> PathBuf {
+    let out = Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{program} is missing: .ci/run installs it (scripts/deps --test)"
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// One VM at a time.
+fn turn() -> MutexGuard<'static, ()> {
+    static TURN: Mutex<()> = Mutex::new(());
+    TURN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn qemu_starts() -> usize {
+    fs::read_to_string(&fixture().qemu_log)
+        .map(|log| log.lines().count())
+        .unwrap_or(0)
+}
+
+/// `mvm ARGS` with the fixture's home (or `home`), runner and QEMU wrapper.
+fn mvm_in(home: &Path, args: &[&str]) -> Output {
+    let f = fixture();
+    Command::new(env!("CARGO_BIN_EXE_mvm"))
+        .args(args)
+        .env("MVM_HOME", home)
+        .env("MVM_RUNNER", guest::runner())
+        .env("MVM_AGENT", guest::static_agent())
+        .env("MVM_QEMU", &f.qemu_wrapper)
+        .output()
+        .unwrap()
+}
+
+fn mvm(args: &[&str]) -> Output {
+    mvm_in(&fixture().home, args)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn describe(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        text(&out.stdout),
+        text(&out.stderr)
+    )
+}
+
+fn plan_arg(bundle: &Path) -> String {
+    bundle.join("plan.dsse.json").to_str().unwrap().to_string()
+}
+
+/// A private copy of the fixture's bundle, to change.
+fn bundle_copy(dir: &Path) -> PathBuf {
+    let copy = dir.join("bundle");
+    fs::create_dir(&copy).unwrap();
+    for entry in fs::read_dir(&fixture().bundle).unwrap() {
+        let entry = entry.unwrap();
+        fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
+    }
+    copy
+}
+
+fn plan_payload(bundle: &Path) -> Value {
+    let envelope: Value =
+        serde_json::from_slice(&fs::read(bundle.join("plan.dsse.json")).unwrap()).unwrap();
+    let payload = base64::engine::general_purpose::STANDARD
+        .decode(envelope["payload"].as_str().unwrap())
+        .unwrap();
+    serde_json::from_slice(&payload).unwrap()
+}
+
+fn flip_byte(file: &Path, at: usize) {
+    let mut bytes = fs::read(file).unwrap();
+    bytes[at] ^= 0x01;
+    fs::write(file, bytes).unwrap();
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> usize {
+    let at = haystack
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("needle not found");
+    assert!(
+        haystack[at + 1..]
+            .windows(needle.len())
+            .all(|w| w != needle),
+        "the needle occurs more than once"
+    );
+    at
+}
+
+fn audit_events(home: &Path) -> Vec<String> {
+    let mut events = Vec::new();
+    for entry in fs::read_dir(home.join("audit")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "jsonl") {
+            for line in fs::read_to_string(path).unwrap().lines() {
+                let entry: Value = serde_json::from_str(line).unwrap();
+                events.push(entry["event"].as_str().unwrap_or_default().to_string());
+            }
+        }
+    }
+    events
+}
+
+#[test]
+fn echo_hello_prints_hello_and_exits_0() {
+    let _turn = turn();
+    let plan = plan_arg(&fixture().bundle);
+    let out = mvm(&["run", "--plan", &plan, "--", "echo", "hello"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(text(&out.stdout), "hello\n");
+    let events = audit_events(&fixture().home);
+    for event in ["plan.admitted", "vm.started", "vm.exited"] {
+        assert!(events.iter().any(|e| e == event), "{event} not in {events:?}");
+    }
+    let verify = support::mvm_json(&fixture().home, &["audit", "verify"], 0);
+    assert!(verify.to_string().contains("entries"), "{verify}");
+}
+
+#[test]
+fn the_exit_status_is_the_commands_and_its_streams_stay_apart() {
+    let _turn = turn();
+    let plan = plan_arg(&fixture().bundle);
+    let out = mvm(&[
+        "--json", "run", "--plan", &plan, "--",
+        "sh", "-c", "cat /data/canary.bin; echo to-stderr >&2; cat /etc/motd >&2; exit 7",
+    ]);
+    assert_eq!(out.status.code(), Some(7), "{}", describe(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let stdout = base64::engine::general_purpose::STANDARD
+        .decode(report["stdout"]["base64"].as_str().unwrap())
+        .unwrap();
+    assert!(stdout == fixture().canary, "the canary read back differs");
+    assert_eq!(report["stderr"], "to-stderr\nfrom the image\n");
+    assert_eq!(report["exit_status"], 7);
+    assert_eq!(report["status"]["kind"], "exited");
+    let guest = &report["timings_ms"]["guest"];
+    assert!(guest["channel_ms"].as_u64().unwrap() >= guest["root_ms"].as_u64().unwrap());
+}
+
+#[test]
+fn commands_run_as_an_unprivileged_user() {
+    let _turn = turn();
+    let plan = plan_arg(&fixture().bundle);
+    let out = mvm(&[
+        "run", "--plan", &plan, "--",
+        "sh", "-c", "id -u; id -g; grep NoNewPrivs /proc/self/status; cat /srv/secret.txt",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let stdout = text(&out.stdout);
+    assert!(stdout.starts_with("1000\n1000\n"), "{stdout}");
+    assert!(stdout.contains("NoNewPrivs:\t1"), "{stdout}");
+    assert!(text(&out.stderr).contains("Permission denied"), "{}", describe(&out));
+}
+
+#[test]
+fn a_command_past_its_timeout_exits_124() {
+    let _turn = turn();
+    let plan = plan_arg(&fixture().bundle);
+    let out = mvm(&["run", "--plan", &plan, "--timeout", "2s", "--", "sleep", "60"]);
+    assert_eq!(out.status.code(), Some(124), "{}", describe(&out));
+}
+
+#[test]
+fn plans_are_refused_before_any_vm_process_starts() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let expect_refused = |plan: &str, home: &Path, what: &str, code_prefix: &str| {
+        let _turn = turn();
+        let before = qemu_starts();
+        let out = mvm_in(home, &["--json", "run", "--plan", plan, "--", "echo", "no"]);
+        assert_eq!(out.status.code(), Some(120), "{what}: {}", describe(&out));
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let code = report["error"]["code"].as_str().unwrap();
+        assert!(code.starts_with(code_prefix), "{what}: {code}");
+        assert_eq!(qemu_starts(), before, "{what}: QEMU was started");
+        code.to_string()
+    };
+
+    // Unsigned: the signatures removed.
+    let unsigned = bundle_copy(&subdir(dir.path(), "unsigned"));
+    let mut envelope: Value =
+        serde_json::from_slice(&fs::read(unsigned.join("plan.dsse.json")).unwrap()).unwrap();
+    envelope["signatures"] = Value::Array(vec![]);
+    fs::write(unsigned.join("plan.dsse.json"), envelope.to_string()).unwrap();
+    expect_refused(&plan_arg(&unsigned), &f.home, "unsigned", "PLAN");
+
+    // Tampered: more memory, the old signature.
+    let tampered = bundle_copy(&subdir(dir.path(), "tampered"));
+    let mut payload = plan_payload(&tampered);
+    payload["resources"]["memory_mb"] = 4096.into();
+    envelope = serde_json::from_slice(&fs::read(tampered.join("plan.dsse.json")).unwrap()).unwrap();
+    envelope["payload"] = base64::engine::general_purpose::STANDARD
+        .encode(payload.to_string())
+        .into();
+    fs::write(tampered.join("plan.dsse.json"), envelope.to_string()).unwrap();
+    expect_refused(&plan_arg(&tampered), &f.home, "tampered", "PLAN");
+
+    // Signed by a key this host does not trust: another home.
+    let stranger = dir.path().join("stranger-home");
+    expect_refused(&plan_arg(&f.bundle), &stranger, "untrusted", "PLAN");
+
+    // Expired: re-signed with a one-second window.
+    let expired = bundle_copy(&subdir(dir.path(), "expired"));
+    let unsigned_plan = dir.path().join("plan.json");
+    fs::write(&unsigned_plan, plan_payload(&expired).to_string()).unwrap();
+    let signed = plan_arg(&expired);
+    let sign = mvm(&["plan", "sign", unsigned_plan.to_str().unwrap(), "--valid-for", "1s", "-o", &signed]);
+    assert!(sign.status.success(), "{}", describe(&sign));
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    expect_refused(&signed, &f.home, "expired", "PLAN");
+
+    // A kernel or an initramfs that is not the one pinned.
+    for file in ["vmlinuz", "initramfs"] {
+        let changed = bundle_copy(&subdir(dir.path(), file));
+        flip_byte(&changed.join(file), 4096);
+        let code = expect_refused(&plan_arg(&changed), &f.home, file, "RUN");
+        assert_eq!(code, "RUN002", "{file}");
+    }
+}
+
+#[test]
+fn a_single_use_plan_runs_once_and_a_reusable_one_again() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let once = bundle_copy(dir.path());
+    let unsigned_plan = dir.path().join("plan.json");
+    fs::write(&unsigned_plan, plan_payload(&once).to_string()).unwrap();
+    let signed = plan_arg(&once);
+    let sign = mvm(&["plan", "sign", unsigned_plan.to_str().unwrap(), "--single-use", "-o", &signed]);
+    assert!(sign.status.success(), "{}", describe(&sign));
+
+    let _turn = turn();
+    let first = mvm(&["run", "--plan", &signed, "--", "echo", "once"]);
+    assert_eq!(first.status.code(), Some(0), "{}", describe(&first));
+    assert_eq!(text(&first.stdout), "once\n");
+    let before = qemu_starts();
+    let again = mvm(&["--json", "run", "--plan", &signed, "--", "echo", "twice"]);
+    assert_eq!(again.status.code(), Some(120), "{}", describe(&again));
+    let report: Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(report["error"]["code"], "PLAN009");
+    assert_eq!(qemu_starts(), before);
+
+    // The reusable plan of the other tests boots again and again; here once more.
+    let reusable = mvm(&["run", "--plan", &plan_arg(&f.bundle), "--", "cat", "/etc/motd"]);
+    assert_eq!(text(&reusable.stdout), "from the image\n", "{}", describe(&reusable));
+}
+
+/// The first 4 KiB block of the image holding canary bytes, and where it starts.
+fn canary_block(image: &[u8]) -> (usize, Vec<u8>) {
+    let canary = &fixture().canary;
+    let inside = find(image, &canary[BLOCK..BLOCK + 256]);
+    let start = inside / BLOCK * BLOCK;
+    (start, image[start..start + BLOCK].to_vec())
+}
+
+#[test]
+fn a_flipped_byte_in_a_files_data_is_an_integrity_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = bundle_copy(dir.path());
+    let image = bundle.join("rootfs.erofs");
+    let (start, _) = canary_block(&fs::read(&image).unwrap());
+    flip_byte(&image, start + 100);
+
+    let _turn = turn();
+    let out = mvm(&["--json", "run", "--plan", &plan_arg(&bundle), "--", "cat", "/data/canary.bin"]);
+    assert_eq!(out.status.code(), Some(121), "{}", describe(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["error"]["code"], "RUN020", "{report}");
+}
+
+#[test]
+fn a_flipped_byte_in_the_hash_tree_is_an_integrity_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = bundle_copy(dir.path());
+    let plan = plan_payload(&bundle);
+    let salt = hex(plan["rootfs"]["verity"]["salt"].as_str().unwrap());
+    let (_, block) = canary_block(&fs::read(bundle.join("rootfs.erofs")).unwrap());
+    // dm-verity's leaf hash of that block: sha256(salt || block).
+    let leaf: Vec<u8> = Sha256::new()
+        .chain_update(&salt)
+        .chain_update(&block)
+        .finalize()
+        .to_vec();
+    let tree = bundle.join("rootfs.verity");
+    let at = find(&fs::read(&tree).unwrap(), &leaf);
+    flip_byte(&tree, at + 5);
+
+    let _turn = turn();
+    let out = mvm(&["--json", "run", "--plan", &plan_arg(&bundle), "--", "cat", "/data/canary.bin"]);
+    assert_eq!(out.status.code(), Some(121), "{}", describe(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["error"]["code"], "RUN020", "{report}");
+}
+
+#[test]
+fn run_builds_an_image_once_then_reuses_the_bundle() {
+    let f = fixture();
+    let _turn = turn();
+    let out = mvm(&["run", &f.image, "--", "echo", "from an image"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(text(&out.stdout), "from an image\n");
+    let built = fs::read_dir(f.home.join("runs")).unwrap().count();
+    let again = mvm(&["run", &f.image, "--", "echo", "again"]);
+    assert_eq!(text(&again.stdout), "again\n", "{}", describe(&again));
+    assert!(!text(&again.stderr).contains("built "), "rebuilt: {}", describe(&again));
+    assert_eq!(fs::read_dir(f.home.join("runs")).unwrap().count(), built);
+}
+
+fn hex(text: &str) -> Vec<u8> {
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+fn subdir(parent: &Path, name: &str) -> PathBuf {
+    let dir = parent.join(name);
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}

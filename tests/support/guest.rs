@@ -1,0 +1,76 @@
+//! Guests for the end-to-end tests: the static guest agent and the runner, built by the tests
+//! themselves.
+//!
+//! The agent must be a static binary (the initramfs has no dynamic loader), which the root
+//! package's build cannot give: it is built with cargo, `+crt-static` and an explicit
+//! `--target` (so that build scripts stay dynamic), into its own directory under
+//! `CARGO_TARGET_TMPDIR`, where it is kept between runs. Not every test file uses every helper.
+#![allow(dead_code)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+const TARGET: &str = "x86_64-unknown-linux-gnu";
+
+fn cargo() -> Command {
+    let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cargo.current_dir(env!("CARGO_MANIFEST_DIR"));
+    cargo
+}
+
+/// The static `mvm-agent` and `mvm-runner`, built together once per test run (one build: they
+/// share most dependencies). The runner needs no static linking, but it does no harm: it makes
+/// it self-contained, as a jailed runner must be.
+fn binaries() -> &'static (PathBuf, PathBuf) {
+    static BINARIES: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    BINARIES.get_or_init(|| {
+        let target_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("agent-static");
+        let out = cargo()
+            .args(["build", "--release", "-p", "mvm-agent", "-p", "mvm-runner"])
+            .args(["--target", TARGET])
+            .arg("--target-dir")
+            .arg(&target_dir)
+            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "building the static agent and runner: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let release = target_dir.join(TARGET).join("release");
+        let agent = release.join("mvm-agent");
+        assert!(
+            !has_interpreter(&fs::read(&agent).unwrap()),
+            "{} asks for a dynamic loader: not static",
+            agent.display()
+        );
+        (agent, release.join("mvm-runner"))
+    })
+}
+
+/// The static guest agent.
+pub fn static_agent() -> &'static Path {
+    &binaries().0
+}
+
+/// `mvm-runner` (pass it to `mvm run` as `MVM_RUNNER`).
+pub fn runner() -> &'static Path {
+    &binaries().1
+}
+
+/// Whether an ELF64 executable has a `PT_INTERP` program header (a dynamic loader to run it).
+fn has_interpreter(elf: &[u8]) -> bool {
+    const PT_INTERP: u32 = 3;
+    assert_eq!(&elf[..5], b"\x7fELF\x02", "not an ELF64 file");
+    let u16_at = |at: usize| usize::from(u16::from_le_bytes(elf[at..at + 2].try_into().unwrap()));
+    let phoff = u64::from_le_bytes(elf[0x20..0x28].try_into().unwrap()) as usize;
+    let (size, count) = (u16_at(0x36), u16_at(0x38));
+    (0..count).any(|i| {
+        let at = phoff + i * size;
+        u32::from_le_bytes(elf[at..at + 4].try_into().unwrap()) == PT_INTERP
+    })
+}
