@@ -12,3 +12,4 @@
 //! the runner issues.
 
 pub mod admission;
+pub mod host;
