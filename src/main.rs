@@ -13,7 +13,8 @@ use crate::output::Output;
 
 /// A security-first microVM runtime and Nix-centric build-and-run toolchain.
 ///
-/// Exit status: 0 ok; 1 a verification or integrity check refused the input; 2 usage error;
+/// Exit status: 0 ok; 1 a verification or integrity check refused the input (or a `doctor`
+/// check failed); 2 usage error;
 /// 65 the input is not a valid document; 74 a file could not be read or written.
 #[derive(Debug, Parser)]
 #[command(name = "mvm", version, propagate_version = true)]
@@ -47,6 +48,9 @@ enum Command {
     /// Guest kernels: fetch and pin the Debian cloud kernel.
     #[command(subcommand)]
     Kernel(commands::kernel::KernelCommand),
+    /// Check what this host can run: virtualization and backend, QEMU, guest kernel and agent,
+    /// state directory, signing key, registries. Exit status 1 when a check fails.
+    Doctor,
     /// Measure mvm against the standard tools (medians and ratios from one run).
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -67,6 +71,7 @@ fn main() -> ExitCode {
         Command::Run(args) => return commands::run::run(args, &out),
         Command::Kernel(cmd) => commands::kernel::run(cmd, &out),
         Command::Bench(cmd) => commands::bench::run(cmd, &out),
+        Command::Doctor => return commands::doctor::run(&out),
         Command::BuildWorker => return mvm_builder::worker::serve(),
     };
     match result {

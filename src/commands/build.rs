@@ -90,7 +90,7 @@ pub struct BuildArgs {
     #[arg(long, value_enum, default_value = "standard")]
     profile: ProfileArg,
     /// The guest agent binary, `/init` of the initramfs (default: mvm-agent next to mvm).
-    #[arg(long)]
+    #[arg(long, env = "MVM_AGENT")]
     agent: Option<PathBuf>,
     /// The kernel release to use (default: the newest fetched; see `mvm kernel fetch`).
     #[arg(long)]
@@ -492,7 +492,7 @@ fn swap_in(staging: tempfile::TempDir, out: &Path) -> anyhow::Result<()> {
 
 /// Registries listed as reachable over plain HTTP in `$MVM_HOME/config.toml`:
 /// `[registries] insecure = ["host:port"]`.
-fn insecure_registries(host: &Host) -> anyhow::Result<Vec<String>> {
+pub(super) fn insecure_registries(host: &Host) -> anyhow::Result<Vec<String>> {
     #[derive(serde::Deserialize, Default)]
     #[serde(deny_unknown_fields)]
     struct Config {

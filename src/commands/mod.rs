@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod bench;
 pub mod build;
+pub mod doctor;
 pub mod ir;
 pub mod kernel;
 pub mod keys;
