@@ -224,7 +224,10 @@ fn echo_hello_prints_hello_and_exits_0() {
     assert_eq!(text(&out.stdout), "hello\n");
     let events = audit_events(&fixture().home);
     for event in ["plan.admitted", "vm.started", "vm.exited"] {
-        assert!(events.iter().any(|e| e == event), "{event} not in {events:?}");
+        assert!(
+            events.iter().any(|e| e == event),
+            "{event} not in {events:?}"
+        );
     }
     let verify = support::mvm_json(&fixture().home, &["audit", "verify"], 0);
     assert!(verify.to_string().contains("entries"), "{verify}");
@@ -235,8 +238,14 @@ fn the_exit_status_is_the_commands_and_its_streams_stay_apart() {
     let _turn = turn();
     let plan = plan_arg(&fixture().bundle);
     let out = mvm(&[
-        "--json", "run", "--plan", &plan, "--",
-        "sh", "-c", "cat /data/canary.bin; echo to-stderr >&2; cat /etc/motd >&2; exit 7",
+        "--json",
+        "run",
+        "--plan",
+        &plan,
+        "--",
+        "sh",
+        "-c",
+        "cat /data/canary.bin; echo to-stderr >&2; cat /etc/motd >&2; exit 7",
     ]);
     assert_eq!(out.status.code(), Some(7), "{}", describe(&out));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -256,21 +265,39 @@ fn commands_run_as_an_unprivileged_user() {
     let _turn = turn();
     let plan = plan_arg(&fixture().bundle);
     let out = mvm(&[
-        "run", "--plan", &plan, "--",
-        "sh", "-c", "id -u; id -g; grep NoNewPrivs /proc/self/status; cat /srv/secret.txt",
+        "run",
+        "--plan",
+        &plan,
+        "--",
+        "sh",
+        "-c",
+        "id -u; id -g; grep NoNewPrivs /proc/self/status; cat /srv/secret.txt",
     ]);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     let stdout = text(&out.stdout);
     assert!(stdout.starts_with("1000\n1000\n"), "{stdout}");
     assert!(stdout.contains("NoNewPrivs:\t1"), "{stdout}");
-    assert!(text(&out.stderr).contains("Permission denied"), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("Permission denied"),
+        "{}",
+        describe(&out)
+    );
 }
 
 #[test]
 fn a_command_past_its_timeout_exits_124() {
     let _turn = turn();
     let plan = plan_arg(&fixture().bundle);
-    let out = mvm(&["run", "--plan", &plan, "--timeout", "2s", "--", "sleep", "60"]);
+    let out = mvm(&[
+        "run",
+        "--plan",
+        &plan,
+        "--timeout",
+        "2s",
+        "--",
+        "sleep",
+        "60",
+    ]);
     assert_eq!(out.status.code(), Some(124), "{}", describe(&out));
 }
 
@@ -318,7 +345,15 @@ fn plans_are_refused_before_any_vm_process_starts() {
     let unsigned_plan = dir.path().join("plan.json");
     fs::write(&unsigned_plan, plan_payload(&expired).to_string()).unwrap();
     let signed = plan_arg(&expired);
-    let sign = mvm(&["plan", "sign", unsigned_plan.to_str().unwrap(), "--valid-for", "1s", "-o", &signed]);
+    let sign = mvm(&[
+        "plan",
+        "sign",
+        unsigned_plan.to_str().unwrap(),
+        "--valid-for",
+        "1s",
+        "-o",
+        &signed,
+    ]);
     assert!(sign.status.success(), "{}", describe(&sign));
     std::thread::sleep(std::time::Duration::from_millis(2100));
     expect_refused(&signed, &f.home, "expired", "PLAN");
@@ -340,7 +375,14 @@ fn a_single_use_plan_runs_once_and_a_reusable_one_again() {
     let unsigned_plan = dir.path().join("plan.json");
     fs::write(&unsigned_plan, plan_payload(&once).to_string()).unwrap();
     let signed = plan_arg(&once);
-    let sign = mvm(&["plan", "sign", unsigned_plan.to_str().unwrap(), "--single-use", "-o", &signed]);
+    let sign = mvm(&[
+        "plan",
+        "sign",
+        unsigned_plan.to_str().unwrap(),
+        "--single-use",
+        "-o",
+        &signed,
+    ]);
     assert!(sign.status.success(), "{}", describe(&sign));
 
     let _turn = turn();
@@ -355,8 +397,20 @@ fn a_single_use_plan_runs_once_and_a_reusable_one_again() {
     assert_eq!(qemu_starts(), before);
 
     // The reusable plan of the other tests boots again and again; here once more.
-    let reusable = mvm(&["run", "--plan", &plan_arg(&f.bundle), "--", "cat", "/etc/motd"]);
-    assert_eq!(text(&reusable.stdout), "from the image\n", "{}", describe(&reusable));
+    let reusable = mvm(&[
+        "run",
+        "--plan",
+        &plan_arg(&f.bundle),
+        "--",
+        "cat",
+        "/etc/motd",
+    ]);
+    assert_eq!(
+        text(&reusable.stdout),
+        "from the image\n",
+        "{}",
+        describe(&reusable)
+    );
 }
 
 /// The first 4 KiB block of the image holding canary bytes, and where it starts.
@@ -376,7 +430,15 @@ fn a_flipped_byte_in_a_files_data_is_an_integrity_failure() {
     flip_byte(&image, start + 100);
 
     let _turn = turn();
-    let out = mvm(&["--json", "run", "--plan", &plan_arg(&bundle), "--", "cat", "/data/canary.bin"]);
+    let out = mvm(&[
+        "--json",
+        "run",
+        "--plan",
+        &plan_arg(&bundle),
+        "--",
+        "cat",
+        "/data/canary.bin",
+    ]);
     assert_eq!(out.status.code(), Some(121), "{}", describe(&out));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["error"]["code"], "RUN020", "{report}");
@@ -400,7 +462,15 @@ fn a_flipped_byte_in_the_hash_tree_is_an_integrity_failure() {
     flip_byte(&tree, at + 5);
 
     let _turn = turn();
-    let out = mvm(&["--json", "run", "--plan", &plan_arg(&bundle), "--", "cat", "/data/canary.bin"]);
+    let out = mvm(&[
+        "--json",
+        "run",
+        "--plan",
+        &plan_arg(&bundle),
+        "--",
+        "cat",
+        "/data/canary.bin",
+    ]);
     assert_eq!(out.status.code(), Some(121), "{}", describe(&out));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["error"]["code"], "RUN020", "{report}");
@@ -416,7 +486,11 @@ fn run_builds_an_image_once_then_reuses_the_bundle() {
     let built = fs::read_dir(f.home.join("runs")).unwrap().count();
     let again = mvm(&["run", &f.image, "--", "echo", "again"]);
     assert_eq!(text(&again.stdout), "again\n", "{}", describe(&again));
-    assert!(!text(&again.stderr).contains("built "), "rebuilt: {}", describe(&again));
+    assert!(
+        !text(&again.stderr).contains("built "),
+        "rebuilt: {}",
+        describe(&again)
+    );
     assert_eq!(fs::read_dir(f.home.join("runs")).unwrap().count(), built);
 }
 

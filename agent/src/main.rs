@@ -71,11 +71,10 @@ fn prepare_for_workloads() -> Result<(), BootError> {
     };
     fs::create_dir_all("/tmp").map_err(system("/tmp"))?;
     fs::set_permissions("/tmp", fs::Permissions::from_mode(0o1777)).map_err(system("/tmp"))?;
-    rustix::thread::set_no_new_privs(true)
-        .map_err(|e| BootError::System {
-            what: "no_new_privs".into(),
-            source: e.into(),
-        })
+    rustix::thread::set_no_new_privs(true).map_err(|e| BootError::System {
+        what: "no_new_privs".into(),
+        source: e.into(),
+    })
 }
 
 fn timings(booted: &Booted) -> BootTimings {

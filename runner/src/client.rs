@@ -216,7 +216,11 @@ mod tests {
         assert_eq!(hello.version, PROTOCOL_VERSION);
         let mut output = Collected::default();
         let request = ExecRequest {
-            argv: vec!["sh".into(), "-c".into(), "echo $GREETING; echo no >&2; exit 3".into()],
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo $GREETING; echo no >&2; exit 3".into(),
+            ],
             env: BTreeMap::from([("GREETING".to_string(), "hi".to_string())]),
             cwd: Some("/".into()),
             timeout_ms: 10_000,
@@ -224,7 +228,10 @@ mod tests {
         let reply = client
             .exec(request.clone(), Duration::from_secs(10), &mut output)
             .unwrap();
-        assert_eq!((output.0.as_slice(), output.1.as_slice()), (&b"hi\n"[..], &b"no\n"[..]));
+        assert_eq!(
+            (output.0.as_slice(), output.1.as_slice()),
+            (&b"hi\n"[..], &b"no\n"[..])
+        );
         assert_eq!(
             reply.status,
             mvm_agent::protocol::ExitStatus::Exited { code: 3 }

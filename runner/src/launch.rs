@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -159,13 +159,13 @@ pub struct Failure {
     pub serial_log: Option<PathBuf>,
 }
 
-impl From<LaunchError> for Failure {
+impl From<LaunchError> for Box<Failure> {
     fn from(error: LaunchError) -> Self {
-        Self {
+        Box::new(Failure {
             error,
             console_tail: None,
             serial_log: None,
-        }
+        })
     }
 }
 
@@ -224,7 +224,7 @@ impl Finished {
 }
 
 /// Launches `launch`, passing the command's output to `sink` as it arrives.
-pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Failure> {
+pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Box<Failure>> {
     let started = Instant::now();
     let audit = Audit::open(&launch.home)?;
     let trust = KeyStore::new(launch.home.clone())
@@ -232,8 +232,11 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Fa
         .map_err(|e| LaunchError::Refused(e.into()))?;
     let ledger = NonceLedger::in_home(&launch.home).map_err(|e| LaunchError::Refused(e.into()))?;
     let admission = PlanAdmission::new(trust, ledger);
-    let admitted = match admit_bundle(&launch.envelope, &admission, time::OffsetDateTime::now_utc())
-    {
+    let admitted = match admit_bundle(
+        &launch.envelope,
+        &admission,
+        time::OffsetDateTime::now_utc(),
+    ) {
         Ok(admitted) => admitted,
         Err(error) => {
             let fields = json!({"plan": launch.envelope, "code": error.code()});
@@ -243,7 +246,10 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Fa
         }
     };
     let plan = &admitted.plan;
-    let vm = format!("vm-{}", &mvm_ir::plan::fresh_nonce().map_err(LaunchError::Audit)?[..12]);
+    let vm = format!(
+        "vm-{}",
+        &mvm_ir::plan::fresh_nonce().map_err(LaunchError::Audit)?[..12]
+    );
     audit.append(
         "plan.admitted",
         json!({
@@ -262,6 +268,8 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Fa
     let initramfs = dir.private_copy("initramfs", &admitted.artifacts.initramfs)?;
     let socket = dir.path.join("agent.sock");
     let listener = UnixListener::bind(&socket).map_err(LaunchError::host("agent socket"))?;
+    fs::set_permissions(&socket, fs::Permissions::from_mode(0o600))
+        .map_err(LaunchError::host("agent socket"))?;
     listener
         .set_nonblocking(true)
         .map_err(LaunchError::host("agent socket"))?;
@@ -274,9 +282,8 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Fa
     };
     let args = qemu::arguments(&plan.plan, &files, launch.accel);
     let serial_log = dir.serial_log()?;
-    let mut vm_process = QemuVm::spawn(&launch.qemu, &args, serial_log).map_err(|e| {
-        LaunchError::Backend(format!("starting {}: {e}", launch.qemu.display()))
-    })?;
+    let mut vm_process = QemuVm::spawn(&launch.qemu, &args, serial_log)
+        .map_err(|e| LaunchError::Backend(format!("starting {}: {e}", launch.qemu.display())))?;
     audit.append(
         "vm.started",
         json!({"vm": vm, "backend": "qemu", "accel": launch.accel.to_string(), "pid": vm_process.pid()}),
@@ -313,10 +320,12 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Fa
         json!({"vm": vm, "reason": reason, "exit_status": exit_status,
                "duration_ms": started.elapsed().as_millis() as u64}),
     )?;
-    outcome.map_err(|error| Failure {
-        error,
-        console_tail: Some(vm_process.console().tail()),
-        serial_log: dir.keep_log(),
+    outcome.map_err(|error| {
+        Box::new(Failure {
+            error,
+            console_tail: Some(vm_process.console().tail()),
+            serial_log: dir.keep_log(),
+        })
     })
 }
 
@@ -395,7 +404,10 @@ fn accept_from(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(LaunchError::host("agent socket")(e)),
         }
-        if let Some(status) = vm.try_wait().map_err(LaunchError::host("waiting for QEMU"))? {
+        if let Some(status) = vm
+            .try_wait()
+            .map_err(LaunchError::host("waiting for QEMU"))?
+        {
             return Err(LaunchError::Backend(format!(
                 "QEMU exited ({status}) before connecting: {}",
                 vm.stderr()
@@ -411,7 +423,11 @@ fn accept_from(
 /// Turns a broken or silent channel into the reason the guest gave, if it gave one: the
 /// agent's error line on the console (an integrity failure has its own), a kernel panic, or
 /// QEMU's own exit.
-fn why_the_guest_stopped(vm: &mut QemuVm, error: ClientError, boot_timeout: Duration) -> LaunchError {
+fn why_the_guest_stopped(
+    vm: &mut QemuVm,
+    error: ClientError,
+    boot_timeout: Duration,
+) -> LaunchError {
     if matches!(error, ClientError::Closed | ClientError::Timeout(_)) {
         // The console reader may still be catching up with the last lines.
         let _ = vm.wait_for_exit(Duration::from_secs(2));

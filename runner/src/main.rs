@@ -46,6 +46,9 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // Everything the runner creates (the VM's state directory, its sockets, its copies of the
+    // kernel and initramfs) is for the runner alone.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let args = match Args::try_parse() {
         Ok(args) => args,
         Err(e) if !e.use_stderr() => {
@@ -65,7 +68,7 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
-fn run(args: Args) -> Result<(Finished, Option<Captured>), Failure> {
+fn run(args: Args) -> Result<(Finished, Option<Captured>), Box<Failure>> {
     let home = MvmHome::from_env().map_err(LaunchError::Audit)?;
     let selected = host::select(args.backend, &HostFacts::detect())
         .map_err(|e| LaunchError::Backend(format!("{}: {e}", e.code())))?;
@@ -133,7 +136,11 @@ fn report_failure(failure: &Failure, json: bool) -> u8 {
     let mut stderr = io::stderr().lock();
     let _ = writeln!(stderr, "mvm-runner: error {}: {error}", error.code());
     if let Some(tail) = failure.console_tail.as_deref().filter(|t| !t.is_empty()) {
-        let _ = writeln!(stderr, "--- guest console (last lines) ---\n{}", last_lines(tail));
+        let _ = writeln!(
+            stderr,
+            "--- guest console (last lines) ---\n{}",
+            last_lines(tail)
+        );
     }
     if let Some(log) = &failure.serial_log {
         let _ = writeln!(stderr, "console log kept at {}", log.display());

@@ -114,7 +114,10 @@ fn launch(args: RunArgs, out: &Output) -> anyhow::Result<ExitCode> {
         .args(&args.command)
         .status()
         .with_context(|| format!("starting {}", runner.display()))?;
-    let code = match (status.code(), std::os::unix::process::ExitStatusExt::signal(&status)) {
+    let code = match (
+        status.code(),
+        std::os::unix::process::ExitStatusExt::signal(&status),
+    ) {
         (Some(code), _) => code as u8,
         (None, Some(signal)) => 128u8.saturating_add(signal as u8),
         (None, None) => EXIT_RUNNER,
@@ -135,7 +138,10 @@ fn cached_bundle(image: &str, args: &RunArgs) -> anyhow::Result<PathBuf> {
         .map_err(|e| {
             coded_as(
                 "BUILD008",
-                format!("the guest agent {}: {e}; build mvm-agent or pass --agent", agent.display()),
+                format!(
+                    "the guest agent {}: {e}; build mvm-agent or pass --agent",
+                    agent.display()
+                ),
             )
         })?;
     let kernel = KernelStore::at(&host.home.ensure("kernels")?)
@@ -148,7 +154,10 @@ fn cached_bundle(image: &str, args: &RunArgs) -> anyhow::Result<PathBuf> {
         "agent": agent_digest.0,
         "kernel": kernel.manifest.release,
     });
-    let dir = host.home.ensure("runs")?.join(&sha256_hex(key.to_string().as_bytes())[..16]);
+    let dir = host
+        .home
+        .ensure("runs")?
+        .join(&sha256_hex(key.to_string().as_bytes())[..16]);
     if still_valid(&host, &dir.join("plan.dsse.json")) {
         return Ok(dir);
     }

@@ -268,8 +268,14 @@ mod tests {
     #[test]
     fn unknown_kinds_and_reserved_bits_are_refused() {
         for (header, error) in [
-            ([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], FrameError::UnknownKind(0)),
-            ([0, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 1], FrameError::UnknownKind(9)),
+            (
+                [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+                FrameError::UnknownKind(0),
+            ),
+            (
+                [0, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 1],
+                FrameError::UnknownKind(9),
+            ),
             ([0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 1], FrameError::Reserved),
             ([0, 0, 0, 0, 1, 0, 0, 1, 0, 0, 0, 1], FrameError::Reserved),
         ] {

@@ -228,7 +228,10 @@ mod tests {
             duration_ms: 3,
         });
         let json = serde_json::to_string(&reply).unwrap();
-        assert!(json.contains(r#""status":{"kind":"exited","code":7}"#), "{json}");
+        assert!(
+            json.contains(r#""status":{"kind":"exited","code":7}"#),
+            "{json}"
+        );
         assert_eq!(serde_json::from_str::<Response>(&json).unwrap(), reply);
     }
 

@@ -151,7 +151,8 @@ impl Running {
     /// Reaps it if it has ended (when nothing else reaps the agent's children).
     pub fn reap(&mut self) -> io::Result<()> {
         if self.status.is_none() {
-            if let Some((_, status)) = rustix::process::waitpid(Some(self.pid), WaitOptions::NOHANG)?
+            if let Some((_, status)) =
+                rustix::process::waitpid(Some(self.pid), WaitOptions::NOHANG)?
             {
                 self.exited(status);
             }

@@ -270,7 +270,9 @@ fn forward_output<C: Write>(
 /// Reaps every child that has ended, recording the command's own status when it is one.
 fn reap_all(mut command: Option<&mut Running>) -> Result<(), ServeError> {
     loop {
-        match rustix::process::waitpid(None, WaitOptions::NOHANG) {
+        // `wait`, not `waitpid(None, …)`: that one waits only for the agent's own process
+        // group, and every command runs in a group of its own.
+        match rustix::process::wait(WaitOptions::NOHANG) {
             Ok(Some((pid, status))) => {
                 if let Some(command) = command.as_mut().filter(|c| c.pid() == pid) {
                     command.exited(status);

@@ -18,7 +18,8 @@ struct Host {
 impl Host {
     fn start() -> Self {
         let (host, mut agent_side) = UnixStream::pair().unwrap();
-        host.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        host.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
         let agent = std::thread::spawn(move || {
             let config = ServeConfig {
                 workload_user: None,
@@ -140,7 +141,15 @@ fn hello_answers_with_the_version_and_boot_timings() {
 #[test]
 fn exec_keeps_stdout_and_stderr_apart_and_reports_the_exit_code() {
     let mut host = Host::start();
-    host.exec(3, &["sh", "-c", "echo out; echo err >&2; printf '\\0\\377'; exit 7"], 10_000);
+    host.exec(
+        3,
+        &[
+            "sh",
+            "-c",
+            "echo out; echo err >&2; printf '\\0\\377'; exit 7",
+        ],
+        10_000,
+    );
     let (stdout, stderr, response, _) = host.exchange(3);
     assert_eq!(stdout, b"out\n\0\xff");
     assert_eq!(stderr, b"err\n");
@@ -162,7 +171,11 @@ fn output_is_streamed_while_the_command_runs() {
     let (stdout, _, response, arrivals) = host.exchange(1);
     assert_eq!(stdout, b"first\nsecond\n");
     exec_reply(response);
-    assert_eq!(arrivals.len(), 2, "one frame per line written a second apart");
+    assert_eq!(
+        arrivals.len(),
+        2,
+        "one frame per line written a second apart"
+    );
     assert!(arrivals[1] - arrivals[0] >= Duration::from_millis(500));
     host.power_off();
 }

@@ -152,16 +152,31 @@ mod tests {
             "-serial chardev:serial",
             "virtserialport,chardev=agent,name=mvm.agent",
         ] {
-            assert!(joined.contains(required), "{required} missing from {joined}");
+            assert!(
+                joined.contains(required),
+                "{required} missing from {joined}"
+            );
         }
-        for forbidden in ["-netdev", "-nic", "-net ", "-monitor", "-vnc", "-qmp", "-enable-kvm"] {
+        for forbidden in [
+            "-netdev",
+            "-nic",
+            "-net ",
+            "-monitor",
+            "-vnc",
+            "-qmp",
+            "-enable-kvm",
+        ] {
             assert!(!joined.contains(forbidden), "{forbidden} in {joined}");
         }
         let drives: Vec<&String> = args.iter().filter(|a| a.contains("if=none")).collect();
         assert_eq!(drives.len(), 2);
         assert!(drives[0].starts_with("id=root,") && drives[1].starts_with("id=verity,"));
         assert!(drives.iter().all(|d| d.contains("readonly=on")));
-        assert!(drives[0].ends_with("file=/bundle,,odd/rootfs.erofs"), "{}", drives[0]);
+        assert!(
+            drives[0].ends_with("file=/bundle,,odd/rootfs.erofs"),
+            "{}",
+            drives[0]
+        );
         let append = args.iter().position(|a| a == "-append").unwrap();
         assert_eq!(args[append + 1], plan().kernel.cmdline);
     }

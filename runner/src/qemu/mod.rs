@@ -51,8 +51,14 @@ impl QemuVm {
         die_with_runner(&mut command);
         let mut child = command.spawn()?;
         let console = Console::default();
-        let stdout = child.stdout.take().ok_or_else(|| io::Error::other("no stdout"))?;
-        let stderr_pipe = child.stderr.take().ok_or_else(|| io::Error::other("no stderr"))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| io::Error::other("no stdout"))?;
+        let stderr_pipe = child
+            .stderr
+            .take()
+            .ok_or_else(|| io::Error::other("no stderr"))?;
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let readers = vec![
             serial::record(stdout, serial_log, console.clone())?,
@@ -137,7 +143,9 @@ fn die_with_runner(command: &mut Command) {
         command.pre_exec(move || {
             rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
             if rustix::process::getppid() != Some(runner) {
-                return Err(io::Error::from_raw_os_error(rustix::io::Errno::SRCH.raw_os_error()));
+                return Err(io::Error::from_raw_os_error(
+                    rustix::io::Errno::SRCH.raw_os_error(),
+                ));
             }
             Ok(())
         });
