@@ -186,6 +186,8 @@ pub struct Launch {
     pub timeout: Option<Duration>,
     /// How long the guest has to boot to a ready agent.
     pub boot_timeout: Duration,
+    /// When the runner started: the origin of [`Finished::ready_ms`].
+    pub started: Instant,
 }
 
 /// A launch that ran its command to the end.
@@ -205,7 +207,7 @@ pub struct Finished {
     pub stderr_bytes: u64,
     /// The agent's hello: version and boot timings inside the guest.
     pub hello: HelloReply,
-    /// From the runner starting the launch to the agent's hello.
+    /// From the runner's start to the agent's hello.
     pub ready_ms: u64,
     /// The command's own duration, as the agent measured it.
     pub command_ms: u64,
@@ -225,7 +227,7 @@ impl Finished {
 
 /// Launches `launch`, passing the command's output to `sink` as it arrives.
 pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Box<Failure>> {
-    let started = Instant::now();
+    let started = launch.started;
     let audit = Audit::open(&launch.home)?;
     let trust = KeyStore::new(launch.home.clone())
         .trust_store()

@@ -7,7 +7,7 @@
 use std::io::{self, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use mvm_ir::home::MvmHome;
@@ -46,6 +46,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    let started = Instant::now();
     // Everything the runner creates (the VM's state directory, its sockets, its copies of the
     // kernel and initramfs) is for the runner alone.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
@@ -61,14 +62,14 @@ fn main() -> ExitCode {
         }
     };
     let json = args.json;
-    let code = match run(args) {
+    let code = match run(args, started) {
         Ok((finished, output)) => report_finished(&finished, output, json),
         Err(failure) => report_failure(&failure, json),
     };
     ExitCode::from(code)
 }
 
-fn run(args: Args) -> Result<(Finished, Option<Captured>), Box<Failure>> {
+fn run(args: Args, started: Instant) -> Result<(Finished, Option<Captured>), Box<Failure>> {
     let home = MvmHome::from_env().map_err(LaunchError::Audit)?;
     let selected = host::select(args.backend, &HostFacts::detect())
         .map_err(|e| LaunchError::Backend(format!("{}: {e}", e.code())))?;
@@ -82,6 +83,7 @@ fn run(args: Args) -> Result<(Finished, Option<Captured>), Box<Failure>> {
         argv: args.command,
         timeout: args.timeout,
         boot_timeout: args.boot_timeout,
+        started,
     };
     if args.json {
         let mut captured = Captured::default();

@@ -20,6 +20,20 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// Boot: mvm-runner start → the agent's hello for PLAN (running `true`), against plain
+    /// QEMU on the same machine booting the same kernel with a minimal initramfs to a marker;
+    /// medians, the ratio (goal ≤ 1.15) and the guest's own boot timings.
+    Boot {
+        /// The plan to boot (`plan.dsse.json` of a bundle from `mvm build`); it must be reusable.
+        #[arg(long)]
+        plan: PathBuf,
+        /// Boots of each side.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// The command each boot runs after the hello (it is not part of the measurement).
+        #[arg(long, default_value = "true")]
+        command: String,
+    },
     /// Verity hashing against veritysetup format on the same file; prints medians and the ratio.
     Verity {
         /// Image size in MiB.
@@ -34,6 +48,16 @@ pub enum BenchCommand {
 pub fn run(cmd: BenchCommand, out: &Output) -> anyhow::Result<()> {
     let work = tempfile::Builder::new().prefix("mvm-bench-").tempdir()?;
     let results = match cmd {
+        BenchCommand::Boot {
+            plan,
+            runs,
+            command,
+        } => {
+            let (value, text) =
+                super::bench_boot::boot(&plan, runs.max(1), &command, work.path())?;
+            out.result(value, || text);
+            return Ok(());
+        }
         BenchCommand::Image { source, runs } => bench::image(&source, work.path(), runs.max(1))?,
         BenchCommand::Verity { size_mib, runs } => {
             vec![bench::verity(size_mib.max(1), work.path(), runs.max(1))?]

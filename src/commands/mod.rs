@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod bench;
+pub mod bench_boot;
 pub mod build;
 pub mod doctor;
 pub mod ir;

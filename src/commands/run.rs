@@ -206,7 +206,7 @@ fn still_valid(host: &Host, envelope: &Path) -> bool {
 }
 
 /// `$VARIABLE`, or the file `name` next to the mvm executable.
-fn sibling(variable: &str, name: &str) -> anyhow::Result<PathBuf> {
+pub(super) fn sibling(variable: &str, name: &str) -> anyhow::Result<PathBuf> {
     match std::env::var_os(variable) {
         Some(path) => Ok(PathBuf::from(path)),
         None => Ok(std::env::current_exe()?.with_file_name(name)),

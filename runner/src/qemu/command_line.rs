@@ -34,32 +34,7 @@ pub struct VmFiles<'a> {
 
 /// QEMU's arguments (without the program) for `plan`.
 pub fn arguments(plan: &LaunchPlan, files: &VmFiles<'_>, accel: Accel) -> Vec<OsString> {
-    let mut args: Vec<OsString> = Vec::new();
-    let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
-    push(&["-M", "microvm,acpi=on"]);
-    match accel {
-        // `-icount shift=auto` keeps the guest's TSC calibration from hanging under TCG.
-        Accel::Tcg => push(&["-accel", "tcg", "-icount", "shift=auto", "-cpu", "qemu64"]),
-        Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
-    }
-    let (cpus, memory) = (
-        plan.resources.cpu_cores.to_string(),
-        format!("{}M", plan.resources.memory_mb),
-    );
-    push(&["-smp", &cpus, "-m", &memory]);
-    push(&[
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-no-reboot",
-        "-sandbox",
-        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
-        "-chardev",
-        "stdio,id=serial,signal=off",
-        "-serial",
-        "chardev:serial",
-    ]);
+    let mut args = machine_arguments(plan, accel);
     args.extend([
         "-kernel".into(),
         files.kernel.into(),
@@ -87,6 +62,39 @@ pub fn arguments(plan: &LaunchPlan, files: &VmFiles<'_>, accel: Accel) -> Vec<Os
         option_value("socket,id=agent,path=", files.agent_socket),
         "-device".into(),
         format!("virtserialport,chardev=agent,name={PORT_NAME}").into(),
+    ]);
+    args
+}
+
+/// The machine without its boot files and devices: microvm with ACPI, the accelerator, CPUs
+/// and memory from the plan, nothing by default, QEMU's seccomp sandbox, the serial console
+/// on standard output. `mvm bench boot` boots its floor on exactly this machine.
+pub fn machine_arguments(plan: &LaunchPlan, accel: Accel) -> Vec<OsString> {
+    let mut args: Vec<OsString> = Vec::new();
+    let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
+    push(&["-M", "microvm,acpi=on"]);
+    match accel {
+        // `-icount shift=auto` keeps the guest's TSC calibration from hanging under TCG.
+        Accel::Tcg => push(&["-accel", "tcg", "-icount", "shift=auto", "-cpu", "qemu64"]),
+        Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+    }
+    let (cpus, memory) = (
+        plan.resources.cpu_cores.to_string(),
+        format!("{}M", plan.resources.memory_mb),
+    );
+    push(&["-smp", &cpus, "-m", &memory]);
+    push(&[
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        "-chardev",
+        "stdio,id=serial,signal=off",
+        "-serial",
+        "chardev:serial",
     ]);
     args
 }
