@@ -31,7 +31,7 @@ struct Fixture {
     /// `oci:DIR@sha256:…` of the image.
     image: String,
     canary: Vec<u8>,
-    /// Where the wrapper records each QEMU start.
+    /// Where the wrapper records every start of QEMU, `--version` included.
     qemu_log: PathBuf,
     qemu_wrapper: PathBuf,
 }
@@ -70,8 +70,16 @@ fn fixture() -> &'static Fixture {
         support::mvm_json(
             &home,
             &[
-                "build", "--image", &image, "--out", bundle.to_str().unwrap(), "--agent", agent,
-                "--", "echo", "entrypoint",
+                "build",
+                "--image",
+                &image,
+                "--out",
+                bundle.to_str().unwrap(),
+                "--agent",
+                agent,
+                "--",
+                "echo",
+                "entrypoint",
             ],
             0,
         );
@@ -82,14 +90,17 @@ fn fixture() -> &'static Fixture {
         fs::write(
             &qemu_wrapper,
             format!(
-                "#!/bin/sh\ncase \"$1\" in --version) ;; *) echo start >> '{}' ;; esac\nexec '{}' \"$@\"\n",
+                "#!/bin/sh\necho \"$*\" >> '{}'\nexec '{}' \"$@\"\n",
                 qemu_log.display(),
                 qemu.display()
             ),
         )
         .unwrap();
-        fs::set_permissions(&qemu_wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        fs::set_permissions(
+            &qemu_wrapper,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
         std::mem::forget(layout);
         Fixture {
             _work: work,
@@ -201,34 +212,56 @@ fn find(haystack: &[u8], needle: &[u8]) -> usize {
     at
 }
 
-fn audit_events(home: &Path) -> Vec<String> {
-    let mut events = Vec::new();
+/// The VM state directories under `home`.
+fn vm_dirs(home: &Path) -> usize {
+    fs::read_dir(home.join("vms")).map_or(0, |dir| dir.count())
+}
+
+/// Every audit entry in `home`, oldest first.
+fn audit_entries(home: &Path) -> Vec<Value> {
+    let mut entries = Vec::new();
     for entry in fs::read_dir(home.join("audit")).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "jsonl") {
             for line in fs::read_to_string(path).unwrap().lines() {
-                let entry: Value = serde_json::from_str(line).unwrap();
-                events.push(entry["event"].as_str().unwrap_or_default().to_string());
+                entries.push(serde_json::from_str(line).unwrap());
             }
         }
     }
-    events
+    entries
 }
 
 #[test]
 fn echo_hello_prints_hello_and_exits_0() {
     let _turn = turn();
     let plan = plan_arg(&fixture().bundle);
+    let before = audit_entries(&fixture().home).len();
+    let vms_before = vm_dirs(&fixture().home);
     let out = mvm(&["run", "--plan", &plan, "--", "echo", "hello"]);
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     assert_eq!(text(&out.stdout), "hello\n");
-    let events = audit_events(&fixture().home);
-    for event in ["plan.admitted", "vm.started", "vm.exited"] {
-        assert!(
-            events.iter().any(|e| e == event),
-            "{event} not in {events:?}"
-        );
-    }
+    // This run's entries (runs are one at a time): admitted, started, exited, one VM.
+    let entries = audit_entries(&fixture().home).split_off(before);
+    let events: Vec<&str> = entries
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        events,
+        ["plan.admitted", "vm.started", "vm.exited"],
+        "{entries:?}"
+    );
+    let vm = &entries[0]["fields"]["vm"];
+    assert!(
+        entries.iter().all(|e| &e["fields"]["vm"] == vm),
+        "{entries:?}"
+    );
+    assert_eq!(entries[2]["fields"]["exit_status"], 0);
+    assert_eq!(
+        vm_dirs(&fixture().home),
+        vms_before,
+        "the VM's state directory is left behind"
+    );
     let verify = support::mvm_json(&fixture().home, &["audit", "verify"], 0);
     assert!(verify.to_string().contains("entries"), "{verify}");
 }
@@ -308,12 +341,14 @@ fn plans_are_refused_before_any_vm_process_starts() {
     let expect_refused = |plan: &str, home: &Path, what: &str, code_prefix: &str| {
         let _turn = turn();
         let before = qemu_starts();
+        let vms_before = vm_dirs(home);
         let out = mvm_in(home, &["--json", "run", "--plan", plan, "--", "echo", "no"]);
         assert_eq!(out.status.code(), Some(120), "{what}: {}", describe(&out));
         let report: Value = serde_json::from_slice(&out.stdout).unwrap();
         let code = report["error"]["code"].as_str().unwrap();
         assert!(code.starts_with(code_prefix), "{what}: {code}");
         assert_eq!(qemu_starts(), before, "{what}: QEMU was started");
+        assert_eq!(vm_dirs(home), vms_before, "{what}: a VM directory was made");
         code.to_string()
     };
 
@@ -445,6 +480,39 @@ fn a_flipped_byte_in_a_files_data_is_an_integrity_failure() {
 }
 
 #[test]
+fn a_root_that_fails_verification_at_mount_is_an_integrity_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = bundle_copy(dir.path());
+    // The EROFS superblock lives in the first block: the mount itself reads a bad block.
+    flip_byte(&bundle.join("rootfs.erofs"), 1024 + 8);
+
+    let _turn = turn();
+    let out = mvm(&[
+        "--json",
+        "run",
+        "--plan",
+        &plan_arg(&bundle),
+        "--",
+        "echo",
+        "never",
+    ]);
+    assert_eq!(out.status.code(), Some(121), "{}", describe(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["error"]["code"], "RUN020", "{report}");
+    assert!(
+        report["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("AGENT007"),
+        "{report}"
+    );
+    let log = report["error"]["serial_log"].as_str().unwrap();
+    assert!(fs::read_to_string(log)
+        .unwrap()
+        .contains("mvm-agent: error AGENT007"));
+}
+
+#[test]
 fn a_flipped_byte_in_the_hash_tree_is_an_integrity_failure() {
     let dir = tempfile::tempdir().unwrap();
     let bundle = bundle_copy(dir.path());
@@ -484,8 +552,8 @@ fn run_builds_an_image_once_then_reuses_the_bundle() {
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     assert_eq!(text(&out.stdout), "from an image\n");
     let built = fs::read_dir(f.home.join("runs")).unwrap().count();
-    let again = mvm(&["run", &f.image, "--", "echo", "again"]);
-    assert_eq!(text(&again.stdout), "again\n", "{}", describe(&again));
+    let again = mvm(&["run", &f.image, "--", "echo", "from an image"]);
+    assert_eq!(text(&again.stdout), "from an image\n", "{}", describe(&again));
     assert!(
         !text(&again.stderr).contains("built "),
         "rebuilt: {}",

@@ -134,6 +134,11 @@ impl PlanAdmission {
         check: impl FnOnce(&VerifiedPlan) -> Result<T, E>,
     ) -> Result<(VerifiedPlan, T), E> {
         let verified = verify_signed_plan(bytes, &self.trust, now)?;
+        // A replay is refused before the caller's checks run (they may look at the host); the
+        // record below is what decides, under the ledger's lock, when two admissions race.
+        if verified.plan.single_use && self.ledger.contains(&verified.plan.nonce)? {
+            return Err(Error::PlanReplayed(verified.plan.nonce.clone()).into());
+        }
         let checked = check(&verified)?;
         if verified.plan.single_use {
             self.ledger

@@ -12,6 +12,9 @@ use mvm_agent::protocol::{
 
 /// How often a blocked read wakes up to look at its deadline.
 const READ_SLICE: Duration = Duration::from_millis(100);
+/// How long a request may take to be written: a guest that stops reading its port must not
+/// hold the runner.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why an exchange with the agent failed.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +37,10 @@ pub enum ClientError {
     /// Reading or writing the socket failed.
     #[error("agent channel: {0}")]
     Io(#[from] io::Error),
+    /// The command's output could not be passed on (the reader of the runner's stdout went
+    /// away, say): not the guest's failure.
+    #[error("passing on the command's output: {0}")]
+    Output(io::Error),
 }
 
 /// Where a command's output goes as it arrives.
@@ -56,6 +63,7 @@ impl AgentClient {
     /// Wraps the socket QEMU (or the VMM) connected with.
     pub fn new(stream: UnixStream) -> io::Result<Self> {
         stream.set_read_timeout(Some(READ_SLICE))?;
+        stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
         Ok(Self {
             stream,
             decoder: FrameDecoder::new(),
@@ -133,8 +141,12 @@ impl AgentClient {
                         response => Ok(response),
                     };
                 }
-                (FrameKind::Stdout, Some(sink)) => sink.stdout(&frame.payload)?,
-                (FrameKind::Stderr, Some(sink)) => sink.stderr(&frame.payload)?,
+                (FrameKind::Stdout, Some(sink)) => {
+                    sink.stdout(&frame.payload).map_err(ClientError::Output)?
+                }
+                (FrameKind::Stderr, Some(sink)) => {
+                    sink.stderr(&frame.payload).map_err(ClientError::Output)?
+                }
                 (kind, _) => {
                     return Err(ClientError::Protocol(format!(
                         "an unexpected {kind:?} frame"

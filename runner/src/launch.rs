@@ -27,7 +27,7 @@ use serde_json::{json, Map, Value};
 
 use crate::admission::{admit_bundle, AdmissionError};
 use crate::client::{AgentClient, ClientError, OutputSink};
-use crate::host::Accel;
+use crate::host::{self, Accel, BackendChoice, HostError, HostFacts, QemuBinary};
 use crate::qemu::{self, QemuVm, VmFiles};
 
 /// Exit statuses of a launch that did not end with the command's own status. Commands may
@@ -95,12 +95,6 @@ pub enum LaunchError {
     /// The agent refused the command.
     #[error("{}: {}", .0.code, .0.message)]
     CommandRefused(ErrorReply),
-    /// Neither the command line nor the plan names a command.
-    #[error("no command: give one after `--`, or build the plan with an entrypoint")]
-    NoCommand,
-    /// The plan needs secrets, which this runner cannot resolve yet.
-    #[error("the plan needs secrets ({0}); secret references are not resolved by this runner yet")]
-    SecretsUnsupported(String),
 }
 
 impl LaunchError {
@@ -116,14 +110,13 @@ impl LaunchError {
             LaunchError::Host { .. } => "RUN026",
             LaunchError::Audit(_) => "RUN027",
             LaunchError::CommandRefused(e) => &e.code,
-            LaunchError::NoCommand => "RUN029",
-            LaunchError::SecretsUnsupported(_) => "RUN030",
         }
     }
 
     /// The runner's exit status for this failure ([`exit`]).
     pub fn exit_status(&self) -> u8 {
         match self {
+            LaunchError::Refused(AdmissionError::NotRunnable { .. }) => exit::RUNNER,
             LaunchError::Refused(_) => exit::REFUSED,
             LaunchError::Integrity(_) => exit::INTEGRITY,
             LaunchError::GuestFailed(_)
@@ -134,11 +127,9 @@ impl LaunchError {
             LaunchError::CommandRefused(e) if e.code == codes::NOT_EXECUTABLE => {
                 exit::NOT_EXECUTABLE
             }
-            LaunchError::Host { .. }
-            | LaunchError::Audit(_)
-            | LaunchError::CommandRefused(_)
-            | LaunchError::NoCommand
-            | LaunchError::SecretsUnsupported(_) => exit::RUNNER,
+            LaunchError::Host { .. } | LaunchError::Audit(_) | LaunchError::CommandRefused(_) => {
+                exit::RUNNER
+            }
         }
     }
 
@@ -176,10 +167,8 @@ pub struct Launch {
     pub envelope: PathBuf,
     /// The mvm home: trusted keys, the nonce ledger, the audit log, VM state directories.
     pub home: MvmHome,
-    /// The `qemu-system-x86_64` to run.
-    pub qemu: PathBuf,
-    /// How QEMU runs the guest.
-    pub accel: Accel,
+    /// The backend asked for; settled for this host once the plan is verified.
+    pub backend: BackendChoice,
     /// The command; the plan's entrypoint when empty.
     pub argv: Vec<String>,
     /// The command's timeout; none when absent (the agent caps it at a week).
@@ -234,11 +223,25 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Bo
         .map_err(|e| LaunchError::Refused(e.into()))?;
     let ledger = NonceLedger::in_home(&launch.home).map_err(|e| LaunchError::Refused(e.into()))?;
     let admission = PlanAdmission::new(trust, ledger);
-    let admitted = match admit_bundle(
+    // The command and the backend are settled on the verified plan, before a single-use plan
+    // is used up; only then is `/dev/kvm` looked at or QEMU asked its version.
+    let admitted = admit_bundle(
         &launch.envelope,
         &admission,
         time::OffsetDateTime::now_utc(),
-    ) {
+        |verified| {
+            let request = exec_request(verified, launch)?;
+            let unavailable = |e: HostError| AdmissionError::NotRunnable {
+                code: e.code().into(),
+                reason: e.to_string(),
+            };
+            let selected =
+                host::select(launch.backend, &HostFacts::detect()).map_err(unavailable)?;
+            let qemu = QemuBinary::discover().map_err(unavailable)?;
+            Ok((request, selected.accel, qemu.path))
+        },
+    );
+    let (admitted, (request, accel, qemu)) = match admitted {
         Ok(admitted) => admitted,
         Err(error) => {
             let fields = json!({"plan": launch.envelope, "code": error.code()});
@@ -263,7 +266,6 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Bo
             "single_use": plan.plan.single_use,
         }),
     )?;
-    let request = exec_request(plan, launch)?;
 
     let dir = VmDir::create(&launch.home, &vm)?;
     let kernel = dir.private_copy("kernel", &admitted.artifacts.kernel)?;
@@ -282,13 +284,13 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Bo
         verity: &admitted.artifacts.verity,
         agent_socket: &socket,
     };
-    let args = qemu::arguments(&plan.plan, &files, launch.accel);
+    let args = qemu::arguments(&plan.plan, &files, accel);
     let serial_log = dir.serial_log()?;
-    let mut vm_process = QemuVm::spawn(&launch.qemu, &args, serial_log)
-        .map_err(|e| LaunchError::Backend(format!("starting {}: {e}", launch.qemu.display())))?;
+    let mut vm_process = QemuVm::spawn(&qemu, &args, serial_log)
+        .map_err(|e| LaunchError::Backend(format!("starting {}: {e}", qemu.display())))?;
     audit.append(
         "vm.started",
-        json!({"vm": vm, "backend": "qemu", "accel": launch.accel.to_string(), "pid": vm_process.pid()}),
+        json!({"vm": vm, "backend": "qemu", "accel": accel.to_string(), "pid": vm_process.pid()}),
     )?;
 
     let mut outcome = boot_and_run(launch, &listener, &mut vm_process, request, sink, started);
@@ -304,7 +306,7 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Bo
     let outcome = outcome.map(|ran| Finished {
         vm: vm.clone(),
         plan_digest: plan.digest.clone(),
-        accel: launch.accel,
+        accel,
         status: ran.reply.status,
         stdout_bytes: ran.reply.stdout_bytes,
         stderr_bytes: ran.reply.stderr_bytes,
@@ -365,6 +367,10 @@ fn boot_and_run(
                 LaunchError::Integrity(refusal.message)
             }
             ClientError::Refused(refusal) => LaunchError::CommandRefused(refusal),
+            ClientError::Output(source) => LaunchError::Host {
+                what: "passing on the command's output".into(),
+                source,
+            },
             other => why_the_guest_stopped(vm, other, launch.boot_timeout),
         })?;
     if reply.integrity == Integrity::Corrupted {
@@ -460,7 +466,7 @@ fn why_the_guest_stopped(
 
 /// The exec request for the plan: the command line's argv or the plan's entrypoint, the
 /// plan's environment and working directory.
-fn exec_request(plan: &VerifiedPlan, launch: &Launch) -> Result<ExecRequest, LaunchError> {
+fn exec_request(plan: &VerifiedPlan, launch: &Launch) -> Result<ExecRequest, AdmissionError> {
     let policy = &plan.plan.policy;
     let required: Vec<&str> = policy
         .secrets
@@ -469,7 +475,13 @@ fn exec_request(plan: &VerifiedPlan, launch: &Launch) -> Result<ExecRequest, Lau
         .map(|s| s.name.as_str())
         .collect();
     if !required.is_empty() {
-        return Err(LaunchError::SecretsUnsupported(required.join(", ")));
+        return Err(AdmissionError::NotRunnable {
+            code: "RUN030".into(),
+            reason: format!(
+                "the plan needs secrets ({}); secret references are not resolved by this runner yet",
+                required.join(", ")
+            ),
+        });
     }
     let argv = if launch.argv.is_empty() {
         plan.plan.entrypoint.command.clone()
@@ -477,7 +489,10 @@ fn exec_request(plan: &VerifiedPlan, launch: &Launch) -> Result<ExecRequest, Lau
         launch.argv.clone()
     };
     if argv.is_empty() {
-        return Err(LaunchError::NoCommand);
+        return Err(AdmissionError::NotRunnable {
+            code: "RUN029".into(),
+            reason: "no command: give one after `--`, or build the plan with an entrypoint".into(),
+        });
     }
     let mut env: BTreeMap<String, String> = policy.env.clone();
     env.entry("HOME".into()).or_insert_with(|| "/tmp".into());

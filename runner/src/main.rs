@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use mvm_ir::home::MvmHome;
 use mvm_runner::client::OutputSink;
-use mvm_runner::host::{self, BackendChoice, HostFacts};
+use mvm_runner::host::BackendChoice;
 use mvm_runner::launch::{self, exit, Failure, Finished, Launch, LaunchError};
 use serde_json::{json, Value};
 
@@ -71,15 +71,10 @@ fn main() -> ExitCode {
 
 fn run(args: Args, started: Instant) -> Result<(Finished, Option<Captured>), Box<Failure>> {
     let home = MvmHome::from_env().map_err(LaunchError::Audit)?;
-    let selected = host::select(args.backend, &HostFacts::detect())
-        .map_err(|e| LaunchError::Backend(format!("{}: {e}", e.code())))?;
-    let qemu = host::QemuBinary::discover()
-        .map_err(|e| LaunchError::Backend(format!("{}: {e}", e.code())))?;
     let request = Launch {
         envelope: args.plan,
         home,
-        qemu: qemu.path,
-        accel: selected.accel,
+        backend: args.backend,
         argv: args.command,
         timeout: args.timeout,
         boot_timeout: args.boot_timeout,

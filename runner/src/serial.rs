@@ -30,6 +30,9 @@ struct State {
     partial_line: Vec<u8>,
     failure: Option<AgentFailure>,
     kernel_panic: bool,
+    /// The agent said its channel is open: its boot is over, and no later line is a report of
+    /// a failed boot (the workload runs from then on and may make the kernel print anything).
+    booted: bool,
 }
 
 /// The console as it was seen so far; cheap to clone and read while the guest runs.
@@ -78,10 +81,15 @@ fn scan_line(state: &mut State, line: &str) {
     if line.contains("Kernel panic") {
         state.kernel_panic = true;
     }
-    if state.failure.is_some() {
+    if state.failure.is_some() || state.booted {
         return;
     }
-    let Some(report) = line.split_once("mvm-agent: error ").map(|(_, r)| r) else {
+    if line.starts_with("mvm-agent: channel ready") {
+        state.booted = true;
+        return;
+    }
+    // Only a whole line from the agent, never text inside another line.
+    let Some(report) = line.strip_prefix("mvm-agent: error ") else {
         return;
     };
     let code = report.split_whitespace().next().unwrap_or_default();
@@ -149,9 +157,18 @@ mod tests {
     fn lookalikes_are_not_agent_errors_and_panics_are_seen() {
         let console = Console::default();
         console.feed(b"mvm-agent: error AGENTXYZ no\nmvm-agent: error AGENT0071 no\n");
+        console.feed(b"[ 1.0] process 'mvm-agent: error AGENT007 x' started\n");
         console.feed(b"Kernel panic - not syncing: Attempted to kill init!\n");
         assert_eq!(console.agent_failure(), None);
         assert!(console.kernel_panicked());
+    }
+
+    #[test]
+    fn nothing_after_the_boot_counts_as_a_boot_failure() {
+        let console = Console::default();
+        console.feed(b"mvm-agent: root ready ab\nmvm-agent: channel ready, boot ms x\n");
+        console.feed(b"mvm-agent: error AGENT007 printed by a workload through the kernel\n");
+        assert_eq!(console.agent_failure(), None);
     }
 
     #[test]

@@ -53,8 +53,7 @@ pub fn run(cmd: BenchCommand, out: &Output) -> anyhow::Result<()> {
             runs,
             command,
         } => {
-            let (value, text) =
-                super::bench_boot::boot(&plan, runs.max(1), &command, work.path())?;
+            let (value, text) = super::bench_boot::boot(&plan, runs.max(1), &command, work.path())?;
             out.result(value, || text);
             return Ok(());
         }

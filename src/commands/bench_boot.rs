@@ -31,7 +31,12 @@ pub fn boot(
 ) -> anyhow::Result<(Value, String)> {
     let host = Host::open()?;
     let bytes = mvm_ir::fsutil::read_capped(plan_path, MAX_ENVELOPE_BYTES, "plan envelope")?;
-    let plan = verify_signed_plan(&bytes, &host.keys.trust_store()?, time::OffsetDateTime::now_utc())?.plan;
+    let plan = verify_signed_plan(
+        &bytes,
+        &host.keys.trust_store()?,
+        time::OffsetDateTime::now_utc(),
+    )?
+    .plan;
     let bundle = plan_path.parent().unwrap_or(Path::new("."));
     let floor_initramfs = floor_initramfs(work)?;
     let selected = host::select(BackendChoice::Auto, &HostFacts::detect())?;
@@ -43,7 +48,13 @@ pub fn boot(
         let (ready_ms, guest) = runner_boot(&runner, plan_path, command)?;
         ours.push(ready_ms);
         splits.push(guest);
-        floor.push(floor_boot(&qemu, &plan, bundle, &floor_initramfs, selected.accel)?);
+        floor.push(floor_boot(
+            &qemu,
+            &plan,
+            bundle,
+            &floor_initramfs,
+            selected.accel,
+        )?);
     }
     let (ours_ms, floor_ms) = (median(&ours), median(&floor));
     let ratio = ours_ms / floor_ms;
@@ -91,13 +102,19 @@ fn runner_boot(runner: &Path, plan: &Path, command: &str) -> anyhow::Result<(f64
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("starting {}", runner.display()))?;
-    let report: Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("the runner's report: {}", String::from_utf8_lossy(&out.stderr)))?;
+    let report: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "the runner's report: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
     if !out.status.success() {
         bail!("the runner failed: {report}");
     }
     let timings = &report["timings_ms"];
-    let ready = timings["ready"].as_f64().context("no ready time in the report")?;
+    let ready = timings["ready"]
+        .as_f64()
+        .context("no ready time in the report")?;
     Ok((ready, timings["guest"].clone()))
 }
 
@@ -152,7 +169,10 @@ fn floor_boot(
             bail!("the floor guest never printed its marker");
         }
         seen.extend_from_slice(&buffer[..n]);
-        if seen.windows(FLOOR_MARKER.len()).any(|w| w == FLOOR_MARKER.as_bytes()) {
+        if seen
+            .windows(FLOOR_MARKER.len())
+            .any(|w| w == FLOOR_MARKER.as_bytes())
+        {
             break started.elapsed();
         }
     };

@@ -147,12 +147,16 @@ fn cached_bundle(image: &str, args: &RunArgs) -> anyhow::Result<PathBuf> {
     let kernel = KernelStore::at(&host.home.ensure("kernels")?)
         .latest()
         .map_err(super::coded)?;
+    // Everything the bundle is made from: the command too, since the build signs it into the
+    // plan as the entrypoint a run without a command uses.
     let key = json!({
         "image": image,
         "cpus": args.cpus,
         "memory": args.memory,
+        "command": args.command,
         "agent": agent_digest.0,
-        "kernel": kernel.manifest.release,
+        "kernel": kernel.manifest.vmlinuz.digest,
+        "modules": kernel.manifest.modules.iter().map(|m| &m.file.digest).collect::<Vec<_>>(),
     });
     let dir = host
         .home

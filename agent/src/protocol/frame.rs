@@ -127,6 +127,10 @@ pub fn encode(kind: FrameKind, stream: u32, payload: &[u8]) -> Result<Vec<u8>, F
 #[derive(Debug, Default)]
 pub struct FrameDecoder {
     buffer: Vec<u8>,
+    /// Where the next frame starts in `buffer`: frames are taken by moving this, and the
+    /// consumed bytes dropped only on the next push, so many small frames in one read cost
+    /// one move, not one each.
+    start: usize,
     failed: bool,
 }
 
@@ -140,6 +144,8 @@ impl FrameDecoder {
     /// `None` after each push, so that at most one partial frame is ever buffered.
     pub fn push(&mut self, bytes: &[u8]) {
         if !self.failed {
+            self.buffer.drain(..self.start);
+            self.start = 0;
             self.buffer.extend_from_slice(bytes);
         }
     }
@@ -149,7 +155,8 @@ impl FrameDecoder {
         if self.failed {
             return Err(FrameError::Failed);
         }
-        let Some(header) = self.buffer.first_chunk::<HEADER_LEN>() else {
+        let pending = &self.buffer[self.start..];
+        let Some(header) = pending.first_chunk::<HEADER_LEN>() else {
             return Ok(None);
         };
         let header = match parse_header(header) {
@@ -157,15 +164,16 @@ impl FrameDecoder {
             Err(error) => {
                 self.failed = true;
                 self.buffer = Vec::new();
+                self.start = 0;
                 return Err(error);
             }
         };
         let end = HEADER_LEN + header.len;
-        if self.buffer.len() < end {
+        if pending.len() < end {
             return Ok(None);
         }
-        let payload = self.buffer[HEADER_LEN..end].to_vec();
-        self.buffer.drain(..end);
+        let payload = pending[HEADER_LEN..end].to_vec();
+        self.start += end;
         Ok(Some(Frame {
             kind: header.kind,
             stream: header.stream,
@@ -175,7 +183,7 @@ impl FrameDecoder {
 
     /// Bytes buffered towards a frame not yet complete.
     pub fn buffered(&self) -> usize {
-        self.buffer.len()
+        self.buffer.len() - self.start
     }
 }
 

@@ -184,6 +184,43 @@ impl Running {
     }
 }
 
+/// Kills every process of `uid`, however it left the command's process group (`setsid`,
+/// `setpgid`): the workload user owns nothing that outlives its command. Processes of that
+/// user can fork while being killed, so this goes round until a pass finds none (bounded, as
+/// a fork bomb outrunning it for that long is stopped by the power-off anyway).
+pub fn kill_user_processes(uid: u32) {
+    for _ in 0..100 {
+        let mut found = false;
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|name| name.parse::<i32>().ok())
+                .and_then(Pid::from_raw)
+            else {
+                continue;
+            };
+            let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+            if real_uid(&status) == Some(uid) {
+                found = true;
+                let _ = rustix::process::kill_process(pid, Signal::KILL);
+            }
+        }
+        if !found {
+            return;
+        }
+    }
+}
+
+/// The real user id from the text of `/proc/<pid>/status`.
+fn real_uid(status: &str) -> Option<u32> {
+    let line = status.lines().find(|line| line.starts_with("Uid:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Reads what `pipe` has (it was reported readable, so this does not block). `None` at end of
 /// file or on error, which closes it.
 pub fn read_available(pipe: &mut impl Read, buffer: &mut [u8]) -> Option<usize> {
@@ -214,5 +251,20 @@ fn error(code: &str, message: impl Into<String>) -> ErrorReply {
     ErrorReply {
         code: code.into(),
         message: message.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_real_uid_is_read_from_proc_status() {
+        let status = "Name:\tsleep\nUmask:\t0022\nUid:\t1000\t1000\t1000\t1000\nGid:\t1000\n";
+        assert_eq!(real_uid(status), Some(1000));
+        assert_eq!(real_uid("Name:\tx\n"), None);
+        assert_eq!(real_uid("Uid:\tnope\n"), None);
+        let own = std::fs::read_to_string("/proc/self/status").unwrap();
+        assert_eq!(real_uid(&own), Some(rustix::process::getuid().as_raw()));
     }
 }

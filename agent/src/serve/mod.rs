@@ -137,6 +137,9 @@ pub fn serve<C: Read + Write + AsFd>(
                         if let Some(command) = running.take() {
                             command.kill_leftovers();
                         }
+                        if let Some(user) = config.workload_user {
+                            exec::kill_user_processes(user.uid);
+                        }
                         send(channel, frame.stream, &Response::PowerOff)?;
                         return Ok(Ended::PowerOff);
                     }
@@ -164,6 +167,9 @@ pub fn serve<C: Read + Write + AsFd>(
         command.enforce_deadline(now);
         if let Some(status) = command.status.filter(|_| command.finished(now)) {
             command.kill_leftovers();
+            if let Some(user) = config.workload_user {
+                exec::kill_user_processes(user.uid);
+            }
             let reply = ExecReply {
                 status,
                 integrity: (config.integrity)(),

@@ -4,6 +4,7 @@ use std::fs::{self, File};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use mvm_agent::boot::cmdline::VerityCmdline;
 use mvm_ir::admission::{PlanAdmission, VerifiedPlan};
 use mvm_ir::digest::sha256_prefixed;
 use mvm_ir::plan::{LaunchPlan, MAX_ENVELOPE_BYTES};
@@ -42,6 +43,19 @@ pub enum AdmissionError {
         /// What the file hashes to.
         found: String,
     },
+    /// The kernel command line does not carry exactly the plan's verity parameters, or names
+    /// another init: the guest would verify (or run) something other than what the plan pins.
+    #[error("the plan's kernel command line {0}")]
+    Cmdline(String),
+    /// The plan cannot run here as asked (no command, secrets, no usable backend); checked
+    /// before a single-use plan is used up.
+    #[error("{reason}")]
+    NotRunnable {
+        /// The stable code.
+        code: String,
+        /// Why.
+        reason: String,
+    },
     /// The root filesystem or its hash tree is not the size the verity parameters require.
     #[error("{what} {path} is {found} bytes, the plan's verity parameters need {expected}")]
     WrongSize {
@@ -58,12 +72,14 @@ pub enum AdmissionError {
 
 impl AdmissionError {
     /// The stable code of this refusal.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> &str {
         match self {
             AdmissionError::Plan(e) => e.code(),
             AdmissionError::MissingArtifact { .. } => "RUN001",
             AdmissionError::DigestMismatch { .. } => "RUN002",
             AdmissionError::WrongSize { .. } => "RUN003",
+            AdmissionError::Cmdline(_) => "RUN004",
+            AdmissionError::NotRunnable { code, .. } => code,
         }
     }
 }
@@ -91,22 +107,55 @@ pub struct Admitted {
     pub artifacts: BootArtifacts,
 }
 
-/// Admits the plan envelope at `envelope` (its artifacts are the files beside it), consuming a
-/// single-use plan's nonce only if everything passed.
-pub fn admit_bundle(
+/// Admits the plan envelope at `envelope` (its artifacts are the files beside it), then runs
+/// `prepare` on the verified plan (what the caller must settle before using it up: the
+/// command, the backend), consuming a single-use plan's nonce only if everything passed.
+pub fn admit_bundle<T>(
     envelope: &Path,
     admission: &PlanAdmission,
     now: OffsetDateTime,
-) -> Result<Admitted, AdmissionError> {
+    prepare: impl FnOnce(&VerifiedPlan) -> Result<T, AdmissionError>,
+) -> Result<(Admitted, T), AdmissionError> {
     let bytes = mvm_ir::fsutil::read_capped(envelope, MAX_ENVELOPE_BYTES, "plan envelope")?;
     let bundle = envelope
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let (plan, artifacts) = admission.admit_checked(&bytes, now, |verified| {
-        load_artifacts(bundle, &verified.plan)
+    let (plan, (artifacts, prepared)) = admission.admit_checked(&bytes, now, |verified| {
+        check_cmdline(&verified.plan)?;
+        let artifacts = load_artifacts(bundle, &verified.plan)?;
+        Ok::<_, AdmissionError>((artifacts, prepare(verified)?))
     })?;
-    Ok(Admitted { plan, artifacts })
+    Ok((Admitted { plan, artifacts }, prepared))
+}
+
+/// The kernel command line must carry the plan's own verity parameters, read exactly as the
+/// guest agent reads them, and must not hand the boot to another init.
+pub fn check_cmdline(plan: &LaunchPlan) -> Result<(), AdmissionError> {
+    let cmdline = &plan.kernel.cmdline;
+    if let Some(word) = cmdline
+        .split_ascii_whitespace()
+        .find(|w| w.starts_with("init=") || w.starts_with("rdinit="))
+    {
+        return Err(AdmissionError::Cmdline(format!(
+            "names another init ({word})"
+        )));
+    }
+    let parsed = VerityCmdline::parse(cmdline)
+        .map_err(|e| AdmissionError::Cmdline(format!("is not readable by the agent: {e}")))?;
+    let pinned = &plan.rootfs.verity;
+    let agrees = parsed.root_hash == pinned.root_hash
+        && parsed.salt == pinned.salt
+        && parsed.data_blocks == pinned.data_blocks
+        && parsed.hash_offset == pinned.hash_offset
+        && parsed.block_size == pinned.data_block_size
+        && parsed.block_size == pinned.hash_block_size;
+    if !agrees {
+        return Err(AdmissionError::Cmdline(
+            "disagrees with the plan's verity parameters".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Reads and checks the artifacts `plan` pins in `bundle`.

@@ -22,6 +22,20 @@ const BLOCK: usize = 4096;
 impl Bundle {
     /// A bundle with small stand-in artifacts and a plan pinning them; `single_use` as asked.
     fn new(single_use: bool) -> Self {
+        Self::with_cmdline(single_use, |verity| {
+            format!(
+                "console=ttyS0 quiet mvm.root_hash={} mvm.salt={} mvm.data_blocks={} mvm.hash_offset={} mvm.block_size={}",
+                verity["root_hash"].as_str().unwrap(),
+                verity["salt"].as_str().unwrap(),
+                verity["data_blocks"],
+                verity["hash_offset"],
+                verity["data_block_size"],
+            )
+        })
+    }
+
+    /// A bundle whose kernel command line is made from the plan's verity pin by `cmdline`.
+    fn with_cmdline(single_use: bool, cmdline: impl Fn(&Value) -> String) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let files: [(&str, Vec<u8>); 4] = [
             ("vmlinuz", b"kernel bytes".to_vec()),
@@ -41,6 +55,7 @@ impl Bundle {
         plan["rootfs"]["verity"]["data_blocks"] = json!(3);
         plan["nonce"] = json!(fresh_nonce().unwrap());
         plan["single_use"] = json!(single_use);
+        plan["kernel"]["cmdline"] = json!(cmdline(&plan["rootfs"]["verity"]));
         let bundle = Self {
             dir,
             ledger: tempfile::tempdir().unwrap(),
@@ -63,12 +78,19 @@ impl Bundle {
     }
 
     fn admit(&self) -> Result<Admitted, AdmissionError> {
+        self.admit_then(|_| Ok(())).map(|(admitted, ())| admitted)
+    }
+
+    fn admit_then<T>(
+        &self,
+        prepare: impl FnOnce(&VerifiedPlan) -> Result<T, AdmissionError>,
+    ) -> Result<(Admitted, T), AdmissionError> {
         let now = OffsetDateTime::parse(
             "2026-06-01T00:00:00Z",
             &time::format_description::well_known::Rfc3339,
         )
         .unwrap();
-        admit_bundle(&self.envelope(), &self.admission(), now)
+        admit_bundle(&self.envelope(), &self.admission(), now, prepare)
     }
 }
 
@@ -159,4 +181,60 @@ fn plan_refusals_come_first() {
     // Even with every artifact gone, the untrusted signer is what is reported.
     fs::remove_file(bundle.dir.path().join("vmlinuz")).unwrap();
     assert_eq!(bundle.admit().unwrap_err().code(), "PLAN002");
+}
+
+/// A kernel command line made from a plan's verity pin.
+type CmdlineFrom = fn(&Value) -> String;
+
+#[test]
+fn a_cmdline_that_is_not_the_plans_verity_pin_is_refused() {
+    let cases: [(&str, CmdlineFrom); 4] = [
+        ("no verity parameters", |_| "console=ttyS0".into()),
+        ("another root hash", |v| {
+            format!(
+                "mvm.root_hash={} mvm.salt={} mvm.data_blocks={} mvm.hash_offset={} mvm.block_size=4096",
+                "ab".repeat(32),
+                v["salt"].as_str().unwrap(),
+                v["data_blocks"],
+                v["hash_offset"]
+            )
+        }),
+        ("fewer data blocks", |v| {
+            format!(
+                "mvm.root_hash={} mvm.salt={} mvm.data_blocks=1 mvm.hash_offset={} mvm.block_size=4096",
+                v["root_hash"].as_str().unwrap(),
+                v["salt"].as_str().unwrap(),
+                v["hash_offset"]
+            )
+        }),
+        ("another init", |v| {
+            format!(
+                "rdinit=/bin/sh mvm.root_hash={} mvm.salt={} mvm.data_blocks={} mvm.hash_offset={} mvm.block_size=4096",
+                v["root_hash"].as_str().unwrap(),
+                v["salt"].as_str().unwrap(),
+                v["data_blocks"],
+                v["hash_offset"]
+            )
+        }),
+    ];
+    for (what, cmdline) in cases {
+        let bundle = Bundle::with_cmdline(true, cmdline);
+        assert_eq!(bundle.admit().unwrap_err().code(), "RUN004", "{what}");
+    }
+}
+
+#[test]
+fn a_plan_that_cannot_run_here_is_not_used_up() {
+    let bundle = Bundle::new(true);
+    let refusal = bundle
+        .admit_then(|_| {
+            Err::<(), _>(AdmissionError::NotRunnable {
+                code: "RUN029".into(),
+                reason: "no command".into(),
+            })
+        })
+        .unwrap_err();
+    assert_eq!(refusal.code(), "RUN029");
+    bundle.admit().unwrap();
+    assert_eq!(bundle.admit().unwrap_err().code(), "PLAN009");
 }
