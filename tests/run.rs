@@ -90,7 +90,7 @@ fn fixture() -> &'static Fixture {
         fs::write(
             &qemu_wrapper,
             format!(
-                "#!/bin/sh\necho \"$*\" >> '{}'\nexec '{}' \"$@\"\n",
+                "#!/bin/sh\necho \"$$ $*\" >> '{}'\nexec '{}' \"$@\"\n",
                 qemu_log.display(),
                 qemu.display()
             ),
@@ -403,6 +403,57 @@ fn plans_are_refused_before_any_vm_process_starts() {
 }
 
 #[test]
+fn the_vm_dies_with_its_runner_and_its_socket_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = fixture();
+    let _turn = turn();
+    let before = qemu_starts();
+    let mut runner = Command::new(guest::runner())
+        .args(["--plan", &plan_arg(&f.bundle), "--", "sleep", "60"])
+        .env("MVM_HOME", &f.home)
+        .env("MVM_QEMU", &f.qemu_wrapper)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The wrapper logs "<pid> <args>" as it execs QEMU (the same pid); `--version` first.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let qemu_pid = loop {
+        let log = fs::read_to_string(&f.qemu_log).unwrap_or_default();
+        let started = log
+            .lines()
+            .skip(before)
+            .find(|line| line.contains("-M microvm"))
+            .map(|line| line.split_whitespace().next().unwrap().to_string());
+        if let Some(pid) = started {
+            break pid;
+        }
+        assert!(std::time::Instant::now() < deadline, "QEMU never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let vm_dir = fs::read_dir(f.home.join("vms"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|dir| dir.join("agent.sock").exists())
+        .expect("the running VM's directory");
+    let mode = |path: &Path| fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&vm_dir), 0o700);
+    assert_eq!(mode(&vm_dir.join("agent.sock")), 0o600);
+    assert_eq!(mode(&vm_dir.join("kernel")), 0o600);
+
+    runner.kill().unwrap();
+    runner.wait().unwrap();
+    let proc = Path::new("/proc").join(&qemu_pid);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while proc.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(!proc.exists(), "QEMU {qemu_pid} outlived its runner");
+    // The killed runner could not clean up; this test's directory goes with the fixture.
+    fs::remove_dir_all(vm_dir).unwrap();
+}
+
+#[test]
 fn a_single_use_plan_runs_once_and_a_reusable_one_again() {
     let f = fixture();
     let dir = tempfile::tempdir().unwrap();
@@ -553,7 +604,12 @@ fn run_builds_an_image_once_then_reuses_the_bundle() {
     assert_eq!(text(&out.stdout), "from an image\n");
     let built = fs::read_dir(f.home.join("runs")).unwrap().count();
     let again = mvm(&["run", &f.image, "--", "echo", "from an image"]);
-    assert_eq!(text(&again.stdout), "from an image\n", "{}", describe(&again));
+    assert_eq!(
+        text(&again.stdout),
+        "from an image\n",
+        "{}",
+        describe(&again)
+    );
     assert!(
         !text(&again.stderr).contains("built "),
         "rebuilt: {}",
