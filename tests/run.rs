@@ -417,20 +417,7 @@ fn the_vm_dies_with_its_runner_and_its_socket_is_private() {
         .spawn()
         .unwrap();
     // The wrapper logs "<pid> <args>" as it execs QEMU (the same pid); `--version` first.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let qemu_pid = loop {
-        let log = fs::read_to_string(&f.qemu_log).unwrap_or_default();
-        let started = log
-            .lines()
-            .skip(before)
-            .find(|line| line.contains("-M microvm"))
-            .map(|line| line.split_whitespace().next().unwrap().to_string());
-        if let Some(pid) = started {
-            break pid;
-        }
-        assert!(std::time::Instant::now() < deadline, "QEMU never started");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    let qemu_pid = wait_for_qemu(before);
     let vm_dir = fs::read_dir(f.home.join("vms"))
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -451,6 +438,66 @@ fn the_vm_dies_with_its_runner_and_its_socket_is_private() {
     assert!(!proc.exists(), "QEMU {qemu_pid} outlived its runner");
     // The killed runner could not clean up; this test's directory goes with the fixture.
     fs::remove_dir_all(vm_dir).unwrap();
+}
+
+/// Waits for the wrapper to log a VM start after the first `before` lines; returns QEMU's pid.
+fn wait_for_qemu(before: usize) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let log = fs::read_to_string(&fixture().qemu_log).unwrap_or_default();
+        let started = log
+            .lines()
+            .skip(before)
+            .find(|line| line.contains("-M microvm"))
+            .map(|line| line.split_whitespace().next().unwrap().to_string());
+        if let Some(pid) = started {
+            return pid;
+        }
+        assert!(std::time::Instant::now() < deadline, "QEMU never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_stopped_run_tears_its_vm_down_and_says_so() {
+    let f = fixture();
+    let _turn = turn();
+    let (before, vms_before) = (qemu_starts(), vm_dirs(&f.home));
+    let audit_before = audit_entries(&f.home).len();
+    let run = Command::new(env!("CARGO_BIN_EXE_mvm"))
+        .args(["run", "--plan", &plan_arg(&f.bundle), "--", "sleep", "60"])
+        .env("MVM_HOME", &f.home)
+        .env("MVM_RUNNER", guest::runner())
+        .env("MVM_QEMU", &f.qemu_wrapper)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let qemu_pid = wait_for_qemu(before);
+    // SIGTERM to mvm alone: it passes it on to the runner.
+    let status = Command::new("kill")
+        .args(["-TERM", &run.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = run.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", describe(&out));
+    assert!(text(&out.stderr).contains("RUN033"), "{}", describe(&out));
+    assert!(
+        !Path::new("/proc").join(&qemu_pid).exists(),
+        "QEMU still runs"
+    );
+    assert_eq!(
+        vm_dirs(&f.home),
+        vms_before,
+        "the VM's directory was left behind"
+    );
+    let entries = audit_entries(&f.home).split_off(audit_before);
+    let exited = entries
+        .iter()
+        .find(|e| e["event"] == "vm.exited")
+        .expect("vm.exited");
+    assert_eq!(exited["fields"]["reason"], "RUN033", "{exited}");
 }
 
 #[test]

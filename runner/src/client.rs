@@ -3,6 +3,8 @@
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mvm_agent::protocol::{
@@ -25,6 +27,9 @@ pub enum ClientError {
     /// The deadline passed without the answer.
     #[error("no answer from the agent within {0:?}")]
     Timeout(Duration),
+    /// The runner was told to stop (SIGINT, SIGTERM, SIGHUP) while waiting.
+    #[error("interrupted")]
+    Interrupted,
     /// The agent refused the request.
     #[error("{}: {}", .0.code, .0.message)]
     Refused(ErrorReply),
@@ -57,17 +62,20 @@ pub struct AgentClient {
     stream: UnixStream,
     decoder: FrameDecoder,
     next_stream: u32,
+    interrupt: Arc<AtomicBool>,
 }
 
 impl AgentClient {
-    /// Wraps the socket QEMU (or the VMM) connected with.
-    pub fn new(stream: UnixStream) -> io::Result<Self> {
+    /// Wraps the socket QEMU (or the VMM) connected with. Every wait ends early, with
+    /// [`ClientError::Interrupted`], once `interrupt` is set.
+    pub fn new(stream: UnixStream, interrupt: Arc<AtomicBool>) -> io::Result<Self> {
         stream.set_read_timeout(Some(READ_SLICE))?;
         stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
         Ok(Self {
             stream,
             decoder: FrameDecoder::new(),
             next_stream: 1,
+            interrupt,
         })
     }
 
@@ -83,7 +91,8 @@ impl AgentClient {
         }
     }
 
-    /// Runs a command, passing its output to `sink` as it arrives.
+    /// Runs a command, passing its output to `sink` as it arrives. The byte counts in the
+    /// agent's answer must match what arrived.
     pub fn exec(
         &mut self,
         request: ExecRequest,
@@ -91,10 +100,27 @@ impl AgentClient {
         sink: &mut dyn OutputSink,
     ) -> Result<ExecReply, ClientError> {
         let stream = self.send(&Request::Exec(request))?;
-        match self.response(stream, Instant::now() + timeout, timeout, Some(sink))? {
-            Response::Exec(reply) => Ok(reply),
-            other => Err(unexpected(&other)),
+        let mut counted = Counted {
+            sink,
+            stdout: 0,
+            stderr: 0,
+        };
+        let reply = match self.response(
+            stream,
+            Instant::now() + timeout,
+            timeout,
+            Some(&mut counted),
+        )? {
+            Response::Exec(reply) => reply,
+            other => return Err(unexpected(&other)),
+        };
+        if (reply.stdout_bytes, reply.stderr_bytes) != (counted.stdout, counted.stderr) {
+            return Err(ClientError::Protocol(format!(
+                "the agent counted {}/{} bytes of stdout/stderr, {}/{} arrived",
+                reply.stdout_bytes, reply.stderr_bytes, counted.stdout, counted.stderr
+            )));
         }
+        Ok(reply)
     }
 
     /// Asks the agent to power the guest off, and waits for its acknowledgement.
@@ -162,6 +188,9 @@ impl AgentClient {
             if let Some(frame) = self.decoder.next_frame()? {
                 return Ok(frame);
             }
+            if self.interrupt.load(Ordering::Relaxed) {
+                return Err(ClientError::Interrupted);
+            }
             if Instant::now() >= deadline {
                 return Err(ClientError::Timeout(timeout));
             }
@@ -181,6 +210,25 @@ impl AgentClient {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+}
+
+/// A sink that counts what passes through it.
+struct Counted<'a> {
+    sink: &'a mut dyn OutputSink,
+    stdout: u64,
+    stderr: u64,
+}
+
+impl OutputSink for Counted<'_> {
+    fn stdout(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stdout += bytes.len() as u64;
+        self.sink.stdout(bytes)
+    }
+
+    fn stderr(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stderr += bytes.len() as u64;
+        self.sink.stderr(bytes)
     }
 }
 
@@ -223,7 +271,7 @@ mod tests {
             };
             serve(&mut guest, &config)
         });
-        let mut client = AgentClient::new(host).unwrap();
+        let mut client = AgentClient::new(host, Arc::default()).unwrap();
         let hello = client.hello(Duration::from_secs(10)).unwrap();
         assert_eq!(hello.version, PROTOCOL_VERSION);
         let mut output = Collected::default();
@@ -267,12 +315,76 @@ mod tests {
     #[test]
     fn a_silent_agent_times_out() {
         let (host, _guest) = UnixStream::pair().unwrap();
-        let mut client = AgentClient::new(host).unwrap();
+        let mut client = AgentClient::new(host, Arc::default()).unwrap();
         let started = Instant::now();
         assert!(matches!(
             client.hello(Duration::from_millis(300)),
             Err(ClientError::Timeout(_))
         ));
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn an_interrupt_ends_a_wait() {
+        let (host, _guest) = UnixStream::pair().unwrap();
+        let interrupt = Arc::new(AtomicBool::new(false));
+        let mut client = AgentClient::new(host, Arc::clone(&interrupt)).unwrap();
+        let setter = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            interrupt.store(true, Ordering::Relaxed);
+        });
+        let started = Instant::now();
+        assert!(matches!(
+            client.hello(Duration::from_secs(60)),
+            Err(ClientError::Interrupted)
+        ));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        setter.join().unwrap();
+    }
+
+    /// An agent that claims more output than it sent is caught.
+    #[test]
+    fn output_counts_must_match_what_arrived() {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        let agent = std::thread::spawn(move || {
+            let mut decoder = FrameDecoder::new();
+            let mut buffer = [0; 4096];
+            let frame = loop {
+                if let Some(frame) = decoder.next_frame().unwrap() {
+                    break frame;
+                }
+                let n = guest.read(&mut buffer).unwrap();
+                decoder.push(&buffer[..n]);
+            };
+            let reply = Response::Exec(ExecReply {
+                status: mvm_agent::protocol::ExitStatus::Exited { code: 0 },
+                integrity: Integrity::Intact,
+                stdout_bytes: 10,
+                stderr_bytes: 0,
+                duration_ms: 1,
+            });
+            guest
+                .write_all(&encode(FrameKind::Stdout, frame.stream, b"short").unwrap())
+                .unwrap();
+            let payload = serde_json::to_vec(&reply).unwrap();
+            guest
+                .write_all(&encode(FrameKind::Response, frame.stream, &payload).unwrap())
+                .unwrap();
+            guest
+        });
+        let mut client = AgentClient::new(host, Arc::default()).unwrap();
+        let request = ExecRequest {
+            argv: vec!["x".into()],
+            env: BTreeMap::new(),
+            cwd: None,
+            timeout_ms: 1000,
+        };
+        let mut output = Collected::default();
+        let result = client.exec(request, Duration::from_secs(10), &mut output);
+        assert!(
+            matches!(result, Err(ClientError::Protocol(_))),
+            "{result:?}"
+        );
+        drop(agent.join().unwrap());
     }
 }

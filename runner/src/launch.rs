@@ -14,6 +14,8 @@ use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mvm_agent::protocol::{
@@ -47,6 +49,8 @@ pub mod exit {
     pub const NOT_EXECUTABLE: u8 = 126;
     /// The command does not exist (as in a shell).
     pub const NOT_FOUND: u8 = 127;
+    /// The runner was interrupted (as a shell reports SIGINT).
+    pub const INTERRUPTED: u8 = 130;
 }
 
 /// How long the agent has to acknowledge a power-off, and QEMU to exit after it.
@@ -77,6 +81,9 @@ pub enum LaunchError {
     /// QEMU could not start, or exited unexpectedly.
     #[error("the VM process failed: {0}")]
     Backend(String),
+    /// The runner was told to stop (SIGINT, SIGTERM, SIGHUP); the VM was torn down.
+    #[error("interrupted: the VM was stopped")]
+    Interrupted,
     /// The agent channel broke or the agent did not answer in time.
     #[error("the agent channel failed: {0}")]
     Channel(#[from] ClientError),
@@ -110,6 +117,7 @@ impl LaunchError {
             LaunchError::Host { .. } => "RUN026",
             LaunchError::Audit(_) => "RUN027",
             LaunchError::CommandRefused(e) => &e.code,
+            LaunchError::Interrupted => "RUN033",
         }
     }
 
@@ -127,6 +135,7 @@ impl LaunchError {
             LaunchError::CommandRefused(e) if e.code == codes::NOT_EXECUTABLE => {
                 exit::NOT_EXECUTABLE
             }
+            LaunchError::Interrupted => exit::INTERRUPTED,
             LaunchError::Host { .. } | LaunchError::Audit(_) | LaunchError::CommandRefused(_) => {
                 exit::RUNNER
             }
@@ -177,6 +186,8 @@ pub struct Launch {
     pub boot_timeout: Duration,
     /// When the runner started: the origin of [`Finished::ready_ms`].
     pub started: Instant,
+    /// Set (by a signal handler) to stop the launch: every wait ends and the VM is torn down.
+    pub interrupt: Arc<AtomicBool>,
 }
 
 /// A launch that ran its command to the end.
@@ -325,10 +336,15 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Bo
                "duration_ms": started.elapsed().as_millis() as u64}),
     )?;
     outcome.map_err(|error| {
+        // A failure keeps its console log for the report; a run stopped on purpose does not.
+        let serial_log = match error {
+            LaunchError::Interrupted => None,
+            _ => dir.keep_log(),
+        };
         Box::new(Failure {
             error,
             console_tail: Some(vm_process.console().tail()),
-            serial_log: dir.keep_log(),
+            serial_log,
         })
     })
 }
@@ -352,8 +368,9 @@ fn boot_and_run(
     started: Instant,
 ) -> Result<Ran, LaunchError> {
     let boot_deadline = Instant::now() + launch.boot_timeout;
-    let stream = accept_from(listener, vm, boot_deadline, launch.boot_timeout)?;
-    let mut client = AgentClient::new(stream).map_err(LaunchError::host("agent channel"))?;
+    let stream = accept_from(listener, vm, boot_deadline, launch)?;
+    let mut client = AgentClient::new(stream, Arc::clone(&launch.interrupt))
+        .map_err(LaunchError::host("agent channel"))?;
     let left = boot_deadline.saturating_duration_since(Instant::now());
     let hello = client
         .hello(left)
@@ -393,7 +410,7 @@ fn accept_from(
     listener: &UnixListener,
     vm: &mut QemuVm,
     deadline: Instant,
-    boot_timeout: Duration,
+    launch: &Launch,
 ) -> Result<UnixStream, LaunchError> {
     loop {
         match listener.accept() {
@@ -421,8 +438,11 @@ fn accept_from(
                 vm.stderr()
             )));
         }
+        if launch.interrupt.load(Ordering::Relaxed) {
+            return Err(LaunchError::Interrupted);
+        }
         if Instant::now() >= deadline {
-            return Err(LaunchError::BootTimeout(boot_timeout));
+            return Err(LaunchError::BootTimeout(launch.boot_timeout));
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -436,6 +456,9 @@ fn why_the_guest_stopped(
     error: ClientError,
     boot_timeout: Duration,
 ) -> LaunchError {
+    if matches!(error, ClientError::Interrupted) {
+        return LaunchError::Interrupted;
+    }
     if matches!(error, ClientError::Closed | ClientError::Timeout(_)) {
         // The console reader may still be catching up with the last lines.
         let _ = vm.wait_for_exit(Duration::from_secs(2));

@@ -9,19 +9,23 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
 use clap::Parser;
 use mvm_ir::home::MvmHome;
 use mvm_runner::client::OutputSink;
 use mvm_runner::host::BackendChoice;
 use mvm_runner::launch::{self, exit, Failure, Finished, Launch, LaunchError};
 use serde_json::{json, Value};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 /// Boot a signed launch plan in a microVM, run one command in it, and power it off.
 ///
 /// The plan (and the kernel and initramfs it pins) is verified before anything starts. The
 /// command's output is streamed; the exit status is the command's own, or: 120 plan refused,
 /// 121 integrity failure (dm-verity), 122 the VM failed to boot or died, 124 command timed out,
-/// 125 runner error, 126 command not executable, 127 command not found.
+/// 125 runner error, 126 command not executable, 127 command not found, 130 interrupted.
 #[derive(Debug, Parser)]
 #[command(name = "mvm-runner", version)]
 struct Args {
@@ -61,15 +65,28 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::RUNNER);
         }
     };
+    // A signal stops the launch through its normal teardown (the VM killed, `vm.exited`
+    // recorded, the state directory removed) instead of ending the runner on the spot.
+    let interrupt = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM, SIGHUP] {
+        if let Err(e) = signal_hook::flag::register(signal, Arc::clone(&interrupt)) {
+            eprintln!("mvm-runner: error RUN026: handling signal {signal}: {e}");
+            return ExitCode::from(exit::RUNNER);
+        }
+    }
     let json = args.json;
-    let code = match run(args, started) {
+    let code = match run(args, started, interrupt) {
         Ok((finished, output)) => report_finished(&finished, output, json),
         Err(failure) => report_failure(&failure, json),
     };
     ExitCode::from(code)
 }
 
-fn run(args: Args, started: Instant) -> Result<(Finished, Option<Captured>), Box<Failure>> {
+fn run(
+    args: Args,
+    started: Instant,
+    interrupt: Arc<AtomicBool>,
+) -> Result<(Finished, Option<Captured>), Box<Failure>> {
     let home = MvmHome::from_env().map_err(LaunchError::Audit)?;
     let request = Launch {
         envelope: args.plan,
@@ -79,6 +96,7 @@ fn run(args: Args, started: Instant) -> Result<(Finished, Option<Captured>), Box
         timeout: args.timeout,
         boot_timeout: args.boot_timeout,
         started,
+        interrupt,
     };
     if args.json {
         let mut captured = Captured::default();
@@ -100,11 +118,12 @@ fn report_finished(finished: &Finished, output: Option<Captured>, json: bool) ->
             "accel": finished.accel.to_string(),
             "status": finished.status,
             "exit_status": code,
-            "stdout": text_or_base64(&output.stdout),
-            "stderr": text_or_base64(&output.stderr),
+            "stdout": text_or_base64(&output.stdout.bytes),
+            "stderr": text_or_base64(&output.stderr.bytes),
             "stdout_bytes": finished.stdout_bytes,
             "stderr_bytes": finished.stderr_bytes,
-            "output_truncated": output.truncated,
+            "stdout_truncated": output.stdout.truncated,
+            "stderr_truncated": output.stderr.truncated,
             "timings_ms": {
                 "ready": finished.ready_ms,
                 "command": finished.command_ms,
@@ -180,30 +199,49 @@ impl OutputSink for Streamed {
 /// The most output of each kind kept for a JSON report.
 const CAPTURE_LIMIT: usize = 16 << 20;
 
-/// The command's output, kept for the JSON report (up to [`CAPTURE_LIMIT`] of each).
+/// One stream of the command's output, kept for the JSON report up to [`CAPTURE_LIMIT`].
 #[derive(Default)]
-struct Captured {
-    stdout: Vec<u8>,
-    stderr: Vec<u8>,
+struct Kept {
+    bytes: Vec<u8>,
     truncated: bool,
 }
 
-impl Captured {
-    fn keep(into: &mut Vec<u8>, bytes: &[u8], truncated: &mut bool) {
-        let room = CAPTURE_LIMIT.saturating_sub(into.len());
-        into.extend_from_slice(&bytes[..bytes.len().min(room)]);
-        *truncated |= bytes.len() > room;
+impl Kept {
+    fn keep(&mut self, bytes: &[u8]) {
+        let room = CAPTURE_LIMIT.saturating_sub(self.bytes.len());
+        if bytes.len() <= room {
+            self.bytes.extend_from_slice(bytes);
+            return;
+        }
+        if self.truncated {
+            return;
+        }
+        self.bytes.extend_from_slice(&bytes[..room]);
+        self.truncated = true;
+        // A cut through the last character would turn UTF-8 text into base64: cut before it.
+        if let Err(e) = std::str::from_utf8(&self.bytes) {
+            if e.error_len().is_none() {
+                self.bytes.truncate(e.valid_up_to());
+            }
+        }
     }
+}
+
+/// The command's output, kept for the JSON report.
+#[derive(Default)]
+struct Captured {
+    stdout: Kept,
+    stderr: Kept,
 }
 
 impl OutputSink for Captured {
     fn stdout(&mut self, bytes: &[u8]) -> io::Result<()> {
-        Self::keep(&mut self.stdout, bytes, &mut self.truncated);
+        self.stdout.keep(bytes);
         Ok(())
     }
 
     fn stderr(&mut self, bytes: &[u8]) -> io::Result<()> {
-        Self::keep(&mut self.stderr, bytes, &mut self.truncated);
+        self.stderr.keep(bytes);
         Ok(())
     }
 }

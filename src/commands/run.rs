@@ -7,6 +7,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -16,6 +18,7 @@ use mvm_ir::admission::verify_signed_plan;
 use mvm_ir::digest::{sha256_hex, sha256_reader};
 use mvm_ir::plan::MAX_ENVELOPE_BYTES;
 use serde_json::json;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use super::{coded_as, Host};
 use crate::output::Output;
@@ -36,7 +39,8 @@ const MIN_VALIDITY_LEFT: time::Duration = time::Duration::minutes(10);
 ///
 /// Exit status: the command's own; 128+N when signal N ended it; 120 plan refused; 121
 /// integrity failure; 122 the VM failed to boot or died; 124 the command timed out; 125 mvm
-/// failed (including a build that failed); 126 command not executable; 127 command not found.
+/// failed (including a build that failed); 126 command not executable; 127 command not found;
+/// 130 interrupted (the VM was torn down).
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// The image to run, REFERENCE@sha256:<digest>.
@@ -109,11 +113,28 @@ fn launch(args: RunArgs, out: &Output) -> anyhow::Result<ExitCode> {
     if out.is_json() {
         command.arg("--json");
     }
-    let status = command
+    // Ctrl-C reaches the runner too (same process group): mvm stays to report its status. A
+    // signal sent to mvm alone is passed on, so the runner tears the VM down properly.
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM, SIGHUP] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))?;
+    }
+    let mut child = command
         .arg("--")
         .args(&args.command)
-        .status()
+        .spawn()
         .with_context(|| format!("starting {}", runner.display()))?;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if stop.swap(false, Ordering::Relaxed) {
+            if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     let code = match (
         status.code(),
         std::os::unix::process::ExitStatusExt::signal(&status),
