@@ -170,7 +170,7 @@ pub mod codes {
     pub const NOT_EXECUTABLE: &str = "AGENT102";
     /// The program could not be started for another reason.
     pub const SPAWN_FAILED: &str = "AGENT103";
-    /// A command is already running; one at a time.
+    /// Too many commands are running already.
     pub const BUSY: &str = "AGENT104";
     /// The host speaks a protocol version the agent does not.
     pub const VERSION: &str = "AGENT105";

@@ -1,9 +1,10 @@
 //! Serving the host: the agent's side of the [protocol](crate::protocol) over one channel.
 //!
-//! One thread, one `poll` over the channel and the running command's pipes and pidfd. Output
-//! is forwarded as it arrives, each stream in its own frames; the final response follows once
-//! the command has ended and its pipes are drained. One command runs at a time for now: an
-//! `exec` while another runs is answered `AGENT104` (busy).
+//! One thread, one `poll` over the channel and every running command's pipes and pidfd.
+//! Commands run concurrently, each on the stream id of its request (up to [`MAX_COMMANDS`];
+//! one more is answered `AGENT104`, busy). Output is forwarded as it arrives, each stream in
+//! its own frames; a command's final response follows once it has ended and its pipes are
+//! drained.
 
 pub mod channel;
 pub mod exec;
@@ -16,13 +17,15 @@ use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::process::WaitOptions;
 
 use crate::protocol::{
-    codes, encode, BootTimings, ErrorReply, ExecReply, FrameDecoder, FrameError, FrameKind,
+    codes, encode, BootTimings, ErrorReply, ExecReply, Frame, FrameDecoder, FrameError, FrameKind,
     HelloReply, Integrity, Request, Response, PROTOCOL_VERSION,
 };
 use exec::{Credentials, Running};
 
 /// Bytes read from a pipe or the channel at a time; also the largest data frame sent.
 const CHUNK: usize = 64 * 1024;
+/// Commands that may run at once; one more is refused as busy (`AGENT104`).
+pub const MAX_COMMANDS: usize = 32;
 /// How long to wait for the host to connect before looking again.
 const NOT_CONNECTED_PAUSE: Duration = Duration::from_millis(20);
 
@@ -75,11 +78,11 @@ pub fn serve<C: Read + Write + AsFd>(
     config: &ServeConfig,
 ) -> Result<Ended, ServeError> {
     let mut decoder = FrameDecoder::new();
-    let mut running: Option<Running> = None;
+    let mut running: Vec<Running> = Vec::new();
     let mut heard_from_host = false;
     let mut buffer = vec![0; CHUNK];
     loop {
-        let (channel_events, pipe_events) = wait(channel, running.as_ref())?;
+        let (channel_events, pipe_events) = wait(channel, &running)?;
 
         if channel_events.contains(PollFlags::IN) {
             let n = match channel.read(&mut buffer) {
@@ -96,53 +99,8 @@ pub fn serve<C: Read + Write + AsFd>(
             heard_from_host |= n > 0;
             decoder.push(&buffer[..n]);
             while let Some(frame) = decoder.next_frame()? {
-                if frame.kind != FrameKind::Request {
-                    let message = format!("a {:?} frame from the host", frame.kind);
-                    send_error(channel, frame.stream, codes::BAD_REQUEST, message)?;
-                    continue;
-                }
-                let request = match serde_json::from_slice::<Request>(&frame.payload) {
-                    Ok(request) => request,
-                    Err(e) => {
-                        send_error(channel, frame.stream, codes::BAD_REQUEST, e.to_string())?;
-                        continue;
-                    }
-                };
-                match request {
-                    Request::Hello { version } if version == PROTOCOL_VERSION => {
-                        let hello = Response::Hello(HelloReply {
-                            version: PROTOCOL_VERSION,
-                            agent: env!("CARGO_PKG_VERSION").into(),
-                            timings: config.timings,
-                        });
-                        send(channel, frame.stream, &hello)?;
-                    }
-                    Request::Hello { version } => {
-                        let message = format!(
-                            "the host speaks protocol {version}, this agent {PROTOCOL_VERSION}"
-                        );
-                        send_error(channel, frame.stream, codes::VERSION, message)?;
-                    }
-                    Request::Exec(_) if running.is_some() => {
-                        let message = "a command is already running".to_string();
-                        send_error(channel, frame.stream, codes::BUSY, message)?;
-                    }
-                    Request::Exec(request) => {
-                        match Running::start(frame.stream, &request, config.workload_user) {
-                            Ok(started) => running = Some(started),
-                            Err(error) => send(channel, frame.stream, &Response::Error(error))?,
-                        }
-                    }
-                    Request::PowerOff => {
-                        if let Some(command) = running.take() {
-                            command.kill_leftovers();
-                        }
-                        if let Some(user) = config.workload_user {
-                            exec::kill_user_processes(user.uid);
-                        }
-                        send(channel, frame.stream, &Response::PowerOff)?;
-                        return Ok(Ended::PowerOff);
-                    }
+                if let Some(ended) = handle(channel, frame, &mut running, config)? {
+                    return Ok(ended);
                 }
             }
         } else if channel_events.intersects(PollFlags::HUP | PollFlags::ERR) {
@@ -154,20 +112,28 @@ pub fn serve<C: Read + Write + AsFd>(
         }
 
         if config.reap_orphans {
-            reap_all(running.as_mut())?;
-        }
-        let Some(command) = running.as_mut() else {
-            continue;
-        };
-        forward_output(channel, command, &pipe_events, &mut buffer)?;
-        if pipe_events.exited && !config.reap_orphans {
-            command.reap()?;
+            reap_all(&mut running)?;
         }
         let now = Instant::now();
-        command.enforce_deadline(now);
-        if let Some(status) = command.status.filter(|_| command.finished(now)) {
+        for (command, events) in running.iter_mut().zip(&pipe_events) {
+            forward_output(channel, command, events, &mut buffer)?;
+            if events.exited && !config.reap_orphans {
+                command.reap()?;
+            }
+            command.enforce_deadline(now);
+        }
+        let mut index = 0;
+        while index < running.len() {
+            let command = &running[index];
+            let Some(status) = command.status.filter(|_| command.finished(now)) else {
+                index += 1;
+                continue;
+            };
+            let command = running.swap_remove(index);
             command.kill_leftovers();
-            if let Some(user) = config.workload_user {
+            // The workload user's strays (those that left the process group) go once no
+            // command of theirs is still running.
+            if let Some(user) = config.workload_user.filter(|_| running.is_empty()) {
                 exec::kill_user_processes(user.uid);
             }
             let reply = ExecReply {
@@ -178,12 +144,72 @@ pub fn serve<C: Read + Write + AsFd>(
                 duration_ms: command.elapsed_ms(),
             };
             send(channel, command.stream, &Response::Exec(reply))?;
-            running = None;
         }
     }
 }
 
-/// What `poll` reported for the running command's descriptors.
+/// Answers one frame from the host; `Some` when serving ends.
+fn handle<C: Write>(
+    channel: &mut C,
+    frame: Frame,
+    running: &mut Vec<Running>,
+    config: &ServeConfig,
+) -> Result<Option<Ended>, ServeError> {
+    if frame.kind != FrameKind::Request {
+        let message = format!("a {:?} frame from the host", frame.kind);
+        send_error(channel, frame.stream, codes::BAD_REQUEST, message)?;
+        return Ok(None);
+    }
+    let request = match serde_json::from_slice::<Request>(&frame.payload) {
+        Ok(request) => request,
+        Err(e) => {
+            send_error(channel, frame.stream, codes::BAD_REQUEST, e.to_string())?;
+            return Ok(None);
+        }
+    };
+    match request {
+        Request::Hello { version } if version == PROTOCOL_VERSION => {
+            let hello = Response::Hello(HelloReply {
+                version: PROTOCOL_VERSION,
+                agent: env!("CARGO_PKG_VERSION").into(),
+                timings: config.timings,
+            });
+            send(channel, frame.stream, &hello)?;
+        }
+        Request::Hello { version } => {
+            let message =
+                format!("the host speaks protocol {version}, this agent {PROTOCOL_VERSION}");
+            send_error(channel, frame.stream, codes::VERSION, message)?;
+        }
+        Request::Exec(_) if running.iter().any(|c| c.stream == frame.stream) => {
+            let message = format!("stream {} already has a command running", frame.stream);
+            send_error(channel, frame.stream, codes::BAD_REQUEST, message)?;
+        }
+        Request::Exec(_) if running.len() >= MAX_COMMANDS => {
+            let message = format!("{MAX_COMMANDS} commands are already running");
+            send_error(channel, frame.stream, codes::BUSY, message)?;
+        }
+        Request::Exec(request) => {
+            match Running::start(frame.stream, &request, config.workload_user) {
+                Ok(started) => running.push(started),
+                Err(error) => send(channel, frame.stream, &Response::Error(error))?,
+            }
+        }
+        Request::PowerOff => {
+            for command in running.drain(..) {
+                command.kill_leftovers();
+            }
+            if let Some(user) = config.workload_user {
+                exec::kill_user_processes(user.uid);
+            }
+            send(channel, frame.stream, &Response::PowerOff)?;
+            return Ok(Some(Ended::PowerOff));
+        }
+    }
+    Ok(None)
+}
+
+/// What `poll` reported for one running command's descriptors.
 #[derive(Debug, Default)]
 struct PipeEvents {
     stdout: bool,
@@ -191,39 +217,43 @@ struct PipeEvents {
     exited: bool,
 }
 
-/// Waits until the channel, a pipe or the pidfd is ready, or the command's next deadline.
+/// Waits until the channel, a pipe or a pidfd is ready, or the next deadline of a command;
+/// returns the channel's events and each command's, in the order of `running`.
 fn wait(
     channel: &impl AsFd,
-    running: Option<&Running>,
-) -> Result<(PollFlags, PipeEvents), ServeError> {
+    running: &[Running],
+) -> Result<(PollFlags, Vec<PipeEvents>), ServeError> {
     let mut fds = vec![PollFd::new(channel, PollFlags::IN)];
-    let (mut stdout_at, mut stderr_at, mut pidfd_at) = (None, None, None);
-    if let Some(command) = running {
-        if let Some(stdout) = &command.stdout {
-            stdout_at = Some(fds.len());
-            fds.push(PollFd::new(stdout, PollFlags::IN));
-        }
-        if let Some(stderr) = &command.stderr {
-            stderr_at = Some(fds.len());
-            fds.push(PollFd::new(stderr, PollFlags::IN));
-        }
-        if let Some(pidfd) = command.pidfd() {
-            pidfd_at = Some(fds.len());
-            fds.push(PollFd::new(pidfd, PollFlags::IN));
-        }
+    // Where each command's descriptors are in `fds`: stdout, stderr, pidfd.
+    let mut positions = Vec::with_capacity(running.len());
+    for command in running {
+        let descriptors = [
+            command.stdout.as_ref().map(AsFd::as_fd),
+            command.stderr.as_ref().map(AsFd::as_fd),
+            command.pidfd().map(AsFd::as_fd),
+        ];
+        positions.push(descriptors.map(|fd| {
+            fd.map(|fd| {
+                fds.push(PollFd::from_borrowed_fd(fd, PollFlags::IN));
+                fds.len() - 1
+            })
+        }));
     }
-    let timeout = running.map(|command| {
-        let left = command
-            .next_deadline()
-            .saturating_duration_since(Instant::now());
-        Timespec {
-            tv_sec: left.as_secs() as i64,
-            tv_nsec: i64::from(left.subsec_nanos()),
-        }
-    });
+    let timeout = running
+        .iter()
+        .map(Running::next_deadline)
+        .min()
+        .map(|deadline| {
+            let left = deadline.saturating_duration_since(Instant::now());
+            Timespec {
+                tv_sec: left.as_secs() as i64,
+                tv_nsec: i64::from(left.subsec_nanos()),
+            }
+        });
+    let none = || running.iter().map(|_| PipeEvents::default()).collect();
     match rustix::event::poll(&mut fds, timeout.as_ref()) {
         Ok(_) => {}
-        Err(rustix::io::Errno::INTR) => return Ok((PollFlags::empty(), PipeEvents::default())),
+        Err(rustix::io::Errno::INTR) => return Ok((PollFlags::empty(), none())),
         Err(e) => return Err(ServeError::Io(e.into())),
     }
     let ready = |at: Option<usize>| {
@@ -233,11 +263,14 @@ fn wait(
                 .intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR)
         })
     };
-    let events = PipeEvents {
-        stdout: ready(stdout_at),
-        stderr: ready(stderr_at),
-        exited: ready(pidfd_at),
-    };
+    let events = positions
+        .iter()
+        .map(|[stdout, stderr, pidfd]| PipeEvents {
+            stdout: ready(*stdout),
+            stderr: ready(*stderr),
+            exited: ready(*pidfd),
+        })
+        .collect();
     Ok((fds[0].revents(), events))
 }
 
@@ -273,14 +306,14 @@ fn forward_output<C: Write>(
     Ok(())
 }
 
-/// Reaps every child that has ended, recording the command's own status when it is one.
-fn reap_all(mut command: Option<&mut Running>) -> Result<(), ServeError> {
+/// Reaps every child that has ended, recording a command's status when it is one.
+fn reap_all(running: &mut [Running]) -> Result<(), ServeError> {
     loop {
         // `wait`, not `waitpid(None, …)`: that one waits only for the agent's own process
         // group, and every command runs in a group of its own.
         match rustix::process::wait(WaitOptions::NOHANG) {
             Ok(Some((pid, status))) => {
-                if let Some(command) = command.as_mut().filter(|c| c.pid() == pid) {
+                if let Some(command) = running.iter_mut().find(|c| c.pid() == pid) {
                     command.exited(status);
                 }
             }

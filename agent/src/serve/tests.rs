@@ -227,13 +227,57 @@ fn bad_requests_get_their_codes_and_the_channel_goes_on() {
         .unwrap();
     assert_eq!(error_code(&host.exchange(6).2), codes::BAD_REQUEST);
 
-    host.exec(7, &["sleep", "1"], 10_000);
-    host.exec(8, &["true"], 10_000);
-    assert_eq!(error_code(&host.exchange(8).2), codes::BUSY);
-    assert_eq!(
-        exec_reply(host.exchange(7).2).status,
-        ExitStatus::Exited { code: 0 }
-    );
+    host.power_off();
+}
+
+#[test]
+fn commands_run_side_by_side_each_on_its_own_stream() {
+    let mut host = Host::start();
+    host.exec(7, &["sh", "-c", "sleep 1; echo seven"], 10_000);
+    host.exec(8, &["sh", "-c", "echo eight"], 10_000);
+    host.exec(7, &["true"], 10_000);
+    // The same stream twice is refused; the later, quicker command answers first.
+    let mut answers = Vec::new();
+    let mut output: std::collections::HashMap<u32, Vec<u8>> = Default::default();
+    while answers.len() < 3 {
+        let frame = host.frame();
+        match frame.kind {
+            FrameKind::Stdout => output
+                .entry(frame.stream)
+                .or_default()
+                .extend(frame.payload),
+            FrameKind::Response => answers.push((
+                frame.stream,
+                serde_json::from_slice::<Response>(&frame.payload).unwrap(),
+            )),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(answers[0].0, 7);
+    assert_eq!(error_code(&answers[0].1), codes::BAD_REQUEST);
+    assert_eq!(answers[1].0, 8);
+    assert_eq!(answers[2].0, 7);
+    assert_eq!(output[&7], b"seven\n");
+    assert_eq!(output[&8], b"eight\n");
+
+    // Past the limit: busy.
+    for stream in 100..100 + MAX_COMMANDS as u32 {
+        host.exec(stream, &["sleep", "2"], 10_000);
+    }
+    host.exec(999, &["true"], 10_000);
+    let mut busy = None;
+    let mut finished = 0;
+    while finished < MAX_COMMANDS || busy.is_none() {
+        let frame = host.frame();
+        let response: Response = serde_json::from_slice(&frame.payload).unwrap();
+        if frame.stream == 999 {
+            busy = Some(error_code(&response).to_string());
+        } else {
+            exec_reply(response);
+            finished += 1;
+        }
+    }
+    assert_eq!(busy.as_deref(), Some(codes::BUSY));
     host.power_off();
 }
 

@@ -123,7 +123,14 @@ pub fn admit_bundle<T>(
         .unwrap_or(Path::new("."));
     let (plan, (artifacts, prepared)) = admission.admit_checked(&bytes, now, |verified| {
         check_cmdline(&verified.plan)?;
-        let artifacts = load_artifacts(bundle, &verified.plan)?;
+        // Absolute paths: a backend must never read a relative name as something else
+        // (QEMU takes `name:` at the start of a drive's file as a protocol).
+        let bundle = fs::canonicalize(bundle).map_err(|e| AdmissionError::MissingArtifact {
+            what: "bundle directory",
+            path: bundle.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let artifacts = load_artifacts(&bundle, &verified.plan)?;
         Ok::<_, AdmissionError>((artifacts, prepare(verified)?))
     })?;
     Ok((Admitted { plan, artifacts }, prepared))
