@@ -45,6 +45,19 @@ enum Command {
     Build(commands::build::BuildArgs),
     /// Run a command in a fresh microVM booted from a signed plan or an image.
     Run(commands::run::RunArgs),
+    /// Start a VM that stays up, named; returns once its agent is ready.
+    Up(commands::vm::UpArgs),
+    /// List named VMs and their state.
+    Ls,
+    /// Run a command in a running VM.
+    Exec(commands::vm::ExecArgs),
+    /// Power a running VM off.
+    Stop {
+        /// The VM.
+        name: String,
+    },
+    /// Remove a VM's record (a running one only with --force).
+    Rm(commands::vm::RmArgs),
     /// Guest kernels: fetch and pin the Debian cloud kernel.
     #[command(subcommand)]
     Kernel(commands::kernel::KernelCommand),
@@ -59,6 +72,11 @@ enum Command {
     BuildWorker,
 }
 
+/// A command that exits with a status of its own (the guest command's), or with an error's.
+fn exit_code(result: anyhow::Result<ExitCode>, out: &Output) -> ExitCode {
+    result.unwrap_or_else(|err| out.error(&err))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let out = Output::new(cli.json);
@@ -69,6 +87,11 @@ fn main() -> ExitCode {
         Command::Audit(cmd) => commands::audit::run(cmd, &out),
         Command::Build(args) => commands::build::run(args, &out),
         Command::Run(args) => return commands::run::run(args, &out),
+        Command::Up(args) => return exit_code(commands::vm::up(args, &out), &out),
+        Command::Ls => commands::vm::ls(&out),
+        Command::Exec(args) => return exit_code(commands::vm::exec(args), &out),
+        Command::Stop { name } => commands::vm::stop(&name, &out),
+        Command::Rm(args) => commands::vm::rm(args, &out),
         Command::Kernel(cmd) => commands::kernel::run(cmd, &out),
         Command::Bench(cmd) => commands::bench::run(cmd, &out),
         Command::Doctor => return commands::doctor::run(&out),

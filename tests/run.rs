@@ -677,3 +677,176 @@ fn subdir(parent: &Path, name: &str) -> PathBuf {
     fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// Runs `mvm ARGS` and returns its parsed JSON output, asserting the exit status.
+fn mvm_ok_json(args: &[&str], status: i32) -> Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let out = mvm(&all);
+    assert_eq!(
+        out.status.code(),
+        Some(status),
+        "{args:?}: {}",
+        describe(&out)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+fn vm_phase(name: &str) -> Option<String> {
+    let listed = mvm_ok_json(&["ls"], 0);
+    listed["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|vm| vm["name"] == name)
+        .map(|vm| vm["phase"].as_str().unwrap().to_string())
+}
+
+#[test]
+fn a_named_vm_serves_execs_until_it_is_stopped_and_removed() {
+    let f = fixture();
+    let _turn = turn();
+    let plan = plan_arg(&f.bundle);
+    let before = qemu_starts();
+    let up = mvm_ok_json(&["up", "--plan", &plan, "--name", "web"], 0);
+    assert_eq!(up["vm"]["phase"], "running", "{up}");
+    let qemu_pid = wait_for_qemu(before);
+    assert_eq!(vm_phase("web").as_deref(), Some("running"));
+    // The name is taken while the VM exists.
+    let again = mvm(&["--json", "up", "--plan", &plan, "--name", "web"]);
+    assert!(
+        text(&again.stdout).contains("RUN034"),
+        "{}",
+        describe(&again)
+    );
+
+    let out = mvm(&[
+        "exec",
+        "web",
+        "--env",
+        "GREETING=hi",
+        "--",
+        "sh",
+        "-c",
+        "echo $GREETING; exit 9",
+    ]);
+    assert_eq!(out.status.code(), Some(9), "{}", describe(&out));
+    assert_eq!(text(&out.stdout), "hi\n");
+    // Recorded by digest, never by value.
+    let entries = audit_entries(&f.home);
+    let exec = entries.last().unwrap();
+    assert_eq!(exec["event"], "vm.exec", "{exec}");
+    assert_eq!(exec["fields"]["outcome"]["status"]["code"], 9, "{exec}");
+    let argv = serde_json::to_vec(&["sh", "-c", "echo $GREETING; exit 9"]).unwrap();
+    let digest = format!("sha256:{:x}", Sha256::digest(&argv));
+    assert_eq!(exec["fields"]["argv_sha256"], digest.as_str());
+    assert!(!entries.iter().any(|e| e.to_string().contains("GREETING")));
+
+    // Output arrives while the command still runs.
+    let mut slow = Command::new(env!("CARGO_BIN_EXE_mvm"))
+        .args([
+            "exec",
+            "web",
+            "--",
+            "sh",
+            "-c",
+            "echo first; sleep 3; echo second",
+        ])
+        .env("MVM_HOME", &f.home)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut first = [0u8; 6];
+    std::io::Read::read_exact(slow.stdout.as_mut().unwrap(), &mut first).unwrap();
+    let first_after = started.elapsed();
+    assert_eq!(&first, b"first\n");
+    let rest = slow.wait_with_output().unwrap();
+    assert_eq!(text(&rest.stdout), "second\n");
+    assert!(
+        started.elapsed() - first_after >= std::time::Duration::from_secs(2),
+        "the first line came only at the end"
+    );
+
+    // Eight commands at once over the one channel, each with its own output.
+    let runs: Vec<_> = (0..8)
+        .map(|i| {
+            let home = f.home.clone();
+            std::thread::spawn(move || {
+                Command::new(env!("CARGO_BIN_EXE_mvm"))
+                    .args([
+                        "exec",
+                        "web",
+                        "--",
+                        "sh",
+                        "-c",
+                        &format!("sleep 1; echo run {i}"),
+                    ])
+                    .env("MVM_HOME", home)
+                    .output()
+                    .unwrap()
+            })
+        })
+        .collect();
+    for (i, run) in runs.into_iter().enumerate() {
+        let out = run.join().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+        assert_eq!(text(&out.stdout), format!("run {i}\n"));
+    }
+
+    let stopped = mvm_ok_json(&["stop", "web"], 0);
+    assert_eq!(stopped["vm"]["phase"], "stopped", "{stopped}");
+    assert!(
+        !Path::new("/proc").join(&qemu_pid).exists(),
+        "QEMU still runs"
+    );
+    let refused = mvm(&["exec", "web", "--", "true"]);
+    assert_ne!(refused.status.code(), Some(0));
+    assert!(
+        text(&refused.stderr).contains("RUN036"),
+        "{}",
+        describe(&refused)
+    );
+    mvm_ok_json(&["rm", "web"], 0);
+    assert!(
+        !f.home.join("vms/web").exists(),
+        "the VM's directory is left behind"
+    );
+    assert_eq!(vm_phase("web"), None);
+}
+
+#[test]
+fn a_vm_whose_runner_is_killed_shows_failed_and_can_be_removed() {
+    let f = fixture();
+    let _turn = turn();
+    let up = mvm_ok_json(
+        &["up", "--plan", &plan_arg(&f.bundle), "--name", "victim"],
+        0,
+    );
+    let runner_pid = up["vm"]["runner_pid"].as_u64().unwrap().to_string();
+    let killed = Command::new("kill")
+        .args(["-KILL", &runner_pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while Path::new("/proc").join(&runner_pid).exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let listed = mvm_ok_json(&["ls"], 0);
+    let victim = listed["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|vm| vm["name"] == "victim")
+        .cloned()
+        .unwrap();
+    assert_eq!(victim["phase"], "failed", "{victim}");
+    assert!(
+        victim["reason"].as_str().unwrap().contains("runner"),
+        "{victim}"
+    );
+    mvm_ok_json(&["rm", "victim"], 0);
+    assert!(!f.home.join("vms/victim").exists());
+    support::mvm_json(&f.home, &["audit", "verify"], 0);
+}

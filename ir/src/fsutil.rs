@@ -93,6 +93,25 @@ impl ExclusiveLock {
     }
 }
 
+impl ExclusiveLock {
+    /// The lock on `path` if nobody holds it now, without waiting; `None` while it is held.
+    pub fn try_acquire(path: &Path) -> Result<Option<Self>, Error> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(Self { file })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(Error::io(path, e)),
+        }
+    }
+}
+
 impl Drop for ExclusiveLock {
     fn drop(&mut self) {
         let _ = self.file.unlock();
@@ -102,6 +121,16 @@ impl Drop for ExclusiveLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_held_lock_is_not_taken_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lock");
+        let held = ExclusiveLock::try_acquire(&path).unwrap().expect("free");
+        assert!(ExclusiveLock::try_acquire(&path).unwrap().is_none());
+        drop(held);
+        assert!(ExclusiveLock::try_acquire(&path).unwrap().is_some());
+    }
 
     #[test]
     fn atomic_write_replaces_whole_and_sets_mode() {

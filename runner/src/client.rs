@@ -79,6 +79,15 @@ impl AgentClient {
         })
     }
 
+    /// The socket and the last stream id used, for sharing the channel once this client's
+    /// exchanges are done (see [`crate::mux::AgentMux`]). Refused while a frame is half read.
+    pub fn into_stream(self) -> io::Result<(UnixStream, u32)> {
+        if self.decoder.buffered() != 0 {
+            return Err(io::Error::other("the agent sent more than was asked"));
+        }
+        Ok((self.stream, self.next_stream.wrapping_sub(1)))
+    }
+
     /// Says hello and waits for the agent's answer: it comes once the guest has booted, so
     /// `timeout` is the boot timeout.
     pub fn hello(&mut self, timeout: Duration) -> Result<HelloReply, ClientError> {

@@ -13,24 +13,29 @@ use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mvm_agent::protocol::{
-    codes, ErrorReply, ExecReply, ExecRequest, ExitStatus, HelloReply, Integrity,
+    codes, ErrorReply, ExecReply, ExecRequest, ExitStatus, HelloReply, Integrity, Request,
 };
 use mvm_ir::admission::{NonceLedger, PlanAdmission, VerifiedPlan};
 use mvm_ir::audit::AuditLog;
+use mvm_ir::fsutil::ExclusiveLock;
 use mvm_ir::home::MvmHome;
 use mvm_ir::keys::KeyStore;
+use mvm_ir::plan::LaunchPlan;
 use serde_json::{json, Map, Value};
 
 use crate::admission::{admit_bundle, AdmissionError};
 use crate::client::{AgentClient, ClientError, OutputSink};
+use crate::control;
 use crate::host::{self, Accel, BackendChoice, HostError, HostFacts, QemuBinary};
+use crate::mux::AgentMux;
 use crate::qemu::{self, QemuVm, VmFiles};
+use crate::state::{self, Phase, VmState};
 
 /// Exit statuses of a launch that did not end with the command's own status. Commands may
 /// exit with any status too; the JSON report says which it was.
@@ -51,6 +56,16 @@ pub mod exit {
     pub const NOT_FOUND: u8 = 127;
     /// The runner was interrupted (as a shell reports SIGINT).
     pub const INTERRUPTED: u8 = 130;
+
+    /// The exit status that reports how a command ended: its own code, `128 + signal` for a
+    /// signal (as a shell reports it), [`TIMEOUT`] for a timeout.
+    pub fn of_command(status: super::ExitStatus) -> u8 {
+        match status {
+            super::ExitStatus::Exited { code } => (code & 0xff) as u8,
+            super::ExitStatus::Signaled { signal } => (128 + signal.clamp(0, 127)) as u8,
+            super::ExitStatus::TimedOut => TIMEOUT,
+        }
+    }
 }
 
 /// How long the agent has to acknowledge a power-off, and QEMU to exit after it.
@@ -81,6 +96,9 @@ pub enum LaunchError {
     /// QEMU could not start, or exited unexpectedly.
     #[error("the VM process failed: {0}")]
     Backend(String),
+    /// A VM of that name exists already (`mvm rm` it first), or its runner still holds it.
+    #[error("a VM named {0} exists already; remove it with `mvm rm {0}` first")]
+    NameInUse(String),
     /// The runner was told to stop (SIGINT, SIGTERM, SIGHUP); the VM was torn down.
     #[error("interrupted: the VM was stopped")]
     Interrupted,
@@ -118,6 +136,7 @@ impl LaunchError {
             LaunchError::Audit(_) => "RUN027",
             LaunchError::CommandRefused(e) => &e.code,
             LaunchError::Interrupted => "RUN033",
+            LaunchError::NameInUse(_) => "RUN034",
         }
     }
 
@@ -136,9 +155,10 @@ impl LaunchError {
                 exit::NOT_EXECUTABLE
             }
             LaunchError::Interrupted => exit::INTERRUPTED,
-            LaunchError::Host { .. } | LaunchError::Audit(_) | LaunchError::CommandRefused(_) => {
-                exit::RUNNER
-            }
+            LaunchError::Host { .. }
+            | LaunchError::Audit(_)
+            | LaunchError::CommandRefused(_)
+            | LaunchError::NameInUse(_) => exit::RUNNER,
         }
     }
 
@@ -217,94 +237,28 @@ impl Finished {
     /// The runner's exit status: the command's own, `128 + signal` for a signal (as a shell
     /// reports it), [`exit::TIMEOUT`] for a timeout.
     pub fn exit_status(&self) -> u8 {
-        match self.status {
-            ExitStatus::Exited { code } => (code & 0xff) as u8,
-            ExitStatus::Signaled { signal } => (128 + signal.clamp(0, 127)) as u8,
-            ExitStatus::TimedOut => exit::TIMEOUT,
-        }
+        exit::of_command(self.status)
     }
 }
 
 /// Launches `launch`, passing the command's output to `sink` as it arrives.
 pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Box<Failure>> {
-    let started = launch.started;
-    let audit = Audit::open(&launch.home)?;
-    let trust = KeyStore::new(launch.home.clone())
-        .trust_store()
-        .map_err(|e| LaunchError::Refused(e.into()))?;
-    let ledger = NonceLedger::in_home(&launch.home).map_err(|e| LaunchError::Refused(e.into()))?;
-    let admission = PlanAdmission::new(trust, ledger);
-    // The command and the backend are settled on the verified plan, before a single-use plan
-    // is used up; only then is `/dev/kvm` looked at or QEMU asked its version.
-    let admitted = admit_bundle(
-        &launch.envelope,
-        &admission,
-        time::OffsetDateTime::now_utc(),
-        |verified| {
-            let request = exec_request(verified, launch)?;
-            let unavailable = |e: HostError| AdmissionError::NotRunnable {
-                code: e.code().into(),
-                reason: e.to_string(),
-            };
-            let selected =
-                host::select(launch.backend, &HostFacts::detect()).map_err(unavailable)?;
-            let qemu = QemuBinary::discover().map_err(unavailable)?;
-            Ok((request, selected.accel, qemu.path))
-        },
-    );
-    let (admitted, (request, accel, qemu)) = match admitted {
-        Ok(admitted) => admitted,
-        Err(error) => {
-            let fields = json!({"plan": launch.envelope, "code": error.code()});
-            // The refusal stands whether or not it could be recorded.
-            let _ = audit.append("plan.refused", fields);
-            return Err(LaunchError::Refused(error).into());
-        }
-    };
-    let plan = &admitted.plan;
-    let vm = format!(
-        "vm-{}",
-        &mvm_ir::plan::fresh_nonce().map_err(LaunchError::Audit)?[..12]
-    );
-    audit.append(
-        "plan.admitted",
-        json!({
-            "vm": vm,
-            "plan_digest": plan.digest,
-            "signer": plan.keyid,
-            "workload": plan.plan.workload_id,
-            "app": plan.plan.app,
-            "single_use": plan.plan.single_use,
-        }),
-    )?;
+    let Started {
+        audit,
+        plan,
+        settled: request,
+        accel,
+        vm,
+        dir,
+        listener,
+        socket,
+        mut vm_process,
+    } = start(launch, Keep::Nothing, |verified| {
+        exec_request(verified, launch)
+    })?;
 
-    let dir = VmDir::create(&launch.home, &vm)?;
-    let kernel = dir.private_copy("kernel", &admitted.artifacts.kernel)?;
-    let initramfs = dir.private_copy("initramfs", &admitted.artifacts.initramfs)?;
-    let socket = dir.path.join("agent.sock");
-    let listener = UnixListener::bind(&socket).map_err(LaunchError::host("agent socket"))?;
-    fs::set_permissions(&socket, fs::Permissions::from_mode(0o600))
-        .map_err(LaunchError::host("agent socket"))?;
-    listener
-        .set_nonblocking(true)
-        .map_err(LaunchError::host("agent socket"))?;
-    let files = VmFiles {
-        kernel: &kernel,
-        initramfs: &initramfs,
-        rootfs: &admitted.artifacts.rootfs,
-        verity: &admitted.artifacts.verity,
-        agent_socket: &socket,
-    };
-    let args = qemu::arguments(&plan.plan, &files, accel);
-    let serial_log = dir.serial_log()?;
-    let mut vm_process = QemuVm::spawn(&qemu, &args, serial_log)
-        .map_err(|e| LaunchError::Backend(format!("starting {}: {e}", qemu.display())))?;
-    audit.append(
-        "vm.started",
-        json!({"vm": vm, "backend": "qemu", "accel": accel.to_string(), "pid": vm_process.pid()}),
-    )?;
-
-    let mut outcome = boot_and_run(launch, &listener, &mut vm_process, request, sink, started);
+    let mut outcome = boot(launch, &listener, &mut vm_process)
+        .and_then(|booted| run_command(launch, &mut vm_process, booted, request, sink));
     // The socket's job is done either way; nobody may connect to it later.
     drop(listener);
     let _ = fs::remove_file(&socket);
@@ -333,20 +287,269 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Bo
     audit.append(
         "vm.exited",
         json!({"vm": vm, "reason": reason, "exit_status": exit_status,
-               "duration_ms": started.elapsed().as_millis() as u64}),
+               "duration_ms": launch.started.elapsed().as_millis() as u64}),
     )?;
-    outcome.map_err(|error| {
-        // A failure keeps its console log for the report; a run stopped on purpose does not.
-        let serial_log = match error {
-            LaunchError::Interrupted => None,
-            _ => dir.keep_log(),
-        };
-        Box::new(Failure {
-            error,
-            console_tail: Some(vm_process.console().tail()),
-            serial_log,
+    outcome.map_err(|error| failure(error, &vm_process, dir))
+}
+
+/// Boots `launch` as the VM `name` and keeps it up, serving its control socket
+/// (`vms/<name>/control.sock`) until a client asks for a power-off, the runner is told to
+/// stop (a signal), or the VM dies. `on_ready` is called once the agent has said hello. The
+/// VM's directory keeps its state, console log and lock until `mvm rm`.
+pub fn serve_named(
+    launch: &Launch,
+    name: &str,
+    on_ready: &mut dyn FnMut(&VmState),
+) -> Result<VmState, Box<Failure>> {
+    let Started {
+        audit,
+        plan,
+        vm,
+        dir,
+        listener,
+        socket,
+        mut vm_process,
+        ..
+    } = start(launch, Keep::Record(name.to_string()), |_| Ok(()))?;
+    let mut state = VmState {
+        name: name.to_string(),
+        vm: vm.clone(),
+        plan_digest: plan.digest.clone(),
+        runner_pid: std::process::id(),
+        phase: Phase::Starting,
+        reason: None,
+        started_at: mvm_ir::plan::Timestamp::now()
+            .0
+            .replace_nanosecond(0)
+            .map(|t| mvm_ir::plan::Timestamp(t).to_string())
+            .unwrap_or_default(),
+    };
+    let record = |state: &VmState| {
+        state::write(&dir.path, state).map_err(|e| LaunchError::Host {
+            what: "writing the VM's state".into(),
+            source: io::Error::other(e.to_string()),
         })
+    };
+    record(&state)?;
+
+    let booted = boot(launch, &listener, &mut vm_process);
+    drop(listener);
+    let _ = fs::remove_file(&socket);
+    let outcome = booted.and_then(|booted| {
+        state.phase = Phase::Running;
+        record(&state)?;
+        on_ready(&state);
+        keep_serving(
+            launch,
+            &dir.path,
+            &plan.plan,
+            &mut vm_process,
+            booted,
+            (&audit, &vm),
+        )
+    });
+    vm_process.kill();
+    let (reason, phase) = match &outcome {
+        Ok(reason) => (reason.to_string(), Phase::Stopped),
+        Err(LaunchError::Interrupted) => ("RUN033".to_string(), Phase::Stopped),
+        Err(error) => (error.code().to_string(), Phase::Failed),
+    };
+    state.phase = phase;
+    state.reason = Some(match &outcome {
+        Ok(reason) => reason.to_string(),
+        Err(error) => format!("{}: {error}", error.code()),
+    });
+    record(&state)?;
+    audit.append(
+        "vm.exited",
+        json!({"vm": vm, "name": name, "reason": reason,
+               "duration_ms": launch.started.elapsed().as_millis() as u64}),
+    )?;
+    match outcome {
+        Ok(_) | Err(LaunchError::Interrupted) => Ok(state),
+        Err(error) => Err(failure(error, &vm_process, dir)),
+    }
+}
+
+/// Serves the control socket of a booted VM until it should stop; then powers it off.
+/// Returns why it stopped.
+fn keep_serving(
+    launch: &Launch,
+    dir: &Path,
+    plan: &LaunchPlan,
+    vm: &mut QemuVm,
+    booted: Booted,
+    (audit, vm_id): (&Arc<Audit>, &str),
+) -> Result<&'static str, LaunchError> {
+    let control_path = dir.join(state::CONTROL_SOCKET);
+    let control = UnixListener::bind(&control_path).map_err(LaunchError::host("control socket"))?;
+    fs::set_permissions(&control_path, fs::Permissions::from_mode(0o600))
+        .map_err(LaunchError::host("control socket"))?;
+    let (stream, last_stream) = booted
+        .client
+        .into_stream()
+        .map_err(LaunchError::host("agent channel"))?;
+    let shared = Arc::new(control::Shared {
+        mux: AgentMux::new(stream, last_stream).map_err(LaunchError::host("agent channel"))?,
+        plan: plan.clone(),
+        hello: booted.hello,
+        stop: Arc::new(AtomicBool::new(false)),
+        audit: Arc::clone(audit),
+        vm: vm_id.to_string(),
+    });
+    let mut vm_exited = false;
+    control::serve(&control, &shared, || {
+        vm_exited = !matches!(vm.try_wait(), Ok(None));
+        !vm_exited && !launch.interrupt.load(Ordering::Relaxed)
     })
+    .map_err(LaunchError::host("control socket"))?;
+    drop(control);
+    let _ = fs::remove_file(&control_path);
+    if vm_exited {
+        return Err(LaunchError::Backend(format!(
+            "the VM exited while serving: {}",
+            vm.stderr()
+        )));
+    }
+    // Stop: ask the agent to power off, give it the grace, then the caller kills QEMU.
+    if let Ok(answer) = shared.mux.request(&Request::PowerOff) {
+        let _ = answer.recv_timeout(SHUTDOWN_GRACE);
+    }
+    let _ = vm.wait_for_exit(SHUTDOWN_GRACE);
+    if launch.interrupt.load(Ordering::Relaxed) {
+        return Err(LaunchError::Interrupted);
+    }
+    Ok("stopped on request")
+}
+
+/// A launch up to a VM process running: the plan admitted, the VM's directory and private
+/// files made, QEMU started, `vm.started` recorded.
+struct Started<T> {
+    audit: Arc<Audit>,
+    plan: VerifiedPlan,
+    /// What the caller settled on the verified plan before it was used up.
+    settled: T,
+    accel: Accel,
+    vm: String,
+    dir: VmDir,
+    listener: UnixListener,
+    socket: PathBuf,
+    vm_process: QemuVm,
+}
+
+fn start<T>(
+    launch: &Launch,
+    keep: Keep,
+    settle: impl FnOnce(&VerifiedPlan) -> Result<T, AdmissionError>,
+) -> Result<Started<T>, Box<Failure>> {
+    let audit = Arc::new(Audit::open(&launch.home)?);
+    let trust = KeyStore::new(launch.home.clone())
+        .trust_store()
+        .map_err(|e| LaunchError::Refused(e.into()))?;
+    let ledger = NonceLedger::in_home(&launch.home).map_err(|e| LaunchError::Refused(e.into()))?;
+    let admission = PlanAdmission::new(trust, ledger);
+    // The command and the backend are settled on the verified plan, before a single-use plan
+    // is used up; only then is `/dev/kvm` looked at or QEMU asked its version.
+    let admitted = admit_bundle(
+        &launch.envelope,
+        &admission,
+        time::OffsetDateTime::now_utc(),
+        |verified| {
+            let settled = settle(verified)?;
+            let unavailable = |e: HostError| AdmissionError::NotRunnable {
+                code: e.code().into(),
+                reason: e.to_string(),
+            };
+            let selected =
+                host::select(launch.backend, &HostFacts::detect()).map_err(unavailable)?;
+            let qemu = QemuBinary::discover().map_err(unavailable)?;
+            Ok((settled, selected.accel, qemu.path))
+        },
+    );
+    let (admitted, (settled, accel, qemu)) = match admitted {
+        Ok(admitted) => admitted,
+        Err(error) => {
+            let fields = json!({"plan": launch.envelope, "code": error.code()});
+            // The refusal stands whether or not it could be recorded.
+            let _ = audit.append("plan.refused", fields);
+            return Err(LaunchError::Refused(error).into());
+        }
+    };
+    let plan = admitted.plan;
+    let vm = format!(
+        "vm-{}",
+        &mvm_ir::plan::fresh_nonce().map_err(LaunchError::Audit)?[..12]
+    );
+    let dir = VmDir::create(&launch.home, &vm, keep)?;
+    audit.append(
+        "plan.admitted",
+        json!({
+            "vm": vm,
+            "name": dir.name(),
+            "plan_digest": plan.digest,
+            "signer": plan.keyid,
+            "workload": plan.plan.workload_id,
+            "app": plan.plan.app,
+            "single_use": plan.plan.single_use,
+        }),
+    )?;
+
+    let kernel = dir.private_copy("kernel", &admitted.artifacts.kernel)?;
+    let initramfs = dir.private_copy("initramfs", &admitted.artifacts.initramfs)?;
+    let socket = dir.path.join("agent.sock");
+    let listener = UnixListener::bind(&socket).map_err(LaunchError::host("agent socket"))?;
+    fs::set_permissions(&socket, fs::Permissions::from_mode(0o600))
+        .map_err(LaunchError::host("agent socket"))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(LaunchError::host("agent socket"))?;
+    let files = VmFiles {
+        kernel: &kernel,
+        initramfs: &initramfs,
+        rootfs: &admitted.artifacts.rootfs,
+        verity: &admitted.artifacts.verity,
+        agent_socket: &socket,
+    };
+    let args = qemu::arguments(&plan.plan, &files, accel);
+    let serial_log = dir.serial_log()?;
+    let vm_process = QemuVm::spawn(&qemu, &args, serial_log)
+        .map_err(|e| LaunchError::Backend(format!("starting {}: {e}", qemu.display())))?;
+    audit.append(
+        "vm.started",
+        json!({"vm": vm, "backend": "qemu", "accel": accel.to_string(), "pid": vm_process.pid()}),
+    )?;
+    Ok(Started {
+        audit,
+        plan,
+        settled,
+        accel,
+        vm,
+        dir,
+        listener,
+        socket,
+        vm_process,
+    })
+}
+
+/// The failure report for `error`: the console's tail, and its log kept unless the run was
+/// stopped on purpose.
+fn failure(error: LaunchError, vm: &QemuVm, dir: VmDir) -> Box<Failure> {
+    let serial_log = match error {
+        LaunchError::Interrupted => None,
+        _ => dir.keep_log(),
+    };
+    Box::new(Failure {
+        error,
+        console_tail: Some(vm.console().tail()),
+        serial_log,
+    })
+}
+
+/// A guest whose agent said hello.
+struct Booted {
+    client: AgentClient,
+    hello: HelloReply,
+    ready_ms: u64,
 }
 
 /// A command that ran to the end, with the channel still open for the power-off.
@@ -357,16 +560,8 @@ struct Ran {
     client: AgentClient,
 }
 
-/// Waits for QEMU to connect the agent channel and the agent to say hello, then runs the
-/// command.
-fn boot_and_run(
-    launch: &Launch,
-    listener: &UnixListener,
-    vm: &mut QemuVm,
-    request: ExecRequest,
-    sink: &mut dyn OutputSink,
-    started: Instant,
-) -> Result<Ran, LaunchError> {
+/// Waits for QEMU to connect the agent channel and the agent to say hello.
+fn boot(launch: &Launch, listener: &UnixListener, vm: &mut QemuVm) -> Result<Booted, LaunchError> {
     let boot_deadline = Instant::now() + launch.boot_timeout;
     let stream = accept_from(listener, vm, boot_deadline, launch)?;
     let mut client = AgentClient::new(stream, Arc::clone(&launch.interrupt))
@@ -375,7 +570,26 @@ fn boot_and_run(
     let hello = client
         .hello(left)
         .map_err(|e| why_the_guest_stopped(vm, e, launch.boot_timeout))?;
-    let ready_ms = started.elapsed().as_millis() as u64;
+    Ok(Booted {
+        client,
+        hello,
+        ready_ms: launch.started.elapsed().as_millis() as u64,
+    })
+}
+
+/// Runs the one command of a launch.
+fn run_command(
+    launch: &Launch,
+    vm: &mut QemuVm,
+    booted: Booted,
+    request: ExecRequest,
+    sink: &mut dyn OutputSink,
+) -> Result<Ran, LaunchError> {
+    let Booted {
+        mut client,
+        hello,
+        ready_ms,
+    } = booted;
     let answer_timeout = Duration::from_millis(request.timeout_ms) + ANSWER_GRACE;
     let reply = client
         .exec(request, answer_timeout, sink)
@@ -529,7 +743,7 @@ fn exec_request(plan: &VerifiedPlan, launch: &Launch) -> Result<ExecRequest, Adm
 }
 
 /// Appends audit entries signed with the host key.
-struct Audit {
+pub(crate) struct Audit {
     log: AuditLog,
     signer: mvm_ir::keys::Signer,
 }
@@ -543,7 +757,7 @@ impl Audit {
         Ok(Self { log, signer })
     }
 
-    fn append(&self, event: &str, fields: Value) -> Result<(), LaunchError> {
+    pub(crate) fn append(&self, event: &str, fields: Value) -> Result<(), LaunchError> {
         let fields = match fields {
             Value::Object(map) => map,
             _ => Map::new(),
@@ -555,26 +769,66 @@ impl Audit {
     }
 }
 
-/// The VM's private state directory, `$MVM_HOME/vms/<id>` (mode 0700): the copies of the
-/// kernel and initramfs that boot, the agent socket, the console log. Removed when dropped,
-/// except for the console log of a failed VM.
+/// What a VM's directory keeps when the launch ends.
+enum Keep {
+    /// Nothing: a one-shot run that went well.
+    Nothing,
+    /// The console log, for the report of a failed run.
+    Log,
+    /// A named VM's record (state, console log, lock) until `mvm rm`; the directory is
+    /// `vms/<name>`.
+    Record(String),
+}
+
+/// The VM's private state directory, `$MVM_HOME/vms/<id or name>` (mode 0700): the copies of
+/// the kernel and initramfs that boot, the agent socket, the console log, and for a named VM
+/// its state, lock and control socket. When dropped, what [`Keep`] says stays; the rest goes.
 struct VmDir {
     path: PathBuf,
-    keep_log: bool,
+    keep: Keep,
+    /// A named VM's lock, held for the runner's life.
+    _lock: Option<ExclusiveLock>,
 }
 
 impl VmDir {
-    fn create(home: &MvmHome, vm: &str) -> Result<Self, LaunchError> {
+    fn create(home: &MvmHome, vm: &str, keep: Keep) -> Result<Self, LaunchError> {
         let vms = home.ensure("vms").map_err(LaunchError::Audit)?;
-        let path = vms.join(vm);
-        DirBuilder::new()
-            .mode(0o700)
-            .create(&path)
-            .map_err(LaunchError::host(format!("creating {}", path.display())))?;
+        let path = match &keep {
+            Keep::Record(name) => vms.join(name),
+            _ => vms.join(vm),
+        };
+        DirBuilder::new().mode(0o700).create(&path).map_err(|e| {
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                LaunchError::NameInUse(
+                    path.file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                )
+            } else {
+                LaunchError::host(format!("creating {}", path.display()))(e)
+            }
+        })?;
+        let lock = match &keep {
+            Keep::Record(name) => Some(
+                ExclusiveLock::try_acquire(&path.join(state::LOCK_FILE))
+                    .map_err(LaunchError::Audit)?
+                    .ok_or_else(|| LaunchError::NameInUse(name.clone()))?,
+            ),
+            _ => None,
+        };
         Ok(Self {
             path,
-            keep_log: false,
+            keep,
+            _lock: lock,
         })
+    }
+
+    /// The VM's name, for a named VM.
+    fn name(&self) -> Option<&str> {
+        match &self.keep {
+            Keep::Record(name) => Some(name),
+            _ => None,
+        }
     }
 
     /// Writes `bytes` (already hashed) to a new file only the runner can read.
@@ -604,20 +858,31 @@ impl VmDir {
     /// Keeps the console log for the failure report; returns its path.
     fn keep_log(mut self) -> Option<PathBuf> {
         let log = self.path.join(SERIAL_LOG);
-        self.keep_log = log.exists();
-        self.keep_log.then_some(log)
+        if matches!(self.keep, Keep::Nothing) {
+            self.keep = Keep::Log;
+        }
+        log.exists().then_some(log)
     }
 }
 
 impl Drop for VmDir {
     fn drop(&mut self) {
-        if !self.keep_log {
-            let _ = fs::remove_dir_all(&self.path);
-            return;
-        }
+        let kept: &[&str] = match self.keep {
+            Keep::Nothing => {
+                let _ = fs::remove_dir_all(&self.path);
+                return;
+            }
+            Keep::Log => &[SERIAL_LOG],
+            Keep::Record(_) => &[
+                SERIAL_LOG,
+                state::STATE_FILE,
+                state::LOCK_FILE,
+                state::RUNNER_LOG,
+            ],
+        };
         if let Ok(entries) = fs::read_dir(&self.path) {
             for entry in entries.flatten() {
-                if entry.file_name() != SERIAL_LOG {
+                if !kept.iter().any(|name| entry.file_name() == *name) {
                     let _ = fs::remove_file(entry.path());
                 }
             }

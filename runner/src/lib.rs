@@ -15,7 +15,10 @@
 
 pub mod admission;
 pub mod client;
+pub mod control;
 pub mod host;
 pub mod launch;
+pub mod mux;
 pub mod qemu;
 pub mod serial;
+pub mod state;

@@ -17,8 +17,10 @@ use mvm_ir::home::MvmHome;
 use mvm_runner::client::OutputSink;
 use mvm_runner::host::BackendChoice;
 use mvm_runner::launch::{self, exit, Failure, Finished, Launch, LaunchError};
+use mvm_runner::state;
 use serde_json::{json, Value};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use std::os::unix::fs::OpenOptionsExt;
 
 /// Boot a signed launch plan in a microVM, run one command in it, and power it off.
 ///
@@ -44,6 +46,11 @@ struct Args {
     /// Print one JSON report on stdout (with the command's output in it) instead of streaming.
     #[arg(long)]
     json: bool,
+    /// Keep the VM up as NAME instead of running one command: serve its control socket
+    /// (`$MVM_HOME/vms/NAME/control.sock`) until told to stop. Prints one JSON line when it
+    /// is ready, then writes to `vms/NAME/runner.log`. This is what `mvm up` starts.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["command", "json", "timeout"])]
+    name: Option<String>,
     /// The command; the plan's entrypoint when absent.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -74,6 +81,9 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::RUNNER);
         }
     }
+    if let Some(name) = args.name.clone() {
+        return ExitCode::from(serve(args, &name, started, interrupt));
+    }
     let json = args.json;
     let code = match run(args, started, interrupt) {
         Ok((finished, output)) => report_finished(&finished, output, json),
@@ -82,13 +92,13 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
-fn run(
+fn launch_request(
     args: Args,
+    home: MvmHome,
     started: Instant,
     interrupt: Arc<AtomicBool>,
-) -> Result<(Finished, Option<Captured>), Box<Failure>> {
-    let home = MvmHome::from_env().map_err(LaunchError::Audit)?;
-    let request = Launch {
+) -> Launch {
+    Launch {
         envelope: args.plan,
         home,
         backend: args.backend,
@@ -97,14 +107,62 @@ fn run(
         boot_timeout: args.boot_timeout,
         started,
         interrupt,
-    };
-    if args.json {
+    }
+}
+
+fn run(
+    args: Args,
+    started: Instant,
+    interrupt: Arc<AtomicBool>,
+) -> Result<(Finished, Option<Captured>), Box<Failure>> {
+    let home = MvmHome::from_env().map_err(LaunchError::Audit)?;
+    let json = args.json;
+    let request = launch_request(args, home, started, interrupt);
+    if json {
         let mut captured = Captured::default();
         let finished = launch::launch(&request, &mut captured)?;
         Ok((finished, Some(captured)))
     } else {
         let finished = launch::launch(&request, &mut Streamed)?;
         Ok((finished, None))
+    }
+}
+
+/// `--name`: boots and keeps the VM up; 0 once it stopped on request.
+fn serve(args: Args, name: &str, started: Instant, interrupt: Arc<AtomicBool>) -> u8 {
+    if !state::valid_name(name) {
+        eprintln!("mvm-runner: error RUN035: {name:?} cannot name a VM: use 1-63 of a-z 0-9 _ . -, starting with a letter or digit");
+        return exit::RUNNER;
+    }
+    let home = match MvmHome::from_env() {
+        Ok(home) => home,
+        Err(e) => {
+            eprintln!("mvm-runner: error {}: {e}", e.code());
+            return exit::RUNNER;
+        }
+    };
+    let log = home.root().join("vms").join(name).join(state::RUNNER_LOG);
+    let request = launch_request(args, home, started, interrupt);
+    let mut on_ready = |state: &state::VmState| {
+        let mut out = io::stdout().lock();
+        let _ = writeln!(out, "{}", json!({"ready": state}));
+        let _ = out.flush();
+        drop(out);
+        // Nobody reads the terminal from here on: what the runner still has to say goes to
+        // the VM's runner log.
+        if let Ok(file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&log)
+        {
+            let _ = rustix::stdio::dup2_stdout(&file);
+            let _ = rustix::stdio::dup2_stderr(&file);
+        }
+    };
+    match launch::serve_named(&request, name, &mut on_ready) {
+        Ok(_) => 0,
+        Err(failure) => report_failure(&failure, false),
     }
 }
 

@@ -12,6 +12,7 @@ pub mod kernel;
 pub mod keys;
 pub mod plan;
 pub mod run;
+pub mod vm;
 
 use std::fmt;
 
@@ -72,7 +73,7 @@ pub fn class_of(code: &str) -> ErrorClass {
     match code {
         "OCI002" | "KERNEL005" => ErrorClass::Integrity,
         "OCI007" | "OCI008" | "LAYER011" | "BUILD003" | "BUILD004" | "BUILD005" | "KERNEL001"
-        | "KERNEL006" | "BENCH001" | "RUN031" | "RUN032" => ErrorClass::Io,
+        | "KERNEL006" | "BENCH001" | "RUN031" | "RUN032" | "RUN025" => ErrorClass::Io,
         _ => ErrorClass::InvalidInput,
     }
 }

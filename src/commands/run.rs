@@ -49,12 +49,8 @@ pub struct RunArgs {
     /// A signed plan (`plan.dsse.json` of a bundle made by `mvm build`).
     #[arg(long, value_name = "FILE")]
     plan: Option<PathBuf>,
-    /// Virtual CPUs (images only: a plan's resources are signed into it).
-    #[arg(long, conflicts_with = "plan")]
-    cpus: Option<u32>,
-    /// Memory in MiB (images only: a plan's resources are signed into it).
-    #[arg(long, conflicts_with = "plan", value_name = "MIB")]
-    memory: Option<u32>,
+    #[command(flatten)]
+    image_options: ImageOptions,
     /// Kill the command and everything it started after this long (`30s`, `5m`).
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
     timeout: Option<Duration>,
@@ -64,12 +60,23 @@ pub struct RunArgs {
     /// auto (the best this host can do; see `mvm doctor`), qemu, or kvm.
     #[arg(long, default_value = "auto", value_name = "auto|qemu|kvm")]
     backend: String,
-    /// The guest agent for building an image (default: $MVM_AGENT, or mvm-agent next to mvm).
-    #[arg(long, conflicts_with = "plan")]
-    agent: Option<PathBuf>,
     /// The command; the plan's (or image's) own when absent.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
+}
+
+/// How an image is built into a bundle (`mvm run IMAGE`, `mvm up IMAGE`).
+#[derive(Debug, Args)]
+pub struct ImageOptions {
+    /// Virtual CPUs (images only: a plan's resources are signed into it).
+    #[arg(long, conflicts_with = "plan")]
+    cpus: Option<u32>,
+    /// Memory in MiB (images only: a plan's resources are signed into it).
+    #[arg(long, conflicts_with = "plan", value_name = "MIB")]
+    memory: Option<u32>,
+    /// The guest agent for building an image (default: $MVM_AGENT, or mvm-agent next to mvm).
+    #[arg(long, conflicts_with = "plan")]
+    agent: Option<PathBuf>,
 }
 
 pub fn run(args: RunArgs, out: &Output) -> ExitCode {
@@ -85,7 +92,9 @@ pub fn run(args: RunArgs, out: &Output) -> ExitCode {
 fn launch(args: RunArgs, out: &Output) -> anyhow::Result<ExitCode> {
     let plan = match (&args.plan, &args.image) {
         (Some(plan), _) => plan.clone(),
-        (None, Some(image)) => cached_bundle(image, &args)?.join("plan.dsse.json"),
+        (None, Some(image)) => {
+            cached_bundle(image, &args.image_options, &args.command)?.join("plan.dsse.json")
+        }
         (None, None) => unreachable!("clap requires an image or --plan"),
     };
     let runner = sibling("MVM_RUNNER", "mvm-runner")?;
@@ -148,9 +157,13 @@ fn launch(args: RunArgs, out: &Output) -> anyhow::Result<ExitCode> {
 
 /// The bundle for `image` with these resources, agent and kernel under `$MVM_HOME/runs`,
 /// built (by `mvm build`, its output on stderr) unless one with a valid plan is there.
-fn cached_bundle(image: &str, args: &RunArgs) -> anyhow::Result<PathBuf> {
+pub(super) fn cached_bundle(
+    image: &str,
+    options: &ImageOptions,
+    command: &[String],
+) -> anyhow::Result<PathBuf> {
     let host = Host::open()?;
-    let agent = match &args.agent {
+    let agent = match &options.agent {
         Some(agent) => agent.clone(),
         None => sibling("MVM_AGENT", "mvm-agent")?,
     };
@@ -172,9 +185,9 @@ fn cached_bundle(image: &str, args: &RunArgs) -> anyhow::Result<PathBuf> {
     // plan as the entrypoint a run without a command uses.
     let key = json!({
         "image": image,
-        "cpus": args.cpus,
-        "memory": args.memory,
-        "command": args.command,
+        "cpus": options.cpus,
+        "memory": options.memory,
+        "command": command,
         "agent": agent_digest.0,
         "kernel": kernel.manifest.vmlinuz.digest,
         "modules": kernel.manifest.modules.iter().map(|m| &m.file.digest).collect::<Vec<_>>(),
@@ -193,14 +206,14 @@ fn cached_bundle(image: &str, args: &RunArgs) -> anyhow::Result<PathBuf> {
         .arg(&dir)
         .arg("--agent")
         .arg(&agent);
-    if let Some(cpus) = args.cpus {
+    if let Some(cpus) = options.cpus {
         build.args(["--cpus", &cpus.to_string()]);
     }
-    if let Some(memory) = args.memory {
+    if let Some(memory) = options.memory {
         build.args(["--memory", &memory.to_string()]);
     }
-    if !args.command.is_empty() {
-        build.arg("--").args(&args.command);
+    if !command.is_empty() {
+        build.arg("--").args(command);
     }
     // The build's report goes to stderr: stdout is the command's.
     let status = build

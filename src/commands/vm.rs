@@ -1,0 +1,357 @@
+//! Long-lived VMs: `mvm up`, `ls`, `exec`, `stop`, `rm`.
+//!
+//! `mvm up` starts `mvm-runner --name NAME` in a process group of its own and returns once
+//! the agent is ready; that runner owns the VM for its whole life and serves its control
+//! socket, `$MVM_HOME/vms/NAME/control.sock`, which the other commands talk to. No daemon:
+//! each VM is its own runner process.
+
+use std::collections::BTreeMap;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use mvm_agent::protocol::{ExecRequest, Integrity};
+use mvm_runner::client::{AgentClient, ClientError, OutputSink};
+use mvm_runner::launch::{exit, LaunchError};
+use mvm_runner::state::{self, Phase, VmState};
+use serde_json::{json, Value};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+
+use super::run::{cached_bundle, sibling, ImageOptions};
+use super::{coded_as, Host};
+use crate::output::Output;
+
+/// The agent caps a command at a week; "no timeout" asks for that.
+const NO_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Beyond a command's timeout, how long to wait for its answer.
+const ANSWER_GRACE: Duration = Duration::from_secs(30);
+/// How long `mvm stop` waits for the runner to power the VM off.
+const STOP_WAIT: Duration = Duration::from_secs(30);
+
+/// Start a VM that stays up: boot the signed plan (or the image, built first) and return once
+/// its agent is ready. Talk to it with `mvm exec NAME`, end it with `mvm stop NAME`.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// The image, REFERENCE@sha256:<digest> (built into a cached bundle, as `mvm run` does).
+    #[arg(required_unless_present = "plan", conflicts_with = "plan")]
+    image: Option<String>,
+    /// A signed plan (`plan.dsse.json` of a bundle made by `mvm build`).
+    #[arg(long, value_name = "FILE")]
+    plan: Option<PathBuf>,
+    /// The VM's name (1-63 of a-z 0-9 _ . -).
+    #[arg(long)]
+    name: String,
+    #[command(flatten)]
+    image_options: ImageOptions,
+    /// Give up when the guest is not ready after this long.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s", value_name = "DURATION")]
+    boot_timeout: Duration,
+    /// auto, qemu or kvm (see `mvm doctor`).
+    #[arg(long, default_value = "auto", value_name = "auto|qemu|kvm")]
+    backend: String,
+    /// For an image: the entrypoint to sign into its plan (default: the image's own).
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+/// Run a command in a running VM; streams its output and exits with its status (as `mvm
+/// run` does: 121 integrity failure, 124 timeout, 126/127 not executable/found, 128+N signal).
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// The VM.
+    name: String,
+    /// Kill the command and everything it started after this long.
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    timeout: Option<Duration>,
+    /// An environment variable for the command, over the plan's (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// The working directory (default: the plan's).
+    #[arg(long, value_name = "DIR")]
+    cwd: Option<String>,
+    /// The command; the plan's entrypoint when absent.
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+/// Remove a VM's record; a VM still running is refused unless --force (which stops it).
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    /// The VM.
+    name: String,
+    /// Stop it first if it runs (kill its runner if it does not stop).
+    #[arg(long)]
+    force: bool,
+}
+
+fn parse_env(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .filter(|(key, _)| !key.is_empty())
+        .map(|(key, value)| (key.to_string(), value.to_string()))
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))
+}
+
+/// `$MVM_HOME/vms/NAME`, for a valid name.
+fn vm_dir(host: &Host, name: &str) -> anyhow::Result<PathBuf> {
+    if !state::valid_name(name) {
+        return Err(coded_as(
+            "RUN035",
+            format!("{name:?} cannot name a VM: use 1-63 of a-z 0-9 _ . -, starting with a letter or digit"),
+        ));
+    }
+    Ok(host.home.ensure("vms")?.join(name))
+}
+
+/// The state of the VM `name`, as it really is.
+fn observe(host: &Host, name: &str) -> anyhow::Result<(PathBuf, VmState)> {
+    let dir = vm_dir(host, name)?;
+    if !dir.join(state::STATE_FILE).exists() {
+        return Err(coded_as("RUN036", format!("there is no VM named {name}")));
+    }
+    let seen = state::observe(&dir).map_err(|e| coded_as("RUN036", e))?;
+    Ok((dir, seen))
+}
+
+fn state_json(state: &VmState) -> Value {
+    serde_json::to_value(state).unwrap_or(Value::Null)
+}
+
+pub fn up(args: UpArgs, out: &Output) -> anyhow::Result<ExitCode> {
+    let host = Host::open()?;
+    let dir = vm_dir(&host, &args.name)?;
+    if dir.exists() {
+        return Err(coded_as(
+            "RUN034",
+            format!(
+                "a VM named {} exists already; remove it with `mvm rm {}` first",
+                args.name, args.name
+            ),
+        ));
+    }
+    let plan = match (&args.plan, &args.image) {
+        (Some(plan), _) => plan.clone(),
+        (None, Some(image)) => {
+            cached_bundle(image, &args.image_options, &args.command)?.join("plan.dsse.json")
+        }
+        (None, None) => return Err(coded_as("RUN029", "give an image or --plan")),
+    };
+    let runner = sibling("MVM_RUNNER", "mvm-runner")?;
+    let mut child = Command::new(&runner)
+        .arg("--plan")
+        .arg(&plan)
+        .args(["--name", &args.name, "--backend", &args.backend])
+        .arg("--boot-timeout")
+        .arg(humantime::format_duration(args.boot_timeout).to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group: the terminal's Ctrl-C is not for it once `mvm up` returns.
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {}", runner.display()))?;
+    let stdout = child.stdout.take().context("the runner's stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let ready = serde_json::from_str::<Value>(&line)
+        .ok()
+        .and_then(|v| serde_json::from_value::<VmState>(v["ready"].clone()).ok());
+    let Some(ready) = ready else {
+        // The runner stopped before the VM was ready: its error is on its stderr.
+        let mut error = String::new();
+        if let Some(mut stderr) = child.stderr.take() {
+            let _ = stderr.read_to_string(&mut error);
+        }
+        let status = child.wait()?;
+        eprint!("{error}");
+        return Ok(ExitCode::from(status.code().unwrap_or(125) as u8));
+    };
+    out.result(json!({"vm": state_json(&ready)}), || {
+        format!(
+            "{} is running ({}, plan {})",
+            ready.name, ready.vm, ready.plan_digest
+        )
+    });
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn ls(out: &Output) -> anyhow::Result<()> {
+    let host = Host::open()?;
+    let vms = host.home.ensure("vms")?;
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir(&vms)? {
+        let dir = entry?.path();
+        // One-shot runs leave only a console log behind when they fail: not named VMs.
+        if dir.join(state::STATE_FILE).exists() {
+            match state::observe(&dir) {
+                Ok(state) => seen.push(state),
+                Err(e) => eprintln!("mvm: {}: {e}", dir.display()),
+            }
+        }
+    }
+    seen.sort_by(|a, b| a.name.cmp(&b.name));
+    out.result(
+        json!({"vms": seen.iter().map(state_json).collect::<Vec<_>>()}),
+        || {
+            let mut text = format!(
+                "{:<20} {:<9} {:<16} {:<21} REASON",
+                "NAME", "STATE", "VM", "STARTED"
+            );
+            for vm in &seen {
+                text.push_str(&format!(
+                    "\n{:<20} {:<9} {:<16} {:<21} {}",
+                    vm.name,
+                    vm.phase.name(),
+                    vm.vm,
+                    vm.started_at,
+                    vm.reason.as_deref().unwrap_or("")
+                ));
+            }
+            text
+        },
+    );
+    Ok(())
+}
+
+/// Connects to the control socket of the running VM `name`.
+fn connect(host: &Host, name: &str, interrupt: Arc<AtomicBool>) -> anyhow::Result<AgentClient> {
+    let (dir, seen) = observe(host, name)?;
+    if seen.phase != Phase::Running {
+        return Err(coded_as(
+            "RUN036",
+            format!("{name} is {}, not running", seen.phase.name()),
+        ));
+    }
+    let stream = UnixStream::connect(dir.join(state::CONTROL_SOCKET))
+        .with_context(|| format!("connecting to {name}"))?;
+    Ok(AgentClient::new(stream, interrupt)?)
+}
+
+pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
+    let host = Host::open()?;
+    let interrupt = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM, SIGHUP] {
+        signal_hook::flag::register(signal, Arc::clone(&interrupt))?;
+    }
+    let mut client = connect(&host, &args.name, interrupt)?;
+    let timeout = args.timeout.unwrap_or(NO_TIMEOUT).min(NO_TIMEOUT);
+    let request = ExecRequest {
+        argv: args.command,
+        env: args.env.into_iter().collect::<BTreeMap<_, _>>(),
+        cwd: args.cwd,
+        timeout_ms: timeout.as_millis() as u64,
+    };
+    let reply = match client.exec(request, timeout + ANSWER_GRACE, &mut Streamed) {
+        Ok(reply) => reply,
+        Err(ClientError::Refused(refusal)) => {
+            let error = LaunchError::CommandRefused(refusal);
+            eprintln!("mvm: error {}: {error}", error.code());
+            return Ok(ExitCode::from(error.exit_status()));
+        }
+        Err(ClientError::Interrupted) => return Ok(ExitCode::from(exit::INTERRUPTED)),
+        Err(e) => return Err(coded_as("RUN025", e)),
+    };
+    if reply.integrity == Integrity::Corrupted {
+        eprintln!("mvm: error RUN020: dm-verity refused a block of the root while the command ran; its output cannot be trusted");
+        return Ok(ExitCode::from(exit::INTEGRITY));
+    }
+    Ok(ExitCode::from(exit::of_command(reply.status)))
+}
+
+pub fn stop(name: &str, out: &Output) -> anyhow::Result<()> {
+    let host = Host::open()?;
+    let state = stop_and_wait(&host, name)?;
+    out.result(json!({"vm": state_json(&state)}), || {
+        format!("{name} is {}", state.phase.name())
+    });
+    Ok(())
+}
+
+/// Asks the runner of `name` to power its VM off, and waits until it has.
+fn stop_and_wait(host: &Host, name: &str) -> anyhow::Result<VmState> {
+    let mut client = connect(host, name, Arc::default())?;
+    client
+        .power_off(Duration::from_secs(10))
+        .map_err(|e| coded_as("RUN025", e))?;
+    let (dir, _) = observe(host, name)?;
+    let deadline = Instant::now() + STOP_WAIT;
+    loop {
+        let seen = state::observe(&dir).map_err(|e| coded_as("RUN036", e))?;
+        if !matches!(seen.phase, Phase::Starting | Phase::Running) {
+            return Ok(seen);
+        }
+        if Instant::now() > deadline {
+            return Err(coded_as(
+                "RUN036",
+                format!("{name} did not stop within {}s", STOP_WAIT.as_secs()),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn rm(args: RmArgs, out: &Output) -> anyhow::Result<()> {
+    let host = Host::open()?;
+    let (dir, seen) = observe(&host, &args.name)?;
+    if matches!(seen.phase, Phase::Starting | Phase::Running) {
+        if !args.force {
+            return Err(coded_as(
+                "RUN037",
+                format!(
+                    "{} is {}: stop it first, or `mvm rm --force`",
+                    args.name,
+                    seen.phase.name()
+                ),
+            ));
+        }
+        if stop_and_wait(&host, &args.name).is_err() {
+            kill_runner(&dir, &seen)?;
+        }
+    }
+    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    host.audit("vm.removed", json!({"name": args.name, "vm": seen.vm}))?;
+    out.result(json!({"removed": args.name}), || {
+        format!("removed {}", args.name)
+    });
+    Ok(())
+}
+
+/// Kills the runner of a VM that would not stop (its QEMU dies with it), once it is sure the
+/// process is that runner: it still holds the VM's lock.
+fn kill_runner(dir: &Path, seen: &VmState) -> anyhow::Result<()> {
+    if let Some(pid) = rustix::process::Pid::from_raw(seen.runner_pid as i32) {
+        if state::observe(dir).is_ok_and(|now| now.phase == Phase::Running) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    }
+    let deadline = Instant::now() + STOP_WAIT;
+    while state::observe(dir).is_ok_and(|now| matches!(now.phase, Phase::Starting | Phase::Running))
+    {
+        if Instant::now() > deadline {
+            return Err(coded_as("RUN036", "the VM's runner did not exit"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// The command's output, straight to mvm's own stdout and stderr.
+struct Streamed;
+
+impl OutputSink for Streamed {
+    fn stdout(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let mut out = io::stdout().lock();
+        out.write_all(bytes)?;
+        out.flush()
+    }
+
+    fn stderr(&mut self, bytes: &[u8]) -> io::Result<()> {
+        io::stderr().lock().write_all(bytes)
+    }
+}
