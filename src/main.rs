@@ -56,8 +56,15 @@ enum Command {
         /// The VM.
         name: String,
     },
+    /// Print a VM's console (the guest kernel's and the agent's lines).
+    Logs(commands::vm::LogsArgs),
+    /// Wait until a VM is ready, or has ended.
+    Wait(commands::vm::WaitArgs),
     /// Remove a VM's record (a running one only with --force).
     Rm(commands::vm::RmArgs),
+    /// Signed run receipts: verify.
+    #[command(subcommand)]
+    Receipt(commands::receipt::ReceiptCommand),
     /// Guest kernels: fetch and pin the Debian cloud kernel.
     #[command(subcommand)]
     Kernel(commands::kernel::KernelCommand),
@@ -92,6 +99,9 @@ fn main() -> ExitCode {
         Command::Exec(args) => return exit_code(commands::vm::exec(args), &out),
         Command::Stop { name } => commands::vm::stop(&name, &out),
         Command::Rm(args) => commands::vm::rm(args, &out),
+        Command::Logs(args) => commands::vm::logs(args),
+        Command::Receipt(cmd) => commands::receipt::run(cmd, &out),
+        Command::Wait(args) => return exit_code(commands::vm::wait(args, &out), &out),
         Command::Kernel(cmd) => commands::kernel::run(cmd, &out),
         Command::Bench(cmd) => commands::bench::run(cmd, &out),
         Command::Doctor => return commands::doctor::run(&out),

@@ -237,7 +237,19 @@ fn echo_hello_prints_hello_and_exits_0() {
     let plan = plan_arg(&fixture().bundle);
     let before = audit_entries(&fixture().home).len();
     let vms_before = vm_dirs(&fixture().home);
-    let out = mvm(&["run", "--plan", &plan, "--", "echo", "hello"]);
+    let receipt_dir = tempfile::tempdir().unwrap();
+    let receipt = receipt_dir.path().join("receipt.json");
+    let receipt_arg = receipt.to_str().unwrap();
+    let out = mvm(&[
+        "run",
+        "--plan",
+        &plan,
+        "--receipt",
+        receipt_arg,
+        "--",
+        "echo",
+        "hello",
+    ]);
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     assert_eq!(text(&out.stdout), "hello\n");
     // This run's entries (runs are one at a time): admitted, started, exited, one VM.
@@ -257,6 +269,22 @@ fn echo_hello_prints_hello_and_exits_0() {
         "{entries:?}"
     );
     assert_eq!(entries[2]["fields"]["exit_status"], 0);
+    // The signed receipt: this plan, this VM, the output by digest and size, never by value.
+    let verified = mvm_ok_json(&["receipt", "verify", receipt_arg], 0);
+    let r = &verified["receipt"];
+    assert_eq!(r["vm"], entries[0]["fields"]["vm"], "{verified}");
+    assert_eq!(r["plan_digest"], entries[0]["fields"]["plan_digest"]);
+    assert_eq!(
+        r["result"],
+        serde_json::json!({"kind": "exited", "code": 0})
+    );
+    assert_eq!(r["stdout"]["bytes"], 6);
+    let hello = format!("sha256:{:x}", Sha256::digest(b"hello\n"));
+    assert_eq!(r["stdout"]["sha256"], hello.as_str());
+    assert!(!fs::read_to_string(&receipt).unwrap().contains("hello"));
+    flip_byte(&receipt, 150);
+    let refused = mvm(&["receipt", "verify", receipt_arg]);
+    assert_ne!(refused.status.code(), Some(0), "a flipped receipt verified");
     assert_eq!(
         vm_dirs(&fixture().home),
         vms_before,
@@ -712,6 +740,13 @@ fn a_named_vm_serves_execs_until_it_is_stopped_and_removed() {
     assert_eq!(up["vm"]["phase"], "running", "{up}");
     let qemu_pid = wait_for_qemu(before);
     assert_eq!(vm_phase("web").as_deref(), Some("running"));
+    mvm_ok_json(&["wait", "web", "--for", "ready", "--timeout", "5s"], 0);
+    let logs = mvm(&["logs", "web"]);
+    assert!(
+        text(&logs.stdout).contains("mvm-agent: channel ready"),
+        "{}",
+        describe(&logs)
+    );
     // The name is taken while the VM exists.
     let again = mvm(&["--json", "up", "--plan", &plan, "--name", "web"]);
     assert!(
@@ -720,11 +755,15 @@ fn a_named_vm_serves_execs_until_it_is_stopped_and_removed() {
         describe(&again)
     );
 
+    let receipts = tempfile::tempdir().unwrap();
+    let first_receipt = receipts.path().join("first.json");
     let out = mvm(&[
         "exec",
         "web",
         "--env",
         "GREETING=hi",
+        "--receipt",
+        first_receipt.to_str().unwrap(),
         "--",
         "sh",
         "-c",
@@ -741,6 +780,21 @@ fn a_named_vm_serves_execs_until_it_is_stopped_and_removed() {
     let digest = format!("sha256:{:x}", Sha256::digest(&argv));
     assert_eq!(exec["fields"]["argv_sha256"], digest.as_str());
     assert!(!entries.iter().any(|e| e.to_string().contains("GREETING")));
+    // Receipts chain: the next one names this one.
+    let second_receipt = receipts.path().join("second.json");
+    let again = mvm(&[
+        "exec",
+        "web",
+        "--receipt",
+        second_receipt.to_str().unwrap(),
+        "--",
+        "echo",
+    ]);
+    assert_eq!(again.status.code(), Some(0), "{}", describe(&again));
+    let first = mvm_ok_json(&["receipt", "verify", first_receipt.to_str().unwrap()], 0);
+    let second = mvm_ok_json(&["receipt", "verify", second_receipt.to_str().unwrap()], 0);
+    assert_eq!(first["receipt"]["result"]["code"], 9);
+    assert_eq!(second["receipt"]["previous"], first["digest"], "{second}");
 
     // Output arrives while the command still runs.
     let mut slow = Command::new(env!("CARGO_BIN_EXE_mvm"))
@@ -796,6 +850,9 @@ fn a_named_vm_serves_execs_until_it_is_stopped_and_removed() {
 
     let stopped = mvm_ok_json(&["stop", "web"], 0);
     assert_eq!(stopped["vm"]["phase"], "stopped", "{stopped}");
+    mvm_ok_json(&["wait", "web", "--for", "stopped"], 0);
+    // A stopped VM never becomes ready.
+    mvm_ok_json(&["wait", "web", "--for", "ready"], 1);
     assert!(
         !Path::new("/proc").join(&qemu_pid).exists(),
         "QEMU still runs"

@@ -56,6 +56,9 @@ pub enum Error {
     #[error("workload is invalid:\n{0}")]
     InvalidWorkload(Report),
 
+    /// A signed envelope of the receipt type whose payload is not a valid run receipt.
+    #[error("invalid run receipt: {0}")]
+    InvalidReceipt(String),
     /// The envelope is not DSSE-shaped (bad JSON, base64, missing or extra fields).
     #[error("malformed DSSE envelope: {0}")]
     MalformedEnvelope(String),
@@ -158,6 +161,7 @@ impl Error {
             Error::InexactNumber(_) => "INPUT004",
             Error::InvalidWorkload(_) => "IR000",
             Error::MalformedEnvelope(_) => "PLAN001",
+            Error::InvalidReceipt(_) => "RECEIPT001",
             Error::UnknownSigner(_) => "PLAN002",
             Error::BadSignature { .. } => "PLAN003",
             Error::WrongPayloadType { .. } => "PLAN004",
@@ -188,6 +192,7 @@ impl Error {
             | Error::InexactNumber(_)
             | Error::InvalidWorkload(_)
             | Error::MalformedEnvelope(_)
+            | Error::InvalidReceipt(_)
             | Error::InvalidPlan(_)
             | Error::KeyNotFound(_)
             | Error::InvalidKeyName(_)

@@ -30,6 +30,7 @@ pub mod keys;
 pub mod load;
 pub mod plan;
 pub mod provenance;
+pub mod receipt;
 pub mod schema;
 pub mod validate;
 pub mod workload;

@@ -11,6 +11,8 @@ use mvm_agent::protocol::{
     encode, ErrorReply, ExecReply, ExecRequest, Frame, FrameDecoder, FrameError, FrameKind,
     HelloReply, Request, Response, PROTOCOL_VERSION,
 };
+use mvm_ir::receipt::OutputDigest;
+use sha2::{Digest, Sha256};
 
 /// How often a blocked read wakes up to look at its deadline.
 const READ_SLICE: Duration = Duration::from_millis(100);
@@ -101,18 +103,20 @@ impl AgentClient {
     }
 
     /// Runs a command, passing its output to `sink` as it arrives. The byte counts in the
-    /// agent's answer must match what arrived.
+    /// agent's answer must match what arrived; the digests are the host's own.
     pub fn exec(
         &mut self,
         request: ExecRequest,
         timeout: Duration,
         sink: &mut dyn OutputSink,
-    ) -> Result<ExecReply, ClientError> {
+    ) -> Result<Executed, ClientError> {
         let stream = self.send(&Request::Exec(request))?;
         let mut counted = Counted {
             sink,
             stdout: 0,
             stderr: 0,
+            stdout_hash: Sha256::new(),
+            stderr_hash: Sha256::new(),
         };
         let reply = match self.response(
             stream,
@@ -129,7 +133,15 @@ impl AgentClient {
                 reply.stdout_bytes, reply.stderr_bytes, counted.stdout, counted.stderr
             )));
         }
-        Ok(reply)
+        let digest = |hash: Sha256, bytes| OutputDigest {
+            sha256: format!("sha256:{}", hex::encode(hash.finalize())),
+            bytes,
+        };
+        Ok(Executed {
+            stdout: digest(counted.stdout_hash, counted.stdout),
+            stderr: digest(counted.stderr_hash, counted.stderr),
+            reply,
+        })
     }
 
     /// Asks the agent to power the guest off, and waits for its acknowledgement.
@@ -222,21 +234,36 @@ impl AgentClient {
     }
 }
 
-/// A sink that counts what passes through it.
+/// A command's answer, with its output's digests as the host received it.
+#[derive(Debug, Clone)]
+pub struct Executed {
+    /// The agent's answer.
+    pub reply: ExecReply,
+    /// Standard output, hashed on the host.
+    pub stdout: OutputDigest,
+    /// Standard error, hashed on the host.
+    pub stderr: OutputDigest,
+}
+
+/// A sink that counts and hashes what passes through it.
 struct Counted<'a> {
     sink: &'a mut dyn OutputSink,
     stdout: u64,
     stderr: u64,
+    stdout_hash: Sha256,
+    stderr_hash: Sha256,
 }
 
 impl OutputSink for Counted<'_> {
     fn stdout(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.stdout += bytes.len() as u64;
+        self.stdout_hash.update(bytes);
         self.sink.stdout(bytes)
     }
 
     fn stderr(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.stderr += bytes.len() as u64;
+        self.stderr_hash.update(bytes);
         self.sink.stderr(bytes)
     }
 }
@@ -294,9 +321,14 @@ mod tests {
             cwd: Some("/".into()),
             timeout_ms: 10_000,
         };
-        let reply = client
+        let executed = client
             .exec(request.clone(), Duration::from_secs(10), &mut output)
             .unwrap();
+        assert_eq!(
+            executed.stdout.sha256,
+            mvm_ir::digest::sha256_prefixed(b"hi\n")
+        );
+        let reply = executed.reply;
         assert_eq!(
             (output.0.as_slice(), output.1.as_slice()),
             (&b"hi\n"[..], &b"no\n"[..])

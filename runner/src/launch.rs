@@ -19,18 +19,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mvm_agent::protocol::{
-    codes, ErrorReply, ExecReply, ExecRequest, ExitStatus, HelloReply, Integrity, Request,
+    codes, ErrorReply, ExecRequest, ExitStatus, HelloReply, Integrity, Request,
 };
 use mvm_ir::admission::{NonceLedger, PlanAdmission, VerifiedPlan};
 use mvm_ir::audit::AuditLog;
 use mvm_ir::fsutil::ExclusiveLock;
 use mvm_ir::home::MvmHome;
 use mvm_ir::keys::KeyStore;
-use mvm_ir::plan::LaunchPlan;
+use mvm_ir::plan::{LaunchPlan, Timestamp};
+use mvm_ir::receipt::{CommandResult, OutputDigest, Receipt};
 use serde_json::{json, Map, Value};
 
 use crate::admission::{admit_bundle, AdmissionError};
-use crate::client::{AgentClient, ClientError, OutputSink};
+use crate::client::{AgentClient, ClientError, Executed, OutputSink};
 use crate::control;
 use crate::host::{self, Accel, BackendChoice, HostError, HostFacts, QemuBinary};
 use crate::mux::AgentMux;
@@ -221,10 +222,14 @@ pub struct Finished {
     pub accel: Accel,
     /// How the command ended.
     pub status: ExitStatus,
-    /// Bytes of output.
-    pub stdout_bytes: u64,
-    /// Bytes of error output.
-    pub stderr_bytes: u64,
+    /// Its standard output as the host received it: digest and size.
+    pub stdout: OutputDigest,
+    /// Its standard error as the host received it.
+    pub stderr: OutputDigest,
+    /// When the command was sent.
+    pub started_at: Timestamp,
+    /// When its answer arrived.
+    pub ended_at: Timestamp,
     /// The agent's hello: version and boot timings inside the guest.
     pub hello: HelloReply,
     /// From the runner's start to the agent's hello.
@@ -234,10 +239,35 @@ pub struct Finished {
 }
 
 impl Finished {
+    /// The run's receipt (unsigned; see [`mvm_ir::receipt::issue`]).
+    pub fn receipt(&self) -> Receipt {
+        Receipt {
+            schema_version: mvm_ir::receipt::SCHEMA_VERSION.into(),
+            plan_digest: self.plan_digest.clone(),
+            vm: self.vm.clone(),
+            started_at: self.started_at,
+            ended_at: self.ended_at,
+            result: command_result(self.status),
+            stdout: self.stdout.clone(),
+            stderr: self.stderr.clone(),
+            egress: vec![],
+            previous: None,
+        }
+    }
+
     /// The runner's exit status: the command's own, `128 + signal` for a signal (as a shell
     /// reports it), [`exit::TIMEOUT`] for a timeout.
     pub fn exit_status(&self) -> u8 {
         exit::of_command(self.status)
+    }
+}
+
+/// How a command ended, as a receipt says it.
+pub fn command_result(status: ExitStatus) -> CommandResult {
+    match status {
+        ExitStatus::Exited { code } => CommandResult::Exited { code },
+        ExitStatus::Signaled { signal } => CommandResult::Signaled { signal },
+        ExitStatus::TimedOut => CommandResult::TimedOut,
     }
 }
 
@@ -272,12 +302,14 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Bo
         vm: vm.clone(),
         plan_digest: plan.digest.clone(),
         accel,
-        status: ran.reply.status,
-        stdout_bytes: ran.reply.stdout_bytes,
-        stderr_bytes: ran.reply.stderr_bytes,
+        status: ran.executed.reply.status,
+        stdout: ran.executed.stdout,
+        stderr: ran.executed.stderr,
         hello: ran.hello,
         ready_ms: ran.ready_ms,
-        command_ms: ran.reply.duration_ms,
+        command_ms: ran.executed.reply.duration_ms,
+        started_at: ran.started_at,
+        ended_at: ran.ended_at,
     });
 
     let (reason, exit_status) = match &outcome {
@@ -556,7 +588,9 @@ struct Booted {
 struct Ran {
     hello: HelloReply,
     ready_ms: u64,
-    reply: ExecReply,
+    executed: Executed,
+    started_at: Timestamp,
+    ended_at: Timestamp,
     client: AgentClient,
 }
 
@@ -591,7 +625,8 @@ fn run_command(
         ready_ms,
     } = booted;
     let answer_timeout = Duration::from_millis(request.timeout_ms) + ANSWER_GRACE;
-    let reply = client
+    let started_at = Timestamp::now();
+    let executed = client
         .exec(request, answer_timeout, sink)
         .map_err(|e| match e {
             ClientError::Refused(refusal) if refusal.code == codes::INTEGRITY => {
@@ -604,7 +639,7 @@ fn run_command(
             },
             other => why_the_guest_stopped(vm, other, launch.boot_timeout),
         })?;
-    if reply.integrity == Integrity::Corrupted {
+    if executed.reply.integrity == Integrity::Corrupted {
         return Err(LaunchError::Integrity(
             "dm-verity refused a block of the root while the command ran; \
              its output cannot be trusted"
@@ -614,7 +649,9 @@ fn run_command(
     Ok(Ran {
         hello,
         ready_ms,
-        reply,
+        executed,
+        started_at,
+        ended_at: Timestamp::now(),
         client,
     })
 }

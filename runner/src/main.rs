@@ -46,10 +46,13 @@ struct Args {
     /// Print one JSON report on stdout (with the command's output in it) instead of streaming.
     #[arg(long)]
     json: bool,
+    /// Write a signed run receipt here once the command has ended (see `mvm receipt verify`).
+    #[arg(long, value_name = "FILE")]
+    receipt: Option<PathBuf>,
     /// Keep the VM up as NAME instead of running one command: serve its control socket
     /// (`$MVM_HOME/vms/NAME/control.sock`) until told to stop. Prints one JSON line when it
     /// is ready, then writes to `vms/NAME/runner.log`. This is what `mvm up` starts.
-    #[arg(long, value_name = "NAME", conflicts_with_all = ["command", "json", "timeout"])]
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["command", "json", "timeout", "receipt"])]
     name: Option<String>,
     /// The command; the plan's entrypoint when absent.
     #[arg(last = true, value_name = "COMMAND")]
@@ -85,8 +88,15 @@ fn main() -> ExitCode {
         return ExitCode::from(serve(args, &name, started, interrupt));
     }
     let json = args.json;
+    let receipt = args.receipt.clone();
     let code = match run(args, started, interrupt) {
-        Ok((finished, output)) => report_finished(&finished, output, json),
+        Ok((finished, output)) => match receipt.map(|path| write_receipt(&finished, &path)) {
+            Some(Err(e)) => {
+                eprintln!("mvm-runner: error {}: writing the receipt: {e}", e.code());
+                exit::RUNNER
+            }
+            _ => report_finished(&finished, output, json),
+        },
         Err(failure) => report_failure(&failure, json),
     };
     ExitCode::from(code)
@@ -166,6 +176,14 @@ fn serve(args: Args, name: &str, started: Instant, interrupt: Arc<AtomicBool>) -
     }
 }
 
+/// Signs the run's receipt with the host key, on the host's receipt chain, and writes it.
+fn write_receipt(finished: &Finished, path: &std::path::Path) -> Result<(), mvm_ir::Error> {
+    let home = MvmHome::from_env()?;
+    let signer = mvm_ir::keys::KeyStore::new(home.clone()).host_signer()?;
+    let bytes = mvm_ir::receipt::issue(&home, finished.receipt(), &signer)?;
+    mvm_ir::fsutil::atomic_write(path, &bytes, 0o644)
+}
+
 fn report_finished(finished: &Finished, output: Option<Captured>, json: bool) -> u8 {
     let code = finished.exit_status();
     if let Some(output) = output.filter(|_| json) {
@@ -178,8 +196,10 @@ fn report_finished(finished: &Finished, output: Option<Captured>, json: bool) ->
             "exit_status": code,
             "stdout": text_or_base64(&output.stdout.bytes),
             "stderr": text_or_base64(&output.stderr.bytes),
-            "stdout_bytes": finished.stdout_bytes,
-            "stderr_bytes": finished.stderr_bytes,
+            "stdout_bytes": finished.stdout.bytes,
+            "stderr_bytes": finished.stderr.bytes,
+            "stdout_sha256": finished.stdout.sha256,
+            "stderr_sha256": finished.stderr.sha256,
             "stdout_truncated": output.stdout.truncated,
             "stderr_truncated": output.stderr.truncated,
             "timings_ms": {

@@ -11,6 +11,7 @@ pub mod ir;
 pub mod kernel;
 pub mod keys;
 pub mod plan;
+pub mod receipt;
 pub mod run;
 pub mod vm;
 

@@ -60,6 +60,9 @@ pub struct RunArgs {
     /// auto (the best this host can do; see `mvm doctor`), qemu, or kvm.
     #[arg(long, default_value = "auto", value_name = "auto|qemu|kvm")]
     backend: String,
+    /// Write a signed run receipt here once the command has ended (`mvm receipt verify`).
+    #[arg(long, value_name = "FILE")]
+    receipt: Option<PathBuf>,
     /// The command; the plan's (or image's) own when absent.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -121,6 +124,9 @@ fn launch(args: RunArgs, out: &Output) -> anyhow::Result<ExitCode> {
     }
     if out.is_json() {
         command.arg("--json");
+    }
+    if let Some(receipt) = &args.receipt {
+        command.arg("--receipt").arg(std::path::absolute(receipt)?);
     }
     // Ctrl-C reaches the runner too (same process group): mvm stays to report its status. A
     // signal sent to mvm alone is passed on, so the runner tears the VM down properly.

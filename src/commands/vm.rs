@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use mvm_agent::protocol::{ExecRequest, Integrity};
+use mvm_ir::receipt::Receipt;
 use mvm_runner::client::{AgentClient, ClientError, OutputSink};
-use mvm_runner::launch::{exit, LaunchError};
+use mvm_runner::launch::{command_result, exit, LaunchError};
 use mvm_runner::state::{self, Phase, VmState};
 use serde_json::{json, Value};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -76,6 +77,9 @@ pub struct ExecArgs {
     /// The working directory (default: the plan's).
     #[arg(long, value_name = "DIR")]
     cwd: Option<String>,
+    /// Write a signed run receipt here once the command has ended (`mvm receipt verify`).
+    #[arg(long, value_name = "FILE")]
+    receipt: Option<PathBuf>,
     /// The command; the plan's entrypoint when absent.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -89,6 +93,39 @@ pub struct RmArgs {
     /// Stop it first if it runs (kill its runner if it does not stop).
     #[arg(long)]
     force: bool,
+}
+
+/// Print a VM's console: the guest kernel's and the agent's lines.
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// The VM.
+    name: String,
+    /// Keep printing new lines while the VM runs.
+    #[arg(short, long)]
+    follow: bool,
+}
+
+/// What `mvm wait` waits for.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum WaitFor {
+    /// The agent answered: commands can run.
+    Ready,
+    /// The VM has ended (stopped or failed).
+    Stopped,
+}
+
+/// Wait until a VM is ready (or has ended); exit 0 when it got there, 1 when it cannot any
+/// more (a VM that failed never becomes ready), RUN036 after the timeout.
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// The VM.
+    name: String,
+    /// The state to wait for.
+    #[arg(long = "for", value_enum, default_value = "ready")]
+    until: WaitFor,
+    /// Give up after this long.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s", value_name = "DURATION")]
+    timeout: Duration,
 }
 
 fn parse_env(text: &str) -> Result<(String, String), String> {
@@ -239,7 +276,9 @@ pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     for signal in [SIGINT, SIGTERM, SIGHUP] {
         signal_hook::flag::register(signal, Arc::clone(&interrupt))?;
     }
+    let (_, vm) = observe(&host, &args.name)?;
     let mut client = connect(&host, &args.name, interrupt)?;
+    let started_at = mvm_ir::plan::Timestamp::now();
     let timeout = args.timeout.unwrap_or(NO_TIMEOUT).min(NO_TIMEOUT);
     let request = ExecRequest {
         argv: args.command,
@@ -247,19 +286,37 @@ pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
         cwd: args.cwd,
         timeout_ms: timeout.as_millis() as u64,
     };
-    let reply = match client.exec(request, timeout + ANSWER_GRACE, &mut Streamed) {
-        Ok(reply) => reply,
+    let executed = match client.exec(request, timeout + ANSWER_GRACE, &mut Streamed) {
+        Ok(executed) => executed,
         Err(ClientError::Refused(refusal)) => {
             let error = LaunchError::CommandRefused(refusal);
-            eprintln!("mvm: error {}: {error}", error.code());
+            // The agent's code leads its message already.
+            eprintln!("mvm: error {error}");
             return Ok(ExitCode::from(error.exit_status()));
         }
         Err(ClientError::Interrupted) => return Ok(ExitCode::from(exit::INTERRUPTED)),
         Err(e) => return Err(coded_as("RUN025", e)),
     };
+    let reply = &executed.reply;
     if reply.integrity == Integrity::Corrupted {
         eprintln!("mvm: error RUN020: dm-verity refused a block of the root while the command ran; its output cannot be trusted");
         return Ok(ExitCode::from(exit::INTEGRITY));
+    }
+    if let Some(path) = &args.receipt {
+        let receipt = Receipt {
+            schema_version: mvm_ir::receipt::SCHEMA_VERSION.into(),
+            plan_digest: vm.plan_digest,
+            vm: vm.vm,
+            started_at,
+            ended_at: mvm_ir::plan::Timestamp::now(),
+            result: command_result(reply.status),
+            stdout: executed.stdout.clone(),
+            stderr: executed.stderr.clone(),
+            egress: vec![],
+            previous: None,
+        };
+        let bytes = mvm_ir::receipt::issue(&host.home, receipt, &host.keys.host_signer()?)?;
+        mvm_ir::fsutil::atomic_write(path, &bytes, 0o644)?;
     }
     Ok(ExitCode::from(exit::of_command(reply.status)))
 }
@@ -339,6 +396,62 @@ fn kill_runner(dir: &Path, seen: &VmState) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
+}
+
+pub fn logs(args: LogsArgs) -> anyhow::Result<()> {
+    let host = Host::open()?;
+    let (dir, _) = observe(&host, &args.name)?;
+    let mut log = std::fs::File::open(dir.join("serial.log"))
+        .with_context(|| format!("{}'s console log", args.name))?;
+    let mut out = io::stdout().lock();
+    loop {
+        io::copy(&mut log, &mut out)?;
+        out.flush()?;
+        let running = state::observe(&dir)
+            .is_ok_and(|now| matches!(now.phase, Phase::Starting | Phase::Running));
+        if !args.follow || !running {
+            // One more pass: what was written just before the VM ended.
+            io::copy(&mut log, &mut out)?;
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn wait(args: WaitArgs, out: &Output) -> anyhow::Result<ExitCode> {
+    let host = Host::open()?;
+    let deadline = Instant::now() + args.timeout;
+    loop {
+        let (_, seen) = observe(&host, &args.name)?;
+        let reached = match args.until {
+            WaitFor::Ready => seen.phase == Phase::Running,
+            WaitFor::Stopped => matches!(seen.phase, Phase::Stopped | Phase::Failed),
+        };
+        let unreachable = matches!(args.until, WaitFor::Ready)
+            && matches!(seen.phase, Phase::Stopped | Phase::Failed);
+        if reached || unreachable {
+            out.result(json!({"vm": state_json(&seen), "reached": reached}), || {
+                format!("{} is {}", seen.name, seen.phase.name())
+            });
+            return Ok(if reached {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
+        }
+        if Instant::now() > deadline {
+            return Err(coded_as(
+                "RUN036",
+                format!(
+                    "{} is still {} after {}",
+                    args.name,
+                    seen.phase.name(),
+                    humantime::format_duration(args.timeout)
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// The command's output, straight to mvm's own stdout and stderr.
