@@ -848,6 +848,14 @@ fn a_named_vm_serves_execs_until_it_is_stopped_and_removed() {
         assert_eq!(text(&out.stdout), format!("run {i}\n"));
     }
 
+    // The exec benchmark runs against a warm VM (figures are not checked here).
+    let bench = mvm_ok_json(
+        &["bench", "exec", "--vm", "web", "--runs", "3", "--", "echo"],
+        0,
+    );
+    assert!(bench["exec_ms"]["p50"].as_f64().unwrap() > 0.0, "{bench}");
+    assert!(bench["echo_ms"]["p50"].as_f64().unwrap() > 0.0, "{bench}");
+
     let stopped = mvm_ok_json(&["stop", "web"], 0);
     assert_eq!(stopped["vm"]["phase"], "stopped", "{stopped}");
     mvm_ok_json(&["wait", "web", "--for", "stopped"], 0);

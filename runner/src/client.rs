@@ -144,6 +144,15 @@ impl AgentClient {
         })
     }
 
+    /// One echo round trip: the channel's own latency.
+    pub fn echo(&mut self, timeout: Duration) -> Result<(), ClientError> {
+        let stream = self.send(&Request::Echo)?;
+        match self.response(stream, Instant::now() + timeout, timeout, None)? {
+            Response::Echo => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Asks the agent to power the guest off, and waits for its acknowledgement.
     pub fn power_off(&mut self, timeout: Duration) -> Result<(), ClientError> {
         let stream = self.send(&Request::PowerOff)?;

@@ -131,6 +131,9 @@ fn serve_client(mut connection: UnixStream, shared: &Shared) -> io::Result<()> {
                 client_stream,
                 &Response::Hello(shared.hello.clone()),
             )?,
+            Request::Echo => {
+                relay(&mut connection, client_stream, shared, &Request::Echo)?;
+            }
             Request::PowerOff => {
                 shared.stop.store(true, Ordering::Relaxed);
                 reply(&mut connection, client_stream, &Response::PowerOff)?;

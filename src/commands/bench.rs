@@ -34,6 +34,19 @@ pub enum BenchCommand {
         #[arg(long, default_value = "true")]
         command: String,
     },
+    /// Exec: a command's round trip on a running VM (`mvm up` first) against an echo request
+    /// over the same channel, alternately; p50, p99 and the ratio.
+    Exec {
+        /// The running VM.
+        #[arg(long)]
+        vm: String,
+        /// Round trips of each.
+        #[arg(long, default_value_t = 1000)]
+        runs: usize,
+        /// The command (it must exist in the image and exit 0).
+        #[arg(last = true, default_value = "true")]
+        command: Vec<String>,
+    },
     /// Verity hashing against veritysetup format on the same file; prints medians and the ratio.
     Verity {
         /// Image size in MiB.
@@ -48,6 +61,11 @@ pub enum BenchCommand {
 pub fn run(cmd: BenchCommand, out: &Output) -> anyhow::Result<()> {
     let work = tempfile::Builder::new().prefix("mvm-bench-").tempdir()?;
     let results = match cmd {
+        BenchCommand::Exec { vm, runs, command } => {
+            let (value, text) = super::bench_exec::exec(&vm, runs.max(1), &command)?;
+            out.result(value, || text);
+            return Ok(());
+        }
         BenchCommand::Boot {
             plan,
             runs,

@@ -257,7 +257,11 @@ pub fn ls(out: &Output) -> anyhow::Result<()> {
 }
 
 /// Connects to the control socket of the running VM `name`.
-fn connect(host: &Host, name: &str, interrupt: Arc<AtomicBool>) -> anyhow::Result<AgentClient> {
+pub(super) fn connect(
+    host: &Host,
+    name: &str,
+    interrupt: Arc<AtomicBool>,
+) -> anyhow::Result<AgentClient> {
     let (dir, seen) = observe(host, name)?;
     if seen.phase != Phase::Running {
         return Err(coded_as(

@@ -17,6 +17,9 @@ pub enum Request {
     },
     /// Run a command and stream its output.
     Exec(ExecRequest),
+    /// Answered at once with [`Response::Echo`]: the channel's own round trip, the floor
+    /// under every other request's.
+    Echo,
     /// Sync and power the guest off once the answer is sent.
     PowerOff,
 }
@@ -69,6 +72,8 @@ pub enum Response {
     Hello(HelloReply),
     /// A command ran and ended (its output came before, in data frames).
     Exec(ExecReply),
+    /// Answer to [`Request::Echo`].
+    Echo,
     /// The guest powers off next.
     PowerOff,
     /// The request failed.

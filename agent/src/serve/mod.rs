@@ -181,6 +181,7 @@ fn handle<C: Write>(
                 format!("the host speaks protocol {version}, this agent {PROTOCOL_VERSION}");
             send_error(channel, frame.stream, codes::VERSION, message)?;
         }
+        Request::Echo => send(channel, frame.stream, &Response::Echo)?,
         Request::Exec(_) if running.iter().any(|c| c.stream == frame.stream) => {
             let message = format!("stream {} already has a command running", frame.stream);
             send_error(channel, frame.stream, codes::BAD_REQUEST, message)?;

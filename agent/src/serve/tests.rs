@@ -133,6 +133,8 @@ fn hello_answers_with_the_version_and_boot_timings() {
     };
     assert_eq!(hello.version, PROTOCOL_VERSION);
     assert_eq!(hello.timings.channel_ms, 5);
+    host.send(3, &Request::Echo);
+    assert_eq!(host.exchange(3).2, Response::Echo);
     host.send(2, &Request::Hello { version: 99 });
     assert_eq!(error_code(&host.exchange(2).2), codes::VERSION);
     assert_eq!(host.power_off(), Ended::PowerOff);
