@@ -288,7 +288,7 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Bo
     })?;
 
     let mut outcome = boot(launch, &listener, &mut vm_process)
-        .and_then(|booted| run_command(launch, &mut vm_process, booted, request, sink));
+        .and_then(|booted| run_command(&mut vm_process, booted, request, sink));
     // The socket's job is done either way; nobody may connect to it later.
     drop(listener);
     let _ = fs::remove_file(&socket);
@@ -603,7 +603,7 @@ fn boot(launch: &Launch, listener: &UnixListener, vm: &mut QemuVm) -> Result<Boo
     let left = boot_deadline.saturating_duration_since(Instant::now());
     let hello = client
         .hello(left)
-        .map_err(|e| why_the_guest_stopped(vm, e, launch.boot_timeout))?;
+        .map_err(|e| why_the_guest_stopped(vm, e, Some(launch.boot_timeout)))?;
     Ok(Booted {
         client,
         hello,
@@ -613,7 +613,6 @@ fn boot(launch: &Launch, listener: &UnixListener, vm: &mut QemuVm) -> Result<Boo
 
 /// Runs the one command of a launch.
 fn run_command(
-    launch: &Launch,
     vm: &mut QemuVm,
     booted: Booted,
     request: ExecRequest,
@@ -637,7 +636,7 @@ fn run_command(
                 what: "passing on the command's output".into(),
                 source,
             },
-            other => why_the_guest_stopped(vm, other, launch.boot_timeout),
+            other => why_the_guest_stopped(vm, other, None),
         })?;
     if executed.reply.integrity == Integrity::Corrupted {
         return Err(LaunchError::Integrity(
@@ -701,11 +700,12 @@ fn accept_from(
 
 /// Turns a broken or silent channel into the reason the guest gave, if it gave one: the
 /// agent's error line on the console (an integrity failure has its own), a kernel panic, or
-/// QEMU's own exit.
+/// QEMU's own exit. `booting` is the boot timeout while the guest is booting: silence then is
+/// a boot timeout; later it is a channel failure.
 fn why_the_guest_stopped(
     vm: &mut QemuVm,
     error: ClientError,
-    boot_timeout: Duration,
+    booting: Option<Duration>,
 ) -> LaunchError {
     if matches!(error, ClientError::Interrupted) {
         return LaunchError::Interrupted;
@@ -725,16 +725,16 @@ fn why_the_guest_stopped(
     if console.kernel_panicked() {
         return LaunchError::GuestFailed("the guest kernel panicked".into());
     }
-    match (error, vm.try_wait()) {
-        (ClientError::Timeout(_), Ok(None)) => LaunchError::BootTimeout(boot_timeout),
-        (_, Ok(Some(status))) => LaunchError::Backend(format!(
+    match (error, vm.try_wait(), booting) {
+        (ClientError::Timeout(_), Ok(None), Some(limit)) => LaunchError::BootTimeout(limit),
+        (_, Ok(Some(status)), _) => LaunchError::Backend(format!(
             "QEMU exited ({status}); {}",
             match vm.stderr() {
                 stderr if stderr.is_empty() => "it printed nothing".to_string(),
                 stderr => stderr,
             }
         )),
-        (error, _) => LaunchError::Channel(error),
+        (error, _, _) => LaunchError::Channel(error),
     }
 }
 
