@@ -332,12 +332,14 @@ fn commands_run_as_an_unprivileged_user() {
         "--",
         "sh",
         "-c",
-        "id -u; id -g; grep NoNewPrivs /proc/self/status; cat /srv/secret.txt",
+        "id -u; id -g; grep NoNewPrivs /proc/self/status; /bin/busybox ln /srv/secret.txt /tmp/link || echo no-link; cat /srv/secret.txt",
     ]);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     let stdout = text(&out.stdout);
     assert!(stdout.starts_with("1000\n1000\n"), "{stdout}");
     assert!(stdout.contains("NoNewPrivs:\t1"), "{stdout}");
+    // No hard link to a root-only file either (fs.protected_hardlinks).
+    assert!(stdout.contains("no-link"), "{stdout}");
     assert!(
         text(&out.stderr).contains("Permission denied"),
         "{}",
