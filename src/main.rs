@@ -45,6 +45,9 @@ enum Command {
     Build(commands::build::BuildArgs),
     /// Run a command in a fresh microVM booted from a signed plan or an image.
     Run(commands::run::RunArgs),
+    /// Nix formats as mvm computes them: inspect derivations.
+    #[command(subcommand)]
+    Nix(commands::nix::NixCommand),
     /// Guest kernels: fetch and pin the Debian cloud kernel.
     #[command(subcommand)]
     Kernel(commands::kernel::KernelCommand),
@@ -69,6 +72,7 @@ fn main() -> ExitCode {
         Command::Audit(cmd) => commands::audit::run(cmd, &out),
         Command::Build(args) => commands::build::run(args, &out),
         Command::Run(args) => return commands::run::run(args, &out),
+        Command::Nix(cmd) => commands::nix::run(cmd, &out),
         Command::Kernel(cmd) => commands::kernel::run(cmd, &out),
         Command::Bench(cmd) => commands::bench::run(cmd, &out),
         Command::Doctor => return commands::doctor::run(&out),
