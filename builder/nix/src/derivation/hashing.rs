@@ -26,9 +26,9 @@ use crate::store_path::compute::{
 };
 use crate::store_path::StorePath;
 
-/// How many levels of input derivations are followed before giving up; real chains (nixpkgs'
-/// bootstrap included) are a few hundred deep at most.
-pub const MAX_INPUT_DEPTH: usize = 512;
+/// How many levels of input derivations are followed before giving up: real chains (nixpkgs'
+/// bootstrap included) are far shorter, and each level pending holds a derivation in memory.
+pub const MAX_INPUT_DEPTH: usize = 1024;
 
 impl Derivation {
     /// The path of this derivation's `.drv` file: a text object of its ATerm, referring to its
@@ -96,7 +96,7 @@ impl<S: DrvSource> DrvHasher<S> {
 
     /// The modulo hash of `drv`, as the derivations that use it see it.
     pub fn modulo_hash(&mut self, drv: &Derivation) -> Result<ModuloHash, NixError> {
-        self.hash(drv, Masking::None, 0)
+        self.hash(drv, Masking::None)
     }
 
     /// The output paths Nix gives `drv`, computed from its contents: the paths it states are
@@ -109,7 +109,7 @@ impl<S: DrvSource> DrvHasher<S> {
             let path = make_fixed_output_path(&output_path_name(&drv.name, "out"), fixed)?;
             return Ok(BTreeMap::from([("out".to_string(), path)]));
         }
-        let hash = *self.hash(drv, Masking::Outputs, 0)?.bytes();
+        let hash = *self.hash(drv, Masking::Outputs)?.bytes();
         drv.outputs
             .keys()
             .map(|output| Ok((output.clone(), make_output_path(output, &hash, &drv.name)?)))
@@ -141,12 +141,16 @@ impl<S: DrvSource> DrvHasher<S> {
         Ok(computed)
     }
 
-    fn hash(
-        &mut self,
-        drv: &Derivation,
-        masking: Masking,
-        depth: usize,
-    ) -> Result<ModuloHash, NixError> {
+    /// The modulo hash of `drv`, learning the input derivations it reaches first.
+    fn hash(&mut self, drv: &Derivation, masking: Masking) -> Result<ModuloHash, NixError> {
+        if drv.fixed_output().is_none() {
+            self.learn_inputs(drv)?;
+        }
+        self.hash_known(drv, masking)
+    }
+
+    /// The modulo hash of a fixed-output derivation, or of one whose inputs are all known.
+    fn hash_known(&self, drv: &Derivation, masking: Masking) -> Result<ModuloHash, NixError> {
         if let Some(fixed) = drv.fixed_output() {
             let path = make_fixed_output_path(&output_path_name(&drv.name, "out"), fixed)?;
             let text = format!("fixed:out:{}:{}:{path}", fixed.method_algo(), fixed.hex());
@@ -154,12 +158,16 @@ impl<S: DrvSource> DrvHasher<S> {
         }
         let mut inputs: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for (path, outputs) in &drv.input_drvs {
-            let input = self.input(path, depth + 1)?;
+            let unusable = |reason: String| NixError::InputDrv {
+                path: path.to_string(),
+                reason,
+            };
+            let input = self
+                .known
+                .get(path)
+                .ok_or_else(|| unusable("it was not hashed before its user".into()))?;
             if let Some(missing) = outputs.iter().find(|o| !input.outputs.contains(*o)) {
-                return Err(NixError::InputDrv {
-                    path: path.to_string(),
-                    reason: format!("it has no output {missing:?}"),
-                });
+                return Err(unusable(format!("it has no output {missing:?}")));
             }
             inputs
                 .entry(hex::encode(input.hash.bytes()))
@@ -170,31 +178,73 @@ impl<S: DrvSource> DrvHasher<S> {
         Ok(ModuloHash::Regular(sha256(aterm.as_bytes())))
     }
 
-    /// The input derivation `path`, loaded, checked and hashed on first use.
-    fn input(&mut self, path: &StorePath, depth: usize) -> Result<&KnownInput, NixError> {
-        if !self.known.contains_key(path) {
-            let unusable = |reason: String| NixError::InputDrv {
-                path: path.to_string(),
-                reason,
+    /// Loads, checks and hashes every input derivation `drv` reaches that is not known yet:
+    /// depth first, with a stack of its own, since chains can be deeper than a thread's stack
+    /// would allow. A fixed-output input's own inputs are never needed.
+    fn learn_inputs(&mut self, drv: &Derivation) -> Result<(), NixError> {
+        // Derivations whose inputs are being learnt, each with the index of the next input to
+        // look at; `drv`'s own index is apart, as `drv` is not an input.
+        let mut pending: Vec<(StorePath, Derivation, usize)> = Vec::new();
+        let mut drv_next = 0;
+        loop {
+            let unknown = {
+                let (inputs, next) = match pending.last_mut() {
+                    Some((_, top, next)) => (&top.input_drvs, next),
+                    None => (&drv.input_drvs, &mut drv_next),
+                };
+                let found = inputs
+                    .keys()
+                    .enumerate()
+                    .skip(*next)
+                    .find(|(_, path)| !self.known.contains_key(*path));
+                *next = found.map_or(inputs.len(), |(index, _)| index + 1);
+                found.map(|(_, path)| path.clone())
             };
-            if depth > MAX_INPUT_DEPTH {
-                return Err(unusable(format!(
-                    "more than {MAX_INPUT_DEPTH} levels of input derivations"
-                )));
+            match unknown {
+                Some(path) if pending.len() >= MAX_INPUT_DEPTH => {
+                    return Err(NixError::InputDrv {
+                        path: path.to_string(),
+                        reason: format!("more than {MAX_INPUT_DEPTH} levels of input derivations"),
+                    });
+                }
+                Some(path) => {
+                    let input = self.load_checked(&path)?;
+                    if input.fixed_output().is_some() {
+                        self.remember(path, input)?;
+                    } else {
+                        pending.push((path, input, 0));
+                    }
+                }
+                None => match pending.pop() {
+                    Some((path, done, _)) => self.remember(path, done)?,
+                    None => return Ok(()),
+                },
             }
-            let drv = self.source.load(path).map_err(|e| match e {
-                NixError::Io { .. } => e,
-                other => unusable(format!("[{}] {other}", other.code())),
-            })?;
-            let actual = drv.drv_path()?;
-            if &actual != path {
-                return Err(unusable(format!("its contents are those of {actual}")));
-            }
-            let hash = self.hash(&drv, Masking::None, depth)?;
-            let outputs = drv.outputs.into_keys().collect();
-            self.known
-                .insert(path.clone(), KnownInput { hash, outputs });
         }
-        Ok(&self.known[path])
+    }
+
+    /// Hashes an input derivation whose own inputs are known, and keeps what its users need.
+    fn remember(&mut self, path: StorePath, drv: Derivation) -> Result<(), NixError> {
+        let hash = self.hash_known(&drv, Masking::None)?;
+        let outputs = drv.outputs.into_keys().collect();
+        self.known.insert(path, KnownInput { hash, outputs });
+        Ok(())
+    }
+
+    /// The input derivation `path` from the source, checked to be the one its path names.
+    fn load_checked(&mut self, path: &StorePath) -> Result<Derivation, NixError> {
+        let unusable = |reason: String| NixError::InputDrv {
+            path: path.to_string(),
+            reason,
+        };
+        let drv = self.source.load(path).map_err(|e| match e {
+            NixError::Io { .. } => e,
+            other => unusable(format!("[{}] {other}", other.code())),
+        })?;
+        let actual = drv.drv_path()?;
+        if &actual != path {
+            return Err(unusable(format!("its contents are those of {actual}")));
+        }
+        Ok(drv)
     }
 }

@@ -253,6 +253,31 @@ fn input_derivations_are_checked_and_hashed_through_the_source() {
     assert_eq!(hasher.output_paths(&user).unwrap_err().code(), "NIX010");
 }
 
+/// A chain of `len` derivations, each using the one before; the last is returned with the
+/// source that holds the others.
+fn chain(len: usize) -> (Derivation, InMemory) {
+    let mut source = InMemory(BTreeMap::new());
+    let mut drv = hello();
+    for _ in 1..len {
+        let path = drv.drv_path().unwrap();
+        source.0.insert(path.clone(), drv.clone());
+        drv.input_drvs = BTreeMap::from([(path, BTreeSet::from(["out".into()]))]);
+    }
+    (drv, source)
+}
+
+#[test]
+fn input_chains_are_followed_to_the_depth_limit_and_no_further() {
+    // Within the limit, in a test thread's stack (2 MiB), in a debug build.
+    let (top, source) = chain(hashing::MAX_INPUT_DEPTH + 1);
+    DrvHasher::new(source).output_paths(&top).unwrap();
+
+    let (top, source) = chain(hashing::MAX_INPUT_DEPTH + 2);
+    let err = DrvHasher::new(source).output_paths(&top).unwrap_err();
+    assert_eq!(err.code(), "NIX010", "{err}");
+    assert!(err.to_string().contains("levels"), "{err}");
+}
+
 fn text() -> impl Strategy<Value = String> {
     // Quotes, backslashes and control characters are what the escaping must get right.
     proptest::string::string_regex("[a-z\"\\\\\n\r\t\u{1} é$]{0,12}").unwrap()
