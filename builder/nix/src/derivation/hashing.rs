@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use super::write::{write_aterm, Masking};
 use super::{Derivation, DRV_EXTENSION};
 use crate::error::NixError;
-use crate::hash::sha256;
+use crate::hash::{sha256, FixedOutputHash};
 use crate::store_path::compute::{
     make_fixed_output_path, make_output_path, make_text_path, output_path_name,
 };
@@ -106,7 +106,7 @@ impl<S: DrvSource> DrvHasher<S> {
         drv: &Derivation,
     ) -> Result<BTreeMap<String, StorePath>, NixError> {
         if let Some(fixed) = drv.fixed_output() {
-            let path = make_fixed_output_path(&output_path_name(&drv.name, "out"), fixed)?;
+            let path = fixed_output_path(drv, fixed)?;
             return Ok(BTreeMap::from([("out".to_string(), path)]));
         }
         let hash = *self.hash(drv, Masking::Outputs)?.bytes();
@@ -152,7 +152,7 @@ impl<S: DrvSource> DrvHasher<S> {
     /// The modulo hash of a fixed-output derivation, or of one whose inputs are all known.
     fn hash_known(&self, drv: &Derivation, masking: Masking) -> Result<ModuloHash, NixError> {
         if let Some(fixed) = drv.fixed_output() {
-            let path = make_fixed_output_path(&output_path_name(&drv.name, "out"), fixed)?;
+            let path = fixed_output_path(drv, fixed)?;
             let text = format!("fixed:out:{}:{}:{path}", fixed.method_algo(), fixed.hex());
             return Ok(ModuloHash::Fixed(sha256(text.as_bytes())));
         }
@@ -247,4 +247,9 @@ impl<S: DrvSource> DrvHasher<S> {
         }
         Ok(drv)
     }
+}
+
+/// The path of a fixed-output derivation's one output, `out`.
+fn fixed_output_path(drv: &Derivation, fixed: &FixedOutputHash) -> Result<StorePath, NixError> {
+    make_fixed_output_path(&output_path_name(&drv.name, "out"), fixed)
 }
