@@ -13,9 +13,8 @@
 use std::collections::BTreeSet;
 
 use super::{StorePath, STORE_DIR};
-use crate::hash::{compress_hash, sha256, FixedOutputHash, HashAlgo, IngestionMethod};
-
 use crate::error::NixError;
+use crate::hash::{compress_hash, sha256, FixedOutputHash, HashAlgo, IngestionMethod};
 
 /// Nix's `makeStorePath`: the path named `name` whose fingerprint has type `kind` and inner
 /// hash `inner`.
