@@ -65,6 +65,9 @@ enum Command {
     /// Signed run receipts: verify.
     #[command(subcommand)]
     Receipt(commands::receipt::ReceiptCommand),
+    /// Nix formats as mvm computes them: inspect derivations.
+    #[command(subcommand)]
+    Nix(commands::nix::NixCommand),
     /// Guest kernels: fetch and pin the Debian cloud kernel.
     #[command(subcommand)]
     Kernel(commands::kernel::KernelCommand),
@@ -102,6 +105,7 @@ fn main() -> ExitCode {
         Command::Logs(args) => commands::vm::logs(args),
         Command::Receipt(cmd) => commands::receipt::run(cmd, &out),
         Command::Wait(args) => return exit_code(commands::vm::wait(args, &out), &out),
+        Command::Nix(cmd) => commands::nix::run(cmd, &out),
         Command::Kernel(cmd) => commands::kernel::run(cmd, &out),
         Command::Bench(cmd) => commands::bench::run(cmd, &out),
         Command::Doctor => return commands::doctor::run(&out),

@@ -11,6 +11,7 @@ pub mod doctor;
 pub mod ir;
 pub mod kernel;
 pub mod keys;
+pub mod nix;
 pub mod plan;
 pub mod receipt;
 pub mod run;
