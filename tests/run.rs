@@ -281,7 +281,17 @@ fn echo_hello_prints_hello_and_exits_0() {
     assert_eq!(r["stdout"]["bytes"], 6);
     let hello = format!("sha256:{:x}", Sha256::digest(b"hello\n"));
     assert_eq!(r["stdout"]["sha256"], hello.as_str());
-    assert!(!fs::read_to_string(&receipt).unwrap().contains("hello"));
+    let argv = serde_json::to_vec(&["echo", "hello"]).unwrap();
+    let argv_digest = format!("sha256:{:x}", Sha256::digest(&argv));
+    assert_eq!(r["argv_sha256"], argv_digest.as_str());
+    let envelope: Value = serde_json::from_slice(&fs::read(&receipt).unwrap()).unwrap();
+    let payload = base64::engine::general_purpose::STANDARD
+        .decode(envelope["payload"].as_str().unwrap())
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&payload).contains("hello"),
+        "the receipt carries the command or its output"
+    );
     flip_byte(&receipt, 150);
     let refused = mvm(&["receipt", "verify", receipt_arg]);
     assert_ne!(refused.status.code(), Some(0), "a flipped receipt verified");
@@ -775,8 +785,10 @@ fn a_named_vm_serves_execs_until_it_is_stopped_and_removed() {
     assert_eq!(text(&out.stdout), "hi\n");
     // Recorded by digest, never by value.
     let entries = audit_entries(&f.home);
+    // Written before the answer reached the client: no race.
     let exec = entries.last().unwrap();
-    assert_eq!(exec["event"], "vm.exec", "{exec}");
+    assert_eq!(exec["event"], "vm.exec.ended", "{exec}");
+    assert_eq!(entries[entries.len() - 2]["event"], "vm.exec.started");
     assert_eq!(exec["fields"]["outcome"]["status"]["code"], 9, "{exec}");
     let argv = serde_json::to_vec(&["sh", "-c", "echo $GREETING; exit 9"]).unwrap();
     let digest = format!("sha256:{:x}", Sha256::digest(&argv));
@@ -825,6 +837,7 @@ fn a_named_vm_serves_execs_until_it_is_stopped_and_removed() {
     );
 
     // Eight commands at once over the one channel, each with its own output.
+    let together = std::time::Instant::now();
     let runs: Vec<_> = (0..8)
         .map(|i| {
             let home = f.home.clone();
@@ -849,6 +862,21 @@ fn a_named_vm_serves_execs_until_it_is_stopped_and_removed() {
         assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
         assert_eq!(text(&out.stdout), format!("run {i}\n"));
     }
+    // Side by side, not one after another (each sleeps a second).
+    assert!(
+        together.elapsed() < std::time::Duration::from_secs(6),
+        "eight one-second commands took {:?}",
+        together.elapsed()
+    );
+
+    // A variable the IR refuses everywhere is refused here too.
+    let preload = mvm(&["exec", "web", "--env", "LD_PRELOAD=/tmp/x.so", "--", "echo"]);
+    assert_eq!(preload.status.code(), Some(125), "{}", describe(&preload));
+    assert!(
+        text(&preload.stderr).contains("AGENT100"),
+        "{}",
+        describe(&preload)
+    );
 
     // The exec benchmark runs against a warm VM (figures are not checked here).
     let bench = mvm_ok_json(
@@ -916,4 +944,30 @@ fn a_vm_whose_runner_is_killed_shows_failed_and_can_be_removed() {
     mvm_ok_json(&["rm", "victim"], 0);
     assert!(!f.home.join("vms/victim").exists());
     support::mvm_json(&f.home, &["audit", "verify"], 0);
+}
+
+#[test]
+fn a_named_vm_whose_root_fails_verification_stops_as_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = bundle_copy(dir.path());
+    let image = bundle.join("rootfs.erofs");
+    let (start, _) = canary_block(&fs::read(&image).unwrap());
+    flip_byte(&image, start + 100);
+
+    let _turn = turn();
+    mvm_ok_json(
+        &["up", "--plan", &plan_arg(&bundle), "--name", "tampered"],
+        0,
+    );
+    let out = mvm(&["exec", "tampered", "--", "cat", "/data/canary.bin"]);
+    assert_eq!(out.status.code(), Some(121), "{}", describe(&out));
+    // The root cannot be trusted any more: the VM stops by itself, as failed.
+    mvm_ok_json(
+        &["wait", "tampered", "--for", "stopped", "--timeout", "30s"],
+        0,
+    );
+    assert_eq!(vm_phase("tampered").as_deref(), Some("failed"));
+    let listed = mvm_ok_json(&["ls"], 0);
+    assert!(listed.to_string().contains("RUN020"), "{listed}");
+    mvm_ok_json(&["rm", "tampered"], 0);
 }

@@ -34,6 +34,9 @@ pub struct Receipt {
     pub plan_digest: String,
     /// The VM's id.
     pub vm: String,
+    /// `sha256:` of the command's argv as JSON (an array of strings): which command, without
+    /// its values.
+    pub argv_sha256: String,
     /// When the command started.
     pub started_at: Timestamp,
     /// When its answer arrived.
@@ -102,8 +105,14 @@ pub struct VerifiedReceipt {
 }
 
 /// Issues `receipt` on `home`'s chain: sets `previous` to the last receipt issued there,
-/// signs it with `signer`, records it as the last, and returns the envelope's bytes.
-pub fn issue(home: &MvmHome, mut receipt: Receipt, signer: &Signer) -> Result<Vec<u8>, Error> {
+/// signs it with `signer`, hands the envelope's bytes to `store`, and only once that succeeded
+/// records it as the last — a receipt that was never stored leaves no gap in the chain.
+pub fn issue(
+    home: &MvmHome,
+    mut receipt: Receipt,
+    signer: &Signer,
+    store: impl FnOnce(&[u8]) -> Result<(), Error>,
+) -> Result<Vec<u8>, Error> {
     let dir = home.ensure("receipts")?;
     let _guard = ExclusiveLock::acquire(&dir.join("lock"))?;
     let head = dir.join("head");
@@ -115,6 +124,7 @@ pub fn issue(home: &MvmHome, mut receipt: Receipt, signer: &Signer) -> Result<Ve
     receipt.schema_version = SCHEMA_VERSION.into();
     let payload = crate::canonical::to_vec(&receipt)?;
     let bytes = Envelope::sign(PAYLOAD_TYPE, &payload, signer).to_json();
+    store(&bytes)?;
     atomic_write(&head, sha256_prefixed(&bytes).as_bytes(), 0o600)?;
     Ok(bytes)
 }
@@ -161,6 +171,7 @@ mod tests {
             schema_version: String::new(),
             plan_digest: format!("sha256:{}", "a".repeat(64)),
             vm: "vm-0123456789ab".into(),
+            argv_sha256: sha256_prefixed(br#"["echo","hello"]"#),
             started_at: at,
             ended_at: at,
             result: CommandResult::Exited { code: 0 },
@@ -185,8 +196,13 @@ mod tests {
         let mut trust = TrustStore::default();
         trust.insert(signer.verifying_key());
 
-        let first = issue(&home, receipt(), &signer).unwrap();
-        let second = issue(&home, receipt(), &signer).unwrap();
+        let first = issue(&home, receipt(), &signer, |_| Ok(())).unwrap();
+        // A receipt that could not be stored does not become the chain's head.
+        let unstored = issue(&home, receipt(), &signer, |_| {
+            Err(Error::InvalidReceipt("disk full".into()))
+        });
+        assert!(unstored.is_err());
+        let second = issue(&home, receipt(), &signer, |_| Ok(())).unwrap();
         let first = verify(&first, &trust).unwrap();
         let second_bytes = second.clone();
         let second = verify(&second, &trust).unwrap();

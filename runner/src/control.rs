@@ -9,14 +9,16 @@
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use mvm_agent::protocol::{
-    codes, encode, ErrorReply, ExecRequest, FrameDecoder, FrameKind, HelloReply, Request, Response,
+    codes, encode, ErrorReply, ExecRequest, FrameDecoder, FrameKind, HelloReply, Integrity,
+    Request, Response,
 };
 use mvm_ir::plan::LaunchPlan;
+use mvm_ir::validate::{is_env_name, DENIED_ENV};
 use serde_json::{json, Value};
 
 use crate::launch::Audit;
@@ -24,6 +26,13 @@ use crate::mux::AgentMux;
 
 /// How often the accept loop and idle connections look at the stop flag.
 const POLL: Duration = Duration::from_millis(50);
+/// How long a client may take to accept a write; then it gets no more output (the command's
+/// answer is still recorded), so that a client that stops reading holds nothing for long.
+const CLIENT_WRITE_LIMIT: Duration = Duration::from_secs(10);
+/// The most clients served at once; more wait in the listen queue.
+const MAX_CLIENTS: usize = 64;
+/// The longest a command may be given (the agent clamps nothing itself).
+const MAX_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
 
 /// What every connection shares.
 pub struct Shared {
@@ -39,6 +48,29 @@ pub struct Shared {
     pub(crate) audit: Arc<Audit>,
     /// The VM's id, for the audit entries.
     pub vm: String,
+    /// Set when dm-verity reported a corrupted block: the root can no longer be trusted, so
+    /// no further command runs and the VM stops as failed.
+    pub corrupted: AtomicBool,
+    /// The first audit entry that could not be written: the VM stops as failed.
+    pub audit_failure: Mutex<Option<String>>,
+}
+
+impl Shared {
+    /// Records `event`; when that fails, the VM must stop (no command runs unrecorded).
+    fn record(&self, event: &str, fields: Value) -> bool {
+        match self.audit.append(event, fields) {
+            Ok(()) => true,
+            Err(e) => {
+                let mut failure = self
+                    .audit_failure
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                failure.get_or_insert(e.to_string());
+                self.stop.store(true, Ordering::Relaxed);
+                false
+            }
+        }
+    }
 }
 
 /// Accepts connections until `shared.stop` is set or `keep_going` says no, each served on a
@@ -50,7 +82,12 @@ pub fn serve(
 ) -> io::Result<()> {
     listener.set_nonblocking(true)?;
     let uid = rustix::process::getuid();
+    let clients = Arc::new(AtomicUsize::new(0));
     while !shared.stop.load(Ordering::Relaxed) && keep_going() {
+        if clients.load(Ordering::Relaxed) >= MAX_CLIENTS {
+            std::thread::sleep(POLL);
+            continue;
+        }
         match listener.accept() {
             Ok((connection, _)) => {
                 let same_user = rustix::net::sockopt::socket_peercred(&connection)
@@ -59,14 +96,21 @@ pub fn serve(
                     continue;
                 }
                 let shared = Arc::clone(shared);
-                std::thread::Builder::new()
+                let counted = Arc::clone(&clients);
+                counted.fetch_add(1, Ordering::Relaxed);
+                let spawned = std::thread::Builder::new()
                     .name("control".into())
                     .spawn(move || {
                         let _ = serve_client(connection, &shared);
-                    })?;
+                        counted.fetch_sub(1, Ordering::Relaxed);
+                    });
+                if spawned.is_err() {
+                    clients.fetch_sub(1, Ordering::Relaxed);
+                }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(POLL),
-            Err(e) => return Err(e),
+            // Out of descriptors, memory or an aborted connection: this client is lost, not
+            // the VM.
+            Err(_) => std::thread::sleep(POLL),
         }
     }
     Ok(())
@@ -76,6 +120,7 @@ pub fn serve(
 fn serve_client(mut connection: UnixStream, shared: &Shared) -> io::Result<()> {
     connection.set_nonblocking(false)?;
     connection.set_read_timeout(Some(POLL))?;
+    connection.set_write_timeout(Some(CLIENT_WRITE_LIMIT))?;
     let mut decoder = FrameDecoder::new();
     let mut buffer = vec![0; 64 * 1024];
     loop {
@@ -139,69 +184,135 @@ fn serve_client(mut connection: UnixStream, shared: &Shared) -> io::Result<()> {
                 reply(&mut connection, client_stream, &Response::PowerOff)?;
             }
             Request::Exec(request) => {
-                let request = with_plan_defaults(&shared.plan, request);
-                // The command is recorded by digest only: argv values may hold secrets.
+                let request = match with_plan_defaults(&shared.plan, request) {
+                    Ok(request) => request,
+                    Err(message) => {
+                        reply_error(&mut connection, client_stream, codes::BAD_REQUEST, message)?;
+                        continue;
+                    }
+                };
+                if shared.corrupted.load(Ordering::Relaxed) || shared.stop.load(Ordering::Relaxed) {
+                    let message = "the VM is stopping".to_string();
+                    reply_error(&mut connection, client_stream, codes::SPAWN_FAILED, message)?;
+                    continue;
+                }
+                // Recorded before it runs, by digest only (argv values may hold secrets): a
+                // command never runs unrecorded.
                 let argv = serde_json::to_vec(&request.argv).map_err(io::Error::other)?;
                 let argv_digest = mvm_ir::digest::sha256_prefixed(&argv);
-                let outcome = relay(
+                let fields = json!({"vm": shared.vm, "argv_sha256": argv_digest});
+                if !shared.record("vm.exec.started", fields) {
+                    let message = "the audit log cannot be written".to_string();
+                    reply_error(&mut connection, client_stream, codes::SPAWN_FAILED, message)?;
+                    continue;
+                }
+                relay_exec(
                     &mut connection,
                     client_stream,
                     shared,
-                    &Request::Exec(request),
+                    request,
+                    &argv_digest,
                 )?;
-                let recorded = shared.audit.append(
-                    "vm.exec",
-                    json!({"vm": shared.vm, "argv_sha256": argv_digest, "outcome": outcome}),
-                );
-                if recorded.is_err() {
-                    // mvm does not act without leaving evidence: no more commands.
-                    shared.stop.store(true, Ordering::Relaxed);
-                }
             }
         }
     }
 }
 
 /// Sends `request` to the agent and passes every frame of the answer on to the client, on
-/// the client's own stream id. Returns the outcome for the audit entry: the exit status, or
-/// the error's code.
+/// the client's own stream id.
 fn relay(
     connection: &mut UnixStream,
     client_stream: u32,
     shared: &Shared,
     request: &Request,
-) -> io::Result<Value> {
+) -> io::Result<()> {
     let frames = match shared.mux.request(request) {
         Ok(frames) => frames,
         Err(e) => {
             let message = format!("the agent channel: {e}");
-            reply_error(connection, client_stream, codes::SPAWN_FAILED, message)?;
-            return Ok(json!({"error": codes::SPAWN_FAILED}));
+            return reply_error(connection, client_stream, codes::SPAWN_FAILED, message);
         }
     };
     for frame in frames {
         let bytes = encode(frame.kind, client_stream, &frame.payload).map_err(io::Error::other)?;
-        // A client that went away does not stop the command; its answer is still recorded.
-        let _ = connection.write_all(&bytes);
+        connection.write_all(&bytes)?;
         if frame.kind == FrameKind::Response {
-            return Ok(match serde_json::from_slice::<Response>(&frame.payload) {
+            return Ok(());
+        }
+    }
+    let message = "the agent channel closed".to_string();
+    reply_error(connection, client_stream, codes::SPAWN_FAILED, message)
+}
+
+/// Runs a command through the agent and passes its output on to the client as it comes. A
+/// client that stops reading gets no more output, but the command's end is still recorded —
+/// before the client sees its answer — and a corrupted root stops the VM.
+fn relay_exec(
+    connection: &mut UnixStream,
+    client_stream: u32,
+    shared: &Shared,
+    request: ExecRequest,
+    argv_digest: &str,
+) -> io::Result<()> {
+    let mut client_reads = true;
+    let mut forward = |connection: &mut UnixStream, kind, payload: &[u8]| {
+        if client_reads {
+            let bytes = encode(kind, client_stream, payload).map_err(io::Error::other)?;
+            client_reads = connection.write_all(&bytes).is_ok();
+        }
+        Ok::<_, io::Error>(())
+    };
+    let frames = shared.mux.request(&Request::Exec(request));
+    let mut outcome = json!({"error": "the agent channel closed"});
+    let mut answer = None;
+    if let Ok(frames) = frames {
+        for frame in frames {
+            if frame.kind != FrameKind::Response {
+                forward(connection, frame.kind, &frame.payload)?;
+                continue;
+            }
+            outcome = match serde_json::from_slice::<Response>(&frame.payload) {
                 Ok(Response::Exec(reply)) => {
+                    if reply.integrity == Integrity::Corrupted {
+                        shared.corrupted.store(true, Ordering::Relaxed);
+                        shared.stop.store(true, Ordering::Relaxed);
+                    }
                     json!({"status": reply.status, "integrity": reply.integrity})
                 }
                 Ok(Response::Error(error)) => json!({"error": error.code}),
                 _ => json!({"error": "unexpected answer"}),
-            });
+            };
+            answer = Some(frame.payload);
+            break;
         }
     }
-    let message = "the agent channel closed before the command ended".to_string();
-    reply_error(connection, client_stream, codes::SPAWN_FAILED, message)?;
-    Ok(json!({"error": "channel closed"}))
+    shared.record(
+        "vm.exec.ended",
+        json!({"vm": shared.vm, "argv_sha256": argv_digest, "outcome": outcome}),
+    );
+    match answer {
+        Some(payload) => forward(connection, FrameKind::Response, &payload),
+        None => {
+            let message = "the agent channel closed before the command ended".to_string();
+            reply_error(connection, client_stream, codes::SPAWN_FAILED, message)
+        }
+    }
 }
 
 /// The plan's environment under the client's own variables (the client's win), `HOME=/tmp`
 /// when neither sets it, the plan's working directory and entrypoint when the client gives
-/// none.
-pub fn with_plan_defaults(plan: &LaunchPlan, mut request: ExecRequest) -> ExecRequest {
+/// none, the timeout clamped to a week. A client variable that is not a valid name, or that
+/// the IR refuses everywhere (`LD_PRELOAD` and the like), is refused.
+pub fn with_plan_defaults(
+    plan: &LaunchPlan,
+    mut request: ExecRequest,
+) -> Result<ExecRequest, String> {
+    for name in request.env.keys() {
+        if !is_env_name(name) || DENIED_ENV.contains(&name.as_str()) {
+            return Err(format!("environment variable {name:?} is not allowed"));
+        }
+    }
+    request.timeout_ms = request.timeout_ms.min(MAX_TIMEOUT_MS);
     let mut env = plan.policy.env.clone();
     env.append(&mut request.env);
     env.entry("HOME".into()).or_insert_with(|| "/tmp".into());
@@ -212,7 +323,7 @@ pub fn with_plan_defaults(plan: &LaunchPlan, mut request: ExecRequest) -> ExecRe
     if request.cwd.is_none() {
         request.cwd = plan.entrypoint.cwd.clone();
     }
-    request
+    Ok(request)
 }
 
 fn reply(connection: &mut UnixStream, stream: u32, response: &Response) -> io::Result<()> {

@@ -13,7 +13,7 @@ use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -118,6 +118,9 @@ pub enum LaunchError {
     /// An audit entry could not be written: mvm does not act without leaving evidence.
     #[error("audit: {0}")]
     Audit(mvm_ir::Error),
+    /// A command's audit entry could not be written while the VM served: it was stopped.
+    #[error("audit: {0}; the VM was stopped")]
+    AuditFailed(String),
     /// The agent refused the command.
     #[error("{}: {}", .0.code, .0.message)]
     CommandRefused(ErrorReply),
@@ -134,7 +137,7 @@ impl LaunchError {
             LaunchError::Backend(_) => "RUN023",
             LaunchError::Channel(_) => "RUN025",
             LaunchError::Host { .. } => "RUN026",
-            LaunchError::Audit(_) => "RUN027",
+            LaunchError::Audit(_) | LaunchError::AuditFailed(_) => "RUN027",
             LaunchError::CommandRefused(e) => &e.code,
             LaunchError::Interrupted => "RUN033",
             LaunchError::NameInUse(_) => "RUN034",
@@ -158,6 +161,7 @@ impl LaunchError {
             LaunchError::Interrupted => exit::INTERRUPTED,
             LaunchError::Host { .. }
             | LaunchError::Audit(_)
+            | LaunchError::AuditFailed(_)
             | LaunchError::CommandRefused(_)
             | LaunchError::NameInUse(_) => exit::RUNNER,
         }
@@ -226,6 +230,8 @@ pub struct Finished {
     pub stdout: OutputDigest,
     /// Its standard error as the host received it.
     pub stderr: OutputDigest,
+    /// `sha256:` of the command's argv as JSON.
+    pub argv_sha256: String,
     /// When the command was sent.
     pub started_at: Timestamp,
     /// When its answer arrived.
@@ -245,6 +251,7 @@ impl Finished {
             schema_version: mvm_ir::receipt::SCHEMA_VERSION.into(),
             plan_digest: self.plan_digest.clone(),
             vm: self.vm.clone(),
+            argv_sha256: self.argv_sha256.clone(),
             started_at: self.started_at,
             ended_at: self.ended_at,
             result: command_result(self.status),
@@ -308,6 +315,7 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Bo
         hello: ran.hello,
         ready_ms: ran.ready_ms,
         command_ms: ran.executed.reply.duration_ms,
+        argv_sha256: ran.argv_sha256,
         started_at: ran.started_at,
         ended_at: ran.ended_at,
     });
@@ -342,7 +350,9 @@ pub fn serve_named(
         socket,
         mut vm_process,
         ..
-    } = start(launch, Keep::Record(name.to_string()), |_| Ok(()))?;
+    } = start(launch, Keep::Record(name.to_string()), |verified| {
+        secrets_resolvable(verified)
+    })?;
     let mut state = VmState {
         name: name.to_string(),
         vm: vm.clone(),
@@ -368,17 +378,25 @@ pub fn serve_named(
     drop(listener);
     let _ = fs::remove_file(&socket);
     let outcome = booted.and_then(|booted| {
+        // The control socket is there before anyone is told the VM is ready.
+        let control_path = dir.path.join(state::CONTROL_SOCKET);
+        let control =
+            UnixListener::bind(&control_path).map_err(LaunchError::host("control socket"))?;
+        fs::set_permissions(&control_path, fs::Permissions::from_mode(0o600))
+            .map_err(LaunchError::host("control socket"))?;
         state.phase = Phase::Running;
         record(&state)?;
         on_ready(&state);
-        keep_serving(
+        let serving = keep_serving(
             launch,
-            &dir.path,
+            control,
             &plan.plan,
             &mut vm_process,
             booted,
             (&audit, &vm),
-        )
+        );
+        let _ = fs::remove_file(&control_path);
+        serving
     });
     vm_process.kill();
     let (reason, phase) = match &outcome {
@@ -407,16 +425,12 @@ pub fn serve_named(
 /// Returns why it stopped.
 fn keep_serving(
     launch: &Launch,
-    dir: &Path,
+    control: UnixListener,
     plan: &LaunchPlan,
     vm: &mut QemuVm,
     booted: Booted,
     (audit, vm_id): (&Arc<Audit>, &str),
 ) -> Result<&'static str, LaunchError> {
-    let control_path = dir.join(state::CONTROL_SOCKET);
-    let control = UnixListener::bind(&control_path).map_err(LaunchError::host("control socket"))?;
-    fs::set_permissions(&control_path, fs::Permissions::from_mode(0o600))
-        .map_err(LaunchError::host("control socket"))?;
     let (stream, last_stream) = booted
         .client
         .into_stream()
@@ -428,15 +442,21 @@ fn keep_serving(
         stop: Arc::new(AtomicBool::new(false)),
         audit: Arc::clone(audit),
         vm: vm_id.to_string(),
+        corrupted: AtomicBool::new(false),
+        audit_failure: Default::default(),
     });
     let mut vm_exited = false;
+    let mut channel_closed = false;
     control::serve(&control, &shared, || {
         vm_exited = !matches!(vm.try_wait(), Ok(None));
-        !vm_exited && !launch.interrupt.load(Ordering::Relaxed)
+        channel_closed = shared.mux.is_closed();
+        !vm_exited && !channel_closed && !launch.interrupt.load(Ordering::Relaxed)
     })
     .map_err(LaunchError::host("control socket"))?;
     drop(control);
-    let _ = fs::remove_file(&control_path);
+    if channel_closed && !vm_exited {
+        return Err(LaunchError::Channel(ClientError::Closed));
+    }
     if vm_exited {
         return Err(LaunchError::Backend(format!(
             "the VM exited while serving: {}",
@@ -448,6 +468,19 @@ fn keep_serving(
         let _ = answer.recv_timeout(SHUTDOWN_GRACE);
     }
     let _ = vm.wait_for_exit(SHUTDOWN_GRACE);
+    if shared.corrupted.load(Ordering::Relaxed) {
+        return Err(LaunchError::Integrity(
+            "dm-verity refused a block of the root while a command ran; the VM was stopped".into(),
+        ));
+    }
+    let audit_failure = shared
+        .audit_failure
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    if let Some(failure) = audit_failure {
+        return Err(LaunchError::AuditFailed(failure));
+    }
     if launch.interrupt.load(Ordering::Relaxed) {
         return Err(LaunchError::Interrupted);
     }
@@ -588,6 +621,7 @@ struct Booted {
 struct Ran {
     hello: HelloReply,
     ready_ms: u64,
+    argv_sha256: String,
     executed: Executed,
     started_at: Timestamp,
     ended_at: Timestamp,
@@ -624,6 +658,13 @@ fn run_command(
         ready_ms,
     } = booted;
     let answer_timeout = Duration::from_millis(request.timeout_ms) + ANSWER_GRACE;
+    let argv_sha256 =
+        mvm_ir::digest::sha256_prefixed(&serde_json::to_vec(&request.argv).map_err(|e| {
+            LaunchError::Host {
+                what: "the command".into(),
+                source: io::Error::other(e),
+            }
+        })?);
     let started_at = Timestamp::now();
     let executed = client
         .exec(request, answer_timeout, sink)
@@ -648,6 +689,7 @@ fn run_command(
     Ok(Ran {
         hello,
         ready_ms,
+        argv_sha256,
         executed,
         started_at,
         ended_at: Timestamp::now(),
@@ -740,23 +782,31 @@ fn why_the_guest_stopped(
 
 /// The exec request for the plan: the command line's argv or the plan's entrypoint, the
 /// plan's environment and working directory.
-fn exec_request(plan: &VerifiedPlan, launch: &Launch) -> Result<ExecRequest, AdmissionError> {
-    let policy = &plan.plan.policy;
-    let required: Vec<&str> = policy
+/// Refuses a plan that needs secrets: the runner cannot resolve secret references yet.
+fn secrets_resolvable(plan: &VerifiedPlan) -> Result<(), AdmissionError> {
+    let required: Vec<&str> = plan
+        .plan
+        .policy
         .secrets
         .iter()
         .filter(|s| !s.optional)
         .map(|s| s.name.as_str())
         .collect();
-    if !required.is_empty() {
-        return Err(AdmissionError::NotRunnable {
-            code: "RUN030".into(),
-            reason: format!(
-                "the plan needs secrets ({}); secret references are not resolved by this runner yet",
-                required.join(", ")
-            ),
-        });
+    if required.is_empty() {
+        return Ok(());
     }
+    Err(AdmissionError::NotRunnable {
+        code: "RUN030".into(),
+        reason: format!(
+            "the plan needs secrets ({}); secret references are not resolved by this runner yet",
+            required.join(", ")
+        ),
+    })
+}
+
+fn exec_request(plan: &VerifiedPlan, launch: &Launch) -> Result<ExecRequest, AdmissionError> {
+    secrets_resolvable(plan)?;
+    let policy = &plan.plan.policy;
     let argv = if launch.argv.is_empty() {
         plan.plan.entrypoint.command.clone()
     } else {
@@ -904,11 +954,12 @@ impl VmDir {
 
 impl Drop for VmDir {
     fn drop(&mut self) {
+        // A named VM that never got a state file never started: nothing to keep, and its
+        // name must not stay taken.
+        let unrecorded = !self.path.join(state::STATE_FILE).exists();
         let kept: &[&str] = match self.keep {
-            Keep::Nothing => {
-                let _ = fs::remove_dir_all(&self.path);
-                return;
-            }
+            Keep::Nothing => &[],
+            Keep::Record(_) if unrecorded => &[],
             Keep::Log => &[SERIAL_LOG],
             Keep::Record(_) => &[
                 SERIAL_LOG,
@@ -917,6 +968,10 @@ impl Drop for VmDir {
                 state::RUNNER_LOG,
             ],
         };
+        if kept.is_empty() {
+            let _ = fs::remove_dir_all(&self.path);
+            return;
+        }
         if let Ok(entries) = fs::read_dir(&self.path) {
             for entry in entries.flatten() {
                 if !kept.iter().any(|name| entry.file_name() == *name) {

@@ -180,8 +180,10 @@ fn serve(args: Args, name: &str, started: Instant, interrupt: Arc<AtomicBool>) -
 fn write_receipt(finished: &Finished, path: &std::path::Path) -> Result<(), mvm_ir::Error> {
     let home = MvmHome::from_env()?;
     let signer = mvm_ir::keys::KeyStore::new(home.clone()).host_signer()?;
-    let bytes = mvm_ir::receipt::issue(&home, finished.receipt(), &signer)?;
-    mvm_ir::fsutil::atomic_write(path, &bytes, 0o644)
+    mvm_ir::receipt::issue(&home, finished.receipt(), &signer, |bytes| {
+        mvm_ir::fsutil::atomic_write(path, bytes, 0o644)
+    })
+    .map(drop)
 }
 
 fn report_finished(finished: &Finished, output: Option<Captured>, json: bool) -> u8 {

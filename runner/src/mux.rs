@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
@@ -13,10 +13,14 @@ use mvm_agent::protocol::{encode, Frame, FrameDecoder, FrameKind, Request};
 
 use crate::client::ClientError;
 
+/// Frames buffered for one exchange before the reader waits for it: a client that reads
+/// slowly holds the channel back (bounded memory) rather than the runner filling up.
+const ROUTE_DEPTH: usize = 64;
+
 /// Where frames go, by stream id; closed for good once the channel ends.
 #[derive(Debug, Default)]
 struct RouteTable {
-    routes: HashMap<u32, Sender<Frame>>,
+    routes: HashMap<u32, SyncSender<Frame>>,
     closed: bool,
 }
 
@@ -54,12 +58,13 @@ impl AgentMux {
 
     /// Sends `request` on a new stream and returns the frames that will answer it: data
     /// frames, then one response. The receiver is disconnected if the channel closes first.
+    /// Drop the receiver to stop caring: the rest of the answer is discarded.
     pub fn request(&self, request: &Request) -> Result<Receiver<Frame>, ClientError> {
         let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let payload =
             serde_json::to_vec(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
         let bytes = encode(FrameKind::Request, stream, &payload)?;
-        let (sender, receiver) = mpsc::channel();
+        let (sender, receiver) = mpsc::sync_channel(ROUTE_DEPTH);
         {
             let mut table = lock(&self.routes);
             if table.closed {
@@ -73,10 +78,21 @@ impl AgentMux {
             .unwrap_or_else(PoisonError::into_inner)
             .write_all(&bytes);
         if let Err(e) = written {
-            lock(&self.routes).routes.remove(&stream);
+            // Part of a frame may have gone out: nothing after it could be read as frames.
+            // The channel is done for every exchange.
+            close(&self.routes);
+            let writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+            let _ = writer.shutdown(std::net::Shutdown::Both);
             return Err(e.into());
         }
         Ok(receiver)
+    }
+}
+
+impl AgentMux {
+    /// Whether the channel has ended (the guest went away or a write broke it).
+    pub fn is_closed(&self) -> bool {
+        lock(&self.routes).closed
     }
 }
 
@@ -116,14 +132,16 @@ fn route_frames(mut stream: UnixStream, routes: &Routes) {
         loop {
             match decoder.next_frame() {
                 Ok(Some(frame)) => {
-                    let mut table = lock(routes);
                     let last = frame.kind == FrameKind::Response;
                     let stream_id = frame.stream;
-                    if let Some(route) = table.routes.get(&stream_id) {
+                    // Not under the table's lock: the send may wait for a slow reader.
+                    let route = if last {
+                        lock(routes).routes.remove(&stream_id)
+                    } else {
+                        lock(routes).routes.get(&stream_id).cloned()
+                    };
+                    if let Some(route) = route {
                         let _ = route.send(frame);
-                    }
-                    if last {
-                        table.routes.remove(&stream_id);
                     }
                 }
                 Ok(None) => break,

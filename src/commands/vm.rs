@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use mvm_agent::protocol::{ExecRequest, Integrity};
+use mvm_ir::fsutil::ExclusiveLock;
 use mvm_ir::receipt::Receipt;
 use mvm_runner::client::{AgentClient, ClientError, OutputSink};
 use mvm_runner::launch::{command_result, exit, LaunchError};
@@ -200,7 +201,13 @@ pub fn up(args: UpArgs, out: &Output) -> anyhow::Result<ExitCode> {
         .ok()
         .and_then(|v| serde_json::from_value::<VmState>(v["ready"].clone()).ok());
     let Some(ready) = ready else {
-        // The runner stopped before the VM was ready: its error is on its stderr.
+        // Not the ready line: the runner failed before the VM was ready (its error is on its
+        // stderr), or it speaks otherwise — in which case it must not be left running.
+        if !line.is_empty() {
+            if let Some(group) = rustix::process::Pid::from_raw(child.id() as i32) {
+                let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+            }
+        }
         let mut error = String::new();
         if let Some(mut stderr) = child.stderr.take() {
             let _ = stderr.read_to_string(&mut error);
@@ -284,6 +291,7 @@ pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     let mut client = connect(&host, &args.name, interrupt)?;
     let started_at = mvm_ir::plan::Timestamp::now();
     let timeout = args.timeout.unwrap_or(NO_TIMEOUT).min(NO_TIMEOUT);
+    let argv_sha256 = mvm_ir::digest::sha256_prefixed(&serde_json::to_vec(&args.command)?);
     let request = ExecRequest {
         argv: args.command,
         env: args.env.into_iter().collect::<BTreeMap<_, _>>(),
@@ -311,6 +319,7 @@ pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
             schema_version: mvm_ir::receipt::SCHEMA_VERSION.into(),
             plan_digest: vm.plan_digest,
             vm: vm.vm,
+            argv_sha256,
             started_at,
             ended_at: mvm_ir::plan::Timestamp::now(),
             result: command_result(reply.status),
@@ -319,8 +328,9 @@ pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
             egress: vec![],
             previous: None,
         };
-        let bytes = mvm_ir::receipt::issue(&host.home, receipt, &host.keys.host_signer()?)?;
-        mvm_ir::fsutil::atomic_write(path, &bytes, 0o644)?;
+        mvm_ir::receipt::issue(&host.home, receipt, &host.keys.host_signer()?, |bytes| {
+            mvm_ir::fsutil::atomic_write(path, bytes, 0o644)
+        })?;
     }
     Ok(ExitCode::from(exit::of_command(reply.status)))
 }
@@ -375,6 +385,21 @@ pub fn rm(args: RmArgs, out: &Output) -> anyhow::Result<()> {
             kill_runner(&dir, &seen)?;
         }
     }
+    // The runner may still be finishing after writing `stopped`: wait until it has let go of
+    // the VM, and hold its lock while removing, so no runner works in the directory meanwhile.
+    let deadline = Instant::now() + STOP_WAIT;
+    let _lock = loop {
+        if let Some(lock) = ExclusiveLock::try_acquire(&dir.join(state::LOCK_FILE))? {
+            break lock;
+        }
+        if Instant::now() > deadline {
+            return Err(coded_as(
+                "RUN036",
+                format!("the runner of {} still holds it", args.name),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     host.audit("vm.removed", json!({"name": args.name, "vm": seen.vm}))?;
     out.result(json!({"removed": args.name}), || {
@@ -386,8 +411,21 @@ pub fn rm(args: RmArgs, out: &Output) -> anyhow::Result<()> {
 /// Kills the runner of a VM that would not stop (its QEMU dies with it), once it is sure the
 /// process is that runner: it still holds the VM's lock.
 fn kill_runner(dir: &Path, seen: &VmState) -> anyhow::Result<()> {
+    // Only a process that is an mvm-runner serving this very VM: a pid can be reused.
+    let serving_it = std::fs::read(format!("/proc/{}/cmdline", seen.runner_pid))
+        .map(|cmdline| {
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            args.first()
+                .is_some_and(|program| program.ends_with(b"mvm-runner"))
+                && args
+                    .windows(2)
+                    .any(|pair| pair[0] == b"--name" && pair[1] == seen.name.as_bytes())
+        })
+        .unwrap_or(false);
     if let Some(pid) = rustix::process::Pid::from_raw(seen.runner_pid as i32) {
-        if state::observe(dir).is_ok_and(|now| now.phase == Phase::Running) {
+        let alive = state::observe(dir)
+            .is_ok_and(|now| matches!(now.phase, Phase::Starting | Phase::Running));
+        if serving_it && alive {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
         }
     }
