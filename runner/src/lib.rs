@@ -10,8 +10,10 @@
 //!
 //! [`launch`] is the whole run: admission, the VM's private state directory, the backend
 //! ([`qemu`], chosen for the host by [`host`]), the agent channel ([`client`]) for the hello
-//! and the command, the power-off, and the audit entries. The runner links no builder, no HTTP
-//! client and no registry client.
+//! and the command, the power-off, and the audit entries. A named VM stays up instead: its
+//! runner keeps its [`state`] on disk and serves its [`control`] socket, relaying clients'
+//! requests over the one agent channel ([`mux`]). The runner links no builder, no HTTP client
+//! and no registry client.
 
 pub mod admission;
 pub mod client;
