@@ -33,6 +33,9 @@ pub enum FrameKind {
     Stdout,
     /// Raw bytes a command wrote to its standard error.
     Stderr,
+    /// Raw bytes of a file being copied (host to guest for `fs_write`, guest to host for
+    /// `fs_read`).
+    Data,
 }
 
 impl FrameKind {
@@ -42,6 +45,7 @@ impl FrameKind {
             FrameKind::Response => 2,
             FrameKind::Stdout => 3,
             FrameKind::Stderr => 4,
+            FrameKind::Data => 5,
         }
     }
 
@@ -51,6 +55,7 @@ impl FrameKind {
             2 => FrameKind::Response,
             3 => FrameKind::Stdout,
             4 => FrameKind::Stderr,
+            5 => FrameKind::Data,
             _ => return None,
         })
     }

@@ -20,6 +20,13 @@ pub enum Request {
     /// Answered at once with [`Response::Echo`]: the channel's own round trip, the floor
     /// under every other request's.
     Echo,
+    /// Write a file in the guest; its bytes follow in data frames on the same stream.
+    FsWrite(FsWriteRequest),
+    /// Read a file out of the guest; its bytes come back in data frames, then the answer.
+    FsRead {
+        /// The file, absolute, under the copy root (`/tmp`).
+        path: String,
+    },
     /// Sync and power the guest off once the answer is sent.
     PowerOff,
 }
@@ -74,10 +81,38 @@ pub enum Response {
     Exec(ExecReply),
     /// Answer to [`Request::Echo`].
     Echo,
+    /// The file was written, checked and put in place.
+    FsWrite(FileDone),
+    /// The whole file was sent.
+    FsRead(FileDone),
     /// The guest powers off next.
     PowerOff,
     /// The request failed.
     Error(ErrorReply),
+}
+
+/// A file to write in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsWriteRequest {
+    /// Where, absolute, under the copy root (`/tmp`).
+    pub path: String,
+    /// Permission bits (at most 0o777).
+    pub mode: u32,
+    /// How many bytes follow.
+    pub size: u64,
+    /// `sha256:` of those bytes: the file is put in place only if they match.
+    pub sha256: String,
+}
+
+/// A file copied whole, as the agent counted and hashed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDone {
+    /// Its size.
+    pub size: u64,
+    /// `sha256:` of its bytes.
+    pub sha256: String,
 }
 
 /// The agent's side of the hello.
@@ -181,6 +216,13 @@ pub mod codes {
     pub const VERSION: &str = "AGENT105";
     /// The working directory does not exist.
     pub const NO_CWD: &str = "AGENT106";
+    /// A copy's path is outside the copy root, goes through a symlink, or names something the
+    /// workload user could not read or write there.
+    pub const PATH_REFUSED: &str = "AGENT107";
+    /// A copied file's bytes do not match the size or digest announced: it was not kept.
+    pub const COPY_MISMATCH: &str = "AGENT108";
+    /// A file could not be read or written.
+    pub const FILE_IO: &str = "AGENT109";
 }
 
 #[cfg(test)]

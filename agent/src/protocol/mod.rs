@@ -11,8 +11,8 @@ pub mod message;
 
 pub use frame::{encode, Frame, FrameDecoder, FrameError, FrameKind, HEADER_LEN, MAX_PAYLOAD};
 pub use message::{
-    codes, BootTimings, ErrorReply, ExecReply, ExecRequest, ExitStatus, HelloReply, Integrity,
-    Request, Response,
+    codes, BootTimings, ErrorReply, ExecReply, ExecRequest, ExitStatus, FileDone, FsWriteRequest,
+    HelloReply, Integrity, Request, Response,
 };
 
 /// The protocol version this crate speaks.

@@ -8,7 +8,9 @@
 
 pub mod channel;
 pub mod exec;
+pub mod files;
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
@@ -17,10 +19,11 @@ use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::process::WaitOptions;
 
 use crate::protocol::{
-    codes, encode, BootTimings, ErrorReply, ExecReply, Frame, FrameDecoder, FrameError, FrameKind,
-    HelloReply, Integrity, Request, Response, PROTOCOL_VERSION,
+    codes, encode, BootTimings, ErrorReply, ExecReply, FileDone, Frame, FrameDecoder, FrameError,
+    FrameKind, HelloReply, Integrity, Request, Response, PROTOCOL_VERSION,
 };
 use exec::{Credentials, Running};
+use files::Upload;
 
 /// Bytes read from a pipe or the channel at a time; also the largest data frame sent.
 const CHUNK: usize = 64 * 1024;
@@ -79,6 +82,7 @@ pub fn serve<C: Read + Write + AsFd>(
 ) -> Result<Ended, ServeError> {
     let mut decoder = FrameDecoder::new();
     let mut running: Vec<Running> = Vec::new();
+    let mut uploads: HashMap<u32, Upload> = HashMap::new();
     let mut heard_from_host = false;
     let mut buffer = vec![0; CHUNK];
     loop {
@@ -99,7 +103,7 @@ pub fn serve<C: Read + Write + AsFd>(
             heard_from_host |= n > 0;
             decoder.push(&buffer[..n]);
             while let Some(frame) = decoder.next_frame()? {
-                if let Some(ended) = handle(channel, frame, &mut running, config)? {
+                if let Some(ended) = handle(channel, frame, &mut running, &mut uploads, config)? {
                     return Ok(ended);
                 }
             }
@@ -153,8 +157,14 @@ fn handle<C: Write>(
     channel: &mut C,
     frame: Frame,
     running: &mut Vec<Running>,
+    uploads: &mut HashMap<u32, Upload>,
     config: &ServeConfig,
 ) -> Result<Option<Ended>, ServeError> {
+    if frame.kind == FrameKind::Data {
+        // The bytes of an upload; those of one already refused or failed are dropped (the host
+        // streams them without waiting for the answer).
+        return receive(channel, frame, uploads).map(|()| None);
+    }
     if frame.kind != FrameKind::Request {
         let message = format!("a {:?} frame from the host", frame.kind);
         send_error(channel, frame.stream, codes::BAD_REQUEST, message)?;
@@ -182,6 +192,36 @@ fn handle<C: Write>(
             send_error(channel, frame.stream, codes::VERSION, message)?;
         }
         Request::Echo => send(channel, frame.stream, &Response::Echo)?,
+        Request::FsWrite(_) if uploads.contains_key(&frame.stream) => {
+            let message = format!("stream {} already has a copy going", frame.stream);
+            send_error(channel, frame.stream, codes::BAD_REQUEST, message)?;
+        }
+        Request::FsWrite(request) => {
+            match files::Upload::start(frame.stream, request, config.workload_user) {
+                Ok(upload) if upload.complete() => {
+                    let done = upload.finish();
+                    answer_upload(channel, frame.stream, done)?;
+                }
+                Ok(upload) => {
+                    uploads.insert(frame.stream, upload);
+                }
+                Err(error) => send(channel, frame.stream, &Response::Error(error))?,
+            }
+        }
+        Request::FsRead { path } => match files::open_for_reading(&path, config.workload_user) {
+            Ok((file, _)) => {
+                let mut chunk = vec![0; CHUNK];
+                let sent = files::send_file(file, &mut chunk, |bytes| {
+                    write_frame(channel, FrameKind::Data, frame.stream, bytes)
+                        .map_err(|e| io::Error::other(e.to_string()))
+                });
+                match sent {
+                    Ok(done) => send(channel, frame.stream, &Response::FsRead(done))?,
+                    Err(e) => send_error(channel, frame.stream, codes::FILE_IO, e.to_string())?,
+                }
+            }
+            Err(error) => send(channel, frame.stream, &Response::Error(error))?,
+        },
         Request::Exec(_) if running.iter().any(|c| c.stream == frame.stream) => {
             let message = format!("stream {} already has a command running", frame.stream);
             send_error(channel, frame.stream, codes::BAD_REQUEST, message)?;
@@ -208,6 +248,39 @@ fn handle<C: Write>(
         }
     }
     Ok(None)
+}
+
+/// Hands a data frame to the upload on its stream; answers once the file is whole (or the
+/// upload failed, which ends it).
+fn receive<C: Write>(
+    channel: &mut C,
+    frame: Frame,
+    uploads: &mut HashMap<u32, Upload>,
+) -> Result<(), ServeError> {
+    let Some(upload) = uploads.get_mut(&frame.stream) else {
+        return Ok(());
+    };
+    if let Err(error) = upload.write(&frame.payload) {
+        uploads.remove(&frame.stream);
+        return send(channel, frame.stream, &Response::Error(error));
+    }
+    if upload.complete() {
+        if let Some(upload) = uploads.remove(&frame.stream) {
+            answer_upload(channel, frame.stream, upload.finish())?;
+        }
+    }
+    Ok(())
+}
+
+fn answer_upload<C: Write>(
+    channel: &mut C,
+    stream: u32,
+    done: Result<FileDone, ErrorReply>,
+) -> Result<(), ServeError> {
+    match done {
+        Ok(done) => send(channel, stream, &Response::FsWrite(done)),
+        Err(error) => send(channel, stream, &Response::Error(error)),
+    }
 }
 
 /// What `poll` reported for one running command's descriptors.

@@ -79,7 +79,7 @@ impl Host {
                     let response = serde_json::from_slice(&frame.payload).unwrap();
                     return (stdout, stderr, response, arrivals);
                 }
-                FrameKind::Request => panic!("the agent sent a request"),
+                FrameKind::Request | FrameKind::Data => panic!("a {:?} frame", frame.kind),
             }
             arrivals.push(Instant::now());
         }
@@ -228,6 +228,10 @@ fn bad_requests_get_their_codes_and_the_channel_goes_on() {
         .write_all(&encode(FrameKind::Stdout, 6, b"data").unwrap())
         .unwrap();
     assert_eq!(error_code(&host.exchange(6).2), codes::BAD_REQUEST);
+    // Data for no upload is dropped without an answer: the next exchange is answered first.
+    host.stream
+        .write_all(&encode(FrameKind::Data, 6, b"stray").unwrap())
+        .unwrap();
 
     host.power_off();
 }
@@ -295,4 +299,110 @@ fn a_malformed_frame_ends_serving_and_a_closed_channel_is_the_host_gone() {
     host.exchange(1);
     host.stream.shutdown(std::net::Shutdown::Both).unwrap();
     assert_eq!(host.ended().unwrap(), Ended::HostGone);
+}
+
+fn upload(host: &mut Host, stream: u32, path: &str, bytes: &[u8], sha256: &str) -> Response {
+    host.send(
+        stream,
+        &Request::FsWrite(crate::protocol::FsWriteRequest {
+            path: path.into(),
+            mode: 0o640,
+            size: bytes.len() as u64,
+            sha256: sha256.into(),
+        }),
+    );
+    for chunk in bytes.chunks(100_000) {
+        host.stream
+            .write_all(&encode(FrameKind::Data, stream, chunk).unwrap())
+            .unwrap();
+    }
+    let (_, _, response, _) = host.exchange(stream);
+    response
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}
+
+#[test]
+fn files_are_copied_in_and_out_whole_and_checked() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir_in("/tmp").unwrap();
+    let path = dir.path().join("data.bin").to_str().unwrap().to_string();
+    let bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let mut host = Host::start();
+
+    let done = upload(&mut host, 1, &path, &bytes, &sha256(&bytes));
+    assert_eq!(
+        done,
+        Response::FsWrite(crate::protocol::FileDone {
+            size: bytes.len() as u64,
+            sha256: sha256(&bytes)
+        })
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), bytes);
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o640);
+
+    host.send(2, &Request::FsRead { path: path.clone() });
+    let mut read_back = Vec::new();
+    let answer = loop {
+        let frame = host.frame();
+        match frame.kind {
+            FrameKind::Data => read_back.extend(frame.payload),
+            FrameKind::Response => {
+                break serde_json::from_slice::<Response>(&frame.payload).unwrap()
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(read_back, bytes);
+    assert!(matches!(answer, Response::FsRead(done) if done.sha256 == sha256(&bytes)));
+
+    // Bytes that do not match what was announced are not kept, and nothing is left behind.
+    let other = dir.path().join("other.bin").to_str().unwrap().to_string();
+    let refused = upload(&mut host, 3, &other, b"tampered", &sha256(b"original"));
+    assert_eq!(error_code(&refused), codes::COPY_MISMATCH);
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "a temporary was left"
+    );
+    host.power_off();
+}
+
+#[test]
+fn copies_stay_under_the_copy_root_and_follow_no_symlink() {
+    let dir = tempfile::tempdir_in("/tmp").unwrap();
+    std::os::unix::fs::symlink("/etc", dir.path().join("etc")).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", dir.path().join("hostname")).unwrap();
+    let base = dir.path().to_str().unwrap();
+    let mut host = Host::start();
+    for (stream, path) in [
+        (1, "/etc/hostname".to_string()),
+        (2, "/tmp/../etc/hostname".to_string()),
+        (3, format!("{base}/./x")),
+        (4, format!("{base}//x")),
+        (5, format!("{base}/etc/hostname")),
+        (6, format!("{base}/hostname")),
+        (7, "tmp/relative".to_string()),
+    ] {
+        host.send(stream, &Request::FsRead { path: path.clone() });
+        assert_eq!(
+            error_code(&host.exchange(stream).2),
+            codes::PATH_REFUSED,
+            "{path}"
+        );
+    }
+    let refused = upload(
+        &mut host,
+        8,
+        &format!("{base}/etc/evil"),
+        b"x",
+        &sha256(b"x"),
+    );
+    assert_eq!(error_code(&refused), codes::PATH_REFUSED);
+    assert!(!std::path::Path::new("/etc/evil").exists());
+    host.power_off();
 }

@@ -1,0 +1,279 @@
+//! Copying files in and out of the guest (`fs_write`, `fs_read`), confined to the copy root.
+//!
+//! The agent is root, so it never does for a copy what the workload user could not: paths must
+//! be absolute and under [`COPY_ROOT`], written without `.`, `..` or empty components; every
+//! directory on the way is resolved beneath the root with no symlinks followed
+//! (`openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`); a file read must be one the workload
+//! user could read; a file is written only where that user could write it, is owned by it,
+//! and is put in place (renamed over the target) only once its size and SHA-256 match what the
+//! host announced.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
+use sha2::{Digest, Sha256};
+
+use super::exec::Credentials;
+use crate::protocol::{codes, ErrorReply, FileDone, FsWriteRequest};
+
+/// The only directory tree copies may touch.
+pub const COPY_ROOT: &str = "/tmp";
+/// The longest path accepted.
+const MAX_PATH: usize = 4096;
+
+/// A path checked and split: the directory it is in (opened beneath the root) and its name.
+struct Place {
+    dir: OwnedFd,
+    name: String,
+}
+
+/// Resolves `path` under [`COPY_ROOT`] without following any symlink.
+fn place(path: &str) -> Result<Place, ErrorReply> {
+    let refused = |why: &str| error(codes::PATH_REFUSED, format!("{path:?}: {why}"));
+    if path.len() > MAX_PATH || path.contains('\0') {
+        return Err(refused("not a path"));
+    }
+    let inside = path
+        .strip_prefix(COPY_ROOT)
+        .and_then(|rest| rest.strip_prefix('/'))
+        .ok_or_else(|| refused(&format!("copies are confined to {COPY_ROOT}/")))?;
+    let components: Vec<&str> = inside.split('/').collect();
+    if components
+        .iter()
+        .any(|c| c.is_empty() || *c == "." || *c == "..")
+    {
+        return Err(refused("empty, `.` or `..` components"));
+    }
+    let (name, parents) = components
+        .split_last()
+        .ok_or_else(|| refused("no file name"))?;
+    let root = rustix::fs::open(
+        COPY_ROOT,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+    )
+    .map_err(|e| error(codes::FILE_IO, format!("{COPY_ROOT}: {e}")))?;
+    let dir = if parents.is_empty() {
+        root
+    } else {
+        rustix::fs::openat2(
+            &root,
+            parents.join("/"),
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+        )
+        .map_err(|e| refused(&format!("its directory: {e}")))?
+    };
+    Ok(Place {
+        dir,
+        name: (*name).to_string(),
+    })
+}
+
+/// Whether `user` (everyone, in tests without one) may do `access` (4 read, 2 write) on a
+/// file with this owner and mode.
+fn allowed(stat: &rustix::fs::Stat, user: Option<Credentials>, access: u32) -> bool {
+    let Some(user) = user else {
+        return true;
+    };
+    let mode = stat.st_mode;
+    (stat.st_uid == user.uid && mode & (access << 6) != 0)
+        || (stat.st_gid == user.gid && mode & (access << 3) != 0)
+        || mode & access != 0
+}
+
+/// Opens the file at `path` for reading, as the workload user could.
+pub fn open_for_reading(path: &str, user: Option<Credentials>) -> Result<(File, u64), ErrorReply> {
+    let place = place(path)?;
+    let fd = rustix::fs::openat(
+        &place.dir,
+        place.name.as_str(),
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+        Mode::empty(),
+    )
+    .map_err(|e| error(codes::PATH_REFUSED, format!("{path}: {e}")))?;
+    let stat = rustix::fs::fstat(&fd).map_err(|e| error(codes::FILE_IO, format!("{path}: {e}")))?;
+    if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
+        return Err(error(
+            codes::PATH_REFUSED,
+            format!("{path}: not a regular file"),
+        ));
+    }
+    if !allowed(&stat, user, 4) {
+        return Err(error(
+            codes::PATH_REFUSED,
+            format!("{path}: the workload user cannot read it"),
+        ));
+    }
+    Ok((File::from(fd), stat.st_size as u64))
+}
+
+/// A file being written: its bytes go to a private temporary beside the target, which takes
+/// the target's place only once it is whole and matches.
+pub struct Upload {
+    place: Place,
+    temporary: String,
+    file: File,
+    hasher: Sha256,
+    received: u64,
+    request: FsWriteRequest,
+}
+
+impl Upload {
+    /// Starts writing `request.path` (as `user` would be allowed to) for the stream `stream`.
+    pub fn start(
+        stream: u32,
+        request: FsWriteRequest,
+        user: Option<Credentials>,
+    ) -> Result<Self, ErrorReply> {
+        let path = request.path.clone();
+        if request.mode > 0o777 {
+            return Err(error(
+                codes::BAD_REQUEST,
+                format!("mode {:o} is not 0..=0777", request.mode),
+            ));
+        }
+        let place = place(&path)?;
+        let dir_stat =
+            rustix::fs::fstat(&place.dir).map_err(|e| error(codes::FILE_IO, e.to_string()))?;
+        if !allowed(&dir_stat, user, 2) {
+            return Err(error(
+                codes::PATH_REFUSED,
+                format!("{path}: the workload user cannot write in its directory"),
+            ));
+        }
+        match rustix::fs::statat(&place.dir, place.name.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(existing) => {
+                let regular = FileType::from_raw_mode(existing.st_mode) == FileType::RegularFile;
+                let owned = user.is_none_or(|u| existing.st_uid == u.uid);
+                if !regular || !owned {
+                    return Err(error(
+                        codes::PATH_REFUSED,
+                        format!("{path}: exists and is not a file of the workload user"),
+                    ));
+                }
+            }
+            Err(rustix::io::Errno::NOENT) => {}
+            Err(e) => return Err(error(codes::FILE_IO, format!("{path}: {e}"))),
+        }
+        let temporary = format!(".mvm-copy-{stream}-{}", std::process::id());
+        let fd = rustix::fs::openat(
+            &place.dir,
+            temporary.as_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| error(codes::FILE_IO, format!("{path}: {e}")))?;
+        if let Some(user) = user {
+            let owner = rustix::fs::fchown(
+                &fd,
+                Some(rustix::fs::Uid::from_raw(user.uid)),
+                Some(rustix::fs::Gid::from_raw(user.gid)),
+            );
+            if let Err(e) = owner {
+                let _ = rustix::fs::unlinkat(&place.dir, temporary.as_str(), AtFlags::empty());
+                return Err(error(codes::FILE_IO, format!("{path}: {e}")));
+            }
+        }
+        Ok(Self {
+            place,
+            temporary,
+            file: File::from(fd),
+            hasher: Sha256::new(),
+            received: 0,
+            request,
+        })
+    }
+
+    /// Appends bytes; an error (more bytes than announced, a failed write) ends the upload.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<(), ErrorReply> {
+        self.received += bytes.len() as u64;
+        if self.received > self.request.size {
+            return Err(error(
+                codes::COPY_MISMATCH,
+                format!("more than the {} bytes announced", self.request.size),
+            ));
+        }
+        self.hasher.update(bytes);
+        self.file
+            .write_all(bytes)
+            .map_err(|e| error(codes::FILE_IO, format!("{}: {e}", self.request.path)))
+    }
+
+    /// Whether every byte announced has arrived.
+    pub fn complete(&self) -> bool {
+        self.received == self.request.size
+    }
+
+    /// Checks the bytes and puts the file in place.
+    pub fn finish(self) -> Result<FileDone, ErrorReply> {
+        let sha256 = format!("sha256:{}", hex::encode(self.hasher.clone().finalize()));
+        if sha256 != self.request.sha256 {
+            return Err(error(
+                codes::COPY_MISMATCH,
+                format!(
+                    "{} arrived as {sha256}, announced {}",
+                    self.request.path, self.request.sha256
+                ),
+            ));
+        }
+        let io = |e: std::io::Error| error(codes::FILE_IO, format!("{}: {e}", self.request.path));
+        rustix::fs::fchmod(&self.file, Mode::from_raw_mode(self.request.mode))
+            .map_err(|e| io(e.into()))?;
+        self.file.sync_all().map_err(io)?;
+        rustix::fs::renameat(
+            &self.place.dir,
+            self.temporary.as_str(),
+            &self.place.dir,
+            self.place.name.as_str(),
+        )
+        .map_err(|e| io(e.into()))?;
+        Ok(FileDone {
+            size: self.received,
+            sha256,
+        })
+    }
+}
+
+impl Drop for Upload {
+    /// An upload that did not finish leaves nothing behind (after a successful rename the
+    /// temporary name no longer exists, and this does nothing).
+    fn drop(&mut self) {
+        let _ = rustix::fs::unlinkat(&self.place.dir, self.temporary.as_str(), AtFlags::empty());
+    }
+}
+
+/// Reads `file` to its end, handing each chunk to `send`, and hashes it.
+pub fn send_file(
+    mut file: File,
+    chunk: &mut [u8],
+    mut send: impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> std::io::Result<FileDone> {
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    loop {
+        let n = match file.read(chunk) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&chunk[..n]);
+        size += n as u64;
+        send(&chunk[..n])?;
+    }
+    Ok(FileDone {
+        size,
+        sha256: format!("sha256:{}", hex::encode(hasher.finalize())),
+    })
+}
+
+fn error(code: &str, message: String) -> ErrorReply {
+    ErrorReply {
+        code: code.into(),
+        message,
+    }
+}
