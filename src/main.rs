@@ -51,6 +51,8 @@ enum Command {
     Ls,
     /// Run a command in a running VM.
     Exec(commands::vm::ExecArgs),
+    /// Copy a file into or out of a running VM (one side NAME:/tmp/path).
+    Cp(commands::vm::CpArgs),
     /// Power a running VM off.
     Stop {
         /// The VM.
@@ -101,6 +103,7 @@ fn main() -> ExitCode {
         Command::Ls => commands::vm::ls(&out),
         Command::Exec(args) => return exit_code(commands::vm::exec(args), &out),
         Command::Stop { name } => commands::vm::stop(&name, &out),
+        Command::Cp(args) => commands::vm::cp(args, &out),
         Command::Rm(args) => commands::vm::rm(args, &out),
         Command::Logs(args) => commands::vm::logs(args),
         Command::Receipt(cmd) => commands::receipt::run(cmd, &out),

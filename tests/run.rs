@@ -878,6 +878,56 @@ fn a_named_vm_serves_execs_until_it_is_stopped_and_removed() {
         describe(&preload)
     );
 
+    // Files in and out, checked end to end; guest paths stay under /tmp.
+    let files = tempfile::tempdir().unwrap();
+    let local = files.path().join("in.bin");
+    let bytes: Vec<u8> = (0u32..(4 << 20) / 4)
+        .flat_map(|i| (i.wrapping_mul(2_654_435_761)).to_le_bytes())
+        .collect();
+    fs::write(&local, &bytes).unwrap();
+    let copied = mvm_ok_json(&["cp", local.to_str().unwrap(), "web:/tmp/in.bin"], 0);
+    let digest = format!("sha256:{:x}", Sha256::digest(&bytes));
+    assert_eq!(copied["sha256"], digest.as_str(), "{copied}");
+    let summed = mvm(&[
+        "exec",
+        "web",
+        "--",
+        "/bin/busybox",
+        "sha256sum",
+        "/tmp/in.bin",
+    ]);
+    assert!(
+        text(&summed.stdout).starts_with(&digest["sha256:".len()..]),
+        "{}",
+        describe(&summed)
+    );
+    let back = files.path().join("out.bin");
+    mvm_ok_json(&["cp", "web:/tmp/in.bin", back.to_str().unwrap()], 0);
+    assert!(
+        fs::read(&back).unwrap() == bytes,
+        "the file came back different"
+    );
+    let escape = mvm(&["--json", "cp", local.to_str().unwrap(), "web:/etc/evil"]);
+    assert!(
+        text(&escape.stdout).contains("AGENT107"),
+        "{}",
+        describe(&escape)
+    );
+    let root_only = mvm(&[
+        "--json",
+        "cp",
+        "web:/tmp/../srv/secret.txt",
+        back.to_str().unwrap(),
+    ]);
+    assert!(
+        text(&root_only.stdout).contains("AGENT107"),
+        "{}",
+        describe(&root_only)
+    );
+    assert!(audit_entries(&f.home)
+        .iter()
+        .any(|e| e["event"] == "vm.copy"));
+
     // The exec benchmark runs against a warm VM (figures are not checked here).
     let bench = mvm_ok_json(
         &["bench", "exec", "--vm", "web", "--runs", "3", "--", "echo"],

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mvm_agent::protocol::{
-    encode, ErrorReply, ExecReply, ExecRequest, Frame, FrameDecoder, FrameError, FrameKind,
-    HelloReply, Request, Response, PROTOCOL_VERSION,
+    encode, ErrorReply, ExecReply, ExecRequest, FileDone, Frame, FrameDecoder, FrameError,
+    FrameKind, FsWriteRequest, HelloReply, Request, Response, PROTOCOL_VERSION,
 };
 use mvm_ir::receipt::OutputDigest;
 use sha2::{Digest, Sha256};
@@ -144,6 +144,73 @@ impl AgentClient {
         })
     }
 
+    /// Writes `size` bytes from `source` to `path` in the guest, announced with their
+    /// `sha256` (the guest keeps the file only if they match).
+    pub fn fs_write(
+        &mut self,
+        request: FsWriteRequest,
+        source: &mut dyn Read,
+        timeout: Duration,
+    ) -> Result<FileDone, ClientError> {
+        let size = request.size;
+        let stream = self.send(&Request::FsWrite(request))?;
+        let mut chunk = vec![0; 64 * 1024];
+        let mut sent = 0u64;
+        while sent < size {
+            let want = chunk.len().min((size - sent) as usize);
+            let n = source
+                .read(&mut chunk[..want])
+                .map_err(ClientError::Output)?;
+            if n == 0 {
+                return Err(ClientError::Output(io::Error::other(
+                    "the source ended early",
+                )));
+            }
+            self.stream
+                .write_all(&encode(FrameKind::Data, stream, &chunk[..n])?)?;
+            sent += n as u64;
+        }
+        match self.response(stream, Instant::now() + timeout, timeout, None)? {
+            Response::FsWrite(done) => Ok(done),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Reads `path` out of the guest into `sink` (through its stdout), checking the size and
+    /// digest the agent reports against the bytes that arrived.
+    pub fn fs_read(
+        &mut self,
+        path: &str,
+        sink: &mut dyn OutputSink,
+        timeout: Duration,
+    ) -> Result<FileDone, ClientError> {
+        let stream = self.send(&Request::FsRead { path: path.into() })?;
+        let mut counted = Counted {
+            sink,
+            stdout: 0,
+            stderr: 0,
+            stdout_hash: Sha256::new(),
+            stderr_hash: Sha256::new(),
+        };
+        let done = match self.response(
+            stream,
+            Instant::now() + timeout,
+            timeout,
+            Some(&mut counted),
+        )? {
+            Response::FsRead(done) => done,
+            other => return Err(unexpected(&other)),
+        };
+        let arrived = format!("sha256:{}", hex::encode(counted.stdout_hash.finalize()));
+        if (done.size, &done.sha256) != (counted.stdout, &arrived) {
+            return Err(ClientError::Protocol(format!(
+                "the agent sent {} bytes hashing to {}, {} bytes hashing to {arrived} arrived",
+                done.size, done.sha256, counted.stdout
+            )));
+        }
+        Ok(done)
+    }
+
     /// One echo round trip: the channel's own latency.
     pub fn echo(&mut self, timeout: Duration) -> Result<(), ClientError> {
         let stream = self.send(&Request::Echo)?;
@@ -197,7 +264,7 @@ impl AgentClient {
                         response => Ok(response),
                     };
                 }
-                (FrameKind::Stdout, Some(sink)) => {
+                (FrameKind::Stdout | FrameKind::Data, Some(sink)) => {
                     sink.stdout(&frame.payload).map_err(ClientError::Output)?
                 }
                 (FrameKind::Stderr, Some(sink)) => {

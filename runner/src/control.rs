@@ -10,11 +10,12 @@
 use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use mvm_agent::protocol::{
-    codes, encode, ErrorReply, ExecRequest, FrameDecoder, FrameKind, HelloReply, Integrity,
+    codes, encode, ErrorReply, ExecRequest, Frame, FrameDecoder, FrameKind, HelloReply, Integrity,
     Request, Response,
 };
 use mvm_ir::plan::LaunchPlan;
@@ -123,6 +124,7 @@ fn serve_client(mut connection: UnixStream, shared: &Shared) -> io::Result<()> {
     connection.set_write_timeout(Some(CLIENT_WRITE_LIMIT))?;
     let mut decoder = FrameDecoder::new();
     let mut buffer = vec![0; 64 * 1024];
+    let mut upload: Option<Upload> = None;
     loop {
         let frame = match decoder.next_frame() {
             Ok(Some(frame)) => frame,
@@ -150,6 +152,42 @@ fn serve_client(mut connection: UnixStream, shared: &Shared) -> io::Result<()> {
             }
         };
         let client_stream = frame.stream;
+        if frame.kind == FrameKind::Data {
+            // The bytes of the upload in progress on this connection, passed on as they come;
+            // when the last has gone, the agent's answer is passed back.
+            let Some(mut current) = upload.take_if(|u| u.client_stream == client_stream) else {
+                continue;
+            };
+            let len = frame.payload.len() as u64;
+            if len > current.remaining
+                || shared
+                    .mux
+                    .send_data(current.agent_stream, &frame.payload)
+                    .is_err()
+            {
+                let message = "the upload's bytes do not fit what was announced".to_string();
+                reply_error(
+                    &mut connection,
+                    client_stream,
+                    codes::COPY_MISMATCH,
+                    message,
+                )?;
+                continue;
+            }
+            current.remaining -= len;
+            if current.remaining == 0 {
+                finish_copy(
+                    &mut connection,
+                    shared,
+                    current.client_stream,
+                    current.frames,
+                    current.record,
+                )?;
+            } else {
+                upload = Some(current);
+            }
+            continue;
+        }
         let request = match (
             frame.kind,
             serde_json::from_slice::<Request>(&frame.payload),
@@ -178,6 +216,47 @@ fn serve_client(mut connection: UnixStream, shared: &Shared) -> io::Result<()> {
             )?,
             Request::Echo => {
                 relay(&mut connection, client_stream, shared, &Request::Echo)?;
+            }
+            Request::FsWrite(request) => {
+                let record = json!({
+                    "vm": shared.vm, "direction": "in",
+                    "path_sha256": mvm_ir::digest::sha256_prefixed(request.path.as_bytes()),
+                    "size": request.size, "sha256": request.sha256,
+                });
+                let remaining = request.size;
+                match shared.mux.request_on_stream(&Request::FsWrite(request)) {
+                    Ok((_, frames)) if remaining == 0 => {
+                        finish_copy(&mut connection, shared, client_stream, frames, record)?;
+                    }
+                    Ok((agent_stream, frames)) => {
+                        upload = Some(Upload {
+                            client_stream,
+                            agent_stream,
+                            remaining,
+                            frames,
+                            record,
+                        });
+                    }
+                    Err(e) => {
+                        let message = format!("the agent channel: {e}");
+                        reply_error(&mut connection, client_stream, codes::SPAWN_FAILED, message)?;
+                    }
+                }
+            }
+            Request::FsRead { path } => {
+                let record = json!({
+                    "vm": shared.vm, "direction": "out",
+                    "path_sha256": mvm_ir::digest::sha256_prefixed(path.as_bytes()),
+                });
+                match shared.mux.request(&Request::FsRead { path }) {
+                    Ok(frames) => {
+                        finish_copy(&mut connection, shared, client_stream, frames, record)?
+                    }
+                    Err(e) => {
+                        let message = format!("the agent channel: {e}");
+                        reply_error(&mut connection, client_stream, codes::SPAWN_FAILED, message)?;
+                    }
+                }
             }
             Request::PowerOff => {
                 shared.stop.store(true, Ordering::Relaxed);
@@ -216,6 +295,47 @@ fn serve_client(mut connection: UnixStream, shared: &Shared) -> io::Result<()> {
             }
         }
     }
+}
+
+/// A file being copied into the guest through this connection.
+struct Upload {
+    client_stream: u32,
+    agent_stream: u32,
+    remaining: u64,
+    frames: Receiver<Frame>,
+    record: Value,
+}
+
+/// Passes a copy's remaining frames (a read's data, the answer) on to the client and records
+/// the copy with its outcome — before the client sees the answer.
+fn finish_copy(
+    connection: &mut UnixStream,
+    shared: &Shared,
+    client_stream: u32,
+    frames: Receiver<Frame>,
+    mut record: Value,
+) -> io::Result<()> {
+    for frame in frames {
+        if frame.kind != FrameKind::Response {
+            let bytes =
+                encode(frame.kind, client_stream, &frame.payload).map_err(io::Error::other)?;
+            connection.write_all(&bytes)?;
+            continue;
+        }
+        record["outcome"] = match serde_json::from_slice::<Response>(&frame.payload) {
+            Ok(Response::FsWrite(done) | Response::FsRead(done)) => {
+                json!({"size": done.size, "sha256": done.sha256})
+            }
+            Ok(Response::Error(error)) => json!({"error": error.code}),
+            _ => json!({"error": "unexpected answer"}),
+        };
+        shared.record("vm.copy", record);
+        let bytes =
+            encode(FrameKind::Response, client_stream, &frame.payload).map_err(io::Error::other)?;
+        return connection.write_all(&bytes);
+    }
+    let message = "the agent channel closed before the copy ended".to_string();
+    reply_error(connection, client_stream, codes::SPAWN_FAILED, message)
 }
 
 /// Sends `request` to the agent and passes every frame of the answer on to the client, on

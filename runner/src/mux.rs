@@ -60,6 +60,15 @@ impl AgentMux {
     /// frames, then one response. The receiver is disconnected if the channel closes first.
     /// Drop the receiver to stop caring: the rest of the answer is discarded.
     pub fn request(&self, request: &Request) -> Result<Receiver<Frame>, ClientError> {
+        self.request_on_stream(request).map(|(_, frames)| frames)
+    }
+
+    /// [`AgentMux::request`], also returning the stream id, for requests whose data follows
+    /// ([`AgentMux::send_data`]).
+    pub fn request_on_stream(
+        &self,
+        request: &Request,
+    ) -> Result<(u32, Receiver<Frame>), ClientError> {
         let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let payload =
             serde_json::to_vec(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
@@ -85,7 +94,19 @@ impl AgentMux {
             let _ = writer.shutdown(std::net::Shutdown::Both);
             return Err(e.into());
         }
-        Ok(receiver)
+        Ok((stream, receiver))
+    }
+
+    /// Sends a data frame on `stream` (the bytes of a file being written).
+    pub fn send_data(&self, stream: u32, bytes: &[u8]) -> Result<(), ClientError> {
+        let frame = encode(FrameKind::Data, stream, bytes)?;
+        let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Err(e) = writer.write_all(&frame) {
+            close(&self.routes);
+            let _ = writer.shutdown(std::net::Shutdown::Both);
+            return Err(e.into());
+        }
+        Ok(())
     }
 }
 

@@ -129,6 +129,17 @@ pub struct WaitArgs {
     timeout: Duration,
 }
 
+/// Copy a file into or out of a running VM: `mvm cp FILE NAME:/tmp/path` or
+/// `mvm cp NAME:/tmp/path FILE`. Guest paths are confined to /tmp (and to what the workload user
+/// may read or write there); the bytes are checked by SHA-256 end to end.
+#[derive(Debug, Args)]
+pub struct CpArgs {
+    /// Where from: a local file, or NAME:/tmp/path.
+    source: String,
+    /// Where to: a local file, or NAME:/tmp/path.
+    destination: String,
+}
+
 fn parse_env(text: &str) -> Result<(String, String), String> {
     text.split_once('=')
         .filter(|(key, _)| !key.is_empty())
@@ -493,6 +504,100 @@ pub fn wait(args: WaitArgs, out: &Output) -> anyhow::Result<ExitCode> {
             ));
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `NAME:/path` as (NAME, /path), for a valid VM name.
+fn guest_path(text: &str) -> Option<(&str, &str)> {
+    let (name, path) = text.split_once(':')?;
+    (state::valid_name(name) && path.starts_with('/')).then_some((name, path))
+}
+
+pub fn cp(args: CpArgs, out: &Output) -> anyhow::Result<()> {
+    let host = Host::open()?;
+    let copy_timeout = Duration::from_secs(3600);
+    match (guest_path(&args.source), guest_path(&args.destination)) {
+        (None, Some((name, path))) => {
+            let local = Path::new(&args.source);
+            let mut file = std::fs::File::open(local)
+                .with_context(|| format!("reading {}", local.display()))?;
+            let meta = file.metadata()?;
+            if !meta.is_file() {
+                return Err(coded_as(
+                    "RUN038",
+                    format!("{} is not a regular file", local.display()),
+                ));
+            }
+            // Hashed first, so the guest can refuse bytes that do not match what was read.
+            let (sha256, size) = mvm_ir::digest::sha256_reader(&mut file)?;
+            use std::io::Seek;
+            file.rewind()?;
+            let mut client = connect(&host, name, Arc::default())?;
+            let request = mvm_agent::protocol::FsWriteRequest {
+                path: path.into(),
+                mode: std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+                size,
+                sha256,
+            };
+            let done = client
+                .fs_write(request, &mut file, copy_timeout)
+                .map_err(copy_error)?;
+            out.result(json!({"copied": done.size, "sha256": done.sha256}), || {
+                format!(
+                    "{} → {name}:{path}: {} bytes, {}",
+                    local.display(),
+                    done.size,
+                    done.sha256
+                )
+            });
+        }
+        (Some((name, path)), None) => {
+            let local = std::path::absolute(&args.destination)?;
+            let dir = local.parent().context("the destination has no directory")?;
+            let staging = tempfile::NamedTempFile::new_in(dir)?;
+            let mut client = connect(&host, name, Arc::default())?;
+            let mut sink = FileSink(staging.as_file().try_clone()?);
+            let done = client
+                .fs_read(path, &mut sink, copy_timeout)
+                .map_err(copy_error)?;
+            staging.as_file().sync_all()?;
+            staging.persist(&local)?;
+            out.result(json!({"copied": done.size, "sha256": done.sha256}), || {
+                format!(
+                    "{name}:{path} → {}: {} bytes, {}",
+                    local.display(),
+                    done.size,
+                    done.sha256
+                )
+            });
+        }
+        _ => {
+            return Err(coded_as(
+                "RUN038",
+                "give exactly one side as NAME:/path (a running VM's name and a path in it)",
+            ))
+        }
+    }
+    Ok(())
+}
+
+fn copy_error(error: ClientError) -> anyhow::Error {
+    match error {
+        ClientError::Refused(refusal) => coded_as(&refusal.code, refusal.message),
+        other => coded_as("RUN025", other),
+    }
+}
+
+/// Writes a copied file's bytes (which arrive as output) to a file.
+struct FileSink(std::fs::File);
+
+impl OutputSink for FileSink {
+    fn stdout(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.0.write_all(bytes)
+    }
+
+    fn stderr(&mut self, _: &[u8]) -> io::Result<()> {
+        Ok(())
     }
 }
 
