@@ -32,7 +32,7 @@ fuzz_target!(|data: &[u8]| {
                         FrameKind::Response => {
                             let _ = serde_json::from_slice::<Response>(&frame.payload);
                         }
-                        FrameKind::Stdout | FrameKind::Stderr => {}
+                        FrameKind::Stdout | FrameKind::Stderr | FrameKind::Data => {}
                     }
                 }
                 Ok(None) => break,
