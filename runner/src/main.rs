@@ -1,16 +1,16 @@
 //! `mvm-runner`: boots one signed plan in a microVM and runs one command in it.
 //!
 //! Thin by design: the order of the launch and every rule live in the library
-//! ([`mvm_runner::launch`]); this binary reads its arguments, picks the backend for this host,
-//! and turns the result into the command's output, a report, and an exit status.
+//! ([`mvm_runner::launch`]); this binary reads its arguments, turns signals into a clean stop,
+//! and turns the result into the command's output, a report, a receipt and an exit status.
 
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
-
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use mvm_ir::home::MvmHome;
@@ -20,7 +20,6 @@ use mvm_runner::launch::{self, exit, Failure, Finished, Launch, LaunchError};
 use mvm_runner::state;
 use serde_json::{json, Value};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use std::os::unix::fs::OpenOptionsExt;
 
 /// Boot a signed launch plan in a microVM, run one command in it, and power it off.
 ///

@@ -6,7 +6,7 @@
 //! each VM is its own runner process.
 
 use std::collections::BTreeMap;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Seek, Write};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -530,7 +530,6 @@ pub fn cp(args: CpArgs, out: &Output) -> anyhow::Result<()> {
             }
             // Hashed first, so the guest can refuse bytes that do not match what was read.
             let (sha256, size) = mvm_ir::digest::sha256_reader(&mut file)?;
-            use std::io::Seek;
             file.rewind()?;
             let mut client = connect(&host, name, Arc::default())?;
             let request = mvm_agent::protocol::FsWriteRequest {
