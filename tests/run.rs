@@ -748,6 +748,7 @@ fn a_named_vm_serves_execs_until_it_is_stopped_and_removed() {
     let _turn = turn();
     let plan = plan_arg(&f.bundle);
     let before = qemu_starts();
+    let _cleanup = RemoveOnDrop("web");
     let up = mvm_ok_json(&["up", "--plan", &plan, "--name", "web"], 0);
     assert_eq!(up["vm"]["phase"], "running", "{up}");
     let qemu_pid = wait_for_qemu(before);
@@ -964,6 +965,7 @@ fn a_named_vm_serves_execs_until_it_is_stopped_and_removed() {
 fn a_vm_whose_runner_is_killed_shows_failed_and_can_be_removed() {
     let f = fixture();
     let _turn = turn();
+    let _cleanup = RemoveOnDrop("victim");
     let up = mvm_ok_json(
         &["up", "--plan", &plan_arg(&f.bundle), "--name", "victim"],
         0,
@@ -1005,6 +1007,7 @@ fn a_named_vm_whose_root_fails_verification_stops_as_failed() {
     flip_byte(&image, start + 100);
 
     let _turn = turn();
+    let _cleanup = RemoveOnDrop("tampered");
     mvm_ok_json(
         &["up", "--plan", &plan_arg(&bundle), "--name", "tampered"],
         0,
@@ -1020,4 +1023,13 @@ fn a_named_vm_whose_root_fails_verification_stops_as_failed() {
     let listed = mvm_ok_json(&["ls"], 0);
     assert!(listed.to_string().contains("RUN020"), "{listed}");
     mvm_ok_json(&["rm", "tampered"], 0);
+}
+
+/// Removes a named VM when dropped, so that a failing test leaves no runner behind.
+struct RemoveOnDrop(&'static str);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = mvm(&["rm", "--force", self.0]);
+    }
 }
