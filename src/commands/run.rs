@@ -98,7 +98,7 @@ fn launch(args: RunArgs, out: &Output) -> anyhow::Result<ExitCode> {
         (None, Some(image)) => {
             cached_bundle(image, &args.image_options, &args.command)?.join("plan.dsse.json")
         }
-        (None, None) => unreachable!("clap requires an image or --plan"),
+        (None, None) => return Err(coded_as("RUN029", "give an image or --plan")),
     };
     let runner = sibling("MVM_RUNNER", "mvm-runner")?;
     if !runner.is_file() {
