@@ -6,9 +6,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 
-use mvm_agent::protocol::{
-    encode, BootTimings, ExitStatus, FrameDecoder, FrameKind, Integrity, Request, Response,
-};
+use mvm_agent::protocol::{encode, ExitStatus, FrameDecoder, FrameKind, Request, Response};
 use mvm_agent::serve::{serve, Ended, ServeConfig};
 
 fn request(stream: &mut UnixStream, id: u32, request: &Request) {
@@ -44,10 +42,8 @@ fn commands_in_their_own_process_groups_are_reaped_by_the_agent() {
         .unwrap();
     let agent = std::thread::spawn(move || {
         let config = ServeConfig {
-            workload_user: None,
             reap_orphans: true,
-            timings: BootTimings::default(),
-            integrity: || Integrity::Intact,
+            ..ServeConfig::on_host()
         };
         serve(&mut guest, &config)
     });

@@ -80,14 +80,7 @@ pub struct ExclusiveLock {
 impl ExclusiveLock {
     /// Blocks until the lock on `path` (created with mode 0600 if absent) is held.
     pub fn acquire(path: &Path) -> Result<Self, Error> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| Error::io(path, e))?;
+        let file = open_lock_file(path)?;
         file.lock().map_err(|e| Error::io(path, e))?;
         Ok(Self { file })
     }
@@ -96,20 +89,25 @@ impl ExclusiveLock {
 impl ExclusiveLock {
     /// The lock on `path` if nobody holds it now, without waiting; `None` while it is held.
     pub fn try_acquire(path: &Path) -> Result<Option<Self>, Error> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| Error::io(path, e))?;
+        let file = open_lock_file(path)?;
         match file.try_lock() {
             Ok(()) => Ok(Some(Self { file })),
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),
             Err(std::fs::TryLockError::Error(e)) => Err(Error::io(path, e)),
         }
     }
+}
+
+/// The lock file at `path`, created with mode 0600 if absent.
+fn open_lock_file(path: &Path) -> Result<File, Error> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::io(path, e))
 }
 
 impl Drop for ExclusiveLock {

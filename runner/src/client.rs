@@ -111,13 +111,7 @@ impl AgentClient {
         sink: &mut dyn OutputSink,
     ) -> Result<Executed, ClientError> {
         let stream = self.send(&Request::Exec(request))?;
-        let mut counted = Counted {
-            sink,
-            stdout: 0,
-            stderr: 0,
-            stdout_hash: Sha256::new(),
-            stderr_hash: Sha256::new(),
-        };
+        let mut counted = Counted::new(sink);
         let reply = match self.response(
             stream,
             Instant::now() + timeout,
@@ -185,13 +179,7 @@ impl AgentClient {
         timeout: Duration,
     ) -> Result<FileDone, ClientError> {
         let stream = self.send(&Request::FsRead { path: path.into() })?;
-        let mut counted = Counted {
-            sink,
-            stdout: 0,
-            stderr: 0,
-            stdout_hash: Sha256::new(),
-            stderr_hash: Sha256::new(),
-        };
+        let mut counted = Counted::new(sink);
         let done = match self.response(
             stream,
             Instant::now() + timeout,
@@ -310,6 +298,22 @@ impl AgentClient {
     }
 }
 
+/// A command's output, straight to this process's own stdout (flushed as it comes) and
+/// stderr.
+pub struct StdStreams;
+
+impl OutputSink for StdStreams {
+    fn stdout(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let mut out = io::stdout().lock();
+        out.write_all(bytes)?;
+        out.flush()
+    }
+
+    fn stderr(&mut self, bytes: &[u8]) -> io::Result<()> {
+        io::stderr().lock().write_all(bytes)
+    }
+}
+
 /// A command's answer, with its output's digests as the host received it.
 #[derive(Debug, Clone)]
 pub struct Executed {
@@ -328,6 +332,18 @@ struct Counted<'a> {
     stderr: u64,
     stdout_hash: Sha256,
     stderr_hash: Sha256,
+}
+
+impl<'a> Counted<'a> {
+    fn new(sink: &'a mut dyn OutputSink) -> Self {
+        Self {
+            sink,
+            stdout: 0,
+            stderr: 0,
+            stdout_hash: Sha256::new(),
+            stderr_hash: Sha256::new(),
+        }
+    }
 }
 
 impl OutputSink for Counted<'_> {
@@ -351,7 +367,7 @@ fn unexpected(response: &Response) -> ClientError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mvm_agent::protocol::{BootTimings, Integrity};
+    use mvm_agent::protocol::Integrity;
     use mvm_agent::serve::{serve, ServeConfig};
     use std::collections::BTreeMap;
 
@@ -374,15 +390,7 @@ mod tests {
     #[test]
     fn the_client_and_the_agent_agree() {
         let (host, mut guest) = UnixStream::pair().unwrap();
-        let agent = std::thread::spawn(move || {
-            let config = ServeConfig {
-                workload_user: None,
-                reap_orphans: false,
-                timings: BootTimings::default(),
-                integrity: || Integrity::Intact,
-            };
-            serve(&mut guest, &config)
-        });
+        let agent = std::thread::spawn(move || serve(&mut guest, &ServeConfig::on_host()));
         let mut client = AgentClient::new(host, Arc::default()).unwrap();
         let hello = client.hello(Duration::from_secs(10)).unwrap();
         assert_eq!(hello.version, PROTOCOL_VERSION);

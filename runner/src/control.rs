@@ -32,8 +32,9 @@ const POLL: Duration = Duration::from_millis(50);
 const CLIENT_WRITE_LIMIT: Duration = Duration::from_secs(10);
 /// The most clients served at once; more wait in the listen queue.
 const MAX_CLIENTS: usize = 64;
-/// The longest a command may be given (the agent clamps nothing itself).
-const MAX_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
+/// The longest a command may be given, and what "no timeout" means (the agent clamps nothing
+/// itself).
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// What every connection shares.
 pub struct Shared {
@@ -237,10 +238,7 @@ fn serve_client(mut connection: UnixStream, shared: &Shared) -> io::Result<()> {
                             record,
                         });
                     }
-                    Err(e) => {
-                        let message = format!("the agent channel: {e}");
-                        reply_error(&mut connection, client_stream, codes::SPAWN_FAILED, message)?;
-                    }
+                    Err(e) => channel_failed(&mut connection, client_stream, &e)?,
                 }
             }
             Request::FsRead { path } => {
@@ -252,10 +250,7 @@ fn serve_client(mut connection: UnixStream, shared: &Shared) -> io::Result<()> {
                     Ok(frames) => {
                         finish_copy(&mut connection, shared, client_stream, frames, record)?
                     }
-                    Err(e) => {
-                        let message = format!("the agent channel: {e}");
-                        reply_error(&mut connection, client_stream, codes::SPAWN_FAILED, message)?;
-                    }
+                    Err(e) => channel_failed(&mut connection, client_stream, &e)?,
                 }
             }
             Request::PowerOff => {
@@ -348,10 +343,7 @@ fn relay(
 ) -> io::Result<()> {
     let frames = match shared.mux.request(request) {
         Ok(frames) => frames,
-        Err(e) => {
-            let message = format!("the agent channel: {e}");
-            return reply_error(connection, client_stream, codes::SPAWN_FAILED, message);
-        }
+        Err(e) => return channel_failed(connection, client_stream, &e),
     };
     for frame in frames {
         let bytes = encode(frame.kind, client_stream, &frame.payload).map_err(io::Error::other)?;
@@ -432,7 +424,7 @@ pub fn with_plan_defaults(
             return Err(format!("environment variable {name:?} is not allowed"));
         }
     }
-    request.timeout_ms = request.timeout_ms.min(MAX_TIMEOUT_MS);
+    request.timeout_ms = request.timeout_ms.min(MAX_TIMEOUT.as_millis() as u64);
     let mut env = plan.policy.env.clone();
     env.append(&mut request.env);
     env.entry("HOME".into()).or_insert_with(|| "/tmp".into());
@@ -444,6 +436,16 @@ pub fn with_plan_defaults(
         request.cwd = plan.entrypoint.cwd.clone();
     }
     Ok(request)
+}
+
+/// Tells the client its request could not reach the agent.
+fn channel_failed(
+    connection: &mut UnixStream,
+    stream: u32,
+    error: &crate::client::ClientError,
+) -> io::Result<()> {
+    let message = format!("the agent channel: {error}");
+    reply_error(connection, stream, codes::SPAWN_FAILED, message)
 }
 
 fn reply(connection: &mut UnixStream, stream: u32, response: &Response) -> io::Result<()> {

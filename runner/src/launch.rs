@@ -33,7 +33,7 @@ use serde_json::{json, Map, Value};
 use crate::admission::{admit_bundle, AdmissionError};
 use crate::client::{AgentClient, ClientError, Executed, OutputSink};
 use crate::control;
-use crate::host::{self, Accel, BackendChoice, HostError, HostFacts, QemuBinary};
+use crate::host::{self, Accel, BackendChoice, HostError, HostFacts};
 use crate::mux::AgentMux;
 use crate::qemu::{self, QemuVm, VmFiles};
 use crate::state::{self, Phase, VmState};
@@ -74,8 +74,6 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Beyond a command's own timeout (which the agent enforces), how long the runner waits for
 /// the agent's answer before giving up on the VM.
 const ANSWER_GRACE: Duration = Duration::from_secs(30);
-/// The agent caps every command's time; "no timeout" asks for this.
-const NO_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The console log's name in the VM's state directory.
 const SERIAL_LOG: &str = "serial.log";
 
@@ -525,9 +523,10 @@ fn start<T>(
                 code: e.code().into(),
                 reason: e.to_string(),
             };
-            let selected =
-                host::select(launch.backend, &HostFacts::detect()).map_err(unavailable)?;
-            let qemu = QemuBinary::discover().map_err(unavailable)?;
+            // One look at the host: the QEMU it found is the one that runs.
+            let facts = HostFacts::detect();
+            let selected = host::select(launch.backend, &facts).map_err(unavailable)?;
+            let qemu = facts.qemu.map_err(unavailable)?;
             Ok((settled, selected.accel, qemu.path))
         },
     );
@@ -806,27 +805,27 @@ fn secrets_resolvable(plan: &VerifiedPlan) -> Result<(), AdmissionError> {
 
 fn exec_request(plan: &VerifiedPlan, launch: &Launch) -> Result<ExecRequest, AdmissionError> {
     secrets_resolvable(plan)?;
-    let policy = &plan.plan.policy;
-    let argv = if launch.argv.is_empty() {
-        plan.plan.entrypoint.command.clone()
-    } else {
-        launch.argv.clone()
+    let timeout = launch.timeout.unwrap_or(control::MAX_TIMEOUT);
+    let asked = ExecRequest {
+        argv: launch.argv.clone(),
+        env: BTreeMap::new(),
+        cwd: None,
+        timeout_ms: timeout.as_millis().min(u128::from(u64::MAX)) as u64,
     };
-    if argv.is_empty() {
+    // The same defaults as a named VM's commands get; no client variables to refuse here.
+    let request = control::with_plan_defaults(&plan.plan, asked).map_err(|reason| {
+        AdmissionError::NotRunnable {
+            code: "RUN029".into(),
+            reason,
+        }
+    })?;
+    if request.argv.is_empty() {
         return Err(AdmissionError::NotRunnable {
             code: "RUN029".into(),
             reason: "no command: give one after `--`, or build the plan with an entrypoint".into(),
         });
     }
-    let mut env: BTreeMap<String, String> = policy.env.clone();
-    env.entry("HOME".into()).or_insert_with(|| "/tmp".into());
-    let timeout = launch.timeout.unwrap_or(NO_TIMEOUT).min(NO_TIMEOUT);
-    Ok(ExecRequest {
-        argv,
-        env,
-        cwd: plan.plan.entrypoint.cwd.clone(),
-        timeout_ms: timeout.as_millis() as u64,
-    })
+    Ok(request)
 }
 
 /// Appends audit entries signed with the host key.

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use mvm_ir::home::MvmHome;
-use mvm_runner::client::OutputSink;
+use mvm_runner::client::{OutputSink, StdStreams};
 use mvm_runner::host::BackendChoice;
 use mvm_runner::launch::{self, exit, Failure, Finished, Launch, LaunchError};
 use mvm_runner::state;
@@ -132,7 +132,7 @@ fn run(
         let finished = launch::launch(&request, &mut captured)?;
         Ok((finished, Some(captured)))
     } else {
-        let finished = launch::launch(&request, &mut Streamed)?;
+        let finished = launch::launch(&request, &mut StdStreams)?;
         Ok((finished, None))
     }
 }
@@ -257,21 +257,6 @@ fn text_or_base64(bytes: &[u8]) -> Value {
             use base64::Engine;
             json!({"base64": base64::engine::general_purpose::STANDARD.encode(bytes)})
         }
-    }
-}
-
-/// The command's output, straight to the runner's own stdout and stderr.
-struct Streamed;
-
-impl OutputSink for Streamed {
-    fn stdout(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let mut out = io::stdout().lock();
-        out.write_all(bytes)?;
-        out.flush()
-    }
-
-    fn stderr(&mut self, bytes: &[u8]) -> io::Result<()> {
-        io::stderr().lock().write_all(bytes)
     }
 }
 

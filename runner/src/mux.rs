@@ -179,7 +179,7 @@ fn route_frames(mut stream: UnixStream, routes: &Routes) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mvm_agent::protocol::{BootTimings, ExecRequest, Integrity, Response};
+    use mvm_agent::protocol::{ExecRequest, Response};
     use mvm_agent::serve::{serve, ServeConfig};
     use std::collections::BTreeMap;
 
@@ -210,15 +210,7 @@ mod tests {
     #[test]
     fn exchanges_share_the_channel_and_each_gets_its_own_frames() {
         let (host, mut guest) = UnixStream::pair().unwrap();
-        let agent = std::thread::spawn(move || {
-            let config = ServeConfig {
-                workload_user: None,
-                reap_orphans: false,
-                timings: BootTimings::default(),
-                integrity: || Integrity::Intact,
-            };
-            serve(&mut guest, &config)
-        });
+        let agent = std::thread::spawn(move || serve(&mut guest, &ServeConfig::on_host()));
         let mux = Arc::new(AgentMux::new(host, 0).unwrap());
         let workers: Vec<_> = (0..8)
             .map(|i| {

@@ -39,8 +39,9 @@ pub fn boot(
     .plan;
     let bundle = plan_path.parent().unwrap_or(Path::new("."));
     let floor_initramfs = floor_initramfs(work)?;
-    let selected = host::select(BackendChoice::Auto, &HostFacts::detect())?;
-    let qemu = host::QemuBinary::discover()?.path;
+    let facts = HostFacts::detect();
+    let selected = host::select(BackendChoice::Auto, &facts)?;
+    let qemu = facts.qemu?.path;
     let runner = super::run::sibling("MVM_RUNNER", "mvm-runner")?;
 
     let (mut ours, mut floor, mut splits) = (Vec::new(), Vec::new(), Vec::new());

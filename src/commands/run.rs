@@ -93,13 +93,12 @@ pub fn run(args: RunArgs, out: &Output) -> ExitCode {
 }
 
 fn launch(args: RunArgs, out: &Output) -> anyhow::Result<ExitCode> {
-    let plan = match (&args.plan, &args.image) {
-        (Some(plan), _) => plan.clone(),
-        (None, Some(image)) => {
-            cached_bundle(image, &args.image_options, &args.command)?.join("plan.dsse.json")
-        }
-        (None, None) => return Err(coded_as("RUN029", "give an image or --plan")),
-    };
+    let plan = plan_to_boot(
+        args.plan.as_deref(),
+        args.image.as_deref(),
+        &args.image_options,
+        &args.command,
+    )?;
     let runner = sibling("MVM_RUNNER", "mvm-runner")?;
     if !runner.is_file() {
         return Err(coded_as(
@@ -161,9 +160,24 @@ fn launch(args: RunArgs, out: &Output) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(code))
 }
 
+/// The plan a command boots: the one given, or the cached bundle's for the image (built when
+/// needed, with `command` as its entrypoint).
+pub(super) fn plan_to_boot(
+    plan: Option<&Path>,
+    image: Option<&str>,
+    options: &ImageOptions,
+    command: &[String],
+) -> anyhow::Result<PathBuf> {
+    match (plan, image) {
+        (Some(plan), _) => Ok(plan.to_path_buf()),
+        (None, Some(image)) => Ok(cached_bundle(image, options, command)?.join("plan.dsse.json")),
+        (None, None) => Err(coded_as("RUN029", "give an image or --plan")),
+    }
+}
+
 /// The bundle for `image` with these resources, agent and kernel under `$MVM_HOME/runs`,
 /// built (by `mvm build`, its output on stderr) unless one with a valid plan is there.
-pub(super) fn cached_bundle(
+fn cached_bundle(
     image: &str,
     options: &ImageOptions,
     command: &[String],

@@ -20,18 +20,17 @@ use clap::Args;
 use mvm_agent::protocol::{ExecRequest, Integrity};
 use mvm_ir::fsutil::ExclusiveLock;
 use mvm_ir::receipt::Receipt;
-use mvm_runner::client::{AgentClient, ClientError, OutputSink};
+use mvm_runner::client::{AgentClient, ClientError, OutputSink, StdStreams};
+use mvm_runner::control::MAX_TIMEOUT;
 use mvm_runner::launch::{command_result, exit, LaunchError};
 use mvm_runner::state::{self, Phase, VmState};
 use serde_json::{json, Value};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
-use super::run::{cached_bundle, sibling, ImageOptions};
+use super::run::{plan_to_boot, sibling, ImageOptions};
 use super::{coded_as, Host};
 use crate::output::Output;
 
-/// The agent caps a command at a week; "no timeout" asks for that.
-const NO_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Beyond a command's timeout, how long to wait for its answer.
 const ANSWER_GRACE: Duration = Duration::from_secs(30);
 /// How long `mvm stop` waits for the runner to power the VM off.
@@ -184,13 +183,12 @@ pub fn up(args: UpArgs, out: &Output) -> anyhow::Result<ExitCode> {
             ),
         ));
     }
-    let plan = match (&args.plan, &args.image) {
-        (Some(plan), _) => plan.clone(),
-        (None, Some(image)) => {
-            cached_bundle(image, &args.image_options, &args.command)?.join("plan.dsse.json")
-        }
-        (None, None) => return Err(coded_as("RUN029", "give an image or --plan")),
-    };
+    let plan = plan_to_boot(
+        args.plan.as_deref(),
+        args.image.as_deref(),
+        &args.image_options,
+        &args.command,
+    )?;
     let runner = sibling("MVM_RUNNER", "mvm-runner")?;
     let mut child = Command::new(&runner)
         .arg("--plan")
@@ -301,7 +299,7 @@ pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     let (_, vm) = observe(&host, &args.name)?;
     let mut client = connect(&host, &args.name, interrupt)?;
     let started_at = mvm_ir::plan::Timestamp::now();
-    let timeout = args.timeout.unwrap_or(NO_TIMEOUT).min(NO_TIMEOUT);
+    let timeout = args.timeout.unwrap_or(MAX_TIMEOUT).min(MAX_TIMEOUT);
     let argv_sha256 = mvm_ir::digest::sha256_prefixed(&serde_json::to_vec(&args.command)?);
     let request = ExecRequest {
         argv: args.command,
@@ -309,7 +307,7 @@ pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
         cwd: args.cwd,
         timeout_ms: timeout.as_millis() as u64,
     };
-    let executed = match client.exec(request, timeout + ANSWER_GRACE, &mut Streamed) {
+    let executed = match client.exec(request, timeout + ANSWER_GRACE, &mut StdStreams) {
         Ok(executed) => executed,
         Err(ClientError::Refused(refusal)) => {
             let error = LaunchError::CommandRefused(refusal);
@@ -597,20 +595,5 @@ impl OutputSink for FileSink {
 
     fn stderr(&mut self, _: &[u8]) -> io::Result<()> {
         Ok(())
-    }
-}
-
-/// The command's output, straight to mvm's own stdout and stderr.
-struct Streamed;
-
-impl OutputSink for Streamed {
-    fn stdout(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let mut out = io::stdout().lock();
-        out.write_all(bytes)?;
-        out.flush()
-    }
-
-    fn stderr(&mut self, bytes: &[u8]) -> io::Result<()> {
-        io::stderr().lock().write_all(bytes)
     }
 }

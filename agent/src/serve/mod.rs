@@ -45,6 +45,20 @@ pub struct ServeConfig {
     pub integrity: fn() -> Integrity,
 }
 
+impl ServeConfig {
+    /// Serving on a host rather than as the guest's PID 1 (tests, and tools driving the loop
+    /// over a socket pair): commands run as the caller, only the agent's own children are
+    /// reaped, no boot timings, and a root that is always intact.
+    pub fn on_host() -> Self {
+        Self {
+            workload_user: None,
+            reap_orphans: false,
+            timings: BootTimings::default(),
+            integrity: || Integrity::Intact,
+        }
+    }
+}
+
 /// Why serving ended without an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ended {

@@ -22,8 +22,6 @@ impl Host {
             .unwrap();
         let agent = std::thread::spawn(move || {
             let config = ServeConfig {
-                workload_user: None,
-                reap_orphans: false,
                 timings: BootTimings {
                     agent_ms: 1,
                     modules_ms: 2,
@@ -31,7 +29,7 @@ impl Host {
                     root_ms: 4,
                     channel_ms: 5,
                 },
-                integrity: || Integrity::Intact,
+                ..ServeConfig::on_host()
             };
             serve(&mut agent_side, &config)
         });
