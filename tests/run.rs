@@ -594,27 +594,34 @@ fn canary_block(image: &[u8]) -> (usize, Vec<u8>) {
     (start, image[start..start + BLOCK].to_vec())
 }
 
+/// Flips a byte in the canary's data in the bundle's image.
+fn flip_canary_data(bundle: &Path) {
+    let image = bundle.join("rootfs.erofs");
+    let (start, _) = canary_block(&fs::read(&image).unwrap());
+    flip_byte(&image, start + 100);
+}
+
+/// `mvm --json run` of `bundle`'s plan with `command`, which must end as an integrity failure
+/// (exit 121, RUN020); returns the report.
+fn run_expecting_integrity_failure(bundle: &Path, command: &[&str]) -> Value {
+    let _turn = turn();
+    let plan = plan_arg(bundle);
+    let mut args = vec!["--json", "run", "--plan", &plan, "--"];
+    args.extend_from_slice(command);
+    let out = mvm(&args);
+    assert_eq!(out.status.code(), Some(121), "{}", describe(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["error"]["code"], "RUN020", "{report}");
+    report
+}
+
 #[test]
 fn a_flipped_byte_in_a_files_data_is_an_integrity_failure() {
     let dir = tempfile::tempdir().unwrap();
     let bundle = bundle_copy(dir.path());
-    let image = bundle.join("rootfs.erofs");
-    let (start, _) = canary_block(&fs::read(&image).unwrap());
-    flip_byte(&image, start + 100);
+    flip_canary_data(&bundle);
 
-    let _turn = turn();
-    let out = mvm(&[
-        "--json",
-        "run",
-        "--plan",
-        &plan_arg(&bundle),
-        "--",
-        "cat",
-        "/data/canary.bin",
-    ]);
-    assert_eq!(out.status.code(), Some(121), "{}", describe(&out));
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["error"]["code"], "RUN020", "{report}");
+    run_expecting_integrity_failure(&bundle, &["cat", "/data/canary.bin"]);
 }
 
 #[test]
@@ -624,19 +631,7 @@ fn a_root_that_fails_verification_at_mount_is_an_integrity_failure() {
     // The EROFS superblock lives in the first block: the mount itself reads a bad block.
     flip_byte(&bundle.join("rootfs.erofs"), 1024 + 8);
 
-    let _turn = turn();
-    let out = mvm(&[
-        "--json",
-        "run",
-        "--plan",
-        &plan_arg(&bundle),
-        "--",
-        "echo",
-        "never",
-    ]);
-    assert_eq!(out.status.code(), Some(121), "{}", describe(&out));
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["error"]["code"], "RUN020", "{report}");
+    let report = run_expecting_integrity_failure(&bundle, &["echo", "never"]);
     assert!(
         report["error"]["message"]
             .as_str()
@@ -667,19 +662,7 @@ fn a_flipped_byte_in_the_hash_tree_is_an_integrity_failure() {
     let at = find(&fs::read(&tree).unwrap(), &leaf);
     flip_byte(&tree, at + 5);
 
-    let _turn = turn();
-    let out = mvm(&[
-        "--json",
-        "run",
-        "--plan",
-        &plan_arg(&bundle),
-        "--",
-        "cat",
-        "/data/canary.bin",
-    ]);
-    assert_eq!(out.status.code(), Some(121), "{}", describe(&out));
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["error"]["code"], "RUN020", "{report}");
+    run_expecting_integrity_failure(&bundle, &["cat", "/data/canary.bin"]);
 }
 
 #[test]
@@ -1002,9 +985,7 @@ fn a_vm_whose_runner_is_killed_shows_failed_and_can_be_removed() {
 fn a_named_vm_whose_root_fails_verification_stops_as_failed() {
     let dir = tempfile::tempdir().unwrap();
     let bundle = bundle_copy(dir.path());
-    let image = bundle.join("rootfs.erofs");
-    let (start, _) = canary_block(&fs::read(&image).unwrap());
-    flip_byte(&image, start + 100);
+    flip_canary_data(&bundle);
 
     let _turn = turn();
     let _cleanup = RemoveOnDrop("tampered");
