@@ -54,6 +54,7 @@ fn commands_in_their_own_process_groups_are_reaped_by_the_agent() {
             env: BTreeMap::new(),
             cwd: None,
             timeout_ms: 10_000,
+            stdin: false,
         };
         request(&mut host, id, &Request::Exec(exec));
         let (stdout, reply) = response(&mut host, &mut decoder);

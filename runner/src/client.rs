@@ -404,6 +404,7 @@ mod tests {
             env: BTreeMap::from([("GREETING".to_string(), "hi".to_string())]),
             cwd: Some("/".into()),
             timeout_ms: 10_000,
+            stdin: false,
         };
         let executed = client
             .exec(request.clone(), Duration::from_secs(10), &mut output)

@@ -189,6 +189,7 @@ mod tests {
             env: BTreeMap::new(),
             cwd: None,
             timeout_ms: 10_000,
+            stdin: false,
         })
     }
 

@@ -34,8 +34,11 @@ pub enum FrameKind {
     /// Raw bytes a command wrote to its standard error.
     Stderr,
     /// Raw bytes of a file being copied (host to guest for `fs_write`, guest to host for
-    /// `fs_read`).
+    /// `fs_read`), or of a command's standard input (host to guest; an empty one ends it).
     Data,
+    /// Flow control: the sender of this frame grants its peer more room for data frames on
+    /// the stream ([`super::flow`]).
+    Credit,
 }
 
 impl FrameKind {
@@ -46,6 +49,7 @@ impl FrameKind {
             FrameKind::Stdout => 3,
             FrameKind::Stderr => 4,
             FrameKind::Data => 5,
+            FrameKind::Credit => 6,
         }
     }
 
@@ -56,6 +60,7 @@ impl FrameKind {
             3 => FrameKind::Stdout,
             4 => FrameKind::Stderr,
             5 => FrameKind::Data,
+            6 => FrameKind::Credit,
             _ => return None,
         })
     }
@@ -76,6 +81,9 @@ pub enum FrameError {
     /// Flags or reserved bytes are not zero.
     #[error("reserved frame header bits are set")]
     Reserved,
+    /// A credit frame whose payload is not a 4-byte count.
+    #[error("a credit frame must carry exactly 4 bytes")]
+    BadCredit,
     /// An earlier frame was bad; nothing after it can be decoded.
     #[error("the channel failed earlier and cannot be read any more")]
     Failed,
@@ -89,6 +97,7 @@ impl FrameError {
             FrameError::UnknownKind(_) => "PROTO002",
             FrameError::Reserved => "PROTO003",
             FrameError::Failed => "PROTO004",
+            FrameError::BadCredit => "PROTO005",
         }
     }
 }
@@ -105,6 +114,14 @@ pub struct Frame {
 }
 
 impl Frame {
+    /// Whether the frame carries data counted against a stream's window ([`super::flow`]).
+    pub fn is_data(&self) -> bool {
+        matches!(
+            self.kind,
+            FrameKind::Stdout | FrameKind::Stderr | FrameKind::Data
+        )
+    }
+
     /// The frame's bytes on the wire.
     pub fn encode(&self) -> Result<Vec<u8>, FrameError> {
         encode(self.kind, self.stream, &self.payload)
@@ -286,8 +303,8 @@ mod tests {
                 FrameError::UnknownKind(0),
             ),
             (
-                [0, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 1],
-                FrameError::UnknownKind(9),
+                [0, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 1],
+                FrameError::UnknownKind(7),
             ),
             ([0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 1], FrameError::Reserved),
             ([0, 0, 0, 0, 1, 0, 0, 1, 0, 0, 0, 1], FrameError::Reserved),

@@ -27,9 +27,72 @@ pub enum Request {
         /// The file, absolute, under the copy root (`/tmp`).
         path: String,
     },
+    /// Sends a signal to the process group of the command running for the exec request on
+    /// `stream` (a client cancelling its command); answered [`Response::Done`].
+    Signal {
+        /// The exec request's stream id.
+        stream: u32,
+        /// The signal number, 1–31.
+        signal: i32,
+    },
+    /// Starts a command in the background and answers at once with its handle; its output is
+    /// kept (the last [`SPAWN_OUTPUT_TAIL`] bytes of each stream) for [`Request::Wait`].
+    Spawn(ExecRequest),
+    /// Waits up to `timeout_ms` for a spawned command to end. Once it has, its kept output
+    /// comes in stdout/stderr frames before the answer, and the handle is released.
+    Wait {
+        /// The handle [`Response::Spawned`] gave.
+        handle: u64,
+        /// How long to wait; 0 only looks.
+        timeout_ms: u64,
+    },
+    /// Sends a signal to a spawned command's process group.
+    Kill {
+        /// The handle [`Response::Spawned`] gave.
+        handle: u64,
+        /// The signal number, 1–31.
+        signal: i32,
+    },
+    /// Lists the commands the agent runs or has kept an end for.
+    Ps,
+    /// Lists a directory under the file root.
+    FsList {
+        /// The directory, absolute.
+        path: String,
+    },
+    /// Describes one path under the file root (a symlink itself, not its target).
+    FsStat {
+        /// The path, absolute.
+        path: String,
+    },
+    /// Creates a directory (its parent must exist).
+    FsMkdir {
+        /// The new directory, absolute.
+        path: String,
+        /// Permission bits (at most 0o777).
+        mode: u32,
+    },
+    /// Removes a file, a symlink, or a directory (with `recursive`, and everything in it).
+    FsRemove {
+        /// The path, absolute.
+        path: String,
+        /// Remove a directory that is not empty, with all it holds.
+        #[serde(default)]
+        recursive: bool,
+    },
+    /// Renames a path (both ends under the file root, on the same file system).
+    FsMove {
+        /// The path that exists.
+        from: String,
+        /// Its new name; an existing file there is replaced, a directory is not.
+        to: String,
+    },
     /// Sync and power the guest off once the answer is sent.
     PowerOff,
 }
+
+/// Bytes of each output stream of a spawned command kept for [`Request::Wait`].
+pub const SPAWN_OUTPUT_TAIL: usize = 64 * 1024;
 
 /// A command to run inside the verified root.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +108,11 @@ pub struct ExecRequest {
     pub cwd: Option<String>,
     /// The command and everything it started are killed after this many milliseconds.
     pub timeout_ms: u64,
+    /// Give the command a standard input fed by data frames on the request's stream (an
+    /// empty data frame closes it); without it, standard input is `/dev/null`. Not for
+    /// [`Request::Spawn`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stdin: bool,
 }
 
 impl ExecRequest {
@@ -85,10 +153,89 @@ pub enum Response {
     FsWrite(FileDone),
     /// The whole file was sent.
     FsRead(FileDone),
+    /// A spawned command started.
+    Spawned {
+        /// Its handle for `wait`, `kill` and `ps`.
+        handle: u64,
+        /// Its process id in the guest (also its process group).
+        pid: u32,
+    },
+    /// Answer to [`Request::Wait`]: the command as it is now (still running if the wait
+    /// timed out).
+    Wait(ProcessInfo),
+    /// Answer to [`Request::Ps`].
+    Ps {
+        /// Spawned commands (running, or ended and not yet waited for) and the exec
+        /// commands running, oldest first.
+        processes: Vec<ProcessInfo>,
+    },
+    /// Answer to [`Request::FsList`], sorted by name.
+    FsList {
+        /// What the directory holds.
+        entries: Vec<FileInfo>,
+        /// More entries exist than one answer carries.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        truncated: bool,
+    },
+    /// Answer to [`Request::FsStat`].
+    FsStat(FileInfo),
+    /// A request without anything to report was carried out (`signal`, `kill`, `fs_mkdir`,
+    /// `fs_remove`, `fs_move`).
+    Done,
     /// The guest powers off next.
     PowerOff,
     /// The request failed.
     Error(ErrorReply),
+}
+
+/// One command the agent knows of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessInfo {
+    /// The spawn handle; `None` for an exec command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handle: Option<u64>,
+    /// Its process id (and process group).
+    pub pid: u32,
+    /// The program it ran (`argv[0]` only: arguments may hold secrets).
+    pub program: String,
+    /// Milliseconds since it started.
+    pub running_ms: u64,
+    /// How it ended; `None` while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<ExitStatus>,
+}
+
+/// One path, as [`Request::FsStat`] and [`Request::FsList`] describe it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileInfo {
+    /// Its last component.
+    pub name: String,
+    /// What it is.
+    pub kind: FileKind,
+    /// Size in bytes (of the link text for a symlink).
+    pub size: u64,
+    /// Permission bits.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Last modification, seconds since the epoch.
+    pub modified: i64,
+}
+
+/// The kind of a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileKind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Directory,
+    /// A symbolic link (never followed).
+    Symlink,
+    /// Anything else (fifo, socket, device).
+    Other,
 }
 
 /// A file to write in the guest.
@@ -223,6 +370,13 @@ pub mod codes {
     pub const COPY_MISMATCH: &str = "AGENT108";
     /// A file could not be read or written.
     pub const FILE_IO: &str = "AGENT109";
+    /// No command or spawned process has that stream or handle (it may have ended).
+    pub const NO_SUCH_PROCESS: &str = "AGENT110";
+    /// The peer sent data past its stream's flow-control window, or on a stream not taking
+    /// data.
+    pub const FLOW: &str = "AGENT111";
+    /// The path exists already (`fs_mkdir`), does not exist, or is the wrong kind.
+    pub const FILE_STATE: &str = "AGENT112";
 }
 
 #[cfg(test)]
@@ -235,6 +389,7 @@ mod tests {
             env: BTreeMap::new(),
             cwd: None,
             timeout_ms: 1000,
+            stdin: false,
         }
     }
 

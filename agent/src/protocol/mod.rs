@@ -4,16 +4,18 @@
 //! The host opens every exchange with a request on a stream id of its choosing; the agent
 //! answers with data frames on that id (a command's stdout and stderr, kept apart) and exactly
 //! one final response. The first request on a channel is [`Request::Hello`], which checks that
-//! both sides speak [`PROTOCOL_VERSION`].
+//! both sides speak [`PROTOCOL_VERSION`]. Data frames are flow-controlled per stream ([`flow`]).
 
+pub mod flow;
 pub mod frame;
 pub mod message;
 
 pub use frame::{encode, Frame, FrameDecoder, FrameError, FrameKind, HEADER_LEN, MAX_PAYLOAD};
 pub use message::{
-    codes, BootTimings, ErrorReply, ExecReply, ExecRequest, ExitStatus, FileDone, FsWriteRequest,
-    HelloReply, Integrity, Request, Response,
+    codes, BootTimings, ErrorReply, ExecReply, ExecRequest, ExitStatus, FileDone, FileInfo,
+    FileKind, FsWriteRequest, HelloReply, Integrity, ProcessInfo, Request, Response,
+    SPAWN_OUTPUT_TAIL,
 };
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;

@@ -1,15 +1,17 @@
 //! One command run for an `exec` request: spawned, watched and ended.
 
-use std::io::{self, Read};
-use std::os::fd::OwnedFd;
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{ChildStderr, ChildStdout, Command, Stdio};
+use std::process::{ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, PidfdFlags, Signal, WaitOptions};
 
-use crate::protocol::{codes, ErrorReply, ExecRequest, ExitStatus};
+use crate::protocol::flow::{cost, ReceiveWindow, SendWindow};
+use crate::protocol::{codes, ErrorReply, ExecRequest, ExitStatus, ProcessInfo};
 
 /// `PATH` for commands whose environment has none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -31,6 +33,13 @@ pub struct Credentials {
 pub struct Running {
     /// The request's stream id.
     pub stream: u32,
+    /// Set for a spawned command: its output is kept here instead of streamed.
+    pub spawned: Option<Spawned>,
+    /// Room left to stream its output to the host.
+    pub window: SendWindow,
+    /// Its standard input, when the request asked for one.
+    pub stdin: Option<Stdin>,
+    program: String,
     pid: Pid,
     pidfd: OwnedFd,
     /// Its standard output until end of file.
@@ -52,11 +61,19 @@ pub struct Running {
 impl Running {
     /// Starts `request` in its own process group, as `user` when given, with nothing inherited
     /// but what the request names. `no_new_privs` is already set on the agent and so on it.
+    /// With `spawn`, a background command with that handle whose output is kept, not sent.
     pub fn start(
         stream: u32,
         request: &ExecRequest,
         user: Option<Credentials>,
+        spawn: Option<u64>,
     ) -> Result<Self, ErrorReply> {
+        if spawn.is_some() && request.stdin {
+            return Err(error(
+                codes::BAD_REQUEST,
+                "a spawned command has no standard input",
+            ));
+        }
         if let Some(problem) = request.problem() {
             return Err(error(codes::BAD_REQUEST, problem));
         }
@@ -73,7 +90,11 @@ impl Running {
             .env_clear()
             .envs(&request.env)
             .current_dir(cwd)
-            .stdin(Stdio::null())
+            .stdin(if request.stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
@@ -93,8 +114,32 @@ impl Running {
             let _ = child.wait();
             error(codes::SPAWN_FAILED, format!("pidfd_open: {e}"))
         })?;
+        let stdin = match child.stdin.take() {
+            Some(pipe) => {
+                rustix::io::ioctl_fionbio(&pipe, true).map_err(|e| {
+                    let _ = rustix::process::kill_process_group(pid, Signal::KILL);
+                    let _ = child.wait();
+                    error(codes::SPAWN_FAILED, format!("stdin: {e}"))
+                })?;
+                Some(Stdin {
+                    pipe: Some(pipe),
+                    pending: VecDeque::new(),
+                    closing: false,
+                    window: ReceiveWindow::default(),
+                })
+            }
+            None => None,
+        };
         Ok(Self {
             stream,
+            spawned: spawn.map(|handle| Spawned {
+                handle,
+                stdout: Tail::default(),
+                stderr: Tail::default(),
+            }),
+            window: SendWindow::default(),
+            stdin,
+            program: request.argv[0].clone(),
             pid,
             pidfd,
             stdout: child.stdout.take(),
@@ -134,6 +179,32 @@ impl Running {
         self.started.elapsed().as_millis() as u64
     }
 
+    /// What `ps` says of it.
+    pub fn info(&self) -> ProcessInfo {
+        ProcessInfo {
+            handle: self.spawned.as_ref().map(|s| s.handle),
+            pid: self.pid.as_raw_nonzero().get() as u32,
+            program: self.program.clone(),
+            running_ms: self.elapsed_ms(),
+            status: self.status,
+        }
+    }
+
+    /// Sends `signal` to its process group (while it runs: after it ended, the group may be
+    /// gone and its id reused).
+    pub fn signal(&self, signal: i32) -> Result<(), ErrorReply> {
+        let signal = (1..=31)
+            .contains(&signal)
+            .then(|| Signal::from_named_raw(signal))
+            .flatten()
+            .ok_or_else(|| error(codes::BAD_REQUEST, format!("{signal} is not a signal")))?;
+        if self.status.is_some() {
+            return Err(error(codes::NO_SUCH_PROCESS, "it has ended"));
+        }
+        rustix::process::kill_process_group(self.pid, signal)
+            .map_err(|e| error(codes::NO_SUCH_PROCESS, e.to_string()))
+    }
+
     /// Records its exit status, found by whoever reaped it.
     pub fn exited(&mut self, status: rustix::process::WaitStatus) {
         if self.status.is_some() {
@@ -169,18 +240,134 @@ impl Running {
         }
     }
 
-    /// Whether the reply can be sent: it has ended and its output is all read, or the grace
-    /// for output after its end has passed.
-    pub fn finished(&self, now: Instant) -> bool {
-        self.status.is_some()
-            && ((self.stdout.is_none() && self.stderr.is_none())
-                || self.drain_until.is_some_and(|until| now >= until))
+    /// Whether the reply can be sent: it has ended and its output is all read. Processes it
+    /// left behind holding its pipes get the drain grace, then are killed; what they wrote
+    /// before is still sent, as the window allows.
+    pub fn finished(&mut self, now: Instant) -> bool {
+        if self.status.is_none() {
+            return false;
+        }
+        if self.stdout.is_none() && self.stderr.is_none() {
+            return true;
+        }
+        if !self.drain_until.is_some_and(|until| now >= until) {
+            return false;
+        }
+        self.kill_leftovers();
+        let unread = |pipe: Option<BorrowedFd<'_>>| {
+            pipe.is_some_and(|pipe| rustix::io::ioctl_fionread(pipe).is_ok_and(|n| n > 0))
+        };
+        !unread(self.stdout.as_ref().map(AsFd::as_fd))
+            && !unread(self.stderr.as_ref().map(AsFd::as_fd))
     }
 
     /// Ends everything it left behind in its process group. The process group id stays
     /// reserved while the group has members, so this cannot hit an unrelated process.
     pub fn kill_leftovers(&self) {
         let _ = rustix::process::kill_process_group(self.pid, Signal::KILL);
+    }
+}
+
+/// A spawned command's handle and the last of its output.
+#[derive(Debug)]
+pub struct Spawned {
+    /// Its handle.
+    pub handle: u64,
+    /// The end of its standard output.
+    pub stdout: Tail,
+    /// The end of its standard error.
+    pub stderr: Tail,
+}
+
+/// The last [`SPAWN_OUTPUT_TAIL`](crate::protocol::SPAWN_OUTPUT_TAIL) bytes written to a
+/// stream.
+#[derive(Debug, Default)]
+pub struct Tail(VecDeque<u8>);
+
+impl Tail {
+    /// Appends bytes, forgetting the oldest beyond the limit.
+    pub fn push(&mut self, bytes: &[u8]) {
+        let limit = crate::protocol::SPAWN_OUTPUT_TAIL;
+        let bytes = &bytes[bytes.len().saturating_sub(limit)..];
+        let excess = (self.0.len() + bytes.len()).saturating_sub(limit);
+        self.0.drain(..excess);
+        self.0.extend(bytes);
+    }
+
+    /// The bytes kept.
+    pub fn bytes(&self) -> Vec<u8> {
+        self.0.iter().copied().collect()
+    }
+}
+
+/// A command's standard input, fed from data frames without ever blocking the agent: bytes
+/// wait in `pending` (at most a window's worth) until the pipe takes them, and only then is
+/// their room handed back to the host.
+#[derive(Debug)]
+pub struct Stdin {
+    /// The pipe, until it is closed.
+    pub pipe: Option<ChildStdin>,
+    pending: VecDeque<u8>,
+    closing: bool,
+    /// What the host may still send.
+    pub window: ReceiveWindow,
+}
+
+impl Stdin {
+    /// Takes a data frame's bytes (an empty frame closes the input once the rest is written).
+    /// Returns the room to hand back at once — the frame's header, and its bytes when the pipe
+    /// is closed already — or `None` if the host overran its window.
+    pub fn receive(&mut self, bytes: &[u8]) -> Option<u64> {
+        if !self.window.take(bytes.len()) {
+            return None;
+        }
+        let back = if bytes.is_empty() {
+            self.closing = true;
+            cost(0)
+        } else if self.pipe.is_some() {
+            self.pending.extend(bytes);
+            cost(0)
+        } else {
+            cost(bytes.len())
+        };
+        self.window.restore(back);
+        Some(back)
+    }
+
+    /// Whether there is something to write.
+    pub fn wants_to_write(&self) -> bool {
+        self.pipe.is_some() && !self.pending.is_empty()
+    }
+
+    /// Writes what the pipe takes, closes it when asked and all is written (or when the
+    /// command closed its end); returns the room to hand back to the host.
+    pub fn flush(&mut self) -> u64 {
+        let mut freed = 0;
+        while let Some(pipe) = self.pipe.as_mut() {
+            let (front, _) = self.pending.as_slices();
+            if front.is_empty() {
+                break;
+            }
+            match pipe.write(front) {
+                Ok(n) => {
+                    self.pending.drain(..n);
+                    freed += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // The command closed its input: what it did not read is dropped.
+                Err(_) => {
+                    freed += self.pending.len() as u64;
+                    self.pending.clear();
+                    self.pipe = None;
+                }
+            }
+        }
+        if self.closing && self.pending.is_empty() {
+            self.pipe = None;
+        }
+        self.window.restore(freed);
+        freed
     }
 }
 
@@ -223,7 +410,7 @@ fn real_uid(status: &str) -> Option<u32> {
 
 /// Reads what `pipe` has (it was reported readable, so this does not block). `None` at end of
 /// file or on error, which closes it.
-pub fn read_available(pipe: &mut impl Read, buffer: &mut [u8]) -> Option<usize> {
+pub fn read_available(pipe: &mut (impl Read + ?Sized), buffer: &mut [u8]) -> Option<usize> {
     match pipe.read(buffer) {
         Ok(0) | Err(_) => None,
         Ok(n) => Some(n),

@@ -16,6 +16,7 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 use sha2::{Digest, Sha256};
 
 use super::exec::Credentials;
+use crate::protocol::flow::{ReceiveWindow, SendWindow};
 use crate::protocol::{codes, ErrorReply, FileDone, FsWriteRequest};
 
 /// The only directory tree copies may touch.
@@ -24,13 +25,13 @@ pub const COPY_ROOT: &str = "/tmp";
 const MAX_PATH: usize = 4096;
 
 /// A path checked and split: the directory it is in (opened beneath the root) and its name.
-struct Place {
-    dir: OwnedFd,
-    name: String,
+pub(super) struct Place {
+    pub(super) dir: OwnedFd,
+    pub(super) name: String,
 }
 
 /// Resolves `path` under [`COPY_ROOT`] without following any symlink.
-fn place(path: &str) -> Result<Place, ErrorReply> {
+pub(super) fn place(path: &str) -> Result<Place, ErrorReply> {
     let refused = |why: &str| error(codes::PATH_REFUSED, format!("{path:?}: {why}"));
     if path.len() > MAX_PATH || path.contains('\0') {
         return Err(refused("not a path"));
@@ -120,6 +121,8 @@ pub struct Upload {
     hasher: Sha256,
     received: u64,
     request: FsWriteRequest,
+    /// What the host may still send.
+    pub window: ReceiveWindow,
 }
 
 impl Upload {
@@ -185,6 +188,7 @@ impl Upload {
             hasher: Sha256::new(),
             received: 0,
             request,
+            window: ReceiveWindow::default(),
         })
     }
 
@@ -246,32 +250,59 @@ impl Drop for Upload {
     }
 }
 
-/// Reads `file` to its end, handing each chunk to `send`, and hashes it.
-pub fn send_file(
-    mut file: File,
-    chunk: &mut [u8],
-    mut send: impl FnMut(&[u8]) -> std::io::Result<()>,
-) -> std::io::Result<FileDone> {
-    let mut hasher = Sha256::new();
-    let mut size = 0u64;
-    loop {
-        let n = match file.read(chunk) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        hasher.update(&chunk[..n]);
-        size += n as u64;
-        send(&chunk[..n])?;
-    }
-    Ok(FileDone {
-        size,
-        sha256: format!("sha256:{}", hex::encode(hasher.finalize())),
-    })
+/// A file being sent to the host a chunk at a time, as its stream's window allows, so a large
+/// copy shares the channel with everything else.
+pub struct Download {
+    /// The request's stream id.
+    pub stream: u32,
+    /// Room left to send on the stream.
+    pub window: SendWindow,
+    file: File,
+    hasher: Sha256,
+    size: u64,
 }
 
-fn error(code: &str, message: String) -> ErrorReply {
+impl Download {
+    /// Starts sending `file` on `stream`.
+    pub fn new(stream: u32, file: File) -> Self {
+        Self {
+            stream,
+            window: SendWindow::default(),
+            file,
+            hasher: Sha256::new(),
+            size: 0,
+        }
+    }
+
+    /// Reads the next chunk that fits the window into `buffer`: `Some(n)` bytes, or `None`
+    /// at the end of the file.
+    pub fn next_chunk(&mut self, buffer: &mut [u8]) -> std::io::Result<Option<usize>> {
+        let room = self.window.room().min(buffer.len());
+        loop {
+            match self.file.read(&mut buffer[..room]) {
+                Ok(0) => return Ok(None),
+                Ok(n) => {
+                    self.hasher.update(&buffer[..n]);
+                    self.size += n as u64;
+                    self.window.spend(n);
+                    return Ok(Some(n));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The size and digest of what was sent.
+    pub fn finish(self) -> FileDone {
+        FileDone {
+            size: self.size,
+            sha256: format!("sha256:{}", hex::encode(self.hasher.finalize())),
+        }
+    }
+}
+
+pub(super) fn error(code: &str, message: String) -> ErrorReply {
     ErrorReply {
         code: code.into(),
         message,

@@ -9,21 +9,22 @@
 pub mod channel;
 pub mod exec;
 pub mod files;
+pub mod fsops;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::process::WaitOptions;
 
 use crate::protocol::{
-    codes, encode, BootTimings, ErrorReply, ExecReply, FileDone, Frame, FrameDecoder, FrameError,
-    FrameKind, HelloReply, Integrity, Request, Response, PROTOCOL_VERSION,
+    codes, encode, flow, BootTimings, ErrorReply, ExecReply, FileDone, Frame, FrameDecoder,
+    FrameError, FrameKind, HelloReply, Integrity, ProcessInfo, Request, Response, PROTOCOL_VERSION,
 };
 use exec::{Credentials, Running};
-use files::Upload;
+use files::{Download, Upload};
 
 /// Bytes read from a pipe or the channel at a time; also the largest data frame sent.
 const CHUNK: usize = 64 * 1024;
@@ -94,16 +95,15 @@ pub fn serve<C: Read + Write + AsFd>(
     channel: &mut C,
     config: &ServeConfig,
 ) -> Result<Ended, ServeError> {
+    let mut agent = Agent::new(config);
     let mut decoder = FrameDecoder::new();
-    let mut running: Vec<Running> = Vec::new();
-    let mut uploads: HashMap<u32, Upload> = HashMap::new();
     let mut heard_from_host = false;
-    let mut buffer = vec![0; CHUNK];
+    let mut input = vec![0; CHUNK];
     loop {
-        let (channel_events, pipe_events) = wait(channel, &running)?;
+        let (channel_events, events) = agent.wait(channel)?;
 
         if channel_events.contains(PollFlags::IN) {
-            let n = match channel.read(&mut buffer) {
+            let n = match channel.read(&mut input) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e.into()),
@@ -115,9 +115,9 @@ pub fn serve<C: Read + Write + AsFd>(
                 std::thread::sleep(NOT_CONNECTED_PAUSE);
             }
             heard_from_host |= n > 0;
-            decoder.push(&buffer[..n]);
+            decoder.push(&input[..n]);
             while let Some(frame) = decoder.next_frame()? {
-                if let Some(ended) = handle(channel, frame, &mut running, &mut uploads, config)? {
+                if let Some(ended) = agent.handle(channel, frame)? {
                     return Ok(ended);
                 }
             }
@@ -128,162 +128,548 @@ pub fn serve<C: Read + Write + AsFd>(
             }
             std::thread::sleep(NOT_CONNECTED_PAUSE);
         }
+        agent.progress(channel, &events)?;
+    }
+}
 
-        if config.reap_orphans {
-            reap_all(&mut running)?;
+/// Spawned commands whose end is kept for `wait` and `ps`; the oldest is forgotten first.
+const MAX_KEPT_ENDS: usize = 64;
+/// `wait` requests pending at once; one more is refused as busy.
+const MAX_WAITS: usize = 64;
+
+/// Everything the agent is doing for the host.
+struct Agent<'c> {
+    config: &'c ServeConfig,
+    /// Exec and spawned commands still running (or draining their output).
+    running: Vec<Running>,
+    /// Spawned commands that ended and were not yet waited for, oldest first.
+    ended: VecDeque<Running>,
+    waits: Vec<Waiter>,
+    uploads: HashMap<u32, Upload>,
+    downloads: Vec<Download>,
+    next_handle: u64,
+    buffer: Vec<u8>,
+}
+
+/// A `wait` request not answered yet.
+struct Waiter {
+    stream: u32,
+    handle: u64,
+    deadline: Instant,
+}
+
+impl<'c> Agent<'c> {
+    fn new(config: &'c ServeConfig) -> Self {
+        Self {
+            config,
+            running: Vec::new(),
+            ended: VecDeque::new(),
+            waits: Vec::new(),
+            uploads: HashMap::new(),
+            downloads: Vec::new(),
+            next_handle: 1,
+            buffer: vec![0; CHUNK],
+        }
+    }
+
+    /// Answers one frame from the host; `Some` when serving ends.
+    fn handle<C: Write>(
+        &mut self,
+        channel: &mut C,
+        frame: Frame,
+    ) -> Result<Option<Ended>, ServeError> {
+        match frame.kind {
+            FrameKind::Request => {}
+            FrameKind::Data => return self.receive(channel, frame).map(|()| None),
+            FrameKind::Credit => {
+                let Ok(bytes) = flow::parse_credit(&frame.payload) else {
+                    let message = "a credit frame must carry 4 bytes".to_string();
+                    send_error(channel, frame.stream, codes::FLOW, message)?;
+                    return Ok(None);
+                };
+                self.grant(frame.stream, bytes);
+                return Ok(None);
+            }
+            kind => {
+                let message = format!("a {kind:?} frame from the host");
+                send_error(channel, frame.stream, codes::BAD_REQUEST, message)?;
+                return Ok(None);
+            }
+        }
+        let stream = frame.stream;
+        let request = match serde_json::from_slice::<Request>(&frame.payload) {
+            Ok(request) => request,
+            Err(e) => {
+                send_error(channel, stream, codes::BAD_REQUEST, e.to_string())?;
+                return Ok(None);
+            }
+        };
+        let user = self.config.workload_user;
+        let busy = self.busy(stream);
+        match request {
+            Request::Hello { version } if version == PROTOCOL_VERSION => {
+                let hello = Response::Hello(HelloReply {
+                    version: PROTOCOL_VERSION,
+                    agent: env!("CARGO_PKG_VERSION").into(),
+                    timings: self.config.timings,
+                });
+                send(channel, stream, &hello)?;
+            }
+            Request::Hello { version } => {
+                let message =
+                    format!("the host speaks protocol {version}, this agent {PROTOCOL_VERSION}");
+                send_error(channel, stream, codes::VERSION, message)?;
+            }
+            Request::Echo => send(channel, stream, &Response::Echo)?,
+            Request::FsWrite(_) | Request::FsRead { .. } | Request::Exec(_) | Request::Spawn(_)
+                if busy.is_some() =>
+            {
+                let (code, message) = busy.unwrap_or_default();
+                send_error(channel, stream, code, message)?;
+            }
+            Request::FsWrite(request) => match Upload::start(stream, request, user) {
+                Ok(upload) if upload.complete() => {
+                    answer_upload(channel, stream, upload.finish())?;
+                }
+                Ok(upload) => {
+                    self.uploads.insert(stream, upload);
+                }
+                Err(error) => send(channel, stream, &Response::Error(error))?,
+            },
+            Request::FsRead { path } => match files::open_for_reading(&path, user) {
+                Ok((file, _)) => self.downloads.push(Download::new(stream, file)),
+                Err(error) => send(channel, stream, &Response::Error(error))?,
+            },
+            Request::Exec(request) => match Running::start(stream, &request, user, None) {
+                Ok(started) => self.running.push(started),
+                Err(error) => send(channel, stream, &Response::Error(error))?,
+            },
+            Request::Spawn(request) => {
+                let handle = self.next_handle;
+                match Running::start(stream, &request, user, Some(handle)) {
+                    Ok(started) => {
+                        self.next_handle += 1;
+                        let pid = started.info().pid;
+                        self.running.push(started);
+                        send(channel, stream, &Response::Spawned { handle, pid })?;
+                    }
+                    Err(error) => send(channel, stream, &Response::Error(error))?,
+                }
+            }
+            Request::Signal {
+                stream: target,
+                signal,
+            } => {
+                let command = self
+                    .running
+                    .iter()
+                    .find(|c| c.stream == target && c.spawned.is_none());
+                let outcome = match command {
+                    Some(command) => command.signal(signal),
+                    None => Err(no_such_process(&format!("stream {target}"))),
+                };
+                answer_done(channel, stream, outcome)?;
+            }
+            Request::Kill { handle, signal } => {
+                let outcome = match self.spawned(handle) {
+                    Some(command) => command.signal(signal),
+                    None => Err(no_such_process(&format!("handle {handle}"))),
+                };
+                answer_done(channel, stream, outcome)?;
+            }
+            Request::Wait { handle, timeout_ms } => {
+                if let Some(at) = self
+                    .ended
+                    .iter()
+                    .position(|c| spawn_handle(c) == Some(handle))
+                {
+                    if let Some(ended) = self.ended.remove(at) {
+                        answer_wait(channel, stream, &ended)?;
+                    }
+                } else if let Some(command) = self.spawned(handle) {
+                    if timeout_ms == 0 {
+                        send(channel, stream, &Response::Wait(command.info()))?;
+                    } else if self.waits.len() >= MAX_WAITS {
+                        let message = format!("{MAX_WAITS} waits are pending already");
+                        send_error(channel, stream, codes::BUSY, message)?;
+                    } else {
+                        let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+                        self.waits.push(Waiter {
+                            stream,
+                            handle,
+                            deadline,
+                        });
+                    }
+                } else {
+                    let error = no_such_process(&format!("handle {handle}"));
+                    send(channel, stream, &Response::Error(error))?;
+                }
+            }
+            Request::Ps => {
+                let mut processes: Vec<ProcessInfo> = self
+                    .running
+                    .iter()
+                    .chain(&self.ended)
+                    .map(Running::info)
+                    .collect();
+                processes.sort_by_key(|p| std::cmp::Reverse(p.running_ms));
+                send(channel, stream, &Response::Ps { processes })?;
+            }
+            request @ (Request::FsList { .. }
+            | Request::FsStat { .. }
+            | Request::FsMkdir { .. }
+            | Request::FsRemove { .. }
+            | Request::FsMove { .. }) => {
+                send(channel, stream, &fsops::run(request, user))?;
+            }
+            Request::PowerOff => {
+                for command in self.running.drain(..) {
+                    command.kill_leftovers();
+                }
+                if let Some(user) = user {
+                    exec::kill_user_processes(user.uid);
+                }
+                send(channel, stream, &Response::PowerOff)?;
+                return Ok(Some(Ended::PowerOff));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Why a new exchange that takes a stream cannot start on `stream`, if it cannot.
+    fn busy(&self, stream: u32) -> Option<(&'static str, String)> {
+        let taken = self.uploads.contains_key(&stream)
+            || self.downloads.iter().any(|d| d.stream == stream)
+            || self.running.iter().any(|c| c.stream == stream);
+        if taken {
+            return Some((
+                codes::BAD_REQUEST,
+                format!("stream {stream} already has an exchange going"),
+            ));
+        }
+        (self.running.len() >= MAX_COMMANDS).then(|| {
+            (
+                codes::BUSY,
+                format!("{MAX_COMMANDS} commands are already running"),
+            )
+        })
+    }
+
+    fn spawned(&self, handle: u64) -> Option<&Running> {
+        self.running
+            .iter()
+            .find(|c| spawn_handle(c) == Some(handle))
+    }
+
+    /// Room handed back by the host for what the agent sends on `stream`.
+    fn grant(&mut self, stream: u32, bytes: u64) {
+        if let Some(command) = self.running.iter_mut().find(|c| c.stream == stream) {
+            command.window.grant(bytes);
+        } else if let Some(download) = self.downloads.iter_mut().find(|d| d.stream == stream) {
+            download.window.grant(bytes);
+        }
+    }
+
+    /// Hands a data frame to the upload or the standard input on its stream. Data for neither
+    /// is dropped (the host streams an upload without waiting for its answer, which may have
+    /// been a refusal).
+    fn receive<C: Write>(&mut self, channel: &mut C, frame: Frame) -> Result<(), ServeError> {
+        let stream = frame.stream;
+        if let Some(upload) = self.uploads.get_mut(&stream) {
+            if !upload.window.take(frame.payload.len()) {
+                self.uploads.remove(&stream);
+                return send_error(channel, stream, codes::FLOW, overrun());
+            }
+            if let Err(error) = upload.write(&frame.payload) {
+                self.uploads.remove(&stream);
+                return send(channel, stream, &Response::Error(error));
+            }
+            let back = flow::cost(frame.payload.len());
+            upload.window.restore(back);
+            if upload.complete() {
+                if let Some(upload) = self.uploads.remove(&stream) {
+                    answer_upload(channel, stream, upload.finish())?;
+                }
+                return Ok(());
+            }
+            return send_credit(channel, stream, back);
+        }
+        let stdin = self
+            .running
+            .iter_mut()
+            .find(|c| c.stream == stream)
+            .and_then(|c| c.stdin.as_mut());
+        if let Some(stdin) = stdin {
+            match stdin.receive(&frame.payload) {
+                Some(back) => send_credit(channel, stream, back)?,
+                None => {
+                    // The host broke its window: the command gets no more input.
+                    stdin.pipe = None;
+                    send_error(channel, stream, codes::FLOW, overrun())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until the channel, a pipe or a pidfd is ready, a download can go on, or the next
+    /// deadline; returns the channel's events and each running command's, in order.
+    fn wait<'a>(
+        &'a self,
+        channel: &'a impl AsFd,
+    ) -> Result<(PollFlags, Vec<PipeEvents>), ServeError> {
+        let mut fds = vec![PollFd::new(channel, PollFlags::IN)];
+        // Where each command's descriptors are in `fds`: stdout, stderr, pidfd, stdin.
+        let mut positions = Vec::with_capacity(self.running.len());
+        for command in self.running.iter() {
+            // Output is read only while it can be sent (a spawned command's is kept).
+            let may_read = command.spawned.is_some() || command.window.room() > 0;
+            let readable = |pipe: Option<BorrowedFd<'a>>| pipe.filter(|_| may_read);
+            let descriptors = [
+                (
+                    readable(command.stdout.as_ref().map(AsFd::as_fd)),
+                    PollFlags::IN,
+                ),
+                (
+                    readable(command.stderr.as_ref().map(AsFd::as_fd)),
+                    PollFlags::IN,
+                ),
+                (command.pidfd().map(AsFd::as_fd), PollFlags::IN),
+                (
+                    command
+                        .stdin
+                        .as_ref()
+                        .filter(|stdin| stdin.wants_to_write())
+                        .and_then(|stdin| stdin.pipe.as_ref())
+                        .map(AsFd::as_fd),
+                    PollFlags::OUT,
+                ),
+            ];
+            positions.push(descriptors.map(|(fd, flags)| {
+                fd.map(|fd| {
+                    fds.push(PollFd::from_borrowed_fd(fd, flags));
+                    fds.len() - 1
+                })
+            }));
         }
         let now = Instant::now();
-        for (command, events) in running.iter_mut().zip(&pipe_events) {
-            forward_output(channel, command, events, &mut buffer)?;
-            if events.exited && !config.reap_orphans {
+        let deadlines = self
+            .running
+            .iter()
+            .map(Running::next_deadline)
+            .chain(self.waits.iter().map(|w| w.deadline));
+        let download_ready = self.downloads.iter().any(|d| d.window.room() > 0);
+        let timeout = if download_ready {
+            Some(now)
+        } else {
+            deadlines.min()
+        }
+        .map(|deadline| {
+            let left = deadline.saturating_duration_since(now);
+            Timespec {
+                tv_sec: left.as_secs() as i64,
+                tv_nsec: i64::from(left.subsec_nanos()),
+            }
+        });
+        let none = || self.running.iter().map(|_| PipeEvents::default()).collect();
+        match rustix::event::poll(&mut fds, timeout.as_ref()) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => return Ok((PollFlags::empty(), none())),
+            Err(e) => return Err(ServeError::Io(e.into())),
+        }
+        let ready = |at: Option<usize>| {
+            at.is_some_and(|i| {
+                fds[i]
+                    .revents()
+                    .intersects(PollFlags::IN | PollFlags::OUT | PollFlags::HUP | PollFlags::ERR)
+            })
+        };
+        let events = positions
+            .iter()
+            .map(|[stdout, stderr, pidfd, stdin]| PipeEvents {
+                stdout: ready(*stdout),
+                stderr: ready(*stderr),
+                exited: ready(*pidfd),
+                stdin: ready(*stdin),
+            })
+            .collect();
+        Ok((fds[0].revents(), events))
+    }
+
+    /// Everything that can move without the host: output forwarded, input written, downloads
+    /// sent, ended commands answered, waits and deadlines handled.
+    fn progress<C: Write>(
+        &mut self,
+        channel: &mut C,
+        events: &[PipeEvents],
+    ) -> Result<(), ServeError> {
+        if self.config.reap_orphans {
+            reap_all(&mut self.running)?;
+        }
+        let now = Instant::now();
+        for (command, events) in self.running.iter_mut().zip(events) {
+            forward_output(channel, command, events, &mut self.buffer)?;
+            if events.exited && !self.config.reap_orphans {
                 command.reap()?;
+            }
+            if events.stdin {
+                if let Some(stdin) = command.stdin.as_mut() {
+                    let freed = stdin.flush();
+                    if freed > 0 {
+                        send_credit(channel, command.stream, freed)?;
+                    }
+                }
             }
             command.enforce_deadline(now);
         }
+        self.send_downloads(channel)?;
+        self.answer_ended(channel, now)?;
         let mut index = 0;
-        while index < running.len() {
-            let command = &running[index];
+        while index < self.waits.len() {
+            if self.waits[index].deadline > now {
+                index += 1;
+                continue;
+            }
+            let waiter = self.waits.swap_remove(index);
+            match self.spawned(waiter.handle) {
+                Some(command) => send(channel, waiter.stream, &Response::Wait(command.info()))?,
+                None => {
+                    let error = no_such_process(&format!("handle {}", waiter.handle));
+                    send(channel, waiter.stream, &Response::Error(error))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends what the windows of the downloads allow; a finished one gets its answer.
+    fn send_downloads<C: Write>(&mut self, channel: &mut C) -> Result<(), ServeError> {
+        let mut index = 0;
+        while index < self.downloads.len() {
+            let download = &mut self.downloads[index];
+            let mut outcome = Ok(Some(0));
+            while download.window.room() > 0 {
+                outcome = download.next_chunk(&mut self.buffer);
+                match outcome {
+                    Ok(Some(n)) => {
+                        write_frame(channel, FrameKind::Data, download.stream, &self.buffer[..n])?
+                    }
+                    _ => break,
+                }
+            }
+            match outcome {
+                Ok(Some(_)) => index += 1,
+                Ok(None) => {
+                    let download = self.downloads.swap_remove(index);
+                    let stream = download.stream;
+                    send(channel, stream, &Response::FsRead(download.finish()))?;
+                }
+                Err(e) => {
+                    let stream = self.downloads.swap_remove(index).stream;
+                    send_error(channel, stream, codes::FILE_IO, e.to_string())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Answers the commands that have ended: an exec gets its reply; a spawned command is
+    /// kept for `wait` (and answered to the waits pending on it).
+    fn answer_ended<C: Write>(&mut self, channel: &mut C, now: Instant) -> Result<(), ServeError> {
+        let mut index = 0;
+        while index < self.running.len() {
+            let command = &mut self.running[index];
             let Some(status) = command.status.filter(|_| command.finished(now)) else {
                 index += 1;
                 continue;
             };
-            let command = running.swap_remove(index);
+            let command = self.running.swap_remove(index);
             command.kill_leftovers();
             // The workload user's strays (those that left the process group) go once no
             // command of theirs is still running.
-            if let Some(user) = config.workload_user.filter(|_| running.is_empty()) {
+            if let Some(user) = self
+                .config
+                .workload_user
+                .filter(|_| self.running.is_empty())
+            {
                 exec::kill_user_processes(user.uid);
             }
-            let reply = ExecReply {
-                status,
-                integrity: (config.integrity)(),
-                stdout_bytes: command.stdout_bytes,
-                stderr_bytes: command.stderr_bytes,
-                duration_ms: command.elapsed_ms(),
+            let Some(handle) = spawn_handle(&command) else {
+                let reply = ExecReply {
+                    status,
+                    integrity: (self.config.integrity)(),
+                    stdout_bytes: command.stdout_bytes,
+                    stderr_bytes: command.stderr_bytes,
+                    duration_ms: command.elapsed_ms(),
+                };
+                send(channel, command.stream, &Response::Exec(reply))?;
+                continue;
             };
-            send(channel, command.stream, &Response::Exec(reply))?;
+            let waiting: Vec<u32> = self
+                .waits
+                .iter()
+                .filter(|w| w.handle == handle)
+                .map(|w| w.stream)
+                .collect();
+            if waiting.is_empty() {
+                if self.ended.len() == MAX_KEPT_ENDS {
+                    self.ended.pop_front();
+                }
+                self.ended.push_back(command);
+            } else {
+                self.waits.retain(|w| w.handle != handle);
+                for stream in waiting {
+                    answer_wait(channel, stream, &command)?;
+                }
+            }
         }
+        Ok(())
     }
 }
 
-/// Answers one frame from the host; `Some` when serving ends.
-fn handle<C: Write>(
-    channel: &mut C,
-    frame: Frame,
-    running: &mut Vec<Running>,
-    uploads: &mut HashMap<u32, Upload>,
-    config: &ServeConfig,
-) -> Result<Option<Ended>, ServeError> {
-    if frame.kind == FrameKind::Data {
-        // The bytes of an upload; those of one already refused or failed are dropped (the host
-        // streams them without waiting for the answer).
-        return receive(channel, frame, uploads).map(|()| None);
-    }
-    if frame.kind != FrameKind::Request {
-        let message = format!("a {:?} frame from the host", frame.kind);
-        send_error(channel, frame.stream, codes::BAD_REQUEST, message)?;
-        return Ok(None);
-    }
-    let request = match serde_json::from_slice::<Request>(&frame.payload) {
-        Ok(request) => request,
-        Err(e) => {
-            send_error(channel, frame.stream, codes::BAD_REQUEST, e.to_string())?;
-            return Ok(None);
-        }
-    };
-    match request {
-        Request::Hello { version } if version == PROTOCOL_VERSION => {
-            let hello = Response::Hello(HelloReply {
-                version: PROTOCOL_VERSION,
-                agent: env!("CARGO_PKG_VERSION").into(),
-                timings: config.timings,
-            });
-            send(channel, frame.stream, &hello)?;
-        }
-        Request::Hello { version } => {
-            let message =
-                format!("the host speaks protocol {version}, this agent {PROTOCOL_VERSION}");
-            send_error(channel, frame.stream, codes::VERSION, message)?;
-        }
-        Request::Echo => send(channel, frame.stream, &Response::Echo)?,
-        Request::FsWrite(_) if uploads.contains_key(&frame.stream) => {
-            let message = format!("stream {} already has a copy going", frame.stream);
-            send_error(channel, frame.stream, codes::BAD_REQUEST, message)?;
-        }
-        Request::FsWrite(request) => {
-            match files::Upload::start(frame.stream, request, config.workload_user) {
-                Ok(upload) if upload.complete() => {
-                    let done = upload.finish();
-                    answer_upload(channel, frame.stream, done)?;
-                }
-                Ok(upload) => {
-                    uploads.insert(frame.stream, upload);
-                }
-                Err(error) => send(channel, frame.stream, &Response::Error(error))?,
-            }
-        }
-        Request::FsRead { path } => match files::open_for_reading(&path, config.workload_user) {
-            Ok((file, _)) => {
-                let mut chunk = vec![0; CHUNK];
-                let sent = files::send_file(file, &mut chunk, |bytes| {
-                    write_frame(channel, FrameKind::Data, frame.stream, bytes)
-                        .map_err(|e| io::Error::other(e.to_string()))
-                });
-                match sent {
-                    Ok(done) => send(channel, frame.stream, &Response::FsRead(done))?,
-                    Err(e) => send_error(channel, frame.stream, codes::FILE_IO, e.to_string())?,
-                }
-            }
-            Err(error) => send(channel, frame.stream, &Response::Error(error))?,
-        },
-        Request::Exec(_) if running.iter().any(|c| c.stream == frame.stream) => {
-            let message = format!("stream {} already has a command running", frame.stream);
-            send_error(channel, frame.stream, codes::BAD_REQUEST, message)?;
-        }
-        Request::Exec(_) if running.len() >= MAX_COMMANDS => {
-            let message = format!("{MAX_COMMANDS} commands are already running");
-            send_error(channel, frame.stream, codes::BUSY, message)?;
-        }
-        Request::Exec(request) => {
-            match Running::start(frame.stream, &request, config.workload_user) {
-                Ok(started) => running.push(started),
-                Err(error) => send(channel, frame.stream, &Response::Error(error))?,
-            }
-        }
-        Request::PowerOff => {
-            for command in running.drain(..) {
-                command.kill_leftovers();
-            }
-            if let Some(user) = config.workload_user {
-                exec::kill_user_processes(user.uid);
-            }
-            send(channel, frame.stream, &Response::PowerOff)?;
-            return Ok(Some(Ended::PowerOff));
-        }
-    }
-    Ok(None)
+fn spawn_handle(command: &Running) -> Option<u64> {
+    command.spawned.as_ref().map(|s| s.handle)
 }
 
-/// Hands a data frame to the upload on its stream; answers once the file is whole (or the
-/// upload failed, which ends it).
-fn receive<C: Write>(
+/// Sends an ended spawned command's kept output, then its status.
+fn answer_wait<C: Write>(
     channel: &mut C,
-    frame: Frame,
-    uploads: &mut HashMap<u32, Upload>,
+    stream: u32,
+    command: &Running,
 ) -> Result<(), ServeError> {
-    let Some(upload) = uploads.get_mut(&frame.stream) else {
-        return Ok(());
-    };
-    if let Err(error) = upload.write(&frame.payload) {
-        uploads.remove(&frame.stream);
-        return send(channel, frame.stream, &Response::Error(error));
-    }
-    if upload.complete() {
-        if let Some(upload) = uploads.remove(&frame.stream) {
-            answer_upload(channel, frame.stream, upload.finish())?;
+    if let Some(spawned) = &command.spawned {
+        for (kind, tail) in [
+            (FrameKind::Stdout, &spawned.stdout),
+            (FrameKind::Stderr, &spawned.stderr),
+        ] {
+            for chunk in tail.bytes().chunks(CHUNK) {
+                write_frame(channel, kind, stream, chunk)?;
+            }
         }
     }
-    Ok(())
+    send(channel, stream, &Response::Wait(command.info()))
+}
+
+fn answer_done<C: Write>(
+    channel: &mut C,
+    stream: u32,
+    outcome: Result<(), ErrorReply>,
+) -> Result<(), ServeError> {
+    match outcome {
+        Ok(()) => send(channel, stream, &Response::Done),
+        Err(error) => send(channel, stream, &Response::Error(error)),
+    }
+}
+
+fn no_such_process(what: &str) -> ErrorReply {
+    ErrorReply {
+        code: codes::NO_SUCH_PROCESS.into(),
+        message: format!("no command runs for {what}"),
+    }
+}
+
+fn overrun() -> String {
+    format!("data past the stream's {}-byte window", flow::WINDOW)
 }
 
 fn answer_upload<C: Write>(
@@ -303,92 +689,54 @@ struct PipeEvents {
     stdout: bool,
     stderr: bool,
     exited: bool,
+    stdin: bool,
 }
 
-/// Waits until the channel, a pipe or a pidfd is ready, or the next deadline of a command;
-/// returns the channel's events and each command's, in the order of `running`.
-fn wait(
-    channel: &impl AsFd,
-    running: &[Running],
-) -> Result<(PollFlags, Vec<PipeEvents>), ServeError> {
-    let mut fds = vec![PollFd::new(channel, PollFlags::IN)];
-    // Where each command's descriptors are in `fds`: stdout, stderr, pidfd.
-    let mut positions = Vec::with_capacity(running.len());
-    for command in running {
-        let descriptors = [
-            command.stdout.as_ref().map(AsFd::as_fd),
-            command.stderr.as_ref().map(AsFd::as_fd),
-            command.pidfd().map(AsFd::as_fd),
-        ];
-        positions.push(descriptors.map(|fd| {
-            fd.map(|fd| {
-                fds.push(PollFd::from_borrowed_fd(fd, PollFlags::IN));
-                fds.len() - 1
-            })
-        }));
-    }
-    let timeout = running
-        .iter()
-        .map(Running::next_deadline)
-        .min()
-        .map(|deadline| {
-            let left = deadline.saturating_duration_since(Instant::now());
-            Timespec {
-                tv_sec: left.as_secs() as i64,
-                tv_nsec: i64::from(left.subsec_nanos()),
-            }
-        });
-    let none = || running.iter().map(|_| PipeEvents::default()).collect();
-    match rustix::event::poll(&mut fds, timeout.as_ref()) {
-        Ok(_) => {}
-        Err(rustix::io::Errno::INTR) => return Ok((PollFlags::empty(), none())),
-        Err(e) => return Err(ServeError::Io(e.into())),
-    }
-    let ready = |at: Option<usize>| {
-        at.is_some_and(|i| {
-            fds[i]
-                .revents()
-                .intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR)
-        })
-    };
-    let events = positions
-        .iter()
-        .map(|[stdout, stderr, pidfd]| PipeEvents {
-            stdout: ready(*stdout),
-            stderr: ready(*stderr),
-            exited: ready(*pidfd),
-        })
-        .collect();
-    Ok((fds[0].revents(), events))
-}
-
-/// Forwards what the command's pipes have, each as its own kind of data frame.
+/// Forwards what the command's pipes have, each as its own kind of data frame, as far as its
+/// window allows; a spawned command's output is kept instead.
 fn forward_output<C: Write>(
     channel: &mut C,
     command: &mut Running,
     events: &PipeEvents,
     buffer: &mut [u8],
 ) -> Result<(), ServeError> {
-    if events.stdout {
-        if let Some(pipe) = command.stdout.as_mut() {
-            match exec::read_available(pipe, buffer) {
-                Some(n) => {
-                    write_frame(channel, FrameKind::Stdout, command.stream, &buffer[..n])?;
-                    command.stdout_bytes += n as u64;
-                }
-                None => command.stdout = None,
+    for (kind, ready) in [
+        (FrameKind::Stdout, events.stdout),
+        (FrameKind::Stderr, events.stderr),
+    ] {
+        if !ready {
+            continue;
+        }
+        let limit = match command.spawned {
+            Some(_) => buffer.len(),
+            None => command.window.room().min(buffer.len()),
+        };
+        let pipe = match kind {
+            FrameKind::Stdout => command.stdout.as_mut().map(|p| p as &mut dyn Read),
+            _ => command.stderr.as_mut().map(|p| p as &mut dyn Read),
+        };
+        let Some(pipe) = pipe.filter(|_| limit > 0) else {
+            continue;
+        };
+        let Some(n) = exec::read_available(pipe, &mut buffer[..limit]) else {
+            match kind {
+                FrameKind::Stdout => command.stdout = None,
+                _ => command.stderr = None,
+            }
+            continue;
+        };
+        let bytes = &buffer[..n];
+        match (&mut command.spawned, kind) {
+            (Some(spawned), FrameKind::Stdout) => spawned.stdout.push(bytes),
+            (Some(spawned), _) => spawned.stderr.push(bytes),
+            (None, _) => {
+                write_frame(channel, kind, command.stream, bytes)?;
+                command.window.spend(n);
             }
         }
-    }
-    if events.stderr {
-        if let Some(pipe) = command.stderr.as_mut() {
-            match exec::read_available(pipe, buffer) {
-                Some(n) => {
-                    write_frame(channel, FrameKind::Stderr, command.stream, &buffer[..n])?;
-                    command.stderr_bytes += n as u64;
-                }
-                None => command.stderr = None,
-            }
+        match kind {
+            FrameKind::Stdout => command.stdout_bytes += n as u64,
+            _ => command.stderr_bytes += n as u64,
         }
     }
     Ok(())
@@ -410,6 +758,15 @@ fn reap_all(running: &mut [Running]) -> Result<(), ServeError> {
             Err(e) => return Err(ServeError::Io(e.into())),
         }
     }
+}
+
+fn send_credit<C: Write>(channel: &mut C, stream: u32, bytes: u64) -> Result<(), ServeError> {
+    write_frame(
+        channel,
+        FrameKind::Credit,
+        stream,
+        &flow::credit_payload(bytes),
+    )
 }
 
 fn send<C: Write>(channel: &mut C, stream: u32, response: &Response) -> Result<(), ServeError> {

@@ -7,16 +7,25 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::protocol::{ExecRequest, ExitStatus, Frame};
+use crate::protocol::{ExecRequest, ExitStatus, FileKind, Frame};
 
 struct Host {
     stream: UnixStream,
     decoder: FrameDecoder,
     agent: Option<JoinHandle<Result<Ended, ServeError>>>,
+    /// Hand the room of every data frame back as soon as it arrives.
+    auto_credit: bool,
+    /// Frames read while waiting for credit, for `frame` to return first.
+    queued: std::collections::VecDeque<Frame>,
 }
 
 impl Host {
     fn start() -> Self {
+        Self::start_as(None)
+    }
+
+    /// An agent whose commands and file operations run as `user`.
+    fn start_as(user: Option<Credentials>) -> Self {
         let (host, mut agent_side) = UnixStream::pair().unwrap();
         host.set_read_timeout(Some(Duration::from_secs(20)))
             .unwrap();
@@ -29,6 +38,7 @@ impl Host {
                     root_ms: 4,
                     channel_ms: 5,
                 },
+                workload_user: user,
                 ..ServeConfig::on_host()
             };
             serve(&mut agent_side, &config)
@@ -37,6 +47,40 @@ impl Host {
             stream: host,
             decoder: FrameDecoder::new(),
             agent: Some(agent),
+            auto_credit: true,
+            queued: Default::default(),
+        }
+    }
+
+    /// Closes a command's standard input.
+    fn feed_end(&mut self, stream: u32) {
+        self.stream
+            .write_all(&encode(FrameKind::Data, stream, b"").unwrap())
+            .unwrap();
+    }
+
+    fn credit(&mut self, stream: u32, bytes: u64) {
+        self.stream
+            .write_all(&encode(FrameKind::Credit, stream, &flow::credit_payload(bytes)).unwrap())
+            .unwrap();
+    }
+
+    /// Sends `bytes` as data frames on `stream`, never past the window the agent gives.
+    fn feed(&mut self, stream: u32, bytes: &[u8]) {
+        let mut window = flow::SendWindow::default();
+        for chunk in bytes.chunks(64 * 1024) {
+            while window.room() < chunk.len() {
+                let frame = self.next_from_channel();
+                if frame.kind == FrameKind::Credit && frame.stream == stream {
+                    window.grant(flow::parse_credit(&frame.payload).unwrap());
+                } else if frame.kind != FrameKind::Credit {
+                    self.queued.push_back(frame);
+                }
+            }
+            window.spend(chunk.len());
+            self.stream
+                .write_all(&encode(FrameKind::Data, stream, chunk).unwrap())
+                .unwrap();
         }
     }
 
@@ -47,7 +91,28 @@ impl Host {
             .unwrap();
     }
 
+    /// The next frame other than credit.
     fn frame(&mut self) -> Frame {
+        if let Some(frame) = self.queued.pop_front() {
+            return frame;
+        }
+        loop {
+            let frame = self.next_from_channel();
+            if frame.kind != FrameKind::Credit {
+                return frame;
+            }
+        }
+    }
+
+    fn next_from_channel(&mut self) -> Frame {
+        let frame = self.read_frame();
+        if self.auto_credit && frame.is_data() {
+            self.credit(frame.stream, flow::cost(frame.payload.len()));
+        }
+        frame
+    }
+
+    fn read_frame(&mut self) -> Frame {
         loop {
             if let Some(frame) = self.decoder.next_frame().unwrap() {
                 return frame;
@@ -77,7 +142,7 @@ impl Host {
                     let response = serde_json::from_slice(&frame.payload).unwrap();
                     return (stdout, stderr, response, arrivals);
                 }
-                FrameKind::Request | FrameKind::Data => panic!("a {:?} frame", frame.kind),
+                kind => panic!("a {kind:?} frame"),
             }
             arrivals.push(Instant::now());
         }
@@ -91,6 +156,7 @@ impl Host {
                 env: BTreeMap::new(),
                 cwd: None,
                 timeout_ms,
+                stdin: false,
             }),
         );
     }
@@ -124,7 +190,7 @@ fn exec_reply(response: Response) -> ExecReply {
 #[test]
 fn hello_answers_with_the_version_and_boot_timings() {
     let mut host = Host::start();
-    host.send(1, &Request::Hello { version: 1 });
+    host.send(1, &Request::Hello { version: PROTOCOL_VERSION });
     let (_, _, response, _) = host.exchange(1);
     let Response::Hello(hello) = response else {
         panic!("{response:?}")
@@ -215,6 +281,7 @@ fn bad_requests_get_their_codes_and_the_channel_goes_on() {
             env: BTreeMap::new(),
             cwd: Some("/nonexistent".into()),
             timeout_ms: 1000,
+            stdin: false,
         }),
     );
     assert_eq!(error_code(&host.exchange(4).2), codes::NO_CWD);
@@ -293,7 +360,7 @@ fn a_malformed_frame_ends_serving_and_a_closed_channel_is_the_host_gone() {
     assert_eq!(error.code(), "PROTO001");
 
     let mut host = Host::start();
-    host.send(1, &Request::Hello { version: 1 });
+    host.send(1, &Request::Hello { version: PROTOCOL_VERSION });
     host.exchange(1);
     host.stream.shutdown(std::net::Shutdown::Both).unwrap();
     assert_eq!(host.ended().unwrap(), Ended::HostGone);
@@ -309,11 +376,7 @@ fn upload(host: &mut Host, stream: u32, path: &str, bytes: &[u8], sha256: &str) 
             sha256: sha256.into(),
         }),
     );
-    for chunk in bytes.chunks(100_000) {
-        host.stream
-            .write_all(&encode(FrameKind::Data, stream, chunk).unwrap())
-            .unwrap();
-    }
+    host.feed(stream, bytes);
     let (_, _, response, _) = host.exchange(stream);
     response
 }
@@ -402,5 +465,434 @@ fn copies_stay_under_the_copy_root_and_follow_no_symlink() {
     );
     assert_eq!(error_code(&refused), codes::PATH_REFUSED);
     assert!(!std::path::Path::new("/etc/evil").exists());
+    host.power_off();
+}
+
+fn request(argv: &[&str], stdin: bool) -> ExecRequest {
+    ExecRequest {
+        argv: argv.iter().map(|a| a.to_string()).collect(),
+        env: BTreeMap::new(),
+        cwd: None,
+        timeout_ms: 60_000,
+        stdin,
+    }
+}
+
+#[test]
+fn output_stops_at_the_window_without_starving_other_streams() {
+    let mut host = Host::start();
+    host.auto_credit = false;
+    // 4 MiB of output, none of it acknowledged.
+    host.exec(1, &["head", "-c", "4194304", "/dev/zero"], 60_000);
+    let mut held = 0u64;
+    let mut frames = 0;
+    while held + flow::cost(64 * 1024) <= flow::WINDOW {
+        let frame = host.frame();
+        assert_eq!((frame.kind, frame.stream), (FrameKind::Stdout, 1));
+        held += flow::cost(frame.payload.len());
+        frames += 1;
+    }
+    // The window is (nearly) used up: no more output comes, yet another stream is answered.
+    host.send(2, &Request::Echo);
+    let mut before_echo = Vec::new();
+    let echo = loop {
+        let frame = host.frame();
+        if frame.stream == 2 {
+            break frame;
+        }
+        before_echo.push(frame);
+    };
+    assert_eq!(echo.kind, FrameKind::Response);
+    let spilled: u64 = before_echo
+        .iter()
+        .map(|f| flow::cost(f.payload.len()))
+        .sum();
+    assert!(
+        held + spilled <= flow::WINDOW,
+        "the agent sent {} bytes past the window",
+        held + spilled - flow::WINDOW
+    );
+    assert!(frames >= 8);
+    // Handing the room back lets the rest through, all of it.
+    host.auto_credit = true;
+    host.credit(1, held + spilled);
+    let (stdout, _, response, _) = host.exchange(1);
+    let received = stdout.len() as u64
+        + before_echo
+            .iter()
+            .map(|f| f.payload.len() as u64)
+            .sum::<u64>()
+        + held
+        - frames * flow::cost(0);
+    assert_eq!(received, 4 * 1024 * 1024);
+    assert_eq!(exec_reply(response).stdout_bytes, 4 * 1024 * 1024);
+    host.power_off();
+}
+
+#[test]
+fn standard_input_is_fed_from_data_frames_within_the_window() {
+    let mut host = Host::start();
+    host.send(1, &Request::Exec(request(&["sha256sum"], true)));
+    let input: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    host.feed(1, &input);
+    host.feed_end(1);
+    let (stdout, _, response, _) = host.exchange(1);
+    let expected = sha256(&input);
+    assert_eq!(
+        String::from_utf8(stdout).unwrap().split_whitespace().next(),
+        expected.strip_prefix("sha256:")
+    );
+    assert_eq!(exec_reply(response).status, ExitStatus::Exited { code: 0 });
+
+    // A command that reads nothing still ends; its input is dropped, not held.
+    host.send(2, &Request::Exec(request(&["true"], true)));
+    host.feed(2, &[7; 200_000]);
+    let reply = exec_reply(host.exchange(2).2);
+    assert_eq!(reply.status, ExitStatus::Exited { code: 0 });
+
+    // Data past the window is refused.
+    host.send(3, &Request::Exec(request(&["sleep", "5"], true)));
+    for _ in 0..17 {
+        host.stream
+            .write_all(&encode(FrameKind::Data, 3, &[0; 64 * 1024]).unwrap())
+            .unwrap();
+    }
+    host.send(
+        4,
+        &Request::Signal {
+            stream: 3,
+            signal: 9,
+        },
+    );
+    let mut codes_seen = Vec::new();
+    loop {
+        let frame = host.frame();
+        let response: Response = serde_json::from_slice(&frame.payload).unwrap();
+        if frame.stream == 3 {
+            if let Response::Exec(_) = response {
+                break;
+            }
+            codes_seen.push(error_code(&response).to_string());
+        }
+    }
+    assert_eq!(codes_seen, [codes::FLOW]);
+    host.power_off();
+}
+
+#[test]
+fn a_running_command_can_be_signalled_by_its_stream() {
+    let mut host = Host::start();
+    host.exec(1, &["sleep", "30"], 60_000);
+    std::thread::sleep(Duration::from_millis(100));
+    host.send(
+        2,
+        &Request::Signal {
+            stream: 1,
+            signal: 15,
+        },
+    );
+    assert_eq!(host.exchange(2).2, Response::Done);
+    let reply = exec_reply(host.exchange(1).2);
+    assert_eq!(reply.status, ExitStatus::Signaled { signal: 15 });
+    host.send(
+        3,
+        &Request::Signal {
+            stream: 1,
+            signal: 15,
+        },
+    );
+    assert_eq!(error_code(&host.exchange(3).2), codes::NO_SUCH_PROCESS);
+    host.send(
+        4,
+        &Request::Signal {
+            stream: 4,
+            signal: 99,
+        },
+    );
+    assert_eq!(error_code(&host.exchange(4).2), codes::NO_SUCH_PROCESS);
+    host.power_off();
+}
+
+fn spawn(host: &mut Host, stream: u32, script: &str) -> u64 {
+    host.send(
+        stream,
+        &Request::Spawn(request(&["sh", "-c", script], false)),
+    );
+    match host.exchange(stream).2 {
+        Response::Spawned { handle, pid } => {
+            assert!(pid > 1);
+            handle
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+fn wait_for(host: &mut Host, stream: u32, handle: u64, timeout_ms: u64) -> (Vec<u8>, Response) {
+    host.send(stream, &Request::Wait { handle, timeout_ms });
+    let (stdout, _, response, _) = host.exchange(stream);
+    (stdout, response)
+}
+
+#[test]
+fn spawned_commands_are_listed_waited_for_and_killed() {
+    let mut host = Host::start();
+    let sleeper = spawn(&mut host, 1, "echo started; exec sleep 30");
+    let quick = spawn(&mut host, 2, "echo done; echo oops >&2; exit 3");
+    assert_ne!(sleeper, quick);
+
+    // A wait that times out says it still runs.
+    let (_, response) = wait_for(&mut host, 3, sleeper, 200);
+    let Response::Wait(info) = response else {
+        panic!("{response:?}")
+    };
+    assert_eq!((info.handle, info.status), (Some(sleeper), None));
+
+    // Both are listed, by program only; an exec command too, while it runs.
+    host.exec(4, &["sleep", "2"], 60_000);
+    host.send(5, &Request::Ps);
+    let Response::Ps { processes } = host.exchange(5).2 else {
+        panic!()
+    };
+    let handles: Vec<_> = processes.iter().map(|p| p.handle).collect();
+    assert!(handles.contains(&Some(sleeper)) && handles.contains(&Some(quick)));
+    assert!(handles.contains(&None), "the exec command is listed");
+    assert!(processes
+        .iter()
+        .all(|p| p.program == "sh" || p.program == "sleep"));
+    exec_reply(host.exchange(4).2);
+
+    // The quick one ended: its output and status, once; then the handle is gone.
+    let (stdout, response) = wait_for(&mut host, 6, quick, 5000);
+    assert_eq!(stdout, b"done\n");
+    let Response::Wait(info) = response else {
+        panic!()
+    };
+    assert_eq!(info.status, Some(ExitStatus::Exited { code: 3 }));
+    assert_eq!(
+        error_code(&wait_for(&mut host, 7, quick, 0).1),
+        codes::NO_SUCH_PROCESS
+    );
+
+    // A wait pending when the command is killed is answered with its end.
+    host.send(
+        8,
+        &Request::Wait {
+            handle: sleeper,
+            timeout_ms: 30_000,
+        },
+    );
+    host.send(
+        9,
+        &Request::Kill {
+            handle: sleeper,
+            signal: 9,
+        },
+    );
+    let mut answers = HashMap::new();
+    while answers.len() < 2 {
+        let frame = host.frame();
+        if frame.kind == FrameKind::Response {
+            let response: Response = serde_json::from_slice(&frame.payload).unwrap();
+            answers.insert(frame.stream, response);
+        }
+    }
+    assert_eq!(answers[&9], Response::Done);
+    let Response::Wait(info) = &answers[&8] else {
+        panic!("{:?}", answers[&8])
+    };
+    assert_eq!(info.status, Some(ExitStatus::Signaled { signal: 9 }));
+    host.send(
+        10,
+        &Request::Kill {
+            handle: sleeper,
+            signal: 9,
+        },
+    );
+    assert_eq!(error_code(&host.exchange(10).2), codes::NO_SUCH_PROCESS);
+    host.power_off();
+}
+
+#[test]
+fn file_operations_run_with_the_workload_users_rights() {
+    use std::os::unix::fs::PermissionsExt;
+    let nobody = Credentials {
+        uid: 65534,
+        gid: 65534,
+    };
+    let dir = tempfile::tempdir_in("/tmp").unwrap();
+    let base = dir.path().to_str().unwrap().to_string();
+    let owned = format!("{base}/owned");
+    std::fs::create_dir(&owned).unwrap();
+    std::os::unix::fs::chown(&owned, Some(nobody.uid), Some(nobody.gid)).unwrap();
+    std::fs::write(format!("{base}/roots"), b"root's").unwrap();
+    std::os::unix::fs::symlink("/etc", format!("{owned}/etc")).unwrap();
+    let mut host = Host::start_as(Some(nobody));
+    let mut ask = |stream: u32, request: Request| {
+        host.send(stream, &request);
+        host.exchange(stream).2
+    };
+
+    let made = ask(
+        1,
+        Request::FsMkdir {
+            path: format!("{owned}/a"),
+            mode: 0o750,
+        },
+    );
+    assert_eq!(made, Response::Done);
+    let meta = std::fs::metadata(format!("{owned}/a")).unwrap();
+    assert_eq!(
+        (
+            meta.permissions().mode() & 0o777,
+            std::os::unix::fs::MetadataExt::uid(&meta)
+        ),
+        (0o750, 65534)
+    );
+    std::fs::write(format!("{owned}/a/f"), b"12345").unwrap();
+    let moved = ask(
+        2,
+        Request::FsMove {
+            from: format!("{owned}/a/f"),
+            to: format!("{owned}/g"),
+        },
+    );
+    // The file is root's in a directory nobody owns: renaming it is nobody's right.
+    assert_eq!(moved, Response::Done);
+    let Response::FsStat(info) = ask(
+        3,
+        Request::FsStat {
+            path: format!("{owned}/g"),
+        },
+    ) else {
+        panic!()
+    };
+    assert_eq!(
+        (info.name.as_str(), info.kind, info.size),
+        ("g", FileKind::File, 5)
+    );
+    let Response::FsList { entries, truncated } = ask(
+        4,
+        Request::FsList {
+            path: owned.clone(),
+        },
+    ) else {
+        panic!()
+    };
+    let names: Vec<_> = entries.iter().map(|e| (e.name.as_str(), e.kind)).collect();
+    assert_eq!(
+        names,
+        [
+            ("a", FileKind::Directory),
+            ("etc", FileKind::Symlink),
+            ("g", FileKind::File)
+        ]
+    );
+    assert!(!truncated);
+
+    // The kernel refuses what nobody may not do; paths outside the root and through
+    // symlinks are refused before that.
+    let refusals = [
+        (
+            Request::FsMkdir {
+                path: format!("{base}/x"),
+                mode: 0o700,
+            },
+            codes::PATH_REFUSED,
+        ),
+        (
+            Request::FsRemove {
+                path: format!("{base}/roots"),
+                recursive: false,
+            },
+            codes::PATH_REFUSED,
+        ),
+        (
+            Request::FsList {
+                path: "/etc".into(),
+            },
+            codes::PATH_REFUSED,
+        ),
+        (
+            Request::FsList {
+                path: format!("{owned}/etc"),
+            },
+            codes::PATH_REFUSED,
+        ),
+        (
+            Request::FsStat {
+                path: format!("{owned}/etc/passwd"),
+            },
+            codes::PATH_REFUSED,
+        ),
+        (
+            Request::FsMove {
+                from: format!("{owned}/g"),
+                to: "/var/g".into(),
+            },
+            codes::PATH_REFUSED,
+        ),
+        (
+            Request::FsRemove {
+                path: format!("{owned}/a/missing"),
+                recursive: false,
+            },
+            codes::FILE_STATE,
+        ),
+        (
+            Request::FsMkdir {
+                path: format!("{owned}/a"),
+                mode: 0o700,
+            },
+            codes::FILE_STATE,
+        ),
+    ];
+    for (stream, (request, code)) in (10..).zip(refusals) {
+        let what = format!("{request:?}");
+        assert_eq!(error_code(&ask(stream, request)), code, "{what}");
+    }
+    assert!(std::path::Path::new(&format!("{base}/roots")).exists());
+
+    // A recursive remove takes the tree, and removes the symlink without following it.
+    std::fs::create_dir_all(format!("{owned}/a/b/c")).unwrap();
+    std::os::unix::fs::chown(format!("{owned}/a/b"), Some(65534), None).unwrap();
+    std::os::unix::fs::chown(format!("{owned}/a/b/c"), Some(65534), None).unwrap();
+    let not_empty = ask(
+        30,
+        Request::FsRemove {
+            path: format!("{owned}/a"),
+            recursive: false,
+        },
+    );
+    assert_eq!(error_code(&not_empty), codes::FILE_STATE);
+    assert_eq!(
+        ask(
+            31,
+            Request::FsRemove {
+                path: format!("{owned}/a"),
+                recursive: true
+            }
+        ),
+        Response::Done
+    );
+    assert_eq!(
+        ask(
+            32,
+            Request::FsRemove {
+                path: format!("{owned}/etc"),
+                recursive: true
+            }
+        ),
+        Response::Done
+    );
+    assert!(std::path::Path::new("/etc/passwd").exists());
+    let Response::FsList { entries, .. } = ask(
+        33,
+        Request::FsList {
+            path: owned.clone(),
+        },
+    ) else {
+        panic!()
+    };
+    assert_eq!(entries.len(), 1);
     host.power_off();
 }
