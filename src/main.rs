@@ -51,8 +51,15 @@ enum Command {
     Ls,
     /// Run a command in a running VM.
     Exec(commands::vm::ExecArgs),
-    /// Copy a file into or out of a running VM (one side NAME:/tmp/path).
-    Cp(commands::vm::CpArgs),
+    /// Copy a file or directory into or out of a running VM (one side NAME:/tmp/path).
+    Cp(commands::copy::CpArgs),
+    /// Files in a running VM under /tmp: ls, stat, mkdir, rm, mv.
+    #[command(subcommand)]
+    Fs(commands::fs::FsCommand),
+    /// List the commands running in a VM (and background ones not yet waited for).
+    Ps(commands::process::PsArgs),
+    /// Send a signal to a background command of a VM.
+    Kill(commands::process::KillArgs),
     /// Power a running VM off.
     Stop {
         /// The VM.
@@ -101,9 +108,12 @@ fn main() -> ExitCode {
         Command::Run(args) => return commands::run::run(args, &out),
         Command::Up(args) => return exit_code(commands::vm::up(args, &out), &out),
         Command::Ls => commands::vm::ls(&out),
-        Command::Exec(args) => return exit_code(commands::vm::exec(args), &out),
+        Command::Exec(args) => return exit_code(commands::vm::exec(args, &out), &out),
         Command::Stop { name } => commands::vm::stop(&name, &out),
-        Command::Cp(args) => commands::vm::cp(args, &out),
+        Command::Cp(args) => commands::copy::cp(args, &out),
+        Command::Fs(cmd) => commands::fs::run(cmd, &out),
+        Command::Ps(args) => commands::process::ps(args, &out),
+        Command::Kill(args) => commands::process::kill(args, &out),
         Command::Rm(args) => commands::vm::rm(args, &out),
         Command::Logs(args) => commands::vm::logs(args),
         Command::Receipt(cmd) => commands::receipt::run(cmd, &out),

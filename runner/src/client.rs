@@ -1,5 +1,7 @@
 //! The host side of the agent channel: requests out, frames in, each exchange with a
-//! deadline.
+//! deadline. One client speaks either straight to the agent (the runner of a one-shot run),
+//! where it keeps the protocol's flow control, or to a VM's control socket, where the socket
+//! itself paces the bytes and a command can be given input and signals.
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -7,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use mvm_agent::protocol::flow::{self, SendWindow};
 use mvm_agent::protocol::{
     encode, ErrorReply, ExecReply, ExecRequest, FileDone, Frame, FrameDecoder, FrameError,
     FrameKind, FsWriteRequest, HelloReply, Request, Response, PROTOCOL_VERSION,
@@ -58,6 +61,15 @@ pub trait OutputSink {
     fn stderr(&mut self, bytes: &[u8]) -> io::Result<()>;
 }
 
+/// What the client is connected to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Peer {
+    /// The agent itself: data frames are paced by credit frames.
+    Agent,
+    /// A VM's control socket: one exchange at a time, paced by the socket.
+    ControlSocket,
+}
+
 /// A connected agent channel.
 #[derive(Debug)]
 pub struct AgentClient {
@@ -65,12 +77,28 @@ pub struct AgentClient {
     decoder: FrameDecoder,
     next_stream: u32,
     interrupt: Arc<AtomicBool>,
+    peer: Peer,
+    /// Room the agent gave for data on the exchange in progress.
+    window: SendWindow,
 }
 
 impl AgentClient {
     /// Wraps the socket QEMU (or the VMM) connected with. Every wait ends early, with
     /// [`ClientError::Interrupted`], once `interrupt` is set.
     pub fn new(stream: UnixStream, interrupt: Arc<AtomicBool>) -> io::Result<Self> {
+        Self::connected(stream, interrupt, Peer::Agent)
+    }
+
+    /// Wraps a connection to a VM's control socket. An interrupt during an exec is passed to
+    /// the command as SIGINT (a second one as SIGKILL) rather than ending the wait.
+    pub fn over_control_socket(
+        stream: UnixStream,
+        interrupt: Arc<AtomicBool>,
+    ) -> io::Result<Self> {
+        Self::connected(stream, interrupt, Peer::ControlSocket)
+    }
+
+    fn connected(stream: UnixStream, interrupt: Arc<AtomicBool>, peer: Peer) -> io::Result<Self> {
         stream.set_read_timeout(Some(READ_SLICE))?;
         stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
         Ok(Self {
@@ -78,6 +106,8 @@ impl AgentClient {
             decoder: FrameDecoder::new(),
             next_stream: 1,
             interrupt,
+            peer,
+            window: SendWindow::default(),
         })
     }
 
@@ -110,7 +140,32 @@ impl AgentClient {
         timeout: Duration,
         sink: &mut dyn OutputSink,
     ) -> Result<Executed, ClientError> {
+        self.exec_with_input(request, None, timeout, sink)
+    }
+
+    /// [`AgentClient::exec`], feeding `input` to the command's standard input (until its end,
+    /// which closes it) from a thread of its own. Only over a control socket.
+    pub fn exec_with_input(
+        &mut self,
+        mut request: ExecRequest,
+        input: Option<Box<dyn Read + Send>>,
+        timeout: Duration,
+        sink: &mut dyn OutputSink,
+    ) -> Result<Executed, ClientError> {
+        if input.is_some() && self.peer != Peer::ControlSocket {
+            return Err(ClientError::Protocol(
+                "a command's input goes through a VM's control socket".into(),
+            ));
+        }
+        request.stdin = input.is_some();
         let stream = self.send(&Request::Exec(request))?;
+        if let Some(input) = input {
+            let writer = self.stream.try_clone()?;
+            // Not joined: it may be blocked reading a terminal when the command ends.
+            std::thread::Builder::new()
+                .name("stdin".into())
+                .spawn(move || pump_input(input, writer, stream))?;
+        }
         let mut counted = Counted::new(sink);
         let reply = match self.response(
             stream,
@@ -148,9 +203,13 @@ impl AgentClient {
     ) -> Result<FileDone, ClientError> {
         let size = request.size;
         let stream = self.send(&Request::FsWrite(request))?;
+        let deadline = Instant::now() + timeout;
         let mut chunk = vec![0; 64 * 1024];
         let mut sent = 0u64;
         while sent < size {
+            if self.peer == Peer::Agent {
+                self.wait_for_room(stream, chunk.len(), deadline, timeout)?;
+            }
             let want = chunk.len().min((size - sent) as usize);
             let n = source
                 .read(&mut chunk[..want])
@@ -162,23 +221,29 @@ impl AgentClient {
             }
             self.stream
                 .write_all(&encode(FrameKind::Data, stream, &chunk[..n])?)?;
+            self.window.spend(n);
             sent += n as u64;
         }
-        match self.response(stream, Instant::now() + timeout, timeout, None)? {
+        match self.response(stream, deadline, timeout, None)? {
             Response::FsWrite(done) => Ok(done),
             other => Err(unexpected(&other)),
         }
     }
 
     /// Reads `path` out of the guest into `sink` (through its stdout), checking the size and
-    /// digest the agent reports against the bytes that arrived.
+    /// digest the agent reports against the bytes that arrived. With `tar`, `path` is a
+    /// directory and the bytes are its tar stream.
     pub fn fs_read(
         &mut self,
         path: &str,
+        tar: bool,
         sink: &mut dyn OutputSink,
         timeout: Duration,
     ) -> Result<FileDone, ClientError> {
-        let stream = self.send(&Request::FsRead { path: path.into() })?;
+        let stream = self.send(&Request::FsRead {
+            path: path.into(),
+            tar,
+        })?;
         let mut counted = Counted::new(sink);
         let done = match self.response(
             stream,
@@ -197,6 +262,49 @@ impl AgentClient {
             )));
         }
         Ok(done)
+    }
+
+    /// Sends any other request and waits for its answer, passing data frames (a `wait`'s
+    /// kept output) to `sink`. An error answer is [`ClientError::Refused`].
+    pub fn call(
+        &mut self,
+        request: &Request,
+        timeout: Duration,
+        sink: Option<&mut dyn OutputSink>,
+    ) -> Result<Response, ClientError> {
+        let stream = self.send(request)?;
+        self.response(stream, Instant::now() + timeout, timeout, sink)
+    }
+
+    /// Reads frames until the agent has given room for `len` bytes on `stream`.
+    fn wait_for_room(
+        &mut self,
+        stream: u32,
+        len: usize,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<(), ClientError> {
+        while self.window.room() < len {
+            let frame = self.frame(deadline, timeout)?;
+            match (frame.kind, frame.stream == stream) {
+                (FrameKind::Credit, true) => self.window.grant(flow::parse_credit(&frame.payload)?),
+                (FrameKind::Response, true) => {
+                    let response: Response = serde_json::from_slice(&frame.payload)
+                        .map_err(|e| ClientError::Protocol(format!("response: {e}")))?;
+                    return Err(match response {
+                        Response::Error(error) => ClientError::Refused(error),
+                        other => unexpected(&other),
+                    });
+                }
+                _ => {
+                    return Err(ClientError::Protocol(format!(
+                        "a {:?} frame for stream {} while waiting for room on {stream}",
+                        frame.kind, frame.stream
+                    )))
+                }
+            }
+        }
+        Ok(())
     }
 
     /// One echo round trip: the channel's own latency.
@@ -218,6 +326,7 @@ impl AgentClient {
     }
 
     fn send(&mut self, request: &Request) -> Result<u32, ClientError> {
+        self.window = SendWindow::default();
         let stream = self.next_stream;
         self.next_stream = self.next_stream.wrapping_add(1).max(1);
         let payload =
@@ -235,8 +344,32 @@ impl AgentClient {
         timeout: Duration,
         mut sink: Option<&mut dyn OutputSink>,
     ) -> Result<Response, ClientError> {
+        let mut signals_sent = 0;
         loop {
-            let frame = self.frame(deadline, timeout)?;
+            let frame = match self.frame(deadline, timeout) {
+                // Over a control socket, a command is interrupted like a local one: SIGINT,
+                // then SIGKILL; its answer still comes.
+                Err(ClientError::Interrupted)
+                    if self.peer == Peer::ControlSocket && signals_sent < 2 =>
+                {
+                    self.interrupt.store(false, Ordering::Relaxed);
+                    signals_sent += 1;
+                    let signal = if signals_sent == 1 { 2 } else { 9 };
+                    self.send_on(
+                        stream.wrapping_add(1 << 31),
+                        &Request::Signal { stream, signal },
+                    )?;
+                    continue;
+                }
+                frame => frame?,
+            };
+            if frame.stream == stream.wrapping_add(1 << 31) || frame.kind == FrameKind::Credit {
+                // The answer to a signal sent above, or room for data.
+                if frame.kind == FrameKind::Credit && frame.stream == stream {
+                    self.window.grant(flow::parse_credit(&frame.payload)?);
+                }
+                continue;
+            }
             if frame.stream != stream {
                 return Err(ClientError::Protocol(format!(
                     "a frame for stream {} while waiting on {stream}",
@@ -253,10 +386,12 @@ impl AgentClient {
                     };
                 }
                 (FrameKind::Stdout | FrameKind::Data, Some(sink)) => {
-                    sink.stdout(&frame.payload).map_err(ClientError::Output)?
+                    sink.stdout(&frame.payload).map_err(ClientError::Output)?;
+                    self.credit(&frame)?;
                 }
                 (FrameKind::Stderr, Some(sink)) => {
-                    sink.stderr(&frame.payload).map_err(ClientError::Output)?
+                    sink.stderr(&frame.payload).map_err(ClientError::Output)?;
+                    self.credit(&frame)?;
                 }
                 (kind, _) => {
                     return Err(ClientError::Protocol(format!(
@@ -265,6 +400,24 @@ impl AgentClient {
                 }
             }
         }
+    }
+
+    /// Hands a data frame's room back to the agent once it has been passed on.
+    fn credit(&mut self, frame: &Frame) -> Result<(), ClientError> {
+        if self.peer == Peer::Agent {
+            let bytes = flow::credit_payload(flow::cost(frame.payload.len()));
+            self.stream
+                .write_all(&encode(FrameKind::Credit, frame.stream, &bytes)?)?;
+        }
+        Ok(())
+    }
+
+    fn send_on(&mut self, stream: u32, request: &Request) -> Result<(), ClientError> {
+        let payload =
+            serde_json::to_vec(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.stream
+            .write_all(&encode(FrameKind::Request, stream, &payload)?)?;
+        Ok(())
     }
 
     fn frame(&mut self, deadline: Instant, timeout: Duration) -> Result<Frame, ClientError> {
@@ -357,6 +510,25 @@ impl OutputSink for Counted<'_> {
         self.stderr += bytes.len() as u64;
         self.stderr_hash.update(bytes);
         self.sink.stderr(bytes)
+    }
+}
+
+/// Copies `input` to the command's standard input as data frames on `stream`, then the empty
+/// frame that closes it. Stops quietly when the connection goes (the command has ended).
+fn pump_input(mut input: Box<dyn Read + Send>, mut writer: UnixStream, stream: u32) {
+    let mut chunk = vec![0; 64 * 1024];
+    loop {
+        let n = match input.read(&mut chunk) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => 0,
+        };
+        let Ok(frame) = encode(FrameKind::Data, stream, &chunk[..n]) else {
+            return;
+        };
+        if writer.write_all(&frame).is_err() || n == 0 {
+            return;
+        }
     }
 }
 
@@ -504,6 +676,7 @@ mod tests {
             env: BTreeMap::new(),
             cwd: None,
             timeout_ms: 1000,
+            stdin: false,
         };
         let mut output = Collected::default();
         let result = client.exec(request, Duration::from_secs(10), &mut output);

@@ -7,10 +7,9 @@
 //!
 //! [protocol]: mvm_agent::protocol
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read as _, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -23,7 +22,7 @@ use mvm_ir::validate::{is_env_name, DENIED_ENV};
 use serde_json::{json, Value};
 
 use crate::launch::Audit;
-use crate::mux::AgentMux;
+use crate::mux::{AgentMux, Exchange};
 
 /// How often the accept loop and idle connections look at the stop flag.
 const POLL: Duration = Duration::from_millis(50);
@@ -118,203 +117,304 @@ pub fn serve(
     Ok(())
 }
 
-/// Serves one client until it hangs up.
-fn serve_client(mut connection: UnixStream, shared: &Shared) -> io::Result<()> {
+/// The reading half of a client connection.
+struct ClientReader {
+    stream: UnixStream,
+    decoder: FrameDecoder,
+}
+
+/// What a read of the client brought.
+enum Read {
+    Frame(Frame),
+    /// Nothing within [`POLL`].
+    Idle,
+    /// The client hung up, or sent bytes that are not frames (it has been told).
+    Gone,
+}
+
+impl ClientReader {
+    fn read(&mut self, writer: &ClientWriter) -> io::Result<Read> {
+        match self.decoder.next_frame() {
+            Ok(Some(frame)) => return Ok(Read::Frame(frame)),
+            Ok(None) => {}
+            Err(e) => {
+                writer.error(0, codes::BAD_REQUEST, e.to_string())?;
+                return Ok(Read::Gone);
+            }
+        }
+        let mut buffer = [0; 64 * 1024];
+        match self.stream.read(&mut buffer) {
+            Ok(0) => Ok(Read::Gone),
+            Ok(n) => {
+                self.decoder.push(&buffer[..n]);
+                Ok(Read::Idle)
+            }
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                Ok(Read::Idle)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The writing half of a client connection, shared by the threads serving one exchange.
+struct ClientWriter(Mutex<UnixStream>);
+
+impl ClientWriter {
+    fn frame(&self, kind: FrameKind, stream: u32, payload: &[u8]) -> io::Result<()> {
+        let bytes = encode(kind, stream, payload).map_err(io::Error::other)?;
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .write_all(&bytes)
+    }
+
+    fn reply(&self, stream: u32, response: &Response) -> io::Result<()> {
+        let payload = serde_json::to_vec(response).map_err(io::Error::other)?;
+        self.frame(FrameKind::Response, stream, &payload)
+    }
+
+    fn error(&self, stream: u32, code: &str, message: String) -> io::Result<()> {
+        let error = ErrorReply {
+            code: code.into(),
+            message,
+        };
+        self.reply(stream, &Response::Error(error))
+    }
+
+    /// Tells the client its request could not reach the agent.
+    fn channel_failed(&self, stream: u32, error: &crate::client::ClientError) -> io::Result<()> {
+        let message = format!("the agent channel: {error}");
+        self.error(stream, codes::SPAWN_FAILED, message)
+    }
+}
+
+/// Serves one client until it hangs up. A connection carries one exchange at a time (its
+/// socket is its flow control); during an exec the client may send the command's input and
+/// a `signal` for it.
+fn serve_client(connection: UnixStream, shared: &Shared) -> io::Result<()> {
     connection.set_nonblocking(false)?;
     connection.set_read_timeout(Some(POLL))?;
     connection.set_write_timeout(Some(CLIENT_WRITE_LIMIT))?;
-    let mut decoder = FrameDecoder::new();
-    let mut buffer = vec![0; 64 * 1024];
+    let mut reader = ClientReader {
+        stream: connection.try_clone()?,
+        decoder: FrameDecoder::new(),
+    };
+    let writer = ClientWriter(Mutex::new(connection));
     let mut upload: Option<Upload> = None;
     loop {
-        let frame = match decoder.next_frame() {
-            Ok(Some(frame)) => frame,
-            Ok(None) => {
-                match connection.read(&mut buffer) {
-                    Ok(0) => return Ok(()),
-                    Ok(n) => decoder.push(&buffer[..n]),
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                        ) =>
-                    {
-                        if shared.stop.load(Ordering::Relaxed) {
-                            return Ok(());
-                        }
-                    }
-                    Err(e) => return Err(e),
+        let frame = match reader.read(&writer)? {
+            Read::Frame(frame) => frame,
+            Read::Idle if shared.stop.load(Ordering::Relaxed) => return Ok(()),
+            Read::Idle => continue,
+            Read::Gone => return Ok(()),
+        };
+        let client_stream = frame.stream;
+        match frame.kind {
+            FrameKind::Request => {}
+            // The bytes of the upload in progress on this connection, passed on as the agent
+            // takes them; when the last has gone, the agent's answer is passed back.
+            FrameKind::Data => {
+                let Some(mut current) = upload.take_if(|u| u.client_stream == client_stream)
+                else {
+                    continue;
+                };
+                let len = frame.payload.len() as u64;
+                if len > current.remaining
+                    || shared
+                        .mux
+                        .send_data(current.exchange.stream(), &frame.payload)
+                        .is_err()
+                {
+                    let message = "the upload's bytes do not fit what was announced".to_string();
+                    writer.error(client_stream, codes::COPY_MISMATCH, message)?;
+                    continue;
+                }
+                current.remaining -= len;
+                if current.remaining == 0 {
+                    finish_copy(&writer, shared, client_stream, current.exchange, current.record)?;
+                } else {
+                    upload = Some(current);
                 }
                 continue;
             }
-            Err(e) => {
-                reply_error(&mut connection, 0, codes::BAD_REQUEST, e.to_string())?;
-                return Ok(());
-            }
-        };
-        let client_stream = frame.stream;
-        if frame.kind == FrameKind::Data {
-            // The bytes of the upload in progress on this connection, passed on as they come;
-            // when the last has gone, the agent's answer is passed back.
-            let Some(mut current) = upload.take_if(|u| u.client_stream == client_stream) else {
-                continue;
-            };
-            let len = frame.payload.len() as u64;
-            if len > current.remaining
-                || shared
-                    .mux
-                    .send_data(current.agent_stream, &frame.payload)
-                    .is_err()
-            {
-                let message = "the upload's bytes do not fit what was announced".to_string();
-                reply_error(
-                    &mut connection,
-                    client_stream,
-                    codes::COPY_MISMATCH,
-                    message,
-                )?;
-                continue;
-            }
-            current.remaining -= len;
-            if current.remaining == 0 {
-                finish_copy(
-                    &mut connection,
-                    shared,
-                    current.client_stream,
-                    current.frames,
-                    current.record,
-                )?;
-            } else {
-                upload = Some(current);
-            }
-            continue;
-        }
-        let request = match (
-            frame.kind,
-            serde_json::from_slice::<Request>(&frame.payload),
-        ) {
-            (FrameKind::Request, Ok(request)) => request,
-            (_, Err(e)) => {
-                reply_error(
-                    &mut connection,
-                    client_stream,
-                    codes::BAD_REQUEST,
-                    e.to_string(),
-                )?;
-                continue;
-            }
-            (kind, Ok(_)) => {
+            // Flow control is the socket's on this side.
+            FrameKind::Credit => continue,
+            kind => {
                 let message = format!("a {kind:?} frame from a client");
-                reply_error(&mut connection, client_stream, codes::BAD_REQUEST, message)?;
+                writer.error(client_stream, codes::BAD_REQUEST, message)?;
+                continue;
+            }
+        }
+        let request = match serde_json::from_slice::<Request>(&frame.payload) {
+            Ok(request) => request,
+            Err(e) => {
+                writer.error(client_stream, codes::BAD_REQUEST, e.to_string())?;
                 continue;
             }
         };
         match request {
-            Request::Hello { .. } => reply(
-                &mut connection,
-                client_stream,
-                &Response::Hello(shared.hello.clone()),
-            )?,
-            Request::Echo => {
-                relay(&mut connection, client_stream, shared, &Request::Echo)?;
+            Request::Hello { .. } => {
+                writer.reply(client_stream, &Response::Hello(shared.hello.clone()))?
+            }
+            Request::PowerOff => {
+                shared.stop.store(true, Ordering::Relaxed);
+                writer.reply(client_stream, &Response::PowerOff)?;
             }
             Request::FsWrite(request) => {
                 let record = json!({
                     "vm": shared.vm, "direction": "in",
                     "path_sha256": mvm_ir::digest::sha256_prefixed(request.path.as_bytes()),
-                    "size": request.size, "sha256": request.sha256,
+                    "size": request.size, "sha256": request.sha256, "tar": request.tar,
                 });
                 let remaining = request.size;
-                match shared.mux.request_on_stream(&Request::FsWrite(request)) {
-                    Ok((_, frames)) if remaining == 0 => {
-                        finish_copy(&mut connection, shared, client_stream, frames, record)?;
+                match shared.mux.request(&Request::FsWrite(request)) {
+                    Ok(exchange) if remaining == 0 => {
+                        finish_copy(&writer, shared, client_stream, exchange, record)?;
                     }
-                    Ok((agent_stream, frames)) => {
+                    Ok(exchange) => {
                         upload = Some(Upload {
                             client_stream,
-                            agent_stream,
+                            exchange,
                             remaining,
-                            frames,
                             record,
                         });
                     }
-                    Err(e) => channel_failed(&mut connection, client_stream, &e)?,
+                    Err(e) => writer.channel_failed(client_stream, &e)?,
                 }
             }
-            Request::FsRead { path } => {
+            Request::FsRead { path, tar } => {
                 let record = json!({
                     "vm": shared.vm, "direction": "out",
                     "path_sha256": mvm_ir::digest::sha256_prefixed(path.as_bytes()),
+                    "tar": tar,
                 });
-                match shared.mux.request(&Request::FsRead { path }) {
-                    Ok(frames) => {
-                        finish_copy(&mut connection, shared, client_stream, frames, record)?
-                    }
-                    Err(e) => channel_failed(&mut connection, client_stream, &e)?,
+                match shared.mux.request(&Request::FsRead { path, tar }) {
+                    Ok(exchange) => finish_copy(&writer, shared, client_stream, exchange, record)?,
+                    Err(e) => writer.channel_failed(client_stream, &e)?,
                 }
             }
-            Request::PowerOff => {
-                shared.stop.store(true, Ordering::Relaxed);
-                reply(&mut connection, client_stream, &Response::PowerOff)?;
+            Request::Exec(request) | Request::Spawn(request) if !accepting(shared) => {
+                let _ = request;
+                let message = "the VM is stopping".to_string();
+                writer.error(client_stream, codes::SPAWN_FAILED, message)?;
             }
             Request::Exec(request) => {
-                let request = match with_plan_defaults(&shared.plan, request) {
-                    Ok(request) => request,
-                    Err(message) => {
-                        reply_error(&mut connection, client_stream, codes::BAD_REQUEST, message)?;
-                        continue;
-                    }
+                let Some((request, argv_digest)) =
+                    admit_command(&writer, shared, client_stream, request, "vm.exec.started")?
+                else {
+                    continue;
                 };
-                if shared.corrupted.load(Ordering::Relaxed) || shared.stop.load(Ordering::Relaxed) {
-                    let message = "the VM is stopping".to_string();
-                    reply_error(&mut connection, client_stream, codes::SPAWN_FAILED, message)?;
-                    continue;
-                }
-                // Recorded before it runs, by digest only (argv values may hold secrets): a
-                // command never runs unrecorded.
-                let argv = serde_json::to_vec(&request.argv).map_err(io::Error::other)?;
-                let argv_digest = mvm_ir::digest::sha256_prefixed(&argv);
-                let fields = json!({"vm": shared.vm, "argv_sha256": argv_digest});
-                if !shared.record("vm.exec.started", fields) {
-                    let message = "the audit log cannot be written".to_string();
-                    reply_error(&mut connection, client_stream, codes::SPAWN_FAILED, message)?;
-                    continue;
-                }
                 relay_exec(
-                    &mut connection,
+                    &mut reader,
+                    &writer,
                     client_stream,
                     shared,
                     request,
                     &argv_digest,
                 )?;
             }
+            Request::Spawn(request) => {
+                let Some((request, _)) =
+                    admit_command(&writer, shared, client_stream, request, "vm.spawn")?
+                else {
+                    continue;
+                };
+                relay(&writer, client_stream, shared, &Request::Spawn(request))?;
+            }
+            Request::Signal { .. } => {
+                let message = "no command of this connection is running".to_string();
+                writer.error(client_stream, codes::NO_SUCH_PROCESS, message)?;
+            }
+            Request::Kill { handle, signal } => {
+                let fields = json!({"vm": shared.vm, "handle": handle, "signal": signal});
+                shared.record("vm.kill", fields);
+                relay(&writer, client_stream, shared, &Request::Kill { handle, signal })?;
+            }
+            request @ (Request::FsMkdir { .. }
+            | Request::FsRemove { .. }
+            | Request::FsMove { .. }) => {
+                let (op, paths) = match &request {
+                    Request::FsMkdir { path, .. } => ("mkdir", vec![path]),
+                    Request::FsRemove { path, .. } => ("remove", vec![path]),
+                    Request::FsMove { from, to } => ("move", vec![from, to]),
+                    _ => ("", vec![]),
+                };
+                let paths: Vec<String> = paths
+                    .iter()
+                    .map(|p| mvm_ir::digest::sha256_prefixed(p.as_bytes()))
+                    .collect();
+                let fields = json!({"vm": shared.vm, "op": op, "paths_sha256": paths});
+                if !shared.record("vm.fs", fields) {
+                    let message = "the audit log cannot be written".to_string();
+                    writer.error(client_stream, codes::SPAWN_FAILED, message)?;
+                    continue;
+                }
+                relay(&writer, client_stream, shared, &request)?;
+            }
+            request @ (Request::Echo
+            | Request::Wait { .. }
+            | Request::Ps
+            | Request::FsList { .. }
+            | Request::FsStat { .. }) => relay(&writer, client_stream, shared, &request)?,
         }
     }
+}
+
+/// Whether commands may still start: not once the root was found corrupted or the VM is
+/// stopping.
+fn accepting(shared: &Shared) -> bool {
+    !shared.corrupted.load(Ordering::Relaxed) && !shared.stop.load(Ordering::Relaxed)
+}
+
+/// Applies the plan's defaults to a command and records it — by digest only (argv values may
+/// hold secrets) — before it runs: a command never runs unrecorded. `None` when it was
+/// refused (the client has been told).
+fn admit_command(
+    writer: &ClientWriter,
+    shared: &Shared,
+    client_stream: u32,
+    request: ExecRequest,
+    event: &str,
+) -> io::Result<Option<(ExecRequest, String)>> {
+    let request = match with_plan_defaults(&shared.plan, request) {
+        Ok(request) => request,
+        Err(message) => {
+            writer.error(client_stream, codes::BAD_REQUEST, message)?;
+            return Ok(None);
+        }
+    };
+    let argv = serde_json::to_vec(&request.argv).map_err(io::Error::other)?;
+    let argv_digest = mvm_ir::digest::sha256_prefixed(&argv);
+    let fields = json!({"vm": shared.vm, "argv_sha256": argv_digest});
+    if !shared.record(event, fields) {
+        let message = "the audit log cannot be written".to_string();
+        writer.error(client_stream, codes::SPAWN_FAILED, message)?;
+        return Ok(None);
+    }
+    Ok(Some((request, argv_digest)))
 }
 
 /// A file being copied into the guest through this connection.
 struct Upload {
     client_stream: u32,
-    agent_stream: u32,
+    exchange: Exchange,
     remaining: u64,
-    frames: Receiver<Frame>,
     record: Value,
 }
 
 /// Passes a copy's remaining frames (a read's data, the answer) on to the client and records
 /// the copy with its outcome — before the client sees the answer.
 fn finish_copy(
-    connection: &mut UnixStream,
+    writer: &ClientWriter,
     shared: &Shared,
     client_stream: u32,
-    frames: Receiver<Frame>,
+    exchange: Exchange,
     mut record: Value,
 ) -> io::Result<()> {
-    for frame in frames {
+    for frame in exchange {
         if frame.kind != FrameKind::Response {
-            let bytes =
-                encode(frame.kind, client_stream, &frame.payload).map_err(io::Error::other)?;
-            connection.write_all(&bytes)?;
+            writer.frame(frame.kind, client_stream, &frame.payload)?;
             continue;
         }
         record["outcome"] = match serde_json::from_slice::<Response>(&frame.payload) {
@@ -325,90 +425,165 @@ fn finish_copy(
             _ => json!({"error": "unexpected answer"}),
         };
         shared.record("vm.copy", record);
-        let bytes =
-            encode(FrameKind::Response, client_stream, &frame.payload).map_err(io::Error::other)?;
-        return connection.write_all(&bytes);
+        return writer.frame(FrameKind::Response, client_stream, &frame.payload);
     }
     let message = "the agent channel closed before the copy ended".to_string();
-    reply_error(connection, client_stream, codes::SPAWN_FAILED, message)
+    writer.error(client_stream, codes::SPAWN_FAILED, message)
 }
 
 /// Sends `request` to the agent and passes every frame of the answer on to the client, on
 /// the client's own stream id.
 fn relay(
-    connection: &mut UnixStream,
+    writer: &ClientWriter,
     client_stream: u32,
     shared: &Shared,
     request: &Request,
 ) -> io::Result<()> {
-    let frames = match shared.mux.request(request) {
-        Ok(frames) => frames,
-        Err(e) => return channel_failed(connection, client_stream, &e),
+    let exchange = match shared.mux.request(request) {
+        Ok(exchange) => exchange,
+        Err(e) => return writer.channel_failed(client_stream, &e),
     };
-    for frame in frames {
-        let bytes = encode(frame.kind, client_stream, &frame.payload).map_err(io::Error::other)?;
-        connection.write_all(&bytes)?;
+    for frame in exchange {
+        writer.frame(frame.kind, client_stream, &frame.payload)?;
         if frame.kind == FrameKind::Response {
             return Ok(());
         }
     }
     let message = "the agent channel closed".to_string();
-    reply_error(connection, client_stream, codes::SPAWN_FAILED, message)
+    writer.error(client_stream, codes::SPAWN_FAILED, message)
 }
 
-/// Runs a command through the agent and passes its output on to the client as it comes. A
-/// client that stops reading gets no more output, but the command's end is still recorded —
+/// Runs a command through the agent and passes its output on to the client as it comes,
+/// while a second thread passes the client's input (and `signal` requests for the command)
+/// the other way. A client that hangs up cancels its command (SIGKILL to its process group);
+/// one that stops reading gets no more output. Either way the command's end is recorded —
 /// before the client sees its answer — and a corrupted root stops the VM.
 fn relay_exec(
-    connection: &mut UnixStream,
+    reader: &mut ClientReader,
+    writer: &ClientWriter,
     client_stream: u32,
     shared: &Shared,
     request: ExecRequest,
     argv_digest: &str,
 ) -> io::Result<()> {
-    let mut client_reads = true;
-    let mut forward = |connection: &mut UnixStream, kind, payload: &[u8]| {
-        if client_reads {
-            let bytes = encode(kind, client_stream, payload).map_err(io::Error::other)?;
-            client_reads = connection.write_all(&bytes).is_ok();
-        }
-        Ok::<_, io::Error>(())
-    };
-    let frames = shared.mux.request(&Request::Exec(request));
+    let takes_input = request.stdin;
+    let exchange = shared.mux.request(&Request::Exec(request));
     let mut outcome = json!({"error": "the agent channel closed"});
     let mut answer = None;
-    if let Ok(frames) = frames {
-        for frame in frames {
-            if frame.kind != FrameKind::Response {
-                forward(connection, frame.kind, &frame.payload)?;
-                continue;
-            }
-            outcome = match serde_json::from_slice::<Response>(&frame.payload) {
-                Ok(Response::Exec(reply)) => {
-                    if reply.integrity == Integrity::Corrupted {
-                        shared.corrupted.store(true, Ordering::Relaxed);
-                        shared.stop.store(true, Ordering::Relaxed);
+    if let Ok(mut exchange) = exchange {
+        let agent_stream = exchange.stream();
+        let ended = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let input = scope.spawn(|| {
+                pass_input(
+                    reader,
+                    writer,
+                    shared,
+                    (client_stream, agent_stream),
+                    takes_input,
+                    &ended,
+                )
+            });
+            let mut client_reads = true;
+            while let Some(frame) = exchange.next_frame() {
+                if frame.kind != FrameKind::Response {
+                    if client_reads {
+                        client_reads = writer
+                            .frame(frame.kind, client_stream, &frame.payload)
+                            .is_ok();
                     }
-                    json!({"status": reply.status, "integrity": reply.integrity})
+                    continue;
                 }
-                Ok(Response::Error(error)) => json!({"error": error.code}),
-                _ => json!({"error": "unexpected answer"}),
-            };
-            answer = Some(frame.payload);
-            break;
-        }
+                outcome = match serde_json::from_slice::<Response>(&frame.payload) {
+                    Ok(Response::Exec(reply)) => {
+                        if reply.integrity == Integrity::Corrupted {
+                            shared.corrupted.store(true, Ordering::Relaxed);
+                            shared.stop.store(true, Ordering::Relaxed);
+                        }
+                        json!({"status": reply.status, "integrity": reply.integrity})
+                    }
+                    Ok(Response::Error(error)) => json!({"error": error.code}),
+                    _ => json!({"error": "unexpected answer"}),
+                };
+                answer = Some(frame.payload);
+                break;
+            }
+            ended.store(true, Ordering::Relaxed);
+            input.join().unwrap_or(Ok(()))
+        })?;
     }
     shared.record(
         "vm.exec.ended",
         json!({"vm": shared.vm, "argv_sha256": argv_digest, "outcome": outcome}),
     );
     match answer {
-        Some(payload) => forward(connection, FrameKind::Response, &payload),
+        Some(payload) => writer.frame(FrameKind::Response, client_stream, &payload),
         None => {
             let message = "the agent channel closed before the command ended".to_string();
-            reply_error(connection, client_stream, codes::SPAWN_FAILED, message)
+            writer.error(client_stream, codes::SPAWN_FAILED, message)
         }
     }
+}
+
+/// While a command runs: the client's data frames become its input (when it has one), a
+/// `signal` request for it is passed to the agent, and a hang-up kills it.
+fn pass_input(
+    reader: &mut ClientReader,
+    writer: &ClientWriter,
+    shared: &Shared,
+    (client_stream, agent_stream): (u32, u32),
+    takes_input: bool,
+    ended: &AtomicBool,
+) -> io::Result<()> {
+    let mut input_open = takes_input;
+    while !ended.load(Ordering::Relaxed) {
+        let frame = match reader.read(writer)? {
+            Read::Frame(frame) => frame,
+            Read::Idle => continue,
+            Read::Gone => {
+                let cancel = Request::Signal {
+                    stream: agent_stream,
+                    signal: 9,
+                };
+                let _ = shared.mux.request(&cancel);
+                return Ok(());
+            }
+        };
+        match frame.kind {
+            FrameKind::Data if frame.stream == client_stream && input_open => {
+                input_open = !frame.payload.is_empty()
+                    && shared.mux.send_data(agent_stream, &frame.payload).is_ok();
+                if frame.payload.is_empty() {
+                    let _ = shared.mux.send_data(agent_stream, &[]);
+                }
+            }
+            FrameKind::Data | FrameKind::Credit => {}
+            FrameKind::Request => {
+                let asked = serde_json::from_slice::<Request>(&frame.payload);
+                match asked {
+                    Ok(Request::Signal { stream, signal }) if stream == client_stream => {
+                        let signal = Request::Signal {
+                            stream: agent_stream,
+                            signal,
+                        };
+                        relay(writer, frame.stream, shared, &signal)?;
+                    }
+                    _ => {
+                        let message =
+                            "a connection carries one exchange at a time; only `signal` for the \
+                             running command is taken"
+                                .to_string();
+                        writer.error(frame.stream, codes::BUSY, message)?;
+                    }
+                }
+            }
+            kind => {
+                let message = format!("a {kind:?} frame from a client");
+                writer.error(frame.stream, codes::BAD_REQUEST, message)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The plan's environment under the client's own variables (the client's win), `HOME=/tmp`
@@ -436,33 +611,4 @@ pub fn with_plan_defaults(
         request.cwd = plan.entrypoint.cwd.clone();
     }
     Ok(request)
-}
-
-/// Tells the client its request could not reach the agent.
-fn channel_failed(
-    connection: &mut UnixStream,
-    stream: u32,
-    error: &crate::client::ClientError,
-) -> io::Result<()> {
-    let message = format!("the agent channel: {error}");
-    reply_error(connection, stream, codes::SPAWN_FAILED, message)
-}
-
-fn reply(connection: &mut UnixStream, stream: u32, response: &Response) -> io::Result<()> {
-    let payload = serde_json::to_vec(response).map_err(io::Error::other)?;
-    let bytes = encode(FrameKind::Response, stream, &payload).map_err(io::Error::other)?;
-    connection.write_all(&bytes)
-}
-
-fn reply_error(
-    connection: &mut UnixStream,
-    stream: u32,
-    code: &str,
-    message: String,
-) -> io::Result<()> {
-    let error = ErrorReply {
-        code: code.into(),
-        message,
-    };
-    reply(connection, stream, &Response::Error(error))
 }

@@ -462,8 +462,8 @@ fn keep_serving(
         )));
     }
     // Stop: ask the agent to power off, give it the grace, then the caller kills QEMU.
-    if let Ok(answer) = shared.mux.request(&Request::PowerOff) {
-        let _ = answer.recv_timeout(SHUTDOWN_GRACE);
+    if let Ok(mut answer) = shared.mux.request(&Request::PowerOff) {
+        let _ = answer.next_frame_within(SHUTDOWN_GRACE);
     }
     let _ = vm.wait_for_exit(SHUTDOWN_GRACE);
     if shared.corrupted.load(Ordering::Relaxed) {
@@ -811,6 +811,7 @@ fn exec_request(plan: &VerifiedPlan, launch: &Launch) -> Result<ExecRequest, Adm
         env: BTreeMap::new(),
         cwd: None,
         timeout_ms: timeout.as_millis().min(u128::from(u64::MAX)) as u64,
+        stdin: false,
     };
     // The same defaults as a named VM's commands get; no client variables to refuse here.
     let request = control::with_plan_defaults(&plan.plan, asked).map_err(|reason| {

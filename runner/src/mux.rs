@@ -1,38 +1,148 @@
 //! One agent channel shared by many exchanges: requests go out on fresh stream ids, and a
 //! reader thread hands every frame that comes back to the exchange it belongs to.
+//!
+//! Flow control ([`mvm_agent::protocol::flow`]) is kept here for every exchange: the agent may
+//! have at most a window of data in flight per stream, so the reader never waits for a slow
+//! exchange (one slow client cannot hold up the others) and what is buffered stays bounded;
+//! an [`Exchange`] hands the room back as its frames are taken. Data sent to the agent waits
+//! for the room the agent gives.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
+use mvm_agent::protocol::flow::{self, ReceiveWindow, SendWindow};
 use mvm_agent::protocol::{encode, Frame, FrameDecoder, FrameKind, Request};
 
 use crate::client::ClientError;
 
-/// Frames buffered for one exchange before the reader waits for it: a client that reads
-/// slowly holds the channel back (bounded memory) rather than the runner filling up.
-const ROUTE_DEPTH: usize = 64;
+/// One exchange's place in the table.
+#[derive(Debug)]
+struct Route {
+    frames: Sender<Frame>,
+    /// What the agent may still send on the stream.
+    receive: ReceiveWindow,
+    /// What the runner may still send on the stream.
+    send: SendWindow,
+}
 
 /// Where frames go, by stream id; closed for good once the channel ends.
 #[derive(Debug, Default)]
 struct RouteTable {
-    routes: HashMap<u32, SyncSender<Frame>>,
+    routes: HashMap<u32, Route>,
     closed: bool,
 }
 
-type Routes = Arc<Mutex<RouteTable>>;
+/// The table and the signal that a send window grew (or the channel closed).
+#[derive(Debug, Default)]
+struct Shared {
+    table: Mutex<RouteTable>,
+    room: Condvar,
+}
 
 /// The agent channel, shared.
 #[derive(Debug)]
 pub struct AgentMux {
-    writer: Mutex<UnixStream>,
-    routes: Routes,
+    writer: Arc<Mutex<UnixStream>>,
+    shared: Arc<Shared>,
     next_stream: AtomicU32,
     reader: Option<JoinHandle<()>>,
+}
+
+/// The frames answering one request: data frames, then one response. Taking a data frame
+/// hands its room back to the agent (the frame has been passed on by the time the next is
+/// asked for). Dropping it stops caring: the rest of the answer is discarded as it comes.
+#[derive(Debug)]
+pub struct Exchange {
+    stream: u32,
+    frames: Receiver<Frame>,
+    /// Room of the last data frame taken, returned when the next is asked for.
+    owed: u64,
+    writer: Arc<Mutex<UnixStream>>,
+    shared: Arc<Shared>,
+}
+
+impl Exchange {
+    /// The agent's stream id for this exchange.
+    pub fn stream(&self) -> u32 {
+        self.stream
+    }
+
+    /// The next frame; `None` once the channel closed before the answer.
+    pub fn next_frame(&mut self) -> Option<Frame> {
+        self.settle();
+        let frame = self.frames.recv().ok()?;
+        self.owe(&frame);
+        Some(frame)
+    }
+
+    /// [`Exchange::next_frame`], waiting at most `timeout`; `None` also when the time ran
+    /// out.
+    pub fn next_frame_within(&mut self, timeout: Duration) -> Option<Frame> {
+        self.settle();
+        let frame = self.frames.recv_timeout(timeout).ok()?;
+        self.owe(&frame);
+        Some(frame)
+    }
+
+    fn owe(&mut self, frame: &Frame) {
+        if frame.is_data() {
+            self.owed = flow::cost(frame.payload.len());
+        }
+    }
+
+    /// Hands back the room of the frame taken last.
+    fn settle(&mut self) {
+        if self.owed == 0 {
+            return;
+        }
+        let bytes = std::mem::take(&mut self.owed);
+        let still_routed = match lock(&self.shared).routes.get_mut(&self.stream) {
+            Some(route) => {
+                route.receive.restore(bytes);
+                true
+            }
+            None => false,
+        };
+        if still_routed {
+            let _ = write_credit(&self.writer, self.stream, bytes);
+        }
+    }
+}
+
+impl Iterator for Exchange {
+    type Item = Frame;
+
+    fn next(&mut self) -> Option<Frame> {
+        self.next_frame()
+    }
+}
+
+impl Drop for Exchange {
+    /// The route stays until the agent's answer (the reader then drops it), but every frame
+    /// that still comes is handed back at once, so the agent is never left waiting on room.
+    fn drop(&mut self) {
+        self.settle();
+        if let Some(route) = lock(&self.shared).routes.get_mut(&self.stream) {
+            let (discard, _) = mpsc::channel();
+            route.frames = discard;
+        }
+        // Frames already queued are returned too.
+        let queued: u64 = self
+            .frames
+            .try_iter()
+            .filter(Frame::is_data)
+            .map(|f| flow::cost(f.payload.len()))
+            .sum();
+        if queued > 0 {
+            let _ = write_credit(&self.writer, self.stream, queued);
+        }
+    }
 }
 
 impl AgentMux {
@@ -41,79 +151,96 @@ impl AgentMux {
     pub fn new(stream: UnixStream, first_stream: u32) -> io::Result<Self> {
         stream.set_read_timeout(None)?;
         let reading = stream.try_clone()?;
-        let routes: Routes = Arc::default();
+        let writer = Arc::new(Mutex::new(stream));
+        let shared: Arc<Shared> = Arc::default();
         let reader = {
-            let routes = Arc::clone(&routes);
+            let shared = Arc::clone(&shared);
+            let writer = Arc::clone(&writer);
             std::thread::Builder::new()
                 .name("agent-mux".into())
-                .spawn(move || route_frames(reading, &routes))?
+                .spawn(move || route_frames(reading, &shared, &writer))?
         };
         Ok(Self {
-            writer: Mutex::new(stream),
-            routes,
+            writer,
+            shared,
             next_stream: AtomicU32::new(first_stream.wrapping_add(1).max(1)),
             reader: Some(reader),
         })
     }
 
-    /// Sends `request` on a new stream and returns the frames that will answer it: data
-    /// frames, then one response. The receiver is disconnected if the channel closes first.
-    /// Drop the receiver to stop caring: the rest of the answer is discarded.
-    pub fn request(&self, request: &Request) -> Result<Receiver<Frame>, ClientError> {
-        self.request_on_stream(request).map(|(_, frames)| frames)
-    }
-
-    /// [`AgentMux::request`], also returning the stream id, for requests whose data follows
-    /// ([`AgentMux::send_data`]).
-    pub fn request_on_stream(
-        &self,
-        request: &Request,
-    ) -> Result<(u32, Receiver<Frame>), ClientError> {
+    /// Sends `request` on a new stream and returns the frames that will answer it.
+    pub fn request(&self, request: &Request) -> Result<Exchange, ClientError> {
         let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let payload =
             serde_json::to_vec(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
         let bytes = encode(FrameKind::Request, stream, &payload)?;
-        let (sender, receiver) = mpsc::sync_channel(ROUTE_DEPTH);
+        let (sender, receiver) = mpsc::channel();
         {
-            let mut table = lock(&self.routes);
+            let mut table = lock(&self.shared);
             if table.closed {
                 return Err(ClientError::Closed);
             }
-            table.routes.insert(stream, sender);
+            let route = Route {
+                frames: sender,
+                receive: ReceiveWindow::default(),
+                send: SendWindow::default(),
+            };
+            table.routes.insert(stream, route);
         }
-        let written = self
-            .writer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .write_all(&bytes);
-        if let Err(e) = written {
-            // Part of a frame may have gone out: nothing after it could be read as frames.
-            // The channel is done for every exchange.
-            close(&self.routes);
-            let writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-            let _ = writer.shutdown(std::net::Shutdown::Both);
-            return Err(e.into());
-        }
-        Ok((stream, receiver))
+        self.write(&bytes)?;
+        Ok(Exchange {
+            stream,
+            frames: receiver,
+            owed: 0,
+            writer: Arc::clone(&self.writer),
+            shared: Arc::clone(&self.shared),
+        })
     }
 
-    /// Sends a data frame on `stream` (the bytes of a file being written).
+    /// Sends a data frame on `stream` (file bytes, a command's input; empty ends the input),
+    /// once the agent has given room for it. Fails if the exchange ended first.
     pub fn send_data(&self, stream: u32, bytes: &[u8]) -> Result<(), ClientError> {
         let frame = encode(FrameKind::Data, stream, bytes)?;
+        {
+            let mut table = lock(&self.shared);
+            loop {
+                if table.closed {
+                    return Err(ClientError::Closed);
+                }
+                let Some(route) = table.routes.get_mut(&stream) else {
+                    return Err(ClientError::Protocol(format!(
+                        "stream {stream} has ended"
+                    )));
+                };
+                if route.send.room() >= bytes.len() {
+                    route.send.spend(bytes.len());
+                    break;
+                }
+                table = self
+                    .shared
+                    .room
+                    .wait(table)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+        }
+        self.write(&frame)
+    }
+
+    fn write(&self, bytes: &[u8]) -> Result<(), ClientError> {
         let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Err(e) = writer.write_all(&frame) {
-            close(&self.routes);
+        if let Err(e) = writer.write_all(bytes) {
+            // Part of a frame may have gone out: nothing after it could be read as frames.
+            // The channel is done for every exchange.
+            close(&self.shared);
             let _ = writer.shutdown(std::net::Shutdown::Both);
             return Err(e.into());
         }
         Ok(())
     }
-}
 
-impl AgentMux {
     /// Whether the channel has ended (the guest went away or a write broke it).
     pub fn is_closed(&self) -> bool {
-        lock(&self.routes).closed
+        lock(&self.shared).closed
     }
 }
 
@@ -128,20 +255,32 @@ impl Drop for AgentMux {
     }
 }
 
-fn lock(routes: &Routes) -> std::sync::MutexGuard<'_, RouteTable> {
-    routes.lock().unwrap_or_else(PoisonError::into_inner)
+fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, RouteTable> {
+    shared.table.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write_credit(writer: &Mutex<UnixStream>, stream: u32, bytes: u64) -> io::Result<()> {
+    let frame = encode(FrameKind::Credit, stream, &flow::credit_payload(bytes))
+        .map_err(io::Error::other)?;
+    writer
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .write_all(&frame)
 }
 
 /// Ends every exchange still waiting, and refuses new ones.
-fn close(routes: &Routes) {
-    let mut table = lock(routes);
+fn close(shared: &Shared) {
+    let mut table = lock(shared);
     table.closed = true;
     table.routes.clear();
+    shared.room.notify_all();
 }
 
 /// Reads frames until the channel closes or breaks, handing each to its exchange; a response
-/// ends its exchange. When the channel ends, every exchange still waiting is disconnected.
-fn route_frames(mut stream: UnixStream, routes: &Routes) {
+/// ends its exchange. An agent that sends past a stream's window has broken the protocol:
+/// the channel is closed. When the channel ends, every exchange still waiting is
+/// disconnected.
+fn route_frames(mut stream: UnixStream, shared: &Shared, writer: &Mutex<UnixStream>) {
     let mut decoder = FrameDecoder::new();
     let mut buffer = vec![0; 64 * 1024];
     loop {
@@ -151,29 +290,55 @@ fn route_frames(mut stream: UnixStream, routes: &Routes) {
         };
         decoder.push(&buffer[..n]);
         loop {
-            match decoder.next_frame() {
-                Ok(Some(frame)) => {
-                    let last = frame.kind == FrameKind::Response;
-                    let stream_id = frame.stream;
-                    // Not under the table's lock: the send may wait for a slow reader.
-                    let route = if last {
-                        lock(routes).routes.remove(&stream_id)
-                    } else {
-                        lock(routes).routes.get(&stream_id).cloned()
-                    };
-                    if let Some(route) = route {
-                        let _ = route.send(frame);
-                    }
-                }
+            let frame = match decoder.next_frame() {
+                Ok(Some(frame)) => frame,
                 Ok(None) => break,
                 Err(_) => {
-                    close(routes);
+                    close(shared);
                     return;
+                }
+            };
+            let mut table = lock(shared);
+            let Some(route) = table.routes.get_mut(&frame.stream) else {
+                continue;
+            };
+            match frame.kind {
+                FrameKind::Credit => {
+                    if let Ok(bytes) = flow::parse_credit(&frame.payload) {
+                        route.send.grant(bytes);
+                        shared.room.notify_all();
+                    }
+                }
+                FrameKind::Response => {
+                    if let Some(route) = table.routes.remove(&frame.stream) {
+                        let _ = route.frames.send(frame);
+                    }
+                    shared.room.notify_all();
+                }
+                _ if frame.is_data() && !route.receive.take(frame.payload.len()) => {
+                    drop(table);
+                    close(shared);
+                    let _ = writer
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+                _ => {
+                    let len = frame.payload.len();
+                    let data = frame.is_data();
+                    let stream_id = frame.stream;
+                    if route.frames.send(frame).is_err() && data {
+                        // Nobody takes this exchange's frames any more: return the room.
+                        route.receive.restore(flow::cost(len));
+                        drop(table);
+                        let _ = write_credit(writer, stream_id, flow::cost(len));
+                    }
                 }
             }
         }
     }
-    close(routes);
+    close(shared);
 }
 
 #[cfg(test)]
@@ -182,6 +347,7 @@ mod tests {
     use mvm_agent::protocol::{ExecRequest, Response};
     use mvm_agent::serve::{serve, ServeConfig};
     use std::collections::BTreeMap;
+    use std::time::Duration;
 
     fn exec(script: &str) -> Request {
         Request::Exec(ExecRequest {
@@ -194,10 +360,10 @@ mod tests {
     }
 
     /// Frames until the response: (stdout, response).
-    fn collect(receiver: &Receiver<Frame>) -> (Vec<u8>, Response) {
+    fn collect(mut exchange: Exchange) -> (Vec<u8>, Response) {
         let mut stdout = Vec::new();
         loop {
-            let frame = receiver.recv().expect("the channel closed");
+            let frame = exchange.next_frame().expect("the channel closed");
             match frame.kind {
                 FrameKind::Stdout => stdout.extend(frame.payload),
                 FrameKind::Response => {
@@ -217,10 +383,10 @@ mod tests {
             .map(|i| {
                 let mux = Arc::clone(&mux);
                 std::thread::spawn(move || {
-                    let receiver = mux
+                    let exchange = mux
                         .request(&exec(&format!("for n in 1 2 3; do echo {i}-$n; done")))
                         .unwrap();
-                    collect(&receiver)
+                    collect(exchange)
                 })
             })
             .collect();
@@ -229,12 +395,56 @@ mod tests {
             assert_eq!(stdout, format!("{i}-1\n{i}-2\n{i}-3\n").as_bytes());
             assert!(matches!(response, Response::Exec(_)), "{response:?}");
         }
-        let (_, response) = collect(&mux.request(&Request::PowerOff).unwrap());
+        let (_, response) = collect(mux.request(&Request::PowerOff).unwrap());
         assert_eq!(response, Response::PowerOff);
         agent.join().unwrap().unwrap();
         // The agent is gone: a new exchange is refused or ends disconnected, never hangs.
-        if let Ok(receiver) = mux.request(&exec("true")) {
-            assert!(receiver.recv().is_err());
+        if let Ok(mut exchange) = mux.request(&exec("true")) {
+            assert!(exchange.next_frame().is_none());
         }
+    }
+
+    #[test]
+    fn an_exchange_nobody_reads_holds_up_no_other_and_input_waits_for_room() {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        let agent = std::thread::spawn(move || serve(&mut guest, &ServeConfig::on_host()));
+        let mux = AgentMux::new(host, 0).unwrap();
+        // 8 MiB of output that nobody reads for now.
+        let mut flood = mux.request(&exec("head -c 8388608 /dev/zero")).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        for i in 0..5 {
+            let (stdout, response) = collect(mux.request(&exec(&format!("echo {i}"))).unwrap());
+            assert_eq!(stdout, format!("{i}\n").as_bytes());
+            assert!(matches!(response, Response::Exec(_)));
+        }
+        // Input larger than the window goes through as the command reads it.
+        let input = vec![b'x'; 3 * 1024 * 1024 + 5];
+        let mut request = ExecRequest {
+            argv: vec!["wc".into(), "-c".into()],
+            env: BTreeMap::new(),
+            cwd: None,
+            timeout_ms: 10_000,
+            stdin: true,
+        };
+        request.env.insert("PATH".into(), "/usr/bin:/bin".into());
+        let counting = mux.request(&Request::Exec(request)).unwrap();
+        for chunk in input.chunks(100_000) {
+            mux.send_data(counting.stream(), chunk).unwrap();
+        }
+        mux.send_data(counting.stream(), &[]).unwrap();
+        let (stdout, _) = collect(counting);
+        assert_eq!(String::from_utf8(stdout).unwrap().trim(), input.len().to_string());
+        // The flood was held at its window meanwhile, and comes whole once read.
+        let mut received = 0;
+        while let Some(frame) = flood.next_frame() {
+            if frame.kind == FrameKind::Response {
+                break;
+            }
+            received += frame.payload.len();
+        }
+        assert_eq!(received, 8 * 1024 * 1024);
+        let (_, response) = collect(mux.request(&Request::PowerOff).unwrap());
+        assert_eq!(response, Response::PowerOff);
+        agent.join().unwrap().unwrap();
     }
 }

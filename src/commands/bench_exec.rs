@@ -23,6 +23,7 @@ pub fn exec(name: &str, runs: usize, command: &[String]) -> anyhow::Result<(Valu
         env: Default::default(),
         cwd: None,
         timeout_ms: 60_000,
+        stdin: false,
     };
     let limit = Duration::from_secs(90);
     let (mut execs, mut echoes) = (Vec::with_capacity(runs), Vec::with_capacity(runs));

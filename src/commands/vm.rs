@@ -1,4 +1,4 @@
-//! Long-lived VMs: `mvm up`, `ls`, `exec`, `stop`, `rm`.
+//! Long-lived VMs: `mvm up`, `ls`, `exec`, `logs`, `wait`, `stop`, `rm`.
 //!
 //! `mvm up` starts `mvm-runner --name NAME` in a process group of its own and returns once
 //! the agent is ready; that runner owns the VM for its whole life and serves its control
@@ -6,7 +6,7 @@
 //! each VM is its own runner process.
 
 use std::collections::BTreeMap;
-use std::io::{self, BufRead, BufReader, Read, Seek, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -20,7 +20,7 @@ use clap::Args;
 use mvm_agent::protocol::{ExecRequest, Integrity};
 use mvm_ir::fsutil::ExclusiveLock;
 use mvm_ir::receipt::Receipt;
-use mvm_runner::client::{AgentClient, ClientError, OutputSink, StdStreams};
+use mvm_runner::client::{AgentClient, ClientError, StdStreams};
 use mvm_runner::control::MAX_TIMEOUT;
 use mvm_runner::launch::{command_result, exit, LaunchError};
 use mvm_runner::state::{self, Phase, VmState};
@@ -80,6 +80,13 @@ pub struct ExecArgs {
     /// Write a signed run receipt here once the command has ended (`mvm receipt verify`).
     #[arg(long, value_name = "FILE")]
     receipt: Option<PathBuf>,
+    /// Feed this process's standard input to the command (its end closes the command's).
+    #[arg(short, long)]
+    interactive: bool,
+    /// Start the command in the background and print its handle, for `mvm ps`, `mvm wait
+    /// NAME --process HANDLE` (its status and the last 64 KiB of its output) and `mvm kill`.
+    #[arg(short, long, conflicts_with_all = ["interactive", "receipt"])]
+    detach: bool,
     /// The command; the plan's entrypoint when absent.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -115,7 +122,9 @@ pub enum WaitFor {
 }
 
 /// Wait until a VM is ready (or has ended); exit 0 when it got there, 1 when it cannot any
-/// more (a VM that failed never becomes ready), RUN036 after the timeout.
+/// more (a VM that failed never becomes ready), RUN036 after the timeout. With --process,
+/// wait for a command started with `mvm exec --detach` instead: print the last of its output
+/// and exit with its status (RUN036 if it still runs at the timeout).
 #[derive(Debug, Args)]
 pub struct WaitArgs {
     /// The VM.
@@ -123,20 +132,12 @@ pub struct WaitArgs {
     /// The state to wait for.
     #[arg(long = "for", value_enum, default_value = "ready")]
     until: WaitFor,
+    /// The handle of a background command to wait for.
+    #[arg(long, value_name = "HANDLE")]
+    process: Option<u64>,
     /// Give up after this long.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "60s", value_name = "DURATION")]
     timeout: Duration,
-}
-
-/// Copy a file into or out of a running VM: `mvm cp FILE NAME:/tmp/path` or
-/// `mvm cp NAME:/tmp/path FILE`. Guest paths are confined to /tmp (and to what the workload user
-/// may read or write there); the bytes are checked by SHA-256 end to end.
-#[derive(Debug, Args)]
-pub struct CpArgs {
-    /// Where from: a local file, or NAME:/tmp/path.
-    source: String,
-    /// Where to: a local file, or NAME:/tmp/path.
-    destination: String,
 }
 
 fn parse_env(text: &str) -> Result<(String, String), String> {
@@ -287,10 +288,18 @@ pub(super) fn connect(
     }
     let stream = UnixStream::connect(dir.join(state::CONTROL_SOCKET))
         .with_context(|| format!("connecting to {name}"))?;
-    Ok(AgentClient::new(stream, interrupt)?)
+    Ok(AgentClient::over_control_socket(stream, interrupt)?)
 }
 
-pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
+/// An agent's refusal keeps its own code; anything else about the channel is RUN025.
+pub(super) fn agent_error(error: ClientError) -> anyhow::Error {
+    match error {
+        ClientError::Refused(refusal) => coded_as(&refusal.code, refusal.message),
+        other => coded_as("RUN025", other),
+    }
+}
+
+pub fn exec(args: ExecArgs, out: &Output) -> anyhow::Result<ExitCode> {
     let host = Host::open()?;
     let interrupt = Arc::new(AtomicBool::new(false));
     for signal in [SIGINT, SIGTERM, SIGHUP] {
@@ -306,8 +315,16 @@ pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
         env: args.env.into_iter().collect::<BTreeMap<_, _>>(),
         cwd: args.cwd,
         timeout_ms: timeout.as_millis() as u64,
+        stdin: false,
     };
-    let executed = match client.exec(request, timeout + ANSWER_GRACE, &mut StdStreams) {
+    if args.detach {
+        return super::process::spawn(&mut client, request, out);
+    }
+    let input = args
+        .interactive
+        .then(|| Box::new(io::stdin()) as Box<dyn Read + Send>);
+    let answer_timeout = timeout + ANSWER_GRACE;
+    let executed = match client.exec_with_input(request, input, answer_timeout, &mut StdStreams) {
         Ok(executed) => executed,
         Err(ClientError::Refused(refusal)) => {
             let error = LaunchError::CommandRefused(refusal);
@@ -470,6 +487,9 @@ pub fn logs(args: LogsArgs) -> anyhow::Result<()> {
 }
 
 pub fn wait(args: WaitArgs, out: &Output) -> anyhow::Result<ExitCode> {
+    if let Some(handle) = args.process {
+        return super::process::wait(&args.name, handle, args.timeout, out);
+    }
     let host = Host::open()?;
     let deadline = Instant::now() + args.timeout;
     loop {
@@ -502,98 +522,5 @@ pub fn wait(args: WaitArgs, out: &Output) -> anyhow::Result<ExitCode> {
             ));
         }
         std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// `NAME:/path` as (NAME, /path), for a valid VM name.
-fn guest_path(text: &str) -> Option<(&str, &str)> {
-    let (name, path) = text.split_once(':')?;
-    (state::valid_name(name) && path.starts_with('/')).then_some((name, path))
-}
-
-pub fn cp(args: CpArgs, out: &Output) -> anyhow::Result<()> {
-    let host = Host::open()?;
-    let copy_timeout = Duration::from_secs(3600);
-    match (guest_path(&args.source), guest_path(&args.destination)) {
-        (None, Some((name, path))) => {
-            let local = Path::new(&args.source);
-            let mut file = std::fs::File::open(local)
-                .with_context(|| format!("reading {}", local.display()))?;
-            let meta = file.metadata()?;
-            if !meta.is_file() {
-                return Err(coded_as(
-                    "RUN038",
-                    format!("{} is not a regular file", local.display()),
-                ));
-            }
-            // Hashed first, so the guest can refuse bytes that do not match what was read.
-            let (sha256, size) = mvm_ir::digest::sha256_reader(&mut file)?;
-            file.rewind()?;
-            let mut client = connect(&host, name, Arc::default())?;
-            let request = mvm_agent::protocol::FsWriteRequest {
-                path: path.into(),
-                mode: std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
-                size,
-                sha256,
-            };
-            let done = client
-                .fs_write(request, &mut file, copy_timeout)
-                .map_err(copy_error)?;
-            out.result(json!({"copied": done.size, "sha256": done.sha256}), || {
-                format!(
-                    "{} → {name}:{path}: {} bytes, {}",
-                    local.display(),
-                    done.size,
-                    done.sha256
-                )
-            });
-        }
-        (Some((name, path)), None) => {
-            let local = std::path::absolute(&args.destination)?;
-            let dir = local.parent().context("the destination has no directory")?;
-            let staging = tempfile::NamedTempFile::new_in(dir)?;
-            let mut client = connect(&host, name, Arc::default())?;
-            let mut sink = FileSink(staging.as_file().try_clone()?);
-            let done = client
-                .fs_read(path, &mut sink, copy_timeout)
-                .map_err(copy_error)?;
-            staging.as_file().sync_all()?;
-            staging.persist(&local)?;
-            out.result(json!({"copied": done.size, "sha256": done.sha256}), || {
-                format!(
-                    "{name}:{path} → {}: {} bytes, {}",
-                    local.display(),
-                    done.size,
-                    done.sha256
-                )
-            });
-        }
-        _ => {
-            return Err(coded_as(
-                "RUN038",
-                "give exactly one side as NAME:/path (a running VM's name and a path in it)",
-            ))
-        }
-    }
-    Ok(())
-}
-
-fn copy_error(error: ClientError) -> anyhow::Error {
-    match error {
-        ClientError::Refused(refusal) => coded_as(&refusal.code, refusal.message),
-        other => coded_as("RUN025", other),
-    }
-}
-
-/// Writes a copied file's bytes (which arrive as output) to a file.
-struct FileSink(std::fs::File);
-
-impl OutputSink for FileSink {
-    fn stdout(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.0.write_all(bytes)
-    }
-
-    fn stderr(&mut self, _: &[u8]) -> io::Result<()> {
-        Ok(())
     }
 }

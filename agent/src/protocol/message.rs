@@ -26,6 +26,9 @@ pub enum Request {
     FsRead {
         /// The file, absolute, under the copy root (`/tmp`).
         path: String,
+        /// `path` is a directory, sent as a tar stream (symlinks as symlinks).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        tar: bool,
     },
     /// Sends a signal to the process group of the command running for the exec request on
     /// `stream` (a client cancelling its command); answered [`Response::Done`].
@@ -250,6 +253,9 @@ pub struct FsWriteRequest {
     pub size: u64,
     /// `sha256:` of those bytes: the file is put in place only if they match.
     pub sha256: String,
+    /// The bytes are a tar stream, unpacked (once they match) into a new directory `path`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tar: bool,
 }
 
 /// A file copied whole, as the agent counted and hashed it.

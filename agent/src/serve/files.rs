@@ -149,6 +149,12 @@ impl Upload {
             ));
         }
         match rustix::fs::statat(&place.dir, place.name.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(_) if request.tar => {
+                return Err(error(
+                    codes::FILE_STATE,
+                    format!("{path}: exists; a directory is copied to a new name"),
+                ));
+            }
             Ok(existing) => {
                 let regular = FileType::from_raw_mode(existing.st_mode) == FileType::RegularFile;
                 let owned = user.is_none_or(|u| existing.st_uid == u.uid);
@@ -212,8 +218,9 @@ impl Upload {
         self.received == self.request.size
     }
 
-    /// Checks the bytes and puts the file in place.
-    pub fn finish(self) -> Result<FileDone, ErrorReply> {
+    /// Checks the bytes and puts the file in place (or, for a tar stream, unpacks it into the
+    /// new directory as `user`).
+    pub fn finish(self, user: Option<Credentials>) -> Result<FileDone, ErrorReply> {
         let sha256 = format!("sha256:{}", hex::encode(self.hasher.clone().finalize()));
         if sha256 != self.request.sha256 {
             return Err(error(
@@ -225,6 +232,13 @@ impl Upload {
             ));
         }
         let io = |e: std::io::Error| error(codes::FILE_IO, format!("{}: {e}", self.request.path));
+        if self.request.tar {
+            self.unpack(user)?;
+            return Ok(FileDone {
+                size: self.received,
+                sha256,
+            });
+        }
         rustix::fs::fchmod(&self.file, Mode::from_raw_mode(self.request.mode))
             .map_err(|e| io(e.into()))?;
         self.file.sync_all().map_err(io)?;
@@ -240,6 +254,78 @@ impl Upload {
             sha256,
         })
     }
+}
+
+impl Upload {
+    /// Unpacks the (checked) tar stream into a new directory, as `user`: the kernel holds it
+    /// to what that user may create; the archive's own paths may not leave the directory.
+    fn unpack(&self, user: Option<Credentials>) -> Result<(), ErrorReply> {
+        let path = &self.request.path;
+        super::fsops::as_user(user, || {
+            rustix::fs::mkdirat(
+                &self.place.dir,
+                self.place.name.as_str(),
+                Mode::from_raw_mode(self.request.mode.max(0o700)),
+            )
+            .map_err(|e| super::fsops::failed(path, e))?;
+            let archive = rustix::fs::openat(
+                &self.place.dir,
+                self.temporary.as_str(),
+                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| super::fsops::failed(path, e))?;
+            let target = rustix::fs::openat(
+                &self.place.dir,
+                self.place.name.as_str(),
+                OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| super::fsops::failed(path, e))?;
+            // The directory just made, named through its descriptor. The kernel holds what
+            // follows to the user's rights; the tar crate keeps the entries inside it.
+            let inside = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&target));
+            let mut archive = tar::Archive::new(File::from(archive));
+            archive.set_preserve_permissions(true);
+            archive.set_overwrite(false);
+            archive.unpack(&inside).map_err(|e| {
+                error(
+                    codes::COPY_MISMATCH,
+                    format!("{path}: unpacking the archive: {e}"),
+                )
+            })
+        })
+    }
+}
+
+/// Writes the directory `path` as a tar stream into an unnamed temporary file, as `user`
+/// (symlinks are archived as symlinks, never followed), ready to be sent from its start.
+pub fn archive_directory(path: &str, user: Option<Credentials>) -> Result<File, ErrorReply> {
+    let place = place(path)?;
+    super::fsops::as_user(user, || {
+        let dir = rustix::fs::openat(
+            &place.dir,
+            place.name.as_str(),
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| super::fsops::failed(path, e))?;
+        let scratch = rustix::fs::open(
+            COPY_ROOT,
+            OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| error(codes::FILE_IO, format!("a temporary for {path}: {e}")))?;
+        let inside = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&dir));
+        let mut builder = tar::Builder::new(File::from(scratch));
+        builder.follow_symlinks(false);
+        builder.mode(tar::HeaderMode::Deterministic);
+        let io = |e: std::io::Error| error(codes::FILE_IO, format!("{path}: {e}"));
+        builder.append_dir_all("", &inside).map_err(io)?;
+        let mut file = builder.into_inner().map_err(io)?;
+        std::io::Seek::rewind(&mut file).map_err(io)?;
+        Ok(file)
+    })
 }
 
 impl Drop for Upload {

@@ -22,21 +22,25 @@ const MAX_DEPTH: usize = 128;
 
 /// Carries out a file request as `user` (as the agent itself when `None`, on a host).
 pub fn run(request: Request, user: Option<Credentials>) -> Response {
-    let outcome = std::thread::scope(|scope| {
+    as_user(user, || carry_out(request)).unwrap_or_else(Response::Error)
+}
+
+/// Runs `work` on a thread holding `user`'s credentials (the agent's own when `None`).
+pub fn as_user<T: Send>(
+    user: Option<Credentials>,
+    work: impl FnOnce() -> Result<T, ErrorReply> + Send,
+) -> Result<T, ErrorReply> {
+    std::thread::scope(|scope| {
         scope
             .spawn(|| {
                 if let Some(user) = user {
                     become_user(user)?;
                 }
-                carry_out(request)
+                work()
             })
             .join()
-    });
-    match outcome {
-        Ok(Ok(response)) => response,
-        Ok(Err(error)) => Response::Error(error),
-        Err(_) => Response::Error(error(codes::FILE_IO, "the file operation failed".into())),
-    }
+    })
+    .unwrap_or_else(|_| Err(error(codes::FILE_IO, "the file operation failed".into())))
 }
 
 /// Drops this thread (only) to `user`: no supplementary groups, then gid, then uid — after
@@ -209,7 +213,7 @@ fn remove(dir: &impl AsFd, name: &CStr, recursive: bool, depth: usize) -> Result
     rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)
 }
 
-fn failed(path: &str, e: Errno) -> ErrorReply {
+pub(super) fn failed(path: &str, e: Errno) -> ErrorReply {
     let code = match e {
         Errno::EXIST | Errno::NOENT | Errno::NOTDIR | Errno::ISDIR | Errno::NOTEMPTY => {
             codes::FILE_STATE

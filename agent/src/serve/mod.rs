@@ -229,17 +229,23 @@ impl<'c> Agent<'c> {
             }
             Request::FsWrite(request) => match Upload::start(stream, request, user) {
                 Ok(upload) if upload.complete() => {
-                    answer_upload(channel, stream, upload.finish())?;
+                    answer_upload(channel, stream, upload.finish(user))?;
                 }
                 Ok(upload) => {
                     self.uploads.insert(stream, upload);
                 }
                 Err(error) => send(channel, stream, &Response::Error(error))?,
             },
-            Request::FsRead { path } => match files::open_for_reading(&path, user) {
-                Ok((file, _)) => self.downloads.push(Download::new(stream, file)),
-                Err(error) => send(channel, stream, &Response::Error(error))?,
-            },
+            Request::FsRead { path, tar } => {
+                let file = match tar {
+                    true => files::archive_directory(&path, user),
+                    false => files::open_for_reading(&path, user).map(|(file, _)| file),
+                };
+                match file {
+                    Ok(file) => self.downloads.push(Download::new(stream, file)),
+                    Err(error) => send(channel, stream, &Response::Error(error))?,
+                }
+            }
             Request::Exec(request) => match Running::start(stream, &request, user, None) {
                 Ok(started) => self.running.push(started),
                 Err(error) => send(channel, stream, &Response::Error(error))?,
@@ -388,7 +394,7 @@ impl<'c> Agent<'c> {
             upload.window.restore(back);
             if upload.complete() {
                 if let Some(upload) = self.uploads.remove(&stream) {
-                    answer_upload(channel, stream, upload.finish())?;
+                    answer_upload(channel, stream, upload.finish(self.config.workload_user))?;
                 }
                 return Ok(());
             }

@@ -190,7 +190,12 @@ fn exec_reply(response: Response) -> ExecReply {
 #[test]
 fn hello_answers_with_the_version_and_boot_timings() {
     let mut host = Host::start();
-    host.send(1, &Request::Hello { version: PROTOCOL_VERSION });
+    host.send(
+        1,
+        &Request::Hello {
+            version: PROTOCOL_VERSION,
+        },
+    );
     let (_, _, response, _) = host.exchange(1);
     let Response::Hello(hello) = response else {
         panic!("{response:?}")
@@ -360,7 +365,12 @@ fn a_malformed_frame_ends_serving_and_a_closed_channel_is_the_host_gone() {
     assert_eq!(error.code(), "PROTO001");
 
     let mut host = Host::start();
-    host.send(1, &Request::Hello { version: PROTOCOL_VERSION });
+    host.send(
+        1,
+        &Request::Hello {
+            version: PROTOCOL_VERSION,
+        },
+    );
     host.exchange(1);
     host.stream.shutdown(std::net::Shutdown::Both).unwrap();
     assert_eq!(host.ended().unwrap(), Ended::HostGone);
@@ -374,6 +384,7 @@ fn upload(host: &mut Host, stream: u32, path: &str, bytes: &[u8], sha256: &str) 
             mode: 0o640,
             size: bytes.len() as u64,
             sha256: sha256.into(),
+            tar: false,
         }),
     );
     host.feed(stream, bytes);
@@ -406,7 +417,13 @@ fn files_are_copied_in_and_out_whole_and_checked() {
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o640);
 
-    host.send(2, &Request::FsRead { path: path.clone() });
+    host.send(
+        2,
+        &Request::FsRead {
+            path: path.clone(),
+            tar: false,
+        },
+    );
     let mut read_back = Vec::new();
     let answer = loop {
         let frame = host.frame();
@@ -449,7 +466,13 @@ fn copies_stay_under_the_copy_root_and_follow_no_symlink() {
         (6, format!("{base}/hostname")),
         (7, "tmp/relative".to_string()),
     ] {
-        host.send(stream, &Request::FsRead { path: path.clone() });
+        host.send(
+            stream,
+            &Request::FsRead {
+                path: path.clone(),
+                tar: false,
+            },
+        );
         assert_eq!(
             error_code(&host.exchange(stream).2),
             codes::PATH_REFUSED,
@@ -894,5 +917,104 @@ fn file_operations_run_with_the_workload_users_rights() {
         panic!()
     };
     assert_eq!(entries.len(), 1);
+    host.power_off();
+}
+
+#[test]
+fn directories_travel_as_tar_streams() {
+    let dir = tempfile::tempdir_in("/tmp").unwrap();
+    let source = dir.path().join("source");
+    std::fs::create_dir_all(source.join("sub")).unwrap();
+    std::fs::write(source.join("a.txt"), b"alpha").unwrap();
+    std::fs::write(source.join("sub/b.bin"), vec![9u8; 100_000]).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", source.join("link")).unwrap();
+    let mut host = Host::start();
+
+    // Out: the directory as a tar stream, the symlink as a symlink.
+    host.send(
+        1,
+        &Request::FsRead {
+            path: source.to_str().unwrap().into(),
+            tar: true,
+        },
+    );
+    let mut archive = Vec::new();
+    let answer = loop {
+        let frame = host.frame();
+        match frame.kind {
+            FrameKind::Data => archive.extend(frame.payload),
+            FrameKind::Response => {
+                break serde_json::from_slice::<Response>(&frame.payload).unwrap()
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    assert!(matches!(answer, Response::FsRead(done) if done.sha256 == sha256(&archive)));
+    let mut entries: Vec<(String, tar::EntryType)> = tar::Archive::new(&archive[..])
+        .entries()
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.path().unwrap().display().to_string(),
+                e.header().entry_type(),
+            )
+        })
+        .collect();
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    let names: Vec<_> = entries
+        .iter()
+        .map(|(n, _)| n.trim_start_matches("./"))
+        .collect();
+    assert_eq!(names, ["a.txt", "link", "sub", "sub/b.bin"]);
+    assert_eq!(entries[1].1, tar::EntryType::Symlink);
+
+    // In: the same stream unpacked into a new directory, only once its digest matches.
+    let copy = dir.path().join("copy").to_str().unwrap().to_string();
+    let request = crate::protocol::FsWriteRequest {
+        path: copy.clone(),
+        mode: 0o755,
+        size: archive.len() as u64,
+        sha256: sha256(&archive),
+        tar: true,
+    };
+    host.send(2, &Request::FsWrite(request.clone()));
+    host.feed(2, &archive);
+    assert!(matches!(host.exchange(2).2, Response::FsWrite(_)));
+    assert_eq!(std::fs::read(format!("{copy}/a.txt")).unwrap(), b"alpha");
+    assert_eq!(
+        std::fs::read(format!("{copy}/sub/b.bin")).unwrap().len(),
+        100_000
+    );
+    assert_eq!(
+        std::fs::read_link(format!("{copy}/link")).unwrap(),
+        std::path::Path::new("/etc/passwd")
+    );
+    // Not over an existing directory, and not from a stream with `..` in it.
+    host.send(3, &Request::FsWrite(request));
+    assert_eq!(error_code(&host.exchange(3).2), codes::FILE_STATE);
+    let mut evil = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(4);
+    header.set_mode(0o644);
+    header.set_entry_type(tar::EntryType::Regular);
+    header.as_gnu_mut().unwrap().name[..14].copy_from_slice(b"../escaped.txt");
+    header.set_cksum();
+    evil.append(&header, &b"evil"[..]).unwrap();
+    let evil = evil.into_inner().unwrap();
+    let target = dir.path().join("evil").to_str().unwrap().to_string();
+    host.send(
+        4,
+        &Request::FsWrite(crate::protocol::FsWriteRequest {
+            path: target,
+            mode: 0o755,
+            size: evil.len() as u64,
+            sha256: sha256(&evil),
+            tar: true,
+        }),
+    );
+    host.feed(4, &evil);
+    let _ = host.exchange(4);
+    assert!(!dir.path().join("escaped.txt").exists());
     host.power_off();
 }
