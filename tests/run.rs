@@ -1014,3 +1014,217 @@ impl Drop for RemoveOnDrop {
         let _ = mvm(&["rm", "--force", self.0]);
     }
 }
+
+/// `mvm ARGS` with `input` on its standard input.
+fn mvm_with_input(args: &[&str], input: &[u8]) -> Output {
+    let f = fixture();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mvm"))
+        .args(args)
+        .env("MVM_HOME", &f.home)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let feeder = std::thread::spawn(move || {
+        let _ = std::io::Write::write_all(&mut stdin, &input);
+    });
+    let out = child.wait_with_output().unwrap();
+    feeder.join().unwrap();
+    out
+}
+
+/// Processes whose command line names the VM `name` (its runner, its QEMU).
+fn processes_of(name: &str, home: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = text(&cmdline).replace('\0', " ");
+        let vm_dir = home.join("vms").join(name);
+        if cmdline.contains(&format!("--name {name} "))
+            || cmdline.contains(vm_dir.to_str().unwrap())
+        {
+            found.push(cmdline);
+        }
+    }
+    found
+}
+
+#[test]
+fn a_named_vm_takes_input_runs_background_commands_and_moves_large_files() {
+    let f = fixture();
+    let _turn = turn();
+    let _cleanup = RemoveOnDrop("big");
+    // 1 GiB: /tmp (half of it) holds the 256 MiB file.
+    let up = mvm_ok_json(&["up", &f.image, "--memory", "1024", "--name", "big"], 0);
+    assert_eq!(up["vm"]["phase"], "running", "{up}");
+
+    // Standard input, small and larger than a window.
+    let echoed = mvm_with_input(&["exec", "big", "-i", "--", "cat"], b"hello stdin\n");
+    assert_eq!(
+        text(&echoed.stdout),
+        "hello stdin\n",
+        "{}",
+        describe(&echoed)
+    );
+    let input = vec![b'x'; 3 * 1024 * 1024 + 7];
+    let counted = mvm_with_input(
+        &["exec", "big", "-i", "--", "/bin/busybox", "wc", "-c"],
+        &input,
+    );
+    assert_eq!(
+        text(&counted.stdout).trim(),
+        input.len().to_string(),
+        "{}",
+        describe(&counted)
+    );
+
+    // A background command: listed, killed, its end collected once.
+    let spawned = mvm_ok_json(
+        &[
+            "exec",
+            "big",
+            "--detach",
+            "--",
+            "sh",
+            "-c",
+            "echo started; exec sleep 600",
+        ],
+        0,
+    );
+    let handle = spawned["handle"].as_u64().unwrap().to_string();
+    let listed = mvm_ok_json(&["ps", "big"], 0);
+    let process = listed["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["handle"].to_string() == handle)
+        .cloned()
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert!(process["status"].is_null(), "{process}");
+    assert!(
+        !listed.to_string().contains("600"),
+        "arguments are not shown: {listed}"
+    );
+    mvm_ok_json(&["kill", "big", &handle, "--signal", "KILL"], 0);
+    let waited = mvm(&["wait", "big", "--process", &handle, "--timeout", "20s"]);
+    assert_eq!(waited.status.code(), Some(128 + 9), "{}", describe(&waited));
+    assert_eq!(text(&waited.stdout), "started\n");
+    let again = mvm(&["wait", "big", "--process", &handle, "--timeout", "1s"]);
+    assert!(
+        text(&again.stderr).contains("AGENT110"),
+        "{}",
+        describe(&again)
+    );
+
+    // Ctrl-C on `mvm exec` is the command's: it ends by SIGINT, as it would locally.
+    let mut sleeper = Command::new(env!("CARGO_BIN_EXE_mvm"))
+        .args(["exec", "big", "--", "sleep", "600"])
+        .env("MVM_HOME", &f.home)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let interrupted = std::time::Instant::now();
+    Command::new("kill")
+        .args(["-INT", &sleeper.id().to_string()])
+        .status()
+        .unwrap();
+    let status = sleeper.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + 2));
+    assert!(interrupted.elapsed() < std::time::Duration::from_secs(15));
+    let listed = mvm_ok_json(&["ps", "big"], 0);
+    assert_eq!(listed["processes"], serde_json::json!([]), "{listed}");
+
+    // Files arranged in the guest.
+    mvm_ok_json(&["fs", "mkdir", "big:/tmp/d", "--mode", "700"], 0);
+    mvm_ok_json(&["fs", "mv", "big:/tmp/d", "/tmp/e"], 0);
+    let stat = mvm_ok_json(&["fs", "stat", "big:/tmp/e"], 0);
+    assert_eq!(stat["entry"]["kind"], "directory", "{stat}");
+    assert_eq!(stat["entry"]["mode"], 0o700, "{stat}");
+    assert_eq!(
+        stat["entry"]["uid"], 1000,
+        "made as the workload user: {stat}"
+    );
+    let root_dir = mvm(&["--json", "fs", "mkdir", "big:/etc/x"]);
+    assert!(
+        text(&root_dir.stdout).contains("AGENT107"),
+        "{}",
+        describe(&root_dir)
+    );
+
+    // A directory in and out as a tar stream, symlinks as symlinks.
+    let work = tempfile::tempdir().unwrap();
+    let tree = work.path().join("tree");
+    fs::create_dir_all(tree.join("sub")).unwrap();
+    fs::write(tree.join("a.txt"), b"alpha\n").unwrap();
+    fs::write(tree.join("sub/b.bin"), vec![3u8; 200_000]).unwrap();
+    std::os::unix::fs::symlink("a.txt", tree.join("link")).unwrap();
+    mvm_ok_json(&["cp", tree.to_str().unwrap(), "big:/tmp/e/tree"], 0);
+    let read = mvm(&["exec", "big", "--", "cat", "/tmp/e/tree/link"]);
+    assert_eq!(text(&read.stdout), "alpha\n", "{}", describe(&read));
+    let listed = mvm_ok_json(&["fs", "ls", "big:/tmp/e/tree"], 0);
+    let names: Vec<_> = listed["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap(), e["kind"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        names,
+        [("a.txt", "file"), ("link", "symlink"), ("sub", "directory")]
+    );
+    let back = work.path().join("back");
+    mvm_ok_json(&["cp", "big:/tmp/e/tree", back.to_str().unwrap()], 0);
+    assert_eq!(
+        fs::read(back.join("sub/b.bin")).unwrap(),
+        vec![3u8; 200_000]
+    );
+    assert_eq!(
+        fs::read_link(back.join("link")).unwrap(),
+        Path::new("a.txt")
+    );
+    mvm_ok_json(&["fs", "rm", "-r", "big:/tmp/e"], 0);
+    let gone = mvm(&["--json", "fs", "stat", "big:/tmp/e"]);
+    assert!(
+        text(&gone.stdout).contains("AGENT112"),
+        "{}",
+        describe(&gone)
+    );
+
+    // 256 MiB in and out, the same SHA-256 on both sides.
+    let large = work.path().join("large.bin");
+    {
+        let mut file = std::io::BufWriter::new(fs::File::create(&large).unwrap());
+        for i in 0u32..(256 << 20) / 32 {
+            std::io::Write::write_all(&mut file, &Sha256::digest(i.to_le_bytes())).unwrap();
+        }
+    }
+    let digest = format!("sha256:{:x}", Sha256::digest(fs::read(&large).unwrap()));
+    let started = std::time::Instant::now();
+    let copied = mvm_ok_json(&["cp", large.to_str().unwrap(), "big:/tmp/large.bin"], 0);
+    let inward = started.elapsed();
+    assert_eq!(copied["sha256"], digest.as_str(), "{copied}");
+    assert_eq!(copied["copied"], 256 << 20);
+    let returned = work.path().join("returned.bin");
+    let started = std::time::Instant::now();
+    let copied = mvm_ok_json(&["cp", "big:/tmp/large.bin", returned.to_str().unwrap()], 0);
+    let outward = started.elapsed();
+    assert_eq!(copied["sha256"], digest.as_str(), "{copied}");
+    let returned_digest = format!("sha256:{:x}", Sha256::digest(fs::read(&returned).unwrap()));
+    assert_eq!(returned_digest, digest);
+    eprintln!("256 MiB copied in {inward:?}, out {outward:?} (TCG guest)");
+
+    // Stopped and removed: nothing of the VM is left — no process, no socket, no file.
+    mvm_ok_json(&["stop", "big"], 0);
+    mvm_ok_json(&["rm", "big"], 0);
+    assert!(!f.home.join("vms/big").exists());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !processes_of("big", &f.home).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(processes_of("big", &f.home), Vec::<String>::new());
+}

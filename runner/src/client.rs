@@ -91,10 +91,7 @@ impl AgentClient {
 
     /// Wraps a connection to a VM's control socket. An interrupt during an exec is passed to
     /// the command as SIGINT (a second one as SIGKILL) rather than ending the wait.
-    pub fn over_control_socket(
-        stream: UnixStream,
-        interrupt: Arc<AtomicBool>,
-    ) -> io::Result<Self> {
+    pub fn over_control_socket(stream: UnixStream, interrupt: Arc<AtomicBool>) -> io::Result<Self> {
         Self::connected(stream, interrupt, Peer::ControlSocket)
     }
 

@@ -149,7 +149,12 @@ impl ClientReader {
                 self.decoder.push(&buffer[..n]);
                 Ok(Read::Idle)
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 Ok(Read::Idle)
             }
             Err(e) => Err(e),
@@ -215,8 +220,7 @@ fn serve_client(connection: UnixStream, shared: &Shared) -> io::Result<()> {
             // The bytes of the upload in progress on this connection, passed on as the agent
             // takes them; when the last has gone, the agent's answer is passed back.
             FrameKind::Data => {
-                let Some(mut current) = upload.take_if(|u| u.client_stream == client_stream)
-                else {
+                let Some(mut current) = upload.take_if(|u| u.client_stream == client_stream) else {
                     continue;
                 };
                 let len = frame.payload.len() as u64;
@@ -232,7 +236,13 @@ fn serve_client(connection: UnixStream, shared: &Shared) -> io::Result<()> {
                 }
                 current.remaining -= len;
                 if current.remaining == 0 {
-                    finish_copy(&writer, shared, client_stream, current.exchange, current.record)?;
+                    finish_copy(
+                        &writer,
+                        shared,
+                        client_stream,
+                        current.exchange,
+                        current.record,
+                    )?;
                 } else {
                     upload = Some(current);
                 }
@@ -329,7 +339,12 @@ fn serve_client(connection: UnixStream, shared: &Shared) -> io::Result<()> {
             Request::Kill { handle, signal } => {
                 let fields = json!({"vm": shared.vm, "handle": handle, "signal": signal});
                 shared.record("vm.kill", fields);
-                relay(&writer, client_stream, shared, &Request::Kill { handle, signal })?;
+                relay(
+                    &writer,
+                    client_stream,
+                    shared,
+                    &Request::Kill { handle, signal },
+                )?;
             }
             request @ (Request::FsMkdir { .. }
             | Request::FsRemove { .. }

@@ -208,9 +208,7 @@ impl AgentMux {
                     return Err(ClientError::Closed);
                 }
                 let Some(route) = table.routes.get_mut(&stream) else {
-                    return Err(ClientError::Protocol(format!(
-                        "stream {stream} has ended"
-                    )));
+                    return Err(ClientError::Protocol(format!("stream {stream} has ended")));
                 };
                 if route.send.room() >= bytes.len() {
                     route.send.spend(bytes.len());
@@ -433,7 +431,10 @@ mod tests {
         }
         mux.send_data(counting.stream(), &[]).unwrap();
         let (stdout, _) = collect(counting);
-        assert_eq!(String::from_utf8(stdout).unwrap().trim(), input.len().to_string());
+        assert_eq!(
+            String::from_utf8(stdout).unwrap().trim(),
+            input.len().to_string()
+        );
         // The flood was held at its window meanwhile, and comes whole once read.
         let mut received = 0;
         while let Some(frame) = flood.next_frame() {

@@ -71,8 +71,8 @@ fn copy_in(
     local: &Path,
     path: &str,
 ) -> anyhow::Result<mvm_agent::protocol::FileDone> {
-    let meta = std::fs::symlink_metadata(local)
-        .with_context(|| format!("reading {}", local.display()))?;
+    let meta =
+        std::fs::symlink_metadata(local).with_context(|| format!("reading {}", local.display()))?;
     let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777;
     let (mut file, tar) = if meta.is_file() {
         (std::fs::File::open(local)?, false)
@@ -118,11 +118,7 @@ fn copy_out(
 ) -> anyhow::Result<mvm_agent::protocol::FileDone> {
     let local = std::path::absolute(local)?;
     let dir = local.parent().context("the destination has no directory")?;
-    let kind = match client.call(
-        &Request::FsStat { path: path.into() },
-        COPY_TIMEOUT,
-        None,
-    ) {
+    let kind = match client.call(&Request::FsStat { path: path.into() }, COPY_TIMEOUT, None) {
         Ok(Response::FsStat(info)) => info.kind,
         Ok(other) => return Err(coded_as("RUN025", format!("unexpected answer {other:?}"))),
         Err(e) => return Err(agent_error(e)),

@@ -49,7 +49,9 @@ fn parse_signal(text: &str) -> Result<i32, String> {
         "TERM" => 15,
         "CONT" => 18,
         "STOP" => 19,
-        _ => text.parse().map_err(|_| format!("{text:?} is not a signal"))?,
+        _ => text
+            .parse()
+            .map_err(|_| format!("{text:?} is not a signal"))?,
     };
     (1..=31)
         .contains(&number)

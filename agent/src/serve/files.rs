@@ -298,7 +298,7 @@ impl Upload {
     }
 }
 
-/// Writes the directory `path` as a tar stream into an unnamed temporary file, as `user`
+/// Writes the directory `path` as a tar stream into an anonymous memory file, as `user`
 /// (symlinks are archived as symlinks, never followed), ready to be sent from its start.
 pub fn archive_directory(path: &str, user: Option<Credentials>) -> Result<File, ErrorReply> {
     let place = place(path)?;
@@ -310,12 +310,9 @@ pub fn archive_directory(path: &str, user: Option<Credentials>) -> Result<File, 
             Mode::empty(),
         )
         .map_err(|e| super::fsops::failed(path, e))?;
-        let scratch = rustix::fs::open(
-            COPY_ROOT,
-            OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        )
-        .map_err(|e| error(codes::FILE_IO, format!("a temporary for {path}: {e}")))?;
+        // In memory (the guest's /tmp is memory too): overlayfs has no O_TMPFILE.
+        let scratch = rustix::fs::memfd_create("mvm-archive", rustix::fs::MemfdFlags::CLOEXEC)
+            .map_err(|e| error(codes::FILE_IO, format!("a temporary for {path}: {e}")))?;
         let inside = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&dir));
         let mut builder = tar::Builder::new(File::from(scratch));
         builder.follow_symlinks(false);
