@@ -1217,6 +1217,26 @@ fn a_named_vm_takes_input_runs_background_commands_and_moves_large_files() {
     let returned_digest = format!("sha256:{:x}", Sha256::digest(fs::read(&returned).unwrap()));
     assert_eq!(returned_digest, digest);
     eprintln!("256 MiB copied in {inward:?}, out {outward:?} (TCG guest)");
+    mvm_ok_json(&["fs", "rm", "big:/tmp/large.bin"], 0);
+    let size = std::env::var("MVM_TEST_BENCH_CP_MIB").unwrap_or("16".into());
+    let bench = mvm_ok_json(
+        &[
+            "bench",
+            "cp",
+            "--vm",
+            "big",
+            "--size-mib",
+            &size,
+            "--runs",
+            "1",
+        ],
+        0,
+    );
+    for direction in ["in_mb_s", "out_mb_s"] {
+        assert!(bench[direction]["copy"].as_f64().unwrap() > 0.0, "{bench}");
+        assert!(bench[direction]["raw"].as_f64().unwrap() > 0.0, "{bench}");
+    }
+    eprintln!("bench cp: {bench}");
 
     // Stopped and removed: nothing of the VM is left — no process, no socket, no file.
     mvm_ok_json(&["stop", "big"], 0);
@@ -1227,4 +1247,53 @@ fn a_named_vm_takes_input_runs_background_commands_and_moves_large_files() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     assert_eq!(processes_of("big", &f.home), Vec::<String>::new());
+}
+
+#[test]
+fn eight_vms_serve_a_hundred_execs_each_without_a_failure() {
+    const NAMES: [&str; 8] = [
+        "fleet0", "fleet1", "fleet2", "fleet3", "fleet4", "fleet5", "fleet6", "fleet7",
+    ];
+    let f = fixture();
+    let _turn = turn();
+    let plan = plan_arg(&f.bundle);
+    let _cleanup: Vec<_> = NAMES.iter().map(|name| RemoveOnDrop(name)).collect();
+    // Booted one after another (eight TCG boots at once on two cores can stall), then all up
+    // together.
+    for name in NAMES {
+        let up = mvm_ok_json(&["up", "--plan", &plan, "--name", name], 0);
+        assert_eq!(up["vm"]["phase"], "running", "{up}");
+    }
+    let started = std::time::Instant::now();
+    let workers: Vec<_> = NAMES
+        .iter()
+        .map(|name| {
+            let home = f.home.clone();
+            std::thread::spawn(move || {
+                let mut failures = Vec::new();
+                for n in 0..100 {
+                    let out = Command::new(env!("CARGO_BIN_EXE_mvm"))
+                        .args(["exec", name, "--", "echo", &format!("{name}-{n}")])
+                        .env("MVM_HOME", &home)
+                        .output()
+                        .unwrap();
+                    if out.status.code() != Some(0) || text(&out.stdout) != format!("{name}-{n}\n")
+                    {
+                        failures.push(describe(&out));
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    let failures: Vec<String> = workers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    eprintln!("800 execs across 8 VMs in {:?}", started.elapsed());
+    assert_eq!(failures, Vec::<String>::new());
+    for name in NAMES {
+        mvm_ok_json(&["stop", name], 0);
+        mvm_ok_json(&["rm", name], 0);
+    }
 }

@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mvm_agent::protocol::{FrameDecoder, FrameKind, Request, Response};
+use mvm_agent::protocol::{flow, FrameDecoder, FrameKind, Request, Response};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&read_size, stream)) = data.split_first() else {
@@ -23,7 +23,7 @@ fuzz_target!(|data: &[u8]| {
                     assert_eq!(again.next_frame().unwrap(), Some(frame.clone()));
                     match frame.kind {
                         FrameKind::Request => {
-                            if let Ok(Request::Exec(exec)) =
+                            if let Ok(Request::Exec(exec) | Request::Spawn(exec)) =
                                 serde_json::from_slice::<Request>(&frame.payload)
                             {
                                 let _ = exec.problem();
@@ -31,6 +31,11 @@ fuzz_target!(|data: &[u8]| {
                         }
                         FrameKind::Response => {
                             let _ = serde_json::from_slice::<Response>(&frame.payload);
+                        }
+                        FrameKind::Credit => {
+                            if let Ok(bytes) = flow::parse_credit(&frame.payload) {
+                                assert_eq!(flow::credit_payload(bytes)[..], frame.payload[..]);
+                            }
                         }
                         FrameKind::Stdout | FrameKind::Stderr | FrameKind::Data => {}
                     }

@@ -47,6 +47,20 @@ pub enum BenchCommand {
         #[arg(last = true, default_value = "true")]
         command: Vec<String>,
     },
+    /// Copies: `mvm cp` into and out of a running VM (`mvm up` first; its image needs `sh` and
+    /// `cat`) against the same bytes as a command's input and output over the same channel;
+    /// MB/s medians and ratios (goal ≥ 0.8).
+    Cp {
+        /// The running VM.
+        #[arg(long)]
+        vm: String,
+        /// Bytes per copy, in MiB (they land in the guest's /tmp, which is memory).
+        #[arg(long, default_value_t = 64)]
+        size_mib: u64,
+        /// Copies of each kind.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Verity hashing against veritysetup format on the same file; prints medians and the ratio.
     Verity {
         /// Image size in MiB.
@@ -63,6 +77,11 @@ pub fn run(cmd: BenchCommand, out: &Output) -> anyhow::Result<()> {
     let results = match cmd {
         BenchCommand::Exec { vm, runs, command } => {
             let (value, text) = super::bench_exec::exec(&vm, runs.max(1), &command)?;
+            out.result(value, || text);
+            return Ok(());
+        }
+        BenchCommand::Cp { vm, size_mib, runs } => {
+            let (value, text) = super::bench_copy::cp(&vm, size_mib.max(1), runs.max(1))?;
             out.result(value, || text);
             return Ok(());
         }

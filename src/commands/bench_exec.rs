@@ -62,7 +62,7 @@ pub fn exec(name: &str, runs: usize, command: &[String]) -> anyhow::Result<(Valu
 }
 
 /// The `p`th percentile (nearest rank) of `samples`.
-fn percentile(samples: &[f64], p: usize) -> f64 {
+pub(super) fn percentile(samples: &[f64], p: usize) -> f64 {
     let mut sorted = samples.to_vec();
     sorted.sort_by(f64::total_cmp);
     if sorted.is_empty() {
@@ -73,7 +73,7 @@ fn percentile(samples: &[f64], p: usize) -> f64 {
 }
 
 /// Output is not part of the measurement.
-struct Discard;
+pub(super) struct Discard;
 
 impl OutputSink for Discard {
     fn stdout(&mut self, _: &[u8]) -> std::io::Result<()> {

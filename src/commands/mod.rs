@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod bench;
 pub mod bench_boot;
+pub mod bench_copy;
 pub mod bench_exec;
 pub mod build;
 pub mod copy;
