@@ -1096,13 +1096,14 @@ fn a_named_vm_takes_input_runs_background_commands_and_moves_large_files() {
         ],
         0,
     );
-    let handle = spawned["handle"].as_u64().unwrap().to_string();
+    let handle_number = spawned["handle"].as_u64().unwrap();
+    let handle = handle_number.to_string();
     let listed = mvm_ok_json(&["ps", "big"], 0);
     let process = listed["processes"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|p| p["handle"].to_string() == handle)
+        .find(|p| p["handle"] == handle_number)
         .cloned()
         .unwrap_or_else(|| panic!("{listed}"));
     assert!(process["status"].is_null(), "{process}");

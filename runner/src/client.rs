@@ -80,6 +80,8 @@ pub struct AgentClient {
     peer: Peer,
     /// Room the agent gave for data on the exchange in progress.
     window: SendWindow,
+    /// The stream of the command being waited for, which an interrupt signals.
+    running_command: Option<u32>,
 }
 
 impl AgentClient {
@@ -105,6 +107,7 @@ impl AgentClient {
             interrupt,
             peer,
             window: SendWindow::default(),
+            running_command: None,
         })
     }
 
@@ -164,12 +167,15 @@ impl AgentClient {
                 .spawn(move || pump_input(input, writer, stream))?;
         }
         let mut counted = Counted::new(sink);
-        let reply = match self.response(
+        self.running_command = Some(stream);
+        let answer = self.response(
             stream,
             Instant::now() + timeout,
             timeout,
             Some(&mut counted),
-        )? {
+        );
+        self.running_command = None;
+        let reply = match answer? {
             Response::Exec(reply) => reply,
             other => return Err(unexpected(&other)),
         };
@@ -281,7 +287,7 @@ impl AgentClient {
         deadline: Instant,
         timeout: Duration,
     ) -> Result<(), ClientError> {
-        while self.window.room() < len {
+        while !self.window.fits(len) {
             let frame = self.frame(deadline, timeout)?;
             match (frame.kind, frame.stream == stream) {
                 (FrameKind::Credit, true) => self.window.grant(flow::parse_credit(&frame.payload)?),
@@ -347,7 +353,9 @@ impl AgentClient {
                 // Over a control socket, a command is interrupted like a local one: SIGINT,
                 // then SIGKILL; its answer still comes.
                 Err(ClientError::Interrupted)
-                    if self.peer == Peer::ControlSocket && signals_sent < 2 =>
+                    if self.peer == Peer::ControlSocket
+                        && self.running_command == Some(stream)
+                        && signals_sent < 2 =>
                 {
                     self.interrupt.store(false, Ordering::Relaxed);
                     signals_sent += 1;

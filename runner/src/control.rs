@@ -304,8 +304,7 @@ fn serve_client(connection: UnixStream, shared: &Shared) -> io::Result<()> {
                     Err(e) => writer.channel_failed(client_stream, &e)?,
                 }
             }
-            Request::Exec(request) | Request::Spawn(request) if !accepting(shared) => {
-                let _ = request;
+            Request::Exec(_) | Request::Spawn(_) if !accepting(shared) => {
                 let message = "the VM is stopping".to_string();
                 writer.error(client_stream, codes::SPAWN_FAILED, message)?;
             }
@@ -566,6 +565,7 @@ fn pass_input(
         };
         match frame.kind {
             FrameKind::Data if frame.stream == client_stream && input_open => {
+                // An empty frame closes the input; a command that has ended takes no more.
                 input_open = !frame.payload.is_empty()
                     && shared.mux.send_data(agent_stream, &frame.payload).is_ok();
                 if frame.payload.is_empty() {

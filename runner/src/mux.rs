@@ -210,7 +210,7 @@ impl AgentMux {
                 let Some(route) = table.routes.get_mut(&stream) else {
                     return Err(ClientError::Protocol(format!("stream {stream} has ended")));
                 };
-                if route.send.room() >= bytes.len() {
+                if route.send.fits(bytes.len()) {
                     route.send.spend(bytes.len());
                     break;
                 }

@@ -49,6 +49,11 @@ impl SendWindow {
         self.0.saturating_sub(HEADER_LEN as u64) as usize
     }
 
+    /// Whether a frame of `len` payload bytes fits now (an empty one costs its header).
+    pub fn fits(&self, len: usize) -> bool {
+        self.0 >= cost(len)
+    }
+
     /// Uses up the room a frame of `len` bytes takes; the caller checked it fits.
     pub fn spend(&mut self, len: usize) {
         self.0 = self.0.saturating_sub(cost(len));

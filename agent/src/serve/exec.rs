@@ -250,7 +250,7 @@ impl Running {
         if self.stdout.is_none() && self.stderr.is_none() {
             return true;
         }
-        if !self.drain_until.is_some_and(|until| now >= until) {
+        if self.drain_until.is_none_or(|until| now < until) {
             return false;
         }
         self.kill_leftovers();

@@ -69,7 +69,7 @@ impl Host {
     fn feed(&mut self, stream: u32, bytes: &[u8]) {
         let mut window = flow::SendWindow::default();
         for chunk in bytes.chunks(64 * 1024) {
-            while window.room() < chunk.len() {
+            while !window.fits(chunk.len()) {
                 let frame = self.next_from_channel();
                 if frame.kind == FrameKind::Credit && frame.stream == stream {
                     window.grant(flow::parse_credit(&frame.payload).unwrap());
