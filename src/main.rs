@@ -60,6 +60,17 @@ enum Command {
     Ps(commands::process::PsArgs),
     /// Send a signal to a background command of a VM.
     Kill(commands::process::KillArgs),
+    /// Pause a running VM: its vCPUs stop, its memory and devices are kept; commands are
+    /// refused (RUN039) until `mvm resume`.
+    Pause {
+        /// The VM.
+        name: String,
+    },
+    /// Let a paused VM run again.
+    Resume {
+        /// The VM.
+        name: String,
+    },
     /// Power a running VM off.
     Stop {
         /// The VM.
@@ -110,6 +121,8 @@ fn main() -> ExitCode {
         Command::Ls => commands::vm::ls(&out),
         Command::Exec(args) => return exit_code(commands::vm::exec(args, &out), &out),
         Command::Stop { name } => commands::vm::stop(&name, &out),
+        Command::Pause { name } => commands::vm::pause(&name, true, &out),
+        Command::Resume { name } => commands::vm::pause(&name, false, &out),
         Command::Cp(args) => commands::copy::cp(args, &out),
         Command::Fs(cmd) => commands::fs::run(cmd, &out),
         Command::Ps(args) => commands::process::ps(args, &out),

@@ -1036,6 +1036,38 @@ fn mvm_with_input(args: &[&str], input: &[u8]) -> Output {
     out
 }
 
+/// The pid of the QEMU of the VM `name`.
+fn qemu_of(name: &str, home: &Path) -> String {
+    let vm_dir = home.join("vms").join(name);
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = text(&cmdline);
+        if cmdline.contains("qemu-system") && cmdline.contains(vm_dir.to_str().unwrap()) {
+            return entry.file_name().to_str().unwrap().to_string();
+        }
+    }
+    panic!("no QEMU for {name}")
+}
+
+/// Clock ticks of CPU time process `pid` used over `period`.
+fn cpu_ticks_over(pid: &str, period: std::time::Duration) -> u64 {
+    let ticks = || {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    };
+    let before = ticks();
+    std::thread::sleep(period);
+    ticks() - before
+}
+
 /// Processes whose command line names the VM `name` (its runner, its QEMU).
 fn processes_of(name: &str, home: &Path) -> Vec<String> {
     let mut found = Vec::new();
@@ -1062,6 +1094,56 @@ fn a_named_vm_takes_input_runs_background_commands_and_moves_large_files() {
     // 1 GiB: /tmp (half of it) holds the 256 MiB file.
     let up = mvm_ok_json(&["up", &f.image, "--memory", "1024", "--name", "big"], 0);
     assert_eq!(up["vm"]["phase"], "running", "{up}");
+
+    // Paused, the guest's vCPUs stop (QEMU spends no CPU on a busy loop) and commands are
+    // refused; resumed, it runs again.
+    mvm_ok_json(
+        &[
+            "exec",
+            "big",
+            "--detach",
+            "--",
+            "sh",
+            "-c",
+            "while :; do :; done",
+        ],
+        0,
+    );
+    let qemu = qemu_of("big", &f.home);
+    let busy = cpu_ticks_over(&qemu, std::time::Duration::from_secs(2));
+    let paused = mvm_ok_json(&["pause", "big"], 0);
+    assert_eq!(paused["vm"]["phase"], "paused", "{paused}");
+    assert_eq!(vm_phase("big").as_deref(), Some("paused"));
+    let idle = cpu_ticks_over(&qemu, std::time::Duration::from_secs(2));
+    assert!(
+        idle * 10 < busy,
+        "paused, QEMU used {idle} ticks against {busy} running"
+    );
+    let refused = mvm(&["exec", "big", "--", "true"]);
+    assert!(
+        text(&refused.stderr).contains("RUN039"),
+        "{}",
+        describe(&refused)
+    );
+    mvm_ok_json(&["resume", "big"], 0);
+    assert_eq!(vm_phase("big").as_deref(), Some("running"));
+    let busy_again = cpu_ticks_over(&qemu, std::time::Duration::from_secs(2));
+    assert!(
+        busy_again * 2 > busy,
+        "resumed: {busy_again} ticks against {busy}"
+    );
+    let events: Vec<_> = audit_entries(&f.home)
+        .iter()
+        .map(|e| e["event"].as_str().unwrap().to_string())
+        .collect();
+    assert!(events.iter().any(|e| e == "vm.paused") && events.iter().any(|e| e == "vm.resumed"));
+    let listed = mvm_ok_json(&["ps", "big"], 0);
+    let busy_handle = listed["processes"][0]["handle"]
+        .as_u64()
+        .unwrap()
+        .to_string();
+    mvm_ok_json(&["kill", "big", &busy_handle, "--signal", "KILL"], 0);
+    mvm(&["wait", "big", "--process", &busy_handle, "--timeout", "20s"]);
 
     // Standard input, small and larger than a window.
     let echoed = mvm_with_input(&["exec", "big", "-i", "--", "cat"], b"hello stdin\n");

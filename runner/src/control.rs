@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 
 use crate::launch::Audit;
 use crate::mux::{AgentMux, Exchange};
+use crate::state::Phase;
 
 /// How often the accept loop and idle connections look at the stop flag.
 const POLL: Duration = Duration::from_millis(50);
@@ -34,6 +35,17 @@ const MAX_CLIENTS: usize = 64;
 /// The longest a command may be given, and what "no timeout" means (the agent clamps nothing
 /// itself).
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Stops and restarts a VM's vCPUs (QEMU's QMP `stop`/`cont`; the kvm backend's own).
+pub trait Pausable: Send {
+    /// Stops the vCPUs; memory and devices are kept.
+    fn pause(&mut self) -> io::Result<()>;
+    /// Lets them run again.
+    fn resume(&mut self) -> io::Result<()>;
+}
+
+/// The stable code of a request refused because the VM is paused, or a pause that failed.
+pub const PAUSED: &str = "RUN039";
 
 /// What every connection shares.
 pub struct Shared {
@@ -54,9 +66,33 @@ pub struct Shared {
     pub corrupted: AtomicBool,
     /// The first audit entry that could not be written: the VM stops as failed.
     pub audit_failure: Mutex<Option<String>>,
+    /// Pauses and resumes the VM.
+    pub machine: Mutex<Box<dyn Pausable>>,
+    /// Set while the VM is paused: nothing that needs the guest is sent.
+    pub paused: AtomicBool,
+    /// Records a change of phase in the VM's state file.
+    pub phases: Box<dyn Fn(Phase) -> io::Result<()> + Send + Sync>,
 }
 
 impl Shared {
+    /// Pauses (`true`) or resumes the VM, recording the new phase and an audit entry; doing
+    /// what is already done is not an error.
+    pub fn set_paused(&self, pause: bool) -> Result<(), String> {
+        let mut machine = self.machine.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.paused.load(Ordering::Relaxed) == pause {
+            return Ok(());
+        }
+        let (outcome, phase, event) = match pause {
+            true => (machine.pause(), Phase::Paused, "vm.paused"),
+            false => (machine.resume(), Phase::Running, "vm.resumed"),
+        };
+        outcome.map_err(|e| e.to_string())?;
+        self.paused.store(pause, Ordering::Relaxed);
+        (self.phases)(phase).map_err(|e| e.to_string())?;
+        self.record(event, json!({"vm": self.vm}));
+        Ok(())
+    }
+
     /// Records `event`; when that fails, the VM must stop (no command runs unrecorded).
     fn record(&self, event: &str, fields: Value) -> bool {
         match self.audit.append(event, fields) {
@@ -263,9 +299,24 @@ fn serve_client(connection: UnixStream, shared: &Shared) -> io::Result<()> {
                 continue;
             }
         };
+        let needs_guest = !matches!(
+            request,
+            Request::Hello { .. } | Request::PowerOff | Request::Pause | Request::Resume
+        );
+        if needs_guest && shared.paused.load(Ordering::Relaxed) {
+            let message = "the VM is paused: resume it first (`mvm resume`)".to_string();
+            writer.error(client_stream, PAUSED, message)?;
+            continue;
+        }
         match request {
             Request::Hello { .. } => {
                 writer.reply(client_stream, &Response::Hello(shared.hello.clone()))?
+            }
+            Request::Pause | Request::Resume => {
+                match shared.set_paused(matches!(request, Request::Pause)) {
+                    Ok(()) => writer.reply(client_stream, &Response::Done)?,
+                    Err(message) => writer.error(client_stream, PAUSED, message)?,
+                }
             }
             Request::PowerOff => {
                 shared.stop.store(true, Ordering::Relaxed);

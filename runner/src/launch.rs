@@ -15,7 +15,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mvm_agent::protocol::{
@@ -32,9 +32,10 @@ use serde_json::{json, Map, Value};
 
 use crate::admission::{admit_bundle, AdmissionError};
 use crate::client::{AgentClient, ClientError, Executed, OutputSink};
-use crate::control;
+use crate::control::{self, Pausable};
 use crate::host::{self, Accel, BackendChoice, HostError, HostFacts};
 use crate::mux::AgentMux;
+use crate::qemu::qmp::Qmp;
 use crate::qemu::{self, QemuVm, VmFiles};
 use crate::state::{self, Phase, VmState};
 
@@ -385,6 +386,18 @@ pub fn serve_named(
         state.phase = Phase::Running;
         record(&state)?;
         on_ready(&state);
+        let machine = Qmp::connect(&dir.path.join(state::MACHINE_SOCKET))
+            .map_err(|e| LaunchError::Backend(format!("QMP: {e}")))?;
+        let phases = {
+            let (dir, state) = (dir.path.clone(), state.clone());
+            move |phase| {
+                let state = VmState {
+                    phase,
+                    ..state.clone()
+                };
+                state::write(&dir, &state).map_err(|e| io::Error::other(e.to_string()))
+            }
+        };
         let serving = keep_serving(
             launch,
             control,
@@ -392,6 +405,7 @@ pub fn serve_named(
             &mut vm_process,
             booted,
             (&audit, &vm),
+            (Box::new(machine), Box::new(phases)),
         );
         let _ = fs::remove_file(&control_path);
         serving
@@ -419,6 +433,9 @@ pub fn serve_named(
     }
 }
 
+/// Writes a VM's new phase to its state file.
+type PhaseRecorder = Box<dyn Fn(Phase) -> io::Result<()> + Send + Sync>;
+
 /// Serves the control socket of a booted VM until it should stop; then powers it off.
 /// Returns why it stopped.
 fn keep_serving(
@@ -428,6 +445,7 @@ fn keep_serving(
     vm: &mut QemuVm,
     booted: Booted,
     (audit, vm_id): (&Arc<Audit>, &str),
+    (machine, phases): (Box<dyn Pausable>, PhaseRecorder),
 ) -> Result<&'static str, LaunchError> {
     let (stream, last_stream) = booted
         .client
@@ -442,6 +460,9 @@ fn keep_serving(
         vm: vm_id.to_string(),
         corrupted: AtomicBool::new(false),
         audit_failure: Default::default(),
+        machine: Mutex::new(machine),
+        paused: AtomicBool::new(false),
+        phases,
     });
     let mut vm_exited = false;
     let mut channel_closed = false;
@@ -461,7 +482,9 @@ fn keep_serving(
             vm.stderr()
         )));
     }
-    // Stop: ask the agent to power off, give it the grace, then the caller kills QEMU.
+    // Stop: a paused guest runs again to hear it, the agent is asked to power off and given
+    // the grace, then the caller kills QEMU.
+    let _ = shared.set_paused(false);
     if let Ok(mut answer) = shared.mux.request(&Request::PowerOff) {
         let _ = answer.next_frame_within(SHUTDOWN_GRACE);
     }
@@ -567,12 +590,14 @@ fn start<T>(
     listener
         .set_nonblocking(true)
         .map_err(LaunchError::host("agent socket"))?;
+    let qmp_socket = dir.path.join(state::MACHINE_SOCKET);
     let files = VmFiles {
         kernel: &kernel,
         initramfs: &initramfs,
         rootfs: &admitted.artifacts.rootfs,
         verity: &admitted.artifacts.verity,
         agent_socket: &socket,
+        qmp_socket: &qmp_socket,
     };
     let args = qemu::arguments(&plan.plan, &files, accel);
     let serial_log = dir.serial_log()?;

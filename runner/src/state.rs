@@ -16,6 +16,8 @@ pub const LOCK_FILE: &str = "lock";
 pub const RUNNER_LOG: &str = "runner.log";
 /// The control socket the owning runner serves.
 pub const CONTROL_SOCKET: &str = "control.sock";
+/// Where the VM process serves the runner its machine controls (QEMU's QMP).
+pub const MACHINE_SOCKET: &str = "qmp.sock";
 
 /// Where a VM is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,6 +27,9 @@ pub enum Phase {
     Starting,
     /// The agent answered; commands can run.
     Running,
+    /// Its vCPUs are stopped (`mvm pause`); memory and devices are kept, commands wait for
+    /// `mvm resume`.
+    Paused,
     /// Powered off on request.
     Stopped,
     /// Ended by a failure (see the reason).
@@ -32,11 +37,17 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Whether a runner owns the VM in this phase (it has not ended).
+    pub fn is_live(self) -> bool {
+        matches!(self, Phase::Starting | Phase::Running | Phase::Paused)
+    }
+
     /// The phase's name, as `mvm ls` shows it.
     pub fn name(self) -> &'static str {
         match self {
             Phase::Starting => "starting",
             Phase::Running => "running",
+            Phase::Paused => "paused",
             Phase::Stopped => "stopped",
             Phase::Failed => "failed",
         }
@@ -109,12 +120,10 @@ pub fn read(dir: &Path) -> Result<VmState, StateError> {
 }
 
 /// The state of the VM in `dir` as it really is: a VM whose runner is gone while the file
-/// still says `starting` or `running` is `failed`.
+/// still says `starting`, `running` or `paused` is `failed`.
 pub fn observe(dir: &Path) -> Result<VmState, StateError> {
     let mut state = read(dir)?;
-    if matches!(state.phase, Phase::Starting | Phase::Running)
-        && ExclusiveLock::try_acquire(&dir.join(LOCK_FILE))?.is_some()
-    {
+    if state.phase.is_live() && ExclusiveLock::try_acquire(&dir.join(LOCK_FILE))?.is_some() {
         state.phase = Phase::Failed;
         state.reason = Some("its runner exited without stopping it (killed?)".into());
     }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use mvm_agent::protocol::{ExecRequest, Integrity};
+use mvm_agent::protocol::{ExecRequest, Integrity, Request};
 use mvm_ir::fsutil::ExclusiveLock;
 use mvm_ir::receipt::Receipt;
 use mvm_runner::client::{AgentClient, ClientError, StdStreams};
@@ -280,7 +280,7 @@ pub(super) fn connect(
     interrupt: Arc<AtomicBool>,
 ) -> anyhow::Result<AgentClient> {
     let (dir, seen) = observe(host, name)?;
-    if seen.phase != Phase::Running {
+    if !matches!(seen.phase, Phase::Running | Phase::Paused) {
         return Err(coded_as(
             "RUN036",
             format!("{name} is {}, not running", seen.phase.name()),
@@ -361,6 +361,24 @@ pub fn exec(args: ExecArgs, out: &Output) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(exit::of_command(reply.status)))
 }
 
+/// Pauses (stops the vCPUs of) or resumes the running VM `name`.
+pub fn pause(name: &str, pause: bool, out: &Output) -> anyhow::Result<()> {
+    let host = Host::open()?;
+    let mut client = connect(&host, name, Arc::default())?;
+    let request = match pause {
+        true => Request::Pause,
+        false => Request::Resume,
+    };
+    client
+        .call(&request, Duration::from_secs(30), None)
+        .map_err(agent_error)?;
+    let (_, seen) = observe(&host, name)?;
+    out.result(json!({"vm": state_json(&seen)}), || {
+        format!("{name} is {}", seen.phase.name())
+    });
+    Ok(())
+}
+
 pub fn stop(name: &str, out: &Output) -> anyhow::Result<()> {
     let host = Host::open()?;
     let state = stop_and_wait(&host, name)?;
@@ -380,7 +398,7 @@ fn stop_and_wait(host: &Host, name: &str) -> anyhow::Result<VmState> {
     let deadline = Instant::now() + STOP_WAIT;
     loop {
         let seen = state::observe(&dir).map_err(|e| coded_as("RUN036", e))?;
-        if !matches!(seen.phase, Phase::Starting | Phase::Running) {
+        if !seen.phase.is_live() {
             return Ok(seen);
         }
         if Instant::now() > deadline {
@@ -396,7 +414,7 @@ fn stop_and_wait(host: &Host, name: &str) -> anyhow::Result<VmState> {
 pub fn rm(args: RmArgs, out: &Output) -> anyhow::Result<()> {
     let host = Host::open()?;
     let (dir, seen) = observe(&host, &args.name)?;
-    if matches!(seen.phase, Phase::Starting | Phase::Running) {
+    if seen.phase.is_live() {
         if !args.force {
             return Err(coded_as(
                 "RUN037",
@@ -449,15 +467,13 @@ fn kill_runner(dir: &Path, seen: &VmState) -> anyhow::Result<()> {
         })
         .unwrap_or(false);
     if let Some(pid) = rustix::process::Pid::from_raw(seen.runner_pid as i32) {
-        let alive = state::observe(dir)
-            .is_ok_and(|now| matches!(now.phase, Phase::Starting | Phase::Running));
+        let alive = state::observe(dir).is_ok_and(|now| now.phase.is_live());
         if serving_it && alive {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
         }
     }
     let deadline = Instant::now() + STOP_WAIT;
-    while state::observe(dir).is_ok_and(|now| matches!(now.phase, Phase::Starting | Phase::Running))
-    {
+    while state::observe(dir).is_ok_and(|now| now.phase.is_live()) {
         if Instant::now() > deadline {
             return Err(coded_as("RUN036", "the VM's runner did not exit"));
         }
@@ -475,8 +491,7 @@ pub fn logs(args: LogsArgs) -> anyhow::Result<()> {
     loop {
         io::copy(&mut log, &mut out)?;
         out.flush()?;
-        let running = state::observe(&dir)
-            .is_ok_and(|now| matches!(now.phase, Phase::Starting | Phase::Running));
+        let running = state::observe(&dir).is_ok_and(|now| now.phase.is_live());
         if !args.follow || !running {
             // One more pass: what was written just before the VM ended.
             io::copy(&mut log, &mut out)?;

@@ -90,6 +90,11 @@ pub enum Request {
         /// Its new name; an existing file there is replaced, a directory is not.
         to: String,
     },
+    /// Stops the guest's vCPUs: answered by a VM's runner on its control socket (the agent
+    /// refuses it).
+    Pause,
+    /// Lets a paused guest run again: answered by the runner, like [`Request::Pause`].
+    Resume,
     /// Sync and power the guest off once the answer is sent.
     PowerOff,
 }

@@ -328,6 +328,10 @@ impl<'c> Agent<'c> {
             | Request::FsMove { .. }) => {
                 send(channel, stream, &fsops::run(request, user))?;
             }
+            Request::Pause | Request::Resume => {
+                let message = "pause and resume are answered by the VM's runner".to_string();
+                send_error(channel, stream, codes::BAD_REQUEST, message)?;
+            }
             Request::PowerOff => {
                 for command in self.running.drain(..) {
                     command.kill_leftovers();
@@ -400,22 +404,27 @@ impl<'c> Agent<'c> {
             }
             return send_credit(channel, stream, back);
         }
-        let stdin = self
+        let Some(at) = self
             .running
-            .iter_mut()
-            .find(|c| c.stream == stream)
-            .and_then(|c| c.stdin.as_mut());
-        if let Some(stdin) = stdin {
-            match stdin.receive(&frame.payload) {
-                Some(back) => send_credit(channel, stream, back)?,
-                None => {
-                    // The host broke its window: the command gets no more input.
-                    stdin.pipe = None;
-                    send_error(channel, stream, codes::FLOW, overrun())?;
-                }
+            .iter()
+            .position(|c| c.stream == stream && c.stdin.is_some())
+        else {
+            return Ok(());
+        };
+        let received = self.running[at]
+            .stdin
+            .as_mut()
+            .and_then(|stdin| stdin.receive(&frame.payload));
+        match received {
+            Some(back) => send_credit(channel, stream, back),
+            None => {
+                // The host broke its window: the exchange ends here, with this one answer,
+                // and the command with it.
+                let command = self.running.swap_remove(at);
+                command.kill_leftovers();
+                send_error(channel, stream, codes::FLOW, overrun())
             }
         }
-        Ok(())
     }
 
     /// Waits until the channel, a pipe or a pidfd is ready, a download can go on, or the next

@@ -30,6 +30,8 @@ pub struct VmFiles<'a> {
     pub verity: &'a Path,
     /// The unix socket the runner listens on for the agent channel.
     pub agent_socket: &'a Path,
+    /// Where QEMU serves QMP for the runner (pause and resume).
+    pub qmp_socket: &'a Path,
 }
 
 /// QEMU's arguments (without the program) for `plan`.
@@ -62,6 +64,15 @@ pub fn arguments(plan: &LaunchPlan, files: &VmFiles<'_>, accel: Accel) -> Vec<Os
         option_value("socket,id=agent,path=", files.agent_socket),
         "-device".into(),
         format!("virtserialport,chardev=agent,name={PORT_NAME}").into(),
+        // QMP for the runner alone: QEMU listens, the runner connects once the guest is up.
+        "-chardev".into(),
+        {
+            let mut spec = option_value("socket,id=qmp,path=", files.qmp_socket);
+            spec.push(",server=on,wait=off");
+            spec
+        },
+        "-mon".into(),
+        "chardev=qmp,mode=control".into(),
     ]);
     args
 }
@@ -139,6 +150,7 @@ mod tests {
             rootfs: Path::new("/bundle,odd/rootfs.erofs"),
             verity: Path::new("/bundle,odd/rootfs.verity"),
             agent_socket: socket,
+            qmp_socket: Path::new("/vm,x/qmp.sock"),
         }
     }
 
@@ -159,6 +171,8 @@ mod tests {
             "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-serial chardev:serial",
             "virtserialport,chardev=agent,name=mvm.agent",
+            // The one monitor: QMP on the VM's private socket, for the runner.
+            "-chardev socket,id=qmp,path=/vm,,x/qmp.sock,server=on,wait=off -mon chardev=qmp,mode=control",
         ] {
             assert!(
                 joined.contains(required),
