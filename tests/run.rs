@@ -1015,6 +1015,23 @@ impl Drop for RemoveOnDrop {
     }
 }
 
+/// Starts `sh -c SCRIPT` in the background in VM `name`; its handle.
+fn detach(name: &str, script: &str) -> u64 {
+    let spawned = mvm_ok_json(&["exec", name, "--detach", "--", "sh", "-c", script], 0);
+    spawned["handle"].as_u64().unwrap()
+}
+
+/// `mvm ARGS` fails, saying `code`.
+fn refused_with(args: &[&str], code: &str) {
+    let out = mvm(&[&["--json"], args].concat());
+    assert_ne!(out.status.code(), Some(0), "{args:?}: {}", describe(&out));
+    assert!(
+        text(&out.stdout).contains(code) || text(&out.stderr).contains(code),
+        "{args:?} should fail with {code}: {}",
+        describe(&out)
+    );
+}
+
 /// `mvm ARGS` with `input` on its standard input.
 fn mvm_with_input(args: &[&str], input: &[u8]) -> Output {
     let f = fixture();
@@ -1097,18 +1114,7 @@ fn a_named_vm_takes_input_runs_background_commands_and_moves_large_files() {
 
     // Paused, the guest's vCPUs stop (QEMU spends no CPU on a busy loop) and commands are
     // refused; resumed, it runs again.
-    mvm_ok_json(
-        &[
-            "exec",
-            "big",
-            "--detach",
-            "--",
-            "sh",
-            "-c",
-            "while :; do :; done",
-        ],
-        0,
-    );
+    detach("big", "while :; do :; done");
     let qemu = qemu_of("big", &f.home);
     let busy = cpu_ticks_over(&qemu, std::time::Duration::from_secs(2));
     let paused = mvm_ok_json(&["pause", "big"], 0);
@@ -1119,12 +1125,7 @@ fn a_named_vm_takes_input_runs_background_commands_and_moves_large_files() {
         idle * 10 < busy,
         "paused, QEMU used {idle} ticks against {busy} running"
     );
-    let refused = mvm(&["exec", "big", "--", "true"]);
-    assert!(
-        text(&refused.stderr).contains("RUN039"),
-        "{}",
-        describe(&refused)
-    );
+    refused_with(&["exec", "big", "--", "true"], "RUN039");
     mvm_ok_json(&["resume", "big"], 0);
     assert_eq!(vm_phase("big").as_deref(), Some("running"));
     let busy_again = cpu_ticks_over(&qemu, std::time::Duration::from_secs(2));
@@ -1166,19 +1167,7 @@ fn a_named_vm_takes_input_runs_background_commands_and_moves_large_files() {
     );
 
     // A background command: listed, killed, its end collected once.
-    let spawned = mvm_ok_json(
-        &[
-            "exec",
-            "big",
-            "--detach",
-            "--",
-            "sh",
-            "-c",
-            "echo started; exec sleep 600",
-        ],
-        0,
-    );
-    let handle_number = spawned["handle"].as_u64().unwrap();
+    let handle_number = detach("big", "echo started; exec sleep 600");
     let handle = handle_number.to_string();
     let listed = mvm_ok_json(&["ps", "big"], 0);
     let process = listed["processes"]
@@ -1197,11 +1186,9 @@ fn a_named_vm_takes_input_runs_background_commands_and_moves_large_files() {
     let waited = mvm(&["wait", "big", "--process", &handle, "--timeout", "20s"]);
     assert_eq!(waited.status.code(), Some(128 + 9), "{}", describe(&waited));
     assert_eq!(text(&waited.stdout), "started\n");
-    let again = mvm(&["wait", "big", "--process", &handle, "--timeout", "1s"]);
-    assert!(
-        text(&again.stderr).contains("AGENT110"),
-        "{}",
-        describe(&again)
+    refused_with(
+        &["wait", "big", "--process", &handle, "--timeout", "1s"],
+        "AGENT110",
     );
 
     // Ctrl-C on `mvm exec` is the command's: it ends by SIGINT, as it would locally.
@@ -1232,12 +1219,7 @@ fn a_named_vm_takes_input_runs_background_commands_and_moves_large_files() {
         stat["entry"]["uid"], 1000,
         "made as the workload user: {stat}"
     );
-    let root_dir = mvm(&["--json", "fs", "mkdir", "big:/etc/x"]);
-    assert!(
-        text(&root_dir.stdout).contains("AGENT107"),
-        "{}",
-        describe(&root_dir)
-    );
+    refused_with(&["fs", "mkdir", "big:/etc/x"], "AGENT107");
 
     // A directory in and out as a tar stream, symlinks as symlinks.
     let work = tempfile::tempdir().unwrap();
@@ -1271,12 +1253,7 @@ fn a_named_vm_takes_input_runs_background_commands_and_moves_large_files() {
         Path::new("a.txt")
     );
     mvm_ok_json(&["fs", "rm", "-r", "big:/tmp/e"], 0);
-    let gone = mvm(&["--json", "fs", "stat", "big:/tmp/e"]);
-    assert!(
-        text(&gone.stdout).contains("AGENT112"),
-        "{}",
-        describe(&gone)
-    );
+    refused_with(&["fs", "stat", "big:/tmp/e"], "AGENT112");
 
     // 256 MiB in and out, the same SHA-256 on both sides.
     let large = work.path().join("large.bin");

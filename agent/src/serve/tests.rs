@@ -52,6 +52,23 @@ impl Host {
         }
     }
 
+    /// Reads `path` out (a directory as a tar stream): its bytes and the answer.
+    fn download(&mut self, stream: u32, path: &str, tar: bool) -> (Vec<u8>, Response) {
+        let path = path.to_string();
+        self.send(stream, &Request::FsRead { path, tar });
+        let mut bytes = Vec::new();
+        loop {
+            let frame = self.frame();
+            match frame.kind {
+                FrameKind::Data => bytes.extend(frame.payload),
+                FrameKind::Response => {
+                    return (bytes, serde_json::from_slice(&frame.payload).unwrap())
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
     /// Closes a command's standard input.
     fn feed_end(&mut self, stream: u32) {
         self.stream
@@ -417,24 +434,7 @@ fn files_are_copied_in_and_out_whole_and_checked() {
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o640);
 
-    host.send(
-        2,
-        &Request::FsRead {
-            path: path.clone(),
-            tar: false,
-        },
-    );
-    let mut read_back = Vec::new();
-    let answer = loop {
-        let frame = host.frame();
-        match frame.kind {
-            FrameKind::Data => read_back.extend(frame.payload),
-            FrameKind::Response => {
-                break serde_json::from_slice::<Response>(&frame.payload).unwrap()
-            }
-            other => panic!("{other:?}"),
-        }
-    };
+    let (read_back, answer) = host.download(2, &path, false);
     assert_eq!(read_back, bytes);
     assert!(matches!(answer, Response::FsRead(done) if done.sha256 == sha256(&bytes)));
 
@@ -581,7 +581,13 @@ fn standard_input_is_fed_from_data_frames_within_the_window() {
             .unwrap();
     }
     assert_eq!(error_code(&host.exchange(3).2), codes::FLOW);
-    host.send(4, &Request::Signal { stream: 3, signal: 9 });
+    host.send(
+        4,
+        &Request::Signal {
+            stream: 3,
+            signal: 9,
+        },
+    );
     assert_eq!(error_code(&host.exchange(4).2), codes::NO_SUCH_PROCESS);
     host.send(5, &Request::Ps);
     assert_eq!(host.exchange(5).2, Response::Ps { processes: vec![] });
@@ -917,24 +923,7 @@ fn directories_travel_as_tar_streams() {
     let mut host = Host::start();
 
     // Out: the directory as a tar stream, the symlink as a symlink.
-    host.send(
-        1,
-        &Request::FsRead {
-            path: source.to_str().unwrap().into(),
-            tar: true,
-        },
-    );
-    let mut archive = Vec::new();
-    let answer = loop {
-        let frame = host.frame();
-        match frame.kind {
-            FrameKind::Data => archive.extend(frame.payload),
-            FrameKind::Response => {
-                break serde_json::from_slice::<Response>(&frame.payload).unwrap()
-            }
-            other => panic!("{other:?}"),
-        }
-    };
+    let (archive, answer) = host.download(1, source.to_str().unwrap(), true);
     assert!(matches!(answer, Response::FsRead(done) if done.sha256 == sha256(&archive)));
     let mut entries: Vec<(String, tar::EntryType)> = tar::Archive::new(&archive[..])
         .entries()
