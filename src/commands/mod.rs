@@ -8,6 +8,7 @@ pub mod bench_boot;
 pub mod bench_exec;
 pub mod build;
 pub mod doctor;
+pub mod init;
 pub mod ir;
 pub mod kernel;
 pub mod keys;
@@ -76,7 +77,9 @@ pub fn class_of(code: &str) -> ErrorClass {
     match code {
         "OCI002" | "KERNEL005" => ErrorClass::Integrity,
         "OCI007" | "OCI008" | "LAYER011" | "BUILD003" | "BUILD004" | "BUILD005" | "KERNEL001"
-        | "KERNEL006" | "BENCH001" | "RUN031" | "RUN032" | "RUN025" => ErrorClass::Io,
+        | "KERNEL006" | "BENCH001" | "INIT002" | "INIT004" | "RUN031" | "RUN032" | "RUN025" => {
+            ErrorClass::Io
+        }
         _ => ErrorClass::InvalidInput,
     }
 }
