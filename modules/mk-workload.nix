@@ -289,7 +289,12 @@ let
       resources = resources "${where}.resources" (app.resources or { });
       entrypoints = if eps == [ ] then fail where "give an entrypoint (an argv list)" else eps;
       env = if vars == { } then null else vars;
-      network = network "${where}.network" (app.network or { });
+      # No network is the IR's default, left out as the IR leaves it out.
+      network =
+        let
+          n = network "${where}.network" (app.network or { });
+        in
+        if n == { mode = "none"; } then null else n;
       mounts = if app ? mounts then passList "${where}.mounts" [ "volume" "target" "read_only" ] app.mounts else null;
       files = if app ? files then passList "${where}.files" [ "path" "content" "mode" ] app.files else null;
       health_check =
@@ -375,8 +380,9 @@ let
     }) nixApps
   );
 
-  pkgs = s.pkgs or null;
-  mvm = s.mvm or null;
+  # Tested with `?`, never compared: the IR half must not force nixpkgs (evaluating it offline
+  # must not fetch it).
+  inherit (s) pkgs mvm;
 
   # "python3Packages.requests" → pkgs.python3Packages.requests.
   resolve =
@@ -390,7 +396,7 @@ let
     ) pkgs (builtins.filter isString (builtins.split "\\." attrPath));
 
   derivations =
-    if pkgs == null then
+    if !(s ? pkgs) then
       { }
     else
       {
@@ -406,7 +412,7 @@ let
         ) packages;
       }
       // (
-        if mvm == null then
+        if !(s ? mvm) then
           { }
         else
           {
