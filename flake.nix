@@ -23,8 +23,20 @@
       packages = forAllSystems (
         system: pkgs:
         let
-          # The CLI and the runner; the guest agent is built static below (it is the guest's
-          # /init and has no dynamic loader to use).
+          # The guest agent: the guest's /init, so linked statically (no dynamic loader there).
+          mvm-agent = pkgs.pkgsStatic.rustPlatform.buildRustPackage {
+            pname = "mvm-agent";
+            inherit version;
+            src = pkgs.lib.cleanSource ./.;
+            cargoLock.lockFile = ./Cargo.lock;
+            cargoBuildFlags = [
+              "-p"
+              "mvm-agent"
+            ];
+            doCheck = false;
+            meta.mainProgram = "mvm-agent";
+          };
+          # The CLI and the runner, with the agent beside them, where `mvm build` looks for it.
           mvm = pkgs.rustPlatform.buildRustPackage {
             pname = "mvm";
             inherit version;
@@ -39,24 +51,15 @@
             # The test suite boots microVMs and runs the real Nix, QEMU and registries: run it
             # with scripts/test, not inside the build sandbox.
             doCheck = false;
+            postInstall = ''
+              ln -s ${mvm-agent}/bin/mvm-agent $out/bin/mvm-agent
+            '';
             meta = {
               description = "Security-first local microVM runtime";
               mainProgram = "mvm";
               license = pkgs.lib.licenses.asl20;
               platforms = systems;
             };
-          };
-          mvm-agent = pkgs.pkgsStatic.rustPlatform.buildRustPackage {
-            pname = "mvm-agent";
-            inherit version;
-            src = pkgs.lib.cleanSource ./.;
-            cargoLock.lockFile = ./Cargo.lock;
-            cargoBuildFlags = [
-              "-p"
-              "mvm-agent"
-            ];
-            doCheck = false;
-            meta.mainProgram = "mvm-agent";
           };
         in
         {
