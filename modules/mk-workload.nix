@@ -320,18 +320,18 @@ let
   fromIR = hasAttr "ir" spec;
   s =
     if fromIR then
-      only "mkWorkload" [ "ir" "profile" "pkgs" "mvm" ] spec
+      only "workload" [ "ir" "profile" "pkgs" "mvm" ] spec
     else
-      only "mkWorkload" (workloadAttrs ++ singleAppAttrs ++ [ "app" ]) spec;
+      only "workload" (workloadAttrs ++ singleAppAttrs ++ [ "app" ]) spec;
   given = filter (n: hasAttr n s) singleAppAttrs;
 
   declared =
     let
-      id = str "name" (s.name or (fail "mkWorkload" "name (the workload id) is required"));
+      id = str "name" (s.name or (fail "workload" "name (the workload id) is required"));
       apps =
         if s ? apps then
           if given != [ ] || s ? app then
-            fail "mkWorkload" "with apps, give ${concatStringsSep ", " given} inside each app"
+            fail "workload" "with apps, give ${concatStringsSep ", " given} inside each app"
           else
             imap (
               i: a:

@@ -546,3 +546,60 @@ fn template_flakes_evaluate_with_this_flake_as_mvm() {
         }
     }
 }
+
+/// `mvm ir validate` and `mvm ir digest` read a workload.nix, evaluated with the mkWorkload
+/// built into mvm: the same digest as evaluating it with `modules/`, refusals with their codes.
+#[test]
+fn mvm_reads_workload_nix_declarations() {
+    let Some(nix) = Nix::find() else { return };
+    let tmp = nix.tmp.path();
+    let home = tmp.join("state");
+    let template = Path::new(REPO).join("templates/nix/workload.nix");
+    let direct = nix
+        .eval(&format!(
+            "{}.ir",
+            mk_workload(&format!("import {}", template.display()))
+        ))
+        .unwrap();
+    let via_mvm = support::mvm_json(&home, &["ir", "digest", template.to_str().unwrap()], 0);
+    assert_eq!(
+        via_mvm["ir_digest"].as_str().unwrap(),
+        validated_digest(tmp, "direct", &direct)
+    );
+
+    let write = |name: &str, text: &str| {
+        let path = tmp.join(name);
+        fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let base = r#"name = "x"; packages = [ "a" ]; entrypoint = [ "a" ];"#;
+    for (name, text, status, code) in [
+        (
+            "typo.nix",
+            format!("{{ {base} memory = 1; }}"),
+            65,
+            "NIXDECL002",
+        ),
+        ("syntax.nix", "{ name = ".to_string(), 65, "NIXDECL002"),
+        (
+            "permissive.nix",
+            format!("{{ {base} profile = \"permissive\"; }}"),
+            65,
+            "NIXDECL003",
+        ),
+        (
+            "bad-id.nix",
+            r#"{ name = "X"; packages = [ "a" ]; entrypoint = [ "a" ]; }"#.to_string(),
+            65,
+            "IR000",
+        ),
+    ] {
+        let file = write(name, &text);
+        let refused = support::mvm_json(&home, &["ir", "validate", &file], status);
+        assert_eq!(refused["error"]["code"], code, "{name}: {refused}");
+    }
+    let typo = write("typo2.nix", &format!("{{ {base} memory = 1; }}"));
+    let refused = support::mvm_json(&home, &["ir", "validate", &typo], 65);
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(message.contains("unknown attribute(s) memory"), "{message}");
+}

@@ -102,10 +102,15 @@ resources = {{ cpu_cores = 1, memory_mb = 256 }}
     /// `mvm build DIR` against the private store, with the settings every Nix command here
     /// gets (no substituters: offline).
     fn build(&self, dir: &Path, out: &Path) -> Output {
+        self.build_with(dir, out, &[])
+    }
+
+    fn build_with(&self, dir: &Path, out: &Path, extra: &[&str]) -> Output {
         let pkgs = self.work.path().join("pkgs.nix");
         Command::new(env!("CARGO_BIN_EXE_mvm"))
             .args(["--json", "build"])
             .arg(dir)
+            .args(extra)
             .arg("--nix-packages")
             .arg(&pkgs)
             .arg("--nix-store")
@@ -357,6 +362,40 @@ fn a_store_path_changed_after_nix_recorded_it_is_refused() {
     assert_eq!(refused["error"]["code"], "NIXBUILD004", "{refused}");
     let message = refused["error"]["message"].as_str().unwrap();
     assert!(message.contains(&greet), "{message}");
+}
+
+/// A workload.nix builds like an mvm.toml; the profile it names is the plan's unless
+/// `--profile` says otherwise.
+#[test]
+fn a_workload_nix_builds_with_its_profile() {
+    let Some((fx, _)) = shared() else { return };
+    let dir = fx.work.path().join("from-nix");
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(
+        dir.join("workload.nix"),
+        r#"{ name = "from-nix"; packages = [ "hello" ]; entrypoint = [ "hello" ]; profile = "restrictive"; }"#,
+    )
+    .unwrap();
+    let plan_profile = |bundle: &Path| {
+        let envelope: Value =
+            serde_json::from_slice(&fs::read(bundle.join("plan.dsse.json")).unwrap()).unwrap();
+        let payload = base64::engine::general_purpose::STANDARD
+            .decode(envelope["payload"].as_str().unwrap())
+            .unwrap();
+        let plan: Value = serde_json::from_slice(&payload).unwrap();
+        plan["policy"]["profile"].as_str().unwrap().to_string()
+    };
+    let bundle = fx.work.path().join("from-nix-bundle");
+    fx.built(&dir, &bundle);
+    assert_eq!(plan_profile(&bundle), "restrictive");
+    let flagged = fx.work.path().join("from-nix-dev");
+    let out = fx.build_with(&dir, &flagged, &["--profile", "dev"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(plan_profile(&flagged), "dev");
 }
 
 /// The image boots: the guest agent opens the root through dm-verity and runs the package's

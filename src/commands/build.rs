@@ -16,7 +16,7 @@ use mvm_ir::digest::sha256_prefixed;
 use mvm_ir::dsse::Envelope;
 use mvm_ir::fsutil::atomic_write;
 use mvm_ir::keys::DEFAULT_KEY;
-use mvm_ir::load::{ir_digest, load_workload};
+use mvm_ir::load::ir_digest;
 use mvm_ir::plan::{Profile, Timestamp};
 use mvm_ir::validate::validate;
 use mvm_ir::workload::{App, Entrypoint, Image, Resources, Workload, SCHEMA_VERSION};
@@ -87,9 +87,9 @@ pub struct BuildArgs {
     /// How long the plan stays valid (a reusable plan).
     #[arg(long, default_value = "30days", value_parser = humantime::parse_duration)]
     valid_for: Duration,
-    /// The policy profile.
-    #[arg(long, value_enum, default_value = "standard")]
-    profile: ProfileArg,
+    /// The policy profile (default: the one a workload.nix names, else standard).
+    #[arg(long, value_enum)]
+    profile: Option<ProfileArg>,
     /// The guest agent binary, `/init` of the initramfs (default: mvm-agent next to mvm).
     #[arg(long, env = "MVM_AGENT")]
     agent: Option<PathBuf>,
@@ -115,19 +115,26 @@ pub struct BuildArgs {
 pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
     let started = Timestamp::now();
     let host = Host::open()?;
-    let profile = match args.profile {
+    let flag_profile = args.profile.map(|p| match p {
         ProfileArg::Restrictive => Profile::Restrictive,
         ProfileArg::Standard => Profile::Standard,
         ProfileArg::Dev => Profile::Dev,
         ProfileArg::Permissive => Profile::Permissive,
-    };
+    });
     let target = match &args.image {
-        Some(image) => Target::image(image, args.allow_unpinned, profile, &host)?,
+        Some(image) => Target::image(
+            image,
+            args.allow_unpinned,
+            flag_profile.unwrap_or(Profile::Standard),
+            &host,
+        )?,
         None => Target::declaration(
             args.ir.as_deref().unwrap_or(&args.path),
             args.app.as_deref(),
         )?,
     };
+    // The command line's profile, else the declaration's (a workload.nix may name one).
+    let profile = flag_profile.or(target.profile).unwrap_or(Profile::Standard);
     let store = KernelStore::at(&host.home.ensure("kernels")?);
     let kernel = match &args.kernel {
         Some(release) => store.open(release),
@@ -297,6 +304,8 @@ struct Target {
     declared: Option<(Workload, usize)>,
     /// A nix_packages image's attribute paths (then `reference` and `digest` are empty).
     nix_packages: Option<Vec<String>>,
+    /// The profile the declaration names (a workload.nix may).
+    profile: Option<Profile>,
 }
 
 impl Target {
@@ -307,7 +316,8 @@ impl Target {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
         let base_dir = fs::canonicalize(parent)?;
-        let (workload, _) = load_workload(&declaration)?;
+        let declared = super::declaration::load(&declaration)?;
+        let workload = declared.workload;
         let index = match (app, workload.apps.as_slice()) {
             (Some(name), apps) => apps
                 .iter()
@@ -338,6 +348,7 @@ impl Target {
             base_dir,
             declared: Some((workload, index)),
             nix_packages,
+            profile: declared.profile,
         })
     }
 
@@ -357,6 +368,7 @@ impl Target {
                 base_dir,
                 declared: None,
                 nix_packages: None,
+                profile: None,
             });
         }
         if !allow_unpinned || profile != Profile::Dev {
@@ -389,6 +401,7 @@ impl Target {
             base_dir,
             declared: None,
             nix_packages: None,
+            profile: None,
         })
     }
 
@@ -465,7 +478,7 @@ impl Target {
 /// directory.
 fn find_declaration(path: &Path) -> anyhow::Result<PathBuf> {
     if path.is_dir() {
-        for name in ["mvm.toml", "workload.json"] {
+        for name in super::declaration::FILE_NAMES {
             let candidate = path.join(name);
             if candidate.is_file() {
                 return Ok(candidate);
@@ -474,7 +487,7 @@ fn find_declaration(path: &Path) -> anyhow::Result<PathBuf> {
         return Err(coded_as(
             "BUILD007",
             format!(
-                "{} holds neither mvm.toml nor workload.json",
+                "{} holds no mvm.toml, workload.json or workload.nix",
                 path.display()
             ),
         ));

@@ -143,11 +143,11 @@ pub fn run(args: InitArgs, out: &Output) -> anyhow::Result<()> {
     out.result(
         json!({"ok": true, "template": template.name, "id": id, "dir": dir, "files": written}),
         || {
-            let declaration = if files.iter().any(|(p, _)| *p == "mvm.toml") {
-                format!("mvm ir validate {}", args.dir.join("mvm.toml").display())
-            } else {
-                "nix eval --raw .#workloads.default.json > workload.json".to_string()
-            };
+            let declaration = super::declaration::FILE_NAMES
+                .iter()
+                .find(|name| files.iter().any(|(p, _)| p == *name))
+                .map(|name| format!("mvm ir validate {}", args.dir.join(name).display()))
+                .unwrap_or_default();
             format!(
                 "wrote workload {id} from template {} into {dir}:\n  {}\nnext: {declaration}",
                 template.name,

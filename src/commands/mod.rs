@@ -7,6 +7,7 @@ pub mod bench;
 pub mod bench_boot;
 pub mod bench_exec;
 pub mod build;
+pub mod declaration;
 pub mod doctor;
 pub mod init;
 pub mod ir;
