@@ -23,44 +23,48 @@
       packages = forAllSystems (
         system: pkgs:
         let
-          # The guest agent: the guest's /init, so linked statically (no dynamic loader there).
-          mvm-agent = pkgs.pkgsStatic.rustPlatform.buildRustPackage {
-            pname = "mvm-agent";
+          workspace = {
             inherit version;
             src = pkgs.lib.cleanSource ./.;
             cargoLock.lockFile = ./Cargo.lock;
-            cargoBuildFlags = [
-              "-p"
-              "mvm-agent"
-            ];
-            doCheck = false;
-            meta.mainProgram = "mvm-agent";
-          };
-          # The CLI and the runner, with the agent beside them, where `mvm build` looks for it.
-          mvm = pkgs.rustPlatform.buildRustPackage {
-            pname = "mvm";
-            inherit version;
-            src = pkgs.lib.cleanSource ./.;
-            cargoLock.lockFile = ./Cargo.lock;
-            cargoBuildFlags = [
-              "-p"
-              "mvm"
-              "-p"
-              "mvm-runner"
-            ];
             # The test suite boots microVMs and runs the real Nix, QEMU and registries: run it
             # with scripts/test, not inside the build sandbox.
             doCheck = false;
-            postInstall = ''
-              ln -s ${mvm-agent}/bin/mvm-agent $out/bin/mvm-agent
-            '';
-            meta = {
-              description = "Security-first local microVM runtime";
-              mainProgram = "mvm";
-              license = pkgs.lib.licenses.asl20;
-              platforms = systems;
-            };
           };
+          # The guest agent: the guest's /init, so linked statically (no dynamic loader there).
+          mvm-agent = pkgs.pkgsStatic.rustPlatform.buildRustPackage (
+            workspace
+            // {
+              pname = "mvm-agent";
+              cargoBuildFlags = [
+                "-p"
+                "mvm-agent"
+              ];
+              meta.mainProgram = "mvm-agent";
+            }
+          );
+          # The CLI and the runner, with the agent beside them, where `mvm build` looks for it.
+          mvm = pkgs.rustPlatform.buildRustPackage (
+            workspace
+            // {
+              pname = "mvm";
+              cargoBuildFlags = [
+                "-p"
+                "mvm"
+                "-p"
+                "mvm-runner"
+              ];
+              postInstall = ''
+                ln -s ${mvm-agent}/bin/mvm-agent $out/bin/mvm-agent
+              '';
+              meta = {
+                description = "Security-first local microVM runtime";
+                mainProgram = "mvm";
+                license = pkgs.lib.licenses.asl20;
+                platforms = systems;
+              };
+            }
+          );
         in
         {
           inherit mvm mvm-agent;
