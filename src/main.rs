@@ -41,6 +41,8 @@ enum Command {
     /// The signed, hash-chained audit log.
     #[command(subcommand)]
     Audit(commands::audit::AuditCommand),
+    /// Start a new workload from a template (python, node, oci, nix); never overwrites.
+    Init(commands::init::InitArgs),
     /// Build a workload into a signed plan bundle.
     Build(commands::build::BuildArgs),
     /// Run a command in a fresh microVM booted from a signed plan or an image.
@@ -115,6 +117,7 @@ fn main() -> ExitCode {
         Command::Plan(cmd) => commands::plan::run(cmd, &out),
         Command::Keys(cmd) => commands::keys::run(cmd, &out),
         Command::Audit(cmd) => commands::audit::run(cmd, &out),
+        Command::Init(args) => commands::init::run(args, &out),
         Command::Build(args) => commands::build::run(args, &out),
         Command::Run(args) => return commands::run::run(args, &out),
         Command::Up(args) => return exit_code(commands::vm::up(args, &out), &out),

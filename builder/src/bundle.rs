@@ -31,6 +31,7 @@ use mvm_ir::workload::{App, Entrypoint, EnvValue, NetworkMode};
 
 use crate::initramfs::Initramfs;
 use crate::kernel::GuestKernel;
+use crate::nix_image::NixClosure;
 use crate::rootfs::{RootfsReport, ROOTFS_FILE, VERITY_FILE};
 use crate::worker::SandboxReport;
 
@@ -91,6 +92,8 @@ pub struct AssembleInput<'a> {
     pub image: &'a str,
     /// What the worker built.
     pub rootfs: &'a RootfsReport,
+    /// For a Nix image: the closure it holds (recorded as the resolved dependencies).
+    pub nix: Option<&'a NixClosure>,
     /// How the worker was confined.
     pub sandbox: &'a SandboxReport,
     /// The verified guest kernel.
@@ -119,6 +122,9 @@ pub struct Bundle {
     /// `sha256:` of the root filesystem image.
     pub rootfs_digest: String,
 }
+
+/// What kind of build produced a Nix image's subjects.
+pub const NIX_BUILD_TYPE: &str = "https://mvm.dev/build/nix-rootfs/v1";
 
 /// Writes the kernel and initramfs into the bundle and builds the plan and provenance.
 pub fn assemble(input: &AssembleInput<'_>) -> Result<Bundle, BundleError> {
@@ -258,25 +264,10 @@ pub fn assemble(input: &AssembleInput<'_>) -> Result<Bundle, BundleError> {
     plan.check()?;
     let plan_digest = sha256_prefixed(&mvm_ir::canonical::to_vec(&plan)?);
 
-    let mut dependencies = vec![ResourceDescriptor::sha256(
-        Some("image".into()),
-        Some(format!("oci:{}", input.image)),
-        &r.image_digest,
-    )];
-    if r.manifest_digest != r.image_digest {
-        dependencies.push(ResourceDescriptor::sha256(
-            Some("image manifest (linux/amd64)".into()),
-            None,
-            &r.manifest_digest,
-        ));
-    }
-    for layer in &r.layers {
-        dependencies.push(ResourceDescriptor::sha256(
-            Some(format!("layer {}", layer.media_type)),
-            None,
-            &layer.digest,
-        ));
-    }
+    let mut dependencies = match input.nix {
+        None => oci_dependencies(input.image, r),
+        Some(closure) => nix_dependencies(input.image, closure),
+    };
     let package = &input.kernel.manifest.package;
     dependencies.push(ResourceDescriptor::sha256(
         Some(format!("kernel {}", input.kernel.manifest.release)),
@@ -301,7 +292,11 @@ pub fn assemble(input: &AssembleInput<'_>) -> Result<Bundle, BundleError> {
         predicate_type: PREDICATE_TYPE.into(),
         predicate: Provenance {
             build_definition: BuildDefinition {
-                build_type: BUILD_TYPE.into(),
+                build_type: if input.nix.is_some() {
+                    NIX_BUILD_TYPE.into()
+                } else {
+                    BUILD_TYPE.into()
+                },
                 external_parameters: json!({
                     "workload": input.workload_id,
                     "app": app.name,
@@ -338,4 +333,53 @@ pub fn assemble(input: &AssembleInput<'_>) -> Result<Bundle, BundleError> {
 fn hash_file(path: &Path) -> Result<String, BundleError> {
     let file = fs::File::open(path).map_err(io(path))?;
     Ok(mvm_ir::digest::sha256_reader(file).map_err(io(path))?.0)
+}
+
+/// An OCI image's dependencies: the image, its platform manifest, its layers.
+fn oci_dependencies(image: &str, r: &RootfsReport) -> Vec<ResourceDescriptor> {
+    let mut dependencies = vec![ResourceDescriptor::sha256(
+        Some("image".into()),
+        Some(format!("oci:{image}")),
+        &r.image_digest,
+    )];
+    if r.manifest_digest != r.image_digest {
+        dependencies.push(ResourceDescriptor::sha256(
+            Some("image manifest (linux/amd64)".into()),
+            None,
+            &r.manifest_digest,
+        ));
+    }
+    for layer in &r.layers {
+        dependencies.push(ResourceDescriptor::sha256(
+            Some(format!("layer {}", layer.media_type)),
+            None,
+            &layer.digest,
+        ));
+    }
+    dependencies
+}
+
+/// A Nix image's dependencies: the closure as a whole, each package's derivation, and every
+/// store path of the closure with the sha256 of its NAR (as `nix-store -q --hash` gives it).
+fn nix_dependencies(image: &str, closure: &NixClosure) -> Vec<ResourceDescriptor> {
+    let mut dependencies = vec![ResourceDescriptor::sha256(
+        Some("nix closure".into()),
+        Some(image.to_string()),
+        &closure.digest(),
+    )];
+    for package in &closure.packages {
+        dependencies.push(ResourceDescriptor::sha256(
+            Some(format!("nix package {}", package.attr)),
+            Some(package.drv.clone()),
+            &package.drv_sha256,
+        ));
+    }
+    for path in &closure.paths {
+        dependencies.push(ResourceDescriptor::sha256(
+            Some(path.path.clone()),
+            None,
+            &path.nar_sha256,
+        ));
+    }
+    dependencies
 }

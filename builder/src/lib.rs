@@ -11,6 +11,8 @@
 //!   blob verified before use and kept in a content-addressed cache.
 //! - [`rootfs`]: image → tree → EROFS → verity, the part that parses untrusted bytes, and
 //!   [`worker`], which runs it confined in a child process (the host builder persona).
+//! - [`nix_image`]: `nix_packages` realised by the real Nix into a store closure (checked
+//!   against mvm-nix's own derivation and NAR hashing), staged as `/nix/store` and `/bin`.
 //! - [`erofs`]: a native, deterministic EROFS image writer over a [`tree::Tree`].
 //! - [`kernel`]: the Debian cloud kernel and the modules the guest needs, pinned by sha256.
 //! - [`initramfs`]: the deterministic, gzip-compressed `newc` archive with the agent as `/init`.
@@ -25,6 +27,7 @@ pub mod erofs;
 pub mod initramfs;
 pub mod kernel;
 pub mod layer;
+pub mod nix_image;
 pub mod oci;
 pub mod rootfs;
 #[cfg(any(test, feature = "testing"))]

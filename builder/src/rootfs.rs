@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::erofs::{self, ErofsOptions};
 use crate::layer::ApplyOptions;
+use crate::nix_image::{stage_closure, NixClosure, NixImageError};
 use crate::oci::{self, BlobCache, ImageRef, RegistryOptions};
 use crate::tree::{Metadata, NodeKind, Staging, Tree};
 use crate::verity::{self, VerityParams};
@@ -49,6 +50,10 @@ pub struct RootfsRequest {
     pub allow_devices: bool,
     /// Show pull progress.
     pub progress: bool,
+    /// A Nix image instead: the realised closure to stage (`reference` and `digest` then name
+    /// it, for reports, and nothing is pulled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nix: Option<NixClosure>,
 }
 
 /// One layer, for provenance.
@@ -65,7 +70,7 @@ pub struct LayerReport {
 }
 
 /// What was built.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RootfsReport {
     /// The digest the image was named by.
     pub image_digest: String,
@@ -107,6 +112,9 @@ pub enum RootfsError {
     /// Writing the verity tree failed.
     #[error("writing the verity tree: {0}")]
     Verity(#[from] verity::VerityError),
+    /// Staging a Nix closure failed.
+    #[error(transparent)]
+    Nix(#[from] NixImageError),
     /// Creating or writing a file failed.
     #[error("{path}: {source}")]
     Io {
@@ -123,6 +131,7 @@ impl RootfsError {
     pub fn code(&self) -> &'static str {
         match self {
             RootfsError::Oci(e) => e.code(),
+            RootfsError::Nix(e) => e.code(),
             RootfsError::Erofs(_) => "BUILD001",
             RootfsError::Verity(_) => "BUILD002",
             RootfsError::Io { .. } => "BUILD003",
@@ -142,6 +151,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RootfsError + '_ {
 /// Reproducible: the image, its uuid and the verity salt and uuid are all derived from the
 /// content, so the same image always gives the same bytes and root hash.
 pub fn build_rootfs(request: &RootfsRequest) -> Result<RootfsReport, RootfsError> {
+    if let Some(closure) = &request.nix {
+        return build_nix_rootfs(request, closure);
+    }
     let image = ImageRef::new(&request.reference, &request.digest, &request.base_dir)?;
     let cache = BlobCache::at(&request.cache_dir)?;
     let registry = RegistryOptions {
@@ -155,10 +167,63 @@ pub fn build_rootfs(request: &RootfsRequest) -> Result<RootfsReport, RootfsError
         ..ApplyOptions::default()
     };
     let imported = oci::import_image(&image, &registry, &cache, &mut tree, &apply)?;
+    let runtime = &imported.config.runtime;
+    let command = runtime
+        .entrypoint
+        .iter()
+        .flatten()
+        .chain(runtime.cmd.iter().flatten())
+        .cloned()
+        .collect();
+    let report = RootfsReport {
+        image_digest: imported.digest,
+        manifest_digest: imported.manifest_digest,
+        layers: imported
+            .layers
+            .into_iter()
+            .map(|l| LayerReport {
+                digest: l.digest,
+                diff_id: l.diff_id,
+                media_type: l.media_type,
+                size: l.size,
+            })
+            .collect(),
+        env: runtime.env.clone().unwrap_or_default(),
+        command,
+        working_dir: runtime.working_dir.clone().filter(|d| !d.is_empty()),
+        ..RootfsReport::default()
+    };
+    write_image(tree, &request.out_dir, report)
+}
+
+/// A Nix image: the closure staged (each path checked against its NAR hash) into the tree.
+fn build_nix_rootfs(
+    request: &RootfsRequest,
+    closure: &NixClosure,
+) -> Result<RootfsReport, RootfsError> {
+    let staging = Staging::temp_file_in(&request.out_dir).map_err(io(&request.out_dir))?;
+    let mut tree = Tree::new(staging);
+    stage_closure(closure, &mut tree)?;
+    let digest = closure.digest();
+    let report = RootfsReport {
+        image_digest: digest.clone(),
+        manifest_digest: digest,
+        ..RootfsReport::default()
+    };
+    write_image(tree, &request.out_dir, report)
+}
+
+/// Adds the mount points, writes `rootfs.erofs` and `rootfs.verity` into `out_dir`, and
+/// completes `report` with what they are.
+fn write_image(
+    mut tree: Tree,
+    out_dir: &Path,
+    report: RootfsReport,
+) -> Result<RootfsReport, RootfsError> {
     add_mount_points(&mut tree);
 
-    let rootfs_path = request.out_dir.join(ROOTFS_FILE);
-    let staged = tempfile::NamedTempFile::new_in(&request.out_dir).map_err(io(&request.out_dir))?;
+    let rootfs_path = out_dir.join(ROOTFS_FILE);
+    let staged = tempfile::NamedTempFile::new_in(out_dir).map_err(io(out_dir))?;
     let mut writer = BufWriter::new(staged.as_file());
     let summary = erofs::write_image(
         &tree,
@@ -183,32 +248,8 @@ pub fn build_rootfs(request: &RootfsRequest) -> Result<RootfsReport, RootfsError
     // yet different for every image.
     let seed = mvm_ir::digest::sha256(&[b"mvm verity salt".as_slice(), &summary.uuid].concat());
     let params = VerityParams::new(seed.to_vec(), summary.uuid);
-    let tree = verity::format_file(&rootfs_path, &request.out_dir.join(VERITY_FILE), &params)?;
-
-    let runtime = &imported.config.runtime;
-    let command = runtime
-        .entrypoint
-        .iter()
-        .flatten()
-        .chain(runtime.cmd.iter().flatten())
-        .cloned()
-        .collect();
+    let tree = verity::format_file(&rootfs_path, &out_dir.join(VERITY_FILE), &params)?;
     Ok(RootfsReport {
-        image_digest: imported.digest,
-        manifest_digest: imported.manifest_digest,
-        layers: imported
-            .layers
-            .into_iter()
-            .map(|l| LayerReport {
-                digest: l.digest,
-                diff_id: l.diff_id,
-                media_type: l.media_type,
-                size: l.size,
-            })
-            .collect(),
-        env: runtime.env.clone().unwrap_or_default(),
-        command,
-        working_dir: runtime.working_dir.clone().filter(|d| !d.is_empty()),
         image_size: summary.size,
         root_hash: hex::encode(tree.root_hash),
         salt: hex::encode(&tree.salt),
@@ -216,6 +257,7 @@ pub fn build_rootfs(request: &RootfsRequest) -> Result<RootfsReport, RootfsError
         data_block_size: tree.data_block_size,
         hash_block_size: tree.hash_block_size,
         hash_offset: tree.hash_offset,
+        ..report
     })
 }
 

@@ -78,7 +78,7 @@ impl WorkerError {
 }
 
 /// Requests larger than this are refused by the worker.
-const MAX_REQUEST_BYTES: u64 = 1024 * 1024;
+const MAX_REQUEST_BYTES: u64 = 8 * 1024 * 1024;
 
 /// Runs `program args…` as the worker for `request` and returns its report.
 pub fn build_in_worker(
@@ -309,7 +309,13 @@ fn landlock_confine(request: &RootfsRequest) -> Result<String, landlock::Ruleset
         "/proc/self",
     ]
     .map(Path::new);
-    let readable: Vec<&Path> = system.into_iter().chain(source.as_deref()).collect();
+    // A Nix image's store: read, never written.
+    let nix_store = request.nix.as_ref().map(|c| c.store_root.join("nix/store"));
+    let readable: Vec<&Path> = system
+        .into_iter()
+        .chain(source.as_deref())
+        .chain(nix_store.as_deref())
+        .collect();
     let status = Ruleset::default()
         .handle_access(AccessFs::from_all(abi))?
         // No signals to processes outside the worker, no abstract unix sockets.
@@ -497,6 +503,7 @@ mod tests {
             insecure_registries: vec![],
             allow_devices: false,
             progress: false,
+            nix: None,
         };
         let report = match confine(&request) {
             Ok(report) => report,

@@ -15,6 +15,26 @@ use crate::Error;
 /// Writes `bytes` to `path` atomically (temp file + fsync + rename + directory fsync), with
 /// permission bits `mode`.
 pub fn atomic_write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
+    write_via_temp(path, bytes, mode, |tmp, path| fs::rename(tmp, path))
+}
+
+/// Like [`atomic_write`], but never replaces anything: the whole file appears at `path`, or
+/// nothing does and the error is [`std::io::ErrorKind::AlreadyExists`] when something (a file,
+/// a directory, a symlink even dangling) is already there, also when it appeared meanwhile.
+pub fn atomic_create(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
+    // link(2) refuses an existing target, atomically, where rename(2) would replace it.
+    write_via_temp(path, bytes, mode, |tmp, path| {
+        fs::hard_link(tmp, path)?;
+        fs::remove_file(tmp)
+    })
+}
+
+fn write_via_temp(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    put_in_place: impl FnOnce(&Path, &Path) -> std::io::Result<()>,
+) -> Result<(), Error> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -38,7 +58,7 @@ pub fn atomic_write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
         file.set_permissions(fs::Permissions::from_mode(mode))?;
         file.write_all(bytes)?;
         file.sync_all()?;
-        fs::rename(&tmp, path)?;
+        put_in_place(&tmp, path)?;
         File::open(dir)?.sync_all()
     })();
     if result.is_err() {
@@ -143,6 +163,27 @@ mod tests {
         );
         // No temporary files are left behind.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn atomic_create_never_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mvm.toml");
+        atomic_create(&path, b"one", 0o644).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"one");
+        let refused = |path: &Path| match atomic_create(path, b"two", 0o644).unwrap_err() {
+            Error::Io { source, .. } => source.kind() == std::io::ErrorKind::AlreadyExists,
+            other => panic!("{other}"),
+        };
+        assert!(refused(&path));
+        assert_eq!(fs::read(&path).unwrap(), b"one");
+        // A dangling symlink is something there too: nothing is written through it.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(dir.path().join("absent"), &link).unwrap();
+        assert!(refused(&link));
+        assert!(!dir.path().join("absent").exists());
+        // No temporary files are left behind.
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2);
     }
 
     #[test]

@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 use mvm_builder::bundle::{assemble, AssembleInput};
 use mvm_builder::kernel::KernelStore;
+use mvm_builder::nix_image::NixStore;
 use mvm_builder::oci::{resolve_tag, ImageRef, RegistryOptions};
 use mvm_builder::rootfs::RootfsRequest;
 use mvm_builder::worker::build_in_worker;
@@ -15,7 +16,7 @@ use mvm_ir::digest::sha256_prefixed;
 use mvm_ir::dsse::Envelope;
 use mvm_ir::fsutil::atomic_write;
 use mvm_ir::keys::DEFAULT_KEY;
-use mvm_ir::load::{ir_digest, load_workload};
+use mvm_ir::load::ir_digest;
 use mvm_ir::plan::{Profile, Timestamp};
 use mvm_ir::validate::validate;
 use mvm_ir::workload::{App, Entrypoint, Image, Resources, Workload, SCHEMA_VERSION};
@@ -86,9 +87,9 @@ pub struct BuildArgs {
     /// How long the plan stays valid (a reusable plan).
     #[arg(long, default_value = "30days", value_parser = humantime::parse_duration)]
     valid_for: Duration,
-    /// The policy profile.
-    #[arg(long, value_enum, default_value = "standard")]
-    profile: ProfileArg,
+    /// The policy profile (default: the one a workload.nix names, else standard).
+    #[arg(long, value_enum)]
+    profile: Option<ProfileArg>,
     /// The guest agent binary, `/init` of the initramfs (default: mvm-agent next to mvm).
     #[arg(long, env = "MVM_AGENT")]
     agent: Option<PathBuf>,
@@ -101,24 +102,39 @@ pub struct BuildArgs {
     /// Accept device nodes in image layers (refused by default).
     #[arg(long)]
     allow_devices: bool,
+    /// For nix_packages images: the package set the attribute paths are looked up in —
+    /// `<nixpkgs>`, or a Nix file (its value, or what it returns called with no arguments).
+    #[arg(long, value_name = "SET", default_value = "<nixpkgs>")]
+    nix_packages: String,
+    /// For nix_packages images: the Nix store to realise in, as `nix-store --store DIR` (its
+    /// files under DIR/nix/store); default the system's store.
+    #[arg(long, value_name = "DIR")]
+    nix_store: Option<PathBuf>,
 }
 
 pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
     let started = Timestamp::now();
     let host = Host::open()?;
-    let profile = match args.profile {
+    let flag_profile = args.profile.map(|p| match p {
         ProfileArg::Restrictive => Profile::Restrictive,
         ProfileArg::Standard => Profile::Standard,
         ProfileArg::Dev => Profile::Dev,
         ProfileArg::Permissive => Profile::Permissive,
-    };
+    });
     let target = match &args.image {
-        Some(image) => Target::image(image, args.allow_unpinned, profile, &host)?,
+        Some(image) => Target::image(
+            image,
+            args.allow_unpinned,
+            flag_profile.unwrap_or(Profile::Standard),
+            &host,
+        )?,
         None => Target::declaration(
             args.ir.as_deref().unwrap_or(&args.path),
             args.app.as_deref(),
         )?,
     };
+    // The command line's profile, else the declaration's (a workload.nix may name one).
+    let profile = flag_profile.or(target.profile).unwrap_or(Profile::Standard);
     let store = KernelStore::at(&host.home.ensure("kernels")?);
     let kernel = match &args.kernel {
         Some(release) => store.open(release),
@@ -146,6 +162,21 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
         host.keys.signer(&args.key)?
     };
 
+    // A Nix image is realised by Nix here (the confined worker cannot start programs); the
+    // worker then checks and stages the closure.
+    let nix_closure = match &target.nix_packages {
+        Some(packages) => {
+            let store = args.nix_store.as_deref().map(absolute).transpose()?;
+            let nix = NixStore::new(store, args.nix_packages.clone());
+            Some(nix.closure(packages).map_err(|e| coded_as(e.code(), e))?)
+        }
+        None => None,
+    };
+    let image_label = match &target.nix_packages {
+        Some(packages) => format!("nix:{}#{}", args.nix_packages, packages.join(",")),
+        None => target.requested.clone(),
+    };
+
     // Build into a private directory beside the destination, then swap it in whole.
     let out_dir = absolute(&args.out)?;
     check_replaceable(&out_dir)?;
@@ -158,13 +189,18 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
         .tempdir_in(parent)?;
     let request = RootfsRequest {
         reference: target.reference.clone(),
-        digest: target.digest.clone(),
+        // A Nix image is named by its closure's digest, which the worker must give back.
+        digest: match &nix_closure {
+            Some(closure) => closure.digest(),
+            None => target.digest.clone(),
+        },
         base_dir: target.base_dir.clone(),
         cache_dir: host.home.ensure("cache")?.join("blobs"),
         out_dir: staging.path().to_path_buf(),
         insecure_registries: insecure_registries(&host)?,
         allow_devices: args.allow_devices,
         progress: !out.is_json(),
+        nix: nix_closure.clone(),
     };
     let Persona::Host = args.persona;
     let (report, sandbox) = build_in_worker(&std::env::current_exe()?, &["build-worker"], &request)
@@ -190,8 +226,9 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
         workload_id: &workload.id,
         app,
         ir_digest: &digest,
-        image: &target.requested,
+        image: &image_label,
         rootfs: &report,
+        nix: nix_closure.as_ref(),
         sandbox: &sandbox,
         kernel: &kernel,
         agent: &agent,
@@ -226,17 +263,21 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
     out.result(
         json!({"out": out_dir, "plan_digest": plan_digest, "rootfs_digest": bundle.rootfs_digest,
                "root_hash": report.root_hash, "image_size": report.image_size, "layers": report.layers.len(),
+               "store_paths": nix_closure.as_ref().map(|c| c.paths.len()),
                "kernel": kernel.manifest.release, "keyid": signer.keyid(), "sandbox": sandbox,
                "valid_until": bundle.plan.valid_until}),
         || {
             format!(
-                "built {}/{} into {}\nrootfs {} ({} bytes, {} layers)\nverity root {}\nplan {} signed by {}\nvalid until {}\nbuilder sandbox: no_new_privs, seccomp, landlock {}",
+                "built {}/{} into {}\nrootfs {} ({} bytes, {})\nverity root {}\nplan {} signed by {}\nvalid until {}\nbuilder sandbox: no_new_privs, seccomp, landlock {}",
                 workload.id,
                 app.name,
                 out_dir.display(),
                 bundle.rootfs_digest,
                 report.image_size,
-                report.layers.len(),
+                match &nix_closure {
+                    Some(closure) => format!("{} Nix store paths", closure.paths.len()),
+                    None => format!("{} layers", report.layers.len()),
+                },
                 report.root_hash,
                 plan_digest,
                 signer.keyid(),
@@ -261,6 +302,10 @@ struct Target {
     base_dir: PathBuf,
     /// The declared workload and the app's index, or none for an image.
     declared: Option<(Workload, usize)>,
+    /// A nix_packages image's attribute paths (then `reference` and `digest` are empty).
+    nix_packages: Option<Vec<String>>,
+    /// The profile the declaration names (a workload.nix may).
+    profile: Option<Profile>,
 }
 
 impl Target {
@@ -271,7 +316,8 @@ impl Target {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
         let base_dir = fs::canonicalize(parent)?;
-        let (workload, _) = load_workload(&declaration)?;
+        let declared = super::declaration::load(&declaration)?;
+        let workload = declared.workload;
         let index = match (app, workload.apps.as_slice()) {
             (Some(name), apps) => apps
                 .iter()
@@ -289,13 +335,10 @@ impl Target {
                 ));
             }
         };
-        let (reference, digest) = match &workload.apps[index].image {
-            Image::OciBase { reference, digest } => (reference.clone(), digest.clone()),
-            Image::NixPackages { .. } => {
-                return Err(coded_as(
-                    "BUILD007",
-                    "nix_packages images are built by the Nix integration, which this mvm does not have yet",
-                ))
+        let (reference, digest, nix_packages) = match &workload.apps[index].image {
+            Image::OciBase { reference, digest } => (reference.clone(), digest.clone(), None),
+            Image::NixPackages { packages } => {
+                (String::new(), String::new(), Some(packages.clone()))
             }
         };
         Ok(Self {
@@ -304,6 +347,8 @@ impl Target {
             digest,
             base_dir,
             declared: Some((workload, index)),
+            nix_packages,
+            profile: declared.profile,
         })
     }
 
@@ -322,6 +367,8 @@ impl Target {
                 requested: image.to_string(),
                 base_dir,
                 declared: None,
+                nix_packages: None,
+                profile: None,
             });
         }
         if !allow_unpinned || profile != Profile::Dev {
@@ -353,6 +400,8 @@ impl Target {
             requested: image.to_string(),
             base_dir,
             declared: None,
+            nix_packages: None,
+            profile: None,
         })
     }
 
@@ -429,7 +478,7 @@ impl Target {
 /// directory.
 fn find_declaration(path: &Path) -> anyhow::Result<PathBuf> {
     if path.is_dir() {
-        for name in ["mvm.toml", "workload.json"] {
+        for name in super::declaration::FILE_NAMES {
             let candidate = path.join(name);
             if candidate.is_file() {
                 return Ok(candidate);
@@ -438,7 +487,7 @@ fn find_declaration(path: &Path) -> anyhow::Result<PathBuf> {
         return Err(coded_as(
             "BUILD007",
             format!(
-                "{} holds neither mvm.toml nor workload.json",
+                "{} holds no mvm.toml, workload.json or workload.nix",
                 path.display()
             ),
         ));

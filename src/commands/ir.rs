@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Subcommand;
-use mvm_ir::load::{ir_digest, load_workload};
+use mvm_ir::load::ir_digest;
 use mvm_ir::schema::{plan_schema, workload_schema};
 use serde_json::json;
 
@@ -11,7 +11,8 @@ use crate::output::Output;
 
 #[derive(Debug, Subcommand)]
 pub enum IrCommand {
-    /// Parse and validate a workload (workload.json or mvm.toml; `-` reads JSON from stdin).
+    /// Parse and validate a workload (workload.json, mvm.toml, or workload.nix evaluated with
+    /// Nix; `-` reads JSON from stdin).
     ///
     /// Every problem is reported at once, each with a stable code (IR001…) and a JSON pointer.
     /// Exit 0 if valid (warnings allowed), 65 if not.
@@ -35,7 +36,9 @@ pub enum IrCommand {
 pub fn run(cmd: IrCommand, out: &Output) -> anyhow::Result<()> {
     match cmd {
         IrCommand::Validate { file } => {
-            let (workload, report) = load_workload(&file)?;
+            let super::declaration::Declaration {
+                workload, report, ..
+            } = super::declaration::load(&file)?;
             let digest = ir_digest(&workload)?;
             out.result(
                 json!({"ok": true, "id": workload.id, "apps": workload.apps.len(), "ir_digest": digest, "issues": report.issues}),
@@ -54,7 +57,7 @@ pub fn run(cmd: IrCommand, out: &Output) -> anyhow::Result<()> {
             );
         }
         IrCommand::Digest { file } => {
-            let (workload, _) = load_workload(&file)?;
+            let workload = super::declaration::load(&file)?.workload;
             let digest = ir_digest(&workload)?;
             out.result(json!({"ir_digest": digest}), || digest.clone());
         }

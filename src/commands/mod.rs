@@ -9,8 +9,10 @@ pub mod bench_copy;
 pub mod bench_exec;
 pub mod build;
 pub mod copy;
+pub mod declaration;
 pub mod doctor;
 pub mod fs;
+pub mod init;
 pub mod ir;
 pub mod kernel;
 pub mod keys;
@@ -78,9 +80,10 @@ impl std::error::Error for CodedError {}
 /// failures, unreachable registries and local files are I/O, everything else is bad input.
 pub fn class_of(code: &str) -> ErrorClass {
     match code {
-        "OCI002" | "KERNEL005" => ErrorClass::Integrity,
+        "OCI002" | "KERNEL005" | "NIXBUILD004" => ErrorClass::Integrity,
         "OCI007" | "OCI008" | "LAYER011" | "BUILD003" | "BUILD004" | "BUILD005" | "KERNEL001"
-        | "KERNEL006" | "BENCH001" | "RUN031" | "RUN032" | "RUN025" => ErrorClass::Io,
+        | "KERNEL006" | "BENCH001" | "INIT002" | "INIT004" | "NIXBUILD001" | "NIXBUILD003"
+        | "NIXBUILD006" | "RUN031" | "RUN032" | "RUN025" => ErrorClass::Io,
         _ => ErrorClass::InvalidInput,
     }
 }
