@@ -260,14 +260,25 @@ fn serve_client(connection: UnixStream, shared: &Shared) -> io::Result<()> {
                     continue;
                 };
                 let len = frame.payload.len() as u64;
-                if len > current.remaining
-                    || shared
-                        .mux
-                        .send_data(current.exchange.stream(), &frame.payload)
-                        .is_err()
-                {
+                if len > current.remaining {
                     let message = "the upload's bytes do not fit what was announced".to_string();
                     writer.error(client_stream, codes::COPY_MISMATCH, message)?;
+                    continue;
+                }
+                if shared
+                    .mux
+                    .send_data(current.exchange.stream(), &frame.payload)
+                    .is_err()
+                {
+                    // The agent has answered already (a refusal) or the channel closed: the
+                    // client gets that answer; the rest of its bytes are dropped.
+                    finish_copy(
+                        &writer,
+                        shared,
+                        client_stream,
+                        current.exchange,
+                        current.record,
+                    )?;
                     continue;
                 }
                 current.remaining -= len;

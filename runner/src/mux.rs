@@ -448,4 +448,53 @@ mod tests {
         assert_eq!(response, Response::PowerOff);
         agent.join().unwrap().unwrap();
     }
+
+    #[test]
+    fn uploads_and_commands_share_the_channel_under_load() {
+        use mvm_agent::protocol::FsWriteRequest;
+        use sha2::{Digest, Sha256};
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        let agent = std::thread::spawn(move || serve(&mut guest, &ServeConfig::on_host()));
+        let mux = Arc::new(AgentMux::new(host, 0).unwrap());
+        let dir = tempfile::tempdir_in("/tmp").unwrap();
+        let workers: Vec<_> = (0..6)
+            .map(|i| {
+                let mux = Arc::clone(&mux);
+                let path = dir
+                    .path()
+                    .join(format!("f{i}"))
+                    .to_str()
+                    .unwrap()
+                    .to_string();
+                std::thread::spawn(move || {
+                    if i % 2 == 0 {
+                        let (stdout, _) =
+                            collect(mux.request(&exec("head -c 3000000 /dev/zero")).unwrap());
+                        assert_eq!(stdout.len(), 3_000_000);
+                        return;
+                    }
+                    let bytes: Vec<u8> = (0..4_000_000u32).map(|n| (n % 251) as u8).collect();
+                    let request = Request::FsWrite(FsWriteRequest {
+                        path,
+                        mode: 0o600,
+                        size: bytes.len() as u64,
+                        sha256: format!("sha256:{}", hex::encode(Sha256::digest(&bytes))),
+                        tar: false,
+                    });
+                    let exchange = mux.request(&request).unwrap();
+                    for chunk in bytes.chunks(64 * 1024) {
+                        mux.send_data(exchange.stream(), chunk).unwrap();
+                    }
+                    let (_, response) = collect(exchange);
+                    assert!(matches!(response, Response::FsWrite(_)), "{response:?}");
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.join().unwrap();
+        }
+        let (_, response) = collect(mux.request(&Request::PowerOff).unwrap());
+        assert_eq!(response, Response::PowerOff);
+        agent.join().unwrap().unwrap();
+    }
 }
