@@ -24,3 +24,4 @@ pub mod mux;
 pub mod qemu;
 pub mod serial;
 pub mod state;
+pub mod vmm;

@@ -1,0 +1,241 @@
+//! Assembles a VM top to bottom: memory, KVM VM, boot data, devices, vCPUs — in that order, in
+//! [`build`], so a reader can follow a boot without jumping around.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::Killable;
+
+use crate::serial::{BoundedLog, Console};
+use crate::vmm::arch::layout::*;
+use crate::vmm::arch::{acpi, boot};
+use crate::vmm::devices::acpi_pm::{self, AcpiPm};
+use crate::vmm::devices::bus::{Bus, SharedDevice};
+use crate::vmm::devices::cmos::{self, Cmos};
+use crate::vmm::devices::i8042::{self, I8042};
+use crate::vmm::devices::serial::{self, ConsoleSink, SerialDevice};
+use crate::vmm::devices::IrqLine;
+use crate::vmm::exit::{ExitSignal, GuestExit};
+use crate::vmm::vstate::vcpu::{self, Vcpu, VcpuContext};
+use crate::vmm::vstate::{memory, vm::Vm};
+use crate::vmm::VmmError;
+
+/// The most vCPUs (APIC ids fit a byte; a microVM needs few).
+pub const MAX_VCPUS: u8 = 32;
+/// The least guest RAM: the boot area, the kernel at 1 MiB and up, and room to run.
+pub const MIN_MEMORY_MIB: u64 = 4;
+/// How long [`MicroVm::stop`] keeps kicking vCPUs before it gives up on joining them.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What to boot.
+#[derive(Debug)]
+pub struct VmConfig {
+    /// How many vCPUs.
+    pub vcpus: u8,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// The kernel: an ELF vmlinux or a bzImage.
+    pub kernel: PathBuf,
+    /// An initramfs, placed at the top of low RAM.
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line.
+    pub cmdline: String,
+    /// Where the serial console's output is logged (bounded).
+    pub serial_log: File,
+    /// The console as seen so far, shared with whoever watches the boot.
+    pub console: Console,
+}
+
+/// A running VM. Dropping it stops it.
+#[derive(Debug)]
+pub struct MicroVm {
+    exit: Arc<ExitSignal>,
+    vcpus: Vec<JoinHandle<()>>,
+    serial: Arc<Mutex<SerialDevice>>,
+    first_exit_us: Arc<AtomicU64>,
+    /// Guest RAM and the KVM fds: dropped only once every vCPU thread has been joined.
+    vm: Option<Vm>,
+}
+
+/// Builds and starts the VM `config` describes.
+pub fn build(config: VmConfig) -> Result<MicroVm, VmmError> {
+    let started = Instant::now();
+    if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+        return Err(VmmError::Config(format!(
+            "{} vCPUs; 1 to {MAX_VCPUS} are possible",
+            config.vcpus
+        )));
+    }
+    if config.memory_mib < MIN_MEMORY_MIB || config.memory_mib > (1 << 20) {
+        return Err(VmmError::Config(format!(
+            "{} MiB of memory",
+            config.memory_mib
+        )));
+    }
+    vcpu::install_kick_handler()?;
+
+    // Memory and the KVM VM.
+    let ram =
+        memory::create(config.memory_mib << 20).map_err(|e| VmmError::Memory(e.to_string()))?;
+    let vm = Vm::new(ram.clone())?;
+
+    // Boot data: kernel, command line, initramfs, ACPI tables, zero page.
+    let open = |path: &PathBuf, what: &str| {
+        File::open(path).map_err(|e| VmmError::Config(format!("{what} {}: {e}", path.display())))
+    };
+    let kernel = boot::load_kernel(&ram, &mut open(&config.kernel, "kernel")?)?;
+    boot::load_cmdline(&ram, &config.cmdline)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(boot::load_initrd(
+            &ram,
+            &kernel,
+            &mut open(path, "initramfs")?,
+        )?),
+        None => None,
+    };
+    let acpi_layout = acpi::AcpiLayout {
+        vcpus: config.vcpus,
+        virtio_devices: 0,
+    };
+    let rsdp = acpi::write_tables(&ram, &acpi_layout)?;
+    boot::write_boot_params(&ram, &kernel, config.cmdline.len(), initrd, rsdp)?;
+
+    // Devices.
+    let exit = Arc::new(ExitSignal::new().map_err(VmmError::Thread)?);
+    let serial_irq = irq_line(&vm, SERIAL_GSI, "serial")?;
+    let sink = ConsoleSink::new(BoundedLog::new(config.serial_log, config.console));
+    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, sink)));
+    let mut pio = Bus::default();
+    let mut put = |base: u16, len: u64, device: SharedDevice, name: &str| {
+        pio.insert(u64::from(base), len, device)
+            .map_err(|e| VmmError::Device {
+                device: name.into(),
+                reason: e.to_string(),
+            })
+    };
+    put(SERIAL_PORT, serial::PORTS, serial.clone(), "serial")?;
+    put(
+        I8042_DATA_PORT,
+        i8042::PORTS,
+        Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        "i8042",
+    )?;
+    put(
+        CMOS_PORT,
+        cmos::PORTS,
+        Arc::new(Mutex::new(Cmos::default())),
+        "cmos",
+    )?;
+    put(
+        ACPI_SLEEP_CONTROL_PORT,
+        acpi_pm::PORTS,
+        Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
+        "acpi-pm",
+    )?;
+    let mmio = Bus::default();
+
+    // vCPUs, each on its own thread.
+    let vcpus = (0..config.vcpus)
+        .map(|id| Vcpu::new(&vm, id, config.vcpus, kernel.entry))
+        .collect::<Result<Vec<_>, _>>()?;
+    let ctx = VcpuContext {
+        pio: Arc::new(pio),
+        mmio: Arc::new(mmio),
+        exit: exit.clone(),
+        started,
+        first_exit_us: Arc::new(AtomicU64::new(0)),
+    };
+    let mut microvm = MicroVm {
+        exit,
+        vcpus: Vec::new(),
+        serial,
+        first_exit_us: ctx.first_exit_us.clone(),
+        vm: Some(vm),
+    };
+    for (id, vcpu) in vcpus.into_iter().enumerate() {
+        let ctx = ctx.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || vcpu.run(ctx))
+            .map_err(VmmError::Thread)?;
+        microvm.vcpus.push(handle);
+    }
+    Ok(microvm)
+}
+
+/// An interrupt line on `gsi`: an eventfd registered as an irqfd.
+fn irq_line(vm: &Vm, gsi: u32, device: &str) -> Result<IrqLine, VmmError> {
+    let fail = |reason: String| VmmError::Device {
+        device: device.into(),
+        reason,
+    };
+    let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| fail(format!("eventfd: {e}")))?;
+    vm.fd()
+        .register_irqfd(&evt, gsi)
+        .map_err(|e| fail(format!("KVM_IRQFD on GSI {gsi}: {e}")))?;
+    Ok(IrqLine::new(evt))
+}
+
+impl MicroVm {
+    /// Waits up to `timeout` for the VM to end by itself; `None` if it is still running.
+    pub fn wait(&self, timeout: Duration) -> Option<GuestExit> {
+        self.exit.wait(timeout)
+    }
+
+    /// Time from the start of [`build`] to vCPU 0's first exit from the guest — an upper
+    /// bound on the time to the guest's first instruction.
+    pub fn time_to_first_exit(&self) -> Option<Duration> {
+        match self.first_exit_us.load(Ordering::SeqCst) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    /// Stops the VM (if it has not stopped by itself), joins its vCPU threads and flushes its
+    /// console; returns why it ended.
+    pub fn stop(mut self) -> GuestExit {
+        self.shut_down()
+    }
+
+    fn shut_down(&mut self) -> GuestExit {
+        self.exit.raise(GuestExit::Stopped);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while self.vcpus.iter().any(|h| !h.is_finished()) && Instant::now() < deadline {
+            for handle in self.vcpus.iter().filter(|h| !h.is_finished()) {
+                let _ = handle.kill(vcpu::kick_signal());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let mut stuck = false;
+        for handle in self.vcpus.drain(..) {
+            if handle.is_finished() {
+                let _ = handle.join();
+            } else {
+                stuck = true;
+            }
+        }
+        if stuck {
+            // A vCPU that did not stop in time may still be inside the guest: its memory and
+            // fds are leaked rather than unmapped under it (the process is about to end).
+            std::mem::forget(self.vm.take());
+        }
+        self.serial
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain();
+        self.exit.reason().unwrap_or(GuestExit::Stopped)
+    }
+}
+
+impl Drop for MicroVm {
+    fn drop(&mut self) {
+        if !self.vcpus.is_empty() {
+            self.shut_down();
+        }
+    }
+}

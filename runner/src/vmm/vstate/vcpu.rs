@@ -1,0 +1,172 @@
+//! A vCPU: its boot state (CPUID, MSRs, registers, LAPIC) and the loop that runs it on a thread
+//! of its own, handing port and MMIO exits to the buses until the VM is told to stop.
+//!
+//! Stopping: [`ExitSignal::raise`] sets a flag; the thread that stops the VM then sends the
+//! vCPU threads [`kick_signal`] until they have all returned. A kick makes `KVM_RUN` return
+//! `EINTR`; one that lands just before `KVM_RUN` is covered by the next, so no vCPU sleeps
+//! through its stop.
+
+#![allow(unsafe_code)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Once};
+use std::time::Instant;
+
+use kvm_bindings::{Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use super::vm::Vm;
+use crate::vmm::arch::{cpuid, lapic, msr, regs};
+use crate::vmm::devices::bus::Bus;
+use crate::vmm::exit::{ExitSignal, GuestExit};
+use crate::vmm::VmmError;
+
+/// The signal that interrupts `KVM_RUN` (a real-time signal, not one the runner handles).
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) kick handler once per process: its only job is to exist, so the
+/// signal interrupts `KVM_RUN` instead of killing the process.
+pub fn install_kick_handler() -> Result<(), VmmError> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+            .map_err(|e| VmmError::Thread(std::io::Error::from_raw_os_error(e.errno())));
+    });
+    result
+}
+
+/// What a vCPU thread shares with the rest of the VM.
+#[derive(Debug, Clone)]
+pub struct VcpuContext {
+    /// Port I/O.
+    pub pio: Arc<Bus>,
+    /// MMIO.
+    pub mmio: Arc<Bus>,
+    /// The VM's end.
+    pub exit: Arc<ExitSignal>,
+    /// When the VM was asked for; the first exit of vCPU 0 is measured from it.
+    pub started: Instant,
+    /// Microseconds from `started` to vCPU 0's first exit (0 until then).
+    pub first_exit_us: Arc<AtomicU64>,
+}
+
+/// A configured vCPU.
+#[derive(Debug)]
+pub struct Vcpu {
+    id: u8,
+    fd: VcpuFd,
+}
+
+impl Vcpu {
+    /// Creates vCPU `id` of `vcpus` and gives it the state of a 64-bit kernel entry at `entry`.
+    pub fn new(vm: &Vm, id: u8, vcpus: u8, entry: u64) -> Result<Self, VmmError> {
+        let fail = |what: &'static str| {
+            move |e| VmmError::Vcpu {
+                id,
+                what,
+                source: e,
+            }
+        };
+        let fd = vm
+            .fd()
+            .create_vcpu(u64::from(id))
+            .map_err(fail("KVM_CREATE_VCPU"))?;
+
+        let mut cpuid = vm
+            .kvm()
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(fail("KVM_GET_SUPPORTED_CPUID"))?;
+        cpuid::filter(cpuid.as_mut_slice(), id, vcpus);
+        fd.set_cpuid2(&cpuid).map_err(fail("KVM_SET_CPUID2"))?;
+
+        let entries = msr::boot_msrs();
+        let msrs = Msrs::from_entries(&entries).map_err(|_| VmmError::Vcpu {
+            id,
+            what: "building the MSR list",
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        })?;
+        let written = fd.set_msrs(&msrs).map_err(fail("KVM_SET_MSRS"))?;
+        if written != entries.len() {
+            return Err(VmmError::Vcpu {
+                id,
+                what: "KVM_SET_MSRS (an MSR was refused)",
+                source: kvm_ioctls::Error::new(libc::EINVAL),
+            });
+        }
+
+        let mut sregs = fd.get_sregs().map_err(fail("KVM_GET_SREGS"))?;
+        regs::setup_long_mode(vm.memory(), &mut sregs)
+            .map_err(|e| VmmError::Memory(e.to_string()))?;
+        fd.set_sregs(&sregs).map_err(fail("KVM_SET_SREGS"))?;
+        fd.set_regs(&regs::boot_regs(entry))
+            .map_err(fail("KVM_SET_REGS"))?;
+        fd.set_fpu(&regs::boot_fpu()).map_err(fail("KVM_SET_FPU"))?;
+
+        let mut state = fd.get_lapic().map_err(fail("KVM_GET_LAPIC"))?;
+        lapic::set_lint(&mut state);
+        fd.set_lapic(&state).map_err(fail("KVM_SET_LAPIC"))?;
+        Ok(Vcpu { id, fd })
+    }
+
+    /// Runs the vCPU until the VM stops; every way out of the loop raises `ctx.exit`.
+    pub fn run(mut self, ctx: VcpuContext) {
+        let mut first = self.id == 0;
+        while !ctx.exit.is_raised() {
+            let result = self.fd.run();
+            if first {
+                first = false;
+                let us = ctx.started.elapsed().as_micros().max(1) as u64;
+                ctx.first_exit_us.store(us, Ordering::SeqCst);
+            }
+            match result {
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    ctx.pio.read(u64::from(port), data);
+                }
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    ctx.pio.write(u64::from(port), data);
+                }
+                Ok(VcpuExit::MmioRead(address, data)) => {
+                    ctx.mmio.read(address, data);
+                }
+                Ok(VcpuExit::MmioWrite(address, data)) => {
+                    ctx.mmio.write(address, data);
+                }
+                Ok(VcpuExit::Shutdown) => ctx.exit.raise(GuestExit::TripleFault),
+                Ok(VcpuExit::Hlt) => ctx.exit.raise(GuestExit::Failed(format!(
+                    "vCPU {} halted with no interrupt controller to wake it",
+                    self.id
+                ))),
+                Ok(VcpuExit::SystemEvent(kind, _)) => {
+                    let exit = if kind == kvm_bindings::KVM_SYSTEM_EVENT_RESET {
+                        GuestExit::Reset
+                    } else {
+                        GuestExit::PowerOff
+                    };
+                    ctx.exit.raise(exit);
+                }
+                Ok(VcpuExit::FailEntry(reason, cpu)) => ctx.exit.raise(GuestExit::Failed(format!(
+                    "vCPU {} failed to enter the guest (reason {reason:#x}, cpu {cpu})",
+                    self.id
+                ))),
+                Ok(VcpuExit::InternalError) => ctx.exit.raise(GuestExit::Failed(format!(
+                    "KVM internal error on vCPU {}",
+                    self.id
+                ))),
+                Ok(other) => ctx.exit.raise(GuestExit::Failed(format!(
+                    "vCPU {}: unhandled exit {other:?}",
+                    self.id
+                ))),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Err(e) => ctx.exit.raise(GuestExit::Failed(format!(
+                    "KVM_RUN on vCPU {}: {e}",
+                    self.id
+                ))),
+            }
+        }
+    }
+}

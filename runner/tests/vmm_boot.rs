@@ -1,0 +1,82 @@
+//! mvm's own VMM boots the purpose-built test guest (`guest/boot_check.S`) on this host's
+//! `/dev/kvm` — PVM here, not hardware virtualization, which is why the guest is a few hundred
+//! bytes of 64-bit code and not Linux. Skipped, with the reason printed, only when `/dev/kvm`
+//! cannot be opened.
+
+mod guest;
+
+use std::time::{Duration, Instant};
+
+use mvm_runner::serial::Console;
+use mvm_runner::vmm::{self, GuestExit, VmConfig};
+
+/// Generous: under PVM the guest's every instruction is emulated (~1 µs each).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[test]
+fn the_test_guest_checks_its_boot_data_prints_and_powers_off() {
+    if let Some(reason) = guest::kvm_unavailable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = guest::build("boot_check", dir.path());
+    let log = dir.path().join("serial.log");
+    let console = Console::default();
+    let cmdline = "mvm-test-guest console=ttyS0 token=4f2a";
+    let started = Instant::now();
+    let vm = vmm::build(VmConfig {
+        vcpus: 1,
+        memory_mib: 64,
+        kernel,
+        initrd: None,
+        cmdline: cmdline.into(),
+        serial_log: std::fs::File::create(&log).unwrap(),
+        console: console.clone(),
+    })
+    .unwrap();
+    let exit = vm.wait(BOOT_TIMEOUT);
+    let first_exit = vm.time_to_first_exit();
+    let end = vm.stop();
+    let elapsed = started.elapsed();
+    let tail = console.tail();
+    eprintln!("guest ended {end:?} after {elapsed:?} (first exit {first_exit:?}):\n{tail}");
+    assert_eq!(exit, Some(GuestExit::PowerOff), "console:\n{tail}");
+    assert!(tail.contains("mvm-guest: hello from 64-bit mode\n"));
+    assert!(tail.contains(&format!("mvm-guest: cmdline={cmdline}\n")));
+    assert!(tail.contains("mvm-guest: rsdp=0xe0000\n"));
+    assert!(tail.ends_with("mvm-guest: ok\n"), "{tail}");
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        tail,
+        "the log has every line"
+    );
+}
+
+#[test]
+fn a_guest_that_fails_a_check_is_seen_to_fail() {
+    if let Some(reason) = guest::kvm_unavailable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = guest::build("boot_check", dir.path());
+    let console = Console::default();
+    let vm = vmm::build(VmConfig {
+        vcpus: 1,
+        memory_mib: 64,
+        kernel,
+        initrd: None,
+        cmdline: "not-the-marker".into(),
+        serial_log: std::fs::File::create(dir.path().join("serial.log")).unwrap(),
+        console: console.clone(),
+    })
+    .unwrap();
+    assert_eq!(vm.wait(BOOT_TIMEOUT), Some(GuestExit::Reset));
+    drop(vm);
+    assert!(
+        console.tail().contains("mvm-guest: FAIL cmdline marker"),
+        "{}",
+        console.tail()
+    );
+}
