@@ -32,7 +32,8 @@ fn the_test_guest_checks_its_boot_data_prints_and_powers_off() {
         initrd: None,
         cmdline: cmdline.into(),
         serial_log: std::fs::File::create(&log).unwrap(),
-        console: console.clone(),
+        serial: console.clone(),
+        block: Vec::new(),
     })
     .unwrap();
     let exit = vm.wait(BOOT_TIMEOUT);
@@ -69,7 +70,8 @@ fn a_guest_that_fails_a_check_is_seen_to_fail() {
         initrd: None,
         cmdline: "not-the-marker".into(),
         serial_log: std::fs::File::create(dir.path().join("serial.log")).unwrap(),
-        console: console.clone(),
+        serial: console.clone(),
+        block: Vec::new(),
     })
     .unwrap();
     assert_eq!(vm.wait(BOOT_TIMEOUT), Some(GuestExit::Reset));

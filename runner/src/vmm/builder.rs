@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use kvm_ioctls::IoEventAddress;
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
 
@@ -19,7 +21,11 @@ use crate::vmm::devices::bus::{Bus, SharedDevice};
 use crate::vmm::devices::cmos::{self, Cmos};
 use crate::vmm::devices::i8042::{self, I8042};
 use crate::vmm::devices::serial::{self, ConsoleSink, SerialDevice};
+use crate::vmm::devices::virtio::block::Block;
+use crate::vmm::devices::virtio::mmio::MmioTransport;
+use crate::vmm::devices::virtio::VirtioDevice;
 use crate::vmm::devices::IrqLine;
+use crate::vmm::event_loop::EventLoop;
 use crate::vmm::exit::{ExitSignal, GuestExit};
 use crate::vmm::vstate::vcpu::{self, Vcpu, VcpuContext};
 use crate::vmm::vstate::{memory, vm::Vm};
@@ -47,8 +53,21 @@ pub struct VmConfig {
     pub cmdline: String,
     /// Where the serial console's output is logged (bounded).
     pub serial_log: File,
-    /// The console as seen so far, shared with whoever watches the boot.
-    pub console: Console,
+    /// The serial console as seen so far, shared with whoever watches the boot.
+    pub serial: Console,
+    /// Disks, in the order the guest finds them (`vda`, `vdb`, …).
+    pub block: Vec<BlockConfig>,
+}
+
+/// A virtio-blk disk.
+#[derive(Debug, Clone)]
+pub struct BlockConfig {
+    /// The backing file.
+    pub path: PathBuf,
+    /// Whether the guest may write it.
+    pub read_only: bool,
+    /// What the device answers to `GET_ID` (the guest's `/sys/block/vdX/serial`).
+    pub id: String,
 }
 
 /// A running VM. Dropping it stops it.
@@ -58,6 +77,7 @@ pub struct MicroVm {
     vcpus: Vec<JoinHandle<()>>,
     serial: Arc<Mutex<SerialDevice>>,
     first_exit_us: Arc<AtomicU64>,
+    events: Option<JoinHandle<()>>,
     /// Guest RAM and the KVM fds: dropped only once every vCPU thread has been joined.
     vm: Option<Vm>,
 }
@@ -98,9 +118,24 @@ pub fn build(config: VmConfig) -> Result<MicroVm, VmmError> {
         )?),
         None => None,
     };
+    let mut virtio: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
+    for disk in &config.block {
+        let device =
+            Block::open(&disk.path, disk.read_only, &disk.id).map_err(|e| VmmError::Device {
+                device: format!("virtio-blk {}", disk.path.display()),
+                reason: e.to_string(),
+            })?;
+        virtio.push((format!("virtio-blk {}", disk.id), Box::new(device)));
+    }
+    if virtio.len() > VIRTIO_MMIO_MAX {
+        return Err(VmmError::Config(format!(
+            "{} virtio devices; at most {VIRTIO_MMIO_MAX} fit",
+            virtio.len()
+        )));
+    }
     let acpi_layout = acpi::AcpiLayout {
         vcpus: config.vcpus,
-        virtio_devices: 0,
+        virtio_devices: virtio.len(),
     };
     let rsdp = acpi::write_tables(&ram, &acpi_layout)?;
     boot::write_boot_params(&ram, &kernel, config.cmdline.len(), initrd, rsdp)?;
@@ -108,7 +143,7 @@ pub fn build(config: VmConfig) -> Result<MicroVm, VmmError> {
     // Devices.
     let exit = Arc::new(ExitSignal::new().map_err(VmmError::Thread)?);
     let serial_irq = irq_line(&vm, SERIAL_GSI, "serial")?;
-    let sink = ConsoleSink::new(BoundedLog::new(config.serial_log, config.console));
+    let sink = ConsoleSink::new(BoundedLog::new(config.serial_log, config.serial));
     let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, sink)));
     let mut pio = Bus::default();
     let mut put = |base: u16, len: u64, device: SharedDevice, name: &str| {
@@ -137,7 +172,33 @@ pub fn build(config: VmConfig) -> Result<MicroVm, VmmError> {
         Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
         "acpi-pm",
     )?;
-    let mmio = Bus::default();
+    let mut mmio = Bus::default();
+    let mut events = EventLoop::new(exit.clone()).map_err(VmmError::Thread)?;
+    for (n, (name, device)) in virtio.into_iter().enumerate() {
+        let base = virtio_mmio_base(n);
+        let fail = |reason: String| VmmError::Device {
+            device: name.clone(),
+            reason,
+        };
+        let irq = irq_line(&vm, virtio_gsi(n), &name)?;
+        let queues = device.queue_max_sizes().len();
+        let transport = Arc::new(Mutex::new(MmioTransport::new(device, ram.clone(), irq)));
+        let mut queue_events = Vec::with_capacity(queues);
+        for queue in 0..queues {
+            let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| fail(format!("eventfd: {e}")))?;
+            let notify = IoEventAddress::Mmio(base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY));
+            vm.fd()
+                .register_ioevent(&evt, &notify, queue as u32)
+                .map_err(|e| fail(format!("KVM_IOEVENTFD: {e}")))?;
+            queue_events.push(evt);
+        }
+        mmio.insert(base, VIRTIO_MMIO_SIZE, transport.clone())
+            .map_err(|e| fail(e.to_string()))?;
+        events
+            .add_device(transport, queue_events)
+            .map_err(|e| fail(format!("epoll: {e}")))?;
+    }
+    let events = events.spawn().map_err(VmmError::Thread)?;
 
     // vCPUs, each on its own thread.
     let vcpus = (0..config.vcpus)
@@ -155,6 +216,7 @@ pub fn build(config: VmConfig) -> Result<MicroVm, VmmError> {
         vcpus: Vec::new(),
         serial,
         first_exit_us: ctx.first_exit_us.clone(),
+        events: Some(events),
         vm: Some(vm),
     };
     for (id, vcpu) in vcpus.into_iter().enumerate() {
@@ -210,6 +272,10 @@ impl MicroVm {
                 let _ = handle.kill(vcpu::kick_signal());
             }
             std::thread::sleep(Duration::from_millis(2));
+        }
+        if let Some(events) = self.events.take() {
+            // Raising the exit wrote the eventfd the loop watches: it returns promptly.
+            let _ = events.join();
         }
         let mut stuck = false;
         for handle in self.vcpus.drain(..) {

@@ -16,10 +16,11 @@
 pub mod arch;
 pub mod builder;
 pub mod devices;
+pub mod event_loop;
 pub mod exit;
 pub mod vstate;
 
-pub use builder::{build, MicroVm, VmConfig};
+pub use builder::{build, BlockConfig, MicroVm, VmConfig};
 pub use exit::GuestExit;
 
 /// Why a VM could not be built or started. [`VmmError::code`] is stable.

@@ -1,26 +1,11 @@
-# mvm VMM test guest: a few hundred bytes of 64-bit code entered the way Linux's startup_64
+# mvm VMM test guest (assembled after lib.S): a few hundred bytes of 64-bit code entered the way Linux's startup_64
 # is (long mode, identity-mapped, %rsi = the zero page). It checks what the VMM gave it, says
 # so on COM1, and ends the VM through the ACPI registers: soft-off (S5) when every check
 # passed, the reset register when one failed. Nothing here is Linux; offsets are the x86 boot
 # protocol's (Documentation/arch/x86/zero-page.rst, boot.rst).
 
-        .code64
         .text
         .globl _start
-
-        .set COM1, 0x3f8
-        .set COM1_LSR, 0x3fd
-        .set ACPI_SLEEP_CONTROL, 0x600
-        .set ACPI_RESET, 0x602
-        .set SLP_EN_S5, (1 << 5) | (5 << 2)
-
-        .set BP_ACPI_RSDP, 0x070
-        .set BP_E820_ENTRIES, 0x1e8
-        .set BP_BOOT_FLAG, 0x1fe
-        .set BP_HEADER, 0x202
-        .set BP_CMD_LINE_PTR, 0x228
-        .set BP_CMDLINE_SIZE, 0x238
-        .set BP_E820_TABLE, 0x2d0
 
 _start:
         mov     %rsi, %r15                      # the zero page, kept in r15
@@ -92,103 +77,14 @@ _start:
         lea     msg_newline(%rip), %rdi
         call    puts
 
-        lea     msg_ok(%rip), %rdi
-        call    puts
-        mov     $ACPI_SLEEP_CONTROL, %dx
-        mov     $SLP_EN_S5, %al
-        out     %al, %dx
-        jmp     halt
-
-# fail: prints the message in %rdi and resets through the ACPI reset register.
-fail:
-        push    %rdi
-        lea     msg_fail(%rip), %rdi
-        call    puts
-        pop     %rdi
-        call    puts
-        lea     msg_newline(%rip), %rdi
-        call    puts
-        mov     $ACPI_RESET, %dx
-        mov     $1, %al
-        out     %al, %dx
-halt:
-        hlt
-        jmp     halt
-
-# putc: writes %al to COM1 once its transmitter is empty.
-putc:
-        push    %rdx
-        push    %rax
-1:      mov     $COM1_LSR, %dx
-        in      %dx, %al
-        test    $0x20, %al
-        jz      1b
-        pop     %rax
-        mov     $COM1, %dx
-        out     %al, %dx
-        pop     %rdx
-        ret
-
-# puts: writes the NUL-terminated string at %rdi.
-puts:
-        push    %rdi
-1:      movb    (%rdi), %al
-        test    %al, %al
-        jz      2f
-        call    putc
-        inc     %rdi
-        jmp     1b
-2:      pop     %rdi
-        ret
-
-# put_hex: writes %rdi as 0x-prefixed hexadecimal (no leading zeros).
-put_hex:
-        push    %rcx
-        push    %rbx
-        mov     $'0', %al
-        call    putc
-        mov     $'x', %al
-        call    putc
-        mov     $60, %ecx
-        xor     %ebx, %ebx                      # a digit was printed
-1:      mov     %rdi, %rax
-        shr     %cl, %rax
-        and     $0xf, %eax
-        test    %ebx, %ebx
-        jnz     2f
-        test    %eax, %eax
-        jnz     2f
-        test    %ecx, %ecx
-        jnz     3f
-2:      mov     $1, %ebx
-        lea     hex_digits(%rip), %rdx
-        movb    (%rdx,%rax), %al
-        call    putc
-3:      sub     $4, %ecx
-        jns     1b
-        pop     %rbx
-        pop     %rcx
-        ret
-
-# strlen: the length of the NUL-terminated string at %rdi, in %rax.
-strlen:
-        xor     %eax, %eax
-1:      cmpb    $0, (%rdi,%rax)
-        je      2f
-        inc     %rax
-        jmp     1b
-2:      ret
+        jmp     pass
 
         .section .rodata
-hex_digits:             .ascii "0123456789abcdef"
 cmdline_marker:         .asciz "mvm-test-guest"
 msg_hello:              .asciz "mvm-guest: hello from 64-bit mode\n"
 msg_cmdline:            .asciz "mvm-guest: cmdline="
 msg_e820:               .asciz "mvm-guest: e820 entries="
 msg_rsdp:               .asciz "mvm-guest: rsdp="
-msg_ok:                 .asciz "mvm-guest: ok\n"
-msg_fail:               .asciz "mvm-guest: FAIL "
-msg_newline:            .asciz "\n"
 msg_bad_boot_flag:      .asciz "boot_flag"
 msg_bad_header:         .asciz "HdrS"
 msg_bad_cmdline:        .asciz "cmdline marker"

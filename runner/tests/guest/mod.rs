@@ -20,18 +20,18 @@ pub fn kvm_unavailable() -> Option<String> {
     }
 }
 
-/// Assembles and links `guest/<name>.S` into `dir`, linked at 2 MiB; returns the ELF's path.
+/// Assembles `guest/lib.S` and `guest/<name>.S` together and links them at 2 MiB into `dir`;
+/// returns the ELF's path.
 pub fn build(name: &str, dir: &Path) -> PathBuf {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/guest")
-        .join(format!("{name}.S"));
+    let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest");
     let object = dir.join(format!("{name}.o"));
     let elf = dir.join(format!("{name}.elf"));
     run(Command::new("as")
         .arg("--64")
         .arg("-o")
         .arg(&object)
-        .arg(&source));
+        .arg(sources.join("lib.S"))
+        .arg(sources.join(format!("{name}.S"))));
     run(Command::new("ld")
         .args([
             "-nostdlib",
