@@ -34,6 +34,8 @@ fn the_test_guest_checks_its_boot_data_prints_and_powers_off() {
         serial_log: std::fs::File::create(&log).unwrap(),
         serial: console.clone(),
         block: Vec::new(),
+        agent_channel: None,
+        rng: false,
     })
     .unwrap();
     let exit = vm.wait(BOOT_TIMEOUT);
@@ -72,6 +74,8 @@ fn a_guest_that_fails_a_check_is_seen_to_fail() {
         serial_log: std::fs::File::create(dir.path().join("serial.log")).unwrap(),
         serial: console.clone(),
         block: Vec::new(),
+        agent_channel: None,
+        rng: false,
     })
     .unwrap();
     assert_eq!(vm.wait(BOOT_TIMEOUT), Some(GuestExit::Reset));

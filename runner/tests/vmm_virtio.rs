@@ -1,10 +1,13 @@
 //! mvm's own VMM with virtio-mmio devices, driven by the purpose-built guest
 //! `guest/virtio_check.S` on this host's `/dev/kvm` (PVM here: the guest is a small driver of
-//! its own, not Linux). The guest finds the devices through the ACPI tables, as Linux would.
+//! its own, not Linux). The guest finds the devices through the ACPI tables, as Linux would,
+//! then uses two disks (read-only, read-write), the agent's console channel and the rng.
 //! Skipped, with the reason printed, only when `/dev/kvm` cannot be opened.
 
 mod guest;
 
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -25,7 +28,7 @@ fn disk(path: &Path, sectors: usize, fill: impl Fn(usize) -> Vec<u8>) {
 }
 
 #[test]
-fn the_guest_reads_a_read_only_disk_and_writes_a_read_write_one() {
+fn the_guest_finds_its_devices_and_uses_disks_console_and_rng() {
     if let Some(reason) = guest::kvm_unavailable() {
         eprintln!("skipped: {reason}");
         return;
@@ -43,6 +46,29 @@ fn the_guest_reads_a_read_only_disk_and_writes_a_read_write_one() {
     let rw = dir.path().join("rw.img");
     disk(&rw, 4, |_| vec![0; 512]);
     let before_ro = std::fs::read(&ro).unwrap();
+
+    // The host end of the agent channel: answers the guest's ping, then collects its echo.
+    let (vm_end, mut host_end) = UnixStream::pair().unwrap();
+    host_end.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let host = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        let mut answered = false;
+        while let Ok(n) = host_end.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if !answered && seen.ends_with(b"ping-from-guest") {
+                host_end.write_all(b"pong-from-host").unwrap();
+                answered = true;
+            }
+            if seen.ends_with(b"pong-from-host") {
+                break;
+            }
+        }
+        seen
+    });
 
     let serial = Console::default();
     let started = Instant::now();
@@ -66,6 +92,8 @@ fn the_guest_reads_a_read_only_disk_and_writes_a_read_write_one() {
                 id: "rw".into(),
             },
         ],
+        agent_channel: Some(vm_end),
+        rng: true,
     })
     .unwrap();
     let exit = vm.wait(TIMEOUT);
@@ -76,13 +104,19 @@ fn the_guest_reads_a_read_only_disk_and_writes_a_read_write_one() {
         started.elapsed()
     );
     assert_eq!(exit, Some(GuestExit::PowerOff), "{tail}");
-    assert!(tail.contains("mvm-guest: virtio devices=0x2\n"), "{tail}");
+    assert!(tail.contains("mvm-guest: virtio devices=0x4\n"), "{tail}");
     assert!(tail.contains("mvm-guest: device at 0xd0000000 id 0x2\n"));
     assert!(tail.contains("mvm-guest: device at 0xd0001000 id 0x2\n"));
     assert!(tail.contains("mvm-guest: blk read sector 1: mvm-disk-sector-1\n"));
     assert!(tail.contains("mvm-guest: blk read-only disk refused a write\n"));
     assert!(tail.contains("mvm-guest: blk wrote and flushed sector 0\n"));
+    assert!(tail.contains("mvm-guest: device at 0xd0002000 id 0x3\n"));
+    assert!(tail.contains("mvm-guest: console received: pong-from-host\n"));
+    assert!(tail.contains("mvm-guest: console echoed it back\n"));
+    assert!(tail.contains("mvm-guest: device at 0xd0003000 id 0x4\n"));
+    assert!(tail.contains("mvm-guest: rng gave 32 bytes, first 8: 0x"));
     assert!(tail.ends_with("mvm-guest: ok\n"));
+    assert_eq!(host.join().unwrap(), b"ping-from-guestpong-from-host");
     assert_eq!(
         std::fs::read(&ro).unwrap(),
         before_ro,

@@ -2,6 +2,7 @@
 //! [`build`], so a reader can follow a boot without jumping around.
 
 use std::fs::File;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -22,7 +23,9 @@ use crate::vmm::devices::cmos::{self, Cmos};
 use crate::vmm::devices::i8042::{self, I8042};
 use crate::vmm::devices::serial::{self, ConsoleSink, SerialDevice};
 use crate::vmm::devices::virtio::block::Block;
+use crate::vmm::devices::virtio::console::Console as VirtioConsole;
 use crate::vmm::devices::virtio::mmio::MmioTransport;
+use crate::vmm::devices::virtio::rng::Rng;
 use crate::vmm::devices::virtio::VirtioDevice;
 use crate::vmm::devices::IrqLine;
 use crate::vmm::event_loop::EventLoop;
@@ -57,6 +60,10 @@ pub struct VmConfig {
     pub serial: Console,
     /// Disks, in the order the guest finds them (`vda`, `vdb`, …).
     pub block: Vec<BlockConfig>,
+    /// The host end of the agent's channel: a virtio-console port (`hvc0`) after the disks.
+    pub agent_channel: Option<UnixStream>,
+    /// Whether the guest gets a virtio-rng device (after the console).
+    pub rng: bool,
 }
 
 /// A virtio-blk disk.
@@ -126,6 +133,16 @@ pub fn build(config: VmConfig) -> Result<MicroVm, VmmError> {
                 reason: e.to_string(),
             })?;
         virtio.push((format!("virtio-blk {}", disk.id), Box::new(device)));
+    }
+    if let Some(host) = config.agent_channel {
+        let device = VirtioConsole::new(host).map_err(|e| VmmError::Device {
+            device: "virtio-console".into(),
+            reason: e.to_string(),
+        })?;
+        virtio.push(("virtio-console".into(), Box::new(device)));
+    }
+    if config.rng {
+        virtio.push(("virtio-rng".into(), Box::new(Rng::default())));
     }
     if virtio.len() > VIRTIO_MMIO_MAX {
         return Err(VmmError::Config(format!(

@@ -3,8 +3,9 @@
 //!
 //! A queue notification is a guest write that KVM turns into an eventfd signal without
 //! leaving the kernel; the loop hands it to the device's transport. A device's host
-//! descriptor (the console's socket) is watched only while the device wants input, so a
-//! guest that posts no receive buffers cannot make the loop spin. The loop ends when the
+//! descriptor (the console's socket) is watched only for what the device waits for — input
+//! while the driver has posted receive buffers, output room while it holds unsent bytes — so
+//! a guest that posts no buffers, or a host that reads nothing, cannot make the loop spin. The loop ends when the
 //! VM's [`ExitSignal`] is raised.
 
 use std::os::fd::{AsRawFd, RawFd};
@@ -39,8 +40,8 @@ pub struct EventLoop {
     sources: Vec<Source>,
     devices: Vec<Arc<Mutex<MmioTransport>>>,
     exit: Arc<ExitSignal>,
-    /// Whether each host source is registered with epoll now.
-    host_armed: Vec<bool>,
+    /// What each source is registered with epoll for now.
+    host_armed: Vec<EventSet>,
 }
 
 impl EventLoop {
@@ -67,7 +68,7 @@ impl EventLoop {
             EpollEvent::new(EventSet::IN, token),
         )?;
         self.sources.push(source);
-        self.host_armed.push(true);
+        self.host_armed.push(EventSet::IN);
         Ok(())
     }
 
@@ -84,8 +85,10 @@ impl EventLoop {
         }
         let host = lock(&transport).device().host_fd().map(|fd| fd.as_raw_fd());
         if let Some(fd) = host {
-            // The device owns the descriptor and lives as long as this loop holds it.
-            self.watch(fd, Source::Host { device, fd })?;
+            // The device owns the descriptor and lives as long as this loop holds it. Not
+            // watched until the device asks (see `rearm_hosts`).
+            self.sources.push(Source::Host { device, fd });
+            self.host_armed.push(EventSet::empty());
         }
         self.devices.push(transport);
         Ok(())
@@ -123,25 +126,38 @@ impl EventLoop {
         }
     }
 
-    /// Watches each host descriptor exactly while its device wants input.
+    /// Watches each host descriptor for exactly what its device waits for.
     fn rearm_hosts(&mut self) {
         for (token, source) in self.sources.iter().enumerate() {
             let Source::Host { device, fd } = source else {
                 continue;
             };
-            let wants = lock(&self.devices[*device]).wants_host_input();
-            if wants != self.host_armed[token] {
-                // Removed rather than masked: epoll reports a hang-up even with no events
-                // asked for, and a closed peer would keep the loop spinning.
-                let operation = if wants {
-                    ControlOperation::Add
-                } else {
-                    ControlOperation::Delete
-                };
-                let event = EpollEvent::new(EventSet::IN, token as u64);
-                if self.epoll.ctl(operation, *fd, event).is_ok() {
-                    self.host_armed[token] = wants;
-                }
+            let interest = lock(&self.devices[*device]).host_interest();
+            let mut events = EventSet::empty();
+            if interest.read {
+                events |= EventSet::IN;
+            }
+            if interest.write {
+                events |= EventSet::OUT;
+            }
+            if events == self.host_armed[token] {
+                continue;
+            }
+            // Removed rather than masked when nothing is wanted: epoll reports a hang-up even
+            // with no events asked for, and a closed peer would keep the loop spinning.
+            let operation = if events.is_empty() {
+                ControlOperation::Delete
+            } else if self.host_armed[token].is_empty() {
+                ControlOperation::Add
+            } else {
+                ControlOperation::Modify
+            };
+            if self
+                .epoll
+                .ctl(operation, *fd, EpollEvent::new(events, token as u64))
+                .is_ok()
+            {
+                self.host_armed[token] = events;
             }
         }
     }

@@ -4,6 +4,8 @@
 # polled, interrupts off) and reports on COM1:
 #   virtio-blk, read-only: reads sector 1 and checks its marker; a write must fail (IOERR).
 #   virtio-blk, read-write: writes a marker to sector 0, then flushes.
+#   virtio-console: sends "ping-from-guest", expects "pong-from-host", sends that back.
+#   virtio-rng: asks for 32 bytes and checks they are not all zero.
 # Powers off (S5) when every check passed; resets on the first failure.
 
         .text
@@ -43,6 +45,11 @@
         .set BLK_STATUS, 0x810
         .set BLK_DATA, 0xa00
 
+        # virtio-console and virtio-rng buffers
+        .set CON_RX, 0x2000
+        .set CON_TX, 0x3000
+        .set RNG_BUF, 0x2000
+
 _start:
         mov     %rsi, %r15
         lea     msg_hello(%rip), %rdi
@@ -81,7 +88,15 @@ next_device:
         cmp     $2, %eax
         jne     1f
         call    blk_test
-1:      inc     %r14
+        jmp     2f
+1:      cmp     $3, %eax
+        jne     1f
+        call    console_test
+        jmp     2f
+1:      cmp     $4, %eax
+        jne     2f
+        call    rng_test
+2:      inc     %r14
         jmp     next_device
 
 # find_devices: fills device_bases/device_count from the DSDT's LNRO0005 devices.
@@ -200,6 +215,12 @@ dev_ready:
 # virtq_submit: makes chain %ecx of queue %edx available, notifies the device, waits until
 # it is used; returns the used length in %eax.
 virtq_submit:
+        call    virtq_post
+        jmp     virtq_wait
+
+# virtq_post: makes chain %ecx of queue %edx available and notifies the device; returns the
+# new avail index in %eax (keeps %edx).
+virtq_post:
         mov     %edx, %eax
         shl     $12, %rax
         lea     (%r13,%rax), %rsi
@@ -212,6 +233,14 @@ virtq_submit:
         mov     %ax, Q_AVAIL+2(%rsi)
         mfence
         mov     %edx, R_QUEUE_NOTIFY(%r12)
+        ret
+
+# virtq_wait: waits until queue %edx's used index reaches %ax; returns the last used
+# element's length in %eax.
+virtq_wait:
+        mov     %edx, %ecx
+        shl     $12, %rcx
+        lea     (%r13,%rcx), %rsi
         mov     $SPIN_LIMIT, %ecx
 1:      cmp     Q_USED+2(%rsi), %ax
         je      2f
@@ -356,6 +385,117 @@ blk_read_write:
         call    puts
         ret
 
+# console_test: a round trip over the console at %r12: posts a receive buffer, sends a ping,
+# waits for the host's answer, checks it, and sends it back.
+console_test:
+        call    dev_init
+        xor     %edx, %edx
+        call    queue_init                      # receive
+        mov     $1, %edx
+        call    queue_init                      # transmit
+        call    dev_ready
+        mov     %r13, %rsi                      # receive buffer: 256 bytes
+        lea     CON_RX(%r13), %rdi
+        mov     $256, %edx
+        mov     $DESC_F_WRITE, %r8d
+        xor     %r9d, %r9d
+        xor     %ecx, %ecx
+        call    set_desc
+        xor     %edx, %edx
+        xor     %ecx, %ecx
+        call    virtq_post
+        lea     CON_TX(%r13), %rdi              # the ping
+        lea     ping(%rip), %rsi
+        mov     $ping_len, %ecx
+        rep movsb
+        lea     0x1000(%r13), %rsi
+        lea     CON_TX(%r13), %rdi
+        mov     $ping_len, %edx
+        xor     %r8d, %r8d
+        xor     %r9d, %r9d
+        xor     %ecx, %ecx
+        call    set_desc
+        mov     $1, %edx
+        xor     %ecx, %ecx
+        call    virtq_submit
+        lea     msg_console_sent(%rip), %rdi
+        call    puts
+        xor     %edx, %edx                      # the answer
+        mov     $1, %eax
+        call    virtq_wait
+        mov     %eax, %ebx
+        lea     msg_console_short(%rip), %rdi
+        cmp     $pong_len, %ebx
+        jne     fail
+        lea     CON_RX(%r13), %rdi
+        lea     pong(%rip), %rsi
+        mov     $pong_len, %ecx
+        push    %rbx
+        call    memeq
+        pop     %rbx
+        lea     msg_console_bad(%rip), %rdi
+        test    %eax, %eax
+        jz      fail
+        lea     msg_console_received(%rip), %rdi
+        call    puts
+        lea     CON_RX(%r13), %rdi
+        movb    $0, pong_len(%rdi)
+        call    puts
+        lea     msg_newline(%rip), %rdi
+        call    puts
+        lea     0x1000(%r13), %rsi              # echo it back
+        lea     CON_RX(%r13), %rdi
+        mov     $pong_len, %edx
+        xor     %r8d, %r8d
+        xor     %r9d, %r9d
+        xor     %ecx, %ecx
+        call    set_desc
+        mov     $1, %edx
+        xor     %ecx, %ecx
+        call    virtq_submit
+        lea     msg_console_echoed(%rip), %rdi
+        call    puts
+        ret
+
+# rng_test: asks the rng at %r12 for 32 bytes and checks they came, not all zero.
+rng_test:
+        call    dev_init
+        xor     %edx, %edx
+        call    queue_init
+        call    dev_ready
+        lea     RNG_BUF(%r13), %rdi
+        movq    $0, (%rdi)
+        movq    $0, 8(%rdi)
+        movq    $0, 16(%rdi)
+        movq    $0, 24(%rdi)
+        mov     %r13, %rsi
+        mov     $32, %edx
+        mov     $DESC_F_WRITE, %r8d
+        xor     %r9d, %r9d
+        xor     %ecx, %ecx
+        call    set_desc
+        xor     %edx, %edx
+        xor     %ecx, %ecx
+        call    virtq_submit
+        lea     msg_rng_short(%rip), %rdi
+        cmp     $32, %eax
+        jne     fail
+        lea     RNG_BUF(%r13), %rsi
+        mov     (%rsi), %rax
+        or      8(%rsi), %rax
+        or      16(%rsi), %rax
+        or      24(%rsi), %rax
+        lea     msg_rng_zero(%rip), %rdi
+        test    %rax, %rax
+        jz      fail
+        lea     msg_rng(%rip), %rdi
+        call    puts
+        mov     RNG_BUF(%r13), %rdi
+        call    put_hex
+        lea     msg_newline(%rip), %rdi
+        call    puts
+        ret
+
         .data
         .balign 8
 device_count:           .quad 0
@@ -366,6 +506,10 @@ disk_marker:            .ascii "mvm-disk-sector-1"
         .set disk_marker_len, . - disk_marker
 write_marker:           .ascii "mvm-guest-wrote-this"
         .set write_marker_len, . - write_marker
+ping:                   .ascii "ping-from-guest"
+        .set ping_len, . - ping
+pong:                   .ascii "pong-from-host"
+        .set pong_len, . - pong
 msg_hello:              .asciz "mvm-guest: virtio check\n"
 msg_devices:            .asciz "mvm-guest: virtio devices="
 msg_device:             .asciz "mvm-guest: device at "
@@ -373,6 +517,14 @@ msg_id:                 .asciz " id "
 msg_blk_read:           .asciz "mvm-guest: blk read sector 1: "
 msg_blk_ro_refused:     .asciz "mvm-guest: blk read-only disk refused a write\n"
 msg_blk_written:        .asciz "mvm-guest: blk wrote and flushed sector 0\n"
+msg_console_sent:       .asciz "mvm-guest: console sent ping\n"
+msg_console_received:   .asciz "mvm-guest: console received: "
+msg_console_echoed:     .asciz "mvm-guest: console echoed it back\n"
+msg_rng:                .asciz "mvm-guest: rng gave 32 bytes, first 8: "
+msg_console_short:      .asciz "console answer length"
+msg_console_bad:        .asciz "console answer bytes"
+msg_rng_short:          .asciz "rng length"
+msg_rng_zero:           .asciz "rng gave zeros"
 msg_bad_rsdp:           .asciz "rsdp"
 msg_no_fadt:            .asciz "no FADT in the XSDT"
 msg_no_dsdt:            .asciz "no DSDT"

@@ -14,7 +14,7 @@ use virtio_bindings::virtio_config::{
 use virtio_bindings::virtio_mmio::*;
 use virtio_queue::{Queue, QueueT};
 
-use super::{DeviceEvent, VirtioDevice, FEATURE_VERSION_1};
+use super::{DeviceEvent, HostInterest, VirtioDevice, FEATURE_VERSION_1};
 use crate::vmm::devices::bus::BusDevice;
 use crate::vmm::devices::IrqLine;
 use crate::vmm::vstate::memory::GuestRam;
@@ -92,9 +92,13 @@ impl MmioTransport {
         self.status
     }
 
-    /// Whether the device is set up and wants input from its host descriptor.
-    pub fn wants_host_input(&self) -> bool {
-        self.active() && self.device.wants_host_input()
+    /// What the device waits for on its host descriptor (nothing unless the driver set it up).
+    pub fn host_interest(&self) -> HostInterest {
+        if self.active() {
+            self.device.host_interest(&self.queues, &self.memory)
+        } else {
+            HostInterest::default()
+        }
     }
 
     fn active(&self) -> bool {

@@ -13,7 +13,9 @@
 //! resets it. Descriptor loops end at the queue size (`virtio-queue`'s chain TTL).
 
 pub mod block;
+pub mod console;
 pub mod mmio;
+pub mod rng;
 
 use std::os::fd::BorrowedFd;
 
@@ -31,6 +33,15 @@ pub enum DeviceEvent {
     Queue(usize),
     /// The device's host-side file descriptor is ready.
     Host,
+}
+
+/// What a device waits for on its host descriptor.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostInterest {
+    /// Input it has room for.
+    pub read: bool,
+    /// Room to write output it holds.
+    pub write: bool,
 }
 
 /// Why a device stopped serving its queues.
@@ -70,9 +81,11 @@ pub trait VirtioDevice: Send {
     fn host_fd(&self) -> Option<BorrowedFd<'_>> {
         None
     }
-    /// Whether the device can take host input now (it has somewhere to put it).
-    fn wants_host_input(&self) -> bool {
-        false
+    /// What the device waits for on its host descriptor now: input only while the driver has
+    /// posted buffers to put it in, output room only while it holds bytes the host has not
+    /// taken.
+    fn host_interest(&self, _queues: &[Queue], _memory: &GuestRam) -> HostInterest {
+        HostInterest::default()
     }
 }
 
@@ -87,6 +100,20 @@ pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
     }
     let end = start.saturating_add(data.len()).min(config.len());
     data[..end - start].copy_from_slice(&config[start..end]);
+}
+
+/// How many chains the driver has made available and the device not yet taken; an index more
+/// than a queue's size ahead is a driver error.
+pub fn available(queue: &Queue, memory: &GuestRam) -> Result<u16, DeviceError> {
+    use virtio_queue::QueueT;
+    let avail = queue.avail_idx(memory, std::sync::atomic::Ordering::Acquire)?;
+    let pending = avail.0.wrapping_sub(queue.next_avail());
+    if pending > queue.size() {
+        return Err(DeviceError::Queue(
+            virtio_queue::Error::InvalidAvailRingIndex,
+        ));
+    }
+    Ok(pending)
 }
 
 #[cfg(test)]
