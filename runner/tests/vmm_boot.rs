@@ -20,7 +20,7 @@ fn the_test_guest_checks_its_boot_data_prints_and_powers_off() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let kernel = guest::build("boot_check", dir.path());
+    let kernel = guest::build(dir.path(), &["lib", "boot_check"]);
     let log = dir.path().join("serial.log");
     let console = Console::default();
     let cmdline = "mvm-test-guest console=ttyS0 token=4f2a";
@@ -63,7 +63,7 @@ fn a_guest_that_fails_a_check_is_seen_to_fail() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let kernel = guest::build("boot_check", dir.path());
+    let kernel = guest::build(dir.path(), &["lib", "boot_check"]);
     let console = Console::default();
     let vm = vmm::build(VmConfig {
         vcpus: 1,
@@ -85,4 +85,76 @@ fn a_guest_that_fails_a_check_is_seen_to_fail() {
         "{}",
         console.tail()
     );
+}
+
+/// Boots `guest` with `vcpus` and `cmdline`; returns the VM and its serial console.
+fn boot(
+    guest: &[&str],
+    vcpus: u8,
+    cmdline: &str,
+    dir: &std::path::Path,
+) -> (vmm::MicroVm, Console) {
+    let console = Console::default();
+    let vm = vmm::build(VmConfig {
+        vcpus,
+        memory_mib: 64,
+        kernel: guest::build(dir, guest),
+        initrd: None,
+        cmdline: cmdline.into(),
+        serial_log: std::fs::File::create(dir.join("serial.log")).unwrap(),
+        serial: console.clone(),
+        block: Vec::new(),
+        agent_channel: None,
+        rng: false,
+    })
+    .unwrap();
+    (vm, console)
+}
+
+#[test]
+fn the_other_vcpus_wait_for_a_startup_ipi_and_the_guest_still_powers_off() {
+    if let Some(reason) = guest::kvm_unavailable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (vm, console) = boot(&["lib", "boot_check"], 4, "mvm-test-guest smp", dir.path());
+    assert_eq!(
+        vm.wait(BOOT_TIMEOUT),
+        Some(GuestExit::PowerOff),
+        "{}",
+        console.tail()
+    );
+    let started = Instant::now();
+    assert_eq!(vm.stop(), GuestExit::PowerOff);
+    // Three vCPUs sat in KVM_RUN waiting for a SIPI; stopping kicked them out.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        console.tail().matches("mvm-guest: hello").count(),
+        1,
+        "only the BSP ran"
+    );
+}
+
+#[test]
+fn a_guest_that_never_stops_is_stopped_by_the_host() {
+    if let Some(reason) = guest::kvm_unavailable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    for cmdline in ["spin", "halt"] {
+        let dir = tempfile::tempdir().unwrap();
+        let (vm, console) = boot(&["lib", "spin"], 2, cmdline, dir.path());
+        assert_eq!(vm.wait(Duration::from_millis(500)), None, "{cmdline}");
+        let started = Instant::now();
+        assert_eq!(vm.stop(), GuestExit::Stopped);
+        let took = started.elapsed();
+        eprintln!("{cmdline}: stopped in {took:?}");
+        assert!(took < Duration::from_secs(2), "{cmdline}: {took:?}");
+        assert!(console.tail().contains("mvm-guest: spinning"), "{cmdline}");
+    }
 }

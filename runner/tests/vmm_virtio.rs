@@ -34,7 +34,7 @@ fn the_guest_finds_its_devices_and_uses_disks_console_and_rng() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let kernel = guest::build("virtio_check", dir.path());
+    let kernel = guest::build(dir.path(), &["lib", "virtio", "virtio_check"]);
     let ro = dir.path().join("ro.img");
     disk(&ro, 4, |n| {
         if n == 1 {
@@ -125,4 +125,51 @@ fn the_guest_finds_its_devices_and_uses_disks_console_and_rng() {
     let written = std::fs::read(&rw).unwrap();
     assert!(written.starts_with(b"mvm-guest-wrote-this"));
     assert_eq!(written.len(), 4 * 512);
+}
+
+#[test]
+fn a_hostile_driver_gets_errors_not_a_dead_vmm() {
+    if let Some(reason) = guest::kvm_unavailable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = guest::build(dir.path(), &["lib", "virtio", "hostile"]);
+    let ro = dir.path().join("ro.img");
+    disk(&ro, 4, |n| vec![n as u8; 512]);
+    let before = std::fs::read(&ro).unwrap();
+    let serial = Console::default();
+    let vm = vmm::build(VmConfig {
+        vcpus: 1,
+        memory_mib: 64,
+        kernel,
+        initrd: None,
+        cmdline: "mvm-test-guest".into(),
+        serial_log: std::fs::File::create(dir.path().join("serial.log")).unwrap(),
+        serial: serial.clone(),
+        block: vec![BlockConfig {
+            path: ro.clone(),
+            read_only: true,
+            id: "ro".into(),
+        }],
+        agent_channel: None,
+        rng: false,
+    })
+    .unwrap();
+    let exit = vm.wait(TIMEOUT);
+    drop(vm);
+    let tail = serial.tail();
+    eprintln!("{tail}");
+    assert_eq!(exit, Some(GuestExit::PowerOff), "{tail}");
+    for line in [
+        "stray port and MMIO accesses survived",
+        "rings outside guest memory: DEVICE_NEEDS_RESET",
+        "avail index beyond the queue: DEVICE_NEEDS_RESET",
+        "descriptor loop answered, device still works",
+        "sector past the end: IOERR",
+        "4 GiB buffer: IOERR",
+    ] {
+        assert!(tail.contains(&format!("mvm-guest: {line}\n")), "{line}");
+    }
+    assert_eq!(std::fs::read(&ro).unwrap(), before);
 }

@@ -20,18 +20,19 @@ pub fn kvm_unavailable() -> Option<String> {
     }
 }
 
-/// Assembles `guest/lib.S` and `guest/<name>.S` together and links them at 2 MiB into `dir`;
-/// returns the ELF's path.
-pub fn build(name: &str, dir: &Path) -> PathBuf {
+/// Assembles `guest/<part>.S` for each of `parts` as one stream (shared code first, the
+/// guest's own file last) and links the result at 2 MiB into `dir`; returns the ELF's path.
+pub fn build(dir: &Path, parts: &[&str]) -> PathBuf {
     let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest");
+    let name = parts.last().expect("a guest has a file of its own");
     let object = dir.join(format!("{name}.o"));
     let elf = dir.join(format!("{name}.elf"));
-    run(Command::new("as")
-        .arg("--64")
-        .arg("-o")
-        .arg(&object)
-        .arg(sources.join("lib.S"))
-        .arg(sources.join(format!("{name}.S"))));
+    let mut assemble = Command::new("as");
+    assemble.arg("--64").arg("-o").arg(&object);
+    for part in parts {
+        assemble.arg(sources.join(format!("{part}.S")));
+    }
+    run(&mut assemble);
     run(Command::new("ld")
         .args([
             "-nostdlib",
