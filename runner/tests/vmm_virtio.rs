@@ -111,6 +111,7 @@ fn the_guest_finds_its_devices_and_uses_disks_console_and_rng() {
     assert!(tail.contains("mvm-guest: blk read-only disk refused a write\n"));
     assert!(tail.contains("mvm-guest: blk wrote and flushed sector 0\n"));
     assert!(tail.contains("mvm-guest: device at 0xd0002000 id 0x3\n"));
+    assert!(tail.contains("mvm-guest: console port 1 is mvm.agent, open\n"));
     assert!(tail.contains("mvm-guest: console received: pong-from-host\n"));
     assert!(tail.contains("mvm-guest: console echoed it back\n"));
     assert!(tail.contains("mvm-guest: device at 0xd0003000 id 0x4\n"));

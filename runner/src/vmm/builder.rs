@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::IoEventAddress;
+use mvm_agent::serve::channel::PORT_NAME;
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
@@ -60,7 +61,8 @@ pub struct VmConfig {
     pub serial: Console,
     /// Disks, in the order the guest finds them (`vda`, `vdb`, …).
     pub block: Vec<BlockConfig>,
-    /// The host end of the agent's channel: a virtio-console port (`hvc0`) after the disks.
+    /// The host end of the agent's channel: the virtio-console port named `mvm.agent` (port 1
+    /// of a two-port device, as the QEMU backend has it), after the disks.
     pub agent_channel: Option<UnixStream>,
     /// Whether the guest gets a virtio-rng device (after the console).
     pub rng: bool,
@@ -135,7 +137,7 @@ pub fn build(config: VmConfig) -> Result<MicroVm, VmmError> {
         virtio.push((format!("virtio-blk {}", disk.id), Box::new(device)));
     }
     if let Some(host) = config.agent_channel {
-        let device = VirtioConsole::new(host).map_err(|e| VmmError::Device {
+        let device = VirtioConsole::new(host, Some(PORT_NAME)).map_err(|e| VmmError::Device {
             device: "virtio-console".into(),
             reason: e.to_string(),
         })?;

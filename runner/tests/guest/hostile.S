@@ -60,6 +60,7 @@ _start:
         movl    $0xffffffff, R_QUEUE_NOTIFY(%r12)
 
         # Rings outside guest memory: DRIVER_OK is refused with DEVICE_NEEDS_RESET.
+        xor     %r8d, %r8d
         call    dev_init
         movl    $0, R_QUEUE_SEL(%r12)
         movl    $Q_SIZE, R_QUEUE_NUM(%r12)
@@ -81,6 +82,7 @@ _start:
         call    puts
 
         # An avail index far beyond the queue: the device gives up until reset.
+        xor     %r8d, %r8d
         call    dev_init
         xor     %edx, %edx
         call    queue_init
@@ -98,6 +100,7 @@ _start:
         call    puts
 
         # A descriptor loop: 0 -> 1 -> 2 -> 1 -> ... The device must answer and go on.
+        xor     %r8d, %r8d
         call    dev_init
         xor     %edx, %edx
         call    queue_init

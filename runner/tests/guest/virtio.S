@@ -1,11 +1,12 @@
 # A minimal virtio-mmio driver for the mvm VMM test guests (assembled after lib.S, before the
 # guest): finds the virtio-mmio devices the way an OS does — RSDP, XSDT, FADT, DSDT, each
 # "LNRO0005" device's Memory32Fixed window — and drives split queues of 8 entries, polled
-# (interrupts stay off). Device i's queues and buffers live at DEVICE_AREA + i*0x4000; the
-# current device's registers are in %r12, its memory in %r13.
+# (interrupts stay off). Device i's memory is the 64 KiB at DEVICE_AREA + i*0x10000: queue q's
+# rings in its page q, buffers from 0x8000; the current device's registers are in %r12, its
+# memory in %r13.
 
         .set MAX_DEVICES, 8
-        .set DEVICE_AREA, 0x400000      # device i's queues and buffers at DEVICE_AREA + i*0x4000
+        .set DEVICE_AREA, 0x400000      # device i's queues and buffers at DEVICE_AREA + i*0x10000
         .set SPIN_LIMIT, 20000000
 
         # virtio-mmio registers
@@ -34,14 +35,16 @@
         .set DESC_F_WRITE, 2
 
         # virtio-blk buffers, in the device's area
-        .set BLK_HEADER, 0x800
-        .set BLK_STATUS, 0x810
-        .set BLK_DATA, 0xa00
+        .set BLK_HEADER, 0x8000
+        .set BLK_STATUS, 0x8010
+        .set BLK_DATA, 0x8200
 
         # virtio-console and virtio-rng buffers
-        .set CON_RX, 0x2000
-        .set CON_TX, 0x3000
-        .set RNG_BUF, 0x2000
+        .set CON_RX, 0x8000
+        .set CON_TX, 0x9000
+        .set CTRL_RX, 0xa000            # four 256-byte control receive buffers
+        .set CTRL_TX, 0xb000
+        .set RNG_BUF, 0x8000
 
         .text
 # find_devices: fills device_bases/device_count from the DSDT's LNRO0005 devices.
@@ -99,7 +102,8 @@ find_devices:
 6:      mov     %r9, device_count(%rip)
         ret
 
-# dev_init: resets the device at %r12 and negotiates VIRTIO_F_VERSION_1 only.
+# dev_init: resets the device at %r12 and negotiates VIRTIO_F_VERSION_1 and the low feature
+# bits in %r8d.
 dev_init:
         movl    $0, R_STATUS(%r12)
         movl    $1, R_STATUS(%r12)              # ACKNOWLEDGE
@@ -111,7 +115,7 @@ dev_init:
         movl    $1, R_DRIVER_FEATURES_SEL(%r12)
         movl    $1, R_DRIVER_FEATURES(%r12)
         movl    $0, R_DRIVER_FEATURES_SEL(%r12)
-        movl    $0, R_DRIVER_FEATURES(%r12)
+        mov     %r8d, R_DRIVER_FEATURES(%r12)
         movl    $0xb, R_STATUS(%r12)            # FEATURES_OK
         lea     msg_features_refused(%rip), %rdi
         testl   $8, R_STATUS(%r12)

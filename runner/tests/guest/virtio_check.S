@@ -2,7 +2,8 @@
 # ACPI tables, drives each with virtio.S's minimal driver, and reports on COM1:
 #   virtio-blk, read-only: reads sector 1 and checks its marker; a write must fail (IOERR).
 #   virtio-blk, read-write: writes a marker to sector 0, then flushes.
-#   virtio-console: sends "ping-from-guest", expects "pong-from-host", sends that back.
+#   virtio-console: the multiport handshake finds port 1 named "mvm.agent"; on it, sends
+#   "ping-from-guest", expects "pong-from-host", sends that back.
 #   virtio-rng: asks for 32 bytes and checks they are not all zero.
 # Powers off (S5) when every check passed; resets on the first failure.
 
@@ -28,7 +29,7 @@ next_device:
         lea     device_bases(%rip), %rax
         mov     (%rax,%r14,8), %r12             # its registers
         mov     %r14, %r13
-        shl     $14, %r13
+        shl     $16, %r13
         add     $DEVICE_AREA, %r13              # its memory
         lea     msg_bad_magic(%rip), %rdi
         cmpl    $0x74726976, R_MAGIC(%r12)      # "virt"
@@ -60,6 +61,7 @@ next_device:
 
 # blk_test: drives the disk at %r12 according to its read-only feature.
 blk_test:
+        xor     %r8d, %r8d
         call    dev_init
         movl    $0, R_DEVICE_FEATURES_SEL(%r12)
         mov     R_DEVICE_FEATURES(%r12), %eax
@@ -135,42 +137,108 @@ blk_read_write:
         call    puts
         ret
 
-# console_test: a round trip over the console at %r12: posts a receive buffer, sends a ping,
-# waits for the host's answer, checks it, and sends it back.
+# console_test: the agent's console at %r12, multiport as Linux drives it: DEVICE_READY,
+# PORT_ADD(1), PORT_READY(1), PORT_NAME(1, "mvm.agent") and PORT_OPEN(1); then a round trip on
+# port 1 (queues 4 and 5): sends a ping, waits for the host's answer, sends it back.
 console_test:
+        mov     $2, %r8d                        # VIRTIO_CONSOLE_F_MULTIPORT
         call    dev_init
-        xor     %edx, %edx
-        call    queue_init                      # receive
-        mov     $1, %edx
-        call    queue_init                      # transmit
+        mov     $2, %edx
+        call    queue_init                      # control, device to driver
+        mov     $3, %edx
+        call    queue_init                      # control, driver to device
+        mov     $4, %edx
+        call    queue_init                      # port 1 receive
+        mov     $5, %edx
+        call    queue_init                      # port 1 transmit
         call    dev_ready
-        mov     %r13, %rsi                      # receive buffer: 256 bytes
+        xor     %r10d, %r10d                    # four control receive buffers
+1:      lea     0x2000(%r13), %rsi
+        mov     %r10, %rdi
+        shl     $8, %rdi
+        lea     CTRL_RX(%r13,%rdi), %rdi
+        mov     $0x100, %edx
+        mov     $DESC_F_WRITE, %r8d
+        xor     %r9d, %r9d
+        mov     %r10d, %ecx
+        call    set_desc
+        mov     $2, %edx
+        mov     %r10d, %ecx
+        call    virtq_post
+        inc     %r10d
+        cmp     $4, %r10d
+        jb      1b
+
+        xor     %edi, %edi                      # DEVICE_READY
+        xor     %esi, %esi
+        mov     $1, %edx
+        call    ctrl_send
+        mov     $2, %edx                        # -> PORT_ADD(1)
+        mov     $1, %eax
+        call    virtq_wait
+        lea     msg_console_no_port(%rip), %rdi
+        cmpl    $1, CTRL_RX(%r13)
+        jne     fail
+        cmpw    $1, CTRL_RX+4(%r13)
+        jne     fail
+
+        lea     0x4000(%r13), %rsi              # port 1's receive buffer: 256 bytes
         lea     CON_RX(%r13), %rdi
         mov     $256, %edx
         mov     $DESC_F_WRITE, %r8d
         xor     %r9d, %r9d
         xor     %ecx, %ecx
         call    set_desc
-        xor     %edx, %edx
+        mov     $4, %edx
         xor     %ecx, %ecx
         call    virtq_post
+
+        mov     $1, %edi                        # PORT_READY(1)
+        mov     $3, %esi
+        mov     $1, %edx
+        call    ctrl_send
+        mov     $2, %edx                        # -> PORT_NAME(1), PORT_OPEN(1)
+        mov     $3, %eax
+        call    virtq_wait
+        lea     msg_console_no_name(%rip), %rdi
+        cmpw    $7, CTRL_RX+0x100+4(%r13)
+        jne     fail
+        lea     CTRL_RX+0x100+8(%r13), %rdi
+        lea     port_name(%rip), %rsi
+        mov     $port_name_len, %ecx
+        call    memeq
+        lea     msg_console_no_name(%rip), %rdi
+        test    %eax, %eax
+        jz      fail
+        lea     msg_console_not_open(%rip), %rdi
+        cmpw    $6, CTRL_RX+0x200+4(%r13)
+        jne     fail
+        cmpw    $1, CTRL_RX+0x200+6(%r13)
+        jne     fail
+        lea     msg_console_named(%rip), %rdi
+        call    puts
+        mov     $1, %edi                        # PORT_OPEN(1): the guest opened it
+        mov     $6, %esi
+        mov     $1, %edx
+        call    ctrl_send
+
         lea     CON_TX(%r13), %rdi              # the ping
         lea     ping(%rip), %rsi
         mov     $ping_len, %ecx
         rep movsb
-        lea     0x1000(%r13), %rsi
+        lea     0x5000(%r13), %rsi
         lea     CON_TX(%r13), %rdi
         mov     $ping_len, %edx
         xor     %r8d, %r8d
         xor     %r9d, %r9d
         xor     %ecx, %ecx
         call    set_desc
-        mov     $1, %edx
+        mov     $5, %edx
         xor     %ecx, %ecx
         call    virtq_submit
         lea     msg_console_sent(%rip), %rdi
         call    puts
-        xor     %edx, %edx                      # the answer
+        mov     $4, %edx                        # the answer
         mov     $1, %eax
         call    virtq_wait
         mov     %eax, %ebx
@@ -180,9 +248,7 @@ console_test:
         lea     CON_RX(%r13), %rdi
         lea     pong(%rip), %rsi
         mov     $pong_len, %ecx
-        push    %rbx
         call    memeq
-        pop     %rbx
         lea     msg_console_bad(%rip), %rdi
         test    %eax, %eax
         jz      fail
@@ -193,22 +259,39 @@ console_test:
         call    puts
         lea     msg_newline(%rip), %rdi
         call    puts
-        lea     0x1000(%r13), %rsi              # echo it back
+        lea     0x5000(%r13), %rsi              # echo it back
         lea     CON_RX(%r13), %rdi
         mov     $pong_len, %edx
         xor     %r8d, %r8d
         xor     %r9d, %r9d
         xor     %ecx, %ecx
         call    set_desc
-        mov     $1, %edx
+        mov     $5, %edx
         xor     %ecx, %ecx
         call    virtq_submit
         lea     msg_console_echoed(%rip), %rdi
         call    puts
         ret
 
+# ctrl_send: sends the control message {id %edi, event %si, value %dx} on queue 3.
+ctrl_send:
+        mov     %edi, CTRL_TX(%r13)
+        mov     %si, CTRL_TX+4(%r13)
+        mov     %dx, CTRL_TX+6(%r13)
+        lea     0x3000(%r13), %rsi
+        lea     CTRL_TX(%r13), %rdi
+        mov     $8, %edx
+        xor     %r8d, %r8d
+        xor     %r9d, %r9d
+        xor     %ecx, %ecx
+        call    set_desc
+        mov     $3, %edx
+        xor     %ecx, %ecx
+        jmp     virtq_submit
+
 # rng_test: asks the rng at %r12 for 32 bytes and checks they came, not all zero.
 rng_test:
+        xor     %r8d, %r8d
         call    dev_init
         xor     %edx, %edx
         call    queue_init
@@ -251,6 +334,8 @@ disk_marker:            .ascii "mvm-disk-sector-1"
         .set disk_marker_len, . - disk_marker
 write_marker:           .ascii "mvm-guest-wrote-this"
         .set write_marker_len, . - write_marker
+port_name:              .ascii "mvm.agent"
+        .set port_name_len, . - port_name
 ping:                   .ascii "ping-from-guest"
         .set ping_len, . - ping
 pong:                   .ascii "pong-from-host"
@@ -262,6 +347,10 @@ msg_id:                 .asciz " id "
 msg_blk_read:           .asciz "mvm-guest: blk read sector 1: "
 msg_blk_ro_refused:     .asciz "mvm-guest: blk read-only disk refused a write\n"
 msg_blk_written:        .asciz "mvm-guest: blk wrote and flushed sector 0\n"
+msg_console_named:      .asciz "mvm-guest: console port 1 is mvm.agent, open\n"
+msg_console_no_port:    .asciz "console: no PORT_ADD for port 1"
+msg_console_no_name:    .asciz "console: port 1 not named mvm.agent"
+msg_console_not_open:   .asciz "console: port 1 not opened by the host"
 msg_console_sent:       .asciz "mvm-guest: console sent ping\n"
 msg_console_received:   .asciz "mvm-guest: console received: "
 msg_console_echoed:     .asciz "mvm-guest: console echoed it back\n"

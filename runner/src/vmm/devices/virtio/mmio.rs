@@ -350,7 +350,7 @@ pub(crate) mod tests {
         t.write(u64::from(offset), &value.to_le_bytes());
     }
 
-    /// Takes the transport through feature negotiation and sets up queue `n` at the mock
+    /// Takes the transport through feature negotiation and sets up each queue `n` at its test
     /// queue's addresses, then sets DRIVER_OK.
     pub(crate) fn drive(t: &mut MmioTransport, queues: &[(u32, &test_support::TestQueue<'_>)]) {
         write32(t, VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
@@ -367,13 +367,9 @@ pub(crate) mod tests {
         for (n, q) in queues {
             write32(t, VIRTIO_MMIO_QUEUE_SEL, *n);
             write32(t, VIRTIO_MMIO_QUEUE_NUM, 16);
-            write32(
-                t,
-                VIRTIO_MMIO_QUEUE_DESC_LOW,
-                q.mock.desc_table_addr().0 as u32,
-            );
-            write32(t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, q.mock.avail_addr().0 as u32);
-            write32(t, VIRTIO_MMIO_QUEUE_USED_LOW, q.mock.used_addr().0 as u32);
+            write32(t, VIRTIO_MMIO_QUEUE_DESC_LOW, q.desc_table_addr() as u32);
+            write32(t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, q.avail_addr() as u32);
+            write32(t, VIRTIO_MMIO_QUEUE_USED_LOW, q.used_addr() as u32);
             write32(t, VIRTIO_MMIO_QUEUE_READY, 1);
         }
         write32(t, VIRTIO_MMIO_STATUS, s | VIRTIO_CONFIG_S_DRIVER_OK);
@@ -470,7 +466,7 @@ pub(crate) mod tests {
         assert_eq!(far, [0; 8]);
 
         // A queue selected beyond the device's, sizes not a power of two, rings outside RAM.
-        let q = test_support::TestQueue::new(&memory, 0).mock;
+        let q = test_support::TestQueue::new(&memory, 0);
         write32(&mut t, VIRTIO_MMIO_STATUS, 0x3);
         write32(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
         write32(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1);
@@ -485,9 +481,9 @@ pub(crate) mod tests {
         write32(
             &mut t,
             VIRTIO_MMIO_QUEUE_DESC_LOW,
-            q.desc_table_addr().0 as u32,
+            q.desc_table_addr() as u32,
         );
-        write32(&mut t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, q.avail_addr().0 as u32);
+        write32(&mut t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, q.avail_addr() as u32);
         write32(&mut t, VIRTIO_MMIO_QUEUE_USED_LOW, 0xfff0_0000);
         write32(&mut t, VIRTIO_MMIO_QUEUE_USED_HIGH, 0x7);
         write32(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
@@ -505,7 +501,7 @@ pub(crate) mod tests {
         let (mut t, _evt) = transport(&memory);
         let q = test_support::TestQueue::new(&memory, 0);
         drive(&mut t, &[(0, &q)]);
-        q.mock.avail().idx().store(1000);
+        q.set_avail_idx(1000);
         write32(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
         assert_ne!(
             read32(&mut t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET,

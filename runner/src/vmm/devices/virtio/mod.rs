@@ -119,39 +119,63 @@ pub fn available(queue: &Queue, memory: &GuestRam) -> Result<u16, DeviceError> {
 #[cfg(test)]
 pub(crate) mod test_support {
     //! Guest memory and a driver's side of a queue, for driving a device without a VM.
+    //!
+    //! The rings are laid out here rather than by `virtio_queue::mock::MockSplitQueue`,
+    //! whose used ring overlaps the end of its avail ring once more than 10 of 16 entries
+    //! are in use.
 
     use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
-    use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
 
     use crate::vmm::vstate::memory::{self, GuestRam};
+
+    /// The queue size the tests use.
+    pub const SIZE: u16 = 16;
 
     /// 16 MiB of guest RAM.
     pub fn memory() -> GuestRam {
         memory::create(16 << 20).unwrap()
     }
 
-    /// The driver's side of a 16-entry queue whose rings start at `base`.
+    /// The driver's side of a 16-entry queue: descriptors at `base`, the avail ring at
+    /// `base + 0x100`, the used ring at `base + 0x200`.
     pub struct TestQueue<'a> {
-        /// The rings.
-        pub mock: MockSplitQueue<'a, GuestRam>,
         memory: &'a GuestRam,
+        base: u64,
         next_desc: u16,
     }
 
     impl<'a> TestQueue<'a> {
-        /// A queue at `base`.
+        /// A queue at `base`, its rings zeroed.
         pub fn new(memory: &'a GuestRam, base: u64) -> Self {
+            memory
+                .write_slice(&[0u8; 0x300], GuestAddress(base))
+                .unwrap();
             TestQueue {
-                mock: MockSplitQueue::create(memory, GuestAddress(base), 16),
                 memory,
+                base,
                 next_desc: 0,
             }
         }
 
+        /// The descriptor table's address.
+        pub fn desc_table_addr(&self) -> u64 {
+            self.base
+        }
+
+        /// The avail ring's address.
+        pub fn avail_addr(&self) -> u64 {
+            self.base + 0x100
+        }
+
+        /// The used ring's address.
+        pub fn used_addr(&self) -> u64 {
+            self.base + 0x200
+        }
+
         /// Writes `descs` (address, length, flags) as one chain and makes it available;
-        /// returns its head.
+        /// returns its head. Descriptors are reused round the table: at most 16 in flight.
         pub fn add(&mut self, descs: &[(u64, u32, u32)]) -> u16 {
             let head = self.next_desc;
             for (i, &(addr, len, flags)) in descs.iter().enumerate() {
@@ -162,9 +186,9 @@ pub(crate) mod test_support {
                 } else {
                     flags | VRING_DESC_F_NEXT
                 };
-                let next = if last { 0 } else { index + 1 };
+                let next = if last { 0 } else { (index + 1) % SIZE };
                 self.write_desc(index, addr, len, flags, next);
-                self.next_desc += 1;
+                self.next_desc = (self.next_desc + 1) % SIZE;
             }
             self.publish(head);
             head
@@ -173,32 +197,45 @@ pub(crate) mod test_support {
         /// Writes descriptor `index` as given, links and all.
         pub fn write_desc(&self, index: u16, addr: u64, len: u32, flags: u32, next: u16) {
             let raw = RawDescriptor::from(Descriptor::new(addr, len, flags as u16, next));
-            self.mock.desc_table().store(index, raw).unwrap();
+            let at = self.base + 16 * u64::from(index);
+            self.memory.write_obj(raw, GuestAddress(at)).unwrap();
         }
 
         /// Appends `head` to the available ring.
         pub fn publish(&self, head: u16) {
-            let idx = self.mock.avail().idx().load();
-            let slot = self.mock.avail_addr().0 + 4 + u64::from(idx % 16) * 2;
+            let idx = self.avail_idx();
+            let slot = self.avail_addr() + 4 + u64::from(idx % SIZE) * 2;
             self.memory.write_obj(head, GuestAddress(slot)).unwrap();
-            self.mock.avail().idx().store(idx.wrapping_add(1));
+            self.set_avail_idx(idx.wrapping_add(1));
+        }
+
+        /// The avail ring's index.
+        pub fn avail_idx(&self) -> u16 {
+            self.memory
+                .read_obj(GuestAddress(self.avail_addr() + 2))
+                .unwrap()
+        }
+
+        /// Sets the avail ring's index, as a driver (or a hostile one) would.
+        pub fn set_avail_idx(&self, idx: u16) {
+            self.memory
+                .write_obj(idx, GuestAddress(self.avail_addr() + 2))
+                .unwrap();
         }
 
         /// How many chains the device has returned.
         pub fn used_idx(&self) -> u16 {
-            self.mock.used().idx().load()
+            self.memory
+                .read_obj(GuestAddress(self.used_addr() + 2))
+                .unwrap()
         }
 
         /// The `n`th used element: (head, length written).
         pub fn used(&self, n: u16) -> (u32, u32) {
-            let elem = self
-                .mock
-                .used()
-                .ring()
-                .ref_at(usize::from(n % 16))
-                .unwrap()
-                .load();
-            (elem.id(), elem.len())
+            let at = self.used_addr() + 4 + 8 * u64::from(n % SIZE);
+            let id: u32 = self.memory.read_obj(GuestAddress(at)).unwrap();
+            let len: u32 = self.memory.read_obj(GuestAddress(at + 4)).unwrap();
+            (id, len)
         }
     }
 }

@@ -1,9 +1,15 @@
-//! virtio-console with one port and no multiport feature: the agent's channel. The host side
-//! is a stream socket (one end of a socketpair, or a connected unix socket), used non-blocking
-//! from the event loop.
+//! virtio-console: the agent's channel. The host side is a stream socket (one end of a
+//! socketpair, or a connected unix socket), used non-blocking from the event loop.
 //!
-//! Queue 0 (receive) carries host bytes to the guest, queue 1 (transmit) guest bytes to the
-//! host. Both directions are bounded: at most [`PENDING_LIMIT`] guest bytes wait for a slow
+//! Two shapes. A *named* console (the agent's, as the guest contract has it) offers
+//! `VIRTIO_CONSOLE_F_MULTIPORT` with two ports, like QEMU's `virtio-serial-device,max_ports=2`
+//! with a `virtserialport` at 1: port 0 (the console port) is never added, port 1 carries the
+//! socket's bytes and is announced with its name, so the guest finds it as
+//! `/sys/class/virtio-ports/vportNp1/name`. The control handshake is in [`control`]. An
+//! unnamed console is a single port (the guest's `hvc0`) on queues 0 and 1.
+//!
+//! The data port's receive queue carries host bytes to the guest, its transmit queue guest
+//! bytes to the host. Both directions are bounded: at most [`PENDING_LIMIT`] guest bytes wait for a slow
 //! host reader — beyond that the device stops taking transmit buffers, so the guest waits —
 //! and at most [`INPUT_LIMIT`] host bytes are read ahead of the guest's receive buffers. The
 //! socket is only watched while there is somewhere for its bytes to go or bytes for it.
@@ -24,10 +30,14 @@ use super::{
 };
 use crate::vmm::vstate::memory::GuestRam;
 
-/// The receive queue (host to guest).
-pub const RECEIVE: usize = 0;
-/// The transmit queue (guest to host).
-pub const TRANSMIT: usize = 1;
+pub mod control;
+
+/// `VIRTIO_CONSOLE_F_MULTIPORT`.
+pub const FEATURE_MULTIPORT: u64 = 1 << 1;
+/// A named console's port count (`max_nr_ports`).
+pub const MAX_PORTS: u32 = 2;
+/// The port a named console's socket is on.
+pub const DATA_PORT: u32 = 1;
 /// Each queue's size.
 pub const QUEUE_SIZE: u16 = 64;
 /// The most guest output held for the host.
@@ -45,21 +55,42 @@ pub struct Console {
     input: Vec<u8>,
     host_eof: bool,
     host_gone: bool,
-    sizes: [u16; 2],
+    /// The multiport control channel, for a named console.
+    control: Option<control::Control>,
+    sizes: Vec<u16>,
 }
 
 impl Console {
-    /// A console whose host side is `host` (made non-blocking here).
-    pub fn new(host: UnixStream) -> io::Result<Self> {
+    /// A console whose host side is `host` (made non-blocking here): a single port, or, with
+    /// `port_name`, port [`DATA_PORT`] of a multiport device, announced with that name.
+    pub fn new(host: UnixStream, port_name: Option<&str>) -> io::Result<Self> {
         host.set_nonblocking(true)?;
+        let control = port_name.map(control::Control::new);
+        let queues = match control {
+            // Per port a receive and a transmit queue, and the control pair after port 0's.
+            Some(_) => 2 * (MAX_PORTS as usize + 1),
+            None => 2,
+        };
         Ok(Console {
             host,
             pending: Vec::new(),
             input: Vec::new(),
             host_eof: false,
             host_gone: false,
-            sizes: [QUEUE_SIZE, QUEUE_SIZE],
+            control,
+            sizes: vec![QUEUE_SIZE; queues],
         })
+    }
+
+    /// The data port's receive and transmit queues.
+    fn data_queues(&self) -> (usize, usize) {
+        match self.control {
+            Some(_) => (
+                2 * (DATA_PORT as usize + 1),
+                2 * (DATA_PORT as usize + 1) + 1,
+            ),
+            None => (0, 1),
+        }
     }
 
     /// Sends what the host will take now.
@@ -188,7 +219,10 @@ impl VirtioDevice for Console {
     }
 
     fn features(&self) -> u64 {
-        FEATURE_VERSION_1
+        match self.control {
+            Some(_) => FEATURE_VERSION_1 | FEATURE_MULTIPORT,
+            None => FEATURE_VERSION_1,
+        }
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -196,9 +230,13 @@ impl VirtioDevice for Console {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // struct virtio_console_config (cols, rows, max_nr_ports, emerg_wr): no feature that
-        // gives its fields meaning is offered.
-        read_config_space(&[0; 12], offset, data);
+        // struct virtio_console_config: cols, rows (no size feature: 0), max_nr_ports (read
+        // with MULTIPORT), emerg_wr (no emergency-write feature: 0).
+        let mut config = [0u8; 12];
+        if self.control.is_some() {
+            config[4..8].copy_from_slice(&MAX_PORTS.to_le_bytes());
+        }
+        read_config_space(&config, offset, data);
     }
 
     fn process(
@@ -207,19 +245,28 @@ impl VirtioDevice for Console {
         queues: &mut [Queue],
         memory: &GuestRam,
     ) -> Result<bool, DeviceError> {
-        let [receive, transmit] = queues else {
+        let (receive, transmit) = self.data_queues();
+        if queues.len() <= transmit {
             return Ok(false);
-        };
+        }
+        let mut used = false;
+        if let Some(control) = &mut self.control {
+            let (to_driver, from_driver) = (control::TO_DRIVER, control::FROM_DRIVER);
+            used |= control.process(&mut queues[to_driver..=from_driver], memory)?;
+        }
         self.flush();
-        let mut used = self.transmit(transmit, memory)?;
+        used |= self.transmit(&mut queues[transmit], memory)?;
         self.flush();
-        used |= self.receive(receive, memory)?;
+        used |= self.receive(&mut queues[receive], memory)?;
         Ok(used)
     }
 
     fn reset(&mut self) {
         // Bytes in flight belong to the driver that is going away.
         self.pending.clear();
+        if let Some(control) = &mut self.control {
+            control.reset();
+        }
     }
 
     fn host_fd(&self) -> Option<BorrowedFd<'_>> {
@@ -228,7 +275,7 @@ impl VirtioDevice for Console {
 
     fn host_interest(&self, queues: &[Queue], memory: &GuestRam) -> HostInterest {
         let buffers = queues
-            .get(RECEIVE)
+            .get(self.data_queues().0)
             .and_then(|q| available(q, memory).ok())
             .unwrap_or(0);
         HostInterest {
