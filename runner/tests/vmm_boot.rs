@@ -24,6 +24,7 @@ fn the_test_guest_checks_its_boot_data_prints_and_powers_off() {
     let log = dir.path().join("serial.log");
     let console = Console::default();
     let cmdline = "mvm-test-guest console=ttyS0 token=4f2a";
+    let rss_before = rss_kib();
     let started = Instant::now();
     let vm = vmm::build(VmConfig {
         vcpus: 1,
@@ -40,10 +41,14 @@ fn the_test_guest_checks_its_boot_data_prints_and_powers_off() {
     .unwrap();
     let exit = vm.wait(BOOT_TIMEOUT);
     let first_exit = vm.time_to_first_exit();
+    let rss_running = rss_kib();
     let end = vm.stop();
     let elapsed = started.elapsed();
     let tail = console.tail();
-    eprintln!("guest ended {end:?} after {elapsed:?} (first exit {first_exit:?}):\n{tail}");
+    eprintln!(
+        "guest ended {end:?} after {elapsed:?} (first exit {first_exit:?}; \
+         test process RSS {rss_before} KiB before, {rss_running} KiB with the VM):\n{tail}"
+    );
     assert_eq!(exit, Some(GuestExit::PowerOff), "console:\n{tail}");
     assert!(tail.contains("mvm-guest: hello from 64-bit mode\n"));
     assert!(tail.contains(&format!("mvm-guest: cmdline={cmdline}\n")));
@@ -85,6 +90,16 @@ fn a_guest_that_fails_a_check_is_seen_to_fail() {
         "{}",
         console.tail()
     );
+}
+
+/// This process's resident set in KiB (0 if unknown).
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// Boots `guest` with `vcpus` and `cmdline`; returns the VM and its serial console.

@@ -220,6 +220,56 @@ mod tests {
     }
 
     #[test]
+    fn a_bzimage_loads_at_its_code32_start_entered_200_bytes_in() {
+        let memory = crate::vmm::vstate::memory::create(4 << 20).unwrap();
+        // One setup sector after the boot sector, then a 4 KiB "kernel".
+        let mut image = vec![0u8; 2 * 512 + 4096];
+        image[0x1f1] = 1; // setup_sects
+        image[0x1fe..0x200].copy_from_slice(&BOOT_FLAG.to_le_bytes());
+        image[0x202..0x206].copy_from_slice(&HDRS_MAGIC.to_le_bytes());
+        image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes()); // protocol 2.15
+        image[0x211] = 1; // loadflags: LOADED_HIGH
+        image[0x214..0x218].copy_from_slice(&0x0010_0000u32.to_le_bytes()); // code32_start
+        image[0x22c..0x230].copy_from_slice(&0x0100_0000u32.to_le_bytes()); // initrd_addr_max
+        image[1024..1028].copy_from_slice(b"KERN");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bzImage");
+        std::fs::write(&path, &image).unwrap();
+        let kernel = load_kernel(&memory, &mut File::open(&path).unwrap()).unwrap();
+        assert_eq!(kernel.entry, 0x10_0200);
+        assert_eq!(kernel.end, 0x10_0000 + 4096);
+        let header = kernel.setup_header.unwrap();
+        assert_eq!({ header.header }, HDRS_MAGIC);
+        let mut start = [0u8; 4];
+        memory
+            .read_slice(&mut start, GuestAddress(0x10_0000))
+            .unwrap();
+        assert_eq!(&start, b"KERN");
+
+        // The zero page carries its header, the command line and the RSDP.
+        write_boot_params(&memory, &kernel, 12, None, RSDP_START).unwrap();
+        let params: boot_params = memory.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
+        assert_eq!({ params.hdr.version }, 0x020f);
+        assert_eq!({ params.hdr.type_of_loader }, LOADER_UNDEFINED);
+        assert_eq!({ params.hdr.cmd_line_ptr }, CMDLINE_START as u32);
+        assert_eq!({ params.acpi_rsdp_addr }, RSDP_START);
+
+        // An initramfs goes below the kernel's initrd_addr_max, page aligned, after the kernel.
+        let initrd = dir.path().join("initrd");
+        std::fs::write(&initrd, vec![7u8; 10_000]).unwrap();
+        let (at, size) = load_initrd(&memory, &kernel, &mut File::open(&initrd).unwrap()).unwrap();
+        assert_eq!(size, 10_000);
+        assert_eq!(at % 0x1000, 0);
+        assert!(at >= kernel.end && at + size <= 4 << 20, "{at:#x}");
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![0u8; 4 << 20]).unwrap();
+        assert!(matches!(
+            load_initrd(&memory, &kernel, &mut File::open(&big).unwrap()),
+            Err(BootError::InitrdTooLarge(_))
+        ));
+    }
+
+    #[test]
     fn garbage_is_neither_elf_nor_bzimage() {
         let memory = crate::vmm::vstate::memory::create(4 << 20).unwrap();
         let dir = tempfile::tempdir().unwrap();
