@@ -174,3 +174,42 @@ fn a_hostile_driver_gets_errors_not_a_dead_vmm() {
     }
     assert_eq!(std::fs::read(&ro).unwrap(), before);
 }
+
+#[test]
+fn the_guest_takes_a_virtio_interrupt_through_the_ioapic() {
+    if let Some(reason) = guest::kvm_unavailable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = guest::build(dir.path(), &["lib", "virtio", "irq_check"]);
+    let ro = dir.path().join("ro.img");
+    disk(&ro, 4, |n| vec![n as u8; 512]);
+    let serial = Console::default();
+    let vm = vmm::build(VmConfig {
+        vcpus: 1,
+        memory_mib: 64,
+        kernel,
+        initrd: None,
+        cmdline: "mvm-test-guest".into(),
+        serial_log: std::fs::File::create(dir.path().join("serial.log")).unwrap(),
+        serial: serial.clone(),
+        block: vec![BlockConfig {
+            path: ro,
+            read_only: true,
+            id: "ro".into(),
+        }],
+        agent_channel: None,
+        rng: false,
+    })
+    .unwrap();
+    let exit = vm.wait(TIMEOUT);
+    drop(vm);
+    let tail = serial.tail();
+    eprintln!("{exit:?}\n{tail}");
+    assert_eq!(exit, Some(GuestExit::PowerOff), "{tail}");
+    assert!(
+        tail.contains("mvm-guest: virtio interrupt on vector 0x30, status 0x1\n"),
+        "{tail}"
+    );
+}
