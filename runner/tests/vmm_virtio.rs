@@ -213,3 +213,36 @@ fn the_guest_takes_a_virtio_interrupt_through_the_ioapic() {
         "{tail}"
     );
 }
+
+#[test]
+fn a_guest_that_powers_off_closes_the_agent_channel_by_itself() {
+    if let Some(reason) = guest::kvm_unavailable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = guest::build(dir.path(), &["lib", "boot_check"]);
+    let (vm_end, mut host_end) = UnixStream::pair().unwrap();
+    host_end.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let vm = vmm::build(VmConfig {
+        vcpus: 2,
+        memory_mib: 64,
+        kernel,
+        initrd: None,
+        cmdline: "mvm-test-guest".into(),
+        serial_log: std::fs::File::create(dir.path().join("serial.log")).unwrap(),
+        serial: Console::default(),
+        block: Vec::new(),
+        agent_channel: Some(vm_end),
+        rng: false,
+    })
+    .unwrap();
+    // Nobody calls stop: the VM's end alone (vCPU 1 still waiting for a SIPI) releases the
+    // devices, so the host reads end-of-file as it would from a QEMU that exited.
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    assert_eq!(host_end.read(&mut buf).unwrap(), 0);
+    eprintln!("channel closed {:?} after boot", started.elapsed());
+    assert_eq!(vm.ended(), Some(GuestExit::PowerOff));
+    assert_eq!(vm.stop(), GuestExit::PowerOff);
+}

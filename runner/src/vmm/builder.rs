@@ -83,10 +83,9 @@ pub struct BlockConfig {
 #[derive(Debug)]
 pub struct MicroVm {
     exit: Arc<ExitSignal>,
-    vcpus: Vec<JoinHandle<()>>,
-    serial: Arc<Mutex<SerialDevice>>,
+    /// Joins the vCPU threads and the event loop once the VM ends; says whether all joined.
+    reaper: Option<JoinHandle<bool>>,
     first_exit_us: Arc<AtomicU64>,
-    events: Option<JoinHandle<()>>,
     /// Guest RAM and the KVM fds: dropped only once every vCPU thread has been joined.
     vm: Option<Vm>,
 }
@@ -230,23 +229,87 @@ pub fn build(config: VmConfig) -> Result<MicroVm, VmmError> {
         started,
         first_exit_us: Arc::new(AtomicU64::new(0)),
     };
-    let mut microvm = MicroVm {
-        exit,
-        vcpus: Vec::new(),
-        serial,
-        first_exit_us: ctx.first_exit_us.clone(),
-        events: Some(events),
-        vm: Some(vm),
-    };
+    let mut vcpu_threads = Vec::with_capacity(vcpus.len());
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let ctx = ctx.clone();
-        let handle = std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || vcpu.run(ctx))
-            .map_err(VmmError::Thread)?;
-        microvm.vcpus.push(handle);
+            .spawn(move || vcpu.run(ctx));
+        match spawned {
+            Ok(handle) => vcpu_threads.push(handle),
+            Err(e) => {
+                exit.raise(GuestExit::Stopped);
+                if !reap(&exit, vcpu_threads, Some(events), &serial) {
+                    std::mem::forget(vm);
+                }
+                return Err(VmmError::Thread(e));
+            }
+        }
     }
-    Ok(microvm)
+    // The reaper ends the VM's threads as soon as it ends, however it ends: a guest that
+    // powers off releases its devices (and closes the agent channel) without waiting for
+    // the host to call `stop`.
+    let reaper = {
+        let (exit, serial) = (exit.clone(), serial.clone());
+        std::thread::Builder::new()
+            .name("vmm-reaper".into())
+            .spawn(move || {
+                while exit.wait(Duration::from_secs(3600)).is_none() {}
+                reap(&exit, vcpu_threads, Some(events), &serial)
+            })
+    };
+    let reaper = match reaper {
+        Ok(handle) => handle,
+        Err(e) => {
+            // The vCPU threads went with the reaper that could not start: they are told to
+            // stop, and their memory is leaked rather than unmapped under them.
+            exit.raise(GuestExit::Stopped);
+            std::mem::forget(vm);
+            return Err(VmmError::Thread(e));
+        }
+    };
+    Ok(MicroVm {
+        exit,
+        reaper: Some(reaper),
+        first_exit_us: ctx.first_exit_us.clone(),
+        vm: Some(vm),
+    })
+}
+
+/// Once `exit` is raised: kicks the vCPU threads out of `KVM_RUN` until they return (for at
+/// most [`STOP_TIMEOUT`]), joins them and the event loop, and passes on the console's last
+/// bytes. Returns whether every vCPU thread was joined.
+fn reap(
+    exit: &ExitSignal,
+    vcpus: Vec<JoinHandle<()>>,
+    events: Option<JoinHandle<()>>,
+    serial: &Mutex<SerialDevice>,
+) -> bool {
+    debug_assert!(exit.is_raised());
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    while vcpus.iter().any(|h| !h.is_finished()) && Instant::now() < deadline {
+        for handle in vcpus.iter().filter(|h| !h.is_finished()) {
+            let _ = handle.kill(vcpu::kick_signal());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    if let Some(events) = events {
+        // Raising the exit wrote the eventfd the loop watches: it returns promptly.
+        let _ = events.join();
+    }
+    let mut all = true;
+    for handle in vcpus {
+        if handle.is_finished() {
+            let _ = handle.join();
+        } else {
+            all = false;
+        }
+    }
+    serial
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .drain();
+    all
 }
 
 /// An interrupt line on `gsi`: an eventfd registered as an irqfd.
@@ -277,7 +340,12 @@ impl MicroVm {
         }
     }
 
-    /// Stops the VM (if it has not stopped by itself), joins its vCPU threads and flushes its
+    /// Why the VM ended, if it has.
+    pub fn ended(&self) -> Option<GuestExit> {
+        self.exit.reason()
+    }
+
+    /// Stops the VM (if it has not stopped by itself), joins its threads and flushes its
     /// console; returns why it ended.
     pub fn stop(mut self) -> GuestExit {
         self.shut_down()
@@ -285,42 +353,19 @@ impl MicroVm {
 
     fn shut_down(&mut self) -> GuestExit {
         self.exit.raise(GuestExit::Stopped);
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while self.vcpus.iter().any(|h| !h.is_finished()) && Instant::now() < deadline {
-            for handle in self.vcpus.iter().filter(|h| !h.is_finished()) {
-                let _ = handle.kill(vcpu::kick_signal());
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        if let Some(events) = self.events.take() {
-            // Raising the exit wrote the eventfd the loop watches: it returns promptly.
-            let _ = events.join();
-        }
-        let mut stuck = false;
-        for handle in self.vcpus.drain(..) {
-            if handle.is_finished() {
-                let _ = handle.join();
-            } else {
-                stuck = true;
+        if let Some(reaper) = self.reaper.take() {
+            if !reaper.join().unwrap_or(false) {
+                // A vCPU that did not stop in time may still be inside the guest: its memory
+                // and fds are leaked rather than unmapped under it.
+                std::mem::forget(self.vm.take());
             }
         }
-        if stuck {
-            // A vCPU that did not stop in time may still be inside the guest: its memory and
-            // fds are leaked rather than unmapped under it (the process is about to end).
-            std::mem::forget(self.vm.take());
-        }
-        self.serial
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .drain();
         self.exit.reason().unwrap_or(GuestExit::Stopped)
     }
 }
 
 impl Drop for MicroVm {
     fn drop(&mut self) {
-        if !self.vcpus.is_empty() {
-            self.shut_down();
-        }
+        self.shut_down();
     }
 }
