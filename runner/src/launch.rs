@@ -33,10 +33,11 @@ use serde_json::{json, Map, Value};
 use crate::admission::{admit_bundle, AdmissionError};
 use crate::client::{AgentClient, ClientError, Executed, OutputSink};
 use crate::control;
-use crate::host::{self, Accel, BackendChoice, HostError, HostFacts};
+use crate::host::{self, Accel, Backend, BackendChoice, HostError, HostFacts};
 use crate::mux::AgentMux;
 use crate::qemu::{self, QemuVm, VmFiles};
 use crate::state::{self, Phase, VmState};
+use crate::vm_process::{OwnVm, OwnVmFiles, VmProcess};
 
 /// Exit statuses of a launch that did not end with the command's own status. Commands may
 /// exit with any status too; the JSON report says which it was.
@@ -292,7 +293,7 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Bo
         exec_request(verified, launch)
     })?;
 
-    let mut outcome = boot(launch, &listener, &mut vm_process)
+    let mut outcome = boot(launch, listener.as_ref(), &mut vm_process)
         .and_then(|booted| run_command(&mut vm_process, booted, request, sink));
     // The socket's job is done either way; nobody may connect to it later.
     drop(listener);
@@ -372,7 +373,7 @@ pub fn serve_named(
     };
     record(&state)?;
 
-    let booted = boot(launch, &listener, &mut vm_process);
+    let booted = boot(launch, listener.as_ref(), &mut vm_process);
     drop(listener);
     let _ = fs::remove_file(&socket);
     let outcome = booted.and_then(|booted| {
@@ -425,7 +426,7 @@ fn keep_serving(
     launch: &Launch,
     control: UnixListener,
     plan: &LaunchPlan,
-    vm: &mut QemuVm,
+    vm: &mut VmProcess,
     booted: Booted,
     (audit, vm_id): (&Arc<Audit>, &str),
 ) -> Result<&'static str, LaunchError> {
@@ -495,9 +496,10 @@ struct Started<T> {
     accel: Accel,
     vm: String,
     dir: VmDir,
-    listener: UnixListener,
+    /// The socket QEMU connects the agent channel to (none for the own VMM).
+    listener: Option<UnixListener>,
     socket: PathBuf,
-    vm_process: QemuVm,
+    vm_process: VmProcess,
 }
 
 fn start<T>(
@@ -526,8 +528,11 @@ fn start<T>(
             // One look at the host: the QEMU it found is the one that runs.
             let facts = HostFacts::detect();
             let selected = host::select(launch.backend, &facts).map_err(unavailable)?;
-            let qemu = facts.qemu.map_err(unavailable)?;
-            Ok((settled, selected.accel, qemu.path))
+            let qemu = match selected.backend {
+                Backend::Qemu => Some(facts.qemu.map_err(unavailable)?.path),
+                Backend::Kvm => None,
+            };
+            Ok((settled, selected.accel, qemu))
         },
     );
     let (admitted, (settled, accel, qemu)) = match admitted {
@@ -561,26 +566,47 @@ fn start<T>(
     let kernel = dir.private_copy("kernel", &admitted.artifacts.kernel)?;
     let initramfs = dir.private_copy("initramfs", &admitted.artifacts.initramfs)?;
     let socket = dir.path.join("agent.sock");
-    let listener = UnixListener::bind(&socket).map_err(LaunchError::host("agent socket"))?;
-    fs::set_permissions(&socket, fs::Permissions::from_mode(0o600))
-        .map_err(LaunchError::host("agent socket"))?;
-    listener
-        .set_nonblocking(true)
-        .map_err(LaunchError::host("agent socket"))?;
-    let files = VmFiles {
-        kernel: &kernel,
-        initramfs: &initramfs,
-        rootfs: &admitted.artifacts.rootfs,
-        verity: &admitted.artifacts.verity,
-        agent_socket: &socket,
-    };
-    let args = qemu::arguments(&plan.plan, &files, accel);
     let serial_log = dir.serial_log()?;
-    let vm_process = QemuVm::spawn(&qemu, &args, serial_log)
-        .map_err(|e| LaunchError::Backend(format!("starting {}: {e}", qemu.display())))?;
+    let (listener, vm_process) = match qemu {
+        Some(qemu) => {
+            let listener =
+                UnixListener::bind(&socket).map_err(LaunchError::host("agent socket"))?;
+            fs::set_permissions(&socket, fs::Permissions::from_mode(0o600))
+                .map_err(LaunchError::host("agent socket"))?;
+            listener
+                .set_nonblocking(true)
+                .map_err(LaunchError::host("agent socket"))?;
+            let files = VmFiles {
+                kernel: &kernel,
+                initramfs: &initramfs,
+                rootfs: &admitted.artifacts.rootfs,
+                verity: &admitted.artifacts.verity,
+                agent_socket: &socket,
+            };
+            let args = qemu::arguments(&plan.plan, &files, accel);
+            let vm_process = QemuVm::spawn(&qemu, &args, serial_log)
+                .map_err(|e| LaunchError::Backend(format!("starting {}: {e}", qemu.display())))?;
+            (Some(listener), VmProcess::Qemu(vm_process))
+        }
+        None => {
+            let files = OwnVmFiles {
+                kernel: &kernel,
+                initramfs: &initramfs,
+                rootfs: &admitted.artifacts.rootfs,
+                verity: &admitted.artifacts.verity,
+            };
+            let vm = OwnVm::boot(&plan.plan, &files, serial_log)
+                .map_err(|e| LaunchError::Backend(format!("{}: {e}", e.code())))?;
+            (None, VmProcess::Own(vm))
+        }
+    };
+    let backend = match vm_process {
+        VmProcess::Qemu(_) => "qemu",
+        VmProcess::Own(_) => "kvm",
+    };
     audit.append(
         "vm.started",
-        json!({"vm": vm, "backend": "qemu", "accel": accel.to_string(), "pid": vm_process.pid()}),
+        json!({"vm": vm, "backend": backend, "accel": accel.to_string(), "pid": vm_process.pid()}),
     )?;
     Ok(Started {
         audit,
@@ -597,7 +623,7 @@ fn start<T>(
 
 /// The failure report for `error`: the console's tail, and its log kept unless the run was
 /// stopped on purpose.
-fn failure(error: LaunchError, vm: &QemuVm, dir: VmDir) -> Box<Failure> {
+fn failure(error: LaunchError, vm: &VmProcess, dir: VmDir) -> Box<Failure> {
     let serial_log = match error {
         LaunchError::Interrupted => None,
         _ => dir.keep_log(),
@@ -627,10 +653,19 @@ struct Ran {
     client: AgentClient,
 }
 
-/// Waits for QEMU to connect the agent channel and the agent to say hello.
-fn boot(launch: &Launch, listener: &UnixListener, vm: &mut QemuVm) -> Result<Booted, LaunchError> {
+/// Waits for the agent channel (QEMU connects it; the own VMM's is connected already) and
+/// the agent's hello.
+fn boot(
+    launch: &Launch,
+    listener: Option<&UnixListener>,
+    vm: &mut VmProcess,
+) -> Result<Booted, LaunchError> {
     let boot_deadline = Instant::now() + launch.boot_timeout;
-    let stream = accept_from(listener, vm, boot_deadline, launch)?;
+    let stream = match (vm.take_channel(), listener) {
+        (Some(stream), _) => stream,
+        (None, Some(listener)) => accept_from(listener, vm, boot_deadline, launch)?,
+        (None, None) => return Err(LaunchError::Backend("no agent channel".into())),
+    };
     let mut client = AgentClient::new(stream, Arc::clone(&launch.interrupt))
         .map_err(LaunchError::host("agent channel"))?;
     let left = boot_deadline.saturating_duration_since(Instant::now());
@@ -646,7 +681,7 @@ fn boot(launch: &Launch, listener: &UnixListener, vm: &mut QemuVm) -> Result<Boo
 
 /// Runs the one command of a launch.
 fn run_command(
-    vm: &mut QemuVm,
+    vm: &mut VmProcess,
     booted: Booted,
     request: ExecRequest,
     sink: &mut dyn OutputSink,
@@ -699,7 +734,7 @@ fn run_command(
 /// Accepts the agent channel's connection, from the VM process and nobody else.
 fn accept_from(
     listener: &UnixListener,
-    vm: &mut QemuVm,
+    vm: &mut VmProcess,
     deadline: Instant,
     launch: &Launch,
 ) -> Result<UnixStream, LaunchError> {
@@ -722,10 +757,11 @@ fn accept_from(
         }
         if let Some(status) = vm
             .try_wait()
-            .map_err(LaunchError::host("waiting for QEMU"))?
+            .map_err(LaunchError::host("waiting for the VM"))?
         {
             return Err(LaunchError::Backend(format!(
-                "QEMU exited ({status}) before connecting: {}",
+                "{} exited ({status}) before connecting: {}",
+                vm.name(),
                 vm.stderr()
             )));
         }
@@ -744,7 +780,7 @@ fn accept_from(
 /// QEMU's own exit. `booting` is the boot timeout while the guest is booting: silence then is
 /// a boot timeout; later it is a channel failure.
 fn why_the_guest_stopped(
-    vm: &mut QemuVm,
+    vm: &mut VmProcess,
     error: ClientError,
     booting: Option<Duration>,
 ) -> LaunchError {
@@ -769,7 +805,8 @@ fn why_the_guest_stopped(
     match (error, vm.try_wait(), booting) {
         (ClientError::Timeout(_), Ok(None), Some(limit)) => LaunchError::BootTimeout(limit),
         (_, Ok(Some(status)), _) => LaunchError::Backend(format!(
-            "QEMU exited ({status}); {}",
+            "{} exited ({status}); {}",
+            vm.name(),
             match vm.stderr() {
                 stderr if stderr.is_empty() => "it printed nothing".to_string(),
                 stderr => stderr,

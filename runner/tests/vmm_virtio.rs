@@ -246,3 +246,83 @@ fn a_guest_that_powers_off_closes_the_agent_channel_by_itself() {
     assert_eq!(vm.ended(), Some(GuestExit::PowerOff));
     assert_eq!(vm.stop(), GuestExit::PowerOff);
 }
+
+/// The example plan, with the test guest's command line and small resources.
+fn test_plan(cmdline: &str) -> mvm_ir::plan::LaunchPlan {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/plan/plan.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    json["nonce"] = "00".repeat(16).into();
+    json["single_use"] = false.into();
+    json["kernel"]["cmdline"] = cmdline.into();
+    json["resources"]["cpu_cores"] = 1.into();
+    json["resources"]["memory_mb"] = 64.into();
+    serde_json::from_value(json).unwrap()
+}
+
+#[test]
+fn the_kvm_backend_gives_a_plan_the_contract_devices() {
+    use mvm_runner::vm_process::{OwnVm, OwnVmFiles, VmProcess};
+    if let Some(reason) = guest::kvm_unavailable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = guest::build(dir.path(), &["lib", "virtio", "virtio_check"]);
+    let marker = |n: usize| {
+        if n == 1 {
+            b"mvm-disk-sector-1".to_vec()
+        } else {
+            vec![0; 512]
+        }
+    };
+    let (rootfs, verity) = (
+        dir.path().join("rootfs.erofs"),
+        dir.path().join("rootfs.verity"),
+    );
+    disk(&rootfs, 4, marker);
+    disk(&verity, 2, marker);
+    let initramfs = dir.path().join("initramfs");
+    std::fs::write(&initramfs, vec![0x1f; 4096]).unwrap();
+    let files = OwnVmFiles {
+        kernel: &kernel,
+        initramfs: &initramfs,
+        rootfs: &rootfs,
+        verity: &verity,
+    };
+    let serial_log = std::fs::File::create(dir.path().join("serial.log")).unwrap();
+    let own = OwnVm::boot(&test_plan("mvm-test-guest"), &files, serial_log).unwrap();
+    let mut vm = VmProcess::Own(own);
+    assert_eq!(vm.pid(), std::process::id());
+    let mut channel = vm
+        .take_channel()
+        .expect("connected before the guest starts");
+    assert!(vm.take_channel().is_none());
+    channel.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 64];
+    while !seen.ends_with(b"ping-from-guest") {
+        let n = channel.read(&mut buf).unwrap();
+        assert_ne!(n, 0, "the channel closed early: {}", vm.console().tail());
+        seen.extend_from_slice(&buf[..n]);
+    }
+    channel.write_all(b"pong-from-host").unwrap();
+    let ended = vm.wait_for_exit(TIMEOUT).unwrap();
+    let tail = vm.console().tail();
+    eprintln!("{ended:?}\n{tail}");
+    assert_eq!(ended.as_deref(), Some("the guest powered off"), "{tail}");
+    // vda and vdb, the root and its hash tree, both read-only; the agent port; no rng.
+    assert!(tail.contains("mvm-guest: virtio devices=0x3\n"), "{tail}");
+    assert_eq!(
+        tail.matches("mvm-guest: blk read-only disk refused a write\n")
+            .count(),
+        2
+    );
+    assert!(tail.contains("mvm-guest: console port 1 is mvm.agent, open\n"));
+    assert!(tail.ends_with("mvm-guest: ok\n"));
+    assert_eq!(
+        vm.try_wait().unwrap().as_deref(),
+        Some("the guest powered off")
+    );
+    vm.kill();
+}
