@@ -6,8 +6,6 @@
 //! `EINTR`; one that lands just before `KVM_RUN` is covered by the next, so no vCPU sleeps
 //! through its stop.
 
-#![allow(unsafe_code)]
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Once};
 use std::time::Instant;
