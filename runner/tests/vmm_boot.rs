@@ -166,8 +166,17 @@ fn a_guest_that_never_stops_is_stopped_by_the_host() {
         let (vm, console) = boot(&["lib", "spin"], 2, cmdline, dir.path());
         assert_eq!(vm.wait(Duration::from_millis(500)), None, "{cmdline}");
         let started = Instant::now();
-        assert_eq!(vm.stop(), GuestExit::Stopped);
+        let (end, states) = vm.stop_and_inspect();
+        assert_eq!(end, GuestExit::Stopped);
         let took = started.elapsed();
+        // vCPU 0 is caught in the guest's code (linked at 2 MiB), interrupts off.
+        let bsp = &states[0];
+        assert!(
+            (0x20_0000..0x21_0000).contains(&bsp.rip),
+            "{cmdline}: {bsp:x?}"
+        );
+        assert_eq!(bsp.rflags & (1 << 9), 0, "{cmdline}: {bsp:x?}");
+        assert_eq!(bsp.lapic_irr.len(), 8);
         eprintln!("{cmdline}: stopped in {took:?}");
         assert!(took < Duration::from_secs(2), "{cmdline}: {took:?}");
         assert!(console.tail().contains("mvm-guest: spinning"), "{cmdline}");

@@ -31,7 +31,7 @@ use crate::vmm::devices::virtio::VirtioDevice;
 use crate::vmm::devices::IrqLine;
 use crate::vmm::event_loop::EventLoop;
 use crate::vmm::exit::{ExitSignal, GuestExit};
-use crate::vmm::vstate::vcpu::{self, Vcpu, VcpuContext};
+use crate::vmm::vstate::vcpu::{self, Vcpu, VcpuContext, VcpuState};
 use crate::vmm::vstate::{memory, vm::Vm};
 use crate::vmm::VmmError;
 
@@ -84,7 +84,9 @@ pub struct BlockConfig {
 pub struct MicroVm {
     exit: Arc<ExitSignal>,
     /// Joins the vCPU threads and the event loop once the VM ends; says whether all joined.
-    reaper: Option<JoinHandle<bool>>,
+    reaper: Option<JoinHandle<Reaped>>,
+    /// Where the vCPUs were when they stopped (once reaped).
+    vcpu_states: Vec<VcpuState>,
     first_exit_us: Arc<AtomicU64>,
     /// Guest RAM and the KVM fds: dropped only once every vCPU thread has been joined.
     vm: Option<Vm>,
@@ -239,7 +241,7 @@ pub fn build(config: VmConfig) -> Result<MicroVm, VmmError> {
             Ok(handle) => vcpu_threads.push(handle),
             Err(e) => {
                 exit.raise(GuestExit::Stopped);
-                if !reap(&exit, vcpu_threads, Some(events), &serial) {
+                if !reap(&exit, vcpu_threads, Some(events), &serial).all_joined {
                     std::mem::forget(vm);
                 }
                 return Err(VmmError::Thread(e));
@@ -271,20 +273,28 @@ pub fn build(config: VmConfig) -> Result<MicroVm, VmmError> {
     Ok(MicroVm {
         exit,
         reaper: Some(reaper),
+        vcpu_states: Vec::new(),
         first_exit_us: ctx.first_exit_us.clone(),
         vm: Some(vm),
     })
 }
 
+/// What reaping found.
+#[derive(Debug, Default)]
+struct Reaped {
+    all_joined: bool,
+    states: Vec<VcpuState>,
+}
+
 /// Once `exit` is raised: kicks the vCPU threads out of `KVM_RUN` until they return (for at
 /// most [`STOP_TIMEOUT`]), joins them and the event loop, and passes on the console's last
-/// bytes. Returns whether every vCPU thread was joined.
+/// bytes. Says whether every vCPU thread was joined, and where they were.
 fn reap(
     exit: &ExitSignal,
-    vcpus: Vec<JoinHandle<()>>,
+    vcpus: Vec<JoinHandle<VcpuState>>,
     events: Option<JoinHandle<()>>,
     serial: &Mutex<SerialDevice>,
-) -> bool {
+) -> Reaped {
     debug_assert!(exit.is_raised());
     let deadline = Instant::now() + STOP_TIMEOUT;
     while vcpus.iter().any(|h| !h.is_finished()) && Instant::now() < deadline {
@@ -297,19 +307,24 @@ fn reap(
         // Raising the exit wrote the eventfd the loop watches: it returns promptly.
         let _ = events.join();
     }
-    let mut all = true;
+    let mut reaped = Reaped {
+        all_joined: true,
+        states: Vec::new(),
+    };
     for handle in vcpus {
         if handle.is_finished() {
-            let _ = handle.join();
+            if let Ok(state) = handle.join() {
+                reaped.states.push(state);
+            }
         } else {
-            all = false;
+            reaped.all_joined = false;
         }
     }
     serial
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .drain();
-    all
+    reaped
 }
 
 /// An interrupt line on `gsi`: an eventfd registered as an irqfd.
@@ -345,6 +360,13 @@ impl MicroVm {
         self.exit.reason()
     }
 
+    /// Stops the VM like [`MicroVm::stop`], and also says where each vCPU was — what a guest
+    /// that stalled was doing.
+    pub fn stop_and_inspect(mut self) -> (GuestExit, Vec<VcpuState>) {
+        let exit = self.shut_down();
+        (exit, std::mem::take(&mut self.vcpu_states))
+    }
+
     /// Stops the VM (if it has not stopped by itself), joins its threads and flushes its
     /// console; returns why it ended.
     pub fn stop(mut self) -> GuestExit {
@@ -354,7 +376,9 @@ impl MicroVm {
     fn shut_down(&mut self) -> GuestExit {
         self.exit.raise(GuestExit::Stopped);
         if let Some(reaper) = self.reaper.take() {
-            if !reaper.join().unwrap_or(false) {
+            let reaped = reaper.join().unwrap_or_default();
+            self.vcpu_states = reaped.states;
+            if !reaped.all_joined {
                 // A vCPU that did not stop in time may still be inside the guest: its memory
                 // and fds are leaked rather than unmapped under it.
                 std::mem::forget(self.vm.take());

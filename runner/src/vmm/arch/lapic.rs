@@ -3,6 +3,16 @@
 
 use kvm_bindings::kvm_lapic_state;
 
+/// Interrupt request register (8 words, 0x10 apart).
+pub const APIC_IRR: usize = 0x200;
+/// In-service register (8 words, 0x10 apart).
+pub const APIC_ISR: usize = 0x100;
+/// LVT timer.
+pub const APIC_LVTT: usize = 0x320;
+/// Timer initial count.
+pub const APIC_TMICT: usize = 0x380;
+/// Timer current count.
+pub const APIC_TMCCT: usize = 0x390;
 /// LVT LINT0's register offset.
 const APIC_LVT0: usize = 0x350;
 /// LVT LINT1's register offset.
@@ -11,6 +21,11 @@ const APIC_LVT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 0x4;
 /// Delivery mode ExtINT.
 const APIC_MODE_EXTINT: u32 = 0x7;
+
+/// The 32-bit register at `offset`.
+pub fn read(state: &kvm_lapic_state, offset: usize) -> u32 {
+    get(state, offset)
+}
 
 fn get(state: &kvm_lapic_state, offset: usize) -> u32 {
     let b = &state.regs[offset..offset + 4];

@@ -53,6 +53,27 @@ pub struct VcpuContext {
     pub first_exit_us: Arc<AtomicU64>,
 }
 
+/// Where a vCPU was when the VM stopped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VcpuState {
+    /// The vCPU.
+    pub id: u8,
+    /// Its instruction pointer.
+    pub rip: u64,
+    /// Its flags (bit 9: interrupts enabled).
+    pub rflags: u64,
+    /// LAPIC timer LVT (vector, mode, mask bit 16).
+    pub lapic_timer_lvt: u32,
+    /// LAPIC timer initial count.
+    pub lapic_timer_initial: u32,
+    /// LAPIC timer current count.
+    pub lapic_timer_current: u32,
+    /// Interrupts requested, not yet delivered (256 bits, low word first).
+    pub lapic_irr: Vec<u32>,
+    /// Interrupts in service (256 bits, low word first).
+    pub lapic_isr: Vec<u32>,
+}
+
 /// A configured vCPU.
 #[derive(Debug)]
 pub struct Vcpu {
@@ -111,8 +132,31 @@ impl Vcpu {
         Ok(Vcpu { id, fd })
     }
 
-    /// Runs the vCPU until the VM stops; every way out of the loop raises `ctx.exit`.
-    pub fn run(mut self, ctx: VcpuContext) {
+    /// Runs the vCPU until the VM stops (every way out of the loop raises `ctx.exit`), then
+    /// returns where it was: the state a stalled guest is diagnosed from.
+    pub fn run(mut self, ctx: VcpuContext) -> VcpuState {
+        self.run_loop(&ctx);
+        self.state()
+    }
+
+    /// Where the vCPU is now (outside `KVM_RUN`); fields KVM refuses to give are 0.
+    fn state(&self) -> VcpuState {
+        let regs = self.fd.get_regs().unwrap_or_default();
+        let lapic = self.fd.get_lapic().ok();
+        let reg = |offset: usize| lapic.as_ref().map_or(0, |l| lapic::read(l, offset));
+        VcpuState {
+            id: self.id,
+            rip: regs.rip,
+            rflags: regs.rflags,
+            lapic_timer_lvt: reg(lapic::APIC_LVTT),
+            lapic_timer_initial: reg(lapic::APIC_TMICT),
+            lapic_timer_current: reg(lapic::APIC_TMCCT),
+            lapic_irr: (0..8).map(|i| reg(lapic::APIC_IRR + 0x10 * i)).collect(),
+            lapic_isr: (0..8).map(|i| reg(lapic::APIC_ISR + 0x10 * i)).collect(),
+        }
+    }
+
+    fn run_loop(&mut self, ctx: &VcpuContext) {
         let mut first = self.id == 0;
         while !ctx.exit.is_raised() {
             let result = self.fd.run();
