@@ -12,7 +12,9 @@ use std::time::Instant;
 
 use kvm_bindings::{Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress};
 
+use super::memory::GuestRam;
 use super::vm::Vm;
 use crate::vmm::arch::{cpuid, lapic, msr, regs};
 use crate::vmm::devices::bus::Bus;
@@ -62,6 +64,12 @@ pub struct VcpuState {
     pub rip: u64,
     /// Its flags (bit 9: interrupts enabled).
     pub rflags: u64,
+    /// Its stack pointer.
+    pub rsp: u64,
+    /// `rbx` (where Linux's spinlock slow path keeps the lock's address).
+    pub rbx: u64,
+    /// Stack words that point into the kernel's text mapping (`0xffffffff80000000` and up).
+    pub stack_code: Vec<u64>,
     /// LAPIC timer LVT (vector, mode, mask bit 16).
     pub lapic_timer_lvt: u32,
     /// LAPIC timer initial count.
@@ -74,11 +82,40 @@ pub struct VcpuState {
     pub lapic_isr: Vec<u32>,
 }
 
+/// How many stack words a stopped vCPU's report looks at.
+const STACK_WORDS: u64 = 64;
+/// Where x86-64 Linux maps its text.
+const KERNEL_TEXT: u64 = 0xffff_ffff_8000_0000;
+
+/// The guest-physical address of `va` under the 4-level page tables at `cr3` (4 KiB, 2 MiB
+/// and 1 GiB pages); `None` when a level is not present or not in RAM.
+fn translate(memory: &GuestRam, cr3: u64, va: u64) -> Option<u64> {
+    const PRESENT: u64 = 1;
+    const HUGE: u64 = 1 << 7;
+    const ADDRESS: u64 = 0x000f_ffff_ffff_f000;
+    let mut table = cr3 & ADDRESS;
+    for (level, shift) in [39u32, 30, 21, 12].into_iter().enumerate() {
+        let index = (va >> shift) & 0x1ff;
+        let entry: u64 = memory.read_obj(GuestAddress(table + index * 8)).ok()?;
+        if entry & PRESENT == 0 {
+            return None;
+        }
+        let page = 1u64 << shift;
+        if level == 3 || (level > 0 && entry & HUGE != 0) {
+            return Some((entry & ADDRESS & !(page - 1)) | (va & (page - 1)));
+        }
+        table = entry & ADDRESS;
+    }
+    None
+}
+
 /// A configured vCPU.
 #[derive(Debug)]
 pub struct Vcpu {
     id: u8,
     fd: VcpuFd,
+    /// Guest RAM, read (never written) to report a stopped vCPU's stack.
+    memory: GuestRam,
 }
 
 impl Vcpu {
@@ -129,7 +166,11 @@ impl Vcpu {
         let mut state = fd.get_lapic().map_err(fail("KVM_GET_LAPIC"))?;
         lapic::set_lint(&mut state);
         fd.set_lapic(&state).map_err(fail("KVM_SET_LAPIC"))?;
-        Ok(Vcpu { id, fd })
+        Ok(Vcpu {
+            id,
+            fd,
+            memory: vm.memory().clone(),
+        })
     }
 
     /// Runs the vCPU until the VM stops (every way out of the loop raises `ctx.exit`), then
@@ -142,12 +183,24 @@ impl Vcpu {
     /// Where the vCPU is now (outside `KVM_RUN`); fields KVM refuses to give are 0.
     fn state(&self) -> VcpuState {
         let regs = self.fd.get_regs().unwrap_or_default();
+        let cr3 = self.fd.get_sregs().map(|s| s.cr3).unwrap_or_default();
+        // The words on the stack that look like code addresses: the call chain, roughly.
+        let stack = (0..STACK_WORDS)
+            .filter_map(|i| {
+                let at = translate(&self.memory, cr3, regs.rsp.wrapping_add(8 * i))?;
+                self.memory.read_obj::<u64>(GuestAddress(at)).ok()
+            })
+            .filter(|word| *word >= KERNEL_TEXT)
+            .collect();
         let lapic = self.fd.get_lapic().ok();
         let reg = |offset: usize| lapic.as_ref().map_or(0, |l| lapic::read(l, offset));
         VcpuState {
             id: self.id,
             rip: regs.rip,
             rflags: regs.rflags,
+            rsp: regs.rsp,
+            rbx: regs.rbx,
+            stack_code: stack,
             lapic_timer_lvt: reg(lapic::APIC_LVTT),
             lapic_timer_initial: reg(lapic::APIC_TMICT),
             lapic_timer_current: reg(lapic::APIC_TMCCT),
@@ -210,5 +263,32 @@ impl Vcpu {
                 ))),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::arch::layout::PML4_START;
+
+    #[test]
+    fn translates_through_the_boot_tables_and_a_4k_mapping() {
+        let memory = crate::vmm::vstate::memory::create(8 << 20).unwrap();
+        let mut sregs = kvm_bindings::kvm_sregs::default();
+        regs::setup_long_mode(&memory, &mut sregs).unwrap();
+        // The boot tables: identity, 2 MiB pages.
+        assert_eq!(translate(&memory, PML4_START, 0x12_3456), Some(0x12_3456));
+        // Add a 4 KiB mapping: 0xffffffff80001000 -> 0x345000, through tables at 0x300000.
+        let va: u64 = 0xffff_ffff_8000_1000;
+        let (pdpt, pd, pt) = (0x30_0000u64, 0x30_1000u64, 0x30_2000u64);
+        let put = |at: u64, v: u64| memory.write_obj(v, GuestAddress(at)).unwrap();
+        put(PML4_START + ((va >> 39) & 0x1ff) * 8, pdpt | 3);
+        put(pdpt + ((va >> 30) & 0x1ff) * 8, pd | 3);
+        put(pd + ((va >> 21) & 0x1ff) * 8, pt | 3);
+        put(pt + ((va >> 12) & 0x1ff) * 8, 0x34_5000 | 3);
+        assert_eq!(translate(&memory, PML4_START, va + 0x10), Some(0x34_5010));
+        // Not present, and tables outside RAM.
+        assert_eq!(translate(&memory, PML4_START, 0xffff_8000_0000_0000), None);
+        assert_eq!(translate(&memory, 0xfff0_0000, 0x1000), None);
     }
 }
