@@ -25,9 +25,23 @@ use std::str::FromStr;
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// Whether this build has mvm's own VMM. The one switch to flip when it lands: `auto` then
-/// picks it on hardware virtualization, and `--backend kvm` is no longer refused (RUN010).
-const KVM_BACKEND_BUILT: bool = false;
+/// How far this build trusts mvm's own VMM: built in and run when asked for with
+/// `--backend kvm` on hardware virtualization, but not yet what `auto` picks — no test has
+/// booted Linux on it (`docs/vmm.md`). The one switch to flip once one has: `Default`.
+const OWN_VMM: OwnVmm = OwnVmm::Explicit;
+
+/// Whether a build has mvm's own VMM, and whether `auto` picks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OwnVmm {
+    /// Not in the build: `--backend kvm` is refused (RUN010).
+    #[allow(dead_code)]
+    Absent,
+    /// Run when asked for; `auto` uses QEMU.
+    Explicit,
+    /// What `auto` picks on hardware virtualization.
+    #[allow(dead_code)]
+    Default,
+}
 
 /// The kernel module behind a PVM `/dev/kvm`.
 pub const PVM_MODULE: &str = "kvm_pvm";
@@ -596,23 +610,24 @@ pub struct Selected {
     pub reason: String,
 }
 
-/// The backend for `choice` on a host with `facts`: `auto` is the kvm backend on hardware
-/// virtualization (QEMU with `-accel kvm` while this build has no VMM of its own) and QEMU
-/// with TCG anywhere else; `qemu` is QEMU, with KVM where the hardware allows; `kvm` is
-/// refused (RUN010) while this build has no VMM of its own, and on hosts without hardware
-/// virtualization (RUN013). A QEMU backend needs a usable QEMU (RUN011, RUN012).
+/// The backend for `choice` on a host with `facts`: `auto` is QEMU, with `-accel kvm` on
+/// hardware virtualization and TCG anywhere else (mvm's own VMM once a build makes it the
+/// default); `qemu` is QEMU, with KVM where the hardware allows; `kvm` is mvm's own VMM,
+/// refused on hosts without hardware virtualization (RUN013) — such as PVM, where no stock
+/// kernel boots — and in a build without it (RUN010). A QEMU backend needs a usable QEMU
+/// (RUN011, RUN012).
 pub fn select(choice: BackendChoice, facts: &HostFacts) -> Result<Selected, HostError> {
-    select_in_build(choice, facts, KVM_BACKEND_BUILT)
+    select_in_build(choice, facts, OWN_VMM)
 }
 
 fn select_in_build(
     choice: BackendChoice,
     facts: &HostFacts,
-    kvm_built: bool,
+    own: OwnVmm,
 ) -> Result<Selected, HostError> {
     let hardware = matches!(facts.virt, VirtKind::Hardware { .. });
     if choice == BackendChoice::Kvm {
-        if !kvm_built {
+        if own == OwnVmm::Absent {
             return Err(HostError::KvmBackendNotBuilt);
         }
         if !hardware {
@@ -621,7 +636,9 @@ fn select_in_build(
             });
         }
     }
-    if kvm_built && hardware && choice != BackendChoice::Qemu {
+    let picked =
+        choice == BackendChoice::Kvm || own == OwnVmm::Default && choice == BackendChoice::Auto;
+    if hardware && picked {
         return Ok(Selected {
             backend: Backend::Kvm,
             accel: Accel::Kvm,
@@ -636,10 +653,18 @@ fn select_in_build(
             Accel::Kvm,
             format!("--backend qemu on {}: using QEMU with KVM", facts.virt),
         ),
-        VirtKind::Hardware { .. } => (
+        VirtKind::Hardware { .. } if own == OwnVmm::Absent => (
             Accel::Kvm,
             format!(
                 "{}: mvm's own VMM is not in this build yet; using QEMU with KVM",
+                facts.virt
+            ),
+        ),
+        VirtKind::Hardware { .. } => (
+            Accel::Kvm,
+            format!(
+                "{}: using QEMU with KVM (mvm's own VMM has not booted Linux in its tests yet; \
+                 ask for it with --backend kvm)",
                 facts.virt
             ),
         ),
@@ -1012,35 +1037,40 @@ mod tests {
         let intel = facts(VirtKind::Hardware {
             vendor: Vendor::Intel,
         });
-        // This build: QEMU with KVM, and an explicit kvm is refused.
+        // This build: auto is QEMU with KVM; an explicit kvm is mvm's own VMM.
         let auto = select(BackendChoice::Auto, &intel).unwrap();
         assert_eq!((auto.backend, auto.accel), (Backend::Qemu, Accel::Kvm));
-        assert!(
-            auto.reason.contains("not in this build yet"),
-            "{}",
-            auto.reason
-        );
+        assert!(auto.reason.contains("--backend kvm"), "{}", auto.reason);
         let qemu = select(BackendChoice::Qemu, &intel).unwrap();
         assert_eq!((qemu.backend, qemu.accel), (Backend::Qemu, Accel::Kvm));
-        let err = select(BackendChoice::Kvm, &intel).unwrap_err();
+        let kvm = select(BackendChoice::Kvm, &intel).unwrap();
+        assert_eq!((kvm.backend, kvm.accel), (Backend::Kvm, Accel::Kvm));
+        // A build without the VMM refuses it ...
+        let err = select_in_build(BackendChoice::Kvm, &intel, OwnVmm::Absent).unwrap_err();
         assert_eq!(err.code(), "RUN010");
         assert_eq!(
             err.to_string(),
             "the kvm backend is not in this build yet; use --backend qemu"
         );
-        // The same host with the VMM built in.
-        let auto = select_in_build(BackendChoice::Auto, &intel, true).unwrap();
+        let auto = select_in_build(BackendChoice::Auto, &intel, OwnVmm::Absent).unwrap();
+        assert!(
+            auto.reason.contains("not in this build yet"),
+            "{}",
+            auto.reason
+        );
+        // ... and one that makes it the default picks it for auto.
+        let auto = select_in_build(BackendChoice::Auto, &intel, OwnVmm::Default).unwrap();
         assert_eq!((auto.backend, auto.accel), (Backend::Kvm, Accel::Kvm));
-        let kvm = select_in_build(BackendChoice::Kvm, &intel, true).unwrap();
-        assert_eq!(kvm, auto);
-        let qemu = select_in_build(BackendChoice::Qemu, &intel, true).unwrap();
+        let qemu = select_in_build(BackendChoice::Qemu, &intel, OwnVmm::Default).unwrap();
         assert_eq!((qemu.backend, qemu.accel), (Backend::Qemu, Accel::Kvm));
-        // ... and without hardware virtualization.
-        let err = select_in_build(BackendChoice::Kvm, &facts(VirtKind::Pvm), true).unwrap_err();
-        assert_eq!(err.code(), "RUN013");
-        assert!(err.to_string().contains("PVM (kvm_pvm)"), "{err}");
-        let auto = select_in_build(BackendChoice::Auto, &facts(VirtKind::Pvm), true).unwrap();
-        assert_eq!((auto.backend, auto.accel), (Backend::Qemu, Accel::Tcg));
+        // Without hardware virtualization the VMM is never used, whatever the build.
+        for own in [OwnVmm::Explicit, OwnVmm::Default] {
+            let err = select_in_build(BackendChoice::Kvm, &facts(VirtKind::Pvm), own).unwrap_err();
+            assert_eq!(err.code(), "RUN013");
+            assert!(err.to_string().contains("PVM (kvm_pvm)"), "{err}");
+            let auto = select_in_build(BackendChoice::Auto, &facts(VirtKind::Pvm), own).unwrap();
+            assert_eq!((auto.backend, auto.accel), (Backend::Qemu, Accel::Tcg));
+        }
     }
 
     #[test]
@@ -1056,19 +1086,23 @@ mod tests {
             assert_eq!(err.code(), "RUN011");
             assert_eq!(err.fix(), Some("apt-get install qemu-system-x86"));
         }
-        // Without QEMU, hardware virtualization still runs the VMM once it is built.
+        // Without QEMU, hardware virtualization still runs the VMM when asked for.
         let hardware = no_qemu(VirtKind::Hardware {
             vendor: Vendor::Amd,
         });
         assert_eq!(
-            select_in_build(BackendChoice::Auto, &hardware, true)
+            select(BackendChoice::Kvm, &hardware).unwrap().backend,
+            Backend::Kvm
+        );
+        assert_eq!(
+            select_in_build(BackendChoice::Auto, &hardware, OwnVmm::Default)
                 .unwrap()
                 .backend,
             Backend::Kvm
         );
         assert_eq!(
-            select(BackendChoice::Kvm, &hardware).unwrap_err().code(),
-            "RUN010"
+            select(BackendChoice::Auto, &hardware).unwrap_err().code(),
+            "RUN011"
         );
     }
 

@@ -33,11 +33,11 @@ use serde_json::{json, Map, Value};
 use crate::admission::{admit_bundle, AdmissionError};
 use crate::client::{AgentClient, ClientError, Executed, OutputSink};
 use crate::control::{self, Pausable};
-use crate::host::{self, Accel, BackendChoice, HostError, HostFacts};
+use crate::host::{self, Accel, Backend, BackendChoice, HostError, HostFacts};
 use crate::mux::AgentMux;
-use crate::qemu::qmp::Qmp;
 use crate::qemu::{self, QemuVm, VmFiles};
 use crate::state::{self, Phase, VmState};
+use crate::vm_process::{OwnVm, OwnVmFiles, VmProcess};
 
 /// Exit statuses of a launch that did not end with the command's own status. Commands may
 /// exit with any status too; the JSON report says which it was.
@@ -293,7 +293,7 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Bo
         exec_request(verified, launch)
     })?;
 
-    let mut outcome = boot(launch, &listener, &mut vm_process)
+    let mut outcome = boot(launch, listener.as_ref(), &mut vm_process)
         .and_then(|booted| run_command(&mut vm_process, booted, request, sink));
     // The socket's job is done either way; nobody may connect to it later.
     drop(listener);
@@ -373,7 +373,7 @@ pub fn serve_named(
     };
     record(&state)?;
 
-    let booted = boot(launch, &listener, &mut vm_process);
+    let booted = boot(launch, listener.as_ref(), &mut vm_process);
     drop(listener);
     let _ = fs::remove_file(&socket);
     let outcome = booted.and_then(|booted| {
@@ -383,11 +383,12 @@ pub fn serve_named(
             UnixListener::bind(&control_path).map_err(LaunchError::host("control socket"))?;
         fs::set_permissions(&control_path, fs::Permissions::from_mode(0o600))
             .map_err(LaunchError::host("control socket"))?;
+        let machine = vm_process
+            .machine(&dir.path)
+            .map_err(|e| LaunchError::Backend(format!("QMP: {e}")))?;
         state.phase = Phase::Running;
         record(&state)?;
         on_ready(&state);
-        let machine = Qmp::connect(&dir.path.join(state::MACHINE_SOCKET))
-            .map_err(|e| LaunchError::Backend(format!("QMP: {e}")))?;
         let phases = {
             let (dir, state) = (dir.path.clone(), state.clone());
             move |phase| {
@@ -405,7 +406,7 @@ pub fn serve_named(
             &mut vm_process,
             booted,
             (&audit, &vm),
-            (Box::new(machine), Box::new(phases)),
+            (machine, Box::new(phases)),
         );
         let _ = fs::remove_file(&control_path);
         serving
@@ -442,7 +443,7 @@ fn keep_serving(
     launch: &Launch,
     control: UnixListener,
     plan: &LaunchPlan,
-    vm: &mut QemuVm,
+    vm: &mut VmProcess,
     booted: Booted,
     (audit, vm_id): (&Arc<Audit>, &str),
     (machine, phases): (Box<dyn Pausable>, PhaseRecorder),
@@ -518,9 +519,10 @@ struct Started<T> {
     accel: Accel,
     vm: String,
     dir: VmDir,
-    listener: UnixListener,
+    /// The socket QEMU connects the agent channel to (none for the own VMM).
+    listener: Option<UnixListener>,
     socket: PathBuf,
-    vm_process: QemuVm,
+    vm_process: VmProcess,
 }
 
 fn start<T>(
@@ -549,8 +551,11 @@ fn start<T>(
             // One look at the host: the QEMU it found is the one that runs.
             let facts = HostFacts::detect();
             let selected = host::select(launch.backend, &facts).map_err(unavailable)?;
-            let qemu = facts.qemu.map_err(unavailable)?;
-            Ok((settled, selected.accel, qemu.path))
+            let qemu = match selected.backend {
+                Backend::Qemu => Some(facts.qemu.map_err(unavailable)?.path),
+                Backend::Kvm => None,
+            };
+            Ok((settled, selected.accel, qemu))
         },
     );
     let (admitted, (settled, accel, qemu)) = match admitted {
@@ -584,28 +589,48 @@ fn start<T>(
     let kernel = dir.private_copy("kernel", &admitted.artifacts.kernel)?;
     let initramfs = dir.private_copy("initramfs", &admitted.artifacts.initramfs)?;
     let socket = dir.path.join("agent.sock");
-    let listener = UnixListener::bind(&socket).map_err(LaunchError::host("agent socket"))?;
-    fs::set_permissions(&socket, fs::Permissions::from_mode(0o600))
-        .map_err(LaunchError::host("agent socket"))?;
-    listener
-        .set_nonblocking(true)
-        .map_err(LaunchError::host("agent socket"))?;
-    let qmp_socket = dir.path.join(state::MACHINE_SOCKET);
-    let files = VmFiles {
-        kernel: &kernel,
-        initramfs: &initramfs,
-        rootfs: &admitted.artifacts.rootfs,
-        verity: &admitted.artifacts.verity,
-        agent_socket: &socket,
-        qmp_socket: &qmp_socket,
-    };
-    let args = qemu::arguments(&plan.plan, &files, accel);
     let serial_log = dir.serial_log()?;
-    let vm_process = QemuVm::spawn(&qemu, &args, serial_log)
-        .map_err(|e| LaunchError::Backend(format!("starting {}: {e}", qemu.display())))?;
+    let (listener, vm_process) = match qemu {
+        Some(qemu) => {
+            let listener =
+                UnixListener::bind(&socket).map_err(LaunchError::host("agent socket"))?;
+            fs::set_permissions(&socket, fs::Permissions::from_mode(0o600))
+                .map_err(LaunchError::host("agent socket"))?;
+            listener
+                .set_nonblocking(true)
+                .map_err(LaunchError::host("agent socket"))?;
+            let files = VmFiles {
+                kernel: &kernel,
+                initramfs: &initramfs,
+                rootfs: &admitted.artifacts.rootfs,
+                verity: &admitted.artifacts.verity,
+                agent_socket: &socket,
+                qmp_socket: &dir.path.join(state::MACHINE_SOCKET),
+            };
+            let args = qemu::arguments(&plan.plan, &files, accel);
+            let vm_process = QemuVm::spawn(&qemu, &args, serial_log)
+                .map_err(|e| LaunchError::Backend(format!("starting {}: {e}", qemu.display())))?;
+            (Some(listener), VmProcess::Qemu(vm_process))
+        }
+        None => {
+            let files = OwnVmFiles {
+                kernel: &kernel,
+                initramfs: &initramfs,
+                rootfs: &admitted.artifacts.rootfs,
+                verity: &admitted.artifacts.verity,
+            };
+            let vm = OwnVm::boot(&plan.plan, &files, serial_log)
+                .map_err(|e| LaunchError::Backend(format!("{}: {e}", e.code())))?;
+            (None, VmProcess::Own(vm))
+        }
+    };
+    let backend = match vm_process {
+        VmProcess::Qemu(_) => "qemu",
+        VmProcess::Own(_) => "kvm",
+    };
     audit.append(
         "vm.started",
-        json!({"vm": vm, "backend": "qemu", "accel": accel.to_string(), "pid": vm_process.pid()}),
+        json!({"vm": vm, "backend": backend, "accel": accel.to_string(), "pid": vm_process.pid()}),
     )?;
     Ok(Started {
         audit,
@@ -622,7 +647,7 @@ fn start<T>(
 
 /// The failure report for `error`: the console's tail, and its log kept unless the run was
 /// stopped on purpose.
-fn failure(error: LaunchError, vm: &QemuVm, dir: VmDir) -> Box<Failure> {
+fn failure(error: LaunchError, vm: &VmProcess, dir: VmDir) -> Box<Failure> {
     let serial_log = match error {
         LaunchError::Interrupted => None,
         _ => dir.keep_log(),
@@ -652,10 +677,19 @@ struct Ran {
     client: AgentClient,
 }
 
-/// Waits for QEMU to connect the agent channel and the agent to say hello.
-fn boot(launch: &Launch, listener: &UnixListener, vm: &mut QemuVm) -> Result<Booted, LaunchError> {
+/// Waits for the agent channel (QEMU connects it; the own VMM's is connected already) and
+/// the agent's hello.
+fn boot(
+    launch: &Launch,
+    listener: Option<&UnixListener>,
+    vm: &mut VmProcess,
+) -> Result<Booted, LaunchError> {
     let boot_deadline = Instant::now() + launch.boot_timeout;
-    let stream = accept_from(listener, vm, boot_deadline, launch)?;
+    let stream = match (vm.take_channel(), listener) {
+        (Some(stream), _) => stream,
+        (None, Some(listener)) => accept_from(listener, vm, boot_deadline, launch)?,
+        (None, None) => return Err(LaunchError::Backend("no agent channel".into())),
+    };
     let mut client = AgentClient::new(stream, Arc::clone(&launch.interrupt))
         .map_err(LaunchError::host("agent channel"))?;
     let left = boot_deadline.saturating_duration_since(Instant::now());
@@ -671,7 +705,7 @@ fn boot(launch: &Launch, listener: &UnixListener, vm: &mut QemuVm) -> Result<Boo
 
 /// Runs the one command of a launch.
 fn run_command(
-    vm: &mut QemuVm,
+    vm: &mut VmProcess,
     booted: Booted,
     request: ExecRequest,
     sink: &mut dyn OutputSink,
@@ -724,7 +758,7 @@ fn run_command(
 /// Accepts the agent channel's connection, from the VM process and nobody else.
 fn accept_from(
     listener: &UnixListener,
-    vm: &mut QemuVm,
+    vm: &mut VmProcess,
     deadline: Instant,
     launch: &Launch,
 ) -> Result<UnixStream, LaunchError> {
@@ -747,10 +781,11 @@ fn accept_from(
         }
         if let Some(status) = vm
             .try_wait()
-            .map_err(LaunchError::host("waiting for QEMU"))?
+            .map_err(LaunchError::host("waiting for the VM"))?
         {
             return Err(LaunchError::Backend(format!(
-                "QEMU exited ({status}) before connecting: {}",
+                "{} exited ({status}) before connecting: {}",
+                vm.name(),
                 vm.stderr()
             )));
         }
@@ -769,7 +804,7 @@ fn accept_from(
 /// QEMU's own exit. `booting` is the boot timeout while the guest is booting: silence then is
 /// a boot timeout; later it is a channel failure.
 fn why_the_guest_stopped(
-    vm: &mut QemuVm,
+    vm: &mut VmProcess,
     error: ClientError,
     booting: Option<Duration>,
 ) -> LaunchError {
@@ -794,7 +829,8 @@ fn why_the_guest_stopped(
     match (error, vm.try_wait(), booting) {
         (ClientError::Timeout(_), Ok(None), Some(limit)) => LaunchError::BootTimeout(limit),
         (_, Ok(Some(status)), _) => LaunchError::Backend(format!(
-            "QEMU exited ({status}); {}",
+            "{} exited ({status}); {}",
+            vm.name(),
             match vm.stderr() {
                 stderr if stderr.is_empty() => "it printed nothing".to_string(),
                 stderr => stderr,

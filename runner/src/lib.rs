@@ -24,3 +24,5 @@ pub mod mux;
 pub mod qemu;
 pub mod serial;
 pub mod state;
+pub mod vm_process;
+pub mod vmm;

@@ -102,19 +102,54 @@ fn scan_line(state: &mut State, line: &str) {
     }
 }
 
+/// The console log file: the first [`LOG_LIMIT`] bytes of the console, then a note that it
+/// was cut; every byte also goes to the [`Console`].
+#[derive(Debug)]
+pub struct BoundedLog {
+    log: File,
+    console: Console,
+    logged: u64,
+    cut: bool,
+}
+
+impl BoundedLog {
+    /// A log writing into `log` and feeding `console`.
+    pub fn new(log: File, console: Console) -> Self {
+        BoundedLog {
+            log,
+            console,
+            logged: 0,
+            cut: false,
+        }
+    }
+
+    /// Records console bytes.
+    pub fn record(&mut self, bytes: &[u8]) {
+        self.console.feed(bytes);
+        let room = LOG_LIMIT.saturating_sub(self.logged);
+        let take = (bytes.len() as u64).min(room) as usize;
+        if take > 0 && self.log.write_all(&bytes[..take]).is_ok() {
+            self.logged += take as u64;
+        }
+        if take < bytes.len() && !self.cut {
+            self.cut = true;
+            let _ = writeln!(self.log, "\n[mvm: console log cut at {LOG_LIMIT} bytes]");
+        }
+    }
+}
+
 /// Copies `source` (the backend's console output) into `log` up to [`LOG_LIMIT`] bytes and
 /// into `console`, on a thread of its own, until end of file.
 pub fn record(
     mut source: impl Read + Send + 'static,
-    mut log: File,
+    log: File,
     console: Console,
 ) -> io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("serial".into())
         .spawn(move || {
             let mut buffer = [0; 8192];
-            let mut logged = 0u64;
-            let mut cut = false;
+            let mut log = BoundedLog::new(log, console);
             loop {
                 let n = match source.read(&mut buffer) {
                     Ok(0) => return,
@@ -122,16 +157,7 @@ pub fn record(
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(_) => return,
                 };
-                console.feed(&buffer[..n]);
-                let room = LOG_LIMIT.saturating_sub(logged);
-                let take = (n as u64).min(room) as usize;
-                if take > 0 && log.write_all(&buffer[..take]).is_ok() {
-                    logged += take as u64;
-                }
-                if take < n && !cut {
-                    cut = true;
-                    let _ = writeln!(log, "\n[mvm: console log cut at {LOG_LIMIT} bytes]");
-                }
+                log.record(&buffer[..n]);
             }
         })
 }

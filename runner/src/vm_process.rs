@@ -1,0 +1,234 @@
+//! The VM a launch runs, whichever backend boots it: a supervised QEMU process ([`qemu`]), or
+//! mvm's own VMM ([`vmm`]) on threads of this runner.
+//!
+//! Both give the guest the same contract — the plan's kernel, initramfs and command line, the
+//! root image and its hash tree as read-only disks vda and vdb, the agent's console port named
+//! `mvm.agent`, the serial console in the VM's bounded log — and the launch sees both the same
+//! way: a console, a way to learn that the VM ended, a way to end it. The agent channel of
+//! QEMU is a unix socket QEMU connects to; that of the own VMM is one end of a socketpair,
+//! connected before the guest starts.
+//!
+//! [`qemu`]: crate::qemu
+//! [`vmm`]: crate::vmm
+
+use std::fs::File;
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use mvm_ir::plan::LaunchPlan;
+
+use crate::control::Pausable;
+use crate::qemu::qmp::Qmp;
+use crate::qemu::QemuVm;
+use crate::serial::Console;
+use crate::state::MACHINE_SOCKET;
+use crate::vmm::{self, BlockConfig, GuestExit, MicroVm, VmConfig, VmmError};
+
+/// A running VM.
+#[derive(Debug)]
+pub enum VmProcess {
+    /// QEMU, in a process group of its own.
+    Qemu(QemuVm),
+    /// mvm's own VMM, in this process.
+    Own(OwnVm),
+}
+
+/// The own VMM's vCPUs cannot be paused yet: a pause is refused (RUN039), nothing changes.
+struct NotPausable;
+
+impl Pausable for NotPausable {
+    fn pause(&mut self) -> io::Result<()> {
+        Err(io::Error::other("the kvm backend cannot pause a VM yet"))
+    }
+
+    fn resume(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// mvm's own VMM running a plan.
+#[derive(Debug)]
+pub struct OwnVm {
+    vm: Option<MicroVm>,
+    console: Console,
+    channel: Option<UnixStream>,
+    ended: Option<GuestExit>,
+}
+
+/// The files a plan boots from with the own VMM: the private copies of the kernel and
+/// initramfs, and the two disks.
+#[derive(Debug, Clone, Copy)]
+pub struct OwnVmFiles<'a> {
+    /// The kernel (bzImage or ELF vmlinux).
+    pub kernel: &'a Path,
+    /// The initramfs.
+    pub initramfs: &'a Path,
+    /// The EROFS image (vda).
+    pub rootfs: &'a Path,
+    /// Its hash tree (vdb).
+    pub verity: &'a Path,
+}
+
+impl OwnVm {
+    /// Boots `plan` from `files`, the serial console logged into `serial_log`.
+    pub fn boot(
+        plan: &LaunchPlan,
+        files: &OwnVmFiles<'_>,
+        serial_log: File,
+    ) -> Result<Self, VmmError> {
+        let (guest_end, host_end) = UnixStream::pair().map_err(|e| VmmError::Device {
+            device: "agent channel".into(),
+            reason: e.to_string(),
+        })?;
+        let vcpus = u8::try_from(plan.resources.cpu_cores)
+            .map_err(|_| VmmError::Config(format!("{} vCPUs", plan.resources.cpu_cores)))?;
+        let console = Console::default();
+        let disk = |path: &Path, id: &str| BlockConfig {
+            path: path.to_path_buf(),
+            read_only: true,
+            id: id.into(),
+        };
+        let vm = vmm::build(VmConfig {
+            vcpus,
+            memory_mib: u64::from(plan.resources.memory_mb),
+            kernel: files.kernel.to_path_buf(),
+            initrd: Some(files.initramfs.to_path_buf()),
+            cmdline: plan.kernel.cmdline.clone(),
+            serial_log,
+            serial: console.clone(),
+            block: vec![disk(files.rootfs, "root"), disk(files.verity, "verity")],
+            agent_channel: Some(guest_end),
+            // Not in the guest contract (the QEMU backend has none).
+            rng: false,
+        })?;
+        Ok(OwnVm {
+            vm: Some(vm),
+            console,
+            channel: Some(host_end),
+            ended: None,
+        })
+    }
+
+    fn poll(&mut self) -> Option<GuestExit> {
+        if self.ended.is_none() {
+            if let Some(exit) = self.vm.as_ref().and_then(MicroVm::ended) {
+                // Joins its threads and flushes the console: the VM is over.
+                if let Some(vm) = self.vm.take() {
+                    vm.stop();
+                }
+                self.ended = Some(exit);
+            }
+        }
+        self.ended.clone()
+    }
+
+    fn kill(&mut self) {
+        if let Some(vm) = self.vm.take() {
+            let exit = vm.stop();
+            self.ended.get_or_insert(exit);
+        }
+    }
+}
+
+impl VmProcess {
+    /// The backend's name, for messages ("QEMU exited …").
+    pub fn name(&self) -> &'static str {
+        match self {
+            VmProcess::Qemu(_) => "QEMU",
+            VmProcess::Own(_) => "the VM",
+        }
+    }
+
+    /// The process whose end of the agent channel is trusted: QEMU's, or this runner's.
+    pub fn pid(&self) -> u32 {
+        match self {
+            VmProcess::Qemu(qemu) => qemu.pid(),
+            VmProcess::Own(_) => std::process::id(),
+        }
+    }
+
+    /// The guest's serial console so far.
+    pub fn console(&self) -> &Console {
+        match self {
+            VmProcess::Qemu(qemu) => qemu.console(),
+            VmProcess::Own(own) => &own.console,
+        }
+    }
+
+    /// The agent channel, if the backend connected it before the guest started (the own
+    /// VMM); `None` means accept it on the VM's socket (QEMU). Given out once.
+    pub fn take_channel(&mut self) -> Option<UnixStream> {
+        match self {
+            VmProcess::Qemu(_) => None,
+            VmProcess::Own(own) => own.channel.take(),
+        }
+    }
+
+    /// How the VM ended, if it has.
+    pub fn try_wait(&mut self) -> io::Result<Option<String>> {
+        match self {
+            VmProcess::Qemu(qemu) => Ok(qemu.try_wait()?.map(|status| status.to_string())),
+            VmProcess::Own(own) => Ok(own.poll().map(|exit| describe(&exit))),
+        }
+    }
+
+    /// Waits up to `timeout` for the VM to end by itself.
+    pub fn wait_for_exit(&mut self, timeout: Duration) -> io::Result<Option<String>> {
+        match self {
+            VmProcess::Qemu(qemu) => Ok(qemu.wait_for_exit(timeout)?.map(|s| s.to_string())),
+            VmProcess::Own(own) => {
+                let deadline = Instant::now() + timeout;
+                loop {
+                    if let Some(exit) = own.poll() {
+                        return Ok(Some(describe(&exit)));
+                    }
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Ok(None);
+                    }
+                    if let Some(vm) = &own.vm {
+                        vm.wait(left);
+                    }
+                }
+            }
+        }
+    }
+
+    /// What the backend said on its way out (QEMU's standard error; nothing for the own VMM,
+    /// whose ends are described by [`VmProcess::try_wait`]).
+    pub fn stderr(&self) -> String {
+        match self {
+            VmProcess::Qemu(qemu) => qemu.stderr(),
+            VmProcess::Own(_) => String::new(),
+        }
+    }
+
+    /// What pauses and resumes the VM: QEMU's QMP socket in the VM's directory `dir`.
+    pub fn machine(&self, dir: &Path) -> io::Result<Box<dyn Pausable>> {
+        match self {
+            VmProcess::Qemu(_) => Ok(Box::new(Qmp::connect(&dir.join(MACHINE_SOCKET))?)),
+            VmProcess::Own(_) => Ok(Box::new(NotPausable)),
+        }
+    }
+
+    /// Ends the VM now, if it has not ended.
+    pub fn kill(&mut self) {
+        match self {
+            VmProcess::Qemu(qemu) => qemu.kill(),
+            VmProcess::Own(own) => own.kill(),
+        }
+    }
+}
+
+/// A guest's end in words.
+fn describe(exit: &GuestExit) -> String {
+    match exit {
+        GuestExit::PowerOff => "the guest powered off".into(),
+        GuestExit::Reset => "the guest reset".into(),
+        GuestExit::TripleFault => "the guest triple-faulted".into(),
+        GuestExit::Failed(reason) => reason.clone(),
+        GuestExit::Stopped => "stopped by the runner".into(),
+    }
+}

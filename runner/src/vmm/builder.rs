@@ -1,0 +1,395 @@
+//! Assembles a VM top to bottom: memory, KVM VM, boot data, devices, vCPUs — in that order, in
+//! [`build`], so a reader can follow a boot without jumping around.
+
+use std::fs::File;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::IoEventAddress;
+use mvm_agent::serve::channel::PORT_NAME;
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::Killable;
+
+use crate::serial::{BoundedLog, Console};
+use crate::vmm::arch::layout::*;
+use crate::vmm::arch::{acpi, boot};
+use crate::vmm::devices::acpi_pm::{self, AcpiPm};
+use crate::vmm::devices::bus::{Bus, SharedDevice};
+use crate::vmm::devices::cmos::{self, Cmos};
+use crate::vmm::devices::i8042::{self, I8042};
+use crate::vmm::devices::serial::{self, ConsoleSink, SerialDevice};
+use crate::vmm::devices::virtio::block::Block;
+use crate::vmm::devices::virtio::console::Console as VirtioConsole;
+use crate::vmm::devices::virtio::mmio::MmioTransport;
+use crate::vmm::devices::virtio::rng::Rng;
+use crate::vmm::devices::virtio::VirtioDevice;
+use crate::vmm::devices::IrqLine;
+use crate::vmm::event_loop::EventLoop;
+use crate::vmm::exit::{ExitSignal, GuestExit};
+use crate::vmm::vstate::vcpu::{self, Vcpu, VcpuContext, VcpuState};
+use crate::vmm::vstate::{memory, vm::Vm};
+use crate::vmm::VmmError;
+
+/// The most vCPUs (APIC ids fit a byte; a microVM needs few).
+pub const MAX_VCPUS: u8 = 32;
+/// The least guest RAM: the boot area, the kernel at 1 MiB and up, and room to run.
+pub const MIN_MEMORY_MIB: u64 = 4;
+/// How long [`MicroVm::stop`] keeps kicking vCPUs before it gives up on joining them.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What to boot.
+#[derive(Debug)]
+pub struct VmConfig {
+    /// How many vCPUs.
+    pub vcpus: u8,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// The kernel: an ELF vmlinux or a bzImage.
+    pub kernel: PathBuf,
+    /// An initramfs, placed at the top of low RAM.
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line.
+    pub cmdline: String,
+    /// Where the serial console's output is logged (bounded).
+    pub serial_log: File,
+    /// The serial console as seen so far, shared with whoever watches the boot.
+    pub serial: Console,
+    /// Disks, in the order the guest finds them (`vda`, `vdb`, …).
+    pub block: Vec<BlockConfig>,
+    /// The host end of the agent's channel: the virtio-console port named `mvm.agent` (port 1
+    /// of a two-port device, as the QEMU backend has it), after the disks.
+    pub agent_channel: Option<UnixStream>,
+    /// Whether the guest gets a virtio-rng device (after the console).
+    pub rng: bool,
+}
+
+/// A virtio-blk disk.
+#[derive(Debug, Clone)]
+pub struct BlockConfig {
+    /// The backing file.
+    pub path: PathBuf,
+    /// Whether the guest may write it.
+    pub read_only: bool,
+    /// What the device answers to `GET_ID` (the guest's `/sys/block/vdX/serial`).
+    pub id: String,
+}
+
+/// A running VM. Dropping it stops it.
+#[derive(Debug)]
+pub struct MicroVm {
+    exit: Arc<ExitSignal>,
+    /// Joins the vCPU threads and the event loop once the VM ends; says whether all joined.
+    reaper: Option<JoinHandle<Reaped>>,
+    /// Where the vCPUs were when they stopped (once reaped).
+    vcpu_states: Vec<VcpuState>,
+    first_exit_us: Arc<AtomicU64>,
+    /// Guest RAM and the KVM fds: dropped only once every vCPU thread has been joined.
+    vm: Option<Vm>,
+}
+
+/// Builds and starts the VM `config` describes.
+pub fn build(config: VmConfig) -> Result<MicroVm, VmmError> {
+    let started = Instant::now();
+    if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+        return Err(VmmError::Config(format!(
+            "{} vCPUs; 1 to {MAX_VCPUS} are possible",
+            config.vcpus
+        )));
+    }
+    if config.memory_mib < MIN_MEMORY_MIB || config.memory_mib > (1 << 20) {
+        return Err(VmmError::Config(format!(
+            "{} MiB of memory",
+            config.memory_mib
+        )));
+    }
+    vcpu::install_kick_handler()?;
+
+    // Memory and the KVM VM.
+    let ram =
+        memory::create(config.memory_mib << 20).map_err(|e| VmmError::Memory(e.to_string()))?;
+    let vm = Vm::new(ram.clone())?;
+
+    // Boot data: kernel, command line, initramfs, ACPI tables, zero page.
+    let open = |path: &PathBuf, what: &str| {
+        File::open(path).map_err(|e| VmmError::Config(format!("{what} {}: {e}", path.display())))
+    };
+    let kernel = boot::load_kernel(&ram, &mut open(&config.kernel, "kernel")?)?;
+    boot::load_cmdline(&ram, &config.cmdline)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(boot::load_initrd(
+            &ram,
+            &kernel,
+            &mut open(path, "initramfs")?,
+        )?),
+        None => None,
+    };
+    let mut virtio: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
+    for disk in &config.block {
+        let device =
+            Block::open(&disk.path, disk.read_only, &disk.id).map_err(|e| VmmError::Device {
+                device: format!("virtio-blk {}", disk.path.display()),
+                reason: e.to_string(),
+            })?;
+        virtio.push((format!("virtio-blk {}", disk.id), Box::new(device)));
+    }
+    if let Some(host) = config.agent_channel {
+        let device = VirtioConsole::new(host, Some(PORT_NAME)).map_err(|e| VmmError::Device {
+            device: "virtio-console".into(),
+            reason: e.to_string(),
+        })?;
+        virtio.push(("virtio-console".into(), Box::new(device)));
+    }
+    if config.rng {
+        virtio.push(("virtio-rng".into(), Box::new(Rng::default())));
+    }
+    if virtio.len() > VIRTIO_MMIO_MAX {
+        return Err(VmmError::Config(format!(
+            "{} virtio devices; at most {VIRTIO_MMIO_MAX} fit",
+            virtio.len()
+        )));
+    }
+    let acpi_layout = acpi::AcpiLayout {
+        vcpus: config.vcpus,
+        virtio_devices: virtio.len(),
+    };
+    let rsdp = acpi::write_tables(&ram, &acpi_layout)?;
+    boot::write_boot_params(&ram, &kernel, config.cmdline.len(), initrd, rsdp)?;
+
+    // Devices.
+    let exit = Arc::new(ExitSignal::new().map_err(VmmError::Thread)?);
+    let serial_irq = irq_line(&vm, SERIAL_GSI, "serial")?;
+    let sink = ConsoleSink::new(BoundedLog::new(config.serial_log, config.serial));
+    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, sink)));
+    let mut pio = Bus::default();
+    let mut put = |base: u16, len: u64, device: SharedDevice, name: &str| {
+        pio.insert(u64::from(base), len, device)
+            .map_err(|e| VmmError::Device {
+                device: name.into(),
+                reason: e.to_string(),
+            })
+    };
+    put(SERIAL_PORT, serial::PORTS, serial.clone(), "serial")?;
+    put(
+        I8042_DATA_PORT,
+        i8042::PORTS,
+        Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        "i8042",
+    )?;
+    put(
+        CMOS_PORT,
+        cmos::PORTS,
+        Arc::new(Mutex::new(Cmos::default())),
+        "cmos",
+    )?;
+    put(
+        ACPI_SLEEP_CONTROL_PORT,
+        acpi_pm::PORTS,
+        Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
+        "acpi-pm",
+    )?;
+    let mut mmio = Bus::default();
+    let mut events = EventLoop::new(exit.clone()).map_err(VmmError::Thread)?;
+    for (n, (name, device)) in virtio.into_iter().enumerate() {
+        let base = virtio_mmio_base(n);
+        let fail = |reason: String| VmmError::Device {
+            device: name.clone(),
+            reason,
+        };
+        let irq = irq_line(&vm, virtio_gsi(n), &name)?;
+        let queues = device.queue_max_sizes().len();
+        let transport = Arc::new(Mutex::new(MmioTransport::new(device, ram.clone(), irq)));
+        let mut queue_events = Vec::with_capacity(queues);
+        for queue in 0..queues {
+            let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| fail(format!("eventfd: {e}")))?;
+            let notify = IoEventAddress::Mmio(base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY));
+            vm.fd()
+                .register_ioevent(&evt, &notify, queue as u32)
+                .map_err(|e| fail(format!("KVM_IOEVENTFD: {e}")))?;
+            queue_events.push(evt);
+        }
+        mmio.insert(base, VIRTIO_MMIO_SIZE, transport.clone())
+            .map_err(|e| fail(e.to_string()))?;
+        events
+            .add_device(transport, queue_events)
+            .map_err(|e| fail(format!("epoll: {e}")))?;
+    }
+    let events = events.spawn().map_err(VmmError::Thread)?;
+
+    // vCPUs, each on its own thread.
+    let vcpus = (0..config.vcpus)
+        .map(|id| Vcpu::new(&vm, id, config.vcpus, kernel.entry))
+        .collect::<Result<Vec<_>, _>>()?;
+    let ctx = VcpuContext {
+        pio: Arc::new(pio),
+        mmio: Arc::new(mmio),
+        exit: exit.clone(),
+        started,
+        first_exit_us: Arc::new(AtomicU64::new(0)),
+    };
+    let mut vcpu_threads = Vec::with_capacity(vcpus.len());
+    for (id, vcpu) in vcpus.into_iter().enumerate() {
+        let ctx = ctx.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || vcpu.run(ctx));
+        match spawned {
+            Ok(handle) => vcpu_threads.push(handle),
+            Err(e) => {
+                exit.raise(GuestExit::Stopped);
+                if !reap(&exit, vcpu_threads, Some(events), &serial).all_joined {
+                    std::mem::forget(vm);
+                }
+                return Err(VmmError::Thread(e));
+            }
+        }
+    }
+    // The reaper ends the VM's threads as soon as it ends, however it ends: a guest that
+    // powers off releases its devices (and closes the agent channel) without waiting for
+    // the host to call `stop`.
+    let reaper = {
+        let (exit, serial) = (exit.clone(), serial.clone());
+        std::thread::Builder::new()
+            .name("vmm-reaper".into())
+            .spawn(move || {
+                while exit.wait(Duration::from_secs(3600)).is_none() {}
+                reap(&exit, vcpu_threads, Some(events), &serial)
+            })
+    };
+    let reaper = match reaper {
+        Ok(handle) => handle,
+        Err(e) => {
+            // The vCPU threads went with the reaper that could not start: they are told to
+            // stop, and their memory is leaked rather than unmapped under them.
+            exit.raise(GuestExit::Stopped);
+            std::mem::forget(vm);
+            return Err(VmmError::Thread(e));
+        }
+    };
+    Ok(MicroVm {
+        exit,
+        reaper: Some(reaper),
+        vcpu_states: Vec::new(),
+        first_exit_us: ctx.first_exit_us.clone(),
+        vm: Some(vm),
+    })
+}
+
+/// What reaping found.
+#[derive(Debug, Default)]
+struct Reaped {
+    all_joined: bool,
+    states: Vec<VcpuState>,
+}
+
+/// Once `exit` is raised: kicks the vCPU threads out of `KVM_RUN` until they return (for at
+/// most [`STOP_TIMEOUT`]), joins them and the event loop, and passes on the console's last
+/// bytes. Says whether every vCPU thread was joined, and where they were.
+fn reap(
+    exit: &ExitSignal,
+    vcpus: Vec<JoinHandle<VcpuState>>,
+    events: Option<JoinHandle<()>>,
+    serial: &Mutex<SerialDevice>,
+) -> Reaped {
+    debug_assert!(exit.is_raised());
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    while vcpus.iter().any(|h| !h.is_finished()) && Instant::now() < deadline {
+        for handle in vcpus.iter().filter(|h| !h.is_finished()) {
+            let _ = handle.kill(vcpu::kick_signal());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    if let Some(events) = events {
+        // Raising the exit wrote the eventfd the loop watches: it returns promptly.
+        let _ = events.join();
+    }
+    let mut reaped = Reaped {
+        all_joined: true,
+        states: Vec::new(),
+    };
+    for handle in vcpus {
+        if handle.is_finished() {
+            if let Ok(state) = handle.join() {
+                reaped.states.push(state);
+            }
+        } else {
+            reaped.all_joined = false;
+        }
+    }
+    serial
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .drain();
+    reaped
+}
+
+/// An interrupt line on `gsi`: an eventfd registered as an irqfd.
+fn irq_line(vm: &Vm, gsi: u32, device: &str) -> Result<IrqLine, VmmError> {
+    let fail = |reason: String| VmmError::Device {
+        device: device.into(),
+        reason,
+    };
+    let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| fail(format!("eventfd: {e}")))?;
+    vm.fd()
+        .register_irqfd(&evt, gsi)
+        .map_err(|e| fail(format!("KVM_IRQFD on GSI {gsi}: {e}")))?;
+    Ok(IrqLine::new(evt))
+}
+
+impl MicroVm {
+    /// Waits up to `timeout` for the VM to end by itself; `None` if it is still running.
+    pub fn wait(&self, timeout: Duration) -> Option<GuestExit> {
+        self.exit.wait(timeout)
+    }
+
+    /// Time from the start of [`build`] to vCPU 0's first exit from the guest — an upper
+    /// bound on the time to the guest's first instruction.
+    pub fn time_to_first_exit(&self) -> Option<Duration> {
+        match self.first_exit_us.load(Ordering::SeqCst) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    /// Why the VM ended, if it has.
+    pub fn ended(&self) -> Option<GuestExit> {
+        self.exit.reason()
+    }
+
+    /// Stops the VM like [`MicroVm::stop`], and also says where each vCPU was — what a guest
+    /// that stalled was doing.
+    pub fn stop_and_inspect(mut self) -> (GuestExit, Vec<VcpuState>) {
+        let exit = self.shut_down();
+        (exit, std::mem::take(&mut self.vcpu_states))
+    }
+
+    /// Stops the VM (if it has not stopped by itself), joins its threads and flushes its
+    /// console; returns why it ended.
+    pub fn stop(mut self) -> GuestExit {
+        self.shut_down()
+    }
+
+    fn shut_down(&mut self) -> GuestExit {
+        self.exit.raise(GuestExit::Stopped);
+        if let Some(reaper) = self.reaper.take() {
+            let reaped = reaper.join().unwrap_or_default();
+            self.vcpu_states = reaped.states;
+            if !reaped.all_joined {
+                // A vCPU that did not stop in time may still be inside the guest: its memory
+                // and fds are leaked rather than unmapped under it.
+                std::mem::forget(self.vm.take());
+            }
+        }
+        self.exit.reason().unwrap_or(GuestExit::Stopped)
+    }
+}
+
+impl Drop for MicroVm {
+    fn drop(&mut self) {
+        self.shut_down();
+    }
+}

@@ -1,0 +1,75 @@
+//! The KVM VM: `/dev/kvm` opened, guest RAM registered as memory slots, the in-kernel
+//! interrupt controllers (8259 PICs and IOAPIC) and the PIT created.
+
+#![allow(unsafe_code)]
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::memory::GuestRam;
+use crate::vmm::arch::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
+use crate::vmm::VmmError;
+
+/// A KVM VM with its memory.
+#[derive(Debug)]
+pub struct Vm {
+    kvm: Kvm,
+    fd: VmFd,
+    memory: GuestRam,
+}
+
+impl Vm {
+    /// Opens `/dev/kvm`, creates a VM, registers `memory`, and creates the irqchip and PIT.
+    pub fn new(memory: GuestRam) -> Result<Self, VmmError> {
+        let kvm = Kvm::new().map_err(|e| VmmError::Kvm("opening /dev/kvm", e))?;
+        let fd = kvm
+            .create_vm()
+            .map_err(|e| VmmError::Kvm("KVM_CREATE_VM", e))?;
+        for (slot, region) in memory.iter().enumerate() {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|e| VmmError::Memory(e.to_string()))?;
+            let slot_region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the host range is a live mapping owned by `memory`, which this `Vm`
+            // keeps until after the VM fd (and with it every vCPU's access) is closed: the
+            // `fd` field is dropped before `memory` as fields drop in declaration order.
+            unsafe { fd.set_user_memory_region(slot_region) }
+                .map_err(|e| VmmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+        }
+        fd.set_tss_address(KVM_TSS_START as usize)
+            .map_err(|e| VmmError::Kvm("KVM_SET_TSS_ADDR", e))?;
+        fd.set_identity_map_address(KVM_IDENTITY_MAP_START)
+            .map_err(|e| VmmError::Kvm("KVM_SET_IDENTITY_MAP_ADDR", e))?;
+        fd.create_irq_chip()
+            .map_err(|e| VmmError::Kvm("KVM_CREATE_IRQCHIP", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit)
+            .map_err(|e| VmmError::Kvm("KVM_CREATE_PIT2", e))?;
+        Ok(Vm { kvm, fd, memory })
+    }
+
+    /// The KVM system fd.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// The VM fd.
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// Guest RAM.
+    pub fn memory(&self) -> &GuestRam {
+        &self.memory
+    }
+}

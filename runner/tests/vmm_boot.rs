@@ -1,0 +1,184 @@
+//! mvm's own VMM boots the purpose-built test guest (`guest/boot_check.S`) on this host's
+//! `/dev/kvm` — PVM here, not hardware virtualization, which is why the guest is a few hundred
+//! bytes of 64-bit code and not Linux. Skipped, with the reason printed, only when `/dev/kvm`
+//! cannot be opened.
+
+mod guest;
+
+use std::time::{Duration, Instant};
+
+use mvm_runner::serial::Console;
+use mvm_runner::vmm::{self, GuestExit, VmConfig};
+
+/// Generous: under PVM the guest's every instruction is emulated (~1 µs each).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[test]
+fn the_test_guest_checks_its_boot_data_prints_and_powers_off() {
+    if let Some(reason) = guest::kvm_unavailable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = guest::build(dir.path(), &["lib", "boot_check"]);
+    let log = dir.path().join("serial.log");
+    let console = Console::default();
+    let cmdline = "mvm-test-guest console=ttyS0 token=4f2a";
+    let rss_before = rss_kib();
+    let started = Instant::now();
+    let vm = vmm::build(VmConfig {
+        vcpus: 1,
+        memory_mib: 64,
+        kernel,
+        initrd: None,
+        cmdline: cmdline.into(),
+        serial_log: std::fs::File::create(&log).unwrap(),
+        serial: console.clone(),
+        block: Vec::new(),
+        agent_channel: None,
+        rng: false,
+    })
+    .unwrap();
+    let exit = vm.wait(BOOT_TIMEOUT);
+    let first_exit = vm.time_to_first_exit();
+    let rss_running = rss_kib();
+    let end = vm.stop();
+    let elapsed = started.elapsed();
+    let tail = console.tail();
+    eprintln!(
+        "guest ended {end:?} after {elapsed:?} (first exit {first_exit:?}; \
+         test process RSS {rss_before} KiB before, {rss_running} KiB with the VM):\n{tail}"
+    );
+    assert_eq!(exit, Some(GuestExit::PowerOff), "console:\n{tail}");
+    assert!(tail.contains("mvm-guest: hello from 64-bit mode\n"));
+    assert!(tail.contains(&format!("mvm-guest: cmdline={cmdline}\n")));
+    assert!(tail.contains("mvm-guest: rsdp=0xe0000\n"));
+    assert!(tail.ends_with("mvm-guest: ok\n"), "{tail}");
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        tail,
+        "the log has every line"
+    );
+}
+
+#[test]
+fn a_guest_that_fails_a_check_is_seen_to_fail() {
+    if let Some(reason) = guest::kvm_unavailable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = guest::build(dir.path(), &["lib", "boot_check"]);
+    let console = Console::default();
+    let vm = vmm::build(VmConfig {
+        vcpus: 1,
+        memory_mib: 64,
+        kernel,
+        initrd: None,
+        cmdline: "not-the-marker".into(),
+        serial_log: std::fs::File::create(dir.path().join("serial.log")).unwrap(),
+        serial: console.clone(),
+        block: Vec::new(),
+        agent_channel: None,
+        rng: false,
+    })
+    .unwrap();
+    assert_eq!(vm.wait(BOOT_TIMEOUT), Some(GuestExit::Reset));
+    drop(vm);
+    assert!(
+        console.tail().contains("mvm-guest: FAIL cmdline marker"),
+        "{}",
+        console.tail()
+    );
+}
+
+/// This process's resident set in KiB (0 if unknown).
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Boots `guest` with `vcpus` and `cmdline`; returns the VM and its serial console.
+fn boot(
+    guest: &[&str],
+    vcpus: u8,
+    cmdline: &str,
+    dir: &std::path::Path,
+) -> (vmm::MicroVm, Console) {
+    let console = Console::default();
+    let vm = vmm::build(VmConfig {
+        vcpus,
+        memory_mib: 64,
+        kernel: guest::build(dir, guest),
+        initrd: None,
+        cmdline: cmdline.into(),
+        serial_log: std::fs::File::create(dir.join("serial.log")).unwrap(),
+        serial: console.clone(),
+        block: Vec::new(),
+        agent_channel: None,
+        rng: false,
+    })
+    .unwrap();
+    (vm, console)
+}
+
+#[test]
+fn the_other_vcpus_wait_for_a_startup_ipi_and_the_guest_still_powers_off() {
+    if let Some(reason) = guest::kvm_unavailable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (vm, console) = boot(&["lib", "boot_check"], 4, "mvm-test-guest smp", dir.path());
+    assert_eq!(
+        vm.wait(BOOT_TIMEOUT),
+        Some(GuestExit::PowerOff),
+        "{}",
+        console.tail()
+    );
+    let started = Instant::now();
+    assert_eq!(vm.stop(), GuestExit::PowerOff);
+    // Three vCPUs sat in KVM_RUN waiting for a SIPI; stopping kicked them out.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        console.tail().matches("mvm-guest: hello").count(),
+        1,
+        "only the BSP ran"
+    );
+}
+
+#[test]
+fn a_guest_that_never_stops_is_stopped_by_the_host() {
+    if let Some(reason) = guest::kvm_unavailable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    for cmdline in ["spin", "halt"] {
+        let dir = tempfile::tempdir().unwrap();
+        let (vm, console) = boot(&["lib", "spin"], 2, cmdline, dir.path());
+        assert_eq!(vm.wait(Duration::from_millis(500)), None, "{cmdline}");
+        let started = Instant::now();
+        let (end, states) = vm.stop_and_inspect();
+        assert_eq!(end, GuestExit::Stopped);
+        let took = started.elapsed();
+        // vCPU 0 is caught in the guest's code (linked at 2 MiB), interrupts off.
+        let bsp = &states[0];
+        assert!(
+            (0x20_0000..0x21_0000).contains(&bsp.rip),
+            "{cmdline}: {bsp:x?}"
+        );
+        assert_eq!(bsp.rflags & (1 << 9), 0, "{cmdline}: {bsp:x?}");
+        assert_eq!(bsp.lapic_irr.len(), 8);
+        eprintln!("{cmdline}: stopped in {took:?}");
+        assert!(took < Duration::from_secs(2), "{cmdline}: {took:?}");
+        assert!(console.tail().contains("mvm-guest: spinning"), "{cmdline}");
+    }
+}

@@ -1,0 +1,328 @@
+//! mvm's own VMM with virtio-mmio devices, driven by the purpose-built guest
+//! `guest/virtio_check.S` on this host's `/dev/kvm` (PVM here: the guest is a small driver of
+//! its own, not Linux). The guest finds the devices through the ACPI tables, as Linux would,
+//! then uses two disks (read-only, read-write), the agent's console channel and the rng.
+//! Skipped, with the reason printed, only when `/dev/kvm` cannot be opened.
+
+mod guest;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use mvm_runner::serial::Console;
+use mvm_runner::vmm::{self, BlockConfig, GuestExit, VmConfig};
+
+/// Generous: under PVM the guest's every instruction is emulated (~1 µs each).
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn disk(path: &Path, sectors: usize, fill: impl Fn(usize) -> Vec<u8>) {
+    let mut bytes = Vec::new();
+    for n in 0..sectors {
+        let mut sector = fill(n);
+        sector.resize(512, 0);
+        bytes.extend(sector);
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn the_guest_finds_its_devices_and_uses_disks_console_and_rng() {
+    if let Some(reason) = guest::kvm_unavailable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = guest::build(dir.path(), &["lib", "virtio", "virtio_check"]);
+    let ro = dir.path().join("ro.img");
+    disk(&ro, 4, |n| {
+        if n == 1 {
+            b"mvm-disk-sector-1".to_vec()
+        } else {
+            vec![0x5a; 512]
+        }
+    });
+    let rw = dir.path().join("rw.img");
+    disk(&rw, 4, |_| vec![0; 512]);
+    let before_ro = std::fs::read(&ro).unwrap();
+
+    // The host end of the agent channel: answers the guest's ping, then collects its echo.
+    let (vm_end, mut host_end) = UnixStream::pair().unwrap();
+    host_end.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let host = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        let mut answered = false;
+        while let Ok(n) = host_end.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if !answered && seen.ends_with(b"ping-from-guest") {
+                host_end.write_all(b"pong-from-host").unwrap();
+                answered = true;
+            }
+            if seen.ends_with(b"pong-from-host") {
+                break;
+            }
+        }
+        seen
+    });
+
+    let serial = Console::default();
+    let started = Instant::now();
+    let vm = vmm::build(VmConfig {
+        vcpus: 1,
+        memory_mib: 64,
+        kernel,
+        initrd: None,
+        cmdline: "mvm-test-guest".into(),
+        serial_log: std::fs::File::create(dir.path().join("serial.log")).unwrap(),
+        serial: serial.clone(),
+        block: vec![
+            BlockConfig {
+                path: ro.clone(),
+                read_only: true,
+                id: "ro".into(),
+            },
+            BlockConfig {
+                path: rw.clone(),
+                read_only: false,
+                id: "rw".into(),
+            },
+        ],
+        agent_channel: Some(vm_end),
+        rng: true,
+    })
+    .unwrap();
+    let exit = vm.wait(TIMEOUT);
+    drop(vm);
+    let tail = serial.tail();
+    eprintln!(
+        "guest ended {exit:?} after {:?}:\n{tail}",
+        started.elapsed()
+    );
+    assert_eq!(exit, Some(GuestExit::PowerOff), "{tail}");
+    assert!(tail.contains("mvm-guest: virtio devices=0x4\n"), "{tail}");
+    assert!(tail.contains("mvm-guest: device at 0xd0000000 id 0x2\n"));
+    assert!(tail.contains("mvm-guest: device at 0xd0001000 id 0x2\n"));
+    assert!(tail.contains("mvm-guest: blk read sector 1: mvm-disk-sector-1\n"));
+    assert!(tail.contains("mvm-guest: blk read-only disk refused a write\n"));
+    assert!(tail.contains("mvm-guest: blk wrote and flushed sector 0\n"));
+    assert!(tail.contains("mvm-guest: device at 0xd0002000 id 0x3\n"));
+    assert!(tail.contains("mvm-guest: console port 1 is mvm.agent, open\n"));
+    assert!(tail.contains("mvm-guest: console received: pong-from-host\n"));
+    assert!(tail.contains("mvm-guest: console echoed it back\n"));
+    assert!(tail.contains("mvm-guest: device at 0xd0003000 id 0x4\n"));
+    assert!(tail.contains("mvm-guest: rng gave 32 bytes, first 8: 0x"));
+    assert!(tail.ends_with("mvm-guest: ok\n"));
+    assert_eq!(host.join().unwrap(), b"ping-from-guestpong-from-host");
+    assert_eq!(
+        std::fs::read(&ro).unwrap(),
+        before_ro,
+        "the read-only disk is unchanged"
+    );
+    let written = std::fs::read(&rw).unwrap();
+    assert!(written.starts_with(b"mvm-guest-wrote-this"));
+    assert_eq!(written.len(), 4 * 512);
+}
+
+#[test]
+fn a_hostile_driver_gets_errors_not_a_dead_vmm() {
+    if let Some(reason) = guest::kvm_unavailable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = guest::build(dir.path(), &["lib", "virtio", "hostile"]);
+    let ro = dir.path().join("ro.img");
+    disk(&ro, 4, |n| vec![n as u8; 512]);
+    let before = std::fs::read(&ro).unwrap();
+    let serial = Console::default();
+    let vm = vmm::build(VmConfig {
+        vcpus: 1,
+        memory_mib: 64,
+        kernel,
+        initrd: None,
+        cmdline: "mvm-test-guest".into(),
+        serial_log: std::fs::File::create(dir.path().join("serial.log")).unwrap(),
+        serial: serial.clone(),
+        block: vec![BlockConfig {
+            path: ro.clone(),
+            read_only: true,
+            id: "ro".into(),
+        }],
+        agent_channel: None,
+        rng: false,
+    })
+    .unwrap();
+    let exit = vm.wait(TIMEOUT);
+    drop(vm);
+    let tail = serial.tail();
+    eprintln!("{tail}");
+    assert_eq!(exit, Some(GuestExit::PowerOff), "{tail}");
+    for line in [
+        "stray port and MMIO accesses survived",
+        "rings outside guest memory: DEVICE_NEEDS_RESET",
+        "avail index beyond the queue: DEVICE_NEEDS_RESET",
+        "descriptor loop answered, device still works",
+        "sector past the end: IOERR",
+        "4 GiB buffer: IOERR",
+    ] {
+        assert!(tail.contains(&format!("mvm-guest: {line}\n")), "{line}");
+    }
+    assert_eq!(std::fs::read(&ro).unwrap(), before);
+}
+
+#[test]
+fn the_guest_takes_a_virtio_interrupt_through_the_ioapic() {
+    if let Some(reason) = guest::kvm_unavailable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = guest::build(dir.path(), &["lib", "virtio", "irq_check"]);
+    let ro = dir.path().join("ro.img");
+    disk(&ro, 4, |n| vec![n as u8; 512]);
+    let serial = Console::default();
+    let vm = vmm::build(VmConfig {
+        vcpus: 1,
+        memory_mib: 64,
+        kernel,
+        initrd: None,
+        cmdline: "mvm-test-guest".into(),
+        serial_log: std::fs::File::create(dir.path().join("serial.log")).unwrap(),
+        serial: serial.clone(),
+        block: vec![BlockConfig {
+            path: ro,
+            read_only: true,
+            id: "ro".into(),
+        }],
+        agent_channel: None,
+        rng: false,
+    })
+    .unwrap();
+    let exit = vm.wait(TIMEOUT);
+    drop(vm);
+    let tail = serial.tail();
+    eprintln!("{exit:?}\n{tail}");
+    assert_eq!(exit, Some(GuestExit::PowerOff), "{tail}");
+    assert!(
+        tail.contains("mvm-guest: virtio interrupt on vector 0x30, status 0x1\n"),
+        "{tail}"
+    );
+}
+
+#[test]
+fn a_guest_that_powers_off_closes_the_agent_channel_by_itself() {
+    if let Some(reason) = guest::kvm_unavailable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = guest::build(dir.path(), &["lib", "boot_check"]);
+    let (vm_end, mut host_end) = UnixStream::pair().unwrap();
+    host_end.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let vm = vmm::build(VmConfig {
+        vcpus: 2,
+        memory_mib: 64,
+        kernel,
+        initrd: None,
+        cmdline: "mvm-test-guest".into(),
+        serial_log: std::fs::File::create(dir.path().join("serial.log")).unwrap(),
+        serial: Console::default(),
+        block: Vec::new(),
+        agent_channel: Some(vm_end),
+        rng: false,
+    })
+    .unwrap();
+    // Nobody calls stop: the VM's end alone (vCPU 1 still waiting for a SIPI) releases the
+    // devices, so the host reads end-of-file as it would from a QEMU that exited.
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    assert_eq!(host_end.read(&mut buf).unwrap(), 0);
+    eprintln!("channel closed {:?} after boot", started.elapsed());
+    assert_eq!(vm.ended(), Some(GuestExit::PowerOff));
+    assert_eq!(vm.stop(), GuestExit::PowerOff);
+}
+
+/// The example plan, with the test guest's command line and small resources.
+fn test_plan(cmdline: &str) -> mvm_ir::plan::LaunchPlan {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/plan/plan.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    json["nonce"] = "00".repeat(16).into();
+    json["single_use"] = false.into();
+    json["kernel"]["cmdline"] = cmdline.into();
+    json["resources"]["cpu_cores"] = 1.into();
+    json["resources"]["memory_mb"] = 64.into();
+    serde_json::from_value(json).unwrap()
+}
+
+#[test]
+fn the_kvm_backend_gives_a_plan_the_contract_devices() {
+    use mvm_runner::vm_process::{OwnVm, OwnVmFiles, VmProcess};
+    if let Some(reason) = guest::kvm_unavailable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = guest::build(dir.path(), &["lib", "virtio", "virtio_check"]);
+    let marker = |n: usize| {
+        if n == 1 {
+            b"mvm-disk-sector-1".to_vec()
+        } else {
+            vec![0; 512]
+        }
+    };
+    let (rootfs, verity) = (
+        dir.path().join("rootfs.erofs"),
+        dir.path().join("rootfs.verity"),
+    );
+    disk(&rootfs, 4, marker);
+    disk(&verity, 2, marker);
+    let initramfs = dir.path().join("initramfs");
+    std::fs::write(&initramfs, vec![0x1f; 4096]).unwrap();
+    let files = OwnVmFiles {
+        kernel: &kernel,
+        initramfs: &initramfs,
+        rootfs: &rootfs,
+        verity: &verity,
+    };
+    let serial_log = std::fs::File::create(dir.path().join("serial.log")).unwrap();
+    let own = OwnVm::boot(&test_plan("mvm-test-guest"), &files, serial_log).unwrap();
+    let mut vm = VmProcess::Own(own);
+    assert_eq!(vm.pid(), std::process::id());
+    let mut channel = vm
+        .take_channel()
+        .expect("connected before the guest starts");
+    assert!(vm.take_channel().is_none());
+    channel.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 64];
+    while !seen.ends_with(b"ping-from-guest") {
+        let n = channel.read(&mut buf).unwrap();
+        assert_ne!(n, 0, "the channel closed early: {}", vm.console().tail());
+        seen.extend_from_slice(&buf[..n]);
+    }
+    channel.write_all(b"pong-from-host").unwrap();
+    let ended = vm.wait_for_exit(TIMEOUT).unwrap();
+    let tail = vm.console().tail();
+    eprintln!("{ended:?}\n{tail}");
+    assert_eq!(ended.as_deref(), Some("the guest powered off"), "{tail}");
+    // vda and vdb, the root and its hash tree, both read-only; the agent port; no rng.
+    assert!(tail.contains("mvm-guest: virtio devices=0x3\n"), "{tail}");
+    assert_eq!(
+        tail.matches("mvm-guest: blk read-only disk refused a write\n")
+            .count(),
+        2
+    );
+    assert!(tail.contains("mvm-guest: console port 1 is mvm.agent, open\n"));
+    assert!(tail.ends_with("mvm-guest: ok\n"));
+    assert_eq!(
+        vm.try_wait().unwrap().as_deref(),
+        Some("the guest powered off")
+    );
+    vm.kill();
+}
