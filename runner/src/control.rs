@@ -265,24 +265,14 @@ fn serve_client(connection: UnixStream, shared: &Shared) -> io::Result<()> {
                     writer.error(client_stream, codes::COPY_MISMATCH, message)?;
                     continue;
                 }
-                if shared
+                // A failed send: the agent has answered already (a refusal) or the channel
+                // closed. The client gets that answer; the rest of its bytes are dropped.
+                let answered = shared
                     .mux
                     .send_data(current.exchange.stream(), &frame.payload)
-                    .is_err()
-                {
-                    // The agent has answered already (a refusal) or the channel closed: the
-                    // client gets that answer; the rest of its bytes are dropped.
-                    finish_copy(
-                        &writer,
-                        shared,
-                        client_stream,
-                        current.exchange,
-                        current.record,
-                    )?;
-                    continue;
-                }
+                    .is_err();
                 current.remaining -= len;
-                if current.remaining == 0 {
+                if answered || current.remaining == 0 {
                     finish_copy(
                         &writer,
                         shared,
