@@ -27,16 +27,8 @@ fn the_test_guest_checks_its_boot_data_prints_and_powers_off() {
     let rss_before = rss_kib();
     let started = Instant::now();
     let vm = vmm::build(VmConfig {
-        vcpus: 1,
-        memory_mib: 64,
-        kernel,
-        initrd: None,
         cmdline: cmdline.into(),
-        serial_log: std::fs::File::create(&log).unwrap(),
-        serial: console.clone(),
-        block: Vec::new(),
-        agent_channel: None,
-        rng: false,
+        ..guest::config(dir.path(), kernel, &console)
     })
     .unwrap();
     let exit = vm.wait(BOOT_TIMEOUT);
@@ -71,16 +63,8 @@ fn a_guest_that_fails_a_check_is_seen_to_fail() {
     let kernel = guest::build(dir.path(), &["lib", "boot_check"]);
     let console = Console::default();
     let vm = vmm::build(VmConfig {
-        vcpus: 1,
-        memory_mib: 64,
-        kernel,
-        initrd: None,
         cmdline: "not-the-marker".into(),
-        serial_log: std::fs::File::create(dir.path().join("serial.log")).unwrap(),
-        serial: console.clone(),
-        block: Vec::new(),
-        agent_channel: None,
-        rng: false,
+        ..guest::config(dir.path(), kernel, &console)
     })
     .unwrap();
     assert_eq!(vm.wait(BOOT_TIMEOUT), Some(GuestExit::Reset));
@@ -112,15 +96,8 @@ fn boot(
     let console = Console::default();
     let vm = vmm::build(VmConfig {
         vcpus,
-        memory_mib: 64,
-        kernel: guest::build(dir, guest),
-        initrd: None,
         cmdline: cmdline.into(),
-        serial_log: std::fs::File::create(dir.join("serial.log")).unwrap(),
-        serial: console.clone(),
-        block: Vec::new(),
-        agent_channel: None,
-        rng: false,
+        ..guest::config(dir, guest::build(dir, guest), &console)
     })
     .unwrap();
     (vm, console)

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use mvm_runner::serial::Console;
-use mvm_runner::vmm::{self, BlockConfig, GuestExit, VmConfig};
+use mvm_runner::vmm::{self, GuestExit, VmConfig};
 
 /// Generous: under PVM the guest's every instruction is emulated (~1 µs each).
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -73,27 +73,10 @@ fn the_guest_finds_its_devices_and_uses_disks_console_and_rng() {
     let serial = Console::default();
     let started = Instant::now();
     let vm = vmm::build(VmConfig {
-        vcpus: 1,
-        memory_mib: 64,
-        kernel,
-        initrd: None,
-        cmdline: "mvm-test-guest".into(),
-        serial_log: std::fs::File::create(dir.path().join("serial.log")).unwrap(),
-        serial: serial.clone(),
-        block: vec![
-            BlockConfig {
-                path: ro.clone(),
-                read_only: true,
-                id: "ro".into(),
-            },
-            BlockConfig {
-                path: rw.clone(),
-                read_only: false,
-                id: "rw".into(),
-            },
-        ],
+        block: vec![guest::disk(&ro, "ro", true), guest::disk(&rw, "rw", false)],
         agent_channel: Some(vm_end),
         rng: true,
+        ..guest::config(dir.path(), kernel, &serial)
     })
     .unwrap();
     let exit = vm.wait(TIMEOUT);
@@ -141,20 +124,8 @@ fn a_hostile_driver_gets_errors_not_a_dead_vmm() {
     let before = std::fs::read(&ro).unwrap();
     let serial = Console::default();
     let vm = vmm::build(VmConfig {
-        vcpus: 1,
-        memory_mib: 64,
-        kernel,
-        initrd: None,
-        cmdline: "mvm-test-guest".into(),
-        serial_log: std::fs::File::create(dir.path().join("serial.log")).unwrap(),
-        serial: serial.clone(),
-        block: vec![BlockConfig {
-            path: ro.clone(),
-            read_only: true,
-            id: "ro".into(),
-        }],
-        agent_channel: None,
-        rng: false,
+        block: vec![guest::disk(&ro, "ro", true)],
+        ..guest::config(dir.path(), kernel, &serial)
     })
     .unwrap();
     let exit = vm.wait(TIMEOUT);
@@ -187,20 +158,8 @@ fn the_guest_takes_a_virtio_interrupt_through_the_ioapic() {
     disk(&ro, 4, |n| vec![n as u8; 512]);
     let serial = Console::default();
     let vm = vmm::build(VmConfig {
-        vcpus: 1,
-        memory_mib: 64,
-        kernel,
-        initrd: None,
-        cmdline: "mvm-test-guest".into(),
-        serial_log: std::fs::File::create(dir.path().join("serial.log")).unwrap(),
-        serial: serial.clone(),
-        block: vec![BlockConfig {
-            path: ro,
-            read_only: true,
-            id: "ro".into(),
-        }],
-        agent_channel: None,
-        rng: false,
+        block: vec![guest::disk(&ro, "ro", true)],
+        ..guest::config(dir.path(), kernel, &serial)
     })
     .unwrap();
     let exit = vm.wait(TIMEOUT);
@@ -226,15 +185,8 @@ fn a_guest_that_powers_off_closes_the_agent_channel_by_itself() {
     host_end.set_read_timeout(Some(TIMEOUT)).unwrap();
     let vm = vmm::build(VmConfig {
         vcpus: 2,
-        memory_mib: 64,
-        kernel,
-        initrd: None,
-        cmdline: "mvm-test-guest".into(),
-        serial_log: std::fs::File::create(dir.path().join("serial.log")).unwrap(),
-        serial: Console::default(),
-        block: Vec::new(),
         agent_channel: Some(vm_end),
-        rng: false,
+        ..guest::config(dir.path(), kernel, &Console::default())
     })
     .unwrap();
     // Nobody calls stop: the VM's end alone (vCPU 1 still waiting for a SIPI) releases the

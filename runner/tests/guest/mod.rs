@@ -7,6 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use mvm_runner::serial::Console;
+use mvm_runner::vmm::{BlockConfig, VmConfig};
+
 /// Why this host cannot run a VM of our own, if it cannot: no `/dev/kvm` openable
 /// read-write. Tests print the reason and skip.
 pub fn kvm_unavailable() -> Option<String> {
@@ -46,6 +49,35 @@ pub fn build(dir: &Path, parts: &[&str]) -> PathBuf {
         .arg(&elf)
         .arg(&object));
     elf
+}
+
+/// The machine most test guests get: one vCPU, 64 MiB, the cmdline `mvm-test-guest`, the
+/// console logged into `dir/serial.log` and shown in `serial`, no devices beyond the
+/// built-in ones. Tests change what they need with `..config(…)`.
+pub fn config(dir: &Path, kernel: PathBuf, serial: &Console) -> VmConfig {
+    VmConfig {
+        vcpus: 1,
+        memory_mib: 64,
+        kernel,
+        initrd: None,
+        cmdline: "mvm-test-guest".into(),
+        serial_log: std::fs::File::create(dir.join("serial.log")).unwrap(),
+        serial: serial.clone(),
+        block: Vec::new(),
+        agent_channel: None,
+        rng: false,
+    }
+}
+
+/// A disk backed by `path`, named `id` (not every test binary that shares this module has
+/// disks).
+#[allow(dead_code)]
+pub fn disk(path: &Path, id: &str, read_only: bool) -> BlockConfig {
+    BlockConfig {
+        path: path.to_path_buf(),
+        read_only,
+        id: id.into(),
+    }
 }
 
 fn run(command: &mut Command) {
