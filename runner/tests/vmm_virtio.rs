@@ -122,17 +122,7 @@ fn a_hostile_driver_gets_errors_not_a_dead_vmm() {
     let ro = dir.path().join("ro.img");
     disk(&ro, 4, |n| vec![n as u8; 512]);
     let before = std::fs::read(&ro).unwrap();
-    let serial = Console::default();
-    let vm = vmm::build(VmConfig {
-        block: vec![guest::disk(&ro, "ro", true)],
-        ..guest::config(dir.path(), kernel, &serial)
-    })
-    .unwrap();
-    let exit = vm.wait(TIMEOUT);
-    drop(vm);
-    let tail = serial.tail();
-    eprintln!("{tail}");
-    assert_eq!(exit, Some(GuestExit::PowerOff), "{tail}");
+    let tail = run_to_power_off(dir.path(), kernel, &ro);
     for line in [
         "stray port and MMIO accesses survived",
         "rings outside guest memory: DEVICE_NEEDS_RESET",
@@ -156,17 +146,7 @@ fn the_guest_takes_a_virtio_interrupt_through_the_ioapic() {
     let kernel = guest::build(dir.path(), &["lib", "virtio", "irq_check"]);
     let ro = dir.path().join("ro.img");
     disk(&ro, 4, |n| vec![n as u8; 512]);
-    let serial = Console::default();
-    let vm = vmm::build(VmConfig {
-        block: vec![guest::disk(&ro, "ro", true)],
-        ..guest::config(dir.path(), kernel, &serial)
-    })
-    .unwrap();
-    let exit = vm.wait(TIMEOUT);
-    drop(vm);
-    let tail = serial.tail();
-    eprintln!("{exit:?}\n{tail}");
-    assert_eq!(exit, Some(GuestExit::PowerOff), "{tail}");
+    let tail = run_to_power_off(dir.path(), kernel, &ro);
     assert!(
         tail.contains("mvm-guest: virtio interrupt on vector 0x30, status 0x1\n"),
         "{tail}"
@@ -277,4 +257,20 @@ fn the_kvm_backend_gives_a_plan_the_contract_devices() {
         Some("the guest powered off")
     );
     vm.kill();
+}
+
+/// Runs `kernel` with the read-only disk `ro` until it powers off (asserted); its console.
+fn run_to_power_off(dir: &Path, kernel: std::path::PathBuf, ro: &Path) -> String {
+    let serial = Console::default();
+    let vm = vmm::build(VmConfig {
+        block: vec![guest::disk(ro, "ro", true)],
+        ..guest::config(dir, kernel, &serial)
+    })
+    .unwrap();
+    let exit = vm.wait(TIMEOUT);
+    drop(vm);
+    let tail = serial.tail();
+    eprintln!("{exit:?}\n{tail}");
+    assert_eq!(exit, Some(GuestExit::PowerOff), "{tail}");
+    tail
 }
