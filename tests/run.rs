@@ -1055,17 +1055,11 @@ fn mvm_with_input(args: &[&str], input: &[u8]) -> Output {
 
 /// The pid of the QEMU of the VM `name`.
 fn qemu_of(name: &str, home: &Path) -> String {
-    let vm_dir = home.join("vms").join(name);
-    for entry in fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = text(&cmdline);
-        if cmdline.contains("qemu-system") && cmdline.contains(vm_dir.to_str().unwrap()) {
-            return entry.file_name().to_str().unwrap().to_string();
-        }
-    }
-    panic!("no QEMU for {name}")
+    processes_of(name, home)
+        .into_iter()
+        .find(|(_, cmdline)| cmdline.contains("qemu-system"))
+        .map(|(pid, _)| pid)
+        .unwrap_or_else(|| panic!("no QEMU for {name}"))
 }
 
 /// Clock ticks of CPU time process `pid` used over `period`.
@@ -1085,19 +1079,19 @@ fn cpu_ticks_over(pid: &str, period: std::time::Duration) -> u64 {
     ticks() - before
 }
 
-/// Processes whose command line names the VM `name` (its runner, its QEMU).
-fn processes_of(name: &str, home: &Path) -> Vec<String> {
+/// Processes whose command line names the VM `name` (its runner, its QEMU): (pid, cmdline).
+fn processes_of(name: &str, home: &Path) -> Vec<(String, String)> {
+    let vm_dir = home.join("vms").join(name);
     let mut found = Vec::new();
     for entry in fs::read_dir("/proc").unwrap().flatten() {
         let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
             continue;
         };
         let cmdline = text(&cmdline).replace('\0', " ");
-        let vm_dir = home.join("vms").join(name);
         if cmdline.contains(&format!("--name {name} "))
             || cmdline.contains(vm_dir.to_str().unwrap())
         {
-            found.push(cmdline);
+            found.push((entry.file_name().to_string_lossy().into_owned(), cmdline));
         }
     }
     found
@@ -1306,7 +1300,7 @@ fn a_named_vm_takes_input_runs_background_commands_and_moves_large_files() {
     while !processes_of("big", &f.home).is_empty() && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    assert_eq!(processes_of("big", &f.home), Vec::<String>::new());
+    assert_eq!(processes_of("big", &f.home), Vec::<(String, String)>::new());
 }
 
 #[test]
