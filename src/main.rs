@@ -63,15 +63,25 @@ enum Command {
     /// Send a signal to a background command of a VM.
     Kill(commands::process::KillArgs),
     /// Pause a running VM: its vCPUs stop, its memory and devices are kept; commands are
-    /// refused (RUN039) until `mvm resume`.
+    /// refused (RUN039) until `mvm resume`. With --cold, save it to disk and end its runner:
+    /// it then holds no memory or CPU until `mvm resume` wakes it.
     Pause {
         /// The VM.
         name: String,
+        /// Save its memory and device state to `$MVM_HOME/vms/NAME/cold` (signed with the host
+        /// key) and let its runner and QEMU go. Refused (RUN040) while requests are in flight;
+        /// background commands are kept. qemu backend only.
+        #[arg(long)]
+        cold: bool,
     },
-    /// Let a paused VM run again.
+    /// Let a paused VM run again, or wake a cold one: a new runner checks its saved state
+    /// (host signature, memory digest) and admits its plan again before the guest runs on.
     Resume {
         /// The VM.
         name: String,
+        /// For a cold VM: give up when its agent does not answer after this long.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "60s", value_name = "DURATION")]
+        boot_timeout: std::time::Duration,
     },
     /// Power a running VM off.
     Stop {
@@ -124,8 +134,10 @@ fn main() -> ExitCode {
         Command::Ls => commands::vm::ls(&out),
         Command::Exec(args) => return exit_code(commands::vm::exec(args, &out), &out),
         Command::Stop { name } => commands::vm::stop(&name, &out),
-        Command::Pause { name } => commands::vm::pause(&name, true, &out),
-        Command::Resume { name } => commands::vm::pause(&name, false, &out),
+        Command::Pause { name, cold } => commands::vm::pause(&name, cold, &out),
+        Command::Resume { name, boot_timeout } => {
+            return exit_code(commands::vm::resume(&name, boot_timeout, &out), &out)
+        }
         Command::Cp(args) => commands::copy::cp(args, &out),
         Command::Fs(cmd) => commands::fs::run(cmd, &out),
         Command::Ps(args) => commands::process::ps(args, &out),

@@ -1089,6 +1089,7 @@ fn processes_of(name: &str, home: &Path) -> Vec<(String, String)> {
         };
         let cmdline = text(&cmdline).replace('\0', " ");
         if cmdline.contains(&format!("--name {name} "))
+            || cmdline.contains(&format!("--wake {name} "))
             || cmdline.contains(vm_dir.to_str().unwrap())
         {
             found.push((entry.file_name().to_string_lossy().into_owned(), cmdline));
@@ -1301,6 +1302,121 @@ fn a_named_vm_takes_input_runs_background_commands_and_moves_large_files() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     assert_eq!(processes_of("big", &f.home), Vec::<(String, String)>::new());
+}
+
+/// `mvm exec NAME -- sh -c SCRIPT`'s standard output, trimmed.
+fn sh_in(name: &str, script: &str) -> String {
+    let out = mvm(&["exec", name, "--", "sh", "-c", script]);
+    assert!(out.status.success(), "{script}: {}", describe(&out));
+    text(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn a_vm_saved_cold_holds_nothing_refuses_a_changed_state_and_wakes_where_it_left_off() {
+    let f = fixture();
+    let _turn = turn();
+    let _cleanup = RemoveOnDrop("sleeper");
+    let up = mvm_ok_json(&["up", &f.image, "--name", "sleeper"], 0);
+    let vm_id = up["vm"]["vm"].as_str().unwrap().to_string();
+    // What only the guest's memory holds: a file on its tmpfs and a background counter.
+    sh_in("sleeper", "echo kept > /tmp/mark");
+    let counter = detach(
+        "sleeper",
+        "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done",
+    );
+
+    // A command in flight: its answer would be lost, so the save is refused and the VM runs on.
+    let running = Command::new(env!("CARGO_BIN_EXE_mvm"))
+        .args(["exec", "sleeper", "--", "sleep", "4"])
+        .env("MVM_HOME", &f.home)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    refused_with(&["pause", "sleeper", "--cold"], "RUN040");
+    assert_eq!(vm_phase("sleeper").as_deref(), Some("running"));
+    assert!(running.wait_with_output().unwrap().status.success());
+
+    let before = sh_in("sleeper", "cat /tmp/count").parse::<u64>().unwrap();
+    let saved = mvm_ok_json(&["pause", "sleeper", "--cold"], 0);
+    assert_eq!(saved["vm"]["phase"], "cold", "{saved}");
+    // Cold: no runner, no QEMU, no socket; the saved state is private to the runner's user.
+    assert_eq!(processes_of("sleeper", &f.home), vec![]);
+    let dir = f.home.join("vms").join("sleeper");
+    for gone in ["control.sock", "qmp.sock", "agent.sock", "kernel"] {
+        assert!(!dir.join(gone).exists(), "{gone} is left");
+    }
+    let memory = dir.join("cold").join("memory");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        fs::metadata(&memory).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    refused_with(&["exec", "sleeper", "--", "true"], "RUN036");
+
+    // A saved state changed by one byte is refused before QEMU starts; it stays cold.
+    let starts = qemu_starts();
+    flip_byte(&memory, 4096);
+    let refused = mvm(&["resume", "sleeper"]);
+    assert_eq!(refused.status.code(), Some(120), "{}", describe(&refused));
+    assert!(
+        text(&refused.stderr).contains("RUN041"),
+        "{}",
+        describe(&refused)
+    );
+    assert_eq!(
+        qemu_starts(),
+        starts,
+        "no QEMU for a state that does not verify"
+    );
+    assert_eq!(vm_phase("sleeper").as_deref(), Some("cold"));
+    flip_byte(&memory, 4096);
+
+    // Woken: the same VM, its file and its counter there, counting on from where it stopped.
+    let woken = mvm_ok_json(&["resume", "sleeper"], 0);
+    assert_eq!(woken["vm"]["phase"], "running", "{woken}");
+    assert_eq!(woken["vm"]["vm"], vm_id.as_str());
+    assert_eq!(sh_in("sleeper", "cat /tmp/mark"), "kept");
+    let after = sh_in("sleeper", "cat /tmp/count").parse::<u64>().unwrap();
+    assert!(after >= before, "{after} < {before}");
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let later = sh_in("sleeper", "cat /tmp/count").parse::<u64>().unwrap();
+    assert!(later > after, "the counter runs on: {later} after {after}");
+    let listed = mvm_ok_json(&["ps", "sleeper"], 0);
+    assert!(
+        listed["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["handle"] == counter && p["status"].is_null()),
+        "{listed}"
+    );
+    assert!(
+        !dir.join("cold").exists(),
+        "a running VM keeps no stale state"
+    );
+    let mut entries = audit_entries(&f.home);
+    entries.sort_by_key(|e| e["seq"].as_u64());
+    let events: Vec<String> = entries
+        .iter()
+        .filter(|e| e["fields"]["vm"] == vm_id.as_str())
+        .map(|e| e["event"].as_str().unwrap().to_string())
+        .collect();
+    let order = ["vm.saved", "plan.readmitted", "vm.woken"]
+        .map(|event| events.iter().position(|e| e == event));
+    assert!(
+        order.iter().all(Option::is_some) && order.windows(2).all(|w| w[0] < w[1]),
+        "{events:?}"
+    );
+
+    // Stopped while cold: the saved state is discarded.
+    mvm_ok_json(&["pause", "sleeper", "--cold"], 0);
+    let stopped = mvm_ok_json(&["stop", "sleeper"], 0);
+    assert_eq!(stopped["vm"]["phase"], "stopped", "{stopped}");
+    assert!(!dir.join("cold").exists());
+    refused_with(&["resume", "sleeper"], "RUN036");
+    let verified = mvm(&["audit", "verify"]);
+    assert!(verified.status.success(), "{}", describe(&verified));
 }
 
 #[test]

@@ -146,6 +146,29 @@ impl PlanAdmission {
         }
         Ok((verified, checked))
     }
+
+    /// Verifies the envelope in `bytes` as the plan of a VM it was admitted for already (a
+    /// cold VM being woken, whose manifest names `digest`): everything
+    /// [`Self::admit_checked`] checks — the signer still trusted, the window still open — but
+    /// the single-use ledger: the plan is not used again, its VM goes on.
+    pub fn readmit_checked<T, E: From<Error>>(
+        &self,
+        bytes: &[u8],
+        now: OffsetDateTime,
+        digest: &str,
+        check: impl FnOnce(&VerifiedPlan) -> Result<T, E>,
+    ) -> Result<(VerifiedPlan, T), E> {
+        let verified = verify_signed_plan(bytes, &self.trust, now)?;
+        if verified.digest != digest {
+            return Err(Error::PlanChanged {
+                found: verified.digest,
+                expected: digest.into(),
+            }
+            .into());
+        }
+        let checked = check(&verified)?;
+        Ok((verified, checked))
+    }
 }
 
 /// The nonces of admitted single-use plans, each kept until its plan's `valid_until` (after

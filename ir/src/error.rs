@@ -99,6 +99,14 @@ pub enum Error {
     /// A single-use plan whose nonce was already admitted.
     #[error("single-use plan with nonce {0} was already admitted")]
     PlanReplayed(String),
+    /// The plan of a VM being woken is not the one it was admitted with.
+    #[error("the plan's digest is {found}; the VM was admitted with {expected}")]
+    PlanChanged {
+        /// The digest of the plan offered now.
+        found: String,
+        /// The digest the VM was admitted with.
+        expected: String,
+    },
     /// The nonce ledger file is unreadable or corrupt.
     #[error("nonce ledger {}: {reason}", path.display())]
     LedgerCorrupt {
@@ -171,6 +179,7 @@ impl Error {
             Error::PlanExpired(_) => "PLAN008",
             Error::PlanReplayed(_) => "PLAN009",
             Error::LedgerCorrupt { .. } => "PLAN010",
+            Error::PlanChanged { .. } => "PLAN011",
             Error::KeyNotFound(_) => "KEY001",
             Error::InvalidKeyName(_) => "KEY002",
             Error::KeyExists(_) => "KEY003",
@@ -205,6 +214,7 @@ impl Error {
             | Error::PlanNotYetValid(_)
             | Error::PlanExpired(_)
             | Error::PlanReplayed(_)
+            | Error::PlanChanged { .. }
             | Error::LedgerCorrupt { .. }
             | Error::KeyPermissions { .. }
             | Error::BadKeyFile { .. }

@@ -925,6 +925,46 @@ fn a_single_use_plan_is_admitted_once() {
 }
 
 #[test]
+fn a_woken_vm_readmits_its_single_use_plan_without_the_ledger_but_with_every_other_check() {
+    let host = Host::new();
+    let plan = valid_plan(true);
+    let bytes = host.sign(&plan);
+    let admission = host.admission();
+    let admitted = admission.admit(&bytes, now()).unwrap();
+    let readmit = |bytes: &[u8], digest: &str, at| {
+        admission
+            .readmit_checked(bytes, at, digest, |_| Ok::<(), Error>(()))
+            .map(|(verified, ())| verified)
+    };
+    // The same plan, for the VM it was admitted for: again and again, the ledger untouched.
+    for _ in 0..2 {
+        assert_eq!(readmit(&bytes, &admitted.digest, now()).unwrap(), admitted);
+    }
+    assert_eq!(host.recorded().len(), 1);
+    // Another plan, even from the same signer, is not that VM's plan.
+    let mut other = plan.clone();
+    other.nonce = fresh_nonce().unwrap();
+    assert_eq!(
+        code(readmit(&host.sign(&other), &admitted.digest, now())),
+        "PLAN011"
+    );
+    // Past its window, it is refused like any plan.
+    let later = plan.valid_until.0 + Duration::seconds(1);
+    assert_eq!(code(readmit(&bytes, &admitted.digest, later)), "PLAN008");
+    // And a plan nobody trusts any more is refused.
+    let stranger = Host::new();
+    assert_eq!(
+        code(
+            stranger
+                .admission()
+                .readmit_checked(&bytes, now(), &admitted.digest, |_| Ok::<(), Error>(()))
+                .map(drop)
+        ),
+        "PLAN002"
+    );
+}
+
+#[test]
 fn verifying_a_single_use_plan_never_consumes_it() {
     let host = Host::new();
     let plan = valid_plan(true);

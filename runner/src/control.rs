@@ -7,8 +7,10 @@
 //!
 //! [protocol]: mvm_agent::protocol
 
+use std::fs::File;
 use std::io::{self, Read as _, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -21,6 +23,7 @@ use mvm_ir::plan::LaunchPlan;
 use mvm_ir::validate::{is_env_name, DENIED_ENV};
 use serde_json::{json, Value};
 
+use crate::cold::{ColdSaver, SavedMemory};
 use crate::launch::Audit;
 use crate::mux::{AgentMux, Exchange};
 use crate::state::Phase;
@@ -36,16 +39,25 @@ const MAX_CLIENTS: usize = 64;
 /// itself).
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// Stops and restarts a VM's vCPUs (QEMU's QMP `stop`/`cont`; the kvm backend's own).
+/// Stops and restarts a VM's vCPUs (QEMU's QMP `stop`/`cont`; the kvm backend's own), and
+/// saves a stopped VM's state.
 pub trait Pausable: Send {
     /// Stops the vCPUs; memory and devices are kept.
     fn pause(&mut self) -> io::Result<()>;
     /// Lets them run again.
     fn resume(&mut self) -> io::Result<()>;
+    /// Writes the stopped VM's memory and device state into `into`, through a socket it may
+    /// make at `socket`.
+    fn save(&mut self, socket: &Path, into: &mut File) -> io::Result<SavedMemory> {
+        let _ = (socket, into);
+        Err(io::Error::other("this backend cannot save a VM"))
+    }
 }
 
 /// The stable code of a request refused because the VM is paused, or a pause that failed.
 pub const PAUSED: &str = "RUN039";
+/// The stable code of a save that failed or was refused (the VM runs on as it was).
+pub const SAVE_FAILED: &str = "RUN040";
 
 /// What every connection shares.
 pub struct Shared {
@@ -72,6 +84,10 @@ pub struct Shared {
     pub paused: AtomicBool,
     /// Records a change of phase in the VM's state file.
     pub phases: Box<dyn Fn(Phase) -> io::Result<()> + Send + Sync>,
+    /// Saves the VM cold, for a backend that can.
+    pub cold: Option<ColdSaver>,
+    /// Set once the VM was saved cold: its runner ends without powering it off.
+    pub saved_cold: AtomicBool,
 }
 
 impl Shared {
@@ -91,6 +107,49 @@ impl Shared {
         (self.phases)(phase).map_err(|e| e.to_string())?;
         self.record(event, json!({"vm": self.vm}));
         Ok(())
+    }
+
+    /// Saves the VM cold and tells the runner to end: paused first, refused while requests
+    /// are in flight (their answers would be lost), audited before the runner lets go.
+    /// Background commands are kept: they are part of the guest's memory.
+    pub fn save_cold(&self) -> Result<(), String> {
+        let Some(saver) = &self.cold else {
+            return Err("this VM's backend cannot save it".into());
+        };
+        let mut machine = self.machine.lock().unwrap_or_else(PoisonError::into_inner);
+        let was_paused = self.paused.swap(true, Ordering::Relaxed);
+        if !was_paused {
+            if let Err(e) = machine.pause() {
+                self.paused.store(false, Ordering::Relaxed);
+                return Err(format!("pausing: {e}"));
+            }
+        }
+        let in_flight = self.mux.in_flight();
+        let saved = match in_flight {
+            0 => saver.save(machine.as_mut()).map_err(|e| e.to_string()),
+            n => Err(format!(
+                "{n} requests are in flight: wait for them to end (or stop them) first"
+            )),
+        };
+        let manifest = match saved {
+            Ok(manifest) => manifest,
+            Err(message) => {
+                if !was_paused && machine.resume().is_ok() {
+                    self.paused.store(false, Ordering::Relaxed);
+                }
+                return Err(message);
+            }
+        };
+        let fields = json!({"vm": self.vm, "memory_sha256": manifest.memory.sha256,
+                            "memory_bytes": manifest.memory.bytes});
+        if !self.record("vm.saved", fields) {
+            // Unrecorded, not done: the VM is stopped instead (see `record`).
+            let _ = crate::cold::discard(&saver.dir);
+            return Err("its audit entry could not be written; the VM stops".into());
+        }
+        self.saved_cold.store(true, Ordering::Relaxed);
+        self.stop.store(true, Ordering::Relaxed);
+        (self.phases)(Phase::Cold).map_err(|e| e.to_string())
     }
 
     /// Records `event`; when that fails, the VM must stop (no command runs unrecorded).
@@ -302,7 +361,11 @@ fn serve_client(connection: UnixStream, shared: &Shared) -> io::Result<()> {
         };
         let needs_guest = !matches!(
             request,
-            Request::Hello { .. } | Request::PowerOff | Request::Pause | Request::Resume
+            Request::Hello { .. }
+                | Request::PowerOff
+                | Request::Pause
+                | Request::Resume
+                | Request::Save
         );
         if needs_guest && shared.paused.load(Ordering::Relaxed) {
             let message = "the VM is paused: resume it first (`mvm resume`)".to_string();
@@ -319,6 +382,10 @@ fn serve_client(connection: UnixStream, shared: &Shared) -> io::Result<()> {
                     Err(message) => writer.error(client_stream, PAUSED, message)?,
                 }
             }
+            Request::Save => match shared.save_cold() {
+                Ok(()) => writer.reply(client_stream, &Response::Done)?,
+                Err(message) => writer.error(client_stream, SAVE_FAILED, message)?,
+            },
             Request::PowerOff => {
                 shared.stop.store(true, Ordering::Relaxed);
                 writer.reply(client_stream, &Response::PowerOff)?;

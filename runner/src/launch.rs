@@ -32,6 +32,7 @@ use serde_json::{json, Map, Value};
 
 use crate::admission::{admit_bundle, AdmissionError};
 use crate::client::{AgentClient, ClientError, Executed, OutputSink};
+use crate::cold::{self, ColdError, ColdManifest, ColdSaver, ColdState};
 use crate::control::{self, Pausable};
 use crate::host::{self, Accel, Backend, BackendChoice, HostError, HostFacts};
 use crate::mux::AgentMux;
@@ -123,6 +124,9 @@ pub enum LaunchError {
     /// The agent refused the command.
     #[error("{}: {}", .0.code, .0.message)]
     CommandRefused(ErrorReply),
+    /// A cold VM could not be woken (it stays cold).
+    #[error(transparent)]
+    Cold(#[from] ColdError),
 }
 
 impl LaunchError {
@@ -140,6 +144,7 @@ impl LaunchError {
             LaunchError::CommandRefused(e) => &e.code,
             LaunchError::Interrupted => "RUN033",
             LaunchError::NameInUse(_) => "RUN034",
+            LaunchError::Cold(e) => e.code(),
         }
     }
 
@@ -147,7 +152,8 @@ impl LaunchError {
     pub fn exit_status(&self) -> u8 {
         match self {
             LaunchError::Refused(AdmissionError::NotRunnable { .. }) => exit::RUNNER,
-            LaunchError::Refused(_) => exit::REFUSED,
+            LaunchError::Refused(_) | LaunchError::Cold(ColdError::Unverified(_)) => exit::REFUSED,
+            LaunchError::Cold(ColdError::Wake(_)) => exit::VM_FAILED,
             LaunchError::Integrity(_) => exit::INTEGRITY,
             LaunchError::GuestFailed(_)
             | LaunchError::BootTimeout(_)
@@ -162,6 +168,7 @@ impl LaunchError {
             | LaunchError::Audit(_)
             | LaunchError::AuditFailed(_)
             | LaunchError::CommandRefused(_)
+            | LaunchError::Cold(ColdError::Save(_))
             | LaunchError::NameInUse(_) => exit::RUNNER,
         }
     }
@@ -289,7 +296,7 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Bo
         listener,
         socket,
         mut vm_process,
-    } = start(launch, Keep::Nothing, |verified| {
+    } = start(launch, Origin::Boot(Keep::Nothing), |verified| {
         exec_request(verified, launch)
     })?;
 
@@ -332,26 +339,82 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Bo
 }
 
 /// Boots `launch` as the VM `name` and keeps it up, serving its control socket
-/// (`vms/<name>/control.sock`) until a client asks for a power-off, the runner is told to
-/// stop (a signal), or the VM dies. `on_ready` is called once the agent has said hello. The
-/// VM's directory keeps its state, console log and lock until `mvm rm`.
+/// (`vms/<name>/control.sock`) until a client asks for a power-off or a cold save, the runner
+/// is told to stop (a signal), or the VM dies. `on_ready` is called once the agent has said
+/// hello. The VM's directory keeps its state, console log and lock until `mvm rm`.
 pub fn serve_named(
     launch: &Launch,
     name: &str,
     on_ready: &mut dyn FnMut(&VmState),
 ) -> Result<VmState, Box<Failure>> {
+    let started = start(
+        launch,
+        Origin::Boot(Keep::Record(name.to_string())),
+        secrets_resolvable,
+    )?;
+    serve_started(launch, name, started, None, on_ready)
+}
+
+/// Wakes the cold VM `name` and keeps it up as [`serve_named`] does. Its saved state is
+/// verified first (see [`cold`]) and its plan admitted again from the envelope its manifest
+/// names (`launch.envelope` is not used); a VM that cannot be woken stays cold, its saved
+/// state untouched.
+pub fn wake_named(
+    launch: &Launch,
+    name: &str,
+    on_ready: &mut dyn FnMut(&VmState),
+) -> Result<VmState, Box<Failure>> {
+    // Its lock says no runner has it; its saved state says it is cold (even if the runner of
+    // an earlier attempt to wake it was killed before it could say so).
+    let dir = VmDir::reopen(&launch.home, name)?;
+    if !cold::is_saved(&dir.path) {
+        let message = format!("{name} was not saved cold");
+        return Err(LaunchError::from(ColdError::Wake(message)).into());
+    }
+    let saved = cold::open(&dir.path, name, &launch.home).map_err(LaunchError::from)?;
+    let launch = Launch {
+        envelope: saved.manifest.envelope.clone(),
+        ..launch.clone()
+    };
+    let started = start(
+        &launch,
+        Origin::Wake(dir, &saved.manifest),
+        secrets_resolvable,
+    )?;
+    serve_started(&launch, name, started, Some(saved), on_ready)
+}
+
+/// Writes a VM's new phase to its state file.
+type PhaseRecorder = Box<dyn Fn(Phase) -> io::Result<()> + Send + Sync>;
+
+/// How a named VM's serving ended without a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Served {
+    /// Powered off on request.
+    Stopped,
+    /// Saved cold on request: its state is in its directory.
+    Cold,
+}
+
+/// The VM of `started`, woken from `saved` when given, served until it ends.
+fn serve_started(
+    launch: &Launch,
+    name: &str,
+    started: Started<()>,
+    mut saved: Option<ColdState>,
+    on_ready: &mut dyn FnMut(&VmState),
+) -> Result<VmState, Box<Failure>> {
     let Started {
         audit,
         plan,
+        accel,
         vm,
         dir,
         listener,
         socket,
         mut vm_process,
         ..
-    } = start(launch, Keep::Record(name.to_string()), |verified| {
-        secrets_resolvable(verified)
-    })?;
+    } = started;
     let mut state = VmState {
         name: name.to_string(),
         vm: vm.clone(),
@@ -373,19 +436,35 @@ pub fn serve_named(
     };
     record(&state)?;
 
-    let booted = boot(launch, listener.as_ref(), &mut vm_process);
+    // A woken guest gets its saved state before the agent channel is awaited; it runs only
+    // once what QEMU read hashed to the manifest's digest.
+    let woken = match saved.as_mut() {
+        Some(saved) => wake(&dir, &mut vm_process, saved, accel).map(Some),
+        None => Ok(None),
+    };
+    let booted = woken.and_then(|machine| {
+        boot(launch, listener.as_ref(), &mut vm_process).map(|booted| (booted, machine))
+    });
     drop(listener);
     let _ = fs::remove_file(&socket);
-    let outcome = booted.and_then(|booted| {
+    let outcome = booted.and_then(|(booted, machine)| {
         // The control socket is there before anyone is told the VM is ready.
         let control_path = dir.path.join(state::CONTROL_SOCKET);
         let control =
             UnixListener::bind(&control_path).map_err(LaunchError::host("control socket"))?;
         fs::set_permissions(&control_path, fs::Permissions::from_mode(0o600))
             .map_err(LaunchError::host("control socket"))?;
-        let machine = vm_process
-            .machine(&dir.path)
-            .map_err(|e| LaunchError::Backend(format!("QMP: {e}")))?;
+        let machine = match machine {
+            Some(machine) => machine,
+            None => vm_process
+                .machine(&dir.path)
+                .map_err(|e| LaunchError::Backend(format!("QMP: {e}")))?,
+        };
+        if saved.take().is_some() {
+            // It runs again: its saved state is stale from here on.
+            cold::discard(&dir.path).map_err(LaunchError::host("removing the cold state"))?;
+            audit.append("vm.woken", json!({"vm": vm, "name": name}))?;
+        }
         state.phase = Phase::Running;
         record(&state)?;
         on_ready(&state);
@@ -399,6 +478,23 @@ pub fn serve_named(
                 state::write(&dir, &state).map_err(|e| io::Error::other(e.to_string()))
             }
         };
+        let saver = matches!(vm_process, VmProcess::Qemu(_)).then(|| ColdSaver {
+            dir: dir.path.clone(),
+            home: launch.home.clone(),
+            manifest: ColdManifest {
+                schema_version: String::new(),
+                name: name.to_string(),
+                vm: vm.clone(),
+                plan_digest: plan.digest.clone(),
+                envelope: launch.envelope.clone(),
+                accel: accel.to_string(),
+                memory: cold::SavedMemory {
+                    sha256: String::new(),
+                    bytes: 0,
+                },
+                saved_at: mvm_ir::plan::Timestamp::now(),
+            },
+        });
         let serving = keep_serving(
             launch,
             control,
@@ -406,20 +502,25 @@ pub fn serve_named(
             &mut vm_process,
             booted,
             (&audit, &vm),
-            (machine, Box::new(phases)),
+            (machine, Box::new(phases), saver),
         );
         let _ = fs::remove_file(&control_path);
         serving
     });
     vm_process.kill();
+    // A VM that could not be woken keeps its saved state: it is cold still.
+    let still_cold = saved.is_some();
     let (reason, phase) = match &outcome {
-        Ok(reason) => (reason.to_string(), Phase::Stopped),
+        Ok(Served::Cold) => ("saved cold".to_string(), Phase::Cold),
+        Ok(Served::Stopped) => ("stopped on request".to_string(), Phase::Stopped),
+        Err(error) if still_cold => (error.code().to_string(), Phase::Cold),
         Err(LaunchError::Interrupted) => ("RUN033".to_string(), Phase::Stopped),
         Err(error) => (error.code().to_string(), Phase::Failed),
     };
     state.phase = phase;
     state.reason = Some(match &outcome {
-        Ok(reason) => reason.to_string(),
+        Ok(_) => reason.clone(),
+        Err(error) if still_cold => format!("waking failed: {}: {error}", error.code()),
         Err(error) => format!("{}: {error}", error.code()),
     });
     record(&state)?;
@@ -434,11 +535,46 @@ pub fn serve_named(
     }
 }
 
-/// Writes a VM's new phase to its state file.
-type PhaseRecorder = Box<dyn Fn(Phase) -> io::Result<()> + Send + Sync>;
+/// Streams a cold VM's saved state into the QEMU started to wake it, checks the digest of
+/// what was streamed, and only then lets the guest run; returns the machine controls.
+fn wake(
+    dir: &VmDir,
+    vm: &mut VmProcess,
+    saved: &mut ColdState,
+    accel: Accel,
+) -> Result<Box<dyn Pausable>, LaunchError> {
+    if saved.manifest.accel != accel.to_string() {
+        return Err(ColdError::Wake(format!(
+            "it was saved under {}, this host runs {accel}",
+            saved.manifest.accel
+        ))
+        .into());
+    }
+    let VmProcess::Qemu(_) = vm else {
+        return Err(ColdError::Wake("only the qemu backend wakes saved VMs".into()).into());
+    };
+    let wake_socket = dir.path.join(cold::WAKE_SOCKET);
+    let loaded = qemu::migration::load(
+        &wake_socket,
+        &mut saved.memory,
+        &dir.path.join(state::MACHINE_SOCKET),
+    );
+    let _ = fs::remove_file(&wake_socket);
+    let (mut qmp, streamed) = loaded.map_err(|e| {
+        let stderr = vm.stderr();
+        ColdError::Wake(match stderr.is_empty() {
+            true => e.to_string(),
+            false => format!("{e}; QEMU: {stderr}"),
+        })
+    })?;
+    cold::check_memory(&saved.manifest, &streamed)?;
+    qmp.resume()
+        .map_err(|e| ColdError::Wake(format!("letting the guest run: {e}")))?;
+    Ok(Box::new(qmp))
+}
 
-/// Serves the control socket of a booted VM until it should stop; then powers it off.
-/// Returns why it stopped.
+/// Serves the control socket of a booted VM until it should stop; then powers it off, unless
+/// it was saved cold. Returns how it ended.
 fn keep_serving(
     launch: &Launch,
     control: UnixListener,
@@ -446,8 +582,8 @@ fn keep_serving(
     vm: &mut VmProcess,
     booted: Booted,
     (audit, vm_id): (&Arc<Audit>, &str),
-    (machine, phases): (Box<dyn Pausable>, PhaseRecorder),
-) -> Result<&'static str, LaunchError> {
+    (machine, phases, cold): (Box<dyn Pausable>, PhaseRecorder, Option<ColdSaver>),
+) -> Result<Served, LaunchError> {
     let (stream, last_stream) = booted
         .client
         .into_stream()
@@ -464,6 +600,8 @@ fn keep_serving(
         machine: Mutex::new(machine),
         paused: AtomicBool::new(false),
         phases,
+        cold,
+        saved_cold: AtomicBool::new(false),
     });
     let mut vm_exited = false;
     let mut channel_closed = false;
@@ -474,6 +612,10 @@ fn keep_serving(
     })
     .map_err(LaunchError::host("control socket"))?;
     drop(control);
+    if shared.saved_cold.load(Ordering::Relaxed) {
+        // Its state is on disk; the guest must not run another instruction.
+        return Ok(Served::Cold);
+    }
     if channel_closed && !vm_exited {
         return Err(LaunchError::Channel(ClientError::Closed));
     }
@@ -506,7 +648,7 @@ fn keep_serving(
     if launch.interrupt.load(Ordering::Relaxed) {
         return Err(LaunchError::Interrupted);
     }
-    Ok("stopped on request")
+    Ok(Served::Stopped)
 }
 
 /// A launch up to a VM process running: the plan admitted, the VM's directory and private
@@ -525,11 +667,23 @@ struct Started<T> {
     vm_process: VmProcess,
 }
 
+/// Where a launch's VM comes from.
+enum Origin<'a> {
+    /// A fresh boot, in a new directory that keeps what [`Keep`] says.
+    Boot(Keep),
+    /// A cold VM woken: its directory (locked) and its verified manifest.
+    Wake(VmDir, &'a ColdManifest),
+}
+
 fn start<T>(
     launch: &Launch,
-    keep: Keep,
+    origin: Origin<'_>,
     settle: impl FnOnce(&VerifiedPlan) -> Result<T, AdmissionError>,
 ) -> Result<Started<T>, Box<Failure>> {
+    let again = match &origin {
+        Origin::Boot(_) => None,
+        Origin::Wake(_, manifest) => Some(manifest.plan_digest.as_str()),
+    };
     let audit = Arc::new(Audit::open(&launch.home)?);
     let trust = KeyStore::new(launch.home.clone())
         .trust_store()
@@ -542,6 +696,7 @@ fn start<T>(
         &launch.envelope,
         &admission,
         time::OffsetDateTime::now_utc(),
+        again,
         |verified| {
             let settled = settle(verified)?;
             let unavailable = |e: HostError| AdmissionError::NotRunnable {
@@ -568,13 +723,23 @@ fn start<T>(
         }
     };
     let plan = admitted.plan;
-    let vm = format!(
-        "vm-{}",
-        &mvm_ir::plan::fresh_nonce().map_err(LaunchError::Audit)?[..12]
-    );
-    let dir = VmDir::create(&launch.home, &vm, keep)?;
+    let woken = again.is_some();
+    let (vm, dir) = match origin {
+        Origin::Boot(keep) => {
+            let vm = format!(
+                "vm-{}",
+                &mvm_ir::plan::fresh_nonce().map_err(LaunchError::Audit)?[..12]
+            );
+            let dir = VmDir::create(&launch.home, &vm, keep)?;
+            (vm, dir)
+        }
+        Origin::Wake(dir, manifest) => (manifest.vm.clone(), dir),
+    };
     audit.append(
-        "plan.admitted",
+        match woken {
+            true => "plan.readmitted",
+            false => "plan.admitted",
+        },
         json!({
             "vm": vm,
             "name": dir.name(),
@@ -589,7 +754,7 @@ fn start<T>(
     let kernel = dir.private_copy("kernel", &admitted.artifacts.kernel)?;
     let initramfs = dir.private_copy("initramfs", &admitted.artifacts.initramfs)?;
     let socket = dir.path.join("agent.sock");
-    let serial_log = dir.serial_log()?;
+    let serial_log = dir.serial_log(woken)?;
     let (listener, vm_process) = match qemu {
         Some(qemu) => {
             let listener =
@@ -607,7 +772,14 @@ fn start<T>(
                 agent_socket: &socket,
                 qmp_socket: &dir.path.join(state::MACHINE_SOCKET),
             };
-            let args = qemu::arguments(&plan.plan, &files, accel);
+            let mut args = qemu::arguments(&plan.plan, &files, accel);
+            if woken {
+                let socket = dir.path.join(cold::WAKE_SOCKET);
+                let incoming = qemu::migration::incoming_argument(&socket)
+                    .map_err(|e| ColdError::Wake(e.to_string()))
+                    .map_err(LaunchError::from)?;
+                args.extend(["-incoming".into(), incoming.into()]);
+            }
             let vm_process = QemuVm::spawn(&qemu, &args, serial_log)
                 .map_err(|e| LaunchError::Backend(format!("starting {}: {e}", qemu.display())))?;
             (Some(listener), VmProcess::Qemu(vm_process))
@@ -630,7 +802,8 @@ fn start<T>(
     };
     audit.append(
         "vm.started",
-        json!({"vm": vm, "backend": backend, "accel": accel.to_string(), "pid": vm_process.pid()}),
+        json!({"vm": vm, "backend": backend, "accel": accel.to_string(),
+               "pid": vm_process.pid(), "woken": woken}),
     )?;
     Ok(Started {
         audit,
@@ -971,6 +1144,23 @@ impl VmDir {
         })
     }
 
+    /// Takes over the directory of the named VM `name`, which its last runner left: holds
+    /// its lock, as that runner did.
+    fn reopen(home: &MvmHome, name: &str) -> Result<Self, LaunchError> {
+        let path = home.ensure("vms").map_err(LaunchError::Audit)?.join(name);
+        if !path.join(state::STATE_FILE).exists() {
+            return Err(ColdError::Wake(format!("there is no VM named {name}")).into());
+        }
+        let lock = ExclusiveLock::try_acquire(&path.join(state::LOCK_FILE))
+            .map_err(LaunchError::Audit)?
+            .ok_or_else(|| ColdError::Wake(format!("a runner holds {name} already")))?;
+        Ok(Self {
+            path,
+            keep: Keep::Record(name.to_string()),
+            _lock: Some(lock),
+        })
+    }
+
     /// The VM's name, for a named VM.
     fn name(&self) -> Option<&str> {
         match &self.keep {
@@ -993,11 +1183,15 @@ impl VmDir {
         Ok(path)
     }
 
-    fn serial_log(&self) -> Result<File, LaunchError> {
+    /// The console log: new, or for a woken VM the one it had, continued.
+    fn serial_log(&self, continued: bool) -> Result<File, LaunchError> {
         let path = self.path.join(SERIAL_LOG);
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
+        let mut options = OpenOptions::new();
+        match continued {
+            true => options.append(true).create(true),
+            false => options.write(true).create_new(true),
+        };
+        options
             .mode(0o600)
             .open(&path)
             .map_err(LaunchError::host(format!("creating {}", path.display())))
@@ -1027,6 +1221,7 @@ impl Drop for VmDir {
                 state::STATE_FILE,
                 state::LOCK_FILE,
                 state::RUNNER_LOG,
+                cold::COLD_DIR,
             ],
         };
         if kept.is_empty() {

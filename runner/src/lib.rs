@@ -17,6 +17,7 @@
 
 pub mod admission;
 pub mod client;
+pub mod cold;
 pub mod control;
 pub mod host;
 pub mod launch;

@@ -31,8 +31,8 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 #[command(name = "mvm-runner", version)]
 struct Args {
     /// The signed plan (`plan.dsse.json` in a bundle built by `mvm build`).
-    #[arg(long, value_name = "FILE")]
-    plan: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "wake")]
+    plan: Option<PathBuf>,
     /// auto: the best this host can do; qemu: a supervised QEMU microvm; kvm: mvm's own VMM.
     #[arg(long, default_value = "auto", value_name = "auto|qemu|kvm")]
     backend: BackendChoice,
@@ -53,6 +53,10 @@ struct Args {
     /// is ready, then writes to `vms/NAME/runner.log`. This is what `mvm up` starts.
     #[arg(long, value_name = "NAME", conflicts_with_all = ["command", "json", "timeout", "receipt"])]
     name: Option<String>,
+    /// Wake the cold VM NAME (saved by `mvm pause --cold`) and keep it up as --name does: its
+    /// saved state and plan are verified again first. This is what `mvm resume` starts.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["plan", "name", "command", "json", "timeout", "receipt"])]
+    wake: Option<String>,
     /// The command; the plan's entrypoint when absent.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -84,7 +88,10 @@ fn main() -> ExitCode {
         }
     }
     if let Some(name) = args.name.clone() {
-        return ExitCode::from(serve(args, &name, started, interrupt));
+        return ExitCode::from(serve(args, &name, false, started, interrupt));
+    }
+    if let Some(name) = args.wake.clone() {
+        return ExitCode::from(serve(args, &name, true, started, interrupt));
     }
     let json = args.json;
     let receipt = args.receipt.clone();
@@ -108,7 +115,8 @@ fn launch_request(
     interrupt: Arc<AtomicBool>,
 ) -> Launch {
     Launch {
-        envelope: args.plan,
+        // Only a wake has none: its plan is the one its saved state names.
+        envelope: args.plan.unwrap_or_default(),
         home,
         backend: args.backend,
         argv: args.command,
@@ -137,8 +145,9 @@ fn run(
     }
 }
 
-/// `--name`: boots and keeps the VM up; 0 once it stopped on request.
-fn serve(args: Args, name: &str, started: Instant, interrupt: Arc<AtomicBool>) -> u8 {
+/// `--name` (or `--wake`): boots (wakes) and keeps the VM up; 0 once it stopped or was saved
+/// cold on request.
+fn serve(args: Args, name: &str, wake: bool, started: Instant, interrupt: Arc<AtomicBool>) -> u8 {
     if !state::valid_name(name) {
         eprintln!("mvm-runner: error RUN035: {name:?} cannot name a VM: use 1-63 of a-z 0-9 _ . -, starting with a letter or digit");
         return exit::RUNNER;
@@ -169,7 +178,11 @@ fn serve(args: Args, name: &str, started: Instant, interrupt: Arc<AtomicBool>) -
             let _ = rustix::stdio::dup2_stderr(&file);
         }
     };
-    match launch::serve_named(&request, name, &mut on_ready) {
+    let served = match wake {
+        true => launch::wake_named(&request, name, &mut on_ready),
+        false => launch::serve_named(&request, name, &mut on_ready),
+    };
+    match served {
         Ok(_) => 0,
         Err(failure) => report_failure(&failure, false),
     }

@@ -236,6 +236,11 @@ impl AgentMux {
         Ok(())
     }
 
+    /// How many exchanges are still open: requests whose answer has not been passed on.
+    pub fn in_flight(&self) -> usize {
+        lock(&self.shared).routes.len()
+    }
+
     /// Whether the channel has ended (the guest went away or a write broke it).
     pub fn is_closed(&self) -> bool {
         lock(&self.shared).closed

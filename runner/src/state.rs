@@ -30,6 +30,9 @@ pub enum Phase {
     /// Its vCPUs are stopped (`mvm pause`); memory and devices are kept, commands wait for
     /// `mvm resume`.
     Paused,
+    /// Saved to its directory with its runner gone (`mvm pause --cold`); `mvm resume` wakes
+    /// it with a new runner.
+    Cold,
     /// Powered off on request.
     Stopped,
     /// Ended by a failure (see the reason).
@@ -48,6 +51,7 @@ impl Phase {
             Phase::Starting => "starting",
             Phase::Running => "running",
             Phase::Paused => "paused",
+            Phase::Cold => "cold",
             Phase::Stopped => "stopped",
             Phase::Failed => "failed",
         }

@@ -190,20 +190,45 @@ pub fn up(args: UpArgs, out: &Output) -> anyhow::Result<ExitCode> {
         &args.image_options,
         &args.command,
     )?;
-    let runner = sibling("MVM_RUNNER", "mvm-runner")?;
-    let mut child = Command::new(&runner)
+    let mut runner = runner_command(args.boot_timeout)?;
+    runner
         .arg("--plan")
         .arg(&plan)
-        .args(["--name", &args.name, "--backend", &args.backend])
+        .args(["--name", &args.name, "--backend", &args.backend]);
+    let ready = match start_runner(runner)? {
+        Ok(ready) => ready,
+        Err(status) => return Ok(status),
+    };
+    out.result(json!({"vm": state_json(&ready)}), || {
+        format!(
+            "{} is running ({}, plan {})",
+            ready.name, ready.vm, ready.plan_digest
+        )
+    });
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `mvm-runner` with the arguments every VM-serving runner gets.
+fn runner_command(boot_timeout: Duration) -> anyhow::Result<Command> {
+    let mut command = Command::new(sibling("MVM_RUNNER", "mvm-runner")?);
+    command
         .arg("--boot-timeout")
-        .arg(humantime::format_duration(args.boot_timeout).to_string())
+        .arg(humantime::format_duration(boot_timeout).to_string());
+    Ok(command)
+}
+
+/// Starts a runner that serves a VM and waits for its ready line: the VM's state, or the
+/// runner's exit status once it failed (its error printed).
+fn start_runner(mut command: Command) -> anyhow::Result<Result<VmState, ExitCode>> {
+    let program = command.get_program().to_owned();
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         // Its own process group: the terminal's Ctrl-C is not for it once `mvm up` returns.
         .process_group(0)
         .spawn()
-        .with_context(|| format!("starting {}", runner.display()))?;
+        .with_context(|| format!("starting {}", program.to_string_lossy()))?;
     let stdout = child.stdout.take().context("the runner's stdout")?;
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line)?;
@@ -224,15 +249,9 @@ pub fn up(args: UpArgs, out: &Output) -> anyhow::Result<ExitCode> {
         }
         let status = child.wait()?;
         eprint!("{error}");
-        return Ok(ExitCode::from(status.code().unwrap_or(125) as u8));
+        return Ok(Err(ExitCode::from(status.code().unwrap_or(125) as u8)));
     };
-    out.result(json!({"vm": state_json(&ready)}), || {
-        format!(
-            "{} is running ({}, plan {})",
-            ready.name, ready.vm, ready.plan_digest
-        )
-    });
-    Ok(ExitCode::SUCCESS)
+    Ok(Ok(ready))
 }
 
 pub fn ls(out: &Output) -> anyhow::Result<()> {
@@ -280,6 +299,12 @@ pub(super) fn connect(
     interrupt: Arc<AtomicBool>,
 ) -> anyhow::Result<AgentClient> {
     let (dir, seen) = observe(host, name)?;
+    if seen.phase == Phase::Cold {
+        return Err(coded_as(
+            "RUN036",
+            format!("{name} is cold: `mvm resume {name}` wakes it"),
+        ));
+    }
     if !matches!(seen.phase, Phase::Running | Phase::Paused) {
         return Err(coded_as(
             "RUN036",
@@ -361,31 +386,88 @@ pub fn exec(args: ExecArgs, out: &Output) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(exit::of_command(reply.status)))
 }
 
-/// Pauses (stops the vCPUs of) or resumes the running VM `name`.
-pub fn pause(name: &str, pause: bool, out: &Output) -> anyhow::Result<()> {
+/// Pauses (stops the vCPUs of) the running VM `name`; `cold` saves it to disk too, and
+/// returns once its runner has let go of it.
+pub fn pause(name: &str, cold: bool, out: &Output) -> anyhow::Result<()> {
     let host = Host::open()?;
     let mut client = connect(&host, name, Arc::default())?;
-    let request = match pause {
-        true => Request::Pause,
-        false => Request::Resume,
+    let (request, answer_within) = match cold {
+        // Saving writes the guest's memory: up to its size at disk speed.
+        true => (Request::Save, Duration::from_secs(300)),
+        false => (Request::Pause, Duration::from_secs(30)),
     };
     client
-        .call(&request, Duration::from_secs(30), None)
+        .call(&request, answer_within, None)
         .map_err(agent_error)?;
-    let (_, seen) = observe(&host, name)?;
+    let (dir, mut seen) = observe(&host, name)?;
+    if cold {
+        let deadline = Instant::now() + STOP_WAIT;
+        while ExclusiveLock::try_acquire(&dir.join(state::LOCK_FILE))?.is_none() {
+            if Instant::now() > deadline {
+                return Err(coded_as(
+                    "RUN036",
+                    format!("the runner of {name} did not let go of it"),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        seen = observe(&host, name)?.1;
+    }
     out.result(json!({"vm": state_json(&seen)}), || {
         format!("{name} is {}", seen.phase.name())
     });
     Ok(())
 }
 
+/// Lets the paused VM `name` run again, or wakes it from cold with a new runner.
+pub fn resume(name: &str, boot_timeout: Duration, out: &Output) -> anyhow::Result<ExitCode> {
+    let host = Host::open()?;
+    let (dir, seen) = observe(&host, name)?;
+    let seen = if !seen.phase.is_live() && mvm_runner::cold::is_saved(&dir) {
+        let mut runner = runner_command(boot_timeout)?;
+        runner.args(["--wake", name]);
+        match start_runner(runner)? {
+            Ok(ready) => ready,
+            Err(status) => return Ok(status),
+        }
+    } else {
+        let mut client = connect(&host, name, Arc::default())?;
+        client
+            .call(&Request::Resume, Duration::from_secs(30), None)
+            .map_err(agent_error)?;
+        observe(&host, name)?.1
+    };
+    out.result(json!({"vm": state_json(&seen)}), || {
+        format!("{name} is {}", seen.phase.name())
+    });
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn stop(name: &str, out: &Output) -> anyhow::Result<()> {
     let host = Host::open()?;
-    let state = stop_and_wait(&host, name)?;
+    let (dir, seen) = observe(&host, name)?;
+    let state = match seen.phase {
+        Phase::Cold => discard_cold(&host, &dir, seen)?,
+        _ => stop_and_wait(&host, name)?,
+    };
     out.result(json!({"vm": state_json(&state)}), || {
         format!("{name} is {}", state.phase.name())
     });
     Ok(())
+}
+
+/// Stops a cold VM for good: its saved state is removed, under its lock (no runner may be
+/// waking it meanwhile).
+fn discard_cold(host: &Host, dir: &Path, mut seen: VmState) -> anyhow::Result<VmState> {
+    let Some(_lock) = ExclusiveLock::try_acquire(&dir.join(state::LOCK_FILE))? else {
+        return Err(coded_as("RUN036", format!("{} is being woken", seen.name)));
+    };
+    host.audit("vm.discarded", json!({"name": seen.name, "vm": seen.vm}))?;
+    mvm_runner::cold::discard(dir)?;
+    seen.phase = Phase::Stopped;
+    seen.reason = Some("stopped while cold: its saved state was discarded".into());
+    state::write(dir, &seen)?;
+    Ok(seen)
 }
 
 /// Asks the runner of `name` to power its VM off, and waits until it has.
@@ -461,9 +543,9 @@ fn kill_runner(dir: &Path, seen: &VmState) -> anyhow::Result<()> {
             let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
             args.first()
                 .is_some_and(|program| program.ends_with(b"mvm-runner"))
-                && args
-                    .windows(2)
-                    .any(|pair| pair[0] == b"--name" && pair[1] == seen.name.as_bytes())
+                && args.windows(2).any(|pair| {
+                    matches!(pair[0], b"--name" | b"--wake") && pair[1] == seen.name.as_bytes()
+                })
         })
         .unwrap_or(false);
     if let Some(pid) = rustix::process::Pid::from_raw(seen.runner_pid as i32) {

@@ -95,6 +95,9 @@ pub enum Request {
     Pause,
     /// Lets a paused guest run again: answered by the runner, like [`Request::Pause`].
     Resume,
+    /// Pauses the guest and saves it cold — memory and device state to the VM's directory —
+    /// then ends its runner: answered by the runner, like [`Request::Pause`].
+    Save,
     /// Sync and power the guest off once the answer is sent.
     PowerOff,
 }

@@ -59,6 +59,13 @@ pub struct Running {
 }
 
 impl Running {
+    /// Whether this command's exchange is on `stream`. A spawned command was answered when it
+    /// started: its stream is free again (a later client, a woken VM's new runner say, may
+    /// reuse the id).
+    pub fn holds(&self, stream: u32) -> bool {
+        self.stream == stream && self.spawned.is_none()
+    }
+
     /// Starts `request` in its own process group, as `user` when given, with nothing inherited
     /// but what the request names. `no_new_privs` is already set on the agent and so on it.
     /// With `spawn`, a background command with that handle whose output is kept, not sent.

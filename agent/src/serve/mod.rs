@@ -266,10 +266,7 @@ impl<'c> Agent<'c> {
                 stream: target,
                 signal,
             } => {
-                let command = self
-                    .running
-                    .iter()
-                    .find(|c| c.stream == target && c.spawned.is_none());
+                let command = self.running.iter().find(|c| c.holds(target));
                 let outcome = match command {
                     Some(command) => command.signal(signal),
                     None => Err(no_such_process(&format!("stream {target}"))),
@@ -328,8 +325,8 @@ impl<'c> Agent<'c> {
             | Request::FsMove { .. }) => {
                 send(channel, stream, &fsops::run(request, user))?;
             }
-            Request::Pause | Request::Resume => {
-                let message = "pause and resume are answered by the VM's runner".to_string();
+            Request::Pause | Request::Resume | Request::Save => {
+                let message = "pause, resume and save are answered by the VM's runner".to_string();
                 send_error(channel, stream, codes::BAD_REQUEST, message)?;
             }
             Request::PowerOff => {
@@ -350,7 +347,7 @@ impl<'c> Agent<'c> {
     fn busy(&self, stream: u32) -> Option<(&'static str, String)> {
         let taken = self.uploads.contains_key(&stream)
             || self.downloads.iter().any(|d| d.stream == stream)
-            || self.running.iter().any(|c| c.stream == stream);
+            || self.running.iter().any(|c| c.holds(stream));
         if taken {
             return Some((
                 codes::BAD_REQUEST,
@@ -373,7 +370,7 @@ impl<'c> Agent<'c> {
 
     /// Room handed back by the host for what the agent sends on `stream`.
     fn grant(&mut self, stream: u32, bytes: u64) {
-        if let Some(command) = self.running.iter_mut().find(|c| c.stream == stream) {
+        if let Some(command) = self.running.iter_mut().find(|c| c.holds(stream)) {
             command.window.grant(bytes);
         } else if let Some(download) = self.downloads.iter_mut().find(|d| d.stream == stream) {
             download.window.grant(bytes);
@@ -407,7 +404,7 @@ impl<'c> Agent<'c> {
         let Some(at) = self
             .running
             .iter()
-            .position(|c| c.stream == stream && c.stdin.is_some())
+            .position(|c| c.holds(stream) && c.stdin.is_some())
         else {
             return Ok(());
         };

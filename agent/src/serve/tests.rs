@@ -676,6 +676,14 @@ fn spawned_commands_are_listed_waited_for_and_killed() {
         .all(|p| p.program == "sh" || p.program == "sleep"));
     exec_reply(host.exchange(4).2);
 
+    // A spawned command was answered: its stream is free for the next exchange (the ids of a
+    // woken VM's new runner start over).
+    host.exec(1, &["true"], 60_000);
+    assert_eq!(
+        exec_reply(host.exchange(1).2).status,
+        ExitStatus::Exited { code: 0 }
+    );
+
     // The quick one ended: its output and status, once; then the handle is gone.
     let (stdout, response) = wait_for(&mut host, 6, quick, 5000);
     assert_eq!(stdout, b"done\n");

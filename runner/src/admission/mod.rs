@@ -110,10 +110,13 @@ pub struct Admitted {
 /// Admits the plan envelope at `envelope` (its artifacts are the files beside it), then runs
 /// `prepare` on the verified plan (what the caller must settle before using it up: the
 /// command, the backend), consuming a single-use plan's nonce only if everything passed.
+/// `again` is for a VM that was admitted already (a cold one being woken): the plan must have
+/// that digest, and is not used up again.
 pub fn admit_bundle<T>(
     envelope: &Path,
     admission: &PlanAdmission,
     now: OffsetDateTime,
+    again: Option<&str>,
     prepare: impl FnOnce(&VerifiedPlan) -> Result<T, AdmissionError>,
 ) -> Result<(Admitted, T), AdmissionError> {
     let bytes = mvm_ir::fsutil::read_capped(envelope, MAX_ENVELOPE_BYTES, "plan envelope")?;
@@ -121,7 +124,7 @@ pub fn admit_bundle<T>(
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let (plan, (artifacts, prepared)) = admission.admit_checked(&bytes, now, |verified| {
+    let check = |verified: &VerifiedPlan| {
         check_cmdline(&verified.plan)?;
         // Absolute paths: a backend must never read a relative name as something else
         // (QEMU takes `name:` at the start of a drive's file as a protocol).
@@ -132,7 +135,11 @@ pub fn admit_bundle<T>(
         })?;
         let artifacts = load_artifacts(&bundle, &verified.plan)?;
         Ok::<_, AdmissionError>((artifacts, prepare(verified)?))
-    })?;
+    };
+    let (plan, (artifacts, prepared)) = match again {
+        None => admission.admit_checked(&bytes, now, check)?,
+        Some(digest) => admission.readmit_checked(&bytes, now, digest, check)?,
+    };
     Ok((Admitted { plan, artifacts }, prepared))
 }
 

@@ -90,7 +90,7 @@ impl Bundle {
             &time::format_description::well_known::Rfc3339,
         )
         .unwrap();
-        admit_bundle(&self.envelope(), &self.admission(), now, prepare)
+        admit_bundle(&self.envelope(), &self.admission(), now, None, prepare)
     }
 }
 

@@ -6,6 +6,7 @@
 //! console, recorded by [`crate::serial`]; its standard error is kept for error reports.
 
 pub mod command_line;
+pub mod migration;
 pub mod qmp;
 
 use std::ffi::OsString;

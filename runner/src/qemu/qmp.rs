@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::cold::SavedMemory;
+
 /// How long QEMU may take to answer a command.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest line read from QEMU.
@@ -42,13 +44,25 @@ impl Qmp {
 
     /// Runs `command` (without arguments) and waits for its answer.
     pub fn execute(&mut self, command: &str) -> io::Result<()> {
-        let mut request = serde_json::to_vec(&json!({ "execute": command }))?;
+        self.send(json!({ "execute": command }), command).map(drop)
+    }
+
+    /// Runs `command` with `arguments` and returns what it returned.
+    pub fn execute_with(&mut self, command: &str, arguments: Value) -> io::Result<Value> {
+        self.send(
+            json!({ "execute": command, "arguments": arguments }),
+            command,
+        )
+    }
+
+    fn send(&mut self, request: Value, command: &str) -> io::Result<Value> {
+        let mut request = serde_json::to_vec(&request)?;
         request.push(b'\n');
         self.writer.write_all(&request)?;
         loop {
-            let answer = self.line()?;
-            if answer.get("return").is_some() {
-                return Ok(());
+            let mut answer = self.line()?;
+            if let Some(returned) = answer.get_mut("return") {
+                return Ok(returned.take());
             }
             if let Some(error) = answer.get("error") {
                 return Err(io::Error::other(format!("QMP {command}: {error}")));
@@ -74,6 +88,10 @@ impl crate::control::Pausable for Qmp {
 
     fn resume(&mut self) -> io::Result<()> {
         self.execute("cont")
+    }
+
+    fn save(&mut self, socket: &Path, into: &mut std::fs::File) -> io::Result<SavedMemory> {
+        super::migration::save(self, socket, into)
     }
 }
 
@@ -115,18 +133,24 @@ mod tests {
             "{\"return\": {}}\n",
             "{\"event\": \"STOP\", \"timestamp\": {}}\n{\"return\": {}}\n",
             "{\"error\": {\"class\": \"GenericError\", \"desc\": \"nope\"}}\n",
+            "{\"return\": {\"status\": \"completed\"}}\n",
         ]);
         let mut qmp = Qmp::connect(&dir.path().join("qmp.sock")).unwrap();
         qmp.execute("stop").unwrap();
         let error = qmp.execute("cont").unwrap_err();
         assert!(error.to_string().contains("nope"), "{error}");
+        let returned = qmp
+            .execute_with("query-migrate", json!({"detail": true}))
+            .unwrap();
+        assert_eq!(returned["status"], "completed");
         let requests = server.join().unwrap();
         assert_eq!(
             requests,
             [
                 r#"{"execute":"qmp_capabilities"}"#,
                 r#"{"execute":"stop"}"#,
-                r#"{"execute":"cont"}"#
+                r#"{"execute":"cont"}"#,
+                r#"{"arguments":{"detail":true},"execute":"query-migrate"}"#
             ]
         );
     }
