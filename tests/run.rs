@@ -1372,10 +1372,21 @@ fn a_vm_saved_cold_holds_nothing_refuses_a_changed_state_and_wakes_where_it_left
     assert_eq!(vm_phase("sleeper").as_deref(), Some("cold"));
     flip_byte(&memory, 4096);
 
-    // Woken: the same VM, its file and its counter there, counting on from where it stopped.
+    // Woken: the same VM, its file and its counter there, counting on from where it stopped;
+    // its clock, which stood still while it was cold, is the host's again.
+    std::thread::sleep(std::time::Duration::from_secs(5));
     let woken = mvm_ok_json(&["resume", "sleeper"], 0);
     assert_eq!(woken["vm"]["phase"], "running", "{woken}");
     assert_eq!(woken["vm"]["vm"], vm_id.as_str());
+    let guest_now = sh_in("sleeper", "date +%s").parse::<i64>().unwrap();
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        (guest_now - host_now).abs() <= 2,
+        "guest clock {guest_now}, host {host_now}"
+    );
     assert_eq!(sh_in("sleeper", "cat /tmp/mark"), "kept");
     let after = sh_in("sleeper", "cat /tmp/count").parse::<u64>().unwrap();
     assert!(after >= before, "{after} < {before}");

@@ -56,6 +56,19 @@ pub trait Pausable: Send {
 
 /// The stable code of a request refused because the VM is paused, or a pause that failed.
 pub const PAUSED: &str = "RUN039";
+/// How long the agent has to set its clock.
+const CLOCK_ANSWER: Duration = Duration::from_secs(5);
+
+/// The request that sets the guest's clock to the host's, now.
+pub fn clock_now() -> Request {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Request::SetClock {
+        unix_nanos: u64::try_from(now.as_nanos()).unwrap_or(u64::MAX),
+    }
+}
+
 /// The stable code of a save that failed or was refused (the VM runs on as it was).
 pub const SAVE_FAILED: &str = "RUN040";
 
@@ -104,9 +117,28 @@ impl Shared {
         };
         outcome.map_err(|e| e.to_string())?;
         self.paused.store(pause, Ordering::Relaxed);
+        if !pause {
+            self.set_guest_clock();
+        }
         (self.phases)(phase).map_err(|e| e.to_string())?;
         self.record(event, json!({"vm": self.vm}));
         Ok(())
+    }
+
+    /// Sets the guest's clock to the host's: it stood still while the guest was stopped. A
+    /// guest that does not take it runs on with its own (said in the runner's log).
+    fn set_guest_clock(&self) {
+        let set = self
+            .mux
+            .request(&clock_now())
+            .ok()
+            .and_then(|mut answer| answer.next_frame_within(CLOCK_ANSWER));
+        let answered = set.is_some_and(|frame| {
+            serde_json::from_slice::<Response>(&frame.payload).is_ok_and(|r| r == Response::Done)
+        });
+        if !answered {
+            eprintln!("mvm-runner: the guest did not set its clock");
+        }
     }
 
     /// Saves the VM cold and tells the runner to end: paused first, refused while requests
@@ -362,6 +394,7 @@ fn serve_client(connection: UnixStream, shared: &Shared) -> io::Result<()> {
         let needs_guest = !matches!(
             request,
             Request::Hello { .. }
+                | Request::SetClock { .. }
                 | Request::PowerOff
                 | Request::Pause
                 | Request::Resume
@@ -381,6 +414,10 @@ fn serve_client(connection: UnixStream, shared: &Shared) -> io::Result<()> {
                     Ok(()) => writer.reply(client_stream, &Response::Done)?,
                     Err(message) => writer.error(client_stream, PAUSED, message)?,
                 }
+            }
+            Request::SetClock { .. } => {
+                let message = "the guest's clock is set by its runner".to_string();
+                writer.error(client_stream, codes::BAD_REQUEST, message)?;
             }
             Request::Save => match shared.save_cold() {
                 Ok(()) => writer.reply(client_stream, &Response::Done)?,

@@ -447,7 +447,7 @@ fn serve_started(
     });
     drop(listener);
     let _ = fs::remove_file(&socket);
-    let outcome = booted.and_then(|(booted, machine)| {
+    let outcome = booted.and_then(|(mut booted, machine)| {
         // The control socket is there before anyone is told the VM is ready.
         let control_path = dir.path.join(state::CONTROL_SOCKET);
         let control =
@@ -461,6 +461,13 @@ fn serve_started(
                 .map_err(|e| LaunchError::Backend(format!("QMP: {e}")))?,
         };
         if saved.take().is_some() {
+            // Its clock stood still while it was cold.
+            let set = booted
+                .client
+                .call(&control::clock_now(), Duration::from_secs(5), None);
+            if !matches!(set, Ok(mvm_agent::protocol::Response::Done)) {
+                eprintln!("mvm-runner: the woken guest did not set its clock");
+            }
             // It runs again: its saved state is stale from here on.
             cold::discard(&dir.path).map_err(LaunchError::host("removing the cold state"))?;
             audit.append("vm.woken", json!({"vm": vm, "name": name}))?;

@@ -95,6 +95,12 @@ pub enum Request {
     Pause,
     /// Lets a paused guest run again: answered by the runner, like [`Request::Pause`].
     Resume,
+    /// Sets the guest's wall clock: sent by a VM's runner once the guest runs again after a
+    /// pause or a cold save (its clock stood still meanwhile); clients cannot send it.
+    SetClock {
+        /// Nanoseconds since the Unix epoch, UTC.
+        unix_nanos: u64,
+    },
     /// Pauses the guest and saves it cold — memory and device state to the VM's directory —
     /// then ends its runner: answered by the runner, like [`Request::Pause`].
     Save,
@@ -391,6 +397,8 @@ pub mod codes {
     pub const FLOW: &str = "AGENT111";
     /// The path exists already (`fs_mkdir`), does not exist, or is the wrong kind.
     pub const FILE_STATE: &str = "AGENT112";
+    /// The guest's clock could not be set.
+    pub const CLOCK: &str = "AGENT113";
 }
 
 #[cfg(test)]

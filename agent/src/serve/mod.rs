@@ -325,6 +325,9 @@ impl<'c> Agent<'c> {
             | Request::FsMove { .. }) => {
                 send(channel, stream, &fsops::run(request, user))?;
             }
+            Request::SetClock { unix_nanos } => {
+                answer_done(channel, stream, set_clock(unix_nanos))?;
+            }
             Request::Pause | Request::Resume | Request::Save => {
                 let message = "pause, resume and save are answered by the VM's runner".to_string();
                 send_error(channel, stream, codes::BAD_REQUEST, message)?;
@@ -671,6 +674,18 @@ fn answer_done<C: Write>(
         Ok(()) => send(channel, stream, &Response::Done),
         Err(error) => send(channel, stream, &Response::Error(error)),
     }
+}
+
+/// Sets the guest's wall clock (the agent is the guest's root; commands are not).
+fn set_clock(unix_nanos: u64) -> Result<(), ErrorReply> {
+    let time = Timespec {
+        tv_sec: (unix_nanos / 1_000_000_000) as i64,
+        tv_nsec: (unix_nanos % 1_000_000_000) as i64,
+    };
+    rustix::time::clock_settime(rustix::time::ClockId::Realtime, time).map_err(|e| ErrorReply {
+        code: codes::CLOCK.into(),
+        message: format!("setting the clock: {e}"),
+    })
 }
 
 fn no_such_process(what: &str) -> ErrorReply {
