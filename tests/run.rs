@@ -59,6 +59,11 @@ fn fixture() -> &'static Fixture {
             Entry::Symlink("bin/sleep", "busybox"),
             Entry::Dir("etc"),
             Entry::File("etc/motd", b"from the image\n", 0o644),
+            Entry::File(
+                "etc/passwd",
+                b"root:x:0:0::/root:/bin/sh\nbuilder:x:2000:2001::/tmp:/bin/sh\n",
+                0o644,
+            ),
             Entry::File("srv/secret.txt", b"root only\n", 0o600),
             Entry::Dir("data"),
             Entry::File("data/canary.bin", &canary, 0o644),
@@ -1306,7 +1311,13 @@ fn a_named_vm_takes_input_runs_background_commands_and_moves_large_files() {
 
 /// `mvm exec NAME -- sh -c SCRIPT`'s standard output, trimmed.
 fn sh_in(name: &str, script: &str) -> String {
-    let out = mvm(&["exec", name, "--", "sh", "-c", script]);
+    sh_in_as(name, &[], script)
+}
+
+/// `sh_in` with `--user USER` when given.
+fn sh_in_as(name: &str, user: &[&str], script: &str) -> String {
+    let args = [&["exec", name], user, &["--", "sh", "-c", script]].concat();
+    let out = mvm(&args);
     assert!(out.status.success(), "{script}: {}", describe(&out));
     text(&out.stdout).trim().to_string()
 }
@@ -1393,6 +1404,16 @@ fn a_vm_saved_cold_holds_nothing_refuses_a_changed_state_and_wakes_where_it_left
     std::thread::sleep(std::time::Duration::from_secs(1));
     let later = sh_in("sleeper", "cat /tmp/count").parse::<u64>().unwrap();
     assert!(later > after, "the counter runs on: {later} after {after}");
+    // Commands may run as another user of the image, or a numeric one; never as root.
+    let as_user = |user: &str| sh_in_as("sleeper", &["--user", user], "echo $(id -u):$(id -g)");
+    assert_eq!(as_user("builder"), "2000:2001");
+    assert_eq!(as_user("1234:4321"), "1234:4321");
+    for root in ["root", "0", "builder:0"] {
+        refused_with(
+            &["exec", "sleeper", "--user", root, "--", "true"],
+            "AGENT114",
+        );
+    }
     let listed = mvm_ok_json(&["ps", "sleeper"], 0);
     assert!(
         listed["processes"]

@@ -55,6 +55,7 @@ fn commands_in_their_own_process_groups_are_reaped_by_the_agent() {
             cwd: None,
             timeout_ms: 10_000,
             stdin: false,
+            user: None,
         };
         request(&mut host, id, &Request::Exec(exec));
         let (stdout, reply) = response(&mut host, &mut decoder);

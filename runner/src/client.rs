@@ -582,6 +582,7 @@ mod tests {
             cwd: Some("/".into()),
             timeout_ms: 10_000,
             stdin: false,
+            user: None,
         };
         let executed = client
             .exec(request.clone(), Duration::from_secs(10), &mut output)
@@ -682,6 +683,7 @@ mod tests {
             cwd: None,
             timeout_ms: 1000,
             stdin: false,
+            user: None,
         };
         let mut output = Collected::default();
         let result = client.exec(request, Duration::from_secs(10), &mut output);

@@ -556,7 +556,10 @@ fn admit_command(
     };
     let argv = serde_json::to_vec(&request.argv).map_err(io::Error::other)?;
     let argv_digest = mvm_ir::digest::sha256_prefixed(&argv);
-    let fields = json!({"vm": shared.vm, "argv_sha256": argv_digest});
+    let mut fields = json!({"vm": shared.vm, "argv_sha256": argv_digest});
+    if let Some(user) = &request.user {
+        fields["user"] = user.as_str().into();
+    }
     if !shared.record(event, fields) {
         let message = "the audit log cannot be written".to_string();
         writer.error(client_stream, codes::SPAWN_FAILED, message)?;

@@ -1053,6 +1053,7 @@ fn exec_request(plan: &VerifiedPlan, launch: &Launch) -> Result<ExecRequest, Adm
         cwd: None,
         timeout_ms: timeout.as_millis().min(u128::from(u64::MAX)) as u64,
         stdin: false,
+        user: None,
     };
     // The same defaults as a named VM's commands get; no client variables to refuse here.
     let request = control::with_plan_defaults(&plan.plan, asked).map_err(|reason| {

@@ -359,6 +359,7 @@ mod tests {
             cwd: None,
             timeout_ms: 10_000,
             stdin: false,
+            user: None,
         })
     }
 
@@ -428,6 +429,7 @@ mod tests {
             cwd: None,
             timeout_ms: 10_000,
             stdin: true,
+            user: None,
         };
         request.env.insert("PATH".into(), "/usr/bin:/bin".into());
         let counting = mux.request(&Request::Exec(request)).unwrap();

@@ -101,6 +101,7 @@ fn run(
         cwd: None,
         timeout_ms: limit.as_millis() as u64,
         stdin: false,
+        user: None,
     };
     let sink: &mut dyn OutputSink = &mut Discard;
     let executed = client.exec_with_input(request, input, limit, sink)?;

@@ -80,6 +80,10 @@ pub struct ExecArgs {
     /// Write a signed run receipt here once the command has ended (`mvm receipt verify`).
     #[arg(long, value_name = "FILE")]
     receipt: Option<PathBuf>,
+    /// Run as this guest user: a name from the image's /etc/passwd, or UID[:GID]; never root
+    /// (AGENT114). Default: the workload user, uid 1000.
+    #[arg(long, value_name = "USER")]
+    user: Option<String>,
     /// Feed this process's standard input to the command (its end closes the command's).
     #[arg(short, long)]
     interactive: bool,
@@ -341,6 +345,7 @@ pub fn exec(args: ExecArgs, out: &Output) -> anyhow::Result<ExitCode> {
         cwd: args.cwd,
         timeout_ms: timeout.as_millis() as u64,
         stdin: false,
+        user: args.user,
     };
     if args.detach {
         return super::process::spawn(&mut client, request, out);

@@ -130,6 +130,10 @@ pub struct ExecRequest {
     /// [`Request::Spawn`].
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stdin: bool,
+    /// Who runs it: a user of the guest's `/etc/passwd`, or `UID`, with `:GID` optionally;
+    /// never root. The workload user (1000) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 impl ExecRequest {
@@ -399,6 +403,8 @@ pub mod codes {
     pub const FILE_STATE: &str = "AGENT112";
     /// The guest's clock could not be set.
     pub const CLOCK: &str = "AGENT113";
+    /// No such user in the guest, or root.
+    pub const USER: &str = "AGENT114";
 }
 
 #[cfg(test)]
@@ -412,6 +418,7 @@ mod tests {
             cwd: None,
             timeout_ms: 1000,
             stdin: false,
+            user: None,
         }
     }
 

@@ -84,6 +84,10 @@ impl Running {
         if let Some(problem) = request.problem() {
             return Err(error(codes::BAD_REQUEST, problem));
         }
+        let user = match &request.user {
+            Some(spec) => Some(super::users::resolve(spec, Path::new("/etc/passwd"))?),
+            None => user,
+        };
         let cwd = request.cwd.as_deref().unwrap_or("/");
         if !Path::new(cwd).is_dir() {
             return Err(error(

@@ -10,6 +10,7 @@ pub mod channel;
 pub mod exec;
 pub mod files;
 pub mod fsops;
+pub mod users;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};

@@ -174,6 +174,7 @@ impl Host {
                 cwd: None,
                 timeout_ms,
                 stdin: false,
+                user: None,
             }),
         );
     }
@@ -304,6 +305,7 @@ fn bad_requests_get_their_codes_and_the_channel_goes_on() {
             cwd: Some("/nonexistent".into()),
             timeout_ms: 1000,
             stdin: false,
+            user: None,
         }),
     );
     assert_eq!(error_code(&host.exchange(4).2), codes::NO_CWD);
@@ -498,6 +500,7 @@ fn request(argv: &[&str], stdin: bool) -> ExecRequest {
         cwd: None,
         timeout_ms: 60_000,
         stdin,
+        user: None,
     }
 }
 
