@@ -145,15 +145,19 @@ fn qemu_starts() -> usize {
 
 /// `mvm ARGS` with the fixture's home (or `home`), runner and QEMU wrapper.
 fn mvm_in(home: &Path, args: &[&str]) -> Output {
-    let f = fixture();
-    Command::new(env!("CARGO_BIN_EXE_mvm"))
+    mvm_command(home, args).output().unwrap()
+}
+
+/// The command `mvm_in` runs.
+fn mvm_command(home: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mvm"));
+    command
         .args(args)
         .env("MVM_HOME", home)
         .env("MVM_RUNNER", guest::runner())
         .env("MVM_AGENT", guest::static_agent())
-        .env("MVM_QEMU", &f.qemu_wrapper)
-        .output()
-        .unwrap()
+        .env("MVM_QEMU", &fixture().qemu_wrapper);
+    command
 }
 
 fn mvm(args: &[&str]) -> Output {
@@ -509,11 +513,8 @@ fn a_stopped_run_tears_its_vm_down_and_says_so() {
     let _turn = turn();
     let (before, vms_before) = (qemu_starts(), vm_dirs(&f.home));
     let audit_before = audit_entries(&f.home).len();
-    let run = Command::new(env!("CARGO_BIN_EXE_mvm"))
-        .args(["run", "--plan", &plan_arg(&f.bundle), "--", "sleep", "60"])
-        .env("MVM_HOME", &f.home)
-        .env("MVM_RUNNER", guest::runner())
-        .env("MVM_QEMU", &f.qemu_wrapper)
+    let plan = plan_arg(&f.bundle);
+    let run = mvm_command(&f.home, &["run", "--plan", &plan, "--", "sleep", "60"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -1039,10 +1040,7 @@ fn refused_with(args: &[&str], code: &str) {
 
 /// `mvm ARGS` with `input` on its standard input.
 fn mvm_with_input(args: &[&str], input: &[u8]) -> Output {
-    let f = fixture();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mvm"))
-        .args(args)
-        .env("MVM_HOME", &f.home)
+    let mut child = mvm_command(&fixture().home, args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -1192,9 +1190,7 @@ fn a_named_vm_takes_input_runs_background_commands_and_moves_large_files() {
     );
 
     // Ctrl-C on `mvm exec` is the command's: it ends by SIGINT, as it would locally.
-    let mut sleeper = Command::new(env!("CARGO_BIN_EXE_mvm"))
-        .args(["exec", "big", "--", "sleep", "600"])
-        .env("MVM_HOME", &f.home)
+    let mut sleeper = mvm_command(&f.home, &["exec", "big", "--", "sleep", "600"])
         .spawn()
         .unwrap();
     std::thread::sleep(std::time::Duration::from_secs(2));
@@ -1309,6 +1305,31 @@ fn a_named_vm_takes_input_runs_background_commands_and_moves_large_files() {
     assert_eq!(processes_of("big", &f.home), Vec::<(String, String)>::new());
 }
 
+#[test]
+fn run_with_input_feeds_the_command_and_leaves_no_vm_behind() {
+    let f = fixture();
+    let _turn = turn();
+    // More than one flow-control window, and an exit status of the command's own.
+    let input = vec![b'y'; 1024 * 1024 + 5];
+    let ran = mvm_with_input(
+        &["run", &f.image, "-i", "--", "sh", "-c", "wc -c; exit 3"],
+        &input,
+    );
+    assert_eq!(ran.status.code(), Some(3), "{}", describe(&ran));
+    assert_eq!(text(&ran.stdout).trim(), input.len().to_string());
+    let listed = mvm_ok_json(&["ls"], 0);
+    assert!(
+        !listed.to_string().contains("\"run-"),
+        "the run's VM is removed: {listed}"
+    );
+    assert!(fs::read_dir(f.home.join("vms")).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with("run-")));
+    refused_with(&["run", &f.image, "-i", "--", "true"], "RUN029");
+}
+
 /// `mvm exec NAME -- sh -c SCRIPT`'s standard output, trimmed.
 fn sh_in(name: &str, script: &str) -> String {
     sh_in_as(name, &[], script)
@@ -1337,9 +1358,7 @@ fn a_vm_saved_cold_holds_nothing_refuses_a_changed_state_and_wakes_where_it_left
     );
 
     // A command in flight: its answer would be lost, so the save is refused and the VM runs on.
-    let running = Command::new(env!("CARGO_BIN_EXE_mvm"))
-        .args(["exec", "sleeper", "--", "sleep", "4"])
-        .env("MVM_HOME", &f.home)
+    let running = mvm_command(&f.home, &["exec", "sleeper", "--", "sleep", "4"])
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();

@@ -22,6 +22,8 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use super::{coded_as, Host};
 use crate::output::Output;
+use mvm_agent::protocol::ExecRequest;
+use mvm_runner::control::MAX_TIMEOUT;
 
 /// `mvm run`'s own failures (a missing runner, an image that did not build) exit with this,
 /// as the runner's do; see `mvm-runner --help` for the others.
@@ -63,6 +65,11 @@ pub struct RunArgs {
     /// Write a signed run receipt here once the command has ended (`mvm receipt verify`).
     #[arg(long, value_name = "FILE")]
     receipt: Option<PathBuf>,
+    /// Feed this process's standard input to the command. The VM is then run as `mvm up`
+    /// (named run-<random>), `mvm exec -i` and `mvm rm --force` do, input flowing through its
+    /// control socket; a run killed before its end leaves that VM for `mvm rm`. Not with --json.
+    #[arg(short, long)]
+    interactive: bool,
     /// The command; the plan's (or image's) own when absent.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -99,6 +106,15 @@ fn launch(args: RunArgs, out: &Output) -> anyhow::Result<ExitCode> {
         &args.image_options,
         &args.command,
     )?;
+    if args.interactive {
+        if out.is_json() {
+            return Err(coded_as(
+                "RUN029",
+                "`mvm run -i` streams the command's output; --json is for runs without input",
+            ));
+        }
+        return run_with_input(&args, &plan);
+    }
     let runner = sibling("MVM_RUNNER", "mvm-runner")?;
     if !runner.is_file() {
         return Err(coded_as(
@@ -158,6 +174,38 @@ fn launch(args: RunArgs, out: &Output) -> anyhow::Result<ExitCode> {
         (None, None) => EXIT_RUNNER,
     };
     Ok(ExitCode::from(code))
+}
+
+/// `mvm run -i`: `up` under a fresh name, `exec -i`, then `rm --force`, whatever the
+/// command's end.
+fn run_with_input(args: &RunArgs, plan: &Path) -> anyhow::Result<ExitCode> {
+    let name = format!(
+        "run-{}",
+        &mvm_ir::plan::fresh_nonce().map_err(anyhow::Error::from)?[..10]
+    );
+    let mut runner = super::vm::runner_command(args.boot_timeout)?;
+    runner
+        .arg("--plan")
+        .arg(plan)
+        .args(["--name", &name, "--backend", &args.backend]);
+    if let Err(status) = super::vm::start_runner(runner)? {
+        return Ok(status);
+    }
+    let timeout = args.timeout.unwrap_or(MAX_TIMEOUT).min(MAX_TIMEOUT);
+    let request = ExecRequest {
+        argv: args.command.clone(),
+        env: Default::default(),
+        cwd: None,
+        timeout_ms: timeout.as_millis() as u64,
+        stdin: false,
+        user: None,
+    };
+    let input = Box::new(std::io::stdin()) as Box<dyn std::io::Read + Send>;
+    let ran = super::vm::run_in(&name, request, Some(input), args.receipt.as_deref());
+    let removed = super::vm::remove(&Host::open()?, &name, true);
+    let status = ran?;
+    removed?;
+    Ok(status)
 }
 
 /// The plan a command boots: the one given, or the cached bundle's for the image (built when

@@ -213,7 +213,7 @@ pub fn up(args: UpArgs, out: &Output) -> anyhow::Result<ExitCode> {
 }
 
 /// `mvm-runner` with the arguments every VM-serving runner gets.
-fn runner_command(boot_timeout: Duration) -> anyhow::Result<Command> {
+pub(super) fn runner_command(boot_timeout: Duration) -> anyhow::Result<Command> {
     let mut command = Command::new(sibling("MVM_RUNNER", "mvm-runner")?);
     command
         .arg("--boot-timeout")
@@ -223,7 +223,7 @@ fn runner_command(boot_timeout: Duration) -> anyhow::Result<Command> {
 
 /// Starts a runner that serves a VM and waits for its ready line: the VM's state, or the
 /// runner's exit status once it failed (its error printed).
-fn start_runner(mut command: Command) -> anyhow::Result<Result<VmState, ExitCode>> {
+pub(super) fn start_runner(mut command: Command) -> anyhow::Result<Result<VmState, ExitCode>> {
     let program = command.get_program().to_owned();
     let mut child = command
         .stdin(Stdio::null())
@@ -329,16 +329,7 @@ pub(super) fn agent_error(error: ClientError) -> anyhow::Error {
 }
 
 pub fn exec(args: ExecArgs, out: &Output) -> anyhow::Result<ExitCode> {
-    let host = Host::open()?;
-    let interrupt = Arc::new(AtomicBool::new(false));
-    for signal in [SIGINT, SIGTERM, SIGHUP] {
-        signal_hook::flag::register(signal, Arc::clone(&interrupt))?;
-    }
-    let (_, vm) = observe(&host, &args.name)?;
-    let mut client = connect(&host, &args.name, interrupt)?;
-    let started_at = mvm_ir::plan::Timestamp::now();
     let timeout = args.timeout.unwrap_or(MAX_TIMEOUT).min(MAX_TIMEOUT);
-    let argv_sha256 = mvm_ir::digest::sha256_prefixed(&serde_json::to_vec(&args.command)?);
     let request = ExecRequest {
         argv: args.command,
         env: args.env.into_iter().collect::<BTreeMap<_, _>>(),
@@ -348,12 +339,34 @@ pub fn exec(args: ExecArgs, out: &Output) -> anyhow::Result<ExitCode> {
         user: args.user,
     };
     if args.detach {
+        let host = Host::open()?;
+        let mut client = connect(&host, &args.name, Arc::default())?;
         return super::process::spawn(&mut client, request, out);
     }
     let input = args
         .interactive
         .then(|| Box::new(io::stdin()) as Box<dyn Read + Send>);
-    let answer_timeout = timeout + ANSWER_GRACE;
+    run_in(&args.name, request, input, args.receipt.as_deref())
+}
+
+/// Runs `request` in the VM `name`, feeding it `input`; streams its output, writes its
+/// receipt when asked, and returns its exit status.
+pub(super) fn run_in(
+    name: &str,
+    request: ExecRequest,
+    input: Option<Box<dyn Read + Send>>,
+    receipt: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
+    let host = Host::open()?;
+    let interrupt = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM, SIGHUP] {
+        signal_hook::flag::register(signal, Arc::clone(&interrupt))?;
+    }
+    let (_, vm) = observe(&host, name)?;
+    let mut client = connect(&host, name, interrupt)?;
+    let started_at = mvm_ir::plan::Timestamp::now();
+    let argv_sha256 = mvm_ir::digest::sha256_prefixed(&serde_json::to_vec(&request.argv)?);
+    let answer_timeout = Duration::from_millis(request.timeout_ms) + ANSWER_GRACE;
     let executed = match client.exec_with_input(request, input, answer_timeout, &mut StdStreams) {
         Ok(executed) => executed,
         Err(ClientError::Refused(refusal)) => {
@@ -370,7 +383,7 @@ pub fn exec(args: ExecArgs, out: &Output) -> anyhow::Result<ExitCode> {
         eprintln!("mvm: error RUN020: dm-verity refused a block of the root while the command ran; its output cannot be trusted");
         return Ok(ExitCode::from(exit::INTEGRITY));
     }
-    if let Some(path) = &args.receipt {
+    if let Some(path) = receipt {
         let receipt = Receipt {
             schema_version: mvm_ir::receipt::SCHEMA_VERSION.into(),
             plan_digest: vm.plan_digest,
@@ -500,19 +513,29 @@ fn stop_and_wait(host: &Host, name: &str) -> anyhow::Result<VmState> {
 
 pub fn rm(args: RmArgs, out: &Output) -> anyhow::Result<()> {
     let host = Host::open()?;
-    let (dir, seen) = observe(&host, &args.name)?;
+    remove(&host, &args.name, args.force)?;
+    out.result(json!({"removed": args.name}), || {
+        format!("removed {}", args.name)
+    });
+    Ok(())
+}
+
+/// Removes the VM `name` and its directory; one still live is stopped first when `force`
+/// says so, else refused.
+pub(super) fn remove(host: &Host, name: &str, force: bool) -> anyhow::Result<()> {
+    let (dir, seen) = observe(host, name)?;
     if seen.phase.is_live() {
-        if !args.force {
+        if !force {
             return Err(coded_as(
                 "RUN037",
                 format!(
                     "{} is {}: stop it first, or `mvm rm --force`",
-                    args.name,
+                    name,
                     seen.phase.name()
                 ),
             ));
         }
-        if stop_and_wait(&host, &args.name).is_err() {
+        if stop_and_wait(host, name).is_err() {
             kill_runner(&dir, &seen)?;
         }
     }
@@ -526,16 +549,13 @@ pub fn rm(args: RmArgs, out: &Output) -> anyhow::Result<()> {
         if Instant::now() > deadline {
             return Err(coded_as(
                 "RUN036",
-                format!("the runner of {} still holds it", args.name),
+                format!("the runner of {} still holds it", name),
             ));
         }
         std::thread::sleep(Duration::from_millis(50));
     };
     std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-    host.audit("vm.removed", json!({"name": args.name, "vm": seen.vm}))?;
-    out.result(json!({"removed": args.name}), || {
-        format!("removed {}", args.name)
-    });
+    host.audit("vm.removed", json!({"name": name, "vm": seen.vm}))?;
     Ok(())
 }
 
