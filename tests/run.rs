@@ -1367,6 +1367,32 @@ fn a_vm_saved_cold_holds_nothing_refuses_a_changed_state_and_wakes_where_it_left
     assert_eq!(vm_phase("sleeper").as_deref(), Some("running"));
     assert!(running.wait_with_output().unwrap().status.success());
 
+    // A copy whose client dies half way leaves no temporary in the guest.
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.bin");
+    fs::write(&big, vec![7u8; 64 << 20]).unwrap();
+    let mut copy = mvm_command(
+        &f.home,
+        &["cp", big.to_str().unwrap(), "sleeper:/tmp/big.bin"],
+    )
+    .spawn()
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    copy.kill().unwrap();
+    copy.wait().unwrap();
+    let mut left = String::new();
+    for _ in 0..50 {
+        left = sh_in("sleeper", "ls -a /tmp");
+        if !left.contains(".mvm-copy-") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        !left.contains(".mvm-copy-") && !left.contains("big.bin"),
+        "{left}"
+    );
+
     let before = sh_in("sleeper", "cat /tmp/count").parse::<u64>().unwrap();
     let saved = mvm_ok_json(&["pause", "sleeper", "--cold"], 0);
     assert_eq!(saved["vm"]["phase"], "cold", "{saved}");

@@ -334,12 +334,27 @@ fn serve_client(connection: UnixStream, shared: &Shared) -> io::Result<()> {
     };
     let writer = ClientWriter(Mutex::new(connection));
     let mut upload: Option<Upload> = None;
+    let served = serve_frames(&mut reader, &writer, shared, &mut upload);
+    // However the connection ended, an upload it left unfinished is given up.
+    if let Some(current) = upload {
+        current.abandon(shared);
+    }
+    served
+}
+
+/// Serves the frames of one client connection until it hangs up or the VM stops.
+fn serve_frames(
+    reader: &mut ClientReader,
+    writer: &ClientWriter,
+    shared: &Shared,
+    upload: &mut Option<Upload>,
+) -> io::Result<()> {
     loop {
-        let frame = match reader.read(&writer)? {
+        let frame = match reader.read(writer)? {
             Read::Frame(frame) => frame,
-            Read::Idle if shared.stop.load(Ordering::Relaxed) => return Ok(()),
+            Read::Idle if shared.stop.load(Ordering::Relaxed) => break,
             Read::Idle => continue,
-            Read::Gone => return Ok(()),
+            Read::Gone => break,
         };
         let client_stream = frame.stream;
         match frame.kind {
@@ -352,6 +367,7 @@ fn serve_client(connection: UnixStream, shared: &Shared) -> io::Result<()> {
                 };
                 let len = frame.payload.len() as u64;
                 if len > current.remaining {
+                    current.abandon(shared);
                     let message = "the upload's bytes do not fit what was announced".to_string();
                     writer.error(client_stream, codes::COPY_MISMATCH, message)?;
                     continue;
@@ -365,14 +381,14 @@ fn serve_client(connection: UnixStream, shared: &Shared) -> io::Result<()> {
                 current.remaining -= len;
                 if answered || current.remaining == 0 {
                     finish_copy(
-                        &writer,
+                        writer,
                         shared,
                         client_stream,
                         current.exchange,
                         current.record,
                     )?;
                 } else {
-                    upload = Some(current);
+                    *upload = Some(current);
                 }
                 continue;
             }
@@ -436,10 +452,10 @@ fn serve_client(connection: UnixStream, shared: &Shared) -> io::Result<()> {
                 let remaining = request.size;
                 match shared.mux.request(&Request::FsWrite(request)) {
                     Ok(exchange) if remaining == 0 => {
-                        finish_copy(&writer, shared, client_stream, exchange, record)?;
+                        finish_copy(writer, shared, client_stream, exchange, record)?;
                     }
                     Ok(exchange) => {
-                        upload = Some(Upload {
+                        *upload = Some(Upload {
                             client_stream,
                             exchange,
                             remaining,
@@ -456,7 +472,7 @@ fn serve_client(connection: UnixStream, shared: &Shared) -> io::Result<()> {
                     "tar": tar,
                 });
                 match shared.mux.request(&Request::FsRead { path, tar }) {
-                    Ok(exchange) => finish_copy(&writer, shared, client_stream, exchange, record)?,
+                    Ok(exchange) => finish_copy(writer, shared, client_stream, exchange, record)?,
                     Err(e) => writer.channel_failed(client_stream, &e)?,
                 }
             }
@@ -466,26 +482,19 @@ fn serve_client(connection: UnixStream, shared: &Shared) -> io::Result<()> {
             }
             Request::Exec(request) => {
                 let Some((request, argv_digest)) =
-                    admit_command(&writer, shared, client_stream, request, "vm.exec.started")?
+                    admit_command(writer, shared, client_stream, request, "vm.exec.started")?
                 else {
                     continue;
                 };
-                relay_exec(
-                    &mut reader,
-                    &writer,
-                    client_stream,
-                    shared,
-                    request,
-                    &argv_digest,
-                )?;
+                relay_exec(reader, writer, client_stream, shared, request, &argv_digest)?;
             }
             Request::Spawn(request) => {
                 let Some((request, _)) =
-                    admit_command(&writer, shared, client_stream, request, "vm.spawn")?
+                    admit_command(writer, shared, client_stream, request, "vm.spawn")?
                 else {
                     continue;
                 };
-                relay(&writer, client_stream, shared, &Request::Spawn(request))?;
+                relay(writer, client_stream, shared, &Request::Spawn(request))?;
             }
             Request::Signal { .. } => {
                 let message = "no command of this connection is running".to_string();
@@ -495,7 +504,7 @@ fn serve_client(connection: UnixStream, shared: &Shared) -> io::Result<()> {
                 let fields = json!({"vm": shared.vm, "handle": handle, "signal": signal});
                 shared.record("vm.kill", fields);
                 relay(
-                    &writer,
+                    writer,
                     client_stream,
                     shared,
                     &Request::Kill { handle, signal },
@@ -520,15 +529,16 @@ fn serve_client(connection: UnixStream, shared: &Shared) -> io::Result<()> {
                     writer.error(client_stream, codes::SPAWN_FAILED, message)?;
                     continue;
                 }
-                relay(&writer, client_stream, shared, &request)?;
+                relay(writer, client_stream, shared, &request)?;
             }
             request @ (Request::Echo
             | Request::Wait { .. }
             | Request::Ps
             | Request::FsList { .. }
-            | Request::FsStat { .. }) => relay(&writer, client_stream, shared, &request)?,
+            | Request::FsStat { .. }) => relay(writer, client_stream, shared, &request)?,
         }
     }
+    Ok(())
 }
 
 /// Whether commands may still start: not once the root was found corrupted or the VM is
@@ -574,6 +584,14 @@ struct Upload {
     exchange: Exchange,
     remaining: u64,
     record: Value,
+}
+
+impl Upload {
+    /// Tells the agent the client gave the upload up (an empty data frame before its last
+    /// byte), so that its temporary file goes.
+    fn abandon(&self, shared: &Shared) {
+        let _ = shared.mux.send_data(self.exchange.stream(), &[]);
+    }
 }
 
 /// Passes a copy's remaining frames (a read's data, the answer) on to the client and records

@@ -213,6 +213,14 @@ impl Upload {
             .map_err(|e| error(codes::FILE_IO, format!("{}: {e}", self.request.path)))
     }
 
+    /// Why an upload the host ended early failed.
+    pub fn abandoned(&self) -> String {
+        format!(
+            "{}: the host ended the copy after {} of {} bytes",
+            self.request.path, self.received, self.request.size
+        )
+    }
+
     /// Whether every byte announced has arrived.
     pub fn complete(&self) -> bool {
         self.received == self.request.size

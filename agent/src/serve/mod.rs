@@ -387,6 +387,12 @@ impl<'c> Agent<'c> {
     fn receive<C: Write>(&mut self, channel: &mut C, frame: Frame) -> Result<(), ServeError> {
         let stream = frame.stream;
         if let Some(upload) = self.uploads.get_mut(&stream) {
+            if frame.payload.is_empty() {
+                // The host gave the upload up: its temporary goes with it.
+                let message = upload.abandoned();
+                self.uploads.remove(&stream);
+                return send_error(channel, stream, codes::COPY_MISMATCH, message);
+            }
             if !upload.window.take(frame.payload.len()) {
                 self.uploads.remove(&stream);
                 return send_error(channel, stream, codes::FLOW, overrun());

@@ -449,6 +449,28 @@ fn files_are_copied_in_and_out_whole_and_checked() {
         1,
         "a temporary was left"
     );
+
+    // An upload the host gives up (an empty data frame before its last byte) leaves nothing.
+    host.send(
+        4,
+        &Request::FsWrite(crate::protocol::FsWriteRequest {
+            path: other.clone(),
+            mode: 0o600,
+            size: 1000,
+            sha256: sha256(&[0; 1000]),
+            tar: false,
+        }),
+    );
+    host.feed(4, &[0; 100]);
+    host.feed_end(4);
+    let (_, _, abandoned, _) = host.exchange(4);
+    assert_eq!(error_code(&abandoned), codes::COPY_MISMATCH);
+    assert!(format!("{abandoned:?}").contains("after 100 of 1000 bytes"));
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "an abandoned upload left its temporary"
+    );
     host.power_off();
 }
 
