@@ -1409,6 +1409,9 @@ fn a_vm_saved_cold_holds_nothing_refuses_a_changed_state_and_wakes_where_it_left
         0o600
     );
     refused_with(&["exec", "sleeper", "--", "true"], "RUN036");
+    // Cold, it will not get ready by itself: `mvm wait` says so at once.
+    let waited = mvm(&["wait", "sleeper", "--for", "ready", "--timeout", "30s"]);
+    assert_eq!(waited.status.code(), Some(1), "{}", describe(&waited));
 
     // A saved state changed by one byte is refused before QEMU starts; it stays cold.
     let starts = qemu_starts();

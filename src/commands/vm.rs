@@ -126,9 +126,10 @@ pub enum WaitFor {
 }
 
 /// Wait until a VM is ready (or has ended); exit 0 when it got there, 1 when it cannot any
-/// more (a VM that failed never becomes ready), RUN036 after the timeout. With --process,
-/// wait for a command started with `mvm exec --detach` instead: print the last of its output
-/// and exit with its status (RUN036 if it still runs at the timeout).
+/// more (a VM that failed never becomes ready; a cold one changes only when resumed or
+/// stopped), RUN036 after the timeout. With --process, wait for a command started with `mvm
+/// exec --detach` instead: print the last of its output and exit with its status (RUN036 if
+/// it still runs at the timeout).
 #[derive(Debug, Args)]
 pub struct WaitArgs {
     /// The VM.
@@ -620,8 +621,10 @@ pub fn wait(args: WaitArgs, out: &Output) -> anyhow::Result<ExitCode> {
             WaitFor::Ready => seen.phase == Phase::Running,
             WaitFor::Stopped => matches!(seen.phase, Phase::Stopped | Phase::Failed),
         };
-        let unreachable = matches!(args.until, WaitFor::Ready)
-            && matches!(seen.phase, Phase::Stopped | Phase::Failed);
+        // A cold VM changes only when told to (`mvm resume`, `mvm stop`).
+        let unreachable = seen.phase == Phase::Cold
+            || matches!(args.until, WaitFor::Ready)
+                && matches!(seen.phase, Phase::Stopped | Phase::Failed);
         if reached || unreachable {
             out.result(json!({"vm": state_json(&seen), "reached": reached}), || {
                 format!("{} is {}", seen.name, seen.phase.name())
