@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::IoEventAddress;
 use mvm_agent::serve::channel::PORT_NAME;
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
 
@@ -360,6 +361,20 @@ impl MicroVm {
             0 => None,
             us => Some(Duration::from_micros(us)),
         }
+    }
+
+    /// Where guest RAM is mapped in this process (host virtual addresses): what to leave out
+    /// when accounting for the VMM's own memory.
+    pub fn guest_ram_host_ranges(&self) -> Vec<std::ops::Range<usize>> {
+        self.vm.as_ref().map_or_else(Vec::new, |vm| {
+            vm.memory()
+                .iter()
+                .map(|region| {
+                    let start = region.as_ptr() as usize;
+                    start..start + region.len() as usize
+                })
+                .collect()
+        })
     }
 
     /// Why the VM ended, if it has.

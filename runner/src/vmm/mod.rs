@@ -19,6 +19,7 @@ pub mod devices;
 pub mod event_loop;
 pub mod exit;
 pub mod seccomp;
+pub mod test_guest;
 pub mod vstate;
 
 pub use builder::{build, BlockConfig, MicroVm, VmConfig};

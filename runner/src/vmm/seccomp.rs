@@ -156,8 +156,10 @@ fn allowed(kind: ThreadKind) -> Vec<Allow> {
 
 impl Allow {
     fn rules(&self) -> Result<(i64, Vec<SeccompRule>), seccompiler::BackendError> {
+        // The arguments looked at are 32-bit to the kernel (ints, an ioctl's `cmd`, `mmap`'s
+        // and `mprotect`'s protection bits), whatever the caller left in the upper half.
         let on = |arg: u8, op: SeccompCmpOp, value: u64| {
-            SeccompCondition::new(arg, SeccompCmpArgLen::Qword, op, value)
+            SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value)
                 .and_then(|condition| SeccompRule::new(vec![condition]))
         };
         Ok(match *self {
