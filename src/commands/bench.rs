@@ -61,6 +61,18 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// mvm's own VMM on this host's /dev/kvm with the purpose-built test guest (assembled from
+    /// source with as and ld): start → vCPU 0's first exit (goal ≤ 10 ms), the VMM's RSS
+    /// without guest RAM (goal ≤ 3 MiB), allowed syscalls per thread (goal ≤ 40); medians,
+    /// each boot in a fresh process.
+    Vmm {
+        /// Boots, each in a fresh process.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// One boot of this guest ELF in this process, its figures as JSON (what each run is).
+        #[arg(long, hide = true, value_name = "ELF")]
+        probe_guest: Option<PathBuf>,
+    },
     /// Verity hashing against veritysetup format on the same file; prints medians and the ratio.
     Verity {
         /// Image size in MiB.
@@ -91,6 +103,18 @@ pub fn run(cmd: BenchCommand, out: &Output) -> anyhow::Result<()> {
             command,
         } => {
             let (value, text) = super::bench_boot::boot(&plan, runs.max(1), &command, work.path())?;
+            out.result(value, || text);
+            return Ok(());
+        }
+        BenchCommand::Vmm {
+            probe_guest: Some(guest),
+            ..
+        } => {
+            println!("{}", super::bench_vmm::probe(&guest)?);
+            return Ok(());
+        }
+        BenchCommand::Vmm { runs, .. } => {
+            let (value, text) = super::bench_vmm::vmm(runs.max(1), work.path())?;
             out.result(value, || text);
             return Ok(());
         }

@@ -182,7 +182,8 @@ fn floor_boot(
     Ok(elapsed.as_secs_f64() * 1000.0)
 }
 
-fn median(samples: &[f64]) -> f64 {
+/// The median of `samples` (NaN for none).
+pub(super) fn median(samples: &[f64]) -> f64 {
     let mut sorted = samples.to_vec();
     sorted.sort_by(f64::total_cmp);
     match sorted.len() {

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod bench_boot;
 pub mod bench_copy;
 pub mod bench_exec;
+pub mod bench_vmm;
 pub mod build;
 pub mod copy;
 pub mod declaration;

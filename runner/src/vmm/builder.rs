@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::IoEventAddress;
 use mvm_agent::serve::channel::PORT_NAME;
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
 
@@ -31,6 +32,7 @@ use crate::vmm::devices::virtio::VirtioDevice;
 use crate::vmm::devices::IrqLine;
 use crate::vmm::event_loop::EventLoop;
 use crate::vmm::exit::{ExitSignal, GuestExit};
+use crate::vmm::seccomp::{self, ThreadKind};
 use crate::vmm::vstate::vcpu::{self, Vcpu, VcpuContext, VcpuState};
 use crate::vmm::vstate::{memory, vm::Vm};
 use crate::vmm::VmmError;
@@ -218,7 +220,14 @@ pub fn build(config: VmConfig) -> Result<MicroVm, VmmError> {
             .add_device(transport, queue_events)
             .map_err(|e| fail(format!("epoll: {e}")))?;
     }
-    let events = events.spawn().map_err(VmmError::Thread)?;
+    // Each thread the VM starts from here on runs filtered from its first act (`seccomp.rs`);
+    // the filters are compiled before any starts.
+    let (events_filter, vcpu_filter, reaper_filter) = (
+        seccomp::filter(ThreadKind::Events)?,
+        seccomp::filter(ThreadKind::Vcpu)?,
+        seccomp::filter(ThreadKind::Reaper)?,
+    );
+    let events = events.spawn(events_filter)?;
 
     // vCPUs, each on its own thread.
     let vcpus = (0..config.vcpus)
@@ -234,9 +243,10 @@ pub fn build(config: VmConfig) -> Result<MicroVm, VmmError> {
     let mut vcpu_threads = Vec::with_capacity(vcpus.len());
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let ctx = ctx.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || vcpu.run(ctx));
+        let spawned =
+            seccomp::spawn_filtered(format!("vcpu{id}"), vcpu_filter.clone(), move || {
+                vcpu.run(ctx)
+            });
         match spawned {
             Ok(handle) => vcpu_threads.push(handle),
             Err(e) => {
@@ -244,7 +254,7 @@ pub fn build(config: VmConfig) -> Result<MicroVm, VmmError> {
                 if !reap(&exit, vcpu_threads, Some(events), &serial).all_joined {
                     std::mem::forget(vm);
                 }
-                return Err(VmmError::Thread(e));
+                return Err(e);
             }
         }
     }
@@ -253,12 +263,10 @@ pub fn build(config: VmConfig) -> Result<MicroVm, VmmError> {
     // the host to call `stop`.
     let reaper = {
         let (exit, serial) = (exit.clone(), serial.clone());
-        std::thread::Builder::new()
-            .name("vmm-reaper".into())
-            .spawn(move || {
-                while exit.wait(Duration::from_secs(3600)).is_none() {}
-                reap(&exit, vcpu_threads, Some(events), &serial)
-            })
+        seccomp::spawn_filtered("vmm-reaper".into(), reaper_filter, move || {
+            while exit.wait(Duration::from_secs(3600)).is_none() {}
+            reap(&exit, vcpu_threads, Some(events), &serial)
+        })
     };
     let reaper = match reaper {
         Ok(handle) => handle,
@@ -267,7 +275,7 @@ pub fn build(config: VmConfig) -> Result<MicroVm, VmmError> {
             // stop, and their memory is leaked rather than unmapped under them.
             exit.raise(GuestExit::Stopped);
             std::mem::forget(vm);
-            return Err(VmmError::Thread(e));
+            return Err(e);
         }
     };
     Ok(MicroVm {
@@ -353,6 +361,20 @@ impl MicroVm {
             0 => None,
             us => Some(Duration::from_micros(us)),
         }
+    }
+
+    /// Where guest RAM is mapped in this process (host virtual addresses): what to leave out
+    /// when accounting for the VMM's own memory.
+    pub fn guest_ram_host_ranges(&self) -> Vec<std::ops::Range<usize>> {
+        self.vm.as_ref().map_or_else(Vec::new, |vm| {
+            vm.memory()
+                .iter()
+                .map(|region| {
+                    let start = region.as_ptr() as usize;
+                    start..start + region.len() as usize
+                })
+                .collect()
+        })
     }
 
     /// Why the VM ended, if it has.

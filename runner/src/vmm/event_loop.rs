@@ -10,6 +10,9 @@
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use seccompiler::BpfProgram;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -17,6 +20,8 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::vmm::devices::virtio::mmio::MmioTransport;
 use crate::vmm::devices::virtio::DeviceEvent;
 use crate::vmm::exit::ExitSignal;
+use crate::vmm::seccomp;
+use crate::vmm::VmmError;
 
 /// What an epoll token stands for.
 #[derive(Debug)]
@@ -94,11 +99,9 @@ impl EventLoop {
         Ok(())
     }
 
-    /// Runs on a thread of its own until the VM's exit is raised.
-    pub fn spawn(mut self) -> std::io::Result<std::thread::JoinHandle<()>> {
-        std::thread::Builder::new()
-            .name("vmm-events".into())
-            .spawn(move || self.run())
+    /// Runs on a thread of its own, filtered by `program`, until the VM's exit is raised.
+    pub fn spawn(mut self, program: BpfProgram) -> Result<JoinHandle<()>, VmmError> {
+        seccomp::spawn_filtered("vmm-events".into(), program, move || self.run())
     }
 
     fn run(&mut self) {

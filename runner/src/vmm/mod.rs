@@ -18,6 +18,8 @@ pub mod builder;
 pub mod devices;
 pub mod event_loop;
 pub mod exit;
+pub mod seccomp;
+pub mod test_guest;
 pub mod vstate;
 
 pub use builder::{build, BlockConfig, MicroVm, VmConfig};
@@ -62,6 +64,9 @@ pub enum VmmError {
     /// The configuration asks for something this VMM does not do.
     #[error("invalid VM configuration: {0}")]
     Config(String),
+    /// A thread's seccomp filter could not be built or installed: the guest is not started.
+    #[error("seccomp: {0}")]
+    Seccomp(String),
 }
 
 impl VmmError {
@@ -76,6 +81,7 @@ impl VmmError {
             VmmError::Device { .. } => "VMM006",
             VmmError::Thread(_) => "VMM007",
             VmmError::Config(_) => "VMM008",
+            VmmError::Seccomp(_) => "VMM009",
         }
     }
 }
