@@ -246,8 +246,11 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    /// A machine whose "state" is a fixed byte string.
-    struct FakeMachine(Vec<u8>);
+    /// A machine whose "state" is a fixed byte string; a broken one fails half way.
+    struct FakeMachine {
+        state: Vec<u8>,
+        broken: bool,
+    }
 
     impl Pausable for FakeMachine {
         fn pause(&mut self) -> io::Result<()> {
@@ -257,8 +260,12 @@ mod tests {
             Ok(())
         }
         fn save(&mut self, _socket: &Path, into: &mut File) -> io::Result<SavedMemory> {
-            into.write_all(&self.0)?;
-            let (sha256, bytes) = mvm_ir::digest::sha256_reader(&self.0[..])?;
+            if self.broken {
+                into.write_all(&self.state[..self.state.len() / 2])?;
+                return Err(io::Error::other("QEMU's migration failed"));
+            }
+            into.write_all(&self.state)?;
+            let (sha256, bytes) = mvm_ir::digest::sha256_reader(&self.state[..])?;
             Ok(SavedMemory { sha256, bytes })
         }
     }
@@ -290,7 +297,11 @@ mod tests {
         let home = tempfile::tempdir().unwrap();
         let saver = saver(home.path());
         let state = b"guest memory and devices".repeat(1000);
-        let saved = saver.save(&mut FakeMachine(state.clone())).unwrap();
+        let mut machine = FakeMachine {
+            state: state.clone(),
+            broken: false,
+        };
+        let saved = saver.save(&mut machine).unwrap();
         assert_eq!(saved.memory.bytes, state.len() as u64);
 
         let opened = open(&saver.dir, "box", &saver.home).unwrap();
@@ -342,22 +353,13 @@ mod tests {
 
     #[test]
     fn a_failed_save_leaves_no_cold_state() {
-        struct Broken;
-        impl Pausable for Broken {
-            fn pause(&mut self) -> io::Result<()> {
-                Ok(())
-            }
-            fn resume(&mut self) -> io::Result<()> {
-                Ok(())
-            }
-            fn save(&mut self, _: &Path, into: &mut File) -> io::Result<SavedMemory> {
-                into.write_all(b"half")?;
-                Err(io::Error::other("QEMU's migration failed"))
-            }
-        }
         let home = tempfile::tempdir().unwrap();
         let saver = saver(home.path());
-        let error = saver.save(&mut Broken).unwrap_err();
+        let mut broken = FakeMachine {
+            state: b"guest memory".to_vec(),
+            broken: true,
+        };
+        let error = saver.save(&mut broken).unwrap_err();
         assert_eq!(error.code(), "RUN040");
         assert!(!saver.dir.join(COLD_DIR).exists());
     }
