@@ -493,7 +493,9 @@ fn serve_started(
                 name: name.to_string(),
                 vm: vm.clone(),
                 plan_digest: plan.digest.clone(),
-                envelope: launch.envelope.clone(),
+                // Absolute: `mvm resume` may run from anywhere.
+                envelope: fs::canonicalize(&launch.envelope)
+                    .unwrap_or_else(|_| launch.envelope.clone()),
                 accel: accel.to_string(),
                 memory: cold::SavedMemory {
                     sha256: String::new(),
