@@ -56,6 +56,8 @@ pub trait Pausable: Send {
 
 /// The stable code of a request refused because the VM is paused, or a pause that failed.
 pub const PAUSED: &str = "RUN039";
+/// The stable code of a save that failed or was refused (the VM runs on as it was).
+pub const SAVE_FAILED: &str = "RUN040";
 /// How long the agent has to set its clock.
 const CLOCK_ANSWER: Duration = Duration::from_secs(5);
 
@@ -69,8 +71,6 @@ pub fn clock_now() -> Request {
     }
 }
 
-/// The stable code of a save that failed or was refused (the VM runs on as it was).
-pub const SAVE_FAILED: &str = "RUN040";
 
 /// What every connection shares.
 pub struct Shared {
