@@ -71,7 +71,6 @@ pub fn clock_now() -> Request {
     }
 }
 
-
 /// What every connection shares.
 pub struct Shared {
     /// The agent channel.
