@@ -16,10 +16,12 @@
 //! and no registry client.
 
 pub mod admission;
+pub mod child;
 pub mod client;
 pub mod cold;
 pub mod control;
 pub mod host;
+pub mod jail;
 pub mod launch;
 pub mod mux;
 pub mod qemu;
