@@ -137,11 +137,25 @@ fn assert_jailed(vmm: u32) {
         Some(libc::EROFS),
         "the root image is mounted read-only"
     );
+    let created = std::fs::File::create(root.join("new"));
+    assert_eq!(
+        created.unwrap_err().raw_os_error(),
+        Some(libc::EROFS),
+        "the jail's root is read-only"
+    );
+    // Its only mounts: all read-only, none honours set-uid bits, only the root has devices.
     let mountinfo = std::fs::read_to_string(proc.join("mountinfo")).unwrap();
-    let points: BTreeSet<&str> = mountinfo
-        .lines()
-        .map(|line| line.split(' ').nth(4).unwrap())
-        .collect();
+    let mut points = BTreeSet::new();
+    for line in mountinfo.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let options: BTreeSet<&str> = fields[5].split(',').collect();
+        let needed: &[&str] = match fields[4] {
+            "/" => &["ro", "nosuid", "noexec"],
+            _ => &["ro", "nosuid", "nodev", "noexec"],
+        };
+        assert!(needed.iter().all(|o| options.contains(o)), "{line}");
+        points.insert(fields[4]);
+    }
     assert_eq!(
         points,
         BTreeSet::from(["/", "/initrd", "/kernel", "/vda", "/vdb"]),
