@@ -16,7 +16,8 @@
 //!    detached ([`enter_root`]);
 //! 4. sets resource limits ([`set_limits`]);
 //! 5. drops supplementary groups, gid and uid (real, effective, saved), checks that root
-//!    cannot be regained, sets `no_new_privs` ([`drop_privileges`]);
+//!    cannot be regained, sets `no_new_privs` ([`drop_privileges`]), and arms the
+//!    parent-death signal again (a credential change clears it, [`die_with_parent`]);
 //! 6. only then opens `/dev/kvm` and the artifacts, inside the jail, and runs the VMM, whose
 //!    threads install their seccomp filters as they do unjailed ([`crate::vmm::seccomp`]).
 //!
@@ -320,11 +321,12 @@ fn run_child() -> Result<GuestExit, JailError> {
     })?;
     let channel = adopt_channel(config.channel_fd)?;
     unshare_namespaces()?;
-    become_pid_one()?;
+    let alive = become_pid_one()?;
     let spec = build_root(&config.root, &config.spec, config.jail)?;
     enter_root(&config.root)?;
     set_limits(&spec)?;
     drop_privileges(config.jail)?;
+    die_with_parent(&alive)?;
     let serial_log = File::from(
         io::stdout()
             .as_fd()
@@ -386,9 +388,11 @@ fn unshare_namespaces() -> Result<(), JailError> {
 /// Forks once: the child is PID 1 of the new PID namespace (so it sees no other process, and
 /// everything it could start dies with it) and goes on; this process waits for it and exits
 /// with its status. The child dies with this process (`PR_SET_PDEATHSIG`), as this one does
-/// with the runner.
+/// with the runner ([`die_with_parent`]). Returns, in the child, its end of a pipe only the
+/// parent holds open: a hang-up on it means the parent is gone.
 #[allow(unsafe_code)]
-fn become_pid_one() -> Result<(), JailError> {
+fn become_pid_one() -> Result<io::PipeReader, JailError> {
+    let (alive, parent_holds) = io::pipe().map_err(JailError::setup("fork"))?;
     // SAFETY: this process has one thread (the VMM's start later), so the child may do
     // anything after the fork.
     let pid = unsafe { libc::fork() };
@@ -396,9 +400,11 @@ fn become_pid_one() -> Result<(), JailError> {
         return Err(JailError::setup("fork")(io::Error::last_os_error()));
     }
     if pid == 0 {
-        rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
-        return Ok(());
+        drop(parent_holds);
+        die_with_parent(&alive)?;
+        return Ok(alive);
     }
+    drop(alive);
     let pid = rustix::process::Pid::from_raw(pid).ok_or_else(|| JailError::Setup {
         step: "fork",
         reason: "no process id".into(),
@@ -415,7 +421,27 @@ fn become_pid_one() -> Result<(), JailError> {
         (None, Some(signal)) => 128 + signal,
         (None, None) => SETUP_FAILED,
     };
+    drop(parent_holds);
     std::process::exit(code)
+}
+
+/// Arms `PR_SET_PDEATHSIG` (SIGKILL when the parent dies), then checks the parent did not die
+/// before: it still holds its end of the pipe `alive` (`getppid` cannot tell, it is 0 in the
+/// new namespace either way). Called again after the uid drop, which clears the signal.
+fn die_with_parent(alive: &io::PipeReader) -> Result<(), JailError> {
+    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+    let mut fds = [rustix::event::PollFd::new(
+        alive,
+        rustix::event::PollFlags::IN,
+    )];
+    rustix::event::poll(&mut fds, Some(&rustix::time::Timespec::default()))?;
+    if fds[0].revents().contains(rustix::event::PollFlags::HUP) {
+        return Err(JailError::Setup {
+            step: "fork",
+            reason: "the parent died before the child was armed to die with it".into(),
+        });
+    }
+    Ok(())
 }
 
 /// Where an artifact is inside the jail: `/kernel`, `/initrd`, the disks by the names the

@@ -10,8 +10,10 @@ mod guest;
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::Path;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use mvm_runner::jail::{Jail, JailedVm, MAX_FILES};
 use mvm_runner::vm_process::{VmProcess, VmSpec};
@@ -173,24 +175,34 @@ fn assert_jailed(vmm: u32) {
     assert_eq!(limit(&limits, "Max file size"), ("0".into(), "0".into()));
 }
 
-#[test]
-fn a_jailed_vmm_is_confined_and_its_guest_still_boots() {
+/// Starts the `virtio_check` guest jailed, as the launch does, with its files in `dir`; returns
+/// once the guest waits for the host's pong (the jail is built and the VMM runs): the VM, the
+/// host's end of the agent channel, the jail directory. `None`, the reason printed, when this
+/// host or user cannot run a jailed VM.
+fn start(dir: &Path) -> Option<(VmProcess, UnixStream, PathBuf)> {
     if let Some(reason) = guest::kvm_unavailable().or_else(not_root) {
         eprintln!("skipped: {reason}");
-        return;
+        return None;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let files = guest::PlanFiles::new(dir.path());
+    let files = guest::PlanFiles::new(dir);
     let spec = VmSpec::for_plan(&guest::test_plan(), &files.own()).unwrap();
-    let root = dir.path().join("jail");
-    let serial_log = std::fs::File::create(dir.path().join("serial.log")).unwrap();
+    let root = dir.join("jail");
+    let serial_log = std::fs::File::create(dir.join("serial.log")).unwrap();
     let jailed = JailedVm::boot(Path::new(RUNNER), JAIL, &root, &spec, serial_log).unwrap();
     let mut vm = VmProcess::Jailed(jailed);
     let mut channel = vm
         .take_channel()
         .expect("connected before the child starts");
-    // The guest now waits for the host's pong: the jail is built and the VMM runs.
     guest::wait_for_ping(&mut channel, &vm);
+    Some((vm, channel, root))
+}
+
+#[test]
+fn a_jailed_vmm_is_confined_and_its_guest_still_boots() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((mut vm, mut channel, root)) = start(dir.path()) else {
+        return;
+    };
     let vmm = only_child(vm.pid());
     assert_jailed(vmm);
     channel.write_all(b"pong-from-host").unwrap();
@@ -203,6 +215,31 @@ fn a_jailed_vmm_is_confined_and_its_guest_still_boots() {
     assert!(!Path::new("/proc").join(vmm.to_string()).exists());
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(&root.to_string_lossy().into_owned()));
+}
+
+#[test]
+fn a_jailed_vmm_dies_with_its_parent() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((mut vm, _channel, root)) = start(dir.path()) else {
+        return;
+    };
+    let parent = vm.pid();
+    let vmm = only_child(parent);
+    // Only the parent (the child the runner started), not its process group.
+    let pid = rustix::process::Pid::from_raw(i32::try_from(parent).unwrap()).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
+    let stat = Path::new("/proc").join(vmm.to_string()).join("stat");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // Gone, or a zombie waiting for whoever it was handed to.
+    while std::fs::read_to_string(&stat).is_ok_and(|stat| !stat.contains(") Z ")) {
+        assert!(
+            Instant::now() < deadline,
+            "the jailed VMM outlived its parent"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    vm.kill();
+    assert!(!root.exists(), "the jail directory is removed");
 }
 
 #[test]
