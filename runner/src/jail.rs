@@ -172,6 +172,7 @@ impl JailedVm {
         spec: &VmSpec,
         serial_log: File,
     ) -> Result<Self, JailError> {
+        check_access(spec, jail)?;
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(root)
@@ -265,6 +266,41 @@ pub fn exit_code(exit: &GuestExit) -> i32 {
         GuestExit::Failed(_) => 3,
         GuestExit::Stopped => 4,
     }
+}
+
+/// Refuses a VM whose artifacts the jail's uid could not open: inside the jail the VMM opens
+/// them as that uid (the kernel, initramfs and read-only disks for reading, writable disks for
+/// reading and writing), through bind mounts that keep the host's owners and modes.
+fn check_access(spec: &VmSpec, jail: Jail) -> Result<(), JailError> {
+    let boot = std::iter::once(&spec.kernel).chain(&spec.initrd);
+    let files = boot
+        .map(|path| (path, true))
+        .chain(spec.disks.iter().map(|disk| (&disk.path, disk.read_only)));
+    for (path, read_only) in files {
+        let meta = std::fs::metadata(path).map_err(|e| JailError::Setup {
+            step: "artifacts",
+            reason: format!("{}: {e}", path.display()),
+        })?;
+        let need = if read_only { 0o4 } else { 0o6 };
+        let class = if meta.uid() == jail.uid {
+            meta.mode() >> 6
+        } else if meta.gid() == jail.gid {
+            meta.mode() >> 3
+        } else {
+            meta.mode()
+        };
+        if class & need != need {
+            let access = if read_only { "read" } else { "read and write" };
+            return Err(JailError::Setup {
+                step: "artifacts",
+                reason: format!(
+                    "uid {} gid {} cannot {access} {} (owner {}, group {}, mode {:o}): make it so, or jail as its owner",
+                    jail.uid, jail.gid, path.display(), meta.uid(), meta.gid(), meta.mode() & 0o777
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// How the guest ended, read back from the child's exit `status` ([`exit_code`]); anything

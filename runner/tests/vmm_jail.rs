@@ -9,7 +9,7 @@ mod guest;
 
 use std::collections::BTreeSet;
 use std::io::Write;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -240,6 +240,53 @@ fn a_jailed_vmm_dies_with_its_parent() {
     }
     vm.kill();
     assert!(!root.exists(), "the jail directory is removed");
+}
+
+#[test]
+fn a_jail_whose_uid_cannot_read_an_artifact_is_refused_before_it_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = guest::PlanFiles::new(dir.path());
+    let spec = VmSpec::for_plan(&guest::test_plan(), &files.own()).unwrap();
+    let private = std::fs::Permissions::from_mode(0o600);
+    std::fs::set_permissions(&files.rootfs, private).unwrap();
+    let root = dir.path().join("jail");
+    let serial_log = std::fs::File::create(dir.path().join("serial.log")).unwrap();
+    let refused = JailedVm::boot(Path::new(RUNNER), JAIL, &root, &spec, serial_log).unwrap_err();
+    assert_eq!(refused.code(), "RUN046");
+    let message = refused.to_string();
+    assert!(
+        message.contains("cannot read") && message.contains("rootfs.erofs"),
+        "{message}"
+    );
+    assert!(!root.exists(), "nothing was started");
+}
+
+#[test]
+fn a_jail_that_cannot_be_built_fails_with_its_step() {
+    if let Some(reason) = guest::kvm_unavailable().or_else(not_root) {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let files = guest::PlanFiles::new(dir.path());
+    let mut spec = VmSpec::for_plan(&guest::test_plan(), &files.own()).unwrap();
+    // Readable, so admitted, but a directory cannot be bind-mounted onto the jail's file.
+    let not_a_file = dir.path().join("not-a-file");
+    std::fs::create_dir(&not_a_file).unwrap();
+    std::fs::set_permissions(&not_a_file, std::fs::Permissions::from_mode(0o755)).unwrap();
+    spec.disks[1].path = not_a_file;
+    let root = dir.path().join("jail");
+    let serial_log = std::fs::File::create(dir.path().join("serial.log")).unwrap();
+    let jailed = JailedVm::boot(Path::new(RUNNER), JAIL, &root, &spec, serial_log).unwrap();
+    let mut vm = VmProcess::Jailed(jailed);
+    let ended = vm.wait_for_exit(guest::TIMEOUT).unwrap().unwrap();
+    assert!(
+        ended.contains("error RUN046: jail: bind mount: "),
+        "{ended}"
+    );
+    assert!(ended.contains("not-a-file"), "{ended}");
+    vm.kill();
+    assert!(!root.exists());
 }
 
 #[test]
