@@ -177,6 +177,19 @@ impl JailedVm {
             .mode(0o700)
             .create(root)
             .map_err(JailError::setup("creating the jail directory"))?;
+        Self::start(exe, jail, root, spec, serial_log).inspect_err(|_| {
+            let _ = std::fs::remove_dir(root);
+        })
+    }
+
+    /// Starts the child for [`JailedVm::boot`], the jail directory made.
+    fn start(
+        exe: &Path,
+        jail: Jail,
+        root: &Path,
+        spec: &VmSpec,
+        serial_log: File,
+    ) -> Result<Self, JailError> {
         let (guest_end, host_end) =
             UnixStream::pair().map_err(JailError::setup("agent channel"))?;
         let guest_end = OwnedFd::from(guest_end);
@@ -226,10 +239,9 @@ impl JailedVm {
         self.channel.take()
     }
 
-    /// How the guest ended, if it has.
+    /// How the guest ended, if it has (the child's standard error read to its end first).
     pub fn try_wait(&mut self) -> io::Result<Option<GuestExit>> {
-        let status = self.child.try_wait()?;
-        Ok(status.map(|status| guest_exit(status, &self.stderr())))
+        self.wait_for_exit(Duration::ZERO)
     }
 
     /// Waits up to `timeout` for the guest to end by itself.
