@@ -8,16 +8,16 @@
 //! guest's serial console, recorded by the runner as QEMU's is ([`crate::child`]).
 //!
 //! The child ([`child_main`]), single-threaded until the VMM starts:
-//! 1. leaves the runner's mount, PID, IPC, network and UTS namespaces ([`unshare_namespaces`]);
-//! 2. forks once, so that the VMM is PID 1 of the new PID namespace ([`become_pid_one`]);
+//! 1. leaves the runner's mount, PID, IPC, network and UTS namespaces (`unshare_namespaces`);
+//! 2. forks once, so that the VMM is PID 1 of the new PID namespace (`become_pid_one`);
 //! 3. builds the jail root on the VM's jail directory: a small tmpfs holding only the
 //!    artifacts (bind mounts, read-only unless a disk is writable) and `dev/kvm` (a device
-//!    node owned by the jail's uid) ([`build_root`]), and `pivot_root`s into it, the old root
-//!    detached ([`enter_root`]);
-//! 4. sets resource limits ([`set_limits`]);
+//!    node owned by the jail's uid) (`build_root`), and `pivot_root`s into it, the old root
+//!    detached (`enter_root`);
+//! 4. sets resource limits (`set_limits`);
 //! 5. drops supplementary groups, gid and uid (real, effective, saved), checks that root
-//!    cannot be regained, sets `no_new_privs` ([`drop_privileges`]), and arms the
-//!    parent-death signal again (a credential change clears it, [`die_with_parent`]);
+//!    cannot be regained, sets `no_new_privs` (`drop_privileges`), and arms the
+//!    parent-death signal again (a credential change clears it, `die_with_parent`);
 //! 6. only then opens `/dev/kvm` and the artifacts, inside the jail, and runs the VMM, whose
 //!    threads install their seccomp filters as they do unjailed ([`crate::vmm::seccomp`]).
 //!
