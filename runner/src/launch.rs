@@ -13,7 +13,7 @@ use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -35,10 +35,12 @@ use crate::client::{AgentClient, ClientError, Executed, OutputSink};
 use crate::cold::{self, ColdError, ColdManifest, ColdSaver, ColdState};
 use crate::control::{self, Pausable};
 use crate::host::{self, Accel, Backend, BackendChoice, HostError, HostFacts};
+use crate::jail::{self, Jail, JailError, JailedVm};
 use crate::mux::AgentMux;
-use crate::qemu::{self, QemuVm, VmFiles};
+use crate::qemu::{self, VmFiles};
 use crate::state::{self, Phase, VmState};
-use crate::vm_process::{OwnVm, OwnVmFiles, VmProcess};
+use crate::vm_process::{OwnVm, OwnVmFiles, VmProcess, VmSpec};
+use crate::vmm::VmmError;
 
 /// Exit statuses of a launch that did not end with the command's own status. Commands may
 /// exit with any status too; the JSON report says which it was.
@@ -219,6 +221,9 @@ pub struct Launch {
     pub started: Instant,
     /// Set (by a signal handler) to stop the launch: every wait ends and the VM is torn down.
     pub interrupt: Arc<AtomicBool>,
+    /// Run the own VMM jailed as this uid and gid ([`crate::jail`]); checked by
+    /// [`Jail::check`].
+    pub jail: Option<Jail>,
 }
 
 /// A launch that ran its command to the end.
@@ -789,7 +794,7 @@ fn start<T>(
                     .map_err(LaunchError::from)?;
                 args.extend(["-incoming".into(), incoming.into()]);
             }
-            let vm_process = QemuVm::spawn(&qemu, &args, serial_log)
+            let vm_process = qemu::spawn(&qemu, &args, serial_log)
                 .map_err(|e| LaunchError::Backend(format!("starting {}: {e}", qemu.display())))?;
             (Some(listener), VmProcess::Qemu(vm_process))
         }
@@ -800,19 +805,28 @@ fn start<T>(
                 rootfs: &admitted.artifacts.rootfs,
                 verity: &admitted.artifacts.verity,
             };
-            let vm = OwnVm::boot(&plan.plan, &files, serial_log)
-                .map_err(|e| LaunchError::Backend(format!("{}: {e}", e.code())))?;
-            (None, VmProcess::Own(vm))
+            let vmm_failed = |e: VmmError| LaunchError::Backend(format!("{}: {e}", e.code()));
+            let vm = match launch.jail {
+                Some(jail) => {
+                    let spec = VmSpec::for_plan(&plan.plan, &files).map_err(vmm_failed)?;
+                    VmProcess::Jailed(boot_jailed(jail, &dir, &spec, serial_log)?)
+                }
+                None => {
+                    VmProcess::Own(OwnVm::boot(&plan.plan, &files, serial_log).map_err(vmm_failed)?)
+                }
+            };
+            (None, vm)
         }
     };
     let backend = match vm_process {
         VmProcess::Qemu(_) => "qemu",
-        VmProcess::Own(_) => "kvm",
+        VmProcess::Own(_) | VmProcess::Jailed(_) => "kvm",
     };
     audit.append(
         "vm.started",
         json!({"vm": vm, "backend": backend, "accel": accel.to_string(),
-               "pid": vm_process.pid(), "woken": woken}),
+               "pid": vm_process.pid(), "woken": woken,
+               "jailed": matches!(vm_process, VmProcess::Jailed(_))}),
     )?;
     Ok(Started {
         audit,
@@ -825,6 +839,26 @@ fn start<T>(
         socket,
         vm_process,
     })
+}
+
+/// Starts the own VMM jailed as `jail` in the VM's directory: the private copies of the
+/// kernel and initramfs given to the jail's uid first (the jailed VMM opens them as it), the
+/// runner's own binary re-executed as the child.
+fn boot_jailed(
+    jail: Jail,
+    dir: &VmDir,
+    spec: &VmSpec,
+    serial_log: File,
+) -> Result<JailedVm, LaunchError> {
+    let jail_failed = |e: JailError| LaunchError::Backend(format!("{}: {e}", e.code()));
+    let owner = |path: &Path| {
+        std::os::unix::fs::chown(path, Some(jail.uid), Some(jail.gid))
+            .map_err(LaunchError::host(format!("chown {}", path.display())))
+    };
+    owner(&spec.kernel)?;
+    spec.initrd.as_deref().map(owner).transpose()?;
+    let root = dir.path.join(jail::JAIL_DIR);
+    JailedVm::boot(Path::new("/proc/self/exe"), jail, &root, spec, serial_log).map_err(jail_failed)
 }
 
 /// The failure report for `error`: the console's tail, and its log kept unless the run was

@@ -16,6 +16,7 @@ use clap::Parser;
 use mvm_ir::home::MvmHome;
 use mvm_runner::client::{OutputSink, StdStreams};
 use mvm_runner::host::BackendChoice;
+use mvm_runner::jail::{self, Jail};
 use mvm_runner::launch::{self, exit, Failure, Finished, Launch, LaunchError};
 use mvm_runner::state;
 use serde_json::{json, Value};
@@ -57,12 +58,31 @@ struct Args {
     /// saved state and plan are verified again first. This is what `mvm resume` starts.
     #[arg(long, value_name = "NAME", conflicts_with_all = ["plan", "name", "command", "json", "timeout", "receipt"])]
     wake: Option<String>,
+    /// Run the VMM jailed, as Firecracker's jailer runs Firecracker: a child process in new
+    /// mount, PID, IPC, network and UTS namespaces, its root a directory holding only the
+    /// artifacts and `/dev/kvm`, as an unprivileged uid/gid with resource limits. Needs
+    /// `--backend kvm` and root.
+    #[arg(long)]
+    jail: bool,
+    /// The jailed VMM's uid (not 0).
+    #[arg(long, requires = "jail", default_value_t = jail::DEFAULT_ID, value_name = "UID")]
+    jail_uid: u32,
+    /// The jailed VMM's gid (not 0).
+    #[arg(long, requires = "jail", default_value_t = jail::DEFAULT_ID, value_name = "GID")]
+    jail_gid: u32,
     /// The command; the plan's entrypoint when absent.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
 }
 
 fn main() -> ExitCode {
+    // The jailed VMM child (`--jail`): before anything else, while this process has one thread.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|arg| arg == jail::CHILD_MODE)
+    {
+        return ExitCode::from(u8::try_from(jail::child_main()).unwrap_or(exit::RUNNER));
+    }
     let started = Instant::now();
     // Everything the runner creates (the VM's state directory, its sockets, its copies of the
     // kernel and initramfs) is for the runner alone.
@@ -78,6 +98,20 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::RUNNER);
         }
     };
+    let jail = match args
+        .jail
+        .then(|| {
+            let euid = rustix::process::geteuid().as_raw();
+            Jail::check(args.jail_uid, args.jail_gid, args.backend, euid)
+        })
+        .transpose()
+    {
+        Ok(jail) => jail,
+        Err(e) => {
+            eprintln!("mvm-runner: error {}: {e}", e.code());
+            return ExitCode::from(exit::RUNNER);
+        }
+    };
     // A signal stops the launch through its normal teardown (the VM killed, `vm.exited`
     // recorded, the state directory removed) instead of ending the runner on the spot.
     let interrupt = Arc::new(AtomicBool::new(false));
@@ -88,14 +122,14 @@ fn main() -> ExitCode {
         }
     }
     if let Some(name) = args.name.clone() {
-        return ExitCode::from(serve(args, &name, false, started, interrupt));
+        return ExitCode::from(serve(args, &name, false, started, interrupt, jail));
     }
     if let Some(name) = args.wake.clone() {
-        return ExitCode::from(serve(args, &name, true, started, interrupt));
+        return ExitCode::from(serve(args, &name, true, started, interrupt, jail));
     }
     let json = args.json;
     let receipt = args.receipt.clone();
-    let code = match run(args, started, interrupt) {
+    let code = match run(args, started, interrupt, jail) {
         Ok((finished, output)) => match receipt.map(|path| write_receipt(&finished, &path)) {
             Some(Err(e)) => {
                 eprintln!("mvm-runner: error {}: writing the receipt: {e}", e.code());
@@ -113,6 +147,7 @@ fn launch_request(
     home: MvmHome,
     started: Instant,
     interrupt: Arc<AtomicBool>,
+    jail: Option<Jail>,
 ) -> Launch {
     Launch {
         // Only a wake has none: its plan is the one its saved state names.
@@ -124,6 +159,7 @@ fn launch_request(
         boot_timeout: args.boot_timeout,
         started,
         interrupt,
+        jail,
     }
 }
 
@@ -131,10 +167,11 @@ fn run(
     args: Args,
     started: Instant,
     interrupt: Arc<AtomicBool>,
+    jail: Option<Jail>,
 ) -> Result<(Finished, Option<Captured>), Box<Failure>> {
     let home = MvmHome::from_env().map_err(LaunchError::Audit)?;
     let json = args.json;
-    let request = launch_request(args, home, started, interrupt);
+    let request = launch_request(args, home, started, interrupt, jail);
     if json {
         let mut captured = Captured::default();
         let finished = launch::launch(&request, &mut captured)?;
@@ -147,7 +184,14 @@ fn run(
 
 /// `--name` (or `--wake`): boots (wakes) and keeps the VM up; 0 once it stopped or was saved
 /// cold on request.
-fn serve(args: Args, name: &str, wake: bool, started: Instant, interrupt: Arc<AtomicBool>) -> u8 {
+fn serve(
+    args: Args,
+    name: &str,
+    wake: bool,
+    started: Instant,
+    interrupt: Arc<AtomicBool>,
+    jail: Option<Jail>,
+) -> u8 {
     if !state::valid_name(name) {
         eprintln!("mvm-runner: error RUN035: {name:?} cannot name a VM: use 1-63 of a-z 0-9 _ . -, starting with a letter or digit");
         return exit::RUNNER;
@@ -160,7 +204,7 @@ fn serve(args: Args, name: &str, wake: bool, started: Instant, interrupt: Arc<At
         }
     };
     let log = home.root().join("vms").join(name).join(state::RUNNER_LOG);
-    let request = launch_request(args, home, started, interrupt);
+    let request = launch_request(args, home, started, interrupt, jail);
     let mut on_ready = |state: &state::VmState| {
         let mut out = io::stdout().lock();
         let _ = writeln!(out, "{}", json!({"ready": state}));

@@ -14,12 +14,14 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use mvm_ir::plan::LaunchPlan;
+use serde::{Deserialize, Serialize};
 
 use crate::control::Pausable;
+use crate::jail::JailedVm;
 use crate::qemu::qmp::Qmp;
 use crate::qemu::QemuVm;
 use crate::serial::Console;
@@ -33,6 +35,8 @@ pub enum VmProcess {
     Qemu(QemuVm),
     /// mvm's own VMM, in this process.
     Own(OwnVm),
+    /// mvm's own VMM, jailed in a child process ([`crate::jail`]).
+    Jailed(JailedVm),
 }
 
 /// The own VMM's vCPUs cannot be paused yet: a pause is refused (RUN039), nothing changes.
@@ -71,6 +75,73 @@ pub struct OwnVmFiles<'a> {
     pub verity: &'a Path,
 }
 
+/// What a VM boots, without the host resources it is wired to (the console's log, the agent
+/// channel): what the kvm backend makes of a plan, and what a jailed VMM child is sent
+/// ([`crate::jail`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmSpec {
+    /// How many vCPUs.
+    pub vcpus: u8,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// The kernel: an ELF vmlinux or a bzImage.
+    pub kernel: PathBuf,
+    /// An initramfs.
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line.
+    pub cmdline: String,
+    /// Disks, in the order the guest finds them (`vda`, `vdb`, …).
+    pub disks: Vec<BlockConfig>,
+    /// Whether the guest gets a virtio-rng device.
+    pub rng: bool,
+}
+
+impl VmSpec {
+    /// The guest contract for `plan` booted from `files`: the root image and its hash tree
+    /// as read-only vda and vdb, no rng.
+    pub fn for_plan(plan: &LaunchPlan, files: &OwnVmFiles<'_>) -> Result<Self, VmmError> {
+        let vcpus = u8::try_from(plan.resources.cpu_cores)
+            .map_err(|_| VmmError::Config(format!("{} vCPUs", plan.resources.cpu_cores)))?;
+        let disk = |path: &Path, id: &str| BlockConfig {
+            path: path.to_path_buf(),
+            read_only: true,
+            id: id.into(),
+        };
+        Ok(VmSpec {
+            vcpus,
+            memory_mib: u64::from(plan.resources.memory_mb),
+            kernel: files.kernel.to_path_buf(),
+            initrd: Some(files.initramfs.to_path_buf()),
+            cmdline: plan.kernel.cmdline.clone(),
+            disks: vec![disk(files.rootfs, "root"), disk(files.verity, "verity")],
+            // Not in the guest contract (the QEMU backend has none).
+            rng: false,
+        })
+    }
+
+    /// The VMM's configuration: this VM, its serial console logged into `serial_log` and
+    /// shown in `serial`, the agent's port on `channel`.
+    pub fn config(
+        self,
+        serial_log: File,
+        serial: &Console,
+        channel: Option<UnixStream>,
+    ) -> VmConfig {
+        VmConfig {
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            kernel: self.kernel,
+            initrd: self.initrd,
+            cmdline: self.cmdline,
+            serial_log,
+            serial: serial.clone(),
+            block: self.disks,
+            agent_channel: channel,
+            rng: self.rng,
+        }
+    }
+}
+
 impl OwnVm {
     /// Boots `plan` from `files`, the serial console logged into `serial_log`.
     pub fn boot(
@@ -82,27 +153,9 @@ impl OwnVm {
             device: "agent channel".into(),
             reason: e.to_string(),
         })?;
-        let vcpus = u8::try_from(plan.resources.cpu_cores)
-            .map_err(|_| VmmError::Config(format!("{} vCPUs", plan.resources.cpu_cores)))?;
         let console = Console::default();
-        let disk = |path: &Path, id: &str| BlockConfig {
-            path: path.to_path_buf(),
-            read_only: true,
-            id: id.into(),
-        };
-        let vm = vmm::build(VmConfig {
-            vcpus,
-            memory_mib: u64::from(plan.resources.memory_mb),
-            kernel: files.kernel.to_path_buf(),
-            initrd: Some(files.initramfs.to_path_buf()),
-            cmdline: plan.kernel.cmdline.clone(),
-            serial_log,
-            serial: console.clone(),
-            block: vec![disk(files.rootfs, "root"), disk(files.verity, "verity")],
-            agent_channel: Some(guest_end),
-            // Not in the guest contract (the QEMU backend has none).
-            rng: false,
-        })?;
+        let spec = VmSpec::for_plan(plan, files)?;
+        let vm = vmm::build(spec.config(serial_log, &console, Some(guest_end)))?;
         Ok(OwnVm {
             vm: Some(vm),
             console,
@@ -138,14 +191,17 @@ impl VmProcess {
         match self {
             VmProcess::Qemu(_) => "QEMU",
             VmProcess::Own(_) => "the VM",
+            VmProcess::Jailed(_) => "the jailed VM",
         }
     }
 
-    /// The process whose end of the agent channel is trusted: QEMU's, or this runner's.
+    /// The process whose end of the agent channel is trusted: QEMU's, the jailed VMM's
+    /// child's, or this runner's.
     pub fn pid(&self) -> u32 {
         match self {
             VmProcess::Qemu(qemu) => qemu.pid(),
             VmProcess::Own(_) => std::process::id(),
+            VmProcess::Jailed(jailed) => jailed.pid(),
         }
     }
 
@@ -154,6 +210,7 @@ impl VmProcess {
         match self {
             VmProcess::Qemu(qemu) => qemu.console(),
             VmProcess::Own(own) => &own.console,
+            VmProcess::Jailed(jailed) => jailed.console(),
         }
     }
 
@@ -163,6 +220,7 @@ impl VmProcess {
         match self {
             VmProcess::Qemu(_) => None,
             VmProcess::Own(own) => own.channel.take(),
+            VmProcess::Jailed(jailed) => jailed.take_channel(),
         }
     }
 
@@ -171,6 +229,7 @@ impl VmProcess {
         match self {
             VmProcess::Qemu(qemu) => Ok(qemu.try_wait()?.map(|status| status.to_string())),
             VmProcess::Own(own) => Ok(own.poll().map(|exit| describe(&exit))),
+            VmProcess::Jailed(jailed) => Ok(jailed.try_wait()?.map(|exit| describe(&exit))),
         }
     }
 
@@ -193,15 +252,18 @@ impl VmProcess {
                     }
                 }
             }
+            VmProcess::Jailed(jailed) => Ok(jailed.wait_for_exit(timeout)?.map(|e| describe(&e))),
         }
     }
 
-    /// What the backend said on its way out (QEMU's standard error; nothing for the own VMM,
-    /// whose ends are described by [`VmProcess::try_wait`]).
+    /// What the backend said on its way out (QEMU's or the jailed VMM's standard error;
+    /// nothing for the own VMM in this process, whose ends are described by
+    /// [`VmProcess::try_wait`]).
     pub fn stderr(&self) -> String {
         match self {
             VmProcess::Qemu(qemu) => qemu.stderr(),
             VmProcess::Own(_) => String::new(),
+            VmProcess::Jailed(jailed) => jailed.stderr(),
         }
     }
 
@@ -209,7 +271,7 @@ impl VmProcess {
     pub fn machine(&self, dir: &Path) -> io::Result<Box<dyn Pausable>> {
         match self {
             VmProcess::Qemu(_) => Ok(Box::new(Qmp::connect(&dir.join(MACHINE_SOCKET))?)),
-            VmProcess::Own(_) => Ok(Box::new(NotPausable)),
+            VmProcess::Own(_) | VmProcess::Jailed(_) => Ok(Box::new(NotPausable)),
         }
     }
 
@@ -218,6 +280,7 @@ impl VmProcess {
         match self {
             VmProcess::Qemu(qemu) => qemu.kill(),
             VmProcess::Own(own) => own.kill(),
+            VmProcess::Jailed(jailed) => jailed.kill(),
         }
     }
 }

@@ -9,23 +9,10 @@ mod guest;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use mvm_runner::serial::Console;
 use mvm_runner::vmm::{self, GuestExit, VmConfig};
-
-/// Generous: under PVM the guest's every instruction is emulated (~1 µs each).
-const TIMEOUT: Duration = Duration::from_secs(60);
-
-fn disk(path: &Path, sectors: usize, fill: impl Fn(usize) -> Vec<u8>) {
-    let mut bytes = Vec::new();
-    for n in 0..sectors {
-        let mut sector = fill(n);
-        sector.resize(512, 0);
-        bytes.extend(sector);
-    }
-    std::fs::write(path, bytes).unwrap();
-}
 
 #[test]
 fn the_guest_finds_its_devices_and_uses_disks_console_and_rng() {
@@ -36,7 +23,7 @@ fn the_guest_finds_its_devices_and_uses_disks_console_and_rng() {
     let dir = tempfile::tempdir().unwrap();
     let kernel = guest::build(dir.path(), &["lib", "virtio", "virtio_check"]);
     let ro = dir.path().join("ro.img");
-    disk(&ro, 4, |n| {
+    guest::image(&ro, 4, |n| {
         if n == 1 {
             b"mvm-disk-sector-1".to_vec()
         } else {
@@ -44,12 +31,12 @@ fn the_guest_finds_its_devices_and_uses_disks_console_and_rng() {
         }
     });
     let rw = dir.path().join("rw.img");
-    disk(&rw, 4, |_| vec![0; 512]);
+    guest::image(&rw, 4, |_| vec![0; 512]);
     let before_ro = std::fs::read(&ro).unwrap();
 
     // The host end of the agent channel: answers the guest's ping, then collects its echo.
     let (vm_end, mut host_end) = UnixStream::pair().unwrap();
-    host_end.set_read_timeout(Some(TIMEOUT)).unwrap();
+    host_end.set_read_timeout(Some(guest::TIMEOUT)).unwrap();
     let host = std::thread::spawn(move || {
         let mut seen = Vec::new();
         let mut buf = [0u8; 256];
@@ -79,7 +66,7 @@ fn the_guest_finds_its_devices_and_uses_disks_console_and_rng() {
         ..guest::config(dir.path(), kernel, &serial)
     })
     .unwrap();
-    let exit = vm.wait(TIMEOUT);
+    let exit = vm.wait(guest::TIMEOUT);
     drop(vm);
     let tail = serial.tail();
     eprintln!(
@@ -120,7 +107,7 @@ fn a_hostile_driver_gets_errors_not_a_dead_vmm() {
     let dir = tempfile::tempdir().unwrap();
     let kernel = guest::build(dir.path(), &["lib", "virtio", "hostile"]);
     let ro = dir.path().join("ro.img");
-    disk(&ro, 4, |n| vec![n as u8; 512]);
+    guest::image(&ro, 4, |n| vec![n as u8; 512]);
     let before = std::fs::read(&ro).unwrap();
     let tail = run_to_power_off(dir.path(), kernel, &ro);
     for line in [
@@ -145,7 +132,7 @@ fn the_guest_takes_a_virtio_interrupt_through_the_ioapic() {
     let dir = tempfile::tempdir().unwrap();
     let kernel = guest::build(dir.path(), &["lib", "virtio", "irq_check"]);
     let ro = dir.path().join("ro.img");
-    disk(&ro, 4, |n| vec![n as u8; 512]);
+    guest::image(&ro, 4, |n| vec![n as u8; 512]);
     let tail = run_to_power_off(dir.path(), kernel, &ro);
     assert!(
         tail.contains("mvm-guest: virtio interrupt on vector 0x30, status 0x1\n"),
@@ -162,7 +149,7 @@ fn a_guest_that_powers_off_closes_the_agent_channel_by_itself() {
     let dir = tempfile::tempdir().unwrap();
     let kernel = guest::build(dir.path(), &["lib", "boot_check"]);
     let (vm_end, mut host_end) = UnixStream::pair().unwrap();
-    host_end.set_read_timeout(Some(TIMEOUT)).unwrap();
+    host_end.set_read_timeout(Some(guest::TIMEOUT)).unwrap();
     let vm = vmm::build(VmConfig {
         vcpus: 2,
         agent_channel: Some(vm_end),
@@ -179,83 +166,27 @@ fn a_guest_that_powers_off_closes_the_agent_channel_by_itself() {
     assert_eq!(vm.stop(), GuestExit::PowerOff);
 }
 
-/// The example plan, with the test guest's command line and small resources.
-fn test_plan(cmdline: &str) -> mvm_ir::plan::LaunchPlan {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/plan/plan.json");
-    let mut json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    json["nonce"] = "00".repeat(16).into();
-    json["single_use"] = false.into();
-    json["kernel"]["cmdline"] = cmdline.into();
-    json["resources"]["cpu_cores"] = 1.into();
-    json["resources"]["memory_mb"] = 64.into();
-    serde_json::from_value(json).unwrap()
-}
-
 #[test]
 fn the_kvm_backend_gives_a_plan_the_contract_devices() {
-    use mvm_runner::vm_process::{OwnVm, OwnVmFiles, VmProcess};
+    use mvm_runner::vm_process::{OwnVm, VmProcess};
     if let Some(reason) = guest::kvm_unavailable() {
         eprintln!("skipped: {reason}");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let kernel = guest::build(dir.path(), &["lib", "virtio", "virtio_check"]);
-    let marker = |n: usize| {
-        if n == 1 {
-            b"mvm-disk-sector-1".to_vec()
-        } else {
-            vec![0; 512]
-        }
-    };
-    let (rootfs, verity) = (
-        dir.path().join("rootfs.erofs"),
-        dir.path().join("rootfs.verity"),
-    );
-    disk(&rootfs, 4, marker);
-    disk(&verity, 2, marker);
-    let initramfs = dir.path().join("initramfs");
-    std::fs::write(&initramfs, vec![0x1f; 4096]).unwrap();
-    let files = OwnVmFiles {
-        kernel: &kernel,
-        initramfs: &initramfs,
-        rootfs: &rootfs,
-        verity: &verity,
-    };
+    let files = guest::PlanFiles::new(dir.path());
     let serial_log = std::fs::File::create(dir.path().join("serial.log")).unwrap();
-    let own = OwnVm::boot(&test_plan("mvm-test-guest"), &files, serial_log).unwrap();
+    let own = OwnVm::boot(&guest::test_plan(), &files.own(), serial_log).unwrap();
     let mut vm = VmProcess::Own(own);
     assert_eq!(vm.pid(), std::process::id());
     let mut channel = vm
         .take_channel()
         .expect("connected before the guest starts");
     assert!(vm.take_channel().is_none());
-    channel.set_read_timeout(Some(TIMEOUT)).unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 64];
-    while !seen.ends_with(b"ping-from-guest") {
-        let n = channel.read(&mut buf).unwrap();
-        assert_ne!(n, 0, "the channel closed early: {}", vm.console().tail());
-        seen.extend_from_slice(&buf[..n]);
-    }
+    guest::wait_for_ping(&mut channel, &vm);
     channel.write_all(b"pong-from-host").unwrap();
-    let ended = vm.wait_for_exit(TIMEOUT).unwrap();
-    let tail = vm.console().tail();
-    eprintln!("{ended:?}\n{tail}");
-    assert_eq!(ended.as_deref(), Some("the guest powered off"), "{tail}");
-    // vda and vdb, the root and its hash tree, both read-only; the agent port; no rng.
-    assert!(tail.contains("mvm-guest: virtio devices=0x3\n"), "{tail}");
-    assert_eq!(
-        tail.matches("mvm-guest: blk read-only disk refused a write\n")
-            .count(),
-        2
-    );
-    assert!(tail.contains("mvm-guest: console port 1 is mvm.agent, open\n"));
-    assert!(tail.ends_with("mvm-guest: ok\n"));
-    assert_eq!(
-        vm.try_wait().unwrap().as_deref(),
-        Some("the guest powered off")
-    );
+    let tail = guest::assert_powered_off(&mut vm);
+    guest::assert_contract_devices(&tail);
     vm.kill();
 }
 
@@ -267,7 +198,7 @@ fn run_to_power_off(dir: &Path, kernel: std::path::PathBuf, ro: &Path) -> String
         ..guest::config(dir, kernel, &serial)
     })
     .unwrap();
-    let exit = vm.wait(TIMEOUT);
+    let exit = vm.wait(guest::TIMEOUT);
     drop(vm);
     let tail = serial.tail();
     eprintln!("{exit:?}\n{tail}");

@@ -71,7 +71,7 @@ pub struct VmConfig {
 }
 
 /// A virtio-blk disk.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct BlockConfig {
     /// The backing file.
     pub path: PathBuf,

@@ -1,0 +1,685 @@
+//! `--jail`: the own VMM in a child process confined the way Firecracker's jailer confines
+//! Firecracker.
+//!
+//! The runner keeps admission, audit, state and the control socket; only the VMM is jailed.
+//! [`JailedVm::boot`] re-executes the runner's binary in a hidden mode ([`CHILD_MODE`]) and
+//! sends it a [`ChildConfig`] as JSON on its standard input; the agent channel (one end of a
+//! socketpair) is inherited as a file descriptor, and the child's standard output is the
+//! guest's serial console, recorded by the runner as QEMU's is ([`crate::child`]).
+//!
+//! The child ([`child_main`]), single-threaded until the VMM starts:
+//! 1. leaves the runner's mount, PID, IPC, network and UTS namespaces (`unshare_namespaces`);
+//! 2. forks once, so that the VMM is PID 1 of the new PID namespace (`become_pid_one`);
+//! 3. builds the jail root on the VM's jail directory: a small tmpfs holding only the
+//!    artifacts (bind mounts, read-only unless a disk is writable) and `dev/kvm` (a device
+//!    node owned by the jail's uid) (`build_root`), and `pivot_root`s into it, the old root
+//!    detached (`enter_root`);
+//! 4. sets resource limits (`set_limits`);
+//! 5. drops supplementary groups, gid and uid (real, effective, saved), checks that root
+//!    cannot be regained, sets `no_new_privs` (`drop_privileges`), and arms the
+//!    parent-death signal again (a credential change clears it, `die_with_parent`);
+//! 6. only then opens `/dev/kvm` and the artifacts, inside the jail, and runs the VMM, whose
+//!    threads install their seccomp filters as they do unjailed ([`crate::vmm::seccomp`]).
+//!
+//! The mounts exist only in the child's mount namespace, so they vanish with it; the runner
+//! kills the child's whole process group at teardown and removes the (then empty) jail
+//! directory. How the guest ended crosses back as the child's exit status ([`exit_code`]).
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::time::Duration;
+
+use rustix::fs::{FileType, Gid, Mode, Uid};
+use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
+use rustix::process::{Resource, Rlimit};
+use rustix::thread::UnshareFlags;
+use serde::{Deserialize, Serialize};
+
+use crate::child::ChildVm;
+use crate::host::BackendChoice;
+use crate::serial::Console;
+use crate::vm_process::VmSpec;
+use crate::vmm::{self, GuestExit};
+
+/// The hidden first argument that makes `mvm-runner` the jailed VMM child.
+pub const CHILD_MODE: &str = "--vmm-child";
+/// The jail's directory inside the VM's directory.
+pub const JAIL_DIR: &str = "jail";
+/// The uid and gid a jail runs as when none is given (`nobody`, `nogroup`).
+pub const DEFAULT_ID: u32 = 65534;
+/// The most file descriptors the jailed VMM may hold: KVM's (system, VM, one per vCPU),
+/// eventfds and files per device, epoll, the console and the channel, with room to spare.
+pub const MAX_FILES: u64 = 256;
+/// The child's exit status when the jail or the VMM could not be set up (its error is on its
+/// standard error).
+const SETUP_FAILED: i32 = 125;
+
+/// Why a jail was refused or could not be set up. [`JailError::code`] is stable.
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    /// `--jail` with a backend other than `kvm`.
+    #[error("--jail confines mvm's own VMM: it needs --backend kvm (QEMU is not jailed)")]
+    NeedsKvm,
+    /// The runner is not root.
+    #[error("--jail needs root (to create namespaces, build the jail and change uid), as Firecracker's jailer does; this runner runs as uid {0}")]
+    NotRoot(u32),
+    /// The jail would run as root.
+    #[error("--jail-{0} 0 would leave the VMM root: give an unprivileged id")]
+    RootId(&'static str),
+    /// A step of starting the jailed child failed.
+    #[error("jail: {step}: {reason}")]
+    Setup {
+        /// The step.
+        step: &'static str,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+impl JailError {
+    /// The stable code of this error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            JailError::NeedsKvm => "RUN043",
+            JailError::NotRoot(_) => "RUN044",
+            JailError::RootId(_) => "RUN045",
+            JailError::Setup { .. } => "RUN046",
+        }
+    }
+
+    /// A [`JailError::Setup`] for `step`.
+    fn setup(step: &'static str) -> impl FnOnce(io::Error) -> JailError {
+        move |e| JailError::Setup {
+            step,
+            reason: e.to_string(),
+        }
+    }
+}
+
+impl From<rustix::io::Errno> for JailError {
+    fn from(errno: rustix::io::Errno) -> Self {
+        JailError::Setup {
+            step: "system call",
+            reason: io::Error::from(errno).to_string(),
+        }
+    }
+}
+
+/// Who the jailed VMM runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Jail {
+    /// Its uid (real, effective and saved).
+    pub uid: u32,
+    /// Its gid (real, effective and saved); it has no supplementary groups.
+    pub gid: u32,
+}
+
+impl Jail {
+    /// A jail for `uid`:`gid`, refused unless the backend asked for is `kvm`, the runner runs
+    /// as root (`euid`), and neither id is 0.
+    pub fn check(uid: u32, gid: u32, backend: BackendChoice, euid: u32) -> Result<Self, JailError> {
+        if backend != BackendChoice::Kvm {
+            return Err(JailError::NeedsKvm);
+        }
+        if euid != 0 {
+            return Err(JailError::NotRoot(euid));
+        }
+        if uid == 0 {
+            return Err(JailError::RootId("uid"));
+        }
+        if gid == 0 {
+            return Err(JailError::RootId("gid"));
+        }
+        Ok(Jail { uid, gid })
+    }
+}
+
+/// What the jailed child is sent on its standard input.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ChildConfig {
+    /// Who it runs as.
+    pub jail: Jail,
+    /// The jail directory (on the host), which becomes its root.
+    pub root: PathBuf,
+    /// The VM, with the artifacts' host paths.
+    pub spec: VmSpec,
+    /// The inherited descriptor of the guest's end of the agent channel.
+    pub channel_fd: RawFd,
+}
+
+/// The own VMM running jailed in a child process.
+#[derive(Debug)]
+pub struct JailedVm {
+    child: ChildVm,
+    channel: Option<UnixStream>,
+    root: PathBuf,
+}
+
+impl JailedVm {
+    /// Starts `exe` (the runner's binary) as the jailed VMM of `spec`, jailed as `jail` in
+    /// the new directory `root`, its serial console logged into `serial_log`. Call it from
+    /// the thread that outlives the VM (see [`ChildVm::spawn`]).
+    pub fn boot(
+        exe: &Path,
+        jail: Jail,
+        root: &Path,
+        spec: &VmSpec,
+        serial_log: File,
+    ) -> Result<Self, JailError> {
+        check_access(spec, jail)?;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(root)
+            .map_err(JailError::setup("creating the jail directory"))?;
+        Self::start(exe, jail, root, spec, serial_log).inspect_err(|_| {
+            let _ = std::fs::remove_dir(root);
+        })
+    }
+
+    /// Starts the child for [`JailedVm::boot`], the jail directory made.
+    fn start(
+        exe: &Path,
+        jail: Jail,
+        root: &Path,
+        spec: &VmSpec,
+        serial_log: File,
+    ) -> Result<Self, JailError> {
+        let (guest_end, host_end) =
+            UnixStream::pair().map_err(JailError::setup("agent channel"))?;
+        let guest_end = OwnedFd::from(guest_end);
+        let config = ChildConfig {
+            jail,
+            root: root.to_path_buf(),
+            spec: spec.clone(),
+            channel_fd: guest_end.as_raw_fd(),
+        };
+        let json = serde_json::to_vec(&config).map_err(|e| JailError::Setup {
+            step: "configuration",
+            reason: e.to_string(),
+        })?;
+        let (reader, mut writer) = io::pipe().map_err(JailError::setup("configuration pipe"))?;
+        // A few KiB (the command line is at most 2 KiB): fits the pipe's buffer.
+        writer
+            .write_all(&json)
+            .map_err(JailError::setup("configuration pipe"))?;
+        drop(writer);
+        let mut command = Command::new(exe);
+        command.arg(CHILD_MODE).env_clear().stdin(reader);
+        // The guest's end is closed here once the command (holding it) is dropped.
+        inherit(&mut command, guest_end);
+        let child = ChildVm::spawn(&mut command, serial_log).map_err(|e| JailError::Setup {
+            step: "starting the jailed VMM",
+            reason: format!("{}: {e}", exe.display()),
+        })?;
+        Ok(JailedVm {
+            child,
+            channel: Some(host_end),
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// The child's process id (the namespace's PID 1 is its only child).
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    /// The guest's serial console so far.
+    pub fn console(&self) -> &Console {
+        self.child.console()
+    }
+
+    /// The agent channel, connected before the guest starts; given out once.
+    pub fn take_channel(&mut self) -> Option<UnixStream> {
+        self.channel.take()
+    }
+
+    /// How the guest ended, if it has (the child's standard error read to its end first).
+    pub fn try_wait(&mut self) -> io::Result<Option<GuestExit>> {
+        self.wait_for_exit(Duration::ZERO)
+    }
+
+    /// Waits up to `timeout` for the guest to end by itself.
+    pub fn wait_for_exit(&mut self, timeout: Duration) -> io::Result<Option<GuestExit>> {
+        let status = self.child.wait_for_exit(timeout)?;
+        Ok(status.map(|status| guest_exit(status, &self.stderr())))
+    }
+
+    /// What the child said on its standard error (a setup error, a failed guest's reason).
+    pub fn stderr(&self) -> String {
+        self.child.stderr()
+    }
+
+    /// Kills the child's whole process group, reaps it, and removes the jail directory (its
+    /// mounts were only in the child's mount namespace, gone with it).
+    pub fn kill(&mut self) {
+        self.child.kill();
+        let _ = std::fs::remove_dir(&self.root);
+    }
+}
+
+impl Drop for JailedVm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The child's exit status for how its guest ended (read back by [`JailedVm::try_wait`]).
+pub fn exit_code(exit: &GuestExit) -> i32 {
+    match exit {
+        GuestExit::PowerOff => 0,
+        GuestExit::Reset => 1,
+        GuestExit::TripleFault => 2,
+        GuestExit::Failed(_) => 3,
+        GuestExit::Stopped => 4,
+    }
+}
+
+/// Refuses a VM whose artifacts the jail's uid could not open: inside the jail the VMM opens
+/// them as that uid (the kernel, initramfs and read-only disks for reading, writable disks for
+/// reading and writing), through bind mounts that keep the host's owners and modes.
+fn check_access(spec: &VmSpec, jail: Jail) -> Result<(), JailError> {
+    let boot = std::iter::once(&spec.kernel).chain(&spec.initrd);
+    let files = boot
+        .map(|path| (path, true))
+        .chain(spec.disks.iter().map(|disk| (&disk.path, disk.read_only)));
+    for (path, read_only) in files {
+        let meta = std::fs::metadata(path).map_err(|e| JailError::Setup {
+            step: "artifacts",
+            reason: format!("{}: {e}", path.display()),
+        })?;
+        let need = if read_only { 0o4 } else { 0o6 };
+        let class = if meta.uid() == jail.uid {
+            meta.mode() >> 6
+        } else if meta.gid() == jail.gid {
+            meta.mode() >> 3
+        } else {
+            meta.mode()
+        };
+        if class & need != need {
+            let access = if read_only { "read" } else { "read and write" };
+            return Err(JailError::Setup {
+                step: "artifacts",
+                reason: format!(
+                    "uid {} gid {} cannot {access} {} (owner {}, group {}, mode {:o}): make it so, or jail as its owner",
+                    jail.uid, jail.gid, path.display(), meta.uid(), meta.gid(), meta.mode() & 0o777
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// How the guest ended, read back from the child's exit `status` ([`exit_code`]); anything
+/// else is a failure, told by the child's `stderr`.
+fn guest_exit(status: ExitStatus, stderr: &str) -> GuestExit {
+    match status.code() {
+        Some(0) => GuestExit::PowerOff,
+        Some(1) => GuestExit::Reset,
+        Some(2) => GuestExit::TripleFault,
+        Some(4) => GuestExit::Stopped,
+        _ => GuestExit::Failed(format!("the jailed VMM ended ({status}): {stderr}")),
+    }
+}
+
+/// Lets the child inherit `fd` at the same number: its close-on-exec flag cleared in the
+/// child only, after the fork.
+#[allow(unsafe_code)]
+fn inherit(command: &mut Command, fd: OwnedFd) {
+    // SAFETY: the closure runs in the forked child before exec; it makes one raw system call
+    // through rustix (fcntl), which neither allocates nor takes locks, and its error is built
+    // from an errno without allocating.
+    unsafe {
+        command.pre_exec(move || {
+            rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::empty())?;
+            Ok(())
+        });
+    }
+}
+
+/// The jailed child's whole life (`mvm-runner --vmm-child`); its exit status.
+pub fn child_main() -> i32 {
+    match run_child() {
+        Ok(exit) => {
+            if let GuestExit::Failed(reason) = &exit {
+                eprintln!("{reason}");
+            }
+            exit_code(&exit)
+        }
+        Err(e) => {
+            eprintln!("mvm-runner: error {}: {e}", e.code());
+            SETUP_FAILED
+        }
+    }
+}
+
+fn run_child() -> Result<GuestExit, JailError> {
+    let mut json = Vec::new();
+    io::stdin()
+        .read_to_end(&mut json)
+        .map_err(JailError::setup("reading the configuration"))?;
+    let config: ChildConfig = serde_json::from_slice(&json).map_err(|e| JailError::Setup {
+        step: "reading the configuration",
+        reason: e.to_string(),
+    })?;
+    let channel = adopt_channel(config.channel_fd)?;
+    unshare_namespaces()?;
+    let alive = become_pid_one()?;
+    let spec = build_root(&config.root, &config.spec, config.jail)?;
+    enter_root(&config.root)?;
+    set_limits(&spec)?;
+    drop_privileges(config.jail)?;
+    die_with_parent(&alive)?;
+    let serial_log = File::from(
+        io::stdout()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(JailError::setup("serial console"))?,
+    );
+    let vm =
+        vmm::build(spec.config(serial_log, &Console::default(), Some(channel))).map_err(|e| {
+            JailError::Setup {
+                step: "building the VM",
+                reason: format!("{}: {e}", e.code()),
+            }
+        })?;
+    while vm.ended().is_none() {
+        vm.wait(Duration::from_secs(3600));
+    }
+    Ok(vm.stop())
+}
+
+/// Takes the inherited agent channel, after checking `fd` is a socket: the number came over a
+/// pipe, and what it names is checked before it is trusted.
+#[allow(unsafe_code)]
+fn adopt_channel(fd: RawFd) -> Result<UnixStream, JailError> {
+    let bad = |reason: &str| JailError::Setup {
+        step: "agent channel",
+        reason: format!("descriptor {fd}: {reason}"),
+    };
+    if fd <= 2 {
+        return Err(bad("not an inherited descriptor"));
+    }
+    // SAFETY: only borrowed for fstat, which fails cleanly on a closed descriptor.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let stat = rustix::fs::fstat(borrowed).map_err(|e| bad(&e.to_string()))?;
+    if FileType::from_raw_mode(stat.st_mode) != FileType::Socket {
+        return Err(bad("not a socket"));
+    }
+    // SAFETY: the descriptor is open (fstat succeeded), a socket, inherited from the runner
+    // for this purpose, and owned by nothing else in this process.
+    Ok(unsafe { UnixStream::from_raw_fd(fd) })
+}
+
+/// New mount, PID, IPC, network and UTS namespaces: the VMM sees none of the host's mounts,
+/// processes, System V IPC, network interfaces or host name. The PID namespace applies to the
+/// children made after it ([`become_pid_one`]).
+#[allow(unsafe_code)]
+fn unshare_namespaces() -> Result<(), JailError> {
+    let flags = UnshareFlags::NEWNS
+        | UnshareFlags::NEWPID
+        | UnshareFlags::NEWIPC
+        | UnshareFlags::NEWNET
+        | UnshareFlags::NEWUTS;
+    // SAFETY: no descriptor table is unshared (no `FILES`), and this process has one thread.
+    unsafe { rustix::thread::unshare_unsafe(flags) }.map_err(|e| JailError::Setup {
+        step: "unshare (mount, pid, ipc, net, uts)",
+        reason: io::Error::from(e).to_string(),
+    })
+}
+
+/// Forks once: the child is PID 1 of the new PID namespace (so it sees no other process, and
+/// everything it could start dies with it) and goes on; this process waits for it and exits
+/// with its status. The child dies with this process (`PR_SET_PDEATHSIG`), as this one does
+/// with the runner ([`die_with_parent`]). Returns, in the child, its end of a pipe only the
+/// parent holds open: a hang-up on it means the parent is gone.
+#[allow(unsafe_code)]
+fn become_pid_one() -> Result<io::PipeReader, JailError> {
+    let (alive, parent_holds) = io::pipe().map_err(JailError::setup("fork"))?;
+    // SAFETY: this process has one thread (the VMM's start later), so the child may do
+    // anything after the fork.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(JailError::setup("fork")(io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        drop(parent_holds);
+        die_with_parent(&alive)?;
+        return Ok(alive);
+    }
+    drop(alive);
+    let pid = rustix::process::Pid::from_raw(pid).ok_or_else(|| JailError::Setup {
+        step: "fork",
+        reason: "no process id".into(),
+    })?;
+    let status = loop {
+        match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty()) {
+            Ok(Some((_, status))) => break status,
+            Err(rustix::io::Errno::INTR) | Ok(None) => continue,
+            Err(_) => std::process::exit(SETUP_FAILED),
+        }
+    };
+    let code = match (status.exit_status(), status.terminating_signal()) {
+        (Some(code), _) => code,
+        (None, Some(signal)) => 128 + signal,
+        (None, None) => SETUP_FAILED,
+    };
+    drop(parent_holds);
+    std::process::exit(code)
+}
+
+/// Arms `PR_SET_PDEATHSIG` (SIGKILL when the parent dies), then checks the parent did not die
+/// before: it still holds its end of the pipe `alive` (`getppid` cannot tell, it is 0 in the
+/// new namespace either way). Called again after the uid drop, which clears the signal.
+fn die_with_parent(alive: &io::PipeReader) -> Result<(), JailError> {
+    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+    let mut fds = [rustix::event::PollFd::new(
+        alive,
+        rustix::event::PollFlags::IN,
+    )];
+    rustix::event::poll(&mut fds, Some(&rustix::time::Timespec::default()))?;
+    if fds[0].revents().contains(rustix::event::PollFlags::HUP) {
+        return Err(JailError::Setup {
+            step: "fork",
+            reason: "the parent died before the child was armed to die with it".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Where an artifact is inside the jail: `/kernel`, `/initrd`, the disks by the names the
+/// guest gives them (`/vda`, `/vdb`, …).
+fn jail_paths(spec: &VmSpec) -> Result<VmSpec, JailError> {
+    let mut jailed = spec.clone();
+    jailed.kernel = PathBuf::from("/kernel");
+    jailed.initrd = spec.initrd.as_ref().map(|_| PathBuf::from("/initrd"));
+    for (n, disk) in jailed.disks.iter_mut().enumerate() {
+        let letter = u8::try_from(n)
+            .ok()
+            .filter(|n| *n < 26)
+            .ok_or_else(|| JailError::Setup {
+                step: "disks",
+                reason: format!("{} disks", spec.disks.len()),
+            })?;
+        disk.path = PathBuf::from(format!("/vd{}", char::from(b'a' + letter)));
+    }
+    Ok(jailed)
+}
+
+/// Builds the jail root on `root`: mount propagation made private first (nothing done here
+/// reaches the host's namespace, nothing of the host's arrives later), then a tmpfs (nosuid,
+/// noexec, a few KiB) with the artifacts bind-mounted onto empty files and `dev/kvm` made as
+/// a device node the jail's uid owns — the host's node stays root's. Returns `spec` with the
+/// paths as the VMM will see them inside.
+fn build_root(root: &Path, spec: &VmSpec, jail: Jail) -> Result<VmSpec, JailError> {
+    rustix::mount::mount_change(
+        "/",
+        MountPropagationFlags::REC | MountPropagationFlags::PRIVATE,
+    )?;
+    rustix::mount::mount(
+        "tmpfs",
+        root,
+        "tmpfs",
+        MountFlags::NOSUID | MountFlags::NOEXEC,
+        Some(c"mode=0755,size=64k,nr_inodes=64"),
+    )?;
+    let jailed = jail_paths(spec)?;
+    let inside = |path: &Path| root.join(path.strip_prefix("/").unwrap_or(path));
+    place(&spec.kernel, &inside(&jailed.kernel), true)?;
+    if let (Some(host), Some(jail_path)) = (&spec.initrd, &jailed.initrd) {
+        place(host, &inside(jail_path), true)?;
+    }
+    for (host, jail_disk) in spec.disks.iter().zip(&jailed.disks) {
+        place(&host.path, &inside(&jail_disk.path), host.read_only)?;
+    }
+    // Traversable by the jail's uid whatever the umask.
+    let dev = root.join("dev");
+    std::fs::create_dir(&dev).map_err(JailError::setup("dev"))?;
+    std::fs::set_permissions(&dev, std::fs::Permissions::from_mode(0o755))
+        .map_err(JailError::setup("dev"))?;
+    let kvm = rustix::fs::stat("/dev/kvm")?;
+    let node = dev.join("kvm");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &node,
+        FileType::CharacterDevice,
+        Mode::RUSR | Mode::WUSR,
+        kvm.st_rdev,
+    )?;
+    rustix::fs::chown(
+        &node,
+        Some(Uid::from_raw(jail.uid)),
+        Some(Gid::from_raw(jail.gid)),
+    )?;
+    Ok(jailed)
+}
+
+/// Bind-mounts the host file `host` onto a new empty file `target`, read-only unless the
+/// guest may write it (a bind mount's read-only flag needs a remount of its own).
+fn place(host: &Path, target: &Path, read_only: bool) -> Result<(), JailError> {
+    File::create(target).map_err(JailError::setup("jail file"))?;
+    rustix::mount::mount_bind(host, target).map_err(|e| JailError::Setup {
+        step: "bind mount",
+        reason: format!("{}: {}", host.display(), io::Error::from(e)),
+    })?;
+    let mut flags = MountFlags::BIND | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+    if read_only {
+        flags |= MountFlags::RDONLY;
+    }
+    rustix::mount::mount_remount(target, flags, c"")?;
+    Ok(())
+}
+
+/// Makes `root` this process's `/`: `pivot_root` with the old root stacked under the new one,
+/// then detached, so no path leads back to the host's files; the jail's tmpfs is then made
+/// read-only.
+fn enter_root(root: &Path) -> Result<(), JailError> {
+    std::env::set_current_dir(root).map_err(JailError::setup("chdir"))?;
+    rustix::process::pivot_root(".", ".")?;
+    rustix::mount::unmount(".", UnmountFlags::DETACH)?;
+    std::env::set_current_dir("/").map_err(JailError::setup("chdir"))?;
+    rustix::mount::mount_remount(
+        "/",
+        MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NOEXEC,
+        c"",
+    )?;
+    Ok(())
+}
+
+/// Resource limits, soft and hard alike (an unprivileged process cannot raise them again): no
+/// core dumps (guest memory would be in them), at most [`MAX_FILES`] descriptors, and no file
+/// written beyond the largest writable disk's size (0 when every disk is read-only; the VMM
+/// writes nothing else). No process limit: it counts every process of the uid on the host,
+/// and the PID namespace and the VMM's seccomp filters already keep the VMM from starting
+/// processes.
+fn set_limits(jailed: &VmSpec) -> Result<(), JailError> {
+    let mut largest_write = 0;
+    for disk in jailed.disks.iter().filter(|disk| !disk.read_only) {
+        let size = std::fs::metadata(&disk.path)
+            .map_err(JailError::setup("disk size"))?
+            .size();
+        largest_write = largest_write.max(size);
+    }
+    for (resource, limit) in [
+        (Resource::Core, 0),
+        (Resource::Nofile, MAX_FILES),
+        (Resource::Fsize, largest_write),
+    ] {
+        rustix::process::setrlimit(
+            resource,
+            Rlimit {
+                current: Some(limit),
+                maximum: Some(limit),
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// Drops to the jail's identity: no supplementary groups, then gid, then uid (real, effective
+/// and saved — with all three non-zero the kernel clears every capability). Checks root cannot
+/// be regained, then sets `no_new_privs` (no exec can grant anything again). One thread:
+/// the per-thread calls are the process's.
+fn drop_privileges(jail: Jail) -> Result<(), JailError> {
+    let (uid, gid) = (Uid::from_raw(jail.uid), Gid::from_raw(jail.gid));
+    rustix::thread::set_thread_groups(&[])?;
+    rustix::thread::set_thread_res_gid(gid, gid, gid)?;
+    rustix::thread::set_thread_res_uid(uid, uid, uid)?;
+    if rustix::thread::set_thread_res_uid(Uid::ROOT, Uid::ROOT, Uid::ROOT).is_ok()
+        || rustix::thread::set_thread_res_gid(Gid::ROOT, Gid::ROOT, Gid::ROOT).is_ok()
+    {
+        return Err(JailError::Setup {
+            step: "dropping privileges",
+            reason: "root could be regained".into(),
+        });
+    }
+    rustix::thread::set_no_new_privs(true)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::*;
+
+    #[test]
+    fn a_jail_needs_the_kvm_backend_root_and_unprivileged_ids() {
+        let check =
+            |uid, gid, backend, euid| Jail::check(uid, gid, backend, euid).map_err(|e| e.code());
+        assert_eq!(check(1000, 1000, BackendChoice::Qemu, 0), Err("RUN043"));
+        assert_eq!(check(1000, 1000, BackendChoice::Auto, 0), Err("RUN043"));
+        assert_eq!(check(1000, 1000, BackendChoice::Kvm, 1000), Err("RUN044"));
+        assert_eq!(check(0, 1000, BackendChoice::Kvm, 0), Err("RUN045"));
+        assert_eq!(check(1000, 0, BackendChoice::Kvm, 0), Err("RUN045"));
+        assert_eq!(
+            check(1000, 1001, BackendChoice::Kvm, 0),
+            Ok(Jail {
+                uid: 1000,
+                gid: 1001
+            })
+        );
+    }
+
+    #[test]
+    fn the_child_exit_status_says_how_the_guest_ended() {
+        for exit in [
+            GuestExit::PowerOff,
+            GuestExit::Reset,
+            GuestExit::TripleFault,
+            GuestExit::Stopped,
+        ] {
+            let status = ExitStatus::from_raw(exit_code(&exit) << 8);
+            assert_eq!(guest_exit(status, ""), exit);
+        }
+        let failed = guest_exit(ExitStatus::from_raw(SETUP_FAILED << 8), "RUN046 jail: dev");
+        assert!(
+            matches!(failed, GuestExit::Failed(reason) if reason.ends_with("RUN046 jail: dev"))
+        );
+    }
+}
