@@ -440,7 +440,7 @@ mod tests {
     #[test]
     fn unknown_fields_and_ops_are_refused() {
         for json in [
-            r#"{"op":"exec","argv":["x"],"timeout_ms":1,"user":"root"}"#,
+            r#"{"op":"exec","argv":["x"],"timeout_ms":1,"uid":0}"#,
             r#"{"op":"hello","version":1,"extra":true}"#,
             r#"{"op":"reboot"}"#,
             r#"{"argv":["x"],"timeout_ms":1}"#,
