@@ -137,6 +137,10 @@ impl Host {
             let mut buffer = [0; 4096];
             match self.stream.read(&mut buffer) {
                 Ok(n) if n > 0 => self.decoder.push(&buffer[..n]),
+                // Silence: the agent still serves, so it cannot be joined; say so and fail.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    panic!("the agent sent nothing for 20 s ({e})")
+                }
                 read => panic!(
                     "the channel closed ({read:?}); the agent ended with {:?}",
                     self.ended()
