@@ -5,7 +5,8 @@
 //! builds and boots it), and a static `mvm-runner` inside it runs `--backend kvm` on a bundle
 //! built here by `mvm build` and signed by a key the copied `MVM_HOME` trusts: the own VMM
 //! boots the Debian cloud kernel, the agent opens the root through dm-verity and runs the
-//! commands over the virtio-console port. Three inner boots in one outer boot (each ~20 s
+//! commands over the virtio-console port (one run asks for `auto`, which must pick the own VMM
+//! there: the outer guest has no QEMU). Three inner boots in one outer boot (each ~20 s
 //! nested), every report printed on the outer console between markers and checked here. A
 //! stall is not retried: the runner's boot timeout, or the outer watchdog, fails the test with
 //! the console's tail.
@@ -27,15 +28,17 @@ const OUTER_TIMEOUT_S: u32 = 230;
 /// Each inner boot's watchdog (the runner's `--boot-timeout`).
 const INNER_BOOT_TIMEOUT: &str = "75s";
 
-/// The runs the outer guest makes: a name, the bundle, the command (already shell-quoted).
-const RUNS: [(&str, &str, &str); 3] = [
-    ("hello", "bundle", "echo hello"),
+/// The runs the outer guest makes: a name, the bundle, the backend, the command (already
+/// shell-quoted). The outer guest has no QEMU: `auto` succeeds only by picking the own VMM.
+const RUNS: [(&str, &str, &str, &str); 3] = [
+    ("hello", "bundle", "kvm", "echo hello"),
     (
         "exit7",
         "bundle",
+        "auto",
         "sh -c 'echo to-stdout; echo to-stderr >&2; exit 7'",
     ),
-    ("flipped", "flipped", "cat /data/canary.bin"),
+    ("flipped", "flipped", "kvm", "cat /data/canary.bin"),
 ];
 
 fn repo() -> &'static Path {
@@ -78,10 +81,10 @@ fn payload(dir: &Path, home: &Path, built: &bundle::Built) -> PathBuf {
          export MVM_HOME=/payload/home PATH=/bin\n\
          up() { $b cut -d' ' -f1 /proc/uptime; }\n",
     );
-    for (name, bundle, command) in RUNS {
+    for (name, bundle, backend, command) in RUNS {
         run.push_str(&format!(
             "echo \"MVM-RUN-BEGIN {name} at $(up) s\"\n\
-             /payload/mvm-runner --plan /payload/{bundle}/plan.dsse.json --backend kvm --json \
+             /payload/mvm-runner --plan /payload/{bundle}/plan.dsse.json --backend {backend} --json \
              --boot-timeout {INNER_BOOT_TIMEOUT} --timeout 30s -- {command} \
              >/tmp/{name}.json 2>/tmp/{name}.err\n\
              status=$?\n\
@@ -222,12 +225,13 @@ fn the_kvm_backend_boots_linux_runs_commands_and_verifies_the_root_nested() {
     assert_eq!(hello.report["accel"], "kvm", "{:?}", hello);
     assert_eq!(hello.report["status"]["kind"], "exited", "{:?}", hello);
 
-    // The command's own exit status, its streams apart.
+    // The command's own exit status, its streams apart; `auto` picked the own VMM.
     let exit7 = &runs[1];
     assert_eq!(exit7.status, 7, "{:?}\n{}", exit7, context());
     assert_eq!(exit7.report["exit_status"], 7, "{:?}", exit7);
     assert_eq!(exit7.report["stdout"], "to-stdout\n", "{:?}", exit7);
     assert_eq!(exit7.report["stderr"], "to-stderr\n", "{:?}", exit7);
+    assert_eq!(exit7.report["accel"], "kvm", "{:?}", exit7);
 
     // Verified boot: a flipped byte in a file's data is an integrity failure (dm-verity in the
     // guest), not the file's bytes.
