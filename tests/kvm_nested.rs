@@ -2,11 +2,11 @@
 //! hosts' `/dev/kvm` is PVM, on which no stock kernel boots (`../shared/PLATFORM-NOTES.md`).
 //!
 //! A QEMU (TCG) guest whose emulated CPU has AMD-V loads `kvm_amd` (`scripts/nested-kvm-guest`
-//! builds and boots it), and a static `mvm-runner` inside it runs `--backend kvm` on a bundle
-//! built here by `mvm build` and signed by a key the copied `MVM_HOME` trusts: the own VMM
-//! boots the Debian cloud kernel, the agent opens the root through dm-verity and runs the
-//! commands over the virtio-console port (one run asks for `auto`, which must pick the own VMM
-//! there: the outer guest has no QEMU). Three inner boots in one outer boot (each ~20 s
+//! builds and boots it), and a static `mvm run` (and `mvm-runner` directly) inside it runs
+//! `--backend kvm` on a bundle built here by `mvm build` and signed by a key the copied
+//! `MVM_HOME` trusts: the own VMM boots the Debian cloud kernel, the agent opens the root
+//! through dm-verity and runs the commands over the virtio-console port (one run asks for
+//! `auto`, which must pick the own VMM there: the outer guest has no QEMU). Three inner boots in one outer boot (each ~20 s
 //! nested), every report printed on the outer console between markers and checked here. A
 //! stall is not retried: the runner's boot timeout, or the outer watchdog, fails the test with
 //! the console's tail.
@@ -28,17 +28,28 @@ const OUTER_TIMEOUT_S: u32 = 230;
 /// Each inner boot's watchdog (the runner's `--boot-timeout`).
 const INNER_BOOT_TIMEOUT: &str = "75s";
 
-/// The runs the outer guest makes: a name, the bundle, the backend, the command (already
-/// shell-quoted). The outer guest has no QEMU: `auto` succeeds only by picking the own VMM.
+/// The runs the outer guest makes: a name, the bundle, how it is launched, the command
+/// (already shell-quoted). The first goes through the CLI (`mvm run`, which starts the runner
+/// beside it); the outer guest has no QEMU, so `auto` succeeds only by picking the own VMM.
 const RUNS: [(&str, &str, &str, &str); 3] = [
-    ("hello", "bundle", "kvm", "echo hello"),
+    (
+        "hello",
+        "bundle",
+        "/payload/mvm --json run --backend kvm",
+        "echo hello",
+    ),
     (
         "exit7",
         "bundle",
-        "auto",
+        "/payload/mvm-runner --json --backend auto",
         "sh -c 'echo to-stdout; echo to-stderr >&2; exit 7'",
     ),
-    ("flipped", "flipped", "kvm", "cat /data/canary.bin"),
+    (
+        "flipped",
+        "flipped",
+        "/payload/mvm-runner --json --backend kvm",
+        "cat /data/canary.bin",
+    ),
 ];
 
 fn repo() -> &'static Path {
@@ -57,11 +68,12 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// The payload the outer guest runs: the runner, the bundles, the home, and `run`.
+/// The payload the outer guest runs: the CLI and the runner, the bundles, the home, and `run`.
 fn payload(dir: &Path, home: &Path, built: &bundle::Built) -> PathBuf {
     let payload = dir.join("payload");
     fs::create_dir(&payload).unwrap();
     fs::copy(guest::runner(), payload.join("mvm-runner")).unwrap();
+    fs::copy(guest::static_cli(), payload.join("mvm")).unwrap();
     bundle::copy(&built.bundle, &payload, "bundle");
     let flipped = bundle::copy(&built.bundle, &payload, "flipped");
     bundle::flip_canary_data(&flipped, &built.canary);
@@ -81,10 +93,10 @@ fn payload(dir: &Path, home: &Path, built: &bundle::Built) -> PathBuf {
          export MVM_HOME=/payload/home PATH=/bin\n\
          up() { $b cut -d' ' -f1 /proc/uptime; }\n",
     );
-    for (name, bundle, backend, command) in RUNS {
+    for (name, bundle, launch, command) in RUNS {
         run.push_str(&format!(
             "echo \"MVM-RUN-BEGIN {name} at $(up) s\"\n\
-             /payload/mvm-runner --plan /payload/{bundle}/plan.dsse.json --backend {backend} --json \
+             {launch} --plan /payload/{bundle}/plan.dsse.json \
              --boot-timeout {INNER_BOOT_TIMEOUT} --timeout 30s -- {command} \
              >/tmp/{name}.json 2>/tmp/{name}.err\n\
              status=$?\n\
@@ -216,7 +228,7 @@ fn the_kvm_backend_boots_linux_runs_commands_and_verifies_the_root_nested() {
             .join(", ")
     );
 
-    // echo hello: its output, exit 0, the own VMM.
+    // echo hello through `mvm run`: its output, exit 0, the own VMM.
     let hello = &runs[0];
     assert_eq!(hello.status, 0, "{:?}\n{}", hello, context());
     assert_eq!(hello.report["stdout"], "hello\n", "{:?}", hello);
