@@ -13,15 +13,13 @@ use std::process::{Command, Output};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use base64::Engine as _;
-use mvm_builder::testing::{gzip, layer_of, Entry, TestLayout, TAR_GZIP};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 mod support;
 
+use support::bundle::{self, find, flip_byte};
 use support::guest;
-
-const BLOCK: usize = 4096;
 
 struct Fixture {
     _work: tempfile::TempDir,
@@ -43,51 +41,8 @@ fn fixture() -> &'static Fixture {
         let home = work.path().join("home");
         support::mvm_json(&home, &["kernel", "fetch"], 0);
 
-        // 64 KiB of bytes that appear nowhere else in the image.
-        let canary: Vec<u8> = (0u32..16 * 1024)
-            .flat_map(|i| Sha256::digest(i.to_le_bytes())[..4].to_vec())
-            .collect();
-        let layout = TestLayout::new();
-        let busybox = fs::read("/bin/busybox").unwrap();
-        let root = layer_of(&[
-            Entry::Dir("bin"),
-            Entry::File("bin/busybox", &busybox, 0o755),
-            Entry::Symlink("bin/sh", "busybox"),
-            Entry::Symlink("bin/echo", "busybox"),
-            Entry::Symlink("bin/cat", "busybox"),
-            Entry::Symlink("bin/id", "busybox"),
-            Entry::Symlink("bin/sleep", "busybox"),
-            Entry::Dir("etc"),
-            Entry::File("etc/motd", b"from the image\n", 0o644),
-            Entry::File(
-                "etc/passwd",
-                b"root:x:0:0::/root:/bin/sh\nbuilder:x:2000:2001::/tmp:/bin/sh\n",
-                0o644,
-            ),
-            Entry::File("srv/secret.txt", b"root only\n", 0o600),
-            Entry::Dir("data"),
-            Entry::File("data/canary.bin", &canary, 0o644),
-        ]);
-        let (digest, _) = layout.image("amd64", &[(TAR_GZIP, gzip(&root), root)]);
-        let image = format!("oci:{}@{digest}", layout.dir.path().display());
-        let bundle = work.path().join("bundle");
-        let agent = guest::static_agent().to_str().unwrap();
-        support::mvm_json(
-            &home,
-            &[
-                "build",
-                "--image",
-                &image,
-                "--out",
-                bundle.to_str().unwrap(),
-                "--agent",
-                agent,
-                "--",
-                "echo",
-                "entrypoint",
-            ],
-            0,
-        );
+        let built = bundle::build(&home, work.path());
+        let (bundle, image, canary) = (built.bundle, built.image, built.canary);
 
         let qemu = which("qemu-system-x86_64");
         let qemu_log = work.path().join("qemu-starts");
@@ -106,7 +61,6 @@ fn fixture() -> &'static Fixture {
             std::os::unix::fs::PermissionsExt::from_mode(0o755),
         )
         .unwrap();
-        std::mem::forget(layout);
         Fixture {
             _work: work,
             home,
@@ -183,13 +137,7 @@ fn plan_arg(bundle: &Path) -> String {
 
 /// A private copy of the fixture's bundle, to change.
 fn bundle_copy(dir: &Path) -> PathBuf {
-    let copy = dir.join("bundle");
-    fs::create_dir(&copy).unwrap();
-    for entry in fs::read_dir(&fixture().bundle).unwrap() {
-        let entry = entry.unwrap();
-        fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
-    }
-    copy
+    bundle::copy(&fixture().bundle, dir, "bundle")
 }
 
 fn plan_payload(bundle: &Path) -> Value {
@@ -199,26 +147,6 @@ fn plan_payload(bundle: &Path) -> Value {
         .decode(envelope["payload"].as_str().unwrap())
         .unwrap();
     serde_json::from_slice(&payload).unwrap()
-}
-
-fn flip_byte(file: &Path, at: usize) {
-    let mut bytes = fs::read(file).unwrap();
-    bytes[at] ^= 0x01;
-    fs::write(file, bytes).unwrap();
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> usize {
-    let at = haystack
-        .windows(needle.len())
-        .position(|w| w == needle)
-        .expect("needle not found");
-    assert!(
-        haystack[at + 1..]
-            .windows(needle.len())
-            .all(|w| w != needle),
-        "the needle occurs more than once"
-    );
-    at
 }
 
 /// The VM state directories under `home`.
@@ -594,17 +522,12 @@ fn a_single_use_plan_runs_once_and_a_reusable_one_again() {
 
 /// The first 4 KiB block of the image holding canary bytes, and where it starts.
 fn canary_block(image: &[u8]) -> (usize, Vec<u8>) {
-    let canary = &fixture().canary;
-    let inside = find(image, &canary[BLOCK..BLOCK + 256]);
-    let start = inside / BLOCK * BLOCK;
-    (start, image[start..start + BLOCK].to_vec())
+    bundle::canary_block(image, &fixture().canary)
 }
 
 /// Flips a byte in the canary's data in the bundle's image.
 fn flip_canary_data(bundle: &Path) {
-    let image = bundle.join("rootfs.erofs");
-    let (start, _) = canary_block(&fs::read(&image).unwrap());
-    flip_byte(&image, start + 100);
+    bundle::flip_canary_data(bundle, &fixture().canary);
 }
 
 /// `mvm --json run` of `bundle`'s plan with `command`, which must end as an integrity failure

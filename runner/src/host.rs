@@ -25,10 +25,10 @@ use std::str::FromStr;
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// How far this build trusts mvm's own VMM: built in and run when asked for with
-/// `--backend kvm` on hardware virtualization, but not yet what `auto` picks — no test has
-/// booted Linux on it (`docs/vmm.md`). The one switch to flip once one has: `Default`.
-const OWN_VMM: OwnVmm = OwnVmm::Explicit;
+/// How far this build trusts mvm's own VMM: what `auto` picks on hardware virtualization,
+/// since a test boots Linux on it and runs commands through the agent
+/// (`tests/kvm_nested.rs`, nested in an emulated AMD-V guest; `docs/vmm.md`).
+const OWN_VMM: OwnVmm = OwnVmm::Default;
 
 /// Whether a build has mvm's own VMM, and whether `auto` picks it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,9 +37,9 @@ enum OwnVmm {
     #[allow(dead_code)]
     Absent,
     /// Run when asked for; `auto` uses QEMU.
+    #[allow(dead_code)]
     Explicit,
     /// What `auto` picks on hardware virtualization.
-    #[allow(dead_code)]
     Default,
 }
 
@@ -610,9 +610,9 @@ pub struct Selected {
     pub reason: String,
 }
 
-/// The backend for `choice` on a host with `facts`: `auto` is QEMU, with `-accel kvm` on
-/// hardware virtualization and TCG anywhere else (mvm's own VMM once a build makes it the
-/// default); `qemu` is QEMU, with KVM where the hardware allows; `kvm` is mvm's own VMM,
+/// The backend for `choice` on a host with `facts`: `auto` is mvm's own VMM on hardware
+/// virtualization and QEMU with TCG anywhere else (QEMU with `-accel kvm` on hardware in a
+/// build whose own VMM is absent or only explicit); `qemu` is QEMU, with KVM where the hardware allows; `kvm` is mvm's own VMM,
 /// refused on hosts without hardware virtualization (RUN013) — such as PVM, where no stock
 /// kernel boots — and in a build without it (RUN010). A QEMU backend needs a usable QEMU
 /// (RUN011, RUN012).
@@ -1037,14 +1037,18 @@ mod tests {
         let intel = facts(VirtKind::Hardware {
             vendor: Vendor::Intel,
         });
-        // This build: auto is QEMU with KVM; an explicit kvm is mvm's own VMM.
+        // This build: auto and an explicit kvm are mvm's own VMM; qemu is QEMU with KVM.
         let auto = select(BackendChoice::Auto, &intel).unwrap();
-        assert_eq!((auto.backend, auto.accel), (Backend::Qemu, Accel::Kvm));
-        assert!(auto.reason.contains("--backend kvm"), "{}", auto.reason);
+        assert_eq!((auto.backend, auto.accel), (Backend::Kvm, Accel::Kvm));
+        assert!(auto.reason.contains("mvm's own VMM"), "{}", auto.reason);
         let qemu = select(BackendChoice::Qemu, &intel).unwrap();
         assert_eq!((qemu.backend, qemu.accel), (Backend::Qemu, Accel::Kvm));
         let kvm = select(BackendChoice::Kvm, &intel).unwrap();
         assert_eq!((kvm.backend, kvm.accel), (Backend::Kvm, Accel::Kvm));
+        // A build that only runs it when asked for keeps auto on QEMU with KVM.
+        let auto = select_in_build(BackendChoice::Auto, &intel, OwnVmm::Explicit).unwrap();
+        assert_eq!((auto.backend, auto.accel), (Backend::Qemu, Accel::Kvm));
+        assert!(auto.reason.contains("--backend kvm"), "{}", auto.reason);
         // A build without the VMM refuses it ...
         let err = select_in_build(BackendChoice::Kvm, &intel, OwnVmm::Absent).unwrap_err();
         assert_eq!(err.code(), "RUN010");
@@ -1058,9 +1062,6 @@ mod tests {
             "{}",
             auto.reason
         );
-        // ... and one that makes it the default picks it for auto.
-        let auto = select_in_build(BackendChoice::Auto, &intel, OwnVmm::Default).unwrap();
-        assert_eq!((auto.backend, auto.accel), (Backend::Kvm, Accel::Kvm));
         let qemu = select_in_build(BackendChoice::Qemu, &intel, OwnVmm::Default).unwrap();
         assert_eq!((qemu.backend, qemu.accel), (Backend::Qemu, Accel::Kvm));
         // Without hardware virtualization the VMM is never used, whatever the build.
@@ -1094,14 +1095,15 @@ mod tests {
             select(BackendChoice::Kvm, &hardware).unwrap().backend,
             Backend::Kvm
         );
+        // And for auto in this build; a build that only runs it when asked for needs QEMU.
         assert_eq!(
-            select_in_build(BackendChoice::Auto, &hardware, OwnVmm::Default)
-                .unwrap()
-                .backend,
+            select(BackendChoice::Auto, &hardware).unwrap().backend,
             Backend::Kvm
         );
         assert_eq!(
-            select(BackendChoice::Auto, &hardware).unwrap_err().code(),
+            select_in_build(BackendChoice::Auto, &hardware, OwnVmm::Explicit)
+                .unwrap_err()
+                .code(),
             "RUN011"
         );
     }

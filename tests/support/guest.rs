@@ -1,5 +1,5 @@
-//! Guests for the end-to-end tests: the static guest agent and the runner, built by the tests
-//! themselves.
+//! Guests for the end-to-end tests: the static guest agent and the runner (and, for a guest
+//! that runs mvm itself, the CLI), built by the tests themselves.
 //!
 //! The agent must be a static binary (the initramfs has no dynamic loader), which the root
 //! package's build cannot give: it is built with cargo, `+crt-static` and an explicit
@@ -20,28 +20,35 @@ fn cargo() -> Command {
     cargo
 }
 
+/// Builds `args` (cargo packages and binaries) static, in release, into the tests' own
+/// target directory under `CARGO_TARGET_TMPDIR`, and returns its release directory.
+fn build_static(args: &[&str]) -> PathBuf {
+    let target_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("agent-static");
+    let out = cargo()
+        .args(["build", "--release"])
+        .args(args)
+        .args(["--target", TARGET])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "building {args:?} static: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    target_dir.join(TARGET).join("release")
+}
+
 /// The static `mvm-agent` and `mvm-runner`, built together once per test run (one build: they
 /// share most dependencies). The runner needs no static linking, but it does no harm: it makes
 /// it self-contained, as a jailed runner must be.
 fn binaries() -> &'static (PathBuf, PathBuf) {
     static BINARIES: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     BINARIES.get_or_init(|| {
-        let target_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("agent-static");
-        let out = cargo()
-            .args(["build", "--release", "-p", "mvm-agent", "-p", "mvm-runner"])
-            .args(["--target", TARGET])
-            .arg("--target-dir")
-            .arg(&target_dir)
-            .env("RUSTFLAGS", "-C target-feature=+crt-static")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "building the static agent and runner: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let release = target_dir.join(TARGET).join("release");
+        let release = build_static(&["-p", "mvm-agent", "-p", "mvm-runner"]);
         let agent = release.join("mvm-agent");
         assert!(
             !has_interpreter(&fs::read(&agent).unwrap()),
@@ -49,6 +56,20 @@ fn binaries() -> &'static (PathBuf, PathBuf) {
             agent.display()
         );
         (agent, release.join("mvm-runner"))
+    })
+}
+
+/// A static `mvm` (the CLI), for a machine that has no other: the nested kvm test's guest.
+pub fn static_cli() -> &'static Path {
+    static CLI: OnceLock<PathBuf> = OnceLock::new();
+    CLI.get_or_init(|| {
+        let cli = build_static(&["-p", "mvm", "--bin", "mvm"]).join("mvm");
+        assert!(
+            !has_interpreter(&fs::read(&cli).unwrap()),
+            "{} asks for a dynamic loader: not static",
+            cli.display()
+        );
+        cli
     })
 }
 

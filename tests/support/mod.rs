@@ -1,5 +1,6 @@
 //! Running the `mvm` binary from the end-to-end tests, against a state directory of their own.
 
+pub mod bundle;
 pub mod guest;
 
 use std::path::Path;

@@ -12,7 +12,9 @@
 //! bytes to the host. Both directions are bounded: at most [`PENDING_LIMIT`] guest bytes wait for a slow
 //! host reader — beyond that the device stops taking transmit buffers, so the guest waits —
 //! and at most [`INPUT_LIMIT`] host bytes are read ahead of the guest's receive buffers. The
-//! socket is only watched while there is somewhere for its bytes to go or bytes for it.
+//! socket is only watched while there is somewhere for its bytes to go or bytes for it. A
+//! named port gets host bytes only while the guest has it open (its `PORT_OPEN`), as under
+//! QEMU: Linux drops what arrives on a port nobody has open.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -91,6 +93,16 @@ impl Console {
             ),
             None => (0, 1),
         }
+    }
+
+    /// Whether host bytes may go to the guest: a named port only while the guest has it open
+    /// (its `PORT_OPEN`), as QEMU's virtio-serial holds them back. Linux's `virtio_console`
+    /// discards what arrives on a port nobody has open, so bytes sent earlier — the host's
+    /// first words, written as soon as the VM starts — would be lost.
+    fn guest_listens(&self) -> bool {
+        self.control
+            .as_ref()
+            .is_none_or(control::Control::guest_open)
     }
 
     /// Sends what the host will take now.
@@ -257,7 +269,9 @@ impl VirtioDevice for Console {
         self.flush();
         used |= self.transmit(&mut queues[transmit], memory)?;
         self.flush();
-        used |= self.receive(&mut queues[receive], memory)?;
+        if self.guest_listens() {
+            used |= self.receive(&mut queues[receive], memory)?;
+        }
         Ok(used)
     }
 
@@ -279,7 +293,10 @@ impl VirtioDevice for Console {
             .and_then(|q| available(q, memory).ok())
             .unwrap_or(0);
         HostInterest {
-            read: !self.host_eof && buffers > 0 && self.input.len() < INPUT_LIMIT,
+            read: !self.host_eof
+                && buffers > 0
+                && self.input.len() < INPUT_LIMIT
+                && self.guest_listens(),
             // Room to write matters while output waits; transmit chains left in the queue are
             // taken again once it drains.
             write: !self.host_gone && !self.pending.is_empty(),

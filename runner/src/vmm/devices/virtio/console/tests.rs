@@ -211,6 +211,30 @@ fn a_named_console_announces_its_port_as_linux_expects() {
         (1, control::PORT_OPEN, 1, vec![])
     );
 
+    // Host bytes wait for the guest to open the port: Linux drops what comes before.
+    host.write_all(b"early").unwrap();
+    queues[4].add(&[(0x31_0000, 64, W)]);
+    write32(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 4);
+    t.handle(DeviceEvent::Host);
+    assert_eq!(
+        queues[4].used_idx(),
+        0,
+        "host bytes before the guest opened"
+    );
+    assert!(!t.host_interest().read, "the socket is not watched yet");
+    let open = |t: &mut MmioTransport, queues: &mut [TestQueue], at: u64, value: u16| {
+        control_message(&memory, at, 1, control::PORT_OPEN, value);
+        queues[control::FROM_DRIVER].add(&[(at, 8, 0)]);
+        write32(t, VIRTIO_MMIO_QUEUE_NOTIFY, control::FROM_DRIVER as u32);
+    };
+    open(&mut t, &mut queues, 0x10_0200, 1);
+    assert_eq!(queues[4].used(0).1, 5);
+    let mut early = [0u8; 5];
+    memory
+        .read_slice(&mut early, GuestAddress(0x31_0000))
+        .unwrap();
+    assert_eq!(&early, b"early");
+
     // Port 1's queues carry the socket's bytes.
     memory
         .write_slice(b"hello", GuestAddress(0x30_0000))
@@ -219,9 +243,17 @@ fn a_named_console_announces_its_port_as_linux_expects() {
     write32(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 5);
     assert_eq!(host_read(&mut host), b"hello");
     host.write_all(b"back").unwrap();
-    queues[4].add(&[(0x31_0000, 64, W)]);
+    queues[4].add(&[(0x32_0000, 64, W)]);
     write32(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 4);
-    assert_eq!(queues[4].used(0).1, 4);
+    assert_eq!(queues[4].used(1).1, 4);
+
+    // Closed by the guest: host bytes wait again.
+    open(&mut t, &mut queues, 0x10_0300, 0);
+    host.write_all(b"late").unwrap();
+    queues[4].add(&[(0x33_0000, 64, W)]);
+    write32(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 4);
+    t.handle(DeviceEvent::Host);
+    assert_eq!(queues[4].used_idx(), 2, "host bytes after the guest closed");
     // Nothing went through port 0's queues.
     assert_eq!(queues[0].used_idx() + queues[1].used_idx(), 0);
 }
