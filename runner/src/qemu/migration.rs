@@ -10,7 +10,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
 use super::qmp::Qmp;
 use crate::cold::SavedMemory;
@@ -19,8 +18,6 @@ use crate::cold::SavedMemory;
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often the migration's status is asked for.
 const POLL: Duration = Duration::from_millis(20);
-/// Bytes moved at a time.
-const CHUNK: usize = 1 << 20;
 
 /// Saves the (stopped) guest of the QEMU behind `qmp` into `into`, through a socket at
 /// `socket`; returns the stream's digest and size.
@@ -108,25 +105,23 @@ fn accept_within(listener: &UnixListener, timeout: Duration) -> io::Result<UnixS
 
 /// Copies `from` to `to` until `from` ends, hashing what passes.
 fn copy_hashing(from: &mut impl Read, to: &mut impl Write) -> io::Result<SavedMemory> {
-    let mut hasher = Sha256::new();
-    let mut bytes = 0u64;
-    let mut buffer = vec![0; CHUNK];
-    loop {
-        let n = match from.read(&mut buffer) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        hasher.update(&buffer[..n]);
-        to.write_all(&buffer[..n])?;
-        bytes += n as u64;
-    }
+    let (sha256, bytes) = mvm_ir::digest::sha256_reader(Tee { from, to: &mut *to })?;
     to.flush()?;
-    Ok(SavedMemory {
-        sha256: format!("sha256:{}", hex::encode(hasher.finalize())),
-        bytes,
-    })
+    Ok(SavedMemory { sha256, bytes })
+}
+
+/// A reader that writes everything it reads to `to` as well.
+struct Tee<R, W> {
+    from: R,
+    to: W,
+}
+
+impl<R: Read, W: Write> Read for Tee<R, W> {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        let n = self.from.read(buffer)?;
+        self.to.write_all(&buffer[..n])?;
+        Ok(n)
+    }
 }
 
 /// Waits until QEMU reports the migration `completed`; its `failed` (with QEMU's reason) or
