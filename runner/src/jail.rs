@@ -26,7 +26,7 @@
 //! directory. How the guest ended crosses back as the child's exit status ([`exit_code`]).
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
@@ -151,6 +151,8 @@ pub struct ChildConfig {
     pub spec: VmSpec,
     /// The inherited descriptor of the guest's end of the agent channel.
     pub channel_fd: RawFd,
+    /// The inherited descriptor of the child's end of its control socket ([`JailControl`]).
+    pub control_fd: RawFd,
 }
 
 /// The own VMM running jailed in a child process.
@@ -158,7 +160,49 @@ pub struct ChildConfig {
 pub struct JailedVm {
     child: ChildVm,
     channel: Option<UnixStream>,
+    control: UnixStream,
     root: PathBuf,
+}
+
+/// What the runner asks of the jailed VMM over its control socket, a byte each; the child
+/// answers each with a line, `ok` or why not.
+const PAUSE: u8 = b'p';
+const RESUME: u8 = b'r';
+/// The longest the runner waits for the child's answer: its pause has a deadline of its own.
+const CONTROL_ANSWER: Duration = Duration::from_secs(vmm::pause::PAUSE_TIMEOUT.as_secs() + 2);
+/// The longest answer read.
+const ANSWER_LIMIT: u64 = 512;
+
+/// The runner's end of the jailed VMM's control socket: pauses and resumes the VM in the
+/// child ([`serve_control`] is the other end). One request at a time (the runner's
+/// [`crate::control::Shared`] holds it under a lock).
+#[derive(Debug)]
+pub struct JailControl(UnixStream);
+
+impl JailControl {
+    fn ask(&mut self, request: u8) -> io::Result<()> {
+        self.0.set_read_timeout(Some(CONTROL_ANSWER))?;
+        self.0.write_all(&[request])?;
+        let mut answer = Vec::new();
+        io::BufReader::new((&self.0).take(ANSWER_LIMIT)).read_until(b'\n', &mut answer)?;
+        match answer.strip_suffix(b"\n") {
+            Some(b"ok") => Ok(()),
+            Some(reason) => Err(io::Error::other(
+                String::from_utf8_lossy(reason).into_owned(),
+            )),
+            None => Err(io::Error::other("the jailed VMM did not answer")),
+        }
+    }
+}
+
+impl crate::control::Pausable for JailControl {
+    fn pause(&mut self) -> io::Result<()> {
+        self.ask(PAUSE)
+    }
+
+    fn resume(&mut self) -> io::Result<()> {
+        self.ask(RESUME)
+    }
 }
 
 impl JailedVm {
@@ -193,11 +237,15 @@ impl JailedVm {
         let (guest_end, host_end) =
             UnixStream::pair().map_err(JailError::setup("agent channel"))?;
         let guest_end = OwnedFd::from(guest_end);
+        let (child_control, control) =
+            UnixStream::pair().map_err(JailError::setup("control socket"))?;
+        let child_control = OwnedFd::from(child_control);
         let config = ChildConfig {
             jail,
             root: root.to_path_buf(),
             spec: spec.clone(),
             channel_fd: guest_end.as_raw_fd(),
+            control_fd: child_control.as_raw_fd(),
         };
         let json = serde_json::to_vec(&config).map_err(|e| JailError::Setup {
             step: "configuration",
@@ -211,8 +259,9 @@ impl JailedVm {
         drop(writer);
         let mut command = Command::new(exe);
         command.arg(CHILD_MODE).env_clear().stdin(reader);
-        // The guest's end is closed here once the command (holding it) is dropped.
+        // The child's ends are closed here once the command (holding them) is dropped.
         inherit(&mut command, guest_end);
+        inherit(&mut command, child_control);
         let child = ChildVm::spawn(&mut command, serial_log).map_err(|e| JailError::Setup {
             step: "starting the jailed VMM",
             reason: format!("{}: {e}", exe.display()),
@@ -220,6 +269,7 @@ impl JailedVm {
         Ok(JailedVm {
             child,
             channel: Some(host_end),
+            control,
             root: root.to_path_buf(),
         })
     }
@@ -232,6 +282,11 @@ impl JailedVm {
     /// The guest's serial console so far.
     pub fn console(&self) -> &Console {
         self.child.console()
+    }
+
+    /// What pauses and resumes the jailed VM.
+    pub fn control(&self) -> io::Result<JailControl> {
+        Ok(JailControl(self.control.try_clone()?))
     }
 
     /// The agent channel, connected before the guest starts; given out once.
@@ -367,7 +422,8 @@ fn run_child() -> Result<GuestExit, JailError> {
         step: "reading the configuration",
         reason: e.to_string(),
     })?;
-    let channel = adopt_channel(config.channel_fd)?;
+    let channel = adopt_socket(config.channel_fd, "agent channel")?;
+    let control = adopt_socket(config.control_fd, "control socket")?;
     unshare_namespaces()?;
     let alive = become_pid_one()?;
     let spec = build_root(&config.root, &config.spec, config.jail)?;
@@ -388,18 +444,57 @@ fn run_child() -> Result<GuestExit, JailError> {
                 reason: format!("{}: {e}", e.code()),
             }
         })?;
-    while vm.ended().is_none() {
-        vm.wait(Duration::from_secs(3600));
-    }
+    serve_control(&vm, control);
     Ok(vm.stop())
 }
 
-/// Takes the inherited agent channel, after checking `fd` is a socket: the number came over a
-/// pipe, and what it names is checked before it is trusted.
+/// Answers the runner's requests on `control` until the VM ends, or until the runner closes
+/// its end (then the VM is stopped: nobody would be left to supervise it).
+fn serve_control(vm: &vmm::MicroVm, mut control: UnixStream) {
+    use rustix::event::{poll, PollFd, PollFlags};
+    let pauser = vm.pauser();
+    while vm.ended().is_none() {
+        let mut fds = [
+            PollFd::new(&control, PollFlags::IN),
+            PollFd::from_borrowed_fd(vm.exit_eventfd(), PollFlags::IN),
+        ];
+        if poll(&mut fds, None).is_err_and(|e| e != rustix::io::Errno::INTR) {
+            return;
+        }
+        if fds[0].revents().is_empty() {
+            continue;
+        }
+        let mut request = [0u8];
+        match control.read(&mut request) {
+            Ok(1) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            _ => return,
+        }
+        let answer = match request[0] {
+            PAUSE => pauser.pause(),
+            RESUME => pauser.resume(),
+            other => {
+                let _ = writeln!(control, "unknown request {other:#04x}");
+                continue;
+            }
+        };
+        let written = match answer {
+            Ok(()) => control.write_all(b"ok\n"),
+            Err(e) => writeln!(control, "{e}"),
+        };
+        if written.is_err() {
+            return;
+        }
+    }
+}
+
+/// Takes an inherited socket (`what`: the agent channel, the control socket), after checking
+/// `fd` is a socket: the number came over a pipe, and what it names is checked before it is
+/// trusted.
 #[allow(unsafe_code)]
-fn adopt_channel(fd: RawFd) -> Result<UnixStream, JailError> {
+fn adopt_socket(fd: RawFd, what: &'static str) -> Result<UnixStream, JailError> {
     let bad = |reason: &str| JailError::Setup {
-        step: "agent channel",
+        step: what,
         reason: format!("descriptor {fd}: {reason}"),
     };
     if fd <= 2 {

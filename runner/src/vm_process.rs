@@ -26,7 +26,7 @@ use crate::qemu::qmp::Qmp;
 use crate::qemu::QemuVm;
 use crate::serial::Console;
 use crate::state::MACHINE_SOCKET;
-use crate::vmm::{self, BlockConfig, GuestExit, MicroVm, VmConfig, VmmError};
+use crate::vmm::{self, BlockConfig, GuestExit, MicroVm, PauseError, Pauser, VmConfig, VmmError};
 
 /// A running VM.
 #[derive(Debug)]
@@ -39,16 +39,27 @@ pub enum VmProcess {
     Jailed(JailedVm),
 }
 
-/// The own VMM's vCPUs cannot be paused yet: a pause is refused (RUN039), nothing changes.
-struct NotPausable;
-
-impl Pausable for NotPausable {
+/// The own VMM in this process pauses by parking its threads ([`vmm::pause`]).
+impl Pausable for Pauser {
     fn pause(&mut self) -> io::Result<()> {
-        Err(io::Error::other("the kvm backend cannot pause a VM yet"))
+        Pauser::pause(self).map_err(io::Error::other)
     }
 
     fn resume(&mut self) -> io::Result<()> {
-        Ok(())
+        Pauser::resume(self).map_err(io::Error::other)
+    }
+}
+
+/// A VM that has ended cannot be paused (nor resumed).
+struct Ended;
+
+impl Pausable for Ended {
+    fn pause(&mut self) -> io::Result<()> {
+        Err(io::Error::other(PauseError::Ended))
+    }
+
+    fn resume(&mut self) -> io::Result<()> {
+        Err(io::Error::other(PauseError::Ended))
     }
 }
 
@@ -267,11 +278,16 @@ impl VmProcess {
         }
     }
 
-    /// What pauses and resumes the VM: QEMU's QMP socket in the VM's directory `dir`.
+    /// What pauses and resumes the VM: QEMU's QMP socket in the VM's directory `dir`, the
+    /// own VMM's pauser, or the jailed VMM's control socket.
     pub fn machine(&self, dir: &Path) -> io::Result<Box<dyn Pausable>> {
         match self {
             VmProcess::Qemu(_) => Ok(Box::new(Qmp::connect(&dir.join(MACHINE_SOCKET))?)),
-            VmProcess::Own(_) | VmProcess::Jailed(_) => Ok(Box::new(NotPausable)),
+            VmProcess::Own(own) => Ok(match &own.vm {
+                Some(vm) => Box::new(vm.pauser()),
+                None => Box::new(Ended),
+            }),
+            VmProcess::Jailed(jailed) => Ok(Box::new(jailed.control()?)),
         }
     }
 

@@ -159,3 +159,88 @@ fn a_guest_that_never_stops_is_stopped_by_the_host() {
         assert!(console.tail().contains("mvm-guest: spinning"), "{cmdline}");
     }
 }
+
+/// The size of the serial log in `dir`: the tick guest's progress.
+fn logged(dir: &std::path::Path) -> u64 {
+    std::fs::metadata(dir.join("serial.log")).map_or(0, |m| m.len())
+}
+
+/// Waits up to `timeout` for the serial log in `dir` to grow past `than`.
+fn grows_past(dir: &std::path::Path, than: u64, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if logged(dir) > than {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn a_paused_guest_makes_no_progress_until_it_is_resumed_and_stops_while_paused() {
+    if let Some(reason) = guest::kvm_unavailable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Two vCPUs: the BSP ticks, the AP waits for a startup IPI inside KVM_RUN — both must
+    // be brought out of the guest.
+    let (vm, console) = boot(&["lib", "spin"], 2, "tick", dir.path());
+    let pauser = vm.pauser();
+    assert!(
+        grows_past(dir.path(), 0, BOOT_TIMEOUT),
+        "the guest ticks: {}",
+        console.tail()
+    );
+    let mut took = Vec::new();
+    for round in 0..20 {
+        let started = Instant::now();
+        pauser.pause().unwrap();
+        took.push(started.elapsed());
+        // Pausing a paused VM changes nothing.
+        pauser.pause().unwrap();
+        let still = logged(dir.path());
+        std::thread::sleep(Duration::from_millis(if round == 0 { 500 } else { 50 }));
+        assert_eq!(
+            logged(dir.path()),
+            still,
+            "round {round}: no tick while paused"
+        );
+        pauser.resume().unwrap();
+        assert!(
+            grows_past(dir.path(), still, Duration::from_secs(10)),
+            "round {round}: ticking again after the resume"
+        );
+    }
+    took.sort();
+    eprintln!("pause took {:?} (median) .. {:?}", took[10], took[19]);
+    assert!(took[19] < Duration::from_secs(1), "{took:?}");
+
+    // Stopped while paused: the parked threads are released and joined.
+    pauser.pause().unwrap();
+    let started = Instant::now();
+    assert_eq!(vm.stop(), GuestExit::Stopped);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(matches!(pauser.resume(), Err(vmm::PauseError::Ended)));
+    assert!(matches!(pauser.pause(), Err(vmm::PauseError::Ended)));
+}
+
+#[test]
+fn a_guest_halted_inside_kvm_is_paused_and_resumed() {
+    if let Some(reason) = guest::kvm_unavailable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (vm, console) = boot(&["lib", "spin"], 1, "halt", dir.path());
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    while !console.tail().contains("spinning") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pauser = vm.pauser();
+    pauser.pause().unwrap();
+    pauser.resume().unwrap();
+    assert_eq!(vm.wait(Duration::from_millis(200)), None, "still halted");
+    assert_eq!(vm.stop(), GuestExit::Stopped);
+}

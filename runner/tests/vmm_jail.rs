@@ -218,6 +218,28 @@ fn a_jailed_vmm_is_confined_and_its_guest_still_boots() {
 }
 
 #[test]
+fn a_jailed_vm_is_paused_and_resumed_through_its_control_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((mut vm, mut channel, _root)) = start(dir.path()) else {
+        return;
+    };
+    let mut machine = vm.machine(dir.path()).unwrap();
+    machine.pause().unwrap();
+    machine.pause().unwrap();
+    // The answer the guest waits for: held by the paused device thread, and no vCPU runs to
+    // take it, so the guest does not finish.
+    channel.write_all(b"pong-from-host").unwrap();
+    assert_eq!(vm.wait_for_exit(Duration::from_millis(700)).unwrap(), None);
+    assert!(!vm.console().tail().contains("console received"));
+    machine.resume().unwrap();
+    let tail = guest::assert_powered_off(&mut vm);
+    guest::assert_contract_devices(&tail);
+    // The VM is over: the child answers no more.
+    assert!(machine.pause().is_err());
+    vm.kill();
+}
+
+#[test]
 fn a_jailed_vmm_dies_with_its_parent() {
     let dir = tempfile::tempdir().unwrap();
     let Some((mut vm, _channel, root)) = start(dir.path()) else {

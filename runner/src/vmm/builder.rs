@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::os::unix::net::UnixStream;
+use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -32,6 +33,7 @@ use crate::vmm::devices::virtio::VirtioDevice;
 use crate::vmm::devices::IrqLine;
 use crate::vmm::event_loop::EventLoop;
 use crate::vmm::exit::{ExitSignal, GuestExit};
+use crate::vmm::pause::{PauseGate, Pauser};
 use crate::vmm::seccomp::{self, ThreadKind};
 use crate::vmm::vstate::vcpu::{self, Vcpu, VcpuContext, VcpuState};
 use crate::vmm::vstate::{memory, vm::Vm};
@@ -90,6 +92,7 @@ pub struct MicroVm {
     /// Where the vCPUs were when they stopped (once reaped).
     vcpu_states: Vec<VcpuState>,
     first_exit_us: Arc<AtomicU64>,
+    pauser: Pauser,
     /// Guest RAM and the KVM fds: dropped only once every vCPU thread has been joined.
     vm: Option<Vm>,
 }
@@ -195,7 +198,8 @@ pub fn build(config: VmConfig) -> Result<MicroVm, VmmError> {
         "acpi-pm",
     )?;
     let mut mmio = Bus::default();
-    let mut events = EventLoop::new(exit.clone()).map_err(VmmError::Thread)?;
+    let gate = Arc::new(PauseGate::new().map_err(VmmError::Thread)?);
+    let mut events = EventLoop::new(exit.clone(), gate.clone()).map_err(VmmError::Thread)?;
     for (n, (name, device)) in virtio.into_iter().enumerate() {
         let base = virtio_mmio_base(n);
         let fail = |reason: String| VmmError::Device {
@@ -239,6 +243,7 @@ pub fn build(config: VmConfig) -> Result<MicroVm, VmmError> {
         exit: exit.clone(),
         started,
         first_exit_us: Arc::new(AtomicU64::new(0)),
+        gate: gate.clone(),
     };
     let mut vcpu_threads = Vec::with_capacity(vcpus.len());
     for (id, vcpu) in vcpus.into_iter().enumerate() {
@@ -251,7 +256,7 @@ pub fn build(config: VmConfig) -> Result<MicroVm, VmmError> {
             Ok(handle) => vcpu_threads.push(handle),
             Err(e) => {
                 exit.raise(GuestExit::Stopped);
-                if !reap(&exit, vcpu_threads, Some(events), &serial).all_joined {
+                if !reap(&exit, &gate, vcpu_threads, Some(events), &serial).all_joined {
                     std::mem::forget(vm);
                 }
                 return Err(e);
@@ -261,11 +266,16 @@ pub fn build(config: VmConfig) -> Result<MicroVm, VmmError> {
     // The reaper ends the VM's threads as soon as it ends, however it ends: a guest that
     // powers off releases its devices (and closes the agent channel) without waiting for
     // the host to call `stop`.
+    let pauser = Pauser::new(
+        gate.clone(),
+        vcpu_threads.iter().map(|h| h.as_pthread_t()).collect(),
+        exit.clone(),
+    );
     let reaper = {
         let (exit, serial) = (exit.clone(), serial.clone());
         seccomp::spawn_filtered("vmm-reaper".into(), reaper_filter, move || {
             while exit.wait(Duration::from_secs(3600)).is_none() {}
-            reap(&exit, vcpu_threads, Some(events), &serial)
+            reap(&exit, &gate, vcpu_threads, Some(events), &serial)
         })
     };
     let reaper = match reaper {
@@ -283,6 +293,7 @@ pub fn build(config: VmConfig) -> Result<MicroVm, VmmError> {
         reaper: Some(reaper),
         vcpu_states: Vec::new(),
         first_exit_us: ctx.first_exit_us.clone(),
+        pauser,
         vm: Some(vm),
     })
 }
@@ -294,16 +305,19 @@ struct Reaped {
     states: Vec<VcpuState>,
 }
 
-/// Once `exit` is raised: kicks the vCPU threads out of `KVM_RUN` until they return (for at
-/// most [`STOP_TIMEOUT`]), joins them and the event loop, and passes on the console's last
-/// bytes. Says whether every vCPU thread was joined, and where they were.
+/// Once `exit` is raised: releases the threads parked at `gate` (and ends it, so that no
+/// pause kicks a thread from here on), kicks the vCPU threads out of `KVM_RUN` until they
+/// return (for at most [`STOP_TIMEOUT`]), joins them and the event loop, and passes on the
+/// console's last bytes. Says whether every vCPU thread was joined, and where they were.
 fn reap(
     exit: &ExitSignal,
+    gate: &PauseGate,
     vcpus: Vec<JoinHandle<VcpuState>>,
     events: Option<JoinHandle<()>>,
     serial: &Mutex<SerialDevice>,
 ) -> Reaped {
     debug_assert!(exit.is_raised());
+    gate.end();
     let deadline = Instant::now() + STOP_TIMEOUT;
     while vcpus.iter().any(|h| !h.is_finished()) && Instant::now() < deadline {
         for handle in vcpus.iter().filter(|h| !h.is_finished()) {
@@ -375,6 +389,16 @@ impl MicroVm {
                 })
                 .collect()
         })
+    }
+
+    /// What pauses and resumes this VM (from any thread, for as long as the VM lives).
+    pub fn pauser(&self) -> Pauser {
+        self.pauser.clone()
+    }
+
+    /// Readable once the VM has ended (to poll it beside other descriptors).
+    pub fn exit_eventfd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.exit.eventfd()
     }
 
     /// Why the VM ended, if it has.

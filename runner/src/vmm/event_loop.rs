@@ -5,8 +5,9 @@
 //! leaving the kernel; the loop hands it to the device's transport. A device's host
 //! descriptor (the console's socket) is watched only for what the device waits for — input
 //! while the driver has posted receive buffers, output room while it holds unsent bytes — so
-//! a guest that posts no buffers, or a host that reads nothing, cannot make the loop spin. The loop ends when the
-//! VM's [`ExitSignal`] is raised.
+//! a guest that posts no buffers, or a host that reads nothing, cannot make the loop spin. While
+//! the VM is paused the loop parks at its [`PauseGate`]; it ends when the VM's [`ExitSignal`]
+//! is raised.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -20,6 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::vmm::devices::virtio::mmio::MmioTransport;
 use crate::vmm::devices::virtio::DeviceEvent;
 use crate::vmm::exit::ExitSignal;
+use crate::vmm::pause::PauseGate;
 use crate::vmm::seccomp;
 use crate::vmm::VmmError;
 
@@ -27,6 +29,7 @@ use crate::vmm::VmmError;
 #[derive(Debug)]
 enum Source {
     Exit,
+    Pause,
     Queue {
         device: usize,
         queue: usize,
@@ -45,23 +48,27 @@ pub struct EventLoop {
     sources: Vec<Source>,
     devices: Vec<Arc<Mutex<MmioTransport>>>,
     exit: Arc<ExitSignal>,
+    gate: Arc<PauseGate>,
     /// What each source is registered with epoll for now.
     host_armed: Vec<EventSet>,
 }
 
 impl EventLoop {
-    /// A loop that ends when `exit` is raised.
-    pub fn new(exit: Arc<ExitSignal>) -> std::io::Result<Self> {
+    /// A loop that ends when `exit` is raised and parks at `gate` while the VM is paused.
+    pub fn new(exit: Arc<ExitSignal>, gate: Arc<PauseGate>) -> std::io::Result<Self> {
         let epoll = Epoll::new()?;
         let mut events = EventLoop {
             epoll,
             sources: Vec::new(),
             devices: Vec::new(),
             exit,
+            gate,
             host_armed: Vec::new(),
         };
         let fd = events.exit.eventfd().as_raw_fd();
         events.watch(fd, Source::Exit)?;
+        let fd = events.gate.eventfd().as_raw_fd();
+        events.watch(fd, Source::Pause)?;
         Ok(events)
     }
 
@@ -116,6 +123,11 @@ impl EventLoop {
             for event in &events[..n] {
                 match self.sources.get(event.data() as usize) {
                     Some(Source::Exit) | None => return,
+                    Some(Source::Pause) => {
+                        let _ = self.gate.eventfd().read();
+                        // No host input reaches the guest while it is paused.
+                        self.gate.park();
+                    }
                     Some(Source::Queue { device, queue, evt }) => {
                         let _ = evt.read();
                         lock(&self.devices[*device]).handle(DeviceEvent::Queue(*queue));

@@ -18,12 +18,14 @@ pub mod builder;
 pub mod devices;
 pub mod event_loop;
 pub mod exit;
+pub mod pause;
 pub mod seccomp;
 pub mod test_guest;
 pub mod vstate;
 
 pub use builder::{build, BlockConfig, MicroVm, VmConfig};
 pub use exit::GuestExit;
+pub use pause::{PauseError, Pauser};
 
 /// Why a VM could not be built or started. [`VmmError::code`] is stable.
 #[derive(Debug, thiserror::Error)]

@@ -19,6 +19,7 @@ use super::vm::Vm;
 use crate::vmm::arch::{cpuid, lapic, msr, regs};
 use crate::vmm::devices::bus::Bus;
 use crate::vmm::exit::{ExitSignal, GuestExit};
+use crate::vmm::pause::PauseGate;
 use crate::vmm::VmmError;
 
 /// The signal that interrupts `KVM_RUN` (a real-time signal, not one the runner handles).
@@ -53,6 +54,8 @@ pub struct VcpuContext {
     pub started: Instant,
     /// Microseconds from `started` to vCPU 0's first exit (0 until then).
     pub first_exit_us: Arc<AtomicU64>,
+    /// Where the vCPU parks while the VM is paused.
+    pub gate: Arc<PauseGate>,
 }
 
 /// Where a vCPU was when the VM stopped.
@@ -212,6 +215,11 @@ impl Vcpu {
     fn run_loop(&mut self, ctx: &VcpuContext) {
         let mut first = self.id == 0;
         while !ctx.exit.is_raised() {
+            // Between the last exit's handling and the next entry: no device is mid-access.
+            ctx.gate.park();
+            if ctx.exit.is_raised() {
+                break;
+            }
             let result = self.fd.run();
             if first {
                 first = false;
