@@ -19,7 +19,9 @@
 //!    cannot be regained, sets `no_new_privs` (`drop_privileges`), and arms the
 //!    parent-death signal again (a credential change clears it, `die_with_parent`);
 //! 6. only then opens `/dev/kvm` and the artifacts, inside the jail, and runs the VMM, whose
-//!    threads install their seccomp filters as they do unjailed ([`crate::vmm::seccomp`]).
+//!    threads install their seccomp filters as they do unjailed ([`crate::vmm::seccomp`]);
+//! 7. filters its own thread too (the supervisor's list), then answers the runner's pause and
+//!    resume on an inherited control socket ([`JailControl`]) until the guest ends.
 //!
 //! The mounts exist only in the child's mount namespace, so they vanish with it; the runner
 //! kills the child's whole process group at teardown and removes the (then empty) jail
@@ -444,6 +446,16 @@ fn run_child() -> Result<GuestExit, JailError> {
                 reason: format!("{}: {e}", e.code()),
             }
         })?;
+    // From here on every thread of this process is filtered: this one as the supervisor.
+    let supervising = vmm::seccomp::filter(vmm::seccomp::ThreadKind::Supervisor)
+        .and_then(|filter| vmm::seccomp::install(&filter));
+    if let Err(e) = supervising {
+        vm.stop();
+        return Err(JailError::Setup {
+            step: "seccomp",
+            reason: format!("{}: {e}", e.code()),
+        });
+    }
     serve_control(&vm, control);
     Ok(vm.stop())
 }

@@ -94,6 +94,9 @@ fn child_case(case: &str) {
         "reaper-socket" => (ThreadKind::Reaper, socket),
         "reaper-tgkill-sigkill" => (ThreadKind::Reaper, tgkill_sigkill),
         "reaper-tgkill-kick" => (ThreadKind::Reaper, tgkill_kick),
+        "supervisor-socket" => (ThreadKind::Supervisor, socket),
+        "supervisor-tgkill-sigkill" => (ThreadKind::Supervisor, tgkill_sigkill),
+        "supervisor-tgkill-kick" => (ThreadKind::Supervisor, tgkill_kick),
         "main-socket" => {
             // Not on a filtered thread: nothing stops it.
             socket();
@@ -202,6 +205,9 @@ fn an_unlisted_syscall_kills_the_process() {
         ("reaper-socket", true),
         ("reaper-tgkill-sigkill", true),
         ("reaper-tgkill-kick", false),
+        ("supervisor-socket", true),
+        ("supervisor-tgkill-sigkill", true),
+        ("supervisor-tgkill-kick", false),
         ("main-socket", false),
     ] {
         let signal = run_case(case);

@@ -15,7 +15,9 @@
 //! `exit`). The lists were found by tracing (`strace -f`) the VMM's threads while the test
 //! guests of `runner/tests/vmm_{boot,virtio}.rs` used every device and were stopped every
 //! way, not by guessing. A filter is installed per thread (no `TSYNC`): the thread that called
-//! `build` is not filtered by it.
+//! `build` is not filtered by it — except in a jail, whose main thread installs the
+//! [`ThreadKind::Supervisor`] filter once the VM runs, so that every thread of the jailed
+//! VMM's process is filtered.
 
 use std::collections::BTreeMap;
 use std::sync::mpsc;
@@ -39,11 +41,20 @@ pub enum ThreadKind {
     Events,
     /// The reaper: waits for the VM's end, kicks the vCPUs, joins the threads.
     Reaper,
+    /// The jailed VMM's main thread once the VM runs ([`crate::jail`]): answers the runner's
+    /// pause and resume on its control socket, kicks the vCPUs to pause them, stops the VM and
+    /// exits. (Unjailed, that thread is the runner's own, which is not filtered.)
+    Supervisor,
 }
 
 impl ThreadKind {
     /// Every kind, in the order reports list them.
-    pub const ALL: [ThreadKind; 3] = [ThreadKind::Vcpu, ThreadKind::Events, ThreadKind::Reaper];
+    pub const ALL: [ThreadKind; 4] = [
+        ThreadKind::Vcpu,
+        ThreadKind::Events,
+        ThreadKind::Reaper,
+        ThreadKind::Supervisor,
+    ];
 
     /// A short name for reports.
     pub fn name(self) -> &'static str {
@@ -51,6 +62,7 @@ impl ThreadKind {
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::Events => "events",
             ThreadKind::Reaper => "reaper",
+            ThreadKind::Supervisor => "supervisor",
         }
     }
 }
@@ -144,12 +156,25 @@ const REAPER: &[Allow] = &[
     Allow::Any(libc::SYS_clock_nanosleep),
 ];
 
+/// The jailed supervisor's own work: waiting on its control socket and the VM's end, reading a
+/// request and sending the answer, kicking vCPU threads to pause them (as the reaper does),
+/// and the process's exit.
+const SUPERVISOR: &[Allow] = &[
+    Allow::Any(libc::SYS_ppoll),
+    Allow::Any(libc::SYS_recvfrom),
+    Allow::Any(libc::SYS_sendto),
+    Allow::Any(libc::SYS_getpid),
+    Allow::KickSignal(libc::SYS_tgkill, 2),
+    Allow::Any(libc::SYS_exit_group),
+];
+
 /// The allow-list of `kind`: the runtime's and its own.
 fn allowed(kind: ThreadKind) -> Vec<Allow> {
     let own = match kind {
         ThreadKind::Vcpu => VCPU,
         ThreadKind::Events => EVENTS,
         ThreadKind::Reaper => REAPER,
+        ThreadKind::Supervisor => SUPERVISOR,
     };
     RUNTIME.iter().chain(own).copied().collect()
 }
