@@ -19,6 +19,48 @@ pub fn sha256_reader(mut reader: impl std::io::Read) -> std::io::Result<(String,
     Ok((format!("sha256:{}", hex::encode(hasher.finalize())), len))
 }
 
+/// A writer that passes everything on to `inner` and hashes what `inner` took: for a stream
+/// produced by pushing (the reader's form is [`sha256_reader`]).
+#[derive(Debug)]
+pub struct Sha256Writer<W> {
+    inner: W,
+    hasher: Sha256,
+    len: u64,
+}
+
+impl<W: std::io::Write> Sha256Writer<W> {
+    /// A writer into `inner`.
+    pub fn new(inner: W) -> Self {
+        Sha256Writer {
+            inner,
+            hasher: Sha256::new(),
+            len: 0,
+        }
+    }
+
+    /// Flushes `inner`; `sha256:<hex>` and length of everything written.
+    pub fn finish(mut self) -> std::io::Result<(String, u64)> {
+        self.inner.flush()?;
+        Ok((
+            format!("sha256:{}", hex::encode(self.hasher.finalize())),
+            self.len,
+        ))
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for Sha256Writer<W> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(bytes)?;
+        self.hasher.update(&bytes[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// `sha256:<hex>` of `bytes`, the form documents carry.
 pub fn sha256_prefixed(bytes: &[u8]) -> String {
     format!("sha256:{}", sha256_hex(bytes))
@@ -52,5 +94,20 @@ mod tests {
         assert!(is_prefixed_sha256(&sha256_prefixed(b"abc")));
         assert!(!is_prefixed_sha256("sha256:BA7816BF"));
         assert!(!is_sha256_hex(&"A".repeat(64)));
+    }
+
+    #[test]
+    fn the_writer_and_the_reader_agree() {
+        use std::io::Write;
+        let bytes: Vec<u8> = (0..100_000u32).map(|i| (i * 7) as u8).collect();
+        let mut out = Vec::new();
+        let mut writer = Sha256Writer::new(&mut out);
+        for piece in bytes.chunks(999) {
+            writer.write_all(piece).unwrap();
+        }
+        let written = writer.finish().unwrap();
+        assert_eq!(out, bytes);
+        assert_eq!(written, sha256_reader(&bytes[..]).unwrap());
+        assert_eq!(written.0, sha256_prefixed(&bytes));
     }
 }

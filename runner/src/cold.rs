@@ -1,6 +1,8 @@
 //! Cold VMs: a named VM paused and saved to its directory — memory and device state in
 //! `cold/memory`, described by `cold/manifest.dsse.json`, which this host's key signs — with
-//! its runner and QEMU gone, so it holds no memory or CPU until it is woken.
+//! its runner and QEMU (or the own VMM with it) gone, so it holds no memory or CPU until it is
+//! woken. QEMU's state is its migration stream; the own VMM's is its snapshot file
+//! ([`crate::vmm::snapshot`]); the manifest says which backend saved it, and that one wakes it.
 //!
 //! Waking is a new runner's launch, in this order: the manifest's signature (this host's
 //! key, nobody else's), its name and schema; the plan admitted again (signature, trusted
@@ -11,7 +13,7 @@
 //! stays cold, its files untouched.
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io;
+use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -41,6 +43,10 @@ const SCHEMA_VERSION: &str = "mvm.cold-vm/v1";
 /// The largest manifest read.
 const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
 
+fn qemu_backend() -> String {
+    "qemu".into()
+}
+
 /// The saved state's digest and size.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -67,6 +73,10 @@ pub struct ColdManifest {
     pub envelope: PathBuf,
     /// How QEMU ran it (`tcg`, `kvm`): a state is woken only as it was saved.
     pub accel: String,
+    /// The backend that saved it (`qemu`, `kvm`: their states differ), which wakes it.
+    /// Manifests from before the kvm backend could save have none: QEMU's.
+    #[serde(default = "qemu_backend")]
+    pub backend: String,
     /// The saved state.
     pub memory: SavedMemory,
     /// When it was saved.
@@ -144,7 +154,7 @@ impl ColdSaver {
             .map_err(failed("creating the memory file"))?;
         let memory = machine
             .save(&self.dir.join(SAVE_SOCKET), &mut file)
-            .map_err(failed("QEMU's state"))?;
+            .map_err(failed("the VM's state"))?;
         file.sync_all().map_err(failed("writing the memory file"))?;
         fs::rename(&part, cold.join(MEMORY_FILE)).map_err(failed("naming the memory file"))?;
         let manifest = ColdManifest {
@@ -217,6 +227,27 @@ pub fn open(dir: &Path, name: &str, home: &MvmHome) -> Result<ColdState, ColdErr
     Ok(ColdState { manifest, memory })
 }
 
+/// Copies `from` to `to` until `from` ends, hashing what passes.
+pub(crate) fn copy_hashing(from: &mut impl Read, to: &mut impl Write) -> io::Result<SavedMemory> {
+    let (sha256, bytes) = mvm_ir::digest::sha256_reader(Tee { from, to: &mut *to })?;
+    to.flush()?;
+    Ok(SavedMemory { sha256, bytes })
+}
+
+/// A reader that writes everything it reads to `to` as well.
+struct Tee<R, W> {
+    from: R,
+    to: W,
+}
+
+impl<R: Read, W: Write> Read for Tee<R, W> {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        let n = self.from.read(buffer)?;
+        self.to.write_all(&buffer[..n])?;
+        Ok(n)
+    }
+}
+
 /// Whether `seen` is the memory `manifest` describes.
 pub fn check_memory(manifest: &ColdManifest, seen: &SavedMemory) -> Result<(), ColdError> {
     if *seen != manifest.memory {
@@ -283,6 +314,7 @@ mod tests {
                 plan_digest: format!("sha256:{}", "a".repeat(64)),
                 envelope: "/bundle/plan.dsse.json".into(),
                 accel: "tcg".into(),
+                backend: "qemu".into(),
                 memory: SavedMemory {
                     sha256: String::new(),
                     bytes: 0,

@@ -464,7 +464,7 @@ fn run_child() -> Result<GuestExit, JailError> {
 /// its end (then the VM is stopped: nobody would be left to supervise it).
 fn serve_control(vm: &vmm::MicroVm, mut control: UnixStream) {
     use rustix::event::{poll, PollFd, PollFlags};
-    let pauser = vm.pauser();
+    let machine = vm.machine();
     while vm.ended().is_none() {
         let mut fds = [
             PollFd::new(&control, PollFlags::IN),
@@ -483,8 +483,8 @@ fn serve_control(vm: &vmm::MicroVm, mut control: UnixStream) {
             _ => return,
         }
         let answer = match request[0] {
-            PAUSE => pauser.pause(),
-            RESUME => pauser.resume(),
+            PAUSE => machine.pause(),
+            RESUME => machine.resume(),
             other => {
                 let _ = writeln!(control, "unknown request {other:#04x}");
                 continue;

@@ -376,16 +376,21 @@ pub fn wake_named(
         let message = format!("{name} was not saved cold");
         return Err(LaunchError::from(ColdError::Wake(message)).into());
     }
-    let saved = cold::open(&dir.path, name, &launch.home).map_err(LaunchError::from)?;
+    let mut saved = cold::open(&dir.path, name, &launch.home).map_err(LaunchError::from)?;
+    // The backend that saved it wakes it: QEMU's state and the own VMM's differ.
+    let backend = saved.manifest.backend.parse().map_err(|_| {
+        let reason = format!(
+            "it was saved by an unknown backend {}",
+            saved.manifest.backend
+        );
+        LaunchError::from(ColdError::Wake(reason))
+    })?;
     let launch = Launch {
         envelope: saved.manifest.envelope.clone(),
+        backend,
         ..launch.clone()
     };
-    let started = start(
-        &launch,
-        Origin::Wake(dir, &saved.manifest),
-        secrets_resolvable,
-    )?;
+    let started = start(&launch, Origin::Wake(dir, &mut saved), secrets_resolvable)?;
     serve_started(&launch, name, started, Some(saved), on_ready)
 }
 
@@ -490,7 +495,13 @@ fn serve_started(
                 state::write(&dir, &state).map_err(|e| io::Error::other(e.to_string()))
             }
         };
-        let saver = matches!(vm_process, VmProcess::Qemu(_)).then(|| ColdSaver {
+        // A jailed VMM is not saved: its state would have to leave the jail.
+        let backend = match vm_process {
+            VmProcess::Qemu(_) => Some("qemu"),
+            VmProcess::Own(_) => Some("kvm"),
+            VmProcess::Jailed(_) => None,
+        };
+        let saver = backend.map(|backend| ColdSaver {
             dir: dir.path.clone(),
             home: launch.home.clone(),
             manifest: ColdManifest {
@@ -502,6 +513,7 @@ fn serve_started(
                 envelope: fs::canonicalize(&launch.envelope)
                     .unwrap_or_else(|_| launch.envelope.clone()),
                 accel: accel.to_string(),
+                backend: backend.into(),
                 memory: cold::SavedMemory {
                     sha256: String::new(),
                     bytes: 0,
@@ -565,7 +577,14 @@ fn wake(
         .into());
     }
     let VmProcess::Qemu(_) = vm else {
-        return Err(ColdError::Wake("only the qemu backend wakes saved VMs".into()).into());
+        // The own VMM restored it as it started, its state verified then; it waits paused.
+        let mut machine = vm
+            .machine(&dir.path)
+            .map_err(|e| ColdError::Wake(e.to_string()))?;
+        machine
+            .resume()
+            .map_err(|e| ColdError::Wake(format!("letting the guest run: {e}")))?;
+        return Ok(machine);
     };
     let wake_socket = dir.path.join(cold::WAKE_SOCKET);
     let loaded = qemu::migration::load(
@@ -685,8 +704,9 @@ struct Started<T> {
 enum Origin<'a> {
     /// A fresh boot, in a new directory that keeps what [`Keep`] says.
     Boot(Keep),
-    /// A cold VM woken: its directory (locked) and its verified manifest.
-    Wake(VmDir, &'a ColdManifest),
+    /// A cold VM woken: its directory (locked) and its verified state (the own VMM restores
+    /// from it as it starts; QEMU is streamed it once started).
+    Wake(VmDir, &'a mut ColdState),
 }
 
 fn start<T>(
@@ -696,8 +716,9 @@ fn start<T>(
 ) -> Result<Started<T>, Box<Failure>> {
     let again = match &origin {
         Origin::Boot(_) => None,
-        Origin::Wake(_, manifest) => Some(manifest.plan_digest.as_str()),
+        Origin::Wake(_, saved) => Some(saved.manifest.plan_digest.clone()),
     };
+    let again = again.as_deref();
     let audit = Arc::new(Audit::open(&launch.home)?);
     let trust = KeyStore::new(launch.home.clone())
         .trust_store()
@@ -738,16 +759,16 @@ fn start<T>(
     };
     let plan = admitted.plan;
     let woken = again.is_some();
-    let (vm, dir) = match origin {
+    let (vm, dir, saved) = match origin {
         Origin::Boot(keep) => {
             let vm = format!(
                 "vm-{}",
                 &mvm_ir::plan::fresh_nonce().map_err(LaunchError::Audit)?[..12]
             );
             let dir = VmDir::create(&launch.home, &vm, keep)?;
-            (vm, dir)
+            (vm, dir, None)
         }
-        Origin::Wake(dir, manifest) => (manifest.vm.clone(), dir),
+        Origin::Wake(dir, saved) => (saved.manifest.vm.clone(), dir, Some(saved)),
     };
     audit.append(
         match woken {
@@ -806,12 +827,20 @@ fn start<T>(
                 verity: &admitted.artifacts.verity,
             };
             let vmm_failed = |e: VmmError| LaunchError::Backend(format!("{}: {e}", e.code()));
-            let vm = match launch.jail {
-                Some(jail) => {
+            let vm = match (launch.jail, saved) {
+                (Some(_), Some(_)) => {
+                    let reason = "a jailed VM is never saved cold".to_string();
+                    return Err(LaunchError::from(ColdError::Wake(reason)).into());
+                }
+                (Some(jail), None) => {
                     let spec = VmSpec::for_plan(&plan.plan, &files).map_err(vmm_failed)?;
                     VmProcess::Jailed(boot_jailed(jail, &dir, &spec, serial_log)?)
                 }
-                None => {
+                (None, Some(saved)) => VmProcess::Own(
+                    OwnVm::restore(&plan.plan, &files, serial_log, saved)
+                        .map_err(LaunchError::from)?,
+                ),
+                (None, None) => {
                     VmProcess::Own(OwnVm::boot(&plan.plan, &files, serial_log).map_err(vmm_failed)?)
                 }
             };

@@ -20,13 +20,16 @@ use std::time::{Duration, Instant};
 use mvm_ir::plan::LaunchPlan;
 use serde::{Deserialize, Serialize};
 
+use crate::cold::{self, ColdError, ColdState, SavedMemory};
 use crate::control::Pausable;
 use crate::jail::JailedVm;
 use crate::qemu::qmp::Qmp;
 use crate::qemu::QemuVm;
 use crate::serial::Console;
 use crate::state::MACHINE_SOCKET;
-use crate::vmm::{self, BlockConfig, GuestExit, MicroVm, PauseError, Pauser, VmConfig, VmmError};
+use crate::vmm::snapshot::{self, SnapshotReader};
+use crate::vmm::{self, BlockConfig, GuestExit, Machine, MicroVm, PauseError, VmConfig, VmmError};
+use mvm_ir::digest::Sha256Writer;
 
 /// A running VM.
 #[derive(Debug)]
@@ -39,14 +42,23 @@ pub enum VmProcess {
     Jailed(JailedVm),
 }
 
-/// The own VMM in this process pauses by parking its threads ([`vmm::pause`]).
-impl Pausable for Pauser {
+/// The own VMM in this process pauses by parking its threads ([`vmm::pause`]) and saves
+/// into its snapshot file ([`vmm::snapshot`]); it needs no socket.
+impl Pausable for Machine {
     fn pause(&mut self) -> io::Result<()> {
-        Pauser::pause(self).map_err(io::Error::other)
+        Machine::pause(self).map_err(io::Error::other)
     }
 
     fn resume(&mut self) -> io::Result<()> {
-        Pauser::resume(self).map_err(io::Error::other)
+        Machine::resume(self).map_err(io::Error::other)
+    }
+
+    fn save(&mut self, _socket: &Path, into: &mut File) -> io::Result<SavedMemory> {
+        let mut hashed = Sha256Writer::new(io::BufWriter::new(into));
+        Machine::save(self, &mut hashed)
+            .map_err(|e| io::Error::other(format!("{}: {e}", e.code())))?;
+        let (sha256, bytes) = hashed.finish()?;
+        Ok(SavedMemory { sha256, bytes })
     }
 }
 
@@ -175,6 +187,51 @@ impl OwnVm {
         })
     }
 
+    /// Restores the VM `saved` holds (a cold VM the own VMM saved) for `plan` from `files`,
+    /// paused until its machine resumes it. Its file is read once: hashed as its pages go into
+    /// the new VM's RAM, and its state parsed only once that digest is the manifest's
+    /// (RUN041 otherwise); what does not restore is RUN042. Either way the VM stays cold.
+    pub fn restore(
+        plan: &LaunchPlan,
+        files: &OwnVmFiles<'_>,
+        serial_log: File,
+        saved: &mut ColdState,
+    ) -> Result<Self, ColdError> {
+        let unrestorable = |e: VmmError| ColdError::Wake(format!("{}: {e}", e.code()));
+        let (guest_end, host_end) =
+            UnixStream::pair().map_err(|e| ColdError::Wake(format!("the agent channel: {e}")))?;
+        let console = Console::default();
+        let config = VmSpec::for_plan(plan, files).map_err(unrestorable)?.config(
+            serial_log,
+            &console,
+            Some(guest_end),
+        );
+        let ram = vmm::builder::guest_ram(&config).map_err(unrestorable)?;
+        let mut reader = SnapshotReader::new(&ram);
+        let read = cold::copy_hashing(&mut saved.memory, &mut reader);
+        let state = reader.finish();
+        let seen = read.map_err(|e| match &state {
+            Err(malformed) => unrestorable(VmmError::Snapshot(malformed.to_string())),
+            Ok(_) => ColdError::Wake(format!("reading its state: {e}")),
+        })?;
+        cold::check_memory(&saved.manifest, &seen)?;
+        let saved_vm = state
+            .and_then(|state| snapshot::parse(&state))
+            .map_err(unrestorable)?;
+        let vm = vmm::restore(config, ram, &saved_vm).map_err(unrestorable)?;
+        Ok(OwnVm {
+            vm: Some(vm),
+            console,
+            channel: Some(host_end),
+            ended: None,
+        })
+    }
+
+    /// What pauses, resumes and saves the VM, while it runs.
+    pub fn machine(&self) -> Option<Machine> {
+        self.vm.as_ref().map(MicroVm::machine)
+    }
+
     fn poll(&mut self) -> Option<GuestExit> {
         if self.ended.is_none() {
             if let Some(exit) = self.vm.as_ref().and_then(MicroVm::ended) {
@@ -283,8 +340,8 @@ impl VmProcess {
     pub fn machine(&self, dir: &Path) -> io::Result<Box<dyn Pausable>> {
         match self {
             VmProcess::Qemu(_) => Ok(Box::new(Qmp::connect(&dir.join(MACHINE_SOCKET))?)),
-            VmProcess::Own(own) => Ok(match &own.vm {
-                Some(vm) => Box::new(vm.pauser()),
+            VmProcess::Own(own) => Ok(match own.machine() {
+                Some(machine) => Box::new(machine),
                 None => Box::new(Ended),
             }),
             VmProcess::Jailed(jailed) => Ok(Box::new(jailed.control()?)),

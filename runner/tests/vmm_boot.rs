@@ -187,7 +187,7 @@ fn a_paused_guest_makes_no_progress_until_it_is_resumed_and_stops_while_paused()
     // Two vCPUs: the BSP ticks, the AP waits for a startup IPI inside KVM_RUN — both must
     // be brought out of the guest.
     let (vm, console) = boot(&["lib", "spin"], 2, "tick", dir.path());
-    let pauser = vm.pauser();
+    let pauser = vm.machine();
     assert!(
         grows_past(dir.path(), 0, BOOT_TIMEOUT),
         "the guest ticks: {}",
@@ -238,7 +238,7 @@ fn a_guest_halted_inside_kvm_is_paused_and_resumed() {
     while !console.tail().contains("spinning") && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let pauser = vm.pauser();
+    let pauser = vm.machine();
     pauser.pause().unwrap();
     pauser.resume().unwrap();
     assert_eq!(vm.wait(Duration::from_millis(200)), None, "still halted");

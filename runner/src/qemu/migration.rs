@@ -3,7 +3,7 @@
 //! QEMU 7.2 has no `file:` one, and this way the runner hashes every byte as it passes.
 
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::qmp::Qmp;
-use crate::cold::SavedMemory;
+use crate::cold::{copy_hashing, SavedMemory};
 
 /// How long QEMU may take to connect, and to finish once the stream has passed.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
@@ -100,27 +100,6 @@ fn accept_within(listener: &UnixListener, timeout: Duration) -> io::Result<UnixS
             }
             Err(e) => return Err(e),
         }
-    }
-}
-
-/// Copies `from` to `to` until `from` ends, hashing what passes.
-fn copy_hashing(from: &mut impl Read, to: &mut impl Write) -> io::Result<SavedMemory> {
-    let (sha256, bytes) = mvm_ir::digest::sha256_reader(Tee { from, to: &mut *to })?;
-    to.flush()?;
-    Ok(SavedMemory { sha256, bytes })
-}
-
-/// A reader that writes everything it reads to `to` as well.
-struct Tee<R, W> {
-    from: R,
-    to: W,
-}
-
-impl<R: Read, W: Write> Read for Tee<R, W> {
-    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
-        let n = self.from.read(buffer)?;
-        self.to.write_all(&buffer[..n])?;
-        Ok(n)
     }
 }
 

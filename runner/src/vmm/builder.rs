@@ -6,7 +6,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -33,10 +33,12 @@ use crate::vmm::devices::virtio::VirtioDevice;
 use crate::vmm::devices::IrqLine;
 use crate::vmm::event_loop::EventLoop;
 use crate::vmm::exit::{ExitSignal, GuestExit};
-use crate::vmm::pause::{PauseGate, Pauser};
+use crate::vmm::pause::{PauseError, PauseGate, Pauser};
 use crate::vmm::seccomp::{self, ThreadKind};
+use crate::vmm::snapshot::{self, SavedVm};
+use crate::vmm::vstate::memory::{self, GuestRam};
 use crate::vmm::vstate::vcpu::{self, Vcpu, VcpuContext, VcpuState};
-use crate::vmm::vstate::{memory, vm::Vm};
+use crate::vmm::vstate::vm::Vm;
 use crate::vmm::VmmError;
 
 /// The most vCPUs (APIC ids fit a byte; a microVM needs few).
@@ -87,19 +89,81 @@ pub struct BlockConfig {
 #[derive(Debug)]
 pub struct MicroVm {
     exit: Arc<ExitSignal>,
+    machine: Machine,
     /// Joins the vCPU threads and the event loop once the VM ends; says whether all joined.
     reaper: Option<JoinHandle<Reaped>>,
     /// Where the vCPUs were when they stopped (once reaped).
     vcpu_states: Vec<VcpuState>,
     first_exit_us: Arc<AtomicU64>,
-    pauser: Pauser,
-    /// Guest RAM and the KVM fds: dropped only once every vCPU thread has been joined.
-    vm: Option<Vm>,
+    /// Guest RAM and the KVM fds: dropped only once every vCPU thread has been joined (the
+    /// [`Machine`] holds them too).
+    vm: Option<Arc<Vm>>,
 }
 
-/// Builds and starts the VM `config` describes.
-pub fn build(config: VmConfig) -> Result<MicroVm, VmmError> {
-    let started = Instant::now();
+/// What a VM's state is saved from: its KVM VM, its devices.
+#[derive(Debug)]
+struct Parts {
+    vm: Arc<Vm>,
+    memory_mib: u64,
+    serial: Arc<Mutex<SerialDevice>>,
+    cmos: Arc<Mutex<Cmos>>,
+    i8042: Arc<Mutex<I8042>>,
+    /// Not kept alive by this: a VM that ends releases its devices (and closes the agent
+    /// channel) whoever holds its machine.
+    transports: Vec<Weak<Mutex<MmioTransport>>>,
+}
+
+/// Pauses, resumes and saves one VM, from any thread, for as long as it is held.
+#[derive(Debug, Clone)]
+pub struct Machine {
+    pauser: Pauser,
+    parts: Arc<Parts>,
+}
+
+impl Machine {
+    /// See [`Pauser::pause`].
+    pub fn pause(&self) -> Result<(), PauseError> {
+        self.pauser.pause()
+    }
+
+    /// See [`Pauser::resume`].
+    pub fn resume(&self) -> Result<(), PauseError> {
+        self.pauser.resume()
+    }
+
+    /// Writes the paused VM — its vCPUs (taken by their own threads), in-kernel devices,
+    /// devices and RAM — to `into` ([`snapshot`]'s format).
+    pub fn save(&self, into: &mut impl std::io::Write) -> Result<(), VmmError> {
+        let vcpus = self
+            .pauser
+            .vcpu_states()
+            .map_err(|e| VmmError::Snapshot(e.to_string()))?;
+        let parts = &self.parts;
+        let state = SavedVm {
+            memory_mib: parts.memory_mib,
+            vcpus,
+            vm: parts.vm.save()?,
+            serial: lock(&parts.serial).save(),
+            cmos: lock(&parts.cmos).save(),
+            i8042: lock(&parts.i8042).save(),
+            virtio: parts
+                .transports
+                .iter()
+                .map(|t| t.upgrade().map(|t| lock(&t).save()))
+                .collect::<Option<_>>()
+                .ok_or_else(|| VmmError::Snapshot("the VM has ended".into()))?,
+        };
+        snapshot::write(into, &state, parts.vm.memory())
+            .map_err(|e| VmmError::Snapshot(format!("writing: {e}")))
+    }
+}
+
+fn lock<T>(device: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    device.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Checks `config`'s vCPUs and memory and maps its guest RAM (all zero).
+pub fn guest_ram(config: &VmConfig) -> Result<GuestRam, VmmError> {
     if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
         return Err(VmmError::Config(format!(
             "{} vCPUs; 1 to {MAX_VCPUS} are possible",
@@ -112,26 +176,63 @@ pub fn build(config: VmConfig) -> Result<MicroVm, VmmError> {
             config.memory_mib
         )));
     }
+    memory::create(config.memory_mib << 20).map_err(|e| VmmError::Memory(e.to_string()))
+}
+
+/// Builds and starts the VM `config` describes.
+pub fn build(config: VmConfig) -> Result<MicroVm, VmmError> {
+    let started = Instant::now();
+    let ram = guest_ram(&config)?;
+    assemble(config, ram, None, started)
+}
+
+/// Builds the VM `config` describes in the state `saved` (read into `ram` from a saved VM's
+/// file, [`snapshot`]), paused: it runs once [`Machine::resume`] lets it. The configuration
+/// must be the one it was saved with (vCPUs, memory, devices); the kernel and initramfs are
+/// not loaded again (they are in its RAM).
+pub fn restore(config: VmConfig, ram: GuestRam, saved: &SavedVm) -> Result<MicroVm, VmmError> {
+    let started = Instant::now();
+    if saved.memory_mib != config.memory_mib || saved.vcpus.len() != usize::from(config.vcpus) {
+        return Err(VmmError::Snapshot(format!(
+            "saved with {} vCPUs and {} MiB, restored into {} and {} MiB",
+            saved.vcpus.len(),
+            saved.memory_mib,
+            config.vcpus,
+            config.memory_mib
+        )));
+    }
+    assemble(config, ram, Some(saved), started)
+}
+
+/// Builds the VM `config` describes in `ram`: booting its kernel, or restored from `saved`.
+fn assemble(
+    config: VmConfig,
+    ram: GuestRam,
+    saved: Option<&SavedVm>,
+    started: Instant,
+) -> Result<MicroVm, VmmError> {
     vcpu::install_kick_handler()?;
+    let vm = Arc::new(Vm::new(ram.clone())?);
 
-    // Memory and the KVM VM.
-    let ram =
-        memory::create(config.memory_mib << 20).map_err(|e| VmmError::Memory(e.to_string()))?;
-    let vm = Vm::new(ram.clone())?;
-
-    // Boot data: kernel, command line, initramfs, ACPI tables, zero page.
+    // Boot data: kernel, command line, initramfs (none for a restored VM: they are in RAM).
     let open = |path: &PathBuf, what: &str| {
         File::open(path).map_err(|e| VmmError::Config(format!("{what} {}: {e}", path.display())))
     };
-    let kernel = boot::load_kernel(&ram, &mut open(&config.kernel, "kernel")?)?;
-    boot::load_cmdline(&ram, &config.cmdline)?;
-    let initrd = match &config.initrd {
-        Some(path) => Some(boot::load_initrd(
-            &ram,
-            &kernel,
-            &mut open(path, "initramfs")?,
-        )?),
-        None => None,
+    let boot = match saved {
+        Some(_) => None,
+        None => {
+            let kernel = boot::load_kernel(&ram, &mut open(&config.kernel, "kernel")?)?;
+            boot::load_cmdline(&ram, &config.cmdline)?;
+            let initrd = match &config.initrd {
+                Some(path) => Some(boot::load_initrd(
+                    &ram,
+                    &kernel,
+                    &mut open(path, "initramfs")?,
+                )?),
+                None => None,
+            };
+            Some((kernel, initrd))
+        }
     };
     let mut virtio: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
     for disk in &config.block {
@@ -158,18 +259,48 @@ pub fn build(config: VmConfig) -> Result<MicroVm, VmmError> {
             virtio.len()
         )));
     }
-    let acpi_layout = acpi::AcpiLayout {
-        vcpus: config.vcpus,
-        virtio_devices: virtio.len(),
+    // ACPI tables and the zero page (a restored VM has them in RAM).
+    let entry = match (&boot, saved) {
+        (Some((kernel, initrd)), _) => {
+            let acpi_layout = acpi::AcpiLayout {
+                vcpus: config.vcpus,
+                virtio_devices: virtio.len(),
+            };
+            let rsdp = acpi::write_tables(&ram, &acpi_layout)?;
+            boot::write_boot_params(&ram, kernel, config.cmdline.len(), *initrd, rsdp)?;
+            kernel.entry
+        }
+        (None, Some(saved)) if saved.virtio.len() != virtio.len() => {
+            return Err(VmmError::Snapshot(format!(
+                "saved with {} virtio devices, restored with {}",
+                saved.virtio.len(),
+                virtio.len()
+            )));
+        }
+        (None, _) => 0,
     };
-    let rsdp = acpi::write_tables(&ram, &acpi_layout)?;
-    boot::write_boot_params(&ram, &kernel, config.cmdline.len(), initrd, rsdp)?;
 
     // Devices.
     let exit = Arc::new(ExitSignal::new().map_err(VmmError::Thread)?);
     let serial_irq = irq_line(&vm, SERIAL_GSI, "serial")?;
     let sink = ConsoleSink::new(BoundedLog::new(config.serial_log, config.serial));
-    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, sink)));
+    let serial = match saved {
+        Some(saved) => {
+            SerialDevice::restore(&saved.serial, serial_irq, sink).map_err(VmmError::Snapshot)?
+        }
+        None => SerialDevice::new(serial_irq, sink),
+    };
+    let serial = Arc::new(Mutex::new(serial));
+    let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone())));
+    let cmos = Arc::new(Mutex::new(Cmos::default()));
+    if let Some(saved) = saved {
+        lock(&i8042)
+            .restore(&saved.i8042)
+            .map_err(VmmError::Snapshot)?;
+        lock(&cmos)
+            .restore(&saved.cmos)
+            .map_err(VmmError::Snapshot)?;
+    }
     let mut pio = Bus::default();
     let mut put = |base: u16, len: u64, device: SharedDevice, name: &str| {
         pio.insert(u64::from(base), len, device)
@@ -179,18 +310,8 @@ pub fn build(config: VmConfig) -> Result<MicroVm, VmmError> {
             })
     };
     put(SERIAL_PORT, serial::PORTS, serial.clone(), "serial")?;
-    put(
-        I8042_DATA_PORT,
-        i8042::PORTS,
-        Arc::new(Mutex::new(I8042::new(exit.clone()))),
-        "i8042",
-    )?;
-    put(
-        CMOS_PORT,
-        cmos::PORTS,
-        Arc::new(Mutex::new(Cmos::default())),
-        "cmos",
-    )?;
+    put(I8042_DATA_PORT, i8042::PORTS, i8042.clone(), "i8042")?;
+    put(CMOS_PORT, cmos::PORTS, cmos.clone(), "cmos")?;
     put(
         ACPI_SLEEP_CONTROL_PORT,
         acpi_pm::PORTS,
@@ -198,8 +319,10 @@ pub fn build(config: VmConfig) -> Result<MicroVm, VmmError> {
         "acpi-pm",
     )?;
     let mut mmio = Bus::default();
-    let gate = Arc::new(PauseGate::new().map_err(VmmError::Thread)?);
+    // A restored VM starts paused: its threads park before their first step.
+    let gate = Arc::new(PauseGate::new(saved.is_some()).map_err(VmmError::Thread)?);
     let mut events = EventLoop::new(exit.clone(), gate.clone()).map_err(VmmError::Thread)?;
+    let mut transports = Vec::with_capacity(virtio.len());
     for (n, (name, device)) in virtio.into_iter().enumerate() {
         let base = virtio_mmio_base(n);
         let fail = |reason: String| VmmError::Device {
@@ -208,7 +331,14 @@ pub fn build(config: VmConfig) -> Result<MicroVm, VmmError> {
         };
         let irq = irq_line(&vm, virtio_gsi(n), &name)?;
         let queues = device.queue_max_sizes().len();
-        let transport = Arc::new(Mutex::new(MmioTransport::new(device, ram.clone(), irq)));
+        let mut transport = MmioTransport::new(device, ram.clone(), irq);
+        if let Some(saved) = saved {
+            transport
+                .restore(&saved.virtio[n])
+                .map_err(|e| VmmError::Snapshot(format!("{name}: {e}")))?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        transports.push(Arc::downgrade(&transport));
         let mut queue_events = Vec::with_capacity(queues);
         for queue in 0..queues {
             let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| fail(format!("eventfd: {e}")))?;
@@ -233,9 +363,15 @@ pub fn build(config: VmConfig) -> Result<MicroVm, VmmError> {
     );
     let events = events.spawn(events_filter)?;
 
-    // vCPUs, each on its own thread.
+    // The in-kernel devices' and the vCPUs' state; each vCPU on its own thread.
+    if let Some(saved) = saved {
+        vm.restore(&saved.vm)?;
+    }
     let vcpus = (0..config.vcpus)
-        .map(|id| Vcpu::new(&vm, id, config.vcpus, kernel.entry))
+        .map(|id| match saved {
+            Some(saved) => Vcpu::restore(&vm, id, &saved.vcpus[usize::from(id)]),
+            None => Vcpu::new(&vm, id, config.vcpus, entry),
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let ctx = VcpuContext {
         pio: Arc::new(pio),
@@ -288,12 +424,23 @@ pub fn build(config: VmConfig) -> Result<MicroVm, VmmError> {
             return Err(e);
         }
     };
+    let parts = Parts {
+        vm: vm.clone(),
+        memory_mib: config.memory_mib,
+        serial,
+        cmos,
+        i8042,
+        transports,
+    };
     Ok(MicroVm {
         exit,
+        machine: Machine {
+            pauser,
+            parts: Arc::new(parts),
+        },
         reaper: Some(reaper),
         vcpu_states: Vec::new(),
         first_exit_us: ctx.first_exit_us.clone(),
-        pauser,
         vm: Some(vm),
     })
 }
@@ -391,9 +538,9 @@ impl MicroVm {
         })
     }
 
-    /// What pauses and resumes this VM (from any thread, for as long as the VM lives).
-    pub fn pauser(&self) -> Pauser {
-        self.pauser.clone()
+    /// What pauses, resumes and saves this VM (from any thread).
+    pub fn machine(&self) -> Machine {
+        self.machine.clone()
     }
 
     /// Readable once the VM has ended (to poll it beside other descriptors).

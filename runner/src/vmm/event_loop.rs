@@ -126,7 +126,7 @@ impl EventLoop {
                     Some(Source::Pause) => {
                         let _ = self.gate.eventfd().read();
                         // No host input reaches the guest while it is paused.
-                        self.gate.park();
+                        self.gate.park(None);
                     }
                     Some(Source::Queue { device, queue, evt }) => {
                         let _ = evt.read();

@@ -20,10 +20,11 @@ pub mod event_loop;
 pub mod exit;
 pub mod pause;
 pub mod seccomp;
+pub mod snapshot;
 pub mod test_guest;
 pub mod vstate;
 
-pub use builder::{build, BlockConfig, MicroVm, VmConfig};
+pub use builder::{build, restore, BlockConfig, Machine, MicroVm, VmConfig};
 pub use exit::GuestExit;
 pub use pause::{PauseError, Pauser};
 
@@ -69,6 +70,10 @@ pub enum VmmError {
     /// A thread's seccomp filter could not be built or installed: the guest is not started.
     #[error("seccomp: {0}")]
     Seccomp(String),
+    /// A saved VM could not be read or restored (its file is malformed, or does not fit the
+    /// VM it is restored into).
+    #[error("saved VM: {0}")]
+    Snapshot(String),
 }
 
 impl VmmError {
@@ -84,6 +89,7 @@ impl VmmError {
             VmmError::Thread(_) => "VMM007",
             VmmError::Config(_) => "VMM008",
             VmmError::Seccomp(_) => "VMM009",
+            VmmError::Snapshot(_) => "VMM010",
         }
     }
 }

@@ -18,12 +18,15 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::exit::ExitSignal;
-use super::vstate::vcpu::kick_signal;
+use super::vstate::vcpu::{kick_signal, VcpuSnapshot};
 
 /// How long [`Pauser::pause`] waits for every thread to park.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a vCPU that has not parked is kicked again.
 const KICK_INTERVAL: Duration = Duration::from_millis(2);
+
+/// A parked vCPU's state, or why it could not be taken.
+type SavedVcpu = Result<VcpuSnapshot, String>;
 
 #[derive(Debug, Default)]
 struct GateState {
@@ -33,6 +36,9 @@ struct GateState {
     parked: usize,
     /// The VM is over: nobody parks, nobody is kicked.
     ended: bool,
+    /// While a save collects the vCPUs' states: one slot per vCPU, filled by the vCPU's own
+    /// thread (only it holds its fd).
+    saving: Option<Vec<Option<SavedVcpu>>>,
 }
 
 /// Where the VM's threads park while it is paused.
@@ -45,10 +51,14 @@ pub struct PauseGate {
 }
 
 impl PauseGate {
-    /// A gate that holds nobody.
-    pub fn new() -> std::io::Result<Self> {
+    /// A gate that holds nobody, or, `paused`, one that parks every thread as it starts (a
+    /// restored VM, until it is resumed).
+    pub fn new(paused: bool) -> std::io::Result<Self> {
         Ok(PauseGate {
-            state: Mutex::new(GateState::default()),
+            state: Mutex::new(GateState {
+                paused,
+                ..GateState::default()
+            }),
             changed: Condvar::new(),
             wake: EventFd::new(EFD_NONBLOCK)?,
         })
@@ -68,8 +78,9 @@ impl PauseGate {
         self.lock().paused
     }
 
-    /// Parks the calling thread while a pause is asked for and the VM has not ended.
-    pub fn park(&self) {
+    /// Parks the calling thread while a pause is asked for and the VM has not ended. A vCPU
+    /// thread passes its index and how to take its state, which it does when a save asks.
+    pub fn park(&self, mut vcpu: Option<(usize, &mut dyn FnMut() -> SavedVcpu)>) {
         let mut state = self.lock();
         if !state.paused || state.ended {
             return;
@@ -77,6 +88,20 @@ impl PauseGate {
         state.parked += 1;
         self.changed.notify_all();
         while state.paused && !state.ended {
+            let asked = match (&vcpu, &state.saving) {
+                (Some((id, _)), Some(slots)) => slots.get(*id).is_some_and(Option::is_none),
+                _ => false,
+            };
+            if let (true, Some((id, save))) = (asked, vcpu.as_mut()) {
+                drop(state);
+                let saved = save();
+                state = self.lock();
+                if let Some(slot) = state.saving.as_mut().and_then(|slots| slots.get_mut(*id)) {
+                    *slot = Some(saved);
+                }
+                self.changed.notify_all();
+                continue;
+            }
             state = self
                 .changed
                 .wait(state)
@@ -107,6 +132,12 @@ pub enum PauseError {
         /// Threads that should have.
         threads: usize,
     },
+    /// The VM's state was asked for while it runs.
+    #[error("the VM is not paused")]
+    NotPaused,
+    /// A vCPU's state could not be taken.
+    #[error("{0}")]
+    Vcpu(String),
 }
 
 /// Pauses and resumes one VM: its gate, the vCPU threads to kick, and its exit.
@@ -174,6 +205,50 @@ impl Pauser {
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
+    }
+
+    /// Every vCPU's state, taken by the vCPU threads of the paused VM (within
+    /// [`PAUSE_TIMEOUT`]).
+    pub fn vcpu_states(&self) -> Result<Vec<VcpuSnapshot>, PauseError> {
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        let mut state = self.gate.lock();
+        if state.ended || self.exit.is_raised() {
+            return Err(PauseError::Ended);
+        }
+        if !state.paused || state.parked != self.threads() {
+            return Err(PauseError::NotPaused);
+        }
+        state.saving = Some((0..self.vcpus.len()).map(|_| None).collect());
+        self.gate.changed.notify_all();
+        loop {
+            let done = state
+                .saving
+                .as_ref()
+                .is_some_and(|slots| slots.iter().all(Option::is_some));
+            if done || state.ended || Instant::now() >= deadline {
+                break;
+            }
+            state = self
+                .gate
+                .changed
+                .wait_timeout(state, KICK_INTERVAL)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        let slots = state.saving.take().unwrap_or_default();
+        if state.ended {
+            return Err(PauseError::Ended);
+        }
+        slots
+            .into_iter()
+            .enumerate()
+            .map(|(id, slot)| match slot {
+                Some(saved) => saved.map_err(PauseError::Vcpu),
+                None => Err(PauseError::Vcpu(format!(
+                    "vCPU {id} gave no state within {PAUSE_TIMEOUT:?}"
+                ))),
+            })
+            .collect()
     }
 
     /// Lets the VM's threads run again; resuming a running VM does nothing.

@@ -23,12 +23,15 @@ use std::collections::BTreeMap;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
-use kvm_bindings::{kvm_lapic_state, kvm_regs, kvm_sregs, KVMIO};
+use kvm_bindings::{
+    kvm_cpuid2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msrs, kvm_regs, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, KVMIO,
+};
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule, TargetArch,
 };
-use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_READ};
+use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_READ, _IOC_WRITE};
 
 use crate::vmm::VmmError;
 
@@ -75,12 +78,25 @@ const fn kvm_ior(nr: u32, size: usize) -> u64 {
     ioctl_expr(_IOC_READ, KVMIO, nr, size as u32) as u64
 }
 
+const fn kvm_iowr(nr: u32, size: usize) -> u64 {
+    ioctl_expr(_IOC_READ | _IOC_WRITE, KVMIO, nr, size as u32) as u64
+}
+
 /// `KVM_RUN`.
 const KVM_RUN: u64 = kvm_io(0x80);
 /// `KVM_GET_REGS`, `KVM_GET_SREGS`, `KVM_GET_LAPIC`: where a stopped vCPU was (its report).
 const KVM_GET_REGS: u64 = kvm_ior(0x81, std::mem::size_of::<kvm_regs>());
 const KVM_GET_SREGS: u64 = kvm_ior(0x83, std::mem::size_of::<kvm_sregs>());
 const KVM_GET_LAPIC: u64 = kvm_ior(0x8e, std::mem::size_of::<kvm_lapic_state>());
+/// The rest of a vCPU's state, which its own thread reads when a paused VM is saved
+/// (`Vcpu::save`).
+const KVM_GET_MSRS: u64 = kvm_iowr(0x88, std::mem::size_of::<kvm_msrs>());
+const KVM_GET_CPUID2: u64 = kvm_iowr(0x91, std::mem::size_of::<kvm_cpuid2>());
+const KVM_GET_MP_STATE: u64 = kvm_ior(0x98, std::mem::size_of::<kvm_mp_state>());
+const KVM_GET_VCPU_EVENTS: u64 = kvm_ior(0x9f, std::mem::size_of::<kvm_vcpu_events>());
+const KVM_GET_DEBUGREGS: u64 = kvm_ior(0xa1, std::mem::size_of::<kvm_debugregs>());
+const KVM_GET_XSAVE: u64 = kvm_ior(0xa4, std::mem::size_of::<kvm_xsave>());
+const KVM_GET_XCRS: u64 = kvm_ior(0xa6, std::mem::size_of::<kvm_xcrs>());
 
 /// One allowed syscall and the argument conditions it is allowed with.
 #[derive(Debug, Clone, Copy)]
@@ -125,11 +141,23 @@ const RUNTIME: &[Allow] = &[
 
 /// A vCPU's own work: running the guest and, on an exit, the port and MMIO devices — the
 /// UART (its log, its irqfd), the CMOS clock, the power-off and reset registers, the virtio
-/// transports' registers.
+/// transports' registers — and reading (never setting) its own state.
 const VCPU: &[Allow] = &[Allow::OneOf(
     libc::SYS_ioctl,
     1,
-    &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, KVM_GET_LAPIC],
+    &[
+        KVM_RUN,
+        KVM_GET_REGS,
+        KVM_GET_SREGS,
+        KVM_GET_LAPIC,
+        KVM_GET_MSRS,
+        KVM_GET_CPUID2,
+        KVM_GET_MP_STATE,
+        KVM_GET_VCPU_EVENTS,
+        KVM_GET_DEBUGREGS,
+        KVM_GET_XSAVE,
+        KVM_GET_XCRS,
+    ],
 )];
 
 /// The device thread's own work: epoll, queue eventfds, disks, the console socket, the rng.

@@ -10,8 +10,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Once};
 use std::time::Instant;
 
-use kvm_bindings::{Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::memory::GuestRam;
@@ -112,6 +116,32 @@ fn translate(memory: &GuestRam, cr3: u64, va: u64) -> Option<u64> {
     None
 }
 
+/// A vCPU's whole state as KVM holds it: what a saved VM's vCPU is restored from. Taken with
+/// the vCPU out of the guest and its last exit completed ([`Vcpu::save`]).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VcpuSnapshot {
+    /// The CPUID it was given.
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    /// Every MSR KVM lists that could be read.
+    pub msrs: Vec<kvm_msr_entry>,
+    /// General registers.
+    pub regs: kvm_regs,
+    /// Segment and control registers.
+    pub sregs: kvm_sregs,
+    /// FPU, SSE and AVX state (the legacy 4 KiB XSAVE area).
+    pub xsave: kvm_xsave,
+    /// Extended control registers.
+    pub xcrs: kvm_xcrs,
+    /// Debug registers.
+    pub debug_regs: kvm_debugregs,
+    /// The local APIC.
+    pub lapic: kvm_lapic_state,
+    /// Running, halted, waiting for a startup IPI…
+    pub mp_state: kvm_mp_state,
+    /// Pending exceptions, interrupts and NMIs.
+    pub events: kvm_vcpu_events,
+}
+
 /// A configured vCPU.
 #[derive(Debug)]
 pub struct Vcpu {
@@ -119,22 +149,45 @@ pub struct Vcpu {
     fd: VcpuFd,
     /// Guest RAM, read (never written) to report a stopped vCPU's stack.
     memory: GuestRam,
+    /// The MSRs KVM can save and restore (`KVM_GET_MSR_INDEX_LIST`).
+    msr_indices: Vec<u32>,
+}
+
+/// A [`VmmError::Vcpu`] of vCPU `id` for the step `what`.
+fn failed(id: u8, what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmmError {
+    move |e| VmmError::Vcpu {
+        id,
+        what,
+        source: e,
+    }
 }
 
 impl Vcpu {
-    /// Creates vCPU `id` of `vcpus` and gives it the state of a 64-bit kernel entry at `entry`.
-    pub fn new(vm: &Vm, id: u8, vcpus: u8, entry: u64) -> Result<Self, VmmError> {
-        let fail = |what: &'static str| {
-            move |e| VmmError::Vcpu {
-                id,
-                what,
-                source: e,
-            }
-        };
+    /// Creates vCPU `id`, without state.
+    fn create(vm: &Vm, id: u8) -> Result<Self, VmmError> {
         let fd = vm
             .fd()
             .create_vcpu(u64::from(id))
-            .map_err(fail("KVM_CREATE_VCPU"))?;
+            .map_err(failed(id, "KVM_CREATE_VCPU"))?;
+        let msr_indices = vm
+            .kvm()
+            .get_msr_index_list()
+            .map_err(failed(id, "KVM_GET_MSR_INDEX_LIST"))?
+            .as_slice()
+            .to_vec();
+        Ok(Vcpu {
+            id,
+            fd,
+            memory: vm.memory().clone(),
+            msr_indices,
+        })
+    }
+
+    /// Creates vCPU `id` of `vcpus` and gives it the state of a 64-bit kernel entry at `entry`.
+    pub fn new(vm: &Vm, id: u8, vcpus: u8, entry: u64) -> Result<Self, VmmError> {
+        let fail = |what: &'static str| failed(id, what);
+        let vcpu = Self::create(vm, id)?;
+        let fd = &vcpu.fd;
 
         let mut cpuid = vm
             .kvm()
@@ -169,11 +222,111 @@ impl Vcpu {
         let mut state = fd.get_lapic().map_err(fail("KVM_GET_LAPIC"))?;
         lapic::set_lint(&mut state);
         fd.set_lapic(&state).map_err(fail("KVM_SET_LAPIC"))?;
-        Ok(Vcpu {
+        Ok(vcpu)
+    }
+
+    /// Creates vCPU `id` in the state `saved` (in the order KVM needs: CPUID first, the
+    /// LAPIC before the MSRs that depend on it, pending events last).
+    #[allow(unsafe_code)]
+    pub fn restore(vm: &Vm, id: u8, saved: &VcpuSnapshot) -> Result<Self, VmmError> {
+        let fail = |what: &'static str| failed(id, what);
+        let invalid = |what: &'static str| VmmError::Vcpu {
             id,
-            fd,
-            memory: vm.memory().clone(),
+            what,
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        };
+        let vcpu = Self::create(vm, id)?;
+        let fd = &vcpu.fd;
+        let cpuid = CpuId::from_entries(&saved.cpuid).map_err(|_| invalid("the saved CPUID"))?;
+        fd.set_cpuid2(&cpuid).map_err(fail("KVM_SET_CPUID2"))?;
+        fd.set_mp_state(saved.mp_state)
+            .map_err(fail("KVM_SET_MP_STATE"))?;
+        fd.set_regs(&saved.regs).map_err(fail("KVM_SET_REGS"))?;
+        fd.set_sregs(&saved.sregs).map_err(fail("KVM_SET_SREGS"))?;
+        // SAFETY: a legacy `kvm_xsave` (4 KiB) as `KVM_GET_XSAVE` gave it; this VMM never
+        // enables `KVM_CAP_XSAVE2`, so KVM reads exactly that much.
+        unsafe { fd.set_xsave(&saved.xsave) }.map_err(fail("KVM_SET_XSAVE"))?;
+        fd.set_xcrs(&saved.xcrs).map_err(fail("KVM_SET_XCRS"))?;
+        fd.set_debug_regs(&saved.debug_regs)
+            .map_err(fail("KVM_SET_DEBUGREGS"))?;
+        fd.set_lapic(&saved.lapic).map_err(fail("KVM_SET_LAPIC"))?;
+        let msrs = Msrs::from_entries(&saved.msrs).map_err(|_| invalid("the saved MSRs"))?;
+        let written = fd.set_msrs(&msrs).map_err(fail("KVM_SET_MSRS"))?;
+        if written != saved.msrs.len() {
+            return Err(invalid("KVM_SET_MSRS (a saved MSR was refused)"));
+        }
+        fd.set_vcpu_events(&saved.events)
+            .map_err(fail("KVM_SET_VCPU_EVENTS"))?;
+        Ok(vcpu)
+    }
+
+    /// The vCPU's whole state, taken on its own thread while the VM is paused: first a
+    /// `KVM_RUN` that completes the last port or MMIO read and returns before the guest runs
+    /// (`immediate_exit`), so no half-done instruction is lost; the multiprocessing state
+    /// first and pending events last, as KVM orders them.
+    fn save(&mut self) -> Result<VcpuSnapshot, String> {
+        let id = self.id;
+        let fail =
+            move |what: &'static str| move |e: kvm_ioctls::Error| format!("vCPU {id}: {what}: {e}");
+        self.fd.set_kvm_immediate_exit(1);
+        let completed = self.fd.run().map(|_| ());
+        self.fd.set_kvm_immediate_exit(0);
+        match completed {
+            Err(e) if e.errno() != libc::EINTR => return Err(fail("completing its last exit")(e)),
+            _ => {}
+        }
+        let fd = &self.fd;
+        let mp_state = fd.get_mp_state().map_err(fail("KVM_GET_MP_STATE"))?;
+        let regs = fd.get_regs().map_err(fail("KVM_GET_REGS"))?;
+        let sregs = fd.get_sregs().map_err(fail("KVM_GET_SREGS"))?;
+        let xsave = fd.get_xsave().map_err(fail("KVM_GET_XSAVE"))?;
+        let xcrs = fd.get_xcrs().map_err(fail("KVM_GET_XCRS"))?;
+        let debug_regs = fd.get_debug_regs().map_err(fail("KVM_GET_DEBUGREGS"))?;
+        let lapic = fd.get_lapic().map_err(fail("KVM_GET_LAPIC"))?;
+        let cpuid = fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(fail("KVM_GET_CPUID2"))?
+            .as_slice()
+            .to_vec();
+        let msrs = self.read_msrs()?;
+        let events = fd.get_vcpu_events().map_err(fail("KVM_GET_VCPU_EVENTS"))?;
+        Ok(VcpuSnapshot {
+            cpuid,
+            msrs,
+            regs,
+            sregs,
+            xsave,
+            xcrs,
+            debug_regs,
+            lapic,
+            mp_state,
+            events,
         })
+    }
+
+    /// Every listed MSR that KVM will read: `KVM_GET_MSRS` stops at the first it cannot
+    /// read, which is left out, and the rest are read on.
+    fn read_msrs(&self) -> Result<Vec<kvm_msr_entry>, String> {
+        let mut read = Vec::with_capacity(self.msr_indices.len());
+        let mut rest = &self.msr_indices[..];
+        while !rest.is_empty() {
+            let entries: Vec<kvm_msr_entry> = rest
+                .iter()
+                .map(|&index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect();
+            let mut msrs = Msrs::from_entries(&entries)
+                .map_err(|e| format!("vCPU {}: the MSR list: {e:?}", self.id))?;
+            let n = self
+                .fd
+                .get_msrs(&mut msrs)
+                .map_err(|e| format!("vCPU {}: KVM_GET_MSRS: {e}", self.id))?;
+            read.extend_from_slice(&msrs.as_slice()[..n.min(rest.len())]);
+            rest = &rest[(n + 1).min(rest.len())..];
+        }
+        Ok(read)
     }
 
     /// Runs the vCPU until the VM stops (every way out of the loop raises `ctx.exit`), then
@@ -216,7 +369,8 @@ impl Vcpu {
         let mut first = self.id == 0;
         while !ctx.exit.is_raised() {
             // Between the last exit's handling and the next entry: no device is mid-access.
-            ctx.gate.park();
+            let id = usize::from(self.id);
+            ctx.gate.park(Some((id, &mut || self.save())));
             if ctx.exit.is_raised() {
                 break;
             }

@@ -3,13 +3,32 @@
 
 #![allow(unsafe_code)]
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::memory::GuestRam;
 use crate::vmm::arch::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
 use crate::vmm::VmmError;
+
+/// The in-kernel devices' state: the two PICs, the IOAPIC, the PIT, the KVM clock.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmSnapshot {
+    /// The master 8259.
+    pub pic_master: kvm_irqchip,
+    /// The slave 8259.
+    pub pic_slave: kvm_irqchip,
+    /// The IOAPIC.
+    pub ioapic: kvm_irqchip,
+    /// The PIT.
+    pub pit: kvm_pit_state2,
+    /// The guest's kvmclock.
+    pub clock: kvm_clock_data,
+}
 
 /// A KVM VM with its memory.
 #[derive(Debug)]
@@ -71,5 +90,62 @@ impl Vm {
     /// Guest RAM.
     pub fn memory(&self) -> &GuestRam {
         &self.memory
+    }
+
+    /// The in-kernel devices' state (the vCPUs paused).
+    pub fn save(&self) -> Result<VmSnapshot, VmmError> {
+        let chip = |id: u32, what: &'static str| {
+            let mut chip = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut chip)
+                .map(|()| chip)
+                .map_err(|e| VmmError::Kvm(what, e))
+        };
+        let mut clock = self
+            .fd
+            .get_clock()
+            .map_err(|e| VmmError::Kvm("KVM_GET_CLOCK", e))?;
+        // `KVM_SET_CLOCK` takes only the clock, no flags (`TSC_STABLE` and the rest are
+        // KVM's to report).
+        clock.flags = 0;
+        Ok(VmSnapshot {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER, "KVM_GET_IRQCHIP (PIC master)")?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE, "KVM_GET_IRQCHIP (PIC slave)")?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC, "KVM_GET_IRQCHIP (IOAPIC)")?,
+            pit: self
+                .fd
+                .get_pit2()
+                .map_err(|e| VmmError::Kvm("KVM_GET_PIT2", e))?,
+            clock,
+        })
+    }
+
+    /// Gives the in-kernel devices the state `saved` (before any vCPU runs).
+    pub fn restore(&self, saved: &VmSnapshot) -> Result<(), VmmError> {
+        let chips = [
+            (&saved.pic_master, KVM_IRQCHIP_PIC_MASTER),
+            (&saved.pic_slave, KVM_IRQCHIP_PIC_SLAVE),
+            (&saved.ioapic, KVM_IRQCHIP_IOAPIC),
+        ];
+        for (chip, id) in chips {
+            if chip.chip_id != id {
+                return Err(VmmError::Snapshot(format!(
+                    "interrupt controller {} saved as {id}",
+                    chip.chip_id
+                )));
+            }
+            self.fd
+                .set_irqchip(chip)
+                .map_err(|e| VmmError::Kvm("KVM_SET_IRQCHIP", e))?;
+        }
+        self.fd
+            .set_pit2(&saved.pit)
+            .map_err(|e| VmmError::Kvm("KVM_SET_PIT2", e))?;
+        self.fd
+            .set_clock(&saved.clock)
+            .map_err(|e| VmmError::Kvm("KVM_SET_CLOCK", e))
     }
 }

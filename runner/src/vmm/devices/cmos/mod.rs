@@ -9,6 +9,8 @@ use time::OffsetDateTime;
 
 use crate::vmm::devices::bus::BusDevice;
 
+pub mod persist;
+
 /// How many ports the device decodes.
 pub const PORTS: u64 = 2;
 const REG_SECONDS: u8 = 0x00;

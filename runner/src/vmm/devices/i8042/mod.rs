@@ -11,6 +11,8 @@ use std::sync::Arc;
 use crate::vmm::devices::bus::BusDevice;
 use crate::vmm::exit::{ExitSignal, GuestExit};
 
+pub mod persist;
+
 /// How many ports the device spans (0x60 to 0x64).
 pub const PORTS: u64 = 5;
 /// Offset of the command/status port from the data port.

@@ -15,6 +15,8 @@ use crate::serial::BoundedLog;
 use crate::vmm::devices::bus::BusDevice;
 use crate::vmm::devices::IrqLine;
 
+pub mod persist;
+
 /// How many ports the UART decodes.
 pub const PORTS: u64 = 8;
 /// The most output held before it is passed on without waiting for a newline.

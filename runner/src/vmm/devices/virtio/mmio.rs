@@ -14,6 +14,7 @@ use virtio_bindings::virtio_config::{
 use virtio_bindings::virtio_mmio::*;
 use virtio_queue::{Queue, QueueT};
 
+use super::persist::{QueueSnapshot, TransportSnapshot};
 use super::{DeviceEvent, HostInterest, VirtioDevice, FEATURE_VERSION_1};
 use crate::vmm::devices::bus::BusDevice;
 use crate::vmm::devices::IrqLine;
@@ -125,6 +126,61 @@ impl MmioTransport {
                 self.interrupt(VIRTIO_MMIO_INT_CONFIG);
             }
         }
+    }
+
+    /// The transport's and its device's state, for a cold save.
+    pub fn save(&self) -> TransportSnapshot {
+        TransportSnapshot {
+            device_type: self.device.device_type(),
+            queue_select: self.queue_select,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            driver_features: self.driver_features,
+            status: self.status,
+            interrupt_status: self.interrupt_status,
+            config_generation: self.config_generation,
+            queues: self.queues.iter().map(QueueSnapshot::of).collect(),
+            device: self.device.save(),
+        }
+    }
+
+    /// Takes the state `saved`, which must be of a device of this kind with as many queues of
+    /// the same sizes; nothing changes if it is refused. A pending interrupt is raised again.
+    pub fn restore(&mut self, saved: &TransportSnapshot) -> Result<(), String> {
+        let kind = self.device.device_type();
+        if saved.device_type != kind {
+            return Err(format!(
+                "a device of type {} saved for type {kind}",
+                saved.device_type
+            ));
+        }
+        let sizes = self.device.queue_max_sizes();
+        if saved.queues.len() != sizes.len() {
+            return Err(format!(
+                "{} queues saved for {}",
+                saved.queues.len(),
+                sizes.len()
+            ));
+        }
+        let queues = saved
+            .queues
+            .iter()
+            .zip(sizes)
+            .map(|(queue, max)| queue.queue(*max))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.device.restore(&saved.device)?;
+        self.queues = queues;
+        self.queue_select = saved.queue_select;
+        self.device_features_select = saved.device_features_select;
+        self.driver_features_select = saved.driver_features_select;
+        self.driver_features = saved.driver_features;
+        self.status = saved.status;
+        self.interrupt_status = saved.interrupt_status;
+        self.config_generation = saved.config_generation;
+        if self.interrupt_status != 0 {
+            let _ = self.irq.trigger();
+        }
+        Ok(())
     }
 
     fn interrupt(&mut self, why: u32) {

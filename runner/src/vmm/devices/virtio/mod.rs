@@ -15,6 +15,7 @@
 pub mod block;
 pub mod console;
 pub mod mmio;
+pub mod persist;
 pub mod rng;
 
 use std::os::fd::BorrowedFd;
@@ -86,6 +87,17 @@ pub trait VirtioDevice: Send {
     /// taken.
     fn host_interest(&self, _queues: &[Queue], _memory: &GuestRam) -> HostInterest {
         HostInterest::default()
+    }
+    /// Its own state beyond its configuration, for a cold save.
+    fn save(&self) -> persist::DeviceSnapshot {
+        persist::DeviceSnapshot::Stateless
+    }
+    /// Takes the state `saved` (a device of the same kind saved it).
+    fn restore(&mut self, saved: &persist::DeviceSnapshot) -> Result<(), String> {
+        match saved {
+            persist::DeviceSnapshot::Stateless => Ok(()),
+            other => Err(format!("a {other:?} state for a stateless device")),
+        }
     }
 }
 

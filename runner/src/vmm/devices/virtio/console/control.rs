@@ -14,6 +14,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryBackend};
 
 use super::DATA_PORT;
+use crate::vmm::devices::virtio::persist::DeviceSnapshot;
 use crate::vmm::devices::virtio::{available, DeviceError};
 use crate::vmm::vstate::memory::GuestRam;
 
@@ -72,6 +73,28 @@ impl Control {
     /// Whether the guest has opened the port.
     pub fn guest_open(&self) -> bool {
         self.guest_open
+    }
+
+    /// The handshake's state, for a cold save.
+    pub fn save(&self) -> DeviceSnapshot {
+        DeviceSnapshot::Console {
+            guest_open: self.guest_open,
+            outbox: self.outbox.iter().cloned().collect(),
+        }
+    }
+
+    /// Takes a saved handshake state; refused if it holds more messages than the device would.
+    pub fn restore(&mut self, guest_open: bool, outbox: &[Vec<u8>]) -> Result<(), String> {
+        if outbox.len() > OUTBOX_LIMIT || outbox.iter().any(|m| m.len() > MESSAGE_SIZE + NAME_LIMIT)
+        {
+            return Err(format!(
+                "console: {} control messages waiting",
+                outbox.len()
+            ));
+        }
+        self.guest_open = guest_open;
+        self.outbox = outbox.iter().cloned().collect();
+        Ok(())
     }
 
     /// Forgets the handshake (device reset).

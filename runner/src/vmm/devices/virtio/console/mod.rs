@@ -26,6 +26,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryBackend};
 
+use super::persist::DeviceSnapshot;
 use super::{
     available, read_config_space, DeviceError, DeviceEvent, HostInterest, VirtioDevice,
     FEATURE_VERSION_1,
@@ -273,6 +274,23 @@ impl VirtioDevice for Console {
             used |= self.receive(&mut queues[receive], memory)?;
         }
         Ok(used)
+    }
+
+    fn save(&self) -> DeviceSnapshot {
+        match &self.control {
+            Some(control) => control.save(),
+            None => DeviceSnapshot::Stateless,
+        }
+    }
+
+    fn restore(&mut self, saved: &DeviceSnapshot) -> Result<(), String> {
+        match (&mut self.control, saved) {
+            (None, DeviceSnapshot::Stateless) => Ok(()),
+            (Some(control), DeviceSnapshot::Console { guest_open, outbox }) => {
+                control.restore(*guest_open, outbox)
+            }
+            (_, other) => Err(format!("console: {other:?} does not fit this console")),
+        }
     }
 
     fn reset(&mut self) {

@@ -1,0 +1,223 @@
+//! A VM of mvm's own VMM saved while it runs and restored into a new VMM, on this host's
+//! `/dev/kvm` (PVM here: the purpose-built guests, not Linux). The `virtio_check` guest is
+//! saved while it waits for the host's answer on the agent channel — after it found its
+//! devices through ACPI, read its disks and did the console's handshake — and the restored VM,
+//! with a new channel, takes the answer, echoes it and powers off: its vCPU, memory, console
+//! port, virtqueues and disks came back. A 2-vCPU guest keeps ticking after its restore (the
+//! second vCPU still waiting for its startup IPI). A changed file is refused. Skipped, with the
+//! reason printed, when `/dev/kvm` cannot be opened.
+
+mod guest;
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use mvm_ir::plan::Timestamp;
+use mvm_runner::cold::{ColdError, ColdManifest, ColdState, SavedMemory};
+use mvm_runner::serial::Console;
+use mvm_runner::vm_process::{OwnVm, VmProcess};
+use mvm_runner::vmm::{self, GuestExit, VmConfig};
+
+/// A manifest for a state of `memory` (only its digest is looked at by a restore).
+fn manifest(memory: SavedMemory) -> ColdManifest {
+    ColdManifest {
+        schema_version: "mvm.cold-vm/v1".into(),
+        name: "test".into(),
+        vm: "vm-test".into(),
+        plan_digest: "sha256:00".into(),
+        envelope: "/nonexistent".into(),
+        accel: "kvm".into(),
+        backend: "kvm".into(),
+        memory,
+        saved_at: Timestamp::now(),
+    }
+}
+
+/// Saves the paused `vm` into `path`; what was written.
+fn save(vm: &VmProcess, dir: &Path, path: &Path) -> SavedMemory {
+    let mut machine = vm.machine(dir).unwrap();
+    machine.pause().unwrap();
+    let mut file = File::create(path).unwrap();
+    let started = Instant::now();
+    let saved = machine.save(&dir.join("unused.sock"), &mut file).unwrap();
+    eprintln!("saved {} bytes in {:?}", saved.bytes, started.elapsed());
+    assert_eq!(
+        mvm_ir::digest::sha256_reader(File::open(path).unwrap()).unwrap(),
+        (saved.sha256.clone(), saved.bytes)
+    );
+    saved
+}
+
+fn cold(path: &Path, memory: SavedMemory) -> ColdState {
+    ColdState {
+        manifest: manifest(memory),
+        memory: File::open(path).unwrap(),
+    }
+}
+
+#[test]
+fn a_saved_vm_restored_into_a_new_vmm_carries_on_where_it_was() {
+    if let Some(reason) = guest::kvm_unavailable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let files = guest::PlanFiles::new(dir.path());
+    let plan = guest::test_plan();
+    let log = |name: &str| File::create(dir.path().join(name)).unwrap();
+    let mut vm = VmProcess::Own(OwnVm::boot(&plan, &files.own(), log("first.log")).unwrap());
+    let mut channel = vm.take_channel().unwrap();
+    guest::wait_for_ping(&mut channel, &vm);
+    let state = dir.path().join("vm.state");
+    let saved = save(&vm, dir.path(), &state);
+    vm.kill();
+    drop(channel);
+    assert_eq!(
+        vm.try_wait().unwrap().as_deref(),
+        Some("stopped by the runner")
+    );
+    let before = vm.console().tail();
+    assert!(!before.contains("console received"), "{before}");
+    // Zero pages are left out: far less than the 64 MiB of RAM.
+    assert!(saved.bytes < 8 << 20, "{} bytes", saved.bytes);
+
+    // Restored twice from the same file: a state can be woken more than once.
+    for round in 0..2 {
+        let mut state = cold(&state, saved.clone());
+        let own = OwnVm::restore(&plan, &files.own(), log("second.log"), &mut state).unwrap();
+        let mut vm = VmProcess::Own(own);
+        let mut channel = vm.take_channel().unwrap();
+        // Paused until resumed: nothing runs, the answer waits.
+        channel.write_all(b"pong-from-host").unwrap();
+        assert_eq!(vm.wait_for_exit(Duration::from_millis(300)).unwrap(), None);
+        vm.machine(dir.path()).unwrap().resume().unwrap();
+        let tail = guest::assert_powered_off(&mut vm);
+        // It went on from where it was saved: no boot, no device discovery, no disk read (it
+        // may still have been about to say it sent its ping).
+        assert!(
+            tail.contains("mvm-guest: console received: pong-from-host\n"),
+            "{round}: {tail}"
+        );
+        for before_the_save in ["virtio check", "devices=", "blk read", "port 1 is"] {
+            assert!(!tail.contains(before_the_save), "{round}: {tail}");
+        }
+        assert!(tail.ends_with("mvm-guest: ok\n"), "{round}: {tail}");
+        // The echo came back on the new channel.
+        channel.set_read_timeout(Some(guest::TIMEOUT)).unwrap();
+        let mut echoed = Vec::new();
+        channel.read_to_end(&mut echoed).unwrap();
+        assert!(echoed.ends_with(b"pong-from-host"), "{round}: {echoed:?}");
+    }
+}
+
+#[test]
+fn a_changed_or_foreign_state_is_refused_and_nothing_runs() {
+    if let Some(reason) = guest::kvm_unavailable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let files = guest::PlanFiles::new(dir.path());
+    let plan = guest::test_plan();
+    let log = || File::create(dir.path().join("serial.log")).unwrap();
+    let mut vm = VmProcess::Own(OwnVm::boot(&plan, &files.own(), log()).unwrap());
+    let mut channel = vm.take_channel().unwrap();
+    guest::wait_for_ping(&mut channel, &vm);
+    let path = dir.path().join("vm.state");
+    let saved = save(&vm, dir.path(), &path);
+    vm.kill();
+    let restore = |plan: &mvm_ir::plan::LaunchPlan, memory: SavedMemory| {
+        OwnVm::restore(plan, &files.own(), log(), &mut cold(&path, memory)).map(|_| ())
+    };
+
+    // One byte of a page changed: its digest is not the manifest's (RUN041).
+    let original = std::fs::read(&path).unwrap();
+    let mut file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.seek(SeekFrom::Start(saved.bytes - 100)).unwrap();
+    file.write_all(&[original[saved.bytes as usize - 100] ^ 1])
+        .unwrap();
+    let refused = restore(&plan, saved.clone()).unwrap_err();
+    assert!(matches!(refused, ColdError::Unverified(_)), "{refused}");
+    assert_eq!(refused.code(), "RUN041");
+    std::fs::write(&path, &original).unwrap();
+
+    // Garbage whose digest the manifest names: not a state (RUN042, VMM010).
+    std::fs::write(&path, b"not a saved VM at all").unwrap();
+    let (sha256, bytes) = mvm_ir::digest::sha256_reader(File::open(&path).unwrap()).unwrap();
+    let refused = restore(&plan, SavedMemory { sha256, bytes }).unwrap_err();
+    assert_eq!(refused.code(), "RUN042");
+    assert!(refused.to_string().contains("VMM010"), "{refused}");
+    std::fs::write(&path, &original).unwrap();
+
+    // The right state for another machine: 2 vCPUs and 128 MiB (RUN042).
+    let mut bigger = plan.clone();
+    bigger.resources.cpu_cores = 2;
+    bigger.resources.memory_mb = 128;
+    let refused = restore(&bigger, saved.clone()).unwrap_err();
+    assert_eq!(refused.code(), "RUN042");
+    assert!(
+        refused
+            .to_string()
+            .contains("saved with 1 vCPUs and 64 MiB"),
+        "{refused}"
+    );
+
+    // And the untouched state still restores.
+    restore(&plan, saved).unwrap();
+}
+
+#[test]
+fn a_guest_with_two_vcpus_ticks_on_after_its_restore() {
+    if let Some(reason) = guest::kvm_unavailable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = guest::build(dir.path(), &["lib", "spin"]);
+    let config = |log: &str, console: &Console| VmConfig {
+        vcpus: 2,
+        cmdline: "tick".into(),
+        serial_log: File::create(dir.path().join(log)).unwrap(),
+        ..guest::config(dir.path(), kernel.clone(), console)
+    };
+    let console = Console::default();
+    let vm = vmm::build(config("first.log", &console)).unwrap();
+    let deadline = Instant::now() + guest::TIMEOUT;
+    while console.tail().matches(".\n").count() < 5 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let machine = vm.machine();
+    machine.pause().unwrap();
+    let mut state = Vec::new();
+    machine.save(&mut state).unwrap();
+    assert_eq!(vm.stop(), GuestExit::Stopped);
+
+    let console = Console::default();
+    let restored_config = config("second.log", &console);
+    let ram = vmm::builder::guest_ram(&restored_config).unwrap();
+    let mut reader = vmm::snapshot::SnapshotReader::new(&ram);
+    reader.write_all(&state).unwrap();
+    let saved = vmm::snapshot::parse(&reader.finish().unwrap()).unwrap();
+    assert_eq!(saved.vcpus.len(), 2);
+    let vm = vmm::restore(restored_config, ram, &saved).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(console.tail(), "", "paused until resumed");
+    vm.machine().resume().unwrap();
+    let deadline = Instant::now() + guest::TIMEOUT;
+    while console.tail().matches(".\n").count() < 5 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Only ticks: it did not start over (no hello).
+    let tail = console.tail();
+    assert!(tail.matches(".\n").count() >= 5, "{tail}");
+    assert!(!tail.contains("spinning"), "{tail}");
+    let (end, states) = vm.stop_and_inspect();
+    assert_eq!(end, GuestExit::Stopped);
+    assert!(
+        (0x20_0000..0x21_0000).contains(&states[0].rip),
+        "{:x?}",
+        states[0]
+    );
+}
