@@ -49,6 +49,12 @@ fn main() -> ExitCode {
         eprintln!("vmm_boot: --kernel is required");
         return ExitCode::from(2);
     };
+    let open = |path: PathBuf| {
+        File::open(&path).map_err(|e| eprintln!("vmm_boot: {}: {e}", path.display()))
+    };
+    let (Ok(kernel), Ok(initrd)) = (open(kernel), initrd.map(open).transpose()) else {
+        return ExitCode::from(2);
+    };
     let serial_log = match std::io::stdout().as_fd().try_clone_to_owned() {
         Ok(fd) => File::from(fd),
         Err(e) => {

@@ -3,24 +3,31 @@
 //!
 //! The runner keeps admission, audit, state and the control socket; only the VMM is jailed.
 //! [`JailedVm::boot`] re-executes the runner's binary in a hidden mode ([`CHILD_MODE`]) and
-//! sends it a [`ChildConfig`] as JSON on its standard input; the agent channel (one end of a
-//! socketpair) is inherited as a file descriptor, and the child's standard output is the
-//! guest's serial console, recorded by the runner as QEMU's is ([`crate::child`]).
+//! sends it a [`ChildConfig`] as JSON on its standard input. The runner opens the artifacts
+//! itself, as root, before the child exists (the kernel and initramfs for reading, each disk
+//! for reading, and for writing only if the guest may write it); they and the agent channel
+//! (one end of a socketpair) are inherited as file descriptors, whose numbers the
+//! configuration gives. So the jail's uid needs no access to the artifacts, and the jailed
+//! VMM can reach no file by a path but `/dev/kvm`. The child's standard output is the guest's
+//! serial console, recorded by the runner as QEMU's is ([`crate::child`]).
 //!
 //! The child ([`child_main`]), single-threaded until the VMM starts:
-//! 1. leaves the runner's mount, PID, IPC, network and UTS namespaces (`unshare_namespaces`);
-//! 2. forks once, so that the VMM is PID 1 of the new PID namespace (`become_pid_one`);
-//! 3. builds the jail root on the VM's jail directory: a small tmpfs holding only the
-//!    artifacts (bind mounts, read-only unless a disk is writable) and `dev/kvm` (a device
-//!    node owned by the jail's uid) (`build_root`), and `pivot_root`s into it, the old root
-//!    detached (`enter_root`);
-//! 4. sets resource limits (`set_limits`);
-//! 5. drops supplementary groups, gid and uid (real, effective, saved), checks that root
+//! 1. takes the inherited descriptors, each checked before it is trusted: the channel a
+//!    socket, each artifact a regular file open for exactly the access it was sent for
+//!    (`adopt`);
+//! 2. leaves the runner's mount, PID, IPC, network and UTS namespaces (`unshare_namespaces`);
+//! 3. forks once, so that the VMM is PID 1 of the new PID namespace (`become_pid_one`);
+//! 4. builds the jail root on the VM's jail directory: a small tmpfs holding only `dev/kvm`
+//!    (a device node owned by the jail's uid) (`build_root`), and `pivot_root`s into it, the
+//!    old root detached (`enter_root`);
+//! 5. sets resource limits (`set_limits`);
+//! 6. drops supplementary groups, gid and uid (real, effective, saved), checks that root
 //!    cannot be regained, sets `no_new_privs` (`drop_privileges`), and arms the
 //!    parent-death signal again (a credential change clears it, `die_with_parent`);
-//! 6. only then opens `/dev/kvm` and the artifacts, inside the jail, and runs the VMM, whose
-//!    threads install their seccomp filters as they do unjailed ([`crate::vmm::seccomp`]);
-//! 7. filters its own thread too (the supervisor's list), then answers the runner's pause and
+//! 7. only then opens `/dev/kvm`, inside the jail, and runs the VMM on the inherited files,
+//!    its threads installing their seccomp filters as they do unjailed
+//!    ([`crate::vmm::seccomp`]);
+//! 8. filters its own thread too (the supervisor's list), then answers the runner's pause and
 //!    resume on an inherited control socket ([`JailControl`]) until the guest ends.
 //!
 //! The mounts exist only in the child's mount namespace, so they vanish with it; the runner
@@ -30,14 +37,14 @@
 use std::fs::File;
 use std::io::{self, BufRead, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 use std::time::Duration;
 
-use rustix::fs::{FileType, Gid, Mode, Uid};
+use rustix::fs::{FileType, Gid, Mode, OFlags, Uid};
 use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
 use rustix::process::{Resource, Rlimit};
 use rustix::thread::UnshareFlags;
@@ -46,8 +53,8 @@ use serde::{Deserialize, Serialize};
 use crate::child::ChildVm;
 use crate::host::BackendChoice;
 use crate::serial::Console;
-use crate::vm_process::VmSpec;
-use crate::vmm::{self, GuestExit};
+use crate::vm_process::{BootFiles, VmSpec};
+use crate::vmm::{self, BlockConfig, GuestExit};
 
 /// The hidden first argument that makes `mvm-runner` the jailed VMM child.
 pub const CHILD_MODE: &str = "--vmm-child";
@@ -149,12 +156,26 @@ pub struct ChildConfig {
     pub jail: Jail,
     /// The jail directory (on the host), which becomes its root.
     pub root: PathBuf,
-    /// The VM, with the artifacts' host paths.
+    /// The VM; its host paths only name the artifacts in messages.
     pub spec: VmSpec,
     /// The inherited descriptor of the guest's end of the agent channel.
     pub channel_fd: RawFd,
     /// The inherited descriptor of the child's end of its control socket ([`JailControl`]).
     pub control_fd: RawFd,
+    /// The inherited descriptors of the artifacts, opened by the runner.
+    pub artifact_fds: ArtifactFds,
+}
+
+/// The descriptor numbers a jailed VMM inherits its artifacts at, as in its [`VmSpec`].
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ArtifactFds {
+    /// The kernel, open for reading.
+    pub kernel: RawFd,
+    /// The initramfs, open for reading.
+    pub initrd: Option<RawFd>,
+    /// The disks, in the spec's order, each open for reading, and for writing only if the
+    /// guest may write it.
+    pub disks: Vec<RawFd>,
 }
 
 /// The own VMM running jailed in a child process.
@@ -209,8 +230,9 @@ impl crate::control::Pausable for JailControl {
 
 impl JailedVm {
     /// Starts `exe` (the runner's binary) as the jailed VMM of `spec`, jailed as `jail` in
-    /// the new directory `root`, its serial console logged into `serial_log`. Call it from
-    /// the thread that outlives the VM (see [`ChildVm::spawn`]).
+    /// the new directory `root`, its serial console logged into `serial_log`; the artifacts
+    /// are opened here, by this process, and passed on open. Call it from the thread that
+    /// outlives the VM (see [`ChildVm::spawn`]).
     pub fn boot(
         exe: &Path,
         jail: Jail,
@@ -218,22 +240,27 @@ impl JailedVm {
         spec: &VmSpec,
         serial_log: File,
     ) -> Result<Self, JailError> {
-        check_access(spec, jail)?;
+        let files = spec.open().map_err(|e| JailError::Setup {
+            step: "opening the artifacts",
+            reason: e.to_string(),
+        })?;
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(root)
             .map_err(JailError::setup("creating the jail directory"))?;
-        Self::start(exe, jail, root, spec, serial_log).inspect_err(|_| {
+        Self::start(exe, jail, root, spec, files, serial_log).inspect_err(|_| {
             let _ = std::fs::remove_dir(root);
         })
     }
 
-    /// Starts the child for [`JailedVm::boot`], the jail directory made.
+    /// Starts the child for [`JailedVm::boot`] on the artifacts `files`, the jail directory
+    /// made.
     fn start(
         exe: &Path,
         jail: Jail,
         root: &Path,
         spec: &VmSpec,
+        files: BootFiles,
         serial_log: File,
     ) -> Result<Self, JailError> {
         let (guest_end, host_end) =
@@ -242,12 +269,22 @@ impl JailedVm {
         let (child_control, control) =
             UnixStream::pair().map_err(JailError::setup("control socket"))?;
         let child_control = OwnedFd::from(child_control);
+        let artifact_fds = ArtifactFds {
+            kernel: files.kernel.as_raw_fd(),
+            initrd: files.initrd.as_ref().map(AsRawFd::as_raw_fd),
+            disks: files
+                .disks
+                .iter()
+                .map(|disk| disk.file.as_raw_fd())
+                .collect(),
+        };
         let config = ChildConfig {
             jail,
             root: root.to_path_buf(),
             spec: spec.clone(),
             channel_fd: guest_end.as_raw_fd(),
             control_fd: child_control.as_raw_fd(),
+            artifact_fds,
         };
         let json = serde_json::to_vec(&config).map_err(|e| JailError::Setup {
             step: "configuration",
@@ -261,9 +298,16 @@ impl JailedVm {
         drop(writer);
         let mut command = Command::new(exe);
         command.arg(CHILD_MODE).env_clear().stdin(reader);
-        // The child's ends are closed here once the command (holding them) is dropped.
+        // The child's ends and the artifacts are closed here once the command (holding them)
+        // is dropped.
         inherit(&mut command, guest_end);
         inherit(&mut command, child_control);
+        let artifacts = std::iter::once(files.kernel)
+            .chain(files.initrd)
+            .chain(files.disks.into_iter().map(|disk| disk.file));
+        for file in artifacts {
+            inherit(&mut command, file.into());
+        }
         let child = ChildVm::spawn(&mut command, serial_log).map_err(|e| JailError::Setup {
             step: "starting the jailed VMM",
             reason: format!("{}: {e}", exe.display()),
@@ -337,41 +381,6 @@ pub fn exit_code(exit: &GuestExit) -> i32 {
     }
 }
 
-/// Refuses a VM whose artifacts the jail's uid could not open: inside the jail the VMM opens
-/// them as that uid (the kernel, initramfs and read-only disks for reading, writable disks for
-/// reading and writing), through bind mounts that keep the host's owners and modes.
-fn check_access(spec: &VmSpec, jail: Jail) -> Result<(), JailError> {
-    let boot = std::iter::once(&spec.kernel).chain(&spec.initrd);
-    let files = boot
-        .map(|path| (path, true))
-        .chain(spec.disks.iter().map(|disk| (&disk.path, disk.read_only)));
-    for (path, read_only) in files {
-        let meta = std::fs::metadata(path).map_err(|e| JailError::Setup {
-            step: "artifacts",
-            reason: format!("{}: {e}", path.display()),
-        })?;
-        let need = if read_only { 0o4 } else { 0o6 };
-        let class = if meta.uid() == jail.uid {
-            meta.mode() >> 6
-        } else if meta.gid() == jail.gid {
-            meta.mode() >> 3
-        } else {
-            meta.mode()
-        };
-        if class & need != need {
-            let access = if read_only { "read" } else { "read and write" };
-            return Err(JailError::Setup {
-                step: "artifacts",
-                reason: format!(
-                    "uid {} gid {} cannot {access} {} (owner {}, group {}, mode {:o}): make it so, or jail as its owner",
-                    jail.uid, jail.gid, path.display(), meta.uid(), meta.gid(), meta.mode() & 0o777
-                ),
-            });
-        }
-    }
-    Ok(())
-}
-
 /// How the guest ended, read back from the child's exit `status` ([`exit_code`]); anything
 /// else is a failure, told by the child's `stderr`.
 fn guest_exit(status: ExitStatus, stderr: &str) -> GuestExit {
@@ -424,13 +433,12 @@ fn run_child() -> Result<GuestExit, JailError> {
         step: "reading the configuration",
         reason: e.to_string(),
     })?;
-    let channel = adopt_socket(config.channel_fd, "agent channel")?;
-    let control = adopt_socket(config.control_fd, "control socket")?;
+    let (channel, control, files) = adopt_all(&config)?;
     unshare_namespaces()?;
     let alive = become_pid_one()?;
-    let spec = build_root(&config.root, &config.spec, config.jail)?;
+    build_root(&config.root, config.jail)?;
     enter_root(&config.root)?;
-    set_limits(&spec)?;
+    set_limits(&files)?;
     drop_privileges(config.jail)?;
     die_with_parent(&alive)?;
     let serial_log = File::from(
@@ -439,13 +447,13 @@ fn run_child() -> Result<GuestExit, JailError> {
             .try_clone_to_owned()
             .map_err(JailError::setup("serial console"))?,
     );
-    let vm =
-        vmm::build(spec.config(serial_log, &Console::default(), Some(channel))).map_err(|e| {
-            JailError::Setup {
-                step: "building the VM",
-                reason: format!("{}: {e}", e.code()),
-            }
-        })?;
+    let vm_config = config
+        .spec
+        .config(files, serial_log, &Console::default(), Some(channel));
+    let vm = vmm::build(vm_config).map_err(|e| JailError::Setup {
+        step: "building the VM",
+        reason: format!("{}: {e}", e.code()),
+    })?;
     // From here on every thread of this process is filtered: this one as the supervisor.
     let supervising = vmm::seccomp::filter(vmm::seccomp::ThreadKind::Supervisor)
         .and_then(|filter| vmm::seccomp::install(&filter));
@@ -500,27 +508,119 @@ fn serve_control(vm: &vmm::MicroVm, mut control: UnixStream) {
     }
 }
 
-/// Takes an inherited socket (`what`: the agent channel, the control socket), after checking
-/// `fd` is a socket: the number came over a pipe, and what it names is checked before it is
+/// What an inherited descriptor must be before it is trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Inherited {
+    /// A socket (the agent channel, the control socket).
+    Socket,
+    /// A regular file open for reading, and for writing exactly if `writable`.
+    File {
+        /// Whether it must be open for writing too.
+        writable: bool,
+    },
+}
+
+/// Takes the agent channel, the control socket and the artifacts `config` says the child
+/// inherited, each checked by [`adopt`], no number given twice; the artifacts as the VMM
+/// boots from them.
+fn adopt_all(config: &ChildConfig) -> Result<(UnixStream, UnixStream, BootFiles), JailError> {
+    let (spec, fds) = (&config.spec, &config.artifact_fds);
+    let mismatch = |what: String| JailError::Setup {
+        step: "inherited descriptors",
+        reason: what,
+    };
+    if fds.disks.len() != spec.disks.len() || fds.initrd.is_some() != spec.initrd.is_some() {
+        return Err(mismatch(format!(
+            "descriptors for {} disks and {} initramfs, for a VM of {} and {}",
+            fds.disks.len(),
+            u8::from(fds.initrd.is_some()),
+            spec.disks.len(),
+            u8::from(spec.initrd.is_some())
+        )));
+    }
+    let mut numbers = [config.channel_fd, config.control_fd, fds.kernel]
+        .into_iter()
+        .chain(fds.initrd)
+        .chain(fds.disks.iter().copied());
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(twice) = numbers.find(|fd| !seen.insert(*fd)) {
+        return Err(mismatch(format!("descriptor {twice} given twice")));
+    }
+    let read = Inherited::File { writable: false };
+    let channel = adopt(config.channel_fd, "agent channel", Inherited::Socket)?;
+    let control = adopt(config.control_fd, "control socket", Inherited::Socket)?;
+    let kernel = adopt(
+        fds.kernel,
+        &format!("kernel {}", spec.kernel.display()),
+        read,
+    )?;
+    let initrd = match (fds.initrd, &spec.initrd) {
+        (Some(fd), Some(path)) => Some(adopt(fd, &format!("initramfs {}", path.display()), read)?),
+        _ => None,
+    };
+    let mut disks = Vec::with_capacity(spec.disks.len());
+    for (disk, fd) in spec.disks.iter().zip(&fds.disks) {
+        let what = format!("disk {} {}", disk.id, disk.path.display());
+        let file = adopt(
+            *fd,
+            &what,
+            Inherited::File {
+                writable: !disk.read_only,
+            },
+        )?;
+        disks.push(BlockConfig {
+            file: file.into(),
+            read_only: disk.read_only,
+            id: disk.id.clone(),
+        });
+    }
+    let files = BootFiles {
+        kernel: kernel.into(),
+        initrd: initrd.map(File::from),
+        disks,
+    };
+    Ok((channel.into(), control.into(), files))
+}
+
+/// Takes the inherited descriptor `fd` (named `what` in errors), after checking it is what
+/// `expected` says: the number came over a pipe, and what it names is checked before it is
 /// trusted.
 #[allow(unsafe_code)]
-fn adopt_socket(fd: RawFd, what: &'static str) -> Result<UnixStream, JailError> {
+fn adopt(fd: RawFd, what: &str, expected: Inherited) -> Result<OwnedFd, JailError> {
     let bad = |reason: &str| JailError::Setup {
-        step: what,
-        reason: format!("descriptor {fd}: {reason}"),
+        step: "inherited descriptor",
+        reason: format!("{what}: descriptor {fd}: {reason}"),
     };
     if fd <= 2 {
         return Err(bad("not an inherited descriptor"));
     }
-    // SAFETY: only borrowed for fstat, which fails cleanly on a closed descriptor.
+    // SAFETY: only borrowed for fstat and fcntl, which fail cleanly on a closed descriptor.
     let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    let stat = rustix::fs::fstat(borrowed).map_err(|e| bad(&e.to_string()))?;
-    if FileType::from_raw_mode(stat.st_mode) != FileType::Socket {
-        return Err(bad("not a socket"));
+    let stat = rustix::fs::fstat(borrowed).map_err(|e| bad(&io::Error::from(e).to_string()))?;
+    let file_type = FileType::from_raw_mode(stat.st_mode);
+    match expected {
+        Inherited::Socket if file_type != FileType::Socket => return Err(bad("not a socket")),
+        Inherited::Socket => {}
+        Inherited::File { writable } => {
+            if file_type != FileType::RegularFile {
+                return Err(bad("not a regular file"));
+            }
+            let flags = rustix::fs::fcntl_getfl(borrowed)
+                .map_err(|e| bad(&io::Error::from(e).to_string()))?;
+            let (wanted, access) = if writable {
+                (OFlags::RDWR, "open for reading and writing")
+            } else {
+                (OFlags::RDONLY, "open for reading only")
+            };
+            if flags.contains(OFlags::PATH) || flags & OFlags::RWMODE != wanted {
+                return Err(bad(&format!("not {access}")));
+            }
+        }
     }
-    // SAFETY: the descriptor is open (fstat succeeded), a socket, inherited from the runner
-    // for this purpose, and owned by nothing else in this process.
-    Ok(unsafe { UnixStream::from_raw_fd(fd) })
+    // SAFETY: the descriptor is open (fstat succeeded), of the kind expected, inherited from
+    // the runner for this purpose, and owned by nothing else in this process (`adopt_all`
+    // takes each number once).
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// New mount, PID, IPC, network and UTS namespaces: the VMM sees none of the host's mounts,
@@ -599,31 +699,12 @@ fn die_with_parent(alive: &io::PipeReader) -> Result<(), JailError> {
     Ok(())
 }
 
-/// Where an artifact is inside the jail: `/kernel`, `/initrd`, the disks by the names the
-/// guest gives them (`/vda`, `/vdb`, …).
-fn jail_paths(spec: &VmSpec) -> Result<VmSpec, JailError> {
-    let mut jailed = spec.clone();
-    jailed.kernel = PathBuf::from("/kernel");
-    jailed.initrd = spec.initrd.as_ref().map(|_| PathBuf::from("/initrd"));
-    for (n, disk) in jailed.disks.iter_mut().enumerate() {
-        let letter = u8::try_from(n)
-            .ok()
-            .filter(|n| *n < 26)
-            .ok_or_else(|| JailError::Setup {
-                step: "disks",
-                reason: format!("{} disks", spec.disks.len()),
-            })?;
-        disk.path = PathBuf::from(format!("/vd{}", char::from(b'a' + letter)));
-    }
-    Ok(jailed)
-}
-
 /// Builds the jail root on `root`: mount propagation made private first (nothing done here
 /// reaches the host's namespace, nothing of the host's arrives later), then a tmpfs (nosuid,
-/// noexec, a few KiB) with the artifacts bind-mounted onto empty files and `dev/kvm` made as
-/// a device node the jail's uid owns — the host's node stays root's. Returns `spec` with the
-/// paths as the VMM will see them inside.
-fn build_root(root: &Path, spec: &VmSpec, jail: Jail) -> Result<VmSpec, JailError> {
+/// noexec, a few KiB) holding only `dev/kvm`, made as a device node the jail's uid owns — the
+/// host's node stays root's. The artifacts are not in it: the VMM has them as inherited
+/// descriptors.
+fn build_root(root: &Path, jail: Jail) -> Result<(), JailError> {
     rustix::mount::mount_change(
         "/",
         MountPropagationFlags::REC | MountPropagationFlags::PRIVATE,
@@ -635,15 +716,6 @@ fn build_root(root: &Path, spec: &VmSpec, jail: Jail) -> Result<VmSpec, JailErro
         MountFlags::NOSUID | MountFlags::NOEXEC,
         Some(c"mode=0755,size=64k,nr_inodes=64"),
     )?;
-    let jailed = jail_paths(spec)?;
-    let inside = |path: &Path| root.join(path.strip_prefix("/").unwrap_or(path));
-    place(&spec.kernel, &inside(&jailed.kernel), true)?;
-    if let (Some(host), Some(jail_path)) = (&spec.initrd, &jailed.initrd) {
-        place(host, &inside(jail_path), true)?;
-    }
-    for (host, jail_disk) in spec.disks.iter().zip(&jailed.disks) {
-        place(&host.path, &inside(&jail_disk.path), host.read_only)?;
-    }
     // Traversable by the jail's uid whatever the umask.
     let dev = root.join("dev");
     std::fs::create_dir(&dev).map_err(JailError::setup("dev"))?;
@@ -663,22 +735,6 @@ fn build_root(root: &Path, spec: &VmSpec, jail: Jail) -> Result<VmSpec, JailErro
         Some(Uid::from_raw(jail.uid)),
         Some(Gid::from_raw(jail.gid)),
     )?;
-    Ok(jailed)
-}
-
-/// Bind-mounts the host file `host` onto a new empty file `target`, read-only unless the
-/// guest may write it (a bind mount's read-only flag needs a remount of its own).
-fn place(host: &Path, target: &Path, read_only: bool) -> Result<(), JailError> {
-    File::create(target).map_err(JailError::setup("jail file"))?;
-    rustix::mount::mount_bind(host, target).map_err(|e| JailError::Setup {
-        step: "bind mount",
-        reason: format!("{}: {}", host.display(), io::Error::from(e)),
-    })?;
-    let mut flags = MountFlags::BIND | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
-    if read_only {
-        flags |= MountFlags::RDONLY;
-    }
-    rustix::mount::mount_remount(target, flags, c"")?;
     Ok(())
 }
 
@@ -704,12 +760,14 @@ fn enter_root(root: &Path) -> Result<(), JailError> {
 /// writes nothing else). No process limit: it counts every process of the uid on the host,
 /// and the PID namespace and the VMM's seccomp filters already keep the VMM from starting
 /// processes.
-fn set_limits(jailed: &VmSpec) -> Result<(), JailError> {
+fn set_limits(files: &BootFiles) -> Result<(), JailError> {
     let mut largest_write = 0;
-    for disk in jailed.disks.iter().filter(|disk| !disk.read_only) {
-        let size = std::fs::metadata(&disk.path)
+    for disk in files.disks.iter().filter(|disk| !disk.read_only) {
+        let size = disk
+            .file
+            .metadata()
             .map_err(JailError::setup("disk size"))?
-            .size();
+            .len();
         largest_write = largest_write.max(size);
     }
     for (resource, limit) in [
@@ -751,6 +809,7 @@ fn drop_privileges(jail: Jail) -> Result<(), JailError> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::IntoRawFd;
     use std::os::unix::process::ExitStatusExt;
 
     use super::*;
@@ -770,6 +829,127 @@ mod tests {
                 uid: 1000,
                 gid: 1001
             })
+        );
+    }
+
+    /// What [`adopt`] says of the descriptor `fd` expected as `expected`: its error's code
+    /// and message, or nothing if it took it (then closed here).
+    fn adopted(fd: RawFd, expected: Inherited) -> Result<(), (&'static str, String)> {
+        adopt(fd, "disk vda /d", expected)
+            .map(drop)
+            .map_err(|e| (e.code(), e.to_string()))
+    }
+
+    #[test]
+    fn an_inherited_descriptor_is_checked_before_it_is_trusted() {
+        let read = Inherited::File { writable: false };
+        let write = Inherited::File { writable: true };
+        let refused = |fd, expected, why: &str| {
+            let (code, message) = adopted(fd, expected).unwrap_err();
+            assert_eq!(code, "RUN046");
+            let prefix = format!("jail: inherited descriptor: disk vda /d: descriptor {fd}: ");
+            assert!(message.starts_with(&prefix), "{message}");
+            assert!(message.ends_with(why), "{message}");
+        };
+        refused(0, read, "not an inherited descriptor");
+        // Far above any descriptor a test opens: closed.
+        refused(1 << 20, read, "Bad file descriptor (os error 9)");
+        let (pipe, _writer) = io::pipe().unwrap();
+        refused(pipe.as_raw_fd(), read, "not a regular file");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        std::fs::write(&path, b"disk").unwrap();
+        let dir_fd = File::open(dir.path()).unwrap();
+        refused(dir_fd.as_raw_fd(), read, "not a regular file");
+        let read_write = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        refused(read_write.as_raw_fd(), read, "not open for reading only");
+        let read_only = File::open(&path).unwrap();
+        refused(
+            read_only.as_raw_fd(),
+            write,
+            "not open for reading and writing",
+        );
+        refused(read_only.as_raw_fd(), Inherited::Socket, "not a socket");
+        let (socket, _peer) = UnixStream::pair().unwrap();
+        refused(socket.as_raw_fd(), read, "not a regular file");
+
+        // What is right is taken, and owned from then on (closed when dropped).
+        assert_eq!(adopted(socket.into_raw_fd(), Inherited::Socket), Ok(()));
+        assert_eq!(adopted(read_only.into_raw_fd(), read), Ok(()));
+        assert_eq!(adopted(read_write.into_raw_fd(), write), Ok(()));
+    }
+
+    #[test]
+    fn descriptors_given_twice_or_for_other_artifacts_are_refused_before_any_is_taken() {
+        let spec = VmSpec {
+            vcpus: 1,
+            memory_mib: 64,
+            kernel: "/k".into(),
+            initrd: None,
+            cmdline: String::new(),
+            disks: vec![crate::vm_process::DiskSpec {
+                path: "/d".into(),
+                read_only: true,
+                id: "root".into(),
+            }],
+            rng: false,
+        };
+        let child = |channel_fd, artifact_fds| ChildConfig {
+            jail: Jail { uid: 1, gid: 1 },
+            root: "/jail".into(),
+            spec: spec.clone(),
+            channel_fd,
+            control_fd: 11,
+            artifact_fds,
+        };
+        let refusal = |config: &ChildConfig| {
+            let e = adopt_all(config).unwrap_err();
+            (e.code(), e.to_string())
+        };
+        let twice = child(
+            7,
+            ArtifactFds {
+                kernel: 8,
+                initrd: None,
+                disks: vec![7],
+            },
+        );
+        assert_eq!(
+            refusal(&twice),
+            (
+                "RUN046",
+                "jail: inherited descriptors: descriptor 7 given twice".into()
+            )
+        );
+        // The control socket's number given again for an artifact.
+        let control_twice = child(
+            7,
+            ArtifactFds {
+                kernel: 11,
+                initrd: None,
+                disks: vec![8],
+            },
+        );
+        assert!(refusal(&control_twice)
+            .1
+            .ends_with("descriptor 11 given twice"));
+        let other = child(
+            7,
+            ArtifactFds {
+                kernel: 8,
+                initrd: Some(9),
+                disks: vec![10],
+            },
+        );
+        let (code, message) = refusal(&other);
+        assert_eq!(code, "RUN046");
+        assert!(
+            message.contains("1 initramfs, for a VM of 1 and 0"),
+            "{message}"
         );
     }
 

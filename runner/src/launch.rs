@@ -870,9 +870,9 @@ fn start<T>(
     })
 }
 
-/// Starts the own VMM jailed as `jail` in the VM's directory: the private copies of the
-/// kernel and initramfs given to the jail's uid first (the jailed VMM opens them as it), the
-/// runner's own binary re-executed as the child.
+/// Starts the own VMM jailed as `jail` in the VM's directory, the runner's own binary
+/// re-executed as the child (which gets the artifacts as descriptors the runner opened: the
+/// jail's uid needs no access to them).
 fn boot_jailed(
     jail: Jail,
     dir: &VmDir,
@@ -880,12 +880,6 @@ fn boot_jailed(
     serial_log: File,
 ) -> Result<JailedVm, LaunchError> {
     let jail_failed = |e: JailError| LaunchError::Backend(format!("{}: {e}", e.code()));
-    let owner = |path: &Path| {
-        std::os::unix::fs::chown(path, Some(jail.uid), Some(jail.gid))
-            .map_err(LaunchError::host(format!("chown {}", path.display())))
-    };
-    owner(&spec.kernel)?;
-    spec.initrd.as_deref().map(owner).transpose()?;
     let root = dir.path.join(jail::JAIL_DIR);
     JailedVm::boot(Path::new("/proc/self/exe"), jail, &root, spec, serial_log).map_err(jail_failed)
 }

@@ -100,7 +100,8 @@ pub struct OwnVmFiles<'a> {
 
 /// What a VM boots, without the host resources it is wired to (the console's log, the agent
 /// channel): what the kvm backend makes of a plan, and what a jailed VMM child is sent
-/// ([`crate::jail`]).
+/// ([`crate::jail`]). Its paths are opened once, by [`VmSpec::open`] — in the runner, before
+/// any jail — and after that only name the files in messages.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmSpec {
     /// How many vCPUs.
@@ -114,9 +115,33 @@ pub struct VmSpec {
     /// The kernel command line.
     pub cmdline: String,
     /// Disks, in the order the guest finds them (`vda`, `vdb`, …).
-    pub disks: Vec<BlockConfig>,
+    pub disks: Vec<DiskSpec>,
     /// Whether the guest gets a virtio-rng device.
     pub rng: bool,
+}
+
+/// A disk of a [`VmSpec`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskSpec {
+    /// The backing file on the host.
+    pub path: PathBuf,
+    /// Whether the guest may write it.
+    pub read_only: bool,
+    /// What the device answers to `GET_ID` (the guest's `/sys/block/vdX/serial`).
+    pub id: String,
+}
+
+/// A [`VmSpec`]'s files, open: the VMM reads and writes only these, never a path, so whoever
+/// runs it needs no access to the artifacts by name ([`crate::jail`] opens them before it
+/// drops privileges).
+#[derive(Debug)]
+pub struct BootFiles {
+    /// The kernel, open for reading.
+    pub kernel: File,
+    /// The initramfs, open for reading.
+    pub initrd: Option<File>,
+    /// The disks, in the spec's order, each open as the guest may use it.
+    pub disks: Vec<BlockConfig>,
 }
 
 impl VmSpec {
@@ -125,7 +150,7 @@ impl VmSpec {
     pub fn for_plan(plan: &LaunchPlan, files: &OwnVmFiles<'_>) -> Result<Self, VmmError> {
         let vcpus = u8::try_from(plan.resources.cpu_cores)
             .map_err(|_| VmmError::Config(format!("{} vCPUs", plan.resources.cpu_cores)))?;
-        let disk = |path: &Path, id: &str| BlockConfig {
+        let disk = |path: &Path, id: &str| DiskSpec {
             path: path.to_path_buf(),
             read_only: true,
             id: id.into(),
@@ -142,10 +167,35 @@ impl VmSpec {
         })
     }
 
-    /// The VMM's configuration: this VM, its serial console logged into `serial_log` and
-    /// shown in `serial`, the agent's port on `channel`.
+    /// Opens the kernel and initramfs for reading and each disk as the guest may use it.
+    pub fn open(&self) -> Result<BootFiles, VmmError> {
+        let read = |path: &Path, what: &str| {
+            File::open(path)
+                .map_err(|e| VmmError::Config(format!("{what} {}: {e}", path.display())))
+        };
+        let disks = self.disks.iter().map(|disk| {
+            BlockConfig::open(&disk.path, disk.read_only, &disk.id).map_err(|e| VmmError::Device {
+                device: format!("virtio-blk {}", disk.path.display()),
+                reason: e.to_string(),
+            })
+        });
+        Ok(BootFiles {
+            kernel: read(&self.kernel, "kernel")?,
+            initrd: self
+                .initrd
+                .as_deref()
+                .map(|path| read(path, "initramfs"))
+                .transpose()?,
+            disks: disks.collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// The VMM's configuration: this VM booted from `files` (this spec's, opened), its
+    /// serial console logged into `serial_log` and shown in `serial`, the agent's port on
+    /// `channel`.
     pub fn config(
         self,
+        files: BootFiles,
         serial_log: File,
         serial: &Console,
         channel: Option<UnixStream>,
@@ -153,12 +203,12 @@ impl VmSpec {
         VmConfig {
             vcpus: self.vcpus,
             memory_mib: self.memory_mib,
-            kernel: self.kernel,
-            initrd: self.initrd,
+            kernel: files.kernel,
+            initrd: files.initrd,
             cmdline: self.cmdline,
             serial_log,
             serial: serial.clone(),
-            block: self.disks,
+            block: files.disks,
             agent_channel: channel,
             rng: self.rng,
         }
@@ -178,7 +228,8 @@ impl OwnVm {
         })?;
         let console = Console::default();
         let spec = VmSpec::for_plan(plan, files)?;
-        let vm = vmm::build(spec.config(serial_log, &console, Some(guest_end)))?;
+        let files = spec.open()?;
+        let vm = vmm::build(spec.config(files, serial_log, &console, Some(guest_end)))?;
         Ok(OwnVm {
             vm: Some(vm),
             console,
@@ -201,11 +252,9 @@ impl OwnVm {
         let (guest_end, host_end) =
             UnixStream::pair().map_err(|e| ColdError::Wake(format!("the agent channel: {e}")))?;
         let console = Console::default();
-        let config = VmSpec::for_plan(plan, files).map_err(unrestorable)?.config(
-            serial_log,
-            &console,
-            Some(guest_end),
-        );
+        let spec = VmSpec::for_plan(plan, files).map_err(unrestorable)?;
+        let opened = spec.open().map_err(unrestorable)?;
+        let config = spec.config(opened, serial_log, &console, Some(guest_end));
         let ram = vmm::builder::guest_ram(&config).map_err(unrestorable)?;
         let mut reader = SnapshotReader::new(&ram);
         let read = cold::copy_hashing(&mut saved.memory, &mut reader);

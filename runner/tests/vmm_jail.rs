@@ -2,7 +2,8 @@
 //! it (`JailedVm::boot`, the `mvm-runner` binary re-executed as `--vmm-child`), running the
 //! purpose-built `virtio_check` guest on this host's `/dev/kvm` (PVM here, where Linux does not
 //! boot). While the guest waits for the host's answer on the agent channel, the test looks at
-//! the jailed VMM from outside through `/proc`; then the guest finishes and powers off.
+//! the jailed VMM from outside through `/proc`; then the guest finishes and powers off. The
+//! artifacts are the runner's to open: the jail's uid needs no access to them.
 //! Skipped, with the reason printed, when `/dev/kvm` cannot be opened or the test is not root.
 
 mod guest;
@@ -77,8 +78,9 @@ fn limit(limits: &str, name: &str) -> (String, String) {
     (soft, values.next().unwrap().to_string())
 }
 
-/// Asserts from outside what the jail is: `vmm` is the jailed VMM's host pid.
-fn assert_jailed(vmm: u32) {
+/// Asserts from outside what the jail is: `vmm` is the jailed VMM's host pid, booted from
+/// `files`.
+fn assert_jailed(vmm: u32, files: &guest::PlanFiles) {
     let proc = Path::new("/proc").join(vmm.to_string());
     for ns in ["mnt", "pid", "ipc", "net", "uts"] {
         let theirs = std::fs::read_link(proc.join("ns").join(ns)).unwrap();
@@ -106,13 +108,9 @@ fn assert_jailed(vmm: u32) {
         "main, vCPU, events, reaper"
     );
 
-    // Its root: the artifacts and dev/kvm, nothing else; mounted only there.
+    // Its root: dev/kvm, nothing else — no artifact, by any name.
     let root = proc.join("root");
-    let expected = ["dev", "initrd", "kernel", "vda", "vdb"];
-    assert_eq!(
-        names(&root),
-        expected.iter().map(|s| s.to_string()).collect()
-    );
+    assert_eq!(names(&root), BTreeSet::from(["dev".to_string()]));
     assert_eq!(
         names(&root.join("dev")),
         BTreeSet::from(["kvm".to_string()])
@@ -124,13 +122,32 @@ fn assert_jailed(vmm: u32) {
         (kvm.uid(), kvm.gid(), kvm.mode() & 0o777),
         (JAIL.uid, JAIL.gid, 0o600)
     );
-    let write = std::fs::OpenOptions::new()
-        .write(true)
-        .open(root.join("vda"));
+    // The disks are descriptors the runner opened, read-only (the kernel and initramfs were
+    // read and closed while the VM was built).
+    let mut disks = BTreeSet::new();
+    for fd in std::fs::read_dir(proc.join("fd")).unwrap().flatten() {
+        let Ok(target) = std::fs::metadata(fd.path()) else {
+            continue;
+        };
+        for artifact in [
+            &files.kernel,
+            &files.initramfs,
+            &files.rootfs,
+            &files.verity,
+        ] {
+            let host = std::fs::metadata(artifact).unwrap();
+            if (target.dev(), target.ino()) == (host.dev(), host.ino()) {
+                let fdinfo = proc.join("fdinfo").join(fd.file_name());
+                let fdinfo = std::fs::read_to_string(fdinfo).unwrap();
+                let flags = u32::from_str_radix(&field(&fdinfo, "flags"), 8).unwrap();
+                assert_eq!(flags & 3, 0, "{} open read-only", artifact.display());
+                disks.insert(artifact.clone());
+            }
+        }
+    }
     assert_eq!(
-        write.unwrap_err().raw_os_error(),
-        Some(libc::EROFS),
-        "the root image is mounted read-only"
+        disks,
+        BTreeSet::from([files.rootfs.clone(), files.verity.clone()])
     );
     let created = std::fs::File::create(root.join("new"));
     assert_eq!(
@@ -138,7 +155,7 @@ fn assert_jailed(vmm: u32) {
         Some(libc::EROFS),
         "the jail's root is read-only"
     );
-    // Its only mounts: all read-only, none honours set-uid bits, only the root has devices.
+    // Its only mount: its root, read-only, not honouring set-uid bits.
     let mountinfo = std::fs::read_to_string(proc.join("mountinfo")).unwrap();
     let mut points = BTreeSet::new();
     for line in mountinfo.lines() {
@@ -151,11 +168,7 @@ fn assert_jailed(vmm: u32) {
         assert!(needed.iter().all(|o| options.contains(o)), "{line}");
         points.insert(fields[4]);
     }
-    assert_eq!(
-        points,
-        BTreeSet::from(["/", "/initrd", "/kernel", "/vda", "/vdb"]),
-        "{mountinfo}"
-    );
+    assert_eq!(points, BTreeSet::from(["/"]), "{mountinfo}");
 
     let limits = std::fs::read_to_string(proc.join("limits")).unwrap();
     let files = MAX_FILES.to_string();
@@ -168,16 +181,33 @@ fn assert_jailed(vmm: u32) {
     assert_eq!(limit(&limits, "Max file size"), ("0".into(), "0".into()));
 }
 
-/// Starts the `virtio_check` guest jailed, as the launch does, with its files in `dir`; returns
-/// once the guest waits for the host's pong (the jail is built and the VMM runs): the VM, the
-/// host's end of the agent channel, the jail directory. `None`, the reason printed, when this
-/// host or user cannot run a jailed VM.
-fn start(dir: &Path) -> Option<(VmProcess, UnixStream, PathBuf)> {
+/// A jailed VM of [`start`]: the VM, the host's end of the agent channel, the jail directory,
+/// the files it boots from.
+struct Started {
+    vm: VmProcess,
+    channel: UnixStream,
+    root: PathBuf,
+    files: guest::PlanFiles,
+}
+
+/// Starts the `virtio_check` guest jailed, as the launch does, with its files in `dir` (each
+/// given `mode` first); returns once the guest waits for the host's pong (the jail is built
+/// and the VMM runs). `None`, the reason printed, when this host or user cannot run a jailed
+/// VM.
+fn start(dir: &Path, mode: u32) -> Option<Started> {
     if let Some(reason) = guest::kvm_unavailable().or_else(not_root) {
         eprintln!("skipped: {reason}");
         return None;
     }
     let files = guest::PlanFiles::new(dir);
+    for file in [
+        &files.kernel,
+        &files.initramfs,
+        &files.rootfs,
+        &files.verity,
+    ] {
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
     let spec = VmSpec::for_plan(&guest::test_plan(), &files.own()).unwrap();
     let root = dir.join("jail");
     let serial_log = std::fs::File::create(dir.join("serial.log")).unwrap();
@@ -187,17 +217,28 @@ fn start(dir: &Path) -> Option<(VmProcess, UnixStream, PathBuf)> {
         .take_channel()
         .expect("connected before the child starts");
     guest::wait_for_ping(&mut channel, &vm);
-    Some((vm, channel, root))
+    Some(Started {
+        vm,
+        channel,
+        root,
+        files,
+    })
 }
 
 #[test]
 fn a_jailed_vmm_is_confined_and_its_guest_still_boots() {
     let dir = tempfile::tempdir().unwrap();
-    let Some((mut vm, mut channel, root)) = start(dir.path()) else {
+    let Some(Started {
+        mut vm,
+        mut channel,
+        root,
+        files,
+    }) = start(dir.path(), 0o644)
+    else {
         return;
     };
     let vmm = only_child(vm.pid());
-    assert_jailed(vmm);
+    assert_jailed(vmm, &files);
     channel.write_all(b"pong-from-host").unwrap();
     let tail = guest::assert_powered_off(&mut vm);
     guest::assert_contract_devices(&tail);
@@ -211,9 +252,41 @@ fn a_jailed_vmm_is_confined_and_its_guest_still_boots() {
 }
 
 #[test]
+fn artifacts_only_root_can_read_boot_jailed() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(Started {
+        mut vm,
+        mut channel,
+        files,
+        ..
+    }) = start(dir.path(), 0o600)
+    else {
+        return;
+    };
+    for artifact in [
+        &files.kernel,
+        &files.initramfs,
+        &files.rootfs,
+        &files.verity,
+    ] {
+        let meta = std::fs::metadata(artifact).unwrap();
+        assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o600));
+    }
+    assert_jailed(only_child(vm.pid()), &files);
+    channel.write_all(b"pong-from-host").unwrap();
+    let tail = guest::assert_powered_off(&mut vm);
+    guest::assert_contract_devices(&tail);
+}
+
+#[test]
 fn a_jailed_vm_is_paused_and_resumed_through_its_control_socket() {
     let dir = tempfile::tempdir().unwrap();
-    let Some((mut vm, mut channel, _root)) = start(dir.path()) else {
+    let Some(Started {
+        mut vm,
+        mut channel,
+        ..
+    }) = start(dir.path(), 0o644)
+    else {
         return;
     };
     let mut machine = vm.machine(dir.path()).unwrap();
@@ -235,7 +308,7 @@ fn a_jailed_vm_is_paused_and_resumed_through_its_control_socket() {
 #[test]
 fn a_jailed_vmm_dies_with_its_parent() {
     let dir = tempfile::tempdir().unwrap();
-    let Some((mut vm, _channel, root)) = start(dir.path()) else {
+    let Some(Started { mut vm, root, .. }) = start(dir.path(), 0o644) else {
         return;
     };
     let parent = vm.pid();
@@ -258,19 +331,18 @@ fn a_jailed_vmm_dies_with_its_parent() {
 }
 
 #[test]
-fn a_jail_whose_uid_cannot_read_an_artifact_is_refused_before_it_starts() {
+fn a_jail_whose_artifact_cannot_be_opened_is_refused_before_it_starts() {
     let dir = tempfile::tempdir().unwrap();
     let files = guest::PlanFiles::new(dir.path());
     let spec = VmSpec::for_plan(&guest::test_plan(), &files.own()).unwrap();
-    let private = std::fs::Permissions::from_mode(0o600);
-    std::fs::set_permissions(&files.rootfs, private).unwrap();
+    std::fs::remove_file(&files.rootfs).unwrap();
     let root = dir.path().join("jail");
     let serial_log = std::fs::File::create(dir.path().join("serial.log")).unwrap();
     let refused = JailedVm::boot(Path::new(RUNNER), JAIL, &root, &spec, serial_log).unwrap_err();
     assert_eq!(refused.code(), "RUN046");
     let message = refused.to_string();
     assert!(
-        message.contains("cannot read") && message.contains("rootfs.erofs"),
+        message.contains("jail: opening the artifacts: ") && message.contains("rootfs.erofs"),
         "{message}"
     );
     assert!(!root.exists(), "nothing was started");
@@ -285,7 +357,7 @@ fn a_jail_that_cannot_be_built_fails_with_its_step() {
     let dir = tempfile::tempdir().unwrap();
     let files = guest::PlanFiles::new(dir.path());
     let mut spec = VmSpec::for_plan(&guest::test_plan(), &files.own()).unwrap();
-    // Readable, so admitted, but a directory cannot be bind-mounted onto the jail's file.
+    // The runner opens a directory for reading as it would a disk; the child refuses it.
     let not_a_file = dir.path().join("not-a-file");
     std::fs::create_dir(&not_a_file).unwrap();
     std::fs::set_permissions(&not_a_file, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -296,10 +368,11 @@ fn a_jail_that_cannot_be_built_fails_with_its_step() {
     let mut vm = VmProcess::Jailed(jailed);
     let ended = vm.wait_for_exit(guest::TIMEOUT).unwrap().unwrap();
     assert!(
-        ended.contains("error RUN046: jail: bind mount: "),
+        ended.contains("error RUN046: jail: inherited descriptor: disk verity "),
         "{ended}"
     );
     assert!(ended.contains("not-a-file"), "{ended}");
+    assert!(ended.contains("not a regular file"), "{ended}");
     vm.kill();
     assert!(!root.exists());
 }

@@ -139,7 +139,7 @@ pub fn probe(guest: &Path) -> anyhow::Result<Value> {
     let vm = vmm::build(VmConfig {
         vcpus: 1,
         memory_mib: MEMORY_MIB,
-        kernel: guest.to_path_buf(),
+        kernel: std::fs::File::open(guest).with_context(|| guest.display().to_string())?,
         initrd: None,
         cmdline: CMDLINE.into(),
         serial_log: std::fs::File::create(dir.path().join("serial.log"))?,

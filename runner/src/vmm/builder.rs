@@ -1,10 +1,11 @@
 //! Assembles a VM top to bottom: memory, KVM VM, boot data, devices, vCPUs — in that order, in
 //! [`build`], so a reader can follow a boot without jumping around.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
+use std::io;
 use std::os::unix::net::UnixStream;
 use std::os::unix::thread::JoinHandleExt;
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::thread::JoinHandle;
@@ -55,10 +56,10 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// Guest RAM in MiB.
     pub memory_mib: u64,
-    /// The kernel: an ELF vmlinux or a bzImage.
-    pub kernel: PathBuf,
-    /// An initramfs, placed at the top of low RAM.
-    pub initrd: Option<PathBuf>,
+    /// The kernel, open: an ELF vmlinux or a bzImage.
+    pub kernel: File,
+    /// An initramfs, open, placed at the top of low RAM.
+    pub initrd: Option<File>,
     /// The kernel command line.
     pub cmdline: String,
     /// Where the serial console's output is logged (bounded).
@@ -75,14 +76,27 @@ pub struct VmConfig {
 }
 
 /// A virtio-blk disk.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug)]
 pub struct BlockConfig {
-    /// The backing file.
-    pub path: PathBuf,
+    /// The backing file, open for reading, and for writing unless `read_only`.
+    pub file: File,
     /// Whether the guest may write it.
     pub read_only: bool,
     /// What the device answers to `GET_ID` (the guest's `/sys/block/vdX/serial`).
     pub id: String,
+}
+
+impl BlockConfig {
+    /// The disk on the file at `path`, opened as the guest may use it: for reading, and for
+    /// writing unless `read_only`.
+    pub fn open(path: &Path, read_only: bool, id: &str) -> io::Result<Self> {
+        let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
+        Ok(BlockConfig {
+            file,
+            read_only,
+            id: id.into(),
+        })
+    }
 }
 
 /// A running VM. Dropping it stops it.
@@ -215,33 +229,28 @@ fn assemble(
     let vm = Arc::new(Vm::new(ram.clone())?);
 
     // Boot data: kernel, command line, initramfs (none for a restored VM: they are in RAM).
-    let open = |path: &PathBuf, what: &str| {
-        File::open(path).map_err(|e| VmmError::Config(format!("{what} {}: {e}", path.display())))
-    };
+    let mut config = config;
     let boot = match saved {
         Some(_) => None,
         None => {
-            let kernel = boot::load_kernel(&ram, &mut open(&config.kernel, "kernel")?)?;
+            let kernel = boot::load_kernel(&ram, &mut config.kernel)?;
             boot::load_cmdline(&ram, &config.cmdline)?;
-            let initrd = match &config.initrd {
-                Some(path) => Some(boot::load_initrd(
-                    &ram,
-                    &kernel,
-                    &mut open(path, "initramfs")?,
-                )?),
+            let initrd = match &mut config.initrd {
+                Some(file) => Some(boot::load_initrd(&ram, &kernel, file)?),
                 None => None,
             };
             Some((kernel, initrd))
         }
     };
     let mut virtio: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
-    for disk in &config.block {
+    for disk in config.block {
+        let name = format!("virtio-blk {}", disk.id);
         let device =
-            Block::open(&disk.path, disk.read_only, &disk.id).map_err(|e| VmmError::Device {
-                device: format!("virtio-blk {}", disk.path.display()),
+            Block::new(disk.file, disk.read_only, &disk.id).map_err(|e| VmmError::Device {
+                device: name.clone(),
                 reason: e.to_string(),
             })?;
-        virtio.push((format!("virtio-blk {}", disk.id), Box::new(device)));
+        virtio.push((name, Box::new(device)));
     }
     if let Some(host) = config.agent_channel {
         let device = VirtioConsole::new(host, Some(PORT_NAME)).map_err(|e| VmmError::Device {

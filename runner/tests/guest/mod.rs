@@ -49,7 +49,7 @@ pub fn config(dir: &Path, kernel: PathBuf, serial: &Console) -> VmConfig {
     VmConfig {
         vcpus: 1,
         memory_mib: 64,
-        kernel,
+        kernel: std::fs::File::open(kernel).unwrap(),
         initrd: None,
         cmdline: "mvm-test-guest".into(),
         serial_log: std::fs::File::create(dir.join("serial.log")).unwrap(),
@@ -64,11 +64,7 @@ pub fn config(dir: &Path, kernel: PathBuf, serial: &Console) -> VmConfig {
 /// disks).
 #[allow(dead_code)]
 pub fn disk(path: &Path, id: &str, read_only: bool) -> BlockConfig {
-    BlockConfig {
-        path: path.to_path_buf(),
-        read_only,
-        id: id.into(),
-    }
+    BlockConfig::open(path, read_only, id).unwrap()
 }
 
 /// Generous: under PVM the guest's every instruction is emulated (~1 µs each).

@@ -7,9 +7,8 @@
 
 pub mod request;
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
-use std::path::Path;
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_ID_BYTES};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
@@ -34,9 +33,10 @@ pub struct Block {
 }
 
 impl Block {
-    /// A disk on the file at `path`; `id` (at most 20 bytes used) is what `GET_ID` answers.
-    pub fn open(path: &Path, read_only: bool, id: &str) -> io::Result<Self> {
-        let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
+    /// A disk on `file`, open for reading (and writing unless `read_only`: whoever opened it
+    /// chose, so the device never needs a path); `id` (at most 20 bytes used) is what
+    /// `GET_ID` answers.
+    pub fn new(file: File, read_only: bool, id: &str) -> io::Result<Self> {
         let capacity = file.metadata()?.len() / SECTOR_SIZE;
         let mut id_bytes = [0u8; VIRTIO_BLK_ID_BYTES as usize];
         let n = id.len().min(id_bytes.len());

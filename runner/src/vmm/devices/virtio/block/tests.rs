@@ -42,9 +42,15 @@ fn rig() -> Rig {
     }
 }
 
+/// The disk on `path`, opened as the VMM's builder opens one.
+fn open(path: &std::path::Path, read_only: bool, id: &str) -> Block {
+    let disk = crate::vmm::BlockConfig::open(path, read_only, id).unwrap();
+    Block::new(disk.file, disk.read_only, &disk.id).unwrap()
+}
+
 impl Rig {
     fn transport(&self, read_only: bool) -> MmioTransport {
-        let disk = Block::open(&self.path, read_only, "mvm-test-disk").unwrap();
+        let disk = open(&self.path, read_only, "mvm-test-disk");
         let irq = IrqLine::new(EventFd::new(EFD_NONBLOCK).unwrap());
         MmioTransport::new(Box::new(disk), self.memory.clone(), irq)
     }
@@ -250,7 +256,7 @@ fn a_head_index_beyond_the_queue_puts_the_device_in_needs_reset() {
 #[test]
 fn the_config_space_holds_the_capacity() {
     let rig = rig();
-    let disk = Block::open(&rig.path, true, "x").unwrap();
+    let disk = open(&rig.path, true, "x");
     let mut cap = [0u8; 8];
     disk.read_config(0, &mut cap);
     assert_eq!(u64::from_le_bytes(cap), SECTORS);
