@@ -74,6 +74,7 @@ fn main() -> ExitCode {
         block: Vec::new(),
         agent_channel: None,
         rng: true,
+        huge_pages: false,
     }) {
         Ok(vm) => vm,
         Err(e) => {

@@ -897,6 +897,7 @@ mod tests {
                 id: "root".into(),
             }],
             rng: false,
+            huge_pages: false,
         };
         let child = |channel_fd, artifact_fds| ChildConfig {
             jail: Jail { uid: 1, gid: 1 },

@@ -224,6 +224,8 @@ pub struct Launch {
     /// Run the own VMM jailed as this uid and gid ([`crate::jail`]); checked by
     /// [`Jail::check`].
     pub jail: Option<Jail>,
+    /// Back the own VMM's guest RAM with 2 MiB huge pages (checked: `--backend kvm` only).
+    pub huge_pages: bool,
 }
 
 /// A launch that ran its command to the end.
@@ -827,22 +829,22 @@ fn start<T>(
                 verity: &admitted.artifacts.verity,
             };
             let vmm_failed = |e: VmmError| LaunchError::Backend(format!("{}: {e}", e.code()));
+            let spec = VmSpec {
+                huge_pages: launch.huge_pages,
+                ..VmSpec::for_plan(&plan.plan, &files).map_err(vmm_failed)?
+            };
             let vm = match (launch.jail, saved) {
                 (Some(_), Some(_)) => {
                     let reason = "a jailed VM is never saved cold".to_string();
                     return Err(LaunchError::from(ColdError::Wake(reason)).into());
                 }
                 (Some(jail), None) => {
-                    let spec = VmSpec::for_plan(&plan.plan, &files).map_err(vmm_failed)?;
                     VmProcess::Jailed(boot_jailed(jail, &dir, &spec, serial_log)?)
                 }
                 (None, Some(saved)) => VmProcess::Own(
-                    OwnVm::restore(&plan.plan, &files, serial_log, saved)
-                        .map_err(LaunchError::from)?,
+                    OwnVm::restore(spec, serial_log, saved).map_err(LaunchError::from)?,
                 ),
-                (None, None) => {
-                    VmProcess::Own(OwnVm::boot(&plan.plan, &files, serial_log).map_err(vmm_failed)?)
-                }
+                (None, None) => VmProcess::Own(OwnVm::boot(spec, serial_log).map_err(vmm_failed)?),
             };
             (None, vm)
         }

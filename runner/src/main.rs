@@ -70,6 +70,11 @@ struct Args {
     /// The jailed VMM's gid (not 0).
     #[arg(long, requires = "jail", default_value_t = jail::DEFAULT_ID, value_name = "GID")]
     jail_gid: u32,
+    /// Back guest RAM with 2 MiB huge pages from the host's pool (`/proc/sys/vm/nr_hugepages`,
+    /// reserved as the VM starts: a pool too small fails the boot, VMM002). Needs
+    /// `--backend kvm`; the memory size must be a whole number of 2 MiB.
+    #[arg(long)]
+    huge_pages: bool,
     /// The command; the plan's entrypoint when absent.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -112,6 +117,12 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::RUNNER);
         }
     };
+    if args.huge_pages && args.backend != BackendChoice::Kvm {
+        eprintln!(
+            "mvm-runner: error RUN047: --huge-pages backs the own VMM's guest RAM: it needs --backend kvm (QEMU is not given huge pages)"
+        );
+        return ExitCode::from(exit::RUNNER);
+    }
     // A signal stops the launch through its normal teardown (the VM killed, `vm.exited`
     // recorded, the state directory removed) instead of ending the runner on the spot.
     let interrupt = Arc::new(AtomicBool::new(false));
@@ -160,6 +171,7 @@ fn launch_request(
         started,
         interrupt,
         jail,
+        huge_pages: args.huge_pages,
     }
 }
 

@@ -118,6 +118,8 @@ pub struct VmSpec {
     pub disks: Vec<DiskSpec>,
     /// Whether the guest gets a virtio-rng device.
     pub rng: bool,
+    /// Whether guest RAM is made of 2 MiB huge pages (a host's choice, not the plan's).
+    pub huge_pages: bool,
 }
 
 /// A disk of a [`VmSpec`].
@@ -164,6 +166,7 @@ impl VmSpec {
             disks: vec![disk(files.rootfs, "root"), disk(files.verity, "verity")],
             // Not in the guest contract (the QEMU backend has none).
             rng: false,
+            huge_pages: false,
         })
     }
 
@@ -211,23 +214,19 @@ impl VmSpec {
             block: files.disks,
             agent_channel: channel,
             rng: self.rng,
+            huge_pages: self.huge_pages,
         }
     }
 }
 
 impl OwnVm {
-    /// Boots `plan` from `files`, the serial console logged into `serial_log`.
-    pub fn boot(
-        plan: &LaunchPlan,
-        files: &OwnVmFiles<'_>,
-        serial_log: File,
-    ) -> Result<Self, VmmError> {
+    /// Boots `spec`, the serial console logged into `serial_log`.
+    pub fn boot(spec: VmSpec, serial_log: File) -> Result<Self, VmmError> {
         let (guest_end, host_end) = UnixStream::pair().map_err(|e| VmmError::Device {
             device: "agent channel".into(),
             reason: e.to_string(),
         })?;
         let console = Console::default();
-        let spec = VmSpec::for_plan(plan, files)?;
         let files = spec.open()?;
         let vm = vmm::build(spec.config(files, serial_log, &console, Some(guest_end)))?;
         Ok(OwnVm {
@@ -238,13 +237,12 @@ impl OwnVm {
         })
     }
 
-    /// Restores the VM `saved` holds (a cold VM the own VMM saved) for `plan` from `files`,
-    /// paused until its machine resumes it. Its file is read once: hashed as its pages go into
+    /// Restores the VM `saved` holds (a cold VM the own VMM saved) as `spec` (the plan's
+    /// files), paused until its machine resumes it. Its file is read once: hashed as its pages go into
     /// the new VM's RAM, and its state parsed only once that digest is the manifest's
     /// (RUN041 otherwise); what does not restore is RUN042. Either way the VM stays cold.
     pub fn restore(
-        plan: &LaunchPlan,
-        files: &OwnVmFiles<'_>,
+        spec: VmSpec,
         serial_log: File,
         saved: &mut ColdState,
     ) -> Result<Self, ColdError> {
@@ -252,7 +250,6 @@ impl OwnVm {
         let (guest_end, host_end) =
             UnixStream::pair().map_err(|e| ColdError::Wake(format!("the agent channel: {e}")))?;
         let console = Console::default();
-        let spec = VmSpec::for_plan(plan, files).map_err(unrestorable)?;
         let opened = spec.open().map_err(unrestorable)?;
         let config = spec.config(opened, serial_log, &console, Some(guest_end));
         let ram = vmm::builder::guest_ram(&config).map_err(unrestorable)?;

@@ -244,3 +244,103 @@ fn a_guest_halted_inside_kvm_is_paused_and_resumed() {
     assert_eq!(vm.wait(Duration::from_millis(200)), None, "still halted");
     assert_eq!(vm.stop(), GuestExit::Stopped);
 }
+
+/// Sets the host's pool of 2 MiB huge pages to `pages`; whether it could.
+fn set_huge_pages(pages: u64) -> bool {
+    std::fs::write("/proc/sys/vm/nr_hugepages", pages.to_string()).is_ok()
+        && huge_pages() == Some(pages)
+}
+
+fn huge_pages() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The page size the kernel backs the mapping that starts at `start` with, from smaps.
+fn kernel_page_size_kib(start: usize) -> Option<u64> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let header = format!("{start:x}-");
+    let block = smaps
+        .split('\n')
+        .skip_while(|line| !line.starts_with(&header));
+    block
+        .skip(1)
+        .find_map(|line| line.strip_prefix("KernelPageSize:"))
+        .and_then(|size| size.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+#[test]
+fn huge_pages_are_refused_unless_the_backend_is_kvm() {
+    for backend in ["auto", "qemu"] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_mvm-runner"))
+            .args(["--huge-pages", "--backend", backend])
+            .args(["--plan", "/nonexistent/plan.dsse.json"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(125), "{backend}: {stderr}");
+        assert!(stderr.contains("error RUN047"), "{backend}: {stderr}");
+    }
+}
+
+#[test]
+fn guest_ram_of_huge_pages_comes_from_the_host_pool_or_is_refused() {
+    if let Some(reason) = guest::kvm_unavailable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let Some(before) = huge_pages() else {
+        eprintln!("skipped: /proc/sys/vm/nr_hugepages cannot be read");
+        return;
+    };
+    if !set_huge_pages(0) {
+        eprintln!("skipped: the pool of huge pages cannot be changed (needs root)");
+        return;
+    }
+    // The host's pool as it was, however the test ends.
+    struct Restore(u64);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            set_huge_pages(self.0);
+        }
+    }
+    let _restore = Restore(before);
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = guest::build(dir.path(), &["lib", "boot_check"]);
+    let boot = |memory_mib: u64| {
+        let console = Console::default();
+        let vm = vmm::build(VmConfig {
+            memory_mib,
+            huge_pages: true,
+            cmdline: "mvm-test-guest console=ttyS0".into(),
+            ..guest::config(dir.path(), kernel.clone(), &console)
+        });
+        (vm, console)
+    };
+    // An empty pool: refused as the VM is built, not with a SIGBUS later.
+    let refused = boot(64).0.unwrap_err();
+    assert_eq!(refused.code(), "VMM002");
+    assert!(refused.to_string().contains("huge pages"), "{refused}");
+    // 64 MiB is 32 huge pages; 40 leave room.
+    assert!(set_huge_pages(40));
+    let odd = boot(65).0.unwrap_err();
+    assert_eq!(odd.code(), "VMM002");
+    assert!(odd.to_string().contains("whole number of 2 MiB"), "{odd}");
+    let (vm, console) = boot(64);
+    let vm = vm.unwrap();
+    let ranges = vm.guest_ram_host_ranges();
+    assert_eq!(
+        kernel_page_size_kib(ranges[0].start),
+        Some(2048),
+        "guest RAM is mapped with 2 MiB pages"
+    );
+    assert_eq!(vm.wait(BOOT_TIMEOUT), Some(GuestExit::PowerOff));
+    assert!(
+        console.tail().ends_with("mvm-guest: ok\n"),
+        "{}",
+        console.tail()
+    );
+}

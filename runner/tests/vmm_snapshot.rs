@@ -67,7 +67,7 @@ fn a_saved_vm_restored_into_a_new_vmm_carries_on_where_it_was() {
     let files = guest::PlanFiles::new(dir.path());
     let plan = guest::test_plan();
     let log = |name: &str| File::create(dir.path().join(name)).unwrap();
-    let mut vm = VmProcess::Own(OwnVm::boot(&plan, &files.own(), log("first.log")).unwrap());
+    let mut vm = VmProcess::Own(OwnVm::boot(files.spec(&plan), log("first.log")).unwrap());
     let mut channel = vm.take_channel().unwrap();
     guest::wait_for_ping(&mut channel, &vm);
     let state = dir.path().join("vm.state");
@@ -86,7 +86,7 @@ fn a_saved_vm_restored_into_a_new_vmm_carries_on_where_it_was() {
     // Restored twice from the same file: a state can be woken more than once.
     for round in 0..2 {
         let mut state = cold(&state, saved.clone());
-        let own = OwnVm::restore(&plan, &files.own(), log("second.log"), &mut state).unwrap();
+        let own = OwnVm::restore(files.spec(&plan), log("second.log"), &mut state).unwrap();
         let mut vm = VmProcess::Own(own);
         let mut channel = vm.take_channel().unwrap();
         // Paused until resumed: nothing runs, the answer waits.
@@ -122,14 +122,14 @@ fn a_changed_or_foreign_state_is_refused_and_nothing_runs() {
     let files = guest::PlanFiles::new(dir.path());
     let plan = guest::test_plan();
     let log = || File::create(dir.path().join("serial.log")).unwrap();
-    let mut vm = VmProcess::Own(OwnVm::boot(&plan, &files.own(), log()).unwrap());
+    let mut vm = VmProcess::Own(OwnVm::boot(files.spec(&plan), log()).unwrap());
     let mut channel = vm.take_channel().unwrap();
     guest::wait_for_ping(&mut channel, &vm);
     let path = dir.path().join("vm.state");
     let saved = save(&vm, dir.path(), &path);
     vm.kill();
     let restore = |plan: &mvm_ir::plan::LaunchPlan, memory: SavedMemory| {
-        OwnVm::restore(plan, &files.own(), log(), &mut cold(&path, memory)).map(|_| ())
+        OwnVm::restore(files.spec(plan), log(), &mut cold(&path, memory)).map(|_| ())
     };
 
     // One byte of a page changed: its digest is not the manifest's (RUN041).

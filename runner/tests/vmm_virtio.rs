@@ -176,7 +176,7 @@ fn the_kvm_backend_gives_a_plan_the_contract_devices() {
     let dir = tempfile::tempdir().unwrap();
     let files = guest::PlanFiles::new(dir.path());
     let serial_log = std::fs::File::create(dir.path().join("serial.log")).unwrap();
-    let own = OwnVm::boot(&guest::test_plan(), &files.own(), serial_log).unwrap();
+    let own = OwnVm::boot(files.spec(&guest::test_plan()), serial_log).unwrap();
     let mut vm = VmProcess::Own(own);
     assert_eq!(vm.pid(), std::process::id());
     let mut channel = vm

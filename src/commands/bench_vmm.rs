@@ -147,6 +147,7 @@ pub fn probe(guest: &Path) -> anyhow::Result<Value> {
         block: Vec::new(),
         agent_channel: None,
         rng: false,
+        huge_pages: false,
     })
     .map_err(|e| anyhow::anyhow!("error {}: {e}", e.code()))?;
     let exit = vm.wait(BOOT_LIMIT);

@@ -62,6 +62,10 @@ pub struct RunArgs {
     /// auto (the best this host can do; see `mvm doctor`), qemu, or kvm.
     #[arg(long, default_value = "auto", value_name = "auto|qemu|kvm")]
     backend: String,
+    /// Back guest RAM with 2 MiB huge pages from the host's pool (`/proc/sys/vm/nr_hugepages`);
+    /// the kvm backend only (`--backend kvm`).
+    #[arg(long)]
+    huge_pages: bool,
     /// Write a signed run receipt here once the command has ended (`mvm receipt verify`).
     #[arg(long, value_name = "FILE")]
     receipt: Option<PathBuf>,
@@ -132,6 +136,9 @@ fn launch(args: RunArgs, out: &Output) -> anyhow::Result<ExitCode> {
         .args(["--backend", &args.backend])
         .arg("--boot-timeout")
         .arg(humantime::format_duration(args.boot_timeout).to_string());
+    if args.huge_pages {
+        command.arg("--huge-pages");
+    }
     if let Some(timeout) = args.timeout {
         command
             .arg("--timeout")
@@ -188,6 +195,9 @@ fn run_with_input(args: &RunArgs, plan: &Path) -> anyhow::Result<ExitCode> {
         .arg("--plan")
         .arg(plan)
         .args(["--name", &name, "--backend", &args.backend]);
+    if args.huge_pages {
+        runner.arg("--huge-pages");
+    }
     if let Err(status) = super::vm::start_runner(runner)? {
         return Ok(status);
     }

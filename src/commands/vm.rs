@@ -57,6 +57,10 @@ pub struct UpArgs {
     /// auto, qemu or kvm (see `mvm doctor`).
     #[arg(long, default_value = "auto", value_name = "auto|qemu|kvm")]
     backend: String,
+    /// Back guest RAM with 2 MiB huge pages from the host's pool (`/proc/sys/vm/nr_hugepages`);
+    /// the kvm backend only (`--backend kvm`).
+    #[arg(long)]
+    huge_pages: bool,
     /// For an image: the entrypoint to sign into its plan (default: the image's own).
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -200,6 +204,9 @@ pub fn up(args: UpArgs, out: &Output) -> anyhow::Result<ExitCode> {
         .arg("--plan")
         .arg(&plan)
         .args(["--name", &args.name, "--backend", &args.backend]);
+    if args.huge_pages {
+        runner.arg("--huge-pages");
+    }
     let ready = match start_runner(runner)? {
         Ok(ready) => ready,
         Err(status) => return Ok(status),

@@ -73,6 +73,8 @@ pub struct VmConfig {
     pub agent_channel: Option<UnixStream>,
     /// Whether the guest gets a virtio-rng device (after the console).
     pub rng: bool,
+    /// Whether guest RAM is made of 2 MiB huge pages ([`memory::create_huge`]).
+    pub huge_pages: bool,
 }
 
 /// A virtio-blk disk.
@@ -190,7 +192,11 @@ pub fn guest_ram(config: &VmConfig) -> Result<GuestRam, VmmError> {
             config.memory_mib
         )));
     }
-    memory::create(config.memory_mib << 20).map_err(|e| VmmError::Memory(e.to_string()))
+    let size = config.memory_mib << 20;
+    match config.huge_pages {
+        true => memory::create_huge(size).map_err(VmmError::Memory),
+        false => memory::create(size).map_err(|e| VmmError::Memory(e.to_string())),
+    }
 }
 
 /// Builds and starts the VM `config` describes.

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use mvm_ir::plan::LaunchPlan;
 use mvm_runner::serial::Console;
-use mvm_runner::vm_process::{OwnVmFiles, VmProcess};
+use mvm_runner::vm_process::{OwnVmFiles, VmProcess, VmSpec};
 use mvm_runner::vmm::{test_guest, BlockConfig, VmConfig};
 
 /// Why this host cannot run a VM of our own, if it cannot: no `/dev/kvm` openable
@@ -57,6 +57,7 @@ pub fn config(dir: &Path, kernel: PathBuf, serial: &Console) -> VmConfig {
         block: Vec::new(),
         agent_channel: None,
         rng: false,
+        huge_pages: false,
     }
 }
 
@@ -129,6 +130,11 @@ impl PlanFiles {
         image(&files.verity, 2, marker);
         std::fs::write(&files.initramfs, vec![0x1f; 4096]).unwrap();
         files
+    }
+
+    /// The VM the kvm backend makes of `plan` booted from these files.
+    pub fn spec(&self, plan: &LaunchPlan) -> VmSpec {
+        VmSpec::for_plan(plan, &self.own()).unwrap()
     }
 
     /// As the kvm backend takes them.
