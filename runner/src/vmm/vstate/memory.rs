@@ -26,7 +26,7 @@ pub fn create(size: u64) -> Result<GuestRam, vm_memory::mmap::FromRangesError> {
 /// made, so a pool too small refuses it here — not with a SIGBUS when the guest first
 /// touches a page.
 pub fn create_huge(size: u64) -> Result<GuestRam, String> {
-    if size % HUGE_PAGE != 0 {
+    if !size.is_multiple_of(HUGE_PAGE) {
         return Err(format!(
             "{} MiB is not a whole number of 2 MiB huge pages",
             size >> 20
