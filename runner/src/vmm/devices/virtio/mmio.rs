@@ -145,7 +145,9 @@ impl MmioTransport {
     }
 
     /// Takes the state `saved`, which must be of a device of this kind with as many queues of
-    /// the same sizes; nothing changes if it is refused. A pending interrupt is raised again.
+    /// the same sizes; nothing changes if it is refused. A pending interrupt is raised again,
+    /// and every ready queue is served once: a notification the guest made just before the
+    /// save went to the old VMM's eventfd, and its buffers would otherwise wait forever.
     pub fn restore(&mut self, saved: &TransportSnapshot) -> Result<(), String> {
         let kind = self.device.device_type();
         if saved.device_type != kind {
@@ -179,6 +181,9 @@ impl MmioTransport {
         self.config_generation = saved.config_generation;
         if self.interrupt_status != 0 {
             let _ = self.irq.trigger();
+        }
+        for queue in 0..self.queues.len() {
+            self.handle(DeviceEvent::Queue(queue));
         }
         Ok(())
     }
@@ -474,6 +479,45 @@ pub(crate) mod tests {
         write32(&mut t, VIRTIO_MMIO_STATUS, 0);
         assert_eq!(read32(&mut t, VIRTIO_MMIO_STATUS), 0);
         assert_eq!(read32(&mut t, VIRTIO_MMIO_QUEUE_READY), 0);
+    }
+
+    #[test]
+    fn a_restored_transport_has_its_registers_and_queues_and_serves_what_was_left_waiting() {
+        let memory = test_support::memory();
+        let (mut t, _evt) = transport(&memory);
+        let mut q = test_support::TestQueue::new(&memory, 0);
+        q.add(&[(0x10_0000, 16, 0)]);
+        drive(&mut t, &[(0, &q)]);
+        write32(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert_eq!(q.used_idx(), 1);
+        write32(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
+        // A second chain made available, its notification lost with the old VMM.
+        q.add(&[(0x20_0000, 16, 0)]);
+        let saved = t.save();
+        assert_eq!(saved.device_type, 42);
+
+        let (mut restored, evt) = transport(&memory);
+        restored.restore(&saved).unwrap();
+        assert_eq!(q.used_idx(), 2, "the waiting chain was served");
+        assert_eq!(evt.read().unwrap(), 1, "and the driver interrupted");
+        assert_eq!(read32(&mut restored, VIRTIO_MMIO_STATUS), t.status());
+        assert_eq!(read32(&mut restored, VIRTIO_MMIO_QUEUE_READY), 1);
+        let state = |t: &MmioTransport| serde_json::to_string(&t.save().queues).unwrap();
+        assert_ne!(
+            state(&restored),
+            state(&t),
+            "restored on from the saved positions"
+        );
+
+        // Another kind of device, or other queues, are refused and change nothing.
+        let mut other = saved.clone();
+        other.device_type = 3;
+        let (mut fresh, _) = transport(&memory);
+        assert!(fresh.restore(&other).unwrap_err().contains("type 3"));
+        let mut fewer = saved.clone();
+        fewer.queues.clear();
+        assert!(fresh.restore(&fewer).unwrap_err().contains("0 queues"));
+        assert_eq!(fresh.status(), 0);
     }
 
     #[test]
