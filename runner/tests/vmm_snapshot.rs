@@ -14,7 +14,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use mvm_ir::plan::Timestamp;
+use mvm_ir::plan::{LaunchPlan, Timestamp};
 use mvm_runner::cold::{ColdError, ColdManifest, ColdState, SavedMemory};
 use mvm_runner::serial::Console;
 use mvm_runner::vm_process::{OwnVm, VmProcess};
@@ -57,23 +57,35 @@ fn cold(path: &Path, memory: SavedMemory) -> ColdState {
     }
 }
 
-#[test]
-fn a_saved_vm_restored_into_a_new_vmm_carries_on_where_it_was() {
+/// The `virtio_check` guest booted in `dir` as a plan, saved into `dir/vm.state` while it
+/// waits for the host's answer, and stopped: the VM, the plan, its files, what was saved.
+/// `None`, the reason printed, when this host has no usable `/dev/kvm`.
+fn saved_while_waiting(
+    dir: &Path,
+) -> Option<(VmProcess, LaunchPlan, guest::PlanFiles, SavedMemory)> {
     if let Some(reason) = guest::kvm_unavailable() {
         eprintln!("skipped: {reason}");
-        return;
+        return None;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let files = guest::PlanFiles::new(dir.path());
+    let files = guest::PlanFiles::new(dir);
     let plan = guest::test_plan();
-    let log = |name: &str| File::create(dir.path().join(name)).unwrap();
-    let mut vm = VmProcess::Own(OwnVm::boot(files.spec(&plan), log("first.log")).unwrap());
+    let log = File::create(dir.join("first.log")).unwrap();
+    let mut vm = VmProcess::Own(OwnVm::boot(files.spec(&plan), log).unwrap());
     let mut channel = vm.take_channel().unwrap();
     guest::wait_for_ping(&mut channel, &vm);
-    let state = dir.path().join("vm.state");
-    let saved = save(&vm, dir.path(), &state);
+    let saved = save(&vm, dir, &dir.join("vm.state"));
     vm.kill();
-    drop(channel);
+    Some((vm, plan, files, saved))
+}
+
+#[test]
+fn a_saved_vm_restored_into_a_new_vmm_carries_on_where_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((mut vm, plan, files, saved)) = saved_while_waiting(dir.path()) else {
+        return;
+    };
+    let log = |name: &str| File::create(dir.path().join(name)).unwrap();
+    let state = dir.path().join("vm.state");
     assert_eq!(
         vm.try_wait().unwrap().as_deref(),
         Some("stopped by the runner")
@@ -114,21 +126,13 @@ fn a_saved_vm_restored_into_a_new_vmm_carries_on_where_it_was() {
 
 #[test]
 fn a_changed_or_foreign_state_is_refused_and_nothing_runs() {
-    if let Some(reason) = guest::kvm_unavailable() {
-        eprintln!("skipped: {reason}");
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
-    let files = guest::PlanFiles::new(dir.path());
-    let plan = guest::test_plan();
+    let Some((_vm, plan, files, saved)) = saved_while_waiting(dir.path()) else {
+        return;
+    };
     let log = || File::create(dir.path().join("serial.log")).unwrap();
-    let mut vm = VmProcess::Own(OwnVm::boot(files.spec(&plan), log()).unwrap());
-    let mut channel = vm.take_channel().unwrap();
-    guest::wait_for_ping(&mut channel, &vm);
     let path = dir.path().join("vm.state");
-    let saved = save(&vm, dir.path(), &path);
-    vm.kill();
-    let restore = |plan: &mvm_ir::plan::LaunchPlan, memory: SavedMemory| {
+    let restore = |plan: &LaunchPlan, memory: SavedMemory| {
         OwnVm::restore(files.spec(plan), log(), &mut cold(&path, memory)).map(|_| ())
     };
 

@@ -111,6 +111,14 @@ impl PauseGate {
         self.changed.notify_all();
     }
 
+    /// Waits for a change on the gate, or [`KICK_INTERVAL`] (for whoever waits on the parked).
+    fn wait_a_little<'a>(&self, state: MutexGuard<'a, GateState>) -> MutexGuard<'a, GateState> {
+        self.changed
+            .wait_timeout(state, KICK_INTERVAL)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+    }
+
     /// The VM is over: parked threads go on (to their end), and nobody is kicked any more.
     pub fn end(&self) {
         self.lock().ended = true;
@@ -198,12 +206,7 @@ impl Pauser {
                 // (`install_kick_handler`, called before any vCPU thread starts).
                 unsafe { libc::pthread_kill(*thread, kick_signal()) };
             }
-            state = self
-                .gate
-                .changed
-                .wait_timeout(state, KICK_INTERVAL)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            state = self.gate.wait_a_little(state);
         }
     }
 
@@ -228,12 +231,7 @@ impl Pauser {
             if done || state.ended || Instant::now() >= deadline {
                 break;
             }
-            state = self
-                .gate
-                .changed
-                .wait_timeout(state, KICK_INTERVAL)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            state = self.gate.wait_a_little(state);
         }
         let slots = state.saving.take().unwrap_or_default();
         if state.ended {
