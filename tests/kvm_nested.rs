@@ -6,10 +6,12 @@
 //! `--backend kvm` on a bundle built here by `mvm build` and signed by a key the copied
 //! `MVM_HOME` trusts: the own VMM boots the Debian cloud kernel, the agent opens the root
 //! through dm-verity and runs the commands over the virtio-console port (one run asks for
-//! `auto`, which must pick the own VMM there: the outer guest has no QEMU). Three inner boots in one outer boot (each ~20 s
-//! nested), every report printed on the outer console between markers and checked here. A
-//! stall is not retried: the runner's boot timeout, or the outer watchdog, fails the test with
-//! the console's tail.
+//! `auto`, which must pick the own VMM there: the outer guest has no QEMU). Then a named VM
+//! with two vCPUs goes through its life there: `mvm up`, `ls`, `exec` (its CPU count, state
+//! kept between commands, an exit status), `stop`, `rm`, and nothing of it is left. Four inner
+//! boots in one outer boot (each ~20 s nested); every step's output and exit status is printed
+//! on the outer console between markers and checked here. A stall is not retried: the
+//! runner's boot timeout, or the outer watchdog, fails the test with the console's tail.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -23,8 +25,8 @@ mod support;
 
 use support::{bundle, guest};
 
-/// The outer QEMU's watchdog: the outer boot (~7 s), three inner boots and their commands.
-const OUTER_TIMEOUT_S: u32 = 230;
+/// The outer QEMU's watchdog: the outer boot (~7 s), four inner boots and their commands.
+const OUTER_TIMEOUT_S: u32 = 300;
 /// Each inner boot's watchdog (the runner's `--boot-timeout`).
 const INNER_BOOT_TIMEOUT: &str = "75s";
 
@@ -52,6 +54,33 @@ const RUNS: [(&str, &str, &str, &str); 3] = [
     ),
 ];
 
+/// The named VM's life, after the runs: a step's name and its command line (shell-quoted).
+/// `box` boots the bundle built with `--cpus 2`. `in_box ARGS…` is `mvm exec box --timeout 30s
+/// ARGS…`, skipped (125) once a command got no answer from the agent (RUN025, 74): a stalled
+/// guest costs one command's wait, not every one's, and is then stopped (which reports where
+/// its vCPUs were in the runner's log, printed by `runnerlog`). `runners` lists the
+/// `mvm-runner` processes still there (their `/proc/PID/stat`); `$b` is the outer guest's
+/// busybox.
+const NAMED: [(&str, &str); 12] = [
+    (
+        "up",
+        "/payload/mvm --json up --plan /payload/smp/plan.dsse.json --name box --backend kvm \
+         --boot-timeout 75s",
+    ),
+    ("ls", "/payload/mvm --json ls"),
+    ("nproc", "in_box -- nproc"),
+    ("cpuinfo", "in_box -- grep -c ^processor /proc/cpuinfo"),
+    ("keep", "in_box -- sh -c 'echo kept > /tmp/f'"),
+    ("kept", "in_box -- cat /tmp/f"),
+    // pause/resume: added on main
+    ("exit3", "in_box -- sh -c 'echo before-exit; exit 3'"),
+    ("stop", "/payload/mvm --json stop box"),
+    ("runnerlog", "$b cat /payload/home/vms/box/runner.log"),
+    ("rm", "/payload/mvm --json rm box"),
+    ("runners", "runners"),
+    ("vmdir", "$b test -e /payload/home/vms/box"),
+];
+
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
@@ -69,7 +98,7 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 /// The payload the outer guest runs: the CLI and the runner, the bundles, the home, and `run`.
-fn payload(dir: &Path, home: &Path, built: &bundle::Built) -> PathBuf {
+fn payload(dir: &Path, home: &Path, built: &bundle::Built, smp: &Path) -> PathBuf {
     let payload = dir.join("payload");
     fs::create_dir(&payload).unwrap();
     fs::copy(guest::runner(), payload.join("mvm-runner")).unwrap();
@@ -77,6 +106,7 @@ fn payload(dir: &Path, home: &Path, built: &bundle::Built) -> PathBuf {
     bundle::copy(&built.bundle, &payload, "bundle");
     let flipped = bundle::copy(&built.bundle, &payload, "flipped");
     bundle::flip_canary_data(&flipped, &built.canary);
+    bundle::copy(smp, &payload, "smp");
     // The inner runner's home: the keys (the host key signs its audit entries) and the trust
     // store (the plan's signer); it writes its VM directories and audit log there.
     let inner_home = payload.join("home");
@@ -85,26 +115,42 @@ fn payload(dir: &Path, home: &Path, built: &bundle::Built) -> PathBuf {
     for sub in ["keys", "trust"] {
         copy_dir(&home.join(sub), &inner_home.join(sub));
     }
+    // `step NAME COMMAND…` runs the command and prints its output (ending in a newline: `awk
+    // 1`) between the markers `parse_step` reads, then its standard error.
     let mut run = String::from(
         "#!/bin/busybox sh\n\
          b=/bin/busybox\n\
          # Only emergencies on the console: the reports are lines of their own.\n\
          $b dmesg -n 1\n\
          export MVM_HOME=/payload/home PATH=/bin\n\
-         up() { $b cut -d' ' -f1 /proc/uptime; }\n",
+         up() { $b cut -d' ' -f1 /proc/uptime; }\n\
+         step() {\n\
+         name=$1; shift\n\
+         echo \"MVM-STEP-BEGIN $name at $(up) s\"\n\
+         \"$@\" >/tmp/$name.out 2>/tmp/$name.err\n\
+         status=$?\n\
+         echo \"MVM-REPORT-BEGIN $name\"\n\
+         $b awk 1 /tmp/$name.out\n\
+         echo \"MVM-REPORT-END $name status $status at $(up) s\"\n\
+         $b cat /tmp/$name.err\n\
+         }\n\
+         in_box() {\n\
+         [ -z \"$stalled\" ] || { echo 'skipped: a command got no answer' >&2; return 125; }\n\
+         /payload/mvm exec box --timeout 30s \"$@\"\n\
+         s=$?; [ $s != 74 ] || stalled=1; return $s\n\
+         }\n\
+         runners() {\n\
+         for s in /proc/[0-9]*/stat; do $b cat $s 2>/dev/null; done | $b grep '(mvm-runner)'\n\
+         }\n",
     );
     for (name, bundle, launch, command) in RUNS {
         run.push_str(&format!(
-            "echo \"MVM-RUN-BEGIN {name} at $(up) s\"\n\
-             {launch} --plan /payload/{bundle}/plan.dsse.json \
-             --boot-timeout {INNER_BOOT_TIMEOUT} --timeout 30s -- {command} \
-             >/tmp/{name}.json 2>/tmp/{name}.err\n\
-             status=$?\n\
-             echo \"MVM-REPORT-BEGIN {name}\"\n\
-             $b cat /tmp/{name}.json\n\
-             echo \"MVM-REPORT-END {name} status $status at $(up) s\"\n\
-             $b cat /tmp/{name}.err\n"
+            "step {name} {launch} --plan /payload/{bundle}/plan.dsse.json \
+             --boot-timeout {INNER_BOOT_TIMEOUT} --timeout 30s -- {command}\n"
         ));
+    }
+    for (name, command) in NAMED {
+        run.push_str(&format!("step {name} {command}\n"));
     }
     let script = payload.join("run");
     fs::write(&script, run).unwrap();
@@ -112,16 +158,27 @@ fn payload(dir: &Path, home: &Path, built: &bundle::Built) -> PathBuf {
     payload
 }
 
-/// What the outer guest said about one run.
+/// What the outer guest said about one step.
 #[derive(Debug)]
-struct Run {
-    /// The runner's exit status.
+struct Step {
+    /// Its exit status.
     status: i32,
-    /// Its JSON report.
-    report: Value,
-    /// The outer guest's uptime when the run started and ended.
+    /// Its standard output, lines joined by newlines (the last without one).
+    output: String,
+    /// The outer guest's uptime when it started and ended.
     began_s: f64,
     ended_s: f64,
+}
+
+impl Step {
+    /// Its output as JSON (the runner's or the CLI's `--json` report).
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.output).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
+    }
+
+    fn seconds(&self) -> f64 {
+        self.ended_s - self.began_s
+    }
 }
 
 /// The number after `prefix` in `line`, up to the next space.
@@ -130,32 +187,29 @@ fn number_after(line: &str, prefix: &str) -> Option<f64> {
     rest.split_whitespace().next()?.parse().ok()
 }
 
-/// The run `name` on the outer console, or why it is not there.
-fn parse_run(console: &str, name: &str) -> Result<Run, String> {
+/// The step `name` on the outer console, or why it is not there.
+fn parse_step(console: &str, name: &str) -> Result<Step, String> {
     let lines: Vec<&str> = console.lines().map(|l| l.trim_end_matches('\r')).collect();
     let began = lines
         .iter()
-        .find_map(|l| number_after(l, &format!("MVM-RUN-BEGIN {name} at ")))
-        .ok_or_else(|| format!("run {name} never started"))?;
+        .find_map(|l| number_after(l, &format!("MVM-STEP-BEGIN {name} at ")))
+        .ok_or_else(|| format!("step {name} never started"))?;
     let start = lines
         .iter()
         .position(|l| *l == format!("MVM-REPORT-BEGIN {name}"))
-        .ok_or_else(|| format!("run {name} never ended (a stall?)"))?;
+        .ok_or_else(|| format!("step {name} never ended (a stall?)"))?;
     let end_prefix = format!("MVM-REPORT-END {name} status ");
     let end = start
         + lines[start..]
             .iter()
             .position(|l| l.starts_with(&end_prefix))
-            .ok_or_else(|| format!("run {name}'s report is cut off"))?;
+            .ok_or_else(|| format!("step {name}'s report is cut off"))?;
     let end_line = lines[end];
     let status = number_after(end_line, &end_prefix).ok_or("no exit status")? as i32;
     let ended = number_after(end_line, " at ").ok_or("no end time")?;
-    let json = lines[start + 1..end].concat();
-    let report = serde_json::from_str(&json)
-        .map_err(|e| format!("run {name}'s report is not JSON ({e}): {json}"))?;
-    Ok(Run {
+    Ok(Step {
         status,
-        report,
+        output: lines[start + 1..end].join("\n"),
         began_s: began,
         ended_s: ended,
     })
@@ -173,7 +227,9 @@ fn the_kvm_backend_boots_linux_runs_commands_and_verifies_the_root_nested() {
     let home = work.path().join("home");
     support::mvm_json(&home, &["kernel", "fetch"], 0);
     let built = bundle::build(&home, work.path());
-    let payload = payload(work.path(), &home, &built);
+    let smp = work.path().join("smp");
+    bundle::build_variant(&home, &built, &smp, &["--cpus", "2"]);
+    let payload = payload(work.path(), &home, &built, &smp);
 
     let started = Instant::now();
     let out = Command::new(repo().join("scripts/nested-kvm-guest"))
@@ -204,51 +260,137 @@ fn the_kvm_backend_boots_linux_runs_commands_and_verifies_the_root_nested() {
         context()
     );
     assert!(out.status.success(), "{}", context());
-    let runs: Vec<Run> = RUNS
+    let step =
+        |name: &str| parse_step(&console, name).unwrap_or_else(|e| panic!("{e}\n{}", context()));
+    let runs: Vec<(Step, Value)> = RUNS
         .iter()
         .map(|(name, ..)| {
-            parse_run(&console, name).unwrap_or_else(|e| panic!("{e}\n{}", context()))
+            let run = step(name);
+            let report = run.json();
+            (run, report)
         })
         .collect();
+    let named: Vec<Step> = NAMED.iter().map(|(name, _)| step(name)).collect();
+    let named_step = |name: &str| {
+        let at = NAMED.iter().position(|(n, _)| *n == name).unwrap();
+        &named[at]
+    };
     let outer_init_s = console
         .lines()
         .find_map(|l| number_after(l, "outer: init at "))
         .unwrap_or(f64::NAN);
+    let (first, last) = (&named[0], &named[named.len() - 1]);
     eprintln!(
         "nested kvm backend: outer /init at {outer_init_s} s of its uptime; inner runs {}; \
-         whole {whole_s:.0} s",
+         named VM (2 vCPUs) from {:.1} s to {:.1} s of the outer uptime ({:.1} s: {}); whole \
+         {whole_s:.0} s",
         runs.iter()
             .zip(RUNS)
-            .map(|(run, (name, ..))| format!(
+            .map(|((run, report), (name, ..))| format!(
                 "{name} {:.1} s (ready {} ms)",
-                run.ended_s - run.began_s,
-                run.report["timings_ms"]["ready"]
+                run.seconds(),
+                report["timings_ms"]["ready"]
             ))
+            .collect::<Vec<_>>()
+            .join(", "),
+        first.began_s,
+        last.ended_s,
+        last.ended_s - first.began_s,
+        named
+            .iter()
+            .zip(NAMED)
+            .map(|(step, (name, _))| format!("{name} {:.1}", step.seconds()))
             .collect::<Vec<_>>()
             .join(", ")
     );
 
     // echo hello through `mvm run`: its output, exit 0, the own VMM.
-    let hello = &runs[0];
+    let (hello, report) = &runs[0];
     assert_eq!(hello.status, 0, "{:?}\n{}", hello, context());
-    assert_eq!(hello.report["stdout"], "hello\n", "{:?}", hello);
-    assert_eq!(hello.report["stderr"], "", "{:?}", hello);
-    assert_eq!(hello.report["exit_status"], 0, "{:?}", hello);
-    assert_eq!(hello.report["accel"], "kvm", "{:?}", hello);
-    assert_eq!(hello.report["status"]["kind"], "exited", "{:?}", hello);
+    assert_eq!(report["stdout"], "hello\n", "{:?}", hello);
+    assert_eq!(report["stderr"], "", "{:?}", hello);
+    assert_eq!(report["exit_status"], 0, "{:?}", hello);
+    assert_eq!(report["accel"], "kvm", "{:?}", hello);
+    assert_eq!(report["status"]["kind"], "exited", "{:?}", hello);
 
     // The command's own exit status, its streams apart; `auto` picked the own VMM.
-    let exit7 = &runs[1];
+    let (exit7, report) = &runs[1];
     assert_eq!(exit7.status, 7, "{:?}\n{}", exit7, context());
-    assert_eq!(exit7.report["exit_status"], 7, "{:?}", exit7);
-    assert_eq!(exit7.report["stdout"], "to-stdout\n", "{:?}", exit7);
-    assert_eq!(exit7.report["stderr"], "to-stderr\n", "{:?}", exit7);
-    assert_eq!(exit7.report["accel"], "kvm", "{:?}", exit7);
+    assert_eq!(report["exit_status"], 7, "{:?}", exit7);
+    assert_eq!(report["stdout"], "to-stdout\n", "{:?}", exit7);
+    assert_eq!(report["stderr"], "to-stderr\n", "{:?}", exit7);
+    assert_eq!(report["accel"], "kvm", "{:?}", exit7);
 
     // Verified boot: a flipped byte in a file's data is an integrity failure (dm-verity in the
     // guest), not the file's bytes.
-    let flipped = &runs[2];
+    let (flipped, report) = &runs[2];
     assert_eq!(flipped.status, 121, "{:?}\n{}", flipped, context());
-    assert_eq!(flipped.report["error"]["code"], "RUN020", "{:?}", flipped);
-    assert!(flipped.report.get("stdout").is_none(), "{:?}", flipped);
+    assert_eq!(report["error"]["code"], "RUN020", "{:?}", flipped);
+    assert!(report.get("stdout").is_none(), "{:?}", flipped);
+
+    // The named VM: up on the own VMM, listed as running there.
+    let up = named_step("up");
+    assert_eq!(up.status, 0, "{:?}\n{}", up, context());
+    let vm = &up.json()["vm"];
+    assert_eq!(vm["name"], "box", "{up:?}");
+    assert_eq!(vm["phase"], "running", "{up:?}");
+    assert_eq!(vm["backend"], "kvm", "{up:?}");
+    let ls = named_step("ls");
+    assert_eq!(ls.status, 0, "{ls:?}");
+    let listed = ls.json();
+    let vms = listed["vms"].as_array().unwrap();
+    assert_eq!(vms.len(), 1, "{ls:?}");
+    assert_eq!(vms[0]["name"], "box", "{ls:?}");
+    assert_eq!(vms[0]["phase"], "running", "{ls:?}");
+    assert_eq!(vms[0]["backend"], "kvm", "{ls:?}");
+    assert_eq!(vms[0]["vm"], vm["vm"], "{ls:?}");
+
+    // Both vCPUs came up in the guest (SMP on the own VMM).
+    for name in ["nproc", "cpuinfo"] {
+        let cpus = named_step(name);
+        assert_eq!(
+            (cpus.status, cpus.output.as_str()),
+            (0, "2"),
+            "{cpus:?}\n{}",
+            context()
+        );
+    }
+
+    // State is kept between commands: the same guest, not a new one each time.
+    let keep = named_step("keep");
+    assert_eq!((keep.status, keep.output.as_str()), (0, ""), "{keep:?}");
+    let kept = named_step("kept");
+    assert_eq!((kept.status, kept.output.as_str()), (0, "kept"), "{kept:?}");
+    // pause/resume: added on main
+
+    // A command's exit status passes through `mvm exec`, its output with it.
+    let exit3 = named_step("exit3");
+    assert_eq!(
+        (exit3.status, exit3.output.as_str()),
+        (3, "before-exit"),
+        "{exit3:?}"
+    );
+
+    // Stopped on request, removed; its runner gone, its directory too.
+    let stop = named_step("stop");
+    assert_eq!(stop.status, 0, "{stop:?}\n{}", context());
+    assert_eq!(stop.json()["vm"]["phase"], "stopped", "{stop:?}");
+    // The guest powered off when asked: the runner did not have to stop it running.
+    let log = named_step("runnerlog");
+    assert!(
+        !log.output.contains("stopped while running"),
+        "{log:?}\n{}",
+        context()
+    );
+    let rm = named_step("rm");
+    assert_eq!(rm.status, 0, "{rm:?}");
+    assert_eq!(rm.json()["removed"], "box", "{rm:?}");
+    let runners = named_step("runners");
+    assert_eq!(
+        (runners.status, runners.output.as_str()),
+        (1, ""),
+        "an mvm-runner is left: {runners:?}"
+    );
+    let vmdir = named_step("vmdir");
+    assert_eq!(vmdir.status, 1, "the VM's directory is left: {vmdir:?}");
 }

@@ -523,8 +523,9 @@ impl HostFacts {
     }
 }
 
-/// The backends that boot a plan.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The backends that boot a plan (named as `--backend` names them, also in a VM's state).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Backend {
     /// mvm's own VMM on `/dev/kvm` (hardware virtualization only).
     Kvm,

@@ -433,6 +433,7 @@ fn serve_started(
         plan_digest: plan.digest.clone(),
         runner_pid: std::process::id(),
         phase: Phase::Starting,
+        backend: Some(vm_process.backend()),
         reason: None,
         started_at: mvm_ir::plan::Timestamp::now()
             .0

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use mvm_ir::fsutil::{atomic_write, read_capped, ExclusiveLock};
 use serde::{Deserialize, Serialize};
 
+use crate::host::Backend;
+
 /// The state file's name in the VM's directory.
 pub const STATE_FILE: &str = "state.json";
 /// The lock the owning runner holds.
@@ -72,6 +74,9 @@ pub struct VmState {
     pub runner_pid: u32,
     /// Where it is.
     pub phase: Phase,
+    /// The backend that runs it (absent from state files written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<Backend>,
     /// Why it failed or stopped, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -145,6 +150,7 @@ mod tests {
             plan_digest: format!("sha256:{}", "0".repeat(64)),
             runner_pid: 42,
             phase,
+            backend: Some(Backend::Kvm),
             reason: None,
             started_at: "2026-11-29T00:00:00Z".into(),
         }

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cold::{self, ColdError, ColdState, SavedMemory};
 use crate::control::Pausable;
+use crate::host::Backend;
 use crate::jail::JailedVm;
 use crate::qemu::qmp::Qmp;
 use crate::qemu::QemuVm;
@@ -291,15 +292,45 @@ impl OwnVm {
         self.ended.clone()
     }
 
+    /// Stops the VM; one that was still running when stopped has where its vCPUs were
+    /// written to stderr (the runner's log): what a guest that stopped answering was doing.
     fn kill(&mut self) {
         if let Some(vm) = self.vm.take() {
-            let exit = vm.stop();
+            let running = vm.ended().is_none();
+            let (exit, vcpus) = vm.stop_and_inspect();
+            if running {
+                for vcpu in vcpus {
+                    eprintln!(
+                        "mvm-runner: stopped while running: vCPU {} at rip {:#x}, rflags {:#x} \
+                         (interrupts {}), rsp {:#x}, rbx {:#x}, kernel text on its stack {:x?}",
+                        vcpu.id,
+                        vcpu.rip,
+                        vcpu.rflags,
+                        if vcpu.rflags & (1 << 9) != 0 {
+                            "on"
+                        } else {
+                            "off"
+                        },
+                        vcpu.rsp,
+                        vcpu.rbx,
+                        vcpu.stack_code
+                    );
+                }
+            }
             self.ended.get_or_insert(exit);
         }
     }
 }
 
 impl VmProcess {
+    /// The backend that runs it.
+    pub fn backend(&self) -> Backend {
+        match self {
+            VmProcess::Qemu(_) => Backend::Qemu,
+            VmProcess::Own(_) | VmProcess::Jailed(_) => Backend::Kvm,
+        }
+    }
+
     /// The backend's name, for messages ("QEMU exited …").
     pub fn name(&self) -> &'static str {
         match self {

@@ -285,14 +285,16 @@ pub fn ls(out: &Output) -> anyhow::Result<()> {
         json!({"vms": seen.iter().map(state_json).collect::<Vec<_>>()}),
         || {
             let mut text = format!(
-                "{:<20} {:<9} {:<16} {:<21} REASON",
-                "NAME", "STATE", "VM", "STARTED"
+                "{:<20} {:<9} {:<7} {:<16} {:<21} REASON",
+                "NAME", "STATE", "BACKEND", "VM", "STARTED"
             );
             for vm in &seen {
                 text.push_str(&format!(
-                    "\n{:<20} {:<9} {:<16} {:<21} {}",
+                    "\n{:<20} {:<9} {:<7} {:<16} {:<21} {}",
                     vm.name,
                     vm.phase.name(),
+                    vm.backend
+                        .map_or_else(|| "-".to_string(), |b| b.to_string()),
                     vm.vm,
                     vm.started_at,
                     vm.reason.as_deref().unwrap_or("")

@@ -40,6 +40,8 @@ pub fn build(home: &Path, dir: &Path) -> Built {
         Entry::Symlink("bin/cat", "busybox"),
         Entry::Symlink("bin/id", "busybox"),
         Entry::Symlink("bin/sleep", "busybox"),
+        Entry::Symlink("bin/nproc", "busybox"),
+        Entry::Symlink("bin/grep", "busybox"),
         Entry::Dir("etc"),
         Entry::File("etc/motd", b"from the image\n", 0o644),
         Entry::File(
@@ -54,29 +56,27 @@ pub fn build(home: &Path, dir: &Path) -> Built {
     let (digest, _) = layout.image("amd64", &[(TAR_GZIP, gzip(&root), root)]);
     let image = format!("oci:{}@{digest}", layout.dir.path().display());
     let bundle = dir.join("bundle");
-    let agent = guest::static_agent().to_str().unwrap();
-    super::mvm_json(
-        home,
-        &[
-            "build",
-            "--image",
-            &image,
-            "--out",
-            bundle.to_str().unwrap(),
-            "--agent",
-            agent,
-            "--",
-            "echo",
-            "entrypoint",
-        ],
-        0,
-    );
+    mvm_build(home, &image, &bundle, &[]);
     std::mem::forget(layout);
     Built {
         bundle,
         image,
         canary,
     }
+}
+
+/// The same image built again into `out` with more `mvm build` options (`--cpus 2`, say).
+pub fn build_variant(home: &Path, built: &Built, out: &Path, options: &[&str]) {
+    mvm_build(home, &built.image, out, options);
+}
+
+/// `mvm build --image IMAGE --out OUT OPTIONS… --agent AGENT -- echo entrypoint`.
+fn mvm_build(home: &Path, image: &str, out: &Path, options: &[&str]) {
+    let agent = guest::static_agent().to_str().unwrap();
+    let mut args = vec!["build", "--image", image, "--out", out.to_str().unwrap()];
+    args.extend_from_slice(options);
+    args.extend_from_slice(&["--agent", agent, "--", "echo", "entrypoint"]);
+    super::mvm_json(home, &args, 0);
 }
 
 /// A copy of `bundle` in `dir/name`, to change.
