@@ -56,7 +56,7 @@ pub fn build(home: &Path, dir: &Path) -> Built {
     let (digest, _) = layout.image("amd64", &[(TAR_GZIP, gzip(&root), root)]);
     let image = format!("oci:{}@{digest}", layout.dir.path().display());
     let bundle = dir.join("bundle");
-    mvm_build(home, &image, &bundle, &[]);
+    mvm_build(home, &image, &bundle);
     std::mem::forget(layout);
     Built {
         bundle,
@@ -65,17 +65,14 @@ pub fn build(home: &Path, dir: &Path) -> Built {
     }
 }
 
-/// The same image built again into `out` with more `mvm build` options (`--cpus 2`, say).
-pub fn build_variant(home: &Path, built: &Built, out: &Path, options: &[&str]) {
-    mvm_build(home, &built.image, out, options);
-}
-
-/// `mvm build --image IMAGE --out OUT OPTIONS… --agent AGENT -- echo entrypoint`.
-fn mvm_build(home: &Path, image: &str, out: &Path, options: &[&str]) {
+/// `mvm build --image IMAGE --out OUT --agent AGENT -- echo entrypoint`.
+fn mvm_build(home: &Path, image: &str, out: &Path) {
     let agent = guest::static_agent().to_str().unwrap();
-    let mut args = vec!["build", "--image", image, "--out", out.to_str().unwrap()];
-    args.extend_from_slice(options);
-    args.extend_from_slice(&["--agent", agent, "--", "echo", "entrypoint"]);
+    let args = ["build", "--image", image, "--out", out.to_str().unwrap()];
+    let args: Vec<&str> = args
+        .into_iter()
+        .chain(["--agent", agent, "--", "echo", "entrypoint"])
+        .collect();
     super::mvm_json(home, &args, 0);
 }
 
