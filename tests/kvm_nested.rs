@@ -77,7 +77,11 @@ const NAMED: [(&str, &str); 20] = [
         "/payload/mvm exec box --detach -- sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 1; done'",
     ),
     ("pause", "/payload/mvm --json pause box"),
-    ("paused-exec", "/payload/mvm exec box --timeout 30s -- true"),
+    // Its error on standard output, to be checked.
+    (
+        "paused-exec",
+        "$b sh -c '/payload/mvm exec box --timeout 30s -- true 2>&1'",
+    ),
     ("resume", "/payload/mvm --json resume box"),
     ("count1", "in_box -- cat /tmp/n"),
     ("cold", "/payload/mvm --json pause box --cold"),
@@ -179,6 +183,8 @@ struct Step {
     status: i32,
     /// Its standard output, lines joined by newlines (the last without one).
     output: String,
+    /// Its standard error (and whatever else the outer console printed before the next step).
+    stderr: String,
     /// The outer guest's uptime when it started and ended.
     began_s: f64,
     ended_s: f64,
@@ -221,9 +227,16 @@ fn parse_step(console: &str, name: &str) -> Result<Step, String> {
     let end_line = lines[end];
     let status = number_after(end_line, &end_prefix).ok_or("no exit status")? as i32;
     let ended = number_after(end_line, " at ").ok_or("no end time")?;
+    // Its standard error follows, up to the next step.
+    let errors = lines[end + 1..]
+        .iter()
+        .take_while(|l| !l.starts_with("MVM-STEP-BEGIN "))
+        .copied()
+        .collect::<Vec<_>>();
     Ok(Step {
         status,
         output: lines[start + 1..end].join("\n"),
+        stderr: errors.join("\n"),
         began_s: began,
         ended_s: ended,
     })
@@ -294,7 +307,7 @@ fn the_kvm_backend_boots_linux_runs_commands_and_verifies_the_root_nested() {
     let (first, last) = (&named[0], &named[named.len() - 1]);
     eprintln!(
         "nested kvm backend: outer /init at {outer_init_s} s of its uptime; inner runs {}; \
-         named VM (2 vCPUs) from {:.1} s to {:.1} s of the outer uptime ({:.1} s: {}); whole \
+         named VM from {:.1} s to {:.1} s of the outer uptime ({:.1} s: {}); whole \
          {whole_s:.0} s",
         runs.iter()
             .zip(RUNS)
@@ -311,7 +324,7 @@ fn the_kvm_backend_boots_linux_runs_commands_and_verifies_the_root_nested() {
         named
             .iter()
             .zip(NAMED)
-            .map(|(step, (name, _))| format!("{name} {:.1}", step.seconds()))
+            .map(|(step, (name, _))| format!("{name} {:.1} ({})", step.seconds(), step.status))
             .collect::<Vec<_>>()
             .join(", ")
     );
@@ -370,7 +383,8 @@ fn the_kvm_backend_boots_linux_runs_commands_and_verifies_the_root_nested() {
     assert_eq!(pause.status, 0, "{pause:?}\n{}", context());
     assert_eq!(pause.json()["vm"]["phase"], "paused", "{pause:?}");
     let refused = named_step("paused-exec");
-    assert_eq!(refused.status, 65, "{refused:?}");
+    assert_eq!(refused.status, 125, "{refused:?}\n{}", context());
+    assert!(refused.output.contains("RUN039"), "{refused:?}");
     let resume = named_step("resume");
     assert_eq!(resume.status, 0, "{resume:?}\n{}", context());
     assert_eq!(resume.json()["vm"]["phase"], "running", "{resume:?}");
@@ -389,7 +403,7 @@ fn the_kvm_backend_boots_linux_runs_commands_and_verifies_the_root_nested() {
         "a cold VM holds no runner: {cold_runners:?}"
     );
     let wake = named_step("wake");
-    assert_eq!(wake.status, 0, "{wake:?}\n{}", context());
+    assert_eq!(wake.status, 0, "{}\n{wake:?}\n{}", wake.stderr, context());
     assert_eq!(wake.json()["vm"]["phase"], "running", "{wake:?}");
     assert_eq!(wake.json()["vm"]["vm"], vm["vm"], "the same VM: {wake:?}");
     let woken_kept = named_step("woken-kept");

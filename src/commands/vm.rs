@@ -429,8 +429,12 @@ pub fn pause(name: &str, cold: bool, out: &Output) -> anyhow::Result<()> {
         .map_err(agent_error)?;
     let (dir, mut seen) = observe(&host, name)?;
     if cold {
+        // Cold means no process: its runner has let go of the VM and is gone, with the
+        // guest's memory (which a process takes a while to give back, on a busy host).
         let deadline = Instant::now() + STOP_WAIT;
-        while ExclusiveLock::try_acquire(&dir.join(state::LOCK_FILE))?.is_none() {
+        while ExclusiveLock::try_acquire(&dir.join(state::LOCK_FILE))?.is_none()
+            || process_lives(seen.runner_pid, "mvm-runner")
+        {
             if Instant::now() > deadline {
                 return Err(coded_as(
                     "RUN036",
@@ -567,6 +571,15 @@ pub(super) fn remove(host: &Host, name: &str, force: bool) -> anyhow::Result<()>
     std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     host.audit("vm.removed", json!({"name": name, "vm": seen.vm}))?;
     Ok(())
+}
+
+/// Whether process `pid`, named `name`, is there and not yet a zombie (a pid can be reused:
+/// a process of another name is not it).
+fn process_lives(pid: u32, name: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        let (comm, rest) = stat.rsplit_once(')').unwrap_or_default();
+        comm.ends_with(&format!("({name}")) && !rest.trim_start().starts_with('Z')
+    })
 }
 
 /// Kills the runner of a VM that would not stop (its QEMU dies with it), once it is sure the
