@@ -336,7 +336,7 @@ fn the_kvm_backend_boots_linux_runs_commands_and_verifies_the_root_nested() {
     assert_eq!(vm["phase"], "running", "{up:?}");
     assert_eq!(vm["backend"], "kvm", "{up:?}");
     let ls = named_step("ls");
-    assert_eq!(ls.status, 0, "{ls:?}");
+    assert_eq!(ls.status, 0, "{ls:?}\n{}", context());
     let listed = ls.json();
     let vms = listed["vms"].as_array().unwrap();
     assert_eq!(vms.len(), 1, "{ls:?}");
@@ -358,9 +358,19 @@ fn the_kvm_backend_boots_linux_runs_commands_and_verifies_the_root_nested() {
 
     // State is kept between commands: the same guest, not a new one each time.
     let keep = named_step("keep");
-    assert_eq!((keep.status, keep.output.as_str()), (0, ""), "{keep:?}");
+    assert_eq!(
+        (keep.status, keep.output.as_str()),
+        (0, ""),
+        "{keep:?}\n{}",
+        context()
+    );
     let kept = named_step("kept");
-    assert_eq!((kept.status, kept.output.as_str()), (0, "kept"), "{kept:?}");
+    assert_eq!(
+        (kept.status, kept.output.as_str()),
+        (0, "kept"),
+        "{kept:?}\n{}",
+        context()
+    );
     // pause/resume: added on main
 
     // A command's exit status passes through `mvm exec`, its output with it.
@@ -368,7 +378,8 @@ fn the_kvm_backend_boots_linux_runs_commands_and_verifies_the_root_nested() {
     assert_eq!(
         (exit3.status, exit3.output.as_str()),
         (3, "before-exit"),
-        "{exit3:?}"
+        "{exit3:?}\n{}",
+        context()
     );
 
     // Stopped on request, removed; its runner gone, its directory too.
