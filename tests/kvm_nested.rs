@@ -7,9 +7,11 @@
 //! `MVM_HOME` trusts: the own VMM boots the Debian cloud kernel, the agent opens the root
 //! through dm-verity and runs the commands over the virtio-console port (one run asks for
 //! `auto`, which must pick the own VMM there: the outer guest has no QEMU). Then a named VM
-//! with two vCPUs goes through its life there: `mvm up`, `ls`, `exec` (its CPU count, state
-//! kept between commands, an exit status), `stop`, `rm`, and nothing of it is left. Four inner
-//! boots in one outer boot (each ~20 s nested); every step's output and exit status is printed
+//! goes through its life there: `mvm up`, `ls`, `exec` (state kept between commands, a
+//! background command, an exit status), `pause` and `resume`, `pause --cold` (no runner left)
+//! and `resume` (a new runner restores the saved VM: its files and its background command go
+//! on), `stop`, `rm`, and nothing of it is left. Four inner boots and one wake in one outer
+//! boot (each boot ~20 s nested); every step's output and exit status is printed
 //! on the outer console between markers and checked here. A stall is not retried: the
 //! runner's boot timeout, or the outer watchdog, fails the test with the console's tail.
 
@@ -361,7 +363,7 @@ fn the_kvm_backend_boots_linux_runs_commands_and_verifies_the_root_nested() {
     assert_eq!(vm["phase"], "running", "{up:?}");
     assert_eq!(vm["backend"], "kvm", "{up:?}");
     let ls = named_step("ls");
-    assert_eq!(ls.status, 0, "{ls:?}");
+    assert_eq!(ls.status, 0, "{ls:?}\n{}", context());
     let listed = ls.json();
     let vms = listed["vms"].as_array().unwrap();
     assert_eq!(vms.len(), 1, "{ls:?}");
@@ -372,9 +374,19 @@ fn the_kvm_backend_boots_linux_runs_commands_and_verifies_the_root_nested() {
 
     // State is kept between commands: the same guest, not a new one each time.
     let keep = named_step("keep");
-    assert_eq!((keep.status, keep.output.as_str()), (0, ""), "{keep:?}");
+    assert_eq!(
+        (keep.status, keep.output.as_str()),
+        (0, ""),
+        "{keep:?}\n{}",
+        context()
+    );
     let kept = named_step("kept");
-    assert_eq!((kept.status, kept.output.as_str()), (0, "kept"), "{kept:?}");
+    assert_eq!(
+        (kept.status, kept.output.as_str()),
+        (0, "kept"),
+        "{kept:?}\n{}",
+        context()
+    );
 
     // Paused: requests that need the guest are refused until it is resumed (RUN039).
     let counter = named_step("counter");
@@ -424,7 +436,8 @@ fn the_kvm_backend_boots_linux_runs_commands_and_verifies_the_root_nested() {
     assert_eq!(
         (exit3.status, exit3.output.as_str()),
         (3, "before-exit"),
-        "{exit3:?}"
+        "{exit3:?}\n{}",
+        context()
     );
 
     // Stopped on request, removed; its runner gone, its directory too.

@@ -246,7 +246,10 @@ impl Vcpu {
         // SAFETY: a legacy `kvm_xsave` (4 KiB) as `KVM_GET_XSAVE` gave it; this VMM never
         // enables `KVM_CAP_XSAVE2`, so KVM reads exactly that much.
         unsafe { fd.set_xsave(&saved.xsave) }.map_err(fail("KVM_SET_XSAVE"))?;
-        fd.set_xcrs(&saved.xcrs).map_err(fail("KVM_SET_XCRS"))?;
+        // A host without XSAVE has no XCRs: KVM gives none and refuses any (EINVAL).
+        if saved.xcrs.nr_xcrs > 0 {
+            fd.set_xcrs(&saved.xcrs).map_err(fail("KVM_SET_XCRS"))?;
+        }
         fd.set_debug_regs(&saved.debug_regs)
             .map_err(fail("KVM_SET_DEBUGREGS"))?;
         fd.set_lapic(&saved.lapic).map_err(fail("KVM_SET_LAPIC"))?;
