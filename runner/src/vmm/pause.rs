@@ -73,11 +73,6 @@ impl PauseGate {
         &self.wake
     }
 
-    /// Whether a pause is asked for (a vCPU checks it before each entry into the guest).
-    pub fn is_paused(&self) -> bool {
-        self.lock().paused
-    }
-
     /// Parks the calling thread while a pause is asked for and the VM has not ended. A vCPU
     /// thread passes its index and how to take its state, which it does when a save asks.
     pub fn park(&self, mut vcpu: Option<(usize, &mut dyn FnMut() -> SavedVcpu)>) {
