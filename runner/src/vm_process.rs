@@ -239,9 +239,10 @@ impl OwnVm {
     }
 
     /// Restores the VM `saved` holds (a cold VM the own VMM saved) as `spec` (the plan's
-    /// files), paused until its machine resumes it. Its file is read once: hashed as its pages go into
-    /// the new VM's RAM, and its state parsed only once that digest is the manifest's
-    /// (RUN041 otherwise); what does not restore is RUN042. Either way the VM stays cold.
+    /// files), paused until its machine resumes it. Its file is read once: hashed as its
+    /// pages go into the new VM's RAM, and its state parsed only once that digest is the
+    /// manifest's (RUN041 otherwise); what does not restore is RUN042. Either way the VM
+    /// stays cold.
     pub fn restore(
         spec: VmSpec,
         serial_log: File,
@@ -258,7 +259,7 @@ impl OwnVm {
         let read = cold::copy_hashing(&mut saved.memory, &mut reader);
         let state = reader.finish();
         let seen = read.map_err(|e| match &state {
-            Err(malformed) => unrestorable(VmmError::Snapshot(malformed.to_string())),
+            Err(malformed) => ColdError::Wake(format!("{}: {malformed}", malformed.code())),
             Ok(_) => ColdError::Wake(format!("reading its state: {e}")),
         })?;
         cold::check_memory(&saved.manifest, &seen)?;
