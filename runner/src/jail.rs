@@ -5,15 +5,15 @@
 //! [`JailedVm::boot`] re-executes the runner's binary in a hidden mode ([`CHILD_MODE`]) and
 //! sends it a [`ChildConfig`] as JSON on its standard input. The runner opens the artifacts
 //! itself, as root, before the child exists (the kernel and initramfs for reading, each disk
-//! for reading, and for writing only if the guest may write it); they and the agent channel
-//! (one end of a socketpair) are inherited as file descriptors, whose numbers the
-//! configuration gives. So the jail's uid needs no access to the artifacts, and the jailed
+//! for reading, and for writing only if the guest may write it); they, the agent channel and
+//! the control socket (each one end of a socketpair) are inherited as file descriptors, whose
+//! numbers the configuration gives. So the jail's uid needs no access to the artifacts, and the jailed
 //! VMM can reach no file by a path but `/dev/kvm`. The child's standard output is the guest's
 //! serial console, recorded by the runner as QEMU's is ([`crate::child`]).
 //!
 //! The child ([`child_main`]), single-threaded until the VMM starts:
-//! 1. takes the inherited descriptors, each checked before it is trusted: the channel a
-//!    socket, each artifact a regular file open for exactly the access it was sent for
+//! 1. takes the inherited descriptors, each checked before it is trusted: the channel and the
+//!    control socket sockets, each artifact a regular file open for exactly the access it was sent for
 //!    (`adopt`);
 //! 2. leaves the runner's mount, PID, IPC, network and UTS namespaces (`unshare_namespaces`);
 //! 3. forks once, so that the VMM is PID 1 of the new PID namespace (`become_pid_one`);
