@@ -499,12 +499,9 @@ fn serve_started(
             }
         };
         // A jailed VMM is not saved: its state would have to leave the jail.
-        let backend = match vm_process {
-            VmProcess::Qemu(_) => Some("qemu"),
-            VmProcess::Own(_) => Some("kvm"),
-            VmProcess::Jailed(_) => None,
-        };
-        let saver = backend.map(|backend| ColdSaver {
+        let jailed = matches!(vm_process, VmProcess::Jailed(_));
+        let backend = vm_process.backend();
+        let saver = (!jailed).then(|| ColdSaver {
             dir: dir.path.clone(),
             home: launch.home.clone(),
             manifest: ColdManifest {
@@ -516,7 +513,7 @@ fn serve_started(
                 envelope: fs::canonicalize(&launch.envelope)
                     .unwrap_or_else(|_| launch.envelope.clone()),
                 accel: accel.to_string(),
-                backend: backend.into(),
+                backend: backend.to_string(),
                 memory: cold::SavedMemory {
                     sha256: String::new(),
                     bytes: 0,
@@ -850,13 +847,9 @@ fn start<T>(
             (None, vm)
         }
     };
-    let backend = match vm_process {
-        VmProcess::Qemu(_) => "qemu",
-        VmProcess::Own(_) | VmProcess::Jailed(_) => "kvm",
-    };
     audit.append(
         "vm.started",
-        json!({"vm": vm, "backend": backend, "accel": accel.to_string(),
+        json!({"vm": vm, "backend": vm_process.backend().to_string(), "accel": accel.to_string(),
                "pid": vm_process.pid(), "woken": woken,
                "jailed": matches!(vm_process, VmProcess::Jailed(_))}),
     )?;
