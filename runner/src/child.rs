@@ -152,10 +152,12 @@ fn keep_stderr(
         .name("vm-stderr".into())
         .spawn(move || {
             let mut buffer = [0; 4096];
-            while let Ok(n) = pipe.read(&mut buffer) {
-                if n == 0 {
-                    return;
-                }
+            loop {
+                let n = match pipe.read(&mut buffer) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
                 let mut kept = kept.lock().unwrap_or_else(PoisonError::into_inner);
                 kept.extend_from_slice(&buffer[..n]);
                 let excess = kept.len().saturating_sub(STDERR_LIMIT);

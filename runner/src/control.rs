@@ -275,10 +275,13 @@ impl ClientReader {
                 self.decoder.push(&buffer[..n]);
                 Ok(Read::Idle)
             }
+            // A signal ends a read with a timeout early (it is not restarted): not a hang-up.
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
                 ) =>
             {
                 Ok(Read::Idle)

@@ -288,6 +288,7 @@ fn route_frames(mut stream: UnixStream, shared: &Shared, writer: &Mutex<UnixStre
     let mut buffer = vec![0; 64 * 1024];
     loop {
         let n = match stream.read(&mut buffer) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };

@@ -18,6 +18,11 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 /// How long output may keep arriving after the command exited, from processes it left
 /// behind holding its pipes; then they are killed.
 const DRAIN_GRACE: Duration = Duration::from_millis(200);
+/// How often a command killed for its timeout is killed and looked for again until it is
+/// reaped: a deadline kept, so no missed wake-up can leave it waiting.
+const KILL_AGAIN: Duration = Duration::from_millis(200);
+/// How long ending a command (power-off, a broken window) waits for it to be reaped.
+const END_WAIT: Duration = Duration::from_secs(1);
 
 /// Who a command runs as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,7 +55,8 @@ pub struct Running {
     pub status: Option<ExitStatus>,
     started: Instant,
     deadline: Instant,
-    timed_out: bool,
+    /// When it was last killed for its timeout.
+    killed_at: Option<Instant>,
     drain_until: Option<Instant>,
     /// Bytes of standard output forwarded so far.
     pub stdout_bytes: u64,
@@ -158,7 +164,7 @@ impl Running {
             status: None,
             started,
             deadline: started + Duration::from_millis(request.timeout_ms),
-            timed_out: false,
+            killed_at: None,
             drain_until: None,
             stdout_bytes: 0,
             stderr_bytes: 0,
@@ -175,13 +181,16 @@ impl Running {
         self.pid
     }
 
-    /// The next moment something must happen without any input: the timeout, the end of the
-    /// drain grace once it has exited, or a look again soon after a kill.
-    pub fn next_deadline(&self) -> Instant {
-        match self.drain_until {
-            Some(until) => until,
-            None if self.timed_out => Instant::now() + DRAIN_GRACE,
-            None => self.deadline,
+    /// The next moment something must happen without any input. Until it is reaped that is
+    /// always some moment — its timeout, then the next kill — so that no lost wake-up can
+    /// leave it unreaped; once reaped, the end of the drain grace. Past that, only its pipes
+    /// and the host's credit move it on, and they wake the agent themselves.
+    pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        match (self.status, self.killed_at, self.drain_until) {
+            (None, None, _) => Some(self.deadline),
+            (None, Some(killed), _) => Some(killed + KILL_AGAIN),
+            (Some(_), _, Some(until)) if until > now => Some(until),
+            (Some(_), _, _) => None,
         }
     }
 
@@ -222,7 +231,7 @@ impl Running {
             return;
         }
         self.status = Some(match (status.exit_status(), status.terminating_signal()) {
-            _ if self.timed_out => ExitStatus::TimedOut,
+            _ if self.killed_at.is_some() => ExitStatus::TimedOut,
             (Some(code), _) => ExitStatus::Exited { code },
             (None, Some(signal)) => ExitStatus::Signaled { signal },
             (None, None) => return,
@@ -242,12 +251,16 @@ impl Running {
         Ok(())
     }
 
-    /// Kills it and its process group once its time is up; it is then reaped as usual and
-    /// reported as timed out.
+    /// Kills it and its process group once its time is up, and again at every
+    /// [`KILL_AGAIN`] until it is reaped (as usual), then reported as timed out.
     pub fn enforce_deadline(&mut self, now: Instant) {
-        if self.status.is_none() && !self.timed_out && now >= self.deadline {
+        let due = match self.killed_at {
+            None => self.deadline,
+            Some(killed) => killed + KILL_AGAIN,
+        };
+        if self.status.is_none() && now >= due {
             let _ = rustix::process::kill_process_group(self.pid, Signal::KILL);
-            self.timed_out = true;
+            self.killed_at = Some(now);
         }
     }
 
@@ -276,6 +289,22 @@ impl Running {
     /// reserved while the group has members, so this cannot hit an unrelated process.
     pub fn kill_leftovers(&self) {
         let _ = rustix::process::kill_process_group(self.pid, Signal::KILL);
+    }
+
+    /// Ends it now, with its process group, and reaps it (waiting up to [`END_WAIT`] for the
+    /// kill to land) unless `reaped_elsewhere`: a command given up leaves no zombie behind.
+    pub fn end(mut self, reaped_elsewhere: bool) {
+        self.kill_leftovers();
+        if self.status.is_some() || reaped_elsewhere {
+            return;
+        }
+        let mut pidfd = [rustix::event::PollFd::new(
+            &self.pidfd,
+            rustix::event::PollFlags::IN,
+        )];
+        let wait = rustix::event::Timespec::try_from(END_WAIT).unwrap_or_default();
+        let _ = rustix::event::poll(&mut pidfd, Some(&wait));
+        let _ = self.reap();
     }
 }
 

@@ -335,7 +335,7 @@ impl<'c> Agent<'c> {
             }
             Request::PowerOff => {
                 for command in self.running.drain(..) {
-                    command.kill_leftovers();
+                    command.end(self.config.reap_orphans);
                 }
                 if let Some(user) = user {
                     exec::kill_user_processes(user.uid);
@@ -427,8 +427,7 @@ impl<'c> Agent<'c> {
             None => {
                 // The host broke its window: the exchange ends here, with this one answer,
                 // and the command with it.
-                let command = self.running.swap_remove(at);
-                command.kill_leftovers();
+                self.running.swap_remove(at).end(self.config.reap_orphans);
                 send_error(channel, stream, codes::FLOW, overrun())
             }
         }
@@ -478,7 +477,7 @@ impl<'c> Agent<'c> {
         let deadlines = self
             .running
             .iter()
-            .map(Running::next_deadline)
+            .filter_map(|command| command.next_deadline(now))
             .chain(self.waits.iter().map(|w| w.deadline));
         let download_ready = self.downloads.iter().any(|d| d.window.room() > 0);
         let timeout = if download_ready {
@@ -508,10 +507,10 @@ impl<'c> Agent<'c> {
         };
         let events = positions
             .iter()
-            .map(|[stdout, stderr, pidfd, stdin]| PipeEvents {
+            // A ready pidfd only wakes the loop: every turn looks for ended commands.
+            .map(|[stdout, stderr, _pidfd, stdin]| PipeEvents {
                 stdout: ready(*stdout),
                 stderr: ready(*stderr),
-                exited: ready(*pidfd),
                 stdin: ready(*stdin),
             })
             .collect();
@@ -531,7 +530,9 @@ impl<'c> Agent<'c> {
         let now = Instant::now();
         for (command, events) in self.running.iter_mut().zip(events) {
             forward_output(channel, command, events, &mut self.buffer)?;
-            if events.exited && !self.config.reap_orphans {
+            // Looked for at every turn, not only when its pidfd said so: an end is never
+            // missed, whatever woke the loop.
+            if !self.config.reap_orphans {
                 command.reap()?;
             }
             if events.stdin {
@@ -722,7 +723,6 @@ fn answer_upload<C: Write>(
 struct PipeEvents {
     stdout: bool,
     stderr: bool,
-    exited: bool,
     stdin: bool,
 }
 

@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 use super::*;
 use crate::protocol::{ExecRequest, ExitStatus, FileKind, Frame};
 
+/// How long the host waits for the agent to say something (or to end) before failing.
+const SILENCE: Duration = Duration::from_secs(20);
+
 struct Host {
     stream: UnixStream,
     decoder: FrameDecoder,
@@ -27,8 +30,7 @@ impl Host {
     /// An agent whose commands and file operations run as `user`.
     fn start_as(user: Option<Credentials>) -> Self {
         let (host, mut agent_side) = UnixStream::pair().unwrap();
-        host.set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
+        host.set_read_timeout(Some(SILENCE)).unwrap();
         let agent = std::thread::spawn(move || {
             let config = ServeConfig {
                 timings: BootTimings {
@@ -137,9 +139,11 @@ impl Host {
             let mut buffer = [0; 4096];
             match self.stream.read(&mut buffer) {
                 Ok(n) if n > 0 => self.decoder.push(&buffer[..n]),
+                // A signal cut the wait short (a read with a timeout is not restarted).
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 // Silence: the agent still serves, so it cannot be joined; say so and fail.
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    panic!("the agent sent nothing for 20 s ({e})")
+                    panic!("the agent sent nothing for {SILENCE:?} ({e})")
                 }
                 read => panic!(
                     "the channel closed ({read:?}); the agent ended with {:?}",
@@ -183,8 +187,19 @@ impl Host {
         );
     }
 
+    /// How serving ended, once it has; a test fails rather than waits on an agent that still
+    /// serves after [`SILENCE`].
     fn ended(&mut self) -> Result<Ended, ServeError> {
-        self.agent.take().expect("joined once").join().unwrap()
+        let agent = self.agent.take().expect("joined once");
+        let deadline = Instant::now() + SILENCE;
+        while !agent.is_finished() {
+            assert!(
+                Instant::now() < deadline,
+                "the agent still serves {SILENCE:?} after it should have ended"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        agent.join().unwrap()
     }
 
     fn power_off(mut self) -> Ended {

@@ -156,7 +156,10 @@ pub fn wait_for_ping(channel: &mut UnixStream, vm: &VmProcess) {
     let mut seen = Vec::new();
     let mut buf = [0u8; 64];
     while !seen.ends_with(b"ping-from-guest") {
-        let n = channel.read(&mut buf).unwrap();
+        let n = match channel.read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            read => read.unwrap(),
+        };
         assert_ne!(
             n,
             0,
