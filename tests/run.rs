@@ -20,6 +20,7 @@ mod support;
 
 use support::bundle::{self, find, flip_byte};
 use support::guest;
+use support::wait::{eventually, EVENTUALLY};
 
 struct Fixture {
     _work: tempfile::TempDir,
@@ -408,11 +409,12 @@ fn the_vm_dies_with_its_runner_and_its_socket_is_private() {
     runner.kill().unwrap();
     runner.wait().unwrap();
     let proc = Path::new("/proc").join(&qemu_pid);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while proc.exists() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    assert!(!proc.exists(), "QEMU {qemu_pid} outlived its runner");
+    eventually("QEMU ends with its runner", EVENTUALLY, || {
+        match proc.exists() {
+            true => Err(format!("QEMU {qemu_pid} still runs")),
+            false => Ok(()),
+        }
+    });
     // The killed runner could not clean up; this test's directory goes with the fixture.
     fs::remove_dir_all(vm_dir).unwrap();
 }
@@ -888,10 +890,14 @@ fn a_vm_whose_runner_is_killed_shows_failed_and_can_be_removed() {
         .status()
         .unwrap();
     assert!(killed.success());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while Path::new("/proc").join(&runner_pid).exists() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    eventually(
+        "the killed runner is gone",
+        EVENTUALLY,
+        || match Path::new("/proc").join(&runner_pid).exists() {
+            true => Err(format!("runner {runner_pid} still there")),
+            false => Ok(()),
+        },
+    );
     let listed = mvm_ok_json(&["ls"], 0);
     let victim = listed["vms"]
         .as_array()
@@ -1116,7 +1122,7 @@ fn a_named_vm_takes_input_runs_background_commands_and_moves_large_files() {
     let mut sleeper = mvm_command(&f.home, &["exec", "big", "--", "sleep", "600"])
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_secs(2));
+    running_in("big", "sleep");
     let interrupted = std::time::Instant::now();
     Command::new("kill")
         .args(["-INT", &sleeper.id().to_string()])
@@ -1221,11 +1227,13 @@ fn a_named_vm_takes_input_runs_background_commands_and_moves_large_files() {
     mvm_ok_json(&["stop", "big"], 0);
     mvm_ok_json(&["rm", "big"], 0);
     assert!(!f.home.join("vms/big").exists());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !processes_of("big", &f.home).is_empty() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    assert_eq!(processes_of("big", &f.home), Vec::<(String, String)>::new());
+    eventually("nothing of the VM runs", EVENTUALLY, || {
+        let left = processes_of("big", &f.home);
+        match left.is_empty() {
+            true => Ok(()),
+            false => Err(format!("{left:?}")),
+        }
+    });
 }
 
 #[test]
@@ -1251,6 +1259,22 @@ fn run_with_input_feeds_the_command_and_leaves_no_vm_behind() {
         .to_string_lossy()
         .starts_with("run-")));
     refused_with(&["run", &f.image, "-i", "--", "true"], "RUN029");
+}
+
+/// Waits until `mvm ps NAME` lists a running `program` (a command started by another `mvm`).
+fn running_in(name: &str, program: &str) {
+    eventually(&format!("{program} runs in {name}"), EVENTUALLY, || {
+        let listed = mvm_ok_json(&["ps", name], 0);
+        let runs = listed["processes"].as_array().is_some_and(|processes| {
+            processes
+                .iter()
+                .any(|p| p["program"] == program && p["status"].is_null())
+        });
+        match runs {
+            true => Ok(()),
+            false => Err(listed.to_string()),
+        }
+    });
 }
 
 /// `mvm exec NAME -- sh -c SCRIPT`'s standard output, trimmed.
@@ -1281,11 +1305,11 @@ fn a_vm_saved_cold_holds_nothing_refuses_a_changed_state_and_wakes_where_it_left
     );
 
     // A command in flight: its answer would be lost, so the save is refused and the VM runs on.
-    let running = mvm_command(&f.home, &["exec", "sleeper", "--", "sleep", "4"])
+    let running = mvm_command(&f.home, &["exec", "sleeper", "--", "sleep", "6"])
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_secs(1));
+    running_in("sleeper", "sleep");
     refused_with(&["pause", "sleeper", "--cold"], "RUN040");
     assert_eq!(vm_phase("sleeper").as_deref(), Some("running"));
     assert!(running.wait_with_output().unwrap().status.success());
@@ -1303,18 +1327,18 @@ fn a_vm_saved_cold_holds_nothing_refuses_a_changed_state_and_wakes_where_it_left
     std::thread::sleep(std::time::Duration::from_millis(1500));
     copy.kill().unwrap();
     copy.wait().unwrap();
-    let mut left = String::new();
-    for _ in 0..50 {
-        left = sh_in("sleeper", "ls -a /tmp");
-        if !left.contains(".mvm-copy-") {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    assert!(
-        !left.contains(".mvm-copy-") && !left.contains("big.bin"),
-        "{left}"
+    let left = eventually(
+        "the abandoned copy's temporary is removed",
+        EVENTUALLY,
+        || {
+            let left = sh_in("sleeper", "ls -a /tmp");
+            match left.contains(".mvm-copy-") {
+                true => Err(left),
+                false => Ok(left),
+            }
+        },
     );
+    assert!(!left.contains("big.bin"), "{left}");
 
     let before = sh_in("sleeper", "cat /tmp/count").parse::<u64>().unwrap();
     let saved = mvm_ok_json(&["pause", "sleeper", "--cold"], 0);
@@ -1372,9 +1396,13 @@ fn a_vm_saved_cold_holds_nothing_refuses_a_changed_state_and_wakes_where_it_left
     assert_eq!(sh_in("sleeper", "cat /tmp/mark"), "kept");
     let after = sh_in("sleeper", "cat /tmp/count").parse::<u64>().unwrap();
     assert!(after >= before, "{after} < {before}");
-    std::thread::sleep(std::time::Duration::from_secs(1));
-    let later = sh_in("sleeper", "cat /tmp/count").parse::<u64>().unwrap();
-    assert!(later > after, "the counter runs on: {later} after {after}");
+    eventually("the counter runs on", EVENTUALLY, || {
+        let later = sh_in("sleeper", "cat /tmp/count").parse::<u64>().unwrap();
+        match later > after {
+            true => Ok(()),
+            false => Err(format!("{later} after {after}")),
+        }
+    });
     // Commands may run as another user of the image, or a numeric one; never as root.
     let as_user = |user: &str| sh_in_as("sleeper", &["--user", user], "echo $(id -u):$(id -g)");
     assert_eq!(as_user("builder"), "2000:2001");

@@ -2,6 +2,7 @@
 
 pub mod bundle;
 pub mod guest;
+pub mod wait;
 
 use std::path::Path;
 use std::process::{Command, Output};
