@@ -101,7 +101,11 @@ const PAUSED: [(&str, &str); 10] = [
         "/payload/mvm --json resume box --boot-timeout 75s",
     ),
     ("woken-kept", "in_box -- cat /tmp/f"),
-    ("count2", "in_box -- sh -c 'sleep 2; cat /tmp/n'"),
+    // Polled in the guest for up to 25 s (in_box allows 30): the woken counter steps on.
+    (
+        "count2",
+        "in_box -- sh -c 'a=$(cat /tmp/n); i=0; while [ $(cat /tmp/n) -le $a ] && [ $i -lt 25 ]; do sleep 1; i=$((i+1)); done; cat /tmp/n'",
+    ),
 ];
 
 /// The named VM's end.
