@@ -78,8 +78,8 @@ const NAMED: [(&str, &str); 4] = [
 /// Pause, resume, cold save and wake, after `kept`: run only with `MVM_NESTED_PAUSE` set. In
 /// this nested setup a guest paused by the own VMM oopsed once (a page fault storm on the
 /// entry stack, 1 of 2 runs; docs/vmm.md), which real hardware virtualization cannot be asked
-/// about here; the pause and the save are shown in CI on PVM (`runner/tests/vmm_boot.rs`,
-/// `vmm_snapshot.rs`, `vmm_jail.rs`).
+/// about here; the pause and the save are shown in CI on PVM (`vmm/tests/boot.rs`,
+/// `runner/tests/kvm_backend.rs`, `runner/tests/kvm_jail.rs`).
 const PAUSED: [(&str, &str); 10] = [
     // A counter in the background (no --timeout: it must outlive the steps below).
     (

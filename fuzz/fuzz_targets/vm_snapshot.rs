@@ -1,4 +1,4 @@
-//! A saved VM of the kvm backend (`mvm_runner::vmm::snapshot`): any bytes, cut into writes of
+//! A saved VM of the kvm backend (`mvm_vmm::snapshot`): any bytes, cut into writes of
 //! any size (the first byte picks the size), are read into a small guest RAM or refused with
 //! VMM010, never a panic or a write outside RAM; a state that reads is parsed (or refused the
 //! same way).
@@ -7,8 +7,8 @@
 use std::io::Write;
 
 use libfuzzer_sys::fuzz_target;
-use mvm_runner::vmm::snapshot::{parse, SnapshotReader};
-use mvm_runner::vmm::vstate::memory;
+use mvm_vmm::snapshot::{parse, SnapshotReader};
+use mvm_vmm::vstate::memory;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&write_size, file)) = data.split_first() else {

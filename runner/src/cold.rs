@@ -2,7 +2,7 @@
 //! `cold/memory`, described by `cold/manifest.dsse.json`, which this host's key signs — with
 //! its runner and QEMU (or the own VMM with it) gone, so it holds no memory or CPU until it is
 //! woken. QEMU's state is its migration stream; the own VMM's is its snapshot file
-//! ([`crate::vmm::snapshot`]); the manifest says which backend saved it, and that one wakes it.
+//! ([`mvm_vmm::snapshot`]); the manifest says which backend saved it, and that one wakes it.
 //!
 //! Waking is a new runner's launch, in this order: the manifest's signature (this host's
 //! key, nobody else's), its name and schema; the plan admitted again (signature, trusted

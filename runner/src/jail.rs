@@ -26,7 +26,7 @@
 //!    parent-death signal again (a credential change clears it, `die_with_parent`);
 //! 7. only then opens `/dev/kvm`, inside the jail, and runs the VMM on the inherited files,
 //!    its threads installing their seccomp filters as they do unjailed
-//!    ([`crate::vmm::seccomp`]);
+//!    ([`mvm_vmm::seccomp`]);
 //! 8. filters its own thread too (the supervisor's list), then answers the runner's pause and
 //!    resume on an inherited control socket ([`JailControl`]) until the guest ends.
 //!
@@ -53,8 +53,8 @@ use serde::{Deserialize, Serialize};
 use crate::child::ChildVm;
 use crate::host::BackendChoice;
 use crate::serial::Console;
-use crate::vm_process::{BootFiles, VmSpec};
-use crate::vmm::{self, BlockConfig, GuestExit};
+use crate::vm_process::agent_port;
+use mvm_vmm::{self as vmm, BlockConfig, BootFiles, GuestExit, VmSpec};
 
 /// The hidden first argument that makes `mvm-runner` the jailed VMM child.
 pub const CHILD_MODE: &str = "--vmm-child";
@@ -449,7 +449,7 @@ fn run_child() -> Result<GuestExit, JailError> {
     );
     let vm_config = config
         .spec
-        .config(files, serial_log, &Console::default(), Some(channel));
+        .config(files, Box::new(serial_log), Some(agent_port(channel)));
     let vm = vmm::build(vm_config).map_err(|e| JailError::Setup {
         step: "building the VM",
         reason: format!("{}: {e}", e.code()),
@@ -891,7 +891,7 @@ mod tests {
             kernel: "/k".into(),
             initrd: None,
             cmdline: String::new(),
-            disks: vec![crate::vm_process::DiskSpec {
+            disks: vec![mvm_vmm::DiskSpec {
                 path: "/d".into(),
                 read_only: true,
                 id: "root".into(),

@@ -39,8 +39,8 @@ use crate::jail::{self, Jail, JailError, JailedVm};
 use crate::mux::AgentMux;
 use crate::qemu::{self, VmFiles};
 use crate::state::{self, Phase, VmState};
-use crate::vm_process::{OwnVm, OwnVmFiles, VmProcess, VmSpec};
-use crate::vmm::VmmError;
+use crate::vm_process::{spec_for_plan, OwnVm, OwnVmFiles, VmProcess};
+use mvm_vmm::{VmSpec, VmmError};
 
 /// Exit statuses of a launch that did not end with the command's own status. Commands may
 /// exit with any status too; the JSON report says which it was.
@@ -829,7 +829,7 @@ fn start<T>(
             let vmm_failed = |e: VmmError| LaunchError::Backend(format!("{}: {e}", e.code()));
             let spec = VmSpec {
                 huge_pages: launch.huge_pages,
-                ..VmSpec::for_plan(&plan.plan, &files).map_err(vmm_failed)?
+                ..spec_for_plan(&plan.plan, &files).map_err(vmm_failed)?
             };
             let vm = match (launch.jail, saved) {
                 (Some(_), Some(_)) => {

@@ -12,7 +12,7 @@
 //! ([`qemu`], chosen for the host by [`host`]), the agent channel ([`client`]) for the hello
 //! and the command, the power-off, and the audit entries. A named VM stays up instead: its
 //! runner keeps its [`state`] on disk and serves its [`control`] socket, relaying clients'
-//! requests over the one agent channel ([`mux`]). With `--jail` the own VMM ([`vmm`]) runs in a
+//! requests over the one agent channel ([`mux`]). With `--jail` the own VMM ([`mvm_vmm`]) runs in a
 //! child process confined by [`jail`] (namespaces, `pivot_root`, an unprivileged uid, resource
 //! limits); QEMU and the jailed VMM are both supervised child processes ([`child`]). The runner
 //! links no builder, no HTTP client and no registry client.
@@ -30,4 +30,3 @@ pub mod qemu;
 pub mod serial;
 pub mod state;
 pub mod vm_process;
-pub mod vmm;

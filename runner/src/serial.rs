@@ -138,6 +138,18 @@ impl BoundedLog {
     }
 }
 
+/// The own VMM's console writer (`mvm_vmm::VmConfig::console_log`): every write recorded.
+impl Write for BoundedLog {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.record(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.log.flush()
+    }
+}
+
 /// Copies `source` (the backend's console output) into `log` up to [`LOG_LIMIT`] bytes and
 /// into `console`, on a thread of its own, until end of file.
 pub fn record(

@@ -9,16 +9,15 @@
 //! connected before the guest starts.
 //!
 //! [`qemu`]: crate::qemu
-//! [`vmm`]: crate::vmm
+//! [`vmm`]: mvm_vmm
 
 use std::fs::File;
 use std::io;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use mvm_ir::plan::LaunchPlan;
-use serde::{Deserialize, Serialize};
 
 use crate::cold::{self, ColdError, ColdState, SavedMemory};
 use crate::control::Pausable;
@@ -26,11 +25,12 @@ use crate::host::Backend;
 use crate::jail::JailedVm;
 use crate::qemu::qmp::Qmp;
 use crate::qemu::QemuVm;
-use crate::serial::Console;
+use crate::serial::{BoundedLog, Console};
 use crate::state::MACHINE_SOCKET;
-use crate::vmm::snapshot::{self, SnapshotReader};
-use crate::vmm::{self, BlockConfig, GuestExit, Machine, MicroVm, PauseError, VmConfig, VmmError};
+use mvm_agent::serve::channel::PORT_NAME;
 use mvm_ir::digest::Sha256Writer;
+use mvm_vmm::snapshot::{self, SnapshotReader};
+use mvm_vmm::{ConsolePort, DiskSpec, GuestExit, Machine, MicroVm, PauseError, VmSpec, VmmError};
 
 /// A running VM.
 #[derive(Debug)]
@@ -43,8 +43,8 @@ pub enum VmProcess {
     Jailed(JailedVm),
 }
 
-/// The own VMM in this process pauses by parking its threads ([`vmm::pause`]) and saves
-/// into its snapshot file ([`vmm::snapshot`]); it needs no socket.
+/// The own VMM in this process pauses by parking its threads ([`mvm_vmm::pause`]) and saves
+/// into its snapshot file ([`mvm_vmm::snapshot`]); it needs no socket.
 impl Pausable for Machine {
     fn pause(&mut self) -> io::Result<()> {
         Machine::pause(self).map_err(io::Error::other)
@@ -99,124 +99,35 @@ pub struct OwnVmFiles<'a> {
     pub verity: &'a Path,
 }
 
-/// What a VM boots, without the host resources it is wired to (the console's log, the agent
-/// channel): what the kvm backend makes of a plan, and what a jailed VMM child is sent
-/// ([`crate::jail`]). Its paths are opened once, by [`VmSpec::open`] — in the runner, before
-/// any jail — and after that only name the files in messages.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct VmSpec {
-    /// How many vCPUs.
-    pub vcpus: u8,
-    /// Guest RAM in MiB.
-    pub memory_mib: u64,
-    /// The kernel: an ELF vmlinux or a bzImage.
-    pub kernel: PathBuf,
-    /// An initramfs.
-    pub initrd: Option<PathBuf>,
-    /// The kernel command line.
-    pub cmdline: String,
-    /// Disks, in the order the guest finds them (`vda`, `vdb`, …).
-    pub disks: Vec<DiskSpec>,
-    /// Whether the guest gets a virtio-rng device.
-    pub rng: bool,
-    /// Whether guest RAM is made of 2 MiB huge pages (a host's choice, not the plan's).
-    pub huge_pages: bool,
+/// The guest contract for `plan` booted from `files`: the root image and its hash tree as
+/// read-only vda and vdb, no rng.
+pub fn spec_for_plan(plan: &LaunchPlan, files: &OwnVmFiles<'_>) -> Result<VmSpec, VmmError> {
+    let vcpus = u8::try_from(plan.resources.cpu_cores)
+        .map_err(|_| VmmError::Config(format!("{} vCPUs", plan.resources.cpu_cores)))?;
+    let disk = |path: &Path, id: &str| DiskSpec {
+        path: path.to_path_buf(),
+        read_only: true,
+        id: id.into(),
+    };
+    Ok(VmSpec {
+        vcpus,
+        memory_mib: u64::from(plan.resources.memory_mb),
+        kernel: files.kernel.to_path_buf(),
+        initrd: Some(files.initramfs.to_path_buf()),
+        cmdline: plan.kernel.cmdline.clone(),
+        disks: vec![disk(files.rootfs, "root"), disk(files.verity, "verity")],
+        // Not in the guest contract (the QEMU backend has none).
+        rng: false,
+        huge_pages: false,
+    })
 }
 
-/// A disk of a [`VmSpec`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DiskSpec {
-    /// The backing file on the host.
-    pub path: PathBuf,
-    /// Whether the guest may write it.
-    pub read_only: bool,
-    /// What the device answers to `GET_ID` (the guest's `/sys/block/vdX/serial`).
-    pub id: String,
-}
-
-/// A [`VmSpec`]'s files, open: the VMM reads and writes only these, never a path, so whoever
-/// runs it needs no access to the artifacts by name ([`crate::jail`] opens them before it
-/// drops privileges).
-#[derive(Debug)]
-pub struct BootFiles {
-    /// The kernel, open for reading.
-    pub kernel: File,
-    /// The initramfs, open for reading.
-    pub initrd: Option<File>,
-    /// The disks, in the spec's order, each open as the guest may use it.
-    pub disks: Vec<BlockConfig>,
-}
-
-impl VmSpec {
-    /// The guest contract for `plan` booted from `files`: the root image and its hash tree
-    /// as read-only vda and vdb, no rng.
-    pub fn for_plan(plan: &LaunchPlan, files: &OwnVmFiles<'_>) -> Result<Self, VmmError> {
-        let vcpus = u8::try_from(plan.resources.cpu_cores)
-            .map_err(|_| VmmError::Config(format!("{} vCPUs", plan.resources.cpu_cores)))?;
-        let disk = |path: &Path, id: &str| DiskSpec {
-            path: path.to_path_buf(),
-            read_only: true,
-            id: id.into(),
-        };
-        Ok(VmSpec {
-            vcpus,
-            memory_mib: u64::from(plan.resources.memory_mb),
-            kernel: files.kernel.to_path_buf(),
-            initrd: Some(files.initramfs.to_path_buf()),
-            cmdline: plan.kernel.cmdline.clone(),
-            disks: vec![disk(files.rootfs, "root"), disk(files.verity, "verity")],
-            // Not in the guest contract (the QEMU backend has none).
-            rng: false,
-            huge_pages: false,
-        })
-    }
-
-    /// Opens the kernel and initramfs for reading and each disk as the guest may use it.
-    pub fn open(&self) -> Result<BootFiles, VmmError> {
-        let read = |path: &Path, what: &str| {
-            File::open(path)
-                .map_err(|e| VmmError::Config(format!("{what} {}: {e}", path.display())))
-        };
-        let disks = self.disks.iter().map(|disk| {
-            BlockConfig::open(&disk.path, disk.read_only, &disk.id).map_err(|e| VmmError::Device {
-                device: format!("virtio-blk {}", disk.path.display()),
-                reason: e.to_string(),
-            })
-        });
-        Ok(BootFiles {
-            kernel: read(&self.kernel, "kernel")?,
-            initrd: self
-                .initrd
-                .as_deref()
-                .map(|path| read(path, "initramfs"))
-                .transpose()?,
-            disks: disks.collect::<Result<_, _>>()?,
-        })
-    }
-
-    /// The VMM's configuration: this VM booted from `files` (this spec's, opened), its
-    /// serial console logged into `serial_log` and shown in `serial`, the agent's port on
-    /// `channel`.
-    pub fn config(
-        self,
-        files: BootFiles,
-        serial_log: File,
-        serial: &Console,
-        channel: Option<UnixStream>,
-    ) -> VmConfig {
-        VmConfig {
-            vcpus: self.vcpus,
-            memory_mib: self.memory_mib,
-            kernel: files.kernel,
-            initrd: files.initrd,
-            cmdline: self.cmdline,
-            serial_log,
-            serial: serial.clone(),
-            block: files.disks,
-            agent_channel: channel,
-            rng: self.rng,
-            huge_pages: self.huge_pages,
-        }
+/// The agent's channel as the VMM's named console port ([`PORT_NAME`]), its host end
+/// `host_end`.
+pub fn agent_port(host_end: UnixStream) -> ConsolePort {
+    ConsolePort {
+        name: PORT_NAME.into(),
+        host_end,
     }
 }
 
@@ -229,7 +140,8 @@ impl OwnVm {
         })?;
         let console = Console::default();
         let files = spec.open()?;
-        let vm = vmm::build(spec.config(files, serial_log, &console, Some(guest_end)))?;
+        let log = Box::new(BoundedLog::new(serial_log, console.clone()));
+        let vm = mvm_vmm::build(spec.config(files, log, Some(agent_port(guest_end))))?;
         Ok(OwnVm {
             vm: Some(vm),
             console,
@@ -253,8 +165,9 @@ impl OwnVm {
             UnixStream::pair().map_err(|e| ColdError::Wake(format!("the agent channel: {e}")))?;
         let console = Console::default();
         let opened = spec.open().map_err(unrestorable)?;
-        let config = spec.config(opened, serial_log, &console, Some(guest_end));
-        let ram = vmm::builder::guest_ram(&config).map_err(unrestorable)?;
+        let log = Box::new(BoundedLog::new(serial_log, console.clone()));
+        let config = spec.config(opened, log, Some(agent_port(guest_end)));
+        let ram = mvm_vmm::builder::guest_ram(&config).map_err(unrestorable)?;
         let mut reader = SnapshotReader::new(&ram);
         let read = cold::copy_hashing(&mut saved.memory, &mut reader);
         let state = reader.finish();
@@ -266,7 +179,7 @@ impl OwnVm {
         let saved_vm = state
             .and_then(|state| snapshot::parse(&state))
             .map_err(unrestorable)?;
-        let vm = vmm::restore(config, ram, &saved_vm).map_err(unrestorable)?;
+        let vm = mvm_vmm::restore(config, ram, &saved_vm).map_err(unrestorable)?;
         Ok(OwnVm {
             vm: Some(vm),
             console,

@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use mvm_runner::host::VirtKind;
-use mvm_runner::serial::Console;
-use mvm_runner::vmm::{self, seccomp, test_guest, GuestExit, VmConfig};
+use mvm_vmm::{self as vmm, seccomp, test_guest, GuestExit, VmConfig};
 use serde_json::{json, Value};
 
 use super::bench_boot::median;
@@ -81,7 +80,7 @@ pub fn vmm(runs: usize, work: &Path) -> anyhow::Result<(Value, String)> {
     let value = json!({
         "runs": runs,
         "virtualization": virt.to_string(),
-        "guest": "boot_check (runner/tests/guest), 1 vCPU, 64 MiB",
+        "guest": "boot_check (vmm/tests/guest), 1 vCPU, 64 MiB",
         "start_to_first_exit_ms": first_exit_ms,
         "goal_start_to_first_exit_ms": GOAL_FIRST_EXIT_MS,
         "start_to_power_off_ms": power_off_ms,
@@ -142,10 +141,9 @@ pub fn probe(guest: &Path) -> anyhow::Result<Value> {
         kernel: std::fs::File::open(guest).with_context(|| guest.display().to_string())?,
         initrd: None,
         cmdline: CMDLINE.into(),
-        serial_log: std::fs::File::create(dir.path().join("serial.log"))?,
-        serial: Console::default(),
+        console_log: Box::new(std::fs::File::create(dir.path().join("serial.log"))?),
         block: Vec::new(),
-        agent_channel: None,
+        console_port: None,
         rng: false,
         huge_pages: false,
     })

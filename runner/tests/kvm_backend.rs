@@ -1,0 +1,210 @@
+//! The kvm backend as a launch uses it (`VmProcess::Own`), on this host's `/dev/kvm` (PVM
+//! here: the purpose-built guests of `mvm-vmm`, not Linux). A plan's VM gets the contract
+//! devices. Saved while it runs and restored into a new VMM: the `virtio_check` guest is saved
+//! while it waits for the host's answer on the agent channel — after it found its devices
+//! through ACPI, read its disks and did the console's handshake — and the restored VM, with a
+//! new channel, takes the answer, echoes it and powers off: its vCPU, memory, console port,
+//! virtqueues and disks came back. A changed file is refused. Skipped, with the reason
+//! printed, when `/dev/kvm` cannot be opened.
+
+mod support;
+
+use support::plan_guest as guest;
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use mvm_ir::plan::{LaunchPlan, Timestamp};
+use mvm_runner::cold::{ColdError, ColdManifest, ColdState, SavedMemory};
+use mvm_runner::vm_process::{OwnVm, VmProcess};
+
+/// A manifest for a state of `memory` (only its digest is looked at by a restore).
+fn manifest(memory: SavedMemory) -> ColdManifest {
+    ColdManifest {
+        schema_version: "mvm.cold-vm/v1".into(),
+        name: "test".into(),
+        vm: "vm-test".into(),
+        plan_digest: "sha256:00".into(),
+        envelope: "/nonexistent".into(),
+        accel: "kvm".into(),
+        backend: "kvm".into(),
+        memory,
+        saved_at: Timestamp::now(),
+    }
+}
+
+/// Saves the paused `vm` into `path`; what was written.
+fn save(vm: &VmProcess, dir: &Path, path: &Path) -> SavedMemory {
+    let mut machine = vm.machine(dir).unwrap();
+    machine.pause().unwrap();
+    let mut file = File::create(path).unwrap();
+    let started = Instant::now();
+    let saved = machine.save(&dir.join("unused.sock"), &mut file).unwrap();
+    eprintln!("saved {} bytes in {:?}", saved.bytes, started.elapsed());
+    assert_eq!(
+        mvm_ir::digest::sha256_reader(File::open(path).unwrap()).unwrap(),
+        (saved.sha256.clone(), saved.bytes)
+    );
+    saved
+}
+
+fn cold(path: &Path, memory: SavedMemory) -> ColdState {
+    ColdState {
+        manifest: manifest(memory),
+        memory: File::open(path).unwrap(),
+    }
+}
+
+/// The `virtio_check` guest booted in `dir` as a plan, saved into `dir/vm.state` while it
+/// waits for the host's answer, and stopped: the VM, the plan, its files, what was saved.
+/// `None`, the reason printed, when this host has no usable `/dev/kvm`.
+fn saved_while_waiting(
+    dir: &Path,
+) -> Option<(VmProcess, LaunchPlan, guest::PlanFiles, SavedMemory)> {
+    if let Some(reason) = guest::kvm_unavailable() {
+        eprintln!("skipped: {reason}");
+        return None;
+    }
+    let files = guest::PlanFiles::new(dir);
+    let plan = guest::test_plan();
+    let log = File::create(dir.join("first.log")).unwrap();
+    let mut vm = VmProcess::Own(OwnVm::boot(files.spec(&plan), log).unwrap());
+    let mut channel = vm.take_channel().unwrap();
+    guest::wait_for_ping(&mut channel, &vm);
+    let saved = save(&vm, dir, &dir.join("vm.state"));
+    vm.kill();
+    Some((vm, plan, files, saved))
+}
+
+#[test]
+fn a_saved_vm_restored_into_a_new_vmm_carries_on_where_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((mut vm, plan, files, saved)) = saved_while_waiting(dir.path()) else {
+        return;
+    };
+    let log = |name: &str| File::create(dir.path().join(name)).unwrap();
+    let state = dir.path().join("vm.state");
+    assert_eq!(
+        vm.try_wait().unwrap().as_deref(),
+        Some("stopped by the runner")
+    );
+    let before = vm.console().tail();
+    assert!(!before.contains("console received"), "{before}");
+    // Zero pages are left out: far less than the 64 MiB of RAM.
+    assert!(saved.bytes < 8 << 20, "{} bytes", saved.bytes);
+
+    // Restored twice from the same file: a state can be woken more than once.
+    for round in 0..2 {
+        let mut state = cold(&state, saved.clone());
+        let own = OwnVm::restore(files.spec(&plan), log("second.log"), &mut state).unwrap();
+        let mut vm = VmProcess::Own(own);
+        let mut channel = vm.take_channel().unwrap();
+        // Paused until resumed: nothing runs, the answer waits.
+        channel.write_all(b"pong-from-host").unwrap();
+        assert_eq!(vm.wait_for_exit(Duration::from_millis(300)).unwrap(), None);
+        vm.machine(dir.path()).unwrap().resume().unwrap();
+        let tail = guest::assert_powered_off(&mut vm);
+        // It went on from where it was saved: no boot, no device discovery, no disk read (it
+        // may still have been about to say it sent its ping).
+        assert!(
+            tail.contains("mvm-guest: console received: pong-from-host\n"),
+            "{round}: {tail}"
+        );
+        for before_the_save in ["virtio check", "devices=", "blk read", "port 1 is"] {
+            assert!(!tail.contains(before_the_save), "{round}: {tail}");
+        }
+        assert!(tail.ends_with("mvm-guest: ok\n"), "{round}: {tail}");
+        // The echo came back on the new channel.
+        channel.set_read_timeout(Some(guest::TIMEOUT)).unwrap();
+        let mut echoed = Vec::new();
+        channel.read_to_end(&mut echoed).unwrap();
+        assert!(echoed.ends_with(b"pong-from-host"), "{round}: {echoed:?}");
+    }
+}
+
+#[test]
+fn a_changed_or_foreign_state_is_refused_and_nothing_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((_vm, plan, files, saved)) = saved_while_waiting(dir.path()) else {
+        return;
+    };
+    let log = || File::create(dir.path().join("serial.log")).unwrap();
+    let path = dir.path().join("vm.state");
+    let restore = |plan: &LaunchPlan, memory: SavedMemory| {
+        OwnVm::restore(files.spec(plan), log(), &mut cold(&path, memory)).map(|_| ())
+    };
+
+    // One byte of a page changed: its digest is not the manifest's (RUN041).
+    let original = std::fs::read(&path).unwrap();
+    let mut file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.seek(SeekFrom::Start(saved.bytes - 100)).unwrap();
+    file.write_all(&[original[saved.bytes as usize - 100] ^ 1])
+        .unwrap();
+    let refused = restore(&plan, saved.clone()).unwrap_err();
+    assert!(matches!(refused, ColdError::Unverified(_)), "{refused}");
+    assert_eq!(refused.code(), "RUN041");
+    std::fs::write(&path, &original).unwrap();
+
+    // Garbage whose digest the manifest names: not a state (RUN042, VMM010).
+    std::fs::write(&path, b"not a saved VM at all").unwrap();
+    let (sha256, bytes) = mvm_ir::digest::sha256_reader(File::open(&path).unwrap()).unwrap();
+    let refused = restore(&plan, SavedMemory { sha256, bytes }).unwrap_err();
+    assert_eq!(refused.code(), "RUN042");
+    assert!(refused.to_string().contains("VMM010"), "{refused}");
+    std::fs::write(&path, &original).unwrap();
+
+    // The right state for another machine: 2 vCPUs and 128 MiB (RUN042).
+    let mut bigger = plan.clone();
+    bigger.resources.cpu_cores = 2;
+    bigger.resources.memory_mb = 128;
+    let refused = restore(&bigger, saved.clone()).unwrap_err();
+    assert_eq!(refused.code(), "RUN042");
+    assert!(
+        refused
+            .to_string()
+            .contains("saved with 1 vCPUs and 64 MiB"),
+        "{refused}"
+    );
+
+    // And the untouched state still restores.
+    restore(&plan, saved).unwrap();
+}
+
+#[test]
+fn the_kvm_backend_gives_a_plan_the_contract_devices() {
+    if let Some(reason) = guest::kvm_unavailable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let files = guest::PlanFiles::new(dir.path());
+    let serial_log = std::fs::File::create(dir.path().join("serial.log")).unwrap();
+    let own = OwnVm::boot(files.spec(&guest::test_plan()), serial_log).unwrap();
+    let mut vm = VmProcess::Own(own);
+    assert_eq!(vm.pid(), std::process::id());
+    let mut channel = vm
+        .take_channel()
+        .expect("connected before the guest starts");
+    assert!(vm.take_channel().is_none());
+    guest::wait_for_ping(&mut channel, &vm);
+    channel.write_all(b"pong-from-host").unwrap();
+    let tail = guest::assert_powered_off(&mut vm);
+    guest::assert_contract_devices(&tail);
+    vm.kill();
+}
+
+#[test]
+fn huge_pages_are_refused_unless_the_backend_is_kvm() {
+    for backend in ["auto", "qemu"] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_mvm-runner"))
+            .args(["--huge-pages", "--backend", backend])
+            .args(["--plan", "/nonexistent/plan.dsse.json"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(125), "{backend}: {stderr}");
+        assert!(stderr.contains("error RUN047"), "{backend}: {stderr}");
+    }
+}

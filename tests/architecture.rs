@@ -1,0 +1,96 @@
+//! The rules of the crate graph (docs/architecture.md), read from `cargo metadata`: what may
+//! depend on what. A dependency added against them fails here, not in review.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
+
+use serde_json::Value;
+
+/// Each workspace crate's normal (not dev, not build) dependencies among the workspace's
+/// crates, by package name.
+fn workspace_graph() -> BTreeMap<String, BTreeSet<String>> {
+    let output = Command::new(env!("CARGO"))
+        .args(["metadata", "--format-version", "1", "--manifest-path"])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
+        .output()
+        .expect("cargo metadata runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let metadata: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let members: BTreeSet<&str> = metadata["workspace_members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|id| id.as_str().unwrap())
+        .collect();
+    let name_of: BTreeMap<&str, &str> = metadata["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["id"].as_str().unwrap(), p["name"].as_str().unwrap()))
+        .collect();
+    let mut graph = BTreeMap::new();
+    for node in metadata["resolve"]["nodes"].as_array().unwrap() {
+        let id = node["id"].as_str().unwrap();
+        if !members.contains(id) {
+            continue;
+        }
+        let deps = node["deps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|dep| {
+                let normal = dep["dep_kinds"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|kind| kind["kind"].is_null());
+                normal && members.contains(dep["pkg"].as_str().unwrap())
+            })
+            .map(|dep| name_of[dep["pkg"].as_str().unwrap()].to_string())
+            .collect();
+        graph.insert(name_of[id].to_string(), deps);
+    }
+    graph
+}
+
+/// Every workspace crate `name` depends on, directly or not.
+fn reaches(graph: &BTreeMap<String, BTreeSet<String>>, name: &str) -> BTreeSet<String> {
+    let mut seen = BTreeSet::new();
+    let mut todo = vec![name.to_string()];
+    while let Some(next) = todo.pop() {
+        for dep in &graph[&next] {
+            if seen.insert(dep.clone()) {
+                todo.push(dep.clone());
+            }
+        }
+    }
+    seen
+}
+
+#[test]
+fn the_vmm_stands_alone_and_the_runner_builds_on_it() {
+    let graph = workspace_graph();
+    assert!(graph.contains_key("mvm-vmm"), "{graph:?}");
+    assert_eq!(
+        reaches(&graph, "mvm-vmm"),
+        BTreeSet::new(),
+        "mvm-vmm depends on no other crate of mvm (no runner, builder, CLI, agent or IR)"
+    );
+    assert!(graph["mvm-runner"].contains("mvm-vmm"), "{graph:?}");
+}
+
+#[test]
+fn the_runner_links_no_builder_and_no_cli() {
+    let graph = workspace_graph();
+    let runner = reaches(&graph, "mvm-runner");
+    for forbidden in ["mvm-builder", "mvm-nix", "mvm"] {
+        assert!(
+            !runner.contains(forbidden),
+            "mvm-runner reaches {forbidden}: {runner:?}"
+        );
+    }
+}

@@ -1,0 +1,67 @@
+//! A VM of mvm's own VMM saved while it runs and restored into a new VMM, on this host's
+//! `/dev/kvm` (PVM here: the purpose-built guests, not Linux): a 2-vCPU guest keeps ticking
+//! after its restore (the second vCPU still waiting for its startup IPI), paused until it is
+//! resumed. (The plan's VM saved and woken through the runner's cold state is the runner's
+//! `tests/kvm_backend.rs`.) Skipped, with the reason printed, when `/dev/kvm` cannot be
+//! opened.
+
+use std::fs::File;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use mvm_vmm::test_guest::{self as guest, Console};
+use mvm_vmm::{self as vmm, GuestExit, VmConfig};
+
+#[test]
+fn a_guest_with_two_vcpus_ticks_on_after_its_restore() {
+    if let Some(reason) = guest::kvm_unavailable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = guest::build(dir.path(), &["lib", "spin"]);
+    let config = |log: &str, console: &Console| VmConfig {
+        vcpus: 2,
+        cmdline: "tick".into(),
+        console_log: console.logging_into(File::create(dir.path().join(log)).unwrap()),
+        ..guest::config(dir.path(), kernel.clone(), console)
+    };
+    let console = Console::default();
+    let vm = vmm::build(config("first.log", &console)).unwrap();
+    let deadline = Instant::now() + guest::TIMEOUT;
+    while console.tail().matches(".\n").count() < 5 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let machine = vm.machine();
+    machine.pause().unwrap();
+    let mut state = Vec::new();
+    machine.save(&mut state).unwrap();
+    assert_eq!(vm.stop(), GuestExit::Stopped);
+
+    let console = Console::default();
+    let restored_config = config("second.log", &console);
+    let ram = vmm::builder::guest_ram(&restored_config).unwrap();
+    let mut reader = vmm::snapshot::SnapshotReader::new(&ram);
+    reader.write_all(&state).unwrap();
+    let saved = vmm::snapshot::parse(&reader.finish().unwrap()).unwrap();
+    assert_eq!(saved.vcpus.len(), 2);
+    let vm = vmm::restore(restored_config, ram, &saved).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(console.tail(), "", "paused until resumed");
+    vm.machine().resume().unwrap();
+    let deadline = Instant::now() + guest::TIMEOUT;
+    while console.tail().matches(".\n").count() < 5 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Only ticks: it did not start over (no hello).
+    let tail = console.tail();
+    assert!(tail.matches(".\n").count() >= 5, "{tail}");
+    assert!(!tail.contains("spinning"), "{tail}");
+    let (end, states) = vm.stop_and_inspect();
+    assert_eq!(end, GuestExit::Stopped);
+    assert!(
+        (0x20_0000..0x21_0000).contains(&states[0].rip),
+        "{:x?}",
+        states[0]
+    );
+}
