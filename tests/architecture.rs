@@ -94,3 +94,65 @@ fn the_runner_links_no_builder_and_no_cli() {
         );
     }
 }
+
+/// The runner's top-level modules each one imports from (`crate::<module>` in its code, not
+/// its comments), by the module's name.
+fn runner_module_graph() -> BTreeMap<String, BTreeSet<String>> {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("runner/src");
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut files = vec![src.clone()];
+    while let Some(path) = files.pop() {
+        if path.is_dir() {
+            files.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+            continue;
+        }
+        if path.extension().is_none_or(|ext| ext != "rs") {
+            continue;
+        }
+        let relative = path.strip_prefix(&src).unwrap();
+        let first = relative.components().next().unwrap().as_os_str();
+        let module = first.to_string_lossy().trim_end_matches(".rs").to_string();
+        if module == "lib" || module == "main" {
+            continue;
+        }
+        let code = std::fs::read_to_string(&path).unwrap();
+        let imports = graph.entry(module.clone()).or_default();
+        for line in code.lines().filter(|l| !l.trim_start().starts_with("//")) {
+            for (at, _) in line.match_indices("crate::") {
+                let name: String = line[at + "crate::".len()..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                if !name.is_empty() && name != module {
+                    imports.insert(name);
+                }
+            }
+        }
+    }
+    graph
+}
+
+#[test]
+fn no_module_of_the_runner_imports_from_one_that_imports_it() {
+    let graph = runner_module_graph();
+    for module in ["backend", "cold", "control", "launch"] {
+        assert!(graph.contains_key(module), "{graph:?}");
+    }
+    for (module, imports) in &graph {
+        let above = reaches(&graph, module);
+        assert!(
+            !above.contains(module),
+            "{module} imports from a module that imports it: {module} -> {imports:?}; {graph:?}"
+        );
+    }
+    // The order the backend seam sets: backend <- cold <- control <- launch.
+    let order = ["backend", "cold", "control", "launch"];
+    for (i, lower) in order.iter().enumerate() {
+        for upper in &order[i + 1..] {
+            assert!(
+                !reaches(&graph, lower).contains(*upper),
+                "{lower} reaches {upper}: {graph:?}"
+            );
+        }
+    }
+}

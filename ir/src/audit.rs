@@ -23,7 +23,7 @@ use serde_json::{Map, Value};
 use crate::digest::{is_sha256_hex, sha256_hex};
 use crate::fsutil::{atomic_write, read_capped, ExclusiveLock};
 use crate::home::MvmHome;
-use crate::keys::{Signer, TrustStore};
+use crate::keys::{KeyStore, Signer, TrustStore};
 use crate::plan::Timestamp;
 use crate::{canonical, Error};
 
@@ -142,6 +142,33 @@ pub struct AuditLog {
     path: PathBuf,
     head: PathBuf,
     lock: PathBuf,
+}
+
+/// The host's audit chain with the host's key: what the runner and the CLI append to, one
+/// signed entry per event. A failure to record is the caller's failure: mvm does not act
+/// without leaving evidence.
+pub struct HostAudit {
+    log: AuditLog,
+    signer: Signer,
+}
+
+impl HostAudit {
+    /// The chain of `home`, signed with its host key (made on first use).
+    pub fn open(home: &MvmHome) -> Result<Self, Error> {
+        let signer = KeyStore::new(home.clone()).host_signer()?;
+        let log = AuditLog::in_home(home)?;
+        Ok(Self { log, signer })
+    }
+
+    /// Appends a signed entry for `event` with `fields` (a JSON object; anything else is
+    /// recorded as no fields), on disk before it returns.
+    pub fn append(&self, event: &str, fields: Value) -> Result<Entry, Error> {
+        let fields = match fields {
+            Value::Object(map) => map,
+            _ => Map::new(),
+        };
+        self.log.append(event, fields, &self.signer)
+    }
 }
 
 impl AuditLog {

@@ -13,7 +13,7 @@
 //! stays cold, its files untouched.
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -24,7 +24,7 @@ use mvm_ir::keys::{KeyStore, TrustStore};
 use mvm_ir::plan::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::control::Pausable;
+use crate::backend::{Pausable, SavedMemory, WakeError};
 
 /// The directory, in a VM's directory, that holds its saved state.
 pub const COLD_DIR: &str = "cold";
@@ -45,16 +45,6 @@ const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
 
 fn qemu_backend() -> String {
     "qemu".into()
-}
-
-/// The saved state's digest and size.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SavedMemory {
-    /// `sha256:` of the bytes.
-    pub sha256: String,
-    /// How many.
-    pub bytes: u64,
 }
 
 /// What a cold VM is: signed by the host that saved it.
@@ -95,6 +85,17 @@ pub enum ColdError {
     /// QEMU could not take the saved state; the VM stays cold.
     #[error("waking the VM: {0}")]
     Wake(String),
+}
+
+/// A backend that could not wake the VM: what it read was not what was saved (RUN041), or
+/// it could not take it (RUN042).
+impl From<WakeError> for ColdError {
+    fn from(e: WakeError) -> Self {
+        match e {
+            WakeError::Changed { .. } => ColdError::Unverified(e.to_string()),
+            WakeError::Refused(reason) => ColdError::Wake(reason),
+        }
+    }
 }
 
 impl ColdError {
@@ -227,36 +228,9 @@ pub fn open(dir: &Path, name: &str, home: &MvmHome) -> Result<ColdState, ColdErr
     Ok(ColdState { manifest, memory })
 }
 
-/// Copies `from` to `to` until `from` ends, hashing what passes.
-pub(crate) fn copy_hashing(from: &mut impl Read, to: &mut impl Write) -> io::Result<SavedMemory> {
-    let (sha256, bytes) = mvm_ir::digest::sha256_reader(Tee { from, to: &mut *to })?;
-    to.flush()?;
-    Ok(SavedMemory { sha256, bytes })
-}
-
-/// A reader that writes everything it reads to `to` as well.
-struct Tee<R, W> {
-    from: R,
-    to: W,
-}
-
-impl<R: Read, W: Write> Read for Tee<R, W> {
-    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
-        let n = self.from.read(buffer)?;
-        self.to.write_all(&buffer[..n])?;
-        Ok(n)
-    }
-}
-
 /// Whether `seen` is the memory `manifest` describes.
 pub fn check_memory(manifest: &ColdManifest, seen: &SavedMemory) -> Result<(), ColdError> {
-    if *seen != manifest.memory {
-        return Err(ColdError::Unverified(format!(
-            "its memory is {} ({} bytes), the manifest says {} ({} bytes)",
-            seen.sha256, seen.bytes, manifest.memory.sha256, manifest.memory.bytes
-        )));
-    }
-    Ok(())
+    Ok(seen.check(&manifest.memory)?)
 }
 
 /// Whether the VM directory `dir` holds a cold state (verified or not).

@@ -7,10 +7,8 @@
 //!
 //! [protocol]: mvm_agent::protocol
 
-use std::fs::File;
 use std::io::{self, Read as _, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -23,10 +21,11 @@ use mvm_ir::plan::LaunchPlan;
 use mvm_ir::validate::{is_env_name, DENIED_ENV};
 use serde_json::{json, Value};
 
-use crate::cold::{ColdSaver, SavedMemory};
-use crate::launch::Audit;
+use crate::backend::Pausable;
+use crate::cold::ColdSaver;
 use crate::mux::{AgentMux, Exchange};
 use crate::state::Phase;
+use mvm_ir::audit::HostAudit;
 
 /// How often the accept loop and idle connections look at the stop flag.
 const POLL: Duration = Duration::from_millis(50);
@@ -38,21 +37,6 @@ const MAX_CLIENTS: usize = 64;
 /// The longest a command may be given, and what "no timeout" means (the agent clamps nothing
 /// itself).
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
-
-/// Stops and restarts a VM's vCPUs (QEMU's QMP `stop`/`cont`; the kvm backend's own), and
-/// saves a stopped VM's state.
-pub trait Pausable: Send {
-    /// Stops the vCPUs; memory and devices are kept.
-    fn pause(&mut self) -> io::Result<()>;
-    /// Lets them run again.
-    fn resume(&mut self) -> io::Result<()>;
-    /// Writes the stopped VM's memory and device state into `into`, through a socket it may
-    /// make at `socket`.
-    fn save(&mut self, socket: &Path, into: &mut File) -> io::Result<SavedMemory> {
-        let _ = (socket, into);
-        Err(io::Error::other("this backend cannot save a VM"))
-    }
-}
 
 /// The stable code of a request refused because the VM is paused, or a pause that failed.
 pub const PAUSED: &str = "RUN039";
@@ -82,7 +66,7 @@ pub struct Shared {
     /// Set by a client's power-off request (or a signal): the owner stops the VM.
     pub stop: Arc<AtomicBool>,
     /// Where every exec is recorded.
-    pub(crate) audit: Arc<Audit>,
+    pub audit: Arc<HostAudit>,
     /// The VM's id, for the audit entries.
     pub vm: String,
     /// Set when dm-verity reported a corrupted block: the root can no longer be trusted, so
@@ -186,7 +170,7 @@ impl Shared {
     /// Records `event`; when that fails, the VM must stop (no command runs unrecorded).
     fn record(&self, event: &str, fields: Value) -> bool {
         match self.audit.append(event, fields) {
-            Ok(()) => true,
+            Ok(_) => true,
             Err(e) => {
                 let mut failure = self
                     .audit_failure

@@ -22,24 +22,25 @@ use mvm_agent::protocol::{
     codes, ErrorReply, ExecRequest, ExitStatus, HelloReply, Integrity, Request,
 };
 use mvm_ir::admission::{NonceLedger, PlanAdmission, VerifiedPlan};
-use mvm_ir::audit::AuditLog;
+use mvm_ir::audit::HostAudit;
 use mvm_ir::fsutil::ExclusiveLock;
 use mvm_ir::home::MvmHome;
 use mvm_ir::keys::KeyStore;
 use mvm_ir::plan::{LaunchPlan, Timestamp};
 use mvm_ir::receipt::{CommandResult, OutputDigest, Receipt};
-use serde_json::{json, Map, Value};
+use serde_json::json;
 
 use crate::admission::{admit_bundle, AdmissionError};
+use crate::backend::kvm::jailed::{self, Jail, JailError, JailedVm};
+use crate::backend::kvm::{spec_for_plan, OwnVm, OwnVmFiles};
+use crate::backend::qemu::{self, VmFiles};
+use crate::backend::select::{self, Accel, Backend, BackendChoice, HostError, HostFacts};
+use crate::backend::{Pausable, SavedMemory, VmProcess};
 use crate::client::{AgentClient, ClientError, Executed, OutputSink};
 use crate::cold::{self, ColdError, ColdManifest, ColdSaver, ColdState};
-use crate::control::{self, Pausable};
-use crate::host::{self, Accel, Backend, BackendChoice, HostError, HostFacts};
-use crate::jail::{self, Jail, JailError, JailedVm};
+use crate::control;
 use crate::mux::AgentMux;
-use crate::qemu::{self, VmFiles};
 use crate::state::{self, Phase, VmState};
-use crate::vm_process::{spec_for_plan, OwnVm, OwnVmFiles, VmProcess};
 use mvm_vmm::{VmSpec, VmmError};
 
 /// Exit statuses of a launch that did not end with the command's own status. Commands may
@@ -221,7 +222,7 @@ pub struct Launch {
     pub started: Instant,
     /// Set (by a signal handler) to stop the launch: every wait ends and the VM is torn down.
     pub interrupt: Arc<AtomicBool>,
-    /// Run the own VMM jailed as this uid and gid ([`crate::jail`]); checked by
+    /// Run the own VMM jailed as this uid and gid ([`crate::backend::kvm::jailed`]); checked by
     /// [`Jail::check`].
     pub jail: Option<Jail>,
     /// Back the own VMM's guest RAM with 2 MiB huge pages (checked: `--backend kvm` only).
@@ -337,11 +338,13 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Bo
         Ok(finished) => ("command ended", finished.exit_status()),
         Err(error) => (error.code(), error.exit_status()),
     };
-    audit.append(
-        "vm.exited",
-        json!({"vm": vm, "reason": reason, "exit_status": exit_status,
+    audit
+        .append(
+            "vm.exited",
+            json!({"vm": vm, "reason": reason, "exit_status": exit_status,
                "duration_ms": launch.started.elapsed().as_millis() as u64}),
-    )?;
+        )
+        .map_err(LaunchError::Audit)?;
     outcome.map_err(|error| failure(error, &vm_process, dir))
 }
 
@@ -483,7 +486,9 @@ fn serve_started(
             }
             // It runs again: its saved state is stale from here on.
             cold::discard(&dir.path).map_err(LaunchError::host("removing the cold state"))?;
-            audit.append("vm.woken", json!({"vm": vm, "name": name}))?;
+            audit
+                .append("vm.woken", json!({"vm": vm, "name": name}))
+                .map_err(LaunchError::Audit)?;
         }
         state.phase = Phase::Running;
         record(&state)?;
@@ -514,7 +519,7 @@ fn serve_started(
                     .unwrap_or_else(|_| launch.envelope.clone()),
                 accel: accel.to_string(),
                 backend: backend.to_string(),
-                memory: cold::SavedMemory {
+                memory: SavedMemory {
                     sha256: String::new(),
                     bytes: 0,
                 },
@@ -550,11 +555,13 @@ fn serve_started(
         Err(error) => format!("{}: {error}", error.code()),
     });
     record(&state)?;
-    audit.append(
-        "vm.exited",
-        json!({"vm": vm, "name": name, "reason": reason,
+    audit
+        .append(
+            "vm.exited",
+            json!({"vm": vm, "name": name, "reason": reason,
                "duration_ms": launch.started.elapsed().as_millis() as u64}),
-    )?;
+        )
+        .map_err(LaunchError::Audit)?;
     match outcome {
         Ok(_) | Err(LaunchError::Interrupted) => Ok(state),
         Err(error) => Err(failure(error, &vm_process, dir)),
@@ -590,7 +597,7 @@ fn wake(
     let loaded = qemu::migration::load(
         &wake_socket,
         &mut saved.memory,
-        &dir.path.join(state::MACHINE_SOCKET),
+        &dir.path.join(qemu::QMP_SOCKET),
     );
     let _ = fs::remove_file(&wake_socket);
     let (mut qmp, streamed) = loaded.map_err(|e| {
@@ -614,7 +621,7 @@ fn keep_serving(
     plan: &LaunchPlan,
     vm: &mut VmProcess,
     booted: Booted,
-    (audit, vm_id): (&Arc<Audit>, &str),
+    (audit, vm_id): (&Arc<HostAudit>, &str),
     (machine, phases, cold): (Box<dyn Pausable>, PhaseRecorder, Option<ColdSaver>),
 ) -> Result<Served, LaunchError> {
     let (stream, last_stream) = booted
@@ -687,7 +694,7 @@ fn keep_serving(
 /// A launch up to a VM process running: the plan admitted, the VM's directory and private
 /// files made, QEMU started, `vm.started` recorded.
 struct Started<T> {
-    audit: Arc<Audit>,
+    audit: Arc<HostAudit>,
     plan: VerifiedPlan,
     /// What the caller settled on the verified plan before it was used up.
     settled: T,
@@ -719,7 +726,7 @@ fn start<T>(
         Origin::Wake(_, saved) => Some(saved.manifest.plan_digest.clone()),
     };
     let again = again.as_deref();
-    let audit = Arc::new(Audit::open(&launch.home)?);
+    let audit = Arc::new(HostAudit::open(&launch.home).map_err(LaunchError::Audit)?);
     let trust = KeyStore::new(launch.home.clone())
         .trust_store()
         .map_err(|e| LaunchError::Refused(e.into()))?;
@@ -740,7 +747,7 @@ fn start<T>(
             };
             // One look at the host: the QEMU it found is the one that runs.
             let facts = HostFacts::detect();
-            let selected = host::select(launch.backend, &facts).map_err(unavailable)?;
+            let selected = select::select(launch.backend, &facts).map_err(unavailable)?;
             let qemu = match selected.backend {
                 Backend::Qemu => Some(facts.qemu.map_err(unavailable)?.path),
                 Backend::Kvm => None,
@@ -770,21 +777,23 @@ fn start<T>(
         }
         Origin::Wake(dir, saved) => (saved.manifest.vm.clone(), dir, Some(saved)),
     };
-    audit.append(
-        match woken {
-            true => "plan.readmitted",
-            false => "plan.admitted",
-        },
-        json!({
-            "vm": vm,
-            "name": dir.name(),
-            "plan_digest": plan.digest,
-            "signer": plan.keyid,
-            "workload": plan.plan.workload_id,
-            "app": plan.plan.app,
-            "single_use": plan.plan.single_use,
-        }),
-    )?;
+    audit
+        .append(
+            match woken {
+                true => "plan.readmitted",
+                false => "plan.admitted",
+            },
+            json!({
+                "vm": vm,
+                "name": dir.name(),
+                "plan_digest": plan.digest,
+                "signer": plan.keyid,
+                "workload": plan.plan.workload_id,
+                "app": plan.plan.app,
+                "single_use": plan.plan.single_use,
+            }),
+        )
+        .map_err(LaunchError::Audit)?;
 
     let kernel = dir.private_copy("kernel", &admitted.artifacts.kernel)?;
     let initramfs = dir.private_copy("initramfs", &admitted.artifacts.initramfs)?;
@@ -805,7 +814,7 @@ fn start<T>(
                 rootfs: &admitted.artifacts.rootfs,
                 verity: &admitted.artifacts.verity,
                 agent_socket: &socket,
-                qmp_socket: &dir.path.join(state::MACHINE_SOCKET),
+                qmp_socket: &dir.path.join(qemu::QMP_SOCKET),
             };
             let mut args = qemu::arguments(&plan.plan, &files, accel);
             if woken {
@@ -840,7 +849,8 @@ fn start<T>(
                     VmProcess::Jailed(boot_jailed(jail, &dir, &spec, serial_log)?)
                 }
                 (None, Some(saved)) => VmProcess::Own(
-                    OwnVm::restore(spec, serial_log, saved).map_err(LaunchError::from)?,
+                    OwnVm::restore(spec, serial_log, &mut saved.memory, &saved.manifest.memory)
+                        .map_err(|e| LaunchError::from(ColdError::from(e)))?,
                 ),
                 (None, None) => VmProcess::Own(OwnVm::boot(spec, serial_log).map_err(vmm_failed)?),
             };
@@ -852,7 +862,7 @@ fn start<T>(
         json!({"vm": vm, "backend": vm_process.backend().to_string(), "accel": accel.to_string(),
                "pid": vm_process.pid(), "woken": woken,
                "jailed": matches!(vm_process, VmProcess::Jailed(_))}),
-    )?;
+    ).map_err(LaunchError::Audit)?;
     Ok(Started {
         audit,
         plan,
@@ -876,7 +886,7 @@ fn boot_jailed(
     serial_log: File,
 ) -> Result<JailedVm, LaunchError> {
     let jail_failed = |e: JailError| LaunchError::Backend(format!("{}: {e}", e.code()));
-    let root = dir.path.join(jail::JAIL_DIR);
+    let root = dir.path.join(jailed::JAIL_DIR);
     JailedVm::boot(Path::new("/proc/self/exe"), jail, &root, spec, serial_log).map_err(jail_failed)
 }
 
@@ -1124,33 +1134,6 @@ fn exec_request(plan: &VerifiedPlan, launch: &Launch) -> Result<ExecRequest, Adm
         });
     }
     Ok(request)
-}
-
-/// Appends audit entries signed with the host key.
-pub(crate) struct Audit {
-    log: AuditLog,
-    signer: mvm_ir::keys::Signer,
-}
-
-impl Audit {
-    fn open(home: &MvmHome) -> Result<Self, LaunchError> {
-        let signer = KeyStore::new(home.clone())
-            .host_signer()
-            .map_err(LaunchError::Audit)?;
-        let log = AuditLog::in_home(home).map_err(LaunchError::Audit)?;
-        Ok(Self { log, signer })
-    }
-
-    pub(crate) fn append(&self, event: &str, fields: Value) -> Result<(), LaunchError> {
-        let fields = match fields {
-            Value::Object(map) => map,
-            _ => Map::new(),
-        };
-        self.log
-            .append(event, fields, &self.signer)
-            .map(drop)
-            .map_err(LaunchError::Audit)
-    }
 }
 
 /// What a VM's directory keeps when the launch ends.

@@ -18,15 +18,11 @@
 //! links no builder, no HTTP client and no registry client.
 
 pub mod admission;
-pub mod child;
+pub mod backend;
 pub mod client;
 pub mod cold;
 pub mod control;
-pub mod host;
-pub mod jail;
 pub mod launch;
 pub mod mux;
-pub mod qemu;
 pub mod serial;
 pub mod state;
-pub mod vm_process;

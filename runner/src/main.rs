@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use mvm_ir::home::MvmHome;
+use mvm_runner::backend::kvm::jailed::{self, Jail};
+use mvm_runner::backend::select::BackendChoice;
 use mvm_runner::client::{OutputSink, StdStreams};
-use mvm_runner::host::BackendChoice;
-use mvm_runner::jail::{self, Jail};
 use mvm_runner::launch::{self, exit, Failure, Finished, Launch, LaunchError};
 use mvm_runner::state;
 use serde_json::{json, Value};
@@ -65,10 +65,10 @@ struct Args {
     #[arg(long)]
     jail: bool,
     /// The jailed VMM's uid (not 0).
-    #[arg(long, requires = "jail", default_value_t = jail::DEFAULT_ID, value_name = "UID")]
+    #[arg(long, requires = "jail", default_value_t = jailed::DEFAULT_ID, value_name = "UID")]
     jail_uid: u32,
     /// The jailed VMM's gid (not 0).
-    #[arg(long, requires = "jail", default_value_t = jail::DEFAULT_ID, value_name = "GID")]
+    #[arg(long, requires = "jail", default_value_t = jailed::DEFAULT_ID, value_name = "GID")]
     jail_gid: u32,
     /// Back guest RAM with 2 MiB huge pages from the host's pool (`/proc/sys/vm/nr_hugepages`,
     /// reserved as the VM starts: a pool too small fails the boot, VMM002). Needs
@@ -84,9 +84,9 @@ fn main() -> ExitCode {
     // The jailed VMM child (`--jail`): before anything else, while this process has one thread.
     if std::env::args_os()
         .nth(1)
-        .is_some_and(|arg| arg == jail::CHILD_MODE)
+        .is_some_and(|arg| arg == jailed::CHILD_MODE)
     {
-        return ExitCode::from(u8::try_from(jail::child_main()).unwrap_or(exit::RUNNER));
+        return ExitCode::from(u8::try_from(jailed::child::child_main()).unwrap_or(exit::RUNNER));
     }
     let started = Instant::now();
     // Everything the runner creates (the VM's state directory, its sockets, its copies of the

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use mvm_ir::fsutil::{atomic_write, read_capped, ExclusiveLock};
 use serde::{Deserialize, Serialize};
 
-use crate::host::Backend;
+use crate::backend::select::Backend;
 
 /// The state file's name in the VM's directory.
 pub const STATE_FILE: &str = "state.json";
@@ -18,8 +18,6 @@ pub const LOCK_FILE: &str = "lock";
 pub const RUNNER_LOG: &str = "runner.log";
 /// The control socket the owning runner serves.
 pub const CONTROL_SOCKET: &str = "control.sock";
-/// Where the VM process serves the runner its machine controls (QEMU's QMP).
-pub const MACHINE_SOCKET: &str = "qmp.sock";
 
 /// Where a VM is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

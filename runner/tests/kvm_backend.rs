@@ -17,8 +17,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use mvm_ir::plan::{LaunchPlan, Timestamp};
-use mvm_runner::cold::{ColdError, ColdManifest, ColdState, SavedMemory};
-use mvm_runner::vm_process::{OwnVm, VmProcess};
+use mvm_runner::backend::kvm::OwnVm;
+use mvm_runner::backend::SavedMemory;
+use mvm_runner::backend::VmProcess;
+use mvm_runner::cold::{ColdError, ColdManifest, ColdState};
+use mvm_vmm::VmSpec;
 
 /// A manifest for a state of `memory` (only its digest is looked at by a restore).
 fn manifest(memory: SavedMemory) -> ColdManifest {
@@ -48,6 +51,11 @@ fn save(vm: &VmProcess, dir: &Path, path: &Path) -> SavedMemory {
         (saved.sha256.clone(), saved.bytes)
     );
     saved
+}
+
+/// Wakes the VM `state` holds as the runner does: its memory checked against its manifest.
+fn wake(spec: VmSpec, log: File, state: &mut ColdState) -> Result<OwnVm, ColdError> {
+    OwnVm::restore(spec, log, &mut state.memory, &state.manifest.memory).map_err(ColdError::from)
 }
 
 fn cold(path: &Path, memory: SavedMemory) -> ColdState {
@@ -98,7 +106,7 @@ fn a_saved_vm_restored_into_a_new_vmm_carries_on_where_it_was() {
     // Restored twice from the same file: a state can be woken more than once.
     for round in 0..2 {
         let mut state = cold(&state, saved.clone());
-        let own = OwnVm::restore(files.spec(&plan), log("second.log"), &mut state).unwrap();
+        let own = wake(files.spec(&plan), log("second.log"), &mut state).unwrap();
         let mut vm = VmProcess::Own(own);
         let mut channel = vm.take_channel().unwrap();
         // Paused until resumed: nothing runs, the answer waits.
@@ -133,7 +141,7 @@ fn a_changed_or_foreign_state_is_refused_and_nothing_runs() {
     let log = || File::create(dir.path().join("serial.log")).unwrap();
     let path = dir.path().join("vm.state");
     let restore = |plan: &LaunchPlan, memory: SavedMemory| {
-        OwnVm::restore(files.spec(plan), log(), &mut cold(&path, memory)).map(|_| ())
+        wake(files.spec(plan), log(), &mut cold(&path, memory)).map(|_| ())
     };
 
     // One byte of a page changed: its digest is not the manifest's (RUN041).

@@ -18,8 +18,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use mvm_runner::jail::{Jail, JailedVm, MAX_FILES};
-use mvm_runner::vm_process::{spec_for_plan, VmProcess};
+use mvm_runner::backend::kvm::jailed::{Jail, JailedVm, MAX_FILES};
+use mvm_runner::backend::kvm::spec_for_plan;
+use mvm_runner::backend::VmProcess;
 
 /// Ids no one else on a test host uses.
 const JAIL: Jail = Jail {

@@ -11,8 +11,8 @@ use anyhow::{bail, Context};
 use mvm_builder::initramfs::Initramfs;
 use mvm_ir::admission::verify_signed_plan;
 use mvm_ir::plan::{LaunchPlan, MAX_ENVELOPE_BYTES};
-use mvm_runner::host::{self, BackendChoice, HostFacts};
-use mvm_runner::qemu::command_line::machine_arguments;
+use mvm_runner::backend::qemu::command_line::machine_arguments;
+use mvm_runner::backend::select::{self, BackendChoice, HostFacts};
 use serde_json::{json, Value};
 
 use super::Host;
@@ -40,7 +40,7 @@ pub fn boot(
     let bundle = plan_path.parent().unwrap_or(Path::new("."));
     let floor_initramfs = floor_initramfs(work)?;
     let facts = HostFacts::detect();
-    let selected = host::select(BackendChoice::Auto, &facts)?;
+    let selected = select::select(BackendChoice::Auto, &facts)?;
     let qemu = facts.qemu?.path;
     let runner = super::run::sibling("MVM_RUNNER", "mvm-runner")?;
 
@@ -143,7 +143,7 @@ fn floor_boot(
     plan: &LaunchPlan,
     bundle: &Path,
     initramfs: &Path,
-    accel: host::Accel,
+    accel: select::Accel,
 ) -> anyhow::Result<f64> {
     let started = Instant::now();
     let mut child = Command::new(qemu)

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use mvm_runner::host::VirtKind;
+use mvm_runner::backend::select::VirtKind;
 use mvm_vmm::{self as vmm, seccomp, test_guest, GuestExit, VmConfig};
 use serde_json::{json, Value};
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use mvm_builder::kernel::KernelStore;
 use mvm_ir::keys::DEFAULT_KEY;
 use mvm_ir::Error;
-use mvm_runner::host::{self, BackendChoice, HostError, HostFacts, Selected, VirtKind};
+use mvm_runner::backend::select::{self, BackendChoice, HostError, HostFacts, Selected, VirtKind};
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -90,7 +90,7 @@ impl Check {
 /// Runs every check and reports them; the exit status is 1 when one failed.
 pub fn run(out: &Output) -> ExitCode {
     let facts = HostFacts::detect();
-    let auto = host::select(BackendChoice::Auto, &facts);
+    let auto = select::select(BackendChoice::Auto, &facts);
     let mut checks = vec![virtualization(&facts, &auto), qemu(&facts)];
     match Host::open() {
         Ok(host) => {
@@ -197,7 +197,7 @@ fn qemu(facts: &HostFacts) -> Check {
                 "QEMU {} at {} (mvm needs {} or newer)",
                 qemu.version,
                 qemu.path.display(),
-                host::MIN_QEMU
+                select::MIN_QEMU
             ),
         ),
         Err(e) => Check::fail(

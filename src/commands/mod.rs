@@ -26,11 +26,11 @@ pub mod vm;
 
 use std::fmt;
 
-use mvm_ir::audit::AuditLog;
+use mvm_ir::audit::HostAudit;
 use mvm_ir::home::MvmHome;
 use mvm_ir::keys::KeyStore;
 use mvm_ir::ErrorClass;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 /// The host's state directory and what lives in it.
 pub struct Host {
@@ -50,12 +50,7 @@ impl Host {
     /// Appends a signed entry to the audit chain. A failure to record is a failure of the
     /// command: mvm does not act without leaving evidence.
     pub fn audit(&self, event: &str, fields: Value) -> anyhow::Result<()> {
-        let fields: Map<String, Value> = match fields {
-            Value::Object(map) => map,
-            _ => Map::new(),
-        };
-        let signer = self.keys.host_signer()?;
-        AuditLog::in_home(&self.home)?.append(event, fields, &signer)?;
+        HostAudit::open(&self.home)?.append(event, fields)?;
         Ok(())
     }
 }

@@ -7,7 +7,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use mvm_ir::plan::LaunchPlan;
-use mvm_runner::vm_process::{spec_for_plan, OwnVmFiles, VmProcess};
+use mvm_runner::backend::kvm::{spec_for_plan, OwnVmFiles};
+use mvm_runner::backend::VmProcess;
 use mvm_vmm::VmSpec;
 
 pub use mvm_vmm::test_guest::{build, image, kvm_unavailable, TIMEOUT};

@@ -14,7 +14,7 @@ use std::path::Path;
 use mvm_agent::serve::channel::PORT_NAME;
 use mvm_ir::plan::LaunchPlan;
 
-use crate::host::Accel;
+use crate::backend::select::Accel;
 
 /// The files a VM boots from, all in its private state directory except the two disks,
 /// which dm-verity checks in the guest against the signed root hash.
@@ -130,7 +130,7 @@ mod tests {
 
     fn plan() -> LaunchPlan {
         let mut json: serde_json::Value =
-            serde_json::from_str(include_str!("../../../examples/plan/plan.json")).unwrap();
+            serde_json::from_str(include_str!("../../../../examples/plan/plan.json")).unwrap();
         // The example leaves the nonce to `mvm plan sign`.
         json["nonce"] = "00".repeat(16).into();
         json["single_use"] = false.into();

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::qmp::Qmp;
-use crate::cold::{copy_hashing, SavedMemory};
+use crate::backend::{copy_hashing, SavedMemory};
 
 /// How long QEMU may take to connect, and to finish once the stream has passed.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);

@@ -1,4 +1,4 @@
-//! A VM in a child process of the runner: QEMU, or the own VMM jailed ([`crate::jail`]).
+//! A VM in a child process of the runner: QEMU, or the own VMM jailed ([`crate::backend::kvm::jailed`]).
 //!
 //! The child runs in a process group of its own and is killed with the runner:
 //! `PR_SET_PDEATHSIG` in the child before it execs (checked against a runner that already

@@ -12,9 +12,14 @@ use std::io;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use crate::child::ChildVm;
+use crate::backend::child::ChildVm;
+use crate::backend::{Pausable, SavedMemory};
+use qmp::Qmp;
 
 pub use command_line::{arguments, VmFiles};
+
+/// QEMU's QMP socket in the VM's directory: how the runner pauses, resumes and saves it.
+pub const QMP_SOCKET: &str = "qmp.sock";
 
 /// A running QEMU.
 pub type QemuVm = ChildVm;
@@ -25,4 +30,19 @@ pub fn spawn(qemu: &Path, args: &[OsString], serial_log: File) -> io::Result<Qem
     let mut command = Command::new(qemu);
     command.args(args).env_clear().stdin(Stdio::null());
     ChildVm::spawn(&mut command, serial_log)
+}
+
+/// QEMU pauses and resumes through QMP (`stop`, `cont`) and saves by migrating to a file.
+impl Pausable for Qmp {
+    fn pause(&mut self) -> io::Result<()> {
+        self.execute("stop")
+    }
+
+    fn resume(&mut self) -> io::Result<()> {
+        self.execute("cont")
+    }
+
+    fn save(&mut self, socket: &Path, into: &mut File) -> io::Result<SavedMemory> {
+        migration::save(self, socket, into)
+    }
 }

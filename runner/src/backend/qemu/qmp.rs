@@ -10,8 +10,6 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::cold::SavedMemory;
-
 /// How long QEMU may take to answer a command.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest line read from QEMU.
@@ -78,20 +76,6 @@ impl Qmp {
             return Err(io::Error::other("QMP: the connection ended mid-answer"));
         }
         serde_json::from_str(&line).map_err(|e| io::Error::other(format!("QMP: {e}")))
-    }
-}
-
-impl crate::control::Pausable for Qmp {
-    fn pause(&mut self) -> io::Result<()> {
-        self.execute("stop")
-    }
-
-    fn resume(&mut self) -> io::Result<()> {
-        self.execute("cont")
-    }
-
-    fn save(&mut self, socket: &Path, into: &mut std::fs::File) -> io::Result<SavedMemory> {
-        super::migration::save(self, socket, into)
     }
 }
 
