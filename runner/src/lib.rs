@@ -9,20 +9,24 @@
 //! root hash the plan signs). Only then is a single-use plan's nonce consumed.
 //!
 //! [`launch`] is the whole run: admission, the VM's private state directory, the backend
-//! ([`qemu`], chosen for the host by [`host`]), the agent channel ([`client`]) for the hello
-//! and the command, the power-off, and the audit entries. A named VM stays up instead: its
-//! runner keeps its [`state`] on disk and serves its [`control`] socket, relaying clients'
-//! requests over the one agent channel ([`mux`]). With `--jail` the own VMM ([`mvm_vmm`]) runs in a
-//! child process confined by [`jail`] (namespaces, `pivot_root`, an unprivileged uid, resource
-//! limits); QEMU and the jailed VMM are both supervised child processes ([`child`]). The runner
-//! links no builder, no HTTP client and no registry client.
+//! ([`backend`]: QEMU, or mvm's own VMM [`mvm_vmm`] on this runner's threads or jailed in a
+//! child process — chosen for the host by [`backend::select`]), the agent channel
+//! ([`client`]) for the hello and the command, the power-off, and the audit entries. A named VM
+//! stays up instead ([`launch::named`]): its runner keeps its [`state`] on disk and serves its
+//! [`control`] socket, relaying clients' requests over the one agent channel ([`mux`]), and
+//! can save it [`cold`]. The guest's serial console is kept in a bounded log
+//! ([`console_log`]).
+//!
+//! The modules depend on each other in one direction: `backend` ← `cold` ← `control` ←
+//! `launch` (the workspace's `tests/architecture.rs` checks it). The runner links no builder,
+//! no HTTP client and no registry client.
 
 pub mod admission;
 pub mod backend;
 pub mod client;
 pub mod cold;
+pub mod console_log;
 pub mod control;
 pub mod launch;
 pub mod mux;
-pub mod serial;
 pub mod state;

@@ -3,7 +3,7 @@
 //! The child runs in a process group of its own and is killed with the runner:
 //! `PR_SET_PDEATHSIG` in the child before it execs (checked against a runner that already
 //! died), and the whole group killed when the [`ChildVm`] is dropped. Its standard output is
-//! the guest's serial console, recorded by [`crate::serial`]; its standard error is kept for
+//! the guest's serial console, recorded by [`crate::console_log`]; its standard error is kept for
 //! error reports.
 
 use std::fs::File;
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal};
 
-use crate::serial::{self, Console};
+use crate::console_log::{self, Console};
 
 /// The most bytes of the child's own error output kept.
 const STDERR_LIMIT: usize = 16 << 10;
@@ -53,7 +53,7 @@ impl ChildVm {
             .ok_or_else(|| io::Error::other("no stderr"))?;
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let readers = vec![
-            serial::record(stdout, serial_log, console.clone())?,
+            console_log::record(stdout, serial_log, console.clone())?,
             keep_stderr(stderr_pipe, Arc::clone(&stderr))?,
         ];
         Ok(Self {

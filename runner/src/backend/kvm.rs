@@ -16,7 +16,7 @@ use mvm_vmm::snapshot::{self, SnapshotReader};
 use mvm_vmm::{ConsolePort, DiskSpec, GuestExit, Machine, MicroVm, PauseError, VmSpec, VmmError};
 
 use super::{copy_hashing, Pausable, SavedMemory, WakeError};
-use crate::serial::{BoundedLog, Console};
+use crate::console_log::{BoundedLog, Console};
 
 pub mod jailed;
 

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use mvm_vmm::GuestExit;
 use serde::{Deserialize, Serialize};
 
-use crate::serial::Console;
+use crate::console_log::Console;
 
 pub mod child;
 pub mod kvm;

@@ -16,7 +16,7 @@ use mvm_vmm::{BootFiles, GuestExit, VmSpec};
 use super::control::JailControl;
 use super::{guest_exit, ArtifactFds, ChildConfig, Jail, JailError, CHILD_MODE};
 use crate::backend::child::ChildVm;
-use crate::serial::Console;
+use crate::console_log::Console;
 
 /// The own VMM running jailed in a child process.
 #[derive(Debug)]

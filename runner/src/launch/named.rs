@@ -1,0 +1,370 @@
+//! A named VM: booted (or woken from its cold state) and kept up, serving its control socket
+//! until a client asks for a power-off or a cold save, or the VM dies.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mvm_agent::protocol::Request;
+use mvm_ir::audit::HostAudit;
+use mvm_ir::plan::LaunchPlan;
+use serde_json::json;
+
+use super::start::{failure, start, Origin, Started};
+use super::vm_dir::{Keep, VmDir};
+use super::{boot, secrets_resolvable, Booted, Failure, Launch, LaunchError, SHUTDOWN_GRACE};
+use crate::backend::qemu;
+use crate::backend::select::Accel;
+use crate::backend::{Pausable, SavedMemory, VmProcess};
+use crate::client::ClientError;
+use crate::cold::{self, ColdError, ColdManifest, ColdSaver, ColdState};
+use crate::control;
+use crate::mux::AgentMux;
+use crate::state::{self, Phase, VmState};
+
+/// Boots `launch` as the VM `name` and keeps it up, serving its control socket
+/// (`vms/<name>/control.sock`) until a client asks for a power-off or a cold save, the runner
+/// is told to stop (a signal), or the VM dies. `on_ready` is called once the agent has said
+/// hello. The VM's directory keeps its state, console log and lock until `mvm rm`.
+pub fn serve_named(
+    launch: &Launch,
+    name: &str,
+    on_ready: &mut dyn FnMut(&VmState),
+) -> Result<VmState, Box<Failure>> {
+    let started = start(
+        launch,
+        Origin::Boot(Keep::Record(name.to_string())),
+        secrets_resolvable,
+    )?;
+    serve_started(launch, name, started, None, on_ready)
+}
+
+/// Wakes the cold VM `name` and keeps it up as [`serve_named`] does. Its saved state is
+/// verified first (see [`cold`]) and its plan admitted again from the envelope its manifest
+/// names (`launch.envelope` is not used); a VM that cannot be woken stays cold, its saved
+/// state untouched.
+pub fn wake_named(
+    launch: &Launch,
+    name: &str,
+    on_ready: &mut dyn FnMut(&VmState),
+) -> Result<VmState, Box<Failure>> {
+    // Its lock says no runner has it; its saved state says it is cold (even if the runner of
+    // an earlier attempt to wake it was killed before it could say so).
+    let dir = VmDir::reopen(&launch.home, name)?;
+    if !cold::is_saved(&dir.path) {
+        let message = format!("{name} was not saved cold");
+        return Err(LaunchError::from(ColdError::Wake(message)).into());
+    }
+    let mut saved = cold::open(&dir.path, name, &launch.home).map_err(LaunchError::from)?;
+    // The backend that saved it wakes it: QEMU's state and the own VMM's differ.
+    let backend = saved.manifest.backend.parse().map_err(|_| {
+        let reason = format!(
+            "it was saved by an unknown backend {}",
+            saved.manifest.backend
+        );
+        LaunchError::from(ColdError::Wake(reason))
+    })?;
+    let launch = Launch {
+        envelope: saved.manifest.envelope.clone(),
+        backend,
+        ..launch.clone()
+    };
+    let started = start(&launch, Origin::Wake(dir, &mut saved), secrets_resolvable)?;
+    serve_started(&launch, name, started, Some(saved), on_ready)
+}
+
+/// Writes a VM's new phase to its state file.
+pub(super) type PhaseRecorder = Box<dyn Fn(Phase) -> io::Result<()> + Send + Sync>;
+
+/// How a named VM's serving ended without a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Served {
+    /// Powered off on request.
+    Stopped,
+    /// Saved cold on request: its state is in its directory.
+    Cold,
+}
+
+/// The VM of `started`, woken from `saved` when given, served until it ends.
+pub(super) fn serve_started(
+    launch: &Launch,
+    name: &str,
+    started: Started<()>,
+    mut saved: Option<ColdState>,
+    on_ready: &mut dyn FnMut(&VmState),
+) -> Result<VmState, Box<Failure>> {
+    let Started {
+        audit,
+        plan,
+        accel,
+        vm,
+        dir,
+        listener,
+        socket,
+        mut vm_process,
+        ..
+    } = started;
+    let mut state = VmState {
+        name: name.to_string(),
+        vm: vm.clone(),
+        plan_digest: plan.digest.clone(),
+        runner_pid: std::process::id(),
+        phase: Phase::Starting,
+        backend: Some(vm_process.backend()),
+        reason: None,
+        started_at: mvm_ir::plan::Timestamp::now()
+            .0
+            .replace_nanosecond(0)
+            .map(|t| mvm_ir::plan::Timestamp(t).to_string())
+            .unwrap_or_default(),
+    };
+    let record = |state: &VmState| {
+        state::write(&dir.path, state).map_err(|e| LaunchError::Host {
+            what: "writing the VM's state".into(),
+            source: io::Error::other(e.to_string()),
+        })
+    };
+    record(&state)?;
+
+    // A woken guest gets its saved state before the agent channel is awaited; it runs only
+    // once what QEMU read hashed to the manifest's digest.
+    let woken = match saved.as_mut() {
+        Some(saved) => wake(&dir, &mut vm_process, saved, accel).map(Some),
+        None => Ok(None),
+    };
+    let booted = woken.and_then(|machine| {
+        boot(launch, listener.as_ref(), &mut vm_process).map(|booted| (booted, machine))
+    });
+    drop(listener);
+    let _ = fs::remove_file(&socket);
+    let outcome = booted.and_then(|(mut booted, machine)| {
+        // The control socket is there before anyone is told the VM is ready.
+        let control_path = dir.path.join(state::CONTROL_SOCKET);
+        let control =
+            UnixListener::bind(&control_path).map_err(LaunchError::host("control socket"))?;
+        fs::set_permissions(&control_path, fs::Permissions::from_mode(0o600))
+            .map_err(LaunchError::host("control socket"))?;
+        let machine = match machine {
+            Some(machine) => machine,
+            None => vm_process
+                .machine(&dir.path)
+                .map_err(|e| LaunchError::Backend(format!("QMP: {e}")))?,
+        };
+        if saved.take().is_some() {
+            // Its clock stood still while it was cold.
+            let set = booted
+                .client
+                .call(&control::clock_now(), Duration::from_secs(5), None);
+            if !matches!(set, Ok(mvm_agent::protocol::Response::Done)) {
+                eprintln!("mvm-runner: the woken guest did not set its clock");
+            }
+            // It runs again: its saved state is stale from here on.
+            cold::discard(&dir.path).map_err(LaunchError::host("removing the cold state"))?;
+            audit
+                .append("vm.woken", json!({"vm": vm, "name": name}))
+                .map_err(LaunchError::Audit)?;
+        }
+        state.phase = Phase::Running;
+        record(&state)?;
+        on_ready(&state);
+        let phases = {
+            let (dir, state) = (dir.path.clone(), state.clone());
+            move |phase| {
+                let state = VmState {
+                    phase,
+                    ..state.clone()
+                };
+                state::write(&dir, &state).map_err(|e| io::Error::other(e.to_string()))
+            }
+        };
+        // A jailed VMM is not saved: its state would have to leave the jail.
+        let jailed = matches!(vm_process, VmProcess::Jailed(_));
+        let backend = vm_process.backend();
+        let saver = (!jailed).then(|| ColdSaver {
+            dir: dir.path.clone(),
+            home: launch.home.clone(),
+            manifest: ColdManifest {
+                schema_version: String::new(),
+                name: name.to_string(),
+                vm: vm.clone(),
+                plan_digest: plan.digest.clone(),
+                // Absolute: `mvm resume` may run from anywhere.
+                envelope: fs::canonicalize(&launch.envelope)
+                    .unwrap_or_else(|_| launch.envelope.clone()),
+                accel: accel.to_string(),
+                backend: backend.to_string(),
+                memory: SavedMemory {
+                    sha256: String::new(),
+                    bytes: 0,
+                },
+                saved_at: mvm_ir::plan::Timestamp::now(),
+            },
+        });
+        let serving = keep_serving(
+            launch,
+            control,
+            &plan.plan,
+            &mut vm_process,
+            booted,
+            (&audit, &vm),
+            (machine, Box::new(phases), saver),
+        );
+        let _ = fs::remove_file(&control_path);
+        serving
+    });
+    vm_process.kill();
+    // A VM that could not be woken keeps its saved state: it is cold still.
+    let still_cold = saved.is_some();
+    let (reason, phase) = match &outcome {
+        Ok(Served::Cold) => ("saved cold".to_string(), Phase::Cold),
+        Ok(Served::Stopped) => ("stopped on request".to_string(), Phase::Stopped),
+        Err(error) if still_cold => (error.code().to_string(), Phase::Cold),
+        Err(LaunchError::Interrupted) => ("RUN033".to_string(), Phase::Stopped),
+        Err(error) => (error.code().to_string(), Phase::Failed),
+    };
+    state.phase = phase;
+    state.reason = Some(match &outcome {
+        Ok(_) => reason.clone(),
+        Err(error) if still_cold => format!("waking failed: {}: {error}", error.code()),
+        Err(error) => format!("{}: {error}", error.code()),
+    });
+    record(&state)?;
+    audit
+        .append(
+            "vm.exited",
+            json!({"vm": vm, "name": name, "reason": reason,
+               "duration_ms": launch.started.elapsed().as_millis() as u64}),
+        )
+        .map_err(LaunchError::Audit)?;
+    match outcome {
+        Ok(_) | Err(LaunchError::Interrupted) => Ok(state),
+        Err(error) => Err(failure(error, &vm_process, dir)),
+    }
+}
+
+/// Streams a cold VM's saved state into the QEMU started to wake it, checks the digest of
+/// what was streamed, and only then lets the guest run; returns the machine controls.
+pub(super) fn wake(
+    dir: &VmDir,
+    vm: &mut VmProcess,
+    saved: &mut ColdState,
+    accel: Accel,
+) -> Result<Box<dyn Pausable>, LaunchError> {
+    if saved.manifest.accel != accel.to_string() {
+        return Err(ColdError::Wake(format!(
+            "it was saved under {}, this host runs {accel}",
+            saved.manifest.accel
+        ))
+        .into());
+    }
+    let VmProcess::Qemu(_) = vm else {
+        // The own VMM restored it as it started, its state verified then; it waits paused.
+        let mut machine = vm
+            .machine(&dir.path)
+            .map_err(|e| ColdError::Wake(e.to_string()))?;
+        machine
+            .resume()
+            .map_err(|e| ColdError::Wake(format!("letting the guest run: {e}")))?;
+        return Ok(machine);
+    };
+    let wake_socket = dir.path.join(cold::WAKE_SOCKET);
+    let loaded = qemu::migration::load(
+        &wake_socket,
+        &mut saved.memory,
+        &dir.path.join(qemu::QMP_SOCKET),
+    );
+    let _ = fs::remove_file(&wake_socket);
+    let (mut qmp, streamed) = loaded.map_err(|e| {
+        let stderr = vm.stderr();
+        ColdError::Wake(match stderr.is_empty() {
+            true => e.to_string(),
+            false => format!("{e}; QEMU: {stderr}"),
+        })
+    })?;
+    cold::check_memory(&saved.manifest, &streamed)?;
+    qmp.resume()
+        .map_err(|e| ColdError::Wake(format!("letting the guest run: {e}")))?;
+    Ok(Box::new(qmp))
+}
+
+/// Serves the control socket of a booted VM until it should stop; then powers it off, unless
+/// it was saved cold. Returns how it ended.
+pub(super) fn keep_serving(
+    launch: &Launch,
+    control: UnixListener,
+    plan: &LaunchPlan,
+    vm: &mut VmProcess,
+    booted: Booted,
+    (audit, vm_id): (&Arc<HostAudit>, &str),
+    (machine, phases, cold): (Box<dyn Pausable>, PhaseRecorder, Option<ColdSaver>),
+) -> Result<Served, LaunchError> {
+    let (stream, last_stream) = booted
+        .client
+        .into_stream()
+        .map_err(LaunchError::host("agent channel"))?;
+    let shared = Arc::new(control::Shared {
+        mux: AgentMux::new(stream, last_stream).map_err(LaunchError::host("agent channel"))?,
+        plan: plan.clone(),
+        hello: booted.hello,
+        stop: Arc::new(AtomicBool::new(false)),
+        audit: Arc::clone(audit),
+        vm: vm_id.to_string(),
+        corrupted: AtomicBool::new(false),
+        audit_failure: Default::default(),
+        machine: Mutex::new(machine),
+        paused: AtomicBool::new(false),
+        phases,
+        cold,
+        saved_cold: AtomicBool::new(false),
+    });
+    let mut vm_exited = false;
+    let mut channel_closed = false;
+    control::serve(&control, &shared, || {
+        vm_exited = !matches!(vm.try_wait(), Ok(None));
+        channel_closed = shared.mux.is_closed();
+        !vm_exited && !channel_closed && !launch.interrupt.load(Ordering::Relaxed)
+    })
+    .map_err(LaunchError::host("control socket"))?;
+    drop(control);
+    if shared.saved_cold.load(Ordering::Relaxed) {
+        // Its state is on disk; the guest must not run another instruction.
+        return Ok(Served::Cold);
+    }
+    if channel_closed && !vm_exited {
+        return Err(LaunchError::Channel(ClientError::Closed));
+    }
+    if vm_exited {
+        return Err(LaunchError::Backend(format!(
+            "the VM exited while serving: {}",
+            vm.stderr()
+        )));
+    }
+    // Stop: a paused guest runs again to hear it, the agent is asked to power off and given
+    // the grace, then the caller kills QEMU.
+    let _ = shared.set_paused(false);
+    if let Ok(mut answer) = shared.mux.request(&Request::PowerOff) {
+        let _ = answer.next_frame_within(SHUTDOWN_GRACE);
+    }
+    let _ = vm.wait_for_exit(SHUTDOWN_GRACE);
+    if shared.corrupted.load(Ordering::Relaxed) {
+        return Err(LaunchError::Integrity(
+            "dm-verity refused a block of the root while a command ran; the VM was stopped".into(),
+        ));
+    }
+    let audit_failure = shared
+        .audit_failure
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    if let Some(failure) = audit_failure {
+        return Err(LaunchError::AuditFailed(failure));
+    }
+    if launch.interrupt.load(Ordering::Relaxed) {
+        return Err(LaunchError::Interrupted);
+    }
+    Ok(Served::Stopped)
+}

@@ -1,0 +1,237 @@
+//! A launch up to a running VM process: the plan admitted, the VM's directory and private
+//! files made, the backend started (QEMU, the own VMM, or the own VMM jailed).
+
+use std::fs::{self, File};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use mvm_ir::admission::{NonceLedger, PlanAdmission, VerifiedPlan};
+use mvm_ir::audit::HostAudit;
+use mvm_ir::keys::KeyStore;
+use serde_json::json;
+
+use super::vm_dir::{Keep, VmDir};
+use super::{Failure, Launch, LaunchError};
+use crate::admission::{admit_bundle, AdmissionError};
+use crate::backend::kvm::jailed::{self, Jail, JailError, JailedVm};
+use crate::backend::kvm::{spec_for_plan, OwnVm, OwnVmFiles};
+use crate::backend::qemu::{self, VmFiles};
+use crate::backend::select::{self, Accel, Backend, HostError, HostFacts};
+use crate::backend::VmProcess;
+use crate::cold::{self, ColdError, ColdState};
+use mvm_vmm::{VmSpec, VmmError};
+
+/// A launch up to a VM process running: the plan admitted, the VM's directory and private
+/// files made, QEMU started, `vm.started` recorded.
+pub(super) struct Started<T> {
+    pub(super) audit: Arc<HostAudit>,
+    pub(super) plan: VerifiedPlan,
+    /// What the caller settled on the verified plan before it was used up.
+    pub(super) settled: T,
+    pub(super) accel: Accel,
+    pub(super) vm: String,
+    pub(super) dir: VmDir,
+    /// The socket QEMU connects the agent channel to (none for the own VMM).
+    pub(super) listener: Option<UnixListener>,
+    pub(super) socket: PathBuf,
+    pub(super) vm_process: VmProcess,
+}
+
+/// Where a launch's VM comes from.
+pub(super) enum Origin<'a> {
+    /// A fresh boot, in a new directory that keeps what [`Keep`] says.
+    Boot(Keep),
+    /// A cold VM woken: its directory (locked) and its verified state (the own VMM restores
+    /// from it as it starts; QEMU is streamed it once started).
+    Wake(VmDir, &'a mut ColdState),
+}
+
+pub(super) fn start<T>(
+    launch: &Launch,
+    origin: Origin<'_>,
+    settle: impl FnOnce(&VerifiedPlan) -> Result<T, AdmissionError>,
+) -> Result<Started<T>, Box<Failure>> {
+    let again = match &origin {
+        Origin::Boot(_) => None,
+        Origin::Wake(_, saved) => Some(saved.manifest.plan_digest.clone()),
+    };
+    let again = again.as_deref();
+    let audit = Arc::new(HostAudit::open(&launch.home).map_err(LaunchError::Audit)?);
+    let trust = KeyStore::new(launch.home.clone())
+        .trust_store()
+        .map_err(|e| LaunchError::Refused(e.into()))?;
+    let ledger = NonceLedger::in_home(&launch.home).map_err(|e| LaunchError::Refused(e.into()))?;
+    let admission = PlanAdmission::new(trust, ledger);
+    // The command and the backend are settled on the verified plan, before a single-use plan
+    // is used up; only then is `/dev/kvm` looked at or QEMU asked its version.
+    let admitted = admit_bundle(
+        &launch.envelope,
+        &admission,
+        time::OffsetDateTime::now_utc(),
+        again,
+        |verified| {
+            let settled = settle(verified)?;
+            let unavailable = |e: HostError| AdmissionError::NotRunnable {
+                code: e.code().into(),
+                reason: e.to_string(),
+            };
+            // One look at the host: the QEMU it found is the one that runs.
+            let facts = HostFacts::detect();
+            let selected = select::select(launch.backend, &facts).map_err(unavailable)?;
+            let qemu = match selected.backend {
+                Backend::Qemu => Some(facts.qemu.map_err(unavailable)?.path),
+                Backend::Kvm => None,
+            };
+            Ok((settled, selected.accel, qemu))
+        },
+    );
+    let (admitted, (settled, accel, qemu)) = match admitted {
+        Ok(admitted) => admitted,
+        Err(error) => {
+            let fields = json!({"plan": launch.envelope, "code": error.code()});
+            // The refusal stands whether or not it could be recorded.
+            let _ = audit.append("plan.refused", fields);
+            return Err(LaunchError::Refused(error).into());
+        }
+    };
+    let plan = admitted.plan;
+    let woken = again.is_some();
+    let (vm, dir, saved) = match origin {
+        Origin::Boot(keep) => {
+            let vm = format!(
+                "vm-{}",
+                &mvm_ir::plan::fresh_nonce().map_err(LaunchError::Audit)?[..12]
+            );
+            let dir = VmDir::create(&launch.home, &vm, keep)?;
+            (vm, dir, None)
+        }
+        Origin::Wake(dir, saved) => (saved.manifest.vm.clone(), dir, Some(saved)),
+    };
+    audit
+        .append(
+            match woken {
+                true => "plan.readmitted",
+                false => "plan.admitted",
+            },
+            json!({
+                "vm": vm,
+                "name": dir.name(),
+                "plan_digest": plan.digest,
+                "signer": plan.keyid,
+                "workload": plan.plan.workload_id,
+                "app": plan.plan.app,
+                "single_use": plan.plan.single_use,
+            }),
+        )
+        .map_err(LaunchError::Audit)?;
+
+    let kernel = dir.private_copy("kernel", &admitted.artifacts.kernel)?;
+    let initramfs = dir.private_copy("initramfs", &admitted.artifacts.initramfs)?;
+    let socket = dir.path.join("agent.sock");
+    let serial_log = dir.serial_log(woken)?;
+    let (listener, vm_process) = match qemu {
+        Some(qemu) => {
+            let listener =
+                UnixListener::bind(&socket).map_err(LaunchError::host("agent socket"))?;
+            fs::set_permissions(&socket, fs::Permissions::from_mode(0o600))
+                .map_err(LaunchError::host("agent socket"))?;
+            listener
+                .set_nonblocking(true)
+                .map_err(LaunchError::host("agent socket"))?;
+            let files = VmFiles {
+                kernel: &kernel,
+                initramfs: &initramfs,
+                rootfs: &admitted.artifacts.rootfs,
+                verity: &admitted.artifacts.verity,
+                agent_socket: &socket,
+                qmp_socket: &dir.path.join(qemu::QMP_SOCKET),
+            };
+            let mut args = qemu::arguments(&plan.plan, &files, accel);
+            if woken {
+                let socket = dir.path.join(cold::WAKE_SOCKET);
+                let incoming = qemu::migration::incoming_argument(&socket)
+                    .map_err(|e| ColdError::Wake(e.to_string()))
+                    .map_err(LaunchError::from)?;
+                args.extend(["-incoming".into(), incoming.into()]);
+            }
+            let vm_process = qemu::spawn(&qemu, &args, serial_log)
+                .map_err(|e| LaunchError::Backend(format!("starting {}: {e}", qemu.display())))?;
+            (Some(listener), VmProcess::Qemu(vm_process))
+        }
+        None => {
+            let files = OwnVmFiles {
+                kernel: &kernel,
+                initramfs: &initramfs,
+                rootfs: &admitted.artifacts.rootfs,
+                verity: &admitted.artifacts.verity,
+            };
+            let vmm_failed = |e: VmmError| LaunchError::Backend(format!("{}: {e}", e.code()));
+            let spec = VmSpec {
+                huge_pages: launch.huge_pages,
+                ..spec_for_plan(&plan.plan, &files).map_err(vmm_failed)?
+            };
+            let vm = match (launch.jail, saved) {
+                (Some(_), Some(_)) => {
+                    let reason = "a jailed VM is never saved cold".to_string();
+                    return Err(LaunchError::from(ColdError::Wake(reason)).into());
+                }
+                (Some(jail), None) => {
+                    VmProcess::Jailed(boot_jailed(jail, &dir, &spec, serial_log)?)
+                }
+                (None, Some(saved)) => VmProcess::Own(
+                    OwnVm::restore(spec, serial_log, &mut saved.memory, &saved.manifest.memory)
+                        .map_err(|e| LaunchError::from(ColdError::from(e)))?,
+                ),
+                (None, None) => VmProcess::Own(OwnVm::boot(spec, serial_log).map_err(vmm_failed)?),
+            };
+            (None, vm)
+        }
+    };
+    audit.append(
+        "vm.started",
+        json!({"vm": vm, "backend": vm_process.backend().to_string(), "accel": accel.to_string(),
+               "pid": vm_process.pid(), "woken": woken,
+               "jailed": matches!(vm_process, VmProcess::Jailed(_))}),
+    ).map_err(LaunchError::Audit)?;
+    Ok(Started {
+        audit,
+        plan,
+        settled,
+        accel,
+        vm,
+        dir,
+        listener,
+        socket,
+        vm_process,
+    })
+}
+
+/// Starts the own VMM jailed as `jail` in the VM's directory, the runner's own binary
+/// re-executed as the child (which gets the artifacts as descriptors the runner opened: the
+/// jail's uid needs no access to them).
+pub(super) fn boot_jailed(
+    jail: Jail,
+    dir: &VmDir,
+    spec: &VmSpec,
+    serial_log: File,
+) -> Result<JailedVm, LaunchError> {
+    let jail_failed = |e: JailError| LaunchError::Backend(format!("{}: {e}", e.code()));
+    let root = dir.path.join(jailed::JAIL_DIR);
+    JailedVm::boot(Path::new("/proc/self/exe"), jail, &root, spec, serial_log).map_err(jail_failed)
+}
+
+/// The failure report for `error`: the console's tail, and its log kept unless the run was
+/// stopped on purpose.
+pub(super) fn failure(error: LaunchError, vm: &VmProcess, dir: VmDir) -> Box<Failure> {
+    let serial_log = match error {
+        LaunchError::Interrupted => None,
+        _ => dir.keep_log(),
+    };
+    Box::new(Failure {
+        error,
+        console_tail: Some(vm.console().tail()),
+        serial_log,
+    })
+}
