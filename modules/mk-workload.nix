@@ -14,7 +14,7 @@
 #     resources = { cpu_cores = 1; memory_mb = 512; };
 #     env.GREETING = "hi";                  # literals
 #     secrets.API_KEY = "api-key";          # references: only the secret's name is stored
-#     network.egress.allowlist = [ "pypi.org:443" ];
+#     network.egress.allowlist = [ "api.example.com:443" ];
 #     profile = "restrictive";              # for `mvm build --profile`; not part of the IR
 #     pkgs = nixpkgs.legacyPackages.x86_64-linux;   # optional: adds the derivations
 #   }

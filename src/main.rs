@@ -54,14 +54,14 @@ enum Command {
     /// Run a command in a running VM.
     Exec(commands::vm::ExecArgs),
     /// Copy a file or directory into or out of a running VM (one side NAME:/tmp/path).
-    Cp(commands::copy::CpArgs),
+    Cp(commands::vm::copy::CpArgs),
     /// Files in a running VM under /tmp: ls, stat, mkdir, rm, mv.
     #[command(subcommand)]
-    Fs(commands::fs::FsCommand),
+    Fs(commands::vm::fs::FsCommand),
     /// List the commands running in a VM (and background ones not yet waited for).
-    Ps(commands::process::PsArgs),
+    Ps(commands::vm::process::PsArgs),
     /// Send a signal to a background command of a VM.
-    Kill(commands::process::KillArgs),
+    Kill(commands::vm::process::KillArgs),
     /// Pause a running VM: its vCPUs stop, its memory and devices are kept; commands are
     /// refused (RUN039) until `mvm resume`. With --cold, save it to disk and end its runner:
     /// it then holds no memory or CPU until `mvm resume` wakes it.
@@ -132,16 +132,16 @@ fn main() -> ExitCode {
         Command::Run(args) => return commands::run::run(args, &out),
         Command::Up(args) => return exit_code(commands::vm::up(args, &out), &out),
         Command::Ls => commands::vm::ls(&out),
-        Command::Exec(args) => return exit_code(commands::vm::exec(args, &out), &out),
+        Command::Exec(args) => return exit_code(commands::vm::exec::exec(args, &out), &out),
         Command::Stop { name } => commands::vm::stop(&name, &out),
         Command::Pause { name, cold } => commands::vm::pause(&name, cold, &out),
         Command::Resume { name, boot_timeout } => {
             return exit_code(commands::vm::resume(&name, boot_timeout, &out), &out)
         }
-        Command::Cp(args) => commands::copy::cp(args, &out),
-        Command::Fs(cmd) => commands::fs::run(cmd, &out),
-        Command::Ps(args) => commands::process::ps(args, &out),
-        Command::Kill(args) => commands::process::kill(args, &out),
+        Command::Cp(args) => commands::vm::copy::cp(args, &out),
+        Command::Fs(cmd) => commands::vm::fs::run(cmd, &out),
+        Command::Ps(args) => commands::vm::process::ps(args, &out),
+        Command::Kill(args) => commands::vm::process::kill(args, &out),
         Command::Rm(args) => commands::vm::rm(args, &out),
         Command::Logs(args) => commands::vm::logs(args),
         Command::Receipt(cmd) => commands::receipt::run(cmd, &out),

@@ -214,7 +214,7 @@ fn mk_workload_gives_the_ir_of_the_hand_written_example() {
       entrypoint = [ "/bin/echo" "hi" ];
       env.GREETING = "hi";
       secrets.API_KEY = "api-key";
-      network = { mode = "none"; egress.allowlist = [ "pypi.org:443" ]; };
+      network = { mode = "none"; egress.allowlist = [ "api.example.com:443" ]; };
     }"#;
     let ir = nix.eval(&format!("{}.ir", mk_workload(spec))).unwrap();
     // The `app` is named "main", as in the example.

@@ -1,5 +1,5 @@
 //! The `kvm` backend (mvm's own VMM) end to end on real Linux guests — nested, because these
-//! hosts' `/dev/kvm` is PVM, on which no stock kernel boots (`../shared/PLATFORM-NOTES.md`).
+//! hosts' `/dev/kvm` is PVM, on which no stock kernel boots at a usable speed (docs/vmm.md).
 //!
 //! A QEMU (TCG) guest whose emulated CPU has AMD-V loads `kvm_amd` (`scripts/nested-kvm-guest`
 //! builds and boots it), and a static `mvm run` (and `mvm-runner` directly) inside it runs

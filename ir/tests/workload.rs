@@ -23,7 +23,7 @@ const HELLO: &str = r#"{"schema_version": "0", "id": "hello",
    "entrypoints": [{"kind": "command", "command": ["/bin/echo", "hi"]}],
    "env": {"GREETING": {"kind": "literal", "value": "hi"},
            "API_KEY": {"kind": "secret_ref", "name": "api-key"}},
-   "network": {"mode": "none", "egress": {"allowlist": [{"host": "pypi.org", "port": 443}]}}}]}"#;
+   "network": {"mode": "none", "egress": {"allowlist": [{"host": "api.example.com", "port": 443}]}}}]}"#;
 
 /// The canonical (RFC 8785) form of `HELLO`, pinned: digests are taken over these bytes, so any
 /// change to field names, defaults or canonicalization changes every published `ir_digest`.
@@ -32,7 +32,7 @@ const HELLO_CANONICAL: &str = concat!(
     r#""env":{"API_KEY":{"kind":"secret_ref","name":"api-key"},"GREETING":{"kind":"literal","value":"hi"}},"#,
     r#""image":{"digest":"sha256:9e2bbca079387d7965c3a9cee6d0c53f4f4e63ff7637877a83c4c05f2a666112","#,
     r#""kind":"oci_base","reference":"127.0.0.1:5000/busybox"},"name":"main","#,
-    r#""network":{"egress":{"allowlist":[{"host":"pypi.org","port":443}]},"mode":"none"},"#,
+    r#""network":{"egress":{"allowlist":[{"host":"api.example.com","port":443}]},"mode":"none"},"#,
     r#""resources":{"cpu_cores":1,"memory_mb":256}}],"id":"hello","schema_version":"0"}"#
 );
 
@@ -66,7 +66,7 @@ fn rich() -> Value {
                 "network": {
                     "mode": "allowlist",
                     "egress": {"allowlist": [
-                        {"host": "pypi.org", "port": 443},
+                        {"host": "api.example.com", "port": 443},
                         {"host": "*.githubusercontent.com", "port": 443},
                         {"host": "10.0.0.1", "port": 5432},
                         {"host": "::1", "port": 8080}
@@ -250,7 +250,7 @@ fn hello_canonical_form_and_digest_are_pinned() {
     // Computed independently: printf '%s' "$HELLO_CANONICAL" | sha256sum
     assert_eq!(
         ir_digest(&workload).unwrap(),
-        "sha256:a93f403ade812cbb31f0b9519adf1ed00193750248d847f105feb8c70b1612e0"
+        "sha256:23e2b89e346b242ca2b4baa135a3a6dd441d58f9d25d29b274f4c10cd9467ab7"
     );
 }
 
@@ -360,7 +360,7 @@ fn formatting_and_key_order_do_not_change_the_digest() {
     let reordered = r#"
     {
       "apps" : [ {
-        "network":{"egress":{"allowlist":[{"port":443,"host":"pypi.org"}]},"mode":"none"},
+        "network":{"egress":{"allowlist":[{"port":443,"host":"api.example.com"}]},"mode":"none"},
         "env":{"API_KEY":{"name":"api-key","kind":"secret_ref"},"GREETING":{"value":"hi","kind":"literal"}},
         "entrypoints":[{"command":["/bin/echo","hi"],"kind":"command"}],
         "resources":{"memory_mb":256,"cpu_cores":1},
@@ -375,7 +375,7 @@ fn formatting_and_key_order_do_not_change_the_digest() {
     let inline_toml = r#"
         id = "hello"
         schema_version = "0"
-        apps = [{ network = { egress = { allowlist = [{ port = 443, host = "pypi.org" }] }, mode = "none" },
+        apps = [{ network = { egress = { allowlist = [{ port = 443, host = "api.example.com" }] }, mode = "none" },
                   env = { API_KEY = { name = "api-key", kind = "secret_ref" }, GREETING = { value = "hi", kind = "literal" } },
                   entrypoints = [{ command = ["/bin/echo", "hi"], kind = "command" }],
                   resources = { memory_mb = 256, cpu_cores = 1 },
@@ -871,13 +871,13 @@ fn validation_cases() -> Vec<Case> {
             set(d, "/apps/0/env/SENTRY_DSN/name", json!("../../etc/shadow"))
         }),
         case("IR014", "/apps/0/network/egress/allowlist/0/host", |d| {
-            set(d, "/apps/0/network/egress/allowlist/0/host", json!("pypi"))
+            set(d, "/apps/0/network/egress/allowlist/0/host", json!("api"))
         }),
         case("IR014", "/apps/0/network/egress/allowlist/0/host", |d| {
             set(
                 d,
                 "/apps/0/network/egress/allowlist/0/host",
-                json!("-pypi.org"),
+                json!("-api.example.com"),
             )
         }),
         case("IR014", "/apps/0/network/egress/allowlist/1/host", |d| {
@@ -887,7 +887,7 @@ fn validation_cases() -> Vec<Case> {
             set(
                 d,
                 "/apps/0/network/egress/allowlist/0/host",
-                json!("https://pypi.org"),
+                json!("https://api.example.com"),
             )
         }),
         case("IR014", "/apps/0/network/egress/allowlist/2/port", |d| {
@@ -1038,7 +1038,10 @@ fn validation_cases() -> Vec<Case> {
             set(
                 d,
                 "/apps/0/network/egress/allowlist",
-                json!(many(1025, |i| json!({"host": "pypi.org", "port": i + 1}))),
+                json!(many(
+                    1025,
+                    |i| json!({"host": "api.example.com", "port": i + 1})
+                )),
             )
         }),
         case("IR021", "/apps/0/files", |d| {
@@ -1516,7 +1519,7 @@ fn wrong_types_are_refused() {
         ("/apps/0/network/mode", json!(false)),
         (
             "/apps/0/network/egress/allowlist",
-            json!({"host": "pypi.org", "port": 443}),
+            json!({"host": "api.example.com", "port": 443}),
         ),
         ("/apps/0/threat_tier", json!(2)),
         ("/apps/0/health_check", json!(["/bin/true"])),

@@ -634,7 +634,8 @@ fn relay(
 /// while a second thread passes the client's input (and `signal` requests for the command)
 /// the other way. A client that hangs up cancels its command (SIGKILL to its process group);
 /// one that stops reading gets no more output. Either way the command's end is recorded —
-/// before the client sees its answer — and a corrupted root stops the VM.
+/// before the client sees its answer — and a corrupted root stops the VM once that answer is
+/// sent.
 fn relay_exec(
     reader: &mut ClientReader,
     writer: &ClientWriter,
@@ -674,8 +675,9 @@ fn relay_exec(
                 outcome = match serde_json::from_slice::<Response>(&frame.payload) {
                     Ok(Response::Exec(reply)) => {
                         if reply.integrity == Integrity::Corrupted {
+                            // No command starts from here on; the VM stops once this
+                            // client has its answer (below), not before.
                             shared.corrupted.store(true, Ordering::Relaxed);
-                            shared.stop.store(true, Ordering::Relaxed);
                         }
                         json!({"status": reply.status, "integrity": reply.integrity})
                     }
@@ -693,13 +695,18 @@ fn relay_exec(
         "vm.exec.ended",
         json!({"vm": shared.vm, "argv_sha256": argv_digest, "outcome": outcome}),
     );
-    match answer {
+    let answered = match answer {
         Some(payload) => writer.frame(FrameKind::Response, client_stream, &payload),
         None => {
             let message = "the agent channel closed before the command ended".to_string();
             writer.error(client_stream, codes::SPAWN_FAILED, message)
         }
+    };
+    if shared.corrupted.load(Ordering::Relaxed) {
+        // The root cannot be trusted any more: the VM stops as failed.
+        shared.stop.store(true, Ordering::Relaxed);
     }
+    answered
 }
 
 /// While a command runs: the client's data frames become its input (when it has one), a

@@ -29,4 +29,5 @@ pub mod console_log;
 pub mod control;
 pub mod launch;
 pub mod mux;
+pub mod named_vm;
 pub mod state;

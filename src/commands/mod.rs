@@ -4,22 +4,16 @@
 
 pub mod audit;
 pub mod bench;
-pub mod bench_boot;
-pub mod bench_copy;
-pub mod bench_exec;
-pub mod bench_vmm;
 pub mod build;
-pub mod copy;
+pub mod bundle;
 pub mod declaration;
 pub mod doctor;
-pub mod fs;
 pub mod init;
 pub mod ir;
 pub mod kernel;
 pub mod keys;
 pub mod nix;
 pub mod plan;
-pub mod process;
 pub mod receipt;
 pub mod run;
 pub mod vm;

@@ -6,30 +6,26 @@
 //! runner verifies the plan before anything starts, whoever calls it.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use mvm_builder::kernel::KernelStore;
-use mvm_ir::admission::verify_signed_plan;
-use mvm_ir::digest::{sha256_hex, sha256_reader};
-use mvm_ir::plan::MAX_ENVELOPE_BYTES;
-use serde_json::json;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
-use super::{coded_as, Host};
+use super::bundle::{plan_to_boot, runner_command, sibling, ImageOptions};
+use super::coded_as;
+use super::vm::{exec::run_in, named_error, vm_home};
 use crate::output::Output;
 use mvm_agent::protocol::ExecRequest;
 use mvm_runner::control::MAX_TIMEOUT;
+use mvm_runner::named_vm::NamedVmError;
 
 /// `mvm run`'s own failures (a missing runner, an image that did not build) exit with this,
 /// as the runner's do; see `mvm-runner --help` for the others.
 const EXIT_RUNNER: u8 = 125;
-/// A cached bundle is rebuilt when its plan expires sooner than this.
-const MIN_VALIDITY_LEFT: time::Duration = time::Duration::minutes(10);
 
 /// Run a command in a fresh microVM: boot the signed plan, run, power off.
 ///
@@ -77,20 +73,6 @@ pub struct RunArgs {
     /// The command; the plan's (or image's) own when absent.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
-}
-
-/// How an image is built into a bundle (`mvm run IMAGE`, `mvm up IMAGE`).
-#[derive(Debug, Args)]
-pub struct ImageOptions {
-    /// Virtual CPUs (images only: a plan's resources are signed into it).
-    #[arg(long, conflicts_with = "plan")]
-    cpus: Option<u32>,
-    /// Memory in MiB (images only: a plan's resources are signed into it).
-    #[arg(long, conflicts_with = "plan", value_name = "MIB")]
-    memory: Option<u32>,
-    /// The guest agent for building an image (default: $MVM_AGENT, or mvm-agent next to mvm).
-    #[arg(long, conflicts_with = "plan")]
-    agent: Option<PathBuf>,
 }
 
 pub fn run(args: RunArgs, out: &Output) -> ExitCode {
@@ -190,7 +172,7 @@ fn run_with_input(args: &RunArgs, plan: &Path) -> anyhow::Result<ExitCode> {
         "run-{}",
         &mvm_ir::plan::fresh_nonce().map_err(anyhow::Error::from)?[..10]
     );
-    let mut runner = super::vm::runner_command(args.boot_timeout)?;
+    let mut runner = runner_command(args.boot_timeout)?;
     runner
         .arg("--plan")
         .arg(plan)
@@ -198,8 +180,14 @@ fn run_with_input(args: &RunArgs, plan: &Path) -> anyhow::Result<ExitCode> {
     if args.huge_pages {
         runner.arg("--huge-pages");
     }
-    if let Err(status) = super::vm::start_runner(runner)? {
-        return Ok(status);
+    let vms = vm_home()?;
+    match vms.start(runner) {
+        Ok(_) => {}
+        Err(NamedVmError::RunnerFailed { status, stderr }) => {
+            eprint!("{stderr}");
+            return Ok(ExitCode::from(status));
+        }
+        Err(e) => return Err(named_error(e)),
     }
     let timeout = args.timeout.unwrap_or(MAX_TIMEOUT).min(MAX_TIMEOUT);
     let request = ExecRequest {
@@ -211,120 +199,12 @@ fn run_with_input(args: &RunArgs, plan: &Path) -> anyhow::Result<ExitCode> {
         user: None,
     };
     let input = Box::new(std::io::stdin()) as Box<dyn std::io::Read + Send>;
-    let ran = super::vm::run_in(&name, request, Some(input), args.receipt.as_deref());
-    let removed = super::vm::remove(&Host::open()?, &name, true);
+    let ran = run_in(&name, request, Some(input), args.receipt.as_deref());
+    let removed = vms
+        .get(&name)
+        .and_then(|vm| vm.remove(true))
+        .map_err(named_error);
     let status = ran?;
     removed?;
     Ok(status)
-}
-
-/// The plan a command boots: the one given, or the cached bundle's for the image (built when
-/// needed, with `command` as its entrypoint).
-pub(super) fn plan_to_boot(
-    plan: Option<&Path>,
-    image: Option<&str>,
-    options: &ImageOptions,
-    command: &[String],
-) -> anyhow::Result<PathBuf> {
-    match (plan, image) {
-        (Some(plan), _) => Ok(plan.to_path_buf()),
-        (None, Some(image)) => Ok(cached_bundle(image, options, command)?.join("plan.dsse.json")),
-        (None, None) => Err(coded_as("RUN029", "give an image or --plan")),
-    }
-}
-
-/// The bundle for `image` with these resources, agent and kernel under `$MVM_HOME/runs`,
-/// built (by `mvm build`, its output on stderr) unless one with a valid plan is there.
-fn cached_bundle(
-    image: &str,
-    options: &ImageOptions,
-    command: &[String],
-) -> anyhow::Result<PathBuf> {
-    let host = Host::open()?;
-    let agent = match &options.agent {
-        Some(agent) => agent.clone(),
-        None => sibling("MVM_AGENT", "mvm-agent")?,
-    };
-    let agent_digest = std::fs::File::open(&agent)
-        .and_then(sha256_reader)
-        .map_err(|e| {
-            coded_as(
-                "BUILD008",
-                format!(
-                    "the guest agent {}: {e}; build mvm-agent or pass --agent",
-                    agent.display()
-                ),
-            )
-        })?;
-    let kernel = KernelStore::at(&host.home.ensure("kernels")?)
-        .latest()
-        .map_err(super::coded)?;
-    // Everything the bundle is made from: the command too, since the build signs it into the
-    // plan as the entrypoint a run without a command uses.
-    let key = json!({
-        "image": image,
-        "cpus": options.cpus,
-        "memory": options.memory,
-        "command": command,
-        "agent": agent_digest.0,
-        "kernel": kernel.manifest.vmlinuz.digest,
-        "modules": kernel.manifest.modules.iter().map(|m| &m.file.digest).collect::<Vec<_>>(),
-    });
-    let dir = host
-        .home
-        .ensure("runs")?
-        .join(&sha256_hex(key.to_string().as_bytes())[..16]);
-    if still_valid(&host, &dir.join("plan.dsse.json")) {
-        return Ok(dir);
-    }
-    let mvm = std::env::current_exe()?;
-    let mut build = Command::new(mvm);
-    build
-        .args(["build", "--image", image, "--out"])
-        .arg(&dir)
-        .arg("--agent")
-        .arg(&agent);
-    if let Some(cpus) = options.cpus {
-        build.args(["--cpus", &cpus.to_string()]);
-    }
-    if let Some(memory) = options.memory {
-        build.args(["--memory", &memory.to_string()]);
-    }
-    if !command.is_empty() {
-        build.arg("--").args(command);
-    }
-    // The build's report goes to stderr: stdout is the command's.
-    let status = build
-        .stdout(Stdio::from(std::io::stderr()))
-        .status()
-        .context("starting mvm build")?;
-    if !status.success() {
-        return Err(coded_as(
-            "RUN032",
-            format!("building {image} failed ({status}); see the build's error above"),
-        ));
-    }
-    Ok(dir)
-}
-
-/// Whether the plan at `envelope` verifies now and stays valid a while longer.
-fn still_valid(host: &Host, envelope: &Path) -> bool {
-    let Ok(bytes) = mvm_ir::fsutil::read_capped(envelope, MAX_ENVELOPE_BYTES, "plan envelope")
-    else {
-        return false;
-    };
-    let Ok(trust) = host.keys.trust_store() else {
-        return false;
-    };
-    let now = time::OffsetDateTime::now_utc();
-    verify_signed_plan(&bytes, &trust, now)
-        .is_ok_and(|verified| verified.plan.valid_until.0 - MIN_VALIDITY_LEFT > now)
-}
-
-/// `$VARIABLE`, or the file `name` next to the mvm executable.
-pub(super) fn sibling(variable: &str, name: &str) -> anyhow::Result<PathBuf> {
-    match std::env::var_os(variable) {
-        Some(path) => Ok(PathBuf::from(path)),
-        None => Ok(std::env::current_exe()?.with_file_name(name)),
-    }
 }

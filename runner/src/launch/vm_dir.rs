@@ -159,3 +159,99 @@ impl Drop for VmDir {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::state::{Phase, VmState};
+
+    fn mode(path: &std::path::Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    fn record(dir: &VmDir, name: &str) {
+        let state = VmState {
+            name: name.into(),
+            vm: "vm-1".into(),
+            plan_digest: "sha256:00".into(),
+            runner_pid: std::process::id(),
+            phase: Phase::Running,
+            backend: None,
+            reason: None,
+            started_at: "2026-12-04T00:00:00Z".into(),
+        };
+        state::write(&dir.path, &state).unwrap();
+    }
+
+    #[test]
+    fn a_one_shot_run_leaves_nothing_and_a_failed_one_only_its_log() {
+        let home = tempfile::tempdir().unwrap();
+        let home = MvmHome::at(home.path());
+        let dir = VmDir::create(&home, "vm-a", Keep::Nothing).unwrap();
+        assert_eq!(mode(&dir.path), 0o700);
+        let kernel = dir.private_copy("vmlinuz", b"kernel bytes").unwrap();
+        assert_eq!(mode(&kernel), 0o600);
+        assert_eq!(fs::read(&kernel).unwrap(), b"kernel bytes");
+        // A copy is new or refused: nothing already there is overwritten.
+        assert!(dir.private_copy("vmlinuz", b"other").is_err());
+        let path = dir.path.clone();
+        drop(dir);
+        assert!(!path.exists());
+
+        let dir = VmDir::create(&home, "vm-b", Keep::Nothing).unwrap();
+        dir.serial_log(false).unwrap().write_all(b"boot\n").unwrap();
+        dir.private_copy("initrd", b"i").unwrap();
+        let log = dir.keep_log().unwrap();
+        assert_eq!(fs::read(&log).unwrap(), b"boot\n");
+        let left: Vec<_> = fs::read_dir(log.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, [SERIAL_LOG]);
+    }
+
+    #[test]
+    fn a_named_vm_holds_its_name_and_keeps_its_record_only_once_recorded() {
+        let home = tempfile::tempdir().unwrap();
+        let home = MvmHome::at(home.path());
+        let keep = || Keep::Record("web".into());
+        let dir = VmDir::create(&home, "vm-1", keep()).unwrap();
+        assert_eq!(dir.name(), Some("web"));
+        assert!(dir.path.ends_with("vms/web"));
+        let taken = VmDir::create(&home, "vm-2", keep()).err().unwrap();
+        assert_eq!(taken.code(), "RUN034");
+        // Never recorded: it never started, and its name is free again.
+        drop(dir);
+        assert!(!home.root().join("vms/web").exists());
+
+        let dir = VmDir::create(&home, "vm-3", keep()).unwrap();
+        record(&dir, "web");
+        dir.serial_log(false).unwrap();
+        dir.private_copy("vmlinuz", b"k").unwrap();
+        // While its runner holds it, nobody else takes it over.
+        let held = VmDir::reopen(&home, "web").err().unwrap();
+        assert_eq!(held.code(), "RUN042");
+        let path = dir.path.clone();
+        drop(dir);
+        let mut left: Vec<_> = fs::read_dir(&path)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, [state::LOCK_FILE, SERIAL_LOG, state::STATE_FILE]);
+        // Its last runner gone, a new one takes it over (to wake it), appending to its log.
+        let again = VmDir::reopen(&home, "web").unwrap();
+        again
+            .serial_log(true)
+            .unwrap()
+            .write_all(b"woken\n")
+            .unwrap();
+        assert_eq!(fs::read(path.join(SERIAL_LOG)).unwrap(), b"woken\n");
+        assert_eq!(
+            VmDir::reopen(&home, "nobody").err().unwrap().code(),
+            "RUN042"
+        );
+    }
+}

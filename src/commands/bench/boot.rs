@@ -15,7 +15,7 @@ use mvm_runner::backend::qemu::command_line::machine_arguments;
 use mvm_runner::backend::select::{self, BackendChoice, HostFacts};
 use serde_json::{json, Value};
 
-use super::Host;
+use crate::commands::Host;
 
 /// What the floor's init prints once it runs.
 const FLOOR_MARKER: &str = "mvm-bench: floor init running";
@@ -42,7 +42,7 @@ pub fn boot(
     let facts = HostFacts::detect();
     let selected = select::select(BackendChoice::Auto, &facts)?;
     let qemu = facts.qemu?.path;
-    let runner = super::run::sibling("MVM_RUNNER", "mvm-runner")?;
+    let runner = crate::commands::bundle::sibling("MVM_RUNNER", "mvm-runner")?;
 
     let (mut ours, mut floor, mut splits) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {

@@ -8,16 +8,14 @@ use mvm_agent::protocol::{ExecRequest, ExitStatus};
 use mvm_runner::client::OutputSink;
 use serde_json::{json, Value};
 
-use super::vm::connect;
-use super::Host;
+use crate::commands::vm::connect;
 
 /// Untimed rounds first: caches, the first fork in the guest.
 const WARM_UP: usize = 10;
 
 /// Round trips of `command` and of an echo request on the running VM `name`, `runs` of each.
 pub fn exec(name: &str, runs: usize, command: &[String]) -> anyhow::Result<(Value, String)> {
-    let host = Host::open()?;
-    let mut client = connect(&host, name, Default::default())?;
+    let mut client = connect(name, Default::default())?;
     let request = ExecRequest {
         argv: command.to_vec(),
         env: Default::default(),

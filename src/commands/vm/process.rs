@@ -11,8 +11,8 @@ use mvm_runner::client::{AgentClient, StdStreams};
 use mvm_runner::launch::exit;
 use serde_json::json;
 
-use super::vm::{agent_error, connect};
-use super::{coded_as, Host};
+use super::{agent_error, connect};
+use crate::commands::coded_as;
 use crate::output::Output;
 
 /// How long a quick request to the agent may take.
@@ -75,8 +75,7 @@ pub fn spawn(
 }
 
 pub fn ps(args: PsArgs, out: &Output) -> anyhow::Result<()> {
-    let host = Host::open()?;
-    let mut client = connect(&host, &args.name, Arc::default())?;
+    let mut client = connect(&args.name, Arc::default())?;
     let Response::Ps { processes } = call(&mut client, &Request::Ps)? else {
         return Err(coded_as("RUN025", "unexpected answer to ps"));
     };
@@ -110,8 +109,7 @@ fn state(process: &ProcessInfo) -> String {
 }
 
 pub fn kill(args: KillArgs, out: &Output) -> anyhow::Result<()> {
-    let host = Host::open()?;
-    let mut client = connect(&host, &args.name, Arc::default())?;
+    let mut client = connect(&args.name, Arc::default())?;
     let request = Request::Kill {
         handle: args.handle,
         signal: args.signal,
@@ -127,8 +125,7 @@ pub fn kill(args: KillArgs, out: &Output) -> anyhow::Result<()> {
 /// Waits for the background command `handle` to end; prints the last of its output and exits
 /// with its status.
 pub fn wait(name: &str, handle: u64, timeout: Duration, out: &Output) -> anyhow::Result<ExitCode> {
-    let host = Host::open()?;
-    let mut client = connect(&host, name, Arc::default())?;
+    let mut client = connect(name, Arc::default())?;
     let request = Request::Wait {
         handle,
         timeout_ms: timeout.as_millis() as u64,

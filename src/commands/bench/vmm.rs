@@ -15,7 +15,7 @@ use mvm_runner::backend::select::VirtKind;
 use mvm_vmm::{self as vmm, seccomp, test_guest, GuestExit, VmConfig};
 use serde_json::{json, Value};
 
-use super::bench_boot::median;
+use super::boot::median;
 
 /// Guest RAM for each boot.
 const MEMORY_MIB: u64 = 64;

@@ -8,8 +8,8 @@ use clap::Subcommand;
 use mvm_agent::protocol::{FileInfo, FileKind, Request, Response};
 use serde_json::json;
 
-use super::vm::{agent_error, connect};
-use super::{coded_as, Host};
+use super::{agent_error, connect};
+use crate::commands::coded_as;
 use crate::output::Output;
 
 /// How long one operation may take (a recursive remove of a large tree included).
@@ -111,8 +111,7 @@ fn split(target: &str) -> anyhow::Result<(&str, String)> {
 }
 
 fn ask(name: &str, request: Request) -> anyhow::Result<Response> {
-    let host = Host::open()?;
-    let mut client = connect(&host, name, Arc::default())?;
+    let mut client = connect(name, Arc::default())?;
     client.call(&request, FS_TIMEOUT, None).map_err(agent_error)
 }
 

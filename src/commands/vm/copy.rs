@@ -15,8 +15,8 @@ use mvm_runner::client::{AgentClient, OutputSink};
 use mvm_runner::state;
 use serde_json::json;
 
-use super::vm::{agent_error, connect};
-use super::{coded_as, Host};
+use super::{agent_error, connect};
+use crate::commands::coded_as;
 use crate::output::Output;
 
 /// How long one copy may take.
@@ -41,15 +41,14 @@ fn guest_path(text: &str) -> Option<(&str, &str)> {
 }
 
 pub fn cp(args: CpArgs, out: &Output) -> anyhow::Result<()> {
-    let host = Host::open()?;
     let (done, description) = match (guest_path(&args.source), guest_path(&args.destination)) {
         (None, Some((name, path))) => {
-            let client = connect(&host, name, Arc::default())?;
+            let client = connect(name, Arc::default())?;
             let done = copy_in(client, Path::new(&args.source), path)?;
             (done, format!("{} → {name}:{path}", args.source))
         }
         (Some((name, path)), None) => {
-            let client = connect(&host, name, Arc::default())?;
+            let client = connect(name, Arc::default())?;
             let done = copy_out(client, path, Path::new(&args.destination))?;
             (done, format!("{name}:{path} → {}", args.destination))
         }

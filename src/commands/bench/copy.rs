@@ -10,17 +10,15 @@ use mvm_agent::protocol::{ExecRequest, ExitStatus, FsWriteRequest};
 use mvm_runner::client::{AgentClient, OutputSink};
 use serde_json::{json, Value};
 
-use super::bench_exec::{percentile, Discard};
-use super::vm::connect;
-use super::Host;
+use super::exec::{percentile, Discard};
+use crate::commands::vm::connect;
 
 /// Where the copies land in the guest.
 const GUEST_FILE: &str = "/tmp/mvm-bench-cp.bin";
 
 /// MB/s of `size_mib` copied in and out of the running VM `name`, against the raw channel.
 pub fn cp(name: &str, size_mib: u64, runs: usize) -> anyhow::Result<(Value, String)> {
-    let host = Host::open()?;
-    let connection = || connect(&host, name, Default::default());
+    let connection = || connect(name, Default::default());
     let size = size_mib << 20;
     let mut source = tempfile::tempfile()?;
     let mut block = vec![0u8; 1 << 20];

@@ -8,6 +8,11 @@ use serde_json::json;
 
 use crate::output::Output;
 
+mod boot;
+mod copy;
+mod exec;
+mod vmm;
+
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Tree → EROFS image (+ verity tree) against mkfs.erofs (+ veritysetup format) on the same
@@ -88,12 +93,12 @@ pub fn run(cmd: BenchCommand, out: &Output) -> anyhow::Result<()> {
     let work = tempfile::Builder::new().prefix("mvm-bench-").tempdir()?;
     let results = match cmd {
         BenchCommand::Exec { vm, runs, command } => {
-            let (value, text) = super::bench_exec::exec(&vm, runs.max(1), &command)?;
+            let (value, text) = exec::exec(&vm, runs.max(1), &command)?;
             out.result(value, || text);
             return Ok(());
         }
         BenchCommand::Cp { vm, size_mib, runs } => {
-            let (value, text) = super::bench_copy::cp(&vm, size_mib.max(1), runs.max(1))?;
+            let (value, text) = copy::cp(&vm, size_mib.max(1), runs.max(1))?;
             out.result(value, || text);
             return Ok(());
         }
@@ -102,7 +107,7 @@ pub fn run(cmd: BenchCommand, out: &Output) -> anyhow::Result<()> {
             runs,
             command,
         } => {
-            let (value, text) = super::bench_boot::boot(&plan, runs.max(1), &command, work.path())?;
+            let (value, text) = boot::boot(&plan, runs.max(1), &command, work.path())?;
             out.result(value, || text);
             return Ok(());
         }
@@ -110,11 +115,11 @@ pub fn run(cmd: BenchCommand, out: &Output) -> anyhow::Result<()> {
             probe_guest: Some(guest),
             ..
         } => {
-            println!("{}", super::bench_vmm::probe(&guest)?);
+            println!("{}", vmm::probe(&guest)?);
             return Ok(());
         }
         BenchCommand::Vmm { runs, .. } => {
-            let (value, text) = super::bench_vmm::vmm(runs.max(1), work.path())?;
+            let (value, text) = vmm::vmm(runs.max(1), work.path())?;
             out.result(value, || text);
             return Ok(());
         }

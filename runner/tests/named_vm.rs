@@ -1,0 +1,360 @@
+//! A named VM as its clients reach it (`mvm_runner::named_vm`), served by the runner's own
+//! control socket (`mvm_runner::control::serve`) in this process: the agent is the real one,
+//! in-process on a socketpair (as `mux.rs`'s tests run it), the machine a fake that records
+//! pauses and resumes, the VM's directory, state file, lock and audit chain real files in a
+//! temporary mvm home. No VM boots: this is the control path, fast and exact.
+
+mod support;
+
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use mvm_agent::protocol::{
+    BootTimings, ExecRequest, HelloReply, Integrity, Request, PROTOCOL_VERSION,
+};
+use mvm_agent::serve::{serve, ServeConfig};
+use mvm_ir::audit::{AuditLog, HostAudit};
+use mvm_ir::fsutil::ExclusiveLock;
+use mvm_ir::home::MvmHome;
+use mvm_runner::backend::Pausable;
+use mvm_runner::client::{AgentClient, OutputSink};
+use mvm_runner::control::{self, Shared};
+use mvm_runner::mux::AgentMux;
+use mvm_runner::named_vm::{NamedVmError, VmHome};
+use mvm_runner::state::{self, Phase, VmState};
+
+/// A machine that only records what it was asked.
+struct FakeMachine(Arc<Mutex<Vec<&'static str>>>);
+
+impl Pausable for FakeMachine {
+    fn pause(&mut self) -> io::Result<()> {
+        self.0.lock().unwrap().push("pause");
+        Ok(())
+    }
+
+    fn resume(&mut self) -> io::Result<()> {
+        self.0.lock().unwrap().push("resume");
+        Ok(())
+    }
+}
+
+/// What the runner of a named VM does, without a VM: holds the VM's lock, serves its control
+/// socket over an in-process agent, and once told to stop, writes `stopped` and lets go.
+struct FakeRunner {
+    _home: tempfile::TempDir,
+    vms: VmHome,
+    mvm_home: MvmHome,
+    dir: PathBuf,
+    machine: Arc<Mutex<Vec<&'static str>>>,
+    served: Option<JoinHandle<()>>,
+}
+
+fn vm_state(name: &str, phase: Phase) -> VmState {
+    VmState {
+        name: name.into(),
+        vm: format!("vm-{name}"),
+        plan_digest: "sha256:00".into(),
+        runner_pid: std::process::id(),
+        phase,
+        backend: None,
+        reason: None,
+        started_at: "2026-12-04T00:00:00Z".into(),
+    }
+}
+
+impl FakeRunner {
+    /// A home with the VM `name`, running, served by an agent whose root is intact.
+    fn start(name: &str) -> Self {
+        Self::start_with(name, ServeConfig::on_host())
+    }
+
+    /// A home with the VM `name`, running, served by an agent configured as `agent`.
+    fn start_with(name: &str, agent: ServeConfig) -> Self {
+        let home = tempfile::tempdir().unwrap();
+        let mvm_home = MvmHome::at(home.path());
+        let dir = mvm_home.ensure("vms").unwrap().join(name);
+        std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
+        let lock = ExclusiveLock::try_acquire(&dir.join(state::LOCK_FILE))
+            .unwrap()
+            .unwrap();
+        state::write(&dir, &vm_state(name, Phase::Running)).unwrap();
+        let listener = UnixListener::bind(dir.join(state::CONTROL_SOCKET)).unwrap();
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || serve(&mut guest, &agent));
+        let machine = Arc::new(Mutex::new(Vec::new()));
+        let phase_dir = dir.clone();
+        let phase_name = name.to_string();
+        let shared = Arc::new(Shared {
+            mux: AgentMux::new(host, 0).unwrap(),
+            plan: support::plan_guest::test_plan(),
+            hello: HelloReply {
+                version: PROTOCOL_VERSION,
+                agent: "test".into(),
+                timings: BootTimings::default(),
+            },
+            stop: Arc::new(AtomicBool::new(false)),
+            audit: Arc::new(HostAudit::open(&mvm_home).unwrap()),
+            vm: format!("vm-{name}"),
+            corrupted: AtomicBool::new(false),
+            audit_failure: Default::default(),
+            machine: Mutex::new(Box::new(FakeMachine(Arc::clone(&machine)))),
+            paused: AtomicBool::new(false),
+            phases: Box::new(move |phase| {
+                state::write(&phase_dir, &vm_state(&phase_name, phase)).map_err(io::Error::other)
+            }),
+            cold: None,
+            saved_cold: AtomicBool::new(false),
+        });
+        let (stop_dir, stop_name) = (dir.clone(), name.to_string());
+        let served = std::thread::spawn(move || {
+            control::serve(&listener, &shared, || true).unwrap();
+            // As the runner: the VM powered off, the state says so, then the lock goes.
+            let mut stopped = vm_state(&stop_name, Phase::Stopped);
+            stopped.reason = Some("stopped by a client".into());
+            state::write(&stop_dir, &stopped).unwrap();
+            drop(lock);
+        });
+        FakeRunner {
+            vms: VmHome::new(mvm_home.clone()),
+            mvm_home,
+            _home: home,
+            dir,
+            machine,
+            served: Some(served),
+        }
+    }
+
+    fn events(&self) -> Vec<String> {
+        let log = AuditLog::in_home(&self.mvm_home).unwrap();
+        log.tail(100)
+            .unwrap()
+            .into_iter()
+            .map(|entry| entry.event)
+            .collect()
+    }
+}
+
+impl Drop for FakeRunner {
+    fn drop(&mut self) {
+        if let Some(served) = self.served.take() {
+            if !served.is_finished() {
+                // Tell it to stop, as `mvm stop` would; ignore a VM already gone.
+                if let Ok(vm) = self.vms.get("box") {
+                    let _ = vm.stop();
+                }
+            }
+            let _ = served.join();
+        }
+    }
+}
+
+#[derive(Default)]
+struct Collected(Vec<u8>);
+
+impl OutputSink for Collected {
+    fn stdout(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn stderr(&mut self, _: &[u8]) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn exec(client: &mut AgentClient, script: &str) -> Result<Vec<u8>, NamedVmError> {
+    exec_reply(client, script).map(|(stdout, _)| stdout)
+}
+
+/// Runs `sh -c script`: its standard output and what the agent said of the root.
+fn exec_reply(
+    client: &mut AgentClient,
+    script: &str,
+) -> Result<(Vec<u8>, Integrity), NamedVmError> {
+    let request = ExecRequest {
+        argv: vec!["sh".into(), "-c".into(), script.into()],
+        env: Default::default(),
+        cwd: None,
+        timeout_ms: 10_000,
+        stdin: false,
+        user: None,
+    };
+    let mut out = Collected::default();
+    let executed = client.exec(request, Duration::from_secs(20), &mut out)?;
+    Ok((out.0, executed.reply.integrity))
+}
+
+fn code(error: &NamedVmError) -> &str {
+    error.code().unwrap_or("none")
+}
+
+#[test]
+fn a_named_vm_runs_commands_pauses_resumes_and_stops_through_its_control_socket() {
+    let runner = FakeRunner::start("box");
+    let vm = runner.vms.get("box").unwrap();
+    assert_eq!(vm.state().unwrap().phase, Phase::Running);
+
+    let mut client = vm.connect(Arc::default()).unwrap();
+    assert_eq!(exec(&mut client, "echo hello").unwrap(), b"hello\n");
+
+    client
+        .call(&Request::Pause, Duration::from_secs(10), None)
+        .unwrap();
+    assert_eq!(vm.state().unwrap().phase, Phase::Paused);
+    let refused = exec(&mut client, "true").unwrap_err();
+    assert_eq!(code(&refused), "RUN039", "{refused}");
+    client
+        .call(&Request::Resume, Duration::from_secs(10), None)
+        .unwrap();
+    assert_eq!(vm.state().unwrap().phase, Phase::Running);
+    assert_eq!(*runner.machine.lock().unwrap(), ["pause", "resume"]);
+    assert_eq!(exec(&mut client, "echo again").unwrap(), b"again\n");
+    drop(client);
+
+    // Removing a live VM is refused without --force, and nothing is touched.
+    let refused = vm.clone().remove(false).unwrap_err();
+    assert_eq!(code(&refused), "RUN037", "{refused}");
+    assert!(vm.dir().exists());
+
+    let stopped = vm.stop().unwrap();
+    assert_eq!(stopped.phase, Phase::Stopped);
+    let refused = vm.connect(Arc::default()).unwrap_err();
+    assert_eq!(code(&refused), "RUN036");
+    assert!(
+        refused.to_string().contains("stopped, not running"),
+        "{refused}"
+    );
+
+    vm.clone().remove(false).unwrap();
+    assert!(!runner.dir.exists());
+    let missing = runner.vms.get("box").unwrap_err();
+    assert_eq!(code(&missing), "RUN036");
+    let events = runner.events();
+    for event in ["vm.paused", "vm.resumed", "vm.removed"] {
+        assert!(events.iter().any(|e| e == event), "{event}: {events:?}");
+    }
+    assert!(
+        events.iter().filter(|e| *e == "vm.exec.started").count() >= 2,
+        "{events:?}"
+    );
+}
+
+#[test]
+fn names_states_and_waits_are_checked_before_anything_is_done() {
+    let home = tempfile::tempdir().unwrap();
+    let mvm_home = MvmHome::at(home.path());
+    let vms = VmHome::new(mvm_home.clone());
+    assert_eq!(code(&vms.get("Bad Name").unwrap_err()), "RUN035");
+    assert_eq!(code(&vms.get("none").unwrap_err()), "RUN036");
+    assert!(vms.list(|_, e| panic!("{e}")).is_empty());
+
+    // A live state whose runner is gone (nobody holds the lock) is seen as failed.
+    let dir = vms.dir("orphan").unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    state::write(&dir, &vm_state("orphan", Phase::Running)).unwrap();
+    assert_eq!(code(&vms.check_free("orphan").unwrap_err()), "RUN034");
+    let orphan = vms.get("orphan").unwrap();
+    assert_eq!(orphan.state().unwrap().phase, Phase::Failed);
+    let refused = orphan.connect(Arc::default()).unwrap_err();
+    assert!(
+        refused.to_string().contains("failed, not running"),
+        "{refused}"
+    );
+    // The wait gives up at its deadline with the last state it saw.
+    let waited = orphan
+        .wait_until(Duration::from_millis(200), |s| s.phase == Phase::Running)
+        .unwrap();
+    assert_eq!(waited.unwrap_err().phase, Phase::Failed);
+
+    // A cold VM is not connected to; stopping it discards its state, audited.
+    let cold_dir = vms.dir("sleeper").unwrap();
+    std::fs::create_dir_all(cold_dir.join("cold")).unwrap();
+    state::write(&cold_dir, &vm_state("sleeper", Phase::Cold)).unwrap();
+    let sleeper = vms.get("sleeper").unwrap();
+    let refused = sleeper.connect(Arc::default()).unwrap_err();
+    assert!(refused.to_string().contains("is cold"), "{refused}");
+    let stopped = sleeper.discard_cold().unwrap();
+    assert_eq!(stopped.phase, Phase::Stopped);
+    assert!(!cold_dir.join("cold").exists());
+    assert_eq!(sleeper.state().unwrap().phase, Phase::Stopped);
+
+    let names: Vec<_> = vms
+        .list(|_, e| panic!("{e}"))
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names, ["orphan", "sleeper"]);
+    let events: Vec<_> = AuditLog::in_home(&mvm_home)
+        .unwrap()
+        .tail(10)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event)
+        .collect();
+    assert_eq!(events, ["vm.discarded"]);
+}
+
+#[test]
+fn a_runner_is_started_until_its_ready_line_or_its_failure() {
+    let home = tempfile::tempdir().unwrap();
+    let vms = VmHome::new(MvmHome::at(home.path()));
+    let ready = serde_json::json!({"ready": vm_state("up", Phase::Running)});
+    let mut runner = Command::new("sh");
+    runner.args(["-c", &format!("echo '{ready}'; exec sleep 2")]);
+    let state = vms.start(runner).unwrap();
+    assert_eq!(state, vm_state("up", Phase::Running));
+
+    let mut failing = Command::new("sh");
+    failing.args(["-c", "echo 'mvm-runner: error RUN013: no kvm' >&2; exit 3"]);
+    match vms.start(failing) {
+        Err(NamedVmError::RunnerFailed { status, stderr }) => {
+            assert_eq!(status, 3);
+            assert!(stderr.contains("RUN013"), "{stderr}");
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // A runner that says something else is not left running.
+    let mut strange = Command::new("sh");
+    strange.args(["-c", "echo not-json; exec sleep 30"]);
+    let started = std::time::Instant::now();
+    match vms.start(strange) {
+        Err(NamedVmError::RunnerFailed { status, .. }) => assert_eq!(status, 125),
+        other => panic!("{other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn a_corrupted_root_is_answered_then_the_vm_stops_and_runs_nothing_more() {
+    let runner = FakeRunner::start_with(
+        "box",
+        ServeConfig {
+            integrity: || Integrity::Corrupted,
+            ..ServeConfig::on_host()
+        },
+    );
+    let vm = runner.vms.get("box").unwrap();
+    let mut client = vm.connect(Arc::default()).unwrap();
+    // The client that ran the command gets its answer, corruption said, before the VM stops.
+    let (stdout, integrity) = exec_reply(&mut client, "echo read").unwrap();
+    assert_eq!(stdout, b"read\n");
+    assert_eq!(integrity, Integrity::Corrupted);
+    let stopped = vm
+        .wait_until(Duration::from_secs(10), |s| !s.phase.is_live())
+        .unwrap()
+        .unwrap();
+    assert_eq!(stopped.phase, Phase::Stopped);
+    // Nothing more runs: the open connection's next command is refused or finds it closed.
+    assert!(exec(&mut client, "echo again").is_err());
+    assert_eq!(code(&vm.connect(Arc::default()).unwrap_err()), "RUN036");
+    let events = runner.events();
+    assert!(events.iter().any(|e| e == "vm.exec.ended"), "{events:?}");
+}

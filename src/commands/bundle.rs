@@ -1,0 +1,154 @@
+//! The plan a command boots: one given with `--plan`, or the cached bundle of an image
+//! (`$MVM_HOME/runs`), built by `mvm build` when none with a valid plan is there; and where
+//! mvm's companion binaries (`mvm-runner`, `mvm-agent`) are.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use mvm_builder::kernel::KernelStore;
+use mvm_ir::admission::verify_signed_plan;
+use mvm_ir::digest::{sha256_hex, sha256_reader};
+use mvm_ir::plan::MAX_ENVELOPE_BYTES;
+use serde_json::json;
+
+use super::{coded_as, Host};
+
+/// A cached bundle is rebuilt when its plan expires sooner than this.
+const MIN_VALIDITY_LEFT: time::Duration = time::Duration::minutes(10);
+
+/// How an image is built into a bundle (`mvm run IMAGE`, `mvm up IMAGE`).
+#[derive(Debug, Args)]
+pub struct ImageOptions {
+    /// Virtual CPUs (images only: a plan's resources are signed into it).
+    #[arg(long, conflicts_with = "plan")]
+    cpus: Option<u32>,
+    /// Memory in MiB (images only: a plan's resources are signed into it).
+    #[arg(long, conflicts_with = "plan", value_name = "MIB")]
+    memory: Option<u32>,
+    /// The guest agent for building an image (default: $MVM_AGENT, or mvm-agent next to mvm).
+    #[arg(long, conflicts_with = "plan")]
+    agent: Option<PathBuf>,
+}
+
+/// The plan a command boots: the one given, or the cached bundle's for the image (built when
+/// needed, with `command` as its entrypoint).
+pub fn plan_to_boot(
+    plan: Option<&Path>,
+    image: Option<&str>,
+    options: &ImageOptions,
+    command: &[String],
+) -> anyhow::Result<PathBuf> {
+    match (plan, image) {
+        (Some(plan), _) => Ok(plan.to_path_buf()),
+        (None, Some(image)) => Ok(cached_bundle(image, options, command)?.join("plan.dsse.json")),
+        (None, None) => Err(coded_as("RUN029", "give an image or --plan")),
+    }
+}
+
+/// The bundle for `image` with these resources, agent and kernel under `$MVM_HOME/runs`,
+/// built (by `mvm build`, its output on stderr) unless one with a valid plan is there.
+fn cached_bundle(
+    image: &str,
+    options: &ImageOptions,
+    command: &[String],
+) -> anyhow::Result<PathBuf> {
+    let host = Host::open()?;
+    let agent = match &options.agent {
+        Some(agent) => agent.clone(),
+        None => sibling("MVM_AGENT", "mvm-agent")?,
+    };
+    let agent_digest = std::fs::File::open(&agent)
+        .and_then(sha256_reader)
+        .map_err(|e| {
+            coded_as(
+                "BUILD008",
+                format!(
+                    "the guest agent {}: {e}; build mvm-agent or pass --agent",
+                    agent.display()
+                ),
+            )
+        })?;
+    let kernel = KernelStore::at(&host.home.ensure("kernels")?)
+        .latest()
+        .map_err(super::coded)?;
+    // Everything the bundle is made from: the command too, since the build signs it into the
+    // plan as the entrypoint a run without a command uses.
+    let key = json!({
+        "image": image,
+        "cpus": options.cpus,
+        "memory": options.memory,
+        "command": command,
+        "agent": agent_digest.0,
+        "kernel": kernel.manifest.vmlinuz.digest,
+        "modules": kernel.manifest.modules.iter().map(|m| &m.file.digest).collect::<Vec<_>>(),
+    });
+    let dir = host
+        .home
+        .ensure("runs")?
+        .join(&sha256_hex(key.to_string().as_bytes())[..16]);
+    if still_valid(&host, &dir.join("plan.dsse.json")) {
+        return Ok(dir);
+    }
+    let mvm = std::env::current_exe()?;
+    let mut build = Command::new(mvm);
+    build
+        .args(["build", "--image", image, "--out"])
+        .arg(&dir)
+        .arg("--agent")
+        .arg(&agent);
+    if let Some(cpus) = options.cpus {
+        build.args(["--cpus", &cpus.to_string()]);
+    }
+    if let Some(memory) = options.memory {
+        build.args(["--memory", &memory.to_string()]);
+    }
+    if !command.is_empty() {
+        build.arg("--").args(command);
+    }
+    // The build's report goes to stderr: stdout is the command's.
+    let status = build
+        .stdout(Stdio::from(std::io::stderr()))
+        .status()
+        .context("starting mvm build")?;
+    if !status.success() {
+        return Err(coded_as(
+            "RUN032",
+            format!("building {image} failed ({status}); see the build's error above"),
+        ));
+    }
+    Ok(dir)
+}
+
+/// Whether the plan at `envelope` verifies now and stays valid a while longer.
+fn still_valid(host: &Host, envelope: &Path) -> bool {
+    let Ok(bytes) = mvm_ir::fsutil::read_capped(envelope, MAX_ENVELOPE_BYTES, "plan envelope")
+    else {
+        return false;
+    };
+    let Ok(trust) = host.keys.trust_store() else {
+        return false;
+    };
+    let now = time::OffsetDateTime::now_utc();
+    verify_signed_plan(&bytes, &trust, now)
+        .is_ok_and(|verified| verified.plan.valid_until.0 - MIN_VALIDITY_LEFT > now)
+}
+
+/// `$VARIABLE`, or the file `name` next to the mvm executable.
+pub fn sibling(variable: &str, name: &str) -> anyhow::Result<PathBuf> {
+    match std::env::var_os(variable) {
+        Some(path) => Ok(PathBuf::from(path)),
+        None => Ok(std::env::current_exe()?.with_file_name(name)),
+    }
+}
+
+/// `mvm-runner` with the arguments every VM-serving runner gets.
+pub fn runner_command(boot_timeout: Duration) -> anyhow::Result<Command> {
+    let mut command = Command::new(sibling("MVM_RUNNER", "mvm-runner")?);
+    command
+        .arg("--boot-timeout")
+        .arg(humantime::format_duration(boot_timeout).to_string());
+    Ok(command)
+}

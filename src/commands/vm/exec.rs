@@ -1,0 +1,142 @@
+//! `mvm exec`: a command in a running VM, in the foreground (its output streamed, its exit
+//! status returned, a receipt on request) or in the background (`--detach`).
+
+use std::collections::BTreeMap;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use mvm_agent::protocol::{ExecRequest, Integrity};
+use mvm_ir::receipt::Receipt;
+use mvm_runner::client::{ClientError, StdStreams};
+use mvm_runner::control::MAX_TIMEOUT;
+use mvm_runner::launch::{command_result, exit, LaunchError};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+
+use super::{connect, named, named_error};
+use crate::commands::{coded_as, Host};
+use crate::output::Output;
+
+/// Beyond a command's timeout, how long to wait for its answer.
+const ANSWER_GRACE: Duration = Duration::from_secs(30);
+
+/// Run a command in a running VM; streams its output and exits with its status (as `mvm
+/// run` does: 121 integrity failure, 124 timeout, 126/127 not executable/found, 128+N signal).
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// The VM.
+    name: String,
+    /// Kill the command and everything it started after this long.
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    timeout: Option<Duration>,
+    /// An environment variable for the command, over the plan's (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// The working directory (default: the plan's).
+    #[arg(long, value_name = "DIR")]
+    cwd: Option<String>,
+    /// Write a signed run receipt here once the command has ended (`mvm receipt verify`).
+    #[arg(long, value_name = "FILE")]
+    receipt: Option<PathBuf>,
+    /// Run as this guest user: a name from the image's /etc/passwd, or UID[:GID]; never root
+    /// (AGENT114). Default: the workload user, uid 1000.
+    #[arg(long, value_name = "USER")]
+    user: Option<String>,
+    /// Feed this process's standard input to the command (its end closes the command's).
+    #[arg(short, long)]
+    interactive: bool,
+    /// Start the command in the background and print its handle, for `mvm ps`, `mvm wait
+    /// NAME --process HANDLE` (its status and the last 64 KiB of its output) and `mvm kill`.
+    #[arg(short, long, conflicts_with_all = ["interactive", "receipt"])]
+    detach: bool,
+    /// The command; the plan's entrypoint when absent.
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+fn parse_env(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .filter(|(key, _)| !key.is_empty())
+        .map(|(key, value)| (key.to_string(), value.to_string()))
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))
+}
+
+pub fn exec(args: ExecArgs, out: &Output) -> anyhow::Result<ExitCode> {
+    let timeout = args.timeout.unwrap_or(MAX_TIMEOUT).min(MAX_TIMEOUT);
+    let request = ExecRequest {
+        argv: args.command,
+        env: args.env.into_iter().collect::<BTreeMap<_, _>>(),
+        cwd: args.cwd,
+        timeout_ms: timeout.as_millis() as u64,
+        stdin: false,
+        user: args.user,
+    };
+    if args.detach {
+        let mut client = connect(&args.name, Arc::default())?;
+        return super::process::spawn(&mut client, request, out);
+    }
+    let input = args
+        .interactive
+        .then(|| Box::new(io::stdin()) as Box<dyn Read + Send>);
+    run_in(&args.name, request, input, args.receipt.as_deref())
+}
+
+/// Runs `request` in the VM `name`, feeding it `input`; streams its output, writes its
+/// receipt when asked, and returns its exit status.
+pub fn run_in(
+    name: &str,
+    request: ExecRequest,
+    input: Option<Box<dyn Read + Send>>,
+    receipt: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
+    let host = Host::open()?;
+    let interrupt = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM, SIGHUP] {
+        signal_hook::flag::register(signal, Arc::clone(&interrupt))?;
+    }
+    let named = named(name)?;
+    let vm = named.state().map_err(named_error)?;
+    let mut client = named.connect(interrupt).map_err(named_error)?;
+    let started_at = mvm_ir::plan::Timestamp::now();
+    let argv_sha256 = mvm_ir::digest::sha256_prefixed(&serde_json::to_vec(&request.argv)?);
+    let answer_timeout = Duration::from_millis(request.timeout_ms) + ANSWER_GRACE;
+    let executed = match client.exec_with_input(request, input, answer_timeout, &mut StdStreams) {
+        Ok(executed) => executed,
+        Err(ClientError::Refused(refusal)) => {
+            let error = LaunchError::CommandRefused(refusal);
+            // The agent's code leads its message already.
+            eprintln!("mvm: error {error}");
+            return Ok(ExitCode::from(error.exit_status()));
+        }
+        Err(ClientError::Interrupted) => return Ok(ExitCode::from(exit::INTERRUPTED)),
+        Err(e) => return Err(coded_as("RUN025", e)),
+    };
+    let reply = &executed.reply;
+    if reply.integrity == Integrity::Corrupted {
+        eprintln!("mvm: error RUN020: dm-verity refused a block of the root while the command ran; its output cannot be trusted");
+        return Ok(ExitCode::from(exit::INTEGRITY));
+    }
+    if let Some(path) = receipt {
+        let receipt = Receipt {
+            schema_version: mvm_ir::receipt::SCHEMA_VERSION.into(),
+            plan_digest: vm.plan_digest,
+            vm: vm.vm,
+            argv_sha256,
+            started_at,
+            ended_at: mvm_ir::plan::Timestamp::now(),
+            result: command_result(reply.status),
+            stdout: executed.stdout.clone(),
+            stderr: executed.stderr.clone(),
+            egress: vec![],
+            previous: None,
+        };
+        mvm_ir::receipt::issue(&host.home, receipt, &host.keys.host_signer()?, |bytes| {
+            mvm_ir::fsutil::atomic_write(path, bytes, 0o644)
+        })?;
+    }
+    Ok(ExitCode::from(exit::of_command(reply.status)))
+}
