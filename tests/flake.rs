@@ -16,7 +16,7 @@ mod support;
 
 // mvm-nix's harness for the real Nix; this test uses part of it.
 #[allow(dead_code)]
-#[path = "../builder/nix/tests/real_nix/mod.rs"]
+#[path = "../nix/tests/real_nix/mod.rs"]
 mod real_nix;
 
 use std::fs;

@@ -107,6 +107,87 @@ const CASES: &[(&str, &str)] = &[
     ),
 ];
 
+/// What Nix printed for one case of the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Recorded {
+    label: String,
+    drv_path: StorePath,
+    outputs: BTreeSet<StorePath>,
+    references: BTreeSet<StorePath>,
+}
+
+/// The recorded vectors: `cases.txt`, and `store/nix/store/` holding every `.drv` file the
+/// cases need (theirs and their inputs').
+fn vectors_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors")
+}
+
+/// `cases.txt`: a `case LABEL` line, then `drv`, `output` and `reference` lines, per case.
+fn write_cases(cases: &[Recorded]) -> String {
+    let mut text = String::new();
+    for case in cases {
+        text.push_str(&format!("case {}\ndrv {}\n", case.label, case.drv_path));
+        for output in &case.outputs {
+            text.push_str(&format!("output {output}\n"));
+        }
+        for reference in &case.references {
+            text.push_str(&format!("reference {reference}\n"));
+        }
+    }
+    text
+}
+
+fn read_cases(text: &str) -> Vec<Recorded> {
+    let mut cases: Vec<Recorded> = Vec::new();
+    for line in text.lines() {
+        let (key, value) = line.split_once(' ').expect("KEY VALUE");
+        let path = || StorePath::parse(value).unwrap();
+        match key {
+            "case" => cases.push(Recorded {
+                label: value.into(),
+                drv_path: StorePath::parse("/nix/store/00000000000000000000000000000000-x").unwrap(),
+                outputs: BTreeSet::new(),
+                references: BTreeSet::new(),
+            }),
+            "drv" => cases.last_mut().unwrap().drv_path = path(),
+            "output" => {
+                cases.last_mut().unwrap().outputs.insert(path());
+            }
+            "reference" => {
+                cases.last_mut().unwrap().references.insert(path());
+            }
+            other => panic!("cases.txt: {other}"),
+        }
+    }
+    cases
+}
+
+/// Checks our reading, writing and hashing of the `.drv` at `drv_path` (its bytes `bytes`,
+/// the store holding its inputs' under `store_root`) against what Nix said.
+fn check_derivation(label: &str, store_root: &Path, bytes: &[u8], nix_said: &Recorded) {
+    let drv_path = &nix_said.drv_path;
+    let name = drv_path.name().strip_suffix(".drv").unwrap();
+    let drv = Derivation::parse(name, bytes).unwrap_or_else(|e| panic!("{label}: {e}"));
+
+    assert_eq!(drv.to_aterm().as_bytes(), bytes, "{label}: written back");
+    assert_eq!(&drv.drv_path().unwrap(), drv_path, "{label}: .drv path");
+
+    let mut hasher = DrvHasher::new(StoreRoot::new(store_root));
+    let outputs = hasher
+        .verified_output_paths(&drv)
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+    let ours: BTreeSet<StorePath> = outputs.into_values().collect();
+    assert_eq!(ours, nix_said.outputs, "{label}: output paths");
+
+    let references: BTreeSet<StorePath> = drv
+        .input_srcs
+        .iter()
+        .chain(drv.input_drvs.keys())
+        .cloned()
+        .collect();
+    assert_eq!(references, nix_said.references, "{label}: references");
+}
+
 #[test]
 fn derivations_match_nix() {
     let Some(nix) = RealNix::find() else { return };
@@ -115,29 +196,63 @@ fn derivations_match_nix() {
     make_tree(&source);
     let src = nix.add(&source);
 
+    let mut recorded = Vec::new();
     for (label, expr) in CASES {
         let drv_path = nix.instantiate(label, &expr.replace("@SRC@", &src.to_string()));
         let bytes = fs::read(nix.file(&drv_path)).unwrap();
-        let name = drv_path.name().strip_suffix(".drv").unwrap();
-        let drv = Derivation::parse(name, &bytes).unwrap_or_else(|e| panic!("{label}: {e}"));
+        let nix_said = Recorded {
+            label: label.to_string(),
+            outputs: nix.outputs(&drv_path),
+            references: nix.references(&drv_path),
+            drv_path,
+        };
+        check_derivation(label, nix.store_root(), &bytes, &nix_said);
+        recorded.push(nix_said);
+    }
 
-        assert_eq!(drv.to_aterm().as_bytes(), bytes, "{label}: written back");
-        assert_eq!(drv.drv_path().unwrap(), drv_path, "{label}: .drv path");
+    // Every `.drv` in the store: the cases' and their inputs'.
+    let store = nix.store_root().join("nix/store");
+    let mut drvs: Vec<(String, Vec<u8>)> = fs::read_dir(&store)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .filter(|name| name.ends_with(".drv"))
+        .map(|name| (name.clone(), fs::read(store.join(&name)).unwrap()))
+        .collect();
+    drvs.sort();
+    let vectors = vectors_dir();
+    if std::env::var_os("MVM_RECORD_NIX_VECTORS").is_some() {
+        let _ = fs::remove_dir_all(&vectors);
+        fs::create_dir_all(vectors.join("store/nix/store")).unwrap();
+        fs::write(vectors.join("cases.txt"), write_cases(&recorded)).unwrap();
+        for (name, bytes) in &drvs {
+            fs::write(vectors.join("store/nix/store").join(name), bytes).unwrap();
+        }
+        return;
+    }
+    let on_record = fs::read_to_string(vectors.join("cases.txt")).unwrap();
+    assert_eq!(
+        read_cases(&on_record),
+        recorded,
+        "Nix printed other paths than the recorded vectors: MVM_RECORD_NIX_VECTORS=1 records them anew"
+    );
+    for (name, bytes) in &drvs {
+        let kept = fs::read(vectors.join("store/nix/store").join(name))
+            .unwrap_or_else(|e| panic!("{name} is not recorded: {e}"));
+        assert!(kept == *bytes, "{name} differs from the recorded one");
+    }
+}
 
-        let mut hasher = DrvHasher::new(StoreRoot::new(nix.store_root()));
-        let outputs = hasher
-            .verified_output_paths(&drv)
-            .unwrap_or_else(|e| panic!("{label}: {e}"));
-        let ours: BTreeSet<StorePath> = outputs.into_values().collect();
-        assert_eq!(ours, nix.outputs(&drv_path), "{label}: output paths");
-
-        let references: BTreeSet<StorePath> = drv
-            .input_srcs
-            .iter()
-            .chain(drv.input_drvs.keys())
-            .cloned()
-            .collect();
-        assert_eq!(references, nix.references(&drv_path), "{label}: references");
+/// The same table from the recorded vectors: runs where Nix is absent too.
+#[test]
+fn derivations_match_the_recorded_vectors() {
+    let vectors = vectors_dir();
+    let cases = read_cases(&fs::read_to_string(vectors.join("cases.txt")).unwrap());
+    assert_eq!(cases.len(), CASES.len());
+    for (case, (label, _)) in cases.iter().zip(CASES) {
+        assert_eq!(case.label, *label);
+        let store_root = vectors.join("store");
+        let bytes = fs::read(store_root.join("nix/store").join(case.drv_path.base_name())).unwrap();
+        check_derivation(label, &store_root, &bytes, case);
     }
 }
 
