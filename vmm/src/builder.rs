@@ -36,8 +36,9 @@ use crate::pause::{PauseError, PauseGate, Pauser};
 use crate::persist::{Persist, StateError};
 use crate::seccomp::{self, ThreadKind};
 use crate::snapshot::{self, SavedVm};
+use crate::vstate::kick;
 use crate::vstate::memory::{self, GuestRam};
-use crate::vstate::vcpu::{self, Vcpu, VcpuContext, VcpuState};
+use crate::vstate::vcpu::{Vcpu, VcpuContext, VcpuState};
 use crate::vstate::vm::Vm;
 use crate::VmmError;
 
@@ -270,7 +271,7 @@ fn assemble(
     saved: Option<&SavedVm>,
     started: Instant,
 ) -> Result<MicroVm, VmmError> {
-    vcpu::install_kick_handler()?;
+    kick::install_kick_handler()?;
     // The in-kernel interrupt controllers, PIT and clock, in their saved state if restored.
     let vm = Arc::new(match saved {
         Some(saved) => Vm::restore(ram.clone(), &saved.vm)?,
@@ -522,7 +523,7 @@ fn reap(
     let deadline = Instant::now() + STOP_TIMEOUT;
     while vcpus.iter().any(|h| !h.is_finished()) && Instant::now() < deadline {
         for handle in vcpus.iter().filter(|h| !h.is_finished()) {
-            let _ = handle.kill(vcpu::kick_signal());
+            let _ = handle.kill(kick::kick_signal());
         }
         std::thread::sleep(Duration::from_millis(2));
     }

@@ -10,7 +10,7 @@
 //! the gate before it joins anyone), and no thread is kicked after the gate has ended, so a
 //! kick never reaches a thread that was joined.
 //!
-//! [`kick_signal`]: super::vstate::vcpu::kick_signal
+//! [`kick_signal`]: super::vstate::kick::kick_signal
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::exit::ExitSignal;
-use super::vstate::vcpu::{kick_signal, VcpuSnapshot};
+use super::vstate::kick::kick_signal;
+use super::vstate::vcpu_snapshot::VcpuSnapshot;
 use super::VmmError;
 
 /// How long [`Pauser::pause`] waits for every thread to park.

@@ -44,7 +44,7 @@ pub enum ThreadKind {
     Events,
     /// The reaper: waits for the VM's end, kicks the vCPUs, joins the threads.
     Reaper,
-    /// The jailed VMM's main thread once the VM runs ([`crate::jail`]): answers the runner's
+    /// The jailed VMM's main thread once the VM runs: answers the runner's
     /// pause and resume on its control socket, kicks the vCPUs to pause them, stops the VM and
     /// exits. (Unjailed, that thread is the runner's own, which is not filtered.)
     Supervisor,
@@ -226,7 +226,7 @@ impl Allow {
             ),
             Allow::Without(nr, arg, mask) => (nr, vec![on(arg, SeccompCmpOp::MaskedEq(mask), 0)?]),
             Allow::KickSignal(nr, arg) => {
-                let signal = super::vstate::vcpu::kick_signal() as u64;
+                let signal = super::vstate::kick::kick_signal() as u64;
                 (nr, vec![on(arg, SeccompCmpOp::Eq, signal)?])
             }
         })

@@ -23,7 +23,7 @@ use super::devices::i8042::persist::I8042Snapshot;
 use super::devices::serial::persist::SerialSnapshot;
 use super::devices::virtio::persist::TransportSnapshot;
 use super::vstate::memory::GuestRam;
-use super::vstate::vcpu::VcpuSnapshot;
+use super::vstate::vcpu_snapshot::VcpuSnapshot;
 use super::vstate::vm::VmSnapshot;
 use super::VmmError;
 

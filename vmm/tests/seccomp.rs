@@ -162,7 +162,7 @@ fn tgkill_sigkill() {
 }
 
 fn tgkill_kick() {
-    tgkill_with(mvm_vmm::vstate::vcpu::kick_signal());
+    tgkill_with(mvm_vmm::vstate::kick::kick_signal());
 }
 
 /// Runs `case` in a child; the signal that ended it, if one did.

@@ -2,23 +2,20 @@
 //! of its own, handing port and MMIO exits to the buses until the VM is told to stop.
 //!
 //! Stopping: [`ExitSignal::raise`] sets a flag; the thread that stops the VM then sends the
-//! vCPU threads [`kick_signal`] until they have all returned. A kick makes `KVM_RUN` return
+//! vCPU threads [`kick_signal`](super::kick::kick_signal) until they have all returned. A kick makes `KVM_RUN` return
 //! `EINTR`; one that lands just before `KVM_RUN` is covered by the next, so no vCPU sleeps
 //! through its stop.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 use std::time::Instant;
 
-use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
-    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
-};
+use kvm_bindings::{kvm_msr_entry, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::memory::GuestRam;
+use super::vcpu_snapshot::VcpuSnapshot;
 use super::vm::Vm;
 use crate::arch::{cpuid, lapic, msr, regs};
 use crate::devices::bus::Bus;
@@ -26,25 +23,6 @@ use crate::exit::{ExitSignal, GuestExit};
 use crate::pause::PauseGate;
 use crate::persist::Persist;
 use crate::VmmError;
-
-/// The signal that interrupts `KVM_RUN` (a real-time signal, not one the runner handles).
-pub fn kick_signal() -> libc::c_int {
-    vmm_sys_util::signal::SIGRTMIN()
-}
-
-extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-/// Installs the (empty) kick handler once per process: its only job is to exist, so the
-/// signal interrupts `KVM_RUN` instead of killing the process.
-pub fn install_kick_handler() -> Result<(), VmmError> {
-    static ONCE: Once = Once::new();
-    let mut result = Ok(());
-    ONCE.call_once(|| {
-        result = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
-            .map_err(|e| VmmError::Thread(std::io::Error::from_raw_os_error(e.errno())));
-    });
-    result
-}
 
 /// What a vCPU thread shares with the rest of the VM.
 #[derive(Debug, Clone)]
@@ -117,32 +95,6 @@ fn translate(memory: &GuestRam, cr3: u64, va: u64) -> Option<u64> {
     None
 }
 
-/// A vCPU's whole state as KVM holds it: what a saved VM's vCPU is restored from. Taken with
-/// the vCPU out of the guest and its last exit completed ([`Vcpu::complete_exit`], then its [`Persist::save`]).
-#[derive(Debug, Serialize, Deserialize)]
-pub struct VcpuSnapshot {
-    /// The CPUID it was given.
-    pub cpuid: Vec<kvm_cpuid_entry2>,
-    /// Every MSR KVM lists that could be read.
-    pub msrs: Vec<kvm_msr_entry>,
-    /// General registers.
-    pub regs: kvm_regs,
-    /// Segment and control registers.
-    pub sregs: kvm_sregs,
-    /// FPU, SSE and AVX state (the legacy 4 KiB XSAVE area).
-    pub xsave: kvm_xsave,
-    /// Extended control registers.
-    pub xcrs: kvm_xcrs,
-    /// Debug registers.
-    pub debug_regs: kvm_debugregs,
-    /// The local APIC.
-    pub lapic: kvm_lapic_state,
-    /// Running, halted, waiting for a startup IPI…
-    pub mp_state: kvm_mp_state,
-    /// Pending exceptions, interrupts and NMIs.
-    pub events: kvm_vcpu_events,
-}
-
 /// A configured vCPU.
 #[derive(Debug)]
 pub struct Vcpu {
@@ -171,7 +123,7 @@ impl<'a> Persist<'a> for Vcpu {
     type Error = VmmError;
 
     /// The vCPU's whole state, taken on its own thread while the VM is paused, its last exit
-    /// completed ([`Vcpu::complete_exit`]): the multiprocessing state first and pending
+    /// completed (`complete_exit`): the multiprocessing state first and pending
     /// events last, as KVM orders them.
     fn save(&self) -> Result<VcpuSnapshot, VmmError> {
         let fail = |what: &'static str| failed(self.id, what);
