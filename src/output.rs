@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use mvm_ir::{Error, ErrorClass};
+use mvm_ir::{Coded, Error, ErrorClass};
 use serde_json::{json, Value};
 
 /// Exit status of a refused verification or integrity check.
@@ -52,21 +52,21 @@ impl Output {
             ErrorClass::InvalidInput => EXIT_INVALID_INPUT,
             ErrorClass::Io => EXIT_IO,
         };
-        let coded = err.downcast_ref::<crate::commands::CodedError>();
-        let (code, status, details) = match err.downcast_ref::<Error>() {
-            Some(e) => {
-                let status = class_status(e.class());
-                let details = match e {
-                    Error::InvalidWorkload(report) => json!({ "issues": report.issues }),
-                    Error::AuditChain(chain_break) => json!({ "break": chain_break }),
-                    _ => Value::Null,
-                };
-                (e.code(), status, details)
-            }
-            None => match coded {
-                Some(c) => (c.code.as_str(), class_status(c.class), Value::Null),
-                None => ("INTERNAL", EXIT_INTERNAL, Value::Null),
-            },
+        let ir_error = err.downcast_ref::<Error>();
+        let coded: Option<&dyn Coded> = match ir_error {
+            Some(e) => Some(e),
+            None => err
+                .downcast_ref::<crate::commands::CodedError>()
+                .map(|c| c as &dyn Coded),
+        };
+        let (code, status) = match coded {
+            Some(c) => (c.code(), class_status(c.class())),
+            None => ("INTERNAL", EXIT_INTERNAL),
+        };
+        let details = match ir_error {
+            Some(Error::InvalidWorkload(report)) => json!({ "issues": report.issues }),
+            Some(Error::AuditChain(chain_break)) => json!({ "break": chain_break }),
+            _ => Value::Null,
         };
         let message = describe(err);
         if self.json {

@@ -25,7 +25,11 @@ fn main() {
     std::panic::set_hook(Box::new(|info| {
         let mut last_word = console::reopen();
         if let Some(console) = last_word.as_mut() {
-            let _ = writeln!(console, "mvm-agent: error AGENT000 panic: {info}");
+            let _ = writeln!(
+                console,
+                "mvm-agent: error {} panic: {info}",
+                boot::PANIC_CODE
+            );
         }
         console::power_off(last_word.as_ref())
     }));

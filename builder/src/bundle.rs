@@ -28,6 +28,7 @@ use mvm_ir::provenance::{
 };
 use mvm_ir::validate::{is_env_name, is_guest_path, DENIED_ENV};
 use mvm_ir::workload::{App, Entrypoint, EnvValue, NetworkMode};
+use mvm_ir::{Coded, ErrorClass};
 
 use crate::initramfs::Initramfs;
 use crate::kernel::GuestKernel;
@@ -62,13 +63,22 @@ pub enum BundleError {
     Initramfs(#[from] crate::initramfs::InitramfsError),
 }
 
-impl BundleError {
-    /// The stable code of this error.
-    pub fn code(&self) -> &'static str {
+impl Coded for BundleError {
+    fn code(&self) -> &str {
         match self {
             BundleError::Io { .. } => "BUILD003",
             BundleError::Plan(e) => e.code(),
             BundleError::Initramfs(_) => "BUILD006",
+        }
+    }
+
+    /// A bundle file that could not be written (BUILD003) is I/O; an `mvm_ir` error keeps its
+    /// own class.
+    fn class(&self) -> ErrorClass {
+        match self {
+            BundleError::Io { .. } => ErrorClass::Io,
+            BundleError::Plan(e) => e.class(),
+            BundleError::Initramfs(_) => ErrorClass::InvalidInput,
         }
     }
 }

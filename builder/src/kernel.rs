@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use mvm_ir::digest::sha256_prefixed;
 use mvm_ir::fsutil::atomic_write;
+use mvm_ir::{Coded, ErrorClass};
 
 /// The modules the guest needs (and their dependencies come with them): virtio-mmio transport,
 /// block, console and rng devices, device-mapper verity, EROFS and overlayfs.
@@ -39,7 +40,7 @@ pub const GUEST_MODULES: &[&str] = &[
 /// The Debian package that tracks the current cloud kernel.
 pub const DEBIAN_CLOUD_KERNEL: &str = "linux-image-cloud-amd64";
 
-/// Why a kernel could not be fetched, unpacked or opened. [`KernelError::code`] is stable.
+/// Why a kernel could not be fetched, unpacked or opened. Its [`Coded::code`] is stable.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
     /// A tool (apt-get, dpkg-deb) failed or is missing.
@@ -80,9 +81,8 @@ pub enum KernelError {
     },
 }
 
-impl KernelError {
-    /// The stable code of this error.
-    pub fn code(&self) -> &'static str {
+impl Coded for KernelError {
+    fn code(&self) -> &str {
         match self {
             KernelError::Tool { .. } => "KERNEL001",
             KernelError::BadPackage(_) => "KERNEL002",
@@ -90,6 +90,19 @@ impl KernelError {
             KernelError::NoKernel(_) => "KERNEL004",
             KernelError::DigestMismatch { .. } => "KERNEL005",
             KernelError::Io { .. } => "KERNEL006",
+        }
+    }
+
+    /// A stored file off its pin (KERNEL005) is an integrity failure; the tools and files of
+    /// the host (KERNEL001, KERNEL006) are I/O; a package without what the guest needs is bad
+    /// input.
+    fn class(&self) -> ErrorClass {
+        match self {
+            KernelError::DigestMismatch { .. } => ErrorClass::Integrity,
+            KernelError::Tool { .. } | KernelError::Io { .. } => ErrorClass::Io,
+            KernelError::BadPackage(_)
+            | KernelError::MissingModule(_)
+            | KernelError::NoKernel(_) => ErrorClass::InvalidInput,
         }
     }
 }

@@ -23,6 +23,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use mvm_ir::{Coded, ErrorClass};
 use mvm_nix::derivation::file::{DrvFile, StoreRoot};
 use mvm_nix::derivation::hashing::DrvHasher;
 use mvm_nix::StorePath;
@@ -33,7 +34,7 @@ use crate::tree::{Metadata, NodeId, NodeKind, Tree};
 /// The most store paths a closure may have (a large desktop closure has a few thousand).
 const MAX_CLOSURE_PATHS: usize = 20_000;
 
-/// Why a Nix image could not be made; [`NixImageError::code`] is its stable code.
+/// Why a Nix image could not be made; its [`Coded::code`] is its stable code.
 #[derive(Debug, thiserror::Error)]
 pub enum NixImageError {
     /// A Nix program could not be started.
@@ -85,9 +86,8 @@ pub enum NixImageError {
     },
 }
 
-impl NixImageError {
-    /// The stable code of this error.
-    pub fn code(&self) -> &'static str {
+impl Coded for NixImageError {
+    fn code(&self) -> &str {
         match self {
             NixImageError::NoNix { .. } => "NIXBUILD001",
             NixImageError::Eval { .. } => "NIXBUILD002",
@@ -95,6 +95,20 @@ impl NixImageError {
             NixImageError::Mismatch(_) => "NIXBUILD004",
             NixImageError::Unsupported(_) => "NIXBUILD005",
             NixImageError::Io { .. } => "NIXBUILD006",
+        }
+    }
+
+    /// Paths or contents that are not what mvm computes (NIXBUILD004) are an integrity
+    /// failure; Nix that cannot run or fails, and unreadable store files (NIXBUILD001, 003,
+    /// 006) are I/O; an attribute or closure that cannot be an image is bad input.
+    fn class(&self) -> ErrorClass {
+        match self {
+            NixImageError::Mismatch(_) => ErrorClass::Integrity,
+            NixImageError::NoNix { .. }
+            | NixImageError::Nix { .. }
+            | NixImageError::Unexpected(_)
+            | NixImageError::Io { .. } => ErrorClass::Io,
+            NixImageError::Eval { .. } | NixImageError::Unsupported(_) => ErrorClass::InvalidInput,
         }
     }
 }

@@ -8,6 +8,7 @@
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
+use mvm_ir::{Coded, ErrorClass};
 use serde::{Deserialize, Serialize};
 
 use crate::erofs::{self, ErofsOptions};
@@ -100,7 +101,7 @@ pub struct RootfsReport {
     pub hash_offset: u64,
 }
 
-/// Why a root filesystem could not be built; [`RootfsError::code`] is the code of the cause.
+/// Why a root filesystem could not be built; its [`Coded::code`] is the code of the cause.
 #[derive(Debug, thiserror::Error)]
 pub enum RootfsError {
     /// Importing the image failed.
@@ -126,15 +127,24 @@ pub enum RootfsError {
     },
 }
 
-impl RootfsError {
-    /// The stable code of this error.
-    pub fn code(&self) -> &'static str {
+impl Coded for RootfsError {
+    fn code(&self) -> &str {
         match self {
             RootfsError::Oci(e) => e.code(),
             RootfsError::Nix(e) => e.code(),
             RootfsError::Erofs(_) => "BUILD001",
             RootfsError::Verity(_) => "BUILD002",
             RootfsError::Io { .. } => "BUILD003",
+        }
+    }
+
+    /// The cause's class; a file that could not be written (BUILD003) is I/O.
+    fn class(&self) -> ErrorClass {
+        match self {
+            RootfsError::Oci(e) => e.class(),
+            RootfsError::Nix(e) => e.class(),
+            RootfsError::Erofs(_) | RootfsError::Verity(_) => ErrorClass::InvalidInput,
+            RootfsError::Io { .. } => ErrorClass::Io,
         }
     }
 }

@@ -21,6 +21,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
 
+use mvm_ir::{Coded, ErrorClass};
 use serde::{Deserialize, Serialize};
 
 use crate::oci::{ImageRef, Transport};
@@ -47,6 +48,7 @@ enum Answer {
     },
     Failed {
         code: String,
+        class: ErrorClass,
         message: String,
     },
 }
@@ -59,6 +61,8 @@ pub enum WorkerError {
     Build {
         /// The cause's code (`OCI002`, `LAYER003`, …).
         code: String,
+        /// The cause's class, as the worker gave it with the code.
+        class: ErrorClass,
         /// What happened.
         message: String,
     },
@@ -67,12 +71,20 @@ pub enum WorkerError {
     Worker(String),
 }
 
-impl WorkerError {
-    /// The stable code of this error.
-    pub fn code(&self) -> &str {
+impl Coded for WorkerError {
+    fn code(&self) -> &str {
         match self {
             WorkerError::Build { code, .. } => code,
             WorkerError::Worker(_) => "BUILD004",
+        }
+    }
+
+    /// The cause's class, which the worker sends with its code; a worker that could not run
+    /// (BUILD004) is I/O.
+    fn class(&self) -> ErrorClass {
+        match self {
+            WorkerError::Build { class, .. } => *class,
+            WorkerError::Worker(_) => ErrorClass::Io,
         }
     }
 }
@@ -140,7 +152,17 @@ pub fn build_in_worker(
         .map_err(|e| WorkerError::Worker(format!("reading the answer: {e}")))?;
     let (report, sandbox) = match serde_json::from_slice::<Answer>(&answer) {
         Ok(Answer::Built { report, sandbox }) => (*report, sandbox),
-        Ok(Answer::Failed { code, message }) => return Err(WorkerError::Build { code, message }),
+        Ok(Answer::Failed {
+            code,
+            class,
+            message,
+        }) => {
+            return Err(WorkerError::Build {
+                code,
+                class,
+                message,
+            })
+        }
         Err(_) => {
             return Err(WorkerError::Worker(format!(
                 "exited with {status} without an answer"
@@ -229,11 +251,14 @@ pub fn serve() -> ExitCode {
     let answer = match read_request() {
         Err(message) => Answer::Failed {
             code: "BUILD004".into(),
+            class: ErrorClass::Io,
             message,
         },
         Ok(request) => match confine(&request) {
+            // The host could not confine the worker: I/O, like a worker that cannot run.
             Err(message) => Answer::Failed {
                 code: "BUILD005".into(),
+                class: ErrorClass::Io,
                 message,
             },
             Ok(sandbox) => match build_rootfs(&request) {
@@ -243,6 +268,7 @@ pub fn serve() -> ExitCode {
                 },
                 Err(e) => Answer::Failed {
                     code: e.code().to_string(),
+                    class: e.class(),
                     message: e.to_string(),
                 },
             },
@@ -457,8 +483,197 @@ fn seccomp_confine() -> Result<(), seccompiler::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bundle::BundleError;
+    use crate::kernel::KernelError;
+    use crate::layer::{LayerError, LayerErrorKind};
+    use crate::nix_image::NixImageError;
+    use crate::oci::OciError;
+    use crate::rootfs::RootfsError;
 
     const CHILD: &str = "MVM_WORKER_CONFINEMENT_CHILD";
+
+    /// Each builder code has the class the CLI's table of codes gave it before the types
+    /// carried their classes (integrity: OCI002, KERNEL005, NIXBUILD004; I/O: OCI007, OCI008,
+    /// LAYER011, BUILD003-005, KERNEL001, KERNEL006, NIXBUILD001, 003, 006; else invalid
+    /// input), and keeps it through the worker's answer.
+    #[test]
+    fn each_code_has_its_class_and_keeps_it_through_the_worker() {
+        use ErrorClass::{Integrity, InvalidInput, Io};
+        let s = String::new;
+        let io = || std::io::Error::other("x");
+        let layer = |kind| OciError::Layer {
+            digest: s(),
+            source: LayerError {
+                kind,
+                path: s(),
+                message: s(),
+                source: None,
+            },
+        };
+        let errors: Vec<(Box<dyn Coded>, &str, ErrorClass)> = vec![
+            (
+                Box::new(OciError::BadReference {
+                    reference: s(),
+                    reason: s(),
+                }),
+                "OCI001",
+                InvalidInput,
+            ),
+            (
+                Box::new(OciError::DigestMismatch {
+                    what: "blob",
+                    digest: s(),
+                    reason: s(),
+                }),
+                "OCI002",
+                Integrity,
+            ),
+            (
+                Box::new(OciError::Registry {
+                    registry: s(),
+                    reason: s(),
+                }),
+                "OCI007",
+                Io,
+            ),
+            (
+                Box::new(OciError::Io {
+                    path: s(),
+                    source: io(),
+                }),
+                "OCI008",
+                Io,
+            ),
+            (
+                Box::new(OciError::Decompress {
+                    digest: s(),
+                    reason: s(),
+                }),
+                "OCI009",
+                InvalidInput,
+            ),
+            (
+                Box::new(layer(LayerErrorKind::Traversal)),
+                "LAYER001",
+                InvalidInput,
+            ),
+            (Box::new(layer(LayerErrorKind::Io)), "LAYER011", Io),
+            (
+                Box::new(KernelError::Tool {
+                    tool: s(),
+                    reason: s(),
+                }),
+                "KERNEL001",
+                Io,
+            ),
+            (
+                Box::new(KernelError::NoKernel(s())),
+                "KERNEL004",
+                InvalidInput,
+            ),
+            (
+                Box::new(KernelError::DigestMismatch {
+                    path: s(),
+                    pinned: s(),
+                    found: s(),
+                }),
+                "KERNEL005",
+                Integrity,
+            ),
+            (
+                Box::new(KernelError::Io {
+                    path: s(),
+                    source: io(),
+                }),
+                "KERNEL006",
+                Io,
+            ),
+            (
+                Box::new(NixImageError::NoNix {
+                    program: s(),
+                    source: io(),
+                }),
+                "NIXBUILD001",
+                Io,
+            ),
+            (
+                Box::new(NixImageError::Eval {
+                    attr: s(),
+                    set: s(),
+                    message: s(),
+                }),
+                "NIXBUILD002",
+                InvalidInput,
+            ),
+            (Box::new(NixImageError::Unexpected(s())), "NIXBUILD003", Io),
+            (
+                Box::new(NixImageError::Mismatch(s())),
+                "NIXBUILD004",
+                Integrity,
+            ),
+            (
+                Box::new(NixImageError::Unsupported(s())),
+                "NIXBUILD005",
+                InvalidInput,
+            ),
+            (
+                Box::new(NixImageError::Io {
+                    path: s(),
+                    source: io(),
+                }),
+                "NIXBUILD006",
+                Io,
+            ),
+            (
+                Box::new(RootfsError::Io {
+                    path: s(),
+                    source: io(),
+                }),
+                "BUILD003",
+                Io,
+            ),
+            (
+                Box::new(RootfsError::Oci(OciError::DigestMismatch {
+                    what: "blob",
+                    digest: s(),
+                    reason: s(),
+                })),
+                "OCI002",
+                Integrity,
+            ),
+            (
+                Box::new(BundleError::Io {
+                    path: s(),
+                    source: io(),
+                }),
+                "BUILD003",
+                Io,
+            ),
+            (Box::new(WorkerError::Worker(s())), "BUILD004", Io),
+        ];
+        for (error, code, class) in &errors {
+            assert_eq!((error.code(), error.class()), (*code, *class));
+            // Through the worker: the answer it writes, read back by the parent.
+            let answer = Answer::Failed {
+                code: error.code().to_string(),
+                class: error.class(),
+                message: s(),
+            };
+            let json = serde_json::to_vec(&answer).unwrap();
+            let Answer::Failed { code, class, .. } = serde_json::from_slice(&json).unwrap() else {
+                panic!("not a failure");
+            };
+            let received = WorkerError::Build {
+                code,
+                class,
+                message: s(),
+            };
+            assert_eq!(
+                (received.code(), received.class()),
+                (error.code(), error.class())
+            );
+        }
+    }
 
     /// Re-runs this test binary as a child that confines itself as the worker does, then tries
     /// what a hostile image parser might: write outside its directories, read a file it was not

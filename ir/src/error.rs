@@ -4,7 +4,11 @@ use crate::audit::ChainBreak;
 use crate::validate::Report;
 
 /// What kind of failure an [`Error`] is; the CLI maps each class to one exit status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// Serialized (`integrity`, `invalid_input`, `io`) where a code crosses a process boundary with
+/// its class, as in the builder worker's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ErrorClass {
     /// A signature, digest, chain or policy check refused the input (exit 1).
     Integrity,
@@ -12,6 +16,31 @@ pub enum ErrorClass {
     InvalidInput,
     /// The host environment failed: a file could not be read or written (exit 74, `EX_IOERR`).
     Io,
+}
+
+/// An error with a stable code: the one registry of error codes is the set of types that
+/// implement this trait (with the runner's `codes` module for its `RUN…` codes), and
+/// `docs/errors.md` documents every code they return (`tests/error_codes.rs` checks both ways).
+///
+/// The class travels with the code because the code alone does not say how the CLI must exit:
+/// before this trait the CLI kept a table from code strings to classes, which drifted from the
+/// types that raise the codes. Now whoever defines a code also decides its class, once, and a
+/// code has the same class wherever it is reported.
+///
+/// Crates that do not depend on `mvm-ir` — `mvm-vmm` (which must depend on no other mvm
+/// crate), the guest agent and `mvm-nix` — keep an inherent `code()`, and whoever wraps their
+/// errors gives the class: the runner puts a `VMM…` code into the message of its own coded
+/// error, a broken agent channel is the runner's RUN025, `mvm nix` classes `NIX…` codes.
+pub trait Coded {
+    /// The stable code, as printed by the CLI and written in `docs/errors.md`.
+    ///
+    /// A `&str` borrowed from the error rather than a `&'static str`: a few codes cross a
+    /// process boundary and are passed on as they arrived — the builder worker's answer, the
+    /// guest agent's refusal of a command — so they are owned by the error that carries them.
+    fn code(&self) -> &str;
+
+    /// The class of this error, which decides the CLI's exit status ([`ErrorClass`]).
+    fn class(&self) -> ErrorClass;
 }
 
 /// Every way an mvm document operation can fail. [`Error::code`] is stable across releases.
@@ -235,5 +264,17 @@ impl Error {
             what: what.into(),
             message: err.to_string(),
         }
+    }
+}
+
+/// Delegates to the inherent methods, which stay: they return a `&'static str`, and the
+/// crate's tests and callers use them without importing the trait.
+impl Coded for Error {
+    fn code(&self) -> &str {
+        Error::code(self)
+    }
+
+    fn class(&self) -> ErrorClass {
+        Error::class(self)
     }
 }

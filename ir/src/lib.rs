@@ -35,7 +35,7 @@ pub mod schema;
 pub mod validate;
 pub mod workload;
 
-pub use error::{Error, ErrorClass};
+pub use error::{Coded, Error, ErrorClass};
 
 /// `N` bytes from the operating system's CSPRNG.
 pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N], Error> {

@@ -145,7 +145,8 @@ fn read_cases(text: &str) -> Vec<Recorded> {
         match key {
             "case" => cases.push(Recorded {
                 label: value.into(),
-                drv_path: StorePath::parse("/nix/store/00000000000000000000000000000000-x").unwrap(),
+                drv_path: StorePath::parse("/nix/store/00000000000000000000000000000000-x")
+                    .unwrap(),
                 outputs: BTreeSet::new(),
                 references: BTreeSet::new(),
             }),

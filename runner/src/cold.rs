@@ -22,9 +22,11 @@ use mvm_ir::fsutil::{atomic_write, read_capped};
 use mvm_ir::home::MvmHome;
 use mvm_ir::keys::{KeyStore, TrustStore};
 use mvm_ir::plan::Timestamp;
+use mvm_ir::{Coded, ErrorClass};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{Pausable, SavedMemory, WakeError};
+use crate::codes;
 
 /// The directory, in a VM's directory, that holds its saved state.
 pub const COLD_DIR: &str = "cold";
@@ -102,10 +104,22 @@ impl ColdError {
     /// The stable code.
     pub fn code(&self) -> &'static str {
         match self {
-            ColdError::Save(_) => "RUN040",
-            ColdError::Unverified(_) => "RUN041",
-            ColdError::Wake(_) => "RUN042",
+            ColdError::Save(_) => codes::RUN040,
+            ColdError::Unverified(_) => codes::RUN041,
+            ColdError::Wake(_) => codes::RUN042,
         }
+    }
+}
+
+/// Delegates to the inherent [`ColdError::code`], which stays for callers without the trait.
+impl Coded for ColdError {
+    fn code(&self) -> &str {
+        ColdError::code(self)
+    }
+
+    /// As the CLI has always classed `RUN…` codes other than RUN025, RUN031 and RUN032.
+    fn class(&self) -> ErrorClass {
+        ErrorClass::InvalidInput
     }
 }
 

@@ -39,9 +39,9 @@ const MAX_CLIENTS: usize = 64;
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// The stable code of a request refused because the VM is paused, or a pause that failed.
-pub const PAUSED: &str = "RUN039";
+pub const PAUSED: &str = crate::codes::RUN039;
 /// The stable code of a save that failed or was refused (the VM runs on as it was).
-pub const SAVE_FAILED: &str = "RUN040";
+pub const SAVE_FAILED: &str = crate::codes::RUN040;
 /// How long the agent has to set its clock.
 const CLOCK_ANSWER: Duration = Duration::from_secs(5);
 

@@ -24,6 +24,7 @@
 pub mod admission;
 pub mod backend;
 pub mod client;
+pub mod codes;
 pub mod cold;
 pub mod console_log;
 pub mod control;

@@ -14,9 +14,11 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use mvm_ir::home::MvmHome;
+use mvm_ir::Coded;
 use mvm_runner::backend::kvm::jailed::{self, Jail};
 use mvm_runner::backend::select::BackendChoice;
 use mvm_runner::client::{OutputSink, StdStreams};
+use mvm_runner::codes;
 use mvm_runner::launch::{self, exit, Failure, Finished, Launch, LaunchError};
 use mvm_runner::state;
 use serde_json::{json, Value};
@@ -119,7 +121,8 @@ fn main() -> ExitCode {
     };
     if args.huge_pages && args.backend != BackendChoice::Kvm {
         eprintln!(
-            "mvm-runner: error RUN047: --huge-pages backs the own VMM's guest RAM: it needs --backend kvm (QEMU is not given huge pages)"
+            "mvm-runner: error {}: --huge-pages backs the own VMM's guest RAM: it needs --backend kvm (QEMU is not given huge pages)",
+            codes::RUN047
         );
         return ExitCode::from(exit::RUNNER);
     }
@@ -128,7 +131,10 @@ fn main() -> ExitCode {
     let interrupt = Arc::new(AtomicBool::new(false));
     for signal in [SIGINT, SIGTERM, SIGHUP] {
         if let Err(e) = signal_hook::flag::register(signal, Arc::clone(&interrupt)) {
-            eprintln!("mvm-runner: error RUN026: handling signal {signal}: {e}");
+            eprintln!(
+                "mvm-runner: error {}: handling signal {signal}: {e}",
+                codes::RUN026
+            );
             return ExitCode::from(exit::RUNNER);
         }
     }
@@ -205,7 +211,10 @@ fn serve(
     jail: Option<Jail>,
 ) -> u8 {
     if !state::valid_name(name) {
-        eprintln!("mvm-runner: error RUN035: {name:?} cannot name a VM: use 1-63 of a-z 0-9 _ . -, starting with a letter or digit");
+        eprintln!(
+            "mvm-runner: error {}: {name:?} cannot name a VM: use 1-63 of a-z 0-9 _ . -, starting with a letter or digit",
+            codes::RUN035
+        );
         return exit::RUNNER;
     }
     let home = match MvmHome::from_env() {

@@ -21,9 +21,11 @@ use std::time::{Duration, Instant};
 use mvm_ir::audit::HostAudit;
 use mvm_ir::fsutil::ExclusiveLock;
 use mvm_ir::home::MvmHome;
+use mvm_ir::ErrorClass;
 use serde_json::{json, Value};
 
 use crate::client::{AgentClient, ClientError};
+use crate::codes;
 use crate::cold;
 use crate::state::{self, Phase, VmState};
 
@@ -83,13 +85,31 @@ impl NamedVmError {
     /// failure of the host, and for a runner that failed (it printed its own code).
     pub fn code(&self) -> Option<&str> {
         match self {
-            NamedVmError::BadName(_) => Some("RUN035"),
-            NamedVmError::Exists(_) => Some("RUN034"),
-            NamedVmError::Unavailable(_) => Some("RUN036"),
-            NamedVmError::Live { .. } => Some("RUN037"),
+            NamedVmError::BadName(_) => Some(codes::RUN035),
+            NamedVmError::Exists(_) => Some(codes::RUN034),
+            NamedVmError::Unavailable(_) => Some(codes::RUN036),
+            NamedVmError::Live { .. } => Some(codes::RUN037),
             NamedVmError::Refused(refusal) => Some(&refusal.code),
-            NamedVmError::Channel(_) => Some("RUN025"),
+            NamedVmError::Channel(_) => Some(codes::RUN025),
             NamedVmError::RunnerFailed { .. } | NamedVmError::Host { .. } => None,
+        }
+    }
+
+    /// The class that goes with [`NamedVmError::code`] (this type is not [`mvm_ir::Coded`]:
+    /// some of its errors have no code). A broken channel (RUN025) is I/O, and so are the
+    /// errors without a code (a failed runner, the host), whose class goes unused; a name, a
+    /// state or a request the VM cannot take — the agent's or the runner's refusal — is
+    /// invalid input.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            NamedVmError::Channel(_)
+            | NamedVmError::RunnerFailed { .. }
+            | NamedVmError::Host { .. } => ErrorClass::Io,
+            NamedVmError::BadName(_)
+            | NamedVmError::Exists(_)
+            | NamedVmError::Unavailable(_)
+            | NamedVmError::Live { .. }
+            | NamedVmError::Refused(_) => ErrorClass::InvalidInput,
         }
     }
 

@@ -168,7 +168,7 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
         Some(packages) => {
             let store = args.nix_store.as_deref().map(absolute).transpose()?;
             let nix = NixStore::new(store, args.nix_packages.clone());
-            Some(nix.closure(packages).map_err(|e| coded_as(e.code(), e))?)
+            Some(nix.closure(packages).map_err(coded)?)
         }
         None => None,
     };
@@ -203,11 +203,8 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
         nix: nix_closure.clone(),
     };
     let Persona::Host = args.persona;
-    let (report, sandbox) = build_in_worker(&std::env::current_exe()?, &["build-worker"], &request)
-        .map_err(|e| {
-            let code = String::from(e.code());
-            coded_as(&code, e)
-        })?;
+    let (report, sandbox) =
+        build_in_worker(&std::env::current_exe()?, &["build-worker"], &request).map_err(coded)?;
 
     let resources = Resources {
         cpu_cores: args.cpus.unwrap_or(1),
@@ -238,7 +235,7 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
         valid_until: Timestamp(valid_until),
         started,
     })
-    .map_err(|e| coded_as(e.code(), e))?;
+    .map_err(coded)?;
 
     let payload = canonical::to_vec(&bundle.plan)?;
     let plan_digest = sha256_prefixed(&payload);
@@ -360,7 +357,7 @@ impl Target {
     ) -> anyhow::Result<Self> {
         let base_dir = std::env::current_dir()?;
         if let Some((reference, digest)) = image.rsplit_once('@') {
-            ImageRef::new(reference, digest, &base_dir).map_err(|e| coded_as(e.code(), e))?;
+            ImageRef::new(reference, digest, &base_dir).map_err(coded)?;
             return Ok(Self {
                 reference: reference.to_string(),
                 digest: digest.to_string(),
@@ -392,8 +389,7 @@ impl Target {
             insecure_registries: insecure_registries(host)?,
             progress: false,
         };
-        let digest =
-            resolve_tag(registry, repository, tag, &options).map_err(|e| coded_as(e.code(), e))?;
+        let digest = resolve_tag(registry, repository, tag, &options).map_err(coded)?;
         Ok(Self {
             reference: name.to_string(),
             digest,

@@ -14,7 +14,7 @@ use mvm_ir::digest::{sha256_hex, sha256_reader};
 use mvm_ir::plan::MAX_ENVELOPE_BYTES;
 use serde_json::json;
 
-use super::{coded_as, Host};
+use super::{coded_as, coded_io, Host};
 
 /// A cached bundle is rebuilt when its plan expires sooner than this.
 const MIN_VALIDITY_LEFT: time::Duration = time::Duration::minutes(10);
@@ -114,7 +114,7 @@ fn cached_bundle(
         .status()
         .context("starting mvm build")?;
     if !status.success() {
-        return Err(coded_as(
+        return Err(coded_io(
             "RUN032",
             format!("building {image} failed ({status}); see the build's error above"),
         ));

@@ -12,7 +12,7 @@ use mvm_ir::validate::{validate, Report};
 use mvm_ir::workload::Workload;
 use serde::Deserialize;
 
-use super::coded_as;
+use super::{coded_as, coded_io};
 
 /// `modules/mk-workload.nix`, the one copy, as built into this binary.
 const MK_WORKLOAD: &str = include_str!("../../modules/mk-workload.nix");
@@ -68,7 +68,7 @@ fn load_nix(path: &Path) -> anyhow::Result<Declaration> {
         ])
         .output()
         .map_err(|e| {
-            coded_as(
+            coded_io(
                 "NIXDECL001",
                 format!(
                     "{} is Nix, and nix-instantiate cannot be run: {e} (install Nix: Debian's nix-bin)",

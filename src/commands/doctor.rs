@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use mvm_builder::kernel::KernelStore;
 use mvm_ir::keys::DEFAULT_KEY;
-use mvm_ir::Error;
+use mvm_ir::{Coded, Error};
 use mvm_runner::backend::select::{self, BackendChoice, HostError, HostFacts, Selected, VirtKind};
 use serde::Serialize;
 use serde_json::{json, Value};

@@ -13,7 +13,7 @@ use mvm_ir::load::{parse_workload, Syntax};
 use mvm_ir::validate::{is_identifier, validate};
 use serde_json::json;
 
-use super::coded_as;
+use super::{coded_as, coded_io};
 use crate::output::Output;
 
 /// Every template's files: `(name, [(relative path, contents)])`, sorted.
@@ -197,7 +197,7 @@ fn write_all(dir: &Path, files: &[(&'static str, String)]) -> anyhow::Result<Vec
         let target = dir.join(path);
         if let Some(parent) = target.parent() {
             fs::create_dir_all(parent)
-                .map_err(|e| coded_as("INIT004", format!("creating {}: {e}", parent.display())))?;
+                .map_err(|e| coded_io("INIT004", format!("creating {}: {e}", parent.display())))?;
         }
         match atomic_create(&target, text.as_bytes(), 0o644) {
             Ok(()) => written.push(path.to_string()),
@@ -217,7 +217,7 @@ fn write_all(dir: &Path, files: &[(&'static str, String)]) -> anyhow::Result<Vec
 }
 
 fn exists(dir: &Path, paths: &[&str]) -> anyhow::Error {
-    coded_as(
+    coded_io(
         "INIT002",
         format!(
             "{} already in {}; mvm init never overwrites (remove them or pick another directory)",

@@ -23,7 +23,7 @@ use std::fmt;
 use mvm_ir::audit::HostAudit;
 use mvm_ir::home::MvmHome;
 use mvm_ir::keys::KeyStore;
-use mvm_ir::ErrorClass;
+use mvm_ir::{Coded, ErrorClass};
 use serde_json::Value;
 
 /// The host's state directory and what lives in it.
@@ -49,8 +49,8 @@ impl Host {
     }
 }
 
-/// An error from a crate other than `mvm-ir`, carrying its stable code and class so that
-/// [`crate::output::Output::error`] reports it like the others.
+/// An error from a crate other than `mvm-ir`, or one the CLI raises itself, carrying its stable
+/// code and class so that [`crate::output::Output::error`] reports it like the others.
 #[derive(Debug)]
 pub struct CodedError {
     pub code: String,
@@ -66,29 +66,82 @@ impl fmt::Display for CodedError {
 
 impl std::error::Error for CodedError {}
 
-/// The class of a builder error code: digests and pins that do not match are integrity
-/// failures, unreachable registries and local files are I/O, everything else is bad input.
-pub fn class_of(code: &str) -> ErrorClass {
-    match code {
-        "OCI002" | "KERNEL005" | "NIXBUILD004" => ErrorClass::Integrity,
-        "OCI007" | "OCI008" | "LAYER011" | "BUILD003" | "BUILD004" | "BUILD005" | "KERNEL001"
-        | "KERNEL006" | "BENCH001" | "INIT002" | "INIT004" | "NIXBUILD001" | "NIXBUILD003"
-        | "NIXBUILD006" | "RUN031" | "RUN032" | "RUN025" => ErrorClass::Io,
-        _ => ErrorClass::InvalidInput,
+impl Coded for CodedError {
+    fn code(&self) -> &str {
+        &self.code
+    }
+
+    fn class(&self) -> ErrorClass {
+        self.class
     }
 }
 
-/// Wraps an error that has a stable code.
-pub fn coded_as(code: &str, err: impl fmt::Display) -> anyhow::Error {
+/// Wraps an error whose type has a stable code, with the class its type gives it.
+pub fn coded(err: impl Coded + fmt::Display) -> anyhow::Error {
+    coded_with(err.code(), err.class(), &err)
+}
+
+/// Wraps `err` under `code` and `class`, for a code that no [`Coded`] type carries here.
+pub fn coded_with(code: &str, class: ErrorClass, err: impl fmt::Display) -> anyhow::Error {
     CodedError {
         code: code.to_string(),
-        class: class_of(code),
+        class,
         message: err.to_string(),
     }
     .into()
 }
 
-/// Wraps a kernel store error.
-pub fn coded(err: mvm_builder::kernel::KernelError) -> anyhow::Error {
-    coded_as(err.code(), err)
+/// Wraps `err` under `code`, a code the CLI raises itself for an input, an argument or a state
+/// it cannot use: invalid input (exit 65).
+pub fn coded_as(code: &str, err: impl fmt::Display) -> anyhow::Error {
+    coded_with(code, ErrorClass::InvalidInput, err)
+}
+
+/// Wraps `err` under `code`, a code the CLI raises itself for a failure of the host (a file,
+/// a directory, a program or channel it needs): I/O (exit 74).
+pub fn coded_io(code: &str, err: impl fmt::Display) -> anyhow::Error {
+    coded_with(code, ErrorClass::Io, err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::output::{Output, EXIT_INTEGRITY, EXIT_INVALID_INPUT, EXIT_IO};
+    use mvm_builder::kernel::KernelError;
+    use mvm_runner::client::ClientError;
+    use mvm_runner::named_vm::NamedVmError;
+    use std::process::ExitCode;
+
+    fn reported(err: anyhow::Error) -> (String, ExitCode) {
+        let coded = err.downcast_ref::<CodedError>().unwrap();
+        (coded.code.clone(), Output::new(true).error(&err))
+    }
+
+    /// The codes the CLI once classed by a table of strings exit as they did.
+    #[test]
+    fn codes_exit_with_the_status_of_their_class() {
+        let pinned = KernelError::DigestMismatch {
+            path: "vmlinuz".into(),
+            pinned: "a".into(),
+            found: "b".into(),
+        };
+        assert_eq!(
+            reported(coded(pinned)),
+            ("KERNEL005".into(), ExitCode::from(EXIT_INTEGRITY))
+        );
+        assert_eq!(
+            reported(coded_io("INIT002", "exists")),
+            ("INIT002".into(), ExitCode::from(EXIT_IO))
+        );
+        assert_eq!(
+            reported(coded_as("INIT003", "bad name")),
+            ("INIT003".into(), ExitCode::from(EXIT_INVALID_INPUT))
+        );
+        let channel = NamedVmError::from(ClientError::Closed);
+        let code = channel.code().unwrap().to_string();
+        assert_eq!(
+            reported(coded_with(&code, channel.class(), &channel)),
+            ("RUN025".into(), ExitCode::from(EXIT_IO))
+        );
+    }
 }

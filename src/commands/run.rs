@@ -16,8 +16,8 @@ use clap::Args;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use super::bundle::{plan_to_boot, runner_command, sibling, ImageOptions};
-use super::coded_as;
 use super::vm::{exec::run_in, named_error, vm_home};
+use super::{coded_as, coded_io};
 use crate::output::Output;
 use mvm_agent::protocol::ExecRequest;
 use mvm_runner::control::MAX_TIMEOUT;
@@ -103,7 +103,7 @@ fn launch(args: RunArgs, out: &Output) -> anyhow::Result<ExitCode> {
     }
     let runner = sibling("MVM_RUNNER", "mvm-runner")?;
     if !runner.is_file() {
-        return Err(coded_as(
+        return Err(coded_io(
             "RUN031",
             format!(
                 "the runner {} was not found; install mvm-runner next to mvm or set MVM_RUNNER",

@@ -95,6 +95,10 @@ pub enum BootError {
     },
 }
 
+/// The code the agent's panic hook prints (`mvm-agent: error AGENT000 panic: …`): a bug, not
+/// a [`BootError`].
+pub const PANIC_CODE: &str = "AGENT000";
+
 impl BootError {
     /// The stable code of this error (documented in `docs/errors.md`).
     pub fn code(&self) -> &'static str {

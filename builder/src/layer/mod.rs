@@ -129,6 +129,20 @@ pub struct LayerError {
     pub source: Option<std::io::Error>,
 }
 
+impl mvm_ir::Coded for LayerError {
+    fn code(&self) -> &str {
+        self.kind.code()
+    }
+
+    /// Staging a file on the host (LAYER011) is I/O; every other refusal is of the layer.
+    fn class(&self) -> mvm_ir::ErrorClass {
+        match self.kind {
+            LayerErrorKind::Io => mvm_ir::ErrorClass::Io,
+            _ => mvm_ir::ErrorClass::InvalidInput,
+        }
+    }
+}
+
 impl LayerError {
     fn new(kind: LayerErrorKind, path: &[u8], message: impl Into<String>) -> Self {
         Self {

@@ -23,6 +23,8 @@ pub(crate) mod tests;
 
 use std::io::{self, Read};
 
+use mvm_ir::{Coded, ErrorClass};
+
 pub use cache::BlobCache;
 pub use manifest::{ImageConfig, RuntimeConfig};
 pub use reference::{ImageRef, Transport};
@@ -39,7 +41,7 @@ const MAX_TRAILING_BYTES: u64 = 1024 * 1024;
 /// Largest manifest, index or config accepted.
 const MAX_DOCUMENT_BYTES: u64 = 4 * 1024 * 1024;
 
-/// Why an image could not be imported. [`OciError::code`] is stable.
+/// Why an image could not be imported. Its [`Coded::code`] is stable.
 #[derive(Debug, thiserror::Error)]
 pub enum OciError {
     /// The image reference is malformed or not pinned.
@@ -119,9 +121,8 @@ pub enum OciError {
     },
 }
 
-impl OciError {
-    /// The stable code of this error.
-    pub fn code(&self) -> &'static str {
+impl Coded for OciError {
+    fn code(&self) -> &str {
         match self {
             OciError::BadReference { .. } => "OCI001",
             OciError::DigestMismatch { .. } => "OCI002",
@@ -130,12 +131,30 @@ impl OciError {
             OciError::UnsupportedMediaType { .. } => "OCI005",
             OciError::BlobNotFound(_) => "OCI006",
             OciError::Registry { .. } => "OCI007",
-            OciError::Layer { source, .. } => source.kind.code(),
+            OciError::Layer { source, .. } => source.code(),
             OciError::Io { .. } => "OCI008",
             OciError::Decompress { .. } => "OCI009",
         }
     }
 
+    /// A blob that does not match its digest (OCI002) is an integrity failure; the registry
+    /// and local files (OCI007, OCI008) are I/O; a layer has its own class.
+    fn class(&self) -> ErrorClass {
+        match self {
+            OciError::DigestMismatch { .. } => ErrorClass::Integrity,
+            OciError::Registry { .. } | OciError::Io { .. } => ErrorClass::Io,
+            OciError::Layer { source, .. } => source.class(),
+            OciError::BadReference { .. }
+            | OciError::BadDocument { .. }
+            | OciError::NoMatchingPlatform(_)
+            | OciError::UnsupportedMediaType { .. }
+            | OciError::BlobNotFound(_)
+            | OciError::Decompress { .. } => ErrorClass::InvalidInput,
+        }
+    }
+}
+
+impl OciError {
     fn io(path: impl std::fmt::Display, source: io::Error) -> Self {
         OciError::Io {
             path: path.to_string(),

@@ -8,14 +8,17 @@ use mvm_agent::boot::cmdline::VerityCmdline;
 use mvm_ir::admission::{PlanAdmission, VerifiedPlan};
 use mvm_ir::digest::sha256_prefixed;
 use mvm_ir::plan::{LaunchPlan, MAX_ENVELOPE_BYTES};
+use mvm_ir::{Coded, ErrorClass};
 use time::OffsetDateTime;
+
+use crate::codes;
 
 /// The largest kernel the runner reads.
 const MAX_KERNEL_BYTES: u64 = 128 << 20;
 /// The largest initramfs the runner reads.
 const MAX_INITRAMFS_BYTES: u64 = 1 << 30;
 
-/// Why a plan was not admitted. [`AdmissionError::code`] is stable.
+/// Why a plan was not admitted. Its [`Coded::code`] is stable.
 #[derive(Debug, thiserror::Error)]
 pub enum AdmissionError {
     /// The plan itself was refused (signature, trust, window, replay, …).
@@ -70,16 +73,28 @@ pub enum AdmissionError {
     },
 }
 
-impl AdmissionError {
-    /// The stable code of this refusal.
-    pub fn code(&self) -> &str {
+impl Coded for AdmissionError {
+    fn code(&self) -> &str {
         match self {
             AdmissionError::Plan(e) => e.code(),
-            AdmissionError::MissingArtifact { .. } => "RUN001",
-            AdmissionError::DigestMismatch { .. } => "RUN002",
-            AdmissionError::WrongSize { .. } => "RUN003",
-            AdmissionError::Cmdline(_) => "RUN004",
+            AdmissionError::MissingArtifact { .. } => codes::RUN001,
+            AdmissionError::DigestMismatch { .. } => codes::RUN002,
+            AdmissionError::WrongSize { .. } => codes::RUN003,
+            AdmissionError::Cmdline(_) => codes::RUN004,
             AdmissionError::NotRunnable { code, .. } => code,
+        }
+    }
+
+    /// The plan's own refusal keeps its class; the runner's refusals are classed as the CLI
+    /// has always classed `RUN…` codes other than RUN025, RUN031 and RUN032.
+    fn class(&self) -> ErrorClass {
+        match self {
+            AdmissionError::Plan(e) => e.class(),
+            AdmissionError::MissingArtifact { .. }
+            | AdmissionError::DigestMismatch { .. }
+            | AdmissionError::WrongSize { .. }
+            | AdmissionError::Cmdline(_)
+            | AdmissionError::NotRunnable { .. } => ErrorClass::InvalidInput,
         }
     }
 }

@@ -25,6 +25,10 @@ use std::str::FromStr;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use mvm_ir::{Coded, ErrorClass};
+
+use crate::codes;
+
 /// How far this build trusts mvm's own VMM: what `auto` picks on hardware virtualization,
 /// since a test boots Linux on it and runs commands through the agent
 /// (`tests/kvm_nested.rs`, nested in an emulated AMD-V guest; `docs/vmm.md`).
@@ -63,7 +67,7 @@ const VERSION_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most of `--version`'s output that is read.
 const MAX_VERSION_OUTPUT: u64 = 64 * 1024;
 
-/// Why the host cannot run a launch the way it was asked. [`HostError::code`] is stable.
+/// Why the host cannot run a launch the way it was asked. Its [`Coded::code`] is stable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HostError {
     /// `--backend kvm` in a build without mvm's own VMM.
@@ -91,17 +95,24 @@ pub enum HostError {
     },
 }
 
-impl HostError {
-    /// The stable code of this error.
-    pub fn code(&self) -> &'static str {
+impl Coded for HostError {
+    fn code(&self) -> &str {
         match self {
-            HostError::KvmBackendNotBuilt => "RUN010",
-            HostError::NoQemu { .. } => "RUN011",
-            HostError::QemuTooOld { .. } => "RUN012",
-            HostError::NoHardwareVirtualization { .. } => "RUN013",
+            HostError::KvmBackendNotBuilt => codes::RUN010,
+            HostError::NoQemu { .. } => codes::RUN011,
+            HostError::QemuTooOld { .. } => codes::RUN012,
+            HostError::NoHardwareVirtualization { .. } => codes::RUN013,
         }
     }
 
+    /// A host that cannot run the launch as asked (as the CLI has always classed `RUN…` codes
+    /// other than RUN025, RUN031 and RUN032).
+    fn class(&self) -> ErrorClass {
+        ErrorClass::InvalidInput
+    }
+}
+
+impl HostError {
     /// The shell command that fixes this, when one command can.
     pub fn fix(&self) -> Option<&'static str> {
         match self {

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use mvm_agent::protocol::{codes, ErrorReply, ExitStatus};
+use mvm_ir::{Coded, ErrorClass};
 
 use crate::admission::AdmissionError;
 use crate::client::ClientError;
@@ -92,25 +93,49 @@ pub enum LaunchError {
     Cold(#[from] ColdError),
 }
 
-impl LaunchError {
-    /// The stable code.
-    pub fn code(&self) -> &str {
+/// The code the runner prints with its exit status; an agent's refusal of the command keeps the
+/// agent's code.
+impl Coded for LaunchError {
+    fn code(&self) -> &str {
         match self {
             LaunchError::Refused(e) => e.code(),
-            LaunchError::Integrity(_) => "RUN020",
-            LaunchError::GuestFailed(_) => "RUN021",
-            LaunchError::BootTimeout(_) => "RUN022",
-            LaunchError::Backend(_) => "RUN023",
-            LaunchError::Channel(_) => "RUN025",
-            LaunchError::Host { .. } => "RUN026",
-            LaunchError::Audit(_) | LaunchError::AuditFailed(_) => "RUN027",
+            LaunchError::Integrity(_) => crate::codes::RUN020,
+            LaunchError::GuestFailed(_) => crate::codes::RUN021,
+            LaunchError::BootTimeout(_) => crate::codes::RUN022,
+            LaunchError::Backend(_) => crate::codes::RUN023,
+            LaunchError::Channel(_) => crate::codes::RUN025,
+            LaunchError::Host { .. } => crate::codes::RUN026,
+            LaunchError::Audit(_) | LaunchError::AuditFailed(_) => crate::codes::RUN027,
             LaunchError::CommandRefused(e) => &e.code,
-            LaunchError::Interrupted => "RUN033",
-            LaunchError::NameInUse(_) => "RUN034",
-            LaunchError::Cold(e) => e.code(),
+            LaunchError::Interrupted => crate::codes::RUN033,
+            LaunchError::NameInUse(_) => crate::codes::RUN034,
+            LaunchError::Cold(e) => Coded::code(e),
         }
     }
 
+    /// A broken agent channel (RUN025) is I/O; an admission or cold-state error keeps its
+    /// class; the rest are classed as the CLI has always classed `RUN…` and `AGENT…` codes.
+    /// The runner's exit status is not this class but [`LaunchError::exit_status`].
+    fn class(&self) -> ErrorClass {
+        match self {
+            LaunchError::Refused(e) => e.class(),
+            LaunchError::Cold(e) => Coded::class(e),
+            LaunchError::Channel(_) => ErrorClass::Io,
+            LaunchError::Integrity(_)
+            | LaunchError::GuestFailed(_)
+            | LaunchError::BootTimeout(_)
+            | LaunchError::Backend(_)
+            | LaunchError::Host { .. }
+            | LaunchError::Audit(_)
+            | LaunchError::AuditFailed(_)
+            | LaunchError::CommandRefused(_)
+            | LaunchError::Interrupted
+            | LaunchError::NameInUse(_) => ErrorClass::InvalidInput,
+        }
+    }
+}
+
+impl LaunchError {
     /// The runner's exit status for this failure ([`exit`]).
     pub fn exit_status(&self) -> u8 {
         match self {

@@ -4,7 +4,7 @@
 //! The order is the security argument. Nothing is created and no VM process starts before
 //! the plan and its kernel and initramfs have passed [`crate::admission`]; QEMU then boots
 //! private copies of exactly the bytes that were hashed. Every way a launch can end has its
-//! own stable code and exit status ([`LaunchError::code`], [`LaunchError::exit_status`],
+//! own stable code and exit status ([`mvm_ir::Coded::code`], [`LaunchError::exit_status`],
 //! [`exit`]), so a caller can tell a refused plan from a corrupted root from a command that
 //! merely failed.
 //!
@@ -26,6 +26,7 @@ use mvm_ir::admission::VerifiedPlan;
 use mvm_ir::home::MvmHome;
 use mvm_ir::plan::Timestamp;
 use mvm_ir::receipt::{CommandResult, OutputDigest, Receipt};
+use mvm_ir::Coded;
 use serde_json::json;
 
 use crate::admission::AdmissionError;
@@ -395,7 +396,7 @@ fn secrets_resolvable(plan: &VerifiedPlan) -> Result<(), AdmissionError> {
         return Ok(());
     }
     Err(AdmissionError::NotRunnable {
-        code: "RUN030".into(),
+        code: crate::codes::RUN030.into(),
         reason: format!(
             "the plan needs secrets ({}); secret references are not resolved by this runner yet",
             required.join(", ")
@@ -419,13 +420,13 @@ fn exec_request(plan: &VerifiedPlan, launch: &Launch) -> Result<ExecRequest, Adm
     // The same defaults as a named VM's commands get; no client variables to refuse here.
     let request = control::with_plan_defaults(&plan.plan, asked).map_err(|reason| {
         AdmissionError::NotRunnable {
-            code: "RUN029".into(),
+            code: crate::codes::RUN029.into(),
             reason,
         }
     })?;
     if request.argv.is_empty() {
         return Err(AdmissionError::NotRunnable {
-            code: "RUN029".into(),
+            code: crate::codes::RUN029.into(),
             reason: "no command: give one after `--`, or build the plan with an entrypoint".into(),
         });
     }

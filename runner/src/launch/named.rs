@@ -12,6 +12,7 @@ use std::time::Duration;
 use mvm_agent::protocol::Request;
 use mvm_ir::audit::HostAudit;
 use mvm_ir::plan::LaunchPlan;
+use mvm_ir::Coded;
 use serde_json::json;
 
 use super::start::{failure, start, Origin, Started};
@@ -21,6 +22,7 @@ use crate::backend::qemu;
 use crate::backend::select::Accel;
 use crate::backend::{Pausable, SavedMemory, VmProcess};
 use crate::client::ClientError;
+use crate::codes;
 use crate::cold::{self, ColdError, ColdManifest, ColdSaver, ColdState};
 use crate::control;
 use crate::mux::AgentMux;
@@ -223,7 +225,7 @@ pub(super) fn serve_started(
         Ok(Served::Cold) => ("saved cold".to_string(), Phase::Cold),
         Ok(Served::Stopped) => ("stopped on request".to_string(), Phase::Stopped),
         Err(error) if still_cold => (error.code().to_string(), Phase::Cold),
-        Err(LaunchError::Interrupted) => ("RUN033".to_string(), Phase::Stopped),
+        Err(LaunchError::Interrupted) => (codes::RUN033.to_string(), Phase::Stopped),
         Err(error) => (error.code().to_string(), Phase::Failed),
     };
     state.phase = phase;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use mvm_ir::admission::{NonceLedger, PlanAdmission, VerifiedPlan};
 use mvm_ir::audit::HostAudit;
 use mvm_ir::keys::KeyStore;
+use mvm_ir::Coded;
 use serde_json::json;
 
 use super::vm_dir::{Keep, VmDir};
@@ -167,6 +168,9 @@ pub(super) fn start<T>(
                 rootfs: &admitted.artifacts.rootfs,
                 verity: &admitted.artifacts.verity,
             };
+            // `VmmError` is not `mvm_ir::Coded` (mvm-vmm depends on no other mvm crate, and
+            // the orphan rule keeps the runner from implementing the trait for it): its
+            // inherent code goes into the message of the RUN023 that carries it.
             let vmm_failed = |e: VmmError| LaunchError::Backend(format!("{}: {e}", e.code()));
             let spec = VmSpec {
                 huge_pages: launch.huge_pages,

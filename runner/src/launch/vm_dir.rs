@@ -166,6 +166,7 @@ mod tests {
 
     use super::*;
     use crate::state::{Phase, VmState};
+    use mvm_ir::Coded;
 
     fn mode(path: &std::path::Path) -> u32 {
         fs::metadata(path).unwrap().permissions().mode() & 0o777

@@ -16,7 +16,7 @@ use mvm_runner::state;
 use serde_json::json;
 
 use super::{agent_error, connect};
-use crate::commands::coded_as;
+use crate::commands::{coded_as, coded_io};
 use crate::output::Output;
 
 /// How long one copy may take.
@@ -119,7 +119,7 @@ fn copy_out(
     let dir = local.parent().context("the destination has no directory")?;
     let kind = match client.call(&Request::FsStat { path: path.into() }, COPY_TIMEOUT, None) {
         Ok(Response::FsStat(info)) => info.kind,
-        Ok(other) => return Err(coded_as("RUN025", format!("unexpected answer {other:?}"))),
+        Ok(other) => return Err(coded_io("RUN025", format!("unexpected answer {other:?}"))),
         Err(e) => return Err(agent_error(e)),
     };
     let tar = kind == FileKind::Directory;

@@ -18,7 +18,7 @@ use mvm_runner::launch::{command_result, exit, LaunchError};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use super::{connect, named, named_error};
-use crate::commands::{coded_as, Host};
+use crate::commands::{coded_io, Host};
 use crate::output::Output;
 
 /// Beyond a command's timeout, how long to wait for its answer.
@@ -113,7 +113,7 @@ pub fn run_in(
             return Ok(ExitCode::from(error.exit_status()));
         }
         Err(ClientError::Interrupted) => return Ok(ExitCode::from(exit::INTERRUPTED)),
-        Err(e) => return Err(coded_as("RUN025", e)),
+        Err(e) => return Err(coded_io("RUN025", e)),
     };
     let reply = &executed.reply;
     if reply.integrity == Integrity::Corrupted {

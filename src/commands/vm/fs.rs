@@ -9,7 +9,7 @@ use mvm_agent::protocol::{FileInfo, FileKind, Request, Response};
 use serde_json::json;
 
 use super::{agent_error, connect};
-use crate::commands::coded_as;
+use crate::commands::{coded_as, coded_io};
 use crate::output::Output;
 
 /// How long one operation may take (a recursive remove of a large tree included).
@@ -96,7 +96,7 @@ pub fn run(command: FsCommand, out: &Output) -> anyhow::Result<()> {
             });
         }
         Response::FsStat(info) => out.result(json!({"entry": info}), || line(&info)),
-        other => return Err(coded_as("RUN025", format!("unexpected answer {other:?}"))),
+        other => return Err(coded_io("RUN025", format!("unexpected answer {other:?}"))),
     }
     Ok(())
 }

@@ -127,7 +127,7 @@ fn named(name: &str) -> anyhow::Result<NamedVm> {
 /// host) as an internal error.
 pub(super) fn named_error(error: NamedVmError) -> anyhow::Error {
     match error.code() {
-        Some(code) => coded_as(code, &error),
+        Some(code) => super::coded_with(code, error.class(), &error),
         None => anyhow::Error::new(error),
     }
 }

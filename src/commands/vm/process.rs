@@ -12,7 +12,7 @@ use mvm_runner::launch::exit;
 use serde_json::json;
 
 use super::{agent_error, connect};
-use crate::commands::coded_as;
+use crate::commands::{coded_as, coded_io};
 use crate::output::Output;
 
 /// How long a quick request to the agent may take.
@@ -77,7 +77,7 @@ pub fn spawn(
 pub fn ps(args: PsArgs, out: &Output) -> anyhow::Result<()> {
     let mut client = connect(&args.name, Arc::default())?;
     let Response::Ps { processes } = call(&mut client, &Request::Ps)? else {
-        return Err(coded_as("RUN025", "unexpected answer to ps"));
+        return Err(coded_io("RUN025", "unexpected answer to ps"));
     };
     out.result(json!({"processes": processes}), || {
         let mut text = format!(
@@ -158,5 +158,5 @@ fn call(client: &mut AgentClient, request: &Request) -> anyhow::Result<Response>
 }
 
 fn unexpected(response: &Response) -> anyhow::Error {
-    coded_as("RUN025", format!("unexpected answer {response:?}"))
+    coded_io("RUN025", format!("unexpected answer {response:?}"))
 }

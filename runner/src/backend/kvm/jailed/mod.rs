@@ -40,10 +40,12 @@ use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 
+use mvm_ir::{Coded, ErrorClass};
 use mvm_vmm::{GuestExit, VmSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::select::BackendChoice;
+use crate::codes;
 
 pub mod child;
 pub mod control;
@@ -87,14 +89,27 @@ pub enum JailError {
     },
 }
 
+/// Delegates to the inherent [`JailError::code`], which stays for callers without the trait.
+impl Coded for JailError {
+    fn code(&self) -> &str {
+        JailError::code(self)
+    }
+
+    /// Flags the jail refuses and a jail that could not be set up alike (as the CLI has
+    /// always classed `RUN…` codes other than RUN025, RUN031 and RUN032).
+    fn class(&self) -> ErrorClass {
+        ErrorClass::InvalidInput
+    }
+}
+
 impl JailError {
     /// The stable code of this error.
     pub fn code(&self) -> &'static str {
         match self {
-            JailError::NeedsKvm => "RUN043",
-            JailError::NotRoot(_) => "RUN044",
-            JailError::RootId(_) => "RUN045",
-            JailError::Setup { .. } => "RUN046",
+            JailError::NeedsKvm => codes::RUN043,
+            JailError::NotRoot(_) => codes::RUN044,
+            JailError::RootId(_) => codes::RUN045,
+            JailError::Setup { .. } => codes::RUN046,
         }
     }
 
