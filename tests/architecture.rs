@@ -84,10 +84,10 @@ fn the_vmm_stands_alone_and_the_runner_builds_on_it() {
 }
 
 #[test]
-fn the_runner_links_no_builder_and_no_cli() {
+fn the_runner_links_no_builder_no_cli_and_no_agent() {
     let graph = workspace_graph();
     let runner = reaches(&graph, "mvm-runner");
-    for forbidden in ["mvm-builder", "mvm-nix", "mvm"] {
+    for forbidden in ["mvm-builder", "mvm-nix", "mvm", "mvm-agent"] {
         assert!(
             !runner.contains(forbidden),
             "mvm-runner reaches {forbidden}: {runner:?}"

@@ -20,6 +20,7 @@ const SOURCES: &[&str] = &[
     "runner/src",
     "vmm/src",
     "agent/src",
+    "protocol/src",
 ];
 
 /// `docs/errors.md` and the pages it leaves families of codes to.

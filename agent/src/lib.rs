@@ -1,4 +1,4 @@
-//! The mvm guest agent (PID 1 in the guest) and the host↔guest wire protocol.
+//! The mvm guest agent (PID 1 in the guest); the wire protocol it speaks is `mvm-protocol`.
 //!
 //! What comes in: a Debian cloud kernel that has just unpacked the initramfs the builder wrote
 //! (this agent as `/init`, the kernel modules under `/lib/modules`, their load order in
@@ -18,9 +18,9 @@
 //! which for PID 1 would be a kernel panic.
 //!
 //! Then, in [`serve`], the agent answers the host over the virtio-console port named
-//! `mvm.agent`, in the [`protocol`] both sides share: a hello with the boot timings, commands
-//! run as an unprivileged user with their output streamed back, and a power-off.
+//! `mvm.agent`, in the protocol both sides share (`mvm-protocol`): a hello with the boot
+//! timings, commands run as an unprivileged user with their output streamed back, and a
+//! power-off.
 
 pub mod boot;
-pub mod protocol;
 pub mod serve;

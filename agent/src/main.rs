@@ -11,8 +11,8 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 
 use mvm_agent::boot::{self, console, devmapper, BootError, Booted};
-use mvm_agent::protocol::{BootTimings, Integrity};
 use mvm_agent::serve::{self, exec::Credentials, Ended, ServeConfig};
+use mvm_protocol::{BootTimings, Integrity};
 
 /// The unprivileged user and group every workload command runs as.
 const WORKLOAD_USER: Credentials = Credentials {

@@ -6,8 +6,8 @@ mod support;
 
 use std::collections::BTreeMap;
 
-use mvm_agent::protocol::{ExecRequest, ExitStatus, FrameKind, Request, Response};
 use mvm_agent::serve::{Ended, ServeConfig};
+use mvm_protocol::{ExecRequest, ExitStatus, FrameKind, Request, Response};
 use support::Agent;
 
 /// The frames up to the answer on `stream`: its standard output and the answer.

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mvm_agent::protocol::{ExecRequest, ExitStatus, FrameKind, Request, Response};
 use mvm_agent::serve::{Ended, ServeConfig};
+use mvm_protocol::{ExecRequest, ExitStatus, FrameKind, Request, Response};
 use support::{Agent, SILENCE};
 
 /// Rounds of the loop; each runs every scenario once, at the same time.

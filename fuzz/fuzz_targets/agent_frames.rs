@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mvm_agent::protocol::{flow, FrameDecoder, FrameKind, Request, Response};
+use mvm_protocol::{flow, FrameDecoder, FrameKind, Request, Response};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&read_size, stream)) = data.split_first() else {

@@ -9,12 +9,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mvm_agent::protocol::flow::{self, SendWindow};
-use mvm_agent::protocol::{
+use mvm_ir::receipt::OutputDigest;
+use mvm_protocol::flow::{self, SendWindow};
+use mvm_protocol::{
     encode, ErrorReply, ExecReply, ExecRequest, FileDone, Frame, FrameDecoder, FrameError,
     FrameKind, FsWriteRequest, HelloReply, Request, Response, PROTOCOL_VERSION,
 };
-use mvm_ir::receipt::OutputDigest;
 use sha2::{Digest, Sha256};
 
 /// How often a blocked read wakes up to look at its deadline.
@@ -544,8 +544,8 @@ fn unexpected(response: &Response) -> ClientError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mvm_agent::protocol::Integrity;
     use mvm_agent::serve::{serve, ServeConfig};
+    use mvm_protocol::Integrity;
     use std::collections::BTreeMap;
 
     #[derive(Default)]
@@ -596,10 +596,7 @@ mod tests {
             (output.0.as_slice(), output.1.as_slice()),
             (&b"hi\n"[..], &b"no\n"[..])
         );
-        assert_eq!(
-            reply.status,
-            mvm_agent::protocol::ExitStatus::Exited { code: 3 }
-        );
+        assert_eq!(reply.status, mvm_protocol::ExitStatus::Exited { code: 3 });
         let missing = ExecRequest {
             argv: vec!["/no/such/program".into()],
             ..request
@@ -661,7 +658,7 @@ mod tests {
                 decoder.push(&buffer[..n]);
             };
             let reply = Response::Exec(ExecReply {
-                status: mvm_agent::protocol::ExitStatus::Exited { code: 0 },
+                status: mvm_protocol::ExitStatus::Exited { code: 0 },
                 integrity: Integrity::Intact,
                 stdout_bytes: 10,
                 stderr_bytes: 0,

@@ -5,7 +5,7 @@
 //! channel ([`AgentMux`]). Exec requests get the plan's defaults (environment, working
 //! directory, entrypoint) applied here, so a client cannot step outside the plan's policy.
 //!
-//! [protocol]: mvm_agent::protocol
+//! [protocol]: mvm_protocol
 
 use std::io::{self, Read as _, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -13,12 +13,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use mvm_agent::protocol::{
+use mvm_ir::plan::LaunchPlan;
+use mvm_ir::validate::{is_env_name, DENIED_ENV};
+use mvm_protocol::{
     codes, encode, ErrorReply, ExecRequest, Frame, FrameDecoder, FrameKind, HelloReply, Integrity,
     Request, Response,
 };
-use mvm_ir::plan::LaunchPlan;
-use mvm_ir::validate::{is_env_name, DENIED_ENV};
 use serde_json::{json, Value};
 
 use crate::backend::Pausable;

@@ -1,7 +1,7 @@
 //! One agent channel shared by many exchanges: requests go out on fresh stream ids, and a
 //! reader thread hands every frame that comes back to the exchange it belongs to.
 //!
-//! Flow control ([`mvm_agent::protocol::flow`]) is kept here for every exchange: the agent may
+//! Flow control ([`mvm_protocol::flow`]) is kept here for every exchange: the agent may
 //! have at most a window of data in flight per stream, so the reader never waits for a slow
 //! exchange (one slow client cannot hold up the others) and what is buffered stays bounded;
 //! an [`Exchange`] hands the room back as its frames are taken. Data sent to the agent waits
@@ -16,8 +16,8 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use mvm_agent::protocol::flow::{self, ReceiveWindow, SendWindow};
-use mvm_agent::protocol::{encode, Frame, FrameDecoder, FrameKind, Request};
+use mvm_protocol::flow::{self, ReceiveWindow, SendWindow};
+use mvm_protocol::{encode, Frame, FrameDecoder, FrameKind, Request};
 
 use crate::client::ClientError;
 
@@ -348,8 +348,8 @@ fn route_frames(mut stream: UnixStream, shared: &Shared, writer: &Mutex<UnixStre
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mvm_agent::protocol::{ExecRequest, Response};
     use mvm_agent::serve::{serve, ServeConfig};
+    use mvm_protocol::{ExecRequest, Response};
     use std::collections::BTreeMap;
     use std::time::Duration;
 
@@ -459,7 +459,7 @@ mod tests {
 
     #[test]
     fn uploads_and_commands_share_the_channel_under_load() {
-        use mvm_agent::protocol::FsWriteRequest;
+        use mvm_protocol::FsWriteRequest;
         use sha2::{Digest, Sha256};
         let (host, mut guest) = UnixStream::pair().unwrap();
         let agent = std::thread::spawn(move || serve(&mut guest, &ServeConfig::on_host()));

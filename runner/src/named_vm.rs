@@ -58,7 +58,7 @@ pub enum NamedVmError {
     },
     /// The agent refused the request; its own code and message.
     #[error("{}", .0.message)]
-    Refused(mvm_agent::protocol::ErrorReply),
+    Refused(mvm_protocol::ErrorReply),
     /// The channel to the VM failed.
     #[error(transparent)]
     Channel(ClientError),

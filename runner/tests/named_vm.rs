@@ -16,13 +16,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use mvm_agent::protocol::{
-    BootTimings, ExecRequest, HelloReply, Integrity, Request, PROTOCOL_VERSION,
-};
 use mvm_agent::serve::{serve, ServeConfig};
 use mvm_ir::audit::{AuditLog, HostAudit};
 use mvm_ir::fsutil::ExclusiveLock;
 use mvm_ir::home::MvmHome;
+use mvm_protocol::{BootTimings, ExecRequest, HelloReply, Integrity, Request, PROTOCOL_VERSION};
 use mvm_runner::backend::Pausable;
 use mvm_runner::client::{AgentClient, OutputSink};
 use mvm_runner::control::{self, Shared};

@@ -19,7 +19,7 @@ use super::bundle::{plan_to_boot, runner_command, sibling, ImageOptions};
 use super::vm::{exec::run_in, named_error, vm_home};
 use super::{coded_as, coded_io};
 use crate::output::Output;
-use mvm_agent::protocol::ExecRequest;
+use mvm_protocol::ExecRequest;
 use mvm_runner::control::MAX_TIMEOUT;
 use mvm_runner::named_vm::NamedVmError;
 

@@ -20,8 +20,8 @@ use std::path::PathBuf;
 use rustix::fs::{FileType, Mode};
 use rustix::ioctl::{opcode, Opcode, Updater};
 
-use super::cmdline::VerityCmdline;
 use super::BootError;
+use mvm_protocol::cmdline::VerityCmdline;
 
 /// The device-mapper control node (devtmpfs creates it when `dm_mod` loads).
 const CONTROL: &str = "/dev/mapper/control";
@@ -327,7 +327,7 @@ mod tests {
 
     #[test]
     fn a_verity_table_load_is_read_only_and_complete() {
-        let v = crate::boot::cmdline::VerityCmdline::parse(&format!(
+        let v = mvm_protocol::cmdline::VerityCmdline::parse(&format!(
             "mvm.root_hash={} mvm.salt=ab mvm.data_blocks=10 mvm.hash_offset=0 mvm.block_size=4096",
             "0".repeat(64)
         ))

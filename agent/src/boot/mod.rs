@@ -4,7 +4,6 @@
 //! place: kernel command line, modules, disks, dm-verity, root mounts. Each step lives in its
 //! own module; this one only orders them, keeps the timings and names the failures.
 
-pub mod cmdline;
 pub mod console;
 pub mod devmapper;
 pub mod modules;
@@ -15,7 +14,7 @@ use std::io;
 use std::path::Path;
 use std::time::Duration;
 
-use cmdline::VerityCmdline;
+use mvm_protocol::cmdline::{self, VerityCmdline};
 
 /// The disk holding the EROFS root filesystem image.
 pub const DATA_DEVICE: &str = "/dev/vda";

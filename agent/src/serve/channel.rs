@@ -10,9 +10,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::boot::BootError;
+use mvm_protocol::PORT_NAME;
 
-/// The name the host gives the agent's port (QEMU: `virtserialport,name=`).
-pub const PORT_NAME: &str = "mvm.agent";
 /// Where the kernel lists virtio-console ports with their names.
 const PORTS: &str = "/sys/class/virtio-ports";
 /// How long the port may take to appear after its driver loaded.

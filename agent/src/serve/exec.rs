@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, PidfdFlags, Signal, WaitOptions};
 
-use crate::protocol::flow::{cost, ReceiveWindow, SendWindow};
-use crate::protocol::{codes, ErrorReply, ExecRequest, ExitStatus, ProcessInfo};
+use mvm_protocol::flow::{cost, ReceiveWindow, SendWindow};
+use mvm_protocol::{codes, ErrorReply, ExecRequest, ExitStatus, ProcessInfo};
 
 /// `PATH` for commands whose environment has none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -319,7 +319,7 @@ pub struct Spawned {
     pub stderr: Tail,
 }
 
-/// The last [`SPAWN_OUTPUT_TAIL`](crate::protocol::SPAWN_OUTPUT_TAIL) bytes written to a
+/// The last [`SPAWN_OUTPUT_TAIL`](mvm_protocol::SPAWN_OUTPUT_TAIL) bytes written to a
 /// stream.
 #[derive(Debug, Default)]
 pub struct Tail(VecDeque<u8>);
@@ -327,7 +327,7 @@ pub struct Tail(VecDeque<u8>);
 impl Tail {
     /// Appends bytes, forgetting the oldest beyond the limit.
     pub fn push(&mut self, bytes: &[u8]) {
-        let limit = crate::protocol::SPAWN_OUTPUT_TAIL;
+        let limit = mvm_protocol::SPAWN_OUTPUT_TAIL;
         let bytes = &bytes[bytes.len().saturating_sub(limit)..];
         let excess = (self.0.len() + bytes.len()).saturating_sub(limit);
         self.0.drain(..excess);

@@ -16,8 +16,8 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 use sha2::{Digest, Sha256};
 
 use super::exec::Credentials;
-use crate::protocol::flow::{ReceiveWindow, SendWindow};
-use crate::protocol::{codes, ErrorReply, FileDone, FsWriteRequest};
+use mvm_protocol::flow::{ReceiveWindow, SendWindow};
+use mvm_protocol::{codes, ErrorReply, FileDone, FsWriteRequest};
 
 /// The only directory tree copies may touch.
 pub const COPY_ROOT: &str = "/tmp";

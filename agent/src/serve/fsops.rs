@@ -13,7 +13,7 @@ use rustix::io::Errno;
 
 use super::exec::Credentials;
 use super::files::{error, place, COPY_ROOT};
-use crate::protocol::{codes, ErrorReply, FileInfo, FileKind, Request, Response};
+use mvm_protocol::{codes, ErrorReply, FileInfo, FileKind, Request, Response};
 
 /// Entries `fs_list` returns at most (the answer must fit in one frame).
 pub const MAX_LISTED: usize = 1024;

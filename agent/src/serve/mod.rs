@@ -1,4 +1,4 @@
-//! Serving the host: the agent's side of the [protocol](crate::protocol) over one channel.
+//! Serving the host: the agent's side of the [protocol](mvm_protocol) over one channel.
 //!
 //! One thread, one `poll` over the channel and every running command's pipes and pidfd.
 //! Commands run concurrently, each on the stream id of its request (up to [`MAX_COMMANDS`];
@@ -20,12 +20,12 @@ use std::time::{Duration, Instant};
 use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::process::WaitOptions;
 
-use crate::protocol::{
+use exec::{Credentials, Running};
+use files::{Download, Upload};
+use mvm_protocol::{
     codes, encode, flow, BootTimings, ErrorReply, ExecReply, FileDone, Frame, FrameDecoder,
     FrameError, FrameKind, HelloReply, Integrity, ProcessInfo, Request, Response, PROTOCOL_VERSION,
 };
-use exec::{Credentials, Running};
-use files::{Download, Upload};
 
 /// Bytes read from a pipe or the channel at a time; also the largest data frame sent.
 const CHUNK: usize = 64 * 1024;

@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::protocol::{ExecRequest, ExitStatus, FileKind, Frame};
+use mvm_protocol::{ExecRequest, ExitStatus, FileKind, Frame};
 
 /// How long the host waits for the agent to say something (or to end) before failing.
 const SILENCE: Duration = Duration::from_secs(20);
@@ -417,7 +417,7 @@ fn a_malformed_frame_ends_serving_and_a_closed_channel_is_the_host_gone() {
 fn upload(host: &mut Host, stream: u32, path: &str, bytes: &[u8], sha256: &str) -> Response {
     host.send(
         stream,
-        &Request::FsWrite(crate::protocol::FsWriteRequest {
+        &Request::FsWrite(mvm_protocol::FsWriteRequest {
             path: path.into(),
             mode: 0o640,
             size: bytes.len() as u64,
@@ -446,7 +446,7 @@ fn files_are_copied_in_and_out_whole_and_checked() {
     let done = upload(&mut host, 1, &path, &bytes, &sha256(&bytes));
     assert_eq!(
         done,
-        Response::FsWrite(crate::protocol::FileDone {
+        Response::FsWrite(mvm_protocol::FileDone {
             size: bytes.len() as u64,
             sha256: sha256(&bytes)
         })
@@ -472,7 +472,7 @@ fn files_are_copied_in_and_out_whole_and_checked() {
     // An upload the host gives up (an empty data frame before its last byte) leaves nothing.
     host.send(
         4,
-        &Request::FsWrite(crate::protocol::FsWriteRequest {
+        &Request::FsWrite(mvm_protocol::FsWriteRequest {
             path: other.clone(),
             mode: 0o600,
             size: 1000,
@@ -998,7 +998,7 @@ fn directories_travel_as_tar_streams() {
 
     // In: the same stream unpacked into a new directory, only once its digest matches.
     let copy = dir.path().join("copy").to_str().unwrap().to_string();
-    let request = crate::protocol::FsWriteRequest {
+    let request = mvm_protocol::FsWriteRequest {
         path: copy.clone(),
         mode: 0o755,
         size: archive.len() as u64,
@@ -1032,7 +1032,7 @@ fn directories_travel_as_tar_streams() {
     let target = dir.path().join("evil").to_str().unwrap().to_string();
     host.send(
         4,
-        &Request::FsWrite(crate::protocol::FsWriteRequest {
+        &Request::FsWrite(mvm_protocol::FsWriteRequest {
             path: target,
             mode: 0o755,
             size: evil.len() as u64,

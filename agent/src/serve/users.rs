@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use super::exec::Credentials;
-use crate::protocol::{codes, ErrorReply};
+use mvm_protocol::{codes, ErrorReply};
 
 /// The largest `/etc/passwd` read.
 const MAX_PASSWD: u64 = 1 << 20;

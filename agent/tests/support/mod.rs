@@ -5,8 +5,8 @@ use std::os::unix::net::UnixStream;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use mvm_agent::protocol::{encode, Frame, FrameDecoder, FrameKind, Request};
 use mvm_agent::serve::{serve, Ended, ServeConfig, ServeError};
+use mvm_protocol::{encode, Frame, FrameDecoder, FrameKind, Request};
 
 /// How long the host waits for the agent to say something, or to end, before failing.
 pub const SILENCE: Duration = Duration::from_secs(20);

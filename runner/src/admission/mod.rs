@@ -4,11 +4,11 @@ use std::fs::{self, File};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use mvm_agent::boot::cmdline::VerityCmdline;
 use mvm_ir::admission::{PlanAdmission, VerifiedPlan};
 use mvm_ir::digest::sha256_prefixed;
 use mvm_ir::plan::{LaunchPlan, MAX_ENVELOPE_BYTES};
 use mvm_ir::{Coded, ErrorClass};
+use mvm_protocol::cmdline::VerityCmdline;
 use time::OffsetDateTime;
 
 use crate::codes;

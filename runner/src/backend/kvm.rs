@@ -9,9 +9,9 @@ use std::io;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-use mvm_agent::serve::channel::PORT_NAME;
 use mvm_ir::digest::Sha256Writer;
 use mvm_ir::plan::LaunchPlan;
+use mvm_protocol::PORT_NAME;
 use mvm_vmm::snapshot::{self, SnapshotReader};
 use mvm_vmm::{ConsolePort, DiskSpec, GuestExit, Machine, MicroVm, PauseError, VmSpec, VmmError};
 

@@ -5,8 +5,8 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use mvm_agent::protocol::{codes, ErrorReply, ExitStatus};
 use mvm_ir::{Coded, ErrorClass};
+use mvm_protocol::{codes, ErrorReply, ExitStatus};
 
 use crate::admission::AdmissionError;
 use crate::client::ClientError;

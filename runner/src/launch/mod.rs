@@ -21,12 +21,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mvm_agent::protocol::{codes, ExecRequest, ExitStatus, HelloReply, Integrity};
 use mvm_ir::admission::VerifiedPlan;
 use mvm_ir::home::MvmHome;
 use mvm_ir::plan::Timestamp;
 use mvm_ir::receipt::{CommandResult, OutputDigest, Receipt};
 use mvm_ir::Coded;
+use mvm_protocol::{codes, ExecRequest, ExitStatus, HelloReply, Integrity};
 use serde_json::json;
 
 use crate::admission::AdmissionError;

@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mvm_agent::protocol::Request;
 use mvm_ir::audit::HostAudit;
 use mvm_ir::plan::LaunchPlan;
 use mvm_ir::Coded;
+use mvm_protocol::Request;
 use serde_json::json;
 
 use super::start::{failure, start, Origin, Started};
@@ -161,7 +161,7 @@ pub(super) fn serve_started(
             let set = booted
                 .client
                 .call(&control::clock_now(), Duration::from_secs(5), None);
-            if !matches!(set, Ok(mvm_agent::protocol::Response::Done)) {
+            if !matches!(set, Ok(mvm_protocol::Response::Done)) {
                 eprintln!("mvm-runner: the woken guest did not set its clock");
             }
             // It runs again: its saved state is stale from here on.

@@ -6,7 +6,7 @@ use std::io::{Read, Seek};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use mvm_agent::protocol::{ExecRequest, ExitStatus, FsWriteRequest};
+use mvm_protocol::{ExecRequest, ExitStatus, FsWriteRequest};
 use mvm_runner::client::{AgentClient, OutputSink};
 use serde_json::{json, Value};
 

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use mvm_agent::protocol::{ExecRequest, ExitStatus};
+use mvm_protocol::{ExecRequest, ExitStatus};
 use mvm_runner::client::OutputSink;
 use serde_json::{json, Value};
 

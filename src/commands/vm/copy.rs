@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use mvm_agent::protocol::{FileKind, FsWriteRequest, Request, Response};
+use mvm_protocol::{FileKind, FsWriteRequest, Request, Response};
 use mvm_runner::client::{AgentClient, OutputSink};
 use mvm_runner::state;
 use serde_json::json;
@@ -69,7 +69,7 @@ fn copy_in(
     mut client: AgentClient,
     local: &Path,
     path: &str,
-) -> anyhow::Result<mvm_agent::protocol::FileDone> {
+) -> anyhow::Result<mvm_protocol::FileDone> {
     let meta =
         std::fs::symlink_metadata(local).with_context(|| format!("reading {}", local.display()))?;
     let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777;
@@ -114,7 +114,7 @@ fn copy_out(
     mut client: AgentClient,
     path: &str,
     local: &Path,
-) -> anyhow::Result<mvm_agent::protocol::FileDone> {
+) -> anyhow::Result<mvm_protocol::FileDone> {
     let local = std::path::absolute(local)?;
     let dir = local.parent().context("the destination has no directory")?;
     let kind = match client.call(&Request::FsStat { path: path.into() }, COPY_TIMEOUT, None) {

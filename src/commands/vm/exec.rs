@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use mvm_agent::protocol::{ExecRequest, Integrity};
 use mvm_ir::receipt::Receipt;
+use mvm_protocol::{ExecRequest, Integrity};
 use mvm_runner::client::{ClientError, StdStreams};
 use mvm_runner::control::MAX_TIMEOUT;
 use mvm_runner::launch::{command_result, exit, LaunchError};

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Subcommand;
-use mvm_agent::protocol::{FileInfo, FileKind, Request, Response};
+use mvm_protocol::{FileInfo, FileKind, Request, Response};
 use serde_json::json;
 
 use super::{agent_error, connect};

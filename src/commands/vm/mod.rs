@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use mvm_agent::protocol::Request;
+use mvm_protocol::Request;
 use mvm_runner::client::{AgentClient, ClientError};
 use mvm_runner::named_vm::{NamedVm, NamedVmError, VmHome};
 use mvm_runner::state::{Phase, VmState};

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use mvm_agent::protocol::{ExecRequest, ExitStatus, ProcessInfo, Request, Response};
+use mvm_protocol::{ExecRequest, ExitStatus, ProcessInfo, Request, Response};
 use mvm_runner::client::{AgentClient, StdStreams};
 use mvm_runner::launch::exit;
 use serde_json::json;

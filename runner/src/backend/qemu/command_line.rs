@@ -11,8 +11,8 @@
 use std::ffi::OsString;
 use std::path::Path;
 
-use mvm_agent::serve::channel::PORT_NAME;
 use mvm_ir::plan::LaunchPlan;
+use mvm_protocol::PORT_NAME;
 
 use crate::backend::select::Accel;
 

@@ -1,11 +1,16 @@
-//! The host↔guest wire protocol, spoken over the virtio-console agent channel.
+//! `mvm-protocol`: the contract between the host and mvm's guest agent, shared by the agent
+//! (`mvm-agent`) and the runner (`mvm-runner`) so that neither links the other: the wire
+//! protocol spoken over the virtio-console port named [`PORT_NAME`], and the dm-verity
+//! parameters the kernel command line carries to the agent ([`cmdline`]).
 //!
+//! The wire protocol:
 //! Length-prefixed [`frame`]s carry JSON requests and responses ([`message`]) and raw data.
 //! The host opens every exchange with a request on a stream id of its choosing; the agent
 //! answers with data frames on that id (a command's stdout and stderr, kept apart) and exactly
 //! one final response. The first request on a channel is [`Request::Hello`], which checks that
 //! both sides speak [`PROTOCOL_VERSION`]. Data frames are flow-controlled per stream ([`flow`]).
 
+pub mod cmdline;
 pub mod flow;
 pub mod frame;
 pub mod message;
@@ -16,6 +21,10 @@ pub use message::{
     FileKind, FsWriteRequest, HelloReply, Integrity, ProcessInfo, Request, Response,
     SPAWN_OUTPUT_TAIL,
 };
+
+/// The name the host gives the agent's port (QEMU: `virtserialport,name=`; mvm's own VMM:
+/// its named console port).
+pub const PORT_NAME: &str = "mvm.agent";
 
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u32 = 2;
