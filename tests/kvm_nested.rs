@@ -25,7 +25,8 @@ use serde_json::Value;
 
 mod support;
 
-use support::{bundle, guest};
+use support::bundle::{self, copy_dir};
+use support::guest;
 
 /// The outer QEMU's watchdog: the outer boot (~7 s), four inner boots and their commands.
 const OUTER_TIMEOUT_S: u32 = 420;
@@ -120,18 +121,6 @@ const ENDED: [(&str, &str); 6] = [
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Copies the files of `from` (not its subdirectories) into `to`, modes kept.
-fn copy_dir(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    fs::set_permissions(to, fs::Permissions::from_mode(0o700)).unwrap();
-    for entry in fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_type().unwrap().is_file() {
-            fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-        }
-    }
 }
 
 /// The named VM's steps, in order: with the pause and cold steps when `paused`.

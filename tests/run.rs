@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 
 mod support;
 
-use support::bundle::{self, find, flip_byte};
+use support::bundle::{self, copy_dir, find, flip_byte};
 use support::guest;
 use support::wait::{eventually, EVENTUALLY};
 
@@ -1377,6 +1377,9 @@ fn a_vm_saved_cold_holds_nothing_refuses_a_changed_state_and_wakes_where_it_left
     );
     assert_eq!(vm_phase("sleeper").as_deref(), Some("cold"));
     flip_byte(&memory, 4096);
+    // This state, kept aside: once woken it is never current again.
+    let aside = tempfile::tempdir().unwrap();
+    copy_dir(&dir.join("cold"), &aside.path().join("cold"));
 
     // Woken: the same VM, its file and its counter there, counting on from where it stopped;
     // its clock, which stood still while it was cold, is the host's again.
@@ -1440,8 +1443,28 @@ fn a_vm_saved_cold_holds_nothing_refuses_a_changed_state_and_wakes_where_it_left
         "{events:?}"
     );
 
-    // Stopped while cold: the saved state is discarded.
+    // Changed and saved again: the state kept aside (older, and woken once already) is
+    // refused when put back, before QEMU starts; the VM stays cold.
+    sh_in("sleeper", "echo changed > /tmp/mark");
     mvm_ok_json(&["pause", "sleeper", "--cold"], 0);
+    let newer = aside.path().join("newer");
+    fs::rename(dir.join("cold"), &newer).unwrap();
+    copy_dir(&aside.path().join("cold"), &dir.join("cold"));
+    let starts = qemu_starts();
+    let replayed = mvm(&["resume", "sleeper"]);
+    assert_eq!(replayed.status.code(), Some(120), "{}", describe(&replayed));
+    let said = text(&replayed.stderr);
+    assert!(
+        said.contains("RUN041") && said.contains("generation"),
+        "{}",
+        describe(&replayed)
+    );
+    assert_eq!(qemu_starts(), starts, "no QEMU for an older state");
+    assert_eq!(vm_phase("sleeper").as_deref(), Some("cold"));
+    fs::remove_dir_all(dir.join("cold")).unwrap();
+    fs::rename(&newer, dir.join("cold")).unwrap();
+
+    // Stopped while cold: the saved state is discarded.
     let stopped = mvm_ok_json(&["stop", "sleeper"], 0);
     assert_eq!(stopped["vm"]["phase"], "stopped", "{stopped}");
     assert!(!dir.join("cold").exists());

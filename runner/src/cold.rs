@@ -11,6 +11,13 @@
 //! memory file hashed against the manifest before QEMU reads a byte of it, and what was
 //! streamed into QEMU hashed again before the guest may run. A cold VM whose waking fails
 //! stays cold, its files untouched.
+//!
+//! A saved state is current only once: each manifest carries a generation, and the VM's
+//! current generation is kept outside its directory (`ledger/cold/<vm id>` in the home).
+//! Saving advances it and signs the new value into the manifest; waking requires the
+//! manifest's generation to be the current one and advances it before the guest runs. So an
+//! older state put back into the VM's directory, or the same state woken a second time (a
+//! single-use plan's VM replayed), is refused (RUN041).
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io;
@@ -40,8 +47,10 @@ const SAVE_SOCKET: &str = "save.sock";
 pub const WAKE_SOCKET: &str = "wake.sock";
 /// The manifest's DSSE payload type.
 const PAYLOAD_TYPE: &str = "application/vnd.mvm.cold-vm+json";
-/// The manifest's schema.
-const SCHEMA_VERSION: &str = "mvm.cold-vm/v1";
+/// The manifest's schema: v2 added the generation; a v1 state cannot be shown current.
+const SCHEMA_VERSION: &str = "mvm.cold-vm/v2";
+/// The directory, in the home's ledger, of each VM's current generation.
+const GENERATIONS_DIR: &str = "cold";
 /// The largest manifest read.
 const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
 
@@ -71,6 +80,8 @@ pub struct ColdManifest {
     pub backend: String,
     /// The saved state.
     pub memory: SavedMemory,
+    /// Which save of this VM it is: waking requires it to be the VM's current generation.
+    pub generation: u64,
     /// When it was saved.
     pub saved_at: Timestamp,
 }
@@ -172,9 +183,19 @@ impl ColdSaver {
             .map_err(failed("the VM's state"))?;
         file.sync_all().map_err(failed("writing the memory file"))?;
         fs::rename(&part, cold.join(MEMORY_FILE)).map_err(failed("naming the memory file"))?;
+        // Advanced before anything names it: every state saved earlier is stale from here.
+        let generations = Generations::of(&self.home).map_err(ColdError::Save)?;
+        let generation = generations
+            .current(&self.manifest.vm)
+            .and_then(|current| {
+                let next = current + 1;
+                generations.set(&self.manifest.vm, next).map(|()| next)
+            })
+            .map_err(ColdError::Save)?;
         let manifest = ColdManifest {
             schema_version: SCHEMA_VERSION.into(),
             memory,
+            generation,
             saved_at: Timestamp::now(),
             ..self.manifest.clone()
         };
@@ -233,6 +254,16 @@ pub fn open(dir: &Path, name: &str, home: &MvmHome) -> Result<ColdState, ColdErr
             manifest.schema_version, manifest.name
         )));
     }
+    let current = Generations::of(home)
+        .and_then(|generations| generations.current(&manifest.vm))
+        .map_err(unverified)?;
+    if manifest.generation != current {
+        return Err(unverified(format!(
+            "its state is generation {} of {}, the current one is {current}: \
+             an older or already woken state",
+            manifest.generation, manifest.vm
+        )));
+    }
     let path = cold.join(MEMORY_FILE);
     let mut memory = File::open(&path).map_err(|e| unverified(format!("its memory: {e}")))?;
     let (sha256, bytes) = mvm_ir::digest::sha256_reader(&mut memory)
@@ -240,6 +271,93 @@ pub fn open(dir: &Path, name: &str, home: &MvmHome) -> Result<ColdState, ColdErr
     check_memory(&manifest, &SavedMemory { sha256, bytes })?;
     io::Seek::rewind(&mut memory).map_err(|e| unverified(format!("its memory: {e}")))?;
     Ok(ColdState { manifest, memory })
+}
+
+/// Makes the opened state stale before its guest runs again: the VM's generation moves past
+/// the manifest's, so the same state is never woken twice. Checked again here, under the
+/// VM's lock, in case another save happened since [`open`].
+pub fn consume(home: &MvmHome, manifest: &ColdManifest) -> Result<(), ColdError> {
+    let generations = Generations::of(home).map_err(ColdError::Unverified)?;
+    let current = generations
+        .current(&manifest.vm)
+        .map_err(ColdError::Unverified)?;
+    if current != manifest.generation {
+        return Err(ColdError::Unverified(format!(
+            "its state is generation {}, the current one is {current}",
+            manifest.generation
+        )));
+    }
+    generations
+        .set(&manifest.vm, current + 1)
+        .map_err(ColdError::Wake)
+}
+
+/// Gives a consumed state back: its guest was never let run (resuming it failed).
+pub fn unconsume(home: &MvmHome, manifest: &ColdManifest) -> Result<(), ColdError> {
+    Generations::of(home)
+        .and_then(|generations| generations.set(&manifest.vm, manifest.generation))
+        .map_err(ColdError::Wake)
+}
+
+/// Forgets the generation of the VM `vm`: once it is removed, no state of it may wake.
+pub fn forget(home: &MvmHome, vm: &str) -> io::Result<()> {
+    let generations = Generations::of(home).map_err(io::Error::other)?;
+    let path = generations.path(vm).map_err(io::Error::other)?;
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Each VM's current generation: a decimal number in a file named by its VM id.
+struct Generations {
+    dir: PathBuf,
+}
+
+impl Generations {
+    fn of(home: &MvmHome) -> Result<Self, String> {
+        let ledger = home.ledger_dir().map_err(|e| format!("the ledger: {e}"))?;
+        let dir = ledger.join(GENERATIONS_DIR);
+        DirBuilder::new()
+            .mode(0o700)
+            .recursive(true)
+            .create(&dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        Ok(Self { dir })
+    }
+
+    /// The file of `vm`, whose id must be a plain name (the manifest is signed, but a path
+    /// is never built from what a file says without looking).
+    fn path(&self, vm: &str) -> Result<PathBuf, String> {
+        let plain = !vm.is_empty()
+            && vm.len() <= 64
+            && vm
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        match plain {
+            true => Ok(self.dir.join(vm)),
+            false => Err(format!("{vm:?} is not a VM id")),
+        }
+    }
+
+    /// The current generation of `vm`; 0 before its first save.
+    fn current(&self, vm: &str) -> Result<u64, String> {
+        let path = self.path(vm)?;
+        if !path.exists() {
+            return Ok(0);
+        }
+        let bytes = read_capped(&path, 32, "cold generation").map_err(|e| e.to_string())?;
+        std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .ok_or_else(|| format!("{}: not a generation", path.display()))
+    }
+
+    fn set(&self, vm: &str, generation: u64) -> Result<(), String> {
+        let path = self.path(vm)?;
+        atomic_write(&path, format!("{generation}\n").as_bytes(), 0o600)
+            .map_err(|e| format!("{}: {e}", path.display()))
+    }
 }
 
 /// Whether `seen` is the memory `manifest` describes.
@@ -307,6 +425,7 @@ mod tests {
                     sha256: String::new(),
                     bytes: 0,
                 },
+                generation: 0,
                 saved_at: Timestamp::now(),
             },
         }
@@ -369,6 +488,67 @@ mod tests {
         discard(&saver.dir).unwrap();
         assert!(!is_saved(&saver.dir));
         discard(&saver.dir).unwrap();
+    }
+
+    /// Copies the cold directory of `saver`'s VM to `to`, or back from it.
+    fn copy_state(from: &Path, to: &Path) {
+        let _ = fs::remove_dir_all(to);
+        fs::create_dir_all(to).unwrap();
+        for file in [MANIFEST_FILE, MEMORY_FILE] {
+            fs::copy(from.join(file), to.join(file)).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_state_wakes_once_and_an_older_one_never() {
+        let home = tempfile::tempdir().unwrap();
+        let saver = saver(home.path());
+        let cold = saver.dir.join(COLD_DIR);
+        let aside = home.path().join("aside");
+        let mut machine = FakeMachine {
+            state: b"first".repeat(100),
+            broken: false,
+        };
+        assert_eq!(saver.save(&mut machine).unwrap().generation, 1);
+        copy_state(&cold, &aside);
+
+        // Woken: consumed before the guest runs; the same state put back is refused.
+        let opened = open(&saver.dir, "box", &saver.home).unwrap();
+        consume(&saver.home, &opened.manifest).unwrap();
+        let error = consume(&saver.home, &opened.manifest).unwrap_err();
+        assert_eq!(error.code(), "RUN041", "{error}");
+        discard(&saver.dir).unwrap();
+        copy_state(&aside, &cold);
+        let error = open(&saver.dir, "box", &saver.home).unwrap_err();
+        assert_eq!(error.code(), "RUN041", "{error}");
+        assert!(error.to_string().contains("generation 1"), "{error}");
+
+        // Changed and saved again: the newer state opens, the older one still does not.
+        machine.state = b"second".repeat(100);
+        assert_eq!(saver.save(&mut machine).unwrap().generation, 3);
+        let newer = home.path().join("newer");
+        copy_state(&cold, &newer);
+        open(&saver.dir, "box", &saver.home).unwrap();
+        copy_state(&aside, &cold);
+        assert_eq!(
+            open(&saver.dir, "box", &saver.home).unwrap_err().code(),
+            "RUN041"
+        );
+        copy_state(&newer, &cold);
+
+        // A guest that could not be let run gives its state back.
+        let opened = open(&saver.dir, "box", &saver.home).unwrap();
+        consume(&saver.home, &opened.manifest).unwrap();
+        unconsume(&saver.home, &opened.manifest).unwrap();
+        open(&saver.dir, "box", &saver.home).unwrap();
+
+        // Removed: its generation is forgotten, and no state of it wakes.
+        forget(&saver.home, "vm-0123456789ab").unwrap();
+        assert_eq!(
+            open(&saver.dir, "box", &saver.home).unwrap_err().code(),
+            "RUN041"
+        );
+        assert!(forget(&saver.home, "../escape").is_err());
     }
 
     #[test]

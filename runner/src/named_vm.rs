@@ -338,6 +338,7 @@ impl NamedVm {
         let mut seen = self.state()?;
         self.audit("vm.discarded", json!({"name": seen.name, "vm": seen.vm}))?;
         cold::discard(&self.dir)
+            .and_then(|()| cold::forget(&self.home, &seen.vm))
             .map_err(|e| NamedVmError::host("removing the cold state")(e.to_string()))?;
         seen.phase = Phase::Stopped;
         seen.reason = Some("stopped while cold: its saved state was discarded".into());
@@ -380,6 +381,8 @@ impl NamedVm {
         std::fs::remove_dir_all(&self.dir).map_err(|e| {
             NamedVmError::host(format!("removing {}", self.dir.display()))(e.to_string())
         })?;
+        cold::forget(&self.home, &seen.vm)
+            .map_err(|e| NamedVmError::host("forgetting its cold generation")(e.to_string()))?;
         self.audit("vm.removed", json!({"name": self.name, "vm": seen.vm}))
     }
 

@@ -87,6 +87,19 @@ pub fn copy(bundle: &Path, dir: &Path, name: &str) -> PathBuf {
     copy
 }
 
+/// Copies the files of `from` (not its subdirectories) into a new 0700 directory `to`.
+pub fn copy_dir(from: &Path, to: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    fs::create_dir_all(to).unwrap();
+    fs::set_permissions(to, fs::Permissions::from_mode(0o700)).unwrap();
+    for entry in fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
 /// Flips the lowest bit of the byte at `at` in `file`.
 pub fn flip_byte(file: &Path, at: usize) {
     let mut bytes = fs::read(file).unwrap();

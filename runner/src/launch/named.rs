@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mvm_ir::audit::HostAudit;
+use mvm_ir::home::MvmHome;
 use mvm_ir::plan::LaunchPlan;
 use mvm_ir::Coded;
 use mvm_protocol::Request;
@@ -135,7 +136,7 @@ pub(super) fn serve_started(
     // A woken guest gets its saved state before the agent channel is awaited; it runs only
     // once what QEMU read hashed to the manifest's digest.
     let woken = match saved.as_mut() {
-        Some(saved) => wake(&dir, &mut vm_process, saved, accel).map(Some),
+        Some(saved) => wake(&launch.home, &dir, &mut vm_process, saved, accel).map(Some),
         None => Ok(None),
     };
     let booted = woken.and_then(|machine| {
@@ -203,6 +204,7 @@ pub(super) fn serve_started(
                     sha256: String::new(),
                     bytes: 0,
                 },
+                generation: 0,
                 saved_at: mvm_ir::plan::Timestamp::now(),
             },
         });
@@ -249,8 +251,10 @@ pub(super) fn serve_started(
 }
 
 /// Streams a cold VM's saved state into the QEMU started to wake it, checks the digest of
-/// what was streamed, and only then lets the guest run; returns the machine controls.
+/// what was streamed, makes the state stale ([`cold::consume`]) and only then lets the guest
+/// run; returns the machine controls.
 pub(super) fn wake(
+    home: &MvmHome,
     dir: &VmDir,
     vm: &mut VmProcess,
     saved: &mut ColdState,
@@ -268,9 +272,7 @@ pub(super) fn wake(
         let mut machine = vm
             .machine(&dir.path)
             .map_err(|e| ColdError::Wake(e.to_string()))?;
-        machine
-            .resume()
-            .map_err(|e| ColdError::Wake(format!("letting the guest run: {e}")))?;
+        let_run(home, &saved.manifest, machine.as_mut())?;
         return Ok(machine);
     };
     let wake_socket = dir.path.join(cold::WAKE_SOCKET);
@@ -288,9 +290,21 @@ pub(super) fn wake(
         })
     })?;
     cold::check_memory(&saved.manifest, &streamed)?;
-    qmp.resume()
-        .map_err(|e| ColdError::Wake(format!("letting the guest run: {e}")))?;
+    let_run(home, &saved.manifest, &mut qmp)?;
     Ok(Box::new(qmp))
+}
+
+/// Lets a woken guest run, its saved state consumed first; given back if it could not run.
+fn let_run(
+    home: &MvmHome,
+    manifest: &ColdManifest,
+    machine: &mut dyn Pausable,
+) -> Result<(), ColdError> {
+    cold::consume(home, manifest)?;
+    machine.resume().map_err(|e| {
+        let _ = cold::unconsume(home, manifest);
+        ColdError::Wake(format!("letting the guest run: {e}"))
+    })
 }
 
 /// Serves the control socket of a booted VM until it should stop; then powers it off, unless
