@@ -3,6 +3,7 @@
 
 use std::process::ExitCode;
 
+use mvm_ir::terminal::{printable, Newlines};
 use mvm_ir::{Coded, Error, ErrorClass};
 use serde_json::{json, Value};
 
@@ -33,9 +34,10 @@ impl Output {
                 serde_json::to_string_pretty(&value).unwrap_or_default()
             );
         } else {
+            // Results quote names and messages from guests: shown, never obeyed.
             let text = human();
             if !text.is_empty() {
-                println!("{text}");
+                println!("{}", printable(&text, Newlines::Keep));
             }
         }
     }
@@ -77,7 +79,7 @@ impl Output {
             let doc = json!({ "ok": false, "error": error });
             println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
         } else {
-            eprintln!("error[{code}]: {message}");
+            eprintln!("error[{code}]: {}", printable(&message, Newlines::Keep));
         }
         ExitCode::from(status)
     }

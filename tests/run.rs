@@ -1290,6 +1290,165 @@ fn sh_in_as(name: &str, user: &[&str], script: &str) -> String {
     text(&out.stdout).trim().to_string()
 }
 
+/// `tests/support/tamper.c`, built static into `dir`.
+fn tamper_program(dir: &Path) -> PathBuf {
+    let program = dir.join("tamper");
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/tamper.c");
+    let built = Command::new("cc")
+        .args(["-static", "-O1", "-o"])
+        .arg(&program)
+        .arg(source)
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "cc: {}", describe(&built));
+    program
+}
+
+#[test]
+fn commands_cannot_trace_each_other_reach_into_the_kernel_or_leave_anything_behind() {
+    let f = fixture();
+    let _turn = turn();
+    let _cleanup = RemoveOnDrop("guarded");
+    mvm_ok_json(&["up", &f.image, "--name", "guarded"], 0);
+
+    // The guest kernel's settings, as the agent set them.
+    let knobs: Vec<&str> = mvm_agent::boot::hardening::SYSCTLS
+        .iter()
+        .map(|(knob, _)| *knob)
+        .collect();
+    let read = sh_in(
+        "guarded",
+        &format!(
+            "for k in {}; do echo $k=$(cat /proc/sys/$k); done",
+            knobs.join(" ")
+        ),
+    );
+    let expected: Vec<String> = mvm_agent::boot::hardening::SYSCTLS
+        .iter()
+        .map(|(knob, value)| format!("{knob}={value}"))
+        .collect();
+    assert_eq!(read.lines().collect::<Vec<_>>(), expected);
+    // What they close, seen from a command: no kernel log, no kernel addresses, no user
+    // namespace.
+    let probes = sh_in(
+        "guarded",
+        "/bin/busybox dmesg >/dev/null 2>&1 && echo dmesg-read; \
+         /bin/busybox head -c 16 /proc/kallsyms; echo; \
+         /bin/busybox unshare -U true 2>/dev/null && echo userns-made; true",
+    );
+    assert_eq!(probes, "0000000000000000", "{probes}");
+
+    // A process left running cannot attach to a later command to change its exit status.
+    let work = tempfile::tempdir().unwrap();
+    let tamper = tamper_program(work.path());
+    mvm_ok_json(&["cp", tamper.to_str().unwrap(), "guarded:/tmp/tamper"], 0);
+    sh_in("guarded", "/bin/busybox chmod 755 /tmp/tamper");
+    mvm_ok_json(
+        &[
+            "exec",
+            "guarded",
+            "--detach",
+            "--",
+            "/tmp/tamper",
+            "tamper-victim",
+            "/tmp/tamper.log",
+        ],
+        0,
+    );
+    eventually("the tamperer waits", EVENTUALLY, || {
+        let log = sh_in("guarded", "cat /tmp/tamper.log 2>/dev/null; true");
+        log.contains("waiting").then_some(()).ok_or(log)
+    });
+    let victim = mvm(&[
+        "exec",
+        "guarded",
+        "--",
+        "sh",
+        "-c",
+        "sleep 3; exit 1",
+        "tamper-victim",
+    ]);
+    assert_eq!(victim.status.code(), Some(1), "{}", describe(&victim));
+    let log = sh_in("guarded", "cat /tmp/tamper.log");
+    assert!(
+        log.contains("refused") && !log.contains("attached"),
+        "{log}"
+    );
+
+    // Sixteen chains, each forking its successor into a new session and exiting, left
+    // behind by a command: all gone once it has ended.
+    let chain = "echo >> /tmp/heartbeat; /bin/busybox setsid sh -c \"$0\" \"$0\" >/dev/null 2>&1 &";
+    let left = sh_in(
+        "guarded",
+        &format!(
+            "for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16; do \
+             /bin/busybox setsid sh -c '{chain}' '{chain}' >/dev/null 2>&1 & done; sleep 1; \
+             /bin/busybox wc -c < /tmp/heartbeat"
+        ),
+    );
+    assert!(left.parse::<u64>().unwrap() > 16, "the chains ran: {left}");
+    let beats = || sh_in("guarded", "/bin/busybox wc -c < /tmp/heartbeat");
+    eventually("the chains stop", EVENTUALLY, || {
+        let before = beats();
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        let after = beats();
+        (before == after)
+            .then_some(())
+            .ok_or(format!("{before} then {after}"))
+    });
+
+    // Names, messages and console lines from the guest are shown, never obeyed: no escape
+    // byte reaches the terminal, and a name is one line. JSON keeps the exact names.
+    let title = "\u{1b}]0;owned\u{7}";
+    sh_in(
+        "guarded",
+        "/bin/busybox mkdir /tmp/names && cd /tmp/names && \
+         /bin/busybox touch \"$(printf '\\033]0;owned\\007')\" \"$(printf 'two\\nlines')\" plain",
+    );
+    let listed = mvm(&["fs", "ls", "guarded:/tmp/names"]);
+    assert!(listed.status.success(), "{}", describe(&listed));
+    assert!(!listed.stdout.contains(&0x1b), "{}", describe(&listed));
+    assert_eq!(
+        text(&listed.stdout).lines().count(),
+        3,
+        "{}",
+        describe(&listed)
+    );
+    assert!(
+        text(&listed.stdout).contains("\\x1b]0;owned\\x07"),
+        "{}",
+        describe(&listed)
+    );
+    let exact = mvm_ok_json(&["fs", "ls", "guarded:/tmp/names"], 0);
+    let names: Vec<&str> = exact["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&title) && names.contains(&"two\nlines"),
+        "{names:?}"
+    );
+    let refused = mvm(&["exec", "guarded", "--", "/tmp/\u{1b}[2Jnothing"]);
+    assert_eq!(refused.status.code(), Some(127), "{}", describe(&refused));
+    assert!(!refused.stderr.contains(&0x1b), "{}", describe(&refused));
+
+    mvm_ok_json(&["stop", "guarded"], 0);
+    let console = f.home.join("vms/guarded/serial.log");
+    let mut log = fs::OpenOptions::new().append(true).open(&console).unwrap();
+    std::io::Write::write_all(&mut log, b"\x1b]0;owned\x07 said the console\r\n").unwrap();
+    let logs = mvm(&["logs", "guarded"]);
+    assert!(logs.status.success(), "{}", describe(&logs));
+    assert!(!logs.stdout.contains(&0x1b), "{}", describe(&logs));
+    assert!(
+        text(&logs.stdout).contains("\\x1b]0;owned\\x07 said the console\n"),
+        "{}",
+        describe(&logs)
+    );
+    mvm_ok_json(&["rm", "guarded"], 0);
+}
+
 #[test]
 fn a_vm_saved_cold_holds_nothing_refuses_a_changed_state_and_wakes_where_it_left_off() {
     let f = fixture();

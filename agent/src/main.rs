@@ -10,7 +10,7 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 
-use mvm_agent::boot::{self, console, devmapper, BootError, Booted};
+use mvm_agent::boot::{self, console, devmapper, hardening, BootError, Booted};
 use mvm_agent::serve::{self, exec::Credentials, Ended, ServeConfig};
 use mvm_protocol::{BootTimings, Integrity};
 
@@ -53,6 +53,7 @@ fn main() {
     let config = ServeConfig {
         workload_user: Some(WORKLOAD_USER),
         reap_orphans: true,
+        command_groups: Some(hardening::COMMAND_CGROUPS.into()),
         timings: timings(&booted),
         integrity: root_integrity,
     };
@@ -66,10 +67,9 @@ fn main() {
 }
 
 /// What every command can count on and cannot undo: a world-writable `/tmp` in the overlay;
-/// the kernel's link protections (no hard link to a file the user cannot write, no following
-/// another user's symlink in a sticky directory), which distributions set at boot and a bare
-/// initramfs does not; and `no_new_privs` on the agent, inherited by everything it starts, so
-/// no set-uid program in the image can take a command back to root.
+/// the guest kernel's settings and the commands' cgroups ([`hardening`]); and `no_new_privs`
+/// on the agent, inherited by everything it starts, so no set-uid program in the image can
+/// take a command back to root.
 fn prepare_for_workloads() -> Result<(), BootError> {
     let system = |what: &str| {
         let what = what.to_string();
@@ -77,10 +77,7 @@ fn prepare_for_workloads() -> Result<(), BootError> {
     };
     fs::create_dir_all("/tmp").map_err(system("/tmp"))?;
     fs::set_permissions("/tmp", fs::Permissions::from_mode(0o1777)).map_err(system("/tmp"))?;
-    for protection in ["protected_hardlinks", "protected_symlinks"] {
-        let knob = format!("/proc/sys/fs/{protection}");
-        fs::write(&knob, b"1").map_err(system(&knob))?;
-    }
+    hardening::apply()?;
     rustix::thread::set_no_new_privs(true).map_err(|e| BootError::System {
         what: "no_new_privs".into(),
         source: e.into(),

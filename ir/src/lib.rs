@@ -32,6 +32,7 @@ pub mod plan;
 pub mod provenance;
 pub mod receipt;
 pub mod schema;
+pub mod terminal;
 pub mod validate;
 pub mod workload;
 

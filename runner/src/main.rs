@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use mvm_ir::home::MvmHome;
+use mvm_ir::terminal::{printable, Newlines};
 use mvm_ir::Coded;
 use mvm_runner::backend::kvm::jailed::{self, Jail};
 use mvm_runner::backend::select::BackendChoice;
@@ -306,13 +307,16 @@ fn report_failure(failure: &Failure, json: bool) -> u8 {
         println!("{report}");
         return code;
     }
+    // The message may quote the agent, and the tail is the guest's: shown, not obeyed.
+    let shown = |text: &str| printable(text, Newlines::Keep).into_owned();
     let mut stderr = io::stderr().lock();
-    let _ = writeln!(stderr, "mvm-runner: error {}: {error}", error.code());
+    let message = shown(&error.to_string());
+    let _ = writeln!(stderr, "mvm-runner: error {}: {message}", error.code());
     if let Some(tail) = failure.console_tail.as_deref().filter(|t| !t.is_empty()) {
         let _ = writeln!(
             stderr,
             "--- guest console (last lines) ---\n{}",
-            last_lines(tail)
+            shown(&last_lines(tail))
         );
     }
     if let Some(log) = &failure.serial_log {

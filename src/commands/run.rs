@@ -5,6 +5,7 @@
 //! or builds the bundle, then hands the plan to the runner with the terminal attached. The
 //! runner verifies the plan before anything starts, whoever calls it.
 
+use mvm_ir::terminal::{printable, Newlines};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -184,7 +185,7 @@ fn run_with_input(args: &RunArgs, plan: &Path) -> anyhow::Result<ExitCode> {
     match vms.start(runner) {
         Ok(_) => {}
         Err(NamedVmError::RunnerFailed { status, stderr }) => {
-            eprint!("{stderr}");
+            eprint!("{}", printable(&stderr, Newlines::Keep));
             return Ok(ExitCode::from(status));
         }
         Err(e) => return Err(named_error(e)),

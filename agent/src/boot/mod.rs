@@ -6,6 +6,7 @@
 
 pub mod console;
 pub mod devmapper;
+pub mod hardening;
 pub mod modules;
 pub mod mounts;
 

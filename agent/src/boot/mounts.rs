@@ -42,6 +42,12 @@ pub fn mount_kernel_filesystems() -> Result<(), BootError> {
     mount_fs("sysfs", "/sys", "sysfs", flags, "")
 }
 
+/// Mounts the cgroup2 hierarchy at `target` (inside `/sys`, after the switch to the root).
+pub fn mount_cgroups(target: &str) -> Result<(), BootError> {
+    let flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+    mount_fs("cgroup2", target, "cgroup2", flags, "")
+}
+
 /// Waits until every one of `paths` exists, for at most `timeout`. Virtio disks appear
 /// asynchronously once their driver has probed the virtio-mmio devices ACPI describes.
 pub fn wait_for_devices(paths: &[&'static str], timeout: Duration) -> Result<(), BootError> {

@@ -13,6 +13,8 @@ use rustix::process::{Pid, PidfdFlags, Signal, WaitOptions};
 use mvm_protocol::flow::{cost, ReceiveWindow, SendWindow};
 use mvm_protocol::{codes, ErrorReply, ExecRequest, ExitStatus, ProcessInfo};
 
+use super::cgroup::CommandGroup;
+
 /// `PATH` for commands whose environment has none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// How long output may keep arriving after the command exited, from processes it left
@@ -53,6 +55,8 @@ pub struct Running {
     pub stderr: Option<ChildStderr>,
     /// Set once it has ended.
     pub status: Option<ExitStatus>,
+    /// Its cgroup, when the agent gives commands one: everything it starts stays in it.
+    group: Option<CommandGroup>,
     started: Instant,
     deadline: Instant,
     /// When it was last killed for its timeout.
@@ -75,11 +79,13 @@ impl Running {
     /// Starts `request` in its own process group, as `user` when given, with nothing inherited
     /// but what the request names. `no_new_privs` is already set on the agent and so on it.
     /// With `spawn`, a background command with that handle whose output is kept, not sent.
+    /// With `group`, it enters that cgroup before it runs anything.
     pub fn start(
         stream: u32,
         request: &ExecRequest,
         user: Option<Credentials>,
         spawn: Option<u64>,
+        group: Option<CommandGroup>,
     ) -> Result<Self, ErrorReply> {
         if spawn.is_some() && request.stdin {
             return Err(error(
@@ -120,6 +126,14 @@ impl Running {
         }
         if let Some(user) = user {
             command.uid(user.uid).gid(user.gid);
+        }
+        if let Some(procs) = group.as_ref().map(CommandGroup::procs_fd) {
+            // SAFETY: `cgroup::enter` makes one system call and allocates nothing, as code
+            // between fork and exec must; `group` is held open until `spawn` has returned.
+            #[allow(unsafe_code)]
+            unsafe {
+                command.pre_exec(move || super::cgroup::enter(procs));
+            }
         }
         let started = Instant::now();
         let mut child = command
@@ -162,6 +176,7 @@ impl Running {
             stdout: child.stdout.take(),
             stderr: child.stderr.take(),
             status: None,
+            group,
             started,
             deadline: started + Duration::from_millis(request.timeout_ms),
             killed_at: None,
@@ -285,18 +300,27 @@ impl Running {
             && !unread(self.stderr.as_ref().map(AsFd::as_fd))
     }
 
-    /// Ends everything it left behind in its process group. The process group id stays
-    /// reserved while the group has members, so this cannot hit an unrelated process.
+    /// Ends everything it left behind: in its process group (whose id stays reserved while
+    /// the group has members, so this cannot hit an unrelated process) and in its cgroup.
     pub fn kill_leftovers(&self) {
         let _ = rustix::process::kill_process_group(self.pid, Signal::KILL);
+        if let Some(group) = &self.group {
+            group.kill();
+        }
     }
 
-    /// Ends it now, with its process group, and reaps it (waiting up to [`END_WAIT`] for the
-    /// kill to land) unless `reaped_elsewhere`: a command given up leaves no zombie behind.
-    pub fn end(mut self, reaped_elsewhere: bool) {
+    /// Its cgroup, to be removed once empty: it has ended and its leftovers were killed.
+    pub fn take_group(&mut self) -> Option<CommandGroup> {
+        self.group.take()
+    }
+
+    /// Ends it now, with its process group and cgroup, and reaps it (waiting up to
+    /// [`END_WAIT`] for the kill to land) unless `reaped_elsewhere`: a command given up leaves
+    /// no zombie behind. Returns its cgroup, to be removed once empty.
+    pub fn end(mut self, reaped_elsewhere: bool) -> Option<CommandGroup> {
         self.kill_leftovers();
         if self.status.is_some() || reaped_elsewhere {
-            return;
+            return self.group.take();
         }
         let mut pidfd = [rustix::event::PollFd::new(
             &self.pidfd,
@@ -305,6 +329,7 @@ impl Running {
         let wait = rustix::event::Timespec::try_from(END_WAIT).unwrap_or_default();
         let _ = rustix::event::poll(&mut pidfd, Some(&wait));
         let _ = self.reap();
+        self.group.take()
     }
 }
 
@@ -411,43 +436,6 @@ impl Stdin {
     }
 }
 
-/// Kills every process of `uid`, however it left the command's process group (`setsid`,
-/// `setpgid`): the workload user owns nothing that outlives its command. Processes of that
-/// user can fork while being killed, so this goes round until a pass finds none (bounded, as
-/// a fork bomb outrunning it for that long is stopped by the power-off anyway).
-pub fn kill_user_processes(uid: u32) {
-    for _ in 0..100 {
-        let mut found = false;
-        let Ok(entries) = std::fs::read_dir("/proc") else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|name| name.parse::<i32>().ok())
-                .and_then(Pid::from_raw)
-            else {
-                continue;
-            };
-            let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
-            if real_uid(&status) == Some(uid) {
-                found = true;
-                let _ = rustix::process::kill_process(pid, Signal::KILL);
-            }
-        }
-        if !found {
-            return;
-        }
-    }
-}
-
-/// The real user id from the text of `/proc/<pid>/status`.
-fn real_uid(status: &str) -> Option<u32> {
-    let line = status.lines().find(|line| line.starts_with("Uid:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
 /// Reads what `pipe` has (it was reported readable, so this does not block). `None` at end of
 /// file or on error, which closes it.
 pub fn read_available(pipe: &mut (impl Read + ?Sized), buffer: &mut [u8]) -> Option<usize> {
@@ -478,20 +466,5 @@ fn error(code: &str, message: impl Into<String>) -> ErrorReply {
     ErrorReply {
         code: code.into(),
         message: message.into(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_real_uid_is_read_from_proc_status() {
-        let status = "Name:\tsleep\nUmask:\t0022\nUid:\t1000\t1000\t1000\t1000\nGid:\t1000\n";
-        assert_eq!(real_uid(status), Some(1000));
-        assert_eq!(real_uid("Name:\tx\n"), None);
-        assert_eq!(real_uid("Uid:\tnope\n"), None);
-        let own = std::fs::read_to_string("/proc/self/status").unwrap();
-        assert_eq!(real_uid(&own), Some(rustix::process::getuid().as_raw()));
     }
 }

@@ -6,6 +6,7 @@
 //! its own frames; a command's final response follows once it has ended and its pipes are
 //! drained.
 
+pub mod cgroup;
 pub mod channel;
 pub mod exec;
 pub mod files;
@@ -15,11 +16,13 @@ pub mod users;
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::process::WaitOptions;
 
+use cgroup::{CommandGroup, CommandGroups};
 use exec::{Credentials, Running};
 use files::{Download, Upload};
 use mvm_protocol::{
@@ -41,6 +44,9 @@ pub struct ServeConfig {
     /// Reap every child that ends (PID 1 inherits every orphan in the guest), not only the
     /// commands it started.
     pub reap_orphans: bool,
+    /// A cgroup2 directory in which each command gets a cgroup of its own, killed whole when
+    /// the command ends (the guest's `/sys/fs/cgroup`); `None`: process groups only.
+    pub command_groups: Option<PathBuf>,
     /// The boot timings for the hello.
     pub timings: BootTimings,
     /// Reads whether the verified root has seen a corrupted block.
@@ -55,6 +61,7 @@ impl ServeConfig {
         Self {
             workload_user: None,
             reap_orphans: false,
+            command_groups: None,
             timings: BootTimings::default(),
             integrity: || Integrity::Intact,
         }
@@ -96,7 +103,7 @@ pub fn serve<C: Read + Write + AsFd>(
     channel: &mut C,
     config: &ServeConfig,
 ) -> Result<Ended, ServeError> {
-    let mut agent = Agent::new(config);
+    let mut agent = Agent::new(config)?;
     let mut decoder = FrameDecoder::new();
     let mut heard_from_host = false;
     let mut input = vec![0; CHUNK];
@@ -137,6 +144,8 @@ pub fn serve<C: Read + Write + AsFd>(
 const MAX_KEPT_ENDS: usize = 64;
 /// `wait` requests pending at once; one more is refused as busy.
 const MAX_WAITS: usize = 64;
+/// How often the cgroup of an ended command is killed and removed again until it is empty.
+const EMPTYING_RETRY: Duration = Duration::from_millis(20);
 
 /// Everything the agent is doing for the host.
 struct Agent<'c> {
@@ -150,6 +159,10 @@ struct Agent<'c> {
     downloads: Vec<Download>,
     next_handle: u64,
     buffer: Vec<u8>,
+    /// Where commands get their cgroups, when they do.
+    groups: Option<CommandGroups>,
+    /// Cgroups of commands that ended, killed and removed once empty.
+    emptying: Vec<CommandGroup>,
 }
 
 /// A `wait` request not answered yet.
@@ -160,8 +173,13 @@ struct Waiter {
 }
 
 impl<'c> Agent<'c> {
-    fn new(config: &'c ServeConfig) -> Self {
-        Self {
+    fn new(config: &'c ServeConfig) -> Result<Self, ServeError> {
+        let groups = config
+            .command_groups
+            .as_deref()
+            .map(CommandGroups::new)
+            .transpose()?;
+        Ok(Self {
             config,
             running: Vec::new(),
             ended: VecDeque::new(),
@@ -170,7 +188,31 @@ impl<'c> Agent<'c> {
             downloads: Vec::new(),
             next_handle: 1,
             buffer: vec![0; CHUNK],
-        }
+            groups,
+            emptying: Vec::new(),
+        })
+    }
+
+    /// Starts a command for `request` on `stream`, in a cgroup of its own when commands get
+    /// one.
+    fn start(
+        &mut self,
+        stream: u32,
+        request: &mvm_protocol::ExecRequest,
+        spawn: Option<u64>,
+    ) -> Result<Running, ErrorReply> {
+        let group = match self.groups.as_mut().map(CommandGroups::create) {
+            Some(Err(e)) => {
+                let message = format!("making the command's cgroup: {e}");
+                return Err(ErrorReply {
+                    code: codes::SPAWN_FAILED.into(),
+                    message,
+                });
+            }
+            Some(Ok(group)) => Some(group),
+            None => None,
+        };
+        Running::start(stream, request, self.config.workload_user, spawn, group)
     }
 
     /// Answers one frame from the host; `Some` when serving ends.
@@ -247,13 +289,13 @@ impl<'c> Agent<'c> {
                     Err(error) => send(channel, stream, &Response::Error(error))?,
                 }
             }
-            Request::Exec(request) => match Running::start(stream, &request, user, None) {
+            Request::Exec(request) => match self.start(stream, &request, None) {
                 Ok(started) => self.running.push(started),
                 Err(error) => send(channel, stream, &Response::Error(error))?,
             },
             Request::Spawn(request) => {
                 let handle = self.next_handle;
-                match Running::start(stream, &request, user, Some(handle)) {
+                match self.start(stream, &request, Some(handle)) {
                     Ok(started) => {
                         self.next_handle += 1;
                         let pid = started.info().pid;
@@ -336,9 +378,6 @@ impl<'c> Agent<'c> {
             Request::PowerOff => {
                 for command in self.running.drain(..) {
                     command.end(self.config.reap_orphans);
-                }
-                if let Some(user) = user {
-                    exec::kill_user_processes(user.uid);
                 }
                 send(channel, stream, &Response::PowerOff)?;
                 return Ok(Some(Ended::PowerOff));
@@ -427,7 +466,8 @@ impl<'c> Agent<'c> {
             None => {
                 // The host broke its window: the exchange ends here, with this one answer,
                 // and the command with it.
-                self.running.swap_remove(at).end(self.config.reap_orphans);
+                let ended = self.running.swap_remove(at);
+                self.emptying.extend(ended.end(self.config.reap_orphans));
                 send_error(channel, stream, codes::FLOW, overrun())
             }
         }
@@ -474,11 +514,13 @@ impl<'c> Agent<'c> {
             }));
         }
         let now = Instant::now();
+        let emptying = (!self.emptying.is_empty()).then(|| now + EMPTYING_RETRY);
         let deadlines = self
             .running
             .iter()
             .filter_map(|command| command.next_deadline(now))
-            .chain(self.waits.iter().map(|w| w.deadline));
+            .chain(self.waits.iter().map(|w| w.deadline))
+            .chain(emptying);
         let download_ready = self.downloads.iter().any(|d| d.window.room() > 0);
         let timeout = if download_ready {
             Some(now)
@@ -527,6 +569,7 @@ impl<'c> Agent<'c> {
         if self.config.reap_orphans {
             reap_all(&mut self.running)?;
         }
+        self.emptying.retain(|group| !group.try_remove());
         let now = Instant::now();
         for (command, events) in self.running.iter_mut().zip(events) {
             forward_output(channel, command, events, &mut self.buffer)?;
@@ -606,17 +649,10 @@ impl<'c> Agent<'c> {
                 index += 1;
                 continue;
             };
-            let command = self.running.swap_remove(index);
+            let mut command = self.running.swap_remove(index);
+            // What it left behind goes with it, however it got away.
             command.kill_leftovers();
-            // The workload user's strays (those that left the process group) go once no
-            // command of theirs is still running.
-            if let Some(user) = self
-                .config
-                .workload_user
-                .filter(|_| self.running.is_empty())
-            {
-                exec::kill_user_processes(user.uid);
-            }
+            self.emptying.extend(command.take_group());
             let Some(handle) = spawn_handle(&command) else {
                 let reply = ExecReply {
                     status,

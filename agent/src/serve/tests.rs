@@ -29,22 +29,24 @@ impl Host {
 
     /// An agent whose commands and file operations run as `user`.
     fn start_as(user: Option<Credentials>) -> Self {
+        Self::start_with(ServeConfig {
+            timings: BootTimings {
+                agent_ms: 1,
+                modules_ms: 2,
+                verity_ms: 3,
+                root_ms: 4,
+                channel_ms: 5,
+            },
+            workload_user: user,
+            ..ServeConfig::on_host()
+        })
+    }
+
+    /// An agent serving with `config`.
+    fn start_with(config: ServeConfig) -> Self {
         let (host, mut agent_side) = UnixStream::pair().unwrap();
         host.set_read_timeout(Some(SILENCE)).unwrap();
-        let agent = std::thread::spawn(move || {
-            let config = ServeConfig {
-                timings: BootTimings {
-                    agent_ms: 1,
-                    modules_ms: 2,
-                    verity_ms: 3,
-                    root_ms: 4,
-                    channel_ms: 5,
-                },
-                workload_user: user,
-                ..ServeConfig::on_host()
-            };
-            serve(&mut agent_side, &config)
-        });
+        let agent = std::thread::spawn(move || serve(&mut agent_side, &config));
         Self {
             stream: host,
             decoder: FrameDecoder::new(),
@@ -304,6 +306,85 @@ fn a_command_past_its_timeout_is_killed_with_what_it_started() {
     assert_eq!(stdout, b"started\n");
     assert_eq!(exec_reply(response).status, ExitStatus::Exited { code: 0 });
     assert!(started.elapsed() < Duration::from_secs(10));
+    host.power_off();
+}
+
+#[test]
+fn what_a_command_leaves_in_its_cgroup_is_killed_when_it_ends_and_other_commands_run_on() {
+    let parent = match super::cgroup::tests::host_cgroup() {
+        Ok(parent) => parent,
+        Err(why) => {
+            eprintln!("skipped: {why}: commands' cgroups are shown in a guest only");
+            return;
+        }
+    };
+    let mut host = Host::start_with(ServeConfig {
+        command_groups: Some(parent.path().into()),
+        ..ServeConfig::on_host()
+    });
+    let command_groups = || {
+        std::fs::read_dir(parent.path())
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_type().unwrap().is_dir())
+            .count()
+    };
+    // A background command, in a cgroup of its own, runs on through all of this.
+    host.send(
+        1,
+        &Request::Spawn(ExecRequest {
+            argv: vec!["sleep".into(), "30".into()],
+            env: BTreeMap::new(),
+            cwd: None,
+            timeout_ms: 60_000,
+            stdin: false,
+            user: None,
+        }),
+    );
+    let Response::Spawned { handle, .. } = host.exchange(1).2 else {
+        panic!("not spawned");
+    };
+    // Sixteen chains, each forking its successor into a new session and exiting, holding no
+    // pipe of the command: nothing but the cgroup ties them to it.
+    let heartbeat = tempfile::NamedTempFile::new().unwrap();
+    let chain = "touch \"$0\"; sleep 0.05; setsid sh -c \"$1\" \"$0\" \"$1\" >/dev/null 2>&1 &";
+    let script = format!(
+        "for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16; do \
+         setsid sh -c '{chain}' '{}' '{chain}' >/dev/null 2>&1 & done; sleep 0.3",
+        heartbeat.path().display()
+    );
+    let beat = || {
+        std::fs::metadata(heartbeat.path())
+            .unwrap()
+            .modified()
+            .unwrap()
+    };
+    let created = beat();
+    host.exec(2, &["sh", "-c", &script], 10_000);
+    assert_eq!(
+        exec_reply(host.exchange(2).2).status,
+        ExitStatus::Exited { code: 0 }
+    );
+    assert!(beat() > created, "the chains ran");
+    let deadline = Instant::now() + SILENCE;
+    loop {
+        let before = beat();
+        std::thread::sleep(Duration::from_millis(400));
+        if beat() == before && command_groups() == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the chains still beat");
+    }
+    host.send(
+        3,
+        &Request::Wait {
+            handle,
+            timeout_ms: 0,
+        },
+    );
+    let Response::Wait(info) = host.exchange(3).2 else {
+        panic!("no wait answer");
+    };
+    assert_eq!(info.status, None, "the background command runs on");
     host.power_off();
 }
 

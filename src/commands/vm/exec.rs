@@ -1,6 +1,7 @@
 //! `mvm exec`: a command in a running VM, in the foreground (its output streamed, its exit
 //! status returned, a receipt on request) or in the background (`--detach`).
 
+use mvm_ir::terminal::{printable, Newlines};
 use std::collections::BTreeMap;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
@@ -109,7 +110,10 @@ pub fn run_in(
         Err(ClientError::Refused(refusal)) => {
             let error = LaunchError::CommandRefused(refusal);
             // The agent's code leads its message already.
-            eprintln!("mvm: error {error}");
+            eprintln!(
+                "mvm: error {}",
+                printable(&error.to_string(), Newlines::Keep)
+            );
             return Ok(ExitCode::from(error.exit_status()));
         }
         Err(ClientError::Interrupted) => return Ok(ExitCode::from(exit::INTERRUPTED)),

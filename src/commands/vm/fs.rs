@@ -1,6 +1,7 @@
 //! `mvm fs`: look at and arrange files in a running VM, under /tmp and with the workload
 //! user's rights (the agent does each operation as that user; symlinks are never followed).
 
+use mvm_ir::terminal::{printable, Newlines};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -140,6 +141,6 @@ fn line(info: &FileInfo) -> String {
                 .format(&time::format_description::well_known::Rfc3339)
                 .ok())
             .unwrap_or_default(),
-        info.name
+        printable(&info.name, Newlines::Escape)
     )
 }

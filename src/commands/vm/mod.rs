@@ -7,6 +7,7 @@
 //! each VM is its own runner process. The lifecycle itself is `mvm_runner::named_vm`; these
 //! are thin verbs over it.
 
+use mvm_ir::terminal::{printable, Newlines};
 use std::io::{self, Write};
 
 use anyhow::Context;
@@ -138,7 +139,7 @@ fn start(vms: &VmHome, runner: std::process::Command) -> anyhow::Result<Result<V
     match vms.start(runner) {
         Ok(ready) => Ok(Ok(ready)),
         Err(NamedVmError::RunnerFailed { status, stderr }) => {
-            eprint!("{stderr}");
+            eprint!("{}", printable(&stderr, Newlines::Keep));
             Ok(Err(ExitCode::from(status)))
         }
         Err(e) => Err(named_error(e)),
@@ -291,20 +292,31 @@ pub fn rm(args: RmArgs, out: &Output) -> anyhow::Result<()> {
 pub fn logs(args: LogsArgs) -> anyhow::Result<()> {
     let vm = named(&args.name)?;
     let dir = vm.dir();
-    let mut log = std::fs::File::open(dir.join("serial.log"))
+    let log = std::fs::File::open(dir.join("serial.log"))
         .with_context(|| format!("{}'s console log", args.name))?;
+    let mut log = io::BufReader::new(log);
     let mut out = io::stdout().lock();
     loop {
-        io::copy(&mut log, &mut out)?;
-        out.flush()?;
+        show_lines(&mut log, &mut out)?;
         let running = vm.state().is_ok_and(|now| now.phase.is_live());
         if !args.follow || !running {
             // One more pass: what was written just before the VM ended.
-            io::copy(&mut log, &mut out)?;
-            return Ok(());
+            return show_lines(&mut log, &mut out);
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Copies what `log` holds now to `out`, a line at a time, its control characters made
+/// visible: the console is the guest's, and the terminal must not obey it.
+fn show_lines(log: &mut impl io::BufRead, out: &mut impl Write) -> anyhow::Result<()> {
+    let mut line = Vec::new();
+    while log.read_until(b'\n', &mut line)? > 0 {
+        out.write_all(printable(&String::from_utf8_lossy(&line), Newlines::Keep).as_bytes())?;
+        line.clear();
+    }
+    out.flush()?;
+    Ok(())
 }
 
 pub fn wait(args: WaitArgs, out: &Output) -> anyhow::Result<ExitCode> {

@@ -1,6 +1,7 @@
 //! Background commands in a running VM: `mvm exec --detach` starts one, `mvm ps` lists them,
 //! `mvm wait NAME --process HANDLE` collects one's end, `mvm kill` signals one.
 
+use mvm_ir::terminal::{printable, Newlines};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,7 +92,7 @@ pub fn ps(args: PsArgs, out: &Output) -> anyhow::Result<()> {
                 process.pid,
                 format!("{:.1}s", process.running_ms as f64 / 1000.0),
                 state(process),
-                process.program
+                printable(&process.program, Newlines::Escape)
             ));
         }
         text
