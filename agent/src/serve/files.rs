@@ -13,6 +13,7 @@ use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
+use rustix::rand::GetRandomFlags;
 use sha2::{Digest, Sha256};
 
 use super::exec::Credentials;
@@ -126,12 +127,8 @@ pub struct Upload {
 }
 
 impl Upload {
-    /// Starts writing `request.path` (as `user` would be allowed to) for the stream `stream`.
-    pub fn start(
-        stream: u32,
-        request: FsWriteRequest,
-        user: Option<Credentials>,
-    ) -> Result<Self, ErrorReply> {
+    /// Starts writing `request.path` (as `user` would be allowed to).
+    pub fn start(request: FsWriteRequest, user: Option<Credentials>) -> Result<Self, ErrorReply> {
         let path = request.path.clone();
         if request.mode > 0o777 {
             return Err(error(
@@ -168,14 +165,8 @@ impl Upload {
             Err(rustix::io::Errno::NOENT) => {}
             Err(e) => return Err(error(codes::FILE_IO, format!("{path}: {e}"))),
         }
-        let temporary = format!(".mvm-copy-{stream}-{}", std::process::id());
-        let fd = rustix::fs::openat(
-            &place.dir,
-            temporary.as_str(),
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        )
-        .map_err(|e| error(codes::FILE_IO, format!("{path}: {e}")))?;
+        let (temporary, fd) = create_temporary(&place.dir)
+            .map_err(|e| error(codes::FILE_IO, format!("{path}: {e}")))?;
         if let Some(user) = user {
             let owner = rustix::fs::fchown(
                 &fd,
@@ -397,5 +388,30 @@ pub(super) fn error(code: &str, message: String) -> ErrorReply {
     ErrorReply {
         code: code.into(),
         message,
+    }
+}
+
+/// Creates the file an upload is written to, beside its destination, under a name nobody can
+/// guess — the workload could otherwise make that name first and so block every copy — and
+/// exclusively (never an existing file, never through a symlink).
+fn create_temporary(dir: &OwnedFd) -> rustix::io::Result<(String, OwnedFd)> {
+    let mut tries = 0;
+    loop {
+        let mut random = [0u8; 12];
+        let mut filled = 0;
+        while filled < random.len() {
+            filled += rustix::rand::getrandom(&mut random[filled..], GetRandomFlags::empty())?;
+        }
+        let name = format!(".mvm-copy-{}", hex::encode(random));
+        let created = rustix::fs::openat(
+            dir,
+            name.as_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        );
+        match created {
+            Err(rustix::io::Errno::EXIST) if tries < 8 => tries += 1,
+            created => return created.map(|fd| (name, fd)),
+        }
     }
 }

@@ -270,7 +270,7 @@ impl<'c> Agent<'c> {
                 let (code, message) = busy.unwrap_or_default();
                 send_error(channel, stream, code, message)?;
             }
-            Request::FsWrite(request) => match Upload::start(stream, request, user) {
+            Request::FsWrite(request) => match Upload::start(request, user) {
                 Ok(upload) if upload.complete() => {
                     answer_upload(channel, stream, upload.finish(user))?;
                 }

@@ -571,6 +571,24 @@ fn files_are_copied_in_and_out_whole_and_checked() {
         1,
         "an abandoned upload left its temporary"
     );
+
+    // The workload cannot block a copy by making its temporary's name first: the names are
+    // not to be guessed (they once were `.mvm-copy-STREAM-PID`).
+    for stream in 5..8 {
+        let squatted = format!(".mvm-copy-{stream}-{}", std::process::id());
+        std::fs::write(dir.path().join(squatted), b"the workload's").unwrap();
+    }
+    for stream in 5..8 {
+        let done = upload(
+            &mut host,
+            stream,
+            &other,
+            b"still copied",
+            &sha256(b"still copied"),
+        );
+        assert!(matches!(done, Response::FsWrite(_)), "{done:?}");
+    }
+    assert_eq!(std::fs::read(&other).unwrap(), b"still copied");
     host.power_off();
 }
 
