@@ -143,6 +143,14 @@ fn build_from_a_registry_checked_with_the_real_tools() {
     }
     assert_eq!(built["layers"], 2);
     assert_eq!(built["sandbox"]["seccomp"], true);
+    assert!(
+        matches!(
+            built["sandbox"]["landlock_network"].as_str(),
+            Some("full" | "unavailable")
+        ),
+        "{}",
+        built["sandbox"]
+    );
 
     // The plan verifies and pins exactly the bundle's files.
     let verified = json(
@@ -468,7 +476,7 @@ fn an_image_builds_without_a_declaration() {
         "/bin/echo",
         "hi",
     ];
-    json(home, &args, 0);
+    let built = json(home, &args, 0);
     let plan = payload(&out.join("plan.dsse.json"));
     assert_eq!(
         plan["entrypoint"]["command"],
@@ -483,6 +491,37 @@ fn an_image_builds_without_a_declaration() {
             out.join("plan.dsse.json").to_str().unwrap(),
         ],
         0,
+    );
+    // The same image as an `oci-archive:`, which the worker unpacks itself (no network, no
+    // cache), builds the same root filesystem.
+    let archive = work.path().join("busybox.tar");
+    let tarred = Command::new("tar")
+        .arg("-C")
+        .arg(layout.dir.path())
+        .arg("-cf")
+        .arg(&archive)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(tarred.success());
+    let from_archive = work.path().join("from-archive");
+    let archived = json(
+        home,
+        &[
+            "build",
+            "--image",
+            &format!("oci-archive:{}@{digest}", archive.display()),
+            "--out",
+            from_archive.to_str().unwrap(),
+            "--agent",
+            "/bin/busybox",
+        ],
+        0,
+    );
+    assert_eq!(archived["rootfs_digest"], built["rootfs_digest"]);
+    assert_eq!(
+        archived["sandbox"]["landlock"],
+        built["sandbox"]["landlock"]
     );
     // A tag without --allow-unpinned, or a bad reference, is refused before anything is built.
     let refused = json(

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::erofs::{self, ErofsOptions};
 use crate::layer::ApplyOptions;
 use crate::nix_image::{stage_closure, NixClosure, NixImageError};
-use crate::oci::{self, BlobCache, ImageRef, RegistryOptions};
+use crate::oci::{self, BlobCache, ImageRef, RegistryOptions, Transport};
 use crate::tree::{Metadata, NodeKind, Staging, Tree};
 use crate::verity::{self, VerityParams};
 
@@ -41,7 +41,8 @@ pub struct RootfsRequest {
     pub digest: String,
     /// Base for relative `oci:`/`oci-archive:` paths.
     pub base_dir: PathBuf,
-    /// The blob cache.
+    /// The blob cache, which the parent pulls into; the worker is never given it, only a
+    /// directory of exactly this image's blobs.
     pub cache_dir: PathBuf,
     /// Where `rootfs.erofs` and `rootfs.verity` are written.
     pub out_dir: PathBuf,
@@ -49,7 +50,7 @@ pub struct RootfsRequest {
     pub insecure_registries: Vec<String>,
     /// Accept device nodes in layers.
     pub allow_devices: bool,
-    /// Show pull progress.
+    /// Show pull progress (the parent's).
     pub progress: bool,
     /// A Nix image instead: the realised closure to stage (`reference` and `digest` then name
     /// it, for reports, and nothing is pulled).
@@ -158,25 +159,43 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RootfsError + '_ {
 
 /// Imports the image, writes `rootfs.erofs` and `rootfs.verity` into `out_dir`, and reports.
 ///
+/// `blobs` is a cache directory already holding every blob of a registry or `oci:` image
+/// ([`oci::pull_image`] into it): nothing is fetched here. An `oci-archive:` image is unpacked
+/// and verified into a private cache in `out_dir`; a Nix image needs neither.
+///
 /// Reproducible: the image, its uuid and the verity salt and uuid are all derived from the
 /// content, so the same image always gives the same bytes and root hash.
-pub fn build_rootfs(request: &RootfsRequest) -> Result<RootfsReport, RootfsError> {
+pub fn build_rootfs(
+    request: &RootfsRequest,
+    blobs: Option<&Path>,
+) -> Result<RootfsReport, RootfsError> {
     if let Some(closure) = &request.nix {
         return build_nix_rootfs(request, closure);
     }
     let image = ImageRef::new(&request.reference, &request.digest, &request.base_dir)?;
-    let cache = BlobCache::at(&request.cache_dir)?;
-    let registry = RegistryOptions {
-        insecure_registries: request.insecure_registries.clone(),
-        progress: request.progress,
-    };
     let staging = Staging::temp_file_in(&request.out_dir).map_err(io(&request.out_dir))?;
     let mut tree = Tree::new(staging);
     let apply = ApplyOptions {
         allow_devices: request.allow_devices,
         ..ApplyOptions::default()
     };
-    let imported = oci::import_image(&image, &registry, &cache, &mut tree, &apply)?;
+    let imported = match (&image.transport, blobs) {
+        (Transport::Archive(_), _) => {
+            let private = tempfile::tempdir_in(&request.out_dir).map_err(io(&request.out_dir))?;
+            let cache = BlobCache::at(private.path())?;
+            oci::import_image(
+                &image,
+                &RegistryOptions::default(),
+                &cache,
+                &mut tree,
+                &apply,
+            )?
+        }
+        (_, Some(blobs)) => {
+            oci::apply_image(&image.digest, &BlobCache::at(blobs)?, &mut tree, &apply)?
+        }
+        (_, None) => return Err(oci::OciError::BlobNotFound(image.digest).into()),
+    };
     let runtime = &imported.config.runtime;
     let command = runtime
         .entrypoint

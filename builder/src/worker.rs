@@ -1,30 +1,53 @@
 //! The host builder persona: the untrusted half of a build ([`crate::rootfs`]) in a child
 //! process with the fewest rights this host can take away.
 //!
-//! The parent ([`build_in_worker`]) starts the worker with a cleared environment (only `PATH`,
-//! `TMPDIR` = the output directory, and the registry bearer tokens pass), sends a
-//! [`RootfsRequest`] as JSON on stdin, and reads one JSON answer on stdout. The worker
-//! ([`serve`]) first confines itself, before it reads a byte of any image:
+//! The parent ([`build_in_worker`]) pulls a registry or `oci:` image itself
+//! ([`crate::oci::pull_image`]): every blob fetched into the blob cache and checked against its
+//! digest, nothing parsed but the index and manifest, whose bytes matched their digests. It
+//! hard-links exactly that image's blobs into a fresh directory in the cache, starts the worker
+//! with a cleared environment (only `PATH` and `TMPDIR` = the output directory: no proxy
+//! settings, no registry tokens), sends a [`RootfsRequest`] and that directory as JSON on stdin,
+//! and reads one JSON answer on stdout. The worker ([`serve`]) first confines itself, before it
+//! reads a byte of any image:
 //!
 //! - `no_new_privs`;
-//! - Landlock (where the kernel has it): writes only to the output and cache directories, reads
-//!   only those, the image source, and the system files name resolution and TLS need;
-//! - a seccomp filter refusing (`EPERM`) what a builder never needs: ptrace and other processes'
-//!   memory, mounts and namespaces, module and kexec loading, BPF, perf, keyrings, reboot, swap,
-//!   clock setting, userfaultfd.
+//! - Landlock (where the kernel has it): writes only to the output directory; reads only that,
+//!   the image's blob directory (or its `oci-archive:` file, or the Nix store) and the system's
+//!   libraries; no signals to other processes; and, from Landlock ABI 4, no TCP bind or connect;
+//! - a seccomp filter refusing (`EPERM`) what a builder never needs: every socket (`socket` of
+//!   any family, `socketpair`, `connect`, `bind`, `listen`, `accept`), ptrace and other
+//!   processes' memory, mounts and namespaces, module and kexec loading, BPF, perf, keyrings,
+//!   io_uring, reboot, swap, clock setting, userfaultfd.
+//!
+//! Why this shape:
+//!
+//! - The worker needs no network. Pulling is fetching bytes and hashing them, which the trusted
+//!   parent does without interpreting them; everything that interprets image bytes (the config,
+//!   gzip and zstd, tar) stays in the worker. So the worker is denied sockets outright, rather
+//!   than filtered by address (loopback, link-local metadata), which a seccomp filter cannot
+//!   read in `connect`'s memory argument anyway.
+//! - A directory of hard links rather than descriptors passed down: Landlock confines by path,
+//!   so a directory holding exactly the image's blobs limits the worker's reads to them with the
+//!   rules it already has, costs no copy, and needs no descriptors carried across `exec`. The
+//!   directory is read-only to the worker, which cannot change the cache's files through the
+//!   links; it hashes each blob again as it reads it. The parent removes the directory when the
+//!   worker has ended.
+//! - An `oci-archive:` image is a tar file to parse, so the worker unpacks it, from the archive
+//!   alone, into a private cache in its output directory. A Nix closure is realised by the
+//!   parent; the worker only reads it from the store. Neither needs the network.
 //!
 //! What was enforced is reported back ([`SandboxReport`]) and recorded in the provenance. The
 //! worker never sees signing keys: signing happens in the parent.
 
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
 use mvm_ir::{Coded, ErrorClass};
 use serde::{Deserialize, Serialize};
 
-use crate::oci::{ImageRef, Transport};
+use crate::oci::{BlobCache, ImageRef, RegistryOptions, Transport};
 use crate::rootfs::{build_rootfs, RootfsReport, RootfsRequest};
 
 /// What confinement the worker achieved.
@@ -34,8 +57,20 @@ pub struct SandboxReport {
     pub no_new_privs: bool,
     /// Landlock: `full`, `partial` or `unavailable` (kernel without Landlock).
     pub landlock: String,
+    /// Landlock's network rules (TCP bind and connect denied): `full`, or `unavailable`
+    /// (kernel without Landlock ABI 4).
+    pub landlock_network: String,
     /// The seccomp deny-list is installed.
     pub seccomp: bool,
+}
+
+/// What the parent sends the worker.
+#[derive(Debug, Serialize, Deserialize)]
+struct WorkerRequest {
+    /// What to build (without the cache's path: the worker is not given the cache).
+    rootfs: RootfsRequest,
+    /// A directory holding exactly the image's verified blobs (registry and `oci:` images).
+    blobs: Option<PathBuf>,
 }
 
 /// The worker's one answer.
@@ -92,17 +127,25 @@ impl Coded for WorkerError {
 /// Requests larger than this are refused by the worker.
 const MAX_REQUEST_BYTES: u64 = 8 * 1024 * 1024;
 
-/// Runs `program args…` as the worker for `request` and returns its report.
+/// Pulls the image of `request` (if it comes from a registry or an `oci:` layout), then runs
+/// `program args…` as the worker for it and returns its report.
 pub fn build_in_worker(
     program: &Path,
     args: &[&str],
     request: &RootfsRequest,
 ) -> Result<(RootfsReport, SandboxReport), WorkerError> {
-    // The worker may only write below these; they must exist before it confines itself.
-    crate::oci::BlobCache::at(&request.cache_dir)
-        .map_err(|e| WorkerError::Worker(e.to_string()))?;
+    // The worker may only write below this; it must exist before it confines itself.
     std::fs::create_dir_all(&request.out_dir)
         .map_err(|e| WorkerError::Worker(format!("{}: {e}", request.out_dir.display())))?;
+    // Removed when this function returns, after the worker has ended.
+    let blobs = pull_for_worker(request)?;
+    let job = WorkerRequest {
+        rootfs: RootfsRequest {
+            cache_dir: PathBuf::new(),
+            ..request.clone()
+        },
+        blobs: blobs.as_ref().map(|dir| dir.path().to_path_buf()),
+    };
     let mut command = Command::new(program);
     command
         .args(args)
@@ -114,17 +157,11 @@ pub fn build_in_worker(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
-    for (key, value) in std::env::vars_os() {
-        if passes_to_worker(&key.to_string_lossy(), request) {
-            command.env(key, value);
-        }
-    }
     let mut child = command
         .spawn()
         .map_err(|e| WorkerError::Worker(format!("cannot start {}: {e}", program.display())))?;
     let group = child.id();
-    let request_json =
-        serde_json::to_vec(request).map_err(|e| WorkerError::Worker(e.to_string()))?;
+    let request_json = serde_json::to_vec(&job).map_err(|e| WorkerError::Worker(e.to_string()))?;
     if let Some(mut stdin) = child.stdin.take() {
         stdin
             .write_all(&request_json)
@@ -180,30 +217,38 @@ pub fn build_in_worker(
     Ok((report, sandbox))
 }
 
-/// Environment the worker gets besides `PATH` and `TMPDIR`: proxy and TLS settings, and the
-/// bearer token for the image's own registry (never another registry's).
-fn passes_to_worker(key: &str, request: &RootfsRequest) -> bool {
-    const PASSED: &[&str] = &[
-        "HTTPS_PROXY",
-        "https_proxy",
-        "HTTP_PROXY",
-        "http_proxy",
-        "NO_PROXY",
-        "no_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-        "SSL_CERT_FILE",
-        "SSL_CERT_DIR",
-    ];
-    if PASSED.contains(&key) {
-        return true;
+/// Pulls a registry or `oci:` image into the cache (every blob verified now) and returns a
+/// fresh directory in the cache holding exactly its blobs, for the worker to read. A Nix or
+/// `oci-archive:` image has none: the worker reads its closure or archive itself.
+fn pull_for_worker(request: &RootfsRequest) -> Result<Option<tempfile::TempDir>, WorkerError> {
+    if request.nix.is_some() {
+        return Ok(None);
     }
-    match crate::oci::ImageRef::new(&request.reference, &request.digest, &request.base_dir) {
-        Ok(ImageRef {
-            transport: Transport::Registry { registry, .. },
-            ..
-        }) => key == crate::oci::token_variable(&registry) || key == "MVM_OCI_BEARER_TOKEN",
-        _ => false,
+    let image =
+        ImageRef::new(&request.reference, &request.digest, &request.base_dir).map_err(failed)?;
+    if let Transport::Archive(_) = image.transport {
+        return Ok(None);
+    }
+    let cache = BlobCache::at(&request.cache_dir).map_err(failed)?;
+    let registry = RegistryOptions {
+        insecure_registries: request.insecure_registries.clone(),
+        progress: request.progress,
+    };
+    let pulled = crate::oci::pull_image(&image, &registry, &cache).map_err(failed)?;
+    let dir = tempfile::Builder::new()
+        .prefix(".image-")
+        .tempdir_in(&request.cache_dir)
+        .map_err(|e| WorkerError::Worker(format!("{}: {e}", request.cache_dir.display())))?;
+    cache.select(&pulled.blobs, dir.path()).map_err(failed)?;
+    Ok(Some(dir))
+}
+
+/// A cause that failed the build in the parent, under its own code and class.
+fn failed(e: impl Coded + std::fmt::Display) -> WorkerError {
+    WorkerError::Build {
+        code: e.code().to_string(),
+        class: e.class(),
+        message: e.to_string(),
     }
 }
 
@@ -254,14 +299,14 @@ pub fn serve() -> ExitCode {
             class: ErrorClass::Io,
             message,
         },
-        Ok(request) => match confine(&request) {
+        Ok(job) => match confine(&job) {
             // The host could not confine the worker: I/O, like a worker that cannot run.
             Err(message) => Answer::Failed {
                 code: "BUILD005".into(),
                 class: ErrorClass::Io,
                 message,
             },
-            Ok(sandbox) => match build_rootfs(&request) {
+            Ok(sandbox) => match build_rootfs(&job.rootfs, job.blobs.as_deref()) {
                 Ok(report) => Answer::Built {
                     report: Box::new(report),
                     sandbox,
@@ -284,7 +329,7 @@ pub fn serve() -> ExitCode {
     }
 }
 
-fn read_request() -> Result<RootfsRequest, String> {
+fn read_request() -> Result<WorkerRequest, String> {
     let mut bytes = Vec::new();
     std::io::stdin()
         .lock()
@@ -299,51 +344,55 @@ fn read_request() -> Result<RootfsRequest, String> {
 
 /// Applies Landlock (best effort: absent on some kernels) and the seccomp deny-list
 /// (required). Both set `no_new_privs`.
-fn confine(request: &RootfsRequest) -> Result<SandboxReport, String> {
-    let landlock = landlock_confine(request).map_err(|e| format!("landlock: {e}"))?;
+fn confine(job: &WorkerRequest) -> Result<SandboxReport, String> {
+    let (landlock, landlock_network) =
+        landlock_confine(job).map_err(|e| format!("landlock: {e}"))?;
     seccomp_confine().map_err(|e| format!("seccomp: {e}"))?;
     Ok(SandboxReport {
         no_new_privs: true,
         landlock,
+        landlock_network,
         seccomp: true,
     })
 }
 
-fn landlock_confine(request: &RootfsRequest) -> Result<String, landlock::RulesetError> {
+/// How far the file-system rules (`full`, `partial`, `unavailable`) and the network rules
+/// (`full`, `unavailable`) are enforced.
+fn landlock_confine(job: &WorkerRequest) -> Result<(String, String), landlock::RulesetError> {
     use landlock::{
-        path_beneath_rules, Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr,
-        RulesetStatus, Scope, ABI,
+        path_beneath_rules, Access, AccessFs, AccessNet, LandlockStatus, Ruleset, RulesetAttr,
+        RulesetCreatedAttr, RulesetStatus, Scope, ABI,
     };
     let abi = ABI::V6;
-    let writable = [request.out_dir.as_path(), request.cache_dir.as_path()];
-    // Name resolution, TLS roots and the dynamic loader's files; a local image source. Not the
-    // declaration's directory: that may be a whole home directory.
-    let source =
+    let request = &job.rootfs;
+    // Only the output directory: not the blob cache, whose other images are none of its
+    // business.
+    let writable = [request.out_dir.as_path()];
+    // An archive is read whole by the worker; a registry or layout image only from its blob
+    // directory. Not the declaration's directory: that may be a whole home directory.
+    let archive =
         match crate::oci::ImageRef::new(&request.reference, &request.digest, &request.base_dir) {
             Ok(ImageRef {
-                transport: Transport::Layout(path) | Transport::Archive(path),
+                transport: Transport::Archive(path),
                 ..
-            }) => Some(path),
+            }) if request.nix.is_none() => Some(path),
             _ => None,
         };
-    let system = [
-        "/etc",
-        "/usr",
-        "/lib",
-        "/lib64",
-        "/dev/urandom",
-        "/proc/self",
-    ]
-    .map(Path::new);
+    // The system's libraries and the dynamic loader's files; not `/etc`: name resolution and
+    // TLS roots were for the network, which the worker does not have.
+    let system = ["/usr", "/lib", "/lib64", "/dev/urandom", "/proc/self"].map(Path::new);
     // A Nix image's store: read, never written.
     let nix_store = request.nix.as_ref().map(|c| c.store_root.join("nix/store"));
     let readable: Vec<&Path> = system
         .into_iter()
-        .chain(source.as_deref())
+        .chain(archive.as_deref())
+        .chain(job.blobs.as_deref())
         .chain(nix_store.as_deref())
         .collect();
     let status = Ruleset::default()
         .handle_access(AccessFs::from_all(abi))?
+        // No TCP bind or connect (where the kernel has network rules); no rule allows any port.
+        .handle_access(AccessNet::from_all(abi))?
         // No signals to processes outside the worker, no abstract unix sockets.
         .scope(Scope::from_all(abi))?
         .create()?
@@ -353,16 +402,32 @@ fn landlock_confine(request: &RootfsRequest) -> Result<String, landlock::Ruleset
         ))?
         .add_rules(path_beneath_rules(writable, AccessFs::from_all(abi)))?
         .restrict_self()?;
-    Ok(match status.ruleset {
+    let network = match status.landlock {
+        LandlockStatus::Available { effective_abi, .. }
+            if effective_abi >= ABI::V4 && status.ruleset != RulesetStatus::NotEnforced =>
+        {
+            "full"
+        }
+        _ => "unavailable",
+    };
+    let files = match status.ruleset {
         RulesetStatus::FullyEnforced => "full",
         RulesetStatus::PartiallyEnforced => "partial",
         RulesetStatus::NotEnforced => "unavailable",
-    }
-    .to_string())
+    };
+    Ok((files.to_string(), network.to_string()))
 }
 
 /// System calls a builder never makes; each is refused with `EPERM`.
 const DENIED_SYSCALLS: &[libc::c_long] = &[
+    // The network, of any family: registries are pulled by the parent.
+    libc::SYS_socket,
+    libc::SYS_socketpair,
+    libc::SYS_connect,
+    libc::SYS_bind,
+    libc::SYS_listen,
+    libc::SYS_accept,
+    libc::SYS_accept4,
     libc::SYS_ptrace,
     libc::SYS_process_vm_readv,
     libc::SYS_process_vm_writev,
@@ -445,16 +510,7 @@ fn seccomp_confine() -> Result<(), seccompiler::Error> {
         clone_rules.push(SeccompRule::new(vec![condition])?);
     }
     rules.insert(libc::SYS_clone, clone_rules);
-    // No unix-domain sockets: a compromised parser must not reach a docker or ssh-agent socket.
-    let unix = SeccompCondition::new(
-        0,
-        SeccompCmpArgLen::Dword,
-        SeccompCmpOp::Eq,
-        libc::AF_UNIX as u64,
-    )?;
-    rules.insert(libc::SYS_socket, vec![SeccompRule::new(vec![unix])?]);
     rules.insert(libc::SYS_clone | X32_SYSCALL_BIT, vec![]);
-    rules.insert(libc::SYS_socket | X32_SYSCALL_BIT, vec![]);
     let deny = SeccompFilter::new(
         rules,
         SeccompAction::Allow,
@@ -491,6 +547,13 @@ mod tests {
     use crate::rootfs::RootfsError;
 
     const CHILD: &str = "MVM_WORKER_CONFINEMENT_CHILD";
+    const LAYER: &str = "MVM_WORKER_CONFINEMENT_LAYER";
+    const PORT: &str = "MVM_WORKER_CONFINEMENT_PORT";
+    /// The blob of the image the worker builds, and one of another image, both in the cache.
+    const OWN_BLOB: &[u8] = b"this image";
+    const OTHER_BLOB: &[u8] = b"another image";
+    /// The worker's blob directory, inside the cache as the parent makes it.
+    const IMAGE_BLOBS: &str = "cache/.image-test";
 
     /// Each builder code has the class the CLI's table of codes gave it before the types
     /// carried their classes (integrity: OCI002, KERNEL005, NIXBUILD004; I/O: OCI007, OCI008,
@@ -675,44 +738,42 @@ mod tests {
         }
     }
 
-    /// Re-runs this test binary as a child that confines itself as the worker does, then tries
-    /// what a hostile image parser might: write outside its directories, read a file it was not
-    /// given, create a namespace, mount, ptrace. Each must fail; writing inside its output
-    /// directory must still work.
+    /// The worker starts with nothing of the parent's environment but `PATH` and `TMPDIR`: no
+    /// proxy settings, no registry tokens. The test re-runs itself with a token and a proxy set,
+    /// and a shell stands in for the worker and writes its environment down.
     #[test]
-    fn the_worker_confinement_holds() {
-        if let Some(dirs) = std::env::var_os(CHILD) {
-            std::process::exit(probe(Path::new(&dirs)));
-        }
-        let root = tempfile::tempdir().unwrap();
-        for dir in ["out", "cache", "outside", "secret"] {
-            std::fs::create_dir(root.path().join(dir)).unwrap();
-        }
-        std::fs::write(root.path().join("secret/key"), b"k").unwrap();
-        let status = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "worker::tests::the_worker_confinement_holds",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD, root.path())
-            .status()
-            .unwrap();
-        assert_eq!(
-            status.code(),
-            Some(0),
-            "the confined child reported a failure (see its output)"
-        );
-        assert!(!root.path().join("outside/planted").exists());
-    }
-
-    /// The child's side: 0 if every probe behaved, else the number of the first that did not.
-    fn probe(root: &Path) -> i32 {
+    fn the_worker_gets_only_path_and_tmpdir() {
+        const ENV_CHILD: &str = "MVM_WORKER_ENV_CHILD";
+        let Some(dir) = std::env::var_os(ENV_CHILD) else {
+            let root = tempfile::tempdir().unwrap();
+            let status = Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "worker::tests::the_worker_gets_only_path_and_tmpdir",
+                    "--test-threads=1",
+                ])
+                .env(ENV_CHILD, root.path())
+                .env("MVM_OCI_BEARER_TOKEN", "secret")
+                .env("HTTPS_PROXY", "http://127.0.0.1:9")
+                .status()
+                .unwrap();
+            assert!(status.success());
+            let env = std::fs::read_to_string(root.path().join("env")).unwrap();
+            let names: std::collections::BTreeSet<&str> = env
+                .lines()
+                .filter_map(|line| line.split_once('=').map(|(name, _)| name))
+                // The shell's own.
+                .filter(|name| *name != "PWD")
+                .collect();
+            assert_eq!(names, ["PATH", "TMPDIR"].into(), "{env}");
+            return;
+        };
+        let root = Path::new(&dir);
+        // An archive image: nothing is pulled before the worker starts.
         let request = RootfsRequest {
-            reference: "127.0.0.1:5000/x".into(),
-            digest: format!("sha256:{}", "0".repeat(64)),
-            base_dir: root.join("out"),
+            reference: format!("oci-archive:{}", root.join("none.tar").display()),
+            digest: digest_of(b"none"),
+            base_dir: root.to_path_buf(),
             cache_dir: root.join("cache"),
             out_dir: root.join("out"),
             insecure_registries: vec![],
@@ -720,7 +781,148 @@ mod tests {
             progress: false,
             nix: None,
         };
-        let report = match confine(&request) {
+        let dump = root.join("env");
+        let shell = ["-c", "env > \"$0\"", dump.to_str().unwrap()];
+        let err = build_in_worker(Path::new("/bin/sh"), &shell, &request).unwrap_err();
+        assert_eq!(err.code(), "BUILD004", "{err}");
+    }
+
+    /// Re-runs this test binary as a child that confines itself as the worker does, then tries
+    /// what a hostile image parser might: write outside its directories or into its blob
+    /// directory, read a file it was not given or another image's blob in the cache, reach a
+    /// TCP listener on loopback, open any socket, create a namespace, mount, ptrace. Each must
+    /// fail; writing inside its output directory and reading its own image's blob must still
+    /// work. A second child applies Landlock alone, to show its network rules by themselves.
+    #[test]
+    fn the_worker_confinement_holds() {
+        if let Some(dirs) = std::env::var_os(CHILD) {
+            let root = Path::new(&dirs);
+            std::process::exit(match std::env::var(LAYER).as_deref() {
+                Ok("landlock") => probe_landlock_network(root),
+                _ => probe(root),
+            });
+        }
+        let root = tempfile::tempdir().unwrap();
+        for dir in ["out", "outside", "secret"] {
+            std::fs::create_dir_all(root.path().join(dir)).unwrap();
+        }
+        std::fs::write(root.path().join("secret/key"), b"k").unwrap();
+        // The cache holds this image's blob and another image's; the worker is handed a
+        // directory of the first only, as the parent does.
+        let cache = BlobCache::at(&root.path().join("cache")).unwrap();
+        for blob in [OWN_BLOB, OTHER_BLOB] {
+            std::fs::write(blob_path(&root.path().join("cache"), blob), blob).unwrap();
+        }
+        cache
+            .select(&[digest_of(OWN_BLOB)], &root.path().join(IMAGE_BLOBS))
+            .unwrap();
+        // A listener the child must not reach.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        for layer in ["landlock", "all"] {
+            let status = Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "worker::tests::the_worker_confinement_holds",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env(CHILD, root.path())
+                .env(LAYER, layer)
+                .env(PORT, port.to_string())
+                .status()
+                .unwrap();
+            assert_eq!(
+                status.code(),
+                Some(0),
+                "the child confined by {layer} reported a failure (see its output)"
+            );
+        }
+        assert!(!root.path().join("outside/planted").exists());
+        listener.set_nonblocking(true).unwrap();
+        assert!(listener.accept().is_err(), "a child reached the listener");
+        assert_eq!(
+            std::fs::read(blob_path(&root.path().join("cache"), OWN_BLOB)).unwrap(),
+            OWN_BLOB,
+            "the cache's file is unchanged"
+        );
+    }
+
+    fn digest_of(blob: &[u8]) -> String {
+        mvm_ir::digest::sha256_prefixed(blob)
+    }
+
+    /// Where `blob` lies in the cache directory `dir`.
+    fn blob_path(dir: &Path, blob: &[u8]) -> PathBuf {
+        dir.join("sha256").join(&digest_of(blob)["sha256:".len()..])
+    }
+
+    /// The worker's request in the test's directory `root`: a registry image whose blob
+    /// directory is [`IMAGE_BLOBS`].
+    fn job(root: &Path) -> WorkerRequest {
+        WorkerRequest {
+            rootfs: RootfsRequest {
+                reference: "127.0.0.1:5000/x".into(),
+                digest: digest_of(OWN_BLOB),
+                base_dir: root.join("out"),
+                // Named, yet not granted.
+                cache_dir: root.join("cache"),
+                out_dir: root.join("out"),
+                insecure_registries: vec![],
+                allow_devices: false,
+                progress: false,
+                nix: None,
+            },
+            blobs: Some(root.join(IMAGE_BLOBS)),
+        }
+    }
+
+    /// A TCP connect to the test's listener, and a TCP bind, each refused with `errno`.
+    fn tcp_refused(errno: i32, failed: &mut Option<i32>, number: i32) {
+        let port: u16 = std::env::var(PORT).unwrap().parse().unwrap();
+        let attempts = [
+            (
+                "a TCP connect to the loopback listener",
+                std::net::TcpStream::connect(("127.0.0.1", port)).map(drop),
+            ),
+            (
+                "a TCP bind",
+                std::net::TcpListener::bind("127.0.0.1:0").map(drop),
+            ),
+        ];
+        for (what, result) in attempts {
+            let found = result.as_ref().err().and_then(|e| e.raw_os_error());
+            if found != Some(errno) {
+                eprintln!("{what} was not refused with errno {errno} ({result:?})");
+                failed.get_or_insert(number);
+            }
+        }
+    }
+
+    /// The first child's side: Landlock alone (no seccomp) refuses TCP with `EACCES` where the
+    /// kernel has network rules.
+    fn probe_landlock_network(root: &Path) -> i32 {
+        let (files, network) = match landlock_confine(&job(root)) {
+            Ok(status) => status,
+            Err(e) => {
+                eprintln!("landlock: {e}");
+                return 1;
+            }
+        };
+        eprintln!("landlock alone: files {files}, network {network}");
+        if network != "full" {
+            eprintln!("this kernel has no Landlock network rules (ABI 4): NOT checked here");
+            return 0;
+        }
+        let mut failed = None;
+        tcp_refused(libc::EACCES, &mut failed, 2);
+        failed.unwrap_or(0)
+    }
+
+    /// The second child's side: 0 if every probe behaved, else the number of the first that
+    /// did not.
+    fn probe(root: &Path) -> i32 {
+        let report = match confine(&job(root)) {
             Ok(report) => report,
             Err(e) => {
                 eprintln!("confine: {e}");
@@ -728,6 +930,8 @@ mod tests {
             }
         };
         eprintln!("sandbox: {report:?}");
+        // Every probe runs; the first that misbehaved names the exit status.
+        let mut failed = None;
         if std::fs::write(root.join("out/ok"), b"ok").is_err() {
             eprintln!("cannot write the output directory");
             return 2;
@@ -744,80 +948,141 @@ mod tests {
                 eprintln!("read a file it was not given");
                 return 4;
             }
+            if std::fs::read(blob_path(&root.join("cache"), OTHER_BLOB)).is_ok() {
+                eprintln!("read another image's blob in the cache");
+                failed.get_or_insert(5);
+            }
+            if std::fs::read(blob_path(&root.join(IMAGE_BLOBS), OWN_BLOB)).ok()
+                != Some(OWN_BLOB.into())
+            {
+                eprintln!("cannot read its own image's blob");
+                failed.get_or_insert(6);
+            }
+            let blob = blob_path(&root.join(IMAGE_BLOBS), OWN_BLOB);
+            if std::fs::OpenOptions::new().write(true).open(&blob).is_ok()
+                || std::fs::remove_file(&blob).is_ok()
+            {
+                eprintln!("could change its blob directory (a link to the cache's file)");
+                failed.get_or_insert(7);
+            }
         }
         // seccomp refuses these with EPERM whatever the kernel.
-        let denied = |what: &str, result: libc::c_long| -> bool {
-            let errno = std::io::Error::last_os_error().raw_os_error();
+        // Each call's errno is read right after it returns.
+        let with_errno = |result: libc::c_long| (result, std::io::Error::last_os_error());
+        let denied = |what: &str, (result, error): (libc::c_long, std::io::Error)| -> bool {
+            let errno = error.raw_os_error();
             let refused = result == -1 && errno == Some(libc::EPERM);
             if !refused {
                 eprintln!("{what} was not refused with EPERM (result {result}, errno {errno:?})");
             }
             refused
         };
-        // SAFETY: raw syscalls with constant, valid arguments; each is expected to fail.
+        let mut pair = [-1 as libc::c_int; 2];
+        // SAFETY: raw syscalls with constant, valid arguments (socketpair writes at most two
+        // ints into `pair`, which holds two); each is expected to fail.
         #[allow(unsafe_code)]
         let results = unsafe {
             [
                 (
                     "unshare",
-                    libc::syscall(libc::SYS_unshare, libc::CLONE_NEWUSER),
+                    with_errno(libc::syscall(libc::SYS_unshare, libc::CLONE_NEWUSER)),
                 ),
                 (
                     "mount",
-                    libc::syscall(
+                    with_errno(libc::syscall(
                         libc::SYS_mount,
                         c"none".as_ptr(),
                         c"/tmp".as_ptr(),
                         c"tmpfs".as_ptr(),
                         0,
                         0,
-                    ),
+                    )),
                 ),
                 (
                     "ptrace",
-                    libc::syscall(libc::SYS_ptrace, libc::PTRACE_TRACEME, 0, 0, 0),
+                    with_errno(libc::syscall(
+                        libc::SYS_ptrace,
+                        libc::PTRACE_TRACEME,
+                        0,
+                        0,
+                        0,
+                    )),
                 ),
-                ("bpf", libc::syscall(libc::SYS_bpf, 0, 0, 0)),
+                ("bpf", with_errno(libc::syscall(libc::SYS_bpf, 0, 0, 0))),
                 (
                     "clone(CLONE_NEWUSER)",
-                    libc::syscall(
+                    with_errno(libc::syscall(
                         libc::SYS_clone,
                         libc::CLONE_NEWUSER | libc::SIGCHLD,
                         0,
                         0,
                         0,
                         0,
-                    ),
+                    )),
                 ),
                 (
                     "fsopen",
-                    libc::syscall(libc::SYS_fsopen, c"tmpfs".as_ptr(), 0),
+                    with_errno(libc::syscall(libc::SYS_fsopen, c"tmpfs".as_ptr(), 0)),
                 ),
                 (
                     "socket(AF_UNIX)",
-                    libc::syscall(libc::SYS_socket, libc::AF_UNIX, libc::SOCK_STREAM, 0),
+                    with_errno(libc::syscall(
+                        libc::SYS_socket,
+                        libc::AF_UNIX,
+                        libc::SOCK_STREAM,
+                        0,
+                    )),
+                ),
+                (
+                    "socketpair(AF_UNIX)",
+                    with_errno(libc::syscall(
+                        libc::SYS_socketpair,
+                        libc::AF_UNIX,
+                        libc::SOCK_STREAM,
+                        0,
+                        pair.as_mut_ptr(),
+                    )),
+                ),
+                (
+                    "socket(AF_INET6, SOCK_DGRAM)",
+                    with_errno(libc::syscall(
+                        libc::SYS_socket,
+                        libc::AF_INET6,
+                        libc::SOCK_DGRAM,
+                        0,
+                    )),
                 ),
                 (
                     "x32 mount",
-                    libc::syscall(libc::SYS_mount | X32_SYSCALL_BIT, 0, 0, 0, 0, 0),
+                    with_errno(libc::syscall(
+                        libc::SYS_mount | X32_SYSCALL_BIT,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                    )),
                 ),
             ]
         };
         for (i, (what, result)) in results.into_iter().enumerate() {
             if !denied(what, result) {
-                return 10 + i as i32;
+                failed.get_or_insert(10 + i as i32);
             }
         }
         // Threads still start (clone3 is refused with ENOSYS; the C library falls back to clone).
         if std::thread::spawn(|| 7).join().ok() != Some(7) {
             eprintln!("a thread could not be started");
-            return 30;
+            failed.get_or_insert(30);
         }
-        // And the network is still there for registries.
-        if std::net::TcpListener::bind("127.0.0.1:0").is_err() {
-            eprintln!("an inet socket could not be opened");
-            return 31;
+        // No network: the listener the test opened on loopback is out of reach, and no socket of
+        // any family opens (seccomp refuses socket() itself, before Landlock is asked).
+        tcp_refused(libc::EPERM, &mut failed, 31);
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").map(drop);
+        if udp.as_ref().err().and_then(|e| e.raw_os_error()) != Some(libc::EPERM) {
+            eprintln!("a UDP socket was not refused with EPERM ({udp:?})");
+            failed.get_or_insert(32);
         }
-        0
+        failed.unwrap_or(0)
     }
 }

@@ -53,6 +53,26 @@ impl BlobCache {
         Ok(self.dir.join(&digest["sha256:".len()..]))
     }
 
+    /// A cache in `dir` holding exactly the blobs `digests` of this one: each hard-linked (the
+    /// same file, no copy), or copied where a link cannot be made. For handing one image's
+    /// blobs, and no other's, to a reader confined to `dir`.
+    pub fn select(&self, digests: &[String], dir: &Path) -> Result<BlobCache, OciError> {
+        let selected = BlobCache::at(dir)?;
+        for digest in digests {
+            let (from, to) = (self.path(digest)?, selected.path(digest)?);
+            if to.exists() {
+                continue;
+            }
+            if fs::hard_link(&from, &to).is_err() {
+                fs::copy(&from, &to).map_err(|e| match e.kind() {
+                    io::ErrorKind::NotFound => OciError::BlobNotFound(digest.clone()),
+                    _ => OciError::io(from.display(), e),
+                })?;
+            }
+        }
+        Ok(selected)
+    }
+
     /// Whether `digest` is cached (not yet re-verified).
     pub fn contains(&self, digest: &str) -> bool {
         self.path(digest).is_ok_and(|p| p.is_file())
@@ -125,32 +145,58 @@ impl BlobCache {
     ) -> Result<Vec<u8>, OciError> {
         let size = descriptor.size;
         if keep > 0 && size > keep {
-            return Err(OciError::BadDocument {
-                what: "image config",
-                reason: format!(
-                    "{} is {size} bytes, over the {keep}-byte limit",
-                    descriptor.digest
-                ),
-            });
+            return Err(too_large(descriptor, keep));
         }
         self.ensure("blob", &descriptor.digest, size, |out| {
             source.fetch_blob(&descriptor.digest, size, out)
         })?;
         if keep > 0 {
-            let bytes = self.read_verified(&descriptor.digest, keep)?;
-            if bytes.len() as u64 != size {
-                return Err(size_mismatch(&descriptor.digest, size, bytes.len() as u64));
-            }
-            return Ok(bytes);
+            return self.read_blob(descriptor, keep);
         }
         Ok(Vec::new())
     }
 
-    fn read_verified(&self, digest: &str, limit: u64) -> Result<Vec<u8>, OciError> {
+    /// Makes sure the blob `descriptor` names is cached and matches its digest and size now: a
+    /// blob fetched earlier is hashed again (and removed if it changed), one not cached is
+    /// fetched and checked on the way in.
+    pub(crate) fn fetch_verified(
+        &self,
+        descriptor: &Descriptor,
+        source: &mut dyn BlobSource,
+    ) -> Result<(), OciError> {
+        if self.contains(&descriptor.digest) {
+            self.open_verified(&descriptor.digest, descriptor.size)
+                .map(drop)
+        } else {
+            self.fetch_blob(descriptor, 0, source).map(drop)
+        }
+    }
+
+    /// The bytes of the cached blob `descriptor` names (a config: at most `keep` bytes),
+    /// verified.
+    pub(crate) fn read_blob(
+        &self,
+        descriptor: &Descriptor,
+        keep: u64,
+    ) -> Result<Vec<u8>, OciError> {
+        let size = descriptor.size;
+        if size > keep {
+            return Err(too_large(descriptor, keep));
+        }
+        let bytes = self.read_verified(&descriptor.digest, keep)?;
+        if bytes.len() as u64 != size {
+            return Err(size_mismatch(&descriptor.digest, size, bytes.len() as u64));
+        }
+        Ok(bytes)
+    }
+
+    /// The bytes of cached blob `digest` (at most `limit`), verified.
+    pub(crate) fn read_verified(&self, digest: &str, limit: u64) -> Result<Vec<u8>, OciError> {
         let path = self.path(digest)?;
         let mut bytes = Vec::new();
-        File::open(&path)
-            .and_then(|f| f.take(limit.saturating_add(1)).read_to_end(&mut bytes))
+        open(&path, digest)?
+            .take(limit.saturating_add(1))
+            .read_to_end(&mut bytes)
             .map_err(|e| OciError::io(path.display(), e))?;
         if bytes.len() as u64 > limit {
             return Err(OciError::BadDocument {
@@ -169,7 +215,7 @@ impl BlobCache {
     /// before use.
     pub(crate) fn open_verified(&self, digest: &str, size: u64) -> Result<File, OciError> {
         let path = self.path(digest)?;
-        let mut file = File::open(&path).map_err(|e| OciError::io(path.display(), e))?;
+        let mut file = open(&path, digest)?;
         let (found, len) = hash(&mut file).map_err(|e| OciError::io(path.display(), e))?;
         if found != digest {
             return Err(cache_corrupt(&path, digest, &found));
@@ -179,6 +225,24 @@ impl BlobCache {
         }
         file.rewind().map_err(|e| OciError::io(path.display(), e))?;
         Ok(file)
+    }
+}
+
+/// Opens a cached blob; one that is not there is [`OciError::BlobNotFound`].
+fn open(path: &Path, digest: &str) -> Result<File, OciError> {
+    File::open(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => OciError::BlobNotFound(digest.to_string()),
+        _ => OciError::io(path.display(), e),
+    })
+}
+
+fn too_large(descriptor: &Descriptor, limit: u64) -> OciError {
+    OciError::BadDocument {
+        what: "image config",
+        reason: format!(
+            "{} is {} bytes, over the {limit}-byte limit",
+            descriptor.digest, descriptor.size
+        ),
     }
 }
 

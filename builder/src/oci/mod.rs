@@ -10,6 +10,12 @@
 //! content-addressed [`BlobCache`] (so a second build fetches nothing), and each layer's
 //! uncompressed stream is checked against the config's `diff_id` while it is applied. A
 //! mismatch anywhere fails the build; a failed build's tree is discarded.
+//!
+//! An import is two steps that can run in different processes: [`pull_image`] fetches and
+//! verifies every blob, parsing nothing but the index and manifest (the `mvm build` process
+//! does it, with the network), and [`apply_image`] reads them back, verified again, and parses
+//! the config and layers (the confined worker does it, without the network; see
+//! [`crate::worker`]).
 
 mod cache;
 mod layout;
@@ -204,34 +210,60 @@ pub struct ImportedImage {
     pub layers: Vec<ImportedLayer>,
 }
 
-/// Fetches (through the cache) and applies the image `image` to `tree`.
-pub fn import_image(
+/// The blobs an image is made of, each in the cache and verified against its digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PulledImage {
+    /// The digest the image was named by (an index or a manifest).
+    pub digest: String,
+    /// The `linux/amd64` manifest's digest (the same as `digest` unless it named an index).
+    pub manifest_digest: String,
+    /// Every blob an import reads: the named document, the manifest, the config and the layers.
+    pub blobs: Vec<String>,
+}
+
+/// Fetches the image `image` into `cache` and verifies every blob of it, without applying
+/// anything: the only bytes parsed are the index and manifest, after they matched their
+/// digests. Blobs already cached are hashed again, so what is returned was verified now.
+pub fn pull_image(
     image: &ImageRef,
     registry: &RegistryOptions,
+    cache: &BlobCache,
+) -> Result<PulledImage, OciError> {
+    let mut source = open_source(image, registry)?;
+    let source = source.as_mut();
+    let (manifest_digest, manifest) = resolve_manifest(&image.digest, |digest| {
+        cache.fetch_manifest(digest, MAX_DOCUMENT_BYTES, source)
+    })?;
+    // The config is fetched within the document limit, and parsed only where it is applied.
+    cache.fetch_blob(&manifest.config, MAX_DOCUMENT_BYTES, source)?;
+    for layer in &manifest.layers {
+        layer.layer_kind()?;
+        cache.fetch_verified(layer, source)?;
+    }
+    let mut blobs = vec![image.digest.clone()];
+    blobs.extend((manifest_digest != image.digest).then(|| manifest_digest.clone()));
+    blobs.push(manifest.config.digest.clone());
+    blobs.extend(manifest.layers.iter().map(|l| l.digest.clone()));
+    Ok(PulledImage {
+        digest: image.digest.clone(),
+        manifest_digest,
+        blobs,
+    })
+}
+
+/// Applies the image named by `digest` to `tree` from blobs already in `cache`, fetching
+/// nothing: each blob is hashed again as it is read, and one that is missing is
+/// [`OciError::BlobNotFound`].
+pub fn apply_image(
+    digest: &str,
     cache: &BlobCache,
     tree: &mut Tree,
     apply: &ApplyOptions,
 ) -> Result<ImportedImage, OciError> {
-    let mut source = open_source(image, registry)?;
-    let source = source.as_mut();
-    let top = cache.fetch_manifest(&image.digest, MAX_DOCUMENT_BYTES, source)?;
-    let (manifest_digest, manifest) = match manifest::parse_top(&top, &image.digest)? {
-        manifest::Top::Manifest(manifest) => (image.digest.clone(), manifest),
-        manifest::Top::Index(index) => {
-            let chosen = index.linux_amd64()?;
-            let bytes = cache.fetch_manifest(&chosen.digest, MAX_DOCUMENT_BYTES, source)?;
-            match manifest::parse_top(&bytes, &chosen.digest)? {
-                manifest::Top::Manifest(manifest) => (chosen.digest.clone(), manifest),
-                manifest::Top::Index(_) => {
-                    return Err(OciError::BadDocument {
-                        what: "image index",
-                        reason: "an index inside an index is not supported".into(),
-                    })
-                }
-            }
-        }
-    };
-    let config_bytes = cache.fetch_blob(&manifest.config, MAX_DOCUMENT_BYTES, source)?;
+    let (manifest_digest, manifest) = resolve_manifest(digest, |digest| {
+        cache.read_verified(digest, MAX_DOCUMENT_BYTES)
+    })?;
+    let config_bytes = cache.read_blob(&manifest.config, MAX_DOCUMENT_BYTES)?;
     let config = ImageConfig::parse(&config_bytes)?;
     if config.diff_ids.len() != manifest.layers.len() {
         return Err(OciError::BadDocument {
@@ -245,8 +277,6 @@ pub fn import_image(
     }
     for layer in &manifest.layers {
         layer.layer_kind()?;
-        // Layers are only cached here; they are read as streams when applied.
-        cache.fetch_blob(layer, 0, source)?;
     }
     let mut layers = Vec::new();
     for (layer, diff_id) in manifest.layers.iter().zip(&config.diff_ids) {
@@ -260,11 +290,45 @@ pub fn import_image(
         });
     }
     Ok(ImportedImage {
-        digest: image.digest.clone(),
+        digest: digest.to_string(),
         manifest_digest,
         config,
         layers,
     })
+}
+
+/// Fetches (through the cache) and applies the image `image` to `tree`: [`pull_image`], then
+/// [`apply_image`].
+pub fn import_image(
+    image: &ImageRef,
+    registry: &RegistryOptions,
+    cache: &BlobCache,
+    tree: &mut Tree,
+    apply: &ApplyOptions,
+) -> Result<ImportedImage, OciError> {
+    pull_image(image, registry, cache)?;
+    apply_image(&image.digest, cache, tree, apply)
+}
+
+/// The `linux/amd64` manifest of the image named by `digest`, and its digest; `document` gives
+/// the verified bytes of a manifest or index.
+fn resolve_manifest(
+    digest: &str,
+    mut document: impl FnMut(&str) -> Result<Vec<u8>, OciError>,
+) -> Result<(String, manifest::Manifest), OciError> {
+    match manifest::parse_top(&document(digest)?, digest)? {
+        manifest::Top::Manifest(manifest) => Ok((digest.to_string(), manifest)),
+        manifest::Top::Index(index) => {
+            let chosen = index.linux_amd64()?;
+            match manifest::parse_top(&document(&chosen.digest)?, &chosen.digest)? {
+                manifest::Top::Manifest(manifest) => Ok((chosen.digest.clone(), manifest)),
+                manifest::Top::Index(_) => Err(OciError::BadDocument {
+                    what: "image index",
+                    reason: "an index inside an index is not supported".into(),
+                }),
+            }
+        }
+    }
 }
 
 fn open_source(

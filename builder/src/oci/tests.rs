@@ -294,3 +294,70 @@ fn registry_import_by_digest_then_from_cache() {
     .unwrap();
     assert_eq!(import(&missing, &cache).unwrap_err().code(), "OCI007");
 }
+
+#[test]
+fn a_pulled_image_applies_from_a_directory_of_exactly_its_blobs() {
+    let layout = TestLayout::new();
+    let digest = layout.standard();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = BlobCache::at(cache_dir.path()).unwrap();
+    // Another image in the same cache, which the selection must leave out.
+    let tar = layer(&[("other", b"1")]);
+    let (other, _) = layout.image("amd64", &[(TAR, tar.clone(), tar)]);
+    import(&layout_ref(&layout, &other), &cache).unwrap();
+
+    let pulled = pull_image(
+        &layout_ref(&layout, &digest),
+        &RegistryOptions::default(),
+        &cache,
+    )
+    .unwrap();
+    assert_eq!(pulled.digest, digest);
+    assert_ne!(pulled.manifest_digest, digest, "the index was resolved");
+    assert_eq!(pulled.blobs.len(), 6, "index, manifest, config, 3 layers");
+    let selected_dir = tempfile::tempdir().unwrap();
+    let selected = cache.select(&pulled.blobs, selected_dir.path()).unwrap();
+    let mut held: Vec<String> = fs::read_dir(selected_dir.path().join("sha256"))
+        .unwrap()
+        .map(|e| format!("sha256:{}", e.unwrap().file_name().to_string_lossy()))
+        .collect();
+    held.sort();
+    let mut expected = pulled.blobs.clone();
+    expected.sort();
+    assert_eq!(held, expected, "exactly the image's blobs");
+
+    // The selection alone is enough: nothing is fetched, the source can be gone.
+    for entry in fs::read_dir(layout.dir.path().join("blobs/sha256")).unwrap() {
+        fs::remove_file(entry.unwrap().path()).unwrap();
+    }
+    let mut tree = Tree::new(Staging::Memory(Vec::new()));
+    let imported = apply_image(&digest, &selected, &mut tree, &ApplyOptions::default()).unwrap();
+    check_standard(&tree, &imported);
+
+    // A blob missing from it is missing (OCI006), not fetched from anywhere.
+    let last = pulled.blobs.last().unwrap();
+    fs::remove_file(selected_dir.path().join("sha256").join(&last[7..])).unwrap();
+    let mut tree = Tree::new(Staging::Memory(Vec::new()));
+    let err = apply_image(&digest, &selected, &mut tree, &ApplyOptions::default()).unwrap_err();
+    assert_eq!(err.code(), "OCI006", "{err}");
+}
+
+#[test]
+fn a_pull_hashes_cached_blobs_again() {
+    let layout = TestLayout::new();
+    let digest = layout.standard();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = BlobCache::at(cache_dir.path()).unwrap();
+    let image = layout_ref(&layout, &digest);
+    pull_image(&image, &RegistryOptions::default(), &cache).unwrap();
+    let layer_blob = sha(&zstd(&layer(&[("opt/data", &[42u8; 10_000])])));
+    let cached = cache_dir.path().join("sha256").join(&layer_blob[7..]);
+    let mut bytes = fs::read(&cached).unwrap();
+    bytes[0] ^= 1;
+    fs::write(&cached, bytes).unwrap();
+    // The pull, not only the import, catches it: the worker is handed verified blobs only.
+    let err = pull_image(&image, &RegistryOptions::default(), &cache).unwrap_err();
+    assert_eq!(err.code(), "OCI002", "{err}");
+    assert!(!cached.exists(), "the changed file was removed");
+    pull_image(&image, &RegistryOptions::default(), &cache).unwrap();
+}
