@@ -1397,6 +1397,59 @@ fn commands_cannot_trace_each_other_reach_into_the_kernel_or_leave_anything_behi
             .ok_or(format!("{before} then {after}"))
     });
 
+    // What is copied out takes the modes the umask allows, never group or other write; a
+    // file keeps its holes; more than --max-size is refused before anything is written.
+    sh_in(
+        "guarded",
+        "/bin/busybox mkdir -m 777 /tmp/outdir && echo x > /tmp/outdir/open && \
+         /bin/busybox chmod 666 /tmp/outdir/open && \
+         /bin/busybox truncate -s 8M /tmp/sparse && echo end >> /tmp/sparse && \
+         /bin/busybox chmod 666 /tmp/sparse",
+    );
+    let status = fs::read_to_string("/proc/self/status").unwrap();
+    let umask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Umask:"))
+        .map(|m| u32::from_str_radix(m.trim(), 8).unwrap())
+        .unwrap();
+    let allowed = |mode: u32| mode & !(umask | 0o022);
+    let host = tempfile::tempdir().unwrap();
+    let mode_of = |path: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    };
+    let dir_out = host.path().join("outdir");
+    mvm_ok_json(&["cp", "guarded:/tmp/outdir", dir_out.to_str().unwrap()], 0);
+    assert_eq!(mode_of(&dir_out), allowed(0o777));
+    assert_eq!(mode_of(&dir_out.join("open")), allowed(0o666));
+    let sparse = host.path().join("sparse");
+    mvm_ok_json(&["cp", "guarded:/tmp/sparse", sparse.to_str().unwrap()], 0);
+    assert_eq!(mode_of(&sparse), allowed(0o666));
+    let written = fs::read(&sparse).unwrap();
+    assert_eq!(written.len(), (8 << 20) + 4);
+    assert!(written.ends_with(b"end\n") && written[..8 << 20].iter().all(|b| *b == 0));
+    let allocated = std::os::unix::fs::MetadataExt::blocks(&fs::metadata(&sparse).unwrap()) * 512;
+    assert!(
+        allocated < 1 << 20,
+        "{allocated} bytes allocated for a file of holes"
+    );
+    let capped = host.path().join("capped");
+    refused_with(
+        &[
+            "cp",
+            "--max-size",
+            "1M",
+            "guarded:/tmp/sparse",
+            capped.to_str().unwrap(),
+        ],
+        "RUN038",
+    );
+    assert_eq!(
+        fs::read_dir(host.path()).unwrap().count(),
+        2,
+        "something was left"
+    );
+
     // Names, messages and console lines from the guest are shown, never obeyed: no escape
     // byte reaches the terminal, and a name is one line. JSON keeps the exact names.
     let title = "\u{1b}]0;owned\u{7}";
