@@ -55,6 +55,12 @@ impl Console {
         self.lock().kernel_panic
     }
 
+    /// Says the guest's boot is over before it prints anything: a woken guest booted before it
+    /// was saved and says `channel ready` no more, so no line of it is a boot report.
+    pub fn boot_is_over(&self) {
+        self.lock().booted = true;
+    }
+
     /// Feeds console bytes: kept in the tail, and scanned line by line.
     pub fn feed(&self, bytes: &[u8]) {
         let mut state = self.lock();
@@ -78,7 +84,7 @@ impl Console {
 
 fn scan_line(state: &mut State, line: &str) {
     let line = line.trim_end_matches('\r');
-    if line.contains("Kernel panic") {
+    if is_kernel_panic(line) {
         state.kernel_panic = true;
     }
     if state.failure.is_some() || state.booted {
@@ -100,6 +106,17 @@ fn scan_line(state: &mut State, line: &str) {
             line: line.to_string(),
         });
     }
+}
+
+/// Whether `line` is the kernel's own panic message: it begins the line (after the kernel's
+/// optional `[ seconds]` stamp), so no text a workload gets the kernel to print inside a line
+/// (a process name in a segfault report, say) counts.
+fn is_kernel_panic(line: &str) -> bool {
+    let message = match line.strip_prefix('[') {
+        Some(stamped) => stamped.split_once("] ").map_or("", |(_, rest)| rest),
+        None => line,
+    };
+    message.starts_with("Kernel panic - not syncing")
 }
 
 /// The console log file: the first [`LOG_LIMIT`] bytes of the console, then a note that it
@@ -199,6 +216,31 @@ mod tests {
         console.feed(b"Kernel panic - not syncing: Attempted to kill init!\n");
         assert_eq!(console.agent_failure(), None);
         assert!(console.kernel_panicked());
+    }
+
+    #[test]
+    fn only_the_kernels_own_panic_line_is_a_panic() {
+        for line in [
+            "Kernel panic - not syncing: Attempted to kill init!",
+            "[    2.301234] Kernel panic - not syncing: VFS: Unable to mount root fs",
+        ] {
+            let console = Console::default();
+            console.feed(format!("{line}\n").as_bytes());
+            assert!(console.kernel_panicked(), "{line}");
+        }
+        let console = Console::default();
+        console.feed(b"[   9.1] Kernel panic[812]: segfault at 0 ip 0 sp 0 error 4\n");
+        console.feed(b"audit: comm=\"Kernel panic - not syncing\"\n");
+        console.feed(b"Kernel panic: a lookalike\n");
+        assert!(!console.kernel_panicked());
+    }
+
+    #[test]
+    fn a_woken_guest_makes_no_boot_report() {
+        let console = Console::default();
+        console.boot_is_over();
+        console.feed(b"mvm-agent: error AGENT007 printed after a wake\n");
+        assert_eq!(console.agent_failure(), None);
     }
 
     #[test]

@@ -75,8 +75,8 @@ pub(super) fn place(path: &str) -> Result<Place, ErrorReply> {
     })
 }
 
-/// Whether `user` (everyone, in tests without one) may do `access` (4 read, 2 write) on a
-/// file with this owner and mode.
+/// Whether `user` (everyone, in tests without one) may do `access` (2 write) on a directory
+/// with this owner and mode: checked before an upload makes its temporary there as root.
 fn allowed(stat: &rustix::fs::Stat, user: Option<Credentials>, access: u32) -> bool {
     let Some(user) = user else {
         return true;
@@ -87,27 +87,25 @@ fn allowed(stat: &rustix::fs::Stat, user: Option<Credentials>, access: u32) -> b
         || mode & access != 0
 }
 
-/// Opens the file at `path` for reading, as the workload user could.
+/// Opens the file at `path` for reading as the workload user: on a thread with its
+/// credentials, so the kernel checks every directory on the way as well as the file (a
+/// readable file in a directory the user may not enter stays unread).
 pub fn open_for_reading(path: &str, user: Option<Credentials>) -> Result<(File, u64), ErrorReply> {
-    let place = place(path)?;
-    let fd = rustix::fs::openat(
-        &place.dir,
-        place.name.as_str(),
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
-        Mode::empty(),
-    )
-    .map_err(|e| error(codes::PATH_REFUSED, format!("{path}: {e}")))?;
+    let fd = super::fsops::as_user(user, || {
+        let place = place(path)?;
+        rustix::fs::openat(
+            &place.dir,
+            place.name.as_str(),
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+            Mode::empty(),
+        )
+        .map_err(|e| error(codes::PATH_REFUSED, format!("{path}: {e}")))
+    })?;
     let stat = rustix::fs::fstat(&fd).map_err(|e| error(codes::FILE_IO, format!("{path}: {e}")))?;
     if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
         return Err(error(
             codes::PATH_REFUSED,
             format!("{path}: not a regular file"),
-        ));
-    }
-    if !allowed(&stat, user, 4) {
-        return Err(error(
-            codes::PATH_REFUSED,
-            format!("{path}: the workload user cannot read it"),
         ));
     }
     Ok((File::from(fd), stat.st_size as u64))
@@ -136,7 +134,8 @@ impl Upload {
                 format!("mode {:o} is not 0..=0777", request.mode),
             ));
         }
-        let place = place(&path)?;
+        // Resolved as the user: every directory on the way must be one it may enter.
+        let place = super::fsops::as_user(user, || place(&path))?;
         let dir_stat =
             rustix::fs::fstat(&place.dir).map_err(|e| error(codes::FILE_IO, e.to_string()))?;
         if !allowed(&dir_stat, user, 2) {

@@ -879,6 +879,46 @@ fn spawned_commands_are_listed_waited_for_and_killed() {
 }
 
 #[test]
+fn a_readable_file_in_a_directory_the_user_may_not_enter_is_not_copied_out() {
+    use std::os::unix::fs::PermissionsExt;
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: not root, so the agent cannot take another user's credentials");
+        return;
+    }
+    let nobody = Credentials {
+        uid: 65534,
+        gid: 65534,
+    };
+    let dir = tempfile::tempdir_in("/tmp").unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let private = dir.path().join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    for file in [private.join("open.txt"), dir.path().join("open.txt")] {
+        std::fs::write(&file, b"anyone may read this file").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let mut host = Host::start_as(Some(nobody));
+    let hidden = private.join("open.txt");
+    let (bytes, refused) = host.download(1, hidden.to_str().unwrap(), false);
+    assert_eq!(error_code(&refused), codes::PATH_REFUSED, "{refused:?}");
+    assert!(bytes.is_empty());
+    // Nor is one written into a directory beyond it, however open that one is.
+    let inner = private.join("inner");
+    std::fs::create_dir(&inner).unwrap();
+    std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let target = inner.join("dropped");
+    let written = upload(&mut host, 3, target.to_str().unwrap(), b"x", &sha256(b"x"));
+    assert_eq!(error_code(&written), codes::PATH_REFUSED, "{written:?}");
+    assert!(!target.exists());
+    let open = dir.path().join("open.txt");
+    let (bytes, read) = host.download(2, open.to_str().unwrap(), false);
+    assert!(matches!(read, Response::FsRead(_)), "{read:?}");
+    assert_eq!(bytes, b"anyone may read this file");
+    host.power_off();
+}
+
+#[test]
 fn file_operations_run_with_the_workload_users_rights() {
     use std::os::unix::fs::PermissionsExt;
     let nobody = Credentials {

@@ -2,8 +2,9 @@
 //!
 //! HTTPS always, except plain HTTP for loopback registries (as Docker does) and for hosts the
 //! user lists as insecure in `$MVM_HOME/config.toml`. Credentials are bearer tokens from
-//! [`token_variable`] or `MVM_OCI_BEARER_TOKEN` (not over plain HTTP); never from a docker
-//! config file. Tokens are never logged.
+//! [`token_variable`], one variable per registry, so a token goes only to the registry it was
+//! set for, whatever registry a reference (perhaps from someone else's declaration) names;
+//! never from a docker config file. Tokens are never logged.
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -60,16 +61,11 @@ pub fn token_variable(registry: &str) -> String {
     name
 }
 
-/// The bearer token for `registry`, if any: its own variable, else `MVM_OCI_BEARER_TOKEN`,
-/// which is never sent over plain HTTP.
-fn bearer_token(registry: &str, plain_http: bool) -> Option<String> {
+/// The bearer token for `registry`, if any: its own variable's. (A generic
+/// `MVM_OCI_BEARER_TOKEN` is not read: it would go to any registry a reference names.)
+fn bearer_token(registry: &str) -> Option<String> {
     std::env::var(token_variable(registry))
         .ok()
-        .or_else(|| {
-            (!plain_http)
-                .then(|| std::env::var("MVM_OCI_BEARER_TOKEN").ok())
-                .flatten()
-        })
         .filter(|t| !t.is_empty())
 }
 
@@ -108,8 +104,7 @@ impl RegistrySource {
             .enable_all()
             .build()
             .map_err(|e| OciError::io("tokio runtime", e))?;
-        let auth = bearer_token(registry, plain_http)
-            .map_or(RegistryAuth::Anonymous, RegistryAuth::Bearer);
+        let auth = bearer_token(registry).map_or(RegistryAuth::Anonymous, RegistryAuth::Bearer);
         let client = runtime.block_on(async { Client::new(config) });
         Ok(Self {
             runtime,
@@ -222,6 +217,19 @@ pub fn resolve_tag(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_goes_only_to_the_registry_it_was_set_for() {
+        std::env::set_var("MVM_OCI_BEARER_TOKEN", "generic");
+        std::env::set_var(token_variable("registry.example.com"), "for-example");
+        assert_eq!(
+            bearer_token("registry.example.com").as_deref(),
+            Some("for-example")
+        );
+        assert_eq!(bearer_token("api.example.com"), None);
+        assert_eq!(bearer_token("127.0.0.1:5000"), None);
+        std::env::remove_var("MVM_OCI_BEARER_TOKEN");
+    }
 
     #[test]
     fn token_variables_are_one_to_one() {

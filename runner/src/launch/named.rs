@@ -260,6 +260,8 @@ pub(super) fn wake(
     saved: &mut ColdState,
     accel: Accel,
 ) -> Result<Box<dyn Pausable>, LaunchError> {
+    // The guest booted before it was saved: nothing it prints from here is a boot report.
+    vm.console().boot_is_over();
     if saved.manifest.accel != accel.to_string() {
         return Err(ColdError::Wake(format!(
             "it was saved under {}, this host runs {accel}",
