@@ -39,6 +39,7 @@
 //! What was enforced is reported back ([`SandboxReport`]) and recorded in the provenance. The
 //! worker never sees signing keys: signing happens in the parent.
 
+use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -144,7 +145,7 @@ pub fn build_in_worker(
             cache_dir: PathBuf::new(),
             ..request.clone()
         },
-        blobs: blobs.as_ref().map(|dir| dir.path().to_path_buf()),
+        blobs: blobs.as_ref().map(|blobs| blobs.dir.path().to_path_buf()),
     };
     let mut command = Command::new(program);
     command
@@ -217,10 +218,50 @@ pub fn build_in_worker(
     Ok((report, sandbox))
 }
 
+/// A build's directory of exactly its image's blobs, in the cache, removed when dropped. It
+/// is locked (`flock`) while its build lives, so that the directory of a build that was killed
+/// is told apart from one in use, and removed by the next build.
+struct ImageBlobs {
+    dir: tempfile::TempDir,
+    _in_use: File,
+}
+
+/// The prefix of [`ImageBlobs`] directories in the cache.
+const IMAGE_BLOBS_PREFIX: &str = ".image-";
+/// Held while an [`ImageBlobs`] directory is made and locked, or while abandoned ones are
+/// looked for: no build sees another's directory between its making and its locking.
+const IMAGE_BLOBS_LOCK: &str = ".image-blobs.lock";
+
+impl ImageBlobs {
+    /// A new, locked, empty directory in `cache_dir`; abandoned ones are removed first.
+    fn create(cache_dir: &Path) -> std::io::Result<Self> {
+        let guard = File::create(cache_dir.join(IMAGE_BLOBS_LOCK))?;
+        guard.lock()?;
+        for entry in std::fs::read_dir(cache_dir)?.flatten() {
+            let name = entry.file_name();
+            let abandoned = name.to_string_lossy().starts_with(IMAGE_BLOBS_PREFIX)
+                && entry.file_type().is_ok_and(|t| t.is_dir())
+                && File::open(entry.path()).is_ok_and(|dir| dir.try_lock().is_ok());
+            if abandoned {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        let dir = tempfile::Builder::new()
+            .prefix(IMAGE_BLOBS_PREFIX)
+            .tempdir_in(cache_dir)?;
+        let in_use = File::open(dir.path())?;
+        in_use.lock()?;
+        Ok(Self {
+            dir,
+            _in_use: in_use,
+        })
+    }
+}
+
 /// Pulls a registry or `oci:` image into the cache (every blob verified now) and returns a
 /// fresh directory in the cache holding exactly its blobs, for the worker to read. A Nix or
 /// `oci-archive:` image has none: the worker reads its closure or archive itself.
-fn pull_for_worker(request: &RootfsRequest) -> Result<Option<tempfile::TempDir>, WorkerError> {
+fn pull_for_worker(request: &RootfsRequest) -> Result<Option<ImageBlobs>, WorkerError> {
     if request.nix.is_some() {
         return Ok(None);
     }
@@ -235,12 +276,12 @@ fn pull_for_worker(request: &RootfsRequest) -> Result<Option<tempfile::TempDir>,
         progress: request.progress,
     };
     let pulled = crate::oci::pull_image(&image, &registry, &cache).map_err(failed)?;
-    let dir = tempfile::Builder::new()
-        .prefix(".image-")
-        .tempdir_in(&request.cache_dir)
+    let blobs = ImageBlobs::create(&request.cache_dir)
         .map_err(|e| WorkerError::Worker(format!("{}: {e}", request.cache_dir.display())))?;
-    cache.select(&pulled.blobs, dir.path()).map_err(failed)?;
-    Ok(Some(dir))
+    cache
+        .select(&pulled.blobs, blobs.dir.path())
+        .map_err(failed)?;
+    Ok(Some(blobs))
 }
 
 /// A cause that failed the build in the parent, under its own code and class.
@@ -539,6 +580,27 @@ fn seccomp_confine() -> Result<(), seccompiler::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_blob_directory_left_by_a_killed_build_is_removed_and_one_in_use_kept() {
+        let cache = tempfile::tempdir().unwrap();
+        let abandoned = cache.path().join(".image-abandoned");
+        let busy = cache.path().join(".image-busy");
+        for dir in [&abandoned, &busy] {
+            std::fs::create_dir(dir).unwrap();
+            std::fs::write(dir.join("blob"), b"linked").unwrap();
+        }
+        let holder = File::open(&busy).unwrap();
+        holder.lock().unwrap();
+        let blobs = ImageBlobs::create(cache.path()).unwrap();
+        assert!(!abandoned.exists(), "the killed build's directory is left");
+        assert!(busy.join("blob").exists(), "a directory in use was removed");
+        let other = File::open(blobs.dir.path()).unwrap();
+        assert!(other.try_lock().is_err(), "the new directory is not locked");
+        let made = blobs.dir.path().to_path_buf();
+        drop(blobs);
+        assert!(!made.exists());
+    }
     use crate::bundle::BundleError;
     use crate::kernel::KernelError;
     use crate::layer::{LayerError, LayerErrorKind};
