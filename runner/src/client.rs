@@ -32,6 +32,10 @@ pub enum ClientError {
     /// The deadline passed without the answer.
     #[error("no answer from the agent within {0:?}")]
     Timeout(Duration),
+    /// The agent gave no room for data on a stream within this deadline: it stopped taking
+    /// the stream's bytes (RUN049, [`crate::mux::STALLED`]).
+    #[error("the agent took no data on the stream within {0:?}")]
+    NoRoom(Duration),
     /// The runner was told to stop (SIGINT, SIGTERM, SIGHUP) while waiting.
     #[error("interrupted")]
     Interrupted,

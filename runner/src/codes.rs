@@ -77,3 +77,10 @@ pub const RUN045: &str = "RUN045";
 pub const RUN046: &str = "RUN046";
 /// `--huge-pages` without `--backend kvm`.
 pub const RUN047: &str = "RUN047";
+
+/// The agent sent a frame it never sends (a request) on an exchange, which it ended.
+pub const RUN048: &str = "RUN048";
+/// The agent held an exchange up past its deadline: it gave no room for data, or no answer.
+pub const RUN049: &str = "RUN049";
+/// Every client slot of the control socket is taken: only stop and kill are served.
+pub const RUN050: &str = "RUN050";

@@ -11,7 +11,7 @@ use std::io::{self, Read as _, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mvm_ir::plan::LaunchPlan;
 use mvm_ir::validate::{is_env_name, DENIED_ENV};
@@ -22,8 +22,9 @@ use mvm_protocol::{
 use serde_json::{json, Value};
 
 use crate::backend::Pausable;
+use crate::client::ClientError;
 use crate::cold::ColdSaver;
-use crate::mux::{AgentMux, Exchange};
+use crate::mux::{AgentMux, Exchange, STALLED};
 use crate::state::Phase;
 use mvm_ir::audit::HostAudit;
 
@@ -32,8 +33,24 @@ const POLL: Duration = Duration::from_millis(50);
 /// How long a client may take to accept a write; then it gets no more output (the command's
 /// answer is still recorded), so that a client that stops reading holds nothing for long.
 const CLIENT_WRITE_LIMIT: Duration = Duration::from_secs(10);
-/// The most clients served at once; more wait in the listen queue.
+/// The most clients served at once.
 const MAX_CLIENTS: usize = 64;
+/// Connections taken beyond [`MAX_CLIENTS`], each for one stop or kill, so that the VM's
+/// owner can always stop it, however many clients are stuck on a silent agent; more wait in
+/// the listen queue.
+const RESERVED_CLIENTS: usize = 4;
+/// How long a connection in a reserved slot has to send its request: the slot is soon free
+/// for the next.
+const RESERVED_REQUEST: Duration = Duration::from_secs(5);
+/// The longest the agent may send nothing on an exchange whose request has no timeout of its
+/// own: as long as the CLI's slowest such wait (`mvm fs`, 10 min).
+const AGENT_QUIET: Duration = Duration::from_secs(600);
+/// What the answer to a request with a timeout of its own (exec, wait) may take beyond it, as
+/// the CLI allows.
+const ANSWER_GRACE: Duration = Duration::from_secs(30);
+/// How long the answer of a command whose client hung up (and which was killed for it) is
+/// still waited for, to record how it ended.
+const CANCEL_GRACE: Duration = Duration::from_secs(5);
 /// The longest a command may be given, and what "no timeout" means (the agent clamps nothing
 /// itself).
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -42,6 +59,9 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const PAUSED: &str = crate::codes::RUN039;
 /// The stable code of a save that failed or was refused (the VM runs on as it was).
 pub const SAVE_FAILED: &str = crate::codes::RUN040;
+/// The stable code of a request refused because every client slot is taken (stop and kill
+/// are still served).
+pub const CLIENTS_FULL: &str = crate::codes::RUN050;
 /// How long the agent has to set its clock.
 const CLOCK_ANSWER: Duration = Duration::from_secs(5);
 
@@ -185,7 +205,9 @@ impl Shared {
 }
 
 /// Accepts connections until `shared.stop` is set or `keep_going` says no, each served on a
-/// thread of its own. Only the runner's own user may connect.
+/// thread of its own. Only the runner's own user may connect. Once [`MAX_CLIENTS`] are
+/// served, a few more connections are taken for a stop or a kill only
+/// ([`serve_reserved`]); beyond those, connections wait in the listen queue.
 pub fn serve(
     listener: &UnixListener,
     shared: &Arc<Shared>,
@@ -194,11 +216,16 @@ pub fn serve(
     listener.set_nonblocking(true)?;
     let uid = rustix::process::getuid();
     let clients = Arc::new(AtomicUsize::new(0));
+    let reserved = Arc::new(AtomicUsize::new(0));
     while !shared.stop.load(Ordering::Relaxed) && keep_going() {
-        if clients.load(Ordering::Relaxed) >= MAX_CLIENTS {
+        let (slots, reserved_only) = if clients.load(Ordering::Relaxed) < MAX_CLIENTS {
+            (&clients, false)
+        } else if reserved.load(Ordering::Relaxed) < RESERVED_CLIENTS {
+            (&reserved, true)
+        } else {
             std::thread::sleep(POLL);
             continue;
-        }
+        };
         match listener.accept() {
             Ok((connection, _)) => {
                 let same_user = rustix::net::sockopt::socket_peercred(&connection)
@@ -207,16 +234,19 @@ pub fn serve(
                     continue;
                 }
                 let shared = Arc::clone(shared);
-                let counted = Arc::clone(&clients);
+                let counted = Arc::clone(slots);
                 counted.fetch_add(1, Ordering::Relaxed);
                 let spawned = std::thread::Builder::new()
                     .name("control".into())
                     .spawn(move || {
-                        let _ = serve_client(connection, &shared);
+                        let _ = match reserved_only {
+                            true => serve_reserved(connection, &shared),
+                            false => serve_client(connection, &shared),
+                        };
                         counted.fetch_sub(1, Ordering::Relaxed);
                     });
                 if spawned.is_err() {
-                    clients.fetch_sub(1, Ordering::Relaxed);
+                    slots.fetch_sub(1, Ordering::Relaxed);
                 }
             }
             // Out of descriptors, memory or an aborted connection: this client is lost, not
@@ -276,15 +306,29 @@ impl ClientReader {
 }
 
 /// The writing half of a client connection, shared by the threads serving one exchange.
-struct ClientWriter(Mutex<UnixStream>);
+struct ClientWriter {
+    stream: Mutex<UnixStream>,
+    /// The same connection, watched for a hang-up while the agent is waited on (apart from
+    /// `stream`, whose lock a slow write may hold).
+    peer: UnixStream,
+}
 
 impl ClientWriter {
     fn frame(&self, kind: FrameKind, stream: u32, payload: &[u8]) -> io::Result<()> {
         let bytes = encode(kind, stream, payload).map_err(io::Error::other)?;
-        self.0
+        self.stream
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .write_all(&bytes)
+    }
+
+    /// Whether the client has closed its connection (one that only shut down its writing
+    /// side still waits for the answer).
+    fn hung_up(&self) -> bool {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let mut fds = [PollFd::new(&self.peer, PollFlags::empty())];
+        poll(&mut fds, Some(&Timespec::default())).is_ok()
+            && fds[0].revents().intersects(PollFlags::HUP | PollFlags::ERR)
     }
 
     fn reply(&self, stream: u32, response: &Response) -> io::Result<()> {
@@ -307,18 +351,64 @@ impl ClientWriter {
     }
 }
 
+/// The two halves of a client connection.
+fn open_client(connection: UnixStream) -> io::Result<(ClientReader, ClientWriter)> {
+    connection.set_nonblocking(false)?;
+    connection.set_read_timeout(Some(POLL))?;
+    connection.set_write_timeout(Some(CLIENT_WRITE_LIMIT))?;
+    let reader = ClientReader {
+        stream: connection.try_clone()?,
+        decoder: FrameDecoder::new(),
+    };
+    let writer = ClientWriter {
+        peer: connection.try_clone()?,
+        stream: Mutex::new(connection),
+    };
+    Ok((reader, writer))
+}
+
+/// Serves a connection taken while every client slot is busy: one request, served only if it
+/// stops the VM or kills a process — what the VM's owner must always be able to do, however
+/// many clients are stuck on a silent agent — and anything else refused ([`CLIENTS_FULL`]).
+/// A connection that sends nothing in time is closed, so the slot is soon free again.
+fn serve_reserved(connection: UnixStream, shared: &Shared) -> io::Result<()> {
+    let (mut reader, writer) = open_client(connection)?;
+    let deadline = Instant::now() + RESERVED_REQUEST;
+    let frame = loop {
+        match reader.read(&writer)? {
+            Read::Frame(frame) => break frame,
+            Read::Idle if Instant::now() < deadline => continue,
+            Read::Idle | Read::Gone => return Ok(()),
+        }
+    };
+    let request = match frame.kind {
+        FrameKind::Request => serde_json::from_slice::<Request>(&frame.payload).ok(),
+        _ => None,
+    };
+    match request {
+        Some(request @ (Request::PowerOff | Request::Kill { .. })) => serve_request(
+            &mut reader,
+            &writer,
+            shared,
+            &mut None,
+            frame.stream,
+            request,
+        ),
+        _ => {
+            let message = format!(
+                "the VM serves {MAX_CLIENTS} clients already: only stop and kill are taken \
+                 until one of them ends"
+            );
+            writer.error(frame.stream, CLIENTS_FULL, message)
+        }
+    }
+}
+
 /// Serves one client until it hangs up. A connection carries one exchange at a time (its
 /// socket is its flow control); during an exec the client may send the command's input and
 /// a `signal` for it.
 fn serve_client(connection: UnixStream, shared: &Shared) -> io::Result<()> {
-    connection.set_nonblocking(false)?;
-    connection.set_read_timeout(Some(POLL))?;
-    connection.set_write_timeout(Some(CLIENT_WRITE_LIMIT))?;
-    let mut reader = ClientReader {
-        stream: connection.try_clone()?,
-        decoder: FrameDecoder::new(),
-    };
-    let writer = ClientWriter(Mutex::new(connection));
+    let (mut reader, writer) = open_client(connection)?;
     let mut upload: Option<Upload> = None;
     let served = serve_frames(&mut reader, &writer, shared, &mut upload);
     // However the connection ended, an upload it left unfinished is given up.
@@ -358,14 +448,23 @@ fn serve_frames(
                     writer.error(client_stream, codes::COPY_MISMATCH, message)?;
                     continue;
                 }
-                // A failed send: the agent has answered already (a refusal) or the channel
-                // closed. The client gets that answer; the rest of its bytes are dropped.
-                let answered = shared
+                let sent = shared
                     .mux
-                    .send_data(current.exchange.stream(), &frame.payload)
-                    .is_err();
+                    .send_data(current.exchange.stream(), &frame.payload);
                 current.remaining -= len;
-                if answered || current.remaining == 0 {
+                if let Err(ClientError::NoRoom(waited)) = sent {
+                    // The agent takes no more of it: the client is told, nothing waits on it.
+                    let message = format!(
+                        "the agent took none of the upload's bytes for {}s",
+                        waited.as_secs()
+                    );
+                    writer.error(client_stream, STALLED, message)?;
+                    continue;
+                }
+                // Another failed send: the agent has answered already (a refusal) or the
+                // channel closed. The client gets that answer; the rest of its bytes are
+                // dropped.
+                if sent.is_err() || current.remaining == 0 {
                     finish_copy(
                         writer,
                         shared,
@@ -386,145 +485,150 @@ fn serve_frames(
                 continue;
             }
         }
-        let request = match serde_json::from_slice::<Request>(&frame.payload) {
-            Ok(request) => request,
-            Err(e) => {
-                writer.error(client_stream, codes::BAD_REQUEST, e.to_string())?;
-                continue;
-            }
-        };
-        let needs_guest = !matches!(
-            request,
-            Request::Hello { .. }
-                | Request::SetClock { .. }
-                | Request::PowerOff
-                | Request::Pause
-                | Request::Resume
-                | Request::Save
-        );
-        if needs_guest && shared.paused.load(Ordering::Relaxed) {
-            let message = "the VM is paused: resume it first (`mvm resume`)".to_string();
-            writer.error(client_stream, PAUSED, message)?;
-            continue;
-        }
-        match request {
-            Request::Hello { .. } => {
-                writer.reply(client_stream, &Response::Hello(shared.hello.clone()))?
-            }
-            Request::Pause | Request::Resume => {
-                match shared.set_paused(matches!(request, Request::Pause)) {
-                    Ok(()) => writer.reply(client_stream, &Response::Done)?,
-                    Err(message) => writer.error(client_stream, PAUSED, message)?,
-                }
-            }
-            Request::SetClock { .. } => {
-                let message = "the guest's clock is set by its runner".to_string();
-                writer.error(client_stream, codes::BAD_REQUEST, message)?;
-            }
-            Request::Save => match shared.save_cold() {
-                Ok(()) => writer.reply(client_stream, &Response::Done)?,
-                Err(message) => writer.error(client_stream, SAVE_FAILED, message)?,
-            },
-            Request::PowerOff => {
-                shared.stop.store(true, Ordering::Relaxed);
-                writer.reply(client_stream, &Response::PowerOff)?;
-            }
-            Request::FsWrite(request) => {
-                let record = json!({
-                    "vm": shared.vm, "direction": "in",
-                    "path_sha256": mvm_ir::digest::sha256_prefixed(request.path.as_bytes()),
-                    "size": request.size, "sha256": request.sha256, "tar": request.tar,
-                });
-                let remaining = request.size;
-                match shared.mux.request(&Request::FsWrite(request)) {
-                    Ok(exchange) if remaining == 0 => {
-                        finish_copy(writer, shared, client_stream, exchange, record)?;
-                    }
-                    Ok(exchange) => {
-                        *upload = Some(Upload {
-                            client_stream,
-                            exchange,
-                            remaining,
-                            record,
-                        });
-                    }
-                    Err(e) => writer.channel_failed(client_stream, &e)?,
-                }
-            }
-            Request::FsRead { path, tar } => {
-                let record = json!({
-                    "vm": shared.vm, "direction": "out",
-                    "path_sha256": mvm_ir::digest::sha256_prefixed(path.as_bytes()),
-                    "tar": tar,
-                });
-                match shared.mux.request(&Request::FsRead { path, tar }) {
-                    Ok(exchange) => finish_copy(writer, shared, client_stream, exchange, record)?,
-                    Err(e) => writer.channel_failed(client_stream, &e)?,
-                }
-            }
-            Request::Exec(_) | Request::Spawn(_) if !accepting(shared) => {
-                let message = "the VM is stopping".to_string();
-                writer.error(client_stream, codes::SPAWN_FAILED, message)?;
-            }
-            Request::Exec(request) => {
-                let Some((request, argv_digest)) =
-                    admit_command(writer, shared, client_stream, request, "vm.exec.started")?
-                else {
-                    continue;
-                };
-                relay_exec(reader, writer, client_stream, shared, request, &argv_digest)?;
-            }
-            Request::Spawn(request) => {
-                let Some((request, _)) =
-                    admit_command(writer, shared, client_stream, request, "vm.spawn")?
-                else {
-                    continue;
-                };
-                relay(writer, client_stream, shared, &Request::Spawn(request))?;
-            }
-            Request::Signal { .. } => {
-                let message = "no command of this connection is running".to_string();
-                writer.error(client_stream, codes::NO_SUCH_PROCESS, message)?;
-            }
-            Request::Kill { handle, signal } => {
-                let fields = json!({"vm": shared.vm, "handle": handle, "signal": signal});
-                shared.record("vm.kill", fields);
-                relay(
-                    writer,
-                    client_stream,
-                    shared,
-                    &Request::Kill { handle, signal },
-                )?;
-            }
-            request @ (Request::FsMkdir { .. }
-            | Request::FsRemove { .. }
-            | Request::FsMove { .. }) => {
-                let (op, paths) = match &request {
-                    Request::FsMkdir { path, .. } => ("mkdir", vec![path]),
-                    Request::FsRemove { path, .. } => ("remove", vec![path]),
-                    Request::FsMove { from, to } => ("move", vec![from, to]),
-                    _ => ("", vec![]),
-                };
-                let paths: Vec<String> = paths
-                    .iter()
-                    .map(|p| mvm_ir::digest::sha256_prefixed(p.as_bytes()))
-                    .collect();
-                let fields = json!({"vm": shared.vm, "op": op, "paths_sha256": paths});
-                if !shared.record("vm.fs", fields) {
-                    let message = "the audit log cannot be written".to_string();
-                    writer.error(client_stream, codes::SPAWN_FAILED, message)?;
-                    continue;
-                }
-                relay(writer, client_stream, shared, &request)?;
-            }
-            request @ (Request::Echo
-            | Request::Wait { .. }
-            | Request::Ps
-            | Request::FsList { .. }
-            | Request::FsStat { .. }) => relay(writer, client_stream, shared, &request)?,
+        match serde_json::from_slice::<Request>(&frame.payload) {
+            Ok(request) => serve_request(reader, writer, shared, upload, client_stream, request)?,
+            Err(e) => writer.error(client_stream, codes::BAD_REQUEST, e.to_string())?,
         }
     }
     Ok(())
+}
+
+/// Serves one request of a client, on its stream `client_stream`.
+fn serve_request(
+    reader: &mut ClientReader,
+    writer: &ClientWriter,
+    shared: &Shared,
+    upload: &mut Option<Upload>,
+    client_stream: u32,
+    request: Request,
+) -> io::Result<()> {
+    let needs_guest = !matches!(
+        request,
+        Request::Hello { .. }
+            | Request::SetClock { .. }
+            | Request::PowerOff
+            | Request::Pause
+            | Request::Resume
+            | Request::Save
+    );
+    if needs_guest && shared.paused.load(Ordering::Relaxed) {
+        let message = "the VM is paused: resume it first (`mvm resume`)".to_string();
+        return writer.error(client_stream, PAUSED, message);
+    }
+    match request {
+        Request::Hello { .. } => {
+            writer.reply(client_stream, &Response::Hello(shared.hello.clone()))
+        }
+        Request::Pause | Request::Resume => {
+            match shared.set_paused(matches!(request, Request::Pause)) {
+                Ok(()) => writer.reply(client_stream, &Response::Done),
+                Err(message) => writer.error(client_stream, PAUSED, message),
+            }
+        }
+        Request::SetClock { .. } => {
+            let message = "the guest's clock is set by its runner".to_string();
+            writer.error(client_stream, codes::BAD_REQUEST, message)
+        }
+        Request::Save => match shared.save_cold() {
+            Ok(()) => writer.reply(client_stream, &Response::Done),
+            Err(message) => writer.error(client_stream, SAVE_FAILED, message),
+        },
+        Request::PowerOff => {
+            shared.stop.store(true, Ordering::Relaxed);
+            writer.reply(client_stream, &Response::PowerOff)
+        }
+        Request::FsWrite(request) => {
+            let record = json!({
+                "vm": shared.vm, "direction": "in",
+                "path_sha256": mvm_ir::digest::sha256_prefixed(request.path.as_bytes()),
+                "size": request.size, "sha256": request.sha256, "tar": request.tar,
+            });
+            let remaining = request.size;
+            match shared.mux.request(&Request::FsWrite(request)) {
+                Ok(exchange) if remaining == 0 => {
+                    finish_copy(writer, shared, client_stream, exchange, record)
+                }
+                Ok(exchange) => {
+                    *upload = Some(Upload {
+                        client_stream,
+                        exchange,
+                        remaining,
+                        record,
+                    });
+                    Ok(())
+                }
+                Err(e) => writer.channel_failed(client_stream, &e),
+            }
+        }
+        Request::FsRead { path, tar } => {
+            let record = json!({
+                "vm": shared.vm, "direction": "out",
+                "path_sha256": mvm_ir::digest::sha256_prefixed(path.as_bytes()),
+                "tar": tar,
+            });
+            match shared.mux.request(&Request::FsRead { path, tar }) {
+                Ok(exchange) => finish_copy(writer, shared, client_stream, exchange, record),
+                Err(e) => writer.channel_failed(client_stream, &e),
+            }
+        }
+        Request::Exec(_) | Request::Spawn(_) if !accepting(shared) => {
+            let message = "the VM is stopping".to_string();
+            writer.error(client_stream, codes::SPAWN_FAILED, message)
+        }
+        Request::Exec(request) => {
+            let Some((request, argv_digest)) =
+                admit_command(writer, shared, client_stream, request, "vm.exec.started")?
+            else {
+                return Ok(());
+            };
+            relay_exec(reader, writer, client_stream, shared, request, &argv_digest)
+        }
+        Request::Spawn(request) => {
+            let Some((request, _)) =
+                admit_command(writer, shared, client_stream, request, "vm.spawn")?
+            else {
+                return Ok(());
+            };
+            relay(writer, client_stream, shared, &Request::Spawn(request))
+        }
+        Request::Signal { .. } => {
+            let message = "no command of this connection is running".to_string();
+            writer.error(client_stream, codes::NO_SUCH_PROCESS, message)
+        }
+        Request::Kill { handle, signal } => {
+            let fields = json!({"vm": shared.vm, "handle": handle, "signal": signal});
+            shared.record("vm.kill", fields);
+            relay(
+                writer,
+                client_stream,
+                shared,
+                &Request::Kill { handle, signal },
+            )
+        }
+        request @ (Request::FsMkdir { .. } | Request::FsRemove { .. } | Request::FsMove { .. }) => {
+            let (op, paths) = match &request {
+                Request::FsMkdir { path, .. } => ("mkdir", vec![path]),
+                Request::FsRemove { path, .. } => ("remove", vec![path]),
+                Request::FsMove { from, to } => ("move", vec![from, to]),
+                _ => ("", vec![]),
+            };
+            let paths: Vec<String> = paths
+                .iter()
+                .map(|p| mvm_ir::digest::sha256_prefixed(p.as_bytes()))
+                .collect();
+            let fields = json!({"vm": shared.vm, "op": op, "paths_sha256": paths});
+            if !shared.record("vm.fs", fields) {
+                let message = "the audit log cannot be written".to_string();
+                return writer.error(client_stream, codes::SPAWN_FAILED, message);
+            }
+            relay(writer, client_stream, shared, &request)
+        }
+        request @ (Request::Echo
+        | Request::Wait { .. }
+        | Request::Ps
+        | Request::FsList { .. }
+        | Request::FsStat { .. }) => relay(writer, client_stream, shared, &request),
+    }
 }
 
 /// Whether commands may still start: not once the root was found corrupted or the VM is
@@ -564,7 +668,9 @@ fn admit_command(
     Ok(Some((request, argv_digest)))
 }
 
-/// A file being copied into the guest through this connection.
+/// A file being copied into the guest through this connection. Its exchange is not read
+/// until the last byte has gone: what the agent sends on it meanwhile is held to a window and
+/// one answer ([`AgentMux`]), and a send waits for room at most the mux's limit.
 struct Upload {
     client_stream: u32,
     exchange: Exchange,
@@ -586,10 +692,15 @@ fn finish_copy(
     writer: &ClientWriter,
     shared: &Shared,
     client_stream: u32,
-    exchange: Exchange,
+    mut exchange: Exchange,
     mut record: Value,
 ) -> io::Result<()> {
-    for frame in exchange {
+    let mut waiting = AnswerWait::new(shared, writer, AGENT_QUIET, Duration::ZERO);
+    loop {
+        let frame = match waiting.next(&mut exchange) {
+            Ok(frame) => frame,
+            Err(why) => return why.tell(writer, client_stream),
+        };
         if frame.kind != FrameKind::Response {
             writer.frame(frame.kind, client_stream, &frame.payload)?;
             continue;
@@ -604,8 +715,6 @@ fn finish_copy(
         shared.record("vm.copy", record);
         return writer.frame(FrameKind::Response, client_stream, &frame.payload);
     }
-    let message = "the agent channel closed before the copy ended".to_string();
-    writer.error(client_stream, codes::SPAWN_FAILED, message)
 }
 
 /// Sends `request` to the agent and passes every frame of the answer on to the client, on
@@ -616,18 +725,118 @@ fn relay(
     shared: &Shared,
     request: &Request,
 ) -> io::Result<()> {
-    let exchange = match shared.mux.request(request) {
+    let mut exchange = match shared.mux.request(request) {
         Ok(exchange) => exchange,
         Err(e) => return writer.channel_failed(client_stream, &e),
     };
-    for frame in exchange {
+    let quiet = match request {
+        Request::Wait { timeout_ms, .. } => with_grace(*timeout_ms),
+        _ => AGENT_QUIET,
+    };
+    let mut waiting = AnswerWait::new(shared, writer, quiet, Duration::ZERO);
+    loop {
+        let frame = match waiting.next(&mut exchange) {
+            Ok(frame) => frame,
+            Err(why) => return why.tell(writer, client_stream),
+        };
         writer.frame(frame.kind, client_stream, &frame.payload)?;
         if frame.kind == FrameKind::Response {
             return Ok(());
         }
     }
-    let message = "the agent channel closed".to_string();
-    writer.error(client_stream, codes::SPAWN_FAILED, message)
+}
+
+/// A request's own timeout (clamped to [`MAX_TIMEOUT`]) and the grace its answer has beyond.
+fn with_grace(timeout_ms: u64) -> Duration {
+    Duration::from_millis(timeout_ms).min(MAX_TIMEOUT) + ANSWER_GRACE
+}
+
+/// Why the rest of an answer is not waited for.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+enum NoAnswer {
+    /// The agent channel closed.
+    #[error("the agent channel closed")]
+    Closed,
+    /// The agent sent nothing on the exchange for this long.
+    #[error("the agent sent nothing on this exchange for {}s", .0.as_secs())]
+    Silent(Duration),
+    /// The VM is stopping.
+    #[error("the VM is stopping")]
+    Stopping,
+    /// The client hung up: nobody waits for the answer.
+    #[error("the client hung up")]
+    HungUp,
+}
+
+impl NoAnswer {
+    /// Tells the client why its answer will not come (one that hung up is not told).
+    fn tell(self, writer: &ClientWriter, client_stream: u32) -> io::Result<()> {
+        let code = match self {
+            NoAnswer::HungUp => return Ok(()),
+            NoAnswer::Silent(_) => STALLED,
+            NoAnswer::Closed | NoAnswer::Stopping => codes::SPAWN_FAILED,
+        };
+        writer.error(client_stream, code, self.to_string())
+    }
+}
+
+/// The wait for the agent's answer on one exchange. It gives up — rather than hold its
+/// thread and its client's slot for ever on a compromised or hung agent — once the agent has
+/// sent nothing on the exchange for `quiet`, the VM is stopping, or the client has been gone
+/// for `after_hang_up`.
+struct AnswerWait<'a> {
+    shared: &'a Shared,
+    writer: &'a ClientWriter,
+    quiet: Duration,
+    after_hang_up: Duration,
+    hung_up_at: Option<Instant>,
+}
+
+impl<'a> AnswerWait<'a> {
+    fn new(
+        shared: &'a Shared,
+        writer: &'a ClientWriter,
+        quiet: Duration,
+        after_hang_up: Duration,
+    ) -> Self {
+        Self {
+            shared,
+            writer,
+            quiet,
+            after_hang_up,
+            hung_up_at: None,
+        }
+    }
+
+    /// The next frame of the answer, or why there will be none.
+    fn next(&mut self, exchange: &mut Exchange) -> Result<Frame, NoAnswer> {
+        let silent_until = Instant::now() + self.quiet;
+        loop {
+            if let Some(frame) = exchange.next_frame_within(POLL) {
+                return Ok(frame);
+            }
+            // The frames of an exchange stop coming only when the channel closed.
+            if self.shared.mux.is_closed() {
+                return Err(NoAnswer::Closed);
+            }
+            if self.shared.stop.load(Ordering::Relaxed) {
+                return Err(NoAnswer::Stopping);
+            }
+            let now = Instant::now();
+            if self.hung_up_at.is_none() && self.writer.hung_up() {
+                self.hung_up_at = Some(now);
+            }
+            if self
+                .hung_up_at
+                .is_some_and(|at| now >= at + self.after_hang_up)
+            {
+                return Err(NoAnswer::HungUp);
+            }
+            if now >= silent_until {
+                return Err(NoAnswer::Silent(self.quiet));
+            }
+        }
+    }
 }
 
 /// Runs a command through the agent and passes its output on to the client as it comes,
@@ -645,9 +854,10 @@ fn relay_exec(
     argv_digest: &str,
 ) -> io::Result<()> {
     let takes_input = request.stdin;
+    let quiet = with_grace(request.timeout_ms);
     let exchange = shared.mux.request(&Request::Exec(request));
-    let mut outcome = json!({"error": "the agent channel closed"});
-    let mut answer = None;
+    let mut outcome = json!({"error": NoAnswer::Closed.to_string()});
+    let mut answer = Err(NoAnswer::Closed);
     if let Ok(mut exchange) = exchange {
         let agent_stream = exchange.stream();
         let ended = AtomicBool::new(false);
@@ -662,8 +872,19 @@ fn relay_exec(
                     &ended,
                 )
             });
+            // A client that hangs up has its command killed (`pass_input`): its end is still
+            // waited for a moment, to be recorded.
+            let mut waiting = AnswerWait::new(shared, writer, quiet, CANCEL_GRACE);
             let mut client_reads = true;
-            while let Some(frame) = exchange.next_frame() {
+            loop {
+                let frame = match waiting.next(&mut exchange) {
+                    Ok(frame) => frame,
+                    Err(why) => {
+                        outcome = json!({"error": why.to_string()});
+                        answer = Err(why);
+                        break;
+                    }
+                };
                 if frame.kind != FrameKind::Response {
                     if client_reads {
                         client_reads = writer
@@ -684,7 +905,7 @@ fn relay_exec(
                     Ok(Response::Error(error)) => json!({"error": error.code}),
                     _ => json!({"error": "unexpected answer"}),
                 };
-                answer = Some(frame.payload);
+                answer = Ok(frame.payload);
                 break;
             }
             ended.store(true, Ordering::Relaxed);
@@ -696,11 +917,8 @@ fn relay_exec(
         json!({"vm": shared.vm, "argv_sha256": argv_digest, "outcome": outcome}),
     );
     let answered = match answer {
-        Some(payload) => writer.frame(FrameKind::Response, client_stream, &payload),
-        None => {
-            let message = "the agent channel closed before the command ended".to_string();
-            writer.error(client_stream, codes::SPAWN_FAILED, message)
-        }
+        Ok(payload) => writer.frame(FrameKind::Response, client_stream, &payload),
+        Err(why) => why.tell(writer, client_stream),
     };
     if shared.corrupted.load(Ordering::Relaxed) {
         // The root cannot be trusted any more: the VM stops as failed.

@@ -5,7 +5,10 @@
 //! have at most a window of data in flight per stream, so the reader never waits for a slow
 //! exchange (one slow client cannot hold up the others) and what is buffered stays bounded;
 //! an [`Exchange`] hands the room back as its frames are taken. Data sent to the agent waits
-//! for the room the agent gives.
+//! for the room the agent gives, up to a deadline.
+//!
+//! The agent may be compromised, so nothing it sends is queued without bound: an exchange
+//! holds at most a window of data and its one response (see [`route_frames`]).
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -14,12 +17,23 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mvm_protocol::flow::{self, ReceiveWindow, SendWindow};
-use mvm_protocol::{encode, Frame, FrameDecoder, FrameKind, Request};
+use mvm_protocol::{encode, ErrorReply, Frame, FrameDecoder, FrameKind, Request, Response};
 
 use crate::client::ClientError;
+
+/// The code of the answer that ends an exchange on which the agent sent a frame it never
+/// sends.
+pub const BROKEN_EXCHANGE: &str = crate::codes::RUN048;
+/// The code of an exchange the agent held up past its deadline: no room for data given in
+/// time ([`ClientError::NoRoom`]), or, on the control socket, no answer in time.
+pub const STALLED: &str = crate::codes::RUN049;
+/// How long data waits for the agent to give room on its stream. A client of the control
+/// socket gives up on a write after 30 s; past twice that, the agent has stopped taking the
+/// stream's bytes, and the thread sending them is needed elsewhere.
+const SEND_LIMIT: Duration = Duration::from_secs(60);
 
 /// One exchange's place in the table.
 #[derive(Debug)]
@@ -52,6 +66,8 @@ pub struct AgentMux {
     shared: Arc<Shared>,
     next_stream: AtomicU32,
     reader: Option<JoinHandle<()>>,
+    /// How long [`AgentMux::send_data`] waits for room.
+    send_limit: Duration,
 }
 
 /// The frames answering one request: data frames, then one response. Taking a data frame
@@ -73,16 +89,8 @@ impl Exchange {
         self.stream
     }
 
-    /// The next frame; `None` once the channel closed before the answer.
-    pub fn next_frame(&mut self) -> Option<Frame> {
-        self.settle();
-        let frame = self.frames.recv().ok()?;
-        self.owe(&frame);
-        Some(frame)
-    }
-
-    /// [`Exchange::next_frame`], waiting at most `timeout`; `None` also when the time ran
-    /// out.
+    /// The next frame, waiting at most `timeout` (the agent may never answer); `None` when
+    /// the time ran out, or once the channel closed before the answer.
     pub fn next_frame_within(&mut self, timeout: Duration) -> Option<Frame> {
         self.settle();
         let frame = self.frames.recv_timeout(timeout).ok()?;
@@ -112,14 +120,6 @@ impl Exchange {
         if still_routed {
             let _ = write_credit(&self.writer, self.stream, bytes);
         }
-    }
-}
-
-impl Iterator for Exchange {
-    type Item = Frame;
-
-    fn next(&mut self) -> Option<Frame> {
-        self.next_frame()
     }
 }
 
@@ -165,6 +165,7 @@ impl AgentMux {
             shared,
             next_stream: AtomicU32::new(first_stream.wrapping_add(1).max(1)),
             reader: Some(reader),
+            send_limit: SEND_LIMIT,
         })
     }
 
@@ -198,9 +199,12 @@ impl AgentMux {
     }
 
     /// Sends a data frame on `stream` (file bytes, a command's input; empty ends the input),
-    /// once the agent has given room for it. Fails if the exchange ended first.
+    /// once the agent has given room for it. Fails if the exchange ended first, or with
+    /// [`ClientError::NoRoom`] if the agent gave no room within the send limit (60 s): a
+    /// compromised agent must not hold the sending thread for ever.
     pub fn send_data(&self, stream: u32, bytes: &[u8]) -> Result<(), ClientError> {
         let frame = encode(FrameKind::Data, stream, bytes)?;
+        let deadline = Instant::now() + self.send_limit;
         {
             let mut table = lock(&self.shared);
             loop {
@@ -214,11 +218,14 @@ impl AgentMux {
                     route.send.spend(bytes.len());
                     break;
                 }
-                table = self
-                    .shared
-                    .room
-                    .wait(table)
-                    .unwrap_or_else(PoisonError::into_inner);
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(ClientError::NoRoom(self.send_limit));
+                }
+                table = match self.shared.room.wait_timeout(table, left) {
+                    Ok((table, _)) => table,
+                    Err(poisoned) => poisoned.into_inner().0,
+                };
             }
         }
         self.write(&frame)
@@ -280,9 +287,15 @@ fn close(shared: &Shared) {
 }
 
 /// Reads frames until the channel closes or breaks, handing each to its exchange; a response
-/// ends its exchange. An agent that sends past a stream's window has broken the protocol:
-/// the channel is closed. When the channel ends, every exchange still waiting is
-/// disconnected.
+/// ends its exchange. When the channel ends, every exchange still waiting is disconnected.
+///
+/// What an exchange queues is bounded by kind, as the protocol has it: the agent answers a
+/// request with data frames, which count against the stream's window (an agent that sends
+/// past it has broken the protocol: the channel is closed), then exactly one response, which
+/// ends the exchange; credit frames are taken here. The agent never sends a request, so one
+/// on an exchange ends that exchange with [`BROKEN_EXCHANGE`] rather than being queued: an
+/// exchange never holds more than a window of data and one response, whatever the agent
+/// sends.
 fn route_frames(mut stream: UnixStream, shared: &Shared, writer: &Mutex<UnixStream>) {
     let mut decoder = FrameDecoder::new();
     let mut buffer = vec![0; 64 * 1024];
@@ -319,7 +332,15 @@ fn route_frames(mut stream: UnixStream, shared: &Shared, writer: &Mutex<UnixStre
                     }
                     shared.room.notify_all();
                 }
-                _ if frame.is_data() && !route.receive.take(frame.payload.len()) => {
+                FrameKind::Request => {
+                    if let Some(route) = table.routes.remove(&frame.stream) {
+                        let _ = route.frames.send(broken_exchange(frame.stream, frame.kind));
+                    }
+                    shared.room.notify_all();
+                }
+                FrameKind::Stdout | FrameKind::Stderr | FrameKind::Data
+                    if !route.receive.take(frame.payload.len()) =>
+                {
                     drop(table);
                     close(shared);
                     let _ = writer
@@ -328,11 +349,10 @@ fn route_frames(mut stream: UnixStream, shared: &Shared, writer: &Mutex<UnixStre
                         .shutdown(std::net::Shutdown::Both);
                     return;
                 }
-                _ => {
+                FrameKind::Stdout | FrameKind::Stderr | FrameKind::Data => {
                     let len = frame.payload.len();
-                    let data = frame.is_data();
                     let stream_id = frame.stream;
-                    if route.frames.send(frame).is_err() && data {
+                    if route.frames.send(frame).is_err() {
                         // Nobody takes this exchange's frames any more: return the room.
                         route.receive.restore(flow::cost(len));
                         drop(table);
@@ -345,13 +365,29 @@ fn route_frames(mut stream: UnixStream, shared: &Shared, writer: &Mutex<UnixStre
     close(shared);
 }
 
+/// The answer that ends an exchange on which the agent sent a frame of `kind`, which it never
+/// sends.
+fn broken_exchange(stream: u32, kind: FrameKind) -> Frame {
+    let error = Response::Error(ErrorReply {
+        code: BROKEN_EXCHANGE.into(),
+        message: format!("the agent sent a {kind:?} frame on this exchange, outside the protocol"),
+    });
+    Frame {
+        kind: FrameKind::Response,
+        stream,
+        payload: serde_json::to_vec(&error).unwrap_or_default(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use mvm_agent::serve::{serve, ServeConfig};
-    use mvm_protocol::{ExecRequest, Response};
+    use mvm_protocol::{ExecRequest, FsWriteRequest, Response, MAX_PAYLOAD};
     use std::collections::BTreeMap;
-    use std::time::Duration;
+
+    /// How long a test waits for a frame the real agent sends.
+    const PATIENCE: Duration = Duration::from_secs(60);
 
     fn exec(script: &str) -> Request {
         Request::Exec(ExecRequest {
@@ -368,7 +404,9 @@ mod tests {
     fn collect(mut exchange: Exchange) -> (Vec<u8>, Response) {
         let mut stdout = Vec::new();
         loop {
-            let frame = exchange.next_frame().expect("the channel closed");
+            let frame = exchange
+                .next_frame_within(PATIENCE)
+                .expect("the channel closed");
             match frame.kind {
                 FrameKind::Stdout => stdout.extend(frame.payload),
                 FrameKind::Response => {
@@ -405,7 +443,7 @@ mod tests {
         agent.join().unwrap().unwrap();
         // The agent is gone: a new exchange is refused or ends disconnected, never hangs.
         if let Ok(mut exchange) = mux.request(&exec("true")) {
-            assert!(exchange.next_frame().is_none());
+            assert!(exchange.next_frame_within(PATIENCE).is_none());
         }
     }
 
@@ -445,7 +483,7 @@ mod tests {
         );
         // The flood was held at its window meanwhile, and comes whole once read.
         let mut received = 0;
-        while let Some(frame) = flood.next_frame() {
+        while let Some(frame) = flood.next_frame_within(PATIENCE) {
             if frame.kind == FrameKind::Response {
                 break;
             }
@@ -504,5 +542,116 @@ mod tests {
         let (_, response) = collect(mux.request(&Request::PowerOff).unwrap());
         assert_eq!(response, Response::PowerOff);
         agent.join().unwrap().unwrap();
+    }
+
+    /// A fake agent on `guest`: hands every request the host sends to `answer`, with the
+    /// channel to write on, until the host hangs up.
+    fn fake_agent(
+        mut guest: UnixStream,
+        mut answer: impl FnMut(&Frame, &mut UnixStream) + Send + 'static,
+    ) -> JoinHandle<()> {
+        std::thread::spawn(move || {
+            let mut decoder = FrameDecoder::new();
+            let mut buffer = vec![0; 64 * 1024];
+            while let Ok(n @ 1..) = guest.read(&mut buffer) {
+                decoder.push(&buffer[..n]);
+                while let Ok(Some(frame)) = decoder.next_frame() {
+                    if frame.kind == FrameKind::Request {
+                        answer(&frame, &mut guest);
+                    }
+                }
+            }
+        })
+    }
+
+    #[test]
+    fn frames_the_agent_never_sends_end_their_exchange_and_queue_no_more_than_a_window() {
+        let (host, guest) = UnixStream::pair().unwrap();
+        let agent = fake_agent(guest, |request, guest| {
+            let stream = request.stream;
+            let mut bytes = Vec::new();
+            match serde_json::from_slice::<Request>(&request.payload).unwrap() {
+                // A window's worth of output, then 10 MiB of frames the agent never sends.
+                Request::Ps => {
+                    for _ in 0..15 {
+                        bytes.extend(encode(FrameKind::Stdout, stream, &[7; 65536]).unwrap());
+                    }
+                    for _ in 0..10_000 {
+                        bytes.extend(encode(FrameKind::Request, stream, &[b'{'; 1024]).unwrap());
+                    }
+                }
+                // Answered after the flood: by then every frame of it has been routed.
+                _ => {
+                    let echo = serde_json::to_vec(&Response::Echo).unwrap();
+                    bytes.extend(encode(FrameKind::Response, stream, &echo).unwrap());
+                }
+            }
+            guest.write_all(&bytes).unwrap();
+        });
+        let mux = AgentMux::new(host, 0).unwrap();
+        let flooded = mux.request(&Request::Ps).unwrap();
+        let (_, echoed) = collect(mux.request(&Request::Echo).unwrap());
+        assert_eq!(echoed, Response::Echo);
+
+        // Nothing has been taken from the flooded exchange: all it holds is its window of
+        // data and the answer that ended it.
+        let queued: Vec<Frame> = flooded.frames.try_iter().collect();
+        let bytes: u64 = queued.iter().map(|f| flow::cost(f.payload.len())).sum();
+        assert!(bytes <= flow::WINDOW, "{bytes} bytes queued");
+        assert_eq!(queued.len(), 16);
+        let answer = queued.last().unwrap();
+        assert_eq!(answer.kind, FrameKind::Response);
+        match serde_json::from_slice(&answer.payload).unwrap() {
+            Response::Error(error) => assert_eq!(error.code, "RUN048", "{}", error.message),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(mux.in_flight(), 0);
+        assert!(!mux.is_closed(), "one exchange ends, not the channel");
+        drop(flooded);
+        drop(mux);
+        agent.join().unwrap();
+    }
+
+    #[test]
+    fn data_waits_for_room_no_longer_than_the_send_limit() {
+        let (host, guest) = UnixStream::pair().unwrap();
+        // Takes every byte, but gives no room back and never answers.
+        let agent = fake_agent(guest, |_, _| {});
+        let mut mux = AgentMux::new(host, 0).unwrap();
+        mux.send_limit = Duration::from_secs(1);
+        let mux = Arc::new(mux);
+        let upload = mux
+            .request(&Request::FsWrite(FsWriteRequest {
+                path: "/tmp/f".into(),
+                mode: 0o600,
+                size: 4 * MAX_PAYLOAD as u64,
+                sha256: format!("sha256:{}", "0".repeat(64)),
+                tar: false,
+            }))
+            .unwrap();
+        let chunk = vec![0; MAX_PAYLOAD];
+        // Three chunks fit the window; the fourth waits for room that never comes.
+        for _ in 0..3 {
+            mux.send_data(upload.stream(), &chunk).unwrap();
+        }
+        let (done, finished) = mpsc::channel();
+        let sending = {
+            let (mux, stream) = (Arc::clone(&mux), upload.stream());
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                let sent = mux.send_data(stream, &chunk);
+                let _ = done.send((sent, started.elapsed()));
+            })
+        };
+        let (sent, waited) = finished
+            .recv_timeout(Duration::from_secs(10))
+            .expect("send_data did not return by its deadline");
+        assert!(matches!(sent, Err(ClientError::NoRoom(_))), "{sent:?}");
+        assert!(waited >= Duration::from_secs(1), "{waited:?}");
+        assert_eq!(STALLED, "RUN049");
+        sending.join().unwrap();
+        drop(upload);
+        drop(Arc::into_inner(mux));
+        agent.join().unwrap();
     }
 }

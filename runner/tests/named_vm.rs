@@ -6,23 +6,26 @@
 
 mod support;
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mvm_agent::serve::{serve, ServeConfig};
 use mvm_ir::audit::{AuditLog, HostAudit};
 use mvm_ir::fsutil::ExclusiveLock;
 use mvm_ir::home::MvmHome;
-use mvm_protocol::{BootTimings, ExecRequest, HelloReply, Integrity, Request, PROTOCOL_VERSION};
+use mvm_protocol::{
+    encode, BootTimings, ExecRequest, FrameDecoder, FrameKind, HelloReply, Integrity, Request,
+    Response, PROTOCOL_VERSION,
+};
 use mvm_runner::backend::Pausable;
-use mvm_runner::client::{AgentClient, OutputSink};
+use mvm_runner::client::{AgentClient, ClientError, OutputSink};
 use mvm_runner::control::{self, Shared};
 use mvm_runner::mux::AgentMux;
 use mvm_runner::named_vm::{NamedVmError, VmHome};
@@ -51,6 +54,8 @@ struct FakeRunner {
     mvm_home: MvmHome,
     dir: PathBuf,
     machine: Arc<Mutex<Vec<&'static str>>>,
+    /// The runner's stop flag, for a test that failed before it could stop the VM.
+    stop: Arc<AtomicBool>,
     served: Option<JoinHandle<()>>,
 }
 
@@ -75,6 +80,13 @@ impl FakeRunner {
 
     /// A home with the VM `name`, running, served by an agent configured as `agent`.
     fn start_with(name: &str, agent: ServeConfig) -> Self {
+        Self::start_serving(name, move |mut guest| {
+            let _ = serve(&mut guest, &agent);
+        })
+    }
+
+    /// A home with the VM `name`, running, whose agent channel's guest end `agent` serves.
+    fn start_serving(name: &str, agent: impl FnOnce(UnixStream) + Send + 'static) -> Self {
         let home = tempfile::tempdir().unwrap();
         let mvm_home = MvmHome::at(home.path());
         let dir = mvm_home.ensure("vms").unwrap().join(name);
@@ -84,8 +96,8 @@ impl FakeRunner {
             .unwrap();
         state::write(&dir, &vm_state(name, Phase::Running)).unwrap();
         let listener = UnixListener::bind(dir.join(state::CONTROL_SOCKET)).unwrap();
-        let (host, mut guest) = UnixStream::pair().unwrap();
-        std::thread::spawn(move || serve(&mut guest, &agent));
+        let (host, guest) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || agent(guest));
         let machine = Arc::new(Mutex::new(Vec::new()));
         let phase_dir = dir.clone();
         let phase_name = name.to_string();
@@ -110,6 +122,7 @@ impl FakeRunner {
             cold: None,
             saved_cold: AtomicBool::new(false),
         });
+        let stop = Arc::clone(&shared.stop);
         let (stop_dir, stop_name) = (dir.clone(), name.to_string());
         let served = std::thread::spawn(move || {
             control::serve(&listener, &shared, || true).unwrap();
@@ -125,6 +138,7 @@ impl FakeRunner {
             _home: home,
             dir,
             machine,
+            stop,
             served: Some(served),
         }
     }
@@ -143,10 +157,12 @@ impl Drop for FakeRunner {
     fn drop(&mut self) {
         if let Some(served) = self.served.take() {
             if !served.is_finished() {
-                // Tell it to stop, as `mvm stop` would; ignore a VM already gone.
+                // Tell it to stop, as `mvm stop` would; ignore a VM already gone. Should that
+                // fail, it is told as a signal would.
                 if let Ok(vm) = self.vms.get("box") {
                     let _ = vm.stop();
                 }
+                self.stop.store(true, Ordering::Relaxed);
             }
             let _ = served.join();
         }
@@ -355,4 +371,109 @@ fn a_corrupted_root_is_answered_then_the_vm_stops_and_runs_nothing_more() {
     assert_eq!(code(&vm.connect(Arc::default()).unwrap_err()), "RUN036");
     let events = runner.events();
     assert!(events.iter().any(|e| e == "vm.exec.ended"), "{events:?}");
+}
+
+/// Connects to the VM's control socket and asks for its processes, as a client that may
+/// hang up at any moment.
+fn ask_ps(runner: &FakeRunner) -> UnixStream {
+    let mut stream = UnixStream::connect(runner.dir.join(state::CONTROL_SOCKET)).unwrap();
+    let request = serde_json::to_vec(&Request::Ps).unwrap();
+    stream
+        .write_all(&encode(FrameKind::Request, 1, &request).unwrap())
+        .unwrap();
+    stream
+}
+
+/// The code of the error that answers a request sent by [`ask_ps`], within 10 s.
+fn error_code(mut stream: UnixStream) -> String {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut decoder = FrameDecoder::new();
+    let mut buffer = vec![0; 4096];
+    loop {
+        if let Some(frame) = decoder.next_frame().unwrap() {
+            match serde_json::from_slice(&frame.payload).unwrap() {
+                Response::Error(error) => return error.code,
+                other => panic!("{other:?}"),
+            }
+        }
+        let n = stream.read(&mut buffer).expect("no answer within 10 s");
+        assert_ne!(n, 0, "the connection closed unanswered");
+        decoder.push(&buffer[..n]);
+    }
+}
+
+#[test]
+fn a_vm_stops_while_every_client_is_stuck_on_a_silent_agent() {
+    // An agent that reads every request and answers none, counting them.
+    let asked = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&asked);
+    let runner = FakeRunner::start_serving("box", move |mut guest| {
+        let mut decoder = FrameDecoder::new();
+        let mut buffer = vec![0; 64 * 1024];
+        while let Ok(n @ 1..) = guest.read(&mut buffer) {
+            decoder.push(&buffer[..n]);
+            while let Ok(Some(frame)) = decoder.next_frame() {
+                if frame.kind == FrameKind::Request {
+                    counted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    });
+    let vm = runner.vms.get("box").unwrap();
+    let until_asked = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while asked.load(Ordering::Relaxed) < n {
+            assert!(
+                Instant::now() < deadline,
+                "the agent was asked {asked:?} times"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    // Every client slot is taken, each by a request the agent will never answer.
+    let mut stuck: Vec<UnixStream> = (0..64).map(|_| ask_ps(&runner)).collect();
+    until_asked(64);
+
+    // Any other request is refused at once, with its code.
+    let mut other = vm.connect(Arc::default()).unwrap();
+    let refused = other.call(&Request::Ps, Duration::from_secs(10), None);
+    let refused = NamedVmError::from(refused.unwrap_err());
+    assert_eq!(code(&refused), "RUN050", "{refused}");
+    // A kill still reaches the agent (which does not answer it either).
+    let mut killing = vm.connect(Arc::default()).unwrap();
+    let kill = Request::Kill {
+        handle: 1,
+        signal: 9,
+    };
+    assert!(killing.call(&kill, Duration::from_secs(1), None).is_err());
+    until_asked(65);
+    drop(killing);
+
+    // A client that hangs up gives its slot back: a request reaches the agent again.
+    drop(stuck.pop());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut client = vm.connect(Arc::default()).unwrap();
+        match client.call(&Request::Ps, Duration::from_millis(500), None) {
+            // Served, and not answered by this agent.
+            Err(ClientError::Timeout(_)) => break,
+            Err(ClientError::Refused(error))
+                if error.code == "RUN050" && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    until_asked(66);
+
+    // And a stop works; the stuck clients are then told, not left waiting out their own
+    // deadline.
+    let stopped = vm.stop().unwrap();
+    assert_eq!(stopped.phase, Phase::Stopped);
+    for client in stuck {
+        assert_eq!(error_code(client), "AGENT103");
+    }
 }
