@@ -543,6 +543,9 @@ fn serve_request(
                 "path_sha256": mvm_ir::digest::sha256_prefixed(request.path.as_bytes()),
                 "size": request.size, "sha256": request.sha256, "tar": request.tar,
             });
+            if !shared.record("vm.copy.started", record.clone()) {
+                return unrecorded(writer, client_stream);
+            }
             let remaining = request.size;
             match shared.mux.request(&Request::FsWrite(request)) {
                 Ok(exchange) if remaining == 0 => {
@@ -566,6 +569,9 @@ fn serve_request(
                 "path_sha256": mvm_ir::digest::sha256_prefixed(path.as_bytes()),
                 "tar": tar,
             });
+            if !shared.record("vm.copy.started", record.clone()) {
+                return unrecorded(writer, client_stream);
+            }
             match shared.mux.request(&Request::FsRead { path, tar }) {
                 Ok(exchange) => finish_copy(writer, shared, client_stream, exchange, record),
                 Err(e) => writer.channel_failed(client_stream, &e),
@@ -597,7 +603,9 @@ fn serve_request(
         }
         Request::Kill { handle, signal } => {
             let fields = json!({"vm": shared.vm, "handle": handle, "signal": signal});
-            shared.record("vm.kill", fields);
+            if !shared.record("vm.kill", fields) {
+                return unrecorded(writer, client_stream);
+            }
             relay(
                 writer,
                 client_stream,
@@ -618,8 +626,7 @@ fn serve_request(
                 .collect();
             let fields = json!({"vm": shared.vm, "op": op, "paths_sha256": paths});
             if !shared.record("vm.fs", fields) {
-                let message = "the audit log cannot be written".to_string();
-                return writer.error(client_stream, codes::SPAWN_FAILED, message);
+                return unrecorded(writer, client_stream);
             }
             relay(writer, client_stream, shared, &request)
         }
@@ -661,11 +668,17 @@ fn admit_command(
         fields["user"] = user.as_str().into();
     }
     if !shared.record(event, fields) {
-        let message = "the audit log cannot be written".to_string();
-        writer.error(client_stream, codes::SPAWN_FAILED, message)?;
+        unrecorded(writer, client_stream)?;
         return Ok(None);
     }
     Ok(Some((request, argv_digest)))
+}
+
+/// Refuses what could not be recorded first: mvm does not act without leaving evidence (and
+/// the VM stops, see [`Shared::record`]).
+fn unrecorded(writer: &ClientWriter, client_stream: u32) -> io::Result<()> {
+    let message = "the audit log cannot be written".to_string();
+    writer.error(client_stream, codes::SPAWN_FAILED, message)
 }
 
 /// A file being copied into the guest through this connection. Its exchange is not read

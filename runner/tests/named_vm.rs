@@ -477,3 +477,79 @@ fn a_vm_stops_while_every_client_is_stuck_on_a_silent_agent() {
         assert_eq!(error_code(client), "AGENT103");
     }
 }
+
+/// Makes the audit log of `runner`'s home unwritable (a directory where its file was).
+fn break_audit(runner: &FakeRunner) {
+    let log = AuditLog::in_home(&runner.mvm_home).unwrap();
+    let _ = std::fs::remove_file(log.path());
+    std::fs::create_dir(log.path()).unwrap();
+}
+
+#[test]
+fn a_command_kill_or_copy_that_cannot_be_recorded_first_is_not_done() {
+    let runner = FakeRunner::start("box");
+    let vm = runner.vms.get("box").unwrap();
+    let mut client = vm.connect(Arc::default()).unwrap();
+    let spawn = Request::Spawn(ExecRequest {
+        argv: vec!["sleep".into(), "30".into()],
+        env: Default::default(),
+        cwd: None,
+        timeout_ms: 60_000,
+        stdin: false,
+        user: None,
+    });
+    let Ok(Response::Spawned { handle, pid }) = client.call(&spawn, Duration::from_secs(10), None)
+    else {
+        panic!("not spawned");
+    };
+    break_audit(&runner);
+    let kill = Request::Kill { handle, signal: 9 };
+    match client.call(&kill, Duration::from_secs(10), None) {
+        Err(ClientError::Refused(error)) => {
+            assert_eq!(error.code, "AGENT103", "{error:?}");
+            assert!(error.message.contains("audit"), "{error:?}");
+        }
+        other => panic!("the kill was not refused: {other:?}"),
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let state = stat.rsplit(')').next().unwrap().split_whitespace().next();
+    assert_ne!(state, Some("Z"), "the unrecorded kill was sent");
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+
+    // A copy into the VM, likewise: refused before a byte reaches the guest.
+    let runner = FakeRunner::start("box");
+    let vm = runner.vms.get("box").unwrap();
+    let mut client = vm.connect(Arc::default()).unwrap();
+    break_audit(&runner);
+    let target = tempfile::tempdir_in("/tmp").unwrap();
+    let path = target.path().join("copied");
+    let bytes = b"never copied";
+    let request = mvm_protocol::FsWriteRequest {
+        path: path.to_str().unwrap().into(),
+        mode: 0o600,
+        size: bytes.len() as u64,
+        sha256: mvm_ir::digest::sha256_prefixed(bytes),
+        tar: false,
+    };
+    let copied = client.fs_write(request, &mut &bytes[..], Duration::from_secs(10));
+    assert!(
+        matches!(&copied, Err(ClientError::Refused(e)) if e.message.contains("audit")),
+        "{copied:?}"
+    );
+    assert!(!path.exists(), "the unrecorded copy was made");
+
+    // And a command.
+    let runner = FakeRunner::start("box");
+    let vm = runner.vms.get("box").unwrap();
+    let mut client = vm.connect(Arc::default()).unwrap();
+    break_audit(&runner);
+    let marker = target.path().join("ran");
+    let script = format!("touch {}", marker.display());
+    match exec_reply(&mut client, &script) {
+        Err(NamedVmError::Refused(error)) => {
+            assert!(error.message.contains("audit"), "{error:?}")
+        }
+        other => panic!("the unrecorded command was not refused: {other:?}"),
+    }
+    assert!(!marker.exists(), "the unrecorded command ran");
+}
