@@ -17,7 +17,7 @@ mod support;
 use support::{mvm, mvm_json as json};
 
 use base64::Engine as _;
-use mvm_builder::testing::{layer, LocalRegistry, TestLayout, TAR};
+use mvm_builder::testing::{layer, layer_of, Entry, LocalRegistry, TestLayout, TAR};
 use serde_json::Value;
 
 /// One state directory with the kernel fetched, shared by the tests of this file (the fetch
@@ -536,4 +536,78 @@ fn an_image_builds_without_a_declaration() {
         65,
     );
     assert_eq!(refused["error"]["code"], "OCI001");
+}
+
+/// A root filesystem as distributions make them (mmdebstrap's Debian holds `/dev/console`,
+/// `/dev/null` and friends) builds: the device nodes are skipped, counted and named in the
+/// output and the signed provenance, and the image `fsck.erofs` accepts holds none of them.
+#[test]
+fn device_nodes_in_a_layer_are_skipped_and_named() {
+    let home = shared_home();
+    let layout = TestLayout::new();
+    let tar = layer_of(&[
+        Entry::Dir("dev"),
+        Entry::CharDevice("dev/console", 5, 1),
+        Entry::CharDevice("dev/null", 1, 3),
+        Entry::File("etc/debian_version", b"12.11\n", 0o644),
+    ]);
+    let (digest, _) = layout.image("amd64", &[(TAR, tar.clone(), tar)]);
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("bundle");
+    let image = format!("oci:{}@{digest}", layout.dir.path().display());
+    let build_args = |out: &Path| -> Vec<String> {
+        ["build", "--image", &image, "--out", out.to_str().unwrap()]
+            .into_iter()
+            .chain(["--agent", "/bin/busybox"])
+            .map(String::from)
+            .collect()
+    };
+    let args = build_args(&out);
+    let built = json(
+        home,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        0,
+    );
+    let expected = serde_json::json!({"total": 2, "named": [
+        {"path": "/dev/console", "kind": "char"},
+        {"path": "/dev/null", "kind": "char"},
+    ]});
+    assert_eq!(built["skipped_entries"], expected);
+    let provenance = payload(&out.join("provenance.dsse.json"));
+    assert_eq!(
+        provenance["predicate"]["buildDefinition"]["internalParameters"]["skipped_entries"],
+        expected
+    );
+
+    let extracted = work.path().join("extracted");
+    let fsck = Command::new("fsck.erofs")
+        .arg(format!("--extract={}", extracted.display()))
+        .arg(out.join("rootfs.erofs"))
+        .output()
+        .expect("fsck.erofs (erofs-utils)");
+    assert!(
+        fsck.status.success(),
+        "fsck.erofs: {}",
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+    assert!(extracted.join("dev").is_dir());
+    assert_eq!(fs::read_dir(extracted.join("dev")).unwrap().count(), 0);
+    assert_eq!(
+        fs::read(extracted.join("etc/debian_version")).unwrap(),
+        b"12.11\n"
+    );
+
+    // The human output says so in one line.
+    let again = work.path().join("again");
+    let args = build_args(&again);
+    let human = mvm(home, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(human.status.success());
+    let stdout = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("skipped 2 device nodes and FIFOs")
+                && l.ends_with(": /dev/console, /dev/null")),
+        "{stdout}"
+    );
 }

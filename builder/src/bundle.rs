@@ -318,6 +318,7 @@ pub fn assemble(input: &AssembleInput<'_>) -> Result<Bundle, BundleError> {
                     "persona": "host",
                     "sandbox": input.sandbox,
                     "verity": {"root_hash": r.root_hash, "salt": r.salt},
+                    "skipped_entries": r.skipped,
                 }),
                 resolved_dependencies: dependencies,
             },

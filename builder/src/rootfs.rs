@@ -8,6 +8,7 @@
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
+use mvm_ir::provenance::SkippedEntries;
 use mvm_ir::{Coded, ErrorClass};
 use serde::{Deserialize, Serialize};
 
@@ -48,8 +49,6 @@ pub struct RootfsRequest {
     pub out_dir: PathBuf,
     /// Registries reachable over plain HTTP besides loopback ones.
     pub insecure_registries: Vec<String>,
-    /// Accept device nodes in layers.
-    pub allow_devices: bool,
     /// Show pull progress (the parent's).
     pub progress: bool,
     /// A Nix image instead: the realised closure to stage (`reference` and `digest` then name
@@ -100,6 +99,9 @@ pub struct RootfsReport {
     pub hash_block_size: u32,
     /// Offset of the verity superblock in the hash file.
     pub hash_offset: u64,
+    /// Device nodes and FIFOs the layers held, left out of the image.
+    #[serde(default)]
+    pub skipped: SkippedEntries,
 }
 
 /// Why a root filesystem could not be built; its [`Coded::code`] is the code of the cause.
@@ -175,10 +177,7 @@ pub fn build_rootfs(
     let image = ImageRef::new(&request.reference, &request.digest, &request.base_dir)?;
     let staging = Staging::temp_file_in(&request.out_dir).map_err(io(&request.out_dir))?;
     let mut tree = Tree::new(staging);
-    let apply = ApplyOptions {
-        allow_devices: request.allow_devices,
-        ..ApplyOptions::default()
-    };
+    let apply = ApplyOptions::default();
     let imported = match (&image.transport, blobs) {
         (Transport::Archive(_), _) => {
             let private = tempfile::tempdir_in(&request.out_dir).map_err(io(&request.out_dir))?;
@@ -204,6 +203,10 @@ pub fn build_rootfs(
         .chain(runtime.cmd.iter().flatten())
         .cloned()
         .collect();
+    let mut skipped = SkippedEntries::default();
+    for layer in &imported.layers {
+        skipped.append(&layer.stats.skipped);
+    }
     let report = RootfsReport {
         image_digest: imported.digest,
         manifest_digest: imported.manifest_digest,
@@ -220,6 +223,7 @@ pub fn build_rootfs(
         env: runtime.env.clone().unwrap_or_default(),
         command,
         working_dir: runtime.working_dir.clone().filter(|d| !d.is_empty()),
+        skipped,
         ..RootfsReport::default()
     };
     write_image(tree, &request.out_dir, report)
@@ -306,5 +310,84 @@ fn add_mount_points(tree: &mut Tree) {
             },
         );
         tree.link(Tree::ROOT, name.as_bytes(), dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+
+    use mvm_ir::provenance::SkippedKind;
+
+    use super::*;
+    use crate::testing::{layer_of, Entry, TestLayout, TAR};
+
+    /// A root filesystem as distributions make them holds `/dev` nodes and FIFOs: it builds,
+    /// the nodes are left out of the image, and the report names each with its kind.
+    #[test]
+    fn device_nodes_and_fifos_are_left_out_and_named() {
+        let layout = TestLayout::new();
+        let tar = layer_of(&[
+            Entry::Dir("dev"),
+            Entry::CharDevice("dev/console", 5, 1),
+            Entry::CharDevice("dev/null", 1, 3),
+            Entry::BlockDevice("dev/vda", 254, 0),
+            Entry::Fifo("run/initctl"),
+            Entry::File("etc/hostname", b"debian\n", 0o644),
+        ]);
+        let (digest, _) = layout.image("amd64", &[(TAR, tar.clone(), tar)]);
+        let out = tempfile::tempdir().unwrap();
+        let request = RootfsRequest {
+            reference: format!("oci:{}", layout.dir.path().display()),
+            digest,
+            base_dir: layout.dir.path().to_path_buf(),
+            cache_dir: PathBuf::new(),
+            out_dir: out.path().to_path_buf(),
+            insecure_registries: vec![],
+            progress: false,
+            nix: None,
+        };
+        let report = build_rootfs(&request, Some(&layout.dir.path().join("blobs"))).unwrap();
+        assert_eq!(report.skipped.total, 4);
+        let named: Vec<(&str, SkippedKind)> = report
+            .skipped
+            .named
+            .iter()
+            .map(|e| (e.path.as_str(), e.kind))
+            .collect();
+        assert_eq!(
+            named,
+            [
+                ("/dev/console", SkippedKind::Char),
+                ("/dev/null", SkippedKind::Char),
+                ("/dev/vda", SkippedKind::Block),
+                ("/run/initctl", SkippedKind::Fifo),
+            ]
+        );
+        // As the parent reads it from the worker.
+        let sent = serde_json::to_vec(&report).unwrap();
+        assert_eq!(
+            serde_json::from_slice::<RootfsReport>(&sent).unwrap(),
+            report
+        );
+
+        // fsck.erofs accepts the image, and it holds no node of any of them.
+        let extracted = out.path().join("extracted");
+        let fsck = Command::new("fsck.erofs")
+            .arg(format!("--extract={}", extracted.display()))
+            .arg(out.path().join(ROOTFS_FILE))
+            .output()
+            .expect("fsck.erofs (erofs-utils)");
+        assert!(
+            fsck.status.success(),
+            "fsck.erofs: {}",
+            String::from_utf8_lossy(&fsck.stderr)
+        );
+        assert_eq!(std::fs::read_dir(extracted.join("dev")).unwrap().count(), 0);
+        assert_eq!(std::fs::read_dir(extracted.join("run")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read(extracted.join("etc/hostname")).unwrap(),
+            b"debian\n"
+        );
     }
 }

@@ -31,6 +31,12 @@ pub enum Entry<'a> {
     Symlink(&'a str, &'a str),
     /// A hardlink: path, target path.
     Hardlink(&'a str, &'a str),
+    /// A character device node: path, major, minor.
+    CharDevice(&'a str, u32, u32),
+    /// A block device node: path, major, minor.
+    BlockDevice(&'a str, u32, u32),
+    /// A named pipe.
+    Fifo(&'a str),
 }
 
 /// A tar layer of `entries`, in order.
@@ -65,6 +71,23 @@ pub fn layer_of(entries: &[Entry<'_>]) -> Vec<u8> {
                 header.set_mode(0o644);
                 header.set_size(0);
                 builder.append_link(&mut header, path, target).unwrap();
+            }
+            Entry::CharDevice(path, major, minor) | Entry::BlockDevice(path, major, minor) => {
+                header.set_entry_type(match entry {
+                    Entry::CharDevice(..) => tar::EntryType::Char,
+                    _ => tar::EntryType::Block,
+                });
+                header.set_mode(0o666);
+                header.set_size(0);
+                header.set_device_major(*major).unwrap();
+                header.set_device_minor(*minor).unwrap();
+                builder.append_data(&mut header, path, &[][..]).unwrap();
+            }
+            Entry::Fifo(path) => {
+                header.set_entry_type(tar::EntryType::Fifo);
+                header.set_mode(0o600);
+                header.set_size(0);
+                builder.append_data(&mut header, path, &[][..]).unwrap();
             }
         }
     }

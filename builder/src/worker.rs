@@ -839,7 +839,6 @@ mod tests {
             cache_dir: root.join("cache"),
             out_dir: root.join("out"),
             insecure_registries: vec![],
-            allow_devices: false,
             progress: false,
             nix: None,
         };
@@ -931,7 +930,6 @@ mod tests {
                 cache_dir: root.join("cache"),
                 out_dir: root.join("out"),
                 insecure_registries: vec![],
-                allow_devices: false,
                 progress: false,
                 nix: None,
             },

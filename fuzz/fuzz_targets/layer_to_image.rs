@@ -13,7 +13,6 @@ use mvm_builder::tree::{Staging, Tree};
 fuzz_target!(|data: &[u8]| {
     let mut tree = Tree::new(Staging::Memory(Vec::new()));
     let options = ApplyOptions {
-        allow_devices: true,
         limits: LayerLimits {
             tree_bytes: 1 << 20,
             tree_nodes: 10_000,

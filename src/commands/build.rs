@@ -18,6 +18,8 @@ use mvm_ir::fsutil::atomic_write;
 use mvm_ir::keys::DEFAULT_KEY;
 use mvm_ir::load::ir_digest;
 use mvm_ir::plan::{Profile, Timestamp};
+use mvm_ir::provenance::SkippedEntries;
+use mvm_ir::terminal::{printable, Newlines};
 use mvm_ir::validate::validate;
 use mvm_ir::workload::{App, Entrypoint, Image, Resources, Workload, SCHEMA_VERSION};
 use mvm_ir::{canonical, plan, provenance};
@@ -99,9 +101,6 @@ pub struct BuildArgs {
     /// Where the untrusted parsing runs.
     #[arg(long, value_enum, default_value = "host")]
     persona: Persona,
-    /// Accept device nodes in image layers (refused by default).
-    #[arg(long)]
-    allow_devices: bool,
     /// For nix_packages images: the package set the attribute paths are looked up in —
     /// `<nixpkgs>`, or a Nix file (its value, or what it returns called with no arguments).
     #[arg(long, value_name = "SET", default_value = "<nixpkgs>")]
@@ -198,7 +197,6 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
         cache_dir: host.home.ensure("cache")?.join("blobs"),
         out_dir: staging.path().to_path_buf(),
         insecure_registries: insecure_registries(&host)?,
-        allow_devices: args.allow_devices,
         progress: !out.is_json(),
         nix: nix_closure.clone(),
     };
@@ -262,10 +260,10 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
                "root_hash": report.root_hash, "image_size": report.image_size, "layers": report.layers.len(),
                "store_paths": nix_closure.as_ref().map(|c| c.paths.len()),
                "kernel": kernel.manifest.release, "keyid": signer.keyid(), "sandbox": sandbox,
-               "valid_until": bundle.plan.valid_until}),
+               "valid_until": bundle.plan.valid_until, "skipped_entries": report.skipped}),
         || {
             format!(
-                "built {}/{} into {}\nrootfs {} ({} bytes, {})\nverity root {}\nplan {} signed by {}\nvalid until {}\nbuilder sandbox: no_new_privs, seccomp, landlock {}",
+                "built {}/{} into {}\nrootfs {} ({} bytes, {})\n{}verity root {}\nplan {} signed by {}\nvalid until {}\nbuilder sandbox: no_new_privs, seccomp, landlock {}",
                 workload.id,
                 app.name,
                 out_dir.display(),
@@ -275,6 +273,7 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
                     Some(closure) => format!("{} Nix store paths", closure.paths.len()),
                     None => format!("{} layers", report.layers.len()),
                 },
+                skipped_line(&report.skipped),
                 report.root_hash,
                 plan_digest,
                 signer.keyid(),
@@ -284,6 +283,34 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
         },
     );
     Ok(())
+}
+
+/// The line saying which device nodes and FIFOs the image left out (the first few by name; the
+/// provenance lists them), or nothing when there were none.
+fn skipped_line(skipped: &SkippedEntries) -> String {
+    const SHOWN: usize = 5;
+    if skipped.total == 0 {
+        return String::new();
+    }
+    let mut names: Vec<String> = skipped
+        .named
+        .iter()
+        .take(SHOWN)
+        .map(|e| printable(&e.path, Newlines::Escape).into_owned())
+        .collect();
+    if skipped.total > names.len() as u64 {
+        names.push("…".into());
+    }
+    let what = if skipped.total == 1 {
+        "device node or FIFO"
+    } else {
+        "device nodes and FIFOs"
+    };
+    format!(
+        "skipped {} {what} (the guest's devtmpfs provides /dev; listed in the provenance): {}\n",
+        skipped.total,
+        names.join(", ")
+    )
 }
 
 /// What a build builds: one app of a declared workload, or an image given on the command line

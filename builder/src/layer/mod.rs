@@ -10,17 +10,26 @@
 //! - hardlinks name an existing non-directory by its path in the image; symlinks are stored as
 //!   they are and never followed for the entry's own name.
 //!
+//! Device nodes and FIFOs are skipped, never created: the guest mounts devtmpfs over `/dev` and
+//! the image `nodev`, so a node in the image could never be used as a device. A skipped entry
+//! is checked like any other (its path, parents, duplicates, metadata, the entry limit), creates
+//! the parent directories it implies as tar does, and replaces what a lower layer held at its
+//! path — which then holds nothing. A hardlink to an entry its own layer skipped is that same
+//! node, skipped too; to one a lower layer skipped, it names nothing (a bad hardlink). Each
+//! skipped entry is counted and named ([`LayerStats::skipped`]) for the provenance.
+//!
 //! What is refused, each with its own [`LayerErrorKind`]: `..` components, absolute paths,
 //! writes through a symlink whose target climbs out of the root, hardlinks to missing,
-//! out-of-root or directory targets, device nodes (unless allowed), duplicate entries in one layer,
-//! entry types mvm does not support (sparse files, …), and oversize headers, names, link targets
-//! or entry counts. Long names are read from GNU and PAX extension headers here, with size caps,
-//! rather than by the tar crate, so a hostile header cannot make the builder allocate without
-//! bound. Nothing is ever written to the host's directory tree: the tree is staged.
+//! out-of-root or directory targets, duplicate entries in one layer, entry types mvm does not
+//! support (sparse files, …), and oversize headers, names, link targets or entry counts. Long
+//! names are read from GNU and PAX extension headers here, with size caps, rather than by the
+//! tar crate, so a hostile header cannot make the builder allocate without bound. Nothing is
+//! ever written to the host's directory tree: the tree is staged.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read;
 
+use mvm_ir::provenance::{SkippedEntries, SkippedEntry, SkippedKind};
 use tar::EntryType;
 
 use crate::tree::{Metadata, NodeId, NodeKind, Tree};
@@ -78,8 +87,6 @@ pub enum LayerErrorKind {
     SymlinkEscape,
     /// A hardlink to a missing, out-of-root or directory target.
     BadHardlink,
-    /// A device node, refused unless allowed.
-    DeviceNode,
     /// The same path twice in one layer.
     DuplicateEntry,
     /// A header, name, link target or entry count over its limit.
@@ -103,7 +110,7 @@ impl LayerErrorKind {
             LayerErrorKind::AbsolutePath => "LAYER002",
             LayerErrorKind::SymlinkEscape => "LAYER003",
             LayerErrorKind::BadHardlink => "LAYER004",
-            LayerErrorKind::DeviceNode => "LAYER005",
+            // LAYER005 (device nodes, now skipped) is retired, never reused.
             LayerErrorKind::DuplicateEntry => "LAYER006",
             LayerErrorKind::LimitExceeded => "LAYER007",
             LayerErrorKind::UnsupportedEntry => "LAYER008",
@@ -171,8 +178,6 @@ impl LayerError {
 /// Options of layer application.
 #[derive(Debug, Clone, Default)]
 pub struct ApplyOptions {
-    /// Accept character and block device nodes (refused by default).
-    pub allow_devices: bool,
     /// Size limits.
     pub limits: LayerLimits,
 }
@@ -180,12 +185,14 @@ pub struct ApplyOptions {
 /// Counts of what a layer did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LayerStats {
-    /// Entries applied (whiteouts included).
+    /// Entries read (whiteouts and skipped entries included).
     pub entries: u64,
     /// Bytes of regular file content staged.
     pub bytes: u64,
     /// Whiteouts applied (regular and opaque).
     pub whiteouts: u64,
+    /// Device nodes and FIFOs skipped: all counted, the first named.
+    pub skipped: SkippedEntries,
 }
 
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
@@ -222,6 +229,7 @@ impl<'t> LayerApplier<'t> {
             .raw(true);
         let mut stats = LayerStats::default();
         let mut added: HashSet<(NodeId, Vec<u8>)> = HashSet::new();
+        let mut skipped: HashMap<(NodeId, Vec<u8>), SkippedKind> = HashMap::new();
         let mut pending = Pending::default();
         let mut headers = 0u64;
         for entry in entries {
@@ -291,7 +299,14 @@ impl<'t> LayerApplier<'t> {
                     format!("more than {} entries", limits.entries),
                 ));
             }
-            let staged = self.apply_entry(&mut entry, &path, current, &mut added, &mut stats)?;
+            let staged = self.apply_entry(
+                &mut entry,
+                &path,
+                current,
+                &mut added,
+                &mut skipped,
+                &mut stats,
+            )?;
             stats.bytes += staged;
             if self.tree.node_count() > limits.tree_nodes {
                 return Err(LayerError::new(
@@ -304,13 +319,15 @@ impl<'t> LayerApplier<'t> {
         Ok(stats)
     }
 
-    /// Applies one entry; returns the bytes of file content it staged.
+    /// Applies one entry; returns the bytes of file content it staged. `added` holds what this
+    /// layer put in the tree, `skipped` what it skipped (and left empty).
     fn apply_entry<R: Read>(
         &mut self,
         entry: &mut tar::Entry<'_, R>,
         raw_path: &[u8],
         extensions: Pending,
         added: &mut HashSet<(NodeId, Vec<u8>)>,
+        skipped: &mut HashMap<(NodeId, Vec<u8>), SkippedKind>,
         stats: &mut LayerStats,
     ) -> Result<u64, LayerError> {
         let limits = self.options.limits.clone();
@@ -429,9 +446,19 @@ impl<'t> LayerApplier<'t> {
             Ok(target)
         };
 
+        let skip = match entry_type {
+            EntryType::Char => Some(SkippedKind::Char),
+            EntryType::Block => Some(SkippedKind::Block),
+            EntryType::Fifo => Some(SkippedKind::Fifo),
+            _ => None,
+        };
         let mut staged = 0;
-        let new_node = match entry_type {
-            EntryType::Directory => {
+        let new_node = match (entry_type, skip) {
+            (_, Some(kind)) => {
+                self.skip(parent, name, &components, kind, skipped, stats);
+                return Ok(0);
+            }
+            (EntryType::Directory, _) => {
                 if let Some(existing) = self.tree.lookup(parent, name) {
                     if let NodeKind::Directory(_) = self.tree.node(existing).kind {
                         self.tree.node_mut(existing).meta = meta;
@@ -440,7 +467,7 @@ impl<'t> LayerApplier<'t> {
                 }
                 self.tree.add(NodeKind::Directory(BTreeMap::new()), meta)
             }
-            EntryType::Regular | EntryType::Continuous => {
+            (EntryType::Regular | EntryType::Continuous, _) => {
                 if self
                     .tree
                     .staging()
@@ -459,10 +486,26 @@ impl<'t> LayerApplier<'t> {
                     .add_file(&mut ArchiveRead(entry), meta)
                     .map_err(|e| malformed_or_io(raw_path, e))?
             }
-            EntryType::Symlink => self.tree.add(NodeKind::Symlink(link_target()?), meta),
-            EntryType::Link => {
+            (EntryType::Symlink, _) => self.tree.add(NodeKind::Symlink(link_target()?), meta),
+            (EntryType::Link, _) => {
                 let target = link_target()?;
-                let existing = self.resolve_existing(&target, raw_path)?;
+                let existing = match self.resolve_existing(&target, raw_path)? {
+                    LinkTarget::Node(id) => id,
+                    LinkTarget::Missing(key) => match skipped.get(&key) {
+                        // The same node as an entry this layer skipped: skipped too.
+                        Some(&kind) => {
+                            self.skip(parent, name, &components, kind, skipped, stats);
+                            return Ok(0);
+                        }
+                        None => {
+                            return Err(LayerError::new(
+                                LayerErrorKind::BadHardlink,
+                                raw_path,
+                                "the hardlink target does not exist",
+                            ))
+                        }
+                    },
+                };
                 if matches!(self.tree.node(existing).kind, NodeKind::Directory(_)) {
                     return Err(LayerError::new(
                         LayerErrorKind::BadHardlink,
@@ -472,25 +515,7 @@ impl<'t> LayerApplier<'t> {
                 }
                 existing
             }
-            EntryType::Char | EntryType::Block => {
-                if !self.options.allow_devices {
-                    return Err(LayerError::new(
-                        LayerErrorKind::DeviceNode,
-                        raw_path,
-                        "device nodes are refused (the guest's devtmpfs provides devices)",
-                    ));
-                }
-                let number = |n: std::io::Result<Option<u32>>| n.ok().flatten().unwrap_or(0);
-                let (major, minor) = (number(header.device_major()), number(header.device_minor()));
-                let kind = if entry_type == EntryType::Char {
-                    NodeKind::CharDevice { major, minor }
-                } else {
-                    NodeKind::BlockDevice { major, minor }
-                };
-                self.tree.add(kind, meta)
-            }
-            EntryType::Fifo => self.tree.add(NodeKind::Fifo, meta),
-            other => {
+            (other, None) => {
                 return Err(LayerError::new(
                     LayerErrorKind::UnsupportedEntry,
                     raw_path,
@@ -500,6 +525,27 @@ impl<'t> LayerApplier<'t> {
         };
         self.tree.link(parent, name, new_node);
         Ok(staged)
+    }
+
+    /// Skips a device node or FIFO at `name` in `parent`: whatever a lower layer held there is
+    /// removed, as the entry would have replaced it, and nothing takes its place.
+    fn skip(
+        &mut self,
+        parent: NodeId,
+        name: &[u8],
+        components: &[Vec<u8>],
+        kind: SkippedKind,
+        skipped: &mut HashMap<(NodeId, Vec<u8>), SkippedKind>,
+        stats: &mut LayerStats,
+    ) {
+        self.tree.unlink(parent, name);
+        skipped.insert((parent, name.to_vec()), kind);
+        let mut path = Vec::new();
+        for component in components {
+            path.push(b'/');
+            path.extend_from_slice(component);
+        }
+        stats.skipped.record(SkippedEntry::new(&path, kind));
     }
 
     /// Resolves the directory that `components` name, following symlinks inside the root.
@@ -607,9 +653,14 @@ impl<'t> LayerApplier<'t> {
         Ok(current)
     }
 
-    /// The node an existing image path names (for hardlinks): parents resolved inside the root,
-    /// the last component not followed.
-    fn resolve_existing(&mut self, target: &[u8], raw_path: &[u8]) -> Result<NodeId, LayerError> {
+    /// The node an image path names (for hardlinks): parents resolved inside the root, the last
+    /// component not followed; or, when the parents exist but the name does not, where it would
+    /// be.
+    fn resolve_existing(
+        &mut self,
+        target: &[u8],
+        raw_path: &[u8],
+    ) -> Result<LinkTarget, LayerError> {
         let components = split_path(target, &self.options.limits).map_err(|e| LayerError {
             kind: LayerErrorKind::BadHardlink,
             message: format!("hardlink target: {}", e.message),
@@ -628,14 +679,19 @@ impl<'t> LayerApplier<'t> {
                 kind: LayerErrorKind::BadHardlink,
                 ..e
             })?;
-        self.tree.lookup(parent, name).ok_or_else(|| {
-            LayerError::new(
-                LayerErrorKind::BadHardlink,
-                raw_path,
-                "the hardlink target does not exist",
-            )
+        Ok(match self.tree.lookup(parent, name) {
+            Some(id) => LinkTarget::Node(id),
+            None => LinkTarget::Missing((parent, name.clone())),
         })
     }
+}
+
+/// What a hardlink's target names.
+enum LinkTarget {
+    /// A node of the tree.
+    Node(NodeId),
+    /// Nothing: the directory and name where it would be.
+    Missing((NodeId, Vec<u8>)),
 }
 
 /// Splits an archive path into components, refusing `..`, absolute paths, NUL and oversize

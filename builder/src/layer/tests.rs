@@ -15,7 +15,19 @@ impl LayerBuilder {
         Self { bytes: Vec::new() }
     }
 
-    fn raw(mut self, path: &[u8], kind: EntryType, data: &[u8], link: &[u8], mode: u32) -> Self {
+    fn raw(self, path: &[u8], kind: EntryType, data: &[u8], link: &[u8], mode: u32) -> Self {
+        self.raw_device(path, kind, data, link, mode, (0, 0))
+    }
+
+    fn raw_device(
+        mut self,
+        path: &[u8],
+        kind: EntryType,
+        data: &[u8],
+        link: &[u8],
+        mode: u32,
+        (major, minor): (u32, u32),
+    ) -> Self {
         let mut header = tar::Header::new_ustar();
         header.as_ustar_mut().unwrap().name[..path.len()].copy_from_slice(path);
         header.set_entry_type(kind);
@@ -24,6 +36,8 @@ impl LayerBuilder {
         header.set_uid(1000);
         header.set_gid(1000);
         header.set_mtime(1_700_000_000);
+        header.set_device_major(major).unwrap();
+        header.set_device_minor(minor).unwrap();
         if !link.is_empty() {
             header.as_ustar_mut().unwrap().linkname[..link.len()].copy_from_slice(link);
         }
@@ -33,6 +47,11 @@ impl LayerBuilder {
         let pad = (512 - data.len() % 512) % 512;
         self.bytes.extend(std::iter::repeat_n(0u8, pad));
         self
+    }
+
+    /// A character or block device node, or a FIFO.
+    fn node(self, path: &str, kind: EntryType, major: u32, minor: u32) -> Self {
+        self.raw_device(path.as_bytes(), kind, b"", b"", 0o600, (major, minor))
     }
 
     fn dir(self, path: &str) -> Self {
@@ -87,6 +106,15 @@ impl LayerBuilder {
 
 fn tree() -> Tree {
     Tree::new(Staging::Memory(Vec::new()))
+}
+
+fn skipped(stats: &LayerStats) -> Vec<(&str, SkippedKind)> {
+    stats
+        .skipped
+        .named
+        .iter()
+        .map(|e| (e.path.as_str(), e.kind))
+        .collect()
 }
 
 fn apply(tree: &mut Tree, layer: Vec<u8>) -> Result<LayerStats, LayerError> {
@@ -160,7 +188,11 @@ fn a_layer_builds_the_tree_it_describes() {
         Some(&b"kept"[..])
     );
     assert_eq!(ping.meta.xattrs.len(), 2);
-    assert_eq!(t.node(at(&t, "run/fifo").unwrap()).kind, NodeKind::Fifo);
+    // The FIFO is skipped, and named.
+    assert_eq!(at(&t, "run/fifo"), None);
+    assert_eq!(names(&t, "run"), Vec::<String>::new());
+    assert_eq!(skipped(&stats), [("/run/fifo", SkippedKind::Fifo)]);
+    assert_eq!(stats.skipped.total, 1);
 }
 
 #[test]
@@ -320,30 +352,184 @@ fn symlinks_inside_the_root_are_followed_for_parents() {
     assert_eq!(names(&t, "usr/lib"), ["libc.so", "libm.so"]);
 }
 
+/// What distributions' root filesystems hold in `/dev` (mmdebstrap's Debian, for one): every
+/// device node and FIFO is skipped, named with its kind, and never becomes a node.
 #[test]
-fn devices_only_when_allowed() {
-    let layer = || {
+fn device_nodes_and_fifos_are_skipped_and_named() {
+    let mut t = tree();
+    let layer = LayerBuilder::new()
+        .dir("./dev/")
+        .node("./dev/console", EntryType::Char, 5, 1)
+        .node("./dev/null", EntryType::Char, 1, 3)
+        .node("./dev/sda", EntryType::Block, 8, 0)
+        .node("./run/initctl", EntryType::Fifo, 0, 0)
+        .file("./etc/hostname", b"debian\n")
+        .finish();
+    let stats = apply(&mut t, layer).unwrap();
+    assert_eq!(stats.entries, 6, "skipped entries are counted as entries");
+    assert_eq!(stats.skipped.total, 4);
+    assert_eq!(
+        skipped(&stats),
+        [
+            ("/dev/console", SkippedKind::Char),
+            ("/dev/null", SkippedKind::Char),
+            ("/dev/sda", SkippedKind::Block),
+            ("/run/initctl", SkippedKind::Fifo),
+        ]
+    );
+    assert_eq!(names(&t, "dev"), Vec::<String>::new());
+    // The parent a skipped entry implied is created, as tar does and as for any entry.
+    assert_eq!(names(&t, "run"), Vec::<String>::new());
+    assert_eq!(names(&t, ""), ["dev", "etc", "run"]);
+    assert_eq!(content(&t, "etc/hostname"), b"debian\n");
+    let reachable = |t: &Tree| {
+        let mut kinds = Vec::new();
+        let mut stack = vec![Tree::ROOT];
+        while let Some(id) = stack.pop() {
+            if let NodeKind::Directory(entries) = &t.node(id).kind {
+                stack.extend(entries.values());
+            }
+            kinds.push(t.node(id).kind.clone());
+        }
+        kinds
+    };
+    assert!(!reachable(&t).iter().any(|k| matches!(
+        k,
+        NodeKind::CharDevice { .. } | NodeKind::BlockDevice { .. } | NodeKind::Fifo
+    )));
+
+    // A non-UTF-8 name is named losslessly.
+    let mut t = tree();
+    let stats = apply(
+        &mut t,
         LayerBuilder::new()
-            .raw(b"dev/null", EntryType::Char, b"", b"", 0o666)
+            .raw(b"dev/tty\xff\\", EntryType::Char, b"", b"", 0o600)
+            .finish(),
+    )
+    .unwrap();
+    assert_eq!(skipped(&stats), [("/dev/tty\\xff\\\\", SkippedKind::Char)]);
+}
+
+/// A skipped entry replaces what a lower layer held at its path, as any entry would, and
+/// nothing takes its place; whiteouts and hardlinks naming it are exact.
+#[test]
+fn a_skipped_entry_replaces_and_is_named_consistently() {
+    let mut t = tree();
+    apply(
+        &mut t,
+        LayerBuilder::new()
+            .file("dev/null", b"a file")
+            .file("dev/keep", b"k")
+            .file("srv/pipe/inside", b"x")
+            .finish(),
+    )
+    .unwrap();
+    let stats = apply(
+        &mut t,
+        LayerBuilder::new()
+            .node("dev/null", EntryType::Char, 1, 3)
+            .node("srv/pipe", EntryType::Fifo, 0, 0)
+            // A hardlink to a node this layer skipped is the same node: skipped too, named
+            // with the target's kind; and a hardlink to that hardlink.
+            .hardlink("dev/null2", "dev/null")
+            .hardlink("dev/null3", "./dev/null2")
+            // A whiteout of what its own layer skipped hides nothing (as for any entry).
+            .file("dev/.wh.null", b"")
+            .finish(),
+    )
+    .unwrap();
+    assert_eq!(
+        names(&t, "dev"),
+        ["keep"],
+        "the lower file is replaced by nothing"
+    );
+    assert_eq!(names(&t, "srv"), Vec::<String>::new(), "so is a directory");
+    assert_eq!(
+        skipped(&stats),
+        [
+            ("/dev/null", SkippedKind::Char),
+            ("/srv/pipe", SkippedKind::Fifo),
+            ("/dev/null2", SkippedKind::Char),
+            ("/dev/null3", SkippedKind::Char),
+        ]
+    );
+    assert_eq!(stats.whiteouts, 1);
+
+    // A later layer's whiteout of a skipped path is a no-op; its hardlink to a path a lower
+    // layer skipped names nothing, a bad hardlink; and it may put a real file there.
+    let stats = apply(
+        &mut t,
+        LayerBuilder::new().file("dev/.wh.null", b"").finish(),
+    )
+    .unwrap();
+    assert_eq!(stats.whiteouts, 1);
+    let err = apply(
+        &mut t,
+        LayerBuilder::new()
+            .hardlink("dev/again", "dev/null")
+            .finish(),
+    )
+    .unwrap_err();
+    assert_eq!(err.kind, LayerErrorKind::BadHardlink, "{err}");
+    apply(
+        &mut t,
+        LayerBuilder::new()
+            .file("dev/null", b"real")
+            .hardlink("dev/link", "dev/null")
+            .finish(),
+    )
+    .unwrap();
+    assert_eq!(at(&t, "dev/null"), at(&t, "dev/link"));
+    assert_eq!(content(&t, "dev/link"), b"real");
+
+    // A skipped path is a path of its layer: named twice, it is a duplicate; a path through
+    // it is a directory it implies, and a hardlink to that directory is refused.
+    let err = apply(
+        &mut tree(),
+        LayerBuilder::new()
+            .node("p", EntryType::Fifo, 0, 0)
+            .file("p", b"x")
+            .finish(),
+    )
+    .unwrap_err();
+    assert_eq!(err.kind, LayerErrorKind::DuplicateEntry, "{err}");
+    let err = apply(
+        &mut tree(),
+        LayerBuilder::new()
+            .node("p", EntryType::Fifo, 0, 0)
+            .file("p/x", b"x")
+            .hardlink("h", "p")
+            .finish(),
+    )
+    .unwrap_err();
+    assert_eq!(err.kind, LayerErrorKind::BadHardlink, "{err}");
+}
+
+/// Skipped entries count against the layer's entry limit: a layer of endless FIFOs is refused.
+#[test]
+fn skipped_entries_count_against_the_limits() {
+    let options = ApplyOptions {
+        limits: LayerLimits {
+            entries: 10,
+            ..LayerLimits::default()
+        },
+    };
+    let layer = |n: usize| {
+        (0..n)
+            .fold(LayerBuilder::new(), |b, i| {
+                b.node(&format!("p{i}"), EntryType::Fifo, 0, 0)
+            })
             .finish()
     };
     let mut t = tree();
-    assert_eq!(
-        apply(&mut t, layer()).unwrap_err().kind,
-        LayerErrorKind::DeviceNode
-    );
-    let mut t = tree();
-    let options = ApplyOptions {
-        allow_devices: true,
-        ..ApplyOptions::default()
-    };
-    LayerApplier::new(&mut t, options)
-        .apply(&layer()[..])
+    let stats = LayerApplier::new(&mut t, options.clone())
+        .apply(&layer(10)[..])
         .unwrap();
-    assert!(matches!(
-        t.node(at(&t, "dev/null").unwrap()).kind,
-        NodeKind::CharDevice { .. }
-    ));
+    assert_eq!(stats.skipped.total, 10);
+    let err = LayerApplier::new(&mut tree(), options)
+        .apply(&layer(11)[..])
+        .unwrap_err();
+    assert_eq!(err.kind, LayerErrorKind::LimitExceeded, "{err}");
 }
 
 /// Each hostile layer is refused with its own kind, and leaves nothing outside the tree: the
@@ -455,12 +641,51 @@ fn adversarial_corpus() {
                 .finish(),
             LayerErrorKind::NotADirectory,
         ),
+        // A device node or FIFO is skipped, not trusted: everything else about it is checked.
         (
-            "block device",
+            "device node climbing out",
             LayerBuilder::new()
-                .raw(b"sda", EntryType::Block, b"", b"", 0o660)
+                .node("../dev/null", EntryType::Char, 1, 3)
                 .finish(),
-            LayerErrorKind::DeviceNode,
+            LayerErrorKind::Traversal,
+        ),
+        (
+            "device node at an absolute path",
+            LayerBuilder::new()
+                .node("/dev/sda", EntryType::Block, 8, 0)
+                .finish(),
+            LayerErrorKind::AbsolutePath,
+        ),
+        (
+            "FIFO through an escaping symlink",
+            LayerBuilder::new()
+                .symlink("out", &escape)
+                .node("out/fifo", EntryType::Fifo, 0, 0)
+                .finish(),
+            LayerErrorKind::SymlinkEscape,
+        ),
+        (
+            "device node twice",
+            LayerBuilder::new()
+                .node("dev/null", EntryType::Char, 1, 3)
+                .node("dev/null", EntryType::Char, 1, 3)
+                .finish(),
+            LayerErrorKind::DuplicateEntry,
+        ),
+        (
+            "device node with oversize extended attributes",
+            LayerBuilder::new()
+                .pax(&[("SCHILY.xattr.user.big", &vec![b'x'; 70_000])])
+                .node("dev/null", EntryType::Char, 1, 3)
+                .finish(),
+            LayerErrorKind::LimitExceeded,
+        ),
+        (
+            "FIFO as the root",
+            LayerBuilder::new()
+                .node("./", EntryType::Fifo, 0, 0)
+                .finish(),
+            LayerErrorKind::NotADirectory,
         ),
         (
             "sparse file",
@@ -570,7 +795,6 @@ fn image_wide_limits_hold_across_layers() {
             tree_nodes: 5,
             ..LayerLimits::default()
         },
-        ..ApplyOptions::default()
     };
     let mut applier = LayerApplier::new(&mut t, options);
     applier
