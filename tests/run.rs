@@ -1309,7 +1309,9 @@ fn commands_cannot_trace_each_other_reach_into_the_kernel_or_leave_anything_behi
     let f = fixture();
     let _turn = turn();
     let _cleanup = RemoveOnDrop("guarded");
-    mvm_ok_json(&["up", &f.image, "--name", "guarded"], 0);
+    // Two vCPUs (under TCG: a thread each, no `-icount`): everything below runs on both.
+    mvm_ok_json(&["up", &f.image, "--name", "guarded", "--cpus", "2"], 0);
+    assert_eq!(sh_in("guarded", "nproc"), "2");
 
     // The guest kernel's settings, as the agent set them.
     let knobs: Vec<&str> = mvm_agent::boot::hardening::SYSCTLS

@@ -37,13 +37,22 @@ pub struct VmFiles<'a> {
 /// QEMU's arguments (without the program) for `plan`.
 pub fn arguments(plan: &LaunchPlan, files: &VmFiles<'_>, accel: Accel) -> Vec<OsString> {
     let mut args = machine_arguments(plan, accel);
+    let mut cmdline = plan.kernel.cmdline.clone();
+    if multi_threaded_tcg(plan, accel) {
+        // Without `-icount` the kernel's early TSC calibration against the PIT fails about
+        // one boot in two under TCG, and the boot then stalls; the guest's TSC is the host's
+        // (QEMU reads it for the guest's RDTSC), so its rate is given. A machine setting like
+        // `-icount`, not the workload's: it changes timing only, no kernel behaviour the plan
+        // pins (its verity parameters and init stay as they are).
+        cmdline.push_str(&format!(" tsc_early_khz={}", host_tsc_khz()));
+    }
     args.extend([
         "-kernel".into(),
         files.kernel.into(),
         "-initrd".into(),
         files.initramfs.into(),
         "-append".into(),
-        plan.kernel.cmdline.clone().into(),
+        cmdline.into(),
     ]);
     for (id, file) in [("root", files.rootfs), ("verity", files.verity)] {
         args.extend([
@@ -85,6 +94,11 @@ pub fn machine_arguments(plan: &LaunchPlan, accel: Accel) -> Vec<OsString> {
     let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
     push(&["-M", "microvm,acpi=on"]);
     match accel {
+        // One thread per vCPU: `-icount` would serialise them, and the Debian kernel's delay
+        // calibration crawls under `-icount` with more than one vCPU.
+        Accel::Tcg if multi_threaded_tcg(plan, accel) => {
+            push(&["-accel", "tcg,thread=multi", "-cpu", "qemu64"])
+        }
         // `-icount shift=auto` keeps the guest's TSC calibration from hanging under TCG.
         Accel::Tcg => push(&["-accel", "tcg", "-icount", "shift=auto", "-cpu", "qemu64"]),
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
@@ -108,6 +122,30 @@ pub fn machine_arguments(plan: &LaunchPlan, accel: Accel) -> Vec<OsString> {
         "chardev:serial",
     ]);
     args
+}
+
+/// Whether `plan` runs under multi-threaded TCG: more than one vCPU without hardware
+/// virtualization.
+fn multi_threaded_tcg(plan: &LaunchPlan, accel: Accel) -> bool {
+    accel == Accel::Tcg && plan.resources.cpu_cores > 1
+}
+
+/// The host's TSC rate in kHz, measured once: TSC ticks across 50 ms of the monotonic clock.
+fn host_tsc_khz() -> u64 {
+    static KHZ: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *KHZ.get_or_init(|| {
+        let (ticks, started) = (read_tsc(), std::time::Instant::now());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let (ticks, elapsed) = (read_tsc().wrapping_sub(ticks), started.elapsed());
+        (ticks as u128 * 1_000_000 / elapsed.as_nanos().max(1)) as u64
+    })
+}
+
+/// The time stamp counter.
+#[allow(unsafe_code)]
+fn read_tsc() -> u64 {
+    // SAFETY: RDTSC reads a counter; it touches no memory and has no precondition.
+    unsafe { std::arch::x86_64::_rdtsc() }
 }
 
 /// `prefix` followed by `path` as one QEMU option value: a comma in a path would start a new
@@ -218,5 +256,24 @@ mod tests {
         assert!(joined.contains("-accel kvm -cpu host"));
         assert!(!joined.contains("icount"));
         assert!(joined.contains("socket,id=agent,path=/vm/a,,b.sock"));
+        assert!(!joined.contains("tsc_early_khz"), "{joined}");
+    }
+
+    #[test]
+    fn more_than_one_vcpu_under_tcg_runs_a_thread_each_and_is_told_the_tsc_rate() {
+        let mut plan = plan();
+        plan.resources.cpu_cores = 2;
+        let args = strings(&arguments(&plan, &files(Path::new("/vm/a.sock")), Accel::Tcg));
+        let joined = args.join(" ");
+        assert!(joined.contains("-accel tcg,thread=multi -cpu qemu64"), "{joined}");
+        assert!(!joined.contains("icount"), "{joined}");
+        let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
+        let khz: u64 = append
+            .strip_prefix(&format!("{} tsc_early_khz=", plan.kernel.cmdline))
+            .unwrap()
+            .parse()
+            .unwrap();
+        // A real TSC runs between 0.5 and 10 GHz.
+        assert!((500_000..10_000_000).contains(&khz), "{khz} kHz");
     }
 }
