@@ -611,3 +611,128 @@ fn device_nodes_in_a_layer_are_skipped_and_named() {
         "{stdout}"
     );
 }
+
+/// `mvm build --image REF [--entrypoint X] [-- CMD…]` for an image whose config sets
+/// Entrypoint, Cmd, Env (one of them LD_PRELOAD), WorkingDir, User, Labels and ExposedPorts.
+/// Returns the JSON result, the plan, the provenance and what went to stderr.
+fn build_configured(
+    home: &Path,
+    user: &str,
+    extra: &[&str],
+    out: &Path,
+) -> (Value, Value, Value, String) {
+    let layout = TestLayout::new();
+    let tar = layer_of(&[
+        Entry::Dir("etc"),
+        Entry::File("etc/group", b"root:x:0:\nstaff:x:50:\n", 0o644),
+        Entry::Dir("srv"),
+    ]);
+    let config = serde_json::json!({
+        "Entrypoint": ["/bin/sh", "-c"],
+        "Cmd": ["echo $GREETING from $(pwd)"],
+        "Env": ["PATH=/bin", "GREETING=hello", "LD_PRELOAD=/lib/evil.so"],
+        "WorkingDir": "/srv",
+        "User": user,
+        "Labels": {"org.opencontainers.image.title": "configured"},
+        "ExposedPorts": {"8080/tcp": {}},
+    });
+    let (digest, _) = layout.image_with_config("amd64", config, &[(TAR, tar.clone(), tar)]);
+    let image = format!("oci:{}@{digest}", layout.dir.path().display());
+    let mut args = vec![
+        "--json",
+        "build",
+        "--image",
+        &image,
+        "--out",
+        out.to_str().unwrap(),
+        "--agent",
+        "/bin/busybox",
+    ];
+    args.extend_from_slice(extra);
+    let ran = mvm(home, &args);
+    let stderr = String::from_utf8_lossy(&ran.stderr).into_owned();
+    assert!(ran.status.success(), "mvm build: {stderr}");
+    let result: Value = serde_json::from_slice(&ran.stdout).unwrap();
+    let plan = payload(&out.join("plan.dsse.json"));
+    let provenance = payload(&out.join("provenance.dsse.json"));
+    (result, plan, provenance, stderr)
+}
+
+/// The image's own config reaches the signed plan as `docker run` composes it: Entrypoint +
+/// Cmd (a `--` command replaces Cmd; `--entrypoint` replaces Entrypoint and drops Cmd), Env
+/// under the plan's (LD_PRELOAD dropped, said once), WorkingDir as the cwd, User as the
+/// commands' default user (root mapped to the workload user, said once); Labels and
+/// ExposedPorts land in the provenance, not the plan.
+#[test]
+fn an_images_config_is_honoured_as_docker_run_does() {
+    let home = shared_home();
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("bundle");
+
+    let (result, plan, provenance, stderr) = build_configured(home, "2000:staff", &[], &out);
+    let entrypoint = &plan["entrypoint"];
+    assert_eq!(
+        entrypoint["command"],
+        serde_json::json!(["/bin/sh", "-c", "echo $GREETING from $(pwd)"])
+    );
+    assert_eq!(entrypoint["cwd"], "/srv");
+    // A group name is turned into its gid from the image's /etc/group.
+    assert_eq!(entrypoint["user"], "2000:50");
+    let env = &plan["policy"]["env"];
+    assert_eq!(env["GREETING"], "hello");
+    assert_eq!(env["PATH"], "/bin");
+    assert!(env.get("LD_PRELOAD").is_none(), "{env}");
+    assert_eq!(
+        stderr.matches("LD_PRELOAD").count(),
+        1,
+        "LD_PRELOAD dropped, said once: {stderr}"
+    );
+    assert_eq!(result["warnings"].as_array().unwrap().len(), 1);
+    assert!(
+        !plan.to_string().contains("8080"),
+        "ports stay out of the plan"
+    );
+    let image = &provenance["predicate"]["buildDefinition"]["resolvedDependencies"][0];
+    assert_eq!(image["name"], "image");
+    assert_eq!(
+        image["annotations"]["labels"]["org.opencontainers.image.title"],
+        "configured"
+    );
+    assert_eq!(
+        image["annotations"]["exposed_ports"],
+        serde_json::json!(["8080/tcp"])
+    );
+
+    // `-- CMD` replaces Cmd and keeps Entrypoint.
+    let (_, plan, _, _) = build_configured(home, "2000", &["--", "echo replaced"], &out);
+    assert_eq!(
+        plan["entrypoint"]["command"],
+        serde_json::json!(["/bin/sh", "-c", "echo replaced"])
+    );
+    assert_eq!(plan["entrypoint"]["user"], "2000");
+    // `--entrypoint X` replaces Entrypoint and drops Cmd; with `--`, the command follows it.
+    let (_, plan, _, _) = build_configured(home, "2000", &["--entrypoint", "/bin/echo"], &out);
+    assert_eq!(
+        plan["entrypoint"]["command"],
+        serde_json::json!(["/bin/echo"])
+    );
+    let (_, plan, _, _) = build_configured(
+        home,
+        "2000",
+        &["--entrypoint", "/bin/echo", "--", "hi", "there"],
+        &out,
+    );
+    assert_eq!(
+        plan["entrypoint"]["command"],
+        serde_json::json!(["/bin/echo", "hi", "there"])
+    );
+
+    // Root, by name or number: no user in the plan (the workload user), said once.
+    for root in ["root", "0:0"] {
+        let (result, plan, _, stderr) = build_configured(home, root, &[], &out);
+        assert!(plan["entrypoint"].get("user").is_none(), "{plan}");
+        let said = "the image runs as root; mvm runs it as the workload user 1000";
+        assert_eq!(stderr.matches(said).count(), 1, "{stderr}");
+        assert_eq!(result["warnings"].as_array().unwrap().len(), 2);
+    }
+}

@@ -9,6 +9,10 @@
 //! the plan signs: `mvm.root_hash`, `mvm.salt`, `mvm.data_blocks`, `mvm.hash_offset`,
 //! `mvm.block_size` (see `docs/guest-contract.md`). Device order: `/dev/vda` is the image,
 //! `/dev/vdb` its hash tree.
+//!
+//! An image's own config is honoured as `docker run` honours it ([`image_argv`], [`image_env`],
+//! [`ImageUser`]; `docs/run.md`), except that nothing runs as root and no loader, shell or
+//! interpreter variable is taken from an image.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -19,8 +23,8 @@ use serde_json::json;
 use mvm_ir::digest::sha256_prefixed;
 use mvm_ir::fsutil::atomic_write;
 use mvm_ir::plan::{
-    fresh_nonce, ArtifactPin, KernelPin, LaunchPlan, PlanEntrypoint, PlanResources, Profile,
-    ResolvedPolicy, RootfsPin, SecretBinding, Timestamp, VerityPin, SCHEMA_VERSION,
+    fresh_nonce, is_root_user, ArtifactPin, KernelPin, LaunchPlan, PlanEntrypoint, PlanResources,
+    Profile, ResolvedPolicy, RootfsPin, SecretBinding, Timestamp, VerityPin, SCHEMA_VERSION,
 };
 use mvm_ir::provenance::{
     BuildDefinition, Builder, Provenance, ResourceDescriptor, RunDetails, RunMetadata, Statement,
@@ -131,6 +135,110 @@ pub struct Bundle {
     pub provenance: Statement,
     /// `sha256:` of the root filesystem image.
     pub rootfs_digest: String,
+    /// What of the image's config was not honoured as asked, one line each, for stderr: root
+    /// mapped to the workload user, loader and interpreter variables dropped.
+    pub warnings: Vec<String>,
+}
+
+/// The workload user, whom commands run as when nothing else is named.
+pub const WORKLOAD_UID: u32 = 1000;
+
+/// The argv of an image as `docker run` composes it: the Entrypoint (or `--entrypoint`, one
+/// program, which also drops the image's Cmd; empty clears the Entrypoint) followed by the
+/// command given after `--`, else the Cmd. Empty when there is nothing to run.
+pub fn image_argv(
+    entrypoint: &[String],
+    cmd: &[String],
+    entrypoint_flag: Option<&str>,
+    command: &[String],
+) -> Vec<String> {
+    let (entrypoint, cmd): (Vec<String>, &[String]) = match entrypoint_flag {
+        Some("") => (Vec::new(), &[]),
+        Some(program) => (vec![program.to_string()], &[]),
+        None => (entrypoint.to_vec(), cmd),
+    };
+    let args = if command.is_empty() { cmd } else { command };
+    entrypoint.into_iter().chain(args.iter().cloned()).collect()
+}
+
+/// Whom the image's `User` makes the plan's commands run as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageUser {
+    /// No `User` (or an empty one): the workload user.
+    Workload,
+    /// This user, resolved in the guest from the image's `/etc/passwd`.
+    As(String),
+    /// Root (`root`, `0`, `0:0`): the workload user instead, said once.
+    RootMapped,
+    /// A user with root's group (`1001:0`): the user with its own primary group, said once.
+    RootGroupDropped(String),
+}
+
+impl ImageUser {
+    /// The image config's `User`, as mvm honours it: never root.
+    pub fn of(spec: Option<&str>) -> Self {
+        let Some(spec) = spec.filter(|s| !s.is_empty()) else {
+            return ImageUser::Workload;
+        };
+        if !is_root_user(spec) {
+            return ImageUser::As(spec.to_string());
+        }
+        match spec.split_once(':') {
+            Some((user, _)) if !user.is_empty() && !is_root_user(user) => {
+                ImageUser::RootGroupDropped(user.to_string())
+            }
+            _ => ImageUser::RootMapped,
+        }
+    }
+
+    /// The plan's default user.
+    pub fn plan_user(&self) -> Option<String> {
+        match self {
+            ImageUser::Workload | ImageUser::RootMapped => None,
+            ImageUser::As(user) | ImageUser::RootGroupDropped(user) => Some(user.clone()),
+        }
+    }
+
+    /// The line to say when the image's `User` is not honoured as written.
+    pub fn warning(&self) -> Option<String> {
+        match self {
+            ImageUser::RootMapped => Some(format!(
+                "the image runs as root; mvm runs it as the workload user {WORKLOAD_UID}"
+            )),
+            ImageUser::RootGroupDropped(user) => Some(format!(
+                "the image runs as {user} in root's group; mvm runs it as {user} with its own group"
+            )),
+            ImageUser::Workload | ImageUser::As(_) => None,
+        }
+    }
+}
+
+/// The plan's environment from the image's `Env` under the workload's `env` (which wins by
+/// name; `taken` names the workload's secret variables, which win too), and the names dropped
+/// because they change how the loader, a shell or an interpreter behaves (`LD_PRELOAD`, …):
+/// an image never sets those for every command.
+pub fn image_env(
+    env: &mut BTreeMap<String, String>,
+    taken: &[&str],
+    image_env: &[String],
+) -> Vec<String> {
+    let mut dropped = Vec::new();
+    for pair in image_env {
+        let Some((name, value)) = pair.split_once('=') else {
+            continue;
+        };
+        if env.contains_key(name) || taken.contains(&name) {
+            continue;
+        }
+        if DENIED_ENV.contains(&name) {
+            if !dropped.iter().any(|d| d == name) {
+                dropped.push(name.to_string());
+            }
+        } else if is_env_name(name) && !value.contains('\0') {
+            env.insert(name.to_string(), value.to_string());
+        }
+    }
+    dropped
 }
 
 /// What kind of build produced a Nix image's subjects.
@@ -203,15 +311,19 @@ pub fn assemble(input: &AssembleInput<'_>) -> Result<Bundle, BundleError> {
     }
     // The image's own environment (PATH above all) under the workload's: what the workload sets
     // wins, and loader, shell and interpreter variables are never taken from an image either.
-    for pair in &r.env {
-        if let Some((name, value)) = pair.split_once('=') {
-            let taken = env.contains_key(name) || secrets.iter().any(|s| s.env == name);
-            if !taken && is_env_name(name) && !DENIED_ENV.contains(&name) && !value.contains('\0') {
-                env.insert(name.to_string(), value.to_string());
-            }
-        }
+    let secret_names: Vec<&str> = secrets.iter().map(|s| s.env.as_str()).collect();
+    let dropped = image_env(&mut env, &secret_names, &r.env);
+    let mut warnings = Vec::new();
+    if !dropped.is_empty() {
+        warnings.push(format!(
+            "the image sets {}; mvm never passes loader, shell or interpreter variables to commands, so they are dropped",
+            dropped.join(", ")
+        ));
     }
+    let user = ImageUser::of(r.user.as_deref());
+    warnings.extend(user.warning());
     let Entrypoint::Command { command, cwd } = &app.entrypoints[0];
+    // The image's WorkingDir when absolute (a relative one means `/`, the agent's default).
     let cwd = cwd
         .clone()
         .or_else(|| r.working_dir.clone().filter(|d| is_guest_path(d)));
@@ -265,6 +377,7 @@ pub fn assemble(input: &AssembleInput<'_>) -> Result<Bundle, BundleError> {
         entrypoint: PlanEntrypoint {
             command: command.clone(),
             cwd,
+            user: user.plan_user(),
         },
         valid_from: input.valid_from,
         valid_until: input.valid_until,
@@ -338,6 +451,7 @@ pub fn assemble(input: &AssembleInput<'_>) -> Result<Bundle, BundleError> {
         plan,
         provenance,
         rootfs_digest,
+        warnings,
     })
 }
 
@@ -348,11 +462,24 @@ fn hash_file(path: &Path) -> Result<String, BundleError> {
 
 /// An OCI image's dependencies: the image, its platform manifest, its layers.
 fn oci_dependencies(image: &str, r: &RootfsReport) -> Vec<ResourceDescriptor> {
-    let mut dependencies = vec![ResourceDescriptor::sha256(
+    let mut described = ResourceDescriptor::sha256(
         Some("image".into()),
         Some(format!("oci:{image}")),
         &r.image_digest,
-    )];
+    );
+    // What the image says of itself, recorded, never acted on: its labels and the ports it
+    // declares (nothing is forwarded unless the workload grants it).
+    if !r.labels.is_empty() {
+        described
+            .annotations
+            .insert("labels".into(), json!(r.labels));
+    }
+    if !r.exposed_ports.is_empty() {
+        described
+            .annotations
+            .insert("exposed_ports".into(), json!(r.exposed_ports));
+    }
+    let mut dependencies = vec![described];
     if r.manifest_digest != r.image_digest {
         dependencies.push(ResourceDescriptor::sha256(
             Some("image manifest (linux/amd64)".into()),
@@ -393,4 +520,125 @@ fn nix_dependencies(image: &str, closure: &NixClosure) -> Vec<ResourceDescriptor
         ));
     }
     dependencies
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// `docker run IMAGE`: Entrypoint then Cmd; `docker run IMAGE ARGS`: ARGS replace Cmd.
+    #[test]
+    fn argv_is_entrypoint_then_command_or_cmd() {
+        let entrypoint = strings(&["/bin/sh", "-c"]);
+        let cmd = strings(&["echo default"]);
+        assert_eq!(
+            image_argv(&entrypoint, &cmd, None, &[]),
+            strings(&["/bin/sh", "-c", "echo default"])
+        );
+        assert_eq!(
+            image_argv(&entrypoint, &cmd, None, &strings(&["echo replaced"])),
+            strings(&["/bin/sh", "-c", "echo replaced"])
+        );
+        // No Entrypoint: the command, or the Cmd, is the whole argv.
+        assert_eq!(
+            image_argv(&[], &strings(&["/bin/sh"]), None, &strings(&["ls", "/"])),
+            strings(&["ls", "/"])
+        );
+        assert_eq!(
+            image_argv(&[], &strings(&["/bin/sh"]), None, &[]),
+            strings(&["/bin/sh"])
+        );
+        // Nothing at all: nothing to run (the build refuses with BUILD007).
+        assert!(image_argv(&[], &[], None, &[]).is_empty());
+    }
+
+    /// `docker run --entrypoint X IMAGE [ARGS]`: X replaces the Entrypoint and the image's Cmd
+    /// is dropped; `--entrypoint ""` clears the Entrypoint.
+    #[test]
+    fn entrypoint_flag_replaces_entrypoint_and_drops_cmd() {
+        let entrypoint = strings(&["/bin/sh", "-c"]);
+        let cmd = strings(&["echo default"]);
+        assert_eq!(
+            image_argv(&entrypoint, &cmd, Some("/bin/echo"), &[]),
+            strings(&["/bin/echo"])
+        );
+        assert_eq!(
+            image_argv(
+                &entrypoint,
+                &cmd,
+                Some("/bin/echo"),
+                &strings(&["hi", "there"])
+            ),
+            strings(&["/bin/echo", "hi", "there"])
+        );
+        assert_eq!(
+            image_argv(&entrypoint, &cmd, Some(""), &strings(&["/bin/id"])),
+            strings(&["/bin/id"])
+        );
+        assert!(image_argv(&entrypoint, &cmd, Some(""), &[]).is_empty());
+    }
+
+    /// The image's Env is the base; the workload's variables and secrets win by name; loader,
+    /// shell and interpreter variables are dropped and named once.
+    #[test]
+    fn image_env_is_the_base_and_denied_names_are_dropped() {
+        let mut env = BTreeMap::from([("MODE".to_string(), "workload".to_string())]);
+        let dropped = image_env(
+            &mut env,
+            &["TOKEN"],
+            &strings(&[
+                "PATH=/usr/bin:/bin",
+                "MODE=image",
+                "TOKEN=from-image",
+                "GREETING=a=b",
+                "LD_PRELOAD=/evil.so",
+                "NODE_OPTIONS=--require /evil.js",
+                "LD_PRELOAD=/again.so",
+                "NOEQUALS",
+                "bad name=x",
+            ]),
+        );
+        assert_eq!(dropped, strings(&["LD_PRELOAD", "NODE_OPTIONS"]));
+        assert_eq!(
+            env,
+            BTreeMap::from([
+                ("GREETING".to_string(), "a=b".to_string()),
+                ("MODE".to_string(), "workload".to_string()),
+                ("PATH".to_string(), "/usr/bin:/bin".to_string()),
+            ])
+        );
+    }
+
+    /// `USER name`, `uid`, `uid:gid`, `name:gid` become the plan's default user; root, by
+    /// name or number, is mapped to the workload user and said; root's group is dropped.
+    #[test]
+    fn image_user_is_the_default_and_never_root() {
+        for spec in ["app", "2000", "2000:2001", "app:2001"] {
+            let user = ImageUser::of(Some(spec));
+            assert_eq!(user.plan_user().as_deref(), Some(spec));
+            assert_eq!(user.warning(), None);
+        }
+        for spec in [None, Some("")] {
+            assert_eq!(ImageUser::of(spec), ImageUser::Workload);
+            assert_eq!(ImageUser::of(spec).plan_user(), None);
+        }
+        for spec in ["root", "0", "0:0", "root:root", "0:2000", "000"] {
+            let user = ImageUser::of(Some(spec));
+            assert_eq!(user, ImageUser::RootMapped, "{spec}");
+            assert_eq!(user.plan_user(), None);
+            assert_eq!(
+                user.warning().unwrap(),
+                "the image runs as root; mvm runs it as the workload user 1000"
+            );
+        }
+        for (spec, kept) in [("1001:0", "1001"), ("app:root", "app")] {
+            let user = ImageUser::of(Some(spec));
+            assert_eq!(user.plan_user().as_deref(), Some(kept));
+            assert!(user.warning().unwrap().contains("root's group"));
+        }
+    }
 }

@@ -5,6 +5,7 @@
 //! directory and a [`RootfsReport`] of what they are; the trusted side hashes the files itself
 //! before it signs anything.
 
+use std::collections::BTreeMap;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
@@ -81,10 +82,24 @@ pub struct RootfsReport {
     pub layers: Vec<LayerReport>,
     /// The image config's runtime defaults.
     pub env: Vec<String>,
-    /// Entrypoint followed by Cmd.
-    pub command: Vec<String>,
+    /// The config's Entrypoint.
+    #[serde(default)]
+    pub entrypoint: Vec<String>,
+    /// The config's Cmd.
+    #[serde(default)]
+    pub cmd: Vec<String>,
     /// Working directory.
     pub working_dir: Option<String>,
+    /// The config's User (`NAME`, `UID`, `NAME:GROUP`, `UID:GID`), a group name turned into its
+    /// gid from the image's `/etc/group` (the guest resolves user names, not group names).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// The config's Labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The config's ExposedPorts (`80/tcp`).
+    #[serde(default)]
+    pub exposed_ports: Vec<String>,
     /// EROFS image size in bytes.
     pub image_size: u64,
     /// Verity root hash, hex.
@@ -196,13 +211,11 @@ pub fn build_rootfs(
         (_, None) => return Err(oci::OciError::BlobNotFound(image.digest).into()),
     };
     let runtime = &imported.config.runtime;
-    let command = runtime
-        .entrypoint
-        .iter()
-        .flatten()
-        .chain(runtime.cmd.iter().flatten())
-        .cloned()
-        .collect();
+    let user = runtime
+        .user
+        .as_deref()
+        .filter(|u| !u.is_empty())
+        .map(|u| numeric_group(u, &tree));
     let mut skipped = SkippedEntries::default();
     for layer in &imported.layers {
         skipped.append(&layer.stats.skipped);
@@ -221,12 +234,56 @@ pub fn build_rootfs(
             })
             .collect(),
         env: runtime.env.clone().unwrap_or_default(),
-        command,
+        entrypoint: runtime.entrypoint.clone().unwrap_or_default(),
+        cmd: runtime.cmd.clone().unwrap_or_default(),
         working_dir: runtime.working_dir.clone().filter(|d| !d.is_empty()),
+        user,
+        labels: runtime.labels.clone().unwrap_or_default(),
+        exposed_ports: runtime.exposed_ports.clone(),
         skipped,
         ..RootfsReport::default()
     };
     write_image(tree, &request.out_dir, report)
+}
+
+/// `spec` with a group name after `:` replaced by its gid from the image's `/etc/group`; as
+/// given when there is no group, it is numeric, or the name is not found (the guest then
+/// refuses it when a command runs).
+fn numeric_group(spec: &str, tree: &Tree) -> String {
+    let Some((user, group)) = spec.split_once(':') else {
+        return spec.to_string();
+    };
+    if group.is_empty() || group.parse::<u32>().is_ok() {
+        return spec.to_string();
+    }
+    let gid = read_etc(tree, b"group").and_then(|text| {
+        text.lines().find_map(|line| {
+            let mut fields = line.split(':');
+            let (name, _, gid) = (fields.next()?, fields.next()?, fields.next()?);
+            (name == group).then(|| gid.parse::<u32>().ok())?
+        })
+    });
+    match gid {
+        Some(gid) => format!("{user}:{gid}"),
+        None => spec.to_string(),
+    }
+}
+
+/// The text of the regular file `/etc/NAME` of the staged tree (at most 1 MiB; symlinks are
+/// not followed).
+fn read_etc(tree: &Tree, name: &[u8]) -> Option<String> {
+    const MAX: u64 = 1 << 20;
+    let etc = tree.lookup(Tree::ROOT, b"etc")?;
+    let file = tree.lookup(etc, name)?;
+    let NodeKind::File(content) = tree.node(file).kind else {
+        return None;
+    };
+    if content.len > MAX {
+        return None;
+    }
+    let mut bytes = vec![0; content.len as usize];
+    tree.staging().read_at(content, 0, &mut bytes).ok()?;
+    String::from_utf8(bytes).ok()
 }
 
 /// A Nix image: the closure staged (each path checked against its NAR hash) into the tree.
@@ -321,6 +378,54 @@ mod tests {
 
     use super::*;
     use crate::testing::{layer_of, Entry, TestLayout, TAR};
+
+    fn request_for(layout: &TestLayout, digest: String, out: &Path) -> RootfsRequest {
+        RootfsRequest {
+            reference: format!("oci:{}", layout.dir.path().display()),
+            digest,
+            base_dir: layout.dir.path().to_path_buf(),
+            cache_dir: PathBuf::new(),
+            out_dir: out.to_path_buf(),
+            insecure_registries: vec![],
+            progress: false,
+            nix: None,
+        }
+    }
+
+    /// The report carries the config's Entrypoint and Cmd apart (the build composes them with
+    /// the command line's as `docker run` does), its User with a group name turned into the
+    /// gid the image's `/etc/group` gives it, its Labels and ExposedPorts.
+    #[test]
+    fn the_image_config_is_reported() {
+        let layout = TestLayout::new();
+        let tar = layer_of(&[
+            Entry::Dir("etc"),
+            Entry::File("etc/group", b"root:x:0:\nstaff:x:50:app\n", 0o644),
+        ]);
+        let config = serde_json::json!({
+            "Entrypoint": ["/bin/sh", "-c"], "Cmd": ["echo hi"], "Env": ["GREETING=hello"],
+            "WorkingDir": "/srv", "User": "app:staff",
+            "Labels": {"org.opencontainers.image.title": "demo"},
+            "ExposedPorts": {"8080/tcp": {}, "53/udp": {}},
+        });
+        let (digest, _) = layout.image_with_config("amd64", config, &[(TAR, tar.clone(), tar)]);
+        let out = tempfile::tempdir().unwrap();
+        let blobs = layout.dir.path().join("blobs");
+        let report = build_rootfs(&request_for(&layout, digest, out.path()), Some(&blobs)).unwrap();
+        assert_eq!(report.entrypoint, ["/bin/sh", "-c"]);
+        assert_eq!(report.cmd, ["echo hi"]);
+        assert_eq!(report.env, ["GREETING=hello"]);
+        assert_eq!(report.working_dir.as_deref(), Some("/srv"));
+        assert_eq!(report.user.as_deref(), Some("app:50"));
+        assert_eq!(report.labels["org.opencontainers.image.title"], "demo");
+        assert_eq!(report.exposed_ports, ["53/udp", "8080/tcp"]);
+
+        // A group the image does not have, or a numeric one, is left as written.
+        let tree = Tree::new(Staging::temp_file().unwrap());
+        assert_eq!(numeric_group("app:nogroup", &tree), "app:nogroup");
+        assert_eq!(numeric_group("2000:2001", &tree), "2000:2001");
+        assert_eq!(numeric_group("2000", &tree), "2000");
+    }
 
     /// A root filesystem as distributions make them holds `/dev` nodes and FIFOs: it builds,
     /// the nodes are left out of the image, and the report names each with its kind.

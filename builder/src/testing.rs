@@ -163,9 +163,21 @@ impl TestLayout {
     /// Writes an image of `layers` (media type, blob, uncompressed tar) for `arch`; returns the
     /// manifest's digest and size.
     pub fn image(&self, arch: &str, layers: &[(&str, Vec<u8>, Vec<u8>)]) -> (String, usize) {
+        let runtime = json!({"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/"});
+        self.image_with_config(arch, runtime, layers)
+    }
+
+    /// Writes an image as [`TestLayout::image`] does, with `runtime` as its config's `config`
+    /// (`Entrypoint`, `Cmd`, `Env`, `WorkingDir`, `User`, `Labels`, `ExposedPorts`).
+    pub fn image_with_config(
+        &self,
+        arch: &str,
+        runtime: serde_json::Value,
+        layers: &[(&str, Vec<u8>, Vec<u8>)],
+    ) -> (String, usize) {
         let config = json!({
             "architecture": arch, "os": "linux",
-            "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/"},
+            "config": runtime,
             "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|(_, _, tar)| sha(tar)).collect::<Vec<_>>()}
         });
         let config = serde_json::to_vec(&config).unwrap();

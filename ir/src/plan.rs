@@ -192,6 +192,22 @@ pub struct PlanEntrypoint {
     /// Absolute working directory in the guest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
+    /// Who runs the plan's commands unless one names its own: a user of the image's
+    /// `/etc/passwd` or `UID`, with `:GID` optionally (the image's `User`); never root. The
+    /// workload user (1000) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+/// Whether `spec` (`NAME`, `UID`, `NAME:GID`, `UID:GID`) names root's user or group by name or
+/// number: commands never run as root, whatever an image asks.
+pub fn is_root_user(spec: &str) -> bool {
+    let (user, group) = match spec.split_once(':') {
+        Some((user, group)) => (user, Some(group)),
+        None => (spec, None),
+    };
+    let root = |s: &str| s == "root" || s.parse::<u32>() == Ok(0);
+    root(user) || group.is_some_and(root)
 }
 
 /// A point in time, written as RFC 3339 in UTC.
@@ -372,6 +388,17 @@ impl LaunchPlan {
             .is_some_and(|cwd| !is_guest_path(cwd))
         {
             return fail("entrypoint.cwd is not an absolute guest path".into());
+        }
+        if let Some(user) = &self.entrypoint.user {
+            let ok = !user.is_empty()
+                && user.len() <= 256
+                && !user.contains(['\0', '\n'])
+                && !is_root_user(user);
+            if !ok {
+                return fail(format!(
+                    "entrypoint.user {user:?} is empty, too long or root"
+                ));
+            }
         }
         if self.entrypoint.command.iter().any(|a| a.contains('\0')) {
             return fail("an entrypoint argument contains NUL".into());

@@ -22,7 +22,7 @@ pub const PREDICATE_TYPE: &str = "https://slsa.dev/provenance/v1";
 pub const BUILD_TYPE: &str = "https://mvm.dev/build/oci-rootfs/v1";
 
 /// An artifact and its digests (`{"sha256": "<hex>"}`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResourceDescriptor {
     /// A name or URI for the artifact.
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -32,6 +32,9 @@ pub struct ResourceDescriptor {
     pub uri: Option<String>,
     /// Algorithm → hex digest.
     pub digest: BTreeMap<String, String>,
+    /// What else is known of it: for the image, its config's `labels` and `exposed_ports`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
+    pub annotations: BTreeMap<String, Value>,
 }
 
 impl ResourceDescriptor {
@@ -42,6 +45,7 @@ impl ResourceDescriptor {
             name,
             uri,
             digest: BTreeMap::from([("sha256".to_string(), hex.to_string())]),
+            annotations: BTreeMap::new(),
         }
     }
 }

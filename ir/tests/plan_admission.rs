@@ -101,6 +101,7 @@ fn valid_plan(single_use: bool) -> LaunchPlan {
         entrypoint: PlanEntrypoint {
             command: vec!["/bin/hello".into(), "--port".into(), "8080".into()],
             cwd: Some("/srv".into()),
+            user: None,
         },
         valid_from: Timestamp(now - Duration::minutes(1)),
         valid_until: Timestamp(now + Duration::hours(1)),

@@ -1003,8 +1003,8 @@ fn pass_input(
 }
 
 /// The plan's environment under the client's own variables (the client's win), `HOME=/tmp`
-/// when neither sets it, the plan's working directory and entrypoint when the client gives
-/// none, the timeout clamped to a week. A client variable that is not a valid name, or that
+/// when neither sets it, the plan's working directory, entrypoint and user (the image's
+/// `User`) when the client gives none, the timeout clamped to a week. A client variable that is not a valid name, or that
 /// the IR refuses everywhere (`LD_PRELOAD` and the like), is refused.
 pub fn with_plan_defaults(
     plan: &LaunchPlan,
@@ -1025,6 +1025,9 @@ pub fn with_plan_defaults(
     }
     if request.cwd.is_none() {
         request.cwd = plan.entrypoint.cwd.clone();
+    }
+    if request.user.is_none() {
+        request.user = plan.entrypoint.user.clone();
     }
     Ok(request)
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
-use mvm_builder::bundle::{assemble, AssembleInput};
+use mvm_builder::bundle::{assemble, image_argv, AssembleInput};
 use mvm_builder::kernel::KernelStore;
 use mvm_builder::nix_image::NixStore;
 use mvm_builder::oci::{resolve_tag, ImageRef, RegistryOptions};
@@ -74,7 +74,12 @@ pub struct BuildArgs {
     /// With --image: memory for the VM in MiB (default 256).
     #[arg(long, requires = "image", value_name = "MIB")]
     memory: Option<u32>,
-    /// The command for --image (after `--`).
+    /// With --image: the program that replaces the image's Entrypoint (its Cmd is then dropped
+    /// too, as `docker run --entrypoint` does; `""` clears the Entrypoint).
+    #[arg(long, requires = "image", value_name = "PROGRAM")]
+    entrypoint: Option<String>,
+    /// The command for --image (after `--`): it replaces the image's Cmd and follows its
+    /// Entrypoint, as `docker run IMAGE COMMAND…` does.
     #[arg(last = true, requires = "image")]
     command: Vec<String>,
     /// The app to build (needed when the workload has several).
@@ -209,7 +214,13 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
         memory_mb: args.memory.unwrap_or(256),
         rootfs_size_mb: None,
     };
-    let (workload, app_index) = target.workload(&args.command, &report.command, resources)?;
+    let argv = image_argv(
+        &report.entrypoint,
+        &report.cmd,
+        args.entrypoint.as_deref(),
+        &args.command,
+    );
+    let (workload, app_index) = target.workload(&argv, resources)?;
     let app = &workload.apps[app_index];
     let digest = ir_digest(&workload)?;
     let now = time::OffsetDateTime::now_utc().replace_nanosecond(0)?;
@@ -234,6 +245,11 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
         started,
     })
     .map_err(coded)?;
+    // What of the image's config is not honoured as written, said once (the build of `mvm run
+    // IMAGE` and `mvm up IMAGE` too, whose stderr this is).
+    for warning in &bundle.warnings {
+        eprintln!("warning: {}", printable(warning, Newlines::Escape));
+    }
 
     let payload = canonical::to_vec(&bundle.plan)?;
     let plan_digest = sha256_prefixed(&payload);
@@ -260,7 +276,8 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
                "root_hash": report.root_hash, "image_size": report.image_size, "layers": report.layers.len(),
                "store_paths": nix_closure.as_ref().map(|c| c.paths.len()),
                "kernel": kernel.manifest.release, "keyid": signer.keyid(), "sandbox": sandbox,
-               "valid_until": bundle.plan.valid_until, "skipped_entries": report.skipped}),
+               "valid_until": bundle.plan.valid_until, "skipped_entries": report.skipped,
+               "warnings": bundle.warnings}),
         || {
             format!(
                 "built {}/{} into {}\nrootfs {} ({} bytes, {})\n{}verity root {}\nplan {} signed by {}\nvalid until {}\nbuilder sandbox: no_new_privs, seccomp, landlock {}",
@@ -429,21 +446,15 @@ impl Target {
     }
 
     /// The workload to record: the declared one, or one made for the image, running `command`
-    /// or else the image's own Entrypoint and Cmd.
+    /// (the image's Entrypoint and Cmd as `docker run` composes them with the command line's).
     fn workload(
         &self,
         command: &[String],
-        image_command: &[String],
         resources: Resources,
     ) -> anyhow::Result<(Workload, usize)> {
         if let Some(declared) = &self.declared {
             return Ok(declared.clone());
         }
-        let command = if command.is_empty() {
-            image_command
-        } else {
-            command
-        };
         if command.is_empty() {
             return Err(coded_as(
                 "BUILD007",

@@ -31,6 +31,10 @@ pub struct ImageOptions {
     /// The guest agent for building an image (default: $MVM_AGENT, or mvm-agent next to mvm).
     #[arg(long, conflicts_with = "plan")]
     agent: Option<PathBuf>,
+    /// The program that replaces the image's Entrypoint (its Cmd is then dropped too, as
+    /// `docker run --entrypoint` does; `""` clears the Entrypoint). Images only.
+    #[arg(long, conflicts_with = "plan", value_name = "PROGRAM")]
+    entrypoint: Option<String>,
 }
 
 /// The plan a command boots: the one given, or the cached bundle's for the image (built when
@@ -81,6 +85,7 @@ fn cached_bundle(
         "cpus": options.cpus,
         "memory": options.memory,
         "command": command,
+        "entrypoint": options.entrypoint,
         "agent": agent_digest.0,
         "kernel": kernel.manifest.vmlinuz.digest,
         "modules": kernel.manifest.modules.iter().map(|m| &m.file.digest).collect::<Vec<_>>(),
@@ -104,6 +109,9 @@ fn cached_bundle(
     }
     if let Some(memory) = options.memory {
         build.args(["--memory", &memory.to_string()]);
+    }
+    if let Some(entrypoint) = &options.entrypoint {
+        build.arg(format!("--entrypoint={entrypoint}"));
     }
     if !command.is_empty() {
         build.arg("--").args(command);

@@ -71,9 +71,22 @@ pub struct RunArgs {
     /// control socket; a run killed before its end leaves that VM for `mvm rm`. Not with --json.
     #[arg(short, long)]
     interactive: bool,
-    /// The command; the plan's (or image's) own when absent.
+    /// The command: with --plan it replaces the plan's; with an image it replaces the image's
+    /// Cmd and follows its Entrypoint, as `docker run IMAGE COMMAND…` does (signed into the
+    /// image's cached plan). The plan's (or image's) own when absent.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
+}
+
+impl RunArgs {
+    /// The argv asked of the runner: the command line's for a plan; none for an image, whose
+    /// plan already carries the command composed with the image's Entrypoint.
+    fn argv(&self) -> &[String] {
+        match self.image {
+            Some(_) => &[],
+            None => &self.command,
+        }
+    }
 }
 
 pub fn run(args: RunArgs, out: &Output) -> ExitCode {
@@ -141,7 +154,7 @@ fn launch(args: RunArgs, out: &Output) -> anyhow::Result<ExitCode> {
     }
     let mut child = command
         .arg("--")
-        .args(&args.command)
+        .args(args.argv())
         .spawn()
         .with_context(|| format!("starting {}", runner.display()))?;
     let status = loop {
@@ -192,7 +205,7 @@ fn run_with_input(args: &RunArgs, plan: &Path) -> anyhow::Result<ExitCode> {
     }
     let timeout = args.timeout.unwrap_or(MAX_TIMEOUT).min(MAX_TIMEOUT);
     let request = ExecRequest {
-        argv: args.command.clone(),
+        argv: args.argv().to_vec(),
         env: Default::default(),
         cwd: None,
         timeout_ms: timeout.as_millis() as u64,

@@ -4,6 +4,8 @@
 //! digests of the right form, sizes, known media types, and a config whose `diff_ids` name
 //! every layer.
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
 
 use mvm_ir::digest::is_prefixed_sha256;
@@ -194,6 +196,20 @@ pub struct RuntimeConfig {
     /// The user.
     #[serde(rename = "User", default)]
     pub user: Option<String>,
+    /// The image's labels (recorded in the provenance; they change nothing at run time).
+    #[serde(rename = "Labels", default)]
+    pub labels: Option<BTreeMap<String, String>>,
+    /// The ports the image declares (`80/tcp`), recorded in the provenance; nothing is forwarded
+    /// unless the workload grants it.
+    #[serde(rename = "ExposedPorts", default, deserialize_with = "set_keys")]
+    pub exposed_ports: Vec<String>,
+}
+
+/// The keys of a JSON object whose values are empty objects (Go's `map[string]struct{}`), as
+/// `ExposedPorts` is written; `null` or absent is empty.
+fn set_keys<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let map: Option<BTreeMap<String, serde::de::IgnoredAny>> = Option::deserialize(d)?;
+    Ok(map.map(|m| m.into_keys().collect()).unwrap_or_default())
 }
 
 /// An image config.

@@ -60,7 +60,8 @@ pub struct UpArgs {
     /// the kvm backend only (`--backend kvm`).
     #[arg(long)]
     huge_pages: bool,
-    /// For an image: the entrypoint to sign into its plan (default: the image's own).
+    /// For an image: the command signed into its plan, replacing the image's Cmd after its
+    /// Entrypoint as `docker run IMAGE COMMAND…` does (default: the image's own).
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
 }
