@@ -263,9 +263,16 @@ mod tests {
     fn more_than_one_vcpu_under_tcg_runs_a_thread_each_and_is_told_the_tsc_rate() {
         let mut plan = plan();
         plan.resources.cpu_cores = 2;
-        let args = strings(&arguments(&plan, &files(Path::new("/vm/a.sock")), Accel::Tcg));
+        let args = strings(&arguments(
+            &plan,
+            &files(Path::new("/vm/a.sock")),
+            Accel::Tcg,
+        ));
         let joined = args.join(" ");
-        assert!(joined.contains("-accel tcg,thread=multi -cpu qemu64"), "{joined}");
+        assert!(
+            joined.contains("-accel tcg,thread=multi -cpu qemu64"),
+            "{joined}"
+        );
         assert!(!joined.contains("icount"), "{joined}");
         let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
         let khz: u64 = append
