@@ -1735,3 +1735,69 @@ fn eight_vms_serve_a_hundred_execs_each_without_a_failure() {
         mvm_ok_json(&["rm", name], 0);
     }
 }
+
+/// The `Seccomp:` and `Seccomp_filters:` fields of every thread of process `pid`.
+fn seccomp_of_threads(pid: &str) -> Vec<(String, String, u32)> {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|entry| {
+            let tid = entry.ok()?.file_name().into_string().ok()?;
+            let status = fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.trim().to_string())
+                    .unwrap_or_default()
+            };
+            let filters = field("Seccomp_filters:").parse().unwrap_or(0);
+            Some((tid, field("Seccomp:"), filters))
+        })
+        .collect()
+}
+
+/// Asserts that every thread of the runner of the VM `up` (an `mvm up` or `mvm resume` answer)
+/// runs seccomp-filtered.
+fn assert_runner_filtered(up: &Value) {
+    let runner = up["vm"]["runner_pid"].as_u64().unwrap().to_string();
+    let threads = seccomp_of_threads(&runner);
+    assert!(!threads.is_empty(), "runner {runner}: {up}");
+    for (tid, mode, filters) in threads {
+        assert_eq!(
+            mode, "2",
+            "runner {runner}, thread {tid}: seccomp filter mode"
+        );
+        assert!(
+            filters >= 1,
+            "runner {runner}, thread {tid}: {filters} filters"
+        );
+    }
+}
+
+#[test]
+fn a_named_vms_runner_runs_seccomp_filtered_through_execs_a_cold_save_and_a_wake() {
+    let f = fixture();
+    let _turn = turn();
+    let _cleanup = RemoveOnDrop("confined");
+    let up = mvm_ok_json(
+        &["up", "--plan", &plan_arg(&f.bundle), "--name", "confined"],
+        0,
+    );
+    assert_runner_filtered(&up);
+    // Its work goes on under the filter: commands, a file both ways, a cold save, a wake.
+    assert_eq!(sh_in("confined", "echo kept > /tmp/mark; echo ok"), "ok");
+    let dir = tempfile::tempdir().unwrap();
+    let copied = dir.path().join("mark");
+    let out = mvm(&["cp", "confined:/tmp/mark", copied.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(fs::read_to_string(&copied).unwrap(), "kept\n");
+    let saved = mvm_ok_json(&["pause", "confined", "--cold"], 0);
+    assert_eq!(saved["vm"]["phase"], "cold", "{saved}");
+    let woken = mvm_ok_json(&["resume", "confined"], 0);
+    assert_eq!(woken["vm"]["phase"], "running", "{woken}");
+    assert_runner_filtered(&woken);
+    assert_eq!(sh_in("confined", "cat /tmp/mark"), "kept");
+    mvm_ok_json(&["stop", "confined"], 0);
+    assert_eq!(vm_phase("confined").as_deref(), Some("stopped"));
+    mvm_ok_json(&["rm", "confined"], 0);
+}

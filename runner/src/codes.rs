@@ -84,3 +84,6 @@ pub const RUN048: &str = "RUN048";
 pub const RUN049: &str = "RUN049";
 /// Every client slot of the control socket is taken: only stop and kill are served.
 pub const RUN050: &str = "RUN050";
+
+/// The runner's own seccomp filter could not be installed once its VM ran: the VM was stopped.
+pub const RUN051: &str = "RUN051";

@@ -31,4 +31,5 @@ pub mod control;
 pub mod launch;
 pub mod mux;
 pub mod named_vm;
+pub mod seccomp;
 pub mod state;

@@ -160,6 +160,7 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Bo
     })?;
 
     let mut outcome = boot(launch, listener.as_ref(), &mut vm_process)
+        .and_then(|booted| confine().map(|()| booted))
         .and_then(|booted| run_command(&mut vm_process, booted, request, sink));
     // The socket's job is done either way; nobody may connect to it later.
     drop(listener);
@@ -240,6 +241,18 @@ fn boot(
         client,
         hello,
         ready_ms: launch.started.elapsed().as_millis() as u64,
+    })
+}
+
+/// Puts the runner under its own seccomp filter ([`crate::seccomp`]), once the VM runs and its
+/// agent said hello: every process the runner starts has been started. A runner that cannot be
+/// filtered does not go on (RUN051).
+fn confine() -> Result<(), LaunchError> {
+    crate::seccomp::install().map(drop).map_err(|e| {
+        LaunchError::Refused(AdmissionError::NotRunnable {
+            code: e.code().into(),
+            reason: e.to_string(),
+        })
     })
 }
 

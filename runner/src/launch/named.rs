@@ -18,7 +18,9 @@ use serde_json::json;
 
 use super::start::{failure, start, Origin, Started};
 use super::vm_dir::{Keep, VmDir};
-use super::{boot, secrets_resolvable, Booted, Failure, Launch, LaunchError, SHUTDOWN_GRACE};
+use super::{
+    boot, confine, secrets_resolvable, Booted, Failure, Launch, LaunchError, SHUTDOWN_GRACE,
+};
 use crate::backend::qemu;
 use crate::backend::select::Accel;
 use crate::backend::{Pausable, SavedMemory, VmProcess};
@@ -140,7 +142,10 @@ pub(super) fn serve_started(
         None => Ok(None),
     };
     let booted = woken.and_then(|machine| {
-        boot(launch, listener.as_ref(), &mut vm_process).map(|booted| (booted, machine))
+        let booted = boot(launch, listener.as_ref(), &mut vm_process)?;
+        // Every process the runner starts has been started: from here it runs filtered.
+        confine()?;
+        Ok((booted, machine))
     });
     drop(listener);
     let _ = fs::remove_file(&socket);
