@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 mod support;
 
 use support::guest;
+use support::{describe, text};
 
 struct Fixture {
     _work: tempfile::TempDir,
@@ -90,19 +91,6 @@ fn mvm(args: &[&str]) -> Output {
         .env("MVM_AGENT", guest::static_agent())
         .output()
         .unwrap()
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        text(&out.stdout),
-        text(&out.stderr)
-    )
 }
 
 /// `mvm ARGS`, which must exit 0; its standard output.

@@ -21,6 +21,7 @@ mod support;
 use support::bundle::{self, copy_dir, find, flip_byte};
 use support::guest;
 use support::wait::{eventually, EVENTUALLY};
+use support::{describe, text};
 
 struct Fixture {
     _work: tempfile::TempDir,
@@ -117,19 +118,6 @@ fn mvm_command(home: &Path, args: &[&str]) -> Command {
 
 fn mvm(args: &[&str]) -> Output {
     mvm_in(&fixture().home, args)
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        text(&out.stdout),
-        text(&out.stderr)
-    )
 }
 
 fn plan_arg(bundle: &Path) -> String {

@@ -32,3 +32,20 @@ pub fn mvm_json(home: &Path, args: &[&str], status: i32) -> Value {
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// Output bytes as text (lossy).
+#[allow(dead_code)] // not every test binary prints outputs
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A process's status and both its streams, for a failed assertion.
+#[allow(dead_code)] // not every test binary prints outputs
+pub fn describe(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        text(&out.stdout),
+        text(&out.stderr)
+    )
+}
