@@ -53,10 +53,8 @@
 use std::collections::BTreeMap;
 
 use mvm_ir::{Coded, ErrorClass};
-use seccompiler::{
-    sock_filter, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
-    SeccompFilter, SeccompRule, TargetArch,
-};
+use mvm_vmm::seccomp::Allow;
+use seccompiler::{sock_filter, BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 
 use crate::codes;
 
@@ -96,24 +94,6 @@ pub enum Reach {
     /// The calling thread, and every thread it starts later; the process's other threads (the
     /// own VMM's) are filtered by their own filters.
     ThisThread,
-}
-
-/// One allowed syscall and the argument conditions it is allowed with.
-#[derive(Debug, Clone, Copy)]
-enum Allow {
-    /// Any arguments.
-    Any(libc::c_long),
-    /// Argument `arg` equal to one of `values`.
-    OneOf(libc::c_long, u8, &'static [u64]),
-    /// Argument `arg` with none of the bits of `mask` set.
-    Without(libc::c_long, u8, u64),
-    /// Argument `arg`, masked with `mask`, equal to `value`.
-    Masked(libc::c_long, u8, u64, u64),
-    /// A socket option at level `SOL_SOCKET` (argument 1), the option (argument 2) one of
-    /// `names`.
-    SocketOption(libc::c_long, &'static [u64]),
-    /// Argument `arg` equal to the own VMM's vCPU kick signal (known at run time).
-    KickSignal(libc::c_long, u8),
 }
 
 /// The namespace flags, which no `clone` of the runner may carry.
@@ -245,56 +225,6 @@ const ALLOWED: &[Allow] = &[
 /// How many syscalls the runner's filter allows.
 pub fn allowed_count() -> usize {
     ALLOWED.len()
-}
-
-impl Allow {
-    fn rules(&self) -> Result<(i64, Vec<SeccompRule>), seccompiler::BackendError> {
-        // The arguments looked at are 32-bit to the kernel (ints, an ioctl's request, clone's
-        // flags, mmap's protection), whatever the caller left in the upper half.
-        let on = |arg: u8, op: SeccompCmpOp, value: u64| {
-            SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value)
-                .and_then(|condition| SeccompRule::new(vec![condition]))
-        };
-        Ok(match *self {
-            Allow::Any(nr) => (nr, Vec::new()),
-            Allow::OneOf(nr, arg, values) => (
-                nr,
-                values
-                    .iter()
-                    .map(|v| on(arg, SeccompCmpOp::Eq, *v))
-                    .collect::<Result<_, _>>()?,
-            ),
-            Allow::Without(nr, arg, mask) => (nr, vec![on(arg, SeccompCmpOp::MaskedEq(mask), 0)?]),
-            Allow::Masked(nr, arg, mask, value) => {
-                (nr, vec![on(arg, SeccompCmpOp::MaskedEq(mask), value)?])
-            }
-            Allow::SocketOption(nr, names) => (
-                nr,
-                names
-                    .iter()
-                    .map(|name| {
-                        let level = SeccompCondition::new(
-                            1,
-                            SeccompCmpArgLen::Dword,
-                            SeccompCmpOp::Eq,
-                            libc::SOL_SOCKET as u64,
-                        )?;
-                        let option = SeccompCondition::new(
-                            2,
-                            SeccompCmpArgLen::Dword,
-                            SeccompCmpOp::Eq,
-                            *name,
-                        )?;
-                        SeccompRule::new(vec![level, option])
-                    })
-                    .collect::<Result<_, _>>()?,
-            ),
-            Allow::KickSignal(nr, arg) => {
-                let signal = mvm_vmm::vstate::kick::kick_signal() as u64;
-                (nr, vec![on(arg, SeccompCmpOp::Eq, signal)?])
-            }
-        })
-    }
 }
 
 /// `clone3` answered `ENOSYS` before anything else is looked at: glibc then starts the thread

@@ -98,15 +98,21 @@ const KVM_GET_DEBUGREGS: u64 = kvm_ior(0xa1, std::mem::size_of::<kvm_debugregs>(
 const KVM_GET_XSAVE: u64 = kvm_ior(0xa4, std::mem::size_of::<kvm_xsave>());
 const KVM_GET_XCRS: u64 = kvm_ior(0xa6, std::mem::size_of::<kvm_xcrs>());
 
-/// One allowed syscall and the argument conditions it is allowed with.
+/// One allowed syscall and the argument conditions it is allowed with: the terms of every
+/// allow-list in mvm (this crate's threads', and the runner's own).
 #[derive(Debug, Clone, Copy)]
-enum Allow {
+pub enum Allow {
     /// Any arguments.
     Any(libc::c_long),
     /// Argument `arg` equal to one of `values`.
     OneOf(libc::c_long, u8, &'static [u64]),
     /// Argument `arg` with none of the bits of `mask` set.
     Without(libc::c_long, u8, u64),
+    /// Argument `arg`, masked with `mask`, equal to `value`.
+    Masked(libc::c_long, u8, u64, u64),
+    /// A socket option at level `SOL_SOCKET` (argument 1), the option (argument 2) one of
+    /// `names`.
+    SocketOption(libc::c_long, &'static [u64]),
     /// Argument `arg` equal to the vCPU kick signal (a real-time signal, known at run time).
     KickSignal(libc::c_long, u8),
 }
@@ -208,9 +214,11 @@ fn allowed(kind: ThreadKind) -> Vec<Allow> {
 }
 
 impl Allow {
-    fn rules(&self) -> Result<(i64, Vec<SeccompRule>), seccompiler::BackendError> {
-        // The arguments looked at are 32-bit to the kernel (ints, an ioctl's `cmd`, `mmap`'s
-        // and `mprotect`'s protection bits), whatever the caller left in the upper half.
+    /// The syscall's number and the rules it is allowed under, for a `SeccompFilter`.
+    pub fn rules(&self) -> Result<(i64, Vec<SeccompRule>), seccompiler::BackendError> {
+        // The arguments looked at are 32-bit to the kernel (ints, an ioctl's `cmd`, `clone`'s
+        // flags, `mmap`'s and `mprotect`'s protection bits), whatever the caller left in the
+        // upper half.
         let on = |arg: u8, op: SeccompCmpOp, value: u64| {
             SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value)
                 .and_then(|condition| SeccompRule::new(vec![condition]))
@@ -225,6 +233,30 @@ impl Allow {
                     .collect::<Result<_, _>>()?,
             ),
             Allow::Without(nr, arg, mask) => (nr, vec![on(arg, SeccompCmpOp::MaskedEq(mask), 0)?]),
+            Allow::Masked(nr, arg, mask, value) => {
+                (nr, vec![on(arg, SeccompCmpOp::MaskedEq(mask), value)?])
+            }
+            Allow::SocketOption(nr, names) => (
+                nr,
+                names
+                    .iter()
+                    .map(|name| {
+                        let level = SeccompCondition::new(
+                            1,
+                            SeccompCmpArgLen::Dword,
+                            SeccompCmpOp::Eq,
+                            libc::SOL_SOCKET as u64,
+                        )?;
+                        let option = SeccompCondition::new(
+                            2,
+                            SeccompCmpArgLen::Dword,
+                            SeccompCmpOp::Eq,
+                            *name,
+                        )?;
+                        SeccompRule::new(vec![level, option])
+                    })
+                    .collect::<Result<_, _>>()?,
+            ),
             Allow::KickSignal(nr, arg) => {
                 let signal = super::vstate::kick::kick_signal() as u64;
                 (nr, vec![on(arg, SeccompCmpOp::Eq, signal)?])
