@@ -1,7 +1,8 @@
 //! The EROFS on-disk structures this writer emits, encoded field by field in little-endian.
 //!
-//! Only the uncompressed subset is here: the superblock, compact and extended inodes with the
-//! flat-plain and flat-inline data layouts, directory entries and the inline xattr body. Field
+//! The superblock, compact and extended inodes with the flat-plain, flat-inline and
+//! compressed (full index) data layouts, directory entries and the inline xattr body; the
+//! compressed layout's map header and indexes are in [`super::compress`]. Field
 //! meanings follow the kernel's `fs/erofs/erofs_fs.h`; the layout decisions live in
 //! [`super::layout`].
 
@@ -16,6 +17,9 @@ pub(super) const SUPERBLOCK_SIZE: u64 = 128;
 const MAGIC: u32 = 0xE0F5_E1E2;
 /// The superblock carries a crc32c of block 0 from the superblock on.
 const FEATURE_COMPAT_SB_CHKSUM: u32 = 0x1;
+/// Compressed data is right-aligned in its block behind zero bytes (`LZ4_0PADDING`): readers
+/// skip the zeros to find where it starts.
+const FEATURE_INCOMPAT_ZERO_PADDING: u32 = 0x1;
 
 /// Inodes are addressed by nid = byte offset in the metadata area / 32, so every inode starts
 /// on a 32-byte boundary.
@@ -41,6 +45,9 @@ pub(super) enum DataLayout {
     /// Whole blocks from `raw_blkaddr`, then the tail (size mod 4096 bytes) right after the
     /// inode and its xattrs, inside the same metadata block.
     FlatInline = 2,
+    /// Extents of one block each, mapped by a full index of 8 bytes per logical cluster after
+    /// the inode and its xattrs; `i_u` holds the number of blocks.
+    CompressedFull = 1,
 }
 
 /// Directory entry file types (`EROFS_FT_*`).
@@ -76,6 +83,8 @@ pub(super) struct SuperBlock {
     pub blocks: u32,
     pub uuid: [u8; 16],
     pub volume_name: [u8; 16],
+    /// Some file is compressed: readers must understand zero padding.
+    pub compressed: bool,
 }
 
 impl SuperBlock {
@@ -99,8 +108,13 @@ impl SuperBlock {
         fields.u32(0); // xattr_blkaddr: no shared xattrs
         fields.bytes(&self.uuid);
         fields.bytes(&self.volume_name);
-        fields.u32(0); // feature_incompat: nothing a reader must understand beyond the base
-        fields.zeros(); // compression, devices, reserved
+        fields.u32(if self.compressed {
+            FEATURE_INCOMPAT_ZERO_PADDING
+        } else {
+            0
+        });
+        // lz4_max_distance 0: LZ4's default 64 KiB window. Then no devices, reserved.
+        fields.zeros();
         let checksum = crc32c_unfinalized(&block0[start..]);
         block0[start + 4..start + 8].copy_from_slice(&checksum.to_le_bytes());
     }
@@ -115,7 +129,8 @@ pub(super) struct InodeHeader {
     pub mode: u16,
     pub nlink: u32,
     pub size: u64,
-    /// `raw_blkaddr` for files, directories and symlinks; the encoded device for devices.
+    /// `raw_blkaddr` for flat files, directories and symlinks; the number of blocks for
+    /// compressed files; the encoded device for devices.
     pub block_addr_or_rdev: u32,
     pub ino: u32,
     pub uid: u32,

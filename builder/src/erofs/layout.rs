@@ -8,13 +8,14 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Range;
 
+use super::compress::{self, Extent, FileCompressor};
 use super::format::{
     encode_device, DataLayout, FileType, BLOCK_SIZE, COMPACT_INODE_SIZE, DIRENT_SIZE,
     EXTENDED_INODE_SIZE, INODE_SLOT_SIZE, MAX_NAME_LEN, NO_BLOCK, SUPERBLOCK_OFFSET,
     SUPERBLOCK_SIZE,
 };
 use super::xattr::{self, XattrBody};
-use super::ErofsError;
+use super::{Compression, ErofsError};
 use crate::tree::{Content, Metadata, Node, NodeId, NodeKind, Tree};
 
 /// The longest symlink target Linux accepts (`PATH_MAX` less the terminating NUL).
@@ -29,6 +30,8 @@ pub(super) struct ImagePlan<'t> {
     pub data_start_block: u64,
     /// The image length in blocks.
     pub blocks: u32,
+    /// Holds the compressed files' blocks, when compression is on.
+    pub compressor: Option<FileCompressor>,
 }
 
 /// One inode and where it goes.
@@ -43,6 +46,8 @@ pub(super) struct PlannedInode<'t> {
     pub nid: u64,
     /// First data block, or [`NO_BLOCK`].
     pub block_addr: u32,
+    /// A regular file stored compressed: its extents, one block each from `block_addr`.
+    pub extents: Option<Vec<Extent>>,
 }
 
 /// What an inode holds besides its metadata.
@@ -105,21 +110,33 @@ impl PlannedInode<'_> {
         self.size() % BLOCK_SIZE
     }
 
-    /// The bytes stored right after the inode and its xattrs.
+    /// The inode's header and inline xattrs.
+    fn meta_len(&self) -> u64 {
+        self.header_len() + self.xattrs.bytes.len() as u64
+    }
+
+    /// The bytes stored right after the inode and its xattrs: the data tail of a flat inline
+    /// inode; the map header and indexes of a compressed one (the nid is 32-byte aligned, so
+    /// their alignment depends only on the inode's own lengths).
     pub(super) fn inline_len(&self) -> u64 {
         match self.layout {
             DataLayout::FlatInline => self.tail_len(),
             DataLayout::FlatPlain => 0,
+            DataLayout::CompressedFull => compress::index_area_len(self.meta_len(), self.size()),
         }
     }
 
-    /// The bytes stored in data blocks (the last block may be partial, then zero-padded).
+    /// The bytes of a flat inode stored in data blocks (the last block may be partial, then
+    /// zero-padded).
     pub(super) fn block_data_len(&self) -> u64 {
         self.size() - self.inline_len()
     }
 
     fn data_blocks(&self) -> u64 {
-        self.block_data_len().div_ceil(BLOCK_SIZE)
+        match &self.extents {
+            Some(extents) => extents.len() as u64,
+            None => self.block_data_len().div_ceil(BLOCK_SIZE),
+        }
     }
 }
 
@@ -135,8 +152,9 @@ impl Payload<'_> {
     }
 }
 
-/// Validates `tree` and lays out its image.
-pub(super) fn plan(tree: &Tree) -> Result<ImagePlan<'_>, ErofsError> {
+/// Validates `tree` and lays out its image, compressing regular files as `compression` says
+/// wherever that saves blocks.
+pub(super) fn plan(tree: &Tree, compression: Compression) -> Result<ImagePlan<'_>, ErofsError> {
     let mut walk = Walk {
         tree,
         staged_bytes: tree.staging().staged_bytes(),
@@ -166,6 +184,14 @@ pub(super) fn plan(tree: &Tree) -> Result<ImagePlan<'_>, ErofsError> {
     if u32::try_from(inodes.len()).is_err() {
         return Err(ErofsError::ImageTooLarge);
     }
+    let mut compressor = FileCompressor::new(compression)?;
+    if let Some(compressor) = &mut compressor {
+        for inode in &mut inodes {
+            if let Payload::File(content) = inode.payload {
+                inode.extents = compressor.compress(tree.staging(), content)?;
+            }
+        }
+    }
 
     let data_start_block = place_inodes(&mut inodes);
     let mut next_block = data_start_block;
@@ -183,12 +209,14 @@ pub(super) fn plan(tree: &Tree) -> Result<ImagePlan<'_>, ErofsError> {
         inodes,
         data_start_block,
         blocks,
+        compressor,
     })
 }
 
 /// Chooses each inode's data layout and nid. Returns the number of metadata blocks.
 ///
-/// A tail goes inline whenever inode, xattrs and tail fit in one block. Inodes are packed
+/// A compressed file's index follows its inode. A tail goes inline whenever inode, xattrs and
+/// tail fit in one block. Inodes are packed
 /// into metadata blocks best-fit, in walk order: each goes into the block with the least free
 /// space that still holds it (the lowest such block on ties), or into a new block. That keeps
 /// the gaps between inodes small (mkfs.erofs packs about as tightly) and places the root,
@@ -197,9 +225,11 @@ pub(super) fn plan(tree: &Tree) -> Result<ImagePlan<'_>, ErofsError> {
 fn place_inodes(inodes: &mut [PlannedInode<'_>]) -> u64 {
     let mut space = MetadataSpace::new();
     for inode in inodes {
-        let meta_len = inode.header_len() + inode.xattrs.bytes.len() as u64;
+        let meta_len = inode.meta_len();
         let tail = inode.tail_len();
-        inode.layout = if tail > 0 && meta_len + tail <= BLOCK_SIZE {
+        inode.layout = if inode.extents.is_some() {
+            DataLayout::CompressedFull
+        } else if tail > 0 && meta_len + tail <= BLOCK_SIZE {
             DataLayout::FlatInline
         } else {
             DataLayout::FlatPlain
@@ -420,6 +450,7 @@ impl<'t> Walk<'t> {
             layout: DataLayout::FlatPlain,
             nid: 0,
             block_addr: NO_BLOCK,
+            extents: None,
         });
         self.node_ids.push(id);
         let index = self.inodes.len() - 1;
@@ -501,7 +532,7 @@ mod tests {
             (b"d", 4097),
             (b"e", 0),
         ]);
-        let plan = plan(&tree).unwrap();
+        let plan = plan(&tree, Compression::None).unwrap();
         let placed: Vec<(DataLayout, u64, u32)> = plan
             .inodes
             .iter()
@@ -534,7 +565,7 @@ mod tests {
             let name = format!("user.big{i}").into_bytes();
             tree.node_mut(file).meta.xattrs.insert(name, vec![i; 3000]);
         }
-        let plan = plan(&tree).unwrap();
+        let plan = plan(&tree, Compression::None).unwrap();
         let inode = &plan.inodes[1];
         assert_eq!(
             inode.layout,
@@ -577,7 +608,7 @@ mod tests {
         for (name, id) in [&b"huge"[..], b"uid", b"edge"].into_iter().zip(ids) {
             tree.link(Tree::ROOT, name, id);
         }
-        let plan = plan(&tree).unwrap();
+        let plan = plan(&tree, Compression::None).unwrap();
         let extended: Vec<bool> = plan.inodes.iter().map(|inode| inode.extended).collect();
         // Walk order: the root, then edge, huge, uid.
         assert_eq!(extended, [false, false, true, true]);

@@ -50,8 +50,10 @@
 //! 4095 bytes, device numbers beyond 12/20 bits, xattrs outside the namespaces above, content
 //! outside the staging area, and images beyond 2^32 blocks.
 
+mod compress;
 mod format;
 mod layout;
+mod lz4;
 mod writer;
 mod xattr;
 
@@ -62,6 +64,23 @@ use std::io::{self, Seek, Write};
 
 use crate::tree::Tree;
 
+pub use lz4::{LZ4HC_DEFAULT_LEVEL, LZ4HC_MAX_LEVEL};
+
+/// How regular files' data is stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Compression {
+    /// Uncompressed: every byte readable in place.
+    #[default]
+    None,
+    /// LZ4 (liblz4's fast mode), as `mkfs.erofs -zlz4`.
+    Lz4,
+    /// LZ4 HC at a level from 1 to 12, as `mkfs.erofs -zlz4hc,LEVEL`: slower to build, smaller.
+    Lz4Hc {
+        /// The compression level.
+        level: u8,
+    },
+}
+
 /// How to write an image.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ErofsOptions {
@@ -71,6 +90,8 @@ pub struct ErofsOptions {
     pub uuid: Option<[u8; 16]>,
     /// The volume label, at most 16 bytes; empty for none.
     pub volume_name: Vec<u8>,
+    /// How file data is compressed.
+    pub compression: Compression,
 }
 
 /// What was written.
@@ -84,6 +105,8 @@ pub struct ImageSummary {
     pub inodes: u64,
     /// The volume uuid, given or derived.
     pub uuid: [u8; 16],
+    /// Regular files stored compressed.
+    pub compressed_files: u64,
 }
 
 /// Why an image could not be written.
@@ -172,6 +195,9 @@ pub enum ErofsError {
     /// Writing the image failed.
     #[error("writing the image: {0}")]
     Output(#[source] io::Error),
+    /// Keeping compressed clusters until they are written failed.
+    #[error("keeping compressed clusters in a temporary file: {0}")]
+    Spill(#[source] io::Error),
 }
 
 /// Writes `tree` as an EROFS image to `out`, starting at its current position, and leaves
@@ -188,6 +214,6 @@ pub fn write_image(
     if options.volume_name.len() > 16 {
         return Err(ErofsError::VolumeNameTooLong(options.volume_name.len()));
     }
-    let plan = layout::plan(tree)?;
+    let plan = layout::plan(tree, options.compression)?;
     writer::write(&plan, tree, out, options)
 }

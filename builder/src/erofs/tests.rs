@@ -2,6 +2,7 @@
 //! kernel (see [`harness`]), plus determinism and refusal tests; random trees are in
 //! [`random_trees`].
 
+mod compressed;
 mod harness;
 mod random_trees;
 
@@ -404,6 +405,7 @@ fn erofs_superblock_fields() {
         epoch: 1234,
         uuid: Some([7; 16]),
         volume_name: b"sixteen-bytes-xx".to_vec(),
+        ..ErofsOptions::default()
     };
     let image = write_to_vec(&tree, &options);
     let sb = &image[1024..1152];

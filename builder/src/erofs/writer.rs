@@ -6,9 +6,10 @@ use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 
 use sha2::{Digest, Sha256};
 
+use super::compress::{self, Stored};
 use super::format::{
-    encode_dirent, InodeHeader, SuperBlock, BLOCK_SIZE, DIRENT_SIZE, INODE_SLOT_SIZE, NO_BLOCK,
-    SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE,
+    encode_dirent, DataLayout, InodeHeader, SuperBlock, BLOCK_SIZE, DIRENT_SIZE, INODE_SLOT_SIZE,
+    NO_BLOCK, SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE,
 };
 use super::layout::{Directory, ImagePlan, Payload, PlannedInode};
 use super::{ErofsError, ErofsOptions, ImageSummary};
@@ -40,7 +41,14 @@ pub(super) fn write(
         emitter.pad_to(inode.nid * INODE_SLOT_SIZE)?;
         emitter.write(&header(plan, index, options.epoch).encode())?;
         emitter.write(&inode.xattrs.bytes)?;
-        if inode.inline_len() > 0 {
+        if let Some(extents) = &inode.extents {
+            emitter.pad_to(emitter.position.next_multiple_of(8))?;
+            emitter.write(&compress::encode_index(
+                extents,
+                inode.size(),
+                inode.block_addr,
+            ))?;
+        } else if inode.inline_len() > 0 {
             let inline = inline_tail(plan, inode, staging, &mut block)?;
             emitter.write(inline)?;
         }
@@ -54,12 +62,21 @@ pub(super) fn write(
         .filter(|inode| inode.block_addr != NO_BLOCK)
     {
         debug_assert_eq!(emitter.position, u64::from(inode.block_addr) * BLOCK_SIZE);
-        write_data_blocks(&mut emitter, plan, inode, staging, &mut chunk)?;
+        if inode.extents.is_some() {
+            write_compressed_blocks(&mut emitter, plan, inode, staging, &mut block)?;
+        } else {
+            write_data_blocks(&mut emitter, plan, inode, staging, &mut chunk)?;
+        }
         emitter.pad_to(emitter.position.next_multiple_of(BLOCK_SIZE))?;
     }
     let size = u64::from(plan.blocks) * BLOCK_SIZE;
     emitter.pad_to(size)?;
     let (mut block0, uuid) = emitter.finish()?;
+    let compressed_files = plan
+        .inodes
+        .iter()
+        .filter(|inode| inode.extents.is_some())
+        .count() as u64;
 
     let mut volume_name = [0u8; 16];
     volume_name[..options.volume_name.len()].copy_from_slice(&options.volume_name);
@@ -71,6 +88,7 @@ pub(super) fn write(
         blocks: plan.blocks,
         uuid,
         volume_name,
+        compressed: compressed_files > 0,
     };
     superblock.encode_into(&mut block0);
     let superblock_bytes = &block0[SUPERBLOCK_OFFSET as usize..][..SUPERBLOCK_SIZE as usize];
@@ -81,6 +99,7 @@ pub(super) fn write(
         blocks: plan.blocks,
         inodes: plan.inodes.len() as u64,
         uuid,
+        compressed_files,
     })
 }
 
@@ -95,10 +114,12 @@ fn write_at(out: &mut (impl Write + Seek), offset: u64, bytes: &[u8], end: u64) 
 /// The on-disk header of inode `index`.
 fn header(plan: &ImagePlan<'_>, index: usize, epoch: u64) -> InodeHeader {
     let inode = &plan.inodes[index];
-    let block_addr_or_rdev = match inode.payload {
-        Payload::Device { encoded, .. } => encoded,
-        Payload::Fifo => 0,
-        Payload::Directory(_) | Payload::File(_) | Payload::Symlink(_) => inode.block_addr,
+    let block_addr_or_rdev = match (&inode.payload, &inode.extents) {
+        (Payload::Device { encoded, .. }, _) => *encoded,
+        (Payload::Fifo, _) => 0,
+        // The compressed blocks count, as `i_u.compressed_blocks`; at most the image's.
+        (_, Some(extents)) => extents.len() as u32,
+        (Payload::Directory(_) | Payload::File(_) | Payload::Symlink(_), None) => inode.block_addr,
     };
     InodeHeader {
         extended: inode.extended,
@@ -170,6 +191,37 @@ fn write_data_blocks<W: Write>(
             }
         }
         Payload::Device { .. } | Payload::Fifo => {}
+    }
+    Ok(())
+}
+
+/// Writes a compressed file's blocks: each extent's spilled block, or its raw bytes padded to
+/// a block.
+fn write_compressed_blocks<W: Write>(
+    emitter: &mut Emitter<W>,
+    plan: &ImagePlan<'_>,
+    inode: &PlannedInode<'_>,
+    staging: &Staging,
+    block: &mut [u8; BLOCK],
+) -> Result<(), ErofsError> {
+    let (Payload::File(content), Some(extents), Some(compressor)) =
+        (&inode.payload, &inode.extents, &plan.compressor)
+    else {
+        return Ok(());
+    };
+    debug_assert_eq!(inode.layout, DataLayout::CompressedFull);
+    for extent in extents {
+        match extent.stored {
+            Stored::Compressed { spill_offset } => compressor
+                .read_block(spill_offset, block)
+                .map_err(ErofsError::Spill)?,
+            Stored::Raw => {
+                block.fill(0);
+                let len = extent.len as usize;
+                read_staged(staging, *content, extent.start, &mut block[..len])?;
+            }
+        }
+        emitter.write(&block[..])?;
     }
     Ok(())
 }

@@ -17,7 +17,7 @@ use std::process::Command;
 
 use tempfile::TempDir;
 
-use crate::erofs::{write_image, ErofsOptions, ImageSummary};
+use crate::erofs::{write_image, Compression, ErofsOptions, ImageSummary};
 use crate::tree::{Metadata, NodeId, NodeKind, Staging, Tree};
 
 /// The build time the tests use: non-zero, so compact inodes visibly inherit it.
@@ -28,6 +28,7 @@ pub fn options() -> ErofsOptions {
         epoch: EPOCH,
         uuid: None,
         volume_name: b"mvm-test".to_vec(),
+        compression: Compression::None,
     }
 }
 
@@ -108,7 +109,12 @@ pub fn write_to_vec(tree: &Tree, options: &ErofsOptions) -> Vec<u8> {
 
 /// Writes `tree` and checks the image with fsck, its extraction and a kernel mount.
 pub fn assert_round_trip(tree: &Tree) -> ImageSummary {
-    let image = write_to_file(tree, &options());
+    assert_round_trip_with(tree, &options())
+}
+
+/// [`assert_round_trip`] with other options (compression).
+pub fn assert_round_trip_with(tree: &Tree, options: &ErofsOptions) -> ImageSummary {
+    let image = write_to_file(tree, options);
     let expected = expected(tree);
     fsck(&image.path);
     let extracted = extract(&image.path);

@@ -5,8 +5,10 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 
-use super::harness::{add, assert_round_trip, fsck, new_tree, options, pattern};
-use crate::erofs::write_image;
+use super::harness::{
+    add, assert_round_trip, assert_round_trip_with, fsck, new_tree, options, pattern,
+};
+use crate::erofs::{write_image, Compression, ErofsOptions};
 use crate::tree::{Content, Metadata, Node, NodeId, NodeKind, Staging, Tree};
 
 /// A random tree, built by applying these steps in order.
@@ -248,6 +250,15 @@ proptest! {
     fn erofs_random_trees_round_trip(steps in proptest::collection::vec(step_strategy(), 0..40)) {
         let tree = build(&steps);
         assert_round_trip(&tree);
+    }
+
+    /// The same random trees, LZ4-compressed wherever that saves a block.
+    #[test]
+    fn erofs_random_trees_round_trip_compressed(
+        steps in proptest::collection::vec(step_strategy(), 0..40),
+    ) {
+        let tree = build(&steps);
+        assert_round_trip_with(&tree, &ErofsOptions { compression: Compression::Lz4, ..options() });
     }
 
     /// Arbitrary graphs (dangling ids, cycles, directories linked twice, a non-directory root)
