@@ -432,6 +432,7 @@ pub fn assemble(input: &AssembleInput<'_>) -> Result<Bundle, BundleError> {
                     "sandbox": input.sandbox,
                     "verity": {"root_hash": r.root_hash, "salt": r.salt},
                     "skipped_entries": r.skipped,
+                    "compression": r.compression,
                 }),
                 resolved_dependencies: dependencies,
             },

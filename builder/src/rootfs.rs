@@ -13,7 +13,7 @@ use mvm_ir::provenance::SkippedEntries;
 use mvm_ir::{Coded, ErrorClass};
 use serde::{Deserialize, Serialize};
 
-use crate::erofs::{self, ErofsOptions};
+use crate::erofs::{self, Compression, ErofsOptions};
 use crate::layer::ApplyOptions;
 use crate::nix_image::{stage_closure, NixClosure, NixImageError};
 use crate::oci::{self, BlobCache, ImageRef, RegistryOptions, Transport};
@@ -56,6 +56,9 @@ pub struct RootfsRequest {
     /// it, for reports, and nothing is pulled).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nix: Option<NixClosure>,
+    /// How the image's files are compressed.
+    #[serde(default)]
+    pub compression: Compression,
 }
 
 /// One layer, for provenance.
@@ -117,6 +120,19 @@ pub struct RootfsReport {
     /// Device nodes and FIFOs the layers held, left out of the image.
     #[serde(default)]
     pub skipped: SkippedEntries,
+    /// How the image's files were compressed, and how many came out smaller.
+    #[serde(default)]
+    pub compression: CompressionReport,
+}
+
+/// The compression an image was built with, for the build's output and provenance.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompressionReport {
+    /// The algorithm (and level) asked for.
+    #[serde(flatten)]
+    pub compression: Compression,
+    /// Regular files stored compressed (the others did not shrink by a block).
+    pub compressed_files: u64,
 }
 
 /// Why a root filesystem could not be built; its [`Coded::code`] is the code of the cause.
@@ -243,7 +259,7 @@ pub fn build_rootfs(
         skipped,
         ..RootfsReport::default()
     };
-    write_image(tree, &request.out_dir, report)
+    write_image(tree, &request.out_dir, request.compression, report)
 }
 
 /// `spec` with a group name after `:` replaced by its gid from the image's `/etc/group`; as
@@ -300,7 +316,7 @@ fn build_nix_rootfs(
         manifest_digest: digest,
         ..RootfsReport::default()
     };
-    write_image(tree, &request.out_dir, report)
+    write_image(tree, &request.out_dir, request.compression, report)
 }
 
 /// Adds the mount points, writes `rootfs.erofs` and `rootfs.verity` into `out_dir`, and
@@ -308,6 +324,7 @@ fn build_nix_rootfs(
 fn write_image(
     mut tree: Tree,
     out_dir: &Path,
+    compression: Compression,
     report: RootfsReport,
 ) -> Result<RootfsReport, RootfsError> {
     add_mount_points(&mut tree);
@@ -320,6 +337,7 @@ fn write_image(
         &mut writer,
         &ErofsOptions {
             volume_name: b"mvm-rootfs".to_vec(),
+            compression,
             ..ErofsOptions::default()
         },
     )?;
@@ -347,6 +365,10 @@ fn write_image(
         data_block_size: tree.data_block_size,
         hash_block_size: tree.hash_block_size,
         hash_offset: tree.hash_offset,
+        compression: CompressionReport {
+            compression,
+            compressed_files: summary.compressed_files,
+        },
         ..report
     })
 }
@@ -389,6 +411,7 @@ mod tests {
             insecure_registries: vec![],
             progress: false,
             nix: None,
+            compression: Default::default(),
         }
     }
 
@@ -451,6 +474,7 @@ mod tests {
             insecure_registries: vec![],
             progress: false,
             nix: None,
+            compression: Default::default(),
         };
         let report = build_rootfs(&request, Some(&layout.dir.path().join("blobs"))).unwrap();
         assert_eq!(report.skipped.total, 4);

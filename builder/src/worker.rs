@@ -841,6 +841,7 @@ mod tests {
             insecure_registries: vec![],
             progress: false,
             nix: None,
+            compression: Default::default(),
         };
         let dump = root.join("env");
         let shell = ["-c", "env > \"$0\"", dump.to_str().unwrap()];
@@ -932,6 +933,7 @@ mod tests {
                 insecure_registries: vec![],
                 progress: false,
                 nix: None,
+                compression: Default::default(),
             },
             blobs: Some(root.join(IMAGE_BLOBS)),
         }

@@ -67,7 +67,8 @@ use crate::tree::Tree;
 pub use lz4::{LZ4HC_DEFAULT_LEVEL, LZ4HC_MAX_LEVEL};
 
 /// How regular files' data is stored.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "algorithm", rename_all = "lowercase")]
 pub enum Compression {
     /// Uncompressed: every byte readable in place.
     #[default]
@@ -79,6 +80,44 @@ pub enum Compression {
         /// The compression level.
         level: u8,
     },
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+
+    /// `none`, `lz4`, `lz4hc` or `lz4hc,LEVEL` (1–12), as `mkfs.erofs -z` spells them.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (algorithm, level) = match text.split_once(',') {
+            Some((algorithm, level)) => (algorithm, Some(level)),
+            None => (text, None),
+        };
+        match (algorithm, level) {
+            ("none", None) => Ok(Compression::None),
+            ("lz4", None) => Ok(Compression::Lz4),
+            ("lz4hc", None) => Ok(Compression::Lz4Hc {
+                level: LZ4HC_DEFAULT_LEVEL,
+            }),
+            ("lz4hc", Some(level)) => match level.parse::<u8>() {
+                Ok(level @ 1..=LZ4HC_MAX_LEVEL) => Ok(Compression::Lz4Hc { level }),
+                _ => Err(format!(
+                    "the lz4hc level is 1 to {LZ4HC_MAX_LEVEL}, not {level:?}"
+                )),
+            },
+            _ => Err(format!(
+                "{text:?} is not a compression: none, lz4, lz4hc or lz4hc,LEVEL"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Compression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Compression::None => f.write_str("none"),
+            Compression::Lz4 => f.write_str("lz4"),
+            Compression::Lz4Hc { level } => write!(f, "lz4hc,{level}"),
+        }
+    }
 }
 
 /// How to write an image.
