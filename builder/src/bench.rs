@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::erofs::{self, ErofsOptions};
+use crate::erofs::{self, Compression, ErofsOptions};
 use crate::tree::{Metadata, NodeId, NodeKind, Staging, Tree};
 use crate::verity::{self, VerityParams};
 
@@ -56,6 +56,9 @@ pub struct Comparison {
     pub runs: usize,
     /// Details (sizes, counts).
     pub note: String,
+    /// Output sizes in bytes, mvm's and the peer's, where the output is an image.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sizes: Option<(u64, u64)>,
 }
 
 fn median(times: &mut [Duration]) -> f64 {
@@ -80,6 +83,7 @@ fn compare(
         ratio: peer_ms / mvm_ms,
         runs,
         note,
+        sizes: None,
     }
 }
 
@@ -119,10 +123,16 @@ fn run(command: &mut Command, what: &str) -> Result<String, BenchError> {
 }
 
 /// Tree → EROFS image → verity tree for the host directory `source`, against `mkfs.erofs -U
-/// <uuid> -T 0 --all-root` + `veritysetup format` on the same directory. The tree is staged
-/// once, outside the timing (mkfs.erofs reads the directory inside its timing); both sides
-/// write through the page cache, neither syncs.
-pub fn image(source: &Path, work: &Path, runs: usize) -> Result<Vec<Comparison>, BenchError> {
+/// <uuid> -T 0 --all-root` + `veritysetup format` on the same directory, both compressing as
+/// `compression` says (`mkfs.erofs -zlz4`, `-zlz4hc,LEVEL`). The tree is staged once, outside
+/// the timing (mkfs.erofs reads the directory inside its timing); both sides write through
+/// the page cache, neither syncs.
+pub fn image(
+    source: &Path,
+    work: &Path,
+    runs: usize,
+    compression: Compression,
+) -> Result<Vec<Comparison>, BenchError> {
     fs::create_dir_all(work)?;
     let started = Instant::now();
     let mut tree = Tree::new(Staging::temp_file_in(work)?);
@@ -133,7 +143,19 @@ pub fn image(source: &Path, work: &Path, runs: usize) -> Result<Vec<Comparison>,
 
     let options = ErofsOptions {
         uuid: Some(UUID),
+        compression,
         ..ErofsOptions::default()
+    };
+    let mut mkfs_args = vec!["--quiet", "-U", UUID_TEXT, "-T", "0", "--all-root"];
+    let mkfs_compression = match compression {
+        Compression::None => None,
+        Compression::Lz4 => Some("-zlz4".to_string()),
+        Compression::Lz4Hc { level } => Some(format!("-zlz4hc,{level}")),
+    };
+    mkfs_args.extend(mkfs_compression.as_deref());
+    let peer = match &mkfs_compression {
+        Some(flag) => format!("mkfs.erofs {flag}"),
+        None => "mkfs.erofs".to_string(),
     };
     let params = VerityParams::new(SALT.to_vec(), UUID);
     let (ours_img, ours_hash) = (work.join("mvm.erofs"), work.join("mvm.verity"));
@@ -157,7 +179,7 @@ pub fn image(source: &Path, work: &Path, runs: usize) -> Result<Vec<Comparison>,
         let start = Instant::now();
         run(
             Command::new("mkfs.erofs")
-                .args(["--quiet", "-U", UUID_TEXT, "-T", "0", "--all-root"])
+                .args(&mkfs_args)
                 .arg(&peer_img)
                 .arg(source),
             "mkfs.erofs",
@@ -171,25 +193,34 @@ pub fn image(source: &Path, work: &Path, runs: usize) -> Result<Vec<Comparison>,
         image_peer.push(imaged);
         both_peer.push(start.elapsed());
     }
+    let sizes = (
+        fs::metadata(&ours_img)?.len(),
+        fs::metadata(&peer_img)?.len(),
+    );
     let note = format!(
-        "{} inodes, {staged_mib} MiB staged in {:.0} ms (not timed); images {} vs {} bytes",
+        "{} inodes, {staged_mib} MiB staged in {:.0} ms (not timed); compression {compression}; \
+         images {} vs {} bytes (mvm's {:.3}x the size of mkfs.erofs's)",
         inodes,
         staging.as_secs_f64() * 1e3,
-        fs::metadata(&ours_img)?.len(),
-        fs::metadata(&peer_img)?.len()
+        sizes.0,
+        sizes.1,
+        sizes.0 as f64 / sizes.1 as f64
     );
     let results = vec![
-        compare(
-            "tree → EROFS image".into(),
-            "mkfs.erofs".into(),
-            runs,
-            &mut image_ours,
-            &mut image_peer,
-            note.clone(),
-        ),
+        Comparison {
+            sizes: Some(sizes),
+            ..compare(
+                "tree → EROFS image".into(),
+                peer.clone(),
+                runs,
+                &mut image_ours,
+                &mut image_peer,
+                note.clone(),
+            )
+        },
         compare(
             "tree → EROFS image + verity tree".into(),
-            "mkfs.erofs + veritysetup format".into(),
+            format!("{peer} + veritysetup format"),
             runs,
             &mut both_ours,
             &mut both_peer,

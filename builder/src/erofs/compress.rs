@@ -78,16 +78,17 @@ impl FileCompressor {
         }))
     }
 
-    /// The extents of `content` when compressing saves at least one block over storing it
-    /// flat (whose tail may go inline), else `None`.
+    /// The extents of `content` when they take fewer bytes than the file stored flat (whole
+    /// blocks, its tail inline in the metadata), else `None`.
     pub(super) fn compress(
         &mut self,
         staging: &Staging,
         content: Content,
     ) -> Result<Option<Vec<Extent>>, ErofsError> {
         let size = content.len;
-        let flat_blocks = size / BLOCK_SIZE;
-        if flat_blocks < 2 {
+        // The index alone is 24 bytes; one block must hold more than a block of data.
+        let worth = |extents: usize| extents as u64 * BLOCK_SIZE + index_area_len(0, size) < size;
+        if !worth(1) {
             return Ok(None);
         }
         let spilled_before = self.spilled;
@@ -123,7 +124,7 @@ impl FileCompressor {
             };
             pos += extent.len;
             extents.push(extent);
-            if extents.len() as u64 >= flat_blocks {
+            if !worth(extents.len()) {
                 // No saving: give the spilled blocks back.
                 self.spill
                     .set_len(spilled_before)

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::Subcommand;
 use mvm_builder::bench::{self, Comparison};
+use mvm_builder::erofs::Compression;
 use serde_json::json;
 
 use crate::output::Output;
@@ -24,6 +25,10 @@ pub enum BenchCommand {
         /// Runs of each side.
         #[arg(long, default_value_t = 5)]
         runs: usize,
+        /// Compress both images: `lz4`, `lz4hc` or `lz4hc,LEVEL` (mkfs.erofs `-zlz4`,
+        /// `-zlz4hc,LEVEL`); `none` by default.
+        #[arg(long, value_name = "ALGORITHM", default_value = "none")]
+        compress: Compression,
     },
     /// Boot: mvm-runner start → the agent's hello for PLAN (running `true`), against plain
     /// QEMU on the same machine booting the same kernel with a minimal initramfs to a marker;
@@ -123,7 +128,11 @@ pub fn run(cmd: BenchCommand, out: &Output) -> anyhow::Result<()> {
             out.result(value, || text);
             return Ok(());
         }
-        BenchCommand::Image { source, runs } => bench::image(&source, work.path(), runs.max(1))?,
+        BenchCommand::Image {
+            source,
+            runs,
+            compress,
+        } => bench::image(&source, work.path(), runs.max(1), compress)?,
         BenchCommand::Verity { size_mib, runs } => {
             vec![bench::verity(size_mib.max(1), work.path(), runs.max(1))?]
         }

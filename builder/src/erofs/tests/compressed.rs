@@ -81,8 +81,10 @@ fn sample() -> (Tree, u64) {
     }
     file(&mut tree, "mixed", mixed(300_000), true);
     file(&mut tree, "zeros", vec![0; 3 << 20], true);
-    // One block saves nothing: stored flat, its tail inline.
-    file(&mut tree, "small", words(8191, 1), false);
+    // A block and a half of text in one block: fewer bytes than a block and an inline tail.
+    file(&mut tree, "one-block", words(6000, 1), true);
+    // A file within one block is never compressed: its tail goes inline.
+    file(&mut tree, "small", words(4096, 1), false);
     file(&mut tree, "random", noise(50_000, 9), false);
     let with_xattrs = file(&mut tree, "xattrs", words(30_000, 5), true);
     // A 12-byte xattr body after the 32-byte inode: the index starts 4 bytes later, aligned.
@@ -132,7 +134,7 @@ fn erofs_compressed_images_are_reproducible_and_differ_by_level() {
 fn erofs_an_image_with_nothing_worth_compressing_stays_plain() {
     let mut tree = new_tree();
     add_file(&mut tree, Tree::ROOT, b"r", &noise(40_000, 3), meta(0o600));
-    add_file(&mut tree, Tree::ROOT, b"s", &words(5_000, 3), meta(0o600));
+    add_file(&mut tree, Tree::ROOT, b"s", &words(4_000, 3), meta(0o600));
     let plain = write_to_vec(&tree, &options());
     assert!(plain == write_to_vec(&tree, &with(Compression::Lz4)));
 }
