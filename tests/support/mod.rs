@@ -1,6 +1,7 @@
 //! Running the `mvm` binary from the end-to-end tests, against a state directory of their own.
 
 pub mod bundle;
+pub mod debian;
 pub mod guest;
 pub mod wait;
 
