@@ -14,9 +14,8 @@ use std::sync::OnceLock;
 
 mod support;
 
-use support::{mvm, mvm_json as json};
+use support::{dsse_payload as payload, mvm, mvm_json as json};
 
-use base64::Engine as _;
 use mvm_builder::testing::{layer, layer_of, Entry, LocalRegistry, TestLayout, TAR};
 use serde_json::Value;
 
@@ -101,14 +100,6 @@ fn build(home: &Path, declaration: &Path, out: &Path, status: i32) -> Value {
         "/bin/busybox",
     ];
     json(home, &args, status)
-}
-
-fn payload(envelope: &Path) -> Value {
-    let envelope: Value = serde_json::from_slice(&fs::read(envelope).unwrap()).unwrap();
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(envelope["payload"].as_str().unwrap())
-        .unwrap();
-    serde_json::from_slice(&bytes).unwrap()
 }
 
 #[test]

@@ -84,13 +84,7 @@ fn fixture() -> &'static Fixture {
 
 /// `mvm ARGS` with the fixture's home, the static runner and agent.
 fn mvm(args: &[&str]) -> Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_mvm"))
-        .args(args)
-        .env("MVM_HOME", &fixture().home)
-        .env("MVM_RUNNER", guest::runner())
-        .env("MVM_AGENT", guest::static_agent())
-        .output()
-        .unwrap()
+    guest::mvm(&fixture().home, args)
 }
 
 /// `mvm ARGS`, which must exit 0; its standard output.
@@ -98,15 +92,6 @@ fn ok(args: &[&str]) -> String {
     let out = mvm(args);
     assert_eq!(out.status.code(), Some(0), "{args:?}: {}", describe(&out));
     text(&out.stdout)
-}
-
-/// Removes a named VM when dropped, so that a failing test leaves no runner behind.
-struct RemoveOnDrop(&'static str);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = mvm(&["rm", "--force", self.0]);
-    }
 }
 
 const ROOT_MAPPED: &str = "the image runs as root; mvm runs it as the workload user 1000";
@@ -144,16 +129,7 @@ fn an_image_runs_with_its_own_config_as_docker_run_would() {
         "--",
         "hi",
     ]);
-    let envelope: Value =
-        serde_json::from_slice(&fs::read(out.join("plan.dsse.json")).unwrap()).unwrap();
-    let plan: Value = serde_json::from_slice(
-        &base64::Engine::decode(
-            &base64::engine::general_purpose::STANDARD,
-            envelope["payload"].as_str().unwrap(),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let plan = support::dsse_payload(&out.join("plan.dsse.json"));
     assert_eq!(plan["entrypoint"]["command"], json!(["/bin/echo", "hi"]));
 
     // `User root`: the workload user instead, said once, by the build `mvm run` starts.
@@ -169,7 +145,10 @@ fn an_image_runs_with_its_own_config_as_docker_run_would() {
 
     // A named VM of the image: every command, `mvm exec` without `--user` too, runs as the
     // image's User in its WorkingDir with its Env; `--user` still picks another.
-    let _cleanup = RemoveOnDrop("configured");
+    let _cleanup = guest::RemoveOnDrop {
+        home: &f.home,
+        name: "configured",
+    };
     ok(&["up", &f.configured, "--name", "configured"]);
     assert_eq!(
         ok(&[

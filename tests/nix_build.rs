@@ -20,7 +20,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use base64::Engine as _;
 use real_nix::RealNix;
 use serde_json::Value;
 
@@ -188,12 +187,7 @@ fn shared() -> Option<&'static (Fixture, PathBuf)> {
 }
 
 fn provenance(bundle: &Path) -> Value {
-    let envelope: Value =
-        serde_json::from_slice(&fs::read(bundle.join("provenance.dsse.json")).unwrap()).unwrap();
-    let payload = base64::engine::general_purpose::STANDARD
-        .decode(envelope["payload"].as_str().unwrap())
-        .unwrap();
-    serde_json::from_slice(&payload).unwrap()
+    support::dsse_payload(&bundle.join("provenance.dsse.json"))
 }
 
 /// Every node under `dir`: path → ("file", bytes, executable) | ("link", target) | ("dir").
@@ -377,12 +371,7 @@ fn a_workload_nix_builds_with_its_profile() {
     )
     .unwrap();
     let plan_profile = |bundle: &Path| {
-        let envelope: Value =
-            serde_json::from_slice(&fs::read(bundle.join("plan.dsse.json")).unwrap()).unwrap();
-        let payload = base64::engine::general_purpose::STANDARD
-            .decode(envelope["payload"].as_str().unwrap())
-            .unwrap();
-        let plan: Value = serde_json::from_slice(&payload).unwrap();
+        let plan = support::dsse_payload(&bundle.join("plan.dsse.json"));
         plan["policy"]["profile"].as_str().unwrap().to_string()
     };
     let bundle = fx.work.path().join("from-nix-bundle");

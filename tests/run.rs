@@ -130,12 +130,7 @@ fn bundle_copy(dir: &Path) -> PathBuf {
 }
 
 fn plan_payload(bundle: &Path) -> Value {
-    let envelope: Value =
-        serde_json::from_slice(&fs::read(bundle.join("plan.dsse.json")).unwrap()).unwrap();
-    let payload = base64::engine::general_purpose::STANDARD
-        .decode(envelope["payload"].as_str().unwrap())
-        .unwrap();
-    serde_json::from_slice(&payload).unwrap()
+    support::dsse_payload(&bundle.join("plan.dsse.json"))
 }
 
 /// The VM state directories under `home`.

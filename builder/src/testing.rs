@@ -138,7 +138,13 @@ impl Default for TestLayout {
 impl TestLayout {
     /// An empty layout in a temporary directory.
     pub fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        Self::new_in(&std::env::temp_dir())
+    }
+
+    /// An empty layout in a temporary directory under `parent` (to be kept there under a name
+    /// of its own: `dir.keep()`, then a rename on the same file system).
+    pub fn new_in(parent: &Path) -> Self {
+        let dir = tempfile::tempdir_in(parent).unwrap();
         fs::create_dir_all(dir.path().join("blobs/sha256")).unwrap();
         fs::write(
             dir.path().join("oci-layout"),

@@ -9,7 +9,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 const TARGET: &str = "x86_64-unknown-linux-gnu";
@@ -81,6 +81,32 @@ pub fn static_agent() -> &'static Path {
 /// `mvm-runner` (pass it to `mvm run` as `MVM_RUNNER`).
 pub fn runner() -> &'static Path {
     &binaries().1
+}
+
+/// `mvm ARGS` with `MVM_HOME` set to `home`, and this test run's runner and static agent.
+pub fn mvm(home: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mvm"))
+        .args(args)
+        .env("MVM_HOME", home)
+        .env("MVM_RUNNER", runner())
+        .env("MVM_AGENT", static_agent())
+        .output()
+        .unwrap()
+}
+
+/// A named VM of `home`, removed (`mvm rm --force`) when this is dropped, so that a failing test
+/// leaves no runner behind.
+pub struct RemoveOnDrop<'a> {
+    /// The VM's state directory.
+    pub home: &'a Path,
+    /// Its name.
+    pub name: &'a str,
+}
+
+impl Drop for RemoveOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = mvm(self.home, &["rm", "--force", self.name]);
+    }
 }
 
 /// Whether an ELF64 executable has a `PT_INTERP` program header (a dynamic loader to run it).

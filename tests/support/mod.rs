@@ -1,9 +1,11 @@
 //! Running the `mvm` binary from the end-to-end tests, against a state directory of their own.
 
 pub mod bundle;
+pub mod debian;
 pub mod guest;
 pub mod wait;
 
+use std::fs;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -48,4 +50,16 @@ pub fn describe(out: &Output) -> String {
         text(&out.stdout),
         text(&out.stderr)
     )
+}
+
+/// The payload of the DSSE envelope in `envelope` (a plan, a provenance, a receipt), parsed.
+#[allow(dead_code)] // not every test binary reads envelopes
+pub fn dsse_payload(envelope: &Path) -> Value {
+    let envelope: Value = serde_json::from_slice(&fs::read(envelope).unwrap()).unwrap();
+    let bytes = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        envelope["payload"].as_str().unwrap(),
+    )
+    .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
 }
