@@ -7,7 +7,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use mvm_builder::testing::{gzip, layer_of, Entry, TestLayout, TAR_GZIP};
 use serde_json::{json, Value};
@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 mod support;
 
 use support::guest;
-use support::{bundle, describe, text};
+use support::{bundle, describe, dsse_payload, text};
 
 /// Lines like a configuration file's or a manual's: compressible several times over.
 fn words(len: usize) -> Vec<u8> {
@@ -40,20 +40,11 @@ fn sha256_hex(bytes: &[u8]) -> String {
     format!("{:x}", Sha256::digest(bytes))
 }
 
-fn mvm(home: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mvm"))
-        .args(args)
-        .env("MVM_HOME", home)
-        .env("MVM_RUNNER", guest::runner())
-        .env("MVM_AGENT", guest::static_agent())
-        .output()
-        .unwrap()
-}
-
+/// `mvm --json ARGS` with the test run's runner and agent, exiting `status`; its report.
 fn json_of(home: &Path, args: &[&str], status: i32) -> Value {
     let mut all = vec!["--json"];
     all.extend_from_slice(args);
-    let out = mvm(home, &all);
+    let out = guest::mvm(home, &all);
     assert_eq!(
         out.status.code(),
         Some(status),
@@ -82,19 +73,6 @@ fn build(home: &Path, reference: &str, compression: &str, out: &Path) -> Value {
         ],
         0,
     )
-}
-
-fn provenance(bundle: &Path) -> Value {
-    let envelope: Value =
-        serde_json::from_slice(&fs::read(bundle.join("provenance.dsse.json")).unwrap()).unwrap();
-    serde_json::from_slice(
-        &base64::Engine::decode(
-            &base64::engine::general_purpose::STANDARD,
-            envelope["payload"].as_str().unwrap(),
-        )
-        .unwrap(),
-    )
-    .unwrap()
 }
 
 fn checked(tool: &str, args: &[&Path]) -> String {
@@ -149,8 +127,8 @@ fn a_compressed_image_boots_reads_back_through_verity_and_catches_a_flipped_bit(
         small * 10 < large * 7,
         "{small} bytes compressed, {large} plain"
     );
-    let recorded = provenance(&out)["predicate"]["buildDefinition"]["internalParameters"]
-        ["compression"]
+    let recorded = dsse_payload(&out.join("provenance.dsse.json"))["predicate"]["buildDefinition"]
+        ["internalParameters"]["compression"]
         .clone();
     assert_eq!(
         recorded, built["compression"],
@@ -189,7 +167,7 @@ fn a_compressed_image_boots_reads_back_through_verity_and_catches_a_flipped_bit(
 
     // The guest kernel decompresses through dm-verity.
     let plan = out.join("plan.dsse.json");
-    let ran = mvm(&home, &["run", "--plan", plan.to_str().unwrap()]);
+    let ran = guest::mvm(&home, &["run", "--plan", plan.to_str().unwrap()]);
     assert_eq!(ran.status.code(), Some(0), "{}", describe(&ran));
     assert_eq!(
         text(&ran.stdout),
