@@ -24,6 +24,7 @@
 pub mod bench;
 pub mod bundle;
 pub mod erofs;
+pub mod image_cache;
 pub mod initramfs;
 pub mod kernel;
 pub mod layer;
