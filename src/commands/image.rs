@@ -191,21 +191,21 @@ fn ls(inventory: &Inventory, out: &Output) {
         }
         if !inventory.unreferenced_blobs.is_empty() {
             text.push_str(&format!(
-                "\n{} blobs no image names, {} (`mvm image prune` removes them)",
-                inventory.unreferenced_blobs.len(),
+                "\n{} no image names, {} (`mvm image prune` removes them)",
+                count(inventory.unreferenced_blobs.len(), "blob"),
                 human_size(unreferenced)
             ));
         }
         if !inventory.dangling_bundles.is_empty() {
             text.push_str(&format!(
-                "\n{} kept bundles whose image is gone",
-                inventory.dangling_bundles.len()
+                "\n{} whose image is gone (`mvm image prune` removes them)",
+                count(inventory.dangling_bundles.len(), "kept bundle")
             ));
         }
         if !inventory.leftovers.is_empty() {
             text.push_str(&format!(
-                "\n{} leftovers of interrupted builds, {}",
-                inventory.leftovers.len(),
+                "\n{} of interrupted builds, {}",
+                count(inventory.leftovers.len(), "leftover"),
                 human_size(leftovers)
             ));
         }
@@ -266,9 +266,9 @@ fn removal_text(removal: &Removal, dry_run: bool) -> String {
     }
     if !removal.blobs.is_empty() || !removal.leftovers.is_empty() {
         text.push_str(&format!(
-            "{verb} {} blobs and {} leftovers\n",
-            removal.blobs.len(),
-            removal.leftovers.len()
+            "{verb} {} and {}\n",
+            count(removal.blobs.len(), "blob"),
+            count(removal.leftovers.len(), "leftover")
         ));
     }
     for (digest, vms) in &removal.kept {
@@ -401,6 +401,11 @@ fn vm_usage(root: &Path, vms: &[VmState]) -> (u64, u64, u64, u64, u64) {
         }
     }
     (vms.len() as u64, size, reclaimable, cold_count, cold_size)
+}
+
+/// `1 blob`, `2 blobs`.
+fn count(n: usize, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
 }
 
 /// `1.5 MiB`: binary units, one decimal.
