@@ -333,7 +333,7 @@ pub fn system(command: SystemCommand, out: &Output) -> anyhow::Result<()> {
             "images",
             inventory.images.len() as u64,
             images_size,
-            bytes(&pruned_all) - bytes(&pruned),
+            bytes(&pruned_all).saturating_sub(bytes(&pruned)),
         ),
         (
             "bundles",
@@ -347,7 +347,9 @@ pub fn system(command: SystemCommand, out: &Output) -> anyhow::Result<()> {
             "blob cache",
             blob_count,
             blob_size,
-            pruned.bytes() - pruned.bundles.iter().map(|b| b.size).sum::<u64>(),
+            pruned
+                .bytes()
+                .saturating_sub(pruned.bundles.iter().map(|b| b.size).sum::<u64>()),
         ),
         ("kernels", kernel_count, kernels, 0),
         ("keys, trust, ledger, audit", 0, state_size, 0),
