@@ -45,6 +45,12 @@ enum Command {
     Init(commands::init::InitArgs),
     /// Build a workload into a signed plan bundle.
     Build(commands::build::BuildArgs),
+    /// The image cache: ls, rm, prune.
+    #[command(subcommand)]
+    Image(commands::image::ImageCommand),
+    /// mvm's disk use: df.
+    #[command(subcommand)]
+    System(commands::image::SystemCommand),
     /// Run a command in a fresh microVM booted from a signed plan or an image.
     Run(commands::run::RunArgs),
     /// Start a VM that stays up, named; returns once its agent is ready.
@@ -129,6 +135,8 @@ fn main() -> ExitCode {
         Command::Audit(cmd) => commands::audit::run(cmd, &out),
         Command::Init(args) => commands::init::run(args, &out),
         Command::Build(args) => commands::build::run(args, &out),
+        Command::Image(cmd) => commands::image::run(cmd, &out),
+        Command::System(cmd) => commands::image::system(cmd, &out),
         Command::Run(args) => return commands::run::run(args, &out),
         Command::Up(args) => return exit_code(commands::vm::up(args, &out), &out),
         Command::Ls => commands::vm::ls(&out),

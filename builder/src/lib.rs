@@ -14,6 +14,8 @@
 //! - [`nix_image`]: `nix_packages` realised by the real Nix into a store closure (checked
 //!   against mvm-nix's own derivation and NAR hashing), staged as `/nix/store` and `/bin`.
 //! - [`erofs`]: a native, deterministic EROFS image writer over a [`tree::Tree`].
+//! - [`image_cache`]: records of the images builds pulled, what VMs need, and crash-safe
+//!   removal of the rest (`mvm image ls/rm/prune`, `mvm system df`).
 //! - [`kernel`]: the Debian cloud kernel and the modules the guest needs, pinned by sha256.
 //! - [`initramfs`]: the deterministic, gzip-compressed `newc` archive with the agent as `/init`.
 //! - [`bundle`]: the trusted half: kernel + initramfs + every file hashed → launch plan and
@@ -24,6 +26,7 @@
 pub mod bench;
 pub mod bundle;
 pub mod erofs;
+pub mod image_cache;
 pub mod initramfs;
 pub mod kernel;
 pub mod layer;

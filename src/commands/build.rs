@@ -8,9 +8,10 @@ use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 use mvm_builder::bundle::{assemble, image_argv, AssembleInput};
 use mvm_builder::erofs::Compression;
+use mvm_builder::image_cache::{BuiltImage, BundleRecord, CacheLock, ImageCache};
 use mvm_builder::kernel::KernelStore;
 use mvm_builder::nix_image::NixStore;
-use mvm_builder::oci::{resolve_tag, ImageRef, RegistryOptions};
+use mvm_builder::oci::{cached_image, resolve_tag, ImageRef, RegistryOptions, Transport};
 use mvm_builder::rootfs::RootfsRequest;
 use mvm_builder::worker::build_in_worker;
 use mvm_ir::digest::sha256_prefixed;
@@ -214,6 +215,10 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
         compression: args.compress,
     };
     let Persona::Host = args.persona;
+    // Held from the pull until the image's record is written: no prune removes its blobs
+    // meanwhile.
+    let cache = ImageCache::in_home(&host.home).map_err(coded)?;
+    let cache_lock = cache.lock_shared().map_err(coded)?;
     let (report, sandbox) =
         build_in_worker(&std::env::current_exe()?, &["build-worker"], &request).map_err(coded)?;
 
@@ -278,6 +283,19 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
                "image": report.image_digest, "sandbox": sandbox}),
     )?;
     swap_in(staging, &out_dir)?;
+    if target.nix_packages.is_none() {
+        let bundle = BundleRecord {
+            path: out_dir.clone(),
+            plan_digest: plan_digest.clone(),
+        };
+        if let Err(e) = record_image(&cache, &cache_lock, &target, bundle) {
+            eprintln!(
+                "warning: the image cache's record of {}: {e}",
+                target.digest
+            );
+        }
+    }
+    drop(cache_lock);
 
     out.result(
         json!({"out": out_dir, "plan_digest": plan_digest, "rootfs_digest": bundle.rootfs_digest,
@@ -315,6 +333,29 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
         },
     );
     Ok(())
+}
+
+/// Records the image a build used, its blobs and the bundle built, in the image cache.
+fn record_image(
+    cache: &ImageCache,
+    lock: &CacheLock,
+    target: &Target,
+    bundle: BundleRecord,
+) -> anyhow::Result<()> {
+    let image =
+        ImageRef::new(&target.reference, &target.digest, &target.base_dir).map_err(coded)?;
+    // An archive is unpacked by the worker, never cached: recorded without blobs.
+    let pulled = match image.transport {
+        Transport::Archive(_) => None,
+        _ => Some(cached_image(&target.digest, cache.blobs()).map_err(coded)?),
+    };
+    let built = BuiltImage {
+        reference: target.reference.clone(),
+        pulled,
+        digest: target.digest.clone(),
+        bundle,
+    };
+    cache.record_build(lock, &built).map_err(coded)
 }
 
 /// The line saying which device nodes and FIFOs the image left out (the first few by name; the

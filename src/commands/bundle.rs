@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use mvm_builder::image_cache::ImageCache;
 use mvm_builder::kernel::KernelStore;
 use mvm_ir::admission::verify_signed_plan;
 use mvm_ir::digest::{sha256_hex, sha256_reader};
@@ -95,6 +96,13 @@ fn cached_bundle(
         .ensure("runs")?
         .join(&sha256_hex(key.to_string().as_bytes())[..16]);
     if still_valid(&host, &dir.join("plan.dsse.json")) {
+        // Used now: `mvm image prune --all --older-than` keeps it.
+        if let Some((_, digest)) = image.rsplit_once('@') {
+            let touched = ImageCache::in_home(&host.home).and_then(|cache| cache.touch(digest));
+            if let Err(e) = touched {
+                eprintln!("warning: the image cache's record of {digest}: {e}");
+            }
+        }
         return Ok(dir);
     }
     let mvm = std::env::current_exe()?;

@@ -8,6 +8,7 @@ pub mod build;
 pub mod bundle;
 pub mod declaration;
 pub mod doctor;
+pub mod image;
 pub mod init;
 pub mod ir;
 pub mod kernel;

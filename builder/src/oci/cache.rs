@@ -43,6 +43,12 @@ impl BlobCache {
         Ok(Self { dir })
     }
 
+    /// The directory of the blobs themselves (`<dir>/sha256`): one file per blob, named by
+    /// its hex digest, and the temporary files of blobs being fetched.
+    pub fn blob_dir(&self) -> &Path {
+        &self.dir
+    }
+
     fn path(&self, digest: &str) -> Result<PathBuf, OciError> {
         if !is_prefixed_sha256(digest) {
             return Err(OciError::BadDocument {

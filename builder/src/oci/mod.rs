@@ -251,6 +251,24 @@ pub fn pull_image(
     })
 }
 
+/// The blobs of the image named by `digest`, as [`pull_image`] lists them, read from `cache`
+/// alone: the index and manifest are verified against their digests and parsed, nothing is
+/// fetched, and the config and layers are named, not read. For the image cache's records.
+pub fn cached_image(digest: &str, cache: &BlobCache) -> Result<PulledImage, OciError> {
+    let (manifest_digest, manifest) = resolve_manifest(digest, |digest| {
+        cache.read_verified(digest, MAX_DOCUMENT_BYTES)
+    })?;
+    let mut blobs = vec![digest.to_string()];
+    blobs.extend((manifest_digest != digest).then(|| manifest_digest.clone()));
+    blobs.push(manifest.config.digest.clone());
+    blobs.extend(manifest.layers.iter().map(|l| l.digest.clone()));
+    Ok(PulledImage {
+        digest: digest.to_string(),
+        manifest_digest,
+        blobs,
+    })
+}
+
 /// Applies the image named by `digest` to `tree` from blobs already in `cache`, fetching
 /// nothing: each blob is hashed again as it is read, and one that is missing is
 /// [`OciError::BlobNotFound`].
