@@ -116,11 +116,11 @@ pub struct BuildArgs {
     /// files under DIR/nix/store); default the system's store.
     #[arg(long, value_name = "DIR")]
     nix_store: Option<PathBuf>,
-    /// Compress the image's files: `lz4`, or `lz4hc` / `lz4hc,LEVEL` (1–12, default 9) for a
-    /// smaller image that takes longer to build; `none` stores them as they are. A file is
-    /// stored compressed only where that saves at least a block; reads decompress in the
-    /// guest kernel, after dm-verity has checked the compressed blocks.
-    #[arg(long, value_name = "ALGORITHM", default_value = "none")]
+    /// Compress the image's files: `lz4` (the default), `lz4hc` / `lz4hc,LEVEL` (1–12, default
+    /// 9) for a smaller image that takes longer to build, or `none`. A file is stored
+    /// compressed only where that takes fewer bytes; the guest kernel decompresses blocks
+    /// after dm-verity has checked them.
+    #[arg(long, value_name = "ALGORITHM", default_value = "lz4")]
     compress: Compression,
 }
 
