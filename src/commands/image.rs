@@ -18,7 +18,9 @@ use serde_json::{json, Value};
 use super::{coded, Host};
 use crate::output::Output;
 
-/// The testing hook that pauses a removal after this many entries (for a test to kill it).
+/// The testing hook that pauses a removal after this many entries (for a test to kill it);
+/// read by debug builds only, which are what the tests run, so a release `mvm` has no such
+/// switch.
 const PAUSE_HOOK: &str = "MVM_TEST_PAUSE_AFTER_REMOVALS";
 
 #[derive(Debug, Subcommand)]
@@ -122,6 +124,9 @@ fn waiting() {
 }
 
 fn pause_hook() -> Option<usize> {
+    if !cfg!(debug_assertions) {
+        return None;
+    }
     std::env::var(PAUSE_HOOK).ok().and_then(|n| n.parse().ok())
 }
 
