@@ -403,7 +403,17 @@ fn a_prune_keeps_and_rm_refuses_what_a_named_vm_needs() {
     assert_eq!(vms["count"], 1);
     assert_eq!(vms["reclaimable"], 0, "a running VM is not reclaimable");
 
-    // Stopped, the VM still needs it; removed, it does not.
+    // Saved cold (no runner, its state on disk), the VM still needs it.
+    let cold = mvm(&home, &["pause", "web", "--cold"]);
+    assert!(cold.status.success(), "{}", describe(&cold));
+    let refused = json(&home, &["image", "rm", digest_of(&one)], 65);
+    assert_eq!(refused["error"]["code"], "CACHE004", "{refused}");
+    let pruned = json(&home, &["image", "prune", "--all"], 0);
+    assert_eq!(pruned["kept"][0]["digest"], digest_of(&one), "{pruned}");
+    assert_eq!(pruned["kept"][0]["needed_by"], serde_json::json!(["web"]));
+    assert!(kept_bundle.join("plan.dsse.json").is_file());
+
+    // Stopped (the cold state discarded), the VM still needs it; removed, it does not.
     let stop = mvm(&home, &["stop", "web"]);
     assert!(stop.status.success(), "{}", describe(&stop));
     assert_eq!(

@@ -1,12 +1,13 @@
 //! Any bytes as an image layer (a tar stream), applied to a staged tree, and — when accepted —
 //! written as an EROFS image: layer application refuses or applies, the writer refuses or
-//! writes, and neither ever panics or touches the host's files.
+//! writes (uncompressed, LZ4 or LZ4 HC, chosen by the input's length), and neither ever panics
+//! or touches the host's files.
 #![no_main]
 
 use std::io::Cursor;
 
 use libfuzzer_sys::fuzz_target;
-use mvm_builder::erofs::{write_image, ErofsOptions};
+use mvm_builder::erofs::{write_image, Compression, ErofsOptions};
 use mvm_builder::layer::{ApplyOptions, LayerApplier, LayerLimits};
 use mvm_builder::tree::{Staging, Tree};
 
@@ -25,6 +26,15 @@ fuzz_target!(|data: &[u8]| {
             return;
         }
     }
+    let compression = match data.len() % 3 {
+        0 => Compression::None,
+        1 => Compression::Lz4,
+        _ => Compression::Lz4Hc { level: 9 },
+    };
+    let options = ErofsOptions {
+        compression,
+        ..ErofsOptions::default()
+    };
     let mut image = Cursor::new(Vec::new());
-    let _ = write_image(&tree, &mut image, &ErofsOptions::default());
+    let _ = write_image(&tree, &mut image, &options);
 });

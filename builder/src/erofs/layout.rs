@@ -216,12 +216,12 @@ pub(super) fn plan(tree: &Tree, compression: Compression) -> Result<ImagePlan<'_
 /// Chooses each inode's data layout and nid. Returns the number of metadata blocks.
 ///
 /// A compressed file's index follows its inode. A tail goes inline whenever inode, xattrs and
-/// tail fit in one block. Inodes are packed
-/// into metadata blocks best-fit, in walk order: each goes into the block with the least free
-/// space that still holds it (the lowest such block on ties), or into a new block. That keeps
-/// the gaps between inodes small (mkfs.erofs packs about as tightly) and places the root,
-/// allocated first, in block 0 or 1, so its nid fits the superblock's 16 bits. Only an inode
-/// whose xattrs alone exceed a block spans blocks; it starts a fresh one.
+/// tail fit in one block. Inodes are packed into metadata blocks best-fit, in walk order: each
+/// goes into the block with the least free space that still holds it (the lowest such block on
+/// ties), or into a new block. That keeps the gaps between inodes small (mkfs.erofs packs about
+/// as tightly) and places the root, allocated first, in block 0 or 1, so its nid fits the
+/// superblock's 16 bits. Only an inode whose xattrs or index alone exceed a block spans blocks;
+/// it starts a fresh one.
 fn place_inodes(inodes: &mut [PlannedInode<'_>]) -> u64 {
     let mut space = MetadataSpace::new();
     for inode in inodes {

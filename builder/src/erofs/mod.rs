@@ -1,4 +1,5 @@
-//! A native, deterministic, uncompressed EROFS image writer over a staged [`Tree`].
+//! A native, deterministic EROFS image writer over a staged [`Tree`], uncompressed or with
+//! LZ4-compressed files.
 //!
 //! [`write_image`] turns a tree into an image that Linux mounts read-only (`-t erofs`) and that
 //! `fsck.erofs` accepts. The same tree always gives the same bytes: nothing depends on node
@@ -10,7 +11,8 @@
 //!   superblock: magic, `SB_CHKSUM` with the crc32c of block 0 from offset 1024 on (checksum
 //!   field zeroed, not inverted), block size bits 12, root nid, inode count, build time
 //!   [`ErofsOptions::epoch`], total blocks, metadata area at block 0, no shared xattr area,
-//!   the uuid and volume name, and no incompatible features.
+//!   the uuid and volume name, and no incompatible features but `ZERO_PADDING` when a file is
+//!   compressed.
 //! - **Metadata area**: from block 0, right after the superblock. Inodes are numbered in
 //!   breadth-first order from the root (a directory's entries in name order, a hardlinked node
 //!   where it is first met) and packed best-fit into 4 KiB blocks: each goes into the block
@@ -34,6 +36,11 @@
 //!   inode, xattrs and tail fit in one block; otherwise `FLAT_PLAIN`. An inode without data
 //!   blocks has `raw_blkaddr` = `0xffffffff`. Devices and fifos carry no data; a device's
 //!   number is in `i_u` in the kernel's `new_encode_dev` form.
+//! - **Compressed files** ([`Compression`] other than `None`): a regular file whose extents
+//!   (each one block: LZ4 data right-aligned behind zeros, or raw bytes) take fewer bytes than
+//!   it flat uses `COMPRESSED_FULL`: after the inode and xattrs, 8-aligned, an all-zero map
+//!   header (LZ4, 4 KiB clusters), 8 reserved bytes and an 8-byte index per 4 KiB of file
+//!   (`compress.rs`); `i_u` holds its block count; its blocks are contiguous in the data area.
 //! - **Directories** hold `.` and `..` (the root's `..` is itself) and one 12-byte dirent per
 //!   entry, all sorted by name bytes; dirents never straddle a block: a block takes entries
 //!   while their headers and names fit, and each block's first `nameoff` / 12 gives its entry
