@@ -39,6 +39,22 @@ pub enum FrameKind {
     /// Flow control: the sender of this frame grants its peer more room for data frames on
     /// the stream ([`super::flow`]).
     Credit,
+    /// The agent asks for an outbound connection, JSON ([`super::OpenRequest`]), on a stream
+    /// of its own id space ([`AGENT_STREAMS`]); the host answers with one response frame, then
+    /// both sides carry the connection's bytes in data frames (an empty one ends a direction).
+    Open,
+    /// Either side tears a connection stream down at once (empty payload): nothing more is
+    /// sent on it, and what was in flight is dropped.
+    Close,
+}
+
+/// Stream ids with this bit set are chosen by the agent (its [`FrameKind::Open`] streams);
+/// the host's requests use ids without it, so the two never collide.
+pub const AGENT_STREAMS: u32 = 1 << 31;
+
+/// Whether `stream` is one the agent opened.
+pub fn is_agent_stream(stream: u32) -> bool {
+    stream & AGENT_STREAMS != 0
 }
 
 impl FrameKind {
@@ -50,6 +66,8 @@ impl FrameKind {
             FrameKind::Stderr => 4,
             FrameKind::Data => 5,
             FrameKind::Credit => 6,
+            FrameKind::Open => 7,
+            FrameKind::Close => 8,
         }
     }
 
@@ -61,6 +79,8 @@ impl FrameKind {
             4 => FrameKind::Stderr,
             5 => FrameKind::Data,
             6 => FrameKind::Credit,
+            7 => FrameKind::Open,
+            8 => FrameKind::Close,
             _ => return None,
         })
     }
@@ -257,6 +277,13 @@ mod tests {
             frame(FrameKind::Stdout, 1, &[0xff; 1000]),
             frame(FrameKind::Response, 7, b""),
             frame(FrameKind::Stderr, u32::MAX, &[0; MAX_PAYLOAD]),
+            frame(
+                FrameKind::Open,
+                AGENT_STREAMS | 1,
+                br#"{"host":"api.example.com","port":443,"via":"connect"}"#,
+            ),
+            frame(FrameKind::Data, AGENT_STREAMS | 1, b"\x16\x03\x01"),
+            frame(FrameKind::Close, AGENT_STREAMS | 1, b""),
         ];
         let wire: Vec<u8> = frames.iter().flat_map(|f| f.encode().unwrap()).collect();
         for chunk in [1, 5, 12, 13, 4096, wire.len()] {
@@ -303,8 +330,8 @@ mod tests {
                 FrameError::UnknownKind(0),
             ),
             (
-                [0, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 1],
-                FrameError::UnknownKind(7),
+                [0, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 1],
+                FrameError::UnknownKind(9),
             ),
             ([0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 1], FrameError::Reserved),
             ([0, 0, 0, 0, 1, 0, 0, 1, 0, 0, 0, 1], FrameError::Reserved),

@@ -9,17 +9,22 @@
 //! answers with data frames on that id (a command's stdout and stderr, kept apart) and exactly
 //! one final response. The first request on a channel is [`Request::Hello`], which checks that
 //! both sides speak [`PROTOCOL_VERSION`]. Data frames are flow-controlled per stream ([`flow`]).
+//! The one exchange the agent opens is an outbound connection ([`FrameKind::Open`], on its own
+//! stream ids), which the host answers and then carries byte for byte, or refuses.
 
 pub mod cmdline;
 pub mod flow;
 pub mod frame;
 pub mod message;
 
-pub use frame::{encode, Frame, FrameDecoder, FrameError, FrameKind, HEADER_LEN, MAX_PAYLOAD};
+pub use frame::{
+    encode, is_agent_stream, Frame, FrameDecoder, FrameError, FrameKind, AGENT_STREAMS, HEADER_LEN,
+    MAX_PAYLOAD,
+};
 pub use message::{
     codes, BootTimings, ErrorReply, ExecReply, ExecRequest, ExitStatus, FileDone, FileInfo,
-    FileKind, FsWriteRequest, HelloReply, Integrity, ProcessInfo, Request, Response,
-    SPAWN_OUTPUT_TAIL,
+    FileKind, FsWriteRequest, HelloReply, Integrity, OpenRequest, ProcessInfo, Request, Response,
+    Via, SPAWN_OUTPUT_TAIL,
 };
 
 /// The name the host gives the agent's port (QEMU: `virtserialport,name=`; mvm's own VMM:

@@ -205,8 +205,39 @@ pub enum Response {
     Done,
     /// The guest powers off next.
     PowerOff,
-    /// The request failed.
+    /// Answer to an [`OpenRequest`]: the host connected; the connection's bytes follow in
+    /// data frames both ways.
+    Opened,
+    /// The request failed (for an [`OpenRequest`]: refused or unreachable, the code says
+    /// which).
     Error(ErrorReply),
+}
+
+/// An outbound connection the guest asks for (the payload of a
+/// [`FrameKind::Open`](super::FrameKind::Open) frame). The host judges it against the plan's
+/// egress grants before anything leaves the machine; the guest never resolves the name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenRequest {
+    /// The destination as the guest's client named it: a DNS name or an IP literal.
+    pub host: String,
+    /// The TCP port.
+    pub port: u16,
+    /// How the client asked, for the audit: an HTTP `CONNECT`, a plain HTTP request forwarded
+    /// by the proxy, or SOCKS5.
+    pub via: Via,
+}
+
+/// How a guest client asked the proxy for a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Via {
+    /// `CONNECT host:port` (a tunnel, usually TLS).
+    Connect,
+    /// An absolute-form HTTP request (`GET http://host/…`) the proxy forwards.
+    Forward,
+    /// A SOCKS5 `CONNECT`.
+    Socks,
 }
 
 /// One command the agent knows of.

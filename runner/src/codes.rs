@@ -87,3 +87,5 @@ pub const RUN050: &str = "RUN050";
 
 /// The runner's own seccomp filter could not be installed once its VM ran: the VM was stopped.
 pub const RUN051: &str = "RUN051";
+/// An outbound connection the guest asked for was refused: the plan grants no such egress.
+pub const RUN052: &str = "RUN052";

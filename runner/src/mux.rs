@@ -30,6 +30,8 @@ pub const BROKEN_EXCHANGE: &str = crate::codes::RUN048;
 /// The code of an exchange the agent held up past its deadline: no room for data given in
 /// time ([`ClientError::NoRoom`]), or, on the control socket, no answer in time.
 pub const STALLED: &str = crate::codes::RUN049;
+/// The code of the answer to an outbound connection the plan does not grant.
+pub const NOT_GRANTED: &str = crate::codes::RUN052;
 /// How long data waits for the agent to give room on its stream. A client of the control
 /// socket gives up on a write after 30 s; past twice that, the agent has stopped taking the
 /// stream's bytes, and the thread sending them is needed elsewhere.
@@ -315,6 +317,11 @@ fn route_frames(mut stream: UnixStream, shared: &Shared, writer: &Mutex<UnixStre
                     return;
                 }
             };
+            if frame.kind == FrameKind::Open {
+                // No egress is served yet: every connection the guest asks for is refused.
+                let _ = refuse_open(writer, frame.stream);
+                continue;
+            }
             let mut table = lock(shared);
             let Some(route) = table.routes.get_mut(&frame.stream) else {
                 continue;
@@ -332,7 +339,7 @@ fn route_frames(mut stream: UnixStream, shared: &Shared, writer: &Mutex<UnixStre
                     }
                     shared.room.notify_all();
                 }
-                FrameKind::Request => {
+                FrameKind::Request | FrameKind::Open | FrameKind::Close => {
                     if let Some(route) = table.routes.remove(&frame.stream) {
                         let _ = route.frames.send(broken_exchange(frame.stream, frame.kind));
                     }
@@ -365,6 +372,24 @@ fn route_frames(mut stream: UnixStream, shared: &Shared, writer: &Mutex<UnixStre
     close(shared);
 }
 
+/// Answers the agent's [`FrameKind::Open`] on `stream`: refused, the plan grants no egress.
+fn refuse_open(writer: &Mutex<UnixStream>, stream: u32) -> io::Result<()> {
+    let refusal = Response::Error(ErrorReply {
+        code: NOT_GRANTED.into(),
+        message: "not_granted: the plan grants no network egress".into(),
+    });
+    let frame = encode(
+        FrameKind::Response,
+        stream,
+        &serde_json::to_vec(&refusal).unwrap_or_default(),
+    )
+    .map_err(io::Error::other)?;
+    writer
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .write_all(&frame)
+}
+
 /// The answer that ends an exchange on which the agent sent a frame of `kind`, which it never
 /// sends.
 fn broken_exchange(stream: u32, kind: FrameKind) -> Frame {
@@ -383,7 +408,9 @@ fn broken_exchange(stream: u32, kind: FrameKind) -> Frame {
 mod tests {
     use super::*;
     use mvm_agent::serve::{serve, ServeConfig};
-    use mvm_protocol::{ExecRequest, FsWriteRequest, Response, MAX_PAYLOAD};
+    use mvm_protocol::{
+        ExecRequest, FsWriteRequest, OpenRequest, Response, Via, AGENT_STREAMS, MAX_PAYLOAD,
+    };
     use std::collections::BTreeMap;
 
     /// How long a test waits for a frame the real agent sends.
@@ -610,6 +637,40 @@ mod tests {
         drop(flooded);
         drop(mux);
         agent.join().unwrap();
+    }
+
+    #[test]
+    fn connections_the_agent_opens_are_refused_while_no_egress_is_served() {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        guest.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mux = AgentMux::new(host, 0).unwrap();
+        let open = serde_json::to_vec(&OpenRequest {
+            host: "api.example.com".into(),
+            port: 443,
+            via: Via::Connect,
+        })
+        .unwrap();
+        let stream = AGENT_STREAMS | 7;
+        guest
+            .write_all(&encode(FrameKind::Open, stream, &open).unwrap())
+            .unwrap();
+        let mut decoder = FrameDecoder::new();
+        let mut buffer = [0u8; 4096];
+        let answer = loop {
+            if let Some(frame) = decoder.next_frame().unwrap() {
+                break frame;
+            }
+            let n = guest.read(&mut buffer).unwrap();
+            assert!(n > 0, "the runner hung up");
+            decoder.push(&buffer[..n]);
+        };
+        assert_eq!((answer.kind, answer.stream), (FrameKind::Response, stream));
+        match serde_json::from_slice(&answer.payload).unwrap() {
+            Response::Error(error) => assert_eq!(error.code, "RUN052", "{}", error.message),
+            other => panic!("{other:?}"),
+        }
+        assert!(!mux.is_closed(), "the channel serves on");
+        assert_eq!(mux.in_flight(), 0);
     }
 
     #[test]
