@@ -89,3 +89,5 @@ pub const RUN050: &str = "RUN050";
 pub const RUN051: &str = "RUN051";
 /// An outbound connection the guest asked for was refused: the plan grants no such egress.
 pub const RUN052: &str = "RUN052";
+/// The agent asked for an outbound connection with an open frame that is not a valid request.
+pub const RUN053: &str = "RUN053";

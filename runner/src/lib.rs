@@ -28,6 +28,7 @@ pub mod codes;
 pub mod cold;
 pub mod console_log;
 pub mod control;
+pub mod egress;
 pub mod launch;
 pub mod mux;
 pub mod named_vm;

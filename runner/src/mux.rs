@@ -20,7 +20,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mvm_protocol::flow::{self, ReceiveWindow, SendWindow};
-use mvm_protocol::{encode, ErrorReply, Frame, FrameDecoder, FrameKind, Request, Response};
+use mvm_protocol::{
+    encode, is_agent_stream, ErrorReply, Frame, FrameDecoder, FrameKind, OpenRequest, Request,
+    Response,
+};
 
 use crate::client::ClientError;
 
@@ -32,6 +35,13 @@ pub const BROKEN_EXCHANGE: &str = crate::codes::RUN048;
 pub const STALLED: &str = crate::codes::RUN049;
 /// The code of the answer to an outbound connection the plan does not grant.
 pub const NOT_GRANTED: &str = crate::codes::RUN052;
+/// The code of the answer to an open frame that is not an [`OpenRequest`].
+pub const BAD_OPEN: &str = crate::codes::RUN053;
+
+/// Takes over the connections the agent opens. It is called on the mux's reader thread, so
+/// it hands the connection to a thread of its own and returns at once; dropping the
+/// [`Connection`] ends it.
+pub type OpenHandler = Arc<dyn Fn(Connection, OpenRequest) + Send + Sync>;
 /// How long data waits for the agent to give room on its stream. A client of the control
 /// socket gives up on a write after 30 s; past twice that, the agent has stopped taking the
 /// stream's bytes, and the thread sending them is needed elsewhere.
@@ -130,10 +140,16 @@ impl Drop for Exchange {
     /// that still comes is handed back at once, so the agent is never left waiting on room.
     fn drop(&mut self) {
         self.settle();
-        if let Some(route) = lock(&self.shared).routes.get_mut(&self.stream) {
+        let mut table = lock(&self.shared);
+        if is_agent_stream(self.stream) {
+            // A connection ends with its exchange: nothing more is routed to it.
+            table.routes.remove(&self.stream);
+            self.shared.room.notify_all();
+        } else if let Some(route) = table.routes.get_mut(&self.stream) {
             let (discard, _) = mpsc::channel();
             route.frames = discard;
         }
+        drop(table);
         // Frames already queued are returned too.
         let queued: u64 = self
             .frames
@@ -151,16 +167,30 @@ impl AgentMux {
     /// Takes over a channel on which the hello is done (nothing more is expected on it
     /// unasked). Stream ids start above `first_stream`, the last one used on it.
     pub fn new(stream: UnixStream, first_stream: u32) -> io::Result<Self> {
+        Self::serving(stream, first_stream, None)
+    }
+
+    /// [`AgentMux::new`] that hands the connections the agent opens to `opener`; without one
+    /// they are refused ([`NOT_GRANTED`]).
+    pub fn serving(
+        stream: UnixStream,
+        first_stream: u32,
+        opener: Option<OpenHandler>,
+    ) -> io::Result<Self> {
         stream.set_read_timeout(None)?;
         let reading = stream.try_clone()?;
         let writer = Arc::new(Mutex::new(stream));
         let shared: Arc<Shared> = Arc::default();
         let reader = {
-            let shared = Arc::clone(&shared);
-            let writer = Arc::clone(&writer);
+            let sender = ConnectionSender {
+                stream: 0,
+                shared: Arc::clone(&shared),
+                writer: Arc::clone(&writer),
+                send_limit: SEND_LIMIT,
+            };
             std::thread::Builder::new()
                 .name("agent-mux".into())
-                .spawn(move || route_frames(reading, &shared, &writer))?
+                .spawn(move || route_frames(reading, &sender, opener.as_ref()))?
         };
         Ok(Self {
             writer,
@@ -205,44 +235,11 @@ impl AgentMux {
     /// [`ClientError::NoRoom`] if the agent gave no room within the send limit (60 s): a
     /// compromised agent must not hold the sending thread for ever.
     pub fn send_data(&self, stream: u32, bytes: &[u8]) -> Result<(), ClientError> {
-        let frame = encode(FrameKind::Data, stream, bytes)?;
-        let deadline = Instant::now() + self.send_limit;
-        {
-            let mut table = lock(&self.shared);
-            loop {
-                if table.closed {
-                    return Err(ClientError::Closed);
-                }
-                let Some(route) = table.routes.get_mut(&stream) else {
-                    return Err(ClientError::Protocol(format!("stream {stream} has ended")));
-                };
-                if route.send.fits(bytes.len()) {
-                    route.send.spend(bytes.len());
-                    break;
-                }
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(ClientError::NoRoom(self.send_limit));
-                }
-                table = match self.shared.room.wait_timeout(table, left) {
-                    Ok((table, _)) => table,
-                    Err(poisoned) => poisoned.into_inner().0,
-                };
-            }
-        }
-        self.write(&frame)
+        send_data(&self.shared, &self.writer, self.send_limit, stream, bytes)
     }
 
     fn write(&self, bytes: &[u8]) -> Result<(), ClientError> {
-        let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Err(e) = writer.write_all(bytes) {
-            // Part of a frame may have gone out: nothing after it could be read as frames.
-            // The channel is done for every exchange.
-            close(&self.shared);
-            let _ = writer.shutdown(std::net::Shutdown::Both);
-            return Err(e.into());
-        }
-        Ok(())
+        write_frame(&self.shared, &self.writer, bytes)
     }
 
     /// How many exchanges are still open: requests whose answer has not been passed on.
@@ -265,6 +262,59 @@ impl Drop for AgentMux {
             let _ = reader.join();
         }
     }
+}
+
+/// Sends a data frame on `stream` once the agent has given room for it (see
+/// [`AgentMux::send_data`]).
+fn send_data(
+    shared: &Shared,
+    writer: &Mutex<UnixStream>,
+    send_limit: Duration,
+    stream: u32,
+    bytes: &[u8],
+) -> Result<(), ClientError> {
+    let frame = encode(FrameKind::Data, stream, bytes)?;
+    let deadline = Instant::now() + send_limit;
+    {
+        let mut table = lock(shared);
+        loop {
+            if table.closed {
+                return Err(ClientError::Closed);
+            }
+            let Some(route) = table.routes.get_mut(&stream) else {
+                return Err(ClientError::Protocol(format!("stream {stream} has ended")));
+            };
+            if route.send.fits(bytes.len()) {
+                route.send.spend(bytes.len());
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ClientError::NoRoom(send_limit));
+            }
+            table = match shared.room.wait_timeout(table, left) {
+                Ok((table, _)) => table,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+    }
+    write_frame(shared, writer, &frame)
+}
+
+/// Writes one whole frame; a failed write ends the channel for every exchange.
+fn write_frame(
+    shared: &Shared,
+    writer: &Mutex<UnixStream>,
+    bytes: &[u8],
+) -> Result<(), ClientError> {
+    let mut writer = writer.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Err(e) = writer.write_all(bytes) {
+        // Part of a frame may have gone out: nothing after it could be read as frames.
+        close(shared);
+        let _ = writer.shutdown(std::net::Shutdown::Both);
+        return Err(e.into());
+    }
+    Ok(())
 }
 
 fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, RouteTable> {
@@ -298,7 +348,8 @@ fn close(shared: &Shared) {
 /// on an exchange ends that exchange with [`BROKEN_EXCHANGE`] rather than being queued: an
 /// exchange never holds more than a window of data and one response, whatever the agent
 /// sends.
-fn route_frames(mut stream: UnixStream, shared: &Shared, writer: &Mutex<UnixStream>) {
+fn route_frames(mut stream: UnixStream, channel: &ConnectionSender, opener: Option<&OpenHandler>) {
+    let (shared, writer) = (&*channel.shared, &*channel.writer);
     let mut decoder = FrameDecoder::new();
     let mut buffer = vec![0; 64 * 1024];
     loop {
@@ -317,9 +368,8 @@ fn route_frames(mut stream: UnixStream, shared: &Shared, writer: &Mutex<UnixStre
                     return;
                 }
             };
-            if frame.kind == FrameKind::Open {
-                // No egress is served yet: every connection the guest asks for is refused.
-                let _ = refuse_open(writer, frame.stream);
+            if frame.kind == FrameKind::Open && is_agent_stream(frame.stream) {
+                open_connection(frame, channel, opener);
                 continue;
             }
             let mut table = lock(shared);
@@ -332,6 +382,20 @@ fn route_frames(mut stream: UnixStream, shared: &Shared, writer: &Mutex<UnixStre
                         route.send.grant(bytes);
                         shared.room.notify_all();
                     }
+                }
+                // The agent ends a connection it opened (anything but data and credit on one
+                // does); its relay sees the close.
+                FrameKind::Close | FrameKind::Request | FrameKind::Open | FrameKind::Response
+                    if is_agent_stream(frame.stream) =>
+                {
+                    if let Some(route) = table.routes.remove(&frame.stream) {
+                        let _ = route.frames.send(Frame {
+                            kind: FrameKind::Close,
+                            stream: frame.stream,
+                            payload: Vec::new(),
+                        });
+                    }
+                    shared.room.notify_all();
                 }
                 FrameKind::Response => {
                     if let Some(route) = table.routes.remove(&frame.stream) {
@@ -372,22 +436,126 @@ fn route_frames(mut stream: UnixStream, shared: &Shared, writer: &Mutex<UnixStre
     close(shared);
 }
 
-/// Answers the agent's [`FrameKind::Open`] on `stream`: refused, the plan grants no egress.
-fn refuse_open(writer: &Mutex<UnixStream>, stream: u32) -> io::Result<()> {
-    let refusal = Response::Error(ErrorReply {
-        code: NOT_GRANTED.into(),
-        message: "not_granted: the plan grants no network egress".into(),
-    });
-    let frame = encode(
-        FrameKind::Response,
-        stream,
-        &serde_json::to_vec(&refusal).unwrap_or_default(),
-    )
-    .map_err(io::Error::other)?;
-    writer
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .write_all(&frame)
+/// Takes the agent's [`FrameKind::Open`]: a route for its stream and the connection to
+/// `opener`, or a refusal — the plan grants no egress ([`NOT_GRANTED`]), or the payload is not
+/// an [`OpenRequest`] ([`BAD_OPEN`]). An open on a stream already in use ends that
+/// connection: the agent broke the protocol on it.
+fn open_connection(frame: Frame, channel: &ConnectionSender, opener: Option<&OpenHandler>) {
+    let sender = ConnectionSender {
+        stream: frame.stream,
+        ..channel.clone()
+    };
+    let refuse = |code: &str, message: String| {
+        let _ = sender.answer(&Response::Error(ErrorReply {
+            code: code.into(),
+            message,
+        }));
+    };
+    let request = match serde_json::from_slice::<OpenRequest>(&frame.payload) {
+        Ok(request) => request,
+        Err(e) => return refuse(BAD_OPEN, format!("bad_request: {e}")),
+    };
+    let Some(opener) = opener else {
+        return refuse(
+            NOT_GRANTED,
+            "not_granted: the plan grants no network egress".into(),
+        );
+    };
+    let (frames, receiver) = mpsc::channel();
+    {
+        let mut table = lock(&channel.shared);
+        if table.closed {
+            return;
+        }
+        if let Some(route) = table.routes.remove(&frame.stream) {
+            let _ = route.frames.send(Frame {
+                kind: FrameKind::Close,
+                stream: frame.stream,
+                payload: Vec::new(),
+            });
+            drop(table);
+            sender.close();
+            return;
+        }
+        let route = Route {
+            frames,
+            receive: ReceiveWindow::default(),
+            send: SendWindow::default(),
+        };
+        table.routes.insert(frame.stream, route);
+    }
+    let exchange = Exchange {
+        stream: frame.stream,
+        frames: receiver,
+        owed: 0,
+        writer: Arc::clone(&channel.writer),
+        shared: Arc::clone(&channel.shared),
+    };
+    opener(Connection { exchange, sender }, request);
+}
+
+/// A connection the agent opened: its frames from the agent (data, an empty one ending that
+/// direction, or a close), and the way to answer and send on it. Dropping its exchange ends
+/// it: nothing more is routed to it.
+#[derive(Debug)]
+pub struct Connection {
+    /// What the agent sends on the connection.
+    pub exchange: Exchange,
+    /// Answers and sends on it.
+    pub sender: ConnectionSender,
+}
+
+/// The sending half of a [`Connection`], for the thread that carries the far end's bytes to
+/// the agent.
+#[derive(Debug, Clone)]
+pub struct ConnectionSender {
+    stream: u32,
+    shared: Arc<Shared>,
+    writer: Arc<Mutex<UnixStream>>,
+    send_limit: Duration,
+}
+
+impl ConnectionSender {
+    /// Answers the open: [`Response::Opened`] or a refusal.
+    pub fn answer(&self, response: &Response) -> Result<(), ClientError> {
+        let payload =
+            serde_json::to_vec(response).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let frame = encode(FrameKind::Response, self.stream, &payload)?;
+        write_frame(&self.shared, &self.writer, &frame)
+    }
+
+    /// Sends bytes of the connection once the agent has room for them; empty ends this
+    /// direction.
+    pub fn send(&self, bytes: &[u8]) -> Result<(), ClientError> {
+        send_data(
+            &self.shared,
+            &self.writer,
+            self.send_limit,
+            self.stream,
+            bytes,
+        )
+    }
+
+    /// Whether the connection has ended: torn down by either side, or the channel closed.
+    pub fn is_gone(&self) -> bool {
+        let table = lock(&self.shared);
+        table.closed || !table.routes.contains_key(&self.stream)
+    }
+
+    /// Tears the connection down: a close frame to the agent, and nothing more routed to it.
+    pub fn close(&self) {
+        if let Ok(frame) = encode(FrameKind::Close, self.stream, &[]) {
+            let _ = write_frame(&self.shared, &self.writer, &frame);
+        }
+        if let Some(route) = lock(&self.shared).routes.remove(&self.stream) {
+            let _ = route.frames.send(Frame {
+                kind: FrameKind::Close,
+                stream: self.stream,
+                payload: Vec::new(),
+            });
+        }
+        self.shared.room.notify_all();
+    }
 }
 
 /// The answer that ends an exchange on which the agent sent a frame of `kind`, which it never
