@@ -278,10 +278,9 @@ fn parse_head(head: &[u8]) -> Result<ProxyRequest, RequestError> {
     if target.contains(&b'#') {
         return Err(RequestError::Fragment);
     }
-    let Some(scheme_end) = target.windows(3).position(|w| w == b"://") else {
+    let Some((scheme, rest)) = split_scheme(target) else {
         return Err(RequestError::NotProxyRequest);
     };
-    let (scheme, rest) = (&target[..scheme_end], &target[scheme_end + 3..]);
     if scheme.eq_ignore_ascii_case(b"https") {
         return Err(RequestError::Https);
     }
@@ -296,6 +295,16 @@ fn parse_head(head: &[u8]) -> Result<ProxyRequest, RequestError> {
     let target = Target::parse_authority(authority, Some(forward::HTTP_PORT))?;
     let head = forward::origin_head(method, path, version, &target, &fields)?;
     Ok(ProxyRequest::Forward { target, head })
+}
+
+/// Splits `scheme://rest` where the target starts with a scheme (RFC 3986 §3.1: a letter,
+/// then letters, digits, `+`, `-`, `.`); `None` for any other target, `/p://x` included.
+fn split_scheme(target: &[u8]) -> Option<(&[u8], &[u8])> {
+    let colon = target.iter().position(|&b| b == b':')?;
+    let (scheme, rest) = (&target[..colon], target[colon..].strip_prefix(b"://")?);
+    let (first, others) = scheme.split_first()?;
+    let scheme_char = |b: &u8| b.is_ascii_alphanumeric() || b"+-.".contains(b);
+    (first.is_ascii_alphabetic() && others.iter().all(scheme_char)).then_some((scheme, rest))
 }
 
 /// A request line's three parts.

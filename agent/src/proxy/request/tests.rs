@@ -305,6 +305,21 @@ fn a_matching_host_is_written_as_the_target_authority() {
 }
 
 #[test]
+fn only_the_start_of_a_target_is_its_scheme() {
+    // Found by the fuzz target: the forwarded path must not read as a URI again.
+    let (target, head, _) = forwarded(b"GET http://[::1]:80/p://80/x HTTP/1.1\r\n\r\n");
+    assert_eq!(target.to_string(), "[::1]:80");
+    assert!(
+        head.starts_with("GET /p://80/x HTTP/1.1\r\nHost: [::1]\r\n"),
+        "{head}"
+    );
+    assert_eq!(
+        RequestReader::new().read(head.as_bytes()),
+        Err(RequestError::NotProxyRequest)
+    );
+}
+
+#[test]
 fn equal_content_lengths_become_one() {
     let (_, head, _) = forwarded(&get_with(
         "Content-Length: 5\r\nX: y\r\ncontent-length: 5, 5\r\n",
@@ -378,7 +393,17 @@ fn malformed_request_lines_are_refused() {
 
 #[test]
 fn requests_for_a_server_rather_than_a_proxy_are_refused() {
-    for target in ["/", "/x?y", "*", "a.example:80", "a.example/x"] {
+    for target in [
+        "/",
+        "/x?y",
+        "/p://80/x",
+        "*",
+        "a.example:80",
+        "a.example/x",
+        "://a.example/",
+        "1http://a.example/",
+        "a.example/x://y",
+    ] {
         let bytes = format!("GET {target} HTTP/1.1\r\nHost: a.example\r\n\r\n");
         assert_eq!(
             read(bytes.as_bytes()),
@@ -398,7 +423,7 @@ fn only_http_uris_are_forwarded() {
         refused(b"GET HTTPS://a.example/ HTTP/1.1\r\n\r\n"),
         RequestError::Https
     );
-    for scheme in ["ftp", "ws", "file", "httpx", ""] {
+    for scheme in ["ftp", "ws", "file", "httpx", "git+ssh"] {
         let bytes = format!("GET {scheme}://a.example/ HTTP/1.1\r\n\r\n");
         assert_eq!(
             read(bytes.as_bytes()),
