@@ -21,6 +21,11 @@
 //! `mvm.agent`, in the protocol both sides share (`mvm-protocol`): a hello with the boot
 //! timings, commands run as an unprivileged user with their output streamed back, and a
 //! power-off.
+//!
+//! The guest has no network interface: [`proxy`] reads what the workload's clients ask of the
+//! egress proxy the agent serves inside the guest (HTTP `CONNECT` and forwarding, SOCKS5), for
+//! the host to judge.
 
 pub mod boot;
+pub mod proxy;
 pub mod serve;
