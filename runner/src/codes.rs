@@ -87,3 +87,9 @@ pub const RUN050: &str = "RUN050";
 
 /// The runner's own seccomp filter could not be installed once its VM ran: the VM was stopped.
 pub const RUN051: &str = "RUN051";
+
+/// The `[egress]` section of `$MVM_HOME/config.toml` could not be read, or has an unknown key
+/// or a value out of its bounds.
+pub const RUN052: &str = "RUN052";
+/// A plan's egress grant is not a name, `*.` suffix or IP literal the runner can judge.
+pub const RUN053: &str = "RUN053";
