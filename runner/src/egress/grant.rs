@@ -75,19 +75,16 @@ impl Grant {
             port: grant.port,
             reason,
         };
+        if grant.port == 0 {
+            return Err(error(AuthorityError::ZeroPort));
+        }
         let host = match grant.host.strip_prefix("*.") {
             Some(suffix) => GrantHost::Below(DnsName::parse(suffix).map_err(error)?),
-            None => match Authority::parse(&grant.host, grant.port)
-                .map_err(error)?
-                .host
-            {
+            None => match Host::parse(&grant.host).map_err(error)? {
                 Host::Name(name) => GrantHost::Name(name),
                 Host::Ip(ip) => GrantHost::Ip(ip),
             },
         };
-        if grant.port == 0 {
-            return Err(error(AuthorityError::ZeroPort));
-        }
         Ok(Self {
             host,
             port: grant.port,

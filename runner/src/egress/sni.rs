@@ -47,7 +47,7 @@ pub enum Peek {
 pub fn peek(bytes: &[u8]) -> Peek {
     let seen = &bytes[..bytes.len().min(MAX_CLIENT_HELLO_BYTES)];
     match client_hello(seen) {
-        Some(Ok(body)) => server_name(body),
+        Some(Ok(body)) => parse_body(&body).unwrap_or(Peek::Malformed),
         Some(Err(refused)) => refused,
         None if bytes.len() >= MAX_CLIENT_HELLO_BYTES => Peek::Malformed,
         None => Peek::NeedMore,
@@ -103,12 +103,7 @@ fn client_hello(bytes: &[u8]) -> Option<Result<Vec<u8>, Peek>> {
     }
 }
 
-/// The server name of a complete ClientHello body.
-fn server_name(body: Vec<u8>) -> Peek {
-    parse_body(&body).unwrap_or(Peek::Malformed)
-}
-
-/// `None` where the body is malformed.
+/// The server name of a complete ClientHello body; `None` where it is malformed.
 fn parse_body(body: &[u8]) -> Option<Peek> {
     let mut hello = Reader(body);
     let [major, _minor] = hello.array()?;
