@@ -91,3 +91,9 @@ pub const RUN051: &str = "RUN051";
 pub const RUN052: &str = "RUN052";
 /// The agent asked for an outbound connection with an open frame that is not a valid request.
 pub const RUN053: &str = "RUN053";
+
+/// The `[egress]` section of `$MVM_HOME/config.toml` could not be read, or has an unknown key
+/// or a value out of its bounds.
+pub const RUN054: &str = "RUN054";
+/// A plan's egress grant is not a name, `*.` suffix or IP literal the runner can judge.
+pub const RUN055: &str = "RUN055";

@@ -15,7 +15,8 @@
 //! stays up instead ([`launch::named`]): its runner keeps its [`state`] on disk and serves its
 //! [`control`] socket, relaying clients' requests over the one agent channel ([`mux`]), and
 //! can save it [`cold`]. The guest's serial console is kept in a bounded log
-//! ([`console_log`]).
+//! ([`console_log`]). A guest's egress connections are judged by [`egress`]: the plan's
+//! grants and the operator's configuration against the addresses a name really has.
 //!
 //! The modules depend on each other in one direction: `backend` ← `cold` ← `control` ←
 //! `launch` (the workspace's `tests/architecture.rs` checks it). The runner links no builder,

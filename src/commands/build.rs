@@ -637,6 +637,9 @@ pub(super) fn insecure_registries(host: &Host) -> anyhow::Result<Vec<String>> {
     struct Config {
         #[serde(default)]
         registries: Registries,
+        /// The runner's (`mvm_runner::egress::config`), which checks it.
+        #[serde(default, rename = "egress")]
+        _egress: Option<toml::Value>,
     }
     #[derive(serde::Deserialize, Default)]
     #[serde(deny_unknown_fields)]
