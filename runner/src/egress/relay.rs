@@ -516,7 +516,11 @@ mod tests {
         while accepted.load(Ordering::SeqCst) < 2 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert_eq!(accepted.load(Ordering::SeqCst), 2, "the third was never dialled");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "the third was never dialled"
+        );
 
         // The guest closes the first; the second, idle, is closed by the host.
         guest.send(FrameKind::Close, first, &[]);
