@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mvm_protocol::{flow, FrameDecoder, FrameKind, Request, Response};
+use mvm_protocol::{flow, FrameDecoder, FrameKind, OpenRequest, Request, Response};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&read_size, stream)) = data.split_first() else {
@@ -37,7 +37,13 @@ fuzz_target!(|data: &[u8]| {
                                 assert_eq!(flow::credit_payload(bytes)[..], frame.payload[..]);
                             }
                         }
-                        FrameKind::Stdout | FrameKind::Stderr | FrameKind::Data => {}
+                        FrameKind::Open => {
+                            let _ = serde_json::from_slice::<OpenRequest>(&frame.payload);
+                        }
+                        FrameKind::Stdout
+                        | FrameKind::Stderr
+                        | FrameKind::Data
+                        | FrameKind::Close => {}
                     }
                 }
                 Ok(None) => break,

@@ -26,7 +26,11 @@ impl DrvSource for NoInputs {
 
 fn check(bytes: &[u8]) {
     if let Ok(drv) = Derivation::parse("hello", bytes) {
-        assert_eq!(drv.to_aterm().as_bytes(), bytes, "parse and write must be inverses");
+        assert_eq!(
+            drv.to_aterm().as_bytes(),
+            bytes,
+            "parse and write must be inverses"
+        );
         let _ = drv.drv_path();
         let _ = DrvHasher::new(NoInputs).verified_output_paths(&drv);
     }

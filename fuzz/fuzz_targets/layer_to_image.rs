@@ -22,7 +22,10 @@ fuzz_target!(|data: &[u8]| {
     };
     // Two passes of the same bytes: the second applies as an upper layer over the first.
     for _ in 0..2 {
-        if LayerApplier::new(&mut tree, options.clone()).apply(data).is_err() {
+        if LayerApplier::new(&mut tree, options.clone())
+            .apply(data)
+            .is_err()
+        {
             return;
         }
     }
