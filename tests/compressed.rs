@@ -40,23 +40,9 @@ fn sha256_hex(bytes: &[u8]) -> String {
     format!("{:x}", Sha256::digest(bytes))
 }
 
-/// `mvm --json ARGS` with the test run's runner and agent, exiting `status`; its report.
-fn json_of(home: &Path, args: &[&str], status: i32) -> Value {
-    let mut all = vec!["--json"];
-    all.extend_from_slice(args);
-    let out = guest::mvm(home, &all);
-    assert_eq!(
-        out.status.code(),
-        Some(status),
-        "{args:?}: {}",
-        describe(&out)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 /// `mvm build --image REFERENCE --compress COMPRESSION` into `out`; its JSON report.
 fn build(home: &Path, reference: &str, compression: &str, out: &Path) -> Value {
-    json_of(
+    guest::mvm_json(
         home,
         &[
             "build",
@@ -88,7 +74,7 @@ fn checked(tool: &str, args: &[&Path]) -> String {
 fn a_compressed_image_boots_reads_back_through_verity_and_catches_a_flipped_bit() {
     let work = tempfile::tempdir().unwrap();
     let home = work.path().join("home");
-    json_of(&home, &["kernel", "fetch"], 0);
+    guest::mvm_json(&home, &["kernel", "fetch"], 0);
     let busybox = fs::read("/bin/busybox").expect("busybox-static");
     let words = words(600_000);
     let layout = TestLayout::new();
@@ -185,6 +171,6 @@ fn a_compressed_image_boots_reads_back_through_verity_and_catches_a_flipped_bit(
     let at = fs::metadata(&image).unwrap().len() as usize - 2048;
     bundle::flip_byte(&image, at);
     let plan = tampered.join("plan.dsse.json");
-    let report = json_of(&home, &["run", "--plan", plan.to_str().unwrap()], 121);
+    let report = guest::mvm_json(&home, &["run", "--plan", plan.to_str().unwrap()], 121);
     assert_eq!(report["error"]["code"], "RUN020", "{report}");
 }

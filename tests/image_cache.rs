@@ -7,7 +7,7 @@ mod support;
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 use mvm_builder::testing::{gzip, layer, layer_of, Entry, TestLayout, TAR, TAR_GZIP};
@@ -40,34 +40,7 @@ fn fresh_home(dir: &Path) -> PathBuf {
     home
 }
 
-/// `mvm ARGS` with `home`, the static agent and runner.
-fn mvm(home: &Path, args: &[&str]) -> Output {
-    command(home, args).output().unwrap()
-}
-
-fn command(home: &Path, args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_mvm"));
-    command
-        .args(args)
-        .env("MVM_HOME", home)
-        .env("MVM_RUNNER", guest::runner())
-        .env("MVM_AGENT", guest::static_agent());
-    command
-}
-
-/// `mvm --json ARGS`, its exit status checked, its output parsed.
-fn json(home: &Path, args: &[&str], status: i32) -> Value {
-    let mut all = vec!["--json"];
-    all.extend_from_slice(args);
-    let out = mvm(home, &all);
-    assert_eq!(
-        out.status.code(),
-        Some(status),
-        "mvm {args:?}\n{}",
-        describe(&out)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
+use guest::{command, mvm, mvm_json as json};
 
 fn build(home: &Path, image: &str, out: &Path) -> Value {
     json(

@@ -83,15 +83,35 @@ pub fn runner() -> &'static Path {
     &binaries().1
 }
 
-/// `mvm ARGS` with `MVM_HOME` set to `home`, and this test run's runner and static agent.
-pub fn mvm(home: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mvm"))
+/// The command `mvm ARGS` with `MVM_HOME` set to `home`, and this test run's runner and
+/// static agent.
+pub fn command(home: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mvm"));
+    command
         .args(args)
         .env("MVM_HOME", home)
         .env("MVM_RUNNER", runner())
-        .env("MVM_AGENT", static_agent())
-        .output()
-        .unwrap()
+        .env("MVM_AGENT", static_agent());
+    command
+}
+
+/// Runs [`command`].
+pub fn mvm(home: &Path, args: &[&str]) -> Output {
+    command(home, args).output().unwrap()
+}
+
+/// `mvm --json ARGS` as [`mvm`] runs it, its exit status checked, its output parsed.
+pub fn mvm_json(home: &Path, args: &[&str], status: i32) -> serde_json::Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let out = mvm(home, &all);
+    assert_eq!(
+        out.status.code(),
+        Some(status),
+        "mvm {args:?}\n{}",
+        super::describe(&out)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// A named VM of `home`, removed (`mvm rm --force`) when this is dropped, so that a failing test
