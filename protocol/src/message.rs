@@ -106,6 +106,21 @@ pub enum Request {
     Save,
     /// Sync and power the guest off once the answer is sent.
     PowerOff,
+    /// Serve the egress proxy on `127.0.0.1:3128` in the guest and point the commands started
+    /// from now on at it (`HTTP_PROXY` and the rest); answered [`Response::Done`]. Sent by a
+    /// VM's runner after the hello when its plan grants egress (again after a wake: it is a
+    /// no-op once the proxy serves); clients cannot send it.
+    ServeProxy,
+    /// Connect to `127.0.0.1:port` inside the guest for a forwarded port. The connection's
+    /// bytes go both ways in data frames on this request's stream (an empty one ends that
+    /// direction); the answer ends it: [`Response::Done`] once both directions have ended, or
+    /// an error ([`codes::CONNECT_FAILED`] when nothing listens there). A close frame from the
+    /// host tears it down at once (and is answered too). Sent by a VM's runner for a
+    /// connection to a forwarded port; clients cannot send it.
+    Connect {
+        /// The guest's TCP port.
+        port: u16,
+    },
 }
 
 /// Bytes of each output stream of a spawned command kept for [`Request::Wait`].
@@ -226,6 +241,11 @@ pub struct OpenRequest {
     /// How the client asked, for the audit: an HTTP `CONNECT`, a plain HTTP request forwarded
     /// by the proxy, or SOCKS5.
     pub via: Via,
+    /// The proxy refused the client's request itself — this is its code (`PROXY…`) — and has
+    /// answered the client: the host only records the refusal and answers with an error;
+    /// nothing is dialled. `host` and `port` are then what could be read, or empty and 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub malformed: Option<String>,
 }
 
 /// How a guest client asked the proxy for a connection.
@@ -436,6 +456,11 @@ pub mod codes {
     pub const CLOCK: &str = "AGENT113";
     /// No such user in the guest, or root.
     pub const USER: &str = "AGENT114";
+    /// A forwarded port's connection could not be made: nothing listens on that port in the
+    /// guest, or the guest refused it.
+    pub const CONNECT_FAILED: &str = "AGENT115";
+    /// The egress proxy could not listen on its address in the guest.
+    pub const PROXY_LISTEN: &str = "AGENT116";
 }
 
 #[cfg(test)]

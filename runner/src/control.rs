@@ -506,6 +506,8 @@ fn serve_request(
         request,
         Request::Hello { .. }
             | Request::SetClock { .. }
+            | Request::ServeProxy
+            | Request::Connect { .. }
             | Request::PowerOff
             | Request::Pause
             | Request::Resume
@@ -527,6 +529,12 @@ fn serve_request(
         }
         Request::SetClock { .. } => {
             let message = "the guest's clock is set by its runner".to_string();
+            writer.error(client_stream, codes::BAD_REQUEST, message)
+        }
+        Request::ServeProxy | Request::Connect { .. } => {
+            let message = "the proxy and forwarded ports are served by the VM's runner; \
+                           grant egress in the plan, forward ports with `mvm up --port`"
+                .to_string();
             writer.error(client_stream, codes::BAD_REQUEST, message)
         }
         Request::Save => match shared.save_cold() {

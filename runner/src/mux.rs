@@ -816,6 +816,7 @@ mod tests {
             host: "api.example.com".into(),
             port: 443,
             via: Via::Connect,
+            malformed: None,
         })
         .unwrap();
         let stream = AGENT_STREAMS | 7;

@@ -371,6 +371,10 @@ impl<'c> Agent<'c> {
             Request::SetClock { unix_nanos } => {
                 answer_done(channel, stream, set_clock(unix_nanos))?;
             }
+            Request::ServeProxy | Request::Connect { .. } => {
+                let message = "this agent serves no proxy and no forwarded port yet".to_string();
+                send_error(channel, stream, codes::BAD_REQUEST, message)?;
+            }
             Request::Pause | Request::Resume | Request::Save => {
                 let message = "pause, resume and save are answered by the VM's runner".to_string();
                 send_error(channel, stream, codes::BAD_REQUEST, message)?;

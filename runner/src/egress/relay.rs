@@ -361,6 +361,7 @@ mod tests {
                 host: host.into(),
                 port: 7,
                 via: Via::Connect,
+                malformed: None,
             };
             self.send(
                 FrameKind::Open,
