@@ -47,8 +47,12 @@ pub struct Receipt {
     pub stdout: OutputDigest,
     /// Its standard error as received.
     pub stderr: OutputDigest,
-    /// Egress decisions made for it (none: VMs have no network yet).
+    /// The egress decisions made while it ran, the first [`MAX_EGRESS_DECISIONS`] of them
+    /// (empty when the plan grants no egress).
     pub egress: Vec<EgressDecision>,
+    /// Every egress decision counted, with the bytes each way.
+    #[serde(default)]
+    pub egress_counts: EgressCounts,
     /// `sha256:` of the envelope of the receipt issued before this one on this host.
     pub previous: Option<String>,
 }
@@ -81,6 +85,10 @@ pub struct OutputDigest {
     pub bytes: u64,
 }
 
+/// The most egress decisions a receipt lists one by one; [`Receipt::egress_counts`] counts
+/// them all.
+pub const MAX_EGRESS_DECISIONS: usize = 256;
+
 /// A decision about one outbound connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -91,6 +99,27 @@ pub struct EgressDecision {
     pub port: u16,
     /// Whether it was let through.
     pub allowed: bool,
+    /// The address connected to, when it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Why it was refused (`not_granted`, `metadata`, `sni_mismatch`, …), when it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Egress connections of a run or a VM, counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressCounts {
+    /// Connections let through.
+    pub allowed: u64,
+    /// Connections refused (by the policy, the SNI check, or because the far end could not
+    /// be reached).
+    pub denied: u64,
+    /// Bytes the guest sent out, over connections that have ended.
+    pub bytes_sent: u64,
+    /// Bytes that came back to the guest, over connections that have ended.
+    pub bytes_received: u64,
 }
 
 /// A receipt whose signature by a trusted key verified.
@@ -184,6 +213,7 @@ mod tests {
                 bytes: 0,
             },
             egress: vec![],
+            egress_counts: EgressCounts::default(),
             previous: None,
         }
     }

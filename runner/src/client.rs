@@ -179,25 +179,10 @@ impl AgentClient {
             Some(&mut counted),
         );
         self.running_command = None;
-        let reply = match answer? {
-            Response::Exec(reply) => reply,
-            other => return Err(unexpected(&other)),
-        };
-        if (reply.stdout_bytes, reply.stderr_bytes) != (counted.stdout, counted.stderr) {
-            return Err(ClientError::Protocol(format!(
-                "the agent counted {}/{} bytes of stdout/stderr, {}/{} arrived",
-                reply.stdout_bytes, reply.stderr_bytes, counted.stdout, counted.stderr
-            )));
+        match answer? {
+            Response::Exec(reply) => counted.finish(reply),
+            other => Err(unexpected(&other)),
         }
-        let digest = |hash: Sha256, bytes| OutputDigest {
-            sha256: format!("sha256:{}", hex::encode(hash.finalize())),
-            bytes,
-        };
-        Ok(Executed {
-            stdout: digest(counted.stdout_hash, counted.stdout),
-            stderr: digest(counted.stderr_hash, counted.stderr),
-            reply,
-        })
     }
 
     /// Writes `size` bytes from `source` to `path` in the guest, announced with their
@@ -488,7 +473,7 @@ pub struct Executed {
 }
 
 /// A sink that counts and hashes what passes through it.
-struct Counted<'a> {
+pub(crate) struct Counted<'a> {
     sink: &'a mut dyn OutputSink,
     stdout: u64,
     stderr: u64,
@@ -497,7 +482,7 @@ struct Counted<'a> {
 }
 
 impl<'a> Counted<'a> {
-    fn new(sink: &'a mut dyn OutputSink) -> Self {
+    pub(crate) fn new(sink: &'a mut dyn OutputSink) -> Self {
         Self {
             sink,
             stdout: 0,
@@ -505,6 +490,28 @@ impl<'a> Counted<'a> {
             stdout_hash: Sha256::new(),
             stderr_hash: Sha256::new(),
         }
+    }
+}
+
+impl Counted<'_> {
+    /// The command's answer with the digests of what passed through; refused when the byte
+    /// counts the agent reports differ from what arrived.
+    pub(crate) fn finish(self, reply: ExecReply) -> Result<Executed, ClientError> {
+        if (reply.stdout_bytes, reply.stderr_bytes) != (self.stdout, self.stderr) {
+            return Err(ClientError::Protocol(format!(
+                "the agent counted {}/{} bytes of stdout/stderr, {}/{} arrived",
+                reply.stdout_bytes, reply.stderr_bytes, self.stdout, self.stderr
+            )));
+        }
+        let digest = |hash: Sha256, bytes| OutputDigest {
+            sha256: format!("sha256:{}", hex::encode(hash.finalize())),
+            bytes,
+        };
+        Ok(Executed {
+            stdout: digest(self.stdout_hash, self.stdout),
+            stderr: digest(self.stderr_hash, self.stderr),
+            reply,
+        })
     }
 }
 
@@ -541,7 +548,7 @@ fn pump_input(mut input: Box<dyn Read + Send>, mut writer: UnixStream, stream: u
     }
 }
 
-fn unexpected(response: &Response) -> ClientError {
+pub(crate) fn unexpected(response: &Response) -> ClientError {
     ClientError::Protocol(format!("an unexpected answer {response:?}"))
 }
 

@@ -97,3 +97,7 @@ pub const RUN053: &str = "RUN053";
 pub const RUN054: &str = "RUN054";
 /// A plan's egress grant is not a name, `*.` suffix or IP literal the runner can judge.
 pub const RUN055: &str = "RUN055";
+/// A granted connection was refused by its destination (nothing listens there).
+pub const RUN056: &str = "RUN056";
+/// A granted destination could not be reached: no route, or no answer within 10 s.
+pub const RUN057: &str = "RUN057";

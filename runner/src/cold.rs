@@ -82,6 +82,10 @@ pub struct ColdManifest {
     pub memory: SavedMemory,
     /// Which save of this VM it is: waking requires it to be the VM's current generation.
     pub generation: u64,
+    /// The destinations its launch took away from the plan's egress grants (`--deny-host`):
+    /// the woken VM keeps them — a wake never widens what the VM may reach.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_hosts: Vec<String>,
     /// When it was saved.
     pub saved_at: Timestamp,
 }
@@ -426,6 +430,7 @@ mod tests {
                     bytes: 0,
                 },
                 generation: 0,
+                deny_hosts: vec![],
                 saved_at: Timestamp::now(),
             },
         }

@@ -20,6 +20,7 @@ use mvm_runner::backend::kvm::jailed::{self, Jail};
 use mvm_runner::backend::select::BackendChoice;
 use mvm_runner::client::{OutputSink, StdStreams};
 use mvm_runner::codes;
+use mvm_runner::egress::judge::Denial;
 use mvm_runner::launch::{self, exit, Failure, Finished, Launch, LaunchError};
 use mvm_runner::state;
 use serde_json::{json, Value};
@@ -78,9 +79,21 @@ struct Args {
     /// `--backend kvm`; the memory size must be a whole number of 2 MiB.
     #[arg(long)]
     huge_pages: bool,
+    /// Take HOST (any port) or HOST:PORT away from the plan's egress grants for this launch
+    /// (repeatable; `*.SUFFIX` and IP literals too): a launch may narrow what its signed plan
+    /// grants, never widen it.
+    #[arg(long, value_name = "HOST[:PORT]", value_parser = parse_denial)]
+    deny_host: Vec<Denial>,
+    /// Print each egress decision to standard error as it is made.
+    #[arg(long)]
+    net_log: bool,
     /// The command; the plan's entrypoint when absent.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
+}
+
+fn parse_denial(text: &str) -> Result<Denial, String> {
+    Denial::parse(text).map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
@@ -179,6 +192,8 @@ fn launch_request(
         interrupt,
         jail,
         huge_pages: args.huge_pages,
+        deny: args.deny_host,
+        net_log: args.net_log,
     }
 }
 
@@ -282,6 +297,7 @@ fn report_finished(finished: &Finished, output: Option<Captured>, json: bool) ->
             "stderr_sha256": finished.stderr.sha256,
             "stdout_truncated": output.stdout.truncated,
             "stderr_truncated": output.stderr.truncated,
+            "egress": finished.egress_counts,
             "timings_ms": {
                 "ready": finished.ready_ms,
                 "command": finished.command_ms,

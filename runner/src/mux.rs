@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -21,11 +21,11 @@ use std::time::{Duration, Instant};
 
 use mvm_protocol::flow::{self, ReceiveWindow, SendWindow};
 use mvm_protocol::{
-    encode, is_agent_stream, ErrorReply, Frame, FrameDecoder, FrameKind, OpenRequest, Request,
-    Response,
+    encode, is_agent_stream, ErrorReply, ExecRequest, Frame, FrameDecoder, FrameKind, OpenRequest,
+    Request, Response,
 };
 
-use crate::client::ClientError;
+use crate::client::{unexpected, ClientError, Counted, Executed, OutputSink};
 
 /// The code of the answer that ends an exchange on which the agent sent a frame it never
 /// sends.
@@ -46,6 +46,8 @@ pub type OpenHandler = Arc<dyn Fn(Connection, OpenRequest) + Send + Sync>;
 /// socket gives up on a write after 30 s; past twice that, the agent has stopped taking the
 /// stream's bytes, and the thread sending them is needed elsewhere.
 const SEND_LIMIT: Duration = Duration::from_secs(60);
+/// How often a command's wait looks at the interrupt flag.
+const INTERRUPT_CHECK: Duration = Duration::from_millis(50);
 
 /// One exchange's place in the table.
 #[derive(Debug)]
@@ -240,6 +242,55 @@ impl AgentMux {
 
     fn write(&self, bytes: &[u8]) -> Result<(), ClientError> {
         write_frame(&self.shared, &self.writer, bytes)
+    }
+
+    /// Runs a command, passing its output to `sink` as it arrives, as
+    /// [`crate::client::AgentClient::exec`] does on a channel of its own: the byte counts in
+    /// the agent's answer must match what arrived, the digests are the host's own. Gives up
+    /// after `timeout`, or once `interrupt` is set.
+    pub fn exec(
+        &self,
+        request: ExecRequest,
+        timeout: Duration,
+        interrupt: &AtomicBool,
+        sink: &mut dyn OutputSink,
+    ) -> Result<Executed, ClientError> {
+        let mut exchange = self.request(&Request::Exec(request))?;
+        let mut counted = Counted::new(sink);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if interrupt.load(Ordering::Relaxed) {
+                return Err(ClientError::Interrupted);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ClientError::Timeout(timeout));
+            }
+            let Some(frame) = exchange.next_frame_within(left.min(INTERRUPT_CHECK)) else {
+                if self.is_closed() {
+                    return Err(ClientError::Closed);
+                }
+                continue;
+            };
+            match frame.kind {
+                FrameKind::Stdout => counted.stdout(&frame.payload),
+                FrameKind::Stderr => counted.stderr(&frame.payload),
+                FrameKind::Response => {
+                    let response: Response = serde_json::from_slice(&frame.payload)
+                        .map_err(|e| ClientError::Protocol(format!("response: {e}")))?;
+                    return match response {
+                        Response::Exec(reply) => counted.finish(reply),
+                        Response::Error(error) => Err(ClientError::Refused(error)),
+                        other => Err(unexpected(&other)),
+                    };
+                }
+                kind => {
+                    let message = format!("an unexpected {kind:?} frame");
+                    return Err(ClientError::Protocol(message));
+                }
+            }
+            .map_err(ClientError::Output)?;
+        }
     }
 
     /// How many exchanges are still open: requests whose answer has not been passed on.

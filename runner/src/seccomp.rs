@@ -27,7 +27,8 @@
 //! that reads a file a new way) should end in an error that is reported, the VM torn down and
 //! `vm.exited` recorded — not a runner killed with its VM's state half written. What matters
 //! is refused all the same: no `execve`/`execveat`, no `fork`/`vfork` and no `clone` without
-//! `CLONE_THREAD` (no new process, no new namespace), sockets of `AF_UNIX` only, no `ptrace`,
+//! `CLONE_THREAD` (no new process, no new namespace), sockets of `AF_UNIX` only (and `AF_INET`,
+//! `AF_INET6` when the plan grants egress), no `ptrace`,
 //! `mount`, `bpf`, `keyctl`, `setuid` family, module loading, `unshare`/`setns`, `chroot`,
 //! `reboot`, `kexec`, `perf_event_open`, `userfaultfd`, `io_uring`, no executable memory.
 //! `clone3` is answered `ENOSYS` (its flags sit in a struct the filter cannot read), on which
@@ -191,15 +192,10 @@ const ALLOWED: &[Allow] = &[
             libc::F_GETFL as u64,
         ],
     ),
-    Allow::OneOf(
-        libc::SYS_ioctl,
-        1,
-        &[FIONBIO, KVM_GET_CLOCK, KVM_GET_IRQCHIP, KVM_GET_PIT2],
-    ),
-    // --- Unix sockets only: the agent channel, the control socket and its clients (their
-    // uid, from `SO_PEERCRED`, checked against the runner's), QMP, QEMU's migration stream,
-    // a jailed VMM's control socket; timeouts on them.
-    Allow::OneOf(libc::SYS_socket, 0, &[libc::AF_UNIX as u64]),
+    // --- Sockets: the agent channel, the control socket and its clients (their uid, from
+    // `SO_PEERCRED`, checked against the runner's), QMP, QEMU's migration stream, a jailed
+    // VMM's control socket; timeouts on them. Which families, and the calls only egress makes,
+    // are in `LOCAL` and `EGRESS`.
     Allow::OneOf(libc::SYS_socketpair, 0, &[libc::AF_UNIX as u64]),
     Allow::Any(libc::SYS_bind),
     Allow::Any(libc::SYS_listen),
@@ -213,7 +209,6 @@ const ALLOWED: &[Allow] = &[
         libc::SYS_setsockopt,
         &[libc::SO_RCVTIMEO as u64, libc::SO_SNDTIMEO as u64],
     ),
-    Allow::SocketOption(libc::SYS_getsockopt, &[libc::SO_PEERCRED as u64]),
     Allow::Any(libc::SYS_getuid),
     // --- The VM's process: QEMU (or a jailed VMM's process group) killed with SIGKILL and
     // reaped; the own VMM's vCPU threads kicked (paused) with its kick signal only.
@@ -222,9 +217,62 @@ const ALLOWED: &[Allow] = &[
     Allow::KickSignal(libc::SYS_tgkill, 2),
 ];
 
-/// How many syscalls the runner's filter allows.
-pub fn allowed_count() -> usize {
-    ALLOWED.len()
+/// What a runner whose plan grants no egress adds: `AF_UNIX` sockets only.
+const LOCAL: &[Allow] = &[
+    Allow::OneOf(libc::SYS_socket, 0, &[libc::AF_UNIX as u64]),
+    Allow::OneOf(
+        libc::SYS_ioctl,
+        1,
+        &[FIONBIO, KVM_GET_CLOCK, KVM_GET_IRQCHIP, KVM_GET_PIT2],
+    ),
+    Allow::SocketOption(libc::SYS_getsockopt, &[libc::SO_PEERCRED as u64]),
+];
+
+/// What a runner whose plan grants egress adds ([`crate::egress`]): IPv4 and IPv6 sockets for
+/// the connections it dials (TCP, with a timeout: a nonblocking `connect`, `poll`, its
+/// `SO_ERROR`) and for the host's resolver (glibc's DNS over UDP: both queries at once with
+/// `sendmmsg`, the answer's size with `FIONREAD`, and the source address of each candidate
+/// with `getsockname` when it sorts them). Still no raw, packet or netlink socket.
+const EGRESS: &[Allow] = &[
+    Allow::OneOf(
+        libc::SYS_socket,
+        0,
+        &[
+            libc::AF_UNIX as u64,
+            libc::AF_INET as u64,
+            libc::AF_INET6 as u64,
+        ],
+    ),
+    Allow::OneOf(
+        libc::SYS_ioctl,
+        1,
+        &[
+            FIONBIO,
+            libc::FIONREAD,
+            KVM_GET_CLOCK,
+            KVM_GET_IRQCHIP,
+            KVM_GET_PIT2,
+        ],
+    ),
+    Allow::SocketOption(
+        libc::SYS_getsockopt,
+        &[libc::SO_PEERCRED as u64, libc::SO_ERROR as u64],
+    ),
+    Allow::Any(libc::SYS_poll),
+    Allow::Any(libc::SYS_sendmmsg),
+    Allow::Any(libc::SYS_getsockname),
+];
+
+/// The list for a runner with or without egress.
+fn allowed(egress: bool) -> impl Iterator<Item = &'static Allow> {
+    ALLOWED
+        .iter()
+        .chain(if egress { EGRESS } else { LOCAL }.iter())
+}
+
+/// How many syscalls the runner's filter allows, with or without egress.
+pub fn allowed_count(egress: bool) -> usize {
+    allowed(egress).count()
 }
 
 /// `clone3` answered `ENOSYS` before anything else is looked at: glibc then starts the thread
@@ -253,11 +301,11 @@ fn clone3_unsupported() -> [sock_filter; 3] {
     ]
 }
 
-/// The compiled filter: `clone3` answered `ENOSYS`, the list allowed, anything else `EPERM`.
-pub fn filter() -> Result<BpfProgram, SeccompError> {
+/// The compiled filter: `clone3` answered `ENOSYS`, the list allowed (with egress's additions
+/// when `egress`), anything else `EPERM`.
+pub fn filter(egress: bool) -> Result<BpfProgram, SeccompError> {
     let fail = |e: String| SeccompError::Build(e);
-    let rules = ALLOWED
-        .iter()
+    let rules = allowed(egress)
         .map(Allow::rules)
         .collect::<Result<BTreeMap<_, _>, _>>()
         .map_err(|e| fail(e.to_string()))?;
@@ -274,9 +322,10 @@ pub fn filter() -> Result<BpfProgram, SeccompError> {
 
 /// Installs the runner's filter on every thread of this process (`TSYNC`), or — when a thread
 /// has a filter of its own, which `TSYNC` cannot replace — on the calling thread; then checks
-/// that every thread of the process is filtered.
-pub fn install() -> Result<Reach, SeccompError> {
-    let program = filter()?;
+/// that every thread of the process is filtered. `egress`: the plan grants egress, and the
+/// runner dials out for it.
+pub fn install(egress: bool) -> Result<Reach, SeccompError> {
+    let program = filter(egress)?;
     let reach = match seccompiler::apply_filter_all_threads(&program) {
         Ok(()) => Reach::Process,
         Err(seccompiler::Error::ThreadSync(_)) => {

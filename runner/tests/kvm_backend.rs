@@ -35,6 +35,7 @@ fn manifest(memory: SavedMemory) -> ColdManifest {
         backend: "kvm".into(),
         memory,
         generation: 1,
+        deny_hosts: vec![],
         saved_at: Timestamp::now(),
     }
 }

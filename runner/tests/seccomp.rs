@@ -255,7 +255,7 @@ fn the_runners_filter_refuses_what_a_runner_never_does_and_allows_its_work() {
     let home = MvmHome::at(dir.path().join("home"));
     // Opened before, as a launch opens it before the VM starts.
     let audit = mvm_ir::audit::HostAudit::open(&home).unwrap();
-    assert_eq!(seccomp::install().unwrap(), Reach::Process);
+    assert_eq!(seccomp::install(false).unwrap(), Reach::Process);
     // Every thread of the process, the test harness's included, runs filtered.
     for (tid, name) in threads() {
         assert_eq!(seccomp_status(&tid).0, "2", "{name} ({tid})");
@@ -298,7 +298,7 @@ fn the_own_vmm_is_paused_saved_resumed_and_stopped_from_a_filtered_runner_thread
 
     // The VMM's threads carry filters of their own: `TSYNC` cannot replace them, and the filter
     // goes on this thread, the one that drives the VM.
-    assert_eq!(seccomp::install().unwrap(), Reach::ThisThread);
+    assert_eq!(seccomp::install(false).unwrap(), Reach::ThisThread);
     assert_eq!(seccomp_status(&this_thread()), ("2".into(), "2".into()));
     for (tid, name) in threads() {
         assert_eq!(seccomp_status(&tid).0, "2", "{name} ({tid})");
@@ -369,7 +369,7 @@ fn a_jailed_vmm_is_paused_resumed_and_killed_from_a_filtered_runner() {
     guest::wait_for_ping(&mut channel, &vm);
 
     // No thread of this process has a filter of its own: every one gets this one.
-    assert_eq!(seccomp::install().unwrap(), Reach::Process);
+    assert_eq!(seccomp::install(false).unwrap(), Reach::Process);
     for (tid, name) in threads() {
         assert_eq!(
             seccomp_status(&tid),
@@ -393,8 +393,8 @@ fn a_jailed_vmm_is_paused_resumed_and_killed_from_a_filtered_runner() {
 
 #[test]
 fn the_runners_list_compiles_and_stays_short() {
-    let count = seccomp::allowed_count();
+    let count = seccomp::allowed_count(false);
     eprintln!("the runner's filter allows {count} syscalls");
     assert!(count > 0 && count <= 80, "{count}");
-    assert!(!seccomp::filter().unwrap().is_empty());
+    assert!(!seccomp::filter(false).unwrap().is_empty());
 }

@@ -23,7 +23,10 @@ use mvm_ir::plan::{Profile, Timestamp};
 use mvm_ir::provenance::SkippedEntries;
 use mvm_ir::terminal::{printable, Newlines};
 use mvm_ir::validate::validate;
-use mvm_ir::workload::{App, Entrypoint, Image, Resources, Workload, SCHEMA_VERSION};
+use mvm_ir::workload::{
+    App, Egress, EgressGrant, Entrypoint, Image, Network, NetworkMode, Resources, Workload,
+    SCHEMA_VERSION,
+};
 use mvm_ir::{canonical, plan, provenance};
 use serde_json::json;
 
@@ -80,6 +83,12 @@ pub struct BuildArgs {
     /// too, as `docker run --entrypoint` does; `""` clears the Entrypoint).
     #[arg(long, requires = "image", value_name = "PROGRAM")]
     entrypoint: Option<String>,
+    /// With --image: let the VM reach HOST on PORT (443 when absent) through the host's
+    /// egress proxy; repeatable. HOST is a name, `*.SUFFIX` (every name below it) or an IP
+    /// literal (IPv6 in brackets); signed into the plan, judged by the runner for every
+    /// connection (docs/network.md).
+    #[arg(long, requires = "image", value_name = "HOST[:PORT]", value_parser = parse_grant)]
+    allow_host: Vec<EgressGrant>,
     /// The command for --image (after `--`): it replaces the image's Cmd and follows its
     /// Entrypoint, as `docker run IMAGE COMMAND…` does.
     #[arg(last = true, requires = "image")]
@@ -233,7 +242,17 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
         args.entrypoint.as_deref(),
         &args.command,
     );
-    let (workload, app_index) = target.workload(&argv, resources)?;
+    let network = Network {
+        mode: match args.allow_host.is_empty() {
+            true => NetworkMode::None,
+            false => NetworkMode::Allowlist,
+        },
+        egress: Egress {
+            allowlist: args.allow_host.clone(),
+        },
+        ports: vec![],
+    };
+    let (workload, app_index) = target.workload(&argv, resources, network)?;
     let app = &workload.apps[app_index];
     let digest = ir_digest(&workload)?;
     let now = time::OffsetDateTime::now_utc().replace_nanosecond(0)?;
@@ -507,6 +526,7 @@ impl Target {
         &self,
         command: &[String],
         resources: Resources,
+        network: Network,
     ) -> anyhow::Result<(Workload, usize)> {
         if let Some(declared) = &self.declared {
             return Ok(declared.clone());
@@ -548,7 +568,7 @@ impl Target {
                     cwd: None,
                 }],
                 env: Default::default(),
-                network: Default::default(),
+                network,
                 mounts: vec![],
                 files: vec![],
                 health_check: None,
@@ -562,6 +582,31 @@ impl Target {
         }
         Ok((workload, 0))
     }
+}
+
+/// Reads `--allow-host HOST[:PORT]`: a name, `*.SUFFIX` or IP literal (an IPv6 one in
+/// brackets when a port follows), port 443 when none is given. The IR's validation judges the
+/// host itself.
+fn parse_grant(text: &str) -> Result<EgressGrant, String> {
+    let (host, port) = match text.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') || host.ends_with(']') => {
+            let port = port
+                .parse::<u16>()
+                .ok()
+                .filter(|port| *port != 0)
+                .ok_or_else(|| format!("{port:?} is not a port (1-65535)"))?;
+            (host, port)
+        }
+        _ => (text, 443),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err("no host".into());
+    }
+    Ok(EgressGrant {
+        host: host.to_string(),
+        port,
+    })
 }
 
 /// The declaration a build path names: the file itself, or `mvm.toml` / `workload.json` in a

@@ -36,6 +36,35 @@ pub struct ImageOptions {
     /// `docker run --entrypoint` does; `""` clears the Entrypoint). Images only.
     #[arg(long, conflicts_with = "plan", value_name = "PROGRAM")]
     entrypoint: Option<String>,
+    /// Let the VM reach HOST on PORT (443 when absent) through the host's egress proxy;
+    /// repeatable. HOST is a name, `*.SUFFIX` or an IP literal (IPv6 in brackets). Images
+    /// only: the grants are signed into the image's plan (a signed --plan is never widened;
+    /// narrow it with --deny-host).
+    #[arg(long, conflicts_with = "plan", value_name = "HOST[:PORT]")]
+    allow_host: Vec<String>,
+    /// Take HOST (every port) or HOST:PORT away from the plan's egress grants for this run;
+    /// repeatable.
+    #[arg(long, value_name = "HOST[:PORT]")]
+    deny_host: Vec<String>,
+    /// Print each egress decision (allowed, denied, closed with its byte counts) to standard
+    /// error as it is made.
+    #[arg(long)]
+    net_log: bool,
+}
+
+impl ImageOptions {
+    /// The runner's arguments for the egress options that apply at launch.
+    pub fn runner_args(&self) -> Vec<String> {
+        let mut args: Vec<String> = self
+            .deny_host
+            .iter()
+            .map(|host| format!("--deny-host={host}"))
+            .collect();
+        if self.net_log {
+            args.push("--net-log".into());
+        }
+        args
+    }
 }
 
 /// The plan a command boots: the one given, or the cached bundle's for the image (built when
@@ -87,6 +116,7 @@ fn cached_bundle(
         "memory": options.memory,
         "command": command,
         "entrypoint": options.entrypoint,
+        "allow_host": options.allow_host,
         "agent": agent_digest.0,
         "kernel": kernel.manifest.vmlinuz.digest,
         "modules": kernel.manifest.modules.iter().map(|m| &m.file.digest).collect::<Vec<_>>(),
@@ -120,6 +150,9 @@ fn cached_bundle(
     }
     if let Some(entrypoint) = &options.entrypoint {
         build.arg(format!("--entrypoint={entrypoint}"));
+    }
+    for host in &options.allow_host {
+        build.arg(format!("--allow-host={host}"));
     }
     if !command.is_empty() {
         build.arg("--").args(command);

@@ -135,6 +135,7 @@ fn launch(args: RunArgs, out: &Output) -> anyhow::Result<ExitCode> {
     if args.huge_pages {
         command.arg("--huge-pages");
     }
+    command.args(args.image_options.runner_args());
     if let Some(timeout) = args.timeout {
         command
             .arg("--timeout")
@@ -190,7 +191,8 @@ fn run_with_input(args: &RunArgs, plan: &Path) -> anyhow::Result<ExitCode> {
     runner
         .arg("--plan")
         .arg(plan)
-        .args(["--name", &name, "--backend", &args.backend]);
+        .args(["--name", &name, "--backend", &args.backend])
+        .args(args.image_options.runner_args());
     if args.huge_pages {
         runner.arg("--huge-pages");
     }

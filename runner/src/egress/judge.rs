@@ -62,6 +62,9 @@ pub enum DenyReason {
     BadAuthority,
     /// No grant of the plan matches the host and port.
     NotGranted,
+    /// The run narrowed the plan's grants (`--deny-host`) and this host is among those taken
+    /// away.
+    DeniedByRun,
     /// The name could not be looked up.
     ResolveFailed,
     /// The name has no address.
@@ -96,6 +99,7 @@ impl DenyReason {
         match self {
             DenyReason::BadAuthority => "bad_authority",
             DenyReason::NotGranted => "not_granted",
+            DenyReason::DeniedByRun => "denied_by_run",
             DenyReason::ResolveFailed => "resolve_failed",
             DenyReason::NoAddress => "no_address",
             DenyReason::Metadata => "metadata",
@@ -167,10 +171,7 @@ impl Decision {
     /// bytes), the addresses judged, and the reason of a refusal. Nothing of the request
     /// itself — no path, header or body — is given to this function, so none can be written.
     pub fn audit_fields(&self, vm: &str, host: &str, port: u16) -> Value {
-        let shown = match Host::parse(host) {
-            Ok(parsed) => parsed.to_string(),
-            Err(_) => truncated(host, MAX_AUDITED_HOST_BYTES).to_string(),
-        };
+        let shown = shown_host(host);
         let (addresses, reason): (Vec<IpAddr>, Option<&str>) = match self {
             Decision::Allowed { dial } => (dial.iter().map(SocketAddr::ip).collect(), None),
             Decision::Denied { reason, addresses } => (addresses.clone(), Some(reason.code())),
@@ -184,12 +185,77 @@ impl Decision {
     }
 }
 
+impl std::fmt::Display for Denial {
+    /// As [`Denial::parse`] reads it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = self.grant.to_string();
+        match self.any_port {
+            // The grant is written `host:port`; every port is the host alone.
+            true => match shown.rsplit_once(':') {
+                Some((host, _)) => f.write_str(host),
+                None => f.write_str(&shown),
+            },
+            false => f.write_str(&shown),
+        }
+    }
+}
+
 /// The plan's grants and the operator's configuration: everything a decision depends on,
 /// besides what the resolver answers.
 #[derive(Debug, Clone)]
 pub struct EgressPolicy {
     grants: Vec<Grant>,
+    denied: Vec<Denial>,
     config: EgressConfig,
+}
+
+/// A destination a run takes away from its plan's grants (`--deny-host HOST[:PORT]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    /// The host, suffix or address, with the port denied.
+    pub grant: Grant,
+    /// Every port of it, not only `grant.port`.
+    pub any_port: bool,
+}
+
+impl Denial {
+    /// Reads `HOST`, `HOST:PORT`, `*.SUFFIX[:PORT]` or an IP literal (an IPv6 one with a port
+    /// in brackets): without a port, every port is denied.
+    pub fn parse(text: &str) -> Result<Self, GrantError> {
+        let bracketed = text.starts_with('[');
+        let (host, port) = match text.rsplit_once(':') {
+            Some((host, port))
+                if port.chars().all(|c| c.is_ascii_digit())
+                    && !port.is_empty()
+                    && (bracketed || !host.contains(':')) =>
+            {
+                (host, port.parse::<u16>().ok())
+            }
+            _ => (text, None),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let grant = Grant::from_plan(&EgressGrant {
+            host: host.to_string(),
+            // Any port but 0 stands in when every port is denied.
+            port: port.unwrap_or(1),
+        })?;
+        Ok(Self {
+            grant,
+            any_port: port.is_none(),
+        })
+    }
+
+    fn matches(&self, authority: &Authority) -> bool {
+        let port = match self.any_port {
+            true => authority.port,
+            false => self.grant.port,
+        };
+        Grant {
+            port,
+            ..self.grant.clone()
+        }
+        .matches(authority)
+    }
 }
 
 impl EgressPolicy {
@@ -199,7 +265,24 @@ impl EgressPolicy {
             .iter()
             .map(Grant::from_plan)
             .collect::<Result<_, _>>()?;
-        Ok(Self { grants, config })
+        Ok(Self {
+            grants,
+            denied: Vec::new(),
+            config,
+        })
+    }
+
+    /// This policy with `denied` taken away from its grants: a run may narrow what its signed
+    /// plan grants, never widen it.
+    pub fn narrowed(mut self, denied: Vec<Denial>) -> Self {
+        self.denied.extend(denied);
+        self
+    }
+
+    /// Whether any destination is granted at all (after narrowing, grants may be left that
+    /// only a denial covers; those still count: the decision is per connection).
+    pub fn grants_anything(&self) -> bool {
+        !self.grants.is_empty()
     }
 
     /// The operator's configuration: the limits the proxy applies.
@@ -215,6 +298,9 @@ impl EgressPolicy {
         };
         if !self.grants.iter().any(|grant| grant.matches(&authority)) {
             return Decision::denied(DenyReason::NotGranted);
+        }
+        if self.denied.iter().any(|denial| denial.matches(&authority)) {
+            return Decision::denied(DenyReason::DeniedByRun);
         }
         let (addresses, literal) = match &authority.host {
             Host::Ip(ip) => (vec![*ip], true),
@@ -265,6 +351,15 @@ pub fn judge_client_hello(host: &str, hello: &Peek) -> Result<(), DenyReason> {
         (Peek::NoSni, Host::Ip(_)) => Ok(()),
         (Peek::Sni(sni), Host::Name(name)) if sni_matches(name, sni) => Ok(()),
         _ => Err(DenyReason::SniMismatch),
+    }
+}
+
+/// A host as the guest sent it, fit for the record: its canonical form when it parses, else
+/// its first 255 bytes.
+pub fn shown_host(host: &str) -> String {
+    match Host::parse(host) {
+        Ok(parsed) => parsed.to_string(),
+        Err(_) => truncated(host, MAX_AUDITED_HOST_BYTES).to_string(),
     }
 }
 

@@ -19,7 +19,9 @@
 pub mod address;
 pub mod authority;
 pub mod config;
+pub mod dial;
 pub mod grant;
 pub mod judge;
+pub mod log;
 pub mod relay;
 pub mod sni;

@@ -1,27 +1,50 @@
 //! Carrying the connections the guest opens: each is judged and dialled by a [`Dialer`]
 //! before anything leaves the machine, answered, then relayed byte for byte between the agent
 //! channel and the far end on a thread of its own, until both directions end, either side
-//! closes, or nothing moves for the idle timeout.
+//! closes, or nothing moves for the idle timeout. Where the dialer asks to see the guest's
+//! first bytes (a TLS ClientHello), none goes out before it has judged them.
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mvm_protocol::{ErrorReply, FrameKind, OpenRequest, Response};
 
-use crate::mux::{Connection, ConnectionSender, OpenHandler, NOT_GRANTED};
+use crate::mux::{Connection, ConnectionSender, Exchange, OpenHandler, BAD_OPEN, NOT_GRANTED};
 
 /// Bytes read from the far end at a time (one data frame at most).
 const CHUNK: usize = 64 * 1024;
 /// How often a relay whose guest side has ended looks whether the far side has too.
 const POLL: Duration = Duration::from_millis(200);
+/// The most of the guest's first bytes held back for [`Dialer::first_bytes`]: a ClientHello
+/// is at most 16 KiB and its record header.
+const MAX_HELD: usize = 16 * 1024 + 5;
 
 /// Judges a connection the guest asked for and dials it: the only way a relay reaches out.
 pub trait Dialer: Send + Sync {
     /// The far end's connected socket and its address, or why not.
     fn dial(&self, request: &OpenRequest) -> Result<(TcpStream, SocketAddr), Refusal>;
+
+    /// Judges the guest's first bytes on a dialled connection before any goes out (all it
+    /// has sent so far, up to 16 KiB): a TLS ClientHello's server name, say. Passes them by
+    /// default.
+    fn first_bytes(&self, request: &OpenRequest, bytes: &[u8]) -> Gate {
+        let _ = (request, bytes);
+        Gate::Pass
+    }
+}
+
+/// The judgement of a connection's first bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Gate {
+    /// Not decided yet: hold them and wait for more.
+    NeedMore,
+    /// Let them, and everything after them, through.
+    Pass,
+    /// End the connection; nothing went out.
+    Refuse(Refusal),
 }
 
 /// Why a connection was not made: the code the agent is answered with and the reason the
@@ -32,6 +55,19 @@ pub struct Refusal {
     pub code: &'static str,
     /// The reason, a stable snake_case word.
     pub reason: &'static str,
+    /// The addresses the host was judged by, when it came to addresses.
+    pub addresses: Vec<IpAddr>,
+}
+
+impl Refusal {
+    /// A refusal before any address was looked at.
+    pub fn new(code: &'static str, reason: &'static str) -> Self {
+        Self {
+            code,
+            reason,
+            addresses: Vec::new(),
+        }
+    }
 }
 
 /// The relay's limits.
@@ -46,7 +82,8 @@ pub struct RelayLimits {
 /// What happened to a connection, for the audit and the counters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RelayEvent {
-    /// Dialled: `address` is where it goes.
+    /// Dialled and let through: `address` is where it goes. Recorded before the guest's first
+    /// byte goes out; a connection whose allowance could not be recorded is ended.
     Allowed {
         /// The guest's request.
         request: OpenRequest,
@@ -71,21 +108,20 @@ pub enum RelayEvent {
     },
 }
 
+/// Records an event; `false` when it could not be recorded (the audit log failed).
+pub type EventRecorder = Box<dyn Fn(RelayEvent) -> bool + Send + Sync>;
+
 /// Serves the connections the agent opens.
 pub struct Relay {
     dialer: Box<dyn Dialer>,
     limits: RelayLimits,
-    on_event: Box<dyn Fn(RelayEvent) + Send + Sync>,
+    on_event: EventRecorder,
     open: AtomicUsize,
 }
 
 impl Relay {
     /// A relay dialling through `dialer` and telling `on_event` every decision and end.
-    pub fn new(
-        dialer: Box<dyn Dialer>,
-        limits: RelayLimits,
-        on_event: Box<dyn Fn(RelayEvent) + Send + Sync>,
-    ) -> Arc<Self> {
+    pub fn new(dialer: Box<dyn Dialer>, limits: RelayLimits, on_event: EventRecorder) -> Arc<Self> {
         Arc::new(Self {
             dialer,
             limits,
@@ -111,36 +147,99 @@ impl Relay {
 
     fn carry(&self, connection: Connection, request: OpenRequest) {
         let Connection { exchange, sender } = connection;
+        if request.malformed.is_some() {
+            // The agent refused the client itself; only the record is left to make.
+            return self.refuse(&sender, request, Refusal::new(BAD_OPEN, "bad_request"));
+        }
         if self.open.fetch_add(1, Ordering::SeqCst) >= self.limits.max_connections {
             self.open.fetch_sub(1, Ordering::SeqCst);
-            return self.refuse(
-                &sender,
-                request,
-                Refusal {
-                    code: NOT_GRANTED,
-                    reason: "too_many_connections",
-                },
-            );
+            let refusal = Refusal::new(NOT_GRANTED, "too_many_connections");
+            return self.refuse(&sender, request, refusal);
         }
         match self.dialer.dial(&request) {
             Err(refusal) => self.refuse(&sender, request, refusal),
-            Ok((far, address)) => {
-                (self.on_event)(RelayEvent::Allowed {
-                    request: request.clone(),
-                    address,
-                });
-                let (sent, received) = match sender.answer(&Response::Opened) {
-                    Ok(()) => relay(exchange, sender, far, self.limits.idle_timeout),
-                    Err(_) => (0, 0),
-                };
-                (self.on_event)(RelayEvent::Closed {
-                    request,
-                    sent,
-                    received,
-                });
-            }
+            Ok((far, address)) => self.carry_dialled(exchange, sender, far, address, request),
         }
         self.open.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Answers a dialled connection, lets the guest's first bytes pass the dialer's gate,
+    /// records the allowance, then relays.
+    fn carry_dialled(
+        &self,
+        mut exchange: Exchange,
+        sender: ConnectionSender,
+        far: TcpStream,
+        address: SocketAddr,
+        request: OpenRequest,
+    ) {
+        let held = match self.dialer.first_bytes(&request, &[]) {
+            Gate::Pass => {
+                // Nothing to look at first: the decision is recorded before the answer.
+                if !self.allowed(&request, address) {
+                    return self.refuse(&sender, request, Refusal::new(NOT_GRANTED, "unrecorded"));
+                }
+                if sender.answer(&Response::Opened).is_err() {
+                    return;
+                }
+                Vec::new()
+            }
+            Gate::Refuse(refusal) => return self.refuse(&sender, request, refusal),
+            Gate::NeedMore => {
+                if sender.answer(&Response::Opened).is_err() {
+                    return;
+                }
+                match self.hold_first_bytes(&mut exchange, &request) {
+                    Ok(held) if self.allowed(&request, address) => held,
+                    Ok(_) => return sender.close(),
+                    Err(refusal) => {
+                        (self.on_event)(RelayEvent::Denied { request, refusal });
+                        return sender.close();
+                    }
+                }
+            }
+        };
+        let (sent, received) = relay(exchange, sender, far, &held, self.limits.idle_timeout);
+        (self.on_event)(RelayEvent::Closed {
+            request,
+            sent,
+            received,
+        });
+    }
+
+    fn allowed(&self, request: &OpenRequest, address: SocketAddr) -> bool {
+        (self.on_event)(RelayEvent::Allowed {
+            request: request.clone(),
+            address,
+        })
+    }
+
+    /// The guest's first bytes, held until the dialer's gate passes them; the refusal when it
+    /// does not, or when the guest ends, closes or idles before it decided.
+    fn hold_first_bytes(
+        &self,
+        exchange: &mut Exchange,
+        request: &OpenRequest,
+    ) -> Result<Vec<u8>, Refusal> {
+        let mut held = Vec::new();
+        let deadline = Instant::now() + self.limits.idle_timeout;
+        let incomplete = || Refusal::new(NOT_GRANTED, "not_tls");
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let frame = exchange.next_frame_within(left).ok_or_else(incomplete)?;
+            match frame.kind {
+                FrameKind::Data if !frame.payload.is_empty() => {
+                    held.extend_from_slice(&frame.payload);
+                }
+                _ => return Err(incomplete()),
+            }
+            match self.dialer.first_bytes(request, &held) {
+                Gate::Pass => return Ok(held),
+                Gate::Refuse(refusal) => return Err(refusal),
+                Gate::NeedMore if held.len() >= MAX_HELD => return Err(incomplete()),
+                Gate::NeedMore => {}
+            }
+        }
     }
 
     /// Records the refusal, then answers it.
@@ -157,11 +256,16 @@ impl Relay {
 /// Relays until both directions have ended or the connection is torn down; returns the bytes
 /// sent to the far end and received from it.
 fn relay(
-    mut exchange: crate::mux::Exchange,
+    mut exchange: Exchange,
     sender: ConnectionSender,
     far: TcpStream,
+    held: &[u8],
     idle_timeout: Duration,
 ) -> (u64, u64) {
+    if (&far).write_all(held).is_err() {
+        sender.close();
+        return (0, 0);
+    }
     let started = Instant::now();
     let last_moved = Arc::new(AtomicU64::new(0));
     let since_start = move || started.elapsed().as_millis() as u64;
@@ -178,7 +282,7 @@ fn relay(
         std::thread::spawn(move || far_to_guest(far_reader, &sender, &last_moved, since_start))
     };
     let mut far_writer = &far;
-    let mut sent = 0u64;
+    let mut sent = held.len() as u64;
     let mut guest_done = false;
     loop {
         if guest_done && upstream.is_finished() {
@@ -280,10 +384,7 @@ mod tests {
 
     impl Dialer for MapDialer {
         fn dial(&self, request: &OpenRequest) -> Result<(TcpStream, SocketAddr), Refusal> {
-            let refused = Refusal {
-                code: NOT_GRANTED,
-                reason: "not_granted",
-            };
+            let refused = Refusal::new(NOT_GRANTED, "not_granted");
             let address = *self.0.get(&request.host).ok_or(refused.clone())?;
             let stream = TcpStream::connect(address).map_err(|_| refused)?;
             Ok((stream, address))
@@ -419,7 +520,10 @@ mod tests {
                 address,
             )]))),
             limits,
-            Box::new(move |event| recorded.lock().unwrap().push(event)),
+            Box::new(move |event| {
+                recorded.lock().unwrap().push(event);
+                true
+            }),
         );
         let (host, guest) = UnixStream::pair().unwrap();
         let mux = AgentMux::serving(host, 0, Some(relay.handler())).unwrap();

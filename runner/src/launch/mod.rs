@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use mvm_ir::admission::VerifiedPlan;
 use mvm_ir::home::MvmHome;
 use mvm_ir::plan::Timestamp;
-use mvm_ir::receipt::{CommandResult, OutputDigest, Receipt};
+use mvm_ir::receipt::{CommandResult, EgressCounts, EgressDecision, OutputDigest, Receipt};
 use mvm_ir::Coded;
 use mvm_protocol::{codes, ExecRequest, ExitStatus, HelloReply, Integrity};
 use serde_json::json;
@@ -35,7 +35,11 @@ use crate::backend::select::{Accel, BackendChoice};
 use crate::backend::VmProcess;
 use crate::client::{AgentClient, ClientError, Executed, OutputSink};
 use crate::control;
+use crate::egress::judge::Denial;
+use crate::mux::AgentMux;
+use egress::{egress_for, serve_proxy, Egress};
 
+mod egress;
 pub mod error;
 pub mod named;
 mod start;
@@ -78,6 +82,11 @@ pub struct Launch {
     pub jail: Option<Jail>,
     /// Back the own VMM's guest RAM with 2 MiB huge pages (checked: `--backend kvm` only).
     pub huge_pages: bool,
+    /// Destinations taken away from the plan's egress grants for this launch (`--deny-host`):
+    /// a launch may narrow its signed plan, never widen it.
+    pub deny: Vec<Denial>,
+    /// Print each egress decision to standard error as it is made (`--net-log`).
+    pub net_log: bool,
 }
 
 /// A launch that ran its command to the end.
@@ -107,6 +116,10 @@ pub struct Finished {
     pub ready_ms: u64,
     /// The command's own duration, as the agent measured it.
     pub command_ms: u64,
+    /// The egress decisions made while it ran (the first 256).
+    pub egress: Vec<EgressDecision>,
+    /// Every egress decision counted, and the bytes each way.
+    pub egress_counts: EgressCounts,
 }
 
 impl Finished {
@@ -122,7 +135,8 @@ impl Finished {
             result: command_result(self.status),
             stdout: self.stdout.clone(),
             stderr: self.stderr.clone(),
-            egress: vec![],
+            egress: self.egress.clone(),
+            egress_counts: self.egress_counts,
             previous: None,
         }
     }
@@ -159,15 +173,19 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Bo
         exec_request(verified, launch)
     })?;
 
-    let mut outcome = boot(launch, listener.as_ref(), &mut vm_process)
-        .and_then(|booted| confine().map(|()| booted))
-        .and_then(|booted| run_command(&mut vm_process, booted, request, sink));
+    let mut outcome = egress_for(launch, &plan.plan, &audit, &vm, None).and_then(|egress| {
+        let booted = boot(launch, listener.as_ref(), &mut vm_process)?;
+        confine(egress.is_some())?;
+        run_command(launch, &mut vm_process, booted, egress, request, sink)
+    });
     // The socket's job is done either way; nobody may connect to it later.
     drop(listener);
     let _ = fs::remove_file(&socket);
     if let Ok(ran) = &mut outcome {
         // The guest syncs and powers off; it is killed after the grace either way.
-        let _ = ran.client.power_off(SHUTDOWN_GRACE);
+        if let Ok(mut answer) = ran.mux.request(&mvm_protocol::Request::PowerOff) {
+            let _ = answer.next_frame_within(SHUTDOWN_GRACE);
+        }
         let _ = vm_process.wait_for_exit(SHUTDOWN_GRACE);
     }
     vm_process.kill();
@@ -184,6 +202,16 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Bo
         argv_sha256: ran.argv_sha256,
         started_at: ran.started_at,
         ended_at: ran.ended_at,
+        egress: ran
+            .egress
+            .as_ref()
+            .map(|e| e.log.decisions())
+            .unwrap_or_default(),
+        egress_counts: ran
+            .egress
+            .as_ref()
+            .map(|e| e.log.counts())
+            .unwrap_or_default(),
     });
 
     let (reason, exit_status) = match &outcome {
@@ -215,7 +243,8 @@ struct Ran {
     executed: Executed,
     started_at: Timestamp,
     ended_at: Timestamp,
-    client: AgentClient,
+    mux: AgentMux,
+    egress: Option<Egress>,
 }
 
 /// Waits for the agent channel (QEMU connects it; the own VMM's is connected already) and
@@ -246,9 +275,10 @@ fn boot(
 
 /// Puts the runner under its own seccomp filter ([`crate::seccomp`]), once the VM runs and its
 /// agent said hello: every process the runner starts has been started. A runner that cannot be
-/// filtered does not go on (RUN051).
-fn confine() -> Result<(), LaunchError> {
-    crate::seccomp::install().map(drop).map_err(|e| {
+/// filtered does not go on (RUN051). Sockets to the network are allowed only when the launch
+/// carries egress.
+fn confine(egress: bool) -> Result<(), LaunchError> {
+    crate::seccomp::install(egress).map(drop).map_err(|e| {
         LaunchError::Refused(AdmissionError::NotRunnable {
             code: e.code().into(),
             reason: e.to_string(),
@@ -256,10 +286,12 @@ fn confine() -> Result<(), LaunchError> {
     })
 }
 
-/// Runs the one command of a launch.
+/// Runs the one command of a launch, its egress served while it runs.
 fn run_command(
+    launch: &Launch,
     vm: &mut VmProcess,
     booted: Booted,
+    egress: Option<Egress>,
     request: ExecRequest,
     sink: &mut dyn OutputSink,
 ) -> Result<Ran, LaunchError> {
@@ -268,6 +300,15 @@ fn run_command(
         hello,
         ready_ms,
     } = booted;
+    if egress.is_some() {
+        serve_proxy(&mut client)?;
+    }
+    let (stream, last_stream) = client
+        .into_stream()
+        .map_err(LaunchError::host("agent channel"))?;
+    let opener = egress.as_ref().map(|e| Arc::clone(&e.handler));
+    let mux = AgentMux::serving(stream, last_stream, opener)
+        .map_err(LaunchError::host("agent channel"))?;
     let answer_timeout = Duration::from_millis(request.timeout_ms) + ANSWER_GRACE;
     let argv_sha256 =
         mvm_ir::digest::sha256_prefixed(&serde_json::to_vec(&request.argv).map_err(|e| {
@@ -277,8 +318,8 @@ fn run_command(
             }
         })?);
     let started_at = Timestamp::now();
-    let executed = client
-        .exec(request, answer_timeout, sink)
+    let executed = mux
+        .exec(request, answer_timeout, &launch.interrupt, sink)
         .map_err(|e| match e {
             ClientError::Refused(refusal) if refusal.code == codes::INTEGRITY => {
                 LaunchError::Integrity(refusal.message)
@@ -304,7 +345,8 @@ fn run_command(
         executed,
         started_at,
         ended_at: Timestamp::now(),
-        client,
+        mux,
+        egress,
     })
 }
 

@@ -16,6 +16,7 @@ use mvm_ir::Coded;
 use mvm_protocol::Request;
 use serde_json::json;
 
+use super::egress::{egress_for, serve_proxy};
 use super::start::{failure, start, Origin, Started};
 use super::vm_dir::{Keep, VmDir};
 use super::{
@@ -28,7 +29,9 @@ use crate::client::ClientError;
 use crate::codes;
 use crate::cold::{self, ColdError, ColdManifest, ColdSaver, ColdState};
 use crate::control;
-use crate::mux::AgentMux;
+use crate::egress::judge::Denial;
+use crate::egress::log::COUNTS_FILE;
+use crate::mux::{AgentMux, OpenHandler};
 use crate::state::{self, Phase, VmState};
 
 /// Boots `launch` as the VM `name` and keeps it up, serving its control socket
@@ -73,9 +76,20 @@ pub fn wake_named(
         );
         LaunchError::from(ColdError::Wake(reason))
     })?;
+    // What its first launch took away stays taken away.
+    let mut deny = launch.deny.clone();
+    for text in &saved.manifest.deny_hosts {
+        let denial = Denial::parse(text).map_err(|e| {
+            LaunchError::from(ColdError::Unverified(format!(
+                "its manifest's --deny-host {text:?}: {e}"
+            )))
+        })?;
+        deny.push(denial);
+    }
     let launch = Launch {
         envelope: saved.manifest.envelope.clone(),
         backend,
+        deny,
         ..launch.clone()
     };
     let started = start(&launch, Origin::Wake(dir, &mut saved), secrets_resolvable)?;
@@ -141,15 +155,21 @@ pub(super) fn serve_started(
         Some(saved) => wake(&launch.home, &dir, &mut vm_process, saved, accel).map(Some),
         None => Ok(None),
     };
+    let counts = dir.path.join(COUNTS_FILE);
     let booted = woken.and_then(|machine| {
-        let booted = boot(launch, listener.as_ref(), &mut vm_process)?;
+        let egress = egress_for(launch, &plan.plan, &audit, &vm, Some(counts))?;
+        let mut booted = boot(launch, listener.as_ref(), &mut vm_process)?;
+        if egress.is_some() {
+            // Before anyone is told the VM is ready: every command it runs sees the proxy.
+            serve_proxy(&mut booted.client)?;
+        }
         // Every process the runner starts has been started: from here it runs filtered.
-        confine()?;
-        Ok((booted, machine))
+        confine(egress.is_some())?;
+        Ok((booted, machine, egress))
     });
     drop(listener);
     let _ = fs::remove_file(&socket);
-    let outcome = booted.and_then(|(mut booted, machine)| {
+    let outcome = booted.and_then(|(mut booted, machine, egress)| {
         // The control socket is there before anyone is told the VM is ready.
         let control_path = dir.path.join(state::CONTROL_SOCKET);
         let control =
@@ -210,6 +230,7 @@ pub(super) fn serve_started(
                     bytes: 0,
                 },
                 generation: 0,
+                deny_hosts: launch.deny.iter().map(ToString::to_string).collect(),
                 saved_at: mvm_ir::plan::Timestamp::now(),
             },
         });
@@ -218,7 +239,7 @@ pub(super) fn serve_started(
             control,
             &plan.plan,
             &mut vm_process,
-            booted,
+            (booted, egress.map(|egress| egress.handler)),
             (&audit, &vm),
             (machine, Box::new(phases), saver),
         );
@@ -321,7 +342,7 @@ pub(super) fn keep_serving(
     control: UnixListener,
     plan: &LaunchPlan,
     vm: &mut VmProcess,
-    booted: Booted,
+    (booted, opener): (Booted, Option<OpenHandler>),
     (audit, vm_id): (&Arc<HostAudit>, &str),
     (machine, phases, cold): (Box<dyn Pausable>, PhaseRecorder, Option<ColdSaver>),
 ) -> Result<Served, LaunchError> {
@@ -329,8 +350,10 @@ pub(super) fn keep_serving(
         .client
         .into_stream()
         .map_err(LaunchError::host("agent channel"))?;
+    let mux = AgentMux::serving(stream, last_stream, opener)
+        .map_err(LaunchError::host("agent channel"))?;
     let shared = Arc::new(control::Shared {
-        mux: AgentMux::new(stream, last_stream).map_err(LaunchError::host("agent channel"))?,
+        mux,
         plan: plan.clone(),
         hello: booted.hello,
         stop: Arc::new(AtomicBool::new(false)),

@@ -11,14 +11,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use mvm_ir::receipt::Receipt;
+use mvm_ir::receipt::{EgressCounts, Receipt};
 use mvm_protocol::{ExecRequest, Integrity};
 use mvm_runner::client::{ClientError, StdStreams};
 use mvm_runner::control::MAX_TIMEOUT;
 use mvm_runner::launch::{command_result, exit, LaunchError};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
-use super::{connect, named, named_error};
+use super::{connect, named, named_error, vm_home};
 use crate::commands::{coded_io, Host};
 use crate::output::Output;
 
@@ -103,6 +103,9 @@ pub fn run_in(
     let vm = named.state().map_err(named_error)?;
     let mut client = named.connect(interrupt).map_err(named_error)?;
     let started_at = mvm_ir::plan::Timestamp::now();
+    // The VM's egress is counted VM-wide: the receipt gets what moved while the command ran.
+    let vms = vm_home()?;
+    let egress_before = super::egress_counts(&vms, name).unwrap_or_default();
     let argv_sha256 = mvm_ir::digest::sha256_prefixed(&serde_json::to_vec(&request.argv)?);
     let answer_timeout = Duration::from_millis(request.timeout_ms) + ANSWER_GRACE;
     let executed = match client.exec_with_input(request, input, answer_timeout, &mut StdStreams) {
@@ -136,6 +139,10 @@ pub fn run_in(
             stdout: executed.stdout.clone(),
             stderr: executed.stderr.clone(),
             egress: vec![],
+            egress_counts: counted_since(
+                egress_before,
+                super::egress_counts(&vms, name).unwrap_or_default(),
+            ),
             previous: None,
         };
         mvm_ir::receipt::issue(&host.home, receipt, &host.keys.host_signer()?, |bytes| {
@@ -143,4 +150,14 @@ pub fn run_in(
         })?;
     }
     Ok(ExitCode::from(exit::of_command(reply.status)))
+}
+
+/// What a VM's egress counters moved by between two readings.
+fn counted_since(before: EgressCounts, after: EgressCounts) -> EgressCounts {
+    EgressCounts {
+        allowed: after.allowed.saturating_sub(before.allowed),
+        denied: after.denied.saturating_sub(before.denied),
+        bytes_sent: after.bytes_sent.saturating_sub(before.bytes_sent),
+        bytes_received: after.bytes_received.saturating_sub(before.bytes_received),
+    }
 }

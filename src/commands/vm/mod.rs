@@ -18,8 +18,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
+use mvm_ir::receipt::EgressCounts;
 use mvm_protocol::Request;
 use mvm_runner::client::{AgentClient, ClientError};
+use mvm_runner::egress::log::{read_counts, COUNTS_FILE};
 use mvm_runner::named_vm::{NamedVm, NamedVmError, VmHome};
 use mvm_runner::state::{Phase, VmState};
 use serde_json::{json, Value};
@@ -147,6 +149,12 @@ fn start(vms: &VmHome, runner: std::process::Command) -> anyhow::Result<Result<V
     }
 }
 
+/// The egress a VM's runner has counted so far (none for a VM whose plan grants none).
+pub(super) fn egress_counts(vms: &VmHome, name: &str) -> Option<EgressCounts> {
+    let dir = vms.dir(name).ok()?;
+    read_counts(&dir.join(COUNTS_FILE))
+}
+
 fn state_json(state: &VmState) -> Value {
     serde_json::to_value(state).unwrap_or(Value::Null)
 }
@@ -164,7 +172,8 @@ pub fn up(args: UpArgs, out: &Output) -> anyhow::Result<ExitCode> {
     runner
         .arg("--plan")
         .arg(&plan)
-        .args(["--name", &args.name, "--backend", &args.backend]);
+        .args(["--name", &args.name, "--backend", &args.backend])
+        .args(args.image_options.runner_args());
     if args.huge_pages {
         runner.arg("--huge-pages");
     }
@@ -182,29 +191,37 @@ pub fn up(args: UpArgs, out: &Output) -> anyhow::Result<ExitCode> {
 }
 
 pub fn ls(out: &Output) -> anyhow::Result<()> {
-    let seen = vm_home()?.list(|dir, e| eprintln!("mvm: {}: {e}", dir.display()));
-    out.result(
-        json!({"vms": seen.iter().map(state_json).collect::<Vec<_>>()}),
-        || {
-            let mut text = format!(
-                "{:<20} {:<9} {:<7} {:<16} {:<21} REASON",
-                "NAME", "STATE", "BACKEND", "VM", "STARTED"
-            );
-            for vm in &seen {
-                text.push_str(&format!(
-                    "\n{:<20} {:<9} {:<7} {:<16} {:<21} {}",
-                    vm.name,
-                    vm.phase.name(),
-                    vm.backend
-                        .map_or_else(|| "-".to_string(), |b| b.to_string()),
-                    vm.vm,
-                    vm.started_at,
-                    vm.reason.as_deref().unwrap_or("")
-                ));
+    let vms = vm_home()?;
+    let seen = vms.list(|dir, e| eprintln!("mvm: {}: {e}", dir.display()));
+    let listed: Vec<Value> = seen
+        .iter()
+        .map(|vm| {
+            let mut value = state_json(vm);
+            if let Some(counts) = egress_counts(&vms, &vm.name) {
+                value["egress"] = json!(counts);
             }
-            text
-        },
-    );
+            value
+        })
+        .collect();
+    out.result(json!({"vms": listed}), || {
+        let mut text = format!(
+            "{:<20} {:<9} {:<7} {:<16} {:<21} REASON",
+            "NAME", "STATE", "BACKEND", "VM", "STARTED"
+        );
+        for vm in &seen {
+            text.push_str(&format!(
+                "\n{:<20} {:<9} {:<7} {:<16} {:<21} {}",
+                vm.name,
+                vm.phase.name(),
+                vm.backend
+                    .map_or_else(|| "-".to_string(), |b| b.to_string()),
+                vm.vm,
+                vm.started_at,
+                vm.reason.as_deref().unwrap_or("")
+            ));
+        }
+        text
+    });
     Ok(())
 }
 

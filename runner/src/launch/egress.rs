@@ -1,0 +1,85 @@
+//! A launch's egress: when its plan grants any, the relay that judges and carries the
+//! connections the guest opens, the log that records them, and the proxy the agent is asked to
+//! serve. A plan that grants none gets nothing: every open is refused (RUN052) and the guest
+//! has no proxy to ask.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mvm_ir::audit::HostAudit;
+use mvm_ir::plan::LaunchPlan;
+use mvm_ir::workload::NetworkMode;
+use mvm_ir::Coded;
+use mvm_protocol::{Request, Response};
+
+use super::LaunchError;
+use crate::admission::AdmissionError;
+use crate::client::{AgentClient, ClientError};
+use crate::egress::config::EgressConfig;
+use crate::egress::dial::PolicyDialer;
+use crate::egress::judge::{EgressPolicy, SystemResolver};
+use crate::egress::log::EgressLog;
+use crate::egress::relay::{Relay, RelayLimits};
+use crate::mux::OpenHandler;
+
+/// How long the agent has to start its proxy.
+const PROXY_START: Duration = Duration::from_secs(10);
+
+/// The egress of a launch whose plan grants some.
+pub(super) struct Egress {
+    /// What the agent mux hands each connection to.
+    pub handler: OpenHandler,
+    /// The record of every decision.
+    pub log: Arc<EgressLog>,
+}
+
+/// The egress of `plan`, narrowed by the launch's `--deny-host`s, under the operator's
+/// `[egress]` configuration; `None` when the plan grants none. A bad configuration (RUN054) or
+/// a grant the runner cannot judge (RUN055) refuses the launch.
+pub(super) fn egress_for(
+    launch: &super::Launch,
+    plan: &LaunchPlan,
+    audit: &Arc<HostAudit>,
+    vm: &str,
+    counts_file: Option<PathBuf>,
+) -> Result<Option<Egress>, LaunchError> {
+    if plan.policy.network != NetworkMode::Allowlist || plan.policy.egress.is_empty() {
+        return Ok(None);
+    }
+    let refused = |e: &dyn Coded, reason: String| {
+        LaunchError::Refused(AdmissionError::NotRunnable {
+            code: e.code().to_string(),
+            reason,
+        })
+    };
+    let config = EgressConfig::load(&launch.home).map_err(|e| refused(&e, e.to_string()))?;
+    let limits = RelayLimits {
+        max_connections: config.max_connections as usize,
+        idle_timeout: config.idle_timeout,
+    };
+    let policy = EgressPolicy::new(&plan.policy.egress, config)
+        .map_err(|e| refused(&e, e.to_string()))?
+        .narrowed(launch.deny.clone());
+    let log = EgressLog::new(Arc::clone(audit), vm, launch.net_log, counts_file);
+    let dialer = PolicyDialer::new(policy, SystemResolver);
+    let relay = Relay::new(Box::new(dialer), limits, log.recorder());
+    Ok(Some(Egress {
+        handler: relay.handler(),
+        log,
+    }))
+}
+
+/// Asks the agent to serve its proxy: the commands it starts from now on reach it through
+/// their environment. An agent that cannot fails the launch.
+pub(super) fn serve_proxy(client: &mut AgentClient) -> Result<(), LaunchError> {
+    match client.call(&Request::ServeProxy, PROXY_START, None) {
+        Ok(Response::Done) => Ok(()),
+        Ok(other) => Err(LaunchError::Channel(crate::client::unexpected(&other))),
+        Err(ClientError::Refused(refusal)) => Err(LaunchError::GuestFailed(format!(
+            "the agent could not serve the egress proxy: {}: {}",
+            refusal.code, refusal.message
+        ))),
+        Err(e) => Err(LaunchError::Channel(e)),
+    }
+}
