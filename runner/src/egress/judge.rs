@@ -8,9 +8,10 @@
 //!    else looked up **once** through [`Resolve`] (`resolve_failed`, `no_address`) — and
 //!    nothing is ever looked up again: the addresses judged are the addresses dialled;
 //! 4. **every** address is judged ([`super::address`]). A public one passes. A loopback or
-//!    private one passes only when the request wrote it literally and the operator lists that
-//!    `IP:PORT` in `allow_private` — never through a name, so a name that resolves (or is
-//!    rebound) to internal space cannot reach it. The other kinds never pass. One address that
+//!    private one passes only when the operator lists that `IP:PORT` in `allow_private` and
+//!    the address came from the request itself (written literally) or from the operator's own
+//!    pin of the name — never from a lookup, so a name that resolves (or is rebound) to
+//!    internal space cannot reach it. The other kinds never pass. One address that
 //!    does not pass denies the whole connection, with the reason of the worst such address.
 //!
 //! An allowed [`Decision`] carries the socket addresses to dial and nothing else. For a
@@ -302,10 +303,11 @@ impl EgressPolicy {
         if self.denied.iter().any(|denial| denial.matches(&authority)) {
             return Decision::denied(DenyReason::DeniedByRun);
         }
-        let (addresses, literal) = match &authority.host {
+        let (addresses, operator_given) = match &authority.host {
             Host::Ip(ip) => (vec![*ip], true),
+            // The operator's pin is as much the operator's word as a listed address.
             Host::Name(name) => match self.config.resolve.get(name) {
-                Some(pinned) => (pinned.clone(), false),
+                Some(pinned) => (pinned.clone(), true),
                 None => match resolver.resolve(name) {
                     Ok(found) => (unique(found), false),
                     Err(_) => return Decision::denied(DenyReason::ResolveFailed),
@@ -319,7 +321,8 @@ impl EgressPolicy {
             .iter()
             .filter_map(|ip| {
                 let class = classify(*ip);
-                let listed = literal && self.config.allows_private(SocketAddr::new(*ip, port));
+                let listed =
+                    operator_given && self.config.allows_private(SocketAddr::new(*ip, port));
                 match class.reach() {
                     Reach::Granted => None,
                     Reach::OperatorListed if listed => None,
@@ -744,11 +747,13 @@ mod tests {
 
     #[test]
     fn a_pinned_name_is_not_looked_up_and_its_pins_are_judged_like_any_address() {
-        let config = "[egress]\nallow_private = [\"10.0.0.5:443\"]\nresolve = { \"api.example.com\" = [\"93.184.215.14\", \"2606:4700::1111\"], \"svc.internal\" = \"10.0.0.5\" }\n";
+        let config = "[egress]\nallow_private = [\"10.0.0.5:443\"]\nresolve = { \"api.example.com\" = [\"93.184.215.14\", \"2606:4700::1111\"], \"svc.internal\" = \"10.0.0.5\", \"db.internal\" = \"10.0.0.6\" }\n";
         let p = policy(
             &[
                 ("api.example.com", 443),
                 ("svc.internal", 443),
+                ("svc.internal", 8443),
+                ("db.internal", 443),
                 ("other.example.com", 443),
             ],
             config,
@@ -761,10 +766,19 @@ mod tests {
             p.judge("api.example.com", 443, &resolver),
             dial(&["93.184.215.14:443", "[2606:4700::1111]:443"])
         );
-        // Pinned to a private address, which a name never reaches, listed or not.
+        // Pinned by the operator to a private address the operator lists: reached; on a port
+        // not listed, or pinned to an address not listed, refused.
         assert_eq!(
             p.judge("svc.internal", 443, &resolver),
+            dial(&["10.0.0.5:443"])
+        );
+        assert_eq!(
+            p.judge("svc.internal", 8443, &resolver),
             denied(DenyReason::PrivateRange, &["10.0.0.5"])
+        );
+        assert_eq!(
+            p.judge("db.internal", 443, &resolver),
+            denied(DenyReason::PrivateRange, &["10.0.0.6"])
         );
         assert!(resolver.asked().is_empty());
         assert_eq!(
