@@ -505,24 +505,23 @@ fn a_host_sending_past_the_window_gets_the_connection_closed() {
         read_exactly(&mut client, CONNECT_ESTABLISHED.len()),
         CONNECT_ESTABLISHED
     );
-    // The client reads nothing more; the host sends far past the window without waiting for
-    // credit, from a thread (the agent's frames are read meanwhile).
+    // The client reads nothing more; the host sends without waiting for credit, from a
+    // thread (the agent's frames are read meanwhile), until the socket's buffers and then the
+    // window are full, whatever their sizes on this machine.
     let mut flood = host.stream.try_clone().unwrap();
+    let closed = Arc::new(AtomicBool::new(false));
+    let seen = Arc::clone(&closed);
     let flooding = std::thread::spawn(move || {
-        let chunk = vec![7; 64 * 1024];
-        for _ in 0..256 {
-            if flood
-                .write_all(&encode(FrameKind::Data, stream, &chunk).unwrap())
-                .is_err()
-            {
-                return;
-            }
+        let frame = encode(FrameKind::Data, stream, &[7; 64 * 1024]).unwrap();
+        while !seen.load(Ordering::SeqCst) {
+            flood.write_all(&frame).unwrap();
         }
     });
     loop {
         let frame = host.frame();
         assert_eq!(frame.stream, stream);
         if frame.kind == FrameKind::Close {
+            closed.store(true, Ordering::SeqCst);
             break;
         }
     }
