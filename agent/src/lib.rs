@@ -24,7 +24,9 @@
 //!
 //! The guest has no network interface: [`proxy`] reads what the workload's clients ask of the
 //! egress proxy the agent serves inside the guest (HTTP `CONNECT` and forwarding, SOCKS5), for
-//! the host to judge.
+//! the host to judge; [`serve`] carries each connection the host opens over the channel, and
+//! the host's connections to the guest's forwarded ports the other way. Its only interface,
+//! loopback, is brought up at boot.
 
 pub mod boot;
 pub mod proxy;

@@ -10,7 +10,8 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 
-use mvm_agent::boot::{self, console, devmapper, hardening, BootError, Booted};
+use mvm_agent::boot::{self, console, devmapper, hardening, loopback, BootError, Booted};
+use mvm_agent::proxy;
 use mvm_agent::serve::{self, exec::Credentials, Ended, ServeConfig};
 use mvm_protocol::{BootTimings, Integrity};
 
@@ -39,6 +40,11 @@ fn main() {
     };
     let booted = boot::run(started).and_then(|booted| {
         console.line(&format!("root ready {}", booted.verity.root_hash));
+        if let Err(e) = loopback::bring_up() {
+            // Commands still run; only what goes through 127.0.0.1 (the egress proxy, forwarded
+            // ports) will not.
+            console.line(&format!("warning: bringing the loopback interface up: {e}"));
+        }
         prepare_for_workloads()?;
         let channel = serve::channel::open()?;
         Ok((booted, channel))
@@ -56,6 +62,7 @@ fn main() {
         command_groups: Some(hardening::COMMAND_CGROUPS.into()),
         timings: timings(&booted),
         integrity: root_integrity,
+        proxy_listen: proxy::LISTEN,
     };
     console.line(&format!("channel ready, boot ms {}", booted.timings));
     match serve::serve(&mut channel, &config) {

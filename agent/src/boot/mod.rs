@@ -7,6 +7,7 @@
 pub mod console;
 pub mod devmapper;
 pub mod hardening;
+pub mod loopback;
 pub mod modules;
 pub mod mounts;
 

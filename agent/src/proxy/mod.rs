@@ -22,10 +22,12 @@ pub mod request;
 pub mod socks;
 pub mod target;
 
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
 pub use target::{Host, Target, TargetError};
 
-/// Where the proxy listens, inside the guest.
-pub const LISTEN: &str = "127.0.0.1:3128";
+/// Where the proxy listens, inside the guest: `127.0.0.1:3128`.
+pub const LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 3128));
 
 /// What a client asked of the proxy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +77,14 @@ impl Refusal {
         };
         text_response(status, &format!("mvm proxy: {body}\n"))
     }
+}
+
+/// What a client gets while the proxy serves as many connections as it takes: `503`, closing.
+pub fn busy_response() -> Vec<u8> {
+    text_response(
+        "503 Service Unavailable",
+        "mvm proxy: too many connections at once\n",
+    )
 }
 
 /// A complete HTTP/1.1 response with a plain-text body, closing the connection.

@@ -5,16 +5,24 @@
 //! one more is answered `AGENT104`, busy). Output is forwarded as it arrives, each stream in
 //! its own frames; a command's final response follows once it has ended and its pipes are
 //! drained.
+//!
+//! The same loop serves the guest's TCP connections that cross the channel, each a tunnel
+//! (`tunnel.rs`) polled with the rest: the egress proxy's clients, once the host asks for the
+//! proxy (`egress.rs`), and the host's connections to forwarded ports (`forwarded.rs`).
 
 pub mod cgroup;
 pub mod channel;
+mod egress;
 pub mod exec;
 pub mod files;
+mod forwarded;
 pub mod fsops;
+mod tunnel;
 pub mod users;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -23,11 +31,14 @@ use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::process::WaitOptions;
 
 use cgroup::{CommandGroup, CommandGroups};
+use egress::Egress;
 use exec::{Credentials, Running};
 use files::{Download, Upload};
+use forwarded::ForwardedPorts;
 use mvm_protocol::{
-    codes, encode, flow, BootTimings, ErrorReply, ExecReply, FileDone, Frame, FrameDecoder,
-    FrameError, FrameKind, HelloReply, Integrity, ProcessInfo, Request, Response, PROTOCOL_VERSION,
+    codes, encode, flow, is_agent_stream, BootTimings, ErrorReply, ExecReply, ExecRequest,
+    FileDone, Frame, FrameDecoder, FrameError, FrameKind, HelloReply, Integrity, ProcessInfo,
+    Request, Response, PROTOCOL_VERSION,
 };
 
 /// Bytes read from a pipe or the channel at a time; also the largest data frame sent.
@@ -51,12 +62,16 @@ pub struct ServeConfig {
     pub timings: BootTimings,
     /// Reads whether the verified root has seen a corrupted block.
     pub integrity: fn() -> Integrity,
+    /// Where the egress proxy listens once the host asks for it ([`crate::proxy::LISTEN`] in
+    /// the guest). Commands are pointed at `LISTEN` whatever this is.
+    pub proxy_listen: SocketAddr,
 }
 
 impl ServeConfig {
     /// Serving on a host rather than as the guest's PID 1 (tests, and tools driving the loop
     /// over a socket pair): commands run as the caller, only the agent's own children are
-    /// reaped, no boot timings, and a root that is always intact.
+    /// reaped, no boot timings, a root that is always intact, and the proxy (when asked for)
+    /// on a free loopback port — set `proxy_listen` to reach it.
     pub fn on_host() -> Self {
         Self {
             workload_user: None,
@@ -64,6 +79,7 @@ impl ServeConfig {
             command_groups: None,
             timings: BootTimings::default(),
             integrity: || Integrity::Intact,
+            proxy_listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
         }
     }
 }
@@ -108,7 +124,8 @@ pub fn serve<C: Read + Write + AsFd>(
     let mut heard_from_host = false;
     let mut input = vec![0; CHUNK];
     loop {
-        let (channel_events, events) = agent.wait(channel)?;
+        let ready = agent.wait(channel)?;
+        let channel_events = ready.channel;
 
         if channel_events.contains(PollFlags::IN) {
             let n = match channel.read(&mut input) {
@@ -136,7 +153,7 @@ pub fn serve<C: Read + Write + AsFd>(
             }
             std::thread::sleep(NOT_CONNECTED_PAUSE);
         }
-        agent.progress(channel, &events)?;
+        agent.progress(channel, &ready)?;
     }
 }
 
@@ -163,6 +180,10 @@ struct Agent<'c> {
     groups: Option<CommandGroups>,
     /// Cgroups of commands that ended, killed and removed once empty.
     emptying: Vec<CommandGroup>,
+    /// The egress proxy, once the host asked for it.
+    egress: Option<Egress>,
+    /// The host's connections to the guest's ports.
+    forwarded: ForwardedPorts,
 }
 
 /// A `wait` request not answered yet.
@@ -190,15 +211,17 @@ impl<'c> Agent<'c> {
             buffer: vec![0; CHUNK],
             groups,
             emptying: Vec::new(),
+            egress: None,
+            forwarded: ForwardedPorts::default(),
         })
     }
 
     /// Starts a command for `request` on `stream`, in a cgroup of its own when commands get
-    /// one.
+    /// one, pointed at the egress proxy once it serves.
     fn start(
         &mut self,
         stream: u32,
-        request: &mvm_protocol::ExecRequest,
+        request: &ExecRequest,
         spawn: Option<u64>,
     ) -> Result<Running, ErrorReply> {
         let group = match self.groups.as_mut().map(CommandGroups::create) {
@@ -212,6 +235,14 @@ impl<'c> Agent<'c> {
             Some(Ok(group)) => Some(group),
             None => None,
         };
+        let proxied;
+        let request = match self.egress {
+            Some(_) => {
+                proxied = with_proxy_environment(request);
+                &proxied
+            }
+            None => request,
+        };
         Running::start(stream, request, self.config.workload_user, spawn, group)
     }
 
@@ -221,9 +252,20 @@ impl<'c> Agent<'c> {
         channel: &mut C,
         frame: Frame,
     ) -> Result<Option<Ended>, ServeError> {
+        let carried = matches!(
+            frame.kind,
+            FrameKind::Response | FrameKind::Data | FrameKind::Credit | FrameKind::Close
+        );
+        if carried && is_agent_stream(frame.stream) {
+            return self.for_egress(channel, frame).map(|()| None);
+        }
         match frame.kind {
             FrameKind::Request => {}
             FrameKind::Data => return self.receive(channel, frame).map(|()| None),
+            FrameKind::Close if self.forwarded.holds(frame.stream) => {
+                self.forwarded.close(channel, frame.stream)?;
+                return Ok(None);
+            }
             FrameKind::Credit => {
                 let Ok(bytes) = flow::parse_credit(&frame.payload) else {
                     let message = "a credit frame must carry 4 bytes".to_string();
@@ -371,9 +413,25 @@ impl<'c> Agent<'c> {
             Request::SetClock { unix_nanos } => {
                 answer_done(channel, stream, set_clock(unix_nanos))?;
             }
-            Request::ServeProxy | Request::Connect { .. } => {
-                let message = "this agent serves no proxy and no forwarded port yet".to_string();
+            Request::ServeProxy if self.egress.is_some() => send(channel, stream, &Response::Done)?,
+            Request::ServeProxy => match Egress::listen(self.config.proxy_listen) {
+                Ok(egress) => {
+                    self.egress = Some(egress);
+                    send(channel, stream, &Response::Done)?;
+                }
+                Err(e) => {
+                    let message = format!("listening on {}: {e}", self.config.proxy_listen);
+                    send_error(channel, stream, codes::PROXY_LISTEN, message)?;
+                }
+            },
+            Request::Connect { .. } if self.taken(stream) => {
+                let message = format!("stream {stream} already has an exchange going");
                 send_error(channel, stream, codes::BAD_REQUEST, message)?;
+            }
+            Request::Connect { port } => {
+                if let Err(error) = self.forwarded.connect(stream, port) {
+                    send(channel, stream, &Response::Error(error))?;
+                }
             }
             Request::Pause | Request::Resume | Request::Save => {
                 let message = "pause, resume and save are answered by the VM's runner".to_string();
@@ -383,6 +441,8 @@ impl<'c> Agent<'c> {
                 for command in self.running.drain(..) {
                     command.end(self.config.reap_orphans);
                 }
+                self.egress = None;
+                self.forwarded.clear();
                 send(channel, stream, &Response::PowerOff)?;
                 return Ok(Some(Ended::PowerOff));
             }
@@ -390,12 +450,17 @@ impl<'c> Agent<'c> {
         Ok(None)
     }
 
+    /// Whether an exchange that takes a stream is going on `stream`.
+    fn taken(&self, stream: u32) -> bool {
+        self.uploads.contains_key(&stream)
+            || self.downloads.iter().any(|d| d.stream == stream)
+            || self.running.iter().any(|c| c.holds(stream))
+            || self.forwarded.holds(stream)
+    }
+
     /// Why a new exchange that takes a stream cannot start on `stream`, if it cannot.
     fn busy(&self, stream: u32) -> Option<(&'static str, String)> {
-        let taken = self.uploads.contains_key(&stream)
-            || self.downloads.iter().any(|d| d.stream == stream)
-            || self.running.iter().any(|c| c.holds(stream));
-        if taken {
+        if self.taken(stream) {
             return Some((
                 codes::BAD_REQUEST,
                 format!("stream {stream} already has an exchange going"),
@@ -421,6 +486,33 @@ impl<'c> Agent<'c> {
             command.window.grant(bytes);
         } else if let Some(download) = self.downloads.iter_mut().find(|d| d.stream == stream) {
             download.window.grant(bytes);
+        } else {
+            self.forwarded.grant(stream, bytes);
+        }
+    }
+
+    /// A frame the host sent on one of the agent's own streams: about a proxied connection.
+    /// Without a proxy, or for a stream no longer in use, it is dropped.
+    fn for_egress<C: Write>(&mut self, channel: &mut C, frame: Frame) -> Result<(), ServeError> {
+        let Some(egress) = self.egress.as_mut() else {
+            return Ok(());
+        };
+        let stream = frame.stream;
+        match frame.kind {
+            FrameKind::Response => egress.answer(channel, stream, &frame.payload),
+            FrameKind::Data => egress.receive(channel, stream, &frame.payload),
+            FrameKind::Credit => match flow::parse_credit(&frame.payload) {
+                Ok(bytes) => {
+                    egress.grant(stream, bytes);
+                    Ok(())
+                }
+                Err(_) => egress.tear_down(channel, stream),
+            },
+            // A close: the only other kind carried here.
+            _ => {
+                egress.close(stream);
+                Ok(())
+            }
         }
     }
 
@@ -429,6 +521,9 @@ impl<'c> Agent<'c> {
     /// been a refusal).
     fn receive<C: Write>(&mut self, channel: &mut C, frame: Frame) -> Result<(), ServeError> {
         let stream = frame.stream;
+        if self.forwarded.holds(stream) {
+            return self.forwarded.receive(channel, stream, &frame.payload);
+        }
         if let Some(upload) = self.uploads.get_mut(&stream) {
             if frame.payload.is_empty() {
                 // The host gave the upload up: its temporary goes with it.
@@ -477,12 +572,9 @@ impl<'c> Agent<'c> {
         }
     }
 
-    /// Waits until the channel, a pipe or a pidfd is ready, a download can go on, or the next
-    /// deadline; returns the channel's events and each running command's, in order.
-    fn wait<'a>(
-        &'a self,
-        channel: &'a impl AsFd,
-    ) -> Result<(PollFlags, Vec<PipeEvents>), ServeError> {
+    /// Waits until the channel, a pipe, a pidfd or a socket is ready, a download can go on, or
+    /// the next deadline; returns what is ready.
+    fn wait<'a>(&'a self, channel: &'a impl AsFd) -> Result<Ready, ServeError> {
         let mut fds = vec![PollFd::new(channel, PollFlags::IN)];
         // Where each command's descriptors are in `fds`: stdout, stderr, pidfd, stdin.
         let mut positions = Vec::with_capacity(self.running.len());
@@ -517,6 +609,12 @@ impl<'c> Agent<'c> {
                 })
             }));
         }
+        let egress = self.egress.iter().flat_map(Egress::interests);
+        let mut sockets = Vec::new();
+        for (key, fd, flags) in egress.chain(self.forwarded.interests()) {
+            fds.push(PollFd::from_borrowed_fd(fd, flags));
+            sockets.push((key, fds.len() - 1));
+        }
         let now = Instant::now();
         let emptying = (!self.emptying.is_empty()).then(|| now + EMPTYING_RETRY);
         let deadlines = self
@@ -524,7 +622,8 @@ impl<'c> Agent<'c> {
             .iter()
             .filter_map(|command| command.next_deadline(now))
             .chain(self.waits.iter().map(|w| w.deadline))
-            .chain(emptying);
+            .chain(emptying)
+            .chain(self.egress.as_ref().and_then(Egress::next_deadline));
         let download_ready = self.downloads.iter().any(|d| d.window.room() > 0);
         let timeout = if download_ready {
             Some(now)
@@ -538,10 +637,15 @@ impl<'c> Agent<'c> {
                 tv_nsec: i64::from(left.subsec_nanos()),
             }
         });
-        let none = || self.running.iter().map(|_| PipeEvents::default()).collect();
         match rustix::event::poll(&mut fds, timeout.as_ref()) {
             Ok(_) => {}
-            Err(rustix::io::Errno::INTR) => return Ok((PollFlags::empty(), none())),
+            Err(rustix::io::Errno::INTR) => {
+                return Ok(Ready {
+                    channel: PollFlags::empty(),
+                    commands: self.running.iter().map(|_| PipeEvents::default()).collect(),
+                    sockets: HashMap::new(),
+                })
+            }
             Err(e) => return Err(ServeError::Io(e.into())),
         }
         let ready = |at: Option<usize>| {
@@ -551,7 +655,7 @@ impl<'c> Agent<'c> {
                     .intersects(PollFlags::IN | PollFlags::OUT | PollFlags::HUP | PollFlags::ERR)
             })
         };
-        let events = positions
+        let commands = positions
             .iter()
             // A ready pidfd only wakes the loop: every turn looks for ended commands.
             .map(|[stdout, stderr, _pidfd, stdin]| PipeEvents {
@@ -560,16 +664,22 @@ impl<'c> Agent<'c> {
                 stdin: ready(*stdin),
             })
             .collect();
-        Ok((fds[0].revents(), events))
+        let sockets = sockets
+            .into_iter()
+            .map(|(key, at)| (key, fds[at].revents()))
+            .filter(|(_, flags)| !flags.is_empty())
+            .collect();
+        Ok(Ready {
+            channel: fds[0].revents(),
+            commands,
+            sockets,
+        })
     }
 
     /// Everything that can move without the host: output forwarded, input written, downloads
-    /// sent, ended commands answered, waits and deadlines handled.
-    fn progress<C: Write>(
-        &mut self,
-        channel: &mut C,
-        events: &[PipeEvents],
-    ) -> Result<(), ServeError> {
+    /// sent, ended commands answered, waits and deadlines handled, sockets served.
+    fn progress<C: Write>(&mut self, channel: &mut C, ready: &Ready) -> Result<(), ServeError> {
+        let events = &ready.commands;
         if self.config.reap_orphans {
             reap_all(&mut self.running)?;
         }
@@ -594,6 +704,11 @@ impl<'c> Agent<'c> {
         }
         self.send_downloads(channel)?;
         self.answer_ended(channel, now)?;
+        if let Some(egress) = self.egress.as_mut() {
+            egress.progress(channel, &ready.sockets, now, &mut self.buffer)?;
+        }
+        self.forwarded
+            .progress(channel, &ready.sockets, &mut self.buffer)?;
         let mut index = 0;
         while index < self.waits.len() {
             if self.waits[index].deadline > now {
@@ -756,6 +871,40 @@ fn answer_upload<C: Write>(
         Ok(done) => send(channel, stream, &Response::FsWrite(done)),
         Err(error) => send(channel, stream, &Response::Error(error)),
     }
+}
+
+/// What one `poll` found ready.
+struct Ready {
+    /// The channel's events.
+    channel: PollFlags,
+    /// Each running command's, in order.
+    commands: Vec<PipeEvents>,
+    /// The sockets that have events.
+    sockets: HashMap<SocketKey, PollFlags>,
+}
+
+/// A socket the loop polls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum SocketKey {
+    /// The egress proxy's listener.
+    Listener,
+    /// An egress proxy client, by its number.
+    Client(u64),
+    /// A forwarded connection, by its stream.
+    Forwarded(u32),
+}
+
+/// A command's request with the egress proxy's environment added, under its own: a variable
+/// the request sets wins.
+fn with_proxy_environment(request: &ExecRequest) -> ExecRequest {
+    let mut request = request.clone();
+    for (name, value) in crate::proxy::environment() {
+        request
+            .env
+            .entry(name.into())
+            .or_insert_with(|| value.into());
+    }
+    request
 }
 
 /// What `poll` reported for one running command's descriptors.

@@ -1184,3 +1184,5 @@ fn directories_travel_as_tar_streams() {
     assert!(!dir.path().join("escaped.txt").exists());
     host.power_off();
 }
+
+mod tunnels;
