@@ -96,6 +96,9 @@ enum Command {
     },
     /// Print a VM's console (the guest kernel's and the agent's lines).
     Logs(commands::vm::LogsArgs),
+    /// A VM's forwarded ports: ls.
+    #[command(subcommand)]
+    Port(commands::vm::PortCommand),
     /// Wait until a VM is ready, or has ended.
     Wait(commands::vm::WaitArgs),
     /// Remove a VM's record (a running one only with --force).
@@ -152,6 +155,7 @@ fn main() -> ExitCode {
         Command::Kill(args) => commands::vm::process::kill(args, &out),
         Command::Rm(args) => commands::vm::rm(args, &out),
         Command::Logs(args) => commands::vm::logs(args),
+        Command::Port(cmd) => commands::vm::port(cmd, &out),
         Command::Receipt(cmd) => commands::receipt::run(cmd, &out),
         Command::Wait(args) => return exit_code(commands::vm::wait(args, &out), &out),
         Command::Nix(cmd) => commands::nix::run(cmd, &out),

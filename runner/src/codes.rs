@@ -101,3 +101,6 @@ pub const RUN055: &str = "RUN055";
 pub const RUN056: &str = "RUN056";
 /// A granted destination could not be reached: no route, or no answer within 10 s.
 pub const RUN057: &str = "RUN057";
+/// A forwarded port could not be listened on: the host port is taken, or its address is not
+/// loopback and the operator does not list it.
+pub const RUN058: &str = "RUN058";

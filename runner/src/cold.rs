@@ -86,6 +86,9 @@ pub struct ColdManifest {
     /// the woken VM keeps them — a wake never widens what the VM may reach.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deny_hosts: Vec<String>,
+    /// Its forwarded ports, each with the host port it got: the woken VM listens on them again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<crate::forward::PortSpec>,
     /// When it was saved.
     pub saved_at: Timestamp,
 }
@@ -431,6 +434,7 @@ mod tests {
                 },
                 generation: 0,
                 deny_hosts: vec![],
+                ports: vec![],
                 saved_at: Timestamp::now(),
             },
         }

@@ -77,8 +77,8 @@ pub fn clock_now() -> Request {
 
 /// What every connection shares.
 pub struct Shared {
-    /// The agent channel.
-    pub mux: AgentMux,
+    /// The agent channel (shared with the forwarded ports' threads).
+    pub mux: Arc<AgentMux>,
     /// The admitted plan, for exec defaults.
     pub plan: LaunchPlan,
     /// The agent's hello, answered to clients that say hello.

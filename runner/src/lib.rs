@@ -30,6 +30,7 @@ pub mod cold;
 pub mod console_log;
 pub mod control;
 pub mod egress;
+pub mod forward;
 pub mod launch;
 pub mod mux;
 pub mod named_vm;

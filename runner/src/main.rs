@@ -21,6 +21,7 @@ use mvm_runner::backend::select::BackendChoice;
 use mvm_runner::client::{OutputSink, StdStreams};
 use mvm_runner::codes;
 use mvm_runner::egress::judge::Denial;
+use mvm_runner::forward::PortSpec;
 use mvm_runner::launch::{self, exit, Failure, Finished, Launch, LaunchError};
 use mvm_runner::state;
 use serde_json::{json, Value};
@@ -87,6 +88,11 @@ struct Args {
     /// Print each egress decision to standard error as it is made.
     #[arg(long)]
     net_log: bool,
+    /// With --name: forward [ADDRESS:]HOST_PORT to GUEST_PORT on the guest's loopback
+    /// (repeatable; ADDRESS is 127.0.0.1 unless given, and must be loopback unless `[ports]
+    /// listen` in config.toml lists it; HOST_PORT 0 picks a free one).
+    #[arg(long, requires = "name", value_name = "[ADDRESS:]HOST_PORT:GUEST_PORT", value_parser = PortSpec::parse)]
+    port: Vec<PortSpec>,
     /// The command; the plan's entrypoint when absent.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -194,6 +200,7 @@ fn launch_request(
         huge_pages: args.huge_pages,
         deny: args.deny_host,
         net_log: args.net_log,
+        ports: args.port,
     }
 }
 

@@ -36,6 +36,7 @@ fn manifest(memory: SavedMemory) -> ColdManifest {
         memory,
         generation: 1,
         deny_hosts: vec![],
+        ports: vec![],
         saved_at: Timestamp::now(),
     }
 }

@@ -102,7 +102,7 @@ impl FakeRunner {
         let phase_dir = dir.clone();
         let phase_name = name.to_string();
         let shared = Arc::new(Shared {
-            mux: AgentMux::new(host, 0).unwrap(),
+            mux: std::sync::Arc::new(AgentMux::new(host, 0).unwrap()),
             plan: support::plan_guest::test_plan(),
             hello: HelloReply {
                 version: PROTOCOL_VERSION,

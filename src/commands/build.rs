@@ -685,6 +685,9 @@ pub(super) fn insecure_registries(host: &Host) -> anyhow::Result<Vec<String>> {
         /// The runner's (`mvm_runner::egress::config`), which checks it.
         #[serde(default, rename = "egress")]
         _egress: Option<toml::Value>,
+        /// The runner's (`mvm_runner::forward`), which checks it.
+        #[serde(default, rename = "ports")]
+        _ports: Option<toml::Value>,
     }
     #[derive(serde::Deserialize, Default)]
     #[serde(deny_unknown_fields)]

@@ -36,6 +36,7 @@ use crate::backend::VmProcess;
 use crate::client::{AgentClient, ClientError, Executed, OutputSink};
 use crate::control;
 use crate::egress::judge::Denial;
+use crate::forward::PortSpec;
 use crate::mux::AgentMux;
 use egress::{egress_for, serve_proxy, Egress};
 
@@ -87,6 +88,8 @@ pub struct Launch {
     pub deny: Vec<Denial>,
     /// Print each egress decision to standard error as it is made (`--net-log`).
     pub net_log: bool,
+    /// Host ports forwarded to guest ports, beyond the plan's own (`mvm up --port`).
+    pub ports: Vec<PortSpec>,
 }
 
 /// A launch that ran its command to the end.

@@ -31,6 +31,7 @@ use crate::cold::{self, ColdError, ColdManifest, ColdSaver, ColdState};
 use crate::control;
 use crate::egress::judge::Denial;
 use crate::egress::log::COUNTS_FILE;
+use crate::forward::{self, PortSpec};
 use crate::mux::{AgentMux, OpenHandler};
 use crate::state::{self, Phase, VmState};
 
@@ -49,6 +50,33 @@ pub fn serve_named(
         secrets_resolvable,
     )?;
     serve_started(launch, name, started, None, on_ready)
+}
+
+/// Binds the VM's forwarded ports — the plan's (on loopback) and the launch's — and lists them
+/// in its directory; a woken VM's launch holds them all already, on the host ports they got.
+fn forwarded_ports(
+    launch: &Launch,
+    plan: &LaunchPlan,
+    woken: bool,
+    dir: &std::path::Path,
+) -> Result<Vec<forward::Bound>, LaunchError> {
+    let mut specs = launch.ports.clone();
+    if !woken {
+        let loopback = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+        specs.extend(plan.policy.ports.iter().map(|port| PortSpec {
+            address: loopback,
+            host: port.host.unwrap_or(0),
+            guest: port.guest,
+        }));
+    }
+    let bound = forward::bind(&launch.home, &specs).map_err(|e| {
+        LaunchError::Refused(crate::admission::AdmissionError::NotRunnable {
+            code: e.code().to_string(),
+            reason: e.to_string(),
+        })
+    })?;
+    forward::record(dir, &bound).map_err(LaunchError::host("recording the forwarded ports"))?;
+    Ok(bound)
 }
 
 /// Wakes the cold VM `name` and keeps it up as [`serve_named`] does. Its saved state is
@@ -90,6 +118,8 @@ pub fn wake_named(
         envelope: saved.manifest.envelope.clone(),
         backend,
         deny,
+        // The plan's ports are among them, on the host ports they got.
+        ports: saved.manifest.ports.clone(),
         ..launch.clone()
     };
     let started = start(&launch, Origin::Wake(dir, &mut saved), secrets_resolvable)?;
@@ -158,6 +188,7 @@ pub(super) fn serve_started(
     let counts = dir.path.join(COUNTS_FILE);
     let booted = woken.and_then(|machine| {
         let egress = egress_for(launch, &plan.plan, &audit, &vm, Some(counts))?;
+        let ports = forwarded_ports(launch, &plan.plan, saved.is_some(), &dir.path)?;
         let mut booted = boot(launch, listener.as_ref(), &mut vm_process)?;
         if egress.is_some() {
             // Before anyone is told the VM is ready: every command it runs sees the proxy.
@@ -165,11 +196,11 @@ pub(super) fn serve_started(
         }
         // Every process the runner starts has been started: from here it runs filtered.
         confine(egress.is_some())?;
-        Ok((booted, machine, egress))
+        Ok((booted, machine, egress, ports))
     });
     drop(listener);
     let _ = fs::remove_file(&socket);
-    let outcome = booted.and_then(|(mut booted, machine, egress)| {
+    let outcome = booted.and_then(|(mut booted, machine, egress, ports)| {
         // The control socket is there before anyone is told the VM is ready.
         let control_path = dir.path.join(state::CONTROL_SOCKET);
         let control =
@@ -231,6 +262,7 @@ pub(super) fn serve_started(
                 },
                 generation: 0,
                 deny_hosts: launch.deny.iter().map(ToString::to_string).collect(),
+                ports: ports.iter().map(|port| port.spec).collect(),
                 saved_at: mvm_ir::plan::Timestamp::now(),
             },
         });
@@ -239,7 +271,7 @@ pub(super) fn serve_started(
             control,
             &plan.plan,
             &mut vm_process,
-            (booted, egress.map(|egress| egress.handler)),
+            (booted, egress.map(|egress| egress.handler), ports),
             (&audit, &vm),
             (machine, Box::new(phases), saver),
         );
@@ -342,7 +374,7 @@ pub(super) fn keep_serving(
     control: UnixListener,
     plan: &LaunchPlan,
     vm: &mut VmProcess,
-    (booted, opener): (Booted, Option<OpenHandler>),
+    (booted, opener, ports): (Booted, Option<OpenHandler>, Vec<forward::Bound>),
     (audit, vm_id): (&Arc<HostAudit>, &str),
     (machine, phases, cold): (Box<dyn Pausable>, PhaseRecorder, Option<ColdSaver>),
 ) -> Result<Served, LaunchError> {
@@ -350,8 +382,13 @@ pub(super) fn keep_serving(
         .client
         .into_stream()
         .map_err(LaunchError::host("agent channel"))?;
-    let mux = AgentMux::serving(stream, last_stream, opener)
-        .map_err(LaunchError::host("agent channel"))?;
+    let mux = Arc::new(
+        AgentMux::serving(stream, last_stream, opener)
+            .map_err(LaunchError::host("agent channel"))?,
+    );
+    // Stopped when this returns: no listener outlives its VM.
+    let _forwarding =
+        forward::serve(ports, &mux, audit, vm_id).map_err(LaunchError::host("forwarded ports"))?;
     let shared = Arc::new(control::Shared {
         mux,
         plan: plan.clone(),

@@ -62,10 +62,41 @@ pub struct UpArgs {
     /// the kvm backend only (`--backend kvm`).
     #[arg(long)]
     huge_pages: bool,
+    /// Forward [ADDRESS:]HOST_PORT on the host to GUEST_PORT on the guest's loopback
+    /// (repeatable). ADDRESS is 127.0.0.1 unless given, and must be loopback unless `[ports]
+    /// listen` in `$MVM_HOME/config.toml` lists it; HOST_PORT 0 picks a free one (`mvm port
+    /// ls` shows it). The listener ends with the VM.
+    #[arg(long, value_name = "[ADDRESS:]HOST_PORT:GUEST_PORT")]
+    port: Vec<String>,
     /// For an image: the command signed into its plan, replacing the image's Cmd after its
     /// Entrypoint as `docker run IMAGE COMMAND…` does (default: the image's own).
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
+}
+
+/// `mvm port`.
+#[derive(Debug, clap::Subcommand)]
+pub enum PortCommand {
+    /// List a VM's forwarded ports: host address and port, guest port.
+    Ls {
+        /// The VM.
+        name: String,
+    },
+}
+
+pub fn port(command: PortCommand, out: &Output) -> anyhow::Result<()> {
+    let PortCommand::Ls { name } = command;
+    let named = named(&name)?;
+    let ports = mvm_runner::forward::recorded(named.dir());
+    out.result(json!({"vm": name, "ports": ports}), || {
+        let mut text = format!("{:<24} GUEST", "HOST");
+        for port in &ports {
+            let host = std::net::SocketAddr::new(port.address, port.host);
+            text.push_str(&format!("\n{host:<24} {}", port.guest));
+        }
+        text
+    });
+    Ok(())
 }
 
 /// Remove a VM's record; a VM still running is refused unless --force (which stops it).
@@ -173,7 +204,8 @@ pub fn up(args: UpArgs, out: &Output) -> anyhow::Result<ExitCode> {
         .arg("--plan")
         .arg(&plan)
         .args(["--name", &args.name, "--backend", &args.backend])
-        .args(args.image_options.runner_args());
+        .args(args.image_options.runner_args())
+        .args(args.port.iter().map(|port| format!("--port={port}")));
     if args.huge_pages {
         runner.arg("--huge-pages");
     }
