@@ -1,0 +1,390 @@
+//! Network egress and forwarded ports end to end: real guests (busybox here; the Debian image's
+//! `curl` and `python3` over TLS in a network namespace when the tests run as root) whose
+//! only way out is the agent's proxy, judged by the runner against the plan's grants and the
+//! operator's `config.toml`, with HTTP servers the tests run themselves — on loopback, reached
+//! through names the operator pins there, and on a private address inside a network
+//! namespace the test makes (a veth pair: nothing leaves the machine).
+
+mod support;
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use mvm_builder::testing::{gzip, layer_of, Entry, TestLayout, TAR_GZIP};
+use serde_json::{json, Value};
+
+use support::{describe, guest, text};
+
+/// Boots run one at a time: the hosts have two cores.
+static TURN: Mutex<()> = Mutex::new(());
+
+/// An HTTP/1.0 server on `address`, answering every request with `hello from NAME PATH`; the
+/// request lines it served.
+struct Server {
+    port: u16,
+    requests: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    fn start(name: &'static str) -> Self {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&requests);
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let seen = Arc::clone(&seen);
+                std::thread::spawn(move || answer(client, name, &seen));
+            }
+        });
+        Self { port, requests }
+    }
+
+    fn served(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+fn answer(client: TcpStream, name: &str, seen: &Mutex<Vec<String>>) {
+    let mut reader = BufReader::new(client.try_clone().unwrap());
+    let mut line = String::new();
+    if reader.read_line(&mut line).is_err() {
+        return;
+    }
+    let mut header = String::new();
+    while reader.read_line(&mut header).is_ok_and(|n| n > 2) {
+        header.clear();
+    }
+    let path = line.split(' ').nth(1).unwrap_or("?").to_string();
+    seen.lock().unwrap().push(line.trim_end().to_string());
+    let body = format!("hello from {name} {path}\n");
+    let _ = (&client).write_all(
+        format!(
+            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    );
+}
+
+/// The busybox image every busybox test boots, and the home its kernel was fetched into.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    home: PathBuf,
+    image: String,
+    /// Served on a loopback port the operator lists (reached through pinned names).
+    granted: Server,
+    /// Served on another loopback port, granted to nobody.
+    other: Server,
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("home");
+        guest::mvm_json(&home, &["kernel", "fetch"], 0);
+        let busybox = fs::read("/bin/busybox").expect("busybox-static");
+        let applets = [
+            "sh", "wget", "ls", "env", "cat", "echo", "mkdir", "httpd", "sleep",
+        ];
+        let mut entries = vec![
+            Entry::Dir("bin"),
+            Entry::File("bin/busybox", &busybox, 0o755),
+        ];
+        let links: Vec<String> = applets.iter().map(|a| format!("bin/{a}")).collect();
+        for link in &links {
+            entries.push(Entry::Symlink(link, "busybox"));
+        }
+        let root = layer_of(&entries);
+        let layout = TestLayout::new_in(dir.path());
+        let config = json!({"Env": ["PATH=/bin"]});
+        let (digest, _) =
+            layout.image_with_config("amd64", config, &[(TAR_GZIP, gzip(&root), root)]);
+        let image = format!("oci:{}@{digest}", layout.dir.path().display());
+        std::mem::forget(layout);
+        let (granted, other) = (Server::start("granted"), Server::start("other"));
+        fs::write(
+            home.join("config.toml"),
+            format!(
+                "[egress]\nallow_private = [\"127.0.0.1:{port}\"]\n\
+                 resolve = {{ \"web.svc.example\" = \"127.0.0.1\", \
+                 \"api.svc.example\" = \"127.0.0.1\", \"other.svc.example\" = \"127.0.0.2\" }}\n",
+                port = granted.port
+            ),
+        )
+        .unwrap();
+        Fixture {
+            _dir: dir,
+            home,
+            image,
+            granted,
+            other,
+        }
+    })
+}
+
+/// The grants of the busybox tests: the exact name on the listed port, every name below
+/// `svc.example` on it, and the cloud metadata address.
+fn grants(f: &Fixture) -> Vec<String> {
+    vec![
+        format!("--allow-host=web.svc.example:{}", f.granted.port),
+        format!("--allow-host=*.svc.example:{}", f.granted.port),
+        "--allow-host=169.254.169.254:80".to_string(),
+    ]
+}
+
+fn mvm(args: &[&str]) -> Output {
+    guest::mvm(&fixture().home, args)
+}
+
+fn sh_in(name: &str, script: &str) -> Output {
+    mvm(&["exec", name, "--", "sh", "-c", script])
+}
+
+fn audit_entries(home: &Path) -> Vec<Value> {
+    let mut entries = Vec::new();
+    for entry in fs::read_dir(home.join("audit")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "jsonl") {
+            for line in fs::read_to_string(path).unwrap().lines() {
+                entries.push(serde_json::from_str(line).unwrap());
+            }
+        }
+    }
+    entries
+}
+
+/// The audit entries `event` for `host` (as the guest asked for it).
+fn decisions(home: &Path, event: &str, host: &str) -> Vec<Value> {
+    audit_entries(home)
+        .into_iter()
+        .filter(|e| e["event"] == event && e["fields"]["host"] == host)
+        .map(|e| e["fields"].clone())
+        .collect()
+}
+
+/// `wget -q -O- URL` in the VM: its output, or its error.
+fn fetch(name: &str, url: &str) -> Result<String, String> {
+    let out = sh_in(name, &format!("wget -q -O- {url}"));
+    match out.status.code() {
+        Some(0) => Ok(text(&out.stdout)),
+        _ => Err(describe(&out)),
+    }
+}
+
+#[test]
+fn a_vm_reaches_exactly_what_its_plan_grants_and_serves_a_forwarded_port() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let f = fixture();
+    let name = "egress";
+    let mut args = vec!["up", f.image.as_str(), "--name", name, "--port", "0:8080"];
+    let grants = grants(f);
+    args.extend(grants.iter().map(String::as_str));
+    args.extend(["--", "sleep", "1"]);
+    let up = mvm(&args);
+    let _vm = guest::RemoveOnDrop {
+        home: &f.home,
+        name,
+    };
+    assert_eq!(up.status.code(), Some(0), "{}", describe(&up));
+    let (a, b) = (f.granted.port, f.other.port);
+
+    // The commands see the proxy; the guest has no network device but loopback.
+    let env = sh_in(name, "env");
+    assert!(text(&env.stdout).contains("http_proxy=http://127.0.0.1:3128"));
+    assert_eq!(text(&sh_in(name, "ls /sys/class/net").stdout).trim(), "lo");
+    // Around the proxy there is no way out: no route to anything.
+    let direct = sh_in(
+        name,
+        "env -u http_proxy -u HTTP_PROXY wget -q -O- http://192.0.2.1/ 2>&1",
+    );
+    assert_ne!(direct.status.code(), Some(0));
+    assert!(
+        text(&direct.stdout).contains("unreachable"),
+        "{}",
+        describe(&direct)
+    );
+
+    // The exact grant, through the operator's pin of the name to a loopback port they list.
+    assert_eq!(
+        fetch(name, &format!("http://web.svc.example:{a}/exact")).unwrap(),
+        "hello from granted /exact\n"
+    );
+    // The same name on another port: not granted, and nothing reaches that server.
+    let refused = fetch(name, &format!("http://web.svc.example:{b}/")).unwrap_err();
+    assert!(refused.contains("403"), "{refused}");
+    assert!(f.other.served().is_empty());
+    // A name below the wildcard, pinned to the listed address.
+    assert_eq!(
+        fetch(name, &format!("http://api.svc.example:{a}/wild")).unwrap(),
+        "hello from granted /wild\n"
+    );
+    // A name below the wildcard the operator pinned to loopback they did not list.
+    assert!(fetch(name, &format!("http://other.svc.example:{a}/"))
+        .unwrap_err()
+        .contains("403"));
+    // Cloud metadata, granted literally: never.
+    assert!(fetch(name, "http://169.254.169.254/latest/meta-data/")
+        .unwrap_err()
+        .contains("403"));
+    // The granted requests arrived, rewritten for the origin (origin form, HTTP/1.1).
+    let served = f.granted.served();
+    for request in ["GET /exact HTTP/1.1", "GET /wild HTTP/1.1"] {
+        assert!(served.iter().any(|r| r == request), "{served:?}");
+    }
+
+    // The evidence: an entry per decision, with the reason; the counts in `mvm ls`.
+    let home = &f.home;
+    let allowed = decisions(home, "egress.allowed", "web.svc.example");
+    assert_eq!(allowed.len(), 1, "{allowed:?}");
+    assert_eq!(allowed[0]["address"], format!("127.0.0.1:{a}"));
+    assert_eq!(allowed[0]["via"], "forward");
+    for (host, port, reason) in [
+        ("web.svc.example", b, "not_granted"),
+        ("other.svc.example", a, "loopback"),
+        ("169.254.169.254", 80, "metadata"),
+    ] {
+        let denied: Vec<Value> = decisions(home, "egress.denied", host)
+            .into_iter()
+            .filter(|d| d["port"] == port)
+            .collect();
+        assert_eq!(denied.len(), 1, "{host}:{port}: {denied:?}");
+        assert_eq!(denied[0]["reason"], reason, "{host}");
+    }
+    let closed = decisions(home, "egress.closed", "api.svc.example");
+    assert!(closed[0]["received"].as_u64().unwrap() > 0, "{closed:?}");
+    let listed = guest::mvm_json(home, &["ls"], 0);
+    let vm = listed["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|vm| vm["name"] == name)
+        .unwrap();
+    assert_eq!(vm["egress"]["allowed"], 2, "{vm}");
+    assert_eq!(vm["egress"]["denied"], 3, "{vm}");
+    assert!(vm["egress"]["bytes_received"].as_u64().unwrap() > 0);
+
+    // A forwarded port: a server in the guest, reached from the host.
+    let spawned = mvm(&[
+        "exec",
+        name,
+        "--detach",
+        "--",
+        "sh",
+        "-c",
+        "mkdir -p /tmp/www && echo served from the guest > /tmp/www/index.html && \
+         exec httpd -f -p 127.0.0.1:8080 -h /tmp/www",
+    ]);
+    assert_eq!(spawned.status.code(), Some(0), "{}", describe(&spawned));
+    let ports = guest::mvm_json(home, &["port", "ls", name], 0);
+    assert_eq!(ports["ports"][0]["guest"], 8080, "{ports}");
+    assert_eq!(ports["ports"][0]["address"], "127.0.0.1");
+    let host_port = ports["ports"][0]["host"].as_u64().unwrap() as u16;
+    let mut response = String::new();
+    for _ in 0..50 {
+        response.clear();
+        let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, host_port)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        stream
+            .write_all(b"GET /index.html HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .unwrap();
+        let _ = stream.read_to_string(&mut response);
+        if response.contains("served from the guest") {
+            break;
+        }
+        // httpd may not listen yet.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+    assert!(response.ends_with("served from the guest\n"), "{response}");
+    assert!(audit_entries(home)
+        .iter()
+        .any(|e| e["event"] == "port.accepted" && e["fields"]["guest_port"] == 8080));
+
+    // The listener ends with its VM.
+    let stopped = mvm(&["stop", name]);
+    assert_eq!(stopped.status.code(), Some(0), "{}", describe(&stopped));
+    assert!(TcpStream::connect((Ipv4Addr::LOCALHOST, host_port)).is_err());
+}
+
+#[test]
+fn a_run_narrows_its_grants_logs_each_decision_and_signs_them_into_its_receipt() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let f = fixture();
+    let a = f.granted.port;
+    let receipt = f.home.join("egress-receipt.json");
+    let script = format!(
+        "wget -q -O- http://web.svc.example:{a}/narrowed; \
+         wget -q -O- http://api.svc.example:{a}/run"
+    );
+    let mut args = vec!["run".to_string(), f.image.clone()];
+    args.extend(grants(f));
+    args.extend([
+        format!("--deny-host=web.svc.example:{a}"),
+        "--net-log".into(),
+        "--receipt".into(),
+        receipt.to_str().unwrap().into(),
+        "--".into(),
+        "sh".into(),
+        "-c".into(),
+        script,
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = mvm(&args);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(text(&out.stdout), "hello from granted /run\n");
+    let log = text(&out.stderr);
+    assert!(
+        log.contains(&format!(
+            "mvm: egress denied web.svc.example:{a}: denied_by_run"
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "mvm: egress allowed api.svc.example:{a} -> 127.0.0.1:{a}"
+        )),
+        "{log}"
+    );
+
+    let verified = guest::mvm_json(
+        &f.home,
+        &["receipt", "verify", receipt.to_str().unwrap()],
+        0,
+    );
+    let signed = &verified["receipt"];
+    assert_eq!(
+        signed["egress"],
+        json!([
+            {"host": "web.svc.example", "port": a, "allowed": false, "reason": "denied_by_run"},
+            {"host": "api.svc.example", "port": a, "allowed": true,
+             "address": format!("127.0.0.1:{a}")},
+        ]),
+        "{verified}"
+    );
+    assert_eq!(signed["egress_counts"]["allowed"], 1);
+    assert_eq!(signed["egress_counts"]["denied"], 1);
+    assert!(signed["egress_counts"]["bytes_received"].as_u64().unwrap() > 0);
+
+    // A plan that grants nothing: no proxy, no name resolution, no way out.
+    let out = mvm(&[
+        "run",
+        &f.image,
+        "--",
+        "sh",
+        "-c",
+        &format!("env; wget -q -O- http://web.svc.example:{a}/ 2>&1"),
+    ]);
+    assert_ne!(out.status.code(), Some(0), "{}", describe(&out));
+    let said = text(&out.stdout);
+    assert!(!said.to_lowercase().contains("proxy"), "{said}");
+    assert!(!f.granted.served().iter().any(|r| r.contains("GET / ")));
+}
