@@ -229,6 +229,11 @@ fn a_vm_reaches_exactly_what_its_plan_grants_and_serves_a_forwarded_port() {
     assert!(fetch(name, &format!("http://other.svc.example:{a}/"))
         .unwrap_err()
         .contains("403"));
+    // A name below the wildcard nobody pinned: the host's own resolver is asked, once (here
+    // it has no answer: nothing is dialled).
+    assert!(fetch(name, &format!("http://nowhere.svc.example:{a}/"))
+        .unwrap_err()
+        .contains("403"));
     // Cloud metadata, granted literally: never.
     assert!(fetch(name, "http://169.254.169.254/latest/meta-data/")
         .unwrap_err()
@@ -249,6 +254,7 @@ fn a_vm_reaches_exactly_what_its_plan_grants_and_serves_a_forwarded_port() {
         ("web.svc.example", b, "not_granted"),
         ("other.svc.example", a, "loopback"),
         ("169.254.169.254", 80, "metadata"),
+        ("nowhere.svc.example", a, "resolve_failed"),
     ] {
         let denied: Vec<Value> = decisions(home, "egress.denied", host)
             .into_iter()
@@ -267,7 +273,7 @@ fn a_vm_reaches_exactly_what_its_plan_grants_and_serves_a_forwarded_port() {
         .find(|vm| vm["name"] == name)
         .unwrap();
     assert_eq!(vm["egress"]["allowed"], 2, "{vm}");
-    assert_eq!(vm["egress"]["denied"], 3, "{vm}");
+    assert_eq!(vm["egress"]["denied"], 4, "{vm}");
     assert!(vm["egress"]["bytes_received"].as_u64().unwrap() > 0);
 
     // A forwarded port: a server in the guest, reached from the host.

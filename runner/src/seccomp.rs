@@ -106,6 +106,14 @@ const NEW_NAMESPACES: u64 = (libc::CLONE_NEWNS
     | libc::CLONE_NEWUTS
     | libc::CLONE_NEWCGROUP) as u64;
 
+/// The level of the socket options every runner sets.
+const SOL_SOCKET: u64 = libc::SOL_SOCKET as u64;
+/// Timeouts on the Unix sockets (the agent channel, the control socket's clients).
+const SOCKET_TIMEOUTS: &[(u64, u64)] = &[
+    (SOL_SOCKET, libc::SO_RCVTIMEO as u64),
+    (SOL_SOCKET, libc::SO_SNDTIMEO as u64),
+];
+
 /// `FIONBIO`: std's `set_nonblocking` on a socket.
 const FIONBIO: u64 = libc::FIONBIO;
 /// The VM-wide state the own VMM's save reads on the thread that asks for it (a named VM's
@@ -205,10 +213,6 @@ const ALLOWED: &[Allow] = &[
     Allow::Any(libc::SYS_recvfrom),
     Allow::Any(libc::SYS_shutdown),
     Allow::Any(libc::SYS_ppoll),
-    Allow::SocketOption(
-        libc::SYS_setsockopt,
-        &[libc::SO_RCVTIMEO as u64, libc::SO_SNDTIMEO as u64],
-    ),
     Allow::Any(libc::SYS_getuid),
     // --- The VM's process: QEMU (or a jailed VMM's process group) killed with SIGKILL and
     // reaped; the own VMM's vCPU threads kicked (paused) with its kick signal only.
@@ -225,7 +229,11 @@ const LOCAL: &[Allow] = &[
         1,
         &[FIONBIO, KVM_GET_CLOCK, KVM_GET_IRQCHIP, KVM_GET_PIT2],
     ),
-    Allow::SocketOption(libc::SYS_getsockopt, &[libc::SO_PEERCRED as u64]),
+    Allow::SocketOption(
+        libc::SYS_getsockopt,
+        &[(SOL_SOCKET, libc::SO_PEERCRED as u64)],
+    ),
+    Allow::SocketOption(libc::SYS_setsockopt, SOCKET_TIMEOUTS),
 ];
 
 /// What a runner whose plan grants egress adds ([`crate::egress`]): IPv4 and IPv6 sockets for
@@ -256,8 +264,22 @@ const EGRESS: &[Allow] = &[
     ),
     Allow::SocketOption(
         libc::SYS_getsockopt,
-        &[libc::SO_PEERCRED as u64, libc::SO_ERROR as u64],
+        &[
+            (SOL_SOCKET, libc::SO_PEERCRED as u64),
+            (SOL_SOCKET, libc::SO_ERROR as u64),
+        ],
     ),
+    Allow::SocketOption(
+        libc::SYS_setsockopt,
+        &[
+            (SOL_SOCKET, libc::SO_RCVTIMEO as u64),
+            (SOL_SOCKET, libc::SO_SNDTIMEO as u64),
+            (libc::SOL_IP as u64, libc::IP_RECVERR as u64),
+            (libc::SOL_IPV6 as u64, libc::IPV6_RECVERR as u64),
+        ],
+    ),
+    // glibc's resolver reads the host name (for the search domain) with `uname`.
+    Allow::Any(libc::SYS_uname),
     Allow::Any(libc::SYS_poll),
     Allow::Any(libc::SYS_sendmmsg),
     Allow::Any(libc::SYS_getsockname),

@@ -266,6 +266,54 @@ fn the_runners_filter_refuses_what_a_runner_never_does_and_allows_its_work() {
 }
 
 #[test]
+fn with_egress_the_filter_lets_the_runner_resolve_and_dial_and_nothing_more() {
+    if !in_child() {
+        run_case("with_egress_the_filter_lets_the_runner_resolve_and_dial_and_nothing_more");
+        return;
+    }
+    // A far end, listening before the filter (as the test's own; a runner never listens).
+    let far = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = far.local_addr().unwrap();
+    assert_eq!(seccomp::install(true).unwrap(), Reach::Process);
+    // The host's resolver (files here; DNS over UDP is traced in tests/egress.rs), and a
+    // dial with a timeout, as the relay makes it.
+    let found: Vec<_> = std::net::ToSocketAddrs::to_socket_addrs(&("localhost", 80))
+        .unwrap()
+        .collect();
+    assert!(found.iter().all(|a| a.ip().is_loopback()), "{found:?}");
+    let mut dialled =
+        std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5)).unwrap();
+    let (mut accepted, _) = far.accept().unwrap();
+    dialled.write_all(b"out").unwrap();
+    let mut back = [0; 3];
+    accepted.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"out");
+    // Still no raw, packet, netlink or vsock socket, no new program, no new process.
+    for (name, family, kind) in [
+        ("AF_INET raw", libc::AF_INET, libc::SOCK_RAW),
+        ("AF_NETLINK", libc::AF_NETLINK, libc::SOCK_RAW),
+        ("AF_PACKET", libc::AF_PACKET, libc::SOCK_RAW),
+        ("AF_VSOCK", libc::AF_VSOCK, libc::SOCK_STREAM),
+    ] {
+        // SAFETY: no pointers; no descriptor is opened when refused.
+        let fd = unsafe { libc::socket(family, kind | libc::SOCK_CLOEXEC, 0) };
+        if family == libc::AF_INET {
+            // Refused by the kernel without CAP_NET_RAW, by the filter with it: never opened.
+            assert!(fd < 0, "{name}");
+        } else {
+            assert_refused(name, errno(fd.into()));
+        }
+    }
+    let exec = Command::new("/bin/true").exec();
+    assert_refused("execve /bin/true", exec.raw_os_error());
+    assert_refused(
+        "spawning /bin/true",
+        io_errno(Command::new("/bin/true").status()),
+    );
+    println!("{PASSED}");
+}
+
+#[test]
 fn the_own_vmm_is_paused_saved_resumed_and_stopped_from_a_filtered_runner_thread() {
     if let Some(reason) = guest::kvm_unavailable() {
         eprintln!("skipped: {reason}");
@@ -394,7 +442,13 @@ fn a_jailed_vmm_is_paused_resumed_and_killed_from_a_filtered_runner() {
 #[test]
 fn the_runners_list_compiles_and_stays_short() {
     let count = seccomp::allowed_count(false);
-    eprintln!("the runner's filter allows {count} syscalls");
+    let with_egress = seccomp::allowed_count(true);
+    eprintln!("the runner's filter allows {count} syscalls, {with_egress} with egress");
     assert!(count > 0 && count <= 80, "{count}");
+    assert!(
+        with_egress > count && with_egress <= count + 8,
+        "{with_egress}"
+    );
     assert!(!seccomp::filter(false).unwrap().is_empty());
+    assert!(!seccomp::filter(true).unwrap().is_empty());
 }

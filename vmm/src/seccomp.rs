@@ -110,9 +110,9 @@ pub enum Allow {
     Without(libc::c_long, u8, u64),
     /// Argument `arg`, masked with `mask`, equal to `value`.
     Masked(libc::c_long, u8, u64, u64),
-    /// A socket option at level `SOL_SOCKET` (argument 1), the option (argument 2) one of
-    /// `names`.
-    SocketOption(libc::c_long, &'static [u64]),
+    /// A socket option: the level (argument 1) and the option (argument 2) one of the
+    /// `(level, option)` pairs.
+    SocketOption(libc::c_long, &'static [(u64, u64)]),
     /// Argument `arg` equal to the vCPU kick signal (a real-time signal, known at run time).
     KickSignal(libc::c_long, u8),
 }
@@ -236,16 +236,16 @@ impl Allow {
             Allow::Masked(nr, arg, mask, value) => {
                 (nr, vec![on(arg, SeccompCmpOp::MaskedEq(mask), value)?])
             }
-            Allow::SocketOption(nr, names) => (
+            Allow::SocketOption(nr, options) => (
                 nr,
-                names
+                options
                     .iter()
-                    .map(|name| {
+                    .map(|(level, name)| {
                         let level = SeccompCondition::new(
                             1,
                             SeccompCmpArgLen::Dword,
                             SeccompCmpOp::Eq,
-                            libc::SOL_SOCKET as u64,
+                            *level,
                         )?;
                         let option = SeccompCondition::new(
                             2,
