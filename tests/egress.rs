@@ -394,3 +394,288 @@ fn a_run_narrows_its_grants_logs_each_decision_and_signs_them_into_its_receipt()
     assert!(!said.to_lowercase().contains("proxy"), "{said}");
     assert!(!f.granted.served().iter().any(|r| r.contains("GET / ")));
 }
+
+/// A network namespace with one end of a veth pair at `10.213.N.2`, the host's end at
+/// `10.213.N.1`: a private address nothing outside the machine can see. Removed on drop.
+struct Namespace {
+    name: String,
+    address: String,
+}
+
+impl Namespace {
+    fn make() -> Self {
+        let n = std::process::id() % 250 + 1;
+        let name = format!("mvm-egress-{n}");
+        let (host_end, ns_end) = (format!("mvmh{n}"), format!("mvmn{n}"));
+        let address = format!("10.213.{n}.2");
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &name])
+            .output();
+        let namespace = Self {
+            name: name.clone(),
+            address: address.clone(),
+        };
+        for args in [
+            vec!["netns", "add", &name],
+            vec![
+                "link", "add", &host_end, "type", "veth", "peer", "name", &ns_end,
+            ],
+            vec!["link", "set", &ns_end, "netns", &name],
+            vec!["addr", "add", &format!("10.213.{n}.1/30"), "dev", &host_end],
+            vec!["link", "set", &host_end, "up"],
+        ] {
+            ip(&args);
+        }
+        for args in [
+            vec!["addr", "add", &format!("{address}/30"), "dev", &ns_end],
+            vec!["link", "set", &ns_end, "up"],
+            vec!["link", "set", "lo", "up"],
+        ] {
+            let mut inside = vec!["netns", "exec", &name, "ip"];
+            inside.extend(args);
+            ip(&inside);
+        }
+        namespace
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        // The veth pair goes with it.
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ip {args:?}: {}", describe(&out));
+}
+
+/// HTTP on :80 and HTTPS on :443 (a certificate for `tls.svc.example`), inside the namespace;
+/// every server name a TLS client sends is written to `names`.
+const SERVERS: &str = r#"
+import http.server, ssl, sys, threading
+address, cert, key, names = sys.argv[1:5]
+class Hello(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("hello over %s %s\n" % (self.server.kind, self.path)).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+def serve(port, kind, context=None):
+    server = http.server.ThreadingHTTPServer((address, port), Hello)
+    server.kind = kind
+    if context:
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+def named(sock, name, context):
+    with open(names, "a") as f:
+        f.write("%s\n" % name)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(cert, key)
+context.sni_callback = named
+serve(80, "veth")
+serve(443, "tls", context)
+print("ready", flush=True)
+threading.Event().wait()
+"#;
+
+/// A CONNECT to the granted name, then a TLS handshake naming another.
+const MISMATCH: &str = r#"
+import socket, ssl
+s = socket.create_connection(("127.0.0.1", 3128))
+s.sendall(b"CONNECT tls.svc.example:443 HTTP/1.1\r\nHost: tls.svc.example:443\r\n\r\n")
+head = s.recv(4096)
+assert b" 200 " in head, head
+context = ssl.create_default_context()
+context.check_hostname = False
+context.verify_mode = ssl.CERT_NONE
+try:
+    context.wrap_socket(s, server_hostname="evil.example")
+    print("handshake completed")
+except (ssl.SSLError, OSError) as e:
+    print("refused", type(e).__name__)
+"#;
+
+#[test]
+fn a_debian_guest_reaches_a_private_address_and_tls_only_as_granted() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: a network namespace and its veth pair need root");
+        return;
+    }
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let image = support::debian::bookworm();
+    let f = fixture();
+    let work = tempfile::tempdir().unwrap();
+    let home = work.path().join("home");
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&f.home)
+        .arg(&home)
+        .output()
+        .unwrap();
+    assert!(copied.status.success(), "{}", describe(&copied));
+
+    let namespace = Namespace::make();
+    let private = namespace.address.clone();
+    let (cert, key, names) = (
+        work.path().join("cert.pem"),
+        work.path().join("key.pem"),
+        work.path().join("names.txt"),
+    );
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=tls.svc.example"])
+        .args(["-addext", "subjectAltName=DNS:tls.svc.example"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", describe(&made));
+    let mut servers = std::process::Command::new("ip")
+        .args(["netns", "exec", &namespace.name, "python3", "-c", SERVERS])
+        .arg(&private)
+        .args([&cert, &key, &names])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    BufReader::new(servers.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert_eq!(ready, "ready\n");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _servers = Kill(servers);
+
+    fs::write(
+        home.join("config.toml"),
+        format!(
+            "[egress]\nallow_private = [\"{private}:80\", \"{private}:443\"]\n\
+             resolve = {{ \"tls.svc.example\" = \"{private}\" }}\n"
+        ),
+    )
+    .unwrap();
+    let name = "debian-egress";
+    let _vm = guest::RemoveOnDrop { home: &home, name };
+    let up = guest::mvm(
+        &home,
+        &[
+            "up",
+            &image.reference,
+            "--name",
+            name,
+            &format!("--allow-host={private}:80"),
+            &format!("--allow-host={private}:8080"),
+            "--allow-host=tls.svc.example",
+            "--",
+            "sleep",
+            "1",
+        ],
+    );
+    assert_eq!(up.status.code(), Some(0), "{}", describe(&up));
+    let run = |command: &[&str]| {
+        let mut args = vec!["exec", name, "--"];
+        args.extend_from_slice(command);
+        guest::mvm(&home, &args)
+    };
+    let ok = |command: &[&str]| {
+        let out = run(command);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{command:?}: {}",
+            describe(&out)
+        );
+        text(&out.stdout)
+    };
+
+    // The private address, granted literally and listed by the operator: curl and Python.
+    assert_eq!(
+        ok(&["curl", "-s", &format!("http://{private}/curl")]),
+        "hello over veth /curl\n"
+    );
+    let python = format!(
+        "import urllib.request; print(urllib.request.urlopen('http://{private}/py').read().decode(), end='')"
+    );
+    assert_eq!(ok(&["python3", "-c", &python]), "hello over veth /py\n");
+    // Another port of it, granted but not listed: a private address stays private.
+    let status = ok(&[
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!("http://{private}:8080/"),
+    ]);
+    assert_eq!(status, "403");
+
+    // HTTPS to the pinned name: the tunnel's ClientHello names it.
+    let copy = guest::mvm(
+        &home,
+        &["cp", cert.to_str().unwrap(), &format!("{name}:/tmp/ca.pem")],
+    );
+    assert_eq!(copy.status.code(), Some(0), "{}", describe(&copy));
+    assert_eq!(
+        ok(&[
+            "curl",
+            "-s",
+            "--cacert",
+            "/tmp/ca.pem",
+            "https://tls.svc.example/tls"
+        ]),
+        "hello over tls /tls\n"
+    );
+    // The same tunnel with another server name: nothing reaches the server.
+    assert_eq!(
+        ok(&["python3", "-c", MISMATCH]).split(' ').next(),
+        Some("refused")
+    );
+    let seen = fs::read_to_string(&names).unwrap();
+    assert_eq!(
+        seen, "tls.svc.example\n",
+        "the server saw only the granted name"
+    );
+
+    let denied = |host: &str, port: u16| {
+        audit_entries(&home)
+            .into_iter()
+            .filter(|e| {
+                e["event"] == "egress.denied"
+                    && e["fields"]["host"] == host
+                    && e["fields"]["port"] == port
+            })
+            .map(|e| e["fields"]["reason"].clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(denied(&private, 8080), [json!("private_range")]);
+    assert_eq!(denied("tls.svc.example", 443), [json!("sni_mismatch")]);
+    // Raw sockets find no route: the guest has loopback alone.
+    assert_eq!(ok(&["ls", "/sys/class/net"]).trim(), "lo");
+    let direct = run(&[
+        "curl",
+        "-s",
+        "--noproxy",
+        "*",
+        &format!("http://{private}/"),
+    ]);
+    assert_eq!(direct.status.code(), Some(7), "{}", describe(&direct));
+}
