@@ -458,11 +458,15 @@ mod tests {
         }
 
         fn open(&self, stream: u32, host: &str) -> Response {
+            self.open_request(stream, host, None)
+        }
+
+        fn open_request(&self, stream: u32, host: &str, malformed: Option<&str>) -> Response {
             let request = OpenRequest {
                 host: host.into(),
                 port: 7,
                 via: Via::Connect,
-                malformed: None,
+                malformed: malformed.map(str::to_string),
             };
             self.send(
                 FrameKind::Open,
@@ -600,6 +604,26 @@ mod tests {
         assert!(matches!(
             &events.lock().unwrap()[0],
             RelayEvent::Denied { refusal, .. } if refusal.reason == "not_granted"
+        ));
+    }
+
+    #[test]
+    fn a_request_the_guest_proxy_refused_is_recorded_and_never_dialled() {
+        let (_mux, guest, accepted, events) = setup(LIMITS);
+        match guest.open_request(AGENT_STREAMS | 5, "echo.example.com", Some("PROXY006")) {
+            Response::Error(error) => {
+                assert_eq!(
+                    (error.code.as_str(), error.message.as_str()),
+                    ("RUN053", "bad_request")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 0);
+        assert!(matches!(
+            &events.lock().unwrap()[0],
+            RelayEvent::Denied { request, refusal }
+                if refusal.reason == "bad_request" && request.malformed.as_deref() == Some("PROXY006")
         ));
     }
 

@@ -346,7 +346,7 @@ fn refusals_reach_the_client_as_http_statuses() {
     for (code, status) in [
         ("RUN052", "HTTP/1.1 403 "),
         ("RUN056", "HTTP/1.1 502 "),
-        ("RUN099", "HTTP/1.1 502 "),
+        ("RUN053", "HTTP/1.1 502 "),
     ] {
         let mut client = client(proxy);
         client
