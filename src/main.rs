@@ -118,6 +118,8 @@ enum Command {
     /// Measure mvm against the standard tools (medians and ratios from one run).
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
+    /// Serve the local API the SDKs use ($MVM_HOME/api.sock).
+    Serve(commands::serve::ServeArgs),
     /// The confined builder worker (started by `mvm build`; reads a request on stdin).
     #[command(hide = true)]
     BuildWorker,
@@ -162,6 +164,7 @@ fn main() -> ExitCode {
         Command::Kernel(cmd) => commands::kernel::run(cmd, &out),
         Command::Bench(cmd) => commands::bench::run(cmd, &out),
         Command::Doctor => return commands::doctor::run(&out),
+        Command::Serve(args) => return exit_code(commands::serve::serve(args, &out), &out),
         Command::BuildWorker => return mvm_builder::worker::serve(),
     };
     match result {

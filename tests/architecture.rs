@@ -95,6 +95,22 @@ fn the_runner_links_no_builder_no_cli_and_no_agent() {
     }
 }
 
+#[test]
+fn the_api_builds_on_the_runner_and_knows_nothing_of_builds() {
+    let graph = workspace_graph();
+    let api = reaches(&graph, "mvm-api");
+    assert!(api.contains("mvm-runner"), "{api:?}");
+    // Images are built through the `Launcher` the CLI gives it.
+    for forbidden in ["mvm-builder", "mvm-nix", "mvm", "mvm-agent"] {
+        assert!(
+            !api.contains(forbidden),
+            "mvm-api reaches {forbidden}: {api:?}"
+        );
+    }
+    // And the runner stays without an HTTP server.
+    assert!(!reaches(&graph, "mvm-runner").contains("mvm-api"));
+}
+
 /// The runner's top-level modules each one imports from (`crate::<module>` in its code, not
 /// its comments), by the module's name.
 fn runner_module_graph() -> BTreeMap<String, BTreeSet<String>> {

@@ -15,7 +15,7 @@ use std::process::Output;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use mvm_builder::testing::{gzip, layer_of, Entry, TestLayout, TAR_GZIP};
+use mvm_builder::testing::TestLayout;
 use serde_json::{json, Value};
 
 use support::{describe, guest, text};
@@ -89,23 +89,10 @@ fn fixture() -> &'static Fixture {
         let dir = tempfile::tempdir().unwrap();
         let home = dir.path().join("home");
         guest::mvm_json(&home, &["kernel", "fetch"], 0);
-        let busybox = fs::read("/bin/busybox").expect("busybox-static");
-        let applets = [
-            "sh", "wget", "ls", "env", "cat", "echo", "mkdir", "httpd", "sleep",
-        ];
-        let mut entries = vec![
-            Entry::Dir("bin"),
-            Entry::File("bin/busybox", &busybox, 0o755),
-        ];
-        let links: Vec<String> = applets.iter().map(|a| format!("bin/{a}")).collect();
-        for link in &links {
-            entries.push(Entry::Symlink(link, "busybox"));
-        }
-        let root = layer_of(&entries);
         let layout = TestLayout::new_in(dir.path());
-        let config = json!({"Env": ["PATH=/bin"]});
-        let (digest, _) =
-            layout.image_with_config("amd64", config, &[(TAR_GZIP, gzip(&root), root)]);
+        let digest = layout.busybox_with(&[
+            "sh", "wget", "ls", "env", "cat", "echo", "mkdir", "httpd", "sleep",
+        ]);
         let image = format!("oci:{}@{digest}", layout.dir.path().display());
         std::mem::forget(layout);
         let (granted, other) = (Server::start("granted"), Server::start("other"));

@@ -21,6 +21,7 @@ const SOURCES: &[&str] = &[
     "vmm/src",
     "agent/src",
     "protocol/src",
+    "api/src",
 ];
 
 /// `docs/errors.md` and the pages it leaves families of codes to.
@@ -31,13 +32,6 @@ fn root() -> &'static Path {
 }
 
 /// Whether `text` is a code: capitals, then exactly three digits.
-fn is_code(text: &str) -> bool {
-    let letters = text.trim_end_matches(|c: char| c.is_ascii_digit());
-    text.len() - letters.len() == 3
-        && !letters.is_empty()
-        && letters.chars().all(|c| c.is_ascii_uppercase())
-}
-
 fn rust_files(dir: &Path, files: &mut Vec<PathBuf>) {
     for entry in fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
@@ -59,7 +53,7 @@ fn literal_codes(text: &str) -> Vec<(String, usize)> {
             let end = after
                 .find(|c: char| !c.is_ascii_alphanumeric())
                 .unwrap_or(after.len());
-            if after[end..].starts_with('"') && is_code(&after[..end]) {
+            if after[end..].starts_with('"') && mvm_ir::is_code(&after[..end]) {
                 found.push((after[..end].to_string(), index + 1));
             }
             rest = after;
@@ -92,13 +86,13 @@ fn source_codes() -> BTreeMap<String, String> {
 /// `LAYER001-LAYER010`).
 fn cell_codes(cell: &str) -> Vec<String> {
     let cell = cell.trim().trim_matches('`');
-    if is_code(cell) {
+    if mvm_ir::is_code(cell) {
         return vec![cell.to_string()];
     }
     let Some((first, last)) = cell.split_once(['–', '-']) else {
         return Vec::new();
     };
-    if !is_code(first) {
+    if !mvm_ir::is_code(first) {
         return Vec::new();
     }
     let prefix = first.trim_end_matches(|c: char| c.is_ascii_digit());

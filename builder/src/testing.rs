@@ -220,6 +220,23 @@ impl TestLayout {
         digest
     }
 
+    /// An image of static busybox and symlinks to it for `applets` in `/bin`, `PATH=/bin`:
+    /// the small guest of the end-to-end tests. Returns its manifest's digest.
+    pub fn busybox_with(&self, applets: &[&str]) -> String {
+        let busybox = fs::read("/bin/busybox")
+            .expect("busybox-static must be installed (.ci/run installs it)");
+        let links: Vec<String> = applets.iter().map(|a| format!("bin/{a}")).collect();
+        let mut entries = vec![
+            Entry::Dir("bin"),
+            Entry::File("bin/busybox", &busybox, 0o755),
+        ];
+        entries.extend(links.iter().map(|link| Entry::Symlink(link, "busybox")));
+        let root = layer_of(&entries);
+        let config = json!({"Env": ["PATH=/bin"]});
+        self.image_with_config("amd64", config, &[(TAR_GZIP, gzip(&root), root)])
+            .0
+    }
+
     /// A busybox image: the static busybox from Debian's busybox-static as `/bin/busybox` with
     /// its applets as symlinks, then layers exercising a whiteout, an opaque whiteout, a
     /// hardlink and symlinks. Returns the manifest digest and the files the final tree must

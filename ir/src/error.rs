@@ -43,6 +43,15 @@ pub trait Coded {
     fn class(&self) -> ErrorClass;
 }
 
+/// Whether `text` has the shape of a stable code: capitals, then three digits (`RUN036`,
+/// `AGENT101`). Codes that cross a process boundary in a line of text are found by it.
+pub fn is_code(text: &str) -> bool {
+    let letters = text.trim_end_matches(|c: char| c.is_ascii_digit());
+    text.len() - letters.len() == 3
+        && !letters.is_empty()
+        && letters.chars().all(|c| c.is_ascii_uppercase())
+}
+
 /// Every way an mvm document operation can fail. [`Error::code`] is stable across releases.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -36,7 +36,7 @@ pub mod terminal;
 pub mod validate;
 pub mod workload;
 
-pub use error::{Coded, Error, ErrorClass};
+pub use error::{is_code, Coded, Error, ErrorClass};
 
 /// `N` bytes from the operating system's CSPRNG.
 pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N], Error> {

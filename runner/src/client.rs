@@ -6,7 +6,7 @@
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mvm_ir::receipt::OutputDigest;
@@ -78,6 +78,9 @@ enum Peer {
 #[derive(Debug)]
 pub struct AgentClient {
     stream: UnixStream,
+    /// Every frame this client sends is written whole under this lock: a command's input
+    /// (from a thread of its own) and signals ([`CommandSignals`]) share the socket.
+    writer: Arc<Mutex<UnixStream>>,
     decoder: FrameDecoder,
     next_stream: u32,
     interrupt: Arc<AtomicBool>,
@@ -105,6 +108,7 @@ impl AgentClient {
         stream.set_read_timeout(Some(READ_SLICE))?;
         stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
         Ok(Self {
+            writer: Arc::new(Mutex::new(stream.try_clone()?)),
             stream,
             decoder: FrameDecoder::new(),
             next_stream: 1,
@@ -164,7 +168,7 @@ impl AgentClient {
         request.stdin = input.is_some();
         let stream = self.send(&Request::Exec(request))?;
         if let Some(input) = input {
-            let writer = self.stream.try_clone()?;
+            let writer = Arc::clone(&self.writer);
             // Not joined: it may be blocked reading a terminal when the command ends.
             std::thread::Builder::new()
                 .name("stdin".into())
@@ -211,8 +215,7 @@ impl AgentClient {
                     "the source ended early",
                 )));
             }
-            self.stream
-                .write_all(&encode(FrameKind::Data, stream, &chunk[..n])?)?;
+            self.write(&encode(FrameKind::Data, stream, &chunk[..n])?)?;
             self.window.spend(n);
             sent += n as u64;
         }
@@ -323,9 +326,22 @@ impl AgentClient {
         self.next_stream = self.next_stream.wrapping_add(1).max(1);
         let payload =
             serde_json::to_vec(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        self.stream
-            .write_all(&encode(FrameKind::Request, stream, &payload)?)?;
+        self.write(&encode(FrameKind::Request, stream, &payload)?)?;
         Ok(stream)
+    }
+
+    /// Writes one whole frame.
+    fn write(&self, frame: &[u8]) -> io::Result<()> {
+        write_frame(&self.writer, frame)
+    }
+
+    /// How to signal the command the next request starts (an exec over a control socket)
+    /// from another thread while this client waits for its end.
+    pub fn signals_for_next(&self) -> CommandSignals {
+        CommandSignals {
+            writer: Arc::clone(&self.writer),
+            stream: self.next_stream,
+        }
     }
 
     /// Reads frames until the response on `stream`, passing data frames to `sink`.
@@ -400,8 +416,7 @@ impl AgentClient {
     fn credit(&mut self, frame: &Frame) -> Result<(), ClientError> {
         if self.peer == Peer::Agent {
             let bytes = flow::credit_payload(flow::cost(frame.payload.len()));
-            self.stream
-                .write_all(&encode(FrameKind::Credit, frame.stream, &bytes)?)?;
+            self.write(&encode(FrameKind::Credit, frame.stream, &bytes)?)?;
         }
         Ok(())
     }
@@ -409,8 +424,7 @@ impl AgentClient {
     fn send_on(&mut self, stream: u32, request: &Request) -> Result<(), ClientError> {
         let payload =
             serde_json::to_vec(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        self.stream
-            .write_all(&encode(FrameKind::Request, stream, &payload)?)?;
+        self.write(&encode(FrameKind::Request, stream, &payload)?)?;
         Ok(())
     }
 
@@ -529,9 +543,43 @@ impl OutputSink for Counted<'_> {
     }
 }
 
+/// Signals one command over a VM's control socket, from any thread, while its exec waits.
+#[derive(Debug, Clone)]
+pub struct CommandSignals {
+    writer: Arc<Mutex<UnixStream>>,
+    stream: u32,
+}
+
+impl CommandSignals {
+    /// Sends `signal` to the command (and its process group). Its answer is read, and
+    /// dropped, by the exec waiting for the command's end.
+    pub fn send(&self, signal: i32) -> io::Result<()> {
+        let request = Request::Signal {
+            stream: self.stream,
+            signal,
+        };
+        let payload = serde_json::to_vec(&request).map_err(io::Error::other)?;
+        let frame = encode(
+            FrameKind::Request,
+            self.stream.wrapping_add(1 << 31),
+            &payload,
+        )
+        .map_err(io::Error::other)?;
+        write_frame(&self.writer, &frame)
+    }
+}
+
+/// Writes `frame` whole under the writer's lock.
+fn write_frame(writer: &Mutex<UnixStream>, frame: &[u8]) -> io::Result<()> {
+    let mut writer = writer
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    writer.write_all(frame)
+}
+
 /// Copies `input` to the command's standard input as data frames on `stream`, then the empty
 /// frame that closes it. Stops quietly when the connection goes (the command has ended).
-fn pump_input(mut input: Box<dyn Read + Send>, mut writer: UnixStream, stream: u32) {
+fn pump_input(mut input: Box<dyn Read + Send>, writer: Arc<Mutex<UnixStream>>, stream: u32) {
     let mut chunk = vec![0; 64 * 1024];
     loop {
         let n = match input.read(&mut chunk) {
@@ -542,7 +590,7 @@ fn pump_input(mut input: Box<dyn Read + Send>, mut writer: UnixStream, stream: u
         let Ok(frame) = encode(FrameKind::Data, stream, &chunk[..n]) else {
             return;
         };
-        if writer.write_all(&frame).is_err() || n == 0 {
+        if write_frame(&writer, &frame).is_err() || n == 0 {
             return;
         }
     }

@@ -29,12 +29,20 @@ use crate::codes;
 use crate::cold;
 use crate::state::{self, Phase, VmState};
 
+mod command;
+
+pub use command::Ran;
+
 /// How long a runner has to let go of a VM it was told to stop or save.
 pub const STOP_WAIT: Duration = Duration::from_secs(30);
 /// How often a wait looks at the state again.
 const POLL: Duration = Duration::from_millis(50);
 /// How long the agent has to acknowledge a power-off.
 const POWER_OFF_ANSWER: Duration = Duration::from_secs(10);
+/// How long the runner has to pause or resume the vCPUs.
+const PAUSE_ANSWER: Duration = Duration::from_secs(30);
+/// How long a cold save may take: it writes the guest's memory, up to its size at disk speed.
+const SAVE_ANSWER: Duration = Duration::from_secs(300);
 
 /// Why a named VM could not be reached or changed. Codes are stable (`docs/errors.md`).
 #[derive(Debug, thiserror::Error)]
@@ -307,6 +315,31 @@ impl NamedVm {
             }
             std::thread::sleep(POLL);
         }
+        self.state()
+    }
+
+    /// Pauses it (stops its vCPUs); `cold` saves it to its directory as well, and returns
+    /// once its runner has let go of it (a cold VM has no process).
+    pub fn pause(&self, cold: bool) -> Result<VmState, NamedVmError> {
+        let mut client = self.connect(Arc::default())?;
+        let (request, answer_within) = match cold {
+            true => (mvm_protocol::Request::Save, SAVE_ANSWER),
+            false => (mvm_protocol::Request::Pause, PAUSE_ANSWER),
+        };
+        client.call(&request, answer_within, None)?;
+        match cold {
+            // The runner is gone once it let go, with the guest's memory (which a process
+            // takes a while to give back on a busy host).
+            true => self.wait_released(),
+            false => self.state(),
+        }
+    }
+
+    /// Lets it run again once paused. A cold VM is woken by a new runner instead
+    /// ([`VmHome::start`] with `--wake`).
+    pub fn resume(&self) -> Result<VmState, NamedVmError> {
+        let mut client = self.connect(Arc::default())?;
+        client.call(&mvm_protocol::Request::Resume, PAUSE_ANSWER, None)?;
         self.state()
     }
 

@@ -53,6 +53,19 @@ pub struct ImageOptions {
 }
 
 impl ImageOptions {
+    /// The options of a sandbox created through the local API.
+    pub fn for_sandbox(cpus: Option<u32>, memory: Option<u32>, allow_host: Vec<String>) -> Self {
+        ImageOptions {
+            cpus,
+            memory,
+            agent: None,
+            entrypoint: None,
+            allow_host,
+            deny_host: Vec::new(),
+            net_log: false,
+        }
+    }
+
     /// The runner's arguments for the egress options that apply at launch.
     pub fn runner_args(&self) -> Vec<String> {
         let mut args: Vec<String> = self
@@ -67,6 +80,17 @@ impl ImageOptions {
     }
 }
 
+/// Where a build's report goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildReport {
+    /// To this process's standard error, as it comes (a command's own stdout stays the
+    /// command's).
+    Stderr,
+    /// Kept, and on failure its error line made the error (the local API, whose client is
+    /// not at this terminal).
+    Captured,
+}
+
 /// The plan a command boots: the one given, or the cached bundle's for the image (built when
 /// needed, with `command` as its entrypoint).
 pub fn plan_to_boot(
@@ -74,20 +98,24 @@ pub fn plan_to_boot(
     image: Option<&str>,
     options: &ImageOptions,
     command: &[String],
+    report: BuildReport,
 ) -> anyhow::Result<PathBuf> {
     match (plan, image) {
         (Some(plan), _) => Ok(plan.to_path_buf()),
-        (None, Some(image)) => Ok(cached_bundle(image, options, command)?.join("plan.dsse.json")),
+        (None, Some(image)) => {
+            Ok(cached_bundle(image, options, command, report)?.join("plan.dsse.json"))
+        }
         (None, None) => Err(coded_as("RUN029", "give an image or --plan")),
     }
 }
 
 /// The bundle for `image` with these resources, agent and kernel under `$MVM_HOME/runs`,
-/// built (by `mvm build`, its output on stderr) unless one with a valid plan is there.
+/// built (by `mvm build`) unless one with a valid plan is there.
 fn cached_bundle(
     image: &str,
     options: &ImageOptions,
     command: &[String],
+    report: BuildReport,
 ) -> anyhow::Result<PathBuf> {
     let host = Host::open()?;
     let agent = match &options.agent {
@@ -156,6 +184,24 @@ fn cached_bundle(
     }
     if !command.is_empty() {
         build.arg("--").args(command);
+    }
+    if report == BuildReport::Captured {
+        let built = build.output().context("starting mvm build")?;
+        if !built.status.success() {
+            let said = String::from_utf8_lossy(&built.stderr);
+            // Its own error line, `error[CODE]: …`, with its code.
+            let (code, message) = said
+                .lines()
+                .rev()
+                .find_map(|line| line.strip_prefix("error[")?.split_once("]: "))
+                .filter(|(code, _)| mvm_ir::is_code(code))
+                .unwrap_or(("RUN032", said.trim()));
+            return Err(coded_io(
+                code,
+                format!("building {image} failed: {message}"),
+            ));
+        }
+        return Ok(dir);
     }
     // The build's report goes to stderr: stdout is the command's.
     let status = build

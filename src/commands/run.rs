@@ -16,7 +16,7 @@ use anyhow::Context;
 use clap::Args;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
-use super::bundle::{plan_to_boot, runner_command, sibling, ImageOptions};
+use super::bundle::{plan_to_boot, runner_command, sibling, BuildReport, ImageOptions};
 use super::vm::{exec::run_in, named_error, vm_home};
 use super::{coded_as, coded_io};
 use crate::output::Output;
@@ -105,6 +105,7 @@ fn launch(args: RunArgs, out: &Output) -> anyhow::Result<ExitCode> {
         args.image.as_deref(),
         &args.image_options,
         &args.command,
+        BuildReport::Stderr,
     )?;
     if args.interactive {
         if out.is_json() {

@@ -87,11 +87,22 @@ pub fn cp(name: &str, size_mib: u64, runs: usize) -> anyhow::Result<(Value, Stri
 }
 
 /// Runs `argv` to a successful end, its output discarded.
-fn run(
+pub(super) fn run(
     client: &mut AgentClient,
     argv: &[&str],
     input: Option<Box<dyn Read + Send>>,
     limit: Duration,
+) -> anyhow::Result<()> {
+    run_into(client, argv, input, limit, &mut Discard)
+}
+
+/// Runs `argv` to a successful end, its output into `sink`.
+pub(super) fn run_into(
+    client: &mut AgentClient,
+    argv: &[&str],
+    input: Option<Box<dyn Read + Send>>,
+    limit: Duration,
+    sink: &mut dyn OutputSink,
 ) -> anyhow::Result<()> {
     let request = ExecRequest {
         argv: argv.iter().map(|a| a.to_string()).collect(),
@@ -101,7 +112,6 @@ fn run(
         stdin: false,
         user: None,
     };
-    let sink: &mut dyn OutputSink = &mut Discard;
     let executed = client.exec_with_input(request, input, limit, sink)?;
     if executed.reply.status != (ExitStatus::Exited { code: 0 }) {
         bail!("{argv:?} did not exit 0: {:?}", executed.reply.status);

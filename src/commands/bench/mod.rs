@@ -1,5 +1,6 @@
 //! `mvm bench …`: measurements against the standard tools, in one run on the same input.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Subcommand;
@@ -11,6 +12,7 @@ use crate::output::Output;
 
 mod boot;
 mod copy;
+mod egress;
 mod exec;
 mod vmm;
 
@@ -71,6 +73,43 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Egress: a guest's HTTP through its egress proxy to a server the bench runs on HOST:PORT,
+    /// against the same fetch without the proxy path; p50/p99 of a small fetch, MB/s medians
+    /// of a bulk one, and ratios.
+    ///
+    /// The bench serves `/small` (17 bytes) and `/bulk` (SIZE_MIB MiB) on HOST:PORT itself.
+    /// The VM must be running (`mvm up … --allow-host HOST:PORT`; HOST an IP literal, which
+    /// the operator lists in `[egress] allow_private` of $MVM_HOME/config.toml when it is a
+    /// loopback or private address) and its image must have busybox (sh, wget, httpd, dd);
+    /// the bench checks that a guest fetch reaches its server before it measures. Each round,
+    /// on one connection to the VM:
+    ///
+    /// latency — `busybox wget -Y on -O /dev/null http://HOST:PORT/small` run as a command
+    /// (an exec round trip: the command's fork and exit included) through the proxy; against
+    /// the baseline, the same command with `-Y off` fetching the same 17 bytes from `busybox
+    /// httpd` the bench starts on the guest's loopback (127.0.0.1:8089, stopped at the end):
+    /// the same exec, wget and HTTP without the proxy path, so the difference is what the
+    /// proxy path (guest proxy, agent channel, runner relay, host socket) adds; and the host
+    /// fetching /small directly.
+    ///
+    /// bulk — the same wget of /bulk through the proxy; against `busybox dd if=/dev/zero
+    /// bs=1M count=SIZE_MIB` as a command's stdout, discarded (the raw agent channel moving
+    /// the same bytes), and the host fetching /bulk directly.
+    Egress {
+        /// The running VM, started with a grant of HOST:PORT.
+        #[arg(long)]
+        vm: String,
+        /// Where the bench serves HTTP on this host (it must be free): the IP literal and
+        /// port the VM is granted.
+        #[arg(long, value_name = "HOST:PORT")]
+        host: SocketAddr,
+        /// Rounds, each timing all six fetches, after 3 untimed rounds of the small ones.
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        /// Size of /bulk, in MiB.
+        #[arg(long, default_value_t = 64)]
+        size_mib: u64,
+    },
     /// mvm's own VMM on this host's /dev/kvm with the purpose-built test guest (assembled from
     /// source with as and ld): start → vCPU 0's first exit (goal ≤ 10 ms), the VMM's RSS
     /// without guest RAM (goal ≤ 3 MiB), allowed syscalls per thread (goal ≤ 40); medians,
@@ -104,6 +143,16 @@ pub fn run(cmd: BenchCommand, out: &Output) -> anyhow::Result<()> {
         }
         BenchCommand::Cp { vm, size_mib, runs } => {
             let (value, text) = copy::cp(&vm, size_mib.max(1), runs.max(1))?;
+            out.result(value, || text);
+            return Ok(());
+        }
+        BenchCommand::Egress {
+            vm,
+            host,
+            runs,
+            size_mib,
+        } => {
+            let (value, text) = egress::egress(&vm, host, runs.max(1), size_mib.max(1))?;
             out.result(value, || text);
             return Ok(());
         }

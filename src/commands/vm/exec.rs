@@ -11,19 +11,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use mvm_ir::receipt::{EgressCounts, Receipt};
 use mvm_protocol::{ExecRequest, Integrity};
 use mvm_runner::client::{ClientError, StdStreams};
 use mvm_runner::control::MAX_TIMEOUT;
-use mvm_runner::launch::{command_result, exit, LaunchError};
+use mvm_runner::launch::{exit, LaunchError};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
-use super::{connect, named, named_error, vm_home};
-use crate::commands::{coded_io, Host};
-use crate::output::Output;
+use mvm_runner::named_vm::NamedVmError;
 
-/// Beyond a command's timeout, how long to wait for its answer.
-const ANSWER_GRACE: Duration = Duration::from_secs(30);
+use super::{connect, named, named_error};
+use crate::output::Output;
 
 /// Run a command in a running VM; streams its output and exits with its status (as `mvm
 /// run` does: 121 integrity failure, 124 timeout, 126/127 not executable/found, 128+N signal).
@@ -94,23 +91,21 @@ pub fn run_in(
     input: Option<Box<dyn Read + Send>>,
     receipt: Option<&Path>,
 ) -> anyhow::Result<ExitCode> {
-    let host = Host::open()?;
     let interrupt = Arc::new(AtomicBool::new(false));
     for signal in [SIGINT, SIGTERM, SIGHUP] {
         signal_hook::flag::register(signal, Arc::clone(&interrupt))?;
     }
     let named = named(name)?;
-    let vm = named.state().map_err(named_error)?;
     let mut client = named.connect(interrupt).map_err(named_error)?;
-    let started_at = mvm_ir::plan::Timestamp::now();
-    // The VM's egress is counted VM-wide: the receipt gets what moved while the command ran.
-    let vms = vm_home()?;
-    let egress_before = super::egress_counts(&vms, name).unwrap_or_default();
-    let argv_sha256 = mvm_ir::digest::sha256_prefixed(&serde_json::to_vec(&request.argv)?);
-    let answer_timeout = Duration::from_millis(request.timeout_ms) + ANSWER_GRACE;
-    let executed = match client.exec_with_input(request, input, answer_timeout, &mut StdStreams) {
-        Ok(executed) => executed,
-        Err(ClientError::Refused(refusal)) => {
+    let ran = match named.run(
+        &mut client,
+        request,
+        input,
+        &mut StdStreams,
+        receipt.is_some(),
+    ) {
+        Ok(ran) => ran,
+        Err(NamedVmError::Refused(refusal)) => {
             let error = LaunchError::CommandRefused(refusal);
             // The agent's code leads its message already.
             eprintln!(
@@ -119,45 +114,18 @@ pub fn run_in(
             );
             return Ok(ExitCode::from(error.exit_status()));
         }
-        Err(ClientError::Interrupted) => return Ok(ExitCode::from(exit::INTERRUPTED)),
-        Err(e) => return Err(coded_io("RUN025", e)),
+        Err(NamedVmError::Channel(ClientError::Interrupted)) => {
+            return Ok(ExitCode::from(exit::INTERRUPTED))
+        }
+        Err(e) => return Err(named_error(e)),
     };
-    let reply = &executed.reply;
+    let reply = &ran.executed.reply;
     if reply.integrity == Integrity::Corrupted {
         eprintln!("mvm: error RUN020: dm-verity refused a block of the root while the command ran; its output cannot be trusted");
         return Ok(ExitCode::from(exit::INTEGRITY));
     }
-    if let Some(path) = receipt {
-        let receipt = Receipt {
-            schema_version: mvm_ir::receipt::SCHEMA_VERSION.into(),
-            plan_digest: vm.plan_digest,
-            vm: vm.vm,
-            argv_sha256,
-            started_at,
-            ended_at: mvm_ir::plan::Timestamp::now(),
-            result: command_result(reply.status),
-            stdout: executed.stdout.clone(),
-            stderr: executed.stderr.clone(),
-            egress: vec![],
-            egress_counts: counted_since(
-                egress_before,
-                super::egress_counts(&vms, name).unwrap_or_default(),
-            ),
-            previous: None,
-        };
-        mvm_ir::receipt::issue(&host.home, receipt, &host.keys.host_signer()?, |bytes| {
-            mvm_ir::fsutil::atomic_write(path, bytes, 0o644)
-        })?;
+    if let (Some(path), Some(signed)) = (receipt, &ran.receipt) {
+        mvm_ir::fsutil::atomic_write(path, signed, 0o644)?;
     }
     Ok(ExitCode::from(exit::of_command(reply.status)))
-}
-
-/// What a VM's egress counters moved by between two readings.
-fn counted_since(before: EgressCounts, after: EgressCounts) -> EgressCounts {
-    EgressCounts {
-        allowed: after.allowed.saturating_sub(before.allowed),
-        denied: after.denied.saturating_sub(before.denied),
-        bytes_sent: after.bytes_sent.saturating_sub(before.bytes_sent),
-        bytes_received: after.bytes_received.saturating_sub(before.bytes_received),
-    }
 }

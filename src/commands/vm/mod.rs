@@ -18,15 +18,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use mvm_ir::receipt::EgressCounts;
-use mvm_protocol::Request;
 use mvm_runner::client::{AgentClient, ClientError};
-use mvm_runner::egress::log::{read_counts, COUNTS_FILE};
 use mvm_runner::named_vm::{NamedVm, NamedVmError, VmHome};
 use mvm_runner::state::{Phase, VmState};
 use serde_json::{json, Value};
 
-use super::bundle::{plan_to_boot, runner_command, ImageOptions};
+use super::bundle::{plan_to_boot, runner_command, BuildReport, ImageOptions};
 use super::{coded_as, Host};
 use crate::output::Output;
 
@@ -180,12 +177,6 @@ fn start(vms: &VmHome, runner: std::process::Command) -> anyhow::Result<Result<V
     }
 }
 
-/// The egress a VM's runner has counted so far (none for a VM whose plan grants none).
-pub(super) fn egress_counts(vms: &VmHome, name: &str) -> Option<EgressCounts> {
-    let dir = vms.dir(name).ok()?;
-    read_counts(&dir.join(COUNTS_FILE))
-}
-
 fn state_json(state: &VmState) -> Value {
     serde_json::to_value(state).unwrap_or(Value::Null)
 }
@@ -198,6 +189,7 @@ pub fn up(args: UpArgs, out: &Output) -> anyhow::Result<ExitCode> {
         args.image.as_deref(),
         &args.image_options,
         &args.command,
+        BuildReport::Stderr,
     )?;
     let mut runner = runner_command(args.boot_timeout)?;
     runner
@@ -229,7 +221,7 @@ pub fn ls(out: &Output) -> anyhow::Result<()> {
         .iter()
         .map(|vm| {
             let mut value = state_json(vm);
-            if let Some(counts) = egress_counts(&vms, &vm.name) {
+            if let Some(counts) = vms.get(&vm.name).ok().and_then(|vm| vm.egress_counts()) {
                 value["egress"] = json!(counts);
             }
             value
@@ -270,23 +262,7 @@ pub(super) fn agent_error(error: ClientError) -> anyhow::Error {
 /// Pauses (stops the vCPUs of) the running VM `name`; `cold` saves it to disk too, and
 /// returns once its runner has let go of it.
 pub fn pause(name: &str, cold: bool, out: &Output) -> anyhow::Result<()> {
-    let vm = named(name)?;
-    let mut client = vm.connect(Arc::default()).map_err(named_error)?;
-    let (request, answer_within) = match cold {
-        // Saving writes the guest's memory: up to its size at disk speed.
-        true => (Request::Save, Duration::from_secs(300)),
-        false => (Request::Pause, Duration::from_secs(30)),
-    };
-    client
-        .call(&request, answer_within, None)
-        .map_err(agent_error)?;
-    // Cold means no process: its runner has let go of the VM and is gone, with the guest's
-    // memory (which a process takes a while to give back, on a busy host).
-    let seen = match cold {
-        true => vm.wait_released(),
-        false => vm.state(),
-    }
-    .map_err(named_error)?;
+    let seen = named(name)?.pause(cold).map_err(named_error)?;
     out.result(json!({"vm": state_json(&seen)}), || {
         format!("{name} is {}", seen.phase.name())
     });
@@ -306,11 +282,7 @@ pub fn resume(name: &str, boot_timeout: Duration, out: &Output) -> anyhow::Resul
             Err(status) => return Ok(status),
         }
     } else {
-        let mut client = vm.connect(Arc::default()).map_err(named_error)?;
-        client
-            .call(&Request::Resume, Duration::from_secs(30), None)
-            .map_err(agent_error)?;
-        vm.state().map_err(named_error)?
+        vm.resume().map_err(named_error)?
     };
     out.result(json!({"vm": state_json(&seen)}), || {
         format!("{name} is {}", seen.phase.name())

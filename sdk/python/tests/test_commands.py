@@ -1,0 +1,97 @@
+"""Commands: to completion, streamed, in the background with input, killed, listed; their
+errors with codes and their signed receipts."""
+
+import base64
+import json
+import time
+
+import pytest
+
+from mvm import CommandExitException, InvalidArgumentException, TimeoutException
+
+
+def test_a_command_runs_to_completion_with_the_sandboxes_and_its_own_env(sandbox):
+    result = sandbox.commands.run("echo $GREETING $WHO; echo oops >&2", envs={"WHO": "there"})
+    assert (result.stdout, result.stderr, result.exit_code) == ("hello there\n", "oops\n", 0)
+    assert result.error is None
+    assert result.duration_ms > 0
+    argv = sandbox.commands.run(["echo", "a b", "$GREETING"])
+    assert argv.stdout == "a b $GREETING\n"
+    assert sandbox.commands.run("pwd", cwd="/tmp").stdout == "/tmp\n"
+
+
+def test_a_non_zero_exit_raises_with_the_result(sandbox):
+    with pytest.raises(CommandExitException) as raised:
+        sandbox.commands.run("echo partial; exit 3")
+    assert raised.value.exit_code == 3
+    assert raised.value.stdout == "partial\n"
+    assert raised.value.result.receipt
+
+
+def test_output_reaches_the_callbacks_while_the_command_runs(sandbox):
+    seen = []
+    started = time.monotonic()
+    sandbox.commands.run(
+        "echo first; sleep 2; echo second",
+        on_stdout=lambda text: seen.append((text, time.monotonic() - started)),
+    )
+    assert [text for text, _ in seen] == ["first\n", "second\n"]
+    # The first line arrived before the command's end, not with it.
+    assert seen[1][1] - seen[0][1] > 1.0
+
+
+def test_a_command_past_its_timeout_is_killed(sandbox):
+    started = time.monotonic()
+    with pytest.raises(TimeoutException):
+        sandbox.commands.run("sleep 30", timeout=1)
+    assert time.monotonic() - started < 20
+
+
+def test_what_the_agent_refuses_comes_back_with_its_code(sandbox):
+    with pytest.raises(InvalidArgumentException) as raised:
+        sandbox.commands.run(["/no/such/program"])
+    assert raised.value.code == "AGENT101"
+    with pytest.raises(InvalidArgumentException) as raised:
+        sandbox.commands.run("true", user="root")
+    assert raised.value.code == "AGENT114"
+
+
+def test_a_background_command_takes_input_and_is_waited_for(sandbox):
+    handle = sandbox.commands.run(
+        "read a; read b; echo got $a $b; cat", background=True, stdin=True
+    )
+    assert isinstance(handle.pid, int)
+    handle.send_stdin("one\n")
+    sandbox.commands.send_stdin(handle.pid, b"two\nrest")
+    handle.close_stdin()
+    result = handle.wait()
+    assert result.stdout == "got one two\nrest"
+    listed = {p.pid: p for p in sandbox.commands.list()}
+    assert listed[handle.pid].running is False
+    assert listed[handle.pid].exit_code == 0
+    # Connecting again later replays what it wrote.
+    assert sandbox.commands.connect(handle.pid).wait().stdout == "got one two\nrest"
+
+
+def test_a_background_command_is_listed_while_it_runs_and_killed(sandbox):
+    handle = sandbox.commands.run("echo up; sleep 60", background=True)
+    running = [p for p in sandbox.commands.list() if p.pid == handle.pid]
+    assert running and running[0].running
+    assert running[0].cmd == ["sh", "-c", "echo up; sleep 60"]
+    assert sandbox.commands.kill(handle.pid)
+    with pytest.raises(CommandExitException) as raised:
+        handle.wait()
+    assert raised.value.exit_code == 128 + 9
+    assert raised.value.result.signal == 9
+    assert raised.value.stdout == "up\n"
+    assert not handle.kill()
+
+
+def test_every_command_leaves_a_signed_receipt(sandbox):
+    result = sandbox.commands.run("echo receipt")
+    envelope = sandbox.receipt(result.receipt)
+    assert envelope["payloadType"] == "application/vnd.mvm.receipt.v1+json"
+    receipt = json.loads(base64.b64decode(envelope["payload"]))
+    assert receipt["vm"] == sandbox.get_info().vm
+    assert receipt["result"] == {"kind": "exited", "code": 0}
+    assert receipt["stdout"]["bytes"] == len("receipt\n")
