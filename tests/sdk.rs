@@ -1,13 +1,15 @@
-//! The SDKs against a real mvm: the Python suite (`sdk/python/tests`, pytest) drives real
-//! sandboxes — busybox guests booted by `mvm-runner` — through `mvm serve`, which the SDK
-//! starts itself. This file prepares what the suite needs (a kernel in a fresh mvm home, a
-//! busybox image, a virtual environment with httpx and pytest, built once and kept) and runs
-//! it; its output is this test's.
+//! The SDKs against a real mvm: the Python suite (`sdk/python/tests`, pytest) and the
+//! TypeScript one (`sdk/typescript/test`, `node --test`) drive real sandboxes — busybox guests
+//! booted by `mvm-runner` — through `mvm serve`, which each SDK starts itself. This file
+//! prepares what the suites need (a kernel in a fresh mvm home, a busybox image, a virtual
+//! environment with httpx and pytest, the TypeScript SDK built with npm) and runs them, one at
+//! a time; their output is these tests'.
 
 mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 
 use mvm_builder::testing::TestLayout;
 
@@ -29,6 +31,9 @@ const APPLETS: &[&str] = &[
     "true",
     "rm",
 ];
+
+/// The suites run one at a time: the hosts have two cores.
+static TURN: Mutex<()> = Mutex::new(());
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -68,40 +73,84 @@ fn python() -> PathBuf {
     python
 }
 
+/// A fresh mvm home with a kernel, and a busybox image in a layout beside it.
+struct Fixture {
+    dir: tempfile::TempDir,
+    image: String,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        guest::mvm_json(&dir.path().join("home"), &["kernel", "fetch"], 0);
+        let layout = TestLayout::new_in(dir.path());
+        let image = format!(
+            "oci:{}@{}",
+            layout.dir.path().display(),
+            layout.busybox_with(APPLETS)
+        );
+        std::mem::forget(layout);
+        Fixture { dir, image }
+    }
+
+    fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
+    }
+
+    /// Runs `suite` against this home, its output going straight to this test's (a long suite
+    /// shows its progress), then removes whatever VMs it left (their runners would outlive
+    /// the test) and fails if it failed or left any.
+    fn run(&self, mut suite: Command) {
+        let status = suite
+            .env("MVM_HOME", self.home())
+            .env("MVM_BIN", env!("CARGO_BIN_EXE_mvm"))
+            .env("MVM_RUNNER", guest::runner())
+            .env("MVM_AGENT", guest::static_agent())
+            .env("MVM_TEST_IMAGE", &self.image)
+            .status()
+            .unwrap();
+        let left = guest::mvm_json(&self.home(), &["ls"], 0);
+        for vm in left["vms"].as_array().into_iter().flatten() {
+            let name = vm["name"].as_str().unwrap_or_default();
+            let _ = guest::mvm(&self.home(), &["rm", "--force", name]);
+        }
+        assert!(status.success(), "{suite:?} failed: {status}");
+        assert!(
+            left["vms"].as_array().is_none_or(|vms| vms.is_empty()),
+            "the suite left VMs behind: {left}"
+        );
+    }
+}
+
 #[test]
 fn the_python_sdk_drives_real_sandboxes() {
-    let dir = tempfile::tempdir().unwrap();
-    let home = dir.path().join("home");
-    guest::mvm_json(&home, &["kernel", "fetch"], 0);
-    let layout = TestLayout::new_in(dir.path());
-    let image = format!(
-        "oci:{}@{}",
-        layout.dir.path().display(),
-        layout.busybox_with(APPLETS)
-    );
-    let python = python();
-    let run = Command::new(&python)
-        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"])
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let fixture = Fixture::new();
+    let mut pytest = Command::new(python());
+    pytest
+        .args(["-m", "pytest", "-v", "-p", "no:cacheprovider", "tests"])
         .current_dir(repo().join("sdk/python"))
         // The source tree, not the installed copy: the suite tests what is checked in.
-        .env("PYTHONPATH", repo().join("sdk/python"))
-        .env("MVM_HOME", &home)
-        .env("MVM_BIN", env!("CARGO_BIN_EXE_mvm"))
-        .env("MVM_RUNNER", guest::runner())
-        .env("MVM_AGENT", guest::static_agent())
-        .env("MVM_TEST_IMAGE", &image)
-        .output()
-        .unwrap();
-    // Whatever the suite left running goes (its runners would outlive the test).
-    let left = guest::mvm_json(&home, &["ls"], 0);
-    for vm in left["vms"].as_array().into_iter().flatten() {
-        let name = vm["name"].as_str().unwrap_or_default();
-        let _ = guest::mvm(&home, &["rm", "--force", name]);
+        .env("PYTHONPATH", repo().join("sdk/python"));
+    fixture.run(pytest);
+}
+
+#[test]
+fn the_typescript_sdk_drives_real_sandboxes() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let sdk = repo().join("sdk/typescript");
+    // As its README says: the locked dev dependencies, then the build.
+    for step in [&["ci", "--no-audit", "--no-fund"][..], &["run", "build"]] {
+        let done = Command::new("npm")
+            .args(step)
+            .current_dir(&sdk)
+            .output()
+            .unwrap();
+        assert!(done.status.success(), "npm {step:?}: {}", describe(&done));
     }
-    println!("{}", String::from_utf8_lossy(&run.stdout));
-    assert!(run.status.success(), "pytest: {}", describe(&run));
-    assert!(
-        left["vms"].as_array().is_none_or(|vms| vms.is_empty()),
-        "the suite left VMs behind: {left}"
-    );
+    let fixture = Fixture::new();
+    let mut node = Command::new("node");
+    node.args(["--test", "test/sandbox.test.mjs"])
+        .current_dir(&sdk);
+    fixture.run(node);
 }

@@ -47,7 +47,7 @@ pub enum ApiError {
     #[error("{0}")]
     NotFound(String),
     /// The sandbox cannot be built or started from what was given.
-    #[error("{code}: {message}")]
+    #[error("{message}")]
     Launch {
         /// The code the build or the runner gave (or API007 when it gave none).
         code: String,

@@ -1,7 +1,7 @@
 //! Sandboxes: named VMs with labels, environment and a time to live. Creating one builds its
 //! image into a signed bundle (through the [`Launcher`]) and starts a runner, exactly as
 //! `mvm up` does; every other verb is the runner library's [`NamedVm`]. A sandbox's own
-//! record — labels, environment, timeout — lives beside its VM (`vms/<id>/sandbox.json`, 0600)
+//! record — labels, environment, timeout — lives beside its VM (`vms/<id>/client.json`, 0600)
 //! and goes with it.
 
 use std::collections::BTreeMap;
@@ -17,8 +17,8 @@ use crate::error::ApiError;
 use crate::model::{CreateSandbox, Sandbox};
 use crate::Launcher;
 
-/// A sandbox's record, beside its VM.
-pub const RECORD_FILE: &str = "sandbox.json";
+/// A sandbox's record, beside its VM (its runner leaves it there when it ends).
+pub const RECORD_FILE: &str = mvm_runner::state::CLIENT_RECORD;
 /// How long a sandbox lives when its creator says nothing (E2B's default too).
 pub const DEFAULT_TIMEOUT_S: u64 = 300;
 /// The longest timeout taken: a day.
@@ -224,14 +224,13 @@ impl Sandboxes {
             let Ok(record) = Record::read(vm.dir()) else {
                 continue;
             };
-            match record.expires_at {
-                Some(at) if seen.phase.is_live() && at <= now => {
-                    if vm.remove(true).is_ok() {
-                        removed.push(seen.name);
-                    }
-                }
-                Some(_) if seen.phase.is_live() => pending = true,
-                _ => {}
+            let Some(at) = record.expires_at.filter(|_| seen.phase.is_live()) else {
+                continue;
+            };
+            if at > now {
+                pending = true;
+            } else if vm.remove(true).is_ok() {
+                removed.push(seen.name);
             }
         }
         (removed, pending)

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -75,6 +75,9 @@ struct Api {
     connections: AtomicUsize,
     /// When the last connection ended or began.
     last_seen: Mutex<Instant>,
+    /// Whether a sandbox's clock runs: the server stays up to end it. True until the first
+    /// look.
+    clocks_running: AtomicBool,
 }
 
 /// Serves until idle or told to stop. Prints one line once listening, to standard output:
@@ -101,6 +104,7 @@ pub fn serve(options: ServeOptions, launcher: Box<dyn Launcher>) -> Result<Serve
         commands: Commands::default(),
         connections: AtomicUsize::new(0),
         last_seen: Mutex::new(Instant::now()),
+        clocks_running: AtomicBool::new(true),
     });
     runtime.block_on(run(api, socket, options.idle_exit))
 }
@@ -130,11 +134,28 @@ async fn run(
     let me = rustix::process::getuid().as_raw();
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(ApiError::host("SIGTERM"))?;
+    // Timeouts are enforced apart from the accept loop: removing a sandbox takes seconds.
+    let reaping = Arc::clone(&api);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            tick.tick().await;
+            let api = Arc::clone(&reaping);
+            let pending = tokio::task::spawn_blocking(move || api.reap())
+                .await
+                .unwrap_or(true);
+            reaping.clocks_running.store(pending, Ordering::SeqCst);
+        }
+    });
     let mut tick = tokio::time::interval(TICK);
     let ended = loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let Ok((stream, _)) = accepted else {
+                    // Out of descriptors, say: not a reason to spin.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
                 let peer = stream.peer_cred().map(|cred| cred.uid());
                 if peer.as_ref().ok() != Some(&me) {
                     eprintln!("mvm serve: refused a connection from uid {peer:?}: only uid {me} is served");
@@ -143,12 +164,8 @@ async fn run(
                 tokio::spawn(connection(Arc::clone(&api), stream));
             }
             _ = tick.tick() => {
-                let reaping = Arc::clone(&api);
-                let pending = tokio::task::spawn_blocking(move || reaping.reap())
-                    .await
-                    .unwrap_or(true);
                 if let Some(idle_exit) = idle_exit {
-                    if !pending && api.idle_for() >= idle_exit {
+                    if api.idle_for() >= idle_exit {
                         break Served::Idle;
                     }
                 }
@@ -181,7 +198,10 @@ impl Api {
 
     /// How long no client has been here and nothing has needed the server.
     fn idle_for(&self) -> Duration {
-        if self.connections.load(Ordering::SeqCst) > 0 || self.commands.any_running() {
+        if self.connections.load(Ordering::SeqCst) > 0
+            || self.commands.any_running()
+            || self.clocks_running.load(Ordering::SeqCst)
+        {
             return Duration::ZERO;
         }
         self.last_seen
@@ -341,12 +361,22 @@ async fn dispatch(
             match started.live {
                 Some(mut live) if !background => {
                     let (parts, body) = mpsc::channel::<Part>(8);
+                    let command = started.command;
                     tokio::spawn(async move {
-                        while let Some(event) = live.recv().await {
+                        loop {
+                            let event = tokio::select! {
+                                event = live.recv() => event,
+                                _ = parts.closed() => None,
+                            };
+                            let Some(event) = event else { break };
                             if parts.send(Ok(ndjson_line(&event))).await.is_err() {
-                                // The client went away: dropping `live` ends the command.
-                                return;
+                                break;
                             }
+                        }
+                        if parts.is_closed() {
+                            // The client went away: nobody reads the command's output, and
+                            // a foreground command does not outlive its client.
+                            let _ = tokio::task::spawn_blocking(move || command.signal(9)).await;
                         }
                     });
                     Ok(ndjson(status, body))

@@ -220,8 +220,8 @@ impl TestLayout {
         digest
     }
 
-    /// An image of static busybox and symlinks to it for `applets` in `/bin`, `PATH=/bin`:
-    /// the small guest of the end-to-end tests. Returns its manifest's digest.
+    /// An image of static busybox and symlinks to it for `applets` in `/bin`, `PATH=/bin`, its
+    /// Cmd `/bin/sh`: the small guest of the end-to-end tests. Returns its manifest's digest.
     pub fn busybox_with(&self, applets: &[&str]) -> String {
         let busybox = fs::read("/bin/busybox")
             .expect("busybox-static must be installed (.ci/run installs it)");
@@ -232,7 +232,7 @@ impl TestLayout {
         ];
         entries.extend(links.iter().map(|link| Entry::Symlink(link, "busybox")));
         let root = layer_of(&entries);
-        let config = json!({"Env": ["PATH=/bin"]});
+        let config = json!({"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]});
         self.image_with_config("amd64", config, &[(TAR_GZIP, gzip(&root), root)])
             .0
     }

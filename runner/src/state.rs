@@ -16,6 +16,9 @@ pub const STATE_FILE: &str = "state.json";
 pub const LOCK_FILE: &str = "lock";
 /// Where the owning runner writes once the VM is up (its terminal is gone by then).
 pub const RUNNER_LOG: &str = "runner.log";
+/// What a client keeps beside the VM (the local API's sandbox record: labels, environment,
+/// clock): the runner leaves it in place when it ends, and it goes with the VM.
+pub const CLIENT_RECORD: &str = "client.json";
 /// The control socket the owning runner serves.
 pub const CONTROL_SOCKET: &str = "control.sock";
 

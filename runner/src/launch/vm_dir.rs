@@ -143,6 +143,7 @@ impl Drop for VmDir {
                 state::STATE_FILE,
                 state::LOCK_FILE,
                 state::RUNNER_LOG,
+                state::CLIENT_RECORD,
                 cold::COLD_DIR,
             ],
         };

@@ -8,7 +8,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Generator, Optional
 
 import httpx
 
@@ -108,7 +108,7 @@ class Api:
         answer = self.request(method, path, **kwargs)
         return answer.json() if answer.content else None
 
-    def stream_lines(self, method: str, path: str, **kwargs: Any) -> Iterator[dict]:
+    def stream_lines(self, method: str, path: str, **kwargs: Any) -> Generator[dict, None, None]:
         """The NDJSON lines of a streamed answer, parsed, as they come."""
         with self.client().stream(method, path, **kwargs) as answer:
             if answer.status_code >= 400:

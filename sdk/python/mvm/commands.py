@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import base64
 import codecs
+from contextlib import closing
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Dict, Generator, Iterator, List, Optional, Sequence, Union
 
 from ._api import Api
 from .exceptions import CommandExitException, SandboxException, TimeoutException, error_for
@@ -79,12 +80,18 @@ class _Collector:
 
 
 def _follow(
-    events: Iterator[dict],
+    events: Generator[dict, None, None],
     on_stdout: Optional[OutputCallback],
     on_stderr: Optional[OutputCallback],
 ) -> CommandResult:
     """Reads events to the end: the result, or the exception for how it ended."""
-    collector = _Collector(on_stdout, on_stderr)
+    # Closed however it ends: a stream left to the garbage collector would be closed inside
+    # whatever request happens to be running then, under the connection pool's lock.
+    with closing(events):
+        return _read_events(events, _Collector(on_stdout, on_stderr))
+
+
+def _read_events(events: Iterator[dict], collector: "_Collector") -> CommandResult:
     for event in events:
         kind = event.get("type")
         if kind in ("stdout", "stderr"):

@@ -3,6 +3,7 @@ errors with codes and their signed receipts."""
 
 import base64
 import json
+import threading
 import time
 
 import pytest
@@ -75,15 +76,28 @@ def test_a_background_command_takes_input_and_is_waited_for(sandbox):
 
 def test_a_background_command_is_listed_while_it_runs_and_killed(sandbox):
     handle = sandbox.commands.run("echo up; sleep 60", background=True)
+    # A second client follows its output; it is killed once "up" came.
+    up = threading.Event()
+    outcome = {}
+
+    def follow():
+        try:
+            handle.wait(on_stdout=lambda text: up.set())
+        except CommandExitException as e:
+            outcome["raised"] = e
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    assert up.wait(30)
     running = [p for p in sandbox.commands.list() if p.pid == handle.pid]
     assert running and running[0].running
     assert running[0].cmd == ["sh", "-c", "echo up; sleep 60"]
     assert sandbox.commands.kill(handle.pid)
-    with pytest.raises(CommandExitException) as raised:
-        handle.wait()
-    assert raised.value.exit_code == 128 + 9
-    assert raised.value.result.signal == 9
-    assert raised.value.stdout == "up\n"
+    follower.join(30)
+    raised = outcome["raised"]
+    assert raised.exit_code == 128 + 9
+    assert raised.result.signal == 9
+    assert raised.stdout == "up\n"
     assert not handle.kill()
 
 
@@ -95,3 +109,22 @@ def test_every_command_leaves_a_signed_receipt(sandbox):
     assert receipt["vm"] == sandbox.get_info().vm
     assert receipt["result"] == {"kind": "exited", "code": 0}
     assert receipt["stdout"]["bytes"] == len("receipt\n")
+
+
+def test_a_foreground_command_whose_client_goes_away_is_ended(sandbox):
+    api = sandbox._api
+    path = f"/v1/sandboxes/{sandbox.sandbox_id}/commands"
+    spec = {"argv": ["sh", "-c", "echo started; sleep 60"], "timeout_s": 120}
+    with api.client().stream("POST", path, json=spec) as answer:
+        lines = answer.iter_lines()
+        started = json.loads(next(lines))
+        assert started["type"] == "started"
+        assert json.loads(next(lines))["type"] == "stdout"
+    # The answer was dropped with the command still running: it is killed, not left behind.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        mine = [p for p in sandbox.commands.list() if p.pid == started["id"]]
+        if mine and not mine[0].running:
+            break
+        time.sleep(0.2)
+    assert mine and not mine[0].running

@@ -1,0 +1,172 @@
+/** Sandboxes: mvm microVMs made and driven from TypeScript. */
+
+import { resolve } from "node:path";
+
+import { sharedApi, type Api } from "./api.js";
+import { Commands } from "./commands.js";
+import { NotFoundError } from "./errors.js";
+import { Files } from "./files.js";
+
+/** How long a sandbox lives unless told otherwise, in seconds. */
+export const DEFAULT_TIMEOUT_S = 300;
+
+/** A sandbox as the server describes it. */
+export interface SandboxInfo {
+  sandboxId: string;
+  state: string;
+  vm: string;
+  planDigest: string;
+  startedAt: string;
+  metadata: Record<string, string>;
+  expiresAt?: string;
+  reason?: string;
+}
+
+/** What `Sandbox.create` takes. */
+export interface SandboxOptions {
+  /** `REFERENCE@sha256:…`, built into a signed bundle on first use. */
+  image?: string;
+  /** A signed plan file, instead of an image. */
+  plan?: string;
+  /** Seconds it lives while running (default 300; 0: no limit). */
+  timeoutS?: number;
+  envs?: Record<string, string>;
+  metadata?: Record<string, string>;
+  cpus?: number;
+  memoryMb?: number;
+  /** Egress grants, `HOST[:PORT]`; none by default. */
+  allowHosts?: string[];
+  sandboxId?: string;
+  api?: Api;
+}
+
+function info(raw: any): SandboxInfo {
+  return {
+    sandboxId: raw.id,
+    state: raw.state,
+    vm: raw.vm,
+    planDigest: raw.plan_digest,
+    startedAt: raw.started_at,
+    metadata: raw.metadata ?? {},
+    expiresAt: raw.expires_at ?? undefined,
+    reason: raw.reason ?? undefined,
+  };
+}
+
+/** A sandbox: a named mvm microVM with a verified root, no network unless granted, and a
+ * signed receipt for every command. */
+export class Sandbox {
+  readonly commands: Commands;
+  readonly files: Files;
+
+  protected constructor(
+    readonly sandboxId: string,
+    protected readonly api: Api,
+  ) {
+    this.commands = this.makeCommands();
+    this.files = new Files(api, sandboxId);
+  }
+
+  /** The commands' class (the E2B compatibility layer runs strings through bash). */
+  protected makeCommands(): Commands {
+    return new Commands(this.api, this.sandboxId);
+  }
+
+  /** Creates a sandbox from an image or a signed plan, and resolves once it is ready. */
+  static async create<T extends Sandbox>(
+    this: new (id: string, api: Api) => T,
+    options: SandboxOptions = {},
+  ): Promise<T> {
+    const api = options.api ?? sharedApi();
+    const spec: Record<string, unknown> = { timeout_s: options.timeoutS ?? DEFAULT_TIMEOUT_S };
+    if (options.image !== undefined) spec.image = options.image;
+    if (options.plan !== undefined) spec.plan = resolve(options.plan);
+    if (options.envs) spec.envs = options.envs;
+    if (options.metadata) spec.metadata = options.metadata;
+    if (options.cpus) spec.cpus = options.cpus;
+    if (options.memoryMb) spec.memory_mib = options.memoryMb;
+    if (options.allowHosts?.length) spec.allow_hosts = options.allowHosts;
+    if (options.sandboxId) spec.id = options.sandboxId;
+    const created = await api.json<{ id: string }>("POST", "/v1/sandboxes", { json: spec });
+    return new this(created.id, api);
+  }
+
+  /** The sandbox `sandboxId`; a paused or cold one is resumed. */
+  static async connect<T extends Sandbox>(
+    this: new (id: string, api: Api) => T,
+    sandboxId: string,
+    options: { api?: Api } = {},
+  ): Promise<T> {
+    const api = options.api ?? sharedApi();
+    const found = info(await api.json("GET", `/v1/sandboxes/${sandboxId}`));
+    if (found.state === "paused" || found.state === "cold") {
+      await api.json("POST", `/v1/sandboxes/${sandboxId}/resume`);
+    }
+    return new this(sandboxId, api);
+  }
+
+  /** Sandboxes (every named VM), with all of `metadata`'s labels and in `state` when given. */
+  static async list(
+    options: { metadata?: Record<string, string>; state?: string; api?: Api } = {},
+  ): Promise<SandboxInfo[]> {
+    const params = new URLSearchParams();
+    for (const [key, value] of Object.entries(options.metadata ?? {})) params.append("label", `${key}=${value}`);
+    if (options.state) params.append("state", options.state);
+    const listed = await (options.api ?? sharedApi()).json<{ sandboxes: any[] }>(
+      "GET",
+      `/v1/sandboxes?${params}`,
+    );
+    return listed.sandboxes.map(info);
+  }
+
+  /** What the server knows of it now. */
+  async getInfo(): Promise<SandboxInfo> {
+    return info(await this.api.json("GET", `/v1/sandboxes/${this.sandboxId}`));
+  }
+
+  /** Whether it runs (not paused, cold or ended). */
+  async isRunning(): Promise<boolean> {
+    try {
+      return (await this.getInfo()).state === "running";
+    } catch (e) {
+      if (e instanceof NotFoundError) return false;
+      throw e;
+    }
+  }
+
+  /** Stops and removes it; false if it was gone already. */
+  async kill(): Promise<boolean> {
+    try {
+      await this.api.json("DELETE", `/v1/sandboxes/${this.sandboxId}`);
+      return true;
+    } catch (e) {
+      if (e instanceof NotFoundError) return false;
+      throw e;
+    }
+  }
+
+  /** Pauses it (`cold`: saved to disk, holding no memory, its clock stopped). */
+  async pause(options: { cold?: boolean } = {}): Promise<string> {
+    await this.api.json("POST", `/v1/sandboxes/${this.sandboxId}/pause`, {
+      json: { cold: Boolean(options.cold) },
+    });
+    return this.sandboxId;
+  }
+
+  /** Lets it run again (from paused or cold). */
+  async resume(): Promise<void> {
+    await this.api.json("POST", `/v1/sandboxes/${this.sandboxId}/resume`);
+  }
+
+  /** It is removed `timeoutS` seconds from now (0: never). */
+  async setTimeout(timeoutS: number): Promise<void> {
+    await this.api.json("POST", `/v1/sandboxes/${this.sandboxId}/timeout`, {
+      json: { timeout_s: Math.floor(timeoutS) },
+    });
+  }
+
+  /** A command's signed run receipt (a DSSE envelope). */
+  receipt(receiptId: string): Promise<any> {
+    return this.api.json("GET", `/v1/receipts/${receiptId}`);
+  }
+}
