@@ -1,1 +1,0 @@
-"""Compatibility layers for code written against other sandbox SDKs."""
