@@ -149,8 +149,9 @@ fn the_typescript_sdk_drives_real_sandboxes() {
         assert!(done.status.success(), "npm {step:?}: {}", describe(&done));
     }
     let fixture = Fixture::new();
-    let mut node = Command::new("node");
-    node.args(["--test", "test/sandbox.test.mjs"])
-        .current_dir(&sdk);
-    fixture.run(node);
+    for file in ["test/sandbox.test.mjs", "test/e2b.test.mjs"] {
+        let mut node = Command::new("node");
+        node.args(["--test", file]).current_dir(&sdk);
+        fixture.run(node);
+    }
 }

@@ -78,6 +78,8 @@ pub mod codes {
     pub const API006: &str = "API006";
     /// A sandbox could not be built or started, and what failed gave no code.
     pub const API007: &str = "API007";
+    /// A template the host does not map to a digest-pinned image.
+    pub const API008: &str = "API008";
 }
 
 impl ApiError {

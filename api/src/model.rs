@@ -18,6 +18,10 @@ pub struct CreateSandbox {
     /// Instead of an image: the path, on the host, of a signed plan (`plan.dsse.json`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan: Option<String>,
+    /// Instead of an image: an E2B template name, which the host maps to a digest-pinned
+    /// image (`[e2b.templates]` in `$MVM_HOME/config.toml`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
     /// Its id (a VM name: 1-63 of `a-z 0-9 _ . -`); `sbx-` and random hex when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,

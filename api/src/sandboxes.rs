@@ -279,22 +279,22 @@ fn launch_error(error: NamedVmError) -> ApiError {
 }
 
 fn check_spec(spec: &CreateSandbox) -> Result<(), ApiError> {
-    match (&spec.image, &spec.plan) {
-        (Some(_), Some(_)) => {
-            return Err(ApiError::BadRequest(
-                "give an image or a plan, not both".into(),
-            ))
-        }
-        (None, None) => return Err(ApiError::BadRequest("give an image or a plan".into())),
-        (None, Some(_))
-            if spec.cpus.is_some() || spec.memory_mib.is_some() || !spec.allow_hosts.is_empty() =>
-        {
-            return Err(ApiError::BadRequest(
-                "cpus, memory_mib and allow_hosts are signed into a plan: give them with an image"
-                    .into(),
-            ))
-        }
-        _ => {}
+    let sources = [&spec.image, &spec.plan, &spec.template]
+        .iter()
+        .filter(|source| source.is_some())
+        .count();
+    if sources != 1 {
+        return Err(ApiError::BadRequest(
+            "give one of an image, a plan or a template".into(),
+        ));
+    }
+    if spec.plan.is_some()
+        && (spec.cpus.is_some() || spec.memory_mib.is_some() || !spec.allow_hosts.is_empty())
+    {
+        return Err(ApiError::BadRequest(
+            "cpus, memory_mib and allow_hosts are signed into a plan: give them with an image"
+                .into(),
+        ));
     }
     check_timeout(spec.timeout_s.unwrap_or(DEFAULT_TIMEOUT_S))?;
     check_entries("metadata", &spec.metadata)?;
@@ -355,6 +355,16 @@ mod tests {
         };
         assert!(check_spec(&both).is_err());
         assert!(check_spec(&CreateSandbox::default()).is_err());
+        let template = CreateSandbox {
+            template: Some("base".into()),
+            ..Default::default()
+        };
+        assert!(check_spec(&template).is_ok());
+        let two = CreateSandbox {
+            template: Some("base".into()),
+            ..image.clone()
+        };
+        assert!(check_spec(&two).is_err());
         let widened = CreateSandbox {
             plan: Some("/p".into()),
             allow_hosts: vec!["api.example.com".into()],

@@ -688,6 +688,9 @@ pub(super) fn insecure_registries(host: &Host) -> anyhow::Result<Vec<String>> {
         /// The runner's (`mvm_runner::forward`), which checks it.
         #[serde(default, rename = "ports")]
         _ports: Option<toml::Value>,
+        /// `mvm serve`'s E2B template names (`commands::serve`), which it checks.
+        #[serde(default, rename = "e2b")]
+        _e2b: Option<toml::Value>,
     }
     #[derive(serde::Deserialize, Default)]
     #[serde(deny_unknown_fields)]

@@ -9,6 +9,7 @@ use clap::Args;
 use mvm_api::error::ApiError;
 use mvm_api::model::CreateSandbox;
 use mvm_api::{Launcher, ServeOptions, Served};
+use mvm_ir::home::MvmHome;
 use serde_json::json;
 
 use super::bundle::{plan_to_boot, runner_command, BuildReport, ImageOptions};
@@ -46,13 +47,14 @@ pub fn serve(args: ServeArgs, out: &Output) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let host = Host::open()?;
+    let launcher = CliLauncher {
+        boot_timeout: args.boot_timeout,
+        home: host.home.clone(),
+    };
     let options = ServeOptions {
         home: host.home,
         socket: args.socket,
         idle_exit: args.idle_exit,
-    };
-    let launcher = CliLauncher {
-        boot_timeout: args.boot_timeout,
     };
     match mvm_api::serve(options, Box::new(launcher)).map_err(|e| super::coded_io(&e.code(), e))? {
         Served::AlreadyServing(socket) => {
@@ -72,6 +74,7 @@ pub fn serve(args: ServeArgs, out: &Output) -> anyhow::Result<ExitCode> {
 /// Sandboxes start as `mvm up` starts VMs.
 struct CliLauncher {
     boot_timeout: Duration,
+    home: MvmHome,
 }
 
 impl Launcher for CliLauncher {
@@ -87,9 +90,13 @@ impl Launcher for CliLauncher {
         }
         let options =
             ImageOptions::for_sandbox(spec.cpus, spec.memory_mib, spec.allow_hosts.clone());
+        let image = match &spec.template {
+            Some(template) => Some(template_image(&self.home, template)?),
+            None => spec.image.clone(),
+        };
         let plan = plan_to_boot(
             spec.plan.as_deref().map(Path::new),
-            spec.image.as_deref(),
+            image.as_deref(),
             &options,
             &[],
             BuildReport::Captured,
@@ -110,6 +117,43 @@ impl Launcher for CliLauncher {
     }
 }
 
+/// The image `[e2b.templates]` in `$MVM_HOME/config.toml` maps `template` to: digest-pinned,
+/// so that a template name always means the same bytes.
+fn template_image(home: &MvmHome, template: &str) -> Result<String, ApiError> {
+    let unmapped = |why: String| ApiError::Launch {
+        code: mvm_api::error::codes::API008.into(),
+        message: format!("the template {template:?}: {why}"),
+    };
+    let path = home.root().join("config.toml");
+    let text = match mvm_ir::fsutil::read_capped(&path, 1 << 20, "config.toml") {
+        Ok(bytes) => {
+            String::from_utf8(bytes).map_err(|_| unmapped("config.toml is not UTF-8".into()))?
+        }
+        Err(e) => return Err(unmapped(format!("no [e2b.templates] to map it ({e})"))),
+    };
+    let config: toml::Table = text
+        .parse()
+        .map_err(|e| unmapped(format!("config.toml: {e}")))?;
+    let image = config
+        .get("e2b")
+        .and_then(|e2b| e2b.get("templates"))
+        .and_then(|templates| templates.get(template))
+        .ok_or_else(|| {
+            unmapped(format!(
+                "[e2b.templates] in {} does not map it",
+                path.display()
+            ))
+        })?
+        .as_str()
+        .ok_or_else(|| unmapped("its image is not a string".into()))?;
+    match image.rsplit_once("@sha256:") {
+        Some((_, digest)) if mvm_ir::digest::is_sha256_hex(digest) => Ok(image.to_string()),
+        _ => Err(unmapped(format!(
+            "it maps to {image:?}, which is not pinned (REFERENCE@sha256:<digest>)"
+        ))),
+    }
+}
+
 /// A failed build or a missing runner, with its code.
 fn launch_error(error: anyhow::Error) -> ApiError {
     let code = match error.downcast_ref::<CodedError>() {
@@ -119,5 +163,27 @@ fn launch_error(error: anyhow::Error) -> ApiError {
     ApiError::Launch {
         code,
         message: format!("{error:#}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_map_to_pinned_images_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = MvmHome::at(dir.path());
+        let code = |result: Result<String, ApiError>| result.unwrap_err().code();
+        assert_eq!(code(template_image(&home, "base")), "API008");
+        let pinned = format!("oci:/srv/base@sha256:{}", "a".repeat(64));
+        std::fs::write(
+            dir.path().join("config.toml"),
+            format!("[e2b.templates]\nbase = \"{pinned}\"\nloose = \"oci:/srv/base:latest\"\n"),
+        )
+        .unwrap();
+        assert_eq!(template_image(&home, "base").unwrap(), pinned);
+        assert_eq!(code(template_image(&home, "loose")), "API008");
+        assert_eq!(code(template_image(&home, "other")), "API008");
     }
 }

@@ -110,10 +110,8 @@ def _read_events(events: Iterator[dict], collector: "_Collector") -> CommandResu
     raise SandboxException("the command's event stream ended before the command", "API006")
 
 
-def argv_of(cmd: Cmd, shell: Sequence[str] = ("sh", "-c")) -> List[str]:
-    """A string runs through ``shell``; a sequence is the argv itself."""
-    if isinstance(cmd, str):
-        return [*shell, cmd]
+def argv_of(cmd: Sequence[str]) -> List[str]:
+    """A command given as an argv, checked."""
     argv = list(cmd)
     if not argv or not all(isinstance(a, str) for a in argv):
         raise TypeError("cmd is a string, or a non-empty sequence of strings")
@@ -191,7 +189,9 @@ class Commands:
         result, output passed to the callbacks as it comes; :class:`CommandExitException` on
         a non-zero exit, :class:`TimeoutException` past ``timeout`` seconds (``0`` or
         ``None``: no limit). In the background: a :class:`CommandHandle` at once."""
-        spec: dict = {"argv": argv_of(cmd, self.shell), "background": background, "stdin": stdin}
+        # A string goes through the shell (only then is `shell` looked at); a list is the argv.
+        argv = [*self.shell, cmd] if isinstance(cmd, str) else argv_of(cmd)
+        spec: dict = {"argv": argv, "background": background, "stdin": stdin}
         if envs:
             spec["envs"] = dict(envs)
         if cwd is not None:

@@ -82,9 +82,8 @@ async function follow(events: AsyncIterable<any>, callbacks: Callbacks): Promise
   throw new SandboxError("the command's event stream ended before the command");
 }
 
-/** A string runs through `shell`; an array is the argv itself. */
-export function argvOf(cmd: string | string[], shell: string[]): string[] {
-  if (typeof cmd === "string") return [...shell, cmd];
+/** A command given as an argv, checked. */
+export function argvOf(cmd: string[]): string[] {
   if (cmd.length === 0) throw new TypeError("cmd is a string or a non-empty array of strings");
   return [...cmd];
 }
@@ -152,7 +151,8 @@ export class Commands {
   run(cmd: string | string[], options?: RunOptions & { background?: false }): Promise<CommandResult>;
   async run(cmd: string | string[], options: RunOptions = {}): Promise<CommandResult | CommandHandle> {
     const spec: Record<string, unknown> = {
-      argv: argvOf(cmd, await this.shellFor()),
+      // Only a string is run through the shell (and only then is it looked up).
+      argv: typeof cmd === "string" ? [...(await this.shellFor()), cmd] : argvOf(cmd),
       background: Boolean(options.background),
       stdin: Boolean(options.stdin),
       timeout_s: options.timeoutS ?? 60,
