@@ -6,8 +6,9 @@ use std::fs;
 use std::path::Path;
 
 /// The top-level folders a reference to the repository starts with.
-const ROOTS: [&str; 12] = [
+const ROOTS: [&str; 14] = [
     "agent/",
+    "api/",
     "builder/",
     "docs/",
     "fuzz/",
@@ -16,6 +17,7 @@ const ROOTS: [&str; 12] = [
     "protocol/",
     "runner/",
     "scripts/",
+    "sdk/",
     "src/",
     "tests/",
     "vmm/",
