@@ -34,7 +34,9 @@ const LIVE_EVENTS: usize = 64;
 pub struct Command {
     id: u64,
     argv: Vec<String>,
-    signals: CommandSignals,
+    /// Until it ends: these hold the command's connection to the VM open, which counts
+    /// against the VM's clients (RUN050) however long the command is remembered.
+    signals: Mutex<Option<CommandSignals>>,
     stdin: Mutex<Option<io::PipeWriter>>,
     kept: Mutex<Kept>,
     /// The number of events kept so far (including dropped ones): subscribers wait on it.
@@ -83,10 +85,13 @@ impl Command {
                 "{signal} is not a signal (1-31)"
             )));
         }
+        let ended = || ApiError::NotFound(format!("command {} has ended", self.id));
         if lock(&self.kept).end.is_some() {
-            return Err(ApiError::NotFound(format!("command {} has ended", self.id)));
+            return Err(ended());
         }
-        self.signals
+        lock(&self.signals)
+            .as_ref()
+            .ok_or_else(ended)?
             .send(signal)
             .map_err(ApiError::host("signalling the command"))
     }
@@ -230,7 +235,7 @@ impl Commands {
         let command = Arc::new(Command {
             id,
             argv: spec.argv,
-            signals,
+            signals: Mutex::new(Some(signals)),
             stdin: Mutex::new(stdin),
             kept: Mutex::new(Kept {
                 keep_output: spec.background,
@@ -340,6 +345,9 @@ fn run(
         Err(error) => CommandEvent::Error(failure(error)),
     };
     command.close_stdin();
+    // The connection goes with the exec: an ended command is remembered, not connected.
+    drop(client);
+    lock(&command.signals).take();
     if let Some(live) = &live {
         let _ = live.blocking_send(end.clone());
     }
@@ -392,7 +400,7 @@ mod tests {
         Command {
             id: 1,
             argv: vec!["true".into()],
-            signals: client.signals_for_next(),
+            signals: Mutex::new(Some(client.signals_for_next())),
             stdin: Mutex::new(None),
             kept: Mutex::new(Kept {
                 keep_output,

@@ -128,3 +128,10 @@ def test_a_foreground_command_whose_client_goes_away_is_ended(sandbox):
             break
         time.sleep(0.2)
     assert mine and not mine[0].running
+
+
+def test_more_commands_than_a_vm_has_room_for_clients_run_one_after_another(sandbox):
+    # A VM's control socket serves 64 clients at once (RUN050); commands that ended, which
+    # the server remembers, hold none of them.
+    for n in range(70):
+        assert sandbox.commands.run(["true"]).exit_code == 0, n

@@ -10,6 +10,7 @@ use serde_json::json;
 
 use crate::output::Output;
 
+mod api;
 mod boot;
 mod copy;
 mod egress;
@@ -58,6 +59,20 @@ pub enum BenchCommand {
         /// The command (it must exist in the image and exit 0).
         #[arg(last = true, default_value = "true")]
         command: Vec<String>,
+    },
+    /// The local API: `true`'s round trip through the Python SDK (which starts `mvm serve`
+    /// if none runs) and through `mvm exec` (a process each), against the control socket's
+    /// echo, on a running VM (`mvm up` first); p50, p99 and ratios.
+    Api {
+        /// The running VM.
+        #[arg(long)]
+        vm: String,
+        /// Round trips of each.
+        #[arg(long, default_value_t = 100)]
+        runs: usize,
+        /// A Python with the SDK installed (`pip install ./sdk/python`).
+        #[arg(long, default_value = "python3")]
+        python: String,
     },
     /// Copies: `mvm cp` into and out of a running VM (`mvm up` first; its image needs `sh` and
     /// `cat`) against the same bytes as a command's input and output over the same channel;
@@ -138,6 +153,11 @@ pub fn run(cmd: BenchCommand, out: &Output) -> anyhow::Result<()> {
     let results = match cmd {
         BenchCommand::Exec { vm, runs, command } => {
             let (value, text) = exec::exec(&vm, runs.max(1), &command)?;
+            out.result(value, || text);
+            return Ok(());
+        }
+        BenchCommand::Api { vm, runs, python } => {
+            let (value, text) = api::api(&vm, runs.max(1), &python)?;
             out.result(value, || text);
             return Ok(());
         }
