@@ -209,13 +209,7 @@ fn entry(parent: &str, info: &FileInfo) -> EntryInfo {
         size: info.size,
         mode: info.mode,
         uid: info.uid,
-        modified: time::OffsetDateTime::from_unix_timestamp(info.modified)
-            .ok()
-            .and_then(|t| {
-                t.format(&time::format_description::well_known::Rfc3339)
-                    .ok()
-            })
-            .unwrap_or_default(),
+        modified: crate::rfc3339(info.modified).unwrap_or_default(),
     }
 }
 

@@ -24,6 +24,14 @@ use std::process::Command;
 use error::ApiError;
 use model::CreateSandbox;
 
+/// `seconds` since the epoch as RFC 3339, as the API's documents show times.
+fn rfc3339(seconds: i64) -> Option<String> {
+    time::OffsetDateTime::from_unix_timestamp(seconds)
+        .ok()?
+        .format(&time::format_description::well_known::Rfc3339)
+        .ok()
+}
+
 /// How sandboxes come to run: the CLI's way of turning an image into a signed bundle and
 /// of starting runners, which the server uses without knowing how images are built.
 pub trait Launcher: Send + Sync + 'static {

@@ -242,11 +242,7 @@ fn describe(seen: &VmState, record: &Record) -> Sandbox {
     let expires_at = record
         .expires_at
         .filter(|_| seen.phase.is_live())
-        .and_then(|at| OffsetDateTime::from_unix_timestamp(at).ok())
-        .and_then(|at| {
-            at.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        });
+        .and_then(crate::rfc3339);
     Sandbox {
         id: seen.name.clone(),
         state: seen.phase.name().into(),

@@ -65,6 +65,7 @@ class Sandbox:
         image: Optional[str] = None,
         *,
         plan: Optional[str] = None,
+        template: Optional[str] = None,
         timeout: Optional[int] = DEFAULT_TIMEOUT,
         envs: Optional[Dict[str, str]] = None,
         metadata: Optional[Dict[str, str]] = None,
@@ -75,7 +76,8 @@ class Sandbox:
         api: Optional[Api] = None,
     ) -> "Sandbox":
         """Creates a sandbox from ``image`` (``REFERENCE@sha256:…``, built into a signed
-        bundle on first use) or a signed ``plan`` file, and returns once it is ready. It is
+        bundle on first use), a signed ``plan`` file or a ``template`` the host maps to a pinned
+        image (``[e2b.templates]``), and returns once it is ready. It is
         removed ``timeout`` seconds later (``0``/``None``: never) unless extended with
         :meth:`set_timeout`. ``allow_hosts`` grants egress (``HOST[:PORT]``); none by
         default."""
@@ -85,6 +87,7 @@ class Sandbox:
         if plan is not None:
             spec["plan"] = os.path.abspath(plan)
         for key, value in (
+            ("template", template),
             ("envs", envs),
             ("metadata", metadata),
             ("cpus", cpus),

@@ -28,6 +28,8 @@ export interface SandboxOptions {
   image?: string;
   /** A signed plan file, instead of an image. */
   plan?: string;
+  /** A template the host maps to a pinned image (`[e2b.templates]`), instead of an image. */
+  template?: string;
   /** Seconds it lives while running (default 300; 0: no limit). */
   timeoutS?: number;
   envs?: Record<string, string>;
@@ -81,6 +83,7 @@ export class Sandbox {
     const spec: Record<string, unknown> = { timeout_s: options.timeoutS ?? DEFAULT_TIMEOUT_S };
     if (options.image !== undefined) spec.image = options.image;
     if (options.plan !== undefined) spec.plan = resolve(options.plan);
+    if (options.template !== undefined) spec.template = options.template;
     if (options.envs) spec.envs = options.envs;
     if (options.metadata) spec.metadata = options.metadata;
     if (options.cpus) spec.cpus = options.cpus;

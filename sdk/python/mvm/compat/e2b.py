@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
 
-from .._api import shared
 from ..commands import (
     CommandHandle,
     CommandResult,
@@ -80,16 +79,13 @@ class Sandbox(_Sandbox):
                 "given; grant what the code needs with allow_hosts=['api.example.com', …]",
                 code="API001",
             )
-        api = shared()
-        spec: dict = {"template": template or DEFAULT_TEMPLATE, "timeout_s": timeout or 300}
-        if metadata:
-            spec["metadata"] = metadata
-        if envs:
-            spec["envs"] = envs
-        if allow_hosts:
-            spec["allow_hosts"] = allow_hosts
-        created = api.json("POST", "/v1/sandboxes", json=spec)
-        return cls(created["id"], api)
+        return super().create(
+            template=template or DEFAULT_TEMPLATE,
+            timeout=timeout or 300,
+            metadata=metadata,
+            envs=envs,
+            allow_hosts=allow_hosts,
+        )
 
 
 __all__ = [

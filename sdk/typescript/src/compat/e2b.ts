@@ -8,7 +8,7 @@
  * image has bash, else `sh -c`. Durations are in milliseconds, as in E2B.
  */
 
-import { sharedApi, type Api } from "../api.js";
+import type { Api } from "../api.js";
 import { Commands as MvmCommands, type CommandHandle, type CommandResult, type RunOptions } from "../commands.js";
 import { InvalidArgumentError } from "../errors.js";
 import { Sandbox as MvmSandbox } from "../sandbox.js";
@@ -85,16 +85,13 @@ export class Sandbox extends MvmSandbox {
         "API001",
       );
     }
-    const api = sharedApi();
-    const spec: Record<string, unknown> = {
+    return MvmSandbox.create.call(this, {
       template,
-      timeout_s: opts.timeoutMs === undefined ? 300 : Math.ceil(opts.timeoutMs / 1000),
-    };
-    if (opts.metadata) spec.metadata = opts.metadata;
-    if (opts.envs) spec.envs = opts.envs;
-    if (opts.allowHosts?.length) spec.allow_hosts = opts.allowHosts;
-    const created = await api.json<{ id: string }>("POST", "/v1/sandboxes", { json: spec });
-    return new this(created.id, api);
+      timeoutS: opts.timeoutMs === undefined ? 300 : Math.ceil(opts.timeoutMs / 1000),
+      metadata: opts.metadata,
+      envs: opts.envs,
+      allowHosts: opts.allowHosts,
+    }) as Promise<T>;
   }
 
   /** It is removed `timeoutMs` milliseconds from now. */
