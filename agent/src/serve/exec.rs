@@ -388,6 +388,10 @@ impl Stdin {
         }
         let back = if bytes.is_empty() {
             self.closing = true;
+            // With nothing left to write, no flush would come to close it: closed now.
+            if self.pending.is_empty() {
+                self.pipe = None;
+            }
             cost(0)
         } else if self.pipe.is_some() {
             self.pending.extend(bytes);
