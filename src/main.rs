@@ -120,6 +120,9 @@ enum Command {
     Bench(commands::bench::BenchCommand),
     /// Serve the local API the SDKs use ($MVM_HOME/api.sock).
     Serve(commands::serve::ServeArgs),
+    /// The API's sandboxes: ls (with labels and time left), kill, set-timeout.
+    #[command(subcommand)]
+    Sandbox(commands::sandbox::SandboxCommand),
     /// The confined builder worker (started by `mvm build`; reads a request on stdin).
     #[command(hide = true)]
     BuildWorker,
@@ -165,6 +168,7 @@ fn main() -> ExitCode {
         Command::Bench(cmd) => commands::bench::run(cmd, &out),
         Command::Doctor => return commands::doctor::run(&out),
         Command::Serve(args) => return exit_code(commands::serve::serve(args, &out), &out),
+        Command::Sandbox(cmd) => commands::sandbox::run(cmd, &out),
         Command::BuildWorker => return mvm_builder::worker::serve(),
     };
     match result {

@@ -87,7 +87,7 @@ impl Fixture {
         let image = format!(
             "oci:{}@{}",
             layout.dir.path().display(),
-            layout.busybox_with(APPLETS)
+            layout.busybox_with_user_home(APPLETS)
         );
         std::mem::forget(layout);
         Fixture { dir, image }

@@ -12,7 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 
 use mvm_agent::boot::{self, console, devmapper, hardening, loopback, BootError, Booted};
 use mvm_agent::proxy;
-use mvm_agent::serve::{self, exec::Credentials, Ended, ServeConfig};
+use mvm_agent::serve::{self, exec::Credentials, files::FileRoots, Ended, ServeConfig};
 use mvm_protocol::{BootTimings, Integrity};
 
 /// The unprivileged user and group every workload command runs as.
@@ -58,6 +58,8 @@ fn main() {
     };
     let config = ServeConfig {
         workload_user: Some(WORKLOAD_USER),
+        // Read from the verified root's own passwd.
+        file_roots: FileRoots::with_home_of(WORKLOAD_USER, std::path::Path::new("/etc/passwd")),
         reap_orphans: true,
         command_groups: Some(hardening::COMMAND_CGROUPS.into()),
         timings: timings(&booted),

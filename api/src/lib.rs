@@ -14,7 +14,7 @@ mod files;
 pub mod model;
 pub mod openapi;
 mod routes;
-mod sandboxes;
+pub mod sandboxes;
 mod server;
 
 pub use server::{serve, ServeOptions, Served};

@@ -22,11 +22,14 @@ pub fn sha(bytes: &[u8]) -> String {
 }
 
 /// One entry of a test layer.
+#[derive(Clone)]
 pub enum Entry<'a> {
     /// A regular file: path, content, mode.
     File(&'a str, &'a [u8], u32),
     /// A directory.
     Dir(&'a str),
+    /// A directory owned by a user: path, uid (also its gid).
+    OwnedDir(&'a str, u64),
     /// A symlink: path, target.
     Symlink(&'a str, &'a str),
     /// A hardlink: path, target path.
@@ -54,7 +57,11 @@ pub fn layer_of(entries: &[Entry<'_>]) -> Vec<u8> {
                 header.set_size(data.len() as u64);
                 builder.append_data(&mut header, path, *data).unwrap();
             }
-            Entry::Dir(path) => {
+            Entry::Dir(path) | Entry::OwnedDir(path, _) => {
+                if let Entry::OwnedDir(_, owner) = entry {
+                    header.set_uid(*owner);
+                    header.set_gid(*owner);
+                }
                 header.set_entry_type(tar::EntryType::Directory);
                 header.set_mode(0o755);
                 header.set_size(0);
@@ -223,6 +230,29 @@ impl TestLayout {
     /// An image of static busybox and symlinks to it for `applets` in `/bin`, `PATH=/bin`, its
     /// Cmd `/bin/sh`: the small guest of the end-to-end tests. Returns its manifest's digest.
     pub fn busybox_with(&self, applets: &[&str]) -> String {
+        self.busybox_and(applets, &[])
+    }
+
+    /// [`busybox_with`](Self::busybox_with) with E2B's layout: the workload user (1000) is
+    /// `user`, its home `/home/user`.
+    pub fn busybox_with_user_home(&self, applets: &[&str]) -> String {
+        self.busybox_and(
+            applets,
+            &[
+                Entry::Dir("etc"),
+                Entry::File(
+                    "etc/passwd",
+                    b"root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n",
+                    0o644,
+                ),
+                Entry::File("etc/group", b"root:x:0:\nuser:x:1000:\n", 0o644),
+                Entry::Dir("home"),
+                Entry::OwnedDir("home/user", 1000),
+            ],
+        )
+    }
+
+    fn busybox_and(&self, applets: &[&str], more: &[Entry<'_>]) -> String {
         let busybox = fs::read("/bin/busybox")
             .expect("busybox-static must be installed (.ci/run installs it)");
         let links: Vec<String> = applets.iter().map(|a| format!("bin/{a}")).collect();
@@ -231,6 +261,7 @@ impl TestLayout {
             Entry::File("bin/busybox", &busybox, 0o755),
         ];
         entries.extend(links.iter().map(|link| Entry::Symlink(link, "busybox")));
+        entries.extend(more.iter().map(Entry::clone));
         let root = layer_of(&entries);
         let config = json!({"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]});
         self.image_with_config("amd64", config, &[(TAR_GZIP, gzip(&root), root)])

@@ -17,6 +17,7 @@ pub mod nix;
 pub mod plan;
 pub mod receipt;
 pub mod run;
+pub mod sandbox;
 pub mod serve;
 pub mod vm;
 

@@ -47,10 +47,7 @@ pub fn serve(args: ServeArgs, out: &Output) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let host = Host::open()?;
-    let launcher = CliLauncher {
-        boot_timeout: args.boot_timeout,
-        home: host.home.clone(),
-    };
+    let launcher = CliLauncher::new(host.home.clone(), args.boot_timeout);
     let options = ServeOptions {
         home: host.home,
         socket: args.socket,
@@ -72,9 +69,16 @@ pub fn serve(args: ServeArgs, out: &Output) -> anyhow::Result<ExitCode> {
 }
 
 /// Sandboxes start as `mvm up` starts VMs.
-struct CliLauncher {
+pub(super) struct CliLauncher {
     boot_timeout: Duration,
     home: MvmHome,
+}
+
+impl CliLauncher {
+    /// Sandboxes of `home` whose guests have `boot_timeout` to become ready.
+    pub(super) fn new(home: MvmHome, boot_timeout: Duration) -> Self {
+        CliLauncher { boot_timeout, home }
+    }
 }
 
 impl Launcher for CliLauncher {

@@ -1,8 +1,8 @@
-//! Copying files in and out of the guest (`fs_write`, `fs_read`), confined to the copy root.
+//! Copying files in and out of the guest (`fs_write`, `fs_read`), confined to the file roots.
 //!
 //! The agent is root, so it never does for a copy what the workload user could not: paths must
-//! be absolute and under [`COPY_ROOT`], written without `.`, `..` or empty components; every
-//! directory on the way is resolved beneath the root with no symlinks followed
+//! be absolute and under one of the [`FileRoots`], written without `.`, `..` or empty
+//! components; every directory on the way is resolved beneath the root with no symlinks followed
 //! (`openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`); a file read must be one the workload
 //! user could read; a file is written only where that user could write it, is owned by it,
 //! and is put in place (renamed over the target) only once its size and SHA-256 match what the
@@ -20,10 +20,80 @@ use super::exec::Credentials;
 use mvm_protocol::flow::{ReceiveWindow, SendWindow};
 use mvm_protocol::{codes, ErrorReply, FileDone, FsWriteRequest};
 
-/// The only directory tree copies may touch.
-pub const COPY_ROOT: &str = "/tmp";
+/// The directory tree every guest has for file operations.
+pub const TMP_ROOT: &str = "/tmp";
 /// The longest path accepted.
 const MAX_PATH: usize = 4096;
+
+/// The directory trees file operations may touch: [`TMP_ROOT`], and the workload user's home
+/// when the image gives it one of its own (E2B's `/home/user`, say). Nothing else: the rest of
+/// the root is the image's, verified and not the workload's to rewrite.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRoots(Vec<String>);
+
+impl FileRoots {
+    /// [`TMP_ROOT`] alone.
+    pub fn tmp() -> Self {
+        Self(vec![TMP_ROOT.into()])
+    }
+
+    /// [`TMP_ROOT`], and `user`'s home in `passwd` when it is a directory of the user's own:
+    /// a clean absolute path other than `/` and outside `/tmp`, not a symlink, owned by `user`.
+    pub fn with_home_of(user: Credentials, passwd: &std::path::Path) -> Self {
+        let mut roots = Self::tmp();
+        if let Some(home) = super::users::home_of(user.uid, passwd) {
+            let clean = home.strip_prefix('/').and_then(clean_components);
+            if clean.is_some_and(|c| c[0] != TMP_ROOT.trim_start_matches('/'))
+                && rustix::fs::lstat(home.as_str()).is_ok_and(|stat| {
+                    FileType::from_raw_mode(stat.st_mode) == FileType::Directory
+                        && stat.st_uid == user.uid
+                })
+            {
+                roots.0.push(home);
+            }
+        }
+        roots
+    }
+
+    /// The roots, as announced to the host and named in refusals.
+    pub fn paths(&self) -> &[String] {
+        &self.0
+    }
+
+    /// The root holding `path` and the rest of `path` below it (`""` for the root itself).
+    fn split<'p>(&self, path: &'p str) -> Option<(&str, &'p str)> {
+        self.0.iter().find_map(|root| {
+            let rest = path.strip_prefix(root.as_str())?;
+            match rest.strip_prefix('/') {
+                Some(inside) => Some((root.as_str(), inside)),
+                None => rest.is_empty().then_some((root.as_str(), "")),
+            }
+        })
+    }
+
+    /// Whether `path` is one of the roots itself.
+    pub(super) fn is_root(&self, path: &str) -> bool {
+        self.0.iter().any(|root| root == path)
+    }
+}
+
+/// Who file operations act as and where they may reach.
+#[derive(Debug, Clone, Copy)]
+pub struct FileAccess<'a> {
+    /// The workload user (the agent itself when `None`, on a host).
+    pub user: Option<Credentials>,
+    /// Where.
+    pub roots: &'a FileRoots,
+}
+
+/// The components of a relative path, when none is empty, `.` or `..`.
+fn clean_components(path: &str) -> Option<Vec<&str>> {
+    let components: Vec<&str> = path.split('/').collect();
+    let clean = components
+        .iter()
+        .all(|c| !c.is_empty() && *c != "." && *c != "..");
+    clean.then_some(components)
+}
 
 /// A path checked and split: the directory it is in (opened beneath the root) and its name.
 pub(super) struct Place {
@@ -31,32 +101,37 @@ pub(super) struct Place {
     pub(super) name: String,
 }
 
-/// Resolves `path` under [`COPY_ROOT`] without following any symlink.
-pub(super) fn place(path: &str) -> Result<Place, ErrorReply> {
+/// Opens the root `root` itself (never through a symlink).
+pub(super) fn open_root(root: &str) -> Result<OwnedFd, ErrorReply> {
+    rustix::fs::open(
+        root,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+    )
+    .map_err(|e| error(codes::FILE_IO, format!("{root}: {e}")))
+}
+
+/// Resolves `path` under one of `roots` without following any symlink.
+pub(super) fn place(path: &str, roots: &FileRoots) -> Result<Place, ErrorReply> {
     let refused = |why: &str| error(codes::PATH_REFUSED, format!("{path:?}: {why}"));
     if path.len() > MAX_PATH || path.contains('\0') {
         return Err(refused("not a path"));
     }
-    let inside = path
-        .strip_prefix(COPY_ROOT)
-        .and_then(|rest| rest.strip_prefix('/'))
-        .ok_or_else(|| refused(&format!("copies are confined to {COPY_ROOT}/")))?;
-    let components: Vec<&str> = inside.split('/').collect();
-    if components
-        .iter()
-        .any(|c| c.is_empty() || *c == "." || *c == "..")
-    {
-        return Err(refused("empty, `.` or `..` components"));
-    }
+    let (root, inside) = roots
+        .split(path)
+        .filter(|(_, inside)| !inside.is_empty())
+        .ok_or_else(|| {
+            refused(&format!(
+                "file operations are confined to {}",
+                roots.paths().join(" and ")
+            ))
+        })?;
+    let components =
+        clean_components(inside).ok_or_else(|| refused("empty, `.` or `..` components"))?;
     let (name, parents) = components
         .split_last()
         .ok_or_else(|| refused("no file name"))?;
-    let root = rustix::fs::open(
-        COPY_ROOT,
-        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-        Mode::empty(),
-    )
-    .map_err(|e| error(codes::FILE_IO, format!("{COPY_ROOT}: {e}")))?;
+    let root = open_root(root)?;
     let dir = if parents.is_empty() {
         root
     } else {
@@ -90,9 +165,9 @@ fn allowed(stat: &rustix::fs::Stat, user: Option<Credentials>, access: u32) -> b
 /// Opens the file at `path` for reading as the workload user: on a thread with its
 /// credentials, so the kernel checks every directory on the way as well as the file (a
 /// readable file in a directory the user may not enter stays unread).
-pub fn open_for_reading(path: &str, user: Option<Credentials>) -> Result<(File, u64), ErrorReply> {
-    let fd = super::fsops::as_user(user, || {
-        let place = place(path)?;
+pub fn open_for_reading(path: &str, access: FileAccess) -> Result<(File, u64), ErrorReply> {
+    let fd = super::fsops::as_user(access.user, || {
+        let place = place(path, access.roots)?;
         rustix::fs::openat(
             &place.dir,
             place.name.as_str(),
@@ -125,9 +200,10 @@ pub struct Upload {
 }
 
 impl Upload {
-    /// Starts writing `request.path` (as `user` would be allowed to).
-    pub fn start(request: FsWriteRequest, user: Option<Credentials>) -> Result<Self, ErrorReply> {
+    /// Starts writing `request.path` (as the workload user would be allowed to).
+    pub fn start(request: FsWriteRequest, access: FileAccess) -> Result<Self, ErrorReply> {
         let path = request.path.clone();
+        let user = access.user;
         if request.mode > 0o777 {
             return Err(error(
                 codes::BAD_REQUEST,
@@ -135,7 +211,7 @@ impl Upload {
             ));
         }
         // Resolved as the user: every directory on the way must be one it may enter.
-        let place = super::fsops::as_user(user, || place(&path))?;
+        let place = super::fsops::as_user(user, || place(&path, access.roots))?;
         let dir_stat =
             rustix::fs::fstat(&place.dir).map_err(|e| error(codes::FILE_IO, e.to_string()))?;
         if !allowed(&dir_stat, user, 2) {
@@ -298,9 +374,9 @@ impl Upload {
 
 /// Writes the directory `path` as a tar stream into an anonymous memory file, as `user`
 /// (symlinks are archived as symlinks, never followed), ready to be sent from its start.
-pub fn archive_directory(path: &str, user: Option<Credentials>) -> Result<File, ErrorReply> {
-    let place = place(path)?;
-    super::fsops::as_user(user, || {
+pub fn archive_directory(path: &str, access: FileAccess) -> Result<File, ErrorReply> {
+    let place = place(path, access.roots)?;
+    super::fsops::as_user(access.user, || {
         let dir = rustix::fs::openat(
             &place.dir,
             place.name.as_str(),

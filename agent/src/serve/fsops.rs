@@ -1,5 +1,5 @@
 //! File operations beyond copies (`fs_list`, `fs_stat`, `fs_mkdir`, `fs_remove`, `fs_move`),
-//! confined to the copy root like copies, and carried out with the workload user's own
+//! confined to the file roots like copies, and carried out with the workload user's own
 //! credentials: each runs on a short-lived thread that has dropped to that user (Linux keeps
 //! credentials per thread), so the kernel decides what it may do — the sticky `/tmp`, file
 //! modes, ownership — exactly as for a command the user runs. Nothing is followed through a
@@ -12,7 +12,7 @@ use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags};
 use rustix::io::Errno;
 
 use super::exec::Credentials;
-use super::files::{error, place, COPY_ROOT};
+use super::files::{error, open_root, place, FileAccess, FileRoots};
 use mvm_protocol::{codes, ErrorReply, FileInfo, FileKind, Request, Response};
 
 /// Entries `fs_list` returns at most (the answer must fit in one frame).
@@ -20,9 +20,9 @@ pub const MAX_LISTED: usize = 1024;
 /// How deep `fs_remove` goes into nested directories.
 const MAX_DEPTH: usize = 128;
 
-/// Carries out a file request as `user` (as the agent itself when `None`, on a host).
-pub fn run(request: Request, user: Option<Credentials>) -> Response {
-    as_user(user, || carry_out(request)).unwrap_or_else(Response::Error)
+/// Carries out a file request as `access.user` (as the agent itself when `None`, on a host).
+pub fn run(request: Request, access: FileAccess) -> Response {
+    as_user(access.user, || carry_out(request, access.roots)).unwrap_or_else(Response::Error)
 }
 
 /// Runs `work` on a thread holding `user`'s credentials (the agent's own when `None`).
@@ -59,11 +59,11 @@ fn become_user(user: Credentials) -> Result<(), ErrorReply> {
         })
 }
 
-fn carry_out(request: Request) -> Result<Response, ErrorReply> {
+fn carry_out(request: Request, roots: &FileRoots) -> Result<Response, ErrorReply> {
     match request {
-        Request::FsList { path } => list(&path),
+        Request::FsList { path } => list(&path, roots),
         Request::FsStat { path } => {
-            let (dir, name) = parent_and_name(&path)?;
+            let (dir, name) = parent_and_name(&path, roots)?;
             describe(&dir, &name, &path).map(Response::FsStat)
         }
         Request::FsMkdir { path, mode } => {
@@ -73,20 +73,20 @@ fn carry_out(request: Request) -> Result<Response, ErrorReply> {
                     format!("mode {mode:o} is not 0..=0777"),
                 ));
             }
-            let target = place(&path)?;
+            let target = place(&path, roots)?;
             rustix::fs::mkdirat(&target.dir, target.name.as_str(), Mode::from_raw_mode(mode))
                 .map_err(|e| failed(&path, e))?;
             Ok(Response::Done)
         }
         Request::FsRemove { path, recursive } => {
-            let target = place(&path)?;
+            let target = place(&path, roots)?;
             let name = CString::new(target.name).map_err(|_| failed(&path, Errno::INVAL))?;
             remove(&target.dir, &name, recursive, 0).map_err(|e| failed(&path, e))?;
             Ok(Response::Done)
         }
         Request::FsMove { from, to } => {
-            let source = place(&from)?;
-            let destination = place(&to)?;
+            let source = place(&from, roots)?;
+            let destination = place(&to, roots)?;
             rustix::fs::renameat(
                 &source.dir,
                 source.name.as_str(),
@@ -103,26 +103,17 @@ fn carry_out(request: Request) -> Result<Response, ErrorReply> {
     }
 }
 
-/// The directory holding `path` and its name; the copy root itself is `(root, ".")`.
-fn parent_and_name(path: &str) -> Result<(OwnedFd, String), ErrorReply> {
-    if path == COPY_ROOT {
-        return Ok((open_root()?, ".".into()));
+/// The directory holding `path` and its name; a root itself is `(root, ".")`.
+fn parent_and_name(path: &str, roots: &FileRoots) -> Result<(OwnedFd, String), ErrorReply> {
+    if roots.is_root(path) {
+        return Ok((open_root(path)?, ".".into()));
     }
-    let target = place(path)?;
+    let target = place(path, roots)?;
     Ok((target.dir, target.name))
 }
 
-fn open_root() -> Result<OwnedFd, ErrorReply> {
-    rustix::fs::open(
-        COPY_ROOT,
-        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-        Mode::empty(),
-    )
-    .map_err(|e| failed(COPY_ROOT, e))
-}
-
-fn list(path: &str) -> Result<Response, ErrorReply> {
-    let (parent, name) = parent_and_name(path)?;
+fn list(path: &str, roots: &FileRoots) -> Result<Response, ErrorReply> {
+    let (parent, name) = parent_and_name(path, roots)?;
     if describe(&parent, &name, path)?.kind == FileKind::Symlink {
         return Err(error(
             codes::PATH_REFUSED,
@@ -172,8 +163,9 @@ fn describe(dir: &impl AsFd, name: &str, path: &str) -> Result<FileInfo, ErrorRe
         FileType::Symlink => FileKind::Symlink,
         _ => FileKind::Other,
     };
+    // A root is named by its last component, as a listing of its parent would.
     let name = match name {
-        "." => COPY_ROOT.trim_start_matches('/').to_string(),
+        "." => path.rsplit('/').next().unwrap_or_default().to_string(),
         name => name.to_string(),
     };
     Ok(FileInfo {

@@ -33,7 +33,7 @@ use rustix::process::WaitOptions;
 use cgroup::{CommandGroup, CommandGroups};
 use egress::Egress;
 use exec::{Credentials, Running};
-use files::{Download, Upload};
+use files::{Download, FileAccess, FileRoots, Upload};
 use forwarded::ForwardedPorts;
 use mvm_protocol::{
     codes, encode, flow, is_agent_stream, BootTimings, ErrorReply, ExecReply, ExecRequest,
@@ -58,6 +58,8 @@ pub struct ServeConfig {
     /// A cgroup2 directory in which each command gets a cgroup of its own, killed whole when
     /// the command ends (the guest's `/sys/fs/cgroup`); `None`: process groups only.
     pub command_groups: Option<PathBuf>,
+    /// Where file operations may reach.
+    pub file_roots: FileRoots,
     /// The boot timings for the hello.
     pub timings: BootTimings,
     /// Reads whether the verified root has seen a corrupted block.
@@ -75,6 +77,7 @@ impl ServeConfig {
     pub fn on_host() -> Self {
         Self {
             workload_user: None,
+            file_roots: FileRoots::tmp(),
             reap_orphans: false,
             command_groups: None,
             timings: BootTimings::default(),
@@ -290,6 +293,10 @@ impl<'c> Agent<'c> {
             }
         };
         let user = self.config.workload_user;
+        let files = FileAccess {
+            user,
+            roots: &self.config.file_roots,
+        };
         let busy = self.busy(stream);
         match request {
             Request::Hello { version } if version == PROTOCOL_VERSION => {
@@ -312,7 +319,7 @@ impl<'c> Agent<'c> {
                 let (code, message) = busy.unwrap_or_default();
                 send_error(channel, stream, code, message)?;
             }
-            Request::FsWrite(request) => match Upload::start(request, user) {
+            Request::FsWrite(request) => match Upload::start(request, files) {
                 Ok(upload) if upload.complete() => {
                     answer_upload(channel, stream, upload.finish(user))?;
                 }
@@ -323,8 +330,8 @@ impl<'c> Agent<'c> {
             },
             Request::FsRead { path, tar } => {
                 let file = match tar {
-                    true => files::archive_directory(&path, user),
-                    false => files::open_for_reading(&path, user).map(|(file, _)| file),
+                    true => files::archive_directory(&path, files),
+                    false => files::open_for_reading(&path, files).map(|(file, _)| file),
                 };
                 match file {
                     Ok(file) => self.downloads.push(Download::new(stream, file)),
@@ -408,7 +415,7 @@ impl<'c> Agent<'c> {
             | Request::FsMkdir { .. }
             | Request::FsRemove { .. }
             | Request::FsMove { .. }) => {
-                send(channel, stream, &fsops::run(request, user))?;
+                send(channel, stream, &fsops::run(request, files))?;
             }
             Request::SetClock { unix_nanos } => {
                 answer_done(channel, stream, set_clock(unix_nanos))?;

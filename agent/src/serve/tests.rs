@@ -696,6 +696,26 @@ fn output_stops_at_the_window_without_starving_other_streams() {
 }
 
 #[test]
+fn an_end_of_input_after_all_input_was_written_closes_it() {
+    let mut host = Host::start();
+    let script = "read line; echo got $line; cat";
+    host.send(1, &Request::Exec(request(&["sh", "-c", script], true)));
+    host.feed(1, b"one\n");
+    // Its first line written and read before the end arrives: nothing is left to write.
+    let first = loop {
+        let frame = host.frame();
+        if frame.kind == FrameKind::Stdout {
+            break frame.payload;
+        }
+    };
+    assert_eq!(first, b"got one\n");
+    host.feed_end(1);
+    let reply = exec_reply(host.exchange(1).2);
+    assert_eq!(reply.status, ExitStatus::Exited { code: 0 });
+    host.power_off();
+}
+
+#[test]
 fn standard_input_is_fed_from_data_frames_within_the_window() {
     let mut host = Host::start();
     host.send(1, &Request::Exec(request(&["sha256sum"], true)));
@@ -1185,4 +1205,5 @@ fn directories_travel_as_tar_streams() {
     host.power_off();
 }
 
+mod homes;
 mod tunnels;

@@ -40,26 +40,53 @@ fn lookup(name: &str, passwd: &Path) -> Result<(u32, u32), ErrorReply> {
     if name.is_empty() {
         return Err(refused("an empty user name".into()));
     }
-    let text = std::fs::File::open(passwd)
-        .and_then(|file| {
-            let mut text = String::new();
-            std::io::Read::read_to_string(&mut std::io::Read::take(file, MAX_PASSWD), &mut text)?;
-            Ok(text)
-        })
+    let text = read(passwd)
         .map_err(|e| refused(format!("no user {name:?}: {}: {e}", passwd.display())))?;
-    text.lines()
-        .filter_map(|line| {
-            let mut fields = line.split(':');
-            let (user, _, uid, gid) = (
-                fields.next()?,
-                fields.next()?,
-                fields.next()?,
-                fields.next()?,
-            );
-            (user == name).then(|| Some((uid.parse().ok()?, gid.parse().ok()?)))?
+    let found = entries(&text)
+        .find(|entry| entry.name == name)
+        .map(|entry| (entry.uid, entry.gid));
+    found.ok_or_else(|| refused(format!("no user {name:?} in {}", passwd.display())))
+}
+
+/// The home directory `passwd` gives the user `uid` (its first entry), as written there.
+pub fn home_of(uid: u32, passwd: &Path) -> Option<String> {
+    let text = read(passwd).ok()?;
+    let home = entries(&text).find(|entry| entry.uid == uid)?.home?;
+    Some(home.to_string())
+}
+
+/// One well-formed line of a passwd file.
+struct Entry<'a> {
+    name: &'a str,
+    uid: u32,
+    gid: u32,
+    home: Option<&'a str>,
+}
+
+/// The well-formed entries of a passwd file's text (others are skipped).
+fn entries(text: &str) -> impl Iterator<Item = Entry<'_>> {
+    text.lines().filter_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        let [name, _, uid, gid, ref rest @ ..] = fields[..] else {
+            return None;
+        };
+        Some(Entry {
+            name,
+            uid: uid.parse().ok()?,
+            gid: gid.parse().ok()?,
+            home: rest.get(1).copied(),
         })
-        .next()
-        .ok_or_else(|| refused(format!("no user {name:?} in {}", passwd.display())))
+    })
+}
+
+/// At most [`MAX_PASSWD`] bytes of the passwd file.
+fn read(passwd: &Path) -> std::io::Result<String> {
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut std::io::Read::take(std::fs::File::open(passwd)?, MAX_PASSWD),
+        &mut text,
+    )?;
+    Ok(text)
 }
 
 fn refused(message: String) -> ErrorReply {
@@ -116,5 +143,14 @@ mod tests {
         }
         let missing = super::resolve("app", Path::new("/nonexistent/passwd")).unwrap_err();
         assert_eq!(missing.code, codes::USER);
+    }
+
+    #[test]
+    fn a_home_is_the_first_entry_of_its_uid() {
+        let file = passwd();
+        assert_eq!(home_of(1000, file.path()).as_deref(), Some("/home/app"));
+        assert_eq!(home_of(0, file.path()).as_deref(), Some("/root"));
+        assert_eq!(home_of(4242, file.path()), None);
+        assert_eq!(home_of(1000, Path::new("/nonexistent/passwd")), None);
     }
 }

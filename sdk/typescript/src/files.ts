@@ -1,6 +1,7 @@
 /**
- * Files in a sandbox, with the agent's rules: the workload user's rights, under /tmp,
- * symlinks never followed, bytes checked by SHA-256 end to end.
+ * Files in a sandbox, with the agent's rules: the workload user's rights, under /tmp or the
+ * user's home (when the image gives it one), symlinks never followed, bytes checked by
+ * SHA-256 end to end.
  */
 
 import { createHash } from "node:crypto";
@@ -53,10 +54,15 @@ export class Files {
   private readonly base: string;
 
   constructor(
-    private readonly api: Api,
-    sandboxId: string,
+    protected readonly api: Api,
+    protected readonly sandboxId: string,
   ) {
     this.base = `/v1/sandboxes/${sandboxId}/files`;
+  }
+
+  /** The path the server is asked for (the E2B layer resolves relative ones in the home). */
+  protected async where(path: string): Promise<string> {
+    return path;
   }
 
   /** A file's contents: text (UTF-8), bytes, or a stream of chunks. */
@@ -67,7 +73,7 @@ export class Files {
     path: string,
     options: { format?: "text" | "bytes" | "stream" } = {},
   ): Promise<string | Uint8Array | AsyncIterable<Uint8Array>> {
-    const answer = await this.api.send("GET", `${this.base}?${query({ path })}`);
+    const answer = await this.api.send("GET", `${this.base}?${query({ path: await this.where(path) })}`);
     if (answer.status >= 400) check(answer.status, await readAll(answer.body));
     if (options.format === "stream") return answer.body;
     const bytes = await readAll(answer.body);
@@ -88,7 +94,10 @@ export class Files {
       return written;
     }
     if (data === undefined) throw new TypeError("write(path, data) needs data");
-    const params: Record<string, string> = { path: target, mode: (options.mode ?? 0o644).toString(8) };
+    const params: Record<string, string> = {
+      path: await this.where(target),
+      mode: (options.mode ?? 0o644).toString(8),
+    };
     let body;
     if (typeof data === "string" || data instanceof Uint8Array) {
       const bytes = typeof data === "string" ? Buffer.from(data) : data;
@@ -110,14 +119,14 @@ export class Files {
   async list(path: string, options: { depth?: number } = {}): Promise<EntryInfo[]> {
     const listed = await this.api.json<{ entries: any[] }>(
       "GET",
-      `${this.base}/list?${query({ path, depth: options.depth ?? 1 })}`,
+      `${this.base}/list?${query({ path: await this.where(path), depth: options.depth ?? 1 })}`,
     );
     return listed.entries.map(entry);
   }
 
   /** One path (a symlink itself). */
   async getInfo(path: string): Promise<EntryInfo> {
-    return entry(await this.api.json("GET", `${this.base}/stat?${query({ path })}`));
+    return entry(await this.api.json("GET", `${this.base}/stat?${query({ path: await this.where(path) })}`));
   }
 
   /** Whether `path` exists (a dangling symlink does). */
@@ -133,19 +142,22 @@ export class Files {
 
   /** Removes a file, a symlink or an empty directory (`recursive`: a whole tree). */
   async remove(path: string, options: { recursive?: boolean } = {}): Promise<void> {
-    await this.api.json("DELETE", `${this.base}?${query({ path, recursive: Boolean(options.recursive) })}`);
+    const params = { path: await this.where(path), recursive: Boolean(options.recursive) };
+    await this.api.json("DELETE", `${this.base}?${query(params)}`);
   }
 
   /** Renames `oldPath` to `newPath` (a file there is replaced). */
   async rename(oldPath: string, newPath: string): Promise<EntryInfo> {
-    await this.api.json("POST", `${this.base}/rename`, { json: { from: oldPath, to: newPath } });
+    const [from, to] = [await this.where(oldPath), await this.where(newPath)];
+    await this.api.json("POST", `${this.base}/rename`, { json: { from, to } });
     return this.getInfo(newPath);
   }
 
   /** Creates a directory; false if it exists already. */
   async makeDir(path: string, options: { mode?: number } = {}): Promise<boolean> {
     try {
-      await this.api.json("POST", `${this.base}/mkdir`, { json: { path, mode: options.mode ?? 0o755 } });
+      const json = { path: await this.where(path), mode: options.mode ?? 0o755 };
+      await this.api.json("POST", `${this.base}/mkdir`, { json });
       return true;
     } catch (e) {
       if (e instanceof SandboxError && e.code === "AGENT112" && (await this.exists(path))) return false;

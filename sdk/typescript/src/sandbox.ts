@@ -65,13 +65,13 @@ export class Sandbox {
     readonly sandboxId: string,
     protected readonly api: Api,
   ) {
-    this.commands = this.makeCommands();
-    this.files = new Files(api, sandboxId);
+    ({ commands: this.commands, files: this.files } = this.makeParts());
   }
 
-  /** The commands' class (the E2B compatibility layer runs strings through bash). */
-  protected makeCommands(): Commands {
-    return new Commands(this.api, this.sandboxId);
+  /** Its `commands` and `files` (the E2B layer's run strings through bash and resolve paths
+   * in the user's home). */
+  protected makeParts(): { commands: Commands; files: Files } {
+    return { commands: new Commands(this.api, this.sandboxId), files: new Files(this.api, this.sandboxId) };
   }
 
   /** Creates a sandbox from an image or a signed plan, and resolves once it is ready. */

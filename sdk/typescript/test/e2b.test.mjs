@@ -39,7 +39,18 @@ async function e2bQuickstart() {
       if (e instanceof CommandExitError) failed = e.exitCode;
       else throw e;
     }
-    return { saved, killed, failed, running: await sandbox.isRunning() };
+    // E2B's home: commands start in it, relative paths are in it.
+    await sandbox.files.makeDir("notes");
+    await sandbox.files.write("notes/today.txt", "written relative");
+    await sandbox.files.write("/home/user/hello.txt", "hello, ");
+    const home = await sandbox.commands.run("pwd; echo $HOME; cat hello.txt notes/today.txt");
+    const listed = (await sandbox.files.list("/home/user")).map((e) => e.name);
+    // Never root, though E2B allows it.
+    const asRoot = await sandbox.commands.run("pwd", { user: "root" }).then(
+      () => "ran as root",
+      (e) => e.code,
+    );
+    return { saved, killed, failed, home: home.stdout, listed, asRoot, running: await sandbox.isRunning() };
   } finally {
     await sandbox.kill();
   }
@@ -47,7 +58,15 @@ async function e2bQuickstart() {
 }
 
 test("the quickstart runs on mvm", async () => {
-  assert.deepEqual(await e2bQuickstart(), { saved: "hi from /tmp\n", killed: true, failed: 7, running: true });
+  assert.deepEqual(await e2bQuickstart(), {
+    saved: "hi from /tmp\n",
+    killed: true,
+    failed: 7,
+    home: "/home/user\n/home/user\nhello, written relative",
+    listed: ["hello.txt", "notes"],
+    asRoot: "AGENT114",
+    running: true,
+  });
 });
 
 test("open internet is refused and templates must be mapped", async () => {

@@ -29,8 +29,8 @@ const COPY_TIMEOUT: Duration = Duration::from_secs(3600);
 const HOLE_BLOCK: usize = 4096;
 
 /// Copy a file or a directory into or out of a running VM: `mvm cp PATH NAME:/tmp/path` or
-/// `mvm cp NAME:/tmp/path PATH`. Guest paths are confined to /tmp (and to what the workload
-/// user may read or write there); the bytes are checked by SHA-256 end to end. A directory is
+/// `mvm cp NAME:/tmp/path PATH`. Guest paths are confined to /tmp and the workload user's home
+/// when the image gives it one (and to what that user may read or write there); the bytes are checked by SHA-256 end to end. A directory is
 /// copied whole to a new name (its destination must not exist), symlinks as symlinks.
 #[derive(Debug, Args)]
 pub struct CpArgs {

@@ -1,5 +1,5 @@
-//! `mvm fs`: look at and arrange files in a running VM, under /tmp and with the workload
-//! user's rights (the agent does each operation as that user; symlinks are never followed).
+//! `mvm fs`: look at and arrange files in a running VM, under /tmp (or the workload user's
+//! home, when the image gives it one) and with the workload user's rights (the agent does each operation as that user; symlinks are never followed).
 
 use mvm_ir::terminal::{printable, Newlines};
 use std::sync::Arc;
