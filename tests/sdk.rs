@@ -30,6 +30,7 @@ const APPLETS: &[&str] = &[
     "pwd",
     "true",
     "rm",
+    "ps",
 ];
 
 /// The suites run one at a time: the hosts have two cores.
@@ -73,7 +74,8 @@ fn python() -> PathBuf {
     python
 }
 
-/// A fresh mvm home with a kernel, and a busybox image in a layout beside it.
+/// A fresh mvm home with a kernel, and a busybox image (with E2B's user and home) in a
+/// layout beside it.
 struct Fixture {
     dir: tempfile::TempDir,
     image: String,

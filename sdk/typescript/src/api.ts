@@ -14,6 +14,15 @@ import { SandboxError, errorFor } from "./errors.js";
 
 /** How long a started server has to answer, in ms. */
 const START_WAIT_MS = 15_000;
+/** How a connection fails when no server listens (it went idle, or was stopped): the
+ * request never arrived, so it is safe to start a server and send it again. */
+const NOT_LISTENING = new Set(["ECONNREFUSED", "ENOENT"]);
+
+/** A broken connection to the server, as the SDK's error. */
+function broken(socket: string, e: Error): SandboxError {
+  if (e instanceof SandboxError) return e;
+  return new SandboxError(`the connection to the mvm server on ${socket} broke: ${e.message}`, "API006");
+}
 
 /** `$MVM_HOME`, else `~/.mvm` — as mvm itself finds it. */
 export function mvmHome(): string {
@@ -44,8 +53,22 @@ export class Api {
     this.socket = socket ?? socketPath();
   }
 
-  /** Sends one request; resolves once the answer's head arrived. */
-  send(method: string, path: string, body?: Body): Promise<Answer> {
+  /** Sends one request; resolves once the answer's head arrived. A server that is not
+   * there (it went idle, or was stopped) is started again and the request sent to it — once,
+   * and not for a streamed body, which is read as it is sent. */
+  async send(method: string, path: string, body?: Body): Promise<Answer> {
+    try {
+      return await this.sendOnce(method, path, body);
+    } catch (e: any) {
+      if (!NOT_LISTENING.has(e?.code) || (body && "stream" in body)) throw broken(this.socket, e);
+      this.started = undefined;
+      return this.sendOnce(method, path, body).catch((again) => {
+        throw broken(this.socket, again);
+      });
+    }
+  }
+
+  private sendOnce(method: string, path: string, body?: Body): Promise<Answer> {
     return this.ready().then(
       () =>
         new Promise<Answer>((resolve, reject) => {
@@ -81,7 +104,9 @@ export class Api {
    * throws its error. */
   async json<T>(method: string, path: string, body?: Body): Promise<T> {
     const answer = await this.send(method, path, body);
-    const bytes = await readAll(answer.body);
+    const bytes = await readAll(answer.body).catch((e) => {
+      throw broken(this.socket, e);
+    });
     check(answer.status, bytes);
     return (bytes.length ? JSON.parse(bytes.toString()) : undefined) as T;
   }
@@ -97,14 +122,19 @@ export class Api {
       return;
     }
     let pending = "";
-    for await (const chunk of answer.body) {
-      pending += chunk.toString();
-      let end: number;
-      while ((end = pending.indexOf("\n")) >= 0) {
-        const line = pending.slice(0, end);
-        pending = pending.slice(end + 1);
-        if (line) yield JSON.parse(line);
+    try {
+      for await (const chunk of answer.body) {
+        pending += chunk.toString();
+        let end: number;
+        while ((end = pending.indexOf("\n")) >= 0) {
+          const line = pending.slice(0, end);
+          pending = pending.slice(end + 1);
+          if (line) yield JSON.parse(line);
+        }
       }
+    } catch (e: any) {
+      // The server went away mid-answer (its commands end with it).
+      throw broken(this.socket, e);
     }
   }
 

@@ -11,6 +11,7 @@ import {
   InvalidArgumentError,
   NotFoundError,
   Sandbox,
+  SandboxError,
   TimeoutError,
 } from "../dist/index.js";
 import { sharedApi } from "../dist/api.js";
@@ -144,6 +145,27 @@ describe("a sandbox", () => {
       assert.equal(e.code, "RUN036");
       return true;
     });
+  });
+
+  test("a server that dies mid-command ends the command, and the next call starts another", async () => {
+    let started;
+    const seen = new Promise((resolve) => (started = resolve));
+    const running = sandbox.commands.run("echo up; sleep 31", { onStdout: started });
+    await seen;
+    const { pid } = await sharedApi().json("GET", "/v1/health");
+    process.kill(pid, "SIGKILL");
+    await assert.rejects(running, (e) => e instanceof SandboxError && e.code === "API006");
+    // The sandbox outlives its server; the SDK starts a new one for the next call.
+    assert.equal((await sandbox.commands.run("echo again")).stdout, "again\n");
+    const { pid: next } = await sharedApi().json("GET", "/v1/health");
+    assert.notEqual(next, pid);
+    // The command's client went with the server, so the runner killed it.
+    const deadline = Date.now() + 20_000;
+    let ps;
+    do {
+      ps = (await sandbox.commands.run("ps")).stdout;
+    } while (ps.includes("sleep 31") && Date.now() < deadline && (await new Promise((r) => setTimeout(r, 250, true))));
+    assert.ok(!ps.includes("sleep 31"), ps);
   });
 
   test("two more sandboxes are driven at once and removed when their time is up", async () => {
