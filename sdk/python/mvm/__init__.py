@@ -1,7 +1,8 @@
 """mvm: sandboxes — microVMs with verified roots, no network unless granted, and a signed
-receipt for every command — driven from Python over mvm's local API."""
+receipt for every command — driven from Python over mvm's local API, in sync code
+(:class:`Sandbox`) or with asyncio (:class:`AsyncSandbox`)."""
 
-from .commands import CommandHandle, CommandResult, ProcessInfo
+from .commands import AsyncCommandHandle, CommandHandle, CommandResult, ProcessInfo
 from .exceptions import (
     CommandExitException,
     InvalidArgumentException,
@@ -10,12 +11,14 @@ from .exceptions import (
     TimeoutException,
 )
 from .files import EntryInfo, WriteEntry, WriteInfo
-from .sandbox import Sandbox, SandboxInfo
+from .sandbox import AsyncSandbox, Sandbox, SandboxInfo
 
 __all__ = [
     "Sandbox",
+    "AsyncSandbox",
     "SandboxInfo",
     "CommandHandle",
+    "AsyncCommandHandle",
     "CommandResult",
     "ProcessInfo",
     "EntryInfo",

@@ -4,15 +4,32 @@ from __future__ import annotations
 
 import base64
 import codecs
-from contextlib import closing
+import json
 from dataclasses import dataclass
-from typing import Callable, Dict, Generator, Iterator, List, Optional, Sequence, Union
+from typing import (
+    Awaitable,
+    Callable,
+    Dict,
+    Generic,
+    List,
+    Optional,
+    Sequence,
+    TypeVar,
+    Union,
+)
 
-from ._api import Api
+from ._api import Api, AsyncApi, Call, Op, Output
 from .exceptions import CommandExitException, SandboxException, TimeoutException, error_for
 
+#: Called with a command's output (decoded UTF-8) as it comes.
 OutputCallback = Callable[[str], None]
+#: For :class:`~mvm.AsyncSandbox`: a function or a coroutine function (awaited, in order).
+AsyncOutputCallback = Callable[[str], Optional[Awaitable[object]]]
 Cmd = Union[str, Sequence[str]]
+
+#: A background command's handle: :class:`CommandHandle` or :class:`AsyncCommandHandle`.
+H = TypeVar("H")
+_Callback = Optional[Callable[[str], object]]
 
 
 @dataclass
@@ -42,34 +59,84 @@ class ProcessInfo:
     exit_code: Optional[int] = None
 
 
-class _Collector:
-    """Decodes output events as they come (UTF-8, across event boundaries) into callbacks
-    and the collected text."""
+class CommandEvents:
+    """A command's event stream (NDJSON: ``started``, ``stdout``/``stderr`` with base64 data,
+    then ``ended`` or ``error``), fed its bytes as they come. It returns the output to pass
+    to the callbacks (UTF-8, decoded across event boundaries) and, once over, the command's
+    result or the exception for how it ended. Without I/O: :class:`~mvm._api.Api` and
+    :class:`~mvm._api.AsyncApi` feed it."""
 
-    def __init__(self, on_stdout: Optional[OutputCallback], on_stderr: Optional[OutputCallback]):
-        self.on = {"stdout": on_stdout, "stderr": on_stderr}
-        self.text: Dict[str, List[str]] = {"stdout": [], "stderr": []}
-        self.decoders = {
-            kind: codecs.getincrementaldecoder("utf-8")(errors="replace") for kind in self.text
+    def __init__(self, on_stdout: _Callback = None, on_stderr: _Callback = None):
+        self._on = {"stdout": on_stdout, "stderr": on_stderr}
+        self._text: Dict[str, List[str]] = {"stdout": [], "stderr": []}
+        self._decoders = {
+            kind: codecs.getincrementaldecoder("utf-8")(errors="replace") for kind in self._text
         }
+        self._pending = bytearray()
+        self._lines = True
+        #: The ``ended`` or ``error`` event.
+        self._last: Optional[dict] = None
 
-    def output(self, kind: str, data: str) -> None:
-        text = self.decoders[kind].decode(base64.b64decode(data))
-        self._add(kind, text)
+    @property
+    def ended(self) -> bool:
+        return self._last is not None
 
-    def _add(self, kind: str, text: str) -> None:
-        if text:
-            self.text[kind].append(text)
-            callback = self.on[kind]
-            if callback is not None:
-                callback(text)
+    def begin(self, content_type: str) -> None:
+        """The answer's content type: a body other than NDJSON is one event, whole."""
+        self._lines = "ndjson" in content_type
 
-    def result(self, end: dict) -> CommandResult:
-        for kind, decoder in self.decoders.items():
-            self._add(kind, decoder.decode(b"", final=True))
-        return CommandResult(
-            stdout="".join(self.text["stdout"]),
-            stderr="".join(self.text["stderr"]),
+    def feed(self, chunk: bytes) -> List[Output]:
+        """Takes the answer's next bytes; the callbacks to call now, in order, with their
+        text."""
+        self._pending += chunk
+        told: List[Output] = []
+        while self._lines and not self.ended:
+            end = self._pending.find(b"\n")
+            if end < 0:
+                break
+            line = bytes(self._pending[:end])
+            del self._pending[: end + 1]
+            if line.strip():
+                told += self._event(json.loads(line))
+        return told
+
+    def _event(self, event: dict) -> List[Output]:
+        kind = event.get("type")
+        if kind == "stdout" or kind == "stderr":
+            return self._add(kind, self._decoders[kind].decode(base64.b64decode(event["data"])))
+        if kind == "ended":
+            self._last = event
+            return [
+                told
+                for stream, decoder in self._decoders.items()
+                for told in self._add(stream, decoder.decode(b"", final=True))
+            ]
+        if kind == "error":
+            self._last = event
+        return []
+
+    def _add(self, kind: str, text: str) -> List[Output]:
+        if not text:
+            return []
+        self._text[kind].append(text)
+        callback = self._on[kind]
+        return [(callback, text)] if callback is not None else []
+
+    def outcome(self) -> CommandResult:
+        """The command's result, once the answer is over; raises for how it ended otherwise:
+        :class:`TimeoutException`, :class:`CommandExitException`, the agent's refusal."""
+        if not self.ended and self._pending.strip():
+            self._event(json.loads(bytes(self._pending)))
+        end = self._last
+        if end is None:
+            raise SandboxException(
+                "the command's event stream ended before the command", "API006"
+            )
+        if end.get("type") == "error":
+            raise error_for(end.get("code", "API006"), end.get("message", ""))
+        result = CommandResult(
+            stdout="".join(self._text["stdout"]),
+            stderr="".join(self._text["stderr"]),
             exit_code=end["exit_code"],
             error="timed out" if end.get("timed_out") else None,
             duration_ms=end.get("duration_ms", 0),
@@ -77,37 +144,13 @@ class _Collector:
             signal=end.get("signal"),
             timed_out=bool(end.get("timed_out")),
         )
-
-
-def _follow(
-    events: Generator[dict, None, None],
-    on_stdout: Optional[OutputCallback],
-    on_stderr: Optional[OutputCallback],
-) -> CommandResult:
-    """Reads events to the end: the result, or the exception for how it ended."""
-    # Closed however it ends: a stream left to the garbage collector would be closed inside
-    # whatever request happens to be running then, under the connection pool's lock.
-    with closing(events):
-        return _read_events(events, _Collector(on_stdout, on_stderr))
-
-
-def _read_events(events: Iterator[dict], collector: "_Collector") -> CommandResult:
-    for event in events:
-        kind = event.get("type")
-        if kind in ("stdout", "stderr"):
-            collector.output(kind, event["data"])
-        elif kind == "ended":
-            result = collector.result(event)
-            if result.timed_out:
-                raise TimeoutException(
-                    "the command ran past its timeout and was killed", code="TIMEOUT"
-                )
-            if result.exit_code != 0:
-                raise CommandExitException(result)
-            return result
-        elif kind == "error":
-            raise error_for(event.get("code", "API006"), event.get("message", ""))
-    raise SandboxException("the command's event stream ended before the command", "API006")
+        if result.timed_out:
+            raise TimeoutException(
+                "the command ran past its timeout and was killed", code="TIMEOUT"
+            )
+        if result.exit_code != 0:
+            raise CommandExitException(result)
+        return result
 
 
 def argv_of(cmd: Sequence[str]) -> List[str]:
@@ -118,16 +161,47 @@ def argv_of(cmd: Sequence[str]) -> List[str]:
     return argv
 
 
-class CommandHandle:
-    """A command running in the background."""
+class _HandleOps:
+    """What :class:`CommandHandle` and :class:`AsyncCommandHandle` do, as ops."""
 
-    def __init__(self, api: Api, sandbox_id: str, pid: int):
-        self._api = api
+    def __init__(self, sandbox_id: str, pid: int):
         self._sandbox = sandbox_id
         self.pid = pid
 
     def _path(self, tail: str = "") -> str:
         return f"/v1/sandboxes/{self._sandbox}/commands/{self.pid}{tail}"
+
+    def _wait_op(self, on_stdout: _Callback, on_stderr: _Callback) -> Op[CommandResult]:
+        follow = CommandEvents(on_stdout, on_stderr)
+        result: CommandResult = yield Call("GET", self._path("/events"), follow=follow)
+        return result
+
+    def _signal_op(self, signal: int) -> Op[bool]:
+        try:
+            yield Call("POST", self._path("/signal"), json={"signal": signal})
+            return True
+        except SandboxException as e:
+            if e.status == 404:
+                return False
+            raise
+
+    def _send_stdin_op(self, data: Union[str, bytes]) -> Op[None]:
+        body = data.encode() if isinstance(data, str) else data
+        yield Call("POST", self._path("/stdin"), content=body)
+
+    def _close_stdin_op(self) -> Op[None]:
+        yield Call("DELETE", self._path("/stdin"))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(pid={self.pid!r})"
+
+
+class CommandHandle(_HandleOps):
+    """A command running in the background."""
+
+    def __init__(self, api: Api, sandbox_id: str, pid: int):
+        super().__init__(sandbox_id, pid)
+        self._api = api
 
     def wait(
         self,
@@ -136,8 +210,7 @@ class CommandHandle:
     ) -> CommandResult:
         """Waits for its end (its output so far first); raises
         :class:`CommandExitException` on a non-zero exit."""
-        events = self._api.stream_lines("GET", self._path("/events"))
-        return _follow(events, on_stdout, on_stderr)
+        return self._api.run(self._wait_op(on_stdout, on_stderr))
 
     def kill(self) -> bool:
         """Kills it (SIGKILL); ``False`` if it had ended already."""
@@ -145,33 +218,124 @@ class CommandHandle:
 
     def send_signal(self, signal: int) -> bool:
         """Sends ``signal``; ``False`` if it had ended already."""
-        try:
-            self._api.request("POST", self._path("/signal"), json={"signal": signal})
-            return True
-        except SandboxException as e:
-            if e.status == 404:
-                return False
-            raise
+        return self._api.run(self._signal_op(signal))
 
     def send_stdin(self, data: Union[str, bytes]) -> None:
         """Writes to its standard input (it must have been started with ``stdin=True``)."""
-        body = data.encode() if isinstance(data, str) else data
-        self._api.request("POST", self._path("/stdin"), content=body)
+        self._api.run(self._send_stdin_op(data))
 
     def close_stdin(self) -> None:
         """Closes its standard input: it reads end of file."""
-        self._api.request("DELETE", self._path("/stdin"))
+        self._api.run(self._close_stdin_op())
 
 
-class Commands:
-    """``sandbox.commands``."""
+class AsyncCommandHandle(_HandleOps):
+    """A command running in the background, for :class:`~mvm.AsyncSandbox`."""
+
+    def __init__(self, api: AsyncApi, sandbox_id: str, pid: int):
+        super().__init__(sandbox_id, pid)
+        self._api = api
+
+    async def wait(
+        self,
+        on_stdout: Optional[AsyncOutputCallback] = None,
+        on_stderr: Optional[AsyncOutputCallback] = None,
+    ) -> CommandResult:
+        """Waits for its end (its output so far first; the callbacks may be coroutine
+        functions); raises :class:`CommandExitException` on a non-zero exit."""
+        return await self._api.run(self._wait_op(on_stdout, on_stderr))
+
+    async def kill(self) -> bool:
+        """Kills it (SIGKILL); ``False`` if it had ended already."""
+        return await self.send_signal(9)
+
+    async def send_signal(self, signal: int) -> bool:
+        """Sends ``signal``; ``False`` if it had ended already."""
+        return await self._api.run(self._signal_op(signal))
+
+    async def send_stdin(self, data: Union[str, bytes]) -> None:
+        """Writes to its standard input (it must have been started with ``stdin=True``)."""
+        await self._api.run(self._send_stdin_op(data))
+
+    async def close_stdin(self) -> None:
+        """Closes its standard input: it reads end of file."""
+        await self._api.run(self._close_stdin_op())
+
+
+class _CommandsOps(Generic[H]):
+    """What :class:`Commands` and :class:`AsyncCommands` do, as ops."""
 
     #: How a string command is run.
     shell: Sequence[str] = ("sh", "-c")
 
-    def __init__(self, api: Api, sandbox_id: str):
-        self._api = api
+    def __init__(self, sandbox_id: str):
         self._sandbox = sandbox_id
+        self._path = f"/v1/sandboxes/{sandbox_id}/commands"
+
+    def _handle(self, pid: int) -> H:
+        raise NotImplementedError
+
+    def _shell_op(self) -> Op[Sequence[str]]:
+        """How a string command is run (an op: the E2B layer asks the sandbox)."""
+        yield from ()
+        return self.shell
+
+    def _run_op(
+        self,
+        cmd: Cmd,
+        background: bool,
+        envs: Optional[Dict[str, str]],
+        cwd: Optional[str],
+        user: Optional[str],
+        timeout: Optional[float],
+        on_stdout: _Callback,
+        on_stderr: _Callback,
+        stdin: bool,
+    ) -> Op[Union[CommandResult, H]]:
+        # A string goes through the shell (only then is it looked up); a list is the argv.
+        argv = [*(yield from self._shell_op()), cmd] if isinstance(cmd, str) else argv_of(cmd)
+        spec: dict = {"argv": argv, "background": background, "stdin": stdin}
+        if envs:
+            spec["envs"] = dict(envs)
+        if cwd is not None:
+            spec["cwd"] = cwd
+        if user is not None:
+            spec["user"] = user
+        spec["timeout_s"] = int(timeout) if timeout else 0
+        if background:
+            started = yield Call("POST", self._path, json=spec)
+            return self._handle(started["id"])
+        return (yield from self._foreground_op(spec, on_stdout, on_stderr))
+
+    def _foreground_op(
+        self, spec: dict, on_stdout: _Callback, on_stderr: _Callback
+    ) -> Op[CommandResult]:
+        follow = CommandEvents(on_stdout, on_stderr)
+        result: CommandResult = yield Call("POST", self._path, json=spec, follow=follow)
+        return result
+
+    def _list_op(self) -> Op[List[ProcessInfo]]:
+        listed = yield Call("GET", self._path)
+        return [
+            ProcessInfo(
+                pid=c["id"],
+                cmd=c["argv"],
+                running=c["running"],
+                exit_code=(c.get("end") or {}).get("exit_code"),
+            )
+            for c in listed["commands"]
+        ]
+
+
+class Commands(_CommandsOps[CommandHandle]):
+    """``sandbox.commands``."""
+
+    def __init__(self, api: Api, sandbox_id: str):
+        super().__init__(sandbox_id)
+        self._api = api
+
+    def _handle(self, pid: int) -> CommandHandle:
+        return CommandHandle(self._api, self._sandbox, pid)
 
     def run(
         self,
@@ -189,51 +353,90 @@ class Commands:
         result, output passed to the callbacks as it comes; :class:`CommandExitException` on
         a non-zero exit, :class:`TimeoutException` past ``timeout`` seconds (``0`` or
         ``None``: no limit). In the background: a :class:`CommandHandle` at once."""
-        # A string goes through the shell (only then is `shell` looked at); a list is the argv.
-        argv = [*self.shell, cmd] if isinstance(cmd, str) else argv_of(cmd)
-        spec: dict = {"argv": argv, "background": background, "stdin": stdin}
-        if envs:
-            spec["envs"] = dict(envs)
-        if cwd is not None:
-            spec["cwd"] = cwd
-        if user is not None:
-            spec["user"] = user
-        spec["timeout_s"] = int(timeout) if timeout else 0
-        path = f"/v1/sandboxes/{self._sandbox}/commands"
-        if background:
-            started = self._api.json("POST", path, json=spec)
-            return CommandHandle(self._api, self._sandbox, started["id"])
-        events = self._api.stream_lines("POST", path, json=spec)
-        return _follow(events, on_stdout, on_stderr)
+        return self._api.run(
+            self._run_op(cmd, background, envs, cwd, user, timeout, on_stdout, on_stderr, stdin)
+        )
 
     def list(self) -> List[ProcessInfo]:
         """The commands started through the API, running and recently ended."""
-        listed = self._api.json("GET", f"/v1/sandboxes/{self._sandbox}/commands")
-        return [
-            ProcessInfo(
-                pid=c["id"],
-                cmd=c["argv"],
-                running=c["running"],
-                exit_code=(c.get("end") or {}).get("exit_code"),
-            )
-            for c in listed["commands"]
-        ]
+        return self._api.run(self._list_op())
 
     def connect(self, pid: int) -> CommandHandle:
         """A handle on the command ``pid`` (started in the background)."""
-        return CommandHandle(self._api, self._sandbox, pid)
+        return self._handle(pid)
 
     def kill(self, pid: int) -> bool:
         """Kills the command ``pid``; ``False`` if it had ended."""
-        return self.connect(pid).kill()
+        return self._handle(pid).kill()
 
     def send_stdin(self, pid: int, data: Union[str, bytes]) -> None:
         """Writes to the standard input of the command ``pid``."""
-        self.connect(pid).send_stdin(data)
+        self._handle(pid).send_stdin(data)
 
     def close_stdin(self, pid: int) -> None:
         """Closes the standard input of the command ``pid``."""
-        self.connect(pid).close_stdin()
+        self._handle(pid).close_stdin()
 
 
-__all__ = ["CommandResult", "CommandHandle", "Commands", "ProcessInfo", "argv_of"]
+class AsyncCommands(_CommandsOps[AsyncCommandHandle]):
+    """``sandbox.commands`` of an :class:`~mvm.AsyncSandbox`."""
+
+    def __init__(self, api: AsyncApi, sandbox_id: str):
+        super().__init__(sandbox_id)
+        self._api = api
+
+    def _handle(self, pid: int) -> AsyncCommandHandle:
+        return AsyncCommandHandle(self._api, self._sandbox, pid)
+
+    async def run(
+        self,
+        cmd: Cmd,
+        background: bool = False,
+        envs: Optional[Dict[str, str]] = None,
+        cwd: Optional[str] = None,
+        user: Optional[str] = None,
+        timeout: Optional[float] = 60,
+        on_stdout: Optional[AsyncOutputCallback] = None,
+        on_stderr: Optional[AsyncOutputCallback] = None,
+        stdin: bool = False,
+    ) -> Union[CommandResult, AsyncCommandHandle]:
+        """Runs ``cmd`` (a string through ``sh -c``, or an argv). In the foreground: its
+        result, output passed to the callbacks (functions or coroutine functions) as it
+        comes; :class:`CommandExitException` on a non-zero exit, :class:`TimeoutException`
+        past ``timeout`` seconds (``0`` or ``None``: no limit). In the background: an
+        :class:`AsyncCommandHandle` at once."""
+        return await self._api.run(
+            self._run_op(cmd, background, envs, cwd, user, timeout, on_stdout, on_stderr, stdin)
+        )
+
+    async def list(self) -> List[ProcessInfo]:
+        """The commands started through the API, running and recently ended."""
+        return await self._api.run(self._list_op())
+
+    async def connect(self, pid: int) -> AsyncCommandHandle:
+        """A handle on the command ``pid`` (started in the background)."""
+        return self._handle(pid)
+
+    async def kill(self, pid: int) -> bool:
+        """Kills the command ``pid``; ``False`` if it had ended."""
+        return await self._handle(pid).kill()
+
+    async def send_stdin(self, pid: int, data: Union[str, bytes]) -> None:
+        """Writes to the standard input of the command ``pid``."""
+        await self._handle(pid).send_stdin(data)
+
+    async def close_stdin(self, pid: int) -> None:
+        """Closes the standard input of the command ``pid``."""
+        await self._handle(pid).close_stdin()
+
+
+__all__ = [
+    "CommandResult",
+    "CommandHandle",
+    "AsyncCommandHandle",
+    "Commands",
+    "AsyncCommands",
+    "CommandEvents",
+    "ProcessInfo",
+    "argv_of",
+]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Type
 
 if TYPE_CHECKING:  # pragma: no cover
     from .commands import CommandResult
@@ -54,6 +54,7 @@ def from_answer(status: int, body: dict) -> SandboxException:
 
 def error_for(code: str, message: str, status: Optional[int] = None) -> SandboxException:
     """The exception class that fits ``code`` and the HTTP ``status``."""
+    kind: Type[SandboxException]
     if status == 404 or code in ("API005", "RUN036") and "no VM" in message:
         kind = NotFoundException
     elif code == "AGENT112" and "No such file" in message:

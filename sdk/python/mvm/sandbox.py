@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple, Type, TypeVar
 
-from ._api import Api, shared
-from .commands import Commands
+from ._api import Api, AsyncApi, Call, Op, shared, shared_async
+from .commands import AsyncCommands, Commands
 from .exceptions import NotFoundException
-from .files import Files
+from .files import AsyncFiles, Files
 
 #: How long a sandbox lives unless told otherwise, in seconds.
 DEFAULT_TIMEOUT = 300
+
+S = TypeVar("S", bound="Sandbox")
+A = TypeVar("A", bound="AsyncSandbox")
 
 
 @dataclass
@@ -42,45 +45,33 @@ def _info(raw: dict) -> SandboxInfo:
     )
 
 
-class Sandbox:
-    """A sandbox: a named mvm microVM with a verified root, no network unless granted, and
-    a signed receipt for every command. Use it as a context manager to kill it at the end."""
+def _path(sandbox_id: str, tail: str = "") -> str:
+    return f"/v1/sandboxes/{sandbox_id}{tail}"
 
-    #: The class of ``commands`` (the E2B compatibility layer runs strings through bash).
-    _commands_class = Commands
 
-    def __init__(self, sandbox_id: str, api: Optional[Api] = None):
-        self._api = api or shared()
+class _SandboxOps:
+    """What :class:`Sandbox` and :class:`AsyncSandbox` do, as ops."""
+
+    def __init__(self, sandbox_id: str):
         self.sandbox_id = sandbox_id
-        self.commands = self._commands_class(self._api, sandbox_id)
-        self.files = Files(self._api, sandbox_id)
 
     @property
     def id(self) -> str:
         return self.sandbox_id
 
-    @classmethod
-    def create(
-        cls,
-        image: Optional[str] = None,
-        *,
-        plan: Optional[str] = None,
-        template: Optional[str] = None,
-        timeout: Optional[int] = DEFAULT_TIMEOUT,
-        envs: Optional[Dict[str, str]] = None,
-        metadata: Optional[Dict[str, str]] = None,
-        cpus: Optional[int] = None,
-        memory_mb: Optional[int] = None,
-        allow_hosts: Optional[List[str]] = None,
-        sandbox_id: Optional[str] = None,
-        api: Optional[Api] = None,
-    ) -> "Sandbox":
-        """Creates a sandbox from ``image`` (``REFERENCE@sha256:…``, built into a signed
-        bundle on first use), a signed ``plan`` file or a ``template`` the host maps to a pinned
-        image (``[e2b.templates]``), and returns once it is ready. It is
-        removed ``timeout`` seconds later (``0``/``None``: never) unless extended with
-        :meth:`set_timeout`. ``allow_hosts`` grants egress (``HOST[:PORT]``); none by
-        default."""
+    @staticmethod
+    def _create_op(
+        image: Optional[str],
+        plan: Optional[str],
+        template: Optional[str],
+        timeout: Optional[int],
+        envs: Optional[Dict[str, str]],
+        metadata: Optional[Dict[str, str]],
+        cpus: Optional[int],
+        memory_mb: Optional[int],
+        allow_hosts: Optional[List[str]],
+        sandbox_id: Optional[str],
+    ) -> Op[str]:
         spec: dict = {"timeout_s": int(timeout) if timeout else 0}
         if image is not None:
             spec["image"] = image
@@ -97,18 +88,107 @@ class Sandbox:
         ):
             if value:
                 spec[key] = value
-        api = api or shared()
-        created = api.json("POST", "/v1/sandboxes", json=spec)
-        return cls(created["id"], api)
+        created = yield Call("POST", "/v1/sandboxes", json=spec)
+        return str(created["id"])
+
+    @staticmethod
+    def _connect_op(sandbox_id: str) -> Op[str]:
+        info = _info((yield Call("GET", _path(sandbox_id))))
+        if info.state in ("paused", "cold"):
+            yield Call("POST", _path(sandbox_id, "/resume"))
+        return sandbox_id
+
+    @staticmethod
+    def _list_op(metadata: Optional[Dict[str, str]], state: Optional[str]) -> Op[List[SandboxInfo]]:
+        params = [("label", f"{k}={v}") for k, v in (metadata or {}).items()]
+        if state:
+            params.append(("state", state))
+        listed = yield Call("GET", "/v1/sandboxes", params=params)
+        return [_info(raw) for raw in listed["sandboxes"]]
+
+    @staticmethod
+    def _receipt_op(receipt_id: str) -> Op[dict]:
+        envelope: dict = yield Call("GET", f"/v1/receipts/{receipt_id}")
+        return envelope
+
+    def _get_info_op(self) -> Op[SandboxInfo]:
+        return _info((yield Call("GET", _path(self.sandbox_id))))
+
+    def _is_running_op(self) -> Op[bool]:
+        try:
+            return (yield from self._get_info_op()).state == "running"
+        except NotFoundException:
+            return False
+
+    def _kill_op(self) -> Op[bool]:
+        try:
+            yield Call("DELETE", _path(self.sandbox_id))
+            return True
+        except NotFoundException:
+            return False
+
+    def _pause_op(self, cold: bool) -> Op[str]:
+        yield Call("POST", _path(self.sandbox_id, "/pause"), json={"cold": cold})
+        return self.sandbox_id
+
+    def _resume_op(self) -> Op[None]:
+        yield Call("POST", _path(self.sandbox_id, "/resume"))
+
+    def _set_timeout_op(self, timeout: int) -> Op[None]:
+        json = {"timeout_s": int(timeout)}
+        yield Call("POST", _path(self.sandbox_id, "/timeout"), json=json)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.sandbox_id!r})"
+
+
+class Sandbox(_SandboxOps):
+    """A sandbox: a named mvm microVM with a verified root, no network unless granted, and
+    a signed receipt for every command. Use it as a context manager to kill it at the end."""
+
+    def __init__(self, sandbox_id: str, api: Optional[Api] = None):
+        super().__init__(sandbox_id)
+        self._api = api or shared()
+        self.commands, self.files = self._parts()
+
+    def _parts(self) -> Tuple[Commands, Files]:
+        """Its ``commands`` and ``files`` (the E2B layer's run strings through bash and
+        resolve paths in the user's home)."""
+        return Commands(self._api, self.sandbox_id), Files(self._api, self.sandbox_id)
 
     @classmethod
-    def connect(cls, sandbox_id: str, api: Optional[Api] = None) -> "Sandbox":
+    def create(
+        cls: Type[S],
+        image: Optional[str] = None,
+        *,
+        plan: Optional[str] = None,
+        template: Optional[str] = None,
+        timeout: Optional[int] = DEFAULT_TIMEOUT,
+        envs: Optional[Dict[str, str]] = None,
+        metadata: Optional[Dict[str, str]] = None,
+        cpus: Optional[int] = None,
+        memory_mb: Optional[int] = None,
+        allow_hosts: Optional[List[str]] = None,
+        sandbox_id: Optional[str] = None,
+        api: Optional[Api] = None,
+    ) -> S:
+        """Creates a sandbox from ``image`` (``REFERENCE@sha256:…``, built into a signed
+        bundle on first use), a signed ``plan`` file or a ``template`` the host maps to a pinned
+        image (``[e2b.templates]``), and returns once it is ready. It is
+        removed ``timeout`` seconds later (``0``/``None``: never) unless extended with
+        :meth:`set_timeout`. ``allow_hosts`` grants egress (``HOST[:PORT]``); none by
+        default."""
+        api = api or shared()
+        made = cls._create_op(
+            image, plan, template, timeout, envs, metadata, cpus, memory_mb, allow_hosts, sandbox_id
+        )
+        return cls(api.run(made), api)
+
+    @classmethod
+    def connect(cls: Type[S], sandbox_id: str, api: Optional[Api] = None) -> S:
         """The sandbox ``sandbox_id``; a paused or cold one is resumed."""
         api = api or shared()
-        info = _info(api.json("GET", f"/v1/sandboxes/{sandbox_id}"))
-        if info.state in ("paused", "cold"):
-            api.json("POST", f"/v1/sandboxes/{sandbox_id}/resume")
-        return cls(sandbox_id, api)
+        return cls(api.run(cls._connect_op(sandbox_id)), api)
 
     @staticmethod
     def list(
@@ -118,60 +198,133 @@ class Sandbox:
     ) -> List[SandboxInfo]:
         """Sandboxes (every named VM), those with all of ``metadata``'s labels and in
         ``state`` when given."""
-        params = [("label", f"{k}={v}") for k, v in (metadata or {}).items()]
-        if state:
-            params.append(("state", state))
-        listed = (api or shared()).json("GET", "/v1/sandboxes", params=params)
-        return [_info(raw) for raw in listed["sandboxes"]]
+        return (api or shared()).run(_SandboxOps._list_op(metadata, state))
 
     def get_info(self) -> SandboxInfo:
         """What the server knows of it now."""
-        return _info(self._api.json("GET", f"/v1/sandboxes/{self.sandbox_id}"))
+        return self._api.run(self._get_info_op())
 
     def is_running(self) -> bool:
         """Whether it runs (not paused, cold or ended)."""
-        try:
-            return self.get_info().state == "running"
-        except NotFoundException:
-            return False
+        return self._api.run(self._is_running_op())
 
     def kill(self) -> bool:
         """Stops and removes it; ``False`` if it was gone already."""
-        try:
-            self._api.request("DELETE", f"/v1/sandboxes/{self.sandbox_id}")
-            return True
-        except NotFoundException:
-            return False
+        return self._api.run(self._kill_op())
 
     def pause(self, cold: bool = False) -> str:
         """Pauses it (``cold``: saved to disk, holding no memory, its clock stopped);
         returns its id for :meth:`connect`."""
-        self._api.json("POST", f"/v1/sandboxes/{self.sandbox_id}/pause", json={"cold": cold})
-        return self.sandbox_id
+        return self._api.run(self._pause_op(cold))
 
     def resume(self) -> None:
         """Lets it run again (from paused or cold)."""
-        self._api.json("POST", f"/v1/sandboxes/{self.sandbox_id}/resume")
+        self._api.run(self._resume_op())
 
     def set_timeout(self, timeout: int) -> None:
         """It is removed ``timeout`` seconds from now (``0``: never)."""
-        self._api.json(
-            "POST", f"/v1/sandboxes/{self.sandbox_id}/timeout", json={"timeout_s": int(timeout)}
-        )
+        self._api.run(self._set_timeout_op(timeout))
 
     def receipt(self, receipt_id: str) -> dict:
         """A command's signed run receipt (a DSSE envelope; ``mvm receipt verify`` checks
         it)."""
-        return self._api.json("GET", f"/v1/receipts/{receipt_id}")
+        return self._api.run(self._receipt_op(receipt_id))
 
-    def __enter__(self) -> "Sandbox":
+    def __enter__(self: S) -> S:
         return self
 
     def __exit__(self, *_: object) -> None:
         self.kill()
 
-    def __repr__(self) -> str:
-        return f"Sandbox({self.sandbox_id!r})"
+
+class AsyncSandbox(_SandboxOps):
+    """A sandbox driven from asyncio: what :class:`Sandbox` does, awaited. Use it as an
+    async context manager (``async with await AsyncSandbox.create(…) as sandbox``) to kill
+    it at the end."""
+
+    def __init__(self, sandbox_id: str, api: Optional[AsyncApi] = None):
+        super().__init__(sandbox_id)
+        self._api = api or shared_async()
+        self.commands, self.files = self._parts()
+
+    def _parts(self) -> Tuple[AsyncCommands, AsyncFiles]:
+        """Its ``commands`` and ``files``, as :meth:`Sandbox._parts`."""
+        return AsyncCommands(self._api, self.sandbox_id), AsyncFiles(self._api, self.sandbox_id)
+
+    @classmethod
+    async def create(
+        cls: Type[A],
+        image: Optional[str] = None,
+        *,
+        plan: Optional[str] = None,
+        template: Optional[str] = None,
+        timeout: Optional[int] = DEFAULT_TIMEOUT,
+        envs: Optional[Dict[str, str]] = None,
+        metadata: Optional[Dict[str, str]] = None,
+        cpus: Optional[int] = None,
+        memory_mb: Optional[int] = None,
+        allow_hosts: Optional[List[str]] = None,
+        sandbox_id: Optional[str] = None,
+        api: Optional[AsyncApi] = None,
+    ) -> A:
+        """Creates a sandbox as :meth:`Sandbox.create` does, and returns once it is ready."""
+        api = api or shared_async()
+        made = cls._create_op(
+            image, plan, template, timeout, envs, metadata, cpus, memory_mb, allow_hosts, sandbox_id
+        )
+        return cls(await api.run(made), api)
+
+    @classmethod
+    async def connect(cls: Type[A], sandbox_id: str, api: Optional[AsyncApi] = None) -> A:
+        """The sandbox ``sandbox_id``; a paused or cold one is resumed."""
+        api = api or shared_async()
+        return cls(await api.run(cls._connect_op(sandbox_id)), api)
+
+    @staticmethod
+    async def list(
+        metadata: Optional[Dict[str, str]] = None,
+        state: Optional[str] = None,
+        api: Optional[AsyncApi] = None,
+    ) -> List[SandboxInfo]:
+        """Sandboxes (every named VM), those with all of ``metadata``'s labels and in
+        ``state`` when given."""
+        return await (api or shared_async()).run(_SandboxOps._list_op(metadata, state))
+
+    async def get_info(self) -> SandboxInfo:
+        """What the server knows of it now."""
+        return await self._api.run(self._get_info_op())
+
+    async def is_running(self) -> bool:
+        """Whether it runs (not paused, cold or ended)."""
+        return await self._api.run(self._is_running_op())
+
+    async def kill(self) -> bool:
+        """Stops and removes it; ``False`` if it was gone already."""
+        return await self._api.run(self._kill_op())
+
+    async def pause(self, cold: bool = False) -> str:
+        """Pauses it (``cold``: saved to disk, holding no memory, its clock stopped);
+        returns its id for :meth:`connect`."""
+        return await self._api.run(self._pause_op(cold))
+
+    async def resume(self) -> None:
+        """Lets it run again (from paused or cold)."""
+        await self._api.run(self._resume_op())
+
+    async def set_timeout(self, timeout: int) -> None:
+        """It is removed ``timeout`` seconds from now (``0``: never)."""
+        await self._api.run(self._set_timeout_op(timeout))
+
+    async def receipt(self, receipt_id: str) -> dict:
+        """A command's signed run receipt (a DSSE envelope; ``mvm receipt verify`` checks
+        it)."""
+        return await self._api.run(self._receipt_op(receipt_id))
+
+    async def __aenter__(self: A) -> A:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.kill()
 
 
-__all__ = ["Sandbox", "SandboxInfo", "DEFAULT_TIMEOUT"]
+__all__ = ["Sandbox", "AsyncSandbox", "SandboxInfo", "DEFAULT_TIMEOUT"]

@@ -3,12 +3,19 @@ errors with codes and their signed receipts."""
 
 import base64
 import json
+import os
+import signal
 import threading
 import time
 
 import pytest
 
-from mvm import CommandExitException, InvalidArgumentException, TimeoutException
+from mvm import (
+    CommandExitException,
+    InvalidArgumentException,
+    SandboxException,
+    TimeoutException,
+)
 
 
 def test_a_command_runs_to_completion_with_the_sandboxes_and_its_own_env(sandbox):
@@ -128,6 +135,33 @@ def test_a_foreground_command_whose_client_goes_away_is_ended(sandbox):
             break
         time.sleep(0.2)
     assert mine and not mine[0].running
+
+
+def test_a_server_that_dies_mid_command_ends_it_and_the_next_call_starts_another(sandbox):
+    up = threading.Event()
+    failed = []
+
+    def run():
+        try:
+            sandbox.commands.run("echo up; sleep 32", on_stdout=lambda _: up.set())
+        except SandboxException as e:
+            failed.append(e.code)
+
+    running = threading.Thread(target=run)
+    running.start()
+    assert up.wait(30)
+    dead = sandbox._api.json("GET", "/v1/health")["pid"]
+    os.kill(dead, signal.SIGKILL)
+    running.join(30)
+    assert failed == ["API006"]
+    # The sandbox outlives its server; the SDK starts a new one for the next call.
+    assert sandbox.commands.run("echo again").stdout == "again\n"
+    assert sandbox._api.json("GET", "/v1/health")["pid"] != dead
+    # The command's client went with the server, so the runner killed it.
+    deadline = time.monotonic() + 20
+    while "sleep 32" in sandbox.commands.run("ps").stdout and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert "sleep 32" not in sandbox.commands.run("ps").stdout
 
 
 def test_more_commands_than_a_vm_has_room_for_clients_run_one_after_another(sandbox):
