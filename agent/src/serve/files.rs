@@ -38,17 +38,19 @@ impl FileRoots {
     }
 
     /// [`TMP_ROOT`], and `user`'s home in `passwd` when it is a directory of the user's own:
-    /// a clean absolute path other than `/` and outside `/tmp`, not a symlink, owned by `user`.
+    /// a clean absolute path other than `/` and outside `/tmp`, reached through no symlink,
+    /// owned by `user`.
     pub fn with_home_of(user: Credentials, passwd: &std::path::Path) -> Self {
         let mut roots = Self::tmp();
         if let Some(home) = super::users::home_of(user.uid, passwd) {
             let clean = home.strip_prefix('/').and_then(clean_components);
-            if clean.is_some_and(|c| c[0] != TMP_ROOT.trim_start_matches('/'))
-                && rustix::fs::lstat(home.as_str()).is_ok_and(|stat| {
-                    FileType::from_raw_mode(stat.st_mode) == FileType::Directory
-                        && stat.st_uid == user.uid
-                })
-            {
+            let owned = || {
+                open_root(&home)
+                    .ok()
+                    .and_then(|dir| rustix::fs::fstat(&dir).ok())
+                    .is_some_and(|stat| stat.st_uid == user.uid)
+            };
+            if clean.is_some_and(|c| c[0] != TMP_ROOT.trim_start_matches('/')) && owned() {
                 roots.0.push(home);
             }
         }
@@ -101,12 +103,15 @@ pub(super) struct Place {
     pub(super) name: String,
 }
 
-/// Opens the root `root` itself (never through a symlink).
+/// Opens the root `root` itself, through no symlink on the way (a home's parent is the
+/// image's, but the overlay above it is writable).
 pub(super) fn open_root(root: &str) -> Result<OwnedFd, ErrorReply> {
-    rustix::fs::open(
+    rustix::fs::openat2(
+        rustix::fs::CWD,
         root,
         OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
         Mode::empty(),
+        ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
     )
     .map_err(|e| error(codes::FILE_IO, format!("{root}: {e}")))
 }

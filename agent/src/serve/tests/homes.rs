@@ -36,6 +36,15 @@ fn home() -> Home {
     }
 }
 
+/// Removes a path when dropped (a symlink made beside the temporary directory).
+struct RemoveOnDrop(String);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 fn passwd(text: &str) -> tempfile::NamedTempFile {
     let mut file = tempfile::NamedTempFile::new().unwrap();
     file.write_all(text.as_bytes()).unwrap();
@@ -54,6 +63,11 @@ fn a_home_of_the_users_own_is_a_root_and_nothing_else_is() {
     };
     let link = format!("{}-link", home.path);
     std::os::unix::fs::symlink(&home.path, &link).unwrap();
+    // The home's parent reached through a symlink.
+    let parent = Path::new(&home.path).parent().unwrap();
+    let parent_link = format!("{}-parent", parent.display());
+    std::os::unix::fs::symlink(parent, &parent_link).unwrap();
+    let _unlink = RemoveOnDrop(parent_link.clone());
     let owner = home.owner;
     for (user, line) in [
         // Not the user's: another's directory.
@@ -61,8 +75,13 @@ fn a_home_of_the_users_own_is_a_root_and_nothing_else_is() {
             others,
             format!("other:x:{}:1::{}:/bin/sh", others.uid, home.path),
         ),
-        // Not a directory of its own: a symlink to one, `/`, under `/tmp`, unclean, relative.
+        // Not a directory of its own: a symlink to one or through one, `/`, under `/tmp`,
+        // unclean, relative.
         (owner, format!("user:x:{}:1::{link}:/bin/sh", owner.uid)),
+        (
+            owner,
+            format!("user:x:{}:1::{parent_link}/user:/bin/sh", owner.uid),
+        ),
         (owner, format!("user:x:{}:1::/:/bin/sh", owner.uid)),
         (owner, format!("user:x:{}:1::/tmp:/bin/sh", owner.uid)),
         (owner, format!("user:x:{}:1::/tmp/x:/bin/sh", owner.uid)),
