@@ -28,13 +28,16 @@ fn code_spans(line: &str) -> impl Iterator<Item = &str> {
     line.split('`').skip(1).step_by(2)
 }
 
-/// Whether `file` defines a function `name` (a test, or a test module's helper).
+/// Whether `file` defines a function `name` (a test, or a test module's helper): Rust's `fn`
+/// or, for the SDKs' Python suites, `def`.
 fn defines_fn(file: &str, name: &str) -> bool {
-    file.match_indices(&format!("fn {name}"))
-        .any(|(at, found)| {
-            let next = file[at + found.len()..].chars().next();
-            matches!(next, Some('(') | Some('<'))
-        })
+    ["fn", "def"].iter().any(|keyword| {
+        file.match_indices(&format!("{keyword} {name}"))
+            .any(|(at, found)| {
+                let next = file[at + found.len()..].chars().next();
+                matches!(next, Some('(') | Some('<'))
+            })
+    })
 }
 
 /// Checks one reference (`path`, `path::module::test`, or `::test` of the `last` path), and
