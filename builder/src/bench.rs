@@ -93,7 +93,7 @@ fn veritysetup_format(data: &Path, hash: &Path) -> Command {
         .into_iter()
         .find(|path| Path::new(path).is_file())
         .unwrap_or("veritysetup");
-    let mut command = Command::new(program);
+    let mut command = mvm_ir::env::command(program);
     command
         .args([
             "format",
@@ -178,7 +178,7 @@ pub fn image(
         let _ = fs::remove_file(&peer_img);
         let start = Instant::now();
         run(
-            Command::new("mkfs.erofs")
+            mvm_ir::env::command("mkfs.erofs")
                 .args(&mkfs_args)
                 .arg(&peer_img)
                 .arg(source),

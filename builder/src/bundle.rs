@@ -21,6 +21,7 @@ use std::path::Path;
 use serde_json::json;
 
 use mvm_ir::digest::sha256_prefixed;
+use mvm_ir::env::is_denied;
 use mvm_ir::fsutil::atomic_write;
 use mvm_ir::plan::{
     fresh_nonce, is_root_user, ArtifactPin, KernelPin, LaunchPlan, PlanEntrypoint, PlanResources,
@@ -30,7 +31,7 @@ use mvm_ir::provenance::{
     BuildDefinition, Builder, Provenance, ResourceDescriptor, RunDetails, RunMetadata, Statement,
     BUILD_TYPE, PREDICATE_TYPE, STATEMENT_TYPE,
 };
-use mvm_ir::validate::{is_env_name, is_guest_path, DENIED_ENV};
+use mvm_ir::validate::{is_env_name, is_guest_path};
 use mvm_ir::workload::{App, Entrypoint, EnvValue, NetworkMode};
 use mvm_ir::{Coded, ErrorClass};
 
@@ -230,7 +231,7 @@ pub fn image_env(
         if env.contains_key(name) || taken.contains(&name) {
             continue;
         }
-        if DENIED_ENV.contains(&name) {
+        if is_denied(name) {
             if !dropped.iter().any(|d| d == name) {
                 dropped.push(name.to_string());
             }

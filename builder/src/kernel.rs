@@ -227,7 +227,7 @@ impl KernelStore {
         let unpacked = tempfile::tempdir().map_err(io_err(Path::new("temporary directory")))?;
         run(
             "dpkg-deb",
-            Command::new("dpkg-deb")
+            mvm_ir::env::command("dpkg-deb")
                 .arg("-x")
                 .arg(deb)
                 .arg(unpacked.path()),
@@ -567,7 +567,7 @@ fn apt_download(package: &str, dir: &Path) -> Result<PathBuf, KernelError> {
     }
     run(
         "apt-get download",
-        Command::new("apt-get")
+        mvm_ir::env::command("apt-get")
             .arg("download")
             .arg("-q")
             .arg(package)
@@ -588,13 +588,19 @@ fn apt_download(package: &str, dir: &Path) -> Result<PathBuf, KernelError> {
 fn dpkg_field(deb: &Path, field: &str) -> Result<String, KernelError> {
     let output = run(
         "dpkg-deb",
-        Command::new("dpkg-deb").arg("-f").arg(deb).arg(field),
+        mvm_ir::env::command("dpkg-deb")
+            .arg("-f")
+            .arg(deb)
+            .arg(field),
     )?;
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
 }
 
 fn deb_has_kernel(deb: &Path) -> Result<bool, KernelError> {
-    let output = run("dpkg-deb", Command::new("dpkg-deb").arg("-c").arg(deb))?;
+    let output = run(
+        "dpkg-deb",
+        mvm_ir::env::command("dpkg-deb").arg("-c").arg(deb),
+    )?;
     Ok(String::from_utf8_lossy(&output.stdout).contains("./boot/vmlinuz-"))
 }
 

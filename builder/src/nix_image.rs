@@ -21,7 +21,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use mvm_ir::{Coded, ErrorClass};
 use mvm_nix::derivation::file::{DrvFile, StoreRoot};
@@ -181,7 +180,7 @@ impl NixStore {
 
     /// Runs a Nix program on the store; its standard output, or what it said on failure.
     fn run(&self, program: &str, args: &[&OsStr]) -> Result<Result<String, String>, NixImageError> {
-        let mut command = Command::new(program);
+        let mut command = mvm_ir::env::command(program);
         if let Some(store) = &self.store {
             command.arg("--store").arg(store);
         }

@@ -43,7 +43,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{ExitCode, Stdio};
 
 use mvm_ir::{Coded, ErrorClass};
 use serde::{Deserialize, Serialize};
@@ -147,7 +147,7 @@ pub fn build_in_worker(
         },
         blobs: blobs.as_ref().map(|blobs| blobs.dir.path().to_path_buf()),
     };
-    let mut command = Command::new(program);
+    let mut command = mvm_ir::env::command(program);
     command
         .args(args)
         .env_clear()
@@ -808,7 +808,7 @@ mod tests {
         const ENV_CHILD: &str = "MVM_WORKER_ENV_CHILD";
         let Some(dir) = std::env::var_os(ENV_CHILD) else {
             let root = tempfile::tempdir().unwrap();
-            let status = Command::new(std::env::current_exe().unwrap())
+            let status = std::process::Command::new(std::env::current_exe().unwrap())
                 .args([
                     "--exact",
                     "worker::tests::the_worker_gets_only_path_and_tmpdir",
@@ -882,7 +882,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         for layer in ["landlock", "all"] {
-            let status = Command::new(std::env::current_exe().unwrap())
+            let status = std::process::Command::new(std::env::current_exe().unwrap())
                 .args([
                     "--exact",
                     "worker::tests::the_worker_confinement_holds",

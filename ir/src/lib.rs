@@ -23,6 +23,7 @@ pub mod audit;
 pub mod canonical;
 pub mod digest;
 pub mod dsse;
+pub mod env;
 mod error;
 pub mod fsutil;
 pub mod home;

@@ -16,7 +16,8 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::digest::{is_lower_hex, is_prefixed_sha256, is_sha256_hex};
-use crate::validate::{is_egress_host, is_env_name, is_guest_path, is_identifier, DENIED_ENV};
+use crate::env::is_denied;
+use crate::validate::{is_egress_host, is_env_name, is_guest_path, is_identifier};
 use crate::workload::{EgressGrant, Mount, NetworkMode, PortForward};
 use crate::Error;
 
@@ -348,7 +349,7 @@ impl LaunchPlan {
             .keys()
             .chain(self.policy.secrets.iter().map(|s| &s.env));
         for name in env_names {
-            if !is_env_name(name) || DENIED_ENV.contains(&name.as_str()) {
+            if !is_env_name(name) || is_denied(name) {
                 return fail(format!(
                     "environment variable {name:?} is invalid or never passed to a workload"
                 ));

@@ -115,39 +115,6 @@ mod limits {
     pub const VOLUME_MB: std::ops::RangeInclusive<u32> = 1..=1_048_576;
 }
 
-/// Environment variables that change how the loader, a shell or an interpreter behaves. They
-/// are never accepted from a workload, literal or secret.
-pub const DENIED_ENV: &[&str] = &[
-    "LD_PRELOAD",
-    "LD_LIBRARY_PATH",
-    "LD_AUDIT",
-    "LD_DEBUG",
-    "LD_PROFILE",
-    "GCONV_PATH",
-    "HOSTALIASES",
-    "LOCALDOMAIN",
-    "RES_OPTIONS",
-    "BASH_ENV",
-    "ENV",
-    "SHELLOPTS",
-    "BASHOPTS",
-    "PS4",
-    "PROMPT_COMMAND",
-    "IFS",
-    "PYTHONSTARTUP",
-    "PYTHONINSPECT",
-    "PYTHONHOME",
-    "PERL5OPT",
-    "PERL5LIB",
-    "PERLLIB",
-    "RUBYOPT",
-    "RUBYLIB",
-    "NODE_OPTIONS",
-    "JAVA_TOOL_OPTIONS",
-    "_JAVA_OPTIONS",
-    "JDK_JAVA_OPTIONS",
-];
-
 /// Words in a variable name that mean its value is a credential.
 const SECRET_NAME_WORDS: &[&str] = &[
     "SECRET",
@@ -582,11 +549,11 @@ fn check_env(report: &mut Report, at: &str, name: &str, value: &EnvValue) {
         );
         return;
     }
-    if DENIED_ENV.contains(&name) {
+    if crate::env::is_denied(name) {
         report.error(
             "IR012",
             at,
-            format!("{name} changes how the loader, shell or an interpreter behaves and is never passed"),
+            format!("{name} changes how the loader, a shell or an interpreter behaves, or opens a credential session, and is never passed"),
         );
     }
     match value {

@@ -13,8 +13,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use mvm_ir::env::is_denied;
 use mvm_ir::plan::LaunchPlan;
-use mvm_ir::validate::{is_env_name, DENIED_ENV};
+use mvm_ir::validate::is_env_name;
 use mvm_protocol::{
     codes, encode, ErrorReply, ExecRequest, Frame, FrameDecoder, FrameKind, HelloReply, Integrity,
     Request, Response,
@@ -1019,7 +1020,7 @@ pub fn with_plan_defaults(
     mut request: ExecRequest,
 ) -> Result<ExecRequest, String> {
     for name in request.env.keys() {
-        if !is_env_name(name) || DENIED_ENV.contains(&name.as_str()) {
+        if !is_env_name(name) || is_denied(name) {
             return Err(format!("environment variable {name:?} is not allowed"));
         }
     }

@@ -164,7 +164,7 @@ fn cached_bundle(
         return Ok(dir);
     }
     let mvm = std::env::current_exe()?;
-    let mut build = Command::new(mvm);
+    let mut build = mvm_ir::env::command(mvm);
     build
         .args(["build", "--image", image, "--out"])
         .arg(&dir)
@@ -241,7 +241,7 @@ pub fn sibling(variable: &str, name: &str) -> anyhow::Result<PathBuf> {
 
 /// `mvm-runner` with the arguments every VM-serving runner gets.
 pub fn runner_command(boot_timeout: Duration) -> anyhow::Result<Command> {
-    let mut command = Command::new(sibling("MVM_RUNNER", "mvm-runner")?);
+    let mut command = mvm_ir::env::command(sibling("MVM_RUNNER", "mvm-runner")?);
     command
         .arg("--boot-timeout")
         .arg(humantime::format_duration(boot_timeout).to_string());

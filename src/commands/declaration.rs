@@ -4,7 +4,6 @@
 //! `modules/`), to the same IR JSON, then parsed and validated like the others.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use mvm_ir::load::{load_workload, parse_workload, Syntax, MAX_DOCUMENT_BYTES};
 use mvm_ir::plan::Profile;
@@ -57,7 +56,7 @@ fn load_nix(path: &Path) -> anyhow::Result<Declaration> {
     let module_dir = tempfile::tempdir()?;
     let module: PathBuf = module_dir.path().join("mk-workload.nix");
     mvm_ir::fsutil::atomic_write(&module, MK_WORKLOAD.as_bytes(), 0o644)?;
-    let out = Command::new("nix-instantiate")
+    let out = mvm_ir::env::command("nix-instantiate")
         .args(["--eval", "--strict", "--json", "--argstr", "module"])
         .arg(&module)
         .args(["--argstr", "workload"])

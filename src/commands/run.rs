@@ -7,7 +7,7 @@
 
 use mvm_ir::terminal::{printable, Newlines};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -126,7 +126,7 @@ fn launch(args: RunArgs, out: &Output) -> anyhow::Result<ExitCode> {
             ),
         ));
     }
-    let mut command = Command::new(&runner);
+    let mut command = mvm_ir::env::command(&runner);
     command
         .arg("--plan")
         .arg(&plan)

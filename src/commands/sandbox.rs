@@ -3,7 +3,7 @@
 //! `mvm_api` library, not a request to a server), so the two never disagree.
 
 use std::collections::BTreeMap;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use clap::Subcommand;
@@ -106,7 +106,7 @@ pub fn run(command: SandboxCommand, out: &Output) -> anyhow::Result<()> {
 /// server already serving makes the new one exit at once.
 fn start_server() -> anyhow::Result<()> {
     let me = std::env::current_exe()?;
-    Command::new(me)
+    mvm_ir::env::command(me)
         .args(["serve", "--idle-exit", "10m"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())

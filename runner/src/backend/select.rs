@@ -20,7 +20,7 @@ use std::fs::{self, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::str::FromStr;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -478,7 +478,7 @@ fn is_executable_file(path: &Path) -> bool {
 
 /// What `path --version` prints on stdout, or why it printed nothing usable.
 fn version_output(path: &Path, timeout: Duration) -> Result<String, String> {
-    let mut child = Command::new(path)
+    let mut child = mvm_ir::env::command(path)
         .arg("--version")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -2,7 +2,6 @@
 //! through `mvm exec` (a process each), against the control socket's own echo, on the same
 //! running VM in one run.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -34,7 +33,7 @@ pub fn api(name: &str, runs: usize, python: &str) -> anyhow::Result<(Value, Stri
     let mut execs = Vec::with_capacity(runs);
     for round in 0..WARM_UP + runs {
         let started = Instant::now();
-        let status = Command::new(&mvm)
+        let status = mvm_ir::env::command(&mvm)
             .args(["exec", name, "--", "true"])
             .status()
             .context("running mvm exec")?;
@@ -46,7 +45,7 @@ pub fn api(name: &str, runs: usize, python: &str) -> anyhow::Result<(Value, Stri
         }
     }
     // The SDK starts `mvm serve` (this mvm) when none answers.
-    let sdk = Command::new(python)
+    let sdk = mvm_ir::env::command(python)
         .args([
             "-c",
             SDK_RUNS,

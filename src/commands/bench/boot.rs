@@ -4,7 +4,7 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -96,7 +96,7 @@ pub fn boot(
 
 /// One `mvm-runner --json -- COMMAND`: its start-to-hello time and the guest's own timings.
 fn runner_boot(runner: &Path, plan: &Path, command: &str) -> anyhow::Result<(f64, Value)> {
-    let out = Command::new(runner)
+    let out = mvm_ir::env::command(runner)
         .arg("--plan")
         .arg(plan)
         .args(["--json", "--", command])
@@ -146,7 +146,7 @@ fn floor_boot(
     accel: select::Accel,
 ) -> anyhow::Result<f64> {
     let started = Instant::now();
-    let mut child = Command::new(qemu)
+    let mut child = mvm_ir::env::command(qemu)
         .args(machine_arguments(plan, accel))
         .arg("-kernel")
         .arg(bundle.join(&plan.kernel.path))

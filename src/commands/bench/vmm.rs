@@ -7,7 +7,7 @@
 //! no boot finds the allocator, thread stacks or code pages warmed by the one before.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -43,7 +43,7 @@ pub fn vmm(runs: usize, work: &Path) -> anyhow::Result<(Value, String)> {
     let exe = std::env::current_exe()?;
     let mut samples = Vec::with_capacity(runs);
     for _ in 0..runs {
-        let out = Command::new(&exe)
+        let out = mvm_ir::env::command(&exe)
             .args(["bench", "vmm", "--probe-guest"])
             .arg(&guest)
             .stdin(Stdio::null())

@@ -10,7 +10,7 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::io;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use crate::backend::child::ChildVm;
 use crate::backend::{Pausable, SavedMemory};
@@ -27,7 +27,7 @@ pub type QemuVm = ChildVm;
 /// Starts `qemu` with `args`, its console recorded into `serial_log`. Call it from the thread
 /// that outlives the VM (see [`ChildVm::spawn`]).
 pub fn spawn(qemu: &Path, args: &[OsString], serial_log: File) -> io::Result<QemuVm> {
-    let mut command = Command::new(qemu);
+    let mut command = mvm_ir::env::command(qemu);
     command.args(args).env_clear().stdin(Stdio::null());
     ChildVm::spawn(&mut command, serial_log)
 }

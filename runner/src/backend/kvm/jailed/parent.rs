@@ -95,7 +95,7 @@ impl JailedVm {
             .write_all(&json)
             .map_err(JailError::setup("configuration pipe"))?;
         drop(writer);
-        let mut command = Command::new(exe);
+        let mut command = mvm_ir::env::command(exe);
         command.arg(CHILD_MODE).env_clear().stdin(reader);
         // The child's ends and the artifacts are closed here once the command (holding them)
         // is dropped.
