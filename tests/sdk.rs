@@ -150,10 +150,69 @@ fn the_typescript_sdk_drives_real_sandboxes() {
             .unwrap();
         assert!(done.status.success(), "npm {step:?}: {}", describe(&done));
     }
+    packed_and_installed(&sdk);
     let fixture = Fixture::new();
     for file in ["test/sandbox.test.mjs", "test/e2b.test.mjs"] {
         let mut node = Command::new("node");
         node.args(["--test", file]).current_dir(&sdk);
         fixture.run(node);
     }
+}
+
+/// As the README says: `npm pack`, and the tarball installed into a project of its own, where
+/// both entry points (`mvm-sdk`, `mvm-sdk/compat/e2b`) import with their declarations.
+fn packed_and_installed(sdk: &Path) {
+    let project = tempfile::tempdir().unwrap();
+    let packed = Command::new("npm")
+        .args(["pack", "--json", "--pack-destination"])
+        .arg(project.path())
+        .current_dir(sdk)
+        .output()
+        .unwrap();
+    assert!(packed.status.success(), "npm pack: {}", describe(&packed));
+    let listing: serde_json::Value = serde_json::from_slice(&packed.stdout).unwrap();
+    let tarball = listing[0]["filename"].as_str().unwrap().to_string();
+    let files: Vec<&str> = listing[0]["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["path"].as_str())
+        .collect();
+    for needed in [
+        "dist/index.js",
+        "dist/index.d.ts",
+        "dist/compat/e2b.js",
+        "dist/compat/e2b.d.ts",
+    ] {
+        assert!(files.contains(&needed), "{needed} not packed: {files:?}");
+    }
+    std::fs::write(
+        project.path().join("package.json"),
+        br#"{"type": "module"}"#,
+    )
+    .unwrap();
+    let installed = Command::new("npm")
+        .args(["install", "--no-audit", "--no-fund", "--offline"])
+        .arg(format!("./{tarball}"))
+        .current_dir(project.path())
+        .output()
+        .unwrap();
+    assert!(
+        installed.status.success(),
+        "npm install: {}",
+        describe(&installed)
+    );
+    let script = "const m = await import('mvm-sdk'); const e = await import('mvm-sdk/compat/e2b'); \
+                  if (typeof m.Sandbox.create !== 'function' || typeof e.Sandbox.create !== 'function') \
+                  process.exit(1);";
+    let imported = Command::new("node")
+        .args(["--input-type=module", "-e", script])
+        .current_dir(project.path())
+        .output()
+        .unwrap();
+    assert!(
+        imported.status.success(),
+        "importing the installed package: {}",
+        describe(&imported)
+    );
 }
