@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use mvm_builder::initramfs::Initramfs;
 use mvm_ir::admission::verify_signed_plan;
 use mvm_ir::plan::{LaunchPlan, MAX_ENVELOPE_BYTES};
-use mvm_runner::backend::qemu::command_line::machine_arguments;
+use mvm_runner::backend::qemu::command_line::{kernel_command_line, machine_arguments};
 use mvm_runner::backend::select::{self, BackendChoice, HostFacts};
 use serde_json::{json, Value};
 
@@ -153,7 +153,7 @@ fn floor_boot(
         .arg("-initrd")
         .arg(initramfs)
         .arg("-append")
-        .arg(&plan.kernel.cmdline)
+        .arg(kernel_command_line(plan, accel))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

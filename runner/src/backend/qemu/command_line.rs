@@ -37,22 +37,13 @@ pub struct VmFiles<'a> {
 /// QEMU's arguments (without the program) for `plan`.
 pub fn arguments(plan: &LaunchPlan, files: &VmFiles<'_>, accel: Accel) -> Vec<OsString> {
     let mut args = machine_arguments(plan, accel);
-    let mut cmdline = plan.kernel.cmdline.clone();
-    if accel == Accel::Tcg {
-        // Under TCG the kernel's early TSC calibration against the PIT fails about one boot
-        // in two, and the boot then stalls; the guest's TSC is the host's (QEMU reads it for
-        // the guest's RDTSC), so its rate is given. A machine setting, not the workload's: it
-        // changes timing only, no kernel behaviour the plan pins (its verity parameters and
-        // init stay as they are).
-        cmdline.push_str(&format!(" tsc_early_khz={}", host_tsc_khz()));
-    }
     args.extend([
         "-kernel".into(),
         files.kernel.into(),
         "-initrd".into(),
         files.initramfs.into(),
         "-append".into(),
-        cmdline.into(),
+        kernel_command_line(plan, accel).into(),
     ]);
     for (id, file) in [("root", files.rootfs), ("verity", files.verity)] {
         args.extend([
@@ -84,6 +75,18 @@ pub fn arguments(plan: &LaunchPlan, files: &VmFiles<'_>, accel: Accel) -> Vec<Os
         "chardev=qmp,mode=control".into(),
     ]);
     args
+}
+
+/// The kernel's command line: the plan's, and under TCG the host's TSC rate. Under TCG the
+/// kernel's early TSC calibration against the PIT fails about one boot in two, and the boot
+/// then stalls; the guest's TSC is the host's (QEMU reads it for the guest's RDTSC), so its
+/// rate is given. A machine setting, not the workload's: it changes timing only, no kernel
+/// behaviour the plan pins (its verity parameters and init stay as they are).
+pub fn kernel_command_line(plan: &LaunchPlan, accel: Accel) -> String {
+    match accel {
+        Accel::Tcg => format!("{} tsc_early_khz={}", plan.kernel.cmdline, host_tsc_khz()),
+        Accel::Kvm => plan.kernel.cmdline.clone(),
+    }
 }
 
 /// The machine without its boot files and devices: microvm with ACPI, the accelerator, CPUs
