@@ -1223,7 +1223,7 @@ fn boundary_values_and_near_misses_are_accepted() {
             json!({"kind": "literal", "value": "x"}),
         ),
         (
-            "/apps/0/env/LD_PRELOAD_NOT",
+            "/apps/0/env/MY_LD_PRELOAD",
             json!({"kind": "literal", "value": "x"}),
         ),
         ("/apps/0/health_check/timeout_s", json!(10)),
