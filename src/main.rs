@@ -35,6 +35,9 @@ enum Command {
     /// Launch plans: sign, verify, inspect.
     #[command(subcommand)]
     Plan(commands::plan::PlanCommand),
+    /// Policy profiles: what a plan (or a profile) allows here, and why (show, explain).
+    #[command(subcommand)]
+    Policy(commands::policy::PolicyCommand),
     /// Signing keys and the keys this host trusts.
     #[command(subcommand)]
     Keys(commands::keys::KeysCommand),
@@ -140,6 +143,7 @@ fn main() -> ExitCode {
         Command::Ir(cmd) => commands::ir::run(cmd, &out),
         Command::Plan(cmd) => commands::plan::run(cmd, &out),
         Command::Keys(cmd) => commands::keys::run(cmd, &out),
+        Command::Policy(cmd) => return exit_code(commands::policy::run(cmd, &out), &out),
         Command::Audit(cmd) => commands::audit::run(cmd, &out),
         Command::Init(args) => commands::init::run(args, &out),
         Command::Build(args) => commands::build::run(args, &out),

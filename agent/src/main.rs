@@ -12,6 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 
 use mvm_agent::boot::{self, console, devmapper, hardening, loopback, BootError, Booted};
 use mvm_agent::proxy;
+use mvm_agent::serve::seccomp::WorkloadFilter;
 use mvm_agent::serve::{self, exec::Credentials, files::FileRoots, Ended, ServeConfig};
 use mvm_protocol::{BootTimings, Integrity};
 
@@ -46,10 +47,15 @@ fn main() {
             console.line(&format!("warning: bringing the loopback interface up: {e}"));
         }
         prepare_for_workloads()?;
+        // Compiled before the host is served: no command runs without the plan's filter.
+        let filter = WorkloadFilter::of(&booted.policy).map_err(|e| BootError::System {
+            what: "the workload's seccomp filter".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
         let channel = serve::channel::open()?;
-        Ok((booted, channel))
+        Ok((booted, filter, channel))
     });
-    let (booted, mut channel) = match booted {
+    let (booted, workload_filter, mut channel) = match booted {
         Ok(ready) => ready,
         Err(error) => {
             console.error(&error);
@@ -58,8 +64,13 @@ fn main() {
     };
     let config = ServeConfig {
         workload_user: Some(WORKLOAD_USER),
-        // Read from the verified root's own passwd.
-        file_roots: FileRoots::with_home_of(WORKLOAD_USER, std::path::Path::new("/etc/passwd")),
+        file_roots: match booted.policy.files_anywhere {
+            true => FileRoots::anywhere(),
+            // Read from the verified root's own passwd.
+            false => FileRoots::with_home_of(WORKLOAD_USER, std::path::Path::new("/etc/passwd")),
+        },
+        policy: booted.policy,
+        workload_filter,
         reap_orphans: true,
         command_groups: Some(hardening::COMMAND_CGROUPS.into()),
         timings: timings(&booted),

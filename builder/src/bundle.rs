@@ -287,12 +287,20 @@ pub fn assemble(input: &AssembleInput<'_>) -> Result<Bundle, BundleError> {
     let rootfs_digest = hash_file(&out.join(ROOTFS_FILE))?;
     let verity_digest = hash_file(&out.join(VERITY_FILE))?;
     let r = input.rootfs;
+    let app = input.app;
+    let egress = if app.network.mode == NetworkMode::Allowlist {
+        app.network.egress.allowlist.clone()
+    } else {
+        Vec::new()
+    };
+    let grants = input
+        .profile
+        .grants(!egress.is_empty() || !app.network.ports.is_empty());
     let cmdline = format!(
-        "console=ttyS0 reboot=k panic=-1 quiet mvm.root_hash={} mvm.salt={} mvm.data_blocks={} mvm.hash_offset={} mvm.block_size={}",
-        r.root_hash, r.salt, r.data_blocks, r.hash_offset, r.data_block_size
+        "console=ttyS0 reboot=k panic=-1 quiet mvm.root_hash={} mvm.salt={} mvm.data_blocks={} mvm.hash_offset={} mvm.block_size={} {}",
+        r.root_hash, r.salt, r.data_blocks, r.hash_offset, r.data_block_size, grants.cmdline_word()
     );
 
-    let app = input.app;
     let mut env = BTreeMap::new();
     let mut secrets = Vec::new();
     for (name, value) in &app.env {
@@ -363,13 +371,10 @@ pub fn assemble(input: &AssembleInput<'_>) -> Result<Bundle, BundleError> {
         },
         policy: ResolvedPolicy {
             profile: input.profile,
+            grants,
             network: app.network.mode,
             // Grants only take effect with an allowlist network (IR101 warns otherwise).
-            egress: if app.network.mode == NetworkMode::Allowlist {
-                app.network.egress.allowlist.clone()
-            } else {
-                Vec::new()
-            },
+            egress,
             ports: app.network.ports.clone(),
             env,
             secrets,

@@ -81,7 +81,29 @@ impl MvmHome {
     pub fn audit_dir(&self) -> Result<PathBuf, Error> {
         self.ensure("audit")
     }
+
+    /// The operator's `config.toml` (each of its sections belongs to one part of mvm), as
+    /// text: `None` when there is none. Capped at 1 MiB.
+    pub fn config_text(&self) -> Result<Option<String>, Error> {
+        let path = self.root.join(CONFIG_FILE);
+        match crate::fsutil::read_capped(&path, MAX_CONFIG_BYTES, CONFIG_FILE) {
+            Ok(bytes) => String::from_utf8(bytes)
+                .map(Some)
+                .map_err(|_| Error::NotUtf8 {
+                    what: CONFIG_FILE.into(),
+                }),
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                Ok(None)
+            }
+            Err(error) => Err(error),
+        }
+    }
 }
+
+/// The operator's settings file in the state directory.
+pub const CONFIG_FILE: &str = "config.toml";
+/// The largest `config.toml` read.
+const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 
 /// Refuses a directory owned by another user or writable by group or others.
 fn check_private_dir(dir: &Path) -> Result<(), Error> {

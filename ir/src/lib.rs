@@ -30,6 +30,7 @@ pub mod home;
 pub mod keys;
 pub mod load;
 pub mod plan;
+pub mod policy;
 pub mod provenance;
 pub mod receipt;
 pub mod schema;

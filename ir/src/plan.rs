@@ -17,6 +17,8 @@ use time::OffsetDateTime;
 
 use crate::digest::{is_lower_hex, is_prefixed_sha256, is_sha256_hex};
 use crate::env::is_denied;
+use crate::policy::Grants;
+pub use crate::policy::Profile;
 use crate::validate::{is_egress_host, is_env_name, is_guest_path, is_identifier};
 use crate::workload::{EgressGrant, Mount, NetworkMode, PortForward};
 use crate::Error;
@@ -132,26 +134,14 @@ pub struct PlanResources {
     pub memory_mb: u32,
 }
 
-/// A policy profile: the defaults that grants then widen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Profile {
-    /// No network, no host directories, no env passthrough, small limits.
-    Restrictive,
-    /// The default.
-    Standard,
-    /// Interactive terminal, larger limits, file copy both ways.
-    Dev,
-    /// Broad grants; needs an explicit acknowledgement when used.
-    Permissive,
-}
-
 /// The policy the runner enforces, fully resolved.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResolvedPolicy {
     /// The profile the policy was resolved from.
     pub profile: Profile,
+    /// What the profile lets the plan's commands and clients do.
+    pub grants: Grants,
     /// Network mode.
     pub network: NetworkMode,
     /// Granted egress destinations (empty unless `network` is `allowlist`).
@@ -407,6 +397,7 @@ impl LaunchPlan {
         if self.policy.network == NetworkMode::None && !self.policy.egress.is_empty() {
             return fail("egress grants in a plan whose network mode is none".into());
         }
+        self.check_profile()?;
         if self.entrypoint.command.is_empty() || self.entrypoint.command[0].is_empty() {
             return fail("entrypoint.command is empty".into());
         }
@@ -416,6 +407,49 @@ impl LaunchPlan {
         }
         if self.valid_until <= self.valid_from {
             return fail("valid_until is not after valid_from".into());
+        }
+        Ok(())
+    }
+
+    /// Whether the plan grants egress or forwards ports.
+    pub fn is_networked(&self) -> bool {
+        !self.policy.egress.is_empty() || !self.policy.ports.is_empty()
+    }
+
+    /// The profile's rules: no network under `restrictive`, resources within the profile's
+    /// ceilings, grants no wider than the profile's, and the kernel command line telling the
+    /// agent exactly these grants.
+    fn check_profile(&self) -> Result<(), Error> {
+        let fail = |msg: String| Err(Error::InvalidPlan(msg));
+        let profile = self.policy.profile;
+        if !profile.allows_network() && self.is_networked() {
+            return fail(format!(
+                "the {profile} profile grants no egress and forwards no ports"
+            ));
+        }
+        let most = profile.ceilings();
+        if self.resources.cpu_cores > most.cpu_cores || self.resources.memory_mb > most.memory_mb {
+            return fail(format!(
+                "the {profile} profile allows at most {} vCPUs and {} MiB",
+                most.cpu_cores, most.memory_mb
+            ));
+        }
+        if let Some(grant) = self.policy.grants.wider_than(profile, self.is_networked()) {
+            return fail(format!(
+                "grants.{grant} is wider than the {profile} profile gives"
+            ));
+        }
+        let word = self.policy.grants.cmdline_word();
+        let said = self
+            .kernel
+            .cmdline
+            .split_ascii_whitespace()
+            .filter(|w| w.starts_with("mvm.policy="))
+            .collect::<Vec<_>>();
+        if said != [word.as_str()] {
+            return fail(format!(
+                "kernel.cmdline must carry {word} exactly once (the plan's grants)"
+            ));
         }
         Ok(())
     }

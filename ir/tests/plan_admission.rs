@@ -47,7 +47,8 @@ fn valid_plan(single_use: bool) -> LaunchPlan {
         kernel: KernelPin {
             path: "vmlinux".into(),
             digest: digest_of("kernel"),
-            cmdline: "console=ttyS0 ro panic=-1 mvm.verity=on".into(),
+            cmdline: "console=ttyS0 ro panic=-1 mvm.verity=on mvm.policy=standard,inet,host_copy"
+                .into(),
         },
         initramfs: ArtifactPin {
             path: "initramfs.cpio.zst".into(),
@@ -74,6 +75,7 @@ fn valid_plan(single_use: bool) -> LaunchPlan {
         },
         policy: ResolvedPolicy {
             profile: Profile::Standard,
+            grants: Profile::Standard.grants(true),
             network: NetworkMode::Allowlist,
             egress: vec![EgressGrant {
                 host: "api.example.com".into(),

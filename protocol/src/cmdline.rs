@@ -1,4 +1,5 @@
-//! The root filesystem's dm-verity parameters, read from the kernel command line.
+//! The root filesystem's dm-verity parameters and the workload's guest policy, read from the
+//! kernel command line.
 //!
 //! The builder writes them and the launch plan signs the command line, so they are as trusted
 //! as the plan; they are still checked strictly here, because a typo'd or truncated value
@@ -148,6 +149,90 @@ impl VerityCmdline {
     }
 }
 
+/// The guest policy's parameter: `mvm.policy=TIER[,GRANT]…`.
+const POLICY: &str = "mvm.policy";
+
+/// The syscall filter the agent installs on the workload's commands, narrowest first (the
+/// plan's `grants.seccomp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SeccompTier {
+    /// Kernel-surface denials, `AF_UNIX` sockets only.
+    Essential,
+    /// Kernel-surface denials; `AF_INET`/`AF_INET6` only with `inet`.
+    Standard,
+    /// Kernel-surface denials; every socket family.
+    Network,
+    /// No filter.
+    Unrestricted,
+}
+
+/// What the plan's profile grants inside the guest, as the builder signed it into the
+/// command line: the agent enforces it and cannot be told otherwise over its channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestPolicy {
+    /// The commands' syscall filter.
+    pub seccomp: SeccompTier,
+    /// `AF_INET`/`AF_INET6` sockets under the `standard` tier.
+    pub inet: bool,
+    /// Files may be written in from the host.
+    pub host_copy: bool,
+    /// File operations may reach beyond `/tmp` and the home.
+    pub files_anywhere: bool,
+    /// An interactive terminal may be opened.
+    pub terminal: bool,
+}
+
+impl GuestPolicy {
+    /// Parses `mvm.policy=` of the kernel command line: required, exactly once, a known tier
+    /// then known grants, each at most once.
+    pub fn parse(cmdline: &str) -> Result<Self, CmdlineError> {
+        let mut found = None;
+        for word in cmdline.split_ascii_whitespace() {
+            if let Some(value) = word.strip_prefix("mvm.policy=") {
+                if found.replace(value).is_some() {
+                    return Err(CmdlineError::Repeated(POLICY));
+                }
+            }
+        }
+        let value = found.ok_or(CmdlineError::Missing(POLICY))?;
+        let bad = || {
+            malformed(
+                POLICY,
+                value,
+                "essential, standard, network or unrestricted, then ,inet ,host_copy ,files_anywhere ,terminal",
+            )
+        };
+        let mut parts = value.split(',');
+        let seccomp = match parts.next() {
+            Some("essential") => SeccompTier::Essential,
+            Some("standard") => SeccompTier::Standard,
+            Some("network") => SeccompTier::Network,
+            Some("unrestricted") => SeccompTier::Unrestricted,
+            _ => return Err(bad()),
+        };
+        let mut policy = GuestPolicy {
+            seccomp,
+            inet: false,
+            host_copy: false,
+            files_anywhere: false,
+            terminal: false,
+        };
+        for grant in parts {
+            let flag = match grant {
+                "inet" => &mut policy.inet,
+                "host_copy" => &mut policy.host_copy,
+                "files_anywhere" => &mut policy.files_anywhere,
+                "terminal" => &mut policy.terminal,
+                _ => return Err(bad()),
+            };
+            if std::mem::replace(flag, true) {
+                return Err(bad());
+            }
+        }
+        Ok(policy)
+    }
+}
+
 fn is_lower_hex(s: &str) -> bool {
     s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
@@ -206,6 +291,38 @@ mod tests {
     fn an_empty_salt_is_a_dash_in_the_table() {
         let v = VerityCmdline::parse(&line("").replace("salt=00ff", "salt=")).unwrap();
         assert!(v.table("a", "b").ends_with(&format!("{HASH} -")));
+    }
+
+    #[test]
+    fn the_guest_policy_is_a_tier_and_its_grants() {
+        let p = GuestPolicy::parse(&line("mvm.policy=standard,inet,host_copy")).unwrap();
+        assert_eq!(p.seccomp, SeccompTier::Standard);
+        assert!(p.inet && p.host_copy && !p.files_anywhere && !p.terminal);
+        let p = GuestPolicy::parse("mvm.policy=essential").unwrap();
+        assert!(!p.inet && !p.host_copy);
+        assert_eq!(
+            GuestPolicy::parse(&line("")),
+            Err(CmdlineError::Missing(POLICY))
+        );
+        assert_eq!(
+            GuestPolicy::parse("mvm.policy=network mvm.policy=essential"),
+            Err(CmdlineError::Repeated(POLICY))
+        );
+        for value in [
+            "",
+            "lenient",
+            "standard,",
+            "standard,inet,inet",
+            "standard,root",
+            ",inet",
+            "Standard",
+        ] {
+            let parsed = GuestPolicy::parse(&format!("mvm.policy={value}"));
+            assert!(
+                matches!(parsed, Err(CmdlineError::Malformed { key: POLICY, .. })),
+                "{value}: {parsed:?}"
+            );
+        }
     }
 
     #[test]

@@ -461,6 +461,9 @@ pub mod codes {
     pub const CONNECT_FAILED: &str = "AGENT115";
     /// The egress proxy could not listen on its address in the guest.
     pub const PROXY_LISTEN: &str = "AGENT116";
+    /// The plan's profile (or the host's policy) does not grant what was asked: a file
+    /// operation beyond `/tmp` and the home, a copy in from the host, a client's environment.
+    pub const NOT_GRANTED: &str = "AGENT117";
 }
 
 #[cfg(test)]

@@ -104,3 +104,9 @@ pub const RUN057: &str = "RUN057";
 /// A forwarded port could not be listened on: the host port is taken, or its address is not
 /// loopback and the operator does not list it.
 pub const RUN058: &str = "RUN058";
+/// The plan is over a ceiling of this host's `[policy]` in `$MVM_HOME/config.toml` (or that
+/// section is malformed); the VM does not start.
+pub const RUN059: &str = "RUN059";
+/// A launch's environment (`--env`, `--allow-env`) is refused: the plan's profile or the
+/// host's policy lets no client set it, or a variable is on the denylist.
+pub const RUN060: &str = "RUN060";

@@ -7,6 +7,7 @@
 //!
 //! [protocol]: mvm_protocol
 
+use std::collections::BTreeMap;
 use std::io::{self, Read as _, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -82,6 +83,10 @@ pub struct Shared {
     pub mux: Arc<AgentMux>,
     /// The admitted plan, for exec defaults.
     pub plan: LaunchPlan,
+    /// The launch's variables (`mvm up --env`), under each command's own.
+    pub launch_env: BTreeMap<String, String>,
+    /// Whether a client may set a command's environment: the rule that says no if not.
+    pub client_env: Result<(), String>,
     /// The agent's hello, answered to clients that say hello.
     pub hello: HelloReply,
     /// Set by a client's power-off request (or a signal): the owner stops the VM.
@@ -663,10 +668,15 @@ fn admit_command(
     request: ExecRequest,
     event: &str,
 ) -> io::Result<Option<(ExecRequest, String)>> {
-    let request = match with_plan_defaults(&shared.plan, request) {
+    let request = match with_plan_defaults(
+        &shared.plan,
+        &shared.launch_env,
+        &shared.client_env,
+        request,
+    ) {
         Ok(request) => request,
-        Err(message) => {
-            writer.error(client_stream, codes::BAD_REQUEST, message)?;
+        Err((code, message)) => {
+            writer.error(client_stream, code, message)?;
             return Ok(None);
         }
     };
@@ -1011,21 +1021,33 @@ fn pass_input(
     Ok(())
 }
 
-/// The plan's environment under the client's own variables (the client's win), `HOME=/tmp`
-/// when neither sets it, the plan's working directory, entrypoint and user (the image's
-/// `User`) when the client gives none, the timeout clamped to a week. A client variable that is not a valid name, or that
-/// the IR refuses everywhere (`LD_PRELOAD` and the like), is refused.
+/// The plan's environment under the launch's (`--env`) under the client's own variables (the
+/// client's win), `HOME=/tmp` when none sets it, the plan's working directory, entrypoint and
+/// user (the image's `User`) when the client gives none, the timeout clamped to a week. A
+/// client variable that is not a valid name, or that the IR refuses everywhere (`LD_PRELOAD`
+/// and the like), is refused ([`codes::BAD_REQUEST`]); so is any client variable when the
+/// plan's profile or the host's policy lets no client set one ([`codes::NOT_GRANTED`], the
+/// rule in `client_env`).
 pub fn with_plan_defaults(
     plan: &LaunchPlan,
+    launch_env: &BTreeMap<String, String>,
+    client_env: &Result<(), String>,
     mut request: ExecRequest,
-) -> Result<ExecRequest, String> {
+) -> Result<ExecRequest, (&'static str, String)> {
     for name in request.env.keys() {
         if !is_env_name(name) || is_denied(name) {
-            return Err(format!("environment variable {name:?} is not allowed"));
+            let message = format!("environment variable {name:?} is not allowed");
+            return Err((codes::BAD_REQUEST, message));
         }
+    }
+    if !request.env.is_empty() {
+        client_env
+            .clone()
+            .map_err(|rule| (codes::NOT_GRANTED, rule))?;
     }
     request.timeout_ms = request.timeout_ms.min(MAX_TIMEOUT.as_millis() as u64);
     let mut env = plan.policy.env.clone();
+    env.extend(launch_env.clone());
     env.append(&mut request.env);
     env.entry("HOME".into()).or_insert_with(|| "/tmp".into());
     request.env = env;

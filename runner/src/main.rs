@@ -4,6 +4,7 @@
 //! ([`mvm_runner::launch`]); this binary reads its arguments, turns signals into a clean stop,
 //! and turns the result into the command's output, a report, a receipt and an exit status.
 
+use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
@@ -146,6 +147,13 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(exit::RUNNER);
     }
+    let env = match launch_env() {
+        Ok(env) => env,
+        Err(why) => {
+            eprintln!("mvm-runner: error {}: {why}", codes::RUN060);
+            return ExitCode::from(exit::RUNNER);
+        }
+    };
     // A signal stops the launch through its normal teardown (the VM killed, `vm.exited`
     // recorded, the state directory removed) instead of ending the runner on the spot.
     let interrupt = Arc::new(AtomicBool::new(false));
@@ -159,14 +167,14 @@ fn main() -> ExitCode {
         }
     }
     if let Some(name) = args.name.clone() {
-        return ExitCode::from(serve(args, &name, false, started, interrupt, jail));
+        return ExitCode::from(serve(args, &name, false, started, interrupt, jail, env));
     }
     if let Some(name) = args.wake.clone() {
-        return ExitCode::from(serve(args, &name, true, started, interrupt, jail));
+        return ExitCode::from(serve(args, &name, true, started, interrupt, jail, env));
     }
     let json = args.json;
     let receipt = args.receipt.clone();
-    let code = match run(args, started, interrupt, jail) {
+    let code = match run(args, started, interrupt, jail, env) {
         Ok((finished, output)) => match receipt.map(|path| write_receipt(&finished, &path)) {
             Some(Err(e)) => {
                 eprintln!("mvm-runner: error {}: writing the receipt: {e}", e.code());
@@ -179,12 +187,33 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
+/// The variable mvm hands a launch's environment in (`mvm run|up --env`, `--allow-env`): a
+/// JSON object of names and values. Not arguments, which any user of the host can read in
+/// `/proc/PID/cmdline`; a process's environment only its owner can.
+const LAUNCH_ENV: &str = "MVM_LAUNCH_ENV";
+
+/// The launch's environment from [`LAUNCH_ENV`], taken out of this process's own so that
+/// nothing the runner starts inherits it. Called while the runner has one thread.
+fn launch_env() -> Result<BTreeMap<String, String>, String> {
+    let Some(text) = std::env::var_os(LAUNCH_ENV) else {
+        return Ok(BTreeMap::new());
+    };
+    // The runner has started no thread yet: nothing reads the environment meanwhile.
+    std::env::remove_var(LAUNCH_ENV);
+    let text = text
+        .into_string()
+        .map_err(|_| format!("{LAUNCH_ENV} is not UTF-8"))?;
+    serde_json::from_str(&text)
+        .map_err(|e| format!("{LAUNCH_ENV} is not a JSON object of strings: {e}"))
+}
+
 fn launch_request(
     args: Args,
     home: MvmHome,
     started: Instant,
     interrupt: Arc<AtomicBool>,
     jail: Option<Jail>,
+    env: BTreeMap<String, String>,
 ) -> Launch {
     Launch {
         // Only a wake has none: its plan is the one its saved state names.
@@ -201,6 +230,7 @@ fn launch_request(
         deny: args.deny_host,
         net_log: args.net_log,
         ports: args.port,
+        env,
     }
 }
 
@@ -209,10 +239,11 @@ fn run(
     started: Instant,
     interrupt: Arc<AtomicBool>,
     jail: Option<Jail>,
+    env: BTreeMap<String, String>,
 ) -> Result<(Finished, Option<Captured>), Box<Failure>> {
     let home = MvmHome::from_env().map_err(LaunchError::Audit)?;
     let json = args.json;
-    let request = launch_request(args, home, started, interrupt, jail);
+    let request = launch_request(args, home, started, interrupt, jail, env);
     if json {
         let mut captured = Captured::default();
         let finished = launch::launch(&request, &mut captured)?;
@@ -232,6 +263,7 @@ fn serve(
     started: Instant,
     interrupt: Arc<AtomicBool>,
     jail: Option<Jail>,
+    env: BTreeMap<String, String>,
 ) -> u8 {
     if !state::valid_name(name) {
         eprintln!(
@@ -248,7 +280,7 @@ fn serve(
         }
     };
     let log = home.root().join("vms").join(name).join(state::RUNNER_LOG);
-    let request = launch_request(args, home, started, interrupt, jail);
+    let request = launch_request(args, home, started, interrupt, jail, env);
     let mut on_ready = |state: &state::VmState| {
         let mut out = io::stdout().lock();
         let _ = writeln!(out, "{}", json!({"ready": state}));

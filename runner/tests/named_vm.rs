@@ -104,6 +104,8 @@ impl FakeRunner {
         let shared = Arc::new(Shared {
             mux: std::sync::Arc::new(AgentMux::new(host, 0).unwrap()),
             plan: support::plan_guest::test_plan(),
+            launch_env: Default::default(),
+            client_env: Ok(()),
             hello: HelloReply {
                 version: PROTOCOL_VERSION,
                 agent: "test".into(),

@@ -38,14 +38,6 @@ const PLAN_FILE: &str = "plan.dsse.json";
 const PROVENANCE_FILE: &str = "provenance.dsse.json";
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
-enum ProfileArg {
-    Restrictive,
-    Standard,
-    Dev,
-    Permissive,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
 enum Persona {
     /// A confined child process on this host (no_new_privs, Landlock, seccomp).
     Host,
@@ -105,9 +97,14 @@ pub struct BuildArgs {
     /// How long the plan stays valid (a reusable plan).
     #[arg(long, default_value = "30days", value_parser = humantime::parse_duration)]
     valid_for: Duration,
-    /// The policy profile (default: the one a workload.nix names, else standard).
-    #[arg(long, value_enum)]
-    profile: Option<ProfileArg>,
+    /// The policy profile: restrictive, standard, dev or permissive (docs/policy.md). Default:
+    /// the one a workload.nix names, else the app's threat tier's (standard; dev when trusted).
+    #[arg(long, value_name = "PROFILE", value_parser = parse_profile)]
+    profile: Option<Profile>,
+    /// Acknowledge that the permissive profile drops the guest's syscall filter and widens
+    /// every grant: without it a permissive plan is not built.
+    #[arg(long)]
+    ack_permissive: bool,
     /// The guest agent binary, `/init` of the initramfs (default: mvm-agent next to mvm).
     #[arg(long, env = "MVM_AGENT")]
     agent: Option<PathBuf>,
@@ -136,12 +133,7 @@ pub struct BuildArgs {
 pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
     let started = Timestamp::now();
     let host = Host::open()?;
-    let flag_profile = args.profile.map(|p| match p {
-        ProfileArg::Restrictive => Profile::Restrictive,
-        ProfileArg::Standard => Profile::Standard,
-        ProfileArg::Dev => Profile::Dev,
-        ProfileArg::Permissive => Profile::Permissive,
-    });
+    let flag_profile = args.profile;
     let target = match &args.image {
         Some(image) => Target::image(
             image,
@@ -154,8 +146,6 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
             args.app.as_deref(),
         )?,
     };
-    // The command line's profile, else the declaration's (a workload.nix may name one).
-    let profile = flag_profile.or(target.profile).unwrap_or(Profile::Standard);
     let store = KernelStore::at(&host.home.ensure("kernels")?);
     let kernel = match &args.kernel {
         Some(release) => store.open(release),
@@ -254,6 +244,12 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
     };
     let (workload, app_index) = target.workload(&argv, resources, network)?;
     let app = &workload.apps[app_index];
+    // The command line's profile, else the declaration's (a workload.nix may name one), else
+    // the app's threat tier's.
+    let profile = flag_profile
+        .or(target.profile)
+        .unwrap_or(app.threat_tier.default_profile());
+    profile_allows(profile, app, args.ack_permissive)?;
     let digest = ir_digest(&workload)?;
     let now = time::OffsetDateTime::now_utc().replace_nanosecond(0)?;
     let valid_until = time::Duration::try_from(args.valid_for)
@@ -587,7 +583,46 @@ impl Target {
 /// Reads `--allow-host HOST[:PORT]`: a name, `*.SUFFIX` or IP literal (an IPv6 one in
 /// brackets when a port follows), port 443 when none is given. The IR's validation judges the
 /// host itself.
-fn parse_grant(text: &str) -> Result<EgressGrant, String> {
+/// A profile's name, for `--profile`.
+pub fn parse_profile(name: &str) -> Result<Profile, String> {
+    Profile::from_name(name).ok_or_else(|| {
+        format!("{name:?} is not a profile: restrictive, standard, dev or permissive")
+    })
+}
+
+/// Refuses (BUILD011) an app its profile does not allow, before any work: network under
+/// `restrictive`, resources over the profile's ceilings, `permissive` without its
+/// acknowledgement.
+fn profile_allows(profile: Profile, app: &App, acknowledged: bool) -> anyhow::Result<()> {
+    let refuse = |why: String| Err(coded_as("BUILD011", why));
+    if profile.needs_acknowledgement() && !acknowledged {
+        return refuse(
+            "the permissive profile drops the guest's syscall filter and widens every grant; \
+             pass --ack-permissive to build it"
+                .into(),
+        );
+    }
+    let networked = (app.network.mode == NetworkMode::Allowlist
+        && !app.network.egress.allowlist.is_empty())
+        || !app.network.ports.is_empty();
+    if networked && !profile.allows_network() {
+        return refuse(format!(
+            "app {}: the {profile} profile grants no egress and forwards no ports; \
+             build with --profile standard or drop the app's network grants",
+            app.name
+        ));
+    }
+    let most = profile.ceilings();
+    if app.resources.cpu_cores > most.cpu_cores || app.resources.memory_mb > most.memory_mb {
+        return refuse(format!(
+            "app {} asks for {} vCPUs and {} MiB; the {profile} profile allows at most {} and {} MiB",
+            app.name, app.resources.cpu_cores, app.resources.memory_mb, most.cpu_cores, most.memory_mb
+        ));
+    }
+    Ok(())
+}
+
+pub fn parse_grant(text: &str) -> Result<EgressGrant, String> {
     let (host, port) = match text.rsplit_once(':') {
         Some((host, port)) if !host.contains(':') || host.ends_with(']') => {
             let port = port

@@ -12,7 +12,7 @@ use mvm_builder::image_cache::ImageCache;
 use mvm_builder::kernel::KernelStore;
 use mvm_ir::admission::verify_signed_plan;
 use mvm_ir::digest::{sha256_hex, sha256_reader};
-use mvm_ir::plan::MAX_ENVELOPE_BYTES;
+use mvm_ir::plan::{Profile, MAX_ENVELOPE_BYTES};
 use serde_json::json;
 
 use super::{coded_as, coded_io, Host};
@@ -50,6 +50,44 @@ pub struct ImageOptions {
     /// error as it is made.
     #[arg(long)]
     net_log: bool,
+    /// The policy profile of the image's plan: restrictive, standard (the default), dev or
+    /// permissive (docs/policy.md). Images only: a plan's profile is signed into it.
+    #[arg(long, conflicts_with = "plan", value_name = "PROFILE", value_parser = super::build::parse_profile)]
+    profile: Option<Profile>,
+    /// Acknowledge that the permissive profile drops the guest's syscall filter.
+    #[arg(long, conflicts_with = "plan")]
+    ack_permissive: bool,
+    /// Set NAME=VALUE in the environment of the command (of every command of a VM `mvm up`
+    /// starts); repeatable. Refused (RUN060) for a denied name (`LD_PRELOAD`, `BASH_ENV`, …)
+    /// or when the plan's profile or the host's policy lets no client set variables.
+    #[arg(long = "env", value_name = "NAME=VALUE", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Pass this host's variable NAME, exactly that name, to the command as --env would;
+    /// repeatable. Nothing of the host's environment reaches a guest otherwise.
+    #[arg(long, value_name = "NAME")]
+    allow_env: Vec<String>,
+}
+
+/// `NAME=VALUE` of `--env`: a valid name mvm passes to workloads.
+fn parse_env(text: &str) -> Result<(String, String), String> {
+    let (name, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not NAME=VALUE"))?;
+    env_name_allowed(name)?;
+    Ok((name.to_string(), value.to_string()))
+}
+
+/// Refuses a name that is not a variable name or that mvm never passes to a workload.
+fn env_name_allowed(name: &str) -> Result<(), String> {
+    if !mvm_ir::validate::is_env_name(name) {
+        return Err(format!("{name:?} is not a variable name"));
+    }
+    if mvm_ir::env::is_denied(name) {
+        return Err(format!(
+            "{name} is never passed to a workload: loader, shell and interpreter variables can take over the programs they reach (docs/ir.md#the-environment-denylist)"
+        ));
+    }
+    Ok(())
 }
 
 impl ImageOptions {
@@ -63,22 +101,47 @@ impl ImageOptions {
             allow_host,
             deny_host: Vec::new(),
             net_log: false,
+            profile: None,
+            ack_permissive: false,
+            env: Vec::new(),
+            allow_env: Vec::new(),
         }
     }
 
-    /// The runner's arguments for the egress options that apply at launch.
-    pub fn runner_args(&self) -> Vec<String> {
-        let mut args: Vec<String> = self
-            .deny_host
-            .iter()
-            .map(|host| format!("--deny-host={host}"))
-            .collect();
+    /// Gives the runner the options that apply at launch: the egress narrowing as arguments,
+    /// the environment (`--env`, `--allow-env`) in its own environment, which only this user
+    /// can read (arguments every user of the host can).
+    pub fn configure_runner(&self, runner: &mut Command) -> anyhow::Result<()> {
+        runner.args(
+            self.deny_host
+                .iter()
+                .map(|host| format!("--deny-host={host}")),
+        );
         if self.net_log {
-            args.push("--net-log".into());
+            runner.arg("--net-log");
         }
-        args
+        let mut env: std::collections::BTreeMap<String, String> =
+            self.env.iter().cloned().collect();
+        for name in &self.allow_env {
+            env_name_allowed(name)
+                .map_err(|why| coded_as("RUN060", format!("--allow-env {why}")))?;
+            let value = std::env::var(name).map_err(|_| {
+                coded_as(
+                    "RUN060",
+                    format!("--allow-env {name}: this process has no such variable (or it is not UTF-8)"),
+                )
+            })?;
+            env.insert(name.clone(), value);
+        }
+        if !env.is_empty() {
+            runner.env(LAUNCH_ENV, serde_json::to_string(&env)?);
+        }
+        Ok(())
     }
 }
+
+/// Where the runner takes a launch's environment from (`mvm-runner` reads and removes it).
+const LAUNCH_ENV: &str = "MVM_LAUNCH_ENV";
 
 /// Where a build's report goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,6 +208,7 @@ fn cached_bundle(
         "command": command,
         "entrypoint": options.entrypoint,
         "allow_host": options.allow_host,
+        "profile": options.profile,
         "agent": agent_digest.0,
         "kernel": kernel.manifest.vmlinuz.digest,
         "modules": kernel.manifest.modules.iter().map(|m| &m.file.digest).collect::<Vec<_>>(),
@@ -181,6 +245,12 @@ fn cached_bundle(
     }
     for host in &options.allow_host {
         build.arg(format!("--allow-host={host}"));
+    }
+    if let Some(profile) = options.profile {
+        build.arg(format!("--profile={profile}"));
+    }
+    if options.ack_permissive {
+        build.arg("--ack-permissive");
     }
     if !command.is_empty() {
         build.arg("--").args(command);

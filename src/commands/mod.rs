@@ -15,6 +15,7 @@ pub mod kernel;
 pub mod keys;
 pub mod nix;
 pub mod plan;
+pub mod policy;
 pub mod receipt;
 pub mod run;
 pub mod sandbox;

@@ -136,7 +136,7 @@ fn launch(args: RunArgs, out: &Output) -> anyhow::Result<ExitCode> {
     if args.huge_pages {
         command.arg("--huge-pages");
     }
-    command.args(args.image_options.runner_args());
+    args.image_options.configure_runner(&mut command)?;
     if let Some(timeout) = args.timeout {
         command
             .arg("--timeout")
@@ -192,8 +192,8 @@ fn run_with_input(args: &RunArgs, plan: &Path) -> anyhow::Result<ExitCode> {
     runner
         .arg("--plan")
         .arg(plan)
-        .args(["--name", &name, "--backend", &args.backend])
-        .args(args.image_options.runner_args());
+        .args(["--name", &name, "--backend", &args.backend]);
+    args.image_options.configure_runner(&mut runner)?;
     if args.huge_pages {
         runner.arg("--huge-pages");
     }

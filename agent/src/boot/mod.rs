@@ -16,7 +16,7 @@ use std::io;
 use std::path::Path;
 use std::time::Duration;
 
-use mvm_protocol::cmdline::{self, VerityCmdline};
+use mvm_protocol::cmdline::{self, GuestPolicy, VerityCmdline};
 
 /// The disk holding the EROFS root filesystem image.
 pub const DATA_DEVICE: &str = "/dev/vda";
@@ -157,6 +157,8 @@ pub fn since_kernel_start() -> u64 {
 pub struct Booted {
     /// The verity parameters the root was opened with.
     pub verity: VerityCmdline,
+    /// What the plan's profile grants the workload in the guest.
+    pub policy: GuestPolicy,
     /// When each step finished.
     pub timings: Timings,
 }
@@ -172,6 +174,7 @@ pub fn run(agent_started: u64) -> Result<Booted, BootError> {
     mounts::mount_kernel_filesystems()?;
     let line = fs::read_to_string("/proc/cmdline").map_err(BootError::system("/proc/cmdline"))?;
     let verity = VerityCmdline::parse(&line)?;
+    let policy = GuestPolicy::parse(&line)?;
 
     modules::load_listed(
         Path::new(modules::MODULE_LIST),
@@ -185,5 +188,9 @@ pub fn run(agent_started: u64) -> Result<Booted, BootError> {
 
     mounts::mount_root(&root_device)?;
     timings.root = since_kernel_start();
-    Ok(Booted { verity, timings })
+    Ok(Booted {
+        verity,
+        policy,
+        timings,
+    })
 }

@@ -14,6 +14,7 @@ use mvm_protocol::flow::{cost, ReceiveWindow, SendWindow};
 use mvm_protocol::{codes, ErrorReply, ExecRequest, ExitStatus, ProcessInfo};
 
 use super::cgroup::CommandGroup;
+use super::seccomp::WorkloadFilter;
 
 /// `PATH` for commands whose environment has none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -79,13 +80,15 @@ impl Running {
     /// Starts `request` in its own process group, as `user` when given, with nothing inherited
     /// but what the request names. `no_new_privs` is already set on the agent and so on it.
     /// With `spawn`, a background command with that handle whose output is kept, not sent.
-    /// With `group`, it enters that cgroup before it runs anything.
+    /// With `group`, it enters that cgroup before it runs anything; with `filter`, the
+    /// workload's syscall filter is installed just before `execve`.
     pub fn start(
         stream: u32,
         request: &ExecRequest,
         user: Option<Credentials>,
         spawn: Option<u64>,
         group: Option<CommandGroup>,
+        filter: Option<WorkloadFilter>,
     ) -> Result<Self, ErrorReply> {
         if spawn.is_some() && request.stdin {
             return Err(error(
@@ -133,6 +136,15 @@ impl Running {
             #[allow(unsafe_code)]
             unsafe {
                 command.pre_exec(move || super::cgroup::enter(procs));
+            }
+        }
+        if let Some(filter) = filter {
+            // SAFETY: `install` makes only `prctl` and `seccomp` calls and allocates nothing,
+            // as code between fork and exec must; it runs after the user is set and the
+            // cgroup entered, so the command and all it starts stay under the filter.
+            #[allow(unsafe_code)]
+            unsafe {
+                command.pre_exec(move || filter.install());
             }
         }
         let started = Instant::now();

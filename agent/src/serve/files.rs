@@ -57,6 +57,12 @@ impl FileRoots {
         roots
     }
 
+    /// The whole root filesystem: the dev profile's `files_anywhere` (the kernel still checks
+    /// the workload user's permissions, and the verified root is read-only).
+    pub fn anywhere() -> Self {
+        Self(vec!["/".into()])
+    }
+
     /// The roots, as announced to the host and named in refusals.
     pub fn paths(&self) -> &[String] {
         &self.0
@@ -65,6 +71,9 @@ impl FileRoots {
     /// The root holding `path` and the rest of `path` below it (`""` for the root itself).
     fn split<'p>(&self, path: &'p str) -> Option<(&str, &'p str)> {
         self.0.iter().find_map(|root| {
+            if root == "/" {
+                return path.strip_prefix('/').map(|inside| ("/", inside));
+            }
             let rest = path.strip_prefix(root.as_str())?;
             match rest.strip_prefix('/') {
                 Some(inside) => Some((root.as_str(), inside)),
@@ -127,7 +136,7 @@ pub(super) fn place(path: &str, roots: &FileRoots) -> Result<Place, ErrorReply> 
         .filter(|(_, inside)| !inside.is_empty())
         .ok_or_else(|| {
             refused(&format!(
-                "file operations are confined to {}",
+                "file operations are confined to {} (the dev profile opens the whole root)",
                 roots.paths().join(" and ")
             ))
         })?;

@@ -17,6 +17,7 @@ pub mod exec;
 pub mod files;
 mod forwarded;
 pub mod fsops;
+pub mod seccomp;
 mod tunnel;
 pub mod users;
 
@@ -35,11 +36,13 @@ use egress::Egress;
 use exec::{Credentials, Running};
 use files::{Download, FileAccess, FileRoots, Upload};
 use forwarded::ForwardedPorts;
+use mvm_protocol::cmdline::{GuestPolicy, SeccompTier};
 use mvm_protocol::{
     codes, encode, flow, is_agent_stream, BootTimings, ErrorReply, ExecReply, ExecRequest,
     FileDone, Frame, FrameDecoder, FrameError, FrameKind, HelloReply, Integrity, ProcessInfo,
     Request, Response, PROTOCOL_VERSION,
 };
+use seccomp::WorkloadFilter;
 
 /// Bytes read from a pipe or the channel at a time; also the largest data frame sent.
 const CHUNK: usize = 64 * 1024;
@@ -60,6 +63,11 @@ pub struct ServeConfig {
     pub command_groups: Option<PathBuf>,
     /// Where file operations may reach.
     pub file_roots: FileRoots,
+    /// What the plan's profile grants in the guest (`mvm.policy=` of the kernel command line).
+    pub policy: GuestPolicy,
+    /// The syscall filter installed on every command, compiled from `policy`; `None` for the
+    /// `unrestricted` tier.
+    pub workload_filter: Option<WorkloadFilter>,
     /// The boot timings for the hello.
     pub timings: BootTimings,
     /// Reads whether the verified root has seen a corrupted block.
@@ -78,6 +86,14 @@ impl ServeConfig {
         Self {
             workload_user: None,
             file_roots: FileRoots::tmp(),
+            policy: GuestPolicy {
+                seccomp: SeccompTier::Unrestricted,
+                inet: true,
+                host_copy: true,
+                files_anywhere: false,
+                terminal: true,
+            },
+            workload_filter: None,
             reap_orphans: false,
             command_groups: None,
             timings: BootTimings::default(),
@@ -246,7 +262,15 @@ impl<'c> Agent<'c> {
             }
             None => request,
         };
-        Running::start(stream, request, self.config.workload_user, spawn, group)
+        let filter = self.config.workload_filter.clone();
+        Running::start(
+            stream,
+            request,
+            self.config.workload_user,
+            spawn,
+            group,
+            filter,
+        )
     }
 
     /// Answers one frame from the host; `Some` when serving ends.
@@ -318,6 +342,10 @@ impl<'c> Agent<'c> {
             {
                 let (code, message) = busy.unwrap_or_default();
                 send_error(channel, stream, code, message)?;
+            }
+            Request::FsWrite(_) if !self.config.policy.host_copy => {
+                let message = "the plan's profile (restrictive) copies no file in from the host";
+                send_error(channel, stream, codes::NOT_GRANTED, message.into())?;
             }
             Request::FsWrite(request) => match Upload::start(request, files) {
                 Ok(upload) if upload.complete() => {

@@ -1206,4 +1206,5 @@ fn directories_travel_as_tar_streams() {
 }
 
 mod homes;
+mod policy;
 mod tunnels;

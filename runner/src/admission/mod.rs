@@ -13,6 +13,8 @@ use time::OffsetDateTime;
 
 use crate::codes;
 
+pub mod host_policy;
+
 /// The largest kernel the runner reads.
 const MAX_KERNEL_BYTES: u64 = 128 << 20;
 /// The largest initramfs the runner reads.

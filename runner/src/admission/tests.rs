@@ -55,7 +55,12 @@ impl Bundle {
         plan["rootfs"]["verity"]["data_blocks"] = json!(3);
         plan["nonce"] = json!(fresh_nonce().unwrap());
         plan["single_use"] = json!(single_use);
-        plan["kernel"]["cmdline"] = json!(cmdline(&plan["rootfs"]["verity"]));
+        // The plan's grants, as the builder words them (the plan's own rule).
+        let cmdline = format!(
+            "{} mvm.policy=standard,host_copy",
+            cmdline(&plan["rootfs"]["verity"])
+        );
+        plan["kernel"]["cmdline"] = json!(cmdline);
         let bundle = Self {
             dir,
             ledger: tempfile::tempdir().unwrap(),

@@ -90,6 +90,10 @@ pub struct Launch {
     pub net_log: bool,
     /// Host ports forwarded to guest ports, beyond the plan's own (`mvm up --port`).
     pub ports: Vec<PortSpec>,
+    /// Variables set in the command's environment (a named VM's every command's), over the
+    /// plan's own: `--env`, `--allow-env`. Refused unless the plan's profile and the host's
+    /// policy let a client set them (RUN060).
+    pub env: BTreeMap<String, String>,
 }
 
 /// A launch that ran its command to the end.
@@ -469,19 +473,19 @@ fn exec_request(plan: &VerifiedPlan, launch: &Launch) -> Result<ExecRequest, Adm
     let timeout = launch.timeout.unwrap_or(control::MAX_TIMEOUT);
     let asked = ExecRequest {
         argv: launch.argv.clone(),
-        env: BTreeMap::new(),
+        env: launch.env.clone(),
         cwd: None,
         timeout_ms: timeout.as_millis().min(u128::from(u64::MAX)) as u64,
         stdin: false,
         user: None,
     };
-    // The same defaults as a named VM's commands get; no client variables to refuse here.
-    let request = control::with_plan_defaults(&plan.plan, asked).map_err(|reason| {
-        AdmissionError::NotRunnable {
+    // The same defaults as a named VM's commands get; the launch's variables were checked at
+    // admission (RUN060).
+    let request = control::with_plan_defaults(&plan.plan, &BTreeMap::new(), &Ok(()), asked)
+        .map_err(|(_, reason)| AdmissionError::NotRunnable {
             code: crate::codes::RUN029.into(),
             reason,
-        }
-    })?;
+        })?;
     if request.argv.is_empty() {
         return Err(AdmissionError::NotRunnable {
             code: crate::codes::RUN029.into(),

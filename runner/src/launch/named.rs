@@ -22,6 +22,7 @@ use super::vm_dir::{Keep, VmDir};
 use super::{
     boot, confine, secrets_resolvable, Booted, Failure, Launch, LaunchError, SHUTDOWN_GRACE,
 };
+use crate::admission::host_policy::HostPolicy;
 use crate::backend::qemu;
 use crate::backend::select::Accel;
 use crate::backend::{Pausable, SavedMemory, VmProcess};
@@ -392,6 +393,10 @@ pub(super) fn keep_serving(
     let shared = Arc::new(control::Shared {
         mux,
         plan: plan.clone(),
+        launch_env: launch.env.clone(),
+        client_env: HostPolicy::load(&launch.home)
+            .map_err(|e| e.to_string())
+            .and_then(|policy| policy.client_env(plan)),
         hello: booted.hello,
         stop: Arc::new(AtomicBool::new(false)),
         audit: Arc::clone(audit),

@@ -15,6 +15,7 @@ use serde_json::json;
 
 use super::vm_dir::{Keep, VmDir};
 use super::{Failure, Launch, LaunchError};
+use crate::admission::host_policy::HostPolicy;
 use crate::admission::{admit_bundle, AdmissionError};
 use crate::backend::kvm::jailed::{self, Jail, JailError, JailedVm};
 use crate::backend::kvm::{spec_for_plan, OwnVm, OwnVmFiles};
@@ -49,6 +50,26 @@ pub(super) enum Origin<'a> {
     Wake(VmDir, &'a mut ColdState),
 }
 
+/// Refuses (RUN060) a launch's environment its plan's profile or the host's policy does not
+/// let a client set, or that names a denied variable.
+fn launch_env_allowed(
+    host_policy: &HostPolicy,
+    plan: &VerifiedPlan,
+    env: &std::collections::BTreeMap<String, String>,
+) -> Result<(), AdmissionError> {
+    let refuse = |reason: String| AdmissionError::NotRunnable {
+        code: crate::codes::RUN060.into(),
+        reason,
+    };
+    host_policy.client_env(&plan.plan).map_err(refuse)?;
+    match env.keys().find(|name| !mvm_ir::validate::is_env_name(name) || mvm_ir::env::is_denied(name)) {
+        Some(name) => Err(refuse(format!(
+            "environment variable {name:?} is never passed to a workload (docs/ir.md#the-environment-denylist)"
+        ))),
+        None => Ok(()),
+    }
+}
+
 pub(super) fn start<T>(
     launch: &Launch,
     origin: Origin<'_>,
@@ -73,6 +94,15 @@ pub(super) fn start<T>(
         time::OffsetDateTime::now_utc(),
         again,
         |verified| {
+            let host_policy = HostPolicy::load(&launch.home)
+                .and_then(|policy| policy.check(&verified.plan).map(|()| policy))
+                .map_err(|e| AdmissionError::NotRunnable {
+                    code: crate::codes::RUN059.into(),
+                    reason: e.to_string(),
+                })?;
+            if !launch.env.is_empty() {
+                launch_env_allowed(&host_policy, verified, &launch.env)?;
+            }
             let settled = settle(verified)?;
             let unavailable = |e: HostError| AdmissionError::NotRunnable {
                 code: e.code().into(),

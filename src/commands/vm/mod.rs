@@ -196,8 +196,8 @@ pub fn up(args: UpArgs, out: &Output) -> anyhow::Result<ExitCode> {
         .arg("--plan")
         .arg(&plan)
         .args(["--name", &args.name, "--backend", &args.backend])
-        .args(args.image_options.runner_args())
         .args(args.port.iter().map(|port| format!("--port={port}")));
+    args.image_options.configure_runner(&mut runner)?;
     if args.huge_pages {
         runner.arg("--huge-pages");
     }
