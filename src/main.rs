@@ -38,6 +38,9 @@ enum Command {
     /// Policy profiles: what a plan (or a profile) allows here, and why (show, explain).
     #[command(subcommand)]
     Policy(commands::policy::PolicyCommand),
+    /// Secrets: put, ls, rm, bind, unbind (values encrypted here; guests see them by reference).
+    #[command(subcommand)]
+    Secret(commands::secret::SecretCommand),
     /// Signing keys and the keys this host trusts.
     #[command(subcommand)]
     Keys(commands::keys::KeysCommand),
@@ -143,6 +146,7 @@ fn main() -> ExitCode {
         Command::Ir(cmd) => commands::ir::run(cmd, &out),
         Command::Plan(cmd) => commands::plan::run(cmd, &out),
         Command::Keys(cmd) => commands::keys::run(cmd, &out),
+        Command::Secret(cmd) => commands::secret::run(cmd, &out),
         Command::Policy(cmd) => return exit_code(commands::policy::run(cmd, &out), &out),
         Command::Audit(cmd) => commands::audit::run(cmd, &out),
         Command::Init(args) => commands::init::run(args, &out),

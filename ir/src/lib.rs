@@ -34,6 +34,7 @@ pub mod policy;
 pub mod provenance;
 pub mod receipt;
 pub mod schema;
+pub mod secrets;
 pub mod terminal;
 pub mod validate;
 pub mod workload;

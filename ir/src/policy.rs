@@ -9,7 +9,7 @@
 //! |---|---|---|---|---|
 //! | vCPUs / memory at most | 2 / 2 GiB | 8 / 16 GiB | 16 / 32 GiB | 32 / 64 GiB |
 //! | egress grants, forwarded ports | no | yes | yes | yes |
-//! | client environment (`--env`, `exec -e`) | no | yes | yes | yes |
+//! | client environment (`--env`, `exec --env`) | no | yes | yes | yes |
 //! | files copied in from the host | no | yes | yes | yes |
 //! | files anywhere (not only `/tmp`, home) | no | no | yes | yes |
 //! | interactive terminal | no | no | yes | yes |

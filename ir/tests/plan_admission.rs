@@ -455,6 +455,68 @@ fn mutations(host: &Host, plan: &LaunchPlan) -> Vec<(&'static str, Vec<u8>, &'st
             "cpu_cores negative",
             Box::new(|v| v["resources"]["cpu_cores"] = json!(-1)),
         ),
+        // The profile's rules: grants no wider than the profile's, signed into the command
+        // line exactly, no network under restrictive, resources within the ceilings.
+        (
+            "grants missing",
+            Box::new(|v| {
+                v["policy"].as_object_mut().unwrap().remove("grants");
+            }),
+        ),
+        (
+            "a terminal granted under standard",
+            Box::new(|v| v["policy"]["grants"]["terminal"] = json!(true)),
+        ),
+        (
+            "an unrestricted seccomp tier under standard",
+            Box::new(|v| v["policy"]["grants"]["seccomp"] = json!("unrestricted")),
+        ),
+        (
+            "the command line's grants wider than the plan's",
+            Box::new(|v| {
+                let cmdline = v["kernel"]["cmdline"].as_str().unwrap().replace(
+                    "mvm.policy=standard,inet,host_copy",
+                    "mvm.policy=unrestricted,inet,host_copy",
+                );
+                v["kernel"]["cmdline"] = json!(cmdline);
+            }),
+        ),
+        (
+            "the command line without its grants",
+            Box::new(|v| {
+                let cmdline = v["kernel"]["cmdline"]
+                    .as_str()
+                    .unwrap()
+                    .replace(" mvm.policy=standard,inet,host_copy", "");
+                v["kernel"]["cmdline"] = json!(cmdline);
+            }),
+        ),
+        (
+            "the grants twice on the command line",
+            Box::new(|v| {
+                let cmdline = format!(
+                    "{} mvm.policy=standard,inet,host_copy",
+                    v["kernel"]["cmdline"].as_str().unwrap()
+                );
+                v["kernel"]["cmdline"] = json!(cmdline);
+            }),
+        ),
+        (
+            "egress under restrictive",
+            Box::new(|v| {
+                v["policy"]["profile"] = json!("restrictive");
+                v["policy"]["grants"]["seccomp"] = json!("essential");
+                v["policy"]["grants"]["inet"] = json!(false);
+                v["policy"]["grants"]["client_env"] = json!(false);
+                v["policy"]["grants"]["host_copy"] = json!(false);
+                v["policy"]["grants"]["unbound_secrets"] = json!(false);
+                v["kernel"]["cmdline"] = json!("console=ttyS0 mvm.policy=essential");
+            }),
+        ),
+        (
+            "more memory than standard allows",
+            Box::new(|v| v["resources"]["memory_mb"] = json!(32768)),
+        ),
     ];
     for (name, edit) in edits {
         table.push((name, sign_edited(plan, &host.signer, edit), "PLAN006"));

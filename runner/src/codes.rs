@@ -39,7 +39,8 @@ pub const RUN026: &str = "RUN026";
 pub const RUN027: &str = "RUN027";
 /// No command: none after `--`, and the plan has no entrypoint.
 pub const RUN029: &str = "RUN029";
-/// The plan needs secrets, which this runner does not resolve yet.
+/// A secret the launch needs cannot be resolved: not in this host's store, or the store
+/// cannot be opened.
 pub const RUN030: &str = "RUN030";
 /// `mvm run`: `mvm-runner` was not found (raised by the CLI).
 pub const RUN031: &str = "RUN031";
@@ -110,3 +111,6 @@ pub const RUN059: &str = "RUN059";
 /// A launch's environment (`--env`, `--allow-env`) is refused: the plan's profile or the
 /// host's policy lets no client set it, or a variable is on the denylist.
 pub const RUN060: &str = "RUN060";
+/// An unbound secret (its value would enter the guest) under a profile that does not grant
+/// `unbound_secrets`, or a value that cannot be a variable's.
+pub const RUN061: &str = "RUN061";

@@ -27,6 +27,7 @@ use crate::backend::Pausable;
 use crate::client::ClientError;
 use crate::cold::ColdSaver;
 use crate::mux::{AgentMux, Exchange, STALLED};
+use crate::secrets::redact::{Redactions, Redactor};
 use crate::state::Phase;
 use mvm_ir::audit::HostAudit;
 
@@ -87,6 +88,9 @@ pub struct Shared {
     pub launch_env: BTreeMap<String, String>,
     /// Whether a client may set a command's environment: the rule that says no if not.
     pub client_env: Result<(), String>,
+    /// The launch's secret values: scrubbed from every command's output before a client
+    /// sees it.
+    pub redactions: Arc<Redactions>,
     /// The agent's hello, answered to clients that say hello.
     pub hello: HelloReply,
     /// Set by a client's power-off request (or a signal): the owner stops the VM.
@@ -766,16 +770,66 @@ fn relay(
         _ => AGENT_QUIET,
     };
     let mut waiting = AnswerWait::new(shared, writer, quiet, Duration::ZERO);
+    let mut output = ScrubbedOutput::new(&shared.redactions);
     loop {
         let frame = match waiting.next(&mut exchange) {
             Ok(frame) => frame,
             Err(why) => return why.tell(writer, client_stream),
         };
-        writer.frame(frame.kind, client_stream, &frame.payload)?;
         if frame.kind == FrameKind::Response {
+            output.finish(writer, client_stream)?;
+            writer.frame(frame.kind, client_stream, &frame.payload)?;
             return Ok(());
         }
+        output.pass(writer, client_stream, &frame)?;
     }
+}
+
+/// A command's output frames on their way to a client, scrubbed of the launch's secrets
+/// ([`crate::secrets::redact`]); other frames pass as they are.
+struct ScrubbedOutput<'a> {
+    stdout: Redactor<'a>,
+    stderr: Redactor<'a>,
+}
+
+impl<'a> ScrubbedOutput<'a> {
+    fn new(redactions: &'a Redactions) -> Self {
+        Self {
+            stdout: redactions.redactor(),
+            stderr: redactions.redactor(),
+        }
+    }
+
+    fn pass(&mut self, writer: &ClientWriter, stream: u32, frame: &Frame) -> io::Result<()> {
+        let scrubbed = match frame.kind {
+            FrameKind::Stdout => self.stdout.push(&frame.payload),
+            FrameKind::Stderr => self.stderr.push(&frame.payload),
+            kind => return writer.frame(kind, stream, &frame.payload),
+        };
+        write_chunks(writer, frame.kind, stream, &scrubbed)
+    }
+
+    /// What was held back, before the answer.
+    fn finish(&mut self, writer: &ClientWriter, stream: u32) -> io::Result<()> {
+        let stdout = self.stdout.finish();
+        write_chunks(writer, FrameKind::Stdout, stream, &stdout)?;
+        let stderr = self.stderr.finish();
+        write_chunks(writer, FrameKind::Stderr, stream, &stderr)
+    }
+}
+
+/// Writes `bytes` as frames of at most a data frame's size (a scrubbed frame can be longer
+/// than the one it came in); nothing when empty.
+fn write_chunks(
+    writer: &ClientWriter,
+    kind: FrameKind,
+    stream: u32,
+    bytes: &[u8],
+) -> io::Result<()> {
+    for chunk in bytes.chunks(64 * 1024) {
+        writer.frame(kind, stream, chunk)?;
+    }
+    Ok(())
 }
 
 /// A request's own timeout (clamped to [`MAX_TIMEOUT`]) and the grace its answer has beyond.
@@ -908,6 +962,7 @@ fn relay_exec(
             // waited for a moment, to be recorded.
             let mut waiting = AnswerWait::new(shared, writer, quiet, CANCEL_GRACE);
             let mut client_reads = true;
+            let mut output = ScrubbedOutput::new(&shared.redactions);
             loop {
                 let frame = match waiting.next(&mut exchange) {
                     Ok(frame) => frame,
@@ -919,11 +974,14 @@ fn relay_exec(
                 };
                 if frame.kind != FrameKind::Response {
                     if client_reads {
-                        client_reads = writer
-                            .frame(frame.kind, client_stream, &frame.payload)
-                            .is_ok();
+                        client_reads = output.pass(writer, client_stream, &frame).is_ok();
                     }
                     continue;
+                }
+                if client_reads {
+                    // What was held back goes before the answer (a client that stopped
+                    // reading gets neither).
+                    let _ = output.finish(writer, client_stream);
                 }
                 outcome = match serde_json::from_slice::<Response>(&frame.payload) {
                     Ok(Response::Exec(reply)) => {

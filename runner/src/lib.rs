@@ -35,4 +35,5 @@ pub mod launch;
 pub mod mux;
 pub mod named_vm;
 pub mod seccomp;
+pub mod secrets;
 pub mod state;

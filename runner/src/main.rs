@@ -24,6 +24,7 @@ use mvm_runner::codes;
 use mvm_runner::egress::judge::Denial;
 use mvm_runner::forward::PortSpec;
 use mvm_runner::launch::{self, exit, Failure, Finished, Launch, LaunchError};
+use mvm_runner::secrets::SecretRef;
 use mvm_runner::state;
 use serde_json::{json, Value};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -89,6 +90,12 @@ struct Args {
     /// Print each egress decision to standard error as it is made.
     #[arg(long)]
     net_log: bool,
+    /// Give the command (every command of a named VM) the secret NAME of this host's store as
+    /// the variable ENV (NAME upper-cased, `-` and `.` as `_`, when absent); repeatable. A
+    /// secret bound to hosts is a placeholder in the guest; an unbound one its value, where
+    /// the plan's profile allows (RUN061). Its value is scrubbed from the output.
+    #[arg(long, value_name = "NAME[:ENV]", value_parser = SecretRef::parse)]
+    secret: Vec<SecretRef>,
     /// With --name: forward [ADDRESS:]HOST_PORT to GUEST_PORT on the guest's loopback
     /// (repeatable; ADDRESS is 127.0.0.1 unless given, and must be loopback unless `[ports]
     /// listen` in config.toml lists it; HOST_PORT 0 picks a free one).
@@ -231,6 +238,7 @@ fn launch_request(
         net_log: args.net_log,
         ports: args.port,
         env,
+        secrets: args.secret,
     }
 }
 

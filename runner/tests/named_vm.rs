@@ -106,6 +106,7 @@ impl FakeRunner {
             plan: support::plan_guest::test_plan(),
             launch_env: Default::default(),
             client_env: Ok(()),
+            redactions: Default::default(),
             hello: HelloReply {
                 version: PROTOCOL_VERSION,
                 agent: "test".into(),

@@ -726,6 +726,9 @@ pub(super) fn insecure_registries(host: &Host) -> anyhow::Result<Vec<String>> {
         /// `mvm serve`'s E2B template names (`commands::serve`), which it checks.
         #[serde(default, rename = "e2b")]
         _e2b: Option<toml::Value>,
+        /// The host's ceilings (`mvm_runner::admission::host_policy`), which check them.
+        #[serde(default, rename = "policy")]
+        _policy: Option<toml::Value>,
     }
     #[derive(serde::Deserialize, Default)]
     #[serde(deny_unknown_fields)]

@@ -66,6 +66,17 @@ pub struct ImageOptions {
     /// repeatable. Nothing of the host's environment reaches a guest otherwise.
     #[arg(long, value_name = "NAME")]
     allow_env: Vec<String>,
+    /// Give the command the secret NAME of this host's store (`mvm secret put`) as the variable
+    /// ENV (NAME upper-cased when absent); repeatable. A secret bound to hosts (`mvm secret
+    /// bind`) is only a placeholder in the guest, swapped for the value in requests to those
+    /// hosts; an unbound one is its value. Values are scrubbed from the output (docs/secrets.md).
+    #[arg(long, value_name = "NAME[:ENV]", value_parser = parse_secret)]
+    secret: Vec<String>,
+}
+
+/// `NAME[:ENV]` of `--secret`, checked here as the runner will.
+fn parse_secret(text: &str) -> Result<String, String> {
+    mvm_runner::secrets::SecretRef::parse(text).map(|_| text.to_string())
 }
 
 /// `NAME=VALUE` of `--env`: a valid name mvm passes to workloads.
@@ -105,6 +116,7 @@ impl ImageOptions {
             ack_permissive: false,
             env: Vec::new(),
             allow_env: Vec::new(),
+            secret: Vec::new(),
         }
     }
 
@@ -120,6 +132,11 @@ impl ImageOptions {
         if self.net_log {
             runner.arg("--net-log");
         }
+        runner.args(
+            self.secret
+                .iter()
+                .map(|secret| format!("--secret={secret}")),
+        );
         let mut env: std::collections::BTreeMap<String, String> =
             self.env.iter().cloned().collect();
         for name in &self.allow_env {

@@ -19,6 +19,7 @@ pub mod policy;
 pub mod receipt;
 pub mod run;
 pub mod sandbox;
+pub mod secret;
 pub mod serve;
 pub mod vm;
 

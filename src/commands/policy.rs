@@ -293,7 +293,7 @@ fn client_env(subject: &Subject, host: &HostPolicy) -> Verdict {
         return deny("this host's config.toml [policy] allow_client_env = false");
     }
     allow(format!(
-        "the {} profile lets a client set it (--env, --allow-env, exec -e)",
+        "the {} profile lets a client set it (--env, --allow-env, exec --env)",
         subject.profile
     ))
 }

@@ -10,9 +10,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mvm_protocol::{ErrorReply, FrameKind, OpenRequest, Response};
+use mvm_protocol::{ErrorReply, FrameKind, OpenRequest, Response, Via};
 
 use crate::mux::{Connection, ConnectionSender, Exchange, OpenHandler, BAD_OPEN, NOT_GRANTED};
+use crate::secrets::egress::{Blocked, GuestBytes};
+use crate::secrets::BoundSecret;
 
 /// Bytes read from the far end at a time (one data frame at most).
 const CHUNK: usize = 64 * 1024;
@@ -117,16 +119,30 @@ pub struct Relay {
     limits: RelayLimits,
     on_event: EventRecorder,
     open: AtomicUsize,
+    /// The launch's bound secrets: put into requests to their hosts, and looked for
+    /// everywhere else ([`crate::secrets::egress`]).
+    secrets: Arc<Vec<BoundSecret>>,
 }
 
 impl Relay {
     /// A relay dialling through `dialer` and telling `on_event` every decision and end.
     pub fn new(dialer: Box<dyn Dialer>, limits: RelayLimits, on_event: EventRecorder) -> Arc<Self> {
+        Self::with_secrets(dialer, limits, on_event, Arc::default())
+    }
+
+    /// A relay that also carries the launch's bound secrets.
+    pub fn with_secrets(
+        dialer: Box<dyn Dialer>,
+        limits: RelayLimits,
+        on_event: EventRecorder,
+        secrets: Arc<Vec<BoundSecret>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             dialer,
             limits,
             on_event,
             open: AtomicUsize::new(0),
+            secrets,
         })
     }
 
@@ -199,11 +215,29 @@ impl Relay {
                 }
             }
         };
-        let (sent, received) = relay(exchange, sender, far, &held, self.limits.idle_timeout);
+        let mut filter = GuestBytes::for_connection(
+            &self.secrets,
+            &request.host,
+            request.port,
+            request.via == Via::Forward,
+        );
+        let carried = relay(
+            exchange,
+            sender,
+            far,
+            &held,
+            &mut filter,
+            self.limits.idle_timeout,
+        );
+        if let Some(blocked) = carried.blocked {
+            let refusal = Refusal::new(NOT_GRANTED, blocked.reason);
+            let request = request.clone();
+            (self.on_event)(RelayEvent::Denied { request, refusal });
+        }
         (self.on_event)(RelayEvent::Closed {
             request,
-            sent,
-            received,
+            sent: carried.sent,
+            received: carried.received,
         });
     }
 
@@ -253,18 +287,39 @@ impl Relay {
     }
 }
 
-/// Relays until both directions have ended or the connection is torn down; returns the bytes
-/// sent to the far end and received from it.
+/// What a relay carried: the bytes sent to the far end and received from it, and why the
+/// guest's bytes were stopped, if they were.
+struct Carried {
+    sent: u64,
+    received: u64,
+    blocked: Option<Blocked>,
+}
+
+/// Relays until both directions have ended or the connection is torn down, the guest's bytes
+/// passed through `filter` on their way out.
 fn relay(
     mut exchange: Exchange,
     sender: ConnectionSender,
     far: TcpStream,
     held: &[u8],
+    filter: &mut GuestBytes,
     idle_timeout: Duration,
-) -> (u64, u64) {
-    if (&far).write_all(held).is_err() {
+) -> Carried {
+    let nothing = |blocked| Carried {
+        sent: 0,
+        received: 0,
+        blocked,
+    };
+    let first = match filter.pass(held) {
+        Ok(first) => first,
+        Err(blocked) => {
+            sender.close();
+            return nothing(Some(blocked));
+        }
+    };
+    if (&far).write_all(&first).is_err() {
         sender.close();
-        return (0, 0);
+        return nothing(None);
     }
     let started = Instant::now();
     let last_moved = Arc::new(AtomicU64::new(0));
@@ -273,7 +328,7 @@ fn relay(
         Ok(reader) => reader,
         Err(_) => {
             sender.close();
-            return (0, 0);
+            return nothing(None);
         }
     };
     let upstream = {
@@ -282,8 +337,9 @@ fn relay(
         std::thread::spawn(move || far_to_guest(far_reader, &sender, &last_moved, since_start))
     };
     let mut far_writer = &far;
-    let mut sent = held.len() as u64;
+    let mut sent = first.len() as u64;
     let mut guest_done = false;
+    let mut blocked = None;
     loop {
         if guest_done && upstream.is_finished() {
             break;
@@ -308,15 +364,28 @@ fn relay(
         };
         match frame.kind {
             FrameKind::Data if frame.payload.is_empty() => {
+                if let Err(why) = filter.finish() {
+                    blocked = Some(why);
+                    sender.close();
+                    break;
+                }
                 let _ = far.shutdown(Shutdown::Write);
                 guest_done = true;
             }
             FrameKind::Data if !guest_done => {
-                if far_writer.write_all(&frame.payload).is_err() {
+                let bytes = match filter.pass(&frame.payload) {
+                    Ok(bytes) => bytes,
+                    Err(why) => {
+                        blocked = Some(why);
+                        sender.close();
+                        break;
+                    }
+                };
+                if far_writer.write_all(&bytes).is_err() {
                     sender.close();
                     break;
                 }
-                sent += frame.payload.len() as u64;
+                sent += bytes.len() as u64;
                 last_moved.store(since_start(), Ordering::Relaxed);
             }
             // A close from the agent, or anything the protocol does not allow here.
@@ -330,7 +399,11 @@ fn relay(
     let _ = far.shutdown(Shutdown::Both);
     let received = upstream.join().unwrap_or(0);
     drop(exchange);
-    (sent, received)
+    Carried {
+        sent,
+        received,
+        blocked,
+    }
 }
 
 /// Carries the far end's bytes to the guest until it ends (an empty data frame says so) or

@@ -5,6 +5,8 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+
+use crate::secrets::LaunchSecrets;
 use std::time::Duration;
 
 use mvm_ir::audit::HostAudit;
@@ -43,6 +45,7 @@ pub(super) fn egress_for(
     audit: &Arc<HostAudit>,
     vm: &str,
     counts_file: Option<PathBuf>,
+    secrets: &LaunchSecrets,
 ) -> Result<Option<Egress>, LaunchError> {
     if plan.policy.network != NetworkMode::Allowlist || plan.policy.egress.is_empty() {
         return Ok(None);
@@ -63,7 +66,8 @@ pub(super) fn egress_for(
         .narrowed(launch.deny.clone());
     let log = EgressLog::new(Arc::clone(audit), vm, launch.net_log, counts_file);
     let dialer = PolicyDialer::new(policy, SystemResolver);
-    let relay = Relay::new(Box::new(dialer), limits, log.recorder());
+    let bound = Arc::clone(&secrets.bound);
+    let relay = Relay::with_secrets(Box::new(dialer), limits, log.recorder(), bound);
     Ok(Some(Egress {
         handler: relay.handler(),
         log,

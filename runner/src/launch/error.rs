@@ -139,6 +139,17 @@ impl LaunchError {
     /// The runner's exit status for this failure ([`exit`]).
     pub fn exit_status(&self) -> u8 {
         match self {
+            // A policy's refusal is a refusal of the plan as this launch asks for it.
+            LaunchError::Refused(AdmissionError::NotRunnable { code, .. })
+                if [
+                    crate::codes::RUN059,
+                    crate::codes::RUN060,
+                    crate::codes::RUN061,
+                ]
+                .contains(&code.as_str()) =>
+            {
+                exit::REFUSED
+            }
             LaunchError::Refused(AdmissionError::NotRunnable { .. }) => exit::RUNNER,
             LaunchError::Refused(_) | LaunchError::Cold(ColdError::Unverified(_)) => exit::REFUSED,
             LaunchError::Cold(ColdError::Wake(_)) => exit::VM_FAILED,

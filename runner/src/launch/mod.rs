@@ -38,6 +38,8 @@ use crate::control;
 use crate::egress::judge::Denial;
 use crate::forward::PortSpec;
 use crate::mux::AgentMux;
+use crate::secrets::redact::{Redactions, Redactor};
+use crate::secrets::SecretRef;
 use egress::{egress_for, serve_proxy, Egress};
 
 mod egress;
@@ -94,6 +96,8 @@ pub struct Launch {
     /// plan's own: `--env`, `--allow-env`. Refused unless the plan's profile and the host's
     /// policy let a client set them (RUN060).
     pub env: BTreeMap<String, String>,
+    /// Secrets asked for beyond the plan's (`--secret NAME[:ENV]`), resolved at admission.
+    pub secrets: Vec<SecretRef>,
 }
 
 /// A launch that ran its command to the end.
@@ -169,7 +173,8 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Bo
     let Started {
         audit,
         plan,
-        settled: request,
+        settled: mut request,
+        secrets,
         accel,
         vm,
         dir,
@@ -180,11 +185,25 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Bo
         exec_request(verified, launch)
     })?;
 
-    let mut outcome = egress_for(launch, &plan.plan, &audit, &vm, None).and_then(|egress| {
-        let booted = boot(launch, listener.as_ref(), &mut vm_process)?;
-        confine(egress.is_some())?;
-        run_command(launch, &mut vm_process, booted, egress, request, sink)
-    });
+    // The secrets' variables over the plan's and the launch's.
+    request.env.extend(secrets.env.clone());
+    let mut redacting = RedactingSink::new(sink, &secrets.redactions);
+    let mut outcome =
+        egress_for(launch, &plan.plan, &audit, &vm, None, &secrets).and_then(|egress| {
+            let booted = boot(launch, listener.as_ref(), &mut vm_process)?;
+            confine(egress.is_some())?;
+            run_command(
+                launch,
+                &mut vm_process,
+                booted,
+                egress,
+                request,
+                &mut redacting,
+            )
+        });
+    if let Err(e) = redacting.finish() {
+        outcome = outcome.and_then(|_| Err(LaunchError::host("the command's output")(e)));
+    }
     // The socket's job is done either way; nobody may connect to it later.
     drop(listener);
     let _ = fs::remove_file(&socket);
@@ -233,6 +252,42 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Bo
         )
         .map_err(LaunchError::Audit)?;
     outcome.map_err(|error| failure(error, &vm_process, dir))
+}
+
+/// The command's output on its way to `sink`, scrubbed of the launch's secrets.
+struct RedactingSink<'a> {
+    sink: &'a mut dyn OutputSink,
+    stdout: Redactor<'a>,
+    stderr: Redactor<'a>,
+}
+
+impl<'a> RedactingSink<'a> {
+    fn new(sink: &'a mut dyn OutputSink, redactions: &'a Redactions) -> Self {
+        Self {
+            sink,
+            stdout: redactions.redactor(),
+            stderr: redactions.redactor(),
+        }
+    }
+
+    /// Passes on what was held back for a value that might have continued.
+    fn finish(&mut self) -> io::Result<()> {
+        let (stdout, stderr) = (self.stdout.finish(), self.stderr.finish());
+        self.sink.stdout(&stdout)?;
+        self.sink.stderr(&stderr)
+    }
+}
+
+impl OutputSink for RedactingSink<'_> {
+    fn stdout(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let scrubbed = self.stdout.push(bytes);
+        self.sink.stdout(&scrubbed)
+    }
+
+    fn stderr(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let scrubbed = self.stderr.push(bytes);
+        self.sink.stderr(&scrubbed)
+    }
 }
 
 /// A guest whose agent said hello.
@@ -442,34 +497,9 @@ fn why_the_guest_stopped(
     }
 }
 
-/// The exec request for the plan: the command line's argv or the plan's entrypoint, the
-/// plan's environment and working directory.
-/// Refuses a plan that needs secrets: the runner cannot resolve secret references yet.
-fn secrets_resolvable(plan: &VerifiedPlan) -> Result<(), AdmissionError> {
-    let required: Vec<&str> = plan
-        .plan
-        .policy
-        .secrets
-        .iter()
-        .filter(|s| !s.optional)
-        .map(|s| s.name.as_str())
-        .collect();
-    if required.is_empty() {
-        return Ok(());
-    }
-    Err(AdmissionError::NotRunnable {
-        code: crate::codes::RUN030.into(),
-        reason: format!(
-            "the plan needs secrets ({}); secret references are not resolved by this runner yet",
-            required.join(", ")
-        ),
-    })
-}
-
 /// The exec request for the plan: the command line's argv or the plan's entrypoint, with the
 /// plan's environment and working directory.
 fn exec_request(plan: &VerifiedPlan, launch: &Launch) -> Result<ExecRequest, AdmissionError> {
-    secrets_resolvable(plan)?;
     let timeout = launch.timeout.unwrap_or(control::MAX_TIMEOUT);
     let asked = ExecRequest {
         argv: launch.argv.clone(),

@@ -19,9 +19,7 @@ use serde_json::json;
 use super::egress::{egress_for, serve_proxy};
 use super::start::{failure, start, Origin, Started};
 use super::vm_dir::{Keep, VmDir};
-use super::{
-    boot, confine, secrets_resolvable, Booted, Failure, Launch, LaunchError, SHUTDOWN_GRACE,
-};
+use super::{boot, confine, Booted, Failure, Launch, LaunchError, SHUTDOWN_GRACE};
 use crate::admission::host_policy::HostPolicy;
 use crate::backend::qemu;
 use crate::backend::select::Accel;
@@ -34,6 +32,7 @@ use crate::egress::judge::Denial;
 use crate::egress::log::COUNTS_FILE;
 use crate::forward::{self, PortSpec};
 use crate::mux::{AgentMux, OpenHandler};
+use crate::secrets::LaunchSecrets;
 use crate::state::{self, Phase, VmState};
 
 /// Boots `launch` as the VM `name` and keeps it up, serving its control socket
@@ -45,11 +44,9 @@ pub fn serve_named(
     name: &str,
     on_ready: &mut dyn FnMut(&VmState),
 ) -> Result<VmState, Box<Failure>> {
-    let started = start(
-        launch,
-        Origin::Boot(Keep::Record(name.to_string())),
-        secrets_resolvable,
-    )?;
+    let started = start(launch, Origin::Boot(Keep::Record(name.to_string())), |_| {
+        Ok(())
+    })?;
     serve_started(launch, name, started, None, on_ready)
 }
 
@@ -123,7 +120,7 @@ pub fn wake_named(
         ports: saved.manifest.ports.clone(),
         ..launch.clone()
     };
-    let started = start(&launch, Origin::Wake(dir, &mut saved), secrets_resolvable)?;
+    let started = start(&launch, Origin::Wake(dir, &mut saved), |_| Ok(()))?;
     serve_started(&launch, name, started, Some(saved), on_ready)
 }
 
@@ -150,6 +147,7 @@ pub(super) fn serve_started(
     let Started {
         audit,
         plan,
+        secrets,
         accel,
         vm,
         dir,
@@ -188,7 +186,7 @@ pub(super) fn serve_started(
     };
     let counts = dir.path.join(COUNTS_FILE);
     let booted = woken.and_then(|machine| {
-        let egress = egress_for(launch, &plan.plan, &audit, &vm, Some(counts))?;
+        let egress = egress_for(launch, &plan.plan, &audit, &vm, Some(counts), &secrets)?;
         let ports = forwarded_ports(launch, &plan.plan, saved.is_some(), &dir.path)?;
         let mut booted = boot(launch, listener.as_ref(), &mut vm_process)?;
         if egress.is_some() {
@@ -273,7 +271,7 @@ pub(super) fn serve_started(
             &plan.plan,
             &mut vm_process,
             (booted, egress.map(|egress| egress.handler), ports),
-            (&audit, &vm),
+            (&audit, &vm, &secrets),
             (machine, Box::new(phases), saver),
         );
         let _ = fs::remove_file(&control_path);
@@ -376,7 +374,7 @@ pub(super) fn keep_serving(
     plan: &LaunchPlan,
     vm: &mut VmProcess,
     (booted, opener, ports): (Booted, Option<OpenHandler>, Vec<forward::Bound>),
-    (audit, vm_id): (&Arc<HostAudit>, &str),
+    (audit, vm_id, secrets): (&Arc<HostAudit>, &str, &LaunchSecrets),
     (machine, phases, cold): (Box<dyn Pausable>, PhaseRecorder, Option<ColdSaver>),
 ) -> Result<Served, LaunchError> {
     let (stream, last_stream) = booted
@@ -393,7 +391,14 @@ pub(super) fn keep_serving(
     let shared = Arc::new(control::Shared {
         mux,
         plan: plan.clone(),
-        launch_env: launch.env.clone(),
+        // The secrets' variables over the launch's.
+        launch_env: launch
+            .env
+            .clone()
+            .into_iter()
+            .chain(secrets.env.clone())
+            .collect(),
+        redactions: Arc::clone(&secrets.redactions),
         client_env: HostPolicy::load(&launch.home)
             .map_err(|e| e.to_string())
             .and_then(|policy| policy.client_env(plan)),

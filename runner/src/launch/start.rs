@@ -23,6 +23,7 @@ use crate::backend::qemu::{self, VmFiles};
 use crate::backend::select::{self, Accel, Backend, HostError, HostFacts};
 use crate::backend::VmProcess;
 use crate::cold::{self, ColdError, ColdState};
+use crate::secrets::LaunchSecrets;
 use mvm_vmm::{VmSpec, VmmError};
 
 /// A launch up to a VM process running: the plan admitted, the VM's directory and private
@@ -32,6 +33,8 @@ pub(super) struct Started<T> {
     pub(super) plan: VerifiedPlan,
     /// What the caller settled on the verified plan before it was used up.
     pub(super) settled: T,
+    /// The launch's secrets, resolved from the host's store.
+    pub(super) secrets: LaunchSecrets,
     pub(super) accel: Accel,
     pub(super) vm: String,
     pub(super) dir: VmDir,
@@ -103,6 +106,7 @@ pub(super) fn start<T>(
             if !launch.env.is_empty() {
                 launch_env_allowed(&host_policy, verified, &launch.env)?;
             }
+            let secrets = crate::secrets::resolve(&launch.home, &verified.plan, &launch.secrets)?;
             let settled = settle(verified)?;
             let unavailable = |e: HostError| AdmissionError::NotRunnable {
                 code: e.code().into(),
@@ -115,10 +119,10 @@ pub(super) fn start<T>(
                 Backend::Qemu => Some(facts.qemu.map_err(unavailable)?.path),
                 Backend::Kvm => None,
             };
-            Ok((settled, selected.accel, qemu))
+            Ok((settled, secrets, selected.accel, qemu))
         },
     );
-    let (admitted, (settled, accel, qemu)) = match admitted {
+    let (admitted, (settled, secrets, accel, qemu)) = match admitted {
         Ok(admitted) => admitted,
         Err(error) => {
             let fields = json!({"plan": launch.envelope, "code": error.code()});
@@ -233,6 +237,7 @@ pub(super) fn start<T>(
         audit,
         plan,
         settled,
+        secrets,
         accel,
         vm,
         dir,

@@ -1,0 +1,315 @@
+//! Secrets end to end, in a real guest: a bound secret is a placeholder in the guest and its
+//! value arrives only in requests to its host (a loopback HTTP server the test runs, reached
+//! through a name the operator pins there); the placeholder sent to another host is refused
+//! and recorded; an unbound secret printed by the command comes back redacted; and afterwards
+//! no file mvm wrote holds either value in any encoding.
+
+mod support;
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use mvm_builder::testing::TestLayout;
+use serde_json::Value;
+
+use support::{describe, guest, text};
+
+const BOUND_VALUE: &str = "tok-BOUND-5e1f0c9a77";
+const UNBOUND_VALUE: &str = "pw-UNBOUND-b3c8d21e04";
+
+/// An HTTP server on a loopback port that keeps the head of every request it answers.
+struct Server {
+    port: u16,
+    heads: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    fn start() -> Self {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let kept = Arc::clone(&heads);
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let kept = Arc::clone(&kept);
+                std::thread::spawn(move || answer(client, &kept));
+            }
+        });
+        Self { port, heads }
+    }
+
+    fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
+}
+
+fn answer(client: TcpStream, kept: &Mutex<Vec<String>>) {
+    let mut reader = BufReader::new(client.try_clone().unwrap());
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        head.push_str(&line);
+        if line == "\r\n" || line == "\n" {
+            break;
+        }
+    }
+    kept.lock().unwrap().push(head);
+    let body = "served\n";
+    let _ = (&client).write_all(
+        format!(
+            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    );
+}
+
+/// Every encoding of `value` the redaction knows.
+fn encodings(value: &str) -> Vec<String> {
+    let bytes = value.as_bytes();
+    vec![
+        value.to_string(),
+        STANDARD.encode(bytes),
+        URL_SAFE_NO_PAD.encode(bytes),
+        hex::encode(bytes),
+        hex::encode_upper(bytes),
+    ]
+}
+
+/// Files under `dir` holding any of `needles`, with the needle found.
+fn files_holding(dir: &Path, needles: &[String], found: &mut Vec<String>) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let kind = entry.file_type().unwrap();
+        if kind.is_dir() {
+            files_holding(&path, needles, found);
+        } else if kind.is_file() {
+            let bytes = fs::read(&path).unwrap_or_default();
+            for needle in needles {
+                if bytes.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+                    found.push(format!("{} holds {needle}", path.display()));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_bound_secret_reaches_only_its_host_and_no_value_is_left_anywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    guest::mvm_json(&home, &["kernel", "fetch"], 0);
+    let layout = TestLayout::new_in(dir.path());
+    let digest = layout.busybox_with(&["sh", "wget", "echo", "cat", "env", "od", "tr"]);
+    let image = format!("oci:{}@{digest}", layout.dir.path().display());
+    let (bound, other) = (Server::start(), Server::start());
+    fs::write(
+        home.join("config.toml"),
+        format!(
+            "[egress]\nallow_private = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\n\
+             resolve = {{ \"api.svc.example\" = \"127.0.0.1\", \"other.svc.example\" = \"127.0.0.1\" }}\n",
+            bound.port, other.port
+        ),
+    )
+    .unwrap();
+
+    // Put (standard input, a trailing newline dropped), bind, list.
+    let put = |name: &str, value: &str| {
+        let mut child = guest::command(&home, &["secret", "put", name])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{value}\n").as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", describe(&out));
+    };
+    put("api-token", BOUND_VALUE);
+    put("db-password", UNBOUND_VALUE);
+    let api = format!("api.svc.example:{}", bound.port);
+    guest::mvm_json(
+        &home,
+        &[
+            "secret",
+            "bind",
+            "api-token",
+            "--host",
+            &api,
+            "--inject",
+            "header:X-Api-Key",
+        ],
+        0,
+    );
+    // Bound again to the same host and port: the binding is replaced (the ways a value is
+    // injected are each tested in runner/src/secrets/egress.rs).
+    guest::mvm_json(&home, &["secret", "bind", "api-token", "--host", &api], 0);
+    let listed = guest::mvm_json(&home, &["secret", "ls"], 0);
+    let token = &listed["secrets"][0];
+    assert_eq!(token["name"], "api-token");
+    assert_eq!(token["bindings"].as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(
+        token["bindings"][0]["inject"]["kind"], "placeholder",
+        "{listed}"
+    );
+    let listed = guest::mvm(&home, &["--json", "secret", "ls"]);
+    assert!(listed.status.success(), "{}", describe(&listed));
+    let listed_text = text(&listed.stdout);
+    assert!(listed_text.contains("api-token") && listed_text.contains("db-password"));
+    assert!(!listed_text.contains(BOUND_VALUE) && !listed_text.contains(UNBOUND_VALUE));
+
+    let receipt = dir.path().join("receipt.json");
+    let script = format!(
+        "echo token=$API_TOKEN; echo password=$DB_PASSWORD; \
+         echo encoded=$(echo -n $DB_PASSWORD | od -An -tx1 | tr -d ' \\n'); \
+         wget -q -O- --header \"Authorization: Bearer $API_TOKEN\" http://{api}/bound; \
+         wget -q -O- --header \"X-Leak: $API_TOKEN\" http://other.svc.example:{other}/other; \
+         echo other=$?",
+        other = other.port
+    );
+    let out = guest::mvm(
+        &home,
+        &[
+            "--json",
+            "run",
+            &image,
+            "--allow-host",
+            &api,
+            "--allow-host",
+            &format!("other.svc.example:{}", other.port),
+            "--secret",
+            "api-token",
+            "--secret",
+            "db-password",
+            "--receipt",
+            receipt.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let stdout = report["stdout"].as_str().unwrap_or_default().to_string();
+
+    // The guest held a placeholder, never the bound value; the unbound value, printed, is
+    // redacted (as it is and hex-encoded).
+    let placeholder = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("token="))
+        .unwrap_or_else(|| panic!("{stdout}"))
+        .to_string();
+    assert!(
+        placeholder.starts_with("MVM_SECRET_") && placeholder.len() == 43,
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("password=[REDACTED:db-password]"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("encoded=[REDACTED:db-password]"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("served"), "{stdout}");
+    assert!(
+        !stdout.contains("other=0"),
+        "the placeholder went to another host: {stdout}"
+    );
+
+    // The bound host got the value where the placeholder stood.
+    let heads = bound.heads();
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    assert!(
+        heads[0].contains(&format!("Authorization: Bearer {BOUND_VALUE}\r\n")),
+        "{}",
+        heads[0]
+    );
+    assert!(!heads[0].contains("MVM_SECRET_"), "{}", heads[0]);
+    // The other host got nothing: the connection ended before a byte left.
+    assert!(other.heads().is_empty(), "{:?}", other.heads());
+
+    // The refusal is on record, by reason, without the placeholder or a value.
+    let audit = fs::read_to_string(home.join("audit/audit.jsonl")).unwrap();
+    assert!(audit.contains("secret_placeholder"), "{audit}");
+
+    // No value, in any encoding, anywhere mvm wrote: the home (bundles, VM directories, audit
+    // log, console logs, the store itself), the receipt, the run's own output.
+    let mut needles = encodings(BOUND_VALUE);
+    needles.extend(encodings(UNBOUND_VALUE));
+    let mut found = Vec::new();
+    files_holding(&home, &needles, &mut found);
+    files_holding(receipt.parent().unwrap(), &needles, &mut found);
+    let all_output = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    for needle in &needles {
+        if all_output.contains(needle.as_str()) {
+            found.push(format!("the run's output holds {needle}"));
+        }
+    }
+    assert!(found.is_empty(), "{found:#?}");
+}
+
+#[test]
+fn an_unbound_secret_is_refused_under_restrictive_and_a_missing_one_fails_the_launch() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    guest::mvm_json(&home, &["kernel", "fetch"], 0);
+    let layout = TestLayout::new_in(dir.path());
+    let digest = layout.busybox_with(&["sh", "true"]);
+    let image = format!("oci:{}@{digest}", layout.dir.path().display());
+    let value_file = dir.path().join("value");
+    fs::write(&value_file, UNBOUND_VALUE).unwrap();
+    guest::mvm_json(
+        &home,
+        &[
+            "secret",
+            "put",
+            "plain",
+            "--value-file",
+            value_file.to_str().unwrap(),
+        ],
+        0,
+    );
+
+    let out = guest::mvm(
+        &home,
+        &[
+            "run",
+            &image,
+            "--profile",
+            "restrictive",
+            "--secret",
+            "plain",
+            "--",
+            "true",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(120), "{}", describe(&out));
+    assert!(text(&out.stderr).contains("RUN061"), "{}", describe(&out));
+    // The refusal names the secret, never its value.
+    assert!(
+        !text(&out.stderr).contains(UNBOUND_VALUE),
+        "{}",
+        describe(&out)
+    );
+    let out = guest::mvm(&home, &["run", &image, "--secret", "absent", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125), "{}", describe(&out));
+    assert!(text(&out.stderr).contains("RUN030"), "{}", describe(&out));
+}
