@@ -313,3 +313,199 @@ fn an_unbound_secret_is_refused_under_restrictive_and_a_missing_one_fails_the_la
     assert_eq!(out.status.code(), Some(125), "{}", describe(&out));
     assert!(text(&out.stderr).contains("RUN030"), "{}", describe(&out));
 }
+
+/// An HTTPS server on a loopback port (its certificate for `api.svc.example`, issued by the
+/// test's own CA) that writes the head of every request to a file, then prints its port.
+const HTTPS_SERVER: &str = r#"
+import http.server, ssl, sys, threading
+cert, key, heads = sys.argv[1:4]
+class Keep(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        with open(heads, "a") as f:
+            f.write(self.requestline + "\r\n" + str(self.headers) + "\n")
+        body = b"served over tls\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Keep)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(cert, key)
+server.socket = context.wrap_socket(server.socket, server_side=True)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"#;
+
+/// Runs `openssl ARGS` on the host.
+fn openssl(args: &[&str], dir: &Path) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "openssl {args:?}: {}", describe(&out));
+}
+
+#[test]
+fn over_https_the_host_ends_the_guests_tls_and_puts_the_value_in() {
+    let image = support::debian::bookworm();
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path();
+    let home = work.join("home");
+    guest::mvm_json(&home, &["kernel", "fetch"], 0);
+
+    // The upstream's CA and its certificate for the bound name.
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec![
+        "req",
+        "-x509",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=upstream test CA",
+    ];
+    ca.extend(ec);
+    ca.extend(["-keyout", "ca.key", "-out", "ca.pem"]);
+    openssl(&ca, work);
+    let mut csr = vec!["req", "-subj", "/CN=api.svc.example"];
+    csr.extend(ec);
+    csr.extend(["-keyout", "leaf.key", "-out", "leaf.csr"]);
+    openssl(&csr, work);
+    fs::write(
+        work.join("leaf.ext"),
+        "subjectAltName=DNS:api.svc.example\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "leaf.ext",
+            "-out",
+            "leaf.pem",
+        ],
+        work,
+    );
+    let heads = work.join("heads.txt");
+    let mut server = std::process::Command::new("python3")
+        .args(["-c", HTTPS_SERVER])
+        .arg(work.join("leaf.pem"))
+        .arg(work.join("leaf.key"))
+        .arg(&heads)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut port = String::new();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut port)
+        .unwrap();
+    let port: u16 = port.trim().parse().unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _server = Kill(server);
+
+    fs::write(
+        home.join("config.toml"),
+        format!(
+            "[egress]\nallow_private = [\"127.0.0.1:{port}\"]\n\
+             resolve = {{ \"api.svc.example\" = \"127.0.0.1\" }}\n\
+             tls_trust = [\"{}\"]\n",
+            work.join("ca.pem").display()
+        ),
+    )
+    .unwrap();
+    let value_file = work.join("value");
+    fs::write(&value_file, BOUND_VALUE).unwrap();
+    let value_file = value_file.to_str().unwrap().to_string();
+    guest::mvm_json(
+        &home,
+        &["secret", "put", "api-token", "--value-file", &value_file],
+        0,
+    );
+    let api = format!("api.svc.example:{port}");
+    guest::mvm_json(&home, &["secret", "bind", "api-token", "--host", &api], 0);
+
+    let script = format!(
+        "curl -sS --fail -H \"Authorization: Bearer $API_TOKEN\" https://{api}/over-tls; \
+         echo curl=$?; echo token=$API_TOKEN; cat /etc/mvm/ca.pem"
+    );
+    let out = guest::mvm(
+        &home,
+        &[
+            "run",
+            &image.reference,
+            "--allow-host",
+            &api,
+            "--secret",
+            "api-token",
+            "--",
+            "bash",
+            "-c",
+            &script,
+        ],
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", describe(&out));
+    // The guest's curl checked the certificate the host presented (the per-VM CA's) and got
+    // the answer; it held a placeholder only.
+    assert!(
+        stdout.contains("served over tls\ncurl=0"),
+        "{}",
+        describe(&out)
+    );
+    assert!(stdout.contains("token=MVM_SECRET_"), "{stdout}");
+    assert!(!stdout.contains(BOUND_VALUE), "{stdout}");
+    // The CA the guest was given can sign for the bound name only, and no CA below it.
+    let begin = stdout
+        .find("-----BEGIN CERTIFICATE-----")
+        .expect("the CA in the guest");
+    fs::write(work.join("vm-ca.pem"), &stdout[begin..]).unwrap();
+    let shown = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(work.join("vm-ca.pem"))
+        .output()
+        .unwrap();
+    let shown = text(&shown.stdout);
+    assert!(shown.contains("CA:TRUE, pathlen:0"), "{shown}");
+    let permitted = shown.split("Permitted:").nth(1).expect("name constraints");
+    assert_eq!(
+        permitted.split_whitespace().next(),
+        Some("DNS:api.svc.example"),
+        "{shown}"
+    );
+    // The upstream got the value, over TLS it verified against the operator's CA.
+    let seen = fs::read_to_string(&heads).unwrap();
+    assert!(seen.contains("GET /over-tls HTTP/1.1"), "{seen}");
+    assert!(
+        seen.contains(&format!("Authorization: Bearer {BOUND_VALUE}")),
+        "{seen}"
+    );
+    assert!(!seen.contains("MVM_SECRET_"), "{seen}");
+    let mut found = Vec::new();
+    files_holding(&home, &encodings(BOUND_VALUE), &mut found);
+    assert!(found.is_empty(), "{found:#?}");
+}

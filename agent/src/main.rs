@@ -71,6 +71,7 @@ fn main() {
         },
         policy: booted.policy,
         workload_filter,
+        trust: mvm_agent::serve::trust::TrustPaths::guest(),
         reap_orphans: true,
         command_groups: Some(hardening::COMMAND_CGROUPS.into()),
         timings: timings(&booted),

@@ -111,6 +111,16 @@ pub enum Request {
     /// VM's runner after the hello when its plan grants egress (again after a wake: it is a
     /// no-op once the proxy serves); clients cannot send it.
     ServeProxy,
+    /// Trust this CA certificate (PEM) for TLS: the per-VM CA, name-constrained to the hosts
+    /// the launch's secrets are bound to, whose leaves the host's egress side presents for
+    /// them. The agent adds it to the guest's system bundle and points the commands started
+    /// from now on at a bundle holding it (`SSL_CERT_FILE` and the rest); answered
+    /// [`Response::Done`]. Sent by a VM's runner before [`Request::ServeProxy`]; clients cannot
+    /// send it.
+    TrustCa {
+        /// One PEM certificate.
+        pem: String,
+    },
     /// Connect to `127.0.0.1:port` inside the guest for a forwarded port. The connection's
     /// bytes go both ways in data frames on this request's stream (an empty one ends that
     /// direction); the answer ends it: [`Response::Done`] once both directions have ended, or

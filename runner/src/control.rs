@@ -517,6 +517,7 @@ fn serve_request(
         Request::Hello { .. }
             | Request::SetClock { .. }
             | Request::ServeProxy
+            | Request::TrustCa { .. }
             | Request::Connect { .. }
             | Request::PowerOff
             | Request::Pause
@@ -541,7 +542,7 @@ fn serve_request(
             let message = "the guest's clock is set by its runner".to_string();
             writer.error(client_stream, codes::BAD_REQUEST, message)
         }
-        Request::ServeProxy | Request::Connect { .. } => {
+        Request::ServeProxy | Request::TrustCa { .. } | Request::Connect { .. } => {
             let message = "the proxy and forwarded ports are served by the VM's runner; \
                            grant egress in the plan, forward ports with `mvm up --port`"
                 .to_string();

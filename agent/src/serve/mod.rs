@@ -18,6 +18,7 @@ pub mod files;
 mod forwarded;
 pub mod fsops;
 pub mod seccomp;
+pub mod trust;
 mod tunnel;
 pub mod users;
 
@@ -43,6 +44,7 @@ use mvm_protocol::{
     Request, Response, PROTOCOL_VERSION,
 };
 use seccomp::WorkloadFilter;
+use trust::TrustPaths;
 
 /// Bytes read from a pipe or the channel at a time; also the largest data frame sent.
 const CHUNK: usize = 64 * 1024;
@@ -68,6 +70,8 @@ pub struct ServeConfig {
     /// The syscall filter installed on every command, compiled from `policy`; `None` for the
     /// `unrestricted` tier.
     pub workload_filter: Option<WorkloadFilter>,
+    /// Where a CA the host asks the guest to trust goes.
+    pub trust: TrustPaths,
     /// The boot timings for the hello.
     pub timings: BootTimings,
     /// Reads whether the verified root has seen a corrupted block.
@@ -94,6 +98,10 @@ impl ServeConfig {
                 terminal: true,
             },
             workload_filter: None,
+            trust: TrustPaths {
+                dir: std::env::temp_dir().join(format!("mvm-agent-trust-{}", std::process::id())),
+                system_bundle: None,
+            },
             reap_orphans: false,
             command_groups: None,
             timings: BootTimings::default(),
@@ -201,6 +209,8 @@ struct Agent<'c> {
     emptying: Vec<CommandGroup>,
     /// The egress proxy, once the host asked for it.
     egress: Option<Egress>,
+    /// Whether the host gave a CA to trust: commands then get [`trust::environment`].
+    trusted_ca: bool,
     /// The host's connections to the guest's ports.
     forwarded: ForwardedPorts,
 }
@@ -231,6 +241,7 @@ impl<'c> Agent<'c> {
             groups,
             emptying: Vec::new(),
             egress: None,
+            trusted_ca: false,
             forwarded: ForwardedPorts::default(),
         })
     }
@@ -257,7 +268,8 @@ impl<'c> Agent<'c> {
         let proxied;
         let request = match self.egress {
             Some(_) => {
-                proxied = with_proxy_environment(request);
+                let trust = self.trusted_ca.then_some(&self.config.trust);
+                proxied = with_proxy_environment(request, trust);
                 &proxied
             }
             None => request,
@@ -448,6 +460,13 @@ impl<'c> Agent<'c> {
             Request::SetClock { unix_nanos } => {
                 answer_done(channel, stream, set_clock(unix_nanos))?;
             }
+            Request::TrustCa { pem } => match trust::trust(&pem, &self.config.trust) {
+                Ok(()) => {
+                    self.trusted_ca = true;
+                    send(channel, stream, &Response::Done)?;
+                }
+                Err(error) => send(channel, stream, &Response::Error(error))?,
+            },
             Request::ServeProxy if self.egress.is_some() => send(channel, stream, &Response::Done)?,
             Request::ServeProxy => match Egress::listen(self.config.proxy_listen) {
                 Ok(egress) => {
@@ -929,15 +948,16 @@ enum SocketKey {
     Forwarded(u32),
 }
 
-/// A command's request with the egress proxy's environment added, under its own: a variable
-/// the request sets wins.
-fn with_proxy_environment(request: &ExecRequest) -> ExecRequest {
+/// A command's request with the egress proxy's environment added — and the trusted CA's, when
+/// there is one — under its own: a variable the request sets wins.
+fn with_proxy_environment(request: &ExecRequest, trust: Option<&TrustPaths>) -> ExecRequest {
     let mut request = request.clone();
-    for (name, value) in crate::proxy::environment() {
-        request
-            .env
-            .entry(name.into())
-            .or_insert_with(|| value.into());
+    let proxy = crate::proxy::environment()
+        .into_iter()
+        .map(|(name, value)| (name, value.to_string()));
+    let ca = trust.map(trust::environment).unwrap_or_default();
+    for (name, value) in proxy.chain(ca) {
+        request.env.entry(name.into()).or_insert(value);
     }
     request
 }

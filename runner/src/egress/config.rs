@@ -63,6 +63,9 @@ pub struct EgressConfig {
     pub max_connections: u32,
     /// How long a connection may carry nothing before it is closed.
     pub idle_timeout: Duration,
+    /// PEM files of CA certificates trusted, beyond the system's, for the far end of a
+    /// connection the host terminates to put a bound secret in (`tls_trust`).
+    pub tls_trust: Vec<PathBuf>,
 }
 
 impl Default for EgressConfig {
@@ -72,6 +75,7 @@ impl Default for EgressConfig {
             resolve: BTreeMap::new(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            tls_trust: Vec::new(),
         }
     }
 }
@@ -136,6 +140,8 @@ struct Section {
     resolve: BTreeMap<String, OneOrMore>,
     max_connections: Option<u32>,
     idle_timeout: Option<Seconds>,
+    #[serde(default)]
+    tls_trust: Vec<PathBuf>,
 }
 
 /// A pin's value: one address, or a list.
@@ -224,6 +230,13 @@ impl EgressConfig {
         }
         if let Some(timeout) = section.idle_timeout {
             config.idle_timeout = idle_timeout(timeout).map_err(|p| invalid("idle_timeout", p))?;
+        }
+        for file in section.tls_trust {
+            if !file.is_absolute() {
+                let problem = format!("{} is not an absolute path", file.display());
+                return Err(invalid("tls_trust", problem));
+            }
+            config.tls_trust.push(file);
         }
         Ok(config)
     }
@@ -318,6 +331,7 @@ mod tests {
             resolve: BTreeMap::new(),
             max_connections: 64,
             idle_timeout: Duration::from_secs(300),
+            tls_trust: vec![],
         };
         assert_eq!(EgressConfig::default(), defaults);
         assert_eq!(parse("").unwrap(), defaults);

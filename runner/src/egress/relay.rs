@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use mvm_protocol::{ErrorReply, FrameKind, OpenRequest, Response, Via};
 
 use crate::mux::{Connection, ConnectionSender, Exchange, OpenHandler, BAD_OPEN, NOT_GRANTED};
-use crate::secrets::egress::{Blocked, GuestBytes};
+use crate::secrets::egress::{is_bound, Blocked, GuestBytes};
+use crate::secrets::tls::{GuestEnd, Terminator};
 use crate::secrets::BoundSecret;
 
 /// Bytes read from the far end at a time (one data frame at most).
@@ -122,12 +123,14 @@ pub struct Relay {
     /// The launch's bound secrets: put into requests to their hosts, and looked for
     /// everywhere else ([`crate::secrets::egress`]).
     secrets: Arc<Vec<BoundSecret>>,
+    /// The TLS of the bound hosts, when there are any ([`crate::secrets::tls`]).
+    tls: Option<Arc<Terminator>>,
 }
 
 impl Relay {
     /// A relay dialling through `dialer` and telling `on_event` every decision and end.
     pub fn new(dialer: Box<dyn Dialer>, limits: RelayLimits, on_event: EventRecorder) -> Arc<Self> {
-        Self::with_secrets(dialer, limits, on_event, Arc::default())
+        Self::with_secrets(dialer, limits, on_event, Arc::default(), None)
     }
 
     /// A relay that also carries the launch's bound secrets.
@@ -136,6 +139,7 @@ impl Relay {
         limits: RelayLimits,
         on_event: EventRecorder,
         secrets: Arc<Vec<BoundSecret>>,
+        tls: Option<Arc<Terminator>>,
     ) -> Arc<Self> {
         Arc::new(Self {
             dialer,
@@ -143,6 +147,7 @@ impl Relay {
             on_event,
             open: AtomicUsize::new(0),
             secrets,
+            tls,
         })
     }
 
@@ -215,20 +220,46 @@ impl Relay {
                 }
             }
         };
-        let mut filter = GuestBytes::for_connection(
-            &self.secrets,
-            &request.host,
-            request.port,
-            request.via == Via::Forward,
-        );
-        let carried = relay(
-            exchange,
-            sender,
-            far,
-            &held,
-            &mut filter,
-            self.limits.idle_timeout,
-        );
+        let tunnel = request.via != Via::Forward;
+        let terminated = self.tls.as_ref().filter(|tls| {
+            tunnel
+                && tls.ends(&request.host)
+                && is_bound(&self.secrets, &request.host, request.port)
+        });
+        let carried = match terminated {
+            Some(tls) => {
+                let filter = GuestBytes::for_terminated(&self.secrets, &request.host, request.port);
+                let guest_end = GuestEnd {
+                    exchange,
+                    sender,
+                    held: &held,
+                };
+                let (sent, received, blocked) = tls.carry(
+                    guest_end,
+                    far,
+                    &request.host,
+                    filter,
+                    self.limits.idle_timeout,
+                );
+                Carried {
+                    sent,
+                    received,
+                    blocked,
+                }
+            }
+            None => {
+                let mut filter =
+                    GuestBytes::for_connection(&self.secrets, &request.host, request.port, !tunnel);
+                relay(
+                    exchange,
+                    sender,
+                    far,
+                    &held,
+                    &mut filter,
+                    self.limits.idle_timeout,
+                )
+            }
+        };
         if let Some(blocked) = carried.blocked {
             let refusal = Refusal::new(NOT_GRANTED, blocked.reason);
             let request = request.clone();

@@ -5,8 +5,6 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-
-use crate::secrets::LaunchSecrets;
 use std::time::Duration;
 
 use mvm_ir::audit::HostAudit;
@@ -24,6 +22,8 @@ use crate::egress::judge::{EgressPolicy, SystemResolver};
 use crate::egress::log::EgressLog;
 use crate::egress::relay::{Relay, RelayLimits};
 use crate::mux::OpenHandler;
+use crate::secrets::tls::Terminator;
+use crate::secrets::LaunchSecrets;
 
 /// How long the agent has to start its proxy.
 const PROXY_START: Duration = Duration::from_secs(10);
@@ -34,6 +34,8 @@ pub(super) struct Egress {
     pub handler: OpenHandler,
     /// The record of every decision.
     pub log: Arc<EgressLog>,
+    /// The per-VM CA's certificate, for the guest to trust, when the launch has bound secrets.
+    pub trusted_ca: Option<String>,
 }
 
 /// The egress of `plan`, narrowed by the launch's `--deny-host`s, under the operator's
@@ -57,6 +59,7 @@ pub(super) fn egress_for(
         })
     };
     let config = EgressConfig::load(&launch.home).map_err(|e| refused(&e, e.to_string()))?;
+    let trust = config.tls_trust.clone();
     let limits = RelayLimits {
         max_connections: config.max_connections as usize,
         idle_timeout: config.idle_timeout,
@@ -67,21 +70,41 @@ pub(super) fn egress_for(
     let log = EgressLog::new(Arc::clone(audit), vm, launch.net_log, counts_file);
     let dialer = PolicyDialer::new(policy, SystemResolver);
     let bound = Arc::clone(&secrets.bound);
-    let relay = Relay::with_secrets(Box::new(dialer), limits, log.recorder(), bound);
+    let tls = Terminator::new(&bound, &trust)
+        .map_err(|reason| LaunchError::Host {
+            what: "the bound secrets' TLS".into(),
+            source: std::io::Error::other(reason),
+        })?
+        .map(Arc::new);
+    let trusted_ca = tls.as_ref().map(|t| t.ca_pem().to_string());
+    let relay = Relay::with_secrets(Box::new(dialer), limits, log.recorder(), bound, tls);
     Ok(Some(Egress {
         handler: relay.handler(),
         log,
+        trusted_ca,
     }))
 }
 
-/// Asks the agent to serve its proxy: the commands it starts from now on reach it through
-/// their environment. An agent that cannot fails the launch.
-pub(super) fn serve_proxy(client: &mut AgentClient) -> Result<(), LaunchError> {
-    match client.call(&Request::ServeProxy, PROXY_START, None) {
+/// Asks the agent to serve its proxy — the commands it starts from now on reach it through
+/// their environment — and to trust the per-VM CA of the bound secrets' hosts, when there is
+/// one. An agent that cannot fails the launch.
+pub(super) fn serve_proxy(client: &mut AgentClient, egress: &Egress) -> Result<(), LaunchError> {
+    if let Some(pem) = &egress.trusted_ca {
+        agent_done(
+            client,
+            &Request::TrustCa { pem: pem.clone() },
+            "trust the VM's CA",
+        )?;
+    }
+    agent_done(client, &Request::ServeProxy, "serve the egress proxy")
+}
+
+fn agent_done(client: &mut AgentClient, request: &Request, what: &str) -> Result<(), LaunchError> {
+    match client.call(request, PROXY_START, None) {
         Ok(Response::Done) => Ok(()),
         Ok(other) => Err(LaunchError::Channel(crate::client::unexpected(&other))),
         Err(ClientError::Refused(refusal)) => Err(LaunchError::GuestFailed(format!(
-            "the agent could not serve the egress proxy: {}: {}",
+            "the agent could not {what}: {}: {}",
             refusal.code, refusal.message
         ))),
         Err(e) => Err(LaunchError::Channel(e)),

@@ -362,8 +362,8 @@ fn run_command(
         hello,
         ready_ms,
     } = booted;
-    if egress.is_some() {
-        serve_proxy(&mut client)?;
+    if let Some(egress) = &egress {
+        serve_proxy(&mut client, egress)?;
     }
     let (stream, last_stream) = client
         .into_stream()

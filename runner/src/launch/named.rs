@@ -189,9 +189,9 @@ pub(super) fn serve_started(
         let egress = egress_for(launch, &plan.plan, &audit, &vm, Some(counts), &secrets)?;
         let ports = forwarded_ports(launch, &plan.plan, saved.is_some(), &dir.path)?;
         let mut booted = boot(launch, listener.as_ref(), &mut vm_process)?;
-        if egress.is_some() {
+        if let Some(egress) = &egress {
             // Before anyone is told the VM is ready: every command it runs sees the proxy.
-            serve_proxy(&mut booted.client)?;
+            serve_proxy(&mut booted.client, egress)?;
         }
         // Every process the runner starts has been started: from here it runs filtered.
         confine(egress.is_some())?;

@@ -55,20 +55,28 @@ impl GuestBytes {
         if secrets.is_empty() {
             return GuestBytes::Pass;
         }
-        let host = host.trim_end_matches('.').to_ascii_lowercase();
-        let bound_here = secrets
-            .iter()
-            .any(|s| s.bindings.iter().any(|b| b.host == host && b.port == port));
-        match (plain_http, bound_here) {
-            (true, true) => GuestBytes::Rewrite(HeadRewrite {
-                secrets: Arc::clone(secrets),
-                host,
-                port,
-                head: Vec::new(),
-                sent: false,
-            }),
-            _ => GuestBytes::Scan(LeakScan::new(Arc::clone(secrets))),
+        match plain_http && is_bound(secrets, host, port) {
+            true => Self::rewrite(secrets, host, port, false),
+            false => GuestBytes::Scan(LeakScan::new(Arc::clone(secrets))),
         }
+    }
+
+    /// The filter of the plaintext inside a TLS connection to a bound host the runner
+    /// terminates ([`super::tls`]): its one request's head gets the values and
+    /// `Connection: close`.
+    pub fn for_terminated(secrets: &Arc<Vec<BoundSecret>>, host: &str, port: u16) -> Self {
+        Self::rewrite(secrets, host, port, true)
+    }
+
+    fn rewrite(secrets: &Arc<Vec<BoundSecret>>, host: &str, port: u16, close: bool) -> Self {
+        GuestBytes::Rewrite(HeadRewrite {
+            secrets: Arc::clone(secrets),
+            host: normal(host),
+            port,
+            head: Vec::new(),
+            sent: false,
+            close,
+        })
     }
 
     /// What of `bytes` goes out now.
@@ -90,6 +98,19 @@ impl GuestBytes {
             _ => Ok(()),
         }
     }
+}
+
+/// `host` as bindings name it: lowercase, no trailing dot.
+fn normal(host: &str) -> String {
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// Whether a secret is bound to `host:port`.
+pub fn is_bound(secrets: &[BoundSecret], host: &str, port: u16) -> bool {
+    let host = normal(host);
+    secrets
+        .iter()
+        .any(|s| s.bindings.iter().any(|b| b.host == host && b.port == port))
 }
 
 /// Looks for this launch's placeholders in a byte stream, across the points where it is cut.
@@ -148,6 +169,9 @@ pub struct HeadRewrite {
     head: Vec<u8>,
     /// Whether the head went.
     sent: bool,
+    /// Whether the head is made to ask for `Connection: close` (a terminated connection
+    /// carries one request, whose head alone gets the values).
+    close: bool,
 }
 
 impl HeadRewrite {
@@ -224,7 +248,11 @@ impl HeadRewrite {
             let replaced = injected
                 .iter()
                 .any(|(header, _, _)| header.as_bytes().eq_ignore_ascii_case(name));
-            if replaced {
+            let connection = self.close
+                && [&b"connection"[..], b"keep-alive"]
+                    .iter()
+                    .any(|h| h.eq_ignore_ascii_case(name.trim_ascii()));
+            if replaced || connection {
                 continue;
             }
             let mut line = line.to_vec();
@@ -248,6 +276,9 @@ impl HeadRewrite {
             out.extend_from_slice(b": ");
             out.extend_from_slice(&value);
             out.extend_from_slice(b"\r\n");
+        }
+        if self.close {
+            out.extend_from_slice(b"Connection: close\r\n");
         }
         out.extend_from_slice(b"\r\n");
         Ok(out)
@@ -337,6 +368,19 @@ mod tests {
             assert_eq!(blocked.reason, "secret_placeholder", "{host}:{port}");
             assert_eq!(blocked.secret.as_deref(), Some("api-token"));
         }
+    }
+
+    #[test]
+    fn a_terminated_request_asks_for_the_connection_to_close() {
+        let secrets = secrets(Inject::Placeholder);
+        let mut bound = GuestBytes::for_terminated(&secrets, "api.example.com", 80);
+        let sent = format!("GET / HTTP/1.1\r\nHost: api.example.com\r\nConnection: keep-alive\r\nX: {PLACEHOLDER}\r\n\r\n");
+        let out = String::from_utf8(bound.pass(sent.as_bytes()).unwrap()).unwrap();
+        assert!(
+            out.ends_with("X: real-value-42\r\nConnection: close\r\n\r\n"),
+            "{out}"
+        );
+        assert!(!out.contains("keep-alive"), "{out}");
     }
 
     #[test]

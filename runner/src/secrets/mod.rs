@@ -15,6 +15,7 @@
 
 pub mod egress;
 pub mod redact;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -5,6 +5,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -137,6 +138,20 @@ def test_a_foreground_command_whose_client_goes_away_is_ended(sandbox):
     assert mine and not mine[0].running
 
 
+def wait_until_nothing_listens(path):
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return
+        finally:
+            probe.close()
+        time.sleep(0.05)
+    raise AssertionError(f"something still listens on {path}")
+
+
 def test_a_server_that_dies_mid_command_ends_it_and_the_next_call_starts_another(sandbox):
     up = threading.Event()
     failed = []
@@ -154,6 +169,9 @@ def test_a_server_that_dies_mid_command_ends_it_and_the_next_call_starts_another
     os.kill(dead, signal.SIGKILL)
     running.join(30)
     assert failed == ["API006"]
+    # A killed process closes its files a moment after the kill; until then its listening
+    # socket still queues connections (and resets them). Wait until it refuses.
+    wait_until_nothing_listens(sandbox._api.socket)
     # The sandbox outlives its server; the SDK starts a new one for the next call.
     assert sandbox.commands.run("echo again").stdout == "again\n"
     assert sandbox._api.json("GET", "/v1/health")["pid"] != dead

@@ -4,6 +4,7 @@
 
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
+import net from "node:net";
 import { after, before, describe, test } from "node:test";
 
 import {
@@ -18,6 +19,24 @@ import { sharedApi } from "../dist/api.js";
 
 const image = process.env.MVM_TEST_IMAGE;
 if (!image) throw new Error("MVM_TEST_IMAGE is not set: run through `cargo test --test sdk`");
+
+/** Resolves once nothing listens on the Unix socket `path` any more. */
+async function listenerClosed(path) {
+  const deadline = Date.now() + 10_000;
+  while (Date.now() < deadline) {
+    const refused = await new Promise((resolve) => {
+      const probe = net.connect({ path });
+      probe.on("connect", () => {
+        probe.destroy();
+        resolve(false);
+      });
+      probe.on("error", (e) => resolve(e.code === "ECONNREFUSED" || e.code === "ENOENT"));
+    });
+    if (refused) return;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  throw new Error(`something still listens on ${path}`);
+}
 
 describe("a sandbox", () => {
   let sandbox;
@@ -155,6 +174,9 @@ describe("a sandbox", () => {
     const { pid } = await sharedApi().json("GET", "/v1/health");
     process.kill(pid, "SIGKILL");
     await assert.rejects(running, (e) => e instanceof SandboxError && e.code === "API006");
+    // A killed process closes its files a moment after the kill; until then its listening
+    // socket still queues connections (and resets them). Wait until it refuses.
+    await listenerClosed(sharedApi().socket);
     // The sandbox outlives its server; the SDK starts a new one for the next call.
     assert.equal((await sandbox.commands.run("echo again")).stdout, "again\n");
     const { pid: next } = await sharedApi().json("GET", "/v1/health");
