@@ -74,6 +74,9 @@ fn python() -> PathBuf {
     python
 }
 
+/// The value of the `sdk-token` secret.
+const SDK_SECRET: &str = "sdk-secret-4b1d9e";
+
 /// A fresh mvm home with a kernel, and a busybox image (with E2B's user and home) in a
 /// layout beside it.
 struct Fixture {
@@ -92,6 +95,17 @@ impl Fixture {
             layout.busybox_with_user_home(APPLETS)
         );
         std::mem::forget(layout);
+        // An unbound secret the suites' sandboxes are given (`secrets`), whose value the
+        // suites check never comes back.
+        let value = dir.path().join("sdk-token");
+        std::fs::write(&value, SDK_SECRET).unwrap();
+        let value = value.to_str().unwrap();
+        let home = dir.path().join("home");
+        guest::mvm_json(
+            &home,
+            &["secret", "put", "sdk-token", "--value-file", value],
+            0,
+        );
         Fixture { dir, image }
     }
 
@@ -109,6 +123,7 @@ impl Fixture {
             .env("MVM_RUNNER", guest::runner())
             .env("MVM_AGENT", guest::static_agent())
             .env("MVM_TEST_IMAGE", &self.image)
+            .env("MVM_TEST_SECRET", SDK_SECRET)
             .status()
             .unwrap();
         let left = guest::mvm_json(&self.home(), &["ls"], 0);

@@ -16,6 +16,7 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use mvm_builder::testing::TestLayout;
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 use support::{describe, guest, text};
 
@@ -111,7 +112,7 @@ fn a_bound_secret_reaches_only_its_host_and_no_value_is_left_anywhere() {
     let home = dir.path().join("home");
     guest::mvm_json(&home, &["kernel", "fetch"], 0);
     let layout = TestLayout::new_in(dir.path());
-    let digest = layout.busybox_with(&["sh", "wget", "echo", "cat", "env", "od", "tr"]);
+    let digest = layout.busybox_with(&["sh", "wget", "echo", "cat", "env", "od", "tr", "stat"]);
     let image = format!("oci:{}@{digest}", layout.dir.path().display());
     let (bound, other) = (Server::start(), Server::start());
     fs::write(
@@ -178,6 +179,8 @@ fn a_bound_secret_reaches_only_its_host_and_no_value_is_left_anywhere() {
     let script = format!(
         "echo token=$API_TOKEN; echo password=$DB_PASSWORD; \
          echo encoded=$(echo -n $DB_PASSWORD | od -An -tx1 | tr -d ' \\n'); \
+         echo file=$(cat /run/secrets/db-password) $(stat -c %a:%u /run/secrets/db-password); \
+         echo bound-file=$(cat /run/secrets/api-token); \
          wget -q -O- --header \"Authorization: Bearer $API_TOKEN\" http://{api}/bound; \
          wget -q -O- --header \"X-Leak: $API_TOKEN\" http://other.svc.example:{other}/other; \
          echo other=$?",
@@ -197,6 +200,10 @@ fn a_bound_secret_reaches_only_its_host_and_no_value_is_left_anywhere() {
             "api-token",
             "--secret",
             "db-password",
+            "--secret-file",
+            "db-password",
+            "--secret-file",
+            "api-token",
             "--receipt",
             receipt.to_str().unwrap(),
             "--",
@@ -228,10 +235,35 @@ fn a_bound_secret_reaches_only_its_host_and_no_value_is_left_anywhere() {
         stdout.contains("encoded=[REDACTED:db-password]"),
         "{stdout}"
     );
+    // As files: the unbound value (redacted when printed), the workload user's alone; the
+    // bound secret's placeholder, the same as its variable's.
+    assert!(
+        stdout.contains("file=[REDACTED:db-password] 400:1000"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("bound-file={placeholder}\n")),
+        "{stdout}"
+    );
     assert!(stdout.contains("served"), "{stdout}");
     assert!(
         !stdout.contains("other=0"),
         "the placeholder went to another host: {stdout}"
+    );
+
+    // The receipt records the output as it was shown, scrubbed: no digest a guess of a
+    // value could be checked against.
+    let verified = guest::mvm_json(&home, &["receipt", "verify", receipt.to_str().unwrap()], 0);
+    let shown = format!("sha256:{:x}", Sha256::digest(stdout.as_bytes()));
+    assert_eq!(
+        verified["receipt"]["stdout"]["sha256"],
+        shown.as_str(),
+        "{verified}"
+    );
+    assert_eq!(
+        verified["receipt"]["stdout"]["bytes"],
+        stdout.len(),
+        "{verified}"
     );
 
     // The bound host got the value where the placeholder stood.
@@ -451,39 +483,46 @@ fn over_https_the_host_ends_the_guests_tls_and_puts_the_value_in() {
 
     let script = format!(
         "curl -sS --fail -H \"Authorization: Bearer $API_TOKEN\" https://{api}/over-tls; \
-         echo curl=$?; echo token=$API_TOKEN; cat /etc/mvm/ca.pem"
+         echo curl=$?; echo token=$API_TOKEN greeting=$GREETING; cat /etc/mvm/ca.pem"
     );
-    let out = guest::mvm(
+    let name = "tls";
+    let up = guest::mvm(
         &home,
         &[
-            "run",
+            "up",
             &image.reference,
+            "--name",
+            name,
             "--allow-host",
             &api,
             "--secret",
             "api-token",
-            "--",
-            "bash",
-            "-c",
-            &script,
+            "--env",
+            "GREETING=hello",
         ],
     );
-    let stdout = text(&out.stdout);
-    assert!(out.status.success(), "{}", describe(&out));
+    let _vm = guest::RemoveOnDrop { home: &home, name };
+    assert!(up.status.success(), "{}", describe(&up));
+    let exec = || {
+        let out = guest::mvm(&home, &["exec", name, "--", "bash", "-c", &script]);
+        assert!(out.status.success(), "{}", describe(&out));
+        text(&out.stdout)
+    };
+    let stdout = exec();
     // The guest's curl checked the certificate the host presented (the per-VM CA's) and got
     // the answer; it held a placeholder only.
-    assert!(
-        stdout.contains("served over tls\ncurl=0"),
-        "{}",
-        describe(&out)
-    );
+    assert!(stdout.contains("served over tls\ncurl=0"), "{stdout}");
     assert!(stdout.contains("token=MVM_SECRET_"), "{stdout}");
+    assert!(stdout.contains("greeting=hello"), "{stdout}");
     assert!(!stdout.contains(BOUND_VALUE), "{stdout}");
     // The CA the guest was given can sign for the bound name only, and no CA below it.
-    let begin = stdout
-        .find("-----BEGIN CERTIFICATE-----")
-        .expect("the CA in the guest");
-    fs::write(work.join("vm-ca.pem"), &stdout[begin..]).unwrap();
+    let ca = |stdout: &str| {
+        let begin = stdout
+            .find("-----BEGIN CERTIFICATE-----")
+            .expect("the CA in the guest");
+        stdout[begin..].to_string()
+    };
+    fs::write(work.join("vm-ca.pem"), ca(&stdout)).unwrap();
     let shown = std::process::Command::new("openssl")
         .args(["x509", "-noout", "-text", "-in"])
         .arg(work.join("vm-ca.pem"))
@@ -497,9 +536,37 @@ fn over_https_the_host_ends_the_guests_tls_and_puts_the_value_in() {
         Some("DNS:api.svc.example"),
         "{shown}"
     );
+
+    // Saved cold and woken by a new runner: the same placeholder and variables for its
+    // commands (its processes hold them), a new CA the guest trusts in place of the old.
+    guest::mvm_json(&home, &["pause", name, "--cold"], 0);
+    guest::mvm_json(&home, &["resume", name], 0);
+    let woken = exec();
+    assert!(woken.contains("served over tls\ncurl=0"), "{woken}");
+    let token = |out: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix("token="))
+            .map(str::to_string)
+    };
+    assert_eq!(token(&woken), token(&stdout), "{woken}");
+    assert_ne!(
+        ca(&woken),
+        ca(&stdout),
+        "a woken VM's runner makes a CA of its own"
+    );
+    // The bundle the TLS stacks' variables name (this image has no system bundle to replace).
+    let bundle = guest::mvm(
+        &home,
+        &["exec", name, "--", "cat", "/etc/mvm/ca-bundle.pem"],
+    );
+    assert!(bundle.status.success(), "{}", describe(&bundle));
+    let bundle = text(&bundle.stdout);
+    assert!(bundle.contains(ca(&woken).trim()), "the new CA is trusted");
+    assert!(!bundle.contains(ca(&stdout).trim()), "the old CA is not");
+
     // The upstream got the value, over TLS it verified against the operator's CA.
     let seen = fs::read_to_string(&heads).unwrap();
-    assert!(seen.contains("GET /over-tls HTTP/1.1"), "{seen}");
+    assert_eq!(seen.matches("GET /over-tls HTTP/1.1").count(), 2, "{seen}");
     assert!(
         seen.contains(&format!("Authorization: Bearer {BOUND_VALUE}")),
         "{seen}"

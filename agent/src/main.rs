@@ -72,6 +72,7 @@ fn main() {
         policy: booted.policy,
         workload_filter,
         trust: mvm_agent::serve::trust::TrustPaths::guest(),
+        secret_dir: "/run/secrets".into(),
         reap_orphans: true,
         command_groups: Some(hardening::COMMAND_CGROUPS.into()),
         timings: timings(&booted),

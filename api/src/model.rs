@@ -38,6 +38,16 @@ pub struct CreateSandbox {
     /// `docs/network.md`). None: no network.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow_hosts: Vec<String>,
+    /// The policy profile of the image's plan: `restrictive`, `standard` (the default) or
+    /// `dev` (images only: a plan's profile is signed into it; see `docs/policy.md`).
+    /// `permissive` is built with `mvm build --ack-permissive`, never through the API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    /// Secrets of the host's store, `NAME[:ENV]`, given to every command as `mvm up --secret`
+    /// gives them: a bound secret as a placeholder, an unbound one as its value, scrubbed
+    /// from output (`docs/secrets.md`). Values never cross the API.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
     /// Labels to find it by (`GET /v1/sandboxes?label=KEY=VALUE`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,

@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use mvm_ir::fsutil::{atomic_write, read_capped};
+use mvm_ir::policy::Profile;
 use mvm_runner::named_vm::{NamedVm, NamedVmError, VmHome};
+use mvm_runner::secrets::SecretRef;
 use mvm_runner::state::{valid_name, Phase, VmState};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -285,12 +287,37 @@ fn check_spec(spec: &CreateSandbox) -> Result<(), ApiError> {
         ));
     }
     if spec.plan.is_some()
-        && (spec.cpus.is_some() || spec.memory_mib.is_some() || !spec.allow_hosts.is_empty())
+        && (spec.cpus.is_some()
+            || spec.memory_mib.is_some()
+            || !spec.allow_hosts.is_empty()
+            || spec.profile.is_some())
     {
         return Err(ApiError::BadRequest(
-            "cpus, memory_mib and allow_hosts are signed into a plan: give them with an image"
+            "cpus, memory_mib, allow_hosts and profile are signed into a plan: give them with an image"
                 .into(),
         ));
+    }
+    if let Some(name) = &spec.profile {
+        match Profile::from_name(name) {
+            Some(Profile::Permissive) => return Err(ApiError::BadRequest(
+                "the permissive profile drops the guest's syscall filter: build its plan with `mvm build --profile permissive --ack-permissive` and create from the plan".into(),
+            )),
+            Some(_) => {}
+            None => {
+                return Err(ApiError::BadRequest(format!(
+                    "profile {name:?} is not restrictive, standard or dev"
+                )))
+            }
+        }
+    }
+    if spec.secrets.len() > MAX_ENTRIES {
+        return Err(ApiError::BadRequest(format!(
+            "{} secrets: at most {MAX_ENTRIES}",
+            spec.secrets.len()
+        )));
+    }
+    for secret in &spec.secrets {
+        SecretRef::parse(secret).map_err(|e| ApiError::BadRequest(format!("secrets: {e}")))?;
     }
     check_timeout(spec.timeout_s.unwrap_or(DEFAULT_TIMEOUT_S))?;
     check_entries("metadata", &spec.metadata)?;
@@ -374,9 +401,28 @@ mod tests {
         assert!(check_spec(&forever).is_err());
         let bad_env = CreateSandbox {
             envs: BTreeMap::from([("A=B".into(), "c".into())]),
-            ..image
+            ..image.clone()
         };
         assert!(check_spec(&bad_env).is_err());
+        let with = |profile: &str, secrets: &[&str]| CreateSandbox {
+            profile: Some(profile.into()),
+            secrets: secrets.iter().map(|s| s.to_string()).collect(),
+            ..image.clone()
+        };
+        assert!(check_spec(&with("restrictive", &["api-token", "db:DB_PASSWORD"])).is_ok());
+        for refused in [
+            with("permissive", &[]),
+            with("lax", &[]),
+            with("dev", &["Not A Name"]),
+            with("dev", &["db:LD_PRELOAD"]),
+            CreateSandbox {
+                plan: Some("/p".into()),
+                profile: Some("dev".into()),
+                ..Default::default()
+            },
+        ] {
+            assert!(check_spec(&refused).is_err(), "{refused:?}");
+        }
     }
 
     #[test]

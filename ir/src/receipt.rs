@@ -1,8 +1,8 @@
 //! Signed run receipts: evidence of what ran, without what it said.
 //!
 //! A receipt names the plan (by digest) and the VM a command ran in, when it started and
-//! ended, how it ended, and the SHA-256 and size of its stdout and stderr as the host received
-//! them — never the output itself, the argv values or the environment. It is a DSSE envelope
+//! ended, how it ended, and the SHA-256 and size of its stdout and stderr as they were passed
+//! on (scrubbed of the launch's secrets) — never the output itself, the argv values or the environment. It is a DSSE envelope
 //! of type [`PAYLOAD_TYPE`] signed by the host key, and it names the receipt issued before it
 //! on this host (`previous`, the SHA-256 of that envelope's bytes), so receipts form a chain
 //! that a missing or reordered one breaks.
@@ -43,9 +43,9 @@ pub struct Receipt {
     pub ended_at: Timestamp,
     /// How it ended.
     pub result: CommandResult,
-    /// Its standard output as received.
+    /// Its standard output as passed on (scrubbed of the launch's secrets).
     pub stdout: OutputDigest,
-    /// Its standard error as received.
+    /// Its standard error as passed on.
     pub stderr: OutputDigest,
     /// The egress decisions made while it ran, the first [`MAX_EGRESS_DECISIONS`] of them
     /// (empty when the plan grants no egress).

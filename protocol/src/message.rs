@@ -4,6 +4,17 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+/// A secret's bytes, hex-encoded on the wire; `Debug` never shows them.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SecretHex(pub String);
+
+impl std::fmt::Debug for SecretHex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretHex(..)")
+    }
+}
+
 /// What the host asks of the agent. A request frame's stream id is the host's name for the
 /// exchange: every frame the agent sends about it carries the same id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,6 +131,17 @@ pub enum Request {
     TrustCa {
         /// One PEM certificate.
         pem: String,
+    },
+    /// Put one of the launch's secrets in the file `/run/secrets/NAME`, readable by the
+    /// workload user alone (0400, in the root's writable layer, which is guest memory): an
+    /// unbound secret's value, or a bound one's placeholder. Answered [`Response::Done`]. Sent
+    /// by a VM's runner after the hello, before any command (again after a wake); clients
+    /// cannot send it.
+    SecretFile {
+        /// The secret's name, which is the file's.
+        name: String,
+        /// What the file holds.
+        value: SecretHex,
     },
     /// Connect to `127.0.0.1:port` inside the guest for a forwarded port. The connection's
     /// bytes go both ways in data frames on this request's stream (an empty one ends that

@@ -19,6 +19,7 @@
 //! older state put back into the VM's directory, or the same state woken a second time (a
 //! single-use plan's VM replayed), is refused (RUN041).
 
+use std::collections::BTreeMap;
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -89,6 +90,21 @@ pub struct ColdManifest {
     /// Its forwarded ports, each with the host port it got: the woken VM listens on them again.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<crate::forward::PortSpec>,
+    /// Its launch's own variables (`--env`, `--allow-env`): the woken VM's commands get them
+    /// again. (The saved memory holds them anyway, in the processes that were started.)
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// The secrets its launch asked for beyond the plan's (`NAME:ENV`): resolved again from
+    /// the store when it wakes. Names only, never a value.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
+    /// The secrets its launch gave as files (`--secret-file`): written again when it wakes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret_files: Vec<String>,
+    /// Its bound secrets' placeholders, by secret name: its processes hold them, so a wake
+    /// keeps them. A placeholder is not a value.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub placeholders: BTreeMap<String, String>,
     /// When it was saved.
     pub saved_at: Timestamp,
 }
@@ -435,6 +451,10 @@ mod tests {
                 generation: 0,
                 deny_hosts: vec![],
                 ports: vec![],
+                env: BTreeMap::new(),
+                secrets: vec![],
+                secret_files: vec![],
+                placeholders: BTreeMap::new(),
                 saved_at: Timestamp::now(),
             },
         }

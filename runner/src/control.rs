@@ -518,6 +518,7 @@ fn serve_request(
             | Request::SetClock { .. }
             | Request::ServeProxy
             | Request::TrustCa { .. }
+            | Request::SecretFile { .. }
             | Request::Connect { .. }
             | Request::PowerOff
             | Request::Pause
@@ -542,9 +543,13 @@ fn serve_request(
             let message = "the guest's clock is set by its runner".to_string();
             writer.error(client_stream, codes::BAD_REQUEST, message)
         }
-        Request::ServeProxy | Request::TrustCa { .. } | Request::Connect { .. } => {
-            let message = "the proxy and forwarded ports are served by the VM's runner; \
-                           grant egress in the plan, forward ports with `mvm up --port`"
+        Request::ServeProxy
+        | Request::TrustCa { .. }
+        | Request::SecretFile { .. }
+        | Request::Connect { .. } => {
+            let message = "the proxy, forwarded ports, the VM's CA and secret files are the \
+                           VM's runner's to ask for: grant egress in the plan, forward ports \
+                           with `mvm up --port`, give secrets with `--secret`/`--secret-file`"
                 .to_string();
             writer.error(client_stream, codes::BAD_REQUEST, message)
         }
@@ -779,8 +784,11 @@ fn relay(
         };
         if frame.kind == FrameKind::Response {
             output.finish(writer, client_stream)?;
-            writer.frame(frame.kind, client_stream, &frame.payload)?;
-            return Ok(());
+            return match output.recounted(&frame.payload) {
+                Ok(Some(answer)) => writer.frame(frame.kind, client_stream, &answer),
+                Ok(None) => writer.frame(frame.kind, client_stream, &frame.payload),
+                Err(message) => writer.error(client_stream, crate::codes::RUN025, message),
+            };
         }
         output.pass(writer, client_stream, &frame)?;
     }
@@ -788,9 +796,17 @@ fn relay(
 
 /// A command's output frames on their way to a client, scrubbed of the launch's secrets
 /// ([`crate::secrets::redact`]); other frames pass as they are.
+///
+/// Scrubbing changes the output's length, so the runner checks the byte counts in the
+/// agent's answer against what the agent sent, and gives the client the counts of what it
+/// passed on instead ([`ScrubbedOutput::recounted`]).
 struct ScrubbedOutput<'a> {
     stdout: Redactor<'a>,
     stderr: Redactor<'a>,
+    /// Bytes of stdout and stderr from the agent.
+    received: (u64, u64),
+    /// Bytes of stdout and stderr passed on.
+    sent: (u64, u64),
 }
 
 impl<'a> ScrubbedOutput<'a> {
@@ -798,24 +814,69 @@ impl<'a> ScrubbedOutput<'a> {
         Self {
             stdout: redactions.redactor(),
             stderr: redactions.redactor(),
+            received: (0, 0),
+            sent: (0, 0),
         }
     }
 
     fn pass(&mut self, writer: &ClientWriter, stream: u32, frame: &Frame) -> io::Result<()> {
+        let received = frame.payload.len() as u64;
         let scrubbed = match frame.kind {
-            FrameKind::Stdout => self.stdout.push(&frame.payload),
-            FrameKind::Stderr => self.stderr.push(&frame.payload),
+            FrameKind::Stdout => {
+                self.received.0 += received;
+                self.stdout.push(&frame.payload)
+            }
+            FrameKind::Stderr => {
+                self.received.1 += received;
+                self.stderr.push(&frame.payload)
+            }
             kind => return writer.frame(kind, stream, &frame.payload),
         };
-        write_chunks(writer, frame.kind, stream, &scrubbed)
+        self.send(writer, frame.kind, stream, &scrubbed)
     }
 
     /// What was held back, before the answer.
     fn finish(&mut self, writer: &ClientWriter, stream: u32) -> io::Result<()> {
         let stdout = self.stdout.finish();
-        write_chunks(writer, FrameKind::Stdout, stream, &stdout)?;
+        self.send(writer, FrameKind::Stdout, stream, &stdout)?;
         let stderr = self.stderr.finish();
-        write_chunks(writer, FrameKind::Stderr, stream, &stderr)
+        self.send(writer, FrameKind::Stderr, stream, &stderr)
+    }
+
+    fn send(
+        &mut self,
+        writer: &ClientWriter,
+        kind: FrameKind,
+        stream: u32,
+        bytes: &[u8],
+    ) -> io::Result<()> {
+        match kind {
+            FrameKind::Stdout => self.sent.0 += bytes.len() as u64,
+            _ => self.sent.1 += bytes.len() as u64,
+        }
+        write_chunks(writer, kind, stream, bytes)
+    }
+
+    /// A command's answer with the byte counts of what was passed on (`None`: `answer` is
+    /// not a command's, or nothing was scrubbed, and goes as it is); an error when the agent
+    /// counted other than it sent.
+    fn recounted(&self, answer: &[u8]) -> Result<Option<Vec<u8>>, String> {
+        if self.received == self.sent {
+            return Ok(None);
+        }
+        let Ok(Response::Exec(mut reply)) = serde_json::from_slice::<Response>(answer) else {
+            return Ok(None);
+        };
+        if (reply.stdout_bytes, reply.stderr_bytes) != self.received {
+            return Err(format!(
+                "the agent counted {}/{} bytes of stdout/stderr, {}/{} arrived",
+                reply.stdout_bytes, reply.stderr_bytes, self.received.0, self.received.1
+            ));
+        }
+        (reply.stdout_bytes, reply.stderr_bytes) = self.sent;
+        serde_json::to_vec(&Response::Exec(reply))
+            .map(Some)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -996,7 +1057,17 @@ fn relay_exec(
                     Ok(Response::Error(error)) => json!({"error": error.code}),
                     _ => json!({"error": "unexpected answer"}),
                 };
-                answer = Ok(frame.payload);
+                answer = Ok(match output.recounted(&frame.payload) {
+                    Ok(recounted) => recounted.unwrap_or(frame.payload),
+                    Err(message) => {
+                        outcome = json!({"error": crate::codes::RUN025});
+                        let error = ErrorReply {
+                            code: crate::codes::RUN025.into(),
+                            message,
+                        };
+                        serde_json::to_vec(&Response::Error(error)).map_err(io::Error::other)?
+                    }
+                });
                 break;
             }
             ended.store(true, Ordering::Relaxed);

@@ -96,6 +96,11 @@ struct Args {
     /// the plan's profile allows (RUN061). Its value is scrubbed from the output.
     #[arg(long, value_name = "NAME[:ENV]", value_parser = SecretRef::parse)]
     secret: Vec<SecretRef>,
+    /// Give the secret NAME as the file /run/secrets/NAME in the guest (0400, the workload
+    /// user's, in guest memory) rather than a variable; repeatable. As for --secret: a
+    /// placeholder when bound, the value (any bytes) when unbound and the profile allows.
+    #[arg(long, value_name = "NAME", value_parser = mvm_runner::secrets::parse_file_secret)]
+    secret_file: Vec<String>,
     /// With --name: forward [ADDRESS:]HOST_PORT to GUEST_PORT on the guest's loopback
     /// (repeatable; ADDRESS is 127.0.0.1 unless given, and must be loopback unless `[ports]
     /// listen` in config.toml lists it; HOST_PORT 0 picks a free one).
@@ -239,6 +244,8 @@ fn launch_request(
         ports: args.port,
         env,
         secrets: args.secret,
+        secret_files: args.secret_file,
+        placeholders: BTreeMap::new(),
     }
 }
 

@@ -37,6 +37,10 @@ fn manifest(memory: SavedMemory) -> ColdManifest {
         generation: 1,
         deny_hosts: vec![],
         ports: vec![],
+        env: Default::default(),
+        secrets: vec![],
+        secret_files: vec![],
+        placeholders: Default::default(),
         saved_at: Timestamp::now(),
     }
 }

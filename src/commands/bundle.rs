@@ -72,6 +72,11 @@ pub struct ImageOptions {
     /// hosts; an unbound one is its value. Values are scrubbed from the output (docs/secrets.md).
     #[arg(long, value_name = "NAME[:ENV]", value_parser = parse_secret)]
     secret: Vec<String>,
+    /// Give the command the secret NAME as the file /run/secrets/NAME (0400, the workload
+    /// user's, in guest memory) instead of a variable, for tools that read a credential from a
+    /// file; repeatable. Bound: the placeholder; unbound: the value, any bytes.
+    #[arg(long, value_name = "NAME", value_parser = mvm_runner::secrets::parse_file_secret)]
+    secret_file: Vec<String>,
 }
 
 /// `NAME[:ENV]` of `--secret`, checked here as the runner will.
@@ -102,21 +107,23 @@ fn env_name_allowed(name: &str) -> Result<(), String> {
 }
 
 impl ImageOptions {
-    /// The options of a sandbox created through the local API.
-    pub fn for_sandbox(cpus: Option<u32>, memory: Option<u32>, allow_host: Vec<String>) -> Self {
+    /// The options of a sandbox created through the local API (its request checked already:
+    /// a profile it names is one the API takes).
+    pub fn for_sandbox(spec: &mvm_api::model::CreateSandbox) -> Self {
         ImageOptions {
-            cpus,
-            memory,
+            cpus: spec.cpus,
+            memory: spec.memory_mib,
             agent: None,
             entrypoint: None,
-            allow_host,
+            allow_host: spec.allow_hosts.clone(),
             deny_host: Vec::new(),
             net_log: false,
-            profile: None,
+            profile: spec.profile.as_deref().and_then(Profile::from_name),
             ack_permissive: false,
             env: Vec::new(),
             allow_env: Vec::new(),
-            secret: Vec::new(),
+            secret: spec.secrets.clone(),
+            secret_file: Vec::new(),
         }
     }
 
@@ -136,6 +143,11 @@ impl ImageOptions {
             self.secret
                 .iter()
                 .map(|secret| format!("--secret={secret}")),
+        );
+        runner.args(
+            self.secret_file
+                .iter()
+                .map(|name| format!("--secret-file={name}")),
         );
         let mut env: std::collections::BTreeMap<String, String> =
             self.env.iter().cloned().collect();

@@ -92,8 +92,7 @@ impl Launcher for CliLauncher {
                 "plan must be an absolute path on the host".into(),
             ));
         }
-        let options =
-            ImageOptions::for_sandbox(spec.cpus, spec.memory_mib, spec.allow_hosts.clone());
+        let options = ImageOptions::for_sandbox(spec);
         let image = match &spec.template {
             Some(template) => Some(template_image(&self.home, template)?),
             None => spec.image.clone(),
@@ -111,6 +110,10 @@ impl Launcher for CliLauncher {
             .arg("--plan")
             .arg(plan)
             .args(["--name", id, "--backend", "auto"]);
+        // The secrets; nothing else of the options is for a sandbox's launch.
+        options
+            .configure_runner(&mut runner)
+            .map_err(launch_error)?;
         Ok(runner)
     }
 

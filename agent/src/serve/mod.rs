@@ -18,6 +18,7 @@ pub mod files;
 mod forwarded;
 pub mod fsops;
 pub mod seccomp;
+pub mod secret_file;
 pub mod trust;
 mod tunnel;
 pub mod users;
@@ -72,6 +73,8 @@ pub struct ServeConfig {
     pub workload_filter: Option<WorkloadFilter>,
     /// Where a CA the host asks the guest to trust goes.
     pub trust: TrustPaths,
+    /// Where the launch's secret files go (`/run/secrets` in the guest).
+    pub secret_dir: PathBuf,
     /// The boot timings for the hello.
     pub timings: BootTimings,
     /// Reads whether the verified root has seen a corrupted block.
@@ -102,6 +105,8 @@ impl ServeConfig {
                 dir: std::env::temp_dir().join(format!("mvm-agent-trust-{}", std::process::id())),
                 system_bundle: None,
             },
+            secret_dir: std::env::temp_dir()
+                .join(format!("mvm-agent-secrets-{}", std::process::id())),
             reap_orphans: false,
             command_groups: None,
             timings: BootTimings::default(),
@@ -467,6 +472,13 @@ impl<'c> Agent<'c> {
                 }
                 Err(error) => send(channel, stream, &Response::Error(error))?,
             },
+            Request::SecretFile { name, value } => {
+                let owner = self.config.workload_user;
+                match secret_file::put(&name, &value, &self.config.secret_dir, owner) {
+                    Ok(()) => send(channel, stream, &Response::Done)?,
+                    Err(error) => send(channel, stream, &Response::Error(error))?,
+                }
+            }
             Request::ServeProxy if self.egress.is_some() => send(channel, stream, &Response::Done)?,
             Request::ServeProxy => match Egress::listen(self.config.proxy_listen) {
                 Ok(egress) => {

@@ -5,17 +5,16 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use mvm_ir::audit::HostAudit;
 use mvm_ir::plan::LaunchPlan;
 use mvm_ir::workload::NetworkMode;
 use mvm_ir::Coded;
-use mvm_protocol::{Request, Response};
+use mvm_protocol::Request;
 
-use super::LaunchError;
+use super::{agent_done, LaunchError};
 use crate::admission::AdmissionError;
-use crate::client::{AgentClient, ClientError};
+use crate::client::AgentClient;
 use crate::egress::config::EgressConfig;
 use crate::egress::dial::PolicyDialer;
 use crate::egress::judge::{EgressPolicy, SystemResolver};
@@ -24,9 +23,6 @@ use crate::egress::relay::{Relay, RelayLimits};
 use crate::mux::OpenHandler;
 use crate::secrets::tls::Terminator;
 use crate::secrets::LaunchSecrets;
-
-/// How long the agent has to start its proxy.
-const PROXY_START: Duration = Duration::from_secs(10);
 
 /// The egress of a launch whose plan grants some.
 pub(super) struct Egress {
@@ -97,16 +93,4 @@ pub(super) fn serve_proxy(client: &mut AgentClient, egress: &Egress) -> Result<(
         )?;
     }
     agent_done(client, &Request::ServeProxy, "serve the egress proxy")
-}
-
-fn agent_done(client: &mut AgentClient, request: &Request, what: &str) -> Result<(), LaunchError> {
-    match client.call(request, PROXY_START, None) {
-        Ok(Response::Done) => Ok(()),
-        Ok(other) => Err(LaunchError::Channel(crate::client::unexpected(&other))),
-        Err(ClientError::Refused(refusal)) => Err(LaunchError::GuestFailed(format!(
-            "the agent could not {what}: {}: {}",
-            refusal.code, refusal.message
-        ))),
-        Err(e) => Err(LaunchError::Channel(e)),
-    }
 }

@@ -26,8 +26,11 @@ use mvm_ir::home::MvmHome;
 use mvm_ir::plan::Timestamp;
 use mvm_ir::receipt::{CommandResult, EgressCounts, EgressDecision, OutputDigest, Receipt};
 use mvm_ir::Coded;
-use mvm_protocol::{codes, ExecRequest, ExitStatus, HelloReply, Integrity};
+use mvm_protocol::{
+    codes, ExecRequest, ExitStatus, HelloReply, Integrity, Request, Response, SecretHex,
+};
 use serde_json::json;
+use sha2::{Digest as _, Sha256};
 
 use crate::admission::AdmissionError;
 use crate::backend::kvm::jailed::Jail;
@@ -39,7 +42,7 @@ use crate::egress::judge::Denial;
 use crate::forward::PortSpec;
 use crate::mux::AgentMux;
 use crate::secrets::redact::{Redactions, Redactor};
-use crate::secrets::SecretRef;
+use crate::secrets::{LaunchSecrets, SecretRef};
 use egress::{egress_for, serve_proxy, Egress};
 
 mod egress;
@@ -53,6 +56,9 @@ pub use named::{serve_named, wake_named};
 use start::{failure, start, Origin, Started};
 use vm_dir::Keep;
 
+/// How long the agent has to carry out a request of the launch's set-up (a secret file, the
+/// VM's CA, its proxy).
+const AGENT_SETUP: Duration = Duration::from_secs(10);
 /// How long the agent has to acknowledge a power-off, and QEMU to exit after it.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Beyond a command's own timeout (which the agent enforces), how long the runner waits for
@@ -98,6 +104,11 @@ pub struct Launch {
     pub env: BTreeMap<String, String>,
     /// Secrets asked for beyond the plan's (`--secret NAME[:ENV]`), resolved at admission.
     pub secrets: Vec<SecretRef>,
+    /// Secrets given as files of the guest's `/run/secrets` (`--secret-file NAME`).
+    pub secret_files: Vec<String>,
+    /// Placeholders to give bound secrets again, by name: a woken VM's (its processes hold
+    /// them); empty for a first launch, whose placeholders are drawn fresh.
+    pub placeholders: BTreeMap<String, String>,
 }
 
 /// A launch that ran its command to the end.
@@ -190,7 +201,8 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Bo
     let mut redacting = RedactingSink::new(sink, &secrets.redactions);
     let mut outcome =
         egress_for(launch, &plan.plan, &audit, &vm, None, &secrets).and_then(|egress| {
-            let booted = boot(launch, listener.as_ref(), &mut vm_process)?;
+            let mut booted = boot(launch, listener.as_ref(), &mut vm_process)?;
+            put_secret_files(&mut booted.client, &secrets)?;
             confine(egress.is_some())?;
             run_command(
                 launch,
@@ -203,6 +215,9 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Bo
         });
     if let Err(e) = redacting.finish() {
         outcome = outcome.and_then(|_| Err(LaunchError::host("the command's output")(e)));
+    }
+    if let Ok(ran) = &mut outcome {
+        [ran.executed.stdout, ran.executed.stderr] = redacting.shown();
     }
     // The socket's job is done either way; nobody may connect to it later.
     drop(listener);
@@ -254,11 +269,44 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Bo
     outcome.map_err(|error| failure(error, &vm_process, dir))
 }
 
-/// The command's output on its way to `sink`, scrubbed of the launch's secrets.
+/// Asks the agent for `request`, which it answers [`Response::Done`]; an agent that cannot
+/// fails the launch, saying it could not do `what`.
+pub(super) fn agent_done(
+    client: &mut AgentClient,
+    request: &Request,
+    what: &str,
+) -> Result<(), LaunchError> {
+    match client.call(request, AGENT_SETUP, None) {
+        Ok(Response::Done) => Ok(()),
+        Ok(other) => Err(LaunchError::Channel(crate::client::unexpected(&other))),
+        Err(ClientError::Refused(refusal)) => Err(LaunchError::GuestFailed(format!(
+            "the agent could not {what}: {}: {}",
+            refusal.code, refusal.message
+        ))),
+        Err(e) => Err(LaunchError::Channel(e)),
+    }
+}
+
+/// Writes the launch's secret files in the guest (`--secret-file`), before any command runs.
+fn put_secret_files(client: &mut AgentClient, secrets: &LaunchSecrets) -> Result<(), LaunchError> {
+    for (name, bytes) in &secrets.files {
+        let request = Request::SecretFile {
+            name: name.clone(),
+            value: SecretHex(hex::encode(bytes.as_slice())),
+        };
+        agent_done(client, &request, "write a secret file")?;
+    }
+    Ok(())
+}
+
+/// The command's output on its way to `sink`, scrubbed of the launch's secrets, and the
+/// digests of what was passed on: the receipt records what was shown, never a digest of
+/// output that held a value (one a guess could be checked against).
 struct RedactingSink<'a> {
     sink: &'a mut dyn OutputSink,
     stdout: Redactor<'a>,
     stderr: Redactor<'a>,
+    shown: [(Sha256, u64); 2],
 }
 
 impl<'a> RedactingSink<'a> {
@@ -267,26 +315,46 @@ impl<'a> RedactingSink<'a> {
             sink,
             stdout: redactions.redactor(),
             stderr: redactions.redactor(),
+            shown: [(Sha256::new(), 0), (Sha256::new(), 0)],
         }
     }
 
     /// Passes on what was held back for a value that might have continued.
     fn finish(&mut self) -> io::Result<()> {
         let (stdout, stderr) = (self.stdout.finish(), self.stderr.finish());
-        self.sink.stdout(&stdout)?;
-        self.sink.stderr(&stderr)
+        self.pass(0, &stdout)?;
+        self.pass(1, &stderr)
+    }
+
+    /// Passes `bytes` on to stdout (0) or stderr (1).
+    fn pass(&mut self, which: usize, bytes: &[u8]) -> io::Result<()> {
+        let (hash, count) = &mut self.shown[which];
+        hash.update(bytes);
+        *count += bytes.len() as u64;
+        match which {
+            0 => self.sink.stdout(bytes),
+            _ => self.sink.stderr(bytes),
+        }
+    }
+
+    /// The digests of what was passed on, stdout's and stderr's.
+    fn shown(self) -> [OutputDigest; 2] {
+        self.shown.map(|(hash, bytes)| OutputDigest {
+            sha256: format!("sha256:{}", hex::encode(hash.finalize())),
+            bytes,
+        })
     }
 }
 
 impl OutputSink for RedactingSink<'_> {
     fn stdout(&mut self, bytes: &[u8]) -> io::Result<()> {
         let scrubbed = self.stdout.push(bytes);
-        self.sink.stdout(&scrubbed)
+        self.pass(0, &scrubbed)
     }
 
     fn stderr(&mut self, bytes: &[u8]) -> io::Result<()> {
         let scrubbed = self.stderr.push(bytes);
-        self.sink.stderr(&scrubbed)
+        self.pass(1, &scrubbed)
     }
 }
 

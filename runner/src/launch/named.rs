@@ -19,7 +19,9 @@ use serde_json::json;
 use super::egress::{egress_for, serve_proxy};
 use super::start::{failure, start, Origin, Started};
 use super::vm_dir::{Keep, VmDir};
-use super::{boot, confine, Booted, Failure, Launch, LaunchError, SHUTDOWN_GRACE};
+use super::{
+    boot, confine, put_secret_files, Booted, Failure, Launch, LaunchError, SHUTDOWN_GRACE,
+};
 use crate::admission::host_policy::HostPolicy;
 use crate::backend::qemu;
 use crate::backend::select::Accel;
@@ -32,7 +34,7 @@ use crate::egress::judge::Denial;
 use crate::egress::log::COUNTS_FILE;
 use crate::forward::{self, PortSpec};
 use crate::mux::{AgentMux, OpenHandler};
-use crate::secrets::LaunchSecrets;
+use crate::secrets::{LaunchSecrets, SecretRef};
 use crate::state::{self, Phase, VmState};
 
 /// Boots `launch` as the VM `name` and keeps it up, serving its control socket
@@ -112,12 +114,31 @@ pub fn wake_named(
         })?;
         deny.push(denial);
     }
+    let mut secrets = Vec::new();
+    for text in &saved.manifest.secrets {
+        let secret = SecretRef::parse(text).map_err(|e| {
+            LaunchError::from(ColdError::Unverified(format!(
+                "its manifest's --secret {text:?}: {e}"
+            )))
+        })?;
+        secrets.push(secret);
+    }
+    let mut env = saved.manifest.env.clone();
+    env.extend(launch.env.clone());
+    secrets.extend(launch.secrets.iter().cloned());
+    let mut secret_files = saved.manifest.secret_files.clone();
+    secret_files.extend(launch.secret_files.iter().cloned());
     let launch = Launch {
         envelope: saved.manifest.envelope.clone(),
         backend,
         deny,
         // The plan's ports are among them, on the host ports they got.
         ports: saved.manifest.ports.clone(),
+        // What its first launch gave every command, it gives again.
+        env,
+        secrets,
+        secret_files,
+        placeholders: saved.manifest.placeholders.clone(),
         ..launch.clone()
     };
     let started = start(&launch, Origin::Wake(dir, &mut saved), |_| Ok(()))?;
@@ -189,6 +210,7 @@ pub(super) fn serve_started(
         let egress = egress_for(launch, &plan.plan, &audit, &vm, Some(counts), &secrets)?;
         let ports = forwarded_ports(launch, &plan.plan, saved.is_some(), &dir.path)?;
         let mut booted = boot(launch, listener.as_ref(), &mut vm_process)?;
+        put_secret_files(&mut booted.client, &secrets)?;
         if let Some(egress) = &egress {
             // Before anyone is told the VM is ready: every command it runs sees the proxy.
             serve_proxy(&mut booted.client, egress)?;
@@ -262,6 +284,14 @@ pub(super) fn serve_started(
                 generation: 0,
                 deny_hosts: launch.deny.iter().map(ToString::to_string).collect(),
                 ports: ports.iter().map(|port| port.spec).collect(),
+                env: launch.env.clone(),
+                secrets: launch.secrets.iter().map(ToString::to_string).collect(),
+                secret_files: launch.secret_files.clone(),
+                placeholders: secrets
+                    .bound
+                    .iter()
+                    .map(|secret| (secret.name.clone(), secret.placeholder.clone()))
+                    .collect(),
                 saved_at: mvm_ir::plan::Timestamp::now(),
             },
         });

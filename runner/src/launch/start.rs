@@ -53,8 +53,13 @@ pub(super) enum Origin<'a> {
     Wake(VmDir, &'a mut ColdState),
 }
 
+/// The most bytes of names and values a launch's environment may hold: a cold VM's manifest
+/// keeps it, and a manifest is read back only up to its own bound.
+const MAX_LAUNCH_ENV_BYTES: usize = 32 * 1024;
+
 /// Refuses (RUN060) a launch's environment its plan's profile or the host's policy does not
-/// let a client set, or that names a denied variable.
+/// let a client set, that names a denied variable, or that is larger than
+/// [`MAX_LAUNCH_ENV_BYTES`].
 fn launch_env_allowed(
     host_policy: &HostPolicy,
     plan: &VerifiedPlan,
@@ -65,6 +70,15 @@ fn launch_env_allowed(
         reason,
     };
     host_policy.client_env(&plan.plan).map_err(refuse)?;
+    let bytes: usize = env
+        .iter()
+        .map(|(name, value)| name.len() + value.len())
+        .sum();
+    if bytes > MAX_LAUNCH_ENV_BYTES {
+        return Err(refuse(format!(
+            "the launch's environment holds {bytes} bytes; at most {MAX_LAUNCH_ENV_BYTES} are passed"
+        )));
+    }
     match env.keys().find(|name| !mvm_ir::validate::is_env_name(name) || mvm_ir::env::is_denied(name)) {
         Some(name) => Err(refuse(format!(
             "environment variable {name:?} is never passed to a workload (docs/ir.md#the-environment-denylist)"
@@ -106,7 +120,12 @@ pub(super) fn start<T>(
             if !launch.env.is_empty() {
                 launch_env_allowed(&host_policy, verified, &launch.env)?;
             }
-            let secrets = crate::secrets::resolve(&launch.home, &verified.plan, &launch.secrets)?;
+            let wanted = crate::secrets::Wanted {
+                env: &launch.secrets,
+                files: &launch.secret_files,
+                placeholders: &launch.placeholders,
+            };
+            let secrets = crate::secrets::resolve(&launch.home, &verified.plan, &wanted)?;
             let settled = settle(verified)?;
             let unavailable = |e: HostError| AdmissionError::NotRunnable {
                 code: e.code().into(),

@@ -33,6 +33,24 @@ use redact::Redactions;
 /// What a placeholder begins with.
 pub const PLACEHOLDER_PREFIX: &str = "MVM_SECRET_";
 
+/// Whether `text` is a placeholder: the prefix and 32 lowercase hex digits.
+fn is_placeholder(text: &str) -> bool {
+    text.strip_prefix(PLACEHOLDER_PREFIX).is_some_and(|random| {
+        random.len() == 32
+            && random
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
+}
+
+/// The NAME of `--secret-file NAME`: a name of the store.
+pub fn parse_file_secret(name: &str) -> Result<String, String> {
+    match mvm_ir::validate::is_identifier(name) {
+        true => Ok(name.to_string()),
+        false => Err(format!("{name:?} is not a secret name")),
+    }
+}
+
 /// A secret a launch asks for beyond its plan's: `--secret NAME[:ENV]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SecretRef {
@@ -40,6 +58,12 @@ pub struct SecretRef {
     pub name: String,
     /// The variable it is given as (NAME upper-cased, `-` and `.` as `_`, when not named).
     pub env: String,
+}
+
+impl std::fmt::Display for SecretRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.name, self.env)
+    }
 }
 
 impl SecretRef {
@@ -90,6 +114,9 @@ impl std::fmt::Debug for BoundSecret {
 pub struct LaunchSecrets {
     /// Variables of every command: a placeholder or an unbound value.
     pub env: BTreeMap<String, String>,
+    /// Files of the guest's `/run/secrets`, by secret name: a placeholder or an unbound value
+    /// (`--secret-file`).
+    pub files: BTreeMap<String, Zeroizing<Vec<u8>>>,
     /// The bound secrets, for the egress side.
     pub bound: Arc<Vec<BoundSecret>>,
     /// What output is scrubbed of.
@@ -99,23 +126,62 @@ pub struct LaunchSecrets {
 impl LaunchSecrets {
     /// Whether the launch has any secret.
     pub fn is_empty(&self) -> bool {
-        self.env.is_empty()
+        self.env.is_empty() && self.files.is_empty()
     }
 }
 
-/// Resolves the plan's secrets and `extra` from `home`'s store.
+/// Where a resolved secret goes in the guest.
+enum Given {
+    /// The variable of this name.
+    Env(String),
+    /// The file `/run/secrets/NAME`.
+    File,
+}
+
+impl std::fmt::Display for Given {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Given::Env(name) => f.write_str(name),
+            Given::File => f.write_str("its file"),
+        }
+    }
+}
+
+/// What a launch asks for beyond its plan's secrets.
+#[derive(Debug, Clone, Copy)]
+pub struct Wanted<'a> {
+    /// `--secret NAME[:ENV]`.
+    pub env: &'a [SecretRef],
+    /// `--secret-file NAME`.
+    pub files: &'a [String],
+    /// Placeholders a bound secret keeps, by name (a woken VM's: its processes hold them).
+    pub placeholders: &'a BTreeMap<String, String>,
+}
+
+/// Resolves the plan's secrets and the launch's `extra` from `home`'s store.
 pub fn resolve(
     home: &MvmHome,
     plan: &LaunchPlan,
-    extra: &[SecretRef],
+    extra: &Wanted<'_>,
 ) -> Result<LaunchSecrets, AdmissionError> {
-    let mut wanted: Vec<(String, String, bool)> = plan
+    let mut wanted: Vec<(Given, String, bool)> = plan
         .policy
         .secrets
         .iter()
-        .map(|s| (s.env.clone(), s.name.clone(), s.optional))
+        .map(|s| (Given::Env(s.env.clone()), s.name.clone(), s.optional))
         .collect();
-    wanted.extend(extra.iter().map(|s| (s.env.clone(), s.name.clone(), false)));
+    wanted.extend(
+        extra
+            .env
+            .iter()
+            .map(|s| (Given::Env(s.env.clone()), s.name.clone(), false)),
+    );
+    wanted.extend(
+        extra
+            .files
+            .iter()
+            .map(|name| (Given::File, name.clone(), false)),
+    );
     if wanted.is_empty() {
         return Ok(LaunchSecrets::default());
     }
@@ -134,14 +200,14 @@ pub fn resolve(
     let mut secrets = LaunchSecrets::default();
     let mut bound: Vec<BoundSecret> = Vec::new();
     let mut redactions = Redactions::default();
-    for (env, name, optional) in wanted {
+    for (given, name, optional) in wanted {
         let Some(resolved) = values.get(&name).and_then(Option::as_ref) else {
             if optional {
                 continue;
             }
             return Err(refuse(
                 codes::RUN030,
-                format!("the secret {name:?} (for {env}) is not in this host's store: `mvm secret put {name}`"),
+                format!("the secret {name:?} (for {given}) is not in this host's store: `mvm secret put {name}`"),
             ));
         };
         redactions.add(&name, &resolved.value);
@@ -155,26 +221,35 @@ pub fn resolve(
                     ),
                 ));
             }
+            let Given::Env(env) = given else {
+                secrets.files.insert(name, resolved.value.clone());
+                continue;
+            };
             let text = std::str::from_utf8(&resolved.value)
                 .ok()
                 .filter(|t| !t.contains('\0'))
                 .ok_or_else(|| {
                     refuse(
                         codes::RUN061,
-                        format!("the secret {name:?} is not text without NUL: it cannot be a variable's value"),
+                        format!("the secret {name:?} is not text without NUL: it cannot be a variable's value (give it as a file: --secret-file)"),
                     )
                 })?;
             secrets.env.insert(env, text.to_string());
         } else {
-            // A secret asked for under two variables has one placeholder.
+            // A secret asked for twice has one placeholder.
             if let Some(known) = bound.iter().find(|b| b.name == name) {
-                secrets.env.insert(env, known.placeholder.clone());
+                give(&mut secrets, given, name, &known.placeholder);
                 continue;
             }
-            let random =
-                mvm_ir::plan::fresh_nonce().map_err(|e| refuse(codes::RUN030, e.to_string()))?;
-            let placeholder = format!("{PLACEHOLDER_PREFIX}{random}");
-            secrets.env.insert(env, placeholder.clone());
+            let placeholder = match extra.placeholders.get(&name) {
+                Some(kept) if is_placeholder(kept) => kept.clone(),
+                _ => {
+                    let random = mvm_ir::plan::fresh_nonce()
+                        .map_err(|e| refuse(codes::RUN030, e.to_string()))?;
+                    format!("{PLACEHOLDER_PREFIX}{random}")
+                }
+            };
+            give(&mut secrets, given, name.clone(), &placeholder);
             bound.push(BoundSecret {
                 name,
                 placeholder,
@@ -186,4 +261,77 @@ pub fn resolve(
     secrets.bound = Arc::new(bound);
     secrets.redactions = Arc::new(redactions);
     Ok(secrets)
+}
+
+/// Gives the guest a bound secret's placeholder where it asked for the secret.
+fn give(secrets: &mut LaunchSecrets, given: Given, name: String, placeholder: &str) {
+    match given {
+        Given::Env(env) => {
+            secrets.env.insert(env, placeholder.to_string());
+        }
+        Given::File => {
+            secrets
+                .files
+                .insert(name, Zeroizing::new(placeholder.as_bytes().to_vec()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mvm_ir::secrets::Binding;
+
+    fn plan() -> LaunchPlan {
+        let mut json: serde_json::Value =
+            serde_json::from_str(include_str!("../../../examples/plan/plan.json")).unwrap();
+        json["nonce"] = "00".repeat(16).into();
+        json["single_use"] = false.into();
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn a_woken_launch_keeps_its_placeholders_and_draws_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = MvmHome::at(dir.path());
+        let store = SecretStore::open(&home).unwrap();
+        // The example plan names `api-key` itself.
+        for name in ["api-key", "api-token", "other-token"] {
+            store.put(name, b"value-of-a-token").unwrap();
+            store
+                .bind(name, Binding::parse("api.example.com", None).unwrap())
+                .unwrap();
+        }
+        let wanted = [
+            SecretRef::parse("api-token").unwrap(),
+            SecretRef::parse("other-token").unwrap(),
+        ];
+        let files = ["api-token".to_string()];
+        let none = BTreeMap::new();
+        let extra = |placeholders| Wanted {
+            env: &wanted,
+            files: &files,
+            placeholders,
+        };
+        let first = resolve(&home, &plan(), &extra(&none)).unwrap();
+        let drawn = &first.env["API_TOKEN"];
+        assert!(is_placeholder(drawn), "{drawn}");
+        assert_ne!(first.env["API_TOKEN"], first.env["OTHER_TOKEN"]);
+        // A secret asked for as a variable and as a file has one placeholder in both.
+        assert_eq!(first.files["api-token"].as_slice(), drawn.as_bytes());
+
+        // A kept placeholder is given again; a malformed one is not trusted, a fresh one drawn.
+        let kept = BTreeMap::from([
+            ("api-token".to_string(), drawn.clone()),
+            ("other-token".to_string(), "MVM_SECRET_not-hex".to_string()),
+        ]);
+        let woken = resolve(&home, &plan(), &extra(&kept)).unwrap();
+        assert_eq!(&woken.env["API_TOKEN"], drawn);
+        assert!(is_placeholder(&woken.env["OTHER_TOKEN"]));
+        assert_ne!(woken.env["OTHER_TOKEN"], "MVM_SECRET_not-hex");
+        assert!(woken
+            .bound
+            .iter()
+            .any(|b| b.name == "api-token" && b.placeholder == *drawn));
+    }
 }

@@ -71,6 +71,8 @@ class _SandboxOps:
         memory_mb: Optional[int],
         allow_hosts: Optional[List[str]],
         sandbox_id: Optional[str],
+        secrets: Optional[List[str]],
+        profile: Optional[str],
     ) -> Op[str]:
         spec: dict = {"timeout_s": int(timeout) if timeout else 0}
         if image is not None:
@@ -85,6 +87,8 @@ class _SandboxOps:
             ("memory_mib", memory_mb),
             ("allow_hosts", allow_hosts),
             ("id", sandbox_id),
+            ("secrets", secrets),
+            ("profile", profile),
         ):
             if value:
                 spec[key] = value
@@ -170,6 +174,8 @@ class Sandbox(_SandboxOps):
         memory_mb: Optional[int] = None,
         allow_hosts: Optional[List[str]] = None,
         sandbox_id: Optional[str] = None,
+        secrets: Optional[List[str]] = None,
+        profile: Optional[str] = None,
         api: Optional[Api] = None,
     ) -> S:
         """Creates a sandbox from ``image`` (``REFERENCE@sha256:…``, built into a signed
@@ -177,10 +183,24 @@ class Sandbox(_SandboxOps):
         image (``[e2b.templates]``), and returns once it is ready. It is
         removed ``timeout`` seconds later (``0``/``None``: never) unless extended with
         :meth:`set_timeout`. ``allow_hosts`` grants egress (``HOST[:PORT]``); none by
-        default."""
+        default. ``secrets`` names secrets of the host's store (``NAME[:ENV]``, as ``mvm up
+        --secret``): a bound one is a placeholder in the sandbox, an unbound one its value,
+        scrubbed from output. ``profile`` is the image's policy profile (``restrictive``,
+        ``standard``, ``dev``)."""
         api = api or shared()
         made = cls._create_op(
-            image, plan, template, timeout, envs, metadata, cpus, memory_mb, allow_hosts, sandbox_id
+            image,
+            plan,
+            template,
+            timeout,
+            envs,
+            metadata,
+            cpus,
+            memory_mb,
+            allow_hosts,
+            sandbox_id,
+            secrets,
+            profile,
         )
         return cls(api.run(made), api)
 
@@ -265,12 +285,25 @@ class AsyncSandbox(_SandboxOps):
         memory_mb: Optional[int] = None,
         allow_hosts: Optional[List[str]] = None,
         sandbox_id: Optional[str] = None,
+        secrets: Optional[List[str]] = None,
+        profile: Optional[str] = None,
         api: Optional[AsyncApi] = None,
     ) -> A:
         """Creates a sandbox as :meth:`Sandbox.create` does, and returns once it is ready."""
         api = api or shared_async()
         made = cls._create_op(
-            image, plan, template, timeout, envs, metadata, cpus, memory_mb, allow_hosts, sandbox_id
+            image,
+            plan,
+            template,
+            timeout,
+            envs,
+            metadata,
+            cpus,
+            memory_mb,
+            allow_hosts,
+            sandbox_id,
+            secrets,
+            profile,
         )
         return cls(await api.run(made), api)
 

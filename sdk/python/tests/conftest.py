@@ -40,7 +40,11 @@ def server():
 def sandbox(image):
     """One sandbox shared by the tests that can share it (a boot costs seconds)."""
     sandbox = Sandbox.create(
-        image, envs={"GREETING": "hello"}, metadata={"suite": "python"}, timeout=600
+        image,
+        envs={"GREETING": "hello"},
+        metadata={"suite": "python"},
+        timeout=600,
+        secrets=["sdk-token"],
     )
     yield sandbox
     sandbox.kill()

@@ -29,6 +29,14 @@ def test_a_command_runs_to_completion_with_the_sandboxes_and_its_own_env(sandbox
     assert sandbox.commands.run("pwd", cwd="/tmp").stdout == "/tmp\n"
 
 
+def test_a_secret_of_the_sandbox_is_scrubbed_from_what_comes_back(sandbox):
+    # `sdk-token` is unbound: the command holds its value, the SDK never sees it.
+    result = sandbox.commands.run("echo $SDK_TOKEN; echo $SDK_TOKEN >&2; echo ${#SDK_TOKEN}")
+    secret = os.environ["MVM_TEST_SECRET"]
+    assert result.stdout == f"[REDACTED:sdk-token]\n{len(secret)}\n"
+    assert result.stderr == "[REDACTED:sdk-token]\n"
+
+
 def test_a_non_zero_exit_raises_with_the_result(sandbox):
     with pytest.raises(CommandExitException) as raised:
         sandbox.commands.run("echo partial; exit 3")

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from mvm import InvalidArgumentException, NotFoundException, Sandbox
+from mvm import InvalidArgumentException, NotFoundException, Sandbox, SandboxException
 
 
 def test_sandboxes_are_listed_by_label_and_state(sandbox):
@@ -27,6 +27,16 @@ def test_unknown_sandboxes_and_bad_requests_have_codes(image):
     assert raised.value.code == "RUN035"
     with pytest.raises(InvalidArgumentException) as raised:
         Sandbox.create(image, timeout=10**9)
+    assert raised.value.code == "API001"
+    # Policy: permissive is never started through the API; restrictive grants no network.
+    with pytest.raises(InvalidArgumentException) as raised:
+        Sandbox.create(image, profile="permissive")
+    assert raised.value.code == "API001"
+    with pytest.raises(SandboxException) as raised:
+        Sandbox.create(image, profile="restrictive", allow_hosts=["api.example.com"])
+    assert raised.value.code == "BUILD011"
+    with pytest.raises(InvalidArgumentException) as raised:
+        Sandbox.create(image, secrets=["Not A Secret"])
     assert raised.value.code == "API001"
 
 

@@ -38,6 +38,11 @@ export interface SandboxOptions {
   memoryMb?: number;
   /** Egress grants, `HOST[:PORT]`; none by default. */
   allowHosts?: string[];
+  /** Secrets of the host's store, `NAME[:ENV]` (as `mvm up --secret`): a bound one is a
+   * placeholder in the sandbox, an unbound one its value, scrubbed from output. */
+  secrets?: string[];
+  /** The image's policy profile: `restrictive`, `standard` (the default) or `dev`. */
+  profile?: string;
   sandboxId?: string;
   api?: Api;
 }
@@ -90,6 +95,8 @@ export class Sandbox {
     if (options.memoryMb) spec.memory_mib = options.memoryMb;
     if (options.allowHosts?.length) spec.allow_hosts = options.allowHosts;
     if (options.sandboxId) spec.id = options.sandboxId;
+    if (options.secrets?.length) spec.secrets = options.secrets;
+    if (options.profile) spec.profile = options.profile;
     const created = await api.json<{ id: string }>("POST", "/v1/sandboxes", { json: spec });
     return new this(created.id, api);
   }

@@ -47,6 +47,7 @@ describe("a sandbox", () => {
       envs: { GREETING: "hello" },
       metadata: { suite: "typescript" },
       timeoutS: 600,
+      secrets: ["sdk-token"],
     });
   });
 
@@ -66,6 +67,23 @@ describe("a sandbox", () => {
     assert.ok(result.receipt);
     assert.equal((await sandbox.commands.run(["echo", "a b"])).stdout, "a b\n");
     assert.equal((await sandbox.commands.run("pwd", { cwd: "/tmp" })).stdout, "/tmp\n");
+  });
+
+  test("scrubs the sandbox's secret from what comes back", async () => {
+    // `sdk-token` is unbound: the command holds its value, the SDK never sees it.
+    const result = await sandbox.commands.run("echo $SDK_TOKEN; echo $SDK_TOKEN >&2; echo ${#SDK_TOKEN}");
+    assert.equal(result.stdout, `[REDACTED:sdk-token]\n${process.env.MVM_TEST_SECRET.length}\n`);
+    assert.equal(result.stderr, "[REDACTED:sdk-token]\n");
+  });
+
+  test("refuses a profile the API does not start and a malformed secret", async () => {
+    for (const bad of [{ profile: "permissive" }, { secrets: ["Not A Secret"] }]) {
+      await assert.rejects(Sandbox.create({ image, ...bad }), (e) => {
+        assert.ok(e instanceof InvalidArgumentError, String(e));
+        assert.equal(e.code, "API001");
+        return true;
+      });
+    }
   });
 
   test("passes output to callbacks while the command runs", async () => {
