@@ -118,6 +118,10 @@ enum Command {
     /// Guest kernels: fetch and pin the Debian cloud kernel.
     #[command(subcommand)]
     Kernel(commands::kernel::KernelCommand),
+    /// The builder VM's image: fetch (Nix and its dependencies from Debian, pinned, plus the
+    /// static build worker, built into a signed plan), show.
+    #[command(subcommand)]
+    Builder(commands::builder::BuilderCommand),
     /// Check what this host can run: virtualization and backend, QEMU, guest kernel and agent,
     /// state directory, signing key, registries. Exit status 1 when a check fails.
     Doctor,
@@ -173,6 +177,7 @@ fn main() -> ExitCode {
         Command::Wait(args) => return exit_code(commands::vm::wait(args, &out), &out),
         Command::Nix(cmd) => commands::nix::run(cmd, &out),
         Command::Kernel(cmd) => commands::kernel::run(cmd, &out),
+        Command::Builder(cmd) => commands::builder::run(cmd, &out),
         Command::Bench(cmd) => commands::bench::run(cmd, &out),
         Command::Doctor => return commands::doctor::run(&out),
         Command::Serve(args) => return exit_code(commands::serve::serve(args, &out), &out),

@@ -8,69 +8,21 @@
 mod support;
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use mvm_builder::testing::TestLayout;
 use serde_json::{json, Value};
 
-use support::{describe, guest, text};
+use support::upstream::Upstream;
+use support::{describe, guest, text, Served};
 
 /// Boots run one at a time: the hosts have two cores.
 static TURN: Mutex<()> = Mutex::new(());
-
-/// An HTTP/1.0 server on `address`, answering every request with `hello from NAME PATH`; the
-/// request lines it served.
-struct Server {
-    port: u16,
-    requests: Arc<Mutex<Vec<String>>>,
-}
-
-impl Server {
-    fn start(name: &'static str) -> Self {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let requests = Arc::new(Mutex::new(Vec::new()));
-        let seen = Arc::clone(&requests);
-        std::thread::spawn(move || {
-            for client in listener.incoming().flatten() {
-                let seen = Arc::clone(&seen);
-                std::thread::spawn(move || answer(client, name, &seen));
-            }
-        });
-        Self { port, requests }
-    }
-
-    fn served(&self) -> Vec<String> {
-        self.requests.lock().unwrap().clone()
-    }
-}
-
-fn answer(client: TcpStream, name: &str, seen: &Mutex<Vec<String>>) {
-    let mut reader = BufReader::new(client.try_clone().unwrap());
-    let mut line = String::new();
-    if reader.read_line(&mut line).is_err() {
-        return;
-    }
-    let mut header = String::new();
-    while reader.read_line(&mut header).is_ok_and(|n| n > 2) {
-        header.clear();
-    }
-    let path = line.split(' ').nth(1).unwrap_or("?").to_string();
-    seen.lock().unwrap().push(line.trim_end().to_string());
-    let body = format!("hello from {name} {path}\n");
-    let _ = (&client).write_all(
-        format!(
-            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    );
-}
 
 /// The busybox image every busybox test boots, and the home its kernel was fetched into.
 struct Fixture {
@@ -78,9 +30,9 @@ struct Fixture {
     home: PathBuf,
     image: String,
     /// Served on a loopback port the operator lists (reached through pinned names).
-    granted: Server,
+    granted: Upstream,
     /// Served on another loopback port, granted to nobody.
-    other: Server,
+    other: Upstream,
 }
 
 fn fixture() -> &'static Fixture {
@@ -95,7 +47,7 @@ fn fixture() -> &'static Fixture {
         ]);
         let image = format!("oci:{}@{digest}", layout.dir.path().display());
         std::mem::forget(layout);
-        let (granted, other) = (Server::start("granted"), Server::start("other"));
+        let (granted, other) = (Upstream::start("granted"), Upstream::start("other"));
         fs::write(
             home.join("config.toml"),
             format!(
@@ -206,7 +158,7 @@ fn a_vm_reaches_exactly_what_its_plan_grants_and_serves_a_forwarded_port() {
     // The same name on another port: not granted, and nothing reaches that server.
     let refused = fetch(name, &format!("http://web.svc.example:{b}/")).unwrap_err();
     assert!(refused.contains("403"), "{refused}");
-    assert!(f.other.served().is_empty());
+    assert!(f.other.request_lines().is_empty());
     // A name below the wildcard, pinned to the listed address.
     assert_eq!(
         fetch(name, &format!("http://api.svc.example:{a}/wild")).unwrap(),
@@ -226,7 +178,7 @@ fn a_vm_reaches_exactly_what_its_plan_grants_and_serves_a_forwarded_port() {
         .unwrap_err()
         .contains("403"));
     // The granted requests arrived, rewritten for the origin (origin form, HTTP/1.1).
-    let served = f.granted.served();
+    let served = f.granted.request_lines();
     for request in ["GET /exact HTTP/1.1", "GET /wild HTTP/1.1"] {
         assert!(served.iter().any(|r| r == request), "{served:?}");
     }
@@ -379,7 +331,11 @@ fn a_run_narrows_its_grants_logs_each_decision_and_signs_them_into_its_receipt()
     assert_ne!(out.status.code(), Some(0), "{}", describe(&out));
     let said = text(&out.stdout);
     assert!(!said.to_lowercase().contains("proxy"), "{said}");
-    assert!(!f.granted.served().iter().any(|r| r.contains("GET / ")));
+    assert!(!f
+        .granted
+        .request_lines()
+        .iter()
+        .any(|r| r.contains("GET / ")));
 }
 
 /// A network namespace with one end of a veth pair at `10.213.N.2`, the host's end at
@@ -531,26 +487,13 @@ fn a_debian_guest_reaches_a_private_address_and_tls_only_as_granted() {
         .output()
         .unwrap();
     assert!(made.status.success(), "{}", describe(&made));
-    let mut servers = std::process::Command::new("ip")
-        .args(["netns", "exec", &namespace.name, "python3", "-c", SERVERS])
-        .arg(&private)
-        .args([&cert, &key, &names])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut ready = String::new();
-    BufReader::new(servers.stdout.take().unwrap())
-        .read_line(&mut ready)
-        .unwrap();
+    let (_servers, ready) = Served::start(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &namespace.name, "python3", "-c", SERVERS])
+            .arg(&private)
+            .args([&cert, &key, &names]),
+    );
     assert_eq!(ready, "ready\n");
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _servers = Kill(servers);
 
     fs::write(
         home.join("config.toml"),

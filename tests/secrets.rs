@@ -7,10 +7,8 @@
 mod support;
 
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::io::Write;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
@@ -18,60 +16,11 @@ use mvm_builder::testing::TestLayout;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use support::{describe, guest, text};
+use support::upstream::Upstream;
+use support::{describe, guest, text, Served};
 
 const BOUND_VALUE: &str = "tok-BOUND-5e1f0c9a77";
 const UNBOUND_VALUE: &str = "pw-UNBOUND-b3c8d21e04";
-
-/// An HTTP server on a loopback port that keeps the head of every request it answers.
-struct Server {
-    port: u16,
-    heads: Arc<Mutex<Vec<String>>>,
-}
-
-impl Server {
-    fn start() -> Self {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let heads = Arc::new(Mutex::new(Vec::new()));
-        let kept = Arc::clone(&heads);
-        std::thread::spawn(move || {
-            for client in listener.incoming().flatten() {
-                let kept = Arc::clone(&kept);
-                std::thread::spawn(move || answer(client, &kept));
-            }
-        });
-        Self { port, heads }
-    }
-
-    fn heads(&self) -> Vec<String> {
-        self.heads.lock().unwrap().clone()
-    }
-}
-
-fn answer(client: TcpStream, kept: &Mutex<Vec<String>>) {
-    let mut reader = BufReader::new(client.try_clone().unwrap());
-    let mut head = String::new();
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            return;
-        }
-        head.push_str(&line);
-        if line == "\r\n" || line == "\n" {
-            break;
-        }
-    }
-    kept.lock().unwrap().push(head);
-    let body = "served\n";
-    let _ = (&client).write_all(
-        format!(
-            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    );
-}
 
 /// Every encoding of `value` the redaction knows.
 fn encodings(value: &str) -> Vec<String> {
@@ -114,7 +63,7 @@ fn a_bound_secret_reaches_only_its_host_and_no_value_is_left_anywhere() {
     let layout = TestLayout::new_in(dir.path());
     let digest = layout.busybox_with(&["sh", "wget", "echo", "cat", "env", "od", "tr", "stat"]);
     let image = format!("oci:{}@{digest}", layout.dir.path().display());
-    let (bound, other) = (Server::start(), Server::start());
+    let (bound, other) = (Upstream::start("bound"), Upstream::start("other"));
     fs::write(
         home.join("config.toml"),
         format!(
@@ -245,7 +194,7 @@ fn a_bound_secret_reaches_only_its_host_and_no_value_is_left_anywhere() {
         stdout.contains(&format!("bound-file={placeholder}\n")),
         "{stdout}"
     );
-    assert!(stdout.contains("served"), "{stdout}");
+    assert!(stdout.contains("hello from bound /"), "{stdout}");
     assert!(
         !stdout.contains("other=0"),
         "the placeholder went to another host: {stdout}"
@@ -438,27 +387,14 @@ fn over_https_the_host_ends_the_guests_tls_and_puts_the_value_in() {
         work,
     );
     let heads = work.join("heads.txt");
-    let mut server = std::process::Command::new("python3")
-        .args(["-c", HTTPS_SERVER])
-        .arg(work.join("leaf.pem"))
-        .arg(work.join("leaf.key"))
-        .arg(&heads)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut port = String::new();
-    BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut port)
-        .unwrap();
+    let (_server, port) = Served::start(
+        std::process::Command::new("python3")
+            .args(["-c", HTTPS_SERVER])
+            .arg(work.join("leaf.pem"))
+            .arg(work.join("leaf.key"))
+            .arg(&heads),
+    );
     let port: u16 = port.trim().parse().unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _server = Kill(server);
 
     fs::write(
         home.join("config.toml"),

@@ -12,11 +12,11 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use object::{Object, ObjectSection};
 use serde::{Deserialize, Serialize};
 
+use crate::debian::{self, DebianError};
 use mvm_ir::digest::sha256_prefixed;
 use mvm_ir::fsutil::atomic_write;
 use mvm_ir::{Coded, ErrorClass};
@@ -103,6 +103,16 @@ impl Coded for KernelError {
             KernelError::BadPackage(_)
             | KernelError::MissingModule(_)
             | KernelError::NoKernel(_) => ErrorClass::InvalidInput,
+        }
+    }
+}
+
+impl From<DebianError> for KernelError {
+    fn from(error: DebianError) -> Self {
+        match error {
+            DebianError::Tool { tool, reason } => KernelError::Tool { tool, reason },
+            DebianError::BadPackage(reason) => KernelError::BadPackage(reason),
+            DebianError::Io { path, source } => KernelError::Io { path, source },
         }
     }
 }
@@ -198,7 +208,7 @@ impl KernelStore {
     pub fn fetch_debian(&self, package: &str) -> Result<GuestKernel, KernelError> {
         let work = tempfile::tempdir().map_err(io_err(Path::new("temporary directory")))?;
         let mut deb = apt_download(package, work.path())?;
-        let control = dpkg_field(&deb, "Depends")?;
+        let control = debian::field(&deb, "Depends")?;
         if !deb_has_kernel(&deb)? {
             // A metapackage: its first linux-image dependency is the kernel.
             let image = control
@@ -219,13 +229,13 @@ impl KernelStore {
     pub fn import_deb(&self, deb: &Path) -> Result<GuestKernel, KernelError> {
         let deb_bytes = fs::read(deb).map_err(io_err(deb))?;
         let package = PackagePin {
-            name: dpkg_field(deb, "Package")?,
-            version: dpkg_field(deb, "Version")?,
+            name: debian::field(deb, "Package")?,
+            version: debian::field(deb, "Version")?,
             digest: sha256_prefixed(&deb_bytes),
         };
         drop(deb_bytes);
         let unpacked = tempfile::tempdir().map_err(io_err(Path::new("temporary directory")))?;
-        run(
+        debian::run(
             "dpkg-deb",
             mvm_ir::env::command("dpkg-deb")
                 .arg("-x")
@@ -539,65 +549,14 @@ pub fn extract_vmlinux(bzimage: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-fn run(tool: &str, command: &mut Command) -> Result<std::process::Output, KernelError> {
-    let output = command.output().map_err(|e| KernelError::Tool {
-        tool: tool.to_string(),
-        reason: format!(
-            "cannot run it ({e}); mvm kernel fetch needs Debian's apt-get and dpkg-deb"
-        ),
-    })?;
-    if !output.status.success() {
-        return Err(KernelError::Tool {
-            tool: tool.to_string(),
-            reason: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-        });
-    }
-    Ok(output)
-}
-
+/// Downloads `package` into `dir`: its `.deb`.
 fn apt_download(package: &str, dir: &Path) -> Result<PathBuf, KernelError> {
-    if package.is_empty()
-        || !package
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
-    {
-        return Err(KernelError::BadPackage(format!(
-            "{package:?} is not a Debian package name"
-        )));
-    }
-    run(
-        "apt-get download",
-        mvm_ir::env::command("apt-get")
-            .arg("download")
-            .arg("-q")
-            .arg(package)
-            .current_dir(dir),
-    )?;
-    let prefix = format!("{package}_");
-    fs::read_dir(dir)
-        .map_err(io_err(dir))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".deb"))
-        })
-        .ok_or_else(|| KernelError::BadPackage(format!("apt-get download {package} left no .deb")))
-}
-
-fn dpkg_field(deb: &Path, field: &str) -> Result<String, KernelError> {
-    let output = run(
-        "dpkg-deb",
-        mvm_ir::env::command("dpkg-deb")
-            .arg("-f")
-            .arg(deb)
-            .arg(field),
-    )?;
-    Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+    let mut debs = debian::download(&[package.to_string()], dir)?;
+    Ok(debs.remove(package).unwrap_or_default())
 }
 
 fn deb_has_kernel(deb: &Path) -> Result<bool, KernelError> {
-    let output = run(
+    let output = debian::run(
         "dpkg-deb",
         mvm_ir::env::command("dpkg-deb").arg("-c").arg(deb),
     )?;
@@ -650,7 +609,7 @@ mod tests {
             .unwrap();
         let payload = dir.path().join("payload.lz4");
         fs::write(&payload, &vmlinuz[offset..]).unwrap();
-        let out = Command::new("lz4")
+        let out = std::process::Command::new("lz4")
             .arg("-dc")
             .arg(&payload)
             .output()

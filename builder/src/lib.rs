@@ -17,6 +17,8 @@
 //! - [`image_cache`]: records of the images builds pulled, what VMs need, and crash-safe
 //!   removal of the rest (`mvm image ls/rm/prune`, `mvm system df`).
 //! - [`kernel`]: the Debian cloud kernel and the modules the guest needs, pinned by sha256.
+//! - [`builder_image`]: the builder VM's image, Nix and its dependencies from Debian packages
+//!   plus the static worker, as an OCI layout; [`debian`]: apt and dpkg-deb for both.
 //! - [`initramfs`]: the deterministic, gzip-compressed `newc` archive with the agent as `/init`.
 //! - [`bundle`]: the trusted half: kernel + initramfs + every file hashed → launch plan and
 //!   provenance, for the caller to sign.
@@ -24,7 +26,9 @@
 //! - [`verity`]: the dm-verity hash tree over an image, byte-identical to `veritysetup format`.
 
 pub mod bench;
+pub mod builder_image;
 pub mod bundle;
+pub mod debian;
 pub mod erofs;
 pub mod image_cache;
 pub mod initramfs;

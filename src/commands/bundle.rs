@@ -317,7 +317,7 @@ fn cached_bundle(
 }
 
 /// Whether the plan at `envelope` verifies now and stays valid a while longer.
-fn still_valid(host: &Host, envelope: &Path) -> bool {
+pub(super) fn still_valid(host: &Host, envelope: &Path) -> bool {
     let Ok(bytes) = mvm_ir::fsutil::read_capped(envelope, MAX_ENVELOPE_BYTES, "plan envelope")
     else {
         return false;

@@ -12,6 +12,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use mvm_builder::builder_image::BuilderImage;
 use mvm_builder::kernel::KernelStore;
 use mvm_ir::keys::DEFAULT_KEY;
 use mvm_ir::{Coded, Error};
@@ -96,6 +97,7 @@ pub fn run(out: &Output) -> ExitCode {
         Ok(host) => {
             checks.push(guest_kernel(&host));
             checks.push(guest_agent());
+            checks.push(builder_image(&host));
             checks.push(state_dir(&host));
             checks.push(signing_key(&host));
             checks.extend(registries(&host));
@@ -232,6 +234,38 @@ fn guest_kernel(host: &Host) -> Check {
             Some("mvm kernel fetch".into()),
         ),
     }
+}
+
+/// The builder VM's image, checked against its pin, and its plan, verified and valid a while
+/// longer. None is fine: nothing builds in the builder VM yet.
+fn builder_image(host: &Host) -> Check {
+    const NAME: &str = "builder-image";
+    let fix = Some("mvm builder fetch".to_string());
+    let dir = host.home.root().join("builder");
+    if !dir.join("image").exists() {
+        return Check::ok(NAME, "none fetched (`mvm builder fetch` makes one)");
+    }
+    let image = match BuilderImage::open(&dir.join("image")) {
+        Ok(image) => image,
+        Err(e) => return Check::fail(NAME, format!("{}: {e}", e.code()), fix),
+    };
+    let m = &image.manifest;
+    if !super::bundle::still_valid(host, &dir.join("bundle/plan.dsse.json")) {
+        return Check::fail(
+            NAME,
+            "its plan is missing, does not verify, or expires within ten minutes",
+            fix,
+        );
+    }
+    Check::ok(
+        NAME,
+        format!(
+            "image {}, {} packages pinned, worker {}, plan verified",
+            short_digest(&m.image_digest),
+            m.packages.len(),
+            short_digest(&m.worker_sha256)
+        ),
+    )
 }
 
 /// `sha256:` and the first 12 hex digits.

@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod bench;
 pub mod build;
+pub mod builder;
 pub mod bundle;
 pub mod declaration;
 pub mod doctor;

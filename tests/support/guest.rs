@@ -73,6 +73,21 @@ pub fn static_cli() -> &'static Path {
     })
 }
 
+/// The static build worker the builder VM's image carries (`mvm builder fetch --worker`).
+pub fn static_worker() -> &'static Path {
+    static WORKER: OnceLock<PathBuf> = OnceLock::new();
+    WORKER.get_or_init(|| {
+        let worker = build_static(&["-p", "mvm-builder", "--bin", "mvm-build-worker"])
+            .join("mvm-build-worker");
+        assert!(
+            !has_interpreter(&fs::read(&worker).unwrap()),
+            "{} asks for a dynamic loader: not static",
+            worker.display()
+        );
+        worker
+    })
+}
+
 /// The static guest agent.
 pub fn static_agent() -> &'static Path {
     &binaries().0

@@ -3,6 +3,8 @@
 pub mod bundle;
 pub mod debian;
 pub mod guest;
+#[allow(dead_code)] // only the egress and secrets tests serve upstreams
+pub mod upstream;
 pub mod wait;
 
 use std::fs;
@@ -62,4 +64,33 @@ pub fn dsse_payload(envelope: &Path) -> Value {
     )
     .unwrap();
     serde_json::from_slice(&bytes).unwrap()
+}
+
+/// A process a test serves from (an upstream server), killed when the test ends, however it
+/// ends.
+#[allow(dead_code)] // not every test binary serves
+pub struct Served(std::process::Child);
+
+#[allow(dead_code)] // not every test binary serves
+impl Served {
+    /// Starts `command` with its stdout piped, and returns it with the first line it prints
+    /// (what it says once it is ready: its port, `ready`).
+    pub fn start(command: &mut Command) -> (Self, String) {
+        let mut child = command
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let served = Self(child);
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+        (served, line)
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
