@@ -2,17 +2,19 @@
 //! they depend on, from this host's apt, each `.deb` pinned (checked here against the
 //! archive's own SHA256 field), plus the static build worker; built into a signed plan that
 //! boots, and Nix runs in it. The same packages and worker give the same image, byte for byte;
-//! a stored image off its pin is refused.
+//! a stored image off its pin is refused. `mvm build --persona vm` builds in it: the same bytes
+//! as the host persona, and a hostile layer refused with the same code.
 
 mod support;
 
 use std::fs;
 use std::process::Command;
 
-use support::{describe, guest, text};
+use mvm_builder::testing::{layer_of, Entry, TestLayout};
+use support::{describe, guest, text, wait};
 
 #[test]
-fn the_builder_image_is_pinned_reproducible_and_runs_nix() {
+fn the_builder_vm_image_is_pinned_and_builds_the_same_bytes_as_the_host() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");
     guest::mvm_json(&home, &["kernel", "fetch"], 0);
@@ -98,6 +100,149 @@ fn the_builder_image_is_pinned_reproducible_and_runs_nix() {
     );
     let certificates: u32 = lines.next().unwrap_or("0").trim().parse().unwrap_or(0);
     assert!(certificates > 100, "{said}");
+
+    // Builds in the builder VM: the same image and verity tree as the host persona's, a plan
+    // that differs only in its nonce and window, and it boots.
+    let layout = TestLayout::new();
+    let busybox = format!(
+        "oci:{}@{}",
+        layout.dir.path().display(),
+        layout.busybox_with(&["cat", "echo"])
+    );
+    let bundle_of = |persona: &str| {
+        let out = dir.path().join(persona);
+        let built = guest::mvm_json(
+            &home,
+            &[
+                "build",
+                "--image",
+                &busybox,
+                "--persona",
+                persona,
+                "--out",
+                out.to_str().unwrap(),
+                "--",
+                "echo",
+                "built in the builder VM",
+            ],
+            0,
+        );
+        (out, built)
+    };
+    let (in_vm, vm_report) = bundle_of("vm");
+    let (on_host, host_report) = bundle_of("host");
+    for file in ["rootfs.erofs", "rootfs.verity"] {
+        assert!(
+            fs::read(in_vm.join(file)).unwrap() == fs::read(on_host.join(file)).unwrap(),
+            "{file} differs between the personas"
+        );
+    }
+    assert_eq!(vm_report["root_hash"], host_report["root_hash"]);
+    let plan_of = |bundle: &std::path::Path| {
+        let mut plan = support::dsse_payload(&bundle.join("plan.dsse.json"));
+        for moving in ["nonce", "valid_from", "valid_until"] {
+            plan.as_object_mut().unwrap().remove(moving);
+        }
+        plan
+    };
+    assert_eq!(plan_of(&in_vm), plan_of(&on_host));
+    // Its provenance names the builder VM: its signed plan and its image.
+    let provenance = support::dsse_payload(&in_vm.join("provenance.dsse.json"));
+    let internal = &provenance["predicate"]["buildDefinition"]["internalParameters"];
+    assert_eq!(internal["persona"], "vm", "{provenance}");
+    assert_eq!(
+        internal["builder_vm"]["plan_digest"],
+        again["bundle"]["plan_digest"]
+    );
+    assert_eq!(
+        internal["builder_vm"]["image_digest"],
+        manifest["image_digest"]
+    );
+    let plan = in_vm.join("plan.dsse.json");
+    let ran = guest::mvm(&home, &["run", "--plan", plan.to_str().unwrap()]);
+    assert!(ran.status.success(), "{}", describe(&ran));
+    assert_eq!(text(&ran.stdout), "built in the builder VM\n");
+
+    // A builder VM killed mid-build fails the build with a code and publishes nothing; the
+    // next build succeeds.
+    let killed = dir.path().join("killed");
+    let build = guest::command(
+        &home,
+        &[
+            "--json",
+            "build",
+            "--image",
+            &busybox,
+            "--persona",
+            "vm",
+            "--out",
+            killed.to_str().unwrap(),
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let builder = wait::eventually("the builder VM in mvm ls", wait::EVENTUALLY, || {
+        let listed = guest::mvm_json(&home, &["ls"], 0);
+        listed["vms"]
+            .as_array()
+            .and_then(|vms| vms.first())
+            .and_then(|vm| vm["name"].as_str())
+            .map(str::to_string)
+            .ok_or_else(|| listed.to_string())
+    });
+    let removed = guest::mvm(&home, &["rm", "--force", &builder]);
+    assert!(removed.status.success(), "{}", describe(&removed));
+    let failed = build.wait_with_output().unwrap();
+    assert_eq!(failed.status.code(), Some(74), "{}", describe(&failed));
+    let said: serde_json::Value = serde_json::from_slice(&failed.stdout).unwrap();
+    assert_eq!(said["error"]["code"], "BUILD004", "{said}");
+    assert!(
+        !killed.exists(),
+        "a failed build published {}",
+        killed.display()
+    );
+    let (_, rebuilt) = bundle_of("vm");
+    assert_eq!(rebuilt["root_hash"], vm_report["root_hash"]);
+
+    // A hostile layer (a hardlink to nothing) is refused in the VM with the host's code.
+    let hostile = layer_of(&[Entry::Hardlink("etc/passwd", "missing/target")]);
+    let (digest, _) = layout.image(
+        "amd64",
+        &[(
+            "application/vnd.oci.image.layer.v1.tar",
+            hostile.clone(),
+            hostile,
+        )],
+    );
+    let reference = format!("oci:{}@{digest}", layout.dir.path().display());
+    let refused = |persona: &str| {
+        let out = dir.path().join(format!("hostile-{persona}"));
+        let failed = guest::mvm(
+            &home,
+            &[
+                "--json",
+                "build",
+                "--image",
+                &reference,
+                "--persona",
+                persona,
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(failed.status.code(), Some(65), "{}", describe(&failed));
+        assert!(!out.exists(), "a refused build left {}", out.display());
+        let said: serde_json::Value = serde_json::from_slice(&failed.stdout).unwrap();
+        said["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let code = refused("vm");
+    assert!(code.starts_with("LAYER"), "{code}");
+    assert_eq!(code, refused("host"));
 
     // A stored image that no longer matches its pin is refused, by `show` and by the doctor.
     let digest = manifest["image_digest"].as_str().unwrap();

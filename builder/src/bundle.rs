@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
 
+use serde::Serialize;
 use serde_json::json;
 
 use mvm_ir::digest::sha256_prefixed;
@@ -111,6 +112,8 @@ pub struct AssembleInput<'a> {
     pub nix: Option<&'a NixClosure>,
     /// How the worker was confined.
     pub sandbox: &'a SandboxReport,
+    /// The builder VM the worker ran in (the VM persona); none for the host persona.
+    pub builder_vm: Option<&'a BuilderVm>,
     /// The verified guest kernel.
     pub kernel: &'a GuestKernel,
     /// The guest agent binary, `/init` of the initramfs.
@@ -125,6 +128,15 @@ pub struct AssembleInput<'a> {
     pub valid_until: Timestamp,
     /// When the build started.
     pub started: Timestamp,
+}
+
+/// The builder VM a build ran in, named in its provenance: its signed plan and its image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BuilderVm {
+    /// `sha256:` of the builder's plan payload.
+    pub plan_digest: String,
+    /// The builder image's digest.
+    pub image_digest: String,
 }
 
 /// An assembled, unsigned bundle.
@@ -411,6 +423,10 @@ pub fn assemble(input: &AssembleInput<'_>) -> Result<Bundle, BundleError> {
         None,
         &agent_digest,
     ));
+    let persona = match input.builder_vm {
+        Some(_) => "vm",
+        None => "host",
+    };
     let provenance = Statement {
         statement_type: STATEMENT_TYPE.into(),
         subject: vec![
@@ -434,7 +450,8 @@ pub fn assemble(input: &AssembleInput<'_>) -> Result<Bundle, BundleError> {
                     "profile": input.profile,
                 }),
                 internal_parameters: json!({
-                    "persona": "host",
+                    "persona": persona,
+                    "builder_vm": input.builder_vm,
                     "sandbox": input.sandbox,
                     "verity": {"root_hash": r.root_hash, "salt": r.salt},
                     "skipped_entries": r.skipped,
@@ -444,7 +461,10 @@ pub fn assemble(input: &AssembleInput<'_>) -> Result<Bundle, BundleError> {
             },
             run_details: RunDetails {
                 builder: Builder {
-                    id: format!("https://mvm.dev/builder/host@{}", env!("CARGO_PKG_VERSION")),
+                    id: format!(
+                        "https://mvm.dev/builder/{persona}@{}",
+                        env!("CARGO_PKG_VERSION")
+                    ),
                 },
                 metadata: RunMetadata {
                     invocation_id: plan.nonce.clone(),

@@ -10,7 +10,8 @@
 //! - [`oci`]: images pinned by digest from a registry, an OCI layout or a layout archive, every
 //!   blob verified before use and kept in a content-addressed cache.
 //! - [`rootfs`]: image → tree → EROFS → verity, the part that parses untrusted bytes, and
-//!   [`worker`], which runs it confined in a child process (the host builder persona).
+//!   [`worker`], which runs it confined in a child process (the host builder persona), or
+//!   [`vm_persona`], in the builder VM.
 //! - [`nix_image`]: `nix_packages` realised by the real Nix into a store closure (checked
 //!   against mvm-nix's own derivation and NAR hashing), staged as `/nix/store` and `/bin`.
 //! - [`erofs`]: a native, deterministic EROFS image writer over a [`tree::Tree`].
@@ -41,4 +42,5 @@ pub mod rootfs;
 pub mod testing;
 pub mod tree;
 pub mod verity;
+pub mod vm_persona;
 pub mod worker;

@@ -352,23 +352,41 @@ fn write_image(
     })?;
     drop(tree);
 
+    let report = RootfsReport {
+        image_size: summary.size,
+        compression: CompressionReport {
+            compression,
+            compressed_files: summary.compressed_files,
+        },
+        ..report
+    };
+    write_verity(out_dir, summary.uuid, report)
+}
+
+/// Writes `rootfs.verity` for the image `rootfs.erofs` in `out_dir`, whose superblock holds
+/// `uuid`, and completes `report` with the tree. The host builder persona runs it after the
+/// image; the builder VM's host side runs it again over the image the VM gave back.
+pub fn write_verity(
+    out_dir: &Path,
+    uuid: [u8; 16],
+    report: RootfsReport,
+) -> Result<RootfsReport, RootfsError> {
     // Salt and uuid from the image's own uuid (itself derived from the content): reproducible,
     // yet different for every image.
-    let seed = mvm_ir::digest::sha256(&[b"mvm verity salt".as_slice(), &summary.uuid].concat());
-    let params = VerityParams::new(seed.to_vec(), summary.uuid);
-    let tree = verity::format_file(&rootfs_path, &out_dir.join(VERITY_FILE), &params)?;
+    let seed = mvm_ir::digest::sha256(&[b"mvm verity salt".as_slice(), &uuid].concat());
+    let params = VerityParams::new(seed.to_vec(), uuid);
+    let tree = verity::format_file(
+        &out_dir.join(ROOTFS_FILE),
+        &out_dir.join(VERITY_FILE),
+        &params,
+    )?;
     Ok(RootfsReport {
-        image_size: summary.size,
         root_hash: hex::encode(tree.root_hash),
         salt: hex::encode(&tree.salt),
         data_blocks: tree.data_blocks,
         data_block_size: tree.data_block_size,
         hash_block_size: tree.hash_block_size,
         hash_offset: tree.hash_offset,
-        compression: CompressionReport {
-            compression,
-            compressed_files: summary.compressed_files,
-        },
         ..report
     })
 }

@@ -67,17 +67,17 @@ pub struct SandboxReport {
 
 /// What the parent sends the worker.
 #[derive(Debug, Serialize, Deserialize)]
-struct WorkerRequest {
+pub(crate) struct WorkerRequest {
     /// What to build (without the cache's path: the worker is not given the cache).
-    rootfs: RootfsRequest,
+    pub(crate) rootfs: RootfsRequest,
     /// A directory holding exactly the image's verified blobs (registry and `oci:` images).
-    blobs: Option<PathBuf>,
+    pub(crate) blobs: Option<PathBuf>,
 }
 
 /// The worker's one answer.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-enum Answer {
+pub(crate) enum Answer {
     Built {
         report: Box<RootfsReport>,
         sandbox: SandboxReport,
@@ -126,7 +126,7 @@ impl Coded for WorkerError {
 }
 
 /// Requests larger than this are refused by the worker.
-const MAX_REQUEST_BYTES: u64 = 8 * 1024 * 1024;
+pub(crate) const MAX_REQUEST_BYTES: u64 = 8 * 1024 * 1024;
 
 /// Pulls the image of `request` (if it comes from a registry or an `oci:` layout), then runs
 /// `program args…` as the worker for it and returns its report.
@@ -188,41 +188,49 @@ pub fn build_in_worker(
         .join()
         .map_err(|_| WorkerError::Worker("reading the answer failed".into()))?
         .map_err(|e| WorkerError::Worker(format!("reading the answer: {e}")))?;
-    let (report, sandbox) = match serde_json::from_slice::<Answer>(&answer) {
-        Ok(Answer::Built { report, sandbox }) => (*report, sandbox),
-        Ok(Answer::Failed {
-            code,
-            class,
-            message,
-        }) => {
-            return Err(WorkerError::Build {
+    let answer = serde_json::from_slice::<Answer>(&answer)
+        .map_err(|_| WorkerError::Worker(format!("exited with {status} without an answer")))?;
+    let (report, sandbox) = answer.result(request)?;
+    check_outputs(&request.out_dir)?;
+    Ok((report, sandbox))
+}
+
+impl Answer {
+    /// What the worker built for `request`, or why it could not.
+    pub(crate) fn result(
+        self,
+        request: &RootfsRequest,
+    ) -> Result<(RootfsReport, SandboxReport), WorkerError> {
+        let (report, sandbox) = match self {
+            Answer::Built { report, sandbox } => (*report, sandbox),
+            Answer::Failed {
                 code,
                 class,
                 message,
-            })
-        }
-        Err(_) => {
+            } => {
+                return Err(WorkerError::Build {
+                    code,
+                    class,
+                    message,
+                })
+            }
+        };
+        // Trust nothing the worker left but what was asked of it.
+        if report.image_digest != request.digest {
             return Err(WorkerError::Worker(format!(
-                "exited with {status} without an answer"
-            )))
+                "built {} when {} was asked for",
+                report.image_digest, request.digest
+            )));
         }
-    };
-    // Trust nothing the worker left but what was asked of it.
-    if report.image_digest != request.digest {
-        return Err(WorkerError::Worker(format!(
-            "built {} when {} was asked for",
-            report.image_digest, request.digest
-        )));
+        Ok((report, sandbox))
     }
-    check_outputs(&request.out_dir)?;
-    Ok((report, sandbox))
 }
 
 /// A build's directory of exactly its image's blobs, in the cache, removed when dropped. It
 /// is locked (`flock`) while its build lives, so that the directory of a build that was killed
 /// is told apart from one in use, and removed by the next build.
-struct ImageBlobs {
-    dir: tempfile::TempDir,
+pub(crate) struct ImageBlobs {
+    pub(crate) dir: tempfile::TempDir,
     _in_use: File,
 }
 
@@ -261,7 +269,7 @@ impl ImageBlobs {
 /// Pulls a registry or `oci:` image into the cache (every blob verified now) and returns a
 /// fresh directory in the cache holding exactly its blobs, for the worker to read. A Nix or
 /// `oci-archive:` image has none: the worker reads its closure or archive itself.
-fn pull_for_worker(request: &RootfsRequest) -> Result<Option<ImageBlobs>, WorkerError> {
+pub(crate) fn pull_for_worker(request: &RootfsRequest) -> Result<Option<ImageBlobs>, WorkerError> {
     if request.nix.is_some() {
         return Ok(None);
     }
@@ -295,7 +303,7 @@ fn failed(e: impl Coded + std::fmt::Display) -> WorkerError {
 
 /// The worker's output directory must hold exactly its two files, each a regular file (not a
 /// symlink, FIFO or device a compromised worker could plant for the parent to read or sign).
-fn check_outputs(dir: &Path) -> Result<(), WorkerError> {
+pub(crate) fn check_outputs(dir: &Path) -> Result<(), WorkerError> {
     let bad = |why: String| WorkerError::Worker(format!("{}: {why}", dir.display()));
     let mut names = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| bad(e.to_string()))? {
@@ -340,25 +348,7 @@ pub fn serve() -> ExitCode {
             class: ErrorClass::Io,
             message,
         },
-        Ok(job) => match confine(&job) {
-            // The host could not confine the worker: I/O, like a worker that cannot run.
-            Err(message) => Answer::Failed {
-                code: "BUILD005".into(),
-                class: ErrorClass::Io,
-                message,
-            },
-            Ok(sandbox) => match build_rootfs(&job.rootfs, job.blobs.as_deref()) {
-                Ok(report) => Answer::Built {
-                    report: Box::new(report),
-                    sandbox,
-                },
-                Err(e) => Answer::Failed {
-                    code: e.code().to_string(),
-                    class: e.class(),
-                    message: e.to_string(),
-                },
-            },
-        },
+        Ok(job) => run_job(&job),
     };
     let ok = matches!(answer, Answer::Built { .. });
     let mut stdout = std::io::stdout().lock();
@@ -367,6 +357,29 @@ pub fn serve() -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// Confines this process, then builds `job`.
+pub(crate) fn run_job(job: &WorkerRequest) -> Answer {
+    match confine(job) {
+        // The host could not confine the worker: I/O, like a worker that cannot run.
+        Err(message) => Answer::Failed {
+            code: "BUILD005".into(),
+            class: ErrorClass::Io,
+            message,
+        },
+        Ok(sandbox) => match build_rootfs(&job.rootfs, job.blobs.as_deref()) {
+            Ok(report) => Answer::Built {
+                report: Box::new(report),
+                sandbox,
+            },
+            Err(e) => Answer::Failed {
+                code: e.code().to_string(),
+                class: e.class(),
+                message: e.to_string(),
+            },
+        },
     }
 }
 
@@ -385,7 +398,7 @@ fn read_request() -> Result<WorkerRequest, String> {
 
 /// Applies Landlock (best effort: absent on some kernels) and the seccomp deny-list
 /// (required). Both set `no_new_privs`.
-fn confine(job: &WorkerRequest) -> Result<SandboxReport, String> {
+pub(crate) fn confine(job: &WorkerRequest) -> Result<SandboxReport, String> {
     let (landlock, landlock_network) =
         landlock_confine(job).map_err(|e| format!("landlock: {e}"))?;
     seccomp_confine().map_err(|e| format!("seccomp: {e}"))?;

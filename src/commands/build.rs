@@ -6,20 +6,22 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
-use mvm_builder::bundle::{assemble, image_argv, AssembleInput};
+use mvm_builder::builder_image::{BuilderImage, BuilderImageError, WORKER};
+use mvm_builder::bundle::{assemble, image_argv, AssembleInput, BuilderVm};
 use mvm_builder::erofs::Compression;
 use mvm_builder::image_cache::{BuiltImage, BundleRecord, CacheLock, ImageCache};
 use mvm_builder::kernel::KernelStore;
 use mvm_builder::nix_image::NixStore;
 use mvm_builder::oci::{cached_image, resolve_tag, ImageRef, RegistryOptions, Transport};
 use mvm_builder::rootfs::RootfsRequest;
+use mvm_builder::vm_persona::build_in_vm;
 use mvm_builder::worker::build_in_worker;
 use mvm_ir::digest::sha256_prefixed;
 use mvm_ir::dsse::Envelope;
 use mvm_ir::fsutil::atomic_write;
 use mvm_ir::keys::DEFAULT_KEY;
 use mvm_ir::load::ir_digest;
-use mvm_ir::plan::{Profile, Timestamp};
+use mvm_ir::plan::{Profile, Timestamp, MAX_ENVELOPE_BYTES};
 use mvm_ir::provenance::SkippedEntries;
 use mvm_ir::terminal::{printable, Newlines};
 use mvm_ir::validate::validate;
@@ -41,6 +43,9 @@ const PROVENANCE_FILE: &str = "provenance.dsse.json";
 enum Persona {
     /// A confined child process on this host (no_new_privs, Landlock, seccomp).
     Host,
+    /// A microVM booted from the builder image (`mvm builder fetch`): the image's blobs go in,
+    /// the EROFS image comes back, and this host computes the verity tree and signs.
+    Vm,
 }
 
 /// Build a workload's root filesystem, verity tree, kernel and initramfs into a signed plan
@@ -213,13 +218,23 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
         nix: nix_closure.clone(),
         compression: args.compress,
     };
-    let Persona::Host = args.persona;
     // Held from the pull until the image's record is written: no prune removes its blobs
     // meanwhile.
     let cache = ImageCache::in_home(&host.home).map_err(coded)?;
     let cache_lock = cache.lock_shared().map_err(coded)?;
-    let (report, sandbox) =
-        build_in_worker(&std::env::current_exe()?, &["build-worker"], &request).map_err(coded)?;
+    let (report, sandbox, builder) = match args.persona {
+        Persona::Host => {
+            let (report, sandbox) =
+                build_in_worker(&std::env::current_exe()?, &["build-worker"], &request)
+                    .map_err(coded)?;
+            (report, sandbox, None)
+        }
+        Persona::Vm => {
+            let (launcher, builder) = builder_vm(&host)?;
+            let (report, sandbox) = build_in_vm(launcher, &request).map_err(coded)?;
+            (report, sandbox, Some(builder))
+        }
+    };
 
     let resources = Resources {
         cpu_cores: args.cpus.unwrap_or(1),
@@ -264,6 +279,7 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
         rootfs: &report,
         nix: nix_closure.as_ref(),
         sandbox: &sandbox,
+        builder_vm: builder.as_ref(),
         kernel: &kernel,
         agent: &agent,
         out_dir: staging.path(),
@@ -348,6 +364,44 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
         },
     );
     Ok(())
+}
+
+/// How long a build in the builder VM may take before the VM is stopped and the build fails:
+/// a hung builder must not hold `mvm build` for ever.
+const BUILDER_VM_TIMEOUT: &str = "1h";
+
+/// The command that boots the builder VM from its signed plan and runs its worker on the job
+/// it is fed (`mvm run -i`: a fresh VM for each build), and what the provenance names it by.
+/// The run verifies the plan before it boots.
+fn builder_vm(host: &Host) -> anyhow::Result<(std::process::Command, BuilderVm)> {
+    let dir = host.home.root().join("builder");
+    let image = BuilderImage::open(&dir.join("image")).map_err(coded)?;
+    let plan = dir.join("bundle").join(PLAN_FILE);
+    let payload = mvm_ir::fsutil::read_capped(&plan, MAX_ENVELOPE_BYTES, "plan envelope")
+        .and_then(|bytes| Envelope::parse(&bytes))
+        .and_then(|envelope| envelope.decode_payload())
+        .map_err(|e| {
+            coded(BuilderImageError::Mismatch {
+                path: plan.display().to_string(),
+                reason: e.to_string(),
+            })
+        })?;
+    let mut command = mvm_ir::env::command(std::env::current_exe()?);
+    command
+        .args([
+            "run",
+            "--interactive",
+            "--timeout",
+            BUILDER_VM_TIMEOUT,
+            "--plan",
+        ])
+        .arg(&plan)
+        .args(["--", WORKER, "--in-vm"]);
+    let builder = BuilderVm {
+        plan_digest: sha256_prefixed(&payload),
+        image_digest: image.manifest.image_digest,
+    };
+    Ok((command, builder))
 }
 
 /// Records the image a build used, its blobs and the bundle built, in the image cache.

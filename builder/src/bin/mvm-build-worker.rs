@@ -1,7 +1,12 @@
-//! The build worker on its own ([`mvm_builder::worker::serve`]): the program the builder VM's
-//! image carries, built static (`mvm builder fetch`). On the host, `mvm build` runs the same
-//! worker as `mvm build-worker`.
+//! The build worker on its own: the program the builder VM's image carries, built static
+//! (`mvm builder fetch`). `--in-vm`: the job comes as a tar on stdin and the image goes back
+//! as one on stdout ([`mvm_builder::vm_persona::serve_in_vm`]); otherwise it serves as the host
+//! persona's worker does ([`mvm_builder::worker::serve`]), which `mvm build` runs as `mvm
+//! build-worker`.
 
 fn main() -> std::process::ExitCode {
-    mvm_builder::worker::serve()
+    match std::env::args().nth(1).as_deref() {
+        Some("--in-vm") => mvm_builder::vm_persona::serve_in_vm(),
+        _ => mvm_builder::worker::serve(),
+    }
 }

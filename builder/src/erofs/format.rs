@@ -75,6 +75,23 @@ impl FileType {
     }
 }
 
+/// Where the superblock's uuid is, from the superblock's start.
+const UUID_OFFSET: usize = 48;
+
+/// The uuid in the superblock of the image whose first block is `block0`; `None` when it
+/// holds no EROFS superblock.
+pub fn image_uuid(block0: &[u8]) -> Option<[u8; 16]> {
+    let start = SUPERBLOCK_OFFSET as usize;
+    let magic = block0.get(start..start + 4)?;
+    if u32::from_le_bytes(magic.try_into().ok()?) != MAGIC {
+        return None;
+    }
+    block0
+        .get(start + UUID_OFFSET..start + UUID_OFFSET + 16)?
+        .try_into()
+        .ok()
+}
+
 /// The superblock's variable fields; everything else is fixed by this writer.
 pub(super) struct SuperBlock {
     pub root_nid: u16,

@@ -71,6 +71,7 @@ use std::io::{self, Seek, Write};
 
 use crate::tree::Tree;
 
+pub use format::image_uuid;
 pub use lz4::{LZ4HC_DEFAULT_LEVEL, LZ4HC_MAX_LEVEL};
 
 /// How regular files' data is stored.

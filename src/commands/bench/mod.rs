@@ -12,6 +12,7 @@ use crate::output::Output;
 
 mod api;
 mod boot;
+mod builder;
 mod copy;
 mod egress;
 mod exec;
@@ -137,6 +138,16 @@ pub enum BenchCommand {
         #[arg(long, hide = true, value_name = "ELF")]
         probe_guest: Option<PathBuf>,
     },
+    /// `mvm build --image IMAGE` in the builder VM (`mvm builder fetch` first) against the host
+    /// persona, alternately; medians and the ratio.
+    Builder {
+        /// The image to build (REFERENCE@sha256:…).
+        #[arg(long)]
+        image: String,
+        /// Builds with each persona.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// Verity hashing against veritysetup format on the same file; prints medians and the ratio.
     Verity {
         /// Image size in MiB.
@@ -173,6 +184,11 @@ pub fn run(cmd: BenchCommand, out: &Output) -> anyhow::Result<()> {
             size_mib,
         } => {
             let (value, text) = egress::egress(&vm, host, runs.max(1), size_mib.max(1))?;
+            out.result(value, || text);
+            return Ok(());
+        }
+        BenchCommand::Builder { image, runs } => {
+            let (value, text) = builder::builder(&image, runs.max(1), work.path())?;
             out.result(value, || text);
             return Ok(());
         }
