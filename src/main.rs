@@ -122,6 +122,9 @@ enum Command {
     /// static build worker, built into a signed plan), show.
     #[command(subcommand)]
     Builder(commands::builder::BuilderCommand),
+    /// The builder VM that stays up, for `mvm build --persona vm|auto`: up, status, logs, down.
+    #[command(subcommand)]
+    Dev(commands::dev::DevCommand),
     /// Check what this host can run: virtualization and backend, QEMU, guest kernel and agent,
     /// state directory, signing key, registries. Exit status 1 when a check fails.
     Doctor,
@@ -178,6 +181,7 @@ fn main() -> ExitCode {
         Command::Nix(cmd) => commands::nix::run(cmd, &out),
         Command::Kernel(cmd) => commands::kernel::run(cmd, &out),
         Command::Builder(cmd) => commands::builder::run(cmd, &out),
+        Command::Dev(cmd) => return exit_code(commands::dev::run(cmd, &out), &out),
         Command::Bench(cmd) => commands::bench::run(cmd, &out),
         Command::Doctor => return commands::doctor::run(&out),
         Command::Serve(args) => return exit_code(commands::serve::serve(args, &out), &out),

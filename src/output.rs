@@ -1,6 +1,7 @@
 //! How results reach the user: text for people, one JSON document for programs, and the exit
 //! status that goes with each error class.
 
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use mvm_ir::terminal::{printable, Newlines};
@@ -28,17 +29,15 @@ impl Output {
 
     /// Prints a result: `value` as JSON with `--json`, else the text `human` builds.
     pub fn result(&self, value: Value, human: impl FnOnce() -> String) {
-        if self.json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&value).unwrap_or_default()
-            );
+        let text = if self.json {
+            serde_json::to_string_pretty(&value).unwrap_or_default()
         } else {
             // Results quote names and messages from guests: shown, never obeyed.
-            let text = human();
-            if !text.is_empty() {
-                println!("{}", printable(&text, Newlines::Keep));
-            }
+            printable(&human(), Newlines::Keep).into_owned()
+        };
+        if !text.is_empty() {
+            // A reader that went away (`mvm … | head -1`) is not an error of the command's.
+            let _ = writeln!(std::io::stdout().lock(), "{text}");
         }
     }
 

@@ -206,6 +206,63 @@ fn the_builder_vm_image_is_pinned_and_builds_the_same_bytes_as_the_host() {
     let (_, rebuilt) = bundle_of("vm");
     assert_eq!(rebuilt["root_hash"], vm_report["root_hash"]);
 
+    // `mvm dev up`: a builder that stays up. `--persona auto` builds in it (the same bytes),
+    // each job in a directory of its own, emptied after; after `mvm dev down` it builds on the
+    // host, saying so.
+    let _builder = guest::RemoveOnDrop {
+        home: &home,
+        name: "mvm-builder",
+    };
+    let up = guest::mvm(&home, &["dev", "up"]);
+    assert!(up.status.success(), "{}", describe(&up));
+    let status = guest::mvm_json(&home, &["dev", "status"], 0);
+    assert_eq!(status["vm"]["phase"], "running", "{status}");
+    let (in_dev, _) = bundle_of("auto");
+    assert!(
+        fs::read(in_dev.join("rootfs.erofs")).unwrap()
+            == fs::read(on_host.join("rootfs.erofs")).unwrap()
+    );
+    let provenance = support::dsse_payload(&in_dev.join("provenance.dsse.json"));
+    let internal = &provenance["predicate"]["buildDefinition"]["internalParameters"];
+    assert_eq!(internal["persona"], "vm", "{provenance}");
+    assert_eq!(
+        internal["builder_vm"]["plan_digest"], status["vm"]["plan_digest"],
+        "{provenance}"
+    );
+    let jobs = guest::mvm(
+        &home,
+        &[
+            "exec",
+            "mvm-builder",
+            "--",
+            "sh",
+            "-c",
+            "find /tmp/mvm-job-* -mindepth 1",
+        ],
+    );
+    assert!(jobs.status.success(), "{}", describe(&jobs));
+    assert_eq!(text(&jobs.stdout).trim(), "", "a job left files behind");
+    guest::mvm_json(&home, &["dev", "down"], 0);
+    let on_host_again = dir.path().join("after-down");
+    let built = guest::mvm(
+        &home,
+        &[
+            "build",
+            "--image",
+            &busybox,
+            "--persona",
+            "auto",
+            "--out",
+            on_host_again.to_str().unwrap(),
+        ],
+    );
+    assert!(built.status.success(), "{}", describe(&built));
+    assert!(
+        text(&built.stderr).contains("no builder VM runs"),
+        "{}",
+        describe(&built)
+    );
+
     // A hostile layer (a hardlink to nothing) is refused in the VM with the host's code.
     let hostile = layer_of(&[Entry::Hardlink("etc/passwd", "missing/target")]);
     let (digest, _) = layout.image(

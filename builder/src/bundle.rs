@@ -135,8 +135,9 @@ pub struct AssembleInput<'a> {
 pub struct BuilderVm {
     /// `sha256:` of the builder's plan payload.
     pub plan_digest: String,
-    /// The builder image's digest.
-    pub image_digest: String,
+    /// The builder image's digest, when the builder runs the image fetched now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_digest: Option<String>,
 }
 
 /// An assembled, unsigned bundle.

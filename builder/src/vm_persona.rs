@@ -2,13 +2,14 @@
 //! image ([`crate::builder_image`]), so that a hostile layer meets a guest kernel.
 //!
 //! The host pulls the image and checks every blob against its digest, as for the host persona
-//! ([`crate::worker`]); network stays on the host. It then starts the builder VM through
-//! `launcher` (the CLI's `mvm run -i` of the builder's signed plan, running
-//! [`crate::builder_image::WORKER`] `--in-vm`) and streams it one **job**: a tar of
-//! `request.json` (a [`WorkerRequest`] with the guest's paths) and `blobs/sha256/<hex>`,
-//! exactly the image's blobs. In the guest, [`serve_in_vm`] writes each blob to the job directory, checking
-//! it hashes to its name, builds as the host worker does, and streams back a tar of
-//! `answer.json` and `rootfs.erofs`.
+//! ([`crate::worker`]); network stays on the host. It then runs
+//! [`crate::builder_image::WORKER`] `--in-vm DIR` in a builder VM through `launcher` (the
+//! CLI's `mvm exec -i` of the builder `mvm dev up` started, or `mvm run -i` of the builder's
+//! signed plan) and streams it one **job**: a tar of `request.json` (a [`WorkerRequest`] with
+//! the guest's paths) and `blobs/sha256/<hex>`, exactly the image's blobs. In the guest,
+//! [`serve_in_vm`] writes each blob to the job's own directory `DIR`, checking it hashes to its
+//! name, builds as the host worker does, streams back a tar of `answer.json` and
+//! `rootfs.erofs`, and empties `DIR`.
 //!
 //! The host trusts nothing of that but the image's bytes: it takes only those two entries,
 //! checks the answer names the image asked for and the image's size, then computes the verity
@@ -30,16 +31,18 @@ use crate::worker::{
     MAX_REQUEST_BYTES,
 };
 
-/// The job's directory in the guest (the guest's `/tmp` is its memory).
-const GUEST_JOB: &str = "/tmp/mvm-job";
+/// The start of a job's directory in the guest, `/tmp/mvm-job-<32 hex>` (the guest's `/tmp`
+/// is its memory): a builder that stays up serves one build after another, or several at once.
+const GUEST_JOB_PREFIX: &str = "/tmp/mvm-job-";
 
 /// The largest image taken back from the VM.
 const MAX_IMAGE_BYTES: u64 = 64 << 30;
 
-/// Builds `request` in the builder VM that `launcher` starts: its report (with the host's own
+/// Builds `request` in a builder VM: `launcher` gives the command that runs the worker there
+/// as `--in-vm DIR` for the job directory `DIR` it is given. Its report (with the host's own
 /// verity tree) and how the worker in the VM was confined.
 pub fn build_in_vm(
-    mut launcher: Command,
+    launcher: impl FnOnce(&str) -> Command,
     request: &RootfsRequest,
 ) -> Result<(RootfsReport, SandboxReport), WorkerError> {
     if request.nix.is_some() {
@@ -54,19 +57,20 @@ pub fn build_in_vm(
     })?;
     fs::create_dir_all(&request.out_dir)
         .map_err(|e| WorkerError::Worker(format!("{}: {e}", request.out_dir.display())))?;
-    let guest = Path::new(GUEST_JOB);
+    let id = mvm_ir::plan::fresh_nonce().map_err(|e| WorkerError::Worker(e.to_string()))?;
+    let guest = PathBuf::from(format!("{GUEST_JOB_PREFIX}{id}"));
     let job = WorkerRequest {
         rootfs: RootfsRequest {
             cache_dir: PathBuf::new(),
-            base_dir: guest.to_path_buf(),
-            out_dir: guest.join("out"),
+            base_dir: guest.clone(),
+            out_dir: guest.clone(),
             progress: false,
             ..request.clone()
         },
         blobs: Some(guest.join("blobs")),
     };
     let request_json = serde_json::to_vec(&job).map_err(|e| WorkerError::Worker(e.to_string()))?;
-    let mut child = launcher
+    let mut child = launcher(&guest.to_string_lossy())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -194,11 +198,18 @@ fn receive_answer(from: impl Read, out_dir: &Path) -> io::Result<Answer> {
     answer.ok_or_else(|| io::Error::other("no answer"))
 }
 
-/// The worker's main in the builder VM (`mvm-build-worker --in-vm`): read the job from stdin,
-/// build, and answer on stdout.
-pub fn serve_in_vm() -> ExitCode {
-    let job_dir = Path::new(GUEST_JOB);
-    let answer = match receive_job(io::stdin().lock(), job_dir) {
+/// The worker's main in the builder VM (`mvm-build-worker --in-vm DIR`): read the job from
+/// stdin into `DIR`, build there, answer on stdout, and empty `DIR`.
+pub fn serve_in_vm(dir: &str) -> ExitCode {
+    let job_dir = Path::new(dir);
+    let is_job_dir = dir
+        .strip_prefix(GUEST_JOB_PREFIX)
+        .is_some_and(|id| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()));
+    let received = match is_job_dir {
+        true => receive_job(io::stdin().lock(), job_dir),
+        false => Err(io::Error::other(format!("{dir:?} is not a job directory"))),
+    };
+    let answer = match received {
         Ok(job) => {
             // Temporary files go where the worker may write once confined, as on the host.
             std::env::set_var("TMPDIR", &job.rootfs.out_dir);
@@ -210,13 +221,17 @@ pub fn serve_in_vm() -> ExitCode {
             message: format!("reading the job: {e}"),
         },
     };
-    let image = job_dir.join("out").join(ROOTFS_FILE);
+    let image = job_dir.join(ROOTFS_FILE);
     let built = matches!(answer, Answer::Built { .. });
     let sent = send_answer(
         io::stdout().lock(),
         &answer,
         built.then_some(image.as_path()),
     );
+    if is_job_dir {
+        // Its contents go; the directory itself stays when confinement forbids removing it.
+        let _ = fs::remove_dir_all(job_dir);
+    }
     match (built, sent) {
         (true, Ok(())) => ExitCode::SUCCESS,
         _ => ExitCode::FAILURE,
@@ -227,7 +242,6 @@ pub fn serve_in_vm() -> ExitCode {
 fn receive_job(from: impl Read, dir: &Path) -> io::Result<WorkerRequest> {
     let blobs = dir.join("blobs");
     fs::create_dir_all(blobs.join("sha256"))?;
-    fs::create_dir_all(dir.join("out"))?;
     let mut archive = tar::Archive::new(from);
     let mut request: Option<WorkerRequest> = None;
     for entry in archive.entries()? {
@@ -270,7 +284,7 @@ fn receive_job(from: impl Read, dir: &Path) -> io::Result<WorkerRequest> {
     }
     let request = request.ok_or_else(|| io::Error::other("no request"))?;
     let expected = Some(blobs);
-    if request.blobs != expected || request.rootfs.out_dir != dir.join("out") {
+    if request.blobs != expected || request.rootfs.out_dir != dir {
         return Err(io::Error::other("the request names other directories"));
     }
     Ok(request)
@@ -310,7 +324,7 @@ mod tests {
                 digest: format!("sha256:{}", "0".repeat(64)),
                 base_dir: guest.path().into(),
                 cache_dir: PathBuf::new(),
-                out_dir: guest.path().join("out"),
+                out_dir: guest.path().into(),
                 insecure_registries: vec![],
                 progress: false,
                 nix: None,

@@ -43,9 +43,12 @@ const PROVENANCE_FILE: &str = "provenance.dsse.json";
 enum Persona {
     /// A confined child process on this host (no_new_privs, Landlock, seccomp).
     Host,
-    /// A microVM booted from the builder image (`mvm builder fetch`): the image's blobs go in,
-    /// the EROFS image comes back, and this host computes the verity tree and signs.
+    /// A builder VM (`mvm builder fetch`): the one `mvm dev up` started, else a fresh one;
+    /// the image's blobs go in, the EROFS image comes back, and this host computes the verity
+    /// tree and signs.
     Vm,
+    /// The builder VM when `mvm dev up` has one running, else this host (with a notice).
+    Auto,
 }
 
 /// Build a workload's root filesystem, verity tree, kernel and initramfs into a signed plan
@@ -222,18 +225,28 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
     // meanwhile.
     let cache = ImageCache::in_home(&host.home).map_err(coded)?;
     let cache_lock = cache.lock_shared().map_err(coded)?;
-    let (report, sandbox, builder) = match args.persona {
-        Persona::Host => {
-            let (report, sandbox) =
-                build_in_worker(&std::env::current_exe()?, &["build-worker"], &request)
-                    .map_err(coded)?;
-            (report, sandbox, None)
+    let in_vm = match args.persona {
+        Persona::Host => false,
+        Persona::Vm => true,
+        Persona::Auto => {
+            let running = super::dev::running_builder(&host).is_some();
+            if !running {
+                eprintln!(
+                    "notice: no builder VM runs (`mvm dev up` starts one): building on this host"
+                );
+            }
+            running
         }
-        Persona::Vm => {
-            let (launcher, builder) = builder_vm(&host)?;
-            let (report, sandbox) = build_in_vm(launcher, &request).map_err(coded)?;
-            (report, sandbox, Some(builder))
-        }
+    };
+    let (report, sandbox, builder) = if in_vm {
+        let (launcher, builder) = builder_vm(&host)?;
+        let (report, sandbox) = build_in_vm(launcher, &request).map_err(coded)?;
+        (report, sandbox, Some(builder))
+    } else {
+        let (report, sandbox) =
+            build_in_worker(&std::env::current_exe()?, &["build-worker"], &request)
+                .map_err(coded)?;
+        (report, sandbox, None)
     };
 
     let resources = Resources {
@@ -370,10 +383,13 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
 /// a hung builder must not hold `mvm build` for ever.
 const BUILDER_VM_TIMEOUT: &str = "1h";
 
-/// The command that boots the builder VM from its signed plan and runs its worker on the job
-/// it is fed (`mvm run -i`: a fresh VM for each build), and what the provenance names it by.
-/// The run verifies the plan before it boots.
-fn builder_vm(host: &Host) -> anyhow::Result<(std::process::Command, BuilderVm)> {
+/// What runs the worker in a builder VM for a job directory (`--in-vm DIR`): `mvm exec -i` in
+/// the builder `mvm dev up` started when it runs, else `mvm run -i` of the builder's signed
+/// plan (a fresh VM for the build, the plan verified before it boots). With what the
+/// provenance names the builder by.
+type Launcher = Box<dyn FnOnce(&str) -> std::process::Command>;
+
+fn builder_vm(host: &Host) -> anyhow::Result<(Launcher, BuilderVm)> {
     let dir = host.home.root().join("builder");
     let image = BuilderImage::open(&dir.join("image")).map_err(coded)?;
     let plan = dir.join("bundle").join(PLAN_FILE);
@@ -386,22 +402,51 @@ fn builder_vm(host: &Host) -> anyhow::Result<(std::process::Command, BuilderVm)>
                 reason: e.to_string(),
             })
         })?;
-    let mut command = mvm_ir::env::command(std::env::current_exe()?);
-    command
-        .args([
-            "run",
-            "--interactive",
-            "--timeout",
-            BUILDER_VM_TIMEOUT,
-            "--plan",
-        ])
-        .arg(&plan)
-        .args(["--", WORKER, "--in-vm"]);
+    let plan_digest = sha256_prefixed(&payload);
+    let mvm = std::env::current_exe()?;
+    if let Some(running) = super::dev::running_builder(host) {
+        // The image is the one fetched now only when the running builder was started from it.
+        let image_digest =
+            (running.plan_digest == plan_digest).then_some(image.manifest.image_digest);
+        if image_digest.is_none() {
+            eprintln!(
+                "notice: the running builder ({}) was started from an earlier builder plan; \
+                 `mvm dev down && mvm dev up` starts the one fetched now",
+                super::dev::BUILDER_VM
+            );
+        }
+        let launcher: Launcher = Box::new(move |job: &str| {
+            let mut command = mvm_ir::env::command(mvm);
+            command
+                .args(["exec", "--interactive", "--timeout", BUILDER_VM_TIMEOUT])
+                .args([super::dev::BUILDER_VM, "--", WORKER, "--in-vm", job]);
+            command
+        });
+        let builder = BuilderVm {
+            plan_digest: running.plan_digest,
+            image_digest,
+        };
+        return Ok((launcher, builder));
+    }
+    let launcher: Launcher = Box::new(move |job: &str| {
+        let mut command = mvm_ir::env::command(mvm);
+        command
+            .args([
+                "run",
+                "--interactive",
+                "--timeout",
+                BUILDER_VM_TIMEOUT,
+                "--plan",
+            ])
+            .arg(&plan)
+            .args(["--", WORKER, "--in-vm", job]);
+        command
+    });
     let builder = BuilderVm {
-        plan_digest: sha256_prefixed(&payload),
-        image_digest: image.manifest.image_digest,
+        plan_digest,
+        image_digest: Some(image.manifest.image_digest),
     };
-    Ok((command, builder))
+    Ok((launcher, builder))
 }
 
 /// Records the image a build used, its blobs and the bundle built, in the image cache.

@@ -8,6 +8,7 @@ pub mod build;
 pub mod builder;
 pub mod bundle;
 pub mod declaration;
+pub mod dev;
 pub mod doctor;
 pub mod image;
 pub mod init;
