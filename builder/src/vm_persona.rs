@@ -205,8 +205,13 @@ pub fn serve_in_vm(dir: &str) -> ExitCode {
     let is_job_dir = dir
         .strip_prefix(GUEST_JOB_PREFIX)
         .is_some_and(|id| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()));
+    // Held until this process ends: the job's directory is in use while it is locked.
+    let mut _claimed = None;
     let received = match is_job_dir {
-        true => receive_job(io::stdin().lock(), job_dir),
+        true => claim_job_dir(job_dir).and_then(|lock| {
+            _claimed = Some(lock);
+            receive_job(io::stdin().lock(), job_dir)
+        }),
         false => Err(io::Error::other(format!("{dir:?} is not a job directory"))),
     };
     let answer = match received {
@@ -236,6 +241,40 @@ pub fn serve_in_vm(dir: &str) -> ExitCode {
         (true, Ok(())) => ExitCode::SUCCESS,
         _ => ExitCode::FAILURE,
     }
+}
+
+/// The name of the lock taken while a job directory is made and locked, or abandoned ones
+/// are looked for, in the directory of the jobs.
+const JOBS_LOCK: &str = ".mvm-jobs.lock";
+
+/// Makes the job directory `dir` and locks it (`flock`) for as long as the returned file
+/// lives. First removes the job directories beside it that no job holds: those of jobs that
+/// were killed (a build cancelled with Ctrl-C, a host that went away), which a builder that
+/// stays up would otherwise keep in its memory.
+fn claim_job_dir(dir: &Path) -> io::Result<File> {
+    let jobs = dir.parent().unwrap_or(Path::new("/"));
+    // `mvm-job-` of `mvm-job-<id>`.
+    let prefix = dir
+        .file_name()
+        .and_then(|name| name.to_str())
+        .and_then(|name| name.rsplit_once('-'))
+        .map(|(start, _)| format!("{start}-"))
+        .ok_or_else(|| io::Error::other("not a job directory"))?;
+    let guard = File::create(jobs.join(JOBS_LOCK))?;
+    guard.lock()?;
+    for entry in fs::read_dir(jobs)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let abandoned = name.starts_with(&prefix)
+            && entry.file_type().is_ok_and(|t| t.is_dir())
+            && File::open(entry.path()).is_ok_and(|d| d.try_lock().is_ok());
+        if abandoned {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+    fs::create_dir(dir)?;
+    let lock = File::open(dir)?;
+    lock.lock()?;
+    Ok(lock)
 }
 
 /// Unpacks the job tar into `dir`: the request, and each blob checked against its name.
@@ -349,6 +388,26 @@ mod tests {
     }
 
     /// Only an answer and an image come back; anything else in the answer tar is refused.
+    /// A job's directory is claimed beside the others: an abandoned one goes, one a job
+    /// holds stays, and the same directory cannot be claimed twice.
+    #[test]
+    fn abandoned_job_directories_go_and_held_ones_stay() {
+        let jobs = tempfile::tempdir().unwrap();
+        let held = jobs.path().join(format!("mvm-job-{}", "a".repeat(32)));
+        let abandoned = jobs.path().join(format!("mvm-job-{}", "b".repeat(32)));
+        let other = jobs.path().join("mvm-other");
+        for dir in [&abandoned, &other] {
+            fs::create_dir_all(dir.join("blobs")).unwrap();
+        }
+        let holding = claim_job_dir(&held).unwrap();
+        let mine = jobs.path().join(format!("mvm-job-{}", "c".repeat(32)));
+        let _claimed = claim_job_dir(&mine).unwrap();
+        assert!(held.exists() && mine.exists() && other.exists());
+        assert!(!abandoned.exists());
+        assert!(claim_job_dir(&held).is_err());
+        drop(holding);
+    }
+
     #[test]
     fn an_answer_with_anything_else_is_refused() {
         let out = tempfile::tempdir().unwrap();
