@@ -8,7 +8,7 @@ use mvm_builder::builder_image::{BuilderImage, PACKAGES, WORKER};
 use serde_json::{json, Value};
 
 use super::bundle::sibling;
-use super::{coded, coded_io, Host};
+use super::{coded, coded_as, coded_io, Host};
 use crate::output::Output;
 
 /// The builder VM's memory: Nix evaluation and EROFS writing want more than a workload's
@@ -48,6 +48,16 @@ pub fn run(cmd: BuilderCommand, out: &Output) -> anyhow::Result<()> {
                 Some(path) => path,
                 None => sibling("MVM_AGENT", "mvm-agent")?,
             };
+            if !worker.is_file() {
+                return Err(coded_as(
+                    "BUILDER003",
+                    format!(
+                        "the build worker {} was not found: scripts/install puts it next to mvm, \
+                         or build it static and pass --worker (docs/build.md)",
+                        worker.display()
+                    ),
+                ));
+            }
             let image = BuilderImage::fetch(&image_dir, &worker).map_err(coded)?;
             let built = build(&image, &bundle_dir, &agent)?;
             host.audit(
