@@ -43,14 +43,9 @@ pub const DEBIAN_CLOUD_KERNEL: &str = "linux-image-cloud-amd64";
 /// Why a kernel could not be fetched, unpacked or opened. Its [`Coded::code`] is stable.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
-    /// A tool (apt-get, dpkg-deb) failed or is missing.
-    #[error("{tool}: {reason}")]
-    Tool {
-        /// The command.
-        tool: String,
-        /// Its failure.
-        reason: String,
-    },
+    /// apt-get or dpkg-deb failed or is missing, or did not give the package asked for.
+    #[error(transparent)]
+    Debian(#[from] DebianError),
     /// The package does not hold a usable kernel.
     #[error("{0}")]
     BadPackage(String),
@@ -84,12 +79,14 @@ pub enum KernelError {
 impl Coded for KernelError {
     fn code(&self) -> &str {
         match self {
-            KernelError::Tool { .. } => "KERNEL001",
-            KernelError::BadPackage(_) => "KERNEL002",
+            KernelError::Debian(DebianError::Tool { .. }) => "KERNEL001",
+            KernelError::BadPackage(_) | KernelError::Debian(DebianError::BadPackage(_)) => {
+                "KERNEL002"
+            }
             KernelError::MissingModule(_) => "KERNEL003",
             KernelError::NoKernel(_) => "KERNEL004",
             KernelError::DigestMismatch { .. } => "KERNEL005",
-            KernelError::Io { .. } => "KERNEL006",
+            KernelError::Io { .. } | KernelError::Debian(DebianError::Io { .. }) => "KERNEL006",
         }
     }
 
@@ -99,20 +96,11 @@ impl Coded for KernelError {
     fn class(&self) -> ErrorClass {
         match self {
             KernelError::DigestMismatch { .. } => ErrorClass::Integrity,
-            KernelError::Tool { .. } | KernelError::Io { .. } => ErrorClass::Io,
+            KernelError::Debian(DebianError::BadPackage(_)) => ErrorClass::InvalidInput,
+            KernelError::Debian(_) | KernelError::Io { .. } => ErrorClass::Io,
             KernelError::BadPackage(_)
             | KernelError::MissingModule(_)
             | KernelError::NoKernel(_) => ErrorClass::InvalidInput,
-        }
-    }
-}
-
-impl From<DebianError> for KernelError {
-    fn from(error: DebianError) -> Self {
-        match error {
-            DebianError::Tool { tool, reason } => KernelError::Tool { tool, reason },
-            DebianError::BadPackage(reason) => KernelError::BadPackage(reason),
-            DebianError::Io { path, source } => KernelError::Io { path, source },
         }
     }
 }

@@ -174,16 +174,7 @@ fn receive_answer(from: impl Read, out_dir: &Path) -> io::Result<Answer> {
         }
         let path = entry.path()?.to_string_lossy().into_owned();
         match path.as_str() {
-            "answer.json" if answer.is_none() => {
-                let mut bytes = Vec::new();
-                (&mut entry)
-                    .take(MAX_REQUEST_BYTES + 1)
-                    .read_to_end(&mut bytes)?;
-                if bytes.len() as u64 > MAX_REQUEST_BYTES {
-                    return Err(io::Error::other("the answer is too large"));
-                }
-                answer = Some(serde_json::from_slice(&bytes).map_err(io::Error::other)?);
-            }
+            "answer.json" if answer.is_none() => answer = Some(bounded_json(&mut entry)?),
             "rootfs.erofs" if answer.is_some() => {
                 if entry.header().size()? > MAX_IMAGE_BYTES {
                     return Err(io::Error::other("the image is too large"));
@@ -290,14 +281,7 @@ fn receive_job(from: impl Read, dir: &Path) -> io::Result<WorkerRequest> {
         }
         let path = entry.path()?.to_string_lossy().into_owned();
         if path == "request.json" && request.is_none() {
-            let mut bytes = Vec::new();
-            (&mut entry)
-                .take(MAX_REQUEST_BYTES + 1)
-                .read_to_end(&mut bytes)?;
-            if bytes.len() as u64 > MAX_REQUEST_BYTES {
-                return Err(io::Error::other("the request is too large"));
-            }
-            request = Some(serde_json::from_slice(&bytes).map_err(io::Error::other)?);
+            request = Some(bounded_json(&mut entry)?);
             continue;
         }
         let hex = path
@@ -327,6 +311,16 @@ fn receive_job(from: impl Read, dir: &Path) -> io::Result<WorkerRequest> {
         return Err(io::Error::other("the request names other directories"));
     }
     Ok(request)
+}
+
+/// A JSON document of at most [`MAX_REQUEST_BYTES`] from `from`.
+fn bounded_json<T: serde::de::DeserializeOwned>(from: impl Read) -> io::Result<T> {
+    let mut bytes = Vec::new();
+    from.take(MAX_REQUEST_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_REQUEST_BYTES {
+        return Err(io::Error::other("a document larger than its bound"));
+    }
+    serde_json::from_slice(&bytes).map_err(io::Error::other)
 }
 
 /// Writes the answer tar: `answer.json`, and the image when there is one.

@@ -697,10 +697,10 @@ mod tests {
             ),
             (Box::new(layer(LayerErrorKind::Io)), "LAYER011", Io),
             (
-                Box::new(KernelError::Tool {
+                Box::new(KernelError::Debian(crate::debian::DebianError::Tool {
                     tool: s(),
                     reason: s(),
-                }),
+                })),
                 "KERNEL001",
                 Io,
             ),
