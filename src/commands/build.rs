@@ -383,12 +383,12 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
 /// a hung builder must not hold `mvm build` for ever.
 const BUILDER_VM_TIMEOUT: &str = "1h";
 
-/// What runs the worker in a builder VM for a job directory (`--in-vm DIR`): `mvm exec -i` in
-/// the builder `mvm dev up` started when it runs, else `mvm run -i` of the builder's signed
-/// plan (a fresh VM for the build, the plan verified before it boots). With what the
-/// provenance names the builder by.
+/// The command that runs the worker in a builder VM for a job directory (`--in-vm DIR`).
 type Launcher = Box<dyn FnOnce(&str) -> std::process::Command>;
 
+/// How this build reaches a builder VM: `mvm exec -i` in the builder `mvm dev up` started
+/// when it runs, else `mvm run -i` of the builder's signed plan (a fresh VM for the build, the
+/// plan verified before it boots); with what the provenance names the builder by.
 fn builder_vm(host: &Host) -> anyhow::Result<(Launcher, BuilderVm)> {
     let dir = host.home.root().join("builder");
     let image = BuilderImage::open(&dir.join("image")).map_err(coded)?;
