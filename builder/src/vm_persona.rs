@@ -27,8 +27,8 @@ use sha2::{Digest, Sha256};
 use crate::erofs::image_uuid;
 use crate::rootfs::{write_verity, RootfsReport, RootfsRequest, ROOTFS_FILE};
 use crate::worker::{
-    check_outputs, pull_for_worker, run_job, Answer, SandboxReport, WorkerError, WorkerRequest,
-    MAX_REQUEST_BYTES,
+    check_outputs, claim_dir, pull_for_worker, run_job, Answer, SandboxReport, WorkerError,
+    WorkerRequest, MAX_REQUEST_BYTES,
 };
 
 /// The start of a job's directory in the guest, `/tmp/mvm-job-<32 hex>` (the guest's `/tmp`
@@ -238,10 +238,10 @@ pub fn serve_in_vm(dir: &str) -> ExitCode {
 /// are looked for, in the directory of the jobs.
 const JOBS_LOCK: &str = ".mvm-jobs.lock";
 
-/// Makes the job directory `dir` and locks it (`flock`) for as long as the returned file
-/// lives. First removes the job directories beside it that no job holds: those of jobs that
-/// were killed (a build cancelled with Ctrl-C, a host that went away), which a builder that
-/// stays up would otherwise keep in its memory.
+/// Makes the job directory `dir` and locks it for as long as the returned file lives, first
+/// removing the job directories beside it that no job holds: those of jobs that were killed
+/// (a build cancelled with Ctrl-C, a host that went away), which a builder that stays up would
+/// otherwise keep in its memory.
 fn claim_job_dir(dir: &Path) -> io::Result<File> {
     let jobs = dir.parent().unwrap_or(Path::new("/"));
     // `mvm-job-` of `mvm-job-<id>`.
@@ -251,20 +251,10 @@ fn claim_job_dir(dir: &Path) -> io::Result<File> {
         .and_then(|name| name.rsplit_once('-'))
         .map(|(start, _)| format!("{start}-"))
         .ok_or_else(|| io::Error::other("not a job directory"))?;
-    let guard = File::create(jobs.join(JOBS_LOCK))?;
-    guard.lock()?;
-    for entry in fs::read_dir(jobs)?.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let abandoned = name.starts_with(&prefix)
-            && entry.file_type().is_ok_and(|t| t.is_dir())
-            && File::open(entry.path()).is_ok_and(|d| d.try_lock().is_ok());
-        if abandoned {
-            let _ = fs::remove_dir_all(entry.path());
-        }
-    }
-    fs::create_dir(dir)?;
-    let lock = File::open(dir)?;
-    lock.lock()?;
+    let ((), lock) = claim_dir(jobs, JOBS_LOCK, &prefix, || {
+        fs::create_dir(dir)?;
+        Ok(((), dir.to_path_buf()))
+    })?;
     Ok(lock)
 }
 

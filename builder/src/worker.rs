@@ -243,27 +243,45 @@ const IMAGE_BLOBS_LOCK: &str = ".image-blobs.lock";
 impl ImageBlobs {
     /// A new, locked, empty directory in `cache_dir`; abandoned ones are removed first.
     fn create(cache_dir: &Path) -> std::io::Result<Self> {
-        let guard = File::create(cache_dir.join(IMAGE_BLOBS_LOCK))?;
-        guard.lock()?;
-        for entry in std::fs::read_dir(cache_dir)?.flatten() {
-            let name = entry.file_name();
-            let abandoned = name.to_string_lossy().starts_with(IMAGE_BLOBS_PREFIX)
-                && entry.file_type().is_ok_and(|t| t.is_dir())
-                && File::open(entry.path()).is_ok_and(|dir| dir.try_lock().is_ok());
-            if abandoned {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
-        }
-        let dir = tempfile::Builder::new()
-            .prefix(IMAGE_BLOBS_PREFIX)
-            .tempdir_in(cache_dir)?;
-        let in_use = File::open(dir.path())?;
-        in_use.lock()?;
+        let (dir, in_use) = claim_dir(cache_dir, IMAGE_BLOBS_LOCK, IMAGE_BLOBS_PREFIX, || {
+            let dir = tempfile::Builder::new()
+                .prefix(IMAGE_BLOBS_PREFIX)
+                .tempdir_in(cache_dir)?;
+            let path = dir.path().to_path_buf();
+            Ok((dir, path))
+        })?;
         Ok(Self {
             dir,
             _in_use: in_use,
         })
     }
+}
+
+/// Makes a directory in `parent` with `make` and locks it (`flock`) for as long as the
+/// returned file lives: it is in use while it is locked. First removes the directories of
+/// `parent` named `prefix…` that nobody holds, those of work that was killed. Under the lock
+/// `parent/lock_name`, so that no one sees another's directory between its making and its
+/// locking.
+pub(crate) fn claim_dir<T>(
+    parent: &Path,
+    lock_name: &str,
+    prefix: &str,
+    make: impl FnOnce() -> std::io::Result<(T, PathBuf)>,
+) -> std::io::Result<(T, File)> {
+    let guard = File::create(parent.join(lock_name))?;
+    guard.lock()?;
+    for entry in std::fs::read_dir(parent)?.flatten() {
+        let abandoned = entry.file_name().to_string_lossy().starts_with(prefix)
+            && entry.file_type().is_ok_and(|t| t.is_dir())
+            && File::open(entry.path()).is_ok_and(|dir| dir.try_lock().is_ok());
+        if abandoned {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    let (made, path) = make()?;
+    let in_use = File::open(path)?;
+    in_use.lock()?;
+    Ok((made, in_use))
 }
 
 /// Pulls a registry or `oci:` image into the cache (every blob verified now) and returns a
