@@ -249,11 +249,11 @@ impl AgentClient {
             Response::FsRead(done) => done,
             other => return Err(unexpected(&other)),
         };
-        let arrived = format!("sha256:{}", hex::encode(counted.stdout_hash.finalize()));
-        if (done.size, &done.sha256) != (counted.stdout, &arrived) {
+        let [arrived, _] = counted.digests.finish();
+        if (done.size, &done.sha256) != (arrived.bytes, &arrived.sha256) {
             return Err(ClientError::Protocol(format!(
-                "the agent sent {} bytes hashing to {}, {} bytes hashing to {arrived} arrived",
-                done.size, done.sha256, counted.stdout
+                "the agent sent {} bytes hashing to {}, {} bytes hashing to {} arrived",
+                done.size, done.sha256, arrived.bytes, arrived.sha256
             )));
         }
         Ok(done)
@@ -486,23 +486,51 @@ pub struct Executed {
     pub stderr: OutputDigest,
 }
 
-/// A sink that counts and hashes what passes through it.
+/// The sizes and SHA-256 digests of a command's stdout and stderr, as they pass.
+#[derive(Default)]
+pub(crate) struct Digests {
+    stdout: (Sha256, u64),
+    stderr: (Sha256, u64),
+}
+
+impl Digests {
+    /// Counts `bytes` of stdout.
+    pub(crate) fn stdout(&mut self, bytes: &[u8]) {
+        self.stdout.0.update(bytes);
+        self.stdout.1 += bytes.len() as u64;
+    }
+
+    /// Counts `bytes` of stderr.
+    pub(crate) fn stderr(&mut self, bytes: &[u8]) {
+        self.stderr.0.update(bytes);
+        self.stderr.1 += bytes.len() as u64;
+    }
+
+    /// Bytes of stdout and of stderr so far.
+    fn sizes(&self) -> (u64, u64) {
+        (self.stdout.1, self.stderr.1)
+    }
+
+    /// The digests of stdout and of stderr.
+    pub(crate) fn finish(self) -> [OutputDigest; 2] {
+        [self.stdout, self.stderr].map(|(hash, bytes)| OutputDigest {
+            sha256: format!("sha256:{}", hex::encode(hash.finalize())),
+            bytes,
+        })
+    }
+}
+
+/// A sink that counts and digests what passes to the one it wraps.
 pub(crate) struct Counted<'a> {
     sink: &'a mut dyn OutputSink,
-    stdout: u64,
-    stderr: u64,
-    stdout_hash: Sha256,
-    stderr_hash: Sha256,
+    digests: Digests,
 }
 
 impl<'a> Counted<'a> {
     pub(crate) fn new(sink: &'a mut dyn OutputSink) -> Self {
         Self {
             sink,
-            stdout: 0,
-            stderr: 0,
-            stdout_hash: Sha256::new(),
-            stderr_hash: Sha256::new(),
+            digests: Digests::default(),
         }
     }
 }
@@ -511,19 +539,17 @@ impl Counted<'_> {
     /// The command's answer with the digests of what passed through; refused when the byte
     /// counts the agent reports differ from what arrived.
     pub(crate) fn finish(self, reply: ExecReply) -> Result<Executed, ClientError> {
-        if (reply.stdout_bytes, reply.stderr_bytes) != (self.stdout, self.stderr) {
+        let (stdout, stderr) = self.digests.sizes();
+        if (reply.stdout_bytes, reply.stderr_bytes) != (stdout, stderr) {
             return Err(ClientError::Protocol(format!(
-                "the agent counted {}/{} bytes of stdout/stderr, {}/{} arrived",
-                reply.stdout_bytes, reply.stderr_bytes, self.stdout, self.stderr
+                "the agent counted {}/{} bytes of stdout/stderr, {stdout}/{stderr} arrived",
+                reply.stdout_bytes, reply.stderr_bytes
             )));
         }
-        let digest = |hash: Sha256, bytes| OutputDigest {
-            sha256: format!("sha256:{}", hex::encode(hash.finalize())),
-            bytes,
-        };
+        let [stdout, stderr] = self.digests.finish();
         Ok(Executed {
-            stdout: digest(self.stdout_hash, self.stdout),
-            stderr: digest(self.stderr_hash, self.stderr),
+            stdout,
+            stderr,
             reply,
         })
     }
@@ -531,14 +557,12 @@ impl Counted<'_> {
 
 impl OutputSink for Counted<'_> {
     fn stdout(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.stdout += bytes.len() as u64;
-        self.stdout_hash.update(bytes);
+        self.digests.stdout(bytes);
         self.sink.stdout(bytes)
     }
 
     fn stderr(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.stderr += bytes.len() as u64;
-        self.stderr_hash.update(bytes);
+        self.digests.stderr(bytes);
         self.sink.stderr(bytes)
     }
 }

@@ -30,13 +30,12 @@ use mvm_protocol::{
     codes, ExecRequest, ExitStatus, HelloReply, Integrity, Request, Response, SecretHex,
 };
 use serde_json::json;
-use sha2::{Digest as _, Sha256};
 
 use crate::admission::AdmissionError;
 use crate::backend::kvm::jailed::Jail;
 use crate::backend::select::{Accel, BackendChoice};
 use crate::backend::VmProcess;
-use crate::client::{AgentClient, ClientError, Executed, OutputSink};
+use crate::client::{AgentClient, ClientError, Digests, Executed, OutputSink};
 use crate::control;
 use crate::egress::judge::Denial;
 use crate::forward::PortSpec;
@@ -306,7 +305,7 @@ struct RedactingSink<'a> {
     sink: &'a mut dyn OutputSink,
     stdout: Redactor<'a>,
     stderr: Redactor<'a>,
-    shown: [(Sha256, u64); 2],
+    shown: Digests,
 }
 
 impl<'a> RedactingSink<'a> {
@@ -315,46 +314,36 @@ impl<'a> RedactingSink<'a> {
             sink,
             stdout: redactions.redactor(),
             stderr: redactions.redactor(),
-            shown: [(Sha256::new(), 0), (Sha256::new(), 0)],
+            shown: Digests::default(),
         }
     }
 
     /// Passes on what was held back for a value that might have continued.
     fn finish(&mut self) -> io::Result<()> {
         let (stdout, stderr) = (self.stdout.finish(), self.stderr.finish());
-        self.pass(0, &stdout)?;
-        self.pass(1, &stderr)
-    }
-
-    /// Passes `bytes` on to stdout (0) or stderr (1).
-    fn pass(&mut self, which: usize, bytes: &[u8]) -> io::Result<()> {
-        let (hash, count) = &mut self.shown[which];
-        hash.update(bytes);
-        *count += bytes.len() as u64;
-        match which {
-            0 => self.sink.stdout(bytes),
-            _ => self.sink.stderr(bytes),
-        }
+        self.shown.stdout(&stdout);
+        self.sink.stdout(&stdout)?;
+        self.shown.stderr(&stderr);
+        self.sink.stderr(&stderr)
     }
 
     /// The digests of what was passed on, stdout's and stderr's.
     fn shown(self) -> [OutputDigest; 2] {
-        self.shown.map(|(hash, bytes)| OutputDigest {
-            sha256: format!("sha256:{}", hex::encode(hash.finalize())),
-            bytes,
-        })
+        self.shown.finish()
     }
 }
 
 impl OutputSink for RedactingSink<'_> {
     fn stdout(&mut self, bytes: &[u8]) -> io::Result<()> {
         let scrubbed = self.stdout.push(bytes);
-        self.pass(0, &scrubbed)
+        self.shown.stdout(&scrubbed);
+        self.sink.stdout(&scrubbed)
     }
 
     fn stderr(&mut self, bytes: &[u8]) -> io::Result<()> {
         let scrubbed = self.stderr.push(bytes);
-        self.pass(1, &scrubbed)
+        self.shown.stderr(&scrubbed);
+        self.sink.stderr(&scrubbed)
     }
 }
 
