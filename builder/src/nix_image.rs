@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::tree::{Metadata, NodeId, NodeKind, Tree};
 
 /// The most store paths a closure may have (a large desktop closure has a few thousand).
-const MAX_CLOSURE_PATHS: usize = 20_000;
+pub(crate) const MAX_CLOSURE_PATHS: usize = 20_000;
 
 /// Why a Nix image could not be made; its [`Coded::code`] is its stable code.
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +157,16 @@ impl NixClosure {
     }
 }
 
+/// A closure realised, and what realising it had to build.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Realised {
+    /// The closure.
+    pub closure: NixClosure,
+    /// The packages' outputs that were not in the store before: what this build realised
+    /// (none when a store kept from an earlier build has them all).
+    pub built: Vec<String>,
+}
+
 /// The real Nix, on one store, with one package set.
 #[derive(Debug, Clone)]
 pub struct NixStore {
@@ -212,10 +222,11 @@ impl NixStore {
     }
 
     /// Instantiates and realises every package, and returns the closure of their outputs.
-    pub fn closure(&self, attrs: &[String]) -> Result<NixClosure, NixImageError> {
+    pub fn closure(&self, attrs: &[String]) -> Result<Realised, NixImageError> {
         let root = self.store_root();
         let mut hasher = DrvHasher::new(StoreRoot::new(&root));
         let mut packages = Vec::new();
+        let mut built = Vec::new();
         for attr in attrs {
             let drv = self
                 .run(
@@ -241,6 +252,14 @@ impl NixStore {
                 .verified_output_paths(&file.derivation)
                 .map_err(|e| NixImageError::Mismatch(format!("{drv}: {e}")))?;
             let drv_text = drv.to_string();
+            // The outputs the store lacks are what realising builds.
+            let output_paths: Vec<String> = computed.values().map(|p| p.to_string()).collect();
+            let mut args: Vec<&OsStr> =
+                vec!["--check-validity".as_ref(), "--print-invalid".as_ref()];
+            args.extend(output_paths.iter().map(OsStr::new));
+            let invalid = self.query(&format!("the outputs of {attr} in the store"), &args)?;
+            let invalid = store_paths(&invalid, "nix-store --check-validity")?;
+            built.extend(invalid.iter().map(ToString::to_string));
             let realised = self.query(
                 &format!("realising {attr} ({drv_text})"),
                 &["--realise".as_ref(), drv_text.as_ref()],
@@ -315,10 +334,15 @@ impl NixStore {
                 })
             })
             .collect::<Result<_, NixImageError>>()?;
-        Ok(NixClosure {
-            store_root: root,
-            packages,
-            paths,
+        built.sort();
+        built.dedup();
+        Ok(Realised {
+            closure: NixClosure {
+                store_root: root,
+                packages,
+                paths,
+            },
+            built,
         })
     }
 }

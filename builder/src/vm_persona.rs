@@ -25,11 +25,14 @@ use mvm_ir::ErrorClass;
 use sha2::{Digest, Sha256};
 
 use crate::erofs::image_uuid;
+use crate::nix_image::{NixImageError, NixStore, Realised};
 use crate::rootfs::{write_verity, RootfsReport, RootfsRequest, ROOTFS_FILE};
 use crate::worker::{
     check_outputs, claim_dir, pull_for_worker, run_job, Answer, SandboxReport, WorkerError,
     WorkerRequest, MAX_REQUEST_BYTES,
 };
+use mvm_ir::Coded;
+use serde::{Deserialize, Serialize};
 
 /// The start of a job's directory in the guest, `/tmp/mvm-job-<32 hex>` (the guest's `/tmp`
 /// is its memory): a builder that stays up serves one build after another, or several at once.
@@ -38,23 +41,68 @@ const GUEST_JOB_PREFIX: &str = "/tmp/mvm-job-";
 /// The largest image taken back from the VM.
 const MAX_IMAGE_BYTES: u64 = 64 << 30;
 
-/// Builds `request` in a builder VM: `launcher` gives the command that runs the worker there
-/// as `--in-vm DIR` for the job directory `DIR` it is given. Its report (with the host's own
-/// verity tree) and how the worker in the VM was confined.
+/// The most bytes of files a package set's directory may send into the VM.
+const MAX_SOURCE_BYTES: u64 = 256 << 20;
+/// The most entries (files, directories, symlinks) it may send.
+const MAX_SOURCE_ENTRIES: usize = 100_000;
+
+/// A nix_packages image for the builder VM: the directory of its package set goes in with
+/// the job, and the VM's own Nix evaluates and realises it there, on the VM's store.
+#[derive(Debug, Clone)]
+pub struct NixJob {
+    /// The package set, a Nix file of the host; its whole directory goes in.
+    pub package_set: PathBuf,
+    /// The attribute paths of the workload's packages.
+    pub attrs: Vec<String>,
+}
+
+/// What the VM's worker is asked to realise: a [`NixJob`] with the guest's paths.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NixEval {
+    /// The package set file, under the job's `source` directory.
+    pub package_set: PathBuf,
+    /// The attribute paths.
+    pub attrs: Vec<String>,
+}
+
+/// What a build in the builder VM gave.
+#[derive(Debug)]
+pub struct VmBuild {
+    /// The image, with the host's own verity tree.
+    pub report: RootfsReport,
+    /// How the worker in the VM was confined.
+    pub sandbox: SandboxReport,
+    /// For a nix_packages image: the closure the VM realised, and what it had to build.
+    pub nix: Option<Realised>,
+}
+
+/// Builds `request` in a builder VM (or, with `nix`, the closure the VM's Nix realises for
+/// it): `launcher` gives the command that runs the worker there as `--in-vm DIR` for the job
+/// directory `DIR` it is given.
 pub fn build_in_vm(
     launcher: impl FnOnce(&str) -> Command,
     request: &RootfsRequest,
-) -> Result<(RootfsReport, SandboxReport), WorkerError> {
+    nix: Option<&NixJob>,
+) -> Result<VmBuild, WorkerError> {
     if request.nix.is_some() {
         return Err(WorkerError::Worker(
-            "nix_packages images are not built in the builder VM yet: use --persona host".into(),
+            "a closure realised on the host is not built in the builder VM: its own Nix realises it".into(),
         ));
     }
-    let blobs = pull_for_worker(request)?.ok_or_else(|| {
-        WorkerError::Worker(
-            "oci-archive: images are not built in the builder VM yet: use --persona host".into(),
-        )
-    })?;
+    let refused = |message: String| WorkerError::Worker(message);
+    let (blobs, source) = match nix {
+        Some(job) => (None, Some(source_dir(job).map_err(refused)?)),
+        None => {
+            let blobs = pull_for_worker(request)?.ok_or_else(|| {
+                refused(
+                    "oci-archive: images are not built in the builder VM yet: use --persona host"
+                        .into(),
+                )
+            })?;
+            (Some(blobs), None)
+        }
+    };
     fs::create_dir_all(&request.out_dir)
         .map_err(|e| WorkerError::Worker(format!("{}: {e}", request.out_dir.display())))?;
     let id = mvm_ir::plan::fresh_nonce().map_err(|e| WorkerError::Worker(e.to_string()))?;
@@ -67,7 +115,11 @@ pub fn build_in_vm(
             progress: false,
             ..request.clone()
         },
-        blobs: Some(guest.join("blobs")),
+        blobs: blobs.as_ref().map(|_| guest.join("blobs")),
+        nix_eval: nix.zip(source.as_ref()).map(|(job, (_, file))| NixEval {
+            package_set: guest.join(SOURCE_DIR).join(file),
+            attrs: job.attrs.clone(),
+        }),
     };
     let request_json = serde_json::to_vec(&job).map_err(|e| WorkerError::Worker(e.to_string()))?;
     let mut child = launcher(&guest.to_string_lossy())
@@ -77,12 +129,18 @@ pub fn build_in_vm(
         .spawn()
         .map_err(|e| WorkerError::Worker(format!("cannot start the builder VM: {e}")))?;
     let stdin = child.stdin.take();
-    let blob_dir = blobs.dir.path().to_path_buf();
+    let blob_dir = blobs.as_ref().map(|blobs| blobs.dir.path().to_path_buf());
+    let source_dir = source.map(|(dir, _)| dir);
     let sender = std::thread::spawn(move || -> io::Result<()> {
         let Some(stdin) = stdin else {
             return Err(io::Error::other("no stdin"));
         };
-        send_job(BufWriter::new(stdin), &request_json, &blob_dir)
+        send_job(
+            BufWriter::new(stdin),
+            &request_json,
+            blob_dir.as_deref(),
+            source_dir.as_deref(),
+        )
     });
     let stdout = child
         .stdout
@@ -92,14 +150,29 @@ pub fn build_in_vm(
     let status = child.wait();
     // A builder VM that stopped reading its job makes the sender fail; its answer says why.
     let _ = sender.join();
-    let answer = received.map_err(|e| {
+    let (answer, realised) = received.map_err(|e| {
         WorkerError::Worker(format!(
             "the builder VM's answer ({}): {e}",
             status.map_or_else(|e| e.to_string(), |s| s.to_string())
         ))
     })?;
     drop(blobs);
-    let (report, sandbox) = answer.result(request)?;
+    // A Nix image is named by the digest of the closure the VM realised, checked first.
+    let realised = match (nix, realised) {
+        (Some(job), Some(realised)) => Some(check_realised(job, realised)?),
+        (None, None) => None,
+        (Some(_), None) if matches!(answer, Answer::Failed { .. }) => None,
+        (Some(_), None) => return Err(refused("the builder VM realised no closure".into())),
+        (None, Some(_)) => return Err(refused("the builder VM sent a closure unasked".into())),
+    };
+    let expected = RootfsRequest {
+        digest: match &realised {
+            Some(realised) => realised.closure.digest(),
+            None => request.digest.clone(),
+        },
+        ..request.clone()
+    };
+    let (report, sandbox) = answer.result(&expected)?;
     let image = request.out_dir.join(ROOTFS_FILE);
     let size = fs::metadata(&image).map(|m| m.len()).unwrap_or(0);
     if size != report.image_size {
@@ -124,30 +197,140 @@ pub fn build_in_vm(
         )));
     }
     check_outputs(&request.out_dir)?;
-    Ok((report, sandbox))
+    Ok(VmBuild {
+        report,
+        sandbox,
+        nix: realised,
+    })
 }
 
-/// Writes the job tar: `request.json`, then every blob of `blobs` as `blobs/sha256/<hex>`.
-fn send_job(to: impl Write, request_json: &[u8], blobs: &Path) -> io::Result<()> {
+/// The job's directory of the package set's files, in the guest.
+const SOURCE_DIR: &str = "source";
+
+/// The package set's directory and its file name in it; a lookup path (`<nixpkgs>`) is not
+/// a file that can go in.
+fn source_dir(job: &NixJob) -> Result<(PathBuf, PathBuf), String> {
+    let file = fs::canonicalize(&job.package_set).map_err(|e| {
+        format!(
+            "the package set {} ({e}): the builder VM evaluates a package set file sent with \
+             the job; pass --nix-packages FILE",
+            job.package_set.display()
+        )
+    })?;
+    match (file.parent(), file.file_name()) {
+        (Some(dir), Some(name)) if file.is_file() => Ok((dir.to_path_buf(), name.into())),
+        _ => Err(format!("the package set {} is not a file", file.display())),
+    }
+}
+
+/// The closure the VM says it realised for `job`, if it is one: the packages asked for, in
+/// order, each output among the closure's paths, every path a store path, no more than a
+/// closure may have.
+fn check_realised(job: &NixJob, realised: Realised) -> Result<Realised, WorkerError> {
+    let refused =
+        |message: String| WorkerError::Worker(format!("the builder VM's closure: {message}"));
+    let closure = &realised.closure;
+    let attrs: Vec<&String> = closure.packages.iter().map(|p| &p.attr).collect();
+    if attrs != job.attrs.iter().collect::<Vec<_>>() {
+        return Err(refused(format!("packages {attrs:?}, not {:?}", job.attrs)));
+    }
+    if closure.paths.len() > crate::nix_image::MAX_CLOSURE_PATHS {
+        return Err(refused(format!("{} paths", closure.paths.len())));
+    }
+    let paths: std::collections::BTreeSet<&str> =
+        closure.paths.iter().map(|p| p.path.as_str()).collect();
+    for path in &closure.paths {
+        mvm_nix::StorePath::parse(&path.path)
+            .map_err(|e| refused(format!("{}: {e}", path.path)))?;
+        if !mvm_ir::digest::is_sha256_hex(&path.nar_sha256) {
+            return Err(refused(format!(
+                "{}: NAR hash {:?}",
+                path.path, path.nar_sha256
+            )));
+        }
+    }
+    let outputs = closure.packages.iter().flat_map(|p| p.outputs.values());
+    for output in outputs.chain(&realised.built) {
+        if !paths.contains(output.as_str()) {
+            return Err(refused(format!("{output} is not in the closure")));
+        }
+    }
+    Ok(realised)
+}
+
+/// Writes the job tar: `request.json`, then every blob of `blobs` as `blobs/sha256/<hex>`,
+/// then the package set's directory `source` under `source/`.
+fn send_job(
+    to: impl Write,
+    request_json: &[u8],
+    blobs: Option<&Path>,
+    source: Option<&Path>,
+) -> io::Result<()> {
     let mut tar = tar::Builder::new(to);
+    // A symlink of the package set goes in as a symlink, never as what it points at.
+    tar.follow_symlinks(false);
     append(
         &mut tar,
         "request.json",
         request_json.len() as u64,
         request_json,
     )?;
-    let blobs = blobs.join("sha256");
-    let mut names: Vec<_> = fs::read_dir(&blobs)?
-        .map(|e| e.map(|e| e.file_name()))
-        .collect::<Result<_, _>>()?;
-    names.sort();
-    for name in names {
-        let file = File::open(blobs.join(&name))?;
-        let size = file.metadata()?.len();
-        let path = format!("blobs/sha256/{}", name.to_string_lossy());
-        append(&mut tar, &path, size, file)?;
+    if let Some(blobs) = blobs {
+        let blobs = blobs.join("sha256");
+        let mut names: Vec<_> = fs::read_dir(&blobs)?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()?;
+        names.sort();
+        for name in names {
+            let file = File::open(blobs.join(&name))?;
+            let size = file.metadata()?.len();
+            let path = format!("blobs/sha256/{}", name.to_string_lossy());
+            append(&mut tar, &path, size, file)?;
+        }
+    }
+    if let Some(source) = source {
+        let mut budget = (MAX_SOURCE_BYTES, MAX_SOURCE_ENTRIES);
+        append_source(&mut tar, source, Path::new(SOURCE_DIR), &mut budget)?;
     }
     tar.into_inner()?.flush()
+}
+
+/// Appends the files, directories and symlinks under `dir` as `name/…`, in name order,
+/// within `budget` (bytes, entries); other kinds of file are left out.
+fn append_source(
+    tar: &mut tar::Builder<impl Write>,
+    dir: &Path,
+    name: &Path,
+    budget: &mut (u64, usize),
+) -> io::Result<()> {
+    let mut entries: Vec<_> = fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()?;
+    entries.sort();
+    for entry in entries {
+        let (path, inner) = (dir.join(&entry), name.join(&entry));
+        let meta = fs::symlink_metadata(&path)?;
+        budget.1 = budget.1.checked_sub(1).ok_or_else(|| {
+            io::Error::other(format!(
+                "the package set's directory has over {MAX_SOURCE_ENTRIES} entries: give it a directory of its own"
+            ))
+        })?;
+        if meta.is_file() {
+            budget.0 = budget.0.checked_sub(meta.len()).ok_or_else(|| {
+                io::Error::other(format!(
+                    "the package set's directory holds over {} MiB: give it a directory of its own",
+                    MAX_SOURCE_BYTES >> 20
+                ))
+            })?;
+        }
+        if meta.is_dir() {
+            tar.append_dir(&inner, &path)?;
+            append_source(tar, &path, &inner, budget)?;
+        } else if meta.is_file() || meta.file_type().is_symlink() {
+            tar.append_path_with_name(&path, &inner)?;
+        }
+    }
+    Ok(())
 }
 
 fn append(
@@ -163,10 +346,12 @@ fn append(
     tar.append_data(&mut header, path, bytes)
 }
 
-/// Reads the answer tar: the answer, and the image into `out_dir`; nothing else.
-fn receive_answer(from: impl Read, out_dir: &Path) -> io::Result<Answer> {
+/// Reads the answer tar: the answer, the image into `out_dir`, and the closure the VM
+/// realised for a Nix image; nothing else.
+fn receive_answer(from: impl Read, out_dir: &Path) -> io::Result<(Answer, Option<Realised>)> {
     let mut archive = tar::Archive::new(from);
     let mut answer = None;
+    let mut realised = None;
     for entry in archive.entries()? {
         let mut entry = entry?;
         if !entry.header().entry_type().is_file() {
@@ -175,6 +360,9 @@ fn receive_answer(from: impl Read, out_dir: &Path) -> io::Result<Answer> {
         let path = entry.path()?.to_string_lossy().into_owned();
         match path.as_str() {
             "answer.json" if answer.is_none() => answer = Some(bounded_json(&mut entry)?),
+            "nix.json" if answer.is_some() && realised.is_none() => {
+                realised = Some(bounded_json(&mut entry)?)
+            }
             "rootfs.erofs" if answer.is_some() => {
                 if entry.header().size()? > MAX_IMAGE_BYTES {
                     return Err(io::Error::other("the image is too large"));
@@ -186,7 +374,8 @@ fn receive_answer(from: impl Read, out_dir: &Path) -> io::Result<Answer> {
             other => return Err(io::Error::other(format!("an unexpected entry {other:?}"))),
         }
     }
-    answer.ok_or_else(|| io::Error::other("no answer"))
+    let answer = answer.ok_or_else(|| io::Error::other("no answer"))?;
+    Ok((answer, realised))
 }
 
 /// The worker's main in the builder VM (`mvm-build-worker --in-vm DIR`): read the job from
@@ -205,11 +394,24 @@ pub fn serve_in_vm(dir: &str) -> ExitCode {
         }),
         false => Err(io::Error::other(format!("{dir:?} is not a job directory"))),
     };
+    let mut realised = None;
     let answer = match received {
-        Ok(job) => {
-            // Temporary files go where the worker may write once confined, as on the host.
+        Ok(mut job) => {
+            // Temporary files go where the worker may write once confined, as on the host;
+            // Nix's own (its cache) into the job too.
             std::env::set_var("TMPDIR", &job.rootfs.out_dir);
-            run_job(&job)
+            std::env::set_var("HOME", &job.rootfs.out_dir);
+            match realise(&mut job) {
+                Ok(nix) => {
+                    realised = nix;
+                    run_job(&job)
+                }
+                Err(e) => Answer::Failed {
+                    code: e.code().to_string(),
+                    class: e.class(),
+                    message: e.to_string(),
+                },
+            }
         }
         Err(e) => Answer::Failed {
             code: "BUILD004".into(),
@@ -222,6 +424,7 @@ pub fn serve_in_vm(dir: &str) -> ExitCode {
     let sent = send_answer(
         io::stdout().lock(),
         &answer,
+        realised.as_ref(),
         built.then_some(image.as_path()),
     );
     if is_job_dir {
@@ -232,6 +435,20 @@ pub fn serve_in_vm(dir: &str) -> ExitCode {
         (true, Ok(())) => ExitCode::SUCCESS,
         _ => ExitCode::FAILURE,
     }
+}
+
+/// For a Nix image: realises the job's packages with the VM's Nix, on its store (`/nix`,
+/// the builder's store disk when `mvm dev up` gave it one), before the worker confines
+/// itself, and makes the job the closure's to stage.
+fn realise(job: &mut WorkerRequest) -> Result<Option<Realised>, NixImageError> {
+    let Some(eval) = &job.nix_eval else {
+        return Ok(None);
+    };
+    let nix = NixStore::new(None, eval.package_set.to_string_lossy().into_owned());
+    let realised = nix.closure(&eval.attrs)?;
+    job.rootfs.digest = realised.closure.digest();
+    job.rootfs.nix = Some(realised.closure.clone());
+    Ok(Some(realised))
 }
 
 /// The name of the lock taken while a job directory is made and locked, or abandoned ones
@@ -258,18 +475,37 @@ fn claim_job_dir(dir: &Path) -> io::Result<File> {
     Ok(lock)
 }
 
-/// Unpacks the job tar into `dir`: the request, and each blob checked against its name.
+/// Unpacks the job tar into `dir`: the request, each blob checked against its name, and a
+/// package set's directory under `source/`.
 fn receive_job(from: impl Read, dir: &Path) -> io::Result<WorkerRequest> {
     let blobs = dir.join("blobs");
     fs::create_dir_all(blobs.join("sha256"))?;
     let mut archive = tar::Archive::new(from);
     let mut request: Option<WorkerRequest> = None;
+    let mut source_bytes = 0u64;
+    let mut source_entries = 0usize;
     for entry in archive.entries()? {
         let mut entry = entry?;
+        let path = entry.path()?.to_string_lossy().into_owned();
+        if path.starts_with(&format!("{SOURCE_DIR}/")) && request.is_some() {
+            source_entries += 1;
+            source_bytes += entry.header().size()?;
+            if source_entries > MAX_SOURCE_ENTRIES || source_bytes > MAX_SOURCE_BYTES {
+                return Err(io::Error::other(
+                    "the package set's directory is over its bounds",
+                ));
+            }
+            // `unpack_in` refuses a path that would leave `dir`.
+            if !entry.unpack_in(dir)? {
+                return Err(io::Error::other(format!(
+                    "an entry outside the job: {path:?}"
+                )));
+            }
+            continue;
+        }
         if !entry.header().entry_type().is_file() {
             return Err(io::Error::other("an entry that is not a regular file"));
         }
-        let path = entry.path()?.to_string_lossy().into_owned();
         if path == "request.json" && request.is_none() {
             request = Some(bounded_json(&mut entry)?);
             continue;
@@ -296,8 +532,13 @@ fn receive_job(from: impl Read, dir: &Path) -> io::Result<WorkerRequest> {
         }
     }
     let request = request.ok_or_else(|| io::Error::other("no request"))?;
-    let expected = Some(blobs);
-    if request.blobs != expected || request.rootfs.out_dir != dir {
+    let blobs_named = request.blobs.as_ref().is_none_or(|named| *named == blobs);
+    let source = dir.join(SOURCE_DIR);
+    let source_named = request
+        .nix_eval
+        .as_ref()
+        .is_none_or(|eval| eval.package_set.parent() == Some(source.as_path()));
+    if !blobs_named || !source_named || request.rootfs.out_dir != dir {
         return Err(io::Error::other("the request names other directories"));
     }
     Ok(request)
@@ -313,11 +554,21 @@ fn bounded_json<T: serde::de::DeserializeOwned>(from: impl Read) -> io::Result<T
     serde_json::from_slice(&bytes).map_err(io::Error::other)
 }
 
-/// Writes the answer tar: `answer.json`, and the image when there is one.
-fn send_answer(to: impl Write, answer: &Answer, image: Option<&Path>) -> io::Result<()> {
+/// Writes the answer tar: `answer.json`, the closure realised for a Nix image, and the image
+/// when there is one.
+fn send_answer(
+    to: impl Write,
+    answer: &Answer,
+    realised: Option<&Realised>,
+    image: Option<&Path>,
+) -> io::Result<()> {
     let mut tar = tar::Builder::new(BufWriter::new(to));
     let json = serde_json::to_vec(answer).map_err(io::Error::other)?;
     append(&mut tar, "answer.json", json.len() as u64, json.as_slice())?;
+    if let Some(realised) = realised {
+        let json = serde_json::to_vec(realised).map_err(io::Error::other)?;
+        append(&mut tar, "nix.json", json.len() as u64, json.as_slice())?;
+    }
     if let Some(image) = image {
         let file = File::open(image)?;
         let size = file.metadata()?.len();
@@ -354,10 +605,11 @@ mod tests {
                 compression: Default::default(),
             },
             blobs: Some(guest.path().join("blobs")),
+            nix_eval: None,
         };
         let json = serde_json::to_vec(&request).unwrap();
         let mut job = Vec::new();
-        send_job(&mut job, &json, &blobs).unwrap();
+        send_job(&mut job, &json, Some(&blobs), None).unwrap();
         let got = receive_job(job.as_slice(), guest.path()).unwrap();
         assert_eq!(got.blobs, request.blobs);
         assert_eq!(
@@ -369,6 +621,132 @@ mod tests {
         job[at] ^= 1;
         let refused = receive_job(job.as_slice(), guest.path()).unwrap_err();
         assert!(refused.to_string().contains("does not match"), "{refused}");
+    }
+
+    /// A package set's directory goes in whole: files with their executable bit, a symlink as
+    /// a symlink, subdirectories; the request must name the package set inside it.
+    #[test]
+    fn a_package_sets_directory_goes_in_with_the_job() {
+        use std::os::unix::fs::PermissionsExt;
+        let host = tempfile::tempdir().unwrap();
+        let set = host.path().join("set");
+        fs::create_dir_all(set.join("bb")).unwrap();
+        fs::write(set.join("pkgs.nix"), "{ }").unwrap();
+        fs::write(set.join("bb/busybox"), b"\x7fELF").unwrap();
+        fs::set_permissions(set.join("bb/busybox"), fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", set.join("outside")).unwrap();
+        let job = NixJob {
+            package_set: set.join("pkgs.nix"),
+            attrs: vec!["hello".into()],
+        };
+        let (dir, file) = source_dir(&job).unwrap();
+        let guest = tempfile::tempdir().unwrap();
+        let request = |package_set: PathBuf| WorkerRequest {
+            rootfs: RootfsRequest {
+                reference: String::new(),
+                digest: String::new(),
+                base_dir: guest.path().into(),
+                cache_dir: PathBuf::new(),
+                out_dir: guest.path().into(),
+                insecure_registries: vec![],
+                progress: false,
+                nix: None,
+                compression: Default::default(),
+            },
+            blobs: None,
+            nix_eval: Some(NixEval {
+                package_set,
+                attrs: job.attrs.clone(),
+            }),
+        };
+        let sent = request(guest.path().join(SOURCE_DIR).join(&file));
+        let mut tar = Vec::new();
+        send_job(
+            &mut tar,
+            &serde_json::to_vec(&sent).unwrap(),
+            None,
+            Some(&dir),
+        )
+        .unwrap();
+        let got = receive_job(tar.as_slice(), guest.path()).unwrap();
+        assert_eq!(got.nix_eval, sent.nix_eval);
+        let source = guest.path().join(SOURCE_DIR);
+        assert_eq!(fs::read_to_string(source.join("pkgs.nix")).unwrap(), "{ }");
+        let mode = fs::metadata(source.join("bb/busybox"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o111, 0o111);
+        assert_eq!(
+            fs::read_link(source.join("outside")).unwrap(),
+            PathBuf::from("/etc/passwd")
+        );
+
+        let elsewhere = request(PathBuf::from("/etc/pkgs.nix"));
+        let mut tar = Vec::new();
+        send_job(
+            &mut tar,
+            &serde_json::to_vec(&elsewhere).unwrap(),
+            None,
+            Some(&dir),
+        )
+        .unwrap();
+        let refused = receive_job(tar.as_slice(), guest.path()).unwrap_err();
+        assert!(
+            refused.to_string().contains("other directories"),
+            "{refused}"
+        );
+
+        let lookup = NixJob {
+            package_set: PathBuf::from("<nixpkgs>"),
+            attrs: vec![],
+        };
+        assert!(source_dir(&lookup)
+            .unwrap_err()
+            .contains("--nix-packages FILE"));
+    }
+
+    /// The host takes the VM's closure only for the packages it asked for, their outputs in
+    /// it, every path a store path with a sha256 NAR hash.
+    #[test]
+    fn a_closure_from_the_vm_is_checked_against_the_job() {
+        use crate::nix_image::{ClosurePath, NixClosure, NixPackage};
+        let out = "/nix/store/0c2jxfbk5w6y9wsvnq4dlrqgfb3y0ff6-hello".to_string();
+        let realised = Realised {
+            closure: NixClosure {
+                store_root: PathBuf::from("/"),
+                packages: vec![NixPackage {
+                    attr: "hello".into(),
+                    drv: "/nix/store/1c2jxfbk5w6y9wsvnq4dlrqgfb3y0ff6-hello.drv".into(),
+                    drv_sha256: "0".repeat(64),
+                    outputs: [("out".to_string(), out.clone())].into(),
+                }],
+                paths: vec![ClosurePath {
+                    path: out.clone(),
+                    nar_sha256: "a".repeat(64),
+                }],
+            },
+            built: vec![out.clone()],
+        };
+        let job = NixJob {
+            package_set: PathBuf::from("/set/pkgs.nix"),
+            attrs: vec!["hello".into()],
+        };
+        check_realised(&job, realised.clone()).unwrap();
+        let other = NixJob {
+            attrs: vec!["greet".into()],
+            ..job.clone()
+        };
+        assert!(check_realised(&other, realised.clone()).is_err());
+        let mut missing = realised.clone();
+        missing.closure.paths.clear();
+        assert!(check_realised(&job, missing).is_err());
+        let mut bad_hash = realised.clone();
+        bad_hash.closure.paths[0].nar_sha256 = "sha256:x".into();
+        assert!(check_realised(&job, bad_hash).is_err());
+        let mut not_a_path = realised;
+        not_a_path.closure.paths[0].path = "/etc/passwd".into();
+        assert!(check_realised(&job, not_a_path).is_err());
     }
 
     /// Only an answer and an image come back; anything else in the answer tar is refused.
@@ -401,10 +779,10 @@ mod tests {
             message: "refused".into(),
         };
         let mut bytes = Vec::new();
-        send_answer(&mut bytes, &answer, None).unwrap();
+        send_answer(&mut bytes, &answer, None, None).unwrap();
         assert!(matches!(
             receive_answer(bytes.as_slice(), out.path()).unwrap(),
-            Answer::Failed { .. }
+            (Answer::Failed { .. }, None)
         ));
         let mut tar = tar::Builder::new(Vec::new());
         append(&mut tar, "extra.txt", 1, b"x".as_slice()).unwrap();

@@ -72,6 +72,10 @@ pub(crate) struct WorkerRequest {
     pub(crate) rootfs: RootfsRequest,
     /// A directory holding exactly the image's verified blobs (registry and `oci:` images).
     pub(crate) blobs: Option<PathBuf>,
+    /// A nix_packages image for the builder VM to realise with its own Nix first (never
+    /// given to a worker on the host, which starts no programs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) nix_eval: Option<crate::vm_persona::NixEval>,
 }
 
 /// The worker's one answer.
@@ -146,6 +150,7 @@ pub fn build_in_worker(
             ..request.clone()
         },
         blobs: blobs.as_ref().map(|blobs| blobs.dir.path().to_path_buf()),
+        nix_eval: None,
     };
     let mut command = mvm_ir::env::command(program);
     command
@@ -365,6 +370,11 @@ pub fn serve() -> ExitCode {
             code: "BUILD004".into(),
             class: ErrorClass::Io,
             message,
+        },
+        Ok(job) if job.nix_eval.is_some() => Answer::Failed {
+            code: "BUILD004".into(),
+            class: ErrorClass::Io,
+            message: "Nix is realised by the builder VM's worker, never by this one".into(),
         },
         Ok(job) => run_job(&job),
     };
@@ -967,6 +977,7 @@ mod tests {
                 compression: Default::default(),
             },
             blobs: Some(root.join(IMAGE_BLOBS)),
+            nix_eval: None,
         }
     }
 

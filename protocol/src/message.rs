@@ -143,6 +143,20 @@ pub enum Request {
         /// What the file holds.
         value: SecretHex,
     },
+    /// Mount the launch's disk whose virtio serial is `serial` (an ext4 filesystem in a host
+    /// file) at `path`: `nosuid`, `nodev`, read-only when `read_only`; a writable one's root
+    /// is given to the workload user. Answered [`Response::Done`]. Sent by a VM's runner after
+    /// the hello, before any command (not again after a wake: the mount is in the guest's
+    /// memory); clients cannot send it.
+    Mount {
+        /// The disk's virtio-blk serial (`mvm-disk0`, …), which the runner set.
+        serial: String,
+        /// Where to mount it: absolute, without `.` or `..` components.
+        path: String,
+        /// Mount it read-only.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        read_only: bool,
+    },
     /// Connect to `127.0.0.1:port` inside the guest for a forwarded port. The connection's
     /// bytes go both ways in data frames on this request's stream (an empty one ends that
     /// direction); the answer ends it: [`Response::Done`] once both directions have ended, or
@@ -496,6 +510,9 @@ pub mod codes {
     /// The plan's profile (or the host's policy) does not grant what was asked: a file
     /// operation beyond `/tmp` and the home, a copy in from the host, a client's environment.
     pub const NOT_GRANTED: &str = "AGENT117";
+    /// A launch's disk could not be mounted: no disk with its serial, not ext4, a mount
+    /// point that cannot be made.
+    pub const MOUNT_FAILED: &str = "AGENT118";
 }
 
 #[cfg(test)]

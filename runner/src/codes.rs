@@ -114,3 +114,6 @@ pub const RUN060: &str = "RUN060";
 /// An unbound secret (its value would enter the guest) under a profile that does not grant
 /// `unbound_secrets`, or a value that cannot be a variable's.
 pub const RUN061: &str = "RUN061";
+/// A launch's disk (`--disk`) cannot be attached: the file cannot be opened, is not a regular
+/// file, or another VM's runner holds it.
+pub const RUN062: &str = "RUN062";

@@ -519,6 +519,7 @@ fn serve_request(
             | Request::ServeProxy
             | Request::TrustCa { .. }
             | Request::SecretFile { .. }
+            | Request::Mount { .. }
             | Request::Connect { .. }
             | Request::PowerOff
             | Request::Pause
@@ -546,10 +547,12 @@ fn serve_request(
         Request::ServeProxy
         | Request::TrustCa { .. }
         | Request::SecretFile { .. }
+        | Request::Mount { .. }
         | Request::Connect { .. } => {
-            let message = "the proxy, forwarded ports, the VM's CA and secret files are the \
-                           VM's runner's to ask for: grant egress in the plan, forward ports \
-                           with `mvm up --port`, give secrets with `--secret`/`--secret-file`"
+            let message = "the proxy, forwarded ports, the VM's CA, secret files and disks are \
+                           the VM's runner's to ask for: grant egress in the plan, forward \
+                           ports with `mvm up --port`, give secrets with `--secret`/`--secret-file`, \
+                           disks with `mvm up --disk`"
                 .to_string();
             writer.error(client_stream, codes::BAD_REQUEST, message)
         }

@@ -29,6 +29,7 @@ pub mod codes;
 pub mod cold;
 pub mod console_log;
 pub mod control;
+pub mod disk;
 pub mod egress;
 pub mod forward;
 pub mod launch;

@@ -21,6 +21,7 @@ use mvm_runner::backend::kvm::jailed::{self, Jail};
 use mvm_runner::backend::select::BackendChoice;
 use mvm_runner::client::{OutputSink, StdStreams};
 use mvm_runner::codes;
+use mvm_runner::disk::LaunchDisk;
 use mvm_runner::egress::judge::Denial;
 use mvm_runner::forward::PortSpec;
 use mvm_runner::launch::{self, exit, Failure, Finished, Launch, LaunchError};
@@ -106,6 +107,12 @@ struct Args {
     /// listen` in config.toml lists it; HOST_PORT 0 picks a free one).
     #[arg(long, requires = "name", value_name = "[ADDRESS:]HOST_PORT:GUEST_PORT", value_parser = PortSpec::parse)]
     port: Vec<PortSpec>,
+    /// Attach FILE, a host file holding an ext4 filesystem, as a disk the guest mounts at
+    /// PATH (`nosuid,nodev`; read-only with `:ro`); repeatable, up to 8. The file is locked to
+    /// this VM while it runs. It is plain, not encrypted: the guest writes it, the host never
+    /// mounts it.
+    #[arg(long, value_name = "FILE:PATH[:ro]", value_parser = LaunchDisk::parse)]
+    disk: Vec<LaunchDisk>,
     /// The command; the plan's entrypoint when absent.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -245,6 +252,7 @@ fn launch_request(
         env,
         secrets: args.secret,
         secret_files: args.secret_file,
+        disks: args.disk,
         placeholders: BTreeMap::new(),
     }
 }

@@ -14,7 +14,7 @@ use mvm_builder::kernel::KernelStore;
 use mvm_builder::nix_image::NixStore;
 use mvm_builder::oci::{cached_image, resolve_tag, ImageRef, RegistryOptions, Transport};
 use mvm_builder::rootfs::RootfsRequest;
-use mvm_builder::vm_persona::build_in_vm;
+use mvm_builder::vm_persona::{build_in_vm, NixJob};
 use mvm_builder::worker::build_in_worker;
 use mvm_ir::digest::sha256_prefixed;
 use mvm_ir::dsse::Envelope;
@@ -181,15 +181,42 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
         host.keys.signer(&args.key)?
     };
 
-    // A Nix image is realised by Nix here (the confined worker cannot start programs); the
-    // worker then checks and stages the closure.
-    let nix_closure = match &target.nix_packages {
+    let in_vm = match args.persona {
+        Persona::Host => false,
+        Persona::Vm => true,
+        Persona::Auto => {
+            let running = super::dev::running_builder(&host).is_some();
+            if !running {
+                eprintln!(
+                    "notice: no builder VM runs (`mvm dev up` starts one): building on this host"
+                );
+            }
+            running
+        }
+    };
+    // A Nix image is realised by Nix here (the confined worker cannot start programs), the
+    // worker then checking and staging the closure; or by the builder VM's own Nix, on its
+    // store, from the package set's directory sent in with the job.
+    let (host_realised, nix_job) = match &target.nix_packages {
+        Some(_) if in_vm && args.nix_store.is_some() => {
+            return Err(coded_as(
+                "BUILD004",
+                "--nix-store names a store of this host; the builder VM realises in its own",
+            ))
+        }
+        Some(packages) if in_vm => {
+            let job = NixJob {
+                package_set: PathBuf::from(&args.nix_packages),
+                attrs: packages.clone(),
+            };
+            (None, Some(job))
+        }
         Some(packages) => {
             let store = args.nix_store.as_deref().map(absolute).transpose()?;
             let nix = NixStore::new(store, args.nix_packages.clone());
-            Some(nix.closure(packages).map_err(coded)?)
+            (Some(nix.closure(packages).map_err(coded)?), None)
         }
-        None => None,
+        None => (None, None),
     };
     let image_label = match &target.nix_packages {
         Some(packages) => format!("nix:{}#{}", args.nix_packages, packages.join(",")),
@@ -208,9 +235,10 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
         .tempdir_in(parent)?;
     let request = RootfsRequest {
         reference: target.reference.clone(),
-        // A Nix image is named by its closure's digest, which the worker must give back.
-        digest: match &nix_closure {
-            Some(closure) => closure.digest(),
+        // A Nix image is named by its closure's digest, which the worker must give back
+        // (the VM's closure is named once it is realised).
+        digest: match &host_realised {
+            Some(realised) => realised.closure.digest(),
             None => target.digest.clone(),
         },
         base_dir: target.base_dir.clone(),
@@ -218,36 +246,26 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
         out_dir: staging.path().to_path_buf(),
         insecure_registries: insecure_registries(&host)?,
         progress: !out.is_json(),
-        nix: nix_closure.clone(),
+        nix: host_realised
+            .as_ref()
+            .map(|realised| realised.closure.clone()),
         compression: args.compress,
     };
     // Held from the pull until the image's record is written: no prune removes its blobs
     // meanwhile.
     let cache = ImageCache::in_home(&host.home).map_err(coded)?;
     let cache_lock = cache.lock_shared().map_err(coded)?;
-    let in_vm = match args.persona {
-        Persona::Host => false,
-        Persona::Vm => true,
-        Persona::Auto => {
-            let running = super::dev::running_builder(&host).is_some();
-            if !running {
-                eprintln!(
-                    "notice: no builder VM runs (`mvm dev up` starts one): building on this host"
-                );
-            }
-            running
-        }
-    };
-    let (report, sandbox, builder) = if in_vm {
+    let (report, sandbox, builder, realised) = if in_vm {
         let (launcher, builder) = builder_vm(&host)?;
-        let (report, sandbox) = build_in_vm(launcher, &request).map_err(coded)?;
-        (report, sandbox, Some(builder))
+        let built = build_in_vm(launcher, &request, nix_job.as_ref()).map_err(coded)?;
+        (built.report, built.sandbox, Some(builder), built.nix)
     } else {
         let (report, sandbox) =
             build_in_worker(&std::env::current_exe()?, &["build-worker"], &request)
                 .map_err(coded)?;
-        (report, sandbox, None)
+        (report, sandbox, None, host_realised)
     };
+    let nix_closure = realised.as_ref().map(|realised| &realised.closure);
 
     let resources = Resources {
         cpu_cores: args.cpus.unwrap_or(1),
@@ -290,7 +308,7 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
         ir_digest: &digest,
         image: &image_label,
         rootfs: &report,
-        nix: nix_closure.as_ref(),
+        nix: nix_closure,
         sandbox: &sandbox,
         builder_vm: builder.as_ref(),
         kernel: &kernel,
@@ -344,7 +362,8 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
     out.result(
         json!({"out": out_dir, "plan_digest": plan_digest, "rootfs_digest": bundle.rootfs_digest,
                "root_hash": report.root_hash, "image_size": report.image_size, "layers": report.layers.len(),
-               "store_paths": nix_closure.as_ref().map(|c| c.paths.len()),
+               "store_paths": nix_closure.map(|c| c.paths.len()),
+               "nix_built": realised.as_ref().map(|r| r.built.len()),
                "kernel": kernel.manifest.release, "keyid": signer.keyid(), "sandbox": sandbox,
                "valid_until": bundle.plan.valid_until, "skipped_entries": report.skipped,
                "compression": report.compression, "warnings": bundle.warnings}),
@@ -356,8 +375,12 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
                 out_dir.display(),
                 bundle.rootfs_digest,
                 report.image_size,
-                match &nix_closure {
-                    Some(closure) => format!("{} Nix store paths", closure.paths.len()),
+                match &realised {
+                    Some(realised) => format!(
+                        "{} Nix store paths ({} outputs realised by this build)",
+                        realised.closure.paths.len(),
+                        realised.built.len()
+                    ),
                     None => format!("{} layers", report.layers.len()),
                 },
                 match report.compression.compression {

@@ -77,6 +77,13 @@ pub struct ImageOptions {
     /// file; repeatable. Bound: the placeholder; unbound: the value, any bytes.
     #[arg(long, value_name = "NAME", value_parser = mvm_runner::secrets::parse_file_secret)]
     secret_file: Vec<String>,
+    /// Attach FILE, a host file holding an ext4 filesystem (`mkfs.ext4 FILE SIZE`), as a disk
+    /// the guest mounts at PATH, `nosuid,nodev`, read-only with `:ro`; repeatable, up to 8.
+    /// The guest writes it as it likes and the host never mounts it; it is plain, not
+    /// encrypted. A disk serves one VM at a time (RUN062 for a second). `mvm dev up` keeps the
+    /// builder's Nix store on one.
+    #[arg(long, value_name = "FILE:PATH[:ro]", value_parser = mvm_runner::disk::LaunchDisk::parse)]
+    pub disk: Vec<mvm_runner::disk::LaunchDisk>,
 }
 
 /// `NAME[:ENV]` of `--secret`, checked here as the runner will.
@@ -124,6 +131,7 @@ impl ImageOptions {
             allow_env: Vec::new(),
             secret: spec.secrets.clone(),
             secret_file: Vec::new(),
+            disk: Vec::new(),
         }
     }
 
@@ -149,6 +157,7 @@ impl ImageOptions {
                 .iter()
                 .map(|name| format!("--secret-file={name}")),
         );
+        runner.args(self.disk.iter().map(|disk| format!("--disk={disk}")));
         let mut env: std::collections::BTreeMap<String, String> =
             self.env.iter().cloned().collect();
         for name in &self.allow_env {

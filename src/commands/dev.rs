@@ -1,7 +1,10 @@
 //! `mvm dev …`: the builder VM that stays up, which `mvm build --persona vm` (and `auto`)
 //! builds in instead of booting a builder VM for each build.
 
-use std::process::ExitCode;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
 
 use anyhow::Context as _;
 use clap::Subcommand;
@@ -16,12 +19,26 @@ use crate::output::Output;
 /// The builder VM's name among the named VMs (`mvm ls`).
 pub const BUILDER_VM: &str = "mvm-builder";
 
+/// The builder's Nix store: an ext4 filesystem in this file of the mvm home, mounted at
+/// `/nix` in the builder VM; it outlives the VM (`mvm dev down`, `up`).
+const STORE_DISK: &str = "builder/store.ext4";
+
+/// The store disk's size when `mvm dev up` makes it (sparse: it takes what the store holds).
+const DEFAULT_STORE_SIZE: u64 = 16 << 30;
+
 #[derive(Debug, Subcommand)]
 pub enum DevCommand {
     /// Start the builder VM (`mvm builder fetch` first) from the builder's signed plan, as the
     /// named VM mvm-builder; returns once it is ready. `mvm build --persona vm` and `--persona
     /// auto` then build in it, without a boot for each build. A builder saved cold is woken.
-    Up,
+    /// Its Nix store is a disk of the mvm home (builder/store.ext4), made on first use and
+    /// kept across `down` and `up`: what one build realised, the next finds.
+    Up {
+        /// The store disk's size when it is made (sparse), e.g. 16G; an existing disk keeps
+        /// its size (`mvm dev reset` to make it anew).
+        #[arg(long, value_name = "SIZE", value_parser = super::vm::copy::parse_size)]
+        store_size: Option<u64>,
+    },
     /// The builder VM's state, and the builder image it would start from.
     Status,
     /// Print the builder VM's console (the guest kernel's and the agent's lines).
@@ -31,8 +48,11 @@ pub enum DevCommand {
         follow: bool,
     },
     /// Stop the builder VM and remove it: the next `mvm build --persona vm` boots one of its
-    /// own, `--persona auto` builds on the host.
+    /// own, `--persona auto` builds on the host. Its store disk stays.
     Down,
+    /// Remove the builder's store disk: the next `mvm dev up` starts with an empty Nix store.
+    /// Refused while the builder VM exists (`mvm dev down` first).
+    Reset,
 }
 
 /// The builder VM `mvm dev up` started, when it is running.
@@ -51,9 +71,10 @@ pub fn run(cmd: DevCommand, out: &Output) -> anyhow::Result<ExitCode> {
     let builder = vms.get(BUILDER_VM).ok();
     let state = builder.as_ref().and_then(|vm| vm.state().ok());
     match cmd {
-        DevCommand::Up => {
+        DevCommand::Up { store_size } => {
             let plan = host.home.root().join("builder/bundle/plan.dsse.json");
             BuilderImage::open(&host.home.root().join("builder/image")).map_err(super::coded)?;
+            let store = host.home.root().join(STORE_DISK);
             let mut mvm = mvm_ir::env::command(std::env::current_exe()?);
             if out.is_json() {
                 mvm.arg("--json");
@@ -71,29 +92,45 @@ pub fn run(cmd: DevCommand, out: &Output) -> anyhow::Result<ExitCode> {
                     if let Some(vm) = builder {
                         vm.remove(true).map_err(super::vm::named_error)?;
                     }
-                    mvm.args(["up", "--name", BUILDER_VM, "--plan"]).arg(&plan)
+                    start_builder(&mut mvm, &plan, &store, store_size)?
                 }
-                None => mvm.args(["up", "--name", BUILDER_VM, "--plan"]).arg(&plan),
+                None => start_builder(&mut mvm, &plan, &store, store_size)?,
             };
             passthrough(mvm)
         }
         DevCommand::Status => {
             let image = BuilderImage::open(&host.home.root().join("builder/image")).ok();
             let image_digest = image.as_ref().map(|i| i.manifest.image_digest.clone());
-            out.result(json!({"vm": state, "image_digest": image_digest}), || {
-                let vm = match &state {
-                    Some(s) => format!(
-                        "{BUILDER_VM} is {} (plan {})",
-                        s.phase.name(),
-                        s.plan_digest
-                    ),
-                    None => format!("{BUILDER_VM} is not started (`mvm dev up`)"),
-                };
-                let image = image_digest
-                    .as_deref()
-                    .unwrap_or("none (`mvm builder fetch`)");
-                format!("{vm}\nbuilder image {image}")
-            });
+            let store = host.home.root().join(STORE_DISK);
+            let disk = fs::metadata(&store).ok().map(
+                |meta| json!({"path": store, "size": meta.len(), "allocated": meta.blocks() * 512}),
+            );
+            out.result(
+                json!({"vm": state, "image_digest": image_digest, "store_disk": disk}),
+                || {
+                    let vm = match &state {
+                        Some(s) => format!(
+                            "{BUILDER_VM} is {} (plan {})",
+                            s.phase.name(),
+                            s.plan_digest
+                        ),
+                        None => format!("{BUILDER_VM} is not started (`mvm dev up`)"),
+                    };
+                    let image = image_digest
+                        .as_deref()
+                        .unwrap_or("none (`mvm builder fetch`)");
+                    let disk = match &disk {
+                        Some(disk) => format!(
+                            "store disk {} ({} MiB, {} MiB in use on this host)",
+                            store.display(),
+                            disk["size"].as_u64().unwrap_or(0) >> 20,
+                            disk["allocated"].as_u64().unwrap_or(0) >> 20
+                        ),
+                        None => "no store disk yet (`mvm dev up` makes it)".into(),
+                    };
+                    format!("{vm}\nbuilder image {image}\n{disk}")
+                },
+            );
             Ok(ExitCode::SUCCESS)
         }
         DevCommand::Logs { follow } => {
@@ -112,7 +149,101 @@ pub fn run(cmd: DevCommand, out: &Output) -> anyhow::Result<ExitCode> {
             });
             Ok(ExitCode::SUCCESS)
         }
+        DevCommand::Reset => {
+            if builder.is_some() {
+                return Err(super::coded_as(
+                    "BUILDER007",
+                    format!("{BUILDER_VM} exists: `mvm dev down` first, then reset its store"),
+                ));
+            }
+            let store = host.home.root().join(STORE_DISK);
+            let removed = match fs::remove_file(&store) {
+                Ok(()) => true,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+                Err(e) => return Err(anyhow::Error::new(e).context(store.display().to_string())),
+            };
+            out.result(
+                json!({"store_disk": store, "removed": removed}),
+                || match removed {
+                    true => format!("removed the store disk {}", store.display()),
+                    false => "there is no store disk".to_string(),
+                },
+            );
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// `mvm up` of the builder's plan as the named builder VM, its store disk (made first when
+/// there is none) at `/nix`.
+fn start_builder<'a>(
+    mvm: &'a mut Command,
+    plan: &Path,
+    store: &Path,
+    size: Option<u64>,
+) -> anyhow::Result<&'a mut Command> {
+    match fs::metadata(store) {
+        Ok(meta) => {
+            if size.is_some_and(|size| size != meta.len()) {
+                eprintln!(
+                    "notice: the store disk {} keeps its size ({} MiB); `mvm dev reset` makes it anew",
+                    store.display(),
+                    meta.len() >> 20
+                );
+            }
+        }
+        Err(_) => make_store_disk(store, size.unwrap_or(DEFAULT_STORE_SIZE))?,
+    }
+    let mut disk = store.as_os_str().to_owned();
+    disk.push(":/nix");
+    Ok(mvm
+        .args(["up", "--name", BUILDER_VM, "--plan"])
+        .arg(plan)
+        .arg("--disk")
+        .arg(disk))
+}
+
+/// Makes the store disk: a sparse file of `size` bytes holding an empty ext4 filesystem
+/// (`mkfs.ext4`, no blocks reserved for root), put in place whole.
+fn make_store_disk(store: &Path, size: u64) -> anyhow::Result<()> {
+    let dir = store.parent().context("the store disk has no directory")?;
+    fs::create_dir_all(dir)?;
+    let staged = tempfile::Builder::new()
+        .prefix(".store-")
+        .tempfile_in(dir)?;
+    staged.as_file().set_len(size)?;
+    let mkfs = mkfs_ext4().ok_or_else(|| {
+        super::coded_as(
+            "BUILDER006",
+            "mkfs.ext4 was not found (install e2fsprogs): it makes the builder's store disk",
+        )
+    })?;
+    let made = mvm_ir::env::command(&mkfs)
+        .args(["-q", "-F", "-m", "0", "-L", "mvm-store"])
+        .arg(staged.path())
+        .output()
+        .with_context(|| format!("starting {}", mkfs.display()))?;
+    if !made.status.success() {
+        return Err(super::coded_as(
+            "BUILDER006",
+            format!(
+                "{} failed: {}",
+                mkfs.display(),
+                String::from_utf8_lossy(&made.stderr).trim()
+            ),
+        ));
+    }
+    staged.persist(store)?;
+    Ok(())
+}
+
+/// `mkfs.ext4` on `PATH`, or in the sbin directories a user's `PATH` often lacks.
+fn mkfs_ext4() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join("mkfs.ext4"))
+        .find(|candidate| candidate.is_file())
 }
 
 /// Runs `mvm …` with this process's streams; its exit status.

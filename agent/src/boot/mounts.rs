@@ -35,11 +35,20 @@ pub fn mount_devtmpfs() -> Result<(), BootError> {
     )
 }
 
-/// Mounts `/proc` and `/sys`.
+/// Mounts `/proc`, `/sys`, and devpts on `/dev/pts`: without it `/dev/ptmx` opens nothing,
+/// and programs that run their children on a pseudoterminal (Nix's builds) fail.
 pub fn mount_kernel_filesystems() -> Result<(), BootError> {
     let flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
     mount_fs("proc", "/proc", "proc", flags, "")?;
-    mount_fs("sysfs", "/sys", "sysfs", flags, "")
+    mount_fs("sysfs", "/sys", "sysfs", flags, "")?;
+    let pts_flags = MountFlags::NOSUID | MountFlags::NOEXEC;
+    mount_fs(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        pts_flags,
+        "mode=0620,ptmxmode=0666",
+    )
 }
 
 /// Mounts the cgroup2 hierarchy at `target` (inside `/sys`, after the switch to the root).

@@ -12,6 +12,7 @@
 
 pub mod cgroup;
 pub mod channel;
+pub mod disk;
 mod egress;
 pub mod exec;
 pub mod files;
@@ -475,6 +476,17 @@ impl<'c> Agent<'c> {
             Request::SecretFile { name, value } => {
                 let owner = self.config.workload_user;
                 match secret_file::put(&name, &value, &self.config.secret_dir, owner) {
+                    Ok(()) => send(channel, stream, &Response::Done)?,
+                    Err(error) => send(channel, stream, &Response::Error(error))?,
+                }
+            }
+            Request::Mount {
+                serial,
+                path,
+                read_only,
+            } => {
+                let owner = self.config.workload_user;
+                match disk::mount_disk(&serial, &path, read_only, owner) {
                     Ok(()) => send(channel, stream, &Response::Done)?,
                     Err(error) => send(channel, stream, &Response::Error(error))?,
                 }

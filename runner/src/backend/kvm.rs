@@ -74,6 +74,8 @@ pub struct OwnVmFiles<'a> {
     pub rootfs: &'a Path,
     /// Its hash tree (vdb).
     pub verity: &'a Path,
+    /// The launch's own disks (vdc on), each with its serial as its id.
+    pub disks: &'a [crate::disk::LaunchDisk],
 }
 
 /// The guest contract for `plan` booted from `files`: the root image and its hash tree as
@@ -92,7 +94,20 @@ pub fn spec_for_plan(plan: &LaunchPlan, files: &OwnVmFiles<'_>) -> Result<VmSpec
         kernel: files.kernel.to_path_buf(),
         initrd: Some(files.initramfs.to_path_buf()),
         cmdline: plan.kernel.cmdline.clone(),
-        disks: vec![disk(files.rootfs, "root"), disk(files.verity, "verity")],
+        disks: [disk(files.rootfs, "root"), disk(files.verity, "verity")]
+            .into_iter()
+            .chain(
+                files
+                    .disks
+                    .iter()
+                    .enumerate()
+                    .map(|(index, launch_disk)| DiskSpec {
+                        path: launch_disk.file.clone(),
+                        read_only: launch_disk.read_only,
+                        id: crate::disk::LaunchDisk::serial(index),
+                    }),
+            )
+            .collect(),
         // Not in the guest contract (the QEMU backend has none).
         rng: false,
         huge_pages: false,

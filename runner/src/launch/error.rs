@@ -67,6 +67,9 @@ pub enum LaunchError {
     /// The runner was told to stop (SIGINT, SIGTERM, SIGHUP); the VM was torn down.
     #[error("interrupted: the VM was stopped")]
     Interrupted,
+    /// A disk the launch asks for cannot be attached.
+    #[error("disk: {0}")]
+    Disk(String),
     /// The agent channel broke or the agent did not answer in time.
     #[error("the agent channel failed: {0}")]
     Channel(#[from] ClientError),
@@ -109,6 +112,7 @@ impl Coded for LaunchError {
             LaunchError::CommandRefused(e) => &e.code,
             LaunchError::Interrupted => crate::codes::RUN033,
             LaunchError::NameInUse(_) => crate::codes::RUN034,
+            LaunchError::Disk(_) => crate::codes::RUN062,
             LaunchError::Cold(e) => Coded::code(e),
         }
     }
@@ -130,7 +134,8 @@ impl Coded for LaunchError {
             | LaunchError::AuditFailed(_)
             | LaunchError::CommandRefused(_)
             | LaunchError::Interrupted
-            | LaunchError::NameInUse(_) => ErrorClass::InvalidInput,
+            | LaunchError::NameInUse(_)
+            | LaunchError::Disk(_) => ErrorClass::InvalidInput,
         }
     }
 }
@@ -168,7 +173,8 @@ impl LaunchError {
             | LaunchError::AuditFailed(_)
             | LaunchError::CommandRefused(_)
             | LaunchError::Cold(ColdError::Save(_))
-            | LaunchError::NameInUse(_) => exit::RUNNER,
+            | LaunchError::NameInUse(_)
+            | LaunchError::Disk(_) => exit::RUNNER,
         }
     }
 

@@ -105,6 +105,9 @@ pub struct Launch {
     pub secrets: Vec<SecretRef>,
     /// Secrets given as files of the guest's `/run/secrets` (`--secret-file NAME`).
     pub secret_files: Vec<String>,
+    /// Host files holding ext4 filesystems, attached as disks and mounted in the guest
+    /// (`--disk FILE:PATH[:ro]`).
+    pub disks: Vec<crate::disk::LaunchDisk>,
     /// Placeholders to give bound secrets again, by name: a woken VM's (its processes hold
     /// them); empty for a first launch, whose placeholders are drawn fresh.
     pub placeholders: BTreeMap<String, String>,
@@ -191,6 +194,8 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Bo
         listener,
         socket,
         mut vm_process,
+        // Held until the VM is gone.
+        disk_locks: _disk_locks,
     } = start(launch, Origin::Boot(Keep::Nothing), |verified| {
         exec_request(verified, launch)
     })?;
@@ -202,6 +207,7 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Bo
         egress_for(launch, &plan.plan, &audit, &vm, None, &secrets).and_then(|egress| {
             let mut booted = boot(launch, listener.as_ref(), &mut vm_process)?;
             put_secret_files(&mut booted.client, &secrets)?;
+            mount_disks(&mut booted.client, &launch.disks)?;
             confine(egress.is_some())?;
             run_command(
                 launch,
@@ -294,6 +300,22 @@ fn put_secret_files(client: &mut AgentClient, secrets: &LaunchSecrets) -> Result
             value: SecretHex(hex::encode(bytes.as_slice())),
         };
         agent_done(client, &request, "write a secret file")?;
+    }
+    Ok(())
+}
+
+/// Mounts the launch's disks in the guest (`--disk`), before any command runs.
+pub(super) fn mount_disks(
+    client: &mut AgentClient,
+    disks: &[crate::disk::LaunchDisk],
+) -> Result<(), LaunchError> {
+    for (index, disk) in disks.iter().enumerate() {
+        let request = Request::Mount {
+            serial: crate::disk::LaunchDisk::serial(index),
+            path: disk.path.clone(),
+            read_only: disk.read_only,
+        };
+        agent_done(client, &request, &format!("mount the disk {disk}"))?;
     }
     Ok(())
 }

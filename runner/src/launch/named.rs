@@ -20,7 +20,8 @@ use super::egress::{egress_for, serve_proxy};
 use super::start::{failure, start, Origin, Started};
 use super::vm_dir::{Keep, VmDir};
 use super::{
-    boot, confine, put_secret_files, Booted, Failure, Launch, LaunchError, SHUTDOWN_GRACE,
+    boot, confine, mount_disks, put_secret_files, Booted, Failure, Launch, LaunchError,
+    SHUTDOWN_GRACE,
 };
 use crate::admission::host_policy::HostPolicy;
 use crate::backend::qemu;
@@ -138,6 +139,8 @@ pub fn wake_named(
         env,
         secrets,
         secret_files,
+        // The same files at the same serials: the woken guest has them mounted.
+        disks: saved.manifest.disks.clone(),
         placeholders: saved.manifest.placeholders.clone(),
         ..launch.clone()
     };
@@ -175,6 +178,8 @@ pub(super) fn serve_started(
         listener,
         socket,
         mut vm_process,
+        // Held until the VM is gone.
+        disk_locks: _disk_locks,
         ..
     } = started;
     let mut state = VmState {
@@ -211,6 +216,10 @@ pub(super) fn serve_started(
         let ports = forwarded_ports(launch, &plan.plan, saved.is_some(), &dir.path)?;
         let mut booted = boot(launch, listener.as_ref(), &mut vm_process)?;
         put_secret_files(&mut booted.client, &secrets)?;
+        if saved.is_none() {
+            // A woken guest has them mounted still.
+            mount_disks(&mut booted.client, &launch.disks)?;
+        }
         if let Some(egress) = &egress {
             // Before anyone is told the VM is ready: every command it runs sees the proxy.
             serve_proxy(&mut booted.client, egress)?;
@@ -287,6 +296,7 @@ pub(super) fn serve_started(
                 env: launch.env.clone(),
                 secrets: launch.secrets.iter().map(ToString::to_string).collect(),
                 secret_files: launch.secret_files.clone(),
+                disks: launch.disks.clone(),
                 placeholders: secrets
                     .bound
                     .iter()

@@ -42,6 +42,8 @@ pub(super) struct Started<T> {
     pub(super) listener: Option<UnixListener>,
     pub(super) socket: PathBuf,
     pub(super) vm_process: VmProcess,
+    /// The launch's disks, locked to this VM for as long as these are open.
+    pub(super) disk_locks: Vec<File>,
 }
 
 /// Where a launch's VM comes from.
@@ -181,6 +183,15 @@ pub(super) fn start<T>(
         )
         .map_err(LaunchError::Audit)?;
 
+    if launch.disks.len() > crate::disk::MAX_DISKS {
+        let reason = format!("at most {} disks", crate::disk::MAX_DISKS);
+        return Err(LaunchError::Disk(reason).into());
+    }
+    let disk_locks = launch
+        .disks
+        .iter()
+        .map(|disk| disk.lock().map_err(LaunchError::Disk))
+        .collect::<Result<Vec<_>, _>>()?;
     let kernel = dir.private_copy("kernel", &admitted.artifacts.kernel)?;
     let initramfs = dir.private_copy("initramfs", &admitted.artifacts.initramfs)?;
     let socket = dir.path.join("agent.sock");
@@ -201,6 +212,7 @@ pub(super) fn start<T>(
                 verity: &admitted.artifacts.verity,
                 agent_socket: &socket,
                 qmp_socket: &dir.path.join(qemu::QMP_SOCKET),
+                disks: &launch.disks,
             };
             let mut args = qemu::arguments(&plan.plan, &files, accel);
             if woken {
@@ -220,6 +232,7 @@ pub(super) fn start<T>(
                 initramfs: &initramfs,
                 rootfs: &admitted.artifacts.rootfs,
                 verity: &admitted.artifacts.verity,
+                disks: &launch.disks,
             };
             // `VmmError` is not `mvm_ir::Coded` (mvm-vmm depends on no other mvm crate, and
             // the orphan rule keeps the runner from implementing the trait for it): its
@@ -263,6 +276,7 @@ pub(super) fn start<T>(
         listener,
         socket,
         vm_process,
+        disk_locks,
     })
 }
 

@@ -70,6 +70,7 @@ impl PlanFiles {
             initramfs: &self.initramfs,
             rootfs: &self.rootfs,
             verity: &self.verity,
+            disks: &[],
         }
     }
 }

@@ -46,7 +46,7 @@ pub struct CpArgs {
 }
 
 /// `SIZE` in bytes: digits with an optional K, M, G or T (and optional `iB` or `B`).
-fn parse_size(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
     let trimmed = text.trim_end_matches("iB").trim_end_matches('B');
     let (digits, shift) = match trimmed.char_indices().last() {
         Some((at, unit @ ('K' | 'M' | 'G' | 'T' | 'k' | 'm' | 'g' | 't'))) => {

@@ -12,6 +12,8 @@ use std::ffi::OsString;
 use std::path::Path;
 
 use mvm_ir::plan::LaunchPlan;
+
+use crate::disk::LaunchDisk;
 use mvm_protocol::PORT_NAME;
 
 use crate::backend::select::Accel;
@@ -32,6 +34,8 @@ pub struct VmFiles<'a> {
     pub agent_socket: &'a Path,
     /// Where QEMU serves QMP for the runner (pause and resume).
     pub qmp_socket: &'a Path,
+    /// The launch's own disks (vdc on), writable unless read-only, each with its serial.
+    pub disks: &'a [LaunchDisk],
 }
 
 /// QEMU's arguments (without the program) for `plan`.
@@ -54,6 +58,25 @@ pub fn arguments(plan: &LaunchPlan, files: &VmFiles<'_>, accel: Accel) -> Vec<Os
             ),
             "-device".into(),
             format!("virtio-blk-device,drive={id}").into(),
+        ]);
+    }
+    for (index, disk) in files.disks.iter().enumerate() {
+        let access = match disk.read_only {
+            true => "readonly=on",
+            false => "readonly=off",
+        };
+        args.extend([
+            "-drive".into(),
+            option_value(
+                &format!("id=disk{index},format=raw,if=none,{access},file="),
+                &disk.file,
+            ),
+            "-device".into(),
+            format!(
+                "virtio-blk-device,drive=disk{index},serial={}",
+                LaunchDisk::serial(index)
+            )
+            .into(),
         ]);
     }
     args.extend([
@@ -183,6 +206,7 @@ mod tests {
             verity: Path::new("/bundle,odd/rootfs.verity"),
             agent_socket: socket,
             qmp_socket: Path::new("/vm,x/qmp.sock"),
+            disks: &[],
         }
     }
 
@@ -232,6 +256,7 @@ mod tests {
             drives[0]
         );
         assert!(!joined.contains("icount"), "{joined}");
+        assert!(!joined.contains("serial="), "{joined}");
         let append = args.iter().position(|a| a == "-append").unwrap();
         assert!(args[append + 1].starts_with(&format!("{} tsc_early_khz=", plan().kernel.cmdline)));
     }
@@ -277,5 +302,34 @@ mod tests {
             .unwrap();
         // A real TSC runs between 0.5 and 10 GHz.
         assert!((500_000..10_000_000).contains(&khz), "{khz} kHz");
+    }
+
+    /// A launch's disks follow the contract's two, writable unless `:ro`, each with the serial
+    /// the agent finds it by.
+    #[test]
+    fn a_launch_disk_is_a_writable_drive_with_its_serial() {
+        let disks = [
+            LaunchDisk::parse("/state,x/store.img:/nix").unwrap(),
+            LaunchDisk::parse("/data.img:/data:ro").unwrap(),
+        ];
+        let socket = Path::new("/vm/agent.sock");
+        let files = VmFiles {
+            disks: &disks,
+            ..files(socket)
+        };
+        let args = strings(&arguments(&plan(), &files, Accel::Tcg));
+        let drives: Vec<&String> = args.iter().filter(|a| a.contains("if=none")).collect();
+        assert_eq!(drives.len(), 4);
+        assert_eq!(
+            drives[2],
+            "id=disk0,format=raw,if=none,readonly=off,file=/state,,x/store.img"
+        );
+        assert_eq!(
+            drives[3],
+            "id=disk1,format=raw,if=none,readonly=on,file=/data.img"
+        );
+        let joined = args.join(" ");
+        assert!(joined.contains("virtio-blk-device,drive=disk0,serial=mvm-disk0"));
+        assert!(joined.contains("virtio-blk-device,drive=disk1,serial=mvm-disk1"));
     }
 }
