@@ -3,7 +3,9 @@
 //! archive's own SHA256 field), plus the static build worker; built into a signed plan that
 //! boots, and Nix runs in it. The same packages and worker give the same image, byte for byte;
 //! a stored image off its pin is refused. `mvm build --persona vm` builds in it: the same bytes
-//! as the host persona, and a hostile layer refused with the same code.
+//! as the host persona, and a hostile layer refused with the same code. `mvm dev up` keeps its
+//! Nix store on a disk that outlives it, and a `nix_packages` workload realised by the VM's Nix
+//! gives the host persona's bytes.
 
 mod support;
 
@@ -242,6 +244,54 @@ fn the_builder_vm_image_is_pinned_and_builds_the_same_bytes_as_the_host() {
     );
     assert!(jobs.status.success(), "{}", describe(&jobs));
     assert_eq!(text(&jobs.stdout).trim(), "", "a job left files behind");
+
+    // A nix_packages workload: realised by the builder's own Nix on its store disk (mounted at
+    // /nix), the same bytes as the host persona's Nix gives.
+    let nix = NixWorkload::new(dir.path());
+    let vm_nix = nix.build(&home, "vm", &dir.path().join("nix-vm"));
+    assert!(vm_nix["nix_built"].as_u64() >= Some(1), "{vm_nix}");
+    let host_nix = nix.build(&home, "host", &dir.path().join("nix-host"));
+    assert_eq!(vm_nix["root_hash"], host_nix["root_hash"]);
+    assert!(
+        fs::read(dir.path().join("nix-vm/rootfs.erofs")).unwrap()
+            == fs::read(dir.path().join("nix-host/rootfs.erofs")).unwrap(),
+        "the Nix image differs between the personas"
+    );
+    let mounted = guest::mvm(
+        &home,
+        &[
+            "exec",
+            "mvm-builder",
+            "--",
+            "sh",
+            "-c",
+            "grep ' /nix ' /proc/mounts",
+        ],
+    );
+    assert!(
+        text(&mounted.stdout).starts_with("/dev/vd")
+            && text(&mounted.stdout).contains(" ext4 rw,nosuid,nodev"),
+        "{}",
+        describe(&mounted)
+    );
+    // The store disk serves the builder alone; its store is not reset while the builder is up.
+    let store = home.join("builder/store.ext4");
+    let second = guest::mvm_json(
+        &home,
+        &[
+            "run",
+            "--plan",
+            plan_arg,
+            "--disk",
+            &format!("{}:/nix", store.display()),
+            "--",
+            "true",
+        ],
+        125,
+    );
+    assert_eq!(second["error"]["code"], "RUN062", "{second}");
+    let reset = guest::mvm_json(&home, &["dev", "reset"], 65);
+    assert_eq!(reset["error"]["code"], "BUILDER007", "{reset}");
     guest::mvm_json(&home, &["dev", "down"], 0);
     let on_host_again = dir.path().join("after-down");
     let built = guest::mvm(
@@ -262,6 +312,22 @@ fn the_builder_vm_image_is_pinned_and_builds_the_same_bytes_as_the_host() {
         "{}",
         describe(&built)
     );
+
+    // The store outlives the builder: up again, the same workload realises nothing, and its
+    // image boots and runs. `mvm dev reset` then removes the store.
+    let up = guest::mvm(&home, &["dev", "up"]);
+    assert!(up.status.success(), "{}", describe(&up));
+    let again = nix.build(&home, "vm", &dir.path().join("nix-vm-again"));
+    assert_eq!(again["nix_built"], 0, "{again}");
+    assert_eq!(again["root_hash"], vm_nix["root_hash"]);
+    let nix_plan = dir.path().join("nix-vm-again/plan.dsse.json");
+    let ran = guest::mvm(&home, &["run", "--plan", nix_plan.to_str().unwrap()]);
+    assert!(ran.status.success(), "{}", describe(&ran));
+    assert_eq!(text(&ran.stdout), "hello from nix\n");
+    guest::mvm_json(&home, &["dev", "down"], 0);
+    let reset = guest::mvm_json(&home, &["dev", "reset"], 0);
+    assert_eq!(reset["removed"], true, "{reset}");
+    assert!(!store.exists());
 
     // A hostile layer (a hardlink to nothing) is refused in the VM with the host's code.
     let hostile = layer_of(&[Entry::Hardlink("etc/passwd", "missing/target")]);
@@ -313,4 +379,85 @@ fn the_builder_vm_image_is_pinned_and_builds_the_same_bytes_as_the_host() {
     assert_eq!(shown["error"]["code"], "BUILDER004", "{shown}");
     let doctor = guest::mvm(&home, &["--json", "doctor"]);
     assert_eq!(doctor.status.code(), Some(1), "{}", describe(&doctor));
+}
+
+/// A nix_packages workload whose one package is a script run by a static busybox the
+/// package set holds: realised offline by the real Nix, on a private store on the host
+/// persona's side.
+struct NixWorkload {
+    app: std::path::PathBuf,
+    package_set: std::path::PathBuf,
+    store: std::path::PathBuf,
+}
+
+impl NixWorkload {
+    fn new(dir: &std::path::Path) -> Self {
+        let set = dir.join("package-set");
+        fs::create_dir_all(set.join("bb")).unwrap();
+        fs::copy("/bin/busybox", set.join("bb/busybox")).unwrap();
+        fs::write(
+            set.join("pkgs.nix"),
+            r#"let bb = ./bb; in {
+  hello = derivation {
+    name = "hello";
+    system = "x86_64-linux";
+    builder = "${bb}/busybox";
+    args = [ "sh" "-c" ''
+      mkdir -p $out/bin
+      printf '#!${bb}/busybox sh\necho hello from nix\n' > $out/bin/hello
+      chmod 555 $out/bin/hello
+    '' ];
+  };
+}
+"#,
+        )
+        .unwrap();
+        let app = dir.join("nix-app");
+        fs::create_dir_all(&app).unwrap();
+        fs::write(
+            app.join("mvm.toml"),
+            r#"schema_version = "0"
+id = "hello"
+[[apps]]
+name = "main"
+entrypoints = [{ kind = "command", command = ["hello"] }]
+image = { kind = "nix_packages", packages = ["hello"] }
+resources = { cpu_cores = 1, memory_mb = 256 }
+"#,
+        )
+        .unwrap();
+        let store = dir.join("host-store");
+        fs::create_dir_all(&store).unwrap();
+        Self {
+            app,
+            package_set: set.join("pkgs.nix"),
+            store,
+        }
+    }
+
+    /// `mvm build` of the workload in `persona` (the host's on the private store), its report.
+    fn build(
+        &self,
+        home: &std::path::Path,
+        persona: &str,
+        out: &std::path::Path,
+    ) -> serde_json::Value {
+        let mut command = guest::command(home, &["--json", "build"]);
+        command
+            .arg(&self.app)
+            .args(["--persona", persona, "--nix-packages"])
+            .arg(&self.package_set)
+            .arg("--out")
+            .arg(out)
+            .env(
+                "NIX_CONFIG",
+                "build-users-group =\nsubstituters =\nexperimental-features = nix-command\n",
+            );
+        if persona == "host" {
+            command.arg("--nix-store").arg(&self.store);
+        }
+        let built = command.output().unwrap();
+        assert!(built.status.success(), "{}", describe(&built));
+        serde_json::from_slice(&built.stdout).unwrap()
+    }
 }

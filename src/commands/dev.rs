@@ -213,7 +213,7 @@ fn make_store_disk(store: &Path, size: u64) -> anyhow::Result<()> {
         .tempfile_in(dir)?;
     staged.as_file().set_len(size)?;
     let mkfs = mkfs_ext4().ok_or_else(|| {
-        super::coded_as(
+        super::coded_io(
             "BUILDER006",
             "mkfs.ext4 was not found (install e2fsprogs): it makes the builder's store disk",
         )
@@ -224,7 +224,7 @@ fn make_store_disk(store: &Path, size: u64) -> anyhow::Result<()> {
         .output()
         .with_context(|| format!("starting {}", mkfs.display()))?;
     if !made.status.success() {
-        return Err(super::coded_as(
+        return Err(super::coded_io(
             "BUILDER006",
             format!(
                 "{} failed: {}",
