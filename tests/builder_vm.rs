@@ -10,7 +10,8 @@
 mod support;
 
 use std::fs;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 use mvm_builder::testing::{layer_of, Entry, TestLayout};
 use support::{describe, guest, text, wait};
@@ -76,32 +77,19 @@ fn the_builder_vm_image_is_pinned_and_builds_the_same_bytes_as_the_host() {
         .unwrap_or_default();
     assert_eq!(row["status"], "ok", "{doctor}");
 
-    // It boots from its signed plan, and Nix evaluates in it (as the workload user, with a
-    // store of its own); the worker and the CA bundle are where they belong.
+    // The worker and the CA bundle are where they belong in the image's layers.
+    let (worker_mode, certificates) = image_files(&home.join("builder/image/blobs/sha256"));
+    assert_eq!(worker_mode, Some(0o755));
+    assert!(certificates > 100, "{certificates} certificates");
+    // Its plan is no shell: clients run the worker and nothing else.
     let plan_arg = plan.to_str().unwrap();
-    let script = "nix-instantiate --eval --expr '6 * 7'; nix-store --version; \
-                  ls -l /usr/libexec/mvm/mvm-build-worker; \
-                  grep -c 'BEGIN CERTIFICATE' /etc/ssl/certs/ca-certificates.crt";
-    let out = guest::mvm(
-        &home,
-        &["run", "--plan", plan_arg, "--", "sh", "-c", script],
+    let shell = guest::mvm_json(&home, &["run", "--plan", plan_arg, "--", "sh"], 125);
+    assert_eq!(shell["error"]["code"], "RUN029", "{shell}");
+    let plan_payload = support::dsse_payload(&plan);
+    assert_eq!(
+        plan_payload["policy"]["grants"]["any_command"], false,
+        "{plan_payload}"
     );
-    assert!(out.status.success(), "{}", describe(&out));
-    let said = text(&out.stdout);
-    let mut lines = said.lines();
-    assert_eq!(lines.next(), Some("42"), "{said}");
-    assert!(
-        lines
-            .next()
-            .is_some_and(|l| l.starts_with("nix-store (Nix) 2.")),
-        "{said}"
-    );
-    assert!(
-        lines.next().is_some_and(|l| l.starts_with("-rwxr-xr-x")),
-        "{said}"
-    );
-    let certificates: u32 = lines.next().unwrap_or("0").trim().parse().unwrap_or(0);
-    assert!(certificates > 100, "{said}");
 
     // Builds in the builder VM: the same image and verity tree as the host persona's, a plan
     // that differs only in its nonce and window, and it boots.
@@ -140,7 +128,7 @@ fn the_builder_vm_image_is_pinned_and_builds_the_same_bytes_as_the_host() {
         );
     }
     assert_eq!(vm_report["root_hash"], host_report["root_hash"]);
-    let plan_of = |bundle: &std::path::Path| {
+    let plan_of = |bundle: &Path| {
         let mut plan = support::dsse_payload(&bundle.join("plan.dsse.json"));
         for moving in ["nonce", "valid_from", "valid_until"] {
             plan.as_object_mut().unwrap().remove(moving);
@@ -231,19 +219,34 @@ fn the_builder_vm_image_is_pinned_and_builds_the_same_bytes_as_the_host() {
         internal["builder_vm"]["plan_digest"], status["vm"]["plan_digest"],
         "{provenance}"
     );
-    let jobs = guest::mvm(
-        &home,
-        &[
-            "exec",
-            "mvm-builder",
-            "--",
-            "sh",
-            "-c",
-            "find /tmp/mvm-job-* -mindepth 1",
-        ],
+    let tmp = guest::mvm_json(&home, &["fs", "ls", "mvm-builder:/tmp"], 0);
+    let jobs: Vec<String> = tmp["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .filter(|name| name.starts_with("mvm-job-"))
+        .map(str::to_string)
+        .collect();
+    assert!(!jobs.is_empty(), "{tmp}");
+    for job in jobs {
+        let listed = guest::mvm_json(&home, &["fs", "ls", &format!("mvm-builder:/tmp/{job}")], 0);
+        assert_eq!(
+            listed["entries"],
+            serde_json::json!([]),
+            "a job left files behind: {listed}"
+        );
+    }
+    // No shell into the builder, and no file changed in it from outside.
+    let shell = guest::mvm(&home, &["exec", "mvm-builder", "--", "sh", "-c", "true"]);
+    assert_eq!(shell.status.code(), Some(125), "{}", describe(&shell));
+    assert!(
+        text(&shell.stderr).contains("AGENT117"),
+        "{}",
+        describe(&shell)
     );
-    assert!(jobs.status.success(), "{}", describe(&jobs));
-    assert_eq!(text(&jobs.stdout).trim(), "", "a job left files behind");
+    let mkdir = guest::mvm_json(&home, &["fs", "mkdir", "mvm-builder:/tmp/x"], 65);
+    assert_eq!(mkdir["error"]["code"], "AGENT117", "{mkdir}");
 
     // A nix_packages workload: realised by the builder's own Nix on its store disk (mounted at
     // /nix), the same bytes as the host persona's Nix gives.
@@ -251,29 +254,81 @@ fn the_builder_vm_image_is_pinned_and_builds_the_same_bytes_as_the_host() {
     let vm_nix = nix.build(&home, "vm", &dir.path().join("nix-vm"));
     assert!(vm_nix["nix_built"].as_u64() >= Some(1), "{vm_nix}");
     let host_nix = nix.build(&home, "host", &dir.path().join("nix-host"));
+    assert!(vm_nix["root_hash"].is_string(), "{vm_nix}");
     assert_eq!(vm_nix["root_hash"], host_nix["root_hash"]);
+    // `auto` cannot send a host store in: it builds on the host, saying so.
+    let auto = nix.output(&home, "auto", &dir.path().join("nix-auto"), true);
+    assert!(auto.status.success(), "{}", describe(&auto));
+    assert!(
+        text(&auto.stderr).contains("realises only a package set file"),
+        "{}",
+        describe(&auto)
+    );
     assert!(
         fs::read(dir.path().join("nix-vm/rootfs.erofs")).unwrap()
             == fs::read(dir.path().join("nix-host/rootfs.erofs")).unwrap(),
         "the Nix image differs between the personas"
     );
-    let mounted = guest::mvm(
+    // The disks the store is one of: any ext4 file, mounted nosuid,nodev, the workload user's
+    // to write, read-only with `:ro`; what the guest writes is in the host file after.
+    let tools = layout.busybox_with(&["sh", "grep", "echo", "touch", "stat", "id"]);
+    let tools_image = format!("oci:{}@{tools}", layout.dir.path().display());
+    let tools_bundle = dir.path().join("tools");
+    guest::mvm_json(
         &home,
         &[
-            "exec",
-            "mvm-builder",
+            "build",
+            "--image",
+            &tools_image,
+            "--out",
+            tools_bundle.to_str().unwrap(),
+        ],
+        0,
+    );
+    let (data, readonly) = (dir.path().join("data.ext4"), dir.path().join("ro.ext4"));
+    for disk in [&data, &readonly] {
+        let made = Command::new(mkfs_ext4())
+            .args(["-q", "-F"])
+            .arg(disk)
+            .arg("64M")
+            .output()
+            .unwrap();
+        assert!(made.status.success(), "{}", describe(&made));
+    }
+    let script = "grep -E ' /(data|ro) ' /proc/mounts; echo kept > /data/file; \
+                  touch /ro/file 2>/dev/null || echo read-only; \
+                  [ \"$(stat -c %u /data)\" = \"$(id -u)\" ] && echo owned";
+    let ran = guest::mvm(
+        &home,
+        &[
+            "run",
+            "--plan",
+            tools_bundle.join("plan.dsse.json").to_str().unwrap(),
+            "--disk",
+            &format!("{}:/data", data.display()),
+            "--disk",
+            &format!("{}:/ro:ro", readonly.display()),
             "--",
             "sh",
             "-c",
-            "grep ' /nix ' /proc/mounts",
+            script,
         ],
     );
-    assert!(
-        text(&mounted.stdout).starts_with("/dev/vd")
-            && text(&mounted.stdout).contains(" ext4 rw,nosuid,nodev"),
-        "{}",
-        describe(&mounted)
-    );
+    assert!(ran.status.success(), "{}", describe(&ran));
+    let said = text(&ran.stdout);
+    let lines: Vec<&str> = said.lines().collect();
+    assert_eq!(lines.len(), 4, "{said}");
+    assert!(lines[0].contains(" /data ext4 rw,nosuid,nodev"), "{said}");
+    assert!(lines[1].contains(" /ro ext4 ro,nosuid,nodev"), "{said}");
+    assert_eq!(&lines[2..], ["read-only", "owned"], "{said}");
+    let debugfs = mkfs_ext4().with_file_name("debugfs");
+    let kept = Command::new(debugfs)
+        .args(["-R", "cat /file"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_eq!(text(&kept.stdout), "kept\n", "{}", describe(&kept));
+
     // The store disk serves the builder alone; its store is not reset while the builder is up.
     let store = home.join("builder/store.ext4");
     let second = guest::mvm_json(
@@ -281,15 +336,23 @@ fn the_builder_vm_image_is_pinned_and_builds_the_same_bytes_as_the_host() {
         &[
             "run",
             "--plan",
-            plan_arg,
+            tools_bundle.join("plan.dsse.json").to_str().unwrap(),
             "--disk",
             &format!("{}:/nix", store.display()),
             "--",
+            "sh",
+            "-c",
             "true",
         ],
         125,
     );
     assert_eq!(second["error"]["code"], "RUN062", "{second}");
+    assert!(
+        second["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("attached to another VM")),
+        "{second}"
+    );
     let reset = guest::mvm_json(&home, &["dev", "reset"], 65);
     assert_eq!(reset["error"]["code"], "BUILDER007", "{reset}");
     guest::mvm_json(&home, &["dev", "down"], 0);
@@ -319,6 +382,7 @@ fn the_builder_vm_image_is_pinned_and_builds_the_same_bytes_as_the_host() {
     assert!(up.status.success(), "{}", describe(&up));
     let again = nix.build(&home, "vm", &dir.path().join("nix-vm-again"));
     assert_eq!(again["nix_built"], 0, "{again}");
+    assert!(again["root_hash"].is_string(), "{again}");
     assert_eq!(again["root_hash"], vm_nix["root_hash"]);
     let nix_plan = dir.path().join("nix-vm-again/plan.dsse.json");
     let ran = guest::mvm(&home, &["run", "--plan", nix_plan.to_str().unwrap()]);
@@ -385,13 +449,13 @@ fn the_builder_vm_image_is_pinned_and_builds_the_same_bytes_as_the_host() {
 /// package set holds: realised offline by the real Nix, on a private store on the host
 /// persona's side.
 struct NixWorkload {
-    app: std::path::PathBuf,
-    package_set: std::path::PathBuf,
-    store: std::path::PathBuf,
+    app: PathBuf,
+    package_set: PathBuf,
+    store: PathBuf,
 }
 
 impl NixWorkload {
-    fn new(dir: &std::path::Path) -> Self {
+    fn new(dir: &Path) -> Self {
         let set = dir.join("package-set");
         fs::create_dir_all(set.join("bb")).unwrap();
         fs::copy("/bin/busybox", set.join("bb/busybox")).unwrap();
@@ -436,12 +500,14 @@ resources = { cpu_cores = 1, memory_mb = 256 }
     }
 
     /// `mvm build` of the workload in `persona` (the host's on the private store), its report.
-    fn build(
-        &self,
-        home: &std::path::Path,
-        persona: &str,
-        out: &std::path::Path,
-    ) -> serde_json::Value {
+    fn build(&self, home: &Path, persona: &str, out: &Path) -> serde_json::Value {
+        let built = self.output(home, persona, out, persona == "host");
+        assert!(built.status.success(), "{}", describe(&built));
+        serde_json::from_slice(&built.stdout).unwrap()
+    }
+
+    /// `mvm build` of the workload in `persona`, on the private store when `private_store`.
+    fn output(&self, home: &Path, persona: &str, out: &Path, private_store: bool) -> Output {
         let mut command = guest::command(home, &["--json", "build"]);
         command
             .arg(&self.app)
@@ -453,11 +519,47 @@ resources = { cpu_cores = 1, memory_mb = 256 }
                 "NIX_CONFIG",
                 "build-users-group =\nsubstituters =\nexperimental-features = nix-command\n",
             );
-        if persona == "host" {
+        if private_store {
             command.arg("--nix-store").arg(&self.store);
         }
-        let built = command.output().unwrap();
-        assert!(built.status.success(), "{}", describe(&built));
-        serde_json::from_slice(&built.stdout).unwrap()
+        command.output().unwrap()
     }
+}
+
+/// The build worker's mode and the number of certificates in the CA bundle, read from the
+/// builder image's layers (uncompressed tars) in `blobs`.
+fn image_files(blobs: &Path) -> (Option<u32>, usize) {
+    let (mut worker_mode, mut certificates) = (None, 0);
+    for blob in fs::read_dir(blobs).unwrap() {
+        let file = fs::File::open(blob.unwrap().path()).unwrap();
+        let mut archive = tar::Archive::new(file);
+        let Ok(entries) = archive.entries() else {
+            continue;
+        };
+        for entry in entries {
+            let Ok(mut entry) = entry else { break };
+            let path = entry.path().unwrap().to_string_lossy().into_owned();
+            match path.trim_start_matches("./") {
+                "usr/libexec/mvm/mvm-build-worker" => {
+                    worker_mode = entry.header().mode().ok().map(|m| m & 0o7777)
+                }
+                "etc/ssl/certs/ca-certificates.crt" => {
+                    let mut bundle = String::new();
+                    std::io::Read::read_to_string(&mut entry, &mut bundle).unwrap();
+                    certificates = bundle.matches("BEGIN CERTIFICATE").count();
+                }
+                _ => {}
+            }
+        }
+    }
+    (worker_mode, certificates)
+}
+
+/// `mkfs.ext4` of e2fsprogs, in the sbin directory a user's `PATH` may lack.
+fn mkfs_ext4() -> PathBuf {
+    ["/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|path| path.is_file())
+        .expect("e2fsprogs must be installed (scripts/deps installs it)")
 }

@@ -28,6 +28,7 @@ use mvm_ir::plan::{
     fresh_nonce, is_root_user, ArtifactPin, KernelPin, LaunchPlan, PlanEntrypoint, PlanResources,
     Profile, ResolvedPolicy, RootfsPin, SecretBinding, Timestamp, VerityPin, SCHEMA_VERSION,
 };
+use mvm_ir::policy::Grants;
 use mvm_ir::provenance::{
     BuildDefinition, Builder, Provenance, ResourceDescriptor, RunDetails, RunMetadata, Statement,
     BUILD_TYPE, PREDICATE_TYPE, STATEMENT_TYPE,
@@ -122,6 +123,9 @@ pub struct AssembleInput<'a> {
     pub out_dir: &'a Path,
     /// The policy profile.
     pub profile: Profile,
+    /// Clients may run only the entrypoint's program and change no file
+    /// ([`mvm_ir::policy::Grants::any_command`] taken away).
+    pub only_entrypoint: bool,
     /// Validity window.
     pub valid_from: Timestamp,
     /// Validity window end.
@@ -306,9 +310,12 @@ pub fn assemble(input: &AssembleInput<'_>) -> Result<Bundle, BundleError> {
     } else {
         Vec::new()
     };
-    let grants = input
-        .profile
-        .grants(!egress.is_empty() || !app.network.ports.is_empty());
+    let grants = Grants {
+        any_command: !input.only_entrypoint,
+        ..input
+            .profile
+            .grants(!egress.is_empty() || !app.network.ports.is_empty())
+    };
     let cmdline = format!(
         "console=ttyS0 reboot=k panic=-1 quiet mvm.root_hash={} mvm.salt={} mvm.data_blocks={} mvm.hash_offset={} mvm.block_size={} {}",
         r.root_hash, r.salt, r.data_blocks, r.hash_offset, r.data_block_size, grants.cmdline_word()

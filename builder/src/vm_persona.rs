@@ -92,7 +92,11 @@ pub fn build_in_vm(
     }
     let refused = |message: String| WorkerError::Worker(message);
     let (blobs, source) = match nix {
-        Some(job) => (None, Some(source_dir(job).map_err(refused)?)),
+        Some(job) => {
+            let (dir, file) = source_dir(job).map_err(refused)?;
+            let entries = source_entries(&dir).map_err(refused)?;
+            (None, Some((entries, file)))
+        }
         None => {
             let blobs = pull_for_worker(request)?.ok_or_else(|| {
                 refused(
@@ -130,7 +134,7 @@ pub fn build_in_vm(
         .map_err(|e| WorkerError::Worker(format!("cannot start the builder VM: {e}")))?;
     let stdin = child.stdin.take();
     let blob_dir = blobs.as_ref().map(|blobs| blobs.dir.path().to_path_buf());
-    let source_dir = source.map(|(dir, _)| dir);
+    let source_entries = source.map(|(entries, _)| entries);
     let sender = std::thread::spawn(move || -> io::Result<()> {
         let Some(stdin) = stdin else {
             return Err(io::Error::other("no stdin"));
@@ -139,7 +143,7 @@ pub fn build_in_vm(
             BufWriter::new(stdin),
             &request_json,
             blob_dir.as_deref(),
-            source_dir.as_deref(),
+            source_entries.as_deref(),
         )
     });
     let stdout = child
@@ -148,14 +152,20 @@ pub fn build_in_vm(
         .ok_or_else(|| WorkerError::Worker("no stdout".into()))?;
     let received = receive_answer(stdout, &request.out_dir);
     let status = child.wait();
-    // A builder VM that stopped reading its job makes the sender fail; its answer says why.
-    let _ = sender.join();
+    let sent = sender
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("the job's sender panicked")));
     let (answer, realised) = received.map_err(|e| {
         WorkerError::Worker(format!(
             "the builder VM's answer ({}): {e}",
             status.map_or_else(|e| e.to_string(), |s| s.to_string())
         ))
     })?;
+    // A builder VM that refused its job stops reading it, which makes the sender fail: its
+    // answer says why. A build on a job that did not go in whole is never taken.
+    if let (Err(e), Answer::Built { .. }) = (&sent, &answer) {
+        return Err(refused(format!("the job did not go in whole: {e}")));
+    }
     drop(blobs);
     // A Nix image is named by the digest of the closure the VM realised, checked first.
     let realised = match (nix, realised) {
@@ -223,13 +233,22 @@ fn source_dir(job: &NixJob) -> Result<(PathBuf, PathBuf), String> {
     }
 }
 
-/// The closure the VM says it realised for `job`, if it is one: the packages asked for, in
-/// order, each output among the closure's paths, every path a store path, no more than a
-/// closure may have.
+/// The closure the VM says it realised for `job`, if it is well formed: the packages asked
+/// for, in order, each with a `.drv` store path, a sha256 of it and at least one output, every
+/// output in the closure; the closure's paths store paths, sorted, each once, with sha256 NAR
+/// hashes, no more than a closure may have; what it says it built among the outputs; the
+/// system's store. What the paths hold is the builder's word: the host cannot read the VM's
+/// store, only the image, whose verity tree it computes itself.
 fn check_realised(job: &NixJob, realised: Realised) -> Result<Realised, WorkerError> {
     let refused =
         |message: String| WorkerError::Worker(format!("the builder VM's closure: {message}"));
     let closure = &realised.closure;
+    if closure.store_root != Path::new("/") {
+        return Err(refused(format!(
+            "a store under {}",
+            closure.store_root.display()
+        )));
+    }
     let attrs: Vec<&String> = closure.packages.iter().map(|p| &p.attr).collect();
     if attrs != job.attrs.iter().collect::<Vec<_>>() {
         return Err(refused(format!("packages {attrs:?}, not {:?}", job.attrs)));
@@ -237,11 +256,17 @@ fn check_realised(job: &NixJob, realised: Realised) -> Result<Realised, WorkerEr
     if closure.paths.len() > crate::nix_image::MAX_CLOSURE_PATHS {
         return Err(refused(format!("{} paths", closure.paths.len())));
     }
-    let paths: std::collections::BTreeSet<&str> =
-        closure.paths.iter().map(|p| p.path.as_str()).collect();
+    if !closure
+        .paths
+        .windows(2)
+        .all(|pair| pair[0].path < pair[1].path)
+    {
+        return Err(refused("its paths are not sorted, each once".into()));
+    }
+    let store_path =
+        |path: &str| mvm_nix::StorePath::parse(path).map_err(|e| refused(format!("{path}: {e}")));
     for path in &closure.paths {
-        mvm_nix::StorePath::parse(&path.path)
-            .map_err(|e| refused(format!("{}: {e}", path.path)))?;
+        store_path(&path.path)?;
         if !mvm_ir::digest::is_sha256_hex(&path.nar_sha256) {
             return Err(refused(format!(
                 "{}: NAR hash {:?}",
@@ -249,22 +274,47 @@ fn check_realised(job: &NixJob, realised: Realised) -> Result<Realised, WorkerEr
             )));
         }
     }
-    let outputs = closure.packages.iter().flat_map(|p| p.outputs.values());
-    for output in outputs.chain(&realised.built) {
-        if !paths.contains(output.as_str()) {
-            return Err(refused(format!("{output} is not in the closure")));
+    let paths: std::collections::BTreeSet<&str> =
+        closure.paths.iter().map(|p| p.path.as_str()).collect();
+    let mut outputs = std::collections::BTreeSet::new();
+    for package in &closure.packages {
+        let drv = store_path(&package.drv)?;
+        if !drv.name().ends_with(".drv") || !mvm_ir::digest::is_sha256_hex(&package.drv_sha256) {
+            return Err(refused(format!("{}: its derivation", package.attr)));
         }
+        if package.outputs.is_empty() {
+            return Err(refused(format!("{} has no outputs", package.attr)));
+        }
+        for (name, output) in &package.outputs {
+            let valid_name = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b));
+            if !valid_name || !paths.contains(output.as_str()) {
+                return Err(refused(format!("{}: output {name} {output}", package.attr)));
+            }
+            outputs.insert(output.as_str());
+        }
+    }
+    if let Some(stray) = realised
+        .built
+        .iter()
+        .find(|b| !outputs.contains(b.as_str()))
+    {
+        return Err(refused(format!(
+            "it built {stray}, which is no package's output"
+        )));
     }
     Ok(realised)
 }
 
 /// Writes the job tar: `request.json`, then every blob of `blobs` as `blobs/sha256/<hex>`,
-/// then the package set's directory `source` under `source/`.
+/// then the package set's directory's `source` entries under `source/`.
 fn send_job(
     to: impl Write,
     request_json: &[u8],
     blobs: Option<&Path>,
-    source: Option<&Path>,
+    source: Option<&[SourceEntry]>,
 ) -> io::Result<()> {
     let mut tar = tar::Builder::new(to);
     // A symlink of the package set goes in as a symlink, never as what it points at.
@@ -288,49 +338,92 @@ fn send_job(
             append(&mut tar, &path, size, file)?;
         }
     }
-    if let Some(source) = source {
-        let mut budget = (MAX_SOURCE_BYTES, MAX_SOURCE_ENTRIES);
-        append_source(&mut tar, source, Path::new(SOURCE_DIR), &mut budget)?;
+    for entry in source.unwrap_or_default() {
+        let name = Path::new(SOURCE_DIR).join(&entry.name);
+        match entry.directory {
+            // Writable by its owner in the guest, whatever it is here (a directory copied
+            // from a Nix store is read-only): the worker unpacks into it and removes it.
+            true => {
+                let mut header = tar::Header::new_gnu();
+                header.set_metadata(&fs::symlink_metadata(&entry.path)?);
+                header.set_mode(header.mode()? | 0o700);
+                tar.append_data(&mut header, &name, io::empty())?;
+            }
+            false => tar.append_path_with_name(&entry.path, &name)?,
+        }
     }
     tar.into_inner()?.flush()
 }
 
-/// Appends the files, directories and symlinks under `dir` as `name/…`, in name order,
-/// within `budget` (bytes, entries); other kinds of file are left out.
-fn append_source(
-    tar: &mut tar::Builder<impl Write>,
-    dir: &Path,
-    name: &Path,
-    budget: &mut (u64, usize),
-) -> io::Result<()> {
-    let mut entries: Vec<_> = fs::read_dir(dir)?
-        .map(|e| e.map(|e| e.file_name()))
-        .collect::<Result<_, _>>()?;
-    entries.sort();
-    for entry in entries {
-        let (path, inner) = (dir.join(&entry), name.join(&entry));
-        let meta = fs::symlink_metadata(&path)?;
-        budget.1 = budget.1.checked_sub(1).ok_or_else(|| {
-            io::Error::other(format!(
-                "the package set's directory has over {MAX_SOURCE_ENTRIES} entries: give it a directory of its own"
-            ))
-        })?;
-        if meta.is_file() {
-            budget.0 = budget.0.checked_sub(meta.len()).ok_or_else(|| {
-                io::Error::other(format!(
-                    "the package set's directory holds over {} MiB: give it a directory of its own",
-                    MAX_SOURCE_BYTES >> 20
-                ))
-            })?;
-        }
-        if meta.is_dir() {
-            tar.append_dir(&inner, &path)?;
-            append_source(tar, &path, &inner, budget)?;
-        } else if meta.is_file() || meta.file_type().is_symlink() {
-            tar.append_path_with_name(&path, &inner)?;
-        }
+/// One file, directory or symlink of a package set's directory.
+#[derive(Debug)]
+struct SourceEntry {
+    /// Where it is on the host.
+    path: PathBuf,
+    /// Its path under the directory.
+    name: PathBuf,
+    /// A directory (else a file or a symlink, sent as it is).
+    directory: bool,
+}
+
+/// Every file, directory and symlink under `dir`, in name order, parents first, within
+/// [`MAX_SOURCE_BYTES`] and [`MAX_SOURCE_ENTRIES`]. Hidden entries (`.git`, `.env`, `.ssh`)
+/// and files of other kinds are left out; `/` and the home directory are refused whole.
+fn source_entries(dir: &Path) -> Result<Vec<SourceEntry>, String> {
+    let home = std::env::var_os("HOME").and_then(|home| fs::canonicalize(home).ok());
+    if dir == Path::new("/") || home.as_deref() == Some(dir) {
+        return Err(format!(
+            "the package set is in {}, which would go into the builder VM whole: give it a \
+             directory of its own",
+            dir.display()
+        ));
     }
-    Ok(())
+    let mut entries = Vec::new();
+    let mut bytes = 0u64;
+    let mut pending = vec![PathBuf::new()];
+    while let Some(below) = pending.pop() {
+        let read = |e: io::Error| format!("{}: {e}", dir.join(&below).display());
+        let mut names: Vec<_> = fs::read_dir(dir.join(&below))
+            .map_err(read)?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()
+            .map_err(read)?;
+        names.sort();
+        let mut subdirectories = Vec::new();
+        for name in names
+            .into_iter()
+            .filter(|n| !n.as_encoded_bytes().starts_with(b"."))
+        {
+            let name = below.join(name);
+            let path = dir.join(&name);
+            let meta =
+                fs::symlink_metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let kind = meta.file_type();
+            if !(kind.is_dir() || kind.is_file() || kind.is_symlink()) {
+                continue;
+            }
+            bytes += if kind.is_file() { meta.len() } else { 0 };
+            if entries.len() >= MAX_SOURCE_ENTRIES || bytes > MAX_SOURCE_BYTES {
+                return Err(format!(
+                    "the package set's directory {} holds over {MAX_SOURCE_ENTRIES} entries or \
+                     {} MiB: give it a directory of its own",
+                    dir.display(),
+                    MAX_SOURCE_BYTES >> 20
+                ));
+            }
+            if kind.is_dir() {
+                subdirectories.push(name.clone());
+            }
+            entries.push(SourceEntry {
+                path,
+                name,
+                directory: kind.is_dir(),
+            });
+        }
+        // Depth first, in name order: the stack takes them last first.
+        pending.extend(subdirectories.into_iter().rev());
+    }
+    Ok(entries)
 }
 
 fn append(
@@ -623,8 +716,9 @@ mod tests {
         assert!(refused.to_string().contains("does not match"), "{refused}");
     }
 
-    /// A package set's directory goes in whole: files with their executable bit, a symlink as
-    /// a symlink, subdirectories; the request must name the package set inside it.
+    /// A package set's directory goes in: files with their executable bit, a symlink as a
+    /// symlink, subdirectories (a read-only one too), not hidden entries; the request must name
+    /// the package set inside it.
     #[test]
     fn a_package_sets_directory_goes_in_with_the_job() {
         use std::os::unix::fs::PermissionsExt;
@@ -635,11 +729,35 @@ mod tests {
         fs::write(set.join("bb/busybox"), b"\x7fELF").unwrap();
         fs::set_permissions(set.join("bb/busybox"), fs::Permissions::from_mode(0o755)).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", set.join("outside")).unwrap();
+        fs::create_dir_all(set.join(".git")).unwrap();
+        fs::write(set.join(".env"), "TOKEN=x").unwrap();
+        fs::create_dir_all(set.join("sealed/inner")).unwrap();
+        fs::write(set.join("sealed/inner/data"), "d").unwrap();
+        for dir in ["sealed/inner", "sealed"] {
+            fs::set_permissions(set.join(dir), fs::Permissions::from_mode(0o555)).unwrap();
+        }
         let job = NixJob {
             package_set: set.join("pkgs.nix"),
             attrs: vec!["hello".into()],
         };
         let (dir, file) = source_dir(&job).unwrap();
+        let entries = source_entries(&dir).unwrap();
+        let names: Vec<String> = entries
+            .iter()
+            .map(|e| e.name.display().to_string())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "bb",
+                "outside",
+                "pkgs.nix",
+                "sealed",
+                "bb/busybox",
+                "sealed/inner",
+                "sealed/inner/data"
+            ]
+        );
         let guest = tempfile::tempdir().unwrap();
         let request = |package_set: PathBuf| WorkerRequest {
             rootfs: RootfsRequest {
@@ -665,7 +783,7 @@ mod tests {
             &mut tar,
             &serde_json::to_vec(&sent).unwrap(),
             None,
-            Some(&dir),
+            Some(&entries),
         )
         .unwrap();
         let got = receive_job(tar.as_slice(), guest.path()).unwrap();
@@ -681,6 +799,16 @@ mod tests {
             fs::read_link(source.join("outside")).unwrap(),
             PathBuf::from("/etc/passwd")
         );
+        assert_eq!(
+            fs::read_to_string(source.join("sealed/inner/data")).unwrap(),
+            "d"
+        );
+        assert!(!source.join(".env").exists() && !source.join(".git").exists());
+        // The worker can empty the job afterwards.
+        fs::remove_dir_all(&source).unwrap();
+        for dir in ["sealed/inner", "sealed"] {
+            fs::set_permissions(set.join(dir), fs::Permissions::from_mode(0o755)).unwrap();
+        }
 
         let elsewhere = request(PathBuf::from("/etc/pkgs.nix"));
         let mut tar = Vec::new();
@@ -688,7 +816,7 @@ mod tests {
             &mut tar,
             &serde_json::to_vec(&elsewhere).unwrap(),
             None,
-            Some(&dir),
+            Some(&entries),
         )
         .unwrap();
         let refused = receive_job(tar.as_slice(), guest.path()).unwrap_err();
@@ -744,9 +872,21 @@ mod tests {
         let mut bad_hash = realised.clone();
         bad_hash.closure.paths[0].nar_sha256 = "sha256:x".into();
         assert!(check_realised(&job, bad_hash).is_err());
-        let mut not_a_path = realised;
+        let mut not_a_path = realised.clone();
         not_a_path.closure.paths[0].path = "/etc/passwd".into();
         assert!(check_realised(&job, not_a_path).is_err());
+        let mut twice = realised.clone();
+        twice.closure.paths.push(twice.closure.paths[0].clone());
+        assert!(check_realised(&job, twice).is_err());
+        let mut stray = realised.clone();
+        stray.built = vec!["/nix/store/2c2jxfbk5w6y9wsvnq4dlrqgfb3y0ff6-other".into()];
+        assert!(check_realised(&job, stray).is_err());
+        let mut elsewhere = realised.clone();
+        elsewhere.closure.store_root = PathBuf::from("/tmp/store");
+        assert!(check_realised(&job, elsewhere).is_err());
+        let mut not_a_drv = realised;
+        not_a_drv.closure.packages[0].drv = out.clone();
+        assert!(check_realised(&job, not_a_drv).is_err());
     }
 
     /// Only an answer and an image come back; anything else in the answer tar is refused.

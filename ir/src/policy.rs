@@ -76,6 +76,20 @@ pub struct Grants {
     pub terminal: bool,
     /// Whether a secret's value may be handed to a command (a secret bound to no host).
     pub unbound_secrets: bool,
+    /// Whether clients may run any command, or only the plan's entrypoint program (with any
+    /// arguments), and change no file: a plan built with `--only-entrypoint` (the builder
+    /// VM's) is no shell. Every profile gives it; a plan may take it away.
+    #[serde(default = "granted", skip_serializing_if = "is_granted")]
+    pub any_command: bool,
+}
+
+/// The default of a grant that plans written before it existed had.
+fn granted() -> bool {
+    true
+}
+
+fn is_granted(grant: &bool) -> bool {
+    *grant
 }
 
 /// The most a plan of a profile may ask for.
@@ -142,6 +156,7 @@ impl Profile {
             files_anywhere: dev,
             terminal: dev,
             unbound_secrets: open,
+            any_command: true,
         }
     }
 
@@ -228,6 +243,8 @@ impl Grants {
             Some("terminal")
         } else if wider(self.unbound_secrets, most.unbound_secrets) {
             Some("unbound_secrets")
+        } else if wider(self.any_command, most.any_command) {
+            Some("any_command")
         } else {
             None
         }

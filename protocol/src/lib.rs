@@ -22,9 +22,9 @@ pub use frame::{
     MAX_PAYLOAD,
 };
 pub use message::{
-    codes, BootTimings, ErrorReply, ExecReply, ExecRequest, ExitStatus, FileDone, FileInfo,
-    FileKind, FsWriteRequest, HelloReply, Integrity, OpenRequest, ProcessInfo, Request, Response,
-    SecretHex, Via, SPAWN_OUTPUT_TAIL,
+    codes, is_mount_point, BootTimings, ErrorReply, ExecReply, ExecRequest, ExitStatus, FileDone,
+    FileInfo, FileKind, FsWriteRequest, HelloReply, Integrity, OpenRequest, ProcessInfo, Request,
+    Response, SecretHex, Via, SPAWN_OUTPUT_TAIL,
 };
 
 /// The name the host gives the agent's port (QEMU: `virtserialport,name=`; mvm's own VMM:

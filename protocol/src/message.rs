@@ -169,6 +169,20 @@ pub enum Request {
     },
 }
 
+/// Whether `path` may be a [`Request::Mount`]'s: absolute, every component a name (no `.`,
+/// `..` or empty one), at most 4096 bytes, and neither `/` nor under the kernel's own
+/// filesystems (`/proc`, `/sys`, `/dev`).
+pub fn is_mount_point(path: &str) -> bool {
+    let Some(names) = path.strip_prefix('/') else {
+        return false;
+    };
+    let plain = names
+        .split('/')
+        .all(|name| !name.is_empty() && name != "." && name != "..");
+    let first = names.split('/').next().unwrap_or_default();
+    plain && path.len() <= 4096 && !["proc", "sys", "dev"].contains(&first)
+}
+
 /// Bytes of each output stream of a spawned command kept for [`Request::Wait`].
 pub const SPAWN_OUTPUT_TAIL: usize = 64 * 1024;
 
@@ -518,6 +532,28 @@ pub mod codes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mount_points_are_absolute_plain_and_not_the_kernels() {
+        for good in ["/nix", "/work/data", "/run/cache"] {
+            assert!(is_mount_point(good), "{good}");
+        }
+        for bad in [
+            "",
+            "/",
+            "nix",
+            "/work/../etc",
+            "/./nix",
+            "//",
+            "/nix/",
+            "/a//b",
+            "/proc",
+            "/sys/x",
+            "/dev/pts",
+        ] {
+            assert!(!is_mount_point(bad), "{bad:?}");
+        }
+    }
 
     fn exec(argv: &[&str]) -> ExecRequest {
         ExecRequest {

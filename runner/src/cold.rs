@@ -101,10 +101,6 @@ pub struct ColdManifest {
     /// The secrets its launch gave as files (`--secret-file`): written again when it wakes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secret_files: Vec<String>,
-    /// Its disks (`--disk`): attached again, at the same serials, when it wakes (the guest's
-    /// memory holds their mounts).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub disks: Vec<crate::disk::LaunchDisk>,
     /// Its bound secrets' placeholders, by secret name: its processes hold them, so a wake
     /// keeps them. A placeholder is not a value.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -458,7 +454,6 @@ mod tests {
                 env: BTreeMap::new(),
                 secrets: vec![],
                 secret_files: vec![],
-                disks: vec![],
                 placeholders: BTreeMap::new(),
                 saved_at: Timestamp::now(),
             },

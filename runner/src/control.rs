@@ -110,8 +110,8 @@ pub struct Shared {
     pub paused: AtomicBool,
     /// Records a change of phase in the VM's state file.
     pub phases: Box<dyn Fn(Phase) -> io::Result<()> + Send + Sync>,
-    /// Saves the VM cold, for a backend that can.
-    pub cold: Option<ColdSaver>,
+    /// Saves the VM cold, or why it cannot be.
+    pub cold: Result<ColdSaver, String>,
     /// Set once the VM was saved cold: its runner ends without powering it off.
     pub saved_cold: AtomicBool,
 }
@@ -158,9 +158,7 @@ impl Shared {
     /// are in flight (their answers would be lost), audited before the runner lets go.
     /// Background commands are kept: they are part of the guest's memory.
     pub fn save_cold(&self) -> Result<(), String> {
-        let Some(saver) = &self.cold else {
-            return Err("this VM's backend cannot save it".into());
-        };
+        let saver = self.cold.as_ref().map_err(Clone::clone)?;
         let mut machine = self.machine.lock().unwrap_or_else(PoisonError::into_inner);
         let was_paused = self.paused.swap(true, Ordering::Relaxed);
         if !was_paused {
@@ -529,6 +527,19 @@ fn serve_request(
     if needs_guest && shared.paused.load(Ordering::Relaxed) {
         let message = "the VM is paused: resume it first (`mvm resume`)".to_string();
         return writer.error(client_stream, PAUSED, message);
+    }
+    let changes_files = matches!(
+        request,
+        Request::FsWrite(_)
+            | Request::FsMkdir { .. }
+            | Request::FsRemove { .. }
+            | Request::FsMove { .. }
+    );
+    if changes_files && !shared.plan.policy.grants.any_command {
+        let message = "the plan lets clients change no file in the guest (it was built with \
+                       --only-entrypoint)"
+            .to_string();
+        return writer.error(client_stream, codes::NOT_GRANTED, message);
     }
     match request {
         Request::Hello { .. } => {
@@ -1186,6 +1197,14 @@ pub fn with_plan_defaults(
     request.env = env;
     if request.argv.is_empty() {
         request.argv = plan.entrypoint.command.clone();
+    }
+    if !plan.policy.grants.any_command && request.argv.first() != plan.entrypoint.command.first() {
+        let program = plan.entrypoint.command.first().map_or("", String::as_str);
+        let message = format!(
+            "the plan lets clients run only its entrypoint's program, {program} (it was built \
+             with --only-entrypoint)"
+        );
+        return Err((codes::NOT_GRANTED, message));
     }
     if request.cwd.is_none() {
         request.cwd = plan.entrypoint.cwd.clone();

@@ -41,6 +41,12 @@ impl LaunchDisk {
             .rsplit_once(':')
             .filter(|(file, path)| !file.is_empty() && path.starts_with('/'))
             .ok_or_else(|| format!("{text:?} is not FILE:/GUEST/PATH[:ro]"))?;
+        if !mvm_protocol::is_mount_point(path) {
+            return Err(format!(
+                "{path:?}: a disk is mounted at an absolute path without `.`, `..` or empty \
+                 components, not `/` and not under /proc, /sys or /dev"
+            ));
+        }
         let file = std::path::absolute(file).map_err(|e| format!("{file}: {e}"))?;
         Ok(Self {
             file,
@@ -104,7 +110,14 @@ mod tests {
             .unwrap()
             .file
             .is_absolute());
-        for refused in ["/x.img", "/x.img:nix", ":/nix", "/x.img:"] {
+        for refused in [
+            "/x.img",
+            "/x.img:nix",
+            ":/nix",
+            "/x.img:",
+            "/x.img:/",
+            "/x.img:/proc/x",
+        ] {
             assert!(LaunchDisk::parse(refused).is_err(), "{refused}");
         }
     }

@@ -111,7 +111,7 @@ struct Args {
     /// PATH (`nosuid,nodev`; read-only with `:ro`); repeatable, up to 8. The file is locked to
     /// this VM while it runs. It is plain, not encrypted: the guest writes it, the host never
     /// mounts it.
-    #[arg(long, value_name = "FILE:PATH[:ro]", value_parser = LaunchDisk::parse)]
+    #[arg(long, value_name = "FILE:PATH[:ro]", value_parser = LaunchDisk::parse, conflicts_with = "wake")]
     disk: Vec<LaunchDisk>,
     /// The command; the plan's entrypoint when absent.
     #[arg(last = true, value_name = "COMMAND")]

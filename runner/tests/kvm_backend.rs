@@ -40,7 +40,6 @@ fn manifest(memory: SavedMemory) -> ColdManifest {
         env: Default::default(),
         secrets: vec![],
         secret_files: vec![],
-        disks: vec![],
         placeholders: Default::default(),
         saved_at: Timestamp::now(),
     }

@@ -122,7 +122,7 @@ impl FakeRunner {
             phases: Box::new(move |phase| {
                 state::write(&phase_dir, &vm_state(&phase_name, phase)).map_err(io::Error::other)
             }),
-            cold: None,
+            cold: Err("the test's fake machine is not saved".into()),
             saved_cold: AtomicBool::new(false),
         });
         let stop = Arc::clone(&shared.stop);

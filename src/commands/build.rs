@@ -113,6 +113,12 @@ pub struct BuildArgs {
     /// every grant: without it a permissive plan is not built.
     #[arg(long)]
     ack_permissive: bool,
+    /// Let clients run only the plan's entrypoint program (with any arguments) and change no
+    /// file in the guest: `mvm exec` of another program, `mvm cp` in and `mvm fs mkdir|rm|mv`
+    /// are refused (AGENT117, RUN029 for `mvm run -- CMD`). The builder VM's plan is built so:
+    /// it is no shell. Needs an entrypoint (BUILD012).
+    #[arg(long)]
+    only_entrypoint: bool,
     /// The guest agent binary, `/init` of the initramfs (default: mvm-agent next to mvm).
     #[arg(long, env = "MVM_AGENT")]
     agent: Option<PathBuf>,
@@ -186,12 +192,20 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
         Persona::Vm => true,
         Persona::Auto => {
             let running = super::dev::running_builder(&host).is_some();
+            // The builder VM realises a package set file sent in, on its own store.
+            let nix_on_host = target.nix_packages.is_some()
+                && (args.nix_store.is_some() || !Path::new(&args.nix_packages).is_file());
             if !running {
                 eprintln!(
                     "notice: no builder VM runs (`mvm dev up` starts one): building on this host"
                 );
+            } else if nix_on_host {
+                eprintln!(
+                    "notice: the builder VM realises only a package set file (--nix-packages FILE) \
+                     on its own store: building on this host"
+                );
             }
-            running
+            running && !nix_on_host
         }
     };
     // A Nix image is realised by Nix here (the confined worker cannot start programs), the
@@ -290,6 +304,13 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
     };
     let (workload, app_index) = target.workload(&argv, resources, network)?;
     let app = &workload.apps[app_index];
+    let mvm_ir::workload::Entrypoint::Command { command, .. } = &app.entrypoints[0];
+    if args.only_entrypoint && command.is_empty() {
+        return Err(coded_as(
+            "BUILD012",
+            "--only-entrypoint needs an entrypoint: the image's, or a command after `--`",
+        ));
+    }
     // The command line's profile, else the declaration's (a workload.nix may name one), else
     // the app's threat tier's.
     let profile = flag_profile
@@ -315,6 +336,7 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
         agent: &agent,
         out_dir: staging.path(),
         profile,
+        only_entrypoint: args.only_entrypoint,
         valid_from: Timestamp(now),
         valid_until: Timestamp(valid_until),
         started,

@@ -119,6 +119,8 @@ fn build(
         .arg("--agent")
         .arg(agent)
         .args(["--memory", BUILDER_MEMORY_MIB, "--profile", "restrictive"])
+        // Its clients run the build worker and nothing else: no shell into the builder.
+        .arg("--only-entrypoint")
         .args(["--valid-for", "365days"])
         .output()
         .context("starting mvm build")?;

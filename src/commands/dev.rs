@@ -9,6 +9,7 @@ use std::process::{Command, ExitCode};
 use anyhow::Context as _;
 use clap::Subcommand;
 use mvm_builder::builder_image::BuilderImage;
+use mvm_runner::disk::LaunchDisk;
 use mvm_runner::named_vm::VmHome;
 use mvm_runner::state::{Phase, VmState};
 use serde_json::json;
@@ -81,6 +82,9 @@ pub fn run(cmd: DevCommand, out: &Output) -> anyhow::Result<ExitCode> {
             }
             match state.map(|s| s.phase) {
                 Some(Phase::Running) => {
+                    if store_size.is_some() {
+                        eprintln!("notice: {BUILDER_VM} is running: --store-size changes nothing");
+                    }
                     out.result(json!({"vm": BUILDER_VM, "started": false}), || {
                         format!("{BUILDER_VM} is running already")
                     });
@@ -157,10 +161,17 @@ pub fn run(cmd: DevCommand, out: &Output) -> anyhow::Result<ExitCode> {
                 ));
             }
             let store = host.home.root().join(STORE_DISK);
-            let removed = match fs::remove_file(&store) {
-                Ok(()) => true,
+            let removed = match fs::symlink_metadata(&store) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
                 Err(e) => return Err(anyhow::Error::new(e).context(store.display().to_string())),
+                Ok(_) => {
+                    // Held while it goes: no VM has it attached (`mvm up --disk` of it).
+                    let _held = store_disk(&store).lock().map_err(|why| {
+                        super::coded_as("BUILDER007", format!("the store disk: {why}"))
+                    })?;
+                    fs::remove_file(&store).with_context(|| store.display().to_string())?;
+                    true
+                }
             };
             out.result(
                 json!({"store_disk": store, "removed": removed}),
@@ -194,13 +205,20 @@ fn start_builder<'a>(
         }
         Err(_) => make_store_disk(store, size.unwrap_or(DEFAULT_STORE_SIZE))?,
     }
-    let mut disk = store.as_os_str().to_owned();
-    disk.push(":/nix");
     Ok(mvm
         .args(["up", "--name", BUILDER_VM, "--plan"])
         .arg(plan)
         .arg("--disk")
-        .arg(disk))
+        .arg(store_disk(store).to_string()))
+}
+
+/// The store disk as the builder VM has it: at `/nix`, writable.
+fn store_disk(store: &Path) -> LaunchDisk {
+    LaunchDisk {
+        file: store.to_path_buf(),
+        path: "/nix".into(),
+        read_only: false,
+    }
 }
 
 /// Makes the store disk: a sparse file of `size` bytes holding an empty ext4 filesystem
@@ -233,7 +251,8 @@ fn make_store_disk(store: &Path, size: u64) -> anyhow::Result<()> {
             ),
         ));
     }
-    staged.persist(store)?;
+    // Never over a disk another `mvm dev up` made meanwhile.
+    staged.persist_noclobber(store)?;
     Ok(())
 }
 

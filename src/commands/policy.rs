@@ -309,7 +309,13 @@ fn explain_verb(subject: &Subject, host: &HostPolicy, verb: &str) -> anyhow::Res
         )),
     };
     Ok(match verb {
+        "exec" if !grants.any_command => allow(
+            "the plan runs only its entrypoint's program, as the workload user (built with --only-entrypoint)",
+        ),
         "exec" => allow("every profile runs commands, as the workload user, never root"),
+        "file_write" if !grants.any_command => {
+            deny("the plan lets clients change no file (built with --only-entrypoint)")
+        }
         "file_read" => allow("every profile copies files out of /tmp and the workload user's home"),
         "file_write" => by_grant(
             grants.host_copy,

@@ -206,8 +206,8 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Bo
     let mut outcome =
         egress_for(launch, &plan.plan, &audit, &vm, None, &secrets).and_then(|egress| {
             let mut booted = boot(launch, listener.as_ref(), &mut vm_process)?;
-            put_secret_files(&mut booted.client, &secrets)?;
             mount_disks(&mut booted.client, &launch.disks)?;
+            put_secret_files(&mut booted.client, &secrets)?;
             confine(egress.is_some())?;
             run_command(
                 launch,

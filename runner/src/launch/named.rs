@@ -139,8 +139,6 @@ pub fn wake_named(
         env,
         secrets,
         secret_files,
-        // The same files at the same serials: the woken guest has them mounted.
-        disks: saved.manifest.disks.clone(),
         placeholders: saved.manifest.placeholders.clone(),
         ..launch.clone()
     };
@@ -215,11 +213,10 @@ pub(super) fn serve_started(
         let egress = egress_for(launch, &plan.plan, &audit, &vm, Some(counts), &secrets)?;
         let ports = forwarded_ports(launch, &plan.plan, saved.is_some(), &dir.path)?;
         let mut booted = boot(launch, listener.as_ref(), &mut vm_process)?;
+        // None when woken: a VM with disks is never saved cold. Before the secret files: a
+        // disk mounted after them could hide them.
+        mount_disks(&mut booted.client, &launch.disks)?;
         put_secret_files(&mut booted.client, &secrets)?;
-        if saved.is_none() {
-            // A woken guest has them mounted still.
-            mount_disks(&mut booted.client, &launch.disks)?;
-        }
         if let Some(egress) = &egress {
             // Before anyone is told the VM is ready: every command it runs sees the proxy.
             serve_proxy(&mut booted.client, egress)?;
@@ -273,7 +270,7 @@ pub(super) fn serve_started(
         // A jailed VMM is not saved: its state would have to leave the jail.
         let jailed = matches!(vm_process, VmProcess::Jailed(_));
         let backend = vm_process.backend();
-        let saver = (!jailed).then(|| ColdSaver {
+        let saver = ColdSaver {
             dir: dir.path.clone(),
             home: launch.home.clone(),
             manifest: ColdManifest {
@@ -296,7 +293,6 @@ pub(super) fn serve_started(
                 env: launch.env.clone(),
                 secrets: launch.secrets.iter().map(ToString::to_string).collect(),
                 secret_files: launch.secret_files.clone(),
-                disks: launch.disks.clone(),
                 placeholders: secrets
                     .bound
                     .iter()
@@ -304,7 +300,14 @@ pub(super) fn serve_started(
                     .collect(),
                 saved_at: mvm_ir::plan::Timestamp::now(),
             },
-        });
+        };
+        // A disk is locked to its runner, which a cold VM no longer has: another VM could
+        // mount it under the filesystem the saved guest holds in its memory.
+        let saver = match (jailed, launch.disks.is_empty()) {
+            (true, _) => Err("a jailed VM is never saved cold".to_string()),
+            (false, false) => Err("a VM with disks (--disk) is not saved cold".to_string()),
+            (false, true) => Ok(saver),
+        };
         let serving = keep_serving(
             launch,
             control,
@@ -415,7 +418,7 @@ pub(super) fn keep_serving(
     vm: &mut VmProcess,
     (booted, opener, ports): (Booted, Option<OpenHandler>, Vec<forward::Bound>),
     (audit, vm_id, secrets): (&Arc<HostAudit>, &str, &LaunchSecrets),
-    (machine, phases, cold): (Box<dyn Pausable>, PhaseRecorder, Option<ColdSaver>),
+    (machine, phases, cold): (Box<dyn Pausable>, PhaseRecorder, Result<ColdSaver, String>),
 ) -> Result<Served, LaunchError> {
     let (stream, last_stream) = booted
         .client
