@@ -142,8 +142,23 @@ pub enum BenchCommand {
     /// persona, alternately; medians and the ratio.
     Builder {
         /// The image to build (REFERENCE@sha256:…).
-        #[arg(long)]
-        image: String,
+        #[arg(
+            long,
+            required_unless_present = "workload",
+            conflicts_with = "workload"
+        )]
+        image: Option<String>,
+        /// A nix_packages workload to build instead (its directory or declaration), its
+        /// packages looked up in --nix-packages.
+        #[arg(long, value_name = "PATH", requires = "nix_packages")]
+        workload: Option<std::path::PathBuf>,
+        /// The Nix package set file of --workload (its directory goes into the builder VM).
+        #[arg(long, value_name = "FILE")]
+        nix_packages: Option<std::path::PathBuf>,
+        /// For --workload: the host persona's Nix store (`nix-store --store DIR`); default the
+        /// system's. The builder VM realises in its own.
+        #[arg(long, value_name = "DIR")]
+        nix_store: Option<std::path::PathBuf>,
         /// Builds with each persona.
         #[arg(long, default_value_t = 5)]
         runs: usize,
@@ -187,8 +202,23 @@ pub fn run(cmd: BenchCommand, out: &Output) -> anyhow::Result<()> {
             out.result(value, || text);
             return Ok(());
         }
-        BenchCommand::Builder { image, runs } => {
-            let (value, text) = builder::builder(&image, runs.max(1), work.path())?;
+        BenchCommand::Builder {
+            image,
+            workload,
+            nix_packages,
+            nix_store,
+            runs,
+        } => {
+            let target = match (image, workload, nix_packages) {
+                (Some(image), _, _) => builder::Target::Image(image),
+                (None, Some(workload), Some(package_set)) => builder::Target::Nix {
+                    workload,
+                    package_set,
+                    store: nix_store,
+                },
+                _ => anyhow::bail!("--image, or --workload with --nix-packages"),
+            };
+            let (value, text) = builder::builder(&target, runs.max(1), work.path())?;
             out.result(value, || text);
             return Ok(());
         }
