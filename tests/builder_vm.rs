@@ -207,6 +207,21 @@ fn the_builder_vm_image_is_pinned_and_builds_the_same_bytes_as_the_host() {
     assert!(up.status.success(), "{}", describe(&up));
     let status = guest::mvm_json(&home, &["dev", "status"], 0);
     assert_eq!(status["vm"]["phase"], "running", "{status}");
+    // Its worker answers a probe: the job version, what it takes, its Nix, an empty store.
+    let worker = &status["worker"];
+    assert_eq!(worker["version"], 1, "{status}");
+    assert_eq!(
+        worker["jobs"],
+        serde_json::json!(["build_oci", "build_nix", "probe"]),
+        "{status}"
+    );
+    assert!(
+        worker["nix"]
+            .as_str()
+            .is_some_and(|nix| nix.starts_with("nix-store (Nix) 2.")),
+        "{status}"
+    );
+    assert_eq!(worker["store_paths"], 0, "{status}");
     let (in_dev, _) = bundle_of("auto");
     assert!(
         fs::read(in_dev.join("rootfs.erofs")).unwrap()
@@ -376,12 +391,43 @@ fn the_builder_vm_image_is_pinned_and_builds_the_same_bytes_as_the_host() {
         describe(&built)
     );
 
-    // The store outlives the builder: up again, the same workload realises nothing, and its
-    // image boots and runs. `mvm dev reset` then removes the store.
-    let up = guest::mvm(&home, &["dev", "up"]);
+    // The store outlives the builder: up again, at another size (a plan of its own, from the
+    // same image), the same workload realises nothing, and its image boots and runs. `mvm dev
+    // reset` then removes the store. A size over the builder's profile is refused unbooted.
+    let too_big = guest::mvm_json(&home, &["dev", "up", "--memory", "4096"], 65);
+    assert_eq!(too_big["error"]["code"], "BUILD011", "{too_big}");
+    let up = guest::mvm(&home, &["dev", "up", "--cpus", "2", "--memory", "1536"]);
     assert!(up.status.success(), "{}", describe(&up));
+    let sized = guest::mvm_json(&home, &["dev", "status"], 0);
+    assert_ne!(
+        sized["vm"]["plan_digest"], status["vm"]["plan_digest"],
+        "{sized}"
+    );
+    // Its store is the one the first builder filled: the workload's closure and derivations.
+    assert!(
+        sized["worker"]["store_paths"].as_u64() >= Some(3),
+        "{sized}"
+    );
+    let sized_plans: Vec<_> = fs::read_dir(home.join("builder/sized"))
+        .unwrap()
+        .map(|entry| support::dsse_payload(&entry.unwrap().path().join("plan.dsse.json")))
+        .collect();
+    assert_eq!(sized_plans.len(), 1);
+    assert_eq!(sized_plans[0]["resources"]["cpu_cores"], 2);
+    assert_eq!(sized_plans[0]["resources"]["memory_mb"], 1536);
+    assert_eq!(sized_plans[0]["policy"]["grants"]["any_command"], false);
     let again = nix.build(&home, "vm", &dir.path().join("nix-vm-again"));
     assert_eq!(again["nix_built"], 0, "{again}");
+    let provenance = support::dsse_payload(&dir.path().join("nix-vm-again/provenance.dsse.json"));
+    let internal = &provenance["predicate"]["buildDefinition"]["internalParameters"];
+    assert_eq!(
+        internal["builder_vm"]["plan_digest"],
+        sized["vm"]["plan_digest"]
+    );
+    assert_eq!(
+        internal["builder_vm"]["image_digest"],
+        manifest["image_digest"]
+    );
     assert!(again["root_hash"].is_string(), "{again}");
     assert_eq!(again["root_hash"], vm_nix["root_hash"]);
     let nix_plan = dir.path().join("nix-vm-again/plan.dsse.json");

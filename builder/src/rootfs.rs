@@ -36,6 +36,7 @@ const MOUNT_POINTS: &[(&str, u32)] = &[
 
 /// What to build.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RootfsRequest {
     /// The image reference as the workload spells it.
     pub reference: String,

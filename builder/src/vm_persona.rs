@@ -38,6 +38,138 @@ use serde::{Deserialize, Serialize};
 /// is its memory): a builder that stays up serves one build after another, or several at once.
 const GUEST_JOB_PREFIX: &str = "/tmp/mvm-job-";
 
+/// The version of the jobs the host sends the builder VM's worker and of its answers: a worker
+/// of another version refuses the job, and the host its answer.
+pub const JOB_VERSION: u32 = 1;
+
+/// A job's `request.json`: its version and what is asked. Unknown fields are refused.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Job {
+    /// [`JOB_VERSION`] of the host.
+    version: u32,
+    /// What is asked.
+    request: JobRequest,
+}
+
+/// What a job asks of the builder VM's worker.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+enum JobRequest {
+    /// Build an image (an OCI image from the blobs that come with it, or a Nix image from the
+    /// package set's directory that does).
+    Build(Box<WorkerRequest>),
+    /// Say what the worker can do and what its store holds ([`Capabilities`]).
+    Probe,
+}
+
+/// The builder VM worker's answer to a probe: what it can do, and its Nix store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Capabilities {
+    /// Its [`JOB_VERSION`].
+    pub version: u32,
+    /// The jobs it takes: `build_oci`, `build_nix`, `probe`.
+    pub jobs: Vec<String>,
+    /// What `nix-store --version` says in the builder.
+    pub nix: String,
+    /// The paths in its store (`/nix/store`).
+    pub store_paths: u64,
+}
+
+/// Asks the builder VM's worker what it can do (`launcher` as for [`build_in_vm`]).
+pub fn probe_in_vm(launcher: impl FnOnce(&str) -> Command) -> Result<Capabilities, WorkerError> {
+    let failed =
+        |message: String| WorkerError::Worker(format!("probing the builder VM: {message}"));
+    let id = mvm_ir::plan::fresh_nonce().map_err(|e| failed(e.to_string()))?;
+    let job = Job {
+        version: JOB_VERSION,
+        request: JobRequest::Probe,
+    };
+    let json = serde_json::to_vec(&job).map_err(|e| failed(e.to_string()))?;
+    let mut tar = tar::Builder::new(Vec::new());
+    append(&mut tar, "request.json", json.len() as u64, json.as_slice())
+        .map_err(|e| failed(e.to_string()))?;
+    let job_tar = tar.into_inner().map_err(|e| failed(e.to_string()))?;
+    let mut child = launcher(&format!("{GUEST_JOB_PREFIX}{id}"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| failed(format!("cannot start: {e}")))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A worker that refuses the job says why in its answer.
+        let _ = stdin.write_all(&job_tar);
+    }
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| failed("no stdout".into()))?;
+    let answer = receive_probe(stdout);
+    let status = child.wait();
+    let capabilities = answer.map_err(|e| {
+        failed(format!(
+            "{e} ({})",
+            status.map_or_else(|e| e.to_string(), |s| s.to_string())
+        ))
+    })?;
+    if capabilities.version != JOB_VERSION {
+        return Err(failed(format!(
+            "it speaks job version {}, this mvm {JOB_VERSION}: `mvm builder fetch` with this \
+             mvm's worker, then `mvm dev down && mvm dev up`",
+            capabilities.version
+        )));
+    }
+    Ok(capabilities)
+}
+
+/// Reads a probe's answer: `probe.json`, or `answer.json` saying why there is none.
+fn receive_probe(from: impl Read) -> io::Result<Capabilities> {
+    let mut archive = tar::Archive::new(from);
+    let mut entries = archive.entries()?;
+    let mut entry = entries
+        .next()
+        .ok_or_else(|| io::Error::other("no answer"))??;
+    let path = entry.path()?.to_string_lossy().into_owned();
+    match path.as_str() {
+        "probe.json" => bounded_json(&mut entry),
+        "answer.json" => match bounded_json::<Answer>(&mut entry)? {
+            Answer::Failed { code, message, .. } => {
+                Err(io::Error::other(format!("{code}: {message}")))
+            }
+            Answer::Built { .. } => Err(io::Error::other("an image, not its capabilities")),
+        },
+        other => Err(io::Error::other(format!("an unexpected entry {other:?}"))),
+    }
+}
+
+/// What this worker can do, and the paths in its store.
+fn capabilities() -> Capabilities {
+    let nix = std::process::Command::new("nix-store")
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        .unwrap_or_default();
+    let store_paths = fs::read_dir("/nix/store")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| !e.file_name().as_encoded_bytes().starts_with(b"."))
+                .count() as u64
+        })
+        .unwrap_or(0);
+    Capabilities {
+        version: JOB_VERSION,
+        jobs: ["build_oci", "build_nix", "probe"]
+            .map(String::from)
+            .to_vec(),
+        nix,
+        store_paths,
+    }
+}
+
 /// The largest image taken back from the VM.
 const MAX_IMAGE_BYTES: u64 = 64 << 30;
 
@@ -124,6 +256,10 @@ pub fn build_in_vm(
             package_set: guest.join(SOURCE_DIR).join(file),
             attrs: job.attrs.clone(),
         }),
+    };
+    let job = Job {
+        version: JOB_VERSION,
+        request: JobRequest::Build(Box::new(job)),
     };
     let request_json = serde_json::to_vec(&job).map_err(|e| WorkerError::Worker(e.to_string()))?;
     let mut child = launcher(&guest.to_string_lossy())
@@ -489,7 +625,15 @@ pub fn serve_in_vm(dir: &str) -> ExitCode {
     };
     let mut realised = None;
     let answer = match received {
-        Ok(mut job) => {
+        Ok(JobRequest::Probe) => {
+            let sent = send_probe(io::stdout().lock(), &capabilities());
+            let _ = fs::remove_dir_all(job_dir);
+            return match sent {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::FAILURE,
+            };
+        }
+        Ok(JobRequest::Build(mut job)) => {
             // Temporary files go where the worker may write once confined, as on the host;
             // Nix's own (its cache) into the job too.
             std::env::set_var("TMPDIR", &job.rootfs.out_dir);
@@ -570,14 +714,15 @@ fn claim_job_dir(dir: &Path) -> io::Result<File> {
 
 /// Unpacks the job tar into `dir`: the request, each blob checked against its name, and a
 /// package set's directory under `source/`.
-fn receive_job(from: impl Read, dir: &Path) -> io::Result<WorkerRequest> {
+fn receive_job(from: impl Read, dir: &Path) -> io::Result<JobRequest> {
     let blobs = dir.join("blobs");
     fs::create_dir_all(blobs.join("sha256"))?;
     let mut archive = tar::Archive::new(from);
     let mut request: Option<WorkerRequest> = None;
     let mut source_bytes = 0u64;
     let mut source_entries = 0usize;
-    for entry in archive.entries()? {
+    let mut entries = archive.entries()?;
+    while let Some(entry) = entries.next() {
         let mut entry = entry?;
         let path = entry.path()?.to_string_lossy().into_owned();
         if path.starts_with(&format!("{SOURCE_DIR}/")) && request.is_some() {
@@ -600,7 +745,24 @@ fn receive_job(from: impl Read, dir: &Path) -> io::Result<WorkerRequest> {
             return Err(io::Error::other("an entry that is not a regular file"));
         }
         if path == "request.json" && request.is_none() {
-            request = Some(bounded_json(&mut entry)?);
+            let job: Job = bounded_json(&mut entry)?;
+            if job.version != JOB_VERSION {
+                return Err(io::Error::other(format!(
+                    "a job of version {}: this worker takes version {JOB_VERSION} (`mvm builder \
+                     fetch` with the host's mvm-build-worker)",
+                    job.version
+                )));
+            }
+            match job.request {
+                JobRequest::Build(build) => request = Some(*build),
+                // A probe is its request alone.
+                JobRequest::Probe => {
+                    return match entries.next() {
+                        None => Ok(JobRequest::Probe),
+                        Some(_) => Err(io::Error::other("a probe with entries after it")),
+                    }
+                }
+            }
             continue;
         }
         let hex = path
@@ -634,7 +796,7 @@ fn receive_job(from: impl Read, dir: &Path) -> io::Result<WorkerRequest> {
     if !blobs_named || !source_named || request.rootfs.out_dir != dir {
         return Err(io::Error::other("the request names other directories"));
     }
-    Ok(request)
+    Ok(JobRequest::Build(Box::new(request)))
 }
 
 /// A JSON document of at most [`MAX_REQUEST_BYTES`] from `from`.
@@ -645,6 +807,14 @@ fn bounded_json<T: serde::de::DeserializeOwned>(from: impl Read) -> io::Result<T
         return Err(io::Error::other("a document larger than its bound"));
     }
     serde_json::from_slice(&bytes).map_err(io::Error::other)
+}
+
+/// Writes a probe's answer: `probe.json`.
+fn send_probe(to: impl Write, capabilities: &Capabilities) -> io::Result<()> {
+    let mut tar = tar::Builder::new(BufWriter::new(to));
+    let json = serde_json::to_vec(capabilities).map_err(io::Error::other)?;
+    append(&mut tar, "probe.json", json.len() as u64, json.as_slice())?;
+    tar.into_inner()?.flush()
 }
 
 /// Writes the answer tar: `answer.json`, the closure realised for a Nix image, and the image
@@ -674,6 +844,67 @@ fn send_answer(
 mod tests {
     use super::*;
 
+    /// `request.json` of a build job of this version.
+    fn job_json(request: WorkerRequest) -> Vec<u8> {
+        let job = Job {
+            version: JOB_VERSION,
+            request: JobRequest::Build(Box::new(request)),
+        };
+        serde_json::to_vec(&job).unwrap()
+    }
+
+    fn built(request: JobRequest) -> WorkerRequest {
+        match request {
+            JobRequest::Build(request) => *request,
+            JobRequest::Probe => panic!("a probe, not a build"),
+        }
+    }
+
+    /// A probe is its request alone, of this version, with no field unknown; its answer is
+    /// read back as it was sent.
+    #[test]
+    fn a_probe_is_versioned_and_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = |json: &[u8], extra: bool| {
+            let mut tar = tar::Builder::new(Vec::new());
+            append(&mut tar, "request.json", json.len() as u64, json).unwrap();
+            if extra {
+                append(&mut tar, "blobs/sha256/00", 1, b"x".as_slice()).unwrap();
+            }
+            tar.into_inner().unwrap()
+        };
+        let probe = br#"{"version":1,"request":"probe"}"#;
+        assert!(matches!(
+            receive_job(job(probe, false).as_slice(), dir.path()).unwrap(),
+            JobRequest::Probe
+        ));
+        assert!(receive_job(job(probe, true).as_slice(), dir.path()).is_err());
+        let newer = br#"{"version":2,"request":"probe"}"#;
+        let refused = receive_job(job(newer, false).as_slice(), dir.path()).unwrap_err();
+        assert!(refused.to_string().contains("version 2"), "{refused}");
+        let unknown = br#"{"version":1,"request":"probe","priority":9}"#;
+        assert!(receive_job(job(unknown, false).as_slice(), dir.path()).is_err());
+
+        let mut answer = Vec::new();
+        let capabilities = Capabilities {
+            version: JOB_VERSION,
+            jobs: vec!["probe".into()],
+            nix: "nix-store (Nix) 2.8.0".into(),
+            store_paths: 3,
+        };
+        send_probe(&mut answer, &capabilities).unwrap();
+        assert_eq!(receive_probe(answer.as_slice()).unwrap(), capabilities);
+        let mut failed = Vec::new();
+        let refusal = Answer::Failed {
+            code: "BUILD004".into(),
+            class: ErrorClass::Io,
+            message: "reading the job".into(),
+        };
+        send_answer(&mut failed, &refusal, None, None).unwrap();
+        let said = receive_probe(failed.as_slice()).unwrap_err();
+        assert!(said.to_string().starts_with("BUILD004"), "{said}");
+    }
+
     /// A job sent by the host side is read back by the guest side, and a blob altered on the
     /// way is refused.
     #[test]
@@ -700,10 +931,10 @@ mod tests {
             blobs: Some(guest.path().join("blobs")),
             nix_eval: None,
         };
-        let json = serde_json::to_vec(&request).unwrap();
+        let json = job_json(request.clone());
         let mut job = Vec::new();
         send_job(&mut job, &json, Some(&blobs), None).unwrap();
-        let got = receive_job(job.as_slice(), guest.path()).unwrap();
+        let got = built(receive_job(job.as_slice(), guest.path()).unwrap());
         assert_eq!(got.blobs, request.blobs);
         assert_eq!(
             fs::read(guest.path().join("blobs/sha256").join(&hex)).unwrap(),
@@ -779,14 +1010,8 @@ mod tests {
         };
         let sent = request(guest.path().join(SOURCE_DIR).join(&file));
         let mut tar = Vec::new();
-        send_job(
-            &mut tar,
-            &serde_json::to_vec(&sent).unwrap(),
-            None,
-            Some(&entries),
-        )
-        .unwrap();
-        let got = receive_job(tar.as_slice(), guest.path()).unwrap();
+        send_job(&mut tar, &job_json(sent.clone()), None, Some(&entries)).unwrap();
+        let got = built(receive_job(tar.as_slice(), guest.path()).unwrap());
         assert_eq!(got.nix_eval, sent.nix_eval);
         let source = guest.path().join(SOURCE_DIR);
         assert_eq!(fs::read_to_string(source.join("pkgs.nix")).unwrap(), "{ }");
@@ -812,13 +1037,7 @@ mod tests {
 
         let elsewhere = request(PathBuf::from("/etc/pkgs.nix"));
         let mut tar = Vec::new();
-        send_job(
-            &mut tar,
-            &serde_json::to_vec(&elsewhere).unwrap(),
-            None,
-            Some(&entries),
-        )
-        .unwrap();
+        send_job(&mut tar, &job_json(elsewhere), None, Some(&entries)).unwrap();
         let refused = receive_job(tar.as_slice(), guest.path()).unwrap_err();
         assert!(
             refused.to_string().contains("other directories"),

@@ -66,7 +66,8 @@ pub struct SandboxReport {
 }
 
 /// What the parent sends the worker.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct WorkerRequest {
     /// What to build (without the cache's path: the worker is not given the cache).
     pub(crate) rootfs: RootfsRequest,

@@ -36,7 +36,7 @@ use super::{coded, coded_as, Host};
 use crate::output::Output;
 
 /// Where the plan and provenance envelopes go in a bundle.
-const PLAN_FILE: &str = "plan.dsse.json";
+pub(crate) const PLAN_FILE: &str = "plan.dsse.json";
 const PROVENANCE_FILE: &str = "provenance.dsse.json";
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -437,22 +437,28 @@ type Launcher = Box<dyn FnOnce(&str) -> std::process::Command>;
 fn builder_vm(host: &Host) -> anyhow::Result<(Launcher, BuilderVm)> {
     let dir = host.home.root().join("builder");
     let image = BuilderImage::open(&dir.join("image")).map_err(coded)?;
+    let plan_digest = |plan: &Path| -> anyhow::Result<String> {
+        let payload = mvm_ir::fsutil::read_capped(plan, MAX_ENVELOPE_BYTES, "plan envelope")
+            .and_then(|bytes| Envelope::parse(&bytes))
+            .and_then(|envelope| envelope.decode_payload())
+            .map_err(|e| {
+                coded(BuilderImageError::Mismatch {
+                    path: plan.display().to_string(),
+                    reason: e.to_string(),
+                })
+            })?;
+        Ok(sha256_prefixed(&payload))
+    };
     let plan = dir.join("bundle").join(PLAN_FILE);
-    let payload = mvm_ir::fsutil::read_capped(&plan, MAX_ENVELOPE_BYTES, "plan envelope")
-        .and_then(|bytes| Envelope::parse(&bytes))
-        .and_then(|envelope| envelope.decode_payload())
-        .map_err(|e| {
-            coded(BuilderImageError::Mismatch {
-                path: plan.display().to_string(),
-                reason: e.to_string(),
-            })
-        })?;
-    let plan_digest = sha256_prefixed(&payload);
+    let fetched_plan = plan_digest(&plan)?;
     let mvm = std::env::current_exe()?;
     if let Some(running) = super::dev::running_builder(host) {
-        // The image is the one fetched now only when the running builder was started from it.
-        let image_digest =
-            (running.plan_digest == plan_digest).then_some(image.manifest.image_digest);
+        // The image is the one fetched now only when the running builder was started from a
+        // plan of it (the fetched one, or one of another size `mvm dev up` built from it).
+        let current = super::dev::builder_plans(host, &image)
+            .iter()
+            .any(|plan| plan_digest(plan).is_ok_and(|digest| digest == running.plan_digest));
+        let image_digest = current.then_some(image.manifest.image_digest);
         if image_digest.is_none() {
             eprintln!(
                 "notice: the running builder ({}) was started from an earlier builder plan; \
@@ -460,13 +466,8 @@ fn builder_vm(host: &Host) -> anyhow::Result<(Launcher, BuilderVm)> {
                 super::dev::BUILDER_VM
             );
         }
-        let launcher: Launcher = Box::new(move |job: &str| {
-            let mut command = mvm_ir::env::command(mvm);
-            command
-                .args(["exec", "--interactive", "--timeout", BUILDER_VM_TIMEOUT])
-                .args([super::dev::BUILDER_VM, "--", WORKER, "--in-vm", job]);
-            command
-        });
+        let launcher: Launcher =
+            Box::new(move |job: &str| super::dev::exec_worker(&mvm, BUILDER_VM_TIMEOUT, job));
         let builder = BuilderVm {
             plan_digest: running.plan_digest,
             image_digest,
@@ -488,7 +489,7 @@ fn builder_vm(host: &Host) -> anyhow::Result<(Launcher, BuilderVm)> {
         command
     });
     let builder = BuilderVm {
-        plan_digest,
+        plan_digest: fetched_plan,
         image_digest: Some(image.manifest.image_digest),
     };
     Ok((launcher, builder))

@@ -11,9 +11,10 @@ use super::bundle::sibling;
 use super::{coded, coded_as, coded_io, Host};
 use crate::output::Output;
 
-/// The builder VM's memory: Nix evaluation and EROFS writing want more than a workload's
-/// default, and the restrictive profile allows up to 2 GiB.
-const BUILDER_MEMORY_MIB: &str = "1024";
+/// The builder VM's memory unless `mvm dev up --memory` says otherwise: Nix evaluation and
+/// EROFS writing want more than a workload's default, and the restrictive profile allows up
+/// to 2 GiB.
+pub const BUILDER_MEMORY_MIB: u32 = 1024;
 
 #[derive(Debug, Subcommand)]
 pub enum BuilderCommand {
@@ -59,7 +60,7 @@ pub fn run(cmd: BuilderCommand, out: &Output) -> anyhow::Result<()> {
                 ));
             }
             let image = BuilderImage::fetch(&image_dir, &worker).map_err(coded)?;
-            let built = build(&image, &bundle_dir, &agent)?;
+            let built = build(&image, &bundle_dir, &agent, 1, BUILDER_MEMORY_MIB)?;
             host.audit(
                 "builder.fetch",
                 json!({"image_digest": image.manifest.image_digest,
@@ -105,12 +106,14 @@ pub fn run(cmd: BuilderCommand, out: &Output) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds `image` into the bundle `out` with `mvm build`, under the restrictive profile; its
-/// JSON report.
-fn build(
+/// Builds `image` into the bundle `out` with `mvm build`, under the restrictive profile, with
+/// `cpus` vCPUs and `memory_mib` of memory; its JSON report.
+pub fn build(
     image: &BuilderImage,
     out: &std::path::Path,
     agent: &std::path::Path,
+    cpus: u32,
+    memory_mib: u32,
 ) -> anyhow::Result<Value> {
     let built = mvm_ir::env::command(std::env::current_exe()?)
         .args(["--json", "build", "--image", &image.reference()])
@@ -118,7 +121,13 @@ fn build(
         .arg(out)
         .arg("--agent")
         .arg(agent)
-        .args(["--memory", BUILDER_MEMORY_MIB, "--profile", "restrictive"])
+        .args([
+            "--cpus",
+            &cpus.to_string(),
+            "--memory",
+            &memory_mib.to_string(),
+        ])
+        .args(["--profile", "restrictive"])
         // Its clients run the build worker and nothing else: no shell into the builder.
         .arg("--only-entrypoint")
         .args(["--valid-for", "365days"])
@@ -131,10 +140,12 @@ fn build(
             .as_str()
             .map(str::to_string)
             .unwrap_or_else(|| String::from_utf8_lossy(&built.stderr).trim().to_string());
-        return Err(coded_io(
-            code,
-            format!("building the builder image: {message}"),
-        ));
+        let message = format!("building the builder image: {message}");
+        // Its own class: a refusal of the input stays one (exit 65), the rest is I/O.
+        return Err(match built.status.code() {
+            Some(65) => coded_as(code, message),
+            _ => coded_io(code, message),
+        });
     }
     Ok(report)
 }

@@ -8,12 +8,15 @@ use std::process::{Command, ExitCode};
 
 use anyhow::Context as _;
 use clap::Subcommand;
-use mvm_builder::builder_image::BuilderImage;
+use mvm_builder::builder_image::{BuilderImage, WORKER};
+use mvm_builder::vm_persona::probe_in_vm;
 use mvm_runner::disk::LaunchDisk;
 use mvm_runner::named_vm::VmHome;
 use mvm_runner::state::{Phase, VmState};
 use serde_json::json;
 
+use super::build::PLAN_FILE;
+use super::builder::BUILDER_MEMORY_MIB;
 use super::Host;
 use crate::output::Output;
 
@@ -39,6 +42,13 @@ pub enum DevCommand {
         /// its size (`mvm dev reset` to make it anew).
         #[arg(long, value_name = "SIZE", value_parser = super::vm::copy::parse_size)]
         store_size: Option<u64>,
+        /// The builder's vCPUs (1 unless given; its restrictive profile allows 2). Another
+        /// size than the fetched plan's is a plan of its own, built from the same image.
+        #[arg(long, value_name = "N")]
+        cpus: Option<u32>,
+        /// The builder's memory in MiB (1024 unless given; its profile allows 2048).
+        #[arg(long, value_name = "MIB")]
+        memory: Option<u32>,
     },
     /// The builder VM's state, and the builder image it would start from.
     Status,
@@ -54,6 +64,16 @@ pub enum DevCommand {
     /// Remove the builder's store disk: the next `mvm dev up` starts with an empty Nix store.
     /// Refused while the builder VM exists (`mvm dev down` first).
     Reset,
+}
+
+/// `mvm exec -i` of the build worker in the running builder for the job directory `job`,
+/// stopped after `timeout`.
+pub fn exec_worker(mvm: &Path, timeout: &str, job: &str) -> Command {
+    let mut command = mvm_ir::env::command(mvm);
+    command
+        .args(["exec", "--interactive", "--timeout", timeout])
+        .args([BUILDER_VM, "--", WORKER, "--in-vm", job]);
+    command
 }
 
 /// The builder VM `mvm dev up` started, when it is running.
@@ -72,9 +92,14 @@ pub fn run(cmd: DevCommand, out: &Output) -> anyhow::Result<ExitCode> {
     let builder = vms.get(BUILDER_VM).ok();
     let state = builder.as_ref().and_then(|vm| vm.state().ok());
     match cmd {
-        DevCommand::Up { store_size } => {
-            let plan = host.home.root().join("builder/bundle/plan.dsse.json");
-            BuilderImage::open(&host.home.root().join("builder/image")).map_err(super::coded)?;
+        DevCommand::Up {
+            store_size,
+            cpus,
+            memory,
+        } => {
+            let image = BuilderImage::open(&host.home.root().join("builder/image"))
+                .map_err(super::coded)?;
+            let plan = builder_plan(&host, &image, cpus, memory)?;
             let store = host.home.root().join(STORE_DISK);
             let mut mvm = mvm_ir::env::command(std::env::current_exe()?);
             if out.is_json() {
@@ -82,15 +107,20 @@ pub fn run(cmd: DevCommand, out: &Output) -> anyhow::Result<ExitCode> {
             }
             match state.map(|s| s.phase) {
                 Some(Phase::Running) => {
-                    if store_size.is_some() {
-                        eprintln!("notice: {BUILDER_VM} is running: --store-size changes nothing");
+                    if cpus.is_some() || memory.is_some() || store_size.is_some() {
+                        eprintln!("notice: {BUILDER_VM} is running as it was: `mvm dev down` first to change it");
                     }
                     out.result(json!({"vm": BUILDER_VM, "started": false}), || {
                         format!("{BUILDER_VM} is running already")
                     });
                     return Ok(ExitCode::SUCCESS);
                 }
-                Some(Phase::Cold | Phase::Paused) => mvm.args(["resume", BUILDER_VM]),
+                Some(Phase::Cold | Phase::Paused) => {
+                    if cpus.is_some() || memory.is_some() || store_size.is_some() {
+                        eprintln!("notice: {BUILDER_VM} is resumed as it was: `mvm dev down` first to change it");
+                    }
+                    mvm.args(["resume", BUILDER_VM])
+                }
                 Some(_) => {
                     // Stopped or failed: it goes, and a new one starts.
                     if let Some(vm) = builder {
@@ -109,8 +139,16 @@ pub fn run(cmd: DevCommand, out: &Output) -> anyhow::Result<ExitCode> {
             let disk = fs::metadata(&store).ok().map(
                 |meta| json!({"path": store, "size": meta.len(), "allocated": meta.blocks() * 512}),
             );
+            // The running builder's worker says what it takes and what its store holds.
+            let mvm = std::env::current_exe()?;
+            let worker = match &state {
+                Some(s) if s.phase == Phase::Running => {
+                    Some(probe_in_vm(|job| exec_worker(&mvm, "1m", job)).map_err(super::coded)?)
+                }
+                _ => None,
+            };
             out.result(
-                json!({"vm": state, "image_digest": image_digest, "store_disk": disk}),
+                json!({"vm": state, "image_digest": image_digest, "store_disk": disk, "worker": worker}),
                 || {
                     let vm = match &state {
                         Some(s) => format!(
@@ -132,7 +170,17 @@ pub fn run(cmd: DevCommand, out: &Output) -> anyhow::Result<ExitCode> {
                         ),
                         None => "no store disk yet (`mvm dev up` makes it)".into(),
                     };
-                    format!("{vm}\nbuilder image {image}\n{disk}")
+                    let worker = match &worker {
+                        Some(w) => format!(
+                            "\nworker: job version {}, takes {}; {}; {} store paths",
+                            w.version,
+                            w.jobs.join(", "),
+                            w.nix,
+                            w.store_paths
+                        ),
+                        None => String::new(),
+                    };
+                    format!("{vm}\nbuilder image {image}\n{disk}{worker}")
                 },
             );
             Ok(ExitCode::SUCCESS)
@@ -183,6 +231,56 @@ pub fn run(cmd: DevCommand, out: &Output) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Where the builder's plans are: the one `mvm builder fetch` signed, and one per other size
+/// `mvm dev up` was asked for, under `sized/<image>-<cpus>x<memory>` (the image's digest, 12
+/// hex, so that a plan of an earlier image is never taken for the current one's).
+pub fn builder_plans(host: &Host, image: &BuilderImage) -> Vec<PathBuf> {
+    let builder = host.home.root().join("builder");
+    let prefix = format!("{}-", image_tag(image));
+    let sized = fs::read_dir(builder.join("sized"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|entry| entry.path().join(PLAN_FILE));
+    std::iter::once(builder.join("bundle").join(PLAN_FILE))
+        .chain(sized)
+        .collect()
+}
+
+fn image_tag(image: &BuilderImage) -> String {
+    let digest = &image.manifest.image_digest;
+    digest
+        .strip_prefix("sha256:")
+        .unwrap_or(digest)
+        .chars()
+        .take(12)
+        .collect()
+}
+
+/// The builder plan of `cpus` and `memory` (the fetched one's when neither is given or they
+/// are its own), built from `image` the first time it is asked for.
+fn builder_plan(
+    host: &Host,
+    image: &BuilderImage,
+    cpus: Option<u32>,
+    memory: Option<u32>,
+) -> anyhow::Result<PathBuf> {
+    let builder = host.home.root().join("builder");
+    let (cpus, memory) = (cpus.unwrap_or(1), memory.unwrap_or(BUILDER_MEMORY_MIB));
+    if (cpus, memory) == (1, BUILDER_MEMORY_MIB) {
+        return Ok(builder.join("bundle").join(PLAN_FILE));
+    }
+    let sized = builder
+        .join("sized")
+        .join(format!("{}-{cpus}x{memory}", image_tag(image)));
+    if !sized.join(PLAN_FILE).is_file() {
+        let agent = super::bundle::sibling("MVM_AGENT", "mvm-agent")?;
+        super::builder::build(image, &sized, &agent, cpus, memory)?;
+    }
+    Ok(sized.join(PLAN_FILE))
 }
 
 /// `mvm up` of the builder's plan as the named builder VM, its store disk (made first when
