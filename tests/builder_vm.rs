@@ -137,16 +137,10 @@ fn the_builder_vm_image_is_pinned_and_builds_the_same_bytes_as_the_host() {
     };
     assert_eq!(plan_of(&in_vm), plan_of(&on_host));
     // Its provenance names the builder VM: its signed plan and its image.
-    let provenance = support::dsse_payload(&in_vm.join("provenance.dsse.json"));
-    let internal = &provenance["predicate"]["buildDefinition"]["internalParameters"];
-    assert_eq!(internal["persona"], "vm", "{provenance}");
-    assert_eq!(
-        internal["builder_vm"]["plan_digest"],
-        again["bundle"]["plan_digest"]
-    );
-    assert_eq!(
-        internal["builder_vm"]["image_digest"],
-        manifest["image_digest"]
+    assert_built_by(
+        &in_vm,
+        &again["bundle"]["plan_digest"],
+        &manifest["image_digest"],
     );
     let plan = in_vm.join("plan.dsse.json");
     let ran = guest::mvm(&home, &["run", "--plan", plan.to_str().unwrap()]);
@@ -313,24 +307,26 @@ fn the_builder_vm_image_is_pinned_and_builds_the_same_bytes_as_the_host() {
     let script = "grep -E ' /(data|ro) ' /proc/mounts; echo kept > /data/file; \
                   touch /ro/file 2>/dev/null || echo read-only; \
                   [ \"$(stat -c %u /data)\" = \"$(id -u)\" ] && echo owned";
-    let ran = guest::mvm(
-        &home,
+    // `mvm --json run` of the tools image with `disks`, its command `sh -c script`.
+    let run_tools = |disks: &[String], script: &str| {
+        let plan = tools_bundle.join("plan.dsse.json");
+        let mut args = vec!["--json", "run", "--plan", plan.to_str().unwrap()];
+        for disk in disks {
+            args.extend(["--disk", disk.as_str()]);
+        }
+        args.extend(["--", "sh", "-c", script]);
+        guest::mvm(&home, &args)
+    };
+    let ran = run_tools(
         &[
-            "run",
-            "--plan",
-            tools_bundle.join("plan.dsse.json").to_str().unwrap(),
-            "--disk",
-            &format!("{}:/data", data.display()),
-            "--disk",
-            &format!("{}:/ro:ro", readonly.display()),
-            "--",
-            "sh",
-            "-c",
-            script,
+            format!("{}:/data", data.display()),
+            format!("{}:/ro:ro", readonly.display()),
         ],
+        script,
     );
     assert!(ran.status.success(), "{}", describe(&ran));
-    let said = text(&ran.stdout);
+    let ran: serde_json::Value = serde_json::from_slice(&ran.stdout).unwrap();
+    let said = ran["stdout"].as_str().unwrap_or_default();
     let lines: Vec<&str> = said.lines().collect();
     assert_eq!(lines.len(), 4, "{said}");
     assert!(lines[0].contains(" /data ext4 rw,nosuid,nodev"), "{said}");
@@ -346,21 +342,9 @@ fn the_builder_vm_image_is_pinned_and_builds_the_same_bytes_as_the_host() {
 
     // The store disk serves the builder alone; its store is not reset while the builder is up.
     let store = home.join("builder/store.ext4");
-    let second = guest::mvm_json(
-        &home,
-        &[
-            "run",
-            "--plan",
-            tools_bundle.join("plan.dsse.json").to_str().unwrap(),
-            "--disk",
-            &format!("{}:/nix", store.display()),
-            "--",
-            "sh",
-            "-c",
-            "true",
-        ],
-        125,
-    );
+    let second = run_tools(&[format!("{}:/nix", store.display())], "true");
+    assert_eq!(second.status.code(), Some(125), "{}", describe(&second));
+    let second: serde_json::Value = serde_json::from_slice(&second.stdout).unwrap();
     assert_eq!(second["error"]["code"], "RUN062", "{second}");
     assert!(
         second["error"]["message"]
@@ -418,15 +402,10 @@ fn the_builder_vm_image_is_pinned_and_builds_the_same_bytes_as_the_host() {
     assert_eq!(sized_plans[0]["policy"]["grants"]["any_command"], false);
     let again = nix.build(&home, "vm", &dir.path().join("nix-vm-again"));
     assert_eq!(again["nix_built"], 0, "{again}");
-    let provenance = support::dsse_payload(&dir.path().join("nix-vm-again/provenance.dsse.json"));
-    let internal = &provenance["predicate"]["buildDefinition"]["internalParameters"];
-    assert_eq!(
-        internal["builder_vm"]["plan_digest"],
-        sized["vm"]["plan_digest"]
-    );
-    assert_eq!(
-        internal["builder_vm"]["image_digest"],
-        manifest["image_digest"]
+    assert_built_by(
+        &dir.path().join("nix-vm-again"),
+        &sized["vm"]["plan_digest"],
+        &manifest["image_digest"],
     );
     assert!(again["root_hash"].is_string(), "{again}");
     assert_eq!(again["root_hash"], vm_nix["root_hash"]);
@@ -608,4 +587,24 @@ fn mkfs_ext4() -> PathBuf {
         .map(PathBuf::from)
         .find(|path| path.is_file())
         .expect("e2fsprogs must be installed (scripts/deps installs it)")
+}
+
+/// The provenance of `bundle` says it was built in the builder VM of `plan_digest`, from the
+/// builder image `image_digest`.
+fn assert_built_by(
+    bundle: &Path,
+    plan_digest: &serde_json::Value,
+    image_digest: &serde_json::Value,
+) {
+    let provenance = support::dsse_payload(&bundle.join("provenance.dsse.json"));
+    let internal = &provenance["predicate"]["buildDefinition"]["internalParameters"];
+    assert_eq!(internal["persona"], "vm", "{provenance}");
+    assert_eq!(
+        &internal["builder_vm"]["plan_digest"], plan_digest,
+        "{provenance}"
+    );
+    assert_eq!(
+        &internal["builder_vm"]["image_digest"], image_digest,
+        "{provenance}"
+    );
 }

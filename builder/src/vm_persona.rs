@@ -844,6 +844,29 @@ fn send_answer(
 mod tests {
     use super::*;
 
+    /// A build request whose job directory is `dir`.
+    fn guest_request(
+        dir: &Path,
+        blobs: Option<PathBuf>,
+        nix_eval: Option<NixEval>,
+    ) -> WorkerRequest {
+        WorkerRequest {
+            rootfs: RootfsRequest {
+                reference: "oci:/x".into(),
+                digest: format!("sha256:{}", "0".repeat(64)),
+                base_dir: dir.into(),
+                cache_dir: PathBuf::new(),
+                out_dir: dir.into(),
+                insecure_registries: vec![],
+                progress: false,
+                nix: None,
+                compression: Default::default(),
+            },
+            blobs,
+            nix_eval,
+        }
+    }
+
     /// `request.json` of a build job of this version.
     fn job_json(request: WorkerRequest) -> Vec<u8> {
         let job = Job {
@@ -916,21 +939,7 @@ mod tests {
         let hex = hex::encode(Sha256::digest(blob));
         fs::write(blobs.join("sha256").join(&hex), blob).unwrap();
         let guest = tempfile::tempdir().unwrap();
-        let request = WorkerRequest {
-            rootfs: RootfsRequest {
-                reference: "oci:/x".into(),
-                digest: format!("sha256:{}", "0".repeat(64)),
-                base_dir: guest.path().into(),
-                cache_dir: PathBuf::new(),
-                out_dir: guest.path().into(),
-                insecure_registries: vec![],
-                progress: false,
-                nix: None,
-                compression: Default::default(),
-            },
-            blobs: Some(guest.path().join("blobs")),
-            nix_eval: None,
-        };
+        let request = guest_request(guest.path(), Some(guest.path().join("blobs")), None);
         let json = job_json(request.clone());
         let mut job = Vec::new();
         send_job(&mut job, &json, Some(&blobs), None).unwrap();
@@ -990,23 +999,12 @@ mod tests {
             ]
         );
         let guest = tempfile::tempdir().unwrap();
-        let request = |package_set: PathBuf| WorkerRequest {
-            rootfs: RootfsRequest {
-                reference: String::new(),
-                digest: String::new(),
-                base_dir: guest.path().into(),
-                cache_dir: PathBuf::new(),
-                out_dir: guest.path().into(),
-                insecure_registries: vec![],
-                progress: false,
-                nix: None,
-                compression: Default::default(),
-            },
-            blobs: None,
-            nix_eval: Some(NixEval {
+        let request = |package_set: PathBuf| {
+            let eval = NixEval {
                 package_set,
                 attrs: job.attrs.clone(),
-            }),
+            };
+            guest_request(guest.path(), None, Some(eval))
         };
         let sent = request(guest.path().join(SOURCE_DIR).join(&file));
         let mut tar = Vec::new();
