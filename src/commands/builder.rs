@@ -61,6 +61,14 @@ pub fn run(cmd: BuilderCommand, out: &Output) -> anyhow::Result<()> {
             }
             let image = BuilderImage::fetch(&image_dir, &worker).map_err(coded)?;
             let built = build(&image, &bundle_dir, &agent, 1, BUILDER_MEMORY_MIB)?;
+            // Plans of other sizes (`mvm dev up --cpus/--memory`) are made again from this
+            // fetch when next asked for, with its agent and kernel.
+            match std::fs::remove_dir_all(dir.join("sized")) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(anyhow::Error::new(e).context("removing builder/sized"))
+                }
+                _ => {}
+            }
             host.audit(
                 "builder.fetch",
                 json!({"image_digest": image.manifest.image_digest,
