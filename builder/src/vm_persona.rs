@@ -145,7 +145,7 @@ fn receive_probe(from: impl Read) -> io::Result<Capabilities> {
 
 /// What this worker can do, and the paths in its store.
 fn capabilities() -> Capabilities {
-    let nix = std::process::Command::new("nix-store")
+    let nix = mvm_ir::env::command("nix-store")
         .arg("--version")
         .output()
         .ok()
