@@ -11,18 +11,15 @@ use std::fs::{File, OpenOptions};
 use std::path::PathBuf;
 
 use rustix::fs::{flock, FlockOperation};
-use serde::{Deserialize, Serialize};
 
 /// One disk of a launch.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LaunchDisk {
     /// The host file, absolute.
     pub file: PathBuf,
     /// Where the guest mounts it.
     pub path: String,
     /// Mounted read-only, and opened so by the VM.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub read_only: bool,
 }
 

@@ -83,7 +83,7 @@ pub struct ImageOptions {
     /// encrypted. A disk serves one VM at a time (RUN062 for a second). `mvm dev up` keeps the
     /// builder's Nix store on one.
     #[arg(long, value_name = "FILE:PATH[:ro]", value_parser = mvm_runner::disk::LaunchDisk::parse)]
-    pub disk: Vec<mvm_runner::disk::LaunchDisk>,
+    disk: Vec<mvm_runner::disk::LaunchDisk>,
 }
 
 /// `NAME[:ENV]` of `--secret`, checked here as the runner will.
