@@ -206,7 +206,7 @@ fn the_builder_vm_image_is_pinned_and_builds_the_same_bytes_as_the_host() {
     assert_eq!(worker["version"], 1, "{status}");
     assert_eq!(
         worker["jobs"],
-        serde_json::json!(["build_oci", "build_nix", "probe"]),
+        serde_json::json!(["build_oci", "build_nix", "probe", "store"]),
         "{status}"
     );
     assert!(
@@ -216,6 +216,7 @@ fn the_builder_vm_image_is_pinned_and_builds_the_same_bytes_as_the_host() {
         "{status}"
     );
     assert_eq!(worker["store_paths"], 0, "{status}");
+    assert_eq!(worker["jobs_running"], 0, "{status}");
     let (in_dev, _) = bundle_of("auto");
     assert!(
         fs::read(in_dev.join("rootfs.erofs")).unwrap()
@@ -259,9 +260,40 @@ fn the_builder_vm_image_is_pinned_and_builds_the_same_bytes_as_the_host() {
 
     // A nix_packages workload: realised by the builder's own Nix on its store disk (mounted at
     // /nix), the same bytes as the host persona's Nix gives.
+    // What the job does is said as it happens: its steps, and Nix's log.
     let nix = NixWorkload::new(dir.path());
-    let vm_nix = nix.build(&home, "vm", &dir.path().join("nix-vm"));
+    let built = nix.output(&home, "vm", &dir.path().join("nix-vm"), false);
+    assert!(built.status.success(), "{}", describe(&built));
+    let said = text(&built.stderr);
+    let steps = [
+        "builder: the job is in (",
+        "builder: realising hello\n",
+        "builder: hello is being built\n",
+        "builder: building the image\n",
+    ];
+    let at: Vec<Option<usize>> = steps.iter().map(|step| said.find(step)).collect();
+    assert!(
+        at.iter().all(Option::is_some) && at.windows(2).all(|w| w[0] < w[1]),
+        "{}",
+        describe(&built)
+    );
+    let vm_nix: serde_json::Value = serde_json::from_slice(&built.stdout).unwrap();
     assert!(vm_nix["nix_built"].as_u64() >= Some(1), "{vm_nix}");
+    // The store's valid paths, as the builder's Nix lists them: the package and its
+    // derivation.
+    let listed = guest::mvm_json(&home, &["dev", "store"], 0);
+    let paths: Vec<&str> = listed["paths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p.as_str())
+        .collect();
+    assert!(
+        paths.iter().any(|p| p.ends_with("-hello"))
+            && paths.iter().any(|p| p.ends_with("-hello.drv"))
+            && paths.windows(2).all(|w| w[0] < w[1]),
+        "{listed}"
+    );
     let host_nix = nix.build(&home, "host", &dir.path().join("nix-host"));
     assert!(vm_nix["root_hash"].is_string(), "{vm_nix}");
     assert_eq!(vm_nix["root_hash"], host_nix["root_hash"]);
@@ -278,6 +310,46 @@ fn the_builder_vm_image_is_pinned_and_builds_the_same_bytes_as_the_host() {
             == fs::read(dir.path().join("nix-host/rootfs.erofs")).unwrap(),
         "the Nix image differs between the personas"
     );
+
+    // A build cancelled while the builder's Nix builds (SIGTERM, as Ctrl-C's SIGINT) ends its
+    // job in the builder, fails with BUILD013 and publishes nothing.
+    let cancelled = dir.path().join("cancelled");
+    let slow = nix
+        .command(&home, &nix.slow_app, "vm", &cancelled, false)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait::eventually(
+        "the slow job running in the builder",
+        wait::EVENTUALLY,
+        || {
+            let status = guest::mvm_json(&home, &["dev", "status"], 0);
+            match status["worker"]["jobs_running"].as_u64() {
+                Some(1) => Ok(()),
+                _ => Err(status.to_string()),
+            }
+        },
+    );
+    let pid = rustix::process::Pid::from_raw(slow.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let slow = slow.wait_with_output().unwrap();
+    assert_eq!(slow.status.code(), Some(74), "{}", describe(&slow));
+    let said: serde_json::Value = serde_json::from_slice(&slow.stdout).unwrap();
+    assert_eq!(said["error"]["code"], "BUILD013", "{said}");
+    assert!(
+        text(&slow.stderr).contains("builder: slow starts"),
+        "{}",
+        describe(&slow)
+    );
+    assert!(!cancelled.exists());
+    wait::eventually("the cancelled job gone", wait::EVENTUALLY, || {
+        let status = guest::mvm_json(&home, &["dev", "status"], 0);
+        match status["worker"]["jobs_running"].as_u64() {
+            Some(0) => Ok(()),
+            _ => Err(status.to_string()),
+        }
+    });
     // The disks the store is one of: any ext4 file, mounted nosuid,nodev, the workload user's
     // to write, read-only with `:ro`; what the guest writes is in the host file after.
     let tools = layout.busybox_with(&["sh", "grep", "echo", "touch", "stat", "id"]);
@@ -475,6 +547,8 @@ fn the_builder_vm_image_is_pinned_and_builds_the_same_bytes_as_the_host() {
 /// persona's side.
 struct NixWorkload {
     app: PathBuf,
+    /// A workload whose package takes ten minutes to build: one to cancel.
+    slow_app: PathBuf,
     package_set: PathBuf,
     store: PathBuf,
 }
@@ -492,33 +566,46 @@ impl NixWorkload {
     system = "x86_64-linux";
     builder = "${bb}/busybox";
     args = [ "sh" "-c" ''
+      echo "hello is being built" >&2
       mkdir -p $out/bin
       printf '#!${bb}/busybox sh\necho hello from nix\n' > $out/bin/hello
       chmod 555 $out/bin/hello
     '' ];
   };
+  slow = derivation {
+    name = "slow";
+    system = "x86_64-linux";
+    builder = "${bb}/busybox";
+    args = [ "sh" "-c" "echo slow starts >&2; ${bb}/busybox sleep 600; ${bb}/busybox mkdir $out" ];
+  };
 }
 "#,
         )
         .unwrap();
-        let app = dir.join("nix-app");
-        fs::create_dir_all(&app).unwrap();
-        fs::write(
-            app.join("mvm.toml"),
-            r#"schema_version = "0"
-id = "hello"
+        let app = |name: &str, package: &str| {
+            let app = dir.join(name);
+            fs::create_dir_all(&app).unwrap();
+            fs::write(
+                app.join("mvm.toml"),
+                format!(
+                    r#"schema_version = "0"
+id = "{package}"
 [[apps]]
 name = "main"
-entrypoints = [{ kind = "command", command = ["hello"] }]
-image = { kind = "nix_packages", packages = ["hello"] }
-resources = { cpu_cores = 1, memory_mb = 256 }
-"#,
-        )
-        .unwrap();
+entrypoints = [{{ kind = "command", command = ["{package}"] }}]
+image = {{ kind = "nix_packages", packages = ["{package}"] }}
+resources = {{ cpu_cores = 1, memory_mb = 256 }}
+"#
+                ),
+            )
+            .unwrap();
+            app
+        };
         let store = dir.join("host-store");
         fs::create_dir_all(&store).unwrap();
         Self {
-            app,
+            app: app("nix-app", "hello"),
+            slow_app: app("slow-app", "slow"),
             package_set: set.join("pkgs.nix"),
             store,
         }
@@ -533,9 +620,24 @@ resources = { cpu_cores = 1, memory_mb = 256 }
 
     /// `mvm build` of the workload in `persona`, on the private store when `private_store`.
     fn output(&self, home: &Path, persona: &str, out: &Path, private_store: bool) -> Output {
+        self.command(home, &self.app, persona, out, private_store)
+            .output()
+            .unwrap()
+    }
+
+    /// `mvm --json build` of the workload `app` in `persona`, on the private store when
+    /// `private_store`.
+    fn command(
+        &self,
+        home: &Path,
+        app: &Path,
+        persona: &str,
+        out: &Path,
+        private_store: bool,
+    ) -> std::process::Command {
         let mut command = guest::command(home, &["--json", "build"]);
         command
-            .arg(&self.app)
+            .arg(app)
             .args(["--persona", persona, "--nix-packages"])
             .arg(&self.package_set)
             .arg("--out")
@@ -547,7 +649,7 @@ resources = { cpu_cores = 1, memory_mb = 256 }
         if private_store {
             command.arg("--nix-store").arg(&self.store);
         }
-        command.output().unwrap()
+        command
     }
 }
 

@@ -35,6 +35,7 @@ pub mod image_cache;
 pub mod initramfs;
 pub mod kernel;
 pub mod layer;
+pub mod log_lines;
 pub mod nix_image;
 pub mod oci;
 pub mod rootfs;

@@ -20,7 +20,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::fs;
+use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 
 use mvm_ir::{Coded, ErrorClass};
 use mvm_nix::derivation::file::{DrvFile, StoreRoot};
@@ -28,6 +30,7 @@ use mvm_nix::derivation::hashing::DrvHasher;
 use mvm_nix::StorePath;
 use serde::{Deserialize, Serialize};
 
+use crate::log_lines::{forward_lines, LogSink};
 use crate::tree::{Metadata, NodeId, NodeKind, Tree};
 
 /// The most store paths a closure may have (a large desktop closure has a few thousand).
@@ -174,6 +177,8 @@ pub struct NixStore {
     store: Option<PathBuf>,
     /// The Nix expression the attribute paths are looked up in (`<nixpkgs>` or a file).
     package_set: String,
+    /// Where Nix's log lines go as it writes them, if anywhere.
+    log: Option<LogSink>,
 }
 
 impl NixStore {
@@ -181,7 +186,19 @@ impl NixStore {
     /// `package_set` (`<nixpkgs>`, or a file whose value, or the value it returns when called
     /// with no arguments, is the package set).
     pub fn new(store: Option<PathBuf>, package_set: String) -> Self {
-        Self { store, package_set }
+        Self {
+            store,
+            package_set,
+            log: None,
+        }
+    }
+
+    /// Passes the lines Nix writes to its standard error (its build log) to `log` as they come.
+    pub fn with_log(self, log: LogSink) -> Self {
+        Self {
+            log: Some(log),
+            ..self
+        }
     }
 
     fn store_root(&self) -> PathBuf {
@@ -194,22 +211,37 @@ impl NixStore {
         if let Some(store) = &self.store {
             command.arg("--store").arg(store);
         }
-        let out = command
+        let no_nix = |source| NixImageError::NoNix {
+            program: program.into(),
+            source,
+        };
+        let mut child = command
             .args(args)
-            .output()
-            .map_err(|source| NixImageError::NoNix {
-                program: program.into(),
-                source,
-            })?;
-        let stdout = String::from_utf8(out.stdout)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(no_nix)?;
+        // Its log as it comes, on a thread while its output is read; Nix's last lines say what
+        // went wrong, its progress lines do not.
+        let stderr = child.stderr.take();
+        let log = self.log.clone();
+        let tail = std::thread::spawn(move || {
+            stderr.map_or_else(Vec::new, |stderr| forward_lines(stderr, log.as_ref(), 8))
+        });
+        let mut stdout = Vec::new();
+        let read = child
+            .stdout
+            .take()
+            .map_or(Ok(0), |mut out| out.read_to_end(&mut stdout));
+        let status = child.wait().map_err(no_nix)?;
+        let tail = tail.join().unwrap_or_default();
+        read.map_err(no_nix)?;
+        let stdout = String::from_utf8(stdout)
             .map_err(|_| NixImageError::Unexpected(format!("{program} printed non-UTF-8")))?;
-        Ok(if out.status.success() {
-            Ok(stdout)
-        } else {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            // Nix's last lines say what went wrong; its progress lines do not.
-            let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-            Err(lines[lines.len().saturating_sub(8)..].join("\n"))
+        Ok(match status.success() {
+            true => Ok(stdout),
+            false => Err(tail.join("\n")),
         })
     }
 

@@ -153,22 +153,37 @@ pub fn build_in_worker(
         blobs: blobs.as_ref().map(|blobs| blobs.dir.path().to_path_buf()),
         nix_eval: None,
     };
+    let answer = run_worker(program, args, &job, Stdio::inherit())?;
+    let (report, sandbox) = answer.result(request)?;
+    check_outputs(&request.out_dir)?;
+    Ok((report, sandbox))
+}
+
+/// Runs the worker `program args…` on `job` (whose `out_dir` exists: it may write only there)
+/// with a cleared environment, in a process group of its own that is ended with it, and
+/// returns its one answer. `stderr` takes what it writes there.
+pub(crate) fn run_worker(
+    program: &Path,
+    args: &[&str],
+    job: &WorkerRequest,
+    stderr: Stdio,
+) -> Result<Answer, WorkerError> {
     let mut command = mvm_ir::env::command(program);
     command
         .args(args)
         .env_clear()
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-        .env("TMPDIR", &request.out_dir)
+        .env("TMPDIR", &job.rootfs.out_dir)
         // Its own process group, so that everything it started can be ended with it.
         .process_group(0)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+        .stderr(stderr);
     let mut child = command
         .spawn()
         .map_err(|e| WorkerError::Worker(format!("cannot start {}: {e}", program.display())))?;
     let group = child.id();
-    let request_json = serde_json::to_vec(&job).map_err(|e| WorkerError::Worker(e.to_string()))?;
+    let request_json = serde_json::to_vec(job).map_err(|e| WorkerError::Worker(e.to_string()))?;
     if let Some(mut stdin) = child.stdin.take() {
         stdin
             .write_all(&request_json)
@@ -194,11 +209,8 @@ pub fn build_in_worker(
         .join()
         .map_err(|_| WorkerError::Worker("reading the answer failed".into()))?
         .map_err(|e| WorkerError::Worker(format!("reading the answer: {e}")))?;
-    let answer = serde_json::from_slice::<Answer>(&answer)
-        .map_err(|_| WorkerError::Worker(format!("exited with {status} without an answer")))?;
-    let (report, sandbox) = answer.result(request)?;
-    check_outputs(&request.out_dir)?;
-    Ok((report, sandbox))
+    serde_json::from_slice::<Answer>(&answer)
+        .map_err(|_| WorkerError::Worker(format!("exited with {status} without an answer")))
 }
 
 impl Answer {
@@ -390,7 +402,7 @@ pub fn serve() -> ExitCode {
 }
 
 /// Confines this process, then builds `job`.
-pub(crate) fn run_job(job: &WorkerRequest) -> Answer {
+fn run_job(job: &WorkerRequest) -> Answer {
     match confine(job) {
         // The host could not confine the worker: I/O, like a worker that cannot run.
         Err(message) => Answer::Failed {

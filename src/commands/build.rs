@@ -2,6 +2,8 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -11,10 +13,11 @@ use mvm_builder::bundle::{assemble, image_argv, AssembleInput, BuilderVm};
 use mvm_builder::erofs::Compression;
 use mvm_builder::image_cache::{BuiltImage, BundleRecord, CacheLock, ImageCache};
 use mvm_builder::kernel::KernelStore;
+use mvm_builder::log_lines::LogSink;
 use mvm_builder::nix_image::NixStore;
 use mvm_builder::oci::{cached_image, resolve_tag, ImageRef, RegistryOptions, Transport};
 use mvm_builder::rootfs::RootfsRequest;
-use mvm_builder::vm_persona::{build_in_vm, NixJob};
+use mvm_builder::vm_persona::{build_in_vm, JobEvent, NixJob};
 use mvm_builder::worker::build_in_worker;
 use mvm_ir::digest::sha256_prefixed;
 use mvm_ir::dsse::Envelope;
@@ -31,6 +34,7 @@ use mvm_ir::workload::{
 };
 use mvm_ir::{canonical, plan, provenance};
 use serde_json::json;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use super::{coded, coded_as, Host};
 use crate::output::Output;
@@ -227,7 +231,10 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
         }
         Some(packages) => {
             let store = args.nix_store.as_deref().map(absolute).transpose()?;
-            let nix = NixStore::new(store, args.nix_packages.clone());
+            let nix =
+                NixStore::new(store, args.nix_packages.clone()).with_log(LogSink::new(|line| {
+                    eprintln!("nix: {}", printable(line, Newlines::Escape))
+                }));
             (Some(nix.closure(packages).map_err(coded)?), None)
         }
         None => (None, None),
@@ -271,7 +278,25 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
     let cache_lock = cache.lock_shared().map_err(coded)?;
     let (report, sandbox, builder, realised) = if in_vm {
         let (launcher, builder) = builder_vm(&host)?;
-        let built = build_in_vm(launcher, &request, nix_job.as_ref()).map_err(coded)?;
+        // Ctrl-C (or SIGTERM, SIGHUP) ends the job in the builder VM, then the build.
+        let cancel = Arc::new(AtomicBool::new(false));
+        for signal in [SIGINT, SIGTERM, SIGHUP] {
+            signal_hook::flag::register(signal, Arc::clone(&cancel))?;
+        }
+        let built = build_in_vm(
+            launcher,
+            &request,
+            nix_job.as_ref(),
+            &mut print_job_event,
+            &cancel,
+        );
+        if cancel.load(Ordering::Relaxed) {
+            return Err(super::coded_io(
+                "BUILD013",
+                "cancelled: the job was ended in the builder VM, nothing was published",
+            ));
+        }
+        let built = built.map_err(coded)?;
         (built.report, built.sandbox, Some(builder), built.nix)
     } else {
         let (report, sandbox) =
@@ -434,6 +459,22 @@ type Launcher = Box<dyn FnOnce(&str) -> std::process::Command>;
 /// How this build reaches a builder VM: `mvm exec -i` in the builder `mvm dev up` started
 /// when it runs, else `mvm run -i` of the builder's signed plan (a fresh VM for the build, the
 /// plan verified before it boots); with what the provenance names the builder by.
+/// Prints what the builder VM's job says while it runs to stderr: its steps, and its log
+/// lines made printable (they are the builder's bytes).
+fn print_job_event(event: JobEvent) {
+    match event {
+        JobEvent::Received { bytes } => {
+            eprintln!("builder: the job is in ({} KiB)", bytes.div_ceil(1024))
+        }
+        JobEvent::Realising { packages } => eprintln!(
+            "builder: realising {}",
+            printable(&packages.join(", "), Newlines::Escape)
+        ),
+        JobEvent::Building => eprintln!("builder: building the image"),
+        JobEvent::Log { line } => eprintln!("builder: {}", printable(&line, Newlines::Escape)),
+    }
+}
+
 fn builder_vm(host: &Host) -> anyhow::Result<(Launcher, BuilderVm)> {
     let dir = host.home.root().join("builder");
     let image = BuilderImage::open(&dir.join("image")).map_err(coded)?;

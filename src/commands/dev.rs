@@ -9,7 +9,7 @@ use std::process::{Command, ExitCode};
 use anyhow::Context as _;
 use clap::Subcommand;
 use mvm_builder::builder_image::{BuilderImage, WORKER};
-use mvm_builder::vm_persona::probe_in_vm;
+use mvm_builder::vm_persona::{probe_in_vm, store_in_vm};
 use mvm_runner::disk::LaunchDisk;
 use mvm_runner::named_vm::VmHome;
 use mvm_runner::state::{Phase, VmState};
@@ -61,6 +61,9 @@ pub enum DevCommand {
     /// Stop the builder VM and remove it: the next `mvm build --persona vm` boots one of its
     /// own, `--persona auto` builds on the host. Its store disk stays.
     Down,
+    /// List the valid paths of the running builder's Nix store, as its Nix says (sorted, one a
+    /// line; `--json`: {"paths": […]}).
+    Store,
     /// Remove the builder's store disk: the next `mvm dev up` starts with an empty Nix store.
     /// Refused while the builder VM exists (`mvm dev down` first).
     Reset,
@@ -172,17 +175,30 @@ pub fn run(cmd: DevCommand, out: &Output) -> anyhow::Result<ExitCode> {
                     };
                     let worker = match &worker {
                         Some(w) => format!(
-                            "\nworker: job version {}, takes {}; {}; {} store paths",
+                            "\nworker: job version {}, takes {}; {}; {} store paths; {} jobs running",
                             w.version,
                             w.jobs.join(", "),
                             w.nix,
-                            w.store_paths
+                            w.store_paths,
+                            w.jobs_running
                         ),
                         None => String::new(),
                     };
                     format!("{vm}\nbuilder image {image}\n{disk}{worker}")
                 },
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        DevCommand::Store => {
+            if state.as_ref().map(|s| s.phase) != Some(Phase::Running) {
+                return Err(super::coded_as(
+                    "BUILDER008",
+                    format!("{BUILDER_VM} is not running: `mvm dev up` first"),
+                ));
+            }
+            let mvm = std::env::current_exe()?;
+            let listing = store_in_vm(|job| exec_worker(&mvm, "5m", job)).map_err(super::coded)?;
+            out.result(json!({"paths": listing.paths}), || listing.paths.join("\n"));
             Ok(ExitCode::SUCCESS)
         }
         DevCommand::Logs { follow } => {
