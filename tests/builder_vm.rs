@@ -191,7 +191,7 @@ fn the_builder_vm_image_is_pinned_and_builds_the_same_bytes_as_the_host() {
     assert_eq!(rebuilt["root_hash"], vm_report["root_hash"]);
 
     // `mvm dev up`: a builder that stays up. `--persona auto` builds in it (the same bytes),
-    // each job in a directory of its own, emptied after; after `mvm dev down` it builds on the
+    // each job in a directory of its own, removed after; after `mvm dev down` it builds on the
     // host, saying so.
     let _builder = guest::RemoveOnDrop {
         home: &home,
@@ -206,7 +206,13 @@ fn the_builder_vm_image_is_pinned_and_builds_the_same_bytes_as_the_host() {
     assert_eq!(worker["version"], 1, "{status}");
     assert_eq!(
         worker["jobs"],
-        serde_json::json!(["build_oci", "build_nix", "probe", "store"]),
+        serde_json::json!([
+            "build_oci",
+            "build_nix",
+            "probe",
+            "store",
+            "collect_garbage"
+        ]),
         "{status}"
     );
     assert!(
@@ -229,24 +235,19 @@ fn the_builder_vm_image_is_pinned_and_builds_the_same_bytes_as_the_host() {
         internal["builder_vm"]["plan_digest"], status["vm"]["plan_digest"],
         "{provenance}"
     );
+    // Each job's directory goes with it: the worker that removes it is not confined.
     let tmp = guest::mvm_json(&home, &["fs", "ls", "mvm-builder:/tmp"], 0);
-    let jobs: Vec<String> = tmp["entries"]
+    let names: Vec<&str> = tmp["entries"]
         .as_array()
         .unwrap()
         .iter()
         .filter_map(|e| e["name"].as_str())
-        .filter(|name| name.starts_with("mvm-job-"))
-        .map(str::to_string)
         .collect();
-    assert!(!jobs.is_empty(), "{tmp}");
-    for job in jobs {
-        let listed = guest::mvm_json(&home, &["fs", "ls", &format!("mvm-builder:/tmp/{job}")], 0);
-        assert_eq!(
-            listed["entries"],
-            serde_json::json!([]),
-            "a job left files behind: {listed}"
-        );
-    }
+    assert!(names.contains(&".mvm-jobs.lock"), "{tmp}");
+    assert!(
+        !names.iter().any(|name| name.starts_with("mvm-job-")),
+        "a job left its directory behind: {tmp}"
+    );
     // No shell into the builder, and no file changed in it from outside.
     let shell = guest::mvm(&home, &["exec", "mvm-builder", "--", "sh", "-c", "true"]);
     assert_eq!(shell.status.code(), Some(125), "{}", describe(&shell));
@@ -314,34 +315,45 @@ fn the_builder_vm_image_is_pinned_and_builds_the_same_bytes_as_the_host() {
     // A build cancelled while the builder's Nix builds (SIGTERM, as Ctrl-C's SIGINT) ends its
     // job in the builder, fails with BUILD013 and publishes nothing.
     let cancelled = dir.path().join("cancelled");
-    let slow = nix
+    let mut slow = nix
         .command(&home, &nix.slow_app, "vm", &cancelled, false)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    wait::eventually(
-        "the slow job running in the builder",
-        wait::EVENTUALLY,
-        || {
-            let status = guest::mvm_json(&home, &["dev", "status"], 0);
-            match status["worker"]["jobs_running"].as_u64() {
-                Some(1) => Ok(()),
-                _ => Err(status.to_string()),
-            }
-        },
-    );
+    // Its stderr line by line: the derivation's first line says Nix is building it.
+    let (lines, said) = std::sync::mpsc::channel();
+    let stderr = std::io::BufReader::new(slow.stderr.take().unwrap());
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    let mut stderr = Vec::new();
+    let deadline = std::time::Instant::now() + wait::EVENTUALLY;
+    while !stderr.iter().any(|l: &String| l == "builder: slow starts") {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match said.recv_timeout(left) {
+            Ok(line) => stderr.push(line),
+            Err(_) => panic!("the slow derivation never started: {stderr:?}"),
+        }
+    }
+    let status = guest::mvm_json(&home, &["dev", "status"], 0);
+    assert_eq!(status["worker"]["jobs_running"], 1, "{status}");
     let pid = rustix::process::Pid::from_raw(slow.id() as i32).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
     let slow = slow.wait_with_output().unwrap();
-    assert_eq!(slow.status.code(), Some(74), "{}", describe(&slow));
-    let said: serde_json::Value = serde_json::from_slice(&slow.stdout).unwrap();
-    assert_eq!(said["error"]["code"], "BUILD013", "{said}");
-    assert!(
-        text(&slow.stderr).contains("builder: slow starts"),
-        "{}",
+    reader.join().unwrap();
+    stderr.extend(said.try_iter());
+    assert_eq!(
+        slow.status.code(),
+        Some(74),
+        "{}: {stderr:?}",
         describe(&slow)
     );
+    let said: serde_json::Value = serde_json::from_slice(&slow.stdout).unwrap();
+    assert_eq!(said["error"]["code"], "BUILD013", "{said}");
     assert!(!cancelled.exists());
     wait::eventually("the cancelled job gone", wait::EVENTUALLY, || {
         let status = guest::mvm_json(&home, &["dev", "status"], 0);
@@ -485,7 +497,15 @@ fn the_builder_vm_image_is_pinned_and_builds_the_same_bytes_as_the_host() {
     let ran = guest::mvm(&home, &["run", "--plan", nix_plan.to_str().unwrap()]);
     assert!(ran.status.success(), "{}", describe(&ran));
     assert_eq!(text(&ran.stdout), "hello from nix\n");
+    // Its garbage collected: the builder keeps no roots, so the whole store goes.
+    let collected = guest::mvm_json(&home, &["dev", "gc"], 0);
+    assert!(collected["deleted"].as_u64() >= Some(3), "{collected}");
+    assert_eq!(collected["left"], 0, "{collected}");
+    let listed = guest::mvm_json(&home, &["dev", "store"], 0);
+    assert_eq!(listed["paths"], serde_json::json!([]), "{listed}");
     guest::mvm_json(&home, &["dev", "down"], 0);
+    let gone = guest::mvm_json(&home, &["dev", "gc"], 65);
+    assert_eq!(gone["error"]["code"], "BUILDER008", "{gone}");
     let reset = guest::mvm_json(&home, &["dev", "reset"], 0);
     assert_eq!(reset["removed"], true, "{reset}");
     assert!(!store.exists());

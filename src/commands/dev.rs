@@ -9,7 +9,7 @@ use std::process::{Command, ExitCode};
 use anyhow::Context as _;
 use clap::Subcommand;
 use mvm_builder::builder_image::{BuilderImage, WORKER};
-use mvm_builder::vm_persona::{probe_in_vm, store_in_vm};
+use mvm_builder::vm_persona::{collect_garbage_in_vm, probe_in_vm, store_in_vm};
 use mvm_runner::disk::LaunchDisk;
 use mvm_runner::named_vm::VmHome;
 use mvm_runner::state::{Phase, VmState};
@@ -64,6 +64,10 @@ pub enum DevCommand {
     /// List the valid paths of the running builder's Nix store, as its Nix says (sorted, one a
     /// line; `--json`: {"paths": […]}).
     Store,
+    /// Collect the garbage of the running builder's Nix store: the builder keeps no roots, so
+    /// every path goes (the next build realises what it needs again). Refused while a Nix
+    /// build runs in it (BUILDER009).
+    Gc,
     /// Remove the builder's store disk: the next `mvm dev up` starts with an empty Nix store.
     /// Refused while the builder VM exists (`mvm dev down` first).
     Reset,
@@ -190,15 +194,23 @@ pub fn run(cmd: DevCommand, out: &Output) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         DevCommand::Store => {
-            if state.as_ref().map(|s| s.phase) != Some(Phase::Running) {
-                return Err(super::coded_as(
-                    "BUILDER008",
-                    format!("{BUILDER_VM} is not running: `mvm dev up` first"),
-                ));
-            }
+            running(&state)?;
             let mvm = std::env::current_exe()?;
             let listing = store_in_vm(|job| exec_worker(&mvm, "5m", job)).map_err(super::coded)?;
             out.result(json!({"paths": listing.paths}), || listing.paths.join("\n"));
+            Ok(ExitCode::SUCCESS)
+        }
+        DevCommand::Gc => {
+            running(&state)?;
+            let mvm = std::env::current_exe()?;
+            let collected =
+                collect_garbage_in_vm(|job| exec_worker(&mvm, "30m", job)).map_err(super::coded)?;
+            out.result(json!(collected), || {
+                format!(
+                    "deleted {} store paths; {} left",
+                    collected.deleted, collected.left
+                )
+            });
             Ok(ExitCode::SUCCESS)
         }
         DevCommand::Logs { follow } => {
@@ -246,6 +258,17 @@ pub fn run(cmd: DevCommand, out: &Output) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// Refuses (BUILDER008) unless the builder VM runs.
+fn running(state: &Option<VmState>) -> anyhow::Result<()> {
+    match state.as_ref().map(|s| s.phase) {
+        Some(Phase::Running) => Ok(()),
+        _ => Err(super::coded_as(
+            "BUILDER008",
+            format!("{BUILDER_VM} is not running: `mvm dev up` first"),
+        )),
     }
 }
 

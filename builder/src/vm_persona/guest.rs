@@ -15,8 +15,9 @@ use mvm_ir::{Coded, ErrorClass};
 use sha2::{Digest, Sha256};
 
 use super::{
-    append, bounded_json, Capabilities, Job, JobEvent, JobRequest, StoreListing, GUEST_JOB_PREFIX,
-    JOB_VERSION, MAX_LISTED_PATHS, MAX_SOURCE_BYTES, MAX_SOURCE_ENTRIES, SOURCE_DIR,
+    append, bounded_json, Capabilities, Collected, Job, JobEvent, JobRequest, StoreListing,
+    GUEST_JOB_PREFIX, JOB_VERSION, MAX_LISTED_PATHS, MAX_SOURCE_BYTES, MAX_SOURCE_ENTRIES,
+    SOURCE_DIR,
 };
 use crate::log_lines::{forward_lines, LogSink};
 use crate::nix_image::{NixImageError, NixStore, Realised};
@@ -81,7 +82,7 @@ impl<W: Write + Send + 'static> AnswerStream<W> {
 }
 
 /// The worker's main in the builder VM (`mvm-build-worker --in-vm DIR`): read the job from
-/// stdin into `DIR`, do it there, answer on stdout, and empty `DIR`.
+/// stdin into `DIR`, do it there, answer on stdout, and remove `DIR`.
 pub fn serve_in_vm(dir: &str) -> ExitCode {
     let stream = AnswerStream::new(BufWriter::new(io::stdout()));
     let job_dir = Path::new(dir);
@@ -103,6 +104,10 @@ pub fn serve_in_vm(dir: &str) -> ExitCode {
             Ok(listing) => answer_json(&stream, "store.json", &listing),
             Err(e) => answer_build(&stream, &failed(&e), None, None).map(|()| false),
         },
+        Ok((JobRequest::CollectGarbage, _)) => match collect_garbage() {
+            Ok(collected) => answer_json(&stream, "collected.json", &collected),
+            Err(answer) => answer_build(&stream, &answer, None, None).map(|()| false),
+        },
         Ok((JobRequest::Build(mut job), bytes)) => {
             stream.event(&JobEvent::Received { bytes });
             let (answer, realised) = build(&mut job, &stream);
@@ -120,7 +125,6 @@ pub fn serve_in_vm(dir: &str) -> ExitCode {
         }
     };
     if is_job_dir {
-        // Its contents go; the directory itself stays when confinement forbids removing it.
         let _ = fs::remove_dir_all(job_dir);
     }
     match answered {
@@ -177,6 +181,25 @@ fn build<W: Write + Send + 'static>(
     std::env::set_var("TMPDIR", &job.rootfs.out_dir);
     std::env::set_var("HOME", &job.rootfs.out_dir);
     let log = stream.log_sink();
+    // A Nix build holds the store from realising to staging: no garbage is collected meanwhile.
+    let _store = match job
+        .nix_eval
+        .is_some()
+        .then(|| store_lock(false))
+        .transpose()
+    {
+        Ok(held) => held,
+        Err(e) => {
+            return (
+                Answer::Failed {
+                    code: "BUILD004".into(),
+                    class: ErrorClass::Io,
+                    message: format!("{STORE_LOCK}: {e}"),
+                },
+                None,
+            )
+        }
+    };
     let realised = match realise(job, stream, &log) {
         Ok(realised) => realised,
         Err(e) => return (failed(&e), None),
@@ -260,13 +283,68 @@ pub(super) fn capabilities(own: &Path) -> Capabilities {
         .unwrap_or(0);
     Capabilities {
         version: JOB_VERSION,
-        jobs: ["build_oci", "build_nix", "probe", "store"]
-            .map(String::from)
-            .to_vec(),
+        jobs: [
+            "build_oci",
+            "build_nix",
+            "probe",
+            "store",
+            "collect_garbage",
+        ]
+        .map(String::from)
+        .to_vec(),
         nix,
         store_paths,
         jobs_running,
     }
+}
+
+/// Held shared by each Nix build from realising to staging, exclusive by a garbage collection.
+const STORE_LOCK: &str = "/tmp/.mvm-store.lock";
+
+/// Takes [`STORE_LOCK`]: shared, waiting for a collection to end; or exclusive, failing at
+/// once when a build holds it.
+fn store_lock(exclusive: bool) -> io::Result<File> {
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(STORE_LOCK)?;
+    match exclusive {
+        false => lock.lock_shared()?,
+        true => lock.try_lock().map_err(io::Error::other)?,
+    }
+    Ok(lock)
+}
+
+/// Deletes every path of the VM's store (the builder keeps no roots), unless a Nix build holds
+/// it (BUILDER009); what was deleted and what is left.
+fn collect_garbage() -> Result<Collected, Answer> {
+    let _collecting = store_lock(true).map_err(|_| Answer::Failed {
+        code: "BUILDER009".into(),
+        class: ErrorClass::InvalidInput,
+        message: "a Nix build is running in the builder: collect its garbage once it ends".into(),
+    })?;
+    let before = store_listing().map_err(|e| failed(&e))?.paths.len() as u64;
+    let out = mvm_ir::env::command("nix-store")
+        .arg("--gc")
+        .output()
+        .map_err(|source| {
+            failed(&NixImageError::NoNix {
+                program: "nix-store".into(),
+                source,
+            })
+        })?;
+    if !out.status.success() {
+        return Err(failed(&NixImageError::Nix {
+            what: "collecting the store's garbage (nix-store --gc)".into(),
+            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        }));
+    }
+    let left = store_listing().map_err(|e| failed(&e))?.paths.len() as u64;
+    Ok(Collected {
+        deleted: before.saturating_sub(left),
+        left,
+    })
 }
 
 /// The valid paths of the VM's store, as its Nix lists them.

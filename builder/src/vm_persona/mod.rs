@@ -10,7 +10,7 @@
 //! `blobs/sha256/<hex>`, exactly the image's blobs, or `source/…`, a package set's directory.
 //! In the guest, [`serve_in_vm`] writes each blob to the job's own directory `DIR`, checking it
 //! hashes to its name, realises a package set with the VM's Nix, runs the confined worker as
-//! the host does, and empties `DIR`. It answers with a tar too: any number of `event.json`
+//! the host does, and removes `DIR`. It answers with a tar too: any number of `event.json`
 //! ([`JobEvent`]: progress, and the log lines of Nix and the worker as they are written), then
 //! one result: `answer.json` (with `nix.json` and `rootfs.erofs`), `probe.json` or
 //! `store.json`.
@@ -75,6 +75,8 @@ enum JobRequest {
     Probe,
     /// List the valid paths of its store ([`StoreListing`]).
     Store,
+    /// Collect its store's garbage: every path, the builder keeping no roots ([`Collected`]).
+    CollectGarbage,
 }
 
 /// What the builder VM's worker says of a job while it runs, before its result: the answer
@@ -129,6 +131,16 @@ pub struct StoreListing {
     pub paths: Vec<String>,
 }
 
+/// The builder VM worker's answer to a garbage collection of its store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Collected {
+    /// The valid paths it deleted.
+    pub deleted: u64,
+    /// The valid paths left.
+    pub left: u64,
+}
+
 /// The most paths a store listing may hold.
 const MAX_LISTED_PATHS: usize = 1_000_000;
 
@@ -163,6 +175,19 @@ pub fn store_in_vm(launcher: impl FnOnce(&str) -> Command) -> Result<StoreListin
             "the builder VM's store listing is not sorted, unique store paths".into(),
         )),
     }
+}
+
+/// Has the builder VM's worker collect its store's garbage (`launcher` as for
+/// [`build_in_vm`]): refused while a Nix build runs in it.
+pub fn collect_garbage_in_vm(
+    launcher: impl FnOnce(&str) -> Command,
+) -> Result<Collected, WorkerError> {
+    ask_in_vm(
+        launcher,
+        JobRequest::CollectGarbage,
+        "collected.json",
+        "collecting the builder VM's store garbage",
+    )
 }
 
 /// Sends the builder VM's worker a job that is its request alone, and reads the one JSON

@@ -90,6 +90,12 @@ fn a_probe_is_versioned_and_alone() {
         (JobRequest::Store, 0)
     ));
     assert!(receive_job(job(store, true).as_slice(), dir.path()).is_err());
+    let gc = br#"{"version":1,"request":"collect_garbage"}"#;
+    assert!(matches!(
+        receive_job(job(gc, false).as_slice(), dir.path()).unwrap(),
+        (JobRequest::CollectGarbage, 0)
+    ));
+    assert!(receive_job(job(gc, true).as_slice(), dir.path()).is_err());
     let newer = br#"{"version":2,"request":"probe"}"#;
     let refused = receive_job(job(newer, false).as_slice(), dir.path()).unwrap_err();
     assert!(refused.to_string().contains("version 2"), "{refused}");
