@@ -228,6 +228,37 @@ fn the_builder_vm_image_is_pinned_and_builds_the_same_bytes_as_the_host() {
         fs::read(in_dev.join("rootfs.erofs")).unwrap()
             == fs::read(on_host.join("rootfs.erofs")).unwrap()
     );
+    // The same image as an `oci-archive:` goes into the builder whole, which unpacks it: the
+    // same bytes again.
+    let archive = dir.path().join("busybox.tar");
+    let tarred = Command::new("tar")
+        .arg("-C")
+        .arg(layout.dir.path())
+        .arg("-cf")
+        .arg(&archive)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(tarred.success());
+    let from_archive = dir.path().join("from-archive");
+    let archived = guest::mvm_json(
+        &home,
+        &[
+            "build",
+            "--image",
+            &format!(
+                "oci-archive:{}@{}",
+                archive.display(),
+                busybox.rsplit_once('@').unwrap().1
+            ),
+            "--persona",
+            "vm",
+            "--out",
+            from_archive.to_str().unwrap(),
+        ],
+        0,
+    );
+    assert_eq!(archived["root_hash"], vm_report["root_hash"], "{archived}");
     let provenance = support::dsse_payload(&in_dev.join("provenance.dsse.json"));
     let internal = &provenance["predicate"]["buildDefinition"]["internalParameters"];
     assert_eq!(internal["persona"], "vm", "{provenance}");

@@ -16,8 +16,8 @@ use sha2::{Digest, Sha256};
 
 use super::{
     append, bounded_json, Capabilities, Collected, Job, JobEvent, JobRequest, StoreListing,
-    GUEST_JOB_PREFIX, JOB_VERSION, MAX_LISTED_PATHS, MAX_SOURCE_BYTES, MAX_SOURCE_ENTRIES,
-    SOURCE_DIR,
+    ARCHIVE_FILE, GUEST_JOB_PREFIX, JOB_VERSION, MAX_LISTED_PATHS, MAX_SOURCE_BYTES,
+    MAX_SOURCE_ENTRIES, SOURCE_DIR,
 };
 use crate::log_lines::{forward_lines, LogSink};
 use crate::nix_image::{NixImageError, NixStore, Realised};
@@ -407,6 +407,7 @@ pub(super) fn receive_job(from: impl Read, dir: &Path) -> io::Result<(JobRequest
     let mut source_bytes = 0u64;
     let mut source_entries = 0usize;
     let mut bytes = 0u64;
+    let mut archived = false;
     let mut entries = archive.entries()?;
     while let Some(entry) = entries.next() {
         let mut entry = entry?;
@@ -430,6 +431,12 @@ pub(super) fn receive_job(from: impl Read, dir: &Path) -> io::Result<(JobRequest
         }
         if !entry.header().entry_type().is_file() {
             return Err(io::Error::other("an entry that is not a regular file"));
+        }
+        if path == ARCHIVE_FILE && request.is_some() && !archived {
+            archived = true;
+            let mut file = File::create(dir.join(ARCHIVE_FILE))?;
+            io::copy(&mut entry, &mut file)?;
+            continue;
         }
         if path == "request.json" && request.is_none() {
             let job: Job = bounded_json(&mut entry, MAX_REQUEST_BYTES)?;
@@ -480,7 +487,12 @@ pub(super) fn receive_job(from: impl Read, dir: &Path) -> io::Result<(JobRequest
         .nix_eval
         .as_ref()
         .is_none_or(|eval| eval.package_set.parent() == Some(source.as_path()));
-    if !blobs_named || !source_named || request.rootfs.out_dir != dir {
+    // An archive came exactly when the request names it as the job's own file.
+    let archive = format!("oci-archive:{}", dir.join(ARCHIVE_FILE).display());
+    let is_archive = request.rootfs.reference.starts_with("oci-archive:");
+    let archive_named =
+        archived == is_archive && (!is_archive || request.rootfs.reference == archive);
+    if !blobs_named || !source_named || !archive_named || request.rootfs.out_dir != dir {
         return Err(io::Error::other("the request names other directories"));
     }
     Ok((JobRequest::Build(Box::new(request)), bytes))

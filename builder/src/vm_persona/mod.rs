@@ -36,6 +36,7 @@ use sha2::{Digest, Sha256};
 
 use crate::erofs::image_uuid;
 use crate::nix_image::Realised;
+use crate::oci::{ImageRef, Transport};
 use crate::rootfs::{write_verity, RootfsReport, RootfsRequest, ROOTFS_FILE};
 use crate::worker::{
     check_outputs, pull_for_worker, Answer, SandboxReport, WorkerError, WorkerRequest,
@@ -328,21 +329,16 @@ pub fn build_in_vm(
         ));
     }
     let refused = |message: String| WorkerError::Worker(message);
-    let (blobs, source) = match nix {
+    let (blobs, source, archive) = match nix {
         Some(job) => {
             let (dir, file) = source_dir(job).map_err(refused)?;
             let entries = source_entries(&dir).map_err(refused)?;
-            (None, Some((entries, file)))
+            (None, Some((entries, file)), None)
         }
-        None => {
-            let blobs = pull_for_worker(request)?.ok_or_else(|| {
-                refused(
-                    "oci-archive: images are not built in the builder VM yet: use --persona host"
-                        .into(),
-                )
-            })?;
-            (Some(blobs), None)
-        }
+        None => match pull_for_worker(request)? {
+            Some(blobs) => (Some(blobs), None, None),
+            None => (None, None, Some(archive_file(request)?)),
+        },
     };
     fs::create_dir_all(&request.out_dir)
         .map_err(|e| WorkerError::Worker(format!("{}: {e}", request.out_dir.display())))?;
@@ -350,6 +346,11 @@ pub fn build_in_vm(
     let guest = PathBuf::from(format!("{GUEST_JOB_PREFIX}{id}"));
     let job = WorkerRequest {
         rootfs: RootfsRequest {
+            // An archive goes in as the job's own file.
+            reference: match &archive {
+                Some(_) => format!("oci-archive:{}", guest.join(ARCHIVE_FILE).display()),
+                None => request.reference.clone(),
+            },
             cache_dir: PathBuf::new(),
             base_dir: guest.clone(),
             out_dir: guest.clone(),
@@ -385,6 +386,7 @@ pub fn build_in_vm(
             &request_json,
             blob_dir.as_deref(),
             source_entries.as_deref(),
+            archive.as_deref(),
         )
     });
     let stdout = child
@@ -465,6 +467,35 @@ pub fn build_in_vm(
         sandbox,
         nix: realised,
     })
+}
+
+/// The file an `oci-archive:` image is, in the job's directory in the guest.
+const ARCHIVE_FILE: &str = "image.tar";
+
+/// The largest `oci-archive:` file sent into the VM.
+const MAX_ARCHIVE_BYTES: u64 = 64 << 30;
+
+/// The file of an `oci-archive:` image: a regular file of at most [`MAX_ARCHIVE_BYTES`],
+/// which goes into the VM whole, its worker unpacking it as the host persona's does.
+fn archive_file(request: &RootfsRequest) -> Result<PathBuf, WorkerError> {
+    let image = ImageRef::new(&request.reference, &request.digest, &request.base_dir)
+        .map_err(|e| WorkerError::Worker(e.to_string()))?;
+    let Transport::Archive(path) = image.transport else {
+        return Err(WorkerError::Worker(format!(
+            "{}: neither pulled nor an archive",
+            request.reference
+        )));
+    };
+    let meta =
+        fs::metadata(&path).map_err(|e| WorkerError::Worker(format!("{}: {e}", path.display())))?;
+    if !meta.is_file() || meta.len() > MAX_ARCHIVE_BYTES {
+        return Err(WorkerError::Worker(format!(
+            "{} is not a regular file of at most {} GiB",
+            path.display(),
+            MAX_ARCHIVE_BYTES >> 30
+        )));
+    }
+    Ok(path)
 }
 
 /// The job's directory of the package set's files, in the guest.
@@ -562,12 +593,14 @@ fn check_realised(job: &NixJob, realised: Realised) -> Result<Realised, WorkerEr
 }
 
 /// Writes the job tar: `request.json`, then every blob of `blobs` as `blobs/sha256/<hex>`,
-/// then the package set's directory's `source` entries under `source/`.
+/// the package set's directory's `source` entries under `source/`, or the `archive` as
+/// [`ARCHIVE_FILE`].
 fn send_job(
     to: impl Write,
     request_json: &[u8],
     blobs: Option<&Path>,
     source: Option<&[SourceEntry]>,
+    archive: Option<&Path>,
 ) -> io::Result<()> {
     let mut tar = tar::Builder::new(to);
     // A symlink of the package set goes in as a symlink, never as what it points at.
@@ -590,6 +623,11 @@ fn send_job(
             let path = format!("blobs/sha256/{}", name.to_string_lossy());
             append(&mut tar, &path, size, file)?;
         }
+    }
+    if let Some(archive) = archive {
+        let file = File::open(archive)?;
+        let size = file.metadata()?.len();
+        append(&mut tar, ARCHIVE_FILE, size, file)?;
     }
     for entry in source.unwrap_or_default() {
         let name = Path::new(SOURCE_DIR).join(&entry.name);

@@ -146,7 +146,7 @@ fn a_job_arrives_whole_and_an_altered_blob_is_refused() {
     let request = guest_request(guest.path(), Some(guest.path().join("blobs")), None);
     let json = job_json(request.clone());
     let mut job = Vec::new();
-    send_job(&mut job, &json, Some(&blobs), None).unwrap();
+    send_job(&mut job, &json, Some(&blobs), None, None).unwrap();
     let got = built(receive_job(job.as_slice(), guest.path()).unwrap().0);
     assert_eq!(got.blobs, request.blobs);
     assert_eq!(
@@ -158,6 +158,46 @@ fn a_job_arrives_whole_and_an_altered_blob_is_refused() {
     job[at] ^= 1;
     let refused = receive_job(job.as_slice(), guest.path()).unwrap_err();
     assert!(refused.to_string().contains("does not match"), "{refused}");
+}
+
+/// An `oci-archive:` image goes in as the job's own file, which the request must name; an
+/// archive the request does not name, or a request naming one that did not come, is refused.
+#[test]
+fn an_archive_goes_in_as_the_jobs_own_file() {
+    let host = tempfile::tempdir().unwrap();
+    let archive = host.path().join("image.tar");
+    fs::write(&archive, b"an archive").unwrap();
+    let guest = tempfile::tempdir().unwrap();
+    let mut request = guest_request(guest.path(), None, None);
+    request.rootfs.reference = format!("oci-archive:{}", guest.path().join(ARCHIVE_FILE).display());
+    let mut job = Vec::new();
+    send_job(
+        &mut job,
+        &job_json(request.clone()),
+        None,
+        None,
+        Some(&archive),
+    )
+    .unwrap();
+    let (got, bytes) = receive_job(job.as_slice(), guest.path()).unwrap();
+    assert_eq!(built(got).rootfs.reference, request.rootfs.reference);
+    assert!(bytes >= 10);
+    assert_eq!(
+        fs::read(guest.path().join(ARCHIVE_FILE)).unwrap(),
+        b"an archive"
+    );
+
+    let mut missing = Vec::new();
+    send_job(&mut missing, &job_json(request.clone()), None, None, None).unwrap();
+    assert!(receive_job(missing.as_slice(), guest.path()).is_err());
+    let mut elsewhere = request.clone();
+    elsewhere.rootfs.reference = "oci-archive:/etc/passwd".into();
+    for archive in [None, Some(archive.as_path())] {
+        let mut job = Vec::new();
+        send_job(&mut job, &job_json(elsewhere.clone()), None, None, archive).unwrap();
+        let refused = receive_job(job.as_slice(), guest.path()).unwrap_err();
+        assert!(refused.to_string().contains("other"), "{refused}");
+    }
 }
 
 /// A package set's directory goes in: files with their executable bit, a symlink as a
@@ -212,7 +252,14 @@ fn a_package_sets_directory_goes_in_with_the_job() {
     };
     let sent = request(guest.path().join(SOURCE_DIR).join(&file));
     let mut tar = Vec::new();
-    send_job(&mut tar, &job_json(sent.clone()), None, Some(&entries)).unwrap();
+    send_job(
+        &mut tar,
+        &job_json(sent.clone()),
+        None,
+        Some(&entries),
+        None,
+    )
+    .unwrap();
     let got = built(receive_job(tar.as_slice(), guest.path()).unwrap().0);
     assert_eq!(got.nix_eval, sent.nix_eval);
     let source = guest.path().join(SOURCE_DIR);
@@ -239,7 +286,7 @@ fn a_package_sets_directory_goes_in_with_the_job() {
 
     let elsewhere = request(PathBuf::from("/etc/pkgs.nix"));
     let mut tar = Vec::new();
-    send_job(&mut tar, &job_json(elsewhere), None, Some(&entries)).unwrap();
+    send_job(&mut tar, &job_json(elsewhere), None, Some(&entries), None).unwrap();
     let refused = receive_job(tar.as_slice(), guest.path()).unwrap_err();
     assert!(
         refused.to_string().contains("other directories"),
