@@ -133,6 +133,12 @@ enum Command {
     Bench(commands::bench::BenchCommand),
     /// Serve the local API the SDKs use ($MVM_HOME/api.sock).
     Serve(commands::serve::ServeArgs),
+    /// Serve mvm's sandboxes as MCP tools over stdio (docs/mcp.md).
+    Mcp(commands::mcp::McpArgs),
+    /// The agent tool contract: run (one JSON request on stdin, one response on stdout),
+    /// schema.
+    #[command(subcommand)]
+    Tool(commands::mcp::ToolCommand),
     /// The API's sandboxes: ls (with labels and time left), kill, set-timeout.
     #[command(subcommand)]
     Sandbox(commands::sandbox::SandboxCommand),
@@ -186,6 +192,8 @@ fn main() -> ExitCode {
         Command::Doctor => return commands::doctor::run(&out),
         Command::Serve(args) => return exit_code(commands::serve::serve(args, &out), &out),
         Command::Sandbox(cmd) => commands::sandbox::run(cmd, &out),
+        Command::Mcp(args) => return exit_code(commands::mcp::mcp(args), &out),
+        Command::Tool(cmd) => return exit_code(commands::mcp::tool(cmd), &out),
         Command::BuildWorker => return mvm_builder::worker::serve(),
     };
     match result {

@@ -10,7 +10,7 @@
 mod body;
 mod commands;
 pub mod error;
-mod files;
+pub mod files;
 pub mod model;
 pub mod openapi;
 mod routes;

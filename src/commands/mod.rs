@@ -15,6 +15,7 @@ pub mod init;
 pub mod ir;
 pub mod kernel;
 pub mod keys;
+pub mod mcp;
 pub mod nix;
 pub mod plan;
 pub mod policy;
