@@ -75,8 +75,8 @@ impl Fixture {
         listed["vms"].as_array().cloned().unwrap_or_default()
     }
 
-    /// Removes every VM of this home, and fails if there were any: a suite must leave none.
-    fn clean(&self, after: &str) {
+    /// Removes every VM of this home; returns them (a suite must leave none).
+    fn clean(&self) -> Vec<Value> {
         let left = self.vms();
         for vm in &left {
             let _ = guest::mvm(
@@ -84,7 +84,7 @@ impl Fixture {
                 &["rm", "--force", vm["name"].as_str().unwrap()],
             );
         }
-        assert!(left.is_empty(), "{after} left VMs behind: {left:?}");
+        left
     }
 
     /// `mvm tool run LIMITS` with `request` on stdin.
@@ -191,8 +191,9 @@ fn the_python_mcp_client_drives_real_sandboxes() {
     let mut suite = Command::new(&python);
     suite.arg(repo().join("tests/mcp/suite.py"));
     let out = fixture.env(&mut suite).output().unwrap();
-    fixture.clean("the Python suite");
+    let left = fixture.clean();
     assert!(out.status.success(), "{}", describe(&out));
+    assert!(left.is_empty(), "the suite left VMs behind: {left:?}");
     assert!(text(&out.stdout).contains("python mcp client: ok"));
 
     // Every call is on the audit chain: the tool and its arguments' digest, not their values.
@@ -230,8 +231,9 @@ fn the_typescript_mcp_client_and_the_inspector_drive_real_sandboxes() {
     let mut suite = Command::new("node");
     suite.arg("suite.mjs").current_dir(&project);
     let out = fixture.env(&mut suite).output().unwrap();
-    fixture.clean("the TypeScript suite");
+    let left = fixture.clean();
     assert!(out.status.success(), "{}", describe(&out));
+    assert!(left.is_empty(), "the suite left VMs behind: {left:?}");
     assert!(text(&out.stdout).contains("typescript mcp client: ok"));
 
     // The Inspector's CLI lists the tools (headless: no browser, no port).
@@ -252,7 +254,7 @@ fn the_typescript_mcp_client_and_the_inspector_drive_real_sandboxes() {
     assert!(listed.status.success(), "{}", describe(&listed));
     let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
     assert_eq!(
-        listed["tools"].as_array().map(Vec::len),
+        listed["result"]["tools"].as_array().map(Vec::len),
         Some(11),
         "{listed}"
     );
@@ -302,7 +304,10 @@ fn tool_run_keeps_its_contract() {
     );
     assert_eq!(out.status.code(), Some(70), "{}", describe(&out));
     assert_eq!(response["error"]["class"], "guest", "{response}");
-    fixture.clean("a request that could not start");
+    assert!(
+        fixture.clean().is_empty(),
+        "a request that could not start left a VM"
+    );
 
     // Files go under /tmp/work, where the command runs; the first file is the program. The
     // sandbox is destroyed after; the receipt stays.
@@ -359,5 +364,5 @@ fn tool_run_keeps_its_contract() {
             &["rm", "--force", vms[0]["name"].as_str().unwrap()],
         );
     }
-    fixture.clean("the contract tests");
+    assert!(fixture.clean().is_empty(), "the contract tests left VMs");
 }

@@ -65,13 +65,13 @@ async def main():
             listed = await call(session, "sandbox_list", {"labels": {"suite": "python"}})
             assert [s["sandbox_id"] for s in listed["sandboxes"]] == [sandbox], listed
 
-            ran = await call(session, "sandbox_run_code",
-                             {"sandbox_id": sandbox, "language": "shell",
-                              "code": "echo hello from $(cat /tmp/note)"})
-            assert ran["exit_code"] == 0 and ran["stdout"] == "hello from \n", ran
             wrote = await call(session, "sandbox_files_write",
                                {"sandbox_id": sandbox, "path": "/tmp/note", "content": "mvm"})
             assert wrote["size"] == 3, wrote
+            ran = await call(session, "sandbox_run_code",
+                             {"sandbox_id": sandbox, "language": "shell",
+                              "code": 'echo "hello from $(cat /tmp/note)"'})
+            assert ran["exit_code"] == 0 and ran["stdout"] == "hello from mvm\n", ran
             read = await call(session, "sandbox_files_read",
                               {"sandbox_id": sandbox, "path": "/tmp/note"})
             assert read["content"] == "mvm", read
@@ -98,6 +98,16 @@ async def main():
                           {"sandbox_id": sandbox, "path": "/etc/passwd"}, "AGENT")
             await refused(session, "sandbox_exec",
                           {"sandbox_id": "mvm-builder", "command": ["true"]}, "MCP004")
+
+            paused = await call(session, "sandbox_pause", {"sandbox_id": sandbox})
+            assert paused["state"] == "paused", paused
+            resumed = await call(session, "sandbox_resume", {"sandbox_id": sandbox})
+            assert resumed["state"] == "running", resumed
+            again = await call(session, "sandbox_exec",
+                               {"sandbox_id": sandbox, "command": ["cat", "/tmp/note"]})
+            assert again["stdout"] == "mvm", again
+            stopped = await call(session, "sandbox_stop", {"sandbox_id": sandbox})
+            assert stopped["state"] == "stopped", stopped
 
             removed = await call(session, "sandbox_remove", {"sandbox_id": sandbox})
             assert removed == {"sandbox_id": sandbox}, removed
