@@ -111,6 +111,24 @@ fn the_api_builds_on_the_runner_and_knows_nothing_of_builds() {
     assert!(!reaches(&graph, "mvm-runner").contains("mvm-api"));
 }
 
+#[test]
+fn the_mcp_server_builds_on_the_api_and_never_on_the_cli() {
+    let graph = workspace_graph();
+    let mcp = reaches(&graph, "mvm-mcp");
+    assert!(
+        mcp.contains("mvm-api") && mcp.contains("mvm-runner"),
+        "{mcp:?}"
+    );
+    // Its sandboxes start through the API's `Launcher`: it never runs `mvm`.
+    for forbidden in ["mvm-builder", "mvm-nix", "mvm", "mvm-agent"] {
+        assert!(
+            !mcp.contains(forbidden),
+            "mvm-mcp reaches {forbidden}: {mcp:?}"
+        );
+    }
+    assert!(!reaches(&graph, "mvm-runner").contains("mvm-mcp"));
+}
+
 /// The runner's top-level modules each one imports from (`crate::<module>` in its code, not
 /// its comments), by the module's name.
 fn runner_module_graph() -> BTreeMap<String, BTreeSet<String>> {

@@ -22,10 +22,11 @@ const SOURCES: &[&str] = &[
     "agent/src",
     "protocol/src",
     "api/src",
+    "mcp/src",
 ];
 
 /// `docs/errors.md` and the pages it leaves families of codes to.
-const DOCS: &[&str] = &["errors.md", "ir.md", "audit.md", "build.md"];
+const DOCS: &[&str] = &["errors.md", "ir.md", "audit.md", "build.md", "mcp.md"];
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -2,7 +2,7 @@
 //! the MCP tool `sandbox_run_code` does. A request names a language, files to put in the
 //! sandbox, a command, a timeout, the network it may use and what becomes of the sandbox
 //! after; the response says what the command did, or why nothing ran, classed
-//! ([`crate::FailureClass`]). `contract/` holds both JSON Schemas, generated from these types.
+//! ([`crate::FailureClass`]). `docs/mcp/` holds both JSON Schemas, generated from these types.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -15,7 +15,7 @@ pub const MAX_FILES: usize = 64;
 /// The most bytes of all its files together.
 pub const MAX_FILES_BYTES: usize = 8 * 1024 * 1024;
 
-/// One request.
+/// A request of the agent tool contract (`mvm tool run`).
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ToolRequest {
@@ -118,7 +118,8 @@ pub enum Retention {
     Cold,
 }
 
-/// One response: what the command did, or why it did not run.
+/// The response to a request of the agent tool contract: what the command did, or why it
+/// did not run.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct ToolResponse {
     /// Whether the command ran (whatever its exit code).
