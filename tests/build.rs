@@ -486,15 +486,7 @@ fn an_image_builds_without_a_declaration() {
     // The same image as an `oci-archive:`, which the worker unpacks itself (no network, no
     // cache), builds the same root filesystem.
     let archive = work.path().join("busybox.tar");
-    let tarred = Command::new("tar")
-        .arg("-C")
-        .arg(layout.dir.path())
-        .arg("-cf")
-        .arg(&archive)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(tarred.success());
+    support::tar_dir(layout.dir.path(), &archive);
     let from_archive = work.path().join("from-archive");
     let archived = json(
         home,

@@ -231,15 +231,7 @@ fn the_builder_vm_image_is_pinned_and_builds_the_same_bytes_as_the_host() {
     // The same image as an `oci-archive:` goes into the builder whole, which unpacks it: the
     // same bytes again.
     let archive = dir.path().join("busybox.tar");
-    let tarred = Command::new("tar")
-        .arg("-C")
-        .arg(layout.dir.path())
-        .arg("-cf")
-        .arg(&archive)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(tarred.success());
+    support::tar_dir(layout.dir.path(), &archive);
     let from_archive = dir.path().join("from-archive");
     let archived = guest::mvm_json(
         &home,

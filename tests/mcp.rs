@@ -164,30 +164,7 @@ fn the_tools_are_few_strict_and_small() {
 fn the_python_mcp_client_drives_real_sandboxes() {
     let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     let fixture = fixture();
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("mcp-venv");
-    let python = venv.join("bin/python");
-    if !venv.join(".mvm-ready").exists() {
-        let made = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .output()
-            .unwrap();
-        assert!(
-            made.status.success(),
-            "python3 -m venv: {}",
-            describe(&made)
-        );
-        let installed = Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", PYTHON_MCP])
-            .output()
-            .unwrap();
-        assert!(
-            installed.status.success(),
-            "pip install {PYTHON_MCP}: {}",
-            describe(&installed)
-        );
-        std::fs::write(venv.join(".mvm-ready"), b"").unwrap();
-    }
+    let python = support::python_venv("mcp-venv", &[PYTHON_MCP]);
     let mut suite = Command::new(&python);
     suite.arg(repo().join("tests/mcp/suite.py"));
     let out = fixture.env(&mut suite).output().unwrap();

@@ -40,38 +40,10 @@ fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A virtual environment with the SDK's dependency and pytest, made once and kept under the
-/// test target directory (PyPI is reached only the first time).
+/// A virtual environment with the SDK as a user installs it (which brings httpx) and pytest.
 fn python() -> PathBuf {
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sdk-venv");
-    let python = venv.join("bin/python");
-    let ready = venv.join(".mvm-ready");
-    if !ready.exists() {
-        let made = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .output()
-            .unwrap();
-        assert!(
-            made.status.success(),
-            "python3 -m venv: {}",
-            describe(&made)
-        );
-        // The SDK as a user installs it (which brings httpx), and pytest.
-        let installed = Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet"])
-            .arg(repo().join("sdk/python"))
-            .arg("pytest")
-            .output()
-            .unwrap();
-        assert!(
-            installed.status.success(),
-            "pip install sdk/python pytest: {}",
-            describe(&installed)
-        );
-        std::fs::write(&ready, b"").unwrap();
-    }
-    python
+    let sdk = repo().join("sdk/python");
+    support::python_venv("sdk-venv", &[sdk.to_str().unwrap(), "pytest"])
 }
 
 /// The value of the `sdk-token` secret.

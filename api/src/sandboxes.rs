@@ -335,21 +335,30 @@ fn check_timeout(timeout_s: u64) -> Result<(), ApiError> {
 
 /// Labels and variables: bounded, with names a shell and a filter can use.
 fn check_entries(what: &str, entries: &BTreeMap<String, String>) -> Result<(), ApiError> {
-    if entries.len() > MAX_ENTRIES {
-        return Err(ApiError::BadRequest(format!(
-            "{what}: {} entries, over {MAX_ENTRIES}",
-            entries.len()
-        )));
+    entries_within(what, entries, MAX_ENTRIES, MAX_ENTRY_BYTES).map_err(ApiError::BadRequest)
+}
+
+/// Why `entries` (labels or variables, named `what`) are not at most `most` names, each
+/// non-empty with no `=` or NUL, with a value without NUL, `most_bytes` together; if they
+/// are not. The MCP server holds its clients to tighter bounds than the API's.
+pub fn entries_within(
+    what: &str,
+    entries: &BTreeMap<String, String>,
+    most: usize,
+    most_bytes: usize,
+) -> Result<(), String> {
+    if entries.len() > most {
+        return Err(format!("{what}: {} entries, over {most}", entries.len()));
     }
     for (key, value) in entries {
         let fine = !key.is_empty()
             && !key.contains(['=', '\0'])
             && !value.contains('\0')
-            && key.len() + value.len() <= MAX_ENTRY_BYTES;
+            && key.len() + value.len() <= most_bytes;
         if !fine {
-            return Err(ApiError::BadRequest(format!(
-                "{what}: {key:?} is not a name (non-empty, no '=' or NUL) with a value up to {MAX_ENTRY_BYTES} bytes"
-            )));
+            return Err(format!(
+                "{what}: {key:?} is not a name (non-empty, no '=' or NUL) with a value up to {most_bytes} bytes"
+            ));
         }
     }
     Ok(())

@@ -674,24 +674,8 @@ fn check_argv(argv: &[String]) -> Result<(), ToolFailure> {
 }
 
 fn check_entries(what: &str, entries: &BTreeMap<String, String>) -> Result<(), ToolFailure> {
-    if entries.len() > MAX_ENTRIES {
-        return Err(ToolFailure::invalid(format!(
-            "{what}: {} entries, at most {MAX_ENTRIES}",
-            entries.len()
-        )));
-    }
-    for (key, value) in entries {
-        if key.is_empty()
-            || key.contains(['=', '\0'])
-            || value.contains('\0')
-            || key.len() + value.len() > MAX_ENTRY_BYTES
-        {
-            return Err(ToolFailure::invalid(format!(
-                "{what}: {key:?} is not a name (non-empty, no '=' or NUL) with a value, {MAX_ENTRY_BYTES} bytes at most"
-            )));
-        }
-    }
-    Ok(())
+    mvm_api::sandboxes::entries_within(what, entries, MAX_ENTRIES, MAX_ENTRY_BYTES)
+        .map_err(ToolFailure::invalid)
 }
 
 fn host_failure(message: String) -> ToolFailure {

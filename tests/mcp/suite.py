@@ -41,6 +41,8 @@ async def main():
         async with ClientSession(read, write, read_timeout_seconds=600) as session:
             init = await session.initialize()
             assert init.server_info.name == "mvm", init
+            # The version both offered, as the spec's negotiation has it.
+            assert init.protocol_version == "2025-11-25", init
             tools = (await session.list_tools()).tools
             names = sorted(tool.name for tool in tools)
             assert names == sorted([

@@ -8,7 +8,7 @@ pub mod upstream;
 pub mod wait;
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;
@@ -93,4 +93,52 @@ impl Drop for Served {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// A Python virtual environment under the test target directory, `name`, with `packages`
+/// (pip's arguments: names, pins, paths) installed, made once and kept (PyPI is reached only
+/// the first time); its `python`.
+#[allow(dead_code)] // only the SDK and MCP tests use Python
+pub fn python_venv(name: &str, packages: &[&str]) -> PathBuf {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let python = venv.join("bin/python");
+    let ready = venv.join(".mvm-ready");
+    if !ready.exists() {
+        let made = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .output()
+            .unwrap();
+        assert!(
+            made.status.success(),
+            "python3 -m venv: {}",
+            describe(&made)
+        );
+        let installed = Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet"])
+            .args(packages)
+            .output()
+            .unwrap();
+        assert!(
+            installed.status.success(),
+            "pip install {packages:?}: {}",
+            describe(&installed)
+        );
+        fs::write(&ready, b"").unwrap();
+    }
+    python
+}
+
+/// Packs the directory `dir` (an OCI layout) into the tar file `archive`: an `oci-archive:`.
+#[allow(dead_code)] // only the build tests make archives
+pub fn tar_dir(dir: &Path, archive: &Path) {
+    let tarred = Command::new("tar")
+        .arg("-C")
+        .arg(dir)
+        .arg("-cf")
+        .arg(archive)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(tarred.success(), "tar of {}", dir.display());
 }
