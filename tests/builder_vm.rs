@@ -3,17 +3,19 @@
 //! archive's own SHA256 field), plus the static build worker; built into a signed plan that
 //! boots, and Nix runs in it. The same packages and worker give the same image, byte for byte;
 //! a stored image off its pin is refused. `mvm build --persona vm` builds in it: the same bytes
-//! as the host persona, and a hostile layer refused with the same code. `mvm dev up` keeps its
+//! as the host persona (from a layout, an archive and a registry), and hostile layers refused
+//! with the same codes. `mvm dev up` keeps its
 //! Nix store on a disk that outlives it, and a `nix_packages` workload realised by the VM's Nix
 //! gives the host persona's bytes.
 
 mod support;
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use mvm_builder::testing::{layer_of, Entry, TestLayout};
+use mvm_builder::testing::{layer_of, Entry, LocalRegistry, TestLayout};
 use support::{describe, guest, text, wait};
 
 #[test]
@@ -251,6 +253,93 @@ fn the_builder_vm_image_is_pinned_and_builds_the_same_bytes_as_the_host() {
         0,
     );
     assert_eq!(archived["root_hash"], vm_report["root_hash"], "{archived}");
+    // And from a registry on loopback: the host pulls and checks each blob, the builder gets
+    // exactly those; the same bytes as the host persona's build of it.
+    let registry = LocalRegistry::start();
+    let pushed = TestLayout::new();
+    let digest = pushed.busybox_with(&["cat", "echo"]);
+    let size = fs::metadata(pushed.blob_path(&digest)).unwrap().len();
+    fs::write(
+        pushed.dir.path().join("index.json"),
+        format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{digest}","size":{size},"annotations":{{"org.opencontainers.image.ref.name":"1"}}}}]}}"#
+        ),
+    )
+    .unwrap();
+    registry.push(pushed.dir.path(), "1", "mvm/busybox");
+    let pulled = format!("{}/mvm/busybox@{digest}", registry.address);
+    let from_registry = |persona: &str| {
+        let out = dir.path().join(format!("registry-{persona}"));
+        guest::mvm_json(
+            &home,
+            &[
+                "build",
+                "--image",
+                &pulled,
+                "--persona",
+                persona,
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            0,
+        );
+        fs::read(out.join("rootfs.erofs")).unwrap()
+    };
+    assert!(
+        from_registry("vm") == from_registry("host"),
+        "the registry image differs between the personas"
+    );
+
+    // Hostile layers are refused in the VM with the host's codes: a hardlink to nothing, a
+    // symlink climbing out of the root, the same path twice.
+    let corpus = [
+        layer_of(&[Entry::Hardlink("etc/passwd", "missing/target")]),
+        layer_of(&[
+            Entry::Symlink("etc", "../../outside"),
+            Entry::File("etc/passwd", b"x", 0o644),
+        ]),
+        layer_of(&[Entry::File("a", b"x", 0o644), Entry::File("a", b"y", 0o644)]),
+    ];
+    let mut codes = BTreeSet::new();
+    for (n, hostile) in corpus.into_iter().enumerate() {
+        let (digest, _) = layout.image(
+            "amd64",
+            &[(
+                "application/vnd.oci.image.layer.v1.tar",
+                hostile.clone(),
+                hostile,
+            )],
+        );
+        let reference = format!("oci:{}@{digest}", layout.dir.path().display());
+        let refused = |persona: &str| {
+            let out = dir.path().join(format!("hostile-{n}-{persona}"));
+            let failed = guest::mvm(
+                &home,
+                &[
+                    "--json",
+                    "build",
+                    "--image",
+                    &reference,
+                    "--persona",
+                    persona,
+                    "--out",
+                    out.to_str().unwrap(),
+                ],
+            );
+            assert_eq!(failed.status.code(), Some(65), "{}", describe(&failed));
+            assert!(!out.exists(), "a refused build left {}", out.display());
+            let said: serde_json::Value = serde_json::from_slice(&failed.stdout).unwrap();
+            said["error"]["code"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        };
+        let code = refused("vm");
+        assert!(code.starts_with("LAYER"), "{code}");
+        assert_eq!(code, refused("host"));
+        codes.insert(code);
+    }
+    assert_eq!(codes.len(), 3, "{codes:?}");
     let provenance = support::dsse_payload(&in_dev.join("provenance.dsse.json"));
     let internal = &provenance["predicate"]["buildDefinition"]["internalParameters"];
     assert_eq!(internal["persona"], "vm", "{provenance}");
@@ -532,44 +621,6 @@ fn the_builder_vm_image_is_pinned_and_builds_the_same_bytes_as_the_host() {
     let reset = guest::mvm_json(&home, &["dev", "reset"], 0);
     assert_eq!(reset["removed"], true, "{reset}");
     assert!(!store.exists());
-
-    // A hostile layer (a hardlink to nothing) is refused in the VM with the host's code.
-    let hostile = layer_of(&[Entry::Hardlink("etc/passwd", "missing/target")]);
-    let (digest, _) = layout.image(
-        "amd64",
-        &[(
-            "application/vnd.oci.image.layer.v1.tar",
-            hostile.clone(),
-            hostile,
-        )],
-    );
-    let reference = format!("oci:{}@{digest}", layout.dir.path().display());
-    let refused = |persona: &str| {
-        let out = dir.path().join(format!("hostile-{persona}"));
-        let failed = guest::mvm(
-            &home,
-            &[
-                "--json",
-                "build",
-                "--image",
-                &reference,
-                "--persona",
-                persona,
-                "--out",
-                out.to_str().unwrap(),
-            ],
-        );
-        assert_eq!(failed.status.code(), Some(65), "{}", describe(&failed));
-        assert!(!out.exists(), "a refused build left {}", out.display());
-        let said: serde_json::Value = serde_json::from_slice(&failed.stdout).unwrap();
-        said["error"]["code"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
-    };
-    let code = refused("vm");
-    assert!(code.starts_with("LAYER"), "{code}");
-    assert_eq!(code, refused("host"));
 
     // A stored image that no longer matches its pin is refused, by `show` and by the doctor.
     let digest = manifest["image_digest"].as_str().unwrap();

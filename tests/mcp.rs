@@ -16,7 +16,7 @@ use std::sync::{Mutex, OnceLock};
 use mvm_builder::testing::TestLayout;
 use serde_json::{json, Value};
 
-use support::{describe, guest, text};
+use support::{describe, guest, text, wait};
 
 /// The official Python MCP client, pinned.
 const PYTHON_MCP: &str = "mcp==2.3.0";
@@ -87,10 +87,9 @@ impl Fixture {
         left
     }
 
-    /// `mvm tool run LIMITS` with `request` on stdin.
-    fn tool_run(&self, limits: &[&str], request: &Value) -> (Output, Value) {
-        let mut command = guest::command(&self.home(), &["tool", "run"]);
-        let mut child = command
+    /// `mvm tool run LIMITS`, started, `request` written to its stdin.
+    fn tool_start(&self, limits: &[&str], request: &Value) -> std::process::Child {
+        let mut child = guest::command(&self.home(), &["tool", "run"])
             .args(limits)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -103,6 +102,12 @@ impl Fixture {
             .unwrap()
             .write_all(request.to_string().as_bytes())
             .unwrap();
+        child
+    }
+
+    /// `mvm tool run LIMITS` with `request` on stdin, to its end.
+    fn tool_run(&self, limits: &[&str], request: &Value) -> (Output, Value) {
+        let child = self.tool_start(limits, request);
         let out = child.wait_with_output().unwrap();
         let response = serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| panic!("{e}: {}", describe(&out)));
@@ -322,6 +327,29 @@ fn tool_run_keeps_its_contract() {
     assert_eq!(out.status.code(), Some(124), "{}", describe(&out));
     assert_eq!(response["timed_out"], true, "{response}");
     assert_eq!(response["error"]["class"], "timeout", "{response}");
+    assert!(fixture.vms().is_empty());
+
+    // Transport: the sandbox goes away under its command (removed from outside).
+    let child = fixture.tool_start(
+        &default,
+        &json!({"language": "shell", "command": ["sleep", "30"]}),
+    );
+    let name = wait::eventually(
+        "the request's sandbox running",
+        wait::EVENTUALLY,
+        || match fixture.vms().first() {
+            Some(vm) if vm["phase"] == "running" => Ok(vm["name"].as_str().unwrap().to_string()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    // Its command is asked of the agent just after the sandbox is ready.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let removed = guest::mvm(&fixture.home(), &["rm", "--force", &name]);
+    assert!(removed.status.success(), "{}", describe(&removed));
+    let out = child.wait_with_output().unwrap();
+    let response: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(74), "{}", describe(&out));
+    assert_eq!(response["error"]["class"], "transport", "{response}");
     assert!(fixture.vms().is_empty());
 
     // Stop and cold keep the sandbox, stopped or saved.
