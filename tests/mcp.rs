@@ -329,27 +329,27 @@ fn tool_run_keeps_its_contract() {
     assert_eq!(response["error"]["class"], "timeout", "{response}");
     assert!(fixture.vms().is_empty());
 
-    // Transport: the sandbox goes away under its command (removed from outside).
+    // Guest: the sandbox goes away under its running command (removed from outside).
     let child = fixture.tool_start(
         &default,
-        &json!({"language": "shell", "command": ["sleep", "30"]}),
+        &json!({"language": "shell", "command": ["sh", "-c", ": > /tmp/started; sleep 30"]}),
     );
-    let name = wait::eventually(
-        "the request's sandbox running",
-        wait::EVENTUALLY,
-        || match fixture.vms().first() {
-            Some(vm) if vm["phase"] == "running" => Ok(vm["name"].as_str().unwrap().to_string()),
-            other => Err(format!("{other:?}")),
-        },
-    );
-    // Its command is asked of the agent just after the sandbox is ready.
-    std::thread::sleep(std::time::Duration::from_secs(2));
+    let name = wait::eventually("the request's command running", wait::EVENTUALLY, || {
+        let vm = fixture.vms().first().cloned().ok_or("no sandbox yet")?;
+        let name = vm["name"].as_str().unwrap_or_default().to_string();
+        let listed = guest::mvm(&fixture.home(), &["fs", "ls", &format!("{name}:/tmp")]);
+        match text(&listed.stdout).contains("started") {
+            true => Ok(name),
+            false => Err(describe(&listed)),
+        }
+    });
     let removed = guest::mvm(&fixture.home(), &["rm", "--force", &name]);
     assert!(removed.status.success(), "{}", describe(&removed));
     let out = child.wait_with_output().unwrap();
     let response: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(out.status.code(), Some(74), "{}", describe(&out));
-    assert_eq!(response["error"]["class"], "transport", "{response}");
+    assert_eq!(out.status.code(), Some(70), "{}", describe(&out));
+    assert_eq!(response["error"]["class"], "guest", "{response}");
+    assert_eq!(response["error"]["code"], "AGENT103", "{response}");
     assert!(fixture.vms().is_empty());
 
     // Stop and cold keep the sandbox, stopped or saved.

@@ -13,13 +13,14 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "snake_case")]
 pub enum FailureClass {
     /// The server's policy refused it: an image not allowed, too many sandboxes, a path the
-    /// agent refuses, network not granted.
+    /// agent refuses.
     Policy,
     /// The request is malformed or out of bounds, or names no sandbox of this server.
     Validation,
     /// It ran past its time.
     Timeout,
-    /// The sandbox could not be built or booted, or failed while it ran.
+    /// The sandbox could not be built or booted, could not run the command (no such
+    /// program), or went away while it ran.
     Guest,
     /// The channel to the sandbox or the host failed.
     Transport,
@@ -98,7 +99,7 @@ impl From<ApiError> for ToolFailure {
             | ApiError::NotFound(_) => FailureClass::Validation,
             ApiError::Launch { .. } => FailureClass::Guest,
             ApiError::Vm(vm) => match vm {
-                NamedVmError::Refused(_) => FailureClass::Policy,
+                NamedVmError::Refused(refusal) => refusal_class(&refusal.code),
                 NamedVmError::BadName(_)
                 | NamedVmError::Exists(_)
                 | NamedVmError::Live { .. }
@@ -116,8 +117,49 @@ impl From<ApiError> for ToolFailure {
     }
 }
 
+/// The class of the agent's (or its runner's) refusal `code` (docs/errors.md): a rule that
+/// refused, a request the agent could not take, a guest that could not do it, or a channel
+/// that failed.
+fn refusal_class(code: &str) -> FailureClass {
+    match code {
+        // A path outside /tmp or through a symlink, root asked for, a profile's refusal.
+        "AGENT107" | "AGENT114" | "AGENT117" => FailureClass::Policy,
+        // A malformed request, a missing working directory, no such process, file state.
+        "AGENT100" | "AGENT106" | "AGENT110" | "AGENT112" => FailureClass::Validation,
+        // Another protocol version, flow control broken.
+        "AGENT105" | "AGENT111" => FailureClass::Transport,
+        // No such program, not executable, not startable (or the VM is stopping), busy, a
+        // file the guest could not read or write.
+        _ => FailureClass::Guest,
+    }
+}
+
 impl From<NamedVmError> for ToolFailure {
     fn from(error: NamedVmError) -> Self {
         ApiError::from(error).into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_classed_by_their_code() {
+        assert_eq!(refusal_class("AGENT107"), FailureClass::Policy);
+        assert_eq!(refusal_class("AGENT117"), FailureClass::Policy);
+        assert_eq!(refusal_class("AGENT112"), FailureClass::Validation);
+        assert_eq!(refusal_class("AGENT101"), FailureClass::Guest);
+        assert_eq!(refusal_class("AGENT103"), FailureClass::Guest);
+        assert_eq!(refusal_class("AGENT111"), FailureClass::Transport);
+        let refused = NamedVmError::Refused(mvm_protocol::ErrorReply {
+            code: "AGENT107".into(),
+            message: "outside /tmp".into(),
+        });
+        let failure = ToolFailure::from(refused);
+        assert_eq!(
+            (failure.class, failure.code.as_str()),
+            (FailureClass::Policy, "AGENT107")
+        );
     }
 }
