@@ -371,3 +371,33 @@ fn tool_run_keeps_its_contract() {
     }
     assert!(fixture.clean().is_empty(), "the contract tests left VMs");
 }
+
+/// A `python` request in a real distribution's image (Debian's `python3`): the first file is
+/// run with the language's interpreter, in `/tmp/work` beside the request's other files.
+#[test]
+fn a_python_request_runs_in_a_real_distribution() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let fixture = fixture();
+    let debian = &support::debian::bookworm().reference;
+    let program = "import json, sys\n\
+                   data = json.load(open('data.json'))\n\
+                   print(json.dumps({'python': sys.version_info[0], 'sum': sum(data)}))\n";
+    let (out, response) = fixture.tool_run(
+        &["--allow-image", debian],
+        &json!({
+            "language": "python",
+            "image": debian,
+            "files": [
+                {"path": "main.py", "content": program},
+                {"path": "data.json", "content": "[1, 2, 39]"}
+            ]
+        }),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(response["exit_code"], 0, "{response}");
+    assert_eq!(
+        response["stdout"], "{\"python\": 3, \"sum\": 42}\n",
+        "{response}"
+    );
+    assert!(fixture.clean().is_empty(), "destroy left a VM");
+}
