@@ -18,7 +18,6 @@ use mvm_ir::home::MvmHome;
 use mvm_protocol::{ExecRequest, ExitStatus, FileKind, Integrity, Request, Response};
 use mvm_runner::client::OutputSink;
 use mvm_runner::named_vm::{NamedVm, VmHome};
-use sha2::{Digest, Sha256};
 
 use crate::contract::{NetworkMode, Retention, ToolFile, ToolRequest, ToolResponse};
 use crate::failure::codes;
@@ -66,7 +65,7 @@ impl Service {
     /// does not run.
     pub fn audit(&self, tool: &str, arguments: &impl serde::Serialize) -> Result<(), ToolFailure> {
         let digest = serde_json::to_vec(arguments)
-            .map(|bytes| format!("sha256:{}", hex_of(&Sha256::digest(bytes))))
+            .map(|bytes| mvm_ir::digest::sha256_prefixed(&bytes))
             .map_err(|e| host_failure(e.to_string()))?;
         HostAudit::open(&self.home)
             .and_then(|audit| {
@@ -81,8 +80,9 @@ impl Service {
 
     /// Removes the sandboxes whose time is up.
     pub fn reap(&self) {
-        let now = time_now();
-        let _ = self.sandboxes.reap(now);
+        let _ = self
+            .sandboxes
+            .reap(time::OffsetDateTime::now_utc().unix_timestamp());
     }
 
     /// Makes and starts a sandbox; returns once it is ready.
@@ -229,7 +229,7 @@ impl Service {
         };
         let audit_id = ran
             .receipt
-            .map(|receipt| format!("sha256:{}", hex_of(&Sha256::digest(receipt))))
+            .map(|receipt| mvm_ir::digest::sha256_prefixed(&receipt))
             .unwrap_or_default();
         Ok(ExecOutput {
             sandbox_id: id.into(),
@@ -680,17 +680,6 @@ fn check_entries(what: &str, entries: &BTreeMap<String, String>) -> Result<(), T
 
 fn host_failure(message: String) -> ToolFailure {
     ToolFailure::new(FailureClass::Transport, codes::MCP007, message)
-}
-
-fn hex_of(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn time_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 /// A command's output as it passes: the first `cap` bytes of each stream kept, the rest
