@@ -30,6 +30,8 @@ use crate::cold;
 use crate::state::{self, Phase, VmState};
 
 mod command;
+#[cfg(test)]
+mod tests;
 
 pub use command::Ran;
 
@@ -192,8 +194,12 @@ impl VmHome {
         let mut seen = Vec::new();
         for dir in std::fs::read_dir(&vms).into_iter().flatten().flatten() {
             let dir = dir.path();
-            // One-shot runs leave only a console log behind when they fail: not named VMs.
-            if dir.join(state::STATE_FILE).exists() {
+            // One-shot runs leave only a console log behind when they fail: not named VMs; a
+            // VM being removed is moved aside to a dot-name first.
+            let aside = dir
+                .file_name()
+                .is_some_and(|name| name.as_encoded_bytes().starts_with(b"."));
+            if !aside && dir.join(state::STATE_FILE).exists() {
                 match state::observe(&dir) {
                     Ok(state) => seen.push(state),
                     Err(e) => unreadable(&dir, e),
@@ -397,11 +403,17 @@ impl NamedVm {
         }
         // The runner may still be finishing after writing `stopped`: wait until it has let
         // go of the VM, and hold its lock while removing, so no runner works in the
-        // directory meanwhile.
+        // directory meanwhile. Another remover may win the lock: the VM is then gone, as if it
+        // never was.
+        let gone = || NamedVmError::Unavailable(format!("there is no VM named {}", self.name));
         let deadline = Instant::now() + STOP_WAIT;
         let _lock = loop {
-            if let Some(lock) = self.lock()? {
-                break lock;
+            match self.lock() {
+                Ok(Some(lock)) if self.dir.join(state::STATE_FILE).exists() => break lock,
+                Ok(Some(_)) => return Err(gone()),
+                Err(_) if !self.dir.exists() => return Err(gone()),
+                Err(e) => return Err(e),
+                Ok(None) => {}
             }
             if Instant::now() > deadline {
                 return Err(NamedVmError::Unavailable(format!(
@@ -411,9 +423,14 @@ impl NamedVm {
             }
             std::thread::sleep(POLL);
         };
-        std::fs::remove_dir_all(&self.dir).map_err(|e| {
-            NamedVmError::host(format!("removing {}", self.dir.display()))(e.to_string())
-        })?;
+        // Moved aside first, in one step: its name is free at once and never shows a
+        // half-removed VM, and a remover still waiting finds no lock file to make anew.
+        let removing =
+            self.dir
+                .with_file_name(format!(".removing-{}-{}", self.name, std::process::id()));
+        let host = |what: &str| NamedVmError::host(format!("{what} {}", self.dir.display()));
+        std::fs::rename(&self.dir, &removing).map_err(|e| host("moving aside")(e.to_string()))?;
+        std::fs::remove_dir_all(&removing).map_err(|e| host("removing")(e.to_string()))?;
         cold::forget(&self.home, &seen.vm)
             .map_err(|e| NamedVmError::host("forgetting its cold generation")(e.to_string()))?;
         self.audit("vm.removed", json!({"name": self.name, "vm": seen.vm}))
