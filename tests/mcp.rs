@@ -105,6 +105,35 @@ impl Fixture {
         child
     }
 
+    /// The one sandbox of this home, once its command has made `/tmp/started`; its name.
+    fn started(&self) -> String {
+        wait::eventually("the request's command running", wait::EVENTUALLY, || {
+            let vm = self.vms().first().cloned().ok_or("no sandbox yet")?;
+            let name = vm["name"].as_str().unwrap_or_default().to_string();
+            let listed = guest::mvm(&self.home(), &["fs", "ls", &format!("{name}:/tmp")]);
+            match text(&listed.stdout).contains("started") {
+                true => Ok(name),
+                false => Err(describe(&listed)),
+            }
+        })
+    }
+
+    /// The state file of the VM `name`.
+    fn state(&self, name: &str) -> Value {
+        let path = self.home().join("vms").join(name).join("state.json");
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    }
+
+    /// Waits until this home has no VM.
+    fn wait_empty(&self) {
+        wait::eventually("the sandbox removed", wait::EVENTUALLY, || {
+            match self.vms().is_empty() {
+                true => Ok(()),
+                false => Err(format!("{:?}", self.vms())),
+            }
+        });
+    }
+
     /// `mvm tool run LIMITS` with `request` on stdin, to its end.
     fn tool_run(&self, limits: &[&str], request: &Value) -> (Output, Value) {
         let child = self.tool_start(limits, request);
@@ -335,15 +364,7 @@ fn tool_run_keeps_its_contract() {
         &default,
         &json!({"language": "shell", "command": ["sh", "-c", ": > /tmp/started; sleep 30"]}),
     );
-    let name = wait::eventually("the request's command running", wait::EVENTUALLY, || {
-        let vm = fixture.vms().first().cloned().ok_or("no sandbox yet")?;
-        let name = vm["name"].as_str().unwrap_or_default().to_string();
-        let listed = guest::mvm(&fixture.home(), &["fs", "ls", &format!("{name}:/tmp")]);
-        match text(&listed.stdout).contains("started") {
-            true => Ok(name),
-            false => Err(describe(&listed)),
-        }
-    });
+    let name = fixture.started();
     // The request removes its sandbox once its command failed, which may race this removal:
     // one of the two removes it.
     let _ = guest::mvm(&fixture.home(), &["rm", "--force", &name]);
@@ -361,12 +382,55 @@ fn tool_run_keeps_its_contract() {
         "{}",
         describe(&out)
     );
-    wait::eventually("the sandbox removed", wait::EVENTUALLY, || {
-        match fixture.vms().is_empty() {
-            true => Ok(()),
-            false => Err(format!("{:?}", fixture.vms())),
-        }
-    });
+    fixture.wait_empty();
+
+    // Transport: the sandbox's runner is killed under the running command; its channel
+    // closes. The request removes what is left.
+    let child = fixture.tool_start(
+        &default,
+        &json!({"language": "shell", "command": ["sh", "-c", ": > /tmp/started; sleep 30"]}),
+    );
+    let name = fixture.started();
+    let runner = fixture.state(&name)["runner_pid"].as_i64().unwrap();
+    let killed = Command::new("kill")
+        .args(["-KILL", &runner.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = child.wait_with_output().unwrap();
+    let response: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(74), "{}", describe(&out));
+    assert_eq!(response["error"]["class"], "transport", "{response}");
+    fixture.wait_empty();
+
+    // Cleanup: the command ran, but its sandbox could not be saved cold as asked (the host's
+    // record of the VM's saved generations is not a file). The result stands, the sandbox is
+    // kept running, and the response says what went wrong.
+    let child = fixture.tool_start(
+        &default,
+        &json!({
+            "language": "shell",
+            "command": ["sh", "-c", ": > /tmp/started; sleep 5; echo done"],
+            "state": {"retention": "cold"}
+        }),
+    );
+    let name = fixture.started();
+    let vm = fixture.state(&name)["vm"].as_str().unwrap().to_string();
+    let obstacle = fixture.home().join("ledger").join("cold").join(&vm);
+    std::fs::create_dir_all(obstacle.join("not-a-generation")).unwrap();
+    let out = child.wait_with_output().unwrap();
+    std::fs::remove_dir_all(&obstacle).unwrap();
+    let response: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(75), "{}", describe(&out));
+    assert_eq!(response["ok"], true, "{response}");
+    assert_eq!(response["exit_code"], 0, "{response}");
+    assert_eq!(response["stdout"], "done\n", "{response}");
+    assert_eq!(response["error"]["class"], "cleanup", "{response}");
+    assert_eq!(response["error"]["code"], "MCP006", "{response}");
+    let vms = fixture.vms();
+    assert_eq!(vms.len(), 1, "{vms:?}");
+    assert_eq!(vms[0]["phase"], "running", "{vms:?}");
+    let _ = guest::mvm(&fixture.home(), &["rm", "--force", &name]);
 
     // Stop and cold keep the sandbox, stopped or saved.
     for (retention, phase) in [("stop", "stopped"), ("cold", "cold")] {
@@ -388,32 +452,48 @@ fn tool_run_keeps_its_contract() {
     assert!(fixture.clean().is_empty(), "the contract tests left VMs");
 }
 
-/// A `python` request in a real distribution's image (Debian's `python3`): the first file is
-/// run with the language's interpreter, in `/tmp/work` beside the request's other files.
+/// `python` and `node` requests in a real distribution's image (Debian's `python3` and
+/// `nodejs`): the first file is run with the language's interpreter, in `/tmp/work` beside
+/// the request's other files.
 #[test]
-fn a_python_request_runs_in_a_real_distribution() {
+fn python_and_node_requests_run_in_a_real_distribution() {
     let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     let fixture = fixture();
     let debian = &support::debian::bookworm().reference;
-    let program = "import json, sys\n\
-                   data = json.load(open('data.json'))\n\
-                   print(json.dumps({'python': sys.version_info[0], 'sum': sum(data)}))\n";
-    let (out, response) = fixture.tool_run(
-        &["--allow-image", debian],
-        &json!({
-            "language": "python",
-            "image": debian,
-            "files": [
-                {"path": "main.py", "content": program},
-                {"path": "data.json", "content": "[1, 2, 39]"}
-            ]
-        }),
-    );
-    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
-    assert_eq!(response["exit_code"], 0, "{response}");
-    assert_eq!(
-        response["stdout"], "{\"python\": 3, \"sum\": 42}\n",
-        "{response}"
-    );
+    let python = "import json, sys\n\
+                  data = json.load(open('data.json'))\n\
+                  print(json.dumps({'python': sys.version_info[0], 'sum': sum(data)}))\n";
+    let node = "const data = JSON.parse(require('fs').readFileSync('data.json'));\n\
+                console.log(JSON.stringify({node: typeof process.versions.node, \
+                sum: data.reduce((a, b) => a + b, 0)}));\n";
+    for (language, main, program, expected) in [
+        (
+            "python",
+            "main.py",
+            python,
+            "{\"python\": 3, \"sum\": 42}\n",
+        ),
+        (
+            "node",
+            "main.js",
+            node,
+            "{\"node\":\"string\",\"sum\":42}\n",
+        ),
+    ] {
+        let (out, response) = fixture.tool_run(
+            &["--allow-image", debian],
+            &json!({
+                "language": language,
+                "image": debian,
+                "files": [
+                    {"path": main, "content": program},
+                    {"path": "data.json", "content": "[1, 2, 39]"}
+                ]
+            }),
+        );
+        assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+        assert_eq!(response["exit_code"], 0, "{response}");
+        assert_eq!(response["stdout"], expected, "{language}: {response}");
+    }
     assert!(fixture.clean().is_empty(), "destroy left a VM");
 }

@@ -4,16 +4,22 @@
 //! after; the response says what the command did, or why nothing ran, classed
 //! ([`crate::FailureClass`]). `docs/mcp/` holds both JSON Schemas, generated from these types.
 
+use std::time::Duration;
+
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::params::Language;
-use crate::ToolFailure;
+use crate::failure::codes;
+use crate::limits::call_timeout;
+use crate::params::{check_argv, Language, MAX_HOSTS, MAX_PATH_BYTES};
+use crate::{FailureClass, Limits, ToolFailure};
 
 /// The most files one request may give.
 pub const MAX_FILES: usize = 64;
 /// The most bytes of all its files together.
 pub const MAX_FILES_BYTES: usize = 8 * 1024 * 1024;
+/// Where a request's relative paths are, and where its command runs.
+pub const WORK_DIR: &str = "/tmp/work";
 
 /// A request of the agent tool contract (`mvm tool run`).
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -168,5 +174,280 @@ impl ToolResponse {
             retention: None,
             error: Some(failure),
         }
+    }
+}
+
+/// A request checked against the host's limits: all that is decided before a sandbox is
+/// made, so that a request refused leaves nothing behind.
+#[derive(Debug)]
+pub struct CheckedRequest<'a> {
+    /// Its files, each with its absolute path (under `/tmp`, no `..`).
+    pub files: Vec<(String, &'a ToolFile)>,
+    /// What runs.
+    pub argv: Vec<String>,
+    /// The hosts its sandbox may reach, `HOST:PORT`; none: no network.
+    pub allow_hosts: Vec<String>,
+    /// How long the command may run.
+    pub timeout: Duration,
+    /// The image its sandbox starts, one `limits` allows.
+    pub image: String,
+}
+
+impl ToolRequest {
+    /// Checks every part of the request against the contract's bounds and `limits`: its
+    /// files' count, sizes and paths, its command, its network, its timeout and its image.
+    pub fn check(&self, limits: &Limits) -> Result<CheckedRequest<'_>, ToolFailure> {
+        let files = check_files(&self.files, limits.max_file_bytes)?;
+        if !self.command.is_empty() {
+            check_argv(&self.command)?;
+        }
+        let argv = match (self.command.is_empty(), files.first()) {
+            (false, _) => self.command.clone(),
+            (true, Some((path, _))) => self.language.argv(path),
+            (true, None) => {
+                return Err(ToolFailure::invalid(
+                    "nothing to run: give a command, or a file to run",
+                ))
+            }
+        };
+        let allow_hosts = network_grants(&self.network)?;
+        let timeout =
+            call_timeout(self.timeout_seconds, limits.max_timeout).map_err(ToolFailure::invalid)?;
+        let image = match self.image.as_ref().or(limits.default_image.as_ref()) {
+            Some(image) if limits.allows(image) => image.clone(),
+            Some(image) => {
+                return Err(ToolFailure::new(
+                    FailureClass::Policy,
+                    codes::MCP002,
+                    format!("{image} is not an image this host allows (--allow-image)"),
+                ))
+            }
+            None => {
+                return Err(ToolFailure::new(
+                    FailureClass::Policy,
+                    codes::MCP002,
+                    "no image given and no default image (--default-image)",
+                ))
+            }
+        };
+        Ok(CheckedRequest {
+            files,
+            argv,
+            allow_hosts,
+            timeout,
+            image,
+        })
+    }
+}
+
+/// A request's files with their absolute paths, within the contract's count and total size
+/// and `max_file_bytes` each.
+fn check_files(
+    files: &[ToolFile],
+    max_file_bytes: usize,
+) -> Result<Vec<(String, &ToolFile)>, ToolFailure> {
+    if files.len() > MAX_FILES {
+        return Err(ToolFailure::invalid(format!(
+            "{} files: at most {MAX_FILES}",
+            files.len()
+        )));
+    }
+    let total: usize = files.iter().map(|f| f.content.len()).sum();
+    if total > MAX_FILES_BYTES {
+        return Err(ToolFailure::invalid(format!(
+            "the files hold {total} bytes: at most {MAX_FILES_BYTES}"
+        )));
+    }
+    files
+        .iter()
+        .map(|file| match file.content.len() > max_file_bytes {
+            true => Err(ToolFailure::invalid(format!(
+                "{} holds {} bytes: at most {max_file_bytes}",
+                file.path,
+                file.content.len()
+            ))),
+            false => Ok((sandbox_path(&file.path)?, file)),
+        })
+        .collect()
+}
+
+/// The `allow_hosts` of a request's network: none for `none`, `HOST:PORT` for each host of an
+/// allowlist.
+fn network_grants(network: &ToolNetwork) -> Result<Vec<String>, ToolFailure> {
+    match network.mode {
+        NetworkMode::None if network.allow.is_empty() => Ok(vec![]),
+        NetworkMode::None => Err(ToolFailure::invalid(
+            "network.allow is given with mode none: say allowlist",
+        )),
+        NetworkMode::Allowlist if network.allow.is_empty() || network.allow.len() > MAX_HOSTS => {
+            Err(ToolFailure::invalid(format!(
+                "an allowlist names 1-{MAX_HOSTS} hosts"
+            )))
+        }
+        NetworkMode::Allowlist => network
+            .allow
+            .iter()
+            .map(|allowed| {
+                let host = allowed.host.as_str();
+                let port = allowed.port.unwrap_or(443);
+                let fine = !host.is_empty()
+                    && host.len() <= 253
+                    && host
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+                match (fine, port) {
+                    (false, _) => Err(ToolFailure::invalid(format!(
+                        "{host:?} is not a host name or address"
+                    ))),
+                    (true, 0) => Err(ToolFailure::invalid(format!("{host}: port 0"))),
+                    (true, port) => Ok(format!("{host}:{port}")),
+                }
+            })
+            .collect(),
+    }
+}
+
+/// A request's file path in the sandbox: relative ones under [`WORK_DIR`]; every one under
+/// `/tmp`, no `.` or `..` component, no NUL, no empty component.
+fn sandbox_path(path: &str) -> Result<String, ToolFailure> {
+    let absolute = match path.starts_with('/') {
+        true => path.to_string(),
+        false => format!("{WORK_DIR}/{path}"),
+    };
+    let components: Vec<&str> = absolute[1..].split('/').collect();
+    let fine = absolute.len() <= MAX_PATH_BYTES
+        && !absolute.contains('\0')
+        && components.len() >= 2
+        && components[0] == "tmp"
+        && components
+            .iter()
+            .all(|c| !c.is_empty() && *c != "." && *c != "..");
+    match fine {
+        true => Ok(absolute),
+        false => Err(ToolFailure::new(
+            FailureClass::Policy,
+            codes::MCP001,
+            format!("{path:?} is not a file under /tmp (no `..`, no empty or `.` parts)"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_paths_stay_under_tmp() {
+        assert_eq!(sandbox_path("main.py").unwrap(), "/tmp/work/main.py");
+        assert_eq!(sandbox_path("src/a.py").unwrap(), "/tmp/work/src/a.py");
+        assert_eq!(sandbox_path("/tmp/x/y").unwrap(), "/tmp/x/y");
+        for bad in [
+            "/etc/passwd",
+            "../../etc/passwd",
+            "/tmp/../etc/passwd",
+            "/tmp",
+            "/tmp/",
+            "a//b",
+            "./a",
+            "/tmp/a\0b",
+            "/tmpx/a",
+        ] {
+            let refused = sandbox_path(bad).unwrap_err();
+            assert_eq!(refused.class, FailureClass::Policy, "{bad}");
+        }
+        assert!(sandbox_path(&format!("/tmp/{}", "a".repeat(MAX_PATH_BYTES))).is_err());
+    }
+
+    #[test]
+    fn network_is_none_unless_an_allowlist_names_hosts() {
+        let request = |mode, allow: Vec<AllowedHost>| ToolNetwork { mode, allow };
+        let host = |host: &str, port| AllowedHost {
+            host: host.into(),
+            port,
+        };
+        assert!(network_grants(&request(NetworkMode::None, vec![]))
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            network_grants(&request(
+                NetworkMode::Allowlist,
+                vec![host("api.example.com", None), host("10.0.0.2", Some(8080))]
+            ))
+            .unwrap(),
+            ["api.example.com:443", "10.0.0.2:8080"]
+        );
+        for refused in [
+            request(NetworkMode::None, vec![host("api.example.com", None)]),
+            request(NetworkMode::Allowlist, vec![]),
+            request(NetworkMode::Allowlist, vec![host("a b", None)]),
+            request(NetworkMode::Allowlist, vec![host("x:1", None)]),
+            request(
+                NetworkMode::Allowlist,
+                vec![host("api.example.com", Some(0))],
+            ),
+        ] {
+            assert_eq!(
+                network_grants(&refused).unwrap_err().class,
+                FailureClass::Validation
+            );
+        }
+    }
+
+    #[test]
+    fn a_request_is_checked_whole_before_anything_starts() {
+        let image = format!("oci:img@sha256:{}", "a".repeat(64));
+        let limits = Limits {
+            default_image: Some(image.clone()),
+            ..Limits::default()
+        };
+        let request: ToolRequest = serde_json::from_value(serde_json::json!({
+            "language": "python",
+            "files": [{"path": "main.py", "content": "print(1)"}, {"path": "/tmp/in", "content": ""}],
+            "timeout_seconds": 5,
+            "network": {"mode": "allowlist", "allow": [{"host": "api.example.com"}]}
+        }))
+        .unwrap();
+        let checked = request.check(&limits).unwrap();
+        assert_eq!(checked.argv, ["python3", "/tmp/work/main.py"]);
+        assert_eq!(checked.files[1].0, "/tmp/in");
+        assert_eq!(checked.allow_hosts, ["api.example.com:443"]);
+        assert_eq!(checked.timeout, Duration::from_secs(5));
+        assert_eq!(checked.image, image);
+
+        let refused = |request: serde_json::Value, limits: &Limits| {
+            let request: ToolRequest = serde_json::from_value(request).unwrap();
+            let failure = request.check(limits).unwrap_err();
+            (failure.class, failure.code)
+        };
+        let other = format!("oci:other@sha256:{}", "b".repeat(64));
+        assert_eq!(
+            refused(
+                serde_json::json!({"language": "shell", "command": ["true"], "image": other}),
+                &limits
+            ),
+            (FailureClass::Policy, codes::MCP002.to_string())
+        );
+        assert_eq!(
+            refused(
+                serde_json::json!({"language": "shell", "command": ["true"]}),
+                &Limits::default()
+            ),
+            (FailureClass::Policy, codes::MCP002.to_string())
+        );
+        assert_eq!(
+            refused(
+                serde_json::json!({"language": "shell", "command": ["true"], "timeout_seconds": 601}),
+                &limits
+            ),
+            (FailureClass::Validation, codes::MCP001.to_string())
+        );
+        let big = "x".repeat(limits.max_file_bytes + 1);
+        assert_eq!(
+            refused(
+                serde_json::json!({"language": "shell", "files": [{"path": "a", "content": big}]}),
+                &limits
+            ),
+            (FailureClass::Validation, codes::MCP001.to_string())
+        );
     }
 }

@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::ToolFailure;
+
 /// The most environment variables or labels one call may give.
 pub const MAX_ENTRIES: usize = 32;
 /// The most bytes of one variable's or label's name and value together.
@@ -292,4 +294,15 @@ pub struct FilesListParams {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 4))]
     pub depth: Option<u32>,
+}
+
+/// Refuses a command of no arguments, or of more than [`MAX_ARGS`] or [`MAX_ARGV_BYTES`].
+pub(crate) fn check_argv(argv: &[String]) -> Result<(), ToolFailure> {
+    let bytes: usize = argv.iter().map(String::len).sum();
+    if argv.is_empty() || argv.len() > MAX_ARGS || bytes > MAX_ARGV_BYTES {
+        return Err(ToolFailure::invalid(format!(
+            "a command is 1-{MAX_ARGS} arguments of {MAX_ARGV_BYTES} bytes together"
+        )));
+    }
+    Ok(())
 }

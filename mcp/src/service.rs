@@ -19,19 +19,17 @@ use mvm_protocol::{ExecRequest, ExitStatus, FileKind, Integrity, Request, Respon
 use mvm_runner::client::OutputSink;
 use mvm_runner::named_vm::{NamedVm, VmHome};
 
-use crate::contract::{NetworkMode, Retention, ToolFile, ToolRequest, ToolResponse};
+use crate::contract::{Retention, ToolFile, ToolRequest, ToolResponse};
 use crate::failure::codes;
 use crate::limits::call_timeout;
 use crate::params::{
-    CreateParams, Encoding, ExecOutput, FileContent, RunCodeParams, SandboxInfo, MAX_ARGS,
-    MAX_ARGV_BYTES, MAX_ENTRIES, MAX_ENTRY_BYTES, MAX_HOSTS, MAX_PATH_BYTES,
+    check_argv, CreateParams, Encoding, ExecOutput, FileContent, RunCodeParams, SandboxInfo,
+    MAX_ENTRIES, MAX_ENTRY_BYTES, MAX_HOSTS, MAX_PATH_BYTES,
 };
 use crate::{contract, FailureClass, Limits, ToolFailure, MCP_LABEL};
 
 /// How long a file operation may take.
 const FILE_TIMEOUT: Duration = Duration::from_secs(300);
-/// Where a request's relative paths are, and where its command runs.
-const WORK_DIR: &str = "/tmp/work";
 /// How long past its command's timeout a one-shot sandbox lives, should its caller vanish.
 const ONE_SHOT_GRACE_S: u64 = 300;
 
@@ -302,43 +300,19 @@ impl Service {
     /// it asks. A failure before the command ran removes the sandbox and is the response's
     /// error; one after (keeping the sandbox as asked) rides with the command's result.
     pub fn run_tool(&self, request: &ToolRequest) -> Result<ToolResponse, ToolFailure> {
-        let files = self.check_files(&request.files)?;
-        if !request.command.is_empty() {
-            check_argv(&request.command)?;
-        }
-        let argv = match (request.command.is_empty(), files.first()) {
-            (false, _) => request.command.clone(),
-            (true, Some((path, _))) => request.language.argv(path),
-            (true, None) => {
-                return Err(ToolFailure::invalid(
-                    "nothing to run: give a command, or a file to run",
-                ))
-            }
-        };
-        let allow_hosts = network_grants(request)?;
-        let timeout = self.timeout(request.timeout_seconds)?;
-        let image = match (&request.image, &self.limits.default_image) {
-            (Some(image), _) => image.clone(),
-            (None, Some(image)) => image.clone(),
-            (None, None) => {
-                return Err(ToolFailure::new(
-                    FailureClass::Policy,
-                    codes::MCP002,
-                    "no image given and no default image (--default-image)",
-                ))
-            }
-        };
+        let checked = request.check(&self.limits)?;
+        let timeout = checked.timeout;
         let created = self.create(&CreateParams {
-            image,
+            image: checked.image,
             cpus: None,
             memory_mib: None,
             env: BTreeMap::new(),
-            allow_hosts,
+            allow_hosts: checked.allow_hosts,
             timeout_seconds: Some(timeout.as_secs() + ONE_SHOT_GRACE_S),
             labels: BTreeMap::new(),
         })?;
         let id = created.sandbox_id;
-        let ran = self.prepare_and_run(&id, &files, argv, timeout);
+        let ran = self.prepare_and_run(&id, &checked.files, checked.argv, timeout);
         let output = match ran {
             Ok(output) => output,
             Err(failure) => {
@@ -388,7 +362,7 @@ impl Service {
     }
 
     /// Writes a request's files into `id` (their directories made), then runs `argv` in
-    /// [`WORK_DIR`].
+    /// [`contract::WORK_DIR`].
     fn prepare_and_run(
         &self,
         id: &str,
@@ -397,49 +371,20 @@ impl Service {
         timeout: Duration,
     ) -> Result<ExecOutput, ToolFailure> {
         let vm = self.sandboxes.vm(id)?;
-        make_dir(&vm, WORK_DIR)?;
+        make_dir(&vm, contract::WORK_DIR)?;
         for (path, file) in files {
             if let Some((parent, _)) = path.rsplit_once('/') {
                 make_dir(&vm, parent)?;
             }
             self.write_file(id, path, file.content.as_bytes(), Some(0o644))?;
         }
-        self.exec(id, argv, Some(WORK_DIR.into()), &BTreeMap::new(), timeout)
-    }
-
-    /// A request's files with their absolute paths, each under `/tmp` with no `..`, within
-    /// the contract's counts and sizes.
-    fn check_files<'a>(
-        &self,
-        files: &'a [ToolFile],
-    ) -> Result<Vec<(String, &'a ToolFile)>, ToolFailure> {
-        if files.len() > contract::MAX_FILES {
-            return Err(ToolFailure::invalid(format!(
-                "{} files: at most {}",
-                files.len(),
-                contract::MAX_FILES
-            )));
-        }
-        let total: usize = files.iter().map(|f| f.content.len()).sum();
-        if total > contract::MAX_FILES_BYTES {
-            return Err(ToolFailure::invalid(format!(
-                "the files hold {total} bytes: at most {}",
-                contract::MAX_FILES_BYTES
-            )));
-        }
-        let mut checked = Vec::with_capacity(files.len());
-        for file in files {
-            if file.content.len() > self.limits.max_file_bytes {
-                return Err(ToolFailure::invalid(format!(
-                    "{} holds {} bytes: at most {}",
-                    file.path,
-                    file.content.len(),
-                    self.limits.max_file_bytes
-                )));
-            }
-            checked.push((sandbox_path(&file.path)?, file));
-        }
-        Ok(checked)
+        self.exec(
+            id,
+            argv,
+            Some(contract::WORK_DIR.into()),
+            &BTreeMap::new(),
+            timeout,
+        )
     }
 
     /// Reads the file `path` of `id`, at most the server's file size.
@@ -579,66 +524,6 @@ fn info(sandbox: Sandbox) -> SandboxInfo {
     }
 }
 
-/// The `allow_hosts` of a request's network: none for `none`, `HOST:PORT` for each host of an
-/// allowlist.
-fn network_grants(request: &ToolRequest) -> Result<Vec<String>, ToolFailure> {
-    let network = &request.network;
-    match network.mode {
-        NetworkMode::None if network.allow.is_empty() => Ok(vec![]),
-        NetworkMode::None => Err(ToolFailure::invalid(
-            "network.allow is given with mode none: say allowlist",
-        )),
-        NetworkMode::Allowlist if network.allow.is_empty() || network.allow.len() > MAX_HOSTS => {
-            Err(ToolFailure::invalid(format!(
-                "an allowlist names 1-{MAX_HOSTS} hosts"
-            )))
-        }
-        NetworkMode::Allowlist => network
-            .allow
-            .iter()
-            .map(|allowed| {
-                let host = allowed.host.as_str();
-                let fine = !host.is_empty()
-                    && host.len() <= 253
-                    && host
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
-                match fine {
-                    true => Ok(format!("{host}:{}", allowed.port.unwrap_or(443))),
-                    false => Err(ToolFailure::invalid(format!(
-                        "{host:?} is not a host name or address"
-                    ))),
-                }
-            })
-            .collect(),
-    }
-}
-
-/// A request's file path in the sandbox: relative ones under [`WORK_DIR`]; every one under
-/// `/tmp`, no `.` or `..` component, no NUL, no empty component.
-fn sandbox_path(path: &str) -> Result<String, ToolFailure> {
-    let absolute = match path.starts_with('/') {
-        true => path.to_string(),
-        false => format!("{WORK_DIR}/{path}"),
-    };
-    let components: Vec<&str> = absolute[1..].split('/').collect();
-    let fine = absolute.len() <= MAX_PATH_BYTES
-        && !absolute.contains('\0')
-        && components.len() >= 2
-        && components[0] == "tmp"
-        && components
-            .iter()
-            .all(|c| !c.is_empty() && *c != "." && *c != "..");
-    match fine {
-        true => Ok(absolute),
-        false => Err(ToolFailure::new(
-            FailureClass::Policy,
-            codes::MCP001,
-            format!("{path:?} is not a file under /tmp (no `..`, no empty or `.` parts)"),
-        )),
-    }
-}
-
 /// Makes `dir` (an absolute path under `/tmp`) and its parents in `vm`, where missing.
 fn make_dir(vm: &NamedVm, dir: &str) -> Result<(), ToolFailure> {
     let mut at = String::new();
@@ -659,16 +544,6 @@ fn make_dir(vm: &NamedVm, dir: &str) -> Result<(), ToolFailure> {
                 mode: 0o755,
             },
         )?;
-    }
-    Ok(())
-}
-
-fn check_argv(argv: &[String]) -> Result<(), ToolFailure> {
-    let bytes: usize = argv.iter().map(String::len).sum();
-    if argv.is_empty() || argv.len() > MAX_ARGS || bytes > MAX_ARGV_BYTES {
-        return Err(ToolFailure::invalid(format!(
-            "a command is 1-{MAX_ARGS} arguments of {MAX_ARGV_BYTES} bytes together"
-        )));
     }
     Ok(())
 }
@@ -738,69 +613,7 @@ impl OutputSink for Captured {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::contract::{AllowedHost, ToolNetwork};
-    use crate::params::Language;
-
-    #[test]
-    fn request_paths_stay_under_tmp() {
-        assert_eq!(sandbox_path("main.py").unwrap(), "/tmp/work/main.py");
-        assert_eq!(sandbox_path("src/a.py").unwrap(), "/tmp/work/src/a.py");
-        assert_eq!(sandbox_path("/tmp/x/y").unwrap(), "/tmp/x/y");
-        for bad in [
-            "/etc/passwd",
-            "../../etc/passwd",
-            "/tmp/../etc/passwd",
-            "/tmp",
-            "/tmp/",
-            "a//b",
-            "./a",
-            "/tmp/a\0b",
-            "/tmpx/a",
-        ] {
-            let refused = sandbox_path(bad).unwrap_err();
-            assert_eq!(refused.class, FailureClass::Policy, "{bad}");
-        }
-        assert!(sandbox_path(&format!("/tmp/{}", "a".repeat(MAX_PATH_BYTES))).is_err());
-    }
-
-    #[test]
-    fn network_is_none_unless_an_allowlist_names_hosts() {
-        let request = |mode, allow: Vec<AllowedHost>| ToolRequest {
-            language: Language::Shell,
-            image: None,
-            files: vec![],
-            command: vec!["true".into()],
-            timeout_seconds: None,
-            network: ToolNetwork { mode, allow },
-            state: Default::default(),
-        };
-        let host = |host: &str, port| AllowedHost {
-            host: host.into(),
-            port,
-        };
-        assert!(network_grants(&request(NetworkMode::None, vec![]))
-            .unwrap()
-            .is_empty());
-        assert_eq!(
-            network_grants(&request(
-                NetworkMode::Allowlist,
-                vec![host("api.example.com", None), host("10.0.0.2", Some(8080))]
-            ))
-            .unwrap(),
-            ["api.example.com:443", "10.0.0.2:8080"]
-        );
-        for refused in [
-            request(NetworkMode::None, vec![host("api.example.com", None)]),
-            request(NetworkMode::Allowlist, vec![]),
-            request(NetworkMode::Allowlist, vec![host("a b", None)]),
-            request(NetworkMode::Allowlist, vec![host("x:1", None)]),
-        ] {
-            assert_eq!(
-                network_grants(&refused).unwrap_err().class,
-                FailureClass::Validation
-            );
-        }
-    }
+    use crate::params::{MAX_ARGS, MAX_ARGV_BYTES};
 
     #[test]
     fn output_past_the_cap_is_counted_not_kept() {

@@ -29,9 +29,9 @@ use serde_json::{json, Value};
 const SUITE: &str = "bookworm";
 
 /// What the image holds beyond `minbase`: `python3` (the smallest set with `ssl`, `sqlite3` and
-/// `json`: `python3-minimal` has no `sqlite3`), the dynamic `busybox`, and `curl` (the egress
-/// tests' HTTPS client).
-pub const PACKAGES: &[&str] = &["python3", "busybox", "curl"];
+/// `json`: `python3-minimal` has no `sqlite3`), `nodejs` (the tool contract's `node`), the
+/// dynamic `busybox`, and `curl` (the egress tests' HTTPS client).
+pub const PACKAGES: &[&str] = &["python3", "nodejs", "busybox", "curl"];
 
 /// `SOURCE_DATE_EPOCH` of the tarball: 2023-11-14.
 const EPOCH: &str = "1700000000";

@@ -1,5 +1,5 @@
-//! Guests for the end-to-end tests: the static guest agent and the runner (and, for a guest
-//! that runs mvm itself, the CLI), built by the tests themselves.
+//! Guests for the end-to-end tests: the static guest agent, the runner, and the CLI and build
+//! worker for guests that run them, built by the tests themselves.
 //!
 //! The agent must be a static binary (the initramfs has no dynamic loader), which the root
 //! package's build cannot give: it is built with cargo, `+crt-static` and an explicit
@@ -20,82 +20,88 @@ fn cargo() -> Command {
     cargo
 }
 
-/// Builds `args` (cargo packages and binaries) static, in release, into the tests' own
-/// target directory under `CARGO_TARGET_TMPDIR`, and returns its release directory.
-fn build_static(args: &[&str]) -> PathBuf {
-    let target_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("agent-static");
-    let out = cargo()
-        .args(["build", "--release"])
-        .args(args)
-        .args(["--target", TARGET])
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "building {args:?} static: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    target_dir.join(TARGET).join("release")
+/// The binaries a guest may carry, with their packages: the agent, the runner, the CLI (for a
+/// guest that runs mvm itself: the nested kvm test's) and the build worker (the builder VM's
+/// image, `mvm builder fetch --worker`). The runner needs no static linking, but it does no
+/// harm: it makes it self-contained, as a jailed runner must be.
+const STATIC_BINARIES: &[(&str, &str)] = &[
+    ("mvm-agent", "mvm-agent"),
+    ("mvm-runner", "mvm-runner"),
+    ("mvm", "mvm"),
+    ("mvm-builder", "mvm-build-worker"),
+];
+
+/// The directory of the static binaries, built once per test run, all in one cargo build (they
+/// share most dependencies, which one build compiles once). Release, but without link-time
+/// optimisation: a test wants them built soon more than running a little faster.
+fn static_binaries() -> &'static Path {
+    static RELEASE: OnceLock<PathBuf> = OnceLock::new();
+    RELEASE.get_or_init(|| {
+        let target_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("agent-static");
+        let mut build = cargo();
+        build.args(["build", "--release", "--target", TARGET]);
+        for (package, binary) in STATIC_BINARIES {
+            build.args(["-p", package, "--bin", binary]);
+        }
+        let out = build
+            .arg("--target-dir")
+            .arg(&target_dir)
+            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .env("CARGO_PROFILE_RELEASE_LTO", "false")
+            .env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "16")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "building the static binaries: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let release = target_dir.join(TARGET).join("release");
+        for (_, binary) in STATIC_BINARIES {
+            let path = release.join(binary);
+            assert!(
+                !has_interpreter(&fs::read(&path).unwrap()),
+                "{} asks for a dynamic loader: not static",
+                path.display()
+            );
+        }
+        release
+    })
 }
 
-/// The static `mvm-agent` and `mvm-runner`, built together once per test run (one build: they
-/// share most dependencies). The runner needs no static linking, but it does no harm: it makes
-/// it self-contained, as a jailed runner must be.
-fn binaries() -> &'static (PathBuf, PathBuf) {
-    static BINARIES: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
-    BINARIES.get_or_init(|| {
-        let release = build_static(&["-p", "mvm-agent", "-p", "mvm-runner"]);
-        let agent = release.join("mvm-agent");
-        assert!(
-            !has_interpreter(&fs::read(&agent).unwrap()),
-            "{} asks for a dynamic loader: not static",
-            agent.display()
-        );
-        (agent, release.join("mvm-runner"))
-    })
+/// The static binary `name` (one of [`STATIC_BINARIES`]).
+fn static_binary(name: &str) -> &'static Path {
+    static PATHS: OnceLock<Vec<(&'static str, PathBuf)>> = OnceLock::new();
+    let paths = PATHS.get_or_init(|| {
+        let release = static_binaries();
+        STATIC_BINARIES
+            .iter()
+            .map(|(_, binary)| (*binary, release.join(binary)))
+            .collect()
+    });
+    let (_, path) = paths.iter().find(|(binary, _)| *binary == name).unwrap();
+    path
 }
 
 /// A static `mvm` (the CLI), for a machine that has no other: the nested kvm test's guest.
 pub fn static_cli() -> &'static Path {
-    static CLI: OnceLock<PathBuf> = OnceLock::new();
-    CLI.get_or_init(|| {
-        let cli = build_static(&["-p", "mvm", "--bin", "mvm"]).join("mvm");
-        assert!(
-            !has_interpreter(&fs::read(&cli).unwrap()),
-            "{} asks for a dynamic loader: not static",
-            cli.display()
-        );
-        cli
-    })
+    static_binary("mvm")
 }
 
 /// The static build worker the builder VM's image carries (`mvm builder fetch --worker`).
 pub fn static_worker() -> &'static Path {
-    static WORKER: OnceLock<PathBuf> = OnceLock::new();
-    WORKER.get_or_init(|| {
-        let worker = build_static(&["-p", "mvm-builder", "--bin", "mvm-build-worker"])
-            .join("mvm-build-worker");
-        assert!(
-            !has_interpreter(&fs::read(&worker).unwrap()),
-            "{} asks for a dynamic loader: not static",
-            worker.display()
-        );
-        worker
-    })
+    static_binary("mvm-build-worker")
 }
 
 /// The static guest agent.
 pub fn static_agent() -> &'static Path {
-    &binaries().0
+    static_binary("mvm-agent")
 }
 
 /// `mvm-runner` (pass it to `mvm run` as `MVM_RUNNER`).
 pub fn runner() -> &'static Path {
-    &binaries().1
+    static_binary("mvm-runner")
 }
 
 /// The command `mvm ARGS` with `MVM_HOME` set to `home`, and this test run's runner and
