@@ -2,7 +2,9 @@
 //! client gets it as a tool result with `isError` (never as a protocol error); `mvm tool run`
 //! as its response's `error`.
 
+#[cfg(feature = "server")]
 use mvm_api::error::ApiError;
+#[cfg(feature = "server")]
 use mvm_runner::named_vm::NamedVmError;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -55,7 +57,8 @@ pub struct ToolFailure {
     pub message: String,
 }
 
-/// This crate's own codes (`docs/mcp.md`).
+/// This crate's own codes (`docs/mcp.md`); the server's uses most of them.
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 pub mod codes {
     /// Arguments out of bounds or malformed.
     pub const MCP001: &str = "MCP001";
@@ -89,6 +92,7 @@ impl ToolFailure {
     }
 }
 
+#[cfg(feature = "server")]
 impl From<ApiError> for ToolFailure {
     fn from(error: ApiError) -> Self {
         let class = match &error {
@@ -120,6 +124,7 @@ impl From<ApiError> for ToolFailure {
 /// The class of the agent's (or its runner's) refusal `code` (docs/errors.md): a rule that
 /// refused, a request the agent could not take, a guest that could not do it, or a channel
 /// that failed.
+#[cfg(feature = "server")]
 fn refusal_class(code: &str) -> FailureClass {
     match code {
         // A path outside /tmp or through a symlink, root asked for, a profile's refusal.
@@ -134,13 +139,14 @@ fn refusal_class(code: &str) -> FailureClass {
     }
 }
 
+#[cfg(feature = "server")]
 impl From<NamedVmError> for ToolFailure {
     fn from(error: NamedVmError) -> Self {
         ApiError::from(error).into()
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "server"))]
 mod tests {
     use super::*;
 

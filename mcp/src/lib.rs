@@ -10,6 +10,9 @@
 //! the longest call, the largest input and output. A client sees and touches only the
 //! sandboxes made through this crate (labelled [`MCP_LABEL`]), never the host's other VMs.
 //!
+//! The contract and the tools' types need none of that: with the default `server` feature off
+//! (the fuzz targets' build) only they are built.
+//!
 //! Every call is audited on the host's signed chain (`mcp.call`: the tool's name and the
 //! digest of its arguments, never their values); every command leaves a signed receipt,
 //! whose digest the result gives as `audit_id`.
@@ -18,12 +21,16 @@ pub mod contract;
 mod failure;
 mod limits;
 pub mod params;
+#[cfg(feature = "server")]
 mod server;
+#[cfg(feature = "server")]
 mod service;
 
 pub use failure::{FailureClass, ToolFailure};
 pub use limits::Limits;
+#[cfg(feature = "server")]
 pub use server::{run_stdio, serve_stdio, McpServer};
+#[cfg(feature = "server")]
 pub use service::Service;
 
 /// The label every sandbox made here carries (`"true"`): the only sandboxes its tools see.

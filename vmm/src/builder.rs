@@ -172,6 +172,44 @@ impl Machine {
     /// Writes the paused VM — its vCPUs (taken by their own threads), in-kernel devices,
     /// devices and RAM — to `into` ([`snapshot`]'s format).
     pub fn save(&self, into: &mut impl std::io::Write) -> Result<(), VmmError> {
+        let state = self.saved_state()?;
+        snapshot::write(into, &state, self.parts.vm.memory())
+            .map_err(|e| VmmError::Snapshot(format!("writing: {e}")))
+    }
+
+    /// Saves the paused VM as a boot snapshot is kept: its state (what [`Machine::save`]
+    /// writes before RAM) returned, its RAM written to `memory` as a flat image
+    /// ([`memory::write_flat`]), which [`memory::map_flat`] maps back copy-on-write.
+    pub fn save_flat(&self, memory: &File) -> Result<SavedVm, VmmError> {
+        let state = self.saved_state()?;
+        memory::write_flat(self.parts.vm.memory(), memory)
+            .map_err(|e| VmmError::Snapshot(format!("writing the memory image: {e}")))?;
+        Ok(state)
+    }
+
+    /// Fills guest RAM from `from` to its end with `byte`: a stand-in, for benchmarks, for a
+    /// guest that has used all its memory.
+    #[cfg(feature = "testing")]
+    pub fn fill_ram(&self, from: u64, byte: u8) -> Result<(), VmmError> {
+        use vm_memory::{Bytes, GuestAddress};
+        let chunk = vec![byte; 1 << 20];
+        let memory = self.parts.vm.memory();
+        for region in memory.iter() {
+            let (start, end) = (region.start_addr().0, region.start_addr().0 + region.len());
+            let mut at = start.max(from);
+            while at < end {
+                let len = chunk.len().min((end - at) as usize);
+                memory
+                    .write_slice(&chunk[..len], GuestAddress(at))
+                    .map_err(|e| VmmError::Memory(format!("filling RAM at {at:#x}: {e}")))?;
+                at += len as u64;
+            }
+        }
+        Ok(())
+    }
+
+    /// The paused VM's state, everything but RAM.
+    fn saved_state(&self) -> Result<SavedVm, VmmError> {
         let vcpus = self
             .pauser
             .vcpu_states()
@@ -201,8 +239,7 @@ impl Machine {
                 })
                 .collect::<Result<_, VmmError>>()?,
         };
-        snapshot::write(into, &state, parts.vm.memory())
-            .map_err(|e| VmmError::Snapshot(format!("writing: {e}")))
+        Ok(state)
     }
 }
 

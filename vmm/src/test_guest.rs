@@ -21,6 +21,9 @@ pub const LIB: &str = include_str!("../tests/guest/lib.S");
 /// The guest that checks its boot data, prints on COM1 and powers off (its command line must
 /// start with `mvm-test-guest`).
 pub const BOOT_CHECK: &str = include_str!("../tests/guest/boot_check.S");
+/// The guest that never ends by itself; with `tick` on its command line it writes a line `.`
+/// to COM1 every 256 turns of its loop.
+pub const SPIN: &str = include_str!("../tests/guest/spin.S");
 
 /// Generous: under PVM the guest's every instruction is emulated (~1 µs each).
 pub const TIMEOUT: Duration = Duration::from_secs(60);

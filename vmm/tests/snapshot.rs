@@ -65,3 +65,58 @@ fn a_guest_with_two_vcpus_ticks_on_after_its_restore() {
         states[0]
     );
 }
+
+/// A guest saved as a boot snapshot is kept (its RAM a flat image) and restored with its RAM
+/// mapped copy-on-write from that image: twice, one after the other, each ticking on where it
+/// was saved; the image is byte for byte what was saved after both ran.
+#[test]
+fn a_guest_mapped_from_its_flat_image_ticks_on_and_leaves_the_image_unchanged() {
+    if let Some(reason) = guest::kvm_unavailable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = guest::build(dir.path(), &["lib", "spin"]);
+    let config = |log: &str, console: &Console| VmConfig {
+        cmdline: "tick".into(),
+        console_log: console.logging_into(File::create(dir.path().join(log)).unwrap()),
+        ..guest::config(dir.path(), kernel.clone(), console)
+    };
+    let ticks = |console: &Console, n: usize| {
+        let deadline = Instant::now() + guest::TIMEOUT;
+        while console.tail().matches(".\n").count() < n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        console.tail()
+    };
+    let console = Console::default();
+    let vm = vmm::build(config("first.log", &console)).unwrap();
+    ticks(&console, 3);
+    let machine = vm.machine();
+    machine.pause().unwrap();
+    let image_path = dir.path().join("memory.flat");
+    let image = File::create_new(&image_path).unwrap();
+    let saved = machine.save_flat(&image).unwrap();
+    drop(image);
+    assert_eq!(vm.stop(), GuestExit::Stopped);
+    let state = serde_json::to_vec(&saved).unwrap();
+    let before = std::fs::read(&image_path).unwrap();
+    assert_eq!(before.len() as u64, saved.memory_mib << 20);
+
+    for run in ["second.log", "third.log"] {
+        let console = Console::default();
+        let image = File::open(&image_path).unwrap();
+        let ram = vmm::vstate::memory::map_flat(saved.memory_mib << 20, &image).unwrap();
+        let saved = vmm::snapshot::parse(&state).unwrap();
+        let vm = vmm::restore(config(run, &console), ram, &saved).unwrap();
+        vm.machine().resume().unwrap();
+        let tail = ticks(&console, 5);
+        assert!(tail.matches(".\n").count() >= 5, "{run}: {tail}");
+        assert!(!tail.contains("spinning"), "{run} started over: {tail}");
+        assert_eq!(vm.stop(), GuestExit::Stopped);
+    }
+    assert!(
+        std::fs::read(&image_path).unwrap() == before,
+        "the image changed"
+    );
+}

@@ -18,6 +18,7 @@ const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 
 /// The media types a registry is asked for.
+#[cfg(feature = "registry")]
 pub(crate) const ACCEPTED_MANIFEST_TYPES: &[&str] =
     &[OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST];
 

@@ -34,7 +34,9 @@ use mvm_ir::{Coded, ErrorClass};
 pub use cache::BlobCache;
 pub use manifest::{ImageConfig, RuntimeConfig};
 pub use reference::{ImageRef, Transport};
-pub use registry::{resolve_tag, token_variable, RegistryOptions};
+#[cfg(feature = "registry")]
+pub use registry::resolve_tag;
+pub use registry::{token_variable, RegistryOptions};
 
 use crate::layer::{ApplyOptions, LayerApplier, LayerError, LayerStats};
 use crate::tree::Tree;
@@ -349,17 +351,27 @@ fn resolve_manifest(
     }
 }
 
+#[cfg_attr(not(feature = "registry"), allow(unused_variables))]
 fn open_source(
     image: &ImageRef,
     registry: &RegistryOptions,
 ) -> Result<Box<dyn BlobSource>, OciError> {
     Ok(match &image.transport {
+        #[cfg(feature = "registry")]
         Transport::Registry {
             registry: host,
             repository,
         } => Box::new(registry::RegistrySource::connect(
             host, repository, registry,
         )?),
+        #[cfg(not(feature = "registry"))]
+        Transport::Registry { registry: host, .. } => {
+            return Err(OciError::Registry {
+                registry: host.clone(),
+                reason: "this build has no registry client (mvm-builder's `registry` feature)"
+                    .into(),
+            })
+        }
         Transport::Layout(dir) => Box::new(layout::LayoutSource::open(dir)?),
         Transport::Archive(file) => Box::new(layout::LayoutSource::unpack_archive(file)?),
     })

@@ -17,6 +17,7 @@ mod copy;
 mod egress;
 mod exec;
 mod vmm;
+mod vmm_restore;
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -129,14 +130,26 @@ pub enum BenchCommand {
     /// mvm's own VMM on this host's /dev/kvm with the purpose-built test guest (assembled from
     /// source with as and ld): start → vCPU 0's first exit (goal ≤ 10 ms), the VMM's RSS
     /// without guest RAM (goal ≤ 3 MiB), allowed syscalls per thread (goal ≤ 40); medians,
-    /// each boot in a fresh process.
+    /// each boot in a fresh process. With --restore: a saved guest of 64 MiB, 1 GiB and 4 GiB
+    /// restored with its RAM mapped from a flat image against read from a stream; restore
+    /// start → first exit (goal ≤ 5 ms at every size).
     Vmm {
-        /// Boots, each in a fresh process.
+        /// Boots (with --restore: restores of each way), each in a fresh process.
         #[arg(long, default_value_t = 10)]
         runs: usize,
+        /// Measure restores instead of boots.
+        #[arg(long)]
+        restore: bool,
         /// One boot of this guest ELF in this process, its figures as JSON (what each run is).
         #[arg(long, hide = true, value_name = "ELF")]
         probe_guest: Option<PathBuf>,
+        /// One restore of the guest saved in this directory, in this process, its figures as
+        /// JSON (what each restore run is).
+        #[arg(long, hide = true, value_name = "DIR", requires = "probe_way")]
+        probe_restore: Option<PathBuf>,
+        /// How the probe's restore brings RAM back.
+        #[arg(long, hide = true, value_enum)]
+        probe_way: Option<vmm_restore::RestoreWay>,
     },
     /// `mvm build --image IMAGE` in the builder VM (`mvm builder fetch` first) against the host
     /// persona, alternately; medians and the ratio.
@@ -236,6 +249,23 @@ pub fn run(cmd: BenchCommand, out: &Output) -> anyhow::Result<()> {
             ..
         } => {
             println!("{}", vmm::probe(&guest)?);
+            return Ok(());
+        }
+        BenchCommand::Vmm {
+            probe_restore: Some(dir),
+            probe_way: Some(way),
+            ..
+        } => {
+            println!("{}", vmm_restore::probe(&dir, way)?);
+            return Ok(());
+        }
+        BenchCommand::Vmm {
+            runs,
+            restore: true,
+            ..
+        } => {
+            let (value, text) = vmm_restore::restore(runs.max(1), work.path())?;
+            out.result(value, || text);
             return Ok(());
         }
         BenchCommand::Vmm { runs, .. } => {

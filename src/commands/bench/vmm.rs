@@ -167,14 +167,15 @@ pub fn probe(guest: &Path) -> anyhow::Result<Value> {
 }
 
 /// This process's resident set, split into guest RAM and the rest.
-struct Rss {
+pub(super) struct Rss {
     total_kib: u64,
-    guest_kib: u64,
+    /// Of it, inside guest RAM.
+    pub(super) guest_kib: u64,
 }
 
 impl Rss {
     /// Reads `/proc/self/smaps`; mappings inside `guest` count as guest RAM.
-    fn read(guest: &[std::ops::Range<usize>]) -> anyhow::Result<Rss> {
+    pub(super) fn read(guest: &[std::ops::Range<usize>]) -> anyhow::Result<Rss> {
         let smaps = std::fs::read_to_string("/proc/self/smaps").context("/proc/self/smaps")?;
         let (mut total_kib, mut guest_kib, mut in_guest) = (0, 0, false);
         for line in smaps.lines() {
