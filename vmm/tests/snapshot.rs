@@ -12,14 +12,31 @@ use std::time::{Duration, Instant};
 use mvm_vmm::test_guest::{self as guest, Console};
 use mvm_vmm::{self as vmm, GuestExit, VmConfig};
 
-#[test]
-fn a_guest_with_two_vcpus_ticks_on_after_its_restore() {
+/// The `spin` test guest built in `dir`, or `None` (the reason printed) where `/dev/kvm`
+/// cannot be opened.
+fn spin_guest(dir: &std::path::Path) -> Option<std::path::PathBuf> {
     if let Some(reason) = guest::kvm_unavailable() {
         eprintln!("skipped: {reason}");
-        return;
+        return None;
     }
+    Some(guest::build(dir, &["lib", "spin"]))
+}
+
+/// The console's text once the guest has ticked `n` times (or the time ran out).
+fn ticks(console: &Console, n: usize) -> String {
+    let deadline = Instant::now() + guest::TIMEOUT;
+    while console.tail().matches(".\n").count() < n && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    console.tail()
+}
+
+#[test]
+fn a_guest_with_two_vcpus_ticks_on_after_its_restore() {
     let dir = tempfile::tempdir().unwrap();
-    let kernel = guest::build(dir.path(), &["lib", "spin"]);
+    let Some(kernel) = spin_guest(dir.path()) else {
+        return;
+    };
     let config = |log: &str, console: &Console| VmConfig {
         vcpus: 2,
         cmdline: "tick".into(),
@@ -28,10 +45,7 @@ fn a_guest_with_two_vcpus_ticks_on_after_its_restore() {
     };
     let console = Console::default();
     let vm = vmm::build(config("first.log", &console)).unwrap();
-    let deadline = Instant::now() + guest::TIMEOUT;
-    while console.tail().matches(".\n").count() < 5 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    ticks(&console, 5);
     let machine = vm.machine();
     machine.pause().unwrap();
     let mut state = Vec::new();
@@ -49,12 +63,8 @@ fn a_guest_with_two_vcpus_ticks_on_after_its_restore() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(console.tail(), "", "paused until resumed");
     vm.machine().resume().unwrap();
-    let deadline = Instant::now() + guest::TIMEOUT;
-    while console.tail().matches(".\n").count() < 5 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
     // Only ticks: it did not start over (no hello).
-    let tail = console.tail();
+    let tail = ticks(&console, 5);
     assert!(tail.matches(".\n").count() >= 5, "{tail}");
     assert!(!tail.contains("spinning"), "{tail}");
     let (end, states) = vm.stop_and_inspect();
@@ -71,23 +81,14 @@ fn a_guest_with_two_vcpus_ticks_on_after_its_restore() {
 /// was saved; the image is byte for byte what was saved after both ran.
 #[test]
 fn a_guest_mapped_from_its_flat_image_ticks_on_and_leaves_the_image_unchanged() {
-    if let Some(reason) = guest::kvm_unavailable() {
-        eprintln!("skipped: {reason}");
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
-    let kernel = guest::build(dir.path(), &["lib", "spin"]);
+    let Some(kernel) = spin_guest(dir.path()) else {
+        return;
+    };
     let config = |log: &str, console: &Console| VmConfig {
         cmdline: "tick".into(),
         console_log: console.logging_into(File::create(dir.path().join(log)).unwrap()),
         ..guest::config(dir.path(), kernel.clone(), console)
-    };
-    let ticks = |console: &Console, n: usize| {
-        let deadline = Instant::now() + guest::TIMEOUT;
-        while console.tail().matches(".\n").count() < n && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        console.tail()
     };
     let console = Console::default();
     let vm = vmm::build(config("first.log", &console)).unwrap();
