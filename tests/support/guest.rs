@@ -31,12 +31,12 @@ const STATIC_BINARIES: &[(&str, &str)] = &[
     ("mvm-builder", "mvm-build-worker"),
 ];
 
-/// The directory of the static binaries, built once per test run, all in one cargo build (they
-/// share most dependencies, which one build compiles once). Release, but without link-time
+/// The static binaries by name, built once per test run, all in one cargo build (they share
+/// most dependencies, which one build compiles once). Release, but without link-time
 /// optimisation: a test wants them built soon more than running a little faster.
-fn static_binaries() -> &'static Path {
-    static RELEASE: OnceLock<PathBuf> = OnceLock::new();
-    RELEASE.get_or_init(|| {
+fn static_binaries() -> &'static [(&'static str, PathBuf)] {
+    static BINARIES: OnceLock<Vec<(&'static str, PathBuf)>> = OnceLock::new();
+    BINARIES.get_or_init(|| {
         let target_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("agent-static");
         let mut build = cargo();
         build.args(["build", "--release", "--target", TARGET]);
@@ -58,29 +58,27 @@ fn static_binaries() -> &'static Path {
             String::from_utf8_lossy(&out.stderr)
         );
         let release = target_dir.join(TARGET).join("release");
-        for (_, binary) in STATIC_BINARIES {
-            let path = release.join(binary);
-            assert!(
-                !has_interpreter(&fs::read(&path).unwrap()),
-                "{} asks for a dynamic loader: not static",
-                path.display()
-            );
-        }
-        release
+        STATIC_BINARIES
+            .iter()
+            .map(|(_, binary)| {
+                let path = release.join(binary);
+                assert!(
+                    !has_interpreter(&fs::read(&path).unwrap()),
+                    "{} asks for a dynamic loader: not static",
+                    path.display()
+                );
+                (*binary, path)
+            })
+            .collect()
     })
 }
 
 /// The static binary `name` (one of [`STATIC_BINARIES`]).
 fn static_binary(name: &str) -> &'static Path {
-    static PATHS: OnceLock<Vec<(&'static str, PathBuf)>> = OnceLock::new();
-    let paths = PATHS.get_or_init(|| {
-        let release = static_binaries();
-        STATIC_BINARIES
-            .iter()
-            .map(|(_, binary)| (*binary, release.join(binary)))
-            .collect()
-    });
-    let (_, path) = paths.iter().find(|(binary, _)| *binary == name).unwrap();
+    let (_, path) = static_binaries()
+        .iter()
+        .find(|(binary, _)| *binary == name)
+        .unwrap();
     path
 }
 

@@ -6,6 +6,7 @@
 //! Each boot runs in a fresh process (this binary again, with the hidden `--probe-guest`), so
 //! no boot finds the allocator, thread stacks or code pages warmed by the one before.
 
+use std::ffi::OsStr;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -30,33 +31,16 @@ const GOAL_SYSCALLS: usize = 40;
 
 /// Boots the test guest `runs` times, each in a fresh process, and reports medians.
 pub fn vmm(runs: usize, work: &Path) -> anyhow::Result<(Value, String)> {
-    let virt = VirtKind::detect();
-    if matches!(virt, VirtKind::NoKvm | VirtKind::Unusable { .. }) {
-        bail!("mvm's own VMM needs a usable /dev/kvm; this host has {virt}");
-    }
+    let virt = usable_kvm()?;
     let guest = test_guest::assemble(
         work,
         "boot_check",
         &[test_guest::LIB, test_guest::BOOT_CHECK],
     )
     .context("assembling the test guest")?;
-    let exe = std::env::current_exe()?;
     let mut samples = Vec::with_capacity(runs);
     for _ in 0..runs {
-        let out = mvm_ir::env::command(&exe)
-            .args(["bench", "vmm", "--probe-guest"])
-            .arg(&guest)
-            .stdin(Stdio::null())
-            .output()
-            .context("starting a probe")?;
-        if !out.status.success() {
-            bail!(
-                "a probe failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        samples.push(serde_json::from_slice::<Value>(&out.stdout).context("a probe's report")?);
+        samples.push(fresh_probe(&["--probe-guest".as_ref(), guest.as_os_str()])?);
     }
     let median_of = |key: &str| {
         median(
@@ -112,6 +96,34 @@ pub fn vmm(runs: usize, work: &Path) -> anyhow::Result<(Value, String)> {
         hello["note"].as_str().unwrap_or_default(),
     );
     Ok((value, text))
+}
+
+/// This host's virtualization, when the own VMM can run on it.
+pub(super) fn usable_kvm() -> anyhow::Result<VirtKind> {
+    let virt = VirtKind::detect();
+    if matches!(virt, VirtKind::NoKvm | VirtKind::Unusable { .. }) {
+        bail!("mvm's own VMM needs a usable /dev/kvm; this host has {virt}");
+    }
+    Ok(virt)
+}
+
+/// Runs `mvm bench vmm ARGS` (a hidden probe) as a fresh process, so that no run finds
+/// anything warmed by the one before; returns the JSON report it prints.
+pub(super) fn fresh_probe(args: &[&OsStr]) -> anyhow::Result<Value> {
+    let out = mvm_ir::env::command(std::env::current_exe()?)
+        .args(["bench", "vmm"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("starting a probe")?;
+    if !out.status.success() {
+        bail!(
+            "a probe failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("a probe's report")
 }
 
 /// Why the boot → hello comparison with QEMU on KVM is not part of this bench here.

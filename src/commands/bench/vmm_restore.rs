@@ -12,19 +12,17 @@
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::ValueEnum;
-use mvm_runner::backend::select::VirtKind;
 use mvm_vmm::test_guest::{self, Console};
 use mvm_vmm::vstate::memory;
 use mvm_vmm::{self as vmm, snapshot, VmConfig};
 use serde_json::{json, Value};
 
 use super::boot::median;
-use super::vmm::Rss;
+use super::vmm::{fresh_probe, usable_kvm, Rss};
 
 /// Guest RAM of each size restored, in MiB.
 const SIZES_MIB: [u64; 3] = [64, 1024, 4096];
@@ -61,13 +59,9 @@ impl RestoreWay {
 /// Saves the ticking guest at each size, then restores each `runs` times each way,
 /// alternately; reports medians and ratios.
 pub fn restore(runs: usize, work: &Path) -> anyhow::Result<(Value, String)> {
-    let virt = VirtKind::detect();
-    if matches!(virt, VirtKind::NoKvm | VirtKind::Unusable { .. }) {
-        bail!("mvm's own VMM needs a usable /dev/kvm; this host has {virt}");
-    }
+    let virt = usable_kvm()?;
     let guest = test_guest::assemble(work, "spin", &[test_guest::LIB, test_guest::SPIN])
         .context("assembling the test guest")?;
-    let exe = std::env::current_exe()?;
     let mut sizes = Vec::new();
     let mut lines = Vec::new();
     for memory_mib in SIZES_MIB {
@@ -78,22 +72,15 @@ pub fn restore(runs: usize, work: &Path) -> anyhow::Result<(Value, String)> {
         let mut samples: Vec<(RestoreWay, Value)> = Vec::new();
         for _ in 0..runs {
             for way in [RestoreWay::Flat, RestoreWay::Copy] {
-                let out = mvm_ir::env::command(&exe)
-                    .args(["bench", "vmm", "--probe-restore"])
-                    .arg(&dir)
-                    .args(["--probe-way", way.name()])
-                    .stdin(Stdio::null())
-                    .output()
-                    .context("starting a probe")?;
-                if !out.status.success() {
-                    bail!(
-                        "a {} restore of {memory_mib} MiB failed ({}): {}",
-                        way.name(),
-                        out.status,
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    );
-                }
-                samples.push((way, serde_json::from_slice(&out.stdout)?));
+                let args = [
+                    "--probe-restore".as_ref(),
+                    dir.as_os_str(),
+                    "--probe-way".as_ref(),
+                    way.name().as_ref(),
+                ];
+                let sample = fresh_probe(&args)
+                    .with_context(|| format!("a {} restore of {memory_mib} MiB", way.name()))?;
+                samples.push((way, sample));
             }
         }
         let median_of = |way: RestoreWay, key: &str| {
