@@ -15,6 +15,10 @@ impl std::fmt::Debug for SecretHex {
     }
 }
 
+/// How many bytes of the host's entropy [`Request::Renew`] carries: the kernel's whole input
+/// pool's worth (512 bits).
+pub const RENEW_ENTROPY_BYTES: usize = 64;
+
 /// What the host asks of the agent. A request frame's stream id is the host's name for the
 /// exchange: every frame the agent sends about it carries the same id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,6 +113,18 @@ pub enum Request {
     /// Sets the guest's wall clock: sent by a VM's runner once the guest runs again after a
     /// pause or a cold save (its clock stood still meanwhile); clients cannot send it.
     SetClock {
+        /// Nanoseconds since the Unix epoch, UTC.
+        unix_nanos: u64,
+    },
+    /// Makes a guest restored from a boot snapshot a machine of its own, before anything else
+    /// runs in it: the host's fresh entropy mixed into the kernel's pool and its RNG reseeded
+    /// from it, a hostname of its own, the clock stepped to the host's. Sent by a VM's runner
+    /// once; clients cannot send it.
+    Renew {
+        /// [`RENEW_ENTROPY_BYTES`] bytes from the host's RNG, hex.
+        entropy: SecretHex,
+        /// The guest's hostname from now on.
+        hostname: String,
         /// Nanoseconds since the Unix epoch, UTC.
         unix_nanos: u64,
     },
@@ -527,6 +543,10 @@ pub mod codes {
     /// A launch's disk could not be mounted: no disk with its serial, not ext4, a mount
     /// point that cannot be made.
     pub const MOUNT_FAILED: &str = "AGENT118";
+    /// A restored guest could not be made a machine of its own: the entropy is not
+    /// [`super::RENEW_ENTROPY_BYTES`] bytes of hex, the kernel refused it or the reseed, or
+    /// the hostname.
+    pub const RENEW_FAILED: &str = "AGENT119";
 }
 
 #[cfg(test)]

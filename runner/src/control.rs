@@ -514,6 +514,7 @@ fn serve_request(
         request,
         Request::Hello { .. }
             | Request::SetClock { .. }
+            | Request::Renew { .. }
             | Request::ServeProxy
             | Request::TrustCa { .. }
             | Request::SecretFile { .. }
@@ -551,8 +552,8 @@ fn serve_request(
                 Err(message) => writer.error(client_stream, PAUSED, message),
             }
         }
-        Request::SetClock { .. } => {
-            let message = "the guest's clock is set by its runner".to_string();
+        Request::SetClock { .. } | Request::Renew { .. } => {
+            let message = "the guest's clock and identity are set by its runner".to_string();
             writer.error(client_stream, codes::BAD_REQUEST, message)
         }
         Request::ServeProxy

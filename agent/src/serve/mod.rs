@@ -18,6 +18,7 @@ pub mod exec;
 pub mod files;
 mod forwarded;
 pub mod fsops;
+mod renew;
 pub mod seccomp;
 pub mod secret_file;
 pub mod trust;
@@ -465,6 +466,15 @@ impl<'c> Agent<'c> {
             }
             Request::SetClock { unix_nanos } => {
                 answer_done(channel, stream, set_clock(unix_nanos))?;
+            }
+            Request::Renew {
+                entropy,
+                hostname,
+                unix_nanos,
+            } => {
+                let renewed =
+                    renew::renew(&entropy, &hostname).and_then(|()| set_clock(unix_nanos));
+                answer_done(channel, stream, renewed)?;
             }
             Request::TrustCa { pem } => match trust::trust(&pem, &self.config.trust) {
                 Ok(()) => {
