@@ -59,6 +59,10 @@ enum Command {
     System(commands::image::SystemCommand),
     /// Run a command in a fresh microVM booted from a signed plan or an image.
     Run(commands::run::RunArgs),
+    /// Boot snapshots (a plan's guest saved once booted, restored instead of booting): ls,
+    /// rm, prune, make.
+    #[command(subcommand)]
+    Snapshot(commands::snapshot::SnapshotCommand),
     /// Start a VM that stays up, named; returns once its agent is ready.
     Up(commands::vm::UpArgs),
     /// List named VMs and their state.
@@ -168,6 +172,7 @@ fn main() -> ExitCode {
         Command::System(cmd) => commands::image::system(cmd, &out),
         Command::Run(args) => return commands::run::run(args, &out),
         Command::Up(args) => return exit_code(commands::vm::up(args, &out), &out),
+        Command::Snapshot(cmd) => commands::snapshot::run(cmd, &out),
         Command::Ls => commands::vm::ls(&out),
         Command::Exec(args) => return exit_code(commands::vm::exec::exec(args, &out), &out),
         Command::Stop { name } => commands::vm::stop(&name, &out),

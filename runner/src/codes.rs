@@ -117,3 +117,9 @@ pub const RUN061: &str = "RUN061";
 /// A launch's disk (`--disk`) cannot be attached: the file cannot be opened, is not a regular
 /// file, or another VM's runner holds it.
 pub const RUN062: &str = "RUN062";
+/// A boot snapshot could not be made (saving the booted guest failed); the launch fails, and
+/// no snapshot is left.
+pub const RUN063: &str = "RUN063";
+/// A boot snapshot is refused: its signature, schema, shape or memory does not match what
+/// this host made for this launch. It is never used; it is removed and made anew.
+pub const RUN064: &str = "RUN064";

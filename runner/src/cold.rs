@@ -25,10 +25,8 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use mvm_ir::dsse::Envelope;
 use mvm_ir::fsutil::{atomic_write, read_capped};
 use mvm_ir::home::MvmHome;
-use mvm_ir::keys::{KeyStore, TrustStore};
 use mvm_ir::plan::Timestamp;
 use mvm_ir::{Coded, ErrorClass};
 use serde::{Deserialize, Serialize};
@@ -222,14 +220,13 @@ impl ColdSaver {
             saved_at: Timestamp::now(),
             ..self.manifest.clone()
         };
-        let signer = KeyStore::new(self.home.clone())
-            .host_signer()
-            .map_err(|e| ColdError::Save(format!("the host key: {e}")))?;
-        let payload = mvm_ir::canonical::to_vec(&manifest)
-            .map_err(|e| ColdError::Save(format!("the manifest: {e}")))?;
-        let envelope = Envelope::sign(PAYLOAD_TYPE, &payload, &signer).to_json();
-        atomic_write(&cold.join(MANIFEST_FILE), &envelope, 0o600)
-            .map_err(|e| ColdError::Save(format!("writing the manifest: {e}")))?;
+        crate::host_signed::write(
+            &self.home,
+            &cold.join(MANIFEST_FILE),
+            PAYLOAD_TYPE,
+            &manifest,
+        )
+        .map_err(|e| ColdError::Save(format!("the manifest: {e}")))?;
         Ok(manifest)
     }
 }
@@ -248,29 +245,13 @@ pub struct ColdState {
 pub fn open(dir: &Path, name: &str, home: &MvmHome) -> Result<ColdState, ColdError> {
     let unverified = |what: String| ColdError::Unverified(what);
     let cold = dir.join(COLD_DIR);
-    let bytes = read_capped(
+    let manifest: ColdManifest = crate::host_signed::read(
+        home,
         &cold.join(MANIFEST_FILE),
+        PAYLOAD_TYPE,
         MAX_MANIFEST_BYTES,
-        "cold manifest",
     )
-    .map_err(|e| unverified(e.to_string()))?;
-    let host_key = KeyStore::new(home.clone())
-        .host_signer()
-        .map_err(|e| unverified(format!("the host key: {e}")))?
-        .verifying_key();
-    let mut trust = TrustStore::default();
-    trust.insert(host_key);
-    let verified = Envelope::parse(&bytes)
-        .and_then(|envelope| envelope.verify(&trust))
-        .map_err(|e| unverified(format!("its manifest: {e}")))?;
-    if verified.payload_type != PAYLOAD_TYPE {
-        return Err(unverified(format!(
-            "its manifest is a {}",
-            verified.payload_type
-        )));
-    }
-    let manifest: ColdManifest = serde_json::from_slice(&verified.payload)
-        .map_err(|e| unverified(format!("its manifest: {e}")))?;
+    .map_err(|e| unverified(format!("its manifest: {e}")))?;
     if manifest.schema_version != SCHEMA_VERSION || manifest.name != name {
         return Err(unverified(format!(
             "its manifest is {} of {}, not {SCHEMA_VERSION} of {name}",
@@ -404,31 +385,8 @@ pub fn discard(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
-
-    /// A machine whose "state" is a fixed byte string; a broken one fails half way.
-    struct FakeMachine {
-        state: Vec<u8>,
-        broken: bool,
-    }
-
-    impl Pausable for FakeMachine {
-        fn pause(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-        fn resume(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-        fn save(&mut self, _socket: &Path, into: &mut File) -> io::Result<SavedMemory> {
-            if self.broken {
-                into.write_all(&self.state[..self.state.len() / 2])?;
-                return Err(io::Error::other("QEMU's migration failed"));
-            }
-            into.write_all(&self.state)?;
-            let (sha256, bytes) = mvm_ir::digest::sha256_reader(&self.state[..])?;
-            Ok(SavedMemory { sha256, bytes })
-        }
-    }
+    use crate::backend::fake::FakeMachine;
+    use mvm_ir::dsse::Envelope;
 
     fn saver(home: &Path) -> ColdSaver {
         let dir = home.join("vms").join("box");

@@ -24,6 +24,7 @@
 
 pub mod admission;
 pub mod backend;
+pub mod boot_snapshot;
 pub mod client;
 pub mod codes;
 pub mod cold;
@@ -32,6 +33,7 @@ pub mod control;
 pub mod disk;
 pub mod egress;
 pub mod forward;
+pub mod host_signed;
 pub mod launch;
 pub mod mux;
 pub mod named_vm;

@@ -113,6 +113,19 @@ struct Args {
     /// mounts it.
     #[arg(long, value_name = "FILE:PATH[:ro]", value_parser = LaunchDisk::parse, conflicts_with = "wake")]
     disk: Vec<LaunchDisk>,
+    /// Boot the kernel even when this plan has a boot snapshot here, and make none: by
+    /// default a plan's first launch boots it, saves it once its agent is ready (the boot
+    /// snapshot, `$MVM_HOME/boot-snapshots`) and later launches restore that instead of
+    /// booting (QEMU backend; not with --disk or a single-use plan).
+    #[arg(long, conflicts_with = "prepare_snapshot")]
+    cold_boot: bool,
+    /// Make sure the plan has a boot snapshot here and check it, running no command: restore
+    /// it (making it first when there is none, or the one there is does not verify), see the
+    /// restored agent answer and take its renewal, power it off. Prints one JSON object: the
+    /// snapshot's key, the plan's digest, the VM that checked it, its ready time. This is what
+    /// `mvm snapshot make` starts.
+    #[arg(long, conflicts_with_all = ["name", "wake", "command", "json", "timeout", "receipt", "disk", "jail"])]
+    prepare_snapshot: bool,
     /// The command; the plan's entrypoint when absent.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -191,6 +204,9 @@ fn main() -> ExitCode {
     if let Some(name) = args.wake.clone() {
         return ExitCode::from(serve(args, &name, true, started, interrupt, jail, env));
     }
+    if args.prepare_snapshot {
+        return ExitCode::from(prepare_snapshot(args, started, interrupt, env));
+    }
     let json = args.json;
     let receipt = args.receipt.clone();
     let code = match run(args, started, interrupt, jail, env) {
@@ -254,6 +270,7 @@ fn launch_request(
         secret_files: args.secret_file,
         disks: args.disk,
         placeholders: BTreeMap::new(),
+        cold_boot: args.cold_boot,
     }
 }
 
@@ -274,6 +291,34 @@ fn run(
     } else {
         let finished = launch::launch(&request, &mut StdStreams)?;
         Ok((finished, None))
+    }
+}
+
+/// `--prepare-snapshot`: the plan's boot snapshot made if need be and checked; 0 and its
+/// JSON once it restored and answered.
+fn prepare_snapshot(
+    args: Args,
+    started: Instant,
+    interrupt: Arc<AtomicBool>,
+    env: BTreeMap<String, String>,
+) -> u8 {
+    let home = match MvmHome::from_env() {
+        Ok(home) => home,
+        Err(e) => return report_failure(&Box::<Failure>::from(LaunchError::Audit(e)), true),
+    };
+    let request = launch_request(args, home, started, interrupt, None, env);
+    match launch::prepare(&request) {
+        Ok(prepared) => {
+            let report = json!({
+                "key": prepared.key,
+                "plan_digest": prepared.plan_digest,
+                "vm": prepared.vm,
+                "ready_ms": prepared.ready_ms,
+            });
+            println!("{report}");
+            0
+        }
+        Err(failure) => report_failure(&failure, true),
     }
 }
 

@@ -84,6 +84,14 @@ pub struct ImageOptions {
     /// builder's Nix store on one.
     #[arg(long, value_name = "FILE:PATH[:ro]", value_parser = mvm_runner::disk::LaunchDisk::parse)]
     disk: Vec<mvm_runner::disk::LaunchDisk>,
+    /// Boot the kernel even when the plan has a boot snapshot here, and make none. By default
+    /// a plan's first launch boots it and saves it once its agent is ready (the boot
+    /// snapshot, signed by this host's key; `mvm snapshot ls`), and later launches restore
+    /// that instead of booting — each restored guest's RNG reseeded with fresh host entropy,
+    /// its hostname and clock its own, before anything runs (docs/boot-snapshots.md). QEMU
+    /// backend; never with --disk or a single-use plan.
+    #[arg(long)]
+    cold_boot: bool,
 }
 
 /// `NAME[:ENV]` of `--secret`, checked here as the runner will.
@@ -132,6 +140,7 @@ impl ImageOptions {
             secret: spec.secrets.clone(),
             secret_file: Vec::new(),
             disk: Vec::new(),
+            cold_boot: false,
         }
     }
 
@@ -158,6 +167,9 @@ impl ImageOptions {
                 .map(|name| format!("--secret-file={name}")),
         );
         runner.args(self.disk.iter().map(|disk| format!("--disk={disk}")));
+        if self.cold_boot {
+            runner.arg("--cold-boot");
+        }
         let mut env: std::collections::BTreeMap<String, String> =
             self.env.iter().cloned().collect();
         for name in &self.allow_env {

@@ -24,6 +24,7 @@ pub mod run;
 pub mod sandbox;
 pub mod secret;
 pub mod serve;
+pub mod snapshot;
 pub mod vm;
 
 use std::fmt;

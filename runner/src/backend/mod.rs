@@ -25,6 +25,8 @@ use serde::{Deserialize, Serialize};
 use crate::console_log::Console;
 
 pub mod child;
+#[cfg(test)]
+pub(crate) mod fake;
 pub mod kvm;
 pub mod qemu;
 pub mod select;

@@ -9,6 +9,7 @@ use mvm_ir::{Coded, ErrorClass};
 use mvm_protocol::{codes, ErrorReply, ExitStatus};
 
 use crate::admission::AdmissionError;
+use crate::boot_snapshot::BootSnapshotError;
 use crate::client::ClientError;
 use crate::cold::ColdError;
 
@@ -94,6 +95,10 @@ pub enum LaunchError {
     /// A cold VM could not be woken (it stays cold).
     #[error(transparent)]
     Cold(#[from] ColdError),
+    /// A boot snapshot could not be made, or one found in use turned out not to be the one
+    /// that was made.
+    #[error(transparent)]
+    BootSnapshot(#[from] BootSnapshotError),
 }
 
 /// The code the runner prints with its exit status; an agent's refusal of the command keeps the
@@ -114,6 +119,7 @@ impl Coded for LaunchError {
             LaunchError::NameInUse(_) => crate::codes::RUN034,
             LaunchError::Disk(_) => crate::codes::RUN062,
             LaunchError::Cold(e) => Coded::code(e),
+            LaunchError::BootSnapshot(e) => e.code(),
         }
     }
 
@@ -124,6 +130,7 @@ impl Coded for LaunchError {
         match self {
             LaunchError::Refused(e) => e.class(),
             LaunchError::Cold(e) => Coded::class(e),
+            LaunchError::BootSnapshot(e) => e.class(),
             LaunchError::Channel(_) => ErrorClass::Io,
             LaunchError::Integrity(_)
             | LaunchError::GuestFailed(_)
@@ -156,8 +163,11 @@ impl LaunchError {
                 exit::REFUSED
             }
             LaunchError::Refused(AdmissionError::NotRunnable { .. }) => exit::RUNNER,
-            LaunchError::Refused(_) | LaunchError::Cold(ColdError::Unverified(_)) => exit::REFUSED,
-            LaunchError::Cold(ColdError::Wake(_)) => exit::VM_FAILED,
+            LaunchError::Refused(_)
+            | LaunchError::Cold(ColdError::Unverified(_))
+            | LaunchError::BootSnapshot(BootSnapshotError::Refused(_)) => exit::REFUSED,
+            LaunchError::Cold(ColdError::Wake(_))
+            | LaunchError::BootSnapshot(BootSnapshotError::Make(_)) => exit::VM_FAILED,
             LaunchError::Integrity(_) => exit::INTEGRITY,
             LaunchError::GuestFailed(_)
             | LaunchError::BootTimeout(_)

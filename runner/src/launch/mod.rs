@@ -47,6 +47,7 @@ use egress::{egress_for, serve_proxy, Egress};
 mod egress;
 pub mod error;
 pub mod named;
+mod restore;
 mod start;
 mod vm_dir;
 
@@ -111,6 +112,9 @@ pub struct Launch {
     /// Placeholders to give bound secrets again, by name: a woken VM's (its processes hold
     /// them); empty for a first launch, whose placeholders are drawn fresh.
     pub placeholders: BTreeMap<String, String>,
+    /// Boot the kernel even when the plan has a boot snapshot here (`--cold-boot`); none is
+    /// made either.
+    pub cold_boot: bool,
 }
 
 /// A launch that ran its command to the end.
@@ -194,6 +198,7 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Bo
         listener,
         socket,
         mut vm_process,
+        restored,
         // Held until the VM is gone.
         disk_locks: _disk_locks,
     } = start(launch, Origin::Boot(Keep::Nothing), |verified| {
@@ -205,7 +210,8 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Bo
     let mut redacting = RedactingSink::new(sink, &secrets.redactions);
     let mut outcome =
         egress_for(launch, &plan.plan, &audit, &vm, None, &secrets).and_then(|egress| {
-            let mut booted = boot(launch, listener.as_ref(), &mut vm_process)?;
+            let renew_as = restored.as_ref().map(|_| vm.as_str());
+            let mut booted = boot(launch, listener.as_ref(), &mut vm_process, renew_as)?;
             mount_disks(&mut booted.client, &launch.disks)?;
             put_secret_files(&mut booted.client, &secrets)?;
             confine(egress.is_some())?;
@@ -268,6 +274,71 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Bo
         .append(
             "vm.exited",
             json!({"vm": vm, "reason": reason, "exit_status": exit_status,
+               "duration_ms": launch.started.elapsed().as_millis() as u64}),
+        )
+        .map_err(LaunchError::Audit)?;
+    outcome.map_err(|error| failure(error, &vm_process, dir))
+}
+
+/// A plan's boot snapshot, checked in use ([`prepare`]).
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The VM that restored it.
+    pub vm: String,
+    /// The admitted plan's digest.
+    pub plan_digest: String,
+    /// The boot snapshot's key.
+    pub key: String,
+    /// From the runner's start to the restored agent's hello and renewal.
+    pub ready_ms: u64,
+}
+
+/// Makes sure the plan of `launch` has a boot snapshot here (`mvm snapshot make`): restores
+/// it — made first when there is none, or the one there is refused — checks that the
+/// restored guest answers and takes its renewal, and powers it off. No command runs.
+pub fn prepare(launch: &Launch) -> Result<Prepared, Box<Failure>> {
+    let Started {
+        audit,
+        plan,
+        vm,
+        dir,
+        listener,
+        socket,
+        mut vm_process,
+        restored,
+        ..
+    } = start(launch, Origin::Boot(Keep::Nothing), |_| Ok(()))?;
+    let outcome = match restored {
+        Some(key) => {
+            boot(launch, listener.as_ref(), &mut vm_process, Some(&vm)).map(|mut booted| {
+                let _ = booted.client.call(&Request::PowerOff, SHUTDOWN_GRACE, None);
+                let _ = vm_process.wait_for_exit(SHUTDOWN_GRACE);
+                Prepared {
+                    vm: vm.clone(),
+                    plan_digest: plan.digest.clone(),
+                    key,
+                    ready_ms: booted.ready_ms,
+                }
+            })
+        }
+        None => Err(crate::boot_snapshot::BootSnapshotError::Make(
+            "this launch has no boot snapshot: a single-use plan, --cold-boot, --disk, or \
+             the kvm backend"
+                .into(),
+        )
+        .into()),
+    };
+    drop(listener);
+    let _ = fs::remove_file(&socket);
+    vm_process.kill();
+    let reason = match &outcome {
+        Ok(_) => "boot snapshot checked",
+        Err(error) => error.code(),
+    };
+    audit
+        .append(
+            "vm.exited",
+            json!({"vm": vm, "reason": reason,
                "duration_ms": launch.started.elapsed().as_millis() as u64}),
         )
         .map_err(LaunchError::Audit)?;
@@ -389,11 +460,13 @@ struct Ran {
 }
 
 /// Waits for the agent channel (QEMU connects it; the own VMM's is connected already) and
-/// the agent's hello.
+/// the agent's hello; a guest restored from a boot snapshot is then renewed as the VM
+/// `renew_as` ([`restore::renew`]) before anything else is asked of it.
 fn boot(
     launch: &Launch,
     listener: Option<&UnixListener>,
     vm: &mut VmProcess,
+    renew_as: Option<&str>,
 ) -> Result<Booted, LaunchError> {
     let boot_deadline = Instant::now() + launch.boot_timeout;
     let stream = match (vm.take_channel(), listener) {
@@ -407,6 +480,9 @@ fn boot(
     let hello = client
         .hello(left)
         .map_err(|e| why_the_guest_stopped(vm, e, Some(launch.boot_timeout)))?;
+    if let Some(vm) = renew_as {
+        restore::renew(&mut client, vm)?;
+    }
     Ok(Booted {
         client,
         hello,

@@ -176,6 +176,7 @@ pub(super) fn serve_started(
         listener,
         socket,
         mut vm_process,
+        restored,
         // Held until the VM is gone.
         disk_locks: _disk_locks,
         ..
@@ -212,7 +213,8 @@ pub(super) fn serve_started(
     let booted = woken.and_then(|machine| {
         let egress = egress_for(launch, &plan.plan, &audit, &vm, Some(counts), &secrets)?;
         let ports = forwarded_ports(launch, &plan.plan, saved.is_some(), &dir.path)?;
-        let mut booted = boot(launch, listener.as_ref(), &mut vm_process)?;
+        let renew_as = restored.as_ref().map(|_| vm.as_str());
+        let mut booted = boot(launch, listener.as_ref(), &mut vm_process, renew_as)?;
         // None when woken: a VM with disks is never saved cold. Before the secret files: a
         // disk mounted after them could hide them.
         mount_disks(&mut booted.client, &launch.disks)?;

@@ -13,6 +13,7 @@ use mvm_ir::keys::KeyStore;
 use mvm_ir::Coded;
 use serde_json::json;
 
+use super::restore;
 use super::vm_dir::{Keep, VmDir};
 use super::{Failure, Launch, LaunchError};
 use crate::admission::host_policy::HostPolicy;
@@ -42,6 +43,8 @@ pub(super) struct Started<T> {
     pub(super) listener: Option<UnixListener>,
     pub(super) socket: PathBuf,
     pub(super) vm_process: VmProcess,
+    /// The key of the boot snapshot the VM was restored from (its guest must be renewed).
+    pub(super) restored: Option<String>,
     /// The launch's disks, locked to this VM for as long as these are open.
     pub(super) disk_locks: Vec<File>,
 }
@@ -137,7 +140,7 @@ pub(super) fn start<T>(
             let facts = HostFacts::detect();
             let selected = select::select(launch.backend, &facts).map_err(unavailable)?;
             let qemu = match selected.backend {
-                Backend::Qemu => Some(facts.qemu.map_err(unavailable)?.path),
+                Backend::Qemu => Some(facts.qemu.map_err(unavailable)?),
                 Backend::Kvm => None,
             };
             Ok((settled, secrets, selected.accel, qemu))
@@ -196,6 +199,7 @@ pub(super) fn start<T>(
     let initramfs = dir.private_copy("initramfs", &admitted.artifacts.initramfs)?;
     let socket = dir.path.join("agent.sock");
     let serial_log = dir.serial_log(woken)?;
+    let mut restored = None;
     let (listener, vm_process) = match qemu {
         Some(qemu) => {
             let listener =
@@ -215,16 +219,43 @@ pub(super) fn start<T>(
                 disks: &launch.disks,
             };
             let mut args = qemu::arguments(&plan.plan, &files, accel);
-            if woken {
+            let shape = match woken {
+                true => None,
+                false => restore::shape_for(launch, &plan, &admitted.artifacts, &qemu, accel),
+            };
+            let snapshot = match shape {
+                Some(shape) => {
+                    let machine = restore::Machine {
+                        qemu: &qemu.path,
+                        args: &args,
+                        listener: &listener,
+                        serial_log: &serial_log,
+                    };
+                    Some(restore::snapshot_for(
+                        launch, &shape, &audit, &vm, &dir, machine,
+                    )?)
+                }
+                None => None,
+            };
+            if woken || snapshot.is_some() {
                 let socket = dir.path.join(cold::WAKE_SOCKET);
                 let incoming = qemu::migration::incoming_argument(&socket)
                     .map_err(|e| ColdError::Wake(e.to_string()))
                     .map_err(LaunchError::from)?;
                 args.extend(["-incoming".into(), incoming.into()]);
             }
-            let vm_process = qemu::spawn(&qemu, &args, serial_log)
-                .map_err(|e| LaunchError::Backend(format!("starting {}: {e}", qemu.display())))?;
-            (Some(listener), VmProcess::Qemu(vm_process))
+            let mut vm_process =
+                VmProcess::Qemu(qemu::spawn(&qemu.path, &args, serial_log).map_err(|e| {
+                    LaunchError::Backend(format!("starting {}: {e}", qemu.path.display()))
+                })?);
+            if let Some(mut snapshot) = snapshot {
+                if let Err(e) = restore::restore(launch, &dir, &mut vm_process, &mut snapshot) {
+                    vm_process.kill();
+                    return Err(failure(e, &vm_process, dir));
+                }
+                restored = Some(snapshot.manifest.key);
+            }
+            (Some(listener), vm_process)
         }
         None => {
             let files = OwnVmFiles {
@@ -262,7 +293,7 @@ pub(super) fn start<T>(
     audit.append(
         "vm.started",
         json!({"vm": vm, "backend": vm_process.backend().to_string(), "accel": accel.to_string(),
-               "pid": vm_process.pid(), "woken": woken,
+               "pid": vm_process.pid(), "woken": woken, "boot_snapshot": restored,
                "jailed": matches!(vm_process, VmProcess::Jailed(_))}),
     ).map_err(LaunchError::Audit)?;
     Ok(Started {
@@ -276,6 +307,7 @@ pub(super) fn start<T>(
         listener,
         socket,
         vm_process,
+        restored,
         disk_locks,
     })
 }

@@ -46,7 +46,8 @@ pub fn boot(
 
     let (mut ours, mut floor, mut splits) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
-        let (ready_ms, guest) = runner_boot(&runner, plan_path, command)?;
+        // A boot, not a restore from the plan's boot snapshot (`mvm bench start` compares those).
+        let (ready_ms, guest) = runner_boot(&runner, plan_path, command, &["--cold-boot"])?;
         ours.push(ready_ms);
         splits.push(guest);
         floor.push(floor_boot(
@@ -94,11 +95,18 @@ pub fn boot(
     Ok((value, text))
 }
 
-/// One `mvm-runner --json -- COMMAND`: its start-to-hello time and the guest's own timings.
-fn runner_boot(runner: &Path, plan: &Path, command: &str) -> anyhow::Result<(f64, Value)> {
+/// One `mvm-runner [EXTRA…] --json -- COMMAND`: its start-to-ready time and the guest's own
+/// boot timings.
+pub(super) fn runner_boot(
+    runner: &Path,
+    plan: &Path,
+    command: &str,
+    extra: &[&str],
+) -> anyhow::Result<(f64, Value)> {
     let out = mvm_ir::env::command(runner)
         .arg("--plan")
         .arg(plan)
+        .args(extra)
         .args(["--json", "--", command])
         .stdin(Stdio::null())
         .output()

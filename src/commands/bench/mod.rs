@@ -16,6 +16,7 @@ mod builder;
 mod copy;
 mod egress;
 mod exec;
+mod start;
 mod vmm;
 mod vmm_restore;
 
@@ -48,6 +49,21 @@ pub enum BenchCommand {
         /// The command each boot runs after the hello (it is not part of the measurement).
         #[arg(long, default_value = "true")]
         command: String,
+    },
+    /// Start: mvm-runner start → the agent ready for PLAN, booted cold (`--cold-boot`)
+    /// against restored from the plan's boot snapshot (made first if need be), alternately;
+    /// medians and the ratio (goal ≤ 0.2). Then the memory (PSS of runners and QEMUs) of
+    /// --vms running sandboxes restored from the one snapshot against as many booted.
+    Start {
+        /// The plan (`plan.dsse.json` of a bundle); it must be reusable.
+        #[arg(long)]
+        plan: PathBuf,
+        /// Starts of each kind.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Sandboxes kept running at once for the memory figure (0: skip it).
+        #[arg(long, default_value_t = 8)]
+        vms: usize,
     },
     /// Exec: a command's round trip on a running VM (`mvm up` first) against an echo request
     /// over the same channel, alternately; p50, p99 and the ratio.
@@ -232,6 +248,11 @@ pub fn run(cmd: BenchCommand, out: &Output) -> anyhow::Result<()> {
                 _ => anyhow::bail!("--image, or --workload with --nix-packages"),
             };
             let (value, text) = builder::builder(&target, runs.max(1), work.path())?;
+            out.result(value, || text);
+            return Ok(());
+        }
+        BenchCommand::Start { plan, runs, vms } => {
+            let (value, text) = start::start(&plan, runs.max(1), vms)?;
             out.result(value, || text);
             return Ok(());
         }

@@ -1,0 +1,372 @@
+//! Boot snapshots: a plan's guest saved just after its agent said hello — memory and device
+//! state, before any workload code ran — so that later launches of the same plan restore it
+//! instead of booting (`docs/boot-snapshots.md`).
+//!
+//! A boot snapshot lives in `$MVM_HOME/boot-snapshots/<key>/`: `memory` (the backend's saved
+//! state, mode 0400) and `manifest.dsse.json`, which this host's key signs. The key is the
+//! digest of the snapshot's [`Shape`] — the plan's digest (which pins the kernel, initramfs,
+//! command line and resources), the kernel's and initramfs's digests, the backend, its
+//! accelerator and version, and the VM's size — so a
+//! snapshot is only ever found for a launch that would have booted the very same machine.
+//! Opening one checks the signature, the schema, that the manifest's shape is the one asked
+//! for and that the memory is what was saved ([`seal`]); a snapshot that fails any check is
+//! refused and the caller makes it anew, never uses it.
+//!
+//! What a restored guest shares with its siblings (the kernel's RNG state, its hostname, its
+//! clock) it is given anew before anything runs in it: the launch's `Renew` request.
+
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use mvm_ir::home::MvmHome;
+use mvm_ir::plan::Timestamp;
+use mvm_ir::{Coded, ErrorClass};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{Pausable, SavedMemory};
+use crate::codes;
+
+pub mod seal;
+#[cfg(test)]
+mod tests;
+
+use seal::Seal;
+
+/// The directory of the home that holds the boot snapshots.
+pub const STORE_DIR: &str = "boot-snapshots";
+/// The saved state.
+const MEMORY_FILE: &str = "memory";
+/// The signed manifest.
+const MANIFEST_FILE: &str = "manifest.dsse.json";
+/// Touched on each restore: `mvm snapshot prune` goes by it.
+const USED_FILE: &str = "used";
+/// The socket the backend sends its state through while a snapshot is made.
+const SAVE_SOCKET: &str = "snapshot-save.sock";
+/// The manifest's DSSE payload type.
+const PAYLOAD_TYPE: &str = "application/vnd.mvm.boot-snapshot+json";
+/// The manifest's schema.
+const SCHEMA_VERSION: &str = "mvm.boot-snapshot/v1";
+/// The largest manifest read.
+const MAX_MANIFEST_BYTES: u64 = 16 * 1024;
+
+/// What a boot snapshot is a snapshot of: everything that decides what the booted guest holds
+/// in memory and which machine its saved state expects.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shape {
+    /// The admitted plan's digest.
+    pub plan_digest: String,
+    /// `sha256:` of the kernel that booted.
+    pub kernel_sha256: String,
+    /// `sha256:` of the initramfs that booted.
+    pub initramfs_sha256: String,
+    /// `qemu` or `kvm`.
+    pub backend: String,
+    /// `tcg` or `kvm`.
+    pub accel: String,
+    /// The backend's version (QEMU's `--version`): a saved state loads only into its own.
+    pub backend_version: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest RAM, MiB.
+    pub memory_mib: u64,
+}
+
+impl Shape {
+    /// The snapshot's key: the hex sha256 of the shape as canonical JSON.
+    pub fn key(&self) -> String {
+        let canonical =
+            mvm_ir::canonical::to_vec(self).expect("a shape is plain strings and numbers");
+        mvm_ir::digest::sha256_hex(&canonical)
+    }
+}
+
+/// What a boot snapshot is: signed by the host that made it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// [`SCHEMA_VERSION`].
+    pub schema_version: String,
+    /// [`Shape::key`] of `shape`: the snapshot's directory name.
+    pub key: String,
+    /// What it is a snapshot of.
+    pub shape: Shape,
+    /// The saved state's digest and size.
+    pub memory: SavedMemory,
+    /// The memory file as it was left, read-only: while it still looks so, it is not hashed
+    /// again before use.
+    pub seal: Seal,
+    /// The VM that booted to make it (its audit entries tell of the boot).
+    pub made_by: String,
+    /// When it was made.
+    pub made_at: Timestamp,
+}
+
+/// Why a boot snapshot could not be made or used. Codes are stable (`docs/errors.md`).
+#[derive(Debug, thiserror::Error)]
+pub enum BootSnapshotError {
+    /// Making it failed; no snapshot was left.
+    #[error("making the boot snapshot: {0}")]
+    Make(String),
+    /// It is not what this host made for this launch: refused, never used.
+    #[error("the boot snapshot is refused: {0}")]
+    Refused(String),
+}
+
+impl Coded for BootSnapshotError {
+    fn code(&self) -> &str {
+        match self {
+            BootSnapshotError::Make(_) => codes::RUN063,
+            BootSnapshotError::Refused(_) => codes::RUN064,
+        }
+    }
+
+    fn class(&self) -> ErrorClass {
+        ErrorClass::InvalidInput
+    }
+}
+
+/// A boot snapshot verified for use: its manifest, and its memory file open (what was
+/// checked is what is read).
+#[derive(Debug)]
+pub struct BootSnapshot {
+    /// Its verified manifest.
+    pub manifest: Manifest,
+    /// Its memory file, open at its start.
+    pub memory: File,
+    /// Whether the memory was hashed in full on opening (its seal did not hold), not just
+    /// found sealed.
+    pub hashed: bool,
+}
+
+/// One entry of [`Store::list`].
+#[derive(Debug)]
+pub struct Listed {
+    /// The directory's name.
+    pub key: String,
+    /// Its verified manifest, or why it does not verify.
+    pub manifest: Result<Manifest, String>,
+    /// The bytes its files take.
+    pub bytes: u64,
+    /// When it was last restored, or made.
+    pub used: Option<SystemTime>,
+}
+
+/// The boot snapshots of a home.
+#[derive(Debug, Clone)]
+pub struct Store {
+    home: MvmHome,
+    dir: PathBuf,
+}
+
+impl Store {
+    /// The store of `home`, made (mode 0700) if absent.
+    pub fn of(home: &MvmHome) -> Result<Self, BootSnapshotError> {
+        let dir = home
+            .ensure(STORE_DIR)
+            .map_err(|e| BootSnapshotError::Make(format!("the store: {e}")))?;
+        Ok(Self {
+            home: home.clone(),
+            dir,
+        })
+    }
+
+    /// The directory of the snapshot `key`; a key is 64 lowercase hex digits, nothing else.
+    fn path(&self, key: &str) -> Result<PathBuf, BootSnapshotError> {
+        let plain = key.len() == 64 && key.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        match plain {
+            true => Ok(self.dir.join(key)),
+            false => Err(BootSnapshotError::Refused(format!(
+                "{key:?} is not a boot snapshot's key"
+            ))),
+        }
+    }
+
+    /// The snapshot of `shape`, verified; none when there is none. One that is there but
+    /// does not verify is refused — the caller removes it and makes it anew.
+    pub fn open(&self, shape: &Shape) -> Result<Option<BootSnapshot>, BootSnapshotError> {
+        let key = shape.key();
+        let dir = self.path(&key)?;
+        if !dir.exists() {
+            return Ok(None);
+        }
+        let refused = BootSnapshotError::Refused;
+        let manifest = self.manifest(&key).map_err(refused)?;
+        if manifest.shape != *shape {
+            return Err(refused("its manifest is of another plan or machine".into()));
+        }
+        let path = dir.join(MEMORY_FILE);
+        let mut memory = File::open(&path).map_err(|e| refused(format!("its memory: {e}")))?;
+        let hashed = !seal::holds(&manifest.seal, &memory)
+            .map_err(|e| refused(format!("its memory: {e}")))?;
+        if hashed {
+            let (sha256, bytes) = mvm_ir::digest::sha256_reader(&mut memory)
+                .map_err(|e| refused(format!("its memory: {e}")))?;
+            SavedMemory { sha256, bytes }
+                .check(&manifest.memory)
+                .map_err(|e| refused(e.to_string()))?;
+            io::Seek::rewind(&mut memory).map_err(|e| refused(format!("its memory: {e}")))?;
+        }
+        let _ = fs::write(dir.join(USED_FILE), b"");
+        Ok(Some(BootSnapshot {
+            manifest,
+            memory,
+            hashed,
+        }))
+    }
+
+    /// The verified manifest of the snapshot `key`.
+    fn manifest(&self, key: &str) -> Result<Manifest, String> {
+        let dir = self.path(key).map_err(|e| e.to_string())?;
+        let manifest: Manifest = crate::host_signed::read(
+            &self.home,
+            &dir.join(MANIFEST_FILE),
+            PAYLOAD_TYPE,
+            MAX_MANIFEST_BYTES,
+        )
+        .map_err(|e| format!("its manifest: {e}"))?;
+        if manifest.schema_version != SCHEMA_VERSION
+            || manifest.key != key
+            || manifest.shape.key() != key
+        {
+            return Err(format!(
+                "its manifest is {} of {}, not {SCHEMA_VERSION} of {key}",
+                manifest.schema_version, manifest.key
+            ));
+        }
+        Ok(manifest)
+    }
+
+    /// Saves the paused VM behind `machine` as the snapshot of `shape`, made by the VM
+    /// `made_by`: its state written whole, made read-only and sealed, then the signed
+    /// manifest, then the directory named by its key. Returns it opened, as [`Store::open`]
+    /// would. When another launch made the same snapshot meanwhile, its own is used and this
+    /// one dropped.
+    pub fn save(
+        &self,
+        shape: &Shape,
+        made_by: &str,
+        machine: &mut dyn Pausable,
+        socket_dir: &Path,
+    ) -> Result<BootSnapshot, BootSnapshotError> {
+        let key = shape.key();
+        let dir = self.path(&key)?;
+        let part = self
+            .dir
+            .join(format!(".making-{key}-{}", std::process::id()));
+        let made = self.save_into(&part, shape, made_by, machine, socket_dir);
+        let made = made.and_then(|(manifest, memory)| {
+            match fs::rename(&part, &dir) {
+                Ok(()) => {}
+                // Another launch made it first: theirs stays, this one's open file serves.
+                Err(e) if dir.exists() => drop(e),
+                Err(e) => return Err(BootSnapshotError::Make(format!("naming it: {e}"))),
+            }
+            Ok(BootSnapshot {
+                manifest,
+                memory,
+                hashed: false,
+            })
+        });
+        let _ = fs::remove_dir_all(&part);
+        made
+    }
+
+    fn save_into(
+        &self,
+        part: &Path,
+        shape: &Shape,
+        made_by: &str,
+        machine: &mut dyn Pausable,
+        socket_dir: &Path,
+    ) -> Result<(Manifest, File), BootSnapshotError> {
+        let failed = |what: &'static str| {
+            move |e: io::Error| BootSnapshotError::Make(format!("{what}: {e}"))
+        };
+        let _ = fs::remove_dir_all(part);
+        DirBuilder::new()
+            .mode(0o700)
+            .create(part)
+            .map_err(failed("its directory"))?;
+        let path = part.join(MEMORY_FILE);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(failed("its memory file"))?;
+        let memory = machine
+            .save(&socket_dir.join(SAVE_SOCKET), &mut file)
+            .map_err(failed("the VM's state"))?;
+        file.sync_all().map_err(failed("writing its memory file"))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o400))
+            .map_err(failed("sealing its memory file"))?;
+        let seal = Seal::of(&file).map_err(failed("sealing its memory file"))?;
+        io::Seek::rewind(&mut file).map_err(failed("its memory file"))?;
+        let manifest = Manifest {
+            schema_version: SCHEMA_VERSION.into(),
+            key: shape.key(),
+            shape: shape.clone(),
+            memory,
+            seal,
+            made_by: made_by.to_string(),
+            made_at: Timestamp::now(),
+        };
+        crate::host_signed::write(
+            &self.home,
+            &part.join(MANIFEST_FILE),
+            PAYLOAD_TYPE,
+            &manifest,
+        )
+        .map_err(|e| BootSnapshotError::Make(format!("its manifest: {e}")))?;
+        let _ = fs::write(part.join(USED_FILE), b"");
+        Ok((manifest, file))
+    }
+
+    /// Removes the snapshot `key`: renamed aside first, so no launch finds it half removed.
+    pub fn remove(&self, key: &str) -> Result<bool, BootSnapshotError> {
+        let dir = self.path(key)?;
+        let aside = self
+            .dir
+            .join(format!(".removing-{key}-{}", std::process::id()));
+        match fs::rename(&dir, &aside) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(BootSnapshotError::Make(format!("removing {key}: {e}"))),
+        }
+        fs::remove_dir_all(&aside)
+            .map_err(|e| BootSnapshotError::Make(format!("removing {key}: {e}")))?;
+        Ok(true)
+    }
+
+    /// Every snapshot in the store, verified or with why it is not, by key.
+    pub fn list(&self) -> io::Result<Vec<Listed>> {
+        let mut listed = Vec::new();
+        for entry in fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let key = entry.file_name().to_string_lossy().into_owned();
+            if key.starts_with('.') || !entry.file_type()?.is_dir() {
+                continue;
+            }
+            let dir = entry.path();
+            let bytes = fs::read_dir(&dir)?
+                .filter_map(|file| file.ok()?.metadata().ok())
+                .map(|metadata| metadata.len())
+                .sum();
+            listed.push(Listed {
+                manifest: self.manifest(&key),
+                used: fs::metadata(dir.join(USED_FILE))
+                    .and_then(|m| m.modified())
+                    .ok(),
+                key,
+                bytes,
+            });
+        }
+        listed.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(listed)
+    }
+}

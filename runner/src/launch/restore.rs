@@ -1,0 +1,196 @@
+//! A launch started from a boot snapshot ([`crate::boot_snapshot`]) instead of a boot: the
+//! snapshot of this plan on this machine found and verified — or, the first time (or when the
+//! one found is refused), a guest booted to its agent's hello, paused and saved as it — then
+//! restored into the launch's QEMU, its memory hashed as it streams in and the guest let run
+//! only when it matches. Once the agent says hello the guest is made a machine of its own
+//! ([`renew`]) before anything else is asked of it.
+
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::time::Instant;
+
+use mvm_ir::audit::HostAudit;
+use mvm_protocol::{Request, SecretHex, RENEW_ENTROPY_BYTES};
+use serde_json::json;
+
+use super::vm_dir::VmDir;
+use super::{agent_done, boot, Launch, LaunchError};
+use crate::admission::BootArtifacts;
+use crate::backend::qemu::{self, migration};
+use crate::backend::select::{Accel, QemuBinary};
+use crate::backend::{Pausable, VmProcess};
+use crate::boot_snapshot::{BootSnapshot, BootSnapshotError, Shape, Store};
+use crate::client::AgentClient;
+use crate::cold;
+use mvm_ir::admission::VerifiedPlan;
+
+/// The shape of the boot snapshot this launch restores, or none when it boots: asked not to
+/// (`--cold-boot`), a single-use plan (its snapshot could never be used again), or launch
+/// disks (the saved machine has none of their devices).
+pub(super) fn shape_for(
+    launch: &Launch,
+    plan: &VerifiedPlan,
+    artifacts: &BootArtifacts,
+    qemu: &QemuBinary,
+    accel: Accel,
+) -> Option<Shape> {
+    if launch.cold_boot || plan.plan.single_use || !launch.disks.is_empty() {
+        return None;
+    }
+    Some(Shape {
+        plan_digest: plan.digest.clone(),
+        kernel_sha256: mvm_ir::digest::sha256_prefixed(&artifacts.kernel),
+        initramfs_sha256: mvm_ir::digest::sha256_prefixed(&artifacts.initramfs),
+        backend: "qemu".into(),
+        accel: accel.to_string(),
+        backend_version: qemu.version.to_string(),
+        vcpus: plan.plan.resources.cpu_cores,
+        memory_mib: u64::from(plan.plan.resources.memory_mb),
+    })
+}
+
+/// The VM's machine in QEMU's arguments, the way a boot snapshot is made and restored.
+pub(super) struct Machine<'a> {
+    pub(super) qemu: &'a Path,
+    pub(super) args: &'a [OsString],
+    pub(super) listener: &'a UnixListener,
+    pub(super) serial_log: &'a File,
+}
+
+/// The verified boot snapshot of `shape`; made first — by booting `machine` in `dir` to its
+/// agent's hello and saving it — when there is none, or the one there is refused (which is
+/// removed, and recorded).
+pub(super) fn snapshot_for(
+    launch: &Launch,
+    shape: &Shape,
+    audit: &HostAudit,
+    vm: &str,
+    dir: &VmDir,
+    machine: Machine<'_>,
+) -> Result<BootSnapshot, LaunchError> {
+    let store = Store::of(&launch.home)?;
+    match store.open(shape) {
+        Ok(Some(snapshot)) => return Ok(snapshot),
+        Ok(None) => {}
+        Err(refused) => {
+            let key = shape.key();
+            audit
+                .append(
+                    "boot_snapshot.refused",
+                    json!({"key": key, "vm": vm, "reason": refused.to_string()}),
+                )
+                .map_err(LaunchError::Audit)?;
+            store.remove(&key)?;
+        }
+    }
+    let booting = Instant::now();
+    let snapshot = make(launch, shape, &store, vm, dir, machine)?;
+    audit
+        .append(
+            "boot_snapshot.made",
+            json!({"key": snapshot.manifest.key, "vm": vm, "plan_digest": shape.plan_digest,
+                   "bytes": snapshot.manifest.memory.bytes,
+                   "ms": booting.elapsed().as_millis() as u64}),
+        )
+        .map_err(LaunchError::Audit)?;
+    Ok(snapshot)
+}
+
+/// Boots `machine` to its agent's hello, pauses it and saves it into the store; the QEMU
+/// that booted ends either way.
+fn make(
+    launch: &Launch,
+    shape: &Shape,
+    store: &Store,
+    vm: &str,
+    dir: &VmDir,
+    machine: Machine<'_>,
+) -> Result<BootSnapshot, LaunchError> {
+    let serial_log = machine
+        .serial_log
+        .try_clone()
+        .map_err(LaunchError::host("the console log"))?;
+    let mut booting = VmProcess::Qemu(
+        qemu::spawn(machine.qemu, machine.args, serial_log).map_err(|e| {
+            LaunchError::Backend(format!("starting {}: {e}", machine.qemu.display()))
+        })?,
+    );
+    let made = boot(launch, Some(machine.listener), &mut booting, None).and_then(|booted| {
+        let mut controls = booting
+            .machine(&dir.path)
+            .map_err(|e| LaunchError::Backend(format!("QMP: {e}")))?;
+        controls
+            .pause()
+            .map_err(|e| BootSnapshotError::Make(format!("pausing the guest: {e}")))?;
+        // The channel stays open while the state is saved: the guest is saved connected,
+        // as a restored one will be.
+        let saved = store.save(shape, vm, controls.as_mut(), &dir.path);
+        drop(booted);
+        Ok(saved?)
+    });
+    booting.kill();
+    // The restoring QEMU makes its own.
+    let _ = fs::remove_file(dir.path.join(qemu::QMP_SOCKET));
+    made
+}
+
+/// Streams `snapshot` into the QEMU started with `-incoming` on the VM directory's wake
+/// socket, checks what was streamed against the manifest and only then lets the guest run.
+/// A snapshot whose bytes turn out changed is removed: the next launch makes it anew.
+pub(super) fn restore(
+    launch: &Launch,
+    dir: &VmDir,
+    vm: &mut VmProcess,
+    snapshot: &mut BootSnapshot,
+) -> Result<(), LaunchError> {
+    // The guest booted before it was saved: nothing it prints from here is a boot report.
+    vm.console().boot_is_over();
+    let wake_socket = dir.path.join(cold::WAKE_SOCKET);
+    let loaded = migration::load(
+        &wake_socket,
+        &mut snapshot.memory,
+        &dir.path.join(qemu::QMP_SOCKET),
+    );
+    let _ = fs::remove_file(&wake_socket);
+    let (mut qmp, streamed) = loaded.map_err(|e| {
+        let stderr = vm.stderr();
+        LaunchError::Backend(match stderr.is_empty() {
+            true => format!("restoring the boot snapshot: {e}"),
+            false => format!("restoring the boot snapshot: {e}; QEMU: {stderr}"),
+        })
+    })?;
+    if let Err(changed) = streamed.check(&snapshot.manifest.memory) {
+        if let Ok(store) = Store::of(&launch.home) {
+            let _ = store.remove(&snapshot.manifest.key);
+        }
+        return Err(BootSnapshotError::Refused(changed.to_string()).into());
+    }
+    qmp.resume()
+        .map_err(|e| LaunchError::Backend(format!("letting the restored guest run: {e}")))
+}
+
+/// Makes a guest restored from a boot snapshot a machine of its own, before anything else is
+/// asked of it: fresh host entropy for its kernel's RNG, its own hostname (the VM's id), and
+/// the host's clock.
+pub(super) fn renew(client: &mut AgentClient, vm: &str) -> Result<(), LaunchError> {
+    let mut entropy = String::with_capacity(RENEW_ENTROPY_BYTES * 2);
+    while entropy.len() < RENEW_ENTROPY_BYTES * 2 {
+        entropy.push_str(&mvm_ir::plan::fresh_nonce().map_err(LaunchError::Audit)?);
+    }
+    entropy.truncate(RENEW_ENTROPY_BYTES * 2);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let request = Request::Renew {
+        entropy: SecretHex(entropy),
+        hostname: vm.to_string(),
+        unix_nanos: u64::try_from(now.as_nanos()).unwrap_or(u64::MAX),
+    };
+    agent_done(
+        client,
+        &request,
+        "make the restored guest a machine of its own",
+    )
+}
