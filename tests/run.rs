@@ -515,12 +515,14 @@ fn flip_canary_data(bundle: &Path) {
     bundle::flip_canary_data(bundle, &fixture().canary);
 }
 
-/// `mvm --json run` of `bundle`'s plan with `command`, which must end as an integrity failure
-/// (exit 121, RUN020); returns the report.
-fn run_expecting_integrity_failure(bundle: &Path, command: &[&str]) -> Value {
+/// `mvm --json run [EXTRA…]` of `bundle`'s plan with `command`, which must end as an integrity
+/// failure (exit 121, RUN020); returns the report.
+fn run_expecting_integrity_failure(bundle: &Path, extra: &[&str], command: &[&str]) -> Value {
     let _turn = turn();
     let plan = plan_arg(bundle);
-    let mut args = vec!["--json", "run", "--plan", &plan, "--"];
+    let mut args = vec!["--json", "run", "--plan", &plan];
+    args.extend_from_slice(extra);
+    args.push("--");
     args.extend_from_slice(command);
     let out = mvm(&args);
     assert_eq!(out.status.code(), Some(121), "{}", describe(&out));
@@ -535,17 +537,22 @@ fn a_flipped_byte_in_a_files_data_is_an_integrity_failure() {
     let bundle = bundle_copy(dir.path());
     flip_canary_data(&bundle);
 
-    run_expecting_integrity_failure(&bundle, &["cat", "/data/canary.bin"]);
+    // Restored from the plan's boot snapshot, whose guest never read the canary: its first
+    // read meets the flipped byte.
+    let report = run_expecting_integrity_failure(&bundle, &[], &["cat", "/data/canary.bin"]);
+    let log = fs::read_to_string(report["error"]["serial_log"].as_str().unwrap()).unwrap();
+    assert!(log.contains("restored from boot snapshot"), "{log}");
 }
 
 #[test]
 fn a_root_that_fails_verification_at_mount_is_an_integrity_failure() {
     let dir = tempfile::tempdir().unwrap();
     let bundle = bundle_copy(dir.path());
-    // The EROFS superblock lives in the first block: the mount itself reads a bad block.
+    // The EROFS superblock lives in the first block: the mount itself reads a bad block. A
+    // guest restored from the plan's boot snapshot mounted its root when it was made.
     flip_byte(&bundle.join("rootfs.erofs"), 1024 + 8);
 
-    let report = run_expecting_integrity_failure(&bundle, &["echo", "never"]);
+    let report = run_expecting_integrity_failure(&bundle, &["--cold-boot"], &["echo", "never"]);
     assert!(
         report["error"]["message"]
             .as_str()
@@ -576,7 +583,9 @@ fn a_flipped_byte_in_the_hash_tree_is_an_integrity_failure() {
     let at = find(&fs::read(&tree).unwrap(), &leaf);
     flip_byte(&tree, at + 5);
 
-    run_expecting_integrity_failure(&bundle, &["cat", "/data/canary.bin"]);
+    // Booted: a guest restored from the plan's boot snapshot holds the hash blocks its boot
+    // read and checked, and would not read the flipped one.
+    run_expecting_integrity_failure(&bundle, &["--cold-boot"], &["cat", "/data/canary.bin"]);
 }
 
 #[test]

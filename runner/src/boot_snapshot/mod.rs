@@ -41,6 +41,10 @@ pub const STORE_DIR: &str = "boot-snapshots";
 const MEMORY_FILE: &str = "memory";
 /// The signed manifest.
 const MANIFEST_FILE: &str = "manifest.dsse.json";
+/// The console of the boot that made it, for the logs of the VMs restored from it.
+const CONSOLE_FILE: &str = "console.log";
+/// The most of that console a restore passes on.
+const MAX_CONSOLE_BYTES: u64 = 256 * 1024;
 /// Touched on each restore: `mvm snapshot prune` goes by it.
 const USED_FILE: &str = "used";
 /// The socket the backend sends its state through while a snapshot is made.
@@ -140,6 +144,9 @@ pub struct BootSnapshot {
     /// Whether the memory was hashed in full on opening (its seal did not hold), not just
     /// found sealed.
     pub hashed: bool,
+    /// The console of the boot that made it (at most 256 KiB; not signed: what the guest
+    /// printed, for people to read, never for a decision).
+    pub console: Vec<u8>,
 }
 
 /// One entry of [`Store::list`].
@@ -211,10 +218,17 @@ impl Store {
             io::Seek::rewind(&mut memory).map_err(|e| refused(format!("its memory: {e}")))?;
         }
         let _ = fs::write(dir.join(USED_FILE), b"");
+        let console = mvm_ir::fsutil::read_capped(
+            &dir.join(CONSOLE_FILE),
+            MAX_CONSOLE_BYTES,
+            "boot console",
+        )
+        .unwrap_or_default();
         Ok(Some(BootSnapshot {
             manifest,
             memory,
             hashed,
+            console,
         }))
     }
 
@@ -241,8 +255,8 @@ impl Store {
     }
 
     /// Saves the paused VM behind `machine` as the snapshot of `shape`, made by the VM
-    /// `made_by`: its state written whole, made read-only and sealed, then the signed
-    /// manifest, then the directory named by its key. Returns it opened, as [`Store::open`]
+    /// `made_by` whose boot printed `console`: its state written whole, made read-only and
+    /// sealed, then the signed manifest, then the directory named by its key. Returns it opened, as [`Store::open`]
     /// would. When another launch made the same snapshot meanwhile, its own is used and this
     /// one dropped.
     pub fn save(
@@ -251,6 +265,7 @@ impl Store {
         made_by: &str,
         machine: &mut dyn Pausable,
         socket_dir: &Path,
+        console: &[u8],
     ) -> Result<BootSnapshot, BootSnapshotError> {
         let key = shape.key();
         let dir = self.path(&key)?;
@@ -258,6 +273,12 @@ impl Store {
             .dir
             .join(format!(".making-{key}-{}", std::process::id()));
         let made = self.save_into(&part, shape, made_by, machine, socket_dir);
+        let console = &console[console.len().saturating_sub(MAX_CONSOLE_BYTES as usize)..];
+        let made = made.and_then(|saved| {
+            mvm_ir::fsutil::atomic_write(&part.join(CONSOLE_FILE), console, 0o600)
+                .map_err(|e| BootSnapshotError::Make(format!("its console: {e}")))?;
+            Ok(saved)
+        });
         let made = made.and_then(|(manifest, memory)| {
             match fs::rename(&part, &dir) {
                 Ok(()) => {}
@@ -269,6 +290,7 @@ impl Store {
                 manifest,
                 memory,
                 hashed: false,
+                console: console.to_vec(),
             })
         });
         let _ = fs::remove_dir_all(&part);

@@ -36,6 +36,7 @@ fn made() -> (tempfile::TempDir, Store, Vec<u8>) {
             "vm-0123456789ab",
             &mut machine(&state),
             home.path(),
+            b"booted\n",
         )
         .unwrap();
     assert_eq!(made.manifest.memory.bytes, state.len() as u64);
@@ -51,6 +52,7 @@ fn a_made_snapshot_opens_sealed_for_its_shape_only() {
     let (_home, store, state) = made();
     let mut opened = store.open(&shape('a')).unwrap().expect("made");
     assert!(!opened.hashed, "a sealed memory file is not hashed again");
+    assert_eq!(opened.console, b"booted\n");
     let mut read = Vec::new();
     io::Read::read_to_end(&mut opened.memory, &mut read).unwrap();
     assert_eq!(read, state);
@@ -154,7 +156,7 @@ fn a_failed_save_leaves_nothing_and_a_second_maker_keeps_the_first() {
         broken: true,
     };
     let error = store
-        .save(&shape('d'), "vm-1", &mut broken, home.path())
+        .save(&shape('d'), "vm-1", &mut broken, home.path(), b"")
         .unwrap_err();
     assert_eq!(error.code(), "RUN063");
     assert!(!store.dir.join(shape('d').key()).exists());
@@ -172,6 +174,7 @@ fn a_failed_save_leaves_nothing_and_a_second_maker_keeps_the_first() {
             "vm-2",
             &mut machine(b"another boot"),
             home.path(),
+            b"",
         )
         .unwrap();
     let mut read = Vec::new();

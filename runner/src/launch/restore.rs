@@ -7,6 +7,7 @@
 
 use std::ffi::OsString;
 use std::fs::{self, File};
+use std::io::Write;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::time::Instant;
@@ -16,7 +17,7 @@ use mvm_protocol::{Request, SecretHex, RENEW_ENTROPY_BYTES};
 use serde_json::json;
 
 use super::vm_dir::VmDir;
-use super::{agent_done, boot, Launch, LaunchError};
+use super::{agent_done, boot, Launch, LaunchError, SERIAL_LOG};
 use crate::admission::BootArtifacts;
 use crate::backend::qemu::{self, migration};
 use crate::backend::select::{Accel, QemuBinary};
@@ -52,6 +53,7 @@ pub(super) fn shape_for(
 }
 
 /// The VM's machine in QEMU's arguments, the way a boot snapshot is made and restored.
+#[derive(Clone, Copy)]
 pub(super) struct Machine<'a> {
     pub(super) qemu: &'a Path,
     pub(super) args: &'a [OsString],
@@ -61,7 +63,8 @@ pub(super) struct Machine<'a> {
 
 /// The verified boot snapshot of `shape`; made first — by booting `machine` in `dir` to its
 /// agent's hello and saving it — when there is none, or the one there is refused (which is
-/// removed, and recorded).
+/// removed, and recorded). The console log of `machine` then tells of the boot: of the one
+/// that made the snapshot, or (when it was found) of that boot, copied from the snapshot.
 pub(super) fn snapshot_for(
     launch: &Launch,
     shape: &Shape,
@@ -72,7 +75,13 @@ pub(super) fn snapshot_for(
 ) -> Result<BootSnapshot, LaunchError> {
     let store = Store::of(&launch.home)?;
     match store.open(shape) {
-        Ok(Some(snapshot)) => return Ok(snapshot),
+        Ok(Some(snapshot)) => {
+            let mut log = machine.serial_log;
+            log.write_all(&snapshot.console)
+                .and_then(|()| restored_line(log, &snapshot))
+                .map_err(LaunchError::host("the console log"))?;
+            return Ok(snapshot);
+        }
         Ok(None) => {}
         Err(refused) => {
             let key = shape.key();
@@ -95,7 +104,17 @@ pub(super) fn snapshot_for(
                    "ms": booting.elapsed().as_millis() as u64}),
         )
         .map_err(LaunchError::Audit)?;
+    restored_line(machine.serial_log, &snapshot).map_err(LaunchError::host("the console log"))?;
     Ok(snapshot)
+}
+
+/// Says in the console log where the boot above ends and the restored guest begins.
+fn restored_line(mut log: &File, snapshot: &BootSnapshot) -> std::io::Result<()> {
+    writeln!(
+        log,
+        "mvm-runner: restored from boot snapshot {}",
+        snapshot.manifest.key
+    )
 }
 
 /// Boots `machine` to its agent's hello, pauses it and saves it into the store; the QEMU
@@ -126,7 +145,9 @@ fn make(
             .map_err(|e| BootSnapshotError::Make(format!("pausing the guest: {e}")))?;
         // The channel stays open while the state is saved: the guest is saved connected,
         // as a restored one will be.
-        let saved = store.save(shape, vm, controls.as_mut(), &dir.path);
+        // What the boot printed, for the logs of the VMs restored from it.
+        let console = fs::read(dir.path.join(SERIAL_LOG)).unwrap_or_default();
+        let saved = store.save(shape, vm, controls.as_mut(), &dir.path, &console);
         drop(booted);
         Ok(saved?)
     });
