@@ -123,13 +123,10 @@ fn snapshot_of(bundle: &Path) -> Value {
     })
 }
 
-fn memory_file(snapshot: &Value) -> PathBuf {
+/// The file `name` of `snapshot`: `ram`, `state`, `manifest.dsse.json`.
+fn snapshot_file(snapshot: &Value, name: &str) -> PathBuf {
     let key = snapshot["key"].as_str().unwrap();
-    fixture()
-        .home
-        .join("boot-snapshots")
-        .join(key)
-        .join("memory")
+    fixture().home.join("boot-snapshots").join(key).join(name)
 }
 
 #[test]
@@ -214,25 +211,21 @@ fn refused_and_made_anew(what: &str) {
 #[test]
 fn a_tampered_boot_snapshot_is_refused_and_made_anew() {
     let _turn = turn();
-    // A byte of the saved stream: at its start (QEMU's header and RAM), its middle (RAM),
-    // and its end (the device state comes after the RAM).
-    for (what, at) in [("start", 64usize), ("middle", 0), ("end", 1)] {
+    // A byte of guest RAM (a page the kernel holds, in the middle), and of the device state
+    // at its start (QEMU's header), its middle and its end.
+    let cases = [("ram", 0.5), ("state", 0.0), ("state", 0.5), ("state", 1.0)];
+    for (file, at) in cases {
         let snapshot = snapshot_of(&fixture().bundle);
-        let memory = memory_file(&snapshot);
-        tamper(&memory, |bytes| {
-            let at = match what {
-                "middle" => bytes.len() / 2,
-                "end" => bytes.len() - 64,
-                _ => at,
-            };
+        tamper(&snapshot_file(&snapshot, file), |bytes| {
+            let at = ((bytes.len() - 64) as f64 * at) as usize + 16;
             bytes[at] ^= 0x20;
         });
-        refused_and_made_anew(what);
+        refused_and_made_anew(&format!("{file} at {at}"));
     }
 
     // The manifest's signature.
     let snapshot = snapshot_of(&fixture().bundle);
-    let manifest = memory_file(&snapshot).with_file_name("manifest.dsse.json");
+    let manifest = snapshot_file(&snapshot, "manifest.dsse.json");
     let mut text = fs::read_to_string(&manifest).unwrap();
     let sig = text.find("\"sig\"").unwrap();
     let at = sig + text[sig + 5..].find('"').unwrap() + 5 + 3;
@@ -246,12 +239,10 @@ fn a_tampered_boot_snapshot_is_refused_and_made_anew() {
 
     // `mvm snapshot prune` removes one that does not verify, and keeps the rest.
     let snapshot = snapshot_of(&fixture().bundle);
-    let memory = memory_file(&snapshot);
-    let manifest = memory.with_file_name("manifest.dsse.json");
-    fs::write(&manifest, b"{}").unwrap();
+    fs::write(snapshot_file(&snapshot, "manifest.dsse.json"), b"{}").unwrap();
     let pruned = guest::mvm_json(&fixture().home, &["snapshot", "prune"], 0);
     assert_eq!(pruned["removed"][0], snapshot["key"], "{pruned}");
-    assert!(!memory.exists());
+    assert!(!snapshot_file(&snapshot, "ram").exists());
 }
 
 #[test]
@@ -263,9 +254,9 @@ fn another_plans_boot_snapshot_is_never_used() {
     assert_eq!(theirs["memory_mib"], 288);
 
     // The other plan's snapshot put where this plan's is.
-    let mine_dir = memory_file(&mine).parent().unwrap().to_path_buf();
-    let theirs_dir = memory_file(&theirs).parent().unwrap().to_path_buf();
-    for file in ["memory", "manifest.dsse.json"] {
+    let mine_dir = snapshot_file(&mine, "");
+    let theirs_dir = snapshot_file(&theirs, "");
+    for file in ["ram", "state", "manifest.dsse.json"] {
         let target = mine_dir.join(file);
         fs::set_permissions(&target, fs::Permissions::from_mode(0o600)).unwrap();
         fs::copy(theirs_dir.join(file), &target).unwrap();

@@ -103,6 +103,10 @@ pub struct ColdManifest {
     /// keeps them. A placeholder is not a value.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub placeholders: BTreeMap<String, String>,
+    /// Whether its guest RAM is the named memory backend of a VM restored from a boot
+    /// snapshot: the QEMU that wakes it names its RAM the same.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub named_ram: bool,
     /// When it was saved.
     pub saved_at: Timestamp,
 }
@@ -413,6 +417,7 @@ mod tests {
                 secrets: vec![],
                 secret_files: vec![],
                 placeholders: BTreeMap::new(),
+                named_ram: false,
                 saved_at: Timestamp::now(),
             },
         }

@@ -52,7 +52,7 @@ pub enum SnapshotCommand {
         #[arg(long, value_name = "FILE")]
         plan: Option<PathBuf>,
         #[command(flatten)]
-        image_options: ImageOptions,
+        image_options: Box<ImageOptions>,
         /// Give up when the guest is not ready after this long.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "60s", value_name = "DURATION")]
         boot_timeout: Duration,

@@ -2,14 +2,15 @@
 //! state, before any workload code ran — so that later launches of the same plan restore it
 //! instead of booting (`docs/boot-snapshots.md`).
 //!
-//! A boot snapshot lives in `$MVM_HOME/boot-snapshots/<key>/`: `memory` (the backend's saved
-//! state, mode 0400) and `manifest.dsse.json`, which this host's key signs. The key is the
+//! A boot snapshot lives in `$MVM_HOME/boot-snapshots/<key>/`: `ram` (guest RAM, flat, which
+//! restored guests map copy-on-write and so share), `state` (the backend's saved device
+//! state), both mode 0400, and `manifest.dsse.json`, which this host's key signs. The key is the
 //! digest of the snapshot's [`Shape`] — the plan's digest (which pins the kernel, initramfs,
 //! command line and resources), the kernel's and initramfs's digests, the backend, its
 //! accelerator and version, and the VM's size — so a
 //! snapshot is only ever found for a launch that would have booted the very same machine.
 //! Opening one checks the signature, the schema, that the manifest's shape is the one asked
-//! for and that the memory is what was saved ([`seal`]); a snapshot that fails any check is
+//! for and that its files are what was saved ([`seal`]); a snapshot that fails any check is
 //! refused and the caller makes it anew, never uses it.
 //!
 //! What a restored guest shares with its siblings (the kernel's RNG state, its hostname, its
@@ -37,8 +38,11 @@ use seal::Seal;
 
 /// The directory of the home that holds the boot snapshots.
 pub const STORE_DIR: &str = "boot-snapshots";
-/// The saved state.
-const MEMORY_FILE: &str = "memory";
+/// The device state: the backend's saved state without guest RAM (QEMU's migration stream
+/// with `x-ignore-shared`).
+const STATE_FILE: &str = "state";
+/// Guest RAM, flat: what restored guests map copy-on-write.
+const RAM_FILE: &str = "ram";
 /// The signed manifest.
 const MANIFEST_FILE: &str = "manifest.dsse.json";
 /// The console of the boot that made it, for the logs of the VMs restored from it.
@@ -98,11 +102,15 @@ pub struct Manifest {
     pub key: String,
     /// What it is a snapshot of.
     pub shape: Shape,
-    /// The saved state's digest and size.
-    pub memory: SavedMemory,
-    /// The memory file as it was left, read-only: while it still looks so, it is not hashed
+    /// The device state's digest and size.
+    pub state: SavedMemory,
+    /// The state file as it was left, read-only: while it still looks so, it is not hashed
     /// again before use.
-    pub seal: Seal,
+    pub state_seal: Seal,
+    /// Guest RAM's digest and size.
+    pub ram: SavedMemory,
+    /// The RAM file as it was left.
+    pub ram_seal: Seal,
     /// The VM that booted to make it (its audit entries tell of the boot).
     pub made_by: String,
     /// When it was made.
@@ -133,16 +141,19 @@ impl Coded for BootSnapshotError {
     }
 }
 
-/// A boot snapshot verified for use: its manifest, and its memory file open (what was
-/// checked is what is read).
+/// A boot snapshot verified for use: its manifest, its state file open (what was checked is
+/// what is read) and its RAM file.
 #[derive(Debug)]
 pub struct BootSnapshot {
     /// Its verified manifest.
     pub manifest: Manifest,
-    /// Its memory file, open at its start.
-    pub memory: File,
-    /// Whether the memory was hashed in full on opening (its seal did not hold), not just
-    /// found sealed.
+    /// Its state file, open at its start.
+    pub state: File,
+    /// Its RAM file, for the backend to map; checked as the manifest says, read-only, in
+    /// the store only the host user can enter.
+    pub ram: PathBuf,
+    /// Whether a file was hashed in full on opening (its seal did not hold), not just found
+    /// sealed.
     pub hashed: bool,
     /// The console of the boot that made it (at most 256 KiB; not signed: what the guest
     /// printed, for people to read, never for a decision).
@@ -205,29 +216,20 @@ impl Store {
         if manifest.shape != *shape {
             return Err(refused("its manifest is of another plan or machine".into()));
         }
-        let path = dir.join(MEMORY_FILE);
-        let mut memory = File::open(&path).map_err(|e| refused(format!("its memory: {e}")))?;
-        let hashed = !seal::holds(&manifest.seal, &memory)
-            .map_err(|e| refused(format!("its memory: {e}")))?;
-        if hashed {
-            let (sha256, bytes) = mvm_ir::digest::sha256_reader(&mut memory)
-                .map_err(|e| refused(format!("its memory: {e}")))?;
-            SavedMemory { sha256, bytes }
-                .check(&manifest.memory)
-                .map_err(|e| refused(e.to_string()))?;
-            io::Seek::rewind(&mut memory).map_err(|e| refused(format!("its memory: {e}")))?;
-        }
+        let (state, state_hashed) =
+            checked(&dir.join(STATE_FILE), &manifest.state, &manifest.state_seal)
+                .map_err(|e| refused(format!("its state: {e}")))?;
+        let (_, ram_hashed) = checked(&dir.join(RAM_FILE), &manifest.ram, &manifest.ram_seal)
+            .map_err(|e| refused(format!("its RAM: {e}")))?;
         let _ = fs::write(dir.join(USED_FILE), b"");
-        let console = mvm_ir::fsutil::read_capped(
-            &dir.join(CONSOLE_FILE),
-            MAX_CONSOLE_BYTES,
-            "boot console",
-        )
-        .unwrap_or_default();
+        let console =
+            mvm_ir::fsutil::read_capped(&dir.join(CONSOLE_FILE), MAX_CONSOLE_BYTES, "boot console")
+                .unwrap_or_default();
         Ok(Some(BootSnapshot {
             manifest,
-            memory,
-            hashed,
+            state,
+            ram: dir.join(RAM_FILE),
+            hashed: state_hashed || ram_hashed,
             console,
         }))
     }
@@ -254,99 +256,24 @@ impl Store {
         Ok(manifest)
     }
 
-    /// Saves the paused VM behind `machine` as the snapshot of `shape`, made by the VM
-    /// `made_by` whose boot printed `console`: its state written whole, made read-only and
-    /// sealed, then the signed manifest, then the directory named by its key. Returns it opened, as [`Store::open`]
-    /// would. When another launch made the same snapshot meanwhile, its own is used and this
-    /// one dropped.
-    pub fn save(
-        &self,
-        shape: &Shape,
-        made_by: &str,
-        machine: &mut dyn Pausable,
-        socket_dir: &Path,
-        console: &[u8],
-    ) -> Result<BootSnapshot, BootSnapshotError> {
+    /// Starts making the snapshot of `shape`: its directory, under a name no launch looks
+    /// for, where the backend booting for it keeps guest RAM ([`Making::ram_path`]).
+    pub fn making(&self, shape: &Shape) -> Result<Making, BootSnapshotError> {
         let key = shape.key();
-        let dir = self.path(&key)?;
         let part = self
             .dir
             .join(format!(".making-{key}-{}", std::process::id()));
-        let made = self.save_into(&part, shape, made_by, machine, socket_dir);
-        let console = &console[console.len().saturating_sub(MAX_CONSOLE_BYTES as usize)..];
-        let made = made.and_then(|saved| {
-            mvm_ir::fsutil::atomic_write(&part.join(CONSOLE_FILE), console, 0o600)
-                .map_err(|e| BootSnapshotError::Make(format!("its console: {e}")))?;
-            Ok(saved)
-        });
-        let made = made.and_then(|(manifest, memory)| {
-            match fs::rename(&part, &dir) {
-                Ok(()) => {}
-                // Another launch made it first: theirs stays, this one's open file serves.
-                Err(e) if dir.exists() => drop(e),
-                Err(e) => return Err(BootSnapshotError::Make(format!("naming it: {e}"))),
-            }
-            Ok(BootSnapshot {
-                manifest,
-                memory,
-                hashed: false,
-                console: console.to_vec(),
-            })
-        });
         let _ = fs::remove_dir_all(&part);
-        made
-    }
-
-    fn save_into(
-        &self,
-        part: &Path,
-        shape: &Shape,
-        made_by: &str,
-        machine: &mut dyn Pausable,
-        socket_dir: &Path,
-    ) -> Result<(Manifest, File), BootSnapshotError> {
-        let failed = |what: &'static str| {
-            move |e: io::Error| BootSnapshotError::Make(format!("{what}: {e}"))
-        };
-        let _ = fs::remove_dir_all(part);
         DirBuilder::new()
             .mode(0o700)
-            .create(part)
-            .map_err(failed("its directory"))?;
-        let path = part.join(MEMORY_FILE);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(failed("its memory file"))?;
-        let memory = machine
-            .save(&socket_dir.join(SAVE_SOCKET), &mut file)
-            .map_err(failed("the VM's state"))?;
-        file.sync_all().map_err(failed("writing its memory file"))?;
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o400))
-            .map_err(failed("sealing its memory file"))?;
-        let seal = Seal::of(&file).map_err(failed("sealing its memory file"))?;
-        io::Seek::rewind(&mut file).map_err(failed("its memory file"))?;
-        let manifest = Manifest {
-            schema_version: SCHEMA_VERSION.into(),
-            key: shape.key(),
+            .create(&part)
+            .map_err(|e| BootSnapshotError::Make(format!("its directory: {e}")))?;
+        Ok(Making {
+            store: self.clone(),
+            dir: self.path(&key)?,
+            part,
             shape: shape.clone(),
-            memory,
-            seal,
-            made_by: made_by.to_string(),
-            made_at: Timestamp::now(),
-        };
-        crate::host_signed::write(
-            &self.home,
-            &part.join(MANIFEST_FILE),
-            PAYLOAD_TYPE,
-            &manifest,
-        )
-        .map_err(|e| BootSnapshotError::Make(format!("its manifest: {e}")))?;
-        let _ = fs::write(part.join(USED_FILE), b"");
-        Ok((manifest, file))
+        })
     }
 
     /// Removes the snapshot `key`: renamed aside first, so no launch finds it half removed.
@@ -375,9 +302,10 @@ impl Store {
                 continue;
             }
             let dir = entry.path();
+            // What the files take on disk: the RAM file is sparse where the guest never wrote.
             let bytes = fs::read_dir(&dir)?
                 .filter_map(|file| file.ok()?.metadata().ok())
-                .map(|metadata| metadata.len())
+                .map(|metadata| std::os::unix::fs::MetadataExt::blocks(&metadata) * 512)
                 .sum();
             listed.push(Listed {
                 manifest: self.manifest(&key),
@@ -391,4 +319,124 @@ impl Store {
         listed.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(listed)
     }
+}
+
+/// A boot snapshot being made: removed unless [`Making::finish`]ed.
+#[derive(Debug)]
+pub struct Making {
+    store: Store,
+    /// Where it goes once made.
+    dir: PathBuf,
+    /// Where it is made.
+    part: PathBuf,
+    shape: Shape,
+}
+
+impl Making {
+    /// The file the booting guest's RAM is to be kept in (the backend makes it).
+    pub fn ram_path(&self) -> PathBuf {
+        self.part.join(RAM_FILE)
+    }
+
+    /// Saves the paused VM behind `machine`, made by the VM `made_by` whose boot printed
+    /// `console`: its state (without RAM, which is in [`Making::ram_path`]) through a socket
+    /// in `socket_dir`; both files synced, hashed, made read-only and sealed; the signed
+    /// manifest; then the directory named by its key. Returns it opened, as [`Store::open`]
+    /// would. When another launch made the same snapshot meanwhile, theirs stays and this
+    /// one's open files serve this launch.
+    pub fn finish(
+        self,
+        made_by: &str,
+        machine: &mut dyn Pausable,
+        socket_dir: &Path,
+        console: &[u8],
+    ) -> Result<BootSnapshot, BootSnapshotError> {
+        let failed = |what: &'static str| {
+            move |e: io::Error| BootSnapshotError::Make(format!("{what}: {e}"))
+        };
+        let state_path = self.part.join(STATE_FILE);
+        let mut state_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&state_path)
+            .map_err(failed("its state file"))?;
+        let state = machine
+            .save(&socket_dir.join(SAVE_SOCKET), &mut state_file)
+            .map_err(failed("the VM's state"))?;
+        let state_seal = seal_file(&state_file, &state_path).map_err(failed("its state file"))?;
+        io::Seek::rewind(&mut state_file).map_err(failed("its state file"))?;
+        let ram_path = self.ram_path();
+        let ram_file = File::open(&ram_path).map_err(failed("its RAM file"))?;
+        let (sha256, bytes) =
+            mvm_ir::digest::sha256_reader(&ram_file).map_err(failed("its RAM file"))?;
+        let ram = SavedMemory { sha256, bytes };
+        let ram_seal = seal_file(&ram_file, &ram_path).map_err(failed("its RAM file"))?;
+        let manifest = Manifest {
+            schema_version: SCHEMA_VERSION.into(),
+            key: self.shape.key(),
+            shape: self.shape.clone(),
+            state,
+            state_seal,
+            ram,
+            ram_seal,
+            made_by: made_by.to_string(),
+            made_at: Timestamp::now(),
+        };
+        crate::host_signed::write(
+            &self.store.home,
+            &self.part.join(MANIFEST_FILE),
+            PAYLOAD_TYPE,
+            &manifest,
+        )
+        .map_err(|e| BootSnapshotError::Make(format!("its manifest: {e}")))?;
+        let console = &console[console.len().saturating_sub(MAX_CONSOLE_BYTES as usize)..];
+        mvm_ir::fsutil::atomic_write(&self.part.join(CONSOLE_FILE), console, 0o600)
+            .map_err(|e| BootSnapshotError::Make(format!("its console: {e}")))?;
+        let _ = fs::write(self.part.join(USED_FILE), b"");
+        match fs::rename(&self.part, &self.dir) {
+            Ok(()) => Ok(BootSnapshot {
+                manifest,
+                state: state_file,
+                ram: self.dir.join(RAM_FILE),
+                hashed: false,
+                console: console.to_vec(),
+            }),
+            // Another launch made it first: theirs stays, and serves this launch too.
+            Err(_) if self.dir.exists() => self.store.open(&self.shape)?.ok_or_else(|| {
+                BootSnapshotError::Make("the one another launch made is gone".into())
+            }),
+            Err(e) => Err(BootSnapshotError::Make(format!("naming it: {e}"))),
+        }
+    }
+}
+
+impl Drop for Making {
+    fn drop(&mut self) {
+        // Gone once named; a failed or abandoned one leaves nothing.
+        let _ = fs::remove_dir_all(&self.part);
+    }
+}
+
+/// Syncs `file` (at `path`), makes it read-only and returns its seal.
+fn seal_file(file: &File, path: &Path) -> io::Result<Seal> {
+    file.sync_all()?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o400))?;
+    Seal::of(file)
+}
+
+/// Opens the file at `path`, which must be what `saved` says: checked by `seal` alone while it
+/// holds, hashed in full otherwise. Returns it open at its start, and whether it was hashed.
+fn checked(path: &Path, saved: &SavedMemory, seal: &Seal) -> Result<(File, bool), String> {
+    let mut file = File::open(path).map_err(|e| e.to_string())?;
+    if seal::holds(seal, &file).map_err(|e| e.to_string())? {
+        return Ok((file, false));
+    }
+    let (sha256, bytes) = mvm_ir::digest::sha256_reader(&mut file).map_err(|e| e.to_string())?;
+    SavedMemory { sha256, bytes }
+        .check(saved)
+        .map_err(|e| e.to_string())?;
+    io::Seek::rewind(&mut file).map_err(|e| e.to_string())?;
+    Ok((file, true))
 }

@@ -25,42 +25,54 @@ fn machine(state: &[u8]) -> FakeMachine {
     }
 }
 
-/// A store in a fresh home, and the snapshot of `shape('a')` made in it.
+/// Makes the snapshot of `shape` in `store`: `ram` as the guest's RAM (the backend would have
+/// written it), `state` as its saved state.
+fn make(
+    store: &Store,
+    shape: &Shape,
+    ram: &[u8],
+    state: &[u8],
+    console: &[u8],
+) -> Result<BootSnapshot, BootSnapshotError> {
+    let making = store.making(shape).unwrap();
+    fs::write(making.ram_path(), ram).unwrap();
+    making.finish("vm-0123456789ab", &mut machine(state), &store.dir, console)
+}
+
+/// A store in a fresh home, and the snapshot of `shape('a')` made in it; its RAM.
 fn made() -> (tempfile::TempDir, Store, Vec<u8>) {
     let home = tempfile::tempdir().unwrap();
     let store = Store::of(&MvmHome::at(home.path())).unwrap();
-    let state = b"a booted guest".repeat(4096);
-    let made = store
-        .save(
-            &shape('a'),
-            "vm-0123456789ab",
-            &mut machine(&state),
-            home.path(),
-            b"booted\n",
-        )
-        .unwrap();
-    assert_eq!(made.manifest.memory.bytes, state.len() as u64);
-    (home, store, state)
+    let ram = b"a booted guest".repeat(4096);
+    let made = make(&store, &shape('a'), &ram, b"devices", b"booted\n").unwrap();
+    assert_eq!(made.manifest.ram.bytes, ram.len() as u64);
+    assert_eq!(made.manifest.state.bytes, 7);
+    (home, store, ram)
 }
 
-fn memory_path(store: &Store) -> PathBuf {
-    store.dir.join(shape('a').key()).join(MEMORY_FILE)
+fn ram_path(store: &Store) -> PathBuf {
+    store.dir.join(shape('a').key()).join(RAM_FILE)
+}
+
+fn state_path(store: &Store) -> PathBuf {
+    store.dir.join(shape('a').key()).join(STATE_FILE)
 }
 
 #[test]
 fn a_made_snapshot_opens_sealed_for_its_shape_only() {
-    let (_home, store, state) = made();
+    let (_home, store, ram) = made();
     let mut opened = store.open(&shape('a')).unwrap().expect("made");
-    assert!(!opened.hashed, "a sealed memory file is not hashed again");
+    assert!(!opened.hashed, "sealed files are not hashed again");
     assert_eq!(opened.console, b"booted\n");
     let mut read = Vec::new();
-    io::Read::read_to_end(&mut opened.memory, &mut read).unwrap();
-    assert_eq!(read, state);
-    let mode = fs::metadata(memory_path(&store))
-        .unwrap()
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o777, 0o400);
+    io::Read::read_to_end(&mut opened.state, &mut read).unwrap();
+    assert_eq!(read, b"devices");
+    assert_eq!(opened.ram, ram_path(&store));
+    assert_eq!(fs::read(&opened.ram).unwrap(), ram);
+    for file in [ram_path(&store), state_path(&store)] {
+        let mode = fs::metadata(file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o400);
+    }
 
     // Another plan, another machine size, another QEMU: no snapshot.
     assert!(store.open(&shape('d')).unwrap().is_none());
@@ -79,7 +91,7 @@ fn a_made_snapshot_opens_sealed_for_its_shape_only() {
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].key, shape('a').key());
     assert_eq!(listed[0].manifest.as_ref().unwrap().shape, shape('a'));
-    assert!(listed[0].bytes > state.len() as u64);
+    assert!(listed[0].bytes >= ram.len() as u64);
 
     assert!(store.remove(&shape('a').key()).unwrap());
     assert!(!store.remove(&shape('a').key()).unwrap());
@@ -88,29 +100,32 @@ fn a_made_snapshot_opens_sealed_for_its_shape_only() {
 }
 
 #[test]
-fn a_changed_memory_file_is_hashed_and_refused_and_an_unchanged_one_passes() {
-    let (_home, store, _) = made();
-    let path = memory_path(&store);
-    // Permissions changed and back: the seal breaks (ctime), the bytes still hash right.
-    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
-    fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).unwrap();
-    let opened = store.open(&shape('a')).unwrap().unwrap();
-    assert!(opened.hashed);
+fn a_changed_file_is_hashed_and_refused_and_an_unchanged_one_passes() {
+    for path in [ram_path, state_path] {
+        let (_home, store, _) = made();
+        let path = path(&store);
+        // Permissions changed and back: the seal breaks (ctime), the bytes still hash right.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).unwrap();
+        let opened = store.open(&shape('a')).unwrap().unwrap();
+        assert!(opened.hashed);
 
-    // One byte changed.
-    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
-    let mut bytes = fs::read(&path).unwrap();
-    bytes[1000] ^= 1;
-    fs::write(&path, &bytes).unwrap();
-    let refused = store.open(&shape('a')).unwrap_err();
-    assert_eq!(refused.code(), "RUN064", "{refused}");
+        // One byte changed.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        let mut bytes = fs::read(&path).unwrap();
+        let at = bytes.len() / 2;
+        bytes[at] ^= 1;
+        fs::write(&path, &bytes).unwrap();
+        let refused = store.open(&shape('a')).unwrap_err();
+        assert_eq!(refused.code(), "RUN064", "{refused}");
 
-    // Replaced by another file of the same bytes: another inode, hashed, passes.
-    bytes[1000] ^= 1;
-    let fresh = path.with_extension("new");
-    fs::write(&fresh, &bytes).unwrap();
-    fs::rename(&fresh, &path).unwrap();
-    assert!(store.open(&shape('a')).unwrap().unwrap().hashed);
+        // Replaced by another file of the same bytes: another inode, hashed, passes.
+        bytes[at] ^= 1;
+        let fresh = path.with_extension("new");
+        fs::write(&fresh, &bytes).unwrap();
+        fs::rename(&fresh, &path).unwrap();
+        assert!(store.open(&shape('a')).unwrap().unwrap().hashed);
+    }
 }
 
 #[test]
@@ -150,15 +165,19 @@ fn a_manifest_not_signed_here_or_moved_to_another_key_is_refused() {
 
 #[test]
 fn a_failed_save_leaves_nothing_and_a_second_maker_keeps_the_first() {
-    let (home, store, state) = made();
+    let (home, store, ram) = made();
+    let making = store.making(&shape('d')).unwrap();
+    fs::write(making.ram_path(), b"ram").unwrap();
     let mut broken = FakeMachine {
         state: b"half".repeat(100),
         broken: true,
     };
-    let error = store
-        .save(&shape('d'), "vm-1", &mut broken, home.path(), b"")
+    let error = making
+        .finish("vm-1", &mut broken, home.path(), b"")
         .unwrap_err();
     assert_eq!(error.code(), "RUN063");
+    // Abandoned half way: dropped, nothing left either.
+    drop(store.making(&shape('e')).unwrap());
     assert!(!store.dir.join(shape('d').key()).exists());
     let leftovers: Vec<_> = fs::read_dir(&store.dir)
         .unwrap()
@@ -167,20 +186,11 @@ fn a_failed_save_leaves_nothing_and_a_second_maker_keeps_the_first() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 
-    // Made again meanwhile by another launch: the first one stays, this one serves its own.
-    let mut other = store
-        .save(
-            &shape('a'),
-            "vm-2",
-            &mut machine(b"another boot"),
-            home.path(),
-            b"",
-        )
-        .unwrap();
-    let mut read = Vec::new();
-    io::Read::read_to_end(&mut other.memory, &mut read).unwrap();
-    assert_eq!(read, b"another boot");
+    // Made again meanwhile by another launch: the first one stays and serves this one too.
+    let other = make(&store, &shape('a'), b"another boot", b"other", b"").unwrap();
+    assert_eq!(other.manifest.ram.bytes, ram.len() as u64);
+    assert_eq!(fs::read(&other.ram).unwrap(), ram);
     let kept = store.open(&shape('a')).unwrap().unwrap();
-    assert_eq!(kept.manifest.memory.bytes, state.len() as u64);
-    assert_eq!(kept.manifest.made_by, "vm-0123456789ab");
+    assert_eq!(kept.manifest.ram.bytes, ram.len() as u64);
+    assert_eq!(store.list().unwrap().len(), 1);
 }

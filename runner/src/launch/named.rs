@@ -203,6 +203,9 @@ pub(super) fn serve_started(
     };
     record(&state)?;
 
+    // RAM named as a boot snapshot's guest names it, which a cold save must wake into.
+    let named_ram =
+        restored.is_some() || saved.as_ref().is_some_and(|saved| saved.manifest.named_ram);
     // A woken guest gets its saved state before the agent channel is awaited; it runs only
     // once what QEMU read hashed to the manifest's digest.
     let woken = match saved.as_mut() {
@@ -300,6 +303,7 @@ pub(super) fn serve_started(
                     .iter()
                     .map(|secret| (secret.name.clone(), secret.placeholder.clone()))
                     .collect(),
+                named_ram,
                 saved_at: mvm_ir::plan::Timestamp::now(),
             },
         };
@@ -380,10 +384,12 @@ pub(super) fn wake(
         return Ok(machine);
     };
     let wake_socket = dir.path.join(cold::WAKE_SOCKET);
+    // Its state carries its RAM, whichever memory backend held it.
     let loaded = qemu::migration::load(
         &wake_socket,
         &mut saved.memory,
         &dir.path.join(qemu::QMP_SOCKET),
+        false,
     );
     let _ = fs::remove_file(&wake_socket);
     let (mut qmp, streamed) = loaded.map_err(|e| {

@@ -19,7 +19,8 @@ use serde_json::json;
 use super::vm_dir::VmDir;
 use super::{agent_done, boot, Launch, LaunchError, SERIAL_LOG};
 use crate::admission::BootArtifacts;
-use crate::backend::qemu::{self, migration};
+use crate::backend::qemu::qmp::Qmp;
+use crate::backend::qemu::{self, command_line, migration};
 use crate::backend::select::{Accel, QemuBinary};
 use crate::backend::{Pausable, VmProcess};
 use crate::boot_snapshot::{BootSnapshot, BootSnapshotError, Shape, Store};
@@ -100,7 +101,8 @@ pub(super) fn snapshot_for(
         .append(
             "boot_snapshot.made",
             json!({"key": snapshot.manifest.key, "vm": vm, "plan_digest": shape.plan_digest,
-                   "bytes": snapshot.manifest.memory.bytes,
+                   "ram_bytes": snapshot.manifest.ram.bytes,
+                   "state_bytes": snapshot.manifest.state.bytes,
                    "ms": booting.elapsed().as_millis() as u64}),
         )
         .map_err(LaunchError::Audit)?;
@@ -117,8 +119,8 @@ fn restored_line(mut log: &File, snapshot: &BootSnapshot) -> std::io::Result<()>
     )
 }
 
-/// Boots `machine` to its agent's hello, pauses it and saves it into the store; the QEMU
-/// that booted ends either way.
+/// Boots `machine` to its agent's hello — its RAM a shared file in the snapshot being made —
+/// pauses it and saves its device state into the store; the QEMU that booted ends either way.
 fn make(
     launch: &Launch,
     shape: &Shape,
@@ -127,27 +129,33 @@ fn make(
     dir: &VmDir,
     machine: Machine<'_>,
 ) -> Result<BootSnapshot, LaunchError> {
+    let making = store.making(shape)?;
+    let mut args = machine.args.to_vec();
+    args.extend(command_line::ram_file_arguments(
+        &making.ram_path(),
+        shape.memory_mib,
+        true,
+    ));
     let serial_log = machine
         .serial_log
         .try_clone()
         .map_err(LaunchError::host("the console log"))?;
-    let mut booting = VmProcess::Qemu(
-        qemu::spawn(machine.qemu, machine.args, serial_log).map_err(|e| {
+    let mut booting =
+        VmProcess::Qemu(qemu::spawn(machine.qemu, &args, serial_log).map_err(|e| {
             LaunchError::Backend(format!("starting {}: {e}", machine.qemu.display()))
-        })?,
-    );
+        })?);
     let made = boot(launch, Some(machine.listener), &mut booting, None).and_then(|booted| {
-        let mut controls = booting
-            .machine(&dir.path)
+        let mut qmp = Qmp::connect(&dir.path.join(qemu::QMP_SOCKET))
             .map_err(|e| LaunchError::Backend(format!("QMP: {e}")))?;
-        controls
-            .pause()
-            .map_err(|e| BootSnapshotError::Make(format!("pausing the guest: {e}")))?;
-        // The channel stays open while the state is saved: the guest is saved connected,
-        // as a restored one will be.
+        let saving = |e: std::io::Error| BootSnapshotError::Make(format!("saving the guest: {e}"));
+        qmp.pause().map_err(saving)?;
+        // Its RAM is in the file already: the state leaves it out.
+        migration::set_ignore_shared(&mut qmp, true).map_err(saving)?;
         // What the boot printed, for the logs of the VMs restored from it.
         let console = fs::read(dir.path.join(SERIAL_LOG)).unwrap_or_default();
-        let saved = store.save(shape, vm, controls.as_mut(), &dir.path, &console);
+        // The channel stays open while the state is saved: the guest is saved connected,
+        // as a restored one will be.
+        let saved = making.finish(vm, &mut qmp, &dir.path, &console);
         drop(booted);
         Ok(saved?)
     });
@@ -157,9 +165,10 @@ fn make(
     made
 }
 
-/// Streams `snapshot` into the QEMU started with `-incoming` on the VM directory's wake
-/// socket, checks what was streamed against the manifest and only then lets the guest run.
-/// A snapshot whose bytes turn out changed is removed: the next launch makes it anew.
+/// Streams the state of `snapshot` into the QEMU started with `-incoming` on the VM
+/// directory's wake socket and its RAM mapped from the snapshot ([`restore_arguments`]),
+/// checks what was streamed against the manifest and only then lets the guest run. A
+/// snapshot whose state turns out changed is removed: the next launch makes it anew.
 pub(super) fn restore(
     launch: &Launch,
     dir: &VmDir,
@@ -171,8 +180,9 @@ pub(super) fn restore(
     let wake_socket = dir.path.join(cold::WAKE_SOCKET);
     let loaded = migration::load(
         &wake_socket,
-        &mut snapshot.memory,
+        &mut snapshot.state,
         &dir.path.join(qemu::QMP_SOCKET),
+        true,
     );
     let _ = fs::remove_file(&wake_socket);
     let (mut qmp, streamed) = loaded.map_err(|e| {
@@ -182,7 +192,7 @@ pub(super) fn restore(
             false => format!("restoring the boot snapshot: {e}; QEMU: {stderr}"),
         })
     })?;
-    if let Err(changed) = streamed.check(&snapshot.manifest.memory) {
+    if let Err(changed) = streamed.check(&snapshot.manifest.state) {
         if let Ok(store) = Store::of(&launch.home) {
             let _ = store.remove(&snapshot.manifest.key);
         }
@@ -190,6 +200,20 @@ pub(super) fn restore(
     }
     qmp.resume()
         .map_err(|e| LaunchError::Backend(format!("letting the restored guest run: {e}")))
+}
+
+/// QEMU's arguments beyond the launch's for a restore of `snapshot`: its RAM mapped privately
+/// from the snapshot's RAM file, its state taken from the VM directory's wake socket.
+pub(super) fn restore_arguments(
+    snapshot: &BootSnapshot,
+    dir: &VmDir,
+) -> Result<Vec<OsString>, LaunchError> {
+    let mut args =
+        command_line::ram_file_arguments(&snapshot.ram, snapshot.manifest.shape.memory_mib, false);
+    let incoming = migration::incoming_argument(&dir.path.join(cold::WAKE_SOCKET))
+        .map_err(LaunchError::host("the wake socket"))?;
+    args.extend(["-incoming".into(), incoming.into()]);
+    Ok(args)
 }
 
 /// Makes a guest restored from a boot snapshot a machine of its own, before anything else is

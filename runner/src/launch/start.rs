@@ -237,12 +237,22 @@ pub(super) fn start<T>(
                 }
                 None => None,
             };
-            if woken || snapshot.is_some() {
-                let socket = dir.path.join(cold::WAKE_SOCKET);
-                let incoming = qemu::migration::incoming_argument(&socket)
-                    .map_err(|e| ColdError::Wake(e.to_string()))
-                    .map_err(LaunchError::from)?;
-                args.extend(["-incoming".into(), incoming.into()]);
+            match (&snapshot, &saved) {
+                (Some(snapshot), _) => args.extend(restore::restore_arguments(snapshot, &dir)?),
+                (None, Some(saved)) => {
+                    // Restored from a boot snapshot before it was saved: its RAM is named so.
+                    if saved.manifest.named_ram {
+                        args.extend(qemu::command_line::named_ram_arguments(u64::from(
+                            plan.plan.resources.memory_mb,
+                        )));
+                    }
+                    let socket = dir.path.join(cold::WAKE_SOCKET);
+                    let incoming = qemu::migration::incoming_argument(&socket)
+                        .map_err(|e| ColdError::Wake(e.to_string()))
+                        .map_err(LaunchError::from)?;
+                    args.extend(["-incoming".into(), incoming.into()]);
+                }
+                (None, None) => {}
             }
             let mut vm_process =
                 VmProcess::Qemu(qemu::spawn(&qemu.path, &args, serial_log).map_err(|e| {

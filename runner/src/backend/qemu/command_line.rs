@@ -100,6 +100,42 @@ pub fn arguments(plan: &LaunchPlan, files: &VmFiles<'_>, accel: Accel) -> Vec<Os
     args
 }
 
+/// The id of guest RAM's memory backend when mvm names one: a boot snapshot's guest, and
+/// every VM restored from it, has its RAM in a file ([`ram_file_arguments`]).
+const RAM_BACKEND: &str = "mvm.ram";
+
+/// Guest RAM of `mib` MiB in the file at `path`: written through when `shared` (the guest
+/// booted to make a boot snapshot fills the file with its RAM), mapped privately otherwise
+/// (a restored guest reads the snapshot's pages from the file, shared with every other guest
+/// restored from it, and gets its own copy of a page it writes).
+pub fn ram_file_arguments(path: &Path, mib: u64, shared: bool) -> Vec<OsString> {
+    let share = match shared {
+        true => "on",
+        false => "off",
+    };
+    let backend = option_value(
+        &format!("memory-backend-file,id={RAM_BACKEND},size={mib}M,share={share},mem-path="),
+        path,
+    );
+    vec![
+        "-object".into(),
+        backend,
+        "-machine".into(),
+        format!("memory-backend={RAM_BACKEND}").into(),
+    ]
+}
+
+/// Guest RAM of `mib` MiB, anonymous, under the name [`ram_file_arguments`] gives it: a VM
+/// restored from a boot snapshot and saved cold wakes into RAM of that name.
+pub fn named_ram_arguments(mib: u64) -> Vec<OsString> {
+    vec![
+        "-object".into(),
+        format!("memory-backend-ram,id={RAM_BACKEND},size={mib}M").into(),
+        "-machine".into(),
+        format!("memory-backend={RAM_BACKEND}").into(),
+    ]
+}
+
 /// The kernel's command line: the plan's, and under TCG the host's TSC rate. Under TCG the
 /// kernel's early TSC calibration against the PIT fails about one boot in two, and the boot
 /// then stalls; the guest's TSC is the host's (QEMU reads it for the guest's RDTSC), so its

@@ -42,17 +42,30 @@ pub fn save(qmp: &mut Qmp, socket: &Path, into: &mut File) -> io::Result<SavedMe
 }
 
 /// Streams `memory` into the QEMU started with `-incoming unix:<socket>` (see
-/// [`incoming_argument`]), connects to its QMP at `machine_socket` and waits until QEMU has
-/// loaded the state; returns that connection and the digest of what was streamed, for the
-/// caller to compare before it lets the guest run. QEMU leaves the guest stopped: it was
-/// stopped when saved.
+/// [`incoming_argument`]) through its QMP at `machine_socket` and waits until QEMU has loaded
+/// the state; returns that connection and the digest of what was streamed, for the caller to
+/// compare before it lets the guest run. QEMU leaves the guest stopped: it was stopped when
+/// saved. `ignore_shared`: the state was saved without the RAM of a file-backed memory
+/// backend ([`set_ignore_shared`]), which the loading QEMU maps instead; the capability is
+/// turned off again once loaded, so that a later save of this VM carries its RAM.
 pub fn load(
     socket: &Path,
     memory: &mut File,
     machine_socket: &Path,
+    ignore_shared: bool,
 ) -> io::Result<(Qmp, SavedMemory)> {
-    // QEMU listens on `socket` late in its start, after it made its QMP socket.
+    // QEMU makes its QMP socket first, and listens on `socket` later in its start.
     let deadline = Instant::now() + MIGRATION_TIMEOUT;
+    let mut qmp = loop {
+        match Qmp::connect(machine_socket) {
+            Ok(qmp) => break qmp,
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => std::thread::sleep(POLL),
+        }
+    };
+    if ignore_shared {
+        set_ignore_shared(&mut qmp, true)?;
+    }
     let mut stream = loop {
         match UnixStream::connect(socket) {
             Ok(stream) => break stream,
@@ -62,9 +75,21 @@ pub fn load(
     };
     let streamed = copy_hashing(memory, &mut stream)?;
     stream.shutdown(std::net::Shutdown::Write)?;
-    let mut qmp = Qmp::connect(machine_socket)?;
     wait_until_completed(&mut qmp)?;
+    if ignore_shared {
+        set_ignore_shared(&mut qmp, false)?;
+    }
     Ok((qmp, streamed))
+}
+
+/// Sets QEMU's `x-ignore-shared` migration capability: a save leaves out the RAM of memory
+/// backends that are shared files (the file holds it), and a load expects it left out.
+pub fn set_ignore_shared(qmp: &mut Qmp, on: bool) -> io::Result<()> {
+    qmp.execute_with(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "x-ignore-shared", "state": on}]}),
+    )
+    .map(drop)
 }
 
 /// QEMU's `-incoming` value for a load through `socket`.
