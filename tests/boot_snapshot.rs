@@ -24,9 +24,7 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let work = tempfile::tempdir().unwrap();
-        let home = work.path().join("home");
-        support::mvm_json(&home, &["kernel", "fetch"], 0);
+        let (work, home) = support::home_with_kernel();
         let built = bundle::build(&home, work.path());
         let other = work.path().join("other");
         let agent = guest::static_agent().to_str().unwrap();
@@ -172,6 +170,22 @@ fn restored_sandboxes_are_machines_of_their_own() {
         let guest_now: i64 = out[3].parse().unwrap();
         assert!((guest_now - host_now()).abs() < 30, "{out:?}");
     }
+
+    // What the restored guests wrote stayed their own: with its seal broken, the RAM file is
+    // hashed in full before the next restore, and is still the one that was made.
+    let ram = snapshot_file(&snapshot, "ram");
+    tamper(&ram, |_| {});
+    let from = audit_len();
+    run(&fixture().bundle, &[], "true");
+    let events = events_since(from);
+    assert!(
+        named(&events, "boot_snapshot.refused").is_empty(),
+        "{events:?}"
+    );
+    assert_eq!(
+        named(&events, "vm.started")[0]["boot_snapshot"],
+        snapshot["key"]
+    );
 
     // A cold boot neither restores nor makes a snapshot.
     let from = audit_len();

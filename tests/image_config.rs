@@ -58,9 +58,7 @@ fn image(runtime: Value) -> (TestLayout, String) {
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let work = tempfile::tempdir().unwrap();
-        let home = work.path().join("home");
-        support::mvm_json(&home, &["kernel", "fetch"], 0);
+        let (work, home) = support::home_with_kernel();
         let config = |user: &str| {
             json!({
                 "Entrypoint": ["/bin/sh", "-c"],

@@ -39,9 +39,7 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let work = tempfile::tempdir().unwrap();
-        let home = work.path().join("home");
-        support::mvm_json(&home, &["kernel", "fetch"], 0);
+        let (work, home) = support::home_with_kernel();
 
         let built = bundle::build(&home, work.path());
         let (bundle, image, canary) = (built.bundle, built.image, built.canary);

@@ -37,6 +37,16 @@ pub fn mvm_json(home: &Path, args: &[&str], status: i32) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// A work directory holding a home (`work/home`) with the guest kernel fetched, as the tests'
+/// fixtures begin.
+#[allow(dead_code)] // not every test binary boots guests
+pub fn home_with_kernel() -> (tempfile::TempDir, PathBuf) {
+    let work = tempfile::tempdir().unwrap();
+    let home = work.path().join("home");
+    mvm_json(&home, &["kernel", "fetch"], 0);
+    (work, home)
+}
+
 /// Output bytes as text (lossy).
 #[allow(dead_code)] // not every test binary prints outputs
 pub fn text(bytes: &[u8]) -> String {

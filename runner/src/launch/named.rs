@@ -24,7 +24,6 @@ use super::{
     SHUTDOWN_GRACE,
 };
 use crate::admission::host_policy::HostPolicy;
-use crate::backend::qemu;
 use crate::backend::select::Accel;
 use crate::backend::{Pausable, SavedMemory, VmProcess};
 use crate::client::ClientError;
@@ -383,22 +382,9 @@ pub(super) fn wake(
         let_run(home, &saved.manifest, machine.as_mut())?;
         return Ok(machine);
     };
-    let wake_socket = dir.path.join(cold::WAKE_SOCKET);
     // Its state carries its RAM, whichever memory backend held it.
-    let loaded = qemu::migration::load(
-        &wake_socket,
-        &mut saved.memory,
-        &dir.path.join(qemu::QMP_SOCKET),
-        false,
-    );
-    let _ = fs::remove_file(&wake_socket);
-    let (mut qmp, streamed) = loaded.map_err(|e| {
-        let stderr = vm.stderr();
-        ColdError::Wake(match stderr.is_empty() {
-            true => e.to_string(),
-            false => format!("{e}; QEMU: {stderr}"),
-        })
-    })?;
+    let (mut qmp, streamed) =
+        super::restore::stream_in(vm, dir, &mut saved.memory, false).map_err(ColdError::Wake)?;
     cold::check_memory(&saved.manifest, &streamed)?;
     let_run(home, &saved.manifest, &mut qmp)?;
     Ok(Box::new(qmp))

@@ -22,7 +22,7 @@ use crate::admission::BootArtifacts;
 use crate::backend::qemu::qmp::Qmp;
 use crate::backend::qemu::{self, command_line, migration};
 use crate::backend::select::{Accel, QemuBinary};
-use crate::backend::{Pausable, VmProcess};
+use crate::backend::{Pausable, SavedMemory, VmProcess};
 use crate::boot_snapshot::{BootSnapshot, BootSnapshotError, Shape, Store};
 use crate::client::AgentClient;
 use crate::cold;
@@ -62,6 +62,22 @@ pub(super) struct Machine<'a> {
     pub(super) serial_log: &'a File,
 }
 
+/// A boot snapshot that could not be had: why, and the console's tail when a guest booted
+/// for it.
+pub(super) struct Unmade {
+    pub(super) error: LaunchError,
+    pub(super) console_tail: Option<String>,
+}
+
+impl<E: Into<LaunchError>> From<E> for Unmade {
+    fn from(error: E) -> Self {
+        Self {
+            error: error.into(),
+            console_tail: None,
+        }
+    }
+}
+
 /// The verified boot snapshot of `shape`; made first — by booting `machine` in `dir` to its
 /// agent's hello and saving it — when there is none, or the one there is refused (which is
 /// removed, and recorded). The console log of `machine` then tells of the boot: of the one
@@ -73,7 +89,7 @@ pub(super) fn snapshot_for(
     vm: &str,
     dir: &VmDir,
     machine: Machine<'_>,
-) -> Result<BootSnapshot, LaunchError> {
+) -> Result<BootSnapshot, Unmade> {
     let store = Store::of(&launch.home)?;
     match store.open(shape) {
         Ok(Some(snapshot)) => {
@@ -128,7 +144,7 @@ fn make(
     vm: &str,
     dir: &VmDir,
     machine: Machine<'_>,
-) -> Result<BootSnapshot, LaunchError> {
+) -> Result<BootSnapshot, Unmade> {
     let making = store.making(shape)?;
     let mut args = machine.args.to_vec();
     args.extend(command_line::ram_file_arguments(
@@ -162,7 +178,10 @@ fn make(
     booting.kill();
     // The restoring QEMU makes its own.
     let _ = fs::remove_file(dir.path.join(qemu::QMP_SOCKET));
-    made
+    made.map_err(|error| Unmade {
+        error,
+        console_tail: Some(booting.console().tail()),
+    })
 }
 
 /// Streams the state of `snapshot` into the QEMU started with `-incoming` on the VM
@@ -177,21 +196,8 @@ pub(super) fn restore(
 ) -> Result<(), LaunchError> {
     // The guest booted before it was saved: nothing it prints from here is a boot report.
     vm.console().boot_is_over();
-    let wake_socket = dir.path.join(cold::WAKE_SOCKET);
-    let loaded = migration::load(
-        &wake_socket,
-        &mut snapshot.state,
-        &dir.path.join(qemu::QMP_SOCKET),
-        true,
-    );
-    let _ = fs::remove_file(&wake_socket);
-    let (mut qmp, streamed) = loaded.map_err(|e| {
-        let stderr = vm.stderr();
-        LaunchError::Backend(match stderr.is_empty() {
-            true => format!("restoring the boot snapshot: {e}"),
-            false => format!("restoring the boot snapshot: {e}; QEMU: {stderr}"),
-        })
-    })?;
+    let (mut qmp, streamed) = stream_in(vm, dir, &mut snapshot.state, true)
+        .map_err(|e| LaunchError::Backend(format!("restoring the boot snapshot: {e}")))?;
     if let Err(changed) = streamed.check(&snapshot.manifest.state) {
         if let Ok(store) = Store::of(&launch.home) {
             let _ = store.remove(&snapshot.manifest.key);
@@ -200,6 +206,28 @@ pub(super) fn restore(
     }
     qmp.resume()
         .map_err(|e| LaunchError::Backend(format!("letting the restored guest run: {e}")))
+}
+
+/// Streams the saved state `state` into the QEMU of `vm`, started with `-incoming` on the VM
+/// directory's wake socket ([`migration::load`]); a failure says what QEMU printed.
+pub(super) fn stream_in(
+    vm: &VmProcess,
+    dir: &VmDir,
+    state: &mut File,
+    ignore_shared: bool,
+) -> Result<(Qmp, SavedMemory), String> {
+    let wake_socket = dir.path.join(cold::WAKE_SOCKET);
+    let loaded = migration::load(
+        &wake_socket,
+        state,
+        &dir.path.join(qemu::QMP_SOCKET),
+        ignore_shared,
+    );
+    let _ = fs::remove_file(&wake_socket);
+    loaded.map_err(|e| match vm.stderr() {
+        stderr if stderr.is_empty() => e.to_string(),
+        stderr => format!("{e}; QEMU: {stderr}"),
+    })
 }
 
 /// QEMU's arguments beyond the launch's for a restore of `snapshot`: its RAM mapped privately

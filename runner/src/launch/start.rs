@@ -231,9 +231,19 @@ pub(super) fn start<T>(
                         listener: &listener,
                         serial_log: &serial_log,
                     };
-                    Some(restore::snapshot_for(
-                        launch, &shape, &audit, &vm, &dir, machine,
-                    )?)
+                    match restore::snapshot_for(launch, &shape, &audit, &vm, &dir, machine) {
+                        Ok(snapshot) => Some(snapshot),
+                        Err(unmade) => {
+                            return Err(Box::new(Failure {
+                                serial_log: match unmade.error {
+                                    LaunchError::Interrupted => None,
+                                    _ => dir.keep_log(),
+                                },
+                                error: unmade.error,
+                                console_tail: unmade.console_tail,
+                            }))
+                        }
+                    }
                 }
                 None => None,
             };
