@@ -41,6 +41,7 @@ fn manifest(memory: SavedMemory) -> ColdManifest {
         secrets: vec![],
         secret_files: vec![],
         placeholders: Default::default(),
+        named_ram: false,
         saved_at: Timestamp::now(),
     }
 }
