@@ -389,7 +389,12 @@ impl NamedVm {
     /// Removes it and its directory; one still live is stopped first when `force` says so
     /// (its runner killed if it will not stop), else refused.
     pub fn remove(self, force: bool) -> Result<(), NamedVmError> {
-        let seen = self.state()?;
+        // Another remover may have won already: the VM is then gone, as if it never was.
+        let gone = || NamedVmError::Unavailable(format!("there is no VM named {}", self.name));
+        let seen = match self.state() {
+            Err(_) if !self.dir.join(state::STATE_FILE).exists() => return Err(gone()),
+            seen => seen?,
+        };
         if seen.phase.is_live() {
             if !force {
                 return Err(NamedVmError::Live {
@@ -403,9 +408,7 @@ impl NamedVm {
         }
         // The runner may still be finishing after writing `stopped`: wait until it has let
         // go of the VM, and hold its lock while removing, so no runner works in the
-        // directory meanwhile. Another remover may win the lock: the VM is then gone, as if it
-        // never was.
-        let gone = || NamedVmError::Unavailable(format!("there is no VM named {}", self.name));
+        // directory meanwhile. Another remover may win the lock.
         let deadline = Instant::now() + STOP_WAIT;
         let _lock = loop {
             match self.lock() {
