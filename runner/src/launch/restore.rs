@@ -1,7 +1,8 @@
 //! A launch started from a boot snapshot ([`crate::boot_snapshot`]) instead of a boot: the
 //! snapshot of this plan on this machine found and verified — or, the first time (or when the
-//! one found is refused), a guest booted to its agent's hello, paused and saved as it — then
-//! restored into the launch's QEMU, its memory hashed as it streams in and the guest let run
+//! one found is refused), a guest booted to its agent's hello with its RAM in the snapshot's
+//! file, paused and its device state saved — then restored into the launch's QEMU: the RAM
+//! file mapped copy-on-write, the device state hashed as it streams in and the guest let run
 //! only when it matches. Once the agent says hello the guest is made a machine of its own
 //! ([`renew`]) before anything else is asked of it.
 
