@@ -24,7 +24,7 @@ use serde_json::Value;
 fn shared_home() -> &'static Path {
     static HOME: OnceLock<tempfile::TempDir> = OnceLock::new();
     HOME.get_or_init(|| {
-        let home = tempfile::tempdir().unwrap();
+        let home = support::lasting_tempdir();
         let out = mvm(home.path(), &["kernel", "fetch"]);
         assert!(
             out.status.success(),

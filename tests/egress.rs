@@ -38,7 +38,7 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = support::lasting_tempdir();
         let home = dir.path().join("home");
         guest::mvm_json(&home, &["kernel", "fetch"], 0);
         let layout = TestLayout::new_in(dir.path());

@@ -19,7 +19,7 @@ use support::{describe, guest};
 fn kernel_home() -> &'static Path {
     static HOME: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
     let (_, home) = HOME.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = support::lasting_tempdir();
         let home = dir.path().join("home");
         support::mvm_json(&home, &["kernel", "fetch"], 0);
         (dir, home)

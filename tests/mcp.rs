@@ -42,7 +42,7 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap().keep();
+        let dir = support::lasting_tempdir().keep();
         guest::mvm_json(&dir.join("home"), &["kernel", "fetch"], 0);
         let layout = TestLayout::new_in(&dir);
         let at = layout.dir.path().display().to_string();

@@ -66,7 +66,7 @@ struct Fixture {
 impl Fixture {
     fn new() -> Option<Self> {
         let nix = RealNix::find()?;
-        let work = tempfile::tempdir().unwrap();
+        let work = support::lasting_tempdir();
         let bb = work.path().join("bb");
         fs::create_dir(&bb).unwrap();
         fs::copy("/bin/busybox", bb.join("busybox")).unwrap();

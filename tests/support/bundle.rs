@@ -18,7 +18,7 @@ pub const BLOCK: usize = 4096;
 pub struct Built {
     /// The bundle directory (`plan.dsse.json`, kernel, initramfs, root image, hash tree).
     pub bundle: PathBuf,
-    /// `oci:DIR@sha256:…` of the image (its layout lives as long as the test process).
+    /// `oci:DIR@sha256:…` of the image (its layout is kept in `dir`).
     pub image: String,
     /// The bytes of `/data/canary.bin`.
     pub canary: Vec<u8>,
@@ -30,7 +30,7 @@ pub fn build(home: &Path, dir: &Path) -> Built {
     let canary: Vec<u8> = (0u32..16 * 1024)
         .flat_map(|i| Sha256::digest(i.to_le_bytes())[..4].to_vec())
         .collect();
-    let layout = TestLayout::new();
+    let layout = TestLayout::new_in(dir);
     let busybox = fs::read("/bin/busybox").unwrap();
     let root = layer_of(&[
         Entry::Dir("bin"),

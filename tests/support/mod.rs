@@ -10,6 +10,7 @@ pub mod wait;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Once;
 
 use serde_json::Value;
 
@@ -41,10 +42,59 @@ pub fn mvm_json(home: &Path, args: &[&str], status: i32) -> Value {
 /// fixtures begin.
 #[allow(dead_code)] // not every test binary boots guests
 pub fn home_with_kernel() -> (tempfile::TempDir, PathBuf) {
-    let work = tempfile::tempdir().unwrap();
+    let work = lasting_tempdir();
     let home = work.path().join("home");
     mvm_json(&home, &["kernel", "fetch"], 0);
     (work, home)
+}
+
+/// A temporary directory for a fixture shared through a `static`. Statics are never dropped, so
+/// a plain `TempDir` there would outlive the test binary — a fixture's home with its images and
+/// boot snapshots holds hundreds of MiB, and a whole run's worth fills a small disk. These are
+/// made in one directory per test process, removed as the process exits; the directories of
+/// processes that were killed instead are removed by the next test binary that makes one.
+#[allow(dead_code)] // not every test binary shares a fixture
+pub fn lasting_tempdir() -> tempfile::TempDir {
+    static SWEEP: Once = Once::new();
+    SWEEP.call_once(|| {
+        remove_dirs_of_dead_processes();
+        extern "C" fn remove_own() {
+            let _ = fs::remove_dir_all(lasting_parent(std::process::id()));
+        }
+        // SAFETY: `remove_own` is a plain `extern "C" fn` with no arguments that touches no
+        // state torn down before `exit` runs its handlers; registering it has no other effect.
+        #[allow(unsafe_code)]
+        let registered = unsafe { libc::atexit(remove_own) };
+        assert_eq!(registered, 0, "atexit refused the clean-up of shared fixtures");
+    });
+    let parent = lasting_parent(std::process::id());
+    fs::create_dir_all(&parent).unwrap();
+    tempfile::tempdir_in(parent).unwrap()
+}
+
+const LASTING_PREFIX: &str = "mvm-test-fixtures-";
+
+fn lasting_parent(pid: u32) -> PathBuf {
+    std::env::temp_dir().join(format!("{LASTING_PREFIX}{pid}"))
+}
+
+fn remove_dirs_of_dead_processes() {
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|name| name.strip_prefix(LASTING_PREFIX))
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Output bytes as text (lossy).
