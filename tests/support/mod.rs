@@ -65,7 +65,10 @@ pub fn lasting_tempdir() -> tempfile::TempDir {
         // state torn down before `exit` runs its handlers; registering it has no other effect.
         #[allow(unsafe_code)]
         let registered = unsafe { libc::atexit(remove_own) };
-        assert_eq!(registered, 0, "atexit refused the clean-up of shared fixtures");
+        assert_eq!(
+            registered, 0,
+            "atexit refused the clean-up of shared fixtures"
+        );
     });
     let parent = lasting_parent(std::process::id());
     fs::create_dir_all(&parent).unwrap();
