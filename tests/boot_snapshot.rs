@@ -10,7 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use support::{bundle, guest};
 
 struct Fixture {
@@ -75,13 +75,7 @@ fn run(bundle: &Path, extra: &[&str], script: &str) -> String {
 
 /// The audit events of the fixture's home from entry `from` on, with their fields.
 fn events_since(from: usize) -> Vec<Value> {
-    let log = fixture().home.join("audit").join("audit.jsonl");
-    fs::read_to_string(log)
-        .unwrap()
-        .lines()
-        .skip(from)
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect()
+    support::audit_events(&fixture().home).split_off(from)
 }
 
 fn audit_len() -> usize {
@@ -251,12 +245,44 @@ fn a_tampered_boot_snapshot_is_refused_and_made_anew() {
     assert_eq!(entry["verified"], false, "{entry}");
     refused_and_made_anew("signature");
 
-    // `mvm snapshot prune` removes one that does not verify, and keeps the rest.
+    // `mvm snapshot prune` removes one that does not verify, and what a making killed
+    // mid-way left — but not a making whose process is still running — and keeps the rest.
     let snapshot = snapshot_of(&fixture().bundle);
     fs::write(snapshot_file(&snapshot, "manifest.dsse.json"), b"{}").unwrap();
+    let key = snapshot["key"].as_str().unwrap();
+    let store = fixture().home.join("boot-snapshots");
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    gone.wait().unwrap();
+    let killed = store.join(format!(".making-{key}-{}", gone.id()));
+    let running = store.join(format!(".making-{key}-{}", std::process::id()));
+    for dir in [&killed, &running] {
+        fs::create_dir(dir).unwrap();
+        fs::write(dir.join("ram"), vec![7u8; 1 << 20]).unwrap();
+    }
+    let dry = guest::mvm_json(&fixture().home, &["snapshot", "prune", "--dry-run"], 0);
+    assert_eq!(dry["leftovers"], 1, "{dry}");
+    assert!(killed.exists() && snapshot_file(&snapshot, "ram").exists());
     let pruned = guest::mvm_json(&fixture().home, &["snapshot", "prune"], 0);
-    assert_eq!(pruned["removed"][0], snapshot["key"], "{pruned}");
+    assert_eq!(pruned["removed"], json!([key]), "{pruned}");
+    assert_eq!(pruned["leftovers"], 1, "{pruned}");
+    assert!(pruned["bytes"].as_u64().unwrap() > 1 << 20, "{pruned}");
     assert!(!snapshot_file(&snapshot, "ram").exists());
+    assert!(!killed.exists() && running.exists());
+    fs::remove_dir_all(&running).unwrap();
+
+    // `mvm system df` counts what is left, as `snapshot ls` does.
+    let left = snapshots();
+    let df = guest::mvm_json(&fixture().home, &["system", "df"], 0);
+    let row = df["usage"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["what"] == "boot snapshots")
+        .unwrap_or_else(|| panic!("no boot snapshots row: {df}"));
+    assert_eq!(row["count"], left.len(), "{df}");
+    let bytes: u64 = left.iter().map(|s| s["bytes"].as_u64().unwrap()).sum();
+    assert_eq!(row["size"], bytes, "{df}");
+    assert_eq!(row["reclaimable"], bytes, "{df}");
 }
 
 #[test]
@@ -305,6 +331,8 @@ fn a_named_vm_restored_from_a_boot_snapshot_serves_and_saves_cold() {
     let started = named(&events, "vm.started");
     let last = started.last().unwrap();
     assert_eq!(last["boot_snapshot"], snapshot["key"], "{up}");
+    // The VM's state says so too, as `mvm up`, `mvm ls` and the API's sandboxes show it.
+    assert_eq!(up["vm"]["boot_snapshot"], snapshot["key"], "{up}");
     let exec = |command: &str| {
         let out = guest::mvm(home, &["exec", "restored", "--", "sh", "-c", command]);
         assert_eq!(out.status.code(), Some(0), "{}", support::describe(&out));

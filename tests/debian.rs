@@ -3,7 +3,9 @@
 //! all. `mvm build` skips the nodes and names them, in its output and in the signed provenance;
 //! the image then boots once, as a named VM, and runs real programs: Python with its `ssl`,
 //! `sqlite3`, `json` and `hashlib` modules, a shell pipeline through dash, grep, coreutils and
-//! busybox, and Debian's own files and package database read back.
+//! busybox, and Debian's own files and package database read back. Two sandboxes restored
+//! from the boot snapshot that launch made then each make a TLS handshake: no session secret
+//! or client random is the same in both.
 //!
 //! Without mmdebstrap the test fails, saying how to install it: it is never skipped.
 
@@ -52,6 +54,49 @@ print(json.dumps({
     "sha256": hashlib.sha256(b"mvm").hexdigest(),
 }))
 "#;
+
+/// A TLS handshake inside one Python — client and server over memory buffers, the server's
+/// certificate and key in `argv[1]` — whose client logs its session secrets (the NSS key log
+/// format: `LABEL CLIENT_RANDOM SECRET`); prints the protocol, then the log.
+const TLS_KEYS: &str = r#"
+import ssl, sys
+open("/tmp/server.pem", "w").write(sys.argv[1])
+server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+server.load_cert_chain("/tmp/server.pem")
+client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+client.load_verify_locations("/tmp/server.pem")
+client.keylog_filename = "/tmp/tls.keys"
+to_server, to_client, c_out, s_out = (ssl.MemoryBIO() for _ in range(4))
+c = client.wrap_bio(to_client, c_out, server_hostname="tls.example.com")
+s = server.wrap_bio(to_server, s_out, server_side=True)
+def step(end):
+    try:
+        end.do_handshake()
+        return True
+    except ssl.SSLWantReadError:
+        return False
+done = [False, False]
+for _ in range(8):
+    done[0] = done[0] or step(c)
+    to_server.write(c_out.read())
+    done[1] = done[1] or step(s)
+    to_client.write(s_out.read())
+    if all(done):
+        break
+assert all(done), done
+print(c.version())
+print(open("/tmp/tls.keys").read(), end="")
+"#;
+
+/// The secrets and client randoms of a TLS key log (after the protocol's line; `#` lines are
+/// OpenSSL's comments).
+fn tls_secrets(log: &str) -> Vec<String> {
+    log.lines()
+        .skip(1)
+        .filter(|line| !line.starts_with('#'))
+        .flat_map(|line| line.split(' ').skip(1).map(str::to_string))
+        .collect()
+}
 
 #[test]
 fn a_debian_image_builds_with_its_device_nodes_skipped_and_runs_python() {
@@ -159,4 +204,74 @@ fn a_debian_image_builds_with_its_device_nodes_skipped_and_runs_python() {
     );
     ok(&home, &["rm", "--force", "debian"]);
     eprintln!("boot and commands: {:.1?}", started.elapsed());
+
+    // Two sandboxes restored from the boot snapshot `up` made: a TLS handshake in each shares
+    // no client random and no secret with the other's.
+    support::openssl(
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=tls.example.com",
+            "-addext",
+            "subjectAltName=DNS:tls.example.com",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.crt",
+        ],
+        work.path(),
+    );
+    let pem = [
+        std::fs::read_to_string(work.path().join("server.crt")).unwrap(),
+        std::fs::read_to_string(work.path().join("server.key")).unwrap(),
+    ]
+    .concat();
+    let handshake = || {
+        let ran = support::mvm_json(
+            &home,
+            &[
+                "run",
+                "--plan",
+                plan.to_str().unwrap(),
+                "--",
+                "python3",
+                "-c",
+                TLS_KEYS,
+                &pem,
+            ],
+            0,
+        );
+        ran["stdout"].as_str().unwrap().to_string()
+    };
+    let (first, second) = (handshake(), handshake());
+    let started_from: Vec<Value> = support::audit_events(&home)
+        .into_iter()
+        .filter(|e| e["event"] == "vm.started")
+        .map(|e| e["fields"]["boot_snapshot"].clone())
+        .collect();
+    assert_eq!(started_from.len(), 3, "{started_from:?}");
+    assert!(started_from[0].is_string(), "{started_from:?}");
+    assert!(
+        started_from.iter().all(|key| *key == started_from[0]),
+        "up and both runs restored from one boot snapshot: {started_from:?}"
+    );
+    for log in [&first, &second] {
+        assert!(log.starts_with("TLSv1.3\n"), "{log}");
+        assert!(log.contains("CLIENT_TRAFFIC_SECRET_0 "), "{log}");
+    }
+    let (a, b) = (tls_secrets(&first), tls_secrets(&second));
+    assert!(a.len() >= 10 && b.len() == a.len(), "{first}\n{second}");
+    assert!(
+        a.iter()
+            .all(|value| value.len() >= 64 && !b.contains(value)),
+        "two restored sandboxes share TLS secrets:\n{first}\n{second}"
+    );
 }

@@ -17,7 +17,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use support::upstream::Upstream;
-use support::{describe, guest, text, Served};
+use support::{describe, guest, openssl, text, Served};
 
 const BOUND_VALUE: &str = "tok-BOUND-5e1f0c9a77";
 const UNBOUND_VALUE: &str = "pw-UNBOUND-b3c8d21e04";
@@ -47,7 +47,7 @@ fn files_holding(dir: &Path, needles: &[String], found: &mut Vec<String>) {
         } else if kind.is_file() {
             let bytes = fs::read(&path).unwrap_or_default();
             for needle in needles {
-                if bytes.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+                if memchr::memmem::find(&bytes, needle.as_bytes()).is_some() {
                     found.push(format!("{} holds {needle}", path.display()));
                 }
             }
@@ -319,16 +319,6 @@ server.socket = context.wrap_socket(server.socket, server_side=True)
 print(server.server_address[1], flush=True)
 server.serve_forever()
 "#;
-
-/// Runs `openssl ARGS` on the host.
-fn openssl(args: &[&str], dir: &Path) {
-    let out = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "openssl {args:?}: {}", describe(&out));
-}
 
 #[test]
 fn over_https_the_host_ends_the_guests_tls_and_puts_the_value_in() {

@@ -55,6 +55,11 @@ pub struct CreateSandbox {
     /// `POST /v1/sandboxes/{id}/timeout`); 300 when absent, 0 for no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_s: Option<u64>,
+    /// Boot its kernel even when its plan has a boot snapshot on this host, and make none
+    /// (`mvm run --cold-boot`). By default it is restored from its plan's boot snapshot,
+    /// made by the plan's first launch (`docs/boot-snapshots.md`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cold_boot: bool,
 }
 
 /// A sandbox: a named VM with its labels and its time left.
@@ -70,6 +75,9 @@ pub struct Sandbox {
     pub plan_digest: String,
     /// When its runner started it (RFC 3339).
     pub started_at: String,
+    /// The boot snapshot (its key) its guest was restored from; absent when it booted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_snapshot: Option<String>,
     /// Why it stopped or failed, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,

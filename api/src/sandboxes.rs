@@ -251,6 +251,7 @@ fn describe(seen: &VmState, record: &Record) -> Sandbox {
         vm: seen.vm.clone(),
         plan_digest: seen.plan_digest.clone(),
         started_at: seen.started_at.clone(),
+        boot_snapshot: seen.boot_snapshot.clone(),
         reason: seen.reason.clone(),
         metadata: record.metadata.clone(),
         expires_at,

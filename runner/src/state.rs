@@ -83,6 +83,9 @@ pub struct VmState {
     pub reason: Option<String>,
     /// When the runner started it (RFC 3339).
     pub started_at: String,
+    /// The boot snapshot its guest was restored from; absent when it booted (or woke).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_snapshot: Option<String>,
 }
 
 /// Why a VM's state could not be read or written.
@@ -154,6 +157,7 @@ mod tests {
             backend: Some(Backend::Kvm),
             reason: None,
             started_at: "2026-11-29T00:00:00Z".into(),
+            boot_snapshot: None,
         }
     }
 

@@ -69,6 +69,7 @@ fn vm_state(name: &str, phase: Phase) -> VmState {
         backend: None,
         reason: None,
         started_at: "2026-12-04T00:00:00Z".into(),
+        boot_snapshot: None,
     }
 }
 

@@ -140,7 +140,7 @@ impl ImageOptions {
             secret: spec.secrets.clone(),
             secret_file: Vec::new(),
             disk: Vec::new(),
-            cold_boot: false,
+            cold_boot: spec.cold_boot,
         }
     }
 

@@ -6,11 +6,13 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
+use anyhow::Context;
 use clap::Subcommand;
 use mvm_builder::image_cache::{
     disk_usage, ImageCache, ImageEntry, Inventory, Prune, Removal, VmUse,
 };
 use mvm_ir::plan::Timestamp;
+use mvm_runner::boot_snapshot;
 use mvm_runner::named_vm::VmHome;
 use mvm_runner::state::{Phase, VmState};
 use serde_json::{json, Value};
@@ -54,8 +56,8 @@ pub enum ImageCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum SystemCommand {
-    /// Disk use of mvm's state: images, bundles, VMs, cold states, blob cache, kernels, and
-    /// what `mvm image prune` (or `mvm rm`) could reclaim.
+    /// Disk use of mvm's state: images, bundles, VMs, cold states, blob cache, kernels, boot
+    /// snapshots, and what `mvm image prune` (or `mvm rm`, `mvm snapshot prune`) could reclaim.
     Df,
 }
 
@@ -329,6 +331,11 @@ pub fn system(command: SystemCommand, out: &Output) -> anyhow::Result<()> {
     let kernel_count = std::fs::read_dir(root.join("kernels"))
         .map(|d| d.flatten().filter(|e| e.path().is_dir()).count() as u64)
         .unwrap_or(0);
+    let snapshots = boot_snapshot::Store::of(&host.home)
+        .map_err(coded)?
+        .list()
+        .context("listing the boot snapshots")?;
+    let snapshots_size = snapshots.iter().map(|s| s.bytes).sum();
     let mut state_size = 0;
     for sub in ["keys", "trust", "ledger", "audit", "receipts"] {
         state_size += usage_of(&root.join(sub));
@@ -357,6 +364,13 @@ pub fn system(command: SystemCommand, out: &Output) -> anyhow::Result<()> {
                 .saturating_sub(pruned.bundles.iter().map(|b| b.size).sum::<u64>()),
         ),
         ("kernels", kernel_count, kernels, 0),
+        // Each is made anew by the next launch of its plan (`mvm snapshot prune --all`).
+        (
+            "boot snapshots",
+            snapshots.len() as u64,
+            snapshots_size,
+            snapshots_size,
+        ),
         ("keys, trust, ledger, audit", 0, state_size, 0),
     ];
     out.result(

@@ -28,8 +28,8 @@ pub enum SnapshotCommand {
         #[arg(required = true, value_name = "KEY")]
         keys: Vec<String>,
     },
-    /// Remove the boot snapshots that do not verify; with --older-than also those not used
-    /// within that long, with --all every one.
+    /// Remove the boot snapshots that do not verify, and what a making killed mid-way left;
+    /// with --older-than also those not used within that long, with --all every one.
     Prune {
         /// Also those not restored (or made) within this long: `7d`, `12h`.
         #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
@@ -213,12 +213,26 @@ fn prune(
             freed += entry.bytes;
         }
     }
+    // What killed makings and removals left: never a snapshot, always garbage.
+    let leftovers = store
+        .leftovers()
+        .context("looking for what killed makings left")?;
+    for (dir, bytes) in &leftovers {
+        if !dry_run {
+            std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+        freed += bytes;
+    }
     out.result(
-        json!({"removed": removed, "bytes": freed, "dry_run": dry_run}),
+        json!({"removed": removed, "leftovers": leftovers.len(), "bytes": freed, "dry_run": dry_run}),
         || {
             let verb = if dry_run { "would remove" } else { "removed" };
+            let partial = match leftovers.len() {
+                0 => String::new(),
+                n => format!(" and {n} left by a killed making"),
+            };
             format!(
-                "{verb} {} boot snapshot(s), {} MiB",
+                "{verb} {} boot snapshot(s){partial}, {} MiB",
                 removed.len(),
                 freed.div_ceil(1 << 20)
             )

@@ -109,14 +109,9 @@ pub fn flip_byte(file: &Path, at: usize) {
 
 /// Where `needle` occurs in `haystack`, which must hold it exactly once.
 pub fn find(haystack: &[u8], needle: &[u8]) -> usize {
-    let at = haystack
-        .windows(needle.len())
-        .position(|w| w == needle)
-        .expect("needle not found");
+    let at = memchr::memmem::find(haystack, needle).expect("needle not found");
     assert!(
-        haystack[at + 1..]
-            .windows(needle.len())
-            .all(|w| w != needle),
+        memchr::memmem::find(&haystack[at + 1..], needle).is_none(),
         "the needle occurs more than once"
     );
     at

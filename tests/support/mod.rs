@@ -100,6 +100,27 @@ fn remove_dirs_of_dead_processes() {
     }
 }
 
+/// The audit events of `home`, oldest first: each `{"event": …, "fields": {…}, …}`.
+#[allow(dead_code)] // not every test binary reads the audit log
+pub fn audit_events(home: &Path) -> Vec<Value> {
+    fs::read_to_string(home.join("audit").join("audit.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+/// Runs `openssl ARGS` on the host in `dir`, which must succeed.
+#[allow(dead_code)] // only the tests with TLS make certificates
+pub fn openssl(args: &[&str], dir: &Path) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "openssl {args:?}: {}", describe(&out));
+}
+
 /// Output bytes as text (lossy).
 #[allow(dead_code)] // not every test binary prints outputs
 pub fn text(bytes: &[u8]) -> String {

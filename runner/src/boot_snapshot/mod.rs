@@ -302,11 +302,7 @@ impl Store {
                 continue;
             }
             let dir = entry.path();
-            // What the files take on disk: the RAM file is sparse where the guest never wrote.
-            let bytes = fs::read_dir(&dir)?
-                .filter_map(|file| file.ok()?.metadata().ok())
-                .map(|metadata| std::os::unix::fs::MetadataExt::blocks(&metadata) * 512)
-                .sum();
+            let bytes = allocated_bytes(&dir)?;
             listed.push(Listed {
                 manifest: self.manifest(&key),
                 used: fs::metadata(dir.join(USED_FILE))
@@ -319,6 +315,38 @@ impl Store {
         listed.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(listed)
     }
+
+    /// What a making or a removal left when its process was killed mid-way: the directories
+    /// `.making-KEY-PID` and `.removing-KEY-PID` whose process is gone, with the bytes each
+    /// takes. No launch ever looks in them.
+    pub fn leftovers(&self) -> io::Result<Vec<(PathBuf, u64)>> {
+        let mut left = Vec::new();
+        for entry in fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(pid) = [".making-", ".removing-"]
+                .iter()
+                .find_map(|prefix| name.strip_prefix(prefix))
+                .and_then(|rest| rest.rsplit_once('-'))
+                .and_then(|(_, pid)| pid.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if entry.file_type()?.is_dir() && !Path::new(&format!("/proc/{pid}")).exists() {
+                left.push((entry.path(), allocated_bytes(&entry.path())?));
+            }
+        }
+        left.sort();
+        Ok(left)
+    }
+}
+
+/// What the files of `dir` take on disk: a RAM file is sparse where the guest never wrote.
+fn allocated_bytes(dir: &Path) -> io::Result<u64> {
+    Ok(fs::read_dir(dir)?
+        .filter_map(|file| file.ok()?.metadata().ok())
+        .map(|metadata| std::os::unix::fs::MetadataExt::blocks(&metadata) * 512)
+        .sum())
 }
 
 /// A boot snapshot being made: removed unless [`Making::finish`]ed.

@@ -193,6 +193,7 @@ pub(super) fn serve_started(
             .replace_nanosecond(0)
             .map(|t| mvm_ir::plan::Timestamp(t).to_string())
             .unwrap_or_default(),
+        boot_snapshot: restored.clone(),
     };
     let record = |state: &VmState| {
         state::write(&dir.path, state).map_err(|e| LaunchError::Host {

@@ -183,6 +183,7 @@ mod tests {
             backend: None,
             reason: None,
             started_at: "2026-12-04T00:00:00Z".into(),
+            boot_snapshot: None,
         };
         state::write(&dir.path, &state).unwrap();
     }

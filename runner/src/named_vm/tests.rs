@@ -17,6 +17,7 @@ fn stopped_vm(home: &VmHome, name: &str) {
             backend: None,
             reason: None,
             started_at: "2026-12-07T00:00:00Z".into(),
+            boot_snapshot: None,
         },
     )
     .unwrap();

@@ -30,6 +30,8 @@ class SandboxInfo:
     metadata: Dict[str, str] = field(default_factory=dict)
     expires_at: Optional[str] = None
     reason: Optional[str] = None
+    #: The boot snapshot its guest was restored from; ``None`` when it booted.
+    boot_snapshot: Optional[str] = None
 
 
 def _info(raw: dict) -> SandboxInfo:
@@ -42,6 +44,7 @@ def _info(raw: dict) -> SandboxInfo:
         metadata=raw.get("metadata") or {},
         expires_at=raw.get("expires_at"),
         reason=raw.get("reason"),
+        boot_snapshot=raw.get("boot_snapshot"),
     )
 
 
@@ -73,6 +76,7 @@ class _SandboxOps:
         sandbox_id: Optional[str],
         secrets: Optional[List[str]],
         profile: Optional[str],
+        cold_boot: bool,
     ) -> Op[str]:
         spec: dict = {"timeout_s": int(timeout) if timeout else 0}
         if image is not None:
@@ -89,6 +93,7 @@ class _SandboxOps:
             ("id", sandbox_id),
             ("secrets", secrets),
             ("profile", profile),
+            ("cold_boot", cold_boot),
         ):
             if value:
                 spec[key] = value
@@ -176,6 +181,7 @@ class Sandbox(_SandboxOps):
         sandbox_id: Optional[str] = None,
         secrets: Optional[List[str]] = None,
         profile: Optional[str] = None,
+        cold_boot: bool = False,
         api: Optional[Api] = None,
     ) -> S:
         """Creates a sandbox from ``image`` (``REFERENCE@sha256:…``, built into a signed
@@ -186,7 +192,8 @@ class Sandbox(_SandboxOps):
         default. ``secrets`` names secrets of the host's store (``NAME[:ENV]``, as ``mvm up
         --secret``): a bound one is a placeholder in the sandbox, an unbound one its value,
         scrubbed from output. ``profile`` is the image's policy profile (``restrictive``,
-        ``standard``, ``dev``)."""
+        ``standard``, ``dev``). It is restored from its plan's boot snapshot (made by the
+        plan's first launch on this host); ``cold_boot=True`` boots its kernel instead."""
         api = api or shared()
         made = cls._create_op(
             image,
@@ -201,6 +208,7 @@ class Sandbox(_SandboxOps):
             sandbox_id,
             secrets,
             profile,
+            cold_boot,
         )
         return cls(api.run(made), api)
 
@@ -287,6 +295,7 @@ class AsyncSandbox(_SandboxOps):
         sandbox_id: Optional[str] = None,
         secrets: Optional[List[str]] = None,
         profile: Optional[str] = None,
+        cold_boot: bool = False,
         api: Optional[AsyncApi] = None,
     ) -> A:
         """Creates a sandbox as :meth:`Sandbox.create` does, and returns once it is ready."""
@@ -304,6 +313,7 @@ class AsyncSandbox(_SandboxOps):
             sandbox_id,
             secrets,
             profile,
+            cold_boot,
         )
         return cls(await api.run(made), api)
 

@@ -86,3 +86,12 @@ def test_eight_sandboxes_are_driven_at_once_and_each_is_removed_when_its_time_is
         time.sleep(0.5)
     assert Sandbox.list(metadata={"suite": "eight"}) == []
     assert not made[0].kill()
+
+
+def test_a_sandbox_is_restored_from_its_plans_boot_snapshot_unless_a_cold_boot_is_asked(image):
+    with Sandbox.create(image, timeout=120) as restored:
+        snapshot = restored.get_info().boot_snapshot
+        assert snapshot and len(snapshot) == 64, snapshot
+    with Sandbox.create(image, timeout=120, cold_boot=True) as booted:
+        assert booted.get_info().boot_snapshot is None
+        assert booted.commands.run("echo booted").stdout == "booted\n"

@@ -20,6 +20,8 @@ export interface SandboxInfo {
   metadata: Record<string, string>;
   expiresAt?: string;
   reason?: string;
+  /** The boot snapshot its guest was restored from; absent when it booted. */
+  bootSnapshot?: string;
 }
 
 /** What `Sandbox.create` takes. */
@@ -43,6 +45,9 @@ export interface SandboxOptions {
   secrets?: string[];
   /** The image's policy profile: `restrictive`, `standard` (the default) or `dev`. */
   profile?: string;
+  /** Boot its kernel instead of restoring its plan's boot snapshot (made by the plan's first
+   * launch on this host), and make none. */
+  coldBoot?: boolean;
   sandboxId?: string;
   api?: Api;
 }
@@ -57,6 +62,7 @@ function info(raw: any): SandboxInfo {
     metadata: raw.metadata ?? {},
     expiresAt: raw.expires_at ?? undefined,
     reason: raw.reason ?? undefined,
+    bootSnapshot: raw.boot_snapshot ?? undefined,
   };
 }
 
@@ -97,6 +103,7 @@ export class Sandbox {
     if (options.sandboxId) spec.id = options.sandboxId;
     if (options.secrets?.length) spec.secrets = options.secrets;
     if (options.profile) spec.profile = options.profile;
+    if (options.coldBoot) spec.cold_boot = true;
     const created = await api.json<{ id: string }>("POST", "/v1/sandboxes", { json: spec });
     return new this(created.id, api);
   }

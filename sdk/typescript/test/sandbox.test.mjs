@@ -169,6 +169,17 @@ describe("a sandbox", () => {
     await assert.rejects(sandbox.files.read("/etc/passwd"), (e) => e.code === "AGENT107");
   });
 
+  test("is restored from its plan's boot snapshot unless a cold boot is asked for", async () => {
+    assert.match((await sandbox.getInfo()).bootSnapshot ?? "", /^[0-9a-f]{64}$/);
+    const booted = await Sandbox.create({ image, timeoutS: 120, coldBoot: true });
+    try {
+      assert.equal((await booted.getInfo()).bootSnapshot, undefined);
+      assert.equal((await booted.commands.run("echo booted")).stdout, "booted\n");
+    } finally {
+      await booted.kill();
+    }
+  });
+
   test("is listed by label, paused, resumed and connected to", async () => {
     const mine = await Sandbox.list({ metadata: { suite: "typescript" } });
     assert.deepEqual(mine.map((s) => s.sandboxId), [sandbox.sandboxId]);
