@@ -69,6 +69,9 @@ enum Command {
     Ls,
     /// Run a command in a running VM.
     Exec(commands::vm::ExecArgs),
+    /// A login shell on a terminal in a running VM (`mvm exec -t` of bash, else sh); only
+    /// where the plan's profile grants a terminal (`dev`).
+    Shell(commands::vm::terminal::ShellArgs),
     /// Copy a file or directory into or out of a running VM (one side NAME:/tmp/path).
     Cp(commands::vm::copy::CpArgs),
     /// Files in a running VM under /tmp: ls, stat, mkdir, rm, mv.
@@ -175,6 +178,7 @@ fn main() -> ExitCode {
         Command::Snapshot(cmd) => commands::snapshot::run(cmd, &out),
         Command::Ls => commands::vm::ls(&out),
         Command::Exec(args) => return exit_code(commands::vm::exec::exec(args, &out), &out),
+        Command::Shell(args) => return exit_code(commands::vm::terminal::shell(args), &out),
         Command::Stop { name } => commands::vm::stop(&name, &out),
         Command::Pause { name, cold } => commands::vm::pause(&name, cold, &out),
         Command::Resume { name, boot_timeout } => {

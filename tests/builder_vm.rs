@@ -150,7 +150,9 @@ fn the_builder_vm_image_is_pinned_and_builds_the_same_bytes_as_the_host() {
     assert_eq!(text(&ran.stdout), "built in the builder VM\n");
 
     // A builder VM killed mid-build fails the build with a code and publishes nothing; the
-    // next build succeeds.
+    // next build succeeds. Restored from its boot snapshot, a builder VM builds this image in
+    // about a second: the build is held (SIGSTOP) as soon as its VM is there, so that the VM is
+    // removed before the build can end, then let go on (SIGCONT) to find it gone.
     let killed = dir.path().join("killed");
     let build = guest::command(
         &home,
@@ -169,16 +171,26 @@ fn the_builder_vm_image_is_pinned_and_builds_the_same_bytes_as_the_host() {
     .stderr(std::process::Stdio::piped())
     .spawn()
     .unwrap();
-    let builder = wait::eventually("the builder VM in mvm ls", wait::EVENTUALLY, || {
-        let listed = guest::mvm_json(&home, &["ls"], 0);
-        listed["vms"]
-            .as_array()
-            .and_then(|vms| vms.first())
-            .and_then(|vm| vm["name"].as_str())
-            .map(str::to_string)
-            .ok_or_else(|| listed.to_string())
-    });
+    let pid = rustix::process::Pid::from_child(&build);
+    let deadline = std::time::Instant::now() + wait::EVENTUALLY;
+    let builder = loop {
+        let entry = fs::read_dir(home.join("vms"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .find(|entry| entry.path().join("state.json").exists());
+        if let Some(entry) = entry {
+            break entry.file_name().to_string_lossy().into_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no builder VM appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    };
+    rustix::process::kill_process(pid, rustix::process::Signal::STOP).unwrap();
     let removed = guest::mvm(&home, &["rm", "--force", &builder]);
+    rustix::process::kill_process(pid, rustix::process::Signal::CONT).unwrap();
     assert!(removed.status.success(), "{}", describe(&removed));
     let failed = build.wait_with_output().unwrap();
     assert_eq!(failed.status.code(), Some(74), "{}", describe(&failed));

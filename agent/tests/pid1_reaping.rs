@@ -40,6 +40,7 @@ fn commands_in_their_own_process_groups_are_reaped_by_the_agent() {
             timeout_ms: 10_000,
             stdin: false,
             user: None,
+            tty: None,
         };
         agent.send(id, &Request::Exec(exec));
         let (stdout, reply) = response(&mut agent, id);

@@ -127,6 +127,7 @@ fn every_command_is_answered_and_reaped_through_hundreds_of_timeout_and_leftover
                 timeout_ms: (scenario.timeout_ms)(round),
                 stdin: false,
                 user: None,
+                tty: None,
             };
             agent.send(stream, &Request::Exec(exec));
             pending.insert(stream, (index, Instant::now(), Vec::new()));

@@ -217,6 +217,7 @@ impl Commands {
             timeout_ms: timeout.as_millis() as u64,
             stdin: false,
             user: spec.user,
+            tty: None,
         };
         let (input, stdin) = match spec.stdin {
             true => {

@@ -205,6 +205,7 @@ impl Service {
             timeout_ms: timeout.as_millis() as u64,
             stdin: false,
             user: None,
+            tty: None,
         };
         if let Some(problem) = request.problem() {
             return Err(ToolFailure::invalid(problem));

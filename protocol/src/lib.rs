@@ -24,7 +24,7 @@ pub use frame::{
 pub use message::{
     codes, is_mount_point, BootTimings, ErrorReply, ExecReply, ExecRequest, ExitStatus, FileDone,
     FileInfo, FileKind, FsWriteRequest, HelloReply, Integrity, OpenRequest, ProcessInfo, Request,
-    Response, SecretHex, Via, RENEW_ENTROPY_BYTES, SPAWN_OUTPUT_TAIL,
+    Response, SecretHex, TtySize, Via, RENEW_ENTROPY_BYTES, SPAWN_OUTPUT_TAIL,
 };
 
 /// The name the host gives the agent's port (QEMU: `virtserialport,name=`; mvm's own VMM:

@@ -53,6 +53,15 @@ pub enum Request {
         /// The signal number, 1–31.
         signal: i32,
     },
+    /// Sets the window size of the terminal of the command running for the exec request on
+    /// `stream` (one started with [`ExecRequest::tty`]); answered [`Response::Done`]. The
+    /// kernel then sends its foreground process group `SIGWINCH`.
+    Resize {
+        /// The exec request's stream id.
+        stream: u32,
+        /// Its new size.
+        size: TtySize,
+    },
     /// Starts a command in the background and answers at once with its handle; its output is
     /// kept (the last [`SPAWN_OUTPUT_TAIL`] bytes of each stream) for [`Request::Wait`].
     Spawn(ExecRequest),
@@ -225,6 +234,33 @@ pub struct ExecRequest {
     /// never root. The workload user (1000) when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Run it on a pseudo-terminal of this size, made for it: the terminal is its standard
+    /// input, output and error, and its controlling terminal (it leads a session of its own).
+    /// Everything it writes comes in stdout frames; data frames are what is typed (`stdin`
+    /// must be set). The runner gives one only where the plan's profile grants `terminal`.
+    /// Not for [`Request::Spawn`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<TtySize>,
+}
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TtySize {
+    /// Rows, 1–[`TtySize::MAX`].
+    pub rows: u16,
+    /// Columns, 1–[`TtySize::MAX`].
+    pub cols: u16,
+}
+
+impl TtySize {
+    /// The most rows or columns taken: more than any screen holds.
+    pub const MAX: u16 = 4096;
+
+    /// Whether both sides are within 1–[`TtySize::MAX`].
+    pub fn is_valid(&self) -> bool {
+        (1..=Self::MAX).contains(&self.rows) && (1..=Self::MAX).contains(&self.cols)
+    }
 }
 
 impl ExecRequest {
@@ -240,6 +276,19 @@ impl ExecRequest {
         for (name, value) in &self.env {
             if name.is_empty() || name.contains(['=', '\0']) || value.contains('\0') {
                 return Some(format!("environment variable {name:?} is malformed"));
+            }
+        }
+        if let Some(size) = self.tty {
+            if !size.is_valid() {
+                return Some(format!(
+                    "a terminal of {} rows and {} columns: each must be 1-{}",
+                    size.rows,
+                    size.cols,
+                    TtySize::MAX
+                ));
+            }
+            if !self.stdin {
+                return Some("a terminal needs the standard input it is".into());
             }
         }
         match &self.cwd {
@@ -547,6 +596,11 @@ pub mod codes {
     /// [`super::RENEW_ENTROPY_BYTES`] bytes of hex, the kernel refused it or the reseed, or
     /// the hostname.
     pub const RENEW_FAILED: &str = "AGENT119";
+    /// A terminal was asked for ([`super::ExecRequest::tty`]) where the plan's profile grants
+    /// none (`restrictive`, `standard` without `terminal`).
+    pub const NO_TERMINAL: &str = "AGENT120";
+    /// No pseudo-terminal could be made for the command in the guest, or resized.
+    pub const TERMINAL_FAILED: &str = "AGENT121";
 }
 
 #[cfg(test)]
@@ -583,6 +637,7 @@ mod tests {
             timeout_ms: 1000,
             stdin: false,
             user: None,
+            tty: None,
         }
     }
 
@@ -641,5 +696,33 @@ mod tests {
         let mut relative = exec(&["ls"]);
         relative.cwd = Some("tmp".into());
         assert!(relative.problem().unwrap().contains("absolute"));
+    }
+
+    #[test]
+    fn a_terminal_needs_a_size_on_a_screen_and_its_input() {
+        let mut terminal = exec(&["sh"]);
+        terminal.stdin = true;
+        terminal.tty = Some(TtySize { rows: 24, cols: 80 });
+        assert_eq!(terminal.problem(), None);
+        let json = serde_json::to_string(&Request::Exec(terminal.clone())).unwrap();
+        assert!(json.contains(r#""tty":{"rows":24,"cols":80}"#), "{json}");
+        for (rows, cols) in [(0, 80), (24, 0), (TtySize::MAX + 1, 80)] {
+            let mut odd = terminal.clone();
+            odd.tty = Some(TtySize { rows, cols });
+            assert!(odd.problem().unwrap().contains("rows"), "{rows}x{cols}");
+        }
+        terminal.stdin = false;
+        assert!(terminal.problem().unwrap().contains("standard input"));
+        let resize = r#"{"op":"resize","stream":3,"size":{"rows":50,"cols":200}}"#;
+        assert_eq!(
+            serde_json::from_str::<Request>(resize).unwrap(),
+            Request::Resize {
+                stream: 3,
+                size: TtySize {
+                    rows: 50,
+                    cols: 200
+                }
+            }
+        );
     }
 }

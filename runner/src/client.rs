@@ -13,7 +13,7 @@ use mvm_ir::receipt::OutputDigest;
 use mvm_protocol::flow::{self, SendWindow};
 use mvm_protocol::{
     encode, ErrorReply, ExecReply, ExecRequest, FileDone, Frame, FrameDecoder, FrameError,
-    FrameKind, FsWriteRequest, HelloReply, Request, Response, PROTOCOL_VERSION,
+    FrameKind, FsWriteRequest, HelloReply, Request, Response, TtySize, PROTOCOL_VERSION,
 };
 use sha2::{Digest, Sha256};
 
@@ -578,11 +578,24 @@ impl CommandSignals {
     /// Sends `signal` to the command (and its process group). Its answer is read, and
     /// dropped, by the exec waiting for the command's end.
     pub fn send(&self, signal: i32) -> io::Result<()> {
-        let request = Request::Signal {
+        self.request(&Request::Signal {
             stream: self.stream,
             signal,
-        };
-        let payload = serde_json::to_vec(&request).map_err(io::Error::other)?;
+        })
+    }
+
+    /// Resizes the command's terminal (one it was started with, `ExecRequest::tty`). Its
+    /// answer is read, and dropped, as a signal's.
+    pub fn resize(&self, size: TtySize) -> io::Result<()> {
+        self.request(&Request::Resize {
+            stream: self.stream,
+            size,
+        })
+    }
+
+    /// Sends `request` about the command, on the stream its answers are dropped from.
+    fn request(&self, request: &Request) -> io::Result<()> {
+        let payload = serde_json::to_vec(request).map_err(io::Error::other)?;
         let frame = encode(
             FrameKind::Request,
             self.stream.wrapping_add(1 << 31),
@@ -666,6 +679,7 @@ mod tests {
             timeout_ms: 10_000,
             stdin: false,
             user: None,
+            tty: None,
         };
         let executed = client
             .exec(request.clone(), Duration::from_secs(10), &mut output)
@@ -764,6 +778,7 @@ mod tests {
             timeout_ms: 1000,
             stdin: false,
             user: None,
+            tty: None,
         };
         let mut output = Collected::default();
         let result = client.exec(request, Duration::from_secs(10), &mut output);

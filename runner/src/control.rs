@@ -636,7 +636,7 @@ fn serve_request(
             };
             relay(writer, client_stream, shared, &Request::Spawn(request))
         }
-        Request::Signal { .. } => {
+        Request::Signal { .. } | Request::Resize { .. } => {
             let message = "no command of this connection is running".to_string();
             writer.error(client_stream, codes::NO_SUCH_PROCESS, message)
         }
@@ -710,6 +710,9 @@ fn admit_command(
     let mut fields = json!({"vm": shared.vm, "argv_sha256": argv_digest});
     if let Some(user) = &request.user {
         fields["user"] = user.as_str().into();
+    }
+    if request.tty.is_some() {
+        fields["tty"] = true.into();
     }
     if !shared.record(event, fields) {
         unrecorded(writer, client_stream)?;
@@ -1148,10 +1151,17 @@ fn pass_input(
                         };
                         relay(writer, frame.stream, shared, &signal)?;
                     }
+                    Ok(Request::Resize { stream, size }) if stream == client_stream => {
+                        let resize = Request::Resize {
+                            stream: agent_stream,
+                            size,
+                        };
+                        relay(writer, frame.stream, shared, &resize)?;
+                    }
                     _ => {
                         let message =
-                            "a connection carries one exchange at a time; only `signal` for the \
-                             running command is taken"
+                            "a connection carries one exchange at a time; only `signal` and \
+                             `resize` for the running command are taken"
                                 .to_string();
                         writer.error(frame.stream, codes::BUSY, message)?;
                     }
@@ -1172,7 +1182,8 @@ fn pass_input(
 /// client variable that is not a valid name, or that the IR refuses everywhere (`LD_PRELOAD`
 /// and the like), is refused ([`codes::BAD_REQUEST`]); so is any client variable when the
 /// plan's profile or the host's policy lets no client set one ([`codes::NOT_GRANTED`], the
-/// rule in `client_env`).
+/// rule in `client_env`), and a terminal where the plan's profile grants none
+/// ([`codes::NO_TERMINAL`]).
 pub fn with_plan_defaults(
     plan: &LaunchPlan,
     launch_env: &BTreeMap<String, String>,
@@ -1206,6 +1217,14 @@ pub fn with_plan_defaults(
              with --only-entrypoint)"
         );
         return Err((codes::NOT_GRANTED, message));
+    }
+    if request.tty.is_some() && !plan.policy.grants.terminal {
+        let message = format!(
+            "the plan's profile ({}) grants no terminal: one is given under `dev`, or where the \
+             plan was built with the terminal grant",
+            plan.policy.profile
+        );
+        return Err((codes::NO_TERMINAL, message));
     }
     if request.cwd.is_none() {
         request.cwd = plan.entrypoint.cwd.clone();

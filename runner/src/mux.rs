@@ -643,6 +643,7 @@ mod tests {
             timeout_ms: 10_000,
             stdin: false,
             user: None,
+            tty: None,
         })
     }
 
@@ -715,6 +716,7 @@ mod tests {
             timeout_ms: 10_000,
             stdin: true,
             user: None,
+            tty: None,
         };
         request.env.insert("PATH".into(), "/usr/bin:/bin".into());
         let counting = mux.request(&Request::Exec(request)).unwrap();

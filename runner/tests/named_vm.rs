@@ -203,6 +203,7 @@ fn exec_reply(
         timeout_ms: 10_000,
         stdin: false,
         user: None,
+        tty: None,
     };
     let mut out = Collected::default();
     let executed = client.exec(request, Duration::from_secs(20), &mut out)?;
@@ -501,6 +502,7 @@ fn a_command_kill_or_copy_that_cannot_be_recorded_first_is_not_done() {
         timeout_ms: 60_000,
         stdin: false,
         user: None,
+        tty: None,
     });
     let Ok(Response::Spawned { handle, pid }) = client.call(&spawn, Duration::from_secs(10), None)
     else {

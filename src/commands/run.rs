@@ -214,6 +214,7 @@ fn run_with_input(args: &RunArgs, plan: &Path) -> anyhow::Result<ExitCode> {
         timeout_ms: timeout.as_millis() as u64,
         stdin: false,
         user: None,
+        tty: None,
     };
     let input = Box::new(std::io::stdin()) as Box<dyn std::io::Read + Send>;
     let ran = run_in(&name, request, Some(input), args.receipt.as_deref());

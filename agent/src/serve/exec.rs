@@ -1,17 +1,18 @@
 //! One command run for an `exec` request: spawned, watched and ended.
 
 use std::collections::VecDeque;
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, PidfdFlags, Signal, WaitOptions};
 
 use mvm_protocol::flow::{cost, ReceiveWindow, SendWindow};
-use mvm_protocol::{codes, ErrorReply, ExecRequest, ExitStatus, ProcessInfo};
+use mvm_protocol::{codes, ErrorReply, ExecRequest, ExitStatus, ProcessInfo, TtySize};
 
 use super::cgroup::CommandGroup;
 use super::seccomp::WorkloadFilter;
@@ -50,10 +51,12 @@ pub struct Running {
     program: String,
     pid: Pid,
     pidfd: OwnedFd,
-    /// Its standard output until end of file.
-    pub stdout: Option<ChildStdout>,
-    /// Its standard error until end of file.
-    pub stderr: Option<ChildStderr>,
+    /// Its standard output until end of file (its terminal, when it has one).
+    pub stdout: Option<File>,
+    /// Its standard error until end of file (none of its own when it has a terminal).
+    pub stderr: Option<File>,
+    /// Its terminal, to resize, when it asked for one.
+    terminal: Option<OwnedFd>,
     /// Set once it has ended.
     pub status: Option<ExitStatus>,
     /// Its cgroup, when the agent gives commands one: everything it starts stays in it.
@@ -90,10 +93,10 @@ impl Running {
         group: Option<CommandGroup>,
         filter: Option<WorkloadFilter>,
     ) -> Result<Self, ErrorReply> {
-        if spawn.is_some() && request.stdin {
+        if spawn.is_some() && (request.stdin || request.tty.is_some()) {
             return Err(error(
                 codes::BAD_REQUEST,
-                "a spawned command has no standard input",
+                "a spawned command has no standard input or terminal",
             ));
         }
         if let Some(problem) = request.problem() {
@@ -115,15 +118,22 @@ impl Running {
             .args(&request.argv[1..])
             .env_clear()
             .envs(&request.env)
-            .current_dir(cwd)
-            .stdin(if request.stdin {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
+            .current_dir(cwd);
+        let terminal = match request.tty {
+            Some(size) => Some(terminal_for(&mut command, size, user)?),
+            None => {
+                command
+                    .stdin(if request.stdin {
+                        Stdio::piped()
+                    } else {
+                        Stdio::null()
+                    })
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .process_group(0);
+                None
+            }
+        };
         if !request.env.contains_key("PATH") {
             command.env("PATH", DEFAULT_PATH);
         }
@@ -151,13 +161,25 @@ impl Running {
         let mut child = command
             .spawn()
             .map_err(|e| spawn_error(&request.argv[0], &e))?;
+        // The command's copies of its terminal go: once it and all it started close theirs,
+        // reading the terminal ends.
+        drop(command);
         let pid = Pid::from_child(&child);
         let pidfd = rustix::process::pidfd_open(pid, PidfdFlags::empty()).map_err(|e| {
             let _ = rustix::process::kill_process_group(pid, Signal::KILL);
             let _ = child.wait();
             error(codes::SPAWN_FAILED, format!("pidfd_open: {e}"))
         })?;
-        let stdin = match child.stdin.take() {
+        let (stdout, stderr, input, terminal) = match terminal {
+            Some((output, input, sizing)) => (Some(output), None, Some(input), Some(sizing)),
+            None => (
+                child.stdout.take().map(file),
+                child.stderr.take().map(file),
+                child.stdin.take().map(file),
+                None,
+            ),
+        };
+        let stdin = match input {
             Some(pipe) => {
                 rustix::io::ioctl_fionbio(&pipe, true).map_err(|e| {
                     let _ = rustix::process::kill_process_group(pid, Signal::KILL);
@@ -185,8 +207,9 @@ impl Running {
             program: request.argv[0].clone(),
             pid,
             pidfd,
-            stdout: child.stdout.take(),
-            stderr: child.stderr.take(),
+            stdout,
+            stderr,
+            terminal,
             status: None,
             group,
             started,
@@ -195,6 +218,26 @@ impl Running {
             drain_until: None,
             stdout_bytes: 0,
             stderr_bytes: 0,
+        })
+    }
+
+    /// Sets the size of its terminal (the kernel tells it with `SIGWINCH`).
+    pub fn resize(&self, size: TtySize) -> Result<(), ErrorReply> {
+        if !size.is_valid() {
+            return Err(error(
+                codes::BAD_REQUEST,
+                format!("a terminal of {} rows and {} columns", size.rows, size.cols),
+            ));
+        }
+        let terminal = self
+            .terminal
+            .as_ref()
+            .ok_or_else(|| error(codes::TERMINAL_FAILED, "the command has no terminal"))?;
+        super::tty::resize(terminal.as_fd(), size).map_err(|e| {
+            error(
+                codes::TERMINAL_FAILED,
+                format!("resizing its terminal: {e}"),
+            )
         })
     }
 
@@ -382,8 +425,8 @@ impl Tail {
 /// their room handed back to the host.
 #[derive(Debug)]
 pub struct Stdin {
-    /// The pipe, until it is closed.
-    pub pipe: Option<ChildStdin>,
+    /// The pipe (or the terminal), until it is closed.
+    pub pipe: Option<File>,
     pending: VecDeque<u8>,
     closing: bool,
     /// What the host may still send.
@@ -452,13 +495,43 @@ impl Stdin {
     }
 }
 
-/// Reads what `pipe` has (it was reported readable, so this does not block). `None` at end of
-/// file or on error, which closes it.
+/// Reads what `pipe` has (it was reported readable). `None` at end of file or on error, which
+/// closes it — a terminal reads as an error (`EIO`) once the command and all it started have
+/// closed it; `Some(0)` when a non-blocking one had nothing after all.
 pub fn read_available(pipe: &mut (impl Read + ?Sized), buffer: &mut [u8]) -> Option<usize> {
     match pipe.read(buffer) {
-        Ok(0) | Err(_) => None,
+        Ok(0) => None,
         Ok(n) => Some(n),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(0),
+        Err(_) => None,
     }
+}
+
+/// A child's pipe end as a file.
+fn file(pipe: impl Into<OwnedFd>) -> File {
+    File::from(pipe.into())
+}
+
+/// Makes `command` run on a new terminal of `size`, owned by `user`: its standard streams,
+/// and its controlling terminal in a session of its own (whose id is its process group's, as
+/// a command without a terminal has). Returns the agent's handles on the terminal.
+fn terminal_for(
+    command: &mut Command,
+    size: TtySize,
+    user: Option<Credentials>,
+) -> Result<(File, File, OwnedFd), ErrorReply> {
+    let failed = |e: io::Error| error(codes::TERMINAL_FAILED, format!("a terminal: {e}"));
+    let pair = super::tty::open(size, user).map_err(failed)?;
+    let stdio = || pair.replica.try_clone().map(Stdio::from).map_err(failed);
+    command.stdin(stdio()?).stdout(stdio()?).stderr(stdio()?);
+    // SAFETY: `take_controlling_terminal` makes two system calls and allocates nothing, as
+    // code between fork and exec must; it is registered first, so it runs before the cgroup
+    // is entered and the syscall filter installed.
+    #[allow(unsafe_code)]
+    unsafe {
+        command.pre_exec(super::tty::take_controlling_terminal);
+    }
+    super::tty::manager_handles(pair.manager).map_err(failed)
 }
 
 fn spawn_error(program: &str, e: &io::Error) -> ErrorReply {

@@ -22,6 +22,7 @@ mod renew;
 pub mod seccomp;
 pub mod secret_file;
 pub mod trust;
+pub mod tty;
 mod tunnel;
 pub mod users;
 
@@ -408,6 +409,17 @@ impl<'c> Agent<'c> {
                 let command = self.running.iter().find(|c| c.holds(target));
                 let outcome = match command {
                     Some(command) => command.signal(signal),
+                    None => Err(no_such_process(&format!("stream {target}"))),
+                };
+                answer_done(channel, stream, outcome)?;
+            }
+            Request::Resize {
+                stream: target,
+                size,
+            } => {
+                let command = self.running.iter().find(|c| c.holds(target));
+                let outcome = match command {
+                    Some(command) => command.resize(size),
                     None => Err(no_such_process(&format!("stream {target}"))),
                 };
                 answer_done(channel, stream, outcome)?;
@@ -1037,6 +1049,9 @@ fn forward_output<C: Write>(
             }
             continue;
         };
+        if n == 0 {
+            continue;
+        }
         let bytes = &buffer[..n];
         match (&mut command.spawned, kind) {
             (Some(spawned), FrameKind::Stdout) => spawned.stdout.push(bytes),

@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::*;
-use mvm_protocol::{ExecRequest, ExitStatus, FileKind, Frame};
+use mvm_protocol::{ExecRequest, ExitStatus, FileKind, Frame, TtySize};
 
 /// How long the host waits for the agent to say something (or to end) before failing.
 const SILENCE: Duration = Duration::from_secs(20);
@@ -185,6 +185,7 @@ impl Host {
                 timeout_ms,
                 stdin: false,
                 user: None,
+                tty: None,
             }),
         );
     }
@@ -338,6 +339,7 @@ fn what_a_command_leaves_in_its_cgroup_is_killed_when_it_ends_and_other_commands
             timeout_ms: 60_000,
             stdin: false,
             user: None,
+            tty: None,
         }),
     );
     let Response::Spawned { handle, .. } = host.exchange(1).2 else {
@@ -406,6 +408,7 @@ fn bad_requests_get_their_codes_and_the_channel_goes_on() {
             timeout_ms: 1000,
             stdin: false,
             user: None,
+            tty: None,
         }),
     );
     assert_eq!(error_code(&host.exchange(4).2), codes::NO_CWD);
@@ -641,6 +644,7 @@ fn request(argv: &[&str], stdin: bool) -> ExecRequest {
         timeout_ms: 60_000,
         stdin,
         user: None,
+        tty: None,
     }
 }
 
@@ -788,6 +792,73 @@ fn a_running_command_can_be_signalled_by_its_stream() {
         },
     );
     assert_eq!(error_code(&host.exchange(4).2), codes::NO_SUCH_PROCESS);
+    host.power_off();
+}
+
+#[test]
+fn a_command_on_a_terminal_has_it_for_its_own_and_follows_resizes() {
+    let mut host = Host::start();
+    let script = "tty; stty size; read line; stty size; echo got-$line; exit 4";
+    let mut asked = request(&["sh", "-c", script], true);
+    asked.tty = Some(TtySize {
+        rows: 30,
+        cols: 100,
+    });
+    host.send(1, &Request::Exec(asked));
+    let mut shown = Vec::new();
+    while !String::from_utf8_lossy(&shown).contains("30 100") {
+        let frame = host.frame();
+        assert_eq!((frame.stream, frame.kind), (1, FrameKind::Stdout));
+        shown.extend(frame.payload);
+    }
+    host.send(
+        2,
+        &Request::Resize {
+            stream: 1,
+            size: TtySize {
+                rows: 50,
+                cols: 200,
+            },
+        },
+    );
+    assert_eq!(host.exchange(2).2, Response::Done);
+    // Typed as at a terminal: a carriage return ends the line.
+    host.feed(1, b"go\r");
+    let (rest, stderr, response, _) = host.exchange(1);
+    shown.extend(rest);
+    let shown = String::from_utf8_lossy(&shown);
+    assert!(shown.starts_with("/dev/pts/"), "{shown}");
+    assert!(shown.contains("50 200"), "{shown}");
+    assert!(shown.contains("got-go"), "{shown}");
+    assert!(stderr.is_empty(), "everything comes through the terminal");
+    assert_eq!(exec_reply(response).status, ExitStatus::Exited { code: 4 });
+
+    // A resize of a command without a terminal, a terminal for a background command.
+    host.send(3, &Request::Exec(request(&["sleep", "30"], false)));
+    host.send(
+        4,
+        &Request::Resize {
+            stream: 3,
+            size: TtySize {
+                rows: 50,
+                cols: 200,
+            },
+        },
+    );
+    assert_eq!(error_code(&host.exchange(4).2), codes::TERMINAL_FAILED);
+    host.send(
+        5,
+        &Request::Signal {
+            stream: 3,
+            signal: 9,
+        },
+    );
+    assert_eq!(host.exchange(5).2, Response::Done);
+    host.exchange(3);
+    let mut background = request(&["true"], true);
+    background.tty = Some(TtySize { rows: 24, cols: 80 });
+    host.send(6, &Request::Spawn(background));
+    assert_eq!(error_code(&host.exchange(6).2), codes::BAD_REQUEST);
     host.power_off();
 }
 

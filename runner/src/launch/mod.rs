@@ -663,6 +663,7 @@ fn exec_request(plan: &VerifiedPlan, launch: &Launch) -> Result<ExecRequest, Adm
         timeout_ms: timeout.as_millis().min(u128::from(u64::MAX)) as u64,
         stdin: false,
         user: None,
+        tty: None,
     };
     // The same defaults as a named VM's commands get; the launch's variables were checked at
     // admission (RUN060).

@@ -111,6 +111,7 @@ pub(super) fn run_into(
         timeout_ms: limit.as_millis() as u64,
         stdin: false,
         user: None,
+        tty: None,
     };
     let executed = client.exec_with_input(request, input, limit, sink)?;
     if executed.reply.status != (ExitStatus::Exited { code: 0 }) {

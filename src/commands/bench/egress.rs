@@ -317,6 +317,7 @@ impl GuestServer {
             timeout_ms: GUEST_SERVER_LIMIT.as_millis() as u64,
             stdin: false,
             user: None,
+            tty: None,
         };
         let handle = match client
             .call(&Request::Spawn(request), SMALL_LIMIT, None)

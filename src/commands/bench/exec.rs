@@ -23,6 +23,7 @@ pub fn exec(name: &str, runs: usize, command: &[String]) -> anyhow::Result<(Valu
         timeout_ms: 60_000,
         stdin: false,
         user: None,
+        tty: None,
     };
     let limit = Duration::from_secs(90);
     let (mut execs, mut echoes) = (Vec::with_capacity(runs), Vec::with_capacity(runs));

@@ -17,7 +17,8 @@ use mvm_runner::control::MAX_TIMEOUT;
 use mvm_runner::launch::{exit, LaunchError};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
-use mvm_runner::named_vm::NamedVmError;
+use mvm_runner::client::AgentClient;
+use mvm_runner::named_vm::{NamedVm, NamedVmError};
 
 use super::{connect, named, named_error};
 use crate::output::Output;
@@ -47,9 +48,15 @@ pub struct ExecArgs {
     /// Feed this process's standard input to the command (its end closes the command's).
     #[arg(short, long)]
     interactive: bool,
+    /// Run it on a terminal in the guest, of this terminal's size: this terminal goes into
+    /// raw mode — every key reaches the guest's terminal, which acts on Ctrl-C, Ctrl-Z and
+    /// Ctrl-D as a terminal does — follows its resizes, and is put back however the command
+    /// ends. Only where the plan's profile grants a terminal (`dev`); AGENT120 otherwise.
+    #[arg(short = 't', long, conflicts_with = "receipt")]
+    tty: bool,
     /// Start the command in the background and print its handle, for `mvm ps`, `mvm wait
     /// NAME --process HANDLE` (its status and the last 64 KiB of its output) and `mvm kill`.
-    #[arg(short, long, conflicts_with_all = ["interactive", "receipt"])]
+    #[arg(short, long, conflicts_with_all = ["interactive", "receipt", "tty"])]
     detach: bool,
     /// The command; the plan's entrypoint when absent.
     #[arg(last = true, value_name = "COMMAND")]
@@ -72,7 +79,11 @@ pub fn exec(args: ExecArgs, out: &Output) -> anyhow::Result<ExitCode> {
         timeout_ms: timeout.as_millis() as u64,
         stdin: false,
         user: args.user,
+        tty: None,
     };
+    if args.tty {
+        return super::terminal::run(&args.name, request);
+    }
     if args.detach {
         let mut client = connect(&args.name, Arc::default())?;
         return super::process::spawn(&mut client, request, out);
@@ -91,19 +102,31 @@ pub fn run_in(
     input: Option<Box<dyn Read + Send>>,
     receipt: Option<&Path>,
 ) -> anyhow::Result<ExitCode> {
+    let (named, mut client) = connected(name)?;
+    run_on(&named, &mut client, request, input, receipt)
+}
+
+/// The VM `name` and a connection to it, which `SIGINT`, `SIGTERM` and `SIGHUP` interrupt:
+/// the command running on it is then signalled, and its end still awaited.
+pub(super) fn connected(name: &str) -> anyhow::Result<(NamedVm, AgentClient)> {
     let interrupt = Arc::new(AtomicBool::new(false));
     for signal in [SIGINT, SIGTERM, SIGHUP] {
         signal_hook::flag::register(signal, Arc::clone(&interrupt))?;
     }
     let named = named(name)?;
-    let mut client = named.connect(interrupt).map_err(named_error)?;
-    let ran = match named.run(
-        &mut client,
-        request,
-        input,
-        &mut StdStreams,
-        receipt.is_some(),
-    ) {
+    let client = named.connect(interrupt).map_err(named_error)?;
+    Ok((named, client))
+}
+
+/// Runs `request` over `client` in `named`, as [`run_in`] says.
+pub(super) fn run_on(
+    named: &NamedVm,
+    client: &mut AgentClient,
+    request: ExecRequest,
+    input: Option<Box<dyn Read + Send>>,
+    receipt: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
+    let ran = match named.run(client, request, input, &mut StdStreams, receipt.is_some()) {
         Ok(ran) => ran,
         Err(NamedVmError::Refused(refusal)) => {
             let error = LaunchError::CommandRefused(refusal);

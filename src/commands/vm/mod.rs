@@ -31,6 +31,7 @@ pub mod copy;
 pub mod exec;
 pub mod fs;
 pub mod process;
+pub mod terminal;
 
 pub use exec::ExecArgs;
 

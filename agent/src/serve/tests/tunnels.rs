@@ -114,6 +114,7 @@ fn env_request(env: &[(&str, &str)]) -> Request {
         timeout_ms: 10_000,
         stdin: false,
         user: None,
+        tty: None,
     })
 }
 
