@@ -15,7 +15,6 @@ use std::process::Output;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use mvm_builder::testing::TestLayout;
 use serde_json::{json, Value};
 
 use support::upstream::Upstream;
@@ -38,15 +37,9 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let dir = support::lasting_tempdir();
-        let home = dir.path().join("home");
-        guest::mvm_json(&home, &["kernel", "fetch"], 0);
-        let layout = TestLayout::new_in(dir.path());
-        let digest = layout.busybox_with(&[
+        let (dir, home, image) = guest::home_and_busybox(&[
             "sh", "wget", "ls", "env", "cat", "echo", "mkdir", "httpd", "sleep",
         ]);
-        let image = format!("oci:{}@{digest}", layout.dir.path().display());
-        std::mem::forget(layout);
         let (granted, other) = (Upstream::start("granted"), Upstream::start("other"));
         fs::write(
             home.join("config.toml"),

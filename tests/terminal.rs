@@ -17,7 +17,6 @@ use std::process::{Child, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use mvm_builder::testing::TestLayout;
 use rustix::pty::OpenptFlags;
 use rustix::termios::{Termios, Winsize};
 
@@ -34,16 +33,7 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let dir = support::lasting_tempdir();
-        let home = dir.path().join("home");
-        guest::mvm_json(&home, &["kernel", "fetch"], 0);
-        let layout = TestLayout::new_in(dir.path());
-        let image = format!(
-            "oci:{}@{}",
-            layout.dir.path().display(),
-            layout.busybox_with(APPLETS)
-        );
-        std::mem::forget(layout);
+        let (dir, home, image) = guest::home_and_busybox(APPLETS);
         Fixture {
             _dir: dir,
             home,
@@ -253,6 +243,17 @@ fn a_terminal_outlives_no_vm_and_is_refused_where_the_plan_grants_none() {
     cat.send("\x04");
     let (status, restored, seen) = cat.end();
     assert_eq!(status, Some(0), "{seen}");
+    assert!(restored, "the host terminal was left changed:\n{seen}");
+
+    // `mvm` told to end (as when its terminal closes): the command gets the hangup a shell
+    // ends on, and `mvm` gives the terminal back.
+    let mut shell = Session::start(&["exec", "-t", "term-gone", "--", "sh"], (24, 80));
+    shell.send("echo on-$((4+4))\r");
+    shell.expect("on-8");
+    let pid = rustix::process::Pid::from_child(&shell.child);
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let (status, restored, seen) = shell.end();
+    assert_eq!(status, Some(129), "SIGHUP ended the shell: {seen}");
     assert!(restored, "the host terminal was left changed:\n{seen}");
 
     // The VM goes away under a session: `mvm` ends, the terminal is given back.

@@ -74,6 +74,11 @@ enum Peer {
     ControlSocket,
 }
 
+/// The signals an interrupt sends a command, by their Linux numbers (the wire's).
+const SIGHUP: i32 = 1;
+const SIGINT: i32 = 2;
+const SIGKILL: i32 = 9;
+
 /// A connected agent channel.
 #[derive(Debug)]
 pub struct AgentClient {
@@ -89,6 +94,8 @@ pub struct AgentClient {
     window: SendWindow,
     /// The stream of the command being waited for, which an interrupt signals.
     running_command: Option<u32>,
+    /// What the first interrupt sends the command (the second sends SIGKILL).
+    first_interrupt: i32,
 }
 
 impl AgentClient {
@@ -116,7 +123,14 @@ impl AgentClient {
             peer,
             window: SendWindow::default(),
             running_command: None,
+            first_interrupt: SIGINT,
         })
+    }
+
+    /// Sends `SIGHUP` instead of `SIGINT` on the first interrupt: what a command on a terminal
+    /// gets when its terminal goes (a shell ignores `SIGINT`, and ends on `SIGHUP`).
+    pub fn interrupt_as_hangup(&mut self) {
+        self.first_interrupt = SIGHUP;
     }
 
     /// The socket and the last stream id used, for sharing the channel once this client's
@@ -364,7 +378,11 @@ impl AgentClient {
                 {
                     self.interrupt.store(false, Ordering::Relaxed);
                     signals_sent += 1;
-                    let signal = if signals_sent == 1 { 2 } else { 9 };
+                    let signal = if signals_sent == 1 {
+                        self.first_interrupt
+                    } else {
+                        SIGKILL
+                    };
                     self.send_on(
                         stream.wrapping_add(1 << 31),
                         &Request::Signal { stream, signal },

@@ -160,3 +160,17 @@ fn has_interpreter(elf: &[u8]) -> bool {
         u32::from_le_bytes(elf[at..at + 4].try_into().unwrap()) == PT_INTERP
     })
 }
+
+/// A home with the guest kernel fetched and a busybox image of `applets` (`oci:DIR@sha256:…`),
+/// both in one [`super::lasting_tempdir`]: what a test binary's shared fixture begins with.
+pub fn home_and_busybox(applets: &[&str]) -> (tempfile::TempDir, PathBuf, String) {
+    let dir = super::lasting_tempdir();
+    let home = dir.path().join("home");
+    mvm_json(&home, &["kernel", "fetch"], 0);
+    let layout = mvm_builder::testing::TestLayout::new_in(dir.path());
+    let digest = layout.busybox_with(applets);
+    let image = format!("oci:{}@{digest}", layout.dir.path().display());
+    // Inside `dir`, which outlives it: not removed on its own.
+    std::mem::forget(layout);
+    (dir, home, image)
+}

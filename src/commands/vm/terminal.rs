@@ -65,6 +65,8 @@ pub fn run(name: &str, mut request: ExecRequest) -> anyhow::Result<ExitCode> {
         }
     }
     let (named, mut client) = connected(name)?;
+    // `mvm` hung up on, or told to end: the command's terminal is gone, as it would be.
+    client.interrupt_as_hangup();
     // Raw only once the VM is there to type to; put back when this goes, on every path out.
     let _raw = host.map(RawMode::enter).transpose()?;
     let _resizing = host
