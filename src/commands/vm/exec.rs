@@ -103,7 +103,7 @@ pub fn run_in(
     receipt: Option<&Path>,
 ) -> anyhow::Result<ExitCode> {
     let (named, mut client) = connected(name)?;
-    run_on(&named, &mut client, request, input, receipt)
+    run_on(&named, &mut client, request, input, receipt, &mut || {})
 }
 
 /// The VM `name` and a connection to it, which `SIGINT`, `SIGTERM` and `SIGHUP` interrupt:
@@ -118,15 +118,20 @@ pub(super) fn connected(name: &str) -> anyhow::Result<(NamedVm, AgentClient)> {
     Ok((named, client))
 }
 
-/// Runs `request` over `client` in `named`, as [`run_in`] says.
+/// Runs `request` over `client` in `named`, as [`run_in`] says; `settle` is called once the
+/// command is over and before anything is said of it (a terminal session gives its terminal
+/// back there, so that what is said is printed as usual).
 pub(super) fn run_on(
     named: &NamedVm,
     client: &mut AgentClient,
     request: ExecRequest,
     input: Option<Box<dyn Read + Send>>,
     receipt: Option<&Path>,
+    settle: &mut dyn FnMut(),
 ) -> anyhow::Result<ExitCode> {
-    let ran = match named.run(client, request, input, &mut StdStreams, receipt.is_some()) {
+    let ran = named.run(client, request, input, &mut StdStreams, receipt.is_some());
+    settle();
+    let ran = match ran {
         Ok(ran) => ran,
         Err(NamedVmError::Refused(refusal)) => {
             let error = LaunchError::CommandRefused(refusal);

@@ -67,18 +67,16 @@ pub fn run(name: &str, mut request: ExecRequest) -> anyhow::Result<ExitCode> {
     let (named, mut client) = connected(name)?;
     // `mvm` hung up on, or told to end: the command's terminal is gone, as it would be.
     client.interrupt_as_hangup();
-    // Raw only once the VM is there to type to; put back when this goes, on every path out.
-    let _raw = host.map(RawMode::enter).transpose()?;
+    // Raw only once the VM is there to type to; put back as soon as the command is over (and
+    // on every other path out, when dropped), before anything is said of how it ended.
+    let mut raw = host.map(RawMode::enter).transpose()?;
     let _resizing = host
         .map(|tty| Resizing::start(client.signals_for_next(), tty))
         .transpose()?;
-    run_on(
-        &named,
-        &mut client,
-        request,
-        Some(Box::new(io::stdin())),
-        None,
-    )
+    let stdin = Some(Box::new(io::stdin()) as Box<dyn io::Read + Send>);
+    run_on(&named, &mut client, request, stdin, None, &mut || {
+        raw.take();
+    })
 }
 
 /// The terminal's size, if it has one.
