@@ -26,7 +26,8 @@ use mvm_ir::env::is_denied;
 use mvm_ir::fsutil::atomic_write;
 use mvm_ir::plan::{
     fresh_nonce, is_root_user, ArtifactPin, KernelPin, LaunchPlan, PlanEntrypoint, PlanResources,
-    Profile, ResolvedPolicy, RootfsPin, SecretBinding, Timestamp, VerityPin, SCHEMA_VERSION,
+    PlanService, Profile, ResolvedPolicy, RootfsPin, SecretBinding, Timestamp, VerityPin,
+    SCHEMA_VERSION,
 };
 use mvm_ir::policy::Grants;
 use mvm_ir::provenance::{
@@ -34,7 +35,7 @@ use mvm_ir::provenance::{
     BUILD_TYPE, PREDICATE_TYPE, STATEMENT_TYPE,
 };
 use mvm_ir::validate::{is_env_name, is_guest_path};
-use mvm_ir::workload::{App, Entrypoint, EnvValue, NetworkMode};
+use mvm_ir::workload::{App, Entrypoint, EnvValue, NetworkMode, DEFAULT_MAX_RESTARTS};
 use mvm_ir::{Coded, ErrorClass};
 
 use crate::initramfs::Initramfs;
@@ -351,11 +352,32 @@ pub fn assemble(input: &AssembleInput<'_>) -> Result<Bundle, BundleError> {
     }
     let user = ImageUser::of(r.user.as_deref());
     warnings.extend(user.warning());
-    let Entrypoint::Command { command, cwd } = &app.entrypoints[0];
+    let (command, cwd) = (app.entrypoints[0].command(), app.entrypoints[0].cwd());
     // The image's WorkingDir when absolute (a relative one means `/`, the agent's default).
-    let cwd = cwd
-        .clone()
-        .or_else(|| r.working_dir.clone().filter(|d| is_guest_path(d)));
+    let image_cwd = r.working_dir.clone().filter(|d| is_guest_path(d));
+    let cwd = cwd.map(str::to_string).or_else(|| image_cwd.clone());
+    let services: Vec<PlanService> = app
+        .entrypoints
+        .iter()
+        .filter_map(|entrypoint| match entrypoint {
+            Entrypoint::Service {
+                name,
+                command,
+                cwd,
+                restart,
+                max_restarts,
+            } => Some(PlanService {
+                name: name.clone(),
+                command: command.clone(),
+                cwd: cwd.clone().or_else(|| image_cwd.clone()),
+                restart: *restart,
+                max_restarts: max_restarts.unwrap_or(DEFAULT_MAX_RESTARTS),
+            }),
+            Entrypoint::Command { .. } => None,
+        })
+        .collect();
+    // Probed only where there is a service to probe (IR103 warns otherwise).
+    let health_check = app.health_check.clone().filter(|_| !services.is_empty());
     let plan = LaunchPlan {
         schema_version: SCHEMA_VERSION.to_string(),
         workload_id: input.workload_id.to_string(),
@@ -401,10 +423,12 @@ pub fn assemble(input: &AssembleInput<'_>) -> Result<Bundle, BundleError> {
             mounts: app.mounts.clone(),
         },
         entrypoint: PlanEntrypoint {
-            command: command.clone(),
+            command: command.to_vec(),
             cwd,
             user: user.plan_user(),
         },
+        services,
+        health_check,
         valid_from: input.valid_from,
         valid_until: input.valid_until,
         nonce: fresh_nonce()?,

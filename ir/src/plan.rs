@@ -20,8 +20,9 @@ use crate::env::is_denied;
 use crate::policy::Grants;
 pub use crate::policy::Profile;
 use crate::validate::{is_egress_host, is_env_name, is_guest_path, is_identifier};
-use crate::workload::{EgressGrant, Mount, NetworkMode, PortForward};
+use crate::workload::{EgressGrant, HealthCheck, Mount, NetworkMode, PortForward, RestartPolicy};
 use crate::Error;
+use mvm_protocol::service::{is_http_path, is_service_name};
 
 /// The plan schema version this build reads and writes.
 pub const SCHEMA_VERSION: &str = "1";
@@ -56,6 +57,13 @@ pub struct LaunchPlan {
     pub policy: ResolvedPolicy,
     /// The command run by default.
     pub entrypoint: PlanEntrypoint,
+    /// The long-running processes a named VM starts before it is ready (the app's service
+    /// entrypoints), as the entrypoint's user.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<PlanService>,
+    /// How the readiness of the services is probed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
     /// Start of the validity window (RFC 3339).
     pub valid_from: Timestamp,
     /// End of the validity window (RFC 3339).
@@ -188,6 +196,23 @@ pub struct PlanEntrypoint {
     /// workload user (1000) when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+}
+
+/// A service a named VM starts and its guest agent keeps running.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlanService {
+    /// Its name: 1–32 of `a-z 0-9 _ -`, unique in the plan.
+    pub name: String,
+    /// The argv.
+    pub command: Vec<String>,
+    /// Absolute working directory in the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// When it is started again after it ended.
+    pub restart: RestartPolicy,
+    /// How many times it is started again at most (0–1000).
+    pub max_restarts: u32,
 }
 
 /// Whether `spec` (`NAME`, `UID`, `NAME:GID`, `UID:GID`) names root's user or group by name or
@@ -394,6 +419,7 @@ impl LaunchPlan {
         if self.entrypoint.command.iter().any(|a| a.contains('\0')) {
             return fail("an entrypoint argument contains NUL".into());
         }
+        self.check_services()?;
         if self.policy.network == NetworkMode::None && !self.policy.egress.is_empty() {
             return fail("egress grants in a plan whose network mode is none".into());
         }
@@ -407,6 +433,64 @@ impl LaunchPlan {
         }
         if self.valid_until <= self.valid_from {
             return fail("valid_until is not after valid_from".into());
+        }
+        Ok(())
+    }
+
+    /// The services: names the agent takes, each once; argv without NUL; at most 1000
+    /// restarts. A health check has exactly one probe, within its bounds, and services.
+    fn check_services(&self) -> Result<(), Error> {
+        let fail = |msg: String| Err(Error::InvalidPlan(msg));
+        if self.services.len() > mvm_protocol::service::MAX_SERVICES {
+            return fail(format!(
+                "at most {} services",
+                mvm_protocol::service::MAX_SERVICES
+            ));
+        }
+        for (i, service) in self.services.iter().enumerate() {
+            let repeated = self.services[..i].iter().any(|s| s.name == service.name);
+            let argv_ok = service.command.first().is_some_and(|a| !a.is_empty())
+                && service.command.iter().all(|a| !a.contains('\0'));
+            let cwd_ok = service.cwd.as_deref().is_none_or(is_guest_path);
+            if !is_service_name(&service.name) || repeated || !argv_ok || !cwd_ok {
+                return fail(format!("service {:?} is invalid", service.name));
+            }
+            if service.max_restarts > 1000 {
+                return fail(format!(
+                    "service {:?} restarts over 1000 times",
+                    service.name
+                ));
+            }
+        }
+        let Some(check) = &self.health_check else {
+            return Ok(());
+        };
+        let probes = [
+            check.command.as_ref().is_some_and(|argv| {
+                argv.first().is_some_and(|a| !a.is_empty())
+                    && argv.iter().all(|a| !a.contains('\0'))
+            }),
+            check.tcp_port.is_some_and(|port| port != 0),
+            check
+                .http
+                .as_ref()
+                .is_some_and(|http| http.port != 0 && is_http_path(&http.path)),
+        ];
+        let bounded = (1..=3600).contains(&check.interval_s)
+            && (1..=check.interval_s).contains(&check.timeout_s)
+            && (1..=100).contains(&check.retries)
+            && check.start_period_s <= 3600;
+        let given = [
+            check.command.is_some(),
+            check.tcp_port.is_some(),
+            check.http.is_some(),
+        ];
+        if self.services.is_empty()
+            || !bounded
+            || given.iter().filter(|&&g| g).count() != 1
+            || !probes.iter().any(|&ok| ok)
+        {
+            return fail("health_check is invalid, or there is no service to check".into());
         }
         Ok(())
     }

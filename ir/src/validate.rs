@@ -8,6 +8,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 
+use mvm_protocol::service::{is_http_path, is_service_name};
 use serde::Serialize;
 
 use crate::digest::is_prefixed_sha256;
@@ -278,11 +279,32 @@ fn check_app(report: &mut Report, at: &str, app: &App, workload: &Workload) {
         app.entrypoints.len(),
         limits::ENTRYPOINTS,
     );
-    for (i, Entrypoint::Command { command, cwd }) in app.entrypoints.iter().enumerate() {
+    let mut service_names = Vec::new();
+    for (i, entrypoint) in app.entrypoints.iter().enumerate() {
         let ep = format!("{at}/entrypoints/{i}");
-        check_argv(report, &format!("{ep}/command"), command);
-        if let Some(cwd) = cwd {
+        check_argv(report, &format!("{ep}/command"), entrypoint.command());
+        if let Some(cwd) = entrypoint.cwd() {
             check_guest_path(report, &format!("{ep}/cwd"), cwd);
+        }
+        if let Entrypoint::Service {
+            name, max_restarts, ..
+        } = entrypoint
+        {
+            if !is_service_name(name) || service_names.contains(&name) {
+                report.error(
+                    "IR022",
+                    format!("{ep}/name"),
+                    format!("{name:?} cannot name a service: 1-32 of a-z 0-9 _ -, once per app"),
+                );
+            }
+            service_names.push(name);
+            if max_restarts.is_some_and(|n| n > 1000) {
+                report.error(
+                    "IR022",
+                    format!("{ep}/max_restarts"),
+                    "max_restarts must be 0 to 1000",
+                );
+            }
         }
     }
 
@@ -371,7 +393,48 @@ fn check_app(report: &mut Report, at: &str, app: &App, workload: &Workload) {
 
     if let Some(hc) = &app.health_check {
         let h = format!("{at}/health_check");
-        check_argv(report, &format!("{h}/command"), &hc.command);
+        let probes = [
+            hc.command.is_some(),
+            hc.tcp_port.is_some(),
+            hc.http.is_some(),
+        ];
+        if probes.iter().filter(|&&given| given).count() != 1 {
+            report.error(
+                "IR019",
+                h.clone(),
+                "give exactly one of command, tcp_port and http",
+            );
+        }
+        if let Some(command) = &hc.command {
+            check_argv(report, &format!("{h}/command"), command);
+        }
+        if hc.tcp_port == Some(0) || hc.http.as_ref().is_some_and(|http| http.port == 0) {
+            report.error("IR019", h.clone(), "a probe's port must be 1 to 65535");
+        }
+        if let Some(http) = hc.http.as_ref().filter(|http| !is_http_path(&http.path)) {
+            report.error(
+                "IR019",
+                format!("{h}/http/path"),
+                format!(
+                    "{:?} is not an HTTP path: / and printable ASCII without spaces",
+                    http.path
+                ),
+            );
+        }
+        if hc.start_period_s > 3600 {
+            report.error(
+                "IR019",
+                format!("{h}/start_period_s"),
+                "start_period_s must be 0 to 3600",
+            );
+        }
+        if service_names.is_empty() && !app.entrypoints.is_empty() {
+            report.warning(
+                "IR103",
+                h.clone(),
+                "a health check is probed only for an app with a service entrypoint: this one is not",
+            );
+        }
         if !(1..=3600).contains(&hc.interval_s) {
             report.error(
                 "IR019",

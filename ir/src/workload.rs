@@ -165,6 +165,61 @@ pub enum Entrypoint {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         cwd: Option<String>,
     },
+    /// A long-running process: `mvm up` starts it in the background and the guest agent
+    /// keeps it running as `restart` says; `mvm run` runs it in the foreground, as a command.
+    Service {
+        /// Names it (`mvm logs --service NAME`): 1–32 of `a-z 0-9 _ -`, unique in the app.
+        name: String,
+        /// The argv; `command[0]` is an absolute path or a name looked up in `PATH`.
+        command: Vec<String>,
+        /// Absolute working directory in the guest.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cwd: Option<String>,
+        /// When it is started again after it ended; `on_failure` when absent.
+        #[serde(default, skip_serializing_if = "RestartPolicy::is_default")]
+        restart: RestartPolicy,
+        /// How many times it is started again at most, 0 to 1000; 5 when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_restarts: Option<u32>,
+    },
+}
+
+impl Entrypoint {
+    /// The argv it runs.
+    pub fn command(&self) -> &[String] {
+        match self {
+            Entrypoint::Command { command, .. } | Entrypoint::Service { command, .. } => command,
+        }
+    }
+
+    /// Its working directory.
+    pub fn cwd(&self) -> Option<&str> {
+        match self {
+            Entrypoint::Command { cwd, .. } | Entrypoint::Service { cwd, .. } => cwd.as_deref(),
+        }
+    }
+}
+
+/// The restarts a service gets when `max_restarts` is absent.
+pub const DEFAULT_MAX_RESTARTS: u32 = 5;
+
+/// When a service that ended is started again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RestartPolicy {
+    /// Never.
+    Never,
+    /// When it exited with a status other than 0 or a signal ended it.
+    #[default]
+    OnFailure,
+    /// Whatever its status.
+    Always,
+}
+
+impl RestartPolicy {
+    fn is_default(&self) -> bool {
+        *self == RestartPolicy::default()
+    }
 }
 
 /// The value of one environment variable.
@@ -291,18 +346,48 @@ pub struct FileSpec {
     pub mode: Option<String>,
 }
 
-/// How the readiness of a long-running app is probed.
+/// How the readiness of a long-running app is probed, once its services started: exactly one
+/// of `command`, `tcp_port` and `http`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheck {
-    /// An argv run in the guest; exit 0 means healthy.
-    pub command: Vec<String>,
+    /// An argv run in the guest as the workload user; exit 0 means healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// A TCP port on the guest's loopback; an accepted connection means healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_port: Option<u16>,
+    /// An HTTP `GET` on the guest's loopback; a 2xx or 3xx status means healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpProbe>,
     /// Seconds between probes, 1 to 3600.
     pub interval_s: u32,
     /// Seconds one probe may take, 1 to `interval_s`.
     pub timeout_s: u32,
     /// Consecutive failures before the app is unhealthy, 1 to 100.
     pub retries: u32,
+    /// Seconds from the start during which failures do not count, 0 to 3600.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub start_period_s: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// An HTTP readiness probe.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HttpProbe {
+    /// The guest's TCP port, 1 to 65535.
+    pub port: u16,
+    /// The path asked for: `/` and printable ASCII without spaces; `/` when absent.
+    #[serde(default = "root_path")]
+    pub path: String,
+}
+
+fn root_path() -> String {
+    "/".into()
 }
 
 /// How far an app's code is trusted.

@@ -105,6 +105,8 @@ fn valid_plan(single_use: bool) -> LaunchPlan {
             cwd: Some("/srv".into()),
             user: None,
         },
+        services: vec![],
+        health_check: None,
         valid_from: Timestamp(now - Duration::minutes(1)),
         valid_until: Timestamp(now + Duration::hours(1)),
         nonce: fresh_nonce().unwrap(),

@@ -55,7 +55,7 @@ fn rich() -> Value {
                 },
                 "resources": {"cpu_cores": 2, "memory_mb": 512, "rootfs_size_mb": 1024},
                 "entrypoints": [
-                    {"kind": "command", "command": ["/usr/bin/python3", "-m", "api"], "cwd": "/srv/api"},
+                    {"kind": "service", "name": "api", "command": ["/usr/bin/python3", "-m", "api"], "cwd": "/srv/api", "restart": "always", "max_restarts": 10},
                     {"kind": "command", "command": ["migrate"]}
                 ],
                 "env": {
@@ -467,8 +467,8 @@ fn every_change_of_meaning_changes_the_digest() {
 mod round_trip_properties {
     use super::*;
     use mvm_ir::workload::{
-        App, Egress, EgressGrant, Entrypoint, FileSpec, HealthCheck, Mount, Network, PortForward,
-        Resources, Volume,
+        App, Egress, EgressGrant, Entrypoint, FileSpec, HealthCheck, HttpProbe, Mount, Network,
+        PortForward, Resources, RestartPolicy, Volume,
     };
     use proptest::collection::{btree_map, vec};
     use proptest::option;
@@ -494,9 +494,32 @@ mod round_trip_properties {
                 rootfs_size_mb,
             },
         );
+        let restart = prop_oneof![
+            Just(RestartPolicy::Never),
+            Just(RestartPolicy::OnFailure),
+            Just(RestartPolicy::Always),
+        ];
         let entrypoints = vec(
-            (vec(text(), 0..3), option::of(text()))
-                .prop_map(|(command, cwd)| Entrypoint::Command { command, cwd }),
+            prop_oneof![
+                (vec(text(), 0..3), option::of(text()))
+                    .prop_map(|(command, cwd)| Entrypoint::Command { command, cwd }),
+                (
+                    text(),
+                    vec(text(), 0..3),
+                    option::of(text()),
+                    restart,
+                    option::of(any::<u32>())
+                )
+                    .prop_map(|(name, command, cwd, restart, max_restarts)| {
+                        Entrypoint::Service {
+                            name,
+                            command,
+                            cwd,
+                            restart,
+                            max_restarts,
+                        }
+                    }),
+            ],
             0..3,
         );
         let env = btree_map(
@@ -545,15 +568,38 @@ mod round_trip_properties {
             }),
             0..3,
         );
+        let probe = (
+            option::of(vec(text(), 0..3)),
+            option::of(any::<u16>()),
+            option::of((any::<u16>(), text()).prop_map(|(port, path)| HttpProbe { port, path })),
+        );
         let health_check = option::of(
-            (vec(text(), 0..3), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(
-                |(command, interval_s, timeout_s, retries)| HealthCheck {
-                    command,
-                    interval_s,
-                    timeout_s,
-                    retries,
-                },
-            ),
+            (
+                probe,
+                any::<u32>(),
+                any::<u32>(),
+                any::<u32>(),
+                any::<u32>(),
+            )
+                .prop_map(
+                    |(
+                        (command, tcp_port, http),
+                        interval_s,
+                        timeout_s,
+                        retries,
+                        start_period_s,
+                    )| {
+                        HealthCheck {
+                            command,
+                            tcp_port,
+                            http,
+                            interval_s,
+                            timeout_s,
+                            retries,
+                            start_period_s,
+                        }
+                    },
+                ),
         );
         let tier = prop_oneof![
             Just(ThreatTier::Untrusted),
@@ -964,6 +1010,40 @@ fn validation_cases() -> Vec<Case> {
         case("IR019", "/apps/0/health_check/retries", |d| {
             set(d, "/apps/0/health_check/retries", json!(101))
         }),
+        case("IR019", "/apps/0/health_check", |d| {
+            remove(d, "/apps/0/health_check/command")
+        }),
+        case("IR019", "/apps/0/health_check", |d| {
+            set(d, "/apps/0/health_check/tcp_port", json!(8000))
+        }),
+        case("IR019", "/apps/0/health_check", |d| {
+            remove(d, "/apps/0/health_check/command");
+            set(d, "/apps/0/health_check/tcp_port", json!(0))
+        }),
+        case("IR019", "/apps/0/health_check/http/path", |d| {
+            remove(d, "/apps/0/health_check/command");
+            set(
+                d,
+                "/apps/0/health_check/http",
+                json!({"port": 8000, "path": "/a b"}),
+            )
+        }),
+        case("IR019", "/apps/0/health_check/start_period_s", |d| {
+            set(d, "/apps/0/health_check/start_period_s", json!(3601))
+        }),
+        case("IR022", "/apps/0/entrypoints/0/name", |d| {
+            set(d, "/apps/0/entrypoints/0/name", json!("Api"))
+        }),
+        case("IR022", "/apps/0/entrypoints/1/name", |d| {
+            set(
+                d,
+                "/apps/0/entrypoints/1",
+                json!({"kind": "service", "name": "api", "command": ["migrate"]}),
+            )
+        }),
+        case("IR022", "/apps/0/entrypoints/0/max_restarts", |d| {
+            set(d, "/apps/0/entrypoints/0/max_restarts", json!(1001))
+        }),
         case("IR020", "/apps/0/source/path", |d| {
             set(d, "/apps/0/source/path", json!("../api"))
         }),
@@ -1006,10 +1086,9 @@ fn validation_cases() -> Vec<Case> {
             set(
                 d,
                 "/apps/0/entrypoints",
-                json!(many(
-                    65,
-                    |_| json!({"kind": "command", "command": ["true"]})
-                )),
+                json!(many(65, |i| json!({
+                    "kind": "service", "name": format!("s{i}"), "command": ["true"]
+                }))),
             )
         }),
         case("IR021", "/apps/0/entrypoints/1/command", |d| {
@@ -1097,6 +1176,13 @@ fn validation_cases() -> Vec<Case> {
         case("IR102", "/volumes/2/name", |d| {
             set(d, "/volumes/-", json!({"name": "spare", "size_mb": 1}))
         }),
+        case("IR103", "/apps/0/health_check", |d| {
+            set(
+                d,
+                "/apps/0/entrypoints/0",
+                json!({"kind": "command", "command": ["api"]}),
+            )
+        }),
     ]
 }
 
@@ -1120,9 +1206,9 @@ fn codes_in_validator_source() -> BTreeSet<String> {
 #[test]
 fn the_table_covers_every_code_the_validator_emits() {
     let in_source = codes_in_validator_source();
-    let expected: BTreeSet<String> = (1..=21)
+    let expected: BTreeSet<String> = (1..=22)
         .map(|n| format!("IR{n:03}"))
-        .chain(["IR101".into(), "IR102".into()])
+        .chain(["IR101".into(), "IR102".into(), "IR103".into()])
         .collect();
     assert_eq!(
         in_source, expected,
@@ -1322,6 +1408,18 @@ fn warnings_alone_do_not_refuse_a_workload() {
         report.issues.iter().map(|i| i.code).collect::<Vec<_>>(),
         ["IR101", "IR102"]
     );
+    // A health check without a service to probe is only a warning.
+    set(
+        &mut doc,
+        "/apps/0/entrypoints/0",
+        json!({"kind": "command", "command": ["/usr/bin/python3", "-m", "api"]}),
+    );
+    let report = validate(&from_value(&doc));
+    assert!(!report.has_errors());
+    assert_eq!(
+        report.issues.iter().map(|i| i.code).collect::<Vec<_>>(),
+        ["IR101", "IR103", "IR102"]
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1469,7 +1567,7 @@ fn missing_required_fields_are_refused() {
         "/apps/0/mounts/0/target",
         "/apps/0/files/0/path",
         "/apps/0/files/0/content",
-        "/apps/0/health_check/command",
+        "/apps/0/entrypoints/0/name",
         "/apps/0/health_check/interval_s",
         "/apps/0/health_check/timeout_s",
         "/apps/0/health_check/retries",

@@ -16,6 +16,7 @@ pub mod cmdline;
 pub mod flow;
 pub mod frame;
 pub mod message;
+pub mod service;
 
 pub use frame::{
     encode, is_agent_stream, Frame, FrameDecoder, FrameError, FrameKind, AGENT_STREAMS, HEADER_LEN,

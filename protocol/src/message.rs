@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::service::{LogSlice, ServicesReport, StartServices};
+
 /// A secret's bytes, hex-encoded on the wire; `Debug` never shows them.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -192,6 +194,33 @@ pub enum Request {
         /// The guest's TCP port.
         port: u16,
     },
+    /// Start the plan's services and its health probe; answered [`Response::Done`] once
+    /// every service was started (one that could not be is reported by
+    /// [`Request::Services`], not here). Sent by a VM's runner once, before the VM is ready;
+    /// clients cannot send it.
+    StartServices(StartServices),
+    /// The services and the health verdict. With `changed_since`, the answer waits (at most
+    /// `timeout_ms`) until the report's generation is past that one.
+    Services {
+        /// A generation an earlier answer gave.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        changed_since: Option<u64>,
+        /// How long to wait for a change; 0 only looks.
+        #[serde(default)]
+        timeout_ms: u64,
+    },
+    /// A service's kept output from `offset` on, in stdout frames, then
+    /// [`Response::ServiceLog`]. With nothing there yet, the answer waits (at most
+    /// `timeout_ms`) for some.
+    ServiceLog {
+        /// The service.
+        name: String,
+        /// Where to read from: 0, or the `next_offset` of an earlier answer.
+        offset: u64,
+        /// How long to wait for output; 0 only looks.
+        #[serde(default)]
+        timeout_ms: u64,
+    },
 }
 
 /// Whether `path` may be a [`Request::Mount`]'s: absolute, every component a name (no `.`,
@@ -348,6 +377,10 @@ pub enum Response {
     /// Answer to an [`OpenRequest`]: the host connected; the connection's bytes follow in
     /// data frames both ways.
     Opened,
+    /// Answer to [`Request::Services`].
+    Services(ServicesReport),
+    /// Answer to [`Request::ServiceLog`], after the output it carried.
+    ServiceLog(LogSlice),
     /// The request failed (for an [`OpenRequest`]: refused or unreachable, the code says
     /// which).
     Error(ErrorReply),
@@ -601,6 +634,8 @@ pub mod codes {
     pub const NO_TERMINAL: &str = "AGENT120";
     /// No pseudo-terminal could be made for the command in the guest, or resized.
     pub const TERMINAL_FAILED: &str = "AGENT121";
+    /// No service of that name, or the services were started already.
+    pub const NO_SUCH_SERVICE: &str = "AGENT122";
 }
 
 #[cfg(test)]

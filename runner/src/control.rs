@@ -519,6 +519,7 @@ fn serve_request(
             | Request::TrustCa { .. }
             | Request::SecretFile { .. }
             | Request::Mount { .. }
+            | Request::StartServices(_)
             | Request::Connect { .. }
             | Request::PowerOff
             | Request::Pause
@@ -560,11 +561,13 @@ fn serve_request(
         | Request::TrustCa { .. }
         | Request::SecretFile { .. }
         | Request::Mount { .. }
-        | Request::Connect { .. } => {
-            let message = "the proxy, forwarded ports, the VM's CA, secret files and disks are \
-                           the VM's runner's to ask for: grant egress in the plan, forward \
-                           ports with `mvm up --port`, give secrets with `--secret`/`--secret-file`, \
-                           disks with `mvm up --disk`"
+        | Request::Connect { .. }
+        | Request::StartServices(_) => {
+            let message = "the proxy, forwarded ports, the VM's CA, secret files, disks and \
+                           services are the VM's runner's to ask for: grant egress in the plan, \
+                           forward ports with `mvm up --port`, give secrets with \
+                           `--secret`/`--secret-file`, disks with `mvm up --disk`; services are \
+                           the plan's"
                 .to_string();
             writer.error(client_stream, codes::BAD_REQUEST, message)
         }
@@ -671,6 +674,8 @@ fn serve_request(
         }
         request @ (Request::Echo
         | Request::Wait { .. }
+        | Request::Services { .. }
+        | Request::ServiceLog { .. }
         | Request::Ps
         | Request::FsList { .. }
         | Request::FsStat { .. }) => relay(writer, client_stream, shared, &request),
@@ -790,7 +795,9 @@ fn relay(
         Err(e) => return writer.channel_failed(client_stream, &e),
     };
     let quiet = match request {
-        Request::Wait { timeout_ms, .. } => with_grace(*timeout_ms),
+        Request::Wait { timeout_ms, .. }
+        | Request::Services { timeout_ms, .. }
+        | Request::ServiceLog { timeout_ms, .. } => with_grace(*timeout_ms),
         _ => AGENT_QUIET,
     };
     let mut waiting = AnswerWait::new(shared, writer, quiet, Duration::ZERO);
@@ -1176,6 +1183,18 @@ fn pass_input(
     Ok(())
 }
 
+/// The environment every command of the plan starts from: the plan's variables, the launch's
+/// over them (its `--env` and secrets), and `HOME=/tmp` unless one of them sets it.
+pub fn plan_environment(
+    plan: &LaunchPlan,
+    launch_env: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let mut env = plan.policy.env.clone();
+    env.extend(launch_env.clone());
+    env.entry("HOME".into()).or_insert_with(|| "/tmp".into());
+    env
+}
+
 /// The plan's environment under the launch's (`--env`) under the client's own variables (the
 /// client's win), `HOME=/tmp` when none sets it, the plan's working directory, entrypoint and
 /// user (the image's `User`) when the client gives none, the timeout clamped to a week. A
@@ -1202,10 +1221,8 @@ pub fn with_plan_defaults(
             .map_err(|rule| (codes::NOT_GRANTED, rule))?;
     }
     request.timeout_ms = request.timeout_ms.min(MAX_TIMEOUT.as_millis() as u64);
-    let mut env = plan.policy.env.clone();
-    env.extend(launch_env.clone());
+    let mut env = plan_environment(plan, launch_env);
     env.append(&mut request.env);
-    env.entry("HOME".into()).or_insert_with(|| "/tmp".into());
     request.env = env;
     if request.argv.is_empty() {
         request.argv = plan.entrypoint.command.clone();

@@ -329,7 +329,7 @@ pub fn run(args: BuildArgs, out: &Output) -> anyhow::Result<()> {
     };
     let (workload, app_index) = target.workload(&argv, resources, network)?;
     let app = &workload.apps[app_index];
-    let mvm_ir::workload::Entrypoint::Command { command, .. } = &app.entrypoints[0];
+    let command = app.entrypoints[0].command();
     if args.only_entrypoint && command.is_empty() {
         return Err(coded_as(
             "BUILD012",

@@ -25,6 +25,8 @@ const DRAIN_GRACE: Duration = Duration::from_millis(200);
 /// How often a command killed for its timeout is killed and looked for again until it is
 /// reaped: a deadline kept, so no missed wake-up can leave it waiting.
 const KILL_AGAIN: Duration = Duration::from_millis(200);
+/// A deadline that never comes.
+const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// How long ending a command (power-off, a broken window) waits for it to be reaped.
 const END_WAIT: Duration = Duration::from_secs(1);
 
@@ -201,6 +203,7 @@ impl Running {
                 handle,
                 stdout: Tail::default(),
                 stderr: Tail::default(),
+                log: None,
             }),
             window: SendWindow::default(),
             stdin,
@@ -213,7 +216,10 @@ impl Running {
             status: None,
             group,
             started,
-            deadline: started + Duration::from_millis(request.timeout_ms),
+            // A service's is as good as never (it runs as long as the VM).
+            deadline: started
+                .checked_add(Duration::from_millis(request.timeout_ms))
+                .unwrap_or(started + NEVER),
             killed_at: None,
             drain_until: None,
             stdout_bytes: 0,
@@ -397,6 +403,19 @@ pub struct Spawned {
     pub stdout: Tail,
     /// The end of its standard error.
     pub stderr: Tail,
+    /// Where a service's output goes instead (both streams, as they come).
+    pub log: Option<super::service::SharedLog>,
+}
+
+impl Spawned {
+    /// Keeps output of the stream `stdout` (or stderr).
+    pub fn keep(&mut self, stdout: bool, bytes: &[u8]) {
+        match (&self.log, stdout) {
+            (Some(log), _) => log.borrow_mut().push(bytes),
+            (None, true) => self.stdout.push(bytes),
+            (None, false) => self.stderr.push(bytes),
+        }
+    }
 }
 
 /// The last [`SPAWN_OUTPUT_TAIL`](mvm_protocol::SPAWN_OUTPUT_TAIL) bytes written to a

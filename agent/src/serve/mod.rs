@@ -21,6 +21,7 @@ pub mod fsops;
 mod renew;
 pub mod seccomp;
 pub mod secret_file;
+pub mod service;
 pub mod trust;
 pub mod tty;
 mod tunnel;
@@ -48,6 +49,7 @@ use mvm_protocol::{
     Request, Response, PROTOCOL_VERSION,
 };
 use seccomp::WorkloadFilter;
+use service::{Due, Services};
 use trust::TrustPaths;
 
 /// Bytes read from a pipe or the channel at a time; also the largest data frame sent.
@@ -221,6 +223,25 @@ struct Agent<'c> {
     trusted_ca: bool,
     /// The host's connections to the guest's ports.
     forwarded: ForwardedPorts,
+    /// The plan's services and health probe, once the host started them.
+    services: Services,
+    /// `services` and `service_log` requests waiting for a change.
+    watches: Vec<Watch>,
+}
+
+/// A `services` or `service_log` request not answered yet.
+struct Watch {
+    stream: u32,
+    deadline: Instant,
+    what: Watched,
+}
+
+/// What a [`Watch`] waits for.
+enum Watched {
+    /// A report past this generation.
+    Services(u64),
+    /// Output of this service past this offset.
+    Log(String, u64),
 }
 
 /// A `wait` request not answered yet.
@@ -251,7 +272,73 @@ impl<'c> Agent<'c> {
             egress: None,
             trusted_ca: false,
             forwarded: ForwardedPorts::default(),
+            services: Services::default(),
+            watches: Vec::new(),
         })
+    }
+
+    /// Starts the services and the command probe that are due.
+    fn start_due(&mut self, now: Instant) {
+        for due in self.services.due(now) {
+            let handle = self.next_handle;
+            let (request, service) = match due {
+                Due::Service(index, mut request) => {
+                    request.timeout_ms = u64::MAX;
+                    (request, Some(index))
+                }
+                Due::CommandProbe(request) => (request, None),
+            };
+            let outcome = self.start(0, &request, Some(handle)).map(|mut command| {
+                if let (Some(spawned), Some(index)) = (command.spawned.as_mut(), service) {
+                    spawned.log = Some(self.services.log(index));
+                }
+                let pid = command.info().pid;
+                self.running.push(command);
+                self.next_handle += 1;
+                (handle, pid)
+            });
+            match service {
+                Some(index) => self.services.started(index, outcome, now),
+                None => self
+                    .services
+                    .probe_started(outcome.map(|(handle, _)| handle), now),
+            }
+        }
+    }
+
+    /// Answers the watches whose change came or whose time is up.
+    fn answer_watches<C: Write>(
+        &mut self,
+        channel: &mut C,
+        now: Instant,
+    ) -> Result<(), ServeError> {
+        let mut index = 0;
+        while index < self.watches.len() {
+            let watch = &self.watches[index];
+            let due = watch.deadline <= now
+                || match &watch.what {
+                    Watched::Services(since) => self.services.generation() > *since,
+                    Watched::Log(name, offset) => self
+                        .services
+                        .read_log(name, *offset)
+                        .is_none_or(|(bytes, slice)| !bytes.is_empty() || slice.ended),
+                };
+            if !due {
+                index += 1;
+                continue;
+            }
+            let watch = self.watches.swap_remove(index);
+            match watch.what {
+                Watched::Services(_) => {
+                    let report = Response::Services(self.services.report());
+                    send(channel, watch.stream, &report)?;
+                }
+                Watched::Log(name, offset) => {
+                    answer_log(channel, watch.stream, &self.services, &name, offset)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Starts a command for `request` on `stream`, in a cgroup of its own when commands get
@@ -431,6 +518,11 @@ impl<'c> Agent<'c> {
                 };
                 answer_done(channel, stream, outcome)?;
             }
+            Request::Wait { handle, .. } if self.services.owns(handle) => {
+                let message =
+                    format!("handle {handle} is a service's: its supervisor waits for it");
+                send_error(channel, stream, codes::NO_SUCH_PROCESS, message)?;
+            }
             Request::Wait { handle, timeout_ms } => {
                 if let Some(at) = self
                     .ended
@@ -464,6 +556,7 @@ impl<'c> Agent<'c> {
                     .running
                     .iter()
                     .chain(&self.ended)
+                    .filter(|c| spawn_handle(c).is_none_or(|h| !self.services.is_probe(h)))
                     .map(Running::info)
                     .collect();
                 processes.sort_by_key(|p| std::cmp::Reverse(p.running_ms));
@@ -533,6 +626,49 @@ impl<'c> Agent<'c> {
                     send(channel, stream, &Response::Error(error))?;
                 }
             }
+            Request::StartServices(request) => {
+                let now = Instant::now();
+                match self.services.begin(request, now) {
+                    Ok(()) => {
+                        self.start_due(now);
+                        send(channel, stream, &Response::Done)?;
+                    }
+                    Err(error) => send(channel, stream, &Response::Error(error))?,
+                }
+            }
+            Request::Services { .. } | Request::ServiceLog { .. }
+                if self.watches.len() >= MAX_WAITS =>
+            {
+                let message = format!("{MAX_WAITS} watches are pending already");
+                send_error(channel, stream, codes::BUSY, message)?;
+            }
+            Request::Services {
+                changed_since,
+                timeout_ms,
+            } => match changed_since {
+                Some(since) if timeout_ms > 0 && self.services.generation() <= since => {
+                    self.watches.push(Watch {
+                        stream,
+                        deadline: Instant::now() + Duration::from_millis(timeout_ms),
+                        what: Watched::Services(since),
+                    });
+                }
+                _ => send(channel, stream, &Response::Services(self.services.report()))?,
+            },
+            Request::ServiceLog {
+                name,
+                offset,
+                timeout_ms,
+            } => match self.services.read_log(&name, offset) {
+                Some((bytes, slice)) if bytes.is_empty() && !slice.ended && timeout_ms > 0 => {
+                    self.watches.push(Watch {
+                        stream,
+                        deadline: Instant::now() + Duration::from_millis(timeout_ms),
+                        what: Watched::Log(name, offset),
+                    });
+                }
+                _ => answer_log(channel, stream, &self.services, &name, offset)?,
+            },
             Request::Pause | Request::Resume | Request::Save => {
                 let message = "pause, resume and save are answered by the VM's runner".to_string();
                 send_error(channel, stream, codes::BAD_REQUEST, message)?;
@@ -709,6 +845,9 @@ impl<'c> Agent<'c> {
                 })
             }));
         }
+        if let Some(wake) = self.services.wake_fd() {
+            fds.push(PollFd::from_borrowed_fd(wake, PollFlags::IN));
+        }
         let egress = self.egress.iter().flat_map(Egress::interests);
         let mut sockets = Vec::new();
         for (key, fd, flags) in egress.chain(self.forwarded.interests()) {
@@ -722,6 +861,8 @@ impl<'c> Agent<'c> {
             .iter()
             .filter_map(|command| command.next_deadline(now))
             .chain(self.waits.iter().map(|w| w.deadline))
+            .chain(self.watches.iter().map(|w| w.deadline))
+            .chain(self.services.next_deadline())
             .chain(emptying)
             .chain(self.egress.as_ref().and_then(Egress::next_deadline));
         let download_ready = self.downloads.iter().any(|d| d.window.room() > 0);
@@ -804,6 +945,9 @@ impl<'c> Agent<'c> {
         }
         self.send_downloads(channel)?;
         self.answer_ended(channel, now)?;
+        self.services.collect(now);
+        self.start_due(now);
+        self.answer_watches(channel, now)?;
         if let Some(egress) = self.egress.as_mut() {
             egress.progress(channel, &ready.sockets, now, &mut self.buffer)?;
         }
@@ -872,6 +1016,15 @@ impl<'c> Agent<'c> {
             // What it left behind goes with it, however it got away.
             command.kill_leftovers();
             self.emptying.extend(command.take_group());
+            if let Some(handle) = spawn_handle(&command).filter(|h| self.services.owns(*h)) {
+                let output = command
+                    .spawned
+                    .as_ref()
+                    .map(|s| [s.stdout.bytes(), s.stderr.bytes()].concat())
+                    .unwrap_or_default();
+                self.services.ended(handle, status, &output, now);
+                continue;
+            }
             let Some(handle) = spawn_handle(&command) else {
                 let reply = ExecReply {
                     status,
@@ -926,6 +1079,24 @@ fn answer_wait<C: Write>(
         }
     }
     send(channel, stream, &Response::Wait(command.info()))
+}
+
+/// Sends a service's log from `offset` on in stdout frames, then how far it went.
+fn answer_log<C: Write>(
+    channel: &mut C,
+    stream: u32,
+    services: &Services,
+    name: &str,
+    offset: u64,
+) -> Result<(), ServeError> {
+    let Some((bytes, slice)) = services.read_log(name, offset) else {
+        let message = format!("no service is named {name:?}");
+        return send_error(channel, stream, codes::NO_SUCH_SERVICE, message);
+    };
+    for chunk in bytes.chunks(CHUNK) {
+        write_frame(channel, FrameKind::Stdout, stream, chunk)?;
+    }
+    send(channel, stream, &Response::ServiceLog(slice))
 }
 
 fn answer_done<C: Write>(
@@ -1054,8 +1225,7 @@ fn forward_output<C: Write>(
         }
         let bytes = &buffer[..n];
         match (&mut command.spawned, kind) {
-            (Some(spawned), FrameKind::Stdout) => spawned.stdout.push(bytes),
-            (Some(spawned), _) => spawned.stderr.push(bytes),
+            (Some(spawned), kind) => spawned.keep(kind == FrameKind::Stdout, bytes),
             (None, _) => {
                 write_frame(channel, kind, command.stream, bytes)?;
                 command.window.spend(n);

@@ -7,6 +7,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::*;
+use mvm_protocol::service::{
+    Health, HealthSpec, Probe, Restart, ServiceSpec, ServiceState, ServicesReport, StartServices,
+};
 use mvm_protocol::{ExecRequest, ExitStatus, FileKind, Frame, TtySize};
 
 /// How long the host waits for the agent to say something (or to end) before failing.
@@ -1279,3 +1282,135 @@ fn directories_travel_as_tar_streams() {
 mod homes;
 mod policy;
 mod tunnels;
+
+/// The report a `services` request gets, waiting up to `timeout_ms` past `since`.
+fn services(host: &mut Host, stream: u32, since: Option<u64>, timeout_ms: u64) -> ServicesReport {
+    let request = Request::Services {
+        changed_since: since,
+        timeout_ms,
+    };
+    host.send(stream, &request);
+    match host.exchange(stream).2 {
+        Response::Services(report) => report,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A service's log from `offset`: its bytes and the slice.
+fn service_log(
+    host: &mut Host,
+    stream: u32,
+    name: &str,
+    offset: u64,
+    timeout_ms: u64,
+) -> (Vec<u8>, Response) {
+    let request = Request::ServiceLog {
+        name: name.into(),
+        offset,
+        timeout_ms,
+    };
+    host.send(stream, &request);
+    let (stdout, _, response, _) = host.exchange(stream);
+    (stdout, response)
+}
+
+#[test]
+fn services_are_restarted_by_their_policy_logged_and_probed() {
+    let mut host = Host::start();
+    let dir = tempfile::tempdir().unwrap();
+    let flag = dir.path().join("ready");
+    let script = format!(
+        "echo run; [ -e {flag} ] && exec sleep 60; touch {flag}; echo failing >&2; exit 4",
+        flag = flag.display()
+    );
+    let probe = format!("test -e {}", dir.path().join("healthy").display());
+    let start = StartServices {
+        services: vec![
+            ServiceSpec {
+                name: "web".into(),
+                exec: request(&["sh", "-c", &script], false),
+                restart: Restart::OnFailure,
+                max_restarts: 3,
+            },
+            ServiceSpec {
+                name: "once".into(),
+                exec: request(&["sh", "-c", "echo bye"], false),
+                restart: Restart::OnFailure,
+                max_restarts: 3,
+            },
+        ],
+        health: Some(HealthSpec {
+            probe: Probe::Command {
+                exec: request(&["sh", "-c", &probe], false),
+            },
+            interval_ms: 1000,
+            timeout_ms: 1000,
+            retries: 1,
+            start_period_ms: 0,
+        }),
+    };
+    host.send(1, &Request::StartServices(start.clone()));
+    assert_eq!(host.exchange(1).2, Response::Done);
+    host.send(2, &Request::StartServices(start));
+    assert_eq!(error_code(&host.exchange(2).2), codes::NO_SUCH_SERVICE);
+
+    // `web` fails once, is started again a second later and then runs; `once` exits 0 and
+    // stays stopped.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut report = services(&mut host, 3, None, 0);
+    while report.services[0].state != ServiceState::Running || report.services[0].restarts == 0 {
+        assert!(Instant::now() < deadline, "{report:?}");
+        report = services(&mut host, 3, Some(report.generation), 5000);
+    }
+    assert_eq!(
+        report.services[0].last_exit,
+        Some(ExitStatus::Exited { code: 4 })
+    );
+    let once = &report.services[1];
+    assert_eq!((once.state, once.restarts), (ServiceState::Stopped, 0));
+    let (log, _) = service_log(&mut host, 4, "web", 0, 0);
+    let log = String::from_utf8(log).unwrap();
+    for line in ["run\n", "failing\n", "exited with 4; starting again in 1 s"] {
+        assert!(log.contains(line), "{log}");
+    }
+    let Response::ServiceLog(slice) = service_log(&mut host, 5, "once", 0, 0).1 else {
+        panic!()
+    };
+    assert!(slice.ended);
+
+    // The probe fails until the file is there (one failure is unhealthy), then passes.
+    while report.health.as_ref().unwrap().status != Health::Unhealthy {
+        assert!(Instant::now() < deadline, "{report:?}");
+        report = services(&mut host, 6, Some(report.generation), 5000);
+    }
+    std::fs::write(dir.path().join("healthy"), b"").unwrap();
+    let report = services(&mut host, 7, Some(report.generation), 5000);
+    assert_eq!(report.health.unwrap().status, Health::Healthy);
+
+    // A log read at its end waits for output; the service's handle is listed by `ps` (the
+    // probe's never) and killing it restarts it, which the waiting read sees.
+    let Response::ServiceLog(slice) = service_log(&mut host, 8, "web", 0, 0).1 else {
+        panic!()
+    };
+    let handle = report.services[0].handle.unwrap();
+    host.send(9, &Request::Ps);
+    let Response::Ps { processes } = host.exchange(9).2 else {
+        panic!()
+    };
+    let handles: Vec<_> = processes.iter().filter_map(|p| p.handle).collect();
+    assert_eq!(handles, [handle]);
+    assert_eq!(
+        error_code(&wait_for(&mut host, 10, handle, 0).1),
+        codes::NO_SUCH_PROCESS
+    );
+    host.send(11, &Request::Kill { handle, signal: 9 });
+    assert_eq!(host.exchange(11).2, Response::Done);
+    let (more, _) = service_log(&mut host, 12, "web", slice.next_offset, 10_000);
+    let more = String::from_utf8(more).unwrap();
+    assert!(more.contains("killed by signal 9"), "{more}");
+    assert_eq!(
+        error_code(&service_log(&mut host, 13, "nope", 0, 0).1),
+        codes::NO_SUCH_SERVICE
+    );
+    host.power_off();
+}

@@ -48,6 +48,7 @@ mod egress;
 pub mod error;
 pub mod named;
 mod restore;
+mod services;
 mod start;
 mod vm_dir;
 

@@ -226,6 +226,17 @@ pub(super) fn serve_started(
             // Before anyone is told the VM is ready: every command it runs sees the proxy.
             serve_proxy(&mut booted.client, egress)?;
         }
+        // A woken guest's services run on in its memory.
+        let launch_env = launch.env.clone().into_iter().chain(secrets.env.clone());
+        let services = super::services::start_request(&plan.plan, &launch_env.collect());
+        if let Some(services) = services.filter(|_| saved.is_none()) {
+            let names: Vec<&str> = services.services.iter().map(|s| s.name.as_str()).collect();
+            audit
+                .append("vm.services.started", json!({"vm": vm, "services": names}))
+                .map_err(LaunchError::Audit)?;
+            let request = Request::StartServices(services);
+            super::agent_done(&mut booted.client, &request, "start the services")?;
+        }
         // Every process the runner starts has been started: from here it runs filtered.
         confine(egress.is_some())?;
         Ok((booted, machine, egress, ports))

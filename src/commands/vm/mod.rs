@@ -24,13 +24,14 @@ use mvm_runner::state::{Phase, VmState};
 use serde_json::{json, Value};
 
 use super::bundle::{plan_to_boot, runner_command, BuildReport, ImageOptions};
-use super::{coded_as, Host};
+use super::{coded_as, coded_with, Host};
 use crate::output::Output;
 
 pub mod copy;
 pub mod exec;
 pub mod fs;
 pub mod process;
+pub mod service;
 pub mod terminal;
 
 pub use exec::ExecArgs;
@@ -66,6 +67,14 @@ pub struct UpArgs {
     /// ls` shows it). The listener ends with the VM.
     #[arg(long, value_name = "[ADDRESS:]HOST_PORT:GUEST_PORT")]
     port: Vec<String>,
+    /// Return once the agent is ready, without waiting for the plan's services to be healthy.
+    #[arg(long)]
+    no_wait: bool,
+    /// How long to wait for the plan's services to be healthy (or, without a health check,
+    /// running); past it, or once one failed or the probe says unhealthy: RUN065, the VM left
+    /// running.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m", value_name = "DURATION")]
+    health_timeout: Duration,
     /// For an image: the command signed into its plan, replacing the image's Cmd after its
     /// Entrypoint as `docker run IMAGE COMMAND…` does (default: the image's own).
     #[arg(last = true, value_name = "COMMAND")]
@@ -112,9 +121,14 @@ pub struct RmArgs {
 pub struct LogsArgs {
     /// The VM.
     name: String,
-    /// Keep printing new lines while the VM runs.
+    /// Keep printing new lines while the VM runs (and, with --service, while the service
+    /// may still write).
     #[arg(short, long)]
     follow: bool,
+    /// The output of this service of the plan instead (the last 256 KiB the agent keeps,
+    /// stdout and stderr as they came, with the supervisor's own `[mvm]` lines).
+    #[arg(long, value_name = "SERVICE")]
+    service: Option<String>,
 }
 
 /// What `mvm wait` waits for.
@@ -124,6 +138,8 @@ pub enum WaitFor {
     Ready,
     /// The VM has ended (stopped or failed).
     Stopped,
+    /// The plan's services are healthy (or, without a health check, running).
+    Healthy,
 }
 
 /// Wait until a VM is ready (or has ended); exit 0 when it got there, 1 when it cannot any
@@ -138,6 +154,10 @@ pub struct WaitArgs {
     /// The state to wait for.
     #[arg(long = "for", value_enum, default_value = "ready")]
     until: WaitFor,
+    /// The same as --for healthy: the plan's services are healthy; exit 1 (RUN065) once one
+    /// failed or the probe says unhealthy.
+    #[arg(long, conflicts_with_all = ["until", "process"])]
+    healthy: bool,
     /// The handle of a background command to wait for.
     #[arg(long, value_name = "HANDLE")]
     process: Option<u64>,
@@ -206,9 +226,27 @@ pub fn up(args: UpArgs, out: &Output) -> anyhow::Result<ExitCode> {
         Ok(ready) => ready,
         Err(status) => return Ok(status),
     };
-    out.result(json!({"vm": state_json(&ready)}), || {
+    let services = match args.no_wait {
+        true => None,
+        false => Some(service::await_ready(&args.name, args.health_timeout)?),
+    };
+    let mut result = json!({"vm": state_json(&ready)});
+    if let Some(report) = services.as_ref().filter(|r| !r.services.is_empty()) {
+        result["services"] = json!(report);
+    }
+    out.result(result, || {
+        let health = match services.as_ref().filter(|r| !r.services.is_empty()) {
+            Some(report) => format!(
+                "; services {}",
+                report
+                    .health
+                    .as_ref()
+                    .map_or("running", |h| h.status.name())
+            ),
+            None => String::new(),
+        };
         format!(
-            "{} is running ({}, plan {})",
+            "{} is running ({}, plan {}){health}",
             ready.name, ready.vm, ready.plan_digest
         )
     });
@@ -228,16 +266,39 @@ pub fn ls(out: &Output) -> anyhow::Result<()> {
             value
         })
         .collect();
+    // Asked of each running VM's agent: a paused one cannot say.
+    let services: Vec<Option<service::ServicesReport>> = seen
+        .iter()
+        .map(|vm| {
+            let running = vm.phase == Phase::Running;
+            running
+                .then(|| connect(&vm.name, Arc::default()).ok())
+                .flatten()
+                .and_then(|mut client| service::report(&mut client, None).ok())
+                .filter(|report| !report.services.is_empty())
+        })
+        .collect();
+    let listed: Vec<Value> = listed
+        .into_iter()
+        .zip(&services)
+        .map(|(mut value, report)| {
+            if let Some(report) = report {
+                value["services"] = json!(report);
+            }
+            value
+        })
+        .collect();
     out.result(json!({"vms": listed}), || {
         let mut text = format!(
-            "{:<20} {:<9} {:<7} {:<16} {:<21} REASON",
-            "NAME", "STATE", "BACKEND", "VM", "STARTED"
+            "{:<20} {:<9} {:<10} {:<7} {:<16} {:<21} REASON",
+            "NAME", "STATE", "HEALTH", "BACKEND", "VM", "STARTED"
         );
-        for vm in &seen {
+        for (vm, report) in seen.iter().zip(&services) {
             text.push_str(&format!(
-                "\n{:<20} {:<9} {:<7} {:<16} {:<21} {}",
+                "\n{:<20} {:<9} {:<10} {:<7} {:<16} {:<21} {}",
                 vm.name,
                 vm.phase.name(),
+                report.as_ref().map_or("-", service::health_word),
                 vm.backend
                     .map_or_else(|| "-".to_string(), |b| b.to_string()),
                 vm.vm,
@@ -313,6 +374,9 @@ pub fn rm(args: RmArgs, out: &Output) -> anyhow::Result<()> {
 }
 
 pub fn logs(args: LogsArgs) -> anyhow::Result<()> {
+    if let Some(name) = &args.service {
+        return service::logs(&args.name, name, args.follow);
+    }
     let vm = named(&args.name)?;
     let dir = vm.dir();
     let log = std::fs::File::open(dir.join("serial.log"))
@@ -346,12 +410,15 @@ pub fn wait(args: WaitArgs, out: &Output) -> anyhow::Result<ExitCode> {
     if let Some(handle) = args.process {
         return process::wait(&args.name, handle, args.timeout, out);
     }
+    if args.healthy || matches!(args.until, WaitFor::Healthy) {
+        return wait_healthy(&args, out);
+    }
     let vm = named(&args.name)?;
     let until = args.until;
     let settled = vm
         .wait_until(args.timeout, |seen| {
             let reached = match until {
-                WaitFor::Ready => seen.phase == Phase::Running,
+                WaitFor::Ready | WaitFor::Healthy => seen.phase == Phase::Running,
                 WaitFor::Stopped => matches!(seen.phase, Phase::Stopped | Phase::Failed),
             };
             // A cold VM changes only when told to (`mvm resume`, `mvm stop`).
@@ -373,7 +440,7 @@ pub fn wait(args: WaitArgs, out: &Output) -> anyhow::Result<ExitCode> {
         )
     })?;
     let reached = match until {
-        WaitFor::Ready => seen.phase == Phase::Running,
+        WaitFor::Ready | WaitFor::Healthy => seen.phase == Phase::Running,
         WaitFor::Stopped => matches!(seen.phase, Phase::Stopped | Phase::Failed),
     };
     out.result(json!({"vm": state_json(&seen), "reached": reached}), || {
@@ -384,4 +451,34 @@ pub fn wait(args: WaitArgs, out: &Output) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// `mvm wait --healthy`: the VM ready first, then its services, within the one timeout.
+fn wait_healthy(args: &WaitArgs, out: &Output) -> anyhow::Result<ExitCode> {
+    let started = std::time::Instant::now();
+    let settled = named(&args.name)?
+        .wait_until(args.timeout, |seen| seen.phase != Phase::Starting)
+        .map_err(named_error)?;
+    let seen = settled.unwrap_or_else(|seen| seen);
+    if seen.phase != Phase::Running {
+        return Err(coded_with(
+            "RUN065",
+            mvm_ir::ErrorClass::Integrity,
+            format!(
+                "{} is {}: its services are not healthy",
+                args.name,
+                seen.phase.name()
+            ),
+        ));
+    }
+    let left = args.timeout.saturating_sub(started.elapsed());
+    let report = service::await_ready(&args.name, left)?;
+    out.result(json!({"services": report, "reached": true}), || {
+        let status = report
+            .health
+            .as_ref()
+            .map_or("running", |h| h.status.name());
+        format!("{}'s services are {status}", args.name)
+    });
+    Ok(ExitCode::SUCCESS)
 }
