@@ -104,6 +104,19 @@ let
         kind = "command";
         command = strings where e;
       }
+    else if (e.kind or "command") == "service" then
+      # A service: started by `mvm up`, kept running by the guest agent (docs/services.md).
+      let
+        c = only where [ "kind" "name" "command" "cwd" "restart" "max_restarts" ] e;
+      in
+      compact {
+        kind = "service";
+        name = str "${where}.name" (c.name or (fail where "a service needs a name"));
+        command = strings "${where}.command" (c.command or (fail where "command is required"));
+        cwd = if c ? cwd then str "${where}.cwd" c.cwd else null;
+        restart = if c ? restart then str "${where}.restart" c.restart else null;
+        max_restarts = if c ? max_restarts then int "${where}.max_restarts" c.max_restarts else null;
+      }
     else
       let
         c = only where [ "kind" "command" "cwd" ] e;
@@ -299,7 +312,15 @@ let
       files = if app ? files then passList "${where}.files" [ "path" "content" "mode" ] app.files else null;
       health_check =
         if app ? health_check then
-          only "${where}.health_check" [ "command" "interval_s" "timeout_s" "retries" ] app.health_check
+          only "${where}.health_check" [
+            "command"
+            "tcp_port"
+            "http"
+            "interval_s"
+            "timeout_s"
+            "retries"
+            "start_period_s"
+          ] app.health_check
         else
           null;
       threat_tier = if app ? threat_tier then str "${where}.threat_tier" app.threat_tier else null;

@@ -197,13 +197,7 @@ fn a_vm_reaches_exactly_what_its_plan_grants_and_serves_a_forwarded_port() {
     }
     let closed = decisions(home, "egress.closed", "api.svc.example");
     assert!(closed[0]["received"].as_u64().unwrap() > 0, "{closed:?}");
-    let listed = guest::mvm_json(home, &["ls"], 0);
-    let vm = listed["vms"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|vm| vm["name"] == name)
-        .unwrap();
+    let vm = guest::listed(home, name);
     assert_eq!(vm["egress"]["allowed"], 2, "{vm}");
     assert_eq!(vm["egress"]["denied"], 4, "{vm}");
     assert!(vm["egress"]["bytes_received"].as_u64().unwrap() > 0);

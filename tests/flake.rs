@@ -244,7 +244,10 @@ fn mk_workload_maps_every_field_and_shortcut() {
           name = "web";
           source = { path = "./web"; };
           packages = [ "nodejs" "python3Packages.requests" ];
-          entrypoints = [ [ "node" "server.js" ] { command = [ "node" "-v" ]; cwd = "/srv"; } ];
+          entrypoints = [
+            { kind = "service"; name = "web"; command = [ "node" "server.js" ]; restart = "always"; }
+            { command = [ "node" "-v" ]; cwd = "/srv"; }
+          ];
           resources = { cpu_cores = 2; memory_mb = 1024; rootfs_size_mb = 512; };
           env = { A = "1"; };
           secrets = { TOKEN = "shop-token"; MAYBE = { name = "opt-secret"; optional = true; }; };
@@ -254,7 +257,10 @@ fn mk_workload_maps_every_field_and_shortcut() {
           };
           mounts = [ { volume = "data"; target = "/data"; read_only = true; } ];
           files = [ { path = "/etc/shop.conf"; content = "x=1\n"; mode = "0600"; } ];
-          health_check = { command = [ "true" ]; interval_s = 5; timeout_s = 2; retries = 3; };
+          health_check = {
+            http = { port = 8080; path = "/health"; };
+            interval_s = 5; timeout_s = 2; retries = 3; start_period_s = 10;
+          };
           threat_tier = "trusted";
         }
         {
@@ -272,7 +278,8 @@ fn mk_workload_maps_every_field_and_shortcut() {
       "apps": [
         {"name": "web", "source": {"kind": "path", "path": "./web"},
          "image": {"kind": "nix_packages", "packages": ["nodejs", "python3Packages.requests"]},
-         "entrypoints": [{"kind": "command", "command": ["node", "server.js"]},
+         "entrypoints": [{"kind": "service", "name": "web", "command": ["node", "server.js"],
+                          "restart": "always"},
                          {"kind": "command", "command": ["node", "-v"], "cwd": "/srv"}],
          "resources": {"cpu_cores": 2, "memory_mb": 1024, "rootfs_size_mb": 512},
          "env": {"A": {"kind": "literal", "value": "1"},
@@ -284,7 +291,8 @@ fn mk_workload_maps_every_field_and_shortcut() {
                      "ports": [{"guest": 8080}, {"guest": 9090, "host": 19090}]},
          "mounts": [{"volume": "data", "target": "/data", "read_only": true}],
          "files": [{"path": "/etc/shop.conf", "content": "x=1\n", "mode": "0600"}],
-         "health_check": {"command": ["true"], "interval_s": 5, "timeout_s": 2, "retries": 3},
+         "health_check": {"http": {"port": 8080, "path": "/health"}, "interval_s": 5,
+                          "timeout_s": 2, "retries": 3, "start_period_s": 10},
          "threat_tier": "trusted"},
         {"name": "job",
          "source": {"kind": "git", "url": "https://example.com/job.git",

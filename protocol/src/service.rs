@@ -148,6 +148,9 @@ pub struct ServiceInfo {
     /// Its handle for `kill` and `ps` while it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handle: Option<u64>,
+    /// Milliseconds its process has run, while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_ms: Option<u64>,
     /// Times it was started again.
     pub restarts: u32,
     /// How its last process ended.

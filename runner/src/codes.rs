@@ -1,7 +1,7 @@
 //! Every `RUN…` code, one constant each, with what it means (`docs/errors.md` has the exit
 //! status of each, and `tests/error_codes.rs` checks that the two agree). The runner's errors
 //! return these ([`mvm_ir::Coded`]); `mvm run` and the VM commands raise a few of them
-//! themselves (RUN025, RUN029, RUN031, RUN032, RUN036, RUN038). RUN005–RUN009,
+//! themselves (RUN025, RUN029, RUN031, RUN032, RUN036, RUN038, RUN065). RUN005–RUN009,
 //! RUN014–RUN019, RUN024 and RUN028 are not assigned.
 
 /// A file the plan pins is missing or not a regular file.
@@ -123,3 +123,6 @@ pub const RUN063: &str = "RUN063";
 /// A boot snapshot is refused: its signature, schema, shape or memory does not match what
 /// this host made for this launch. It is never used; it is removed and made anew.
 pub const RUN064: &str = "RUN064";
+/// The plan's services are not ready: one failed, the probe says unhealthy, or the wait for
+/// them ran out (`mvm up`, `mvm wait --healthy`); the VM runs on.
+pub const RUN065: &str = "RUN065";

@@ -133,6 +133,18 @@ pub fn mvm_json(home: &Path, args: &[&str], status: i32) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// What `mvm ls --json` says of the VM `name` of `home`.
+pub fn listed(home: &Path, name: &str) -> serde_json::Value {
+    let listed = mvm_json(home, &["ls"], 0);
+    listed["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|vm| vm["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("{name} is not listed: {listed}"))
+}
+
 /// A named VM of `home`, removed (`mvm rm --force`) when this is dropped, so that a failing test
 /// leaves no runner behind.
 pub struct RemoveOnDrop<'a> {

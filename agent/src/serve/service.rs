@@ -91,6 +91,9 @@ impl Service {
             state: self.state,
             pid: self.process.map(|(_, pid)| pid),
             handle: self.process.map(|(handle, _)| handle),
+            running_ms: self
+                .process
+                .map(|_| self.started.elapsed().as_millis() as u64),
             restarts: self.restarts,
             last_exit: self.last_exit,
             error: self.error.clone(),

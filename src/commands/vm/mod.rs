@@ -70,9 +70,9 @@ pub struct UpArgs {
     /// Return once the agent is ready, without waiting for the plan's services to be healthy.
     #[arg(long)]
     no_wait: bool,
-    /// How long to wait for the plan's services to be healthy (or, without a health check,
-    /// running); past it, or once one failed or the probe says unhealthy: RUN065, the VM left
-    /// running.
+    /// How long to wait for the plan's services to be healthy (or, without a health check, to
+    /// have run 2 s); past it, or once one failed or the probe says unhealthy: RUN065, the VM
+    /// left running.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5m", value_name = "DURATION")]
     health_timeout: Duration,
     /// For an image: the command signed into its plan, replacing the image's Cmd after its
@@ -138,7 +138,7 @@ pub enum WaitFor {
     Ready,
     /// The VM has ended (stopped or failed).
     Stopped,
-    /// The plan's services are healthy (or, without a health check, running).
+    /// The plan's services are healthy (or, without a health check, have run 2 s).
     Healthy,
 }
 

@@ -15,6 +15,11 @@ use mvm_runner::client::{AgentClient, OutputSink};
 use super::{agent_error, connect};
 use crate::commands::{coded_io, coded_with};
 
+/// Without a health check, how long every service must have run to be taken as started: one
+/// that fails at once is seen failing, not ready.
+pub const STEADY: Duration = Duration::from_secs(2);
+/// Without a health check, how often a waiter looks again.
+const STEADY_LOOK: Duration = Duration::from_millis(250);
 /// Beyond the wait asked of the agent, how long an answer may take.
 const ANSWER_GRACE: Duration = Duration::from_secs(30);
 /// The longest one wait asked of the agent: a client sees the VM go away within it.
@@ -77,7 +82,7 @@ pub enum Readiness {
 }
 
 /// Judges `report`: a service that failed (or stopped, which no probe can pass then) or an
-/// unhealthy verdict fails; without a probe, every service running is ready.
+/// unhealthy verdict fails; without a probe, every service running for [`STEADY`] is ready.
 pub fn readiness(report: &ServicesReport) -> Readiness {
     let over = report.services.iter().find(|s| {
         s.state == ServiceState::Failed
@@ -96,10 +101,10 @@ pub fn readiness(report: &ServicesReport) -> Readiness {
                 printable(health.last_output.trim(), Newlines::Keep)
             )),
         },
-        None if report
-            .services
-            .iter()
-            .all(|s| s.state == ServiceState::Running) =>
+        None if report.services.iter().all(|s| {
+            s.state == ServiceState::Running
+                && s.running_ms.unwrap_or_default() >= STEADY.as_millis() as u64
+        }) =>
         {
             Readiness::Ready
         }
@@ -152,7 +157,12 @@ pub fn await_ready(name: &str, timeout: Duration) -> anyhow::Result<ServicesRepo
             Readiness::Pending => {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if !left.is_zero() {
-                    let wait = left.min(LONGEST_WAIT);
+                    // Without a probe, time itself can make them ready.
+                    let step = match seen.health {
+                        Some(_) => LONGEST_WAIT,
+                        None => STEADY_LOOK,
+                    };
+                    let wait = left.min(step);
                     seen = report(&mut client, Some((seen.generation, wait)))?;
                     continue;
                 }
