@@ -41,6 +41,9 @@ enum Command {
     /// Secrets: put, ls, rm, bind, unbind (values encrypted here; guests see them by reference).
     #[command(subcommand)]
     Secret(commands::secret::SecretCommand),
+    /// Encrypted persistent volumes: create, ls, rm, snapshot, snapshots, restore.
+    #[command(subcommand)]
+    Volume(commands::volume::VolumeCommand),
     /// Signing keys and the keys this host trusts.
     #[command(subcommand)]
     Keys(commands::keys::KeysCommand),
@@ -167,6 +170,7 @@ fn main() -> ExitCode {
         Command::Plan(cmd) => commands::plan::run(cmd, &out),
         Command::Keys(cmd) => commands::keys::run(cmd, &out),
         Command::Secret(cmd) => commands::secret::run(cmd, &out),
+        Command::Volume(cmd) => commands::volume::run(cmd, &out),
         Command::Policy(cmd) => return exit_code(commands::policy::run(cmd, &out), &out),
         Command::Audit(cmd) => commands::audit::run(cmd, &out),
         Command::Init(args) => commands::init::run(args, &out),

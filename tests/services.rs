@@ -19,10 +19,11 @@ use serde_json::Value;
 
 use support::{describe, guest, text};
 
-const APPLETS: &[&str] = &["sh", "httpd", "mkdir", "sleep"];
+const APPLETS: &[&str] = &["sh", "httpd", "mkdir", "sleep", "stat", "cat"];
 
 /// The workload: `web` serves `/tmp/www` on the guest's port 8080 (forwarded to the host),
-/// probed over HTTP; `broken` fails at once, started again once.
+/// probed over HTTP, with the volume `site` mounted at `/srv/site`; `broken` fails at once,
+/// started again once.
 fn declaration(reference: &str, digest: &str) -> String {
     format!(
         r#"schema_version = "0"
@@ -37,6 +38,7 @@ entrypoints = [
   {{ kind = "service", name = "httpd", command = ["sh", "-c", "mkdir -p /tmp/www && echo hello from a service > /tmp/www/index.html && echo serving && exec httpd -f -p 127.0.0.1:8080 -h /tmp/www"] }},
 ]
 network = {{ ports = [{{ guest = 8080 }}] }}
+mounts = [{{ volume = "site", target = "/srv/site" }}]
 health_check = {{ http = {{ port = 8080, path = "/index.html" }}, interval_s = 2, timeout_s = 1, retries = 3 }}
 
 [[apps]]
@@ -46,6 +48,10 @@ resources = {{ cpu_cores = 1, memory_mb = 256 }}
 entrypoints = [
   {{ kind = "service", name = "crash", command = ["sh", "-c", "echo boom >&2; exit 3"], max_restarts = 1 }},
 ]
+
+[[volumes]]
+name = "site"
+size_mb = 16
 "#
     )
 }
@@ -110,6 +116,20 @@ fn a_service_is_up_when_healthy_restarted_by_its_policy_and_logged() {
     };
     let (web, broken) = (build("web"), build("broken"));
     drop(registry);
+
+    // The plan mounts the volume `site`: without it here, `up` says how to make it.
+    let missing = guest::mvm(
+        &home,
+        &["up", "--plan", web.to_str().unwrap(), "--name", "web"],
+    );
+    assert_ne!(missing.status.code(), Some(0));
+    let said = text(&missing.stderr);
+    assert!(
+        said.contains("VOLUME001") && said.contains("mvm volume create site --size"),
+        "{said}"
+    );
+    let _ = guest::mvm(&home, &["rm", "--force", "web"]);
+    guest::mvm_json(&home, &["volume", "create", "site", "--size", "16M"], 0);
 
     // `up` returns once the probe passed: the page is there at once, through the forwarded port.
     let _web = guest::RemoveOnDrop {

@@ -22,7 +22,8 @@ use mvm_ir::fsutil::atomic_write;
 use mvm_ir::{Coded, ErrorClass};
 
 /// The modules the guest needs (and their dependencies come with them): virtio-mmio transport,
-/// block, console and rng devices, device-mapper verity, EROFS and overlayfs.
+/// block, console and rng devices, device-mapper verity and crypt (volumes: AES-XTS), EROFS and
+/// overlayfs.
 pub const GUEST_MODULES: &[&str] = &[
     "virtio_ring",
     "virtio",
@@ -33,6 +34,9 @@ pub const GUEST_MODULES: &[&str] = &[
     "dm_mod",
     "dm_bufio",
     "dm_verity",
+    "ecb",
+    "xts",
+    "dm_crypt",
     "erofs",
     "overlay",
 ];
@@ -577,6 +581,7 @@ mod tests {
             at(n);
         }
         assert!(at("dm_mod") < at("dm_bufio") && at("dm_bufio") < at("dm_verity"));
+        assert!(at("ecb") < at("xts") && at("dm_mod") < at("dm_crypt"));
         assert!(at("virtio_ring") < at("virtio") && at("virtio") < at("virtio_mmio"));
         assert!(at("virtio") < at("virtio_blk"));
 

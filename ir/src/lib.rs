@@ -34,15 +34,17 @@ pub mod policy;
 pub mod provenance;
 pub mod receipt;
 pub mod schema;
+pub mod sealing;
 pub mod secrets;
 pub mod terminal;
 pub mod validate;
+pub mod volume;
 pub mod workload;
 
 pub use error::{is_code, Coded, Error, ErrorClass};
 
 /// `N` bytes from the operating system's CSPRNG.
-pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N], Error> {
+pub fn random_bytes<const N: usize>() -> Result<[u8; N], Error> {
     let mut bytes = [0u8; N];
     getrandom::fill(&mut bytes)
         .map_err(|e| Error::io("getrandom", std::io::Error::other(e.to_string())))?;

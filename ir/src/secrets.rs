@@ -20,21 +20,17 @@
 //! where the plan's profile allows.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::fsutil::{atomic_write, read_capped};
 use crate::home::MvmHome;
 use crate::plan::Timestamp;
+use crate::sealing;
 use crate::validate::is_identifier;
 use crate::{Coded, ErrorClass};
 
@@ -67,6 +63,15 @@ pub enum SecretError {
     /// A file could not be read or written.
     #[error(transparent)]
     Io(#[from] crate::Error),
+}
+
+impl From<sealing::SealError> for SecretError {
+    fn from(error: sealing::SealError) -> Self {
+        match error {
+            sealing::SealError::Untrusted(why) => SecretError::Store(why),
+            sealing::SealError::Io(e) => SecretError::Io(e),
+        }
+    }
 }
 
 impl Coded for SecretError {
@@ -264,23 +269,12 @@ impl SecretStore {
                 .get(name)
                 .map(|s| s.bindings.clone())
                 .unwrap_or_default();
-            let nonce = crate::random_bytes::<12>()?;
-            let cipher = Aes256Gcm::new_from_slice(&key[..])
-                .map_err(|e| SecretError::Store(e.to_string()))?;
-            let ciphertext = cipher
-                .encrypt(
-                    Nonce::from_slice(&nonce),
-                    Payload {
-                        msg: value,
-                        aad: aad(name).as_bytes(),
-                    },
-                )
-                .map_err(|_| SecretError::Store("sealing the value failed".into()))?;
+            let sealed = sealing::seal(&key, &aad(name), value)?;
             file.secrets.insert(
                 name.to_string(),
                 Sealed {
-                    nonce: STANDARD.encode(nonce),
-                    ciphertext: STANDARD.encode(ciphertext),
+                    nonce: sealed.nonce,
+                    ciphertext: sealed.ciphertext,
                     updated: Timestamp::now().to_string(),
                     bindings,
                 },
@@ -380,33 +374,11 @@ impl SecretStore {
 
     /// The key, made (32 random bytes, 0600) when `create` and there is none.
     fn key(&self, create: bool) -> Result<Zeroizing<Vec<u8>>, SecretError> {
-        if create && !self.key.exists() {
-            let key = Zeroizing::new(crate::random_bytes::<32>()?.to_vec());
-            // create_new: two first puts at once must not each write a key of their own.
-            match OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&self.key)
-            {
-                Ok(mut file) => {
-                    file.write_all(&key)
-                        .and_then(|()| file.sync_all())
-                        .map_err(|e| crate::Error::io(&self.key, e))?;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(crate::Error::io(&self.key, e).into()),
-            }
-        }
-        check_private(&self.key)?;
-        let key = Zeroizing::new(read_capped(&self.key, 64, "the secret store's key")?);
-        if key.len() != 32 {
-            return Err(SecretError::Store(format!(
-                "{} is not a 32-byte key",
-                self.key.display()
-            )));
-        }
-        Ok(key)
+        Ok(sealing::host_key(
+            &self.key,
+            create,
+            "the secret store's key",
+        )?)
     }
 
     fn read(&self) -> Result<StoreFile, SecretError> {
@@ -458,25 +430,13 @@ fn aad(name: &str) -> String {
 }
 
 fn open(key: &[u8], name: &str, sealed: &Sealed) -> Result<Zeroizing<Vec<u8>>, SecretError> {
-    let broken = || {
-        SecretError::Store(format!("the value of {name:?} does not open: altered, moved from another name, or sealed under another key"))
+    let value = sealing::Sealed {
+        nonce: sealed.nonce.clone(),
+        ciphertext: sealed.ciphertext.clone(),
     };
-    let nonce = STANDARD.decode(&sealed.nonce).map_err(|_| broken())?;
-    let ciphertext = STANDARD.decode(&sealed.ciphertext).map_err(|_| broken())?;
-    if nonce.len() != 12 {
-        return Err(broken());
-    }
-    let cipher = Aes256Gcm::new_from_slice(key).map_err(|e| SecretError::Store(e.to_string()))?;
-    cipher
-        .decrypt(
-            Nonce::from_slice(&nonce),
-            Payload {
-                msg: &ciphertext,
-                aad: aad(name).as_bytes(),
-            },
-        )
-        .map(Zeroizing::new)
-        .map_err(|_| broken())
+    sealing::open(key, &aad(name), &value).ok_or_else(|| {
+        SecretError::Store(format!("the value of {name:?} does not open: altered, moved from another name, or sealed under another key"))
+    })
 }
 
 fn check_name(name: &str) -> Result<(), SecretError> {
@@ -488,22 +448,16 @@ fn check_name(name: &str) -> Result<(), SecretError> {
     }
 }
 
-/// Refuses a store file or key that others may read or write.
+/// Refuses a store file that others may read or write.
 fn check_private(path: &Path) -> Result<(), SecretError> {
-    let meta = fs::metadata(path).map_err(|e| crate::Error::io(path, e))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(SecretError::Store(format!(
-            "{} has mode {mode:04o}: it must not be open to group or others (chmod 600)",
-            path.display()
-        )));
-    }
-    Ok(())
+    Ok(sealing::check_private(path)?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
 
     fn store() -> (tempfile::TempDir, SecretStore) {
         let dir = tempfile::tempdir().unwrap();

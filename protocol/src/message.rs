@@ -183,6 +183,11 @@ pub enum Request {
         /// Mount it read-only.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         read_only: bool,
+        /// The disk is an encrypted volume: the agent opens it with dm-crypt
+        /// (`aes-xts-plain64`, 512-byte sectors) under this 64-byte key, hex, and mounts what
+        /// that shows.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key: Option<SecretHex>,
     },
     /// Connect to `127.0.0.1:port` inside the guest for a forwarded port. The connection's
     /// bytes go both ways in data frames on this request's stream (an empty one ends that
@@ -636,6 +641,9 @@ pub mod codes {
     pub const TERMINAL_FAILED: &str = "AGENT121";
     /// No service of that name, or the services were started already.
     pub const NO_SUCH_SERVICE: &str = "AGENT122";
+    /// An encrypted volume could not be opened: its key is not 64 bytes, or dm-crypt refused
+    /// the table.
+    pub const VOLUME_FAILED: &str = "AGENT123";
 }
 
 #[cfg(test)]

@@ -2,6 +2,10 @@
 //! ext4 filesystem, given to the guest as a virtio-blk disk and mounted by the agent at `PATH`
 //! ([`mvm_protocol::Request::Mount`]). The builder VM keeps its Nix store on one.
 //!
+//! A volume (`--volume NAME:PATH[:ro]`) is such a disk whose file is ciphertext: the runner
+//! unseals its key from the host's volume store and hands it to the agent with the mount
+//! request, and the guest opens it with dm-crypt.
+//!
 //! The file is the guest's to write; the host never mounts or parses it. A disk serves one VM
 //! at a time: the runner holds an exclusive lock on the file for as long as its VM lives, and
 //! a second launch asking for it is refused (RUN062).
@@ -10,7 +14,10 @@ use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::path::PathBuf;
 
+use mvm_ir::home::MvmHome;
+use mvm_ir::volume::{VolumeError, VolumeStore};
 use rustix::fs::{flock, FlockOperation};
+use zeroize::Zeroizing;
 
 /// One disk of a launch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,6 +28,83 @@ pub struct LaunchDisk {
     pub path: String,
     /// Mounted read-only, and opened so by the VM.
     pub read_only: bool,
+    /// Set for a volume (`--volume`): its name and key; the guest opens it with dm-crypt.
+    pub volume: Option<AttachedVolume>,
+}
+
+/// An encrypted volume a launch attaches ([`mvm_ir::volume`]).
+#[derive(Clone, PartialEq, Eq)]
+pub struct AttachedVolume {
+    /// Its name.
+    pub name: String,
+    /// Its key, handed to the agent only.
+    pub key: Zeroizing<Vec<u8>>,
+}
+
+impl fmt::Debug for AttachedVolume {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AttachedVolume")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `NAME:PATH[:ro]` of `--volume`: a volume of this host's store and where the guest mounts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeSpec {
+    /// The volume's name.
+    pub name: String,
+    /// Where the guest mounts it.
+    pub path: String,
+    /// Mounted read-only.
+    pub read_only: bool,
+}
+
+impl VolumeSpec {
+    /// Parses `NAME:PATH` or `NAME:PATH:ro`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (rest, read_only) = match text.strip_suffix(":ro") {
+            Some(rest) => (rest, true),
+            None => (text, false),
+        };
+        let (name, path) = rest
+            .split_once(':')
+            .filter(|(name, _)| mvm_ir::validate::is_identifier(name))
+            .ok_or_else(|| format!("{text:?} is not NAME:/GUEST/PATH[:ro]"))?;
+        check_mount_point(path)?;
+        Ok(Self {
+            name: name.to_string(),
+            path: path.to_string(),
+            read_only,
+        })
+    }
+
+    /// The disk this volume is: its file, and its key unsealed from the host's store.
+    pub fn resolve(&self, home: &MvmHome) -> Result<LaunchDisk, VolumeError> {
+        let store = VolumeStore::open(home)?;
+        let meta = store.meta(&self.name)?;
+        let key = store.key(&meta)?;
+        Ok(LaunchDisk {
+            file: store.data_of(&self.name),
+            path: self.path.clone(),
+            read_only: self.read_only,
+            volume: Some(AttachedVolume {
+                name: self.name.clone(),
+                key,
+            }),
+        })
+    }
+}
+
+/// Refuses a guest path a disk cannot be mounted at.
+fn check_mount_point(path: &str) -> Result<(), String> {
+    match mvm_protocol::is_mount_point(path) {
+        true => Ok(()),
+        false => Err(format!(
+            "{path:?}: a disk is mounted at an absolute path without `.`, `..` or empty \
+             components, not `/` and not under /proc, /sys or /dev"
+        )),
+    }
 }
 
 /// The most disks a launch attaches.
@@ -38,17 +122,13 @@ impl LaunchDisk {
             .rsplit_once(':')
             .filter(|(file, path)| !file.is_empty() && path.starts_with('/'))
             .ok_or_else(|| format!("{text:?} is not FILE:/GUEST/PATH[:ro]"))?;
-        if !mvm_protocol::is_mount_point(path) {
-            return Err(format!(
-                "{path:?}: a disk is mounted at an absolute path without `.`, `..` or empty \
-                 components, not `/` and not under /proc, /sys or /dev"
-            ));
-        }
+        check_mount_point(path)?;
         let file = std::path::absolute(file).map_err(|e| format!("{file}: {e}"))?;
         Ok(Self {
             file,
             path: path.to_string(),
             read_only,
+            volume: None,
         })
     }
 
@@ -82,7 +162,10 @@ impl LaunchDisk {
 
 impl fmt::Display for LaunchDisk {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.file.display(), self.path)?;
+        match &self.volume {
+            Some(volume) => write!(f, "volume {}:{}", volume.name, self.path)?,
+            None => write!(f, "{}:{}", self.file.display(), self.path)?,
+        }
         if self.read_only {
             f.write_str(":ro")?;
         }

@@ -21,7 +21,7 @@ use mvm_runner::backend::kvm::jailed::{self, Jail};
 use mvm_runner::backend::select::BackendChoice;
 use mvm_runner::client::{OutputSink, StdStreams};
 use mvm_runner::codes;
-use mvm_runner::disk::LaunchDisk;
+use mvm_runner::disk::{LaunchDisk, VolumeSpec};
 use mvm_runner::egress::judge::Denial;
 use mvm_runner::forward::PortSpec;
 use mvm_runner::launch::{self, exit, Failure, Finished, Launch, LaunchError};
@@ -113,6 +113,12 @@ struct Args {
     /// mounts it.
     #[arg(long, value_name = "FILE:PATH[:ro]", value_parser = LaunchDisk::parse, conflicts_with = "wake")]
     disk: Vec<LaunchDisk>,
+    /// Attach the encrypted volume NAME of this host's store (`mvm volume create`) at PATH
+    /// (read-only with `:ro`); repeatable, up to 8 disks and volumes together. Its key is
+    /// unsealed here and handed to the agent alone, which opens it with dm-crypt. Locked to
+    /// this VM while it runs.
+    #[arg(long, value_name = "NAME:PATH[:ro]", value_parser = VolumeSpec::parse, conflicts_with = "wake")]
+    volume: Vec<VolumeSpec>,
     /// Boot the kernel even when this plan has a boot snapshot here, and make none: by
     /// default a plan's first launch boots it, saves it once its agent is ready (the boot
     /// snapshot, `$MVM_HOME/boot-snapshots`) and later launches restore that instead of
@@ -242,6 +248,7 @@ fn launch_env() -> Result<BTreeMap<String, String>, String> {
         .map_err(|e| format!("{LAUNCH_ENV} is not a JSON object of strings: {e}"))
 }
 
+/// The launch `args` ask for; its volumes' keys unsealed from `home`'s store.
 fn launch_request(
     args: Args,
     home: MvmHome,
@@ -249,8 +256,12 @@ fn launch_request(
     interrupt: Arc<AtomicBool>,
     jail: Option<Jail>,
     env: BTreeMap<String, String>,
-) -> Launch {
-    Launch {
+) -> Result<Launch, Box<Failure>> {
+    let mut disks = args.disk;
+    for volume in &args.volume {
+        disks.push(volume.resolve(&home).map_err(LaunchError::from)?);
+    }
+    Ok(Launch {
         // Only a wake has none: its plan is the one its saved state names.
         envelope: args.plan.unwrap_or_default(),
         home,
@@ -268,10 +279,10 @@ fn launch_request(
         env,
         secrets: args.secret,
         secret_files: args.secret_file,
-        disks: args.disk,
+        disks,
         placeholders: BTreeMap::new(),
         cold_boot: args.cold_boot,
-    }
+    })
 }
 
 fn run(
@@ -283,7 +294,7 @@ fn run(
 ) -> Result<(Finished, Option<Captured>), Box<Failure>> {
     let home = MvmHome::from_env().map_err(LaunchError::Audit)?;
     let json = args.json;
-    let request = launch_request(args, home, started, interrupt, jail, env);
+    let request = launch_request(args, home, started, interrupt, jail, env)?;
     if json {
         let mut captured = Captured::default();
         let finished = launch::launch(&request, &mut captured)?;
@@ -306,7 +317,10 @@ fn prepare_snapshot(
         Ok(home) => home,
         Err(e) => return report_failure(&Box::<Failure>::from(LaunchError::Audit(e)), true),
     };
-    let request = launch_request(args, home, started, interrupt, None, env);
+    let request = match launch_request(args, home, started, interrupt, None, env) {
+        Ok(request) => request,
+        Err(failure) => return report_failure(&failure, true),
+    };
     match launch::prepare(&request) {
         Ok(prepared) => {
             let report = json!({
@@ -348,7 +362,10 @@ fn serve(
         }
     };
     let log = home.root().join("vms").join(name).join(state::RUNNER_LOG);
-    let request = launch_request(args, home, started, interrupt, jail, env);
+    let request = match launch_request(args, home, started, interrupt, jail, env) {
+        Ok(request) => request,
+        Err(failure) => return report_failure(&failure, false),
+    };
     let mut on_ready = |state: &state::VmState| {
         let mut out = io::stdout().lock();
         let _ = writeln!(out, "{}", json!({"ready": state}));

@@ -84,6 +84,12 @@ pub struct ImageOptions {
     /// builder's Nix store on one.
     #[arg(long, value_name = "FILE:PATH[:ro]", value_parser = mvm_runner::disk::LaunchDisk::parse)]
     disk: Vec<mvm_runner::disk::LaunchDisk>,
+    /// Attach the encrypted volume NAME (`mvm volume create`) at PATH, read-only with `:ro`;
+    /// repeatable, up to 8 disks and volumes together. Ciphertext on this host's disk, opened
+    /// in the guest with dm-crypt under a key only the agent is given; one VM at a time
+    /// (RUN062 for a second) (docs/volumes.md).
+    #[arg(long, value_name = "NAME:PATH[:ro]", value_parser = mvm_runner::disk::VolumeSpec::parse)]
+    volume: Vec<mvm_runner::disk::VolumeSpec>,
     /// Boot the kernel even when the plan has a boot snapshot here, and make none. By default
     /// a plan's first launch boots it and saves it once its agent is ready (the boot
     /// snapshot, signed by this host's key; `mvm snapshot ls`), and later launches restore
@@ -140,6 +146,7 @@ impl ImageOptions {
             secret: spec.secrets.clone(),
             secret_file: Vec::new(),
             disk: Vec::new(),
+            volume: Vec::new(),
             cold_boot: spec.cold_boot,
         }
     }
@@ -167,6 +174,10 @@ impl ImageOptions {
                 .map(|name| format!("--secret-file={name}")),
         );
         runner.args(self.disk.iter().map(|disk| format!("--disk={disk}")));
+        runner.args(self.volume.iter().map(|volume| {
+            let ro = if volume.read_only { ":ro" } else { "" };
+            format!("--volume={}:{}{ro}", volume.name, volume.path)
+        }));
         if self.cold_boot {
             runner.arg("--cold-boot");
         }

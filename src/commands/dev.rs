@@ -355,6 +355,7 @@ fn store_disk(store: &Path) -> LaunchDisk {
         file: store.to_path_buf(),
         path: "/nix".into(),
         read_only: false,
+        volume: None,
     }
 }
 
@@ -394,7 +395,7 @@ fn make_store_disk(store: &Path, size: u64) -> anyhow::Result<()> {
 }
 
 /// `mkfs.ext4` on `PATH`, or in the sbin directories a user's `PATH` often lacks.
-fn mkfs_ext4() -> Option<PathBuf> {
+pub(crate) fn mkfs_ext4() -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))

@@ -26,6 +26,7 @@ pub mod secret;
 pub mod serve;
 pub mod snapshot;
 pub mod vm;
+pub mod volume;
 
 use std::fmt;
 

@@ -1,7 +1,8 @@
-//! A dm-verity device over the root filesystem image, made with device-mapper ioctls.
+//! A dm-verity device over the root filesystem image, and dm-crypt devices over encrypted
+//! volumes, made with device-mapper ioctls.
 //!
 //! No `dmsetup` in the guest: four ioctls on `/dev/mapper/control` do what `veritysetup open`
-//! does. `DM_VERSION` checks the interface, `DM_DEV_CREATE` makes an empty device,
+//! (or `cryptsetup open --type plain`) does. `DM_VERSION` checks the interface, `DM_DEV_CREATE` makes an empty device,
 //! `DM_TABLE_LOAD` gives it one read-only `verity` target over the whole image, and
 //! `DM_DEV_SUSPEND` without the suspend flag makes that table live. The structures follow the
 //! kernel's `include/uapi/linux/dm-ioctl.h` (interface version 4), with their sizes checked at
@@ -22,6 +23,7 @@ use rustix::ioctl::{opcode, Opcode, Updater};
 
 use super::BootError;
 use mvm_protocol::cmdline::VerityCmdline;
+use zeroize::{Zeroize, Zeroizing};
 
 /// The device-mapper control node (devtmpfs creates it when `dm_mod` loads).
 const CONTROL: &str = "/dev/mapper/control";
@@ -169,29 +171,54 @@ impl DmIoctl {
 }
 
 impl TableLoad {
-    /// One read-only `verity` target over the whole image.
-    fn verity(name: &str, verity: &VerityCmdline, data_device: &str, hash_device: &str) -> Self {
+    /// One target of `target_type` over `sectors` sectors, with `params`.
+    fn one(name: &str, target_type: &[u8], sectors: u64, params: &[u8], read_only: bool) -> Self {
         let mut header = DmIoctl::new::<Self>(name);
         header.target_count = 1;
-        header.flags = DM_READONLY_FLAG;
+        if read_only {
+            header.flags = DM_READONLY_FLAG;
+        }
         let mut spec = DmTargetSpec {
             sector_start: 0,
-            length: verity.data_sectors(),
+            length: sectors,
             status: 0,
             next: (size_of::<DmTargetSpec>() + PARAMS_LEN) as u32,
             target_type: [0; DM_MAX_TYPE_NAME],
         };
-        copy_nul_terminated(&mut spec.target_type, b"verity");
-        let mut params = [0; PARAMS_LEN];
-        copy_nul_terminated(
-            &mut params,
-            verity.table(data_device, hash_device).as_bytes(),
-        );
-        Self {
+        copy_nul_terminated(&mut spec.target_type, target_type);
+        let mut table = Self {
             header,
             spec,
-            params,
-        }
+            params: [0; PARAMS_LEN],
+        };
+        copy_nul_terminated(&mut table.params, params);
+        table
+    }
+
+    /// One read-only `verity` target over the whole image.
+    fn verity(name: &str, verity: &VerityCmdline, data_device: &str, hash_device: &str) -> Self {
+        let params = verity.table(data_device, hash_device);
+        Self::one(
+            name,
+            b"verity",
+            verity.data_sectors(),
+            params.as_bytes(),
+            true,
+        )
+    }
+
+    /// One `crypt` target over the whole of `device` (`sectors` long): `aes-xts-plain64`
+    /// under the hex `key`, the tweak counted from sector 0.
+    fn crypt(name: &str, device: &str, sectors: u64, key: &str, read_only: bool) -> Self {
+        let params = Zeroizing::new(format!("aes-xts-plain64 {key} 0 {device} 0"));
+        Self::one(name, b"crypt", sectors, params.as_bytes(), read_only)
+    }
+}
+
+impl Drop for TableLoad {
+    /// A crypt table's parameters hold its key: not left in freed memory.
+    fn drop(&mut self) {
+        self.params.zeroize();
     }
 }
 
@@ -237,6 +264,25 @@ pub fn open_verity(
     hash_device: &str,
     verity: &VerityCmdline,
 ) -> Result<PathBuf, BootError> {
+    let table = Box::new(TableLoad::verity(name, verity, data_device, hash_device));
+    create(name, table, 0o400)
+}
+
+/// Creates the dm-crypt device `name` over `device` (`sectors` 512-byte sectors) under the
+/// 64-byte `key` (hex) and returns the path of a block device node for it.
+pub fn open_crypt(
+    name: &str,
+    device: &str,
+    sectors: u64,
+    key: &str,
+    read_only: bool,
+) -> Result<PathBuf, BootError> {
+    let table = Box::new(TableLoad::crypt(name, device, sectors, key, read_only));
+    create(name, table, 0o600)
+}
+
+/// Creates the device `name` with the one-target `table` and makes its node, of `mode`.
+fn create(name: &str, mut table: Box<TableLoad>, mode: u32) -> Result<PathBuf, BootError> {
     let control = OpenOptions::new()
         .read(true)
         .write(true)
@@ -262,8 +308,8 @@ pub fn open_verity(
     dm_ioctl::<DM_DEV_CREATE, _>(&control, &mut create, "DM_DEV_CREATE")?;
     let (major, minor) = create.major_minor();
 
-    let mut table = Box::new(TableLoad::verity(name, verity, data_device, hash_device));
     dm_ioctl::<DM_TABLE_LOAD, _>(&control, &mut *table, "DM_TABLE_LOAD")?;
+    drop(table);
 
     // Resuming (no DM_SUSPEND_FLAG) swaps the loaded table in and makes the device live.
     let mut resume = DmIoctl::new::<DmIoctl>(name);
@@ -276,7 +322,7 @@ pub fn open_verity(
         rustix::fs::CWD,
         &node,
         FileType::BlockDevice,
-        Mode::from_raw_mode(0o400),
+        Mode::from_raw_mode(mode),
         rustix::fs::makedev(major, minor),
     )
     .map_err(|e| BootError::DeviceMapper {
@@ -349,6 +395,22 @@ mod tests {
             )
             .as_bytes()
         );
+    }
+
+    #[test]
+    fn a_crypt_table_load_names_the_cipher_key_and_device() {
+        let key = "ab".repeat(64);
+        let load = TableLoad::crypt("mvm-vol0", "/dev/vdc", 131072, &key, false);
+        assert_eq!(load.header.flags, 0);
+        assert_eq!(load.spec.length, 131072);
+        assert_eq!(&load.spec.target_type[..6], b"crypt\0");
+        let params = &load.params[..load.params.iter().position(|b| *b == 0).unwrap()];
+        assert_eq!(
+            params,
+            format!("aes-xts-plain64 {key} 0 /dev/vdc 0").as_bytes()
+        );
+        let read_only = TableLoad::crypt("mvm-vol0", "/dev/vdc", 8, &key, true);
+        assert_eq!(read_only.header.flags, DM_READONLY_FLAG);
     }
 
     #[test]

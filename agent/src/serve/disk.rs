@@ -6,6 +6,10 @@
 //! on the order devices probe in. It is mounted `nosuid,nodev`: whatever the filesystem holds,
 //! it gives no one more privilege. A writable disk's root is given to the workload user, whose
 //! commands are the ones that write there.
+//!
+//! An encrypted volume comes with its key: the disk is opened with dm-crypt
+//! (`aes-xts-plain64`, the key in the kernel from then on) and the filesystem mounted from that
+//! device. Its ext4 journal makes a volume whose VM was killed mid-write mount again.
 
 use std::fs::{self, DirBuilder};
 use std::os::unix::fs::DirBuilderExt;
@@ -22,11 +26,12 @@ use super::exec::Credentials;
 /// right after the hello.
 const APPEAR_WITHIN: Duration = Duration::from_secs(10);
 
-/// Mounts the disk with `serial` at `path`.
+/// Mounts the disk with `serial` at `path`; with `key` (hex), through dm-crypt.
 pub fn mount_disk(
     serial: &str,
     path: &str,
     read_only: bool,
+    key: Option<&str>,
     owner: Option<Credentials>,
 ) -> Result<(), ErrorReply> {
     let failed = |message: String| ErrorReply {
@@ -42,6 +47,10 @@ pub fn mount_disk(
     let target = Path::new(path);
     let device = find_by_serial(Path::new("/sys/block"), serial, APPEAR_WITHIN)
         .ok_or_else(|| failed(format!("no disk with serial {serial:?} appeared")))?;
+    let device = match key {
+        Some(key) => open_volume(serial, &device, key, read_only)?,
+        None => device,
+    };
     DirBuilder::new()
         .recursive(true)
         .mode(0o755)
@@ -62,6 +71,41 @@ pub fn mount_disk(
             .map_err(|e| failed(format!("{path}: {e}")))?;
     }
     Ok(())
+}
+
+/// Opens the encrypted volume on `device` with dm-crypt under `key` (128 hex digits); the
+/// path of the device that shows its plaintext.
+fn open_volume(
+    serial: &str,
+    device: &Path,
+    key: &str,
+    read_only: bool,
+) -> Result<PathBuf, ErrorReply> {
+    let failed = |message: String| ErrorReply {
+        code: codes::VOLUME_FAILED.into(),
+        message,
+    };
+    if key.len() != 128 || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(failed("a volume's key is 64 bytes of hex".into()));
+    }
+    let name = device
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let size = Path::new("/sys/block").join(&name).join("size");
+    let sectors: u64 = fs::read_to_string(&size)
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .filter(|sectors| *sectors > 0)
+        .ok_or_else(|| failed(format!("{}: no size", size.display())))?;
+    crate::boot::devmapper::open_crypt(
+        &format!("mvm-crypt-{serial}"),
+        &device.to_string_lossy(),
+        sectors,
+        key,
+        read_only,
+    )
+    .map_err(|e| failed(format!("opening {} with dm-crypt: {e}", device.display())))
 }
 
 /// `/dev/<name>` of the block device under `sys_block` whose `serial` is `serial`, waiting up

@@ -599,9 +599,17 @@ impl<'c> Agent<'c> {
                 serial,
                 path,
                 read_only,
+                key,
             } => {
                 let owner = self.config.workload_user;
-                match disk::mount_disk(&serial, &path, read_only, owner) {
+                let key = key.map(|key| zeroize::Zeroizing::new(key.0));
+                match disk::mount_disk(
+                    &serial,
+                    &path,
+                    read_only,
+                    key.as_ref().map(|key| key.as_str()),
+                    owner,
+                ) {
                     Ok(()) => send(channel, stream, &Response::Done)?,
                     Err(error) => send(channel, stream, &Response::Error(error))?,
                 }

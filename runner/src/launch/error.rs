@@ -99,6 +99,9 @@ pub enum LaunchError {
     /// that was made.
     #[error(transparent)]
     BootSnapshot(#[from] BootSnapshotError),
+    /// A volume (`--volume`) could not be had: unknown, or its record or key untrusted.
+    #[error(transparent)]
+    Volume(#[from] mvm_ir::volume::VolumeError),
 }
 
 /// The code the runner prints with its exit status; an agent's refusal of the command keeps the
@@ -120,6 +123,7 @@ impl Coded for LaunchError {
             LaunchError::Disk(_) => crate::codes::RUN062,
             LaunchError::Cold(e) => Coded::code(e),
             LaunchError::BootSnapshot(e) => e.code(),
+            LaunchError::Volume(e) => e.code(),
         }
     }
 
@@ -131,6 +135,7 @@ impl Coded for LaunchError {
             LaunchError::Refused(e) => e.class(),
             LaunchError::Cold(e) => Coded::class(e),
             LaunchError::BootSnapshot(e) => e.class(),
+            LaunchError::Volume(e) => e.class(),
             LaunchError::Channel(_) => ErrorClass::Io,
             LaunchError::Integrity(_)
             | LaunchError::GuestFailed(_)
@@ -164,6 +169,7 @@ impl LaunchError {
             }
             LaunchError::Refused(AdmissionError::NotRunnable { .. }) => exit::RUNNER,
             LaunchError::Refused(_)
+            | LaunchError::Volume(mvm_ir::volume::VolumeError::Untrusted(_))
             | LaunchError::Cold(ColdError::Unverified(_))
             | LaunchError::BootSnapshot(BootSnapshotError::Refused(_)) => exit::REFUSED,
             LaunchError::Cold(ColdError::Wake(_))
@@ -184,6 +190,7 @@ impl LaunchError {
             | LaunchError::CommandRefused(_)
             | LaunchError::Cold(ColdError::Save(_))
             | LaunchError::NameInUse(_)
+            | LaunchError::Volume(_)
             | LaunchError::Disk(_) => exit::RUNNER,
         }
     }

@@ -201,6 +201,7 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Bo
         mut vm_process,
         restored,
         // Held until the VM is gone.
+        disks,
         disk_locks: _disk_locks,
     } = start(launch, Origin::Boot(Keep::Nothing), |verified| {
         exec_request(verified, launch)
@@ -213,7 +214,7 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Bo
         egress_for(launch, &plan.plan, &audit, &vm, None, &secrets).and_then(|egress| {
             let renew_as = restored.as_ref().map(|_| vm.as_str());
             let mut booted = boot(launch, listener.as_ref(), &mut vm_process, renew_as)?;
-            mount_disks(&mut booted.client, &launch.disks)?;
+            mount_disks(&mut booted.client, &disks)?;
             put_secret_files(&mut booted.client, &secrets)?;
             confine(egress.is_some())?;
             run_command(
@@ -386,6 +387,10 @@ pub(super) fn mount_disks(
             serial: crate::disk::LaunchDisk::serial(index),
             path: disk.path.clone(),
             read_only: disk.read_only,
+            key: disk
+                .volume
+                .as_ref()
+                .map(|volume| SecretHex(hex::encode(volume.key.as_slice()))),
         };
         agent_done(client, &request, &format!("mount the disk {disk}"))?;
     }

@@ -177,6 +177,7 @@ pub(super) fn serve_started(
         mut vm_process,
         restored,
         // Held until the VM is gone.
+        disks,
         disk_locks: _disk_locks,
         ..
     } = started;
@@ -220,7 +221,7 @@ pub(super) fn serve_started(
         let mut booted = boot(launch, listener.as_ref(), &mut vm_process, renew_as)?;
         // None when woken: a VM with disks is never saved cold. Before the secret files: a
         // disk mounted after them could hide them.
-        mount_disks(&mut booted.client, &launch.disks)?;
+        mount_disks(&mut booted.client, &disks)?;
         put_secret_files(&mut booted.client, &secrets)?;
         if let Some(egress) = &egress {
             // Before anyone is told the VM is ready: every command it runs sees the proxy.
@@ -320,7 +321,7 @@ pub(super) fn serve_started(
         };
         // A disk is locked to its runner, which a cold VM no longer has: another VM could
         // mount it under the filesystem the saved guest holds in its memory.
-        let saver = match (jailed, launch.disks.is_empty()) {
+        let saver = match (jailed, disks.is_empty()) {
             (true, _) => Err("a jailed VM is never saved cold".to_string()),
             (false, false) => Err("a VM with disks (--disk) is not saved cold".to_string()),
             (false, true) => Ok(saver),

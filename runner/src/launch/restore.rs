@@ -31,7 +31,7 @@ use mvm_ir::admission::VerifiedPlan;
 
 /// The shape of the boot snapshot this launch restores, or none when it boots: asked not to
 /// (`--cold-boot`), a single-use plan (its snapshot could never be used again), or launch
-/// disks (the saved machine has none of their devices).
+/// disks or volumes, its own or its plan's (the saved machine has none of their devices).
 pub(super) fn shape_for(
     launch: &Launch,
     plan: &VerifiedPlan,
@@ -39,7 +39,8 @@ pub(super) fn shape_for(
     qemu: &QemuBinary,
     accel: Accel,
 ) -> Option<Shape> {
-    if launch.cold_boot || plan.plan.single_use || !launch.disks.is_empty() {
+    let disks = !launch.disks.is_empty() || !plan.plan.policy.mounts.is_empty();
+    if launch.cold_boot || plan.plan.single_use || disks {
         return None;
     }
     Some(Shape {

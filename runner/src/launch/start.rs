@@ -10,6 +10,7 @@ use std::sync::Arc;
 use mvm_ir::admission::{NonceLedger, PlanAdmission, VerifiedPlan};
 use mvm_ir::audit::HostAudit;
 use mvm_ir::keys::KeyStore;
+use mvm_ir::volume::VolumeError;
 use mvm_ir::Coded;
 use serde_json::json;
 
@@ -24,6 +25,7 @@ use crate::backend::qemu::{self, VmFiles};
 use crate::backend::select::{self, Accel, Backend, HostError, HostFacts};
 use crate::backend::VmProcess;
 use crate::cold::{self, ColdError, ColdState};
+use crate::disk::{LaunchDisk, VolumeSpec};
 use crate::secrets::LaunchSecrets;
 use mvm_vmm::{VmSpec, VmmError};
 
@@ -45,6 +47,9 @@ pub(super) struct Started<T> {
     pub(super) vm_process: VmProcess,
     /// The key of the boot snapshot the VM was restored from (its guest must be renewed).
     pub(super) restored: Option<String>,
+    /// The launch's disks and volumes (its own, then the plan's mounts), in the order the
+    /// guest sees them.
+    pub(super) disks: Vec<LaunchDisk>,
     /// The launch's disks, locked to this VM for as long as these are open.
     pub(super) disk_locks: Vec<File>,
 }
@@ -90,6 +95,40 @@ fn launch_env_allowed(
         ))),
         None => Ok(()),
     }
+}
+
+/// The launch's disks and volumes, then the volumes its plan mounts (the IR's `mounts`), each
+/// unsealed from this host's volume store; at most [`crate::disk::MAX_DISKS`].
+fn launch_disks(launch: &Launch, plan: &VerifiedPlan) -> Result<Vec<LaunchDisk>, LaunchError> {
+    let mut disks = launch.disks.clone();
+    for mount in &plan.plan.policy.mounts {
+        if !mvm_protocol::is_mount_point(&mount.target) {
+            let reason = format!(
+                "the plan mounts a volume at {:?}, which cannot be one",
+                mount.target
+            );
+            return Err(LaunchError::Disk(reason));
+        }
+        let spec = VolumeSpec {
+            name: mount.volume.clone(),
+            path: mount.target.clone(),
+            read_only: mount.read_only,
+        };
+        let disk = spec.resolve(&launch.home).map_err(|e| match e {
+            VolumeError::Unknown(_) => VolumeError::Unknown(format!(
+                "the plan mounts volume {} at {}, which this host does not have: make it with \
+                 `mvm volume create {} --size SIZE`",
+                mount.volume, mount.target, mount.volume
+            )),
+            other => other,
+        })?;
+        disks.push(disk);
+    }
+    if disks.len() > crate::disk::MAX_DISKS {
+        let reason = format!("at most {} disks and volumes", crate::disk::MAX_DISKS);
+        return Err(LaunchError::Disk(reason));
+    }
+    Ok(disks)
 }
 
 pub(super) fn start<T>(
@@ -186,15 +225,20 @@ pub(super) fn start<T>(
         )
         .map_err(LaunchError::Audit)?;
 
-    if launch.disks.len() > crate::disk::MAX_DISKS {
-        let reason = format!("at most {} disks", crate::disk::MAX_DISKS);
-        return Err(LaunchError::Disk(reason).into());
-    }
-    let disk_locks = launch
-        .disks
+    let disks = launch_disks(launch, &plan)?;
+    let disk_locks = disks
         .iter()
         .map(|disk| disk.lock().map_err(LaunchError::Disk))
         .collect::<Result<Vec<_>, _>>()?;
+    for disk in &disks {
+        if let Some(volume) = &disk.volume {
+            let fields = json!({"vm": vm, "volume": volume.name, "path": disk.path,
+                                "read_only": disk.read_only});
+            audit
+                .append("volume.attached", fields)
+                .map_err(LaunchError::Audit)?;
+        }
+    }
     let kernel = dir.private_copy("kernel", &admitted.artifacts.kernel)?;
     let initramfs = dir.private_copy("initramfs", &admitted.artifacts.initramfs)?;
     let socket = dir.path.join("agent.sock");
@@ -216,7 +260,7 @@ pub(super) fn start<T>(
                 verity: &admitted.artifacts.verity,
                 agent_socket: &socket,
                 qmp_socket: &dir.path.join(qemu::QMP_SOCKET),
-                disks: &launch.disks,
+                disks: &disks,
             };
             let mut args = qemu::arguments(&plan.plan, &files, accel);
             let shape = match woken {
@@ -283,7 +327,7 @@ pub(super) fn start<T>(
                 initramfs: &initramfs,
                 rootfs: &admitted.artifacts.rootfs,
                 verity: &admitted.artifacts.verity,
-                disks: &launch.disks,
+                disks: &disks,
             };
             // `VmmError` is not `mvm_ir::Coded` (mvm-vmm depends on no other mvm crate, and
             // the orphan rule keeps the runner from implementing the trait for it): its
@@ -328,6 +372,7 @@ pub(super) fn start<T>(
         socket,
         vm_process,
         restored,
+        disks,
         disk_locks,
     })
 }
