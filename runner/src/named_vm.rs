@@ -433,7 +433,19 @@ impl NamedVm {
                 .with_file_name(format!(".removing-{}-{}", self.name, std::process::id()));
         let host = |what: &str| NamedVmError::host(format!("{what} {}", self.dir.display()));
         std::fs::rename(&self.dir, &removing).map_err(|e| host("moving aside")(e.to_string()))?;
-        std::fs::remove_dir_all(&removing).map_err(|e| host("removing")(e.to_string()))?;
+        let mut attempts = 0;
+        loop {
+            match std::fs::remove_dir_all(&removing) {
+                Ok(()) => break,
+                // A remover that looked the directory up before it moved may still make its
+                // lock file in it, after the listing: gone when it is removed again.
+                Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty && attempts < 10 => {
+                    attempts += 1;
+                    std::thread::sleep(POLL);
+                }
+                Err(e) => return Err(host("removing")(e.to_string())),
+            }
+        }
         cold::forget(&self.home, &seen.vm)
             .map_err(|e| NamedVmError::host("forgetting its cold generation")(e.to_string()))?;
         self.audit("vm.removed", json!({"name": self.name, "vm": seen.vm}))
