@@ -110,7 +110,7 @@ pub enum BenchCommand {
     /// Volumes: sequential writes (`conv=fsync`) and reads (`O_DIRECT`) of SIZE_MIB through an
     /// encrypted volume mounted at PATH in a running VM (`mvm up … --volume NAME:PATH`; its
     /// image needs busybox's `sh` and `dd`), against the same in the guest's /tmp (memory),
-    /// timed by the guest's dd; MB/s medians and ratios.
+    /// timed in the guest (/proc/uptime around each dd); MB/s medians and ratios.
     Volume {
         /// The running VM.
         #[arg(long)]
