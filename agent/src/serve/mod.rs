@@ -318,10 +318,9 @@ impl<'c> Agent<'c> {
             let due = watch.deadline <= now
                 || match &watch.what {
                     Watched::Services(since) => self.services.generation() > *since,
-                    Watched::Log(name, offset) => self
-                        .services
-                        .read_log(name, *offset)
-                        .is_none_or(|(bytes, slice)| !bytes.is_empty() || slice.ended),
+                    Watched::Log(name, offset) => {
+                        self.services.log_moved(name, *offset).unwrap_or(true)
+                    }
                 };
             if !due {
                 index += 1;

@@ -455,6 +455,13 @@ impl Services {
         self.prober.as_ref().map(|p| p.wake.0.as_fd())
     }
 
+    /// Whether a reader at `offset` of service `name`'s log has something to be told: output
+    /// past it, or the end of the service; `None` when there is no such service.
+    pub fn log_moved(&self, name: &str, offset: u64) -> Option<bool> {
+        let service = self.list.iter().find(|s| s.spec.name == name)?;
+        Some(service.log.borrow().end() > offset || service.is_over())
+    }
+
     /// A service's log from `offset` on, or `None` when there is no such service.
     pub fn read_log(&self, name: &str, offset: u64) -> Option<(Vec<u8>, LogSlice)> {
         let service = self.list.iter().find(|s| s.spec.name == name)?;
