@@ -200,8 +200,8 @@ pub fn launch(launch: &Launch, sink: &mut dyn OutputSink) -> Result<Finished, Bo
         socket,
         mut vm_process,
         restored,
-        // Held until the VM is gone.
         disks,
+        // Held until the VM is gone.
         disk_locks: _disk_locks,
     } = start(launch, Origin::Boot(Keep::Nothing), |verified| {
         exec_request(verified, launch)

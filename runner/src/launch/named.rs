@@ -176,8 +176,8 @@ pub(super) fn serve_started(
         socket,
         mut vm_process,
         restored,
-        // Held until the VM is gone.
         disks,
+        // Held until the VM is gone.
         disk_locks: _disk_locks,
         ..
     } = started;
