@@ -89,22 +89,10 @@ fn static_elf(path: &Path) {
 fn fetch_kernel(home: &Path, scratch: &Path) {
     let release = scratch.join("6.1.0-99-test");
     fs::create_dir_all(&release).unwrap();
-    let builtin: String = [
-        "virtio_ring",
-        "virtio",
-        "virtio_mmio",
-        "virtio_blk",
-        "virtio_console",
-        "virtio_rng",
-        "dm-mod",
-        "dm-bufio",
-        "dm-verity",
-        "erofs",
-        "overlay",
-    ]
-    .iter()
-    .map(|m| format!("kernel/drivers/{m}.ko\n"))
-    .collect();
+    let builtin: String = mvm_builder::kernel::GUEST_MODULES
+        .iter()
+        .map(|m| format!("kernel/drivers/{m}.ko\n"))
+        .collect();
     fs::write(release.join("modules.builtin"), builtin).unwrap();
     let vmlinuz = scratch.join("vmlinuz");
     fs::write(&vmlinuz, b"not really a bzImage").unwrap();
