@@ -220,19 +220,23 @@ fn a_volume_is_ciphertext_here_kept_across_vms_locked_snapshotted_and_survives_a
         memmem::find(&archived, marker.as_bytes()).is_none(),
         "the marker in clear"
     );
+    // `mvm volume import ARCHIVE --as copy --passphrase-file PASSPHRASE`.
     let import = |archive: &Path, passphrase: &Path| {
-        let out = guest::mvm(
-            &home,
-            &[
-                "volume",
-                "import",
-                archive.to_str().unwrap(),
-                "--as",
-                "copy",
-                "--passphrase-file",
-                passphrase.to_str().unwrap(),
-            ],
-        );
+        let (archive, passphrase) = (archive.to_str().unwrap(), passphrase.to_str().unwrap());
+        let args = [
+            "volume",
+            "import",
+            archive,
+            "--as",
+            "copy",
+            "--passphrase-file",
+            passphrase,
+        ];
+        args.map(str::to_string)
+    };
+    let refused = |archive: &Path, passphrase: &Path| {
+        let args = import(archive, passphrase);
+        let out = guest::mvm(&home, &args.each_ref().map(String::as_str));
         assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
         assert!(
             text(&out.stderr).contains("VOLUME005"),
@@ -240,30 +244,19 @@ fn a_volume_is_ciphertext_here_kept_across_vms_locked_snapshotted_and_survives_a
             describe(&out)
         );
     };
-    import(&archive, &wrong);
+    refused(&archive, &wrong);
     let mut flipped = archived.clone();
     let at = flipped.len() / 2;
     flipped[at] ^= 1;
     let forged = home.parent().unwrap().join("forged.mvmvol");
     fs::write(&forged, &flipped).unwrap();
-    import(&forged, &secret);
+    refused(&forged, &secret);
     assert!(
         !store.dir_of("copy").exists(),
         "nothing kept of a refused import"
     );
-    let imported = guest::mvm_json(
-        &home,
-        &[
-            "volume",
-            "import",
-            archive.to_str().unwrap(),
-            "--as",
-            "copy",
-            "--passphrase-file",
-            secret.to_str().unwrap(),
-        ],
-        0,
-    );
+    let args = import(&archive, &secret);
+    let imported = guest::mvm_json(&home, &args.each_ref().map(String::as_str), 0);
     assert_eq!(imported["sha256"], exported["sha256"]);
     assert_ne!(imported["id"], made["id"]);
     let _v6 = guest::RemoveOnDrop {
