@@ -1,10 +1,11 @@
 //! Guests for the end-to-end tests: the static guest agent, the runner, and the CLI and build
-//! worker for guests that run them, built by the tests themselves.
+//! worker for guests that run them.
 //!
-//! The agent must be a static binary (the initramfs has no dynamic loader), which the root
-//! package's build cannot give: it is built with cargo, `+crt-static` and an explicit
-//! `--target` (so that build scripts stay dynamic), into its own directory under
-//! `CARGO_TARGET_TMPDIR`, where it is kept between runs. Not every test file uses every helper.
+//! The agent must be a static binary (the initramfs has no dynamic loader). The workspace links
+//! every binary statically (`.cargo/config.toml`), so these are the binaries of the build the
+//! tests run in: `cargo test` has built the CLI and whatever the packages under test need, and
+//! the rest are built here once per test binary, into the same target directory with the same
+//! profile and flags — a link at most. Not every test file uses every helper.
 #![allow(dead_code)]
 
 use std::fs;
@@ -12,73 +13,66 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-const TARGET: &str = "x86_64-unknown-linux-gnu";
-
-fn cargo() -> Command {
-    let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cargo.current_dir(env!("CARGO_MANIFEST_DIR"));
-    cargo
-}
-
-/// The binaries a guest may carry, with their packages: the agent, the runner, the CLI (for a
-/// guest that runs mvm itself: the nested kvm test's) and the build worker (the builder VM's
-/// image, `mvm builder fetch --worker`). The runner needs no static linking, but it does no
-/// harm: it makes it self-contained, as a jailed runner must be.
-const STATIC_BINARIES: &[(&str, &str)] = &[
+/// The binaries a guest may carry, with their packages: the agent, the runner (static, as a
+/// jailed runner must be) and the build worker (the builder VM's image, `mvm builder fetch
+/// --worker`).
+const GUEST_BINARIES: &[(&str, &str)] = &[
     ("mvm-agent", "mvm-agent"),
     ("mvm-runner", "mvm-runner"),
-    ("mvm", "mvm"),
     ("mvm-builder", "mvm-build-worker"),
 ];
 
-/// The static binaries by name, built once per test run, all in one cargo build (they share
-/// most dependencies, which one build compiles once). Release, but without link-time
-/// optimisation: a test wants them built soon more than running a little faster.
-fn static_binaries() -> &'static [(&'static str, PathBuf)] {
-    static BINARIES: OnceLock<Vec<(&'static str, PathBuf)>> = OnceLock::new();
-    BINARIES.get_or_init(|| {
-        let target_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("agent-static");
-        let mut build = cargo();
-        build.args(["build", "--release", "--target", TARGET]);
-        for (package, binary) in STATIC_BINARIES {
+/// The directory the tested CLI was built in (`target/<triple>/<profile>`), with every
+/// binary of [`GUEST_BINARIES`] built there and up to date.
+fn built_binaries() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_BIN_EXE_mvm")).parent().unwrap();
+        let target_dir = dir.parent().and_then(Path::parent).unwrap();
+        let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        build
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .arg("build")
+            .arg("--target-dir")
+            .arg(target_dir);
+        if dir.ends_with("release") {
+            build.arg("--release");
+        }
+        for (package, binary) in GUEST_BINARIES {
             build.args(["-p", package, "--bin", binary]);
         }
-        let out = build
-            .arg("--target-dir")
-            .arg(&target_dir)
-            .env("RUSTFLAGS", "-C target-feature=+crt-static")
-            .env("CARGO_PROFILE_RELEASE_LTO", "false")
-            .env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "16")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .output()
-            .unwrap();
+        let out = build.output().unwrap();
         assert!(
             out.status.success(),
-            "building the static binaries: {}",
+            "building the guests' binaries: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let release = target_dir.join(TARGET).join("release");
-        STATIC_BINARIES
-            .iter()
-            .map(|(_, binary)| {
-                let path = release.join(binary);
-                assert!(
-                    !has_interpreter(&fs::read(&path).unwrap()),
-                    "{} asks for a dynamic loader: not static",
-                    path.display()
-                );
-                (*binary, path)
-            })
-            .collect()
+        dir.to_path_buf()
     })
 }
 
-/// The static binary `name` (one of [`STATIC_BINARIES`]).
+/// The static binary `name`: the CLI, or one of [`GUEST_BINARIES`].
 fn static_binary(name: &str) -> &'static Path {
-    let (_, path) = static_binaries()
-        .iter()
-        .find(|(binary, _)| *binary == name)
-        .unwrap();
+    static CHECKED: OnceLock<Vec<(String, PathBuf)>> = OnceLock::new();
+    let checked = CHECKED.get_or_init(|| {
+        let cli = PathBuf::from(env!("CARGO_BIN_EXE_mvm"));
+        let guests = GUEST_BINARIES
+            .iter()
+            .map(|(_, binary)| built_binaries().join(binary));
+        std::iter::once(cli)
+            .chain(guests)
+            .map(|path| {
+                assert!(
+                    !has_interpreter(&fs::read(&path).unwrap()),
+                    "{} asks for a dynamic loader: not static (is .cargo/config.toml in effect?)",
+                    path.display()
+                );
+                let name = path.file_name().unwrap().to_str().unwrap().to_string();
+                (name, path)
+            })
+            .collect()
+    });
+    let (_, path) = checked.iter().find(|(binary, _)| binary == name).unwrap();
     path
 }
 
