@@ -127,7 +127,8 @@ fn restored_sandboxes_are_machines_of_their_own() {
     let snapshot = snapshot_of(&fixture().bundle);
     let from = audit_len();
     let script = "cat /proc/sys/kernel/random/boot_id; hostname; \
-                  head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s";
+                  head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s; \
+                  cat /etc/machine-id";
     let host_now = || {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -149,7 +150,7 @@ fn restored_sandboxes_are_machines_of_their_own() {
 
     let lines = |out: &str| out.lines().map(str::to_string).collect::<Vec<_>>();
     let (a, b) = (lines(&first), lines(&second));
-    assert_eq!((a.len(), b.len()), (4, 4), "{first}\n{second}");
+    assert_eq!((a.len(), b.len()), (5, 5), "{first}\n{second}");
     assert_ne!(a[0], b[0], "the same boot id in two restored sandboxes");
     assert_eq!(a[0].len(), 36, "{}", a[0]);
     assert_ne!(
@@ -157,6 +158,14 @@ fn restored_sandboxes_are_machines_of_their_own() {
         "the same random bytes in two restored sandboxes"
     );
     assert_eq!(a[2].len(), 64, "{}", a[2]);
+    // A machine-id each (systemd's form), never the other's.
+    assert_ne!(a[4], b[4], "the same machine-id in two restored sandboxes");
+    for id in [&a[4], &b[4]] {
+        let lower_hex = id
+            .bytes()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c));
+        assert!(id.len() == 32 && lower_hex, "{id}");
+    }
     // Each its own hostname: its VM's id.
     for (out, vm) in [(&a, started[0]), (&b, started[1])] {
         assert_eq!(out[1], vm["vm"].as_str().unwrap(), "{out:?}");

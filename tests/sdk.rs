@@ -31,6 +31,8 @@ const APPLETS: &[&str] = &[
     "true",
     "rm",
     "ps",
+    "tty",
+    "stty",
 ];
 
 /// The suites run one at a time: the hosts have two cores.

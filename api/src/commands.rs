@@ -11,14 +11,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use mvm_protocol::{ExecRequest, ExitStatus, Integrity};
+use mvm_protocol::{ExecRequest, ExitStatus, Integrity, TtySize};
 use mvm_runner::client::{AgentClient, CommandSignals, OutputSink};
 use mvm_runner::control::MAX_TIMEOUT;
 use mvm_runner::named_vm::{NamedVm, NamedVmError};
 use tokio::sync::{mpsc, watch};
 
 use crate::error::{ApiError, ErrorDetail};
-use crate::model::{CommandEnd, CommandEvent, CommandInfo, StartCommand};
+use crate::model::{CommandEnd, CommandEvent, CommandInfo, PtySize, StartCommand};
 
 /// A command's timeout when its caller gives none (E2B's default too).
 pub const DEFAULT_TIMEOUT_S: u64 = 60;
@@ -29,11 +29,16 @@ pub const KEPT_BYTES: usize = 8 << 20;
 const ENDED_KEPT: usize = 64;
 /// The events in flight between a foreground command and its client.
 const LIVE_EVENTS: usize = 64;
+/// `TERM` for a command on a terminal, unless its caller sets one: what terminal emulators
+/// (and E2B's terminals) say they are.
+const PTY_TERM: &str = "xterm-256color";
 
 /// One command's shared state.
 pub struct Command {
     id: u64,
     argv: Vec<String>,
+    /// Whether it runs on a terminal (`resize` applies).
+    pty: bool,
     /// Until it ends: these hold the command's connection to the VM open, which counts
     /// against the VM's clients (RUN050) however long the command is remembered.
     signals: Mutex<Option<CommandSignals>>,
@@ -94,6 +99,26 @@ impl Command {
             .ok_or_else(ended)?
             .send(signal)
             .map_err(ApiError::host("signalling the command"))
+    }
+
+    /// Resizes its terminal.
+    pub fn resize(&self, size: PtySize) -> Result<(), ApiError> {
+        if !self.pty {
+            return Err(ApiError::BadRequest(format!(
+                "command {} has no terminal (start it with \"pty\")",
+                self.id
+            )));
+        }
+        let size = tty_size(size)?;
+        let ended = || ApiError::NotFound(format!("command {} has ended", self.id));
+        if lock(&self.kept).end.is_some() {
+            return Err(ended());
+        }
+        lock(&self.signals)
+            .as_ref()
+            .ok_or_else(ended)?
+            .resize(size)
+            .map_err(ApiError::host("resizing the command's terminal"))
     }
 
     /// Writes `bytes` to its standard input.
@@ -159,6 +184,23 @@ impl Command {
     }
 }
 
+/// `size` as the agent takes it, checked.
+fn tty_size(size: PtySize) -> Result<TtySize, ApiError> {
+    let tty = TtySize {
+        rows: size.rows,
+        cols: size.cols,
+    };
+    match tty.is_valid() {
+        true => Ok(tty),
+        false => Err(ApiError::BadRequest(format!(
+            "a terminal of {}x{} (columns x rows): each must be 1-{}",
+            size.cols,
+            size.rows,
+            TtySize::MAX
+        ))),
+    }
+}
+
 fn output_len(event: &CommandEvent) -> usize {
     match event {
         CommandEvent::Stdout { data } | CommandEvent::Stderr { data } => data.len(),
@@ -208,8 +250,12 @@ impl Commands {
             0 => MAX_TIMEOUT,
             seconds => Duration::from_secs(seconds).min(MAX_TIMEOUT),
         };
+        let tty = spec.pty.map(tty_size).transpose()?;
         let mut env = envs;
         env.extend(spec.envs);
+        if tty.is_some() {
+            env.entry("TERM".into()).or_insert_with(|| PTY_TERM.into());
+        }
         let request = ExecRequest {
             argv: spec.argv.clone(),
             env,
@@ -217,9 +263,10 @@ impl Commands {
             timeout_ms: timeout.as_millis() as u64,
             stdin: false,
             user: spec.user,
-            tty: None,
+            tty,
         };
-        let (input, stdin) = match spec.stdin {
+        // A terminal's input is always open: it is how keys reach it.
+        let (input, stdin) = match spec.stdin || tty.is_some() {
             true => {
                 let (reader, writer) = io::pipe().map_err(ApiError::host("a pipe for input"))?;
                 (Some(Box::new(reader) as Box<dyn Read + Send>), Some(writer))
@@ -236,6 +283,7 @@ impl Commands {
         let command = Arc::new(Command {
             id,
             argv: spec.argv,
+            pty: tty.is_some(),
             signals: Mutex::new(Some(signals)),
             stdin: Mutex::new(stdin),
             kept: Mutex::new(Kept {
@@ -401,6 +449,7 @@ mod tests {
         Command {
             id: 1,
             argv: vec!["true".into()],
+            pty: false,
             signals: Mutex::new(Some(client.signals_for_next())),
             stdin: Mutex::new(None),
             kept: Mutex::new(Kept {

@@ -139,6 +139,23 @@ pub struct StartCommand {
     /// `DELETE …/stdin`); otherwise it reads end of file.
     #[serde(default)]
     pub stdin: bool,
+    /// Run it on a terminal of this size in the guest (`POST …/commands/{cid}/resize`
+    /// changes it): its output, both streams as one, comes as `stdout` events, its input is
+    /// kept open, and `TERM` is `xterm-256color` unless `envs` says otherwise. Only where the
+    /// sandbox's plan grants a terminal (the `dev` profile, or `terminal` in the IR); refused
+    /// with AGENT120 otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pty: Option<PtySize>,
+}
+
+/// A terminal's size, for `pty` and `POST …/commands/{cid}/resize`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PtySize {
+    /// Columns, 1–4096.
+    pub cols: u16,
+    /// Rows, 1–4096.
+    pub rows: u16,
 }
 
 /// `201` to a background start.

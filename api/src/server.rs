@@ -29,7 +29,7 @@ use crate::commands::Commands;
 use crate::error::{ApiError, ErrorBody};
 use crate::files::{self, Spool};
 use crate::model::{
-    CommandList, CommandStarted, Health, MakeDir, Pause, Rename, SandboxList, SendSignal,
+    CommandList, CommandStarted, Health, MakeDir, Pause, PtySize, Rename, SandboxList, SendSignal,
     SetTimeout, StartCommand,
 };
 use crate::routes::{self, Found, Op, Route};
@@ -418,6 +418,12 @@ async fn dispatch(
             let command = api.commands.get(&id, command_id(&params)?)?;
             let signal: SendSignal = read_json(request).await?;
             blocking(move || command.signal(signal.signal)).await?;
+            Ok(empty(status))
+        }
+        Op::ResizeCommand => {
+            let command = api.commands.get(&id, command_id(&params)?)?;
+            let size: PtySize = read_json(request).await?;
+            blocking(move || command.resize(size)).await?;
             Ok(empty(status))
         }
         Op::WriteStdin => {

@@ -63,6 +63,10 @@ pub struct CreateParams {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 32))]
     pub labels: BTreeMap<String, String>,
+    /// Boot its kernel instead of restoring its plan's boot snapshot (made by the plan's first
+    /// launch on this host, and restored in a fraction of a boot), and make none.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cold_boot: bool,
 }
 
 /// A sandbox.
@@ -84,6 +88,9 @@ pub struct SandboxInfo {
     /// Why it stopped or failed, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The boot snapshot (its key) its guest was restored from; absent when it booted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_snapshot: Option<String>,
 }
 
 /// `sandbox_list`.

@@ -118,6 +118,7 @@ impl Service {
             allow_hosts: params.allow_hosts.clone(),
             metadata,
             timeout_s: params.timeout_seconds,
+            cold_boot: params.cold_boot,
             ..CreateSandbox::default()
         };
         let _creating = self
@@ -311,6 +312,7 @@ impl Service {
             allow_hosts: checked.allow_hosts,
             timeout_seconds: Some(timeout.as_secs() + ONE_SHOT_GRACE_S),
             labels: BTreeMap::new(),
+            cold_boot: false,
         })?;
         let id = created.sandbox_id;
         let ran = self.prepare_and_run(&id, &checked.files, checked.argv, timeout);
@@ -522,6 +524,7 @@ fn info(sandbox: Sandbox) -> SandboxInfo {
         labels,
         expires_at: sandbox.expires_at,
         reason: sandbox.reason,
+        boot_snapshot: sandbox.boot_snapshot,
     }
 }
 

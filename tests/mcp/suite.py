@@ -64,6 +64,8 @@ async def main():
                               {"image": IMAGE, "labels": {"suite": "python"}})
             sandbox = made["sandbox_id"]
             assert made["state"] == "running" and made["labels"] == {"suite": "python"}, made
+            # Restored from the boot snapshot the one-shot's launch of the same plan made.
+            assert len(made.get("boot_snapshot", "")) == 64, made
             listed = await call(session, "sandbox_list", {"labels": {"suite": "python"}})
             assert [s["sandbox_id"] for s in listed["sandboxes"]] == [sandbox], listed
 

@@ -11,6 +11,7 @@ from .exceptions import (
     TimeoutException,
 )
 from .files import EntryInfo, WriteEntry, WriteInfo
+from .pty import AsyncPtyHandle, PtyHandle, PtySize
 from .sandbox import AsyncSandbox, Sandbox, SandboxInfo
 
 __all__ = [
@@ -21,6 +22,9 @@ __all__ = [
     "AsyncCommandHandle",
     "CommandResult",
     "ProcessInfo",
+    "PtySize",
+    "PtyHandle",
+    "AsyncPtyHandle",
     "EntryInfo",
     "WriteEntry",
     "WriteInfo",

@@ -32,6 +32,7 @@ from typing import (
     Protocol,
     Tuple,
     TypeVar,
+    Union,
 )
 
 import httpx
@@ -47,8 +48,8 @@ T = TypeVar("T")
 
 #: An op: yields calls, is sent their answers, returns its result.
 Op = Generator["Call", Any, T]
-#: A callback to call and the text to call it with.
-Output = Tuple[Callable[[str], object], str]
+#: A callback to call and what to call it with: text, or a terminal's bytes.
+Output = Tuple[Callable[[Any], object], Union[str, bytes]]
 
 
 def mvm_home() -> Path:

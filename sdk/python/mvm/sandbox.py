@@ -10,6 +10,7 @@ from ._api import Api, AsyncApi, Call, Op, shared, shared_async
 from .commands import AsyncCommands, Commands
 from .exceptions import NotFoundException
 from .files import AsyncFiles, Files
+from .pty import AsyncPty, Pty
 
 #: How long a sandbox lives unless told otherwise, in seconds.
 DEFAULT_TIMEOUT = 300
@@ -159,6 +160,7 @@ class Sandbox(_SandboxOps):
         super().__init__(sandbox_id)
         self._api = api or shared()
         self.commands, self.files = self._parts()
+        self.pty = Pty(self._api, self.sandbox_id)
 
     def _parts(self) -> Tuple[Commands, Files]:
         """Its ``commands`` and ``files`` (the E2B layer's run strings through bash and
@@ -274,6 +276,7 @@ class AsyncSandbox(_SandboxOps):
         super().__init__(sandbox_id)
         self._api = api or shared_async()
         self.commands, self.files = self._parts()
+        self.pty = AsyncPty(self._api, self.sandbox_id)
 
     def _parts(self) -> Tuple[AsyncCommands, AsyncFiles]:
         """Its ``commands`` and ``files``, as :meth:`Sandbox._parts`."""

@@ -42,10 +42,13 @@ export interface RunOptions {
   stdin?: boolean;
 }
 
-type Callbacks = Pick<RunOptions, "onStdout" | "onStderr">;
+type Callbacks = Pick<RunOptions, "onStdout" | "onStderr"> & {
+  /** A terminal's output as the bytes it is (`stdout` events), before it is decoded. */
+  onData?: (data: Uint8Array) => void;
+};
 
 /** Reads a command's events to the end: its result, or the error for how it ended. */
-async function follow(events: AsyncIterable<any>, callbacks: Callbacks): Promise<CommandResult> {
+export async function follow(events: AsyncIterable<any>, callbacks: Callbacks): Promise<CommandResult> {
   const decoders = { stdout: new StringDecoder("utf8"), stderr: new StringDecoder("utf8") };
   const text = { stdout: [] as string[], stderr: [] as string[] };
   const add = (kind: "stdout" | "stderr", piece: string) => {
@@ -56,7 +59,9 @@ async function follow(events: AsyncIterable<any>, callbacks: Callbacks): Promise
   for await (const event of events) {
     if (event.type === "stdout" || event.type === "stderr") {
       const kind = event.type as "stdout" | "stderr";
-      add(kind, decoders[kind].write(Buffer.from(event.data, "base64")));
+      const bytes = Buffer.from(event.data, "base64");
+      if (kind === "stdout") callbacks.onData?.(new Uint8Array(bytes));
+      add(kind, decoders[kind].write(bytes));
     } else if (event.type === "ended") {
       add("stdout", decoders.stdout.end());
       add("stderr", decoders.stderr.end());
@@ -91,12 +96,12 @@ export function argvOf(cmd: string[]): string[] {
 /** A command running in the background. */
 export class CommandHandle {
   constructor(
-    private readonly api: Api,
-    private readonly sandboxId: string,
+    protected readonly api: Api,
+    protected readonly sandboxId: string,
     readonly pid: number,
   ) {}
 
-  private path(tail = ""): string {
+  protected path(tail = ""): string {
     return `/v1/sandboxes/${this.sandboxId}/commands/${this.pid}${tail}`;
   }
 

@@ -13,4 +13,5 @@ export {
   TimeoutError,
 } from "./errors.js";
 export { Files, type EntryInfo, type WriteInfo } from "./files.js";
+export { Pty, PtyHandle, type PtyOptions, type PtySize } from "./pty.js";
 export { DEFAULT_TIMEOUT_S, Sandbox, type SandboxInfo, type SandboxOptions } from "./sandbox.js";

@@ -6,6 +6,7 @@ import { sharedApi, type Api } from "./api.js";
 import { Commands } from "./commands.js";
 import { NotFoundError } from "./errors.js";
 import { Files } from "./files.js";
+import { Pty } from "./pty.js";
 
 /** How long a sandbox lives unless told otherwise, in seconds. */
 export const DEFAULT_TIMEOUT_S = 300;
@@ -71,12 +72,15 @@ function info(raw: any): SandboxInfo {
 export class Sandbox {
   readonly commands: Commands;
   readonly files: Files;
+  /** Terminals: commands on a pseudo-terminal (where the plan grants one). */
+  readonly pty: Pty;
 
   protected constructor(
     readonly sandboxId: string,
     protected readonly api: Api,
   ) {
     ({ commands: this.commands, files: this.files } = this.makeParts());
+    this.pty = new Pty(this.api, this.sandboxId);
   }
 
   /** Its `commands` and `files` (the E2B layer's run strings through bash and resolve paths

@@ -219,6 +219,43 @@ describe("a sandbox", () => {
     assert.ok(!ps.includes("sleep 31"), ps);
   });
 
+  test("gives a terminal where the plan grants one, and none where it does not", async () => {
+    const refused = await sandbox.pty.create();
+    await assert.rejects(refused.wait(), (e) => e instanceof SandboxError && e.code === "AGENT120");
+
+    const dev = await Sandbox.create({ image, profile: "dev", timeoutS: 120 });
+    try {
+      const chunks = [];
+      const printed = () => Buffer.concat(chunks).toString();
+      const terminal = await dev.pty.create({ cols: 80, rows: 24, onData: (data) => chunks.push(data) });
+      // Types `keys`, then waits for `wanted` to appear after what was there.
+      const typeUntil = async (keys, wanted) => {
+        const from = printed().length;
+        await terminal.sendStdin(keys);
+        const deadline = Date.now() + 30_000;
+        while (!printed().slice(from).includes(wanted)) {
+          assert.ok(Date.now() < deadline, `${JSON.stringify(wanted)} never came: ${printed()}`);
+          await new Promise((r) => setTimeout(r, 50));
+        }
+      };
+      await typeUntil("tty; echo term=$TERM.\r", "term=xterm-256color.");
+      assert.match(printed(), /\/dev\/pts\/\d+/);
+      await typeUntil("stty size\r", "24 80");
+      await dev.pty.resize(terminal.pid, { cols: 100, rows: 30 });
+      await typeUntil("stty size\r", "30 100");
+      // Ctrl-C ends the foreground job, not the shell.
+      await terminal.sendStdin("sleep 30\r");
+      await new Promise((r) => setTimeout(r, 1000));
+      await typeUntil("\x03", "\n");
+      await typeUntil("echo after-$?\r", "after-130");
+      await terminal.sendStdin("exit 3\r");
+      await assert.rejects(terminal.wait(), (e) => e instanceof CommandExitError && e.exitCode === 3);
+      assert.ok(chunks.every((c) => c instanceof Uint8Array));
+    } finally {
+      await dev.kill();
+    }
+  });
+
   test("two more sandboxes are driven at once and removed when their time is up", async () => {
     const made = await Promise.all(
       [0, 1].map(() => Sandbox.create({ image, timeoutS: 120, metadata: { suite: "ts-pair" } })),
