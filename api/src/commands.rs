@@ -90,15 +90,7 @@ impl Command {
                 "{signal} is not a signal (1-31)"
             )));
         }
-        let ended = || ApiError::NotFound(format!("command {} has ended", self.id));
-        if lock(&self.kept).end.is_some() {
-            return Err(ended());
-        }
-        lock(&self.signals)
-            .as_ref()
-            .ok_or_else(ended)?
-            .send(signal)
-            .map_err(ApiError::host("signalling the command"))
+        self.while_running("signalling the command", |signals| signals.send(signal))
     }
 
     /// Resizes its terminal.
@@ -110,15 +102,24 @@ impl Command {
             )));
         }
         let size = tty_size(size)?;
+        self.while_running("resizing the command's terminal", |signals| {
+            signals.resize(size)
+        })
+    }
+
+    /// Does `act` on the command's connection while it runs (`doing` names it in an error);
+    /// NotFound once it has ended.
+    fn while_running(
+        &self,
+        doing: &'static str,
+        act: impl FnOnce(&CommandSignals) -> io::Result<()>,
+    ) -> Result<(), ApiError> {
         let ended = || ApiError::NotFound(format!("command {} has ended", self.id));
         if lock(&self.kept).end.is_some() {
             return Err(ended());
         }
-        lock(&self.signals)
-            .as_ref()
-            .ok_or_else(ended)?
-            .resize(size)
-            .map_err(ApiError::host("resizing the command's terminal"))
+        let signals = lock(&self.signals);
+        act(signals.as_ref().ok_or_else(ended)?).map_err(ApiError::host(doing))
     }
 
     /// Writes `bytes` to its standard input.

@@ -48,6 +48,12 @@ pub struct CreateSandbox {
     /// from output (`docs/secrets.md`). Values never cross the API.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<String>,
+    /// Encrypted volumes of the host's store (`mvm volume create`) to attach,
+    /// `NAME:/GUEST/PATH[:ro]` as `mvm up --volume` takes them: ciphertext on the host, opened
+    /// in the guest with dm-crypt, one sandbox at a time (RUN062 for a second); up to 8. A
+    /// sandbox with volumes boots its kernel (boot snapshots hold no disks) (`docs/volumes.md`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<String>,
     /// Labels to find it by (`GET /v1/sandboxes?label=KEY=VALUE`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,

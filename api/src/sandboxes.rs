@@ -9,6 +9,7 @@ use std::path::Path;
 
 use mvm_ir::fsutil::{atomic_write, read_capped};
 use mvm_ir::policy::Profile;
+use mvm_runner::disk::VolumeSpec;
 use mvm_runner::named_vm::{NamedVm, NamedVmError, VmHome};
 use mvm_runner::secrets::SecretRef;
 use mvm_runner::state::{valid_name, Phase, VmState};
@@ -29,6 +30,8 @@ pub const MAX_TIMEOUT_S: u64 = 86_400;
 const MAX_ENTRIES: usize = 256;
 /// The largest label or variable, name and value together.
 const MAX_ENTRY_BYTES: usize = 32 * 1024;
+/// The most volumes one sandbox attaches: as many as a VM takes disks.
+const MAX_VOLUMES: usize = mvm_runner::disk::MAX_DISKS;
 
 /// What the API keeps about a sandbox beyond its VM's state.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -309,6 +312,21 @@ fn check_spec(spec: &CreateSandbox) -> Result<(), ApiError> {
                     "profile {name:?} is not restrictive, standard or dev"
                 )))
             }
+        }
+    }
+    if spec.volumes.len() > MAX_VOLUMES {
+        return Err(ApiError::BadRequest(format!(
+            "{} volumes: at most {MAX_VOLUMES}",
+            spec.volumes.len()
+        )));
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for volume in &spec.volumes {
+        let parsed = VolumeSpec::parse(volume).map_err(ApiError::BadRequest)?;
+        if !names.insert(parsed.name) {
+            return Err(ApiError::BadRequest(format!(
+                "{volume:?}: a volume is attached once"
+            )));
         }
     }
     if spec.secrets.len() > MAX_ENTRIES {

@@ -146,7 +146,13 @@ impl ImageOptions {
             secret: spec.secrets.clone(),
             secret_file: Vec::new(),
             disk: Vec::new(),
-            volume: Vec::new(),
+            // Each parsed already by the API (`check_spec`), which refuses the request
+            // otherwise.
+            volume: spec
+                .volumes
+                .iter()
+                .filter_map(|volume| mvm_runner::disk::VolumeSpec::parse(volume).ok())
+                .collect(),
             cold_boot: spec.cold_boot,
         }
     }

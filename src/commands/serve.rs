@@ -110,7 +110,7 @@ impl Launcher for CliLauncher {
             .arg("--plan")
             .arg(plan)
             .args(["--name", id, "--backend", "auto"]);
-        // The secrets; nothing else of the options is for a sandbox's launch.
+        // The secrets and the volumes; nothing else of the options is for a sandbox's launch.
         options
             .configure_runner(&mut runner)
             .map_err(launch_error)?;

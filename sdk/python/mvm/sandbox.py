@@ -78,6 +78,7 @@ class _SandboxOps:
         secrets: Optional[List[str]],
         profile: Optional[str],
         cold_boot: bool,
+        volumes: Optional[List[str]] = None,
     ) -> Op[str]:
         spec: dict = {"timeout_s": int(timeout) if timeout else 0}
         if image is not None:
@@ -95,6 +96,7 @@ class _SandboxOps:
             ("secrets", secrets),
             ("profile", profile),
             ("cold_boot", cold_boot),
+            ("volumes", volumes),
         ):
             if value:
                 spec[key] = value
@@ -184,6 +186,7 @@ class Sandbox(_SandboxOps):
         secrets: Optional[List[str]] = None,
         profile: Optional[str] = None,
         cold_boot: bool = False,
+        volumes: Optional[List[str]] = None,
         api: Optional[Api] = None,
     ) -> S:
         """Creates a sandbox from ``image`` (``REFERENCE@sha256:…``, built into a signed
@@ -195,7 +198,9 @@ class Sandbox(_SandboxOps):
         --secret``): a bound one is a placeholder in the sandbox, an unbound one its value,
         scrubbed from output. ``profile`` is the image's policy profile (``restrictive``,
         ``standard``, ``dev``). It is restored from its plan's boot snapshot (made by the
-        plan's first launch on this host); ``cold_boot=True`` boots its kernel instead."""
+        plan's first launch on this host); ``cold_boot=True`` boots its kernel instead.
+        ``volumes`` attaches encrypted volumes of the host's store, ``NAME:/PATH[:ro]`` as
+        ``mvm up --volume`` (one sandbox at a time; a sandbox with volumes boots)."""
         api = api or shared()
         made = cls._create_op(
             image,
@@ -211,6 +216,7 @@ class Sandbox(_SandboxOps):
             secrets,
             profile,
             cold_boot,
+            volumes,
         )
         return cls(api.run(made), api)
 
@@ -299,6 +305,7 @@ class AsyncSandbox(_SandboxOps):
         secrets: Optional[List[str]] = None,
         profile: Optional[str] = None,
         cold_boot: bool = False,
+        volumes: Optional[List[str]] = None,
         api: Optional[AsyncApi] = None,
     ) -> A:
         """Creates a sandbox as :meth:`Sandbox.create` does, and returns once it is ready."""
@@ -317,6 +324,7 @@ class AsyncSandbox(_SandboxOps):
             secrets,
             profile,
             cold_boot,
+            volumes,
         )
         return cls(await api.run(made), api)
 

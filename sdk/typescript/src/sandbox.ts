@@ -49,6 +49,9 @@ export interface SandboxOptions {
   /** Boot its kernel instead of restoring its plan's boot snapshot (made by the plan's first
    * launch on this host), and make none. */
   coldBoot?: boolean;
+  /** Encrypted volumes of the host's store to attach, `NAME:/PATH[:ro]` (as `mvm up
+   * --volume`): one sandbox at a time; a sandbox with volumes boots its kernel. */
+  volumes?: string[];
   sandboxId?: string;
   api?: Api;
 }
@@ -108,6 +111,7 @@ export class Sandbox {
     if (options.secrets?.length) spec.secrets = options.secrets;
     if (options.profile) spec.profile = options.profile;
     if (options.coldBoot) spec.cold_boot = true;
+    if (options.volumes?.length) spec.volumes = options.volumes;
     const created = await api.json<{ id: string }>("POST", "/v1/sandboxes", { json: spec });
     return new this(created.id, api);
   }

@@ -1,0 +1,38 @@
+"""Encrypted volumes through the API: what one sandbox wrote is there for the next; one
+sandbox at a time; a malformed one refused before anything starts."""
+
+import os
+import subprocess
+
+import pytest
+
+from mvm import InvalidArgumentException, Sandbox, SandboxException
+
+
+def test_a_volume_keeps_what_one_sandbox_wrote_for_the_next(image):
+    name = "sdk-work"
+    subprocess.run(
+        [os.environ["MVM_BIN"], "--json", "volume", "create", name, "--size", "32M"],
+        check=True,
+        capture_output=True,
+    )
+    first = Sandbox.create(image, volumes=[f"{name}:/work"], timeout=300)
+    try:
+        first.commands.run("echo kept > /work/note; sync")
+        # Attached to one sandbox at a time.
+        with pytest.raises(SandboxException) as raised:
+            Sandbox.create(image, volumes=[f"{name}:/work"], timeout=300)
+        assert raised.value.code == "RUN062", raised.value
+    finally:
+        first.kill()
+    second = Sandbox.create(image, volumes=[f"{name}:/work"], timeout=300)
+    try:
+        assert second.commands.run("cat /work/note").stdout == "kept\n"
+    finally:
+        second.kill()
+
+
+@pytest.mark.parametrize("volume", ["no-path", "work:relative", "Bad Name:/work"])
+def test_a_malformed_volume_is_refused_before_anything_starts(image, volume):
+    with pytest.raises(InvalidArgumentException):
+        Sandbox.create(image, volumes=[volume])
