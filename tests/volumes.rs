@@ -178,8 +178,21 @@ fn a_volume_is_ciphertext_here_kept_across_vms_locked_snapshotted_and_survives_a
         home: &home,
         name: "v4",
     };
-    up_with_volume(&home, &image, "v4");
+    // Read-only this time: the journal the killed VM left is replayed all the same, and the
+    // workload cannot write.
+    let args = ["up", &image, "--name", "v4", "--volume", "data:/work:ro"];
+    guest::mvm_json(&home, &args, 0);
     assert_eq!(sh(&home, "v4", "cat /work/note"), "second\n");
+    let wrote = guest::mvm(
+        &home,
+        &["exec", "v4", "--", "sh", "-c", "echo x > /work/note"],
+    );
+    assert_ne!(wrote.status.code(), Some(0), "{}", describe(&wrote));
+    assert!(
+        text(&wrote.stderr).contains("Read-only"),
+        "{}",
+        describe(&wrote)
+    );
     ok(&home, &["rm", "--force", "v4"]);
 
     // The snapshot restored: the first content is back.

@@ -137,22 +137,30 @@ impl LaunchDisk {
         format!("mvm-disk{index}")
     }
 
+    /// Whether the VM gets the disk writable: a plain disk unless read-only; a volume always,
+    /// the guest mounting its filesystem read-only instead — the kernel must be able to replay
+    /// the journal the volume's last VM left (every VM ends without unmounting), which a
+    /// read-only device refuses. A volume's lock is therefore exclusive, `:ro` or not.
+    pub fn device_writable(&self) -> bool {
+        !self.read_only || self.volume.is_some()
+    }
+
     /// Opens the file and locks it for this launch alone: the lock lasts as long as the
     /// returned file is open.
     pub fn lock(&self) -> Result<File, String> {
         let name = self.file.display();
         let file = OpenOptions::new()
             .read(true)
-            .write(!self.read_only)
+            .write(self.device_writable())
             .open(&self.file)
             .map_err(|e| format!("{name}: {e}"))?;
         let meta = file.metadata().map_err(|e| format!("{name}: {e}"))?;
         if !meta.is_file() {
             return Err(format!("{name} is not a regular file"));
         }
-        let operation = match self.read_only {
-            true => FlockOperation::NonBlockingLockShared,
-            false => FlockOperation::NonBlockingLockExclusive,
+        let operation = match self.device_writable() {
+            false => FlockOperation::NonBlockingLockShared,
+            true => FlockOperation::NonBlockingLockExclusive,
         };
         flock(&file, operation)
             .map_err(|_| format!("{name} is attached to another VM (its runner holds it)"))?;

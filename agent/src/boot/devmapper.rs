@@ -207,11 +207,12 @@ impl TableLoad {
         )
     }
 
-    /// One `crypt` target over the whole of `device` (`sectors` long): `aes-xts-plain64`
-    /// under the hex `key`, the tweak counted from sector 0.
-    fn crypt(name: &str, device: &str, sectors: u64, key: &str, read_only: bool) -> Self {
+    /// One writable `crypt` target over the whole of `device` (`sectors` long):
+    /// `aes-xts-plain64` under the hex `key`, the tweak counted from sector 0. Writable even
+    /// under a read-only mount, so that ext4 can replay a journal the last VM left.
+    fn crypt(name: &str, device: &str, sectors: u64, key: &str) -> Self {
         let params = Zeroizing::new(format!("aes-xts-plain64 {key} 0 {device} 0"));
-        Self::one(name, b"crypt", sectors, params.as_bytes(), read_only)
+        Self::one(name, b"crypt", sectors, params.as_bytes(), false)
     }
 }
 
@@ -270,14 +271,8 @@ pub fn open_verity(
 
 /// Creates the dm-crypt device `name` over `device` (`sectors` 512-byte sectors) under the
 /// 64-byte `key` (hex) and returns the path of a block device node for it.
-pub fn open_crypt(
-    name: &str,
-    device: &str,
-    sectors: u64,
-    key: &str,
-    read_only: bool,
-) -> Result<PathBuf, BootError> {
-    let table = Box::new(TableLoad::crypt(name, device, sectors, key, read_only));
+pub fn open_crypt(name: &str, device: &str, sectors: u64, key: &str) -> Result<PathBuf, BootError> {
+    let table = Box::new(TableLoad::crypt(name, device, sectors, key));
     create(name, table, 0o600)
 }
 
@@ -400,7 +395,7 @@ mod tests {
     #[test]
     fn a_crypt_table_load_names_the_cipher_key_and_device() {
         let key = "ab".repeat(64);
-        let load = TableLoad::crypt("mvm-vol0", "/dev/vdc", 131072, &key, false);
+        let load = TableLoad::crypt("mvm-vol0", "/dev/vdc", 131072, &key);
         assert_eq!(load.header.flags, 0);
         assert_eq!(load.spec.length, 131072);
         assert_eq!(&load.spec.target_type[..6], b"crypt\0");
@@ -409,8 +404,6 @@ mod tests {
             params,
             format!("aes-xts-plain64 {key} 0 /dev/vdc 0").as_bytes()
         );
-        let read_only = TableLoad::crypt("mvm-vol0", "/dev/vdc", 8, &key, true);
-        assert_eq!(read_only.header.flags, DM_READONLY_FLAG);
     }
 
     #[test]

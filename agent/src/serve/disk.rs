@@ -48,7 +48,9 @@ pub fn mount_disk(
     let device = find_by_serial(Path::new("/sys/block"), serial, APPEAR_WITHIN)
         .ok_or_else(|| failed(format!("no disk with serial {serial:?} appeared")))?;
     let device = match key {
-        Some(key) => open_volume(serial, &device, key, read_only)?,
+        // Writable under a read-only mount: a journal left by the volume's last VM is
+        // replayed (the runner gives volumes writable devices for this).
+        Some(key) => open_volume(serial, &device, key)?,
         None => device,
     };
     DirBuilder::new()
@@ -75,12 +77,7 @@ pub fn mount_disk(
 
 /// Opens the encrypted volume on `device` with dm-crypt under `key` (128 hex digits); the
 /// path of the device that shows its plaintext.
-fn open_volume(
-    serial: &str,
-    device: &Path,
-    key: &str,
-    read_only: bool,
-) -> Result<PathBuf, ErrorReply> {
+fn open_volume(serial: &str, device: &Path, key: &str) -> Result<PathBuf, ErrorReply> {
     let failed = |message: String| ErrorReply {
         code: codes::VOLUME_FAILED.into(),
         message,
@@ -103,7 +100,6 @@ fn open_volume(
         &device.to_string_lossy(),
         sectors,
         key,
-        read_only,
     )
     .map_err(|e| failed(format!("opening {} with dm-crypt: {e}", device.display())))
 }

@@ -103,7 +103,7 @@ pub fn spec_for_plan(plan: &LaunchPlan, files: &OwnVmFiles<'_>) -> Result<VmSpec
                     .enumerate()
                     .map(|(index, launch_disk)| DiskSpec {
                         path: launch_disk.file.clone(),
-                        read_only: launch_disk.read_only,
+                        read_only: !launch_disk.device_writable(),
                         id: crate::disk::LaunchDisk::serial(index),
                     }),
             )

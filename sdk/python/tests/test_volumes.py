@@ -1,12 +1,12 @@
 """Encrypted volumes through the API: what one sandbox wrote is there for the next; one
-sandbox at a time; a malformed one refused before anything starts."""
+sandbox at a time; read-only when asked; a malformed one refused before anything starts."""
 
 import os
 import subprocess
 
 import pytest
 
-from mvm import InvalidArgumentException, Sandbox, SandboxException
+from mvm import CommandExitException, InvalidArgumentException, Sandbox, SandboxException
 
 
 def test_a_volume_keeps_what_one_sandbox_wrote_for_the_next(image):
@@ -25,9 +25,12 @@ def test_a_volume_keeps_what_one_sandbox_wrote_for_the_next(image):
         assert raised.value.code == "RUN062", raised.value
     finally:
         first.kill()
-    second = Sandbox.create(image, volumes=[f"{name}:/work"], timeout=300)
+    # Read-only: the journal the first left (its VM ended without unmounting) is replayed.
+    second = Sandbox.create(image, volumes=[f"{name}:/work:ro"], timeout=300)
     try:
         assert second.commands.run("cat /work/note").stdout == "kept\n"
+        with pytest.raises(CommandExitException):
+            second.commands.run("echo more > /work/note")
     finally:
         second.kill()
 

@@ -61,9 +61,9 @@ pub fn arguments(plan: &LaunchPlan, files: &VmFiles<'_>, accel: Accel) -> Vec<Os
         ]);
     }
     for (index, disk) in files.disks.iter().enumerate() {
-        let access = match disk.read_only {
-            true => "readonly=on",
-            false => "readonly=off",
+        let access = match disk.device_writable() {
+            false => "readonly=on",
+            true => "readonly=off",
         };
         args.extend([
             "-drive".into(),
