@@ -26,7 +26,8 @@ pub struct LaunchDisk {
     pub file: PathBuf,
     /// Where the guest mounts it.
     pub path: String,
-    /// Mounted read-only, and opened so by the VM.
+    /// Mounted read-only; a plain disk is also opened so by the VM, a volume is not
+    /// ([`LaunchDisk::device_writable`]).
     pub read_only: bool,
     /// Set for a volume (`--volume`): its name and key; the guest opens it with dm-crypt.
     pub volume: Option<AttachedVolume>,
