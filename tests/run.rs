@@ -1535,7 +1535,9 @@ fn a_vm_saved_cold_holds_nothing_refuses_a_changed_state_and_wakes_where_it_left
         "the abandoned copy's temporary is removed",
         EVENTUALLY,
         || {
-            let left = sh_in("sleeper", "ls -a /tmp");
+            // Names only (a glob reads the directory, stats nothing): `ls` fails on a
+            // temporary removed between its listing and its stat, the very moment awaited here.
+            let left = sh_in("sleeper", "cd /tmp && for f in .* *; do echo \"$f\"; done");
             match left.contains(".mvm-copy-") {
                 true => Err(left),
                 false => Ok(left),
