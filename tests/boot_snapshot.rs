@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::fs;
+use std::fs::{self, File};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -320,9 +320,68 @@ fn another_plans_boot_snapshot_is_never_used() {
     let key = mine["key"].as_str().unwrap();
     let removed = guest::mvm_json(&fixture().home, &["snapshot", "rm", &key[..12]], 0);
     assert_eq!(removed["removed"][0], key);
+    let config = fixture().home.join("config.toml");
+    let _config = RemoveFileOnDrop(config.clone());
+    // A typo in the store's budget fails the launch that would make one, before it boots.
+    fs::write(&config, "[boot_snapshots]\nmax_disk_mb = 150\n").unwrap();
+    let out = guest::mvm(
+        &fixture().home,
+        &[
+            "--json",
+            "run",
+            "--plan",
+            &plan(&fixture().bundle),
+            "--",
+            "true",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(125), "{}", support::describe(&out));
+    let said = format!(
+        "{}{}",
+        support::text(&out.stdout),
+        support::text(&out.stderr)
+    );
+    assert!(said.contains("RUN066"), "{}", support::describe(&out));
+    // Made anew over a budget both snapshots do not fit in: the other plan's, unused for an
+    // hour, is evicted; this one stays.
+    fs::write(&config, "[boot_snapshots]\nmax_disk_mib = 150\n").unwrap();
+    File::options()
+        .write(true)
+        .open(theirs_dir.join("used"))
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(3600))
+        .unwrap();
     let from = audit_len();
     run(&fixture().bundle, &[], "true");
-    assert_eq!(named(&events_since(from), "boot_snapshot.made").len(), 1);
+    let events = events_since(from);
+    let made = named(&events, "boot_snapshot.made");
+    assert_eq!(made.len(), 1, "{events:?}");
+    let evicted = named(&events, "boot_snapshot.evicted");
+    assert_eq!(evicted.len(), 1, "{events:?}");
+    assert_eq!(evicted[0]["key"], theirs["key"], "{events:?}");
+    assert_eq!(evicted[0]["max_bytes"], 150 << 20, "{events:?}");
+    let listed = guest::mvm_json(&fixture().home, &["snapshot", "ls"], 0);
+    assert_eq!(listed["max_disk_bytes"], 150 << 20, "{listed}");
+    assert!(
+        listed["disk_bytes"].as_u64().unwrap() <= 150 << 20,
+        "{listed}"
+    );
+    let keys: Vec<&Value> = listed["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| &s["key"])
+        .collect();
+    assert_eq!(keys, vec![&made[0]["key"]], "{listed}");
+}
+
+/// Removes a file when dropped: the home's `config.toml`, which the other tests must not see.
+struct RemoveFileOnDrop(PathBuf);
+
+impl Drop for RemoveFileOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
 }
 
 #[test]

@@ -6,7 +6,9 @@
 //! `--backend kvm` on a bundle built here by `mvm build` and signed by a key the copied
 //! `MVM_HOME` trusts: the own VMM boots the Debian cloud kernel, the agent opens the root
 //! through dm-verity and runs the commands over the virtio-console port (one run asks for
-//! `auto`, which must pick the own VMM there: the outer guest has no QEMU). Then a named VM
+//! `auto`, which must pick the own VMM there: the outer guest has no QEMU). The first run boots
+//! the guest to its agent's hello, saves it as the plan's boot snapshot and restores it; the
+//! runs after it restore that snapshot (the audit log's `vm.started` names it). Then a named VM
 //! goes through its life there: `mvm up`, `ls`, `exec` (state kept between commands, a
 //! background command, an exit status), `pause` and `resume`, `pause --cold` (no runner left)
 //! and `resume` (a new runner restores the saved VM: its files and its background command go
@@ -180,6 +182,8 @@ fn payload(dir: &Path, home: &Path, built: &bundle::Built, named: &[(&str, &str)
              --boot-timeout {INNER_BOOT_TIMEOUT} --timeout 30s -- {command}\n"
         ));
     }
+    // What the runs recorded: which booted, which made a boot snapshot, which restored one.
+    run.push_str("step audit $b grep -E '\"event\":\"(vm.started|boot_snapshot[.a-z]*)\"' /payload/home/audit/audit.jsonl\n");
     for (name, command) in named {
         run.push_str(&format!("step {name} {command}\n"));
     }
@@ -362,6 +366,39 @@ fn the_kvm_backend_boots_linux_runs_commands_and_verifies_the_root_nested() {
             ))
             .collect::<Vec<_>>()
             .join(", ")
+    );
+
+    // Boot snapshots on the own VMM: the first run of the bundle booted a guest to its
+    // agent's hello, saved it as the plan's boot snapshot (RAM as a flat image) and restored
+    // it; the second restored that snapshot (RAM mapped copy-on-write) without booting; the
+    // flipped bundle's plan is the bundle's, so its run restored the same snapshot too — and
+    // its guest's dm-verity still refused the flipped block below.
+    let audit = step("audit");
+    assert_eq!(audit.status, 0, "{audit:?}\n{}", context());
+    let events: Vec<Value> = audit
+        .output
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    let of = |event: &str| -> Vec<&Value> {
+        events
+            .iter()
+            .filter(|e| e["event"] == event)
+            .map(|e| &e["fields"])
+            .collect()
+    };
+    let made = of("boot_snapshot.made");
+    assert_eq!(made.len(), 1, "{audit:?}");
+    assert!(of("boot_snapshot.refused").is_empty(), "{audit:?}");
+    let started = of("vm.started");
+    assert_eq!(started.len(), RUNS.len(), "{audit:?}");
+    for vm in &started {
+        assert_eq!(vm["backend"], "kvm", "{audit:?}");
+        assert_eq!(vm["boot_snapshot"], made[0]["key"], "{audit:?}");
+    }
+    eprintln!(
+        "boot snapshot made in {} ms of the first run ({} bytes of RAM, {} of state)",
+        made[0]["ms"], made[0]["ram_bytes"], made[0]["state_bytes"]
     );
 
     // echo hello through `mvm run`: its output, exit 0, the own VMM.

@@ -126,3 +126,6 @@ pub const RUN064: &str = "RUN064";
 /// The plan's services are not ready: one failed, the probe says unhealthy, or the wait for
 /// them ran out (`mvm up`, `mvm wait --healthy`); the VM runs on.
 pub const RUN065: &str = "RUN065";
+/// The `[boot_snapshots]` section of `$MVM_HOME/config.toml` is malformed: an unknown key, or
+/// a `max_disk_mib` out of its bounds. A launch that would make a boot snapshot does not start.
+pub const RUN066: &str = "RUN066";

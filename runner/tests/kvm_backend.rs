@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use mvm_ir::plan::{LaunchPlan, Timestamp};
 use mvm_runner::backend::kvm::OwnVm;
-use mvm_runner::backend::SavedMemory;
-use mvm_runner::backend::VmProcess;
+use mvm_runner::backend::{SavedMemory, VmProcess};
+use mvm_runner::boot_snapshot::{Shape, Store};
 use mvm_runner::cold::{ColdError, ColdManifest, ColdState};
 use mvm_vmm::VmSpec;
 
@@ -224,4 +224,106 @@ fn huge_pages_are_refused_unless_the_backend_is_kvm() {
         assert_eq!(output.status.code(), Some(125), "{backend}: {stderr}");
         assert!(stderr.contains("error RUN047"), "{backend}: {stderr}");
     }
+}
+
+#[test]
+fn a_boot_snapshot_is_restored_by_many_vms_mapping_one_ram_image_none_writing_it() {
+    if let Some(reason) = guest::kvm_unavailable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let store = Store::of(&mvm_ir::home::MvmHome::at(home.path())).unwrap();
+    let files = guest::PlanFiles::new(dir.path());
+    let plan = guest::test_plan();
+    let shape = Shape {
+        plan_digest: format!("sha256:{}", "a".repeat(64)),
+        kernel_sha256: format!("sha256:{}", "b".repeat(64)),
+        initramfs_sha256: format!("sha256:{}", "c".repeat(64)),
+        backend: "kvm".into(),
+        accel: "kvm".into(),
+        backend_version: mvm_runner::backend::kvm::VERSION.into(),
+        vcpus: 1,
+        memory_mib: 64,
+    };
+
+    // Made as a launch makes it: booted, paused where it waits for the host's answer, its
+    // RAM written flat into the snapshot and its state beside it.
+    let log = File::create(dir.path().join("boot.log")).unwrap();
+    let mut booted = VmProcess::Own(OwnVm::boot(files.spec(&plan), log).unwrap());
+    let mut channel = booted.take_channel().unwrap();
+    guest::wait_for_ping(&mut channel, &booted);
+    let making = store.making(&shape).unwrap();
+    let mut machine = booted
+        .boot_snapshot_machine(dir.path(), &making.ram_path())
+        .unwrap();
+    machine.pause().unwrap();
+    let made = making
+        .finish("vm-test", machine.as_mut(), dir.path(), b"booted\n")
+        .unwrap();
+    booted.kill();
+    // Flat: byte n of the file is byte n of RAM; sparse where the guest never wrote.
+    assert_eq!(made.manifest.ram.bytes, 64 << 20);
+    let allocated = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&made.ram).unwrap());
+    assert!(
+        allocated * 512 < 16 << 20,
+        "{} bytes allocated",
+        allocated * 512
+    );
+
+    // Three VMs restored from it at once, each mapping the one image: each takes the answer
+    // on its own channel where the snapshot left off — no boot, no device discovery — echoes
+    // it and powers off.
+    let restored: Vec<_> = (0..3)
+        .map(|n| {
+            let mut opened = store.open(&shape).unwrap().expect("made");
+            assert!(!opened.hashed, "sealed files are not hashed again");
+            let mut state = Vec::new();
+            opened.state.read_to_end(&mut state).unwrap();
+            let saved = mvm_vmm::snapshot::parse(&state).unwrap();
+            let ram = File::open(&opened.ram).unwrap();
+            let log = File::create(dir.path().join(format!("restored-{n}.log"))).unwrap();
+            let own = OwnVm::from_boot_snapshot(files.spec(&plan), log, &ram, &saved).unwrap();
+            VmProcess::Own(own)
+        })
+        .collect();
+    for (n, mut vm) in restored.into_iter().enumerate() {
+        let mut channel = vm.take_channel().unwrap();
+        channel.write_all(b"pong-from-host").unwrap();
+        let tail = guest::assert_powered_off(&mut vm);
+        assert!(
+            tail.contains("mvm-guest: console received: pong-from-host\n"),
+            "{n}: {tail}"
+        );
+        for before_the_save in ["virtio check", "devices=", "blk read", "port 1 is"] {
+            assert!(!tail.contains(before_the_save), "{n}: {tail}");
+        }
+        assert!(tail.ends_with("mvm-guest: ok\n"), "{n}: {tail}");
+        channel.set_read_timeout(Some(guest::TIMEOUT)).unwrap();
+        let mut echoed = Vec::new();
+        channel.read_to_end(&mut echoed).unwrap();
+        assert!(echoed.ends_with(b"pong-from-host"), "{n}: {echoed:?}");
+    }
+    // What they wrote stayed their own: the image is what was signed.
+    let (sha256, bytes) = mvm_ir::digest::sha256_reader(File::open(&made.ram).unwrap()).unwrap();
+    assert_eq!(
+        SavedMemory { sha256, bytes },
+        made.manifest.ram,
+        "the RAM image changed"
+    );
+    // A RAM image of another size is refused by the VMM, not mapped short.
+    let short = dir.path().join("short");
+    std::fs::write(&short, vec![0u8; 1 << 20]).unwrap();
+    let saved = {
+        let mut opened = store.open(&shape).unwrap().unwrap();
+        let mut state = Vec::new();
+        opened.state.read_to_end(&mut state).unwrap();
+        mvm_vmm::snapshot::parse(&state).unwrap()
+    };
+    let log = File::create(dir.path().join("short.log")).unwrap();
+    let refused =
+        OwnVm::from_boot_snapshot(files.spec(&plan), log, &File::open(&short).unwrap(), &saved)
+            .unwrap_err();
+    assert!(refused.to_string().contains("1048576 bytes"), "{refused}");
 }

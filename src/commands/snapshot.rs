@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use clap::Subcommand;
 use mvm_ir::home::MvmHome;
-use mvm_runner::boot_snapshot::{Listed, Store};
+use mvm_runner::boot_snapshot::{Budget, Listed, Store};
 use serde_json::{json, Value};
 
 use super::bundle::{plan_to_boot, runner_command, BuildReport, ImageOptions};
@@ -19,7 +19,9 @@ use crate::output::Output;
 #[derive(Debug, Subcommand)]
 pub enum SnapshotCommand {
     /// List the boot snapshots: key, plan digest, backend, size, when made and last used, and
-    /// whether it verifies (one that does not is never used, and is made anew).
+    /// whether it verifies (one that does not is never used, and is made anew); and the disk
+    /// they take against the store's budget (`[boot_snapshots] max_disk_mib` in config.toml,
+    /// default 8192: over it, the least recently used are removed as a new one is made).
     Ls,
     /// Remove boot snapshots by key (or a unique prefix of at least 12 hex digits); the next
     /// launch of their plan boots and makes one anew.
@@ -63,7 +65,7 @@ pub fn run(command: SnapshotCommand, out: &Output) -> anyhow::Result<()> {
     let home = MvmHome::from_env().map_err(coded)?;
     let store = Store::of(&home).map_err(coded)?;
     match command {
-        SnapshotCommand::Ls => ls(&store, out),
+        SnapshotCommand::Ls => ls(&store, Budget::load(&home).map_err(coded)?, out),
         SnapshotCommand::Rm { keys } => rm(&store, &keys, out),
         SnapshotCommand::Prune {
             older_than,
@@ -114,10 +116,13 @@ fn listed_json(listed: &Listed) -> Value {
     }
 }
 
-fn ls(store: &Store, out: &Output) -> anyhow::Result<()> {
+fn ls(store: &Store, budget: Budget, out: &Output) -> anyhow::Result<()> {
     let listed = store.list().context("listing the boot snapshots")?;
     let values: Vec<Value> = listed.iter().map(listed_json).collect();
-    out.result(json!({"snapshots": values}), || {
+    let used: u64 = listed.iter().map(|entry| entry.bytes).sum();
+    let value =
+        json!({"snapshots": values, "disk_bytes": used, "max_disk_bytes": budget.max_bytes});
+    out.result(value, || {
         let mut text = format!(
             "{:<14} {:<21} {:<10} {:>9}  {:<21} STATUS",
             "KEY", "PLAN", "BACKEND", "SIZE", "MADE"
@@ -141,6 +146,11 @@ fn ls(store: &Store, out: &Output) -> anyhow::Result<()> {
                 value["made_at"].as_str().unwrap_or("-"),
             ));
         }
+        text.push_str(&format!(
+            "\n{} MiB of {} MiB (config.toml [boot_snapshots] max_disk_mib)",
+            used.div_ceil(1 << 20),
+            budget.max_bytes >> 20
+        ));
         text
     });
     Ok(())

@@ -62,8 +62,14 @@ fn malformed(reason: impl Into<String>) -> VmmError {
 
 /// Writes `state` and the non-zero pages of `memory` to `into`.
 pub fn write(into: &mut impl Write, state: &SavedVm, memory: &GuestRam) -> io::Result<()> {
-    let json = serde_json::to_vec(state).map_err(io::Error::other)?;
+    let json = state_json(state).map_err(io::Error::other)?;
     write_raw(into, &json, memory)
+}
+
+/// `state`'s bytes as [`parse`] reads them: what this file holds before RAM, and what a boot
+/// snapshot keeps beside its flat RAM image.
+pub fn state_json(state: &SavedVm) -> Result<Vec<u8>, VmmError> {
+    serde_json::to_vec(state).map_err(|e| malformed(format!("its state: {e}")))
 }
 
 /// Writes the state's bytes `json` and the non-zero pages of `memory` to `into`.

@@ -4,21 +4,30 @@
 //! console port `mvm.agent` (one end of a socketpair, connected before the guest starts), the
 //! serial console in the VM's bounded log.
 
-use std::fs::File;
-use std::io;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use mvm_ir::digest::Sha256Writer;
 use mvm_ir::plan::LaunchPlan;
 use mvm_protocol::PORT_NAME;
-use mvm_vmm::snapshot::{self, SnapshotReader};
-use mvm_vmm::{ConsolePort, DiskSpec, GuestExit, Machine, MicroVm, PauseError, VmSpec, VmmError};
+use mvm_vmm::snapshot::{self, SavedVm, SnapshotReader};
+use mvm_vmm::vstate::memory;
+use mvm_vmm::{
+    ConsolePort, DiskSpec, GuestExit, Machine, MicroVm, PauseError, VmConfig, VmSpec, VmmError,
+};
 
 use super::{copy_hashing, Pausable, SavedMemory, WakeError};
 use crate::console_log::{BoundedLog, Console};
 
 pub mod jailed;
+
+/// The own VMM's version, as a boot snapshot's shape names it: the VMM is built into the
+/// runner, so a state it saved is restored by the runner of the same version. (A state that
+/// no longer parses is refused and made anew whatever the version says.)
+pub const VERSION: &str = concat!("mvm-runner ", env!("CARGO_PKG_VERSION"));
 
 /// The own VMM in this process pauses by parking its threads ([`mvm_vmm::pause`]) and saves
 /// into its snapshot file ([`mvm_vmm::snapshot`]); it needs no socket.
@@ -123,9 +132,17 @@ pub fn agent_port(host_end: UnixStream) -> ConsolePort {
     }
 }
 
-impl OwnVm {
-    /// Boots `spec`, the serial console logged into `serial_log`.
-    pub fn boot(spec: VmSpec, serial_log: File) -> Result<Self, VmmError> {
+/// A VM's configuration wired to the runner: its files open, its serial console logged into
+/// the VM's log (and kept in `console`), the agent port on one end of a new socketpair whose
+/// other end is `host_end`.
+struct Wired {
+    config: VmConfig,
+    console: Console,
+    host_end: UnixStream,
+}
+
+impl Wired {
+    fn new(spec: VmSpec, serial_log: File) -> Result<Self, VmmError> {
         let (guest_end, host_end) = UnixStream::pair().map_err(|e| VmmError::Device {
             device: "agent channel".into(),
             reason: e.to_string(),
@@ -133,13 +150,58 @@ impl OwnVm {
         let console = Console::default();
         let files = spec.open()?;
         let log = Box::new(BoundedLog::new(serial_log, console.clone()));
-        let vm = mvm_vmm::build(spec.config(files, log, Some(agent_port(guest_end))))?;
-        Ok(OwnVm {
-            vm: Some(vm),
+        Ok(Wired {
+            config: spec.config(files, log, Some(agent_port(guest_end))),
             console,
-            channel: Some(host_end),
-            ended: None,
+            host_end,
         })
+    }
+}
+
+/// The own VMM's machine saving a paused VM the way a boot snapshot keeps it
+/// ([`crate::boot_snapshot`]): guest RAM as a flat image in a new file at `ram` (0600; what
+/// restored VMs map, [`OwnVm::from_boot_snapshot`]), its state as JSON
+/// ([`snapshot::state_json`]) into the file it is given.
+pub struct FlatSave {
+    /// The paused VM's machine.
+    pub machine: Machine,
+    /// Where its RAM image goes.
+    pub ram: PathBuf,
+}
+
+impl Pausable for FlatSave {
+    fn pause(&mut self) -> io::Result<()> {
+        Pausable::pause(&mut self.machine)
+    }
+
+    fn resume(&mut self) -> io::Result<()> {
+        Pausable::resume(&mut self.machine)
+    }
+
+    fn save(&mut self, _socket: &Path, into: &mut File) -> io::Result<SavedMemory> {
+        let failed = |e: VmmError| io::Error::other(format!("{}: {e}", e.code()));
+        let ram = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&self.ram)?;
+        let state = self.machine.save_flat(&ram).map_err(failed)?;
+        let json = snapshot::state_json(&state).map_err(failed)?;
+        into.write_all(&json)?;
+        Ok(SavedMemory {
+            sha256: mvm_ir::digest::sha256_prefixed(&json),
+            bytes: json.len() as u64,
+        })
+    }
+}
+
+impl OwnVm {
+    /// Boots `spec`, the serial console logged into `serial_log`.
+    pub fn boot(spec: VmSpec, serial_log: File) -> Result<Self, VmmError> {
+        let wired = Wired::new(spec, serial_log)?;
+        let vm = mvm_vmm::build(wired.config)?;
+        Ok(Self::running(vm, wired.console, wired.host_end))
     }
 
     /// Restores the VM saved in `memory` (a cold VM the own VMM saved, whose digest and size
@@ -154,13 +216,8 @@ impl OwnVm {
         expected: &SavedMemory,
     ) -> Result<Self, WakeError> {
         let unrestorable = |e: VmmError| WakeError::Refused(format!("{}: {e}", e.code()));
-        let (guest_end, host_end) = UnixStream::pair()
-            .map_err(|e| WakeError::Refused(format!("the agent channel: {e}")))?;
-        let console = Console::default();
-        let opened = spec.open().map_err(unrestorable)?;
-        let log = Box::new(BoundedLog::new(serial_log, console.clone()));
-        let config = spec.config(opened, log, Some(agent_port(guest_end)));
-        let ram = mvm_vmm::builder::guest_ram(&config).map_err(unrestorable)?;
+        let wired = Wired::new(spec, serial_log).map_err(unrestorable)?;
+        let ram = mvm_vmm::builder::guest_ram(&wired.config).map_err(unrestorable)?;
         let mut reader = SnapshotReader::new(&ram);
         let read = copy_hashing(memory, &mut reader);
         let state = reader.finish();
@@ -172,13 +229,51 @@ impl OwnVm {
         let saved_vm = state
             .and_then(|state| snapshot::parse(&state))
             .map_err(unrestorable)?;
-        let vm = mvm_vmm::restore(config, ram, &saved_vm).map_err(unrestorable)?;
-        Ok(OwnVm {
+        let vm = mvm_vmm::restore(wired.config, ram, &saved_vm).map_err(unrestorable)?;
+        Ok(Self::running(vm, wired.console, wired.host_end))
+    }
+
+    /// Restores a boot snapshot ([`crate::boot_snapshot`]) as `spec` and lets it run: its
+    /// device state `saved`, its guest RAM mapped copy-on-write from the flat image `ram`
+    /// ([`memory::map_flat`]) — nothing is read until the guest touches a page, so the
+    /// restore costs the same at any memory size, what the guest writes stays its own, and
+    /// every VM restored from one image shares the pages it has not written. Both were
+    /// verified by the snapshot's store.
+    pub fn from_boot_snapshot(
+        spec: VmSpec,
+        serial_log: File,
+        ram: &File,
+        saved: &SavedVm,
+    ) -> Result<Self, VmmError> {
+        let wired = Wired::new(spec, serial_log)?;
+        let memory =
+            memory::map_flat(wired.config.memory_mib << 20, ram).map_err(VmmError::Memory)?;
+        let vm = mvm_vmm::restore(wired.config, memory, saved)?;
+        vm.machine()
+            .resume()
+            .map_err(|e| VmmError::Snapshot(format!("letting the restored guest run: {e}")))?;
+        Ok(Self::running(vm, wired.console, wired.host_end))
+    }
+
+    fn running(vm: MicroVm, console: Console, host_end: UnixStream) -> Self {
+        OwnVm {
             vm: Some(vm),
             console,
             channel: Some(host_end),
             ended: None,
-        })
+        }
+    }
+
+    /// What pauses it and saves it as a boot snapshot keeps it, its RAM into a new file at
+    /// `ram` ([`FlatSave`]).
+    pub fn flat_save(&self, ram: &Path) -> io::Result<FlatSave> {
+        match &self.vm {
+            Some(vm) => Ok(FlatSave {
+                machine: vm.machine(),
+                ram: ram.to_path_buf(),
+            }),
+            None => Err(io::Error::other(PauseError::Ended)),
+        }
     }
 
     /// What pauses, resumes and saves the VM: its machine while it runs; once it ended,

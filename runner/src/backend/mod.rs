@@ -224,6 +224,24 @@ impl VmProcess {
         }
     }
 
+    /// What pauses the VM and saves it the way a boot snapshot keeps it
+    /// ([`crate::boot_snapshot`]): its device state alone, its RAM in the file `ram`. QEMU
+    /// (booted with its RAM shared in that file, [`qemu::command_line::ram_file_arguments`])
+    /// is told to leave RAM out of the state it streams (`x-ignore-shared`), through the QMP
+    /// socket in the VM's directory `dir`; the own VMM writes RAM there as a flat image. A
+    /// jailed VM is never saved.
+    pub fn boot_snapshot_machine(&self, dir: &Path, ram: &Path) -> io::Result<Box<dyn Pausable>> {
+        match self {
+            VmProcess::Qemu(_) => {
+                let mut qmp = Qmp::connect(&dir.join(qemu::QMP_SOCKET))?;
+                qemu::migration::set_ignore_shared(&mut qmp, true)?;
+                Ok(Box::new(qmp))
+            }
+            VmProcess::Own(own) => Ok(Box::new(own.flat_save(ram)?)),
+            VmProcess::Jailed(_) => Err(io::Error::other("a jailed VM is never saved")),
+        }
+    }
+
     /// Ends the VM now, if it has not ended.
     pub fn kill(&mut self) {
         match self {

@@ -60,6 +60,65 @@ const SCHEMA_VERSION: &str = "mvm.boot-snapshot/v1";
 /// The largest manifest read.
 const MAX_MANIFEST_BYTES: u64 = 16 * 1024;
 
+/// The disk the store's snapshots may take unless `config.toml` says otherwise: 8 GiB.
+pub const DEFAULT_MAX_DISK_MIB: u64 = 8192;
+/// A snapshot restored this recently may be being mapped by a launch: never trimmed.
+const IN_USE_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The store's disk budget: the `[boot_snapshots]` section of `$MVM_HOME/config.toml`.
+///
+/// ```toml
+/// [boot_snapshots]
+/// max_disk_mib = 4096   # the snapshots of this home take at most 4 GiB (default 8192)
+/// ```
+///
+/// Snapshots are a cache: one removed costs its plan's next launch a boot. When a new one
+/// takes the store over its budget, the least recently used go ([`Store::trim`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// The most bytes the snapshots' files may take on disk.
+    pub max_bytes: u64,
+}
+
+impl Budget {
+    /// The budget `home`'s `config.toml` sets; the default where it sets none. An unknown key
+    /// or a value out of bounds (1 MiB to 1 PiB) is refused, so that a typo cannot lift it.
+    pub fn load(home: &MvmHome) -> Result<Self, BootSnapshotError> {
+        let text = home
+            .config_text()
+            .map_err(|e| BootSnapshotError::Config(e.to_string()))?;
+        Self::parse(text.as_deref().unwrap_or(""))
+    }
+
+    /// The `[boot_snapshots]` section of `text`, a `config.toml`.
+    pub fn parse(text: &str) -> Result<Self, BootSnapshotError> {
+        #[derive(Deserialize)]
+        struct File {
+            #[serde(default)]
+            boot_snapshots: Option<Section>,
+        }
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Section {
+            max_disk_mib: Option<u64>,
+        }
+        let file: File =
+            toml::from_str(text).map_err(|e| BootSnapshotError::Config(e.message().to_string()))?;
+        let mib = file
+            .boot_snapshots
+            .and_then(|section| section.max_disk_mib)
+            .unwrap_or(DEFAULT_MAX_DISK_MIB);
+        if !(1..=1 << 30).contains(&mib) {
+            return Err(BootSnapshotError::Config(format!(
+                "max_disk_mib = {mib}: 1 to 1073741824"
+            )));
+        }
+        Ok(Budget {
+            max_bytes: mib << 20,
+        })
+    }
+}
+
 /// What a boot snapshot is a snapshot of: everything that decides what the booted guest holds
 /// in memory and which machine its saved state expects.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,6 +185,9 @@ pub enum BootSnapshotError {
     /// It is not what this host made for this launch: refused, never used.
     #[error("the boot snapshot is refused: {0}")]
     Refused(String),
+    /// The `[boot_snapshots]` section of `config.toml` is malformed.
+    #[error("config.toml [boot_snapshots]: {0}")]
+    Config(String),
 }
 
 impl Coded for BootSnapshotError {
@@ -133,6 +195,7 @@ impl Coded for BootSnapshotError {
         match self {
             BootSnapshotError::Make(_) => codes::RUN063,
             BootSnapshotError::Refused(_) => codes::RUN064,
+            BootSnapshotError::Config(_) => codes::RUN066,
         }
     }
 
@@ -314,6 +377,44 @@ impl Store {
         }
         listed.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(listed)
+    }
+
+    /// Removes the least recently used snapshots (those that do not verify first) until the
+    /// store's snapshots take at most `budget` on disk — never `keep`, the one a launch is
+    /// about to restore, nor one restored in the last minute (a launch may be mapping it).
+    /// Returns what it removed: each key and the bytes it took.
+    pub fn trim(
+        &self,
+        budget: Budget,
+        keep: &str,
+    ) -> Result<Vec<(String, u64)>, BootSnapshotError> {
+        let listed = self
+            .list()
+            .map_err(|e| BootSnapshotError::Make(format!("listing the store: {e}")))?;
+        let mut taken: u64 = listed.iter().map(|entry| entry.bytes).sum();
+        let now = SystemTime::now();
+        let mut candidates: Vec<&Listed> = listed
+            .iter()
+            .filter(|entry| entry.key != keep)
+            .filter(|entry| {
+                entry
+                    .used
+                    .and_then(|used| now.duration_since(used).ok())
+                    .is_none_or(|age| age >= IN_USE_FOR)
+            })
+            .collect();
+        candidates.sort_by_key(|entry| (entry.manifest.is_ok(), entry.used));
+        let mut removed = Vec::new();
+        for entry in candidates {
+            if taken <= budget.max_bytes {
+                break;
+            }
+            if self.remove(&entry.key)? {
+                removed.push((entry.key.clone(), entry.bytes));
+            }
+            taken = taken.saturating_sub(entry.bytes);
+        }
+        Ok(removed)
     }
 
     /// What a making or a removal left when its process was killed mid-way: the directories

@@ -194,3 +194,84 @@ fn a_failed_save_leaves_nothing_and_a_second_maker_keeps_the_first() {
     assert_eq!(kept.manifest.ram.bytes, ram.len() as u64);
     assert_eq!(store.list().unwrap().len(), 1);
 }
+
+/// Sets when the snapshot of `shape` was last used to `ago` before now.
+fn used_ago(store: &Store, shape: &Shape, ago: std::time::Duration) {
+    let used = File::options()
+        .write(true)
+        .open(store.dir.join(shape.key()).join(USED_FILE))
+        .unwrap();
+    used.set_modified(SystemTime::now() - ago).unwrap();
+}
+
+#[test]
+fn over_its_budget_the_store_drops_the_least_recently_used_never_the_new_or_busy_one() {
+    let home = tempfile::tempdir().unwrap();
+    let store = Store::of(&MvmHome::at(home.path())).unwrap();
+    let hour = std::time::Duration::from_secs(3600);
+    for plan in ['a', 'b', 'c', 'd', 'e'] {
+        let ram = plan.to_string().repeat(256 * 1024).into_bytes();
+        make(&store, &shape(plan), &ram, b"devices", b"").unwrap();
+    }
+    // a unused for 3 h, b for 2 h, c for 1 h; d restored just now; e the new one.
+    used_ago(&store, &shape('a'), 3 * hour);
+    used_ago(&store, &shape('b'), 2 * hour);
+    used_ago(&store, &shape('c'), hour);
+    // b no longer verifies: it goes first, however recently used.
+    used_ago(&store, &shape('b'), hour / 2);
+    fs::write(store.dir.join(shape('b').key()).join(MANIFEST_FILE), b"{}").unwrap();
+    let size = |plan: char| {
+        let listed = store.list().unwrap();
+        listed
+            .iter()
+            .find(|e| e.key == shape(plan).key())
+            .unwrap()
+            .bytes
+    };
+    let each = size('a');
+    assert!(each >= 256 * 1024, "{each}");
+    let total: u64 = store.list().unwrap().iter().map(|e| e.bytes).sum();
+    let keep = shape('e').key();
+
+    // Within budget: nothing goes.
+    let budget = |max_bytes| Budget { max_bytes };
+    assert_eq!(store.trim(budget(total), &keep).unwrap(), vec![]);
+    // One over: the one that does not verify.
+    let removed = store.trim(budget(total - 1), &keep).unwrap();
+    assert_eq!(removed, vec![(shape('b').key(), each)]);
+    // Then by last use: a before c.
+    let removed = store.trim(budget(total - 2 * each), &keep).unwrap();
+    assert_eq!(removed, vec![(shape('a').key(), each)]);
+    // Nothing left to spare: c goes, d (restored within the minute) and e (the new one) stay.
+    let removed = store.trim(budget(0), &keep).unwrap();
+    assert_eq!(removed, vec![(shape('c').key(), each)]);
+    let left: Vec<String> = store.list().unwrap().into_iter().map(|e| e.key).collect();
+    let mut expected = vec![shape('d').key(), keep];
+    expected.sort();
+    assert_eq!(left, expected);
+    assert!(store.open(&shape('d')).unwrap().is_some());
+}
+
+#[test]
+fn the_budget_is_read_from_config_toml_and_a_typo_is_refused() {
+    let mib = |text: &str| Budget::parse(text).map(|b| b.max_bytes >> 20);
+    assert_eq!(mib("").unwrap(), DEFAULT_MAX_DISK_MIB);
+    assert_eq!(
+        mib("[policy]\nmax_cpu_cores = 2\n").unwrap(),
+        DEFAULT_MAX_DISK_MIB
+    );
+    assert_eq!(mib("[boot_snapshots]\n").unwrap(), DEFAULT_MAX_DISK_MIB);
+    assert_eq!(mib("[boot_snapshots]\nmax_disk_mib = 512\n").unwrap(), 512);
+    for bad in [
+        "[boot_snapshots]\nmax_disk_mb = 512\n",
+        "[boot_snapshots]\nmax_disk_mib = 0\n",
+        "[boot_snapshots]\nmax_disk_mib = 1073741825\n",
+        "[boot_snapshots]\nmax_disk_mib = -1\n",
+        "[boot_snapshots]\nmax_disk_mib = \"8G\"\n",
+        "[boot_snapshots\n",
+    ] {
+        let refused = Budget::parse(bad).unwrap_err();
+        assert_eq!(refused.code(), "RUN066", "{bad}: {refused}");
+        assert!(refused.to_string().contains("config.toml"), "{refused}");
+    }
+}

@@ -191,7 +191,8 @@ impl LaunchError {
             | LaunchError::Cold(ColdError::Save(_))
             | LaunchError::NameInUse(_)
             | LaunchError::Volume(_)
-            | LaunchError::Disk(_) => exit::RUNNER,
+            | LaunchError::Disk(_)
+            | LaunchError::BootSnapshot(BootSnapshotError::Config(_)) => exit::RUNNER,
         }
     }
 

@@ -324,8 +324,8 @@ pub fn prepare(launch: &Launch) -> Result<Prepared, Box<Failure>> {
             })
         }
         None => Err(crate::boot_snapshot::BootSnapshotError::Make(
-            "this launch has no boot snapshot: a single-use plan, --cold-boot, --disk, or \
-             the kvm backend"
+            "this launch has no boot snapshot: a single-use plan, --cold-boot, a disk or \
+             volume, --jail or --huge-pages"
                 .into(),
         )
         .into()),

@@ -1,14 +1,15 @@
 //! A launch started from a boot snapshot ([`crate::boot_snapshot`]) instead of a boot: the
 //! snapshot of this plan on this machine found and verified — or, the first time (or when the
 //! one found is refused), a guest booted to its agent's hello with its RAM in the snapshot's
-//! file, paused and its device state saved — then restored into the launch's QEMU: the RAM
-//! file mapped copy-on-write, the device state hashed as it streams in and the guest let run
-//! only when it matches. Once the agent says hello the guest is made a machine of its own
+//! file, paused and its device state saved — then restored, its RAM file mapped
+//! copy-on-write: into the launch's QEMU, the device state hashed as it streams in and the
+//! guest let run only when it matches; or into the own VMM, the device state hashed as it is
+//! read and parsed only when it matches. Once the agent says hello the guest is made a machine of its own
 //! ([`renew`]) before anything else is asked of it.
 
 use std::ffi::OsString;
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::time::Instant;
@@ -18,50 +19,70 @@ use mvm_protocol::{Request, SecretHex, RENEW_ENTROPY_BYTES};
 use serde_json::json;
 
 use super::vm_dir::VmDir;
-use super::{agent_done, boot, Launch, LaunchError, SERIAL_LOG};
+use super::{agent_done, boot, Failure, Launch, LaunchError, SERIAL_LOG};
 use crate::admission::BootArtifacts;
+use crate::backend::kvm::OwnVm;
 use crate::backend::qemu::qmp::Qmp;
 use crate::backend::qemu::{self, command_line, migration};
-use crate::backend::select::{Accel, QemuBinary};
+use crate::backend::select::Accel;
 use crate::backend::{Pausable, SavedMemory, VmProcess};
-use crate::boot_snapshot::{BootSnapshot, BootSnapshotError, Shape, Store};
+use crate::boot_snapshot::{BootSnapshot, BootSnapshotError, Budget, Shape, Store};
 use crate::client::AgentClient;
 use crate::cold;
 use mvm_ir::admission::VerifiedPlan;
+use mvm_vmm::snapshot::SavedVm;
+use mvm_vmm::VmSpec;
+
+/// The backend a boot snapshot is made and restored by, as its [`Shape`] names it.
+pub(super) struct SnapshotBackend {
+    /// `qemu` or `kvm`.
+    pub(super) name: &'static str,
+    /// Its version: a saved state loads only into its own.
+    pub(super) version: String,
+    /// Its accelerator.
+    pub(super) accel: Accel,
+}
 
 /// The shape of the boot snapshot this launch restores, or none when it boots: asked not to
-/// (`--cold-boot`), a single-use plan (its snapshot could never be used again), or launch
-/// disks or volumes, its own or its plan's (the saved machine has none of their devices).
+/// (`--cold-boot`), a single-use plan (its snapshot could never be used again), launch
+/// disks or volumes, its own or its plan's (the saved machine has none of their devices), or
+/// a jailed or huge-page VMM (a jailed VM is never saved; a snapshot's RAM is a file, not
+/// huge pages).
 pub(super) fn shape_for(
     launch: &Launch,
     plan: &VerifiedPlan,
     artifacts: &BootArtifacts,
-    qemu: &QemuBinary,
-    accel: Accel,
+    backend: SnapshotBackend,
 ) -> Option<Shape> {
     let disks = !launch.disks.is_empty() || !plan.plan.policy.mounts.is_empty();
-    if launch.cold_boot || plan.plan.single_use || disks {
+    let vmm_options = launch.jail.is_some() || launch.huge_pages;
+    if launch.cold_boot || plan.plan.single_use || disks || vmm_options {
         return None;
     }
     Some(Shape {
         plan_digest: plan.digest.clone(),
         kernel_sha256: mvm_ir::digest::sha256_prefixed(&artifacts.kernel),
         initramfs_sha256: mvm_ir::digest::sha256_prefixed(&artifacts.initramfs),
-        backend: "qemu".into(),
-        accel: accel.to_string(),
-        backend_version: qemu.version.to_string(),
+        backend: backend.name.into(),
+        accel: backend.accel.to_string(),
+        backend_version: backend.version,
         vcpus: plan.plan.resources.cpu_cores,
         memory_mib: u64::from(plan.plan.resources.memory_mb),
     })
 }
 
-/// The VM's machine in QEMU's arguments, the way a boot snapshot is made and restored.
+/// How the guest a boot snapshot is made of boots.
 #[derive(Clone, Copy)]
-pub(super) struct Machine<'a> {
-    pub(super) qemu: &'a Path,
-    pub(super) args: &'a [OsString],
-    pub(super) listener: &'a UnixListener,
-    pub(super) serial_log: &'a File,
+pub(super) enum Booting<'a> {
+    /// QEMU with the launch's arguments `args` (the RAM file's are added), its agent channel
+    /// accepted on `listener`.
+    Qemu {
+        qemu: &'a Path,
+        args: &'a [OsString],
+        listener: &'a UnixListener,
+    },
+    /// The own VMM, booting `spec`.
+    Own(&'a VmSpec),
 }
 
 /// A boot snapshot that could not be had: why, and the console's tail when a guest booted
@@ -69,6 +90,21 @@ pub(super) struct Machine<'a> {
 pub(super) struct Unmade {
     pub(super) error: LaunchError,
     pub(super) console_tail: Option<String>,
+}
+
+impl Unmade {
+    /// The launch's failure report: the serial log of its VM's directory `dir` kept unless
+    /// the launch was stopped on purpose.
+    pub(super) fn failure(self, dir: VmDir) -> Box<Failure> {
+        Box::new(Failure {
+            serial_log: match self.error {
+                LaunchError::Interrupted => None,
+                _ => dir.keep_log(),
+            },
+            error: self.error,
+            console_tail: self.console_tail,
+        })
+    }
 }
 
 impl<E: Into<LaunchError>> From<E> for Unmade {
@@ -80,26 +116,37 @@ impl<E: Into<LaunchError>> From<E> for Unmade {
     }
 }
 
-/// The verified boot snapshot of `shape`; made first — by booting `machine` in `dir` to its
-/// agent's hello and saving it — when there is none, or the one there is refused (which is
-/// removed, and recorded). The console log of `machine` then tells of the boot: of the one
-/// that made the snapshot, or (when it was found) of that boot, copied from the snapshot.
-pub(super) fn snapshot_for(
+/// The verified boot snapshot of `shape` and what `usable` makes of it; made first — by
+/// booting a guest as `booting` in `dir` to its agent's hello and saving it — when there is
+/// none, or the one there is refused or not `usable` (which is removed, and recorded). The
+/// console log `serial_log` then tells of the boot: of the one that made the snapshot, or
+/// (when it was found) of that boot, copied from the snapshot.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn snapshot_for<T>(
     launch: &Launch,
     shape: &Shape,
     audit: &HostAudit,
     vm: &str,
     dir: &VmDir,
-    machine: Machine<'_>,
-) -> Result<BootSnapshot, Unmade> {
+    serial_log: &File,
+    usable: impl Fn(&mut BootSnapshot) -> Result<T, String>,
+    booting: Booting<'_>,
+) -> Result<(BootSnapshot, T), Unmade> {
     let store = Store::of(&launch.home)?;
-    match store.open(shape) {
-        Ok(Some(snapshot)) => {
-            let mut log = machine.serial_log;
+    let found = store.open(shape).and_then(|found| match found {
+        Some(mut snapshot) => match usable(&mut snapshot) {
+            Ok(used) => Ok(Some((snapshot, used))),
+            Err(why) => Err(BootSnapshotError::Refused(why)),
+        },
+        None => Ok(None),
+    });
+    match found {
+        Ok(Some((snapshot, used))) => {
+            let mut log = serial_log;
             log.write_all(&snapshot.console)
                 .and_then(|()| restored_line(log, &snapshot))
                 .map_err(LaunchError::host("the console log"))?;
-            return Ok(snapshot);
+            return Ok((snapshot, used));
         }
         Ok(None) => {}
         Err(refused) => {
@@ -113,19 +160,30 @@ pub(super) fn snapshot_for(
             store.remove(&key)?;
         }
     }
-    let booting = Instant::now();
-    let snapshot = make(launch, shape, &store, vm, dir, machine)?;
+    // Read before a guest boots for it: a malformed budget fails the launch at once.
+    let budget = Budget::load(&launch.home)?;
+    let started = Instant::now();
+    let mut snapshot = make(launch, shape, &store, vm, dir, serial_log, booting)?;
+    let used = usable(&mut snapshot).map_err(BootSnapshotError::Make)?;
     audit
         .append(
             "boot_snapshot.made",
             json!({"key": snapshot.manifest.key, "vm": vm, "plan_digest": shape.plan_digest,
                    "ram_bytes": snapshot.manifest.ram.bytes,
                    "state_bytes": snapshot.manifest.state.bytes,
-                   "ms": booting.elapsed().as_millis() as u64}),
+                   "ms": started.elapsed().as_millis() as u64}),
         )
         .map_err(LaunchError::Audit)?;
-    restored_line(machine.serial_log, &snapshot).map_err(LaunchError::host("the console log"))?;
-    Ok(snapshot)
+    for (key, bytes) in store.trim(budget, &snapshot.manifest.key)? {
+        audit
+            .append(
+                "boot_snapshot.evicted",
+                json!({"key": key, "bytes": bytes, "max_bytes": budget.max_bytes, "vm": vm}),
+            )
+            .map_err(LaunchError::Audit)?;
+    }
+    restored_line(serial_log, &snapshot).map_err(LaunchError::host("the console log"))?;
+    Ok((snapshot, used))
 }
 
 /// Says in the console log where the boot above ends and the restored guest begins.
@@ -137,53 +195,115 @@ fn restored_line(mut log: &File, snapshot: &BootSnapshot) -> std::io::Result<()>
     )
 }
 
-/// Boots `machine` to its agent's hello — its RAM a shared file in the snapshot being made —
-/// pauses it and saves its device state into the store; the QEMU that booted ends either way.
+/// Boots a guest as `booting` to its agent's hello — its RAM in the snapshot being made, or
+/// written there when saved — pauses it and saves its device state into the store; the VM
+/// that booted ends either way.
 fn make(
     launch: &Launch,
     shape: &Shape,
     store: &Store,
     vm: &str,
     dir: &VmDir,
-    machine: Machine<'_>,
+    serial_log: &File,
+    booting: Booting<'_>,
 ) -> Result<BootSnapshot, Unmade> {
     let making = store.making(shape)?;
-    let mut args = machine.args.to_vec();
-    args.extend(command_line::ram_file_arguments(
-        &making.ram_path(),
-        shape.memory_mib,
-        true,
-    ));
-    let serial_log = machine
-        .serial_log
+    let log = serial_log
         .try_clone()
         .map_err(LaunchError::host("the console log"))?;
-    let mut booting =
-        VmProcess::Qemu(qemu::spawn(machine.qemu, &args, serial_log).map_err(|e| {
-            LaunchError::Backend(format!("starting {}: {e}", machine.qemu.display()))
-        })?);
-    let made = boot(launch, Some(machine.listener), &mut booting, None).and_then(|booted| {
-        let mut qmp = Qmp::connect(&dir.path.join(qemu::QMP_SOCKET))
-            .map_err(|e| LaunchError::Backend(format!("QMP: {e}")))?;
+    let (mut vm_process, listener) = match booting {
+        Booting::Qemu {
+            qemu,
+            args,
+            listener,
+        } => {
+            let mut args = args.to_vec();
+            args.extend(command_line::ram_file_arguments(
+                &making.ram_path(),
+                shape.memory_mib,
+                true,
+            ));
+            let spawned = qemu::spawn(qemu, &args, log)
+                .map_err(|e| LaunchError::Backend(format!("starting {}: {e}", qemu.display())))?;
+            (VmProcess::Qemu(spawned), Some(listener))
+        }
+        Booting::Own(spec) => {
+            let booted = OwnVm::boot(spec.clone(), log)
+                .map_err(|e| LaunchError::Backend(format!("{}: {e}", e.code())))?;
+            (VmProcess::Own(booted), None)
+        }
+    };
+    let made = boot(launch, listener, &mut vm_process, None).and_then(|booted| {
         let saving = |e: std::io::Error| BootSnapshotError::Make(format!("saving the guest: {e}"));
-        qmp.pause().map_err(saving)?;
-        // Its RAM is in the file already: the state leaves it out.
-        migration::set_ignore_shared(&mut qmp, true).map_err(saving)?;
+        let mut machine = vm_process
+            .boot_snapshot_machine(&dir.path, &making.ram_path())
+            .map_err(saving)?;
+        machine.pause().map_err(saving)?;
         // What the boot printed, for the logs of the VMs restored from it.
         let console = fs::read(dir.path.join(SERIAL_LOG)).unwrap_or_default();
         // The channel stays open while the state is saved: the guest is saved connected,
         // as a restored one will be.
-        let saved = making.finish(vm, &mut qmp, &dir.path, &console);
+        let saved = making.finish(vm, machine.as_mut(), &dir.path, &console);
         drop(booted);
         Ok(saved?)
     });
-    booting.kill();
+    vm_process.kill();
     // The restoring QEMU makes its own.
     let _ = fs::remove_file(dir.path.join(qemu::QMP_SOCKET));
     made.map_err(|error| Unmade {
         error,
-        console_tail: Some(booting.console().tail()),
+        console_tail: Some(vm_process.console().tail()),
     })
+}
+
+/// The own VMM's saved state in `snapshot`, read from its verified file and checked once
+/// more against its manifest as it is read (what is parsed is what was signed), then parsed.
+pub(super) fn own_vmm_state(snapshot: &mut BootSnapshot) -> Result<SavedVm, String> {
+    let mut bytes = Vec::new();
+    (&mut snapshot.state)
+        .take(mvm_vmm::snapshot::MAX_STATE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("its state: {e}"))?;
+    let read = SavedMemory {
+        sha256: mvm_ir::digest::sha256_prefixed(&bytes),
+        bytes: bytes.len() as u64,
+    };
+    read.check(&snapshot.manifest.state)
+        .map_err(|e| format!("its state: {e}"))?;
+    mvm_vmm::snapshot::parse(&bytes).map_err(|e| format!("{}: {e}", e.code()))
+}
+
+/// Restores `snapshot` (its state `saved`) into the own VMM as `spec`, its console logged
+/// into `serial_log`, and lets it run. A snapshot the VMM cannot restore is removed: the
+/// next launch makes it anew.
+pub(super) fn restore_own(
+    launch: &Launch,
+    spec: VmSpec,
+    serial_log: File,
+    snapshot: &BootSnapshot,
+    saved: &SavedVm,
+) -> Result<VmProcess, LaunchError> {
+    let restored = File::open(&snapshot.ram)
+        .map_err(|e| format!("its RAM: {e}"))
+        .and_then(|ram| {
+            OwnVm::from_boot_snapshot(spec, serial_log, &ram, saved)
+                .map_err(|e| format!("{}: {e}", e.code()))
+        });
+    match restored {
+        Ok(vm) => {
+            let vm = VmProcess::Own(vm);
+            // The guest booted before it was saved: nothing it prints from here is a boot
+            // report.
+            vm.console().boot_is_over();
+            Ok(vm)
+        }
+        Err(why) => {
+            if let Ok(store) = Store::of(&launch.home) {
+                let _ = store.remove(&snapshot.manifest.key);
+            }
+            Err(BootSnapshotError::Refused(why).into())
+        }
+    }
 }
 
 /// Streams the state of `snapshot` into the QEMU started with `-incoming` on the VM

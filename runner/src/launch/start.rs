@@ -20,7 +20,7 @@ use super::{Failure, Launch, LaunchError};
 use crate::admission::host_policy::HostPolicy;
 use crate::admission::{admit_bundle, AdmissionError};
 use crate::backend::kvm::jailed::{self, Jail, JailError, JailedVm};
-use crate::backend::kvm::{spec_for_plan, OwnVm, OwnVmFiles};
+use crate::backend::kvm::{spec_for_plan, OwnVm, OwnVmFiles, VERSION as OWN_VMM_VERSION};
 use crate::backend::qemu::{self, VmFiles};
 use crate::backend::select::{self, Accel, Backend, HostError, HostFacts};
 use crate::backend::VmProcess;
@@ -263,30 +263,35 @@ pub(super) fn start<T>(
                 disks: &disks,
             };
             let mut args = qemu::arguments(&plan.plan, &files, accel);
+            let backend = restore::SnapshotBackend {
+                name: "qemu",
+                version: qemu.version.to_string(),
+                accel,
+            };
             let shape = match woken {
                 true => None,
-                false => restore::shape_for(launch, &plan, &admitted.artifacts, &qemu, accel),
+                false => restore::shape_for(launch, &plan, &admitted.artifacts, backend),
             };
             let snapshot = match shape {
                 Some(shape) => {
-                    let machine = restore::Machine {
+                    let booting = restore::Booting::Qemu {
                         qemu: &qemu.path,
                         args: &args,
                         listener: &listener,
-                        serial_log: &serial_log,
                     };
-                    match restore::snapshot_for(launch, &shape, &audit, &vm, &dir, machine) {
-                        Ok(snapshot) => Some(snapshot),
-                        Err(unmade) => {
-                            return Err(Box::new(Failure {
-                                serial_log: match unmade.error {
-                                    LaunchError::Interrupted => None,
-                                    _ => dir.keep_log(),
-                                },
-                                error: unmade.error,
-                                console_tail: unmade.console_tail,
-                            }))
-                        }
+                    let found = restore::snapshot_for(
+                        launch,
+                        &shape,
+                        &audit,
+                        &vm,
+                        &dir,
+                        &serial_log,
+                        |_| Ok(()),
+                        booting,
+                    );
+                    match found {
+                        Ok((snapshot, ())) => Some(snapshot),
+                        Err(unmade) => return Err(unmade.failure(dir)),
                     }
                 }
                 None => None,
@@ -337,19 +342,50 @@ pub(super) fn start<T>(
                 huge_pages: launch.huge_pages,
                 ..spec_for_plan(&plan.plan, &files).map_err(vmm_failed)?
             };
-            let vm = match (launch.jail, saved) {
-                (Some(_), Some(_)) => {
+            let backend = restore::SnapshotBackend {
+                name: "kvm",
+                version: OWN_VMM_VERSION.into(),
+                accel,
+            };
+            let shape = match woken {
+                true => None,
+                false => restore::shape_for(launch, &plan, &admitted.artifacts, backend),
+            };
+            let vm = match (launch.jail, saved, shape) {
+                (Some(_), Some(_), _) => {
                     let reason = "a jailed VM is never saved cold".to_string();
                     return Err(LaunchError::from(ColdError::Wake(reason)).into());
                 }
-                (Some(jail), None) => {
+                (Some(jail), None, _) => {
                     VmProcess::Jailed(boot_jailed(jail, &dir, &spec, serial_log)?)
                 }
-                (None, Some(saved)) => VmProcess::Own(
+                (None, Some(saved), _) => VmProcess::Own(
                     OwnVm::restore(spec, serial_log, &mut saved.memory, &saved.manifest.memory)
                         .map_err(|e| LaunchError::from(ColdError::from(e)))?,
                 ),
-                (None, None) => VmProcess::Own(OwnVm::boot(spec, serial_log).map_err(vmm_failed)?),
+                (None, None, Some(shape)) => {
+                    let found = restore::snapshot_for(
+                        launch,
+                        &shape,
+                        &audit,
+                        &vm,
+                        &dir,
+                        &serial_log,
+                        restore::own_vmm_state,
+                        restore::Booting::Own(&spec),
+                    );
+                    let (snapshot, state) = match found {
+                        Ok(found) => found,
+                        Err(unmade) => return Err(unmade.failure(dir)),
+                    };
+                    let restored_vm =
+                        restore::restore_own(launch, spec, serial_log, &snapshot, &state)?;
+                    restored = Some(snapshot.manifest.key);
+                    restored_vm
+                }
+                (None, None, None) => {
+                    VmProcess::Own(OwnVm::boot(spec, serial_log).map_err(vmm_failed)?)
+                }
             };
             (None, vm)
         }

@@ -182,7 +182,7 @@ fn save(dir: &Path, memory_mib: u64) -> anyhow::Result<()> {
     let flat = File::create_new(dir.join(FLAT))?;
     let state = machine.save_flat(&flat)?;
     flat.sync_all()?;
-    fs::write(dir.join(STATE), serde_json::to_vec(&state)?)?;
+    fs::write(dir.join(STATE), snapshot::state_json(&state)?)?;
     let mut stream = BufWriter::new(File::create_new(dir.join(STREAM))?);
     machine.save(&mut stream)?;
     stream.flush()?;
