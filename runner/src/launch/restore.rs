@@ -116,22 +116,36 @@ impl<E: Into<LaunchError>> From<E> for Unmade {
     }
 }
 
+/// The launch a boot snapshot is found or made for.
+#[derive(Clone, Copy)]
+pub(super) struct ForLaunch<'a> {
+    pub(super) launch: &'a Launch,
+    pub(super) audit: &'a HostAudit,
+    /// The launch's VM.
+    pub(super) vm: &'a str,
+    pub(super) dir: &'a VmDir,
+    /// Its console log.
+    pub(super) serial_log: &'a File,
+}
+
 /// The verified boot snapshot of `shape` and what `usable` makes of it; made first — by
-/// booting a guest as `booting` in `dir` to its agent's hello and saving it — when there is
-/// none, or the one there is refused or not `usable` (which is removed, and recorded). The
-/// console log `serial_log` then tells of the boot: of the one that made the snapshot, or
-/// (when it was found) of that boot, copied from the snapshot.
-#[allow(clippy::too_many_arguments)]
+/// booting a guest as `booting` in the launch's VM directory to its agent's hello and
+/// saving it — when there is none, or the one there is refused or not `usable` (which is
+/// removed, and recorded). The launch's console log then tells of the boot: of the one that
+/// made the snapshot, or (when it was found) of that boot, copied from the snapshot.
 pub(super) fn snapshot_for<T>(
-    launch: &Launch,
+    this: ForLaunch<'_>,
     shape: &Shape,
-    audit: &HostAudit,
-    vm: &str,
-    dir: &VmDir,
-    serial_log: &File,
     usable: impl Fn(&mut BootSnapshot) -> Result<T, String>,
     booting: Booting<'_>,
 ) -> Result<(BootSnapshot, T), Unmade> {
+    let ForLaunch {
+        launch,
+        audit,
+        vm,
+        dir,
+        serial_log,
+    } = this;
     let store = Store::of(&launch.home)?;
     let found = store.open(shape).and_then(|found| match found {
         Some(mut snapshot) => match usable(&mut snapshot) {

@@ -244,6 +244,13 @@ pub(super) fn start<T>(
     let socket = dir.path.join("agent.sock");
     let serial_log = dir.serial_log(woken)?;
     let mut restored = None;
+    let this = restore::ForLaunch {
+        launch,
+        audit: &audit,
+        vm: &vm,
+        dir: &dir,
+        serial_log: &serial_log,
+    };
     let (listener, vm_process) = match qemu {
         Some(qemu) => {
             let listener =
@@ -279,16 +286,7 @@ pub(super) fn start<T>(
                         args: &args,
                         listener: &listener,
                     };
-                    let found = restore::snapshot_for(
-                        launch,
-                        &shape,
-                        &audit,
-                        &vm,
-                        &dir,
-                        &serial_log,
-                        |_| Ok(()),
-                        booting,
-                    );
+                    let found = restore::snapshot_for(this, &shape, |_| Ok(()), booting);
                     match found {
                         Ok((snapshot, ())) => Some(snapshot),
                         Err(unmade) => return Err(unmade.failure(dir)),
@@ -364,16 +362,9 @@ pub(super) fn start<T>(
                         .map_err(|e| LaunchError::from(ColdError::from(e)))?,
                 ),
                 (None, None, Some(shape)) => {
-                    let found = restore::snapshot_for(
-                        launch,
-                        &shape,
-                        &audit,
-                        &vm,
-                        &dir,
-                        &serial_log,
-                        restore::own_vmm_state,
-                        restore::Booting::Own(&spec),
-                    );
+                    let booting = restore::Booting::Own(&spec);
+                    let found =
+                        restore::snapshot_for(this, &shape, restore::own_vmm_state, booting);
                     let (snapshot, state) = match found {
                         Ok(found) => found,
                         Err(unmade) => return Err(unmade.failure(dir)),
