@@ -324,6 +324,7 @@ fn another_plans_boot_snapshot_is_never_used() {
     let _config = RemoveFileOnDrop(config.clone());
     // A typo in the store's budget fails the launch that would make one, before it boots.
     fs::write(&config, "[boot_snapshots]\nmax_disk_mb = 150\n").unwrap();
+    let from = audit_len();
     let out = guest::mvm(
         &fixture().home,
         &[
@@ -342,6 +343,10 @@ fn another_plans_boot_snapshot_is_never_used() {
         support::text(&out.stderr)
     );
     assert!(said.contains("RUN066"), "{}", support::describe(&out));
+    let events = events_since(from);
+    for never in ["boot_snapshot.made", "vm.started"] {
+        assert!(named(&events, never).is_empty(), "{never}: {events:?}");
+    }
     // Made anew over a budget both snapshots do not fit in: the other plan's, unused for an
     // hour, is evicted; this one stays.
     fs::write(&config, "[boot_snapshots]\nmax_disk_mib = 150\n").unwrap();

@@ -282,15 +282,18 @@ fn a_boot_snapshot_is_restored_by_many_vms_mapping_one_ram_image_none_writing_it
             let mut state = Vec::new();
             opened.state.read_to_end(&mut state).unwrap();
             let saved = mvm_vmm::snapshot::parse(&state).unwrap();
-            let ram = File::open(&opened.ram).unwrap();
             let log = File::create(dir.path().join(format!("restored-{n}.log"))).unwrap();
-            let own = OwnVm::from_boot_snapshot(files.spec(&plan), log, &ram, &saved).unwrap();
+            let own = OwnVm::from_boot_snapshot(files.spec(&plan), log, &opened.ram_file, &saved)
+                .unwrap();
             VmProcess::Own(own)
         })
         .collect();
     for (n, mut vm) in restored.into_iter().enumerate() {
         let mut channel = vm.take_channel().unwrap();
         channel.write_all(b"pong-from-host").unwrap();
+        // Paused until resumed: nothing runs, the answer waits.
+        assert_eq!(vm.wait_for_exit(Duration::from_millis(200)).unwrap(), None);
+        vm.machine(dir.path()).unwrap().resume().unwrap();
         let tail = guest::assert_powered_off(&mut vm);
         assert!(
             tail.contains("mvm-guest: console received: pong-from-host\n"),

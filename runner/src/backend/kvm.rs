@@ -233,12 +233,12 @@ impl OwnVm {
         Ok(Self::running(vm, wired.console, wired.host_end))
     }
 
-    /// Restores a boot snapshot ([`crate::boot_snapshot`]) as `spec` and lets it run: its
-    /// device state `saved`, its guest RAM mapped copy-on-write from the flat image `ram`
-    /// ([`memory::map_flat`]) — nothing is read until the guest touches a page, so the
-    /// restore costs the same at any memory size, what the guest writes stays its own, and
-    /// every VM restored from one image shares the pages it has not written. Both were
-    /// verified by the snapshot's store.
+    /// Restores a boot snapshot ([`crate::boot_snapshot`]) as `spec`, paused until its
+    /// machine resumes it: its device state `saved`, its guest RAM mapped copy-on-write from
+    /// the flat image `ram` ([`memory::map_flat`]) — nothing is read until the guest touches
+    /// a page, so the restore costs the same at any memory size, what the guest writes stays
+    /// its own, and every VM restored from one image shares the pages it has not written.
+    /// Both were verified by the snapshot's store.
     pub fn from_boot_snapshot(
         spec: VmSpec,
         serial_log: File,
@@ -249,9 +249,6 @@ impl OwnVm {
         let memory =
             memory::map_flat(wired.config.memory_mib << 20, ram).map_err(VmmError::Memory)?;
         let vm = mvm_vmm::restore(wired.config, memory, saved)?;
-        vm.machine()
-            .resume()
-            .map_err(|e| VmmError::Snapshot(format!("letting the restored guest run: {e}")))?;
         Ok(Self::running(vm, wired.console, wired.host_end))
     }
 

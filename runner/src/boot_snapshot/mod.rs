@@ -18,13 +18,14 @@
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use mvm_ir::home::MvmHome;
 use mvm_ir::plan::Timestamp;
 use mvm_ir::{Coded, ErrorClass};
+use rustix::fs::{flock, FlockOperation};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{Pausable, SavedMemory};
@@ -62,6 +63,8 @@ const MAX_MANIFEST_BYTES: u64 = 16 * 1024;
 
 /// The disk the store's snapshots may take unless `config.toml` says otherwise: 8 GiB.
 pub const DEFAULT_MAX_DISK_MIB: u64 = 8192;
+/// How long a removal waits for the launches restoring a snapshot.
+const REMOVE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// A snapshot restored this recently may be being mapped by a launch: never trimmed.
 const IN_USE_FOR: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -212,15 +215,44 @@ pub struct BootSnapshot {
     pub manifest: Manifest,
     /// Its state file, open at its start.
     pub state: File,
-    /// Its RAM file, for the backend to map; checked as the manifest says, read-only, in
-    /// the store only the host user can enter.
+    /// Its RAM file's path, for a backend that opens it itself (QEMU); checked as the
+    /// manifest says, read-only, in the store only the host user can enter, and not removed
+    /// while this is held.
     pub ram: PathBuf,
+    /// The RAM file that was checked, open: what a backend that maps a descriptor maps.
+    pub ram_file: File,
     /// Whether a file was hashed in full on opening (its seal did not hold), not just found
     /// sealed.
     pub hashed: bool,
     /// The console of the boot that made it (at most 256 KiB; not signed: what the guest
     /// printed, for people to read, never for a decision).
     pub console: Vec<u8>,
+    /// A shared lock on its directory while it is restored: no removal (`mvm snapshot rm`,
+    /// the budget's trim, a refusal) takes the directory from under it.
+    hold: Option<File>,
+}
+
+impl BootSnapshot {
+    /// Lets go of the directory: to be removed, by this process too.
+    pub fn release(&mut self) {
+        self.hold = None;
+    }
+}
+
+/// Locks the directory `dir` as `operation` says: shared while a launch checks and restores
+/// its snapshot, exclusive while it is removed.
+fn lock_dir(dir: &Path, operation: FlockOperation) -> io::Result<File> {
+    let file = File::open(dir)?;
+    flock(&file, operation)?;
+    Ok(file)
+}
+
+/// Whether `held` is still the directory at `dir` (not renamed aside and replaced meanwhile).
+fn still_at(held: &File, dir: &Path) -> bool {
+    match (held.metadata(), fs::metadata(dir)) {
+        (Ok(held), Ok(now)) => (held.dev(), held.ino()) == (now.dev(), now.ino()),
+        _ => false,
+    }
 }
 
 /// One entry of [`Store::list`].
@@ -271,9 +303,13 @@ impl Store {
     pub fn open(&self, shape: &Shape) -> Result<Option<BootSnapshot>, BootSnapshotError> {
         let key = shape.key();
         let dir = self.path(&key)?;
-        if !dir.exists() {
-            return Ok(None);
-        }
+        let hold = match lock_dir(&dir, FlockOperation::LockShared) {
+            Ok(hold) if still_at(&hold, &dir) => hold,
+            // Removed while this waited for it: as if it were not there.
+            Ok(_) => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(BootSnapshotError::Refused(format!("its directory: {e}"))),
+        };
         let refused = BootSnapshotError::Refused;
         let manifest = self.manifest(&key).map_err(refused)?;
         if manifest.shape != *shape {
@@ -282,8 +318,9 @@ impl Store {
         let (state, state_hashed) =
             checked(&dir.join(STATE_FILE), &manifest.state, &manifest.state_seal)
                 .map_err(|e| refused(format!("its state: {e}")))?;
-        let (_, ram_hashed) = checked(&dir.join(RAM_FILE), &manifest.ram, &manifest.ram_seal)
-            .map_err(|e| refused(format!("its RAM: {e}")))?;
+        let (ram_file, ram_hashed) =
+            checked(&dir.join(RAM_FILE), &manifest.ram, &manifest.ram_seal)
+                .map_err(|e| refused(format!("its RAM: {e}")))?;
         let _ = fs::write(dir.join(USED_FILE), b"");
         let console =
             mvm_ir::fsutil::read_capped(&dir.join(CONSOLE_FILE), MAX_CONSOLE_BYTES, "boot console")
@@ -292,8 +329,10 @@ impl Store {
             manifest,
             state,
             ram: dir.join(RAM_FILE),
+            ram_file,
             hashed: state_hashed || ram_hashed,
             console,
+            hold: Some(hold),
         }))
     }
 
@@ -339,20 +378,59 @@ impl Store {
         })
     }
 
-    /// Removes the snapshot `key`: renamed aside first, so no launch finds it half removed.
+    /// Removes the snapshot `key`: once no launch is restoring it (its directory's lock;
+    /// waited for up to 10 s, a restore takes well under one), renamed aside first, so no
+    /// launch finds it half removed. A process must [`BootSnapshot::release`] a snapshot of
+    /// its own before removing it.
     pub fn remove(&self, key: &str) -> Result<bool, BootSnapshotError> {
+        let deadline = std::time::Instant::now() + REMOVE_WAIT;
+        loop {
+            match self.remove_if(key, FlockOperation::NonBlockingLockExclusive, || true)? {
+                Removal::Busy if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Removal::Busy => {
+                    return Err(BootSnapshotError::Make(format!(
+                        "{key} is being restored; try again"
+                    )))
+                }
+                Removal::Removed => return Ok(true),
+                Removal::Gone => return Ok(false),
+            }
+        }
+    }
+
+    /// Removes the snapshot `key` when `still_wanted` says so once its directory is locked
+    /// (never while a launch restores it).
+    fn remove_if(
+        &self,
+        key: &str,
+        operation: FlockOperation,
+        still_wanted: impl Fn() -> bool,
+    ) -> Result<Removal, BootSnapshotError> {
+        let failed = |e: io::Error| BootSnapshotError::Make(format!("removing {key}: {e}"));
         let dir = self.path(key)?;
+        let hold = match lock_dir(&dir, operation) {
+            Ok(hold) if still_at(&hold, &dir) => hold,
+            Ok(_) => return Ok(Removal::Gone),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Removal::Gone),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Removal::Busy),
+            Err(e) => return Err(failed(e)),
+        };
+        if !still_wanted() {
+            return Ok(Removal::Busy);
+        }
         let aside = self
             .dir
             .join(format!(".removing-{key}-{}", std::process::id()));
         match fs::rename(&dir, &aside) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(BootSnapshotError::Make(format!("removing {key}: {e}"))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Removal::Gone),
+            Err(e) => return Err(failed(e)),
         }
-        fs::remove_dir_all(&aside)
-            .map_err(|e| BootSnapshotError::Make(format!("removing {key}: {e}")))?;
-        Ok(true)
+        fs::remove_dir_all(&aside).map_err(failed)?;
+        drop(hold);
+        Ok(Removal::Removed)
     }
 
     /// Every snapshot in the store, verified or with why it is not, by key.
@@ -365,7 +443,12 @@ impl Store {
                 continue;
             }
             let dir = entry.path();
-            let bytes = allocated_bytes(&dir)?;
+            let bytes = match allocated_bytes(&dir) {
+                Ok(bytes) => bytes,
+                // Removed while listed.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
             listed.push(Listed {
                 manifest: self.manifest(&key),
                 used: fs::metadata(dir.join(USED_FILE))
@@ -380,8 +463,9 @@ impl Store {
     }
 
     /// Removes the least recently used snapshots (those that do not verify first) until the
-    /// store's snapshots take at most `budget` on disk — never `keep`, the one a launch is
-    /// about to restore, nor one restored in the last minute (a launch may be mapping it).
+    /// store's snapshots take at most `budget` on disk, or none is left to remove: never
+    /// `keep`, the one a launch is about to restore, nor one being restored (its directory
+    /// locked) or restored in the last minute (its last use read again under the lock).
     /// Returns what it removed: each key and the bytes it took.
     pub fn trim(
         &self,
@@ -392,16 +476,9 @@ impl Store {
             .list()
             .map_err(|e| BootSnapshotError::Make(format!("listing the store: {e}")))?;
         let mut taken: u64 = listed.iter().map(|entry| entry.bytes).sum();
-        let now = SystemTime::now();
         let mut candidates: Vec<&Listed> = listed
             .iter()
-            .filter(|entry| entry.key != keep)
-            .filter(|entry| {
-                entry
-                    .used
-                    .and_then(|used| now.duration_since(used).ok())
-                    .is_none_or(|age| age >= IN_USE_FOR)
-            })
+            .filter(|entry| entry.key != keep && !recently(entry.used))
             .collect();
         candidates.sort_by_key(|entry| (entry.manifest.is_ok(), entry.used));
         let mut removed = Vec::new();
@@ -409,10 +486,14 @@ impl Store {
             if taken <= budget.max_bytes {
                 break;
             }
-            if self.remove(&entry.key)? {
+            let used = self.dir.join(&entry.key).join(USED_FILE);
+            let unused = || !recently(fs::metadata(&used).and_then(|m| m.modified()).ok());
+            let removal =
+                self.remove_if(&entry.key, FlockOperation::NonBlockingLockExclusive, unused)?;
+            if removal == Removal::Removed {
                 removed.push((entry.key.clone(), entry.bytes));
+                taken = taken.saturating_sub(entry.bytes);
             }
-            taken = taken.saturating_sub(entry.bytes);
         }
         Ok(removed)
     }
@@ -448,6 +529,26 @@ fn allocated_bytes(dir: &Path) -> io::Result<u64> {
         .filter_map(|file| file.ok()?.metadata().ok())
         .map(|metadata| std::os::unix::fs::MetadataExt::blocks(&metadata) * 512)
         .sum())
+}
+
+/// What came of a removal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Removal {
+    Removed,
+    /// It was not there (any more).
+    Gone,
+    /// A launch holds it, or it is still wanted.
+    Busy,
+}
+
+/// Whether a snapshot last used at `used` may be in use: used within [`IN_USE_FOR`], or at
+/// a time after now (the clock went back: no age can be told).
+fn recently(used: Option<SystemTime>) -> bool {
+    used.is_some_and(|used| {
+        SystemTime::now()
+            .duration_since(used)
+            .map_or(true, |age| age < IN_USE_FOR)
+    })
 }
 
 /// A boot snapshot being made: removed unless [`Making::finish`]ed.
@@ -529,8 +630,14 @@ impl Making {
                 manifest,
                 state: state_file,
                 ram: self.dir.join(RAM_FILE),
+                ram_file,
                 hashed: false,
                 console: console.to_vec(),
+                // Just used: no trim takes it in the moment before it is locked.
+                hold: Some(
+                    lock_dir(&self.dir, FlockOperation::LockShared)
+                        .map_err(|e| BootSnapshotError::Make(format!("locking it: {e}")))?,
+                ),
             }),
             // Another launch made it first: theirs stays, and serves this launch too.
             Err(_) if self.dir.exists() => self.store.open(&self.shape)?.ok_or_else(|| {

@@ -93,7 +93,22 @@ fn a_made_snapshot_opens_sealed_for_its_shape_only() {
     assert_eq!(listed[0].manifest.as_ref().unwrap().shape, shape('a'));
     assert!(listed[0].bytes >= ram.len() as u64);
 
+    // Not removed while a launch restores it: the removal waits, then says so.
+    let started = std::time::Instant::now();
+    let busy = store.remove(&shape('a').key()).unwrap_err();
+    assert!(busy.to_string().contains("being restored"), "{busy}");
+    assert!(started.elapsed() >= REMOVE_WAIT);
+    opened.release();
     assert!(store.remove(&shape('a').key()).unwrap());
+    // What the launch opened still reads what was checked.
+    assert_eq!(
+        fs::read(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&opened.ram_file)
+        ))
+        .unwrap(),
+        ram
+    );
     assert!(!store.remove(&shape('a').key()).unwrap());
     assert!(store.open(&shape('a')).unwrap().is_none());
     assert!(store.remove("../x").is_err());
@@ -213,7 +228,9 @@ fn over_its_budget_the_store_drops_the_least_recently_used_never_the_new_or_busy
         let ram = plan.to_string().repeat(256 * 1024).into_bytes();
         make(&store, &shape(plan), &ram, b"devices", b"").unwrap();
     }
-    // a unused for 3 h, b for 2 h, c for 1 h; d restored just now; e the new one.
+    // a unused for 3 h, b for 2 h, c for 1 h; d restored just now; e the one a launch is
+    // about to restore (kept whenever it was last used).
+    used_ago(&store, &shape('e'), 5 * hour);
     used_ago(&store, &shape('a'), 3 * hour);
     used_ago(&store, &shape('b'), 2 * hour);
     used_ago(&store, &shape('c'), hour);
@@ -242,9 +259,18 @@ fn over_its_budget_the_store_drops_the_least_recently_used_never_the_new_or_busy
     // Then by last use: a before c.
     let removed = store.trim(budget(total - 2 * each), &keep).unwrap();
     assert_eq!(removed, vec![(shape('a').key(), each)]);
-    // Nothing left to spare: c goes, d (restored within the minute) and e (the new one) stay.
+    // A launch restoring c holds it: not removed, though unused for an hour.
+    let mut restoring = store.open(&shape('c')).unwrap().unwrap();
+    used_ago(&store, &shape('c'), hour);
+    assert_eq!(store.trim(budget(0), &keep).unwrap(), vec![]);
+    // Let go: nothing left to spare, c goes; d (restored within the minute) and e stay.
+    restoring.release();
     let removed = store.trim(budget(0), &keep).unwrap();
     assert_eq!(removed, vec![(shape('c').key(), each)]);
+    // Its open files still read what was checked.
+    let mut state = Vec::new();
+    io::Read::read_to_end(&mut restoring.state, &mut state).unwrap();
+    assert_eq!(state, b"devices");
     let left: Vec<String> = store.list().unwrap().into_iter().map(|e| e.key).collect();
     let mut expected = vec![shape('d').key(), keep];
     expected.sort();

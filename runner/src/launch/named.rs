@@ -25,7 +25,7 @@ use super::{
 };
 use crate::admission::host_policy::HostPolicy;
 use crate::backend::select::Accel;
-use crate::backend::{Pausable, SavedMemory, VmProcess};
+use crate::backend::{Backend, Pausable, SavedMemory, VmProcess};
 use crate::client::ClientError;
 use crate::codes;
 use crate::cold::{self, ColdError, ColdManifest, ColdSaver, ColdState};
@@ -204,9 +204,10 @@ pub(super) fn serve_started(
     };
     record(&state)?;
 
-    // RAM named as a boot snapshot's guest names it, which a cold save must wake into.
-    let named_ram =
-        restored.is_some() || saved.as_ref().is_some_and(|saved| saved.manifest.named_ram);
+    // QEMU's RAM named as a boot snapshot's guest names it, which a cold save must wake into
+    // (the own VMM's RAM has no name).
+    let named_ram = vm_process.backend() == Backend::Qemu
+        && (restored.is_some() || saved.as_ref().is_some_and(|saved| saved.manifest.named_ram));
     // A woken guest gets its saved state before the agent channel is awaited; it runs only
     // once what QEMU read hashed to the manifest's digest.
     let woken = match saved.as_mut() {

@@ -31,7 +31,7 @@ use crate::client::AgentClient;
 use crate::cold;
 use mvm_ir::admission::VerifiedPlan;
 use mvm_vmm::snapshot::SavedVm;
-use mvm_vmm::VmSpec;
+use mvm_vmm::{VmSpec, VmmError};
 
 /// The backend a boot snapshot is made and restored by, as its [`Shape`] names it.
 pub(super) struct SnapshotBackend {
@@ -178,7 +178,13 @@ pub(super) fn snapshot_for<T>(
     let budget = Budget::load(&launch.home)?;
     let started = Instant::now();
     let mut snapshot = make(launch, shape, &store, vm, dir, serial_log, booting)?;
-    let used = usable(&mut snapshot).map_err(BootSnapshotError::Make)?;
+    let used = match usable(&mut snapshot) {
+        Ok(used) => used,
+        Err(why) => {
+            discard(launch, &mut snapshot);
+            return Err(BootSnapshotError::Make(why).into());
+        }
+    };
     audit
         .append(
             "boot_snapshot.made",
@@ -188,13 +194,18 @@ pub(super) fn snapshot_for<T>(
                    "ms": started.elapsed().as_millis() as u64}),
         )
         .map_err(LaunchError::Audit)?;
-    for (key, bytes) in store.trim(budget, &snapshot.manifest.key)? {
-        audit
-            .append(
-                "boot_snapshot.evicted",
-                json!({"key": key, "bytes": bytes, "max_bytes": budget.max_bytes, "vm": vm}),
-            )
-            .map_err(LaunchError::Audit)?;
+    // The store over its budget is no reason to fail the launch: said in the runner's log.
+    match store.trim(budget, &snapshot.manifest.key) {
+        Ok(evicted) => {
+            for (key, bytes) in evicted {
+                let fields =
+                    json!({"key": key, "bytes": bytes, "max_bytes": budget.max_bytes, "vm": vm});
+                audit
+                    .append("boot_snapshot.evicted", fields)
+                    .map_err(LaunchError::Audit)?;
+            }
+        }
+        Err(e) => eprintln!("mvm-runner: keeping the boot snapshots to their budget: {e}"),
     }
     restored_line(serial_log, &snapshot).map_err(LaunchError::host("the console log"))?;
     Ok((snapshot, used))
@@ -288,35 +299,43 @@ pub(super) fn own_vmm_state(snapshot: &mut BootSnapshot) -> Result<SavedVm, Stri
 }
 
 /// Restores `snapshot` (its state `saved`) into the own VMM as `spec`, its console logged
-/// into `serial_log`, and lets it run. A snapshot the VMM cannot restore is removed: the
-/// next launch makes it anew.
+/// into `serial_log`, and lets it run. A snapshot whose state the VMM refuses is removed: the
+/// next launch makes it anew. A failure of the host (memory, KVM, threads) is the backend's
+/// and leaves the snapshot be.
 pub(super) fn restore_own(
     launch: &Launch,
     spec: VmSpec,
     serial_log: File,
-    snapshot: &BootSnapshot,
+    snapshot: &mut BootSnapshot,
     saved: &SavedVm,
 ) -> Result<VmProcess, LaunchError> {
-    let restored = File::open(&snapshot.ram)
-        .map_err(|e| format!("its RAM: {e}"))
-        .and_then(|ram| {
-            OwnVm::from_boot_snapshot(spec, serial_log, &ram, saved)
-                .map_err(|e| format!("{}: {e}", e.code()))
-        });
-    match restored {
+    match OwnVm::from_boot_snapshot(spec, serial_log, &snapshot.ram_file, saved) {
         Ok(vm) => {
             let vm = VmProcess::Own(vm);
             // The guest booted before it was saved: nothing it prints from here is a boot
             // report.
             vm.console().boot_is_over();
+            vm.machine(Path::new(""))
+                .and_then(|mut machine| machine.resume())
+                .map_err(|e| {
+                    LaunchError::Backend(format!("letting the restored guest run: {e}"))
+                })?;
             Ok(vm)
         }
-        Err(why) => {
-            if let Ok(store) = Store::of(&launch.home) {
-                let _ = store.remove(&snapshot.manifest.key);
-            }
-            Err(BootSnapshotError::Refused(why).into())
+        Err(refused @ (VmmError::Snapshot(_) | VmmError::DeviceState { .. })) => {
+            discard(launch, snapshot);
+            Err(BootSnapshotError::Refused(format!("{}: {refused}", refused.code())).into())
         }
+        Err(e) => Err(LaunchError::Backend(format!("{}: {e}", e.code()))),
+    }
+}
+
+/// Removes `snapshot` from the store: it turned out not to restore. The next launch makes
+/// it anew.
+fn discard(launch: &Launch, snapshot: &mut BootSnapshot) {
+    snapshot.release();
+    if let Ok(store) = Store::of(&launch.home) {
+        let _ = store.remove(&snapshot.manifest.key);
     }
 }
 
@@ -335,9 +354,7 @@ pub(super) fn restore(
     let (mut qmp, streamed) = stream_in(vm, dir, &mut snapshot.state, true)
         .map_err(|e| LaunchError::Backend(format!("restoring the boot snapshot: {e}")))?;
     if let Err(changed) = streamed.check(&snapshot.manifest.state) {
-        if let Ok(store) = Store::of(&launch.home) {
-            let _ = store.remove(&snapshot.manifest.key);
-        }
+        discard(launch, snapshot);
         return Err(BootSnapshotError::Refused(changed.to_string()).into());
     }
     qmp.resume()
@@ -402,4 +419,64 @@ pub(super) fn renew(client: &mut AgentClient, vm: &str) -> Result<(), LaunchErro
         &request,
         "make the restored guest a machine of its own",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::OpenOptions;
+    use std::os::unix::fs::{FileExt, PermissionsExt};
+
+    use mvm_ir::home::MvmHome;
+
+    use super::*;
+    use crate::backend::fake::FakeMachine;
+
+    /// The own VMM's snapshot of a test shape made in a fresh home with `state` as its state,
+    /// and opened as a launch opens it.
+    fn opened(state: &[u8]) -> (tempfile::TempDir, BootSnapshot) {
+        let home = tempfile::tempdir().unwrap();
+        let store = Store::of(&MvmHome::at(home.path())).unwrap();
+        let shape = Shape {
+            plan_digest: format!("sha256:{}", "a".repeat(64)),
+            kernel_sha256: format!("sha256:{}", "b".repeat(64)),
+            initramfs_sha256: format!("sha256:{}", "c".repeat(64)),
+            backend: "kvm".into(),
+            accel: "kvm".into(),
+            backend_version: crate::backend::kvm::VERSION.into(),
+            vcpus: 1,
+            memory_mib: 64,
+        };
+        let making = store.making(&shape).unwrap();
+        fs::write(making.ram_path(), b"ram").unwrap();
+        let mut machine = FakeMachine {
+            state: state.to_vec(),
+            broken: false,
+        };
+        drop(
+            making
+                .finish("vm-0", &mut machine, home.path(), b"")
+                .unwrap(),
+        );
+        let snapshot = store.open(&shape).unwrap().unwrap();
+        (home, snapshot)
+    }
+
+    #[test]
+    fn the_own_vmms_state_is_hashed_as_read_and_parsed_only_when_it_is_what_was_signed() {
+        // What the VMM did not write: refused by its parser.
+        let (_home, mut snapshot) = opened(b"{\"not\": \"a saved VM\"}");
+        let refused = own_vmm_state(&mut snapshot).unwrap_err();
+        assert!(refused.starts_with("VMM010"), "{refused}");
+
+        // Changed after it was opened and checked (its seal held then): the bytes read do
+        // not hash to the manifest's, and are not parsed.
+        let (_home, mut snapshot) = opened(b"{\"not\": \"a saved VM\"}");
+        let path = snapshot.ram.with_file_name("state");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(b"[", 0).unwrap();
+        let refused = own_vmm_state(&mut snapshot).unwrap_err();
+        assert!(refused.starts_with("its state:"), "{refused}");
+        assert!(refused.contains("manifest"), "{refused}");
+    }
 }

@@ -365,12 +365,22 @@ pub(super) fn start<T>(
                     let booting = restore::Booting::Own(&spec);
                     let found =
                         restore::snapshot_for(this, &shape, restore::own_vmm_state, booting);
-                    let (snapshot, state) = match found {
+                    let (mut snapshot, state) = match found {
                         Ok(found) => found,
                         Err(unmade) => return Err(unmade.failure(dir)),
                     };
                     let restored_vm =
-                        restore::restore_own(launch, spec, serial_log, &snapshot, &state)?;
+                        match restore::restore_own(launch, spec, serial_log, &mut snapshot, &state)
+                        {
+                            Ok(vm) => vm,
+                            Err(error) => {
+                                let unmade = restore::Unmade {
+                                    error,
+                                    console_tail: None,
+                                };
+                                return Err(unmade.failure(dir));
+                            }
+                        };
                     restored = Some(snapshot.manifest.key);
                     restored_vm
                 }
