@@ -4,8 +4,8 @@
 //! file, paused and its device state saved — then restored, its RAM file mapped
 //! copy-on-write: into the launch's QEMU, the device state hashed as it streams in and the
 //! guest let run only when it matches; or into the own VMM, the device state hashed as it is
-//! read and parsed only when it matches. Once the agent says hello the guest is made a machine of its own
-//! ([`renew`]) before anything else is asked of it.
+//! read and parsed only when it matches. Once the agent says hello the guest is made a
+//! machine of its own ([`renew`]) before anything else is asked of it.
 
 use std::ffi::OsString;
 use std::fs::{self, File};
@@ -311,15 +311,20 @@ pub(super) fn restore_own(
 ) -> Result<VmProcess, LaunchError> {
     match OwnVm::from_boot_snapshot(spec, serial_log, &snapshot.ram_file, saved) {
         Ok(vm) => {
-            let vm = VmProcess::Own(vm);
+            let mut vm = VmProcess::Own(vm);
             // The guest booted before it was saved: nothing it prints from here is a boot
             // report.
             vm.console().boot_is_over();
-            vm.machine(Path::new(""))
-                .and_then(|mut machine| machine.resume())
-                .map_err(|e| {
-                    LaunchError::Backend(format!("letting the restored guest run: {e}"))
-                })?;
+            // The own VMM's machine needs no directory (QEMU's has its QMP socket there).
+            let resumed = vm
+                .machine(Path::new(""))
+                .and_then(|mut machine| machine.resume());
+            if let Err(e) = resumed {
+                vm.kill();
+                return Err(LaunchError::Backend(format!(
+                    "letting the restored guest run: {e}"
+                )));
+            }
             Ok(vm)
         }
         Err(refused @ (VmmError::Snapshot(_) | VmmError::DeviceState { .. })) => {
