@@ -93,17 +93,9 @@ pub(super) struct Unmade {
 }
 
 impl Unmade {
-    /// The launch's failure report: the serial log of its VM's directory `dir` kept unless
-    /// the launch was stopped on purpose.
+    /// The launch's failure report ([`super::start::report`]).
     pub(super) fn failure(self, dir: VmDir) -> Box<Failure> {
-        Box::new(Failure {
-            serial_log: match self.error {
-                LaunchError::Interrupted => None,
-                _ => dir.keep_log(),
-            },
-            error: self.error,
-            console_tail: self.console_tail,
-        })
+        super::start::report(self.error, self.console_tail, dir)
     }
 }
 
@@ -310,16 +302,13 @@ pub(super) fn restore_own(
     saved: &SavedVm,
 ) -> Result<VmProcess, LaunchError> {
     match OwnVm::from_boot_snapshot(spec, serial_log, &snapshot.ram_file, saved) {
-        Ok(vm) => {
-            let mut vm = VmProcess::Own(vm);
+        Ok(own) => {
+            let mut machine = own.machine();
+            let mut vm = VmProcess::Own(own);
             // The guest booted before it was saved: nothing it prints from here is a boot
             // report.
             vm.console().boot_is_over();
-            // The own VMM's machine needs no directory (QEMU's has its QMP socket there).
-            let resumed = vm
-                .machine(Path::new(""))
-                .and_then(|mut machine| machine.resume());
-            if let Err(e) = resumed {
+            if let Err(e) = machine.resume() {
                 vm.kill();
                 return Err(LaunchError::Backend(format!(
                     "letting the restored guest run: {e}"

@@ -373,13 +373,7 @@ pub(super) fn start<T>(
                         match restore::restore_own(launch, spec, serial_log, &mut snapshot, &state)
                         {
                             Ok(vm) => vm,
-                            Err(error) => {
-                                let unmade = restore::Unmade {
-                                    error,
-                                    console_tail: None,
-                                };
-                                return Err(unmade.failure(dir));
-                            }
+                            Err(error) => return Err(report(error, None, dir)),
                         };
                     restored = Some(snapshot.manifest.key);
                     restored_vm
@@ -428,16 +422,22 @@ pub(super) fn boot_jailed(
     JailedVm::boot(Path::new("/proc/self/exe"), jail, &root, spec, serial_log).map_err(jail_failed)
 }
 
-/// The failure report for `error`: the console's tail, and its log kept unless the run was
-/// stopped on purpose.
+/// The failure report for `error`: the console's tail of `vm`, and its log kept unless the
+/// run was stopped on purpose.
 pub(super) fn failure(error: LaunchError, vm: &VmProcess, dir: VmDir) -> Box<Failure> {
+    report(error, Some(vm.console().tail()), dir)
+}
+
+/// The failure report for `error` with `console_tail` (none when no VM ran), the console log
+/// of the VM's directory `dir` kept unless the run was stopped on purpose.
+pub(super) fn report(error: LaunchError, console_tail: Option<String>, dir: VmDir) -> Box<Failure> {
     let serial_log = match error {
         LaunchError::Interrupted => None,
         _ => dir.keep_log(),
     };
     Box::new(Failure {
         error,
-        console_tail: Some(vm.console().tail()),
+        console_tail,
         serial_log,
     })
 }
